@@ -1,0 +1,51 @@
+"""shardnet: serve sharded, replicated gRPC services; speaks Jina 3's wire protocol."""
+
+from shardnet.discovery.factory import create_connection_pool
+from shardnet.errors import (
+    ConfigurationError,
+    DeadlineExceeded,
+    ProtocolError,
+    ReplicaError,
+    RoutingError,
+    ShardnetError,
+    Unauthenticated,
+)
+from shardnet.networking.addresses import host_is_local, is_remote_local_connection
+from shardnet.networking.balancing import PeakEwma, RoundRobin
+from shardnet.networking.policies import EjectionPolicy, RetryBudget, RetryPolicy
+from shardnet.networking.polling import PollingMap, PollingType
+from shardnet.networking.pool import GrpcConnectionPool
+from shardnet.networking.replica_list import ReplicaList
+from shardnet.networking.tls import ClientTls, ServerTls
+from shardnet.protocol.documents import Document, DocumentList
+from shardnet.protocol.messages import ControlRequest, DataRequest
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ClientTls",
+    "ConfigurationError",
+    "ControlRequest",
+    "DataRequest",
+    "DeadlineExceeded",
+    "Document",
+    "DocumentList",
+    "EjectionPolicy",
+    "GrpcConnectionPool",
+    "PeakEwma",
+    "PollingMap",
+    "PollingType",
+    "ProtocolError",
+    "ReplicaError",
+    "ReplicaList",
+    "RetryBudget",
+    "RetryPolicy",
+    "RoundRobin",
+    "RoutingError",
+    "ServerTls",
+    "ShardnetError",
+    "Unauthenticated",
+    "create_connection_pool",
+    "host_is_local",
+    "is_remote_local_connection",
+]

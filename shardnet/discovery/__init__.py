@@ -1,0 +1,1 @@
+"""Turn the outside world (control requests, Kubernetes) into pool membership changes."""

@@ -1,0 +1,71 @@
+"""The exceptions shardnet raises: one base class, a few families, messages that say where.
+
+Every error that concerns a replica names the deployment, the shard and the
+address it was talking to, so that an operator reading one log line knows
+where to look.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import grpc
+
+
+class ShardnetError(Exception):
+    """Base class of every error shardnet raises on purpose."""
+
+
+class ProtocolError(ShardnetError, ValueError):
+    """Bytes or messages that do not follow the wire protocol (malformed, truncated, refused)."""
+
+
+class ConfigurationError(ShardnetError, ValueError):
+    """A bad address, option or setting, found before anything was sent."""
+
+
+class RoutingError(ShardnetError, LookupError):
+    """Nowhere to send a request: unknown deployment or shard, or no replica left."""
+
+    def __init__(self, message: str, *, deployment: str = "", shard_id: Optional[int] = None):
+        super().__init__(message)
+        self.deployment = deployment
+        self.shard_id = shard_id
+
+
+class ReplicaError(ShardnetError):
+    """A call to a replica failed; carries where it went and the gRPC status it ended with."""
+
+    def __init__(
+        self,
+        cause: str,
+        *,
+        address: str,
+        code: Optional[grpc.StatusCode] = None,
+        deployment: str = "",
+        shard_id: Optional[int] = None,
+    ):
+        self.cause = cause
+        self.address = address
+        self.code = code
+        self.deployment = deployment
+        self.shard_id = shard_id
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        where = []
+        if self.deployment:
+            where.append(f"deployment {self.deployment!r}")
+        if self.shard_id is not None:
+            where.append(f"shard {self.shard_id}")
+        where.append(f"replica {self.address}")
+        code = f"{self.code.name}: " if self.code is not None else ""
+        return f"{', '.join(where)}: {code}{self.cause}"
+
+
+class DeadlineExceeded(ReplicaError):
+    """The call's deadline passed before the replica answered."""
+
+
+class Unauthenticated(ShardnetError, PermissionError):
+    """A control request without the credentials the head requires."""

@@ -1,0 +1,1 @@
+"""Channels, replica lists, balancing and retry policy: how requests reach replicas."""

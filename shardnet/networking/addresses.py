@@ -1,0 +1,95 @@
+"""Parse replica addresses once, so that adding and looking up use the same key.
+
+``https://host:port`` and ``grpcs://host:port`` ask for TLS; ``grpc://`` and a
+bare ``host:port`` do not. The key of an address is ``host:port`` whatever its
+scheme, so ``has_connection('https://h:1')`` finds what ``add_connection('https://h:1')``
+added (the original design stripped the scheme in one place only).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from shardnet.errors import ConfigurationError
+
+_TLS_SCHEMES = {"https": True, "grpcs": True, "http": False, "grpc": False}
+_LOCAL_NAMES = frozenset({"", "localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback", "0.0.0.0"})
+
+
+@dataclass(frozen=True)
+class Address:
+    """A parsed replica address: ``target`` is what gRPC dials, ``tls`` whether to encrypt."""
+
+    host: str
+    port: int
+    tls: bool = False
+
+    @property
+    def target(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def __str__(self) -> str:
+        return f"https://{self.target}" if self.tls else self.target
+
+
+def parse_address(address: str, tls: bool = False) -> Address:
+    """Parse ``[scheme://]host:port`` (IPv6 hosts in brackets); raise ConfigurationError when malformed."""
+    if not isinstance(address, str) or not address.strip():
+        raise ConfigurationError(f"bad address {address!r}: expected host:port")
+    text = address.strip()
+    if "://" in text:
+        scheme, _, text = text.partition("://")
+        if scheme.lower() not in _TLS_SCHEMES:
+            raise ConfigurationError(f"bad address {address!r}: unknown scheme {scheme!r} (use grpc, grpcs, http or https)")
+        tls = tls or _TLS_SCHEMES[scheme.lower()]
+    text = text.rstrip("/")
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ConfigurationError(f"bad address {address!r}: expected [ipv6]:port")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep or ":" in host:
+            raise ConfigurationError(f"bad address {address!r}: expected host:port")
+    if not host or any(ch.isspace() or ch in "/?#@" for ch in host):
+        raise ConfigurationError(f"bad address {address!r}: bad host {host!r}")
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConfigurationError(f"bad address {address!r}: port must be a number from 1 to 65535")
+    return Address(host=host, port=int(port_text), tls=tls)
+
+
+def host_is_local(hostname: str) -> bool:
+    """True for localhost, loopback and unspecified addresses and the empty name; never raises."""
+    if not isinstance(hostname, str):
+        return False
+    name = hostname.strip().strip("[]").lower()
+    if name in _LOCAL_NAMES:
+        return True
+    try:
+        ip = ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_unspecified
+
+
+def is_remote_local_connection(first: str, second: str) -> bool:
+    """True when ``first`` is a public (global) host and ``second`` a private or loopback one.
+
+    This is the case where a connection from ``first`` cannot reach ``second``
+    (for example a gateway on a public IP told to call ``localhost``). Names
+    other than ``localhost`` count as global for ``first`` and as not local for
+    ``second``, as in the original design.
+    """
+    try:
+        first_global = ipaddress.ip_address(first).is_global
+    except ValueError:
+        first_global = first != "localhost"
+    try:
+        second_ip = ipaddress.ip_address(second)
+        second_local = second_ip.is_private or second_ip.is_loopback
+    except ValueError:
+        second_local = second == "localhost"
+    return first_global and second_local

@@ -1,0 +1,118 @@
+"""gRPC channels and the per-channel callables for each Jina method.
+
+Callables are built once per channel (never per request); data calls take and
+return ``DataRequest`` objects whose bytes pass through untouched, and the
+``raw_*`` variants take and return bytes for a head that only forwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
+
+import grpc
+import grpc.aio
+from google.protobuf import empty_pb2
+from grpc_health.v1 import health_pb2
+
+from shardnet.networking.addresses import Address, parse_address
+from shardnet.networking.tls import ClientTls, PemSource
+from shardnet.protocol import services
+from shardnet.protocol.messages import ControlRequest, DataRequest
+from shardnet.protocol.proto import jina_pb2
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+ChannelOptions = Sequence[tuple[str, Any]]
+
+
+def default_grpc_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
+    """Options every shardnet channel and server uses: bounded messages, keepalive, no proxy.
+
+    gRPC's own retries are off because the pool fails over across replicas itself.
+    """
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.enable_http_proxy", 0),
+        ("grpc.enable_retries", 0),
+    ]
+
+
+def merge_options(options: Optional[ChannelOptions]) -> list[tuple[str, Any]]:
+    """The defaults, with any option named in ``options`` replaced by the caller's value."""
+    given = dict(options or ())
+    merged = [(key, given.pop(key, value)) for key, value in default_grpc_options()]
+    return merged + list(given.items())
+
+
+def get_grpc_channel(
+    address: Union[str, Address],
+    options: Optional[ChannelOptions] = None,
+    asyncio: bool = False,
+    https: bool = False,
+    root_certificates: PemSource = None,
+    tls: Optional[ClientTls] = None,
+) -> Union[grpc.Channel, grpc.aio.Channel]:
+    """Open a channel to ``address``: TLS when the address says https/grpcs, ``https`` is set or ``tls`` given."""
+    parsed = address if isinstance(address, Address) else parse_address(address, tls=https)
+    use_tls = parsed.tls or https or tls is not None
+    opts = merge_options(options)
+    module = grpc.aio if asyncio else grpc
+    if use_tls:
+        tls = tls or ClientTls(root_certificates=root_certificates)
+        return module.secure_channel(parsed.target, tls.credentials(), options=opts)
+    return module.insecure_channel(parsed.target, options=opts)
+
+
+def _to_bytes(request: Union[DataRequest, ControlRequest]) -> bytes:
+    return request.to_bytes()
+
+
+def _requests_to_bytes(requests: Sequence[DataRequest]) -> bytes:
+    envelope = jina_pb2.DataRequestListEnvelope()
+    envelope.requests.extend(request.to_bytes() for request in requests)
+    return envelope.SerializeToString()
+
+
+@dataclass(frozen=True)
+class Stubs:
+    """One callable per Jina method on one channel."""
+
+    single_data: grpc.aio.UnaryUnaryMultiCallable
+    data: grpc.aio.UnaryUnaryMultiCallable
+    control: grpc.aio.UnaryUnaryMultiCallable
+    discovery: grpc.aio.UnaryUnaryMultiCallable
+    health: grpc.aio.UnaryUnaryMultiCallable
+    raw_single_data: grpc.aio.UnaryUnaryMultiCallable
+    raw_data: grpc.aio.UnaryUnaryMultiCallable
+
+    @classmethod
+    def for_channel(cls, channel: grpc.aio.Channel) -> "Stubs":
+        unary = channel.unary_unary
+        return cls(
+            single_data=unary(services.PROCESS_SINGLE_DATA, _to_bytes, DataRequest.from_bytes),
+            data=unary(services.PROCESS_DATA, _requests_to_bytes, DataRequest.from_bytes),
+            control=unary(services.PROCESS_CONTROL, _to_bytes, ControlRequest.from_bytes),
+            discovery=unary(
+                services.ENDPOINT_DISCOVERY, empty_pb2.Empty.SerializeToString, jina_pb2.EndpointsProto.FromString
+            ),
+            health=unary(
+                "/grpc.health.v1.Health/Check",
+                health_pb2.HealthCheckRequest.SerializeToString,
+                health_pb2.HealthCheckResponse.FromString,
+            ),
+            raw_single_data=unary(services.PROCESS_SINGLE_DATA),
+            raw_data=unary(services.PROCESS_DATA),
+        )
+
+
+def create_async_channel_stub(
+    address: str, https: bool = False, root_certificates: PemSource = None, options: Optional[ChannelOptions] = None
+) -> tuple[Stubs, grpc.aio.Channel]:
+    """An asyncio channel to ``address`` and its method callables; the caller closes the channel."""
+    channel = get_grpc_channel(address, options=options, asyncio=True, https=https, root_certificates=root_certificates)
+    return Stubs.for_channel(channel), channel

@@ -1,0 +1,202 @@
+"""One-off calls to a single address without a pool: send a request, register a worker with a head.
+
+The asyncio functions are the implementation; the ``*_sync`` ones run them
+to completion for callers without an event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from typing import Any, Awaitable, Optional, Sequence, TypeVar
+
+import grpc.aio
+
+from shardnet.errors import DeadlineExceeded, ReplicaError
+from shardnet.networking.addresses import parse_address
+from shardnet.networking.channels import Stubs, get_grpc_channel
+from shardnet.networking.tls import ClientTls, PemSource
+from shardnet.protocol.messages import ControlRequest, DataRequest
+from shardnet.protocol.services import AUTHORIZATION_METADATA, ENDPOINT_METADATA
+
+T = TypeVar("T")
+
+
+def run_sync(awaitable: Awaitable[T]) -> T:
+    """Run a coroutine to completion from blocking code (in a helper thread when a loop already runs here)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(awaitable)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor:
+        return executor.submit(asyncio.run, awaitable).result()
+
+
+def auth_metadata(token: Optional[str]) -> tuple[tuple[str, str], ...]:
+    return ((AUTHORIZATION_METADATA, f"Bearer {token}"),) if token else ()
+
+
+async def call_once(
+    method: str,
+    payload: Any,
+    target: str,
+    *,
+    timeout: Optional[float],
+    https: bool = False,
+    root_certificates: PemSource = None,
+    tls: Optional[ClientTls] = None,
+    metadata: Sequence[tuple[str, str]] = (),
+) -> tuple[Any, Any]:
+    """Open a channel to ``target``, make one call, close it; return (response, trailing metadata)."""
+    address = parse_address(target, tls=https or tls is not None)
+    channel = get_grpc_channel(address, asyncio=True, root_certificates=root_certificates, tls=tls)
+    try:
+        call = getattr(Stubs.for_channel(channel), method)(payload, metadata=tuple(metadata), timeout=timeout)
+        response = await call
+        return response, await call.trailing_metadata()
+    except grpc.aio.AioRpcError as error:
+        kind = DeadlineExceeded if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else ReplicaError
+        raise kind(error.details() or error.code().name, address=str(address), code=error.code()) from None
+    finally:
+        await channel.close()
+
+
+def _data_call(requests: Sequence[DataRequest], endpoint: Optional[str]) -> tuple[str, Any, tuple]:
+    endpoint = endpoint or requests[0].endpoint
+    metadata = ((ENDPOINT_METADATA, endpoint),) if endpoint else ()
+    if len(requests) == 1:
+        return "single_data", requests[0], metadata
+    return "data", list(requests), metadata
+
+
+async def send_requests_async(
+    requests: Sequence[DataRequest],
+    target: str,
+    timeout: float = 1.0,
+    https: bool = False,
+    root_certificates: PemSource = None,
+    endpoint: Optional[str] = None,
+    tls: Optional[ClientTls] = None,
+) -> DataRequest:
+    """Send one or more requests to ``target`` in one call and return its response."""
+    method, payload, metadata = _data_call(requests, endpoint)
+    response, _ = await call_once(
+        method, payload, target, timeout=timeout, https=https, root_certificates=root_certificates, tls=tls, metadata=metadata
+    )
+    return response
+
+
+async def send_request_async(
+    request: DataRequest,
+    target: str,
+    timeout: float = 1.0,
+    https: bool = False,
+    root_certificates: PemSource = None,
+    endpoint: Optional[str] = None,
+    tls: Optional[ClientTls] = None,
+) -> DataRequest:
+    """Send one request to ``target`` and return the response."""
+    return await send_requests_async([request], target, timeout, https, root_certificates, endpoint, tls)
+
+
+def send_request_sync(
+    request: DataRequest,
+    target: str,
+    timeout: float = 100.0,
+    https: bool = False,
+    root_certificates: PemSource = None,
+    endpoint: Optional[str] = None,
+    tls: Optional[ClientTls] = None,
+) -> DataRequest:
+    """Blocking ``send_request_async``."""
+    return run_sync(send_request_async(request, target, timeout, https, root_certificates, endpoint, tls))
+
+
+def send_requests_sync(
+    requests: Sequence[DataRequest],
+    target: str,
+    timeout: float = 100.0,
+    https: bool = False,
+    root_certificates: PemSource = None,
+    endpoint: Optional[str] = None,
+    tls: Optional[ClientTls] = None,
+) -> DataRequest:
+    """Blocking ``send_requests_async``."""
+    return run_sync(send_requests_async(requests, target, timeout, https, root_certificates, endpoint, tls))
+
+
+async def send_control(
+    command: str,
+    target_head: str,
+    worker_host: Optional[str] = None,
+    worker_port: Optional[int] = None,
+    shard_id: Optional[int] = None,
+    *,
+    token: Optional[str] = None,
+    timeout: float = 5.0,
+    tls: Optional[ClientTls] = None,
+) -> ControlRequest:
+    """Send a control request (naming the worker, when given) to a head; raise when it reports an error."""
+    request = ControlRequest(command)
+    if worker_host is not None and worker_port is not None:
+        request.add_related_entity(f"{worker_host}:{worker_port}", worker_host, worker_port, shard_id)
+    response, _ = await call_once(
+        "control", request, target_head, timeout=timeout, tls=tls, metadata=auth_metadata(token)
+    )
+    if response.is_error:
+        raise ReplicaError(response.status.description, address=target_head)
+    return response
+
+
+async def activate_worker(
+    worker_host: str,
+    worker_port: int,
+    target_head: str,
+    shard_id: Optional[int] = None,
+    token: Optional[str] = None,
+    tls: Optional[ClientTls] = None,
+    timeout: float = 5.0,
+) -> ControlRequest:
+    """Tell the head at ``target_head`` to send traffic to this worker (ACTIVATE)."""
+    return await send_control(
+        "ACTIVATE", target_head, worker_host, worker_port, shard_id, token=token, tls=tls, timeout=timeout
+    )
+
+
+async def deactivate_worker(
+    worker_host: str,
+    worker_port: int,
+    target_head: str,
+    shard_id: Optional[int] = None,
+    token: Optional[str] = None,
+    tls: Optional[ClientTls] = None,
+    timeout: float = 5.0,
+) -> ControlRequest:
+    """Tell the head to stop sending traffic to this worker (DEACTIVATE), in the shard it was given."""
+    return await send_control(
+        "DEACTIVATE", target_head, worker_host, worker_port, shard_id, token=token, tls=tls, timeout=timeout
+    )
+
+
+def activate_worker_sync(
+    worker_host: str,
+    worker_port: int,
+    target_head: str,
+    shard_id: Optional[int] = None,
+    token: Optional[str] = None,
+    tls: Optional[ClientTls] = None,
+) -> ControlRequest:
+    """Blocking ``activate_worker``."""
+    return run_sync(activate_worker(worker_host, worker_port, target_head, shard_id, token, tls))
+
+
+def deactivate_worker_sync(
+    worker_host: str,
+    worker_port: int,
+    target_head: str,
+    shard_id: Optional[int] = None,
+    token: Optional[str] = None,
+    tls: Optional[ClientTls] = None,
+) -> ControlRequest:
+    """Blocking ``deactivate_worker``."""
+    return run_sync(deactivate_worker(worker_host, worker_port, target_head, shard_id, token, tls))

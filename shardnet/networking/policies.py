@@ -1,0 +1,152 @@
+"""Small policy objects the pool consults: which failures to retry, how to back off,
+how many retries the recent traffic allows, and when to take a replica out of rotation.
+
+They are values (frozen dataclasses) except the budget, which counts.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import grpc
+import tenacity
+
+from shardnet.errors import ConfigurationError
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Failover rules: retry ``retry_on`` codes on the shard's other replicas.
+
+    A round tries every replica of the shard at most once; when a whole round
+    failed the pool waits a jittered exponential backoff and starts another,
+    up to ``rounds`` rounds and never past the call's deadline. With
+    ``attempt_timeout`` set, an attempt that exceeds it (a hung replica) is
+    abandoned and retried elsewhere while the call's own deadline lasts.
+    INVALID_ARGUMENT and application errors (a response with status ERROR)
+    are never retried.
+    """
+
+    retry_on: frozenset = frozenset({grpc.StatusCode.UNAVAILABLE})
+    rounds: int = 2
+    backoff_initial: float = 0.05
+    backoff_max: float = 1.0
+    attempt_timeout: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.rounds < 1:
+            raise ConfigurationError(f"RetryPolicy.rounds must be at least 1, got {self.rounds}")
+        if grpc.StatusCode.INVALID_ARGUMENT in self.retry_on:
+            raise ConfigurationError("INVALID_ARGUMENT is never retried: the same bytes fail the same way")
+        if self.attempt_timeout is not None and self.attempt_timeout <= 0:
+            raise ConfigurationError(f"RetryPolicy.attempt_timeout must be positive, got {self.attempt_timeout}")
+
+    def is_retryable(self, code: grpc.StatusCode, timed_out_attempt: bool = False) -> bool:
+        return code in self.retry_on or (timed_out_attempt and code == grpc.StatusCode.DEADLINE_EXCEEDED)
+
+    def backoff(self) -> tenacity.wait.wait_base:
+        """The wait between rounds: full-jitter exponential, as tenacity computes it."""
+        return tenacity.wait_random_exponential(multiplier=self.backoff_initial, max=self.backoff_max)
+
+
+NO_RETRIES = RetryPolicy(retry_on=frozenset(), rounds=1)
+
+
+class RetryBudget:
+    """Caps retries at ``ratio`` of the requests seen in the last ``window`` seconds, plus a floor.
+
+    The floor (``min_per_second``) lets a small deployment with one dead
+    replica retry every request; the ratio stops a sick shard from receiving
+    a retry storm under load (Finagle's and Linkerd's retry budget).
+
+    >>> budget = RetryBudget(ratio=0.2, min_per_second=0, window=10.0)
+    >>> for _ in range(10): budget.record_request()
+    >>> [budget.try_spend() for _ in range(3)]
+    [True, True, False]
+    """
+
+    def __init__(
+        self,
+        ratio: float = 0.2,
+        min_per_second: float = 10.0,
+        window: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if not 0 <= ratio <= 1 or min_per_second < 0 or window <= 0:
+            raise ConfigurationError("RetryBudget needs 0 <= ratio <= 1, min_per_second >= 0 and window > 0")
+        self.ratio = ratio
+        self.min_per_second = min_per_second
+        self.window = window
+        self._clock = clock
+        self._buckets: collections.deque = collections.deque()  # [second, requests, retries]
+        self._requests = 0
+        self._retries = 0
+        self.refused = 0
+
+    def _bucket(self) -> list:
+        now = math.floor(self._clock())
+        buckets = self._buckets
+        while buckets and buckets[0][0] <= now - self.window:
+            _, requests, retries = buckets.popleft()
+            self._requests -= requests
+            self._retries -= retries
+        if not buckets or buckets[-1][0] != now:
+            buckets.append([now, 0, 0])
+        return buckets[-1]
+
+    def record_request(self) -> None:
+        self._bucket()[1] += 1
+        self._requests += 1
+
+    def try_spend(self) -> bool:
+        """Take one retry from the budget; False (and counted as refused) when none is left."""
+        bucket = self._bucket()
+        allowed = self.min_per_second * self.window + self.ratio * self._requests
+        if self._retries + 1 > allowed:
+            self.refused += 1
+            return False
+        bucket[2] += 1
+        self._retries += 1
+        return True
+
+    @property
+    def retries(self) -> int:
+        """Retries spent within the window."""
+        self._bucket()
+        return self._retries
+
+    @property
+    def requests(self) -> int:
+        self._bucket()
+        return self._requests
+
+    def __repr__(self) -> str:
+        return f"<RetryBudget {self.retries}/{self.requests} in {self.window:g}s, ratio {self.ratio:g}>"
+
+
+@dataclass(frozen=True)
+class EjectionPolicy:
+    """Take a replica out after ``consecutive_failures`` transport failures in a row.
+
+    It stays out for ``base_ejection`` seconds (doubling each time, up to
+    ``max_ejection``), then comes back once the gRPC health service says
+    SERVING. The last replica of a shard is never ejected.
+    """
+
+    consecutive_failures: int = 3
+    base_ejection: float = 0.5
+    max_ejection: float = 30.0
+    failure_codes: frozenset = field(
+        default_factory=lambda: frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+    )
+
+    def __post_init__(self) -> None:
+        if self.consecutive_failures < 1 or self.base_ejection <= 0 or self.max_ejection < self.base_ejection:
+            raise ConfigurationError("EjectionPolicy needs consecutive_failures >= 1 and 0 < base_ejection <= max_ejection")
+
+    def ejection_time(self, times_ejected: int) -> float:
+        return min(self.max_ejection, self.base_ejection * (2 ** max(0, times_ejected - 1)))

@@ -1,0 +1,65 @@
+"""Polling: does a request go to one shard (ANY) or to every shard (ALL)."""
+
+from __future__ import annotations
+
+import enum
+import json
+from typing import Mapping, Union
+
+from shardnet.errors import ConfigurationError
+
+
+class PollingType(enum.IntEnum):
+    """ANY: one replica of one shard. ALL: one replica of every shard, answers merged."""
+
+    ANY = 1
+    ALL = 2
+
+    @classmethod
+    def parse(cls, value: Union[str, int, "PollingType"]) -> "PollingType":
+        if isinstance(value, PollingType):
+            return value
+        try:
+            return cls[value.strip().upper()] if isinstance(value, str) else cls(value)
+        except (KeyError, ValueError):
+            raise ConfigurationError(f"unknown polling {value!r}: expected ANY or ALL") from None
+
+
+class PollingMap:
+    """Polling per endpoint: one type for all, or a map with ``*`` as the default.
+
+    >>> polling = PollingMap.parse('{"/search": "ALL", "*": "ANY"}')
+    >>> polling["/search"].name, polling["/index"].name
+    ('ALL', 'ANY')
+    """
+
+    def __init__(self, by_endpoint: Mapping[str, PollingType], default: PollingType = PollingType.ANY):
+        self._by_endpoint = dict(by_endpoint)
+        self.default = default
+
+    @classmethod
+    def parse(cls, value: Union[str, Mapping[str, str], PollingType, "PollingMap", None]) -> "PollingMap":
+        """Accept ``ANY``, ``ALL``, a JSON object text, a dict, or a PollingMap."""
+        if value is None:
+            return cls({})
+        if isinstance(value, PollingMap):
+            return value
+        if isinstance(value, str) and value.strip().startswith("{"):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ConfigurationError(f"polling map is not valid JSON: {exc}") from None
+        if isinstance(value, Mapping):
+            parsed = {str(endpoint): PollingType.parse(kind) for endpoint, kind in value.items()}
+            default = parsed.pop("*", PollingType.ANY)
+            return cls(parsed, default)
+        return cls({}, PollingType.parse(value))
+
+    def __getitem__(self, endpoint: str) -> PollingType:
+        return self._by_endpoint.get(endpoint, self.default)
+
+    def to_json(self) -> str:
+        return json.dumps({**{k: v.name for k, v in self._by_endpoint.items()}, "*": self.default.name})
+
+    def __repr__(self) -> str:
+        return f"PollingMap({self.to_json()})"

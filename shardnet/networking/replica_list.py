@@ -1,0 +1,251 @@
+"""``ReplicaList``: the replicas of one shard (or one head), their channels and their health.
+
+The list owns its connections: it opens and closes channels, picks the next
+replica through its balancer, counts consecutive failures, rebuilds a channel
+that keeps failing, and ejects a failing replica for a while (never the last
+one), letting it back in once the gRPC health service says it serves.
+Adding, removing and picking are O(1) whatever the number of replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Optional, Sequence
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health_pb2
+
+from shardnet.networking.addresses import Address, parse_address
+from shardnet.networking.balancing import Balancer, RoundRobin
+from shardnet.networking.channels import ChannelOptions, Stubs, get_grpc_channel
+from shardnet.networking.policies import EjectionPolicy
+from shardnet.networking.tls import ClientTls
+
+logger = logging.getLogger(__name__)
+
+
+class Connection:
+    """One replica: its address, its channel and the method callables on it."""
+
+    __slots__ = ("address", "_tls", "_options", "channel", "stubs", "failures", "times_ejected", "_retired")
+
+    def __init__(self, address: Address, tls: Optional[ClientTls] = None, options: Optional[ChannelOptions] = None):
+        self.address = address
+        self._tls = tls if address.tls else None
+        self._options = options
+        self.failures = 0
+        self.times_ejected = 0
+        self._retired: list[grpc.aio.Channel] = []
+        self._open()
+
+    def _open(self) -> None:
+        self.channel = get_grpc_channel(self.address, options=self._options, asyncio=True, tls=self._tls)
+        self.stubs = Stubs.for_channel(self.channel)
+
+    def rebuild(self) -> None:
+        """Replace the channel with a fresh one; the old one is closed with the connection."""
+        self._retired.append(self.channel)
+        self._open()
+
+    async def health(self, timeout: float = 1.0) -> bool:
+        """True when the replica's gRPC health service answers SERVING."""
+        try:
+            reply = await self.stubs.health(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def close(self, grace: Optional[float] = None) -> None:
+        channels, self._retired = [self.channel, *self._retired], []
+        for channel in channels:
+            await channel.close(grace)
+
+    def __repr__(self) -> str:
+        return f"<Connection {self.address} failures={self.failures}>"
+
+
+class ReplicaList:
+    """The connections to the replicas of one shard, with balancing and ejection.
+
+    >>> replicas = ReplicaList()            # doctest: +SKIP
+    >>> replicas.add_connection("127.0.0.1:50051")
+    >>> replicas.get_next_connection()
+    <Connection 127.0.0.1:50051 failures=0>
+    """
+
+    def __init__(
+        self,
+        balancer: Optional[Balancer] = None,
+        tls: Optional[ClientTls] = None,
+        options: Optional[ChannelOptions] = None,
+        ejection: Optional[EjectionPolicy] = EjectionPolicy(),
+        name: str = "",
+    ):
+        self.balancer = balancer if balancer is not None else RoundRobin()
+        self.name = name
+        self._tls = tls
+        self._options = options
+        self._ejection = ejection
+        self._connections: dict[str, Connection] = {}
+        self._eligible: list[Connection] = []  # picked from; swap-removal keeps it O(1)
+        self._position: dict[Connection, int] = {}
+        self._probes: dict[Connection, asyncio.Task] = {}
+
+    # -- membership --------------------------------------------------------
+
+    def add_connection(self, address: str) -> Connection:
+        """Open a channel to ``address`` unless one is already there; return the connection."""
+        parsed = parse_address(address)
+        existing = self._connections.get(parsed.target)
+        if existing is not None:
+            return existing
+        connection = Connection(parsed, tls=self._tls, options=self._options)
+        self._connections[parsed.target] = connection
+        self._admit(connection)
+        return connection
+
+    async def remove_connection(self, address: str) -> Optional[Connection]:
+        """Close and forget the connection to ``address``; return it, or None when it was not there."""
+        connection = self._connections.pop(parse_address(address).target, None)
+        if connection is None:
+            return None
+        self._withdraw(connection)
+        probe = self._probes.pop(connection, None)
+        if probe is not None:
+            probe.cancel()
+        self.balancer.forget(connection)
+        await connection.close(grace=0.5)
+        return connection
+
+    def has_connection(self, address: str) -> bool:
+        return parse_address(address).target in self._connections
+
+    def has_connections(self) -> bool:
+        return bool(self._connections)
+
+    def get_all_connections(self) -> list[Connection]:
+        return list(self._connections.values())
+
+    @property
+    def addresses(self) -> list[str]:
+        return [str(connection.address) for connection in self._connections.values()]
+
+    def __len__(self) -> int:
+        return len(self._connections)
+
+    # -- picking -----------------------------------------------------------
+
+    def get_next_connection(self) -> Optional[Connection]:
+        """The replica the balancer chooses among those not ejected; None when the list is empty."""
+        if not self._eligible:
+            return None
+        return self.balancer.pick(self._eligible)
+
+    def eligible(self) -> Sequence[Connection]:
+        return self._eligible
+
+    def _admit(self, connection: Connection) -> None:
+        if connection not in self._position:
+            self._position[connection] = len(self._eligible)
+            self._eligible.append(connection)
+
+    def _withdraw(self, connection: Connection) -> None:
+        index = self._position.pop(connection, None)
+        if index is None:
+            return
+        last = self._eligible.pop()
+        if last is not connection:
+            self._eligible[index] = last
+            self._position[last] = index
+
+    # -- outcomes ----------------------------------------------------------
+
+    def record_success(self, connection: Connection) -> None:
+        connection.failures = 0
+
+    def record_failure(self, connection: Connection, code: grpc.StatusCode) -> None:
+        """Count a transport failure; rebuild the channel and eject the replica when they pile up."""
+        policy = self._ejection
+        if policy is None or code not in policy.failure_codes:
+            return
+        connection.failures += 1
+        if connection.failures < policy.consecutive_failures:
+            return
+        connection.failures = 0
+        connection.rebuild()
+        if len(self._eligible) > 1 and connection in self._position:
+            self._eject(connection)
+
+    def _eject(self, connection: Connection) -> None:
+        self._withdraw(connection)
+        connection.times_ejected += 1
+        delay = self._ejection.ejection_time(connection.times_ejected)
+        logger.warning("%s: ejecting replica %s for %.1fs after repeated failures", self.name, connection.address, delay)
+        self._probes[connection] = asyncio.get_running_loop().create_task(self._probe_until_healthy(connection, delay))
+
+    async def _probe_until_healthy(self, connection: Connection, delay: float) -> None:
+        try:
+            while True:
+                await asyncio.sleep(delay)
+                if self._connections.get(connection.address.target) is not connection:
+                    return
+                if await connection.health():
+                    self._admit(connection)
+                    logger.info("%s: replica %s is healthy again", self.name, connection.address)
+                    return
+                if not self._eligible:  # nothing else left: better a doubtful replica than none
+                    self._admit(connection)
+                    return
+                delay = min(self._ejection.max_ejection, delay * 2)
+        finally:
+            self._probes.pop(connection, None)
+
+    # -- calls ---------------------------------------------------------------
+
+    async def call(
+        self,
+        connection: Connection,
+        method: str,
+        payload: Any,
+        metadata: Optional[Sequence[tuple[str, str]]],
+        timeout: Optional[float],
+    ) -> tuple[Any, Any]:
+        """Call ``method`` (a Stubs field) on ``connection``; return (response, trailing metadata).
+
+        Outcomes feed the balancer and the failure counts; gRPC errors propagate unchanged.
+        """
+        balancer = self.balancer
+        token = balancer.started(connection)
+        try:
+            call = getattr(connection.stubs, method)(payload, metadata=metadata, timeout=timeout)
+            response = await call
+            trailing = await call.trailing_metadata()
+        except grpc.aio.AioRpcError as error:
+            balancer.finished(connection, token, failed=True)
+            self.record_failure(connection, error.code())
+            raise
+        except BaseException:
+            balancer.finished(connection, token, failed=True)
+            raise
+        balancer.finished(connection, token)
+        connection.failures = 0
+        return response, trailing
+
+    async def close(self) -> None:
+        """Close every channel and stop every health probe."""
+        for probe in list(self._probes.values()):
+            probe.cancel()
+        self._probes.clear()
+        connections = list(self._connections.values())
+        self._connections.clear()
+        self._eligible.clear()
+        self._position.clear()
+        for connection in connections:
+            self.balancer.forget(connection)
+            await connection.close(grace=0.5)
+
+    def __repr__(self) -> str:
+        ejected = len(self._connections) - len(self._eligible)
+        return f"<ReplicaList {self.name or ''} {len(self._connections)} replicas, {ejected} ejected>"

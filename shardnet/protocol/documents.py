@@ -1,0 +1,257 @@
+"""``Document`` and ``DocumentList``: Python views over the docarray protobuf messages.
+
+A Document wraps one ``DocumentProto`` and reads and writes it in place, so a
+document that arrived in a request is never copied field by field, and fields
+shardnet does not model (location, evaluations, ...) survive untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+from typing import Any, Optional, Union, overload
+
+import numpy as np
+from google.protobuf import struct_pb2
+
+from shardnet.protocol import ndarray
+from shardnet.protocol.ids import new_id
+from shardnet.protocol.proto import docarray_pb2
+
+
+def _to_python(value: Any) -> Any:
+    """Turn protobuf Struct/ListValue values into plain dicts and lists."""
+    if isinstance(value, struct_pb2.Struct):
+        return {key: _to_python(value[key]) for key in value.keys()}
+    if isinstance(value, struct_pb2.ListValue):
+        return [_to_python(item) for item in value]
+    return value
+
+
+class StructView(MutableMapping):
+    """A dict-like view of a protobuf ``Struct`` (JSON semantics: numbers come back as floats)."""
+
+    __slots__ = ("_struct",)
+
+    def __init__(self, struct: struct_pb2.Struct):
+        self._struct = struct
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._struct:
+            raise KeyError(key)
+        return _to_python(self._struct[key])
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._struct.update({key: value})
+
+    def __delitem__(self, key: str) -> None:
+        if key not in self._struct:
+            raise KeyError(key)
+        del self._struct[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._struct.keys()))
+
+    def __len__(self) -> int:
+        return len(self._struct)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+class Document:
+    """One document: an id plus text, blob or tensor, an embedding, tags, matches and chunks.
+
+    >>> doc = Document(text="hello", tags={"lang": "en"})
+    >>> doc.text, doc.tags["lang"], len(doc.id)
+    ('hello', 'en', 32)
+    """
+
+    __slots__ = ("_pb",)
+
+    def __init__(
+        self,
+        id: Optional[str] = None,
+        text: Optional[str] = None,
+        blob: Optional[bytes] = None,
+        tensor: Optional[np.ndarray] = None,
+        embedding: Optional[np.ndarray] = None,
+        tags: Optional[Mapping[str, Any]] = None,
+        *,
+        proto: Optional[docarray_pb2.DocumentProto] = None,
+    ):
+        self._pb = proto if proto is not None else docarray_pb2.DocumentProto()
+        if proto is not None:
+            return
+        self._pb.id = id or new_id()
+        if text is not None:
+            self.text = text
+        if blob is not None:
+            self.blob = blob
+        if tensor is not None:
+            self.tensor = tensor
+        if embedding is not None:
+            self.embedding = embedding
+        if tags:
+            self._pb.tags.update(dict(tags))
+
+    @property
+    def proto(self) -> docarray_pb2.DocumentProto:
+        """The underlying protobuf message (shared, not a copy)."""
+        return self._pb
+
+    @property
+    def id(self) -> str:
+        return self._pb.id
+
+    @id.setter
+    def id(self, value: str) -> None:
+        self._pb.id = value
+
+    @property
+    def text(self) -> str:
+        return self._pb.text
+
+    @text.setter
+    def text(self, value: str) -> None:
+        self._pb.text = value
+
+    @property
+    def blob(self) -> bytes:
+        return self._pb.blob
+
+    @blob.setter
+    def blob(self, value: bytes) -> None:
+        self._pb.blob = value
+
+    @property
+    def tensor(self) -> Optional[np.ndarray]:
+        return ndarray.from_proto(self._pb.tensor) if self._pb.HasField("tensor") else None
+
+    @tensor.setter
+    def tensor(self, value: np.ndarray) -> None:
+        ndarray.to_proto(value, self._pb.tensor)
+
+    @property
+    def embedding(self) -> Optional[np.ndarray]:
+        return ndarray.from_proto(self._pb.embedding) if self._pb.HasField("embedding") else None
+
+    @embedding.setter
+    def embedding(self, value: Optional[np.ndarray]) -> None:
+        if value is None:
+            self._pb.ClearField("embedding")
+        else:
+            ndarray.to_proto(value, self._pb.embedding)
+
+    @property
+    def tags(self) -> StructView:
+        """Tags as a live dict-like view: ``doc.tags['k'] = v`` writes into the message."""
+        return StructView(self._pb.tags)
+
+    @tags.setter
+    def tags(self, value: Mapping[str, Any]) -> None:
+        self._pb.tags.Clear()
+        self._pb.tags.update(dict(value))
+
+    @property
+    def matches(self) -> "DocumentList":
+        return DocumentList(self._pb.matches)
+
+    @property
+    def chunks(self) -> "DocumentList":
+        return DocumentList(self._pb.chunks)
+
+    @property
+    def scores(self) -> dict[str, float]:
+        """Named scores as ``{name: value}`` (a copy; set them with :meth:`set_score`)."""
+        return {name: score.value for name, score in self._pb.scores.items()}
+
+    def set_score(self, name: str, value: float, op_name: str = "") -> None:
+        score = self._pb.scores[name]
+        score.value = value
+        score.op_name = op_name
+        score.ref_id = self._pb.id
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Document) and self._pb == other._pb
+
+    def __repr__(self) -> str:
+        content = self._pb.WhichOneof("content")
+        detail = f" text={self.text[:30]!r}" if content == "text" else (f" {content}" if content else "")
+        return f"<Document id={self.id}{detail} matches={len(self._pb.matches)}>"
+
+
+DocumentLike = Union[Document, docarray_pb2.DocumentProto]
+
+
+class DocumentList:
+    """A list-like view over a repeated ``DocumentProto`` field.
+
+    Appending a Document copies it into the field and rebinds the Document to
+    the stored copy, so later edits through the same object are not lost.
+    """
+
+    __slots__ = ("_field",)
+
+    def __init__(self, field: Any):
+        self._field = field
+
+    def __len__(self) -> int:
+        return len(self._field)
+
+    @overload
+    def __getitem__(self, index: int) -> Document: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Document]: ...
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [Document(proto=pb) for pb in self._field[index]]
+        return Document(proto=self._field[index])
+
+    def __delitem__(self, index: Union[int, slice]) -> None:
+        del self._field[index]
+
+    def __iter__(self) -> Iterator[Document]:
+        return (Document(proto=pb) for pb in self._field)
+
+    def append(self, doc: DocumentLike) -> None:
+        stored = self._field.add()
+        if isinstance(doc, Document):
+            stored.CopyFrom(doc._pb)
+            doc._pb = stored
+        else:
+            stored.CopyFrom(doc)
+
+    def extend(self, docs: Iterable[DocumentLike]) -> None:
+        for doc in docs:
+            self.append(doc)
+
+    def clear(self) -> None:
+        del self._field[:]
+
+    def replace(self, docs: Iterable[DocumentLike]) -> None:
+        """Swap the whole content for ``docs`` (safe when ``docs`` are views into this list)."""
+        copies = []
+        for doc in docs:
+            clone = docarray_pb2.DocumentProto()
+            clone.CopyFrom(doc._pb if isinstance(doc, Document) else doc)
+            copies.append(clone)
+        self.clear()
+        self._field.extend(copies)
+
+    @property
+    def texts(self) -> list[str]:
+        return [pb.text for pb in self._field]
+
+    @property
+    def ids(self) -> list[str]:
+        return [pb.id for pb in self._field]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, DocumentList):
+            other = list(other)
+        return isinstance(other, list) and list(self) == other
+
+    def __repr__(self) -> str:
+        return f"<DocumentList of {len(self)}>"

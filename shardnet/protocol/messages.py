@@ -1,0 +1,300 @@
+"""``DataRequest`` and ``ControlRequest``: the two requests of the Jina 3 wire protocol.
+
+A DataRequest that arrives as bytes stays bytes until someone asks for more:
+reading the endpoint or the request id decodes only the header (documents stay
+an opaque byte string), and ``to_bytes()`` hands back the very bytes that
+arrived as long as nothing asked to change the request. Fields shardnet does
+not know ride along as protobuf unknown fields, untouched.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Iterable, Mapping
+from typing import Any, Optional, Union
+
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError, Message
+
+from shardnet.errors import ProtocolError
+from shardnet.protocol.documents import Document, DocumentList
+from shardnet.protocol.ids import new_id
+from shardnet.protocol.proto import jina_pb2
+
+SUCCESS = jina_pb2.StatusProto.SUCCESS
+ERROR = jina_pb2.StatusProto.ERROR
+
+
+def parse(message_type: type[Message], data: bytes, what: str) -> Message:
+    """Parse ``data`` as ``message_type``; a decoding failure becomes a ProtocolError naming ``what``."""
+    message = message_type()
+    try:
+        message.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise ProtocolError(f"malformed {what} ({len(data)} bytes): {exc}") from None
+    return message
+
+
+class DataRequest:
+    """Documents sent to an endpoint, with parameters; decoded only as far as it is read.
+
+    >>> req = DataRequest(docs=[Document(text="hi")], endpoint="/index", parameters={"k": 1})
+    >>> req.endpoint, len(req.docs), req.parameters
+    ('/index', 1, {'k': 1.0})
+    >>> DataRequest.from_bytes(req.to_bytes()).request_id == req.request_id
+    True
+    """
+
+    __slots__ = ("_buffer", "_envelope", "_message")
+
+    def __init__(
+        self,
+        docs: Optional[Iterable[Union[Document, Any]]] = None,
+        endpoint: Optional[str] = None,
+        parameters: Optional[Mapping[str, Any]] = None,
+    ):
+        self._buffer: Optional[bytes] = None
+        self._envelope: Optional[jina_pb2.DataRequestEnvelope] = None
+        self._message = jina_pb2.DataRequestProto()
+        self._message.header.request_id = new_id()
+        self._message.data.docs.SetInParent()
+        if endpoint is not None:
+            self._message.header.exec_endpoint = endpoint
+        if parameters:
+            self._message.parameters.update(dict(parameters))
+        if docs is not None:
+            self.docs.extend(docs)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "DataRequest":
+        """Wrap received bytes without decoding them; errors surface on first read."""
+        request = cls.__new__(cls)
+        request._buffer = bytes(data)
+        request._envelope = None
+        request._message = None
+        return request
+
+    @classmethod
+    def from_proto(cls, message: jina_pb2.DataRequestProto) -> "DataRequest":
+        request = cls.__new__(cls)
+        request._buffer = None
+        request._envelope = None
+        request._message = message
+        return request
+
+    # -- decoding stages -------------------------------------------------
+
+    def _outer(self, changing: bool = False) -> Union[jina_pb2.DataRequestProto, jina_pb2.DataRequestEnvelope]:
+        """Header, parameters and routes, decoding the envelope only; ``changing`` drops the byte cache."""
+        outer = self._message if self._message is not None else self._envelope
+        if outer is None:
+            outer = self._envelope = parse(jina_pb2.DataRequestEnvelope, self._buffer, "DataRequest")
+        if changing:
+            self._buffer = None
+        return outer
+
+    def _full(self) -> jina_pb2.DataRequestProto:
+        """The fully decoded message; refuses pickled ``docs_bytes``."""
+        if self._message is None:
+            # the byte form keeps every field, unknown ones included, whichever stage we are at
+            data = self._buffer if self._buffer is not None else self._envelope.SerializeToString()
+            self._message = parse(jina_pb2.DataRequestProto, data, "DataRequest")
+            self._envelope = None
+        if self._message.data.WhichOneof("documents") == "docs_bytes":
+            raise ProtocolError(
+                f"DataRequest {self._message.header.request_id!r} carries docs_bytes (a pickle): refused, "
+                "send documents as protobuf (DataContent field 1)"
+            )
+        self._buffer = None
+        return self._message
+
+    @property
+    def proto(self) -> jina_pb2.DataRequestProto:
+        """The fully decoded protobuf message, for callers that edit it directly."""
+        return self._full()
+
+    # -- header ----------------------------------------------------------
+
+    @property
+    def header(self) -> jina_pb2.HeaderProto:
+        """The header message, writable (writing through it is a change: the byte cache is dropped)."""
+        return self._outer(changing=True).header
+
+    @property
+    def request_id(self) -> str:
+        return self._outer().header.request_id
+
+    @property
+    def endpoint(self) -> Optional[str]:
+        header = self._outer().header
+        return header.exec_endpoint if header.HasField("exec_endpoint") else None
+
+    @endpoint.setter
+    def endpoint(self, value: Optional[str]) -> None:
+        header = self._outer(changing=True).header
+        if value is None:
+            header.ClearField("exec_endpoint")
+        else:
+            header.exec_endpoint = value
+
+    @property
+    def timeout_ms(self) -> Optional[int]:
+        """Milliseconds the original caller still waits, as carried in ``header.timeout``."""
+        header = self._outer().header
+        return header.timeout if header.HasField("timeout") else None
+
+    @property
+    def status(self) -> jina_pb2.StatusProto:
+        """A copy of the status (code SUCCESS or ERROR, description, exception)."""
+        status = jina_pb2.StatusProto()
+        status.CopyFrom(self._outer().header.status)
+        return status
+
+    @property
+    def is_error(self) -> bool:
+        return self._outer().header.status.code == ERROR
+
+    def set_exception(self, exc: BaseException, executor: str = "") -> None:
+        """Mark the request failed with ``exc``, the way Jina reports an executor exception."""
+        status = self._outer(changing=True).header.status
+        status.code = ERROR
+        status.description = f"{type(exc).__name__}: {exc}"
+        status.exception.name = type(exc).__name__
+        del status.exception.args[:]
+        status.exception.args.extend(str(arg) for arg in exc.args)
+        del status.exception.stacks[:]
+        status.exception.stacks.extend(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        status.exception.executor = executor
+
+    def set_error(self, description: str, name: str = "ShardnetError", executor: str = "") -> None:
+        """Mark the request failed with a plain description (no Python exception at hand)."""
+        status = self._outer(changing=True).header.status
+        status.code = ERROR
+        status.description = description
+        status.exception.name = name
+        del status.exception.args[:]
+        status.exception.args.append(description)
+        status.exception.executor = executor
+
+    # -- body ------------------------------------------------------------
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        """A copy of the parameters as a dict (assign to change them)."""
+        return json_format.MessageToDict(self._outer().parameters)
+
+    @parameters.setter
+    def parameters(self, value: Mapping[str, Any]) -> None:
+        struct = self._outer(changing=True).parameters
+        struct.Clear()
+        struct.update(dict(value))
+
+    @property
+    def docs(self) -> DocumentList:
+        """The documents, as a live list-like view (decodes them on first access)."""
+        return DocumentList(self._full().data.docs.docs)
+
+    @property
+    def routes(self) -> list[jina_pb2.RouteProto]:
+        return list(self._outer().routes)
+
+    def add_route(self, executor: str) -> jina_pb2.RouteProto:
+        """Append a route entry stamped with the current time, as a Jina worker does."""
+        route = self._outer(changing=True).routes.add()
+        route.executor = executor
+        route.start_time.GetCurrentTime()
+        return route
+
+    # -- bytes -----------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        """The wire form; the received bytes themselves when nothing was changed."""
+        if self._buffer is not None:
+            return self._buffer
+        if self._message is not None:
+            return self._message.SerializeToString()
+        return self._envelope.SerializeToString()
+
+    def __len__(self) -> int:
+        return len(self._full().data.docs.docs)
+
+    def __repr__(self) -> str:
+        try:
+            header = self._outer().header
+        except ProtocolError:
+            return f"<DataRequest malformed, {len(self._buffer or b'')} bytes>"
+        endpoint = header.exec_endpoint if header.HasField("exec_endpoint") else None
+        state = "decoded" if self._message is not None else ("header only" if self._envelope is not None else "bytes")
+        return f"<DataRequest id={header.request_id} endpoint={endpoint!r} {state}>"
+
+
+class ControlRequest:
+    """A control-plane request: STATUS, or ACTIVATE/DEACTIVATE of the workers it names.
+
+    >>> req = ControlRequest("ACTIVATE")
+    >>> req.add_related_entity("w0", "127.0.0.1", 12345, shard_id=1)
+    >>> req.command, req.related_entities[0].port
+    ('ACTIVATE', 12345)
+    """
+
+    __slots__ = ("_message",)
+
+    def __init__(self, command: str = "STATUS"):
+        self._message = jina_pb2.ControlRequestProto()
+        self._message.header.request_id = new_id()
+        self.command = command
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "ControlRequest":
+        request = cls.__new__(cls)
+        request._message = parse(jina_pb2.ControlRequestProto, data, "ControlRequest")
+        return request
+
+    @property
+    def proto(self) -> jina_pb2.ControlRequestProto:
+        return self._message
+
+    @property
+    def header(self) -> jina_pb2.HeaderProto:
+        return self._message.header
+
+    @property
+    def request_id(self) -> str:
+        return self._message.header.request_id
+
+    @property
+    def command(self) -> str:
+        return jina_pb2.ControlRequestProto.Command.Name(self._message.command)
+
+    @command.setter
+    def command(self, name: str) -> None:
+        try:
+            self._message.command = jina_pb2.ControlRequestProto.Command.Value(str(name).upper())
+        except ValueError:
+            raise ProtocolError(f"unknown control command {name!r}: expected STATUS, ACTIVATE or DEACTIVATE") from None
+
+    def add_related_entity(self, id: str, address: str, port: int, shard_id: Optional[int] = None) -> None:
+        entity = self._message.related_entities.add()
+        entity.id = id
+        entity.address = address
+        entity.port = port
+        if shard_id is not None:
+            entity.shard_id = shard_id
+
+    @property
+    def related_entities(self) -> list[jina_pb2.RelatedEntity]:
+        return list(self._message.related_entities)
+
+    @property
+    def status(self) -> jina_pb2.StatusProto:
+        return self._message.header.status
+
+    @property
+    def is_error(self) -> bool:
+        return self._message.header.status.code == ERROR
+
+    def to_bytes(self) -> bytes:
+        return self._message.SerializeToString()
+
+    def __repr__(self) -> str:
+        return f"<ControlRequest {self.command} entities={len(self._message.related_entities)}>"

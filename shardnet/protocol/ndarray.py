@@ -1,0 +1,86 @@
+"""Move tensors and embeddings between numpy and the docarray ``NdArray`` message.
+
+Dense arrays travel as raw buffer + shape + numpy dtype string; sparse ones
+as COO (indices, values, shape), which numpy can rebuild without scipy.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from shardnet.errors import ProtocolError
+from shardnet.protocol.proto import docarray_pb2
+
+# dtypes whose buffer is plain numbers: object and void dtypes would mean pickles or raw memory
+_SAFE_KINDS = frozenset("biufc")
+
+
+def write_dense(array: np.ndarray, target: docarray_pb2.DenseNdArrayProto) -> None:
+    """Store ``array`` (C-contiguous copy if needed) into a DenseNdArray message."""
+    array = np.asarray(array)
+    if array.dtype.kind not in _SAFE_KINDS:
+        raise ProtocolError(f"cannot send an array of dtype {array.dtype}: only numeric dtypes travel")
+    target.buffer = np.ascontiguousarray(array).tobytes()
+    del target.shape[:]
+    target.shape.extend(array.shape)
+    target.dtype = array.dtype.str
+
+
+def read_dense(source: docarray_pb2.DenseNdArrayProto) -> np.ndarray:
+    """Rebuild a numpy array from a DenseNdArray message, checking size against shape."""
+    try:
+        dtype = np.dtype(source.dtype)
+    except TypeError as exc:
+        raise ProtocolError(f"NdArray has an unknown dtype {source.dtype!r}") from exc
+    if dtype.kind not in _SAFE_KINDS:
+        raise ProtocolError(f"NdArray dtype {source.dtype!r} is not numeric; refusing to decode it")
+    shape = tuple(source.shape)
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if expected != len(source.buffer):
+        raise ProtocolError(
+            f"NdArray buffer holds {len(source.buffer)} bytes, shape {shape} of {dtype} needs {expected}"
+        )
+    return np.frombuffer(source.buffer, dtype=dtype).reshape(shape)
+
+
+def to_proto(array: np.ndarray, target: docarray_pb2.NdArrayProto) -> None:
+    """Write a dense numpy array into an NdArray message."""
+    target.Clear()
+    write_dense(array, target.dense)
+    target.cls_name = "numpy"
+
+
+def write_sparse(
+    indices: np.ndarray, values: np.ndarray, shape: tuple[int, ...], target: docarray_pb2.NdArrayProto
+) -> None:
+    """Write a COO sparse array: ``indices`` is (nnz, ndim), ``values`` is (nnz,)."""
+    indices = np.asarray(indices)
+    if indices.ndim != 2 or indices.shape[1] != len(shape):
+        raise ProtocolError(f"sparse indices must be (nnz, {len(shape)}), got {indices.shape}")
+    target.Clear()
+    write_dense(indices, target.sparse.indices)
+    write_dense(np.asarray(values), target.sparse.values)
+    target.sparse.shape.extend(shape)
+    target.cls_name = "coo"
+
+
+def from_proto(source: docarray_pb2.NdArrayProto) -> Optional[np.ndarray]:
+    """Read an NdArray message as a dense numpy array (sparse ones are densified); None if empty."""
+    kind = source.WhichOneof("content")
+    if kind == "dense":
+        return read_dense(source.dense)
+    if kind == "sparse":
+        indices = read_dense(source.sparse.indices)
+        values = read_dense(source.sparse.values)
+        shape = tuple(source.sparse.shape)
+        if indices.ndim != 2 or indices.shape != (len(values), len(shape)):
+            raise ProtocolError(f"sparse NdArray indices {indices.shape} do not fit {len(values)} values of {shape}")
+        dense = np.zeros(shape, dtype=values.dtype)
+        if len(values):
+            if (indices < 0).any() or (indices >= np.array(shape)).any():
+                raise ProtocolError(f"sparse NdArray index outside shape {shape}")
+            dense[tuple(indices.T)] = values
+        return dense
+    return None

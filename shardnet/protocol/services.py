@@ -1,0 +1,28 @@
+"""gRPC method paths of the Jina 3 protocol, read from the compiled service descriptors."""
+
+from __future__ import annotations
+
+from shardnet.protocol.proto import jina_pb2
+
+
+def _path(service: str, method: str) -> str:
+    descriptor = jina_pb2.DESCRIPTOR.services_by_name[service]
+    return f"/{descriptor.full_name}/{descriptor.methods_by_name[method].name}"
+
+
+SINGLE_DATA_SERVICE = jina_pb2.DESCRIPTOR.services_by_name["JinaSingleDataRequestRPC"].full_name
+DATA_SERVICE = jina_pb2.DESCRIPTOR.services_by_name["JinaDataRequestRPC"].full_name
+CONTROL_SERVICE = jina_pb2.DESCRIPTOR.services_by_name["JinaControlRequestRPC"].full_name
+DISCOVERY_SERVICE = jina_pb2.DESCRIPTOR.services_by_name["JinaDiscoverEndpointsRPC"].full_name
+STREAM_SERVICE = jina_pb2.DESCRIPTOR.services_by_name["JinaRPC"].full_name
+
+PROCESS_SINGLE_DATA = _path("JinaSingleDataRequestRPC", "process_single_data")
+PROCESS_DATA = _path("JinaDataRequestRPC", "process_data")
+PROCESS_CONTROL = _path("JinaControlRequestRPC", "process_control")
+ENDPOINT_DISCOVERY = _path("JinaDiscoverEndpointsRPC", "endpoint_discovery")
+STREAM_CALL = _path("JinaRPC", "Call")
+
+# metadata keys that travel beside requests
+ENDPOINT_METADATA = "endpoint"
+ERROR_METADATA = "is-error"
+AUTHORIZATION_METADATA = "authorization"
