@@ -1,0 +1,1 @@
+"""The ``shardnet`` command: argument parsing that calls the layers below."""

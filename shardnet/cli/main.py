@@ -1,0 +1,50 @@
+"""Entry point of the ``shardnet`` command: one subcommand per module of this package.
+
+Each subcommand module has ``register(subparsers)``, which adds its parser and
+sets ``handler`` to a function taking the parsed arguments and returning an
+exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Optional, Sequence
+
+from shardnet.errors import ShardnetError
+
+SUBCOMMANDS = ("worker", "head", "deploy", "send", "status", "demo", "k8s")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardnet", description="Serve sharded, replicated gRPC services.")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            module = importlib.import_module(f"shardnet.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"shardnet.cli.{name}":
+                raise
+            continue  # subcommand not built yet
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except ShardnetError as exc:
+        print(f"shardnet {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
