@@ -19,6 +19,7 @@ from shardnet.networking.replica_list import ReplicaList
 from shardnet.networking.tls import ClientTls, ServerTls
 from shardnet.protocol.documents import Document, DocumentList
 from shardnet.protocol.messages import ControlRequest, DataRequest
+from shardnet.runtimes.executor import Executor, requests
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "Document",
     "DocumentList",
     "EjectionPolicy",
+    "Executor",
     "GrpcConnectionPool",
     "PeakEwma",
     "PollingMap",
@@ -48,4 +50,5 @@ __all__ = [
     "create_connection_pool",
     "host_is_local",
     "is_remote_local_connection",
+    "requests",
 ]

@@ -113,3 +113,127 @@ class EchoServer:
 
     async def __aexit__(self, *exc_info) -> None:
         await self.stop()
+
+
+# -- echo servers in their own process (benchmarks, manual interop) -------------
+
+
+class _HandlerCollector:
+    """Stands in for a server to catch the handlers a generated ``add_*_to_server`` registers."""
+
+    def __init__(self) -> None:
+        self.handlers: list[grpc.GenericRpcHandler] = []
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        self.handlers.extend(handlers)
+
+    def add_registered_method_handlers(self, service_name, handlers) -> None:
+        return None  # the generic handler above serves the same methods
+
+
+class ServedEchoServer(EchoServer):
+    """An ``EchoServer`` for long runs in a process of its own.
+
+    It keeps no log of received metadata (a benchmark sends millions of
+    requests) and lists its services through gRPC reflection, which Jina 3.4+
+    clients ask before they call; the trailing ``served-by`` metadata names it.
+    """
+
+    async def _answer(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        self.calls += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if self.fail_with is not None:
+            await context.abort(self.fail_with, f"{self.name} told to fail")
+        context.set_trailing_metadata((("served-by", self.name),))
+        return payload
+
+    def _handlers(self) -> list[grpc.GenericRpcHandler]:
+        from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+
+        names = [
+            services.SINGLE_DATA_SERVICE,
+            services.DATA_SERVICE,
+            services.CONTROL_SERVICE,
+            "grpc.health.v1.Health",
+            reflection.SERVICE_NAME,
+        ]
+        collector = _HandlerCollector()
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflection.aio.ReflectionServicer(names), collector)
+        return super()._handlers() + collector.handlers
+
+
+async def serve_echo(
+    count: int = 2,
+    *,
+    host: str = "127.0.0.1",
+    delays: Optional[list[float]] = None,
+    names: Optional[list[str]] = None,
+    stop_on_eof: bool = False,
+) -> None:
+    """Serve ``count`` echo servers until SIGINT/SIGTERM (or stdin's end); print ``READY addr ...`` once up."""
+    import signal
+    import sys
+    import threading
+
+    delays = list(delays or [0.0])
+    if len(delays) == 1:
+        delays = delays * count
+    if len(delays) != count:
+        raise SystemExit(f"--delays needs 1 or {count} values, got {len(delays)}")
+    names = names or [f"echo-{index}" for index in range(count)]
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    if stop_on_eof:
+        def watch_stdin() -> None:
+            sys.stdin.read()
+            loop.call_soon_threadsafe(stop.set)
+
+        threading.Thread(target=watch_stdin, name="stdin-eof", daemon=True).start()
+    servers = [ServedEchoServer(name, host=host, delay=delay) for name, delay in zip(names, delays)]
+    try:
+        for server in servers:
+            await server.start()
+        print("READY " + " ".join(server.address for server in servers), flush=True)
+        await stop.wait()
+    finally:
+        for server in servers:
+            await server.stop(0)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m shardnet.testing --servers 2``: echo servers on loopback, in this process.
+
+    Prints ``READY 127.0.0.1:PORT ...`` when they listen and serves until
+    SIGINT/SIGTERM (or, with ``--stop-on-eof``, until stdin closes).
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m shardnet.testing", description=main.__doc__.splitlines()[0])
+    parser.add_argument("--servers", type=int, default=2, help="how many echo servers (default 2)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument(
+        "--delays", default="0", help="seconds each server waits before answering: one value, or one per server, comma-separated"
+    )
+    parser.add_argument("--names", default="", help="comma-separated names (sent back as trailing metadata served-by)")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--stop-on-eof", action="store_true", help="also stop when stdin closes (a parent process died)")
+    args = parser.parse_args(argv)
+    delays = [float(value) for value in args.delays.split(",") if value.strip()]
+    names = [value.strip() for value in args.names.split(",") if value.strip()] or None
+    if names is not None and len(names) != args.servers:
+        parser.error(f"--names needs {args.servers} names")
+    coroutine = serve_echo(args.servers, host=args.host, delays=delays, names=names, stop_on_eof=args.stop_on_eof)
+    if args.loop == "uvloop":
+        import uvloop
+
+        uvloop.run(coroutine)
+    else:
+        asyncio.run(coroutine)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

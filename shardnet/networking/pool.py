@@ -143,7 +143,7 @@ class GrpcConnectionPool:
 
     # -- routing ----------------------------------------------------------------
 
-    def _targets(
+    def targets(
         self, deployment: str, head: bool, shard_id: Optional[int], polling_type: PollingType
     ) -> list[tuple[Optional[int], ReplicaList]]:
         """The (shard id, replicas) pairs a request goes to; empty for an unknown deployment or shard."""
@@ -334,7 +334,7 @@ class GrpcConnectionPool:
         call_metadata = self._metadata_for(requests[0], endpoint, metadata)
         return [
             self._spawn(payload, deployment, sid, replicas, method, call_metadata, timeout)
-            for sid, replicas in self._targets(deployment, head, shard_id, PollingType.parse(polling_type))
+            for sid, replicas in self.targets(deployment, head, shard_id, PollingType.parse(polling_type))
         ]
 
     def send_request(
@@ -382,7 +382,7 @@ class GrpcConnectionPool:
         self, deployment: str, head: bool = True, shard_id: int = 0, timeout: Optional[float] = None
     ) -> Optional[asyncio.Task]:
         """Ask one replica (the head by default) which endpoints it serves; a Task or None."""
-        targets = self._targets(deployment, head, shard_id, PollingType.ANY)
+        targets = self.targets(deployment, head, shard_id, PollingType.ANY)
         if not targets:
             return None
         sid, replicas = targets[0]

@@ -1,0 +1,74 @@
+"""``shardnet head``: route a deployment's requests over its shards."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections import defaultdict
+
+from shardnet.cli.options import add_client_tls_arguments, add_server_arguments, client_tls, server_config
+from shardnet.discovery.factory import create_connection_pool
+from shardnet.errors import ConfigurationError
+from shardnet.networking.addresses import parse_address
+from shardnet.networking.balancing import BALANCERS
+from shardnet.networking.policies import RetryPolicy
+from shardnet.networking.polling import PollingMap
+from shardnet.runtimes.head import Head
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("head", help="route a deployment's requests over its shards")
+    parser.add_argument("--deployment", required=True, help="name of the deployment this head fronts")
+    parser.add_argument("--polling", default="ANY", help='ANY, ALL, or a JSON map like {"/search": "ALL", "*": "ANY"}')
+    parser.add_argument(
+        "--connection", action="append", default=[], metavar="SHARD=HOST:PORT", help="a worker replica (repeatable)"
+    )
+    parser.add_argument("--uses-before", metavar="HOST:PORT")
+    parser.add_argument("--uses-after", metavar="HOST:PORT")
+    parser.add_argument("--balancer", choices=sorted(BALANCERS), default="p2c_ewma")
+    parser.add_argument("--timeout", type=float, default=None, help="default deadline of a forwarded call, seconds")
+    parser.add_argument(
+        "--attempt-timeout", type=float, default=None, help="give up on one replica after this long and try another"
+    )
+    parser.add_argument("--k8s-namespace", help="discover replicas by watching this Kubernetes namespace")
+    add_server_arguments(parser, default_port=0)
+    add_client_tls_arguments(parser, prefix="")
+    parser.set_defaults(handler=run)
+
+
+def parse_connections(items: list[str]) -> dict[int, list[str]]:
+    """``["0=h:1", "1=h:2"]`` -> ``{0: ["h:1"], 1: ["h:2"]}``, validating each address."""
+    connections: dict[int, list[str]] = defaultdict(list)
+    for item in items:
+        shard, sep, address = item.partition("=")
+        if not sep or not shard.strip().isdigit():
+            raise ConfigurationError(f"--connection {item!r}: expected SHARD=HOST:PORT, e.g. 0=127.0.0.1:50051")
+        connections[int(shard)].append(str(parse_address(address)))
+    return dict(connections)
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(serve(args))
+
+
+async def serve(args: argparse.Namespace) -> int:
+    """Build the head inside the running loop (gRPC channels belong to the loop they are made in)."""
+    retry = RetryPolicy(attempt_timeout=args.attempt_timeout)
+    pool = create_connection_pool(
+        k8s_connection_pool=bool(args.k8s_namespace),
+        k8s_namespace=args.k8s_namespace,
+        balancer=args.balancer,
+        retry=retry,
+        timeout=args.timeout,
+        tls=client_tls(args),
+    )
+    head = Head(
+        args.deployment,
+        server_config(args),
+        polling=PollingMap.parse(args.polling),
+        pool=pool,
+        connections=parse_connections(args.connection),
+        uses_before=args.uses_before and str(parse_address(args.uses_before)),
+        uses_after=args.uses_after and str(parse_address(args.uses_after)),
+    )
+    return await head.run()

@@ -1,0 +1,91 @@
+"""``shardnet k8s render``: the Kubernetes manifests of one deployment, on stdout or as files."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from shardnet.errors import ConfigurationError
+from shardnet.manifests.kubernetes import DeploymentSpec, Resources, render, render_components, to_yaml
+
+DEFAULT_USES = "shardnet.examples.text_index:TextIndexer"
+
+
+def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    """Add ``k8s`` and its ``render`` action to the ``shardnet`` parser."""
+    k8s = subparsers.add_parser("k8s", help="Kubernetes manifests", description="Run shardnet on Kubernetes.")
+    actions = k8s.add_subparsers(dest="k8s_action", required=True, metavar="ACTION")
+    parser = actions.add_parser(
+        "render",
+        help="print or write the manifests of one deployment",
+        description=(
+            "Render a head and SHARDS x REPLICAS workers as Kubernetes manifests: Deployments, Services, "
+            "PodDisruptionBudgets and the head's discovery RBAC. Pipe to `kubectl apply -f -`, or write "
+            "one file per component with --output DIR."
+        ),
+    )
+    parser.add_argument("--name", required=True, help="deployment name; prefixes every object's name")
+    parser.add_argument("--image", required=True, help="container image with shardnet and the Executor installed")
+    parser.add_argument("--uses", default=DEFAULT_USES, help="Executor the workers load, as MODULE:CLASS (default: %(default)s)")
+    parser.add_argument("--shards", type=int, default=1, help="number of shards (default: %(default)s)")
+    parser.add_argument("--replicas", type=int, default=1, help="replicas per shard (default: %(default)s)")
+    parser.add_argument("--head-replicas", type=int, default=1, help="replicas of the head (default: %(default)s)")
+    parser.add_argument("--polling", default="ANY", help='ANY, ALL or a JSON map such as \'{"/search": "ALL", "*": "ANY"}\'')
+    parser.add_argument("--namespace", default="default", help="namespace of every object (default: %(default)s)")
+    parser.add_argument("--balancer", default="p2c_ewma", help="the head's replica balancer (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8080, help="gRPC port of every container (default: %(default)s)")
+    parser.add_argument("--cpu", default=Resources.cpu, help="CPU request of each worker (default: %(default)s)")
+    parser.add_argument("--memory", default=Resources.memory, help="memory request of each worker (default: %(default)s)")
+    parser.add_argument(
+        "--memory-limit", default=Resources.memory_limit, help="memory limit of each worker (default: %(default)s)"
+    )
+    parser.add_argument("--output", type=Path, metavar="DIR", help="write NAME-head.yaml, NAME-0.yaml, ... here instead of stdout")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Render the manifests the arguments describe; a bad argument raises ``ConfigurationError``."""
+    spec = DeploymentSpec(
+        name=args.name,
+        image=args.image,
+        uses=args.uses,
+        shards=args.shards,
+        replicas=args.replicas,
+        head_replicas=args.head_replicas,
+        polling=args.polling,
+        namespace=args.namespace,
+        balancer=args.balancer,
+        port=args.port,
+        worker_resources=Resources(cpu=args.cpu, memory=args.memory, memory_limit=args.memory_limit),
+    )
+    if args.output is None:
+        sys.stdout.write(to_yaml(render(spec)))
+        return 0
+    for path in write_components(spec, args.output):
+        print(path)
+    return 0
+
+
+def write_components(spec: DeploymentSpec, directory: Path) -> list[Path]:
+    """Write one YAML file per component (``NAME-head.yaml``, ``NAME-0.yaml``, ...) and return their paths.
+
+    A shard file left by an earlier render with more shards is reported on
+    stderr, not deleted: ``kubectl apply -f DIR`` would bring that shard back.
+    """
+    components = render_components(spec)
+    written = []
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for component, objects in components.items():
+            path = directory / f"{component}.yaml"
+            path.write_text(to_yaml(objects), encoding="utf-8")
+            written.append(path)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write manifests to {str(directory)!r}: {exc.strerror or exc}") from None
+    shard_file = re.compile(rf"^{re.escape(spec.name)}-\d+\.yaml$")
+    for stale in sorted(directory.iterdir()):
+        if shard_file.match(stale.name) and stale.stem not in components:
+            print(f"warning: {stale} is not part of this render ({spec.shards} shards); delete it before kubectl apply", file=sys.stderr)
+    return written

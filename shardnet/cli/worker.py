@@ -1,0 +1,52 @@
+"""``shardnet worker``: serve an Executor."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+
+from shardnet.cli.options import add_client_tls_arguments, add_server_arguments, client_tls, control_token, server_config
+from shardnet.errors import ConfigurationError
+from shardnet.runtimes.executor import load_executor_class
+from shardnet.runtimes.worker import Worker
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("worker", help="serve an Executor")
+    parser.add_argument("--uses", required=True, help="MODULE:CLASS or FILE.py:CLASS of a shardnet.Executor")
+    parser.add_argument("--uses-with", default="{}", help="JSON keyword arguments for the Executor")
+    parser.add_argument("--head", help="HOST:PORT of a head to register with (ACTIVATE) and leave on stop")
+    parser.add_argument("--shard-id", type=int, default=0)
+    parser.add_argument("--replica-id", type=int, default=0)
+    parser.add_argument("--workspace", help="folder the Executor may keep state in")
+    parser.add_argument("--threads", type=int, default=1, help="threads for blocking handlers")
+    parser.add_argument("--advertise-host", help="host the head should dial (default: the bound host)")
+    add_server_arguments(parser, default_port=0)
+    add_client_tls_arguments(parser, prefix="head-")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        uses_with = json.loads(args.uses_with)
+    except json.JSONDecodeError as exc:
+        raise ConfigurationError(f"--uses-with is not valid JSON: {exc}") from None
+    if not isinstance(uses_with, dict):
+        raise ConfigurationError("--uses-with must be a JSON object")
+    if args.shard_id < 0 or args.threads < 1:
+        raise ConfigurationError("--shard-id must be >= 0 and --threads >= 1")
+    executor = load_executor_class(args.uses).create(
+        {"shard_id": args.shard_id, "replica_id": args.replica_id, "workspace": args.workspace}, **uses_with
+    )
+    worker = Worker(
+        executor,
+        server_config(args),
+        threads=args.threads,
+        head=args.head,
+        shard_id=args.shard_id,
+        control_token=control_token(args),
+        head_tls=client_tls(args, prefix="head-"),
+        advertise_host=args.advertise_host,
+    )
+    return asyncio.run(worker.run())

@@ -1,0 +1,1 @@
+"""Manifests that run a shardnet deployment on a cluster, rendered as plain data."""

@@ -1,0 +1,382 @@
+"""Kubernetes manifests for one shardnet deployment: a head, its shards' replicas, and what discovery needs.
+
+``render(spec)`` is a pure function from a validated ``DeploymentSpec`` to
+plain dicts, one per Kubernetes object; ``to_yaml`` turns them into the text
+``kubectl apply -f -`` reads. Per shard ``n`` there is a Deployment, a headless
+Service and a PodDisruptionBudget named ``NAME-n``; the head has the same three
+named ``NAME-head`` (its Service is a plain ClusterIP one: the stable address
+clients call) plus a ServiceAccount, Role and RoleBinding that let it get, list
+and watch pods and EndpointSlices, nothing more.
+
+Labels are a contract with discovery (``shardnet.discovery``):
+
+- pod templates carry the original design's ``jina_deployment_name``,
+  ``pod_type`` (``HEAD``/``WORKER``) and ``shard_id`` (``""`` on the head);
+- Services carry ``shardnet.io/deployment``, ``shardnet.io/role``
+  (``head``/``worker``) and ``shardnet.io/shard`` (``""`` on the head, so every
+  Service has the same keys), which their EndpointSlices inherit;
+- the gRPC container is named ``executor`` and its port, like the Services'
+  port, is named ``grpc``.
+
+Every object also carries ``app.kubernetes.io/instance: NAME``, so
+``kubectl delete all,pdb,sa,role,rolebinding -l app.kubernetes.io/instance=NAME``
+removes a deployment.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from shardnet.errors import ConfigurationError
+from shardnet.networking.balancing import BALANCERS
+from shardnet.networking.polling import PollingMap
+
+DEPLOYMENT_LABEL = "jina_deployment_name"
+POD_TYPE_LABEL = "pod_type"
+SHARD_LABEL = "shard_id"
+SERVICE_DEPLOYMENT_LABEL = "shardnet.io/deployment"
+SERVICE_ROLE_LABEL = "shardnet.io/role"
+SERVICE_SHARD_LABEL = "shardnet.io/shard"
+CONTAINER_NAME = "executor"
+PORT_NAME = "grpc"
+
+# Discovery reads pods and EndpointSlices; these rules are all the head may do.
+DISCOVERY_RULES = (
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
+)
+
+RUN_AS = 10001  # the Dockerfile's numeric user, so the kubelet can check runAsNonRoot
+
+_LABEL_MAX = 63
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
+_USES = re.compile(rf"^{_IDENTIFIER}(\.{_IDENTIFIER})*:{_IDENTIFIER}$")
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one container asks the scheduler for (requests) and may not exceed (limits).
+
+    No CPU limit by default: CFS throttling adds tail latency to a server that
+    would otherwise use idle cores. Memory is limited so that a leak ends in a
+    restart of this container, not in the node's OOM killer picking a victim.
+
+    >>> Resources(cpu="1", memory="2Gi", memory_limit="4Gi").to_k8s()
+    {'requests': {'cpu': '1', 'memory': '2Gi'}, 'limits': {'memory': '4Gi'}}
+    """
+
+    cpu: str = "250m"
+    memory: str = "512Mi"
+    memory_limit: Optional[str] = "1Gi"
+    cpu_limit: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        for what, value in (("cpu", self.cpu), ("memory", self.memory)):
+            if not isinstance(value, str) or not _QUANTITY.match(value):
+                raise ConfigurationError(f"{what} request {value!r} is not a Kubernetes quantity such as 250m or 512Mi")
+        for what, value in (("memory_limit", self.memory_limit), ("cpu_limit", self.cpu_limit)):
+            if value is not None and (not isinstance(value, str) or not _QUANTITY.match(value)):
+                raise ConfigurationError(f"{what} {value!r} is not a Kubernetes quantity such as 500m or 1Gi")
+
+    def to_k8s(self) -> dict[str, Any]:
+        """The container's ``resources`` field."""
+        resources: dict[str, Any] = {"requests": {"cpu": self.cpu, "memory": self.memory}}
+        limits = {key: value for key, value in (("cpu", self.cpu_limit), ("memory", self.memory_limit)) if value}
+        if limits:
+            resources["limits"] = limits
+        return resources
+
+
+HEAD_RESOURCES = Resources(cpu="100m", memory="128Mi", memory_limit="512Mi")
+
+
+@dataclass(frozen=True)
+class DeploymentSpec:
+    """One sharded, replicated deployment as Kubernetes should run it; validated at construction.
+
+    ``name`` names every object, so it must be a DNS-1123 label that starts
+    with a letter (Service names must) and leaves room for the ``-head`` and
+    ``-N`` suffixes within 63 characters. ``uses`` is the ``MODULE:CLASS`` of
+    the Executor the workers load from ``image``; ``polling`` is ``ANY``,
+    ``ALL`` or a JSON map of endpoint to either, with ``*`` as the default.
+
+    >>> DeploymentSpec(name="index", image="shardnet:0.1.0", uses="pkg.mod:Cls", shards=2).shards
+    2
+    """
+
+    name: str
+    image: str
+    uses: str
+    shards: int = 1
+    replicas: int = 1
+    polling: str = "ANY"
+    namespace: str = "default"
+    balancer: str = "p2c_ewma"
+    port: int = 8080
+    head_replicas: int = 1
+    worker_resources: Resources = field(default_factory=Resources)
+    head_resources: Resources = HEAD_RESOURCES
+    termination_grace_seconds: int = 30
+    pre_stop_seconds: int = 5
+
+    def __post_init__(self) -> None:
+        for what in ("shards", "replicas", "head_replicas"):
+            value = getattr(self, what)
+            if not _is_count(value) or value < 1:
+                raise ConfigurationError(f"{what} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.name, str) or not _DNS1123_LABEL.match(self.name) or not self.name[0].isalpha():
+            raise ConfigurationError(
+                f"name {self.name!r} must be a DNS-1123 label that starts with a letter: "
+                "lower-case letters, digits and '-', ending in a letter or digit"
+            )
+        longest_suffix = max(len("-head"), len(f"-{self.shards - 1}"))
+        if len(self.name) + longest_suffix > _LABEL_MAX:
+            raise ConfigurationError(
+                f"name {self.name!r} is too long: at most {_LABEL_MAX - longest_suffix} characters, "
+                f"so that object names with their suffix stay within {_LABEL_MAX}"
+            )
+        if not isinstance(self.namespace, str) or len(self.namespace) > _LABEL_MAX or not _DNS1123_LABEL.match(self.namespace):
+            raise ConfigurationError(f"namespace {self.namespace!r} must be a DNS-1123 label of at most 63 characters")
+        if not isinstance(self.image, str) or not self.image or any(char.isspace() for char in self.image):
+            raise ConfigurationError(f"image {self.image!r} must be a non-empty image reference without spaces")
+        if not isinstance(self.uses, str) or not _USES.match(self.uses):
+            raise ConfigurationError(f"uses {self.uses!r} must look like MODULE:CLASS, e.g. shardnet.examples.text_index:TextIndexer")
+        if not isinstance(self.polling, str):
+            raise ConfigurationError(f"polling must be ANY, ALL or a JSON map as text, got {self.polling!r}")
+        PollingMap.parse(self.polling)  # raises ConfigurationError naming what is wrong
+        if self.balancer not in BALANCERS:
+            raise ConfigurationError(f"unknown balancer {self.balancer!r}: choose one of {', '.join(BALANCERS)}")
+        if not _is_count(self.port) or not 1 <= self.port <= 65535:
+            raise ConfigurationError(f"port must be an integer in 1..65535, got {self.port!r}")
+        if not _is_count(self.termination_grace_seconds) or self.termination_grace_seconds < 1:
+            raise ConfigurationError(f"termination_grace_seconds must be an integer >= 1, got {self.termination_grace_seconds!r}")
+        if not _is_count(self.pre_stop_seconds) or not 0 <= self.pre_stop_seconds < self.termination_grace_seconds:
+            raise ConfigurationError(
+                f"pre_stop_seconds must be an integer >= 0 and below termination_grace_seconds "
+                f"({self.termination_grace_seconds}), got {self.pre_stop_seconds!r}"
+            )
+
+    @property
+    def polling_argument(self) -> str:
+        """``polling`` as the head's ``--polling`` takes it: ``ANY``, ``ALL`` or compact JSON."""
+        parsed = PollingMap.parse(self.polling)
+        return parsed.to_json() if self.polling.strip().startswith("{") else parsed.default.name
+
+
+def render(spec: DeploymentSpec) -> list[dict[str, Any]]:
+    """Every object of the deployment, head and RBAC first, then shard by shard.
+
+    >>> [o["kind"] for o in render(DeploymentSpec(name="a", image="i", uses="m:C"))][:4]
+    ['ServiceAccount', 'Role', 'RoleBinding', 'Deployment']
+    """
+    return [obj for objects in render_components(spec).values() for obj in objects]
+
+
+def render_components(spec: DeploymentSpec) -> dict[str, list[dict[str, Any]]]:
+    """The objects grouped by component, keyed ``NAME-head`` and ``NAME-0``, ``NAME-1``, ...
+
+    One group is what one file of ``shardnet k8s render --output DIR`` holds.
+    """
+    head = f"{spec.name}-head"
+    components = {
+        head: [
+            _service_account(spec, head),
+            _role(spec, head),
+            _role_binding(spec, head),
+            *_component(spec, head, role="head", shard=None),
+        ]
+    }
+    for shard in range(spec.shards):
+        name = f"{spec.name}-{shard}"
+        components[name] = _component(spec, name, role="worker", shard=shard)
+    return components
+
+
+def to_yaml(objects: list[dict[str, Any]]) -> str:
+    """A multi-document YAML stream, each document starting with ``---``, keys in rendering order.
+
+    >>> print(to_yaml([{"kind": "Service", "metadata": {"labels": {"shard_id": "0"}}}]), end="")
+    ---
+    kind: Service
+    metadata:
+      labels:
+        shard_id: '0'
+    """
+    return yaml.safe_dump_all(objects, sort_keys=False, explicit_start=True, default_flow_style=False)
+
+
+def pod_labels(spec: DeploymentSpec, role: str, shard: Optional[int]) -> dict[str, str]:
+    """The labels pod-watching discovery keys on; also the selector of the Deployment, Service and PDB."""
+    return {
+        DEPLOYMENT_LABEL: spec.name,
+        POD_TYPE_LABEL: role.upper(),
+        SHARD_LABEL: "" if shard is None else str(shard),
+    }
+
+
+def service_labels(spec: DeploymentSpec, role: str, shard: Optional[int]) -> dict[str, str]:
+    """The labels EndpointSlice-watching discovery keys on (slices inherit their Service's labels)."""
+    return {
+        SERVICE_DEPLOYMENT_LABEL: spec.name,
+        SERVICE_ROLE_LABEL: role,
+        SERVICE_SHARD_LABEL: "" if shard is None else str(shard),
+    }
+
+
+def _metadata(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) -> dict[str, Any]:
+    labels = {
+        "app.kubernetes.io/name": "shardnet",
+        "app.kubernetes.io/instance": spec.name,
+        "app.kubernetes.io/component": role,
+        "app.kubernetes.io/managed-by": "shardnet",
+        **service_labels(spec, role, shard),
+    }
+    return {"name": name, "namespace": spec.namespace, "labels": labels}
+
+
+def _service_account(spec: DeploymentSpec, name: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _metadata(spec, name, "head", None)}
+
+
+def _role(spec: DeploymentSpec, name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _metadata(spec, name, "head", None),
+        "rules": [{key: list(value) for key, value in rule.items()} for rule in DISCOVERY_RULES],
+    }
+
+
+def _role_binding(spec: DeploymentSpec, name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _metadata(spec, name, "head", None),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": spec.namespace}],
+    }
+
+
+def _component(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) -> list[dict[str, Any]]:
+    """Deployment, Service and PodDisruptionBudget of the head (``shard`` None) or of one shard.
+
+    Each object gets its own dicts (no shared sub-objects), so a caller may
+    edit one without touching another and the YAML has no anchors.
+    """
+    is_head = shard is None
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(spec, name, role, shard),
+        "spec": {
+            "replicas": spec.head_replicas if is_head else spec.replicas,
+            "selector": {"matchLabels": pod_labels(spec, role, shard)},
+            # surge before removing: a shard keeps all its replicas serving during a rollout
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {"labels": {**_metadata(spec, name, role, shard)["labels"], **pod_labels(spec, role, shard)}},
+                "spec": _pod_spec(spec, name, role, shard),
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(spec, name, role, shard),
+        "spec": {
+            # workers are found replica by replica through EndpointSlices; the head is called through one address
+            "type": "ClusterIP",
+            **({} if is_head else {"clusterIP": "None"}),
+            "publishNotReadyAddresses": False,
+            "selector": pod_labels(spec, role, shard),
+            "ports": [{"name": PORT_NAME, "port": spec.port, "targetPort": PORT_NAME, "protocol": "TCP"}],
+        },
+    }
+    budget = {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _metadata(spec, name, role, shard),
+        # one replica at a time: a drained node never takes a whole shard down when it has more than one
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": pod_labels(spec, role, shard)}},
+    }
+    return [deployment, service, budget]
+
+
+def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) -> dict[str, Any]:
+    is_head = shard is None
+    if is_head:
+        args = [
+            "head",
+            "--deployment", spec.name,
+            "--host", "0.0.0.0",
+            "--port", str(spec.port),
+            "--polling", spec.polling_argument,
+            "--k8s-namespace", spec.namespace,
+            "--balancer", spec.balancer,
+        ]  # fmt: skip
+    else:
+        args = ["worker", "--uses", spec.uses, "--host", "0.0.0.0", "--port", str(spec.port), "--shard-id", str(shard)]
+
+    def probe(period: int, timeout: int, failures: int) -> dict[str, Any]:
+        # the standard grpc.health.v1 service, asked for the server's overall status ("")
+        return {"grpc": {"port": spec.port}, "periodSeconds": period, "timeoutSeconds": timeout, "failureThreshold": failures}
+
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": spec.image,
+        "command": ["shardnet"],
+        "args": args,
+        "ports": [{"name": PORT_NAME, "containerPort": spec.port, "protocol": "TCP"}],
+        "resources": (spec.head_resources if is_head else spec.worker_resources).to_k8s(),
+        # loading an Executor may take minutes; liveness only starts once this has passed
+        "startupProbe": probe(period=2, timeout=2, failures=90),
+        "readinessProbe": probe(period=5, timeout=2, failures=2),
+        "livenessProbe": probe(period=10, timeout=5, failures=6),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    if spec.pre_stop_seconds:
+        # keep serving while the heads' watches see the pod go, before SIGTERM starts the drain
+        container["lifecycle"] = {"preStop": {"sleep": {"seconds": spec.pre_stop_seconds}}}
+    pod: dict[str, Any] = {}
+    if is_head:
+        pod["serviceAccountName"] = name
+    else:
+        pod["automountServiceAccountToken"] = False  # workers never talk to the API server
+    pod.update(
+        {
+            "terminationGracePeriodSeconds": spec.termination_grace_seconds,
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": RUN_AS,
+                "runAsGroup": RUN_AS,
+                "fsGroup": RUN_AS,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "topologySpreadConstraints": [
+                {
+                    "maxSkew": 1,
+                    "topologyKey": "kubernetes.io/hostname",
+                    "whenUnsatisfiable": "ScheduleAnyway",
+                    "labelSelector": {"matchLabels": pod_labels(spec, role, shard)},
+                }
+            ],
+            "containers": [container],
+            "volumes": [{"name": "tmp", "emptyDir": {}}],
+        }
+    )
+    return pod

@@ -1,0 +1,1 @@
+"""The processes that serve: workers running an Executor, heads routing to shards, local deployments."""

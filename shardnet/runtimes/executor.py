@@ -1,0 +1,140 @@
+"""The Executor API: a class whose methods, marked with ``@requests``, handle endpoints.
+
+A handler is ``(self, docs, parameters, **kwargs)``, sync or async. It edits
+``docs`` in place and returns None, or returns a list of Documents that
+replaces them. ``@requests`` with no ``on`` handles every endpoint no other
+handler binds. Blocking (sync) handlers run in a worker thread so that one
+slow handler does not stall the event loop serving other requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Callable, Iterable, Optional, Union
+
+from shardnet.errors import ConfigurationError
+
+_ENDPOINTS_ATTR = "__shardnet_endpoints__"
+DEFAULT = "*"
+
+
+def requests(func: Optional[Callable] = None, *, on: Union[str, Iterable[str], None] = None):
+    """Mark a method as the handler of endpoint(s) ``on``; bare ``@requests`` is the default handler.
+
+    >>> class Echo(Executor):
+    ...     @requests(on=["/a", "/b"])
+    ...     def ab(self, docs, parameters, **kwargs): ...
+    ...     @requests
+    ...     def rest(self, docs, parameters, **kwargs): ...
+    >>> sorted(Echo.handler_table())
+    ['*', '/a', '/b']
+    """
+
+    def mark(method: Callable) -> Callable:
+        endpoints = [DEFAULT] if on is None else ([on] if isinstance(on, str) else list(on))
+        for endpoint in endpoints:
+            if endpoint != DEFAULT and not endpoint.startswith("/"):
+                raise ConfigurationError(f"endpoint {endpoint!r} of {method.__qualname__} must start with '/'")
+        setattr(method, _ENDPOINTS_ATTR, tuple(endpoints))
+        return method
+
+    return mark(func) if func is not None else mark
+
+
+class Handler:
+    """One bound handler: knows whether it is async and which keyword arguments it accepts."""
+
+    __slots__ = ("name", "function", "is_async", "accepts_any_kwargs", "accepted")
+
+    def __init__(self, function: Callable):
+        self.name = function.__name__
+        self.function = function
+        self.is_async = inspect.iscoroutinefunction(function)
+        parameters = inspect.signature(function).parameters.values()
+        self.accepts_any_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
+        self.accepted = frozenset(p.name for p in parameters)
+
+    async def __call__(self, executor: "Executor", threads, **arguments: Any) -> Any:
+        if not self.accepts_any_kwargs:
+            arguments = {key: value for key, value in arguments.items() if key in self.accepted}
+        if self.is_async:
+            return await self.function(executor, **arguments)
+        call = functools.partial(self.function, executor, **arguments)
+        return await asyncio.get_running_loop().run_in_executor(threads, call)
+
+
+class Executor:
+    """Base class of user code served by a worker.
+
+    ``self.runtime_args`` (shard_id, replica_id, workspace, name) is set
+    before ``__init__`` runs, so a subclass can use it there.
+    """
+
+    runtime_args: SimpleNamespace
+
+    def __init__(self, **kwargs: Any):
+        if kwargs:
+            raise ConfigurationError(f"{type(self).__name__} got unexpected arguments: {', '.join(kwargs)}")
+
+    @classmethod
+    def handler_table(cls) -> dict[str, Handler]:
+        """Endpoint -> handler for this class (``'*'`` is the default handler)."""
+        table: dict[str, Handler] = {}
+        for klass in reversed(cls.__mro__):
+            for attribute in vars(klass).values():
+                for endpoint in getattr(attribute, _ENDPOINTS_ATTR, ()):
+                    table[endpoint] = Handler(attribute)
+        return table
+
+    @classmethod
+    def create(cls, runtime_args: Optional[dict[str, Any]] = None, **uses_with: Any) -> "Executor":
+        """Instantiate with ``runtime_args`` available inside ``__init__``."""
+        executor = cls.__new__(cls)
+        executor.runtime_args = SimpleNamespace(
+            **{"shard_id": 0, "replica_id": 0, "workspace": None, "name": cls.__name__, **(runtime_args or {})}
+        )
+        executor.__init__(**uses_with)
+        return executor
+
+
+def load_executor_class(uses: str) -> type[Executor]:
+    """Resolve ``package.module:Class`` or ``path/to/file.py:Class`` to an Executor subclass."""
+    module_name, sep, class_name = uses.rpartition(":")
+    if not sep or not module_name or not class_name:
+        raise ConfigurationError(f"--uses {uses!r}: expected MODULE:CLASS or FILE.py:CLASS")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name).resolve()
+            spec = importlib.util.spec_from_file_location(f"shardnet_user_{path.stem}", path)
+            if spec is None or not path.exists():
+                raise ConfigurationError(f"--uses {uses!r}: no such file {path}")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"--uses {uses!r}: cannot import {module_name!r}: {exc}") from None
+    executor_class = module
+    for part in class_name.split("."):
+        executor_class = getattr(executor_class, part, None)
+        if executor_class is None:
+            raise ConfigurationError(f"--uses {uses!r}: {module_name!r} has no {class_name!r}")
+    if not (isinstance(executor_class, type) and issubclass(executor_class, Executor)):
+        raise ConfigurationError(f"--uses {uses!r}: {class_name} is not a shardnet.Executor subclass")
+    return executor_class
+
+
+def executor_reference(executor_class: type[Executor]) -> str:
+    """The ``--uses`` text that lets another process load ``executor_class``."""
+    module = sys.modules.get(executor_class.__module__)
+    if executor_class.__module__.startswith("shardnet.") or getattr(module, "__file__", None) is None:
+        return f"{executor_class.__module__}:{executor_class.__qualname__}"
+    return f"{Path(module.__file__).resolve()}:{executor_class.__qualname__}"

@@ -1,0 +1,254 @@
+"""The head: one address in front of a deployment's shards and replicas.
+
+Data requests are routed by the polling of their endpoint (the ``endpoint``
+metadata, else ``header.exec_endpoint``): ANY forwards the request bytes to
+one replica of one shard without decoding its documents; ALL sends it to one
+replica of every shard and merges the answers. ``uses_before`` sees the
+request first; ``uses_after`` receives every shard's answer in one
+``process_data`` call and its answer is the response. Workers join and leave
+through ACTIVATE / DEACTIVATE control requests, guarded by a token or a
+client certificate when configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Mapping, Optional, Sequence
+
+import grpc
+import grpc.aio
+
+from shardnet.errors import ConfigurationError, ProtocolError, ReplicaError, RoutingError
+from shardnet.networking.addresses import parse_address
+from shardnet.networking.polling import PollingMap, PollingType
+from shardnet.networking.pool import GrpcConnectionPool
+from shardnet.protocol import services
+from shardnet.protocol.messages import ControlRequest, DataRequest, parse
+from shardnet.protocol.proto import jina_pb2
+from shardnet.runtimes.merge import merge_shard_responses
+from shardnet.runtimes.server import ControlGuard, Server, ServerConfig, serve_until_signalled, unary_service
+
+logger = logging.getLogger(__name__)
+
+USES_BEFORE = "uses_before"
+USES_AFTER = "uses_after"
+
+
+class Head:
+    """Routes a deployment's requests over its shards; its pool's membership is its state."""
+
+    def __init__(
+        self,
+        deployment: str,
+        config: ServerConfig = ServerConfig(),
+        *,
+        polling: PollingMap = PollingMap({}),
+        pool: Optional[GrpcConnectionPool] = None,
+        connections: Optional[Mapping[int, Sequence[str]]] = None,
+        uses_before: Optional[str] = None,
+        uses_after: Optional[str] = None,
+    ):
+        if not deployment:
+            raise ConfigurationError("a head needs a deployment name")
+        self.deployment = deployment
+        self.polling = polling
+        self.pool = pool if pool is not None else GrpcConnectionPool(balancer="p2c_ewma")
+        for shard_id, addresses in (connections or {}).items():
+            for address in addresses:
+                self.pool.add_connection(deployment, address, shard_id=shard_id)
+        self._uses_before = f"{deployment}/{USES_BEFORE}" if uses_before else None
+        self._uses_after = f"{deployment}/{USES_AFTER}" if uses_after else None
+        if uses_before:
+            self.pool.add_connection(self._uses_before, uses_before)
+        if uses_after:
+            self.pool.add_connection(self._uses_after, uses_after)
+        mutual_tls = config.tls is not None and config.tls.client_ca is not None
+        self._guard = ControlGuard(config.control_token, mutual_tls)
+        self.server = Server(
+            config,
+            [
+                unary_service(services.PROCESS_SINGLE_DATA, self.process_single_data),
+                unary_service(services.PROCESS_DATA, self.process_data),
+                unary_service(services.PROCESS_CONTROL, self.process_control),
+                unary_service(services.ENDPOINT_DISCOVERY, self.endpoint_discovery),
+            ],
+            [
+                services.SINGLE_DATA_SERVICE,
+                services.DATA_SERVICE,
+                services.CONTROL_SERVICE,
+                services.DISCOVERY_SERVICE,
+            ],
+        )
+
+    # -- data ------------------------------------------------------------------------
+
+    async def process_single_data(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        request = DataRequest.from_bytes(payload)
+        return await self._serve([request], context)
+
+    async def process_data(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            envelope = parse(jina_pb2.DataRequestListEnvelope, payload, "DataRequestList")
+        except ProtocolError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if not envelope.requests:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "process_data received an empty request list")
+        return await self._serve([DataRequest.from_bytes(item) for item in envelope.requests], context)
+
+    async def _serve(self, requests: list[DataRequest], context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            endpoint = self._settle_endpoint(requests, context)
+            metadata = ((services.ENDPOINT_METADATA, endpoint),)
+            timeout = context.time_remaining()
+            if self._uses_before is not None:
+                response, _ = await self._one(self._uses_before, requests, metadata, timeout)
+                requests = [response]
+            if self.polling[endpoint] == PollingType.ANY and self._uses_after is None:
+                response, trailing = await self._one(self.deployment, requests, metadata, timeout)
+            else:
+                response, trailing = await self._all(requests, metadata, timeout)
+        except ProtocolError as exc:
+            await context.abort( grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except RoutingError as exc:
+            await context.abort( grpc.StatusCode.UNAVAILABLE, str(exc))
+        except ReplicaError as exc:
+            await context.abort( exc.code or grpc.StatusCode.UNAVAILABLE, str(exc))
+        if trailing:
+            context.set_trailing_metadata(tuple(trailing))
+        return response.to_bytes()
+
+    @staticmethod
+    def _settle_endpoint(requests: list[DataRequest], context: grpc.aio.ServicerContext) -> str:
+        """The request's endpoint, written into both metadata and header (Jina workers read the header)."""
+        endpoint = None
+        for key, value in context.invocation_metadata():
+            if key == services.ENDPOINT_METADATA:
+                endpoint = value
+                break
+        header_endpoint = requests[0].endpoint
+        if endpoint is None:
+            endpoint = header_endpoint or "/default"
+        for request in requests:
+            if request.endpoint != endpoint:
+                request.endpoint = endpoint
+        return endpoint
+
+    @staticmethod
+    def _method(requests: list[DataRequest]) -> tuple[str, Any]:
+        return ("single_data", requests[0]) if len(requests) == 1 else ("data", requests)
+
+    async def _one(self, deployment: str, requests: list[DataRequest], metadata, timeout) -> tuple[DataRequest, Any]:
+        targets = self.pool.targets(deployment, False, None, PollingType.ANY)
+        if not targets:
+            raise RoutingError(f"deployment {deployment!r} has no live replica", deployment=deployment)
+        shard_id, replicas = targets[0]
+        method, payload = self._method(requests)
+        return await self.pool.call(
+            payload, deployment, replicas, shard_id=shard_id, method=method, metadata=metadata, timeout=timeout
+        )
+
+    async def _all(self, requests: list[DataRequest], metadata, timeout) -> tuple[DataRequest, list]:
+        targets = self.pool.targets(self.deployment, False, None, PollingType.ALL)
+        if not targets:
+            raise RoutingError(f"deployment {self.deployment!r} has no shard", deployment=self.deployment)
+        method, payload = self._method(requests)
+        results = await asyncio.gather(
+            *(
+                self.pool.call(payload, self.deployment, replicas, shard_id=sid, method=method, metadata=metadata, timeout=timeout)
+                for sid, replicas in targets
+            ),
+            return_exceptions=True,
+        )
+        outcomes, trailing = [], []
+        for (shard_id, _), result in zip(targets, results):
+            if isinstance(result, BaseException):
+                if not isinstance(result, (ReplicaError, RoutingError)):
+                    raise result
+                outcomes.append((shard_id, result))
+                continue
+            response, shard_trailing = result
+            outcomes.append((shard_id, response))
+            trailing.extend(pair for pair in shard_trailing or () if pair not in trailing)
+        failed = sum(1 for _, outcome in outcomes if not isinstance(outcome, DataRequest))
+        trailing += [("total_shards", str(len(targets))), ("failed_shards", str(failed))]
+        if self._uses_after is not None:
+            answered = [outcome for _, outcome in outcomes if isinstance(outcome, DataRequest)]
+            if not answered:
+                raise outcomes[0][1]
+            response, _ = await self._one(self._uses_after, answered, metadata, timeout)
+            return response, trailing
+        return merge_shard_responses(self.deployment, outcomes), trailing
+
+    # -- control -----------------------------------------------------------------------
+
+    async def process_control(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        try:
+            request = ControlRequest.from_bytes(payload)
+        except ProtocolError as exc:
+            await context.abort( grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        command = request.command
+        if command == "STATUS":
+            return self._status(request).to_bytes()
+        if not self._guard.allows(context):
+            await _abort(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"{command} on head of {self.deployment!r} needs the control token (authorization: Bearer ...) "
+                "or a client certificate",
+            )
+        changes = []
+        for entity in request.related_entities:
+            try:
+                address = parse_address(f"{entity.address}:{entity.port}").target
+            except ConfigurationError as exc:
+                await context.abort( grpc.StatusCode.INVALID_ARGUMENT, f"{command} refused: {exc}")
+            changes.append((address, entity.shard_id if entity.HasField("shard_id") else None))
+        for address, shard_id in changes:
+            if command == "ACTIVATE":
+                self.pool.add_connection(self.deployment, address, shard_id=shard_id or 0)
+                logger.info("%s: activated %s in shard %s", self.deployment, address, shard_id or 0)
+            else:
+                removed = await self.pool.remove_connection(self.deployment, address, shard_id=shard_id)
+                logger.info("%s: deactivated %s (%s)", self.deployment, address, "removed" if removed else "unknown")
+        return request.to_bytes()
+
+    def _status(self, request: ControlRequest) -> ControlRequest:
+        """Answer STATUS with every replica the head routes to, as related entities."""
+        for shard_id in self.pool.shard_ids(self.deployment):
+            for address in self.pool.get_replicas(self.deployment, shard_id=shard_id).addresses:
+                parsed = parse_address(address)
+                request.add_related_entity(address, parsed.host, parsed.port, shard_id)
+        return request
+
+    async def endpoint_discovery(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """The endpoints of the first shard that answers (all shards run the same Executor)."""
+        for shard_id in self.pool.shard_ids(self.deployment):
+            task = self.pool.send_discover_endpoint(self.deployment, head=False, shard_id=shard_id, timeout=5.0)
+            if task is None:
+                continue
+            try:
+                reply, _ = await task
+            except ReplicaError:
+                continue
+            return reply.SerializeToString()
+        return jina_pb2.EndpointsProto().SerializeToString()
+
+    # -- lifetime -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.pool.start()
+        await self.server.start()
+
+    async def stop(self, grace: Optional[float] = None) -> None:
+        await self.server.drain(grace)
+        await self.pool.close()
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT, then drain and close the pool."""
+        self.pool.start()
+        try:
+            return await serve_until_signalled(self.server, ready_line=f"shardnet head {self.deployment} ready on {{address}}")
+        finally:
+            await self.pool.close()
+

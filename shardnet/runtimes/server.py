@@ -1,0 +1,163 @@
+"""What every shardnet server shares: binding, TLS, health, reflection, control auth and drain.
+
+Workers and heads register their Jina methods as raw-bytes handlers (so a
+request is decoded only as far as the runtime needs), list them through
+reflection (Jina 3.4+ clients skip services that reflection does not list),
+answer the gRPC health service, and drain on shutdown: health turns
+NOT_SERVING, new calls are refused, in-flight calls finish within a grace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable, Optional, Sequence
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from shardnet.errors import ConfigurationError
+from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, default_grpc_options
+from shardnet.networking.tls import ServerTls
+from shardnet.protocol.services import AUTHORIZATION_METADATA
+
+logger = logging.getLogger(__name__)
+
+RawHandler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How a server listens: address, TLS, limits, who may change membership, how long to drain."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    tls: Optional[ServerTls] = None
+    control_token: Optional[str] = field(default=None, repr=False)
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_concurrent_rpcs: Optional[int] = None
+    drain_grace: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ConfigurationError(f"port {self.port} is outside 0..65535")
+        if self.max_message_bytes <= 0:
+            raise ConfigurationError("max message size must be positive")
+        if self.drain_grace < 0:
+            raise ConfigurationError("drain grace must not be negative")
+
+
+def unary_service(path: str, handler: RawHandler) -> grpc.GenericRpcHandler:
+    """A generic handler serving one unary method path with bytes in and out."""
+    service, method = path.strip("/").split("/")
+    return grpc.method_handlers_generic_handler(service, {method: grpc.unary_unary_rpc_method_handler(handler)})
+
+
+class ControlGuard:
+    """Decides whether a caller may change membership: a bearer token, or a verified client certificate."""
+
+    def __init__(self, token: Optional[str], mutual_tls: bool):
+        self._expected = f"Bearer {token}".encode() if token else None
+        self._mutual_tls = mutual_tls
+
+    @property
+    def open(self) -> bool:
+        return self._expected is None and not self._mutual_tls
+
+    def allows(self, context: grpc.aio.ServicerContext) -> bool:
+        if self.open:
+            return True
+        if self._mutual_tls and context.auth_context().get("x509_common_name"):
+            return True  # the TLS layer only lets certificates signed by the client CA through
+        if self._expected is None:
+            return False
+        offered = dict(context.invocation_metadata()).get(AUTHORIZATION_METADATA, "")
+        return hmac.compare_digest(offered.encode(), self._expected)
+
+
+class Server:
+    """A grpc.aio server with health, reflection and graceful drain around the given handlers."""
+
+    def __init__(self, config: ServerConfig, handlers: Sequence[grpc.GenericRpcHandler], service_names: Sequence[str]):
+        self.config = config
+        self._handlers = list(handlers)
+        self._service_names = list(service_names)
+        self.health = health.aio.HealthServicer()
+        self._server: Optional[grpc.aio.Server] = None
+        self.port: int = config.port
+        self.draining = False
+
+    @property
+    def address(self) -> str:
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
+        return f"{host}:{self.port}"
+
+    async def start(self) -> None:
+        config = self.config
+        self._server = grpc.aio.server(
+            options=default_grpc_options(config.max_message_bytes),
+            maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        )
+        self._server.add_generic_rpc_handlers(self._handlers)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            self._service_names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+            self._server,
+        )
+        bind = f"{config.host}:{config.port}"
+        try:
+            if config.tls is not None:
+                self.port = self._server.add_secure_port(bind, config.tls.credentials())
+            else:
+                self.port = self._server.add_insecure_port(bind)
+        except RuntimeError as exc:
+            raise ConfigurationError(f"cannot listen on {bind}: {exc}") from None
+        await self._server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    async def drain(self, grace: Optional[float] = None) -> None:
+        """Refuse new calls, let in-flight ones finish (up to ``grace`` seconds), then stop."""
+        if self._server is None:
+            return
+        self.draining = True
+        await self.health.enter_graceful_shutdown()
+        server, self._server = self._server, None
+        await server.stop(self.config.drain_grace if grace is None else grace)
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+async def serve_until_signalled(
+    server: Server,
+    on_ready: Optional[Callable[[], Awaitable[None]]] = None,
+    on_stop: Optional[Callable[[], Awaitable[None]]] = None,
+    ready_line: Optional[str] = None,
+) -> int:
+    """Start ``server``, print ``ready_line``, and on SIGTERM/SIGINT run ``on_stop`` then drain; return 0."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await server.start()
+    try:
+        if on_ready is not None:
+            await on_ready()
+        if ready_line:
+            print(ready_line.format(address=server.address, port=server.port), flush=True)
+        await stop.wait()
+        logger.info("draining %s", server.address)
+        if on_stop is not None:
+            try:
+                await on_stop()
+            except Exception as exc:  # the drain goes on: exiting cleanly matters more than the farewell
+                logger.warning("while stopping: %s", exc)
+    finally:
+        await server.drain()
+    return 0

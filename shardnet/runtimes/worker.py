@@ -1,0 +1,205 @@
+"""The worker: serves one Executor over the Jina methods.
+
+It decodes each request, runs the handler bound to its endpoint (header
+``exec_endpoint``, else the ``endpoint`` metadata), and answers with the
+edited request plus one route entry. A handler exception becomes an ERROR
+status carrying the exception's name, args and stack (trailing metadata
+``is-error: true``, gRPC status OK), as in Jina; the worker keeps serving.
+An endpoint nobody handles comes back unchanged with SUCCESS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from typing import Any, Optional
+
+import grpc
+import grpc.aio
+from google.protobuf import empty_pb2
+
+from shardnet.errors import ProtocolError
+from shardnet.networking import oneshot
+from shardnet.networking.tls import ClientTls
+from shardnet.protocol import services
+from shardnet.protocol.documents import Document
+from shardnet.protocol.messages import ControlRequest, DataRequest, parse
+from shardnet.protocol.proto import jina_pb2
+from shardnet.runtimes.executor import DEFAULT, Executor
+from shardnet.runtimes.server import Server, ServerConfig, serve_until_signalled, unary_service
+
+logger = logging.getLogger(__name__)
+
+ERROR_TRAILER = ((services.ERROR_METADATA, "true"),)
+
+
+class Worker:
+    """Serves ``executor`` on ``config``'s address; optionally registers with a head."""
+
+    def __init__(
+        self,
+        executor: Executor,
+        config: ServerConfig = ServerConfig(),
+        *,
+        threads: int = 1,
+        head: Optional[str] = None,
+        shard_id: int = 0,
+        control_token: Optional[str] = None,
+        head_tls: Optional[ClientTls] = None,
+        advertise_host: Optional[str] = None,
+    ):
+        self.executor = executor
+        self.name = type(executor).__name__
+        self._handlers = type(executor).handler_table()
+        self._threads = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="handler")
+        self._unbound_logged: set[str] = set()
+        self._head = head
+        self._shard_id = shard_id
+        self._control_token = control_token
+        self._head_tls = head_tls
+        self._advertise_host = advertise_host
+        self.server = Server(
+            config,
+            [
+                unary_service(services.PROCESS_SINGLE_DATA, self.process_single_data),
+                unary_service(services.PROCESS_DATA, self.process_data),
+                unary_service(services.PROCESS_CONTROL, self.process_control),
+                unary_service(services.ENDPOINT_DISCOVERY, self.endpoint_discovery),
+            ],
+            [
+                services.SINGLE_DATA_SERVICE,
+                services.DATA_SERVICE,
+                services.CONTROL_SERVICE,
+                services.DISCOVERY_SERVICE,
+            ],
+        )
+
+    @property
+    def endpoints(self) -> list[str]:
+        return sorted(endpoint for endpoint in self._handlers if endpoint != DEFAULT)
+
+    # -- data ---------------------------------------------------------------------
+
+    @staticmethod
+    async def _decode(payload: bytes, context: grpc.aio.ServicerContext, parse_one) -> Any:
+        try:
+            return parse_one(payload)
+        except ProtocolError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    def _endpoint_of(self, request: DataRequest, context: grpc.aio.ServicerContext) -> str:
+        endpoint = request.endpoint
+        if endpoint is None:
+            endpoint = dict(context.invocation_metadata()).get(services.ENDPOINT_METADATA) or "/default"
+        return endpoint
+
+    async def process_single_data(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        request = await self._decode(payload, context, DataRequest.from_bytes)
+        return await self._handle([request], context)
+
+    async def process_data(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        envelope = await self._decode(
+            payload, context, lambda data: parse(jina_pb2.DataRequestListEnvelope, data, "DataRequestList")
+        )
+        if not envelope.requests:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "process_data received an empty request list")
+        return await self._handle([DataRequest.from_bytes(item) for item in envelope.requests], context)
+
+    async def _handle(self, requests: list[DataRequest], context: grpc.aio.ServicerContext) -> bytes:
+        first = requests[0]
+        try:
+            endpoint = self._endpoint_of(first, context)
+            handler = self._handlers.get(endpoint) or self._handlers.get(DEFAULT)
+            if handler is None:
+                self._log_unbound(endpoint)
+                return first.to_bytes()
+            matrix = [request.docs for request in requests]
+        except ProtocolError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        route = first.add_route(self.name)
+        docs = first.docs
+        if len(requests) > 1:
+            docs.replace([doc for column in matrix for doc in column])
+        arguments: dict[str, Any] = {"docs": docs, "parameters": first.parameters, "endpoint": endpoint}
+        if len(requests) > 1:
+            arguments["docs_matrix"] = matrix
+        try:
+            returned = await handler(self.executor, self._threads, **arguments)
+            if returned is not None:
+                self._replace_docs(first, returned, handler.name)
+        except Exception as exc:  # the executor's failure is the client's answer, not the worker's crash
+            logger.warning("%s.%s failed on %s: %r", self.name, handler.name, endpoint, exc)
+            first.set_exception(exc, executor=self.name)
+            route.status.CopyFrom(first.status)
+            context.set_trailing_metadata(ERROR_TRAILER)
+        route.end_time.GetCurrentTime()
+        return first.to_bytes()
+
+    @staticmethod
+    def _replace_docs(request: DataRequest, returned: Any, handler_name: str) -> None:
+        if isinstance(returned, dict):
+            raise TypeError(f"handler {handler_name} returned a dict; return None or a list of Documents")
+        returned = list(returned)
+        if not all(isinstance(doc, Document) for doc in returned):
+            raise TypeError(f"handler {handler_name} must return Documents, got {type(returned[0]).__name__}")
+        request.docs.replace(returned)
+
+    def _log_unbound(self, endpoint: str) -> None:
+        if endpoint not in self._unbound_logged:
+            self._unbound_logged.add(endpoint)
+            logger.info("%s has no handler for %s: requests pass through unchanged", self.name, endpoint)
+
+    # -- control and discovery -------------------------------------------------------
+
+    async def process_control(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        request = await self._decode(payload, context, ControlRequest.from_bytes)
+        if request.command != "STATUS":
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"a worker answers STATUS only, not {request.command}"
+            )
+        return request.to_bytes()
+
+    async def endpoint_discovery(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await self._decode(payload, context, lambda data: parse(empty_pb2.Empty, data, "Empty"))
+        reply = jina_pb2.EndpointsProto()
+        reply.endpoints.extend(self.endpoints)
+        return reply.SerializeToString()
+
+    # -- lifetime ---------------------------------------------------------------------
+
+    def _advertised(self) -> tuple[str, int]:
+        host = self._advertise_host or self.server.address.rsplit(":", 1)[0]
+        return host, self.server.port
+
+    async def register(self) -> None:
+        host, port = self._advertised()
+        await oneshot.activate_worker(
+            host, port, self._head, self._shard_id, token=self._control_token, tls=self._head_tls
+        )
+        logger.info("registered %s:%d with head %s as shard %d", host, port, self._head, self._shard_id)
+
+    async def deregister(self) -> None:
+        host, port = self._advertised()
+        await oneshot.deactivate_worker(
+            host, port, self._head, self._shard_id, token=self._control_token, tls=self._head_tls
+        )
+
+    async def start(self) -> None:
+        await self.server.start()
+
+    async def stop(self, grace: Optional[float] = None) -> None:
+        await self.server.drain(grace)
+        self._threads.shutdown(wait=False, cancel_futures=True)
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT: register with the head once ready, deregister then drain on stop."""
+        try:
+            return await serve_until_signalled(
+                self.server,
+                on_ready=self.register if self._head else None,
+                on_stop=self.deregister if self._head else None,
+                ready_line=f"shardnet worker {self.name} ready on {{address}}",
+            )
+        finally:
+            self._threads.shutdown(wait=False, cancel_futures=True)
