@@ -69,3 +69,16 @@ class DeadlineExceeded(ReplicaError):
 
 class Unauthenticated(ShardnetError, PermissionError):
     """A control request without the credentials the head requires."""
+
+
+class ExecutorError(ShardnetError):
+    """A request came back with status ERROR: the Executor (or a shard) raised."""
+
+    def __init__(self, description: str, *, name: str = "", executor: str = ""):
+        self.name = name
+        self.executor = executor
+        super().__init__(f"{executor or 'executor'} failed: {description}")
+
+
+class ProcessError(ShardnetError):
+    """A process shardnet started exited or did not become ready; carries the end of its log."""

@@ -23,6 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--connection", action="append", default=[], metavar="SHARD=HOST:PORT", help="a worker replica (repeatable)"
     )
+    parser.add_argument("--shards", type=int, default=0, help="shards expected; ALL reports any without a replica")
     parser.add_argument("--uses-before", metavar="HOST:PORT")
     parser.add_argument("--uses-after", metavar="HOST:PORT")
     parser.add_argument("--balancer", choices=sorted(BALANCERS), default="p2c_ewma")
@@ -53,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
 
 async def serve(args: argparse.Namespace) -> int:
     """Build the head inside the running loop (gRPC channels belong to the loop they are made in)."""
+    if args.shards < 0:
+        raise ConfigurationError("--shards must be >= 0")
     retry = RetryPolicy(attempt_timeout=args.attempt_timeout)
     pool = create_connection_pool(
         k8s_connection_pool=bool(args.k8s_namespace),
@@ -70,5 +73,6 @@ async def serve(args: argparse.Namespace) -> int:
         connections=parse_connections(args.connection),
         uses_before=args.uses_before and str(parse_address(args.uses_before)),
         uses_after=args.uses_after and str(parse_address(args.uses_after)),
+        shards=args.shards,
     )
     return await head.run()

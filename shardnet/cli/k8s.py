@@ -28,7 +28,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     )
     parser.add_argument("--name", required=True, help="deployment name; prefixes every object's name")
     parser.add_argument("--image", required=True, help="container image with shardnet and the Executor installed")
-    parser.add_argument("--uses", default=DEFAULT_USES, help="Executor the workers load, as MODULE:CLASS (default: %(default)s)")
+    parser.add_argument(
+        "--uses", default=DEFAULT_USES, help="Executor the workers load, as MODULE:CLASS (default: %(default)s)"
+    )
     parser.add_argument("--shards", type=int, default=1, help="number of shards (default: %(default)s)")
     parser.add_argument("--replicas", type=int, default=1, help="replicas per shard (default: %(default)s)")
     parser.add_argument("--head-replicas", type=int, default=1, help="replicas of the head (default: %(default)s)")
@@ -41,7 +43,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     parser.add_argument(
         "--memory-limit", default=Resources.memory_limit, help="memory limit of each worker (default: %(default)s)"
     )
-    parser.add_argument("--output", type=Path, metavar="DIR", help="write NAME-head.yaml, NAME-0.yaml, ... here instead of stdout")
+    parser.add_argument(
+        "--output", type=Path, metavar="DIR", help="write NAME-head.yaml, NAME-0.yaml, ... here instead of stdout"
+    )
     parser.set_defaults(handler=run)
 
 
@@ -87,5 +91,8 @@ def write_components(spec: DeploymentSpec, directory: Path) -> list[Path]:
     shard_file = re.compile(rf"^{re.escape(spec.name)}-\d+\.yaml$")
     for stale in sorted(directory.iterdir()):
         if shard_file.match(stale.name) and stale.stem not in components:
-            print(f"warning: {stale} is not part of this render ({spec.shards} shards); delete it before kubectl apply", file=sys.stderr)
+            print(
+                f"warning: {stale} is not part of this render ({spec.shards} shards); delete it before kubectl apply",
+                file=sys.stderr,
+            )
     return written

@@ -18,6 +18,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--uses-with", default="{}", help="JSON keyword arguments for the Executor")
     parser.add_argument("--head", help="HOST:PORT of a head to register with (ACTIVATE) and leave on stop")
     parser.add_argument("--shard-id", type=int, default=0)
+    parser.add_argument("--register-interval", type=float, default=2.0, help="seconds between ACTIVATE refreshes")
     parser.add_argument("--replica-id", type=int, default=0)
     parser.add_argument("--workspace", help="folder the Executor may keep state in")
     parser.add_argument("--threads", type=int, default=1, help="threads for blocking handlers")
@@ -48,5 +49,6 @@ def run(args: argparse.Namespace) -> int:
         control_token=control_token(args),
         head_tls=client_tls(args, prefix="head-"),
         advertise_host=args.advertise_host,
+        register_interval=args.register_interval,
     )
     return asyncio.run(worker.run())

@@ -145,12 +145,15 @@ class DeploymentSpec:
                 f"name {self.name!r} is too long: at most {_LABEL_MAX - longest_suffix} characters, "
                 f"so that object names with their suffix stay within {_LABEL_MAX}"
             )
-        if not isinstance(self.namespace, str) or len(self.namespace) > _LABEL_MAX or not _DNS1123_LABEL.match(self.namespace):
+        namespace = self.namespace
+        if not isinstance(namespace, str) or len(namespace) > _LABEL_MAX or not _DNS1123_LABEL.match(namespace):
             raise ConfigurationError(f"namespace {self.namespace!r} must be a DNS-1123 label of at most 63 characters")
         if not isinstance(self.image, str) or not self.image or any(char.isspace() for char in self.image):
             raise ConfigurationError(f"image {self.image!r} must be a non-empty image reference without spaces")
         if not isinstance(self.uses, str) or not _USES.match(self.uses):
-            raise ConfigurationError(f"uses {self.uses!r} must look like MODULE:CLASS, e.g. shardnet.examples.text_index:TextIndexer")
+            raise ConfigurationError(
+                f"uses {self.uses!r} must look like MODULE:CLASS, e.g. shardnet.examples.text_index:TextIndexer"
+            )
         if not isinstance(self.polling, str):
             raise ConfigurationError(f"polling must be ANY, ALL or a JSON map as text, got {self.polling!r}")
         PollingMap.parse(self.polling)  # raises ConfigurationError naming what is wrong
@@ -159,7 +162,9 @@ class DeploymentSpec:
         if not _is_count(self.port) or not 1 <= self.port <= 65535:
             raise ConfigurationError(f"port must be an integer in 1..65535, got {self.port!r}")
         if not _is_count(self.termination_grace_seconds) or self.termination_grace_seconds < 1:
-            raise ConfigurationError(f"termination_grace_seconds must be an integer >= 1, got {self.termination_grace_seconds!r}")
+            raise ConfigurationError(
+                f"termination_grace_seconds must be an integer >= 1, got {self.termination_grace_seconds!r}"
+            )
         if not _is_count(self.pre_stop_seconds) or not 0 <= self.pre_stop_seconds < self.termination_grace_seconds:
             raise ConfigurationError(
                 f"pre_stop_seconds must be an integer >= 0 and below termination_grace_seconds "
@@ -329,7 +334,8 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
 
     def probe(period: int, timeout: int, failures: int) -> dict[str, Any]:
         # the standard grpc.health.v1 service, asked for the server's overall status ("")
-        return {"grpc": {"port": spec.port}, "periodSeconds": period, "timeoutSeconds": timeout, "failureThreshold": failures}
+        grpc = {"port": spec.port}
+        return {"grpc": grpc, "periodSeconds": period, "timeoutSeconds": timeout, "failureThreshold": failures}
 
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,

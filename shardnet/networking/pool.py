@@ -20,6 +20,7 @@ import tenacity
 from google.protobuf import empty_pb2
 
 from shardnet.errors import DeadlineExceeded, ReplicaError, RoutingError
+from shardnet.networking.addresses import parse_address
 from shardnet.networking.balancing import make_balancer
 from shardnet.networking import oneshot
 from shardnet.networking.channels import ChannelOptions, create_async_channel_stub, default_grpc_options, get_grpc_channel
@@ -96,8 +97,17 @@ class GrpcConnectionPool:
         return replicas
 
     def add_connection(self, deployment: str, address: str, head: bool = False, shard_id: Optional[int] = None) -> None:
-        """Register a replica (or the head) of ``deployment``; an address already there stays one connection."""
+        """Register a replica (or the head) of ``deployment``; an address already there stays one connection.
+
+        A malformed address raises ConfigurationError and leaves the pool as it was.
+        """
+        parse_address(address)  # before any map entry is made for it
         self._replica_list(deployment, head, shard_id or 0).add_connection(address)
+
+    def declare_shards(self, deployment: str, count: int) -> None:
+        """Make shards ``0..count-1`` known before any replica joins, so ALL reports the missing ones."""
+        for shard_id in range(count):
+            self._replica_list(deployment, False, shard_id)
 
     async def remove_connection(
         self, deployment: str, address: str, head: bool = False, shard_id: Optional[int] = None
@@ -106,7 +116,9 @@ class GrpcConnectionPool:
 
         With no ``shard_id`` every shard of the deployment is searched. A shard
         whose last replica leaves stays known (empty), so ALL can say it is missing.
+        A malformed address raises ConfigurationError, whether or not the deployment is known.
         """
+        parse_address(address)
         entry = self._deployments.get(deployment)
         if entry is None:
             return None

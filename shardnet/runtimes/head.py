@@ -48,12 +48,14 @@ class Head:
         connections: Optional[Mapping[int, Sequence[str]]] = None,
         uses_before: Optional[str] = None,
         uses_after: Optional[str] = None,
+        shards: int = 0,
     ):
         if not deployment:
             raise ConfigurationError("a head needs a deployment name")
         self.deployment = deployment
         self.polling = polling
         self.pool = pool if pool is not None else GrpcConnectionPool(balancer="p2c_ewma")
+        self.pool.declare_shards(deployment, shards)
         for shard_id, addresses in (connections or {}).items():
             for address in addresses:
                 self.pool.add_connection(deployment, address, shard_id=shard_id)

@@ -19,7 +19,7 @@ import grpc
 import grpc.aio
 from google.protobuf import empty_pb2
 
-from shardnet.errors import ProtocolError
+from shardnet.errors import ProtocolError, ReplicaError
 from shardnet.networking import oneshot
 from shardnet.networking.tls import ClientTls
 from shardnet.protocol import services
@@ -48,6 +48,7 @@ class Worker:
         control_token: Optional[str] = None,
         head_tls: Optional[ClientTls] = None,
         advertise_host: Optional[str] = None,
+        register_interval: float = 2.0,
     ):
         self.executor = executor
         self.name = type(executor).__name__
@@ -59,6 +60,8 @@ class Worker:
         self._control_token = control_token
         self._head_tls = head_tls
         self._advertise_host = advertise_host
+        self._register_interval = register_interval
+        self._keep_registered: Optional[asyncio.Task] = None
         self.server = Server(
             config,
             [
@@ -173,13 +176,28 @@ class Worker:
         return host, self.server.port
 
     async def register(self) -> None:
+        """ACTIVATE with the head, then keep re-sending it so a restarted head learns of us again."""
         host, port = self._advertised()
         await oneshot.activate_worker(
             host, port, self._head, self._shard_id, token=self._control_token, tls=self._head_tls
         )
         logger.info("registered %s:%d with head %s as shard %d", host, port, self._head, self._shard_id)
+        self._keep_registered = asyncio.get_running_loop().create_task(self._refresh_registration())
+
+    async def _refresh_registration(self) -> None:
+        host, port = self._advertised()
+        while True:
+            await asyncio.sleep(self._register_interval)
+            try:
+                await oneshot.activate_worker(
+                    host, port, self._head, self._shard_id, token=self._control_token, tls=self._head_tls, timeout=1.0
+                )
+            except ReplicaError as exc:
+                logger.warning("head %s did not take our registration: %s", self._head, exc)
 
     async def deregister(self) -> None:
+        if self._keep_registered is not None:
+            self._keep_registered.cancel()
         host, port = self._advertised()
         await oneshot.deactivate_worker(
             host, port, self._head, self._shard_id, token=self._control_token, tls=self._head_tls

@@ -1,0 +1,76 @@
+"""``shardnet demo``: a sharded text index, 2 shards x 2 replicas, indexed and searched end to end."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+from shardnet.examples.text_index import TextIndexer
+from shardnet.networking.polling import PollingType
+from shardnet.networking.pool import GrpcConnectionPool
+from shardnet.protocol.documents import Document
+from shardnet.protocol.messages import DataRequest
+from shardnet.runtimes.deployment import Deployment
+
+CORPUS = [
+    "Sharding splits an index so that each machine holds a part of it",
+    "Replicas of a shard answer the same queries and take over when one dies",
+    "A head routes every request to the shards and merges their answers",
+    "gRPC carries protobuf messages over HTTP/2 between the processes",
+    "Kubernetes restarts pods and the head follows them by watching the API server",
+    "Token overlap is a simple way to rank short texts against a query",
+    "Power of two choices picks the less loaded of two random replicas",
+    "A retry budget keeps retries to a fraction of the traffic",
+]
+QUERIES = ["which replica answers when one dies", "how does the head merge shards", "rank texts by token overlap"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("demo", help="run a local 2x2 text index, index, search, measure, stop")
+    parser.add_argument("--requests", type=int, default=2000, help="search requests for the throughput figure")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.set_defaults(handler=run)
+
+
+async def measure(address: str, total: int, concurrency: int) -> tuple[float, int]:
+    """Send ``total`` searches through the head with ``concurrency`` in flight; return (seconds, errors)."""
+    errors = 0
+    async with GrpcConnectionPool() as pool:
+        pool.add_connection("demo", address, head=True)
+        remaining = iter(range(total))
+
+        async def client() -> None:
+            nonlocal errors
+            for i in remaining:
+                request = DataRequest([Document(text=QUERIES[i % len(QUERIES)])], endpoint="/search")
+                response, _ = await pool.send_request_once(request, "demo", head=True)
+                errors += response.is_error
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        return time.perf_counter() - started, errors
+
+
+def run(args: argparse.Namespace) -> int:
+    print("starting a text index: 1 head, 2 shards x 2 replicas ...")
+    polling = {"/search": PollingType.ALL.name, "/count": PollingType.ALL.name, "*": PollingType.ANY.name}
+    with Deployment(TextIndexer, shards=2, replicas=2, polling=polling, name="demo") as deployment:
+        print(deployment.table(), "\n")
+        for text in CORPUS:
+            deployment.post("/index", [Document(text=text)])
+        counts = deployment.post("/count")
+        print(f"indexed {len(CORPUS)} texts: " + ", ".join(f"shard {int(d.tags['shard'])} holds {d.text}" for d in counts))
+        for query in QUERIES:
+            [result] = deployment.post("/search", [Document(text=query)], parameters={"top_k": 2})
+            print(f"\nsearch {query!r}")
+            ranked = sorted(result.matches, key=lambda m: -m.scores["jaccard"])
+            for match in ranked[:3]:
+                print(f"  {match.scores['jaccard']:.2f}  shard {int(match.tags['shard'])}  {match.text}")
+        seconds, errors = asyncio.run(measure(deployment.address, args.requests, args.concurrency))
+        print(
+            f"\nthroughput: {args.requests} searches (ALL over 2 shards) in {seconds:.2f}s = "
+            f"{args.requests / seconds:.0f} requests/s at concurrency {args.concurrency}, {errors} errors"
+        )
+    print("stopped every process; bye")
+    return 0 if errors == 0 else 1

@@ -1,0 +1,58 @@
+"""``shardnet deploy``: run a local deployment until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import threading
+
+from shardnet.cli.options import add_token_argument, control_token
+from shardnet.errors import ConfigurationError
+from shardnet.networking.balancing import BALANCERS
+from shardnet.runtimes.deployment import Deployment
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("deploy", help="run head + shards x replicas locally until Ctrl-C")
+    parser.add_argument("--uses", required=True, help="MODULE:CLASS or FILE.py:CLASS")
+    parser.add_argument("--uses-with", default="{}", help="JSON keyword arguments for the Executor")
+    parser.add_argument("--name", default="executor")
+    parser.add_argument("--shards", type=int, default=1)
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--polling", default="ANY")
+    parser.add_argument("--port", type=int, default=0, help="port of the head; 0 picks a free one")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--balancer", choices=sorted(BALANCERS), default="p2c_ewma")
+    parser.add_argument("--workspace", help="folder the Executors keep state in")
+    add_token_argument(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        uses_with = json.loads(args.uses_with)
+    except json.JSONDecodeError as exc:
+        raise ConfigurationError(f"--uses-with is not valid JSON: {exc}") from None
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with Deployment(
+        args.uses,
+        shards=args.shards,
+        replicas=args.replicas,
+        polling=args.polling,
+        name=args.name,
+        port=args.port,
+        host=args.host,
+        uses_with=uses_with,
+        balancer=args.balancer,
+        workspace=args.workspace,
+        control_token=control_token(args),
+    ) as deployment:
+        print(deployment.table())
+        print(f"\n{args.name} serves on {deployment.address} (Ctrl-C stops it)", flush=True)
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            print("stopping...")
+    return 0

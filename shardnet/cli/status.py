@@ -1,0 +1,41 @@
+"""``shardnet status``: is a head or worker serving, and what does it route to."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from grpc_health.v1 import health_pb2
+
+from google.protobuf import empty_pb2
+
+from shardnet.cli.options import add_client_tls_arguments, client_tls
+from shardnet.networking import oneshot
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("status", help="health, endpoints and replicas of a head or worker")
+    parser.add_argument("target", help="HOST:PORT")
+    parser.add_argument("--timeout", type=float, default=5.0)
+    add_client_tls_arguments(parser)
+    parser.set_defaults(handler=run)
+
+
+async def status(args: argparse.Namespace) -> int:
+    tls = client_tls(args)
+    health, _ = await oneshot.call_once(
+        "health", health_pb2.HealthCheckRequest(), args.target, timeout=args.timeout, tls=tls
+    )
+    print(f"{args.target}: {health_pb2.HealthCheckResponse.ServingStatus.Name(health.status)}")
+    endpoints, _ = await oneshot.call_once("discovery", empty_pb2.Empty(), args.target, timeout=args.timeout, tls=tls)
+    print(f"endpoints: {', '.join(endpoints.endpoints) or '(none)'}")
+    control = await oneshot.send_control("STATUS", args.target, timeout=args.timeout, tls=tls)
+    if control.related_entities:
+        print("replicas:")
+        for entity in control.related_entities:
+            print(f"  shard {entity.shard_id}: {entity.address}:{entity.port}")
+    return 0 if health.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(status(args))

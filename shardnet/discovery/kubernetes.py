@@ -1,0 +1,424 @@
+"""``K8sGrpcConnectionPool``: a connection pool whose membership follows the cluster.
+
+Two sources, watched at once by default:
+
+- **pods** labelled the way Jina 3's manifests label them
+  (``jina_deployment_name``, ``pod_type``, ``shard_id``); a pod counts while
+  it has an IP, is Running, has every container ready and no deletion
+  timestamp; its port is the ``executor`` container's first containerPort,
+  else 8080;
+- **endpointslices** (discovery.k8s.io/v1) of Services labelled
+  ``shardnet.io/deployment``, ``shardnet.io/role`` and ``shardnet.io/shard``
+  (Kubernetes copies a Service's labels onto its slices); the port is the one
+  named ``grpc``; an endpoint counts unless ``ready`` is false or
+  ``terminating`` is true.
+
+Each watched object *contributes* a set of members ``(deployment, head,
+shard, address)``; the ledger remembers every object's contribution and how
+many objects hold each member, so an address is added when its first holder
+appears and removed when its last one goes, whichever source it came from.
+MODIFIED, DELETED and re-lists after 410 Gone are diffs against that record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+from collections import Counter
+from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence
+
+from kubernetes_asyncio import client as k8s_client
+from kubernetes_asyncio import config as k8s_config
+
+from shardnet.discovery.watch import ListWatch, WatchOptions, with_backoff
+from shardnet.errors import ConfigurationError
+from shardnet.networking.addresses import parse_address
+from shardnet.networking.pool import GrpcConnectionPool
+
+logger = logging.getLogger(__name__)
+
+SOURCES = ("pods", "endpointslices")
+DEFAULT_PORT = 8080
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+
+POD_SELECTOR = "jina_deployment_name,pod_type"
+SLICE_SELECTOR = "shardnet.io/deployment"
+
+
+class Member(NamedTuple):
+    """One replica as the pool knows it: ``pool.add_connection(deployment, address, head, shard_id)``."""
+
+    deployment: str
+    head: bool
+    shard_id: Optional[int]
+    address: str
+
+
+Contribution = frozenset  # frozenset[Member]
+NOTHING: Contribution = frozenset()
+
+
+# -- what an object contributes ------------------------------------------------
+
+
+def _role_target(deployment: str, role: str, shard: Optional[str]) -> Optional[tuple[str, bool, Optional[int]]]:
+    """(pool deployment, head, shard id) for a role label, or None when the role is not ours."""
+    role = role.strip().lower().replace("-", "_")
+    if role == "head":
+        return deployment, True, None
+    if role == "worker":
+        shard = (shard or "").strip()
+        if not shard:
+            return deployment, False, 0
+        try:
+            return deployment, False, int(shard)
+        except ValueError:
+            logger.warning("deployment %r: shard label %r is not a number; ignoring the replica", deployment, shard)
+            return None
+    if role in ("uses_before", "uses_after"):
+        return f"{deployment}/{role}", False, 0
+    return None
+
+
+def _join(host: str, port: int) -> Optional[str]:
+    """``host:port`` (IPv6 in brackets), or None when it does not parse as a replica address."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        parse_address(address)
+    except ConfigurationError as error:
+        logger.warning("ignoring endpoint: %s", error)
+        return None
+    return address
+
+
+def object_key(obj: Mapping[str, Any]) -> str:
+    """What identifies a watched object across its events: its uid, else namespace/name."""
+    metadata = obj.get("metadata") or {}
+    return metadata.get("uid") or f"{metadata.get('namespace', '')}/{metadata.get('name', '')}"
+
+
+def pod_is_ready(pod: Mapping[str, Any]) -> bool:
+    """Running, every container ready, and not being deleted."""
+    status = pod.get("status") or {}
+    statuses = status.get("containerStatuses") or []
+    return (
+        not (pod.get("metadata") or {}).get("deletionTimestamp")
+        and status.get("phase") == "Running"
+        and bool(statuses)
+        and all(container.get("ready") for container in statuses)
+    )
+
+
+def _executor_port(pod: Mapping[str, Any]) -> int:
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        if container.get("name") == "executor":
+            for port in container.get("ports") or []:
+                if port.get("containerPort"):
+                    return int(port["containerPort"])
+    return DEFAULT_PORT
+
+
+def pod_members(pod: Mapping[str, Any], *, ready_only: bool = True) -> Contribution:
+    """The member a pod stands for: none when unlabelled, without IP or (with ``ready_only``) not ready.
+
+    >>> pod_members({"metadata": {"labels": {"jina_deployment_name": "enc", "pod_type": "WORKER",
+    ...     "shard_id": "1"}}, "status": {"podIP": "10.0.0.7", "phase": "Running",
+    ...     "containerStatuses": [{"ready": True}]}})
+    frozenset({Member(deployment='enc', head=False, shard_id=1, address='10.0.0.7:8080')})
+    """
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    deployment, role = labels.get("jina_deployment_name"), labels.get("pod_type")
+    ip = (pod.get("status") or {}).get("podIP")
+    if not deployment or not role or not ip:
+        return NOTHING
+    if ready_only and not pod_is_ready(pod):
+        return NOTHING
+    target = _role_target(deployment, role, labels.get("shard_id"))
+    address = _join(ip, _executor_port(pod))
+    if target is None or address is None:
+        return NOTHING
+    return frozenset({Member(*target, address)})
+
+
+def slice_members(endpoint_slice: Mapping[str, Any], *, ready_only: bool = True) -> Contribution:
+    """The members of one EndpointSlice: its endpoints (ready unless told otherwise, never terminating) on port ``grpc``.
+
+    >>> slice_members({"metadata": {"labels": {"shardnet.io/deployment": "enc", "shardnet.io/role": "worker",
+    ...     "shardnet.io/shard": "0"}}, "ports": [{"name": "grpc", "port": 50051}],
+    ...     "endpoints": [{"addresses": ["10.0.0.8"], "conditions": {}}]})
+    frozenset({Member(deployment='enc', head=False, shard_id=0, address='10.0.0.8:50051')})
+    """
+    labels = (endpoint_slice.get("metadata") or {}).get("labels") or {}
+    deployment = labels.get("shardnet.io/deployment")
+    if not deployment:
+        return NOTHING
+    target = _role_target(deployment, labels.get("shardnet.io/role") or "worker", labels.get("shardnet.io/shard"))
+    port = next((p.get("port") for p in endpoint_slice.get("ports") or [] if p.get("name") == "grpc"), None)
+    if target is None or not port:
+        return NOTHING
+    members = set()
+    for endpoint in endpoint_slice.get("endpoints") or []:
+        addresses = endpoint.get("addresses") or []
+        conditions = endpoint.get("conditions") or {}
+        if not addresses:
+            continue
+        if ready_only and (conditions.get("ready") is False or conditions.get("terminating") is True):
+            continue
+        address = _join(addresses[0], int(port))  # addresses of one endpoint are fungible: use the first
+        if address is not None:
+            members.add(Member(*target, address))
+    return frozenset(members)
+
+
+_MEMBERS = {"pods": pod_members, "endpointslices": slice_members}
+
+
+# -- the ledger ------------------------------------------------------------------
+
+
+class _Ledger:
+    """What each watched object contributed, how many objects hold each member, and the pool calls that follow.
+
+    Additions are synchronous; a removal runs as a task (closing a channel may
+    wait for in-flight calls to drain) so the watch never stalls behind it,
+    and an address added back while its removal is still closing waits for it.
+    """
+
+    def __init__(self, pool: GrpcConnectionPool):
+        self._pool = pool
+        self._records: dict[tuple[str, str], Contribution] = {}
+        self._holders: Counter = Counter()
+        self._removals: dict[Member, asyncio.Task] = {}
+
+    def contribution(self, source: str, key: str) -> Contribution:
+        return self._records.get((source, key), NOTHING)
+
+    def keys(self, source: str) -> list[str]:
+        return [key for (src, key) in self._records if src == source]
+
+    async def record(self, source: str, key: str, members: Contribution, *, also_remove: Contribution = NOTHING) -> None:
+        """Make ``members`` the contribution of object ``key``; ``also_remove`` goes too unless someone holds it."""
+        old = self._records.get((source, key), NOTHING)
+        if members:
+            self._records[(source, key)] = members
+        else:
+            self._records.pop((source, key), None)
+        for member in old - members:
+            self._holders[member] -= 1
+            if self._holders[member] <= 0:
+                del self._holders[member]
+                self._remove(member)
+        for member in also_remove - old - members:
+            if not self._holders[member]:
+                del self._holders[member]
+                self._remove(member)
+        for member in members - old:
+            self._holders[member] += 1
+            if self._holders[member] == 1:
+                await self._add(member)
+
+    async def replace(self, source: str, contributions: Mapping[str, Contribution]) -> None:
+        """Reconcile after a (re-)list: objects gone from it contribute nothing, the rest what they show now."""
+        for key in self.keys(source):
+            if key not in contributions:
+                await self.record(source, key, NOTHING)
+        for key, members in contributions.items():
+            await self.record(source, key, members)
+
+    async def _add(self, member: Member) -> None:
+        pending = self._removals.get(member)
+        if pending is not None:
+            await asyncio.shield(pending)
+        try:
+            self._pool.add_connection(member.deployment, member.address, head=member.head, shard_id=member.shard_id)
+        except Exception:  # a bad address must not stop the watch
+            logger.exception("could not add replica %s of %r", member.address, member.deployment)
+            return
+        logger.info(
+            "discovered %s %s of %r", "head" if member.head else f"shard {member.shard_id} replica", member.address, member.deployment
+        )
+
+    def _remove(self, member: Member) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._pool.remove_connection(member.deployment, member.address, head=member.head, shard_id=member.shard_id)
+        )
+        self._removals[member] = task
+        task.add_done_callback(functools.partial(self._removed, member))
+
+    def _removed(self, member: Member, task: asyncio.Task) -> None:
+        if self._removals.get(member) is task:
+            del self._removals[member]
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            logger.error("could not remove replica %s of %r", member.address, member.deployment, exc_info=task.exception())
+        else:
+            logger.info(
+                "%s %s of %r left", "head" if member.head else f"shard {member.shard_id} replica", member.address, member.deployment
+            )
+
+    async def drain(self) -> None:
+        """Wait for the removals still closing channels."""
+        while self._removals:
+            await asyncio.gather(*self._removals.values(), return_exceptions=True)
+
+
+# -- configuration -------------------------------------------------------------------
+
+
+async def load_api_client(
+    kubeconfig: Optional[str] = None,
+    *,
+    environ: Mapping[str, str] = os.environ,
+    service_account_dir: str = SERVICE_ACCOUNT_DIR,
+) -> k8s_client.ApiClient:
+    """An ApiClient configured the way kubectl users expect, on its own Configuration (no global default).
+
+    Order: the explicit ``kubeconfig`` file; the in-cluster service account
+    when ``KUBERNETES_SERVICE_HOST`` and its token are present; ``KUBECONFIG``
+    (a path list); ``~/.kube/config``. Raises kubernetes_asyncio's
+    ConfigException when none works.
+    """
+    configuration = type.__call__(k8s_client.Configuration)  # a fresh one, not a copy of the process default
+    if kubeconfig is None and environ.get("KUBERNETES_SERVICE_HOST"):
+        try:
+            k8s_config.load_incluster_config(
+                client_configuration=configuration,
+                environ=environ,
+                token_filename=os.path.join(service_account_dir, "token"),
+                cert_filename=os.path.join(service_account_dir, "ca.crt"),
+            )
+            return k8s_client.ApiClient(configuration=configuration)
+        except k8s_config.ConfigException as error:
+            logger.info("not using the in-cluster service account: %s", error)
+    config_file = kubeconfig or environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
+    await k8s_config.load_kube_config(config_file=config_file, client_configuration=configuration, persist_config=False)
+    return k8s_client.ApiClient(configuration=configuration)
+
+
+# -- the pool ------------------------------------------------------------------------
+
+
+class K8sGrpcConnectionPool(GrpcConnectionPool):
+    """A GrpcConnectionPool whose replicas are the ready pods and endpoints of ``namespace``.
+
+    >>> async with K8sGrpcConnectionPool("search") as pool:      # doctest: +SKIP
+    ...     await pool.wait_synced(timeout=10)
+    ...     pool.deployments
+    {'encoder': {'head': ['10.1.0.4:8080'], 'shards': {0: ['10.1.0.5:8080', '10.1.0.6:8080']}}}
+
+    ``client`` is a kubernetes_asyncio ApiClient the caller owns; without one
+    the pool loads configuration when it starts (``kubeconfig``, in-cluster,
+    KUBECONFIG, ~/.kube/config) and closes that client with itself.
+    """
+
+    def __init__(
+        self,
+        namespace: str,
+        client: Optional[k8s_client.ApiClient] = None,
+        *,
+        sources: Sequence[str] = SOURCES,
+        kubeconfig: Optional[str] = None,
+        watch: WatchOptions = WatchOptions(),
+        **pool_options: Any,
+    ):
+        super().__init__(**pool_options)
+        if not namespace:
+            raise ConfigurationError("K8sGrpcConnectionPool needs a namespace")
+        unknown = set(sources) - set(SOURCES)
+        if unknown or not sources:
+            raise ConfigurationError(f"sources must be a non-empty subset of {SOURCES}, got {tuple(sources)}")
+        self.namespace = namespace
+        self.sources = tuple(dict.fromkeys(sources))
+        self._client = client
+        self._owns_client = client is None
+        self._kubeconfig = kubeconfig
+        self._watch_options = watch
+        self._ledger = _Ledger(self)
+        self._watches: dict[str, ListWatch] = {}
+        self._task: Optional[asyncio.Task] = None
+
+    # -- lifetime --------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start following the cluster (call inside a running loop); configuration loads in the background."""
+        super().start()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._follow(), name=f"k8s-discovery-{self.namespace}"
+            )
+
+    async def close(self) -> None:
+        """Stop watching, let removals finish closing, close an owned API client, then every channel."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                if not task.cancelled():  # the caller is being cancelled, not just our task
+                    raise
+        await self._ledger.drain()
+        if self._owns_client and self._client is not None:
+            await self._client.close()
+            self._client = None
+        self._watches = {}
+        await super().close()
+
+    async def wait_synced(self, timeout: Optional[float] = None) -> None:
+        """Return once every source has completed its first list (its objects are in the pool)."""
+
+        async def synced() -> None:
+            while len(self._watches) < len(self.sources):
+                await asyncio.sleep(0.01)  # the watches exist once configuration has loaded
+            await asyncio.gather(*(watch.synced.wait() for watch in self._watches.values()))
+
+        await asyncio.wait_for(synced(), timeout)
+
+    async def _follow(self) -> None:
+        if self._client is None:
+            await with_backoff(f"kubernetes configuration for {self.namespace}", self._load_client, self._watch_options)
+        self._watches = {source: self._watch_for(source) for source in self.sources}
+        await asyncio.gather(*(watch.run() for watch in self._watches.values()))
+
+    async def _load_client(self) -> None:
+        self._client = await load_api_client(self._kubeconfig)
+
+    def _watch_for(self, source: str) -> ListWatch:
+        if source == "pods":
+            call = functools.partial(k8s_client.CoreV1Api(self._client).list_namespaced_pod, self.namespace)
+            selector = POD_SELECTOR
+        else:
+            call = functools.partial(
+                k8s_client.DiscoveryV1Api(self._client).list_namespaced_endpoint_slice, self.namespace
+            )
+            selector = SLICE_SELECTOR
+        return ListWatch(
+            f"{source} in {self.namespace}",
+            call,
+            on_list=functools.partial(self._on_list, source),
+            on_event=functools.partial(self._on_event, source),
+            label_selector=selector,
+            options=self._watch_options,
+        )
+
+    # -- events -------------------------------------------------------------------
+
+    async def _on_list(self, source: str, objects: Iterable[Mapping[str, Any]]) -> None:
+        members_of = _MEMBERS[source]
+        await self._ledger.replace(source, {object_key(obj): members_of(obj) for obj in objects})
+
+    async def _on_event(self, source: str, kind: str, obj: Mapping[str, Any]) -> None:
+        members_of = _MEMBERS[source]
+        key = object_key(obj)
+        if kind == "DELETED":
+            await self._ledger.record(source, key, NOTHING, also_remove=members_of(obj, ready_only=False))
+        else:
+            await self._ledger.record(source, key, members_of(obj))
+
+    def __repr__(self) -> str:
+        state = "watching" if self._task is not None else "stopped"
+        versions = ", ".join(f"{name}@{watch.resource_version}" for name, watch in self._watches.items())
+        return f"<K8sGrpcConnectionPool namespace={self.namespace!r} {state} [{versions}] {super().__repr__()[1:-1]}>"

@@ -1,0 +1,251 @@
+"""List-then-watch one kind of Kubernetes object, the way client-go's reflector does it.
+
+``ListWatch`` keeps a local view of one resource in step with the API
+server: it lists (handing the whole set to ``on_list``, which reconciles),
+then watches from the list's resourceVersion and hands every ADDED, MODIFIED
+and DELETED object to ``on_event`` as soon as its line arrives. It asks for
+bookmarks, so the version it would resume from stays fresh even when nothing
+it selects changes.
+
+What can go wrong, and what it does:
+
+- the stream ends (the server's ``timeoutSeconds``) or drops: watch again from
+  the last version seen, at once; no re-list;
+- the stream goes silent for ``read_timeout``: treated as a drop;
+- 410 Gone (HTTP status, or an ERROR event with code 410): that version was
+  compacted, so re-list and let ``on_list`` reconcile;
+- the API server is down, refuses, or answers 5xx/4xx: retry with full-jitter
+  exponential backoff (tenacity), logging each failure; the loop never ends
+  until it is cancelled.
+
+Requests go through kubernetes_asyncio's generated API methods with
+``_preload_content=False``: bodies are read as raw JSON (no model
+deserialisation on the hot path) and the status is checked here, since the
+client does not raise on errors in that mode.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Optional
+
+import aiohttp
+import tenacity
+
+from shardnet.errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
+
+# ``list_call(**query)`` -> the raw aiohttp response of a generated list method
+ListCall = Callable[..., Awaitable[aiohttp.ClientResponse]]
+OnList = Callable[[list[dict]], Awaitable[None]]
+OnEvent = Callable[[str, dict], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class WatchOptions:
+    """Timing of the list and watch requests and of the retries.
+
+    ``timeout_seconds`` is sent to the server, which ends the watch cleanly
+    after it; ``read_timeout`` is the client's patience with a silent stream
+    (servers send bookmarks, so silence that long means a dead connection).
+
+    >>> WatchOptions(read_timeout=5).timeout_seconds
+    300
+    """
+
+    timeout_seconds: int = 300
+    read_timeout: float = 90.0
+    connect_timeout: float = 10.0
+    list_timeout: float = 60.0
+    backoff_initial: float = 0.2
+    backoff_max: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.timeout_seconds < 1:
+            raise ConfigurationError(f"WatchOptions.timeout_seconds must be at least 1, got {self.timeout_seconds}")
+        for name in ("read_timeout", "connect_timeout", "list_timeout", "backoff_initial", "backoff_max"):
+            if getattr(self, name) <= 0:
+                raise ConfigurationError(f"WatchOptions.{name} must be positive, got {getattr(self, name)}")
+
+    def backoff(self) -> tenacity.wait.wait_base:
+        """Full-jitter exponential backoff between failed attempts."""
+        return tenacity.wait_random_exponential(multiplier=self.backoff_initial, max=self.backoff_max)
+
+
+class Gone(Exception):
+    """The resourceVersion asked for has been compacted away: only a re-list helps."""
+
+
+class Unavailable(Exception):
+    """The API server did not give a usable answer (down, refused, 5xx, 4xx, bad body); retry later."""
+
+
+class ListWatch:
+    """The list-then-watch loop for one resource; ``await run()`` until cancelled.
+
+    >>> pods = ListWatch("pods in ns", functools.partial(core.list_namespaced_pod, "ns"),   # doctest: +SKIP
+    ...                  on_list=reconcile, on_event=apply, label_selector="app")
+    >>> task = asyncio.create_task(pods.run()); await pods.synced.wait()
+    >>> pods.resource_version
+    '4711'
+    """
+
+    def __init__(
+        self,
+        name: str,
+        list_call: ListCall,
+        *,
+        on_list: OnList,
+        on_event: OnEvent,
+        label_selector: Optional[str] = None,
+        options: WatchOptions = WatchOptions(),
+    ):
+        self.name = name
+        self.resource_version: Optional[str] = None
+        self.synced = asyncio.Event()  # set once the first list has been handed over
+        self.lists = 0  # how many lists succeeded (one, plus one per 410)
+        self._list_call = list_call
+        self._on_list = on_list
+        self._on_event = on_event
+        self._selector = {"label_selector": label_selector} if label_selector else {}
+        self._options = options
+
+    async def run(self) -> None:
+        """List, watch, resume, re-list on 410; returns only by cancellation."""
+        while True:
+            if self.resource_version is None:
+                await with_backoff(self.name, self._list, self._options)
+            try:
+                await with_backoff(self.name, self._watch, self._options)
+            except Gone as gone:
+                logger.info("%s: resourceVersion %s expired (%s); re-listing", self.name, self.resource_version, gone)
+                self.resource_version = None
+
+    # -- list ----------------------------------------------------------------
+
+    async def _list(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=self._options.list_timeout, sock_connect=self._options.connect_timeout)
+        response = await self._list_call(_preload_content=False, _request_timeout=timeout, **self._selector)
+        async with response:
+            await _check_status(response)
+            body = await response.read()
+        try:
+            document = json.loads(body)
+            items = document.get("items") or []
+            version = document["metadata"]["resourceVersion"]
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise Unavailable(f"list answer is not a Kubernetes list: {error}") from error
+        await self._on_list(items)
+        self.resource_version = version
+        self.lists += 1
+        self.synced.set()
+        logger.debug("%s: listed %d objects at resourceVersion %s", self.name, len(items), version)
+
+    # -- watch ---------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        """One watch request: returns when it ended or dropped after progress; raises when it got nowhere."""
+        options = self._options
+        timeout = aiohttp.ClientTimeout(sock_connect=options.connect_timeout, sock_read=options.read_timeout)
+        response = await self._list_call(
+            watch=True,
+            resource_version=self.resource_version,
+            allow_watch_bookmarks=True,
+            timeout_seconds=options.timeout_seconds,
+            _preload_content=False,
+            _request_timeout=timeout,
+            **self._selector,
+        )
+        async with response:
+            await _check_status(response)
+            received = 0
+            while True:
+                try:
+                    line = await response.content.readline()
+                except asyncio.TimeoutError:
+                    logger.info("%s: watch silent for %.1fs; resuming from %s", self.name, options.read_timeout, self.resource_version)
+                    return
+                except aiohttp.ClientError as error:
+                    if not received:
+                        raise Unavailable(f"watch stream dropped before any event: {error}") from error
+                    logger.info("%s: watch stream dropped (%s); resuming from %s", self.name, error, self.resource_version)
+                    return
+                if not line:  # the server ended the stream (its timeoutSeconds): resume
+                    logger.debug("%s: watch ended; resuming from %s", self.name, self.resource_version)
+                    return
+                if line.strip():
+                    received += 1
+                    await self._handle(line)
+
+    async def _handle(self, line: bytes) -> None:
+        try:
+            event = json.loads(line)
+            kind = event["type"]
+            obj = event.get("object") or {}
+        except (ValueError, KeyError, TypeError) as error:
+            raise Unavailable(f"unreadable watch event {line[:200]!r}: {error}") from error
+        if kind == "ERROR":
+            code, reason, message = obj.get("code"), obj.get("reason"), obj.get("message")
+            if code == 410:
+                raise Gone(f"{reason}: {message}")
+            raise Unavailable(f"watch ERROR event {code} {reason}: {message}")
+        version = (obj.get("metadata") or {}).get("resourceVersion")
+        if kind in ("ADDED", "MODIFIED", "DELETED"):
+            await self._on_event(kind, obj)
+        elif kind != "BOOKMARK":
+            logger.warning("%s: ignoring watch event of unknown type %r", self.name, kind)
+        if version:
+            self.resource_version = version
+
+
+async def _check_status(response: aiohttp.ClientResponse) -> None:
+    """Raise Gone on 410 and Unavailable on any other non-2xx answer, with the Status message."""
+    if 200 <= response.status < 300:
+        return
+    text = (await response.read())[:2000].decode("utf-8", "replace")
+    try:
+        status: Any = json.loads(text)
+        message = f"{status.get('reason')}: {status.get('message')}"
+    except (ValueError, AttributeError):
+        message = text.strip() or response.reason or ""
+    if response.status == 410:
+        raise Gone(message)
+    raise Unavailable(f"HTTP {response.status} from {response.url.path}: {message}")
+
+
+async def with_backoff(name: str, step: Callable[[], Awaitable[None]], options: WatchOptions) -> None:
+    """Run ``step`` until it succeeds, logging each failure and backing off; Gone and cancellation pass through.
+
+    A fresh retry state per call, so the backoff restarts after every success.
+    """
+
+    def log_failure(state: tenacity.RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        pause = state.next_action.sleep if state.next_action else 0.0
+        known = isinstance(error, (Unavailable, aiohttp.ClientError, asyncio.TimeoutError, OSError))
+        logger.warning(
+            "%s: attempt %d failed (%s: %s); retrying in %.2fs",
+            name,
+            state.attempt_number,
+            type(error).__name__,
+            error,
+            pause,
+            exc_info=None if known else error,  # an unexpected error gets its traceback
+        )
+
+    retrying = tenacity.AsyncRetrying(
+        wait=options.backoff(),
+        retry=tenacity.retry_if_not_exception_type((Gone, asyncio.CancelledError)),
+        before_sleep=log_failure,
+        reraise=True,
+    )
+    async for attempt in retrying:
+        with attempt:
+            await step()
+    attempts = retrying.statistics.get("attempt_number", 1)
+    if attempts > 1:
+        logger.info("%s: API server answers again after %d attempts", name, attempts)

@@ -1,0 +1,1 @@
+"""Small, real Executors bundled for the demo, the manifests and the tests."""

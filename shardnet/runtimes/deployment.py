@@ -1,0 +1,259 @@
+"""``Deployment``: a head and shards x replicas of workers as local processes.
+
+The head starts first; each worker registers with it (ACTIVATE) and keeps
+its registration fresh, so a restarted worker or head finds its place
+again. Leaving the ``with`` block stops every process (SIGTERM, drain, then
+SIGKILL if one hangs), also when the body raised.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+import time
+import weakref
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional, Union
+
+from shardnet.errors import ConfigurationError, ExecutorError, ProcessError
+from shardnet.networking import oneshot
+from shardnet.networking.polling import PollingMap
+from shardnet.protocol.documents import Document, DocumentList
+from shardnet.protocol.messages import DataRequest
+from shardnet.runtimes.executor import Executor, executor_reference
+from shardnet.runtimes.processes import ShardnetProcess, stop_all
+
+ExecutorSpec = Union[type[Executor], str]
+
+
+def _reference(uses: ExecutorSpec) -> str:
+    return uses if isinstance(uses, str) else executor_reference(uses)
+
+
+class Deployment:
+    """Run ``uses`` as ``shards`` x ``replicas`` worker processes behind one head.
+
+    >>> with Deployment(uses=MyExecutor, shards=2, replicas=2, polling="ALL") as dep:   # doctest: +SKIP
+    ...     docs = dep.post("/index", [Document(text="hello")])
+    """
+
+    def __init__(
+        self,
+        uses: ExecutorSpec,
+        shards: int = 1,
+        replicas: int = 1,
+        polling: Union[str, Mapping[str, str]] = "ANY",
+        *,
+        name: str = "executor",
+        port: int = 0,
+        host: str = "127.0.0.1",
+        uses_with: Optional[Mapping[str, Any]] = None,
+        uses_before: Optional[ExecutorSpec] = None,
+        uses_after: Optional[ExecutorSpec] = None,
+        balancer: str = "p2c_ewma",
+        workspace: Optional[str] = None,
+        control_token: Optional[str] = None,
+        timeout: Optional[float] = None,
+        attempt_timeout: Optional[float] = None,
+        register_interval: float = 1.0,
+        startup_timeout: float = 30.0,
+        log_dir: Optional[str] = None,
+    ):
+        if shards < 1 or replicas < 1:
+            raise ConfigurationError(f"a deployment needs at least 1 shard and 1 replica, got {shards} x {replicas}")
+        self.polling = PollingMap.parse(polling)
+        self.name = name
+        self.shards = shards
+        self.replicas = replicas
+        self.host = host
+        self.startup_timeout = startup_timeout
+        self._uses = _reference(uses)
+        self._uses_with = json.dumps(dict(uses_with or {}))
+        self._control_token = control_token
+        self._register_interval = register_interval
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"shardnet-{name}-") if log_dir is None or workspace is None else None
+        self.log_dir = Path(log_dir or self._tmp.name)
+        self.workspace = Path(workspace or self.log_dir / "workspace")
+        self._head_options = ["--balancer", balancer, "--polling", self.polling.to_json(), "--shards", str(shards)]
+        if timeout is not None:
+            self._head_options += ["--timeout", str(timeout)]
+        if attempt_timeout is not None:
+            self._head_options += ["--attempt-timeout", str(attempt_timeout)]
+        self._head_port = port
+        self._extras = {"uses_before": uses_before, "uses_after": uses_after}
+        self.head: Optional[ShardnetProcess] = None
+        self.extras: dict[str, ShardnetProcess] = {}
+        self.workers: dict[tuple[int, int], ShardnetProcess] = {}
+        self._spawned: list[ShardnetProcess] = []
+        # a Deployment dropped without stop() (or an interpreter exit) still stops its processes
+        self._finalizer = weakref.finalize(self, stop_all, self._spawned, 5.0)
+
+    # -- lifetime --------------------------------------------------------------------
+
+    @property
+    def processes(self) -> list[ShardnetProcess]:
+        return [p for p in [self.head, *self.extras.values(), *self.workers.values()] if p is not None]
+
+    @property
+    def address(self) -> str:
+        if self.head is None or self.head.address is None:
+            raise ProcessError(f"deployment {self.name!r} is not running")
+        return self.head.address
+
+    def _child_env(self) -> Optional[dict[str, str]]:
+        if self._control_token is None:
+            return None
+        return {**os.environ, "SHARDNET_CONTROL_TOKEN": self._control_token}
+
+    def _launch(self, role: str, arguments: list[str]) -> ShardnetProcess:
+        process = ShardnetProcess(role, arguments, self.log_dir / f"{role}.log", env=self._child_env())
+        self._spawned.append(process)
+        return process.launch()
+
+    def start(self) -> "Deployment":
+        """Start head, uses_before/after and workers; return when every replica is registered."""
+        self.workspace.mkdir(parents=True, exist_ok=True)
+        try:
+            extra_args = []
+            for key, uses in self._extras.items():
+                if uses is not None:
+                    process = self._launch(key, ["worker", "--uses", _reference(uses), "--host", self.host, "--port", "0"])
+                    self.extras[key] = process
+                    extra_args += [f"--{key.replace('_', '-')}", process.wait_ready(self.startup_timeout)]
+            self.head = self._launch(
+                "head",
+                ["head", "--deployment", self.name, "--host", self.host, "--port", str(self._head_port)]
+                + self._head_options
+                + extra_args,
+            )
+            self.head.wait_ready(self.startup_timeout)
+            for shard in range(self.shards):
+                for replica in range(self.replicas):
+                    self.workers[(shard, replica)] = self._launch_worker(shard, replica)
+            self.wait_registered()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _launch_worker(self, shard: int, replica: int) -> ShardnetProcess:
+        return self._launch(
+            f"worker-{shard}-{replica}",
+            [
+                "worker",
+                "--uses", self._uses,
+                "--uses-with", self._uses_with,
+                "--host", self.host,
+                "--port", "0",
+                "--shard-id", str(shard),
+                "--replica-id", str(replica),
+                "--workspace", str(self.workspace),
+                "--head", self.address,
+                "--register-interval", str(self._register_interval),
+            ],
+        )
+
+    def wait_registered(self, timeout: Optional[float] = None) -> None:
+        """Block until the head lists every running worker (workers ready and ACTIVATEd)."""
+        deadline = time.monotonic() + (timeout or self.startup_timeout)
+        while True:
+            for process in self.workers.values():
+                if not process.alive:
+                    raise ProcessError(f"{process.role} exited with code {process.popen.returncode}:\n{process.tail()}")
+            expected = {p.address for p in self.workers.values() if p.address is not None}
+            if len(expected) < len(self.workers):
+                for process in self.workers.values():
+                    if process.address is None:
+                        process.wait_ready(max(0.1, deadline - time.monotonic()))
+                continue
+            if expected <= set(self.members()):
+                return
+            if time.monotonic() > deadline:
+                raise ProcessError(f"head of {self.name!r} lists {self.members()}, expected {sorted(expected)}")
+            time.sleep(0.02)
+
+    def members(self) -> list[str]:
+        """The replica addresses the head routes to (its STATUS answer)."""
+        reply = oneshot.run_sync(oneshot.send_control("STATUS", self.address, timeout=2.0))
+        return [f"{entity.address}:{entity.port}" for entity in reply.related_entities]
+
+    def restart_worker(self, shard: int, replica: int) -> ShardnetProcess:
+        """Stop one worker (drain, DEACTIVATE) and start it again; return when the head lists it."""
+        process = self.workers[(shard, replica)]
+        process.stop()
+        process.launch()
+        process.wait_ready(self.startup_timeout)
+        self.wait_registered()
+        return process
+
+    def restart_head(self) -> ShardnetProcess:
+        """Restart the head on the same port; workers re-register on their next refresh."""
+        self.head.stop()
+        # the head comes back on the port it had, where the workers look for it
+        port = self.head.address.rsplit(":", 1)[1]
+        self.head.arguments[self.head.arguments.index("--port") + 1] = port
+        self.head.launch()
+        self.head.wait_ready(self.startup_timeout)
+        self.wait_registered()
+        return self.head
+
+    def stop(self) -> None:
+        """Stop every process: head first (no new traffic), then the rest, all drains overlapping."""
+        stop_all(self.processes)
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> "Deployment":
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> "Deployment":
+        return await asyncio.to_thread(self.start)
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await asyncio.to_thread(self.stop)
+
+    # -- requests ---------------------------------------------------------------------
+
+    async def post_async(
+        self,
+        endpoint: str,
+        docs: Optional[Iterable[Document]] = None,
+        parameters: Optional[Mapping[str, Any]] = None,
+        timeout: float = 30.0,
+    ) -> DocumentList:
+        """Send documents to ``endpoint`` through the head; return the response's documents."""
+        request = DataRequest(docs=docs or [], endpoint=endpoint, parameters=parameters)
+        response = await oneshot.send_request_async(request, self.address, timeout=timeout)
+        if response.is_error:
+            status = response.status
+            raise ExecutorError(status.description, name=status.exception.name, executor=status.exception.executor)
+        return response.docs
+
+    def post(
+        self,
+        endpoint: str,
+        docs: Optional[Iterable[Document]] = None,
+        parameters: Optional[Mapping[str, Any]] = None,
+        timeout: float = 30.0,
+    ) -> DocumentList:
+        """Blocking ``post_async``."""
+        return oneshot.run_sync(self.post_async(endpoint, docs, parameters, timeout))
+
+    def table(self) -> str:
+        """What runs where, one line a process."""
+        rows = [("ROLE", "ADDRESS", "PID", "STATE")]
+        for process in self.processes:
+            rows.append((process.role, process.address or "-", str(process.pid), "running" if process.alive else "stopped"))
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows)
+
+    def __repr__(self) -> str:
+        return f"<Deployment {self.name} {self.shards}x{self.replicas} at {self.head.address if self.head else '-'}>"

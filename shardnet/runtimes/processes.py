@@ -1,0 +1,114 @@
+"""Start, watch and stop the shardnet processes of a local deployment.
+
+A child prints ``... ready on HOST:PORT`` once it serves; its output goes to
+a log file (never a pipe that could fill up and block it), which is polled
+for that line with a deadline.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from shardnet.errors import ProcessError
+
+_READY = re.compile(r"ready on (\S+)")
+
+
+class ShardnetProcess:
+    """One ``python -m shardnet ...`` child: its command, log file, address once ready."""
+
+    def __init__(self, role: str, arguments: Sequence[str], log_path: Path, env: Optional[dict[str, str]] = None):
+        self.role = role
+        self.arguments = list(arguments)
+        self.log_path = log_path
+        self.env = env
+        self.address: Optional[str] = None
+        self.popen: Optional[subprocess.Popen] = None
+        self._log_offset = 0
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.popen.pid if self.popen else None
+
+    @property
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def launch(self) -> "ShardnetProcess":
+        """Start the child (again, after a stop: its log grows and only new lines count)."""
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        self.address = None
+        with open(self.log_path, "ab") as log:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "shardnet", *self.arguments],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,  # Ctrl-C reaches the parent, which stops children in order
+            )
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> str:
+        """Block until the ready line appears; raise ProcessError with the log's tail if it exits or times out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with open(self.log_path, "rb") as log:
+                log.seek(self._log_offset)
+                found = _READY.findall(log.read().decode(errors="replace"))
+            if found:
+                self.address = found[-1]
+                return self.address
+            if not self.alive:
+                raise ProcessError(f"{self.role} exited with code {self.popen.returncode} before it was ready:\n{self.tail()}")
+            time.sleep(0.02)
+        raise ProcessError(f"{self.role} was not ready after {timeout:.0f}s:\n{self.tail()}")
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def signal(self, signum: int) -> None:
+        if self.alive:
+            os.kill(self.popen.pid, signum)
+
+    def stop(self, timeout: float = 15.0) -> Optional[int]:
+        """SIGTERM, wait up to ``timeout`` for the drain, then SIGKILL; return the exit code."""
+        if self.popen is None:
+            return None
+        if self.alive:
+            self.signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
+            self.signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+    def kill(self) -> None:
+        if self.alive:
+            self.popen.kill()
+            self.popen.wait()
+
+    def __repr__(self) -> str:
+        state = "running" if self.alive else "stopped"
+        return f"<ShardnetProcess {self.role} {self.address or '-'} pid={self.pid} {state}>"
+
+
+def stop_all(processes: Sequence[ShardnetProcess], timeout: float = 15.0) -> None:
+    """Stop every process, sending all the SIGTERMs first so drains overlap."""
+    for process in processes:
+        process.signal(signal.SIGCONT)
+        process.signal(signal.SIGTERM)
+    for process in processes:
+        process.stop(timeout)
