@@ -29,7 +29,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     parser.add_argument("--name", required=True, help="deployment name; prefixes every object's name")
     parser.add_argument("--image", required=True, help="container image with shardnet and the Executor installed")
     parser.add_argument(
-        "--uses", default=DEFAULT_USES, help="Executor the workers load, as MODULE:CLASS (default: %(default)s)"
+        "--uses", default=DEFAULT_USES, help="Executor the workers load, as MODULE:CLASS or FILE.py:CLASS (default: %(default)s)"
     )
     parser.add_argument("--shards", type=int, default=1, help="number of shards (default: %(default)s)")
     parser.add_argument("--replicas", type=int, default=1, help="replicas per shard (default: %(default)s)")

@@ -5,9 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from grpc_health.v1 import health_pb2
-
 from google.protobuf import empty_pb2
+from grpc_health.v1 import health_pb2
 
 from shardnet.cli.options import add_client_tls_arguments, client_tls
 from shardnet.networking import oneshot

@@ -6,7 +6,13 @@ import argparse
 import asyncio
 import json
 
-from shardnet.cli.options import add_client_tls_arguments, add_server_arguments, client_tls, control_token, server_config
+from shardnet.cli.options import (
+    add_client_tls_arguments,
+    add_server_arguments,
+    client_tls,
+    control_token,
+    server_config,
+)
 from shardnet.errors import ConfigurationError
 from shardnet.runtimes.executor import load_executor_class
 from shardnet.runtimes.worker import Worker

@@ -148,7 +148,7 @@ class ListWatch:
     # -- watch ---------------------------------------------------------------
 
     async def _watch(self) -> None:
-        """One watch request: returns when it ended or dropped after progress; raises when it got nowhere."""
+        """One watch request: returns when it ends, goes silent or drops; raises when it fails at once."""
         options = self._options
         timeout = aiohttp.ClientTimeout(sock_connect=options.connect_timeout, sock_read=options.read_timeout)
         response = await self._list_call(
@@ -163,6 +163,7 @@ class ListWatch:
         async with response:
             await _check_status(response)
             received = 0
+            opened = asyncio.get_running_loop().time()
             while True:
                 try:
                     line = await response.content.readline()
@@ -170,8 +171,9 @@ class ListWatch:
                     logger.info("%s: watch silent for %.1fs; resuming from %s", self.name, options.read_timeout, self.resource_version)
                     return
                 except aiohttp.ClientError as error:
-                    if not received:
-                        raise Unavailable(f"watch stream dropped before any event: {error}") from error
+                    if not received and asyncio.get_running_loop().time() - opened < 1.0:
+                        # dropped as soon as opened: back off rather than spin against a sick server
+                        raise Unavailable(f"watch stream dropped at once: {error}") from error
                     logger.info("%s: watch stream dropped (%s); resuming from %s", self.name, error, self.resource_version)
                     return
                 if not line:  # the server ended the stream (its timeoutSeconds): resume
@@ -239,13 +241,21 @@ async def with_backoff(name: str, step: Callable[[], Awaitable[None]], options: 
 
     retrying = tenacity.AsyncRetrying(
         wait=options.backoff(),
-        retry=tenacity.retry_if_not_exception_type((Gone, asyncio.CancelledError)),
+        retry=tenacity.retry_if_exception_type(Exception) & tenacity.retry_if_not_exception_type(Gone),
         before_sleep=log_failure,
         reraise=True,
     )
-    async for attempt in retrying:
-        with attempt:
-            await step()
+    try:
+        async for attempt in retrying:
+            with attempt:
+                await step()
+    except Gone:  # an answer all the same
+        _log_recovery(name, retrying)
+        raise
+    _log_recovery(name, retrying)
+
+
+def _log_recovery(name: str, retrying: tenacity.AsyncRetrying) -> None:
     attempts = retrying.statistics.get("attempt_number", 1)
     if attempts > 1:
-        logger.info("%s: API server answers again after %d attempts", name, attempts)
+        logger.info("%s: succeeded after %d attempts", name, attempts)

@@ -51,11 +51,13 @@ DISCOVERY_RULES = (
 )
 
 RUN_AS = 10001  # the Dockerfile's numeric user, so the kubelet can check runAsNonRoot
+WORKSPACE = "/workspace"  # the workers' writable folder (an emptyDir) under a read-only root filesystem
 
 _LABEL_MAX = 63
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
-_USES = re.compile(rf"^{_IDENTIFIER}(\.{_IDENTIFIER})*:{_IDENTIFIER}$")
+_DOTTED = rf"{_IDENTIFIER}(\.{_IDENTIFIER})*"
+_USES = re.compile(rf"^({_DOTTED}|[^\s:]+\.py):{_DOTTED}$")  # what ``shardnet worker --uses`` loads
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 
 
@@ -106,8 +108,9 @@ class DeploymentSpec:
 
     ``name`` names every object, so it must be a DNS-1123 label that starts
     with a letter (Service names must) and leaves room for the ``-head`` and
-    ``-N`` suffixes within 63 characters. ``uses`` is the ``MODULE:CLASS`` of
-    the Executor the workers load from ``image``; ``polling`` is ``ANY``,
+    ``-N`` suffixes within 63 characters. ``uses`` is the ``MODULE:CLASS`` (or
+    ``FILE.py:CLASS``) of the Executor the workers load from ``image``, with
+    ``--workspace`` an emptyDir at ``/workspace``; ``polling`` is ``ANY``,
     ``ALL`` or a JSON map of endpoint to either, with ``*`` as the default.
 
     >>> DeploymentSpec(name="index", image="shardnet:0.1.0", uses="pkg.mod:Cls", shards=2).shards
@@ -152,7 +155,8 @@ class DeploymentSpec:
             raise ConfigurationError(f"image {self.image!r} must be a non-empty image reference without spaces")
         if not isinstance(self.uses, str) or not _USES.match(self.uses):
             raise ConfigurationError(
-                f"uses {self.uses!r} must look like MODULE:CLASS, e.g. shardnet.examples.text_index:TextIndexer"
+                f"uses {self.uses!r} must look like MODULE:CLASS (or FILE.py:CLASS), "
+                "e.g. shardnet.examples.text_index:TextIndexer"
             )
         if not isinstance(self.polling, str):
             raise ConfigurationError(f"polling must be ANY, ALL or a JSON map as text, got {self.polling!r}")
@@ -328,9 +332,19 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
             "--polling", spec.polling_argument,
             "--k8s-namespace", spec.namespace,
             "--balancer", spec.balancer,
+            "--shards", str(spec.shards),  # so that ALL polling reports a shard with no ready replica
         ]  # fmt: skip
+        volumes = {"tmp": "/tmp"}
     else:
-        args = ["worker", "--uses", spec.uses, "--host", "0.0.0.0", "--port", str(spec.port), "--shard-id", str(shard)]
+        args = [
+            "worker",
+            "--uses", spec.uses,
+            "--host", "0.0.0.0",
+            "--port", str(spec.port),
+            "--shard-id", str(shard),
+            "--workspace", WORKSPACE,
+        ]  # fmt: skip
+        volumes = {"tmp": "/tmp", "workspace": WORKSPACE}
 
     def probe(period: int, timeout: int, failures: int) -> dict[str, Any]:
         # the standard grpc.health.v1 service, asked for the server's overall status ("")
@@ -353,7 +367,7 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
             "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"]},
         },
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [{"name": volume, "mountPath": path} for volume, path in volumes.items()],
     }
     if spec.pre_stop_seconds:
         # keep serving while the heads' watches see the pod go, before SIGTERM starts the drain
@@ -382,7 +396,7 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
                 }
             ],
             "containers": [container],
-            "volumes": [{"name": "tmp", "emptyDir": {}}],
+            "volumes": [{"name": volume, "emptyDir": {}} for volume in volumes],
         }
     )
     return pod

@@ -3,18 +3,21 @@
 Callables are built once per channel (never per request); data calls take and
 return ``DataRequest`` objects whose bytes pass through untouched, and the
 ``raw_*`` variants take and return bytes for a head that only forwards.
+A reply that does not decode comes back as a ``MalformedReply``; callers pass
+replies through ``checked_reply``, which raises its ProtocolError.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import grpc
 import grpc.aio
 from google.protobuf import empty_pb2
 from grpc_health.v1 import health_pb2
 
+from shardnet.errors import ProtocolError
 from shardnet.networking.addresses import Address, parse_address
 from shardnet.networking.tls import ClientTls, PemSource
 from shardnet.protocol import services
@@ -68,6 +71,43 @@ def get_grpc_channel(
     return module.insecure_channel(parsed.target, options=opts)
 
 
+class MalformedReply:
+    """Stands in for a reply whose bytes did not decode; :func:`checked_reply` raises its error.
+
+    grpc.aio swallows an exception raised by a response deserializer and hands
+    the caller a bare None, so decoding errors are carried out this way instead.
+    """
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: ProtocolError):
+        self.error = error
+
+    def __repr__(self) -> str:
+        return f"<MalformedReply {self.error}>"
+
+
+def _decoding(parse: Callable[[bytes], Any], what: str) -> Callable[[bytes], Any]:
+    """A response deserializer that returns a MalformedReply instead of raising."""
+
+    def decode(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except ProtocolError as exc:
+            return MalformedReply(exc)
+        except Exception as exc:  # protobuf's DecodeError and friends
+            return MalformedReply(ProtocolError(f"malformed {what} ({len(data)} bytes): {exc}"))
+
+    return decode
+
+
+def checked_reply(response: Any, address: Any) -> Any:
+    """``response``, or a ProtocolError naming the replica when its reply did not decode."""
+    if isinstance(response, MalformedReply):
+        raise ProtocolError(f"replica {address}: {response.error}") from None
+    return response
+
+
 def _to_bytes(request: Union[DataRequest, ControlRequest]) -> bytes:
     return request.to_bytes()
 
@@ -96,14 +136,16 @@ class Stubs:
         return cls(
             single_data=unary(services.PROCESS_SINGLE_DATA, _to_bytes, DataRequest.from_bytes),
             data=unary(services.PROCESS_DATA, _requests_to_bytes, DataRequest.from_bytes),
-            control=unary(services.PROCESS_CONTROL, _to_bytes, ControlRequest.from_bytes),
+            control=unary(services.PROCESS_CONTROL, _to_bytes, _decoding(ControlRequest.from_bytes, "ControlRequest")),
             discovery=unary(
-                services.ENDPOINT_DISCOVERY, empty_pb2.Empty.SerializeToString, jina_pb2.EndpointsProto.FromString
+                services.ENDPOINT_DISCOVERY,
+                empty_pb2.Empty.SerializeToString,
+                _decoding(jina_pb2.EndpointsProto.FromString, "Endpoints"),
             ),
             health=unary(
                 "/grpc.health.v1.Health/Check",
                 health_pb2.HealthCheckRequest.SerializeToString,
-                health_pb2.HealthCheckResponse.FromString,
+                _decoding(health_pb2.HealthCheckResponse.FromString, "HealthCheckResponse"),
             ),
             raw_single_data=unary(services.PROCESS_SINGLE_DATA),
             raw_data=unary(services.PROCESS_DATA),

@@ -14,7 +14,7 @@ import grpc.aio
 
 from shardnet.errors import DeadlineExceeded, ReplicaError
 from shardnet.networking.addresses import parse_address
-from shardnet.networking.channels import Stubs, get_grpc_channel
+from shardnet.networking.channels import Stubs, checked_reply, get_grpc_channel
 from shardnet.networking.tls import ClientTls, PemSource
 from shardnet.protocol.messages import ControlRequest, DataRequest
 from shardnet.protocol.services import AUTHORIZATION_METADATA, ENDPOINT_METADATA
@@ -52,7 +52,7 @@ async def call_once(
     channel = get_grpc_channel(address, asyncio=True, root_certificates=root_certificates, tls=tls)
     try:
         call = getattr(Stubs.for_channel(channel), method)(payload, metadata=tuple(metadata), timeout=timeout)
-        response = await call
+        response = checked_reply(await call, address)
         return response, await call.trailing_metadata()
     except grpc.aio.AioRpcError as error:
         kind = DeadlineExceeded if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else ReplicaError

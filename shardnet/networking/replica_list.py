@@ -17,9 +17,10 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2
 
+from shardnet.errors import ProtocolError
 from shardnet.networking.addresses import Address, parse_address
 from shardnet.networking.balancing import Balancer, RoundRobin
-from shardnet.networking.channels import ChannelOptions, Stubs, get_grpc_channel
+from shardnet.networking.channels import ChannelOptions, Stubs, checked_reply, get_grpc_channel
 from shardnet.networking.policies import EjectionPolicy
 from shardnet.networking.tls import ClientTls
 
@@ -52,8 +53,10 @@ class Connection:
     async def health(self, timeout: float = 1.0) -> bool:
         """True when the replica's gRPC health service answers SERVING."""
         try:
-            reply = await self.stubs.health(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
-        except grpc.aio.AioRpcError:
+            reply = checked_reply(
+                await self.stubs.health(health_pb2.HealthCheckRequest(service=""), timeout=timeout), self.address
+            )
+        except (grpc.aio.AioRpcError, ProtocolError):
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
@@ -220,7 +223,7 @@ class ReplicaList:
         token = balancer.started(connection)
         try:
             call = getattr(connection.stubs, method)(payload, metadata=metadata, timeout=timeout)
-            response = await call
+            response = checked_reply(await call, connection.address)
             trailing = await call.trailing_metadata()
         except grpc.aio.AioRpcError as error:
             balancer.finished(connection, token, failed=True)

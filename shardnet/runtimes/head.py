@@ -193,8 +193,7 @@ class Head:
         if command == "STATUS":
             return self._status(request).to_bytes()
         if not self._guard.allows(context):
-            await _abort(
-                context,
+            await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 f"{command} on head of {self.deployment!r} needs the control token (authorization: Bearer ...) "
                 "or a client certificate",

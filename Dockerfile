@@ -1,0 +1,24 @@
+# The shardnet image: `docker build -t shardnet:0.1.0 .`, then `docker run shardnet:0.1.0 worker --uses MODULE:CLASS`.
+# Add your own Executor with `FROM shardnet:0.1.0` and `pip install` it; the manifests of
+# `shardnet k8s render` run this image as uid 10001 with a read-only root filesystem.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /build
+COPY pyproject.toml README.md ./
+COPY shardnet ./shardnet
+RUN pip install . \
+ && rm -rf /build \
+ && groupadd --system --gid 10001 shardnet \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin shardnet
+
+WORKDIR /app
+# numeric, so that Kubernetes' runAsNonRoot can check it
+USER 10001:10001
+EXPOSE 8080
+ENTRYPOINT ["shardnet"]
+CMD ["--help"]

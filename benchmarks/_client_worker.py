@@ -1,0 +1,220 @@
+"""A benchmark client in a process of its own, driven by JSON lines on stdin.
+
+Runs in shardnet's virtual environment (impls ``bare`` and ``shardnet``) or in
+the Jina peer's (``bare`` and ``jina``); it imports shardnet or jina only for
+the impl that needs it. Each ``run`` answers one JSON line with the request
+count, wall time, this process's CPU time (``time.process_time``) and every
+latency, so the parent can interleave rounds across workers and measure each
+client process alone.
+
+    {"cmd": "run", "impl": "bare", "n": 4000, "payload": "/tmp/x.bin", "concurrency": 64}
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+import traceback
+
+SINGLE_DATA = "/jina.JinaSingleDataRequestRPC/process_single_data"
+DEPLOYMENT = "echo"
+ENDPOINT = "/"
+
+
+class Bare:
+    """One grpc.aio channel per address, rotated; bytes in, bytes out, the endpoint as metadata."""
+
+    def __init__(self, addresses, options):
+        import grpc.aio
+
+        self.channels = [grpc.aio.insecure_channel(address, options=options) for address in addresses]
+        self.stubs = [channel.unary_unary(SINGLE_DATA) for channel in self.channels]
+        self.metadata = (("endpoint", ENDPOINT),)
+        self.next = 0
+
+    def wrap(self, payload: bytes):
+        return payload
+
+    async def send(self, request):
+        stubs = self.stubs
+        index = self.next
+        self.next = (index + 1) % len(stubs)
+        return await stubs[index](request, metadata=self.metadata)
+
+    async def close(self):
+        for channel in self.channels:
+            await channel.close()
+
+
+class Shardnet:
+    """``shardnet.networking.pool.GrpcConnectionPool.send_requests_once`` (round robin)."""
+
+    def __init__(self, addresses, balancer="round_robin"):
+        from shardnet.networking.pool import GrpcConnectionPool
+        from shardnet.protocol.messages import DataRequest
+
+        self.pool = GrpcConnectionPool(balancer=balancer)
+        for address in addresses:
+            self.pool.add_connection(DEPLOYMENT, address)
+        self.DataRequest = DataRequest
+
+    def wrap(self, payload: bytes):
+        return self.DataRequest.from_bytes(payload)  # as a head holds a request it received
+
+    async def send(self, request):
+        response, _trailing = await self.pool.send_requests_once([request], DEPLOYMENT, endpoint=ENDPOINT)
+        return response
+
+    async def close(self):
+        await self.pool.close()
+
+
+class Jina:
+    """``jina.serve.networking.GrpcConnectionPool.send_requests_once`` from jina 3.34."""
+
+    def __init__(self, addresses):
+        from jina.serve.networking import GrpcConnectionPool
+        from jina.types.request.data import DataRequest
+
+        self.pool = GrpcConnectionPool(runtime_name="bench")
+        for address in addresses:
+            self.pool.add_connection(DEPLOYMENT, address)
+        self.DataRequest = DataRequest
+
+    def wrap(self, payload: bytes):
+        return self.DataRequest(payload)  # as Jina's head holds a request it received
+
+    async def send(self, request):
+        result = await self.pool.send_requests_once([request], DEPLOYMENT, endpoint=ENDPOINT)
+        if isinstance(result, BaseException):  # Jina's pool returns errors instead of raising
+            raise result
+        return result[0]
+
+    async def close(self):
+        await self.pool.close()
+
+
+def grpc_options():
+    """shardnet's channel options; in the Jina venv (no shardnet there) the same list, spelled out."""
+    import importlib.util
+
+    if importlib.util.find_spec("shardnet") is not None:
+        from shardnet.networking.channels import default_grpc_options
+
+        return default_grpc_options()
+    size = 256 * 1024 * 1024
+    return [
+        ("grpc.max_send_message_length", size),
+        ("grpc.max_receive_message_length", size),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.enable_http_proxy", 0),
+        ("grpc.enable_retries", 0),
+    ]
+
+
+async def closed_loop(client, payload: bytes, requests: int, concurrency: int) -> dict:
+    """``requests`` calls from ``concurrency`` coroutines, each sending its next request when the last returns."""
+    latencies = []
+    failures = 0
+    remaining = requests
+    clock = time.perf_counter
+
+    async def one_worker():
+        nonlocal remaining, failures
+        wrap, send, record = client.wrap, client.send, latencies.append
+        while remaining > 0:
+            remaining -= 1
+            started = clock()
+            try:
+                await send(wrap(payload))
+            except Exception:  # noqa: BLE001 - a benchmark counts failures, it does not stop on them
+                failures += 1
+            record(clock() - started)
+
+    cpu0, wall0 = time.process_time(), clock()
+    await asyncio.gather(*(one_worker() for _ in range(min(concurrency, requests))))
+    wall, cpu = clock() - wall0, time.process_time() - cpu0
+    return {"n": requests, "wall": wall, "cpu": cpu, "failures": failures,
+            "lat": [round(value, 7) for value in latencies]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("addresses", nargs="+")
+    parser.add_argument("--loop", default="asyncio")
+    parser.add_argument("--concurrency", type=int, default=64)
+    args = parser.parse_args()
+
+    if args.loop == "uvloop":
+        import uvloop
+
+        loop = uvloop.new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    import grpc
+
+    clients = {}
+    payloads = {}
+
+    def client(impl: str, balancer: str = "round_robin"):
+        key = (impl, balancer)
+        if key not in clients:
+            if impl == "bare":
+                clients[key] = Bare(args.addresses, grpc_options())
+            elif impl == "shardnet":
+                clients[key] = Shardnet(args.addresses, balancer)
+            elif impl == "jina":
+                clients[key] = Jina(args.addresses)
+            else:
+                raise ValueError(f"unknown impl {impl!r}")
+        return clients[key]
+
+    def reply(message: dict) -> None:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
+
+    reply({"ready": True, "grpc": grpc.__version__, "loop": args.loop, "python": sys.executable})
+    try:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            command = json.loads(line)
+            try:
+                if command["cmd"] != "run":
+                    raise ValueError(f"unknown command {command['cmd']!r}")
+                path = command["payload"]
+                if path not in payloads:
+                    with open(path, "rb") as handle:
+                        payloads[path] = handle.read()
+                concurrency = command.get("concurrency", args.concurrency)
+                runner = client(command["impl"], command.get("balancer", "round_robin"))
+                coroutine = closed_loop(runner, payloads[path], command["n"], concurrency)
+                if command.get("profile"):
+                    import cProfile
+
+                    profiler = cProfile.Profile()
+                    profiler.enable()
+                    result = loop.run_until_complete(coroutine)
+                    profiler.disable()
+                    profiler.dump_stats(command["profile"])
+                else:
+                    result = loop.run_until_complete(coroutine)
+                reply(result)
+            except Exception:  # noqa: BLE001 - report to the parent, keep serving
+                reply({"error": traceback.format_exc()})
+    finally:
+        for runner in clients.values():
+            loop.run_until_complete(runner.close())
+        loop.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,226 @@
+"""Shared pieces of the benchmark scripts: server processes, client workers, statistics, tables.
+
+Standard library only, so that the client worker can import it from the Jina
+peer's virtual environment as well as from shardnet's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SHARDNET_PYTHON = sys.executable
+JINA_PYTHON = os.environ.get("SHARDNET_JINA_PYTHON", str(ROOT / ".venv-jina" / "bin" / "python"))
+
+
+# -- processes ----------------------------------------------------------------------
+
+
+def _stop_process(process: subprocess.Popen, timeout: float = 5.0) -> None:
+    """Stop a child we started: continue it (it may be SIGSTOPped), SIGTERM, then SIGKILL."""
+    if process.poll() is not None:
+        return
+    try:
+        process.send_signal(signal.SIGCONT)
+        if process.stdin is not None:
+            process.stdin.close()
+        process.terminate()
+        process.wait(timeout)
+    except (subprocess.TimeoutExpired, OSError, ValueError):
+        process.kill()
+        process.wait(timeout)
+
+
+class EchoProcess:
+    """``python -m shardnet.testing`` in a child process: echo servers on loopback.
+
+    >>> with EchoProcess(2) as servers:          # doctest: +SKIP
+    ...     servers.addresses
+    ['127.0.0.1:40123', '127.0.0.1:40125']
+    """
+
+    def __init__(self, count: int = 1, *, delays: Sequence[float] = (0.0,), names: Sequence[str] = (), loop: str = "asyncio"):
+        self.count = count
+        self.delays = list(delays)
+        self.names = list(names)
+        self.loop = loop
+        self.process: Optional[subprocess.Popen] = None
+        self.addresses: list[str] = []
+
+    def start(self) -> "EchoProcess":
+        command = [
+            SHARDNET_PYTHON, "-m", "shardnet.testing",
+            "--servers", str(self.count),
+            "--delays", ",".join(str(delay) for delay in self.delays),
+            "--loop", self.loop,
+            "--stop-on-eof",
+        ]
+        if self.names:
+            command += ["--names", ",".join(self.names)]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        line = self.process.stdout.readline()
+        if not line.startswith("READY "):
+            self.stop()
+            raise RuntimeError(f"echo servers did not start: {line!r}")
+        self.addresses = line.split()[1:]
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def stop(self) -> None:
+        if self.process is not None:
+            _stop_process(self.process)
+            self.process = None
+
+    def __enter__(self) -> "EchoProcess":
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+
+class Worker:
+    """A client worker process (``_client_worker.py``) in a given Python; one JSON command per line."""
+
+    def __init__(self, python: str, addresses: Sequence[str], *, loop: str = "asyncio", concurrency: int = 64,
+                 extra_env: Optional[dict] = None):
+        env = dict(os.environ, JINA_OPTOUT_TELEMETRY="1")
+        env.pop("PYTHONPATH", None)  # never let one venv see the other's packages
+        env.update(extra_env or {})
+        command = [python, str(HERE / "_client_worker.py"), "--loop", loop, "--concurrency", str(concurrency),
+                   *addresses]
+        env.setdefault("GRPC_VERBOSITY", "ERROR")
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                                        env=env)
+        try:
+            self.info = self._read()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _read(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"client worker {self.process.args[0]} exited (code {self.process.poll()})")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"client worker failed: {reply['error']}")
+        return reply
+
+    def command(self, **command: Any) -> dict:
+        self.process.stdin.write(json.dumps(command) + "\n")
+        self.process.stdin.flush()
+        return self._read()
+
+    def run(self, impl: str, requests: int, payload_bytes: int) -> dict:
+        return self.command(cmd="run", impl=impl, n=requests, payload=payload_bytes)
+
+    def stop(self) -> None:
+        _stop_process(self.process)
+
+
+# -- statistics -------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of ``values`` (``fraction`` in 0..1)."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, math.ceil(fraction * len(ordered)) - 1))
+    return ordered[index]
+
+
+class Tally:
+    """Accumulates rounds of one competitor: requests, wall time, CPU time and latencies."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.requests = 0
+        self.wall = 0.0
+        self.cpu = 0.0
+        self.failures = 0
+        self.latencies: list[float] = []
+        self.rounds: list[dict] = []
+
+    def add(self, result: dict) -> None:
+        self.requests += result["n"]
+        self.wall += result["wall"]
+        self.cpu += result["cpu"]
+        self.failures += result.get("failures", 0)
+        self.latencies.extend(result["lat"])
+        self.rounds.append(result)
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.wall if self.wall else math.nan
+
+    @property
+    def cpu_per_request_us(self) -> float:
+        return 1e6 * self.cpu / self.requests if self.requests else math.nan
+
+    def p(self, fraction: float) -> float:
+        return 1e3 * percentile(self.latencies, fraction)
+
+
+def median(values: Iterable[float]) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return math.nan
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+# -- output ---------------------------------------------------------------------------------
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table, right-aligned numbers."""
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            if math.isnan(value):
+                return "-"
+            return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+        return str(value)
+
+    cells = [[cell(value) for value in row] for row in rows]
+    widths = [max(len(str(header)), *(len(row[i]) for row in cells)) for i, header in enumerate(headers)]
+    lines = ["  ".join(str(header).rjust(width) if i else str(header).ljust(width)
+                       for i, (header, width) in enumerate(zip(headers, widths)))]
+    lines.append("  ".join("-" * width for width in widths))
+    for row in cells:
+        lines.append("  ".join(value.rjust(width) if i else value.ljust(width)
+                               for i, (value, width) in enumerate(zip(row, widths))))
+    return "\n".join(lines)
+
+
+def verdict(label: str, value: float, op: str, target: float) -> str:
+    met = value <= target if op == "<=" else value >= target
+    return f"  [{'met' if met else 'MISSED'}] {label}: {value:.3f} (target {op} {target:g})"
+
+
+def new_event_loop(kind: str):
+    """A fresh event loop of the asked kind (``asyncio`` or ``uvloop``)."""
+    if kind == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop()
+    import asyncio
+
+    return asyncio.new_event_loop()
+
+
+def machine_line() -> str:
+    return f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}"

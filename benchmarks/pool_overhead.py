@@ -1,0 +1,152 @@
+"""Benchmark 1: what the shardnet pool costs per request over a bare grpc.aio client.
+
+Two echo servers run in one child process; every client runs in a worker
+process of its own, so ``time.process_time()`` in a worker is that client's
+CPU alone. Rounds are interleaved (bare, shardnet, [jina-venv bare, jina],
+bare, shardnet, ...) after an excluded warm-up, all against the same servers.
+
+    python benchmarks/pool_overhead.py                 # 20k requests per client, about 1.5 min
+    python benchmarks/pool_overhead.py --peer jina     # adds Jina 3.34's pool (and a bare client on its grpcio)
+    python benchmarks/pool_overhead.py --loop both     # shardnet and bare under asyncio and under uvloop
+    python benchmarks/pool_overhead.py --quick
+
+Every client wraps the same request bytes per call in its own request type
+(bytes, ``shardnet DataRequest.from_bytes``, ``jina DataRequest(bytes)``), as a
+head holds a request it received, and sends the endpoint as metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pstats
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import JINA_PYTHON, SHARDNET_PYTHON, EchoProcess, Tally, Worker, machine_line, median, table, verdict  # noqa: E402
+
+
+def request_bytes(size: int) -> bytes:
+    """A DataRequest for endpoint ``/`` carrying one document of about ``size`` bytes."""
+    from shardnet.protocol.documents import Document
+    from shardnet.protocol.messages import DataRequest
+
+    document = Document(text="x" * max(0, size)) if size < 1024 else Document(blob=os.urandom(size))
+    return DataRequest(docs=[document], endpoint="/").to_bytes()
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=20_000, help="measured requests per client (default 20000)")
+    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds the requests are split into")
+    parser.add_argument("--warmup", type=int, default=2_000, help="excluded warm-up requests per client")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--payload", type=int, default=64, help="document size in bytes (default 64)")
+    parser.add_argument("--peer", choices=("none", "jina"), default="none")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop", "both"), default="asyncio",
+                        help="event loop of the shardnet-venv clients (and of the Jina client unless 'both')")
+    parser.add_argument("--profile", metavar="FILE", help="after the rounds, profile one shardnet round with cProfile")
+    parser.add_argument("--quick", action="store_true", help="about 20 s: 4 rounds of 2000, warm-up 1000")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.requests, args.rounds, args.warmup = 8_000, 4, 1_000
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    per_round = max(1, args.requests // args.rounds)
+    loops = ["asyncio", "uvloop"] if args.loop == "both" else [args.loop]
+    jina_loop = "asyncio" if args.loop == "both" else args.loop
+    if args.peer == "jina" and not os.path.exists(JINA_PYTHON):
+        sys.exit(f"--peer jina needs the Jina 3.34 venv at {JINA_PYTHON} (or set SHARDNET_JINA_PYTHON)")
+
+    with tempfile.TemporaryDirectory() as scratch:
+        payload_path = os.path.join(scratch, "request.bin")
+        payload = request_bytes(args.payload)
+        Path(payload_path).write_bytes(payload)
+        workers: list[Worker] = []
+        with EchoProcess(2) as servers:
+            try:
+                competitors = []  # (label, worker, impl)
+                for loop in loops:
+                    worker = Worker(SHARDNET_PYTHON, servers.addresses, loop=loop, concurrency=args.concurrency)
+                    workers.append(worker)
+                    suffix = f" [{loop}]" if len(loops) > 1 else ""
+                    competitors.append((f"bare grpc.aio {worker.info['grpc']}{suffix}", worker, "bare"))
+                    competitors.append((f"shardnet pool{suffix}", worker, "shardnet"))
+                if args.peer == "jina":
+                    worker = Worker(JINA_PYTHON, servers.addresses, loop=jina_loop, concurrency=args.concurrency)
+                    workers.append(worker)
+                    competitors.append((f"bare grpc.aio {worker.info['grpc']} (jina venv)", worker, "bare"))
+                    competitors.append(("jina 3.34 pool", worker, "jina"))
+
+                for _label, worker, impl in competitors:
+                    worker.run(impl, args.warmup, payload_path)
+                tallies = {label: Tally(label) for label, _, _ in competitors}
+                for _ in range(args.rounds):
+                    for label, worker, impl in competitors:
+                        tallies[label].add(worker.run(impl, per_round, payload_path))
+
+                profile_result = None
+                if args.profile:
+                    worker = workers[0]
+                    worker.command(cmd="run", impl="shardnet", n=per_round, payload=payload_path,
+                                   profile=args.profile)
+                    profile_result = args.profile
+            finally:
+                for worker in workers:  # clients first, so no call sees its server go
+                    worker.stop()
+
+    print(f"# pool overhead: 2 echo servers (own process), concurrency {args.concurrency}, "
+          f"{args.rounds} interleaved rounds x {per_round} requests per client, warm-up {args.warmup} excluded, "
+          f"request {len(payload)} B; {machine_line()}; loop {args.loop}")
+    rows = []
+    for label, _, _ in competitors:
+        tally = tallies[label]
+        rows.append([label, tally.requests, tally.rps, tally.p(0.50), tally.p(0.99), tally.cpu_per_request_us,
+                     tally.failures])
+    print(table(["client", "requests", "rps", "p50 ms", "p99 ms", "CPU us/req", "failures"], rows))
+
+    def ratio_row(label, numerator, denominator):
+        a, b = tallies[numerator], tallies[denominator]
+        per_round_cpu = [ra["cpu"] / rb["cpu"] for ra, rb in zip(a.rounds, b.rounds) if rb["cpu"]]
+        return [label, a.rps / b.rps, a.p(0.5) / b.p(0.5), a.p(0.99) / b.p(0.99),
+                a.cpu_per_request_us / b.cpu_per_request_us, median(per_round_cpu),
+                f"{min(per_round_cpu):.2f}-{max(per_round_cpu):.2f}"]
+
+    ratio_rows, checks = [], []
+    labels = [label for label, _, _ in competitors]
+    for loop in loops:
+        suffix = f" [{loop}]" if len(loops) > 1 else ""
+        bare = next(label for label in labels if label.startswith("bare") and label.endswith(suffix) and "jina" not in label)
+        ours = f"shardnet pool{suffix}"
+        ratio_rows.append(ratio_row(f"shardnet / bare{suffix}", ours, bare))
+        checks.append(verdict(f"CPU/req shardnet / bare{suffix}", ratio_rows[-1][4], "<=", 1.05))
+        checks.append(verdict(f"rps shardnet / bare{suffix}", ratio_rows[-1][1], ">=", 0.95))
+    if args.peer == "jina":
+        jina_bare = next(label for label in labels if "(jina venv)" in label)
+        ratio_rows.append(ratio_row("jina / bare (jina venv)", "jina 3.34 pool", jina_bare))
+        for loop in loops:
+            suffix = f" [{loop}]" if len(loops) > 1 else ""
+            ratio_rows.append(ratio_row(f"shardnet{suffix} / jina", f"shardnet pool{suffix}", "jina 3.34 pool"))
+            checks.append(verdict(f"CPU/req shardnet{suffix} / jina", ratio_rows[-1][4], "<=", 0.80))
+    print()
+    print(table(["ratio", "rps", "p50", "p99", "CPU/req", "CPU/req median of rounds", "CPU/req range"], ratio_rows))
+    print()
+    print("targets:")
+    print("\n".join(checks))
+
+    if profile_result:
+        print()
+        print(f"# cProfile of one shardnet round ({per_round} requests), top 25 by own time; full dump in {profile_result}")
+        stats = pstats.Stats(profile_result)
+        stats.sort_stats("tottime").print_stats(25)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,152 @@
+"""Shared fixtures: echo replicas on free loopback ports, pools that always close, polling with a deadline.
+
+Every server a fixture starts is stopped when the test ends, passed or failed.
+Servers bind port 0 (the OS picks), so tests run in parallel under xdist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+import time
+from typing import Any, Awaitable, Callable, Union
+
+import pytest
+
+from shardnet import GrpcConnectionPool
+from shardnet.testing import EchoServer, free_port
+
+Predicate = Callable[[], Union[bool, Awaitable[bool]]]
+
+
+async def _eventually(predicate: Predicate, timeout: float = 5.0, interval: float = 0.01) -> None:
+    """Poll ``predicate`` (sync or async) until it is true; fail the test once ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        outcome = predicate()
+        if inspect.isawaitable(outcome):
+            outcome = await outcome
+        if outcome:
+            return
+        if time.monotonic() >= deadline:
+            pytest.fail(f"condition not met within {timeout:g}s: {getattr(predicate, '__name__', predicate)}")
+        await asyncio.sleep(interval)
+
+
+@pytest.fixture
+def eventually():
+    """``await eventually(lambda: cond, timeout=2.0)``: poll until true, fail past the deadline."""
+    return _eventually
+
+
+@pytest.fixture
+async def echo_servers():
+    """Factory: ``a, b = await echo_servers(2, delay=0.1)`` starts EchoServers named echo-0, echo-1, ...
+
+    Keyword arguments go to every EchoServer; ``names=[...]`` names them. All are stopped at teardown.
+    """
+    started: list[EchoServer] = []
+
+    async def start(count: int = 1, *, names: Union[list[str], None] = None, **kwargs: Any) -> list[EchoServer]:
+        servers = []
+        for index in range(count):
+            name = names[index] if names else f"echo-{len(started)}"
+            server = EchoServer(name, **kwargs)
+            started.append(server)
+            servers.append(await server.start())
+        return servers
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            await server.stop()
+
+
+class GarbageServer(EchoServer):
+    """An EchoServer whose every answer is bytes that decode as no protobuf message."""
+
+    GARBAGE = b"\xff\xff\xff"
+
+    async def _answer(self, payload: bytes, context) -> bytes:
+        self.calls += 1
+        self.received_metadata.append(dict(context.invocation_metadata()))
+        return self.GARBAGE
+
+
+@pytest.fixture
+async def garbage_server():
+    """A replica that answers every call with malformed bytes; stopped at teardown."""
+    server = GarbageServer("garbage")
+    try:
+        yield await server.start()
+    finally:
+        await server.stop()
+
+
+class ThreadedEcho:
+    """EchoServers on an event loop of their own thread, for blocking (``*_sync``) callers."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="threaded-echo", daemon=True)
+        self._thread.start()
+        self.servers: list[EchoServer] = []
+
+    def run(self, coroutine: Awaitable[Any], timeout: float = 10.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    def start(self, name: str = "echo", **kwargs: Any) -> EchoServer:
+        server = EchoServer(name, **kwargs)
+        self.servers.append(server)
+        return self.run(server.start())
+
+    def close(self) -> None:
+        try:
+            for server in self.servers:
+                self.run(server.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
+
+
+@pytest.fixture
+def threaded_echo():
+    """``server = threaded_echo.start(delay=...)``: an EchoServer another thread serves (for sync tests)."""
+    threaded = ThreadedEcho()
+    try:
+        yield threaded
+    finally:
+        threaded.close()
+
+
+@pytest.fixture
+async def pool_factory():
+    """Factory: ``pool = pool_factory(timeout=1.0, ...)`` makes GrpcConnectionPools closed at teardown."""
+    pools: list[GrpcConnectionPool] = []
+
+    def make(**options: Any) -> GrpcConnectionPool:
+        pool = GrpcConnectionPool(**options)
+        pool.start()
+        pools.append(pool)
+        return pool
+
+    try:
+        yield make
+    finally:
+        for pool in pools:
+            await pool.close()
+
+
+@pytest.fixture
+async def pool(pool_factory):
+    """A default GrpcConnectionPool, closed at teardown."""
+    return pool_factory()
+
+
+@pytest.fixture
+def dead_address() -> str:
+    """A loopback address nothing listens on (calls fail fast with UNAVAILABLE)."""
+    return f"127.0.0.1:{free_port()}"

@@ -1,0 +1,478 @@
+"""A loopback Kubernetes API server: the list and watch protocol for pods and endpointslices, nothing else.
+
+What it speaks, as the real one does:
+
+- ``GET /api/v1/namespaces/{ns}/pods`` and
+  ``GET /apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices`` list
+  (``kind: PodList`` / ``EndpointSliceList``, ``metadata.resourceVersion``);
+- with ``watch=1|true`` they stream newline-delimited JSON watch events
+  (ADDED, MODIFIED, DELETED, BOOKMARK when ``allowWatchBookmarks``, ERROR)
+  starting after ``resourceVersion``, and end cleanly after ``timeoutSeconds``;
+- ``labelSelector`` (``k``, ``!k``, ``k=v``, ``k==v``, ``k!=v``, ``k in (..)``,
+  ``k notin (..)``); an object that stops matching arrives as DELETED, one
+  that starts matching as ADDED;
+- a watch from a compacted version gets 410 Gone (Status, reason Expired),
+  as an ERROR event (the watch cache's way) or as the HTTP status;
+- bearer-token authentication, so a test proves the kubeconfig was used.
+
+The test drives it: ``apply``/``delete`` objects, ``bookmark()``,
+``compact()``, ``error()``, ``drop_streams()``, ``go_down()`` (refuse
+connections, or answer 503) and ``come_back()``. Every event written to a
+stream is timestamped in ``written_at`` for the membership benchmark.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import functools
+import itertools
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import yaml
+from aiohttp import web
+
+from shardnet.testing import free_port
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A kind of object this server lists and watches."""
+
+    plural: str
+    kind: str
+    api_version: str
+    path: str
+
+
+RESOURCES = {
+    "pods": Resource("pods", "Pod", "v1", "/api/v1/namespaces/{namespace}/pods"),
+    "endpointslices": Resource(
+        "endpointslices",
+        "EndpointSlice",
+        "discovery.k8s.io/v1",
+        "/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices",
+    ),
+}
+
+Selector = Callable[[dict], bool]
+
+
+def parse_selector(text: str) -> Selector:
+    """A predicate on a label dict for a Kubernetes label selector string.
+
+    >>> parse_selector("app,tier in (a, b),!old")({"app": "x", "tier": "b"})
+    True
+    """
+    requirements: list[Selector] = []
+    for part in re.split(r",(?![^()]*\))", text or ""):
+        part = part.strip()
+        if not part:
+            continue
+        if match := re.fullmatch(r"(\S+)\s+(in|notin)\s+\(([^)]*)\)", part):
+            key, op, values = match.group(1), match.group(2), {v.strip() for v in match.group(3).split(",")}
+            if op == "in":
+                requirements.append(lambda labels, k=key, vs=values: labels.get(k) in vs)
+            else:
+                requirements.append(lambda labels, k=key, vs=values: labels.get(k) not in vs)
+        elif match := re.fullmatch(r"([^!=\s]+)\s*(==|=|!=)\s*(\S*)", part):
+            key, op, value = match.groups()
+            if op == "!=":
+                requirements.append(lambda labels, k=key, v=value: labels.get(k) != v)
+            else:
+                requirements.append(lambda labels, k=key, v=value: labels.get(k) == v)
+        elif part.startswith("!"):
+            requirements.append(lambda labels, k=part[1:].strip(): k not in labels)
+        else:
+            requirements.append(lambda labels, k=part: k in labels)
+    return lambda labels: all(requirement(labels) for requirement in requirements)
+
+
+def _labels(obj: Optional[dict]) -> dict:
+    return ((obj or {}).get("metadata") or {}).get("labels") or {}
+
+
+def status_object(code: int, reason: str, message: str) -> dict:
+    """A ``kind: Status`` failure, as the API server sends with errors."""
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+
+
+@dataclass
+class Event:
+    """One change in the store: its version, type, resource, new state and previous state."""
+
+    version: int
+    type: str
+    resource: str
+    obj: dict
+    previous: Optional[dict] = None
+
+
+@dataclass(eq=False)
+class _Stream:
+    """One open watch: what it selects and the queue of lines the server writes to it."""
+
+    resource: str
+    namespace: str
+    selector: Selector
+    bookmarks: bool
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+    def line_for(self, event: Event) -> Optional[bytes]:
+        """The watch line this stream sees for ``event``, or None (other resource, namespace or selector)."""
+        if event.resource != self.resource or event.obj["metadata"].get("namespace") != self.namespace:
+            return None
+        now = self.selector(_labels(event.obj))
+        before = event.previous is not None and self.selector(_labels(event.previous))
+        kind = event.type
+        if kind == "MODIFIED":
+            if now and not before:
+                kind = "ADDED"
+            elif before and not now:
+                kind = "DELETED"
+            elif not now:
+                return None
+        elif not now:
+            return None
+        return (json.dumps({"type": kind, "object": event.obj}) + "\n").encode()
+
+
+DROP = object()  # queue sentinel: abort the connection mid-stream
+END = object()  # queue sentinel: end the stream cleanly
+
+
+class FakeApiServer:
+    """The API server a test talks to; ``async with FakeApiServer() as server: server.url``."""
+
+    def __init__(self, *, token: Optional[str] = "test-token", gone_as: str = "event", host: str = "127.0.0.1"):
+        if gone_as not in ("event", "status"):
+            raise ValueError("gone_as is 'event' (ERROR watch event) or 'status' (HTTP 410)")
+        self.token = token
+        self.gone_as = gone_as
+        self.host = host
+        self.port = 0
+        self.version = 1
+        self.compacted = 0  # watches from a version below this get 410 Gone
+        self.state = "up"  # up | refusing | unavailable
+        self.requests: list[tuple[str, bool, dict[str, str]]] = []  # (resource, watch, query)
+        self.written_at: dict[int, float] = {}  # version -> perf_counter() when first written to a stream
+        self._objects: dict[str, dict[tuple[str, str], dict]] = {name: {} for name in RESOURCES}
+        self._history: list[Event] = []
+        self._streams: set[_Stream] = set()
+        self._transports: set[asyncio.Transport] = set()
+        self._uids = itertools.count(1)
+        self._runner: Optional[web.AppRunner] = None
+        self._site: Optional[web.TCPSite] = None
+
+    # -- lifetime --------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> "FakeApiServer":
+        app = web.Application()
+        for name, resource in RESOURCES.items():
+            app.router.add_get(resource.path, functools.partial(self._serve, name))
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await self._runner.setup()
+        self.port = self.port or free_port(self.host)
+        await self._listen()
+        return self
+
+    async def _listen(self) -> None:
+        self._site = web.TCPSite(self._runner, self.host, self.port)
+        await self._site.start()
+
+    async def stop(self) -> None:
+        self._abort_connections()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = self._site = None
+
+    async def __aenter__(self) -> "FakeApiServer":
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.stop()
+
+    # -- the test's levers ---------------------------------------------------------
+
+    def apply(self, resource: str, obj: dict, namespace: str = "default") -> dict:
+        """Create or replace an object (ADDED or MODIFIED); return the stored object."""
+        obj = copy.deepcopy(obj)
+        metadata = obj.setdefault("metadata", {})
+        metadata["namespace"] = namespace
+        key = (namespace, metadata["name"])
+        previous = self._objects[resource].get(key)
+        metadata["uid"] = previous["metadata"]["uid"] if previous else f"uid-{next(self._uids)}-{uuid.uuid4().hex[:8]}"
+        self._commit(resource, "MODIFIED" if previous else "ADDED", obj, previous)
+        self._objects[resource][key] = obj
+        return obj
+
+    def delete(self, resource: str, name: str, namespace: str = "default") -> dict:
+        """Remove an object (DELETED with its last state); return that state."""
+        obj = copy.deepcopy(self._objects[resource].pop((namespace, name)))
+        self._commit(resource, "DELETED", obj, None)
+        return obj
+
+    def get(self, resource: str, name: str, namespace: str = "default") -> dict:
+        """A copy of a stored object, to modify and ``apply`` again."""
+        return copy.deepcopy(self._objects[resource][(namespace, name)])
+
+    def bookmark(self) -> None:
+        """Send a BOOKMARK at the current version to every stream that asked for bookmarks."""
+        for stream in self._streams:
+            if stream.bookmarks:
+                resource = RESOURCES[stream.resource]
+                obj = {"kind": resource.kind, "apiVersion": resource.api_version, "metadata": {"resourceVersion": str(self.version)}}
+                stream.queue.put_nowait((json.dumps({"type": "BOOKMARK", "object": obj}) + "\n").encode())
+
+    def compact(self) -> None:
+        """Forget the history up to now: watching from an older version gets 410 Gone."""
+        self.compacted = self.version
+        self._history.clear()
+
+    def error(self, code: int = 410, reason: str = "Expired", message: str = "too old resource version") -> None:
+        """Send an ERROR event to every open stream, then end it (what the server does on a 410 mid-watch)."""
+        line = (json.dumps({"type": "ERROR", "object": status_object(code, reason, message)}) + "\n").encode()
+        for stream in list(self._streams):
+            stream.queue.put_nowait(line)
+            stream.queue.put_nowait(END)
+
+    def drop_streams(self) -> None:
+        """Abort every open watch connection mid-stream (what a proxy or a crashed server does)."""
+        for stream in list(self._streams):
+            stream.queue.put_nowait(DROP)
+
+    async def go_down(self, how: str = "refuse") -> None:
+        """``refuse``: stop listening and reset every connection; ``unavailable``: answer 503 to everything."""
+        if how not in ("refuse", "unavailable"):
+            raise ValueError("how is 'refuse' or 'unavailable'")
+        self.state = "refusing" if how == "refuse" else "unavailable"
+        if how == "refuse" and self._site is not None:
+            await self._site.stop()
+            self._site = None
+        self.drop_streams()
+        self._abort_connections()
+
+    async def come_back(self) -> None:
+        """Serve again on the same port."""
+        if self._site is None:
+            await self._listen()
+        self.state = "up"
+
+    def open_streams(self, resource: Optional[str] = None) -> int:
+        return sum(1 for stream in self._streams if resource in (None, stream.resource))
+
+    def watch_requests(self, resource: str) -> list[dict[str, str]]:
+        return [query for name, watch, query in self.requests if name == resource and watch]
+
+    def list_requests(self, resource: str) -> list[dict[str, str]]:
+        return [query for name, watch, query in self.requests if name == resource and not watch]
+
+    # -- internals -----------------------------------------------------------------
+
+    def _commit(self, resource: str, kind: str, obj: dict, previous: Optional[dict]) -> None:
+        self.version += 1
+        obj["metadata"]["resourceVersion"] = str(self.version)
+        shown = dict(obj, kind=RESOURCES[resource].kind, apiVersion=RESOURCES[resource].api_version)
+        event = Event(self.version, kind, resource, shown, previous)
+        self._history.append(event)
+        for stream in self._streams:
+            line = stream.line_for(event)
+            if line is not None:
+                stream.queue.put_nowait((event.version, line))
+
+    def _abort_connections(self) -> None:
+        for transport in self._transports:
+            transport.abort()
+        self._transports.clear()
+
+    def _refuse(self, request: web.Request) -> Optional[web.StreamResponse]:
+        """The answer of a server that is down or unauthenticated, or None when the request may proceed."""
+        if self.state == "refusing":  # a kept-alive connection survived the listener: reset it
+            if request.transport is not None:
+                request.transport.abort()
+            return web.Response(status=503)
+        if self.state == "unavailable":
+            return web.json_response(status_object(503, "ServiceUnavailable", "the server is shutting down"), status=503)
+        if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
+            return web.json_response(status_object(401, "Unauthorized", "Unauthorized"), status=401)
+        return None
+
+    async def _serve(self, resource: str, request: web.Request) -> web.StreamResponse:
+        self._transports = {transport for transport in self._transports if not transport.is_closing()}
+        if request.transport is not None:
+            self._transports.add(request.transport)
+        watching = request.query.get("watch", "").lower() in ("1", "true")
+        self.requests.append((resource, watching, dict(request.query)))
+        refusal = self._refuse(request)
+        if refusal is not None:
+            return refusal
+        namespace = request.match_info["namespace"]
+        selector = parse_selector(request.query.get("labelSelector", ""))
+        if watching:
+            return await self._watch(resource, namespace, selector, request)
+        items = [obj for (ns, _), obj in self._objects[resource].items() if ns == namespace and selector(_labels(obj))]
+        return web.json_response(
+            {
+                "kind": f"{RESOURCES[resource].kind}List",
+                "apiVersion": RESOURCES[resource].api_version,
+                "metadata": {"resourceVersion": str(self.version)},
+                "items": items,
+            }
+        )
+
+    async def _watch(self, resource: str, namespace: str, selector: Selector, request: web.Request) -> web.StreamResponse:
+        query = request.query
+        since = query.get("resourceVersion", "")
+        bookmarks = query.get("allowWatchBookmarks", "").lower() in ("1", "true")
+        timeout = float(query["timeoutSeconds"]) if query.get("timeoutSeconds") else None
+        expired = since not in ("", "0") and int(since) < self.compacted
+        gone = status_object(410, "Expired", f"too old resource version: {since} ({self.compacted})")
+        if expired and self.gone_as == "status":
+            return web.json_response(gone, status=410)
+        stream = _Stream(resource, namespace, selector, bookmarks)
+        # Backlog and registration with no await between them: nothing missed, nothing twice.
+        if expired:
+            stream.queue.put_nowait((json.dumps({"type": "ERROR", "object": gone}) + "\n").encode())
+            stream.queue.put_nowait(END)
+        elif since in ("", "0"):  # "any version": synthetic ADDED for what exists now
+            for (ns, _), obj in self._objects[resource].items():
+                shown = dict(obj, kind=RESOURCES[resource].kind, apiVersion=RESOURCES[resource].api_version)
+                line = stream.line_for(Event(int(obj["metadata"]["resourceVersion"]), "ADDED", resource, shown))
+                if line is not None:
+                    stream.queue.put_nowait(line)
+            self._streams.add(stream)
+        else:
+            for event in self._history:
+                if event.version > int(since):
+                    line = stream.line_for(event)
+                    if line is not None:
+                        stream.queue.put_nowait((event.version, line))
+            self._streams.add(stream)
+
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        try:
+            while True:
+                remaining = None if deadline is None else deadline - loop.time()
+                try:
+                    item = await asyncio.wait_for(stream.queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    item = END
+                if item is DROP:
+                    if request.transport is not None:
+                        request.transport.abort()
+                    return response
+                if item is END:
+                    await response.write_eof()
+                    return response
+                version, line = item if isinstance(item, tuple) else (None, item)
+                await response.write(line)
+                if version is not None:
+                    self.written_at.setdefault(version, time.perf_counter())
+        except (ConnectionResetError, OSError):  # the client went away
+            return response
+        finally:
+            self._streams.discard(stream)
+
+
+def write_kubeconfig(path: Path, server_url: str, *, token: Optional[str] = "test-token", namespace: str = "default") -> Path:
+    """Write a kubeconfig whose current context points at ``server_url``; return its path."""
+    user = {"token": token} if token else {}
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "fake", "cluster": {"server": server_url}}],
+                "users": [{"name": "tester", "user": user}],
+                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "tester", "namespace": namespace}}],
+                "current-context": "fake",
+            }
+        )
+    )
+    return path
+
+
+def pod(
+    name: str,
+    deployment: Optional[str] = "dep",
+    pod_type: Optional[str] = "WORKER",
+    shard_id: Optional[str] = "0",
+    *,
+    ip: Optional[str] = "10.0.0.1",
+    port: Optional[int] = None,
+    ready: bool = True,
+    phase: str = "Running",
+    deleting: bool = False,
+    extra_labels: Optional[dict[str, str]] = None,
+) -> dict:
+    """A Pod as Jina 3's manifests label it (labels left out when None)."""
+    labels = {k: v for k, v in (("jina_deployment_name", deployment), ("pod_type", pod_type), ("shard_id", shard_id)) if v is not None}
+    labels.update(extra_labels or {})
+    container = {"name": "executor", "image": "shardnet:test"}
+    if port is not None:
+        container["ports"] = [{"containerPort": port, "protocol": "TCP"}]
+    metadata: dict[str, Any] = {"name": name, "labels": labels}
+    if deleting:
+        metadata["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    status: dict[str, Any] = {"phase": phase, "containerStatuses": [{"name": "executor", "ready": ready}]}
+    if ip is not None:
+        status["podIP"] = ip
+    return {"metadata": metadata, "spec": {"containers": [container]}, "status": status}
+
+
+def endpoint_slice(
+    name: str,
+    service: str,
+    endpoints: list[tuple[str, Optional[bool], Optional[bool]]],
+    *,
+    deployment: str = "dep",
+    role: str = "worker",
+    shard: str = "0",
+    port: int = 50051,
+) -> dict:
+    """An EndpointSlice of ``service`` carrying the Service's shardnet labels; endpoints are (ip, ready, terminating)."""
+    items = []
+    for ip, ready, terminating in endpoints:
+        conditions = {}
+        if ready is not None:
+            conditions["ready"] = ready
+        if terminating is not None:
+            conditions["terminating"] = terminating
+        items.append({"addresses": [ip], "conditions": conditions})
+    return {
+        "metadata": {
+            "name": name,
+            "labels": {
+                "kubernetes.io/service-name": service,
+                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io",
+                "shardnet.io/deployment": deployment,
+                "shardnet.io/role": role,
+                "shardnet.io/shard": shard,
+            },
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "grpc", "port": port, "protocol": "TCP"}],
+        "endpoints": items,
+    }

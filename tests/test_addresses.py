@@ -1,0 +1,85 @@
+"""Address parsing, host_is_local and the is_remote_local_connection truth table of the original design."""
+
+from __future__ import annotations
+
+import pytest
+
+from shardnet import ConfigurationError, host_is_local, is_remote_local_connection
+from shardnet.networking.addresses import parse_address
+
+
+@pytest.mark.parametrize(
+    "first, second, expected",
+    [
+        ("localhost", "localhost", False),
+        ("1.2.3.4", "localhost", True),
+        ("1.2.3.4", "127.0.0.1", True),
+        ("1.2.3.4", "192.168.0.1", True),
+        ("192.168.0.1", "localhost", False),
+        ("google.com", "localhost", True),
+        ("google.com", "127.0.0.1", True),
+        ("localhost", "google.com", False),
+        ("1.2.3.4", "google.com", False),
+        ("127.0.0.1", "1.2.3.4", False),
+    ],
+)
+def test_is_remote_local_connection(first, second, expected):
+    assert is_remote_local_connection(first, second) is expected
+
+
+@pytest.mark.parametrize(
+    "hostname", ["localhost", "LOCALHOST", "127.0.0.1", "127.0.1.1", "::1", "[::1]", "0.0.0.0", ""]
+)
+def test_host_is_local(hostname):
+    assert host_is_local(hostname) is True
+
+
+@pytest.mark.parametrize("hostname", ["1.2.3.4", "192.168.0.1", "example.com", "not a host", "::2", None, 42])
+def test_host_is_not_local_and_never_raises(hostname):
+    assert host_is_local(hostname) is False
+
+
+@pytest.mark.parametrize(
+    "address, target, tls",
+    [
+        ("127.0.0.1:50051", "127.0.0.1:50051", False),
+        ("grpc://worker:1", "worker:1", False),
+        ("http://worker:1", "worker:1", False),
+        ("https://worker:443", "worker:443", True),
+        ("grpcs://worker:443/", "worker:443", True),
+        ("HTTPS://worker:443", "worker:443", True),
+        ("[::1]:8080", "[::1]:8080", False),
+        ("  localhost:65535 ", "localhost:65535", False),
+    ],
+)
+def test_parse_address(address, target, tls):
+    parsed = parse_address(address)
+    assert (parsed.target, parsed.tls) == (target, tls)
+    assert parse_address(str(parsed)) == parsed  # the printed form parses back to the same address
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "",
+        "   ",
+        "localhost",
+        "localhost:",
+        ":8080",
+        "host:0",
+        "host:65536",
+        "host:http",
+        "host:-1",
+        "ftp://host:21",
+        "::1:8080",
+        "[::1]8080",
+        "user@host:1",
+        "ho st:1",
+        "host:1/path",
+        None,
+        8080,
+    ],
+)
+def test_bad_addresses_raise_configuration_error(address):
+    with pytest.raises(ConfigurationError, match="bad address"):
+        parse_address(address)

@@ -1,0 +1,364 @@
+"""``shardnet k8s render``: the manifests pass Kubernetes' strict schema and keep the contract discovery relies on."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from shardnet.cli.main import build_parser, main
+from shardnet.errors import ConfigurationError
+from shardnet.manifests.kubernetes import RUN_AS, DeploymentSpec, Resources, render, render_components, to_yaml
+
+# the newest schema kubernetes-validate 1.37.0 ships
+SCHEMA_VERSION = "1.37.0"
+
+SPECS = {
+    "defaults": DeploymentSpec(name="idx", image="shardnet:0.1.0", uses="shardnet.examples.text_index:TextIndexer"),
+    "sharded": DeploymentSpec(
+        name="search",
+        image="registry.example/search:1.2",
+        uses="acme.search:Indexer",
+        shards=3,
+        replicas=2,
+        head_replicas=2,
+        polling='{"/search": "ALL", "*": "ANY"}',
+        namespace="prod-7",
+        balancer="round_robin",
+        port=50051,
+        worker_resources=Resources(cpu="2", memory="4Gi", memory_limit="8Gi", cpu_limit="4"),
+    ),
+    "no-pre-stop": DeploymentSpec(name="a1", image="i", uses="m:C", pre_stop_seconds=0, termination_grace_seconds=60),
+}
+
+
+def by_kind(objects: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [obj for obj in objects if obj["kind"] == kind]
+
+
+def head_and_workers(objects: list[dict[str, Any]], kind: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The head's object of ``kind`` and the workers' ones, told apart by the Service role label."""
+    found = by_kind(objects, kind)
+    heads = [obj for obj in found if obj["metadata"]["labels"]["shardnet.io/role"] == "head"]
+    assert len(heads) == 1
+    return heads[0], [obj for obj in found if obj is not heads[0]]
+
+
+def container(deployment: dict[str, Any]) -> dict[str, Any]:
+    (only,) = deployment["spec"]["template"]["spec"]["containers"]
+    return only
+
+
+@pytest.mark.parametrize("spec", SPECS.values(), ids=SPECS.keys())
+def test_every_rendered_object_passes_the_strict_schema(spec: DeploymentSpec) -> None:
+    text = to_yaml(render(spec))
+    applied = list(yaml.safe_load_all(text))  # what kubectl would read
+    assert applied == render(spec)
+    for obj in applied:
+        assert kubernetes_validate.validate(obj, SCHEMA_VERSION, strict=True) == "1.37"
+
+
+def test_strict_validation_catches_a_misplaced_field() -> None:
+    """The check above is not vacuous: an unknown field fails it."""
+    deployment = by_kind(render(SPECS["defaults"]), "Deployment")[0]
+    container(deployment)["readinessProbe"]["grpcPort"] = 8080
+    with pytest.raises(kubernetes_validate.ValidationError, match="grpcPort"):
+        kubernetes_validate.validate(deployment, SCHEMA_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("shards, replicas", [(1, 1), (3, 2), (4, 5)])
+def test_one_component_per_shard_plus_head(shards: int, replicas: int) -> None:
+    objects = render(DeploymentSpec(name="idx", image="i", uses="m:C", shards=shards, replicas=replicas))
+    counts = Counter(obj["kind"] for obj in objects)
+    assert counts == {
+        "ServiceAccount": 1,
+        "Role": 1,
+        "RoleBinding": 1,
+        "Deployment": shards + 1,
+        "Service": shards + 1,
+        "PodDisruptionBudget": shards + 1,
+    }
+    head, workers = head_and_workers(objects, "Deployment")
+    assert head["spec"]["replicas"] == 1
+    assert [w["spec"]["replicas"] for w in workers] == [replicas] * shards
+    assert sorted(w["metadata"]["name"] for w in workers) == sorted(f"idx-{n}" for n in range(shards))
+    assert len({(obj["kind"], obj["metadata"]["name"]) for obj in objects}) == len(objects)
+
+
+@pytest.mark.parametrize("spec", SPECS.values(), ids=SPECS.keys())
+def test_pod_templates_carry_the_discovery_labels_and_grpc_port(spec: DeploymentSpec) -> None:
+    head, workers = head_and_workers(render(spec), "Deployment")
+    head_labels = head["spec"]["template"]["metadata"]["labels"]
+    assert (head_labels["jina_deployment_name"], head_labels["pod_type"], head_labels["shard_id"]) == (spec.name, "HEAD", "")
+    shard_ids = []
+    for deployment in workers:
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert (labels["jina_deployment_name"], labels["pod_type"]) == (spec.name, "WORKER")
+        shard_ids.append(labels["shard_id"])
+    assert sorted(shard_ids, key=int) == [str(n) for n in range(spec.shards)]
+    for deployment in [head, *workers]:
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
+        served = container(deployment)
+        assert served["name"] == "executor"
+        assert served["ports"] == [{"name": "grpc", "containerPort": spec.port, "protocol": "TCP"}]
+
+
+@pytest.mark.parametrize("spec", SPECS.values(), ids=SPECS.keys())
+def test_services_carry_the_endpointslice_labels_and_select_their_component(spec: DeploymentSpec) -> None:
+    objects = render(spec)
+    selectors = {d["metadata"]["name"]: d["spec"]["selector"]["matchLabels"] for d in by_kind(objects, "Deployment")}
+    head, workers = head_and_workers(objects, "Service")
+    expected = [(head, "head", ""), *((w, "worker", w["metadata"]["name"].rsplit("-", 1)[1]) for w in workers)]
+    for service, role, shard in expected:
+        labels = service["metadata"]["labels"]
+        assert (labels["shardnet.io/deployment"], labels["shardnet.io/role"], labels["shardnet.io/shard"]) == (
+            spec.name,
+            role,
+            shard,
+        )
+        assert service["spec"]["ports"] == [{"name": "grpc", "port": spec.port, "targetPort": "grpc", "protocol": "TCP"}]
+        assert service["spec"]["publishNotReadyAddresses"] is False
+        assert service["spec"]["selector"] == selectors[service["metadata"]["name"]]
+    assert "clusterIP" not in head["spec"]  # one stable address for clients
+    assert all(w["spec"]["clusterIP"] == "None" for w in workers)  # headless: replicas are found one by one
+
+
+def test_rbac_grants_only_what_discovery_reads() -> None:
+    objects = render(SPECS["sharded"])
+    (role,) = by_kind(objects, "Role")
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
+    ]
+    assert not by_kind(objects, "ClusterRole") and not by_kind(objects, "ClusterRoleBinding")
+    (account,) = by_kind(objects, "ServiceAccount")
+    (binding,) = by_kind(objects, "RoleBinding")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": "prod-7"}]
+    head, workers = head_and_workers(objects, "Deployment")
+    assert head["spec"]["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"]
+    for worker in workers:
+        pod = worker["spec"]["template"]["spec"]
+        assert "serviceAccountName" not in pod and pod["automountServiceAccountToken"] is False
+    assert {obj["metadata"]["namespace"] for obj in objects} == {"prod-7"}
+
+
+@pytest.mark.parametrize("spec", SPECS.values(), ids=SPECS.keys())
+def test_probes_are_native_grpc_health_probes(spec: DeploymentSpec) -> None:
+    for deployment in by_kind(render(spec), "Deployment"):
+        served = container(deployment)
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            probe = served[kind]
+            assert probe["grpc"] == {"port": spec.port}
+            assert not {"httpGet", "exec", "tcpSocket"} & probe.keys()
+
+
+def test_containers_run_the_shardnet_commands() -> None:
+    spec = SPECS["sharded"]
+    head, workers = head_and_workers(render(spec), "Deployment")
+    assert container(head)["command"] + container(head)["args"] == [
+        "shardnet", "head", "--deployment", "search", "--host", "0.0.0.0", "--port", "50051",
+        "--polling", '{"/search": "ALL", "*": "ANY"}', "--k8s-namespace", "prod-7", "--balancer", "round_robin",
+        "--shards", "3",
+    ]  # fmt: skip
+    for shard, worker in enumerate(sorted(workers, key=lambda w: w["metadata"]["name"])):
+        assert container(worker)["command"] + container(worker)["args"] == [
+            "shardnet", "worker", "--uses", "acme.search:Indexer", "--host", "0.0.0.0", "--port", "50051",
+            "--shard-id", str(shard), "--workspace", "/workspace",
+        ]  # fmt: skip
+
+
+def test_the_shardnet_parser_accepts_the_rendered_commands() -> None:
+    """The container arguments are what ``shardnet head`` and ``shardnet worker`` really take."""
+    spec = SPECS["sharded"]
+    head, workers = head_and_workers(render(spec), "Deployment")
+    parsed = build_parser().parse_args(container(head)["args"])
+    assert (parsed.command, parsed.deployment, parsed.k8s_namespace, parsed.shards) == ("head", "search", "prod-7", 3)
+    assert (parsed.host, parsed.port, parsed.balancer, parsed.polling) == ("0.0.0.0", 50051, "round_robin", spec.polling_argument)
+    for worker in workers:
+        parsed = build_parser().parse_args(container(worker)["args"])
+        assert (parsed.command, parsed.uses, parsed.host, parsed.port) == ("worker", "acme.search:Indexer", "0.0.0.0", 50051)
+        assert str(parsed.shard_id) == worker["spec"]["template"]["metadata"]["labels"]["shard_id"]
+        mounts = {m["mountPath"] for m in container(worker)["volumeMounts"]}
+        assert parsed.workspace in mounts  # writable under the read-only root filesystem
+
+
+@pytest.mark.parametrize(
+    "polling, argument", [("any", "ANY"), (" All ", "ALL"), ('{"/index": "all"}', '{"/index": "ALL", "*": "ANY"}')]
+)
+def test_polling_reaches_the_head_normalised(polling: str, argument: str) -> None:
+    head, _ = head_and_workers(render(DeploymentSpec(name="p", image="i", uses="m:C", polling=polling)), "Deployment")
+    args = container(head)["args"]
+    assert args[args.index("--polling") + 1] == argument
+
+
+def test_pods_are_locked_down_and_drain_before_they_stop() -> None:
+    for deployment in by_kind(render(SPECS["sharded"]), "Deployment"):
+        pod = deployment["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["terminationGracePeriodSeconds"] == 30
+        served = container(deployment)
+        assert served["securityContext"]["readOnlyRootFilesystem"] is True
+        assert served["securityContext"]["allowPrivilegeEscalation"] is False
+        assert served["lifecycle"] == {"preStop": {"sleep": {"seconds": 5}}}
+        mounted = {m["name"] for m in served["volumeMounts"]}
+        assert "tmp" in mounted and mounted == {v["name"] for v in pod["volumes"]}
+        assert all("emptyDir" in volume for volume in pod["volumes"])
+        assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    head, workers = head_and_workers(render(SPECS["sharded"]), "Deployment")
+    assert container(head)["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
+    assert all(
+        container(w)["resources"] == {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"cpu": "4", "memory": "8Gi"}}
+        for w in workers
+    )
+    head, _ = head_and_workers(render(SPECS["no-pre-stop"]), "Deployment")
+    assert "lifecycle" not in container(head)
+    assert head["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 60
+
+
+def test_pods_run_as_the_dockerfile_user() -> None:
+    """runAsNonRoot needs the image's USER to be the numeric uid the pods ask for."""
+    dockerfile = (Path(__file__).parents[1] / "Dockerfile").read_text().splitlines()
+    assert f"USER {RUN_AS}:{RUN_AS}" in dockerfile
+    assert 'ENTRYPOINT ["shardnet"]' in dockerfile
+    for deployment in by_kind(render(SPECS["defaults"]), "Deployment"):
+        context = deployment["spec"]["template"]["spec"]["securityContext"]
+        assert (context["runAsUser"], context["runAsGroup"]) == (RUN_AS, RUN_AS)
+
+
+def test_each_component_has_a_disruption_budget_of_one_replica() -> None:
+    objects = render(SPECS["sharded"])
+    selectors = {d["metadata"]["name"]: d["spec"]["selector"]["matchLabels"] for d in by_kind(objects, "Deployment")}
+    budgets = by_kind(objects, "PodDisruptionBudget")
+    assert {b["metadata"]["name"] for b in budgets} == selectors.keys()
+    for budget in budgets:
+        assert budget["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": selectors[budget["metadata"]["name"]]}}
+
+
+def test_yaml_quotes_label_values_and_shares_no_anchors() -> None:
+    text = to_yaml(render(SPECS["sharded"]))
+    assert text.startswith("---\n")
+    assert "shard_id: '0'" in text and "shard_id: ''" in text
+    assert "&id" not in text and "*id" not in text
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"name": "Index"}, "DNS-1123 label"),
+        ({"name": "9lives"}, "starts with a letter"),
+        ({"name": "idx-"}, "DNS-1123 label"),
+        ({"name": "x" * 59}, "too long: at most 58"),
+        ({"name": "x" * 61, "shards": 1}, "too long"),
+        ({"shards": 0}, "shards must be an integer >= 1"),
+        ({"replicas": -1}, "replicas must be an integer >= 1"),
+        ({"replicas": True}, "replicas must be an integer"),
+        ({"head_replicas": 0}, "head_replicas"),
+        ({"uses": "TextIndexer"}, "MODULE:CLASS"),
+        ({"uses": "pkg.mod:Cls:extra"}, "MODULE:CLASS"),
+        ({"uses": "pkg/mod:Cls"}, "MODULE:CLASS"),
+        ({"uses": "my exec.py:Cls"}, "FILE.py:CLASS"),
+        ({"polling": "SOME"}, "unknown polling 'SOME'"),
+        ({"polling": '{"/search": ALL}'}, "not valid JSON"),
+        ({"namespace": "Prod"}, "namespace 'Prod'"),
+        ({"image": ""}, "image"),
+        ({"image": "shardnet 0.1"}, "without spaces"),
+        ({"balancer": "random"}, "unknown balancer 'random'"),
+        ({"port": 70000}, "port must be an integer in 1..65535"),
+        ({"pre_stop_seconds": 30}, "below termination_grace_seconds"),
+    ],
+)
+def test_bad_specs_raise_configuration_error(changes: dict[str, Any], message: str) -> None:
+    fields = {"name": "idx", "image": "i", "uses": "m:C", **changes}
+    with pytest.raises(ConfigurationError, match=message):
+        DeploymentSpec(**fields)
+
+
+def test_bad_resources_raise_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="memory request '512MB' is not a Kubernetes quantity"):
+        Resources(memory="512MB")
+
+
+CLI_ARGS = ["k8s", "render", "--name", "idx", "--image", "shardnet:0.1.0", "--shards", "2", "--replicas", "3"]
+
+
+def test_cli_prints_valid_yaml_to_stdout(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(CLI_ARGS) == 0
+    out = capsys.readouterr().out
+    objects = list(yaml.safe_load_all(out))
+    spec = DeploymentSpec(
+        name="idx", image="shardnet:0.1.0", uses="shardnet.examples.text_index:TextIndexer", shards=2, replicas=3
+    )
+    assert objects == render(spec)
+    for obj in objects:
+        kubernetes_validate.validate(obj, SCHEMA_VERSION, strict=True)
+
+
+def test_cli_writes_one_file_per_component(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_dir = tmp_path / "manifests"
+    assert main([*CLI_ARGS, "--output", str(out_dir), "--memory", "1Gi", "--memory-limit", "2Gi"]) == 0
+    names = ["idx-head.yaml", "idx-0.yaml", "idx-1.yaml"]
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(names)
+    assert capsys.readouterr().out.splitlines() == [str(out_dir / name) for name in names]
+    spec = DeploymentSpec(
+        name="idx",
+        image="shardnet:0.1.0",
+        uses="shardnet.examples.text_index:TextIndexer",
+        shards=2,
+        replicas=3,
+        worker_resources=Resources(memory="1Gi", memory_limit="2Gi"),
+    )
+    for component, objects in render_components(spec).items():
+        assert list(yaml.safe_load_all((out_dir / f"{component}.yaml").read_text())) == objects
+
+
+def test_cli_warns_about_shard_files_left_from_a_bigger_render(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*CLI_ARGS[:-4], "--shards", "3", "--output", str(tmp_path)]) == 0
+    assert main([*CLI_ARGS[:-4], "--shards", "2", "--output", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'idx-2.yaml'} is not part of this render (2 shards)" in err
+    assert "idx-1.yaml" not in err and (tmp_path / "idx-2.yaml").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--shards", "0"], "shards must be an integer >= 1, got 0"),
+        (["--uses", "nocolon"], "uses 'nocolon' must look like MODULE:CLASS"),
+        (["--polling", "SOMETIMES"], "unknown polling 'SOMETIMES'"),
+        (["--cpu", "lots"], "cpu request 'lots'"),
+    ],
+)
+def test_cli_rejects_bad_input_with_a_clear_message(
+    extra: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([*CLI_ARGS, *extra]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("shardnet k8s: ") and message in captured.err
+
+
+def test_cli_reports_an_output_path_it_cannot_use(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "taken"
+    blocker.write_text("not a directory")
+    assert main([*CLI_ARGS, "--output", str(blocker)]) == 2
+    assert f"cannot write manifests to '{blocker}'" in capsys.readouterr().err
+
+
+def test_cli_requires_name_and_image(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["k8s", "render", "--name", "idx"])
+    assert exit_info.value.code == 2
+    assert "--image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("uses", ["mod:Cls", "pkg.sub.mod:Outer.Inner", "/app/executors/index.py:Indexer", "ex.py:_Cls"])
+def test_uses_accepts_what_the_worker_loads(uses: str) -> None:
+    workers = head_and_workers(render(DeploymentSpec(name="u", image="i", uses=uses)), "Deployment")[1]
+    args = container(workers[0])["args"]
+    assert args[args.index("--uses") + 1] == uses

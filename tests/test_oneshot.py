@@ -1,0 +1,165 @@
+"""The pool's one-off helpers, blocking and asyncio, against real echo replicas."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from shardnet import (
+    ControlRequest,
+    DataRequest,
+    DeadlineExceeded,
+    Document,
+    GrpcConnectionPool,
+    ProtocolError,
+    ReplicaError,
+)
+from shardnet.protocol import services
+
+
+# -- blocking forms (the replica runs on another thread's loop) --------------------
+
+
+def test_send_request_sync(threaded_echo):
+    server = threaded_echo.start()
+    request = DataRequest(docs=[Document(text="hi")], endpoint="/index")
+    response = GrpcConnectionPool.send_request_sync(request, server.address)
+    assert isinstance(response, DataRequest)
+    assert response.request_id == request.request_id and response.docs.texts == ["hi"]
+    GrpcConnectionPool.send_request_sync(DataRequest(endpoint="/index"), server.address, endpoint="/search")
+    assert [seen["endpoint"] for seen in server.received_metadata] == ["/index", "/search"]
+
+
+def test_send_requests_sync(threaded_echo):
+    server = threaded_echo.start()
+    first, second = DataRequest(endpoint="/a"), DataRequest(endpoint="/a")
+    response = GrpcConnectionPool.send_requests_sync([first, second], server.address, timeout=5.0)
+    assert response.request_id == first.request_id
+    assert server.calls == 1 and server.received_metadata[0]["endpoint"] == "/a"
+
+
+def test_send_request_sync_timeout(threaded_echo):
+    server = threaded_echo.start(delay=2.0)
+    with pytest.raises(DeadlineExceeded) as caught:
+        GrpcConnectionPool.send_request_sync(DataRequest(), server.address, timeout=0.2)
+    assert caught.value.address == server.address
+
+
+def test_send_request_sync_to_nothing_raises_replica_error(dead_address):
+    with pytest.raises(ReplicaError) as caught:
+        GrpcConnectionPool.send_request_sync(DataRequest(), dead_address, timeout=5.0)
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE and caught.value.address == dead_address
+
+
+def test_activate_and_deactivate_worker_sync(threaded_echo):
+    head = threaded_echo.start("head")
+    response = GrpcConnectionPool.activate_worker_sync("10.0.0.5", 9000, head.address, shard_id=1)
+    assert isinstance(response, ControlRequest) and response.command == "ACTIVATE"
+    [entity] = response.related_entities
+    assert (entity.id, entity.address, entity.port, entity.shard_id) == ("10.0.0.5:9000", "10.0.0.5", 9000, 1)
+    response = GrpcConnectionPool.deactivate_worker_sync("10.0.0.5", 9000, head.address, shard_id=3)
+    [entity] = response.related_entities
+    assert response.command == "DEACTIVATE" and entity.HasField("shard_id") and entity.shard_id == 3
+    assert head.calls == 2
+
+
+def test_get_grpc_channel_blocking(threaded_echo):
+    server = threaded_echo.start()
+    channel = GrpcConnectionPool.get_grpc_channel(server.address)
+    try:
+        call = channel.unary_unary(services.PROCESS_SINGLE_DATA)
+        request = DataRequest(endpoint="/raw")
+        reply, info = call.with_call(request.to_bytes(), metadata=(("endpoint", "/raw"),), timeout=5.0)
+        assert reply == request.to_bytes()
+        assert dict(info.trailing_metadata())["served-by"] == "echo"
+    finally:
+        channel.close()
+
+
+async def test_sync_helper_called_inside_a_running_loop(threaded_echo):
+    server = threaded_echo.start()
+    request = DataRequest(endpoint="/index")
+    response = GrpcConnectionPool.send_request_sync(request, server.address, timeout=5.0)
+    assert response.request_id == request.request_id
+
+
+# -- asyncio forms ----------------------------------------------------------------------
+
+
+async def test_send_request_async(echo_servers):
+    [server] = await echo_servers(1)
+    request = DataRequest(endpoint="/index", parameters={"k": 2})
+    response = await GrpcConnectionPool.send_request_async(request, server.address, timeout=5.0)
+    assert response.request_id == request.request_id and response.parameters == {"k": 2.0}
+    assert server.received_metadata[0]["endpoint"] == "/index"
+
+
+async def test_send_requests_async(echo_servers):
+    [server] = await echo_servers(1)
+    requests = [DataRequest(endpoint="/x") for _ in range(3)]
+    response = await GrpcConnectionPool.send_requests_async(requests, server.address, timeout=5.0)
+    assert response.request_id == requests[0].request_id and server.calls == 1
+
+
+async def test_send_request_async_timeout(echo_servers):
+    [server] = await echo_servers(1, delay=2.0)
+    with pytest.raises(DeadlineExceeded):
+        await GrpcConnectionPool.send_request_async(DataRequest(), server.address, timeout=0.2)
+
+
+async def test_sync_helpers_from_a_worker_thread(echo_servers):
+    # the blocking form from a thread with no loop, the replica on this test's loop
+    [server] = await echo_servers(1)
+    request = DataRequest(endpoint="/t")
+    response = await asyncio.to_thread(GrpcConnectionPool.send_request_sync, request, server.address, 5.0)
+    assert response.request_id == request.request_id
+
+
+async def test_activate_and_deactivate_worker(echo_servers):
+    [head] = await echo_servers(1, names=["head"])
+    response = await GrpcConnectionPool.activate_worker("127.0.0.1", 7000, head.address)
+    [entity] = response.related_entities
+    assert response.command == "ACTIVATE" and not entity.HasField("shard_id")
+    assert (entity.address, entity.port) == ("127.0.0.1", 7000)
+    response = await GrpcConnectionPool.deactivate_worker("127.0.0.1", 7000, head.address, shard_id=0)
+    [entity] = response.related_entities
+    assert response.command == "DEACTIVATE" and entity.HasField("shard_id") and entity.shard_id == 0
+
+
+async def test_activate_worker_at_a_dead_head_raises(dead_address):
+    with pytest.raises(ReplicaError) as caught:
+        await GrpcConnectionPool.activate_worker("127.0.0.1", 7000, dead_address)
+    assert caught.value.address == dead_address
+
+
+async def test_create_async_channel_stub(echo_servers):
+    [server] = await echo_servers(1)
+    stubs, channel = GrpcConnectionPool.create_async_channel_stub(server.address)
+    try:
+        request = DataRequest(endpoint="/s")
+        response = await stubs.single_data(request, timeout=5.0)
+        assert isinstance(response, DataRequest) and response.request_id == request.request_id
+        control = await stubs.control(ControlRequest("STATUS"), timeout=5.0)
+        assert isinstance(control, ControlRequest) and control.command == "STATUS"
+    finally:
+        await channel.close()
+
+
+def test_default_grpc_options_disable_the_proxy():
+    options = dict(GrpcConnectionPool.get_default_grpc_options())
+    assert options["grpc.enable_http_proxy"] == 0
+    assert options["grpc.max_receive_message_length"] > 4 * 1024 * 1024
+
+
+async def test_malformed_control_reply_raises_protocol_error(garbage_server):
+    with pytest.raises(ProtocolError, match="malformed ControlRequest"):
+        await GrpcConnectionPool.activate_worker("127.0.0.1", 7000, garbage_server.address)
+
+
+async def test_malformed_data_reply_is_returned_lazily(garbage_server):
+    response = await GrpcConnectionPool.send_request_async(DataRequest(), garbage_server.address, timeout=5.0)
+    assert response.to_bytes() == b"\xff\xff\xff"
+    with pytest.raises(ProtocolError):
+        response.request_id

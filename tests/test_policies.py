@@ -1,0 +1,158 @@
+"""RetryPolicy, RetryBudget and EjectionPolicy as values, and ejection/readmission against real replicas."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from shardnet import ConfigurationError, DataRequest, EjectionPolicy, ReplicaList, RetryBudget, RetryPolicy
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# -- RetryBudget ---------------------------------------------------------------------
+
+
+def test_retry_budget_ratio():
+    budget = RetryBudget(ratio=0.2, min_per_second=0, window=10.0, clock=FakeClock())
+    for _ in range(10):
+        budget.record_request()
+    assert [budget.try_spend() for _ in range(3)] == [True, True, False]
+    assert (budget.retries, budget.requests, budget.refused) == (2, 10, 1)
+    assert "2/10" in repr(budget)
+
+
+def test_retry_budget_floor_lets_a_quiet_deployment_retry():
+    budget = RetryBudget(ratio=0.0, min_per_second=1.0, window=3.0, clock=FakeClock())
+    assert [budget.try_spend() for _ in range(4)] == [True, True, True, False]
+
+
+def test_retry_budget_window_forgets_old_traffic():
+    clock = FakeClock()
+    budget = RetryBudget(ratio=0.5, min_per_second=0, window=2.0, clock=clock)
+    for _ in range(4):
+        budget.record_request()
+    assert budget.try_spend() and budget.try_spend() and not budget.try_spend()
+    clock.now += 1.0  # still inside the window
+    assert not budget.try_spend()
+    clock.now += 1.0  # the first second left the window: requests and retries are forgotten
+    assert (budget.requests, budget.retries) == (0, 0)
+    assert not budget.try_spend()  # no recent traffic, no floor
+    budget.record_request()
+    budget.record_request()
+    assert budget.try_spend() and not budget.try_spend()
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"ratio": -0.1}, {"ratio": 1.5}, {"min_per_second": -1}, {"window": 0}]
+)
+def test_retry_budget_rejects_bad_settings(kwargs):
+    with pytest.raises(ConfigurationError):
+        RetryBudget(**kwargs)
+
+
+# -- RetryPolicy and EjectionPolicy values --------------------------------------------
+
+
+def test_retry_policy():
+    policy = RetryPolicy()
+    assert policy.is_retryable(grpc.StatusCode.UNAVAILABLE)
+    assert not policy.is_retryable(grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert policy.is_retryable(grpc.StatusCode.DEADLINE_EXCEEDED, timed_out_attempt=True)
+    assert not policy.is_retryable(grpc.StatusCode.INTERNAL)
+    with pytest.raises(ConfigurationError):
+        RetryPolicy(rounds=0)
+    with pytest.raises(ConfigurationError, match="INVALID_ARGUMENT"):
+        RetryPolicy(retry_on=frozenset({grpc.StatusCode.INVALID_ARGUMENT}))
+    with pytest.raises(ConfigurationError):
+        RetryPolicy(attempt_timeout=0)
+
+
+def test_ejection_time_doubles_up_to_the_cap():
+    policy = EjectionPolicy(base_ejection=0.5, max_ejection=3.0)
+    assert [policy.ejection_time(n) for n in range(1, 6)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    with pytest.raises(ConfigurationError):
+        EjectionPolicy(consecutive_failures=0)
+    with pytest.raises(ConfigurationError):
+        EjectionPolicy(base_ejection=2.0, max_ejection=1.0)
+
+
+# -- ejection against real replicas --------------------------------------------------
+
+
+@pytest.fixture
+async def ejecting_replicas():
+    replicas = ReplicaList(ejection=EjectionPolicy(consecutive_failures=2, base_ejection=0.1, max_ejection=0.2))
+    try:
+        yield replicas
+    finally:
+        await replicas.close()
+
+
+async def call(replicas, connection):
+    return await replicas.call(connection, "single_data", DataRequest(endpoint="/e"), None, 5.0)
+
+
+async def test_failing_replica_is_ejected_then_readmitted_when_serving(ejecting_replicas, echo_servers, eventually):
+    sick, healthy = await echo_servers(2, names=["sick", "healthy"])
+    sick.fail_with = grpc.StatusCode.UNAVAILABLE
+    await sick.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    bad = ejecting_replicas.add_connection(sick.address)
+    good = ejecting_replicas.add_connection(healthy.address)
+    first_channel = bad.channel
+    for _ in range(2):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call(ejecting_replicas, bad)
+    assert list(ejecting_replicas.eligible()) == [good]
+    assert bad.times_ejected == 1 and bad.channel is not first_channel  # rebuilt, not kept
+    assert {ejecting_replicas.get_next_connection() for _ in range(4)} == {good}
+    # the probe waits for SERVING: past several probe intervals it is still out
+    await asyncio.sleep(0.5)
+    assert bad not in ejecting_replicas.eligible()
+    sick.fail_with = None
+    await sick.health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await eventually(lambda: bad in ejecting_replicas.eligible(), timeout=5.0)
+    _, trailing = await call(ejecting_replicas, bad)
+    assert trailing["served-by"] == "sick"
+
+
+async def test_last_replica_is_never_ejected(ejecting_replicas, echo_servers):
+    [only] = await echo_servers(1, fail_with=grpc.StatusCode.UNAVAILABLE)
+    connection = ejecting_replicas.add_connection(only.address)
+    for _ in range(6):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call(ejecting_replicas, connection)
+        assert ejecting_replicas.get_next_connection() is connection
+    assert only.calls == 6 and connection.times_ejected == 0
+
+
+async def test_other_codes_do_not_count_towards_ejection(ejecting_replicas, echo_servers):
+    wrong, other = await echo_servers(2, fail_with=grpc.StatusCode.INVALID_ARGUMENT)
+    connection = ejecting_replicas.add_connection(wrong.address)
+    ejecting_replicas.add_connection(other.address)
+    for _ in range(4):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call(ejecting_replicas, connection)
+    assert connection in ejecting_replicas.eligible() and connection.failures == 0
+
+
+async def test_pool_stops_sending_to_an_ejected_replica(pool_factory, echo_servers):
+    sick, healthy = await echo_servers(2, names=["sick", "healthy"])
+    sick.fail_with = grpc.StatusCode.UNAVAILABLE
+    await sick.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    pool = pool_factory(ejection=EjectionPolicy(consecutive_failures=2, base_ejection=5.0, max_ejection=5.0))
+    pool.add_connection("dep", sick.address)
+    pool.add_connection("dep", healthy.address)
+    for _ in range(10):
+        _, trailing = await pool.send_request(DataRequest(), "dep")[0]
+        assert trailing["served-by"] == "healthy"
+    assert sick.calls == 2  # two failures, then out of rotation

@@ -1,0 +1,280 @@
+"""GrpcConnectionPool against real echo replicas: routing, metadata, failover, deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from shardnet import (
+    ControlRequest,
+    DataRequest,
+    DeadlineExceeded,
+    Document,
+    GrpcConnectionPool,
+    PollingType,
+    ProtocolError,
+    ReplicaError,
+    RetryBudget,
+    RoutingError,
+    create_connection_pool,
+)
+
+
+def served_by(reply) -> str:
+    _, trailing = reply
+    return dict(trailing)["served-by"]
+
+
+async def send_one(pool, deployment="dep", **kwargs):
+    tasks = pool.send_request(DataRequest(endpoint="/index"), deployment, **kwargs)
+    assert len(tasks) == 1
+    return await tasks[0]
+
+
+async def test_round_robin_over_replicas(pool, echo_servers):
+    servers = await echo_servers(2)
+    for server in servers:
+        pool.add_connection("dep", server.address)
+    order = [served_by(await send_one(pool)) for _ in range(4)]
+    assert order == ["echo-0", "echo-1", "echo-0", "echo-1"]
+
+
+async def test_all_goes_to_one_replica_of_every_shard(pool, echo_servers):
+    servers = await echo_servers(6)
+    for shard in range(3):
+        pool.add_connection("dep", servers[2 * shard].address, shard_id=shard)
+        pool.add_connection("dep", servers[2 * shard + 1].address, shard_id=shard)
+    for _ in range(2):
+        tasks = pool.send_request(DataRequest(endpoint="/search"), "dep", polling_type=PollingType.ALL, shard_id=1)
+        assert len(tasks) == 3  # shard_id is ignored under ALL
+        replies = await asyncio.gather(*tasks)
+        assert all(isinstance(response, DataRequest) for response, _ in replies)
+    # each shard saw two requests, one per replica (round robin inside the shard)
+    assert [server.calls for server in servers] == [1] * 6
+    assert len(pool.send_request(DataRequest(), "dep", polling_type="ALL")) == 3
+
+
+async def test_any_to_a_given_shard(pool, echo_servers):
+    shard0, shard1 = await echo_servers(2, names=["s0", "s1"])
+    pool.add_connection("dep", shard0.address, shard_id=0)
+    pool.add_connection("dep", shard1.address, shard_id=1)
+    assert {served_by(await send_one(pool, shard_id=1)) for _ in range(3)} == {"s1"}
+    assert served_by(await send_one(pool, shard_id=0)) == "s0"
+
+
+async def test_any_rotates_over_shards(pool, echo_servers):
+    servers = await echo_servers(3, names=["s0", "s1", "s2"])
+    for shard, server in enumerate(servers):
+        pool.add_connection("dep", server.address, shard_id=shard)
+    order = [served_by(await send_one(pool)) for _ in range(6)]
+    assert sorted(order[:3]) == ["s0", "s1", "s2"] and order[3:] == order[:3]
+
+
+async def test_head_routing(pool, echo_servers):
+    head, worker = await echo_servers(2, names=["head", "worker"])
+    pool.add_connection("dep", head.address, head=True)
+    pool.add_connection("dep", worker.address, shard_id=0)
+    assert served_by(await send_one(pool, head=True)) == "head"
+    assert served_by(await send_one(pool)) == "worker"
+    assert (head.calls, worker.calls) == (1, 1)
+    assert pool.send_request(DataRequest(), "other", head=True) == []
+
+
+async def test_unknown_deployment_and_shard(pool, echo_servers):
+    [server] = await echo_servers(1)
+    pool.add_connection("dep", server.address, shard_id=0)
+    assert pool.send_request(DataRequest(), "nope") == []
+    assert pool.send_request(DataRequest(), "nope", polling_type=PollingType.ALL) == []
+    assert pool.send_request_once(DataRequest(), "nope") is None
+    assert pool.send_requests_once([DataRequest()], "nope", endpoint="/x") is None
+    assert pool.send_request(DataRequest(), "dep", shard_id=7) == []
+    assert server.calls == 0
+
+
+async def test_send_request_once_returns_one_task(pool, echo_servers):
+    [server] = await echo_servers(1)
+    pool.add_connection("dep", server.address)
+    response, trailing = await pool.send_request_once(DataRequest(endpoint="/x"), "dep")
+    assert response.endpoint == "/x" and dict(trailing)["served-by"] == "echo-0"
+
+
+async def test_add_twice_keeps_one_connection_remove_twice(pool, echo_servers):
+    [server] = await echo_servers(1)
+    pool.add_connection("dep", server.address, shard_id=0)
+    pool.add_connection("dep", server.address, shard_id=0)
+    assert pool.deployments == {"dep": {"head": [], "shards": {0: [server.address]}}}
+    assert await pool.remove_connection("dep", server.address, shard_id=0)
+    assert not await pool.remove_connection("dep", server.address, shard_id=0)
+    assert not await pool.remove_connection("never-added", server.address)
+    assert pool.send_request(DataRequest(), "dep") == []
+
+
+async def test_remove_without_shard_id_searches_every_shard(pool):
+    pool.add_connection("dep", "127.0.0.1:50001", shard_id=0)
+    pool.add_connection("dep", "127.0.0.1:50002", shard_id=3)
+    assert await pool.remove_connection("dep", "127.0.0.1:50002")
+    assert pool.deployments["dep"]["shards"] == {0: ["127.0.0.1:50001"], 3: []}
+
+
+async def test_https_address_lookup_in_the_pool(pool):
+    pool.add_connection("dep", "https://127.0.0.1:50001", shard_id=0)
+    assert pool.get_replicas("dep", shard_id=0).has_connection("https://127.0.0.1:50001")
+    assert pool.deployments["dep"]["shards"][0] == ["https://127.0.0.1:50001"]
+    assert await pool.remove_connection("dep", "https://127.0.0.1:50001", shard_id=0)
+    assert not await pool.remove_connection("dep", "https://127.0.0.1:50001", shard_id=0)
+
+
+async def test_endpoint_metadata_arrives_at_the_server(pool, echo_servers):
+    [server] = await echo_servers(1)
+    pool.add_connection("dep", server.address)
+    await pool.send_request(DataRequest(endpoint="/index"), "dep")[0]
+    await pool.send_request(DataRequest(endpoint="/index"), "dep", endpoint="/search")[0]
+    await pool.send_requests([DataRequest(endpoint="/a"), DataRequest()], "dep", metadata=[("x-trace", "t1")])[0]
+    await pool.send_request(DataRequest(), "dep")[0]
+    first, second, third, fourth = server.received_metadata
+    assert first["endpoint"] == "/index"
+    assert second["endpoint"] == "/search"
+    assert third["endpoint"] == "/a" and third["x-trace"] == "t1"
+    assert "endpoint" not in fourth
+
+
+async def test_pool_metadata_travels_with_every_call(pool_factory, echo_servers):
+    [server] = await echo_servers(1)
+    pool = pool_factory(metadata=[("x-tenant", "blue")])
+    pool.add_connection("dep", server.address)
+    await pool.send_request(DataRequest(endpoint="/i"), "dep")[0]
+    assert server.received_metadata[0]["x-tenant"] == "blue"
+
+
+async def test_responses_come_back_decoded_with_trailing_metadata(pool, echo_servers):
+    head, worker = await echo_servers(2, names=["head", "worker"])
+    pool.add_connection("dep", worker.address)
+    pool.add_connection("dep", head.address, head=True)
+    request = DataRequest(docs=[Document(text="hi")], endpoint="/index", parameters={"k": 1})
+    response, trailing = await pool.send_request(request, "dep")[0]
+    assert isinstance(response, DataRequest)
+    assert response.request_id == request.request_id and response.docs.texts == ["hi"]
+    assert response.parameters == {"k": 1.0}
+    assert trailing["served-by"] == "worker"
+    control = ControlRequest("STATUS")
+    response, trailing = await pool.send_request(control, "dep", head=True)[0]
+    assert isinstance(response, ControlRequest) and response.request_id == control.request_id
+    assert trailing["served-by"] == "head"
+
+
+async def test_several_requests_go_in_one_process_data_call(pool, echo_servers):
+    [server] = await echo_servers(1)
+    pool.add_connection("dep", server.address)
+    first, second = DataRequest(endpoint="/a"), DataRequest(endpoint="/a")
+    response, _ = await pool.send_requests([first, second], "dep")[0]
+    assert response.request_id == first.request_id  # the echo answers with the first of the list
+    assert server.calls == 1
+
+
+async def test_failover_with_one_dead_replica(pool, echo_servers, dead_address):
+    [live] = await echo_servers(1)
+    pool.add_connection("dep", dead_address)
+    pool.add_connection("dep", live.address)
+    replies = await asyncio.gather(*(send_one(pool, timeout=5.0) for _ in range(20)))
+    assert {served_by(reply) for reply in replies} == {"echo-0"}
+    assert live.calls == 20
+
+
+async def test_failover_to_a_replica_that_answers_unavailable(pool, echo_servers):
+    sick, healthy = await echo_servers(2, names=["sick", "healthy"])
+    sick.fail_with = grpc.StatusCode.UNAVAILABLE
+    pool.add_connection("dep", sick.address)
+    pool.add_connection("dep", healthy.address)
+    for _ in range(4):
+        assert served_by(await send_one(pool)) == "healthy"
+    assert sick.calls >= 1
+
+
+async def test_all_replicas_dead_names_deployment_shard_and_address(pool, dead_address):
+    pool.add_connection("encoder", dead_address, shard_id=2)
+    with pytest.raises(ReplicaError) as caught:
+        await send_one(pool, "encoder", timeout=5.0)
+    error = caught.value
+    assert (error.deployment, error.shard_id, error.address) == ("encoder", 2, dead_address)
+    assert error.code == grpc.StatusCode.UNAVAILABLE
+    assert "deployment 'encoder'" in str(error) and "shard 2" in str(error) and dead_address in str(error)
+
+
+async def test_non_retryable_status_is_not_retried(pool, echo_servers):
+    first, second = await echo_servers(2)
+    first.fail_with = second.fail_with = grpc.StatusCode.INVALID_ARGUMENT
+    pool.add_connection("dep", first.address)
+    pool.add_connection("dep", second.address)
+    with pytest.raises(ReplicaError) as caught:
+        await send_one(pool)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert first.calls + second.calls == 1
+
+
+async def test_retry_budget_exhausted(pool_factory, echo_servers, dead_address):
+    [live] = await echo_servers(1)
+    pool = pool_factory(retry_budget=RetryBudget(ratio=0.0, min_per_second=0.0))
+    pool.add_connection("dep", dead_address)  # round robin tries the dead one first
+    pool.add_connection("dep", live.address)
+    with pytest.raises(ReplicaError, match="retry budget exhausted"):
+        await send_one(pool)
+    assert pool.retry_budget.refused == 1 and live.calls == 0
+
+
+async def test_call_timeout_raises_deadline_exceeded(pool, echo_servers):
+    [slow] = await echo_servers(1, delay=2.0)
+    pool.add_connection("dep", slow.address, shard_id=0)
+    with pytest.raises(DeadlineExceeded) as caught:
+        await send_one(pool, timeout=0.2)
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert (caught.value.deployment, caught.value.shard_id, caught.value.address) == ("dep", 0, slow.address)
+
+
+async def test_pool_default_timeout(pool_factory, echo_servers):
+    [slow] = await echo_servers(1, delay=2.0)
+    pool = pool_factory(timeout=0.2)
+    pool.add_connection("dep", slow.address)
+    with pytest.raises(DeadlineExceeded):
+        await send_one(pool)
+
+
+async def test_all_with_an_empty_shard_reports_it(pool, echo_servers):
+    [server] = await echo_servers(1)
+    pool.add_connection("dep", server.address, shard_id=0)
+    pool.add_connection("dep", "127.0.0.1:50009", shard_id=1)
+    await pool.remove_connection("dep", "127.0.0.1:50009", shard_id=1)
+    ok, missing = pool.send_request(DataRequest(), "dep", polling_type=PollingType.ALL)
+    await ok
+    with pytest.raises(RoutingError) as caught:
+        await missing
+    assert (caught.value.deployment, caught.value.shard_id) == ("dep", 1)
+
+
+async def test_close_and_context_manager(echo_servers):
+    [server] = await echo_servers(1)
+    async with GrpcConnectionPool() as pool:
+        pool.add_connection("dep", server.address)
+        await send_one(pool)
+    assert pool.deployments == {}
+    assert pool.send_request(DataRequest(), "dep") == []
+
+
+async def test_create_connection_pool():
+    pool = create_connection_pool()
+    try:
+        assert isinstance(pool, GrpcConnectionPool)
+    finally:
+        await pool.close()
+
+
+async def test_malformed_replies_raise_protocol_error_and_never_hang(pool, garbage_server):
+    pool.add_connection("dep", garbage_server.address, head=True)
+    with pytest.raises(ProtocolError, match=rf"replica {garbage_server.address}: malformed ControlRequest"):
+        await pool.send_request(ControlRequest(), "dep", head=True, timeout=5.0)[0]
+    response, _ = await pool.send_request(DataRequest(), "dep", head=True, timeout=5.0)[0]
+    with pytest.raises(ProtocolError, match="malformed DataRequest"):
+        response.endpoint  # data replies stay bytes until read
+    # the replica is still usable afterwards: nothing crashed, nothing was ejected
+    assert pool.get_replicas("dep", head=True).eligible()

@@ -1,0 +1,123 @@
+"""Pool membership under random add/remove sequences, checked against a plain dict model with hypothesis.
+
+ReplicaList channels are lazy, so no server is needed: only the maps are checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Optional
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shardnet import ConfigurationError, GrpcConnectionPool
+
+# address as written -> (identity key, the form the pool shows); spellings of one replica share a key
+ADDRESSES = {
+    "127.0.0.1:50001": ("127.0.0.1:50001", "127.0.0.1:50001"),
+    "grpc://127.0.0.1:50001": ("127.0.0.1:50001", "127.0.0.1:50001"),
+    "127.0.0.1:50002": ("127.0.0.1:50002", "127.0.0.1:50002"),
+    "https://127.0.0.1:50003": ("127.0.0.1:50003", "https://127.0.0.1:50003"),
+    "grpcs://127.0.0.1:50003": ("127.0.0.1:50003", "https://127.0.0.1:50003"),
+    "localhost:50004": ("localhost:50004", "localhost:50004"),
+}
+BAD_ADDRESSES = ["localhost", "127.0.0.1:0", "ftp://127.0.0.1:1"]
+DEPLOYMENTS = ["encoder", "indexer"]
+SHARDS = [None, 0, 1, 2]
+
+operations = st.lists(
+    st.tuples(
+        st.sampled_from(["add", "remove"]),
+        st.sampled_from(DEPLOYMENTS),
+        st.sampled_from(list(ADDRESSES) + BAD_ADDRESSES),
+        st.booleans(),  # head
+        st.sampled_from(SHARDS),
+    ),
+    max_size=30,
+)
+
+
+class Model:
+    """What the pool should hold: {deployment: {"head": {key: shown}, "shards": {id: {key: shown}}}}."""
+
+    def __init__(self) -> None:
+        self.deployments: dict[str, dict] = {}
+
+    def add(self, deployment: str, address: str, head: bool, shard_id: Optional[int]) -> None:
+        entry = self.deployments.setdefault(deployment, {"head": {}, "shards": {}})
+        replicas = entry["head"] if head else entry["shards"].setdefault(shard_id or 0, {})
+        key, shown = ADDRESSES[address]
+        replicas.setdefault(key, shown)
+
+    def remove(self, deployment: str, address: str, head: bool, shard_id: Optional[int]) -> bool:
+        entry = self.deployments.get(deployment)
+        if entry is None:
+            return False
+        key, _ = ADDRESSES[address]
+        if head:
+            candidates = [entry["head"]]
+        elif shard_id is None:
+            candidates = list(entry["shards"].values())  # searched in the order shards appeared
+        else:
+            candidates = [entry["shards"].get(shard_id, {})]
+        for replicas in candidates:
+            if replicas.pop(key, None) is not None:
+                return True
+        return False
+
+    def snapshot(self) -> dict:
+        return {
+            name: {
+                "head": list(entry["head"].values()),
+                "shards": {shard: list(replicas.values()) for shard, replicas in sorted(entry["shards"].items())},
+            }
+            for name, entry in self.deployments.items()
+        }
+
+    def holds(self, deployment: str, address: str, head: bool, shard_id: int) -> bool:
+        entry = self.deployments.get(deployment, {"head": {}, "shards": {}})
+        replicas = entry["head"] if head else entry["shards"].get(shard_id, {})
+        return ADDRESSES[address][0] in replicas
+
+
+def check(pool: GrpcConnectionPool, model: Model) -> None:
+    assert pool.deployments == model.snapshot()
+    for deployment in DEPLOYMENTS:
+        for head, shard_id in [(True, 0)] + [(False, shard) for shard in (0, 1, 2)]:
+            replicas = pool.get_replicas(deployment, head=head, shard_id=shard_id)
+            for address in ADDRESSES:
+                held = replicas is not None and replicas.has_connection(address)
+                assert held == model.holds(deployment, address, head, shard_id), (deployment, address, head, shard_id)
+                if held:
+                    assert len(replicas.get_all_connections()) == len(replicas.addresses)
+
+
+async def run(steps) -> None:
+    pool = GrpcConnectionPool()
+    model = Model()
+    try:
+        for action, deployment, address, head, shard_id in steps:
+            if address in BAD_ADDRESSES:
+                with pytest.raises(ConfigurationError):
+                    if action == "add":
+                        pool.add_connection(deployment, address, head=head, shard_id=shard_id)
+                    else:
+                        await pool.remove_connection(deployment, address, head=head, shard_id=shard_id)
+            elif action == "add":
+                pool.add_connection(deployment, address, head=head, shard_id=shard_id)
+                model.add(deployment, address, head, shard_id)
+            else:
+                removed = await pool.remove_connection(deployment, address, head=head, shard_id=shard_id)
+                assert bool(removed) == model.remove(deployment, address, head, shard_id)
+            check(pool, model)
+    finally:
+        await pool.close()
+    assert pool.deployments == {}
+
+
+@settings(max_examples=75, deadline=None)
+@given(operations)
+def test_random_add_remove_keeps_the_maps_consistent(steps):
+    asyncio.run(run(steps))

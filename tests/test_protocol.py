@@ -1,0 +1,289 @@
+"""DataRequest and ControlRequest: public surface, wire layout, lazy decoding, unknown fields, malformed bytes."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from google.protobuf.descriptor import FieldDescriptor
+
+from shardnet import ControlRequest, DataRequest, Document, ProtocolError
+from shardnet.protocol.proto import docarray_pb2, jina_pb2
+
+STRING, UINT32, MESSAGE, ENUM, BYTES = (
+    FieldDescriptor.TYPE_STRING,
+    FieldDescriptor.TYPE_UINT32,
+    FieldDescriptor.TYPE_MESSAGE,
+    FieldDescriptor.TYPE_ENUM,
+    FieldDescriptor.TYPE_BYTES,
+)
+
+# an unknown field: number 127, varint 42 (tag = 127 << 3 | 0, as a two-byte varint)
+UNKNOWN_FIELD = b"\xf8\x07\x2a"
+
+
+def sample_request() -> DataRequest:
+    return DataRequest(
+        docs=[Document(text="alpha", tags={"n": 1}), Document(text="beta")],
+        endpoint="/index",
+        parameters={"top_k": 3, "name": "x"},
+    )
+
+
+# -- public surface ------------------------------------------------------------
+
+
+def test_data_request_surface():
+    request = sample_request()
+    assert request.endpoint == "/index"
+    assert request.header.exec_endpoint == "/index"
+    assert request.parameters == {"top_k": 3.0, "name": "x"}
+    assert re.fullmatch(r"[0-9a-f]{32}", request.request_id)
+    assert request.status.code == jina_pb2.StatusProto.SUCCESS
+    assert not request.is_error
+    docs = request.docs
+    assert len(docs) == 2 and docs.texts == ["alpha", "beta"]
+    assert docs[0].tags["n"] == 1.0 and docs[-1].text == "beta"
+    assert [doc.text for doc in docs] == ["alpha", "beta"]
+    docs.append(Document(text="gamma"))
+    docs.extend([Document(text="delta")])
+    assert request.docs.texts == ["alpha", "beta", "gamma", "delta"]
+
+
+def test_request_ids_are_unique():
+    assert len({DataRequest().request_id for _ in range(100)}) == 100
+
+
+def test_defaults_and_setters():
+    request = DataRequest()
+    assert request.endpoint is None and request.parameters == {} and len(request.docs) == 0
+    request.endpoint = "/search"
+    request.parameters = {"a": [1, 2]}
+    assert request.endpoint == "/search" and request.parameters == {"a": [1.0, 2.0]}
+    request.endpoint = None
+    assert request.endpoint is None
+
+
+def test_round_trip_through_bytes():
+    request = sample_request()
+    back = DataRequest.from_bytes(request.to_bytes())
+    assert back.request_id == request.request_id
+    assert back.endpoint == "/index"
+    assert back.parameters == request.parameters
+    assert back.docs.texts == ["alpha", "beta"]
+    assert back.docs.ids == request.docs.ids
+    assert back.docs[0].tags == {"n": 1.0}
+
+
+def test_set_exception_marks_error_like_jina():
+    request = sample_request()
+    try:
+        raise KeyError("missing")
+    except KeyError as exc:
+        request.set_exception(exc, executor="enc")
+    back = DataRequest.from_bytes(request.to_bytes())
+    assert back.is_error
+    exception = back.status.exception
+    assert (exception.name, list(exception.args), exception.executor) == ("KeyError", ["missing"], "enc")
+    assert any("KeyError" in line for line in exception.stacks)
+
+
+def test_control_request_surface():
+    request = ControlRequest("activate")
+    assert request.command == "ACTIVATE"
+    request.add_related_entity("w0", "10.0.0.1", 8080, shard_id=2)
+    request.add_related_entity("w1", "10.0.0.2", 8081)
+    back = ControlRequest.from_bytes(request.to_bytes())
+    assert back.command == "ACTIVATE" and back.request_id == request.request_id
+    first, second = back.related_entities
+    assert (first.id, first.address, first.port, first.shard_id) == ("w0", "10.0.0.1", 8080, 2)
+    assert first.HasField("shard_id") and not second.HasField("shard_id")
+    assert ControlRequest().command == "STATUS"
+    assert ControlRequest("DEACTIVATE").command == "DEACTIVATE"
+
+
+def test_control_request_unknown_command():
+    with pytest.raises(ProtocolError, match="unknown control command"):
+        ControlRequest("REBOOT")
+
+
+# -- wire layout (PROTOCOL.md) -----------------------------------------------------
+
+
+def _fields(message) -> dict[str, tuple[int, int]]:
+    return {field.name: (field.number, field.type) for field in message.DESCRIPTOR.fields}
+
+
+def test_field_numbers_match_the_jina_wire_protocol():
+    assert _fields(jina_pb2.HeaderProto) == {
+        "request_id": (1, STRING),
+        "status": (2, MESSAGE),
+        "exec_endpoint": (3, STRING),
+        "target_executor": (4, STRING),
+        "timeout": (5, UINT32),
+    }
+    assert _fields(jina_pb2.StatusProto) == {"code": (1, ENUM), "description": (2, STRING), "exception": (3, MESSAGE)}
+    assert _fields(jina_pb2.DataRequestProto) == {
+        "header": (1, MESSAGE),
+        "parameters": (2, MESSAGE),
+        "routes": (3, MESSAGE),
+        "data": (4, MESSAGE),
+    }
+    assert _fields(jina_pb2.DataContentProto) == {"docs": (1, MESSAGE), "docs_bytes": (2, BYTES)}
+    assert _fields(jina_pb2.RelatedEntity) == {
+        "id": (1, STRING),
+        "address": (2, STRING),
+        "port": (3, UINT32),
+        "shard_id": (4, UINT32),
+    }
+    assert _fields(jina_pb2.ControlRequestProto) == {
+        "header": (1, MESSAGE),
+        "command": (2, ENUM),
+        "related_entities": (3, MESSAGE),
+    }
+    assert dict(jina_pb2.ControlRequestProto.Command.items()) == {"STATUS": 0, "ACTIVATE": 1, "DEACTIVATE": 2}
+    assert _fields(jina_pb2.EndpointsProto) == {
+        "endpoints": (1, STRING),
+        "write_endpoints": (2, STRING),
+        "schemas": (3, MESSAGE),
+    }
+    assert jina_pb2.DESCRIPTOR.package == "jina"
+    assert docarray_pb2.DESCRIPTOR.package == "docarray"
+
+
+def test_service_paths():
+    from shardnet.protocol import services
+
+    assert services.PROCESS_SINGLE_DATA == "/jina.JinaSingleDataRequestRPC/process_single_data"
+    assert services.PROCESS_DATA == "/jina.JinaDataRequestRPC/process_data"
+    assert services.PROCESS_CONTROL == "/jina.JinaControlRequestRPC/process_control"
+    assert services.STREAM_CALL == "/jina.JinaRPC/Call"
+    assert services.ENDPOINT_DISCOVERY == "/jina.JinaDiscoverEndpointsRPC/endpoint_discovery"
+
+
+def test_envelope_and_full_message_share_one_wire_form():
+    request = sample_request()
+    envelope = jina_pb2.DataRequestEnvelope.FromString(request.to_bytes())
+    full = jina_pb2.DataRequestProto.FromString(envelope.SerializeToString())
+    assert full.header.exec_endpoint == "/index" and [d.text for d in full.data.docs.docs] == ["alpha", "beta"]
+
+
+# -- lazy decoding -------------------------------------------------------------------
+
+
+def test_routed_request_keeps_the_very_same_bytes():
+    raw = sample_request().to_bytes()
+    request = DataRequest.from_bytes(raw)
+    assert request.endpoint == "/index"
+    assert request.request_id
+    assert request.parameters["top_k"] == 3.0
+    assert request.to_bytes() is raw
+    assert "header only" in repr(request)
+
+
+def test_from_bytes_does_not_decode_until_read():
+    # documents that would fail to decode do not matter to a request only routed
+    request = DataRequest(endpoint="/index")
+    envelope = jina_pb2.DataRequestEnvelope.FromString(request.to_bytes())
+    envelope.data = b"\x0a\xff\xff"  # DataContent.docs with a corrupt length
+    raw = envelope.SerializeToString()
+    routed = DataRequest.from_bytes(raw)
+    assert routed.endpoint == "/index"
+    assert routed.to_bytes() is raw
+    with pytest.raises(ProtocolError, match="malformed DataRequest"):
+        routed.docs
+
+
+# -- unknown fields -------------------------------------------------------------------
+
+
+def test_unknown_field_survives_reading_the_endpoint():
+    raw = sample_request().to_bytes() + UNKNOWN_FIELD
+    request = DataRequest.from_bytes(raw)
+    assert request.endpoint == "/index"
+    assert request.to_bytes() == raw
+
+
+def test_unknown_field_survives_changing_the_endpoint():
+    original = sample_request().to_bytes()
+    raw = original + UNKNOWN_FIELD
+    request = DataRequest.from_bytes(raw)
+    request.endpoint = "/search"
+    changed = request.to_bytes()
+    assert changed != raw and changed.endswith(UNKNOWN_FIELD)
+    assert DataRequest.from_bytes(changed).endpoint == "/search"
+    request.endpoint = "/index"
+    assert request.to_bytes() == raw
+
+
+def test_unknown_field_survives_reading_docs():
+    raw = sample_request().to_bytes() + UNKNOWN_FIELD
+    request = DataRequest.from_bytes(raw)
+    assert request.docs.texts == ["alpha", "beta"]
+    assert request.to_bytes() == raw
+    request.docs.append(Document(text="gamma"))
+    assert request.to_bytes().endswith(UNKNOWN_FIELD)
+
+
+def test_unknown_fields_inside_header_and_documents_survive():
+    proto = jina_pb2.DataRequestProto.FromString(sample_request().to_bytes())
+    header = proto.header.SerializeToString() + UNKNOWN_FIELD
+    doc = proto.data.docs.docs[0].SerializeToString() + UNKNOWN_FIELD
+    proto.data.docs.docs[0].ParseFromString(doc)
+    proto.header.ParseFromString(header)
+    raw = proto.SerializeToString()
+    request = DataRequest.from_bytes(raw)
+    request.endpoint = "/other"
+    request.docs[1].text = "changed"
+    again = jina_pb2.DataRequestProto.FromString(request.to_bytes())
+    assert again.header.SerializeToString().endswith(UNKNOWN_FIELD)
+    assert again.data.docs.docs[0].SerializeToString().endswith(UNKNOWN_FIELD)
+    assert again.header.exec_endpoint == "/other" and again.data.docs.docs[1].text == "changed"
+
+
+# -- malformed bytes -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("garbage", [b"\xff\xff\xff\xff", b"\x0a\x05ab", b"garbage!", b"\x0a\x80"])
+def test_garbage_raises_protocol_error(garbage):
+    request = DataRequest.from_bytes(garbage)  # wrapping never fails: decoding is lazy
+    with pytest.raises(ProtocolError, match=rf"malformed DataRequest \({len(garbage)} bytes\)"):
+        request.endpoint
+    with pytest.raises(ProtocolError):
+        request.docs
+    assert "malformed" in repr(request)
+
+
+def test_garbage_control_request_raises_protocol_error():
+    with pytest.raises(ProtocolError, match="malformed ControlRequest"):
+        ControlRequest.from_bytes(b"\xff\xff\xff")
+
+
+def test_every_truncation_decodes_or_raises_protocol_error():
+    raw = sample_request().to_bytes()
+    refused = 0
+    for cut in range(len(raw)):
+        request = DataRequest.from_bytes(raw[:cut])
+        try:
+            request.endpoint
+            len(request.docs)
+            request.to_bytes()
+        except ProtocolError:
+            refused += 1
+    # only the cuts that fall exactly between top-level fields still decode
+    assert refused >= len(raw) - 5
+
+
+def test_docs_bytes_is_refused_never_unpickled():
+    proto = jina_pb2.DataRequestProto()
+    proto.header.request_id = "r1"
+    proto.header.exec_endpoint = "/index"
+    proto.data.docs_bytes = b"\x80\x04\x95 a pickle that must not be loaded"
+    raw = proto.SerializeToString()
+    request = DataRequest.from_bytes(raw)
+    assert request.endpoint == "/index"  # routing it is fine
+    assert request.to_bytes() is raw
+    with pytest.raises(ProtocolError, match="docs_bytes"):
+        request.docs
+    with pytest.raises(ProtocolError, match="docs_bytes"):
+        len(request)

@@ -1,0 +1,81 @@
+"""ReplicaList: membership, round robin against real replicas, https address lookup."""
+
+from __future__ import annotations
+
+import pytest
+
+from shardnet import ConfigurationError, DataRequest, ReplicaList
+
+
+@pytest.fixture
+async def replicas():
+    replica_list = ReplicaList(name="test/shard-0")
+    try:
+        yield replica_list
+    finally:
+        await replica_list.close()
+
+
+async def test_round_robin_over_real_replicas(replicas, echo_servers):
+    servers = await echo_servers(3)
+    for server in servers:
+        replicas.add_connection(server.address)
+    served = []
+    for _ in range(6):
+        connection = replicas.get_next_connection()
+        response, trailing = await replicas.call(connection, "single_data", DataRequest(endpoint="/x"), None, 5.0)
+        assert response.endpoint == "/x"
+        served.append(dict(trailing)["served-by"])
+    assert served == ["echo-0", "echo-1", "echo-2"] * 2
+    assert [server.calls for server in servers] == [2, 2, 2]
+
+
+async def test_add_twice_keeps_one_connection(replicas):
+    first = replicas.add_connection("127.0.0.1:50001")
+    assert replicas.add_connection("127.0.0.1:50001") is first
+    assert replicas.add_connection("grpc://127.0.0.1:50001") is first
+    assert replicas.get_all_connections() == [first] and len(replicas) == 1
+
+
+async def test_remove_returns_connection_then_none(replicas):
+    added = replicas.add_connection("127.0.0.1:50001")
+    replicas.add_connection("127.0.0.1:50002")
+    assert await replicas.remove_connection("127.0.0.1:50001") is added
+    assert await replicas.remove_connection("127.0.0.1:50001") is None
+    assert not replicas.has_connection("127.0.0.1:50001")
+    assert replicas.addresses == ["127.0.0.1:50002"]
+    assert await replicas.remove_connection("127.0.0.1:50002") is not None
+    assert not replicas.has_connections() and replicas.get_next_connection() is None
+
+
+async def test_https_address_is_looked_up_as_it_was_added(replicas):
+    connection = replicas.add_connection("https://127.0.0.1:50003")
+    assert connection.address.tls
+    assert replicas.has_connection("https://127.0.0.1:50003")
+    assert replicas.addresses == ["https://127.0.0.1:50003"]
+    assert replicas.add_connection("https://127.0.0.1:50003") is connection
+    assert await replicas.remove_connection("https://127.0.0.1:50003") is connection
+    assert not replicas.has_connection("https://127.0.0.1:50003")
+    assert await replicas.remove_connection("https://127.0.0.1:50003") is None
+
+
+async def test_remove_keeps_the_rotation_over_the_rest(replicas):
+    for port in (50001, 50002, 50003):
+        replicas.add_connection(f"127.0.0.1:{port}")
+    await replicas.remove_connection("127.0.0.1:50002")
+    picks = {str(replicas.get_next_connection().address) for _ in range(4)}
+    assert picks == {"127.0.0.1:50001", "127.0.0.1:50003"}
+
+
+async def test_bad_address_raises_and_changes_nothing(replicas):
+    with pytest.raises(ConfigurationError):
+        replicas.add_connection("no-port")
+    assert not replicas.has_connections()
+
+
+async def test_close_forgets_everything(echo_servers):
+    [server] = await echo_servers(1)
+    replica_list = ReplicaList()
+    replica_list.add_connection(server.address)
+    await replica_list.close()
+    assert not replica_list.has_connections() and replica_list.get_next_connection() is None

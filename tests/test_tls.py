@@ -1,0 +1,177 @@
+"""TLS end to end with certificates made in the test (trustme): replica lists, the pool, the helpers, mTLS."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import grpc
+import pytest
+import trustme
+
+from shardnet import (
+    ClientTls,
+    ConfigurationError,
+    DataRequest,
+    GrpcConnectionPool,
+    ReplicaError,
+    ReplicaList,
+    ServerTls,
+)
+from shardnet.networking.tls import load_pem
+
+
+@dataclass
+class Material:
+    ca_pem: bytes
+    server: ServerTls
+    server_mutual: ServerTls
+    client: ClientTls  # trusts the CA, presents a client certificate
+
+
+@pytest.fixture(scope="module")
+def tls() -> Material:
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("localhost", "127.0.0.1")
+    client_cert = ca.issue_cert("client.example")
+    ca_pem = ca.cert_pem.bytes()
+    chain = b"".join(blob.bytes() for blob in server_cert.cert_chain_pems)
+    key = server_cert.private_key_pem.bytes()
+    return Material(
+        ca_pem=ca_pem,
+        server=ServerTls(certificate_chain=chain, private_key=key),
+        server_mutual=ServerTls(certificate_chain=chain, private_key=key, client_ca=ca_pem),
+        client=ClientTls(
+            root_certificates=ca_pem,
+            private_key=client_cert.private_key_pem.bytes(),
+            certificate_chain=b"".join(blob.bytes() for blob in client_cert.cert_chain_pems),
+        ),
+    )
+
+
+@pytest.fixture(params=["path", "str", "bytes"])
+def root_certificates(request, tls, tmp_path):
+    """The CA certificate in each form the helpers accept."""
+    if request.param == "path":
+        path = tmp_path / "ca.pem"
+        path.write_bytes(tls.ca_pem)
+        return str(path)
+    return tls.ca_pem.decode() if request.param == "str" else tls.ca_pem
+
+
+async def test_replica_list_over_tls(echo_servers, tls):
+    [server] = await echo_servers(1, credentials=tls.server.credentials())
+    replicas = ReplicaList(tls=ClientTls(root_certificates=tls.ca_pem))
+    try:
+        connection = replicas.add_connection(f"https://{server.address}")
+        assert replicas.has_connection(f"https://{server.address}")
+        request = DataRequest(endpoint="/secure")
+        response, trailing = await replicas.call(connection, "single_data", request, None, 5.0)
+        assert response.request_id == request.request_id and trailing["served-by"] == "echo-0"
+    finally:
+        await replicas.close()
+
+
+async def test_pool_over_tls(pool_factory, echo_servers, tls):
+    [server] = await echo_servers(1, credentials=tls.server.credentials())
+    pool = pool_factory(tls=ClientTls(root_certificates=tls.ca_pem))
+    pool.add_connection("dep", f"https://{server.address}")
+    response, _ = await pool.send_request(DataRequest(endpoint="/i"), "dep", timeout=5.0)[0]
+    assert response.endpoint == "/i" and server.received_metadata[0]["endpoint"] == "/i"
+
+
+async def test_pool_refuses_an_untrusted_server(pool, echo_servers, tls):
+    [server] = await echo_servers(1, credentials=tls.server.credentials())
+    pool.add_connection("dep", f"https://{server.address}")  # system roots do not know the test CA
+    with pytest.raises(ReplicaError) as caught:
+        await pool.send_request(DataRequest(), "dep", timeout=5.0)[0]
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE and server.calls == 0
+
+
+async def test_plaintext_client_cannot_talk_to_a_tls_server(pool, echo_servers, tls):
+    [server] = await echo_servers(1, credentials=tls.server.credentials())
+    pool.add_connection("dep", server.address)
+    with pytest.raises(ReplicaError):
+        await pool.send_request(DataRequest(), "dep", timeout=5.0)[0]
+
+
+async def test_send_request_async_with_root_certificates(echo_servers, tls, root_certificates):
+    [server] = await echo_servers(1, credentials=tls.server.credentials())
+    request = DataRequest(endpoint="/a")
+    response = await GrpcConnectionPool.send_request_async(
+        request, server.address, timeout=5.0, https=True, root_certificates=root_certificates
+    )
+    assert response.request_id == request.request_id
+    response = await GrpcConnectionPool.send_request_async(
+        request, f"https://{server.address}", timeout=5.0, root_certificates=root_certificates
+    )
+    assert response.request_id == request.request_id
+
+
+def test_send_request_sync_with_root_certificates(threaded_echo, tls, root_certificates):
+    server = threaded_echo.start(credentials=tls.server.credentials())
+    request = DataRequest(endpoint="/s")
+    response = GrpcConnectionPool.send_request_sync(
+        request, server.address, timeout=5.0, https=True, root_certificates=root_certificates
+    )
+    assert response.request_id == request.request_id
+    response = GrpcConnectionPool.send_requests_sync(
+        [request, DataRequest()], server.address, timeout=5.0, https=True, root_certificates=root_certificates
+    )
+    assert response.request_id == request.request_id
+
+
+async def test_create_async_channel_stub_with_root_certificates(echo_servers, tls, root_certificates):
+    [server] = await echo_servers(1, credentials=tls.server.credentials())
+    stubs, channel = GrpcConnectionPool.create_async_channel_stub(
+        server.address, https=True, root_certificates=root_certificates
+    )
+    try:
+        request = DataRequest()
+        assert (await stubs.single_data(request, timeout=5.0)).request_id == request.request_id
+    finally:
+        await channel.close()
+
+
+async def test_mutual_tls(pool_factory, echo_servers, tls):
+    [server] = await echo_servers(1, credentials=tls.server_mutual.credentials())
+    pool = pool_factory(tls=tls.client)
+    pool.add_connection("dep", f"https://{server.address}")
+    response, _ = await pool.send_request(DataRequest(endpoint="/m"), "dep", timeout=5.0)[0]
+    assert response.endpoint == "/m"
+
+
+async def test_mutual_tls_refuses_a_client_without_certificate(echo_servers, tls):
+    [server] = await echo_servers(1, credentials=tls.server_mutual.credentials())
+    with pytest.raises(ReplicaError):
+        await GrpcConnectionPool.send_request_async(
+            DataRequest(), server.address, timeout=5.0, https=True, root_certificates=tls.ca_pem
+        )
+    assert server.calls == 0
+    response = await GrpcConnectionPool.send_request_async(
+        DataRequest(endpoint="/ok"), f"https://{server.address}", timeout=5.0, tls=tls.client
+    )
+    assert response.endpoint == "/ok"
+
+
+def test_load_pem_forms(tls, tmp_path):
+    path = tmp_path / "ca.pem"
+    path.write_bytes(tls.ca_pem)
+    assert load_pem(str(path)) == load_pem(path) == load_pem(tls.ca_pem.decode()) == load_pem(tls.ca_pem) == tls.ca_pem
+    assert load_pem(None) is None
+
+
+def test_load_pem_refuses_what_is_not_pem(tmp_path):
+    with pytest.raises(ConfigurationError, match="cannot read"):
+        load_pem(str(tmp_path / "missing.pem"))
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_bytes(b"hello")
+    with pytest.raises(ConfigurationError, match="not PEM"):
+        load_pem(not_pem)
+    with pytest.raises(ConfigurationError, match="not PEM"):
+        load_pem(b"hello")
+
+
+def test_client_certificate_needs_its_key(tls):
+    with pytest.raises(ConfigurationError, match="both"):
+        ClientTls(root_certificates=tls.ca_pem, certificate_chain=tls.ca_pem).credentials()
