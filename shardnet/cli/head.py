@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 from collections import defaultdict
+from pathlib import Path
+from typing import Optional
 
 from shardnet.cli.options import add_client_tls_arguments, add_server_arguments, client_tls, server_config
 from shardnet.discovery.factory import create_connection_pool
@@ -48,6 +51,22 @@ def parse_connections(items: list[str]) -> dict[int, list[str]]:
     return dict(connections)
 
 
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def k8s_namespace(args: argparse.Namespace) -> Optional[str]:
+    """The namespace to watch: ``--k8s-namespace``, else the pod's own when running in a cluster
+    without static ``--connection``s (the service account mounts it)."""
+    if args.k8s_namespace:
+        return args.k8s_namespace
+    if args.connection or not os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return None
+    try:
+        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or None
+    except OSError:
+        return None
+
+
 def run(args: argparse.Namespace) -> int:
     return asyncio.run(serve(args))
 
@@ -57,9 +76,10 @@ async def serve(args: argparse.Namespace) -> int:
     if args.shards < 0:
         raise ConfigurationError("--shards must be >= 0")
     retry = RetryPolicy(attempt_timeout=args.attempt_timeout)
+    namespace = k8s_namespace(args)
     pool = create_connection_pool(
-        k8s_connection_pool=bool(args.k8s_namespace),
-        k8s_namespace=args.k8s_namespace,
+        k8s_connection_pool=namespace is not None,
+        k8s_namespace=namespace,
         balancer=args.balancer,
         retry=retry,
         timeout=args.timeout,

@@ -339,6 +339,7 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
         self._ledger = _Ledger(self)
         self._watches: dict[str, ListWatch] = {}
         self._task: Optional[asyncio.Task] = None
+        self._configured = asyncio.Event()
 
     # -- lifetime --------------------------------------------------------------
 
@@ -365,14 +366,19 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
             await self._client.close()
             self._client = None
         self._watches = {}
+        self._configured.clear()
         await super().close()
+
+    @property
+    def watching(self) -> bool:
+        """True while the discovery task runs (it only ends by ``close``)."""
+        return self._task is not None and not self._task.done()
 
     async def wait_synced(self, timeout: Optional[float] = None) -> None:
         """Return once every source has completed its first list (its objects are in the pool)."""
 
         async def synced() -> None:
-            while len(self._watches) < len(self.sources):
-                await asyncio.sleep(0.01)  # the watches exist once configuration has loaded
+            await self._configured.wait()  # the watches exist once configuration has loaded
             await asyncio.gather(*(watch.synced.wait() for watch in self._watches.values()))
 
         await asyncio.wait_for(synced(), timeout)
@@ -381,6 +387,7 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
         if self._client is None:
             await with_backoff(f"kubernetes configuration for {self.namespace}", self._load_client, self._watch_options)
         self._watches = {source: self._watch_for(source) for source in self.sources}
+        self._configured.set()
         await asyncio.gather(*(watch.run() for watch in self._watches.values()))
 
     async def _load_client(self) -> None:
