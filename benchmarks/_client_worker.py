@@ -72,6 +72,23 @@ class Shardnet:
         await self.pool.close()
 
 
+class ShardnetCall(Shardnet):
+    """``GrpcConnectionPool.call`` on the shard's replica list: the head's path, no Task per request."""
+
+    def __init__(self, addresses, balancer="round_robin"):
+        super().__init__(addresses, balancer)
+        from shardnet.networking.polling import PollingType
+
+        self.PollingType = PollingType
+        self.metadata = (("endpoint", ENDPOINT),)
+
+    async def send(self, request):
+        [(shard_id, replicas)] = self.pool.targets(DEPLOYMENT, False, None, self.PollingType.ANY)
+        response, _trailing = await self.pool.call(request, DEPLOYMENT, replicas, shard_id=shard_id,
+                                                   metadata=self.metadata)
+        return response
+
+
 class Jina:
     """``jina.serve.networking.GrpcConnectionPool.send_requests_once`` from jina 3.34."""
 
@@ -137,10 +154,10 @@ async def closed_loop(client, payload: bytes, requests: int, concurrency: int) -
                 failures += 1
             record(clock() - started)
 
-    cpu0, wall0 = time.process_time(), clock()
+    cpu0, thread0, wall0 = time.process_time(), time.thread_time(), clock()
     await asyncio.gather(*(one_worker() for _ in range(min(concurrency, requests))))
-    wall, cpu = clock() - wall0, time.process_time() - cpu0
-    return {"n": requests, "wall": wall, "cpu": cpu, "failures": failures,
+    wall, cpu, loop_cpu = clock() - wall0, time.process_time() - cpu0, time.thread_time() - thread0
+    return {"n": requests, "wall": wall, "cpu": cpu, "loop_cpu": loop_cpu, "failures": failures,
             "lat": [round(value, 7) for value in latencies]}
 
 
@@ -170,6 +187,8 @@ def main() -> int:
                 clients[key] = Bare(args.addresses, grpc_options())
             elif impl == "shardnet":
                 clients[key] = Shardnet(args.addresses, balancer)
+            elif impl == "shardnet-call":
+                clients[key] = ShardnetCall(args.addresses, balancer)
             elif impl == "jina":
                 clients[key] = Jina(args.addresses)
             else:

@@ -57,6 +57,10 @@ class EchoProcess:
         self.addresses: list[str] = []
 
     def start(self) -> "EchoProcess":
+        return self.launch().wait_ready()
+
+    def launch(self) -> "EchoProcess":
+        """Start the child without waiting for it (start several, then ``wait_ready`` on each)."""
         command = [
             SHARDNET_PYTHON, "-m", "shardnet.testing",
             "--servers", str(self.count),
@@ -66,11 +70,20 @@ class EchoProcess:
         ]
         if self.names:
             command += ["--names", ",".join(self.names)]
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        line = self.process.stdout.readline()
-        if not line.startswith("READY "):
+        env = dict(os.environ)
+        env.setdefault("GRPC_VERBOSITY", "ERROR")
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                                        env=env)
+        return self
+
+    def wait_ready(self) -> "EchoProcess":
+        try:
+            line = self.process.stdout.readline()
+            if not line.startswith("READY "):
+                raise RuntimeError(f"echo servers did not start: {line!r}")
+        except BaseException:
             self.stop()
-            raise RuntimeError(f"echo servers did not start: {line!r}")
+            raise
         self.addresses = line.split()[1:]
         return self
 
@@ -88,6 +101,32 @@ class EchoProcess:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.stop()
+
+
+def start_all(processes: Sequence["EchoProcess"]) -> None:
+    """Launch every echo process at once, then wait for each; on failure stop them all."""
+    try:
+        for process in processes:
+            process.launch()
+        for process in processes:
+            process.wait_ready()
+    except BaseException:
+        for process in processes:
+            process.stop()
+        raise
+
+
+def stop_all(processes: Sequence["EchoProcess"]) -> None:
+    """Stop every echo process, signalling all of them before waiting for any."""
+    for process in processes:
+        if process.process is not None and process.process.poll() is None:
+            try:
+                process.process.send_signal(signal.SIGCONT)
+                process.process.terminate()
+            except OSError:
+                pass
+    for process in processes:
+        process.stop()
 
 
 class Worker:

@@ -48,6 +48,8 @@ def parse_args(argv=None):
     parser.add_argument("--peer", choices=("none", "jina"), default="none")
     parser.add_argument("--loop", choices=("asyncio", "uvloop", "both"), default="asyncio",
                         help="event loop of the shardnet-venv clients (and of the Jina client unless 'both')")
+    parser.add_argument("--call-path", action="store_true",
+                        help="also time GrpcConnectionPool.call (the head's path: no Task per request)")
     parser.add_argument("--profile", metavar="FILE", help="after the rounds, profile one shardnet round with cProfile")
     parser.add_argument("--quick", action="store_true", help="about 20 s: 4 rounds of 2000, warm-up 1000")
     args = parser.parse_args(argv)
@@ -78,6 +80,8 @@ def main(argv=None) -> int:
                     suffix = f" [{loop}]" if len(loops) > 1 else ""
                     competitors.append((f"bare grpc.aio {worker.info['grpc']}{suffix}", worker, "bare"))
                     competitors.append((f"shardnet pool{suffix}", worker, "shardnet"))
+                    if args.call_path:
+                        competitors.append((f"shardnet pool.call{suffix}", worker, "shardnet-call"))
                 if args.peer == "jina":
                     worker = Worker(JINA_PYTHON, servers.addresses, loop=jina_loop, concurrency=args.concurrency)
                     workers.append(worker)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import socket
 import threading
 import time
 from typing import Any, Awaitable, Callable, Union
@@ -15,7 +16,7 @@ from typing import Any, Awaitable, Callable, Union
 import pytest
 
 from shardnet import GrpcConnectionPool
-from shardnet.testing import EchoServer, free_port
+from shardnet.testing import EchoServer
 
 Predicate = Callable[[], Union[bool, Awaitable[bool]]]
 
@@ -147,6 +148,35 @@ async def pool(pool_factory):
 
 
 @pytest.fixture
-def dead_address() -> str:
-    """A loopback address nothing listens on (calls fail fast with UNAVAILABLE)."""
-    return f"127.0.0.1:{free_port()}"
+def dead_address():
+    """A loopback address nothing listens on (calls fail fast with UNAVAILABLE).
+
+    The port stays bound, never listening, for the whole test, so no other test can start a server on it.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{holder.getsockname()[1]}"
+
+
+# -- appended for the runtime tests (test_worker.py, test_head.py, test_interop_jina.py) -------------------
+
+
+@pytest.fixture
+async def runtimes():
+    """Factory: ``worker = await runtimes(Worker(executor))`` or ``head = await runtimes(Head(...))``.
+
+    Starts an in-process shardnet runtime (anything with ``start()`` and ``stop(grace)``, bound to a free
+    loopback port by its ServerConfig's port 0) and returns it; all are stopped at teardown, passed or failed.
+    """
+    started: list[Any] = []
+
+    async def start(runtime: Any) -> Any:
+        started.append(runtime)
+        await runtime.start()
+        return runtime
+
+    try:
+        yield start
+    finally:
+        for runtime in reversed(started):
+            await runtime.stop(0)

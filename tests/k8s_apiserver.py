@@ -199,6 +199,7 @@ class FakeApiServer:
         await self._site.start()
 
     async def stop(self) -> None:
+        self.drop_streams()  # wakes the stream handlers, so shutdown need not wait for them
         self._abort_connections()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -239,7 +240,11 @@ class FakeApiServer:
         for stream in self._streams:
             if stream.bookmarks:
                 resource = RESOURCES[stream.resource]
-                obj = {"kind": resource.kind, "apiVersion": resource.api_version, "metadata": {"resourceVersion": str(self.version)}}
+                obj = {
+                    "kind": resource.kind,
+                    "apiVersion": resource.api_version,
+                    "metadata": {"resourceVersion": str(self.version)},
+                }
                 stream.queue.put_nowait((json.dumps({"type": "BOOKMARK", "object": obj}) + "\n").encode())
 
     def compact(self) -> None:
@@ -310,7 +315,9 @@ class FakeApiServer:
                 request.transport.abort()
             return web.Response(status=503)
         if self.state == "unavailable":
-            return web.json_response(status_object(503, "ServiceUnavailable", "the server is shutting down"), status=503)
+            return web.json_response(
+                status_object(503, "ServiceUnavailable", "the server is shutting down"), status=503
+            )
         if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
             return web.json_response(status_object(401, "Unauthorized", "Unauthorized"), status=401)
         return None
@@ -338,7 +345,9 @@ class FakeApiServer:
             }
         )
 
-    async def _watch(self, resource: str, namespace: str, selector: Selector, request: web.Request) -> web.StreamResponse:
+    async def _watch(
+        self, resource: str, namespace: str, selector: Selector, request: web.Request
+    ) -> web.StreamResponse:
         query = request.query
         since = query.get("resourceVersion", "")
         bookmarks = query.get("allowWatchBookmarks", "").lower() in ("1", "true")
@@ -353,7 +362,7 @@ class FakeApiServer:
             stream.queue.put_nowait((json.dumps({"type": "ERROR", "object": gone}) + "\n").encode())
             stream.queue.put_nowait(END)
         elif since in ("", "0"):  # "any version": synthetic ADDED for what exists now
-            for (ns, _), obj in self._objects[resource].items():
+            for obj in self._objects[resource].values():
                 shown = dict(obj, kind=RESOURCES[resource].kind, apiVersion=RESOURCES[resource].api_version)
                 line = stream.line_for(Event(int(obj["metadata"]["resourceVersion"]), "ADDED", resource, shown))
                 if line is not None:
@@ -379,24 +388,34 @@ class FakeApiServer:
                     item = await asyncio.wait_for(stream.queue.get(), remaining)
                 except asyncio.TimeoutError:
                     item = END
-                if item is DROP:
+                # What is queued already goes out in one write, as a busy server packs events into one segment.
+                batch = [item]
+                while batch[-1] is not DROP and batch[-1] is not END and not stream.queue.empty():
+                    batch.append(stream.queue.get_nowait())
+                ending = batch.pop() if batch[-1] is DROP or batch[-1] is END else None
+                lines = [entry if isinstance(entry, tuple) else (None, entry) for entry in batch]
+                if lines:
+                    await response.write(b"".join(line for _, line in lines))
+                    written = time.perf_counter()
+                    for version, _ in lines:
+                        if version is not None:
+                            self.written_at.setdefault(version, written)
+                if ending is DROP:
                     if request.transport is not None:
                         request.transport.abort()
                     return response
-                if item is END:
+                if ending is END:
                     await response.write_eof()
                     return response
-                version, line = item if isinstance(item, tuple) else (None, item)
-                await response.write(line)
-                if version is not None:
-                    self.written_at.setdefault(version, time.perf_counter())
         except (ConnectionResetError, OSError):  # the client went away
             return response
         finally:
             self._streams.discard(stream)
 
 
-def write_kubeconfig(path: Path, server_url: str, *, token: Optional[str] = "test-token", namespace: str = "default") -> Path:
+def write_kubeconfig(
+    path: Path, server_url: str, *, token: Optional[str] = "test-token", namespace: str = "default"
+) -> Path:
     """Write a kubeconfig whose current context points at ``server_url``; return its path."""
     user = {"token": token} if token else {}
     path.write_text(
@@ -406,7 +425,9 @@ def write_kubeconfig(path: Path, server_url: str, *, token: Optional[str] = "tes
                 "kind": "Config",
                 "clusters": [{"name": "fake", "cluster": {"server": server_url}}],
                 "users": [{"name": "tester", "user": user}],
-                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "tester", "namespace": namespace}}],
+                "contexts": [
+                    {"name": "fake", "context": {"cluster": "fake", "user": "tester", "namespace": namespace}}
+                ],
                 "current-context": "fake",
             }
         )
@@ -428,7 +449,11 @@ def pod(
     extra_labels: Optional[dict[str, str]] = None,
 ) -> dict:
     """A Pod as Jina 3's manifests label it (labels left out when None)."""
-    labels = {k: v for k, v in (("jina_deployment_name", deployment), ("pod_type", pod_type), ("shard_id", shard_id)) if v is not None}
+    labels = {
+        k: v
+        for k, v in (("jina_deployment_name", deployment), ("pod_type", pod_type), ("shard_id", shard_id))
+        if v is not None
+    }
     labels.update(extra_labels or {})
     container = {"name": "executor", "image": "shardnet:test"}
     if port is not None:
@@ -452,7 +477,7 @@ def endpoint_slice(
     shard: str = "0",
     port: int = 50051,
 ) -> dict:
-    """An EndpointSlice of ``service`` carrying the Service's shardnet labels; endpoints are (ip, ready, terminating)."""
+    """An EndpointSlice of ``service`` with the Service's shardnet labels; endpoints are (ip, ready, terminating)."""
     items = []
     for ip, ready, terminating in endpoints:
         conditions = {}

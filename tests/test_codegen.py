@@ -16,8 +16,24 @@ def test_generated_modules_are_not_stale(tmp_path):
 
 
 def test_python_m_shardnet_help():
-    result = subprocess.run(
-        [sys.executable, "-m", "shardnet", "--help"], capture_output=True, text=True, timeout=30
-    )
+    result = subprocess.run([sys.executable, "-m", "shardnet", "--help"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert "usage: shardnet" in result.stdout
+
+
+def test_public_names_are_importable_from_shardnet():
+    import shardnet
+
+    for name in [
+        "ControlRequest",
+        "DataRequest",
+        "Document",
+        "GrpcConnectionPool",
+        "PollingType",
+        "ReplicaList",
+        "create_connection_pool",
+        "host_is_local",
+        "is_remote_local_connection",
+    ]:
+        assert hasattr(shardnet, name), name
+    assert {kind.name for kind in shardnet.PollingType} == {"ANY", "ALL"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 
 import grpc
 import pytest
@@ -17,7 +18,6 @@ from shardnet import (
     ReplicaError,
 )
 from shardnet.protocol import services
-
 
 # -- blocking forms (the replica runs on another thread's loop) --------------------
 
@@ -163,3 +163,24 @@ async def test_malformed_data_reply_is_returned_lazily(garbage_server):
     assert response.to_bytes() == b"\xff\xff\xff"
     with pytest.raises(ProtocolError):
         response.request_id
+
+
+@pytest.mark.parametrize(
+    "helper, expected",
+    [
+        ("get_grpc_channel", "address, options=None, asyncio=False, https=False, root_certificates=None"),
+        ("activate_worker_sync", "worker_host, worker_port, target_head, shard_id=None"),
+        ("activate_worker", "worker_host, worker_port, target_head, shard_id=None"),
+        ("deactivate_worker", "worker_host, worker_port, target_head, shard_id=None"),
+        ("send_request_sync", "request, target, timeout=100.0, https=False, root_certificates=None, endpoint=None"),
+        ("send_requests_sync", "requests, target, timeout=100.0, https=False, root_certificates=None, endpoint=None"),
+        ("send_request_async", "request, target, timeout=1.0, https=False, root_certificates=None"),
+        ("create_async_channel_stub", "address, https=False, root_certificates=None"),
+        ("get_default_grpc_options", ""),
+    ],
+)
+def test_helper_signatures_keep_the_original_names(helper, expected):
+    # the original design's parameters come first, in order, with the same defaults
+    parameters = list(inspect.signature(getattr(GrpcConnectionPool, helper)).parameters.values())
+    shown = ", ".join(p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}" for p in parameters)
+    assert shown.startswith(expected)

@@ -52,9 +52,7 @@ def test_retry_budget_window_forgets_old_traffic():
     assert budget.try_spend() and not budget.try_spend()
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{"ratio": -0.1}, {"ratio": 1.5}, {"min_per_second": -1}, {"window": 0}]
-)
+@pytest.mark.parametrize("kwargs", [{"ratio": -0.1}, {"ratio": 1.5}, {"min_per_second": -1}, {"window": 0}])
 def test_retry_budget_rejects_bad_settings(kwargs):
     with pytest.raises(ConfigurationError):
         RetryBudget(**kwargs)

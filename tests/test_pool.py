@@ -17,6 +17,7 @@ from shardnet import (
     ProtocolError,
     ReplicaError,
     RetryBudget,
+    RetryPolicy,
     RoutingError,
     create_connection_pool,
 )
@@ -278,3 +279,33 @@ async def test_malformed_replies_raise_protocol_error_and_never_hang(pool, garba
         response.endpoint  # data replies stay bytes until read
     # the replica is still usable afterwards: nothing crashed, nothing was ejected
     assert pool.get_replicas("dep", head=True).eligible()
+
+
+async def test_attempt_timeout_fails_over_from_a_hung_replica(pool_factory, echo_servers):
+    hung, healthy = await echo_servers(2, names=["hung", "healthy"])
+    hung.delay = 10.0
+    pool = pool_factory(retry=RetryPolicy(attempt_timeout=0.2))
+    pool.add_connection("dep", hung.address)
+    pool.add_connection("dep", healthy.address)
+    for _ in range(3):
+        assert served_by(await send_one(pool, timeout=5.0)) == "healthy"
+    assert hung.calls >= 1
+
+
+async def test_removing_a_replica_lets_its_request_in_flight_finish(pool, echo_servers, eventually):
+    [slow] = await echo_servers(1, delay=0.3)
+    pool.add_connection("dep", slow.address)
+    task = pool.send_request(DataRequest(endpoint="/f"), "dep", timeout=5.0)[0]
+    await eventually(lambda: slow.calls == 1, timeout=5.0)
+    assert await pool.remove_connection("dep", slow.address)
+    response, trailing = await task
+    assert response.endpoint == "/f" and trailing["served-by"] == "echo-0"
+
+
+async def test_discover_endpoint(pool, echo_servers):
+    [head] = await echo_servers(1)
+    pool.add_connection("dep", head.address, head=True)
+    assert pool.send_discover_endpoint("unknown") is None
+    with pytest.raises(ReplicaError) as caught:  # the echo replica has no discovery service
+        await pool.send_discover_endpoint("dep")
+    assert caught.value.code == grpc.StatusCode.UNIMPLEMENTED and caught.value.address == head.address

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import gc
+
+import grpc
 import pytest
 
-from shardnet import ConfigurationError, DataRequest, ReplicaList
+from shardnet import ConfigurationError, DataRequest, EjectionPolicy, ReplicaList
 
 
 @pytest.fixture
@@ -79,3 +82,25 @@ async def test_close_forgets_everything(echo_servers):
     replica_list.add_connection(server.address)
     await replica_list.close()
     assert not replica_list.has_connections() and replica_list.get_next_connection() is None
+
+
+def live_channels() -> int:
+    gc.collect()
+    return sum(isinstance(obj, grpc.aio.Channel) for obj in gc.get_objects())
+
+
+async def test_failing_channel_is_rebuilt_and_replaced_channels_do_not_pile_up(echo_servers, eventually):
+    [sick] = await echo_servers(1, fail_with=grpc.StatusCode.UNAVAILABLE)
+    replicas = ReplicaList(ejection=EjectionPolicy(consecutive_failures=1))
+    try:
+        connection = replicas.add_connection(sick.address)
+        before = live_channels()
+        first = connection.channel
+        for _ in range(30):  # the only replica: never ejected, its channel rebuilt after every failure
+            with pytest.raises(grpc.aio.AioRpcError):
+                await replicas.call(connection, "single_data", DataRequest(), None, 5.0)
+        assert connection.channel is not first and sick.calls == 30
+        del first
+        await eventually(lambda: live_channels() <= before + 1, timeout=5.0)
+    finally:
+        await replicas.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 import grpc
@@ -175,3 +174,16 @@ def test_load_pem_refuses_what_is_not_pem(tmp_path):
 def test_client_certificate_needs_its_key(tls):
     with pytest.raises(ConfigurationError, match="both"):
         ClientTls(root_certificates=tls.ca_pem, certificate_chain=tls.ca_pem).credentials()
+
+
+def test_blocking_channel_with_root_certificates(threaded_echo, tls, root_certificates):
+    from shardnet.protocol import services
+
+    server = threaded_echo.start(credentials=tls.server.credentials())
+    channel = GrpcConnectionPool.get_grpc_channel(server.address, https=True, root_certificates=root_certificates)
+    try:
+        request = DataRequest()
+        reply = channel.unary_unary(services.PROCESS_SINGLE_DATA)(request.to_bytes(), timeout=5.0)
+        assert reply == request.to_bytes()
+    finally:
+        channel.close()

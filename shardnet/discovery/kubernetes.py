@@ -32,7 +32,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 
-from shardnet.discovery.watch import ListWatch, WatchOptions, with_backoff
+from shardnet.discovery.watch import ListWatch, Unavailable, WatchOptions, with_backoff
 from shardnet.errors import ConfigurationError
 from shardnet.networking.addresses import parse_address
 from shardnet.networking.pool import GrpcConnectionPool
@@ -143,7 +143,7 @@ def pod_members(pod: Mapping[str, Any], *, ready_only: bool = True) -> Contribut
 
 
 def slice_members(endpoint_slice: Mapping[str, Any], *, ready_only: bool = True) -> Contribution:
-    """The members of one EndpointSlice: its endpoints (ready unless told otherwise, never terminating) on port ``grpc``.
+    """The members of one EndpointSlice on its port ``grpc``; with ``ready_only``, not unready nor terminating.
 
     >>> slice_members({"metadata": {"labels": {"shardnet.io/deployment": "enc", "shardnet.io/role": "worker",
     ...     "shardnet.io/shard": "0"}}, "ports": [{"name": "grpc", "port": 50051}],
@@ -175,6 +175,16 @@ def slice_members(endpoint_slice: Mapping[str, Any], *, ready_only: bool = True)
 _MEMBERS = {"pods": pod_members, "endpointslices": slice_members}
 
 
+def _members(source: str, obj: Mapping[str, Any], *, ready_only: bool = True) -> Contribution:
+    """What ``obj`` contributes; a malformed object contributes nothing (logged) rather than stop the watch."""
+    try:
+        return _MEMBERS[source](obj, ready_only=ready_only)
+    except Exception:
+        metadata = obj.get("metadata") or {}
+        logger.exception("ignoring malformed %s %s/%s", source, metadata.get("namespace"), metadata.get("name"))
+        return NOTHING
+
+
 # -- the ledger ------------------------------------------------------------------
 
 
@@ -189,16 +199,15 @@ class _Ledger:
     def __init__(self, pool: GrpcConnectionPool):
         self._pool = pool
         self._records: dict[tuple[str, str], Contribution] = {}
-        self._holders: Counter = Counter()
+        self._holders: Counter[Member] = Counter()
         self._removals: dict[Member, asyncio.Task] = {}
-
-    def contribution(self, source: str, key: str) -> Contribution:
-        return self._records.get((source, key), NOTHING)
 
     def keys(self, source: str) -> list[str]:
         return [key for (src, key) in self._records if src == source]
 
-    async def record(self, source: str, key: str, members: Contribution, *, also_remove: Contribution = NOTHING) -> None:
+    async def record(
+        self, source: str, key: str, members: Contribution, *, also_remove: Contribution = NOTHING
+    ) -> None:
         """Make ``members`` the contribution of object ``key``; ``also_remove`` goes too unless someone holds it."""
         old = self._records.get((source, key), NOTHING)
         if members:
@@ -228,16 +237,20 @@ class _Ledger:
             await self.record(source, key, members)
 
     async def _add(self, member: Member) -> None:
-        pending = self._removals.get(member)
-        if pending is not None:
-            await asyncio.shield(pending)
+        while (pending := self._removals.get(member)) is not None:
+            await asyncio.wait({pending})  # back before its removal finished closing: let it finish first
+        if not self._holders.get(member):  # and dropped again while we waited
+            return
         try:
             self._pool.add_connection(member.deployment, member.address, head=member.head, shard_id=member.shard_id)
         except Exception:  # a bad address must not stop the watch
             logger.exception("could not add replica %s of %r", member.address, member.deployment)
             return
         logger.info(
-            "discovered %s %s of %r", "head" if member.head else f"shard {member.shard_id} replica", member.address, member.deployment
+            "discovered %s %s of %r",
+            "head" if member.head else f"shard {member.shard_id} replica",
+            member.address,
+            member.deployment,
         )
 
     def _remove(self, member: Member) -> None:
@@ -253,10 +266,15 @@ class _Ledger:
         if task.cancelled():
             return
         if task.exception() is not None:
-            logger.error("could not remove replica %s of %r", member.address, member.deployment, exc_info=task.exception())
-        else:
+            logger.error(
+                "could not remove replica %s of %r", member.address, member.deployment, exc_info=task.exception()
+            )
+        elif task.result() is not None:
             logger.info(
-                "%s %s of %r left", "head" if member.head else f"shard {member.shard_id} replica", member.address, member.deployment
+                "%s %s of %r left",
+                "head" if member.head else f"shard {member.shard_id} replica",
+                member.address,
+                member.deployment,
             )
 
     async def drain(self) -> None:
@@ -347,9 +365,7 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
         """Start following the cluster (call inside a running loop); configuration loads in the background."""
         super().start()
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(
-                self._follow(), name=f"k8s-discovery-{self.namespace}"
-            )
+            self._task = asyncio.get_running_loop().create_task(self._follow(), name=f"k8s-discovery-{self.namespace}")
 
     async def close(self) -> None:
         """Stop watching, let removals finish closing, close an owned API client, then every channel."""
@@ -362,6 +378,7 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
                 if not task.cancelled():  # the caller is being cancelled, not just our task
                     raise
         await self._ledger.drain()
+        self._ledger = _Ledger(self)  # the base close forgets every replica; so does the record
         if self._owns_client and self._client is not None:
             await self._client.close()
             self._client = None
@@ -391,7 +408,10 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
         await asyncio.gather(*(watch.run() for watch in self._watches.values()))
 
     async def _load_client(self) -> None:
-        self._client = await load_api_client(self._kubeconfig)
+        try:
+            self._client = await load_api_client(self._kubeconfig)
+        except k8s_config.ConfigException as error:
+            raise Unavailable(f"no usable Kubernetes configuration: {error}") from error
 
     def _watch_for(self, source: str) -> ListWatch:
         if source == "pods":
@@ -414,16 +434,14 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
     # -- events -------------------------------------------------------------------
 
     async def _on_list(self, source: str, objects: Iterable[Mapping[str, Any]]) -> None:
-        members_of = _MEMBERS[source]
-        await self._ledger.replace(source, {object_key(obj): members_of(obj) for obj in objects})
+        await self._ledger.replace(source, {object_key(obj): _members(source, obj) for obj in objects})
 
     async def _on_event(self, source: str, kind: str, obj: Mapping[str, Any]) -> None:
-        members_of = _MEMBERS[source]
         key = object_key(obj)
         if kind == "DELETED":
-            await self._ledger.record(source, key, NOTHING, also_remove=members_of(obj, ready_only=False))
+            await self._ledger.record(source, key, NOTHING, also_remove=_members(source, obj, ready_only=False))
         else:
-            await self._ledger.record(source, key, members_of(obj))
+            await self._ledger.record(source, key, _members(source, obj))
 
     def __repr__(self) -> str:
         state = "watching" if self._task is not None else "stopped"

@@ -75,6 +75,12 @@ class WatchOptions:
         """Full-jitter exponential backoff between failed attempts."""
         return tenacity.wait_random_exponential(multiplier=self.backoff_initial, max=self.backoff_max)
 
+    def pause(self, attempt: int) -> float:
+        """The backoff before retry number ``attempt`` (1, 2, ...), outside a tenacity loop."""
+        state = tenacity.RetryCallState(None, None, (), {})  # type: ignore[arg-type]
+        state.attempt_number = attempt
+        return self.backoff()(state)
+
 
 class Gone(Exception):
     """The resourceVersion asked for has been compacted away: only a re-list helps."""
@@ -87,10 +93,10 @@ class Unavailable(Exception):
 class ListWatch:
     """The list-then-watch loop for one resource; ``await run()`` until cancelled.
 
-    >>> pods = ListWatch("pods in ns", functools.partial(core.list_namespaced_pod, "ns"),   # doctest: +SKIP
+    >>> pods = ListWatch("pods in ns", functools.partial(core.list_namespaced_pod, "ns"),  # doctest: +SKIP
     ...                  on_list=reconcile, on_event=apply, label_selector="app")
-    >>> task = asyncio.create_task(pods.run()); await pods.synced.wait()
-    >>> pods.resource_version
+    >>> task = asyncio.create_task(pods.run()); await pods.synced.wait()  # doctest: +SKIP
+    >>> pods.resource_version  # doctest: +SKIP
     '4711'
     """
 
@@ -113,17 +119,32 @@ class ListWatch:
         self._on_event = on_event
         self._selector = {"label_selector": label_selector} if label_selector else {}
         self._options = options
+        self._progress = False  # a watch line arrived since the last list
 
     async def run(self) -> None:
-        """List, watch, resume, re-list on 410; returns only by cancellation."""
+        """List, watch, resume, re-list on 410; returns only by cancellation.
+
+        The first 410 re-lists at once; 410s that follow a list with no
+        watch line in between back off, so a confused server is not hammered.
+        """
+        expired_in_a_row = 0
         while True:
             if self.resource_version is None:
                 await with_backoff(self.name, self._list, self._options)
             try:
                 await with_backoff(self.name, self._watch, self._options)
             except Gone as gone:
-                logger.info("%s: resourceVersion %s expired (%s); re-listing", self.name, self.resource_version, gone)
+                expired_in_a_row = 1 if self._progress else expired_in_a_row + 1
+                pause = self._options.pause(expired_in_a_row - 1) if expired_in_a_row > 1 else 0.0
+                logger.info(
+                    "%s: resourceVersion %s expired (%s); re-listing in %.2fs",
+                    self.name,
+                    self.resource_version,
+                    gone,
+                    pause,
+                )
                 self.resource_version = None
+                await asyncio.sleep(pause)
 
     # -- list ----------------------------------------------------------------
 
@@ -131,7 +152,10 @@ class ListWatch:
         timeout = aiohttp.ClientTimeout(total=self._options.list_timeout, sock_connect=self._options.connect_timeout)
         response = await self._list_call(_preload_content=False, _request_timeout=timeout, **self._selector)
         async with response:
-            await _check_status(response)
+            try:
+                await _check_status(response)
+            except Gone as gone:  # no version was asked for: a server fault, retried like one
+                raise Unavailable(f"list answered 410 Gone: {gone}") from gone
             body = await response.read()
         try:
             document = json.loads(body)
@@ -141,6 +165,7 @@ class ListWatch:
             raise Unavailable(f"list answer is not a Kubernetes list: {error}") from error
         await self._on_list(items)
         self.resource_version = version
+        self._progress = False
         self.lists += 1
         self.synced.set()
         logger.debug("%s: listed %d objects at resourceVersion %s", self.name, len(items), version)
@@ -168,13 +193,20 @@ class ListWatch:
                 try:
                     line = await response.content.readline()
                 except asyncio.TimeoutError:
-                    logger.info("%s: watch silent for %.1fs; resuming from %s", self.name, options.read_timeout, self.resource_version)
+                    logger.info(
+                        "%s: watch silent for %.1fs; resuming from %s",
+                        self.name,
+                        options.read_timeout,
+                        self.resource_version,
+                    )
                     return
                 except aiohttp.ClientError as error:
                     if not received and asyncio.get_running_loop().time() - opened < 1.0:
                         # dropped as soon as opened: back off rather than spin against a sick server
                         raise Unavailable(f"watch stream dropped at once: {error}") from error
-                    logger.info("%s: watch stream dropped (%s); resuming from %s", self.name, error, self.resource_version)
+                    logger.info(
+                        "%s: watch stream dropped (%s); resuming from %s", self.name, error, self.resource_version
+                    )
                     return
                 if not line:  # the server ended the stream (its timeoutSeconds): resume
                     logger.debug("%s: watch ended; resuming from %s", self.name, self.resource_version)
@@ -195,6 +227,7 @@ class ListWatch:
             if code == 410:
                 raise Gone(f"{reason}: {message}")
             raise Unavailable(f"watch ERROR event {code} {reason}: {message}")
+        self._progress = True
         version = (obj.get("metadata") or {}).get("resourceVersion")
         if kind in ("ADDED", "MODIFIED", "DELETED"):
             await self._on_event(kind, obj)

@@ -86,6 +86,8 @@ class RetryBudget:
         self._requests = 0
         self._retries = 0
         self.refused = 0
+        self.total_requests = 0  # since creation, for reports; the window decides
+        self.total_retries = 0
 
     def _bucket(self) -> list:
         now = math.floor(self._clock())
@@ -101,6 +103,7 @@ class RetryBudget:
     def record_request(self) -> None:
         self._bucket()[1] += 1
         self._requests += 1
+        self.total_requests += 1
 
     def try_spend(self) -> bool:
         """Take one retry from the budget; False (and counted as refused) when none is left."""
@@ -111,7 +114,14 @@ class RetryBudget:
             return False
         bucket[2] += 1
         self._retries += 1
+        self.total_retries += 1
         return True
+
+    @property
+    def allowance(self) -> float:
+        """Retries the current window allows in all (spent ones included)."""
+        self._bucket()
+        return self.min_per_second * self.window + self.ratio * self._requests
 
     @property
     def retries(self) -> int:

@@ -169,6 +169,9 @@ class GrpcConnectionPool:
         if shard_id is not None:
             replicas = entry.shards.get(shard_id)
             return [(shard_id, replicas)] if replicas is not None and replicas.has_connections() else []
+        if len(entry.shards) == 1:  # the common case, without a sort per request
+            [(sid, replicas)] = entry.shards.items()
+            return [(sid, replicas)] if replicas.eligible() else []
         live = [(sid, replicas) for sid, replicas in sorted(entry.shards.items()) if replicas.eligible()]
         if not live:
             return []

@@ -20,17 +20,20 @@ from grpc_health.v1 import health_pb2
 from shardnet.errors import ProtocolError
 from shardnet.networking.addresses import Address, parse_address
 from shardnet.networking.balancing import Balancer, RoundRobin
-from shardnet.networking.channels import ChannelOptions, Stubs, checked_reply, get_grpc_channel
+from shardnet.networking.channels import ChannelOptions, Stubs, call_metadata, checked_reply, get_grpc_channel
 from shardnet.networking.policies import EjectionPolicy
 from shardnet.networking.tls import ClientTls
 
 logger = logging.getLogger(__name__)
 
+# how long a replaced channel waits for the calls still on it before it is closed anyway
+RETIRED_CHANNEL_GRACE = 30.0
+
 
 class Connection:
     """One replica: its address, its channel and the method callables on it."""
 
-    __slots__ = ("address", "_tls", "_options", "channel", "stubs", "failures", "times_ejected", "_retired")
+    __slots__ = ("address", "_tls", "_options", "channel", "stubs", "failures", "times_ejected", "_retiring")
 
     def __init__(self, address: Address, tls: Optional[ClientTls] = None, options: Optional[ChannelOptions] = None):
         self.address = address
@@ -38,7 +41,7 @@ class Connection:
         self._options = options
         self.failures = 0
         self.times_ejected = 0
-        self._retired: list[grpc.aio.Channel] = []
+        self._retiring: set[asyncio.Task] = set()  # replaced channels closing in the background
         self._open()
 
     def _open(self) -> None:
@@ -46,9 +49,12 @@ class Connection:
         self.stubs = Stubs.for_channel(self.channel)
 
     def rebuild(self) -> None:
-        """Replace the channel with a fresh one; the old one is closed with the connection."""
-        self._retired.append(self.channel)
+        """Replace the channel with a fresh one; the old one closes once the calls still on it end."""
+        retired = self.channel
         self._open()
+        closing = asyncio.get_running_loop().create_task(retired.close(RETIRED_CHANNEL_GRACE))
+        self._retiring.add(closing)
+        closing.add_done_callback(self._retiring.discard)
 
     async def health(self, timeout: float = 1.0) -> bool:
         """True when the replica's gRPC health service answers SERVING."""
@@ -61,9 +67,14 @@ class Connection:
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     async def close(self, grace: Optional[float] = None) -> None:
-        channels, self._retired = [self.channel, *self._retired], []
-        for channel in channels:
-            await channel.close(grace)
+        """Close the channel, giving calls in flight ``grace`` seconds; replaced channels get the same."""
+        await self.channel.close(grace)
+        retiring, self._retiring = list(self._retiring), set()
+        if retiring:
+            _, pending = await asyncio.wait(retiring, timeout=grace or 0)
+            for closing in pending:  # still waiting on a call: stop waiting, gRPC frees the channel
+                closing.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     def __repr__(self) -> str:
         return f"<Connection {self.address} failures={self.failures}>"
@@ -222,7 +233,7 @@ class ReplicaList:
         balancer = self.balancer
         token = balancer.started(connection)
         try:
-            call = getattr(connection.stubs, method)(payload, metadata=metadata, timeout=timeout)
+            call = getattr(connection.stubs, method)(payload, metadata=call_metadata(metadata), timeout=timeout)
             response = checked_reply(await call, connection.address)
             trailing = await call.trailing_metadata()
         except grpc.aio.AioRpcError as error:

@@ -42,7 +42,9 @@ def requests(func: Optional[Callable] = None, *, on: Union[str, Iterable[str], N
         for endpoint in endpoints:
             if endpoint != DEFAULT and not endpoint.startswith("/"):
                 raise ConfigurationError(f"endpoint {endpoint!r} of {method.__qualname__} must start with '/'")
-        setattr(method, _ENDPOINTS_ATTR, tuple(endpoints))
+        # stacked decorators add up: @requests(on="/a") over @requests(on="/b") binds both
+        bound = getattr(method, _ENDPOINTS_ATTR, ())
+        setattr(method, _ENDPOINTS_ATTR, bound + tuple(e for e in endpoints if e not in bound))
         return method
 
     return mark(func) if func is not None else mark

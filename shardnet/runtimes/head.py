@@ -26,7 +26,7 @@ from shardnet.networking.pool import GrpcConnectionPool
 from shardnet.protocol import services
 from shardnet.protocol.messages import ControlRequest, DataRequest, parse
 from shardnet.protocol.proto import jina_pb2
-from shardnet.runtimes.merge import merge_shard_responses
+from shardnet.runtimes.merge import merge_shard_responses, report_shard_problems
 from shardnet.runtimes.server import ControlGuard, Server, ServerConfig, serve_until_signalled, unary_service
 
 logger = logging.getLogger(__name__)
@@ -179,6 +179,7 @@ class Head:
             if not answered:
                 raise outcomes[0][1]
             response, _ = await self._one(self._uses_after, answered, metadata, timeout)
+            report_shard_problems(response, self.deployment, outcomes)
             return response, trailing
         return merge_shard_responses(self.deployment, outcomes), trailing
 
@@ -191,6 +192,7 @@ class Head:
             await context.abort( grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         command = request.command
         if command == "STATUS":
+            context.set_trailing_metadata(self._retry_metadata())
             return self._status(request).to_bytes()
         if not self._guard.allows(context):
             await context.abort(
@@ -213,6 +215,16 @@ class Head:
                 removed = await self.pool.remove_connection(self.deployment, address, shard_id=shard_id)
                 logger.info("%s: deactivated %s (%s)", self.deployment, address, "removed" if removed else "unknown")
         return request.to_bytes()
+
+    def _retry_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The retry budget as STATUS trailing metadata: spent and refused since start, the window's use."""
+        budget = self.pool.retry_budget
+        return (
+            ("requests-seen", str(budget.total_requests)),
+            ("retries-spent", str(budget.total_retries)),
+            ("retries-refused", str(budget.refused)),
+            ("retry-window", f"{budget.retries}/{budget.allowance:g}"),
+        )
 
     def _status(self, request: ControlRequest) -> ControlRequest:
         """Answer STATUS with every replica the head routes to, as related entities."""

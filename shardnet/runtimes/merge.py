@@ -45,14 +45,32 @@ def merge_shard_responses(deployment: str, outcomes: Sequence[ShardOutcome]) -> 
     parameters = merged.parameters
     parameters.setdefault("__results__", {})
     merged.parameters = parameters
-    problems = [f"shard {shard} of {deployment!r} failed: {error}" for shard, error in failed]
-    for shard, response in answered:
-        if response.is_error:
-            problems.append(f"shard {shard} of {deployment!r} answered an error: {response.status.description}")
-            if not merged.is_error:
-                merged.header.status.CopyFrom(response.status)
-    if problems:
-        status = merged.header.status
-        first_exception = status.exception.name if status.code else ""
-        merged.set_error("; ".join(problems), name=first_exception or "ShardError", executor=deployment)
+    report_shard_problems(merged, deployment, outcomes)
     return merged
+
+
+def report_shard_problems(response: DataRequest, deployment: str, outcomes: Sequence[ShardOutcome]) -> None:
+    """Mark ``response`` failed, naming each shard that failed or answered an error; no-op when none did.
+
+    ``response`` is the merged answer or the uses_after's answer. It takes the
+    first shard error's exception (name, stack) unless it is an error of its
+    own, whose description then comes first.
+    """
+    problems = []
+    first_error = None
+    for shard, outcome in outcomes:
+        if not isinstance(outcome, DataRequest):
+            problems.append(f"shard {shard} of {deployment!r} failed: {outcome}")
+        elif outcome.is_error:
+            problems.append(f"shard {shard} of {deployment!r} answered an error: {outcome.status.description}")
+            first_error = first_error or outcome.status
+    if not problems:
+        return
+    status = response.header.status
+    if response.is_error:
+        if not any(outcome is response for _, outcome in outcomes):
+            problems.insert(0, status.description)
+    elif first_error is not None:
+        status.CopyFrom(first_error)
+    name = status.exception.name if status.code else ""
+    response.set_error("; ".join(problems), name=name or "ShardError", executor=deployment)

@@ -100,7 +100,8 @@ class Server:
     async def start(self) -> None:
         config = self.config
         self._server = grpc.aio.server(
-            options=default_grpc_options(config.max_message_bytes),
+            # no SO_REUSEPORT: a second server on a port in use must fail, not silently share its traffic
+            options=default_grpc_options(config.max_message_bytes) + [("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
         self._server.add_generic_rpc_handlers(self._handlers)
@@ -116,7 +117,7 @@ class Server:
             else:
                 self.port = self._server.add_insecure_port(bind)
         except RuntimeError as exc:
-            raise ConfigurationError(f"cannot listen on {bind}: {exc}") from None
+            raise ConfigurationError(f"cannot listen on {bind}: port in use or address not local ({exc})") from None
         await self._server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
 

@@ -23,9 +23,9 @@ from shardnet.errors import ProtocolError, ReplicaError
 from shardnet.networking import oneshot
 from shardnet.networking.tls import ClientTls
 from shardnet.protocol import services
-from shardnet.protocol.documents import Document
+from shardnet.protocol.documents import Document, DocumentList
 from shardnet.protocol.messages import ControlRequest, DataRequest, parse
-from shardnet.protocol.proto import jina_pb2
+from shardnet.protocol.proto import docarray_pb2, jina_pb2
 from shardnet.runtimes.executor import DEFAULT, Executor
 from shardnet.runtimes.server import Server, ServerConfig, serve_until_signalled, unary_service
 
@@ -123,6 +123,10 @@ class Worker:
         route = first.add_route(self.name)
         docs = first.docs
         if len(requests) > 1:
+            # the first column is a view of the field about to hold every document: give it a copy of its own
+            first_column = docarray_pb2.DocumentArrayProto()
+            first_column.docs.extend(first.proto.data.docs.docs)
+            matrix[0] = DocumentList(first_column.docs)
             docs.replace([doc for column in matrix for doc in column])
         arguments: dict[str, Any] = {"docs": docs, "parameters": first.parameters, "endpoint": endpoint}
         if len(requests) > 1:

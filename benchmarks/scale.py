@@ -1,0 +1,200 @@
+"""Benchmark 4: pool operations at 10 to 10,000 replicas, and the memory an idle connection holds.
+
+For each size, in a fresh child process (so memory figures do not inherit
+freed arenas): add N replicas of one shard with ``GrpcConnectionPool.add_connection``,
+pick with ``ReplicaList.get_next_connection`` (round robin and p2c_ewma),
+remove a sample with ``remove_connection``. Channels are lazy, so an idle
+connection costs only its channel object; a second part connects a few
+hundred channels to real echo servers (each its own TCP connection) and
+measures again.
+
+    python benchmarks/scale.py            # about 1 min
+    python benchmarks/scale.py --quick    # sizes 10..1,000 and 100 connected channels
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import EchoProcess, machine_line, table  # noqa: E402
+
+PICKS = 200_000
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def addresses(count: int, first_port: int = 20_000) -> list[str]:
+    """Distinct loopback addresses nobody listens on (channels stay idle: nothing connects)."""
+    return [f"127.0.0.{1 + index // 40_000}:{first_port + index % 40_000}" for index in range(count)]
+
+
+async def one_size(count: int, removals: int) -> dict:
+    """Add ``count`` replicas, pick, remove ``removals`` of them; times per operation and memory per replica."""
+    from shardnet.networking.pool import GrpcConnectionPool
+
+    result = {"n": count}
+    targets = addresses(count)
+    warm = GrpcConnectionPool()  # grpc's one-off start-up (threads, pollers) falls outside the measures
+    for address in addresses(20, first_port=60_000):
+        warm.add_connection("warm", address)
+    for address in addresses(20, first_port=60_000):
+        await warm.remove_connection("warm", address)
+    await warm.close()
+    repeats = max(1, 2000 // count)  # small sizes: repeat the add/remove cycle so each figure averages >= 2000 ops
+    for balancer in ("round_robin", "p2c_ewma"):
+        add_seconds = remove_seconds = 0.0
+        removed = 0
+        for repeat in range(repeats):
+            targets = addresses(count, first_port=20_000 + (repeat * count) % 20_000)  # fresh targets each cycle
+            pool = GrpcConnectionPool(balancer=balancer)
+            gc.collect()
+            rss0 = rss_bytes()
+            started = time.perf_counter()
+            for address in targets:
+                pool.add_connection("dep", address)
+            add_seconds += time.perf_counter() - started
+            if repeat == 0 and balancer == "round_robin":
+                gc.collect()
+                result["rss_per_replica"] = (rss_bytes() - rss0) / count
+            if repeat == 0:
+                pick = pool.get_replicas("dep").get_next_connection
+                for _ in range(min(PICKS, 10 * count)):  # p2c_ewma creates its per-replica record on first sight
+                    pick()
+                started = time.perf_counter()
+                for _ in range(PICKS):
+                    pick()
+                pick_seconds = time.perf_counter() - started
+            step = max(1, count // removals)
+            victims = targets[::step][:removals]
+            started = time.perf_counter()
+            for address in victims:
+                await pool.remove_connection("dep", address)
+            remove_seconds += time.perf_counter() - started
+            removed += len(victims)
+            await pool.close()
+        result[balancer] = {
+            "add_us": 1e6 * add_seconds / (count * repeats),
+            "pick_us": 1e6 * pick_seconds / PICKS,
+            "remove_us": 1e6 * remove_seconds / removed,
+        }
+    # Python-side memory alone, in a pass of its own (tracemalloc slows every allocation)
+    pool = GrpcConnectionPool()
+    gc.collect()
+    tracemalloc.start()
+    traced0, _ = tracemalloc.get_traced_memory()
+    for address in targets:
+        pool.add_connection("dep", address)
+    gc.collect()
+    traced1, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    result["traced_per_replica"] = (traced1 - traced0) / count
+    await pool.close()
+    return result
+
+
+async def connected(count: int, servers: list[str]) -> dict:
+    """Memory of ``count`` channels after each carried one request (its own TCP connection each)."""
+    from shardnet.networking.pool import GrpcConnectionPool
+    from shardnet.protocol.messages import DataRequest
+
+    # a local subchannel pool per channel: otherwise grpc shares one TCP connection per target
+    pool = GrpcConnectionPool(options=[("grpc.use_local_subchannel_pool", 1)])
+    request = DataRequest(endpoint="/")
+    for index in range(count):
+        pool.add_connection(f"dep{index}", servers[index % len(servers)])
+    # connect a first batch, so grpc's own one-off costs (threads, pollers) fall outside the measure
+    await asyncio.gather(*(pool.send_request_once(request, f"dep{index}") for index in range(10)))
+    gc.collect()
+    tracemalloc.start()
+    rss0, (traced0, _) = rss_bytes(), tracemalloc.get_traced_memory()
+    idle_rss = rss0
+    started = time.perf_counter()
+    await asyncio.gather(*(pool.send_request_once(request, f"dep{index}") for index in range(10, count)))
+    connect_seconds = time.perf_counter() - started
+    gc.collect()
+    traced1, _ = tracemalloc.get_traced_memory()
+    rss1 = rss_bytes()
+    tracemalloc.stop()
+    await pool.close()
+    return {"n": count - 10, "rss_per_connection": (rss1 - rss0) / (count - 10),
+            "traced_per_connection": (traced1 - traced0) / (count - 10), "connect_s": connect_seconds,
+            "idle_rss": idle_rss}
+
+
+def child(argv) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", type=int)
+    parser.add_argument("--removals", type=int, default=1000)
+    parser.add_argument("--connected", type=int)
+    parser.add_argument("--servers", nargs="*", default=[])
+    args = parser.parse_args(argv)
+    if args.connected:
+        result = asyncio.run(connected(args.connected, args.servers))
+    else:
+        result = asyncio.run(one_size(args.size, min(args.removals, args.size)))
+    print(json.dumps(result))
+    return 0
+
+
+def run_child(*arguments: str) -> dict:
+    env = dict(os.environ, GRPC_VERBOSITY="ERROR")
+    output = subprocess.run([sys.executable, __file__, "--child", *arguments], check=True, capture_output=True,
+                            text=True, env=env, timeout=600)
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "--child":
+        return child(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10,100,1000,10000")
+    parser.add_argument("--connected", type=int, default=300, help="channels to connect to real servers")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.connected = "10,100,1000", 100
+    sizes = [int(value) for value in args.sizes.split(",")]
+
+    print(f"# scale: one shard of N replicas (lazy channels, nothing listening), each size in a fresh process; "
+          f"{PICKS:,} picks; {machine_line()}")
+    rows = []
+    for size in sizes:
+        result = run_child("--size", str(size))
+        rr, ewma = result["round_robin"], result["p2c_ewma"]
+        rows.append([f"{size:,}", rr["add_us"], rr["remove_us"], rr["pick_us"], ewma["pick_us"],
+                     result["rss_per_replica"] / 1024, result["traced_per_replica"] / 1024])
+    print(table(["replicas", "add us", "remove us", "pick rr us", "pick p2c us", "RSS KiB/replica",
+                 "Python KiB/replica"], rows))
+    first, last = rows[0], rows[-1]
+    print(f"  {sizes[-1]:,} vs {sizes[0]:,} replicas: add x{last[1] / first[1]:.2f}, remove x{last[2] / first[2]:.2f}, "
+          f"pick rr x{last[3] / first[3]:.2f}, pick p2c x{last[4] / first[4]:.2f} (flat = about 1)")
+
+    if args.connected:
+        print()
+        with EchoProcess(4) as servers:
+            result = run_child("--connected", str(args.connected + 10), "--servers", *servers.addresses)
+        print(f"# {result['n']} channels connected to 4 echo servers on loopback (one TCP connection each), "
+              f"after 10 connected first")
+        print(table(["channels", "RSS KiB/connection", "Python KiB/connection", "connect+call s"],
+                    [[result["n"], result["rss_per_connection"] / 1024, result["traced_per_connection"] / 1024,
+                      result["connect_s"]]]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

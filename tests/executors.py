@@ -1,0 +1,213 @@
+"""Executors the runtime tests serve, in process (imported) or in child processes (``--uses FILE.py:Class``).
+
+Nothing here imports test code: a worker process loads this file by path.
+State that a test must read from another process goes to the workspace
+(``runtime_args.workspace``) or into the documents' tags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from shardnet import Document, Executor, requests
+
+
+class Tagger(Executor):
+    """Tags each document with who handled it; ``/fail`` raises, ``/replace`` returns new documents."""
+
+    def __init__(self, label: str = "tagger", **kwargs: Any):
+        super().__init__(**kwargs)
+        self.label = label
+        self.calls = 0
+
+    @requests(on="/tag")
+    def tag(self, docs, parameters, **kwargs):
+        self.calls += 1
+        for doc in docs:
+            doc.tags["by"] = self.label
+            doc.tags["shard"] = self.runtime_args.shard_id
+            doc.tags["calls"] = self.calls
+            if "suffix" in parameters:
+                doc.text += parameters["suffix"]
+
+    @requests(on="/replace")
+    async def replace(self, docs, parameters, **kwargs):
+        self.calls += 1
+        return [Document(id=f"new-{doc.id}", text=doc.text.upper()) for doc in docs]
+
+    @requests(on="/fail")
+    def fail(self, docs, parameters, **kwargs):
+        raise ValueError("bad input", 42)
+
+    @requests(on="/endpoint")
+    def endpoint(self, docs, parameters, endpoint, **kwargs):
+        for doc in docs:
+            doc.tags["endpoint"] = endpoint
+
+
+class KnownOnly(Executor):
+    """Binds ``/known`` and has no default handler: every other endpoint passes through unchanged."""
+
+    @requests(on="/known")
+    def known(self, docs, parameters, **kwargs):
+        for doc in docs:
+            doc.text = "known"
+
+
+class Blocking(Executor):
+    """``/block`` is a sync handler stuck until ``release`` is set; ``/fast`` is async and answers at once."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    @requests(on="/block")
+    def block(self, docs, parameters, **kwargs):
+        self.entered.set()
+        if not self.release.wait(timeout=20):
+            raise TimeoutError("/block was never released")
+        for doc in docs:
+            doc.text = "unblocked"
+
+    @requests(on="/fast")
+    async def fast(self, docs, parameters, **kwargs):
+        await asyncio.sleep(0)
+        for doc in docs:
+            doc.text = "fast"
+
+
+class SlowUntilReleased(Executor):
+    """``/slow`` writes ``<workspace>/started`` then waits for ``<workspace>/release`` (a file another process makes)."""
+
+    @requests(on="/slow")
+    def slow(self, docs, parameters, **kwargs):
+        workspace = Path(self.runtime_args.workspace)
+        (workspace / "started").touch()
+        deadline = time.monotonic() + 20
+        while not (workspace / "release").exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError("release file never appeared")
+            time.sleep(0.01)
+        for doc in docs:
+            doc.text = "finished"
+
+    @requests
+    def default(self, docs, parameters, **kwargs):
+        for doc in docs:
+            doc.text = "default"
+
+
+class ShardSearch(Executor):
+    """A sharded searcher: ``/search`` adds one match per shard to every query and appends one shard-only document.
+
+    ``/index`` tags the documents with the shard that took them. Calls are counted per endpoint.
+    """
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.calls: dict[str, int] = {}
+
+    def _count(self, endpoint: str) -> None:
+        self.calls[endpoint] = self.calls.get(endpoint, 0) + 1
+
+    @requests(on="/search")
+    def search(self, docs, parameters, **kwargs):
+        self._count("/search")
+        shard = self.runtime_args.shard_id
+        for doc in docs:
+            doc.matches.append(Document(id=f"match-{shard}", tags={"shard": shard}))
+        docs.append(Document(id=f"only-shard-{shard}", tags={"shard": shard}))
+
+    @requests(on="/index")
+    def index(self, docs, parameters, **kwargs):
+        self._count("/index")
+        for doc in docs:
+            doc.tags["shard"] = self.runtime_args.shard_id
+
+    @requests(on="/broken")
+    def broken(self, docs, parameters, **kwargs):
+        if self.runtime_args.shard_id == 1:
+            raise RuntimeError(f"shard {self.runtime_args.shard_id} is broken")
+
+
+class CountingBefore(Executor):
+    """A uses_before: stamps each document with how many requests it has seen."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.calls = 0
+
+    @requests
+    def before(self, docs, parameters, **kwargs):
+        self.calls += 1
+        for doc in docs:
+            doc.tags["before_calls"] = self.calls
+
+
+class CountingAfter(Executor):
+    """A uses_after: receives every shard's answer at once; records the calls and the shape of ``docs_matrix``."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.calls = 0
+        self.matrix_shapes: list[list[int]] = []
+
+    @requests
+    def after(self, docs, parameters, docs_matrix=None, **kwargs):
+        self.calls += 1
+        shape = [len(column) for column in docs_matrix or []]
+        self.matrix_shapes.append(shape)
+        merged = Document(id="after", text=",".join(doc.id for doc in docs))
+        merged.tags["after_calls"] = self.calls
+        merged.tags["matrix"] = shape
+        merged.tags["shards"] = [doc.tags.get("shard", -1) for doc in docs]
+        merged.tags["before_calls"] = docs[0].tags.get("before_calls", 0) if len(docs) else 0
+        return [merged]
+
+
+class Pid(Executor):
+    """Answers with the worker's process id (for tests that check processes are gone)."""
+
+    @requests
+    def pid(self, docs, parameters, **kwargs):
+        for doc in docs:
+            doc.tags["pid"] = os.getpid()
+            doc.tags["shard"] = self.runtime_args.shard_id
+
+
+class Arrays(Executor):
+    """Computes on arrays: ``/normalize`` scales each embedding to unit length and stores its norm as a sparse tensor."""
+
+    @requests(on="/normalize")
+    def normalize(self, docs, parameters, **kwargs):
+        import numpy as np
+
+        from shardnet.protocol import ndarray
+
+        for doc in docs:
+            embedding = doc.embedding
+            norm = float(np.linalg.norm(embedding))
+            doc.embedding = (embedding / norm).astype(embedding.dtype)
+            # a sparse tensor: the norm at the position of the largest component
+            position = np.unravel_index(np.argmax(np.abs(embedding)), embedding.shape)
+            ndarray.write_sparse(np.array([position]), np.array([norm]), embedding.shape, doc.proto.tensor)
+
+
+class Minimal(Executor):
+    """Handlers with the smallest signatures: no ``parameters``, no ``**kwargs``; one handles two endpoints."""
+
+    @requests(on="/reverse")
+    def reverse(self, docs):
+        return list(docs)[::-1]
+
+    @requests(on="/a")
+    @requests(on="/b")
+    def both(self, docs, endpoint):
+        for doc in docs:
+            doc.text = endpoint

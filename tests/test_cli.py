@@ -1,0 +1,171 @@
+"""The ``shardnet`` command as a person runs it: real processes, exit codes, what lands on stdout and stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import executors
+
+EXECUTORS = Path(executors.__file__).resolve()
+
+
+def shardnet(*arguments: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
+    """Run ``python -m shardnet ARGUMENTS`` to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "shardnet", *arguments],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def wait_for_line(log: Path, pattern: str, process: subprocess.Popen, timeout: float = 30.0) -> re.Match:
+    """Poll ``log`` until a line matches ``pattern``; fail with the log if the process exits or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        match = re.search(pattern, text)
+        if match:
+            return match
+        if process.poll() is not None:
+            pytest.fail(f"process exited with {process.returncode} before printing {pattern!r}:\n{text}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"no {pattern!r} after {timeout}s:\n{text}")
+        time.sleep(0.02)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+@pytest.fixture
+def deployed(tmp_path):
+    """``shardnet deploy`` of the Tagger, 2 shards x 1 replica, ALL on /tag: (address, deploy process, child pids)."""
+    log = tmp_path / "deploy.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [
+                sys.executable, "-m", "shardnet", "deploy",
+                "--uses", f"{EXECUTORS}:Tagger",
+                "--shards", "2",
+                "--polling", '{"/tag": "ALL", "*": "ANY"}',
+                "--name", "tags",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        address = wait_for_line(log, r"tags serves on (\S+)", process).group(1)
+        table = log.read_text()
+        pids = [int(pid) for pid in re.findall(r"^(?:head|worker-\d+-\d+)\s+\S+\s+(\d+)\s+running", table, re.M)]
+        assert len(pids) == 3, table
+        yield address, process, pids
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def test_deploy_send_and_status_against_a_running_deployment(deployed):
+    address, deploy, pids = deployed
+
+    sent = shardnet("send", address, "--endpoint", "/tag", "--text", "hello", "--parameters", '{"suffix": "!"}')
+    assert sent.returncode == 0, sent.stderr
+    answer = json.loads(sent.stdout)
+    assert answer["status"] == "SUCCESS"
+    [doc] = answer["docs"]
+    assert doc["text"] == "hello!" and doc["tags"]["by"] == "tagger"
+
+    unknown = shardnet("send", address, "--endpoint", "/nowhere", "--text", "same")
+    assert unknown.returncode == 0, unknown.stderr
+    assert "/nowhere is not among the endpoints" in unknown.stderr and "/tag" in unknown.stderr
+    assert json.loads(unknown.stdout)["docs"][0]["text"] == "same"
+
+    failed = shardnet("send", address, "--endpoint", "/fail", "--text", "x")
+    assert failed.returncode == 1
+    answer = json.loads(failed.stdout)
+    assert answer["status"] == "ERROR" and "ValueError" in answer["error"]
+
+    status = shardnet("status", address)
+    assert status.returncode == 0, status.stderr
+    assert f"{address}: SERVING" in status.stdout
+    assert re.search(r"endpoints: .*/tag", status.stdout)
+    assert len(re.findall(r"^\s+shard [01]: 127\.0\.0\.1:\d+$", status.stdout, re.M)) == 2
+    assert {int(shard) for shard in re.findall(r"shard (\d):", status.stdout)} == {0, 1}
+
+    deploy.send_signal(signal.SIGTERM)
+    assert deploy.wait(20) == 0
+    deadline = time.monotonic() + 5
+    while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not [pid for pid in pids if pid_alive(pid)], "shardnet deploy left processes behind"
+
+
+def test_send_to_nothing_fails_with_a_message_naming_the_address(tmp_path):
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = shardnet("send", f"127.0.0.1:{port}", "--endpoint", "/x", "--timeout", "2")
+    assert result.returncode != 0
+    assert f"127.0.0.1:{port}" in result.stderr and "Traceback" not in result.stderr
+
+
+BAD_ARGUMENTS = {
+    "uses-without-class": (["worker", "--uses", "just_a_module"], "expected MODULE:CLASS"),
+    "uses-missing-module": (["worker", "--uses", "no_such_module_xyz:Thing"], "cannot import 'no_such_module_xyz'"),
+    "uses-missing-class": (["worker", "--uses", f"{EXECUTORS}:Missing"], "has no 'Missing'"),
+    "uses-not-an-executor": (["worker", "--uses", "os:getcwd"], "not a shardnet.Executor subclass"),
+    "connection-without-shard": (["head", "--deployment", "d", "--connection", "127.0.0.1:5000"], "expected SHARD=HOST:PORT"),
+    "connection-bad-address": (["head", "--deployment", "d", "--connection", "0=127.0.0.1:99999"], "99999"),
+    "polling-bad-json": (["head", "--deployment", "d", "--polling", '{"/search": ALL'], "not valid JSON"),
+    "polling-bad-kind": (["head", "--deployment", "d", "--polling", '{"/search": "SOMETIMES"}'], "unknown polling"),
+    "port-out-of-range": (["worker", "--uses", f"{EXECUTORS}:Tagger", "--port", "70000"], "70000"),
+    "port-not-a-number": (["head", "--deployment", "d", "--port", "http"], "invalid int value"),
+}
+
+
+@pytest.mark.parametrize("arguments, message", BAD_ARGUMENTS.values(), ids=BAD_ARGUMENTS.keys())
+def test_bad_arguments_exit_non_zero_with_a_clear_message(arguments, message):
+    result = shardnet(*arguments)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "ready on" not in result.stdout
+
+
+def test_port_already_taken_by_another_worker_is_refused(tmp_path):
+    first = subprocess.Popen(
+        [sys.executable, "-m", "shardnet", "worker", "--uses", f"{EXECUTORS}:Tagger", "--port", "0"],
+        stdout=open(tmp_path / "first.log", "wb"),
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        port = wait_for_line(tmp_path / "first.log", r"ready on 127\.0\.0\.1:(\d+)", first).group(1)
+        second = shardnet("worker", "--uses", f"{EXECUTORS}:Tagger", "--port", port)
+        assert second.returncode != 0, "a second worker bound a port another one serves on"
+        assert f"cannot listen on 127.0.0.1:{port}" in second.stderr and "Traceback" not in second.stderr
+    finally:
+        first.kill()
+        first.wait()

@@ -1,0 +1,89 @@
+"""``Deployment``: a head and shards x replicas as real local processes, stopped without leftovers."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import grpc
+import pytest
+
+from shardnet import Document, ReplicaError
+from shardnet.errors import ExecutorError
+from shardnet.networking import oneshot
+from shardnet.runtimes.deployment import Deployment
+
+import executors
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else (a recycled pid): not ours any more
+        return False
+    return True
+
+
+def assert_all_gone(pids: list[int], timeout: float = 5.0) -> None:
+    """Poll until none of ``pids`` exists; fail naming the survivors past the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [pid for pid in pids if pid_alive(pid)]
+        if not alive:
+            return
+        if time.monotonic() > deadline:
+            pytest.fail(f"processes still running after the deployment stopped: {alive}")
+        time.sleep(0.02)
+
+
+def test_sharded_deployment_with_uses_before_and_after_counts_every_send_and_leaves_nothing_behind():
+    polling = {"/search": "ALL", "*": "ANY"}
+    with Deployment(
+        executors.ShardSearch,
+        shards=2,
+        polling=polling,
+        name="search",
+        uses_before=executors.CountingBefore,
+        uses_after=executors.CountingAfter,
+    ) as deployment:
+        pids = [process.pid for process in deployment.processes]
+        assert len(pids) == 5 and all(pid_alive(pid) for pid in pids)
+        assert len(deployment.members()) == 2
+        for sent in range(1, 6):
+            [merged] = deployment.post("/search", [Document(id="q")])
+            assert merged.tags["before_calls"] == sent and merged.tags["after_calls"] == sent
+            assert merged.tags["matrix"] == [2, 2]
+            assert merged.text == "q,only-shard-0,q,only-shard-1"
+        log_dir = deployment.log_dir
+    assert_all_gone(pids)
+    assert not log_dir.exists()  # its temporary folder is cleaned up too
+
+
+def test_deployment_stops_every_process_when_the_body_raises():
+    with pytest.raises(RuntimeError, match="body failed"):
+        with Deployment(executors.Pid, shards=1, replicas=2, name="pids") as deployment:
+            pids = {process.pid for process in deployment.processes}
+            served_by = {int(doc.tags["pid"]) for _ in range(4) for doc in deployment.post("/who", [Document()])}
+            assert served_by and served_by <= pids  # the answers came from the processes we are watching
+            raise RuntimeError("body failed")
+    assert_all_gone(sorted(pids))
+
+
+async def test_async_deployment_with_control_token():
+    async with Deployment(executors.Tagger, shards=1, replicas=1, name="guarded", control_token="tok-123") as deployment:
+        # the workers registered with the token (given to them through their environment only)
+        assert "SHARDNET_CONTROL_TOKEN" not in os.environ or os.environ["SHARDNET_CONTROL_TOKEN"] != "tok-123"
+        docs = await deployment.post_async("/tag", [Document(text="a")])
+        assert docs[0].tags["by"] == "tagger"
+
+        with pytest.raises(ExecutorError) as failed:
+            await deployment.post_async("/fail", [Document()])
+        assert failed.value.name == "ValueError" and "bad input" in str(failed.value)
+
+        with pytest.raises(ReplicaError) as refused:
+            await oneshot.activate_worker("127.0.0.1", 1, deployment.address, shard_id=0)
+        assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+        pids = [process.pid for process in deployment.processes]
+    assert_all_gone(pids)

@@ -1,0 +1,191 @@
+"""The Executor API: ``@requests`` binding, creation, loading by ``--uses``, and arrays over the wire."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from shardnet import ConfigurationError, DataRequest, Document, Executor, requests
+from shardnet.networking import oneshot
+from shardnet.protocol import ndarray
+from shardnet.protocol.proto import docarray_pb2
+from shardnet.runtimes.executor import executor_reference, load_executor_class
+from shardnet.runtimes.worker import Worker
+
+import executors
+
+
+# -- @requests --------------------------------------------------------------------------------
+
+
+def test_requests_binds_one_endpoint_a_list_and_the_default():
+    class Service(Executor):
+        @requests(on="/index")
+        def index(self, docs, parameters, **kwargs): ...
+
+        @requests(on=["/search", "/find"])
+        def search(self, docs, parameters, **kwargs): ...
+
+        @requests
+        def rest(self, docs, parameters, **kwargs): ...
+
+    table = Service.handler_table()
+    assert {endpoint: handler.name for endpoint, handler in table.items()} == {
+        "/index": "index",
+        "/search": "search",
+        "/find": "search",
+        "*": "rest",
+    }
+
+
+def test_stacked_requests_decorators_bind_every_endpoint():
+    assert {endpoint: handler.name for endpoint, handler in executors.Minimal.handler_table().items()} == {
+        "/reverse": "reverse",
+        "/a": "both",
+        "/b": "both",
+    }
+
+
+def test_subclass_binding_overrides_the_parents():
+    class Parent(Executor):
+        @requests(on="/x")
+        def old(self, docs, parameters, **kwargs): ...
+
+    class Child(Parent):
+        @requests(on="/x")
+        def new(self, docs, parameters, **kwargs): ...
+
+    assert Child.handler_table()["/x"].name == "new" and Parent.handler_table()["/x"].name == "old"
+
+
+def test_endpoint_must_start_with_a_slash():
+    with pytest.raises(ConfigurationError, match="must start with '/'"):
+
+        class Bad(Executor):
+            @requests(on="index")
+            def index(self, docs, parameters, **kwargs): ...
+
+
+def test_create_sets_runtime_args_before_init_and_passes_uses_with():
+    seen = {}
+
+    class Sharded(Executor):
+        def __init__(self, greeting: str = "hi", **kwargs):
+            super().__init__(**kwargs)
+            seen["shard"] = self.runtime_args.shard_id
+            seen["greeting"] = greeting
+
+    executor = Sharded.create({"shard_id": 3, "workspace": "/tmp/w"}, greeting="hello")
+    assert seen == {"shard": 3, "greeting": "hello"}
+    assert executor.runtime_args.workspace == "/tmp/w" and executor.runtime_args.name == "Sharded"
+    with pytest.raises(ConfigurationError, match="unexpected arguments: colour"):
+        executors.KnownOnly.create(colour="red")
+
+
+# -- loading by --uses ----------------------------------------------------------------------------
+
+
+def test_load_executor_class_by_module_and_by_file_path():
+    assert load_executor_class("shardnet.examples.text_index:TextIndexer").__name__ == "TextIndexer"
+    reference = executor_reference(executors.Tagger)
+    assert reference == f"{executors.__file__}:Tagger"
+    loaded = load_executor_class(reference)
+    assert loaded.__name__ == "Tagger" and issubclass(loaded, Executor)
+
+
+@pytest.mark.parametrize(
+    "uses, message",
+    [
+        ("no_colon", "expected MODULE:CLASS"),
+        ("missing_module_abc:X", "cannot import 'missing_module_abc'"),
+        ("/nonexistent/file.py:X", "no such file"),
+        (f"{executors.__file__}:Nope", "has no 'Nope'"),
+        ("json:JSONDecoder", "is not a shardnet.Executor subclass"),
+    ],
+)
+def test_load_executor_class_errors_name_the_problem(uses, message):
+    with pytest.raises(ConfigurationError, match=message):
+        load_executor_class(uses)
+
+
+# -- handler signatures, served ------------------------------------------------------------------
+
+
+async def test_minimal_signatures_and_returned_views_are_served(runtimes):
+    worker = await runtimes(Worker(executors.Minimal.create()))
+    address = worker.server.address
+    reversed_ = await oneshot.send_request_async(
+        DataRequest([Document(id=str(i)) for i in range(3)], endpoint="/reverse"), address, timeout=10
+    )
+    assert not reversed_.is_error, reversed_.status.description
+    assert reversed_.docs.ids == ["2", "1", "0"]
+    for endpoint in ("/a", "/b"):
+        response = await oneshot.send_request_async(DataRequest([Document()], endpoint=endpoint), address, timeout=10)
+        assert response.docs.texts == [endpoint]
+
+
+# -- arrays -------------------------------------------------------------------------------------------
+
+
+async def test_dense_and_sparse_arrays_cross_the_wire_through_a_handler(runtimes):
+    worker = await runtimes(Worker(executors.Arrays.create()))
+    embedding = np.array([3.0, -4.0, 0.0], dtype=np.float32)
+    response = await oneshot.send_request_async(
+        DataRequest([Document(embedding=embedding)], endpoint="/normalize"), worker.server.address, timeout=10
+    )
+    assert not response.is_error, response.status.description
+    [doc] = response.docs
+    np.testing.assert_allclose(doc.embedding, [0.6, -0.8, 0.0], rtol=1e-6)
+    assert doc.embedding.dtype == np.float32
+    assert doc.proto.tensor.WhichOneof("content") == "sparse"
+    np.testing.assert_array_equal(doc.tensor, [0.0, 5.0, 0.0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    hnp.arrays(
+        dtype=st.one_of(hnp.integer_dtypes(endianness="="), hnp.floating_dtypes(endianness="<"), hnp.boolean_dtypes()),
+        shape=hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5),
+    ),
+    st.booleans(),
+)
+def test_dense_round_trip_keeps_values_shape_and_dtype(array, transpose):
+    if transpose:
+        array = array.T  # not C-contiguous: the helper must copy, not send raw memory
+    message = docarray_pb2.NdArrayProto()
+    ndarray.to_proto(array, message)
+    back = ndarray.from_proto(docarray_pb2.NdArrayProto.FromString(message.SerializeToString()))
+    assert back.shape == array.shape and back.dtype == array.dtype
+    np.testing.assert_array_equal(back, array)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.integers(1, 6), min_size=1, max_size=3).flatmap(
+        lambda shape: st.tuples(
+            st.just(tuple(shape)),
+            st.lists(st.tuples(*(st.integers(0, side - 1) for side in shape)), unique=True, max_size=8),
+        )
+    ),
+    st.sampled_from([np.float32, np.float64, np.int64]),
+)
+def test_sparse_round_trip_densifies_to_the_same_array(shape_and_positions, dtype):
+    shape, positions = shape_and_positions
+    values = np.arange(1, len(positions) + 1, dtype=dtype)
+    indices = np.array(positions, dtype=np.int64).reshape(len(positions), len(shape))
+    message = docarray_pb2.NdArrayProto()
+    ndarray.write_sparse(indices, values, shape, message)
+    back = ndarray.from_proto(docarray_pb2.NdArrayProto.FromString(message.SerializeToString()))
+    expected = np.zeros(shape, dtype=dtype)
+    for position, value in zip(positions, values):
+        expected[position] = value
+    assert back.dtype == dtype
+    np.testing.assert_array_equal(back, expected)
+
+
+def test_object_arrays_are_refused():
+    with pytest.raises(Exception, match="only numeric dtypes travel"):
+        ndarray.to_proto(np.array([{"a": 1}], dtype=object), docarray_pb2.NdArrayProto())

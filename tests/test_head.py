@@ -1,0 +1,282 @@
+"""The head, end to end: in-process heads in front of in-process workers on free loopback ports.
+
+Polling (ANY, ALL, a JSON map), merging by document id, uses_before/uses_after,
+the control plane and its token, and what a stock gRPC client sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+from google.protobuf import empty_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from shardnet import DataRequest, Document, PollingMap, ReplicaError
+from shardnet.networking import oneshot
+from shardnet.protocol import services
+from shardnet.runtimes.head import Head
+from shardnet.runtimes.processes import ShardnetProcess
+from shardnet.runtimes.server import ServerConfig
+from shardnet.runtimes.worker import Worker
+from shardnet.testing import EchoServer
+
+import executors
+
+EXECUTORS = Path(executors.__file__).resolve()
+
+
+async def shard_workers(runtimes, executor_class, shards: int) -> list[Worker]:
+    """One in-process worker per shard, each knowing its shard id."""
+    return [await runtimes(Worker(executor_class.create({"shard_id": shard}))) for shard in range(shards)]
+
+
+async def send(address: str, endpoint: str, docs=(), parameters=None, timeout: float = 10.0) -> DataRequest:
+    return await oneshot.send_request_async(DataRequest(list(docs), endpoint=endpoint, parameters=parameters), address, timeout=timeout)
+
+
+async def send_with_trailing(address: str, endpoint: str, docs=()) -> tuple[DataRequest, dict]:
+    response, trailing = await oneshot.call_once(
+        "single_data", DataRequest(list(docs), endpoint=endpoint), address, timeout=10, metadata=[("endpoint", endpoint)]
+    )
+    return response, dict(trailing)
+
+
+# -- ANY, membership -------------------------------------------------------------------------
+
+
+async def test_any_reaches_one_worker_through_the_head(runtimes):
+    [worker] = await shard_workers(runtimes, executors.Tagger, 1)
+    head = await runtimes(Head("tagging", connections={0: [worker.server.address]}))
+    response = await send(head.server.address, "/tag", [Document(text="x")])
+    assert not response.is_error and response.docs[0].tags["by"] == "tagger"
+    assert worker.executor.calls == 1
+
+
+async def test_activate_then_deactivate_makes_sends_succeed_then_fail_naming_the_deployment(runtimes):
+    [worker] = await shard_workers(runtimes, executors.Tagger, 1)
+    head = await runtimes(Head("catalog"))
+    host, port = worker.server.address.rsplit(":", 1)
+
+    with pytest.raises(ReplicaError) as before:
+        await send(head.server.address, "/tag", [Document()])
+    assert before.value.code == grpc.StatusCode.UNAVAILABLE and "catalog" in str(before.value)
+
+    await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0)
+    assert (await send(head.server.address, "/tag", [Document()])).docs[0].tags["by"] == "tagger"
+    status = await oneshot.send_control("STATUS", head.server.address)
+    assert [(e.address, e.port, e.shard_id) for e in status.related_entities] == [(host, int(port), 0)]
+
+    await oneshot.deactivate_worker(host, int(port), head.server.address, shard_id=0)
+    with pytest.raises(ReplicaError) as after:
+        await send(head.server.address, "/tag", [Document()], timeout=5)
+    assert after.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "catalog" in str(after.value) and "no live replica" in str(after.value)
+    assert (await oneshot.send_control("STATUS", head.server.address)).related_entities == []
+    assert worker.executor.calls == 1
+
+
+# -- ALL --------------------------------------------------------------------------------------
+
+
+async def test_all_over_three_shards_merges_by_document_id(runtimes):
+    workers = await shard_workers(runtimes, executors.ShardSearch, 3)
+    head = await runtimes(
+        Head("search", polling=PollingMap.parse("ALL"), connections={i: [w.server.address] for i, w in enumerate(workers)})
+    )
+    queries = [Document(id="q1", text="one"), Document(id="q2", text="two")]
+    response, trailing = await send_with_trailing(head.server.address, "/search", queries)
+    assert not response.is_error
+    # the queries once each (matches of every shard concatenated in shard order), then each shard's new document
+    assert response.docs.ids == ["q1", "q2", "only-shard-0", "only-shard-1", "only-shard-2"]
+    for query in response.docs[:2]:
+        assert query.matches.ids == ["match-0", "match-1", "match-2"]
+    assert [doc.tags["shard"] for doc in response.docs[2:]] == [0, 1, 2]
+    assert "__results__" in response.parameters
+    assert trailing["total_shards"] == "3" and trailing["failed_shards"] == "0"
+    assert [w.executor.calls for w in workers] == [{"/search": 1}] * 3
+
+
+async def test_all_names_the_shard_that_raised_and_keeps_the_others_answers(runtimes):
+    workers = await shard_workers(runtimes, executors.ShardSearch, 3)
+    head = await runtimes(
+        Head("search", polling=PollingMap.parse("ALL"), connections={i: [w.server.address] for i, w in enumerate(workers)})
+    )
+    response, trailing = await send_with_trailing(head.server.address, "/broken", [Document(id="q")])
+    assert response.is_error
+    assert "shard 1" in response.status.description and "search" in response.status.description
+    assert "broken" in response.status.description
+    assert response.docs.ids == ["q"]
+
+
+async def test_all_with_a_shard_without_replica_fails_fast_naming_deployment_and_shard(runtimes):
+    [worker] = await shard_workers(runtimes, executors.ShardSearch, 1)
+    head = await runtimes(
+        Head("search", polling=PollingMap.parse("ALL"), connections={0: [worker.server.address]}, shards=2)
+    )
+    response, trailing = await asyncio.wait_for(send_with_trailing(head.server.address, "/search", [Document(id="q")]), 5)
+    assert response.is_error
+    description = response.status.description
+    assert "'search'" in description and "shard 1" in description
+    assert response.docs[0].matches.ids == ["match-0"]  # shard 0's answer is still there
+    assert trailing["total_shards"] == "2" and trailing["failed_shards"] == "1"
+
+
+async def test_json_polling_map_chooses_all_or_any_per_endpoint(runtimes):
+    workers = await shard_workers(runtimes, executors.ShardSearch, 2)
+    head = await runtimes(
+        Head(
+            "search",
+            polling=PollingMap.parse('{"/search": "ALL", "*": "ANY"}'),
+            connections={i: [w.server.address] for i, w in enumerate(workers)},
+        )
+    )
+    searched = await send(head.server.address, "/search", [Document(id="q")])
+    assert searched.docs[0].matches.ids == ["match-0", "match-1"]
+    for _ in range(4):
+        indexed = await send(head.server.address, "/index", [Document(id="d")])
+        assert indexed.docs.ids == ["d"]  # one shard answered: no merge
+    index_calls = [w.executor.calls.get("/index", 0) for w in workers]
+    assert sum(index_calls) == 4 and all(index_calls), f"ANY should spread over the shards: {index_calls}"
+    assert [w.executor.calls["/search"] for w in workers] == [1, 1]
+
+
+# -- uses_before / uses_after -----------------------------------------------------------------
+
+
+async def test_uses_before_and_uses_after_see_every_request(runtimes):
+    before = await runtimes(Worker(executors.CountingBefore.create()))
+    after = await runtimes(Worker(executors.CountingAfter.create()))
+    workers = await shard_workers(runtimes, executors.ShardSearch, 2)
+    head = await runtimes(
+        Head(
+            "search",
+            connections={i: [w.server.address] for i, w in enumerate(workers)},
+            uses_before=before.server.address,
+            uses_after=after.server.address,
+        )
+    )
+    for sent in range(1, 6):
+        [merged] = (await send(head.server.address, "/search", [Document(id="q")])).docs
+        assert merged.id == "after" and merged.tags["after_calls"] == sent
+        assert merged.tags["before_calls"] == sent  # the shards got what uses_before made
+        # one column per shard: the query plus that shard's own document, in shard order
+        assert merged.tags["matrix"] == [2, 2]
+        assert merged.text == "q,only-shard-0,q,only-shard-1"
+    assert before.executor.calls == 5 and after.executor.calls == 5
+    assert [w.executor.calls["/search"] for w in workers] == [5, 5]
+
+
+# -- forwarding on the wire ------------------------------------------------------------------
+
+
+async def test_any_forwards_the_request_bytes_and_sets_endpoint_in_header_and_metadata(runtimes, echo_servers):
+    [echo] = await echo_servers(1)
+    head = await runtimes(Head("echoes", connections={0: [echo.address]}))
+    doc = Document(text="opaque")
+    doc.proto.location.extend([3.0])  # not modelled by shardnet: must survive
+    request = DataRequest([doc], endpoint="/index")
+    payload = request.to_bytes()
+    async with grpc.aio.insecure_channel(head.server.address) as channel:
+        reply = await channel.unary_unary(services.PROCESS_SINGLE_DATA)(payload, metadata=(("endpoint", "/index"),), timeout=10)
+    assert reply == payload
+    assert echo.received_metadata[-1]["endpoint"] == "/index"
+
+    # endpoint only in the metadata: the head writes it into the header too (Jina workers route on the header)
+    bare = DataRequest([Document(text="b")])
+    async with grpc.aio.insecure_channel(head.server.address) as channel:
+        reply = await channel.unary_unary(services.PROCESS_SINGLE_DATA)(
+            bare.to_bytes(), metadata=(("endpoint", "/search"),), timeout=10
+        )
+    forwarded = DataRequest.from_bytes(reply)
+    assert forwarded.endpoint == "/search" and forwarded.docs.texts == ["b"]
+    assert echo.received_metadata[-1]["endpoint"] == "/search"
+
+
+async def test_head_forwards_endpoint_discovery(runtimes):
+    [worker] = await shard_workers(runtimes, executors.Tagger, 1)
+    head = await runtimes(Head("tagging", connections={0: [worker.server.address]}))
+    reply, _ = await oneshot.call_once("discovery", empty_pb2.Empty(), head.server.address, timeout=5)
+    assert "/tag" in reply.endpoints
+
+
+async def test_stock_grpc_client_sees_the_heads_health_and_reflection(runtimes):
+    head = await runtimes(Head("plain"))
+    async with grpc.aio.insecure_channel(head.server.address) as channel:
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        listed = set()
+        async for response in stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        ):
+            listed |= {service.name for service in response.list_services_response.service}
+    assert {"jina.JinaSingleDataRequestRPC", "jina.JinaDataRequestRPC", "jina.JinaControlRequestRPC"} <= listed
+
+
+# -- control token ------------------------------------------------------------------------------
+
+
+async def test_control_token_refuses_strangers_and_accepts_the_right_token(runtimes):
+    [worker] = await shard_workers(runtimes, executors.Tagger, 1)
+    head = await runtimes(Head("guarded", ServerConfig(control_token="s3cret")))
+    host, port = worker.server.address.rsplit(":", 1)
+    for token in (None, "wrong", "s3cret-and-more"):
+        with pytest.raises(ReplicaError) as caught:
+            await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0, token=token)
+        assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
+        assert "control token" in str(caught.value)
+    status = await oneshot.send_control("STATUS", head.server.address)  # STATUS needs no token
+    assert status.related_entities == []
+    with pytest.raises(ReplicaError):
+        await send(head.server.address, "/tag", [Document()], timeout=5)
+
+    await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0, token="s3cret")
+    assert (await send(head.server.address, "/tag", [Document()])).docs[0].tags["by"] == "tagger"
+    with pytest.raises(ReplicaError) as caught:
+        await oneshot.deactivate_worker(host, int(port), head.server.address, shard_id=0)
+    assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert len((await oneshot.send_control("STATUS", head.server.address)).related_entities) == 1
+
+
+async def test_control_token_from_the_environment_of_a_head_process(tmp_path, runtimes):
+    """SHARDNET_CONTROL_TOKEN set in the child's environment only; this process's environment stays as it is."""
+    [worker] = await shard_workers(runtimes, executors.Tagger, 1)
+    host, port = worker.server.address.rsplit(":", 1)
+    env = {**os.environ, "SHARDNET_CONTROL_TOKEN": "from-env"}
+    head = ShardnetProcess("head", ["head", "--deployment", "envguard", "--port", "0"], tmp_path / "head.log", env=env)
+    head.launch()
+    try:
+        address = await asyncio.to_thread(head.wait_ready, 20)
+        with pytest.raises(ReplicaError) as caught:
+            await oneshot.activate_worker(host, int(port), address, shard_id=0, token="guess")
+        assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
+        await oneshot.activate_worker(host, int(port), address, shard_id=0, token="from-env")
+        assert (await send(address, "/tag", [Document()])).docs[0].tags["by"] == "tagger"
+    finally:
+        head.kill()
+
+
+async def test_uses_after_response_still_names_a_failed_shard(runtimes):
+    after = await runtimes(Worker(executors.CountingAfter.create()))
+    workers = await shard_workers(runtimes, executors.ShardSearch, 2)
+    head = await runtimes(
+        Head(
+            "search",
+            connections={i: [w.server.address] for i, w in enumerate(workers)},
+            uses_after=after.server.address,
+            shards=3,  # shard 2 has no replica
+        )
+    )
+    response, trailing = await send_with_trailing(head.server.address, "/broken", [Document(id="q")])
+    assert trailing["total_shards"] == "3" and trailing["failed_shards"] == "1"
+    assert after.executor.calls == 1  # uses_after still merged what the shards answered
+    assert response.is_error
+    description = response.status.description
+    assert "shard 1" in description and "broken" in description  # answered with an error
+    assert "shard 2" in description and "'search'" in description  # had no replica

@@ -1,0 +1,302 @@
+"""Interoperability with the reference peer, Jina 3.34, run from its own virtual environment.
+
+(a) a shardnet head in front of a real Jina executor process; (b) a Jina head
+in front of a shardnet worker; (c) Jina's own connection pool calling a
+shardnet worker. Jina is never imported here: it runs as child processes of
+``.venv-jina`` (installed by ``scripts/test``), with JINA_OPTOUT_TELEMETRY set in
+their environment only. Each test starts its own Jina process, waits for it
+with a deadline, and kills it in ``finally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+from google.protobuf import empty_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shardnet import DataRequest, Document, PollingMap
+from shardnet.networking import oneshot
+from shardnet.protocol import services
+from shardnet.runtimes.head import Head
+from shardnet.runtimes.worker import Worker
+from shardnet.testing import free_port
+
+import executors
+
+pytestmark = pytest.mark.interop
+
+JINA_VENV = Path(__file__).resolve().parents[1] / ".venv-jina"
+JINA = JINA_VENV / "bin" / "jina"
+JINA_PYTHON = JINA_VENV / "bin" / "python"
+READY_TIMEOUT = 30.0
+
+JINA_EXECUTOR = '''
+from jina import Executor, requests
+from docarray import Document
+
+
+class JinaTagger(Executor):
+    @requests(on="/tag")
+    def tag(self, docs, parameters, **kwargs):
+        for doc in docs:
+            doc.tags["by"] = "jina"
+            doc.text = doc.text + parameters.get("suffix", "")
+
+    @requests(on="/search")
+    def search(self, docs, **kwargs):
+        for doc in docs:
+            doc.matches.append(Document(id="jina-match", text="from jina"))
+
+    @requests(on="/fail")
+    def fail(self, docs, **kwargs):
+        raise ValueError("jina refuses", 7)
+'''
+
+JINA_POOL_CLIENT = '''
+import asyncio, json, sys
+from docarray import Document, DocumentArray
+from jina.serve.networking import GrpcConnectionPool
+from jina.types.request.data import DataRequest
+
+
+async def send(pool, endpoint, texts, deployment="shardnet", head=False):
+    request = DataRequest()
+    request.header.exec_endpoint = endpoint
+    request.data.docs = DocumentArray([Document(text=text) for text in texts])
+    result = await pool.send_requests_once([request], deployment, head=head, endpoint=endpoint, timeout=10)
+    if isinstance(result, BaseException):
+        return {"exception": repr(result)}
+    response, metadata = result
+    status = response.header.status
+    return {
+        "request_id": response.header.request_id,
+        "sent_request_id": request.header.request_id,
+        "code": int(status.code),
+        "exception": status.exception.name,
+        "args": list(status.exception.args),
+        "texts": [doc.text for doc in response.docs],
+        "tags": [dict(doc.tags) for doc in response.docs],
+        "routes": [route.executor for route in response.routes],
+        "trailing": {key: value for key, value in (metadata or ())},
+    }
+
+
+async def main(worker, head):
+    pool = GrpcConnectionPool(runtime_name="interop-client")
+    pool.add_connection("shardnet", worker)
+    pool.add_connection("shardnet-head", head, head=True)
+    try:
+        answers = {
+            "tag": await send(pool, "/tag", ["one", "two"]),
+            "fail": await send(pool, "/fail", ["x"]),
+            "via_head": await send(pool, "/tag", ["three"], deployment="shardnet-head", head=True),
+        }
+        discovery = await pool.send_discover_endpoint("shardnet", head=False, timeout=10)
+        answers["endpoints"] = list(discovery[0].endpoints) if isinstance(discovery, tuple) else repr(discovery)
+    finally:
+        await pool.close()
+    print("RESULT " + json.dumps(answers), flush=True)
+
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+'''
+
+
+@pytest.fixture
+def jina_peer() -> Path:
+    """The ``jina`` command of the peer environment; a missing peer fails the test (it is never skipped)."""
+    if not JINA.exists():
+        pytest.fail(
+            f"the Jina 3.34 peer is not installed ({JINA} does not exist): run scripts/test, "
+            "which creates .venv-jina from scripts/jina-peer-requirements.txt"
+        )
+    return JINA
+
+
+def jina_env() -> dict[str, str]:
+    """The child's environment: ours plus the telemetry opt-out (this process's environment is not touched)."""
+    return {**os.environ, "JINA_OPTOUT_TELEMETRY": "1"}
+
+
+class JinaProcess:
+    """One Jina child process in a session of its own, logging to a file; ``kill()`` ends its whole group."""
+
+    def __init__(self, arguments: list[str], log: Path, cwd: Path):
+        self.log = log
+        with open(log, "wb") as out:
+            self.popen = subprocess.Popen(
+                arguments,
+                cwd=cwd,
+                env=jina_env(),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    async def wait_serving(self, address: str, timeout: float = READY_TIMEOUT) -> None:
+        """Poll gRPC health at ``address`` until SERVING; fail with the log if the process exits or time runs out."""
+        deadline = time.monotonic() + timeout
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if self.popen.poll() is not None:
+                    pytest.fail(f"Jina exited with {self.popen.returncode} before serving:\n{self.tail()}")
+                try:
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.aio.AioRpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    pytest.fail(f"Jina did not serve on {address} within {timeout:g}s:\n{self.tail()}")
+                await asyncio.sleep(0.1)
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, signal.SIGKILL)  # its own session: the group is Jina and its helpers only
+            except ProcessLookupError:
+                pass
+        self.popen.wait(10)
+
+
+async def call(address: str, endpoint: str, docs, parameters=None) -> tuple[DataRequest, dict]:
+    request = DataRequest(list(docs), endpoint=endpoint, parameters=parameters)
+    response, trailing = await oneshot.call_once(
+        "single_data", request, address, timeout=10, metadata=[(services.ENDPOINT_METADATA, endpoint)]
+    )
+    return response, dict(trailing)
+
+
+async def test_shardnet_head_in_front_of_a_jina_executor(jina_peer, tmp_path, runtimes):
+    (tmp_path / "jina_tagger.py").write_text(textwrap.dedent(JINA_EXECUTOR))
+    port = free_port()
+    executor = JinaProcess(
+        [str(jina_peer), "executor", "--native", "--uses", "JinaTagger", "--py-modules", "jina_tagger.py",
+         "--port", str(port), "--host", "127.0.0.1"],
+        tmp_path / "jina-executor.log",
+        tmp_path,
+    )
+    try:
+        jina_address = f"127.0.0.1:{port}"
+        await executor.wait_serving(jina_address)
+        head = await runtimes(
+            Head("jina-backed", polling=PollingMap.parse('{"/search": "ALL", "*": "ANY"}'), connections={0: [jina_address]})
+        )
+        address = head.server.address
+
+        response, _ = await call(address, "/tag", [Document(id="d1", text="hi")], {"suffix": "!"})
+        assert not response.is_error, response.status
+        assert response.docs.ids == ["d1"] and response.docs.texts == ["hi!"]
+        assert response.docs[0].tags["by"] == "jina"
+        assert response.parameters.get("suffix") == "!"
+        assert len(response.routes) == 1  # Jina's worker appended its route entry
+
+        # endpoint in the metadata only: the head must write it into the header, where a Jina worker looks
+        bare = DataRequest([Document(id="m", text="meta")])
+        routed, _ = await oneshot.call_once(
+            "single_data", bare, address, timeout=10, metadata=[(services.ENDPOINT_METADATA, "/tag")]
+        )
+        assert routed.docs[0].tags["by"] == "jina" and routed.endpoint == "/tag"
+
+        searched, trailing = await call(address, "/search", [Document(id="q")])
+        assert not searched.is_error
+        assert searched.docs[0].matches.ids == ["jina-match"]
+        assert "__results__" in searched.parameters
+        assert trailing["total_shards"] == "1" and trailing["failed_shards"] == "0"
+
+        failed, trailing = await call(address, "/fail", [Document()])
+        assert failed.is_error
+        assert failed.status.exception.name == "ValueError"
+        assert list(failed.status.exception.args) == ["jina refuses", "7"]
+        assert failed.status.exception.executor == "JinaTagger", failed.status
+        assert any("jina refuses" in line for line in failed.status.exception.stacks)
+
+        back, _ = await call(address, "/nothing-here", [Document(id="u", text="same")])
+        assert not back.is_error and back.docs.ids == ["u"] and back.docs.texts == ["same"]
+
+        endpoints, _ = await oneshot.call_once("discovery", empty_pb2.Empty(), address, timeout=10)
+        assert {"/tag", "/search", "/fail"} <= set(endpoints.endpoints)
+    finally:
+        executor.kill()
+
+
+async def test_jina_head_in_front_of_a_shardnet_worker(jina_peer, tmp_path, runtimes):
+    worker = await runtimes(Worker(executors.Tagger.create(label="shardnet")))
+    port = free_port()
+    head = JinaProcess(
+        [str(jina_peer), "executor", "--native", "--runtime-cls", "HeadRuntime", "--polling", "ANY",
+         "--port", str(port), "--host", "127.0.0.1",
+         "--connection-list", json.dumps({"0": [worker.server.address]})],
+        tmp_path / "jina-head.log",
+        tmp_path,
+    )
+    try:
+        address = f"127.0.0.1:{port}"
+        await head.wait_serving(address)
+        response, _ = await call(address, "/tag", [Document(id="a", text="x")], {"suffix": "?"})
+        assert not response.is_error, response.status
+        assert response.docs.ids == ["a"] and response.docs.texts == ["x?"]
+        assert response.docs[0].tags["by"] == "shardnet"
+        assert "Tagger" in [route.executor for route in response.routes]
+
+        failed, trailing = await call(address, "/fail", [Document()])
+        assert failed.is_error and failed.status.exception.name == "ValueError"
+        assert list(failed.status.exception.args) == ["bad input", "42"]
+        assert worker.executor.calls == 1
+    finally:
+        head.kill()
+
+
+async def test_jina_connection_pool_calls_a_shardnet_worker_and_head(jina_peer, tmp_path, runtimes):
+    worker = await runtimes(Worker(executors.Tagger.create(label="shardnet")))
+    head = await runtimes(Head("tagging", connections={0: [worker.server.address]}))
+    script = tmp_path / "jina_client.py"
+    script.write_text(textwrap.dedent(JINA_POOL_CLIENT))
+    client = await asyncio.create_subprocess_exec(
+        str(JINA_PYTHON), str(script), worker.server.address, head.server.address,
+        cwd=tmp_path,
+        env=jina_env(),
+        stdin=subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        output, _ = await asyncio.wait_for(client.communicate(), READY_TIMEOUT)
+    finally:
+        if client.returncode is None:
+            client.kill()
+            await client.wait()
+    text = output.decode(errors="replace")
+    assert client.returncode == 0, text
+    result = json.loads(next(line for line in text.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+
+    tag = result["tag"]
+    assert tag["code"] == 0 and tag["request_id"] == tag["sent_request_id"]
+    assert tag["texts"] == ["one", "two"] and [t["by"] for t in tag["tags"]] == ["shardnet", "shardnet"]
+    assert tag["routes"][-1] == "Tagger"
+
+    fail = result["fail"]
+    assert fail["code"] == 1 and fail["exception"] == "ValueError" and fail["args"] == ["bad input", "42"]
+    assert fail["trailing"].get("is-error") == "true"
+
+    via_head = result["via_head"]
+    assert via_head["code"] == 0 and via_head["texts"] == ["three"] and via_head["tags"][0]["by"] == "shardnet"
+    assert worker.executor.calls == 2
+
+    assert {"/tag", "/fail"} <= set(result["endpoints"])

@@ -1,0 +1,497 @@
+"""Kubernetes discovery against a loopback API server, through the real kubernetes_asyncio client.
+
+Every test runs its own FakeApiServer on a free port, a kubeconfig in its
+tmp_path and a real ApiClient built from it, so tests run in parallel. Waits
+poll with a deadline (``eventually``); "X never shows up" is checked by
+waiting for a sentinel change made after X, which the watch delivers in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, AsyncIterator, Callable, Optional
+
+import pytest
+import trustme
+from kubernetes_asyncio import config as k8s_config
+from kubernetes_asyncio.client import ApiClient
+
+from k8s_apiserver import FakeApiServer, endpoint_slice, pod, write_kubeconfig
+from shardnet.discovery.kubernetes import K8sGrpcConnectionPool, Member, load_api_client, pod_members, slice_members
+from shardnet.discovery.watch import WatchOptions
+from shardnet.errors import ConfigurationError
+from shardnet.protocol.messages import DataRequest
+from shardnet.testing import EchoServer
+
+NS = "default"
+FAST = WatchOptions(read_timeout=5.0, connect_timeout=1.0, list_timeout=5.0, backoff_initial=0.02, backoff_max=0.2)
+
+
+async def eventually(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.005) -> None:
+    """Poll ``predicate`` until it is true; fail with its last value after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(
+                f"condition still false after {timeout}s: {getattr(predicate, '__doc__', None) or predicate}"
+            )
+        await asyncio.sleep(interval)
+
+
+def replicas(pool: K8sGrpcConnectionPool, deployment: str = "dep", shard_id: int = 0, head: bool = False) -> set[str]:
+    """The addresses the pool holds for one shard (or head) of a deployment."""
+    found = pool.get_replicas(deployment, head=head, shard_id=shard_id)
+    return set(found.addresses) if found is not None else set()
+
+
+class RecordingPool(K8sGrpcConnectionPool):
+    """The real pool, noting every membership call discovery makes (to catch duplicates and churn)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.changes: list[tuple[str, str, str]] = []
+
+    def add_connection(self, deployment: str, address: str, head: bool = False, shard_id: Optional[int] = None) -> None:
+        self.changes.append(("add", deployment, address))
+        super().add_connection(deployment, address, head=head, shard_id=shard_id)
+
+    async def remove_connection(
+        self, deployment: str, address: str, head: bool = False, shard_id: Optional[int] = None
+    ):
+        self.changes.append(("remove", deployment, address))
+        return await super().remove_connection(deployment, address, head=head, shard_id=shard_id)
+
+
+# -- fixtures ------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def api_server() -> AsyncIterator[FakeApiServer]:
+    async with FakeApiServer() as server:
+        yield server
+
+
+@pytest.fixture
+def kubeconfig(api_server: FakeApiServer, tmp_path) -> str:
+    return str(write_kubeconfig(tmp_path / "kubeconfig", api_server.url, namespace=NS))
+
+
+@pytest.fixture
+async def kube_client(kubeconfig: str) -> AsyncIterator[ApiClient]:
+    client = await k8s_config.new_client_from_config(config_file=kubeconfig, persist_config=False)
+    async with client:
+        yield client
+
+
+@pytest.fixture
+async def start_pool(kube_client: ApiClient) -> AsyncIterator[Callable[..., Any]]:
+    """``await start_pool(**options)``: a started, synced RecordingPool, closed after the test."""
+    pools: list[K8sGrpcConnectionPool] = []
+
+    async def start(sync: bool = True, **options: Any) -> RecordingPool:
+        options.setdefault("watch", FAST)
+        pool = RecordingPool(NS, kube_client, **options)
+        pools.append(pool)
+        pool.start()
+        if sync:
+            await pool.wait_synced(timeout=5)
+        return pool
+
+    yield start
+    for pool in pools:
+        await pool.close()
+
+
+# -- what an object contributes (pure mapping) -----------------------------------------
+
+
+def test_pod_roles_ports_and_addresses() -> None:
+    head = pod("h", pod_type="HEAD", shard_id="", ip="10.0.0.2", port=9000)
+    before = pod("b", pod_type="USES_BEFORE", shard_id=None, ip="10.0.0.3")
+    after = pod("a", pod_type="uses-after", ip="fd00::4")
+    worker = pod("w", pod_type="Worker", shard_id="3", ip="10.0.0.5")
+    assert pod_members(head) == {Member("dep", True, None, "10.0.0.2:9000")}
+    assert pod_members(before) == {Member("dep/uses_before", False, 0, "10.0.0.3:8080")}
+    assert pod_members(after) == {Member("dep/uses_after", False, 0, "[fd00::4]:8080")}
+    assert pod_members(worker) == {Member("dep", False, 3, "10.0.0.5:8080")}
+    assert pod_members(pod("x", shard_id="three")) == frozenset()
+    assert pod_members(pod("x", pod_type="GATEWAY")) == frozenset()
+    assert pod_members(pod("x", ready=False)) == frozenset()
+    assert pod_members(pod("x", ready=False), ready_only=False) == {Member("dep", False, 0, "10.0.0.1:8080")}
+
+
+def test_slice_conditions() -> None:
+    endpoints = [
+        ("10.0.1.1", None, None),
+        ("10.0.1.2", True, None),
+        ("10.0.1.3", False, None),
+        ("10.0.1.4", True, True),
+    ]
+    members = slice_members(endpoint_slice("s", "svc", endpoints, shard="2", port=7000))
+    assert {m.address for m in members} == {"10.0.1.1:7000", "10.0.1.2:7000"}
+    assert {m.shard_id for m in members} == {2}
+    no_grpc_port = endpoint_slice("s", "svc", endpoints)
+    no_grpc_port["ports"][0]["name"] = "http"
+    assert slice_members(no_grpc_port) == frozenset()
+
+
+def test_bad_sources_are_refused() -> None:
+    with pytest.raises(ConfigurationError):
+        K8sGrpcConnectionPool(NS, sources=("services",))
+    with pytest.raises(ConfigurationError):
+        K8sGrpcConnectionPool(NS, sources=())
+
+
+# -- pods ----------------------------------------------------------------------------
+
+
+async def test_initial_list(api_server: FakeApiServer, start_pool) -> None:
+    api_server.apply("pods", pod("w0", ip="10.0.0.1", port=50051))
+    api_server.apply("pods", pod("w1", shard_id="1", ip="10.0.0.2"))
+    api_server.apply("pods", pod("h", pod_type="HEAD", shard_id="", ip="10.0.0.3"))
+    api_server.apply("pods", pod("ub", pod_type="uses_before", ip="10.0.0.4"))
+    api_server.apply("pods", pod("ua", pod_type="USES_AFTER", ip="10.0.0.5"))
+    api_server.apply("pods", pod("starting", ip="10.0.0.6", ready=False))
+    api_server.apply("pods", pod("other-ns", ip="10.0.0.7"), namespace="elsewhere")
+    pool = await start_pool()
+
+    assert replicas(pool, shard_id=0) == {"10.0.0.1:50051"}
+    assert replicas(pool, shard_id=1) == {"10.0.0.2:8080"}
+    assert replicas(pool, head=True) == {"10.0.0.3:8080"}
+    assert replicas(pool, "dep/uses_before") == {"10.0.0.4:8080"}
+    assert replicas(pool, "dep/uses_after") == {"10.0.0.5:8080"}
+    [listed] = api_server.list_requests("pods")
+    assert listed["labelSelector"] == "jina_deployment_name,pod_type"
+    await eventually(lambda: api_server.watch_requests("pods"))
+    watched = api_server.watch_requests("pods")[0]
+    assert watched["resourceVersion"] == str(api_server.version)  # from the list's version
+    assert watched["allowWatchBookmarks"].lower() == "true" and watched["timeoutSeconds"] == "300"
+    assert "watching" in repr(pool) and pool.watching
+
+
+async def test_added_pod_joins(api_server: FakeApiServer, start_pool) -> None:
+    pool = await start_pool()
+    api_server.apply("pods", pod("w0", ip="10.0.0.1"))
+    api_server.apply("pods", pod("w9", shard_id="9", ip="10.0.0.9"))
+    await eventually(lambda: replicas(pool) == {"10.0.0.1:8080"} and replicas(pool, shard_id=9) == {"10.0.0.9:8080"})
+
+
+async def test_readiness_flips(api_server: FakeApiServer, start_pool) -> None:
+    pool = await start_pool()
+    api_server.apply("pods", pod("w", ip="10.0.0.1", ready=False))
+    api_server.apply("pods", pod("sentinel", ip="10.0.0.99"))
+    await eventually(lambda: "10.0.0.99:8080" in replicas(pool))
+    assert "10.0.0.1:8080" not in replicas(pool)
+
+    api_server.apply("pods", pod("w", ip="10.0.0.1", ready=True))
+    await eventually(lambda: "10.0.0.1:8080" in replicas(pool))
+    api_server.apply("pods", pod("w", ip="10.0.0.1", ready=False))
+    await eventually(lambda: "10.0.0.1:8080" not in replicas(pool))
+    api_server.apply("pods", pod("w", ip="10.0.0.1", ready=True))
+    await eventually(lambda: "10.0.0.1:8080" in replicas(pool))
+    api_server.apply("pods", pod("w", ip="10.0.0.1", phase="Failed"))
+    await eventually(lambda: "10.0.0.1:8080" not in replicas(pool))
+    assert pool.changes.count(("add", "dep", "10.0.0.1:8080")) == 2
+    assert pool.changes.count(("remove", "dep", "10.0.0.1:8080")) == 2
+
+
+async def test_deletion(api_server: FakeApiServer, start_pool) -> None:
+    api_server.apply("pods", pod("gone", ip="10.0.0.1"))
+    api_server.apply("pods", pod("leaving", ip="10.0.0.2"))
+    api_server.apply("pods", pod("head", pod_type="HEAD", shard_id="", ip="10.0.0.3"))
+    pool = await start_pool()
+    assert replicas(pool) == {"10.0.0.1:8080", "10.0.0.2:8080"}
+
+    api_server.delete("pods", "gone")  # DELETED while still Running and ready
+    await eventually(lambda: replicas(pool) == {"10.0.0.2:8080"})
+    api_server.apply("pods", pod("leaving", ip="10.0.0.2", deleting=True))  # still ready, but terminating
+    await eventually(lambda: replicas(pool) == set())
+    api_server.delete("pods", "head")
+    await eventually(lambda: replicas(pool, head=True) == set())
+
+
+async def test_unlabelled_pods_ignored(api_server: FakeApiServer, start_pool) -> None:
+    pool = await start_pool()
+    api_server.apply("pods", pod("bare", deployment=None, pod_type=None, shard_id=None, ip="10.0.0.1"))
+    api_server.apply("pods", pod("no-type", pod_type=None, ip="10.0.0.2"))
+    api_server.apply("pods", pod("gateway", pod_type="GATEWAY", ip="10.0.0.3"))
+    api_server.apply("pods", pod("labelled", ip="10.0.0.4"))
+    await eventually(lambda: replicas(pool) == {"10.0.0.4:8080"})
+    assert set(pool.deployments) == {"dep"} and pool.shard_ids("dep") == [0]
+
+    relabelled = api_server.get("pods", "labelled")
+    del relabelled["metadata"]["labels"]["pod_type"]  # leaves the selector: the server says DELETED
+    api_server.apply("pods", relabelled)
+    await eventually(lambda: replicas(pool) == set())
+
+
+async def test_flapping_pod_ends_where_its_last_event_says(api_server: FakeApiServer, start_pool) -> None:
+    pool = await start_pool(sources=("pods",))
+    api_server.apply("pods", pod("w", ip="10.0.0.1"))
+    await eventually(lambda: replicas(pool) == {"10.0.0.1:8080"})
+    for _ in range(5):  # unready and ready again back to back: each re-add lands after its removal closed
+        api_server.apply("pods", pod("w", ip="10.0.0.1", ready=False))
+        api_server.apply("pods", pod("w", ip="10.0.0.1", ready=True))
+    api_server.apply("pods", pod("sentinel", ip="10.0.0.99"))
+    await eventually(lambda: "10.0.0.99:8080" in replicas(pool))
+    await eventually(lambda: not pool._ledger._removals)
+    assert replicas(pool) == {"10.0.0.1:8080", "10.0.0.99:8080"}
+    assert pool.changes.count(("add", "dep", "10.0.0.1:8080")) == 6
+
+
+async def test_malformed_pod_is_skipped(api_server: FakeApiServer, start_pool, caplog) -> None:
+    pool = await start_pool(sources=("pods",))
+    broken = pod("broken", ip="10.0.0.1")
+    broken["spec"]["containers"][0]["ports"] = [{"containerPort": "not-a-port"}]
+    api_server.apply("pods", broken)
+    api_server.apply("pods", pod("fine", ip="10.0.0.2"))
+    await eventually(lambda: replicas(pool) == {"10.0.0.2:8080"})
+    assert "ignoring malformed pods default/broken" in caplog.text
+
+
+# -- endpointslices ----------------------------------------------------------------------
+
+
+async def test_slices_of_a_service_are_merged(api_server: FakeApiServer, start_pool) -> None:
+    api_server.apply(
+        "endpointslices", endpoint_slice("svc-a", "svc", [("10.1.0.1", True, None), ("10.1.0.2", True, None)])
+    )
+    api_server.apply("endpointslices", endpoint_slice("svc-b", "svc", [("10.1.0.3", None, None)]))
+    api_server.apply("endpointslices", endpoint_slice("head-a", "head-svc", [("10.1.0.9", True, None)], role="head"))
+    pool = await start_pool(sources=("endpointslices",))
+    assert replicas(pool) == {"10.1.0.1:50051", "10.1.0.2:50051", "10.1.0.3:50051"}
+    assert replicas(pool, head=True) == {"10.1.0.9:50051"}
+    assert api_server.list_requests("endpointslices")[0]["labelSelector"] == "shardnet.io/deployment"
+    assert api_server.list_requests("pods") == []
+
+    # an endpoint moving between slices: in both for a moment, then only in the other
+    api_server.apply(
+        "endpointslices", endpoint_slice("svc-b", "svc", [("10.1.0.3", None, None), ("10.1.0.2", True, None)])
+    )
+    api_server.apply("endpointslices", endpoint_slice("svc-a", "svc", [("10.1.0.1", True, None)]))
+    api_server.delete("endpointslices", "svc-a")
+    await eventually(lambda: replicas(pool) == {"10.1.0.2:50051", "10.1.0.3:50051"})
+    assert ("remove", "dep", "10.1.0.2:50051") not in pool.changes
+
+
+async def test_terminating_endpoints_are_out(api_server: FakeApiServer, start_pool) -> None:
+    pool = await start_pool(sources=("endpointslices",))
+    endpoints = [
+        ("10.1.0.1", None, None),
+        ("10.1.0.2", False, None),
+        ("10.1.0.3", True, True),
+        ("10.1.0.4", True, False),
+    ]
+    api_server.apply("endpointslices", endpoint_slice("s", "svc", endpoints, role="uses-before"))
+    await eventually(lambda: replicas(pool, "dep/uses_before") == {"10.1.0.1:50051", "10.1.0.4:50051"})
+    api_server.apply(
+        "endpointslices",
+        endpoint_slice("s", "svc", [("10.1.0.1", True, True), ("10.1.0.4", True, False)], role="uses-before"),
+    )
+    await eventually(lambda: replicas(pool, "dep/uses_before") == {"10.1.0.4:50051"})
+
+
+async def test_a_replica_held_by_both_sources_leaves_with_the_last(api_server: FakeApiServer, start_pool) -> None:
+    pool = await start_pool()
+    api_server.apply("pods", pod("p", ip="10.2.0.1", port=50051))
+    api_server.apply("endpointslices", endpoint_slice("s", "svc", [("10.2.0.1", True, None)]))
+    await eventually(lambda: replicas(pool) == {"10.2.0.1:50051"})
+    api_server.delete("pods", "p")
+    api_server.apply("pods", pod("sentinel", ip="10.2.0.9"))
+    await eventually(lambda: "10.2.0.9:8080" in replicas(pool))
+    assert "10.2.0.1:50051" in replicas(pool)
+    api_server.delete("endpointslices", "s")
+    await eventually(lambda: replicas(pool) == {"10.2.0.9:8080"})
+    assert pool.changes.count(("add", "dep", "10.2.0.1:50051")) == 1
+
+
+# -- the watch protocol ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gone_as", ["event", "status"])
+async def test_410_relists_and_reconciles(api_server: FakeApiServer, start_pool, gone_as: str) -> None:
+    api_server.gone_as = gone_as
+    for name, ip in (("stays", "10.0.0.1"), ("vanishes", "10.0.0.2"), ("unready", "10.0.0.3")):
+        api_server.apply("pods", pod(name, ip=ip))
+    pool = await start_pool(sources=("pods",))
+    await eventually(lambda: api_server.open_streams("pods") == 1)
+
+    # While the client is disconnected the world changes and the history is compacted:
+    # its resume version is too old, so it must re-list and diff.
+    api_server.drop_streams()
+    api_server.delete("pods", "vanishes")
+    api_server.apply("pods", pod("unready", ip="10.0.0.3", ready=False))
+    api_server.apply("pods", pod("appears", ip="10.0.0.4"))
+    api_server.compact()
+
+    await eventually(lambda: replicas(pool) == {"10.0.0.1:8080", "10.0.0.4:8080"})
+    assert len(api_server.list_requests("pods")) == 2
+    assert pool.changes.count(("add", "dep", "10.0.0.1:8080")) == 1  # reconciled, not wiped and re-added
+    assert ("remove", "dep", "10.0.0.1:8080") not in pool.changes
+
+    api_server.apply("pods", pod("later", ip="10.0.0.5"))  # and the new watch follows
+    await eventually(lambda: "10.0.0.5:8080" in replicas(pool))
+
+
+async def test_410_error_event_mid_watch(api_server: FakeApiServer, start_pool) -> None:
+    api_server.apply("pods", pod("w", ip="10.0.0.1"))
+    pool = await start_pool(sources=("pods",))
+    await eventually(lambda: api_server.open_streams("pods") == 1)
+    api_server.error(410, "Expired", "too old resource version")
+    await eventually(lambda: len(api_server.list_requests("pods")) == 2)
+    api_server.apply("pods", pod("x", ip="10.0.0.2"))
+    await eventually(lambda: replicas(pool) == {"10.0.0.1:8080", "10.0.0.2:8080"})
+    assert pool.changes == [("add", "dep", "10.0.0.1:8080"), ("add", "dep", "10.0.0.2:8080")]
+
+
+async def test_dropped_stream_resumes_from_last_version(api_server: FakeApiServer, start_pool) -> None:
+    pool = await start_pool(sources=("pods",))
+    api_server.apply("pods", pod("a", ip="10.0.0.1"))
+    await eventually(lambda: replicas(pool) == {"10.0.0.1:8080"})
+    seen = api_server.version
+
+    api_server.drop_streams()  # the changes below are queued behind the drop: only the next watch can carry them
+    api_server.apply("pods", pod("b", ip="10.0.0.2"))
+    api_server.delete("pods", "a")
+    await eventually(lambda: replicas(pool) == {"10.0.0.2:8080"})
+
+    second = api_server.watch_requests("pods")[1]
+    assert second["resourceVersion"] == str(seen)
+    assert len(api_server.list_requests("pods")) == 1
+    assert pool.changes == [
+        ("add", "dep", "10.0.0.1:8080"),
+        ("add", "dep", "10.0.0.2:8080"),
+        ("remove", "dep", "10.0.0.1:8080"),
+    ]
+
+
+async def test_bookmarks_move_the_resume_version(api_server: FakeApiServer, start_pool) -> None:
+    pool = await start_pool(sources=("pods",))
+    await eventually(lambda: api_server.open_streams("pods") == 1)
+    for index in range(3):  # changes this watch does not select still advance the version
+        api_server.apply("pods", pod(f"unrelated-{index}", deployment=None, pod_type=None, shard_id=None))
+    api_server.bookmark()
+    await eventually(lambda: pool._watches["pods"].resource_version == str(api_server.version))
+    api_server.drop_streams()
+    await eventually(lambda: len(api_server.watch_requests("pods")) == 2)
+    assert api_server.watch_requests("pods")[1]["resourceVersion"] == str(api_server.version)
+
+
+async def test_server_timeout_ends_the_watch_and_it_resumes(api_server: FakeApiServer, start_pool) -> None:
+    pool = await start_pool(sources=("pods",), watch=WatchOptions(timeout_seconds=1, backoff_initial=0.02))
+    api_server.apply("pods", pod("a", ip="10.0.0.1"))
+    await eventually(lambda: len(api_server.watch_requests("pods")) >= 2)  # the server ended the first after 1s
+    assert api_server.watch_requests("pods")[1]["resourceVersion"] == str(api_server.version)
+    api_server.apply("pods", pod("b", ip="10.0.0.2"))
+    await eventually(lambda: replicas(pool) == {"10.0.0.1:8080", "10.0.0.2:8080"})
+    assert len(api_server.list_requests("pods")) == 1
+
+
+async def test_silent_stream_is_noticed_and_resumed(api_server: FakeApiServer, start_pool) -> None:
+    pool = await start_pool(sources=("pods",), watch=WatchOptions(read_timeout=0.2, backoff_initial=0.02))
+    await eventually(lambda: len(api_server.watch_requests("pods")) >= 3)  # each 0.2s of silence ends a stream
+    api_server.apply("pods", pod("a", ip="10.0.0.1"))
+    await eventually(lambda: replicas(pool) == {"10.0.0.1:8080"})
+    assert len(api_server.list_requests("pods")) == 1
+
+
+@pytest.mark.parametrize("how", ["refuse", "unavailable"])
+async def test_api_server_down_then_up(api_server: FakeApiServer, start_pool, how: str, caplog) -> None:
+    caplog.set_level(logging.WARNING, logger="shardnet.discovery.watch")
+    api_server.apply("pods", pod("a", ip="10.0.0.1"))
+    pool = await start_pool(sources=("pods",))
+    await eventually(lambda: api_server.open_streams("pods") == 1)
+
+    await api_server.go_down(how)
+    api_server.apply("pods", pod("b", ip="10.0.0.2"))  # happens while nobody can watch
+    await eventually(lambda: "attempt" in caplog.text)  # retried, and said so
+    assert pool.watching and replicas(pool) == {"10.0.0.1:8080"}
+
+    await api_server.come_back()
+    await eventually(lambda: replicas(pool) == {"10.0.0.1:8080", "10.0.0.2:8080"})
+    assert len(api_server.list_requests("pods")) == 1  # resumed: the history was still there
+
+
+async def test_starts_while_api_server_is_down(api_server: FakeApiServer, start_pool) -> None:
+    api_server.apply("pods", pod("a", ip="10.0.0.1"))
+    await api_server.go_down("unavailable")
+    pool = await start_pool(sync=False, sources=("pods",))
+    await eventually(lambda: len(api_server.list_requests("pods")) >= 2)
+    assert pool.watching and replicas(pool) == set()
+    await api_server.come_back()
+    await pool.wait_synced(timeout=5)
+    assert replicas(pool) == {"10.0.0.1:8080"}
+
+
+# -- configuration and lifetime ------------------------------------------------------------
+
+
+async def test_no_client_loads_the_kubeconfig(api_server: FakeApiServer, kubeconfig: str) -> None:
+    api_server.apply("pods", pod("a", ip="10.0.0.1"))
+    async with K8sGrpcConnectionPool(NS, kubeconfig=kubeconfig, watch=FAST) as pool:
+        await pool.wait_synced(timeout=5)
+        assert replicas(pool) == {"10.0.0.1:8080"}
+    assert not pool.watching and pool.deployments == {}
+    await eventually(lambda: api_server.open_streams() == 0)
+
+
+async def test_configuration_lookup_order(api_server: FakeApiServer, kubeconfig: str, tmp_path) -> None:
+    client = await load_api_client(environ={"KUBECONFIG": f"{tmp_path}/missing:{kubeconfig}"})
+    async with client:
+        assert client.configuration.host == api_server.url
+
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    (account / "token").write_text("in-cluster-token")
+    trustme.CA().cert_pem.write_to_path(str(account / "ca.crt"))
+    cluster = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443", "KUBECONFIG": kubeconfig}
+    client = await load_api_client(environ=cluster, service_account_dir=str(account))
+    async with client:
+        assert client.configuration.host == "https://10.96.0.1:443"
+        assert client.configuration.api_key["BearerToken"] == "Bearer in-cluster-token"
+
+    (account / "token").unlink()  # in a pod without a token: fall back to KUBECONFIG
+    client = await load_api_client(environ=cluster, service_account_dir=str(account))
+    async with client:
+        assert client.configuration.host == api_server.url
+
+
+async def test_wrong_credentials_are_retried_not_fatal(api_server: FakeApiServer, tmp_path) -> None:
+    path = write_kubeconfig(tmp_path / "bad", api_server.url, token="wrong")
+    async with K8sGrpcConnectionPool(NS, kubeconfig=str(path), watch=FAST, sources=("pods",)) as pool:
+        await eventually(lambda: len(api_server.list_requests("pods")) >= 2)
+        assert pool.watching
+
+
+# -- requests reach what discovery found -----------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["pods", "endpointslices"])
+async def test_requests_reach_discovered_replicas(api_server: FakeApiServer, start_pool, source: str) -> None:
+    async with EchoServer("replica-a") as a, EchoServer("replica-b") as b:
+
+        def publish(name: str, server: EchoServer, ready: bool) -> None:
+            if source == "pods":
+                api_server.apply("pods", pod(name, ip="127.0.0.1", port=server.port, ready=ready))
+            else:  # one slice per port, both of the same service
+                api_server.apply(
+                    "endpointslices", endpoint_slice(name, "svc", [("127.0.0.1", ready, None)], port=server.port)
+                )
+
+        publish("a", a, True)
+        publish("b", b, True)
+        pool = await start_pool(sources=(source,))
+        assert replicas(pool) == {a.address, b.address}
+
+        async def served_by() -> str:
+            _, trailing = await pool.send_request_once(DataRequest(endpoint="/x"), "dep")
+            return dict(trailing)["served-by"]
+
+        assert {await served_by() for _ in range(4)} == {"replica-a", "replica-b"}
+        assert a.received_metadata[-1]["endpoint"] == "/x"
+
+        publish("a", a, False)
+        await eventually(lambda: replicas(pool) == {b.address})
+        assert {await served_by() for _ in range(4)} == {"replica-b"}

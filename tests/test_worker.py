@@ -1,0 +1,271 @@
+"""The worker, end to end: in-process workers on free loopback ports, and worker processes for signals.
+
+What a client sees is asserted through real gRPC calls: responses, statuses,
+trailing metadata, health and reflection as a stock gRPC client reads them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import pytest
+from google.protobuf import empty_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from shardnet import DataRequest, Document, ReplicaError
+from shardnet.networking import oneshot
+from shardnet.protocol import services
+from shardnet.protocol.proto import jina_pb2
+from shardnet.runtimes.head import Head
+from shardnet.runtimes.processes import ShardnetProcess
+from shardnet.runtimes.server import ServerConfig
+from shardnet.runtimes.worker import Worker
+
+import executors
+
+EXECUTORS = Path(executors.__file__).resolve()
+
+
+async def raw_call(address: str, path: str, payload: bytes, metadata=(), timeout: float = 10.0):
+    """One unary call with bytes in and out: (reply bytes, trailing metadata as dict)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.unary_unary(path)(payload, metadata=tuple(metadata), timeout=timeout)
+        reply = await call
+        return reply, dict(await call.trailing_metadata())
+
+
+def decoded(reply: bytes) -> jina_pb2.DataRequestProto:
+    return jina_pb2.DataRequestProto.FromString(reply)
+
+
+@pytest.fixture
+async def tagger(runtimes):
+    return await runtimes(Worker(executors.Tagger.create(label="t")))
+
+
+# -- data --------------------------------------------------------------------------------
+
+
+async def test_single_request_is_handled_and_keeps_header_parameters_and_gains_a_route(tagger):
+    request = DataRequest([Document(text="a"), Document(text="b")], endpoint="/tag", parameters={"suffix": "!"})
+    response = await oneshot.send_request_async(request, tagger.server.address, timeout=10)
+    assert not response.is_error
+    assert response.request_id == request.request_id and response.endpoint == "/tag"
+    assert response.docs.texts == ["a!", "b!"]
+    assert [doc.tags["by"] for doc in response.docs] == ["t", "t"]
+    assert response.parameters == {"suffix": "!"}
+    [route] = response.routes
+    assert route.executor == "Tagger" and route.end_time.ToNanoseconds() >= route.start_time.ToNanoseconds() > 0
+
+
+async def test_handler_returning_documents_replaces_them(tagger):
+    request = DataRequest([Document(id="x", text="hi")], endpoint="/replace")
+    response = await oneshot.send_request_async(request, tagger.server.address, timeout=10)
+    assert [(doc.id, doc.text) for doc in response.docs] == [("new-x", "HI")]
+
+
+async def test_endpoint_from_metadata_when_header_has_none(tagger):
+    request = DataRequest([Document(text="a")])
+    assert request.endpoint is None
+    reply, _ = await raw_call(
+        tagger.server.address, services.PROCESS_SINGLE_DATA, request.to_bytes(), [("endpoint", "/endpoint")]
+    )
+    assert decoded(reply).data.docs.docs[0].tags["endpoint"] == "/endpoint"
+
+
+async def test_process_data_gives_the_handler_all_documents_and_one_column_per_request(runtimes):
+    after = executors.CountingAfter.create()
+    worker = await runtimes(Worker(after))
+    columns = [
+        DataRequest([Document(id="a0"), Document(id="a1")], endpoint="/merge"),
+        DataRequest([Document(id="b0")], endpoint="/merge"),
+        DataRequest([Document(id="c0"), Document(id="c1"), Document(id="c2")], endpoint="/merge"),
+    ]
+    response = await oneshot.send_requests_async(columns, worker.server.address, timeout=10)
+    [merged] = response.docs
+    assert merged.text == "a0,a1,b0,c0,c1,c2"
+    assert after.matrix_shapes == [[2, 1, 3]]
+    assert response.request_id == columns[0].request_id
+
+
+async def test_handler_exception_is_an_error_response_and_the_worker_keeps_serving(tagger):
+    request = DataRequest([Document(text="a")], endpoint="/fail")
+    reply, trailing = await raw_call(
+        tagger.server.address, services.PROCESS_SINGLE_DATA, request.to_bytes(), [("endpoint", "/fail")]
+    )  # gRPC status OK: raw_call would have raised otherwise
+    assert trailing.get("is-error") == "true"
+    status = decoded(reply).header.status
+    assert status.code == jina_pb2.StatusProto.ERROR
+    assert status.exception.name == "ValueError"
+    assert list(status.exception.args) == ["bad input", "42"]
+    assert status.exception.executor == "Tagger"
+    stack = "".join(status.exception.stacks)
+    assert "Traceback" in stack and "executors.py" in stack and 'raise ValueError("bad input", 42)' in stack
+    assert "ValueError" in status.description
+    route = decoded(reply).routes[-1]
+    assert route.executor == "Tagger" and route.status.code == jina_pb2.StatusProto.ERROR
+
+    after = await oneshot.send_request_async(DataRequest([Document(text="b")], endpoint="/tag"), tagger.server.address)
+    assert not after.is_error and after.docs[0].tags["by"] == "t"
+
+
+async def test_unbound_endpoint_comes_back_byte_for_byte(runtimes):
+    worker = await runtimes(Worker(executors.KnownOnly.create()))
+    doc = Document(text="untouched", tags={"k": [1, "two"]})
+    doc.proto.location.extend([1.5, 2.5])  # a field shardnet does not model
+    request = DataRequest([doc], endpoint="/unknown", parameters={"p": True})
+    payload = request.to_bytes()
+    reply, trailing = await raw_call(worker.server.address, services.PROCESS_SINGLE_DATA, payload, [("endpoint", "/unknown")])
+    assert reply == payload
+    assert "is-error" not in trailing
+    assert decoded(reply).header.status.code == jina_pb2.StatusProto.SUCCESS
+    # the bound endpoint still works
+    known = await oneshot.send_request_async(DataRequest([Document()], endpoint="/known"), worker.server.address)
+    assert known.docs.texts == ["known"]
+
+
+async def test_blocking_sync_handler_does_not_stall_async_ones(runtimes):
+    blocking = executors.Blocking.create()
+    worker = await runtimes(Worker(blocking))
+    address = worker.server.address
+    stuck = asyncio.ensure_future(
+        oneshot.send_request_async(DataRequest([Document()], endpoint="/block"), address, timeout=20)
+    )
+    try:
+        assert await asyncio.to_thread(blocking.entered.wait, 10), "the sync handler never started"
+        fast = await oneshot.send_request_async(DataRequest([Document()], endpoint="/fast"), address, timeout=5)
+        assert fast.docs.texts == ["fast"]
+        assert not stuck.done(), "the blocking handler was released before the async one answered"
+    finally:
+        blocking.release.set()
+    assert (await stuck).docs.texts == ["unblocked"]
+
+
+async def test_docs_bytes_and_garbage_are_refused_as_invalid_argument(tagger):
+    pickled = jina_pb2.DataRequestProto()
+    pickled.header.request_id = "r" * 32
+    pickled.header.exec_endpoint = "/tag"
+    pickled.data.docs_bytes = b"\x80\x04K\x01."  # a pickle: must never be unpickled
+    for payload in (pickled.SerializeToString(), b"\xff\xff\xff not protobuf"):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await raw_call(tagger.server.address, services.PROCESS_SINGLE_DATA, payload, [("endpoint", "/tag")])
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "docs_bytes" in caught.value.details() or "malformed" in caught.value.details()
+
+
+# -- discovery, control, health, reflection ------------------------------------------------
+
+
+async def test_endpoint_discovery_lists_bound_endpoints(tagger):
+    reply, _ = await raw_call(tagger.server.address, services.ENDPOINT_DISCOVERY, empty_pb2.Empty().SerializeToString())
+    assert list(jina_pb2.EndpointsProto.FromString(reply).endpoints) == ["/endpoint", "/fail", "/replace", "/tag"]
+
+
+async def test_worker_answers_status_and_refuses_membership_commands(tagger):
+    status = await oneshot.send_control("STATUS", tagger.server.address)
+    assert status.command == "STATUS" and not status.is_error
+    with pytest.raises(ReplicaError) as caught:
+        await oneshot.send_control("ACTIVATE", tagger.server.address, "127.0.0.1", 1, 0)
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_stock_grpc_client_sees_health_serving_and_reflection_listing_jina_services(tagger):
+    async with grpc.aio.insecure_channel(tagger.server.address) as channel:
+        health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        listed = set()
+        async for response in responses:
+            listed |= {service.name for service in response.list_services_response.service}
+    assert {
+        "jina.JinaSingleDataRequestRPC",
+        "jina.JinaDataRequestRPC",
+        "jina.JinaControlRequestRPC",
+        "jina.JinaDiscoverEndpointsRPC",
+    } <= listed
+
+
+# -- worker processes: signals -------------------------------------------------------------
+
+
+@pytest.fixture
+def processes():
+    """Factory: ``worker = processes("worker", [...])`` launches ``python -m shardnet ...``; all killed at teardown."""
+    started: list[ShardnetProcess] = []
+
+    def launch(role: str, arguments: list[str], log_dir: Path, env=None) -> ShardnetProcess:
+        process = ShardnetProcess(role, arguments, log_dir / f"{role}.log", env=env)
+        started.append(process)
+        return process.launch()
+
+    try:
+        yield launch
+    finally:
+        for process in started:
+            process.kill()
+
+
+async def wait_exit(process: ShardnetProcess, timeout: float = 15.0) -> int:
+    return await asyncio.to_thread(process.popen.wait, timeout)
+
+
+async def test_sigterm_drains_in_flight_request_refuses_new_ones_and_exits_zero(tmp_path, processes, eventually):
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    worker = processes(
+        "worker",
+        ["worker", "--uses", f"{EXECUTORS}:SlowUntilReleased", "--workspace", str(workspace), "--drain-seconds", "20"],
+        tmp_path,
+    )
+    address = await asyncio.to_thread(worker.wait_ready, 20)
+    in_flight = asyncio.ensure_future(
+        oneshot.send_request_async(DataRequest([Document(text="x")], endpoint="/slow"), address, timeout=20)
+    )
+    try:
+        await eventually(lambda: (workspace / "started").exists(), timeout=10)
+        worker.signal(signal.SIGTERM)
+
+        async def refuses_new_requests() -> bool:
+            try:
+                await oneshot.send_request_async(DataRequest([Document()], endpoint="/other"), address, timeout=2)
+            except ReplicaError as exc:
+                return exc.code == grpc.StatusCode.UNAVAILABLE
+            return False
+
+        await eventually(refuses_new_requests, timeout=10)
+        assert not in_flight.done() and worker.alive, "the worker did not wait for its in-flight request"
+    finally:
+        (workspace / "release").touch()
+    response = await in_flight
+    assert not response.is_error and response.docs.texts == ["finished"]
+    assert await wait_exit(worker) == 0, worker.tail()
+
+
+async def test_worker_with_head_deactivates_itself_on_sigterm(tmp_path, processes, runtimes, eventually):
+    head = await runtimes(Head("dep"))
+    worker = processes(
+        "worker",
+        ["worker", "--uses", f"{EXECUTORS}:Tagger", "--head", head.server.address, "--shard-id", "0", "--register-interval", "0.2"],
+        tmp_path,
+    )
+    address = await asyncio.to_thread(worker.wait_ready, 20)
+
+    async def listed() -> list[str]:
+        reply = await oneshot.send_control("STATUS", head.server.address)
+        return [f"{entity.address}:{entity.port}" for entity in reply.related_entities]
+
+    assert address in await listed()  # registered before it printed ready
+    response = await oneshot.send_request_async(DataRequest([Document()], endpoint="/tag"), head.server.address)
+    assert response.docs[0].tags["by"] == "tagger"
+
+    worker.signal(signal.SIGTERM)
+    assert await wait_exit(worker) == 0, worker.tail()
+    assert await listed() == []
+
