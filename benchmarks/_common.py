@@ -250,6 +250,15 @@ def verdict(label: str, value: float, op: str, target: float) -> str:
     return f"  [{'met' if met else 'MISSED'}] {label}: {value:.3f} (target {op} {target:g})"
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit, so the ``finally`` blocks that stop child processes run."""
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def new_event_loop(kind: str):
     """A fresh event loop of the asked kind (``asyncio`` or ``uvloop``)."""
     if kind == "uvloop":

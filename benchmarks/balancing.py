@@ -28,10 +28,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc is imported: no INFO lines in the tables
 
 from _common import EchoProcess, machine_line, new_event_loop, percentile, start_all, stop_all, table, verdict  # noqa: E402
 
 BALANCERS = ("round_robin", "p2c_ewma")
+STOPPED: set[int] = set()  # pids this run SIGSTOPped and has not continued yet
 DEPLOYMENT = "echo"
 
 
@@ -187,11 +189,13 @@ async def hang_scenario(args, request_bytes: bytes):
                 async def saboteur():
                     await asyncio.sleep(args.before_seconds)
                     marks["stop"] = time.perf_counter()
+                    STOPPED.add(victim.pid)
                     os.kill(victim.pid, signal.SIGSTOP)
                     try:
                         await asyncio.sleep(args.hang_seconds)
                     finally:
                         os.kill(victim.pid, signal.SIGCONT)
+                        STOPPED.discard(victim.pid)
                         marks["cont"] = time.perf_counter()
 
                 marks["start"] = time.perf_counter()
@@ -255,9 +259,20 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.getLogger("shardnet").setLevel(logging.ERROR)  # ejections are counted in the table instead
     loop = new_event_loop(args.loop)
+    task = loop.create_task(run(args))
+    for signum in (signal.SIGINT, signal.SIGTERM):  # cancel the run, so its finally blocks stop the servers
+        loop.add_signal_handler(signum, task.cancel)
     try:
-        return loop.run_until_complete(run(args))
+        return loop.run_until_complete(task)
+    except asyncio.CancelledError:
+        print("interrupted", file=sys.stderr)
+        return 130
     finally:
+        for pid in list(STOPPED):  # never leave a replica stopped behind us
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except OSError:
+                pass
         loop.close()
 
 

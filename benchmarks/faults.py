@@ -27,26 +27,28 @@ import contextlib
 import itertools
 import math
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Optional
 
+import grpc
+
+from shardnet import ControlRequest, DataRequest, Document, GrpcConnectionPool
+from shardnet.errors import ReplicaError, RoutingError
+from shardnet.networking import oneshot
+from shardnet.networking.policies import NO_RETRIES
+from shardnet.runtimes.deployment import Deployment
+from shardnet.testing import EchoServer
+
+if __package__:  # imported as benchmarks.faults (the test suite runs the scenarios' short versions)
+    from ._common import machine_line, percentile, table
+    from ._fault_executor import read_seen, set_fault
+else:  # run as a script: this folder is sys.path[0]
+    from _common import machine_line, percentile, table
+    from _fault_executor import read_seen, set_fault
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from _common import machine_line, percentile, table  # noqa: E402
-from _fault_executor import read_seen, set_fault  # noqa: E402
-
-import grpc  # noqa: E402
-
-from shardnet import ControlRequest, DataRequest, Document, GrpcConnectionPool  # noqa: E402
-from shardnet.errors import ReplicaError, RoutingError  # noqa: E402
-from shardnet.networking import oneshot  # noqa: E402
-from shardnet.networking.policies import NO_RETRIES  # noqa: E402
-from shardnet.runtimes.deployment import Deployment  # noqa: E402
-from shardnet.testing import EchoServer  # noqa: E402
 
 EXECUTOR = f"{HERE / '_fault_executor.py'}:FaultExecutor"
 ANY, ALL = "/any", "/all"
@@ -246,6 +248,7 @@ class Report:
     reexecuted: int  # requests a shard executed more than once
     p50: float  # ms, requests started during the fault
     p99: float
+    max: float
     retries: int
     refused: int
     peak_window: tuple[int, float]
@@ -260,14 +263,14 @@ class Report:
         used, allowed = self.peak_window
         return [
             self.scenario, self.polling, self.balancer, self.sent, self.ok, self.failed, self.expected, self.lost, self.duplicates,
-            self.reexecuted, self.p50, self.p99, self.retries, self.refused, f"{used}/{allowed:g}",
+            self.reexecuted, self.p50, self.p99, self.max, self.retries, self.refused, f"{used}/{allowed:g}",
             "met" if not self.misses else "MISSED",
         ]
 
 
 HEADERS = [
     "scenario", "poll", "balancer", "sent", "ok", "failed", "expected", "lost", "dup", "re-exec",
-    "p50 ms", "p99 ms", "retries", "refused", "peak window", "targets",
+    "p50 ms", "p99 ms", "max ms", "retries", "refused", "peak window", "targets",
 ]
 
 Fault = Callable[[Deployment, "Context"], Awaitable[None]]
@@ -534,6 +537,7 @@ def _report(scenario, settings, window: Window, load: Load, budget: BudgetWatch,
         reexecuted=reexecuted,
         p50=percentile(during, 0.50),
         p99=percentile(during, 0.99),
+        max=max(during, default=math.nan),
         retries=budget.spent,
         refused=budget.refused,
         peak_window=budget.peak,
@@ -575,7 +579,7 @@ def render(reports: list[Report], settings: Settings) -> str:
     lines.append(
         f"load: {settings.concurrency} closed-loop clients, no client retries, deadline {settings.deadline:g} s; "
         f"head --attempt-timeout {settings.attempt_timeout:g} s; faults last {settings.fault:g} s; "
-        f"latencies cover requests started during the fault; 'peak window' is the head's fullest "
+        f"latencies cover the answers to requests started during the fault; 'peak window' is the head's fullest "
         f"retry-budget window (retries/allowed)"
     )
     lines.append(machine_line())

@@ -18,8 +18,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc is imported: no INFO lines in the tables
 
-from _common import JINA_PYTHON, SHARDNET_PYTHON, EchoProcess, Tally, Worker, machine_line, median, table, verdict  # noqa: E402
+from _common import exit_on_sigterm, JINA_PYTHON, SHARDNET_PYTHON, EchoProcess, Tally, Worker, machine_line, median, table, verdict  # noqa: E402
 
 # size label, document bytes, requests per round, concurrency
 SIZES = [("1 KB", 1024, 3000, 32), ("100 KB", 100 * 1024, 1000, 16), ("4 MB", 4 * 1024 * 1024, 40, 4)]
@@ -39,6 +40,7 @@ def main(argv=None) -> int:
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
     parser.add_argument("--quick", action="store_true", help="2 rounds of half the requests")
     args = parser.parse_args(argv)
+    exit_on_sigterm()
     scale = 0.5 if args.quick else 1.0
     if args.quick:
         args.rounds = 2
@@ -96,4 +98,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None

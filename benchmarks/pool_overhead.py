@@ -25,8 +25,9 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc is imported: no INFO lines in the tables
 
-from _common import JINA_PYTHON, SHARDNET_PYTHON, EchoProcess, Tally, Worker, machine_line, median, table, verdict  # noqa: E402
+from _common import exit_on_sigterm, JINA_PYTHON, SHARDNET_PYTHON, EchoProcess, Tally, Worker, machine_line, median, table, verdict  # noqa: E402
 
 
 def request_bytes(size: int) -> bytes:
@@ -48,8 +49,8 @@ def parse_args(argv=None):
     parser.add_argument("--peer", choices=("none", "jina"), default="none")
     parser.add_argument("--loop", choices=("asyncio", "uvloop", "both"), default="asyncio",
                         help="event loop of the shardnet-venv clients (and of the Jina client unless 'both')")
-    parser.add_argument("--call-path", action="store_true",
-                        help="also time GrpcConnectionPool.call (the head's path: no Task per request)")
+    parser.add_argument("--no-call-path", dest="call_path", action="store_false",
+                        help="skip GrpcConnectionPool.call (the head's path: no Task per request)")
     parser.add_argument("--profile", metavar="FILE", help="after the rounds, profile one shardnet round with cProfile")
     parser.add_argument("--quick", action="store_true", help="about 20 s: 4 rounds of 2000, warm-up 1000")
     args = parser.parse_args(argv)
@@ -60,6 +61,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    exit_on_sigterm()
     per_round = max(1, args.requests // args.rounds)
     loops = ["asyncio", "uvloop"] if args.loop == "both" else [args.loop]
     jina_loop = "asyncio" if args.loop == "both" else args.loop
@@ -111,9 +113,11 @@ def main(argv=None) -> int:
     rows = []
     for label, _, _ in competitors:
         tally = tallies[label]
+        loop_us = 1e6 * sum(result["loop_cpu"] for result in tally.rounds) / tally.requests
         rows.append([label, tally.requests, tally.rps, tally.p(0.50), tally.p(0.99), tally.cpu_per_request_us,
-                     tally.failures])
-    print(table(["client", "requests", "rps", "p50 ms", "p99 ms", "CPU us/req", "failures"], rows))
+                     loop_us, tally.failures])
+    print(table(["client", "requests", "rps", "p50 ms", "p99 ms", "CPU us/req", "loop thread us/req", "failures"],
+                rows))
 
     def ratio_row(label, numerator, denominator):
         a, b = tallies[numerator], tallies[denominator]
@@ -131,6 +135,12 @@ def main(argv=None) -> int:
         ratio_rows.append(ratio_row(f"shardnet / bare{suffix}", ours, bare))
         checks.append(verdict(f"CPU/req shardnet / bare{suffix}", ratio_rows[-1][4], "<=", 1.05))
         checks.append(verdict(f"rps shardnet / bare{suffix}", ratio_rows[-1][1], ">=", 0.95))
+        if args.call_path:
+            ratio_rows.append(ratio_row(f"pool.call / bare{suffix}", f"shardnet pool.call{suffix}", bare))
+    if len(loops) > 1:
+        ratio_rows.append(ratio_row("bare uvloop / asyncio", "bare grpc.aio " + labels[0].split()[2] + " [uvloop]",
+                                    labels[0]))
+        ratio_rows.append(ratio_row("shardnet uvloop / asyncio", "shardnet pool [uvloop]", "shardnet pool [asyncio]"))
     if args.peer == "jina":
         jina_bare = next(label for label in labels if "(jina venv)" in label)
         ratio_rows.append(ratio_row("jina / bare (jina venv)", "jina 3.34 pool", jina_bare))
@@ -153,4 +163,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import EchoProcess, machine_line, table  # noqa: E402
+from _common import exit_on_sigterm, EchoProcess, machine_line, table  # noqa: E402
 
 PICKS = 200_000
 
@@ -166,6 +166,7 @@ def main(argv=None) -> int:
     parser.add_argument("--connected", type=int, default=300, help="channels to connect to real servers")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
+    exit_on_sigterm()
     if args.quick:
         args.sizes, args.connected = "10,100,1000", 100
     sizes = [int(value) for value in args.sizes.split(",")]
@@ -197,4 +198,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -83,7 +83,7 @@ class Blocking(Executor):
 
 
 class SlowUntilReleased(Executor):
-    """``/slow`` writes ``<workspace>/started`` then waits for ``<workspace>/release`` (a file another process makes)."""
+    """``/slow`` writes ``<workspace>/started``, then waits until another process makes ``<workspace>/release``."""
 
     @requests(on="/slow")
     def slow(self, docs, parameters, **kwargs):
@@ -182,7 +182,7 @@ class Pid(Executor):
 
 
 class Arrays(Executor):
-    """Computes on arrays: ``/normalize`` scales each embedding to unit length and stores its norm as a sparse tensor."""
+    """``/normalize`` scales each embedding to unit length and stores its norm as a sparse tensor."""
 
     @requests(on="/normalize")
     def normalize(self, docs, parameters, **kwargs):

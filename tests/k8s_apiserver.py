@@ -188,7 +188,8 @@ class FakeApiServer:
         app = web.Application()
         for name, resource in RESOURCES.items():
             app.router.add_get(resource.path, functools.partial(self._serve, name))
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        # handler_cancellation: a client that hangs up ends its watch here too, as on the real server
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, handler_cancellation=True)
         await self._runner.setup()
         self.port = self.port or free_port(self.host)
         await self._listen()

@@ -22,6 +22,7 @@ def shardnet(*arguments: str, timeout: float = 30.0) -> subprocess.CompletedProc
     """Run ``python -m shardnet ARGUMENTS`` to completion."""
     return subprocess.run(
         [sys.executable, "-m", "shardnet", *arguments],
+        check=False,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -58,21 +59,17 @@ def deployed(tmp_path):
     log = tmp_path / "deploy.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
-            [
-                sys.executable, "-m", "shardnet", "deploy",
-                "--uses", f"{EXECUTORS}:Tagger",
-                "--shards", "2",
-                "--polling", '{"/tag": "ALL", "*": "ANY"}',
-                "--name", "tags",
-            ],
+            [sys.executable, "-m", "shardnet", "deploy", "--uses", f"{EXECUTORS}:Tagger", "--shards", "2"]
+            + ["--polling", '{"/tag": "ALL", "*": "ANY"}', "--name", "tags"],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
+    pids: list[int] = []
     try:
         address = wait_for_line(log, r"tags serves on (\S+)", process).group(1)
         table = log.read_text()
-        pids = [int(pid) for pid in re.findall(r"^(?:head|worker-\d+-\d+)\s+\S+\s+(\d+)\s+running", table, re.M)]
+        pids += [int(pid) for pid in re.findall(r"^(?:head|worker-\d+-\d+)\s+\S+\s+(\d+)\s+running", table, re.M)]
         assert len(pids) == 3, table
         yield address, process, pids
     finally:
@@ -83,6 +80,9 @@ def deployed(tmp_path):
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+                for pid in pids:  # a deploy killed while hung cannot stop its children: do it for it
+                    if pid_alive(pid):
+                        os.kill(pid, signal.SIGKILL)
 
 
 def test_deploy_send_and_status_against_a_running_deployment(deployed):
@@ -136,7 +136,10 @@ BAD_ARGUMENTS = {
     "uses-missing-module": (["worker", "--uses", "no_such_module_xyz:Thing"], "cannot import 'no_such_module_xyz'"),
     "uses-missing-class": (["worker", "--uses", f"{EXECUTORS}:Missing"], "has no 'Missing'"),
     "uses-not-an-executor": (["worker", "--uses", "os:getcwd"], "not a shardnet.Executor subclass"),
-    "connection-without-shard": (["head", "--deployment", "d", "--connection", "127.0.0.1:5000"], "expected SHARD=HOST:PORT"),
+    "connection-without-shard": (
+        ["head", "--deployment", "d", "--connection", "127.0.0.1:5000"],
+        "expected SHARD=HOST:PORT",
+    ),
     "connection-bad-address": (["head", "--deployment", "d", "--connection", "0=127.0.0.1:99999"], "99999"),
     "polling-bad-json": (["head", "--deployment", "d", "--polling", '{"/search": ALL'], "not valid JSON"),
     "polling-bad-kind": (["head", "--deployment", "d", "--polling", '{"/search": "SOMETIMES"}'], "unknown polling"),
@@ -155,12 +158,13 @@ def test_bad_arguments_exit_non_zero_with_a_clear_message(arguments, message):
 
 
 def test_port_already_taken_by_another_worker_is_refused(tmp_path):
-    first = subprocess.Popen(
-        [sys.executable, "-m", "shardnet", "worker", "--uses", f"{EXECUTORS}:Tagger", "--port", "0"],
-        stdout=open(tmp_path / "first.log", "wb"),
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
+    with open(tmp_path / "first.log", "wb") as log:
+        first = subprocess.Popen(
+            [sys.executable, "-m", "shardnet", "worker", "--uses", f"{EXECUTORS}:Tagger", "--port", "0"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
     try:
         port = wait_for_line(tmp_path / "first.log", r"ready on 127\.0\.0\.1:(\d+)", first).group(1)
         second = shardnet("worker", "--uses", f"{EXECUTORS}:Tagger", "--port", port)

@@ -62,17 +62,21 @@ def test_sharded_deployment_with_uses_before_and_after_counts_every_send_and_lea
 
 
 def test_deployment_stops_every_process_when_the_body_raises():
-    with pytest.raises(RuntimeError, match="body failed"):
-        with Deployment(executors.Pid, shards=1, replicas=2, name="pids") as deployment:
-            pids = {process.pid for process in deployment.processes}
-            served_by = {int(doc.tags["pid"]) for _ in range(4) for doc in deployment.post("/who", [Document()])}
-            assert served_by and served_by <= pids  # the answers came from the processes we are watching
-            raise RuntimeError("body failed")
+    with (
+        pytest.raises(RuntimeError, match="body failed"),
+        Deployment(executors.Pid, shards=1, replicas=2, name="pids") as deployment,
+    ):
+        pids = {process.pid for process in deployment.processes}
+        served_by = {int(doc.tags["pid"]) for _ in range(4) for doc in deployment.post("/who", [Document()])}
+        assert served_by and served_by <= pids  # the answers came from the processes we are watching
+        raise RuntimeError("body failed")
     assert_all_gone(sorted(pids))
 
 
 async def test_async_deployment_with_control_token():
-    async with Deployment(executors.Tagger, shards=1, replicas=1, name="guarded", control_token="tok-123") as deployment:
+    async with Deployment(
+        executors.Tagger, shards=1, replicas=1, name="guarded", control_token="tok-123"
+    ) as deployment:
         # the workers registered with the token (given to them through their environment only)
         assert "SHARDNET_CONTROL_TOKEN" not in os.environ or os.environ["SHARDNET_CONTROL_TOKEN"] != "tok-123"
         docs = await deployment.post_async("/tag", [Document(text="a")])

@@ -180,7 +180,7 @@ def test_sparse_round_trip_densifies_to_the_same_array(shape_and_positions, dtyp
     ndarray.write_sparse(indices, values, shape, message)
     back = ndarray.from_proto(docarray_pb2.NdArrayProto.FromString(message.SerializeToString()))
     expected = np.zeros(shape, dtype=dtype)
-    for position, value in zip(positions, values):
+    for position, value in zip(positions, values, strict=True):
         expected[position] = value
     assert back.dtype == dtype
     np.testing.assert_array_equal(back, expected)

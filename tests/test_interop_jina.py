@@ -11,6 +11,7 @@ with a deadline, and kills it in ``finally``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -41,7 +42,7 @@ JINA = JINA_VENV / "bin" / "jina"
 JINA_PYTHON = JINA_VENV / "bin" / "python"
 READY_TIMEOUT = 30.0
 
-JINA_EXECUTOR = '''
+JINA_EXECUTOR = """
 from jina import Executor, requests
 from docarray import Document
 
@@ -61,9 +62,9 @@ class JinaTagger(Executor):
     @requests(on="/fail")
     def fail(self, docs, **kwargs):
         raise ValueError("jina refuses", 7)
-'''
+"""
 
-JINA_POOL_CLIENT = '''
+JINA_POOL_CLIENT = """
 import asyncio, json, sys
 from docarray import Document, DocumentArray
 from jina.serve.networking import GrpcConnectionPool
@@ -110,7 +111,7 @@ async def main(worker, head):
 
 
 asyncio.run(main(sys.argv[1], sys.argv[2]))
-'''
+"""
 
 
 @pytest.fixture
@@ -168,10 +169,8 @@ class JinaProcess:
 
     def kill(self) -> None:
         if self.popen.poll() is None:
-            try:
-                os.killpg(self.popen.pid, signal.SIGKILL)  # its own session: the group is Jina and its helpers only
-            except ProcessLookupError:
-                pass
+            with contextlib.suppress(ProcessLookupError):  # its own session: the group is Jina and its helpers only
+                os.killpg(self.popen.pid, signal.SIGKILL)
         self.popen.wait(10)
 
 
@@ -187,8 +186,8 @@ async def test_shardnet_head_in_front_of_a_jina_executor(jina_peer, tmp_path, ru
     (tmp_path / "jina_tagger.py").write_text(textwrap.dedent(JINA_EXECUTOR))
     port = free_port()
     executor = JinaProcess(
-        [str(jina_peer), "executor", "--native", "--uses", "JinaTagger", "--py-modules", "jina_tagger.py",
-         "--port", str(port), "--host", "127.0.0.1"],
+        [str(jina_peer), *"executor --native --uses JinaTagger --py-modules jina_tagger.py --host 127.0.0.1".split()]
+        + ["--port", str(port)],
         tmp_path / "jina-executor.log",
         tmp_path,
     )
@@ -196,7 +195,11 @@ async def test_shardnet_head_in_front_of_a_jina_executor(jina_peer, tmp_path, ru
         jina_address = f"127.0.0.1:{port}"
         await executor.wait_serving(jina_address)
         head = await runtimes(
-            Head("jina-backed", polling=PollingMap.parse('{"/search": "ALL", "*": "ANY"}'), connections={0: [jina_address]})
+            Head(
+                "jina-backed",
+                polling=PollingMap.parse('{"/search": "ALL", "*": "ANY"}'),
+                connections={0: [jina_address]},
+            )
         )
         address = head.server.address
 
@@ -240,9 +243,8 @@ async def test_jina_head_in_front_of_a_shardnet_worker(jina_peer, tmp_path, runt
     worker = await runtimes(Worker(executors.Tagger.create(label="shardnet")))
     port = free_port()
     head = JinaProcess(
-        [str(jina_peer), "executor", "--native", "--runtime-cls", "HeadRuntime", "--polling", "ANY",
-         "--port", str(port), "--host", "127.0.0.1",
-         "--connection-list", json.dumps({"0": [worker.server.address]})],
+        [str(jina_peer), *"executor --native --runtime-cls HeadRuntime --polling ANY --host 127.0.0.1".split()]
+        + ["--port", str(port), "--connection-list", json.dumps({"0": [worker.server.address]})],
         tmp_path / "jina-head.log",
         tmp_path,
     )
@@ -255,7 +257,7 @@ async def test_jina_head_in_front_of_a_shardnet_worker(jina_peer, tmp_path, runt
         assert response.docs[0].tags["by"] == "shardnet"
         assert "Tagger" in [route.executor for route in response.routes]
 
-        failed, trailing = await call(address, "/fail", [Document()])
+        failed, _ = await call(address, "/fail", [Document()])
         assert failed.is_error and failed.status.exception.name == "ValueError"
         assert list(failed.status.exception.args) == ["bad input", "42"]
         assert worker.executor.calls == 1
@@ -269,7 +271,10 @@ async def test_jina_connection_pool_calls_a_shardnet_worker_and_head(jina_peer, 
     script = tmp_path / "jina_client.py"
     script.write_text(textwrap.dedent(JINA_POOL_CLIENT))
     client = await asyncio.create_subprocess_exec(
-        str(JINA_PYTHON), str(script), worker.server.address, head.server.address,
+        str(JINA_PYTHON),
+        str(script),
+        worker.server.address,
+        head.server.address,
         cwd=tmp_path,
         env=jina_env(),
         stdin=subprocess.DEVNULL,
@@ -284,7 +289,7 @@ async def test_jina_connection_pool_calls_a_shardnet_worker_and_head(jina_peer, 
             await client.wait()
     text = output.decode(errors="replace")
     assert client.returncode == 0, text
-    result = json.loads(next(line for line in text.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+    result = json.loads(next(line for line in text.splitlines() if line.startswith("RESULT "))[len("RESULT ") :])
 
     tag = result["tag"]
     assert tag["code"] == 0 and tag["request_id"] == tag["sent_request_id"]

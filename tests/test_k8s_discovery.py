@@ -297,13 +297,15 @@ async def test_a_replica_held_by_both_sources_leaves_with_the_last(api_server: F
     pool = await start_pool()
     api_server.apply("pods", pod("p", ip="10.2.0.1", port=50051))
     api_server.apply("endpointslices", endpoint_slice("s", "svc", [("10.2.0.1", True, None)]))
-    await eventually(lambda: replicas(pool) == {"10.2.0.1:50051"})
+    api_server.apply("endpointslices", endpoint_slice("later", "svc", [("10.2.0.2", True, None)]))
+    # the two sources are separate streams: "later" showing up means the slice watch has seen "s" too
+    await eventually(lambda: replicas(pool) == {"10.2.0.1:50051", "10.2.0.2:50051"})
     api_server.delete("pods", "p")
     api_server.apply("pods", pod("sentinel", ip="10.2.0.9"))
     await eventually(lambda: "10.2.0.9:8080" in replicas(pool))
     assert "10.2.0.1:50051" in replicas(pool)
     api_server.delete("endpointslices", "s")
-    await eventually(lambda: replicas(pool) == {"10.2.0.9:8080"})
+    await eventually(lambda: replicas(pool) == {"10.2.0.2:50051", "10.2.0.9:8080"})
     assert pool.changes.count(("add", "dep", "10.2.0.1:50051")) == 1
 
 

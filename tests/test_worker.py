@@ -23,7 +23,6 @@ from shardnet.protocol import services
 from shardnet.protocol.proto import jina_pb2
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.processes import ShardnetProcess
-from shardnet.runtimes.server import ServerConfig
 from shardnet.runtimes.worker import Worker
 
 import executors
@@ -120,7 +119,9 @@ async def test_unbound_endpoint_comes_back_byte_for_byte(runtimes):
     doc.proto.location.extend([1.5, 2.5])  # a field shardnet does not model
     request = DataRequest([doc], endpoint="/unknown", parameters={"p": True})
     payload = request.to_bytes()
-    reply, trailing = await raw_call(worker.server.address, services.PROCESS_SINGLE_DATA, payload, [("endpoint", "/unknown")])
+    reply, trailing = await raw_call(
+        worker.server.address, services.PROCESS_SINGLE_DATA, payload, [("endpoint", "/unknown")]
+    )
     assert reply == payload
     assert "is-error" not in trailing
     assert decoded(reply).header.status.code == jina_pb2.StatusProto.SUCCESS
@@ -180,7 +181,9 @@ async def test_stock_grpc_client_sees_health_serving_and_reflection_listing_jina
         assert health.status == health_pb2.HealthCheckResponse.SERVING
 
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        responses = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        )
         listed = set()
         async for response in responses:
             listed |= {service.name for service in response.list_services_response.service}
@@ -252,7 +255,17 @@ async def test_worker_with_head_deactivates_itself_on_sigterm(tmp_path, processe
     head = await runtimes(Head("dep"))
     worker = processes(
         "worker",
-        ["worker", "--uses", f"{EXECUTORS}:Tagger", "--head", head.server.address, "--shard-id", "0", "--register-interval", "0.2"],
+        [
+            "worker",
+            "--uses",
+            f"{EXECUTORS}:Tagger",
+            "--head",
+            head.server.address,
+            "--shard-id",
+            "0",
+            "--register-interval",
+            "0.2",
+        ],
         tmp_path,
     )
     address = await asyncio.to_thread(worker.wait_ready, 20)
@@ -268,4 +281,3 @@ async def test_worker_with_head_deactivates_itself_on_sigterm(tmp_path, processe
     worker.signal(signal.SIGTERM)
     assert await wait_exit(worker) == 0, worker.tail()
     assert await listed() == []
-

@@ -40,14 +40,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-def parse_connections(items: list[str]) -> dict[int, list[str]]:
-    """``["0=h:1", "1=h:2"]`` -> ``{0: ["h:1"], 1: ["h:2"]}``, validating each address."""
+def parse_connections(items: list[str], tls: bool = False) -> dict[int, list[str]]:
+    """``["0=h:1", "1=h:2"]`` -> ``{0: ["h:1"], 1: ["h:2"]}``, validating each address (``https://`` with ``tls``)."""
     connections: dict[int, list[str]] = defaultdict(list)
     for item in items:
         shard, sep, address = item.partition("=")
         if not sep or not shard.strip().isdigit():
             raise ConfigurationError(f"--connection {item!r}: expected SHARD=HOST:PORT, e.g. 0=127.0.0.1:50051")
-        connections[int(shard)].append(str(parse_address(address)))
+        connections[int(shard)].append(str(parse_address(address, tls=tls)))
     return dict(connections)
 
 
@@ -90,9 +90,9 @@ async def serve(args: argparse.Namespace) -> int:
         server_config(args),
         polling=PollingMap.parse(args.polling),
         pool=pool,
-        connections=parse_connections(args.connection),
-        uses_before=args.uses_before and str(parse_address(args.uses_before)),
-        uses_after=args.uses_after and str(parse_address(args.uses_after)),
+        connections=parse_connections(args.connection, tls=pool.tls is not None),
+        uses_before=args.uses_before and str(parse_address(args.uses_before, tls=pool.tls is not None)),
+        uses_after=args.uses_after and str(parse_address(args.uses_after, tls=pool.tls is not None)),
         shards=args.shards,
     )
     return await head.run()

@@ -44,9 +44,6 @@ def default_grpc_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> 
         ("grpc.enable_retries", 0),
         # a channel of its own connections: rebuilding a failing channel really reconnects
         ("grpc.use_local_subchannel_pool", 1),
-        # each channel keeps its own connection: a rebuilt or one-off channel dials afresh instead of
-        # sharing another channel's connection, and its reconnect backoff, to the same address
-        ("grpc.use_local_subchannel_pool", 1),
     ]
 
 

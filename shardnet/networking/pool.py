@@ -143,6 +143,11 @@ class GrpcConnectionPool:
         return sorted(entry.shards) if entry else []
 
     @property
+    def tls(self) -> Optional[ClientTls]:
+        """The TLS material ``https://`` replicas are dialled with (None: system roots, no client certificate)."""
+        return self._tls
+
+    @property
     def deployments(self) -> dict[str, dict[str, Any]]:
         """A snapshot: ``{deployment: {"head": [addresses], "shards": {id: [addresses]}}}``."""
         return {

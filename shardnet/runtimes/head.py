@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 USES_BEFORE = "uses_before"
 USES_AFTER = "uses_after"
+# seconds the head keeps from its caller's deadline to send back its own DEADLINE_EXCEEDED naming the shard
+DEADLINE_MARGIN = 0.05
 
 
 class Head:
@@ -103,6 +105,8 @@ class Head:
             endpoint = self._settle_endpoint(requests, context)
             metadata = ((services.ENDPOINT_METADATA, endpoint),)
             timeout = context.time_remaining()
+            if timeout is not None:  # give up just before the caller does, so it learns which shard was slow
+                timeout -= min(DEADLINE_MARGIN, timeout / 10)
             if self._uses_before is not None:
                 response, _ = await self._one(self._uses_before, requests, metadata, timeout)
                 requests = [response]
@@ -201,16 +205,21 @@ class Head:
                 "or a client certificate",
             )
         changes = []
+        dial_tls = self.pool.tls is not None  # a head given TLS material dials its workers over TLS
         for entity in request.related_entities:
+            host = f"[{entity.address}]" if ":" in entity.address and not entity.address.startswith("[") else entity.address
             try:
-                address = parse_address(f"{entity.address}:{entity.port}").target
+                address = str(parse_address(f"{host}:{entity.port}", tls=dial_tls))
             except ConfigurationError as exc:
                 await context.abort( grpc.StatusCode.INVALID_ARGUMENT, f"{command} refused: {exc}")
             changes.append((address, entity.shard_id if entity.HasField("shard_id") else None))
         for address, shard_id in changes:
             if command == "ACTIVATE":
+                replicas = self.pool.get_replicas(self.deployment, shard_id=shard_id or 0)
+                known = replicas is not None and replicas.has_connection(address)
                 self.pool.add_connection(self.deployment, address, shard_id=shard_id or 0)
-                logger.info("%s: activated %s in shard %s", self.deployment, address, shard_id or 0)
+                if not known:  # workers repeat ACTIVATE every few seconds: log the news only
+                    logger.info("%s: activated %s in shard %s", self.deployment, address, shard_id or 0)
             else:
                 removed = await self.pool.remove_connection(self.deployment, address, shard_id=shard_id)
                 logger.info("%s: deactivated %s (%s)", self.deployment, address, "removed" if removed else "unknown")

@@ -1,0 +1,181 @@
+"""Deadlines: the head passes its caller's remaining time on to the worker, and says who was too slow.
+
+A head runs in the test's loop in front of either a recording replica (a raw
+gRPC server that notes ``context.time_remaining()`` of every call it gets) or
+a real Worker whose async handler sleeps, so the test sees what the next hop
+sees and whether its work is stopped when the caller gives up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import grpc.aio
+import pytest
+
+from shardnet import DataRequest, Document, Executor, GrpcConnectionPool, requests
+from shardnet.networking.channels import Stubs
+from shardnet.protocol import services
+from shardnet.runtimes.head import Head
+from shardnet.runtimes.server import ServerConfig
+from shardnet.runtimes.worker import Worker
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class RecordingReplica:
+    """A replica on loopback that records the deadline each call arrives with, then answers after ``delay``."""
+
+    def __init__(self, delay: float = 0.0):
+        self.delay = delay
+        self.remaining: list = []
+        self.cancelled = asyncio.Event()
+        self._server = grpc.aio.server()
+        service, method = services.PROCESS_SINGLE_DATA.strip("/").split("/")
+        self._server.add_generic_rpc_handlers(
+            [grpc.method_handlers_generic_handler(service, {method: grpc.unary_unary_rpc_method_handler(self._answer)})]
+        )
+        self.address = f"127.0.0.1:{self._server.add_insecure_port('127.0.0.1:0')}"
+
+    async def _answer(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        self.remaining.append(context.time_remaining())
+        try:
+            await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        return payload
+
+    async def __aenter__(self) -> "RecordingReplica":
+        await self._server.start()
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self._server.stop(0)
+
+
+class Sleeper(Executor):
+    """``/sleep`` waits ``parameters['seconds']``; notes whether it finished or was stopped."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.finished = 0
+        self.stopped = asyncio.Event()
+
+    @requests(on="/sleep")
+    async def sleep(self, docs, parameters, **kwargs):
+        try:
+            await asyncio.sleep(float(parameters["seconds"]))
+        except asyncio.CancelledError:
+            self.stopped.set()
+            raise
+        self.finished += 1
+
+
+async def started_head(replica_address: str, **pool_options) -> Head:
+    head = Head("dl", ServerConfig(), pool=GrpcConnectionPool(**pool_options), connections={0: [replica_address]})
+    await head.start()
+    return head
+
+
+async def call_head(head: Head, request: DataRequest, timeout) -> tuple[grpc.StatusCode, str, float]:
+    """Call the head over a raw channel; return (status code, details, seconds taken)."""
+    channel = grpc.aio.insecure_channel(head.server.address)
+    try:
+        started = time.monotonic()
+        try:
+            await Stubs.for_channel(channel).single_data(request, timeout=timeout)
+            return grpc.StatusCode.OK, "", time.monotonic() - started
+        except grpc.aio.AioRpcError as error:
+            return error.code(), error.details() or "", time.monotonic() - started
+    finally:
+        await channel.close()
+
+
+async def test_worker_sees_the_callers_remaining_deadline():
+    async with RecordingReplica() as replica:
+        head = await started_head(replica.address)
+        try:
+            code, _, _ = await call_head(head, DataRequest(endpoint="/x"), timeout=2.0)
+            assert code == grpc.StatusCode.OK
+            code, _, _ = await call_head(head, DataRequest(endpoint="/x"), timeout=None)
+            assert code == grpc.StatusCode.OK
+        finally:
+            await head.stop(0)
+    with_deadline, without = replica.remaining
+    assert with_deadline is not None and 1.0 < with_deadline <= 2.05  # what was left of the caller's 2 s
+    assert without is None  # no deadline anywhere: none invented
+
+
+async def test_heads_own_timeout_applies_when_the_caller_sets_none():
+    async with RecordingReplica() as replica:
+        head = await started_head(replica.address, timeout=0.8)
+        try:
+            code, _, _ = await call_head(head, DataRequest(endpoint="/x"), timeout=None)
+        finally:
+            await head.stop(0)
+    assert code == grpc.StatusCode.OK
+    [remaining] = replica.remaining
+    assert remaining is not None and 0.3 < remaining <= 0.85
+
+
+async def test_callers_deadline_exceeded_names_deployment_and_shard_and_stops_the_worker():
+    """The caller gives up after 0.6 s: the answer names the head's deployment and shard, the replica's work is cancelled."""
+    async with RecordingReplica(delay=5.0) as replica:
+        head = await started_head(replica.address)
+        try:
+            code, details, took = await call_head(head, DataRequest(endpoint="/x"), timeout=0.6)
+            await asyncio.wait_for(replica.cancelled.wait(), 2.0)  # the next hop stopped too
+        finally:
+            await head.stop(0)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert took < 1.5
+    assert "deployment 'dl'" in details and "shard 0" in details and replica.address in details, details
+
+
+async def test_heads_own_timeout_exceeded_names_deployment_and_shard():
+    async with RecordingReplica(delay=5.0) as replica:
+        head = await started_head(replica.address, timeout=0.4)
+        try:
+            code, details, took = await call_head(head, DataRequest(endpoint="/x"), timeout=None)
+            await asyncio.wait_for(replica.cancelled.wait(), 2.0)
+        finally:
+            await head.stop(0)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert took < 2.0
+    assert "deployment 'dl'" in details and "shard 0" in details and replica.address in details, details
+
+
+async def test_a_callers_deadline_overrides_the_heads_default():
+    """The head's timeout is the default for callers without one; a caller's own deadline wins."""
+    async with RecordingReplica(delay=0.6) as replica:
+        head = await started_head(replica.address, timeout=0.3)
+        try:
+            code, _, _ = await call_head(head, DataRequest(endpoint="/x"), timeout=3.0)
+        finally:
+            await head.stop(0)
+    assert code == grpc.StatusCode.OK
+    assert replica.remaining[0] > 2.0
+
+
+async def test_a_real_workers_handler_is_stopped_when_the_caller_gives_up():
+    executor = Sleeper.create()
+    worker = Worker(executor, ServerConfig())
+    await worker.start()
+    try:
+        head = await started_head(worker.server.address)
+        try:
+            request = DataRequest(docs=[Document(text="a")], endpoint="/sleep", parameters={"seconds": 5})
+            code, details, took = await call_head(head, request, timeout=0.5)
+            await asyncio.wait_for(executor.stopped.wait(), 2.0)
+            quick = DataRequest(docs=[Document(text="b")], endpoint="/sleep", parameters={"seconds": 0})
+            after, _, _ = await call_head(head, quick, timeout=5.0)  # the worker still serves
+        finally:
+            await head.stop(0)
+    finally:
+        await worker.stop(0)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and took < 1.5
+    assert "deployment 'dl'" in details and "shard 0" in details, details
+    assert executor.finished == 1 and after == grpc.StatusCode.OK
