@@ -42,7 +42,8 @@ def read_dense(source: docarray_pb2.DenseNdArrayProto) -> np.ndarray:
         raise ProtocolError(
             f"NdArray buffer holds {len(source.buffer)} bytes, shape {shape} of {dtype} needs {expected}"
         )
-    return np.frombuffer(source.buffer, dtype=dtype).reshape(shape)
+    # a writable copy: handlers edit embeddings in place, and the message must not change under them
+    return np.frombuffer(bytearray(source.buffer), dtype=dtype).reshape(shape)
 
 
 def to_proto(array: np.ndarray, target: docarray_pb2.NdArrayProto) -> None:

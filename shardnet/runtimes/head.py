@@ -108,18 +108,21 @@ class Head:
             if timeout is not None:  # give up just before the caller does, so it learns which shard was slow
                 timeout -= min(DEADLINE_MARGIN, timeout / 10)
             if self._uses_before is not None:
-                response, _ = await self._one(self._uses_before, requests, metadata, timeout)
+                response, trailing = await self._one(self._uses_before, requests, metadata, timeout)
+                if response.is_error:  # the shards would only work on a request that already failed
+                    context.set_trailing_metadata(tuple(trailing or ()))
+                    return response.to_bytes()
                 requests = [response]
             if self.polling[endpoint] == PollingType.ANY and self._uses_after is None:
                 response, trailing = await self._one(self.deployment, requests, metadata, timeout)
             else:
                 response, trailing = await self._all(requests, metadata, timeout)
         except ProtocolError as exc:
-            await context.abort( grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except RoutingError as exc:
-            await context.abort( grpc.StatusCode.UNAVAILABLE, str(exc))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except ReplicaError as exc:
-            await context.abort( exc.code or grpc.StatusCode.UNAVAILABLE, str(exc))
+            await context.abort(exc.code or grpc.StatusCode.UNAVAILABLE, str(exc))
         if trailing:
             context.set_trailing_metadata(tuple(trailing))
         return response.to_bytes()
@@ -193,7 +196,7 @@ class Head:
         try:
             request = ControlRequest.from_bytes(payload)
         except ProtocolError as exc:
-            await context.abort( grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         command = request.command
         if command == "STATUS":
             context.set_trailing_metadata(self._retry_metadata())
@@ -211,7 +214,7 @@ class Head:
             try:
                 address = str(parse_address(f"{host}:{entity.port}", tls=dial_tls))
             except ConfigurationError as exc:
-                await context.abort( grpc.StatusCode.INVALID_ARGUMENT, f"{command} refused: {exc}")
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{command} refused: {exc}")
             changes.append((address, entity.shard_id if entity.HasField("shard_id") else None))
         for address, shard_id in changes:
             if command == "ACTIVATE":

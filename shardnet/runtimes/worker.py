@@ -180,28 +180,38 @@ class Worker:
         return host, self.server.port
 
     async def register(self) -> None:
-        """ACTIVATE with the head, then keep re-sending it so a restarted head learns of us again."""
-        host, port = self._advertised()
-        await oneshot.activate_worker(
-            host, port, self._head, self._shard_id, token=self._control_token, tls=self._head_tls
-        )
-        logger.info("registered %s:%d with head %s as shard %d", host, port, self._head, self._shard_id)
+        """ACTIVATE with the head, then keep re-sending it so a restarted head learns of us again.
+
+        A head that is not up yet is retried by the refresh loop; a head that
+        refuses us (a wrong token, say) stops the worker with that error.
+        """
+        try:
+            await self._activate()
+        except ReplicaError as exc:
+            if exc.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
+            logger.warning("head %s is not reachable yet, will keep trying: %s", self._head, exc)
         self._keep_registered = asyncio.get_running_loop().create_task(self._refresh_registration())
 
-    async def _refresh_registration(self) -> None:
+    async def _activate(self, timeout: float = 5.0) -> None:
         host, port = self._advertised()
+        await oneshot.activate_worker(
+            host, port, self._head, self._shard_id, token=self._control_token, tls=self._head_tls, timeout=timeout
+        )
+        logger.debug("registered %s:%d with head %s as shard %d", host, port, self._head, self._shard_id)
+
+    async def _refresh_registration(self) -> None:
         while True:
             await asyncio.sleep(self._register_interval)
             try:
-                await oneshot.activate_worker(
-                    host, port, self._head, self._shard_id, token=self._control_token, tls=self._head_tls, timeout=1.0
-                )
+                await self._activate(timeout=1.0)
             except ReplicaError as exc:
                 logger.warning("head %s did not take our registration: %s", self._head, exc)
 
     async def deregister(self) -> None:
         if self._keep_registered is not None:
             self._keep_registered.cancel()
+            await asyncio.gather(self._keep_registered, return_exceptions=True)
         host, port = self._advertised()
         await oneshot.deactivate_worker(
             host, port, self._head, self._shard_id, token=self._control_token, tls=self._head_tls
