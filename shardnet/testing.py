@@ -9,8 +9,10 @@ stop answering. It binds a free loopback port, so tests run in parallel.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import socket
-from typing import Optional
+import time
+from typing import Awaitable, Callable, Optional, Union
 
 import grpc
 import grpc.aio
@@ -26,6 +28,25 @@ def free_port(host: str = "127.0.0.1") -> int:
         probe.bind((host, 0))
         return probe.getsockname()[1]
 
+
+
+async def eventually(
+    predicate: Callable[[], Union[bool, Awaitable[bool]]], timeout: float = 5.0, interval: float = 0.01
+) -> None:
+    """Poll ``predicate`` (sync or async) until it is true; raise AssertionError after ``timeout`` seconds.
+
+    Tests wait for a condition this way instead of sleeping a fixed time.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        outcome = predicate()
+        if inspect.isawaitable(outcome):
+            outcome = await outcome
+        if outcome:
+            return
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"condition not met within {timeout:g}s: {getattr(predicate, '__name__', predicate)}")
+        await asyncio.sleep(interval)
 
 class EchoServer:
     """An echo replica on loopback; ``async with EchoServer() as server: server.address``."""

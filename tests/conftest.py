@@ -7,38 +7,23 @@ Servers bind port 0 (the OS picks), so tests run in parallel under xdist.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import socket
 import threading
-import time
 from typing import Any, Awaitable, Callable, Union
 
 import pytest
 
 from shardnet import GrpcConnectionPool
 from shardnet.testing import EchoServer
+from shardnet.testing import eventually as eventually_until
 
 Predicate = Callable[[], Union[bool, Awaitable[bool]]]
-
-
-async def _eventually(predicate: Predicate, timeout: float = 5.0, interval: float = 0.01) -> None:
-    """Poll ``predicate`` (sync or async) until it is true; fail the test once ``timeout`` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while True:
-        outcome = predicate()
-        if inspect.isawaitable(outcome):
-            outcome = await outcome
-        if outcome:
-            return
-        if time.monotonic() >= deadline:
-            pytest.fail(f"condition not met within {timeout:g}s: {getattr(predicate, '__name__', predicate)}")
-        await asyncio.sleep(interval)
 
 
 @pytest.fixture
 def eventually():
     """``await eventually(lambda: cond, timeout=2.0)``: poll until true, fail past the deadline."""
-    return _eventually
+    return eventually_until
 
 
 @pytest.fixture

@@ -8,36 +8,23 @@ waiting for a sentinel change made after X, which the watch delivers in order.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any, AsyncIterator, Callable, Optional
 
 import pytest
 import trustme
+from k8s_apiserver import FakeApiServer, endpoint_slice, pod, write_kubeconfig
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client import ApiClient
 
-from k8s_apiserver import FakeApiServer, endpoint_slice, pod, write_kubeconfig
 from shardnet.discovery.kubernetes import K8sGrpcConnectionPool, Member, load_api_client, pod_members, slice_members
 from shardnet.discovery.watch import WatchOptions
 from shardnet.errors import ConfigurationError
 from shardnet.protocol.messages import DataRequest
-from shardnet.testing import EchoServer
+from shardnet.testing import EchoServer, eventually
 
 NS = "default"
 FAST = WatchOptions(read_timeout=5.0, connect_timeout=1.0, list_timeout=5.0, backoff_initial=0.02, backoff_max=0.2)
-
-
-async def eventually(predicate: Callable[[], Any], timeout: float = 5.0, interval: float = 0.005) -> None:
-    """Poll ``predicate`` until it is true; fail with its last value after ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(
-                f"condition still false after {timeout}s: {getattr(predicate, '__doc__', None) or predicate}"
-            )
-        await asyncio.sleep(interval)
 
 
 def replicas(pool: K8sGrpcConnectionPool, deployment: str = "dep", shard_id: int = 0, head: bool = False) -> set[str]:

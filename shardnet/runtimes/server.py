@@ -10,6 +10,7 @@ NOT_SERVING, new calls are refused, in-flight calls finish within a grace.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import logging
 import signal
@@ -150,6 +151,9 @@ async def serve_until_signalled(
     try:
         if on_ready is not None:
             await on_ready()
+        # what startup built (protobuf descriptors, gRPC, client models) lives as long as the process:
+        # move it out of the collector's way so full collections do not pause requests
+        gc.freeze()
         if ready_line:
             print(ready_line.format(address=server.address, port=server.port), flush=True)
         await stop.wait()

@@ -1,0 +1,78 @@
+"""The load client of ``head_overhead.py``: a process of its own, driven by JSON lines on stdin.
+
+It holds one bare grpc.aio client (``_client_worker.Bare``: one channel, bytes
+in and out) per named target and answers each ``run`` with one JSON line from
+``_client_worker.closed_loop`` (request count, wall time, this client's CPU,
+every latency). The endpoint travels as gRPC metadata, as a gateway sends it.
+
+    python _head_client.py --loop uvloop direct=127.0.0.1:5001 head=127.0.0.1:5002
+    {"cmd": "run", "target": "head", "endpoint": "/index", "payload": "/tmp/index.bin", "n": 2000}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _client_worker import Bare, closed_loop, grpc_options  # noqa: E402
+from _common import new_event_loop  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("targets", nargs="+", metavar="NAME=HOST:PORT")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args()
+    targets = dict(target.split("=", 1) for target in args.targets)
+
+    loop = new_event_loop(args.loop)
+    import grpc
+
+    clients: dict[str, Bare] = {}
+    payloads: dict[str, bytes] = {}
+
+    def reply(message: dict) -> None:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
+
+    reply({"ready": True, "grpc": grpc.__version__, "loop": args.loop})
+    try:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            try:
+                command = json.loads(line)
+                if command.get("cmd") != "run":
+                    raise ValueError(f"unknown command {command.get('cmd')!r}")
+                name = command["target"]
+                if name not in clients:
+                    clients[name] = loop.run_until_complete(_make_client(targets[name]))
+                client = clients[name]
+                client.metadata = (("endpoint", command["endpoint"]),)
+                path = command["payload"]
+                if path not in payloads:
+                    payloads[path] = Path(path).read_bytes()
+                concurrency = command.get("concurrency", args.concurrency)
+                reply(loop.run_until_complete(closed_loop(client, payloads[path], command["n"], concurrency)))
+            except Exception:  # noqa: BLE001 - report to the parent, keep serving
+                reply({"error": traceback.format_exc()})
+    finally:
+        for client in clients.values():
+            loop.run_until_complete(client.close())
+        loop.close()
+    return 0
+
+
+async def _make_client(address: str) -> Bare:
+    """A Bare client created inside the running loop (grpc.aio channels belong to their loop)."""
+    return Bare([address], grpc_options())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

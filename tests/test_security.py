@@ -1,0 +1,276 @@
+"""Security: TLS and mutual TLS on every server and client path (control plane included), loopback by
+default, membership changes only for callers holding the token or a client certificate, no secret in a log.
+
+Certificates come from ``trustme``; servers run in the test's loop, except where the command line or a
+process's log is what is tested.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+import trustme
+
+from shardnet import ClientTls, DataRequest, Document, Executor, GrpcConnectionPool, ServerTls, requests
+from shardnet.cli.main import build_parser
+from shardnet.errors import ReplicaError
+from shardnet.networking import oneshot
+from shardnet.runtimes.deployment import Deployment
+from shardnet.runtimes.head import Head
+from shardnet.runtimes.processes import ShardnetProcess, stop_all
+from shardnet.runtimes.server import ServerConfig
+from shardnet.runtimes.worker import Worker
+
+pytestmark = pytest.mark.timeout(60)
+FAULT_EXECUTOR = f"{Path(__file__).resolve().parent.parent / 'benchmarks' / '_fault_executor.py'}:FaultExecutor"
+
+
+class Stamp(Executor):
+    @requests
+    def stamp(self, docs, parameters, **kwargs):
+        for doc in docs:
+            doc.text = "stamped"
+
+
+@dataclass
+class Pki:
+    ca: bytes
+    server: ServerTls  # server certificate only
+    server_mutual: ServerTls  # requires a client certificate signed by the CA
+    client: ClientTls  # trusts the CA and presents a client certificate
+    trusting: ClientTls  # trusts the CA, no client certificate
+    files: dict  # the same material as PEM files, for the command line
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Pki:
+    ca = trustme.CA()
+    server = ca.issue_cert("localhost", "127.0.0.1")
+    client = ca.issue_cert("worker.shardnet.test")
+    pem = lambda blobs: b"".join(blob.bytes() for blob in blobs)  # noqa: E731
+    chain, key = pem(server.cert_chain_pems), server.private_key_pem.bytes()
+    client_chain, client_key = pem(client.cert_chain_pems), client.private_key_pem.bytes()
+    folder = tmp_path_factory.mktemp("pki")
+    files = {}
+    for name, data in {"ca": ca.cert_pem.bytes(), "cert": chain, "key": key, "client-cert": client_chain,
+                       "client-key": client_key}.items():
+        (folder / f"{name}.pem").write_bytes(data)
+        files[name] = str(folder / f"{name}.pem")
+    return Pki(
+        ca=ca.cert_pem.bytes(),
+        server=ServerTls(chain, key),
+        server_mutual=ServerTls(chain, key, client_ca=ca.cert_pem.bytes()),
+        client=ClientTls(root_certificates=ca.cert_pem.bytes(), private_key=client_key, certificate_chain=client_chain),
+        trusting=ClientTls(root_certificates=ca.cert_pem.bytes()),
+        files=files,
+    )
+
+
+async def members(head_address: str, tls=None) -> list[str]:
+    reply = await oneshot.send_control("STATUS", head_address, tls=tls, timeout=5.0)
+    return sorted(f"{entity.address}:{entity.port}" for entity in reply.related_entities)
+
+
+async def post(head_address: str, tls=None) -> str:
+    request = DataRequest(docs=[Document(text="x")], endpoint="/any")
+    response = await oneshot.send_request_async(request, head_address, timeout=5.0, tls=tls)
+    return response.docs[0].text
+
+
+# -- TLS and mutual TLS, in process ---------------------------------------------------------------
+
+
+async def test_mutual_tls_head_and_tls_worker_register_and_serve_over_tls(pki):
+    """The worker joins over mTLS (its certificate is its credential, no token), the head dials it over TLS."""
+    head = Head("secure", ServerConfig(tls=pki.server_mutual, control_token="unused-here"),
+                pool=GrpcConnectionPool(tls=pki.client))
+    await head.start()
+    worker = Worker(Stamp.create(), ServerConfig(tls=pki.server_mutual), head=head.server.address, head_tls=pki.client)
+    await worker.start()
+    try:
+        await worker.register()
+        assert await members(head.server.address, pki.client) == [worker.server.address]
+        assert await post(head.server.address, pki.client) == "stamped"
+        await worker.deregister()
+        assert await members(head.server.address, pki.client) == []
+    finally:
+        await worker.stop(0)
+        await head.stop(0)
+
+
+async def test_clients_without_the_right_credentials_reach_nothing(pki):
+    head = Head("secure", ServerConfig(tls=pki.server_mutual), pool=GrpcConnectionPool(tls=pki.client))
+    await head.start()
+    worker = Worker(Stamp.create(), ServerConfig(tls=pki.server_mutual))
+    await worker.start()
+    host, port = worker.server.address.rsplit(":", 1)
+    try:
+        for tls in (None, pki.trusting):  # plaintext; TLS without a client certificate
+            for address in (head.server.address, worker.server.address):
+                with pytest.raises(ReplicaError) as refused:
+                    await post(address, tls)
+                assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+            with pytest.raises(ReplicaError):
+                await oneshot.activate_worker(host, int(port), head.server.address, 0, tls=tls)
+        assert await members(head.server.address, pki.client) == []  # nobody joined
+        await oneshot.activate_worker(host, int(port), head.server.address, 0, tls=pki.client)
+        assert await post(head.server.address, pki.client) == "stamped"
+    finally:
+        await worker.stop(0)
+        await head.stop(0)
+
+
+async def test_tls_head_without_client_ca_wants_the_token_for_membership(pki):
+    head = Head("secure", ServerConfig(tls=pki.server, control_token="s3cret-token"),
+                pool=GrpcConnectionPool(tls=pki.trusting))
+    await head.start()
+    worker = Worker(Stamp.create(), ServerConfig(tls=pki.server))
+    await worker.start()
+    host, port = worker.server.address.rsplit(":", 1)
+    try:
+        for token in (None, "wrong-token", "s3cret-token "):
+            with pytest.raises(ReplicaError) as refused:
+                await oneshot.activate_worker(host, int(port), head.server.address, 0, token=token, tls=pki.trusting)
+            assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+            assert "control token" in str(refused.value)
+        assert await members(head.server.address, pki.trusting) == []
+        await oneshot.activate_worker(host, int(port), head.server.address, 0, token="s3cret-token", tls=pki.trusting)
+        assert await post(head.server.address, pki.trusting) == "stamped"
+        with pytest.raises(ReplicaError) as refused:
+            await oneshot.deactivate_worker(host, int(port), head.server.address, 0, tls=pki.trusting)
+        assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+        assert await members(head.server.address, pki.trusting) == [worker.server.address]
+    finally:
+        await worker.stop(0)
+        await head.stop(0)
+
+
+# -- the command line: flags, processes -------------------------------------------------------------
+
+
+async def test_command_line_mutual_tls_head_and_worker(pki, tmp_path):
+    files = pki.files
+    tls_flags = ["--tls-cert", files["cert"], "--tls-key", files["key"], "--tls-client-ca", files["ca"]]
+    head = ShardnetProcess(
+        "head",
+        ["head", "--deployment", "secure", "--shards", "1", *tls_flags,
+         "--root-ca", files["ca"], "--client-cert", files["client-cert"], "--client-key", files["client-key"]],
+        tmp_path / "head.log",
+    )
+    worker = ShardnetProcess(
+        "worker",
+        ["worker", "--uses", FAULT_EXECUTOR, "--workspace", str(tmp_path), *tls_flags, "--register-interval", "0.2",
+         "--head-root-ca", files["ca"], "--head-client-cert", files["client-cert"],
+         "--head-client-key", files["client-key"]],
+        tmp_path / "worker.log",
+    )
+    try:
+        head.launch()
+        head_address = await asyncio.to_thread(head.wait_ready)
+        worker.arguments += ["--head", head_address]
+        worker.launch()
+        worker_address = await asyncio.to_thread(worker.wait_ready)
+        for _ in range(250):
+            if await members(head_address, pki.client) == [worker_address]:
+                break
+            await asyncio.sleep(0.02)
+        assert await members(head_address, pki.client) == [worker_address]
+        request = DataRequest(docs=[Document(id="over-mtls")], endpoint="/any")
+        response = await oneshot.send_request_async(request, head_address, timeout=5.0, tls=pki.client)
+        assert response.docs[0].tags["shard"] == 0
+        with pytest.raises(ReplicaError):
+            await post(head_address, pki.trusting)
+    finally:
+        stop_all([worker, head])
+    assert worker.popen.returncode == 0 and head.popen.returncode == 0, (head.tail(), worker.tail())
+
+
+def test_servers_listen_on_loopback_unless_told_otherwise():
+    parser = build_parser()
+    for arguments in (["worker", "--uses", "m:C"], ["head", "--deployment", "d"]):
+        assert parser.parse_args(arguments).host == "127.0.0.1"
+    assert ServerConfig().host == "127.0.0.1"
+    assert Deployment(uses=FAULT_EXECUTOR).host == "127.0.0.1"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/net/tcp")
+async def test_a_default_server_listens_on_loopback_only():
+    worker = Worker(Stamp.create(), ServerConfig())
+    await worker.start()
+    try:
+        port = worker.server.port
+        assert _listening_hosts(port) == {"127.0.0.1"}
+    finally:
+        await worker.stop(0)
+
+
+def _listening_hosts(port: int) -> set[str]:
+    """The local addresses a TCP socket listens on ``port`` with, from /proc/net/tcp{,6}."""
+    hosts = set()
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            host_hex, port_hex = local.split(":")
+            if int(port_hex, 16) != port or state != "0A":  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(host_hex)
+            words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))  # host byte order per 32-bit word
+            host = ipaddress.ip_address(socket.inet_ntop(family, words))
+            hosts.add(str(getattr(host, "ipv4_mapped", None) or host))  # gRPC's dual-stack socket: ::ffff:127.0.0.1
+    return hosts
+
+
+# -- secrets ------------------------------------------------------------------------------------------
+
+
+def test_the_control_token_never_reaches_a_log(tmp_path):
+    """A head and workers at DEBUG level, the token given through the environment; a stranger tries a wrong one."""
+    token, wrong = "tok-5ee1b7b4d2c9-right", "tok-0bad0bad0bad-wrong"
+    env = lambda secret: {**_child_environment(), "SHARDNET_CONTROL_TOKEN": secret}  # noqa: E731
+    head = ShardnetProcess(
+        "head", ["--log-level", "DEBUG", "head", "--deployment", "quiet", "--shards", "1"], tmp_path / "head.log",
+        env=env(token),
+    )
+    good = ShardnetProcess("good", [], tmp_path / "good.log", env=env(token))
+    bad = ShardnetProcess("bad", [], tmp_path / "bad.log", env=env(wrong))
+    try:
+        head.launch()
+        head_address = head.wait_ready()
+        for worker in (good, bad):
+            worker.arguments = ["--log-level", "DEBUG", "worker", "--uses", FAULT_EXECUTOR, "--workspace",
+                                str(tmp_path), "--head", head_address, "--register-interval", "0.2"]
+            worker.launch()
+        good_address = good.wait_ready()
+        assert bad.popen.wait(30) == 2  # refused at its first ACTIVATE: exits with a message
+        assert "UNAUTHENTICATED" in bad.tail() and "control token" in bad.tail()
+        host, port = good_address.rsplit(":", 1)
+        with pytest.raises(ReplicaError):
+            oneshot.run_sync(oneshot.activate_worker(host, int(port), head_address, 0, token=wrong))
+        oneshot.run_sync(oneshot.activate_worker(host, int(port), head_address, 0, token=token))
+        assert f"{host}:{port}" in [f"{e.address}:{e.port}" for e in
+                                    oneshot.run_sync(oneshot.send_control("STATUS", head_address)).related_entities]
+        good.signal(signal.SIGTERM)  # deregisters (with the token) then drains
+        assert good.popen.wait(30) == 0
+    finally:
+        stop_all([good, bad, head])
+    logs = "".join(path.read_text(errors="replace") for path in tmp_path.glob("*.log"))
+    assert "DEBUG" in logs and "activated" in logs  # the logs are there, and verbose...
+    assert token not in logs and wrong not in logs  # ...and hold no secret
+    assert repr(ServerConfig(control_token=token)).count(token) == 0
+
+
+def _child_environment() -> dict:
+    return {key: value for key, value in os.environ.items() if key != "SHARDNET_CONTROL_TOKEN"}
