@@ -20,7 +20,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc is imported: no INFO lines in the tables
 
-from _common import exit_on_sigterm, JINA_PYTHON, SHARDNET_PYTHON, EchoProcess, Tally, Worker, machine_line, median, table, verdict  # noqa: E402
+from _common import (
+    JINA_PYTHON,
+    SHARDNET_PYTHON,
+    EchoProcess,
+    Tally,
+    Worker,
+    exit_on_sigterm,
+    machine_line,
+    median,
+    table,
+    verdict,
+)
 
 # size label, document bytes, requests per round, concurrency
 SIZES = [("1 KB", 1024, 3000, 32), ("100 KB", 100 * 1024, 1000, 16), ("4 MB", 4 * 1024 * 1024, 40, 4)]
@@ -38,12 +49,12 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--peer", choices=("none", "jina"), default="none")
     parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
-    parser.add_argument("--quick", action="store_true", help="2 rounds of half the requests")
+    parser.add_argument("--quick", action="store_true", help="3 rounds of half the requests")
     args = parser.parse_args(argv)
     exit_on_sigterm()
     scale = 0.5 if args.quick else 1.0
     if args.quick:
-        args.rounds = 2
+        args.rounds = 3
 
     rows, ratio_rows, checks = [], [], []
     with tempfile.TemporaryDirectory() as scratch, EchoProcess(2) as servers:

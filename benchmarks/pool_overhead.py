@@ -27,7 +27,18 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc is imported: no INFO lines in the tables
 
-from _common import exit_on_sigterm, JINA_PYTHON, SHARDNET_PYTHON, EchoProcess, Tally, Worker, machine_line, median, table, verdict  # noqa: E402
+from _common import (
+    JINA_PYTHON,
+    SHARDNET_PYTHON,
+    EchoProcess,
+    Tally,
+    Worker,
+    exit_on_sigterm,
+    machine_line,
+    median,
+    table,
+    verdict,
+)
 
 
 def request_bytes(size: int) -> bytes:

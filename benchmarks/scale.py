@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import exit_on_sigterm, EchoProcess, machine_line, table  # noqa: E402
+from _common import EchoProcess, exit_on_sigterm, machine_line, table
 
 PICKS = 200_000
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
-from shardnet.cli.options import add_client_tls_arguments, add_server_arguments, client_tls, server_config
+from shardnet.cli.options import (
+    add_client_tls_arguments,
+    add_server_arguments,
+    client_tls,
+    run_in_loop,
+    server_config,
+)
 from shardnet.discovery.factory import create_connection_pool
 from shardnet.errors import ConfigurationError
 from shardnet.networking.addresses import parse_address
@@ -68,7 +73,7 @@ def k8s_namespace(args: argparse.Namespace) -> Optional[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    return asyncio.run(serve(args))
+    return run_in_loop(serve(args), args.loop)
 
 
 async def serve(args: argparse.Namespace) -> int:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import importlib.util
 import os
-from typing import Optional
+from typing import Any, Coroutine, Optional
 
+from shardnet.errors import ConfigurationError
 from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES
 from shardnet.networking.tls import ClientTls, ServerTls
 from shardnet.runtimes.server import ServerConfig
@@ -22,7 +25,30 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
     group.add_argument("--tls-client-ca", help="PEM CA: require client certificates signed by it (mutual TLS)")
     group.add_argument("--max-message-mb", type=float, default=DEFAULT_MAX_MESSAGE_BYTES / 2**20)
     group.add_argument("--drain-seconds", type=float, default=10.0, help="grace for in-flight requests on SIGTERM")
+    group.add_argument(
+        "--loop",
+        choices=LOOPS,
+        default="asyncio",
+        help="event loop: asyncio, uvloop (pip install 'shardnet[fast]'), or auto (uvloop when installed)",
+    )
     add_token_argument(parser)
+
+
+LOOPS = ("asyncio", "uvloop", "auto")
+
+
+def run_in_loop(coroutine: Coroutine[Any, Any, Any], loop: str = "asyncio") -> Any:
+    """Run ``coroutine`` to completion in a new event loop of kind ``loop`` (one of ``LOOPS``)."""
+    if loop == "auto":
+        loop = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+    if loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            coroutine.close()
+            raise ConfigurationError("--loop uvloop needs uvloop: pip install 'shardnet[fast]'") from None
+        return uvloop.run(coroutine)
+    return asyncio.run(coroutine)
 
 
 def add_token_argument(parser: argparse.ArgumentParser) -> None:

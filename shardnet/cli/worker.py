@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 
 from shardnet.cli.options import (
@@ -11,6 +10,7 @@ from shardnet.cli.options import (
     add_server_arguments,
     client_tls,
     control_token,
+    run_in_loop,
     server_config,
 )
 from shardnet.errors import ConfigurationError
@@ -57,4 +57,4 @@ def run(args: argparse.Namespace) -> int:
         advertise_host=args.advertise_host,
         register_interval=args.register_interval,
     )
-    return asyncio.run(worker.run())
+    return run_in_loop(worker.run(), args.loop)

@@ -13,7 +13,7 @@ import traceback
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional, Union
 
-from google.protobuf import json_format
+from google.protobuf import json_format, unknown_fields
 from google.protobuf.message import DecodeError, Message
 
 from shardnet.errors import ProtocolError
@@ -25,14 +25,38 @@ SUCCESS = jina_pb2.StatusProto.SUCCESS
 ERROR = jina_pb2.StatusProto.ERROR
 
 
+_WIRE_TYPES = {0: "a varint", 1: "8 fixed bytes", 2: "length-delimited bytes", 3: "a group", 4: "a group end", 5: "4 fixed bytes"}
+
+
 def parse(message_type: type[Message], data: bytes, what: str) -> Message:
-    """Parse ``data`` as ``message_type``; a decoding failure becomes a ProtocolError naming ``what``."""
+    """Parse ``data`` as ``message_type``; a decoding failure becomes a ProtocolError naming ``what``.
+
+    A declared top-level field arriving with another wire type (protobuf would keep it as an unknown
+    field) is refused too: it is another message sent to the wrong method, such as an ACTIVATE to
+    ``process_single_data``. Undeclared fields still pass, untouched.
+    """
     message = message_type()
     try:
         message.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as exc:
         raise ProtocolError(f"malformed {what} ({len(data)} bytes): {exc}") from None
+    unknown = unknown_fields.UnknownFieldSet(message)
+    if len(unknown):
+        declared = message.DESCRIPTOR.fields_by_number
+        for field in unknown:
+            if field.field_number in declared:
+                raise ProtocolError(
+                    f"malformed {what} ({len(data)} bytes): field {field.field_number} "
+                    f"({declared[field.field_number].name}) arrived as {_WIRE_TYPES.get(field.wire_type, 'garbage')}, "
+                    f"not as its declared type; is this another message sent to the wrong method?"
+                )
     return message
+
+
+def require_empty(data: bytes) -> None:
+    """Refuse anything but ``google.protobuf.Empty`` (no bytes at all), which endpoint discovery takes."""
+    if data:
+        raise ProtocolError(f"endpoint_discovery takes google.protobuf.Empty, got {len(data)} bytes of something else")
 
 
 class DataRequest:

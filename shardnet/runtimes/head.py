@@ -24,7 +24,7 @@ from shardnet.networking.addresses import parse_address
 from shardnet.networking.polling import PollingMap, PollingType
 from shardnet.networking.pool import GrpcConnectionPool
 from shardnet.protocol import services
-from shardnet.protocol.messages import ControlRequest, DataRequest, parse
+from shardnet.protocol.messages import ControlRequest, DataRequest, parse, require_empty
 from shardnet.protocol.proto import jina_pb2
 from shardnet.runtimes.merge import merge_shard_responses, report_shard_problems
 from shardnet.runtimes.server import ControlGuard, Server, ServerConfig, serve_until_signalled, unary_service
@@ -138,6 +138,8 @@ class Head:
         header_endpoint = requests[0].endpoint
         if endpoint is None:
             endpoint = header_endpoint or "/default"
+            if not (endpoint.isascii() and endpoint.isprintable()):  # gRPC would refuse it as metadata, and hang
+                raise ProtocolError(f"endpoint {endpoint!r} is not printable ASCII: it cannot travel as gRPC metadata")
         for request in requests:
             if request.endpoint != endpoint:
                 request.endpoint = endpoint
@@ -248,6 +250,10 @@ class Head:
 
     async def endpoint_discovery(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """The endpoints of the first shard that answers (all shards run the same Executor)."""
+        try:
+            require_empty(payload)
+        except ProtocolError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         for shard_id in self.pool.shard_ids(self.deployment):
             task = self.pool.send_discover_endpoint(self.deployment, head=False, shard_id=shard_id, timeout=5.0)
             if task is None:

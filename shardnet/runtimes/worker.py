@@ -17,14 +17,13 @@ from typing import Any, Optional
 
 import grpc
 import grpc.aio
-from google.protobuf import empty_pb2
 
 from shardnet.errors import ProtocolError, ReplicaError
 from shardnet.networking import oneshot
 from shardnet.networking.tls import ClientTls
 from shardnet.protocol import services
 from shardnet.protocol.documents import Document, DocumentList
-from shardnet.protocol.messages import ControlRequest, DataRequest, parse
+from shardnet.protocol.messages import ControlRequest, DataRequest, parse, require_empty
 from shardnet.protocol.proto import docarray_pb2, jina_pb2
 from shardnet.runtimes.executor import DEFAULT, Executor
 from shardnet.runtimes.server import Server, ServerConfig, serve_until_signalled, unary_service
@@ -168,7 +167,7 @@ class Worker:
         return request.to_bytes()
 
     async def endpoint_discovery(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        await self._decode(payload, context, lambda data: parse(empty_pb2.Empty, data, "Empty"))
+        await self._decode(payload, context, require_empty)
         reply = jina_pb2.EndpointsProto()
         reply.endpoints.extend(self.endpoints)
         return reply.SerializeToString()

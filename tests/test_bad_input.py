@@ -1,0 +1,538 @@
+"""Bad input of every kind gets a clear error, and nothing dies.
+
+A worker and a head run as processes (the worker's messages are capped at
+1 MiB, the head's at 4 MiB; the head needs a control token). Raw gRPC calls
+send them bytes: hypothesis-made garbage, truncated messages, messages of the
+wrong type on each method, pickled ``docs_bytes``, huge and empty requests,
+odd endpoints, ACTIVATEs naming bad addresses. Every answer is either a
+well-formed reply or a non-OK status with a readable message, and both
+processes keep serving with the head's membership unchanged. Bad command
+lines and bad configuration objects fail with a message saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import empty_pb2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shardnet import ControlRequest, DataRequest, Document
+from shardnet.errors import ConfigurationError
+from shardnet.networking.addresses import parse_address
+from shardnet.networking.channels import default_grpc_options
+from shardnet.networking.policies import EjectionPolicy, RetryBudget, RetryPolicy
+from shardnet.networking.polling import PollingMap
+from shardnet.networking.pool import GrpcConnectionPool
+from shardnet.networking.tls import ServerTls
+from shardnet.protocol import services
+from shardnet.protocol.proto import jina_pb2
+from shardnet.runtimes.deployment import Deployment
+from shardnet.runtimes.processes import ShardnetProcess, stop_all
+from shardnet.runtimes.server import ServerConfig
+
+pytestmark = pytest.mark.timeout(90)
+
+EXECUTOR = f"{Path(__file__).resolve().parent.parent / 'benchmarks' / '_fault_executor.py'}:FaultExecutor"
+TOKEN = "bad-input-token"
+METHODS = [services.PROCESS_SINGLE_DATA, services.PROCESS_DATA, services.PROCESS_CONTROL, services.ENDPOINT_DISCOVERY]
+REPLY_TYPES = {
+    services.PROCESS_SINGLE_DATA: jina_pb2.DataRequestProto,
+    services.PROCESS_DATA: jina_pb2.DataRequestProto,
+    services.PROCESS_CONTROL: jina_pb2.ControlRequestProto,
+    services.ENDPOINT_DISCOVERY: jina_pb2.EndpointsProto,
+}
+FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+class Servers:
+    """The worker and head processes, a raw channel to each, and the head's expected membership."""
+
+    def __init__(self, folder: Path):
+        env = {**os.environ, "SHARDNET_CONTROL_TOKEN": TOKEN}
+        self.worker = ShardnetProcess(
+            "worker",
+            ["worker", "--uses", EXECUTOR, "--workspace", str(folder), "--max-message-mb", "1"],
+            folder / "worker.log",
+        )
+        self.head = ShardnetProcess("head", [], folder / "head.log", env=env)
+        self.channels: dict[str, grpc.Channel] = {}
+
+    def start(self) -> "Servers":
+        worker_address = self.worker.launch().wait_ready()
+        self.head.arguments = ["head", "--deployment", "bad", "--shards", "1", "--max-message-mb", "4",
+                               "--connection", f"0={worker_address}"]
+        self.head.launch().wait_ready()
+        for name, process in (("worker", self.worker), ("head", self.head)):
+            self.channels[name] = grpc.insecure_channel(process.address, options=default_grpc_options())
+        self.members = self.status()
+        assert self.members == [worker_address]
+        return self
+
+    def stop(self) -> None:
+        for channel in self.channels.values():
+            channel.close()
+        stop_all([self.head, self.worker])
+
+    def call(self, server: str, method: str, payload: bytes, metadata=(), timeout: float = 10.0):
+        """(status code, details, reply bytes) of one raw call."""
+        try:
+            reply = self.channels[server].unary_unary(method)(payload, metadata=metadata, timeout=timeout)
+            return grpc.StatusCode.OK, "", reply
+        except grpc.RpcError as error:
+            return error.code(), error.details() or "", b""
+
+    def status(self) -> list[str]:
+        code, details, reply = self.call("head", services.PROCESS_CONTROL, ControlRequest("STATUS").to_bytes())
+        assert code == grpc.StatusCode.OK, details
+        return sorted(f"{e.address}:{e.port}" for e in jina_pb2.ControlRequestProto.FromString(reply).related_entities)
+
+    def assert_healthy(self) -> None:
+        """Both processes alive, both answer a good request, the head's membership as it was."""
+        assert self.worker.alive and self.head.alive, (self.worker.tail(), self.head.tail())
+        for server in ("worker", "head"):
+            request = DataRequest(docs=[Document(id="still-there")], endpoint="/any")
+            code, details, reply = self.call(server, services.PROCESS_SINGLE_DATA, request.to_bytes())
+            assert code == grpc.StatusCode.OK, details
+            assert DataRequest.from_bytes(reply).docs[0].id == "still-there"
+        assert self.status() == self.members
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    servers = Servers(tmp_path_factory.mktemp("bad-input"))
+    try:
+        yield servers.start()
+    finally:
+        servers.stop()
+
+
+def assert_clear(code: grpc.StatusCode, details: str, reply: bytes, method: str, *, refused: bool = False) -> None:
+    """A well-formed reply of the method's type, or a non-OK status with a readable message."""
+    if code == grpc.StatusCode.OK and not refused:
+        REPLY_TYPES[method].FromString(reply)
+        return
+    assert code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNAUTHENTICATED), (code, details)
+    assert len(details) > 10 and details.isprintable(), details
+
+
+# -- garbage and truncated messages -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("server", ["worker", "head"])
+@pytest.mark.parametrize("method", METHODS, ids=lambda path: path.rsplit("/", 1)[1])
+def test_random_bytes_get_a_clear_answer(servers, server, method):
+    @FUZZ
+    @given(payload=st.binary(max_size=400))
+    def fuzz(payload):
+        assert_clear(*servers.call(server, method, payload), method)
+
+    fuzz()
+    servers.assert_healthy()
+
+
+VALID = {
+    services.PROCESS_SINGLE_DATA: DataRequest(
+        docs=[Document(id="d", text="hello", tags={"k": 1}, embedding=[1.0, 2.0])], endpoint="/any", parameters={"p": 1}
+    ).to_bytes(),
+    services.PROCESS_DATA: jina_pb2.DataRequestListEnvelope(
+        requests=[DataRequest(docs=[Document(id=f"d{i}", text="x" * 30)], endpoint="/any").to_bytes() for i in range(3)]
+    ).SerializeToString(),
+    services.PROCESS_CONTROL: ControlRequest("STATUS").to_bytes(),
+}
+
+
+@pytest.mark.parametrize("server", ["worker", "head"])
+@pytest.mark.parametrize("method", list(VALID), ids=lambda path: path.rsplit("/", 1)[1])
+def test_truncated_messages_get_a_clear_answer(servers, server, method):
+    whole = VALID[method]
+
+    @FUZZ
+    @given(cut=st.integers(min_value=1, max_value=len(whole) - 1), flip=st.integers(min_value=0, max_value=255))
+    def fuzz(cut, flip):
+        truncated = whole[:cut]
+        assert_clear(*servers.call(server, method, truncated), method)
+        damaged = bytearray(whole)
+        damaged[cut] ^= flip  # and one byte changed
+        assert_clear(*servers.call(server, method, bytes(damaged)), method)
+
+    fuzz()
+    servers.assert_healthy()
+
+
+def _grpc_frames(path: str, authority: str, body: bytes) -> bytes:
+    """An HTTP/2 connection preface, SETTINGS, and one gRPC request stream (1 s deadline) ending after ``body``."""
+
+    def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+        return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+    def literal(name: bytes, value: bytes) -> bytes:  # HPACK literal header without indexing, no Huffman
+        return b"\x00" + bytes([len(name)]) + name + bytes([len(value)]) + value
+
+    headers = b"".join(
+        literal(name, value)
+        for name, value in [
+            (b":method", b"POST"), (b":scheme", b"http"), (b":path", path.encode()), (b":authority", authority.encode()),
+            (b"content-type", b"application/grpc"), (b"te", b"trailers"), (b"grpc-timeout", b"1S"),
+        ]
+    )
+    return (
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+        + frame(0x4, 0, 0, b"")  # SETTINGS
+        + frame(0x1, 0x4, 1, headers)  # HEADERS, END_HEADERS
+        + frame(0x0, 0x1, 1, body)  # DATA, END_STREAM
+    )
+
+
+def _grpc_status(sock: socket.socket, timeout: float = 5.0) -> str:
+    """Read frames until stream 1 ends; its grpc-status from the trailers, or 'reset' / 'goaway' / 'closed'."""
+    sock.settimeout(timeout)
+    buffer = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        while len(buffer) >= 9:
+            length = int.from_bytes(buffer[:3], "big")
+            if len(buffer) < 9 + length:
+                break
+            kind, flags, stream = buffer[3], buffer[4], int.from_bytes(buffer[5:9], "big") & 0x7FFFFFFF
+            payload, buffer = buffer[9:9 + length], buffer[9 + length:]
+            if stream == 1 and kind == 0x1 and flags & 0x1:  # trailers: gRPC writes grpc-status as a plain literal
+                found = re.search(rb"grpc-status[\x00-\x7f](\d+)", payload)
+                return found.group(1).decode() if found else "trailers"
+            if stream == 1 and kind == 0x3:
+                return "reset"
+            if kind == 0x7:
+                return "goaway"
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            break
+        if not chunk:
+            return "closed"
+        buffer += chunk
+    return "nothing"
+
+
+@pytest.mark.parametrize("server", ["worker", "head"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x00\x00\x00\x00\x64" + b"only ten b",  # the length prefix promises 100 bytes, 10 arrive
+        b"\x00\x00\x00",  # a prefix cut short
+        b"\x01\x00\x00\x00\x03abc",  # flagged compressed, with no grpc-encoding
+    ],
+    ids=["short-message", "short-prefix", "bogus-compression"],
+)
+def test_truncated_grpc_frames_end_the_stream_and_the_server_keeps_serving(servers, server, body):
+    """gRPC itself answers a broken frame: at once, or (a message cut short) when the call's deadline passes."""
+    process = getattr(servers, server)
+    host, port = process.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(_grpc_frames(services.PROCESS_SINGLE_DATA, process.address, body))
+        status = _grpc_status(sock)
+    assert status not in ("0", "nothing", "closed"), status  # a non-OK grpc-status or a reset, never silence
+    servers.assert_healthy()
+
+
+# -- wrong message types ----------------------------------------------------------------------------------
+
+
+def _activate(host: str, port: int, shard_id=0) -> ControlRequest:
+    request = ControlRequest("ACTIVATE")
+    request.add_related_entity(f"{host}:{port}", host, port, shard_id)
+    return request
+
+
+WRONG_TYPES = {
+    # refused: the bytes cannot be the method's message
+    "activate-to-single-data": (services.PROCESS_SINGLE_DATA, _activate("127.0.0.1", 9).to_bytes(), True),
+    "deactivate-to-single-data": (services.PROCESS_SINGLE_DATA, ControlRequest("DEACTIVATE").to_bytes(), True),
+    "endpoints-to-single-data": (services.PROCESS_SINGLE_DATA, jina_pb2.EndpointsProto(
+        endpoints=["/a"]).SerializeToString(), True),
+    "data-request-to-process-data": (services.PROCESS_DATA, VALID[services.PROCESS_SINGLE_DATA], True),
+    "control-to-process-data": (services.PROCESS_DATA, _activate("127.0.0.1", 9).to_bytes(), True),
+    "data-request-to-control": (services.PROCESS_CONTROL, VALID[services.PROCESS_SINGLE_DATA], True),
+    "data-request-to-discovery": (services.ENDPOINT_DISCOVERY, VALID[services.PROCESS_SINGLE_DATA], True),
+    "control-to-discovery": (services.ENDPOINT_DISCOVERY, ControlRequest("STATUS").to_bytes(), True),
+    # protobuf cannot tell: a STATUS is byte for byte a DataRequest with only a header, and the reverse;
+    # these are answered as the method's own (documentless) message, or refused
+    "status-to-single-data": (services.PROCESS_SINGLE_DATA, ControlRequest("STATUS").to_bytes(), False),
+    "list-to-single-data": (services.PROCESS_SINGLE_DATA, VALID[services.PROCESS_DATA], False),
+    "bare-data-request-to-control": (services.PROCESS_CONTROL, DataRequest().to_bytes(), False),
+}
+
+
+@pytest.mark.parametrize("server", ["worker", "head"])
+@pytest.mark.parametrize("method, payload, refused", WRONG_TYPES.values(), ids=WRONG_TYPES.keys())
+def test_wrong_message_types(servers, server, method, payload, refused):
+    code, details, reply = servers.call(server, method, payload, metadata=((services.AUTHORIZATION_METADATA,
+                                                                           f"Bearer {TOKEN}"),))
+    assert_clear(code, details, reply, method, refused=refused)
+    if refused:
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert servers.status() == servers.members
+
+
+# -- documents, sizes, endpoints -------------------------------------------------------------------------
+
+
+def _with_docs_bytes() -> bytes:
+    message = jina_pb2.DataRequestProto()
+    message.header.request_id = "pickled"
+    message.header.exec_endpoint = "/any"
+    message.data.docs_bytes = b"\x80\x04\x95\x10\x00\x00\x00\x00\x00\x00\x00\x8c\x02os\x94\x8c\x06system\x94\x93\x94."
+    return message.SerializeToString()
+
+
+@pytest.mark.parametrize("server", ["worker", "head"])
+def test_docs_bytes_is_refused_naming_it(servers, server):
+    listed = jina_pb2.DataRequestListEnvelope(requests=[VALID[services.PROCESS_SINGLE_DATA], _with_docs_bytes()])
+    for method, payload in ((services.PROCESS_SINGLE_DATA, _with_docs_bytes()),
+                            (services.PROCESS_DATA, listed.SerializeToString())):
+        code, details, _ = servers.call(server, method, payload)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "docs_bytes" in details, (code, details)
+    servers.assert_healthy()
+
+
+def _huge(megabytes: float) -> bytes:
+    return DataRequest(docs=[Document(id="huge", blob=b"\x00" * int(megabytes * 2**20))], endpoint="/any").to_bytes()
+
+
+@pytest.mark.parametrize(
+    "server, megabytes, names_the_shard",
+    [("worker", 2, False), ("head", 5, False), ("head", 2, True)],  # 2 MiB pass the head's 4, not the worker's 1
+    ids=["worker-over-its-limit", "head-over-its-limit", "head-forwards-over-the-worker-limit"],
+)
+def test_oversized_requests_are_resource_exhausted(servers, server, megabytes, names_the_shard):
+    code, details, _ = servers.call(server, services.PROCESS_SINGLE_DATA, _huge(megabytes))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+    assert "larger than max" in details or "exceeds" in details, details
+    if names_the_shard:
+        assert "deployment 'bad'" in details and "shard 0" in details, details
+    servers.assert_healthy()
+
+
+@pytest.mark.parametrize("server", ["worker", "head"])
+def test_empty_requests(servers, server):
+    """No bytes at all: a documentless request (answered), an empty list (refused), a STATUS, an Empty."""
+    for method in METHODS:
+        code, details, reply = servers.call(server, method, b"")
+        if method == services.PROCESS_DATA:
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "empty request list" in details
+        else:
+            assert code == grpc.StatusCode.OK, details
+            REPLY_TYPES[method].FromString(reply)
+    servers.assert_healthy()
+
+
+@pytest.mark.parametrize("server", ["worker", "head"])
+def test_any_endpoint_is_answered_or_refused_clearly(servers, server):
+    @FUZZ
+    @given(endpoint=st.text(max_size=40), as_metadata=st.booleans())
+    def fuzz(endpoint, as_metadata):
+        request = DataRequest(docs=[Document(id="e")], endpoint=endpoint)
+        metadata = ((services.ENDPOINT_METADATA, endpoint),) if as_metadata else ()
+        try:
+            code, details, reply = servers.call(server, services.PROCESS_SINGLE_DATA, request.to_bytes(), metadata)
+        except ValueError:  # gRPC's client refuses metadata that is not printable ASCII before sending
+            assert as_metadata and not (endpoint.isascii() and endpoint.isprintable())
+            return
+        assert_clear(code, details, reply, services.PROCESS_SINGLE_DATA)
+        if code == grpc.StatusCode.OK:
+            assert DataRequest.from_bytes(reply).docs[0].id == "e"
+        else:
+            assert "endpoint" in details
+
+    fuzz()
+    servers.assert_healthy()
+
+
+# -- the control plane ---------------------------------------------------------------------------------
+
+
+BAD_ENTITIES = {
+    "empty-host": ("", 5000),
+    "blank-host": ("  ", 5000),
+    "port-0": ("127.0.0.1", 0),
+    "port-70000": ("127.0.0.1", 70000),
+    "host-with-port": ("127.0.0.1:80", 5000),
+    "host-with-path": ("host/path", 5000),
+    "host-with-user": ("user@host", 5000),
+    "unclosed-ipv6": ("[::1", 5000),
+    "scheme-only": ("http://", 5000),
+}
+
+
+@pytest.mark.parametrize("host, port", BAD_ENTITIES.values(), ids=BAD_ENTITIES.keys())
+def test_activate_with_a_bad_address_is_refused_and_changes_nothing(servers, host, port):
+    good_and_bad = ControlRequest("ACTIVATE")
+    good_and_bad.add_related_entity("fine", "127.0.0.1", 5999, 0)  # valid, but its request is refused whole
+    good_and_bad.add_related_entity("bad", host, port, 0)
+    for command in ("ACTIVATE", "DEACTIVATE"):
+        good_and_bad.command = command
+        code, details, _ = servers.call(
+            "head", services.PROCESS_CONTROL, good_and_bad.to_bytes(),
+            metadata=((services.AUTHORIZATION_METADATA, f"Bearer {TOKEN}"),),
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+        assert f"{command} refused" in details and "bad address" in details, details
+        assert servers.status() == servers.members
+    servers.assert_healthy()
+
+
+def test_activate_accepts_exactly_what_parse_address_accepts(servers):
+    @FUZZ
+    @given(host=st.text(max_size=30), port=st.integers(min_value=0, max_value=2**32 - 1))
+    def fuzz(host, port):
+        code, details, _ = servers.call(
+            "head", services.PROCESS_CONTROL, _activate(host, port, shard_id=7).to_bytes(),
+            metadata=((services.AUTHORIZATION_METADATA, f"Bearer {TOKEN}"),),
+        )
+        bracketed = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        try:
+            parse_address(f"{bracketed}:{port}")
+        except ConfigurationError:
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "ACTIVATE refused" in details, (code, details)
+            assert servers.status() == servers.members
+            return
+        assert code == grpc.StatusCode.OK, details
+        deactivate = _activate(host, port, shard_id=7)
+        deactivate.command = "DEACTIVATE"
+        code, details, _ = servers.call(
+            "head", services.PROCESS_CONTROL, deactivate.to_bytes(),
+            metadata=((services.AUTHORIZATION_METADATA, f"Bearer {TOKEN}"),),
+        )
+        assert code == grpc.StatusCode.OK, details
+        assert servers.status() == servers.members
+
+    fuzz()
+    servers.assert_healthy()
+
+
+def test_membership_commands_without_the_token_are_refused(servers):
+    host, port = servers.worker.address.rsplit(":", 1)
+    deactivate = _activate(host, int(port))
+    deactivate.command = "DEACTIVATE"
+    for request in (_activate("127.0.0.1", 5998), deactivate):
+        code, details, _ = servers.call("head", services.PROCESS_CONTROL, request.to_bytes())
+        assert code == grpc.StatusCode.UNAUTHENTICATED and "control token" in details
+    servers.assert_healthy()
+
+
+# -- command lines and configuration ------------------------------------------------------------------------
+
+
+BAD_COMMAND_LINES = {
+    "uses-with-not-json": (["worker", "--uses", EXECUTOR, "--uses-with", "{oops"], "--uses-with is not valid JSON"),
+    "uses-with-not-object": (["worker", "--uses", EXECUTOR, "--uses-with", "[1]"], "must be a JSON object"),
+    "uses-with-unknown-argument": (["worker", "--uses", EXECUTOR, "--uses-with", '{"colour": 1}'], "colour"),
+    "negative-shard": (["worker", "--uses", EXECUTOR, "--shard-id", "-1"], "--shard-id"),
+    "no-threads": (["worker", "--uses", EXECUTOR, "--threads", "0"], "--threads"),
+    "head-address-garbage": (["worker", "--uses", EXECUTOR, "--head", "not an address"], "bad address"),
+    "register-interval-zero": (["worker", "--uses", EXECUTOR, "--register-interval", "0"], "--register-interval"),
+    "tls-files-missing": (["worker", "--uses", EXECUTOR, "--tls-cert", "/nonexistent/cert.pem", "--tls-key",
+                           "/nonexistent/key.pem"], "cannot read server certificate chain"),
+    "tls-cert-without-key": (["worker", "--uses", EXECUTOR, "--tls-cert", EXECUTOR.rsplit(":", 1)[0]],
+                             "private key"),
+    "max-message-zero": (["worker", "--uses", EXECUTOR, "--max-message-mb", "0"], "max message size must be positive"),
+    "drain-negative": (["head", "--deployment", "d", "--drain-seconds", "-1"], "drain grace must not be negative"),
+    "no-deployment": (["head"], "--deployment"),
+    "negative-shards": (["head", "--deployment", "d", "--shards", "-2"], "--shards"),
+    "attempt-timeout-zero": (["head", "--deployment", "d", "--attempt-timeout", "0"], "attempt_timeout must be positive"),
+    "timeout-negative": (["head", "--deployment", "d", "--timeout", "-1"], "timeout"),
+    "unknown-balancer": (["head", "--deployment", "d", "--balancer", "random"], "invalid choice: 'random'"),
+    "polling-number": (["head", "--deployment", "d", "--polling", "3"], "unknown polling"),
+    "host-not-local": (["head", "--deployment", "d", "--host", "203.0.113.7"], "cannot listen on 203.0.113.7"),
+    "uses-after-garbage": (["head", "--deployment", "d", "--uses-after", "x:y:z"], "bad address"),
+    "unknown-log-level": (["--log-level", "LOUD", "head", "--deployment", "d"], "invalid choice: 'LOUD'"),
+}
+
+
+def test_bad_command_lines_exit_with_a_clear_message():
+    """Every command starts at once (in parallel) and must exit non-zero, quickly, saying what is wrong."""
+    started = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "shardnet", *arguments],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for name, (arguments, _) in BAD_COMMAND_LINES.items()
+    }
+    problems = []
+    try:
+        for name, process in started.items():
+            try:
+                stdout, stderr = process.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                problems.append(f"{name}: still running (it accepted the arguments)")
+                continue
+            expected = BAD_COMMAND_LINES[name][1]
+            if process.returncode == 0 or expected not in stderr or "Traceback" in stderr or "ready on" in stdout:
+                problems.append(f"{name}: exit {process.returncode}, stderr {stderr.strip()[-300:]!r}")
+    finally:
+        for process in started.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert problems == []
+
+
+BAD_CONFIGURATIONS = {
+    "port-negative": (lambda: ServerConfig(port=-1), "port -1"),
+    "port-too-big": (lambda: ServerConfig(port=65536), "65536"),
+    "message-size-zero": (lambda: ServerConfig(max_message_bytes=0), "max message size"),
+    "drain-negative": (lambda: ServerConfig(drain_grace=-0.5), "drain grace"),
+    "concurrency-zero": (lambda: ServerConfig(max_concurrent_rpcs=0), "max_concurrent_rpcs"),
+    "rounds-zero": (lambda: RetryPolicy(rounds=0), "rounds"),
+    "attempt-timeout-zero": (lambda: RetryPolicy(attempt_timeout=0), "attempt_timeout"),
+    "retry-invalid-argument": (lambda: RetryPolicy(retry_on=frozenset({grpc.StatusCode.INVALID_ARGUMENT})),
+                               "INVALID_ARGUMENT"),
+    "backoff-negative": (lambda: RetryPolicy(backoff_initial=-1), "backoff"),
+    "ejection-zero-failures": (lambda: EjectionPolicy(consecutive_failures=0), "consecutive_failures"),
+    "ejection-zero-time": (lambda: EjectionPolicy(base_ejection=0), "base_ejection"),
+    "ejection-max-below-base": (lambda: EjectionPolicy(base_ejection=5, max_ejection=1), "max_ejection"),
+    "budget-ratio": (lambda: RetryBudget(ratio=1.5), "ratio"),
+    "budget-floor": (lambda: RetryBudget(min_per_second=-1), "min_per_second"),
+    "budget-window": (lambda: RetryBudget(window=0), "window"),
+    "polling-word": (lambda: PollingMap.parse("SOMETIMES"), "unknown polling"),
+    "polling-json": (lambda: PollingMap.parse('{"/a": "ALL"'), "not valid JSON"),
+    "polling-kind": (lambda: PollingMap.parse({"/a": "EVERY"}), "unknown polling"),
+    "polling-null": (lambda: PollingMap.parse({"/a": None}), "unknown polling"),
+    "pool-balancer": (lambda: GrpcConnectionPool(balancer="random"), "unknown balancer"),
+    "pool-timeout": (lambda: GrpcConnectionPool(timeout=0), "timeout"),
+    "deployment-shards": (lambda: Deployment(uses=EXECUTOR, shards=0), "at least 1 shard"),
+    "tls-unreadable": (lambda: ServerTls("/nonexistent.pem", "/nonexistent.pem").credentials(), "cannot read"),
+    "tls-not-pem": (lambda: ServerTls(b"hello", b"world").credentials(), "not PEM"),
+    "address-none": (lambda: parse_address(None), "bad address"),
+    "address-no-port": (lambda: parse_address("localhost"), "bad address"),
+}
+
+
+@pytest.mark.parametrize("make, message", BAD_CONFIGURATIONS.values(), ids=BAD_CONFIGURATIONS.keys())
+def test_bad_configuration_is_a_configuration_error(make, message):
+    with pytest.raises(ConfigurationError) as refused:
+        make()
+    assert message in str(refused.value), str(refused.value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=40))
+def test_parse_address_accepts_or_says_why(text):
+    try:
+        address = parse_address(text)
+    except ConfigurationError as exc:
+        assert "bad address" in str(exc)
+    else:
+        assert 0 < address.port < 65536 and address.host and parse_address(str(address)) == address
+
+
+def test_empty_protobuf_is_what_endpoint_discovery_takes():
+    assert empty_pb2.Empty().SerializeToString() == b""  # so refusing any other byte refuses no real client
