@@ -49,6 +49,10 @@ def parse_address(address: str, tls: bool = False) -> Address:
         host, sep, rest = text[1:].partition("]")
         if not sep or not rest.startswith(":"):
             raise ConfigurationError(f"bad address {address!r}: expected [ipv6]:port")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigurationError(f"bad address {address!r}: {host!r} in brackets is not an IPv6 address") from None
         port_text = rest[1:]
     else:
         host, sep, port_text = text.rpartition(":")

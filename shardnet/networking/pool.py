@@ -23,7 +23,13 @@ from shardnet.errors import DeadlineExceeded, ReplicaError, RoutingError
 from shardnet.networking.addresses import parse_address
 from shardnet.networking.balancing import make_balancer
 from shardnet.networking import oneshot
-from shardnet.networking.channels import ChannelOptions, create_async_channel_stub, default_grpc_options, get_grpc_channel
+from shardnet.networking.channels import (
+    ChannelOptions,
+    MetadataCache,
+    create_async_channel_stub,
+    default_grpc_options,
+    get_grpc_channel,
+)
 from shardnet.networking.policies import EjectionPolicy, RetryBudget, RetryPolicy
 from shardnet.networking.polling import PollingType
 from shardnet.networking.replica_list import Connection, ReplicaList
@@ -77,6 +83,7 @@ class GrpcConnectionPool:
         self._options = options
         self._metadata = tuple(metadata)
         self._deployments: dict[str, _Deployment] = {}
+        self._metadata_cache = MetadataCache()
         self._started = False
 
     # -- membership -----------------------------------------------------------
@@ -211,6 +218,7 @@ class GrpcConnectionPool:
         replica, or RoutingError when the list has no replica at all.
         """
         self.retry_budget.record_request()
+        metadata = self._metadata_cache.get(metadata)
         timeout = self.timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2
 from shardnet.errors import ProtocolError
 from shardnet.networking.addresses import Address, parse_address
 from shardnet.networking.balancing import Balancer, RoundRobin
-from shardnet.networking.channels import ChannelOptions, Stubs, call_metadata, checked_reply, get_grpc_channel
+from shardnet.networking.channels import ChannelOptions, Stubs, checked_reply, get_grpc_channel
 from shardnet.networking.policies import EjectionPolicy
 from shardnet.networking.tls import ClientTls
 
@@ -233,7 +233,7 @@ class ReplicaList:
         balancer = self.balancer
         token = balancer.started(connection)
         try:
-            call = getattr(connection.stubs, method)(payload, metadata=call_metadata(metadata), timeout=timeout)
+            call = getattr(connection.stubs, method)(payload, metadata=metadata, timeout=timeout)
             response = checked_reply(await call, connection.address)
             trailing = await call.trailing_metadata()
         except grpc.aio.AioRpcError as error:

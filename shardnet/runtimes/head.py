@@ -13,6 +13,7 @@ client certificate when configured.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from typing import Any, Mapping, Optional, Sequence
 
@@ -35,6 +36,13 @@ USES_BEFORE = "uses_before"
 USES_AFTER = "uses_after"
 # seconds the head keeps from its caller's deadline to send back its own DEADLINE_EXCEEDED naming the shard
 DEADLINE_MARGIN = 0.05
+
+
+def _is_ipv6(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False
 
 
 class Head:
@@ -212,7 +220,7 @@ class Head:
         changes = []
         dial_tls = self.pool.tls is not None  # a head given TLS material dials its workers over TLS
         for entity in request.related_entities:
-            host = f"[{entity.address}]" if ":" in entity.address and not entity.address.startswith("[") else entity.address
+            host = f"[{entity.address}]" if _is_ipv6(entity.address) else entity.address
             try:
                 address = str(parse_address(f"{host}:{entity.port}", tls=dial_tls))
             except ConfigurationError as exc:
