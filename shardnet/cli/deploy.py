@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import threading
 
-from shardnet.cli.options import add_token_argument, control_token
-from shardnet.errors import ConfigurationError
+from shardnet.cli.options import add_token_argument, control_token, json_object
 from shardnet.networking.balancing import BALANCERS
 from shardnet.runtimes.deployment import Deployment
 
@@ -30,10 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        uses_with = json.loads(args.uses_with)
-    except json.JSONDecodeError as exc:
-        raise ConfigurationError(f"--uses-with is not valid JSON: {exc}") from None
+    uses_with = json_object(args.uses_with, "--uses-with")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with Deployment(

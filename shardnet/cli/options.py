@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import json
 import os
 from typing import Any, Coroutine, Optional
 
@@ -91,3 +92,14 @@ def client_tls(args: argparse.Namespace, prefix: str = "") -> Optional[ClientTls
     if not (root or cert or key):
         return None
     return ClientTls(root_certificates=root, certificate_chain=cert, private_key=key)
+
+
+def json_object(text: str, flag: str) -> dict:
+    """Parse a JSON object given on the command line; a clear error names the flag."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigurationError(f"{flag} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigurationError(f"{flag} must be a JSON object, got {type(value).__name__}")
+    return value

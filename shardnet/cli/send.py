@@ -9,8 +9,8 @@ import logging
 
 from google.protobuf import empty_pb2
 
-from shardnet.cli.options import add_client_tls_arguments, client_tls
-from shardnet.errors import ConfigurationError, ReplicaError
+from shardnet.cli.options import add_client_tls_arguments, client_tls, json_object
+from shardnet.errors import ReplicaError
 from shardnet.networking import oneshot
 from shardnet.protocol.documents import Document
 from shardnet.protocol.messages import DataRequest
@@ -35,10 +35,7 @@ async def _discovered_endpoints(target: str, tls, timeout: float) -> list[str]:
 
 
 async def send(args: argparse.Namespace) -> int:
-    try:
-        parameters = json.loads(args.parameters)
-    except json.JSONDecodeError as exc:
-        raise ConfigurationError(f"--parameters is not valid JSON: {exc}") from None
+    parameters = json_object(args.parameters, "--parameters")
     tls = client_tls(args)
     try:
         endpoints = await _discovered_endpoints(args.target, tls, args.timeout)

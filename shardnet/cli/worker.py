@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 from shardnet.cli.options import (
     add_client_tls_arguments,
     add_server_arguments,
     client_tls,
     control_token,
+    json_object,
     run_in_loop,
     server_config,
 )
@@ -35,14 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        uses_with = json.loads(args.uses_with)
-    except json.JSONDecodeError as exc:
-        raise ConfigurationError(f"--uses-with is not valid JSON: {exc}") from None
-    if not isinstance(uses_with, dict):
-        raise ConfigurationError("--uses-with must be a JSON object")
+    uses_with = json_object(args.uses_with, "--uses-with")
     if args.shard_id < 0 or args.threads < 1:
         raise ConfigurationError("--shard-id must be >= 0 and --threads >= 1")
+    if not args.register_interval > 0:
+        raise ConfigurationError(f"--register-interval must be positive seconds, got {args.register_interval}")
     executor = load_executor_class(args.uses).create(
         {"shard_id": args.shard_id, "replica_id": args.replica_id, "workspace": args.workspace}, **uses_with
     )

@@ -44,6 +44,10 @@ class RetryPolicy:
             raise ConfigurationError("INVALID_ARGUMENT is never retried: the same bytes fail the same way")
         if self.attempt_timeout is not None and self.attempt_timeout <= 0:
             raise ConfigurationError(f"RetryPolicy.attempt_timeout must be positive, got {self.attempt_timeout}")
+        if not 0 <= self.backoff_initial <= self.backoff_max:
+            raise ConfigurationError(
+                f"RetryPolicy needs 0 <= backoff_initial <= backoff_max, got {self.backoff_initial} and {self.backoff_max}"
+            )
 
     def is_retryable(self, code: grpc.StatusCode, timed_out_attempt: bool = False) -> bool:
         return code in self.retry_on or (timed_out_attempt and code == grpc.StatusCode.DEADLINE_EXCEEDED)

@@ -19,7 +19,7 @@ import grpc.aio
 import tenacity
 from google.protobuf import empty_pb2
 
-from shardnet.errors import DeadlineExceeded, ReplicaError, RoutingError
+from shardnet.errors import ConfigurationError, DeadlineExceeded, ReplicaError, RoutingError
 from shardnet.networking.addresses import parse_address
 from shardnet.networking.balancing import make_balancer
 from shardnet.networking import oneshot
@@ -74,6 +74,8 @@ class GrpcConnectionPool:
         metadata: Metadata = (),
     ):
         make_balancer(balancer)  # validate the name now, not at the first add
+        if timeout is not None and not timeout > 0:
+            raise ConfigurationError(f"the pool's timeout must be positive seconds (or None), got {timeout}")
         self.balancer = balancer
         self.retry = retry
         self.retry_budget = retry_budget if retry_budget is not None else RetryBudget()

@@ -51,6 +51,8 @@ class ServerConfig:
             raise ConfigurationError("max message size must be positive")
         if self.drain_grace < 0:
             raise ConfigurationError("drain grace must not be negative")
+        if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
+            raise ConfigurationError(f"max_concurrent_rpcs must be at least 1 (or None), got {self.max_concurrent_rpcs}")
 
 
 def unary_service(path: str, handler: RawHandler) -> grpc.GenericRpcHandler:
