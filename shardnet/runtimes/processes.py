@@ -88,11 +88,17 @@ class ShardnetProcess:
         if self.alive:
             self.signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
             self.signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+        return self._reap(timeout)
+
+    def _reap(self, timeout: float) -> Optional[int]:
+        """Wait up to ``timeout`` for the exit (no second SIGTERM: one arriving after the drain kills), then SIGKILL."""
+        if self.popen is None:
+            return None
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
         return self.popen.returncode
 
     def kill(self) -> None:
@@ -111,4 +117,4 @@ def stop_all(processes: Sequence[ShardnetProcess], timeout: float = 15.0) -> Non
         process.signal(signal.SIGCONT)
         process.signal(signal.SIGTERM)
     for process in processes:
-        process.stop(timeout)
+        process._reap(timeout)
