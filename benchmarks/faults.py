@@ -246,6 +246,7 @@ class Report:
     lost: int
     duplicates: int
     reexecuted: int  # requests a shard executed more than once
+    errors_retried: int  # requests failed by an injected application error, then executed again or answered OK
     p50: float  # ms, requests started during the fault
     p99: float
     max: float
@@ -435,13 +436,15 @@ def bounded_hang(report: Report, settings: Settings) -> list[str]:
 
 
 def not_retried(report: Report, settings: Settings) -> list[str]:
+    """Application errors come back as answers (status ERROR), each executed once, never retried elsewhere.
+
+    The head's retry count is no evidence here: an attempt timeout on a busy machine retries a healthy call.
+    """
     misses = []
     if report.failed != report.expected or report.lost:
         misses.append("failures other than the application errors")
-    if report.reexecuted:
-        misses.append(f"{report.reexecuted} application errors re-executed")
-    if report.retries:
-        misses.append(f"{report.retries} retries spent on application errors")
+    if report.errors_retried:
+        misses.append(f"{report.errors_retried} application errors retried")
     if report.expected == 0:
         misses.append("no application error was produced")
     return misses
@@ -498,10 +501,11 @@ async def run_scenario(scenario: Scenario, deployment: Deployment, settings: Set
         cleanup = getattr(scenario.fault, "cleanup", None)
         if cleanup is not None:
             await cleanup(deployment)
-    return _report(scenario, settings, ctx.window, load, budget, read_seen(deployment.workspace))
+    seen, injected = read_seen(deployment.workspace), read_seen(deployment.workspace, "failed")
+    return _report(scenario, settings, ctx.window, load, budget, seen, injected)
 
 
-def _report(scenario, settings, window: Window, load: Load, budget: BudgetWatch, seen) -> Report:
+def _report(scenario, settings, window: Window, load: Load, budget: BudgetWatch, seen, injected) -> Report:
     calls = load.calls
     failed = [call for call in calls if call.outcome in ("failed", "app-error")]
     lost = [call for call in calls if call.outcome == "lost"]
@@ -512,11 +516,15 @@ def _report(scenario, settings, window: Window, load: Load, budget: BudgetWatch,
     codes: dict[str, int] = {}
     for call in failed + lost:
         codes[call.code or call.outcome] = codes.get(call.code or call.outcome, 0) + 1
-    reexecuted = 0
+    reexecuted = errors_retried = 0
     for call in calls:
         shards = [shard for shard, _ in seen.get(call.key, [])]
         reexecuted += len(shards) != len(set(shards))
+        errors_retried += call.key in injected and (call.outcome == "ok" or len(shards) != len(set(shards)))
     notes = list(window.notes)
+    raised = sum(1 for call in calls if call.key in injected)
+    if raised:
+        notes.append(f"{raised} requests raised in the executor, {errors_retried} of them retried")
     if window.outage:
         span = sum(end - start for start, end in window.outage)
         outage = (len(caught), sum(1 for c in caught if c.key in seen), percentile([1e3 * (c.end - c.start) for c in caught], 0.99))
@@ -535,6 +543,7 @@ def _report(scenario, settings, window: Window, load: Load, budget: BudgetWatch,
         lost=len(lost),
         duplicates=load.duplicates,
         reexecuted=reexecuted,
+        errors_retried=errors_retried,
         p50=percentile(during, 0.50),
         p99=percentile(during, 0.99),
         max=max(during, default=math.nan),
@@ -579,8 +588,9 @@ def render(reports: list[Report], settings: Settings) -> str:
     lines.append(
         f"load: {settings.concurrency} closed-loop clients, no client retries, deadline {settings.deadline:g} s; "
         f"head --attempt-timeout {settings.attempt_timeout:g} s; faults last {settings.fault:g} s; "
-        f"latencies cover the answers to requests started during the fault; 'peak window' is the head's fullest "
-        f"retry-budget window (retries/allowed)"
+        f"latencies cover the answers to requests started during the fault; 're-exec': requests a shard executed "
+        f"twice (an attempt abandoned on a dead, hung or CPU-starved replica, retried: at-least-once); "
+        f"'peak window': the head's fullest retry-budget window (retries/allowed)"
     )
     lines.append(machine_line())
     return "\n".join(lines)

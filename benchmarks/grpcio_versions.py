@@ -21,8 +21,8 @@ and both clients (the starting point rotates every round), all against the
 same servers; a second worker on the baseline venv (``control``) shows how
 far two identical clients drift apart in the same run.
 
-    python benchmarks/grpcio_versions.py                    # about 4-5 min once the venvs exist
-    python benchmarks/grpcio_versions.py --quick            # about 1.5 min
+    python benchmarks/grpcio_versions.py                    # about 3-4 min once the venvs exist
+    python benchmarks/grpcio_versions.py --quick            # about 30 s
     python benchmarks/grpcio_versions.py --versions 1.80.1,1.85.1 --impls bare
     python benchmarks/grpcio_versions.py --setup-only       # build / refresh the venvs and show them
 
@@ -47,7 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc is imported: no INFO lines in the tables
 
-from _common import ROOT, EchoProcess, Tally, Worker, exit_on_sigterm, machine_line, median, table  # noqa: E402
+from _common import ROOT, EchoProcess, Tally, Worker, exit_on_sigterm, machine_line, median, table
 
 try:
     import tomllib
@@ -120,7 +120,7 @@ def project_pins() -> tuple[list[str], str]:
     if tomllib is not None:
         dependencies = tomllib.loads(text)["project"]["dependencies"]
     else:  # pragma: no cover - 3.10 without tomllib: the pins are simple "name==version" strings
-        block = re.search(r"^dependencies = \[(.*?)^\]", text, re.S | re.M).group(1)
+        block = re.search(r"^dependencies = \[(.*?)^\]", text, re.DOTALL | re.MULTILINE).group(1)
         dependencies = re.findall(r'"([^"]+)"', block)
     others, protobuf = [], None
     for requirement in dependencies:
@@ -182,7 +182,7 @@ class BenchVenv:
         except (OSError, ValueError):
             return {}
 
-    def ensure(self, *, rebuild: bool = False, log=sys.stderr) -> "BenchVenv":
+    def ensure(self, *, rebuild: bool = False, log=sys.stderr) -> BenchVenv:
         wanted = {"layout": LAYOUT, "requirements": requirements_for(self.version)}
         state = self._state()
         if rebuild or not self.python.exists() or {key: state.get(key) for key in wanted} != wanted:
@@ -245,8 +245,8 @@ def parse_args(argv=None):
                         help=f"comma-separated grpcio versions (default {','.join(DEFAULT_VERSIONS)})")
     parser.add_argument("--baseline", default=BASELINE, help=f"the version ratios refer to (default {BASELINE})")
     parser.add_argument("--impls", default="bare,shardnet", help="clients to run: bare, shardnet or both")
-    parser.add_argument("--requests", type=int, default=8_000, help="measured requests per client (default 8000)")
-    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds the requests are split into")
+    parser.add_argument("--requests", type=int, default=24_000, help="measured requests per client (default 24000)")
+    parser.add_argument("--rounds", type=int, default=12, help="interleaved rounds the requests are split into")
     parser.add_argument("--warmup", type=int, default=1_000, help="excluded warm-up requests per client")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--payload", type=int, default=64, help="document size in bytes (default 64)")
@@ -254,7 +254,7 @@ def parse_args(argv=None):
                         help="skip the second worker on the baseline venv")
     parser.add_argument("--rebuild", action="store_true", help="rebuild the cached venvs")
     parser.add_argument("--setup-only", action="store_true", help="build the venvs, print what they hold, stop")
-    parser.add_argument("--quick", action="store_true", help="about 1.5 min: 4 rounds of 600, warm-up 300")
+    parser.add_argument("--quick", action="store_true", help="about 30 s: 4 rounds of 600, warm-up 300")
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.rounds, args.warmup = 2_400, 4, 300

@@ -11,6 +11,7 @@ duplicate answers, re-executions, retries against the budget.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import importlib.machinery
 import importlib.util
@@ -19,6 +20,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
+from shardnet import DataRequest, Document, Executor, requests
+from shardnet.networking import oneshot
+from shardnet.runtimes.head import Head
+from shardnet.runtimes.server import ServerConfig
+from shardnet.runtimes.worker import Worker
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -82,9 +89,9 @@ async def test_hung_replica_costs_at_most_the_attempt_timeout(deployment):
     report = await run(deployment, "hang", faults.hang, faults.nothing_lost, settings=settings)
     assert_nothing_lost(report)
     assert report.retries >= 1  # requests met the hung replica and were retried after the attempt timeout
-    # nobody waited out the hang: the slowest answer took about one attempt timeout, not the 2 s stop
-    assert report.max < 1e3 * min(settings.fault, settings.attempt_timeout + 1.0), report.max
-    assert report.max >= 1e3 * settings.attempt_timeout * 0.9  # ...and the attempt timeout did fire
+    # the requests met by the hang waited one attempt timeout (0.5 s), not the 2 s stop; p99 says so
+    assert report.p99 < 1e3 * (settings.attempt_timeout + 1.0), report.p99
+    assert report.max >= 1e3 * settings.attempt_timeout * 0.9  # and the attempt timeout did fire
 
 
 async def test_slow_replica_loses_nothing(deployment):
@@ -103,8 +110,7 @@ async def test_application_errors_are_answered_and_never_retried(deployment):
     report = await run(deployment, "app-errors", faults.misbehave(fail=True), faults.not_retried)
     assert report.failed == report.expected > 0  # one replica in six raises: its answers carry status ERROR
     assert report.lost == 0 and report.duplicates == 0
-    assert report.reexecuted == 0  # no request ran twice in a shard
-    assert report.retries == 0
+    assert report.errors_retried == 0  # no request that raised ran again, none came back OK from elsewhere
     assert report.misses == []
 
 
@@ -124,3 +130,31 @@ async def test_head_restart_fails_fast_while_away_and_loses_nothing(deployment):
     assert p99 < 1e3, p99  # and it failed fast
     assert report.misses == []
     assert report.ok > 0
+
+
+class Slow(Executor):
+    @requests
+    async def slow(self, docs, parameters, **kwargs):
+        await asyncio.sleep(1.5)
+        for doc in docs:
+            doc.text = "answered"
+
+
+async def test_a_deactivated_replica_still_answers_the_requests_it_holds():
+    """A worker leaving (DEACTIVATE, then its drain) answers what it holds, however long it takes: nothing is cut."""
+    worker = Worker(Slow.create(), ServerConfig())
+    await worker.start()
+    head = Head("leaving", ServerConfig(), connections={0: [worker.server.address]})
+    await head.start()
+    try:
+        request = DataRequest(docs=[Document(text="q")], endpoint="/slow")
+        pending = asyncio.create_task(oneshot.send_request_async(request, head.server.address, timeout=10.0))
+        await asyncio.sleep(0.3)  # the request is at the worker now
+        host, port = worker.server.address.rsplit(":", 1)
+        await oneshot.deactivate_worker(host, int(port), head.server.address, 0)
+        assert head.pool.deployments["leaving"]["shards"][0] == []  # out of rotation at once...
+        response = await asyncio.wait_for(pending, 5.0)  # ...and what it held is answered
+        assert response.docs[0].text == "answered"
+    finally:
+        await head.stop(0)
+        await worker.stop(0)

@@ -106,6 +106,7 @@ class ReplicaList:
         self._eligible: list[Connection] = []  # picked from; swap-removal keeps it O(1)
         self._position: dict[Connection, int] = {}
         self._probes: dict[Connection, asyncio.Task] = {}
+        self._leaving: set[asyncio.Task] = set()  # removed connections closing once their calls end
 
     # -- membership --------------------------------------------------------
 
@@ -130,7 +131,10 @@ class ReplicaList:
         if probe is not None:
             probe.cancel()
         self.balancer.forget(connection)
-        await connection.close(grace=0.5)
+        # calls already on it still get their answers (a draining worker gives them); the channel closes after
+        closing = asyncio.get_running_loop().create_task(connection.close(grace=RETIRED_CHANNEL_GRACE))
+        self._leaving.add(closing)
+        closing.add_done_callback(self._leaving.discard)
         return connection
 
     def has_connection(self, address: str) -> bool:
@@ -259,6 +263,12 @@ class ReplicaList:
         for connection in connections:
             self.balancer.forget(connection)
             await connection.close(grace=0.5)
+        leaving, self._leaving = list(self._leaving), set()
+        if leaving:
+            _, pending = await asyncio.wait(leaving, timeout=0.5)
+            for closing in pending:  # still waiting on a call: stop waiting, gRPC frees the channel
+                closing.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
 
     def __repr__(self) -> str:
         ejected = len(self._connections) - len(self._eligible)

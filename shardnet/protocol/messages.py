@@ -9,6 +9,7 @@ not know ride along as protobuf unknown fields, untouched.
 
 from __future__ import annotations
 
+import time
 import traceback
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional, Union
@@ -226,7 +227,7 @@ class DataRequest:
         """Append a route entry stamped with the current time, as a Jina worker does."""
         route = self._outer(changing=True).routes.add()
         route.executor = executor
-        route.start_time.GetCurrentTime()
+        route.start_time.FromNanoseconds(time.time_ns())  # GetCurrentTime goes through datetime: 5x slower
         return route
 
     # -- bytes -----------------------------------------------------------

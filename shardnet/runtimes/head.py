@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 USES_BEFORE = "uses_before"
 USES_AFTER = "uses_after"
 # seconds the head keeps from its caller's deadline to send back its own DEADLINE_EXCEEDED naming the shard
-DEADLINE_MARGIN = 0.05
+DEADLINE_MARGIN = 0.1
 
 
 def _is_ipv6(host: str) -> bool:
@@ -148,7 +148,9 @@ class Head:
             endpoint = header_endpoint or "/default"
             if not (endpoint.isascii() and endpoint.isprintable()):  # gRPC would refuse it as metadata, and hang
                 raise ProtocolError(f"endpoint {endpoint!r} is not printable ASCII: it cannot travel as gRPC metadata")
-        for request in requests:
+        if header_endpoint != endpoint:
+            requests[0].endpoint = endpoint
+        for request in requests[1:]:
             if request.endpoint != endpoint:
                 request.endpoint = endpoint
         return endpoint
@@ -179,7 +181,7 @@ class Head:
             ),
             return_exceptions=True,
         )
-        outcomes, trailing = [], []
+        outcomes, trailing, seen = [], [], set()
         for (shard_id, _), result in zip(targets, results):
             if isinstance(result, BaseException):
                 if not isinstance(result, (ReplicaError, RoutingError)):
@@ -188,7 +190,10 @@ class Head:
                 continue
             response, shard_trailing = result
             outcomes.append((shard_id, response))
-            trailing.extend(pair for pair in shard_trailing or () if pair not in trailing)
+            for pair in shard_trailing or ():  # each distinct pair once, in shard order
+                if pair not in seen:
+                    seen.add(pair)
+                    trailing.append(pair)
         failed = sum(1 for _, outcome in outcomes if not isinstance(outcome, DataRequest))
         trailing += [("total_shards", str(len(targets))), ("failed_shards", str(failed))]
         if self._uses_after is not None:

@@ -14,6 +14,9 @@ from shardnet.protocol.messages import DataRequest
 
 ShardOutcome = tuple[Optional[int], Union[DataRequest, BaseException]]
 
+# the parameter every ALL reply carries, as Jina's head adds it
+RESULTS = "__results__"
+
 
 def merge_documents(target: DataRequest, others: Sequence[DataRequest]) -> None:
     """Fold the documents of ``others`` into ``target`` by id (matches and chunks concatenated)."""
@@ -21,14 +24,20 @@ def merge_documents(target: DataRequest, others: Sequence[DataRequest]) -> None:
     by_id = {doc.id: doc for doc in docs}
     for other in others:
         for doc in other.proto.data.docs.docs:
-            existing = by_id.get(doc.id)
+            doc_id = doc.id
+            existing = by_id.get(doc_id)
             if existing is None:
                 added = docs.add()
                 added.CopyFrom(doc)
-                by_id[doc.id] = added
-            else:
-                existing.matches.extend(doc.matches)
-                existing.chunks.extend(doc.chunks)
+                by_id[doc_id] = added
+                continue
+            # extending by an empty field costs as much as a real extend: most shards add no matches or chunks
+            matches = doc.matches
+            if matches:
+                existing.matches.extend(matches)
+            chunks = doc.chunks
+            if chunks:
+                existing.chunks.extend(chunks)
 
 
 def merge_shard_responses(deployment: str, outcomes: Sequence[ShardOutcome]) -> DataRequest:
@@ -42,9 +51,9 @@ def merge_shard_responses(deployment: str, outcomes: Sequence[ShardOutcome]) -> 
         raise failed[0][1]
     merged = answered[0][1]
     merge_documents(merged, [response for _, response in answered[1:]])
-    parameters = merged.parameters
-    parameters.setdefault("__results__", {})
-    merged.parameters = parameters
+    parameters = merged.proto.parameters  # decoded by the merge: edit the Struct itself, no dict round trip
+    if RESULTS not in parameters:
+        parameters.get_or_create_struct(RESULTS)
     report_shard_problems(merged, deployment, outcomes)
     return merged
 

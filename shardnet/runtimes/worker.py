@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import time
 from typing import Any, Optional
 
 import grpc
@@ -139,7 +140,7 @@ class Worker:
             first.set_exception(exc, executor=self.name)
             route.status.CopyFrom(first.status)
             context.set_trailing_metadata(ERROR_TRAILER)
-        route.end_time.GetCurrentTime()
+        route.end_time.FromNanoseconds(time.time_ns())
         return first.to_bytes()
 
     @staticmethod
