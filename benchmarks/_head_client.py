@@ -1,19 +1,22 @@
 """The load client of ``head_overhead.py``: a process of its own, driven by JSON lines on stdin.
 
 It holds one bare grpc.aio client (``_client_worker.Bare``: one channel, bytes
-in and out) per named target and answers each ``run`` with one JSON line from
-``_client_worker.closed_loop`` (request count, wall time, this client's CPU,
-every latency). The endpoint travels as gRPC metadata, as a gateway sends it.
+in and out) per named target and answers each ``run`` with one JSON line in
+the shape of ``_client_worker.closed_loop`` (request count, wall time, this
+client's CPU, every latency): ``n`` requests, or as many as ``seconds`` allow.
+The endpoint travels as gRPC metadata, as a gateway sends it.
 
     python _head_client.py --loop uvloop direct=127.0.0.1:5001 head=127.0.0.1:5002
-    {"cmd": "run", "target": "head", "endpoint": "/index", "payload": "/tmp/index.bin", "n": 2000}
+    {"cmd": "run", "target": "head", "endpoint": "/index", "payload": "/tmp/index.bin", "seconds": 0.7}
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -59,7 +62,11 @@ def main() -> int:
                 if path not in payloads:
                     payloads[path] = Path(path).read_bytes()
                 concurrency = command.get("concurrency", args.concurrency)
-                reply(loop.run_until_complete(closed_loop(client, payloads[path], command["n"], concurrency)))
+                if "seconds" in command:
+                    run = timed_loop(client, payloads[path], command["seconds"], concurrency)
+                else:
+                    run = closed_loop(client, payloads[path], command["n"], concurrency)
+                reply(loop.run_until_complete(run))
             except Exception:  # noqa: BLE001 - report to the parent, keep serving
                 reply({"error": traceback.format_exc()})
     finally:
@@ -67,6 +74,35 @@ def main() -> int:
             loop.run_until_complete(client.close())
         loop.close()
     return 0
+
+
+async def timed_loop(client: Bare, payload: bytes, seconds: float, concurrency: int) -> dict:
+    """``closed_loop`` for a time instead of a count: ``concurrency`` senders until ``seconds`` have passed.
+
+    Requests still in flight then are awaited and counted, so the servers' CPU read after the run
+    belongs to exactly the requests reported. Same result shape as ``closed_loop``.
+    """
+    latencies: list[float] = []
+    failures = 0
+    clock = time.perf_counter
+    deadline = clock() + seconds
+
+    async def sender() -> None:
+        nonlocal failures
+        send, record = client.send, latencies.append
+        while clock() < deadline:
+            started = clock()
+            try:
+                await send(payload)
+            except Exception:  # noqa: BLE001 - a benchmark counts failures, it does not stop on them
+                failures += 1
+            record(clock() - started)
+
+    cpu0, thread0, wall0 = time.process_time(), time.thread_time(), clock()
+    await asyncio.gather(*(sender() for _ in range(concurrency)))
+    wall, cpu, loop_cpu = clock() - wall0, time.process_time() - cpu0, time.thread_time() - thread0
+    return {"n": len(latencies), "wall": wall, "cpu": cpu, "loop_cpu": loop_cpu, "failures": failures,
+            "lat": [round(value, 7) for value in latencies]}
 
 
 async def _make_client(address: str) -> Bare:

@@ -163,6 +163,8 @@ class Load:
                 if self.answered[answered] > 1 or answered != request.request_id:
                     self.duplicates += 1
                 call.outcome = "app-error" if response.is_error else "ok"
+                if response.is_error:
+                    call.code = f"ERROR {response.status.description[:120]}"
             call.end = loop.time()
 
 

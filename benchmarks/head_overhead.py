@@ -4,19 +4,24 @@ Two ``shardnet worker``s serve ``shardnet.examples.echo:Echo`` (a handler that
 does nothing), each in a process of its own. In front of them, each head in a
 process of its own: a shardnet head shaped 1 shard x 2 replicas (ANY, on
 ``/index``) and one shaped 2 shards x 1 replica (ALL, on ``/search``), with
-``--polling '{"/search": "ALL", "*": "ANY"}'``; with the peer, Jina 3.34 heads
-of the same two shapes (``jina executor --native --runtime-cls HeadRuntime``,
-which picks ALL on /search and ANY on /index from the ``endpoint`` metadata)
-in front of the same workers. A wide row puts a shardnet head (and a Jina head)
-in front of 64 echo servers of ``python -m shardnet.testing`` in one process,
-ALL on ``/search``: a head only needs replies.
+``--polling '{"/search": "ALL", "*": "ANY"}'``, on uvloop (the default when it
+is installed) and on asyncio; a floor row, ``_forwarder.py``, the least a
+grpc.aio process can do to pass a request on; with the peer, Jina 3.34 heads of
+the same two shapes (``jina executor --native --runtime-cls HeadRuntime``, which
+picks ALL on /search and ANY on /index from the ``endpoint`` metadata, and runs
+on uvloop when installed, as it is in the peer's venv) in front of the same
+workers. A wide row puts a shardnet head (and a Jina head) in front of 64 echo
+servers of ``python -m shardnet.testing`` in one process, ALL on ``/search``:
+a head only needs replies.
 
 The load comes from one client process (``_head_client.py``, bare grpc.aio,
 closed loop), so no head shares a process with it. Rounds are interleaved
-(direct, shardnet ANY, jina ANY, shardnet ALL, jina ALL, ..., repeat) after an
-excluded warm-up; each round lasts about ``--round-seconds``. The head's CPU
-time per request comes from ``/proc/PID/stat`` (utime + stime of the head and
-any process it started) read before and after each of its rounds.
+(direct, shardnet ANY, floor, jina ANY, shardnet ALL, jina ALL, ..., repeat)
+after an excluded warm-up; each round lasts about ``--round-seconds``. The
+head's CPU time per request comes from ``/proc/PID/stat`` (utime + stime of
+the head and any process it started) read before and after each of its rounds.
+On a shared machine only the ratios mean much: the targets are checked on the
+median of the per-round ratios (a pair's rounds run next to each other).
 
     python benchmarks/head_overhead.py                  # about 2.5 minutes
     python benchmarks/head_overhead.py --quick          # about 30 s
@@ -60,7 +65,6 @@ from _common import (  # noqa: E402
 DEPLOYMENT = "echo"
 POLLING = json.dumps({"/search": "ALL", "*": "ANY"})
 READY_TIMEOUT = 60.0
-PROBE = 20  # requests that size a row's rounds (and the fewest a round sends)
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -159,6 +163,13 @@ class Child:
         self.address = address
         return self
 
+    def terminate(self) -> None:
+        """Ask it to stop (SIGTERM) without waiting; ``stop`` waits, and kills what lingers."""
+        if self.process.poll() is None:
+            with contextlib.suppress(OSError):
+                self.process.send_signal(signal.SIGCONT)
+                self.process.terminate()
+
     def stop(self) -> None:
         _stop_process(self.process)
         if self.own_session:  # whatever it started in its session goes too
@@ -177,6 +188,12 @@ def shardnet_head(label: str, shards: Sequence[Sequence[str]], logs: Path, loop:
     connections = [f"--connection={shard}={address}" for shard, replicas in enumerate(shards) for address in replicas]
     return Child(label, [SHARDNET_PYTHON, "-m", "shardnet", "head", "--deployment", DEPLOYMENT, "--port", "0",
                          "--polling", POLLING, "--loop", loop, *connections], logs)
+
+
+def forwarder(label: str, replicas: Sequence[str], logs: Path, loop: str) -> Child:
+    """``_forwarder.py``: the least a grpc.aio process can do to pass a request on (the floor of a head)."""
+    script = Path(__file__).resolve().parent / "_forwarder.py"
+    return Child(label, [SHARDNET_PYTHON, str(script), "--loop", loop, *replicas], logs)
 
 
 def jina_head(label: str, shards: Sequence[Sequence[str]], logs: Path) -> tuple[Child, str]:
@@ -232,7 +249,7 @@ class Competitor:
     endpoint: str
     head: Optional[Child]  # None for the direct call
     backends: list[int]  # pids of the processes behind it
-    per_round: int = 0
+    concurrency: int
     tally: Tally = field(init=False)
     head_cpu: list[float] = field(default_factory=list)
     backend_cpu: list[float] = field(default_factory=list)
@@ -240,10 +257,11 @@ class Competitor:
     def __post_init__(self) -> None:
         self.tally = Tally(self.label)
 
-    def run(self, client: LoadClient, n: int, payload: str, record: bool) -> dict:
+    def run(self, client: LoadClient, seconds: float, payload: str, record: bool) -> dict:
         head_before = self.head.cpu() if self.head else 0.0
         backend_before = sum(process_tree_cpu(pid) for pid in self.backends)
-        result = client.command(cmd="run", target=self.target, endpoint=self.endpoint, payload=payload, n=n)
+        result = client.command(cmd="run", target=self.target, endpoint=self.endpoint, payload=payload,
+                                seconds=seconds, concurrency=self.concurrency)
         head_spent = (self.head.cpu() - head_before) if self.head else 0.0
         backend_spent = sum(process_tree_cpu(pid) for pid in self.backends) - backend_before
         if record:
@@ -261,17 +279,22 @@ class Competitor:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=8, help="interleaved measured rounds (default 8)")
-    parser.add_argument("--round-seconds", type=float, default=1.2, help="about how long one round lasts")
+    parser.add_argument("--rounds", type=int, default=14, help="interleaved measured rounds (default 14)")
+    parser.add_argument("--round-seconds", type=float, default=0.7, help="about how long one round of a row lasts")
     parser.add_argument("--warmup-seconds", type=float, default=1.5, help="excluded warm-up per competitor")
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight from the client")
     parser.add_argument("--docs", type=int, default=4, help="documents per request (default 4)")
     parser.add_argument("--doc-bytes", type=int, default=64, help="text size of each document")
     parser.add_argument("--wide", type=int, default=64, help="shards of the wide ALL row (0: skip it)")
+    parser.add_argument("--wide-concurrency", type=int, default=8,
+                        help="requests in flight on the wide rows (each fans out to every shard)")
+    parser.add_argument("--no-floor", dest="floor", action="store_false",
+                        help="skip the row of a minimal raw-bytes grpc.aio forwarder (what a head cannot go below)")
     parser.add_argument("--peer", choices=("auto", "none", "jina"), default="auto",
                         help="compare with Jina 3.34 heads (auto: when the Jina venv exists)")
-    parser.add_argument("--head-loop", choices=("asyncio", "uvloop", "both"), default="both",
-                        help="event loop of the shardnet heads (--loop); 'both': a row for each (default)")
+    parser.add_argument("--head-loop", choices=("asyncio", "uvloop", "both"), default=None,
+                        help="event loop of the shardnet heads (--loop); 'both': a row for each (the default, "
+                             "uvloop alone with --quick)")
     parser.add_argument("--worker-loop", choices=("asyncio", "uvloop"), default="uvloop",
                         help="event loop of the shardnet workers (uvloop, as Jina's own workers use)")
     parser.add_argument("--client-loop", choices=("asyncio", "uvloop"), default="uvloop",
@@ -280,8 +303,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.round_seconds, args.warmup_seconds = 3, 0.6, 0.6
-        if args.head_loop == "both":
-            args.head_loop = "uvloop"
+    if args.head_loop is None:
+        args.head_loop = "uvloop" if args.quick else "both"
     if args.peer == "auto":
         args.peer = "jina" if os.path.exists(JINA_PYTHON) else "none"
     elif args.peer == "jina" and not os.path.exists(JINA_PYTHON):
@@ -305,8 +328,10 @@ def main(argv=None) -> int:
             path.write_bytes(request_bytes(endpoint, args.docs, args.doc_bytes))
             payloads[endpoint] = str(path)
         try:
-            workers = [shardnet_worker(f"worker-{index}", logs, args.worker_loop) for index in range(2)]
-            children += workers
+            workers: list[Child] = []
+            for index in range(2):
+                workers.append(shardnet_worker(f"worker-{index}", logs, args.worker_loop))
+                children.append(workers[-1])
             if args.wide:
                 echo = EchoProcess(args.wide).launch()
             for worker in workers:
@@ -315,30 +340,36 @@ def main(argv=None) -> int:
             replicas = [worker.address for worker in workers]
             shapes = {"ANY": ("/index", [replicas]), "ALL": ("/search", [[address] for address in replicas])}
 
-            competitors = [Competitor("direct to one worker", "direct", "/index", None, worker_pids[:1])]
+            concurrency = args.concurrency
+            competitors = [Competitor("direct to one worker", "direct", "/index", None, worker_pids[:1], concurrency)]
             for kind, (endpoint, shape) in shapes.items():
                 for loop in head_loops:
                     suffix = f" [{loop}]" if len(head_loops) > 1 else ""
                     head = shardnet_head(f"sn-{kind}-{loop}", shape, logs, loop)
                     children.append(head)
                     competitors.append(Competitor(f"shardnet head {kind}{suffix}", head.label, endpoint, head,
-                                                  worker_pids))
+                                                  worker_pids, concurrency))
+                if kind == "ANY" and args.floor:
+                    head = forwarder("floor", replicas, logs, head_loops[0])
+                    children.append(head)
+                    competitors.append(Competitor(f"floor: bare forwarder ANY [{head_loops[0]}]", head.label,
+                                                  endpoint, head, worker_pids, concurrency))
                 if args.peer == "jina":
                     head, head.address = jina_head(f"jina-{kind}", shape, logs)
                     children.append(head)
-                    competitors.append(Competitor(f"jina 3.34 head {kind}", head.label, endpoint, head, worker_pids))
+                    competitors.append(Competitor(f"jina 3.34 head {kind}", head.label, endpoint, head, worker_pids, concurrency))
             if echo is not None:
                 echo.wait_ready()
                 wide = [[address] for address in echo.addresses]
                 head = shardnet_head("sn-wide", wide, logs, head_loops[0])
                 children.append(head)
                 competitors.append(Competitor(f"shardnet head ALL x{args.wide}", head.label, "/search", head,
-                                              [echo.pid]))
+                                              [echo.pid], args.wide_concurrency))
                 if args.peer == "jina":
                     head, head.address = jina_head("jina-wide", wide, logs)
                     children.append(head)
                     competitors.append(Competitor(f"jina 3.34 head ALL x{args.wide}", head.label, "/search", head,
-                                                  [echo.pid]))
+                                                  [echo.pid], args.wide_concurrency))
             for competitor in competitors[1:]:  # all of them started: now wait for each
                 head = competitor.head
                 if head.label.startswith("jina"):
@@ -350,31 +381,30 @@ def main(argv=None) -> int:
             client = LoadClient(targets, loop=args.client_loop, concurrency=args.concurrency)
             setup = time.monotonic() - started
 
-            for competitor in competitors:  # warm-up: connections, caches; sizes each competitor's rounds
-                probe = competitor.run(client, PROBE, payloads[competitor.endpoint], record=False)
-                if probe["failures"]:
+            for competitor in competitors:  # warm-up: connections, caches, the JIT-less interpreters' first calls
+                warm = competitor.run(client, args.warmup_seconds, payloads[competitor.endpoint], record=False)
+                if warm["failures"]:
                     head = competitor.head or workers[0]
-                    raise RuntimeError(f"{competitor.label}: {probe['failures']} of {PROBE} warm-up requests failed; "
-                                       f"{head.label}'s log ends:\n{head.tail()}")
-                rate = probe["n"] / probe["wall"]
-                warm = competitor.run(client, max(PROBE, int(rate * args.warmup_seconds)),
-                                      payloads[competitor.endpoint], record=False)
-                competitor.per_round = max(PROBE, int(warm["n"] / warm["wall"] * args.round_seconds))
+                    raise RuntimeError(f"{competitor.label}: {warm['failures']} of {warm['n']} warm-up requests "
+                                       f"failed; {head.label}'s log ends:\n{head.tail()}")
             for _ in range(args.rounds):
                 for competitor in competitors:
-                    competitor.run(client, competitor.per_round, payloads[competitor.endpoint], record=True)
+                    competitor.run(client, args.round_seconds, payloads[competitor.endpoint], record=True)
         finally:
             if client is not None:
                 client.stop()  # the client first, so no call sees its server go
+            for child in children:  # signal every server first, then wait for each: they drain in parallel
+                child.terminate()
             for child in reversed(children):
                 child.stop()
             if echo is not None:
                 echo.stop()
 
-    print(f"# head overhead: Echo workers (own processes), client {args.client_loop} at concurrency "
-          f"{args.concurrency}, {args.rounds} interleaved rounds of ~{args.round_seconds:g}s per row, warm-up "
-          f"excluded; {args.docs} docs x {args.doc_bytes} B per request; workers {args.worker_loop}; "
-          f"setup {setup:.0f}s, total {time.monotonic() - started:.0f}s; {machine_line()}")
+    print(f"# head overhead: Echo workers (own processes, {args.worker_loop}), client {args.client_loop} at "
+          f"concurrency {args.concurrency} ({args.wide_concurrency} on x{args.wide} rows), {args.rounds} interleaved "
+          f"rounds of {args.round_seconds:g}s per row after {args.warmup_seconds:g}s of warm-up; {args.docs} docs x "
+          f"{args.doc_bytes} B per request; setup {setup:.0f}s, total {time.monotonic() - started:.0f}s; "
+          f"{machine_line()}")
     print(table(
         ["row", "requests", "rps", "p50 ms", "p99 ms", "head CPU us/req", "backends CPU us/req", "failures"],
         [[c.label, c.tally.requests, c.tally.rps, c.tally.p(0.5), c.tally.p(0.99), c.head_us(), c.backend_us(),
@@ -398,6 +428,11 @@ def main(argv=None) -> int:
         suffix = f" [{loop}]" if len(head_loops) > 1 else ""
         ratios.append(ratio(f"shardnet ANY{suffix} / direct", f"shardnet head ANY{suffix}", "direct to one worker"))
         checks.append(verdict(f"rps shardnet head ANY{suffix} / direct", ratios[-1][2], ">=", 0.5))
+    if args.floor:
+        floor = f"floor: bare forwarder ANY [{head_loops[0]}]"
+        suffix = f" [{head_loops[0]}]" if len(head_loops) > 1 else ""
+        ratios.append(ratio("floor / direct (what any grpc.aio head can reach)", floor, "direct to one worker"))
+        ratios.append(ratio(f"shardnet ANY{suffix} / floor", f"shardnet head ANY{suffix}", floor))
     if len(head_loops) > 1:
         for kind in ("ANY", "ALL"):
             ratios.append(ratio(f"shardnet {kind} uvloop / asyncio", f"shardnet head {kind} [uvloop]",

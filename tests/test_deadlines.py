@@ -122,16 +122,16 @@ async def test_heads_own_timeout_applies_when_the_caller_sets_none():
 
 
 async def test_callers_deadline_exceeded_names_deployment_and_shard_and_stops_the_worker():
-    """The caller gives up after 1.5 s: the answer names the head's deployment and shard, the replica's work is cancelled."""
+    """The caller gives up after 2.5 s: the answer names the head's deployment and shard, the replica's work is cancelled."""
     async with RecordingReplica(delay=5.0) as replica:
         head = await started_head(replica.address)
         try:
-            code, details, took = await call_head(head, DataRequest(endpoint="/x"), timeout=1.5)
+            code, details, took = await call_head(head, DataRequest(endpoint="/x"), timeout=2.5)
             await asyncio.wait_for(replica.cancelled.wait(), 2.0)  # the next hop stopped too
         finally:
             await head.stop(0)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert took < 2.5
+    assert took < 3.5
     assert "deployment 'dl'" in details and "shard 0" in details and replica.address in details, details
 
 
@@ -168,7 +168,7 @@ async def test_a_real_workers_handler_is_stopped_when_the_caller_gives_up():
         head = await started_head(worker.server.address)
         try:
             request = DataRequest(docs=[Document(text="a")], endpoint="/sleep", parameters={"seconds": 5})
-            code, details, took = await call_head(head, request, timeout=1.5)
+            code, details, took = await call_head(head, request, timeout=2.5)
             await asyncio.wait_for(executor.stopped.wait(), 2.0)
             quick = DataRequest(docs=[Document(text="b")], endpoint="/sleep", parameters={"seconds": 0})
             after, _, _ = await call_head(head, quick, timeout=5.0)  # the worker still serves
@@ -176,6 +176,6 @@ async def test_a_real_workers_handler_is_stopped_when_the_caller_gives_up():
             await head.stop(0)
     finally:
         await worker.stop(0)
-    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and took < 2.5
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and took < 3.5
     assert "deployment 'dl'" in details and "shard 0" in details, details
     assert executor.finished == 1 and after == grpc.StatusCode.OK

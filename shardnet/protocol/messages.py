@@ -273,6 +273,10 @@ class ControlRequest:
     def from_bytes(cls, data: bytes) -> "ControlRequest":
         request = cls.__new__(cls)
         request._message = parse(jina_pb2.ControlRequestProto, data, "ControlRequest")
+        if request._message.command not in jina_pb2.ControlRequestProto.Command.values():
+            raise ProtocolError(
+                f"unknown control command {request._message.command}: expected STATUS, ACTIVATE or DEACTIVATE"
+            )
         return request
 
     @property

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 USES_BEFORE = "uses_before"
 USES_AFTER = "uses_after"
 # seconds the head keeps from its caller's deadline to send back its own DEADLINE_EXCEEDED naming the shard
-DEADLINE_MARGIN = 0.1
+DEADLINE_MARGIN = 0.25
 
 
 def _is_ipv6(host: str) -> bool:

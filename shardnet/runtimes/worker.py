@@ -31,6 +31,11 @@ from shardnet.runtimes.server import Server, ServerConfig, serve_until_signalled
 
 logger = logging.getLogger(__name__)
 
+# after DEACTIVATE a worker serves on until no call came for SETTLE_QUIET seconds (SETTLE_BOUND at most):
+# calls the head sent before it knew still arrive, and gRPC cancels (not refuses) those reaching a stopping server
+SETTLE_QUIET = 0.1
+SETTLE_BOUND = 1.0
+
 ERROR_TRAILER = ((services.ERROR_METADATA, "true"),)
 
 
@@ -62,6 +67,7 @@ class Worker:
         self._advertise_host = advertise_host
         self._register_interval = register_interval
         self._keep_registered: Optional[asyncio.Task] = None
+        self._last_call = 0.0  # time.monotonic() of the latest data call
         self.server = Server(
             config,
             [
@@ -98,10 +104,12 @@ class Worker:
         return endpoint
 
     async def process_single_data(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        self._last_call = time.monotonic()
         request = await self._decode(payload, context, DataRequest.from_bytes)
         return await self._handle([request], context)
 
     async def process_data(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        self._last_call = time.monotonic()
         envelope = await self._decode(
             payload, context, lambda data: parse(jina_pb2.DataRequestListEnvelope, data, "DataRequestList")
         )
@@ -216,6 +224,12 @@ class Worker:
         await oneshot.deactivate_worker(
             host, port, self._head, self._shard_id, token=self._control_token, tls=self._head_tls
         )
+        left = time.monotonic()
+        while time.monotonic() - left < SETTLE_BOUND:
+            now = time.monotonic()
+            if now - left >= SETTLE_QUIET and now - self._last_call >= SETTLE_QUIET:
+                break
+            await asyncio.sleep(SETTLE_QUIET / 4)
 
     async def start(self) -> None:
         await self.server.start()
