@@ -21,12 +21,17 @@ from shardnet.errors import ProtocolError
 from shardnet.protocol.documents import Document, DocumentList
 from shardnet.protocol.ids import new_id
 from shardnet.protocol.proto import jina_pb2
+from shardnet.protocol.wire import length_delimited_fields
 
 SUCCESS = jina_pb2.StatusProto.SUCCESS
 ERROR = jina_pb2.StatusProto.ERROR
 
 
 _WIRE_TYPES = {0: "a varint", 1: "8 fixed bytes", 2: "length-delimited bytes", 3: "a group", 4: "a group end", 5: "4 fixed bytes"}
+
+
+# header, parameters, routes, data: all length-delimited on the wire
+_DATA_REQUEST_FIELDS = frozenset({1, 2, 3, 4})
 
 
 def parse(message_type: type[Message], data: bytes, what: str) -> Message:
@@ -70,7 +75,7 @@ class DataRequest:
     True
     """
 
-    __slots__ = ("_buffer", "_envelope", "_message")
+    __slots__ = ("_buffer", "_envelope", "_message", "_peeked")
 
     def __init__(
         self,
@@ -80,6 +85,7 @@ class DataRequest:
     ):
         self._buffer: Optional[bytes] = None
         self._envelope: Optional[jina_pb2.DataRequestEnvelope] = None
+        self._peeked: Optional[jina_pb2.HeaderProto] = None
         self._message = jina_pb2.DataRequestProto()
         self._message.header.request_id = new_id()
         self._message.data.docs.SetInParent()
@@ -97,6 +103,7 @@ class DataRequest:
         request._buffer = bytes(data)
         request._envelope = None
         request._message = None
+        request._peeked = None
         return request
 
     @classmethod
@@ -105,6 +112,7 @@ class DataRequest:
         request._buffer = None
         request._envelope = None
         request._message = message
+        request._peeked = None
         return request
 
     # -- decoding stages -------------------------------------------------
@@ -117,6 +125,21 @@ class DataRequest:
         if changing:
             self._buffer = None
         return outer
+
+    def _header(self) -> jina_pb2.HeaderProto:
+        """The header, for reading only: peeked from the bytes when nothing is decoded yet (no copy)."""
+        outer = self._message if self._message is not None else self._envelope
+        if outer is not None:
+            return outer.header
+        if self._peeked is None:
+            header = jina_pb2.HeaderProto()
+            for chunk in length_delimited_fields(self._buffer, 1, "DataRequest", _DATA_REQUEST_FIELDS):
+                try:
+                    header.MergeFromString(chunk)  # repeated occurrences merge, as protobuf does
+                except (DecodeError, RuntimeError, ValueError) as exc:
+                    raise ProtocolError(f"malformed DataRequest header: {exc}") from None
+            self._peeked = header
+        return self._peeked
 
     def _full(self) -> jina_pb2.DataRequestProto:
         """The fully decoded message; refuses pickled ``docs_bytes``."""
@@ -147,11 +170,11 @@ class DataRequest:
 
     @property
     def request_id(self) -> str:
-        return self._outer().header.request_id
+        return self._header().request_id
 
     @property
     def endpoint(self) -> Optional[str]:
-        header = self._outer().header
+        header = self._header()
         return header.exec_endpoint if header.HasField("exec_endpoint") else None
 
     @endpoint.setter
@@ -165,19 +188,19 @@ class DataRequest:
     @property
     def timeout_ms(self) -> Optional[int]:
         """Milliseconds the original caller still waits, as carried in ``header.timeout``."""
-        header = self._outer().header
+        header = self._header()
         return header.timeout if header.HasField("timeout") else None
 
     @property
     def status(self) -> jina_pb2.StatusProto:
         """A copy of the status (code SUCCESS or ERROR, description, exception)."""
         status = jina_pb2.StatusProto()
-        status.CopyFrom(self._outer().header.status)
+        status.CopyFrom(self._header().status)
         return status
 
     @property
     def is_error(self) -> bool:
-        return self._outer().header.status.code == ERROR
+        return self._header().status.code == ERROR
 
     def set_exception(self, exc: BaseException, executor: str = "") -> None:
         """Mark the request failed with ``exc``, the way Jina reports an executor exception."""
@@ -245,7 +268,7 @@ class DataRequest:
 
     def __repr__(self) -> str:
         try:
-            header = self._outer().header
+            header = self._header()
         except ProtocolError:
             return f"<DataRequest malformed, {len(self._buffer or b'')} bytes>"
         endpoint = header.exec_endpoint if header.HasField("exec_endpoint") else None

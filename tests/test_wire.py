@@ -1,0 +1,53 @@
+"""Reading the header of a DataRequest from its bytes without decoding the documents."""
+
+import pytest
+
+from shardnet import DataRequest, Document, ProtocolError
+from shardnet.protocol.proto import jina_pb2
+from shardnet.protocol.wire import length_delimited_fields
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    assert len(payload) < 128
+    return bytes([number << 3 | 2, len(payload)]) + payload
+
+
+def test_header_is_read_without_decoding_documents():
+    original = DataRequest([Document(blob=b"x" * 1_000_000)], endpoint="/search")
+    data = original.to_bytes()
+    routed = DataRequest.from_bytes(data)
+    assert (routed.endpoint, routed.request_id, routed.is_error) == ("/search", original.request_id, False)
+    assert routed._envelope is None and routed._message is None  # nothing beyond the header was decoded
+    assert routed.to_bytes() is routed._buffer
+
+
+def test_header_found_after_other_fields_and_repeated_headers_merge():
+    first = jina_pb2.HeaderProto(request_id="abc").SerializeToString()
+    second = jina_pb2.HeaderProto(exec_endpoint="/late").SerializeToString()
+    unknown_varint = bytes([15 << 3 | 0, 0x96, 0x01])  # field 15, varint 150
+    data = _field(2, b"") + unknown_varint + _field(1, first) + _field(1, second)
+    request = DataRequest.from_bytes(data)
+    assert (request.request_id, request.endpoint) == ("abc", "/late")
+    assert jina_pb2.DataRequestProto.FromString(data).header.exec_endpoint == "/late"  # protobuf agrees
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"\x0a\x05ab", "claims 5 bytes"),
+        (b"\x08\x01", "wire type 0"),  # the header field as a varint
+        (b"\x7f", "unsupported wire type 7"),  # field 15
+        (b"\x00\x00", "field number 0"),
+        (b"\x80", "truncated varint"),
+    ],
+)
+def test_broken_framing_is_a_protocol_error(data, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        DataRequest.from_bytes(data).endpoint
+
+
+def test_fields_are_views_not_copies():
+    data = _field(3, b"route") + _field(3, b"again")
+    views = length_delimited_fields(data, 3, "test")
+    assert [bytes(view) for view in views] == [b"route", b"again"]
+    assert all(isinstance(view, memoryview) for view in views)
