@@ -156,13 +156,13 @@ def base_python() -> str:
     return getattr(sys, "_base_executable", None) or sys.executable
 
 
-def run(command: list, *, log=None, **kwargs) -> subprocess.CompletedProcess:
+def run(command: list, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command to completion (never another venv's PYTHONPATH), capturing its output; raise on failure."""
     env = dict(os.environ)
     env.pop("PYTHONPATH", None)
     env.setdefault("GRPC_VERBOSITY", "ERROR")
-    return subprocess.run([str(part) for part in command], env=env, text=True, check=True,
-                          stdout=log if log is not None else subprocess.PIPE,
-                          stderr=subprocess.STDOUT if log is not None else subprocess.PIPE, **kwargs)
+    return subprocess.run([str(part) for part in command], env=env, text=True, check=True, capture_output=True,
+                          **kwargs)
 
 
 class BenchVenv:
@@ -198,7 +198,7 @@ class BenchVenv:
                 Path(purelib.stdout.strip(), "shardnet_bench_src.pth").write_text(f"{self.src}\n")
             except subprocess.CalledProcessError as error:
                 shutil.rmtree(self.path, ignore_errors=True)
-                raise RuntimeError(f"building the grpcio {self.version} venv failed:\n{error.stdout}") from None
+                raise RuntimeError(f"building the grpcio {self.version} venv failed:\n{error.stdout}{error.stderr}") from None
             state = dict(wanted)
             self.marker.write_text(json.dumps(state, indent=1))
             print(f"  built in {time.monotonic() - started:.0f} s", file=log, flush=True)
