@@ -187,7 +187,7 @@ class BudgetWatch:
             _, trailing = await oneshot.call_once("control", ControlRequest("STATUS"), self._head(), timeout=1.0)
         except (ReplicaError, Exception):  # the head may be down (head restart): the next sample counts
             return
-        values = dict(trailing or ())
+        values = dict(tuple(trailing or ()))
         if "retries-spent" not in values:
             return
         for key in self._base:

@@ -12,7 +12,7 @@ def test_generated_modules_are_not_stale(tmp_path):
     generated = {path.name: path.read_bytes() for path in codegen.generate(tmp_path)}
     assert set(generated) == {"docarray_pb2.py", "docarray_pb2.pyi", "jina_pb2.py", "jina_pb2.pyi"}
     stale = [name for name, data in generated.items() if (codegen.PROTO_DIR / name).read_bytes() != data]
-    assert not stale, f"stale generated modules {stale}: run `python -m shardnet.protocol.codegen`"
+    assert not stale, f"stale generated modules {stale}: run `python shardnet/protocol/codegen.py`"
 
 
 def test_python_m_shardnet_help():

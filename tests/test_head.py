@@ -49,7 +49,7 @@ async def send_with_trailing(address: str, endpoint: str, docs=()) -> tuple[Data
         timeout=10,
         metadata=[("endpoint", endpoint)],
     )
-    return response, dict(trailing)
+    return response, dict(tuple(trailing))
 
 
 # -- ANY, membership -------------------------------------------------------------------------

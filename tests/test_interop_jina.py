@@ -179,7 +179,7 @@ async def call(address: str, endpoint: str, docs, parameters=None) -> tuple[Data
     response, trailing = await oneshot.call_once(
         "single_data", request, address, timeout=10, metadata=[(services.ENDPOINT_METADATA, endpoint)]
     )
-    return response, dict(trailing)
+    return response, dict(tuple(trailing))
 
 
 async def test_shardnet_head_in_front_of_a_jina_executor(jina_peer, tmp_path, runtimes):

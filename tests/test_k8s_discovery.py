@@ -476,7 +476,7 @@ async def test_requests_reach_discovered_replicas(api_server: FakeApiServer, sta
 
         async def served_by() -> str:
             _, trailing = await pool.send_request_once(DataRequest(endpoint="/x"), "dep")
-            return dict(trailing)["served-by"]
+            return dict(tuple(trailing))["served-by"]
 
         assert {await served_by() for _ in range(4)} == {"replica-a", "replica-b"}
         assert a.received_metadata[-1]["endpoint"] == "/x"

@@ -73,7 +73,7 @@ def test_get_grpc_channel_blocking(threaded_echo):
         request = DataRequest(endpoint="/raw")
         reply, info = call.with_call(request.to_bytes(), metadata=(("endpoint", "/raw"),), timeout=5.0)
         assert reply == request.to_bytes()
-        assert dict(info.trailing_metadata())["served-by"] == "echo"
+        assert dict(tuple(info.trailing_metadata()))["served-by"] == "echo"
     finally:
         channel.close()
 

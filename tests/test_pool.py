@@ -25,7 +25,7 @@ from shardnet import (
 
 def served_by(reply) -> str:
     _, trailing = reply
-    return dict(trailing)["served-by"]
+    return dict(tuple(trailing))["served-by"]
 
 
 async def send_one(pool, deployment="dep", **kwargs):
@@ -98,7 +98,7 @@ async def test_send_request_once_returns_one_task(pool, echo_servers):
     [server] = await echo_servers(1)
     pool.add_connection("dep", server.address)
     response, trailing = await pool.send_request_once(DataRequest(endpoint="/x"), "dep")
-    assert response.endpoint == "/x" and dict(trailing)["served-by"] == "echo-0"
+    assert response.endpoint == "/x" and dict(tuple(trailing))["served-by"] == "echo-0"
 
 
 async def test_add_twice_keeps_one_connection_remove_twice(pool, echo_servers):

@@ -28,7 +28,7 @@ async def test_round_robin_over_real_replicas(replicas, echo_servers):
         connection = replicas.get_next_connection()
         response, trailing = await replicas.call(connection, "single_data", DataRequest(endpoint="/x"), None, 5.0)
         assert response.endpoint == "/x"
-        served.append(dict(trailing)["served-by"])
+        served.append(dict(tuple(trailing))["served-by"])
     assert served == ["echo-0", "echo-1", "echo-2"] * 2
     assert [server.calls for server in servers] == [2, 2, 2]
 

@@ -35,7 +35,7 @@ async def raw_call(address: str, path: str, payload: bytes, metadata=(), timeout
     async with grpc.aio.insecure_channel(address) as channel:
         call = channel.unary_unary(path)(payload, metadata=tuple(metadata), timeout=timeout)
         reply = await call
-        return reply, dict(await call.trailing_metadata())
+        return reply, dict(tuple(await call.trailing_metadata()))
 
 
 def decoded(reply: bytes) -> jina_pb2.DataRequestProto:

@@ -1,6 +1,8 @@
 """Regenerate the protobuf modules from the .proto files with grpcio-tools.
 
-Run ``python -m shardnet.protocol.codegen`` after editing a .proto; the test
+Run ``python shardnet/protocol/codegen.py`` after editing a .proto or changing
+the protobuf pin (as a script it does not import the package, whose old
+generated modules may not load on the new protobuf); the test
 suite regenerates into a temporary folder and fails when the committed modules
 differ, so stale generated code never lands.
 """
