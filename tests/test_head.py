@@ -10,6 +10,7 @@ import asyncio
 import os
 from pathlib import Path
 
+import executors
 import grpc
 import grpc.aio
 import pytest
@@ -17,15 +18,13 @@ from google.protobuf import empty_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from shardnet import DataRequest, Document, PollingMap, ReplicaError
+from shardnet import ConfigurationError, DataRequest, Document, PollingMap, ReplicaError
 from shardnet.networking import oneshot
 from shardnet.protocol import services
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.processes import ShardnetProcess
 from shardnet.runtimes.server import ServerConfig
 from shardnet.runtimes.worker import Worker
-
-import executors
 
 EXECUTORS = Path(executors.__file__).resolve()
 
@@ -85,6 +84,28 @@ async def test_activate_then_deactivate_makes_sends_succeed_then_fail_naming_the
     assert (await oneshot.send_control("STATUS", head.server.address)).related_entities == []
     assert worker.executor.calls == 1
 
+
+
+async def test_a_worker_that_stops_renewing_its_lease_is_dropped(runtimes, eventually):
+    head = await runtimes(Head("leased", lease=0.6))
+
+    async def members() -> set[tuple[str, int]]:
+        status = await oneshot.send_control("STATUS", head.server.address)
+        return {(entity.address, entity.port) for entity in status.related_entities}
+
+    await oneshot.activate_worker("127.0.0.1", 40001, head.server.address, shard_id=0)
+    await oneshot.activate_worker("127.0.0.1", 40002, head.server.address, shard_id=0)
+    loop = asyncio.get_running_loop()
+    renew_until = loop.time() + 1.5  # three leases' worth: the renewed one must survive them
+    while loop.time() < renew_until:
+        await oneshot.activate_worker("127.0.0.1", 40002, head.server.address, shard_id=0)
+        await asyncio.sleep(0.1)
+    assert await members() == {("127.0.0.1", 40002)}
+
+
+def test_a_lease_must_be_positive():
+    with pytest.raises(ConfigurationError, match="lease"):
+        Head("leased", lease=0)
 
 # -- ALL --------------------------------------------------------------------------------------
 

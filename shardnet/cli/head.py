@@ -32,6 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--connection", action="append", default=[], metavar="SHARD=HOST:PORT", help="a worker replica (repeatable)"
     )
     parser.add_argument("--shards", type=int, default=0, help="shards expected; ALL reports any without a replica")
+    parser.add_argument(
+        "--lease", type=float, default=None, help="drop an ACTIVATEd worker that has not re-sent ACTIVATE for this long"
+    )
     parser.add_argument("--uses-before", metavar="HOST:PORT")
     parser.add_argument("--uses-after", metavar="HOST:PORT")
     parser.add_argument("--balancer", choices=sorted(BALANCERS), default="p2c_ewma")
@@ -99,5 +102,6 @@ async def serve(args: argparse.Namespace) -> int:
         uses_before=args.uses_before and str(parse_address(args.uses_before, tls=pool.tls is not None)),
         uses_after=args.uses_after and str(parse_address(args.uses_after, tls=pool.tls is not None)),
         shards=args.shards,
+        lease=args.lease,
     )
     return await head.run()

@@ -20,9 +20,9 @@ import tenacity
 from google.protobuf import empty_pb2
 
 from shardnet.errors import ConfigurationError, DeadlineExceeded, ReplicaError, RoutingError
+from shardnet.networking import oneshot
 from shardnet.networking.addresses import parse_address
 from shardnet.networking.balancing import make_balancer
-from shardnet.networking import oneshot
 from shardnet.networking.channels import (
     ChannelOptions,
     MetadataCache,

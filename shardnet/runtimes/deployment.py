@@ -77,6 +77,8 @@ class Deployment:
         self.log_dir = Path(log_dir or self._tmp.name)
         self.workspace = Path(workspace or self.log_dir / "workspace")
         self._head_options = ["--balancer", balancer, "--polling", self.polling.to_json(), "--shards", str(shards)]
+        # workers renew their ACTIVATE every register_interval; one missing a few renewals is gone
+        self._head_options += ["--lease", str(5 * register_interval)]
         if timeout is not None:
             self._head_options += ["--timeout", str(timeout)]
         if attempt_timeout is not None:

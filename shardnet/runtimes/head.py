@@ -59,6 +59,7 @@ class Head:
         uses_before: Optional[str] = None,
         uses_after: Optional[str] = None,
         shards: int = 0,
+        lease: Optional[float] = None,
     ):
         if not deployment:
             raise ConfigurationError("a head needs a deployment name")
@@ -75,6 +76,12 @@ class Head:
             self.pool.add_connection(self._uses_before, uses_before)
         if uses_after:
             self.pool.add_connection(self._uses_after, uses_after)
+        if lease is not None and lease <= 0:
+            raise ConfigurationError(f"lease must be positive, got {lease}")
+        # with a lease, a worker that stops re-sending ACTIVATE (killed -9, partitioned) leaves on its own
+        self._lease = lease
+        self._leases: dict[tuple[str, int], float] = {}
+        self._expiry: Optional[asyncio.Task] = None
         mutual_tls = config.tls is not None and config.tls.client_ca is not None
         self._guard = ControlGuard(config.control_token, mutual_tls)
         self.server = Server(
@@ -236,10 +243,13 @@ class Head:
                 replicas = self.pool.get_replicas(self.deployment, shard_id=shard_id or 0)
                 known = replicas is not None and replicas.has_connection(address)
                 self.pool.add_connection(self.deployment, address, shard_id=shard_id or 0)
+                if self._lease is not None:
+                    self._leases[(address, shard_id or 0)] = asyncio.get_running_loop().time() + self._lease
                 if not known:  # workers repeat ACTIVATE every few seconds: log the news only
                     logger.info("%s: activated %s in shard %s", self.deployment, address, shard_id or 0)
             else:
                 removed = await self.pool.remove_connection(self.deployment, address, shard_id=shard_id)
+                self._leases = {key: until for key, until in self._leases.items() if key[0] != address}
                 logger.info("%s: deactivated %s (%s)", self.deployment, address, "removed" if removed else "unknown")
         return request.to_bytes()
 
@@ -280,19 +290,42 @@ class Head:
 
     # -- lifetime -----------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def _expire_leases(self) -> None:
+        """Remove ACTIVATEd workers whose lease ran out without a fresh ACTIVATE."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._lease / 4)
+            now = loop.time()
+            expired = [key for key, until in self._leases.items() if until < now]
+            for address, shard_id in expired:
+                del self._leases[(address, shard_id)]
+                await self.pool.remove_connection(self.deployment, address, shard_id=shard_id)
+                logger.warning("%s: %s (shard %d) stopped renewing its registration: removed", self.deployment, address, shard_id)
+
+    def _begin(self) -> None:
         self.pool.start()
+        if self._lease is not None:
+            self._expiry = asyncio.get_running_loop().create_task(self._expire_leases())
+
+    async def _end(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            await asyncio.gather(self._expiry, return_exceptions=True)
+        await self.pool.close()
+
+    async def start(self) -> None:
+        self._begin()
         await self.server.start()
 
     async def stop(self, grace: Optional[float] = None) -> None:
         await self.server.drain(grace)
-        await self.pool.close()
+        await self._end()
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT, then drain and close the pool."""
-        self.pool.start()
+        self._begin()
         try:
             return await serve_until_signalled(self.server, ready_line=f"shardnet head {self.deployment} ready on {{address}}")
         finally:
-            await self.pool.close()
+            await self._end()
 
