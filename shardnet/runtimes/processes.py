@@ -43,6 +43,8 @@ class ShardnetProcess:
 
     def launch(self) -> "ShardnetProcess":
         """Start the child (again, after a stop: its log grows and only new lines count)."""
+        if self.alive:
+            raise ProcessError(f"{self.role} (pid {self.pid}) is still running: stop it before launching it again")
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.address = None
         with open(self.log_path, "ab") as log:
