@@ -312,8 +312,8 @@ class GrpcConnectionPool:
                     last["connection"] = connection
                     last["attempt_timeout"] = self._attempt_timeout(deadline, loop)
                     return await replicas.call(connection, method, payload, metadata, last["attempt_timeout"])
-        except grpc.aio.AioRpcError:
-            pass
+        except grpc.aio.AioRpcError as error:  # retries exhausted, refused by the budget, or not retryable
+            last["error"] = error
         raise self._replica_error(last["error"], last["connection"], deployment, shard_id) from None
 
     @staticmethod
