@@ -4,6 +4,8 @@ from shardnet.discovery.factory import create_connection_pool
 from shardnet.errors import (
     ConfigurationError,
     DeadlineExceeded,
+    ExecutorError,
+    ProcessError,
     ProtocolError,
     ReplicaError,
     RoutingError,
@@ -19,6 +21,7 @@ from shardnet.networking.replica_list import ReplicaList
 from shardnet.networking.tls import ClientTls, ServerTls
 from shardnet.protocol.documents import Document, DocumentList
 from shardnet.protocol.messages import ControlRequest, DataRequest
+from shardnet.runtimes.deployment import Deployment
 from shardnet.runtimes.executor import Executor, requests
 
 __version__ = "0.1.0"
@@ -29,14 +32,18 @@ __all__ = [
     "ControlRequest",
     "DataRequest",
     "DeadlineExceeded",
+    "Deployment",
     "Document",
     "DocumentList",
     "EjectionPolicy",
     "Executor",
+    "ExecutorError",
     "GrpcConnectionPool",
+    "K8sGrpcConnectionPool",
     "PeakEwma",
     "PollingMap",
     "PollingType",
+    "ProcessError",
     "ProtocolError",
     "ReplicaError",
     "ReplicaList",
@@ -52,3 +59,12 @@ __all__ = [
     "is_remote_local_connection",
     "requests",
 ]
+
+
+def __getattr__(name: str):
+    """``K8sGrpcConnectionPool`` on first use: the Kubernetes client takes most of a second to import."""
+    if name == "K8sGrpcConnectionPool":
+        from shardnet.discovery.kubernetes import K8sGrpcConnectionPool
+
+        return K8sGrpcConnectionPool
+    raise AttributeError(f"module 'shardnet' has no attribute {name!r}")
