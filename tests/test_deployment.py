@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import grpc
@@ -91,3 +93,19 @@ async def test_async_deployment_with_control_token():
         assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
         pids = [process.pid for process in deployment.processes]
     assert_all_gone(pids)
+
+
+def test_a_script_that_starts_a_deployment_unguarded_is_refused_not_recursed(tmp_path):
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from shardnet import Deployment, Executor, requests\n"
+        "class Noop(Executor):\n"
+        "    @requests\n"
+        "    def any(self, docs, parameters, **kwargs):\n"
+        "        return None\n"
+        "with Deployment(uses=Noop, startup_timeout=20) as dep:\n"
+        "    print('unreachable')\n"
+    )
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert 'if __name__ == "__main__"' in result.stderr and "unreachable" not in result.stdout

@@ -27,6 +27,9 @@ from shardnet.runtimes.processes import ShardnetProcess, stop_all
 
 ExecutorSpec = Union[type[Executor], str]
 
+# set in the environment of every process a Deployment launches
+LAUNCHED_BY_DEPLOYMENT = "SHARDNET_LAUNCHED_BY_DEPLOYMENT"
+
 
 def _reference(uses: ExecutorSpec) -> str:
     return uses if isinstance(uses, str) else executor_reference(uses)
@@ -104,10 +107,11 @@ class Deployment:
             raise ProcessError(f"deployment {self.name!r} is not running")
         return self.head.address
 
-    def _child_env(self) -> Optional[dict[str, str]]:
-        if self._control_token is None:
-            return None
-        return {**os.environ, "SHARDNET_CONTROL_TOKEN": self._control_token}
+    def _child_env(self) -> dict[str, str]:
+        env = {**os.environ, LAUNCHED_BY_DEPLOYMENT: self.name}
+        if self._control_token is not None:
+            env["SHARDNET_CONTROL_TOKEN"] = self._control_token
+        return env
 
     def _launch(self, role: str, arguments: list[str]) -> ShardnetProcess:
         process = ShardnetProcess(role, arguments, self.log_dir / f"{role}.log", env=self._child_env())
@@ -116,6 +120,14 @@ class Deployment:
 
     def start(self) -> "Deployment":
         """Start head, uses_before/after and workers; return when every replica is registered."""
+        if os.environ.get(LAUNCHED_BY_DEPLOYMENT):
+            # a worker importing a script that starts a Deployment at import time would start one per worker,
+            # each of whose workers would start another
+            raise ConfigurationError(
+                f"a Deployment was started inside a process that Deployment "
+                f"{os.environ[LAUNCHED_BY_DEPLOYMENT]!r} launched: when uses= names a class of a script, "
+                "start the Deployment under `if __name__ == \"__main__\":`"
+            )
         self.workspace.mkdir(parents=True, exist_ok=True)
         try:
             extra_args = []
