@@ -272,3 +272,13 @@ def new_event_loop(kind: str):
 
 def machine_line() -> str:
     return f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d %H:%M')}"
+
+
+def run_script(main) -> None:
+    """Run a benchmark's ``main()`` as the script's exit code; Ctrl-C exits 130 after the cleanup ran."""
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+

@@ -47,7 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc is imported: no INFO lines in the tables
 
-from _common import ROOT, EchoProcess, Tally, Worker, exit_on_sigterm, machine_line, median, table
+from _common import ROOT, EchoProcess, Tally, Worker, exit_on_sigterm, machine_line, median, run_script, table
 
 try:
     import tomllib
@@ -369,8 +369,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+    run_script(main)

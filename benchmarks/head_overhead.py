@@ -47,7 +47,7 @@ from typing import Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # this script's own health checks: no INFO lines in the tables
 
-from _common import (  # noqa: E402
+from _common import (
     JINA_PYTHON,
     ROOT,
     SHARDNET_PYTHON,
@@ -58,6 +58,7 @@ from _common import (  # noqa: E402
     exit_on_sigterm,
     machine_line,
     median,
+    run_script,  # noqa: E402
     table,
     verdict,
 )
@@ -458,8 +459,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+    run_script(main)

@@ -36,6 +36,7 @@ from _common import (
     exit_on_sigterm,
     machine_line,
     median,
+    run_script,
     table,
     verdict,
 )
@@ -174,8 +175,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+    run_script(main)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import EchoProcess, exit_on_sigterm, machine_line, table
+from _common import EchoProcess, exit_on_sigterm, machine_line, run_script, table
 
 PICKS = 200_000
 
@@ -198,8 +198,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        raise SystemExit(main())
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+    run_script(main)

@@ -28,7 +28,12 @@ from shardnet.protocol import services
 from shardnet.protocol.messages import ControlRequest, DataRequest, parse, require_empty
 from shardnet.protocol.proto import jina_pb2
 from shardnet.runtimes.merge import merge_shard_responses, report_shard_problems
-from shardnet.runtimes.server import ControlGuard, Server, ServerConfig, serve_until_signalled, unary_service
+from shardnet.runtimes.server import (
+    ControlGuard,
+    ServerConfig,
+    jina_server,
+    serve_until_signalled,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -84,21 +89,7 @@ class Head:
         self._expiry: Optional[asyncio.Task] = None
         mutual_tls = config.tls is not None and config.tls.client_ca is not None
         self._guard = ControlGuard(config.control_token, mutual_tls)
-        self.server = Server(
-            config,
-            [
-                unary_service(services.PROCESS_SINGLE_DATA, self.process_single_data),
-                unary_service(services.PROCESS_DATA, self.process_data),
-                unary_service(services.PROCESS_CONTROL, self.process_control),
-                unary_service(services.ENDPOINT_DISCOVERY, self.endpoint_discovery),
-            ],
-            [
-                services.SINGLE_DATA_SERVICE,
-                services.DATA_SERVICE,
-                services.CONTROL_SERVICE,
-                services.DISCOVERY_SERVICE,
-            ],
-        )
+        self.server = jina_server(config, self)
 
     # -- data ------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from shardnet.errors import ConfigurationError
 from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, default_grpc_options
 from shardnet.networking.tls import ServerTls
+from shardnet.protocol import services
 from shardnet.protocol.services import AUTHORIZATION_METADATA
 
 logger = logging.getLogger(__name__)
@@ -168,3 +169,19 @@ async def serve_until_signalled(
     finally:
         await server.drain()
     return 0
+
+
+def jina_server(config: ServerConfig, runtime) -> Server:
+    """A Server exposing ``runtime``'s four Jina methods (process_single_data, process_data,
+    process_control, endpoint_discovery) and listing their services through reflection."""
+    return Server(
+        config,
+        [
+            unary_service(services.PROCESS_SINGLE_DATA, runtime.process_single_data),
+            unary_service(services.PROCESS_DATA, runtime.process_data),
+            unary_service(services.PROCESS_CONTROL, runtime.process_control),
+            unary_service(services.ENDPOINT_DISCOVERY, runtime.endpoint_discovery),
+        ],
+        [services.SINGLE_DATA_SERVICE, services.DATA_SERVICE, services.CONTROL_SERVICE, services.DISCOVERY_SERVICE],
+    )
+

@@ -27,7 +27,7 @@ from shardnet.protocol.documents import Document, DocumentList
 from shardnet.protocol.messages import ControlRequest, DataRequest, parse, require_empty
 from shardnet.protocol.proto import docarray_pb2, jina_pb2
 from shardnet.runtimes.executor import DEFAULT, Executor
-from shardnet.runtimes.server import Server, ServerConfig, serve_until_signalled, unary_service
+from shardnet.runtimes.server import ServerConfig, jina_server, serve_until_signalled
 
 logger = logging.getLogger(__name__)
 
@@ -68,21 +68,7 @@ class Worker:
         self._register_interval = register_interval
         self._keep_registered: Optional[asyncio.Task] = None
         self._last_call = 0.0  # time.monotonic() of the latest data call
-        self.server = Server(
-            config,
-            [
-                unary_service(services.PROCESS_SINGLE_DATA, self.process_single_data),
-                unary_service(services.PROCESS_DATA, self.process_data),
-                unary_service(services.PROCESS_CONTROL, self.process_control),
-                unary_service(services.ENDPOINT_DISCOVERY, self.endpoint_discovery),
-            ],
-            [
-                services.SINGLE_DATA_SERVICE,
-                services.DATA_SERVICE,
-                services.CONTROL_SERVICE,
-                services.DISCOVERY_SERVICE,
-            ],
-        )
+        self.server = jina_server(config, self)
 
     @property
     def endpoints(self) -> list[str]:
