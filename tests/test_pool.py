@@ -309,3 +309,13 @@ async def test_discover_endpoint(pool, echo_servers):
     with pytest.raises(ReplicaError) as caught:  # the echo replica has no discovery service
         await pool.send_discover_endpoint("dep")
     assert caught.value.code == grpc.StatusCode.UNIMPLEMENTED and caught.value.address == head.address
+
+
+async def test_an_endpoint_that_cannot_be_metadata_is_refused_at_once(pool, echo_servers):
+    [server] = await echo_servers(1)
+    pool.add_connection("dep", server.address)
+    with pytest.raises(ProtocolError, match="printable ASCII"):
+        pool.send_request_once(DataRequest(endpoint="/caf\u00e9"), "dep")
+    with pytest.raises(ProtocolError, match="printable ASCII"):
+        pool.send_request(DataRequest(), "dep", endpoint="/a\nb")
+    assert server.calls == 0

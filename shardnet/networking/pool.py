@@ -19,7 +19,7 @@ import grpc.aio
 import tenacity
 from google.protobuf import empty_pb2
 
-from shardnet.errors import ConfigurationError, DeadlineExceeded, ReplicaError, RoutingError
+from shardnet.errors import ConfigurationError, DeadlineExceeded, ProtocolError, ReplicaError, RoutingError
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import parse_address
 from shardnet.networking.balancing import make_balancer
@@ -196,8 +196,9 @@ class GrpcConnectionPool:
     def _metadata_for(self, request: Any, endpoint: Optional[str], metadata: Optional[Metadata]) -> Metadata:
         if endpoint is None and isinstance(request, DataRequest):
             endpoint = request.endpoint
-        elif endpoint is None and isinstance(request, (list, tuple)) and request and isinstance(request[0], DataRequest):
-            endpoint = request[0].endpoint
+        if endpoint and not (endpoint.isascii() and endpoint.isprintable()):
+            # gRPC cannot send it as metadata and the call would only end at its deadline
+            raise ProtocolError(f"endpoint {endpoint!r} is not printable ASCII: it cannot travel as gRPC metadata")
         base = ((ENDPOINT_METADATA, endpoint),) if endpoint else ()
         return base + self._metadata + tuple(metadata or ())
 
