@@ -119,7 +119,7 @@ def jina_peer() -> Path:
     """The ``jina`` command of the peer environment; a missing peer fails the test (it is never skipped)."""
     if not JINA.exists():
         pytest.fail(
-            f"the Jina 3.34 peer is not installed ({JINA} does not exist): run scripts/test, "
+            f"the Jina 3.34 peer is not installed ({JINA} does not exist): run .ci/run, "
             "which creates .venv-jina from scripts/jina-peer-requirements.txt"
         )
     return JINA
