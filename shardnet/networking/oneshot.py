@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from typing import Any, Awaitable, Optional, Sequence, TypeVar
+import functools
+from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar
 
 import grpc.aio
 
@@ -178,25 +179,17 @@ async def deactivate_worker(
     )
 
 
-def activate_worker_sync(
-    worker_host: str,
-    worker_port: int,
-    target_head: str,
-    shard_id: Optional[int] = None,
-    token: Optional[str] = None,
-    tls: Optional[ClientTls] = None,
-) -> ControlRequest:
-    """Blocking ``activate_worker``."""
-    return run_sync(activate_worker(worker_host, worker_port, target_head, shard_id, token, tls))
+def _blocking(coroutine_function: Callable[..., Awaitable[T]]) -> Callable[..., T]:
+    """The blocking face of ``coroutine_function``: same arguments, run to completion."""
+
+    @functools.wraps(coroutine_function)
+    def blocking(*args: Any, **kwargs: Any) -> T:
+        return run_sync(coroutine_function(*args, **kwargs))
+
+    blocking.__name__ = blocking.__qualname__ = f"{coroutine_function.__name__}_sync"
+    blocking.__doc__ = f"Blocking ``{coroutine_function.__name__}``: {coroutine_function.__doc__}"
+    return blocking
 
 
-def deactivate_worker_sync(
-    worker_host: str,
-    worker_port: int,
-    target_head: str,
-    shard_id: Optional[int] = None,
-    token: Optional[str] = None,
-    tls: Optional[ClientTls] = None,
-) -> ControlRequest:
-    """Blocking ``deactivate_worker``."""
-    return run_sync(deactivate_worker(worker_host, worker_port, target_head, shard_id, token, tls))
+activate_worker_sync = _blocking(activate_worker)
+deactivate_worker_sync = _blocking(deactivate_worker)
