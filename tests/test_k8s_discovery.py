@@ -8,7 +8,9 @@ waiting for a sentinel change made after X, which the watch delivers in order.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from typing import Any, AsyncIterator, Callable, Optional
 
 import pytest
@@ -19,8 +21,10 @@ from kubernetes_asyncio.client import ApiClient
 
 from shardnet.discovery.kubernetes import K8sGrpcConnectionPool, Member, load_api_client, pod_members, slice_members
 from shardnet.discovery.watch import WatchOptions
-from shardnet.errors import ConfigurationError
+from shardnet.errors import ConfigurationError, ReplicaError
+from shardnet.networking import oneshot
 from shardnet.protocol.messages import DataRequest
+from shardnet.runtimes.processes import ShardnetProcess
 from shardnet.testing import EchoServer, eventually
 
 NS = "default"
@@ -484,3 +488,45 @@ async def test_requests_reach_discovered_replicas(api_server: FakeApiServer, sta
         publish("a", a, False)
         await eventually(lambda: replicas(pool) == {b.address})
         assert {await served_by() for _ in range(4)} == {"replica-b"}
+
+
+# -- the head process follows the cluster ------------------------------------------------------
+
+
+async def test_head_process_with_k8s_namespace_routes_to_what_the_cluster_shows(
+    api_server: FakeApiServer, kubeconfig: str, tmp_path
+) -> None:
+    """``shardnet head --k8s-namespace`` (a real process; the kubeconfig reaches it through its own env)."""
+    async with EchoServer("replica-a") as a, EchoServer("replica-b") as b:
+        api_server.apply("pods", pod("a", ip="127.0.0.1", port=a.port, ready=True))
+        head = ShardnetProcess(
+            "head",
+            ["head", "--deployment", "dep", "--port", "0", "--k8s-namespace", NS],
+            tmp_path / "head.log",
+            env={**os.environ, "KUBECONFIG": kubeconfig},
+        )
+        head.launch()
+        try:
+            address = await asyncio.to_thread(head.wait_ready, 30.0)
+
+            async def served_by() -> Optional[str]:
+                try:
+                    _, trailing = await oneshot.call_once(
+                        "single_data", DataRequest(endpoint="/x"), address, timeout=2.0, metadata=[("endpoint", "/x")]
+                    )
+                except ReplicaError:
+                    return None
+                return dict(tuple(trailing)).get("served-by")
+
+            await eventually(lambda: _is(served_by(), "replica-a"), timeout=10)
+            api_server.apply("pods", pod("b", ip="127.0.0.1", port=b.port, ready=True))
+            api_server.apply("pods", pod("a", ip="127.0.0.1", port=a.port, ready=False))
+            await eventually(lambda: _is(served_by(), "replica-b"), timeout=10)
+            assert {await served_by() for _ in range(4)} == {"replica-b"}
+        finally:
+            head.stop()
+        assert head.popen.returncode == 0
+
+
+async def _is(awaitable, expected: str) -> bool:
+    return await awaitable == expected
