@@ -51,6 +51,8 @@ async def eventually(
 class EchoServer:
     """An echo replica on loopback; ``async with EchoServer() as server: server.address``."""
 
+    record_metadata = True  # tests read received_metadata; long benchmark runs turn it off
+
     def __init__(
         self,
         name: str = "echo",
@@ -77,7 +79,8 @@ class EchoServer:
 
     async def _answer(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
         self.calls += 1
-        self.received_metadata.append({key: value for key, value in context.invocation_metadata()})
+        if self.record_metadata:
+            self.received_metadata.append({key: value for key, value in context.invocation_metadata()})
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.fail_with is not None:
@@ -160,14 +163,7 @@ class ServedEchoServer(EchoServer):
     clients ask before they call; the trailing ``served-by`` metadata names it.
     """
 
-    async def _answer(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        self.calls += 1
-        if self.delay:
-            await asyncio.sleep(self.delay)
-        if self.fail_with is not None:
-            await context.abort(self.fail_with, f"{self.name} told to fail")
-        context.set_trailing_metadata((("served-by", self.name),))
-        return payload
+    record_metadata = False
 
     def _handlers(self) -> list[grpc.GenericRpcHandler]:
         from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc

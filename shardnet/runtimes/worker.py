@@ -111,19 +111,18 @@ class Worker:
             if handler is None:
                 self._log_unbound(endpoint)
                 return first.to_bytes()
-            matrix = [request.docs for request in requests]
+            docs = first.docs
+            others = [request.docs for request in requests[1:]]
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         route = first.add_route(self.name)
-        docs = first.docs
-        if len(requests) > 1:
-            # the first column is a view of the field about to hold every document: give it a copy of its own
+        arguments: dict[str, Any] = {"docs": docs, "parameters": first.parameters, "endpoint": endpoint}
+        if others:
+            # the first column gets a copy of its own: its field is about to hold every document
             first_column = docarray_pb2.DocumentArrayProto()
             first_column.docs.extend(first.proto.data.docs.docs)
-            matrix[0] = DocumentList(first_column.docs)
+            matrix = [DocumentList(first_column.docs), *others]
             docs.replace([doc for column in matrix for doc in column])
-        arguments: dict[str, Any] = {"docs": docs, "parameters": first.parameters, "endpoint": endpoint}
-        if len(requests) > 1:
             arguments["docs_matrix"] = matrix
         try:
             returned = await handler(self.executor, self._threads, **arguments)
