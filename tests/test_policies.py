@@ -52,6 +52,16 @@ def test_retry_budget_window_forgets_old_traffic():
     assert budget.try_spend() and not budget.try_spend()
 
 
+def test_retry_budget_window_moves_with_requests_alone():
+    clock = FakeClock()
+    budget = RetryBudget(ratio=0.5, min_per_second=0, window=2.0, clock=clock)
+    for second in range(5):  # one request a second: the window never holds more than two
+        budget.record_request()
+        assert budget.requests == min(second + 1, 2)
+        clock.now += 1.0
+    assert budget.total_requests == 5
+
+
 @pytest.mark.parametrize("kwargs", [{"ratio": -0.1}, {"ratio": 1.5}, {"min_per_second": -1}, {"window": 0}])
 def test_retry_budget_rejects_bad_settings(kwargs):
     with pytest.raises(ConfigurationError):

@@ -87,6 +87,7 @@ class RetryBudget:
         self.window = window
         self._clock = clock
         self._buckets: collections.deque = collections.deque()  # [second, requests, retries]
+        self._bucket_end = -math.inf  # when the newest bucket's second is over
         self._requests = 0
         self._retries = 0
         self.refused = 0
@@ -102,10 +103,13 @@ class RetryBudget:
             self._retries -= retries
         if not buckets or buckets[-1][0] != now:
             buckets.append([now, 0, 0])
+            self._bucket_end = now + 1
         return buckets[-1]
 
     def record_request(self) -> None:
-        self._bucket()[1] += 1
+        # every request passes here: within the newest bucket's second there is nothing to expire
+        bucket = self._buckets[-1] if self._clock() < self._bucket_end else self._bucket()
+        bucket[1] += 1
         self._requests += 1
         self.total_requests += 1
 

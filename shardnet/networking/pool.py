@@ -19,7 +19,7 @@ import grpc.aio
 import tenacity
 from google.protobuf import empty_pb2
 
-from shardnet.errors import ConfigurationError, DeadlineExceeded, ProtocolError, ReplicaError, RoutingError
+from shardnet.errors import ConfigurationError, DeadlineExceeded, ReplicaError, RoutingError
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import parse_address
 from shardnet.networking.balancing import make_balancer
@@ -35,7 +35,6 @@ from shardnet.networking.polling import PollingType
 from shardnet.networking.replica_list import Connection, ReplicaList
 from shardnet.networking.tls import ClientTls
 from shardnet.protocol.messages import ControlRequest, DataRequest
-from shardnet.protocol.services import ENDPOINT_METADATA
 
 logger = logging.getLogger(__name__)
 
@@ -83,9 +82,8 @@ class GrpcConnectionPool:
         self._ejection = ejection
         self._tls = tls
         self._options = options
-        self._metadata = tuple(metadata)
         self._deployments: dict[str, _Deployment] = {}
-        self._metadata_cache = MetadataCache()
+        self._metadata_cache = MetadataCache(fixed=metadata)
         self._started = False
 
     # -- membership -----------------------------------------------------------
@@ -193,14 +191,10 @@ class GrpcConnectionPool:
         entry.next_shard = (entry.next_shard + 1) % len(live)
         return [chosen]
 
-    def _metadata_for(self, request: Any, endpoint: Optional[str], metadata: Optional[Metadata]) -> Metadata:
+    def _metadata_for(self, request: Any, endpoint: Optional[str], metadata: Optional[Metadata]) -> grpc.aio.Metadata:
         if endpoint is None and isinstance(request, DataRequest):
             endpoint = request.endpoint
-        if endpoint and not (endpoint.isascii() and endpoint.isprintable()):
-            # gRPC cannot send it as metadata and the call would only end at its deadline
-            raise ProtocolError(f"endpoint {endpoint!r} is not printable ASCII: it cannot travel as gRPC metadata")
-        base = ((ENDPOINT_METADATA, endpoint),) if endpoint else ()
-        return base + self._metadata + tuple(metadata or ())
+        return self._metadata_cache.for_endpoint(endpoint, tuple(metadata) if metadata else ())
 
     # -- calls --------------------------------------------------------------------
 
@@ -223,8 +217,6 @@ class GrpcConnectionPool:
         self.retry_budget.record_request()
         metadata = self._metadata_cache.get(metadata)
         timeout = self.timeout if timeout is None else timeout
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
         connection = replicas.get_next_connection()
         if connection is None:
             raise RoutingError(
@@ -232,10 +224,16 @@ class GrpcConnectionPool:
                 deployment=deployment,
                 shard_id=shard_id,
             )
-        attempt_timeout = self._attempt_timeout(deadline, loop)
+        if timeout is None and self.retry.attempt_timeout is None:  # the common case: no clock to read
+            deadline = attempt_timeout = None
+        else:
+            loop = asyncio.get_running_loop()
+            deadline = None if timeout is None else loop.time() + timeout
+            attempt_timeout = self._attempt_timeout(deadline, loop)
         try:
             return await replicas.call(connection, method, payload, metadata, attempt_timeout)
         except grpc.aio.AioRpcError as error:
+            loop = asyncio.get_running_loop()
             if not self._retryable(error, attempt_timeout, deadline, loop):
                 raise self._replica_error(error, connection, deployment, shard_id) from None
             return await self._fail_over(
@@ -243,6 +241,7 @@ class GrpcConnectionPool:
             )
 
     def _attempt_timeout(self, deadline: Optional[float], loop: asyncio.AbstractEventLoop) -> Optional[float]:
+        """What one attempt may take: the per-attempt limit, never past the call's deadline."""
         remaining = None if deadline is None else max(0.0, deadline - loop.time())
         per_attempt = self.retry.attempt_timeout
         if per_attempt is None:
