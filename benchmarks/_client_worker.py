@@ -49,6 +49,16 @@ class Bare:
             await channel.close()
 
 
+class BareTask(Bare):
+    """The bare client with each call wrapped in an ``asyncio.Task``, as ``send_requests_once`` must return one.
+
+    Not a competitor: it shows what the Task alone costs, so the pool's own share can be read off.
+    """
+
+    async def send(self, request):
+        return await asyncio.create_task(Bare.send(self, request))
+
+
 class Shardnet:
     """``shardnet.networking.pool.GrpcConnectionPool.send_requests_once`` (round robin)."""
 
@@ -185,6 +195,8 @@ def main() -> int:
         if key not in clients:
             if impl == "bare":
                 clients[key] = Bare(args.addresses, grpc_options())
+            elif impl == "bare-task":
+                clients[key] = BareTask(args.addresses, grpc_options())
             elif impl == "shardnet":
                 clients[key] = Shardnet(args.addresses, balancer)
             elif impl == "shardnet-call":

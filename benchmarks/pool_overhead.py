@@ -63,6 +63,8 @@ def parse_args(argv=None):
                         help="event loop of the shardnet-venv clients (and of the Jina client unless 'both')")
     parser.add_argument("--no-call-path", dest="call_path", action="store_false",
                         help="skip GrpcConnectionPool.call (the head's path: no Task per request)")
+    parser.add_argument("--no-task-row", dest="task_row", action="store_false",
+                        help="skip the bare client wrapped in a Task (what the Task send_requests_once returns costs)")
     parser.add_argument("--profile", metavar="FILE", help="after the rounds, profile one shardnet round with cProfile")
     parser.add_argument("--quick", action="store_true", help="about 20 s: 4 rounds of 2000, warm-up 1000")
     args = parser.parse_args(argv)
@@ -93,6 +95,8 @@ def main(argv=None) -> int:
                     workers.append(worker)
                     suffix = f" [{loop}]" if len(loops) > 1 else ""
                     competitors.append((f"bare grpc.aio {worker.info['grpc']}{suffix}", worker, "bare"))
+                    if args.task_row:
+                        competitors.append((f"bare + asyncio.Task{suffix}", worker, "bare-task"))
                     competitors.append((f"shardnet pool{suffix}", worker, "shardnet"))
                     if args.call_path:
                         competitors.append((f"shardnet pool.call{suffix}", worker, "shardnet-call"))
@@ -142,11 +146,14 @@ def main(argv=None) -> int:
     labels = [label for label, _, _ in competitors]
     for loop in loops:
         suffix = f" [{loop}]" if len(loops) > 1 else ""
-        bare = next(label for label in labels if label.startswith("bare") and label.endswith(suffix) and "jina" not in label)
+        bare = next(label for label in labels if label.startswith("bare grpc.aio") and label.endswith(suffix) and "jina" not in label)
         ours = f"shardnet pool{suffix}"
         ratio_rows.append(ratio_row(f"shardnet / bare{suffix}", ours, bare))
         checks.append(verdict(f"CPU/req shardnet / bare{suffix}", ratio_rows[-1][4], "<=", 1.05))
         checks.append(verdict(f"rps shardnet / bare{suffix}", ratio_rows[-1][1], ">=", 0.95))
+        if args.task_row:
+            ratio_rows.append(ratio_row(f"bare + Task / bare{suffix}", f"bare + asyncio.Task{suffix}", bare))
+            ratio_rows.append(ratio_row(f"shardnet / (bare + Task){suffix}", ours, f"bare + asyncio.Task{suffix}"))
         if args.call_path:
             ratio_rows.append(ratio_row(f"pool.call / bare{suffix}", f"shardnet pool.call{suffix}", bare))
     if len(loops) > 1:

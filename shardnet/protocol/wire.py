@@ -13,7 +13,7 @@ from shardnet.errors import ProtocolError
 _VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
 
 
-def _varint(data: memoryview, position: int, what: str) -> tuple[int, int]:
+def _varint(data: bytes, position: int, what: str) -> tuple[int, int]:
     result = shift = 0
     while True:
         if position >= len(data):
@@ -33,34 +33,44 @@ def length_delimited_fields(data: bytes, number: int, what: str, known: frozense
 
     ``known`` names the other fields that must be length-delimited too
     (a known field with another wire type is malformed, as protobuf sees it).
+    Tags and short lengths are one byte; they are read inline, the rest by ``_varint``.
     """
-    view = memoryview(data)
     found: list[memoryview] = []
-    position, size = 0, len(view)
+    position, size = 0, len(data)
+    view = None
     while position < size:
-        tag, position = _varint(view, position, what)
+        tag = data[position]
+        if tag < 0x80:
+            position += 1
+        else:
+            tag, position = _varint(data, position, what)
         field, wire_type = tag >> 3, tag & 7
         if field == 0:
-            raise ProtocolError(f"malformed {what} ({len(data)} bytes): field number 0 at byte {position}")
+            raise ProtocolError(f"malformed {what} ({size} bytes): field number 0 at byte {position}")
         if wire_type == _LENGTH_DELIMITED:
-            length, position = _varint(view, position, what)
+            length = data[position] if position < size else 0x80
+            if length < 0x80:
+                position += 1
+            else:
+                length, position = _varint(data, position, what)
             end = position + length
             if end > size:
-                raise ProtocolError(f"malformed {what} ({len(data)} bytes): field {field} claims {length} bytes, {size - position} left")
+                raise ProtocolError(f"malformed {what} ({size} bytes): field {field} claims {length} bytes, {size - position} left")
             if field == number:
+                view = view if view is not None else memoryview(data)
                 found.append(view[position:end])
             position = end
             continue
         if field == number or field in known:
-            raise ProtocolError(f"malformed {what} ({len(data)} bytes): field {field} has wire type {wire_type}, expected 2")
+            raise ProtocolError(f"malformed {what} ({size} bytes): field {field} has wire type {wire_type}, expected 2")
         if wire_type == _VARINT:
-            _, position = _varint(view, position, what)
+            _, position = _varint(data, position, what)
         elif wire_type == _FIXED64:
             position += 8
         elif wire_type == _FIXED32:
             position += 4
         else:
-            raise ProtocolError(f"malformed {what} ({len(data)} bytes): unsupported wire type {wire_type} for field {field}")
+            raise ProtocolError(f"malformed {what} ({size} bytes): unsupported wire type {wire_type} for field {field}")
         if position > size:
-            raise ProtocolError(f"malformed {what} ({len(data)} bytes): field {field} runs past the end")
+            raise ProtocolError(f"malformed {what} ({size} bytes): field {field} runs past the end")
     return found
