@@ -213,6 +213,14 @@ class Tally:
         return 1e3 * percentile(self.latencies, fraction)
 
 
+def rotated(items: Sequence[Any], round_index: int) -> list:
+    """``items`` starting at position ``round_index``: over the rounds each competitor runs first, middle
+    and last equally often, so whatever favours a place in the round (a warm cache, a neighbour's burst)
+    does not favour one competitor."""
+    shift = round_index % len(items) if items else 0
+    return list(items[shift:]) + list(items[:shift])
+
+
 def median(values: Iterable[float]) -> float:
     ordered = sorted(values)
     if not ordered:

@@ -29,6 +29,7 @@ from _common import (
     exit_on_sigterm,
     machine_line,
     median,
+    rotated,
     run_script,
     table,
     verdict,
@@ -76,8 +77,8 @@ def main(argv=None) -> int:
                 tallies = {name: Tally(name) for name, _, _ in competitors}
                 for name, worker, impl in competitors:  # warm-up
                     worker.command(cmd="run", impl=impl, n=max(4, per_round // 4), payload=path, concurrency=concurrency)
-                for _ in range(args.rounds):
-                    for name, worker, impl in competitors:
+                for round_index in range(args.rounds):
+                    for name, worker, impl in rotated(competitors, round_index):
                         tallies[name].add(worker.command(cmd="run", impl=impl, n=per_round, payload=path,
                                                          concurrency=concurrency))
                 for name, _, _ in competitors:

@@ -36,6 +36,7 @@ from _common import (
     exit_on_sigterm,
     machine_line,
     median,
+    rotated,
     run_script,
     table,
     verdict,
@@ -54,7 +55,7 @@ def request_bytes(size: int) -> bytes:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20_000, help="measured requests per client (default 20000)")
-    parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds the requests are split into")
+    parser.add_argument("--rounds", type=int, default=20, help="interleaved rounds the requests are split into")
     parser.add_argument("--warmup", type=int, default=2_000, help="excluded warm-up requests per client")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--payload", type=int, default=64, help="document size in bytes (default 64)")
@@ -109,8 +110,8 @@ def main(argv=None) -> int:
                 for _label, worker, impl in competitors:
                     worker.run(impl, args.warmup, payload_path)
                 tallies = {label: Tally(label) for label, _, _ in competitors}
-                for _ in range(args.rounds):
-                    for label, worker, impl in competitors:
+                for round_index in range(args.rounds):
+                    for label, worker, impl in rotated(competitors, round_index):
                         tallies[label].add(worker.run(impl, per_round, payload_path))
 
                 profile_result = None
