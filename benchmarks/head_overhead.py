@@ -16,12 +16,14 @@ a head only needs replies.
 
 The load comes from one client process (``_head_client.py``, bare grpc.aio,
 closed loop), so no head shares a process with it. Rounds are interleaved
-(direct, shardnet ANY, floor, jina ANY, shardnet ALL, jina ALL, ..., repeat)
-after an excluded warm-up; each round lasts about ``--round-seconds``. The
+(direct, shardnet ANY, floor, jina ANY, shardnet ALL, jina ALL, ..., then the
+same list rotated by one, so no row always runs first) after an excluded
+warm-up; each round lasts about ``--round-seconds``. The
 head's CPU time per request comes from ``/proc/PID/stat`` (utime + stime of
 the head and any process it started) read before and after each of its rounds.
 On a shared machine only the ratios mean much: the targets are checked on the
-median of the per-round ratios (a pair's rounds run next to each other).
+median of the per-round ratios (a pair's rounds run next to each other, but
+where the rotation splits them).
 
     python benchmarks/head_overhead.py                  # about 2.5 minutes
     python benchmarks/head_overhead.py --quick          # about 30 s
@@ -58,6 +60,7 @@ from _common import (
     exit_on_sigterm,
     machine_line,
     median,
+    rotated,
     run_script,  # noqa: E402
     table,
     verdict,
@@ -388,8 +391,8 @@ def main(argv=None) -> int:
                     head = competitor.head or workers[0]
                     raise RuntimeError(f"{competitor.label}: {warm['failures']} of {warm['n']} warm-up requests "
                                        f"failed; {head.label}'s log ends:\n{head.tail()}")
-            for _ in range(args.rounds):
-                for competitor in competitors:
+            for round_index in range(args.rounds):
+                for competitor in rotated(competitors, round_index):
                     competitor.run(client, args.round_seconds, payloads[competitor.endpoint], record=True)
         finally:
             if client is not None:
