@@ -70,6 +70,8 @@ def test_parse_address(address, target, tls):
         "host:65536",
         "host:http",
         "host:-1",
+        "host:\u00b9",  # a superscript one: str.isdigit() says yes, int() refuses
+        "host:\u0661",  # an Arabic-Indic one: int() takes it, gRPC would not
         "ftp://host:21",
         "::1:8080",
         "[::1]8080",

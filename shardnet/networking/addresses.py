@@ -60,7 +60,7 @@ def parse_address(address: str, tls: bool = False) -> Address:
             raise ConfigurationError(f"bad address {address!r}: expected host:port")
     if not host or any(ch.isspace() or ch in "/?#@" for ch in host):
         raise ConfigurationError(f"bad address {address!r}: bad host {host!r}")
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise ConfigurationError(f"bad address {address!r}: port must be a number from 1 to 65535")
     return Address(host=host, port=int(port_text), tls=tls)
 
