@@ -18,7 +18,8 @@ from shardnet import Document, Executor, requests
 
 
 class Tagger(Executor):
-    """Tags each document with who handled it; ``/fail`` raises, ``/replace`` returns new documents."""
+    """Tags each document with who handled it; ``/fail`` raises, ``/replace`` returns new documents,
+    ``/count`` returns a dict."""
 
     def __init__(self, label: str = "tagger", **kwargs: Any):
         super().__init__(**kwargs)
@@ -43,6 +44,15 @@ class Tagger(Executor):
     @requests(on="/fail")
     def fail(self, docs, parameters, **kwargs):
         raise ValueError("bad input", 42)
+
+    @requests(on="/count")
+    def count(self, docs, parameters, **kwargs):
+        """A dict result, as Jina executors return one: it travels in parameters["__results__"]."""
+        return {"docs": len(docs), "shard": self.runtime_args.shard_id}
+
+    @requests(on="/bad-result")
+    def bad_result(self, docs, parameters, **kwargs):
+        return {"handle": object()}  # not JSON-like: cannot travel in a protobuf Struct
 
     @requests(on="/endpoint")
     def endpoint(self, docs, parameters, endpoint, **kwargs):

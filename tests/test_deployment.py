@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 
-from shardnet import Document, ReplicaError
+from shardnet import DataRequest, Document, ReplicaError
 from shardnet.errors import ExecutorError
 from shardnet.networking import oneshot
 from shardnet.runtimes.deployment import Deployment
@@ -109,3 +109,18 @@ def test_a_script_that_starts_a_deployment_unguarded_is_refused_not_recursed(tmp
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert 'if __name__ == "__main__"' in result.stderr and "unreachable" not in result.stdout
+
+
+def test_workers_are_named_as_jina_names_replicas_so_every_shards_dict_result_arrives():
+    with Deployment(executors.Tagger, shards=2, replicas=1, polling="ALL", name="counter") as deployment:
+        request = DataRequest([Document(text="a")], endpoint="/count")
+        response = oneshot.send_request_sync(request, deployment.address, timeout=30)
+        assert not response.is_error
+        assert response.parameters["__results__"] == {
+            "counter/shard-0/rep-0": {"docs": 1.0, "shard": 0.0},
+            "counter/shard-1/rep-0": {"docs": 1.0, "shard": 1.0},
+        }
+    with Deployment(executors.Tagger, shards=1, replicas=1, name="single") as deployment:
+        [doc] = deployment.post("/tag", [Document(text="a")])
+        response = oneshot.send_request_sync(DataRequest([doc], endpoint="/count"), deployment.address, timeout=30)
+        assert list(response.parameters["__results__"]) == ["single/rep-0"]

@@ -132,6 +132,22 @@ async def test_all_over_three_shards_merges_by_document_id(runtimes):
     assert [w.executor.calls for w in workers] == [{"/search": 1}] * 3
 
 
+async def test_all_keeps_every_shards_dict_results_side_by_side(runtimes):
+    workers = [
+        await runtimes(Worker(executors.Tagger.create({"shard_id": shard}), name=f"count/shard-{shard}/rep-0"))
+        for shard in range(3)
+    ]
+    head = await runtimes(
+        Head("count", polling=PollingMap.parse("ALL"), connections={i: [w.server.address] for i, w in enumerate(workers)})
+    )
+    response = await send(head.server.address, "/count", [Document(text="a"), Document(text="b")], {"k": "v"})
+    assert not response.is_error
+    assert response.parameters == {
+        "k": "v",
+        "__results__": {f"count/shard-{shard}/rep-0": {"docs": 2.0, "shard": float(shard)} for shard in range(3)},
+    }
+
+
 async def test_all_names_the_shard_that_raised_and_keeps_the_others_answers(runtimes):
     workers = await shard_workers(runtimes, executors.ShardSearch, 3)
     head = await runtimes(

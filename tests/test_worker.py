@@ -68,6 +68,24 @@ async def test_handler_returning_documents_replaces_them(tagger):
     assert [(doc.id, doc.text) for doc in response.docs] == [("new-x", "HI")]
 
 
+async def test_handler_returning_a_dict_files_it_under_the_worker_name_in_results(runtimes):
+    worker = await runtimes(Worker(executors.Tagger.create(), name="tagging/rep-0"))
+    request = DataRequest([Document(id="x", text="hi")], endpoint="/count", parameters={"k": "v"})
+    response = await oneshot.send_request_async(request, worker.server.address, timeout=10)
+    assert not response.is_error
+    assert response.parameters == {"k": "v", "__results__": {"tagging/rep-0": {"docs": 1.0, "shard": 0.0}}}
+    assert [(doc.id, doc.text) for doc in response.docs] == [("x", "hi")]  # the documents stay as they were
+    assert response.routes[-1].executor == "tagging/rep-0"
+
+
+async def test_a_dict_result_that_is_not_json_like_is_the_handlers_error(tagger):
+    request = DataRequest([Document(text="hi")], endpoint="/bad-result")
+    response = await oneshot.send_request_async(request, tagger.server.address, timeout=10)
+    assert response.is_error
+    assert response.status.exception.name == "TypeError"
+    assert "handler bad_result returned a dict that is not JSON-like" in response.status.description
+
+
 async def test_endpoint_from_metadata_when_header_has_none(tagger):
     request = DataRequest([Document(text="a")])
     assert request.endpoint is None
@@ -164,7 +182,14 @@ async def test_docs_bytes_and_garbage_are_refused_as_invalid_argument(tagger):
 
 async def test_endpoint_discovery_lists_bound_endpoints(tagger):
     reply, _ = await raw_call(tagger.server.address, services.ENDPOINT_DISCOVERY, empty_pb2.Empty().SerializeToString())
-    assert list(jina_pb2.EndpointsProto.FromString(reply).endpoints) == ["/endpoint", "/fail", "/replace", "/tag"]
+    assert list(jina_pb2.EndpointsProto.FromString(reply).endpoints) == [
+        "/bad-result",
+        "/count",
+        "/endpoint",
+        "/fail",
+        "/replace",
+        "/tag",
+    ]
 
 
 async def test_worker_answers_status_and_refuses_membership_commands(tagger):

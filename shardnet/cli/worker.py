@@ -27,6 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--register-interval", type=float, default=2.0, help="seconds between ACTIVATE refreshes")
     parser.add_argument("--replica-id", type=int, default=0)
     parser.add_argument("--workspace", help="folder the Executor may keep state in")
+    parser.add_argument(
+        "--name", help="name in route entries, errors and dict results (default: the Executor's class name)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="threads for blocking handlers")
     parser.add_argument("--advertise-host", help="host the head should dial (default: the bound host)")
     add_server_arguments(parser, default_port=0)
@@ -53,5 +56,6 @@ def run(args: argparse.Namespace) -> int:
         head_tls=client_tls(args, prefix="head-"),
         advertise_host=args.advertise_host,
         register_interval=args.register_interval,
+        name=args.name,
     )
     return run_in_loop(worker.run(), args.loop)

@@ -26,3 +26,6 @@ STREAM_CALL = _path("JinaRPC", "Call")
 ENDPOINT_METADATA = "endpoint"
 ERROR_METADATA = "is-error"
 AUTHORIZATION_METADATA = "authorization"
+
+# the parameter under which executors' dict results travel, keyed by executor name (ALL replies always carry it)
+RESULTS_PARAMETER = "__results__"

@@ -153,6 +153,8 @@ class Deployment:
         return self
 
     def _launch_worker(self, shard: int, replica: int) -> ShardnetProcess:
+        # named as Jina names its replicas, so every shard's dict results keep their own key under ALL
+        name = f"{self.name}/shard-{shard}/rep-{replica}" if self.shards > 1 else f"{self.name}/rep-{replica}"
         return self._launch(
             f"worker-{shard}-{replica}",
             [
@@ -163,6 +165,7 @@ class Deployment:
                 "--port", "0",
                 "--shard-id", str(shard),
                 "--replica-id", str(replica),
+                "--name", name,
                 "--workspace", str(self.workspace),
                 "--head", self.address,
                 "--register-interval", str(self._register_interval),

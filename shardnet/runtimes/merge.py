@@ -11,11 +11,9 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 from shardnet.protocol.messages import DataRequest
+from shardnet.protocol.services import RESULTS_PARAMETER as RESULTS
 
 ShardOutcome = tuple[Optional[int], Union[DataRequest, BaseException]]
-
-# the parameter every ALL reply carries, as Jina's head adds it
-RESULTS = "__results__"
 
 
 def merge_documents(target: DataRequest, others: Sequence[DataRequest]) -> None:
@@ -51,11 +49,25 @@ def merge_shard_responses(deployment: str, outcomes: Sequence[ShardOutcome]) -> 
         raise failed[0][1]
     merged = answered[0][1]
     merge_documents(merged, [response for _, response in answered[1:]])
-    parameters = merged.proto.parameters  # decoded by the merge: edit the Struct itself, no dict round trip
-    if RESULTS not in parameters:
-        parameters.get_or_create_struct(RESULTS)
+    merge_results(merged, [response for _, response in answered[1:]])
     report_shard_problems(merged, deployment, outcomes)
     return merged
+
+
+def merge_results(target: DataRequest, others: Sequence[DataRequest]) -> None:
+    """Give ``target`` a ``__results__`` parameter holding every shard's dict results (as Jina's head does).
+
+    Each worker files its results under its own name, so the shards' entries
+    sit side by side; a later shard's entry replaces an earlier one of the same name.
+    """
+    parameters = target.proto.parameters  # decoded by the merge: edit the Struct itself, no dict round trip
+    if RESULTS in parameters.fields and not parameters.fields[RESULTS].HasField("struct_value"):
+        return  # an executor put something else there: leave it as it answered
+    results = parameters.get_or_create_struct(RESULTS)
+    for other in others:
+        theirs = other.proto.parameters.fields.get(RESULTS)
+        if theirs is not None and theirs.HasField("struct_value"):
+            results.MergeFrom(theirs.struct_value)
 
 
 def report_shard_problems(response: DataRequest, deployment: str, outcomes: Sequence[ShardOutcome]) -> None:

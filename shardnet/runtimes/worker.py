@@ -2,7 +2,9 @@
 
 It decodes each request, runs the handler bound to its endpoint (header
 ``exec_endpoint``, else the ``endpoint`` metadata), and answers with the
-edited request plus one route entry. A handler exception becomes an ERROR
+edited request plus one route entry. A handler may return Documents (they
+replace the request's) or, as in Jina, a dict: it is filed under the
+worker's name in the ``__results__`` parameter. A handler exception becomes an ERROR
 status carrying the exception's name, args and stack (trailing metadata
 ``is-error: true``, gRPC status OK), as in Jina; the worker keeps serving.
 An endpoint nobody handles comes back unchanged with SUCCESS.
@@ -54,9 +56,11 @@ class Worker:
         head_tls: Optional[ClientTls] = None,
         advertise_host: Optional[str] = None,
         register_interval: float = 2.0,
+        name: Optional[str] = None,
     ):
         self.executor = executor
-        self.name = type(executor).__name__
+        # in route entries, error reports and as the key of a dict result; Jina names it deployment/shard-S/rep-R
+        self.name = name or type(executor).__name__
         self._handlers = type(executor).handler_table()
         self._threads = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="handler")
         self._unbound_logged: set[str] = set()
@@ -126,7 +130,9 @@ class Worker:
             arguments["docs_matrix"] = matrix
         try:
             returned = await handler(self.executor, self._threads, **arguments)
-            if returned is not None:
+            if isinstance(returned, dict):
+                self._file_result(first, returned, handler.name)
+            elif returned is not None:
                 self._replace_docs(first, returned, handler.name)
         except Exception as exc:  # the executor's failure is the client's answer, not the worker's crash
             logger.warning("%s.%s failed on %s: %r", self.name, handler.name, endpoint, exc)
@@ -136,10 +142,20 @@ class Worker:
         route.end_time.FromNanoseconds(time.time_ns())
         return first.to_bytes()
 
+    def _file_result(self, request: DataRequest, result: dict, handler_name: str) -> None:
+        """Put a handler's dict under ``parameters["__results__"][worker name]``, as Jina's worker does."""
+        parameters = request.parameters
+        results = parameters.get(services.RESULTS_PARAMETER)
+        if not isinstance(results, dict):
+            results = parameters[services.RESULTS_PARAMETER] = {}
+        results[self.name] = result
+        try:
+            request.parameters = parameters
+        except (TypeError, ValueError) as exc:  # protobuf's Struct takes JSON-like values only
+            raise TypeError(f"handler {handler_name} returned a dict that is not JSON-like: {exc}") from None
+
     @staticmethod
     def _replace_docs(request: DataRequest, returned: Any, handler_name: str) -> None:
-        if isinstance(returned, dict):
-            raise TypeError(f"handler {handler_name} returned a dict; return None or a list of Documents")
         returned = list(returned)
         if not all(isinstance(doc, Document) for doc in returned):
             raise TypeError(f"handler {handler_name} must return Documents, got {type(returned[0]).__name__}")
