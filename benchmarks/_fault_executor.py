@@ -56,6 +56,7 @@ class FaultExecutor(Executor):
         self._fault_file = fault_path(self._workspace, args.shard_id, args.replica_id)
         self._fault_stamp: Optional[int] = None
         self._fault: dict[str, Any] = {}
+        record = record and args.workspace is not None  # the logs live in the workspace, never in the current folder
         self._seen = self._log("seen") if record else None
         self._failed = self._log("failed") if record else None
 

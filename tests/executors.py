@@ -221,3 +221,15 @@ class Minimal(Executor):
     def both(self, docs, endpoint):
         for doc in docs:
             doc.text = endpoint
+
+
+class MarksItsStart(Executor):
+    """Leaves ``started.mark`` in the current folder when constructed: shows whether an Executor was loaded."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        Path("started.mark").write_text("constructed")
+
+    @requests
+    def echo(self, docs, parameters, **kwargs):
+        return None

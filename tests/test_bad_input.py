@@ -452,6 +452,24 @@ BAD_COMMAND_LINES = {  # test_cli.py has --uses, --connection, --polling and --p
 }
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max-message-mb", "0"], "max message size must be positive"),
+        (["--head", "not an address"], "bad address 'not an address'"),
+        (["--tls-cert", "/nonexistent.pem", "--tls-key", "/x.pem"], "/nonexistent.pem"),
+    ],
+)
+def test_a_worker_checks_its_flags_before_it_loads_the_executor(tmp_path, flags, message):
+    uses = f"{Path(__file__).resolve().parent / 'executors.py'}:MarksItsStart"
+    finished = subprocess.run(
+        [sys.executable, "-m", "shardnet", "worker", "--uses", uses, *flags],
+        cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=30,
+    )
+    assert finished.returncode == 2 and message in finished.stderr, finished.stderr
+    assert not (tmp_path / "started.mark").exists()
+
+
 def test_bad_command_lines_exit_with_a_clear_message():
     """Each command must exit non-zero within 30 s, saying what is wrong (four at a time, to spare the CPUs)."""
     problems = []

@@ -14,6 +14,7 @@ from shardnet.cli.options import (
     server_config,
 )
 from shardnet.errors import ConfigurationError
+from shardnet.networking.addresses import parse_address
 from shardnet.runtimes.executor import load_executor_class
 from shardnet.runtimes.worker import Worker
 
@@ -43,17 +44,22 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigurationError("--shard-id must be >= 0 and --threads >= 1")
     if not args.register_interval > 0:
         raise ConfigurationError(f"--register-interval must be positive seconds, got {args.register_interval}")
+    # every flag is checked before the Executor loads: a typo should not wait for a model to load, nor run its __init__
+    if args.head is not None:
+        parse_address(args.head)
+    config = server_config(args)
+    head_tls = client_tls(args, prefix="head-")
     executor = load_executor_class(args.uses).create(
         {"shard_id": args.shard_id, "replica_id": args.replica_id, "workspace": args.workspace}, **uses_with
     )
     worker = Worker(
         executor,
-        server_config(args),
+        config,
         threads=args.threads,
         head=args.head,
         shard_id=args.shard_id,
         control_token=control_token(args),
-        head_tls=client_tls(args, prefix="head-"),
+        head_tls=head_tls,
         advertise_host=args.advertise_host,
         register_interval=args.register_interval,
         name=args.name,

@@ -40,6 +40,9 @@ class ClientTls:
     private_key: PemSource = None
     certificate_chain: PemSource = None
 
+    def __post_init__(self) -> None:
+        self.credentials()  # a missing or non-PEM file fails where it is configured, not at the first call
+
     def credentials(self) -> grpc.ChannelCredentials:
         key = load_pem(self.private_key, "client private key")
         chain = load_pem(self.certificate_chain, "client certificate chain")
@@ -59,6 +62,9 @@ class ServerTls:
     certificate_chain: PemSource
     private_key: PemSource
     client_ca: PemSource = None
+
+    def __post_init__(self) -> None:
+        self.credentials()  # a missing or non-PEM file fails where it is configured, not when the server starts
 
     def credentials(self) -> grpc.ServerCredentials:
         chain = load_pem(self.certificate_chain, "server certificate chain")
