@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shardnet import DataRequest, Document, ProtocolError
 from shardnet.protocol import ndarray
@@ -58,6 +60,59 @@ def test_malformed_ndarray_raises_protocol_error(mutate, message):
         ndarray.from_proto(target)
 
 
+def test_a_shape_whose_size_overflows_64_bits_is_refused_not_reshaped():
+    target = docarray_pb2.NdArrayProto()
+    target.dense.dtype = "<f8"
+    target.dense.shape.extend([65536, 65536, 65536, 65536])  # 2**64 elements: wraps to 0 in int64, as the buffer is
+    with pytest.raises(ProtocolError, match="buffer holds 0 bytes"):
+        ndarray.from_proto(target)
+
+
+def test_a_sparse_array_may_not_expand_beyond_the_limit():
+    target = docarray_pb2.NdArrayProto()
+    ndarray.write_sparse(np.zeros((0, 2), dtype=np.int64), np.zeros(0), (100_000, 125_000), target)  # 93 GiB dense
+    with pytest.raises(ProtocolError, match="would expand to 100000000000 bytes"):
+        ndarray.from_proto(target)
+    within = docarray_pb2.NdArrayProto()
+    ndarray.write_sparse(np.array([[1, 2]]), np.array([3.0]), (1024, 1024), within)
+    assert ndarray.from_proto(within)[1, 2] == 3.0
+
+
+def _sparse(indices: docarray_pb2.DenseNdArrayProto, values: docarray_pb2.DenseNdArrayProto, shape):
+    target = docarray_pb2.NdArrayProto()
+    target.sparse.indices.CopyFrom(indices)
+    target.sparse.values.CopyFrom(values)
+    target.sparse.shape.extend(shape)
+    return target
+
+
+def _dense(array: np.ndarray) -> docarray_pb2.DenseNdArrayProto:
+    message = docarray_pb2.DenseNdArrayProto()
+    ndarray.write_dense(array, message)
+    return message
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        (_sparse(_dense(np.zeros((1, 0), np.int64)), _dense(np.array(5.0)), ()), "do not fit values"),  # 0-d values
+        (_sparse(_dense(np.array([[0.5, 1.0]])), _dense(np.array([1.0])), (2, 2)), "indices must be integers"),
+        (_sparse(_dense(np.zeros((0, 3), np.int64)), _dense(np.zeros(0)), (0, 2**31, 2**31)), "is not usable"),
+    ],
+)
+def test_malformed_sparse_arrays_raise_protocol_error(target, message):
+    with pytest.raises(ProtocolError, match=message):
+        ndarray.from_proto(target)
+
+
+def test_an_empty_shape_numpy_calls_too_big_is_a_protocol_error():
+    target = docarray_pb2.NdArrayProto()
+    target.dense.dtype = "<f8"
+    target.dense.shape.extend([0, 2**30, 2**30])
+    with pytest.raises(ProtocolError, match="is not usable"):
+        ndarray.from_proto(target)
+
+
 def test_object_arrays_do_not_travel():
     with pytest.raises(ProtocolError, match="only numeric dtypes"):
         Document(tensor=np.array([object()]))
@@ -94,3 +149,28 @@ def test_matches_chunks_and_scores():
     assert back.matches.texts == ["m"] and back.chunks.texts == ["c1", "c2"]
     assert back.scores == {"cosine": 0.25}
     assert back == doc
+
+
+_DTYPES = st.one_of(st.sampled_from(["<f8", "<f4", "<i8", "|u1", "|b1", "<c16", "e", ">i4", "O", "V4", "U3", "i3", ""]),
+                    st.text(max_size=6))
+_SHAPES = st.lists(st.integers(0, 5) | st.integers(0, 2**32 - 1), max_size=4)
+_DENSE = st.builds(
+    lambda dtype, shape, buffer: _with_shape(docarray_pb2.DenseNdArrayProto(dtype=dtype, buffer=buffer), shape),
+    _DTYPES, _SHAPES, st.binary(max_size=64),
+)
+
+
+def _with_shape(message, shape):
+    message.shape.extend(shape)
+    return message
+
+
+@settings(max_examples=400, deadline=None)
+@given(dense=_DENSE, indices=_DENSE, values=_DENSE, shape=_SHAPES, sparse=st.booleans())
+def test_any_ndarray_from_the_network_decodes_or_raises_protocol_error(dense, indices, values, shape, sparse):
+    target = _sparse(indices, values, shape) if sparse else docarray_pb2.NdArrayProto(dense=dense)
+    try:
+        array = ndarray.from_proto(target)
+    except ProtocolError:
+        return
+    assert array.nbytes <= ndarray.MAX_DENSE_BYTES

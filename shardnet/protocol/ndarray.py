@@ -6,6 +6,7 @@ as COO (indices, values, shape), which numpy can rebuild without scipy.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import numpy as np
@@ -15,6 +16,9 @@ from shardnet.protocol.proto import docarray_pb2
 
 # dtypes whose buffer is plain numbers: object and void dtypes would mean pickles or raw memory
 _SAFE_KINDS = frozenset("biufc")
+# the largest array a sparse one may expand to: what a default-sized gRPC message could carry densely
+# (a few bytes of shape must not allocate gigabytes)
+MAX_DENSE_BYTES = 256 * 2**20
 
 
 def write_dense(array: np.ndarray, target: docarray_pb2.DenseNdArrayProto) -> None:
@@ -30,20 +34,28 @@ def write_dense(array: np.ndarray, target: docarray_pb2.DenseNdArrayProto) -> No
 
 def read_dense(source: docarray_pb2.DenseNdArrayProto) -> np.ndarray:
     """Rebuild a numpy array from a DenseNdArray message, checking size against shape."""
-    try:
-        dtype = np.dtype(source.dtype)
-    except TypeError as exc:
-        raise ProtocolError(f"NdArray has an unknown dtype {source.dtype!r}") from exc
-    if dtype.kind not in _SAFE_KINDS:
-        raise ProtocolError(f"NdArray dtype {source.dtype!r} is not numeric; refusing to decode it")
+    dtype = _numeric_dtype(source.dtype)
     shape = tuple(source.shape)
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize  # Python integers: a huge shape cannot wrap around to the buffer's size
     if expected != len(source.buffer):
         raise ProtocolError(
             f"NdArray buffer holds {len(source.buffer)} bytes, shape {shape} of {dtype} needs {expected}"
         )
-    # a writable copy: handlers edit embeddings in place, and the message must not change under them
-    return np.frombuffer(bytearray(source.buffer), dtype=dtype).reshape(shape)
+    try:
+        # a writable copy: handlers edit embeddings in place, and the message must not change under them
+        return np.frombuffer(bytearray(source.buffer), dtype=dtype).reshape(shape)
+    except ValueError as exc:  # numpy refuses some empty shapes, (0, 2**30, 2**30) say, as too big
+        raise ProtocolError(f"NdArray shape {shape} of {dtype} is not usable: {exc}") from None
+
+
+def _numeric_dtype(name: str) -> np.dtype:
+    try:
+        dtype = np.dtype(name)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"NdArray has an unknown dtype {name!r}") from exc
+    if dtype.kind not in _SAFE_KINDS:
+        raise ProtocolError(f"NdArray dtype {name!r} is not numeric; refusing to decode it")
+    return dtype
 
 
 def to_proto(array: np.ndarray, target: docarray_pb2.NdArrayProto) -> None:
@@ -76,9 +88,19 @@ def from_proto(source: docarray_pb2.NdArrayProto) -> Optional[np.ndarray]:
         indices = read_dense(source.sparse.indices)
         values = read_dense(source.sparse.values)
         shape = tuple(source.sparse.shape)
-        if indices.ndim != 2 or indices.shape != (len(values), len(shape)):
-            raise ProtocolError(f"sparse NdArray indices {indices.shape} do not fit {len(values)} values of {shape}")
-        dense = np.zeros(shape, dtype=values.dtype)
+        if values.ndim != 1 or indices.ndim != 2 or indices.shape != (len(values), len(shape)):
+            raise ProtocolError(f"sparse NdArray indices {indices.shape} do not fit values {values.shape} of {shape}")
+        if indices.dtype.kind not in "iu":
+            raise ProtocolError(f"sparse NdArray indices must be integers, not {indices.dtype}")
+        dense_bytes = math.prod(shape) * values.dtype.itemsize
+        if dense_bytes > MAX_DENSE_BYTES:
+            raise ProtocolError(
+                f"sparse NdArray of shape {shape} would expand to {dense_bytes} bytes (limit {MAX_DENSE_BYTES})"
+            )
+        try:
+            dense = np.zeros(shape, dtype=values.dtype)
+        except ValueError as exc:
+            raise ProtocolError(f"sparse NdArray shape {shape} is not usable: {exc}") from None
         if len(values):
             if (indices < 0).any() or (indices >= np.array(shape)).any():
                 raise ProtocolError(f"sparse NdArray index outside shape {shape}")
