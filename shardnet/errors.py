@@ -20,6 +20,15 @@ class ProtocolError(ShardnetError, ValueError):
     """Bytes or messages that do not follow the wire protocol (malformed, truncated, refused)."""
 
 
+class MalformedReplyError(ProtocolError):
+    """A replica answered bytes that are not the message it should have sent; ``address`` names it."""
+
+    def __init__(self, cause: str, *, address: str):
+        self.cause = cause
+        self.address = address
+        super().__init__(f"replica {address}: {cause}")
+
+
 class ConfigurationError(ShardnetError, ValueError):
     """A bad address, option or setting, found before anything was sent."""
 

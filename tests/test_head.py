@@ -148,6 +148,31 @@ async def test_all_keeps_every_shards_dict_results_side_by_side(runtimes):
     }
 
 
+async def test_a_shard_answering_garbage_is_a_failed_shard_named_with_its_replica(runtimes, garbage_server):
+    [worker] = await shard_workers(runtimes, executors.Tagger, 1)
+    head = await runtimes(
+        Head(
+            "mixed",
+            polling=PollingMap.parse("ALL"),
+            connections={0: [worker.server.address], 1: [garbage_server.address]},
+        )
+    )
+    response, trailing = await send_with_trailing(head.server.address, "/tag", [Document(id="a", text="a")])
+    assert response.docs.texts == ["a"] and response.docs[0].tags["by"] == "tagger"  # shard 0's answer is kept
+    assert response.is_error
+    assert f"shard 1 of 'mixed' failed: deployment 'mixed', shard 1, replica {garbage_server.address}: INTERNAL: " \
+        "malformed DataRequest (3 bytes)" in response.status.description
+    assert trailing["failed_shards"] == "1"
+
+    alone = await runtimes(
+        Head("garbage", polling=PollingMap.parse("ALL"), connections={0: [garbage_server.address]})
+    )
+    with pytest.raises(ReplicaError) as caught:  # nothing answered: the caller learns who sent what, not INVALID_ARGUMENT
+        await send(alone.server.address, "/tag", [Document(text="a")])
+    assert caught.value.code == grpc.StatusCode.INTERNAL
+    assert f"replica {garbage_server.address}: INTERNAL: malformed DataRequest" in str(caught.value)
+
+
 async def test_all_names_the_shard_that_raised_and_keeps_the_others_answers(runtimes):
     workers = await shard_workers(runtimes, executors.ShardSearch, 3)
     head = await runtimes(

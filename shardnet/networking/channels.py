@@ -1,10 +1,11 @@
 """gRPC channels and the per-channel callables for each Jina method.
 
 Callables are built once per channel (never per request); data calls take and
-return ``DataRequest`` objects whose bytes pass through untouched, and the
-``raw_*`` variants take and return bytes for a head that only forwards.
+return ``DataRequest`` objects whose bytes pass through untouched (decoded
+only when read), and the ``decoded_*`` variants decode each reply on arrival.
 A reply that does not decode comes back as a ``MalformedReply``; callers pass
-replies through ``checked_reply``, which raises its ProtocolError.
+replies through ``checked_reply``, which raises a MalformedReplyError naming
+the replica.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import grpc.aio
 from google.protobuf import empty_pb2
 from grpc_health.v1 import health_pb2
 
-from shardnet.errors import ProtocolError
+from shardnet.errors import MalformedReplyError, ProtocolError
 from shardnet.networking.addresses import Address, parse_address
 from shardnet.networking.tls import ClientTls, PemSource
 from shardnet.protocol import services
@@ -104,9 +105,9 @@ def _decoding(parse: Callable[[bytes], Any], what: str) -> Callable[[bytes], Any
 
 
 def checked_reply(response: Any, address: Any) -> Any:
-    """``response``, or a ProtocolError naming the replica when its reply did not decode."""
+    """``response``, or a MalformedReplyError (a ProtocolError) naming the replica when its reply did not decode."""
     if isinstance(response, MalformedReply):
-        raise ProtocolError(f"replica {address}: {response.error}") from None
+        raise MalformedReplyError(str(response.error), address=str(address)) from None
     return response
 
 
@@ -172,6 +173,13 @@ def _to_bytes(request: Union[DataRequest, ControlRequest]) -> bytes:
     return request.to_bytes()
 
 
+def _decoded_request(data: bytes) -> DataRequest:
+    """A reply decoded at once, so a malformed one fails where the replica that sent it is known."""
+    request = DataRequest.from_bytes(data)
+    request.proto  # noqa: B018 - decodes, and refuses pickled docs_bytes
+    return request
+
+
 def _requests_to_bytes(requests: Sequence[DataRequest]) -> bytes:
     envelope = jina_pb2.DataRequestListEnvelope()
     envelope.requests.extend(request.to_bytes() for request in requests)
@@ -187,8 +195,9 @@ class Stubs:
     control: grpc.aio.UnaryUnaryMultiCallable
     discovery: grpc.aio.UnaryUnaryMultiCallable
     health: grpc.aio.UnaryUnaryMultiCallable
-    raw_single_data: grpc.aio.UnaryUnaryMultiCallable
-    raw_data: grpc.aio.UnaryUnaryMultiCallable
+    # replies decoded on arrival, for callers that read every reply anyway (the head merging ALL)
+    decoded_single_data: grpc.aio.UnaryUnaryMultiCallable
+    decoded_data: grpc.aio.UnaryUnaryMultiCallable
 
     @classmethod
     def for_channel(cls, channel: grpc.aio.Channel) -> "Stubs":
@@ -207,8 +216,10 @@ class Stubs:
                 health_pb2.HealthCheckRequest.SerializeToString,
                 _decoding(health_pb2.HealthCheckResponse.FromString, "HealthCheckResponse"),
             ),
-            raw_single_data=unary(services.PROCESS_SINGLE_DATA),
-            raw_data=unary(services.PROCESS_DATA),
+            decoded_single_data=unary(
+                services.PROCESS_SINGLE_DATA, _to_bytes, _decoding(_decoded_request, "DataRequest")
+            ),
+            decoded_data=unary(services.PROCESS_DATA, _requests_to_bytes, _decoding(_decoded_request, "DataRequest")),
         )
 
 

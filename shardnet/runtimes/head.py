@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 import grpc
 import grpc.aio
 
-from shardnet.errors import ConfigurationError, ProtocolError, ReplicaError, RoutingError
+from shardnet.errors import ConfigurationError, MalformedReplyError, ProtocolError, ReplicaError, RoutingError
 from shardnet.networking.addresses import parse_address
 from shardnet.networking.polling import PollingMap, PollingType
 from shardnet.networking.pool import GrpcConnectionPool
@@ -154,8 +154,10 @@ class Head:
         return endpoint
 
     @staticmethod
-    def _method(requests: list[DataRequest]) -> tuple[str, Any]:
-        return ("single_data", requests[0]) if len(requests) == 1 else ("data", requests)
+    def _method(requests: list[DataRequest], decoded: bool = False) -> tuple[str, Any]:
+        """The stub and payload for ``requests``; ``decoded`` replies are decoded on arrival (ALL reads them all)."""
+        prefix = "decoded_" if decoded else ""
+        return (prefix + "single_data", requests[0]) if len(requests) == 1 else (prefix + "data", requests)
 
     async def _one(self, deployment: str, requests: list[DataRequest], metadata, timeout) -> tuple[DataRequest, Any]:
         targets = self.pool.targets(deployment, False, None, PollingType.ANY)
@@ -171,7 +173,7 @@ class Head:
         targets = self.pool.targets(self.deployment, False, None, PollingType.ALL)
         if not targets:
             raise RoutingError(f"deployment {self.deployment!r} has no shard", deployment=self.deployment)
-        method, payload = self._method(requests)
+        method, payload = self._method(requests, decoded=True)
         results = await asyncio.gather(
             *(
                 self.pool.call(payload, self.deployment, replicas, shard_id=sid, method=method, metadata=metadata, timeout=timeout)
@@ -181,6 +183,14 @@ class Head:
         )
         outcomes, trailing, seen = [], [], set()
         for (shard_id, _), result in zip(targets, results):
+            if isinstance(result, MalformedReplyError):  # the shard's fault, not the caller's: a failed shard
+                result = ReplicaError(
+                    result.cause,
+                    address=result.address,
+                    code=grpc.StatusCode.INTERNAL,
+                    deployment=self.deployment,
+                    shard_id=shard_id,
+                )
             if isinstance(result, BaseException):
                 if not isinstance(result, (ReplicaError, RoutingError)):
                     raise result
