@@ -249,6 +249,16 @@ async def test_uses_before_and_uses_after_see_every_request(runtimes):
     assert [w.executor.calls["/search"] for w in workers] == [5, 5]
 
 
+@pytest.mark.parametrize("role", ["uses_before", "uses_after"])
+async def test_a_uses_before_or_after_answering_garbage_is_named_not_blamed_on_the_caller(runtimes, garbage_server, role):
+    [worker] = await shard_workers(runtimes, executors.Tagger, 1)
+    head = await runtimes(Head("wrapped", connections={0: [worker.server.address]}, **{role: garbage_server.address}))
+    with pytest.raises(ReplicaError) as caught:
+        await send(head.server.address, "/tag", [Document(text="a")])
+    assert caught.value.code == grpc.StatusCode.INTERNAL
+    assert f"replica {garbage_server.address}: malformed DataRequest (3 bytes)" in str(caught.value)
+
+
 # -- forwarding on the wire ------------------------------------------------------------------
 
 

@@ -114,7 +114,7 @@ class Head:
             if timeout is not None:  # give up just before the caller does, so it learns which shard was slow
                 timeout -= min(DEADLINE_MARGIN, timeout / 10)
             if self._uses_before is not None:
-                response, trailing = await self._one(self._uses_before, requests, metadata, timeout)
+                response, trailing = await self._one(self._uses_before, requests, metadata, timeout, decoded=True)
                 if response.is_error:  # the shards would only work on a request that already failed
                     context.set_trailing_metadata(tuple(trailing or ()))
                     return response.to_bytes()
@@ -123,6 +123,8 @@ class Head:
                 response, trailing = await self._one(self.deployment, requests, metadata, timeout)
             else:
                 response, trailing = await self._all(requests, metadata, timeout)
+        except MalformedReplyError as exc:  # a replica's answer, not the caller's request, was malformed
+            await context.abort(grpc.StatusCode.INTERNAL, f"{self.deployment}: {exc}")
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except RoutingError as exc:
@@ -159,12 +161,15 @@ class Head:
         prefix = "decoded_" if decoded else ""
         return (prefix + "single_data", requests[0]) if len(requests) == 1 else (prefix + "data", requests)
 
-    async def _one(self, deployment: str, requests: list[DataRequest], metadata, timeout) -> tuple[DataRequest, Any]:
+    async def _one(
+        self, deployment: str, requests: list[DataRequest], metadata, timeout, decoded: bool = False
+    ) -> tuple[DataRequest, Any]:
+        """One replica's answer; ``decoded`` when the head reads it (uses_before/after), not only forwards it."""
         targets = self.pool.targets(deployment, False, None, PollingType.ANY)
         if not targets:
             raise RoutingError(f"deployment {deployment!r} has no live replica", deployment=deployment)
         shard_id, replicas = targets[0]
-        method, payload = self._method(requests)
+        method, payload = self._method(requests, decoded)
         return await self.pool.call(
             payload, deployment, replicas, shard_id=shard_id, method=method, metadata=metadata, timeout=timeout
         )
@@ -208,7 +213,7 @@ class Head:
             answered = [outcome for _, outcome in outcomes if isinstance(outcome, DataRequest)]
             if not answered:
                 raise outcomes[0][1]
-            response, _ = await self._one(self._uses_after, answered, metadata, timeout)
+            response, _ = await self._one(self._uses_after, answered, metadata, timeout, decoded=True)
             report_shard_problems(response, self.deployment, outcomes)
             return response, trailing
         return merge_shard_responses(self.deployment, outcomes), trailing
