@@ -27,13 +27,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shardnet import ControlRequest, DataRequest, Document
-from shardnet.errors import ConfigurationError
+from shardnet.errors import ConfigurationError, ProtocolError
+from shardnet.networking import oneshot
 from shardnet.networking.addresses import parse_address
 from shardnet.networking.channels import default_grpc_options
 from shardnet.networking.policies import EjectionPolicy, RetryBudget, RetryPolicy
 from shardnet.networking.polling import PollingMap
 from shardnet.networking.pool import GrpcConnectionPool
-from shardnet.networking.tls import ServerTls
+from shardnet.networking.tls import ClientTls, ServerTls
 from shardnet.protocol import services
 from shardnet.protocol.proto import jina_pb2
 from shardnet.runtimes.deployment import Deployment
@@ -525,11 +526,50 @@ BAD_CONFIGURATIONS = {
     "pool-balancer": (lambda: GrpcConnectionPool(balancer="random"), "unknown balancer"),
     "pool-timeout": (lambda: GrpcConnectionPool(timeout=0), "timeout"),
     "deployment-shards": (lambda: Deployment(uses=EXECUTOR, shards=0), "at least 1 shard"),
-    "tls-unreadable": (lambda: ServerTls("/nonexistent.pem", "/nonexistent.pem").credentials(), "cannot read"),
-    "tls-not-pem": (lambda: ServerTls(b"hello", b"world").credentials(), "not PEM"),
+    "tls-unreadable": (lambda: ServerTls("/nonexistent.pem", "/nonexistent.pem"), "cannot read"),
+    "tls-not-pem": (lambda: ServerTls(b"hello", b"world"), "not PEM"),
+    "client-tls-half-pair": (lambda: ClientTls(private_key=b"-----BEGIN KEY-----"), "both a client private key"),
+    "pool-metadata-key": (lambda: GrpcConnectionPool(metadata=[("X-Tenant", "blue")]), "not a gRPC header name"),
+    "pool-metadata-value": (lambda: GrpcConnectionPool(metadata=[("x-tenant", "blue\n")]), "printable ASCII"),
     "address-none": (lambda: parse_address(None), "bad address"),
     "address-no-port": (lambda: parse_address("localhost"), "bad address"),
 }
+
+
+BAD_CALLS = {
+    "timeout-zero": ({"timeout": 0}, ConfigurationError, "timeout must be positive seconds"),
+    "timeout-negative": ({"timeout": -1}, ConfigurationError, "timeout must be positive seconds"),
+    "timeout-nan": ({"timeout": float("nan")}, ConfigurationError, "timeout must be positive seconds"),
+    "metadata-uppercase-key": ({"metadata": [("X-Trace", "1")]}, ProtocolError, "'X-Trace' is not a gRPC header name"),
+    "metadata-reserved-key": ({"metadata": [("grpc-timeout", "1S")]}, ProtocolError, "not starting with 'grpc-'"),
+    "metadata-newline": ({"metadata": [("x-trace", "a\nb")]}, ProtocolError, "printable ASCII text"),
+    "metadata-number": ({"metadata": [("x-trace", 7)]}, ProtocolError, "printable ASCII text, got 7"),
+    "metadata-bin-text": ({"metadata": [("x-blob-bin", "text")]}, ProtocolError, "its value must be bytes"),
+    "metadata-not-pairs": ({"metadata": ["x-trace"]}, ProtocolError, "must be (key, value) pairs"),
+}
+
+
+@pytest.mark.parametrize("arguments, error, message", BAD_CALLS.values(), ids=BAD_CALLS.keys())
+async def test_a_bad_timeout_or_metadata_is_refused_before_anything_is_sent(echo_servers, arguments, error, message):
+    [server] = await echo_servers(1)
+    async with GrpcConnectionPool() as pool:
+        pool.add_connection("dep", server.address)
+        with pytest.raises(error, match=re.escape(message)):
+            pool.send_request(DataRequest(endpoint="/x"), "dep", **arguments)
+        with pytest.raises(error, match=re.escape(message)):  # the one-off helpers check the same way
+            await oneshot.call_once(
+                "single_data",
+                DataRequest(endpoint="/x"),
+                server.address,
+                timeout=arguments.get("timeout", 5.0),
+                metadata=arguments.get("metadata", ()),
+            )
+    assert server.calls == 0
+    good = [("x-blob-bin", b"\x00\xff"), ("x-trace", "t-1")]
+    async with GrpcConnectionPool() as pool:
+        pool.add_connection("dep", server.address)
+        await pool.send_request(DataRequest(endpoint="/x"), "dep", metadata=good, timeout=5)[0]
+    assert server.received_metadata[-1]["x-trace"] == "t-1"
 
 
 @pytest.mark.parametrize("make, message", BAD_CONFIGURATIONS.values(), ids=BAD_CONFIGURATIONS.keys())

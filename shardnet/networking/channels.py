@@ -10,6 +10,7 @@ the replica.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -111,6 +112,37 @@ def checked_reply(response: Any, address: Any) -> Any:
     return response
 
 
+_HEADER_KEY = re.compile(r"[0-9a-z_.\-]+\Z")
+
+
+def checked_metadata(pairs: Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:
+    """``pairs`` as a tuple, or a ProtocolError naming the first pair gRPC would refuse.
+
+    gRPC refuses such metadata deep in its C core with an error that names
+    neither the key nor the rule; here a key must be lowercase ASCII letters,
+    digits, ``-``, ``_`` or ``.`` (not ``grpc-`` reserved), a ``-bin`` key takes
+    bytes and any other key printable ASCII text.
+    """
+    checked = []
+    for pair in pairs:
+        try:
+            key, value = pair
+        except (TypeError, ValueError):
+            raise ProtocolError(f"metadata must be (key, value) pairs, got {pair!r}") from None
+        if not isinstance(key, str) or not _HEADER_KEY.match(key) or key.startswith("grpc-"):
+            raise ProtocolError(
+                f"metadata key {key!r} is not a gRPC header name: lowercase ASCII letters, digits, '-', '_' or '.', "
+                "not starting with 'grpc-'"
+            )
+        if key.endswith("-bin"):
+            if not isinstance(value, bytes):
+                raise ProtocolError(f"metadata key {key!r} ends in -bin: its value must be bytes, got {type(value).__name__}")
+        elif not isinstance(value, str) or not (value.isascii() and value.isprintable()):
+            raise ProtocolError(f"metadata value for {key!r} must be printable ASCII text, got {value!r}")
+        checked.append((key, value))
+    return tuple(checked)
+
+
 class MetadataCache:
     """``grpc.aio.Metadata`` built once per distinct set of pairs, bounded in size.
 
@@ -128,20 +160,21 @@ class MetadataCache:
     """
 
     def __init__(self, fixed: Sequence[tuple[str, str]] = (), limit: int = 1024):
-        self._fixed = tuple(fixed)
+        self._fixed = checked_metadata(fixed)
         self._limit = limit
         self._built: dict[tuple, grpc.aio.Metadata] = {}
         self._by_endpoint: dict[tuple, grpc.aio.Metadata] = {}
 
     def get(self, pairs: Optional[Sequence[tuple[str, str]]]) -> Any:
-        if not pairs or type(pairs) is not tuple:
+        """A Metadata for a tuple of pairs, checked once (a Metadata or nothing passes through as it is)."""
+        if not pairs or isinstance(pairs, grpc.aio.Metadata):
             return pairs
         try:
             metadata = self._built.get(pairs)
-        except TypeError:  # an unhashable entry: let grpc deal with it
-            return pairs
+        except TypeError:  # a list, or unhashable entries: check and build, without caching
+            return grpc.aio.Metadata(*checked_metadata(pairs))
         if metadata is None:
-            metadata = self._store(self._built, pairs, grpc.aio.Metadata(*pairs))
+            metadata = self._store(self._built, pairs, grpc.aio.Metadata(*checked_metadata(pairs)))
         return metadata
 
     def for_endpoint(self, endpoint: Optional[str], extra: Sequence[tuple[str, str]] = ()) -> grpc.aio.Metadata:
@@ -160,7 +193,7 @@ class MetadataCache:
             # gRPC cannot send it as metadata and the call would only end at its deadline
             raise ProtocolError(f"endpoint {endpoint!r} is not printable ASCII: it cannot travel as gRPC metadata")
         base = ((services.ENDPOINT_METADATA, endpoint),) if endpoint else ()
-        return grpc.aio.Metadata(*base, *self._fixed, *extra)
+        return grpc.aio.Metadata(*base, *self._fixed, *checked_metadata(extra))
 
     def _store(self, built: dict, key: tuple, metadata: grpc.aio.Metadata) -> grpc.aio.Metadata:
         if len(built) >= self._limit:

@@ -15,7 +15,8 @@ import grpc.aio
 
 from shardnet.errors import DeadlineExceeded, ReplicaError
 from shardnet.networking.addresses import parse_address
-from shardnet.networking.channels import Stubs, checked_reply, get_grpc_channel
+from shardnet.networking.channels import Stubs, checked_metadata, checked_reply, get_grpc_channel
+from shardnet.networking.policies import check_timeout
 from shardnet.networking.tls import ClientTls, PemSource
 from shardnet.protocol.messages import ControlRequest, DataRequest
 from shardnet.protocol.services import AUTHORIZATION_METADATA, ENDPOINT_METADATA
@@ -50,9 +51,11 @@ async def call_once(
 ) -> tuple[Any, Any]:
     """Open a channel to ``target``, make one call, close it; return (response, trailing metadata)."""
     address = parse_address(target, tls=https or tls is not None)
+    check_timeout(timeout)
+    metadata = checked_metadata(metadata)
     channel = get_grpc_channel(address, asyncio=True, root_certificates=root_certificates, tls=tls)
     try:
-        call = getattr(Stubs.for_channel(channel), method)(payload, metadata=tuple(metadata), timeout=timeout)
+        call = getattr(Stubs.for_channel(channel), method)(payload, metadata=metadata, timeout=timeout)
         response = checked_reply(await call, address)
         return response, await call.trailing_metadata()
     except grpc.aio.AioRpcError as error:

@@ -18,6 +18,12 @@ import tenacity
 from shardnet.errors import ConfigurationError
 
 
+def check_timeout(timeout: Optional[float]) -> None:
+    """A caller's per-call timeout: positive seconds or None (gRPC would take NaN as no deadline and 0 as expired)."""
+    if timeout is not None and not timeout > 0:
+        raise ConfigurationError(f"timeout must be positive seconds (or None), got {timeout}")
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Failover rules: retry ``retry_on`` codes on the shard's other replicas.

@@ -19,7 +19,7 @@ import grpc.aio
 import tenacity
 from google.protobuf import empty_pb2
 
-from shardnet.errors import ConfigurationError, DeadlineExceeded, ReplicaError, RoutingError
+from shardnet.errors import ConfigurationError, DeadlineExceeded, ProtocolError, ReplicaError, RoutingError
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import parse_address
 from shardnet.networking.balancing import make_balancer
@@ -30,7 +30,7 @@ from shardnet.networking.channels import (
     default_grpc_options,
     get_grpc_channel,
 )
-from shardnet.networking.policies import EjectionPolicy, RetryBudget, RetryPolicy
+from shardnet.networking.policies import EjectionPolicy, RetryBudget, RetryPolicy, check_timeout
 from shardnet.networking.polling import PollingType
 from shardnet.networking.replica_list import Connection, ReplicaList
 from shardnet.networking.tls import ClientTls
@@ -83,7 +83,10 @@ class GrpcConnectionPool:
         self._tls = tls
         self._options = options
         self._deployments: dict[str, _Deployment] = {}
-        self._metadata_cache = MetadataCache(fixed=metadata)
+        try:
+            self._metadata_cache = MetadataCache(fixed=metadata)
+        except ProtocolError as exc:
+            raise ConfigurationError(f"the pool's metadata: {exc}") from None
         self._started = False
 
     # -- membership -----------------------------------------------------------
@@ -360,6 +363,7 @@ class GrpcConnectionPool:
         """
         if not requests:
             raise ValueError("send_requests needs at least one request")
+        check_timeout(timeout)
         method, payload = self._method_for(requests)
         call_metadata = self._metadata_for(requests[0], endpoint, metadata)
         return [
@@ -412,6 +416,7 @@ class GrpcConnectionPool:
         self, deployment: str, head: bool = True, shard_id: int = 0, timeout: Optional[float] = None
     ) -> Optional[asyncio.Task]:
         """Ask one replica (the head by default) which endpoints it serves; a Task or None."""
+        check_timeout(timeout)
         targets = self.targets(deployment, head, shard_id, PollingType.ANY)
         if not targets:
             return None
