@@ -248,6 +248,12 @@ class FakeApiServer:
                 }
                 stream.queue.put_nowait((json.dumps({"type": "BOOKMARK", "object": obj}) + "\n").encode())
 
+    def raw_event(self, resource: str, event: Any) -> None:
+        """Send ``event`` as it is (JSON-encoded, however wrong) to every open watch of ``resource``."""
+        for stream in self._streams:
+            if stream.resource == resource:
+                stream.queue.put_nowait((json.dumps(event) + "\n").encode())
+
     def compact(self) -> None:
         """Forget the history up to now: watching from an older version gets 410 Gone."""
         self.compacted = self.version

@@ -242,6 +242,26 @@ async def test_malformed_pod_is_skipped(api_server: FakeApiServer, start_pool, c
     assert "ignoring malformed pods default/broken" in caplog.text
 
 
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"type": "MODIFIED", "object": {"metadata": True}},
+        {"type": "ADDED", "object": ["not", "an", "object"]},
+        ["not", "an", "event"],
+    ],
+)
+async def test_an_event_that_is_no_object_is_a_broken_stream_resumed(api_server, start_pool, caplog, event) -> None:
+    pool = await start_pool(sources=("pods",))
+    api_server.apply("pods", pod("first", ip="10.0.0.1"))
+    await eventually(lambda: replicas(pool) == {"10.0.0.1:8080"})
+    watches = len(api_server.watch_requests("pods"))
+    api_server.raw_event("pods", event)
+    await eventually(lambda: len(api_server.watch_requests("pods")) > watches)  # it watched again
+    api_server.apply("pods", pod("second", ip="10.0.0.2"))
+    await eventually(lambda: replicas(pool) == {"10.0.0.1:8080", "10.0.0.2:8080"})
+    assert "unreadable watch event" in caplog.text or "carries no Kubernetes object" in caplog.text
+
+
 # -- endpointslices ----------------------------------------------------------------------
 
 

@@ -96,7 +96,8 @@ def _join(host: str, port: int) -> Optional[str]:
 def object_key(obj: Mapping[str, Any]) -> str:
     """What identifies a watched object across its events: its uid, else namespace/name."""
     metadata = obj.get("metadata") or {}
-    return metadata.get("uid") or f"{metadata.get('namespace', '')}/{metadata.get('name', '')}"
+    uid = metadata.get("uid")
+    return str(uid) if uid else f"{metadata.get('namespace', '')}/{metadata.get('name', '')}"
 
 
 def pod_is_ready(pod: Mapping[str, Any]) -> bool:
@@ -179,7 +180,7 @@ def _members(source: str, obj: Mapping[str, Any], *, ready_only: bool = True) ->
     """What ``obj`` contributes; a malformed object contributes nothing (logged) rather than stop the watch."""
     try:
         return _MEMBERS[source](obj, ready_only=ready_only)
-    except Exception:
+    except Exception:  # a field of an unexpected type somewhere inside (the watch checked the object and its metadata)
         metadata = obj.get("metadata") or {}
         logger.exception("ignoring malformed %s %s/%s", source, metadata.get("namespace"), metadata.get("name"))
         return NOTHING

@@ -161,9 +161,14 @@ class ListWatch:
             document = json.loads(body)
             items = document.get("items") or []
             version = document["metadata"]["resourceVersion"]
+            if not isinstance(items, list):
+                raise TypeError(f"items is a {type(items).__name__}")
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise Unavailable(f"list answer is not a Kubernetes list: {error}") from error
-        await self._on_list(items)
+        objects = [item for item in items if _is_object(item)]
+        if len(objects) < len(items):
+            logger.warning("%s: ignored %d list items that are not Kubernetes objects", self.name, len(items) - len(objects))
+        await self._on_list(objects)
         self.resource_version = version
         self._progress = False
         self.lists += 1
@@ -220,8 +225,10 @@ class ListWatch:
             event = json.loads(line)
             kind = event["type"]
             obj = event.get("object") or {}
-        except (ValueError, KeyError, TypeError) as error:
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise Unavailable(f"unreadable watch event {line[:200]!r}: {error}") from error
+        if not _is_object(obj):
+            raise Unavailable(f"watch event {line[:200]!r} carries no Kubernetes object")
         if kind == "ERROR":
             code, reason, message = obj.get("code"), obj.get("reason"), obj.get("message")
             if code == 410:
@@ -235,6 +242,11 @@ class ListWatch:
             logger.warning("%s: ignoring watch event of unknown type %r", self.name, kind)
         if version:
             self.resource_version = version
+
+
+def _is_object(value: Any) -> bool:
+    """A JSON object whose metadata, when present, is an object too: all the callbacks may assume."""
+    return isinstance(value, dict) and isinstance(value.get("metadata") or {}, dict)
 
 
 async def _check_status(response: aiohttp.ClientResponse) -> None:
