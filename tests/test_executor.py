@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -67,6 +69,36 @@ def test_endpoint_must_start_with_a_slash():
         class Bad(Executor):
             @requests(on="index")
             def index(self, docs, parameters, **kwargs): ...
+
+
+@pytest.mark.parametrize(
+    "on, message",
+    [(123, "an endpoint is a string like '/index', got 123"), ([], "binds no endpoint"), (["/a", None], "got None")],
+)
+def test_requests_refuses_what_is_no_endpoint(on, message):
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+
+        class Wrong(Executor):
+            @requests(on=on)
+            def handle(self, docs, parameters, **kwargs):
+                return None
+
+
+def test_one_class_may_not_bind_an_endpoint_twice_and_create_says_so_before_init():
+    class Twice(Executor):
+        def __init__(self, **kwargs):
+            raise AssertionError("__init__ must not run for a class that cannot be served")
+
+        @requests(on="/x")
+        def first(self, docs, parameters, **kwargs):
+            return None
+
+        @requests(on=["/y", "/x"])
+        def second(self, docs, parameters, **kwargs):
+            return None
+
+    with pytest.raises(ConfigurationError, match="Twice binds /x twice: first and second"):
+        Twice.create()
 
 
 def test_create_sets_runtime_args_before_init_and_passes_uses_with():

@@ -1,8 +1,9 @@
 """The Executor API: a class whose methods, marked with ``@requests``, handle endpoints.
 
 A handler is ``(self, docs, parameters, **kwargs)``, sync or async. It edits
-``docs`` in place and returns None, or returns a list of Documents that
-replaces them. ``@requests`` with no ``on`` handles every endpoint no other
+``docs`` in place and returns None, returns a list of Documents that
+replaces them, or returns a dict, which travels back in the response's
+``parameters["__results__"]`` under the worker's name. ``@requests`` with no ``on`` handles every endpoint no other
 handler binds. Blocking (sync) handlers run in a worker thread so that one
 slow handler does not stall the event loop serving other requests.
 """
@@ -38,8 +39,14 @@ def requests(func: Optional[Callable] = None, *, on: Union[str, Iterable[str], N
     """
 
     def mark(method: Callable) -> Callable:
-        endpoints = [DEFAULT] if on is None else ([on] if isinstance(on, str) else list(on))
+        endpoints = [DEFAULT] if on is None else ([on] if isinstance(on, str) else list(on) if _iterable(on) else [on])
+        if not endpoints:
+            raise ConfigurationError(f"@requests(on=[]) on {method.__qualname__} binds no endpoint")
         for endpoint in endpoints:
+            if not isinstance(endpoint, str):
+                raise ConfigurationError(
+                    f"@requests on {method.__qualname__}: an endpoint is a string like '/index', got {endpoint!r}"
+                )
             if endpoint != DEFAULT and not endpoint.startswith("/"):
                 raise ConfigurationError(f"endpoint {endpoint!r} of {method.__qualname__} must start with '/'")
         # stacked decorators add up: @requests(on="/a") over @requests(on="/b") binds both
@@ -48,6 +55,14 @@ def requests(func: Optional[Callable] = None, *, on: Union[str, Iterable[str], N
         return method
 
     return mark(func) if func is not None else mark
+
+
+def _iterable(value: Any) -> bool:
+    try:
+        iter(value)
+    except TypeError:
+        return False
+    return True
 
 
 class Handler:
@@ -89,15 +104,23 @@ class Executor:
     def handler_table(cls) -> dict[str, Handler]:
         """Endpoint -> handler for this class (``'*'`` is the default handler)."""
         table: dict[str, Handler] = {}
-        for klass in reversed(cls.__mro__):
+        for klass in reversed(cls.__mro__):  # a subclass may rebind an endpoint; one class may not bind it twice
+            bound_here: dict[str, str] = {}
             for attribute in vars(klass).values():
                 for endpoint in getattr(attribute, _ENDPOINTS_ATTR, ()):
+                    if endpoint in bound_here:
+                        raise ConfigurationError(
+                            f"{klass.__qualname__} binds {'the default handler' if endpoint == DEFAULT else endpoint} "
+                            f"twice: {bound_here[endpoint]} and {attribute.__name__}"
+                        )
+                    bound_here[endpoint] = attribute.__name__
                     table[endpoint] = Handler(attribute)
         return table
 
     @classmethod
     def create(cls, runtime_args: Optional[dict[str, Any]] = None, **uses_with: Any) -> "Executor":
         """Instantiate with ``runtime_args`` available inside ``__init__``."""
+        cls.handler_table()  # a handler table that cannot be served fails before a costly __init__ runs
         executor = cls.__new__(cls)
         executor.runtime_args = SimpleNamespace(
             **{"shard_id": 0, "replica_id": 0, "workspace": None, "name": cls.__name__, **(runtime_args or {})}
