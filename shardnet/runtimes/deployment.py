@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import tempfile
 import time
 import weakref
@@ -19,6 +20,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 from shardnet.errors import ConfigurationError, ExecutorError, ProcessError
 from shardnet.networking import oneshot
+from shardnet.networking.balancing import BALANCERS
 from shardnet.networking.polling import PollingMap
 from shardnet.protocol.documents import Document, DocumentList
 from shardnet.protocol.messages import DataRequest
@@ -33,6 +35,35 @@ LAUNCHED_BY_DEPLOYMENT = "SHARDNET_LAUNCHED_BY_DEPLOYMENT"
 
 def _reference(uses: ExecutorSpec) -> str:
     return uses if isinstance(uses, str) else executor_reference(uses)
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+
+
+def _check_arguments(
+    uses: Any, shards: Any, replicas: Any, name: Any, balancer: str, register_interval: float, startup_timeout: float
+) -> None:
+    """Refuse what would only fail later, in a child process or a temporary path, with a murkier message."""
+    if not (isinstance(uses, str) or (isinstance(uses, type) and issubclass(uses, Executor))):
+        raise ConfigurationError(f"uses must be an Executor subclass or 'MODULE:CLASS' text, got {uses!r}")
+    for what, count in (("shards", shards), ("replicas", replicas)):
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ConfigurationError(f"a deployment needs at least 1 shard and 1 replica: {what}={count!r}")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigurationError(f"deployment name {name!r}: letters, digits, '.', '_' or '-', starting with a letter or digit")
+    if balancer not in BALANCERS:
+        raise ConfigurationError(f"unknown balancer {balancer!r}: choose one of {', '.join(BALANCERS)}")
+    if not register_interval > 0 or not startup_timeout > 0:
+        raise ConfigurationError("register_interval and startup_timeout must be positive seconds")
+
+
+def _uses_with_json(uses_with: Optional[Mapping[str, Any]]) -> str:
+    if uses_with is not None and not isinstance(uses_with, Mapping):
+        raise ConfigurationError(f"uses_with must be a mapping of keyword arguments, got {uses_with!r}")
+    try:
+        return json.dumps(dict(uses_with or {}))
+    except (TypeError, ValueError) as exc:  # the workers get them as JSON on their command line
+        raise ConfigurationError(f"uses_with must be JSON-like (it reaches the workers as JSON): {exc}") from None
 
 
 class Deployment:
@@ -64,8 +95,7 @@ class Deployment:
         startup_timeout: float = 30.0,
         log_dir: Optional[str] = None,
     ):
-        if shards < 1 or replicas < 1:
-            raise ConfigurationError(f"a deployment needs at least 1 shard and 1 replica, got {shards} x {replicas}")
+        _check_arguments(uses, shards, replicas, name, balancer, register_interval, startup_timeout)
         self.polling = PollingMap.parse(polling)
         self.name = name
         self.shards = shards
@@ -73,7 +103,7 @@ class Deployment:
         self.host = host
         self.startup_timeout = startup_timeout
         self._uses = _reference(uses)
-        self._uses_with = json.dumps(dict(uses_with or {}))
+        self._uses_with = _uses_with_json(uses_with)
         self._control_token = control_token
         self._register_interval = register_interval
         self._tmp = tempfile.TemporaryDirectory(prefix=f"shardnet-{name}-") if log_dir is None or workspace is None else None
