@@ -556,6 +556,30 @@ BAD_CALLS = {
 }
 
 
+@pytest.mark.parametrize("requests", [[b"bytes"], [None], [DataRequest(), "text"], "ab"], ids=repr)
+async def test_the_pool_and_helpers_send_request_objects_only(echo_servers, requests):
+    [server] = await echo_servers(1)
+    async with GrpcConnectionPool() as pool:
+        pool.add_connection("dep", server.address)
+        with pytest.raises(TypeError, match="DataRequest or ControlRequest objects, got"):
+            pool.send_requests(requests, "dep")
+    with pytest.raises(TypeError, match="one or more DataRequest objects"):
+        await oneshot.send_requests_async(requests, server.address)
+    assert server.calls == 0
+
+
+@pytest.mark.parametrize(
+    "deployment, shard_id, message",
+    [(None, 0, "non-empty text, got None"), ("", 0, "non-empty text"), ("d", "0", "got '0'"),
+     ("d", 1.5, "got 1.5"), ("d", -1, "got -1"), ("d", True, "got True")],
+)
+async def test_deployments_and_shards_are_named_by_text_and_numbers(deployment, shard_id, message):
+    async with GrpcConnectionPool() as pool:
+        with pytest.raises(ConfigurationError, match=re.escape(message)):
+            pool.add_connection(deployment, "127.0.0.1:50001", shard_id=shard_id)
+        assert pool.deployments == {}
+
+
 @pytest.mark.parametrize("arguments, error, message", BAD_CALLS.values(), ids=BAD_CALLS.keys())
 async def test_a_bad_timeout_or_metadata_is_refused_before_anything_is_sent(echo_servers, arguments, error, message):
     [server] = await echo_servers(1)

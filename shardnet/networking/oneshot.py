@@ -66,6 +66,8 @@ async def call_once(
 
 
 def _data_call(requests: Sequence[DataRequest], endpoint: Optional[str]) -> tuple[str, Any, tuple]:
+    if not requests or not all(isinstance(request, DataRequest) for request in requests):
+        raise TypeError(f"send_requests takes one or more DataRequest objects, got {list(requests)!r:.200}")
     endpoint = endpoint or requests[0].endpoint
     metadata = ((ENDPOINT_METADATA, endpoint),) if endpoint else ()
     if len(requests) == 1:

@@ -42,6 +42,14 @@ Metadata = Sequence[tuple[str, str]]
 Reply = tuple[Any, Any]
 
 
+def _check_names(deployment: Any, shard_id: Any) -> None:
+    """A deployment is named by non-empty text and a shard by a number from 0: the maps sort and print them."""
+    if not isinstance(deployment, str) or not deployment:
+        raise ConfigurationError(f"a deployment is named by non-empty text, got {deployment!r}")
+    if isinstance(shard_id, bool) or not isinstance(shard_id, int) or shard_id < 0:
+        raise ConfigurationError(f"deployment {deployment!r}: a shard id is an integer from 0, got {shard_id!r}")
+
+
 @dataclass
 class _Deployment:
     """The replica lists of one deployment: its head and its shards by id."""
@@ -92,6 +100,7 @@ class GrpcConnectionPool:
     # -- membership -----------------------------------------------------------
 
     def _replica_list(self, deployment: str, head: bool, shard_id: int) -> ReplicaList:
+        _check_names(deployment, shard_id)
         entry = self._deployments.setdefault(deployment, _Deployment())
         name = f"{deployment}/head" if head else f"{deployment}/shard-{shard_id}"
         make = lambda: ReplicaList(  # noqa: E731
@@ -338,9 +347,15 @@ class GrpcConnectionPool:
     def _method_for(requests: Sequence[Union[DataRequest, ControlRequest]]) -> tuple[str, Any]:
         if len(requests) == 1:
             request = requests[0]
-            return ("control", request) if isinstance(request, ControlRequest) else ("single_data", request)
-        if any(isinstance(request, ControlRequest) for request in requests):
-            raise TypeError("control requests are sent one at a time")
+            if isinstance(request, DataRequest):
+                return "single_data", request
+            if isinstance(request, ControlRequest):
+                return "control", request
+        for request in requests:
+            if isinstance(request, ControlRequest):
+                raise TypeError("control requests are sent one at a time")
+            if not isinstance(request, DataRequest):
+                raise TypeError(f"the pool sends DataRequest or ControlRequest objects, got {type(request).__name__}")
         return "data", list(requests)
 
     def send_requests(
