@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from shardnet import DataRequest, Document, ReplicaError
-from shardnet.errors import ExecutorError
+from shardnet.errors import ConfigurationError, ExecutorError, ProcessError
 from shardnet.networking import oneshot
 from shardnet.runtimes.deployment import Deployment
 
@@ -120,7 +120,14 @@ def test_workers_are_named_as_jina_names_replicas_so_every_shards_dict_result_ar
             "counter/shard-0/rep-0": {"docs": 1.0, "shard": 0.0},
             "counter/shard-1/rep-0": {"docs": 1.0, "shard": 1.0},
         }
-    with Deployment(executors.Tagger, shards=1, replicas=1, name="single") as deployment:
+    single = Deployment(executors.Tagger, shards=1, replicas=1, name="single")
+    with pytest.raises(ProcessError, match="'single' is not running"):
+        single.restart_worker(0, 0)
+    with pytest.raises(ProcessError, match="'single' is not running"):
+        single.restart_head()
+    with single as deployment:
         [doc] = deployment.post("/tag", [Document(text="a")])
         response = oneshot.send_request_sync(DataRequest([doc], endpoint="/count"), deployment.address, timeout=30)
         assert list(response.parameters["__results__"]) == ["single/rep-0"]
+        with pytest.raises(ConfigurationError, match="no worker for shard 1, replica 0 .shards 0..0, replicas 0..0"):
+            deployment.restart_worker(1, 0)

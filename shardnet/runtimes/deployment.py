@@ -228,7 +228,14 @@ class Deployment:
 
     def restart_worker(self, shard: int, replica: int) -> ShardnetProcess:
         """Stop one worker (drain, DEACTIVATE) and start it again; return when the head lists it."""
-        process = self.workers[(shard, replica)]
+        if not self.workers:
+            raise ProcessError(f"deployment {self.name!r} is not running")
+        process = self.workers.get((shard, replica))
+        if process is None:
+            raise ConfigurationError(
+                f"deployment {self.name!r} has no worker for shard {shard}, replica {replica} "
+                f"(shards 0..{self.shards - 1}, replicas 0..{self.replicas - 1})"
+            )
         process.stop()
         process.launch()
         process.wait_ready(self.startup_timeout)
@@ -237,6 +244,8 @@ class Deployment:
 
     def restart_head(self) -> ShardnetProcess:
         """Restart the head on the same port; workers re-register on their next refresh."""
+        if self.head is None:
+            raise ProcessError(f"deployment {self.name!r} is not running")
         self.head.stop()
         # the head comes back on the port it had, where the workers look for it
         port = self.head.address.rsplit(":", 1)[1]
