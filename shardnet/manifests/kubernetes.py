@@ -342,6 +342,8 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
             "--host", "0.0.0.0",
             "--port", str(spec.port),
             "--shard-id", str(shard),
+            # the key of its dict results: one per shard, so ALL keeps every shard's side by side
+            "--name", f"{spec.name}/shard-{shard}" if spec.shards > 1 else spec.name,
             "--workspace", WORKSPACE,
         ]  # fmt: skip
         volumes = {"tmp": "/tmp", "workspace": WORKSPACE}
