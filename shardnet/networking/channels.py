@@ -178,7 +178,7 @@ class MetadataCache:
         return metadata
 
     def for_endpoint(self, endpoint: Optional[str], extra: Sequence[tuple[str, str]] = ()) -> grpc.aio.Metadata:
-        """The ``endpoint`` pair, then the fixed pairs, then ``extra``; ProtocolError for an endpoint gRPC cannot send."""
+        """The ``endpoint`` pair, then the fixed pairs, then ``extra``; ProtocolError for a pair gRPC cannot send."""
         key = (endpoint, extra)
         try:
             metadata = self._by_endpoint.get(key)

@@ -1,11 +1,12 @@
 """The Executor API: a class whose methods, marked with ``@requests``, handle endpoints.
 
 A handler is ``(self, docs, parameters, **kwargs)``, sync or async. It edits
-``docs`` in place and returns None, returns a list of Documents that
-replaces them, or returns a dict, which travels back in the response's
-``parameters["__results__"]`` under the worker's name. ``@requests`` with no ``on`` handles every endpoint no other
-handler binds. Blocking (sync) handlers run in a worker thread so that one
-slow handler does not stall the event loop serving other requests.
+``docs`` in place and returns None, returns a list of Documents that replaces
+them, or returns a dict, which travels back in the response's
+``parameters["__results__"]`` under the worker's name. ``@requests`` with no
+``on`` handles every endpoint no other handler binds. Blocking (sync) handlers
+run in a worker thread so that one slow handler does not stall the event loop
+serving other requests.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def requests(func: Optional[Callable] = None, *, on: Union[str, Iterable[str], N
     """
 
     def mark(method: Callable) -> Callable:
-        endpoints = [DEFAULT] if on is None else ([on] if isinstance(on, str) else list(on) if _iterable(on) else [on])
+        endpoints = _endpoint_list(on)
         if not endpoints:
             raise ConfigurationError(f"@requests(on=[]) on {method.__qualname__} binds no endpoint")
         for endpoint in endpoints:
@@ -57,12 +58,16 @@ def requests(func: Optional[Callable] = None, *, on: Union[str, Iterable[str], N
     return mark(func) if func is not None else mark
 
 
-def _iterable(value: Any) -> bool:
+def _endpoint_list(on: Any) -> list:
+    """What ``on=`` names, as a list; whatever is not an endpoint string is left for ``requests`` to refuse."""
+    if on is None:
+        return [DEFAULT]
+    if isinstance(on, str):
+        return [on]
     try:
-        iter(value)
-    except TypeError:
-        return False
-    return True
+        return list(on)
+    except TypeError:  # not iterable: a single wrong value
+        return [on]
 
 
 class Handler:

@@ -47,9 +47,9 @@ def merge_shard_responses(deployment: str, outcomes: Sequence[ShardOutcome]) -> 
     failed = [(shard, result) for shard, result in outcomes if not isinstance(result, DataRequest)]
     if not answered:
         raise failed[0][1]
-    merged = answered[0][1]
-    merge_documents(merged, [response for _, response in answered[1:]])
-    merge_results(merged, [response for _, response in answered[1:]])
+    merged, others = answered[0][1], [response for _, response in answered[1:]]
+    merge_documents(merged, others)
+    merge_results(merged, others)
     report_shard_problems(merged, deployment, outcomes)
     return merged
 
