@@ -7,6 +7,7 @@ trailing metadata, health and reflection as a stock gRPC client reads them.
 from __future__ import annotations
 
 import asyncio
+import math
 import signal
 from pathlib import Path
 
@@ -76,6 +77,14 @@ async def test_handler_returning_a_dict_files_it_under_the_worker_name_in_result
     assert response.parameters == {"k": "v", "__results__": {"tagging/rep-0": {"docs": 1.0, "shard": 0.0}}}
     assert [(doc.id, doc.text) for doc in response.docs] == [("x", "hi")]  # the documents stay as they were
     assert response.routes[-1].executor == "tagging/rep-0"
+
+
+async def test_parameters_holding_nan_travel_both_ways(tagger):
+    request = DataRequest([Document(text="a")], endpoint="/tag", parameters={"threshold": float("nan"), "k": [1, None]})
+    response = await oneshot.send_request_async(request, tagger.server.address, timeout=10)
+    assert not response.is_error
+    parameters = response.parameters
+    assert math.isnan(parameters["threshold"]) and parameters["k"] == [1.0, None]
 
 
 async def test_a_dict_result_that_is_not_json_like_is_the_handlers_error(tagger):

@@ -18,12 +18,12 @@ from shardnet.protocol.ids import new_id
 from shardnet.protocol.proto import docarray_pb2
 
 
-def _to_python(value: Any) -> Any:
-    """Turn protobuf Struct/ListValue values into plain dicts and lists."""
+def to_python(value: Any) -> Any:
+    """Turn protobuf Struct/ListValue values into plain dicts and lists (numbers as floats, NaN kept)."""
     if isinstance(value, struct_pb2.Struct):
-        return {key: _to_python(value[key]) for key in value.keys()}
+        return {key: to_python(value[key]) for key in value.keys()}
     if isinstance(value, struct_pb2.ListValue):
-        return [_to_python(item) for item in value]
+        return [to_python(item) for item in value]
     return value
 
 
@@ -38,7 +38,7 @@ class StructView(MutableMapping):
     def __getitem__(self, key: str) -> Any:
         if key not in self._struct:
             raise KeyError(key)
-        return _to_python(self._struct[key])
+        return to_python(self._struct[key])
 
     def __setitem__(self, key: str, value: Any) -> None:
         self._struct.update({key: value})

@@ -14,11 +14,11 @@ import traceback
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional, Union
 
-from google.protobuf import json_format, unknown_fields
+from google.protobuf import unknown_fields
 from google.protobuf.message import DecodeError, Message
 
 from shardnet.errors import ProtocolError
-from shardnet.protocol.documents import Document, DocumentList
+from shardnet.protocol.documents import Document, DocumentList, to_python
 from shardnet.protocol.ids import new_id
 from shardnet.protocol.proto import jina_pb2
 from shardnet.protocol.wire import length_delimited_fields
@@ -229,7 +229,7 @@ class DataRequest:
     @property
     def parameters(self) -> dict[str, Any]:
         """A copy of the parameters as a dict (assign to change them)."""
-        return json_format.MessageToDict(self._outer().parameters)
+        return to_python(self._outer().parameters)
 
     @parameters.setter
     def parameters(self, value: Mapping[str, Any]) -> None:
