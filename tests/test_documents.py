@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -50,6 +52,7 @@ def test_sparse_array_is_densified():
         (lambda dense: setattr(dense, "buffer", b"\x00" * 3), "buffer holds 3 bytes"),
         (lambda dense: setattr(dense, "dtype", "O"), "not numeric"),
         (lambda dense: setattr(dense, "dtype", "no-such-dtype"), "unknown dtype"),
+        (lambda dense: setattr(dense, "dtype", ","), "unknown dtype"),  # numpy raises SyntaxError for this one
     ],
 )
 def test_malformed_ndarray_raises_protocol_error(mutate, message):
@@ -174,3 +177,32 @@ def test_any_ndarray_from_the_network_decodes_or_raises_protocol_error(dense, in
     except ProtocolError:
         return
     assert array.nbytes <= ndarray.MAX_DENSE_BYTES
+
+
+WRONG_VALUES = {
+    "text-number": (lambda: Document(text=5), "Document.text takes text, got int"),
+    "id-number": (lambda: Document(id=5), "Document.id takes text, got int"),
+    "tags-list": (lambda: Document(tags=[1]), "tags take a mapping of text keys"),
+    "tags-number-key": (lambda: Document(tags={1: 2}), "tags keys are text, got 1"),
+    "tags-object": (lambda: Document(tags={"a": object()}), "tags['a'] must be JSON-like"),
+    "docs-number": (lambda: DataRequest(docs=[1]), "documents are shardnet.Document (or DocumentProto) objects, got int"),
+    "parameters-list": (lambda: DataRequest(parameters=[1]), "parameters take a mapping of text keys"),
+    "endpoint-number": (lambda: DataRequest(endpoint=5), "an endpoint is text like '/index', got int"),
+}
+
+
+@pytest.mark.parametrize("make, message", WRONG_VALUES.values(), ids=WRONG_VALUES.keys())
+def test_wrong_values_are_type_errors_that_say_what_was_expected(make, message):
+    with pytest.raises(TypeError, match=re.escape(message)):
+        make()
+
+
+def test_a_refused_value_changes_nothing():
+    request = DataRequest(docs=[Document(text="a")], parameters={"k": "v"})
+    with pytest.raises(TypeError):
+        request.docs.append(5)
+    with pytest.raises(TypeError):
+        request.parameters = {"k": "new", "bad": object()}
+    with pytest.raises(TypeError):
+        request.docs[0].tags["bad"] = object()
+    assert request.docs.texts == ["a"] and request.parameters == {"k": "v"} and dict(request.docs[0].tags) == {}

@@ -27,6 +27,35 @@ def to_python(value: Any) -> Any:
     return value
 
 
+def _proto_of(doc: Any) -> docarray_pb2.DocumentProto:
+    if isinstance(doc, Document):
+        return doc._pb
+    if isinstance(doc, docarray_pb2.DocumentProto):
+        return doc
+    raise TypeError(f"documents are shardnet.Document (or DocumentProto) objects, got {type(doc).__name__}")
+
+
+def _text(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"Document.{field} takes text, got {type(value).__name__}")
+    return value
+
+
+def update_struct(struct: struct_pb2.Struct, values: Any, what: str) -> None:
+    """``struct.update`` all or nothing, with an error that says which value could not be stored and why."""
+    if not isinstance(values, Mapping):
+        raise TypeError(f"{what} take a mapping of text keys to JSON-like values, got {type(values).__name__}")
+    checked = struct_pb2.Struct()  # protobuf leaves an empty entry behind when a value fails: fill a scratch one first
+    for key, value in values.items():
+        if not isinstance(key, str):
+            raise TypeError(f"{what} keys are text, got {key!r}")
+        try:
+            checked.update({key: value})
+        except (TypeError, ValueError):
+            raise TypeError(f"{what}[{key!r}] must be JSON-like (text, number, bool, None, list, dict), got {value!r:.80}") from None
+    struct.MergeFrom(checked)  # map entries are replaced, not merged into
+
+
 class StructView(MutableMapping):
     """A dict-like view of a protobuf ``Struct`` (JSON semantics: numbers come back as floats)."""
 
@@ -41,7 +70,7 @@ class StructView(MutableMapping):
         return to_python(self._struct[key])
 
     def __setitem__(self, key: str, value: Any) -> None:
-        self._struct.update({key: value})
+        update_struct(self._struct, {key: value}, "tags")
 
     def __delitem__(self, key: str) -> None:
         if key not in self._struct:
@@ -82,7 +111,7 @@ class Document:
         self._pb = proto if proto is not None else docarray_pb2.DocumentProto()
         if proto is not None:
             return
-        self._pb.id = id or new_id()
+        self._pb.id = _text(id, "id") if id else new_id()
         if text is not None:
             self.text = text
         if blob is not None:
@@ -92,7 +121,7 @@ class Document:
         if embedding is not None:
             self.embedding = embedding
         if tags:
-            self._pb.tags.update(dict(tags))
+            update_struct(self._pb.tags, tags, "tags")
 
     @property
     def proto(self) -> docarray_pb2.DocumentProto:
@@ -105,7 +134,7 @@ class Document:
 
     @id.setter
     def id(self, value: str) -> None:
-        self._pb.id = value
+        self._pb.id = _text(value, "id")
 
     @property
     def text(self) -> str:
@@ -113,7 +142,7 @@ class Document:
 
     @text.setter
     def text(self, value: str) -> None:
-        self._pb.text = value
+        self._pb.text = _text(value, "text")
 
     @property
     def blob(self) -> bytes:
@@ -216,12 +245,11 @@ class DocumentList:
         return (Document(proto=pb) for pb in self._field)
 
     def append(self, doc: DocumentLike) -> None:
+        proto = _proto_of(doc)  # before add(): a refused value leaves no empty document behind
         stored = self._field.add()
+        stored.CopyFrom(proto)
         if isinstance(doc, Document):
-            stored.CopyFrom(doc._pb)
             doc._pb = stored
-        else:
-            stored.CopyFrom(doc)
 
     def extend(self, docs: Iterable[DocumentLike]) -> None:
         for doc in docs:
@@ -235,7 +263,7 @@ class DocumentList:
         copies = []
         for doc in docs:
             clone = docarray_pb2.DocumentProto()
-            clone.CopyFrom(doc._pb if isinstance(doc, Document) else doc)
+            clone.CopyFrom(_proto_of(doc))
             copies.append(clone)
         self.clear()
         self._field.extend(copies)

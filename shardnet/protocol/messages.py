@@ -14,11 +14,11 @@ import traceback
 from collections.abc import Iterable, Mapping
 from typing import Any, Optional, Union
 
-from google.protobuf import unknown_fields
+from google.protobuf import struct_pb2, unknown_fields
 from google.protobuf.message import DecodeError, Message
 
 from shardnet.errors import ProtocolError
-from shardnet.protocol.documents import Document, DocumentList, to_python
+from shardnet.protocol.documents import Document, DocumentList, to_python, update_struct
 from shardnet.protocol.ids import new_id
 from shardnet.protocol.proto import jina_pb2
 from shardnet.protocol.wire import length_delimited_fields
@@ -90,9 +90,9 @@ class DataRequest:
         self._message.header.request_id = new_id()
         self._message.data.docs.SetInParent()
         if endpoint is not None:
-            self._message.header.exec_endpoint = endpoint
+            self.endpoint = endpoint
         if parameters:
-            self._message.parameters.update(dict(parameters))
+            update_struct(self._message.parameters, parameters, "parameters")
         if docs is not None:
             self.docs.extend(docs)
 
@@ -179,6 +179,8 @@ class DataRequest:
 
     @endpoint.setter
     def endpoint(self, value: Optional[str]) -> None:
+        if value is not None and not isinstance(value, str):
+            raise TypeError(f"an endpoint is text like '/index', got {type(value).__name__}")
         header = self._outer(changing=True).header
         if value is None:
             header.ClearField("exec_endpoint")
@@ -233,9 +235,9 @@ class DataRequest:
 
     @parameters.setter
     def parameters(self, value: Mapping[str, Any]) -> None:
-        struct = self._outer(changing=True).parameters
-        struct.Clear()
-        struct.update(dict(value))
+        fresh = struct_pb2.Struct()
+        update_struct(fresh, value, "parameters")  # all or nothing: a refused value leaves the old parameters
+        self._outer(changing=True).parameters.CopyFrom(fresh)
 
     @property
     def docs(self) -> DocumentList:

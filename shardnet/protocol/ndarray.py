@@ -6,7 +6,9 @@ as COO (indices, values, shape), which numpy can rebuild without scipy.
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -48,11 +50,14 @@ def read_dense(source: docarray_pb2.DenseNdArrayProto) -> np.ndarray:
         raise ProtocolError(f"NdArray shape {shape} of {dtype} is not usable: {exc}") from None
 
 
+@functools.lru_cache(maxsize=128)  # a stream of arrays names a handful of dtypes
 def _numeric_dtype(name: str) -> np.dtype:
-    try:
-        dtype = np.dtype(name)
-    except (TypeError, ValueError) as exc:
-        raise ProtocolError(f"NdArray has an unknown dtype {name!r}") from exc
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # numpy still parses deprecated aliases ('a'): refused below
+        try:
+            dtype = np.dtype(name)
+        except Exception as exc:  # TypeError, ValueError, and SyntaxError for some strings (',')
+            raise ProtocolError(f"NdArray has an unknown dtype {name!r}") from exc
     if dtype.kind not in _SAFE_KINDS:
         raise ProtocolError(f"NdArray dtype {name!r} is not numeric; refusing to decode it")
     return dtype
