@@ -219,6 +219,13 @@ def _requests_to_bytes(requests: Sequence[DataRequest]) -> bytes:
     return envelope.SerializeToString()
 
 
+# reply decoders, built once: every channel's callables share them
+_CONTROL_REPLY = _decoding(ControlRequest.from_bytes, "ControlRequest")
+_ENDPOINTS_REPLY = _decoding(jina_pb2.EndpointsProto.FromString, "Endpoints")
+_HEALTH_REPLY = _decoding(health_pb2.HealthCheckResponse.FromString, "HealthCheckResponse")
+_DECODED_REPLY = _decoding(_decoded_request, "DataRequest")
+
+
 @dataclass(frozen=True)
 class Stubs:
     """One callable per Jina method on one channel."""
@@ -238,21 +245,11 @@ class Stubs:
         return cls(
             single_data=unary(services.PROCESS_SINGLE_DATA, _to_bytes, DataRequest.from_bytes),
             data=unary(services.PROCESS_DATA, _requests_to_bytes, DataRequest.from_bytes),
-            control=unary(services.PROCESS_CONTROL, _to_bytes, _decoding(ControlRequest.from_bytes, "ControlRequest")),
-            discovery=unary(
-                services.ENDPOINT_DISCOVERY,
-                empty_pb2.Empty.SerializeToString,
-                _decoding(jina_pb2.EndpointsProto.FromString, "Endpoints"),
-            ),
-            health=unary(
-                "/grpc.health.v1.Health/Check",
-                health_pb2.HealthCheckRequest.SerializeToString,
-                _decoding(health_pb2.HealthCheckResponse.FromString, "HealthCheckResponse"),
-            ),
-            decoded_single_data=unary(
-                services.PROCESS_SINGLE_DATA, _to_bytes, _decoding(_decoded_request, "DataRequest")
-            ),
-            decoded_data=unary(services.PROCESS_DATA, _requests_to_bytes, _decoding(_decoded_request, "DataRequest")),
+            control=unary(services.PROCESS_CONTROL, _to_bytes, _CONTROL_REPLY),
+            discovery=unary(services.ENDPOINT_DISCOVERY, empty_pb2.Empty.SerializeToString, _ENDPOINTS_REPLY),
+            health=unary("/grpc.health.v1.Health/Check", health_pb2.HealthCheckRequest.SerializeToString, _HEALTH_REPLY),
+            decoded_single_data=unary(services.PROCESS_SINGLE_DATA, _to_bytes, _DECODED_REPLY),
+            decoded_data=unary(services.PROCESS_DATA, _requests_to_bytes, _DECODED_REPLY),
         )
 
 
