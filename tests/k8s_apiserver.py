@@ -171,6 +171,7 @@ class FakeApiServer:
         self.requests: list[tuple[str, bool, dict[str, str]]] = []  # (resource, watch, query)
         self.written_at: dict[int, float] = {}  # version -> perf_counter() when first written to a stream
         self._objects: dict[str, dict[tuple[str, str], dict]] = {name: {} for name in RESOURCES}
+        self.junk_items: list[Any] = []  # served in every list answer after the real items, however wrong
         self._history: list[Event] = []
         self._streams: set[_Stream] = set()
         self._transports: set[asyncio.Transport] = set()
@@ -348,7 +349,7 @@ class FakeApiServer:
                 "kind": f"{RESOURCES[resource].kind}List",
                 "apiVersion": RESOURCES[resource].api_version,
                 "metadata": {"resourceVersion": str(self.version)},
-                "items": items,
+                "items": items + self.junk_items,
             }
         )
 

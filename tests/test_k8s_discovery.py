@@ -262,6 +262,14 @@ async def test_an_event_that_is_no_object_is_a_broken_stream_resumed(api_server,
     assert "unreadable watch event" in caplog.text or "carries no Kubernetes object" in caplog.text
 
 
+async def test_list_items_that_are_no_objects_are_skipped_and_the_rest_is_used(api_server, start_pool, caplog) -> None:
+    api_server.junk_items = [["a", "list"], 7, {"metadata": "not an object"}]
+    api_server.apply("pods", pod("fine", ip="10.0.0.3"))
+    pool = await start_pool(sources=("pods",))
+    await eventually(lambda: replicas(pool) == {"10.0.0.3:8080"})
+    assert "ignored 3 list items that are not Kubernetes objects" in caplog.text
+
+
 # -- endpointslices ----------------------------------------------------------------------
 
 
