@@ -261,6 +261,36 @@ async def test_jina_head_in_front_of_a_shardnet_worker(jina_peer, tmp_path, runt
         assert failed.is_error and failed.status.exception.name == "ValueError"
         assert list(failed.status.exception.args) == ["bad input", "42"]
         assert worker.executor.calls == 1
+
+        counted, _ = await call(address, "/count", [Document(id="c", text="y")])  # a dict result, through Jina's head
+        assert not counted.is_error, counted.status
+        assert counted.parameters["__results__"] == {"Tagger": {"docs": 1.0, "shard": 0.0}}
+        assert counted.docs.texts == ["y"]
+    finally:
+        head.kill()
+
+
+async def test_jina_head_polling_all_gathers_the_dict_results_of_shardnet_shards(jina_peer, tmp_path, runtimes):
+    shards = [
+        await runtimes(Worker(executors.Tagger.create({"shard_id": shard}), name=f"tags/shard-{shard}/rep-0"))
+        for shard in range(2)
+    ]
+    port = free_port()
+    head = JinaProcess(
+        [str(jina_peer), *"executor --native --runtime-cls HeadRuntime --polling ALL --host 127.0.0.1".split()]
+        + ["--port", str(port), "--connection-list", json.dumps({str(i): [w.server.address] for i, w in enumerate(shards)})],
+        tmp_path / "jina-head-all.log",
+        tmp_path,
+    )
+    try:
+        address = f"127.0.0.1:{port}"
+        await head.wait_serving(address)
+        response, _ = await call(address, "/count", [Document(id="c", text="y")])
+        assert not response.is_error, response.status
+        assert response.parameters["__results__"] == {
+            "tags/shard-0/rep-0": {"docs": 1.0, "shard": 0.0},
+            "tags/shard-1/rep-0": {"docs": 1.0, "shard": 1.0},
+        }
     finally:
         head.kill()
 
