@@ -394,12 +394,24 @@ def test_activate_with_a_bad_address_is_refused_and_changes_nothing(servers, hos
     servers.assert_healthy()
 
 
+def test_activate_for_a_shard_beyond_the_heads_shards_is_refused(servers):
+    beyond = ControlRequest("ACTIVATE")
+    beyond.add_related_entity("stray", "127.0.0.1", 5998, 1)  # the head was started with --shards 1
+    code, details, _ = servers.call(
+        "head", services.PROCESS_CONTROL, beyond.to_bytes(),
+        metadata=((services.AUTHORIZATION_METADATA, f"Bearer {TOKEN}"),),
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+    assert "127.0.0.1:5998 claims shard 1 of 'bad', which has shards 0..0 (head --shards 1)" in details, details
+    assert servers.status() == servers.members
+
+
 def test_activate_accepts_exactly_what_parse_address_accepts(servers):
     @FUZZ
     @given(host=st.text(max_size=30), port=st.integers(min_value=0, max_value=2**32 - 1))
     def fuzz(host, port):
         code, details, _ = servers.call(
-            "head", services.PROCESS_CONTROL, _activate(host, port, shard_id=7).to_bytes(),
+            "head", services.PROCESS_CONTROL, _activate(host, port, shard_id=0).to_bytes(),
             metadata=((services.AUTHORIZATION_METADATA, f"Bearer {TOKEN}"),),
         )
         bracketed = f"[{host}]" if ":" in host and not host.startswith("[") else host
@@ -410,7 +422,7 @@ def test_activate_accepts_exactly_what_parse_address_accepts(servers):
             assert servers.status() == servers.members
             return
         assert code == grpc.StatusCode.OK, details
-        deactivate = _activate(host, port, shard_id=7)
+        deactivate = _activate(host, port, shard_id=0)
         deactivate.command = "DEACTIVATE"
         code, details, _ = servers.call(
             "head", services.PROCESS_CONTROL, deactivate.to_bytes(),

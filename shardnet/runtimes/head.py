@@ -72,6 +72,7 @@ class Head:
         self.polling = polling
         self.pool = pool if pool is not None else GrpcConnectionPool(balancer="p2c_ewma")
         self.pool.declare_shards(deployment, shards)
+        self._shards = shards  # when given, ACTIVATE for a shard beyond them is refused
         for shard_id, addresses in (connections or {}).items():
             for address in addresses:
                 self.pool.add_connection(deployment, address, shard_id=shard_id)
@@ -243,7 +244,15 @@ class Head:
                 address = str(parse_address(f"{host}:{entity.port}", tls=dial_tls))
             except ConfigurationError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{command} refused: {exc}")
-            changes.append((address, entity.shard_id if entity.HasField("shard_id") else None))
+            shard_id = entity.shard_id if entity.HasField("shard_id") else None
+            if command == "ACTIVATE" and self._shards and (shard_id or 0) >= self._shards:
+                # a worker configured for another shape: ALL would fan out to a shard nobody expects
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"ACTIVATE refused: {address} claims shard {shard_id} of {self.deployment!r}, "
+                    f"which has shards 0..{self._shards - 1} (head --shards {self._shards})",
+                )
+            changes.append((address, shard_id))
         for address, shard_id in changes:
             if command == "ACTIVATE":
                 replicas = self.pool.get_replicas(self.deployment, shard_id=shard_id or 0)
