@@ -31,7 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--connection", action="append", default=[], metavar="SHARD=HOST:PORT", help="a worker replica (repeatable)"
     )
-    parser.add_argument("--shards", type=int, default=0, help="shards expected; ALL reports any without a replica")
+    parser.add_argument(
+        "--shards", type=int, default=0, help="shards expected: ALL reports any without a replica, ACTIVATE beyond them is refused"
+    )
     parser.add_argument(
         "--lease", type=float, default=None, help="drop an ACTIVATEd worker that has not re-sent ACTIVATE for this long"
     )
