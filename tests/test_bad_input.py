@@ -38,6 +38,7 @@ from shardnet.networking.tls import ClientTls, ServerTls
 from shardnet.protocol import services
 from shardnet.protocol.proto import jina_pb2
 from shardnet.runtimes.deployment import Deployment
+from shardnet.runtimes.head import Head
 from shardnet.runtimes.processes import ShardnetProcess, stop_all
 from shardnet.runtimes.server import ServerConfig
 
@@ -545,6 +546,7 @@ BAD_CONFIGURATIONS = {
     "deployment-uses-with-list": (lambda: Deployment(uses=EXECUTOR, uses_with=[1]), "uses_with must be a mapping"),
     "deployment-uses-with-object": (lambda: Deployment(uses=EXECUTOR, uses_with={"x": object()}), "JSON-like"),
     "deployment-balancer": (lambda: Deployment(uses=EXECUTOR, balancer="random"), "unknown balancer"),
+    "head-shards-negative": (lambda: Head("d", shards=-1), "shards must be a whole number from 0"),
     "tls-unreadable": (lambda: ServerTls("/nonexistent.pem", "/nonexistent.pem"), "cannot read"),
     "tls-not-pem": (lambda: ServerTls(b"hello", b"world"), "not PEM"),
     "client-tls-half-pair": (lambda: ClientTls(private_key=b"-----BEGIN KEY-----"), "both a client private key"),

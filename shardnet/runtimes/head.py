@@ -71,6 +71,8 @@ class Head:
         self.deployment = deployment
         self.polling = polling
         self.pool = pool if pool is not None else GrpcConnectionPool(balancer="p2c_ewma")
+        if isinstance(shards, bool) or not isinstance(shards, int) or shards < 0:
+            raise ConfigurationError(f"shards must be a whole number from 0 (0: not declared), got {shards!r}")
         self.pool.declare_shards(deployment, shards)
         self._shards = shards  # when given, ACTIVATE for a shard beyond them is refused
         for shard_id, addresses in (connections or {}).items():
