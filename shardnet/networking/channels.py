@@ -19,7 +19,7 @@ import grpc.aio
 from google.protobuf import empty_pb2
 from grpc_health.v1 import health_pb2
 
-from shardnet.errors import MalformedReplyError, ProtocolError
+from shardnet.errors import ConfigurationError, MalformedReplyError, ProtocolError
 from shardnet.networking.addresses import Address, parse_address
 from shardnet.networking.tls import ClientTls, PemSource
 from shardnet.protocol import services
@@ -47,6 +47,19 @@ def default_grpc_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> 
         # a channel of its own connections: rebuilding a failing channel really reconnects
         ("grpc.use_local_subchannel_pool", 1),
     ]
+
+
+def checked_options(options: Optional[ChannelOptions]) -> tuple[tuple[str, Any], ...]:
+    """Channel options as a tuple of (name, value) pairs, or a ConfigurationError naming the one gRPC would trip on."""
+    checked = []
+    for option in options or ():
+        if not (isinstance(option, (tuple, list)) and len(option) == 2):
+            raise ConfigurationError(f"channel options are (name, value) pairs, got {option!r}")
+        name, value = option
+        if not isinstance(name, str) or not isinstance(value, (int, str, bytes)):
+            raise ConfigurationError(f"channel option {option!r}: the name is text and the value a number or text")
+        checked.append((name, value))
+    return tuple(checked)
 
 
 def merge_options(options: Optional[ChannelOptions]) -> list[tuple[str, Any]]:

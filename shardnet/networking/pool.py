@@ -26,6 +26,7 @@ from shardnet.networking.balancing import make_balancer
 from shardnet.networking.channels import (
     ChannelOptions,
     MetadataCache,
+    checked_options,
     create_async_channel_stub,
     default_grpc_options,
     get_grpc_channel,
@@ -89,7 +90,7 @@ class GrpcConnectionPool:
         self.timeout = timeout
         self._ejection = ejection
         self._tls = tls
-        self._options = options
+        self._options = checked_options(options)
         self._deployments: dict[str, _Deployment] = {}
         try:
             self._metadata_cache = MetadataCache(fixed=metadata)

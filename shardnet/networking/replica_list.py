@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2
 from shardnet.errors import ProtocolError
 from shardnet.networking.addresses import Address, parse_address
 from shardnet.networking.balancing import Balancer, RoundRobin
-from shardnet.networking.channels import ChannelOptions, Stubs, checked_reply, get_grpc_channel
+from shardnet.networking.channels import ChannelOptions, Stubs, checked_options, checked_reply, get_grpc_channel
 from shardnet.networking.policies import EjectionPolicy
 from shardnet.networking.tls import ClientTls
 
@@ -100,7 +100,7 @@ class ReplicaList:
         self.balancer = balancer if balancer is not None else RoundRobin()
         self.name = name
         self._tls = tls
-        self._options = options
+        self._options = checked_options(options)
         self._ejection = ejection
         self._connections: dict[str, Connection] = {}
         self._eligible: list[Connection] = []  # picked from; swap-removal keeps it O(1)
