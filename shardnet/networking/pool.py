@@ -43,6 +43,13 @@ Metadata = Sequence[tuple[str, str]]
 Reply = tuple[Any, Any]
 
 
+def _check_policies(**given: tuple[Any, type]) -> None:
+    """Each policy is an instance of its class (or None where that means the default): a wrong one fails here."""
+    for name, (value, kind) in given.items():
+        if value is not None and not isinstance(value, kind):
+            raise ConfigurationError(f"{name} must be an instance of {kind.__name__} (or None), got {value!r}")
+
+
 def _check_names(deployment: Any, shard_id: Any) -> None:
     """A deployment is named by non-empty text and a shard by a number from 0: the maps sort and print them."""
     if not isinstance(deployment, str) or not deployment:
@@ -73,7 +80,7 @@ class GrpcConnectionPool:
         self,
         *,
         balancer: str = "round_robin",
-        retry: RetryPolicy = RetryPolicy(),
+        retry: Optional[RetryPolicy] = RetryPolicy(),
         retry_budget: Optional[RetryBudget] = None,
         ejection: Optional[EjectionPolicy] = EjectionPolicy(),
         timeout: Optional[float] = None,
@@ -82,10 +89,12 @@ class GrpcConnectionPool:
         metadata: Metadata = (),
     ):
         make_balancer(balancer)  # validate the name now, not at the first add
-        if timeout is not None and not timeout > 0:
-            raise ConfigurationError(f"the pool's timeout must be positive seconds (or None), got {timeout}")
+        _check_policies(retry=(retry, RetryPolicy), retry_budget=(retry_budget, RetryBudget),
+                        ejection=(ejection, EjectionPolicy), tls=(tls, ClientTls))
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
+            raise ConfigurationError(f"the pool's timeout must be positive seconds (or None), got {timeout!r}")
         self.balancer = balancer
-        self.retry = retry
+        self.retry = retry if retry is not None else RetryPolicy()
         self.retry_budget = retry_budget if retry_budget is not None else RetryBudget()
         self.timeout = timeout
         self._ejection = ejection
