@@ -34,6 +34,7 @@ from shardnet.networking.channels import default_grpc_options
 from shardnet.networking.policies import EjectionPolicy, RetryBudget, RetryPolicy
 from shardnet.networking.polling import PollingMap
 from shardnet.networking.pool import GrpcConnectionPool
+from shardnet.networking.replica_list import ReplicaList
 from shardnet.networking.tls import ClientTls, ServerTls
 from shardnet.protocol import services
 from shardnet.protocol.proto import jina_pb2
@@ -552,6 +553,8 @@ BAD_CONFIGURATIONS = {
     "pool-ejection-text": (lambda: GrpcConnectionPool(ejection="x"), "ejection must be an instance of EjectionPolicy"),
     "pool-tls-path": (lambda: GrpcConnectionPool(tls="cert.pem"), "tls must be an instance of ClientTls"),
     "pool-timeout-text": (lambda: GrpcConnectionPool(timeout="5"), "timeout must be positive seconds"),
+    "replicas-balancer-name": (lambda: ReplicaList("random"), "unknown balancer 'random'"),
+    "replicas-balancer-object": (lambda: ReplicaList(5), "balancer must be a balancer name or object"),
     "pool-option-single": (lambda: GrpcConnectionPool(options=[("x",)]), "(name, value) pairs, got ('x',)"),
     "pool-option-text": (lambda: GrpcConnectionPool(options="abc"), "(name, value) pairs, got 'a'"),
     "pool-option-number-name": (lambda: GrpcConnectionPool(options=[(5, 1)]), "channel option (5, 1)"),

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2
 
-from shardnet.errors import ProtocolError
+from shardnet.errors import ConfigurationError, ProtocolError
 from shardnet.networking.addresses import Address, parse_address
-from shardnet.networking.balancing import Balancer, RoundRobin
+from shardnet.networking.balancing import Balancer, RoundRobin, make_balancer
 from shardnet.networking.channels import ChannelOptions, Stubs, checked_options, checked_reply, get_grpc_channel
 from shardnet.networking.policies import EjectionPolicy
 from shardnet.networking.tls import ClientTls
@@ -91,12 +91,16 @@ class ReplicaList:
 
     def __init__(
         self,
-        balancer: Optional[Balancer] = None,
+        balancer: Union[Balancer, str, None] = None,
         tls: Optional[ClientTls] = None,
         options: Optional[ChannelOptions] = None,
         ejection: Optional[EjectionPolicy] = EjectionPolicy(),
         name: str = "",
     ):
+        if isinstance(balancer, str):  # a name, as the pool takes it
+            balancer = make_balancer(balancer)
+        if balancer is not None and not all(callable(getattr(balancer, m, None)) for m in ("pick", "started", "finished", "forget")):
+            raise ConfigurationError(f"balancer must be a balancer name or object (pick, started, finished, forget), got {balancer!r}")
         self.balancer = balancer if balancer is not None else RoundRobin()
         self.name = name
         self._tls = tls
