@@ -18,10 +18,12 @@ import tenacity
 from shardnet.errors import ConfigurationError
 
 
-def check_timeout(timeout: Optional[float]) -> None:
-    """A caller's per-call timeout: positive seconds or None (gRPC would take NaN as no deadline and 0 as expired)."""
-    if timeout is not None and not timeout > 0:
-        raise ConfigurationError(f"timeout must be positive seconds (or None), got {timeout}")
+def check_timeout(timeout: Optional[float], what: str = "timeout") -> None:
+    """Positive seconds or None (gRPC would take NaN as no deadline, 0 as expired and text not at all)."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ConfigurationError(f"{what} must be positive seconds (or None), got {timeout!r}")
 
 
 @dataclass(frozen=True)

@@ -91,8 +91,7 @@ class GrpcConnectionPool:
         make_balancer(balancer)  # validate the name now, not at the first add
         _check_policies(retry=(retry, RetryPolicy), retry_budget=(retry_budget, RetryBudget),
                         ejection=(ejection, EjectionPolicy), tls=(tls, ClientTls))
-        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0):
-            raise ConfigurationError(f"the pool's timeout must be positive seconds (or None), got {timeout!r}")
+        check_timeout(timeout, "the pool's timeout")
         self.balancer = balancer
         self.retry = retry if retry is not None else RetryPolicy()
         self.retry_budget = retry_budget if retry_budget is not None else RetryBudget()

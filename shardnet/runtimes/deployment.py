@@ -133,9 +133,13 @@ class Deployment:
 
     @property
     def address(self) -> str:
+        return self._running_head().address
+
+    def _running_head(self) -> ShardnetProcess:
+        """The head process, or ProcessError when the deployment was not started (or was stopped)."""
         if self.head is None or self.head.address is None:
             raise ProcessError(f"deployment {self.name!r} is not running")
-        return self.head.address
+        return self.head
 
     def _child_env(self) -> dict[str, str]:
         env = {**os.environ, LAUNCHED_BY_DEPLOYMENT: self.name}
@@ -228,8 +232,7 @@ class Deployment:
 
     def restart_worker(self, shard: int, replica: int) -> ShardnetProcess:
         """Stop one worker (drain, DEACTIVATE) and start it again; return when the head lists it."""
-        if not self.workers:
-            raise ProcessError(f"deployment {self.name!r} is not running")
+        self._running_head()
         process = self.workers.get((shard, replica))
         if process is None:
             raise ConfigurationError(
@@ -244,11 +247,10 @@ class Deployment:
 
     def restart_head(self) -> ShardnetProcess:
         """Restart the head on the same port; workers re-register on their next refresh."""
-        if self.head is None:
-            raise ProcessError(f"deployment {self.name!r} is not running")
-        self.head.stop()
+        head = self._running_head()
+        head.stop()
         # the head comes back on the port it had, where the workers look for it
-        port = self.head.address.rsplit(":", 1)[1]
+        port = head.address.rsplit(":", 1)[1]
         self.head.arguments[self.head.arguments.index("--port") + 1] = port
         self.head.launch()
         self.head.wait_ready(self.startup_timeout)

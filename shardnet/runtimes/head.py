@@ -161,8 +161,8 @@ class Head:
     @staticmethod
     def _method(requests: list[DataRequest], decoded: bool = False) -> tuple[str, Any]:
         """The stub and payload for ``requests``; ``decoded`` replies are decoded on arrival (ALL reads them all)."""
-        prefix = "decoded_" if decoded else ""
-        return (prefix + "single_data", requests[0]) if len(requests) == 1 else (prefix + "data", requests)
+        single, many = ("decoded_single_data", "decoded_data") if decoded else ("single_data", "data")
+        return (single, requests[0]) if len(requests) == 1 else (many, requests)
 
     async def _one(
         self, deployment: str, requests: list[DataRequest], metadata, timeout, decoded: bool = False
