@@ -10,7 +10,10 @@ grpc.aio process can do to pass a request on; with the peer, Jina 3.34 heads of
 the same two shapes (``jina executor --native --runtime-cls HeadRuntime``, which
 picks ALL on /search and ANY on /index from the ``endpoint`` metadata, and runs
 on uvloop when installed, as it is in the peer's venv) in front of the same
-workers. A wide row puts a shardnet head (and a Jina head) in front of 64 echo
+workers. The workers also listen on Unix sockets (``--unix-socket``), and one
+row puts a shardnet ANY head in front of them through those (``--connection
+0=unix:/...``), as a head on its workers' machine can be set up; every other
+row dials TCP. A wide row puts a shardnet head (and a Jina head) in front of 64 echo
 servers of ``python -m shardnet.testing`` in one process, ALL on ``/search``:
 a head only needs replies.
 
@@ -70,6 +73,7 @@ DEPLOYMENT = "echo"
 POLLING = json.dumps({"/search": "ALL", "*": "ANY"})
 READY_TIMEOUT = 60.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+UNIX_ROW = "shardnet head ANY, unix sockets [{loop}]"
 
 
 # -- processes ------------------------------------------------------------------------
@@ -183,9 +187,10 @@ class Child:
             self.process.stdout.close()
 
 
-def shardnet_worker(label: str, logs: Path, loop: str) -> Child:
+def shardnet_worker(label: str, logs: Path, loop: str, unix_socket: Optional[Path]) -> Child:
+    listen = ["--unix-socket", str(unix_socket)] if unix_socket else []
     return Child(label, [SHARDNET_PYTHON, "-m", "shardnet", "worker", "--uses", "shardnet.examples.echo:Echo",
-                         "--port", "0", "--loop", loop], logs)
+                         "--port", "0", "--loop", loop, *listen], logs)
 
 
 def shardnet_head(label: str, shards: Sequence[Sequence[str]], logs: Path, loop: str) -> Child:
@@ -294,6 +299,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="requests in flight on the wide rows (each fans out to every shard)")
     parser.add_argument("--no-floor", dest="floor", action="store_false",
                         help="skip the row of a minimal raw-bytes grpc.aio forwarder (what a head cannot go below)")
+    parser.add_argument("--no-unix", dest="unix", action="store_false",
+                        help="skip the row of a shardnet ANY head dialing its workers over Unix sockets")
     parser.add_argument("--peer", choices=("auto", "none", "jina"), default="auto",
                         help="compare with Jina 3.34 heads (auto: when the Jina venv exists)")
     parser.add_argument("--head-loop", choices=("asyncio", "uvloop", "both"), default=None,
@@ -334,7 +341,8 @@ def main(argv=None) -> int:
         try:
             workers: list[Child] = []
             for index in range(2):
-                workers.append(shardnet_worker(f"worker-{index}", logs, args.worker_loop))
+                unix_socket = logs / f"worker-{index}.sock" if args.unix else None
+                workers.append(shardnet_worker(f"worker-{index}", logs, args.worker_loop, unix_socket))
                 children.append(workers[-1])
             if args.wide:
                 echo = EchoProcess(args.wide).launch()
@@ -352,6 +360,12 @@ def main(argv=None) -> int:
                     head = shardnet_head(f"sn-{kind}-{loop}", shape, logs, loop)
                     children.append(head)
                     competitors.append(Competitor(f"shardnet head {kind}{suffix}", head.label, endpoint, head,
+                                                  worker_pids, concurrency))
+                if kind == "ANY" and args.unix:
+                    sockets = [f"unix:{logs / f'worker-{index}.sock'}" for index in range(len(workers))]
+                    head = shardnet_head(f"sn-{kind}-unix", [sockets], logs, head_loops[0])
+                    children.append(head)
+                    competitors.append(Competitor(UNIX_ROW.format(loop=head_loops[0]), head.label, endpoint, head,
                                                   worker_pids, concurrency))
                 if kind == "ANY" and args.floor:
                     head = forwarder("floor", replicas, logs, head_loops[0])
@@ -432,11 +446,17 @@ def main(argv=None) -> int:
         suffix = f" [{loop}]" if len(head_loops) > 1 else ""
         ratios.append(ratio(f"shardnet ANY{suffix} / direct", f"shardnet head ANY{suffix}", "direct to one worker"))
         checks.append(verdict(f"rps shardnet head ANY{suffix} / direct", ratios[-1][2], ">=", 0.5))
+    unix_row = UNIX_ROW.format(loop=head_loops[0])
+    if args.unix:
+        ratios.append(ratio("shardnet ANY unix / direct", unix_row, "direct to one worker"))
+        checks.append(verdict("rps shardnet head ANY, unix sockets / direct", ratios[-1][2], ">=", 0.5))
     if args.floor:
         floor = f"floor: bare forwarder ANY [{head_loops[0]}]"
         suffix = f" [{head_loops[0]}]" if len(head_loops) > 1 else ""
         ratios.append(ratio("floor / direct (what any grpc.aio head can reach)", floor, "direct to one worker"))
         ratios.append(ratio(f"shardnet ANY{suffix} / floor", f"shardnet head ANY{suffix}", floor))
+        if args.unix:
+            ratios.append(ratio("shardnet ANY unix / floor (TCP)", unix_row, floor))
     if len(head_loops) > 1:
         for kind in ("ANY", "ALL"):
             ratios.append(ratio(f"shardnet {kind} uvloop / asyncio", f"shardnet head {kind} [uvloop]",
@@ -449,6 +469,10 @@ def main(argv=None) -> int:
                                     f"jina 3.34 head {kind}"))
                 checks.append(verdict(f"rps shardnet {kind}{suffix} / jina", ratios[-1][2], ">=", 1.3))
                 checks.append(verdict(f"head CPU/req shardnet {kind}{suffix} / jina", ratios[-1][6], "<=", cpu_target))
+        if args.unix:
+            ratios.append(ratio("shardnet ANY unix / jina ANY", unix_row, "jina 3.34 head ANY"))
+            checks.append(verdict("rps shardnet ANY, unix sockets / jina", ratios[-1][2], ">=", 1.3))
+            checks.append(verdict("head CPU/req shardnet ANY, unix sockets / jina", ratios[-1][6], "<=", 0.9))
         if args.wide:
             ratios.append(ratio(f"shardnet ALL x{args.wide} / jina", f"shardnet head ALL x{args.wide}",
                                 f"jina 3.34 head ALL x{args.wide}"))

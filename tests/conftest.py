@@ -7,7 +7,9 @@ Servers bind port 0 (the OS picks), so tests run in parallel under xdist.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import socket
+import tempfile
 import threading
 from typing import Any, Awaitable, Callable, Union
 
@@ -18,6 +20,16 @@ from shardnet.testing import EchoServer
 from shardnet.testing import eventually as eventually_until
 
 Predicate = Callable[[], Union[bool, Awaitable[bool]]]
+
+
+@pytest.fixture
+def socket_dir():
+    """A fresh folder under /tmp for Unix sockets (pytest's tmp_path can outgrow the 107 bytes a socket path holds)."""
+    folder = tempfile.mkdtemp(prefix="sn-", dir="/tmp")
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture

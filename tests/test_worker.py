@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import signal
 from pathlib import Path
 
@@ -315,3 +316,27 @@ async def test_worker_with_head_deactivates_itself_on_sigterm(tmp_path, processe
     worker.signal(signal.SIGTERM)
     assert await wait_exit(worker) == 0, worker.tail()
     assert await listed() == []
+
+
+async def test_worker_on_a_unix_socket_registers_it_and_removes_it_on_sigterm(tmp_path, socket_dir, processes, runtimes):
+    head = await runtimes(Head("dep"))
+    path = f"{socket_dir}/worker.sock"
+    worker = processes(
+        "worker",
+        ["worker", "--uses", f"{EXECUTORS}:Tagger", "--head", head.server.address, "--unix-socket", path],
+        tmp_path,
+    )
+    await asyncio.to_thread(worker.wait_ready, 20)
+
+    async def listed() -> list[tuple[str, int]]:
+        reply = await oneshot.send_control("STATUS", head.server.address)
+        return [(entity.address, entity.port) for entity in reply.related_entities]
+
+    assert await listed() == [(f"unix:{path}", 0)]  # the head dials the socket, not TCP
+    response = await oneshot.send_request_async(DataRequest([Document()], endpoint="/tag"), head.server.address)
+    assert response.docs[0].tags["by"] == "tagger"
+
+    worker.signal(signal.SIGTERM)
+    assert await wait_exit(worker) == 0, worker.tail()
+    assert await listed() == []
+    assert not os.path.lexists(path)

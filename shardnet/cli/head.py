@@ -29,7 +29,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--deployment", required=True, help="name of the deployment this head fronts")
     parser.add_argument("--polling", default="ANY", help='ANY, ALL, or a JSON map like {"/search": "ALL", "*": "ANY"}')
     parser.add_argument(
-        "--connection", action="append", default=[], metavar="SHARD=HOST:PORT", help="a worker replica (repeatable)"
+        "--connection",
+        action="append",
+        default=[],
+        metavar="SHARD=HOST:PORT",
+        help="a worker replica: SHARD=HOST:PORT, or SHARD=unix:/PATH for one on this machine (repeatable)",
     )
     parser.add_argument(
         "--shards", type=int, default=0, help="shards expected: ALL reports any without a replica, ACTIVATE beyond them is refused"

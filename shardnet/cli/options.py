@@ -22,6 +22,12 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
     group = parser.add_argument_group("serving")
     group.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     group.add_argument("--port", type=int, default=default_port, help="port to bind; 0 picks a free one")
+    group.add_argument(
+        "--unix-socket",
+        metavar="PATH",
+        help="also listen on this Unix socket (absolute path, plaintext); a worker with --head registers it, "
+        "so its head must run on the same machine",
+    )
     group.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
     group.add_argument("--tls-key", help="PEM private key of --tls-cert")
     group.add_argument("--tls-client-ca", help="PEM CA: require client certificates signed by it (mutual TLS)")
@@ -77,6 +83,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         control_token=control_token(args),
         max_message_bytes=int(args.max_message_mb * 2**20),
         drain_grace=args.drain_seconds,
+        unix_socket=args.unix_socket,
     )
 
 

@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar
 import grpc.aio
 
 from shardnet.errors import DeadlineExceeded, ReplicaError
-from shardnet.networking.addresses import parse_address
+from shardnet.networking.addresses import entity_address, parse_address
 from shardnet.networking.channels import Stubs, checked_metadata, checked_reply, get_grpc_channel
 from shardnet.networking.policies import check_timeout
 from shardnet.networking.tls import ClientTls, PemSource
@@ -145,7 +145,7 @@ async def send_control(
     """Send a control request (naming the worker, when given) to a head; raise when it reports an error."""
     request = ControlRequest(command)
     if worker_host is not None and worker_port is not None:
-        request.add_related_entity(f"{worker_host}:{worker_port}", worker_host, worker_port, shard_id)
+        request.add_related_entity(entity_address(worker_host, worker_port), worker_host, worker_port, shard_id)
     response, _ = await call_once(
         "control", request, target_head, timeout=timeout, tls=tls, metadata=auth_metadata(token)
     )

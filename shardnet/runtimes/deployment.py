@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 from shardnet.errors import ConfigurationError, ExecutorError, ProcessError
 from shardnet.networking import oneshot
+from shardnet.networking.addresses import entity_address
 from shardnet.networking.balancing import BALANCERS
 from shardnet.networking.polling import PollingMap
 from shardnet.protocol.documents import Document, DocumentList
@@ -228,7 +229,7 @@ class Deployment:
     def members(self) -> list[str]:
         """The replica addresses the head routes to (its STATUS answer)."""
         reply = oneshot.run_sync(oneshot.send_control("STATUS", self.address, timeout=2.0))
-        return [f"{entity.address}:{entity.port}" for entity in reply.related_entities]
+        return [entity_address(entity.address, entity.port) for entity in reply.related_entities]
 
     def restart_worker(self, shard: int, replica: int) -> ShardnetProcess:
         """Stop one worker (drain, DEACTIVATE) and start it again; return when the head lists it."""

@@ -13,7 +13,6 @@ client certificate when configured.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from typing import Any, Mapping, Optional, Sequence
 
@@ -21,7 +20,7 @@ import grpc
 import grpc.aio
 
 from shardnet.errors import ConfigurationError, MalformedReplyError, ProtocolError, ReplicaError, RoutingError
-from shardnet.networking.addresses import parse_address
+from shardnet.networking.addresses import entity_address, parse_address
 from shardnet.networking.polling import PollingMap, PollingType
 from shardnet.networking.pool import GrpcConnectionPool
 from shardnet.protocol import services
@@ -41,13 +40,6 @@ USES_BEFORE = "uses_before"
 USES_AFTER = "uses_after"
 # seconds the head keeps from its caller's deadline to send back its own DEADLINE_EXCEEDED naming the shard
 DEADLINE_MARGIN = 0.25
-
-
-def _is_ipv6(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).version == 6
-    except ValueError:
-        return False
 
 
 class Head:
@@ -241,9 +233,8 @@ class Head:
         changes = []
         dial_tls = self.pool.tls is not None  # a head given TLS material dials its workers over TLS
         for entity in request.related_entities:
-            host = f"[{entity.address}]" if _is_ipv6(entity.address) else entity.address
             try:
-                address = str(parse_address(f"{host}:{entity.port}", tls=dial_tls))
+                address = str(parse_address(entity_address(entity.address, entity.port), tls=dial_tls))
             except ConfigurationError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{command} refused: {exc}")
             shard_id = entity.shard_id if entity.HasField("shard_id") else None
@@ -284,8 +275,7 @@ class Head:
         """Answer STATUS with every replica the head routes to, as related entities."""
         for shard_id in self.pool.shard_ids(self.deployment):
             for address in self.pool.get_replicas(self.deployment, shard_id=shard_id).addresses:
-                parsed = parse_address(address)
-                request.add_related_entity(address, parsed.host, parsed.port, shard_id)
+                request.add_related_entity(address, *parse_address(address).entity(), shard_id)
         return request
 
     async def endpoint_discovery(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:

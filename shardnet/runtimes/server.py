@@ -13,7 +13,10 @@ import asyncio
 import gc
 import hmac
 import logging
+import os
 import signal
+import socket
+import stat
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Optional, Sequence
 
@@ -23,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shardnet.errors import ConfigurationError
+from shardnet.networking.addresses import UNIX_SCHEME, parse_address
 from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, default_grpc_options
 from shardnet.networking.tls import ServerTls
 from shardnet.protocol import services
@@ -35,7 +39,11 @@ RawHandler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """How a server listens: address, TLS, limits, who may change membership, how long to drain."""
+    """How a server listens: address, TLS, limits, who may change membership, how long to drain.
+
+    ``unix_socket``, an absolute path, adds a plaintext listener on a Unix
+    domain socket for a head on the same machine (no TCP stack on that hop).
+    """
 
     host: str = "127.0.0.1"
     port: int = 0
@@ -44,8 +52,13 @@ class ServerConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     max_concurrent_rpcs: Optional[int] = None
     drain_grace: float = 10.0
+    unix_socket: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if self.unix_socket is not None:
+            if self.tls is not None:
+                raise ConfigurationError("a Unix socket listener is plaintext: serve either TLS or a Unix socket, not both")
+            parse_address(f"{UNIX_SCHEME}{self.unix_socket}")  # absolute, short enough for sun_path
         if not 0 <= self.port < 65536:
             raise ConfigurationError(f"port {self.port} is outside 0..65535")
         if self.max_message_bytes <= 0:
@@ -95,11 +108,17 @@ class Server:
         self._server: Optional[grpc.aio.Server] = None
         self.port: int = config.port
         self.draining = False
+        self._unix_bound = False
 
     @property
     def address(self) -> str:
         host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
         return f"{host}:{self.port}"
+
+    @property
+    def unix_address(self) -> Optional[str]:
+        """``unix:/path`` when the server also listens on a Unix socket."""
+        return None if self.config.unix_socket is None else f"{UNIX_SCHEME}{self.config.unix_socket}"
 
     async def start(self) -> None:
         config = self.config
@@ -122,8 +141,35 @@ class Server:
                 self.port = self._server.add_insecure_port(bind)
         except RuntimeError as exc:
             raise ConfigurationError(f"cannot listen on {bind}: port in use or address not local ({exc})") from None
+        if config.unix_socket is not None:
+            self._bind_unix(config.unix_socket)
         await self._server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    def _bind_unix(self, path: str) -> None:
+        """Listen on ``path``; a socket left by a dead server is replaced, one a live server holds is refused."""
+        if os.path.lexists(path):
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise ConfigurationError(f"cannot listen on unix:{path}: a file that is not a socket is in the way")
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(path)
+                except OSError:
+                    pass  # nobody listens: gRPC replaces the stale socket
+                else:
+                    raise ConfigurationError(f"cannot listen on unix:{path}: another server is listening there")
+        try:
+            self._server.add_insecure_port(f"{UNIX_SCHEME}{path}")
+        except RuntimeError as exc:
+            raise ConfigurationError(f"cannot listen on unix:{path}: folder missing or not writable ({exc})") from None
+        self._unix_bound = True
+
+    def _remove_unix_socket(self) -> None:
+        """Remove the socket file we bound (never one we were refused, which belongs to a live server)."""
+        path = self.config.unix_socket
+        if self._unix_bound and os.path.lexists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)
+        self._unix_bound = False
 
     async def drain(self, grace: Optional[float] = None) -> None:
         """Refuse new calls, let in-flight ones finish (up to ``grace`` seconds), then stop."""
@@ -133,6 +179,7 @@ class Server:
         await self.health.enter_graceful_shutdown()
         server, self._server = self._server, None
         await server.stop(self.config.drain_grace if grace is None else grace)
+        self._remove_unix_socket()
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:

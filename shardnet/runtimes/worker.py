@@ -23,6 +23,7 @@ import grpc.aio
 
 from shardnet.errors import ProtocolError, ReplicaError
 from shardnet.networking import oneshot
+from shardnet.networking.addresses import entity_address
 from shardnet.networking.tls import ClientTls
 from shardnet.protocol import services
 from shardnet.protocol.documents import Document, DocumentList
@@ -185,6 +186,9 @@ class Worker:
     # -- lifetime ---------------------------------------------------------------------
 
     def _advertised(self) -> tuple[str, int]:
+        """What the head should dial: our Unix socket when we listen on one (the head is local), else host and port."""
+        if self.server.unix_address is not None:
+            return self.server.unix_address, 0
         host = self._advertise_host or self.server.address.rsplit(":", 1)[0]
         return host, self.server.port
 
@@ -207,7 +211,7 @@ class Worker:
         await oneshot.activate_worker(
             host, port, self._head, self._shard_id, token=self._control_token, tls=self._head_tls, timeout=timeout
         )
-        logger.debug("registered %s:%d with head %s as shard %d", host, port, self._head, self._shard_id)
+        logger.debug("registered %s with head %s as shard %d", entity_address(host, port), self._head, self._shard_id)
 
     async def _refresh_registration(self) -> None:
         while True:
