@@ -145,6 +145,12 @@ BAD_ARGUMENTS = {
     "polling-bad-kind": (["head", "--deployment", "d", "--polling", '{"/search": "SOMETIMES"}'], "unknown polling"),
     "port-out-of-range": (["worker", "--uses", f"{EXECUTORS}:Tagger", "--port", "70000"], "70000"),
     "port-not-a-number": (["head", "--deployment", "d", "--port", "http"], "invalid int value"),
+    "unix-socket-relative": (["worker", "--uses", f"{EXECUTORS}:Tagger", "--unix-socket", "w.sock"], "absolute path"),
+    "unix-socket-and-advertise-host": (
+        ["worker", "--uses", f"{EXECUTORS}:Tagger", "--unix-socket", "/tmp/w.sock", "--advertise-host", "10.0.0.7"],
+        "give one of --unix-socket and --advertise-host",
+    ),
+    "connection-relative-unix": (["head", "--deployment", "d", "--connection", "0=unix:w.sock"], "absolute path"),
 }
 
 

@@ -47,6 +47,10 @@ def run(args: argparse.Namespace) -> int:
     # every flag is checked before the Executor loads: a typo should not wait for a model to load, nor run its __init__
     if args.head is not None:
         parse_address(args.head)
+    if args.unix_socket and args.advertise_host:
+        raise ConfigurationError(
+            "give one of --unix-socket and --advertise-host: both say what the head dials (the socket, when given)"
+        )
     config = server_config(args)
     head_tls = client_tls(args, prefix="head-")
     executor = load_executor_class(args.uses).create(

@@ -152,12 +152,9 @@ class Server:
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 raise ConfigurationError(f"cannot listen on unix:{path}: a file that is not a socket is in the way")
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                try:
-                    probe.connect(path)
-                except OSError:
-                    pass  # nobody listens: gRPC replaces the stale socket
-                else:
-                    raise ConfigurationError(f"cannot listen on unix:{path}: another server is listening there")
+                listening = probe.connect_ex(path) == 0  # else a stale socket, which gRPC replaces
+            if listening:
+                raise ConfigurationError(f"cannot listen on unix:{path}: another server is listening there")
         try:
             self._server.add_insecure_port(f"{UNIX_SCHEME}{path}")
         except RuntimeError as exc:
