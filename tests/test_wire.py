@@ -7,6 +7,15 @@ from shardnet.protocol.proto import jina_pb2
 from shardnet.protocol.wire import length_delimited_fields
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
 def _field(number: int, payload: bytes) -> bytes:
     assert len(payload) < 128
     return bytes([number << 3 | 2, len(payload)]) + payload
@@ -46,8 +55,21 @@ def test_broken_framing_is_a_protocol_error(data, reason):
         DataRequest.from_bytes(data).endpoint
 
 
-def test_fields_are_views_not_copies():
-    data = _field(3, b"route") + _field(3, b"again")
-    views = length_delimited_fields(data, 3, "test")
-    assert [bytes(view) for view in views] == [b"route", b"again"]
-    assert all(isinstance(view, memoryview) for view in views)
+def test_each_occurrence_of_the_field_comes_back_as_its_own_bytes():
+    data = _field(3, b"route") + _field(4, b"docs") + _field(3, b"again")
+    assert length_delimited_fields(data, 3, "test") == [b"route", b"again"]
+
+
+@pytest.mark.parametrize("size", [127, 128, 200, 16_383, 16_384, 2_000_000])  # lengths of 1, 2 and 3+ varint bytes
+def test_fields_of_every_length_encoding_are_skipped_exactly(size):
+    header = jina_pb2.HeaderProto(exec_endpoint="/after").SerializeToString()
+    data = jina_pb2.DataRequestProto(header=jina_pb2.HeaderProto(request_id="r")).SerializeToString()
+    data += bytes([15 << 3 | 2]) + _varint(size) + b"d" * size + _field(1, header)  # an unknown field, a second header
+    assert DataRequest.from_bytes(data).endpoint == "/after"
+    assert jina_pb2.DataRequestProto.FromString(data).header.exec_endpoint == "/after"  # protobuf agrees
+
+
+@pytest.mark.parametrize("data", [b"\x22\x80", b"\x22\xc8\x01"])  # a two-byte length cut short; one past the end
+def test_a_length_cut_short_or_past_the_end_is_a_protocol_error(data):
+    with pytest.raises(ProtocolError, match="truncated varint|claims"):
+        DataRequest.from_bytes(data).endpoint

@@ -81,7 +81,9 @@ class PeakEwma:
         return load
 
     def cost(self, connection: Any, now: float) -> float:
-        load = self._load(connection)
+        load = self._loads.get(connection)
+        if load is None:  # never used: nothing known against it
+            return 0.0
         latency = load.ewma * math.exp(-(now - load.stamp) / self._decay)
         if load.outstanding:
             oldest_age = now - next(iter(load.outstanding.values()))
@@ -92,12 +94,15 @@ class PeakEwma:
         count = len(candidates)
         if count == 1:
             return candidates[0]
-        draw = self._rng.random  # two uniform indexes, distinct; random() is several times cheaper than randrange()
-        first = int(draw() * count)
-        second = int(draw() * (count - 1))
-        if second >= first:
-            second += 1
-        a, b = candidates[first], candidates[second]
+        if count == 2:  # the two choices are both candidates: no draw needed
+            a, b = candidates
+        else:
+            draw = self._rng.random  # two uniform indexes, distinct; random() is several times cheaper than randrange()
+            first = int(draw() * count)
+            second = int(draw() * (count - 1))
+            if second >= first:
+                second += 1
+            a, b = candidates[first], candidates[second]
         now = self._clock()
         return a if self.cost(a, now) <= self.cost(b, now) else b
 

@@ -2,8 +2,8 @@
 
 A head reads the header of every request it routes. Decoding even the
 envelope copies the documents (4 MB of them cost hundreds of microseconds);
-walking the top-level tags and slicing out field 1 copies nothing. The walk
-checks the framing of every top-level field, so truncated bytes are caught.
+walking the top-level tags and slicing out field 1 copies the header alone. The
+walk checks the framing of every top-level field, so truncated bytes are caught.
 """
 
 from __future__ import annotations
@@ -28,16 +28,17 @@ def _varint(data: bytes, position: int, what: str) -> tuple[int, int]:
             raise ProtocolError(f"malformed {what} ({len(data)} bytes): varint longer than 10 bytes at byte {position}")
 
 
-def length_delimited_fields(data: bytes, number: int, what: str, known: frozenset = frozenset()) -> list[memoryview]:
-    """Every occurrence of length-delimited field ``number`` in ``data`` (views, no copies).
+def length_delimited_fields(data: bytes, number: int, what: str, known: frozenset = frozenset()) -> list[bytes]:
+    """Every occurrence of length-delimited field ``number`` in ``data``, as bytes: meant for a small field.
 
-    ``known`` names the other fields that must be length-delimited too
-    (a known field with another wire type is malformed, as protobuf sees it).
-    Tags and short lengths are one byte; they are read inline, the rest by ``_varint``.
+    Only that field is copied (protobuf parses bytes about twice as fast as a
+    memoryview, and a header is tens of bytes). ``known`` names the other
+    fields that must be length-delimited too (a known field with another wire
+    type is malformed, as protobuf sees it). Tags and lengths of up to two
+    bytes are read inline, longer ones by ``_varint``.
     """
-    found: list[memoryview] = []
+    found: list[bytes] = []
     position, size = 0, len(data)
-    view = None
     while position < size:
         tag = data[position]
         if tag < 0x80:
@@ -51,14 +52,16 @@ def length_delimited_fields(data: bytes, number: int, what: str, known: frozense
             length = data[position] if position < size else 0x80
             if length < 0x80:
                 position += 1
+            elif position + 1 < size and data[position + 1] < 0x80:  # up to 16 KiB: documents of a small request
+                length = (length & 0x7F) | (data[position + 1] << 7)
+                position += 2
             else:
                 length, position = _varint(data, position, what)
             end = position + length
             if end > size:
                 raise ProtocolError(f"malformed {what} ({size} bytes): field {field} claims {length} bytes, {size - position} left")
             if field == number:
-                view = view if view is not None else memoryview(data)
-                found.append(view[position:end])
+                found.append(data[position:end])
             position = end
             continue
         if field == number or field in known:
