@@ -52,7 +52,10 @@ def test_sharded_deployment_with_uses_before_and_after_counts_every_send_and_lea
     ) as deployment:
         pids = [process.pid for process in deployment.processes]
         assert len(pids) == 5 and all(pid_alive(pid) for pid in pids)
-        assert len(deployment.members()) == 2
+        members = deployment.members()
+        assert len(members) == 2 and all(member.startswith("unix:/") for member in members)  # the default hop
+        sockets = [member.removeprefix("unix:") for member in members]
+        assert all(os.path.exists(path) for path in sockets)
         for sent in range(1, 6):
             [merged] = deployment.post("/search", [Document(id="q")])
             assert merged.tags["before_calls"] == sent and merged.tags["after_calls"] == sent
@@ -60,14 +63,16 @@ def test_sharded_deployment_with_uses_before_and_after_counts_every_send_and_lea
             assert merged.text == "q,only-shard-0,q,only-shard-1"
         log_dir = deployment.log_dir
     assert_all_gone(pids)
-    assert not log_dir.exists()  # its temporary folder is cleaned up too
+    assert not log_dir.exists()  # its temporary folders are cleaned up too
+    assert not any(os.path.exists(os.path.dirname(path)) for path in sockets)
 
 
 def test_deployment_stops_every_process_when_the_body_raises():
     with (
         pytest.raises(RuntimeError, match="body failed"),
-        Deployment(executors.Pid, shards=1, replicas=2, name="pids") as deployment,
+        Deployment(executors.Pid, shards=1, replicas=2, name="pids", unix_sockets=False) as deployment,
     ):
+        assert sorted(deployment.members()) == sorted(process.address for process in deployment.workers.values())
         pids = {process.pid for process in deployment.processes}
         served_by = {int(doc.tags["pid"]) for _ in range(4) for doc in deployment.post("/who", [Document()])}
         assert served_by and served_by <= pids  # the answers came from the processes we are watching

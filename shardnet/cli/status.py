@@ -10,6 +10,7 @@ from grpc_health.v1 import health_pb2
 
 from shardnet.cli.options import add_client_tls_arguments, client_tls
 from shardnet.networking import oneshot
+from shardnet.networking.addresses import entity_address
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,7 +33,7 @@ async def status(args: argparse.Namespace) -> int:
     if control.related_entities:
         print("replicas:")
         for entity in control.related_entities:
-            print(f"  shard {entity.shard_id}: {entity.address}:{entity.port}")
+            print(f"  shard {entity.shard_id}: {entity_address(entity.address, entity.port)}")
     return 0 if health.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
