@@ -319,14 +319,8 @@ def _head_of(deployment: Deployment) -> str:
 
 
 async def _relaunch(deployment: Deployment, shard: int, replica: int) -> None:
-    """Bring a killed worker back, and tell the head to forget the address it died with."""
-    process = deployment.workers[(shard, replica)]
-    old = process.address
-    process.launch()
-    await asyncio.to_thread(process.wait_ready, deployment.startup_timeout)
-    host, port = old.rsplit(":", 1)
-    await oneshot.deactivate_worker(host, int(port), deployment.address, shard)
-    await asyncio.to_thread(deployment.wait_registered)
+    """Bring a killed worker back, the head told first to forget the registration it died with."""
+    await asyncio.to_thread(deployment.restart_worker, shard, replica)
 
 
 def kill(*replicas: tuple[int, int]) -> Fault:

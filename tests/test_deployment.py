@@ -136,3 +136,19 @@ def test_workers_are_named_as_jina_names_replicas_so_every_shards_dict_result_ar
         assert list(response.parameters["__results__"]) == ["single/rep-0"]
         with pytest.raises(ConfigurationError, match="no worker for shard 1, replica 0 .shards 0..0, replicas 0..0"):
             deployment.restart_worker(1, 0)
+
+
+def test_a_worker_that_died_is_restarted_on_its_socket_and_served_at_once():
+    with Deployment(executors.Pid, shards=1, replicas=2, name="phoenix", balancer="round_robin") as deployment:
+        members = sorted(deployment.members())
+        assert all(member.startswith("unix:/") for member in members)
+        worker = deployment.workers[(0, 1)]
+        old_pid = worker.pid
+        worker.kill()  # SIGKILL: no DEACTIVATE, the socket file stays behind
+        for _ in range(10):  # the head fails over, and ejects the dead replica
+            deployment.post("/who", [Document()], timeout=10)
+        time.sleep(3.5)  # dead for a while: the head's health probes of it back off to 4 s apart
+        deployment.restart_worker(0, 1)
+        assert sorted(deployment.members()) == members
+        served_by = {int(doc.tags["pid"]) for _ in range(6) for doc in deployment.post("/who", [Document()])}
+        assert worker.pid in served_by and old_pid not in served_by  # a fresh connection, not an ejected one

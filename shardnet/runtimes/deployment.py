@@ -23,7 +23,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 from shardnet.errors import ConfigurationError, ExecutorError, ProcessError
 from shardnet.networking import oneshot
-from shardnet.networking.addresses import entity_address
+from shardnet.networking.addresses import entity_address, parse_address
 from shardnet.networking.balancing import BALANCERS
 from shardnet.networking.polling import PollingMap
 from shardnet.protocol.documents import Document, DocumentList
@@ -254,7 +254,11 @@ class Deployment:
         return [entity_address(entity.address, entity.port) for entity in reply.related_entities]
 
     def restart_worker(self, shard: int, replica: int) -> ShardnetProcess:
-        """Stop one worker (drain, DEACTIVATE) and start it again; return when the head lists it."""
+        """Stop one worker (drain, DEACTIVATE) and start it again; return when the head lists it.
+
+        A worker that had died never sent DEACTIVATE: the head is told to forget
+        it first, so that the new one, on the same socket, gets a fresh connection.
+        """
         self._running_head()
         process = self.workers.get((shard, replica))
         if process is None:
@@ -262,11 +266,20 @@ class Deployment:
                 f"deployment {self.name!r} has no worker for shard {shard}, replica {replica} "
                 f"(shards 0..{self.shards - 1}, replicas 0..{self.replicas - 1})"
             )
+        died = not process.alive
+        member = self._member_address((shard, replica), process)
         process.stop()
+        if died and member is not None:
+            self.forget(member, shard)
         process.launch()
         process.wait_ready(self.startup_timeout)
         self.wait_registered()
         return process
+
+    def forget(self, member: str, shard: int) -> None:
+        """DEACTIVATE ``member`` (as ``members()`` lists it) at the head: a worker that died never said goodbye."""
+        address, port = parse_address(member).entity()
+        oneshot.run_sync(oneshot.deactivate_worker(address, port, self.address, shard, token=self._control_token))
 
     def restart_head(self) -> ShardnetProcess:
         """Restart the head on the same port; workers re-register on their next refresh."""
