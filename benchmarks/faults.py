@@ -557,6 +557,8 @@ def _report(scenario, settings, window: Window, load: Load, budget: BudgetWatch,
 
 
 async def run_all(names: list[str], settings: Settings, *, log_dir: Optional[str] = None) -> list[Report]:
+    # Deployment's blocking helpers run event loops of their own in threads: grpc/grpc#25364
+    asyncio.get_running_loop().set_exception_handler(oneshot.tolerate_grpc_poller_race)
     reports = []
     for scenario in SCENARIOS:
         if names and scenario.name not in names:

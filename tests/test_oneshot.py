@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 
 import grpc
 import pytest
@@ -17,6 +18,7 @@ from shardnet import (
     ProtocolError,
     ReplicaError,
 )
+from shardnet.networking import oneshot
 from shardnet.protocol import services
 
 # -- blocking forms (the replica runs on another thread's loop) --------------------
@@ -184,3 +186,21 @@ def test_helper_signatures_keep_the_original_names(helper, expected):
     parameters = list(inspect.signature(getattr(GrpcConnectionPool, helper)).parameters.values())
     shown = ", ".join(p.name if p.default is inspect.Parameter.empty else f"{p.name}={p.default!r}" for p in parameters)
     assert shown.startswith(expected)
+
+
+class _PollerHandle:
+    def __repr__(self) -> str:
+        return "<Handle PollerCompletionQueue._handle_events(<_UnixSelectorEventLoop>)()>"
+
+
+def test_the_grpc_poller_race_is_dropped_and_other_loop_errors_still_reported(caplog):
+    loop = asyncio.new_event_loop()
+    try:
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            oneshot.tolerate_grpc_poller_race(loop, {"message": "race", "exception": BlockingIOError(11, "again"),
+                                                     "handle": _PollerHandle()})
+            assert "race" not in caplog.text
+            oneshot.tolerate_grpc_poller_race(loop, {"message": "a real failure", "exception": ValueError("boom")})
+            assert "a real failure" in caplog.text and "boom" in caplog.text
+    finally:
+        loop.close()

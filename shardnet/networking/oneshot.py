@@ -24,14 +24,30 @@ from shardnet.protocol.services import AUTHORIZATION_METADATA, ENDPOINT_METADATA
 T = TypeVar("T")
 
 
+def tolerate_grpc_poller_race(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """An event loop exception handler that drops the BlockingIOError grpc.aio's poller raises when several
+    loops read its wake-up socket (grpc/grpc#25364: spurious, no call is affected); the rest goes on as usual."""
+    if isinstance(context.get("exception"), BlockingIOError) and "PollerCompletionQueue" in repr(context.get("handle")):
+        return
+    loop.default_exception_handler(context)
+
+
+async def _tolerating_poller_race(awaitable: Awaitable[T]) -> T:
+    asyncio.get_running_loop().set_exception_handler(tolerate_grpc_poller_race)
+    return await awaitable
+
+
 def run_sync(awaitable: Awaitable[T]) -> T:
-    """Run a coroutine to completion from blocking code (in a helper thread when a loop already runs here)."""
+    """Run a coroutine to completion from blocking code (in a helper thread when a loop already runs here).
+
+    The loop it makes is one more that grpc.aio's poller wakes: its spurious BlockingIOError is dropped.
+    """
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(awaitable)
+        return asyncio.run(_tolerating_poller_race(awaitable))
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor:
-        return executor.submit(asyncio.run, awaitable).result()
+        return executor.submit(asyncio.run, _tolerating_poller_race(awaitable)).result()
 
 
 def auth_metadata(token: Optional[str]) -> tuple[tuple[str, str], ...]:
