@@ -75,7 +75,7 @@ class Deployment:
 
     ``unix_sockets`` (default: where the platform has them) puts the head's hop
     to its workers on Unix sockets: a few per cent more ANY throughput than
-    loopback TCP in ``benchmarks/head_overhead.py``.
+    loopback TCP (the ``unix sockets`` row of ``benchmarks/head_overhead.py``).
 
     >>> with Deployment(uses=MyExecutor, shards=2, replicas=2, polling="ALL") as dep:   # doctest: +SKIP
     ...     docs = dep.post("/index", [Document(text="hello")])
@@ -270,13 +270,13 @@ class Deployment:
         member = self._member_address((shard, replica), process)
         process.stop()
         if died and member is not None:
-            self.forget(member, shard)
+            self._forget(member, shard)
         process.launch()
         process.wait_ready(self.startup_timeout)
         self.wait_registered()
         return process
 
-    def forget(self, member: str, shard: int) -> None:
+    def _forget(self, member: str, shard: int) -> None:
         """DEACTIVATE ``member`` (as ``members()`` lists it) at the head: a worker that died never said goodbye."""
         address, port = parse_address(member).entity()
         oneshot.run_sync(oneshot.deactivate_worker(address, port, self.address, shard, token=self._control_token))
