@@ -48,6 +48,11 @@ from _common import (  # noqa: E402 - after the path and GRPC_VERBOSITY are set
     table,
 )
 
+import grpc  # noqa: E402
+import grpc.aio  # noqa: E402
+
+from shardnet.networking.channels import default_grpc_options  # noqa: E402
+
 SERVICE = "bench.Echo"
 UNARY = f"/{SERVICE}/Unary"
 STREAM = f"/{SERVICE}/Stream"
@@ -61,10 +66,6 @@ Send = Callable[[bytes], Awaitable[bytes]]
 
 async def serve(unix_path: str) -> None:
     """Echo on ``UNARY`` and, in order, on ``STREAM``; listen on loopback TCP and on ``unix_path``."""
-    import grpc
-    import grpc.aio
-
-    from shardnet.networking.channels import default_grpc_options
 
     async def unary(payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return payload
@@ -89,24 +90,21 @@ async def serve(unix_path: str) -> None:
 # -- the clients ----------------------------------------------------------------------------
 
 
-def unary_sender(target: str, extra_options: list) -> tuple[Send, Callable[[], Awaitable[None]]]:
-    import grpc.aio
+def channel(target: str, extra_options: tuple = ()) -> grpc.aio.Channel:
+    """A channel with shardnet's options, plus ``extra_options``."""
+    return grpc.aio.insecure_channel(target, options=default_grpc_options() + list(extra_options))
 
-    from shardnet.networking.channels import default_grpc_options
 
-    channel = grpc.aio.insecure_channel(target, options=default_grpc_options() + extra_options)
-    return channel.unary_unary(UNARY), channel.close
+def unary_sender(target: str, extra_options: tuple = ()) -> tuple[Send, Callable[[], Awaitable[None]]]:
+    unary_channel = channel(target, extra_options)
+    return unary_channel.unary_unary(UNARY), unary_channel.close
 
 
 class StreamSender:
     """Requests multiplexed over one bidi stream: a writer task (gRPC takes one write at a time), a reader task."""
 
     def __init__(self, target: str):
-        import grpc.aio
-
-        from shardnet.networking.channels import default_grpc_options
-
-        self._channel = grpc.aio.insecure_channel(target, options=default_grpc_options())
+        self._channel = channel(target)
         self._call = self._channel.stream_stream(STREAM)()
         self._outbox: asyncio.Queue = asyncio.Queue()
         self._waiting: collections.deque = collections.deque()
@@ -117,8 +115,6 @@ class StreamSender:
             await self._call.write(await self._outbox.get())
 
     async def _read(self) -> None:
-        import grpc.aio
-
         while (reply := await self._call.read()) is not grpc.aio.EOF:
             self._waiting.popleft().set_result(reply)
 
@@ -165,9 +161,9 @@ async def measure(args: argparse.Namespace, server_pid: int, port: int, unix_pat
     payload = DataRequest(docs=[Document(text="x" * 64)], endpoint="/index").to_bytes()
     tcp = f"127.0.0.1:{port}"
     rows: dict[str, tuple[Send, Callable[[], Awaitable[None]]]] = {
-        "unary, TCP": unary_sender(tcp, []),
-        "unary, TCP, minimal stack": unary_sender(tcp, [("grpc.minimal_stack", 1)]),
-        "unary, unix socket": unary_sender(f"unix:{unix_path}", []),
+        "unary, TCP": unary_sender(tcp),
+        "unary, TCP, minimal stack": unary_sender(tcp, (("grpc.minimal_stack", 1),)),
+        "unary, unix socket": unary_sender(f"unix:{unix_path}"),
     }
     stream = StreamSender(tcp)
     rows["bidi stream, TCP"] = (stream, stream.close)
