@@ -13,7 +13,9 @@ on uvloop when installed, as it is in the peer's venv) in front of the same
 workers. The workers also listen on Unix sockets (``--unix-socket``), and one
 row puts a shardnet ANY head in front of them through those (``--connection
 0=unix:/...``), as a head on its workers' machine can be set up; every other
-row dials TCP. A wide row puts a shardnet head (and a Jina head) in front of 64 echo
+row dials TCP. Heads balance with their default, ``p2c_ewma``; one more ANY
+row runs ``--balancer round_robin``, to show what latency awareness costs when
+every replica is healthy (``balancing.py`` shows what it buys when one is not). A wide row puts a shardnet head (and a Jina head) in front of 64 echo
 servers of ``python -m shardnet.testing`` in one process, ALL on ``/search``:
 a head only needs replies.
 
@@ -74,6 +76,7 @@ POLLING = json.dumps({"/search": "ALL", "*": "ANY"})
 READY_TIMEOUT = 60.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 UNIX_ROW = "shardnet head ANY, unix sockets [{loop}]"
+ROUND_ROBIN_ROW = "shardnet head ANY, round robin [{loop}]"
 
 
 # -- processes ------------------------------------------------------------------------
@@ -193,10 +196,11 @@ def shardnet_worker(label: str, logs: Path, loop: str, unix_socket: Optional[Pat
                          "--port", "0", "--loop", loop, *listen], logs)
 
 
-def shardnet_head(label: str, shards: Sequence[Sequence[str]], logs: Path, loop: str) -> Child:
+def shardnet_head(label: str, shards: Sequence[Sequence[str]], logs: Path, loop: str,
+                  balancer: str = "p2c_ewma") -> Child:
     connections = [f"--connection={shard}={address}" for shard, replicas in enumerate(shards) for address in replicas]
     return Child(label, [SHARDNET_PYTHON, "-m", "shardnet", "head", "--deployment", DEPLOYMENT, "--port", "0",
-                         "--polling", POLLING, "--loop", loop, *connections], logs)
+                         "--polling", POLLING, "--loop", loop, "--balancer", balancer, *connections], logs)
 
 
 def forwarder(label: str, replicas: Sequence[str], logs: Path, loop: str) -> Child:
@@ -301,6 +305,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="skip the row of a minimal raw-bytes grpc.aio forwarder (what a head cannot go below)")
     parser.add_argument("--no-unix", dest="unix", action="store_false",
                         help="skip the row of a shardnet ANY head dialing its workers over Unix sockets")
+    parser.add_argument("--no-round-robin", dest="round_robin", action="store_false",
+                        help="skip the row of a shardnet ANY head balancing round robin instead of p2c_ewma")
     parser.add_argument("--peer", choices=("auto", "none", "jina"), default="auto",
                         help="compare with Jina 3.34 heads (auto: when the Jina venv exists)")
     parser.add_argument("--head-loop", choices=("asyncio", "uvloop", "both"), default=None,
@@ -367,6 +373,11 @@ def main(argv=None) -> int:
                     children.append(head)
                     competitors.append(Competitor(UNIX_ROW.format(loop=head_loops[0]), head.label, endpoint, head,
                                                   worker_pids, concurrency))
+                if kind == "ANY" and args.round_robin:
+                    head = shardnet_head(f"sn-{kind}-rr", shape, logs, head_loops[0], balancer="round_robin")
+                    children.append(head)
+                    competitors.append(Competitor(ROUND_ROBIN_ROW.format(loop=head_loops[0]), head.label, endpoint,
+                                                  head, worker_pids, concurrency))
                 if kind == "ANY" and args.floor:
                     head = forwarder("floor", replicas, logs, head_loops[0])
                     children.append(head)
@@ -457,6 +468,10 @@ def main(argv=None) -> int:
         ratios.append(ratio(f"shardnet ANY{suffix} / floor", f"shardnet head ANY{suffix}", floor))
         if args.unix:
             ratios.append(ratio("shardnet ANY unix / floor (TCP)", unix_row, floor))
+    if args.round_robin:
+        suffix = f" [{head_loops[0]}]" if len(head_loops) > 1 else ""
+        ratios.append(ratio(f"shardnet ANY{suffix} p2c_ewma / round robin", f"shardnet head ANY{suffix}",
+                            ROUND_ROBIN_ROW.format(loop=head_loops[0])))
     if len(head_loops) > 1:
         for kind in ("ANY", "ALL"):
             ratios.append(ratio(f"shardnet {kind} uvloop / asyncio", f"shardnet head {kind} [uvloop]",
