@@ -180,7 +180,9 @@ class MetadataCache:
 
     def get(self, pairs: Optional[Sequence[tuple[str, str]]]) -> Any:
         """A Metadata for a tuple of pairs, checked once (a Metadata or nothing passes through as it is)."""
-        if not pairs or isinstance(pairs, grpc.aio.Metadata):
+        # the common case first, and cheaply: a Metadata the pool built (isinstance on an ABC and
+        # Metadata's own __len__ are the slow ways to ask)
+        if type(pairs) is grpc.aio.Metadata or not pairs or isinstance(pairs, grpc.aio.Metadata):
             return pairs
         try:
             metadata = self._built.get(pairs)
