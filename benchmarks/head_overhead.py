@@ -15,7 +15,8 @@ row puts a shardnet ANY head in front of them through those (``--connection
 0=unix:/...``), as a head on its workers' machine can be set up; every other
 row dials TCP. Heads balance with their default, ``p2c_ewma``; one more ANY
 row runs ``--balancer round_robin``, to show what latency awareness costs when
-every replica is healthy (``balancing.py`` shows what it buys when one is not). A wide row puts a shardnet head (and a Jina head) in front of 64 echo
+every replica is healthy (``balancing.py`` shows what it buys when one is
+not). A wide row puts a shardnet head (and a Jina head) in front of 64 echo
 servers of ``python -m shardnet.testing`` in one process, ALL on ``/search``:
 a head only needs replies.
 
