@@ -118,7 +118,11 @@ async def measure(send: Callable[[], Awaitable[Any]], requests: int, concurrency
     return (time.thread_time() - started) / (share * concurrency)
 
 
-async def rows(args: argparse.Namespace) -> list[tuple[str, Callable[[], Awaitable[Any]]]]:
+Row = tuple[str, Callable[[], Awaitable[Any]]]
+
+
+def rows(args: argparse.Namespace, pool: GrpcConnectionPool, head: Head) -> list[Row]:
+    """Each row's label and one request's worth of work; ``pool`` and ``head`` get stand-in replicas."""
     payload = DataRequest(endpoint=ENDPOINT).to_bytes()
 
     def stand_in_replicas(pool: GrpcConnectionPool) -> None:
@@ -127,7 +131,6 @@ async def rows(args: argparse.Namespace) -> list[tuple[str, Callable[[], Awaitab
             for connection in replicas.eligible():
                 connection.stubs = dataclasses.replace(connection.stubs, single_data=finished_single_data)
 
-    pool = GrpcConnectionPool(balancer=args.balancer)
     for port in (1, 2):  # channels are lazy: nothing dials these
         pool.add_connection(DEPLOYMENT, f"127.0.0.1:{port}")
     stand_in_replicas(pool)
@@ -136,7 +139,8 @@ async def rows(args: argparse.Namespace) -> list[tuple[str, Callable[[], Awaitab
     call_metadata = grpc.aio.Metadata(("endpoint", ENDPOINT))  # what the pool hands to a replica list
     metadata = (("endpoint", ENDPOINT),)  # as the head passes it
 
-    head = Head(DEPLOYMENT, connections={0: ["127.0.0.1:3", "127.0.0.1:4"]})
+    for port in (3, 4):
+        head.pool.add_connection(DEPLOYMENT, f"127.0.0.1:{port}")
     stand_in_replicas(head.pool)
     context = StandInContext()
 
@@ -170,8 +174,18 @@ async def rows(args: argparse.Namespace) -> list[tuple[str, Callable[[], Awaitab
 
 
 async def run(args: argparse.Namespace) -> list[list[Any]]:
+    """The table's rows, from a pool and a head with stand-in replicas, both closed afterwards."""
+    pool = GrpcConnectionPool(balancer=args.balancer)
+    head = Head(DEPLOYMENT)
+    try:
+        return await measure_rows(args, rows(args, pool, head))
+    finally:
+        await pool.close()
+        await head.pool.close()
+
+
+async def measure_rows(args: argparse.Namespace, measured: list[Row]) -> list[list[Any]]:
     """Every row at 1 and at 64 in flight, the rows interleaved within each repeat so a noisy spell hits them all."""
-    measured = await rows(args)
     cases = [(label, send, concurrency) for label, send in measured for concurrency in (1, 64)]
     for _label, send, concurrency in cases:  # warm-up
         await measure(send, args.requests // 10, concurrency)
