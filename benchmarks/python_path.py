@@ -49,6 +49,7 @@ from shardnet.runtimes.head import Head  # noqa: E402
 
 DEPLOYMENT = "echo"
 ENDPOINT = "/index"
+Row = tuple[str, Callable[[], Awaitable[Any]]]  # a label, and one request's worth of work
 
 
 class FinishedCall:
@@ -116,9 +117,6 @@ async def measure(send: Callable[[], Awaitable[Any]], requests: int, concurrency
     started = time.thread_time()
     await asyncio.gather(*(one_worker(share) for _ in range(concurrency)))
     return (time.thread_time() - started) / (share * concurrency)
-
-
-Row = tuple[str, Callable[[], Awaitable[Any]]]
 
 
 def rows(args: argparse.Namespace, pool: GrpcConnectionPool, head: Head) -> list[Row]:
