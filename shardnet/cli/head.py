@@ -36,7 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="a worker replica: SHARD=HOST:PORT, or SHARD=unix:/PATH for one on this machine (repeatable)",
     )
     parser.add_argument(
-        "--shards", type=int, default=0, help="shards expected: ALL reports any without a replica, ACTIVATE beyond them is refused"
+        "--shards",
+        type=int,
+        default=0,
+        help="shards expected: ALL reports any without a replica, ACTIVATE beyond them is refused",
     )
     parser.add_argument(
         "--lease", type=float, default=None, help="drop an ACTIVATEd worker that has not re-sent ACTIVATE for this long"

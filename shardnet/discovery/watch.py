@@ -167,7 +167,8 @@ class ListWatch:
             raise Unavailable(f"list answer is not a Kubernetes list: {error}") from error
         objects = [item for item in items if _is_object(item)]
         if len(objects) < len(items):
-            logger.warning("%s: ignored %d list items that are not Kubernetes objects", self.name, len(items) - len(objects))
+            ignored = len(items) - len(objects)
+            logger.warning("%s: ignored %d list items that are not Kubernetes objects", self.name, ignored)
         await self._on_list(objects)
         self.resource_version = version
         self._progress = False

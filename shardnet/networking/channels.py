@@ -149,7 +149,9 @@ def checked_metadata(pairs: Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any],
             )
         if key.endswith("-bin"):
             if not isinstance(value, bytes):
-                raise ProtocolError(f"metadata key {key!r} ends in -bin: its value must be bytes, got {type(value).__name__}")
+                raise ProtocolError(
+                    f"metadata key {key!r} ends in -bin: its value must be bytes, got {type(value).__name__}"
+                )
         elif not isinstance(value, str) or not (value.isascii() and value.isprintable()):
             raise ProtocolError(f"metadata value for {key!r} must be printable ASCII text, got {value!r}")
         checked.append((key, value))
@@ -262,7 +264,9 @@ class Stubs:
             data=unary(services.PROCESS_DATA, _requests_to_bytes, DataRequest.from_bytes),
             control=unary(services.PROCESS_CONTROL, _to_bytes, _CONTROL_REPLY),
             discovery=unary(services.ENDPOINT_DISCOVERY, empty_pb2.Empty.SerializeToString, _ENDPOINTS_REPLY),
-            health=unary("/grpc.health.v1.Health/Check", health_pb2.HealthCheckRequest.SerializeToString, _HEALTH_REPLY),
+            health=unary(
+                "/grpc.health.v1.Health/Check", health_pb2.HealthCheckRequest.SerializeToString, _HEALTH_REPLY
+            ),
             decoded_single_data=unary(services.PROCESS_SINGLE_DATA, _to_bytes, _DECODED_REPLY),
             decoded_data=unary(services.PROCESS_DATA, _requests_to_bytes, _DECODED_REPLY),
         )

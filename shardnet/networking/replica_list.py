@@ -99,8 +99,11 @@ class ReplicaList:
     ):
         if isinstance(balancer, str):  # a name, as the pool takes it
             balancer = make_balancer(balancer)
-        if balancer is not None and not all(callable(getattr(balancer, m, None)) for m in ("pick", "started", "finished", "forget")):
-            raise ConfigurationError(f"balancer must be a balancer name or object (pick, started, finished, forget), got {balancer!r}")
+        methods = ("pick", "started", "finished", "forget")
+        if balancer is not None and not all(callable(getattr(balancer, method, None)) for method in methods):
+            raise ConfigurationError(
+                f"balancer must be a balancer name or object (pick, started, finished, forget), got {balancer!r}"
+            )
         self.balancer = balancer if balancer is not None else RoundRobin()
         self.name = name
         self._tls = tls

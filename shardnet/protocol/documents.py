@@ -52,7 +52,9 @@ def update_struct(struct: struct_pb2.Struct, values: Any, what: str) -> None:
         try:
             checked.update({key: value})
         except (TypeError, ValueError):
-            raise TypeError(f"{what}[{key!r}] must be JSON-like (text, number, bool, None, list, dict), got {value!r:.80}") from None
+            raise TypeError(
+                f"{what}[{key!r}] must be JSON-like (text, number, bool, None, list, dict), got {value!r:.80}"
+            ) from None
     struct.MergeFrom(checked)  # map entries are replaced, not merged into
 
 

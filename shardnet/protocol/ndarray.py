@@ -38,7 +38,8 @@ def read_dense(source: docarray_pb2.DenseNdArrayProto) -> np.ndarray:
     """Rebuild a numpy array from a DenseNdArray message, checking size against shape."""
     dtype = _numeric_dtype(source.dtype)
     shape = tuple(source.shape)
-    expected = math.prod(shape) * dtype.itemsize  # Python integers: a huge shape cannot wrap around to the buffer's size
+    # Python integers: a huge shape cannot wrap around to the buffer's size
+    expected = math.prod(shape) * dtype.itemsize
     if expected != len(source.buffer):
         raise ProtocolError(
             f"NdArray buffer holds {len(source.buffer)} bytes, shape {shape} of {dtype} needs {expected}"
@@ -53,7 +54,8 @@ def read_dense(source: docarray_pb2.DenseNdArrayProto) -> np.ndarray:
 @functools.lru_cache(maxsize=128)  # a stream of arrays names a handful of dtypes
 def _numeric_dtype(name: str) -> np.dtype:
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # numpy still parses deprecated aliases ('a'): refused below
+        # numpy still parses deprecated aliases ('a'): they are refused below
+        warnings.simplefilter("ignore", DeprecationWarning)
         try:
             dtype = np.dtype(name)
         except Exception as exc:  # TypeError, ValueError, and SyntaxError for some strings (',')

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 from shardnet.errors import ConfigurationError, ExecutorError, ProcessError
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address, parse_address
-from shardnet.networking.balancing import BALANCERS
+from shardnet.networking.balancing import make_balancer
 from shardnet.networking.polling import PollingMap
 from shardnet.protocol.documents import Document, DocumentList
 from shardnet.protocol.messages import DataRequest
@@ -54,9 +54,10 @@ def _check_arguments(
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ConfigurationError(f"a deployment needs at least 1 shard and 1 replica: {what}={count!r}")
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ConfigurationError(f"deployment name {name!r}: letters, digits, '.', '_' or '-', starting with a letter or digit")
-    if balancer not in BALANCERS:
-        raise ConfigurationError(f"unknown balancer {balancer!r}: choose one of {', '.join(BALANCERS)}")
+        raise ConfigurationError(
+            f"deployment name {name!r}: letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    make_balancer(balancer)  # an unknown name fails here, with the same message the pool gives
     if not register_interval > 0 or not startup_timeout > 0:
         raise ConfigurationError("register_interval and startup_timeout must be positive seconds")
 
@@ -287,9 +288,9 @@ class Deployment:
         head.stop()
         # the head comes back on the port it had, where the workers look for it
         port = head.address.rsplit(":", 1)[1]
-        self.head.arguments[self.head.arguments.index("--port") + 1] = port
-        self.head.launch()
-        self.head.wait_ready(self.startup_timeout)
+        head.arguments[head.arguments.index("--port") + 1] = port
+        head.launch()
+        head.wait_ready(self.startup_timeout)
         self.wait_registered()
         return self.head
 

@@ -57,7 +57,9 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if self.unix_socket is not None:
             if self.tls is not None:
-                raise ConfigurationError("a Unix socket listener is plaintext: serve either TLS or a Unix socket, not both")
+                raise ConfigurationError(
+                    "a Unix socket listener is plaintext: serve either TLS or a Unix socket, not both"
+                )
             parse_address(f"{UNIX_SCHEME}{self.unix_socket}")  # absolute, short enough for sun_path
         if not 0 <= self.port < 65536:
             raise ConfigurationError(f"port {self.port} is outside 0..65535")
