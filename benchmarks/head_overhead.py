@@ -198,16 +198,19 @@ def shardnet_worker(label: str, logs: Path, loop: str, unix_socket: Optional[Pat
 
 
 def shardnet_head(label: str, shards: Sequence[Sequence[str]], logs: Path, loop: str,
-                  balancer: str = "p2c_ewma") -> Child:
+                  balancer: str = "p2c_ewma", launcher: Sequence[str] = ()) -> Child:
+    """A ``shardnet head`` process; ``launcher`` goes before the command (``chrt --batch 0``, say)."""
     connections = [f"--connection={shard}={address}" for shard, replicas in enumerate(shards) for address in replicas]
-    return Child(label, [SHARDNET_PYTHON, "-m", "shardnet", "head", "--deployment", DEPLOYMENT, "--port", "0",
-                         "--polling", POLLING, "--loop", loop, "--balancer", balancer, *connections], logs)
+    command = [SHARDNET_PYTHON, "-m", "shardnet", "head", "--deployment", DEPLOYMENT, "--port", "0",
+               "--polling", POLLING, "--loop", loop, "--balancer", balancer, *connections]
+    return Child(label, [*launcher, *command], logs)
 
 
-def forwarder(label: str, replicas: Sequence[str], logs: Path, loop: str) -> Child:
+def forwarder(label: str, replicas: Sequence[str], logs: Path, loop: str, extra: Sequence[str] = (),
+              env: Optional[dict] = None) -> Child:
     """``_forwarder.py``: the least a grpc.aio process can do to pass a request on (the floor of a head)."""
     script = Path(__file__).resolve().parent / "_forwarder.py"
-    return Child(label, [SHARDNET_PYTHON, str(script), "--loop", loop, *replicas], logs)
+    return Child(label, [SHARDNET_PYTHON, str(script), "--loop", loop, *extra, *replicas], logs, env=env)
 
 
 def jina_head(label: str, shards: Sequence[Sequence[str]], logs: Path) -> tuple[Child, str]:
