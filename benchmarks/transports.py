@@ -10,7 +10,13 @@ less, against one echo server process, each row a client in this process:
 - ``unary, unix socket``: the same call over a Unix domain socket;
 - ``bidi stream, TCP``: one long-lived stream (as Jina's ``JinaRPC/Call``)
   carrying every request; one task writes, one reads, replies are matched in
-  order (the server echoes them in order).
+  order (the server echoes them in order);
+- ``unary, TCP, optimization_target=throughput``: the channel option that asks
+  gRPC's HTTP/2 transport to favour throughput;
+- ``unary, TCP, core call``: the same call without grpc.aio's per-call object
+  and the Task it runs in, awaiting gRPC's Cython call directly. That is
+  private API, and it bypasses what ``Channel.close(grace)`` waits for, so
+  shardnet does not do it; the row measures what grpc.aio's wrapper costs.
 
 Rounds are interleaved and rotated after an excluded warm-up. The client's
 CPU is this process's ``time.process_time()``, the server's comes from
@@ -100,6 +106,21 @@ def unary_sender(target: str, extra_options: tuple = ()) -> tuple[Send, Callable
     return unary_channel.unary_unary(UNARY), unary_channel.close
 
 
+def core_call_sender(target: str) -> tuple[Send, Callable[[], Awaitable[None]]]:
+    """Unary calls on the channel's Cython object (``grpc.aio.Channel._channel``): no call object, no Task."""
+    core_channel = channel(target)
+    cython_channel, method = core_channel._channel, UNARY.encode()
+
+    async def send(payload: bytes) -> bytes:
+        call = cython_channel.call(method, None, None, None)  # method, deadline, credentials, wait_for_ready
+        reply = await call.unary_unary(payload, ())
+        if not call.is_ok():
+            raise RuntimeError(f"core call failed: {call}")
+        return reply
+
+    return send, core_channel.close
+
+
 class StreamSender:
     """Requests multiplexed over one bidi stream: a writer task (gRPC takes one write at a time), a reader task."""
 
@@ -167,6 +188,8 @@ async def measure(args: argparse.Namespace, server_pid: int, port: int, unix_pat
     }
     stream = StreamSender(tcp)
     rows["bidi stream, TCP"] = (stream, stream.close)
+    rows["unary, TCP, optimization_target=throughput"] = unary_sender(tcp, (("grpc.optimization_target", "throughput"),))
+    rows["unary, TCP, core call"] = core_call_sender(tcp)
     samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in rows}  # (rps, client us, server us)
     try:
         for send, _ in rows.values():
