@@ -105,6 +105,20 @@ def floor_rows(replicas: list[str], logs: Path, args: argparse.Namespace) -> dic
     return rows
 
 
+def context_switches(pid: int) -> int:
+    """Voluntary plus involuntary context switches of every thread of ``pid`` so far."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            status = (task / "status").read_text()
+        except OSError:  # a thread that ended meanwhile
+            continue
+        for line in status.splitlines():
+            if "ctxt_switches:" in line:  # voluntary_ctxt_switches, nonvoluntary_ctxt_switches
+                total += int(line.split()[1])
+    return total
+
+
 def per_round_ratio(mine: Competitor, theirs: Competitor, cpu: bool = False) -> float:
     """Median over rounds of mine / theirs: throughput, or (``cpu``) the forwarding process's CPU per request."""
     if cpu:
@@ -146,9 +160,13 @@ def main(argv=None) -> int:
                     where = competitor.head or workers[0]
                     raise RuntimeError(f"{competitor.label}: {warm['failures']} of {warm['n']} warm-up requests "
                                        f"failed; {where.label}'s log ends:\n{where.tail()}")
+            switches = dict.fromkeys(rows, 0)  # the forwarding process's context switches in measured rounds
             for round_index in range(args.rounds):
                 for competitor in rotated(competitors, round_index):
+                    before = context_switches(competitor.head.pid) if competitor.head else 0
                     competitor.run(client, args.round_seconds, str(payload), record=True)
+                    if competitor.head:
+                        switches[competitor.label] += context_switches(competitor.head.pid) - before
         finally:
             if client is not None:
                 client.stop()
@@ -166,14 +184,15 @@ def main(argv=None) -> int:
           f"warm-up; {args.cpu_hogs} busy-loop processes alongside; total {time.monotonic() - started:.0f}s; "
           f"{machine_line()}")
     print(table(
-        ["row", "requests", "rps", "p50 ms", "p99 ms", "forwarder CPU us/req", "backends CPU us/req",
-         "rps / floor", "CPU/req / floor", "rps / direct"],
-        [[c.label, c.tally.requests, c.tally.rps, c.tally.p(0.5), c.tally.p(0.99), c.head_us(), c.backend_us(),
+        ["row", "requests", "rps", "p50 ms", "p99 ms", "forwarder CPU us/req", "switches/req",
+         "backends CPU us/req", "rps / floor", "CPU/req / floor", "rps / direct"],
+        [[c.label, c.tally.requests, c.tally.rps, c.tally.p(0.5), c.tally.p(0.99), c.head_us(),
+          switches[c.label] / c.tally.requests if c.head else float("nan"), c.backend_us(),
           per_round_ratio(c, floor), per_round_ratio(c, floor, cpu=True) if c.head else float("nan"),
           per_round_ratio(c, direct)] for c in competitors],
     ))
-    print("(ratios: medians of the per-round ratios; 'forwarder CPU' is the floor's, a variant's or a head's "
-          "process CPU time)")
+    print("(ratios: medians of the per-round ratios; 'forwarder' is the floor, a variant or a head: its process's "
+          "CPU time, and its threads' context switches, voluntary and not)")
     return 0
 
 
