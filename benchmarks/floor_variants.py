@@ -40,13 +40,14 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # this script's own gRPC use: no INFO lines in the tables
 
-from _common import _stop_process, exit_on_sigterm, machine_line, median, rotated, run_script, table  # noqa: E402
+from _common import _stop_process, exit_on_sigterm, machine_line, rotated, run_script, table  # noqa: E402
 from head_overhead import (  # noqa: E402
     Child,
     Competitor,
     LoadClient,
     forwarder,
     request_bytes,
+    round_ratios,
     shardnet_head,
     shardnet_worker,
 )
@@ -119,14 +120,6 @@ def context_switches(pid: int) -> int:
     return total
 
 
-def per_round_ratio(mine: Competitor, theirs: Competitor, cpu: bool = False) -> float:
-    """Median over rounds of mine / theirs: throughput, or (``cpu``) the forwarding process's CPU per request."""
-    if cpu:
-        pairs = zip(mine.head_cpu, mine.tally.rounds, theirs.head_cpu, theirs.tally.rounds)
-        return median((a / ra["n"]) / (b / rb["n"]) for a, ra, b, rb in pairs if a and b)
-    return median((a["n"] / a["wall"]) / (b["n"] / b["wall"]) for a, b in zip(mine.tally.rounds, theirs.tally.rounds))
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     exit_on_sigterm()
@@ -188,8 +181,7 @@ def main(argv=None) -> int:
          "backends CPU us/req", "rps / floor", "CPU/req / floor", "rps / direct"],
         [[c.label, c.tally.requests, c.tally.rps, c.tally.p(0.5), c.tally.p(0.99), c.head_us(),
           switches[c.label] / c.tally.requests if c.head else float("nan"), c.backend_us(),
-          per_round_ratio(c, floor), per_round_ratio(c, floor, cpu=True) if c.head else float("nan"),
-          per_round_ratio(c, direct)] for c in competitors],
+          *round_ratios(c, floor), round_ratios(c, direct)[0]] for c in competitors],
     ))
     print("(ratios: medians of the per-round ratios; 'forwarder' is the floor, a variant or a head: its process's "
           "CPU time, and its threads' context switches, voluntary and not)")

@@ -294,6 +294,14 @@ class Competitor:
         return 1e6 * sum(self.backend_cpu) / self.tally.requests if self.tally.requests else float("nan")
 
 
+def round_ratios(mine: Competitor, theirs: Competitor) -> tuple[float, float]:
+    """Medians over the rounds of mine / theirs: throughput, and head CPU per request (nan when either has no head)."""
+    pairs = list(zip(mine.tally.rounds, theirs.tally.rounds, mine.head_cpu, theirs.head_cpu))
+    rps = median((a["n"] / a["wall"]) / (b["n"] / b["wall"]) for a, b, _, _ in pairs)
+    cpu = median((cpu_a / a["n"]) / (cpu_b / b["n"]) for a, b, cpu_a, cpu_b in pairs if cpu_a and cpu_b)
+    return rps, cpu
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=14, help="interleaved measured rounds (default 14)")
@@ -449,12 +457,10 @@ def main(argv=None) -> int:
     def ratio(label: str, ours: str, theirs: str) -> list:
         """Pooled ratios, and the median of the per-round ratios (rounds of a pair run next to each other)."""
         a, b = by_label[ours], by_label[theirs]
-        pairs = list(zip(a.tally.rounds, b.tally.rounds, a.head_cpu, b.head_cpu))
-        rps_rounds = [(ra["n"] / ra["wall"]) / (rb["n"] / rb["wall"]) for ra, rb, _, _ in pairs]
-        cpu_rounds = [(ca / ra["n"]) / (cb / rb["n"]) for ra, rb, ca, cb in pairs if ca and cb]
+        rps_rounds, cpu_rounds = round_ratios(a, b)
         cpu = a.head_us() / b.head_us() if a.head and b.head else float("nan")
-        return [label, a.tally.rps / b.tally.rps, median(rps_rounds), a.tally.p(0.5) / b.tally.p(0.5),
-                a.tally.p(0.99) / b.tally.p(0.99), cpu, median(cpu_rounds) if cpu_rounds else float("nan")]
+        return [label, a.tally.rps / b.tally.rps, rps_rounds, a.tally.p(0.5) / b.tally.p(0.5),
+                a.tally.p(0.99) / b.tally.p(0.99), cpu, cpu_rounds]
 
     ratios, checks = [], []
     for loop in head_loops:
