@@ -54,6 +54,11 @@ class Tagger(Executor):
     def bad_result(self, docs, parameters, **kwargs):
         return {"handle": object()}  # not JSON-like: cannot travel in a protobuf Struct
 
+    @requests(on="/bad-return")
+    def bad_return(self, docs, parameters, **kwargs):
+        """Neither Documents, a dict nor None (a number, or Documents with a stray text among them)."""
+        return [Document(text="ok"), "stray"] if parameters.get("mixed") else 42
+
     @requests(on="/endpoint")
     def endpoint(self, docs, parameters, endpoint, **kwargs):
         for doc in docs:

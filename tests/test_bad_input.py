@@ -32,7 +32,7 @@ from shardnet.networking import oneshot
 from shardnet.networking.addresses import parse_address
 from shardnet.networking.channels import default_grpc_options
 from shardnet.networking.policies import EjectionPolicy, RetryBudget, RetryPolicy
-from shardnet.networking.polling import PollingMap
+from shardnet.networking.polling import PollingMap, PollingType
 from shardnet.networking.pool import GrpcConnectionPool
 from shardnet.networking.replica_list import ReplicaList
 from shardnet.networking.tls import ClientTls, ServerTls
@@ -537,6 +537,11 @@ BAD_CONFIGURATIONS = {
     "polling-json": (lambda: PollingMap.parse('{"/a": "ALL"'), "not valid JSON"),
     "polling-kind": (lambda: PollingMap.parse({"/a": "EVERY"}), "unknown polling"),
     "polling-null": (lambda: PollingMap.parse({"/a": None}), "unknown polling"),
+    "polling-empty-endpoint": (lambda: PollingMap.parse({"": "ALL"}), "empty endpoint"),
+    "pool-outside-a-loop": (
+        lambda: GrpcConnectionPool().add_connection("dep", "127.0.0.1:5000"),
+        "replica 127.0.0.1:5000: channels belong to the event loop that opens them",
+    ),
     "pool-balancer": (lambda: GrpcConnectionPool(balancer="random"), "unknown balancer"),
     "pool-timeout": (lambda: GrpcConnectionPool(timeout=0), "timeout"),
     "deployment-shards": (lambda: Deployment(uses=EXECUTOR, shards=0), "at least 1 shard"),
@@ -643,6 +648,13 @@ def test_bad_configuration_is_a_configuration_error(make, message):
     with pytest.raises(ConfigurationError) as refused:
         make()
     assert message in str(refused.value), str(refused.value)
+
+
+def test_a_polling_key_without_its_slash_is_taken_as_written_and_warned_about(caplog):
+    with caplog.at_level("WARNING", logger="shardnet.networking.polling"):
+        polling = PollingMap.parse({"search": "ALL"})
+    assert polling["search"] == PollingType.ALL and polling["/search"] == PollingType.ANY
+    assert "polling map key 'search' has no leading '/'" in caplog.text
 
 
 @settings(max_examples=300, deadline=None)

@@ -132,10 +132,13 @@ def test_workers_are_named_as_jina_names_replicas_so_every_shards_dict_result_ar
         single.restart_head()
     with single as deployment:
         [doc] = deployment.post("/tag", [Document(text="a")])
-        response = oneshot.send_request_sync(DataRequest([doc], endpoint="/count"), deployment.address, timeout=30)
-        assert list(response.parameters["__results__"]) == ["single/rep-0"]
+        response = deployment.post("/count", [doc], return_responses=True)  # the whole response, as in Jina
+        assert response.parameters["__results__"] == {"single/rep-0": {"docs": 1.0, "shard": 0.0}}
+        assert response.docs.ids == [doc.id]
         with pytest.raises(ConfigurationError, match="no worker for shard 1, replica 0 .shards 0..0, replicas 0..0"):
             deployment.restart_worker(1, 0)
+    with pytest.raises(ProcessError, match="'single' is not running"):  # not a raw "connection refused"
+        single.post("/tag", [Document(text="a")])
 
 
 def test_a_worker_that_died_is_restarted_on_its_socket_and_served_at_once():

@@ -233,6 +233,7 @@ async def test_uses_before_and_uses_after_see_every_request(runtimes):
     head = await runtimes(
         Head(
             "search",
+            polling=PollingMap.parse("ALL"),
             connections={i: [w.server.address] for i, w in enumerate(workers)},
             uses_before=before.server.address,
             uses_after=after.server.address,
@@ -247,6 +248,56 @@ async def test_uses_before_and_uses_after_see_every_request(runtimes):
         assert merged.text == "q,only-shard-0,q,only-shard-1"
     assert before.executor.calls == 5 and after.executor.calls == 5
     assert [w.executor.calls["/search"] for w in workers] == [5, 5]
+
+
+async def test_uses_after_under_any_gets_one_shards_answer_and_the_shards_take_turns(runtimes):
+    after = await runtimes(Worker(executors.CountingAfter.create()))
+    workers = await shard_workers(runtimes, executors.ShardSearch, 2)
+    head = await runtimes(
+        Head(
+            "index",
+            polling=PollingMap.parse('{"/search": "ALL", "*": "ANY"}'),
+            connections={i: [w.server.address] for i, w in enumerate(workers)},
+            uses_after=after.server.address,
+        )
+    )
+    seen_shards = []
+    for _ in range(4):
+        response, trailing = await send_with_trailing(head.server.address, "/index", [Document(id="d")])
+        [merged] = response.docs
+        assert merged.text == "d" and merged.tags["matrix"] == []  # one request reached uses_after, not a matrix
+        assert trailing["total_shards"] == "1"
+        seen_shards.append(merged.tags["shards"])
+    assert [w.executor.calls.get("/index", 0) for w in workers] == [2, 2]  # each document written once, in turn
+    assert sorted(seen_shards) == [[0], [0], [1], [1]]
+
+
+async def test_uses_after_under_all_receives_every_shards_dict_results(runtimes):
+    after = await runtimes(Worker(executors.Tagger.create(), name="count/uses_after"))
+    workers = [
+        await runtimes(Worker(executors.Tagger.create({"shard_id": shard}), name=f"count/shard-{shard}/rep-0"))
+        for shard in range(2)
+    ]
+    head = await runtimes(
+        Head(
+            "count",
+            polling=PollingMap.parse("ALL"),
+            connections={i: [w.server.address] for i, w in enumerate(workers)},
+            uses_after=after.server.address,
+        )
+    )
+    response = await send(head.server.address, "/count", [Document(text="a")])
+    assert not response.is_error
+    assert response.parameters["__results__"] == {
+        "count/shard-0/rep-0": {"docs": 1.0, "shard": 0.0},
+        "count/shard-1/rep-0": {"docs": 1.0, "shard": 1.0},
+        "count/uses_after": {"docs": 2.0, "shard": 0.0},  # uses_after saw both shards' copies of the document
+    }
+
+
+def test_a_static_connection_beyond_the_declared_shards_is_refused():
+    with pytest.raises(ConfigurationError, match=r"shard 5, but the head has shards 0\.\.1"):
+        Head("x", connections={5: ["127.0.0.1:5000"]}, shards=2)
 
 
 @pytest.mark.parametrize("role", ["uses_before", "uses_after"])
@@ -357,6 +408,7 @@ async def test_uses_after_response_still_names_a_failed_shard(runtimes):
     head = await runtimes(
         Head(
             "search",
+            polling=PollingMap.parse("ALL"),
             connections={i: [w.server.address] for i, w in enumerate(workers)},
             uses_after=after.server.address,
             shards=3,  # shard 2 has no replica

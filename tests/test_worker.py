@@ -96,6 +96,21 @@ async def test_a_dict_result_that_is_not_json_like_is_the_handlers_error(tagger)
     assert "handler bad_result returned a dict that is not JSON-like" in response.status.description
 
 
+@pytest.mark.parametrize(
+    "parameters, returned", [({}, "returned int"), ({"mixed": True}, "returned str among its Documents")]
+)
+async def test_a_handler_returning_neither_documents_nor_a_dict_is_named_with_what_it_may_return(
+    tagger, parameters, returned
+):
+    request = DataRequest([Document(text="hi")], endpoint="/bad-return", parameters=parameters)
+    response = await oneshot.send_request_async(request, tagger.server.address, timeout=10)
+    assert response.is_error and response.status.exception.name == "TypeError"
+    description = response.status.description
+    assert f"handler bad_return {returned}" in description
+    assert "a handler returns Documents, a dict or None" in description
+    assert response.docs.texts == ["hi"]  # the request's documents are left as they came
+
+
 async def test_endpoint_from_metadata_when_header_has_none(tagger):
     request = DataRequest([Document(text="a")])
     assert request.endpoint is None
@@ -194,6 +209,7 @@ async def test_endpoint_discovery_lists_bound_endpoints(tagger):
     reply, _ = await raw_call(tagger.server.address, services.ENDPOINT_DISCOVERY, empty_pb2.Empty().SerializeToString())
     assert list(jina_pb2.EndpointsProto.FromString(reply).endpoints) == [
         "/bad-result",
+        "/bad-return",
         "/count",
         "/endpoint",
         "/fail",

@@ -12,6 +12,7 @@ from google.protobuf import empty_pb2
 from shardnet.cli.options import add_client_tls_arguments, client_tls, json_object
 from shardnet.errors import ReplicaError
 from shardnet.networking import oneshot
+from shardnet.networking.policies import check_timeout
 from shardnet.protocol.documents import Document
 from shardnet.protocol.messages import DataRequest
 
@@ -36,9 +37,12 @@ async def _discovered_endpoints(target: str, tls, timeout: float) -> list[str]:
 
 async def send(args: argparse.Namespace) -> int:
     parameters = json_object(args.parameters, "--parameters")
+    check_timeout(args.timeout, "--timeout")
     tls = client_tls(args)
-    try:
-        endpoints = await _discovered_endpoints(args.target, tls, args.timeout)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + args.timeout
+    try:  # the check is advisory: it gets half of --timeout, the request what is left
+        endpoints = await _discovered_endpoints(args.target, tls, args.timeout / 2)
     except ReplicaError as exc:
         logger.warning("could not discover the endpoints of %s: %s", args.target, exc)
         endpoints = None
@@ -50,7 +54,7 @@ async def send(args: argparse.Namespace) -> int:
             ", ".join(endpoints) or "none",
         )
     request = DataRequest([Document(text=text) for text in args.text], endpoint=args.endpoint, parameters=parameters)
-    response = await oneshot.send_request_async(request, args.target, timeout=args.timeout, tls=tls)
+    response = await oneshot.send_request_async(request, args.target, timeout=deadline - loop.time(), tls=tls)
     print(json.dumps(describe(response), indent=2))
     return 1 if response.is_error else 0
 
@@ -71,6 +75,9 @@ def describe(response: DataRequest) -> dict:
     result = {"request_id": response.request_id, "status": "ERROR" if response.is_error else "SUCCESS"}
     if response.is_error:
         result["error"] = status.description
+    parameters = response.parameters
+    if parameters:  # dict results travel here, under "__results__"
+        result["parameters"] = parameters
     result["docs"] = [doc(d) for d in response.docs]
     return result
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from shardnet.cli.options import (
     add_client_tls_arguments,
@@ -29,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--replica-id", type=int, default=0)
     parser.add_argument("--workspace", help="folder the Executor may keep state in")
     parser.add_argument(
-        "--name", help="name in route entries, errors and dict results (default: the Executor's class name)"
+        "--name",
+        help="name in route entries, errors and dict results (default: CLASS/shard-S/rep-R, distinct for each shard)",
     )
     parser.add_argument("--threads", type=int, default=1, help="threads for blocking handlers")
     parser.add_argument("--advertise-host", help="host the head should dial (default: the bound host)")
@@ -53,7 +56,10 @@ def run(args: argparse.Namespace) -> int:
         )
     config = server_config(args)
     head_tls = client_tls(args, prefix="head-")
-    executor = load_executor_class(args.uses).create(
+    if os.getcwd() not in sys.path:  # as under `python -m`: MODULE:CLASS may name a module in this folder
+        sys.path.insert(0, os.getcwd())
+    executor_class = load_executor_class(args.uses)
+    executor = executor_class.create(
         {"shard_id": args.shard_id, "replica_id": args.replica_id, "workspace": args.workspace}, **uses_with
     )
     worker = Worker(
@@ -66,6 +72,6 @@ def run(args: argparse.Namespace) -> int:
         head_tls=head_tls,
         advertise_host=args.advertise_host,
         register_interval=args.register_interval,
-        name=args.name,
+        name=args.name or f"{executor_class.__name__}/shard-{args.shard_id}/rep-{args.replica_id}",
     )
     return run_in_loop(worker.run(), args.loop)

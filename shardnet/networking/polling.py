@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 from typing import Mapping, Union
 
 from shardnet.errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
 
 
 class PollingType(enum.IntEnum):
@@ -51,6 +54,14 @@ class PollingMap:
                 raise ConfigurationError(f"polling map is not valid JSON: {exc}") from None
         if isinstance(value, Mapping):
             parsed = {str(endpoint): PollingType.parse(kind) for endpoint, kind in value.items()}
+            for endpoint in parsed:
+                if not endpoint:
+                    raise ConfigurationError("polling map has an empty endpoint: name one such as '/search', or '*'")
+                if endpoint != "*" and not endpoint.startswith("/"):  # legal (Jina allows it), and usually a typo
+                    logger.warning(
+                        "polling map key %r has no leading '/': it matches the endpoint %r only, not %r",
+                        endpoint, endpoint, f"/{endpoint}",
+                    )
             default = parsed.pop("*", PollingType.ANY)
             return cls(parsed, default)
         return cls({}, PollingType.parse(value))

@@ -45,6 +45,13 @@ class Connection:
         self._open()
 
     def _open(self) -> None:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # gRPC would bind the channel to a loop that is not the one that later calls
+            raise ConfigurationError(
+                f"replica {self.address}: channels belong to the event loop that opens them; add connections "
+                "from async code running in the loop that sends (not before asyncio.run)"
+            ) from None
         self.channel = get_grpc_channel(self.address, options=self._options, asyncio=True, tls=self._tls)
         self.stubs = Stubs.for_channel(self.channel)
 

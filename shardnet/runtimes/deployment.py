@@ -151,7 +151,7 @@ class Deployment:
 
     def _running_head(self) -> ShardnetProcess:
         """The head process, or ProcessError when the deployment was not started (or was stopped)."""
-        if self.head is None or self.head.address is None:
+        if self.head is None or self.head.address is None or not self.head.alive:
             raise ProcessError(f"deployment {self.name!r} is not running")
         return self.head
 
@@ -326,14 +326,16 @@ class Deployment:
         docs: Optional[Iterable[Document]] = None,
         parameters: Optional[Mapping[str, Any]] = None,
         timeout: float = 30.0,
-    ) -> DocumentList:
-        """Send documents to ``endpoint`` through the head; return the response's documents."""
+        return_responses: bool = False,
+    ) -> Union[DocumentList, DataRequest]:
+        """Send documents to ``endpoint`` through the head; return the response's documents, or (as Jina's
+        ``return_responses``) the whole response, whose ``parameters["__results__"]`` hold dict results."""
         request = DataRequest(docs=docs or [], endpoint=endpoint, parameters=parameters)
         response = await oneshot.send_request_async(request, self.address, timeout=timeout)
         if response.is_error:
             status = response.status
             raise ExecutorError(status.description, name=status.exception.name, executor=status.exception.executor)
-        return response.docs
+        return response if return_responses else response.docs
 
     def post(
         self,
@@ -341,9 +343,10 @@ class Deployment:
         docs: Optional[Iterable[Document]] = None,
         parameters: Optional[Mapping[str, Any]] = None,
         timeout: float = 30.0,
-    ) -> DocumentList:
+        return_responses: bool = False,
+    ) -> Union[DocumentList, DataRequest]:
         """Blocking ``post_async``."""
-        return oneshot.run_sync(self.post_async(endpoint, docs, parameters, timeout))
+        return oneshot.run_sync(self.post_async(endpoint, docs, parameters, timeout, return_responses))
 
     def table(self) -> str:
         """What runs where, one line a process."""

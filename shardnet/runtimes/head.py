@@ -4,8 +4,9 @@ Data requests are routed by the polling of their endpoint (the ``endpoint``
 metadata, else ``header.exec_endpoint``): ANY forwards the request bytes to
 one replica of one shard without decoding its documents; ALL sends it to one
 replica of every shard and merges the answers. ``uses_before`` sees the
-request first; ``uses_after`` receives every shard's answer in one
-``process_data`` call and its answer is the response. Workers join and leave
+request first; ``uses_after`` receives the answers of the shards polling chose
+(every shard under ALL, one under ANY) in one ``process_data`` call, and its
+answer is the response. Workers join and leave
 through ACTIVATE / DEACTIVATE control requests, guarded by a token or a
 client certificate when configured.
 """
@@ -40,6 +41,16 @@ USES_BEFORE = "uses_before"
 USES_AFTER = "uses_after"
 # seconds the head keeps from its caller's deadline to send back its own DEADLINE_EXCEEDED naming the shard
 DEADLINE_MARGIN = 0.25
+# seconds a head gives its workers to list their endpoints, when its caller sets no shorter deadline
+DISCOVERY_TIMEOUT = 5.0
+
+
+def _time_left(context: grpc.aio.ServicerContext) -> Optional[float]:
+    """The caller's time left, less a margin: the head gives up just before the caller does, so it learns why."""
+    timeout = context.time_remaining()
+    if timeout is not None:
+        timeout -= min(DEADLINE_MARGIN, timeout / 10)
+    return timeout
 
 
 class Head:
@@ -66,8 +77,13 @@ class Head:
         if isinstance(shards, bool) or not isinstance(shards, int) or shards < 0:
             raise ConfigurationError(f"shards must be a whole number from 0 (0: not declared), got {shards!r}")
         self.pool.declare_shards(deployment, shards)
-        self._shards = shards  # when given, ACTIVATE for a shard beyond them is refused
+        self._shards = shards  # when given, ACTIVATE (or a static connection) for a shard beyond them is refused
         for shard_id, addresses in (connections or {}).items():
+            if shards and shard_id >= shards:
+                raise ConfigurationError(
+                    f"deployment {deployment!r}: a connection for shard {shard_id}, but the head has shards "
+                    f"0..{shards - 1} (shards={shards})"
+                )
             for address in addresses:
                 self.pool.add_connection(deployment, address, shard_id=shard_id)
         self._uses_before = f"{deployment}/{USES_BEFORE}" if uses_before else None
@@ -105,19 +121,18 @@ class Head:
         try:
             endpoint = self._settle_endpoint(requests, context)
             metadata = ((services.ENDPOINT_METADATA, endpoint),)
-            timeout = context.time_remaining()
-            if timeout is not None:  # give up just before the caller does, so it learns which shard was slow
-                timeout -= min(DEADLINE_MARGIN, timeout / 10)
+            timeout = _time_left(context)
             if self._uses_before is not None:
                 response, trailing = await self._one(self._uses_before, requests, metadata, timeout, decoded=True)
                 if response.is_error:  # the shards would only work on a request that already failed
                     context.set_trailing_metadata(tuple(trailing or ()))
                     return response.to_bytes()
                 requests = [response]
-            if self.polling[endpoint] == PollingType.ANY and self._uses_after is None:
+            polling = self.polling[endpoint]
+            if polling == PollingType.ANY and self._uses_after is None:  # the fast path: bytes in, bytes out
                 response, trailing = await self._one(self.deployment, requests, metadata, timeout)
             else:
-                response, trailing = await self._all(requests, metadata, timeout)
+                response, trailing = await self._gather(requests, metadata, timeout, polling)
         except MalformedReplyError as exc:  # a replica's answer, not the caller's request, was malformed
             await context.abort(grpc.StatusCode.INTERNAL, f"{self.deployment}: {exc}")
         except ProtocolError as exc:
@@ -169,10 +184,15 @@ class Head:
             payload, deployment, replicas, shard_id=shard_id, method=method, metadata=metadata, timeout=timeout
         )
 
-    async def _all(self, requests: list[DataRequest], metadata, timeout) -> tuple[DataRequest, list]:
-        targets = self.pool.targets(self.deployment, False, None, PollingType.ALL)
+    async def _gather(
+        self, requests: list[DataRequest], metadata, timeout, polling: PollingType
+    ) -> tuple[DataRequest, list]:
+        """The answers of the shards ``polling`` selects (one under ANY, every one under ALL), merged or
+        handed to ``uses_after`` in one call."""
+        targets = self.pool.targets(self.deployment, False, None, polling)
         if not targets:
-            raise RoutingError(f"deployment {self.deployment!r} has no shard", deployment=self.deployment)
+            missing = "live replica" if polling == PollingType.ANY else "shard"
+            raise RoutingError(f"deployment {self.deployment!r} has no {missing}", deployment=self.deployment)
         method, payload = self._method(requests, decoded=True)
         results = await asyncio.gather(
             *(
@@ -279,20 +299,30 @@ class Head:
         return request
 
     async def endpoint_discovery(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        """The endpoints of the first shard that answers (all shards run the same Executor)."""
+        """The endpoints of the first shard that answers (all shards run the same Executor).
+
+        No replica at all: an empty list. Replicas that all fail to answer: UNAVAILABLE naming the last
+        failure, as Jina's head does, so a caller does not read a hung worker as one serving nothing.
+        """
         try:
             require_empty(payload)
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        timeout = _time_left(context)
+        timeout = DISCOVERY_TIMEOUT if timeout is None else min(DISCOVERY_TIMEOUT, timeout)
+        failure: Optional[ReplicaError] = None
         for shard_id in self.pool.shard_ids(self.deployment):
-            task = self.pool.send_discover_endpoint(self.deployment, head=False, shard_id=shard_id, timeout=5.0)
+            task = self.pool.send_discover_endpoint(self.deployment, head=False, shard_id=shard_id, timeout=timeout)
             if task is None:
                 continue
             try:
                 reply, _ = await task
-            except ReplicaError:
+            except ReplicaError as exc:
+                failure = exc
                 continue
             return reply.SerializeToString()
+        if failure is not None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"endpoint discovery: {failure}")
         return jina_pb2.EndpointsProto().SerializeToString()
 
     # -- lifetime -----------------------------------------------------------------------

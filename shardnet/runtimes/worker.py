@@ -121,6 +121,8 @@ class Worker:
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         route = first.add_route(self.name)
+        if others:  # uses_after under ALL: keep every shard's dict results, not only the first's
+            self._gather_results(requests)
         arguments: dict[str, Any] = {"docs": docs, "parameters": first.parameters, "endpoint": endpoint}
         if others:
             # the first column gets a copy of its own: its field is about to hold every document
@@ -156,10 +158,31 @@ class Worker:
             raise TypeError(f"handler {handler_name} returned a dict that is not JSON-like: {exc}") from None
 
     @staticmethod
+    def _gather_results(requests: list[DataRequest]) -> None:
+        """Merge every request's ``__results__`` into the first's parameters, as Jina's worker does for a list."""
+        parameters = requests[0].parameters
+        gathered: dict[str, Any] = {}
+        for request in requests:
+            results = request.parameters.get(services.RESULTS_PARAMETER)
+            if isinstance(results, dict):
+                gathered.update(results)
+        if gathered:
+            parameters[services.RESULTS_PARAMETER] = gathered
+            requests[0].parameters = parameters
+
+    @staticmethod
     def _replace_docs(request: DataRequest, returned: Any, handler_name: str) -> None:
+        if isinstance(returned, (str, bytes)) or not hasattr(returned, "__iter__"):
+            raise TypeError(
+                f"handler {handler_name} returned {type(returned).__name__}: a handler returns Documents, a dict or None"
+            )
         returned = list(returned)
-        if not all(isinstance(doc, Document) for doc in returned):
-            raise TypeError(f"handler {handler_name} must return Documents, got {type(returned[0]).__name__}")
+        strays = [type(item).__name__ for item in returned if not isinstance(item, Document)]
+        if strays:
+            raise TypeError(
+                f"handler {handler_name} returned {strays[0]} among its Documents: "
+                "a handler returns Documents, a dict or None"
+            )
         request.docs.replace(returned)
 
     def _log_unbound(self, endpoint: str) -> None:

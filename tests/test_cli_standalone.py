@@ -1,0 +1,114 @@
+"""The README's standalone pieces as a person starts them: the ``shardnet`` console script, a head and its workers."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_cli import wait_for_line
+
+TESTS = Path(__file__).resolve().parent
+CONSOLE_SCRIPT = str(Path(sys.executable).parent / "shardnet")
+
+
+class Processes:
+    """Starts ``shardnet`` commands in the background, each logging to its own file; stops them all at the end."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.started: list[subprocess.Popen] = []
+
+    def start(self, name: str, *arguments: str, cwd: Path = TESTS) -> tuple[subprocess.Popen, Path]:
+        log = self.folder / f"{name}.log"
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                [CONSOLE_SCRIPT, *arguments], cwd=cwd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        self.started.append(process)
+        return process, log
+
+    def stop_all(self) -> None:
+        for process in self.started:
+            if process.poll() is None:
+                process.send_signal(signal.SIGCONT)  # a stopped process cannot act on SIGKILL's exit until resumed
+                process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def processes(tmp_path):
+    started = Processes(tmp_path)
+    try:
+        yield started
+    finally:
+        started.stop_all()
+
+
+def run(*arguments: str, timeout: float = 30.0) -> tuple[subprocess.CompletedProcess, float]:
+    """Run the console script to completion from the tests folder; the result and the seconds it took."""
+    began = time.monotonic()
+    result = subprocess.run(
+        [CONSOLE_SCRIPT, *arguments],
+        cwd=TESTS,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
+    return result, time.monotonic() - began
+
+
+def start_head_with_workers(processes: Processes, shards: int) -> tuple[str, list[subprocess.Popen]]:
+    """A head (``/count`` under ALL) and one ``executors:Tagger`` worker per shard, each named as a module in the
+    current folder; return once every worker is registered."""
+    head, head_log = processes.start(
+        "head", "--log-level", "INFO", "head", "--deployment", "tags", "--port", "0", "--shards", str(shards),
+        "--polling", '{"/count": "ALL", "*": "ANY"}',
+    )
+    address = wait_for_line(head_log, r"ready on (\S+)", head).group(1)
+    workers = []
+    for shard in range(shards):
+        worker, worker_log = processes.start(
+            f"worker-{shard}", "worker", "--uses", "executors:Tagger", "--port", "0", "--head", address,
+            "--shard-id", str(shard),
+        )
+        wait_for_line(worker_log, r"ready on", worker)
+        wait_for_line(head_log, rf"activated \S+ in shard {shard}", head)
+        workers.append(worker)
+    return address, workers
+
+
+def test_workers_load_a_module_from_the_current_folder_and_file_dict_results_apart(processes):
+    address, _ = start_head_with_workers(processes, shards=2)
+    result, _ = run("send", address, "--endpoint", "/count", "--text", "a")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    # each shard's dict result under its own name (the default names carry shard and replica)
+    assert answer["parameters"]["__results__"] == {
+        "Tagger/shard-0/rep-0": {"docs": 1.0, "shard": 0.0},
+        "Tagger/shard-1/rep-0": {"docs": 1.0, "shard": 1.0},
+    }
+
+
+def test_send_and_status_with_a_hung_worker_stay_within_their_timeout_and_say_what_hangs(processes):
+    address, [worker] = start_head_with_workers(processes, shards=1)
+    worker.send_signal(signal.SIGSTOP)
+
+    sent, took = run("send", address, "--endpoint", "/tag", "--text", "a", "--timeout", "3")
+    assert sent.returncode != 0
+    assert took < 5.5, f"send --timeout 3 took {took:.1f}s"  # before: discovery and the call each took the full 3 s
+    assert "could not discover the endpoints" in sent.stderr and "is not among the endpoints" not in sent.stderr
+    assert "shard 0" in sent.stderr and "DEADLINE_EXCEEDED" in sent.stderr and "Traceback" not in sent.stderr
+
+    status, _ = run("status", address, "--timeout", "3")
+    assert status.returncode == 1
+    assert re.search(r"endpoints: unknown \(endpoint discovery: .*shard 0.*DEADLINE_EXCEEDED", status.stdout), status.stdout
+    assert re.search(r"^\s+shard 0: 127\.0\.0\.1:\d+$", status.stdout, re.M), status.stdout  # still says who is there
