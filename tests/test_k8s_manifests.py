@@ -362,3 +362,29 @@ def test_uses_accepts_what_the_worker_loads(uses: str) -> None:
     workers = head_and_workers(render(DeploymentSpec(name="u", image="i", uses=uses)), "Deployment")[1]
     args = container(workers[0])["args"]
     assert args[args.index("--uses") + 1] == uses
+
+
+@pytest.mark.parametrize(
+    "resources, message",
+    [
+        ({"memory": "2Gi", "memory_limit": "1Gi"}, "memory request '2Gi' exceeds memory_limit '1Gi'"),
+        ({"memory": "1Gi", "memory_limit": "1G"}, "memory request '1Gi' exceeds memory_limit '1G'"),
+        ({"cpu": "2", "cpu_limit": "1500m"}, "cpu request '2' exceeds cpu_limit '1500m'"),
+        ({"cpu": "1001m", "cpu_limit": "1"}, "cpu request '1001m' exceeds cpu_limit '1'"),
+    ],
+)
+def test_a_request_above_its_limit_raises_configuration_error(resources: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        Resources(**resources)
+
+
+def test_a_request_up_to_its_limit_renders_and_validates() -> None:
+    resources = Resources(cpu="1000m", cpu_limit="1", memory="1024Mi", memory_limit="1Gi")
+    assert resources.to_k8s() == {
+        "requests": {"cpu": "1000m", "memory": "1024Mi"},
+        "limits": {"cpu": "1", "memory": "1Gi"},
+    }
+    spec = DeploymentSpec(name="eq", image="i", uses="m:C", worker_resources=resources)
+    for obj in render(spec):
+        kubernetes_validate.validate(obj, SCHEMA_VERSION, strict=True)
+    assert Resources(cpu="4", memory="8Gi", memory_limit=None).to_k8s()["requests"] == {"cpu": "4", "memory": "8Gi"}

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import time
 
+from shardnet.errors import ConfigurationError
 from shardnet.examples.text_index import TextIndexer
 from shardnet.networking.polling import PollingType
 from shardnet.networking.pool import GrpcConnectionPool
@@ -13,7 +14,7 @@ from shardnet.protocol.documents import Document
 from shardnet.protocol.messages import DataRequest
 from shardnet.runtimes.deployment import Deployment
 
-CORPUS = [
+CORPUS = (
     "Sharding splits an index so that each machine holds a part of it",
     "Replicas of a shard answer the same queries and take over when one dies",
     "A head routes every request to the shards and merges their answers",
@@ -22,19 +23,41 @@ CORPUS = [
     "Token overlap is a simple way to rank short texts against a query",
     "Power of two choices picks the less loaded of two random replicas",
     "A retry budget keeps retries to a fraction of the traffic",
-]
-QUERIES = ["which replica answers when one dies", "how does the head merge shards", "rank texts by token overlap"]
+)
+QUERIES = ("which replica answers when one dies", "how does the head merge shards", "rank texts by token overlap")
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for counts: an integer >= 1, since 0 or fewer requests or clients measure nothing."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``demo`` to the ``shardnet`` parser."""
     parser = subparsers.add_parser("demo", help="run a local 2x2 text index, index, search, measure, stop")
-    parser.add_argument("--requests", type=int, default=2000, help="search requests for the throughput figure")
-    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument(
+        "--requests",
+        type=positive_int,
+        default=2000,
+        help="search requests for the throughput figure (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--concurrency", type=positive_int, default=32, help="searches in flight at once (default: %(default)s)"
+    )
     parser.set_defaults(handler=run)
 
 
 async def measure(address: str, total: int, concurrency: int) -> tuple[float, int]:
     """Send ``total`` searches through the head with ``concurrency`` in flight; return (seconds, errors)."""
+    for what, value in (("total", total), ("concurrency", concurrency)):
+        if value < 1:
+            raise ConfigurationError(f"{what} must be an integer >= 1, got {value}: nothing would be measured")
     errors = 0
     async with GrpcConnectionPool() as pool:
         pool.add_connection("demo", address, head=True)
@@ -53,6 +76,7 @@ async def measure(address: str, total: int, concurrency: int) -> tuple[float, in
 
 
 def run(args: argparse.Namespace) -> int:
+    """Start a 2x2 text index, index and search it, print a throughput figure, stop it; 1 if any search failed."""
     print("starting a text index: 1 head, 2 shards x 2 replicas ...")
     polling = {"/search": PollingType.ALL.name, "/count": PollingType.ALL.name, "*": PollingType.ANY.name}
     with Deployment(TextIndexer, shards=2, replicas=2, polling=polling, name="demo") as deployment:

@@ -41,7 +41,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     parser.add_argument("--cpu", default=Resources.cpu, help="CPU request of each worker (default: %(default)s)")
     parser.add_argument("--memory", default=Resources.memory, help="memory request of each worker (default: %(default)s)")
     parser.add_argument(
-        "--memory-limit", default=Resources.memory_limit, help="memory limit of each worker (default: %(default)s)"
+        "--memory-limit",
+        default=Resources.memory_limit,
+        help="memory limit of each worker, at least --memory (default: %(default)s)",
     )
     parser.add_argument(
         "--output", type=Path, metavar="DIR", help="write NAME-head.yaml, NAME-0.yaml, ... here instead of stdout"

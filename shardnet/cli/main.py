@@ -8,32 +8,38 @@ exit code.
 from __future__ import annotations
 
 import argparse
-import importlib
+import importlib.metadata
 import logging
 import sys
 from typing import Optional, Sequence
 
+from shardnet.cli import demo, deploy, head, k8s, send, status, worker
 from shardnet.errors import ShardnetError
 
-SUBCOMMANDS = ("worker", "head", "deploy", "send", "status", "demo", "k8s")
+SUBCOMMANDS = (worker, head, deploy, send, status, demo, k8s)
+
+
+def installed_version() -> str:
+    """The version of the installed ``shardnet`` distribution, from its package metadata."""
+    try:
+        return importlib.metadata.version("shardnet")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (shardnet is not installed; run pip install -e .)"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``shardnet`` parser with every subcommand registered."""
     parser = argparse.ArgumentParser(prog="shardnet", description="Serve sharded, replicated gRPC services.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"shardnet.cli.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"shardnet.cli.{name}":
-                raise
-            continue  # subcommand not built yet
+    for module in SUBCOMMANDS:
         module.register(subparsers)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the subcommand ``argv`` names (default: ``sys.argv[1:]``) and return its exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from fractions import Fraction
+from types import MappingProxyType
 from typing import Any, Optional
 
 import yaml
@@ -58,11 +60,33 @@ _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
 _DOTTED = rf"{_IDENTIFIER}(\.{_IDENTIFIER})*"
 _USES = re.compile(rf"^({_DOTTED}|[^\s:]+\.py):{_DOTTED}$")  # what ``shardnet worker --uses`` loads
-_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+_QUANTITY = re.compile(r"^(?P<number>[0-9]+(\.[0-9]+)?)(?P<suffix>m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+# What each suffix _QUANTITY accepts multiplies by, as in k8s.io/apimachinery's resource.Quantity.
+_QUANTITY_SCALE = MappingProxyType(
+    {
+        "": Fraction(1),
+        "m": Fraction(1, 1000),
+        **{suffix: Fraction(1000**power) for power, suffix in enumerate("kMGTPE", start=1)},
+        **{f"{suffix}i": Fraction(1024**power) for power, suffix in enumerate("KMGTPE", start=1)},
+    }
+)
 
 
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _quantity_value(quantity: str) -> Fraction:
+    """The exact number a quantity ``_QUANTITY`` accepted stands for (``"1Gi"`` -> 1073741824), to compare two.
+
+    kubernetes_asyncio 36.1.0, the pinned client, has no quantity parser
+    (``kubernetes_asyncio.utils.quantity`` is not in it), so this covers the
+    subset of the grammar that ``_QUANTITY`` lets through.
+    """
+    match = _QUANTITY.match(quantity)
+    if match is None:
+        raise ConfigurationError(f"{quantity!r} is not a Kubernetes quantity such as 500m or 1Gi")
+    return Fraction(match["number"]) * _QUANTITY_SCALE[match["suffix"] or ""]
 
 
 @dataclass(frozen=True)
@@ -89,6 +113,13 @@ class Resources:
         for what, value in (("memory_limit", self.memory_limit), ("cpu_limit", self.cpu_limit)):
             if value is not None and (not isinstance(value, str) or not _QUANTITY.match(value)):
                 raise ConfigurationError(f"{what} {value!r} is not a Kubernetes quantity such as 500m or 1Gi")
+        # the API server refuses a container whose request exceeds its limit (spec.containers[].resources.requests)
+        for what, request, limit in (("cpu", self.cpu, self.cpu_limit), ("memory", self.memory, self.memory_limit)):
+            if limit is not None and _quantity_value(request) > _quantity_value(limit):
+                raise ConfigurationError(
+                    f"{what} request {request!r} exceeds {what}_limit {limit!r}: Kubernetes rejects a request "
+                    f"above its limit; lower the request or raise the limit"
+                )
 
     def to_k8s(self) -> dict[str, Any]:
         """The container's ``resources`` field."""

@@ -1,0 +1,118 @@
+"""What `shardnet` refuses or reports before doing any work: --version, no command, bad counts, bad resources."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shardnet.cli.demo import measure
+from shardnet.errors import ConfigurationError
+
+CONSOLE_SCRIPT = Path(sys.executable).with_name("shardnet")  # what `pip install` put next to this interpreter
+
+
+def run_cli(
+    *arguments: str, command: tuple[str, ...] = (sys.executable, "-m", "shardnet")
+) -> subprocess.CompletedProcess:
+    """Run the real command to completion; ``subprocess.run`` kills it if it outlives the timeout."""
+    return subprocess.run(
+        [*command, *arguments],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_version_is_the_installed_package_version() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"shardnet {importlib.metadata.version('shardnet')}\n"
+
+
+@pytest.mark.skipif(not CONSOLE_SCRIPT.exists(), reason="the shardnet console script is not installed in this venv")
+def test_console_script_reports_the_same_version() -> None:
+    result = run_cli("--version", command=(str(CONSOLE_SCRIPT),))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"shardnet {importlib.metadata.version('shardnet')}\n"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param((sys.executable, "-m", "shardnet"), id="python-m"),
+        pytest.param((str(CONSOLE_SCRIPT),), id="console-script"),
+    ],
+)
+def test_no_command_prints_usage_and_exits_2(command: tuple[str, ...]) -> None:
+    if not Path(command[0]).exists():
+        pytest.skip(f"{command[0]} is not installed")
+    result = run_cli(command=command)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("usage: shardnet")
+    assert "the following arguments are required: COMMAND" in result.stderr
+
+
+def test_help_lists_every_subcommand() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0, result.stderr
+    for name in ("worker", "head", "deploy", "send", "status", "demo", "k8s"):
+        assert f"    {name} " in result.stdout or f"    {name}\n" in result.stdout, (name, result.stdout)
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--concurrency", "0"], "argument --concurrency: must be an integer >= 1, got 0"),
+        (["--concurrency", "-3"], "argument --concurrency: must be an integer >= 1, got -3"),
+        (["--requests", "-5"], "argument --requests: must be an integer >= 1, got -5"),
+        (["--requests", "0"], "argument --requests: must be an integer >= 1, got 0"),
+        (["--requests", "many"], "argument --requests: must be an integer >= 1, got 'many'"),
+    ],
+)
+def test_demo_refuses_counts_below_one_before_starting_anything(arguments: list[str], message: str) -> None:
+    result = run_cli("demo", *arguments)
+    assert result.returncode == 2
+    assert result.stdout == ""  # not even "starting a text index": no process was started
+    assert "usage: shardnet demo" in result.stderr and message in result.stderr
+
+
+@pytest.mark.parametrize("total, concurrency, what", [(0, 4, "total"), (10, 0, "concurrency")])
+def test_demo_measure_refuses_counts_below_one(total: int, concurrency: int, what: str) -> None:
+    # refused before any connection is made, so the address is never dialled
+    with pytest.raises(ConfigurationError, match=f"{what} must be an integer >= 1, got 0"):
+        asyncio.run(measure("127.0.0.1:1", total, concurrency))
+
+
+K8S_RENDER = ("k8s", "render", "--name", "index", "--image", "x")
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--memory", "2Gi", "--memory-limit", "1Gi"], "memory request '2Gi' exceeds memory_limit '1Gi'"),
+        (["--memory", "2Gi"], "memory request '2Gi' exceeds memory_limit '1Gi'"),  # the default limit
+        (["--memory", "1.5Gi", "--memory-limit", "1500Mi"], "memory request '1.5Gi' exceeds memory_limit '1500Mi'"),
+        (["--memory", "lots"], "memory request 'lots' is not a Kubernetes quantity"),
+        (["--memory-limit", "1GB"], "memory_limit '1GB' is not a Kubernetes quantity"),
+        (["--cpu", "-1"], "cpu request '-1' is not a Kubernetes quantity"),
+    ],
+)
+def test_k8s_render_refuses_resources_kubernetes_would_reject(arguments: list[str], message: str) -> None:
+    result = run_cli(*K8S_RENDER, *arguments)
+    assert result.returncode == 2
+    assert result.stdout == ""  # no half-written manifest to pipe into kubectl
+    assert result.stderr.startswith("shardnet k8s: ") and message in result.stderr, result.stderr
+
+
+def test_k8s_render_accepts_a_request_equal_to_its_limit_in_other_units() -> None:
+    result = run_cli(*K8S_RENDER, "--memory", "1024Mi", "--memory-limit", "1Gi")
+    assert result.returncode == 0, result.stderr
+    assert "memory: 1024Mi" in result.stdout and "memory: 1Gi" in result.stdout
