@@ -150,7 +150,7 @@ class Child:
         line = buffer.split(b"\n", 1)[0].decode()
         if " ready on " not in line:
             raise self._failed(f"printed {line!r} instead of a ready line")
-        self.address = line.rsplit(" ready on ", 1)[1].strip()
+        self.address = line.rsplit(" ready on ", 1)[1].split()[0]
         return self
 
     def wait_serving(self, address: str, timeout: float = READY_TIMEOUT) -> "Child":

@@ -6,16 +6,49 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import math
 import os
 from typing import Any, Coroutine, Optional
 
 from shardnet.errors import ConfigurationError
-from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES
+from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES
 from shardnet.networking.tls import ClientTls, ServerTls
 from shardnet.runtimes.server import ServerConfig
 
 TOKEN_VARIABLE = "SHARDNET_CONTROL_TOKEN"
 LOOPS = ("asyncio", "uvloop", "auto")
+MAX_MESSAGE_MB = MAX_MESSAGE_BYTES // 2**20  # 2047
+
+
+def message_megabytes(text: str) -> float:
+    """Parse ``--max-message-mb``: a finite number of megabytes, at least one byte and at most ``MAX_MESSAGE_MB``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of megabytes, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"max message size must be a finite number of megabytes, got {text!r}")
+    if int(value * 2**20) < 1:
+        raise argparse.ArgumentTypeError(f"max message size must be positive (at least one byte), got {text!r}")
+    if value > MAX_MESSAGE_MB:
+        raise argparse.ArgumentTypeError(
+            f"max message size must be at most {MAX_MESSAGE_MB} MB (gRPC counts message bytes in a 32-bit int), "
+            f"got {text!r}"
+        )
+    return value
+
+
+def drain_seconds(text: str) -> float:
+    """Parse ``--drain-seconds``: a finite number of seconds, 0 or more (NaN would crash the drain at shutdown)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"drain grace must be a finite number of seconds, got {text!r}")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"drain grace must not be negative, got {text!r}")
+    return value
 
 
 def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> None:
@@ -31,8 +64,15 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
     group.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
     group.add_argument("--tls-key", help="PEM private key of --tls-cert")
     group.add_argument("--tls-client-ca", help="PEM CA: require client certificates signed by it (mutual TLS)")
-    group.add_argument("--max-message-mb", type=float, default=DEFAULT_MAX_MESSAGE_BYTES / 2**20)
-    group.add_argument("--drain-seconds", type=float, default=10.0, help="grace for in-flight requests on SIGTERM")
+    group.add_argument(
+        "--max-message-mb",
+        type=message_megabytes,
+        default=DEFAULT_MAX_MESSAGE_BYTES / 2**20,
+        help=f"largest message sent or received, in MB (more than 0, at most {MAX_MESSAGE_MB})",
+    )
+    group.add_argument(
+        "--drain-seconds", type=drain_seconds, default=10.0, help="grace for in-flight requests on SIGTERM"
+    )
     group.add_argument(
         "--loop",
         choices=LOOPS,
@@ -73,9 +113,17 @@ def control_token(args: argparse.Namespace) -> Optional[str]:
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
+    """The ``ServerConfig`` the serving flags describe; a half-given TLS setup is refused naming the flags."""
+    cert, key, client_ca = args.tls_cert, args.tls_key, args.tls_client_ca
+    if client_ca is not None and (cert is None or key is None):
+        raise ConfigurationError(
+            "--tls-client-ca needs --tls-cert and --tls-key: the server must serve TLS with its own certificate "
+            "and key to ask clients for theirs (without them it would serve plaintext and check no one)"
+        )
     tls = None
-    if args.tls_cert or args.tls_key:
-        tls = ServerTls(certificate_chain=args.tls_cert, private_key=args.tls_key, client_ca=args.tls_client_ca)
+    if cert is not None or key is not None:
+        _refuse_half_pair("--tls-cert", cert, "--tls-key", key, "a TLS server needs its certificate and private key")
+        tls = ServerTls(certificate_chain=cert, private_key=key, client_ca=client_ca)
     return ServerConfig(
         host=args.host,
         port=args.port,
@@ -98,9 +146,19 @@ def client_tls(args: argparse.Namespace, prefix: str = "") -> Optional[ClientTls
     root = getattr(args, f"{attr}root_ca")
     cert = getattr(args, f"{attr}client_cert")
     key = getattr(args, f"{attr}client_key")
-    if not (root or cert or key):
+    if root is None and cert is None and key is None:
         return None
+    _refuse_half_pair(
+        f"--{prefix}client-cert", cert, f"--{prefix}client-key", key, "mutual TLS needs the client certificate and key"
+    )
     return ClientTls(root_certificates=root, certificate_chain=cert, private_key=key)
+
+
+def _refuse_half_pair(cert_flag: str, cert: Optional[str], key_flag: str, key: Optional[str], why: str) -> None:
+    """Refuse a certificate flag given without its key flag, or the reverse, naming both flags."""
+    if (cert is None) != (key is None):
+        given, missing = (cert_flag, key_flag) if key is None else (key_flag, cert_flag)
+        raise ConfigurationError(f"{given} needs {missing}: {why}")
 
 
 def json_object(text: str, flag: str) -> dict:

@@ -27,6 +27,7 @@ from shardnet.protocol.messages import ControlRequest, DataRequest
 from shardnet.protocol.proto import jina_pb2
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's message size limits are 32-bit signed byte counts
 ChannelOptions = Sequence[tuple[str, Any]]
 
 

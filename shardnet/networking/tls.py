@@ -1,8 +1,19 @@
-"""TLS material: load PEM from a path, text or bytes, and build gRPC credentials from it."""
+"""TLS material: load PEM from a path, text or bytes, check it, and build gRPC credentials from it.
+
+``ServerTls`` and ``ClientTls`` refuse inconsistent material when they are built
+(half a key pair, a key that does not belong to its certificate, a file holding
+the wrong kind of PEM), naming the file and the cause: gRPC would only report it
+later, as a failed bind or a failed handshake that says neither.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import ssl
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -11,6 +22,22 @@ import grpc
 from shardnet.errors import ConfigurationError
 
 PemSource = Union[str, bytes, os.PathLike, None]
+
+_CERTIFICATE_LINE = b"-----BEGIN CERTIFICATE-----"
+_PRIVATE_KEY_LINE = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----")
+_ENCRYPTED_KEY_LINE = re.compile(rb"-----BEGIN ENCRYPTED PRIVATE KEY-----|Proc-Type: *4,ENCRYPTED")
+
+
+def _is_path(source: PemSource) -> bool:
+    """Whether ``source`` names a file (rather than holding PEM text or bytes itself)."""
+    if source is None or isinstance(source, bytes):
+        return False
+    return not (isinstance(source, str) and "-----BEGIN" in source)
+
+
+def _describe(source: PemSource, what: str) -> str:
+    """Name TLS material in a message: ``what`` and its file, or that it was given in memory."""
+    return f"{what} {os.fspath(source)!r}" if _is_path(source) else f"{what} (given in memory)"
 
 
 def load_pem(source: PemSource, what: str = "certificate") -> Optional[bytes]:
@@ -28,8 +55,74 @@ def load_pem(source: PemSource, what: str = "certificate") -> Optional[bytes]:
         except OSError as exc:
             raise ConfigurationError(f"cannot read {what} from {os.fspath(source)!r}: {exc.strerror}") from None
     if b"-----BEGIN" not in data:
-        raise ConfigurationError(f"{what} is not PEM (no '-----BEGIN' line)")
+        raise ConfigurationError(f"{_describe(source, what)} is not PEM (no '-----BEGIN' line)")
     return data
+
+
+def check_certificates(source: PemSource, data: bytes, what: str) -> None:
+    """Refuse trust material (root certificates, a client CA) holding no certificate the TLS library can load."""
+    name = _describe(source, what)
+    if _CERTIFICATE_LINE not in data:
+        raise ConfigurationError(f"no PEM certificate in {name} (no '-----BEGIN CERTIFICATE-----' line)")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=data.decode("ascii", "replace"))
+    except (ssl.SSLError, TypeError, ValueError) as exc:
+        raise ConfigurationError(f"no readable PEM certificate in {name} ({_reason(exc)})") from None
+
+
+def check_key_pair(chain_source: PemSource, chain: bytes, key_source: PemSource, key: bytes, role: str) -> None:
+    """Refuse a certificate chain and private key that are the wrong kind of PEM, encrypted, or not a pair.
+
+    The pair check is OpenSSL's own, through ``ssl.SSLContext.load_cert_chain``.
+    """
+    chain_name = _describe(chain_source, f"{role} certificate chain")
+    key_name = _describe(key_source, f"{role} private key")
+    check_certificates(chain_source, chain, f"{role} certificate chain")
+    if not _PRIVATE_KEY_LINE.search(key):
+        raise ConfigurationError(f"{key_name} is not a PEM private key (no '-----BEGIN ... PRIVATE KEY-----' line)")
+    if _ENCRYPTED_KEY_LINE.search(key):
+        raise ConfigurationError(f"{key_name} is encrypted: gRPC takes no passphrase, give it the decrypted key")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with _as_file(chain_source, chain) as chain_path, _as_file(key_source, key) as key_path:
+        try:
+            context.load_cert_chain(chain_path, key_path, password=_refuse_passphrase(key_name))
+        except ssl.SSLError as exc:
+            if exc.reason == "KEY_VALUES_MISMATCH":
+                raise ConfigurationError(f"{key_name} does not match {chain_name}") from None
+            raise ConfigurationError(
+                f"{key_name} cannot be loaded as the key of {chain_name} ({_reason(exc)})"
+            ) from None
+
+
+def _reason(exc: Exception) -> str:
+    """The short cause of an ``ssl`` error (its reason code when it has one)."""
+    return getattr(exc, "reason", None) or str(exc)
+
+
+def _refuse_passphrase(key_name: str) -> Callable[[], bytes]:
+    """A password callback for ``load_cert_chain`` that refuses instead of OpenSSL prompting on the terminal."""
+
+    def ask() -> bytes:
+        raise ConfigurationError(f"{key_name} is encrypted: gRPC takes no passphrase, give it the decrypted key")
+
+    return ask
+
+
+@contextlib.contextmanager
+def _as_file(source: PemSource, data: bytes) -> Iterator[str]:
+    """Yield a path holding ``data``: the regular file it came from, else a private temporary copy.
+
+    ``load_cert_chain`` reads only files; in-memory PEM (and pipes, which cannot be read twice) goes to a
+    file readable by this user only, in a folder removed on exit.
+    """
+    if _is_path(source) and os.path.isfile(os.fspath(source)):
+        yield os.fspath(source)
+        return
+    with tempfile.TemporaryDirectory(prefix="shardnet-tls-") as folder:  # created mode 0700
+        path = os.path.join(folder, "material.pem")
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as handle:
+            handle.write(data)
+        yield path
 
 
 @dataclass(frozen=True)
@@ -41,9 +134,22 @@ class ClientTls:
     certificate_chain: PemSource = None
 
     def __post_init__(self) -> None:
-        self.credentials()  # a missing or non-PEM file fails where it is configured, not at the first call
+        """Refuse missing, unreadable or mismatched material where it is configured, not at the first call."""
+        if (self.private_key is None) != (self.certificate_chain is None):
+            missing = "private key" if self.private_key is None else "certificate chain"
+            raise ConfigurationError(
+                f"mutual TLS needs both a client private key and its certificate chain: no client {missing} given"
+            )
+        roots = load_pem(self.root_certificates, "root certificates")
+        chain = load_pem(self.certificate_chain, "client certificate chain")
+        key = load_pem(self.private_key, "client private key")
+        if roots is not None:
+            check_certificates(self.root_certificates, roots, "root certificates")
+        if chain is not None and key is not None:
+            check_key_pair(self.certificate_chain, chain, self.private_key, key, "client")
 
     def credentials(self) -> grpc.ChannelCredentials:
+        """gRPC channel credentials from the material, read afresh."""
         key = load_pem(self.private_key, "client private key")
         chain = load_pem(self.certificate_chain, "client certificate chain")
         if (key is None) != (chain is None):
@@ -64,11 +170,32 @@ class ServerTls:
     client_ca: PemSource = None
 
     def __post_init__(self) -> None:
-        self.credentials()  # a missing or non-PEM file fails where it is configured, not when the server starts
-
-    def credentials(self) -> grpc.ServerCredentials:
+        """Refuse missing, unreadable or mismatched material where it is configured, not when the server starts."""
+        missing = [
+            name
+            for name, value in (("certificate chain", self.certificate_chain), ("private key", self.private_key))
+            if value is None
+        ]
+        if missing:
+            needs = (
+                "requiring client certificates (client_ca) needs the server's own certificate chain and private key"
+                if self.client_ca is not None
+                else "a TLS server needs both its certificate chain and the matching private key"
+            )
+            raise ConfigurationError(f"{needs}: no server {' and no '.join(missing)} given")
         chain = load_pem(self.certificate_chain, "server certificate chain")
         key = load_pem(self.private_key, "server private key")
+        client_ca = load_pem(self.client_ca, "client CA")
+        check_key_pair(self.certificate_chain, chain, self.private_key, key, "server")
+        if client_ca is not None:
+            check_certificates(self.client_ca, client_ca, "client CA")
+
+    def credentials(self) -> grpc.ServerCredentials:
+        """gRPC server credentials from the material, read afresh."""
+        chain = load_pem(self.certificate_chain, "server certificate chain")
+        key = load_pem(self.private_key, "server private key")
+        if chain is None or key is None:
+            raise ConfigurationError("a TLS server needs both its certificate chain and the matching private key")
         client_ca = load_pem(self.client_ca, "client CA")
         return grpc.ssl_server_credentials(
             [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None

@@ -13,6 +13,7 @@ import asyncio
 import gc
 import hmac
 import logging
+import math
 import os
 import signal
 import socket
@@ -27,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from shardnet.errors import ConfigurationError
 from shardnet.networking.addresses import UNIX_SCHEME, parse_address
-from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, default_grpc_options
+from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES, default_grpc_options
 from shardnet.networking.tls import ServerTls
 from shardnet.protocol import services
 from shardnet.protocol.services import AUTHORIZATION_METADATA
@@ -65,8 +66,13 @@ class ServerConfig:
             raise ConfigurationError(f"port {self.port} is outside 0..65535")
         if self.max_message_bytes <= 0:
             raise ConfigurationError("max message size must be positive")
-        if self.drain_grace < 0:
-            raise ConfigurationError("drain grace must not be negative")
+        if self.max_message_bytes > MAX_MESSAGE_BYTES:
+            raise ConfigurationError(
+                f"max message size must be at most {MAX_MESSAGE_BYTES} bytes (gRPC counts them in a 32-bit int), "
+                f"got {self.max_message_bytes}"
+            )
+        if not self.drain_grace >= 0 or math.isinf(self.drain_grace):  # NaN fails the first test
+            raise ConfigurationError(f"drain grace must be a finite number of seconds, not negative, got {self.drain_grace}")
         if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
             raise ConfigurationError(f"max_concurrent_rpcs must be at least 1 (or None), got {self.max_concurrent_rpcs}")
 
@@ -204,7 +210,8 @@ async def serve_until_signalled(
         # move it out of the collector's way so full collections do not pause requests
         gc.freeze()
         if ready_line:
-            print(ready_line.format(address=server.address, port=server.port), flush=True)
+            also = f" and {server.unix_address}" if server.unix_address else ""
+            print(ready_line.format(address=server.address, port=server.port) + also, flush=True)
         await stop.wait()
         logger.info("draining %s", server.address)
         if on_stop is not None:
