@@ -12,6 +12,7 @@ lines and bad configuration objects fail with a message saying what is wrong.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import socket
@@ -540,10 +541,6 @@ BAD_CONFIGURATIONS = {
     "polling-kind": (lambda: PollingMap.parse({"/a": "EVERY"}), "unknown polling"),
     "polling-null": (lambda: PollingMap.parse({"/a": None}), "unknown polling"),
     "polling-empty-endpoint": (lambda: PollingMap.parse({"": "ALL"}), "empty endpoint"),
-    "pool-outside-a-loop": (
-        lambda: GrpcConnectionPool().add_connection("dep", "127.0.0.1:5000"),
-        "replica 127.0.0.1:5000: channels belong to the event loop that opens them",
-    ),
     "pool-balancer": (lambda: GrpcConnectionPool(balancer="random"), "unknown balancer"),
     "pool-timeout": (lambda: GrpcConnectionPool(timeout=0), "timeout"),
     "deployment-shards": (lambda: Deployment(uses=EXECUTOR, shards=0), "at least 1 shard"),
@@ -650,6 +647,26 @@ def test_bad_configuration_is_a_configuration_error(make, message):
     with pytest.raises(ConfigurationError) as refused:
         make()
     assert message in str(refused.value), str(refused.value)
+
+
+def test_a_pool_filled_outside_the_loop_that_sends_says_so():
+    opening = asyncio.new_event_loop()  # what a module-level pool gets: a loop that is not asyncio.run's
+    try:
+        asyncio.set_event_loop(opening)
+        pool = GrpcConnectionPool()
+        pool.add_connection("dep", "127.0.0.1:5000")
+    finally:
+        asyncio.set_event_loop(None)
+
+    async def send():
+        await pool.send_request(DataRequest(endpoint="/x"), "dep", timeout=2)[0]
+
+    try:
+        with pytest.raises(ConfigurationError, match="replica 127.0.0.1:5000: its channel belongs to another event loop"):
+            asyncio.run(send())
+    finally:  # the channel, and the call gRPC began on it, end in the loop they belong to
+        opening.run_until_complete(pool.close())
+        opening.close()
 
 
 def test_a_polling_key_without_its_slash_is_taken_as_written_and_warned_about(caplog):

@@ -45,13 +45,6 @@ class Connection:
         self._open()
 
     def _open(self) -> None:
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:  # gRPC would bind the channel to a loop that is not the one that later calls
-            raise ConfigurationError(
-                f"replica {self.address}: channels belong to the event loop that opens them; add connections "
-                "from async code running in the loop that sends (not before asyncio.run)"
-            ) from None
         self.channel = get_grpc_channel(self.address, options=self._options, asyncio=True, tls=self._tls)
         self.stubs = Stubs.for_channel(self.channel)
 
@@ -257,6 +250,14 @@ class ReplicaList:
         except grpc.aio.AioRpcError as error:
             balancer.finished(connection, token, failed=True)
             self.record_failure(connection, error.code())
+            raise
+        except RuntimeError as error:
+            balancer.finished(connection, token, failed=True)
+            if "attached to a different loop" in str(error):  # asyncio's words for it
+                raise ConfigurationError(
+                    f"replica {connection.address}: its channel belongs to another event loop than the one "
+                    "sending; add connections from async code in the loop that sends (not before asyncio.run)"
+                ) from None
             raise
         except BaseException:
             balancer.finished(connection, token, failed=True)
