@@ -10,22 +10,29 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import pytest
+from typing import Optional
 
 import executors
+import pytest
 
 EXECUTORS = Path(executors.__file__).resolve()
 
 
-def shardnet(*arguments: str, timeout: float = 30.0) -> subprocess.CompletedProcess:
-    """Run ``python -m shardnet ARGUMENTS`` to completion."""
+PYTHON_M = (sys.executable, "-m", "shardnet")
+CONSOLE_SCRIPT = (str(Path(sys.executable).with_name("shardnet")),)  # what `pip install` put beside the interpreter
+
+
+def shardnet(
+    *arguments: str, timeout: float = 30.0, cwd: Optional[Path] = None, command: tuple[str, ...] = PYTHON_M
+) -> subprocess.CompletedProcess:
+    """Run ``python -m shardnet ARGUMENTS`` (or ``command``) to completion; killed if it outlives ``timeout``."""
     return subprocess.run(
-        [sys.executable, "-m", "shardnet", *arguments],
+        [*command, *arguments],
         check=False,
         capture_output=True,
         text=True,
         timeout=timeout,
+        cwd=cwd,
         stdin=subprocess.DEVNULL,
     )
 

@@ -4,30 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from test_cli import CONSOLE_SCRIPT, PYTHON_M
+from test_cli import shardnet as run_cli
 
 from shardnet.cli.demo import measure
 from shardnet.errors import ConfigurationError
-
-CONSOLE_SCRIPT = Path(sys.executable).with_name("shardnet")  # what `pip install` put next to this interpreter
-
-
-def run_cli(
-    *arguments: str, command: tuple[str, ...] = (sys.executable, "-m", "shardnet")
-) -> subprocess.CompletedProcess:
-    """Run the real command to completion; ``subprocess.run`` kills it if it outlives the timeout."""
-    return subprocess.run(
-        [*command, *arguments],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 def test_version_is_the_installed_package_version() -> None:
@@ -36,9 +19,8 @@ def test_version_is_the_installed_package_version() -> None:
     assert result.stdout == f"shardnet {importlib.metadata.version('shardnet')}\n"
 
 
-@pytest.mark.skipif(not CONSOLE_SCRIPT.exists(), reason="the shardnet console script is not installed in this venv")
 def test_console_script_reports_the_same_version() -> None:
-    result = run_cli("--version", command=(str(CONSOLE_SCRIPT),))
+    result = run_cli("--version", command=CONSOLE_SCRIPT)
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"shardnet {importlib.metadata.version('shardnet')}\n"
 
@@ -46,13 +28,11 @@ def test_console_script_reports_the_same_version() -> None:
 @pytest.mark.parametrize(
     "command",
     [
-        pytest.param((sys.executable, "-m", "shardnet"), id="python-m"),
-        pytest.param((str(CONSOLE_SCRIPT),), id="console-script"),
+        pytest.param(PYTHON_M, id="python-m"),
+        pytest.param(CONSOLE_SCRIPT, id="console-script"),
     ],
 )
 def test_no_command_prints_usage_and_exits_2(command: tuple[str, ...]) -> None:
-    if not Path(command[0]).exists():
-        pytest.skip(f"{command[0]} is not installed")
     result = run_cli(command=command)
     assert result.returncode == 2
     assert result.stdout == ""

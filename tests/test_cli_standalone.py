@@ -6,16 +6,13 @@ import json
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
-from test_cli import wait_for_line
+from test_cli import CONSOLE_SCRIPT, shardnet, wait_for_line
 
 TESTS = Path(__file__).resolve().parent
-CONSOLE_SCRIPT = str(Path(sys.executable).parent / "shardnet")
 
 
 class Processes:
@@ -29,7 +26,7 @@ class Processes:
         log = self.folder / f"{name}.log"
         with open(log, "wb") as out:
             process = subprocess.Popen(
-                [CONSOLE_SCRIPT, *arguments], cwd=cwd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                [*CONSOLE_SCRIPT, *arguments], cwd=cwd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )
         self.started.append(process)
         return process, log
@@ -51,18 +48,10 @@ def processes(tmp_path):
         started.stop_all()
 
 
-def run(*arguments: str, timeout: float = 30.0) -> tuple[subprocess.CompletedProcess, float]:
+def run(*arguments: str) -> tuple[subprocess.CompletedProcess, float]:
     """Run the console script to completion from the tests folder; the result and the seconds it took."""
     began = time.monotonic()
-    result = subprocess.run(
-        [CONSOLE_SCRIPT, *arguments],
-        cwd=TESTS,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        check=False,
-    )
+    result = shardnet(*arguments, cwd=TESTS, command=CONSOLE_SCRIPT)
     return result, time.monotonic() - began
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 import trustme
+from test_cli import shardnet
 
 from shardnet import ClientTls, ConfigurationError, ServerTls
 from shardnet.cli.options import MAX_MESSAGE_MB, drain_seconds, message_megabytes
@@ -52,19 +51,6 @@ def pem(tmp_path_factory: pytest.TempPathFactory) -> Pem:
     for name, data in files.items():
         (folder / f"{name}.pem").write_bytes(data)
     return Pem(**{name: folder / f"{name}.pem" for name in files})
-
-
-def shardnet(cwd: Path, *arguments: str) -> subprocess.CompletedProcess:
-    """Run ``python -m shardnet ARGUMENTS`` to completion (at most 30 s, then it is killed)."""
-    return subprocess.run(
-        [sys.executable, "-m", "shardnet", *arguments],
-        cwd=cwd,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        stdin=subprocess.DEVNULL,
-    )
 
 
 # -- ServerTls / ClientTls: the Python API --------------------------------------------------------------
@@ -270,7 +256,7 @@ BAD_TLS_COMMAND_LINES = {
 @pytest.mark.parametrize("arguments, message", BAD_TLS_COMMAND_LINES.values(), ids=BAD_TLS_COMMAND_LINES.keys())
 def test_bad_tls_and_limit_flags_exit_2_with_a_clear_message(pem, tmp_path, arguments, message):
     files = {name: str(getattr(pem, name)) for name in ("ca", "cert", "key", "other_key")}
-    result = shardnet(tmp_path, "--log-level", "ERROR", *[argument.format(**files) for argument in arguments])
+    result = shardnet("--log-level", "ERROR", *[argument.format(**files) for argument in arguments], cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     assert message.format(**files) in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and "cannot listen" not in result.stderr, result.stderr
