@@ -148,6 +148,14 @@ BAD_ARGUMENTS = {
         ["head", "--deployment", "d", "--connection", "127.0.0.1:5000"],
         "expected SHARD=HOST:PORT",
     ),
+    "connection-negative-shard": (
+        ["head", "--deployment", "d", "--connection=-1=127.0.0.1:5000"],
+        "SHARD a whole number from 0",
+    ),
+    "connection-beyond-shards": (
+        ["head", "--deployment", "d", "--shards", "2", "--connection", "5=127.0.0.1:5000"],
+        "a connection for shard 5, but the head has shards 0..1",
+    ),
     "connection-bad-address": (["head", "--deployment", "d", "--connection", "0=127.0.0.1:99999"], "99999"),
     "polling-bad-json": (["head", "--deployment", "d", "--polling", '{"/search": ALL'], "not valid JSON"),
     "polling-bad-kind": (["head", "--deployment", "d", "--polling", '{"/search": "SOMETIMES"}'], "unknown polling"),

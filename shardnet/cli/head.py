@@ -63,7 +63,10 @@ def parse_connections(items: list[str], tls: bool = False) -> dict[int, list[str
     for item in items:
         shard, sep, address = item.partition("=")
         if not sep or not shard.strip().isdigit():
-            raise ConfigurationError(f"--connection {item!r}: expected SHARD=HOST:PORT, e.g. 0=127.0.0.1:50051")
+            raise ConfigurationError(
+                f"--connection {item!r}: expected SHARD=HOST:PORT with SHARD a whole number from 0, "
+                "e.g. 0=127.0.0.1:50051"
+            )
         connections[int(shard)].append(str(parse_address(address, tls=tls)))
     return dict(connections)
 
