@@ -33,6 +33,7 @@ class Tagger(Executor):
             doc.tags["by"] = self.label
             doc.tags["shard"] = self.runtime_args.shard_id
             doc.tags["calls"] = self.calls
+            doc.tags["runtime_name"] = self.runtime_args.name
             if "suffix" in parameters:
                 doc.text += parameters["suffix"]
 

@@ -85,6 +85,9 @@ def test_workers_load_a_module_from_the_current_folder_and_file_dict_results_apa
         "Tagger/shard-0/rep-0": {"docs": 1.0, "shard": 0.0},
         "Tagger/shard-1/rep-0": {"docs": 1.0, "shard": 1.0},
     }
+    tagged, _ = run("send", address, "--endpoint", "/tag", "--text", "b")
+    [doc] = json.loads(tagged.stdout)["docs"]
+    assert doc["tags"]["runtime_name"] == f"Tagger/shard-{int(doc['tags']['shard'])}/rep-0"  # the executor sees it too
 
 
 def test_send_and_status_with_a_hung_worker_stay_within_their_timeout_and_say_what_hangs(processes):

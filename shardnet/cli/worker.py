@@ -59,9 +59,9 @@ def run(args: argparse.Namespace) -> int:
     if os.getcwd() not in sys.path:  # as under `python -m`: MODULE:CLASS may name a module in this folder
         sys.path.insert(0, os.getcwd())
     executor_class = load_executor_class(args.uses)
-    executor = executor_class.create(
-        {"shard_id": args.shard_id, "replica_id": args.replica_id, "workspace": args.workspace}, **uses_with
-    )
+    name = args.name or f"{executor_class.__name__}/shard-{args.shard_id}/rep-{args.replica_id}"
+    runtime_args = {"shard_id": args.shard_id, "replica_id": args.replica_id, "workspace": args.workspace, "name": name}
+    executor = executor_class.create(runtime_args, **uses_with)
     worker = Worker(
         executor,
         config,
@@ -72,6 +72,6 @@ def run(args: argparse.Namespace) -> int:
         head_tls=head_tls,
         advertise_host=args.advertise_host,
         register_interval=args.register_interval,
-        name=args.name or f"{executor_class.__name__}/shard-{args.shard_id}/rep-{args.replica_id}",
+        name=name,
     )
     return run_in_loop(worker.run(), args.loop)
