@@ -67,6 +67,22 @@ def test_sharded_deployment_with_uses_before_and_after_counts_every_send_and_lea
     assert not any(os.path.exists(os.path.dirname(path)) for path in sockets)
 
 
+def test_a_deployment_started_again_after_stop_runs_and_cleans_up_like_a_fresh_one():
+    deployment = Deployment(executors.Tagger, name="again")
+    try:
+        for _ in range(2):
+            deployment.start()
+            pids = [process.pid for process in deployment.processes]
+            log_dir = deployment.log_dir
+            assert all(member.startswith("unix:/") for member in deployment.members())  # the transport is kept
+            assert deployment.post("/tag", [Document(text="a")])[0].tags["by"] == "tagger"
+            deployment.stop()
+            assert_all_gone(pids)
+            assert not log_dir.exists()
+    finally:
+        deployment.stop()
+
+
 def test_deployment_stops_every_process_when_the_body_raises():
     with (
         pytest.raises(RuntimeError, match="body failed"),

@@ -8,6 +8,7 @@ import grpc
 import pytest
 
 from shardnet import (
+    ConfigurationError,
     ControlRequest,
     DataRequest,
     DeadlineExceeded,
@@ -191,6 +192,34 @@ async def test_failover_to_a_replica_that_answers_unavailable(pool, echo_servers
     for _ in range(4):
         assert served_by(await send_one(pool)) == "healthy"
     assert sick.calls >= 1
+
+
+@pytest.mark.parametrize("retries, calls", [(0, 1), (1, 2), (-1, 6)])
+async def test_retries_caps_the_failovers_as_in_jina(pool, echo_servers, retries, calls):
+    sick = await echo_servers(3)
+    for server in sick:
+        server.fail_with = grpc.StatusCode.UNAVAILABLE
+        pool.add_connection("dep", server.address)
+    with pytest.raises(ReplicaError) as caught:
+        await pool.send_requests_once([DataRequest(endpoint="/x")], "dep", retries=retries)
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert sum(server.calls for server in sick) == calls  # -1: the policy, RetryPolicy().rounds (2) over 3 replicas
+
+
+async def test_send_requests_once_takes_jinas_argument_order_and_a_dict_of_metadata(pool, echo_servers):
+    head, worker = await echo_servers(2, names=["head", "worker"])
+    pool.add_connection("dep", head.address, head=True)
+    pool.add_connection("dep", worker.address)
+    # Jina's order: requests, deployment, metadata, head, shard_id, endpoint, timeout, retries
+    response, trailing = await pool.send_requests_once(
+        [DataRequest()], "dep", {"tenant": "a"}, True, None, "/search", 5.0, 0
+    )
+    assert trailing["served-by"] == "head" and response.endpoint is None
+    assert head.received_metadata[-1]["tenant"] == "a" and head.received_metadata[-1]["endpoint"] == "/search"
+    await pool.send_request_once(DataRequest(endpoint="/x"), "dep", {"tenant": "b"})
+    assert worker.received_metadata[-1]["tenant"] == "b"
+    with pytest.raises(ConfigurationError, match="retries must be an integer"):
+        pool.send_requests_once([DataRequest()], "dep", retries="3")
 
 
 async def test_all_replicas_dead_names_deployment_shard_and_address(pool, dead_address):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import grpc
 import grpc.aio
@@ -39,7 +39,7 @@ from shardnet.protocol.messages import ControlRequest, DataRequest
 
 logger = logging.getLogger(__name__)
 
-Metadata = Sequence[tuple[str, str]]
+Metadata = Union[Sequence[tuple[str, str]], Mapping[str, str]]
 Reply = tuple[Any, Any]
 
 
@@ -48,6 +48,12 @@ def _check_policies(**given: tuple[Any, type]) -> None:
     for name, (value, kind) in given.items():
         if value is not None and not isinstance(value, kind):
             raise ConfigurationError(f"{name} must be an instance of {kind.__name__} (or None), got {value!r}")
+
+
+def _check_retries(retries: Any) -> None:
+    """Jina's ``retries``: an integer (negative: the pool's own policy) or None."""
+    if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)):
+        raise ConfigurationError(f"retries must be an integer (negative: the pool's policy), got {retries!r}")
 
 
 def _check_names(deployment: Any, shard_id: Any) -> None:
@@ -215,7 +221,10 @@ class GrpcConnectionPool:
     def _metadata_for(self, request: Any, endpoint: Optional[str], metadata: Optional[Metadata]) -> grpc.aio.Metadata:
         if endpoint is None and isinstance(request, DataRequest):
             endpoint = request.endpoint
-        return self._metadata_cache.for_endpoint(endpoint, tuple(metadata) if metadata else ())
+        if not metadata:
+            return self._metadata_cache.for_endpoint(endpoint)
+        pairs = tuple(metadata.items()) if isinstance(metadata, Mapping) else tuple(metadata)  # Jina passes a dict
+        return self._metadata_cache.for_endpoint(endpoint, pairs)
 
     # -- calls --------------------------------------------------------------------
 
@@ -229,9 +238,11 @@ class GrpcConnectionPool:
         method: str = "single_data",
         metadata: Metadata = (),
         timeout: Optional[float] = None,
+        retries: Optional[int] = None,
     ) -> Reply:
         """Send ``payload`` with ``method`` to one replica of ``replicas``, failing over as the policy allows.
 
+        ``retries`` caps the failovers of this call (0: none; None or negative: the policy's rounds).
         Raises ReplicaError (or DeadlineExceeded) naming deployment, shard and
         replica, or RoutingError when the list has no replica at all.
         """
@@ -255,10 +266,10 @@ class GrpcConnectionPool:
             return await replicas.call(connection, method, payload, metadata, attempt_timeout)
         except grpc.aio.AioRpcError as error:
             loop = asyncio.get_running_loop()
-            if not self._retryable(error, attempt_timeout, deadline, loop):
+            if retries == 0 or not self._retryable(error, attempt_timeout, deadline, loop):
                 raise self._replica_error(error, connection, deployment, shard_id) from None
             return await self._fail_over(
-                error, connection, payload, deployment, replicas, shard_id, method, metadata, deadline
+                error, connection, payload, deployment, replicas, shard_id, method, metadata, deadline, retries
             )
 
     def _attempt_timeout(self, deadline: Optional[float], loop: asyncio.AbstractEventLoop) -> Optional[float]:
@@ -286,6 +297,7 @@ class GrpcConnectionPool:
         method: str,
         metadata: Metadata,
         deadline: Optional[float],
+        retries: Optional[int] = None,
     ) -> Reply:
         """Retry on the shard's other replicas, each at most once a round; back off between rounds."""
         loop = asyncio.get_running_loop()
@@ -314,6 +326,8 @@ class GrpcConnectionPool:
             return not self.retry_budget.try_spend()
 
         max_attempts = max(1, len(replicas)) * self.retry.rounds - 1
+        if retries is not None and retries >= 0:
+            max_attempts = retries
         if not self.retry_budget.try_spend():
             raise self._replica_error(first_error, first, deployment, shard_id, "retry budget exhausted") from None
         retrying = tenacity.AsyncRetrying(
@@ -347,9 +361,20 @@ class GrpcConnectionPool:
         kind = DeadlineExceeded if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else ReplicaError
         return kind(cause, address=str(connection.address), code=error.code(), deployment=deployment, shard_id=shard_id)
 
-    def _spawn(self, payload: Any, deployment: str, shard_id, replicas, method, metadata, timeout) -> asyncio.Task:
+    def _spawn(
+        self, payload: Any, deployment: str, shard_id, replicas, method, metadata, timeout, retries=None
+    ) -> asyncio.Task:
         return asyncio.create_task(
-            self.call(payload, deployment, replicas, shard_id=shard_id, method=method, metadata=metadata, timeout=timeout)
+            self.call(
+                payload,
+                deployment,
+                replicas,
+                shard_id=shard_id,
+                method=method,
+                metadata=metadata,
+                timeout=timeout,
+                retries=retries,
+            )
         )
 
     @staticmethod
@@ -377,6 +402,7 @@ class GrpcConnectionPool:
         endpoint: Optional[str] = None,
         metadata: Optional[Metadata] = None,
         timeout: Optional[float] = None,
+        retries: Optional[int] = -1,
     ) -> list[asyncio.Task]:
         """Send to the replicas polling selects; one Task per target, each giving (response, trailing metadata).
 
@@ -384,14 +410,16 @@ class GrpcConnectionPool:
         ALL: one replica of every shard, ``shard_id`` ignored; ``head``: the
         deployment's head. Unknown deployment or shard: an empty list. Under
         ALL a shard left with no replica gives a Task that raises RoutingError.
+        ``retries`` as in Jina: failovers per call, negative for the pool's policy.
         """
         if not requests:
             raise ValueError("send_requests needs at least one request")
         check_timeout(timeout)
+        _check_retries(retries)
         method, payload = self._method_for(requests)
         call_metadata = self._metadata_for(requests[0], endpoint, metadata)
         return [
-            self._spawn(payload, deployment, sid, replicas, method, call_metadata, timeout)
+            self._spawn(payload, deployment, sid, replicas, method, call_metadata, timeout, retries)
             for sid, replicas in self.targets(deployment, head, shard_id, PollingType.parse(polling_type))
         ]
 
@@ -405,47 +433,63 @@ class GrpcConnectionPool:
         endpoint: Optional[str] = None,
         metadata: Optional[Metadata] = None,
         timeout: Optional[float] = None,
+        retries: Optional[int] = -1,
     ) -> list[asyncio.Task]:
         """``send_requests`` for a single request."""
-        return self.send_requests([request], deployment, head, shard_id, polling_type, endpoint, metadata, timeout)
+        return self.send_requests(
+            [request], deployment, head, shard_id, polling_type, endpoint, metadata, timeout, retries
+        )
 
     def send_requests_once(
         self,
         requests: Sequence[Union[DataRequest, ControlRequest]],
         deployment: str,
+        metadata: Optional[Metadata] = None,
         head: bool = False,
         shard_id: Optional[int] = None,
         endpoint: Optional[str] = None,
-        metadata: Optional[Metadata] = None,
         timeout: Optional[float] = None,
+        retries: Optional[int] = -1,
     ) -> Optional[asyncio.Task]:
-        """Send to exactly one replica (ANY); the Task, or None when the deployment has no replica."""
-        tasks = self.send_requests(requests, deployment, head, shard_id, PollingType.ANY, endpoint, metadata, timeout)
+        """Send to exactly one replica (ANY); the Task, or None when the deployment has no replica.
+
+        The arguments come in Jina's order (``metadata`` third), unlike ``send_requests``'s, as in Jina.
+        """
+        tasks = self.send_requests(
+            requests, deployment, head, shard_id, PollingType.ANY, endpoint, metadata, timeout, retries
+        )
         return tasks[0] if tasks else None
 
     def send_request_once(
         self,
         request: Union[DataRequest, ControlRequest],
         deployment: str,
+        metadata: Optional[Metadata] = None,
         head: bool = False,
         shard_id: Optional[int] = None,
         endpoint: Optional[str] = None,
-        metadata: Optional[Metadata] = None,
         timeout: Optional[float] = None,
+        retries: Optional[int] = -1,
     ) -> Optional[asyncio.Task]:
         """``send_requests_once`` for a single request."""
-        return self.send_requests_once([request], deployment, head, shard_id, endpoint, metadata, timeout)
+        return self.send_requests_once([request], deployment, metadata, head, shard_id, endpoint, timeout, retries)
 
     def send_discover_endpoint(
-        self, deployment: str, head: bool = True, shard_id: int = 0, timeout: Optional[float] = None
+        self,
+        deployment: str,
+        head: bool = True,
+        shard_id: Optional[int] = None,
+        timeout: Optional[float] = None,
+        retries: Optional[int] = -1,
     ) -> Optional[asyncio.Task]:
-        """Ask one replica (the head by default) which endpoints it serves; a Task or None."""
+        """Ask one replica (the head by default, else the given or next shard) which endpoints it serves."""
         check_timeout(timeout)
+        _check_retries(retries)
         targets = self.targets(deployment, head, shard_id, PollingType.ANY)
         if not targets:
             return None
         sid, replicas = targets[0]
-        return self._spawn(empty_pb2.Empty(), deployment, sid, replicas, "discovery", (), timeout)
+        return self._spawn(empty_pb2.Empty(), deployment, sid, replicas, "discovery", (), timeout, retries)
 
     # -- lifetime -------------------------------------------------------------------
 

@@ -116,9 +116,7 @@ class Deployment:
         self._uses_with = _uses_with_json(uses_with)
         self._control_token = control_token
         self._register_interval = register_interval
-        self._tmp = tempfile.TemporaryDirectory(prefix=f"shardnet-{name}-") if log_dir is None or workspace is None else None
-        self.log_dir = Path(log_dir or self._tmp.name)
-        self.workspace = Path(workspace or self.log_dir / "workspace")
+        self._given_folders = (log_dir, workspace)
         self._head_options = ["--balancer", balancer, "--polling", self.polling.to_json(), "--shards", str(shards)]
         # workers renew their ACTIVATE every register_interval; one missing a few renewals is gone
         self._head_options += ["--lease", str(5 * register_interval)]
@@ -127,17 +125,24 @@ class Deployment:
         if attempt_timeout is not None:
             self._head_options += ["--attempt-timeout", str(attempt_timeout)]
         self._head_port = port
-        if unix_sockets is None:
-            unix_sockets = hasattr(socket, "AF_UNIX")
-        # a folder of its own, short: a socket path holds at most 107 bytes, a log_dir may be longer
-        self._sockets = tempfile.TemporaryDirectory(prefix="sn-") if unix_sockets else None
+        self._unix_sockets = hasattr(socket, "AF_UNIX") if unix_sockets is None else unix_sockets
         self._extras = {"uses_before": uses_before, "uses_after": uses_after}
+        self._prepare_run()
+
+    def _prepare_run(self) -> None:
+        """What one run owns, made anew for each start after a stop: its folders and a finalizer for its processes."""
+        log_dir, workspace = self._given_folders
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"shardnet-{self.name}-") if log_dir is None or workspace is None else None
+        self.log_dir = Path(log_dir or self._tmp.name)
+        self.workspace = Path(workspace or self.log_dir / "workspace")
+        # a folder of its own, short: a socket path holds at most 107 bytes, a log_dir may be longer
+        self._sockets = tempfile.TemporaryDirectory(prefix="sn-") if self._unix_sockets else None
         self.head: Optional[ShardnetProcess] = None
         self.extras: dict[str, ShardnetProcess] = {}
         self.workers: dict[tuple[int, int], ShardnetProcess] = {}
         self._spawned: list[ShardnetProcess] = []
         # a Deployment dropped without stop() (or an interpreter exit) still stops its processes
-        self._finalizer = weakref.finalize(self, stop_all, self._spawned, 5.0)
+        self._finalizer: Optional[weakref.finalize] = weakref.finalize(self, stop_all, self._spawned, 5.0)
 
     # -- lifetime --------------------------------------------------------------------
 
@@ -176,6 +181,8 @@ class Deployment:
                 f"{os.environ[LAUNCHED_BY_DEPLOYMENT]!r} launched: when uses= names a class of a script, "
                 "start the Deployment under `if __name__ == \"__main__\":`"
             )
+        if self._finalizer is None:  # started again after a stop: a fresh run
+            self._prepare_run()
         self.workspace.mkdir(parents=True, exist_ok=True)
         try:
             extra_args = []
@@ -299,6 +306,7 @@ class Deployment:
         stop_all(self.processes)
         if self._finalizer is not None:
             self._finalizer.detach()
+            self._finalizer = None
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
