@@ -115,6 +115,7 @@ def test_deploy_send_and_status_against_a_running_deployment(deployed):
     status = shardnet("status", address)
     assert status.returncode == 0, status.stderr
     assert f"{address}: SERVING" in status.stdout
+    assert "ready: SERVING" in status.stdout  # a head that ACTIVATE feeds is ready as soon as it listens
     assert re.search(r"endpoints: .*/tag", status.stdout)
     # the deployment's workers run beside their head: it dials them over Unix sockets
     assert len(re.findall(r"^\s+shard [01]: unix:/\S+\.sock$", status.stdout, re.M)) == 2, status.stdout

@@ -17,13 +17,16 @@ import pytest
 import trustme
 from k8s_apiserver import FakeApiServer, endpoint_slice, pod, write_kubeconfig
 from kubernetes_asyncio import config as k8s_config
+from grpc_health.v1 import health_pb2
 from kubernetes_asyncio.client import ApiClient
 
 from shardnet.discovery.kubernetes import K8sGrpcConnectionPool, Member, load_api_client, pod_members, slice_members
 from shardnet.discovery.watch import WatchOptions
 from shardnet.errors import ConfigurationError, ReplicaError
 from shardnet.networking import oneshot
+from shardnet.protocol import services
 from shardnet.protocol.messages import DataRequest
+from shardnet.runtimes.head import Head
 from shardnet.runtimes.processes import ShardnetProcess
 from shardnet.testing import EchoServer, eventually
 
@@ -556,5 +559,34 @@ async def test_head_process_with_k8s_namespace_routes_to_what_the_cluster_shows(
         assert head.popen.returncode == 0
 
 
-async def _is(awaitable, expected: str) -> bool:
+async def test_a_head_fed_by_discovery_is_alive_but_not_ready_until_its_first_list(
+    api_server: FakeApiServer, tmp_path
+) -> None:
+    """Readiness probes ask for ``READY_SERVICE``: a head whose API server refuses it must not take traffic."""
+    api_server.token = "right"
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api_server.url, token="wrong")
+    pool = K8sGrpcConnectionPool(NS, kubeconfig=str(kubeconfig), watch=FAST, sources=("pods",))
+    head = Head("dep", pool=pool)
+    await head.start()
+    try:
+        address = head.server.address
+
+        async def health(service: str) -> int:
+            reply, _ = await oneshot.call_once(
+                "health", health_pb2.HealthCheckRequest(service=service), address, timeout=2.0
+            )
+            return reply.status
+
+        await eventually(lambda: len(api_server.list_requests("pods")) >= 2)  # refused, and tried again
+        assert await health("") == health_pb2.HealthCheckResponse.SERVING  # alive: liveness must not kill it
+        assert await health(services.READY_SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
+        api_server.token = "wrong"  # the credentials work now: the next list succeeds
+        await eventually(
+            lambda: _is(health(services.READY_SERVICE), health_pb2.HealthCheckResponse.SERVING), timeout=10
+        )
+    finally:
+        await head.stop(0.5)
+
+
+async def _is(awaitable, expected: Any) -> bool:
     return await awaitable == expected

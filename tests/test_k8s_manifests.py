@@ -13,6 +13,7 @@ import yaml
 from shardnet.cli.main import build_parser, main
 from shardnet.errors import ConfigurationError
 from shardnet.manifests.kubernetes import RUN_AS, DeploymentSpec, Resources, render, render_components, to_yaml
+from shardnet.protocol import services
 
 # the newest schema kubernetes-validate 1.37.0 ships
 SCHEMA_VERSION = "1.37.0"
@@ -154,7 +155,9 @@ def test_probes_are_native_grpc_health_probes(spec: DeploymentSpec) -> None:
         served = container(deployment)
         for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
             probe = served[kind]
-            assert probe["grpc"] == {"port": spec.port}
+            # alive is the server's overall status; ready is the service a head turns on once discovery has listed
+            service = {"service": services.READY_SERVICE} if kind == "readinessProbe" else {}
+            assert probe["grpc"] == {"port": spec.port, **service}
             assert not {"httpGet", "exec", "tcpSocket"} & probe.keys()
 
 

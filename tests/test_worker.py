@@ -25,6 +25,7 @@ from shardnet.protocol import services
 from shardnet.protocol.proto import jina_pb2
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.processes import ShardnetProcess
+from shardnet.runtimes.server import ServerConfig
 from shardnet.runtimes.worker import Worker
 
 import executors
@@ -216,6 +217,14 @@ async def test_endpoint_discovery_lists_bound_endpoints(tagger):
         "/replace",
         "/tag",
     ]
+
+
+async def test_a_worker_on_the_wildcard_address_answers_over_ipv6_too(runtimes):
+    """Pods listen on 0.0.0.0 (the rendered manifests): gRPC binds that dual-stack, so IPv6 pod IPs are served."""
+    worker = await runtimes(Worker(executors.Tagger.create(label="t"), ServerConfig(host="0.0.0.0", port=0)))
+    for address in (f"127.0.0.1:{worker.server.port}", f"[::1]:{worker.server.port}"):
+        response = await oneshot.send_request_async(DataRequest([Document()], endpoint="/tag"), address, timeout=10)
+        assert response.docs[0].tags["by"] == "t", address
 
 
 async def test_worker_answers_status_and_refuses_membership_commands(tagger):

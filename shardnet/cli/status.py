@@ -12,6 +12,7 @@ from shardnet.cli.options import add_client_tls_arguments, client_tls
 from shardnet.errors import ReplicaError
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address
+from shardnet.protocol import services
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,6 +30,15 @@ async def status(args: argparse.Namespace) -> int:
     )
     print(f"{args.target}: {health_pb2.HealthCheckResponse.ServingStatus.Name(health.status)}")
     healthy = health.status == health_pb2.HealthCheckResponse.SERVING
+    try:  # shardnet servers also answer readiness (a head fed by discovery: once it has listed its workers)
+        ready, _ = await oneshot.call_once(
+            "health", health_pb2.HealthCheckRequest(service=services.READY_SERVICE), args.target,
+            timeout=args.timeout, tls=tls,
+        )
+        print(f"ready: {health_pb2.HealthCheckResponse.ServingStatus.Name(ready.status)}")
+        healthy = healthy and ready.status == health_pb2.HealthCheckResponse.SERVING
+    except ReplicaError as exc:  # a Jina server has no such service
+        print(f"ready: unknown ({exc.cause})")
     try:  # a head asks its workers: a hung one fails this, and the replica list below still says who is there
         endpoints, _ = await oneshot.call_once(
             "discovery", empty_pb2.Empty(), args.target, timeout=args.timeout, tls=tls

@@ -36,6 +36,7 @@ import yaml
 from shardnet.errors import ConfigurationError
 from shardnet.networking.balancing import BALANCERS
 from shardnet.networking.polling import PollingMap
+from shardnet.protocol import services
 
 DEPLOYMENT_LABEL = "jina_deployment_name"
 POD_TYPE_LABEL = "pod_type"
@@ -379,9 +380,10 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
         ]  # fmt: skip
         volumes = {"tmp": "/tmp", "workspace": WORKSPACE}
 
-    def probe(period: int, timeout: int, failures: int) -> dict[str, Any]:
-        # the standard grpc.health.v1 service, asked for the server's overall status ("")
-        grpc = {"port": spec.port}
+    def probe(period: int, timeout: int, failures: int, service: str = "") -> dict[str, Any]:
+        # the standard grpc.health.v1 service: "" is the server's overall status (alive), READY_SERVICE
+        # whether it is fit for traffic (a head: once discovery has listed its workers)
+        grpc = {"port": spec.port, **({"service": service} if service else {})}
         return {"grpc": grpc, "periodSeconds": period, "timeoutSeconds": timeout, "failureThreshold": failures}
 
     container: dict[str, Any] = {
@@ -393,7 +395,7 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
         "resources": (spec.head_resources if is_head else spec.worker_resources).to_k8s(),
         # loading an Executor may take minutes; liveness only starts once this has passed
         "startupProbe": probe(period=2, timeout=2, failures=90),
-        "readinessProbe": probe(period=5, timeout=2, failures=2),
+        "readinessProbe": probe(period=5, timeout=2, failures=2, service=services.READY_SERVICE),
         "livenessProbe": probe(period=10, timeout=5, failures=6),
         "securityContext": {
             "allowPrivilegeEscalation": False,

@@ -29,3 +29,6 @@ AUTHORIZATION_METADATA = "authorization"
 
 # the parameter under which executors' dict results travel, keyed by executor name (ALL replies always carry it)
 RESULTS_PARAMETER = "__results__"
+
+# the health service readiness probes ask for: SERVING once fit for traffic ("" answers whether it is alive)
+READY_SERVICE = "shardnet.ready"

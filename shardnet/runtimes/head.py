@@ -101,6 +101,10 @@ class Head:
         mutual_tls = config.tls is not None and config.tls.client_ca is not None
         self._guard = ControlGuard(config.control_token, mutual_tls)
         self.server = jina_server(config, self)
+        # a pool fed by discovery (Kubernetes) knows no worker until its first list: not ready before that
+        self._discovery_synced = getattr(self.pool, "wait_synced", None)
+        self.server.ready_at_start = self._discovery_synced is None
+        self._readiness: Optional[asyncio.Task] = None
 
     # -- data ------------------------------------------------------------------------
 
@@ -339,15 +343,25 @@ class Head:
                 await self.pool.remove_connection(self.deployment, address, shard_id=shard_id)
                 logger.warning("%s: %s (shard %d) stopped renewing its registration: removed", self.deployment, address, shard_id)
 
+    async def _ready_once_discovered(self) -> None:
+        """Turn readiness SERVING once discovery has listed the workers (it retries, with backoff, until then)."""
+        await self._discovery_synced()
+        await self.server.mark_ready()
+        logger.info("%s: discovery listed its workers; ready", self.deployment)
+
     def _begin(self) -> None:
         self.pool.start()
+        loop = asyncio.get_running_loop()
         if self._lease is not None:
-            self._expiry = asyncio.get_running_loop().create_task(self._expire_leases())
+            self._expiry = loop.create_task(self._expire_leases())
+        if self._discovery_synced is not None:
+            self._readiness = loop.create_task(self._ready_once_discovered())
 
     async def _end(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            await asyncio.gather(self._expiry, return_exceptions=True)
+        for task in (self._expiry, self._readiness):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self.pool.close()
 
     async def start(self) -> None:

@@ -106,10 +106,17 @@ class ControlGuard:
 
 
 class Server:
-    """A grpc.aio server with health, reflection and graceful drain around the given handlers."""
+    """A grpc.aio server with health, reflection and graceful drain around the given handlers.
+
+    Health answers for two services: ``""`` (alive: SERVING once started; liveness and startup
+    probes) and ``services.READY_SERVICE`` (fit for traffic; readiness probes). A head whose
+    workers come from discovery sets ``ready_at_start`` False and calls ``mark_ready`` once
+    discovery has listed them.
+    """
 
     def __init__(self, config: ServerConfig, handlers: Sequence[grpc.GenericRpcHandler], service_names: Sequence[str]):
         self.config = config
+        self.ready_at_start = True
         self._handlers = list(handlers)
         self._service_names = list(service_names)
         self.health = health.aio.HealthServicer()
@@ -153,6 +160,14 @@ class Server:
             self._bind_unix(config.unix_socket)
         await self._server.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        ready = health_pb2.HealthCheckResponse.SERVING if self.ready_at_start else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(services.READY_SERVICE, ready)
+
+    async def mark_ready(self) -> None:
+        """Report readiness SERVING, now or when the server starts (a draining one stays NOT_SERVING)."""
+        self.ready_at_start = True
+        if self._server is not None:
+            await self.health.set(services.READY_SERVICE, health_pb2.HealthCheckResponse.SERVING)
 
     def _bind_unix(self, path: str) -> None:
         """Listen on ``path``; a socket left by a dead server is replaced, one a live server holds is refused."""
