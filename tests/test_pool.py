@@ -194,6 +194,12 @@ async def test_failover_to_a_replica_that_answers_unavailable(pool, echo_servers
     assert sick.calls >= 1
 
 
+def test_the_pool_takes_jinas_runtime_name_first():
+    assert repr(GrpcConnectionPool("gateway")).startswith("<GrpcConnectionPool gateway: 0 deployments")
+    with pytest.raises(ConfigurationError, match="runtime_name names the pool's owner"):
+        GrpcConnectionPool(5)
+
+
 @pytest.mark.parametrize("retries, calls", [(0, 1), (1, 2), (-1, 6)])
 async def test_retries_caps_the_failovers_as_in_jina(pool, echo_servers, retries, calls):
     sick = await echo_servers(3)

@@ -84,6 +84,7 @@ class GrpcConnectionPool:
 
     def __init__(
         self,
+        runtime_name: str = "",
         *,
         balancer: str = "round_robin",
         retry: Optional[RetryPolicy] = RetryPolicy(),
@@ -94,6 +95,9 @@ class GrpcConnectionPool:
         options: Optional[ChannelOptions] = None,
         metadata: Metadata = (),
     ):
+        if not isinstance(runtime_name, str):
+            raise ConfigurationError(f"runtime_name names the pool's owner (Jina's first argument), got {runtime_name!r}")
+        self.runtime_name = runtime_name  # who holds the pool, as in Jina: shown by repr
         make_balancer(balancer)  # validate the name now, not at the first add
         _check_policies(retry=(retry, RetryPolicy), retry_budget=(retry_budget, RetryBudget),
                         ejection=(ejection, EjectionPolicy), tls=(tls, ClientTls))
@@ -516,7 +520,8 @@ class GrpcConnectionPool:
     def __repr__(self) -> str:
         shards = sum(len(entry.shards) for entry in self._deployments.values())
         replicas = sum(len(r) for entry in self._deployments.values() for r in entry.shards.values())
-        return f"<GrpcConnectionPool {len(self._deployments)} deployments, {shards} shards, {replicas} replicas, {self.balancer}>"
+        owner = f"{self.runtime_name}: " if self.runtime_name else ""
+        return f"<GrpcConnectionPool {owner}{len(self._deployments)} deployments, {shards} shards, {replicas} replicas, {self.balancer}>"
 
 
 # The original design hangs its one-off helpers on the pool class; keep those names.
