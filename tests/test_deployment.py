@@ -61,6 +61,9 @@ def test_sharded_deployment_with_uses_before_and_after_counts_every_send_and_lea
             assert merged.tags["before_calls"] == sent and merged.tags["after_calls"] == sent
             assert merged.tags["matrix"] == [2, 2]
             assert merged.text == "q,only-shard-0,q,only-shard-1"
+        routed = deployment.post("/search", [Document(id="q")], return_responses=True).routes
+        assert [route.executor for route in routed][0] == "search/uses_before"
+        assert [route.executor for route in routed][-1] == "search/uses_after"  # named for the deployment, as Jina does
         log_dir = deployment.log_dir
     assert_all_gone(pids)
     assert not log_dir.exists()  # its temporary folders are cleaned up too

@@ -188,7 +188,8 @@ class Deployment:
             extra_args = []
             for key, uses in self._extras.items():
                 if uses is not None:
-                    process = self._launch(key, ["worker", "--uses", _reference(uses), "--host", self.host, "--port", "0"])
+                    arguments = ["worker", "--uses", _reference(uses), "--host", self.host, "--port", "0"]
+                    process = self._launch(key, arguments + ["--name", f"{self.name}/{key}"])
                     self.extras[key] = process
                     extra_args += [f"--{key.replace('_', '-')}", process.wait_ready(self.startup_timeout)]
             self.head = self._launch(
