@@ -165,6 +165,27 @@ async def test_initial_list(api_server: FakeApiServer, start_pool) -> None:
     assert "watching" in repr(pool) and pool.watching
 
 
+async def test_a_pool_narrowed_to_its_deployments_lists_and_keeps_only_theirs(
+    api_server: FakeApiServer, start_pool
+) -> None:
+    api_server.apply("pods", pod("w0", ip="10.0.0.1"))
+    api_server.apply("pods", pod("ua", pod_type="uses_after", ip="10.0.0.2"))
+    api_server.apply("pods", pod("x0", deployment="other", ip="10.0.0.3"))
+    pool = await start_pool(deployments=("dep",))
+    assert set(pool.deployments) == {"dep", "dep/uses_after"}  # the other deployment's pod is not followed
+    assert api_server.list_requests("pods")[0]["labelSelector"] == "jina_deployment_name in (dep),pod_type"
+    api_server.apply("pods", pod("x1", deployment="other", ip="10.0.0.4"))
+    api_server.apply("pods", pod("w1", ip="10.0.0.5"))
+    await eventually(lambda: replicas(pool) == {"10.0.0.1:8080", "10.0.0.5:8080"})
+    assert "other" not in pool.deployments
+
+
+@pytest.mark.parametrize("deployments", ["dep", (), ("a b",), ("x" * 64,)])
+def test_deployments_must_be_label_values(deployments) -> None:
+    with pytest.raises(ConfigurationError, match="deployment"):
+        K8sGrpcConnectionPool(NS, deployments=deployments)
+
+
 async def test_added_pod_joins(api_server: FakeApiServer, start_pool) -> None:
     pool = await start_pool()
     api_server.apply("pods", pod("w0", ip="10.0.0.1"))

@@ -97,9 +97,11 @@ async def serve(args: argparse.Namespace) -> int:
         raise ConfigurationError("--shards must be >= 0")
     retry = RetryPolicy(attempt_timeout=args.attempt_timeout)
     namespace = k8s_namespace(args)
+    k8s_options = {"deployments": (args.deployment,)} if namespace is not None else {}  # its own pods only
     pool = create_connection_pool(
         k8s_connection_pool=namespace is not None,
         k8s_namespace=namespace,
+        **k8s_options,
         balancer=args.balancer,
         retry=retry,
         timeout=args.timeout,

@@ -26,6 +26,7 @@ import asyncio
 import functools
 import logging
 import os
+import re
 from collections import Counter
 from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence
 
@@ -45,6 +46,26 @@ SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 POD_SELECTOR = "jina_deployment_name,pod_type"
 SLICE_SELECTOR = "shardnet.io/deployment"
+_LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?\Z")
+
+
+def _label_values(deployments: Sequence[str]) -> tuple[str, ...]:
+    """Deployment names checked as label values: nothing else can go into a label selector."""
+    names = tuple(dict.fromkeys(deployments)) if not isinstance(deployments, str) else ()
+    if not names:
+        raise ConfigurationError(f"deployments must be a non-empty list of names, got {deployments!r}")
+    for name in names:
+        if not isinstance(name, str) or not _LABEL_VALUE.match(name):
+            raise ConfigurationError(f"deployment {name!r} cannot be a Kubernetes label value (63 characters at most)")
+    return names
+
+
+def _narrowed(selector: str, deployments: Optional[tuple[str, ...]]) -> str:
+    """``selector`` with its first label, the deployment's, required to hold one of ``deployments``."""
+    if deployments is None:
+        return selector
+    first, comma, rest = selector.partition(",")
+    return f"{first} in ({','.join(deployments)}){comma}{rest}"
 
 
 class Member(NamedTuple):
@@ -331,6 +352,8 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
     ``client`` is a kubernetes_asyncio ApiClient the caller owns; without one
     the pool loads configuration when it starts (``kubeconfig``, in-cluster,
     KUBECONFIG, ~/.kube/config) and closes that client with itself.
+    ``deployments`` narrows the watch to those deployments' objects (a head
+    passes its own); by default it follows every deployment, as a gateway does.
     """
 
     def __init__(
@@ -341,6 +364,7 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
         sources: Sequence[str] = SOURCES,
         kubeconfig: Optional[str] = None,
         watch: WatchOptions = WatchOptions(),
+        deployments: Optional[Sequence[str]] = None,
         **pool_options: Any,
     ):
         super().__init__(**pool_options)
@@ -351,6 +375,8 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
             raise ConfigurationError(f"sources must be a non-empty subset of {SOURCES}, got {tuple(sources)}")
         self.namespace = namespace
         self.sources = tuple(dict.fromkeys(sources))
+        # None: every deployment in the namespace (a gateway); a head follows its own only
+        self.followed_deployments = None if deployments is None else _label_values(deployments)
         self._client = client
         self._owns_client = client is None
         self._kubeconfig = kubeconfig
@@ -417,12 +443,12 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
     def _watch_for(self, source: str) -> ListWatch:
         if source == "pods":
             call = functools.partial(k8s_client.CoreV1Api(self._client).list_namespaced_pod, self.namespace)
-            selector = POD_SELECTOR
+            selector = _narrowed(POD_SELECTOR, self.followed_deployments)
         else:
             call = functools.partial(
                 k8s_client.DiscoveryV1Api(self._client).list_namespaced_endpoint_slice, self.namespace
             )
-            selector = SLICE_SELECTOR
+            selector = _narrowed(SLICE_SELECTOR, self.followed_deployments)
         return ListWatch(
             f"{source} in {self.namespace}",
             call,
