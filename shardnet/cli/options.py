@@ -20,14 +20,20 @@ LOOPS = ("asyncio", "uvloop", "auto")
 MAX_MESSAGE_MB = MAX_MESSAGE_BYTES // 2**20  # 2047
 
 
-def message_megabytes(text: str) -> float:
-    """Parse ``--max-message-mb``: a finite number of megabytes, at least one byte and at most ``MAX_MESSAGE_MB``."""
+def _finite(text: str, what: str, unit: str) -> float:
+    """``text`` as a finite number, or an argparse error naming ``what`` and its ``unit``."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of megabytes, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number of {unit}, got {text!r}") from None
     if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"max message size must be a finite number of megabytes, got {text!r}")
+        raise argparse.ArgumentTypeError(f"{what} must be a finite number of {unit}, got {text!r}")
+    return value
+
+
+def message_megabytes(text: str) -> float:
+    """Parse ``--max-message-mb``: a finite number of megabytes, at least one byte and at most ``MAX_MESSAGE_MB``."""
+    value = _finite(text, "max message size", "megabytes")
     if int(value * 2**20) < 1:
         raise argparse.ArgumentTypeError(f"max message size must be positive (at least one byte), got {text!r}")
     if value > MAX_MESSAGE_MB:
@@ -40,12 +46,7 @@ def message_megabytes(text: str) -> float:
 
 def drain_seconds(text: str) -> float:
     """Parse ``--drain-seconds``: a finite number of seconds, 0 or more (NaN would crash the drain at shutdown)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"drain grace must be a finite number of seconds, got {text!r}")
+    value = _finite(text, "drain grace", "seconds")
     if value < 0:
         raise argparse.ArgumentTypeError(f"drain grace must not be negative, got {text!r}")
     return value
