@@ -313,7 +313,7 @@ class Head:
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         timeout = _time_left(context)
-        timeout = DISCOVERY_TIMEOUT if timeout is None else min(DISCOVERY_TIMEOUT, timeout)
+        timeout = DISCOVERY_TIMEOUT if timeout is None else min(DISCOVERY_TIMEOUT, max(timeout, 0.001))
         failure: Optional[ReplicaError] = None
         for shard_id in self.pool.shard_ids(self.deployment):
             task = self.pool.send_discover_endpoint(self.deployment, head=False, shard_id=shard_id, timeout=timeout)
