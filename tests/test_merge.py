@@ -1,4 +1,4 @@
-"""The ALL merge's handling of dict results (``__results__``), on DataRequests built in memory."""
+"""The ALL merge (documents by id, dict results under ``__results__``), on DataRequests built in memory."""
 
 from __future__ import annotations
 
@@ -32,3 +32,34 @@ def test_no_shard_results_still_gives_an_empty_results_parameter_as_jinas_head_d
 def test_a_results_parameter_that_is_not_a_map_is_left_as_the_shard_answered():
     merged = merge_shard_responses("dep", [(0, shard_answer("not a map")), (1, shard_answer({"b": {}}))])
     assert merged.parameters == {"__results__": "not a map"}
+
+
+def shard_search(shard: int) -> DataRequest:
+    """What a shard answers to a query that arrived carrying chunk c1 and match m0 (m0 with its own chunk)."""
+    query = Document(id="q", text="q")
+    query.chunks.append(Document(id="c1"))
+    carried = Document(id="m0")
+    carried.chunks.append(Document(id="m0-c"))
+    carried.chunks.append(Document(id=f"m0-c-from-{shard}"))  # a shard may add to a carried match too
+    query.matches.append(carried)
+    query.matches.append(Document(id=f"hit-{shard}"))
+    return DataRequest([query, Document(id=f"only-{shard}")], endpoint="/search")
+
+
+def test_documents_matches_and_chunks_merge_by_id_so_what_the_request_carried_comes_back_once():
+    merged = merge_shard_responses("dep", [(shard, shard_search(shard)) for shard in range(3)])
+    query, *others = merged.docs
+    assert [doc.id for doc in others] == ["only-0", "only-1", "only-2"]
+    assert query.chunks.ids == ["c1"]  # not once per shard
+    assert query.matches.ids == ["m0", "hit-0", "hit-1", "hit-2"]
+    assert query.matches[0].chunks.ids == ["m0-c", "m0-c-from-0", "m0-c-from-1", "m0-c-from-2"]  # recursively
+
+
+def test_documents_without_an_id_are_never_merged_into_one():
+    answers = []
+    for shard in range(2):
+        query = Document(id="q")
+        query.matches.append(Document(id="", text=f"anonymous-{shard}"))
+        answers.append((shard, DataRequest([query], endpoint="/search")))
+    [query] = merge_shard_responses("dep", answers).docs
+    assert [match.text for match in query.matches] == ["anonymous-0", "anonymous-1"]

@@ -1,14 +1,15 @@
 """Merge the answers of every shard (ALL polling) into one response.
 
 Documents are merged by id: a document several shards return keeps its first
-copy, with the others' matches and chunks appended; new ids are appended in
-shard order. A shard that failed or answered with an error is named in the
+copy, and gains the others' matches and chunks it does not hold yet (merged by
+id the same way, as docarray's ``reduce`` does); new ids are appended in shard
+order. A shard that failed or answered with an error is named in the
 merged status, so the client learns which shard to look at.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from shardnet.protocol.messages import DataRequest
 from shardnet.protocol.services import RESULTS_PARAMETER as RESULTS
@@ -17,25 +18,33 @@ ShardOutcome = tuple[Optional[int], Union[DataRequest, BaseException]]
 
 
 def merge_documents(target: DataRequest, others: Sequence[DataRequest]) -> None:
-    """Fold the documents of ``others`` into ``target`` by id (matches and chunks concatenated)."""
+    """Fold the documents of ``others`` into ``target`` by id, and their matches and chunks the same way."""
     docs = target.proto.data.docs.docs
-    by_id = {doc.id: doc for doc in docs}
     for other in others:
-        for doc in other.proto.data.docs.docs:
-            doc_id = doc.id
-            existing = by_id.get(doc_id)
-            if existing is None:
-                added = docs.add()
-                added.CopyFrom(doc)
-                by_id[doc_id] = added
-                continue
-            # extending by an empty field costs as much as a real extend: most shards add no matches or chunks
-            matches = doc.matches
-            if matches:
-                existing.matches.extend(matches)
-            chunks = doc.chunks
-            if chunks:
-                existing.chunks.extend(chunks)
+        _reduce(docs, other.proto.data.docs.docs)
+
+
+def _reduce(target: Any, source: Any) -> None:
+    """Fold the ``source`` documents into the ``target`` list by id, recursively (docarray's ``reduce``).
+
+    A document ``target`` already holds keeps its fields and gains the matches and chunks it lacks, so a
+    match or chunk the request carried to every shard comes back once, not once per shard. Documents
+    without an id are always added: there is nothing to tell them apart by.
+    """
+    by_id = {doc.id: doc for doc in target if doc.id}
+    for doc in source:
+        existing = by_id.get(doc.id) if doc.id else None
+        if existing is None:
+            added = target.add()
+            added.CopyFrom(doc)
+            if doc.id:
+                by_id[doc.id] = added
+            continue
+        # most shards add no matches or chunks to a document: skip the empty lists without building a map
+        if doc.matches:
+            _reduce(existing.matches, doc.matches)
+        if doc.chunks:
+            _reduce(existing.chunks, doc.chunks)
 
 
 def merge_shard_responses(deployment: str, outcomes: Sequence[ShardOutcome]) -> DataRequest:
