@@ -185,6 +185,8 @@ WRONG_VALUES = {
     "tags-list": (lambda: Document(tags=[1]), "tags take a mapping of text keys"),
     "tags-number-key": (lambda: Document(tags={1: 2}), "tags keys are text, got 1"),
     "tags-object": (lambda: Document(tags={"a": object()}), "tags['a'] must be JSON-like"),
+    "tags-huge-int": (lambda: Document(tags={"x": 10**400}), "tags['x'] must be JSON-like"),
+    "parameters-huge-int": (lambda: DataRequest(parameters={"x": 10**400}), "parameters['x'] must be JSON-like"),
     "docs-number": (lambda: DataRequest(docs=[1]), "documents are shardnet.Document (or DocumentProto) objects, got int"),
     "parameters-list": (lambda: DataRequest(parameters=[1]), "parameters take a mapping of text keys"),
     "endpoint-number": (lambda: DataRequest(endpoint=5), "an endpoint is text like '/index', got int"),
@@ -195,6 +197,20 @@ WRONG_VALUES = {
 def test_wrong_values_are_type_errors_that_say_what_was_expected(make, message):
     with pytest.raises(TypeError, match=re.escape(message)):
         make()
+
+
+@pytest.mark.parametrize(
+    "tags, message", [({"ok": 1, "bad": object()}, "tags['bad'] must be JSON-like"), ({1: "x"}, "tags keys are text")]
+)
+def test_assigning_bad_tags_is_refused_naming_the_key_and_keeps_the_old_tags(tags, message):
+    doc = Document(tags={"keep": 1})
+    with pytest.raises(TypeError, match=re.escape(message)):
+        doc.tags = tags
+    assert dict(doc.tags) == {"keep": 1.0}
+    [sent] = DataRequest.from_bytes(DataRequest([doc]).to_bytes()).docs  # and no empty entry goes on the wire
+    assert dict(sent.tags) == {"keep": 1.0}
+    doc.tags = {"new": "v"}  # a good assignment replaces them whole
+    assert dict(doc.tags) == {"new": "v"}
 
 
 def test_a_refused_value_changes_nothing():

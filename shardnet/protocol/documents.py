@@ -51,7 +51,7 @@ def update_struct(struct: struct_pb2.Struct, values: Any, what: str) -> None:
             raise TypeError(f"{what} keys are text, got {key!r}")
         try:
             checked.update({key: value})
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an int past a double's range
             raise TypeError(
                 f"{what}[{key!r}] must be JSON-like (text, number, bool, None, list, dict), got {value!r:.80}"
             ) from None
@@ -180,8 +180,9 @@ class Document:
 
     @tags.setter
     def tags(self, value: Mapping[str, Any]) -> None:
-        self._pb.tags.Clear()
-        self._pb.tags.update(dict(value))
+        replacement = struct_pb2.Struct()
+        update_struct(replacement, value, "tags")  # checked first: a bad value leaves the old tags as they were
+        self._pb.tags.CopyFrom(replacement)
 
     @property
     def matches(self) -> "DocumentList":

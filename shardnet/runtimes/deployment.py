@@ -183,7 +183,11 @@ class Deployment:
             )
         if self._finalizer is None:  # started again after a stop: a fresh run
             self._prepare_run()
-        self.workspace.mkdir(parents=True, exist_ok=True)
+        for folder, what in ((self.log_dir, "log_dir"), (self.workspace, "workspace")):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigurationError(f"deployment {self.name!r}: cannot create {what} {str(folder)!r}: {exc.strerror}") from None
         try:
             extra_args = []
             for key, uses in self._extras.items():
