@@ -261,3 +261,22 @@ def test_bad_tls_and_limit_flags_exit_2_with_a_clear_message(pem, tmp_path, argu
     assert message.format(**files) in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and "cannot listen" not in result.stderr, result.stderr
     assert "ready on" not in result.stdout
+
+
+@pytest.mark.parametrize("token", ["t\u00f6k\u00e9n", "secret\n"])
+@pytest.mark.parametrize("command", [["head", "--deployment", "t"], ["worker", "--uses", "m:C"]])
+def test_a_control_token_grpc_cannot_carry_is_refused_at_start_without_showing_it(tmp_path, command, token):
+    result = shardnet(*command, "--port", "0", "--control-token", token, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "the control token must be non-empty printable ASCII text" in result.stderr
+    assert token.strip() not in result.stderr and "Traceback" not in result.stderr and "ready on" not in result.stdout
+
+
+def test_metadata_errors_never_quote_an_authorization_value():
+    from shardnet.errors import ProtocolError
+    from shardnet.networking.channels import checked_metadata
+
+    with pytest.raises(ProtocolError) as caught:
+        checked_metadata([("authorization", "Bearer t\u00f6k\u00e9n")])
+    assert "(not shown: a credential)" in str(caught.value) and "t\u00f6k" not in str(caught.value)
+

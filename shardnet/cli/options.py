@@ -11,7 +11,7 @@ import os
 from typing import Any, Coroutine, Optional
 
 from shardnet.errors import ConfigurationError
-from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES
+from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES, check_control_token
 from shardnet.networking.tls import ClientTls, ServerTls
 from shardnet.runtimes.server import ServerConfig
 
@@ -110,7 +110,10 @@ def add_token_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def control_token(args: argparse.Namespace) -> Optional[str]:
-    return args.control_token or os.environ.get(TOKEN_VARIABLE) or None
+    """``--control-token``, else ``SHARDNET_CONTROL_TOKEN``; refused (unquoted) when gRPC could not carry it."""
+    token = args.control_token or os.environ.get(TOKEN_VARIABLE) or None
+    check_control_token(token)
+    return token
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:

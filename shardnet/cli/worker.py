@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         )
     config = server_config(args)
     head_tls = client_tls(args, prefix="head-")
+    token = control_token(args)
     if os.getcwd() not in sys.path:  # as under `python -m`: MODULE:CLASS may name a module in this folder
         sys.path.insert(0, os.getcwd())
     executor_class = load_executor_class(args.uses)
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         head=args.head,
         shard_id=args.shard_id,
-        control_token=control_token(args),
+        control_token=token,
         head_tls=head_tls,
         advertise_host=args.advertise_host,
         register_interval=args.register_interval,

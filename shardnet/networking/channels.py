@@ -154,9 +154,21 @@ def checked_metadata(pairs: Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any],
                     f"metadata key {key!r} ends in -bin: its value must be bytes, got {type(value).__name__}"
                 )
         elif not isinstance(value, str) or not (value.isascii() and value.isprintable()):
-            raise ProtocolError(f"metadata value for {key!r} must be printable ASCII text, got {value!r}")
+            shown = "(not shown: a credential)" if key == services.AUTHORIZATION_METADATA else f"got {value!r}"
+            raise ProtocolError(f"metadata value for {key!r} must be printable ASCII text, {shown}")
         checked.append((key, value))
     return tuple(checked)
+
+
+def check_control_token(token: Optional[str]) -> None:
+    """Refuse a control token gRPC could not carry (it travels as ``authorization: Bearer TOKEN``), unquoted."""
+    if token is None:
+        return
+    if not isinstance(token, str) or not token or not (token.isascii() and token.isprintable()):
+        raise ConfigurationError(
+            "the control token must be non-empty printable ASCII text (no newline, no accents): it travels as "
+            "gRPC metadata; check SHARDNET_CONTROL_TOKEN or --control-token (the value is not shown)"
+        )
 
 
 class MetadataCache:

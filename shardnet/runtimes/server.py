@@ -28,7 +28,12 @@ from grpc_reflection.v1alpha import reflection
 
 from shardnet.errors import ConfigurationError
 from shardnet.networking.addresses import UNIX_SCHEME, parse_address
-from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES, default_grpc_options
+from shardnet.networking.channels import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_MESSAGE_BYTES,
+    check_control_token,
+    default_grpc_options,
+)
 from shardnet.networking.tls import ServerTls
 from shardnet.protocol import services
 from shardnet.protocol.services import AUTHORIZATION_METADATA
@@ -64,6 +69,7 @@ class ServerConfig:
             parse_address(f"{UNIX_SCHEME}{self.unix_socket}")  # absolute, short enough for sun_path
         if not 0 <= self.port < 65536:
             raise ConfigurationError(f"port {self.port} is outside 0..65535")
+        check_control_token(self.control_token)
         if self.max_message_bytes <= 0:
             raise ConfigurationError("max message size must be positive")
         if self.max_message_bytes > MAX_MESSAGE_BYTES:

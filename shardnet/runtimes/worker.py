@@ -24,6 +24,7 @@ import grpc.aio
 from shardnet.errors import ProtocolError, ReplicaError
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address
+from shardnet.networking.channels import check_control_token
 from shardnet.networking.tls import ClientTls
 from shardnet.protocol import services
 from shardnet.protocol.documents import Document, DocumentList
@@ -59,6 +60,7 @@ class Worker:
         register_interval: float = 2.0,
         name: Optional[str] = None,
     ):
+        check_control_token(control_token)  # before serving: a token gRPC cannot carry would fail every ACTIVATE
         self.executor = executor
         # in route entries, error reports and as the key of a dict result; Jina names it deployment/shard-S/rep-R
         self.name = name or type(executor).__name__
