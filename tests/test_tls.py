@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import grpc
@@ -187,3 +188,21 @@ def test_blocking_channel_with_root_certificates(threaded_echo, tls, root_certif
         assert reply == request.to_bytes()
     finally:
         channel.close()
+
+
+async def test_a_plaintext_worker_at_a_tls_head_is_told_to_look_at_tls(runtimes, tls, caplog):
+    import executors
+
+    from shardnet.runtimes.head import Head
+    from shardnet.runtimes.server import ServerConfig
+    from shardnet.runtimes.worker import Worker
+
+    head = await runtimes(Head("secure", ServerConfig(tls=tls.server)))
+    worker = await runtimes(Worker(executors.Tagger.create(), head=head.server.address, register_interval=60))
+    with caplog.at_level("WARNING", logger="shardnet.runtimes.worker"):
+        await worker.register()  # the head is up, but speaks TLS: refused, retried later, and the log says why
+    assert f"head {head.server.address} is not reachable yet" in caplog.text
+    assert "if the head serves TLS, give --head-root-ca" in caplog.text
+    assert head.pool.get_replicas("secure", shard_id=0) is None  # nothing registered in plaintext
+    await worker.stop(0)  # stops renewing too: no registration task outlives the worker
+    assert not [task for task in asyncio.all_tasks() if "_refresh_registration" in repr(task.get_coro())]

@@ -43,6 +43,17 @@ SETTLE_BOUND = 1.0
 ERROR_TRAILER = ((services.ERROR_METADATA, "true"),)
 
 
+def _tls_hint(error: ReplicaError) -> str:
+    """A pointer to TLS when gRPC's words for a failure suggest the two ends disagree about it."""
+    cause = error.cause.lower()
+    if "socket closed" in cause or "handshake" in cause or "certificate" in cause or "ssl" in cause:
+        return (
+            " (if the head serves TLS, give --head-root-ca; with mutual TLS also --head-client-cert and "
+            "--head-client-key, signed by its client CA)"
+        )
+    return ""
+
+
 class Worker:
     """Serves ``executor`` on ``config``'s address; optionally registers with a head."""
 
@@ -228,7 +239,7 @@ class Worker:
         except ReplicaError as exc:
             if exc.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise
-            logger.warning("head %s is not reachable yet, will keep trying: %s", self._head, exc)
+            logger.warning("head %s is not reachable yet, will keep trying: %s%s", self._head, exc, _tls_hint(exc))
         self._keep_registered = asyncio.get_running_loop().create_task(self._refresh_registration())
 
     async def _activate(self, timeout: float = 5.0) -> None:
@@ -244,7 +255,7 @@ class Worker:
             try:
                 await self._activate(timeout=1.0)
             except ReplicaError as exc:
-                logger.warning("head %s did not take our registration: %s", self._head, exc)
+                logger.warning("head %s did not take our registration: %s%s", self._head, exc, _tls_hint(exc))
 
     async def deregister(self) -> None:
         if self._keep_registered is not None:
@@ -265,6 +276,10 @@ class Worker:
         await self.server.start()
 
     async def stop(self, grace: Optional[float] = None) -> None:
+        if self._keep_registered is not None:  # registered but stopped without deregister: stop renewing
+            self._keep_registered.cancel()
+            await asyncio.gather(self._keep_registered, return_exceptions=True)
+            self._keep_registered = None
         await self.server.drain(grace)
         self._threads.shutdown(wait=False, cancel_futures=True)
 
