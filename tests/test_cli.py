@@ -92,7 +92,7 @@ def deployed(tmp_path):
                         os.kill(pid, signal.SIGKILL)
 
 
-def test_deploy_send_and_status_against_a_running_deployment(deployed):
+def test_deploy_send_and_status_against_a_running_deployment(deployed, tmp_path):
     address, deploy, pids = deployed
 
     sent = shardnet("send", address, "--endpoint", "/tag", "--text", "hello", "--parameters", '{"suffix": "!"}')
@@ -123,6 +123,7 @@ def test_deploy_send_and_status_against_a_running_deployment(deployed):
 
     deploy.send_signal(signal.SIGTERM)
     assert deploy.wait(20) == 0
+    assert "stopping..." in (tmp_path / "deploy.log").read_text()  # SIGTERM says so, as Ctrl-C does
     deadline = time.monotonic() + 5
     while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.02)

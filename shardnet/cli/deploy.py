@@ -49,5 +49,6 @@ def run(args: argparse.Namespace) -> int:
         try:
             stop.wait()
         except KeyboardInterrupt:
-            print("stopping...")
+            pass
+        print("stopping...", flush=True)  # on SIGTERM as on Ctrl-C: the drain may take a few seconds
     return 0
