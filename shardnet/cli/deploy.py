@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import threading
 
@@ -46,9 +47,7 @@ def run(args: argparse.Namespace) -> int:
     ) as deployment:
         print(deployment.table())
         print(f"\n{args.name} serves on {deployment.address} (Ctrl-C stops it)", flush=True)
-        try:
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the wait as SIGTERM does
             stop.wait()
-        except KeyboardInterrupt:
-            pass
         print("stopping...", flush=True)  # on SIGTERM as on Ctrl-C: the drain may take a few seconds
     return 0
