@@ -83,6 +83,8 @@ K8S_RENDER = ("k8s", "render", "--name", "index", "--image", "x")
         (["--memory", "lots"], "memory request 'lots' is not a Kubernetes quantity"),
         (["--memory-limit", "1GB"], "memory_limit '1GB' is not a Kubernetes quantity"),
         (["--cpu", "-1"], "cpu request '-1' is not a Kubernetes quantity"),
+        (["--cpu", "2", "--cpu-limit", "1"], "cpu request '2' exceeds cpu_limit '1'"),
+        (["--head-memory", "1Gi"], "memory request '1Gi' exceeds memory_limit '512Mi'"),  # the head's default limit
     ],
 )
 def test_k8s_render_refuses_resources_kubernetes_would_reject(arguments: list[str], message: str) -> None:

@@ -302,6 +302,18 @@ def test_cli_prints_valid_yaml_to_stdout(capsys: pytest.CaptureFixture[str]) -> 
         kubernetes_validate.validate(obj, SCHEMA_VERSION, strict=True)
 
 
+def test_cli_sets_the_heads_resources_and_cpu_limits_and_drops_memory_limits(capsys: pytest.CaptureFixture[str]) -> None:
+    flags = ["--cpu", "500m", "--cpu-limit", "1", "--memory-limit", "none"]
+    assert main([*CLI_ARGS, *flags, "--head-cpu", "200m", "--head-memory", "256Mi", "--head-memory-limit", "none"]) == 0
+    objects = list(yaml.safe_load_all(capsys.readouterr().out))
+    head, workers = head_and_workers(objects, "Deployment")
+    assert container(head)["resources"] == {"requests": {"cpu": "200m", "memory": "256Mi"}}
+    for worker in workers:
+        assert container(worker)["resources"] == {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"cpu": "1"}}
+    for obj in objects:
+        kubernetes_validate.validate(obj, SCHEMA_VERSION, strict=True)
+
+
 def test_cli_writes_one_file_per_component(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_dir = tmp_path / "manifests"
     assert main([*CLI_ARGS, "--output", str(out_dir), "--memory", "1Gi", "--memory-limit", "2Gi"]) == 0

@@ -6,9 +6,10 @@ import argparse
 import re
 import sys
 from pathlib import Path
+from typing import Optional
 
 from shardnet.errors import ConfigurationError
-from shardnet.manifests.kubernetes import DeploymentSpec, Resources, render, render_components, to_yaml
+from shardnet.manifests.kubernetes import HEAD_RESOURCES, DeploymentSpec, Resources, render, render_components, to_yaml
 
 DEFAULT_USES = "shardnet.examples.text_index:TextIndexer"
 
@@ -42,13 +43,35 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     parser.add_argument("--memory", default=Resources.memory, help="memory request of each worker (default: %(default)s)")
     parser.add_argument(
         "--memory-limit",
+        type=optional_quantity,
         default=Resources.memory_limit,
-        help="memory limit of each worker, at least --memory (default: %(default)s)",
+        help="memory limit of each worker, at least --memory; 'none' for no limit (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--cpu-limit",
+        type=optional_quantity,
+        default=None,
+        help="CPU limit of each worker, at least --cpu (default: none; CFS throttling adds tail latency)",
+    )
+    parser.add_argument("--head-cpu", default=HEAD_RESOURCES.cpu, help="CPU request of the head (default: %(default)s)")
+    parser.add_argument(
+        "--head-memory", default=HEAD_RESOURCES.memory, help="memory request of the head (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--head-memory-limit",
+        type=optional_quantity,
+        default=HEAD_RESOURCES.memory_limit,
+        help="memory limit of the head; 'none' for no limit (default: %(default)s)",
     )
     parser.add_argument(
         "--output", type=Path, metavar="DIR", help="write NAME-head.yaml, NAME-0.yaml, ... here instead of stdout"
     )
     parser.set_defaults(handler=run)
+
+
+def optional_quantity(text: str) -> Optional[str]:
+    """A limit flag's value: a quantity (checked by ``Resources``), or 'none' for no limit."""
+    return None if text.strip().lower() == "none" else text
 
 
 def run(args: argparse.Namespace) -> int:
@@ -64,7 +87,10 @@ def run(args: argparse.Namespace) -> int:
         namespace=args.namespace,
         balancer=args.balancer,
         port=args.port,
-        worker_resources=Resources(cpu=args.cpu, memory=args.memory, memory_limit=args.memory_limit),
+        worker_resources=Resources(
+            cpu=args.cpu, memory=args.memory, memory_limit=args.memory_limit, cpu_limit=args.cpu_limit
+        ),
+        head_resources=Resources(cpu=args.head_cpu, memory=args.head_memory, memory_limit=args.head_memory_limit),
     )
     if args.output is None:
         sys.stdout.write(to_yaml(render(spec)))
