@@ -239,3 +239,12 @@ class MarksItsStart(Executor):
     @requests
     def echo(self, docs, parameters, **kwargs):
         return None
+
+
+class SlowStart(Executor):
+    """Loads slowly, as a model does: writes ``<workspace>/loading-<pid>``, then takes a minute in ``__init__``."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        (Path(self.runtime_args.workspace) / f"loading-{os.getpid()}").touch()
+        time.sleep(60)

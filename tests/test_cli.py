@@ -130,6 +130,52 @@ def test_deploy_send_and_status_against_a_running_deployment(deployed, tmp_path)
     assert not [pid for pid in pids if pid_alive(pid)], "shardnet deploy left processes behind"
 
 
+def test_sigterm_while_deploy_is_starting_stops_what_it_started(tmp_path):
+    workspace = tmp_path / "workspace"
+    with open(tmp_path / "deploy.log", "wb") as out:
+        deploy = subprocess.Popen(
+            [*PYTHON_M, "deploy", "--uses", f"{EXECUTORS}:SlowStart", "--workspace", str(workspace)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    worker_pid = None
+    try:
+        deadline = time.monotonic() + 30
+        while not list(workspace.glob("loading-*")):  # the head is up and the worker is loading its Executor
+            assert deploy.poll() is None and time.monotonic() < deadline, (tmp_path / "deploy.log").read_text()
+            time.sleep(0.02)
+        [worker_pid] = [int(path.name.split("-")[1]) for path in workspace.glob("loading-*")]
+        deploy.send_signal(signal.SIGTERM)
+        assert deploy.wait(15) != 0  # interrupted, not a minute later once the worker had loaded
+        deadline = time.monotonic() + 5
+        while pid_alive(worker_pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not pid_alive(worker_pid), "the loading worker outlived deploy"
+        assert "serves on" not in (tmp_path / "deploy.log").read_text()
+    finally:
+        children = _children(deploy.pid) if deploy.poll() is None else []  # before a kill re-parents them
+        if deploy.poll() is None:
+            deploy.kill()
+            deploy.wait()
+        for pid in [worker_pid, *children]:  # a deploy killed here cannot stop its children: do it for it
+            if pid is not None and pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc), e.g. the head a killed deploy left behind."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def test_send_to_nothing_fails_with_a_message_naming_the_address(tmp_path):
     import socket
 

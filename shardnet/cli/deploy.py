@@ -31,7 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     uses_with = json_object(args.uses_with, "--uses-with")
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # during startup SIGTERM acts as Ctrl-C does: Deployment.start stops what it had started, and we exit
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with Deployment(
         args.uses,
         shards=args.shards,
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         workspace=args.workspace,
         control_token=control_token(args),
     ) as deployment:
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
         print(deployment.table())
         print(f"\n{args.name} serves on {deployment.address} (Ctrl-C stops it)", flush=True)
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the wait as SIGTERM does
