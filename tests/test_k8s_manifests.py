@@ -314,6 +314,19 @@ def test_cli_sets_the_heads_resources_and_cpu_limits_and_drops_memory_limits(cap
         kubernetes_validate.validate(obj, SCHEMA_VERSION, strict=True)
 
 
+def test_quantities_may_use_a_decimal_exponent_as_kubernetes_allows() -> None:
+    resources = Resources(cpu="1e3", cpu_limit="1000", memory=".5Gi", memory_limit="6e8")
+    assert resources.to_k8s() == {
+        "requests": {"cpu": "1e3", "memory": ".5Gi"},
+        "limits": {"cpu": "1000", "memory": "6e8"},
+    }
+    with pytest.raises(ConfigurationError, match="cpu request '1.5e3' exceeds cpu_limit '1e3'"):
+        Resources(cpu="1.5e3", cpu_limit="1e3")
+    spec = DeploymentSpec(name="exp", image="x", uses="shardnet.examples.text_index:TextIndexer", worker_resources=resources)
+    for obj in render(spec):
+        kubernetes_validate.validate(obj, SCHEMA_VERSION, strict=True)
+
+
 def test_cli_writes_one_file_per_component(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_dir = tmp_path / "manifests"
     assert main([*CLI_ARGS, "--output", str(out_dir), "--memory", "1Gi", "--memory-limit", "2Gi"]) == 0

@@ -61,7 +61,10 @@ _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
 _DOTTED = rf"{_IDENTIFIER}(\.{_IDENTIFIER})*"
 _USES = re.compile(rf"^({_DOTTED}|[^\s:]+\.py):{_DOTTED}$")  # what ``shardnet worker --uses`` loads
-_QUANTITY = re.compile(r"^(?P<number>[0-9]+(\.[0-9]+)?)(?P<suffix>m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+_QUANTITY = re.compile(
+    r"^(?P<number>[0-9]+(\.[0-9]*)?|\.[0-9]+)"
+    r"(?:(?P<suffix>m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)|[eE](?P<exponent>[+-]?[0-9]+))?$"
+)
 # What each suffix _QUANTITY accepts multiplies by, as in k8s.io/apimachinery's resource.Quantity.
 _QUANTITY_SCALE = MappingProxyType(
     {
@@ -87,7 +90,8 @@ def _quantity_value(quantity: str) -> Fraction:
     match = _QUANTITY.match(quantity)
     if match is None:
         raise ConfigurationError(f"{quantity!r} is not a Kubernetes quantity such as 500m or 1Gi")
-    return Fraction(match["number"]) * _QUANTITY_SCALE[match["suffix"] or ""]
+    scale = Fraction(10) ** int(match["exponent"]) if match["exponent"] else _QUANTITY_SCALE[match["suffix"] or ""]
+    return Fraction(match["number"]) * scale
 
 
 @dataclass(frozen=True)
