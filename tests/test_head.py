@@ -34,6 +34,12 @@ async def shard_workers(runtimes, executor_class, shards: int) -> list[Worker]:
     return [await runtimes(Worker(executor_class.create({"shard_id": shard}))) for shard in range(shards)]
 
 
+async def head_over(runtimes, deployment: str, workers: list[Worker], polling: str, **options) -> Head:
+    """A started head routing ``deployment`` by ``polling`` to ``workers``, one shard each, in order."""
+    connections = {shard: [worker.server.address] for shard, worker in enumerate(workers)}
+    return await runtimes(Head(deployment, polling=PollingMap.parse(polling), connections=connections, **options))
+
+
 async def send(address: str, endpoint: str, docs=(), parameters=None, timeout: float = 10.0) -> DataRequest:
     return await oneshot.send_request_async(
         DataRequest(list(docs), endpoint=endpoint, parameters=parameters), address, timeout=timeout
@@ -112,13 +118,7 @@ def test_a_lease_must_be_positive():
 
 async def test_all_over_three_shards_merges_by_document_id(runtimes):
     workers = await shard_workers(runtimes, executors.ShardSearch, 3)
-    head = await runtimes(
-        Head(
-            "search",
-            polling=PollingMap.parse("ALL"),
-            connections={i: [w.server.address] for i, w in enumerate(workers)},
-        )
-    )
+    head = await head_over(runtimes, "search", workers, "ALL")
     queries = [Document(id="q1", text="one"), Document(id="q2", text="two")]
     response, trailing = await send_with_trailing(head.server.address, "/search", queries)
     assert not response.is_error
@@ -137,9 +137,7 @@ async def test_all_keeps_every_shards_dict_results_side_by_side(runtimes):
         await runtimes(Worker(executors.Tagger.create({"shard_id": shard}), name=f"count/shard-{shard}/rep-0"))
         for shard in range(3)
     ]
-    head = await runtimes(
-        Head("count", polling=PollingMap.parse("ALL"), connections={i: [w.server.address] for i, w in enumerate(workers)})
-    )
+    head = await head_over(runtimes, "count", workers, "ALL")
     response = await send(head.server.address, "/count", [Document(text="a"), Document(text="b")], {"k": "v"})
     assert not response.is_error
     assert response.parameters == {
@@ -175,13 +173,7 @@ async def test_a_shard_answering_garbage_is_a_failed_shard_named_with_its_replic
 
 async def test_all_names_the_shard_that_raised_and_keeps_the_others_answers(runtimes):
     workers = await shard_workers(runtimes, executors.ShardSearch, 3)
-    head = await runtimes(
-        Head(
-            "search",
-            polling=PollingMap.parse("ALL"),
-            connections={i: [w.server.address] for i, w in enumerate(workers)},
-        )
-    )
+    head = await head_over(runtimes, "search", workers, "ALL")
     response, trailing = await send_with_trailing(head.server.address, "/broken", [Document(id="q")])
     assert response.is_error and trailing["failed_shards"] == "0"  # the shard answered: with an error
     assert "shard 1" in response.status.description and "search" in response.status.description
@@ -206,13 +198,7 @@ async def test_all_with_a_shard_without_replica_fails_fast_naming_deployment_and
 
 async def test_json_polling_map_chooses_all_or_any_per_endpoint(runtimes):
     workers = await shard_workers(runtimes, executors.ShardSearch, 2)
-    head = await runtimes(
-        Head(
-            "search",
-            polling=PollingMap.parse('{"/search": "ALL", "*": "ANY"}'),
-            connections={i: [w.server.address] for i, w in enumerate(workers)},
-        )
-    )
+    head = await head_over(runtimes, "search", workers, '{"/search": "ALL", "*": "ANY"}')
     searched = await send(head.server.address, "/search", [Document(id="q")])
     assert searched.docs[0].matches.ids == ["match-0", "match-1"]
     for _ in range(4):
@@ -230,14 +216,13 @@ async def test_uses_before_and_uses_after_see_every_request(runtimes):
     before = await runtimes(Worker(executors.CountingBefore.create()))
     after = await runtimes(Worker(executors.CountingAfter.create()))
     workers = await shard_workers(runtimes, executors.ShardSearch, 2)
-    head = await runtimes(
-        Head(
-            "search",
-            polling=PollingMap.parse("ALL"),
-            connections={i: [w.server.address] for i, w in enumerate(workers)},
-            uses_before=before.server.address,
-            uses_after=after.server.address,
-        )
+    head = await head_over(
+        runtimes,
+        "search",
+        workers,
+        "ALL",
+        uses_before=before.server.address,
+        uses_after=after.server.address,
     )
     for sent in range(1, 6):
         [merged] = (await send(head.server.address, "/search", [Document(id="q")])).docs
@@ -253,13 +238,12 @@ async def test_uses_before_and_uses_after_see_every_request(runtimes):
 async def test_uses_after_under_any_gets_one_shards_answer_and_the_shards_take_turns(runtimes):
     after = await runtimes(Worker(executors.CountingAfter.create()))
     workers = await shard_workers(runtimes, executors.ShardSearch, 2)
-    head = await runtimes(
-        Head(
-            "index",
-            polling=PollingMap.parse('{"/search": "ALL", "*": "ANY"}'),
-            connections={i: [w.server.address] for i, w in enumerate(workers)},
-            uses_after=after.server.address,
-        )
+    head = await head_over(
+        runtimes,
+        "index",
+        workers,
+        '{"/search": "ALL", "*": "ANY"}',
+        uses_after=after.server.address,
     )
     seen_shards = []
     for _ in range(4):
@@ -278,14 +262,7 @@ async def test_uses_after_under_all_receives_every_shards_dict_results(runtimes)
         await runtimes(Worker(executors.Tagger.create({"shard_id": shard}), name=f"count/shard-{shard}/rep-0"))
         for shard in range(2)
     ]
-    head = await runtimes(
-        Head(
-            "count",
-            polling=PollingMap.parse("ALL"),
-            connections={i: [w.server.address] for i, w in enumerate(workers)},
-            uses_after=after.server.address,
-        )
-    )
+    head = await head_over(runtimes, "count", workers, "ALL", uses_after=after.server.address)
     response = await send(head.server.address, "/count", [Document(text="a")])
     assert not response.is_error
     assert response.parameters["__results__"] == {
@@ -405,14 +382,13 @@ async def test_control_token_from_the_environment_of_a_head_process(tmp_path, ru
 async def test_uses_after_response_still_names_a_failed_shard(runtimes):
     after = await runtimes(Worker(executors.CountingAfter.create()))
     workers = await shard_workers(runtimes, executors.ShardSearch, 2)
-    head = await runtimes(
-        Head(
-            "search",
-            polling=PollingMap.parse("ALL"),
-            connections={i: [w.server.address] for i, w in enumerate(workers)},
-            uses_after=after.server.address,
-            shards=3,  # shard 2 has no replica
-        )
+    head = await head_over(
+        runtimes,
+        "search",
+        workers,
+        "ALL",
+        uses_after=after.server.address,
+        shards=3,  # shard 2 has no replica
     )
     response, trailing = await send_with_trailing(head.server.address, "/broken", [Document(id="q")])
     assert trailing["total_shards"] == "3" and trailing["failed_shards"] == "1"

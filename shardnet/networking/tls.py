@@ -25,7 +25,6 @@ PemSource = Union[str, bytes, os.PathLike, None]
 
 _CERTIFICATE_LINE = b"-----BEGIN CERTIFICATE-----"
 _PRIVATE_KEY_LINE = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----")
-_ENCRYPTED_KEY_LINE = re.compile(rb"-----BEGIN ENCRYPTED PRIVATE KEY-----|Proc-Type: *4,ENCRYPTED")
 
 
 def _is_path(source: PemSource) -> bool:
@@ -80,8 +79,6 @@ def check_key_pair(chain_source: PemSource, chain: bytes, key_source: PemSource,
     check_certificates(chain_source, chain, f"{role} certificate chain")
     if not _PRIVATE_KEY_LINE.search(key):
         raise ConfigurationError(f"{key_name} is not a PEM private key (no '-----BEGIN ... PRIVATE KEY-----' line)")
-    if _ENCRYPTED_KEY_LINE.search(key):
-        raise ConfigurationError(f"{key_name} is encrypted: gRPC takes no passphrase, give it the decrypted key")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     with _as_file(chain_source, chain) as chain_path, _as_file(key_source, key) as key_path:
         try:
@@ -149,11 +146,9 @@ class ClientTls:
             check_key_pair(self.certificate_chain, chain, self.private_key, key, "client")
 
     def credentials(self) -> grpc.ChannelCredentials:
-        """gRPC channel credentials from the material, read afresh."""
+        """gRPC channel credentials from the material, read afresh (its consistency was checked when built)."""
         key = load_pem(self.private_key, "client private key")
         chain = load_pem(self.certificate_chain, "client certificate chain")
-        if (key is None) != (chain is None):
-            raise ConfigurationError("mutual TLS needs both a client private key and its certificate chain")
         return grpc.ssl_channel_credentials(
             root_certificates=load_pem(self.root_certificates, "root certificates"),
             private_key=key,
@@ -194,8 +189,6 @@ class ServerTls:
         """gRPC server credentials from the material, read afresh."""
         chain = load_pem(self.certificate_chain, "server certificate chain")
         key = load_pem(self.private_key, "server private key")
-        if chain is None or key is None:
-            raise ConfigurationError("a TLS server needs both its certificate chain and the matching private key")
         client_ca = load_pem(self.client_ca, "client CA")
         return grpc.ssl_server_credentials(
             [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
