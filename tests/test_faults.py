@@ -133,8 +133,14 @@ async def test_head_restart_fails_fast_while_away_and_loses_nothing(deployment):
 
 
 class Slow(Executor):
+    """Answers 1.5 s after a request arrives; ``arrived`` tells the test it holds one."""
+
+    def __init__(self):
+        self.arrived = asyncio.Event()
+
     @requests
     async def slow(self, docs, parameters, **kwargs):
+        self.arrived.set()
         await asyncio.sleep(1.5)
         for doc in docs:
             doc.text = "answered"
@@ -142,14 +148,15 @@ class Slow(Executor):
 
 async def test_a_deactivated_replica_still_answers_the_requests_it_holds():
     """A worker leaving (DEACTIVATE, then its drain) answers what it holds, however long it takes: nothing is cut."""
-    worker = Worker(Slow.create(), ServerConfig())
+    executor = Slow.create()
+    worker = Worker(executor, ServerConfig())
     await worker.start()
     head = Head("leaving", ServerConfig(), connections={0: [worker.server.address]})
     await head.start()
     try:
         request = DataRequest(docs=[Document(text="q")], endpoint="/slow")
         pending = asyncio.create_task(oneshot.send_request_async(request, head.server.address, timeout=10.0))
-        await asyncio.sleep(0.3)  # the request is at the worker now
+        await asyncio.wait_for(executor.arrived.wait(), 5.0)  # the worker holds the request now
         host, port = worker.server.address.rsplit(":", 1)
         await oneshot.deactivate_worker(host, int(port), head.server.address, 0)
         assert head.pool.deployments["leaving"]["shards"][0] == []  # out of rotation at once...
