@@ -167,6 +167,7 @@ class FakeApiServer:
         self.port = 0
         self.version = 1
         self.compacted = 0  # watches from a version below this get 410 Gone
+        self.end_watches_at_once = False  # answer each watch 200 with an empty body (a proxy cutting it short)
         self.state = "up"  # up | refusing | unavailable
         self.requests: list[tuple[str, bool, dict[str, str]]] = []  # (resource, watch, query)
         self.written_at: dict[int, float] = {}  # version -> perf_counter() when first written to a stream
@@ -259,6 +260,14 @@ class FakeApiServer:
         """Forget the history up to now: watching from an older version gets 410 Gone."""
         self.compacted = self.version
         self._history.clear()
+
+    def rewind(self, version: int = 1) -> None:
+        """Go back to ``version`` keeping the objects, as after an etcd restore: newer resume versions are
+        "too large" (504 ResourceVersionTooLarge) until the server's version passes them again."""
+        self.version = version
+        self._history.clear()
+        self.compacted = 0
+        self.drop_streams()
 
     def error(self, code: int = 410, reason: str = "Expired", message: str = "too old resource version") -> None:
         """Send an ERROR event to every open stream, then end it (what the server does on a 410 mid-watch)."""
@@ -364,6 +373,13 @@ class FakeApiServer:
         gone = status_object(410, "Expired", f"too old resource version: {since} ({self.compacted})")
         if expired and self.gone_as == "status":
             return web.json_response(gone, status=410)
+        if since not in ("", "0") and int(since) > self.version:  # what the watch cache says after waiting for it
+            too_large = status_object(504, "Timeout", "Too large resource version")
+            too_large["details"] = {"causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource "
+                                               f"version: {since}, current: {self.version}"}], "retryAfterSeconds": 1}
+            return web.json_response(too_large, status=504)
+        if self.end_watches_at_once:
+            return web.Response(status=200, content_type="application/json")
         stream = _Stream(resource, namespace, selector, bookmarks)
         # Backlog and registration with no await between them: nothing missed, nothing twice.
         if expired:
@@ -452,11 +468,18 @@ def pod(
     ip: Optional[str] = "10.0.0.1",
     port: Optional[int] = None,
     ready: bool = True,
+    ready_condition: Optional[bool] = None,
     phase: str = "Running",
     deleting: bool = False,
     extra_labels: Optional[dict[str, str]] = None,
+    ports: Optional[list[dict]] = None,
 ) -> dict:
-    """A Pod as Jina 3's manifests label it (labels left out when None)."""
+    """A Pod as Jina 3's manifests label it (labels left out when None).
+
+    ``ready`` is its container's readiness; its ``Ready`` condition follows it
+    unless ``ready_condition`` says otherwise (the node controller clears only
+    the condition); ``ports`` replaces the container's ports whole.
+    """
     labels = {
         k: v
         for k, v in (("jina_deployment_name", deployment), ("pod_type", pod_type), ("shard_id", shard_id))
@@ -466,10 +489,17 @@ def pod(
     container = {"name": "executor", "image": "shardnet:test"}
     if port is not None:
         container["ports"] = [{"containerPort": port, "protocol": "TCP"}]
+    if ports is not None:
+        container["ports"] = ports
     metadata: dict[str, Any] = {"name": name, "labels": labels}
     if deleting:
         metadata["deletionTimestamp"] = "2026-01-01T00:00:00Z"
-    status: dict[str, Any] = {"phase": phase, "containerStatuses": [{"name": "executor", "ready": ready}]}
+    condition = ready if ready_condition is None else ready_condition
+    status: dict[str, Any] = {
+        "phase": phase,
+        "conditions": [{"type": "Ready", "status": "True" if condition else "False"}],
+        "containerStatuses": [{"name": "executor", "ready": ready}],
+    }
     if ip is not None:
         status["podIP"] = ip
     return {"metadata": metadata, "spec": {"containers": [container]}, "status": status}

@@ -114,6 +114,26 @@ def test_pod_roles_ports_and_addresses() -> None:
     assert pod_members(pod("x", pod_type="GATEWAY")) == frozenset()
     assert pod_members(pod("x", ready=False)) == frozenset()
     assert pod_members(pod("x", ready=False), ready_only=False) == {Member("dep", False, 0, "10.0.0.1:8080")}
+    assert pod_members(pod("x", shard_id="1_0")) == frozenset()  # int() would read shard 10
+
+
+def test_a_pod_counts_when_kubernetes_calls_it_ready() -> None:
+    # a node that stopped answering: the node controller clears the Ready condition, containers still say ready
+    assert pod_members(pod("x", ready=True, ready_condition=False)) == frozenset()
+    # a readiness gate still pending looks the same; and the condition decides the other way too
+    assert {m.address for m in pod_members(pod("x", ready=False, ready_condition=True))} == {"10.0.0.1:8080"}
+    no_conditions = pod("x")
+    del no_conditions["status"]["conditions"]  # not set yet: the containers' readiness decides
+    assert {m.address for m in pod_members(no_conditions)} == {"10.0.0.1:8080"}
+    no_conditions["status"]["containerStatuses"][0]["ready"] = False
+    assert pod_members(no_conditions) == frozenset()
+
+
+def test_a_pod_is_reached_on_its_port_named_grpc() -> None:
+    metrics_first = pod("x", ports=[{"name": "metrics", "containerPort": 9090}, {"name": "grpc", "containerPort": 8081}])
+    assert {m.address for m in pod_members(metrics_first)} == {"10.0.0.1:8081"}
+    unnamed = pod("x", ports=[{"containerPort": 7000}, {"containerPort": 7001}])
+    assert {m.address for m in pod_members(unnamed)} == {"10.0.0.1:7000"}  # none named: the first, as before
 
 
 def test_slice_conditions() -> None:
@@ -391,6 +411,36 @@ async def test_410_error_event_mid_watch(api_server: FakeApiServer, start_pool) 
     assert pool.changes == [("add", "dep", "10.0.0.1:8080"), ("add", "dep", "10.0.0.2:8080")]
 
 
+async def test_a_version_the_server_has_not_reached_relists(api_server: FakeApiServer, start_pool) -> None:
+    """After an etcd restore the server's versions are older than ours: "Too large resource version" (504)
+    on every watch until the client lists again, which is what it must do."""
+    for name, ip in (("stays", "10.0.0.1"), ("lost-in-restore", "10.0.0.2")):
+        api_server.apply("pods", pod(name, ip=ip))
+    for index in range(4):  # history the restore will lose: the client's version stays ahead of the server's
+        api_server.apply("pods", pod(f"other-{index}", deployment="other"))
+    pool = await start_pool(sources=("pods",))
+    await eventually(lambda: api_server.open_streams("pods") == 1)
+    api_server.rewind(1)
+    api_server.delete("pods", "lost-in-restore")
+    api_server.apply("pods", pod("restored", ip="10.0.0.3"))
+    await eventually(lambda: replicas(pool) == {"10.0.0.1:8080", "10.0.0.3:8080"})
+    assert len(api_server.list_requests("pods")) == 2
+    api_server.apply("pods", pod("later", ip="10.0.0.4"))  # and the watch from the new list follows
+    await eventually(lambda: "10.0.0.4:8080" in replicas(pool))
+
+
+async def test_a_watch_that_ends_at_once_backs_off(api_server: FakeApiServer, start_pool) -> None:
+    api_server.apply("pods", pod("a", ip="10.0.0.1"))
+    api_server.end_watches_at_once = True  # 200 and an empty body: a proxy or a server shutting down
+    pool = await start_pool(sources=("pods",))
+    assert replicas(pool) == {"10.0.0.1:8080"}
+    await asyncio.sleep(1.0)  # a rate over a second: without a pause this is hundreds of watches
+    assert 2 <= len(api_server.watch_requests("pods")) <= 30
+    api_server.end_watches_at_once = False
+    api_server.apply("pods", pod("b", ip="10.0.0.2"))
+    await eventually(lambda: replicas(pool) == {"10.0.0.1:8080", "10.0.0.2:8080"}, timeout=5)
+
+
 async def test_dropped_stream_resumes_from_last_version(api_server: FakeApiServer, start_pool) -> None:
     pool = await start_pool(sources=("pods",))
     api_server.apply("pods", pod("a", ip="10.0.0.1"))
@@ -501,6 +551,28 @@ async def test_configuration_lookup_order(api_server: FakeApiServer, kubeconfig:
     client = await load_api_client(environ=cluster, service_account_dir=str(account))
     async with client:
         assert client.configuration.host == api_server.url
+
+
+async def test_in_a_pod_without_a_token_the_error_names_the_service_account(tmp_path) -> None:
+    account = tmp_path / "serviceaccount"
+    account.mkdir()
+    cluster = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443",
+               "KUBECONFIG": str(tmp_path / "no-kubeconfig")}
+    with pytest.raises(k8s_config.ConfigException, match=r"in-cluster service account: .*token"):
+        await load_api_client(environ=cluster, service_account_dir=str(account))
+
+
+async def test_a_jina_style_core_api_client_is_taken_and_anything_else_refused(
+    api_server: FakeApiServer, kube_client: ApiClient
+) -> None:
+    from kubernetes_asyncio.client import CoreV1Api
+
+    api_server.apply("pods", pod("a", ip="10.0.0.1"))
+    async with K8sGrpcConnectionPool(NS, CoreV1Api(kube_client), watch=FAST, sources=("pods",)) as pool:
+        await pool.wait_synced(timeout=5)
+        assert replicas(pool) == {"10.0.0.1:8080"}
+    with pytest.raises(ConfigurationError, match="ApiClient"):
+        K8sGrpcConnectionPool(NS, client=object())
 
 
 async def test_wrong_credentials_are_retried_not_fatal(api_server: FakeApiServer, tmp_path) -> None:

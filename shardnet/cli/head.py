@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 from collections import defaultdict
-from pathlib import Path
-from typing import Optional
 
 from shardnet.cli.options import (
     add_client_tls_arguments,
@@ -51,7 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--attempt-timeout", type=float, default=None, help="give up on one replica after this long and try another"
     )
-    parser.add_argument("--k8s-namespace", help="discover replicas by watching this Kubernetes namespace")
+    parser.add_argument(
+        "--k8s-namespace",
+        help="discover replicas by watching this Kubernetes namespace (never implied by running in a pod)",
+    )
     add_server_arguments(parser, default_port=0)
     add_client_tls_arguments(parser, prefix="")
     parser.set_defaults(handler=run)
@@ -71,22 +71,6 @@ def parse_connections(items: list[str], tls: bool = False) -> dict[int, list[str
     return dict(connections)
 
 
-SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
-
-
-def k8s_namespace(args: argparse.Namespace) -> Optional[str]:
-    """The namespace to watch: ``--k8s-namespace``, else the pod's own when running in a cluster
-    without static ``--connection``s (the service account mounts it)."""
-    if args.k8s_namespace:
-        return args.k8s_namespace
-    if args.connection or not os.environ.get("KUBERNETES_SERVICE_HOST"):
-        return None
-    try:
-        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or None
-    except OSError:
-        return None
-
-
 def run(args: argparse.Namespace) -> int:
     return run_in_loop(serve(args), args.loop)
 
@@ -96,7 +80,7 @@ async def serve(args: argparse.Namespace) -> int:
     if args.shards < 0:
         raise ConfigurationError("--shards must be >= 0")
     retry = RetryPolicy(attempt_timeout=args.attempt_timeout)
-    namespace = k8s_namespace(args)
+    namespace = args.k8s_namespace  # only when asked: a head that happens to run in a pod may be a local one
     k8s_options = {"deployments": (args.deployment,)} if namespace is not None else {}  # its own pods only
     pool = create_connection_pool(
         k8s_connection_pool=namespace is not None,

@@ -4,8 +4,10 @@ Two sources, watched at once by default:
 
 - **pods** labelled the way Jina 3's manifests label them
   (``jina_deployment_name``, ``pod_type``, ``shard_id``); a pod counts while
-  it has an IP, is Running, has every container ready and no deletion
-  timestamp; its port is the ``executor`` container's first containerPort,
+  it has an IP, is Running, is Ready (its ``Ready`` condition, which the node
+  controller clears when a node stops answering; container readiness when the
+  pod has no conditions yet) and has no deletion timestamp; its port is the
+  ``executor`` container's port named ``grpc``, else its first containerPort,
   else 8080;
 - **endpointslices** (discovery.k8s.io/v1) of Services labelled
   ``shardnet.io/deployment``, ``shardnet.io/role`` and ``shardnet.io/shard``
@@ -93,11 +95,10 @@ def _role_target(deployment: str, role: str, shard: Optional[str]) -> Optional[t
         shard = (shard or "").strip()
         if not shard:
             return deployment, False, 0
-        try:
-            return deployment, False, int(shard)
-        except ValueError:
+        if not (shard.isascii() and shard.isdigit()):  # int() would also read "1_0" or "٣"
             logger.warning("deployment %r: shard label %r is not a number; ignoring the replica", deployment, shard)
             return None
+        return deployment, False, int(shard)
     if role in ("uses_before", "uses_after"):
         return f"{deployment}/{role}", False, 0
     return None
@@ -122,23 +123,31 @@ def object_key(obj: Mapping[str, Any]) -> str:
 
 
 def pod_is_ready(pod: Mapping[str, Any]) -> bool:
-    """Running, every container ready, and not being deleted."""
+    """Running, Ready as Kubernetes judges it, and not being deleted.
+
+    The ``Ready`` condition decides when present: the node controller clears
+    it (and only it) for the pods of a node that stopped answering, and it
+    also waits for readiness gates. A pod with no conditions yet falls back to
+    its containers' readiness.
+    """
     status = pod.get("status") or {}
+    if (pod.get("metadata") or {}).get("deletionTimestamp") or status.get("phase") != "Running":
+        return False
+    ready = [c.get("status") for c in status.get("conditions") or [] if c.get("type") == "Ready"]
+    if ready:
+        return ready[0] == "True"
     statuses = status.get("containerStatuses") or []
-    return (
-        not (pod.get("metadata") or {}).get("deletionTimestamp")
-        and status.get("phase") == "Running"
-        and bool(statuses)
-        and all(container.get("ready") for container in statuses)
-    )
+    return bool(statuses) and all(container.get("ready") for container in statuses)
 
 
 def _executor_port(pod: Mapping[str, Any]) -> int:
+    """The ``executor`` container's port named ``grpc`` (the manifests' contract), else its first one."""
     for container in (pod.get("spec") or {}).get("containers") or []:
         if container.get("name") == "executor":
-            for port in container.get("ports") or []:
-                if port.get("containerPort"):
-                    return int(port["containerPort"])
+            ports = [port for port in container.get("ports") or [] if port.get("containerPort")]
+            named = [port for port in ports if port.get("name") == "grpc"]
+            if named or ports:
+                return int((named or ports)[0]["containerPort"])
     return DEFAULT_PORT
 
 
@@ -322,6 +331,7 @@ async def load_api_client(
     ConfigException when none works.
     """
     configuration = type.__call__(k8s_client.Configuration)  # a fresh one, not a copy of the process default
+    in_cluster_error = None
     if kubeconfig is None and environ.get("KUBERNETES_SERVICE_HOST"):
         try:
             k8s_config.load_incluster_config(
@@ -333,8 +343,19 @@ async def load_api_client(
             return k8s_client.ApiClient(configuration=configuration)
         except k8s_config.ConfigException as error:
             logger.info("not using the in-cluster service account: %s", error)
+            in_cluster_error = error
     config_file = kubeconfig or environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
-    await k8s_config.load_kube_config(config_file=config_file, client_configuration=configuration, persist_config=False)
+    try:
+        await k8s_config.load_kube_config(
+            config_file=config_file, client_configuration=configuration, persist_config=False
+        )
+    except k8s_config.ConfigException as error:
+        if in_cluster_error is None:
+            raise
+        # in a pod the service account is what was meant: name its failure first
+        raise k8s_config.ConfigException(
+            f"in-cluster service account: {in_cluster_error}; kubeconfig {config_file}: {error}"
+        ) from error
     return k8s_client.ApiClient(configuration=configuration)
 
 
@@ -349,7 +370,8 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
     ...     pool.deployments
     {'encoder': {'head': ['10.1.0.4:8080'], 'shards': {0: ['10.1.0.5:8080', '10.1.0.6:8080']}}}
 
-    ``client`` is a kubernetes_asyncio ApiClient the caller owns; without one
+    ``client`` is a kubernetes_asyncio ApiClient (or a CoreV1Api over one, as
+    Jina passes it) the caller owns; without one
     the pool loads configuration when it starts (``kubeconfig``, in-cluster,
     KUBECONFIG, ~/.kube/config) and closes that client with itself.
     ``deployments`` narrows the watch to those deployments' objects (a head
@@ -359,7 +381,7 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
     def __init__(
         self,
         namespace: str,
-        client: Optional[k8s_client.ApiClient] = None,
+        client: Optional[k8s_client.ApiClient | k8s_client.CoreV1Api] = None,
         *,
         sources: Sequence[str] = SOURCES,
         kubeconfig: Optional[str] = None,
@@ -377,6 +399,13 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
         self.sources = tuple(dict.fromkeys(sources))
         # None: every deployment in the namespace (a gateway); a head follows its own only
         self.followed_deployments = None if deployments is None else _label_values(deployments)
+        if isinstance(client, (k8s_client.CoreV1Api, k8s_client.DiscoveryV1Api)):  # Jina passed a CoreV1Api
+            client = client.api_client
+        if client is not None and not isinstance(client, k8s_client.ApiClient):
+            raise ConfigurationError(
+                f"client must be a kubernetes_asyncio ApiClient (or CoreV1Api), got {type(client).__name__}: "
+                "the synchronous kubernetes package's clients cannot be awaited"
+            )
         self._client = client
         self._owns_client = client is None
         self._kubeconfig = kubeconfig

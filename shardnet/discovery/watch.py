@@ -13,7 +13,11 @@ What can go wrong, and what it does:
   the last version seen, at once; no re-list;
 - the stream goes silent for ``read_timeout``: treated as a drop;
 - 410 Gone (HTTP status, or an ERROR event with code 410): that version was
-  compacted, so re-list and let ``on_list`` reconcile;
+  compacted, so re-list and let ``on_list`` reconcile; the same for "Too large
+  resource version" (the server's history is older than our version, as after
+  an etcd restore), which no amount of waiting cures;
+- a watch that ends at once with no event (a proxy closing it, a server
+  shutting down): back off before the next, as for a failure;
 - the API server is down, refuses, or answers 5xx/4xx: retry with full-jitter
   exponential backoff (tenacity), logging each failure; the loop never ends
   until it is cancelled.
@@ -83,7 +87,22 @@ class WatchOptions:
 
 
 class Gone(Exception):
-    """The resourceVersion asked for has been compacted away: only a re-list helps."""
+    """The resourceVersion asked for is not in the server's history (compacted, or not reached yet): re-list."""
+
+
+# seconds: a watch that ends sooner with no event is a failure, as client-go judges it (it uses 1 s; we send
+# timeoutSeconds down to 1, so a shorter bound keeps a watch the server ends on time from counting)
+VERY_SHORT_WATCH = 0.5
+
+
+def _too_large_version(status: Any) -> bool:
+    """A Status saying our resourceVersion is ahead of the server's (code 504, cause ResourceVersionTooLarge)."""
+    if not isinstance(status, dict):
+        return False
+    causes = (status.get("details") or {}).get("causes") or []
+    return any(isinstance(c, dict) and c.get("reason") == "ResourceVersionTooLarge" for c in causes) or (
+        "too large resource version" in str(status.get("message", "")).lower()
+    )
 
 
 class Unavailable(Exception):
@@ -137,7 +156,7 @@ class ListWatch:
                 expired_in_a_row = 1 if self._progress else expired_in_a_row + 1
                 pause = self._options.pause(expired_in_a_row - 1) if expired_in_a_row > 1 else 0.0
                 logger.info(
-                    "%s: resourceVersion %s expired (%s); re-listing in %.2fs",
+                    "%s: resourceVersion %s is not in the server's history (%s); re-listing in %.2fs",
                     self.name,
                     self.resource_version,
                     gone,
@@ -155,7 +174,7 @@ class ListWatch:
             try:
                 await _check_status(response)
             except Gone as gone:  # no version was asked for: a server fault, retried like one
-                raise Unavailable(f"list answered 410 Gone: {gone}") from gone
+                raise Unavailable(f"list refused as if it asked for a version: {gone}") from gone
             body = await response.read()
         try:
             document = json.loads(body)
@@ -215,6 +234,8 @@ class ListWatch:
                     )
                     return
                 if not line:  # the server ended the stream (its timeoutSeconds): resume
+                    if not received and asyncio.get_running_loop().time() - opened < VERY_SHORT_WATCH:
+                        raise Unavailable("watch ended at once with no event")  # back off rather than spin
                     logger.debug("%s: watch ended; resuming from %s", self.name, self.resource_version)
                     return
                 if line.strip():
@@ -232,7 +253,7 @@ class ListWatch:
             raise Unavailable(f"watch event {line[:200]!r} carries no Kubernetes object")
         if kind == "ERROR":
             code, reason, message = obj.get("code"), obj.get("reason"), obj.get("message")
-            if code == 410:
+            if code == 410 or _too_large_version(obj):
                 raise Gone(f"{reason}: {message}")
             raise Unavailable(f"watch ERROR event {code} {reason}: {message}")
         self._progress = True
@@ -251,16 +272,17 @@ def _is_object(value: Any) -> bool:
 
 
 async def _check_status(response: aiohttp.ClientResponse) -> None:
-    """Raise Gone on 410 and Unavailable on any other non-2xx answer, with the Status message."""
+    """Raise Gone on 410 or a too-large version, Unavailable on any other non-2xx answer, with the Status message."""
     if 200 <= response.status < 300:
         return
     text = (await response.read())[:2000].decode("utf-8", "replace")
+    status: Any = None
     try:
-        status: Any = json.loads(text)
+        status = json.loads(text)
         message = f"{status.get('reason')}: {status.get('message')}"
     except (ValueError, AttributeError):
         message = text.strip() or response.reason or ""
-    if response.status == 410:
+    if response.status == 410 or _too_large_version(status):
         raise Gone(message)
     raise Unavailable(f"HTTP {response.status} from {response.url.path}: {message}")
 
