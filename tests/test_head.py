@@ -109,6 +109,15 @@ async def test_a_worker_that_stops_renewing_its_lease_is_dropped(runtimes, event
     assert await members() == {("127.0.0.1", 40002)}
 
 
+async def test_a_worker_renewing_slower_than_the_lease_is_told_so(runtimes, eventually, caplog):
+    head = await runtimes(Head("leased", lease=0.3))
+    await oneshot.activate_worker("127.0.0.1", 40003, head.server.address, shard_id=0)
+    await eventually(lambda: "stopped renewing" in caplog.text, timeout=5.0)  # alive, but its interval is longer
+    await oneshot.activate_worker("127.0.0.1", 40003, head.server.address, shard_id=0)
+    assert "longer than the worker's --register-interval" in caplog.text
+    assert "127.0.0.1:40003 (shard 0) registered again" in caplog.text
+
+
 def test_a_lease_must_be_positive():
     with pytest.raises(ConfigurationError, match="lease"):
         Head("leased", lease=0)

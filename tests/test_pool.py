@@ -7,6 +7,8 @@ import asyncio
 import grpc
 import pytest
 
+from shardnet.networking import replica_list
+
 from shardnet import (
     ConfigurationError,
     ControlRequest,
@@ -335,6 +337,65 @@ async def test_removing_a_replica_lets_its_request_in_flight_finish(pool, echo_s
     assert await pool.remove_connection("dep", slow.address)
     response, trailing = await task
     assert response.endpoint == "/f" and trailing["served-by"] == "echo-0"
+
+
+async def test_a_removed_replicas_call_outliving_the_grace_fails_over_instead_of_hanging(
+    pool, echo_servers, eventually, monkeypatch
+):
+    monkeypatch.setattr(replica_list, "RETIRED_CHANNEL_GRACE", 0.2)  # what a day's grace does, sooner
+    leaving, staying = await echo_servers(2, names=["leaving", "staying"])
+    leaving.delay = 5.0
+    pool.add_connection("dep", leaving.address)
+    task = pool.send_request(DataRequest(endpoint="/f"), "dep", timeout=10.0)[0]
+    await eventually(lambda: leaving.calls == 1, timeout=5.0)
+    pool.add_connection("dep", staying.address)
+    await pool.remove_connection("dep", leaving.address)
+    response, trailing = await asyncio.wait_for(task, 4.0)  # cut at the grace, answered by the other replica
+    assert trailing["served-by"] == "staying" and response.endpoint == "/f"
+
+
+async def test_closing_the_pool_fails_its_calls_in_flight_naming_the_replica(pool_factory, echo_servers, eventually):
+    [slow] = await echo_servers(1, delay=5.0)
+    pool = pool_factory()
+    pool.add_connection("dep", slow.address, shard_id=0)
+    tasks = [pool.send_request(DataRequest(), "dep", timeout=10.0)[0] for _ in range(2)]
+    await eventually(lambda: slow.calls == 2, timeout=5.0)
+    await pool.close()
+    for outcome in await asyncio.gather(*tasks, return_exceptions=True):
+        assert isinstance(outcome, ReplicaError), repr(outcome)  # not a CancelledError the caller takes for its own
+        assert outcome.code == grpc.StatusCode.UNAVAILABLE and slow.address in str(outcome)
+        assert "closed" in str(outcome) and outcome.deployment == "dep"
+
+
+async def test_a_caller_cancelling_its_call_still_gets_cancelled_error(pool, echo_servers, eventually):
+    [slow] = await echo_servers(1, delay=5.0)
+    pool.add_connection("dep", slow.address)
+    task = pool.send_request(DataRequest(), "dep", timeout=10.0)[0]
+    await eventually(lambda: slow.calls == 1, timeout=5.0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_callers_own_short_deadlines_do_not_eject_a_replica(pool_factory, echo_servers):
+    """The caller running out of time says nothing about the replica; the pool's attempt timeout does."""
+    slow_a, slow_b = await echo_servers(2, delay=1.0)
+    pool = pool_factory(balancer="round_robin")
+    for server in (slow_a, slow_b):
+        pool.add_connection("dep", server.address)
+    for _ in range(6):  # three expiries in a row on each replica: the ejection threshold
+        with pytest.raises(DeadlineExceeded):
+            await send_one(pool, timeout=0.1)
+    replicas = pool.get_replicas("dep")
+    assert len(replicas.eligible()) == 2 and all(c.times_ejected == 0 for c in replicas.get_all_connections())
+
+    strict = pool_factory(balancer="round_robin", retry=RetryPolicy(attempt_timeout=0.1, rounds=1))
+    for server in (slow_a, slow_b):
+        strict.add_connection("dep", server.address)
+    for _ in range(3):
+        with pytest.raises(ReplicaError):
+            await send_one(strict, timeout=5.0)
+    assert len(strict.get_replicas("dep").eligible()) == 1  # its own attempt timeouts count
 
 
 async def test_discover_endpoint(pool, echo_servers):

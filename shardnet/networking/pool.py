@@ -267,7 +267,10 @@ class GrpcConnectionPool:
             deadline = None if timeout is None else loop.time() + timeout
             attempt_timeout = self._attempt_timeout(deadline, loop)
         try:
-            return await replicas.call(connection, method, payload, metadata, attempt_timeout)
+            return await replicas.call(
+                connection, method, payload, metadata, attempt_timeout,
+                callers_deadline=self._callers_deadline(attempt_timeout),
+            )
         except grpc.aio.AioRpcError as error:
             loop = asyncio.get_running_loop()
             if retries == 0 or not self._retryable(error, attempt_timeout, deadline, loop):
@@ -284,10 +287,15 @@ class GrpcConnectionPool:
             return remaining
         return per_attempt if remaining is None else min(per_attempt, remaining)
 
+    def _callers_deadline(self, attempt_timeout: Optional[float]) -> bool:
+        """True when ``attempt_timeout`` is the caller's remaining time, not the per-attempt limit: its expiry
+        is the caller's, not the replica's fault (no ejection, no retry)."""
+        return attempt_timeout is not None and attempt_timeout != self.retry.attempt_timeout
+
     def _retryable(self, error: grpc.aio.AioRpcError, attempt_timeout, deadline, loop) -> bool:
         if deadline is not None and loop.time() >= deadline:
             return False
-        timed_out_attempt = attempt_timeout is not None and attempt_timeout == self.retry.attempt_timeout
+        timed_out_attempt = attempt_timeout is not None and not self._callers_deadline(attempt_timeout)
         return self.retry.is_retryable(error.code(), timed_out_attempt)
 
     async def _fail_over(
@@ -350,7 +358,10 @@ class GrpcConnectionPool:
                     tried.add(connection)
                     last["connection"] = connection
                     last["attempt_timeout"] = self._attempt_timeout(deadline, loop)
-                    return await replicas.call(connection, method, payload, metadata, last["attempt_timeout"])
+                    return await replicas.call(
+                        connection, method, payload, metadata, last["attempt_timeout"],
+                        callers_deadline=self._callers_deadline(last["attempt_timeout"]),
+                    )
         except grpc.aio.AioRpcError as error:  # retries exhausted, refused by the budget, or not retryable
             last["error"] = error
         raise self._replica_error(last["error"], last["connection"], deployment, shard_id) from None

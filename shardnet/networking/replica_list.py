@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from typing import Any, Optional, Sequence, Union
 
 import grpc
@@ -26,14 +27,15 @@ from shardnet.networking.tls import ClientTls
 
 logger = logging.getLogger(__name__)
 
-# how long a replaced channel waits for the calls still on it before it is closed anyway
-RETIRED_CHANNEL_GRACE = 30.0
+# how long a replaced or removed replica's channel waits for the calls still on it before it is closed
+# anyway: as long as they last, in practice (a call cut off here fails over, it is not lost, but it runs twice)
+RETIRED_CHANNEL_GRACE = 24 * 3600.0
 
 
 class Connection:
     """One replica: its address, its channel and the method callables on it."""
 
-    __slots__ = ("address", "_tls", "_options", "channel", "stubs", "failures", "times_ejected", "_retiring")
+    __slots__ = ("address", "_tls", "_options", "channel", "stubs", "failures", "times_ejected", "_retiring", "_closed")
 
     def __init__(self, address: Address, tls: Optional[ClientTls] = None, options: Optional[ChannelOptions] = None):
         self.address = address
@@ -41,7 +43,8 @@ class Connection:
         self._options = options
         self.failures = 0
         self.times_ejected = 0
-        self._retiring: set[asyncio.Task] = set()  # replaced channels closing in the background
+        self._retiring: dict[asyncio.Task, grpc.aio.Channel] = {}  # replaced channels closing in the background
+        self._closed: weakref.WeakSet = weakref.WeakSet()  # channels we closed: their cancelled calls were cut by us
         self._open()
 
     def _open(self) -> None:
@@ -52,9 +55,18 @@ class Connection:
         """Replace the channel with a fresh one; the old one closes once the calls still on it end."""
         retired = self.channel
         self._open()
+        self._closed.add(retired)
         closing = asyncio.get_running_loop().create_task(retired.close(RETIRED_CHANNEL_GRACE))
-        self._retiring.add(closing)
-        closing.add_done_callback(self._retiring.discard)
+        self._retiring[closing] = retired
+        closing.add_done_callback(self._retiring.pop)
+
+    def cut_by_close(self, channel: grpc.aio.Channel) -> bool:
+        """True when a call on ``channel`` was cancelled because we closed the channel, not by its caller."""
+        if channel not in self._closed:
+            return False
+        task = asyncio.current_task()
+        cancelling = getattr(task, "cancelling", None)  # Python 3.11+: is the caller's task being cancelled?
+        return not (cancelling is not None and cancelling())
 
     async def health(self, timeout: float = 1.0) -> bool:
         """True when the replica's gRPC health service answers SERVING."""
@@ -67,14 +79,20 @@ class Connection:
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     async def close(self, grace: Optional[float] = None) -> None:
-        """Close the channel, giving calls in flight ``grace`` seconds; replaced channels get the same."""
+        """Close the channel, giving calls in flight ``grace`` seconds; replaced channels get the same.
+
+        Calls still running after that are cancelled; ``ReplicaList.call`` turns that into UNAVAILABLE.
+        """
+        self._closed.add(self.channel)
         await self.channel.close(grace)
-        retiring, self._retiring = list(self._retiring), set()
+        retiring, self._retiring = dict(self._retiring), {}
         if retiring:
             _, pending = await asyncio.wait(retiring, timeout=grace or 0)
-            for closing in pending:  # still waiting on a call: stop waiting, gRPC frees the channel
+            for closing in pending:  # still waiting on a call: stop waiting and cut it
                 closing.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+            for closing in pending:
+                await retiring[closing].close(None)
 
     def __repr__(self) -> str:
         return f"<Connection {self.address} failures={self.failures}>"
@@ -113,7 +131,7 @@ class ReplicaList:
         self._eligible: list[Connection] = []  # picked from; swap-removal keeps it O(1)
         self._position: dict[Connection, int] = {}
         self._probes: dict[Connection, asyncio.Task] = {}
-        self._leaving: set[asyncio.Task] = set()  # removed connections closing once their calls end
+        self._leaving: dict[asyncio.Task, Connection] = {}  # removed connections closing once their calls end
 
     # -- membership --------------------------------------------------------
 
@@ -140,8 +158,8 @@ class ReplicaList:
         self.balancer.forget(connection)
         # calls already on it still get their answers (a draining worker gives them); the channel closes after
         closing = asyncio.get_running_loop().create_task(connection.close(grace=RETIRED_CHANNEL_GRACE))
-        self._leaving.add(closing)
-        closing.add_done_callback(self._leaving.discard)
+        self._leaving[closing] = connection
+        closing.add_done_callback(self._leaving.pop)
         return connection
 
     def has_connection(self, address: str) -> bool:
@@ -236,20 +254,41 @@ class ReplicaList:
         payload: Any,
         metadata: Optional[Sequence[tuple[str, str]]],
         timeout: Optional[float],
+        *,
+        callers_deadline: bool = False,
     ) -> tuple[Any, Any]:
         """Call ``method`` (a Stubs field) on ``connection``; return (response, trailing metadata).
 
         Outcomes feed the balancer and the failure counts; gRPC errors propagate unchanged.
+        ``callers_deadline``: ``timeout`` is what the caller had left, so its
+        expiry says nothing about the replica and does not count towards ejection.
+        A call cut because its channel was closed under it (the replica removed
+        or its channel rebuilt while the call outlived the grace, or the list
+        closed) raises UNAVAILABLE naming the replica rather than a
+        CancelledError the caller would take for its own.
         """
         balancer = self.balancer
         token = balancer.started(connection)
+        channel = connection.channel
         try:
             call = getattr(connection.stubs, method)(payload, metadata=metadata, timeout=timeout)
             response = checked_reply(await call, connection.address)
             trailing = await call.trailing_metadata()
         except grpc.aio.AioRpcError as error:
             balancer.finished(connection, token, failed=True)
-            self.record_failure(connection, error.code())
+            if not (callers_deadline and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED):
+                self.record_failure(connection, error.code())
+            raise
+        except asyncio.CancelledError:
+            balancer.finished(connection, token, failed=True)
+            if connection.cut_by_close(channel):
+                raise grpc.aio.AioRpcError(
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.aio.Metadata(),
+                    grpc.aio.Metadata(),
+                    details=f"the channel to replica {connection.address} was closed with this call still on it "
+                    "(the replica was removed, its channel rebuilt, or the pool closed)",
+                ) from None
             raise
         except RuntimeError as error:
             balancer.finished(connection, token, failed=True)
@@ -278,12 +317,14 @@ class ReplicaList:
         for connection in connections:
             self.balancer.forget(connection)
             await connection.close(grace=0.5)
-        leaving, self._leaving = list(self._leaving), set()
+        leaving, self._leaving = dict(self._leaving), {}
         if leaving:
             _, pending = await asyncio.wait(leaving, timeout=0.5)
-            for closing in pending:  # still waiting on a call: stop waiting, gRPC frees the channel
+            for closing in pending:  # still waiting on a call: stop waiting and cut it
                 closing.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+            for closing in pending:
+                await leaving[closing].close(None)
 
     def __repr__(self) -> str:
         ejected = len(self._connections) - len(self._eligible)

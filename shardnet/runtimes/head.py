@@ -97,6 +97,8 @@ class Head:
         # with a lease, a worker that stops re-sending ACTIVATE (killed -9, partitioned) leaves on its own
         self._lease = lease
         self._leases: dict[tuple[str, int], float] = {}
+        self._lapsed: dict[tuple[str, int], float] = {}  # leases that ran out lately, and when: a worker back soon
+        # after renews more slowly than the lease allows
         self._expiry: Optional[asyncio.Task] = None
         mutual_tls = config.tls is not None and config.tls.client_ca is not None
         self._guard = ControlGuard(config.control_token, mutual_tls)
@@ -276,7 +278,7 @@ class Head:
                 known = replicas is not None and replicas.has_connection(address)
                 self.pool.add_connection(self.deployment, address, shard_id=shard_id or 0)
                 if self._lease is not None:
-                    self._leases[(address, shard_id or 0)] = asyncio.get_running_loop().time() + self._lease
+                    self._renew_lease(address, shard_id or 0)
                 if not known:  # workers repeat ACTIVATE every few seconds: log the news only
                     logger.info("%s: activated %s in shard %s", self.deployment, address, shard_id or 0)
             else:
@@ -331,15 +333,29 @@ class Head:
 
     # -- lifetime -----------------------------------------------------------------------
 
+    def _renew_lease(self, address: str, shard_id: int) -> None:
+        now = asyncio.get_running_loop().time()
+        self._leases[(address, shard_id)] = now + self._lease
+        lapsed_at = self._lapsed.pop((address, shard_id), None)
+        if lapsed_at is not None:
+            logger.warning(
+                "%s: %s (shard %d) registered again %.1fs after its %gs lease ran out: it is alive but renews "
+                "less often than the lease, so it keeps dropping out; give the head a --lease longer than the "
+                "worker's --register-interval",
+                self.deployment, address, shard_id, now - lapsed_at, self._lease,
+            )
+
     async def _expire_leases(self) -> None:
         """Remove ACTIVATEd workers whose lease ran out without a fresh ACTIVATE."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self._lease / 4)
             now = loop.time()
+            self._lapsed = {key: at for key, at in self._lapsed.items() if now - at < self._lease}
             expired = [key for key, until in self._leases.items() if until < now]
             for address, shard_id in expired:
                 del self._leases[(address, shard_id)]
+                self._lapsed[(address, shard_id)] = now
                 await self.pool.remove_connection(self.deployment, address, shard_id=shard_id)
                 logger.warning("%s: %s (shard %d) stopped renewing its registration: removed", self.deployment, address, shard_id)
 
