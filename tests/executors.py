@@ -60,6 +60,16 @@ class Tagger(Executor):
         """Neither Documents, a dict nor None (a number, or Documents with a stray text among them)."""
         return [Document(text="ok"), "stray"] if parameters.get("mixed") else 42
 
+    @requests(on="/exit")
+    def exit(self, docs, parameters, **kwargs):
+        raise SystemExit(3)  # what sys.exit(3), or argparse on bad input, does inside a handler
+
+    @requests(on="/grow")
+    def grow(self, docs, parameters, **kwargs):
+        """An answer of a size the caller picks: each document's text becomes parameters["bytes"] bytes."""
+        for doc in docs:
+            doc.text = "x" * int(parameters["bytes"])
+
     @requests(on="/endpoint")
     def endpoint(self, docs, parameters, endpoint, **kwargs):
         for doc in docs:

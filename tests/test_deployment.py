@@ -174,3 +174,17 @@ def test_a_worker_that_died_is_restarted_on_its_socket_and_served_at_once():
         assert sorted(deployment.members()) == members
         served_by = {int(doc.tags["pid"]) for _ in range(6) for doc in deployment.post("/who", [Document()])}
         assert worker.pid in served_by and old_pid not in served_by  # a fresh connection, not an ejected one
+
+
+def test_max_message_mb_sets_every_process_and_post_at_once():
+    with Deployment(executors.Tagger, name="sized", max_message_mb=1) as deployment:
+        with pytest.raises(ReplicaError, match="larger than max") as caught:
+            deployment.post("/grow", [Document()], parameters={"bytes": 2 * 2**20})
+        assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert len(deployment.post("/grow", [Document()], parameters={"bytes": 1000})[0].text) == 1000
+
+
+@pytest.mark.parametrize("size", [0, -1, float("nan"), 5000, "64", True])
+def test_a_bad_max_message_mb_is_refused_where_it_is_given(size):
+    with pytest.raises(ConfigurationError, match="max_message_mb"):
+        Deployment(executors.Tagger, max_message_mb=size)

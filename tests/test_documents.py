@@ -46,6 +46,26 @@ def test_sparse_array_is_densified():
     np.testing.assert_array_equal(dense, np.array([[0, 5.0], [0, 0], [7.0, 0]]))
 
 
+def test_sparse_arrays_are_labelled_as_docarray_reads_them():
+    matrix, cube = docarray_pb2.NdArrayProto(), docarray_pb2.NdArrayProto()
+    ndarray.write_sparse(np.array([[0, 1]]), np.array([5.0]), (3, 2), matrix)
+    assert matrix.cls_name == "scipy" and matrix.parameters["sparse_format"] == "coo"
+    ndarray.write_sparse(np.array([[0, 1, 1]]), np.array([5.0]), (3, 2, 2), cube)
+    assert cube.cls_name == "tensorflow"  # (nnz, ndim), as ours
+    assert ndarray.from_proto(cube)[0, 1, 1] == 5.0
+
+
+def test_torch_sparse_indices_are_read_in_torchs_layout():
+    """torch keeps indices as (ndim, nnz); read as (nnz, ndim) they put values in the wrong cells."""
+    target = docarray_pb2.NdArrayProto()
+    ndarray.write_dense(np.array([[0, 1], [2, 3]]), target.sparse.indices)  # two values, at [0, 2] and [1, 3]
+    ndarray.write_dense(np.array([5.0, 7.0]), target.sparse.values)
+    target.sparse.shape.extend((3, 4))
+    target.cls_name = "torch"
+    dense = ndarray.from_proto(target)
+    assert dense[0, 2] == 5.0 and dense[1, 3] == 7.0 and dense.sum() == 12.0
+
+
 @pytest.mark.parametrize(
     "mutate, message",
     [

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from shardnet import ConfigurationError, DataRequest, Document, PollingMap, ReplicaError
 from shardnet.networking import oneshot
+from shardnet.networking.channels import message_size_options
 from shardnet.protocol import services
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.processes import ShardnetProcess
@@ -107,6 +108,52 @@ async def test_a_worker_that_stops_renewing_its_lease_is_dropped(runtimes, event
         await oneshot.activate_worker("127.0.0.1", 40002, head.server.address, shard_id=0)
         await asyncio.sleep(0.1)
     assert await members() == {("127.0.0.1", 40002)}
+
+
+async def test_a_head_process_holds_its_workers_answers_to_its_own_message_limit(runtimes, tmp_path):
+    worker = await runtimes(Worker(executors.Tagger.create()))  # the worker's own limit is the default 256 MB
+    head = ShardnetProcess(
+        "head",
+        ["head", "--deployment", "sized", "--port", "0", "--max-message-mb", "1",
+         "--connection", f"0={worker.server.address}"],
+        tmp_path / "head.log",
+    )
+    head.launch()
+    try:
+        address = await asyncio.to_thread(head.wait_ready, 30.0)
+        request = DataRequest(docs=[Document()], endpoint="/grow", parameters={"bytes": 2 * 2**20})
+        with pytest.raises(ReplicaError) as caught:
+            await oneshot.send_request_async(request, address, timeout=10.0)
+        assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        message = str(caught.value)
+        assert "Received message larger than max" in message and worker.server.address in message
+        assert "calling side's own message size limit" in message  # the head's: it was what refused the answer
+        request.parameters = {"bytes": 1000}
+        assert len((await oneshot.send_request_async(request, address, timeout=10.0)).docs[0].text) == 1000
+    finally:
+        head.stop()
+
+
+async def test_an_all_answer_merged_past_the_heads_limit_is_refused_by_name(runtimes):
+    workers = await shard_workers(runtimes, executors.Tagger, 2)
+    head = await head_over(runtimes, "merging", workers, "ALL", config=ServerConfig(max_message_bytes=2**20))
+    # each shard's answer reaches the head (its pool keeps the default limit); the merged one would not leave it
+    request = DataRequest(docs=[Document()], endpoint="/grow", parameters={"bytes": 1_100_000})
+    with pytest.raises(ReplicaError) as caught:
+        await oneshot.send_request_async(request, head.server.address, timeout=10.0)
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "merging" in str(caught.value) and "--max-message-mb" in str(caught.value)
+
+
+async def test_a_one_off_call_takes_its_own_message_limit(runtimes):
+    worker = await runtimes(Worker(executors.Tagger.create()))
+    request = DataRequest(docs=[Document()], endpoint="/grow", parameters={"bytes": 2 * 2**20})
+    with pytest.raises(ReplicaError, match="calling side's own message size limit"):
+        await oneshot.send_request_async(
+            request, worker.server.address, timeout=10.0, options=message_size_options(2**20)
+        )
+    response = await oneshot.send_request_async(request, worker.server.address, timeout=10.0)
+    assert len(response.docs[0].text) == 2 * 2**20
 
 
 async def test_a_worker_renewing_slower_than_the_lease_is_told_so(runtimes, eventually, caplog):

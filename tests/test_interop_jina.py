@@ -22,13 +22,15 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
+import numpy as np
 import pytest
 from google.protobuf import empty_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shardnet import DataRequest, Document, PollingMap
 from shardnet.networking import oneshot
-from shardnet.protocol import services
+from shardnet.protocol import ndarray, services
+from shardnet.protocol.proto import docarray_pb2
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.worker import Worker
 from shardnet.testing import free_port
@@ -335,3 +337,59 @@ async def test_jina_connection_pool_calls_a_shardnet_worker_and_head(jina_peer, 
     assert worker.executor.calls == 2
 
     assert {"/tag", "/fail"} <= set(result["endpoints"])
+
+
+DOCARRAY_SPARSE = """
+import json, sys
+import numpy as np
+from docarray.proto.docarray_pb2 import NdArrayProto
+from docarray.proto.io.ndarray import _set_torch_sparse, read_ndarray
+
+ours = NdArrayProto()
+ours.ParseFromString(bytes.fromhex(sys.argv[1]))
+read = read_ndarray(ours)  # a scipy matrix when labelled as one; None when docarray does not know the label
+
+
+class TorchSparse:  # what docarray's torch writer reads of a torch sparse tensor: indices are (ndim, nnz)
+    def coalesce(self):
+        return self
+    def indices(self):
+        return type("T", (), {"numpy": lambda _: np.array([[0, 1, 2], [2, 3, 0]])})()
+    def values(self):
+        return type("T", (), {"numpy": lambda _: np.array([5.0, 7.0, 9.0])})()
+    def size(self):
+        return (3, 4)
+
+
+theirs = NdArrayProto()
+_set_torch_sparse(theirs, TorchSparse())
+print("RESULT " + json.dumps({"read": None if read is None else read.toarray().tolist(),
+                              "torch": theirs.SerializeToString().hex()}), flush=True)
+"""
+
+
+async def test_sparse_tensors_cross_to_docarray_and_back(jina_peer, tmp_path):
+    """A sparse matrix we write is one docarray reads (scipy's coo); torch's (ndim, nnz) layout reads right here."""
+    ours = docarray_pb2.NdArrayProto()
+    ndarray.write_sparse(np.array([[0, 1], [2, 0]]), np.array([5.0, 7.0]), (3, 2), ours)
+    script = tmp_path / "docarray_sparse.py"
+    script.write_text(DOCARRAY_SPARSE)
+    child = await asyncio.create_subprocess_exec(
+        str(JINA_PYTHON), str(script), ours.SerializeToString().hex(),
+        env=jina_env(), stdin=subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        output, _ = await asyncio.wait_for(child.communicate(), READY_TIMEOUT)
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+    text = output.decode(errors="replace")
+    assert child.returncode == 0, text
+    result = json.loads(next(line for line in text.splitlines() if line.startswith("RESULT "))[len("RESULT ") :])
+    assert result["read"] == [[0, 5.0], [0, 0], [7.0, 0]]
+    theirs = docarray_pb2.NdArrayProto()
+    theirs.ParseFromString(bytes.fromhex(result["torch"]))
+    expected = np.zeros((3, 4))
+    expected[0, 2], expected[1, 3], expected[2, 0] = 5.0, 7.0, 9.0
+    np.testing.assert_array_equal(ndarray.from_proto(theirs), expected)

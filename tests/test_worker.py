@@ -157,6 +157,13 @@ async def test_handler_exception_is_an_error_response_and_the_worker_keeps_servi
     assert not after.is_error and after.docs[0].tags["by"] == "t"
 
 
+async def test_a_handler_calling_sys_exit_is_an_error_response_not_a_dead_worker(tagger):
+    response = await oneshot.send_request_async(DataRequest([Document()], endpoint="/exit"), tagger.server.address)
+    assert response.is_error and response.status.exception.name == "SystemExit"
+    after = await oneshot.send_request_async(DataRequest([Document(text="b")], endpoint="/tag"), tagger.server.address)
+    assert not after.is_error and after.docs[0].tags["by"] == "t"
+
+
 async def test_unbound_endpoint_comes_back_byte_for_byte(runtimes):
     worker = await runtimes(Worker(executors.KnownOnly.create()))
     doc = Document(text="untouched", tags={"k": [1, "two"]})
@@ -213,7 +220,9 @@ async def test_endpoint_discovery_lists_bound_endpoints(tagger):
         "/bad-return",
         "/count",
         "/endpoint",
+        "/exit",
         "/fail",
+        "/grow",
         "/replace",
         "/tag",
     ]

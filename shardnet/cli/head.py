@@ -16,6 +16,7 @@ from shardnet.discovery.factory import create_connection_pool
 from shardnet.errors import ConfigurationError
 from shardnet.networking.addresses import parse_address
 from shardnet.networking.balancing import BALANCERS
+from shardnet.networking.channels import message_size_options
 from shardnet.networking.policies import RetryPolicy
 from shardnet.networking.polling import PollingMap
 from shardnet.runtimes.head import Head
@@ -82,6 +83,7 @@ async def serve(args: argparse.Namespace) -> int:
     retry = RetryPolicy(attempt_timeout=args.attempt_timeout)
     namespace = args.k8s_namespace  # only when asked: a head that happens to run in a pod may be a local one
     k8s_options = {"deployments": (args.deployment,)} if namespace is not None else {}  # its own pods only
+    config = server_config(args)
     pool = create_connection_pool(
         k8s_connection_pool=namespace is not None,
         k8s_namespace=namespace,
@@ -90,10 +92,11 @@ async def serve(args: argparse.Namespace) -> int:
         retry=retry,
         timeout=args.timeout,
         tls=client_tls(args),
+        options=message_size_options(config.max_message_bytes),  # its workers' answers pass through it
     )
     head = Head(
         args.deployment,
-        server_config(args),
+        config,
         polling=PollingMap.parse(args.polling),
         pool=pool,
         connections=parse_connections(args.connection, tls=pool.tls is not None),

@@ -9,9 +9,10 @@ import logging
 
 from google.protobuf import empty_pb2
 
-from shardnet.cli.options import add_client_tls_arguments, client_tls, json_object
+from shardnet.cli.options import add_client_tls_arguments, client_tls, json_object, message_megabytes
 from shardnet.errors import ReplicaError
 from shardnet.networking import oneshot
+from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, message_size_options
 from shardnet.networking.policies import check_timeout
 from shardnet.protocol.documents import Document
 from shardnet.protocol.messages import DataRequest
@@ -26,6 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--text", action="append", default=[], help="a document's text (repeatable)")
     parser.add_argument("--parameters", default="{}", help="JSON object")
     parser.add_argument("--timeout", type=float, default=10.0)
+    parser.add_argument(
+        "--max-message-mb", type=message_megabytes, default=DEFAULT_MAX_MESSAGE_BYTES / 2**20,
+        help="largest request or answer, in MB",
+    )
     add_client_tls_arguments(parser)
     parser.set_defaults(handler=run)
 
@@ -54,7 +59,10 @@ async def send(args: argparse.Namespace) -> int:
             ", ".join(endpoints) or "none",
         )
     request = DataRequest([Document(text=text) for text in args.text], endpoint=args.endpoint, parameters=parameters)
-    response = await oneshot.send_request_async(request, args.target, timeout=deadline - loop.time(), tls=tls)
+    response = await oneshot.send_request_async(
+        request, args.target, timeout=deadline - loop.time(), tls=tls,
+        options=message_size_options(int(args.max_message_mb * 2**20)),
+    )
     print(json.dumps(describe(response), indent=2))
     return 1 if response.is_error else 0
 

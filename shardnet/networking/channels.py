@@ -37,8 +37,7 @@ def default_grpc_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> 
     gRPC's own retries are off because the pool fails over across replicas itself.
     """
     return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
+        *message_size_options(max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -48,6 +47,22 @@ def default_grpc_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> 
         # a channel of its own connections: rebuilding a failing channel really reconnects
         ("grpc.use_local_subchannel_pool", 1),
     ]
+
+
+def message_size_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    """The channel options that set both message size limits: a head dials its workers with its own limit."""
+    return [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+def error_cause(error: grpc.aio.AioRpcError) -> str:
+    """An AioRpcError's details, with a word on whose limit it was when this side refused a message as too large."""
+    cause = error.details() or error.code().name
+    if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and cause.startswith("CLIENT:"):
+        cause += (
+            " (the calling side's own message size limit, not the replica's: raise it with --max-message-mb "
+            "or the grpc.max_send/receive_message_length channel options)"
+        )
+    return cause
 
 
 def checked_options(options: Optional[ChannelOptions]) -> tuple[tuple[str, Any], ...]:

@@ -15,7 +15,15 @@ import grpc.aio
 
 from shardnet.errors import DeadlineExceeded, ReplicaError
 from shardnet.networking.addresses import entity_address, parse_address
-from shardnet.networking.channels import Stubs, checked_metadata, checked_reply, get_grpc_channel
+from shardnet.networking.channels import (
+    ChannelOptions,
+    Stubs,
+    checked_metadata,
+    checked_options,
+    checked_reply,
+    error_cause,
+    get_grpc_channel,
+)
 from shardnet.networking.policies import check_timeout
 from shardnet.networking.tls import ClientTls, PemSource
 from shardnet.protocol.messages import ControlRequest, DataRequest
@@ -64,19 +72,22 @@ async def call_once(
     root_certificates: PemSource = None,
     tls: Optional[ClientTls] = None,
     metadata: Sequence[tuple[str, str]] = (),
+    options: Optional[ChannelOptions] = None,
 ) -> tuple[Any, Any]:
     """Open a channel to ``target``, make one call, close it; return (response, trailing metadata)."""
     address = parse_address(target, tls=https or tls is not None)
     check_timeout(timeout)
     metadata = checked_metadata(metadata)
-    channel = get_grpc_channel(address, asyncio=True, root_certificates=root_certificates, tls=tls)
+    channel = get_grpc_channel(
+        address, options=checked_options(options), asyncio=True, root_certificates=root_certificates, tls=tls
+    )
     try:
         call = getattr(Stubs.for_channel(channel), method)(payload, metadata=metadata, timeout=timeout)
         response = checked_reply(await call, address)
         return response, await call.trailing_metadata()
     except grpc.aio.AioRpcError as error:
         kind = DeadlineExceeded if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else ReplicaError
-        raise kind(error.details() or error.code().name, address=str(address), code=error.code()) from None
+        raise kind(error_cause(error), address=str(address), code=error.code()) from None
     finally:
         await channel.close()
 
@@ -99,11 +110,16 @@ async def send_requests_async(
     root_certificates: PemSource = None,
     endpoint: Optional[str] = None,
     tls: Optional[ClientTls] = None,
+    options: Optional[ChannelOptions] = None,
 ) -> DataRequest:
-    """Send one or more requests to ``target`` in one call and return its response."""
+    """Send one or more requests to ``target`` in one call and return its response.
+
+    ``options`` are channel options, ``message_size_options(n)`` to send or receive more than 256 MB.
+    """
     method, payload, metadata = _data_call(requests, endpoint)
     response, _ = await call_once(
-        method, payload, target, timeout=timeout, https=https, root_certificates=root_certificates, tls=tls, metadata=metadata
+        method, payload, target, timeout=timeout, https=https, root_certificates=root_certificates, tls=tls,
+        metadata=metadata, options=options,
     )
     return response
 
@@ -116,9 +132,10 @@ async def send_request_async(
     root_certificates: PemSource = None,
     endpoint: Optional[str] = None,
     tls: Optional[ClientTls] = None,
+    options: Optional[ChannelOptions] = None,
 ) -> DataRequest:
     """Send one request to ``target`` and return the response."""
-    return await send_requests_async([request], target, timeout, https, root_certificates, endpoint, tls)
+    return await send_requests_async([request], target, timeout, https, root_certificates, endpoint, tls, options)
 
 
 def send_request_sync(
@@ -129,9 +146,10 @@ def send_request_sync(
     root_certificates: PemSource = None,
     endpoint: Optional[str] = None,
     tls: Optional[ClientTls] = None,
+    options: Optional[ChannelOptions] = None,
 ) -> DataRequest:
     """Blocking ``send_request_async``."""
-    return run_sync(send_request_async(request, target, timeout, https, root_certificates, endpoint, tls))
+    return run_sync(send_request_async(request, target, timeout, https, root_certificates, endpoint, tls, options))
 
 
 def send_requests_sync(
@@ -142,9 +160,10 @@ def send_requests_sync(
     root_certificates: PemSource = None,
     endpoint: Optional[str] = None,
     tls: Optional[ClientTls] = None,
+    options: Optional[ChannelOptions] = None,
 ) -> DataRequest:
     """Blocking ``send_requests_async``."""
-    return run_sync(send_requests_async(requests, target, timeout, https, root_certificates, endpoint, tls))
+    return run_sync(send_requests_async(requests, target, timeout, https, root_certificates, endpoint, tls, options))
 
 
 async def send_control(

@@ -29,6 +29,7 @@ from shardnet.networking.channels import (
     checked_options,
     create_async_channel_stub,
     default_grpc_options,
+    error_cause,
     get_grpc_channel,
 )
 from shardnet.networking.policies import EjectionPolicy, RetryBudget, RetryPolicy, check_timeout
@@ -370,7 +371,7 @@ class GrpcConnectionPool:
     def _replica_error(
         error: grpc.aio.AioRpcError, connection: Connection, deployment: str, shard_id: Optional[int], note: str = ""
     ) -> ReplicaError:
-        cause = error.details() or error.code().name
+        cause = error_cause(error)
         if note:
             cause = f"{cause} ({note})"
         kind = DeadlineExceeded if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else ReplicaError

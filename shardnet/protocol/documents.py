@@ -156,6 +156,7 @@ class Document:
 
     @property
     def tensor(self) -> Optional[np.ndarray]:
+        """A copy of the tensor: edit it and assign it back (``doc.tensor = t``) for the edit to travel."""
         return ndarray.from_proto(self._pb.tensor) if self._pb.HasField("tensor") else None
 
     @tensor.setter
@@ -164,6 +165,7 @@ class Document:
 
     @property
     def embedding(self) -> Optional[np.ndarray]:
+        """A copy of the embedding: ``doc.embedding /= n`` works, ``doc.embedding[0] = x`` edits only the copy."""
         return ndarray.from_proto(self._pb.embedding) if self._pb.HasField("embedding") else None
 
     @embedding.setter
@@ -175,7 +177,8 @@ class Document:
 
     @property
     def tags(self) -> StructView:
-        """Tags as a live dict-like view: ``doc.tags['k'] = v`` writes into the message."""
+        """Tags as a live dict-like view: ``doc.tags['k'] = v`` writes into the message; a nested dict or
+        list read from it is a copy (assign it back after editing)."""
         return StructView(self._pb.tags)
 
     @tags.setter

@@ -2,6 +2,9 @@
 
 Dense arrays travel as raw buffer + shape + numpy dtype string; sparse ones
 as COO (indices, values, shape), which numpy can rebuild without scipy.
+``cls_name`` says whose layout a sparse array uses, as docarray writes it:
+``torch`` keeps its indices as (ndim, nnz), ``scipy`` and ``tensorflow`` as
+(nnz, ndim).
 """
 
 from __future__ import annotations
@@ -75,7 +78,11 @@ def to_proto(array: np.ndarray, target: docarray_pb2.NdArrayProto) -> None:
 def write_sparse(
     indices: np.ndarray, values: np.ndarray, shape: tuple[int, ...], target: docarray_pb2.NdArrayProto
 ) -> None:
-    """Write a COO sparse array: ``indices`` is (nnz, ndim), ``values`` is (nnz,)."""
+    """Write a COO sparse array: ``indices`` is (nnz, ndim), ``values`` is (nnz,).
+
+    Labelled so docarray reads it back: a matrix as scipy's ``coo``, any other
+    rank in tensorflow's layout (which is ours).
+    """
     indices = np.asarray(indices)
     if indices.ndim != 2 or indices.shape[1] != len(shape):
         raise ProtocolError(f"sparse indices must be (nnz, {len(shape)}), got {indices.shape}")
@@ -83,7 +90,11 @@ def write_sparse(
     write_dense(indices, target.sparse.indices)
     write_dense(np.asarray(values), target.sparse.values)
     target.sparse.shape.extend(shape)
-    target.cls_name = "coo"
+    if len(shape) == 2:
+        target.cls_name = "scipy"
+        target.parameters["sparse_format"] = "coo"
+    else:
+        target.cls_name = "tensorflow"
 
 
 def from_proto(source: docarray_pb2.NdArrayProto) -> Optional[np.ndarray]:
@@ -95,6 +106,8 @@ def from_proto(source: docarray_pb2.NdArrayProto) -> Optional[np.ndarray]:
         indices = read_dense(source.sparse.indices)
         values = read_dense(source.sparse.values)
         shape = tuple(source.sparse.shape)
+        if source.cls_name == "torch" and indices.ndim == 2:  # torch's own layout: one row per dimension
+            indices = indices.T
         if values.ndim != 1 or indices.ndim != 2 or indices.shape != (len(values), len(shape)):
             raise ProtocolError(f"sparse NdArray indices {indices.shape} do not fit values {values.shape} of {shape}")
         if indices.dtype.kind not in "iu":

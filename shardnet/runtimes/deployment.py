@@ -25,6 +25,7 @@ from shardnet.errors import ConfigurationError, ExecutorError, ProcessError
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address, parse_address
 from shardnet.networking.balancing import make_balancer
+from shardnet.networking.channels import MAX_MESSAGE_BYTES, message_size_options
 from shardnet.networking.polling import PollingMap
 from shardnet.protocol.documents import Document, DocumentList
 from shardnet.protocol.messages import DataRequest
@@ -62,6 +63,14 @@ def _check_arguments(
         raise ConfigurationError("register_interval and startup_timeout must be positive seconds")
 
 
+def _max_message_mb(value: Any) -> float:
+    """``max_message_mb`` checked as the processes' --max-message-mb will check it, but here, where it was given."""
+    limit = MAX_MESSAGE_BYTES / 2**20
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= limit or value * 2**20 < 1:
+        raise ConfigurationError(f"max_message_mb must be a number of megabytes above 0 and at most {limit:g}, got {value!r}")
+    return float(value)
+
+
 def _uses_with_json(uses_with: Optional[Mapping[str, Any]]) -> str:
     if uses_with is not None and not isinstance(uses_with, Mapping):
         raise ConfigurationError(f"uses_with must be a mapping of keyword arguments, got {uses_with!r}")
@@ -77,6 +86,8 @@ class Deployment:
     ``unix_sockets`` (default: where the platform has them) puts the head's hop
     to its workers on Unix sockets: a few per cent more ANY throughput than
     loopback TCP (the ``unix sockets`` row of ``benchmarks/head_overhead.py``).
+    ``max_message_mb`` raises (or lowers) the 256 MB message limit of every
+    process and of ``post`` at once.
 
     >>> with Deployment(uses=MyExecutor, shards=2, replicas=2, polling="ALL") as dep:   # doctest: +SKIP
     ...     docs = dep.post("/index", [Document(text="hello")])
@@ -104,6 +115,7 @@ class Deployment:
         startup_timeout: float = 30.0,
         log_dir: Optional[str] = None,
         unix_sockets: Optional[bool] = None,
+        max_message_mb: Optional[float] = None,
     ):
         _check_arguments(uses, shards, replicas, name, balancer, register_interval, startup_timeout)
         self.polling = PollingMap.parse(polling)
@@ -125,6 +137,13 @@ class Deployment:
         if attempt_timeout is not None:
             self._head_options += ["--attempt-timeout", str(attempt_timeout)]
         self._head_port = port
+        # one message size limit for every process and for post(): a head passes its workers' answers on
+        self._size_arguments, self._post_options = [], None
+        if max_message_mb is not None:
+            megabytes = _max_message_mb(max_message_mb)
+            self._size_arguments = ["--max-message-mb", str(megabytes)]
+            self._post_options = message_size_options(int(megabytes * 2**20))
+            self._head_options += self._size_arguments
         self._unix_sockets = hasattr(socket, "AF_UNIX") if unix_sockets is None else unix_sockets
         self._extras = {"uses_before": uses_before, "uses_after": uses_after}
         self._prepare_run()
@@ -192,7 +211,8 @@ class Deployment:
             extra_args = []
             for key, uses in self._extras.items():
                 if uses is not None:
-                    arguments = ["worker", "--uses", _reference(uses), "--host", self.host, "--port", "0"]
+                    arguments = ["worker", "--uses", _reference(uses), "--host", self.host, "--port", "0",
+                                 *self._size_arguments]
                     process = self._launch(key, arguments + ["--name", f"{self.name}/{key}"])
                     self.extras[key] = process
                     extra_args += [f"--{key.replace('_', '-')}", process.wait_ready(self.startup_timeout)]
@@ -229,6 +249,7 @@ class Deployment:
                 "--workspace", str(self.workspace),
                 "--head", self.address,
                 "--register-interval", str(self._register_interval),
+                *self._size_arguments,
                 *(["--unix-socket", self._socket_path(shard, replica)] if self._sockets else []),
             ],
         )
@@ -344,7 +365,7 @@ class Deployment:
         """Send documents to ``endpoint`` through the head; return the response's documents, or (as Jina's
         ``return_responses``) the whole response, whose ``parameters["__results__"]`` hold dict results."""
         request = DataRequest(docs=docs or [], endpoint=endpoint, parameters=parameters)
-        response = await oneshot.send_request_async(request, self.address, timeout=timeout)
+        response = await oneshot.send_request_async(request, self.address, timeout=timeout, options=self._post_options)
         if response.is_error:
             status = response.status
             raise ExecutorError(status.description, name=status.exception.name, executor=status.exception.executor)

@@ -103,6 +103,7 @@ class Head:
         mutual_tls = config.tls is not None and config.tls.client_ca is not None
         self._guard = ControlGuard(config.control_token, mutual_tls)
         self.server = jina_server(config, self)
+        self._max_message_bytes = config.max_message_bytes
         # a pool fed by discovery (Kubernetes) knows no worker until its first list: not ready before that
         self._discovery_synced = getattr(self.pool, "wait_synced", None)
         self.server.ready_at_start = self._discovery_synced is None
@@ -149,7 +150,14 @@ class Head:
             await context.abort(exc.code or grpc.StatusCode.UNAVAILABLE, str(exc))
         if trailing:
             context.set_trailing_metadata(tuple(trailing))
-        return response.to_bytes()
+        answer = response.to_bytes()
+        if len(answer) > self._max_message_bytes:  # gRPC would refuse to send it with a bare "Sent message larger"
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.deployment}: the answer (under ALL, every shard's merged) is {len(answer)} bytes, over this "
+                f"head's max message size of {self._max_message_bytes} bytes (--max-message-mb)",
+            )
+        return answer
 
     @staticmethod
     def _settle_endpoint(requests: list[DataRequest], context: grpc.aio.ServicerContext) -> str:

@@ -150,7 +150,9 @@ class Worker:
                 self._file_result(first, returned, handler.name)
             elif returned is not None:
                 self._replace_docs(first, returned, handler.name)
-        except Exception as exc:  # the executor's failure is the client's answer, not the worker's crash
+        # the executor's failure is the client's answer, not the worker's crash; sys.exit() in a handler too
+        # (a library parsing arguments, say): it would stop the worker without a DEACTIVATE
+        except (Exception, SystemExit) as exc:
             logger.warning("%s.%s failed on %s: %r", self.name, handler.name, endpoint, exc)
             first.set_exception(exc, executor=self.name)
             route.status.CopyFrom(first.status)
