@@ -274,6 +274,15 @@ def test_garbage_raises_protocol_error(garbage):
     assert "malformed" in repr(request)
 
 
+def test_documents_nested_past_protobufs_depth_limit_are_refused_saying_so():
+    request = jina_pb2.DataRequestProto()
+    doc = request.data.docs.docs.add(id="root")
+    for level in range(120):  # chunks of chunks: protobuf stops parsing at 100 levels
+        doc = doc.chunks.add(id=f"level-{level}")
+    with pytest.raises(ProtocolError, match="nested deeper than protobuf's limit of 100 levels"):
+        DataRequest.from_bytes(request.SerializeToString()).docs
+
+
 def test_garbage_control_request_raises_protocol_error():
     with pytest.raises(ProtocolError, match="malformed ControlRequest"):
         ControlRequest.from_bytes(b"\xff\xff\xff")

@@ -30,6 +30,9 @@ ERROR = jina_pb2.StatusProto.ERROR
 _WIRE_TYPES = {0: "a varint", 1: "8 fixed bytes", 2: "length-delimited bytes", 3: "a group", 4: "a group end", 5: "4 fixed bytes"}
 
 
+# protobuf's default recursion limit: a message nested deeper does not parse
+PROTOBUF_DEPTH_LIMIT = 100
+
 # header, parameters, routes, data: all length-delimited on the wire
 _DATA_REQUEST_FIELDS = frozenset({1, 2, 3, 4})
 
@@ -45,7 +48,11 @@ def parse(message_type: type[Message], data: bytes, what: str) -> Message:
     try:
         message.ParseFromString(data)
     except (DecodeError, RuntimeError, ValueError) as exc:
-        raise ProtocolError(f"malformed {what} ({len(data)} bytes): {exc}") from None
+        # protobuf says no more than that: name the causes it may hide, the depth limit above all
+        raise ProtocolError(
+            f"malformed {what} ({len(data)} bytes): {exc} (truncated or corrupt bytes, another message type, "
+            f"or documents nested deeper than protobuf's limit of {PROTOBUF_DEPTH_LIMIT} levels)"
+        ) from None
     unknown = unknown_fields.UnknownFieldSet(message)
     if len(unknown):
         declared = message.DESCRIPTOR.fields_by_number
