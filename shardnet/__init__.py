@@ -4,6 +4,7 @@ from shardnet.discovery.factory import create_connection_pool
 from shardnet.errors import (
     ConfigurationError,
     DeadlineExceeded,
+    DiscoveryError,
     ExecutorError,
     MalformedReplyError,
     ProcessError,
@@ -34,6 +35,7 @@ __all__ = [
     "DataRequest",
     "DeadlineExceeded",
     "Deployment",
+    "DiscoveryError",
     "Document",
     "DocumentList",
     "EjectionPolicy",

@@ -76,6 +76,10 @@ class DeadlineExceeded(ReplicaError):
     """The call's deadline passed before the replica answered."""
 
 
+class DiscoveryError(ShardnetError, TimeoutError):
+    """Discovery did not list the cluster in time; the message names the namespace and the last failure."""
+
+
 class Unauthenticated(ShardnetError, PermissionError):
     """A control request without the credentials the head requires."""
 

@@ -165,9 +165,10 @@ async def test_a_worker_renewing_slower_than_the_lease_is_told_so(runtimes, even
     assert "127.0.0.1:40003 (shard 0) registered again" in caplog.text
 
 
-def test_a_lease_must_be_positive():
+@pytest.mark.parametrize("lease", [0, -1, float("nan"), "5"])
+def test_a_lease_must_be_positive_seconds(lease):
     with pytest.raises(ConfigurationError, match="lease"):
-        Head("leased", lease=0)
+        Head("leased", lease=lease)
 
 # -- ALL --------------------------------------------------------------------------------------
 

@@ -22,7 +22,7 @@ from kubernetes_asyncio.client import ApiClient
 
 from shardnet.discovery.kubernetes import K8sGrpcConnectionPool, Member, load_api_client, pod_members, slice_members
 from shardnet.discovery.watch import WatchOptions
-from shardnet.errors import ConfigurationError, ReplicaError
+from shardnet.errors import ConfigurationError, DiscoveryError, ReplicaError
 from shardnet.networking import oneshot
 from shardnet.protocol import services
 from shardnet.protocol.messages import DataRequest
@@ -580,6 +580,17 @@ async def test_wrong_credentials_are_retried_not_fatal(api_server: FakeApiServer
     async with K8sGrpcConnectionPool(NS, kubeconfig=str(path), watch=FAST, sources=("pods",)) as pool:
         await eventually(lambda: len(api_server.list_requests("pods")) >= 2)
         assert pool.watching
+        with pytest.raises(DiscoveryError, match=r"namespace 'default': pods in default not listed .*HTTP 401"):
+            await pool.wait_synced(timeout=0.3)
+
+
+async def test_waiting_for_a_pool_that_cannot_configure_itself_says_why(tmp_path) -> None:
+    unusable = K8sGrpcConnectionPool(NS, kubeconfig=str(tmp_path / "missing"), watch=FAST)
+    with pytest.raises(ConfigurationError, match="not started"):
+        await unusable.wait_synced(timeout=0.3)
+    async with unusable:
+        with pytest.raises(DiscoveryError, match=r"its Kubernetes configuration not listed .*last failure: .*config"):
+            await unusable.wait_synced(timeout=0.5)
 
 
 # -- requests reach what discovery found -----------------------------------------------------

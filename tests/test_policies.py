@@ -62,7 +62,11 @@ def test_retry_budget_window_moves_with_requests_alone():
     assert budget.total_requests == 5
 
 
-@pytest.mark.parametrize("kwargs", [{"ratio": -0.1}, {"ratio": 1.5}, {"min_per_second": -1}, {"window": 0}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"ratio": -0.1}, {"ratio": 1.5}, {"min_per_second": -1}, {"window": 0}, {"ratio": "0.2"},
+     {"ratio": float("nan")}, {"window": float("nan")}],
+)
 def test_retry_budget_rejects_bad_settings(kwargs):
     with pytest.raises(ConfigurationError):
         RetryBudget(**kwargs)
@@ -83,6 +87,25 @@ def test_retry_policy():
         RetryPolicy(retry_on=frozenset({grpc.StatusCode.INVALID_ARGUMENT}))
     with pytest.raises(ConfigurationError):
         RetryPolicy(attempt_timeout=0)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: RetryPolicy(attempt_timeout="1"),
+        lambda: RetryPolicy(attempt_timeout=float("nan")),  # every call would fail at once
+        lambda: RetryPolicy(rounds="2"),
+        lambda: RetryPolicy(rounds=2.5),
+        lambda: RetryPolicy(retry_on={"UNAVAILABLE"}),  # names as text match no status code
+        lambda: RetryPolicy(backoff_max=float("nan")),
+        lambda: EjectionPolicy(consecutive_failures="3"),
+        lambda: EjectionPolicy(base_ejection=float("nan")),
+        lambda: EjectionPolicy(failure_codes={"UNAVAILABLE"}),
+    ],
+)
+def test_policies_refuse_values_of_the_wrong_kind_by_name(make):
+    with pytest.raises(ConfigurationError, match=r"(RetryPolicy|EjectionPolicy)\.\w+"):
+        make()
 
 
 def test_ejection_time_doubles_up_to_the_cap():

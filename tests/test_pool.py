@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import grpc
 import pytest
@@ -396,6 +397,40 @@ async def test_callers_own_short_deadlines_do_not_eject_a_replica(pool_factory, 
         with pytest.raises(ReplicaError):
             await send_one(strict, timeout=5.0)
     assert len(strict.get_replicas("dep").eligible()) == 1  # its own attempt timeouts count
+
+
+async def test_one_round_over_one_replica_is_one_attempt(pool_factory, echo_servers):
+    [failing] = await echo_servers(1, fail_with=grpc.StatusCode.UNAVAILABLE)
+    pool = pool_factory(retry=RetryPolicy(rounds=1))
+    pool.add_connection("dep", failing.address)
+    with pytest.raises(ReplicaError):
+        await send_one(pool)
+    assert failing.calls == 1 and pool.retry_budget.total_retries == 0
+
+
+async def test_jinas_logger_compression_and_channel_options_are_taken(pool_factory, echo_servers, dead_address):
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    own = logging.getLogger(f"jina-style-{id(records)}")
+    own.addHandler(handler)
+    [live] = await echo_servers(1)
+    pool = pool_factory(logger=own, compression="Gzip", channel_options=[("grpc.primary_user_agent", "jina-style")])
+    pool.add_connection("dep", dead_address)
+    pool.add_connection("dep", live.address)
+    for _ in range(6):  # round robin: the dead replica fails every other call, three times: ejected, and logged
+        assert served_by(await send_one(pool)) == "echo-0"  # gzip-compressed calls, answered
+    assert any("ejecting replica" in record.getMessage() for record in records)
+    assert ("grpc.default_compression_algorithm", int(grpc.Compression.Gzip)) in pool.get_replicas("dep")._options
+    with pytest.raises(ConfigurationError, match="compression 'zip'"):
+        GrpcConnectionPool(compression="zip")
+    with pytest.raises(ConfigurationError, match="not both"):
+        GrpcConnectionPool(options=[], channel_options=[])
+
+
+def test_polling_type_reads_and_prints_as_jinas_does():
+    assert str(PollingType.ALL) == "ALL" and f"{PollingType.ANY}" == "ANY"
+    assert PollingType.from_string("all") is PollingType.ALL and int(PollingType.ALL) == 2
 
 
 async def test_discover_endpoint(pool, echo_servers):

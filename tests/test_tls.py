@@ -18,6 +18,7 @@ from shardnet import (
     ReplicaList,
     ServerTls,
 )
+from shardnet.networking import oneshot
 from shardnet.networking.tls import load_pem
 
 
@@ -206,3 +207,14 @@ async def test_a_plaintext_worker_at_a_tls_head_is_told_to_look_at_tls(runtimes,
     assert head.pool.get_replicas("secure", shard_id=0) is None  # nothing registered in plaintext
     await worker.stop(0)  # stops renewing too: no registration task outlives the worker
     assert not [task for task in asyncio.all_tasks() if "_refresh_registration" in repr(task.get_coro())]
+
+
+async def test_jinas_tls_flag_is_taken_and_anything_else_refused(echo_servers, tls, root_certificates):
+    [server] = await echo_servers(1, credentials=tls.server.credentials())
+    request = DataRequest()
+    response = await oneshot.send_request_async(
+        request, server.address, timeout=5.0, tls=True, root_certificates=root_certificates
+    )
+    assert response.request_id == request.request_id
+    with pytest.raises(ConfigurationError, match="tls takes a ClientTls"):
+        await oneshot.send_request_async(request, server.address, timeout=5.0, tls="yes")

@@ -36,7 +36,7 @@ from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 
 from shardnet.discovery.watch import ListWatch, Unavailable, WatchOptions, with_backoff
-from shardnet.errors import ConfigurationError
+from shardnet.errors import ConfigurationError, DiscoveryError
 from shardnet.networking.addresses import parse_address
 from shardnet.networking.pool import GrpcConnectionPool
 
@@ -414,6 +414,7 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
         self._watches: dict[str, ListWatch] = {}
         self._task: Optional[asyncio.Task] = None
         self._configured = asyncio.Event()
+        self._config_failure: Optional[str] = None
 
     # -- lifetime --------------------------------------------------------------
 
@@ -448,20 +449,44 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
         return self._task is not None and not self._task.done()
 
     async def wait_synced(self, timeout: Optional[float] = None) -> None:
-        """Return once every source has completed its first list (its objects are in the pool)."""
+        """Return once every source has completed its first list (its objects are in the pool).
+
+        Raises DiscoveryError naming the namespace, what is not listed yet and the last failure when
+        ``timeout`` passes first, and ConfigurationError on a pool that was not started.
+        """
+        if self._task is None:
+            raise ConfigurationError(f"K8sGrpcConnectionPool({self.namespace!r}) is not started: call start() first")
 
         async def synced() -> None:
             await self._configured.wait()  # the watches exist once configuration has loaded
             await asyncio.gather(*(watch.synced.wait() for watch in self._watches.values()))
 
-        await asyncio.wait_for(synced(), timeout)
+        try:
+            await asyncio.wait_for(synced(), timeout)
+        except asyncio.TimeoutError:
+            if not self._configured.is_set():
+                pending, failure = "its Kubernetes configuration", self._config_failure
+            else:
+                waiting = [watch for watch in self._watches.values() if not watch.synced.is_set()]
+                pending = " and ".join(watch.name for watch in waiting)
+                failure = next((watch.last_failure for watch in waiting if watch.last_failure), None)
+            raise DiscoveryError(
+                f"namespace {self.namespace!r}: {pending} not listed within {timeout:g}s"
+                + (f"; last failure: {failure}" if failure else "")
+            ) from None
 
     async def _follow(self) -> None:
         if self._client is None:
-            await with_backoff(f"kubernetes configuration for {self.namespace}", self._load_client, self._watch_options)
+            await with_backoff(
+                f"kubernetes configuration for {self.namespace}", self._load_client, self._watch_options,
+                self._note_config_failure,
+            )
         self._watches = {source: self._watch_for(source) for source in self.sources}
         self._configured.set()
         await asyncio.gather(*(watch.run() for watch in self._watches.values()))
+
+    def _note_config_failure(self, failure: str) -> None:
+        self._config_failure = failure
 
     async def _load_client(self) -> None:
         try:

@@ -139,6 +139,7 @@ class ListWatch:
         self._selector = {"label_selector": label_selector} if label_selector else {}
         self._options = options
         self._progress = False  # a watch line arrived since the last list
+        self.last_failure: Optional[str] = None  # the latest failed list or watch, as text
 
     async def run(self) -> None:
         """List, watch, resume, re-list on 410; returns only by cancellation.
@@ -149,9 +150,9 @@ class ListWatch:
         expired_in_a_row = 0
         while True:
             if self.resource_version is None:
-                await with_backoff(self.name, self._list, self._options)
+                await with_backoff(self.name, self._list, self._options, self._failed)
             try:
-                await with_backoff(self.name, self._watch, self._options)
+                await with_backoff(self.name, self._watch, self._options, self._failed)
             except Gone as gone:
                 expired_in_a_row = 1 if self._progress else expired_in_a_row + 1
                 pause = self._options.pause(expired_in_a_row - 1) if expired_in_a_row > 1 else 0.0
@@ -164,6 +165,9 @@ class ListWatch:
                 )
                 self.resource_version = None
                 await asyncio.sleep(pause)
+
+    def _failed(self, failure: str) -> None:
+        self.last_failure = failure
 
     # -- list ----------------------------------------------------------------
 
@@ -287,15 +291,23 @@ async def _check_status(response: aiohttp.ClientResponse) -> None:
     raise Unavailable(f"HTTP {response.status} from {response.url.path}: {message}")
 
 
-async def with_backoff(name: str, step: Callable[[], Awaitable[None]], options: WatchOptions) -> None:
+async def with_backoff(
+    name: str,
+    step: Callable[[], Awaitable[None]],
+    options: WatchOptions,
+    on_failure: Optional[Callable[[str], None]] = None,
+) -> None:
     """Run ``step`` until it succeeds, logging each failure and backing off; Gone and cancellation pass through.
 
     A fresh retry state per call, so the backoff restarts after every success.
+    ``on_failure`` hears each failure, as text, to report it where the log is not read.
     """
 
     def log_failure(state: tenacity.RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
         pause = state.next_action.sleep if state.next_action else 0.0
+        if on_failure is not None:
+            on_failure(f"{type(error).__name__}: {error}")
         known = isinstance(error, (Unavailable, aiohttp.ClientError, asyncio.TimeoutError, OSError))
         logger.warning(
             "%s: attempt %d failed (%s: %s); retrying in %.2fs",

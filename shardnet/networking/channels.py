@@ -49,6 +49,21 @@ def default_grpc_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> 
     ]
 
 
+def compression_options(compression: Union[str, grpc.Compression, None]) -> tuple[tuple[str, Any], ...]:
+    """The channel option that compresses every call, from a ``grpc.Compression`` or its name (as Jina takes it)."""
+    if compression is None:
+        return ()
+    if isinstance(compression, str):
+        try:
+            compression = grpc.Compression[compression]
+        except KeyError:
+            names = ", ".join(member.name for member in grpc.Compression)
+            raise ConfigurationError(f"compression {compression!r}: expected one of {names}") from None
+    if not isinstance(compression, grpc.Compression):
+        raise ConfigurationError(f"compression takes a grpc.Compression or its name, got {compression!r}")
+    return (("grpc.default_compression_algorithm", int(compression)),)
+
+
 def message_size_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     """The channel options that set both message size limits: a head dials its workers with its own limit."""
     return [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
@@ -85,15 +100,28 @@ def merge_options(options: Optional[ChannelOptions]) -> list[tuple[str, Any]]:
     return merged + list(given.items())
 
 
+def tls_settings(https: bool, tls: Union[bool, ClientTls, None]) -> tuple[bool, Optional[ClientTls]]:
+    """``(https, tls)`` with Jina's ``tls=True``/``False`` read as ``https``; anything else but a ClientTls refused."""
+    if isinstance(tls, bool):
+        return bool(https) or tls, None
+    if tls is not None and not isinstance(tls, ClientTls):
+        raise ConfigurationError(f"tls takes a ClientTls (or True/False, as in Jina), got {tls!r}")
+    return bool(https), tls
+
+
 def get_grpc_channel(
     address: Union[str, Address],
     options: Optional[ChannelOptions] = None,
     asyncio: bool = False,
     https: bool = False,
     root_certificates: PemSource = None,
-    tls: Optional[ClientTls] = None,
+    tls: Union[bool, ClientTls, None] = None,
 ) -> Union[grpc.Channel, grpc.aio.Channel]:
-    """Open a channel to ``address``: TLS when the address says https/grpcs, ``https`` is set or ``tls`` given."""
+    """Open a channel to ``address``: TLS when the address says https/grpcs, ``https`` is set or ``tls`` given.
+
+    The fourth argument is Jina's ``tls`` flag under the name ``https``; ``tls`` also takes that flag.
+    """
+    https, tls = tls_settings(https, tls)
     parsed = address if isinstance(address, Address) else parse_address(address, tls=https)
     use_tls = parsed.tls or https or tls is not None
     opts = merge_options(options)
@@ -301,8 +329,19 @@ class Stubs:
 
 
 def create_async_channel_stub(
-    address: str, https: bool = False, root_certificates: PemSource = None, options: Optional[ChannelOptions] = None
+    address: str,
+    *,
+    https: bool = False,
+    root_certificates: PemSource = None,
+    options: Optional[ChannelOptions] = None,
+    tls: Union[bool, ClientTls, None] = None,
 ) -> tuple[Stubs, grpc.aio.Channel]:
-    """An asyncio channel to ``address`` and its method callables; the caller closes the channel."""
-    channel = get_grpc_channel(address, options=options, asyncio=True, https=https, root_certificates=root_certificates)
+    """An asyncio channel to ``address`` and its method callables; the caller closes the channel.
+
+    Keywords only: Jina's positional ``(address, deployment_name, metrics, histograms)`` would
+    otherwise turn TLS on with a deployment name.
+    """
+    channel = get_grpc_channel(
+        address, options=options, asyncio=True, https=https, root_certificates=root_certificates, tls=tls
+    )
     return Stubs.for_channel(channel), channel

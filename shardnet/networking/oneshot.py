@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
-from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar, Union
 
 import grpc.aio
 
@@ -23,6 +23,7 @@ from shardnet.networking.channels import (
     checked_reply,
     error_cause,
     get_grpc_channel,
+    tls_settings,
 )
 from shardnet.networking.policies import check_timeout
 from shardnet.networking.tls import ClientTls, PemSource
@@ -70,11 +71,12 @@ async def call_once(
     timeout: Optional[float],
     https: bool = False,
     root_certificates: PemSource = None,
-    tls: Optional[ClientTls] = None,
+    tls: Union[bool, ClientTls, None] = None,
     metadata: Sequence[tuple[str, str]] = (),
     options: Optional[ChannelOptions] = None,
 ) -> tuple[Any, Any]:
     """Open a channel to ``target``, make one call, close it; return (response, trailing metadata)."""
+    https, tls = tls_settings(https, tls)
     address = parse_address(target, tls=https or tls is not None)
     check_timeout(timeout)
     metadata = checked_metadata(metadata)
@@ -109,7 +111,7 @@ async def send_requests_async(
     https: bool = False,
     root_certificates: PemSource = None,
     endpoint: Optional[str] = None,
-    tls: Optional[ClientTls] = None,
+    tls: Union[bool, ClientTls, None] = None,
     options: Optional[ChannelOptions] = None,
 ) -> DataRequest:
     """Send one or more requests to ``target`` in one call and return its response.
@@ -131,7 +133,7 @@ async def send_request_async(
     https: bool = False,
     root_certificates: PemSource = None,
     endpoint: Optional[str] = None,
-    tls: Optional[ClientTls] = None,
+    tls: Union[bool, ClientTls, None] = None,
     options: Optional[ChannelOptions] = None,
 ) -> DataRequest:
     """Send one request to ``target`` and return the response."""
@@ -145,7 +147,7 @@ def send_request_sync(
     https: bool = False,
     root_certificates: PemSource = None,
     endpoint: Optional[str] = None,
-    tls: Optional[ClientTls] = None,
+    tls: Union[bool, ClientTls, None] = None,
     options: Optional[ChannelOptions] = None,
 ) -> DataRequest:
     """Blocking ``send_request_async``."""
@@ -159,7 +161,7 @@ def send_requests_sync(
     https: bool = False,
     root_certificates: PemSource = None,
     endpoint: Optional[str] = None,
-    tls: Optional[ClientTls] = None,
+    tls: Union[bool, ClientTls, None] = None,
     options: Optional[ChannelOptions] = None,
 ) -> DataRequest:
     """Blocking ``send_requests_async``."""
@@ -175,7 +177,7 @@ async def send_control(
     *,
     token: Optional[str] = None,
     timeout: float = 5.0,
-    tls: Optional[ClientTls] = None,
+    tls: Union[bool, ClientTls, None] = None,
 ) -> ControlRequest:
     """Send a control request (naming the worker, when given) to a head; raise when it reports an error."""
     request = ControlRequest(command)
@@ -195,7 +197,7 @@ async def activate_worker(
     target_head: str,
     shard_id: Optional[int] = None,
     token: Optional[str] = None,
-    tls: Optional[ClientTls] = None,
+    tls: Union[bool, ClientTls, None] = None,
     timeout: float = 5.0,
 ) -> ControlRequest:
     """Tell the head at ``target_head`` to send traffic to this worker (ACTIVATE)."""
@@ -210,7 +212,7 @@ async def deactivate_worker(
     target_head: str,
     shard_id: Optional[int] = None,
     token: Optional[str] = None,
-    tls: Optional[ClientTls] = None,
+    tls: Union[bool, ClientTls, None] = None,
     timeout: float = 5.0,
 ) -> ControlRequest:
     """Tell the head to stop sending traffic to this worker (DEACTIVATE), in the shard it was given."""

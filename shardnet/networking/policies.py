@@ -10,7 +10,7 @@ import collections
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import grpc
 import tenacity
@@ -24,6 +24,26 @@ def check_timeout(timeout: Optional[float], what: str = "timeout") -> None:
         return
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise ConfigurationError(f"{what} must be positive seconds (or None), got {timeout!r}")
+
+
+def check_seconds(value: Any, what: str, *, zero: bool = False) -> None:
+    """A finite number of seconds, positive (or 0 when ``zero``): NaN would compare false everywhere."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not (
+        value >= 0 if zero else value > 0
+    ):
+        raise ConfigurationError(f"{what} must be {'0 or more' if zero else 'positive'} seconds, got {value!r}")
+
+
+def check_count(value: Any, what: str, minimum: int) -> None:
+    """A whole number of at least ``minimum`` (not a bool, not 2.5)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(f"{what} must be a whole number of at least {minimum}, got {value!r}")
+
+
+def check_codes(codes: Any, what: str) -> None:
+    """A set of grpc.StatusCode members (names as text would silently match nothing)."""
+    if isinstance(codes, (str, bytes)) or not all(isinstance(code, grpc.StatusCode) for code in codes):
+        raise ConfigurationError(f"{what} takes grpc.StatusCode members, got {codes!r}")
 
 
 @dataclass(frozen=True)
@@ -46,13 +66,15 @@ class RetryPolicy:
     attempt_timeout: Optional[float] = None
 
     def __post_init__(self) -> None:
-        if self.rounds < 1:
-            raise ConfigurationError(f"RetryPolicy.rounds must be at least 1, got {self.rounds}")
+        check_count(self.rounds, "RetryPolicy.rounds", 1)
+        check_codes(self.retry_on, "RetryPolicy.retry_on")
         if grpc.StatusCode.INVALID_ARGUMENT in self.retry_on:
             raise ConfigurationError("INVALID_ARGUMENT is never retried: the same bytes fail the same way")
-        if self.attempt_timeout is not None and self.attempt_timeout <= 0:
-            raise ConfigurationError(f"RetryPolicy.attempt_timeout must be positive, got {self.attempt_timeout}")
-        if not 0 <= self.backoff_initial <= self.backoff_max:
+        if self.attempt_timeout is not None:
+            check_seconds(self.attempt_timeout, "RetryPolicy.attempt_timeout")
+        check_seconds(self.backoff_initial, "RetryPolicy.backoff_initial", zero=True)
+        check_seconds(self.backoff_max, "RetryPolicy.backoff_max", zero=True)
+        if not self.backoff_initial <= self.backoff_max:
             raise ConfigurationError(
                 f"RetryPolicy needs 0 <= backoff_initial <= backoff_max, got {self.backoff_initial} and {self.backoff_max}"
             )
@@ -88,7 +110,11 @@ class RetryBudget:
         window: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ):
-        if not 0 <= ratio <= 1 or min_per_second < 0 or window <= 0:
+        for name, value in (("ratio", ratio), ("min_per_second", min_per_second)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigurationError(f"RetryBudget.{name} must be a finite number, got {value!r}")
+        check_seconds(window, "RetryBudget.window")
+        if not 0 <= ratio <= 1 or min_per_second < 0:
             raise ConfigurationError("RetryBudget needs 0 <= ratio <= 1, min_per_second >= 0 and window > 0")
         self.ratio = ratio
         self.min_per_second = min_per_second
@@ -171,6 +197,10 @@ class EjectionPolicy:
     )
 
     def __post_init__(self) -> None:
+        check_count(self.consecutive_failures, "EjectionPolicy.consecutive_failures", 1)
+        check_seconds(self.base_ejection, "EjectionPolicy.base_ejection")
+        check_seconds(self.max_ejection, "EjectionPolicy.max_ejection")
+        check_codes(self.failure_codes, "EjectionPolicy.failure_codes")
         if self.consecutive_failures < 1 or self.base_ejection <= 0 or self.max_ejection < self.base_ejection:
             raise ConfigurationError("EjectionPolicy needs consecutive_failures >= 1 and 0 < base_ejection <= max_ejection")
 

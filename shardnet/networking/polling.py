@@ -18,6 +18,17 @@ class PollingType(enum.IntEnum):
     ANY = 1
     ALL = 2
 
+    def __str__(self) -> str:
+        return self.name  # as Jina's PollingType prints: "ALL", not "2"
+
+    def __format__(self, spec: str) -> str:
+        return format(self.name, spec)
+
+    @classmethod
+    def from_string(cls, text: str) -> "PollingType":
+        """Jina's name for ``parse`` of text ("any", "ALL")."""
+        return cls.parse(text)
+
     @classmethod
     def parse(cls, value: Union[str, int, "PollingType"]) -> "PollingType":
         if isinstance(value, PollingType):

@@ -28,6 +28,7 @@ from shardnet.networking.channels import (
     MetadataCache,
     checked_options,
     create_async_channel_stub,
+    compression_options,
     default_grpc_options,
     error_cause,
     get_grpc_channel,
@@ -86,6 +87,8 @@ class GrpcConnectionPool:
     def __init__(
         self,
         runtime_name: str = "",
+        logger: Optional[logging.Logger] = None,
+        compression: Union[str, grpc.Compression, None] = None,
         *,
         balancer: str = "round_robin",
         retry: Optional[RetryPolicy] = RetryPolicy(),
@@ -94,8 +97,13 @@ class GrpcConnectionPool:
         timeout: Optional[float] = None,
         tls: Optional[ClientTls] = None,
         options: Optional[ChannelOptions] = None,
+        channel_options: Optional[ChannelOptions] = None,
         metadata: Metadata = (),
     ):
+        """Jina's first three arguments keep their places: ``runtime_name``, ``logger`` (where the pool's
+        replica lists log ejections; any object with ``warning`` and ``info``) and ``compression``
+        (``"Gzip"``, ``"Deflate"``, ``"NoCompression"`` or a ``grpc.Compression``) for every call;
+        ``channel_options`` is Jina's name for ``options``."""
         if not isinstance(runtime_name, str):
             raise ConfigurationError(f"runtime_name names the pool's owner (Jina's first argument), got {runtime_name!r}")
         self.runtime_name = runtime_name  # who holds the pool, as in Jina: shown by repr
@@ -109,7 +117,11 @@ class GrpcConnectionPool:
         self.timeout = timeout
         self._ejection = ejection
         self._tls = tls
-        self._options = checked_options(options)
+        if options is not None and channel_options is not None:
+            raise ConfigurationError("give channel options once: options= or Jina's channel_options=, not both")
+        self._options = checked_options(options if options is not None else channel_options)
+        self._options += compression_options(compression)
+        self._logger = logger
         self._deployments: dict[str, _Deployment] = {}
         try:
             self._metadata_cache = MetadataCache(fixed=metadata)
@@ -124,7 +136,8 @@ class GrpcConnectionPool:
         entry = self._deployments.setdefault(deployment, _Deployment())
         name = f"{deployment}/head" if head else f"{deployment}/shard-{shard_id}"
         make = lambda: ReplicaList(  # noqa: E731
-            make_balancer(self.balancer), tls=self._tls, options=self._options, ejection=self._ejection, name=name
+            make_balancer(self.balancer), tls=self._tls, options=self._options, ejection=self._ejection, name=name,
+            logger=self._logger,
         )
         if head:
             if entry.head is None:
@@ -341,6 +354,8 @@ class GrpcConnectionPool:
         max_attempts = max(1, len(replicas)) * self.retry.rounds - 1
         if retries is not None and retries >= 0:
             max_attempts = retries
+        if max_attempts < 1:  # one round over one replica: the first attempt was all (tenacity would make one more)
+            raise self._replica_error(first_error, first, deployment, shard_id) from None
         if not self.retry_budget.try_spend():
             raise self._replica_error(first_error, first, deployment, shard_id, "retry budget exhausted") from None
         retrying = tenacity.AsyncRetrying(

@@ -25,7 +25,7 @@ from shardnet.networking.channels import ChannelOptions, Stubs, checked_options,
 from shardnet.networking.policies import EjectionPolicy
 from shardnet.networking.tls import ClientTls
 
-logger = logging.getLogger(__name__)
+module_logger = logging.getLogger(__name__)
 
 # how long a replaced or removed replica's channel waits for the calls still on it before it is closed
 # anyway: as long as they last, in practice (a call cut off here fails over, it is not lost, but it runs twice)
@@ -114,6 +114,7 @@ class ReplicaList:
         options: Optional[ChannelOptions] = None,
         ejection: Optional[EjectionPolicy] = EjectionPolicy(),
         name: str = "",
+        logger: Optional[logging.Logger] = None,
     ):
         if isinstance(balancer, str):  # a name, as the pool takes it
             balancer = make_balancer(balancer)
@@ -124,6 +125,7 @@ class ReplicaList:
             )
         self.balancer = balancer if balancer is not None else RoundRobin()
         self.name = name
+        self._logger = logger if logger is not None else module_logger
         self._tls = tls
         self._options = checked_options(options)
         self._ejection = ejection
@@ -225,7 +227,9 @@ class ReplicaList:
         self._withdraw(connection)
         connection.times_ejected += 1
         delay = self._ejection.ejection_time(connection.times_ejected)
-        logger.warning("%s: ejecting replica %s for %.1fs after repeated failures", self.name, connection.address, delay)
+        self._logger.warning(
+            "%s: ejecting replica %s for %.1fs after repeated failures", self.name, connection.address, delay
+        )
         self._probes[connection] = asyncio.get_running_loop().create_task(self._probe_until_healthy(connection, delay))
 
     async def _probe_until_healthy(self, connection: Connection, delay: float) -> None:
@@ -236,7 +240,7 @@ class ReplicaList:
                     return
                 if await connection.health():
                     self._admit(connection)
-                    logger.info("%s: replica %s is healthy again", self.name, connection.address)
+                    self._logger.info("%s: replica %s is healthy again", self.name, connection.address)
                     return
                 if not self._eligible:  # nothing else left: better a doubtful replica than none
                     self._admit(connection)

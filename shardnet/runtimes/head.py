@@ -22,6 +22,7 @@ import grpc.aio
 
 from shardnet.errors import ConfigurationError, MalformedReplyError, ProtocolError, ReplicaError, RoutingError
 from shardnet.networking.addresses import entity_address, parse_address
+from shardnet.networking.policies import check_seconds
 from shardnet.networking.polling import PollingMap, PollingType
 from shardnet.networking.pool import GrpcConnectionPool
 from shardnet.protocol import services
@@ -92,8 +93,8 @@ class Head:
             self.pool.add_connection(self._uses_before, uses_before)
         if uses_after:
             self.pool.add_connection(self._uses_after, uses_after)
-        if lease is not None and lease <= 0:
-            raise ConfigurationError(f"lease must be positive, got {lease}")
+        if lease is not None:
+            check_seconds(lease, "lease")
         # with a lease, a worker that stops re-sending ACTIVATE (killed -9, partitioned) leaves on its own
         self._lease = lease
         self._leases: dict[tuple[str, int], float] = {}
