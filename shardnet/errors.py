@@ -23,10 +23,11 @@ class ProtocolError(ShardnetError, ValueError):
 class MalformedReplyError(ProtocolError):
     """A replica answered bytes that are not the message it should have sent; ``address`` names it."""
 
-    def __init__(self, cause: str, *, address: str):
+    def __init__(self, cause: str, *, address: str, owner: str = ""):
         self.cause = cause
         self.address = address
-        super().__init__(f"replica {address}: {cause}")
+        self.owner = owner  # the replica list it belongs to, "dep/shard-0" say, when known
+        super().__init__(f"{owner + ' ' if owner else ''}replica {address}: {cause}")
 
 
 class ConfigurationError(ShardnetError, ValueError):

@@ -313,8 +313,9 @@ async def test_malformed_replies_raise_protocol_error_and_never_hang(pool, garba
     with pytest.raises(ProtocolError, match=rf"replica {garbage_server.address}: malformed ControlRequest"):
         await pool.send_request(ControlRequest(), "dep", head=True, timeout=5.0)[0]
     response, _ = await pool.send_request(DataRequest(), "dep", head=True, timeout=5.0)[0]
-    with pytest.raises(ProtocolError, match="malformed DataRequest"):
-        response.endpoint  # data replies stay bytes until read
+    # data replies stay bytes until read; read, they name where they came from
+    with pytest.raises(ProtocolError, match=rf"malformed DataRequest from dep/head replica {garbage_server.address}"):
+        response.endpoint
     # the replica is still usable afterwards: nothing crashed, nothing was ejected
     assert pool.get_replicas("dep", head=True).eligible()
 

@@ -10,6 +10,7 @@ the replica.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
@@ -162,10 +163,11 @@ def _decoding(parse: Callable[[bytes], Any], what: str) -> Callable[[bytes], Any
     return decode
 
 
-def checked_reply(response: Any, address: Any) -> Any:
-    """``response``, or a MalformedReplyError (a ProtocolError) naming the replica when its reply did not decode."""
+def checked_reply(response: Any, address: Any, owner: str = "") -> Any:
+    """``response``, or a MalformedReplyError (a ProtocolError) naming the replica (and the ``owner`` list it
+    belongs to, "dep/shard-0") when its reply did not decode."""
     if isinstance(response, MalformedReply):
-        raise MalformedReplyError(str(response.error), address=str(address)) from None
+        raise MalformedReplyError(str(response.error), address=str(address), owner=owner) from None
     return response
 
 
@@ -313,11 +315,13 @@ class Stubs:
     decoded_data: grpc.aio.UnaryUnaryMultiCallable
 
     @classmethod
-    def for_channel(cls, channel: grpc.aio.Channel) -> "Stubs":
+    def for_channel(cls, channel: grpc.aio.Channel, origin: Optional[str] = None) -> "Stubs":
+        """The callables on ``channel``; data replies, decoded lazily, name ``origin`` if they prove malformed."""
         unary = channel.unary_unary
+        data_reply = DataRequest.from_bytes if origin is None else functools.partial(DataRequest.from_bytes, origin=origin)
         return cls(
-            single_data=unary(services.PROCESS_SINGLE_DATA, _to_bytes, DataRequest.from_bytes),
-            data=unary(services.PROCESS_DATA, _requests_to_bytes, DataRequest.from_bytes),
+            single_data=unary(services.PROCESS_SINGLE_DATA, _to_bytes, data_reply),
+            data=unary(services.PROCESS_DATA, _requests_to_bytes, data_reply),
             control=unary(services.PROCESS_CONTROL, _to_bytes, _CONTROL_REPLY),
             discovery=unary(services.ENDPOINT_DISCOVERY, empty_pb2.Empty.SerializeToString, _ENDPOINTS_REPLY),
             health=unary(

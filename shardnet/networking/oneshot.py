@@ -84,7 +84,9 @@ async def call_once(
         address, options=checked_options(options), asyncio=True, root_certificates=root_certificates, tls=tls
     )
     try:
-        call = getattr(Stubs.for_channel(channel), method)(payload, metadata=metadata, timeout=timeout)
+        call = getattr(Stubs.for_channel(channel, origin=f"replica {address}"), method)(
+            payload, metadata=metadata, timeout=timeout
+        )
         response = checked_reply(await call, address)
         return response, await call.trailing_metadata()
     except grpc.aio.AioRpcError as error:

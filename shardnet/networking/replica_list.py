@@ -35,10 +35,19 @@ RETIRED_CHANNEL_GRACE = 24 * 3600.0
 class Connection:
     """One replica: its address, its channel and the method callables on it."""
 
-    __slots__ = ("address", "_tls", "_options", "channel", "stubs", "failures", "times_ejected", "_retiring", "_closed")
+    __slots__ = (
+        "address", "_tls", "_options", "channel", "stubs", "failures", "times_ejected", "_retiring", "_closed", "_origin"
+    )
 
-    def __init__(self, address: Address, tls: Optional[ClientTls] = None, options: Optional[ChannelOptions] = None):
+    def __init__(
+        self,
+        address: Address,
+        tls: Optional[ClientTls] = None,
+        options: Optional[ChannelOptions] = None,
+        owner: str = "",
+    ):
         self.address = address
+        self._origin = f"{owner} replica {address}" if owner else f"replica {address}"  # named by malformed replies
         self._tls = tls if address.tls else None
         self._options = options
         self.failures = 0
@@ -49,7 +58,7 @@ class Connection:
 
     def _open(self) -> None:
         self.channel = get_grpc_channel(self.address, options=self._options, asyncio=True, tls=self._tls)
-        self.stubs = Stubs.for_channel(self.channel)
+        self.stubs = Stubs.for_channel(self.channel, origin=self._origin)
 
     def rebuild(self) -> None:
         """Replace the channel with a fresh one; the old one closes once the calls still on it end."""
@@ -143,7 +152,7 @@ class ReplicaList:
         existing = self._connections.get(parsed.target)
         if existing is not None:
             return existing
-        connection = Connection(parsed, tls=self._tls, options=self._options)
+        connection = Connection(parsed, tls=self._tls, options=self._options, owner=self.name)
         self._connections[parsed.target] = connection
         self._admit(connection)
         return connection
@@ -276,7 +285,7 @@ class ReplicaList:
         channel = connection.channel
         try:
             call = getattr(connection.stubs, method)(payload, metadata=metadata, timeout=timeout)
-            response = checked_reply(await call, connection.address)
+            response = checked_reply(await call, connection.address, self.name)
             trailing = await call.trailing_metadata()
         except grpc.aio.AioRpcError as error:
             balancer.finished(connection, token, failed=True)

@@ -82,7 +82,7 @@ class DataRequest:
     True
     """
 
-    __slots__ = ("_buffer", "_envelope", "_message", "_peeked")
+    __slots__ = ("_buffer", "_envelope", "_message", "_peeked", "_origin")
 
     def __init__(
         self,
@@ -93,6 +93,7 @@ class DataRequest:
         self._buffer: Optional[bytes] = None
         self._envelope: Optional[jina_pb2.DataRequestEnvelope] = None
         self._peeked: Optional[jina_pb2.HeaderProto] = None
+        self._origin: Optional[str] = None
         self._message = jina_pb2.DataRequestProto()
         self._message.header.request_id = new_id()
         self._message.data.docs.SetInParent()
@@ -104,13 +105,15 @@ class DataRequest:
             self.docs.extend(docs)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "DataRequest":
-        """Wrap received bytes without decoding them; errors surface on first read."""
+    def from_bytes(cls, data: bytes, origin: Optional[str] = None) -> "DataRequest":
+        """Wrap received bytes without decoding them; errors surface on first read, naming ``origin``
+        (who sent the bytes, "dep/shard-0 replica 10.0.0.7:8080" say) when given."""
         request = cls.__new__(cls)
         request._buffer = bytes(data)
         request._envelope = None
         request._message = None
         request._peeked = None
+        request._origin = origin
         return request
 
     @classmethod
@@ -120,7 +123,13 @@ class DataRequest:
         request._envelope = None
         request._message = message
         request._peeked = None
+        request._origin = None
         return request
+
+    @property
+    def _what(self) -> str:
+        """How errors name this request: with where its bytes came from, when known."""
+        return "DataRequest" if self._origin is None else f"DataRequest from {self._origin}"
 
     # -- decoding stages -------------------------------------------------
 
@@ -128,7 +137,7 @@ class DataRequest:
         """Header, parameters and routes, decoding the envelope only; ``changing`` drops the byte cache."""
         outer = self._message if self._message is not None else self._envelope
         if outer is None:
-            outer = self._envelope = parse(jina_pb2.DataRequestEnvelope, self._buffer, "DataRequest")
+            outer = self._envelope = parse(jina_pb2.DataRequestEnvelope, self._buffer, self._what)
         if changing:
             self._buffer = None
         return outer
@@ -140,11 +149,11 @@ class DataRequest:
             return outer.header
         if self._peeked is None:
             header = jina_pb2.HeaderProto()
-            for chunk in length_delimited_fields(self._buffer, 1, "DataRequest", _DATA_REQUEST_FIELDS):
+            for chunk in length_delimited_fields(self._buffer, 1, self._what, _DATA_REQUEST_FIELDS):
                 try:
                     header.MergeFromString(chunk)  # repeated occurrences merge, as protobuf does
                 except (DecodeError, RuntimeError, ValueError) as exc:
-                    raise ProtocolError(f"malformed DataRequest header: {exc}") from None
+                    raise ProtocolError(f"malformed {self._what} header: {exc}") from None
             self._peeked = header
         return self._peeked
 
@@ -153,7 +162,7 @@ class DataRequest:
         if self._message is None:
             # the byte form keeps every field, unknown ones included, whichever stage we are at
             data = self._buffer if self._buffer is not None else self._envelope.SerializeToString()
-            self._message = parse(jina_pb2.DataRequestProto, data, "DataRequest")
+            self._message = parse(jina_pb2.DataRequestProto, data, self._what)
             self._envelope = None
         if self._message.data.WhichOneof("documents") == "docs_bytes":
             raise ProtocolError(
