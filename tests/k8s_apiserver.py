@@ -16,8 +16,8 @@ What it speaks, as the real one does:
 - bearer-token authentication, so a test proves the kubeconfig was used.
 
 The test drives it: ``apply``/``delete`` objects, ``bookmark()``,
-``compact()``, ``error()``, ``drop_streams()``, ``go_down()`` (refuse
-connections, or answer 503) and ``come_back()``. Every event written to a
+``compact()``, ``rewind()``, ``error()``, ``drop_streams()``, ``go_down()``
+(reset connections, or answer 503) and ``come_back()``. Every event written to a
 stream is timestamped in ``written_at`` for the membership benchmark.
 """
 
@@ -29,6 +29,7 @@ import functools
 import itertools
 import json
 import re
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -38,7 +39,6 @@ from typing import Any, Callable, Optional
 import yaml
 from aiohttp import web
 
-from shardnet.testing import free_port
 
 
 @dataclass(frozen=True)
@@ -193,13 +193,13 @@ class FakeApiServer:
         # handler_cancellation: a client that hangs up ends its watch here too, as on the real server
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, handler_cancellation=True)
         await self._runner.setup()
-        self.port = self.port or free_port(self.host)
-        await self._listen()
-        return self
-
-    async def _listen(self) -> None:
-        self._site = web.TCPSite(self._runner, self.host, self.port)
+        # bound once, port 0, and kept until stop: no other test can take the port in between
+        listener = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
+        listener.bind((self.host, self.port))
+        self.port = listener.getsockname()[1]
+        self._site = web.SockSite(self._runner, listener)
         await self._site.start()
+        return self
 
     async def stop(self) -> None:
         self.drop_streams()  # wakes the stream handlers, so shutdown need not wait for them
@@ -282,20 +282,15 @@ class FakeApiServer:
             stream.queue.put_nowait(DROP)
 
     async def go_down(self, how: str = "refuse") -> None:
-        """``refuse``: stop listening and reset every connection; ``unavailable``: answer 503 to everything."""
+        """``refuse``: reset every connection, open or new (the port stays ours); ``unavailable``: answer 503."""
         if how not in ("refuse", "unavailable"):
             raise ValueError("how is 'refuse' or 'unavailable'")
         self.state = "refusing" if how == "refuse" else "unavailable"
-        if how == "refuse" and self._site is not None:
-            await self._site.stop()
-            self._site = None
         self.drop_streams()
         self._abort_connections()
 
     async def come_back(self) -> None:
-        """Serve again on the same port."""
-        if self._site is None:
-            await self._listen()
+        """Serve again."""
         self.state = "up"
 
     def open_streams(self, resource: Optional[str] = None) -> int:
@@ -327,7 +322,7 @@ class FakeApiServer:
 
     def _refuse(self, request: web.Request) -> Optional[web.StreamResponse]:
         """The answer of a server that is down or unauthenticated, or None when the request may proceed."""
-        if self.state == "refusing":  # a kept-alive connection survived the listener: reset it
+        if self.state == "refusing":  # a server going down: reset the connection before any answer
             if request.transport is not None:
                 request.transport.abort()
             return web.Response(status=503)

@@ -19,21 +19,3 @@ def test_python_m_shardnet_help():
     result = subprocess.run([sys.executable, "-m", "shardnet", "--help"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert "usage: shardnet" in result.stdout
-
-
-def test_public_names_are_importable_from_shardnet():
-    import shardnet
-
-    for name in [
-        "ControlRequest",
-        "DataRequest",
-        "Document",
-        "GrpcConnectionPool",
-        "PollingType",
-        "ReplicaList",
-        "create_connection_pool",
-        "host_is_local",
-        "is_remote_local_connection",
-    ]:
-        assert hasattr(shardnet, name), name
-    assert {kind.name for kind in shardnet.PollingType} == {"ANY", "ALL"}

@@ -157,7 +157,7 @@ async def test_a_one_off_call_takes_its_own_message_limit(runtimes):
 
 
 async def test_a_worker_renewing_slower_than_the_lease_is_told_so(runtimes, eventually, caplog):
-    head = await runtimes(Head("leased", lease=0.3))
+    head = await runtimes(Head("leased", lease=1.0))  # room for the second ACTIVATE on a loaded machine
     await oneshot.activate_worker("127.0.0.1", 40003, head.server.address, shard_id=0)
     await eventually(lambda: "stopped renewing" in caplog.text, timeout=5.0)  # alive, but its interval is longer
     await oneshot.activate_worker("127.0.0.1", 40003, head.server.address, shard_id=0)

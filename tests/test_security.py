@@ -89,69 +89,53 @@ async def post(head_address: str, tls=None) -> str:
 # -- TLS and mutual TLS, in process ---------------------------------------------------------------
 
 
-async def test_mutual_tls_head_and_tls_worker_register_and_serve_over_tls(pki):
+async def test_mutual_tls_head_and_tls_worker_register_and_serve_over_tls(pki, runtimes):
     """The worker joins over mTLS (its certificate is its credential, no token), the head dials it over TLS."""
-    head = Head("secure", ServerConfig(tls=pki.server_mutual, control_token="unused-here"),
-                pool=GrpcConnectionPool(tls=pki.client))
-    await head.start()
-    worker = Worker(Stamp.create(), ServerConfig(tls=pki.server_mutual), head=head.server.address, head_tls=pki.client)
-    await worker.start()
-    try:
-        await worker.register()
-        assert await members(head.server.address, pki.client) == [worker.server.address]
-        assert await post(head.server.address, pki.client) == "stamped"
-        await worker.deregister()
-        assert await members(head.server.address, pki.client) == []
-    finally:
-        await worker.stop(0)
-        await head.stop(0)
+    head = await runtimes(Head("secure", ServerConfig(tls=pki.server_mutual, control_token="unused-here"),
+                               pool=GrpcConnectionPool(tls=pki.client)))
+    worker = await runtimes(
+        Worker(Stamp.create(), ServerConfig(tls=pki.server_mutual), head=head.server.address, head_tls=pki.client)
+    )
+    await worker.register()
+    assert await members(head.server.address, pki.client) == [worker.server.address]
+    assert await post(head.server.address, pki.client) == "stamped"
+    await worker.deregister()
+    assert await members(head.server.address, pki.client) == []
 
 
-async def test_clients_without_the_right_credentials_reach_nothing(pki):
-    head = Head("secure", ServerConfig(tls=pki.server_mutual), pool=GrpcConnectionPool(tls=pki.client))
-    await head.start()
-    worker = Worker(Stamp.create(), ServerConfig(tls=pki.server_mutual))
-    await worker.start()
+async def test_clients_without_the_right_credentials_reach_nothing(pki, runtimes):
+    head = await runtimes(Head("secure", ServerConfig(tls=pki.server_mutual), pool=GrpcConnectionPool(tls=pki.client)))
+    worker = await runtimes(Worker(Stamp.create(), ServerConfig(tls=pki.server_mutual)))
     host, port = worker.server.address.rsplit(":", 1)
-    try:
-        for tls in (None, pki.trusting):  # plaintext; TLS without a client certificate
-            for address in (head.server.address, worker.server.address):
-                with pytest.raises(ReplicaError) as refused:
-                    await post(address, tls)
-                assert refused.value.code == grpc.StatusCode.UNAVAILABLE
-            with pytest.raises(ReplicaError):
-                await oneshot.activate_worker(host, int(port), head.server.address, 0, tls=tls)
-        assert await members(head.server.address, pki.client) == []  # nobody joined
-        await oneshot.activate_worker(host, int(port), head.server.address, 0, tls=pki.client)
-        assert await post(head.server.address, pki.client) == "stamped"
-    finally:
-        await worker.stop(0)
-        await head.stop(0)
-
-
-async def test_tls_head_without_client_ca_wants_the_token_for_membership(pki):
-    head = Head("secure", ServerConfig(tls=pki.server, control_token="s3cret-token"),
-                pool=GrpcConnectionPool(tls=pki.trusting))
-    await head.start()
-    worker = Worker(Stamp.create(), ServerConfig(tls=pki.server))
-    await worker.start()
-    host, port = worker.server.address.rsplit(":", 1)
-    try:
-        for token in (None, "wrong-token", "s3cret-token "):
+    for tls in (None, pki.trusting):  # plaintext; TLS without a client certificate
+        for address in (head.server.address, worker.server.address):
             with pytest.raises(ReplicaError) as refused:
-                await oneshot.activate_worker(host, int(port), head.server.address, 0, token=token, tls=pki.trusting)
-            assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
-            assert "control token" in str(refused.value)
-        assert await members(head.server.address, pki.trusting) == []
-        await oneshot.activate_worker(host, int(port), head.server.address, 0, token="s3cret-token", tls=pki.trusting)
-        assert await post(head.server.address, pki.trusting) == "stamped"
+                await post(address, tls)
+            assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(ReplicaError):
+            await oneshot.activate_worker(host, int(port), head.server.address, 0, tls=tls)
+    assert await members(head.server.address, pki.client) == []  # nobody joined
+    await oneshot.activate_worker(host, int(port), head.server.address, 0, tls=pki.client)
+    assert await post(head.server.address, pki.client) == "stamped"
+
+
+async def test_tls_head_without_client_ca_wants_the_token_for_membership(pki, runtimes):
+    head = await runtimes(Head("secure", ServerConfig(tls=pki.server, control_token="s3cret-token"),
+                               pool=GrpcConnectionPool(tls=pki.trusting)))
+    worker = await runtimes(Worker(Stamp.create(), ServerConfig(tls=pki.server)))
+    host, port = worker.server.address.rsplit(":", 1)
+    for token in (None, "wrong-token", "s3cret-token "):
         with pytest.raises(ReplicaError) as refused:
-            await oneshot.deactivate_worker(host, int(port), head.server.address, 0, tls=pki.trusting)
+            await oneshot.activate_worker(host, int(port), head.server.address, 0, token=token, tls=pki.trusting)
         assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
-        assert await members(head.server.address, pki.trusting) == [worker.server.address]
-    finally:
-        await worker.stop(0)
-        await head.stop(0)
+        assert "control token" in str(refused.value)
+    assert await members(head.server.address, pki.trusting) == []
+    await oneshot.activate_worker(host, int(port), head.server.address, 0, token="s3cret-token", tls=pki.trusting)
+    assert await post(head.server.address, pki.trusting) == "stamped"
+    with pytest.raises(ReplicaError) as refused:
+        await oneshot.deactivate_worker(host, int(port), head.server.address, 0, tls=pki.trusting)
+    assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert await members(head.server.address, pki.trusting) == [worker.server.address]
 
 
 # -- the command line: flags, processes -------------------------------------------------------------
@@ -190,8 +174,10 @@ async def test_command_line_mutual_tls_head_and_worker(pki, tmp_path):
         with pytest.raises(ReplicaError):
             await post(head_address, pki.trusting)
     finally:
-        stop_all([worker, head])
-    assert worker.popen.returncode == 0 and head.popen.returncode == 0, (head.tail(), worker.tail())
+        stop_all([worker])  # the worker first: its DEACTIVATE must not race the head's own shutdown
+        stop_all([head])
+    codes = {"worker": worker.popen.returncode, "head": head.popen.returncode}
+    assert codes == {"worker": 0, "head": 0}, (codes, head.tail(), worker.tail())
 
 
 def test_servers_listen_on_loopback_unless_told_otherwise():

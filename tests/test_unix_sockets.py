@@ -103,9 +103,11 @@ async def test_a_stale_socket_is_replaced_and_a_live_one_refused(socket_dir, run
     assert response.docs[0].tags["by"] == "a"
 
     second = unix_worker(path, "b")
-    with pytest.raises(ConfigurationError, match="another server is listening"):
-        await second.start()
-    await second.stop(0)
+    try:
+        with pytest.raises(ConfigurationError, match="another server is listening"):
+            await second.start()
+    finally:  # stopped also when a regression lets it start
+        await second.stop(0)
     response = await oneshot.send_request_async(DataRequest([Document()], endpoint="/tag"), f"unix:{path}")
     assert response.docs[0].tags["by"] == "a", "the refused server took the socket over"
     assert worker.server.unix_address == f"unix:{path}"
@@ -116,9 +118,11 @@ async def test_a_file_in_the_way_or_a_missing_folder_is_a_clear_error(socket_dir
     Path(in_the_way).write_text("keep me")
     for path, cause in ((in_the_way, "not a socket"), (f"{socket_dir}/missing/w.sock", "folder missing")):
         worker = unix_worker(path, "a")
-        with pytest.raises(ConfigurationError, match=cause):
-            await worker.start()
-        await worker.stop(0)
+        try:
+            with pytest.raises(ConfigurationError, match=cause):
+                await worker.start()
+        finally:
+            await worker.stop(0)
     assert Path(in_the_way).read_text() == "keep me"
 
 
