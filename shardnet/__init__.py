@@ -25,8 +25,7 @@ from shardnet.protocol.documents import Document, DocumentList
 from shardnet.protocol.messages import ControlRequest, DataRequest
 from shardnet.runtimes.deployment import Deployment
 from shardnet.runtimes.executor import Executor, requests
-
-__version__ = "0.1.0"
+from shardnet.version import __version__
 
 __all__ = [
     "ClientTls",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -118,6 +119,14 @@ def test_create_sets_runtime_args_before_init_and_passes_uses_with():
 
 
 # -- loading by --uses ----------------------------------------------------------------------------
+
+
+def test_a_file_that_fails_to_load_leaves_no_half_module_behind(tmp_path):
+    broken = tmp_path / "broken_executor.py"
+    broken.write_text("def oops(:\n")
+    with pytest.raises(SyntaxError):  # the user's own error, with its line, not a wrapper
+        load_executor_class(f"{broken}:Broken")
+    assert "shardnet_user_broken_executor" not in sys.modules
 
 
 def test_load_executor_class_by_module_and_by_file_path():

@@ -429,6 +429,22 @@ async def test_jinas_logger_compression_and_channel_options_are_taken(pool_facto
         GrpcConnectionPool(options=[], channel_options=[])
 
 
+async def test_bad_calls_are_configuration_errors_naming_what_is_wrong(pool, echo_servers):
+    [server] = await echo_servers(1)
+    pool.add_connection("dep", server.address)
+    with pytest.raises(ConfigurationError, match="method 'process_data': expected one of"):
+        await pool.call(DataRequest(), "dep", pool.get_replicas("dep"), method="process_data")
+    with pytest.raises(ConfigurationError, match="send_requests to 'dep' needs at least one request"):
+        pool.send_requests([], "dep")
+    with_dict = GrpcConnectionPool(metadata={"tenant": "a"})  # a dict, as Jina callers write metadata
+    with_dict.add_connection("dep", server.address)
+    try:
+        await send_one(with_dict)
+        assert server.received_metadata[-1]["tenant"] == "a"
+    finally:
+        await with_dict.close()
+
+
 def test_polling_type_reads_and_prints_as_jinas_does():
     assert str(PollingType.ALL) == "ALL" and f"{PollingType.ANY}" == "ANY"
     assert PollingType.from_string("all") is PollingType.ALL and int(PollingType.ALL) == 2

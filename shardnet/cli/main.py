@@ -8,23 +8,15 @@ exit code.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import logging
 import sys
 from typing import Optional, Sequence
 
 from shardnet.cli import demo, deploy, head, k8s, send, status, worker
 from shardnet.errors import ShardnetError
+from shardnet.version import installed_version
 
 SUBCOMMANDS = (worker, head, deploy, send, status, demo, k8s)
-
-
-def installed_version() -> str:
-    """The version of the installed ``shardnet`` distribution, from its package metadata."""
-    try:
-        return importlib.metadata.version("shardnet")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (shardnet is not installed; run pip install -e .)"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -230,7 +230,7 @@ class ListWatch:
                     )
                     return
                 except aiohttp.ClientError as error:
-                    if not received and asyncio.get_running_loop().time() - opened < 1.0:
+                    if not received and asyncio.get_running_loop().time() - opened < VERY_SHORT_WATCH:
                         # dropped as soon as opened: back off rather than spin against a sick server
                         raise Unavailable(f"watch stream dropped at once: {error}") from error
                     logger.info(

@@ -14,6 +14,7 @@ import itertools
 import math
 import random
 import time
+import types
 from typing import Any, Protocol, Sequence
 
 from shardnet.errors import ConfigurationError
@@ -135,7 +136,7 @@ class PeakEwma:
         return len(load.outstanding) if load else 0
 
 
-BALANCERS = {RoundRobin.name: RoundRobin, PeakEwma.name: PeakEwma}
+BALANCERS = types.MappingProxyType({RoundRobin.name: RoundRobin, PeakEwma.name: PeakEwma})  # read-only
 
 
 def make_balancer(name: str) -> Balancer:

@@ -31,6 +31,7 @@ class PollingType(enum.IntEnum):
 
     @classmethod
     def parse(cls, value: Union[str, int, "PollingType"]) -> "PollingType":
+        """``"ANY"``/``"all"``, 1/2 or a PollingType; anything else is a ConfigurationError."""
         if isinstance(value, PollingType):
             return value
         try:

@@ -10,6 +10,7 @@ never parsed beyond what someone reads.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -26,6 +27,7 @@ from shardnet.networking.balancing import make_balancer
 from shardnet.networking.channels import (
     ChannelOptions,
     MetadataCache,
+    Stubs,
     checked_options,
     create_async_channel_stub,
     compression_options,
@@ -42,6 +44,7 @@ from shardnet.protocol.messages import ControlRequest, DataRequest
 logger = logging.getLogger(__name__)
 
 Metadata = Union[Sequence[tuple[str, str]], Mapping[str, str]]
+_METHODS = frozenset(field.name for field in dataclasses.fields(Stubs))  # what ``call`` may name
 Reply = tuple[Any, Any]
 
 
@@ -124,10 +127,10 @@ class GrpcConnectionPool:
         self._logger = logger
         self._deployments: dict[str, _Deployment] = {}
         try:
-            self._metadata_cache = MetadataCache(fixed=metadata)
+            fixed = tuple(metadata.items()) if isinstance(metadata, Mapping) else metadata  # a dict, as in Jina
+            self._metadata_cache = MetadataCache(fixed=fixed)
         except ProtocolError as exc:
             raise ConfigurationError(f"the pool's metadata: {exc}") from None
-        self._started = False
 
     # -- membership -----------------------------------------------------------
 
@@ -185,12 +188,14 @@ class GrpcConnectionPool:
         return None
 
     def get_replicas(self, deployment: str, head: bool = False, shard_id: int = 0) -> Optional[ReplicaList]:
+        """The ReplicaList of one shard (or of the head), or None when the pool does not know it."""
         entry = self._deployments.get(deployment)
         if entry is None:
             return None
         return entry.head if head else entry.shards.get(shard_id)
 
     def shard_ids(self, deployment: str) -> list[int]:
+        """The shard ids the pool knows for ``deployment``, in order (empty shards included)."""
         entry = self._deployments.get(deployment)
         return sorted(entry.shards) if entry else []
 
@@ -264,6 +269,8 @@ class GrpcConnectionPool:
         Raises ReplicaError (or DeadlineExceeded) naming deployment, shard and
         replica, or RoutingError when the list has no replica at all.
         """
+        if method not in _METHODS:
+            raise ConfigurationError(f"method {method!r}: expected one of {', '.join(sorted(_METHODS))}")
         self.retry_budget.record_request()
         metadata = self._metadata_cache.get(metadata)
         timeout = self.timeout if timeout is None else timeout
@@ -444,7 +451,7 @@ class GrpcConnectionPool:
         ``retries`` as in Jina: failovers per call, negative for the pool's policy.
         """
         if not requests:
-            raise ValueError("send_requests needs at least one request")
+            raise ConfigurationError(f"send_requests to {deployment!r} needs at least one request")
         check_timeout(timeout)
         _check_retries(retries)
         method, payload = self._method_for(requests)
@@ -526,7 +533,6 @@ class GrpcConnectionPool:
 
     def start(self) -> None:
         """Begin background work (the base pool has none; Kubernetes discovery starts watching here)."""
-        self._started = True
 
     async def close(self) -> None:
         """Close every channel of every deployment."""
@@ -535,7 +541,6 @@ class GrpcConnectionPool:
             lists = ([entry.head] if entry.head else []) + list(entry.shards.values())
             for replicas in lists:
                 await replicas.close()
-        self._started = False
 
     async def __aenter__(self) -> "GrpcConnectionPool":
         self.start()

@@ -32,6 +32,19 @@ module_logger = logging.getLogger(__name__)
 RETIRED_CHANNEL_GRACE = 24 * 3600.0
 
 
+async def _finish_or_cut(closings: dict[asyncio.Task, Any], grace: float) -> None:
+    """Give background closes ``grace`` seconds; those still waiting on calls stop waiting and close at once
+    (their calls are cut: ``ReplicaList.call`` reports them as UNAVAILABLE)."""
+    if not closings:
+        return
+    _, pending = await asyncio.wait(closings, timeout=grace)
+    for closing in pending:
+        closing.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    for closing in pending:
+        await closings[closing].close(None)
+
+
 class Connection:
     """One replica: its address, its channel and the method callables on it."""
 
@@ -95,13 +108,7 @@ class Connection:
         self._closed.add(self.channel)
         await self.channel.close(grace)
         retiring, self._retiring = dict(self._retiring), {}
-        if retiring:
-            _, pending = await asyncio.wait(retiring, timeout=grace or 0)
-            for closing in pending:  # still waiting on a call: stop waiting and cut it
-                closing.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            for closing in pending:
-                await retiring[closing].close(None)
+        await _finish_or_cut(retiring, grace or 0)
 
     def __repr__(self) -> str:
         return f"<Connection {self.address} failures={self.failures}>"
@@ -174,12 +181,15 @@ class ReplicaList:
         return connection
 
     def has_connection(self, address: str) -> bool:
+        """True when ``address`` is one of this list's replicas, ejected or not."""
         return parse_address(address).target in self._connections
 
     def has_connections(self) -> bool:
+        """True when the list holds any replica, ejected or not."""
         return bool(self._connections)
 
     def get_all_connections(self) -> list[Connection]:
+        """Every replica, ejected ones included."""
         return list(self._connections.values())
 
     @property
@@ -198,6 +208,7 @@ class ReplicaList:
         return self.balancer.pick(self._eligible)
 
     def eligible(self) -> Sequence[Connection]:
+        """The replicas a pick may choose from: all but the ejected (a live view, do not modify)."""
         return self._eligible
 
     def _admit(self, connection: Connection) -> None:
@@ -215,9 +226,6 @@ class ReplicaList:
             self._position[last] = index
 
     # -- outcomes ----------------------------------------------------------
-
-    def record_success(self, connection: Connection) -> None:
-        connection.failures = 0
 
     def record_failure(self, connection: Connection, code: grpc.StatusCode) -> None:
         """Count a transport failure; rebuild the channel and eject the replica when they pile up."""
@@ -331,13 +339,7 @@ class ReplicaList:
             self.balancer.forget(connection)
             await connection.close(grace=0.5)
         leaving, self._leaving = dict(self._leaving), {}
-        if leaving:
-            _, pending = await asyncio.wait(leaving, timeout=0.5)
-            for closing in pending:  # still waiting on a call: stop waiting and cut it
-                closing.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
-            for closing in pending:
-                await leaving[closing].close(None)
+        await _finish_or_cut(leaving, 0.5)
 
     def __repr__(self) -> str:
         ejected = len(self._connections) - len(self._eligible)

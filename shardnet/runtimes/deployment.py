@@ -328,7 +328,7 @@ class Deployment:
         return self.head
 
     def stop(self) -> None:
-        """Stop every process: head first (no new traffic), then the rest, all drains overlapping."""
+        """Stop every process: SIGTERM to all at once, the head's first (no new traffic), so the drains overlap."""
         stop_all(self.processes)
         if self._finalizer is not None:
             self._finalizer.detach()

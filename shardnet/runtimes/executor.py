@@ -146,8 +146,12 @@ def load_executor_class(uses: str) -> type[Executor]:
             if spec is None or not path.exists():
                 raise ConfigurationError(f"--uses {uses!r}: no such file {path}")
             module = importlib.util.module_from_spec(spec)
-            sys.modules[spec.name] = module
-            spec.loader.exec_module(module)
+            sys.modules[spec.name] = module  # as import does: the module's own code may look itself up
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:  # its own error (a SyntaxError, say) goes on with its traceback, no half module
+                del sys.modules[spec.name]
+                raise
         else:
             module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -390,10 +390,12 @@ class Head:
         await self.pool.close()
 
     async def start(self) -> None:
+        """Serve, and start lease expiry and discovery-driven readiness where configured."""
         self._begin()
         await self.server.start()
 
     async def stop(self, grace: Optional[float] = None) -> None:
+        """Stop serving, letting calls in flight finish within ``grace`` seconds, then close the pool."""
         await self.server.drain(grace)
         await self._end()
 

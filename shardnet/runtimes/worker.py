@@ -260,6 +260,7 @@ class Worker:
                 logger.warning("head %s did not take our registration: %s%s", self._head, exc, _tls_hint(exc))
 
     async def deregister(self) -> None:
+        """Tell the head to stop routing here (DEACTIVATE) and stop renewing the registration."""
         if self._keep_registered is not None:
             self._keep_registered.cancel()
             await asyncio.gather(self._keep_registered, return_exceptions=True)
@@ -275,9 +276,12 @@ class Worker:
             await asyncio.sleep(SETTLE_QUIET / 4)
 
     async def start(self) -> None:
+        """Serve (the Executor is built already); joining a head is ``register()``, as ``run()`` does once ready."""
         await self.server.start()
 
     async def stop(self, grace: Optional[float] = None) -> None:
+        """Stop renewing any registration and stop serving, with ``grace`` seconds for calls in flight
+        (``deregister()`` first tells the head to route elsewhere, as ``run()`` does)."""
         if self._keep_registered is not None:  # registered but stopped without deregister: stop renewing
             self._keep_registered.cancel()
             await asyncio.gather(self._keep_registered, return_exceptions=True)
