@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -174,6 +175,15 @@ def _children(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             found.append(int(stat.parent.name))
     return found
+
+
+async def test_send_and_status_against_a_server_answering_garbage_say_so_without_a_traceback(garbage_server):
+    address = garbage_server.address
+    for command in (("send", address, "--endpoint", "/x", "--timeout", "5"), ("status", address)):
+        result = await asyncio.to_thread(shardnet, *command)  # the garbage server answers on this loop meanwhile
+        assert result.returncode != 0, (command, result.stdout)
+        assert address in result.stderr and "malformed" in result.stderr, (command, result.stderr)
+        assert "Traceback" not in result.stderr, (command, result.stderr)
 
 
 def test_send_to_nothing_fails_with_a_message_naming_the_address(dead_address):

@@ -344,6 +344,30 @@ async def test_a_uses_before_or_after_answering_garbage_is_named_not_blamed_on_t
     assert f"replica {garbage_server.address}: malformed DataRequest (3 bytes)" in str(caught.value)
 
 
+@pytest.mark.parametrize("role", ["uses_before", "uses_after"])
+async def test_a_dead_uses_before_or_after_is_named(runtimes, dead_address, role):
+    [worker] = await shard_workers(runtimes, executors.Tagger, 1)
+    head = await runtimes(Head("wrapped", connections={0: [worker.server.address]}, **{role: dead_address}))
+    with pytest.raises(ReplicaError) as caught:
+        await send(head.server.address, "/tag", [Document(text="a")])
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert f"'wrapped/{role}'" in str(caught.value) and dead_address in str(caught.value)
+
+
+async def test_a_dead_replica_beside_a_live_one_is_failed_over_and_a_dead_shard_is_named(runtimes, dead_address):
+    [live] = await shard_workers(runtimes, executors.Tagger, 1)
+    head = await head_over(runtimes, "halfdead", [live], "ANY")
+    head.pool.add_connection("halfdead", dead_address, shard_id=0)
+    for _ in range(4):  # whichever replica the balancer picks first, the answer comes from the live one
+        [doc] = (await send(head.server.address, "/tag", [Document(text="a")])).docs
+        assert doc.tags["by"] == "tagger"
+    head.pool.add_connection("halfdead", dead_address, shard_id=1)  # a second shard whose only replica is dead
+    head.polling = PollingMap.parse("ALL")
+    response, trailing = await send_with_trailing(head.server.address, "/tag", [Document(text="b")])
+    assert response.is_error and "shard 1" in response.status.description and dead_address in response.status.description
+    assert dict(trailing)["failed_shards"] == "1"
+
+
 # -- forwarding on the wire ------------------------------------------------------------------
 
 
