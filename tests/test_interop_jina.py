@@ -176,6 +176,25 @@ class JinaProcess:
         self.popen.wait(10)
 
 
+async def jina_script(folder: Path, source: str, *arguments: str) -> dict:
+    """Run ``source`` in the Jina environment (killed past the timeout); the JSON of its ``RESULT`` line."""
+    script = folder / "jina_side.py"
+    script.write_text(source)
+    child = await asyncio.create_subprocess_exec(
+        str(JINA_PYTHON), str(script), *arguments, cwd=folder, env=jina_env(),
+        stdin=subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        output, _ = await asyncio.wait_for(child.communicate(), READY_TIMEOUT)
+    finally:
+        if child.returncode is None:
+            child.kill()
+            await child.wait()
+    text = output.decode(errors="replace")
+    assert child.returncode == 0, text
+    return json.loads(next(line for line in text.splitlines() if line.startswith("RESULT "))[len("RESULT ") :])
+
+
 async def call(address: str, endpoint: str, docs, parameters=None) -> tuple[DataRequest, dict]:
     request = DataRequest(list(docs), endpoint=endpoint, parameters=parameters)
     response, trailing = await oneshot.call_once(
@@ -300,28 +319,7 @@ async def test_jina_head_polling_all_gathers_the_dict_results_of_shardnet_shards
 async def test_jina_connection_pool_calls_a_shardnet_worker_and_head(jina_peer, tmp_path, runtimes):
     worker = await runtimes(Worker(executors.Tagger.create(label="shardnet")))
     head = await runtimes(Head("tagging", connections={0: [worker.server.address]}))
-    script = tmp_path / "jina_client.py"
-    script.write_text(textwrap.dedent(JINA_POOL_CLIENT))
-    client = await asyncio.create_subprocess_exec(
-        str(JINA_PYTHON),
-        str(script),
-        worker.server.address,
-        head.server.address,
-        cwd=tmp_path,
-        env=jina_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        output, _ = await asyncio.wait_for(client.communicate(), READY_TIMEOUT)
-    finally:
-        if client.returncode is None:
-            client.kill()
-            await client.wait()
-    text = output.decode(errors="replace")
-    assert client.returncode == 0, text
-    result = json.loads(next(line for line in text.splitlines() if line.startswith("RESULT "))[len("RESULT ") :])
+    result = await jina_script(tmp_path, textwrap.dedent(JINA_POOL_CLIENT), worker.server.address, head.server.address)
 
     tag = result["tag"]
     assert tag["code"] == 0 and tag["request_id"] == tag["sent_request_id"]
@@ -372,21 +370,7 @@ async def test_sparse_tensors_cross_to_docarray_and_back(jina_peer, tmp_path):
     """A sparse matrix we write is one docarray reads (scipy's coo); torch's (ndim, nnz) layout reads right here."""
     ours = docarray_pb2.NdArrayProto()
     ndarray.write_sparse(np.array([[0, 1], [2, 0]]), np.array([5.0, 7.0]), (3, 2), ours)
-    script = tmp_path / "docarray_sparse.py"
-    script.write_text(DOCARRAY_SPARSE)
-    child = await asyncio.create_subprocess_exec(
-        str(JINA_PYTHON), str(script), ours.SerializeToString().hex(),
-        env=jina_env(), stdin=subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        output, _ = await asyncio.wait_for(child.communicate(), READY_TIMEOUT)
-    finally:
-        if child.returncode is None:
-            child.kill()
-            await child.wait()
-    text = output.decode(errors="replace")
-    assert child.returncode == 0, text
-    result = json.loads(next(line for line in text.splitlines() if line.startswith("RESULT "))[len("RESULT ") :])
+    result = await jina_script(tmp_path, DOCARRAY_SPARSE, ours.SerializeToString().hex())
     assert result["read"] == [[0, 5.0], [0, 0], [7.0, 0]]
     theirs = docarray_pb2.NdArrayProto()
     theirs.ParseFromString(bytes.fromhex(result["torch"]))
