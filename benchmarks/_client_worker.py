@@ -1,11 +1,13 @@
-"""A benchmark client in a process of its own, driven by JSON lines on stdin.
+"""A benchmark client process, driven by JSON lines on stdin.
 
-Runs in shardnet's virtual environment (impls ``bare`` and ``shardnet``) or in
-the Jina peer's (``bare`` and ``jina``); it imports shardnet or jina only for
-the impl that needs it. Each ``run`` answers one JSON line with the request
-count, wall time, this process's CPU time (``time.process_time``) and every
-latency, so the parent can interleave rounds across workers and measure each
-client process alone.
+Runs in shardnet's virtual environment (impls ``bare``, ``bare-task``,
+``shardnet``, ``shardnet-call``) or in the Jina peer's (``bare`` and ``jina``);
+it imports shardnet or jina only for the impl that needs it. One process may
+hold several impls, run one at a time: each ``run`` collects garbage first (so
+one impl's leftovers are not collected on another's clock), then answers one
+JSON line with the request count, wall time, this process's CPU time during
+the run (``time.process_time``) and every latency, so the parent can
+interleave rounds across workers.
 
     {"cmd": "run", "impl": "bare", "n": 4000, "payload": "/tmp/x.bin", "concurrency": 64}
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import sys
 import time
@@ -227,6 +230,7 @@ def main() -> int:
                 concurrency = command.get("concurrency", args.concurrency)
                 runner = client(command["impl"], command.get("balancer", "round_robin"))
                 coroutine = closed_loop(runner, payloads[path], command["n"], concurrency)
+                gc.collect()  # outside the timed run: the previous impl's garbage is not this one's cost
                 if command.get("profile"):
                     import cProfile
 

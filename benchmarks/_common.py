@@ -203,7 +203,8 @@ class Tally:
 
     @property
     def rps(self) -> float:
-        return self.requests / self.wall if self.wall else math.nan
+        """Answered requests per second: a failure that came back fast is no throughput."""
+        return (self.requests - self.failures) / self.wall if self.wall else math.nan
 
     @property
     def cpu_per_request_us(self) -> float:
@@ -255,7 +256,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def verdict(label: str, value: float, op: str, target: float) -> str:
     met = value <= target if op == "<=" else value >= target
-    return f"  [{'met' if met else 'MISSED'}] {label}: {value:.3f} (target {op} {target:g})"
+    shown = f"{value:.3f}" if isinstance(value, float) else str(value)  # a count stays a count
+    return f"  [{'met' if met else 'MISSED'}] {label}: {shown} (target {op} {target:g})"
 
 
 def exit_on_sigterm() -> None:

@@ -4,7 +4,9 @@ It holds one bare grpc.aio client (``_client_worker.Bare``: one channel, bytes
 in and out) per named target and answers each ``run`` with one JSON line in
 the shape of ``_client_worker.closed_loop`` (request count, wall time, this
 client's CPU, every latency): ``n`` requests, or as many as ``seconds`` allow.
-The endpoint travels as gRPC metadata, as a gateway sends it.
+The endpoint travels as gRPC metadata, as a gateway sends it. ``check`` sends
+one request and decodes its answer (status, documents), which the timed runs
+never do: a head answering gRPC-OK with an ERROR status would count as served.
 
     python _head_client.py --loop uvloop direct=127.0.0.1:5001 head=127.0.0.1:5002
     {"cmd": "run", "target": "head", "endpoint": "/index", "payload": "/tmp/index.bin", "seconds": 0.7}
@@ -51,7 +53,7 @@ def main() -> int:
                 continue
             try:
                 command = json.loads(line)
-                if command.get("cmd") != "run":
+                if command.get("cmd") not in ("run", "check"):
                     raise ValueError(f"unknown command {command.get('cmd')!r}")
                 name = command["target"]
                 if name not in clients:
@@ -62,6 +64,9 @@ def main() -> int:
                 if path not in payloads:
                     payloads[path] = Path(path).read_bytes()
                 concurrency = command.get("concurrency", args.concurrency)
+                if command["cmd"] == "check":
+                    reply(loop.run_until_complete(check(client, payloads[path])))
+                    continue
                 if "seconds" in command:
                     run = timed_loop(client, payloads[path], command["seconds"], concurrency)
                 else:
@@ -103,6 +108,15 @@ async def timed_loop(client: Bare, payload: bytes, seconds: float, concurrency: 
     wall, cpu, loop_cpu = clock() - wall0, time.process_time() - cpu0, time.thread_time() - thread0
     return {"n": len(latencies), "wall": wall, "cpu": cpu, "loop_cpu": loop_cpu, "failures": failures,
             "lat": [round(value, 7) for value in latencies]}
+
+
+async def check(client: Bare, payload: bytes) -> dict:
+    """One request, its answer decoded: the status code and description and the number of documents."""
+    from shardnet.protocol.proto import jina_pb2
+
+    answer = jina_pb2.DataRequestProto.FromString(await client.send(payload))
+    status = answer.header.status
+    return {"code": status.code, "description": status.description, "docs": len(answer.data.docs.docs)}
 
 
 async def _make_client(address: str) -> Bare:

@@ -30,7 +30,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # before grpc is imported: no INFO lines in the tables
 
-from _common import EchoProcess, machine_line, new_event_loop, percentile, start_all, stop_all, table, verdict
+from _common import (
+    EchoProcess, machine_line, new_event_loop, percentile, rotated, start_all, stop_all, table, verdict,
+)
 
 BALANCERS = ("round_robin", "p2c_ewma")
 STOPPED: set[int] = set()  # pids this run SIGSTOPped and has not continued yet
@@ -118,8 +120,8 @@ async def slow_scenario(args, request_bytes: bytes):
             for concurrency in args.concurrency:
                 records = {balancer: [] for balancer in BALANCERS}
                 seconds = collections.Counter()
-                for _ in range(args.rounds):
-                    for balancer in BALANCERS:
+                for round_index in range(args.rounds):
+                    for balancer in rotated(BALANCERS, round_index):  # neither always goes first
                         started = time.perf_counter()
                         await closed_loop(pools[balancer], request_bytes, concurrency, args.round_seconds,
                                           records[balancer])

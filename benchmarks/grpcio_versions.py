@@ -14,9 +14,9 @@ modules carry protobuf 7 gencode, and ``ValidateProtobufRuntimeVersion``
 refuses them on a protobuf 5 or 6 runtime (the ``committed pb2`` column says
 which venvs could import them as committed).
 
-Two echo servers run in one child process (the repository's own venv); every
-client runs in a worker process of its own, so its CPU time is that client's
-alone. After an excluded warm-up, rounds are interleaved across all versions
+Two echo servers run in one child process (the repository's own venv); each
+grpcio version's venv has a worker process running its two clients one at a
+time, so the CPU time around a run is that client's. After an excluded warm-up, rounds are interleaved across all versions
 and both clients (the starting point rotates every round), all against the
 same servers; a second worker on the baseline venv (``control``) shows how
 far two identical clients drift apart in the same run.

@@ -424,10 +424,13 @@ def main(argv=None) -> int:
 
             for competitor in competitors:  # warm-up: connections, caches, the JIT-less interpreters' first calls
                 warm = competitor.run(client, args.warmup_seconds, payloads[competitor.endpoint], record=False)
-                if warm["failures"]:
+                answer = client.command(cmd="check", target=competitor.target, endpoint=competitor.endpoint,
+                                        payload=payloads[competitor.endpoint])
+                if warm["failures"] or answer["code"] != 0 or answer["docs"] != args.docs:
                     head = competitor.head or workers[0]
                     raise RuntimeError(f"{competitor.label}: {warm['failures']} of {warm['n']} warm-up requests "
-                                       f"failed; {head.label}'s log ends:\n{head.tail()}")
+                                       f"failed, a checked answer was {answer}; {head.label}'s log ends:\n"
+                                       f"{head.tail()}")
             for round_index in range(args.rounds):
                 for competitor in rotated(competitors, round_index):
                     competitor.run(client, args.round_seconds, payloads[competitor.endpoint], record=True)
@@ -463,6 +466,7 @@ def main(argv=None) -> int:
                 a.tally.p(0.99) / b.tally.p(0.99), cpu, cpu_rounds]
 
     ratios, checks = [], []
+    checks.append(verdict("failed requests, all rows", sum(c.tally.failures for c in competitors), "<=", 0))
     for loop in head_loops:
         suffix = f" [{loop}]" if len(head_loops) > 1 else ""
         ratios.append(ratio(f"shardnet ANY{suffix} / direct", f"shardnet head ANY{suffix}", "direct to one worker"))

@@ -2,10 +2,11 @@
 
 The end-to-end benchmarks cannot resolve a microsecond: on a shared 2-core
 machine their CPU per request moves by 10 % between rounds. Here every
-replica's ``process_single_data`` callable is replaced by a call that has
-already finished (it still serializes the request and wraps the reply bytes,
-as the real callable's serializer and deserializer do), so what is left is the
-Python that shardnet runs around a gRPC call, layer by layer:
+replica's ``process_single_data`` callable is replaced by a call whose reply
+arrives on the next pass of the event loop (it still serializes the request
+and wraps the reply bytes, as the real callable's serializer and deserializer
+do), so what is left is the Python that shardnet runs around a gRPC call,
+layer by layer:
 
 - ``finished call``: awaiting the stand-in alone, the floor of this harness;
 - ``finished call in a Task``: what ``asyncio.create_task`` adds, the price of
@@ -53,7 +54,11 @@ Row = tuple[str, Callable[[], Awaitable[Any]]]  # a label, and one request's wor
 
 
 class FinishedCall:
-    """Stands in for a ``grpc.aio`` unary call whose reply has arrived."""
+    """Stands in for a ``grpc.aio`` unary call whose reply arrives on the next pass of the event loop.
+
+    It suspends once, as a real call waits for its reply, so that with 64 requests in flight all 64
+    really are in flight together (a stand-in that never suspended would run them one after another).
+    """
 
     __slots__ = ("_reply",)
 
@@ -61,8 +66,8 @@ class FinishedCall:
         self._reply = reply
 
     def __await__(self):
+        yield  # a bare yield: the task is rescheduled on the next pass (what asyncio.sleep(0) does)
         return self._reply
-        yield  # noqa: unreachable - makes __await__ a generator, as an awaitable's must be
 
     async def trailing_metadata(self):
         return grpc.aio.Metadata.from_tuple(())  # as grpc.aio builds it from the call's status
