@@ -672,6 +672,22 @@ def test_a_pool_filled_outside_the_loop_that_sends_says_so():
         opening.close()
 
 
+def test_a_pool_used_again_after_its_loop_closed_says_so():
+    pool = GrpcConnectionPool()
+
+    async def fill():
+        pool.add_connection("dep", "127.0.0.1:5000")
+
+    async def send():
+        await pool.send_request(DataRequest(endpoint="/x"), "dep", timeout=2)[0]
+
+    asyncio.run(fill())  # the loop the channel belongs to ends here
+    with pytest.raises(ConfigurationError, match="dep/shard-0 replica 127.0.0.1:5000: its channel belongs to another"):
+        asyncio.run(send())
+    with pytest.raises(ConfigurationError, match="replica 127.0.0.1:5001: no event loop to open its channel in"):
+        pool.add_connection("dep", "127.0.0.1:5001")  # no loop at all now
+
+
 def test_a_polling_key_without_its_slash_is_taken_as_written_and_warned_about(caplog):
     with caplog.at_level("WARNING", logger="shardnet.networking.polling"):
         polling = PollingMap.parse({"search": "ALL"})

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -188,3 +190,49 @@ def test_max_message_mb_sets_every_process_and_post_at_once():
 def test_a_bad_max_message_mb_is_refused_where_it_is_given(size):
     with pytest.raises(ConfigurationError, match="max_message_mb"):
         Deployment(executors.Tagger, max_message_mb=size)
+
+
+ORPHAN_SCRIPT = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import executors
+from shardnet import Deployment
+
+if __name__ == "__main__":
+    with Deployment(executors.Tagger, name="orphans", replicas=2) as deployment:
+        print(" ".join(str(process.pid) for process in deployment.processes), flush=True)
+        time.sleep(120)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_processes_of_a_deployment_killed_with_sigkill_stop_on_their_own(tmp_path):
+    script = tmp_path / "orphans.py"
+    script.write_text(ORPHAN_SCRIPT)
+    parent = subprocess.Popen(
+        [sys.executable, str(script), str(Path(executors.__file__).parent)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    children: list[int] = []
+    try:
+        children = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(children) == 3 and all(_running(pid) for pid in children)
+        parent.kill()  # no finalizer, no signal handler runs: the children must notice by themselves
+        parent.wait(10)
+        deadline = time.monotonic() + 15
+        while any(_running(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in children if _running(pid)], "a child outlived its Deployment"
+    finally:
+        parent.kill()
+        for pid in children:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 
 import numpy as np
@@ -121,10 +122,31 @@ def test_create_sets_runtime_args_before_init_and_passes_uses_with():
 # -- loading by --uses ----------------------------------------------------------------------------
 
 
+def test_a_class_no_worker_could_import_is_refused_where_it_is_named():
+    def make():
+        class Local(Executor):
+            @requests
+            def handle(self, docs, **kwargs):
+                return None
+
+        return Local
+
+    with pytest.raises(ConfigurationError, match="defined inside a function"):
+        executor_reference(make())
+    session = subprocess.run(  # python -c: __main__ has no file a worker could load
+        [sys.executable, "-c", "from shardnet import Executor, requests\n"
+         "from shardnet.runtimes.executor import executor_reference\n"
+         "class U(Executor):\n    @requests\n    def f(self, docs, **kw): pass\n"
+         "executor_reference(U)"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert session.returncode != 0 and "no file behind it" in session.stderr, session.stderr
+
+
 def test_a_file_that_fails_to_load_leaves_no_half_module_behind(tmp_path):
     broken = tmp_path / "broken_executor.py"
     broken.write_text("def oops(:\n")
-    with pytest.raises(SyntaxError):  # the user's own error, with its line, not a wrapper
+    with pytest.raises(ConfigurationError, match=r"broken_executor.py, line 1: invalid syntax"):
         load_executor_class(f"{broken}:Broken")
     assert "shardnet_user_broken_executor" not in sys.modules
 

@@ -191,6 +191,17 @@ def test_the_shardnet_parser_accepts_the_rendered_commands() -> None:
         assert parsed.workspace in mounts  # writable under the read-only root filesystem
 
 
+def test_a_message_limit_reaches_the_head_and_every_worker() -> None:
+    spec = DeploymentSpec(name="big", image="i", uses="m:C", shards=2, max_message_mb=512)
+    head, workers = head_and_workers(render(spec), "Deployment")
+    for deployment in [head, *workers]:
+        assert build_parser().parse_args(container(deployment)["args"]).max_message_mb == 512
+    default_head, _ = head_and_workers(render(SPECS["defaults"]), "Deployment")
+    assert "--max-message-mb" not in container(default_head)["args"]
+    with pytest.raises(ConfigurationError, match="max_message_mb must be a number of megabytes above 0 and at most 2047"):
+        DeploymentSpec(name="big", image="i", uses="m:C", max_message_mb=2048)
+
+
 @pytest.mark.parametrize(
     "polling, argument", [("any", "ANY"), (" All ", "ALL"), ('{"/index": "all"}', '{"/index": "ALL", "*": "ANY"}')]
 )

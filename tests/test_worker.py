@@ -164,6 +164,15 @@ async def test_a_handler_calling_sys_exit_is_an_error_response_not_a_dead_worker
     assert not after.is_error and after.docs[0].tags["by"] == "t"
 
 
+async def test_an_answer_past_the_workers_own_limit_is_refused_by_name(runtimes):
+    worker = await runtimes(Worker(executors.Tagger.create(), ServerConfig(max_message_bytes=2**20)))
+    request = DataRequest([Document()], endpoint="/grow", parameters={"bytes": 2 * 2**20})
+    with pytest.raises(ReplicaError) as caught:
+        await oneshot.send_request_async(request, worker.server.address, timeout=10)
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "over this worker's max message size" in str(caught.value) and "/grow" in str(caught.value)
+
+
 async def test_unbound_endpoint_comes_back_byte_for_byte(runtimes):
     worker = await runtimes(Worker(executors.KnownOnly.create()))
     doc = Document(text="untouched", tags={"k": [1, "two"]})

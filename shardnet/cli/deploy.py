@@ -7,7 +7,7 @@ import contextlib
 import signal
 import threading
 
-from shardnet.cli.options import add_token_argument, control_token, json_object
+from shardnet.cli.options import add_token_argument, control_token, json_object, message_megabytes
 from shardnet.networking.balancing import BALANCERS
 from shardnet.runtimes.deployment import Deployment
 
@@ -24,6 +24,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--balancer", choices=sorted(BALANCERS), default="p2c_ewma")
     parser.add_argument("--workspace", help="folder the Executors keep state in")
+    parser.add_argument("--timeout", type=float, default=None, help="the head's default deadline of a call, seconds")
+    parser.add_argument(
+        "--attempt-timeout", type=float, default=None, help="the head gives up on one replica after this long"
+    )
+    parser.add_argument(
+        "--max-message-mb", type=message_megabytes, default=None,
+        help="largest message the head, the workers and their calls take, in MB (default 256)",
+    )
     add_token_argument(parser)
     parser.set_defaults(handler=run)
 
@@ -32,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
     uses_with = json_object(args.uses_with, "--uses-with")
     stop = threading.Event()
     # during startup SIGTERM acts as Ctrl-C does: Deployment.start stops what it had started, and we exit
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # a closed terminal stops it as Ctrl-C does
+        signal.signal(signum, signal.default_int_handler)
     with Deployment(
         args.uses,
         shards=args.shards,
@@ -45,8 +54,12 @@ def run(args: argparse.Namespace) -> int:
         balancer=args.balancer,
         workspace=args.workspace,
         control_token=control_token(args),
+        timeout=args.timeout,
+        attempt_timeout=args.attempt_timeout,
+        max_message_mb=args.max_message_mb,
     ) as deployment:
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, lambda *_: stop.set())
         print(deployment.table())
         print(f"\n{args.name} serves on {deployment.address} (Ctrl-C stops it)", flush=True)
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the wait as SIGTERM does

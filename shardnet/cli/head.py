@@ -105,4 +105,4 @@ async def serve(args: argparse.Namespace) -> int:
         shards=args.shards,
         lease=args.lease,
     )
-    return await head.run()
+    return await head.run(parent_pid=args.parent_pid)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from shardnet.cli.options import message_megabytes
 from shardnet.errors import ConfigurationError
 from shardnet.manifests.kubernetes import HEAD_RESOURCES, DeploymentSpec, Resources, render, render_components, to_yaml
 
@@ -40,6 +41,10 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     parser.add_argument("--balancer", default="p2c_ewma", help="the head's replica balancer (default: %(default)s)")
     parser.add_argument("--port", type=int, default=8080, help="gRPC port of every container (default: %(default)s)")
     parser.add_argument("--cpu", default=Resources.cpu, help="CPU request of each worker (default: %(default)s)")
+    parser.add_argument(
+        "--max-message-mb", type=message_megabytes, default=None,
+        help="largest message the head and workers take, in MB (default 256)",
+    )
     parser.add_argument("--memory", default=Resources.memory, help="memory request of each worker (default: %(default)s)")
     parser.add_argument(
         "--memory-limit",
@@ -91,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
             cpu=args.cpu, memory=args.memory, memory_limit=args.memory_limit, cpu_limit=args.cpu_limit
         ),
         head_resources=Resources(cpu=args.head_cpu, memory=args.head_memory, memory_limit=args.head_memory_limit),
+        max_message_mb=args.max_message_mb,
     )
     if args.output is None:
         sys.stdout.write(to_yaml(render(spec)))

@@ -11,13 +11,12 @@ import os
 from typing import Any, Coroutine, Optional
 
 from shardnet.errors import ConfigurationError
-from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_BYTES, check_control_token
+from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_MB, check_control_token
 from shardnet.networking.tls import ClientTls, ServerTls
 from shardnet.runtimes.server import ServerConfig
 
 TOKEN_VARIABLE = "SHARDNET_CONTROL_TOKEN"
 LOOPS = ("asyncio", "uvloop", "auto")
-MAX_MESSAGE_MB = MAX_MESSAGE_BYTES // 2**20  # 2047
 
 
 def _finite(text: str, what: str, unit: str) -> float:
@@ -73,6 +72,12 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
     )
     group.add_argument(
         "--drain-seconds", type=drain_seconds, default=10.0, help="grace for in-flight requests on SIGTERM"
+    )
+    group.add_argument(
+        "--parent-pid",
+        type=int,
+        metavar="PID",
+        help="stop (as on SIGTERM) when process PID exits; shardnet deploy and Deployment set it on their children",
     )
     group.add_argument(
         "--loop",

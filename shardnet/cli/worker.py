@@ -75,4 +75,4 @@ def run(args: argparse.Namespace) -> int:
         register_interval=args.register_interval,
         name=name,
     )
-    return run_in_loop(worker.run(), args.loop)
+    return run_in_loop(worker.run(parent_pid=args.parent_pid), args.loop)

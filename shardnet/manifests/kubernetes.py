@@ -35,6 +35,7 @@ import yaml
 
 from shardnet.errors import ConfigurationError
 from shardnet.networking.balancing import BALANCERS
+from shardnet.networking.channels import check_max_message_mb
 from shardnet.networking.polling import PollingMap
 from shardnet.protocol import services
 
@@ -167,6 +168,7 @@ class DeploymentSpec:
     head_resources: Resources = HEAD_RESOURCES
     termination_grace_seconds: int = 30
     pre_stop_seconds: int = 5
+    max_message_mb: Optional[float] = None  # None: the processes' default (256)
 
     def __post_init__(self) -> None:
         for what in ("shards", "replicas", "head_replicas"):
@@ -197,6 +199,8 @@ class DeploymentSpec:
         if not isinstance(self.polling, str):
             raise ConfigurationError(f"polling must be ANY, ALL or a JSON map as text, got {self.polling!r}")
         PollingMap.parse(self.polling)  # raises ConfigurationError naming what is wrong
+        if self.max_message_mb is not None:
+            check_max_message_mb(self.max_message_mb)
         if self.balancer not in BALANCERS:
             raise ConfigurationError(f"unknown balancer {self.balancer!r}: choose one of {', '.join(BALANCERS)}")
         if not _is_count(self.port) or not 1 <= self.port <= 65535:
@@ -383,6 +387,8 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
             "--workspace", WORKSPACE,
         ]  # fmt: skip
         volumes = {"tmp": "/tmp", "workspace": WORKSPACE}
+    if spec.max_message_mb is not None:  # head and workers alike: the head passes its workers' answers on
+        args += ["--max-message-mb", f"{spec.max_message_mb:g}"]
 
     def probe(period: int, timeout: int, failures: int, service: str = "") -> dict[str, Any]:
         # the standard grpc.health.v1 service: "" is the server's overall status (alive), READY_SERVICE

@@ -29,6 +29,7 @@ from shardnet.protocol.proto import jina_pb2
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's message size limits are 32-bit signed byte counts
+MAX_MESSAGE_MB = MAX_MESSAGE_BYTES // 2**20  # 2047: the largest whole number of MB under it
 ChannelOptions = Sequence[tuple[str, Any]]
 
 
@@ -63,6 +64,13 @@ def compression_options(compression: Union[str, grpc.Compression, None]) -> tupl
     if not isinstance(compression, grpc.Compression):
         raise ConfigurationError(f"compression takes a grpc.Compression or its name, got {compression!r}")
     return (("grpc.default_compression_algorithm", int(compression)),)
+
+
+def check_max_message_mb(value: Any, what: str = "max_message_mb") -> float:
+    """A message size limit in MB as the processes' --max-message-mb takes it: above 0, at most MAX_MESSAGE_MB."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_MESSAGE_MB or value * 2**20 < 1:
+        raise ConfigurationError(f"{what} must be a number of megabytes above 0 and at most {MAX_MESSAGE_MB}, got {value!r}")
+    return float(value)
 
 
 def message_size_options(max_message_bytes: int) -> list[tuple[str, Any]]:

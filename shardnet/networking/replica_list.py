@@ -27,6 +27,9 @@ from shardnet.networking.tls import ClientTls
 
 module_logger = logging.getLogger(__name__)
 
+# asyncio's words when a channel made in one event loop is used from another (or after its loop closed)
+_OTHER_LOOP = ("attached to a different loop", "Event loop is closed")
+
 # how long a replaced or removed replica's channel waits for the calls still on it before it is closed
 # anyway: as long as they last, in practice (a call cut off here fails over, it is not lost, but it runs twice)
 RETIRED_CHANNEL_GRACE = 24 * 3600.0
@@ -70,7 +73,15 @@ class Connection:
         self._open()
 
     def _open(self) -> None:
-        self.channel = get_grpc_channel(self.address, options=self._options, asyncio=True, tls=self._tls)
+        try:
+            self.channel = get_grpc_channel(self.address, options=self._options, asyncio=True, tls=self._tls)
+        except RuntimeError as error:  # grpc.aio wants an event loop to attach the channel to
+            if "event loop" not in str(error):
+                raise
+            raise ConfigurationError(
+                f"replica {self.address}: no event loop to open its channel in; add connections from async code "
+                "in the loop that sends"
+            ) from None
         self.stubs = Stubs.for_channel(self.channel, origin=self._origin)
 
     def rebuild(self) -> None:
@@ -313,10 +324,11 @@ class ReplicaList:
             raise
         except RuntimeError as error:
             balancer.finished(connection, token, failed=True)
-            if "attached to a different loop" in str(error):  # asyncio's words for it
+            if any(words in str(error) for words in _OTHER_LOOP):
                 raise ConfigurationError(
-                    f"replica {connection.address}: its channel belongs to another event loop than the one "
-                    "sending; add connections from async code in the loop that sends (not before asyncio.run)"
+                    f"{self.name} replica {connection.address}: its channel belongs to another event loop than the "
+                    "one sending; add connections from async code in the loop that sends (not before asyncio.run, "
+                    "nor in an earlier one)"
                 ) from None
             raise
         except BaseException:

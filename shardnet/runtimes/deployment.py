@@ -25,7 +25,7 @@ from shardnet.errors import ConfigurationError, ExecutorError, ProcessError
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address, parse_address
 from shardnet.networking.balancing import make_balancer
-from shardnet.networking.channels import MAX_MESSAGE_BYTES, message_size_options
+from shardnet.networking.channels import check_max_message_mb, message_size_options
 from shardnet.networking.polling import PollingMap
 from shardnet.protocol.documents import Document, DocumentList
 from shardnet.protocol.messages import DataRequest
@@ -61,14 +61,6 @@ def _check_arguments(
     make_balancer(balancer)  # an unknown name fails here, with the same message the pool gives
     if not register_interval > 0 or not startup_timeout > 0:
         raise ConfigurationError("register_interval and startup_timeout must be positive seconds")
-
-
-def _max_message_mb(value: Any) -> float:
-    """``max_message_mb`` checked as the processes' --max-message-mb will check it, but here, where it was given."""
-    limit = MAX_MESSAGE_BYTES / 2**20
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= limit or value * 2**20 < 1:
-        raise ConfigurationError(f"max_message_mb must be a number of megabytes above 0 and at most {limit:g}, got {value!r}")
-    return float(value)
 
 
 def _uses_with_json(uses_with: Optional[Mapping[str, Any]]) -> str:
@@ -140,7 +132,7 @@ class Deployment:
         # one message size limit for every process and for post(): a head passes its workers' answers on
         self._size_arguments, self._post_options = [], None
         if max_message_mb is not None:
-            megabytes = _max_message_mb(max_message_mb)
+            megabytes = check_max_message_mb(max_message_mb)
             self._size_arguments = ["--max-message-mb", str(megabytes)]
             self._post_options = message_size_options(int(megabytes * 2**20))
             self._head_options += self._size_arguments

@@ -149,13 +149,15 @@ def load_executor_class(uses: str) -> type[Executor]:
             sys.modules[spec.name] = module  # as import does: the module's own code may look itself up
             try:
                 spec.loader.exec_module(module)
-            except BaseException:  # its own error (a SyntaxError, say) goes on with its traceback, no half module
+            except BaseException:  # no half-loaded module left behind, whatever its code raised
                 del sys.modules[spec.name]
                 raise
         else:
             module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigurationError(f"--uses {uses!r}: cannot import {module_name!r}: {exc}") from None
+    except SyntaxError as exc:  # a typo in the user's file: where it is, in one line (other errors keep a traceback)
+        raise ConfigurationError(f"--uses {uses!r}: {exc.filename}, line {exc.lineno}: {exc.msg}") from None
     executor_class = module
     for part in class_name.split("."):
         executor_class = getattr(executor_class, part, None)
@@ -169,6 +171,17 @@ def load_executor_class(uses: str) -> type[Executor]:
 def executor_reference(executor_class: type[Executor]) -> str:
     """The ``--uses`` text that lets another process load ``executor_class``."""
     module = sys.modules.get(executor_class.__module__)
-    if executor_class.__module__.startswith("shardnet.") or getattr(module, "__file__", None) is None:
+    if "<locals>" in executor_class.__qualname__:
+        raise ConfigurationError(
+            f"{executor_class.__qualname__} is defined inside a function: a worker process cannot import it; "
+            "define it at the top level of a module or script file"
+        )
+    file = getattr(module, "__file__", None)
+    if executor_class.__module__.startswith("shardnet.") or (file is None and executor_class.__module__ != "__main__"):
         return f"{executor_class.__module__}:{executor_class.__qualname__}"
-    return f"{Path(module.__file__).resolve()}:{executor_class.__qualname__}"
+    if file is None or not Path(file).is_file():  # python -c, stdin, a notebook: no file a worker could load
+        raise ConfigurationError(
+            f"{executor_class.__qualname__} is defined in {file or 'a session'} with no file behind it: a worker "
+            "process cannot import it; put it in a module or script file and pass that class (or 'FILE.py:CLASS')"
+        )
+    return f"{Path(file).resolve()}:{executor_class.__qualname__}"

@@ -399,11 +399,13 @@ class Head:
         await self.server.drain(grace)
         await self._end()
 
-    async def run(self) -> int:
-        """Serve until SIGTERM/SIGINT, then drain and close the pool."""
+    async def run(self, parent_pid: Optional[int] = None) -> int:
+        """Serve until SIGTERM/SIGINT (or until process ``parent_pid`` exits), then drain and close the pool."""
         self._begin()
         try:
-            return await serve_until_signalled(self.server, ready_line=f"shardnet head {self.deployment} ready on {{address}}")
+            return await serve_until_signalled(
+                self.server, ready_line=f"shardnet head {self.deployment} ready on {{address}}", parent_pid=parent_pid
+            )
         finally:
             await self._end()
 

@@ -47,9 +47,11 @@ class ShardnetProcess:
             raise ProcessError(f"{self.role} (pid {self.pid}) is still running: stop it before launching it again")
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.address = None
+        # a head or worker stops when this process goes, whatever ends it (kill -9, a closed terminal)
+        watch_parent = ["--parent-pid", str(os.getpid())] if self.arguments[:1] in (["head"], ["worker"]) else []
         with open(self.log_path, "ab") as log:
             self.popen = subprocess.Popen(
-                [sys.executable, "-m", "shardnet", *self.arguments],
+                [sys.executable, "-m", "shardnet", *self.arguments, *watch_parent],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -40,6 +40,8 @@ from shardnet.protocol.services import AUTHORIZATION_METADATA
 
 logger = logging.getLogger(__name__)
 
+PARENT_POLL_SECONDS = 0.5  # how soon a child notices that the process that launched it is gone
+
 RawHandler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
 
 
@@ -212,17 +214,33 @@ class Server:
             await self._server.wait_for_termination()
 
 
+async def _parent_exited(parent_pid: int) -> None:
+    """Return once the process that launched this one is gone (this one was handed to another parent)."""
+    while os.getppid() == parent_pid:
+        await asyncio.sleep(PARENT_POLL_SECONDS)
+    logger.warning("the process that launched this one (pid %d) exited: stopping", parent_pid)
+
+
 async def serve_until_signalled(
     server: Server,
     on_ready: Optional[Callable[[], Awaitable[None]]] = None,
     on_stop: Optional[Callable[[], Awaitable[None]]] = None,
     ready_line: Optional[str] = None,
+    parent_pid: Optional[int] = None,
 ) -> int:
-    """Start ``server``, print ``ready_line``, and on SIGTERM/SIGINT run ``on_stop`` then drain; return 0."""
+    """Start ``server``, print ``ready_line``, and on SIGTERM/SIGINT run ``on_stop`` then drain; return 0.
+
+    With ``parent_pid`` the same happens when that process exits, however it ended (kill -9 included):
+    a Deployment's children do not outlive it.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    orphaned = None
+    if parent_pid is not None:
+        orphaned = loop.create_task(_parent_exited(parent_pid))
+        orphaned.add_done_callback(lambda _: stop.set())
     await server.start()
     try:
         if on_ready is not None:
@@ -241,6 +259,8 @@ async def serve_until_signalled(
             except Exception as exc:  # the drain goes on: exiting cleanly matters more than the farewell
                 logger.warning("while stopping: %s", exc)
     finally:
+        if orphaned is not None:
+            orphaned.cancel()
         await server.drain()
     return 0
 

@@ -87,6 +87,7 @@ class Worker:
         self._keep_registered: Optional[asyncio.Task] = None
         self._last_call = 0.0  # time.monotonic() of the latest data call
         self.server = jina_server(config, self)
+        self._max_message_bytes = config.max_message_bytes
 
     @property
     def endpoints(self) -> list[str]:
@@ -158,7 +159,14 @@ class Worker:
             route.status.CopyFrom(first.status)
             context.set_trailing_metadata(ERROR_TRAILER)
         route.end_time.FromNanoseconds(time.time_ns())
-        return first.to_bytes()
+        answer = first.to_bytes()
+        if len(answer) > self._max_message_bytes:  # gRPC would refuse it with a bare "Sent message larger than max"
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.name}: the answer of {endpoint} is {len(answer)} bytes, over this worker's max message size "
+                f"of {self._max_message_bytes} bytes (--max-message-mb)",
+            )
+        return answer
 
     def _file_result(self, request: DataRequest, result: dict, handler_name: str) -> None:
         """Put a handler's dict under ``parameters["__results__"][worker name]``, as Jina's worker does."""
@@ -289,14 +297,16 @@ class Worker:
         await self.server.drain(grace)
         self._threads.shutdown(wait=False, cancel_futures=True)
 
-    async def run(self) -> int:
-        """Serve until SIGTERM/SIGINT: register with the head once ready, deregister then drain on stop."""
+    async def run(self, parent_pid: Optional[int] = None) -> int:
+        """Serve until SIGTERM/SIGINT (or until process ``parent_pid`` exits): register with the head once
+        ready, deregister then drain on stop."""
         try:
             return await serve_until_signalled(
                 self.server,
                 on_ready=self.register if self._head else None,
                 on_stop=self.deregister if self._head else None,
                 ready_line=f"shardnet worker {self.name} ready on {{address}}",
+                parent_pid=parent_pid,
             )
         finally:
             self._threads.shutdown(wait=False, cancel_futures=True)
