@@ -180,7 +180,7 @@ def test_a_worker_that_died_is_restarted_on_its_socket_and_served_at_once():
 
 def test_max_message_mb_sets_every_process_and_post_at_once():
     with Deployment(executors.Tagger, name="sized", max_message_mb=1) as deployment:
-        with pytest.raises(ReplicaError, match="larger than max") as caught:
+        with pytest.raises(ReplicaError, match="max message size") as caught:  # the worker's own, named
             deployment.post("/grow", [Document()], parameters={"bytes": 2 * 2**20})
         assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert len(deployment.post("/grow", [Document()], parameters={"bytes": 1000})[0].text) == 1000

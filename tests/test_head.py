@@ -150,7 +150,7 @@ async def test_a_one_off_call_takes_its_own_message_limit(runtimes):
     request = DataRequest(docs=[Document()], endpoint="/grow", parameters={"bytes": 2 * 2**20})
     with pytest.raises(ReplicaError, match="calling side's own message size limit"):
         await oneshot.send_request_async(
-            request, worker.server.address, timeout=10.0, options=message_size_options(2**20)
+            request, worker.server.address, timeout=10.0, channel_options=message_size_options(2**20)
         )
     response = await oneshot.send_request_async(request, worker.server.address, timeout=10.0)
     assert len(response.docs[0].text) == 2 * 2**20

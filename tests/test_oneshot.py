@@ -204,3 +204,13 @@ def test_the_grpc_poller_race_is_dropped_and_other_loop_errors_still_reported(ca
             assert "a real failure" in caplog.text and "boom" in caplog.text
     finally:
         loop.close()
+
+
+def test_jinas_positional_order_with_channel_options_as_a_dict(threaded_echo):
+    server = threaded_echo.start()
+    request = DataRequest(endpoint="/index")
+    # (request, target, timeout, tls, root_certificates, endpoint, channel_options): Jina's order
+    response = GrpcConnectionPool.send_request_sync(
+        request, server.address, 5.0, False, None, "/index", {"grpc.primary_user_agent": "jina-style"}
+    )
+    assert response.request_id == request.request_id

@@ -61,7 +61,7 @@ async def send(args: argparse.Namespace) -> int:
     request = DataRequest([Document(text=text) for text in args.text], endpoint=args.endpoint, parameters=parameters)
     response = await oneshot.send_request_async(
         request, args.target, timeout=deadline - loop.time(), tls=tls,
-        options=message_size_options(int(args.max_message_mb * 2**20)),
+        channel_options=message_size_options(int(args.max_message_mb * 2**20)),
     )
     print(json.dumps(describe(response), indent=2))
     return 1 if response.is_error else 0

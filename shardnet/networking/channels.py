@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import grpc
 import grpc.aio
@@ -30,7 +30,7 @@ from shardnet.protocol.proto import jina_pb2
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's message size limits are 32-bit signed byte counts
 MAX_MESSAGE_MB = MAX_MESSAGE_BYTES // 2**20  # 2047: the largest whole number of MB under it
-ChannelOptions = Sequence[tuple[str, Any]]
+ChannelOptions = Union[Sequence[tuple[str, Any]], Mapping[str, Any]]
 
 
 def default_grpc_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> list[tuple[str, Any]]:
@@ -90,8 +90,13 @@ def error_cause(error: grpc.aio.AioRpcError) -> str:
 
 
 def checked_options(options: Optional[ChannelOptions]) -> tuple[tuple[str, Any], ...]:
-    """Channel options as a tuple of (name, value) pairs, or a ConfigurationError naming the one gRPC would trip on."""
+    """Channel options as a tuple of (name, value) pairs, or a ConfigurationError naming the one gRPC would trip on.
+
+    A dict of name to value is taken too, as Jina takes it.
+    """
     checked = []
+    if isinstance(options, Mapping):
+        options = list(options.items())
     for option in options or ():
         if not (isinstance(option, (tuple, list)) and len(option) == 2):
             raise ConfigurationError(f"channel options are (name, value) pairs, got {option!r}")

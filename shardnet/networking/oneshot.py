@@ -113,17 +113,18 @@ async def send_requests_async(
     https: bool = False,
     root_certificates: PemSource = None,
     endpoint: Optional[str] = None,
+    channel_options: Optional[ChannelOptions] = None,
     tls: Union[bool, ClientTls, None] = None,
-    options: Optional[ChannelOptions] = None,
 ) -> DataRequest:
     """Send one or more requests to ``target`` in one call and return its response.
 
-    ``options`` are channel options, ``message_size_options(n)`` to send or receive more than 256 MB.
+    Jina's argument order; ``channel_options`` (a list of pairs or a dict), ``message_size_options(n)``
+    say, to send or receive more than 256 MB; ``tls`` a ClientTls (or Jina's flag).
     """
     method, payload, metadata = _data_call(requests, endpoint)
     response, _ = await call_once(
         method, payload, target, timeout=timeout, https=https, root_certificates=root_certificates, tls=tls,
-        metadata=metadata, options=options,
+        metadata=metadata, options=channel_options,
     )
     return response
 
@@ -135,11 +136,13 @@ async def send_request_async(
     https: bool = False,
     root_certificates: PemSource = None,
     endpoint: Optional[str] = None,
+    channel_options: Optional[ChannelOptions] = None,
     tls: Union[bool, ClientTls, None] = None,
-    options: Optional[ChannelOptions] = None,
 ) -> DataRequest:
     """Send one request to ``target`` and return the response."""
-    return await send_requests_async([request], target, timeout, https, root_certificates, endpoint, tls, options)
+    return await send_requests_async(
+        [request], target, timeout, https, root_certificates, endpoint, channel_options, tls
+    )
 
 
 def send_request_sync(
@@ -149,11 +152,11 @@ def send_request_sync(
     https: bool = False,
     root_certificates: PemSource = None,
     endpoint: Optional[str] = None,
+    channel_options: Optional[ChannelOptions] = None,
     tls: Union[bool, ClientTls, None] = None,
-    options: Optional[ChannelOptions] = None,
 ) -> DataRequest:
     """Blocking ``send_request_async``."""
-    return run_sync(send_request_async(request, target, timeout, https, root_certificates, endpoint, tls, options))
+    return run_sync(send_request_async(request, target, timeout, https, root_certificates, endpoint, channel_options, tls))
 
 
 def send_requests_sync(
@@ -163,11 +166,13 @@ def send_requests_sync(
     https: bool = False,
     root_certificates: PemSource = None,
     endpoint: Optional[str] = None,
+    channel_options: Optional[ChannelOptions] = None,
     tls: Union[bool, ClientTls, None] = None,
-    options: Optional[ChannelOptions] = None,
 ) -> DataRequest:
     """Blocking ``send_requests_async``."""
-    return run_sync(send_requests_async(requests, target, timeout, https, root_certificates, endpoint, tls, options))
+    return run_sync(
+        send_requests_async(requests, target, timeout, https, root_certificates, endpoint, channel_options, tls)
+    )
 
 
 async def send_control(

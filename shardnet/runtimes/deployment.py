@@ -357,7 +357,7 @@ class Deployment:
         """Send documents to ``endpoint`` through the head; return the response's documents, or (as Jina's
         ``return_responses``) the whole response, whose ``parameters["__results__"]`` hold dict results."""
         request = DataRequest(docs=docs or [], endpoint=endpoint, parameters=parameters)
-        response = await oneshot.send_request_async(request, self.address, timeout=timeout, options=self._post_options)
+        response = await oneshot.send_request_async(request, self.address, timeout=timeout, channel_options=self._post_options)
         if response.is_error:
             status = response.status
             raise ExecutorError(status.description, name=status.exception.name, executor=status.exception.executor)
