@@ -186,6 +186,21 @@ async def test_send_and_status_against_a_server_answering_garbage_say_so_without
         assert "Traceback" not in result.stderr, (command, result.stderr)
 
 
+def test_output_into_a_closed_pipe_exits_quietly():
+    """As under ``shardnet status ... | head -1``: the reader is gone before the output is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        writer = subprocess.run(
+            [*PYTHON_M, "k8s", "render", "--name", "x", "--image", "i", "--uses", "m:C"],
+            stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60,
+        )
+    finally:
+        os.close(write_end)
+    assert writer.returncode == 141, writer.stderr
+    assert "Traceback" not in writer.stderr and "BrokenPipeError" not in writer.stderr, writer.stderr
+
+
 def test_send_to_nothing_fails_with_a_message_naming_the_address(dead_address):
     result = shardnet("send", dead_address, "--endpoint", "/x", "--timeout", "2")
     assert result.returncode != 0
@@ -220,6 +235,10 @@ BAD_ARGUMENTS = {
         "give one of --unix-socket and --advertise-host",
     ),
     "connection-relative-unix": (["head", "--deployment", "d", "--connection", "0=unix:w.sock"], "absolute path"),
+    "workspace-cannot-be-made": (
+        ["worker", "--uses", f"{EXECUTORS}:Tagger", "--workspace", "/proc/no-such-folder"], "cannot create it"
+    ),
+    "deploy-message-limit": (["deploy", "--uses", f"{EXECUTORS}:Tagger", "--max-message-mb", "5000"], "at most 2047"),
 }
 
 

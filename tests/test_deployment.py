@@ -184,6 +184,8 @@ def test_max_message_mb_sets_every_process_and_post_at_once():
             deployment.post("/grow", [Document()], parameters={"bytes": 2 * 2**20})
         assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert len(deployment.post("/grow", [Document()], parameters={"bytes": 1000})[0].text) == 1000
+        [one] = deployment.post("/grow", Document(), parameters={"bytes": 10})  # a lone Document, as Jina takes it
+        assert one.text == "x" * 10
 
 
 @pytest.mark.parametrize("size", [0, -1, float("nan"), 5000, "64", True])

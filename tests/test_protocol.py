@@ -283,6 +283,12 @@ def test_documents_nested_past_protobufs_depth_limit_are_refused_saying_so():
         DataRequest.from_bytes(request.SerializeToString()).docs
 
 
+@pytest.mark.parametrize("wrong", [{"header": {}}, 42, jina_pb2.DataRequestProto()])
+def test_from_bytes_takes_bytes_and_says_where_a_proto_goes(wrong):
+    with pytest.raises(TypeError, match="from_proto"):
+        DataRequest.from_bytes(wrong)
+
+
 def test_garbage_control_request_raises_protocol_error():
     with pytest.raises(ProtocolError, match="malformed ControlRequest"):
         ControlRequest.from_bytes(b"\xff\xff\xff")

@@ -83,6 +83,8 @@ def describe(response: DataRequest) -> dict:
     result = {"request_id": response.request_id, "status": "ERROR" if response.is_error else "SUCCESS"}
     if response.is_error:
         result["error"] = status.description
+        if status.exception.executor:  # who raised it, as Deployment.post says
+            result["executor"] = status.exception.executor
     parameters = response.parameters
     if parameters:  # dict results travel here, under "__results__"
         result["parameters"] = parameters

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from shardnet.cli.options import (
     add_client_tls_arguments,
@@ -59,6 +60,11 @@ def run(args: argparse.Namespace) -> int:
     token = control_token(args)
     if os.getcwd() not in sys.path:  # as under `python -m`: MODULE:CLASS may name a module in this folder
         sys.path.insert(0, os.getcwd())
+    if args.workspace:  # made here, as deploy makes it: an Executor should find its folder
+        try:
+            Path(args.workspace).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigurationError(f"--workspace {args.workspace!r}: cannot create it: {exc.strerror}") from None
     executor_class = load_executor_class(args.uses)
     name = args.name or f"{executor_class.__name__}/shard-{args.shard_id}/rep-{args.replica_id}"
     runtime_args = {"shard_id": args.shard_id, "replica_id": args.replica_id, "workspace": args.workspace, "name": name}

@@ -108,6 +108,11 @@ class DataRequest:
     def from_bytes(cls, data: bytes, origin: Optional[str] = None) -> "DataRequest":
         """Wrap received bytes without decoding them; errors surface on first read, naming ``origin``
         (who sent the bytes, "dep/shard-0 replica 10.0.0.7:8080" say) when given."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):  # bytes() of an int or a dict means something else
+            raise TypeError(
+                f"DataRequest.from_bytes takes the bytes of a message, got {type(data).__name__} "
+                "(a DataRequestProto goes to DataRequest.from_proto)"
+            )
         request = cls.__new__(cls)
         request._buffer = bytes(data)
         request._envelope = None

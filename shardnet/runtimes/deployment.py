@@ -356,6 +356,8 @@ class Deployment:
     ) -> Union[DocumentList, DataRequest]:
         """Send documents to ``endpoint`` through the head; return the response's documents, or (as Jina's
         ``return_responses``) the whole response, whose ``parameters["__results__"]`` hold dict results."""
+        if isinstance(docs, Document):  # one document, as Jina's post takes it
+            docs = [docs]
         request = DataRequest(docs=docs or [], endpoint=endpoint, parameters=parameters)
         response = await oneshot.send_request_async(request, self.address, timeout=timeout, channel_options=self._post_options)
         if response.is_error:
