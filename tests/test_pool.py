@@ -239,6 +239,7 @@ async def test_all_replicas_dead_names_deployment_shard_and_address(pool, dead_a
     assert (error.deployment, error.shard_id, error.address) == ("encoder", 2, dead_address)
     assert error.code == grpc.StatusCode.UNAVAILABLE
     assert "deployment 'encoder'" in str(error) and "shard 2" in str(error) and dead_address in str(error)
+    assert "the last of 2 attempts" in str(error)  # one replica, two rounds: how hard the pool tried
 
 
 async def test_non_retryable_status_is_not_retried(pool, echo_servers):
@@ -318,6 +319,15 @@ async def test_malformed_replies_raise_protocol_error_and_never_hang(pool, garba
         response.endpoint
     # the replica is still usable afterwards: nothing crashed, nothing was ejected
     assert pool.get_replicas("dep", head=True).eligible()
+
+
+async def test_attempts_that_all_outlive_the_attempt_timeout_say_so(pool_factory, echo_servers):
+    slow_a, slow_b = await echo_servers(2, delay=2.0)
+    pool = pool_factory(retry=RetryPolicy(attempt_timeout=0.1, rounds=1))
+    for server in (slow_a, slow_b):
+        pool.add_connection("dep", server.address)
+    with pytest.raises(DeadlineExceeded, match=r"the last of 2 attempts, each given at most the attempt timeout of 0.1s"):
+        await send_one(pool, timeout=5.0)
 
 
 async def test_attempt_timeout_fails_over_from_a_hung_replica(pool_factory, echo_servers):

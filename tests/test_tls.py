@@ -218,3 +218,9 @@ async def test_jinas_tls_flag_is_taken_and_anything_else_refused(echo_servers, t
     assert response.request_id == request.request_id
     with pytest.raises(ConfigurationError, match="tls takes a ClientTls"):
         await oneshot.send_request_async(request, server.address, timeout=5.0, tls="yes")
+
+
+async def test_a_one_off_call_in_plaintext_to_a_tls_server_points_at_tls(echo_servers, tls):
+    [server] = await echo_servers(1, credentials=tls.server.credentials())
+    with pytest.raises(ReplicaError, match="if the server serves TLS, dial https://"):
+        await oneshot.send_request_async(DataRequest(), server.address, timeout=5.0)

@@ -91,7 +91,10 @@ async def call_once(
         return response, await call.trailing_metadata()
     except grpc.aio.AioRpcError as error:
         kind = DeadlineExceeded if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else ReplicaError
-        raise kind(error_cause(error), address=str(address), code=error.code()) from None
+        cause = error_cause(error)
+        if not address.tls and "socket closed" in cause.lower():  # gRPC's words for a TLS server dialled in plaintext
+            cause += " (if the server serves TLS, dial https://ADDRESS and give its CA)"
+        raise kind(cause, address=str(address), code=error.code()) from None
     finally:
         await channel.close()
 

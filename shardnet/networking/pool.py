@@ -335,7 +335,7 @@ class GrpcConnectionPool:
         """Retry on the shard's other replicas, each at most once a round; back off between rounds."""
         loop = asyncio.get_running_loop()
         tried = {first}
-        last = {"error": first_error, "connection": first, "attempt_timeout": None}
+        last = {"error": first_error, "connection": first, "attempt_timeout": None, "attempts": 1}
         backoff = self.retry.backoff()
 
         def untried() -> list[Connection]:
@@ -380,6 +380,7 @@ class GrpcConnectionPool:
                     connection = replicas.balancer.pick(candidates)
                     tried.add(connection)
                     last["connection"] = connection
+                    last["attempts"] += 1
                     last["attempt_timeout"] = self._attempt_timeout(deadline, loop)
                     return await replicas.call(
                         connection, method, payload, metadata, last["attempt_timeout"],
@@ -387,7 +388,10 @@ class GrpcConnectionPool:
                     )
         except grpc.aio.AioRpcError as error:  # retries exhausted, refused by the budget, or not retryable
             last["error"] = error
-        raise self._replica_error(last["error"], last["connection"], deployment, shard_id) from None
+        note = f"the last of {last['attempts']} attempts"
+        if self.retry.attempt_timeout is not None and last["error"].code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            note += f", each given at most the attempt timeout of {self.retry.attempt_timeout:g}s"
+        raise self._replica_error(last["error"], last["connection"], deployment, shard_id, note) from None
 
     @staticmethod
     def _replica_error(
