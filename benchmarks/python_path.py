@@ -213,7 +213,7 @@ def main(argv=None) -> int:
         measured = loop.run_until_complete(run(args))
     finally:
         loop.close()
-    print(f"# python path: gRPC replaced by a finished call; fastest of {args.repeats} runs x {args.requests} "
+    print(f"# python path: gRPC replaced by a call answered on the next loop pass; fastest of {args.repeats} runs x {args.requests} "
           f"requests per row; {machine_line()}; loop {args.loop}")
     print(table(["row", "us/req, 1 in flight", "us/req, 64 in flight", "over the floor, 1", "over the floor, 64"],
                 measured))
