@@ -96,8 +96,9 @@ async def one_size(count: int, removals: int) -> dict:
             "pick_us": 1e6 * pick_seconds / PICKS,
             "remove_us": 1e6 * remove_seconds / removed,
         }
-    # Python-side memory alone, in a pass of its own (tracemalloc slows every allocation)
+    # Python-side memory alone, in a pass of its own (tracemalloc slows every allocation), into an existing shard
     pool = GrpcConnectionPool()
+    pool.add_connection("dep", "127.0.0.1:19999")
     gc.collect()
     tracemalloc.start()
     traced0, _ = tracemalloc.get_traced_memory()

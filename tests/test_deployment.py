@@ -238,3 +238,31 @@ def test_the_processes_of_a_deployment_killed_with_sigkill_stop_on_their_own(tmp
         for pid in children:
             if _running(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_worker_follows_a_parent_pid_that_is_not_its_own_parent(tmp_path):
+    """--parent-pid names a process to outlive not: here a sibling (a supervisor, say), watched by its pid."""
+    sibling = subprocess.Popen(["sleep", "120"])
+    worker = None
+    try:
+        with open(tmp_path / "worker.log", "wb") as log:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "shardnet", "worker", "--uses", f"{executors.__file__}:Tagger", "--port", "0",
+                 "--parent-pid", str(sibling.pid)],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 30
+        while "ready on" not in (tmp_path / "worker.log").read_text():
+            assert worker.poll() is None and time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
+            time.sleep(0.05)
+        time.sleep(1.5)  # three of its checks: it must stay up while the process it follows lives
+        assert worker.poll() is None, (tmp_path / "worker.log").read_text()
+        sibling.kill()
+        sibling.wait(5)
+        assert worker.wait(15) == 0  # drained and exited on its own
+        assert "(--parent-pid) exited: stopping" in (tmp_path / "worker.log").read_text()
+    finally:
+        sibling.kill()
+        if worker is not None and worker.poll() is None:
+            worker.kill()
+            worker.wait(5)

@@ -18,7 +18,7 @@ from google.protobuf import empty_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from shardnet import ConfigurationError, DataRequest, Document, PollingMap, ReplicaError
+from shardnet import ConfigurationError, DataRequest, Document, GrpcConnectionPool, PollingMap, ReplicaError
 from shardnet.networking import oneshot
 from shardnet.networking.channels import message_size_options
 from shardnet.protocol import services
@@ -136,13 +136,22 @@ async def test_a_head_process_holds_its_workers_answers_to_its_own_message_limit
 
 async def test_an_all_answer_merged_past_the_heads_limit_is_refused_by_name(runtimes):
     workers = await shard_workers(runtimes, executors.Tagger, 2)
-    head = await head_over(runtimes, "merging", workers, "ALL", config=ServerConfig(max_message_bytes=2**20))
-    # each shard's answer reaches the head (its pool keeps the default limit); the merged one would not leave it
+    head = await head_over(
+        runtimes, "merging", workers, "ALL", config=ServerConfig(max_message_bytes=2**20),
+        pool=GrpcConnectionPool(balancer="p2c_ewma"),  # the default limit: each shard's answer reaches the head
+    )
+    # ...and the merged one would not leave it
     request = DataRequest(docs=[Document()], endpoint="/grow", parameters={"bytes": 1_100_000})
     with pytest.raises(ReplicaError) as caught:
         await oneshot.send_request_async(request, head.server.address, timeout=10.0)
     assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "merging" in str(caught.value) and "--max-message-mb" in str(caught.value)
+
+
+def test_a_head_made_in_code_dials_its_workers_with_its_own_message_limit():
+    head = Head("sized", ServerConfig(max_message_bytes=512 * 2**20))
+    options = dict(head.pool.get_default_grpc_options()) | dict(head.pool._options)
+    assert options["grpc.max_receive_message_length"] == options["grpc.max_send_message_length"] == 512 * 2**20
 
 
 async def test_a_one_off_call_takes_its_own_message_limit(runtimes):

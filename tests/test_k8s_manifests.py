@@ -196,6 +196,8 @@ def test_a_message_limit_reaches_the_head_and_every_worker() -> None:
     head, workers = head_and_workers(render(spec), "Deployment")
     for deployment in [head, *workers]:
         assert build_parser().parse_args(container(deployment)["args"]).max_message_mb == 512
+    exact, _ = head_and_workers(render(DeploymentSpec(name="e", image="i", uses="m:C", max_message_mb=1234.5678)), "Deployment")
+    assert build_parser().parse_args(container(exact)["args"]).max_message_mb == 1234.5678  # not rounded
     default_head, _ = head_and_workers(render(SPECS["defaults"]), "Deployment")
     assert "--max-message-mb" not in container(default_head)["args"]
     with pytest.raises(ConfigurationError, match="max_message_mb must be a number of megabytes above 0 and at most 2047"):

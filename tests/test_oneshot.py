@@ -214,3 +214,13 @@ def test_jinas_positional_order_with_channel_options_as_a_dict(threaded_echo):
         request, server.address, 5.0, False, None, "/index", {"grpc.primary_user_agent": "jina-style"}
     )
     assert response.request_id == request.request_id
+
+
+async def test_jinas_positional_order_for_the_async_helper(echo_servers):
+    [server] = await echo_servers(1)
+    request = DataRequest(endpoint="/index")
+    # (request, target, timeout, tls, root_certificates, channel_options): Jina's order for the async helper
+    response = await GrpcConnectionPool.send_request_async(
+        request, server.address, 5.0, False, None, {"grpc.primary_user_agent": "jina-style"}
+    )
+    assert response.request_id == request.request_id

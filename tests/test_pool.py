@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import grpc
@@ -16,6 +17,7 @@ from shardnet import (
     DataRequest,
     DeadlineExceeded,
     Document,
+    EjectionPolicy,
     GrpcConnectionPool,
     PollingType,
     ProtocolError,
@@ -387,6 +389,43 @@ async def test_a_caller_cancelling_its_call_still_gets_cancelled_error(pool, ech
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+async def test_a_caller_cancelling_a_call_on_a_removed_replica_is_not_failed_over(pool, echo_servers, eventually):
+    leaving, staying = await echo_servers(2, names=["leaving", "staying"])
+    leaving.delay = 5.0
+    pool.add_connection("dep", leaving.address)
+    task = pool.send_request(DataRequest(endpoint="/f"), "dep", timeout=10.0)[0]
+    await eventually(lambda: leaving.calls == 1, timeout=5.0)
+    pool.add_connection("dep", staying.address)
+    await pool.remove_connection("dep", leaving.address)  # the call goes on over the retired channel
+    task.cancel()
+    [outcome] = await asyncio.gather(task, return_exceptions=True)
+    assert isinstance(outcome, asyncio.CancelledError) and staying.calls == 0  # the caller's own, not re-sent
+
+
+async def test_a_hung_replica_missing_long_caller_deadlines_is_ejected(pool_factory, echo_servers):
+    hung, healthy = await echo_servers(2, names=["hung", "healthy"])
+    hung.delay = 10.0
+    pool = pool_factory(balancer="round_robin", ejection=EjectionPolicy(min_blamed_deadline=0.2))
+    for server in (hung, healthy):
+        pool.add_connection("dep", server.address)
+    for _ in range(6):  # round robin: three 0.3 s deadlines missed by the hung replica, each long enough to blame
+        with contextlib.suppress(DeadlineExceeded):
+            await send_one(pool, timeout=0.3)
+    assert [c.address.target for c in pool.get_replicas("dep").eligible()] == [healthy.address]
+
+
+def test_a_logger_that_cannot_log_is_refused():
+    with pytest.raises(ConfigurationError, match="logger must have warning"):
+        GrpcConnectionPool("gateway", "encoder")  # Jina's runtime_name, then a name where its logger goes
+
+
+async def test_call_takes_metadata_as_a_dict(pool, echo_servers):
+    [server] = await echo_servers(1)
+    pool.add_connection("dep", server.address)
+    await pool.call(DataRequest(), "dep", pool.get_replicas("dep"), metadata={"tenant": "a"}, timeout=5.0)
+    assert server.received_metadata[-1]["tenant"] == "a"
 
 
 async def test_callers_own_short_deadlines_do_not_eject_a_replica(pool_factory, echo_servers):

@@ -31,7 +31,8 @@ def _finite(text: str, what: str, unit: str) -> float:
 
 
 def message_megabytes(text: str) -> float:
-    """Parse ``--max-message-mb``: a finite number of megabytes, at least one byte and at most ``MAX_MESSAGE_MB``."""
+    """Parse ``--max-message-mb``: a finite number of megabytes, at least one byte and at most ``MAX_MESSAGE_MB``
+    (the rule ``channels.check_max_message_mb`` applies to the Python API, in argparse's words)."""
     value = _finite(text, "max message size", "megabytes")
     if int(value * 2**20) < 1:
         raise argparse.ArgumentTypeError(f"max message size must be positive (at least one byte), got {text!r}")

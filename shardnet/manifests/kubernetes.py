@@ -388,7 +388,7 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
         ]  # fmt: skip
         volumes = {"tmp": "/tmp", "workspace": WORKSPACE}
     if spec.max_message_mb is not None:  # head and workers alike: the head passes its workers' answers on
-        args += ["--max-message-mb", f"{spec.max_message_mb:g}"]
+        args += ["--max-message-mb", repr(float(spec.max_message_mb))]  # exactly what was given
 
     def probe(period: int, timeout: int, failures: int, service: str = "") -> dict[str, Any]:
         # the standard grpc.health.v1 service: "" is the server's overall status (alive), READY_SERVICE

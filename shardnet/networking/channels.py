@@ -68,7 +68,7 @@ def compression_options(compression: Union[str, grpc.Compression, None]) -> tupl
 
 def check_max_message_mb(value: Any, what: str = "max_message_mb") -> float:
     """A message size limit in MB as the processes' --max-message-mb takes it: above 0, at most MAX_MESSAGE_MB."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_MESSAGE_MB or value * 2**20 < 1:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_MESSAGE_MB or int(value * 2**20) < 1:
         raise ConfigurationError(f"{what} must be a number of megabytes above 0 and at most {MAX_MESSAGE_MB}, got {value!r}")
     return float(value)
 
@@ -187,14 +187,17 @@ def checked_reply(response: Any, address: Any, owner: str = "") -> Any:
 _HEADER_KEY = re.compile(r"[0-9a-z_.\-]+\Z")
 
 
-def checked_metadata(pairs: Sequence[tuple[str, Any]]) -> tuple[tuple[str, Any], ...]:
-    """``pairs`` as a tuple, or a ProtocolError naming the first pair gRPC would refuse.
+def checked_metadata(pairs: Union[Sequence[tuple[str, Any]], Mapping[str, Any]]) -> tuple[tuple[str, Any], ...]:
+    """``pairs`` (or a dict, as Jina callers write metadata) as a tuple, or a ProtocolError naming the first pair
+    gRPC would refuse.
 
     gRPC refuses such metadata deep in its C core with an error that names
     neither the key nor the rule; here a key must be lowercase ASCII letters,
     digits, ``-``, ``_`` or ``.`` (not ``grpc-`` reserved), a ``-bin`` key takes
     bytes and any other key printable ASCII text.
     """
+    if isinstance(pairs, Mapping):
+        pairs = tuple(pairs.items())
     checked = []
     for pair in pairs:
         try:
@@ -257,6 +260,8 @@ class MetadataCache:
         # Metadata's own __len__ are the slow ways to ask)
         if type(pairs) is grpc.aio.Metadata or not pairs or isinstance(pairs, grpc.aio.Metadata):
             return pairs
+        if isinstance(pairs, Mapping):  # a dict, as Jina callers pass it
+            pairs = tuple(pairs.items())
         try:
             metadata = self._built.get(pairs)
         except TypeError:  # a list, or unhashable entries: check and build, without caching
@@ -267,6 +272,8 @@ class MetadataCache:
 
     def for_endpoint(self, endpoint: Optional[str], extra: Sequence[tuple[str, str]] = ()) -> grpc.aio.Metadata:
         """The ``endpoint`` pair, then the fixed pairs, then ``extra``; ProtocolError for a pair gRPC cannot send."""
+        if extra and isinstance(extra, Mapping):  # a dict, as Jina callers pass it: cached like its pairs
+            extra = tuple(extra.items())
         key = (endpoint, extra)
         try:
             metadata = self._by_endpoint.get(key)

@@ -115,8 +115,9 @@ async def send_requests_async(
     timeout: float = 1.0,
     https: bool = False,
     root_certificates: PemSource = None,
-    endpoint: Optional[str] = None,
     channel_options: Optional[ChannelOptions] = None,
+    *,
+    endpoint: Optional[str] = None,
     tls: Union[bool, ClientTls, None] = None,
 ) -> DataRequest:
     """Send one or more requests to ``target`` in one call and return its response.
@@ -138,13 +139,14 @@ async def send_request_async(
     timeout: float = 1.0,
     https: bool = False,
     root_certificates: PemSource = None,
-    endpoint: Optional[str] = None,
     channel_options: Optional[ChannelOptions] = None,
+    *,
+    endpoint: Optional[str] = None,
     tls: Union[bool, ClientTls, None] = None,
 ) -> DataRequest:
-    """Send one request to ``target`` and return the response."""
+    """Send one request to ``target`` and return the response (Jina's order: ``channel_options`` sixth)."""
     return await send_requests_async(
-        [request], target, timeout, https, root_certificates, endpoint, channel_options, tls
+        [request], target, timeout, https, root_certificates, channel_options, endpoint=endpoint, tls=tls
     )
 
 
@@ -158,8 +160,10 @@ def send_request_sync(
     channel_options: Optional[ChannelOptions] = None,
     tls: Union[bool, ClientTls, None] = None,
 ) -> DataRequest:
-    """Blocking ``send_request_async``."""
-    return run_sync(send_request_async(request, target, timeout, https, root_certificates, endpoint, channel_options, tls))
+    """Blocking ``send_request_async``, in Jina's order for it (``endpoint`` sixth, ``channel_options`` seventh)."""
+    return run_sync(
+        send_request_async(request, target, timeout, https, root_certificates, channel_options, endpoint=endpoint, tls=tls)
+    )
 
 
 def send_requests_sync(
@@ -174,7 +178,7 @@ def send_requests_sync(
 ) -> DataRequest:
     """Blocking ``send_requests_async``."""
     return run_sync(
-        send_requests_async(requests, target, timeout, https, root_certificates, endpoint, channel_options, tls)
+        send_requests_async(requests, target, timeout, https, root_certificates, channel_options, endpoint=endpoint, tls=tls)
     )
 
 

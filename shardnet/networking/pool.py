@@ -124,11 +124,12 @@ class GrpcConnectionPool:
             raise ConfigurationError("give channel options once: options= or Jina's channel_options=, not both")
         self._options = checked_options(options if options is not None else channel_options)
         self._options += compression_options(compression)
+        if logger is not None and not all(callable(getattr(logger, name, None)) for name in ("warning", "info")):
+            raise ConfigurationError(f"logger must have warning() and info() (a logging.Logger), got {logger!r}")
         self._logger = logger
         self._deployments: dict[str, _Deployment] = {}
         try:
-            fixed = tuple(metadata.items()) if isinstance(metadata, Mapping) else metadata  # a dict, as in Jina
-            self._metadata_cache = MetadataCache(fixed=fixed)
+            self._metadata_cache = MetadataCache(fixed=metadata)
         except ProtocolError as exc:
             raise ConfigurationError(f"the pool's metadata: {exc}") from None
 
@@ -246,8 +247,7 @@ class GrpcConnectionPool:
             endpoint = request.endpoint
         if not metadata:
             return self._metadata_cache.for_endpoint(endpoint)
-        pairs = tuple(metadata.items()) if isinstance(metadata, Mapping) else tuple(metadata)  # Jina passes a dict
-        return self._metadata_cache.for_endpoint(endpoint, pairs)
+        return self._metadata_cache.for_endpoint(endpoint, metadata)
 
     # -- calls --------------------------------------------------------------------
 

@@ -98,8 +98,7 @@ class Connection:
         if channel not in self._closed:
             return False
         task = asyncio.current_task()
-        cancelling = getattr(task, "cancelling", None)  # Python 3.11+: is the caller's task being cancelled?
-        return not (cancelling is not None and cancelling())
+        return task is None or not task.cancelling()  # the caller's task being cancelled: its own doing
 
     async def health(self, timeout: float = 1.0) -> bool:
         """True when the replica's gRPC health service answers SERVING."""
@@ -251,14 +250,19 @@ class ReplicaList:
         if len(self._eligible) > 1 and connection in self._position:
             self._eject(connection)
 
+    def _too_short(self, callers_timeout: Optional[float]) -> bool:
+        """True when a caller's deadline was too short to blame the replica for missing it."""
+        policy = self._ejection
+        return policy is None or callers_timeout is None or callers_timeout < policy.min_blamed_deadline
+
     def _eject(self, connection: Connection) -> None:
         self._withdraw(connection)
         connection.times_ejected += 1
         delay = self._ejection.ejection_time(connection.times_ejected)
+        self._probes[connection] = asyncio.get_running_loop().create_task(self._probe_until_healthy(connection, delay))
         self._logger.warning(
             "%s: ejecting replica %s for %.1fs after repeated failures", self.name, connection.address, delay
         )
-        self._probes[connection] = asyncio.get_running_loop().create_task(self._probe_until_healthy(connection, delay))
 
     async def _probe_until_healthy(self, connection: Connection, delay: float) -> None:
         try:
@@ -293,7 +297,7 @@ class ReplicaList:
 
         Outcomes feed the balancer and the failure counts; gRPC errors propagate unchanged.
         ``callers_deadline``: ``timeout`` is what the caller had left, so its
-        expiry says nothing about the replica and does not count towards ejection.
+        expiry counts towards ejection only when it was long (``EjectionPolicy.min_blamed_deadline``).
         A call cut because its channel was closed under it (the replica removed
         or its channel rebuilt while the call outlived the grace, or the list
         closed) raises UNAVAILABLE naming the replica rather than a
@@ -308,7 +312,7 @@ class ReplicaList:
             trailing = await call.trailing_metadata()
         except grpc.aio.AioRpcError as error:
             balancer.finished(connection, token, failed=True)
-            if not (callers_deadline and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED):
+            if not (callers_deadline and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self._too_short(timeout)):
                 self.record_failure(connection, error.code())
             raise
         except asyncio.CancelledError:

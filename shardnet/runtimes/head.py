@@ -22,6 +22,7 @@ import grpc.aio
 
 from shardnet.errors import ConfigurationError, MalformedReplyError, ProtocolError, ReplicaError, RoutingError
 from shardnet.networking.addresses import entity_address, parse_address
+from shardnet.networking.channels import message_size_options
 from shardnet.networking.policies import check_seconds
 from shardnet.networking.polling import PollingMap, PollingType
 from shardnet.networking.pool import GrpcConnectionPool
@@ -74,7 +75,10 @@ class Head:
             raise ConfigurationError("a head needs a deployment name")
         self.deployment = deployment
         self.polling = polling
-        self.pool = pool if pool is not None else GrpcConnectionPool(balancer="p2c_ewma")
+        # its own pool dials the workers with its own message limit: their answers pass through it
+        self.pool = pool if pool is not None else GrpcConnectionPool(
+            balancer="p2c_ewma", options=message_size_options(config.max_message_bytes)
+        )
         if isinstance(shards, bool) or not isinstance(shards, int) or shards < 0:
             raise ConfigurationError(f"shards must be a whole number from 0 (0: not declared), got {shards!r}")
         self.pool.declare_shards(deployment, shards)

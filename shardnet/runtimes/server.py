@@ -214,11 +214,26 @@ class Server:
             await self._server.wait_for_termination()
 
 
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
+
+
 async def _parent_exited(parent_pid: int) -> None:
-    """Return once the process that launched this one is gone (this one was handed to another parent)."""
-    while os.getppid() == parent_pid:
-        await asyncio.sleep(PARENT_POLL_SECONDS)
-    logger.warning("the process that launched this one (pid %d) exited: stopping", parent_pid)
+    """Return once process ``parent_pid`` is gone: for the direct parent, once this one was handed to another
+    (immune to its pid being reused); for any other process, once it no longer exists."""
+    if os.getppid() == parent_pid:
+        while os.getppid() == parent_pid:
+            await asyncio.sleep(PARENT_POLL_SECONDS)
+    else:
+        while _running(parent_pid):
+            await asyncio.sleep(PARENT_POLL_SECONDS)
+    logger.warning("process %d (--parent-pid) exited: stopping", parent_pid)
 
 
 async def serve_until_signalled(
