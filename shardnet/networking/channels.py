@@ -260,8 +260,8 @@ class MetadataCache:
         # Metadata's own __len__ are the slow ways to ask)
         if type(pairs) is grpc.aio.Metadata or not pairs or isinstance(pairs, grpc.aio.Metadata):
             return pairs
-        if isinstance(pairs, Mapping):  # a dict, as Jina callers pass it
-            pairs = tuple(pairs.items())
+        if type(pairs) is not tuple and isinstance(pairs, Mapping):  # a dict, as Jina callers pass it (the head's
+            pairs = tuple(pairs.items())  # tuples skip the slower ABC check)
         try:
             metadata = self._built.get(pairs)
         except TypeError:  # a list, or unhashable entries: check and build, without caching
@@ -272,7 +272,7 @@ class MetadataCache:
 
     def for_endpoint(self, endpoint: Optional[str], extra: Sequence[tuple[str, str]] = ()) -> grpc.aio.Metadata:
         """The ``endpoint`` pair, then the fixed pairs, then ``extra``; ProtocolError for a pair gRPC cannot send."""
-        if extra and isinstance(extra, Mapping):  # a dict, as Jina callers pass it: cached like its pairs
+        if extra and type(extra) is not tuple and isinstance(extra, Mapping):  # a dict, as Jina callers pass it
             extra = tuple(extra.items())
         key = (endpoint, extra)
         try:
