@@ -353,17 +353,23 @@ async def test_removing_a_replica_lets_its_request_in_flight_finish(pool, echo_s
     assert response.endpoint == "/f" and trailing["served-by"] == "echo-0"
 
 
-async def test_a_removed_replicas_call_outliving_the_grace_fails_over_instead_of_hanging(
-    pool, echo_servers, eventually, monkeypatch
-):
-    monkeypatch.setattr(replica_list, "RETIRED_CHANNEL_GRACE", 0.2)  # what a day's grace does, sooner
+async def a_call_left_on_a_removed_replica(pool, echo_servers, eventually):
+    """A slow call in flight on replica "leaving", which is then removed with "staying" beside it: (task, staying)."""
     leaving, staying = await echo_servers(2, names=["leaving", "staying"])
     leaving.delay = 5.0
     pool.add_connection("dep", leaving.address)
     task = pool.send_request(DataRequest(endpoint="/f"), "dep", timeout=10.0)[0]
     await eventually(lambda: leaving.calls == 1, timeout=5.0)
     pool.add_connection("dep", staying.address)
-    await pool.remove_connection("dep", leaving.address)
+    await pool.remove_connection("dep", leaving.address)  # the call goes on over the retired channel
+    return task, staying
+
+
+async def test_a_removed_replicas_call_outliving_the_grace_fails_over_instead_of_hanging(
+    pool, echo_servers, eventually, monkeypatch
+):
+    monkeypatch.setattr(replica_list, "RETIRED_CHANNEL_GRACE", 0.2)  # what a day's grace does, sooner
+    task, _ = await a_call_left_on_a_removed_replica(pool, echo_servers, eventually)
     response, trailing = await asyncio.wait_for(task, 4.0)  # cut at the grace, answered by the other replica
     assert trailing["served-by"] == "staying" and response.endpoint == "/f"
 
@@ -392,13 +398,7 @@ async def test_a_caller_cancelling_its_call_still_gets_cancelled_error(pool, ech
 
 
 async def test_a_caller_cancelling_a_call_on_a_removed_replica_is_not_failed_over(pool, echo_servers, eventually):
-    leaving, staying = await echo_servers(2, names=["leaving", "staying"])
-    leaving.delay = 5.0
-    pool.add_connection("dep", leaving.address)
-    task = pool.send_request(DataRequest(endpoint="/f"), "dep", timeout=10.0)[0]
-    await eventually(lambda: leaving.calls == 1, timeout=5.0)
-    pool.add_connection("dep", staying.address)
-    await pool.remove_connection("dep", leaving.address)  # the call goes on over the retired channel
+    task, staying = await a_call_left_on_a_removed_replica(pool, echo_servers, eventually)
     task.cancel()
     [outcome] = await asyncio.gather(task, return_exceptions=True)
     assert isinstance(outcome, asyncio.CancelledError) and staying.calls == 0  # the caller's own, not re-sent
