@@ -402,9 +402,10 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
         if isinstance(client, (k8s_client.CoreV1Api, k8s_client.DiscoveryV1Api)):  # Jina passed a CoreV1Api
             client = client.api_client
         if client is not None and not isinstance(client, k8s_client.ApiClient):
+            synchronous = type(client).__module__.split(".")[0] == "kubernetes"
             raise ConfigurationError(
-                f"client must be a kubernetes_asyncio ApiClient (or CoreV1Api), got {type(client).__name__}: "
-                "the synchronous kubernetes package's clients cannot be awaited"
+                f"client must be a kubernetes_asyncio ApiClient (or CoreV1Api), got {type(client).__name__}"
+                + (": the synchronous kubernetes package's clients cannot be awaited" if synchronous else "")
             )
         self._client = client
         self._owns_client = client is None

@@ -83,8 +83,8 @@ def error_cause(error: grpc.aio.AioRpcError) -> str:
     cause = error.details() or error.code().name
     if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and cause.startswith("CLIENT:"):
         cause += (
-            " (the calling side's own message size limit, not the replica's: raise it with --max-message-mb "
-            "or the grpc.max_send/receive_message_length channel options)"
+            " (the calling side's own message size limit, not the replica's: raise it with --max-message-mb, "
+            "Deployment(max_message_mb=...) or the grpc.max_send/receive_message_length channel options)"
         )
     return cause
 
