@@ -86,12 +86,14 @@ class Unauthenticated(ShardnetError, PermissionError):
 
 
 class ExecutorError(ShardnetError):
-    """A request came back with status ERROR: the Executor (or a shard) raised."""
+    """A request came back with status ERROR: the Executor (or a shard) raised; ``traceback`` is the remote one."""
 
-    def __init__(self, description: str, *, name: str = "", executor: str = ""):
+    def __init__(self, description: str, *, name: str = "", executor: str = "", traceback: str = ""):
         self.name = name
         self.executor = executor
-        super().__init__(f"{executor or 'executor'} failed: {description}")
+        self.traceback = traceback
+        remote = f"\nremote traceback:\n{traceback.rstrip()}" if traceback else ""  # as Jina prints it
+        super().__init__(f"{executor or 'executor'} failed: {description}{remote}")
 
 
 class ProcessError(ShardnetError):

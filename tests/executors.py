@@ -258,3 +258,23 @@ class SlowStart(Executor):
         super().__init__(**kwargs)
         (Path(self.runtime_args.workspace) / f"loading-{os.getpid()}").touch()
         time.sleep(60)
+
+
+class Ledger(Executor):
+    """Jina's habits: a file in ``self.workspace`` flushed in ``close()``, executor-specific parameters."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.seen: list[str] = []
+
+    @requests(on="/note")
+    def note(self, docs, parameters, **kwargs):
+        self.seen.extend(doc.text for doc in docs)
+        for doc in docs:
+            doc.tags["prefix"] = parameters.get("prefix", "")
+            doc.tags["workspace"] = self.workspace or ""
+            doc.tags["in"] = doc.id in docs
+
+    def close(self) -> None:
+        with open(f"{self.workspace}/ledger.txt", "w") as ledger:
+            ledger.write("\n".join(self.seen))

@@ -113,6 +113,8 @@ async def test_async_deployment_with_control_token():
         with pytest.raises(ExecutorError) as failed:
             await deployment.post_async("/fail", [Document()])
         assert failed.value.name == "ValueError" and "bad input" in str(failed.value)
+        assert 'raise ValueError("bad input", 42)' in failed.value.traceback  # the remote traceback, as Jina shows
+        assert "remote traceback:" in str(failed.value)
 
         with pytest.raises(ReplicaError) as refused:
             await oneshot.activate_worker("127.0.0.1", 1, deployment.address, shard_id=0)
@@ -266,3 +268,25 @@ def test_a_worker_follows_a_parent_pid_that_is_not_its_own_parent(tmp_path):
         if worker is not None and worker.poll() is None:
             worker.kill()
             worker.wait(5)
+
+
+def test_jina_habits_per_shard_workspaces_close_and_executor_specific_parameters(tmp_path):
+    workspace = tmp_path / "ws"
+    with Deployment(executors.Ledger, name="ledger", shards=2, workspace=str(workspace)) as deployment:
+        for shard_text in ("a", "b", "c", "d"):
+            [doc] = deployment.post("/note", [Document(text=shard_text)],
+                                    parameters={"prefix": "all", "ledger": {"prefix": "mine"}})
+            assert doc.tags["prefix"] == "mine" and doc.tags["in"] is True
+        folders = {doc.tags["workspace"] for doc in deployment.post("/note", [Document(text="e")])}
+    # one folder per shard, WORKSPACE/NAME/SHARD as in Jina, and close() ran in each when the deployment stopped
+    shards = sorted(path.parent.name for path in workspace.glob("ledger/*/ledger.txt"))
+    assert shards == ["0", "1"], sorted(str(p) for p in workspace.rglob("*"))
+    written = "\n".join((workspace / "ledger" / shard / "ledger.txt").read_text() for shard in shards)
+    assert sorted(written.split()) == ["a", "b", "c", "d", "e"]  # each text noted once, by one shard
+    assert folders <= {str(workspace / "ledger" / "0"), str(workspace / "ledger" / "1")}
+
+
+@pytest.mark.parametrize("uses", ["config.yml", "jinahub://Encoder", "no_class_here"])
+def test_uses_that_no_worker_could_load_is_refused_at_construction(uses):
+    with pytest.raises(ConfigurationError, match="expected an Executor subclass or 'MODULE:CLASS'"):
+        Deployment(uses)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardnet import DataRequest, Document, ProtocolError
+from shardnet import DataRequest, Document, DocumentList, ProtocolError
 from shardnet.protocol import ndarray
 from shardnet.protocol.proto import docarray_pb2
 
@@ -242,3 +242,11 @@ def test_a_refused_value_changes_nothing():
     with pytest.raises(TypeError):
         request.docs[0].tags["bad"] = object()
     assert request.docs.texts == ["a"] and request.parameters == {"k": "v"} and dict(request.docs[0].tags) == {}
+
+
+def test_a_document_list_answers_in_by_id_and_is_not_built_from_a_list():
+    request = DataRequest([Document(id="a"), Document(id="b")])
+    assert "a" in request.docs and Document(id="b") in request.docs
+    assert "z" not in request.docs and 42 not in request.docs
+    with pytest.raises(TypeError, match="make a plain list of Document"):
+        DocumentList([Document()])

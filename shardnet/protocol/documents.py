@@ -222,13 +222,26 @@ class DocumentList:
     """A list-like view over a repeated ``DocumentProto`` field.
 
     Appending a Document copies it into the field and rebinds the Document to
-    the stored copy, so later edits through the same object are not lost.
+    the stored copy, so later edits through the same object are not lost (and
+    a Document appended to two lists follows the second). ``"id" in docs`` and
+    ``doc in docs`` look documents up by id. A request's ``docs`` are such a
+    view; to build documents, make a plain list of Document.
     """
 
     __slots__ = ("_field",)
 
     def __init__(self, field: Any):
+        if isinstance(field, (list, tuple)) or not hasattr(field, "add"):
+            raise TypeError(
+                "DocumentList is a view over a message's documents (request.docs, doc.matches, doc.chunks); "
+                "to build documents, make a plain list of Document"
+            )
         self._field = field
+
+    def __contains__(self, item: object) -> bool:
+        """By id, as a DocumentArray answers it: a text id, or a Document whose id is here."""
+        wanted = item.id if isinstance(item, Document) else item
+        return isinstance(wanted, str) and any(pb.id == wanted for pb in self._field)
 
     def __len__(self) -> int:
         return len(self._field)

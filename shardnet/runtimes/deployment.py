@@ -39,7 +39,17 @@ LAUNCHED_BY_DEPLOYMENT = "SHARDNET_LAUNCHED_BY_DEPLOYMENT"
 
 
 def _reference(uses: ExecutorSpec) -> str:
-    return uses if isinstance(uses, str) else executor_reference(uses)
+    """The --uses text for ``uses``; text that is no MODULE:CLASS or FILE.py:CLASS (a YAML config, a hub
+    address) is refused here rather than by every worker."""
+    if not isinstance(uses, str):
+        return executor_reference(uses)
+    module, colon, name = uses.rpartition(":")
+    if not colon or not module or not name.replace(".", "").replace("_", "").isalnum():
+        raise ConfigurationError(
+            f"uses {uses!r}: expected an Executor subclass or 'MODULE:CLASS' / 'FILE.py:CLASS' "
+            "(YAML configurations and hub addresses are not supported)"
+        )
+    return uses
 
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
@@ -362,7 +372,12 @@ class Deployment:
         response = await oneshot.send_request_async(request, self.address, timeout=timeout, channel_options=self._post_options)
         if response.is_error:
             status = response.status
-            raise ExecutorError(status.description, name=status.exception.name, executor=status.exception.executor)
+            raise ExecutorError(
+                status.description,
+                name=status.exception.name,
+                executor=status.exception.executor,
+                traceback="".join(status.exception.stacks),
+            )
         return response if return_responses else response.docs
 
     def post(

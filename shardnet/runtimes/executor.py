@@ -16,6 +16,8 @@ import functools
 import importlib
 import importlib.util
 import inspect
+import logging
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -92,11 +94,19 @@ class Handler:
         return await asyncio.get_running_loop().run_in_executor(threads, call)
 
 
+def executor_name(worker_name: str) -> str:
+    """The name executor-specific parameters use: a worker's deployment ("index" of "index/shard-0/rep-1")."""
+    return worker_name.split("/", 1)[0]
+
+
 class Executor:
     """Base class of user code served by a worker.
 
     ``self.runtime_args`` (shard_id, replica_id, workspace, name) is set
-    before ``__init__`` runs, so a subclass can use it there.
+    before ``__init__`` runs, so a subclass can use it there. As in Jina,
+    ``self.workspace`` is this shard's own folder, ``self.metas.name`` the
+    name executor-specific parameters are addressed to, ``self.logger`` a
+    logger named after it, and ``close()`` runs when the worker stops.
     """
 
     runtime_args: SimpleNamespace
@@ -104,6 +114,28 @@ class Executor:
     def __init__(self, **kwargs: Any):
         if kwargs:
             raise ConfigurationError(f"{type(self).__name__} got unexpected arguments: {', '.join(kwargs)}")
+
+    @property
+    def metas(self) -> SimpleNamespace:
+        """Jina's ``metas``: ``name`` (the deployment's, which ``parameters[name]`` addresses) and ``workspace``."""
+        return SimpleNamespace(name=executor_name(self.runtime_args.name), workspace=self.runtime_args.workspace)
+
+    @property
+    def workspace(self) -> Optional[str]:
+        """This shard's folder, ``WORKSPACE/NAME/SHARD`` as Jina lays it out (replicas of a shard share it;
+        shards never do), made on first use; None when the worker was given no workspace."""
+        if not self.runtime_args.workspace:
+            return None
+        folder = os.path.join(self.runtime_args.workspace, self.metas.name, str(self.runtime_args.shard_id))
+        os.makedirs(folder, exist_ok=True)
+        return folder
+
+    @property
+    def logger(self) -> logging.Logger:
+        return logging.getLogger(f"shardnet.executor.{self.runtime_args.name}")
+
+    def close(self) -> None:
+        """Called once when the worker stops, after its last request: flush or persist state here."""
 
     @classmethod
     def handler_table(cls) -> dict[str, Handler]:

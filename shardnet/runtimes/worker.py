@@ -30,7 +30,7 @@ from shardnet.protocol import services
 from shardnet.protocol.documents import Document, DocumentList
 from shardnet.protocol.messages import ControlRequest, DataRequest, parse, require_empty
 from shardnet.protocol.proto import docarray_pb2, jina_pb2
-from shardnet.runtimes.executor import DEFAULT, Executor
+from shardnet.runtimes.executor import DEFAULT, Executor, executor_name
 from shardnet.runtimes.server import ServerConfig, jina_server, serve_until_signalled
 
 logger = logging.getLogger(__name__)
@@ -87,6 +87,8 @@ class Worker:
         self._keep_registered: Optional[asyncio.Task] = None
         self._last_call = 0.0  # time.monotonic() of the latest data call
         self.server = jina_server(config, self)
+        self._closed = False  # the Executor's close() has run
+        self._metas_name = executor_name(executor.runtime_args.name)  # what executor-specific parameters use
         self._max_message_bytes = config.max_message_bytes
 
     @property
@@ -137,7 +139,11 @@ class Worker:
         route = first.add_route(self.name)
         if others:  # uses_after under ALL: keep every shard's dict results, not only the first's
             self._gather_results(requests)
-        arguments: dict[str, Any] = {"docs": docs, "parameters": first.parameters, "endpoint": endpoint}
+        parameters = first.parameters
+        specific = parameters.get(self._metas_name)
+        if isinstance(specific, dict):  # Jina's executor-specific parameters: {"index": {"top_k": 3}} for "index"
+            parameters = {**parameters, **specific}
+        arguments: dict[str, Any] = {"docs": docs, "parameters": parameters, "endpoint": endpoint}
         if others:
             # the first column gets a copy of its own: its field is about to hold every document
             first_column = docarray_pb2.DocumentArrayProto()
@@ -295,6 +301,16 @@ class Worker:
             await asyncio.gather(self._keep_registered, return_exceptions=True)
             self._keep_registered = None
         await self.server.drain(grace)
+        await self._finish()
+
+    async def _finish(self) -> None:
+        """After the last request: the Executor's ``close()`` (once), then its threads go."""
+        if not self._closed:
+            self._closed = True
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._threads, self.executor.close)
+            except Exception:  # its failure is logged, the stop goes on
+                logger.exception("%s: the Executor's close() failed", self.name)
         self._threads.shutdown(wait=False, cancel_futures=True)
 
     async def run(self, parent_pid: Optional[int] = None) -> int:
@@ -309,4 +325,4 @@ class Worker:
                 parent_pid=parent_pid,
             )
         finally:
-            self._threads.shutdown(wait=False, cancel_futures=True)
+            await self._finish()
