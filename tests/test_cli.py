@@ -131,6 +131,24 @@ def test_deploy_send_and_status_against_a_running_deployment(deployed, tmp_path)
     assert not [pid for pid in pids if pid_alive(pid)], "shardnet deploy left processes behind"
 
 
+def test_deploy_takes_a_uses_after(tmp_path):
+    log = tmp_path / "deploy.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [*PYTHON_M, "deploy", "--uses", f"{EXECUTORS}:Tagger", "--shards", "2", "--polling", "ALL",
+             "--uses-after", f"{EXECUTORS}:CountingAfter", "--name", "merged"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+    try:
+        address = wait_for_line(log, r"merged serves on (\S+)", process).group(1)
+        assert "uses_after" in log.read_text()
+        sent = shardnet("send", address, "--endpoint", "/tag", "--text", "x")
+        assert sent.returncode == 0, sent.stderr
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0, log.read_text()
+
+
 def test_sigterm_while_deploy_is_starting_stops_what_it_started(tmp_path):
     workspace = tmp_path / "workspace"
     with open(tmp_path / "deploy.log", "wb") as out:

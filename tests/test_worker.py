@@ -173,6 +173,12 @@ async def test_an_answer_past_the_workers_own_limit_is_refused_by_name(runtimes)
     assert "over this worker's max message size" in str(caught.value) and "/grow" in str(caught.value)
 
 
+async def test_endpoint_discovery_names_a_default_handler_as_jina_does(runtimes):
+    worker = await runtimes(Worker(executors.SlowUntilReleased.create()))
+    reply, _ = await raw_call(worker.server.address, services.ENDPOINT_DISCOVERY, empty_pb2.Empty().SerializeToString())
+    assert list(jina_pb2.EndpointsProto.FromString(reply).endpoints) == ["/slow", "__default__"]
+
+
 async def test_unbound_endpoint_comes_back_byte_for_byte(runtimes):
     worker = await runtimes(Worker(executors.KnownOnly.create()))
     doc = Document(text="untouched", tags={"k": [1, "two"]})

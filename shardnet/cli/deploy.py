@@ -24,6 +24,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--balancer", choices=sorted(BALANCERS), default="p2c_ewma")
     parser.add_argument("--workspace", help="folder the Executors keep state in")
+    parser.add_argument("--uses-before", metavar="MODULE:CLASS", help="an Executor every request passes first")
+    parser.add_argument(
+        "--uses-after", metavar="MODULE:CLASS", help="an Executor that receives the shards' answers (docs_matrix)"
+    )
     parser.add_argument("--timeout", type=float, default=None, help="the head's default deadline of a call, seconds")
     parser.add_argument(
         "--attempt-timeout", type=float, default=None, help="the head gives up on one replica after this long"
@@ -57,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         attempt_timeout=args.attempt_timeout,
         max_message_mb=args.max_message_mb,
+        uses_before=args.uses_before,
+        uses_after=args.uses_after,
     ) as deployment:
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, lambda *_: stop.set())

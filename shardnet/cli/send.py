@@ -12,6 +12,7 @@ from google.protobuf import empty_pb2
 from shardnet.cli.options import add_client_tls_arguments, client_tls, json_object, message_megabytes
 from shardnet.errors import ReplicaError
 from shardnet.networking import oneshot
+from shardnet.runtimes.executor import DEFAULT_ENDPOINT
 from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, message_size_options
 from shardnet.networking.policies import check_timeout
 from shardnet.protocol.documents import Document
@@ -51,7 +52,7 @@ async def send(args: argparse.Namespace) -> int:
     except ReplicaError as exc:
         logger.warning("could not discover the endpoints of %s: %s", args.target, exc)
         endpoints = None
-    if endpoints is not None and args.endpoint not in endpoints:
+    if endpoints is not None and args.endpoint not in endpoints and DEFAULT_ENDPOINT not in endpoints:
         logger.warning(
             "%s is not among the endpoints %s serves (%s): it will come back unchanged unless a default handler takes it",
             args.endpoint,

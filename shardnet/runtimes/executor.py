@@ -27,6 +27,7 @@ from shardnet.errors import ConfigurationError
 
 _ENDPOINTS_ATTR = "__shardnet_endpoints__"
 DEFAULT = "*"
+DEFAULT_ENDPOINT = "__default__"  # how endpoint discovery names a default handler, as Jina's workers do
 
 
 def requests(func: Optional[Callable] = None, *, on: Union[str, Iterable[str], None] = None):

@@ -30,7 +30,7 @@ from shardnet.protocol import services
 from shardnet.protocol.documents import Document, DocumentList
 from shardnet.protocol.messages import ControlRequest, DataRequest, parse, require_empty
 from shardnet.protocol.proto import docarray_pb2, jina_pb2
-from shardnet.runtimes.executor import DEFAULT, Executor, executor_name
+from shardnet.runtimes.executor import DEFAULT, DEFAULT_ENDPOINT, Executor, executor_name
 from shardnet.runtimes.server import ServerConfig, jina_server, serve_until_signalled
 
 logger = logging.getLogger(__name__)
@@ -93,7 +93,10 @@ class Worker:
 
     @property
     def endpoints(self) -> list[str]:
-        return sorted(endpoint for endpoint in self._handlers if endpoint != DEFAULT)
+        """The endpoints bound to a handler, and ``__default__`` when a default handler takes the rest (as Jina
+        lists it)."""
+        named = sorted(endpoint for endpoint in self._handlers if endpoint != DEFAULT)
+        return named + ([DEFAULT_ENDPOINT] if DEFAULT in self._handlers else [])
 
     # -- data ---------------------------------------------------------------------
 
