@@ -133,6 +133,7 @@ class Executor:
 
     @property
     def logger(self) -> logging.Logger:
+        """A logger named after this worker (``shardnet.executor.NAME``), as Jina gives each Executor one."""
         return logging.getLogger(f"shardnet.executor.{self.runtime_args.name}")
 
     def close(self) -> None:
