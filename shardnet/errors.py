@@ -54,12 +54,14 @@ class ReplicaError(ShardnetError):
         code: Optional[grpc.StatusCode] = None,
         deployment: str = "",
         shard_id: Optional[int] = None,
+        role: str = "replica",
     ):
         self.cause = cause
         self.address = address
         self.code = code
         self.deployment = deployment
         self.shard_id = shard_id
+        self.role = role  # "replica" in a pool; "server" for a one-off call, which may go to a head or a worker
         super().__init__(self._describe())
 
     def _describe(self) -> str:
@@ -68,7 +70,7 @@ class ReplicaError(ShardnetError):
             where.append(f"deployment {self.deployment!r}")
         if self.shard_id is not None:
             where.append(f"shard {self.shard_id}")
-        where.append(f"replica {self.address}")
+        where.append(f"{self.role} {self.address}")
         code = f"{self.code.name}: " if self.code is not None else ""
         return f"{', '.join(where)}: {code}{self.cause}"
 

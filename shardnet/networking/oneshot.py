@@ -94,7 +94,7 @@ async def call_once(
         cause = error_cause(error)
         if not address.tls and "socket closed" in cause.lower():  # gRPC's words for a TLS server dialled in plaintext
             cause += " (if the server serves TLS, dial https://ADDRESS and give its CA)"
-        raise kind(cause, address=str(address), code=error.code()) from None
+        raise kind(cause, address=str(address), code=error.code(), role="server") from None
     finally:
         await channel.close()
 
