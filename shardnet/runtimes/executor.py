@@ -95,11 +95,6 @@ class Handler:
         return await asyncio.get_running_loop().run_in_executor(threads, call)
 
 
-def executor_name(worker_name: str) -> str:
-    """The name executor-specific parameters use: a worker's deployment ("index" of "index/shard-0/rep-1")."""
-    return worker_name.split("/", 1)[0]
-
-
 class Executor:
     """Base class of user code served by a worker.
 
@@ -118,8 +113,10 @@ class Executor:
 
     @property
     def metas(self) -> SimpleNamespace:
-        """Jina's ``metas``: ``name`` (the deployment's, which ``parameters[name]`` addresses) and ``workspace``."""
-        return SimpleNamespace(name=executor_name(self.runtime_args.name), workspace=self.runtime_args.workspace)
+        """Jina's ``metas``: ``name``, the deployment's ("index" of worker "index/shard-0/rep-1"), which
+        ``parameters[name]`` addresses, and ``workspace``."""
+        name = self.runtime_args.name.split("/", 1)[0]
+        return SimpleNamespace(name=name, workspace=self.runtime_args.workspace)
 
     @property
     def workspace(self) -> Optional[str]:

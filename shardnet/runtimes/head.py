@@ -35,6 +35,7 @@ from shardnet.runtimes.server import (
     ServerConfig,
     jina_server,
     serve_until_signalled,
+    within_message_limit,
 )
 
 logger = logging.getLogger(__name__)
@@ -108,7 +109,6 @@ class Head:
         mutual_tls = config.tls is not None and config.tls.client_ca is not None
         self._guard = ControlGuard(config.control_token, mutual_tls)
         self.server = jina_server(config, self)
-        self._max_message_bytes = config.max_message_bytes
         # a pool fed by discovery (Kubernetes) knows no worker until its first list: not ready before that
         self._discovery_synced = getattr(self.pool, "wait_synced", None)
         self.server.ready_at_start = self._discovery_synced is None
@@ -155,14 +155,13 @@ class Head:
             await context.abort(exc.code or grpc.StatusCode.UNAVAILABLE, str(exc))
         if trailing:
             context.set_trailing_metadata(tuple(trailing))
-        answer = response.to_bytes()
-        if len(answer) > self._max_message_bytes:  # gRPC would refuse to send it with a bare "Sent message larger"
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{self.deployment}: the answer (under ALL, every shard's merged) is {len(answer)} bytes, over this "
-                f"head's max message size of {self._max_message_bytes} bytes (--max-message-mb)",
-            )
-        return answer
+        return await within_message_limit(
+            context,
+            response.to_bytes(),
+            self.server.config.max_message_bytes,
+            f"{self.deployment}: the answer (under ALL, every shard's merged)",
+            "head",
+        )
 
     @staticmethod
     def _settle_endpoint(requests: list[DataRequest], context: grpc.aio.ServicerContext) -> str:

@@ -224,6 +224,19 @@ def _running(pid: int) -> bool:
     return True
 
 
+async def within_message_limit(
+    context: grpc.aio.ServicerContext, answer: bytes, limit: int, what: str, whose: str
+) -> bytes:
+    """``answer``, or an abort naming ``what`` it is and ``whose`` limit it passes: gRPC would refuse to send
+    it with a bare "Sent message larger than max" and a traceback in the server's log."""
+    if len(answer) > limit:
+        await context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"{what} is {len(answer)} bytes, over this {whose}'s max message size of {limit} bytes (--max-message-mb)",
+        )
+    return answer
+
+
 async def _parent_exited(parent_pid: int) -> None:
     """Return once process ``parent_pid`` is gone: for the direct parent, once this one was handed to another
     (immune to its pid being reused); for any other process, once it no longer exists."""

@@ -30,8 +30,8 @@ from shardnet.protocol import services
 from shardnet.protocol.documents import Document, DocumentList
 from shardnet.protocol.messages import ControlRequest, DataRequest, parse, require_empty
 from shardnet.protocol.proto import docarray_pb2, jina_pb2
-from shardnet.runtimes.executor import DEFAULT, DEFAULT_ENDPOINT, Executor, executor_name
-from shardnet.runtimes.server import ServerConfig, jina_server, serve_until_signalled
+from shardnet.runtimes.executor import DEFAULT, DEFAULT_ENDPOINT, Executor
+from shardnet.runtimes.server import ServerConfig, jina_server, serve_until_signalled, within_message_limit
 
 logger = logging.getLogger(__name__)
 
@@ -88,8 +88,7 @@ class Worker:
         self._last_call = 0.0  # time.monotonic() of the latest data call
         self.server = jina_server(config, self)
         self._closed = False  # the Executor's close() has run
-        self._metas_name = executor_name(executor.runtime_args.name)  # what executor-specific parameters use
-        self._max_message_bytes = config.max_message_bytes
+        self._metas_name = executor.metas.name  # what executor-specific parameters address
 
     @property
     def endpoints(self) -> list[str]:
@@ -168,14 +167,10 @@ class Worker:
             route.status.CopyFrom(first.status)
             context.set_trailing_metadata(ERROR_TRAILER)
         route.end_time.FromNanoseconds(time.time_ns())
-        answer = first.to_bytes()
-        if len(answer) > self._max_message_bytes:  # gRPC would refuse it with a bare "Sent message larger than max"
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{self.name}: the answer of {endpoint} is {len(answer)} bytes, over this worker's max message size "
-                f"of {self._max_message_bytes} bytes (--max-message-mb)",
-            )
-        return answer
+        return await within_message_limit(
+            context, first.to_bytes(), self.server.config.max_message_bytes, f"{self.name}: the answer of {endpoint}",
+            "worker",
+        )
 
     def _file_result(self, request: DataRequest, result: dict, handler_name: str) -> None:
         """Put a handler's dict under ``parameters["__results__"][worker name]``, as Jina's worker does."""
