@@ -76,6 +76,22 @@ class Tagger(Executor):
             doc.tags["endpoint"] = endpoint
 
 
+class Sleepy(Executor):
+    """``/sleep`` answers after ``parameters["seconds"]`` (so answers finish out of order), each document tagged
+    with the worker's port-free name; ``/big`` answers with ``parameters["bytes"]`` bytes of text."""
+
+    @requests(on="/sleep")
+    async def sleep(self, docs, parameters, **kwargs):
+        await asyncio.sleep(float(parameters.get("seconds", 0)))
+        for doc in docs:
+            doc.tags["slept"] = float(parameters.get("seconds", 0))
+
+    @requests(on="/big")
+    async def big(self, docs, parameters, **kwargs):
+        for doc in docs:
+            doc.text = "x" * int(parameters["bytes"])
+
+
 class KnownOnly(Executor):
     """Binds ``/known`` and has no default handler: every other endpoint passes through unchanged."""
 

@@ -45,6 +45,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--uses-before", metavar="HOST:PORT")
     parser.add_argument("--uses-after", metavar="HOST:PORT")
     parser.add_argument("--balancer", choices=sorted(BALANCERS), default="p2c_ewma")
+    parser.add_argument(
+        "--request-streams", action=argparse.BooleanOptionalAction, default=True,
+        help="send single requests to shardnet workers as messages on a few shared streams per worker instead of "
+        "a call each (other servers are called unary either way; default: on)",
+    )
     parser.add_argument("--timeout", type=float, default=None, help="default deadline of a forwarded call, seconds")
     parser.add_argument(
         "--attempt-timeout", type=float, default=None, help="give up on one replica after this long and try another"
@@ -93,6 +98,7 @@ async def serve(args: argparse.Namespace) -> int:
         timeout=args.timeout,
         tls=client_tls(args),
         options=message_size_options(config.max_message_bytes),  # its workers' answers pass through it
+        request_streams=args.request_streams,
     )
     head = Head(
         args.deployment,

@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2
 
 from shardnet.errors import ConfigurationError, MalformedReplyError, ProtocolError
 from shardnet.networking.addresses import Address, parse_address
+from shardnet.networking.streams import RequestStreams
 from shardnet.networking.tls import ClientTls, PemSource
 from shardnet.protocol import services
 from shardnet.protocol.messages import ControlRequest, DataRequest
@@ -112,6 +113,11 @@ def merge_options(options: Optional[ChannelOptions]) -> list[tuple[str, Any]]:
     given = dict(options or ())
     merged = [(key, given.pop(key, value)) for key, value in default_grpc_options()]
     return merged + list(given.items())
+
+
+def receive_limit(options: Optional[ChannelOptions]) -> int:
+    """The receive limit a channel with ``options`` has, in bytes (the default unless they set one)."""
+    return int(dict(merge_options(options))["grpc.max_receive_message_length"])
 
 
 def tls_settings(https: bool, tls: Union[bool, ClientTls, None]) -> tuple[bool, Optional[ClientTls]]:
@@ -334,21 +340,44 @@ class Stubs:
     decoded_single_data: grpc.aio.UnaryUnaryMultiCallable
     decoded_data: grpc.aio.UnaryUnaryMultiCallable
 
+    # the request streams behind single_data and decoded_single_data, when the channel has them
+    streams: Optional[RequestStreams] = None
+
     @classmethod
-    def for_channel(cls, channel: grpc.aio.Channel, origin: Optional[str] = None) -> "Stubs":
-        """The callables on ``channel``; data replies, decoded lazily, name ``origin`` if they prove malformed."""
+    def for_channel(
+        cls,
+        channel: grpc.aio.Channel,
+        origin: Optional[str] = None,
+        *,
+        request_streams: bool = False,
+        max_receive_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> "Stubs":
+        """The callables on ``channel``; data replies, decoded lazily, name ``origin`` if they prove malformed.
+
+        ``request_streams``: single requests go as messages on a few streams to a shardnet worker
+        (networking/streams.py), unary to any other server; ``max_receive_bytes`` is this side's limit.
+        """
         unary = channel.unary_unary
         data_reply = DataRequest.from_bytes if origin is None else functools.partial(DataRequest.from_bytes, origin=origin)
+        single_data = unary(services.PROCESS_SINGLE_DATA, _to_bytes, data_reply)
+        decoded_single_data = unary(services.PROCESS_SINGLE_DATA, _to_bytes, _DECODED_REPLY)
+        streams = None
+        if request_streams:
+            streams = RequestStreams(
+                channel, single_data, decoded_single_data, _DECODED_REPLY, max_receive_bytes, origin or "the server"
+            )
+            single_data, decoded_single_data = streams.single_data, streams.decoded_single_data
         return cls(
-            single_data=unary(services.PROCESS_SINGLE_DATA, _to_bytes, data_reply),
+            single_data=single_data,
             data=unary(services.PROCESS_DATA, _requests_to_bytes, data_reply),
             control=unary(services.PROCESS_CONTROL, _to_bytes, _CONTROL_REPLY),
             discovery=unary(services.ENDPOINT_DISCOVERY, empty_pb2.Empty.SerializeToString, _ENDPOINTS_REPLY),
             health=unary(
                 "/grpc.health.v1.Health/Check", health_pb2.HealthCheckRequest.SerializeToString, _HEALTH_REPLY
             ),
-            decoded_single_data=unary(services.PROCESS_SINGLE_DATA, _to_bytes, _DECODED_REPLY),
+            decoded_single_data=decoded_single_data,
             decoded_data=unary(services.PROCESS_DATA, _requests_to_bytes, _DECODED_REPLY),
+            streams=streams,
         )
 
 

@@ -44,7 +44,7 @@ from shardnet.protocol.messages import ControlRequest, DataRequest
 logger = logging.getLogger(__name__)
 
 Metadata = Union[Sequence[tuple[str, str]], Mapping[str, str]]
-_METHODS = frozenset(field.name for field in dataclasses.fields(Stubs))  # what ``call`` may name
+_METHODS = frozenset(field.name for field in dataclasses.fields(Stubs) if field.name != "streams")  # what ``call`` names
 Reply = tuple[Any, Any]
 
 
@@ -102,11 +102,14 @@ class GrpcConnectionPool:
         options: Optional[ChannelOptions] = None,
         channel_options: Optional[ChannelOptions] = None,
         metadata: Metadata = (),
+        request_streams: bool = False,
     ):
         """Jina's first three arguments keep their places: ``runtime_name``, ``logger`` (where the pool's
         replica lists log ejections; any object with ``warning`` and ``info``) and ``compression``
         (``"Gzip"``, ``"Deflate"``, ``"NoCompression"`` or a ``grpc.Compression``) for every call;
-        ``channel_options`` is Jina's name for ``options``."""
+        ``channel_options`` is Jina's name for ``options``. ``request_streams``: single requests to
+        shardnet workers travel as messages on a few shared streams per replica instead of a call each
+        (networking/streams.py; what a head does), unary to servers that do not serve them."""
         if not isinstance(runtime_name, str):
             raise ConfigurationError(f"runtime_name names the pool's owner (Jina's first argument), got {runtime_name!r}")
         self.runtime_name = runtime_name  # who holds the pool, as in Jina: shown by repr
@@ -127,6 +130,9 @@ class GrpcConnectionPool:
         if logger is not None and not all(callable(getattr(logger, name, None)) for name in ("warning", "info")):
             raise ConfigurationError(f"logger must have warning() and info() (a logging.Logger), got {logger!r}")
         self._logger = logger
+        if not isinstance(request_streams, bool):
+            raise ConfigurationError(f"request_streams is True or False, got {request_streams!r}")
+        self._request_streams = request_streams
         self._deployments: dict[str, _Deployment] = {}
         try:
             self._metadata_cache = MetadataCache(fixed=metadata)
@@ -141,7 +147,7 @@ class GrpcConnectionPool:
         name = f"{deployment}/head" if head else f"{deployment}/shard-{shard_id}"
         make = lambda: ReplicaList(  # noqa: E731
             make_balancer(self.balancer), tls=self._tls, options=self._options, ejection=self._ejection, name=name,
-            logger=self._logger,
+            logger=self._logger, request_streams=self._request_streams,
         )
         if head:
             if entry.head is None:

@@ -21,7 +21,14 @@ from grpc_health.v1 import health_pb2
 from shardnet.errors import ConfigurationError, ProtocolError
 from shardnet.networking.addresses import Address, parse_address
 from shardnet.networking.balancing import Balancer, RoundRobin, make_balancer
-from shardnet.networking.channels import ChannelOptions, Stubs, checked_options, checked_reply, get_grpc_channel
+from shardnet.networking.channels import (
+    ChannelOptions,
+    Stubs,
+    checked_options,
+    checked_reply,
+    get_grpc_channel,
+    receive_limit,
+)
 from shardnet.networking.policies import EjectionPolicy
 from shardnet.networking.tls import ClientTls
 
@@ -52,7 +59,8 @@ class Connection:
     """One replica: its address, its channel and the method callables on it."""
 
     __slots__ = (
-        "address", "_tls", "_options", "channel", "stubs", "failures", "times_ejected", "_retiring", "_closed", "_origin"
+        "address", "_tls", "_options", "channel", "stubs", "failures", "times_ejected", "_retiring", "_closed", "_origin",
+        "_request_streams",
     )
 
     def __init__(
@@ -61,8 +69,10 @@ class Connection:
         tls: Optional[ClientTls] = None,
         options: Optional[ChannelOptions] = None,
         owner: str = "",
+        request_streams: bool = False,
     ):
         self.address = address
+        self._request_streams = request_streams
         self._origin = f"{owner} replica {address}" if owner else f"replica {address}"  # named by malformed replies
         self._tls = tls if address.tls else None
         self._options = options
@@ -82,11 +92,22 @@ class Connection:
                 f"replica {self.address}: no event loop to open its channel in; add connections from async code "
                 "in the loop that sends"
             ) from None
-        self.stubs = Stubs.for_channel(self.channel, origin=self._origin)
+        self.stubs = Stubs.for_channel(
+            self.channel,
+            origin=self._origin,
+            request_streams=self._request_streams,
+            max_receive_bytes=receive_limit(self._options),
+        )
+
+    def _retire_streams(self) -> None:
+        """The current channel's request streams end once their answers are in, so the channel can close."""
+        if self.stubs.streams is not None:
+            self.stubs.streams.retire()
 
     def rebuild(self) -> None:
         """Replace the channel with a fresh one; the old one closes once the calls still on it end."""
         retired = self.channel
+        self._retire_streams()
         self._open()
         self._closed.add(retired)
         closing = asyncio.get_running_loop().create_task(retired.close(RETIRED_CHANNEL_GRACE))
@@ -116,6 +137,7 @@ class Connection:
         Calls still running after that are cancelled; ``ReplicaList.call`` turns that into UNAVAILABLE.
         """
         self._closed.add(self.channel)
+        self._retire_streams()
         await self.channel.close(grace)
         retiring, self._retiring = dict(self._retiring), {}
         await _finish_or_cut(retiring, grace or 0)
@@ -141,6 +163,7 @@ class ReplicaList:
         ejection: Optional[EjectionPolicy] = EjectionPolicy(),
         name: str = "",
         logger: Optional[logging.Logger] = None,
+        request_streams: bool = False,
     ):
         if isinstance(balancer, str):  # a name, as the pool takes it
             balancer = make_balancer(balancer)
@@ -155,6 +178,7 @@ class ReplicaList:
         self._tls = tls
         self._options = checked_options(options)
         self._ejection = ejection
+        self._request_streams = request_streams  # single requests to shardnet workers go on shared streams
         self._connections: dict[str, Connection] = {}
         self._eligible: list[Connection] = []  # picked from; swap-removal keeps it O(1)
         self._position: dict[Connection, int] = {}
@@ -169,7 +193,9 @@ class ReplicaList:
         existing = self._connections.get(parsed.target)
         if existing is not None:
             return existing
-        connection = Connection(parsed, tls=self._tls, options=self._options, owner=self.name)
+        connection = Connection(
+            parsed, tls=self._tls, options=self._options, owner=self.name, request_streams=self._request_streams
+        )
         self._connections[parsed.target] = connection
         self._admit(connection)
         return connection

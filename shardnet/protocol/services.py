@@ -20,6 +20,9 @@ PROCESS_DATA = _path("JinaDataRequestRPC", "process_data")
 PROCESS_CONTROL = _path("JinaControlRequestRPC", "process_control")
 ENDPOINT_DISCOVERY = _path("JinaDiscoverEndpointsRPC", "endpoint_discovery")
 STREAM_CALL = _path("JinaRPC", "Call")
+# shardnet's own: single DataRequests both ways, answered concurrently, matched by request_id
+# (networking/streams.py); Jina's Call above answers one request at a time, in order
+REQUEST_STREAM = "/shardnet.RequestStream/Call"
 
 # metadata keys that travel beside requests
 ENDPOINT_METADATA = "endpoint"

@@ -71,14 +71,16 @@ class Head:
         uses_after: Optional[str] = None,
         shards: int = 0,
         lease: Optional[float] = None,
+        request_streams: bool = True,
     ):
         if not deployment:
             raise ConfigurationError("a head needs a deployment name")
         self.deployment = deployment
         self.polling = polling
-        # its own pool dials the workers with its own message limit: their answers pass through it
+        # its own pool dials the workers with its own message limit (their answers pass through it), and
+        # sends single requests on shared streams to shardnet workers (unary to others)
         self.pool = pool if pool is not None else GrpcConnectionPool(
-            balancer="p2c_ewma", options=message_size_options(config.max_message_bytes)
+            balancer="p2c_ewma", options=message_size_options(config.max_message_bytes), request_streams=request_streams
         )
         if isinstance(shards, bool) or not isinstance(shards, int) or shards < 0:
             raise ConfigurationError(f"shards must be a whole number from 0 (0: not declared), got {shards!r}")
@@ -160,7 +162,7 @@ class Head:
             response.to_bytes(),
             self.server.config.max_message_bytes,
             f"{self.deployment}: the answer (under ALL, every shard's merged)",
-            "head",
+            "this head's",
         )
 
     @staticmethod

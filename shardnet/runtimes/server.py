@@ -131,6 +131,7 @@ class Server:
         self._server: Optional[grpc.aio.Server] = None
         self.port: int = config.port
         self.draining = False
+        self.stopping = asyncio.Event()  # set as the drain begins: long-lived streams end once their answers are out
         self._unix_bound = False
 
     @property
@@ -204,6 +205,7 @@ class Server:
         if self._server is None:
             return
         self.draining = True
+        self.stopping.set()
         await self.health.enter_graceful_shutdown()
         server, self._server = self._server, None
         await server.stop(self.config.drain_grace if grace is None else grace)
@@ -227,12 +229,12 @@ def _running(pid: int) -> bool:
 async def within_message_limit(
     context: grpc.aio.ServicerContext, answer: bytes, limit: int, what: str, whose: str
 ) -> bytes:
-    """``answer``, or an abort naming ``what`` it is and ``whose`` limit it passes: gRPC would refuse to send
-    it with a bare "Sent message larger than max" and a traceback in the server's log."""
+    """``answer``, or an abort naming ``what`` it is and ``whose`` limit it passes ("this worker's"): gRPC would
+    refuse to send it with a bare "Sent message larger than max" and a traceback in the server's log."""
     if len(answer) > limit:
         await context.abort(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"{what} is {len(answer)} bytes, over this {whose}'s max message size of {limit} bytes (--max-message-mb)",
+            f"{what} is {len(answer)} bytes, over {whose} max message size of {limit} bytes (--max-message-mb)",
         )
     return answer
 
@@ -295,15 +297,27 @@ async def serve_until_signalled(
 
 def jina_server(config: ServerConfig, runtime) -> Server:
     """A Server exposing ``runtime``'s four Jina methods (process_single_data, process_data,
-    process_control, endpoint_discovery) and listing their services through reflection."""
+    process_control, endpoint_discovery) and listing their services through reflection.
+
+    A runtime with a ``request_stream`` handler serves shardnet's request streams too
+    (networking/streams.py), unless ``max_concurrent_rpcs`` caps it: a stream is one RPC however
+    many requests it carries, so a capped server leaves its callers to call it unary.
+    """
+    handlers = [
+        unary_service(services.PROCESS_SINGLE_DATA, runtime.process_single_data),
+        unary_service(services.PROCESS_DATA, runtime.process_data),
+        unary_service(services.PROCESS_CONTROL, runtime.process_control),
+        unary_service(services.ENDPOINT_DISCOVERY, runtime.endpoint_discovery),
+    ]
+    request_stream = getattr(runtime, "request_stream", None)
+    if request_stream is not None and config.max_concurrent_rpcs is None:
+        service, method = services.REQUEST_STREAM.strip("/").split("/")
+        handlers.append(
+            grpc.method_handlers_generic_handler(service, {method: grpc.stream_stream_rpc_method_handler(request_stream)})
+        )
     return Server(
         config,
-        [
-            unary_service(services.PROCESS_SINGLE_DATA, runtime.process_single_data),
-            unary_service(services.PROCESS_DATA, runtime.process_data),
-            unary_service(services.PROCESS_CONTROL, runtime.process_control),
-            unary_service(services.ENDPOINT_DISCOVERY, runtime.endpoint_discovery),
-        ],
+        handlers,
         [services.SINGLE_DATA_SERVICE, services.DATA_SERVICE, services.CONTROL_SERVICE, services.DISCOVERY_SERVICE],
     )
 

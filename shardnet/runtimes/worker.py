@@ -16,7 +16,7 @@ import asyncio
 import concurrent.futures
 import logging
 import time
-from typing import Any, Optional
+from typing import Any, AsyncIterator, Optional
 
 import grpc
 import grpc.aio
@@ -25,6 +25,7 @@ from shardnet.errors import ProtocolError, ReplicaError
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address
 from shardnet.networking.channels import check_control_token
+from shardnet.networking.streams import LIMIT_METADATA, StreamWriter, status_answer
 from shardnet.networking.tls import ClientTls
 from shardnet.protocol import services
 from shardnet.protocol.documents import Document, DocumentList
@@ -52,6 +53,31 @@ def _tls_hint(error: ReplicaError) -> str:
             "--head-client-key, signed by its client CA)"
         )
     return ""
+
+
+class _Aborted(Exception):
+    """One streamed request refused with a gRPC status (``_MessageContext.abort``)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class _MessageContext:
+    """What ``Worker._handle`` asks of a call's context, for one request on a request stream: an abort refuses
+    that request alone, no metadata comes with it (its endpoint is in its header), and the ``is-error``
+    trailer is read off its status by the receiving side."""
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+        raise _Aborted(code, details)
+
+    @staticmethod
+    def invocation_metadata() -> tuple:
+        return ()
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        pass  # the receiving side reads is-error off the answer's status
 
 
 class Worker:
@@ -126,7 +152,74 @@ class Worker:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "process_data received an empty request list")
         return await self._handle([DataRequest.from_bytes(item) for item in envelope.requests], context)
 
-    async def _handle(self, requests: list[DataRequest], context: grpc.aio.ServicerContext) -> bytes:
+    async def request_stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
+        """shardnet's request stream (networking/streams.py): each request handled as it arrives, each answer
+        written when ready; once the server drains, the stream ends after the answers of what it took."""
+        loop = asyncio.get_running_loop()
+        limit, whose = self._stream_limit(context)
+        # what we take, which also tells the sender that this is a request stream it may use
+        await context.send_initial_metadata(((LIMIT_METADATA, str(self.server.config.max_message_bytes)),))
+        writer = StreamWriter(context.write)
+        working: set[asyncio.Task] = set()
+        unreadable: list[ProtocolError] = []
+
+        async def take() -> None:
+            async for payload in requests:
+                self._last_call = time.monotonic()
+                try:
+                    request = DataRequest.from_bytes(payload)
+                    request_id = request.request_id  # the header decodes here, or the request cannot be answered
+                except ProtocolError as exc:
+                    unreadable.append(exc)
+                    return
+                task = loop.create_task(self._answer_streamed(request, request_id, writer, limit, whose))
+                working.add(task)
+                task.add_done_callback(working.discard)
+
+        taking = loop.create_task(take())
+        stopping = loop.create_task(self.server.stopping.wait())
+        try:
+            await asyncio.wait((taking, stopping), return_when=asyncio.FIRST_COMPLETED)
+            taking.cancel()  # draining: take no more; the sender fails over what it sent after this
+            await asyncio.gather(taking, return_exceptions=True)
+            if working:
+                await asyncio.wait(working)
+            if unreadable:  # no request id to answer by: the stream as a whole is refused
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request stream: {unreadable[0]}")
+            writer.finish()
+            await writer.task
+        except asyncio.CancelledError:  # the sender went away: nobody waits for these answers any more
+            for task in working:
+                task.cancel()
+            raise
+        finally:
+            stopping.cancel()
+            taking.cancel()
+            writer.task.cancel()
+
+    def _stream_limit(self, context: grpc.aio.ServicerContext) -> tuple[int, str]:
+        """The largest answer a stream's sender takes, and whose limit that is."""
+        own = self.server.config.max_message_bytes
+        offered = dict(context.invocation_metadata()).get(LIMIT_METADATA, "")
+        theirs = int(offered) if offered.isdigit() else 0
+        return (theirs, "the receiving head's") if 0 < theirs < own else (own, "this worker's")
+
+    async def _answer_streamed(
+        self, request: DataRequest, request_id: str, writer: StreamWriter, limit: int, whose: str
+    ) -> None:
+        try:
+            answer = await self._handle([request], _MessageContext(), limit, whose)
+        except _Aborted as aborted:
+            answer = status_answer(request_id, aborted.code, aborted.details)
+        writer.send(answer)
+
+    async def _handle(
+        self,
+        requests: list[DataRequest],
+        context: grpc.aio.ServicerContext,
+        limit: Optional[int] = None,
+        whose: str = "this worker's",
+    ) -> bytes:
         first = requests[0]
         try:
             endpoint = self._endpoint_of(first, context)
@@ -168,8 +261,11 @@ class Worker:
             context.set_trailing_metadata(ERROR_TRAILER)
         route.end_time.FromNanoseconds(time.time_ns())
         return await within_message_limit(
-            context, first.to_bytes(), self.server.config.max_message_bytes, f"{self.name}: the answer of {endpoint}",
-            "worker",
+            context,
+            first.to_bytes(),
+            self.server.config.max_message_bytes if limit is None else limit,
+            f"{self.name}: the answer of {endpoint}",
+            whose,
         )
 
     def _file_result(self, request: DataRequest, result: dict, handler_name: str) -> None:

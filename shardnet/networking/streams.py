@@ -1,0 +1,373 @@
+"""Request streams: a head's single DataRequests multiplexed over a few long-lived streams per worker.
+
+A unary gRPC call opens an HTTP/2 stream and sends headers and trailers both
+ways; a message on a stream that is already open costs both ends far less
+(``benchmarks/floor_variants.py`` measures it). A shardnet worker serves
+``services.REQUEST_STREAM``: it reads DataRequests, works on them concurrently
+and writes each answer when it is ready, carrying the request's own
+``request_id``, by which the sending side matches it. What a unary call carries
+beside its message travels inside the messages instead:
+
+- the endpoint rides in the header (``exec_endpoint``), where Jina workers read it too;
+- a gRPC status other than OK for one request comes back as an answer whose
+  exception is named ``STATUS_EXCEPTION``, its args the code's name and details;
+- the ``is-error`` trailer is read off the answer's status;
+- each end's receive limit goes once, as stream metadata, so that neither sends
+  a message too big for the other (gRPC would end the whole stream): the worker
+  refuses such an answer by name, the sender sends such a request unary. The
+  worker's metadata also says that it serves the stream at all: requests go on
+  a stream only once it has come.
+
+A request goes unary instead when a stream cannot carry it faithfully: no
+request id or one already waiting on that stream, metadata beyond its endpoint,
+more than ``MAX_STREAMED_BYTES``, or a replica that does not serve the stream
+(a Jina worker answers UNIMPLEMENTED once; its connection is unary from then on).
+Not carried: a caller's cancellation or deadline stops the wait, not the
+worker, which finishes the request; its late answer is dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from typing import Any, Awaitable, Callable, Optional
+
+import grpc
+import grpc.aio
+
+from shardnet.errors import ProtocolError
+from shardnet.protocol import services
+from shardnet.protocol.messages import DataRequest
+
+# the stream metadata key carrying the sender's receive limit, in bytes
+LIMIT_METADATA = "shardnet-max-message-bytes"
+# the exception name of an answer that stands for a gRPC status of its request alone
+STATUS_EXCEPTION = "grpc.StatusCode"
+# bigger requests go unary: they gain nothing from a shared stream and would hold up the requests behind them
+MAX_STREAMED_BYTES = 256 * 1024
+# streams per replica: one write at a time goes on each, so a few let writes overlap
+LANES = 4
+
+ERROR_TRAILER = ((services.ERROR_METADATA, "true"),)
+
+
+def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    """An AioRpcError as a unary call would have raised it, for one request on a stream."""
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+
+def status_answer(request_id: str, code: grpc.StatusCode, details: str) -> bytes:
+    """The answer that stands for ``code`` for request ``request_id`` (a worker's abort of that request)."""
+    answer = DataRequest()
+    answer.header.request_id = request_id
+    answer.header.status.code = answer.header.status.ERROR
+    answer.header.status.exception.name = STATUS_EXCEPTION
+    answer.header.status.exception.args.extend([code.name, details])
+    return answer.to_bytes()
+
+
+def status_of(answer: DataRequest) -> Optional[grpc.aio.AioRpcError]:
+    """The gRPC error ``answer`` stands for, when it is a status answer."""
+    exception = answer._header().status.exception
+    if exception.name != STATUS_EXCEPTION or len(exception.args) != 2:
+        return None
+    code = getattr(grpc.StatusCode, exception.args[0], grpc.StatusCode.UNKNOWN)
+    return rpc_error(code, exception.args[1])
+
+
+class StreamWriter:
+    """Writes one stream's messages in order from a task of its own.
+
+    gRPC takes one write at a time per stream, and a write cancelled halfway
+    cancels the whole stream: so no caller writes, each only queues.
+    """
+
+    __slots__ = ("_write", "_finish", "_queue", "_wake", "_finishing", "task")
+
+    def __init__(self, write: Callable[[bytes], Awaitable[None]], finish: Optional[Callable[[], Awaitable[None]]] = None):
+        self._write = write
+        self._finish = finish
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._wake: Optional[asyncio.Future] = None
+        self._finishing = False
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def send(self, message: bytes) -> None:
+        self._queue.append(message)
+        self._wake_up()
+
+    def finish(self) -> None:
+        """Write what is queued, then half-close the stream (``finish``) and stop."""
+        self._finishing = True
+        self._wake_up()
+
+    def _wake_up(self) -> None:
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                while self._queue:
+                    await self._write(self._queue.popleft())
+                if self._finishing:
+                    if self._finish is not None:
+                        await self._finish()
+                    return
+                self._wake = loop.create_future()
+                await self._wake
+                self._wake = None
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise
+            # the stream was cancelled under us (its channel closed): its reader reports that
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass  # the stream ended: its reader fails what was waiting for an answer
+        self._queue.clear()
+
+
+class _Lane:
+    """One stream to the replica: its writer, its reader, and the requests waiting for an answer on it.
+
+    It carries requests only once the replica has answered the stream's opening with its receive limit
+    (a shardnet worker does so at once); until then, and on a server that does not (it refuses the method),
+    requests go unary.
+    """
+
+    __slots__ = ("_owner", "call", "pending", "writer", "limit", "ready", "task")
+
+    def __init__(self, owner: "RequestStreams"):
+        self._owner = owner
+        self.call = owner._open(metadata=owner._stream_metadata)
+        self.pending: dict[str, asyncio.Future] = {}
+        self.ready = False
+        self.writer: Optional[StreamWriter] = None
+        self.limit = MAX_STREAMED_BYTES
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    def submit(self, request_id: str, data: bytes) -> Optional[asyncio.Future]:
+        """The future of ``data``'s answer; None when it must go unary (stream not open yet, the same id
+        already waiting here, or bigger than the replica takes)."""
+        if not self.ready or request_id in self.pending or len(data) > self.limit:
+            return None
+        future = self.pending[request_id] = asyncio.get_running_loop().create_future()
+        self.writer.send(data)
+        return future
+
+    def forget(self, request_id: str, future: asyncio.Future) -> None:
+        if self.pending.get(request_id) is future:
+            del self.pending[request_id]
+        if not self.pending and self._owner.retired:
+            self.finish()
+
+    def finish(self) -> None:
+        """Half-close once the answers waited for are in (the replica then ends the stream); not yet open: drop it."""
+        if self.writer is not None:
+            self.writer.finish()
+        else:
+            self.call.cancel()
+
+    async def _run(self) -> None:
+        owner = self._owner
+        error: Exception = rpc_error(
+            grpc.StatusCode.UNAVAILABLE,
+            f"{owner.origin} ended its request stream before answering (it is stopping)",
+        )
+        try:
+            offered = (await self.call.initial_metadata()).get(LIMIT_METADATA, "")
+            if not offered.isdigit():  # not a shardnet worker (Jina's refuse the method): unary from now on
+                owner.unary_only = True
+                self.call.cancel()
+                return
+            self.limit = min(self.limit, int(offered))
+            self.writer = StreamWriter(self.call.write, self.call.done_writing)
+            self.ready = not owner.retired
+            while True:
+                message = await self.call.read()
+                if message is grpc.aio.EOF:
+                    break
+                self._deliver(message)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                owner.unary_only = True
+            error = rpc_error(exc.code(), f"{exc.details()} (on the request stream to {owner.origin})")
+        except ProtocolError as exc:  # an answer we cannot match to its request: the stream is not to be trusted
+            self.call.cancel()
+            error = rpc_error(
+                grpc.StatusCode.INTERNAL, f"{owner.origin} sent an unreadable answer on its request stream: {exc}"
+            )
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise
+            error = rpc_error(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the request stream to {owner.origin} was closed with this request on it (the replica was "
+                "removed, its channel rebuilt, or the pool closed)",
+            )
+        finally:
+            self.ready = False
+            owner._lane_ended(self)
+            for future in self.pending.values():
+                if not future.done():
+                    future.set_exception(error)
+            self.pending.clear()
+            if self.writer is not None:
+                self.writer.task.cancel()
+
+    def _deliver(self, message: bytes) -> None:
+        answer = DataRequest.from_bytes(message, origin=self._owner.origin)
+        future = self.pending.pop(answer.request_id, None)
+        if future is None or future.done():  # its caller stopped waiting (deadline, cancellation)
+            return
+        future.set_result(answer)
+
+
+class RequestStreams:
+    """The request streams to one replica over one channel, opened as they are needed."""
+
+    __slots__ = ("_open", "_unary", "_decoded_unary", "decode_answer", "_stream_metadata", "_lanes", "_turn",
+                 "origin", "unary_only", "retired", "streamed")
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        unary: Callable[..., Any],
+        decoded_unary: Callable[..., Any],
+        decode_answer: Callable[[bytes], Any],
+        max_receive_bytes: int,
+        origin: str,
+        lanes: int = LANES,
+    ):
+        self._open = channel.stream_stream(services.REQUEST_STREAM)
+        self._unary = unary
+        self._decoded_unary = decoded_unary
+        self.decode_answer = decode_answer  # what the decoded unary method makes of an answer's bytes
+        self._stream_metadata = ((LIMIT_METADATA, str(max_receive_bytes)),)
+        self._lanes: list[Optional[_Lane]] = [None] * lanes
+        self._turn = 0
+        self.origin = origin
+        self.unary_only = False  # the replica does not serve request streams
+        self.retired = False
+        self.streamed = 0  # requests sent on a stream so far
+
+    def single_data(self, request: Any, metadata: Any = None, timeout: Optional[float] = None) -> Any:
+        """``process_single_data`` as a stream message when it can go as one, else the unary call."""
+        data = self._streamable(request, metadata)
+        if data is None:
+            return self._unary(request, metadata=metadata, timeout=timeout)
+        return StreamedCall(self, request, data, metadata, timeout, decode=False)
+
+    def decoded_single_data(self, request: Any, metadata: Any = None, timeout: Optional[float] = None) -> Any:
+        """As ``single_data``, the answer decoded on arrival."""
+        data = self._streamable(request, metadata)
+        if data is None:
+            return self._decoded_unary(request, metadata=metadata, timeout=timeout)
+        return StreamedCall(self, request, data, metadata, timeout, decode=True)
+
+    def _streamable(self, request: Any, metadata: Any) -> Optional[bytes]:
+        """``request``'s bytes when a stream carries it faithfully (module docstring), else None."""
+        if self.unary_only or self.retired or not isinstance(request, DataRequest):
+            return None
+        try:
+            if not request.request_id:
+                return None
+            for key, value in metadata or ():
+                if key != services.ENDPOINT_METADATA or request.endpoint != value:
+                    return None
+            data = request.to_bytes()
+        except ProtocolError:
+            return None  # the unary call reports it
+        return data if len(data) <= MAX_STREAMED_BYTES else None
+
+    @property
+    def open_streams(self) -> int:
+        """How many of the streams carry requests now."""
+        return sum(1 for lane in self._lanes if lane is not None and lane.ready)
+
+    def lane(self) -> _Lane:
+        """The next stream in turn, opened if it is not."""
+        turn = self._turn
+        self._turn = (turn + 1) % len(self._lanes)
+        lane = self._lanes[turn]
+        if lane is None:
+            lane = self._lanes[turn] = _Lane(self)
+        return lane
+
+    def _lane_ended(self, lane: _Lane) -> None:
+        for index, held in enumerate(self._lanes):
+            if held is lane:
+                self._lanes[index] = None
+
+    def retire(self) -> None:
+        """Take no more requests; each stream half-closes once its answers are in, so its channel can close."""
+        self.retired = True
+        for lane in self._lanes:
+            if lane is not None:
+                lane.ready = False
+                if not lane.pending:
+                    lane.finish()
+
+    def unary(self, decode: bool) -> Callable[..., Any]:
+        return self._decoded_unary if decode else self._unary
+
+
+class StreamedCall:
+    """One request on a request stream, awaited as a grpc.aio unary call is (``await``, ``trailing_metadata()``)."""
+
+    __slots__ = ("_streams", "_request", "_data", "_metadata", "_timeout", "_decode", "_trailing")
+
+    def __init__(self, streams: RequestStreams, request: DataRequest, data: bytes, metadata: Any,
+                 timeout: Optional[float], decode: bool):
+        self._streams = streams
+        self._request = request
+        self._data = data
+        self._metadata = metadata
+        self._timeout = timeout
+        self._decode = decode
+        self._trailing: Any = ()
+
+    def __await__(self):
+        return self._run().__await__()
+
+    async def trailing_metadata(self) -> Any:
+        return self._trailing
+
+    async def _run(self) -> Any:
+        streams = self._streams
+        request_id = self._request.request_id
+        lane = streams.lane()
+        future = lane.submit(request_id, self._data)
+        if future is None:
+            return await self._unary()
+        streams.streamed += 1
+        timer = None
+        if self._timeout is not None:
+            timer = asyncio.get_running_loop().call_later(self._timeout, _expire, future)
+        try:
+            answer = await future
+        finally:
+            lane.forget(request_id, future)
+            if timer is not None:
+                timer.cancel()
+        error = status_of(answer) if answer.is_error else None
+        if error is not None:
+            raise error
+        if answer.is_error:
+            self._trailing = ERROR_TRAILER
+        if self._decode:
+            return streams.decode_answer(answer.to_bytes())
+        return answer
+
+    async def _unary(self) -> Any:
+        call = self._streams.unary(self._decode)(self._request, metadata=self._metadata, timeout=self._timeout)
+        answer = await call
+        self._trailing = await call.trailing_metadata()
+        return answer
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+

@@ -1,0 +1,345 @@
+"""Request streams between a head and its shardnet workers (networking/streams.py), on real servers.
+
+Each test checks what a caller of the head sees (answers matched to their own
+requests, errors with the status a unary call would have had, nothing lost) and
+that the requests did travel the way the test is about (on a stream, or unary).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import executors
+import grpc
+import grpc.aio
+import pytest
+
+from shardnet import DataRequest, Document, GrpcConnectionPool, PollingMap, ReplicaError
+from shardnet.networking import oneshot
+from shardnet.networking.streams import MAX_STREAMED_BYTES, status_answer
+from shardnet.protocol import services
+from shardnet.runtimes.head import Head
+from shardnet.runtimes.server import ServerConfig
+from shardnet.runtimes.worker import Worker
+from shardnet.testing import EchoServer, eventually
+
+
+async def start_worker(runtimes, executor_class=executors.Sleepy, **config) -> Worker:
+    return await runtimes(Worker(executor_class.create(), ServerConfig(**config)))
+
+
+async def start_head(runtimes, workers: list, **options) -> Head:
+    addresses = [worker if isinstance(worker, str) else worker.server.address for worker in workers]
+    return await runtimes(Head("dep", connections={0: addresses}, **options))
+
+
+def streams_of(head: Head, index: int = 0):
+    return head.pool.get_replicas("dep").get_all_connections()[index].stubs.streams
+
+
+def request(endpoint: str, text: str, request_id: str | None = None, **parameters) -> DataRequest:
+    built = DataRequest([Document(text=text)], endpoint=endpoint, parameters=parameters)
+    if request_id is not None:
+        built.header.request_id = request_id
+    return built
+
+
+async def send(head: Head, built: DataRequest, timeout: float = 10.0) -> DataRequest:
+    return await oneshot.send_request_async(built, head.server.address, timeout=timeout)
+
+
+async def warm_up(head: Head) -> None:
+    """Send until every stream to the first replica carries requests (the first go unary while they open)."""
+
+    async def all_open() -> bool:
+        await send(head, request("/sleep", "warm-up"))
+        return streams_of(head).open_streams == len(streams_of(head)._lanes)
+
+    await eventually(all_open)
+
+
+async def test_answers_finishing_out_of_order_each_reach_their_own_caller(runtimes):
+    worker = await start_worker(runtimes)
+    head = await start_head(runtimes, [worker])
+    await warm_up(head)
+    before = streams_of(head).streamed
+    rng = random.Random(7)
+    texts = [f"doc-{index}" for index in range(200)]
+    answers = await asyncio.gather(
+        *(send(head, request("/sleep", text, seconds=rng.choice([0, 0.001, 0.01, 0.03]))) for text in texts)
+    )
+    assert [answer.docs[0].text for answer in answers] == texts
+    assert all("slept" in answer.docs[0].tags for answer in answers)
+    assert streams_of(head).streamed - before == len(texts)  # every one of them went on a stream
+
+
+async def test_requests_sharing_a_request_id_are_all_answered_and_not_mixed_up(runtimes):
+    worker = await start_worker(runtimes)
+    head = await start_head(runtimes, [worker])
+    await warm_up(head)
+    texts = [f"twin-{index}" for index in range(40)]
+    answers = await asyncio.gather(
+        *(send(head, request("/sleep", text, request_id="same-id", seconds=0.01 * (index % 3)))
+          for index, text in enumerate(texts))
+    )
+    assert [answer.docs[0].text for answer in answers] == texts
+
+
+async def test_a_request_without_an_id_is_answered(runtimes):
+    worker = await start_worker(runtimes)
+    head = await start_head(runtimes, [worker])
+    await warm_up(head)
+    answer = await send(head, request("/sleep", "anonymous", request_id=""))
+    assert answer.docs[0].text == "anonymous"
+
+
+async def test_a_server_without_request_streams_is_called_unary(runtimes):
+    async with EchoServer() as echo:
+        head = await start_head(runtimes, [echo.address])
+        answers = [await send(head, request("/anything", f"echo-{index}")) for index in range(5)]
+        assert [answer.docs[0].text for answer in answers] == [f"echo-{index}" for index in range(5)]
+        streams = streams_of(head)
+        assert streams.unary_only and streams.streamed == 0
+        assert echo.calls == 5
+
+
+async def test_a_pool_with_request_streams_returns_a_unary_servers_trailing_metadata(runtimes):
+    """Through a pool with request streams, a unary-only server's trailing metadata still comes back."""
+    async with EchoServer(name="plain") as echo:
+        async with GrpcConnectionPool(request_streams=True) as pool:
+            pool.add_connection("dep", echo.address)
+            replicas = pool.get_replicas("dep")
+            for _ in range(3):
+                response, trailing = await pool.call(request("/x", "t"), "dep", replicas)
+                assert dict(tuple(trailing))["served-by"] == "plain"
+
+
+async def test_an_executor_error_comes_back_with_its_status_and_the_is_error_trailer(runtimes):
+    worker = await start_worker(runtimes, executors.Tagger)
+    head = await start_head(runtimes, [worker])
+    await eventually(lambda: send_and_count(head))
+    response, trailing = await oneshot.call_once(
+        "single_data", request("/fail", "x"), head.server.address, timeout=10, metadata=[("endpoint", "/fail")]
+    )
+    assert response.is_error and "bad input" in response.status.description
+    assert dict(tuple(trailing))[services.ERROR_METADATA] == "true"
+
+
+async def send_and_count(head: Head) -> bool:
+    await send(head, request("/tag", "warm-up"))
+    return streams_of(head).open_streams > 0
+
+
+async def test_an_answer_over_the_heads_limit_fails_alone_with_the_limit_named(runtimes):
+    worker = await start_worker(runtimes)  # takes the default 256 MB
+    head = await runtimes(Head("dep", ServerConfig(max_message_bytes=2 * 1024 * 1024),
+                               connections={0: [worker.server.address]}))
+    await warm_up(head)
+    big = send(head, request("/big", "big", bytes=3 * 1024 * 1024))
+    small = [send(head, request("/sleep", f"small-{index}", seconds=0.05)) for index in range(10)]
+    outcomes = await asyncio.gather(big, *small, return_exceptions=True)
+    assert isinstance(outcomes[0], ReplicaError)
+    assert outcomes[0].code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "over the receiving head's max message size of 2097152 bytes" in str(outcomes[0])
+    assert [answer.docs[0].text for answer in outcomes[1:]] == [f"small-{index}" for index in range(10)]
+    assert streams_of(head).open_streams == len(streams_of(head)._lanes)  # the streams lived on
+
+
+async def test_a_request_bigger_than_a_stream_takes_goes_unary_and_is_answered(runtimes):
+    worker = await start_worker(runtimes)
+    head = await start_head(runtimes, [worker])
+    await warm_up(head)
+    before = streams_of(head).streamed
+    text = "y" * (MAX_STREAMED_BYTES + 1)
+    answer = await send(head, request("/sleep", text))
+    assert answer.docs[0].text == text
+    assert streams_of(head).streamed == before
+
+
+async def test_a_caller_whose_deadline_passes_gets_deadline_exceeded_and_the_stream_carries_on(runtimes):
+    worker = await start_worker(runtimes)
+    head = await start_head(runtimes, [worker])
+    await warm_up(head)
+    with pytest.raises(ReplicaError) as caught:
+        await send(head, request("/sleep", "late", seconds=2), timeout=0.5)
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    answers = await asyncio.gather(*(send(head, request("/sleep", f"after-{index}")) for index in range(8)))
+    assert [answer.docs[0].text for answer in answers] == [f"after-{index}" for index in range(8)]
+    assert streams_of(head).open_streams == len(streams_of(head)._lanes)
+
+
+async def test_a_cancelled_caller_leaves_the_stream_working(runtimes):
+    worker = await start_worker(runtimes)
+    head = await start_head(runtimes, [worker])
+    await warm_up(head)
+    replicas = head.pool.get_replicas("dep")
+    waiting = asyncio.ensure_future(head.pool.call(request("/sleep", "gone", seconds=1), "dep", replicas))
+    await eventually(lambda: any(lane and lane.pending for lane in streams_of(head)._lanes))
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert not any(lane and lane.pending for lane in streams_of(head)._lanes)
+    answer = await send(head, request("/sleep", "next"))
+    assert answer.docs[0].text == "next"
+
+
+async def test_a_worker_that_dies_mid_stream_loses_nothing_its_requests_fail_over(runtimes):
+    doomed = await start_worker(runtimes)
+    survivor = await start_worker(runtimes)
+    head = await start_head(runtimes, [doomed, survivor])
+    await warm_up(head)
+    texts = [f"doc-{index}" for index in range(60)]
+    sending = asyncio.gather(*(send(head, request("/sleep", text, seconds=0.3)) for text in texts))
+    await eventually(lambda: any(lane and lane.pending for lane in streams_of(head)._lanes if lane))
+    await doomed.server._server.stop(None)  # the process's server gone at once: its streams break mid-request
+    answers = await sending
+    assert [answer.docs[0].text for answer in answers] == texts
+
+
+async def test_a_draining_worker_answers_what_it_took_and_the_rest_fails_over(runtimes):
+    leaving = await start_worker(runtimes)
+    staying = await start_worker(runtimes)
+    head = await start_head(runtimes, [leaving, staying])
+    await warm_up(head)
+    texts = [f"doc-{index}" for index in range(40)]
+    sending = asyncio.gather(*(send(head, request("/sleep", text, seconds=0.2)) for text in texts))
+    await eventually(lambda: any(lane and lane.pending for lane in streams_of(head)._lanes if lane))
+    await leaving.stop(5)  # drains: the streams end once the answers of what they took are out
+    answers = await sending
+    assert [answer.docs[0].text for answer in answers] == texts
+
+
+async def test_removing_a_replica_lets_its_requests_finish_then_closes_its_channel(runtimes):
+    worker = await start_worker(runtimes)
+    head = await start_head(runtimes, [worker])
+    await warm_up(head)
+    replicas = head.pool.get_replicas("dep")
+    in_flight = asyncio.gather(*(send(head, request("/sleep", f"doc-{index}", seconds=0.2)) for index in range(8)))
+    await eventually(lambda: any(lane and lane.pending for lane in streams_of(head)._lanes if lane))
+    connection = await head.pool.remove_connection("dep", worker.server.address)
+    answers = await in_flight
+    assert [answer.docs[0].text for answer in answers] == [f"doc-{index}" for index in range(8)]
+    # the streams half-close once answered, the worker ends them, and the channel's close completes
+    await eventually(lambda: not replicas._leaving, timeout=5)
+    assert connection.channel.get_state() == grpc.ChannelConnectivity.SHUTDOWN
+
+
+async def test_a_head_without_request_streams_calls_unary(runtimes):
+    worker = await start_worker(runtimes)
+    head = await start_head(runtimes, [worker], request_streams=False)
+    answer = await send(head, request("/sleep", "plain"))
+    assert answer.docs[0].text == "plain"
+    assert streams_of(head) is None
+
+
+async def test_a_worker_capping_concurrent_calls_serves_no_streams_and_is_called_unary(runtimes):
+    worker = await start_worker(runtimes, max_concurrent_rpcs=4)
+    head = await start_head(runtimes, [worker])
+    answers = [await send(head, request("/sleep", f"capped-{index}")) for index in range(3)]
+    assert [answer.docs[0].text for answer in answers] == [f"capped-{index}" for index in range(3)]
+    assert streams_of(head).unary_only
+
+
+async def test_all_polling_reads_every_shards_answer_off_the_streams(runtimes):
+    workers = [await start_worker(runtimes, executors.Tagger) for _ in range(2)]
+    head = await runtimes(Head("dep", connections={0: [workers[0].server.address], 1: [workers[1].server.address]},
+                               polling=PollingMap.parse("ALL")))
+    for _ in range(10):
+        await send(head, request("/tag", "all"))
+    shard_streams = [head.pool.get_replicas("dep", shard_id=shard).get_all_connections()[0].stubs.streams
+                     for shard in (0, 1)]
+    assert all(streams.streamed > 0 for streams in shard_streams)
+    answer = await send(head, request("/tag", "merged"))
+    assert {doc.text for doc in answer.docs} == {"merged"}
+
+
+# -- the worker's side, spoken to directly -------------------------------------------------------------------------
+
+
+async def open_stream(worker: Worker, limit: int | None = None):
+    channel = grpc.aio.insecure_channel(worker.server.address)
+    metadata = () if limit is None else (("shardnet-max-message-bytes", str(limit)),)
+    return channel, channel.stream_stream(services.REQUEST_STREAM)(metadata=metadata)
+
+
+async def test_a_worker_refuses_an_unreadable_stream_message_with_invalid_argument(runtimes):
+    worker = await start_worker(runtimes)
+    channel, call = await open_stream(worker)
+    try:
+        await call.write(b"\xff\xff\xff")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await call.read()
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "request stream: malformed DataRequest" in caught.value.details()
+    finally:
+        await channel.close()
+
+
+async def test_a_worker_names_its_limit_and_refuses_a_single_answer_too_big_for_the_sender(runtimes):
+    worker = await start_worker(runtimes)
+    channel, call = await open_stream(worker, limit=1000)
+    try:
+        assert (await call.initial_metadata()).get("shardnet-max-message-bytes") == str(256 * 1024 * 1024)
+        await call.write(request("/big", "b", request_id="big-one", bytes=5000).to_bytes())
+        await call.write(request("/sleep", "s", request_id="small-one").to_bytes())
+        answers = {}
+        for _ in range(2):
+            answer = DataRequest.from_bytes(await call.read())
+            answers[answer.request_id] = answer
+        assert answers["small-one"].docs[0].text == "s"
+        refused = answers["big-one"]
+        assert refused.status.exception.args[0] == "RESOURCE_EXHAUSTED"
+        assert "over the receiving head's max message size of 1000 bytes" in refused.status.exception.args[1]
+        await call.done_writing()
+        assert await call.read() is grpc.aio.EOF
+        assert await call.code() == grpc.StatusCode.OK
+    finally:
+        await channel.close()
+
+
+def test_a_status_answer_says_which_request_and_why():
+    answer = DataRequest.from_bytes(status_answer("r-1", grpc.StatusCode.INVALID_ARGUMENT, "bad"))
+    assert answer.request_id == "r-1" and answer.is_error
+    assert list(answer.status.exception.args) == ["INVALID_ARGUMENT", "bad"]
+
+
+async def test_a_stream_answer_that_cannot_be_read_fails_its_stream_by_name_and_the_next_request_reopens(runtimes):
+    """A fake replica that serves the stream but answers with bytes that are no DataRequest."""
+
+    async def garbage(requests, context):
+        await context.send_initial_metadata((("shardnet-max-message-bytes", "1000000"),))
+        async for _ in requests:
+            await context.write(b"\xff\xff\xff")
+
+    server = grpc.aio.server()
+    service, method = services.REQUEST_STREAM.strip("/").split("/")
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler(service, {method: grpc.stream_stream_rpc_method_handler(garbage)})]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with GrpcConnectionPool(request_streams=True) as pool:
+            pool.add_connection("dep", f"127.0.0.1:{port}")
+            replicas = pool.get_replicas("dep")
+            streams = replicas.get_all_connections()[0].stubs.streams
+            lane = streams.lane()
+            await eventually(lambda: lane.ready or lane.task.done())
+            streams._turn = 0  # the next call takes the lane now open
+            with pytest.raises(ReplicaError) as caught:
+                await pool.call(request("/x", "x"), "dep", replicas, retries=0)
+            assert caught.value.code == grpc.StatusCode.INTERNAL
+            assert f"127.0.0.1:{port} sent an unreadable answer on its request stream" in str(caught.value)
+            await eventually(lambda: streams._lanes[0] is None)
+    finally:
+        await server.stop(None)
+
+
+def test_the_command_line_turns_request_streams_off():
+    from shardnet.cli.main import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["head", "--deployment", "d"]).request_streams is True
+    assert parser.parse_args(["head", "--deployment", "d", "--no-request-streams"]).request_streams is False
+
