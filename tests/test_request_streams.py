@@ -343,3 +343,14 @@ def test_the_command_line_turns_request_streams_off():
     assert parser.parse_args(["head", "--deployment", "d"]).request_streams is True
     assert parser.parse_args(["head", "--deployment", "d", "--no-request-streams"]).request_streams is False
 
+
+
+def test_a_deployment_passes_its_request_streams_switch_to_its_head():
+    from shardnet import ConfigurationError, Deployment
+
+    assert "--no-request-streams" in Deployment(executors.Tagger, request_streams=False)._head_options
+    assert "--no-request-streams" not in Deployment(executors.Tagger)._head_options
+    with pytest.raises(ConfigurationError, match="request_streams is True or False"):
+        Deployment(executors.Tagger, request_streams="no")
+    with pytest.raises(ConfigurationError, match="request_streams is True or False"):
+        GrpcConnectionPool(request_streams=1)

@@ -23,6 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=int, default=0, help="port of the head; 0 picks a free one")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--balancer", choices=sorted(BALANCERS), default="p2c_ewma")
+    parser.add_argument(
+        "--request-streams", action=argparse.BooleanOptionalAction, default=True,
+        help="the head sends single requests to its workers on a few shared streams each (default: on)",
+    )
     parser.add_argument("--workspace", help="folder the Executors keep state in")
     parser.add_argument("--uses-before", metavar="MODULE:CLASS", help="an Executor every request passes first")
     parser.add_argument(
@@ -63,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         max_message_mb=args.max_message_mb,
         uses_before=args.uses_before,
         uses_after=args.uses_after,
+        request_streams=args.request_streams,
     ) as deployment:
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, lambda *_: stop.set())

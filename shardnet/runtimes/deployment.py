@@ -118,6 +118,7 @@ class Deployment:
         log_dir: Optional[str] = None,
         unix_sockets: Optional[bool] = None,
         max_message_mb: Optional[float] = None,
+        request_streams: bool = True,
     ):
         _check_arguments(uses, shards, replicas, name, balancer, register_interval, startup_timeout)
         self.polling = PollingMap.parse(polling)
@@ -138,6 +139,10 @@ class Deployment:
             self._head_options += ["--timeout", str(timeout)]
         if attempt_timeout is not None:
             self._head_options += ["--attempt-timeout", str(attempt_timeout)]
+        if not isinstance(request_streams, bool):
+            raise ConfigurationError(f"request_streams is True or False, got {request_streams!r}")
+        if not request_streams:  # the head then calls its workers unary, a call per request
+            self._head_options.append("--no-request-streams")
         self._head_port = port
         # one message size limit for every process and for post(): a head passes its workers' answers on
         self._size_arguments, self._post_options = [], None
