@@ -80,9 +80,17 @@ class Sleepy(Executor):
     """``/sleep`` answers after ``parameters["seconds"]`` (so answers finish out of order), each document tagged
     with the worker's port-free name; ``/big`` answers with ``parameters["bytes"]`` bytes of text."""
 
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.cancelled = 0  # sleeps cut short because their caller stopped waiting
+
     @requests(on="/sleep")
     async def sleep(self, docs, parameters, **kwargs):
-        await asyncio.sleep(float(parameters.get("seconds", 0)))
+        try:
+            await asyncio.sleep(float(parameters.get("seconds", 0)))
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
         for doc in docs:
             doc.tags["slept"] = float(parameters.get("seconds", 0))
 

@@ -17,7 +17,7 @@ import pytest
 
 from shardnet import DataRequest, Document, GrpcConnectionPool, PollingMap, ReplicaError
 from shardnet.networking import oneshot
-from shardnet.networking.streams import MAX_STREAMED_BYTES, status_answer
+from shardnet.networking.streams import MAX_STREAMED_BYTES, status_message
 from shardnet.protocol import services
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.server import ServerConfig
@@ -84,6 +84,18 @@ async def test_requests_sharing_a_request_id_are_all_answered_and_not_mixed_up(r
           for index, text in enumerate(texts))
     )
     assert [answer.docs[0].text for answer in answers] == texts
+
+
+async def test_a_request_that_reads_as_a_status_message_goes_unary_and_is_answered(runtimes):
+    worker = await start_worker(runtimes)
+    head = await start_head(runtimes, [worker])
+    await warm_up(head)
+    before = streams_of(head).streamed
+    crafted = DataRequest.from_bytes(status_message("r-9", grpc.StatusCode.CANCELLED, "not really"))
+    crafted.endpoint = "/sleep"
+    answer = await send(head, crafted)
+    assert answer.request_id == "r-9" and answer.is_error  # passed through the handler untouched, as sent
+    assert streams_of(head).streamed == before
 
 
 async def test_a_request_without_an_id_is_answered(runtimes):
@@ -164,6 +176,7 @@ async def test_a_caller_whose_deadline_passes_gets_deadline_exceeded_and_the_str
     with pytest.raises(ReplicaError) as caught:
         await send(head, request("/sleep", "late", seconds=2), timeout=0.5)
     assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    await eventually(lambda: worker.executor.cancelled == 1)
     answers = await asyncio.gather(*(send(head, request("/sleep", f"after-{index}")) for index in range(8)))
     assert [answer.docs[0].text for answer in answers] == [f"after-{index}" for index in range(8)]
     assert streams_of(head).open_streams == len(streams_of(head)._lanes)
@@ -180,6 +193,7 @@ async def test_a_cancelled_caller_leaves_the_stream_working(runtimes):
     with pytest.raises(asyncio.CancelledError):
         await waiting
     assert not any(lane and lane.pending for lane in streams_of(head)._lanes)
+    await eventually(lambda: worker.executor.cancelled == 1)  # the worker stopped its work, as for a call
     answer = await send(head, request("/sleep", "next"))
     assert answer.docs[0].text == "next"
 
@@ -298,8 +312,8 @@ async def test_a_worker_names_its_limit_and_refuses_a_single_answer_too_big_for_
         await channel.close()
 
 
-def test_a_status_answer_says_which_request_and_why():
-    answer = DataRequest.from_bytes(status_answer("r-1", grpc.StatusCode.INVALID_ARGUMENT, "bad"))
+def test_a_status_message_says_which_request_and_why():
+    answer = DataRequest.from_bytes(status_message("r-1", grpc.StatusCode.INVALID_ARGUMENT, "bad"))
     assert answer.request_id == "r-1" and answer.is_error
     assert list(answer.status.exception.args) == ["INVALID_ARGUMENT", "bad"]
 

@@ -9,8 +9,11 @@ and writes each answer when it is ready, carrying the request's own
 beside its message travels inside the messages instead:
 
 - the endpoint rides in the header (``exec_endpoint``), where Jina workers read it too;
-- a gRPC status other than OK for one request comes back as an answer whose
-  exception is named ``STATUS_EXCEPTION``, its args the code's name and details;
+- a gRPC status other than OK for one request comes back as a status message:
+  an answer whose exception is named ``STATUS_EXCEPTION``, its args the code's
+  name and details; the same message sent the other way, CANCELLED, tells the
+  worker that the caller stopped waiting (its deadline passed, or it went),
+  and the worker cancels that request's work as gRPC would cancel a call's;
 - the ``is-error`` trailer is read off the answer's status;
 - each end's receive limit goes once, as stream metadata, so that neither sends
   a message too big for the other (gRPC would end the whole stream): the worker
@@ -22,8 +25,6 @@ A request goes unary instead when a stream cannot carry it faithfully: no
 request id or one already waiting on that stream, metadata beyond its endpoint,
 more than ``MAX_STREAMED_BYTES``, or a replica that does not serve the stream
 (a Jina worker answers UNIMPLEMENTED once; its connection is unary from then on).
-Not carried: a caller's cancellation or deadline stops the wait, not the
-worker, which finishes the request; its late answer is dropped.
 """
 
 from __future__ import annotations
@@ -56,11 +57,13 @@ def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
 
 
-def status_answer(request_id: str, code: grpc.StatusCode, details: str) -> bytes:
-    """The answer that stands for ``code`` for request ``request_id`` (a worker's abort of that request)."""
+def status_message(request_id: str, code: grpc.StatusCode, details: str) -> bytes:
+    """The message that stands for ``code`` for request ``request_id``: a worker's abort of that request, or
+    the sender's cancellation of it."""
     answer = DataRequest()
     answer.header.request_id = request_id
     answer.header.status.code = answer.header.status.ERROR
+    answer.header.status.description = f"{code.name}: {details}"
     answer.header.status.exception.name = STATUS_EXCEPTION
     answer.header.status.exception.args.extend([code.name, details])
     return answer.to_bytes()
@@ -157,8 +160,10 @@ class _Lane:
         return future
 
     def forget(self, request_id: str, future: asyncio.Future) -> None:
+        """The call is over; if its answer never came (deadline, cancellation), the worker stops its work."""
         if self.pending.get(request_id) is future:
             del self.pending[request_id]
+            self.writer.send(status_message(request_id, grpc.StatusCode.CANCELLED, "the caller stopped waiting"))
         if not self.pending and self._owner.retired:
             self.finish()
 
@@ -271,8 +276,8 @@ class RequestStreams:
         if self.unary_only or self.retired or not isinstance(request, DataRequest):
             return None
         try:
-            if not request.request_id:
-                return None
+            if not request.request_id or (request.is_error and status_of(request) is not None):
+                return None  # no id to match its answer by, or it would read as a status message
             for key, value in metadata or ():
                 if key != services.ENDPOINT_METADATA or request.endpoint != value:
                     return None

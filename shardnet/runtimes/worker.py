@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import time
 from typing import Any, AsyncIterator, Optional
@@ -25,7 +26,7 @@ from shardnet.errors import ProtocolError, ReplicaError
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address
 from shardnet.networking.channels import check_control_token
-from shardnet.networking.streams import LIMIT_METADATA, StreamWriter, status_answer
+from shardnet.networking.streams import LIMIT_METADATA, StreamWriter, status_message, status_of
 from shardnet.networking.tls import ClientTls
 from shardnet.protocol import services
 from shardnet.protocol.documents import Document, DocumentList
@@ -53,6 +54,11 @@ def _tls_hint(error: ReplicaError) -> str:
             "--head-client-key, signed by its client CA)"
         )
     return ""
+
+
+def _drop_if_current(tasks: dict[str, asyncio.Task], key: str, task: asyncio.Task) -> None:
+    if tasks.get(key) is task:
+        del tasks[key]
 
 
 class _Aborted(Exception):
@@ -160,7 +166,7 @@ class Worker:
         # what we take, which also tells the sender that this is a request stream it may use
         await context.send_initial_metadata(((LIMIT_METADATA, str(self.server.config.max_message_bytes)),))
         writer = StreamWriter(context.write)
-        working: set[asyncio.Task] = set()
+        working: dict[str, asyncio.Task] = {}  # by request id: the sender keeps them distinct on a stream
         unreadable: list[ProtocolError] = []
 
         async def take() -> None:
@@ -169,12 +175,19 @@ class Worker:
                 try:
                     request = DataRequest.from_bytes(payload)
                     request_id = request.request_id  # the header decodes here, or the request cannot be answered
+                    cancelled = request.is_error and status_of(request) is not None  # the sender stopped waiting
                 except ProtocolError as exc:
                     unreadable.append(exc)
                     return
-                task = loop.create_task(self._answer_streamed(request, request_id, writer, limit, whose))
-                working.add(task)
-                task.add_done_callback(working.discard)
+                if cancelled:
+                    task = working.get(request_id)
+                    if task is not None:
+                        task.cancel()
+                    continue
+                task = working[request_id] = loop.create_task(
+                    self._answer_streamed(request, request_id, writer, limit, whose)
+                )
+                task.add_done_callback(functools.partial(_drop_if_current, working, request_id))
 
         taking = loop.create_task(take())
         stopping = loop.create_task(self.server.stopping.wait())
@@ -183,13 +196,13 @@ class Worker:
             taking.cancel()  # draining: take no more; the sender fails over what it sent after this
             await asyncio.gather(taking, return_exceptions=True)
             if working:
-                await asyncio.wait(working)
+                await asyncio.wait(list(working.values()))
             if unreadable:  # no request id to answer by: the stream as a whole is refused
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request stream: {unreadable[0]}")
             writer.finish()
             await writer.task
         except asyncio.CancelledError:  # the sender went away: nobody waits for these answers any more
-            for task in working:
+            for task in working.values():
                 task.cancel()
             raise
         finally:
@@ -210,7 +223,9 @@ class Worker:
         try:
             answer = await self._handle([request], _MessageContext(), limit, whose)
         except _Aborted as aborted:
-            answer = status_answer(request_id, aborted.code, aborted.details)
+            answer = status_message(request_id, aborted.code, aborted.details)
+        except asyncio.CancelledError:  # its sender stopped waiting: no answer
+            return
         writer.send(answer)
 
     async def _handle(
