@@ -6,7 +6,9 @@ process of its own: a shardnet head shaped 1 shard x 2 replicas (ANY, on
 ``/index``) and one shaped 2 shards x 1 replica (ALL, on ``/search``), with
 ``--polling '{"/search": "ALL", "*": "ANY"}'``, on uvloop (the default when it
 is installed) and on asyncio; a floor row, ``_forwarder.py``, the least a
-grpc.aio process can do to pass a request on; with the peer, Jina 3.34 heads of
+grpc.aio process can do to pass a request on with a call per request; a
+shardnet ANY head with ``--no-request-streams`` (a call per request to its
+workers, where the others send on streams); with the peer, Jina 3.34 heads of
 the same two shapes (``jina executor --native --runtime-cls HeadRuntime``, which
 picks ALL on /search and ANY on /index from the ``endpoint`` metadata, and runs
 on uvloop when installed, as it is in the peer's venv) in front of the same
@@ -77,6 +79,7 @@ POLLING = json.dumps({"/search": "ALL", "*": "ANY"})
 READY_TIMEOUT = 60.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 UNIX_ROW = "shardnet head ANY, unix sockets [{loop}]"
+UNARY_ROW = "shardnet head ANY, unary [{loop}]"
 ROUND_ROBIN_ROW = "shardnet head ANY, round robin [{loop}]"
 
 
@@ -198,11 +201,12 @@ def shardnet_worker(label: str, logs: Path, loop: str, unix_socket: Optional[Pat
 
 
 def shardnet_head(label: str, shards: Sequence[Sequence[str]], logs: Path, loop: str,
-                  balancer: str = "p2c_ewma", launcher: Sequence[str] = ()) -> Child:
-    """A ``shardnet head`` process; ``launcher`` goes before the command (``chrt --batch 0``, say)."""
+                  balancer: str = "p2c_ewma", launcher: Sequence[str] = (), extra: Sequence[str] = ()) -> Child:
+    """A ``shardnet head`` process; ``launcher`` goes before the command (``chrt --batch 0``, say), ``extra``
+    after it."""
     connections = [f"--connection={shard}={address}" for shard, replicas in enumerate(shards) for address in replicas]
     command = [SHARDNET_PYTHON, "-m", "shardnet", "head", "--deployment", DEPLOYMENT, "--port", "0",
-               "--polling", POLLING, "--loop", loop, "--balancer", balancer, *connections]
+               "--polling", POLLING, "--loop", loop, "--balancer", balancer, *extra, *connections]
     return Child(label, [*launcher, *command], logs)
 
 
@@ -317,6 +321,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="skip the row of a minimal raw-bytes grpc.aio forwarder (what a head cannot go below)")
     parser.add_argument("--no-unix", dest="unix", action="store_false",
                         help="skip the row of a shardnet ANY head dialing its workers over Unix sockets")
+    parser.add_argument("--no-unary", dest="unary", action="store_false",
+                        help="skip the row of a shardnet ANY head calling its workers unary (--no-request-streams)")
     parser.add_argument("--no-round-robin", dest="round_robin", action="store_false",
                         help="skip the row of a shardnet ANY head balancing round robin instead of p2c_ewma")
     parser.add_argument("--peer", choices=("auto", "none", "jina"), default="auto",
@@ -385,6 +391,12 @@ def main(argv=None) -> int:
                     children.append(head)
                     competitors.append(Competitor(UNIX_ROW.format(loop=head_loops[0]), head.label, endpoint, head,
                                                   worker_pids, concurrency))
+                if kind == "ANY" and args.unary:
+                    head = shardnet_head(f"sn-{kind}-unary", shape, logs, head_loops[0],
+                                         extra=["--no-request-streams"])
+                    children.append(head)
+                    competitors.append(Competitor(UNARY_ROW.format(loop=head_loops[0]), head.label, endpoint,
+                                                  head, worker_pids, concurrency))
                 if kind == "ANY" and args.round_robin:
                     head = shardnet_head(f"sn-{kind}-rr", shape, logs, head_loops[0], balancer="round_robin")
                     children.append(head)
@@ -478,10 +490,17 @@ def main(argv=None) -> int:
     if args.floor:
         floor = f"floor: bare forwarder ANY [{head_loops[0]}]"
         suffix = f" [{head_loops[0]}]" if len(head_loops) > 1 else ""
-        ratios.append(ratio("floor / direct (what any grpc.aio head can reach)", floor, "direct to one worker"))
+        ratios.append(ratio("floor / direct (a unary grpc.aio forwarder)", floor, "direct to one worker"))
         ratios.append(ratio(f"shardnet ANY{suffix} / floor", f"shardnet head ANY{suffix}", floor))
         if args.unix:
             ratios.append(ratio("shardnet ANY unix / floor (TCP)", unix_row, floor))
+    if args.unary:
+        suffix = f" [{head_loops[0]}]" if len(head_loops) > 1 else ""
+        unary_row = UNARY_ROW.format(loop=head_loops[0])
+        ratios.append(ratio("shardnet ANY unary / direct", unary_row, "direct to one worker"))
+        ratios.append(ratio(f"shardnet ANY{suffix} request streams / unary", f"shardnet head ANY{suffix}", unary_row))
+        if args.floor:
+            ratios.append(ratio("shardnet ANY unary / floor", unary_row, floor))
     if args.round_robin:
         suffix = f" [{head_loops[0]}]" if len(head_loops) > 1 else ""
         ratios.append(ratio(f"shardnet ANY{suffix} p2c_ewma / round robin", f"shardnet head ANY{suffix}",
