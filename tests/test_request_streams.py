@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from pathlib import Path
 
 import executors
 import grpc
@@ -20,6 +21,7 @@ from shardnet.networking import oneshot
 from shardnet.networking.streams import MAX_STREAMED_BYTES, status_message
 from shardnet.protocol import services
 from shardnet.runtimes.head import Head
+from shardnet.runtimes.processes import ShardnetProcess
 from shardnet.runtimes.server import ServerConfig
 from shardnet.runtimes.worker import Worker
 from shardnet.testing import EchoServer, eventually
@@ -211,6 +213,37 @@ async def test_a_worker_that_dies_mid_stream_loses_nothing_its_requests_fail_ove
     assert [answer.docs[0].text for answer in answers] == texts
 
 
+async def test_a_worker_process_killed_9_under_load_loses_no_request(runtimes, tmp_path):
+    uses = f"{Path(executors.__file__).resolve()}:Sleepy"
+    processes = [
+        ShardnetProcess(f"worker-{index}", ["worker", "--uses", uses, "--port", "0"], tmp_path / f"worker-{index}.log")
+        for index in range(2)
+    ]
+    try:
+        addresses = []
+        for process in processes:
+            process.launch()
+            addresses.append(await asyncio.to_thread(process.wait_ready, 30.0))
+        head = await start_head(runtimes, addresses)
+        await warm_up(head)
+        for round_index in range(3):  # the break races the head's writes differently each time
+            texts = [f"r{round_index}-{index}" for index in range(80)]
+            sending = asyncio.gather(*(send(head, request("/sleep", text, seconds=0.05)) for text in texts))
+            await eventually(lambda: any(lane and lane.pending for lane in streams_of(head)._lanes if lane))
+            victim = processes[round_index % 2]
+            victim.kill()  # SIGKILL: no drain, no DEACTIVATE; the streams break under their requests
+            answers = await sending
+            assert [answer.docs[0].text for answer in answers] == texts
+            victim.launch()
+            await asyncio.to_thread(victim.wait_ready, 30.0)
+            await head.pool.remove_connection("dep", addresses[round_index % 2])
+            addresses[round_index % 2] = victim.address
+            head.pool.add_connection("dep", victim.address, shard_id=0)
+    finally:
+        for process in processes:
+            process.kill()
+
+
 async def test_a_draining_worker_answers_what_it_took_and_the_rest_fails_over(runtimes):
     leaving = await start_worker(runtimes)
     staying = await start_worker(runtimes)
@@ -343,7 +376,7 @@ async def test_a_stream_answer_that_cannot_be_read_fails_its_stream_by_name_and_
             streams._turn = 0  # the next call takes the lane now open
             with pytest.raises(ReplicaError) as caught:
                 await pool.call(request("/x", "x"), "dep", replicas, retries=0)
-            assert caught.value.code == grpc.StatusCode.INTERNAL
+            assert caught.value.code == grpc.StatusCode.UNAVAILABLE  # so that what was on the stream fails over
             assert f"127.0.0.1:{port} sent an unreadable answer on its request stream" in str(caught.value)
             await eventually(lambda: streams._lanes[0] is None)
     finally:

@@ -197,11 +197,16 @@ class _Lane:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 owner.unary_only = True
-            error = rpc_error(exc.code(), f"{exc.details()} (on the request stream to {owner.origin})")
+            # the stream broke, not the requests on it (a write racing the break even reads INTERNAL):
+            # UNAVAILABLE, so that they fail over as calls to a vanished replica do
+            error = rpc_error(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the request stream to {owner.origin} broke: {exc.code().name}: {exc.details()}",
+            )
         except ProtocolError as exc:  # an answer we cannot match to its request: the stream is not to be trusted
             self.call.cancel()
             error = rpc_error(
-                grpc.StatusCode.INTERNAL, f"{owner.origin} sent an unreadable answer on its request stream: {exc}"
+                grpc.StatusCode.UNAVAILABLE, f"{owner.origin} sent an unreadable answer on its request stream: {exc}"
             )
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():
