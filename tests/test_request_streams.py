@@ -52,11 +52,13 @@ async def send(head: Head, built: DataRequest, timeout: float = 10.0) -> DataReq
 
 
 async def warm_up(head: Head) -> None:
-    """Send until every stream to the first replica carries requests (the first go unary while they open)."""
+    """Send until every stream to every replica carries requests (the first go unary while they open);
+    a few at a time, so that the balancer spreads them."""
+    connections = head.pool.get_replicas("dep").get_all_connections()
 
     async def all_open() -> bool:
-        await send(head, request("/sleep", "warm-up"))
-        return streams_of(head).open_streams == len(streams_of(head)._lanes)
+        await asyncio.gather(*(send(head, request("/sleep", "warm-up", seconds=0.005)) for _ in range(16)))
+        return all(c.stubs.streams.open_streams == len(c.stubs.streams._lanes) for c in connections)
 
     await eventually(all_open)
 
@@ -262,8 +264,8 @@ async def test_removing_a_replica_lets_its_requests_finish_then_closes_its_chann
     head = await start_head(runtimes, [worker])
     await warm_up(head)
     replicas = head.pool.get_replicas("dep")
-    in_flight = asyncio.gather(*(send(head, request("/sleep", f"doc-{index}", seconds=0.2)) for index in range(8)))
-    await eventually(lambda: any(lane and lane.pending for lane in streams_of(head)._lanes if lane))
+    in_flight = asyncio.gather(*(send(head, request("/sleep", f"doc-{index}", seconds=0.5)) for index in range(8)))
+    await eventually(lambda: sum(len(lane.pending) for lane in streams_of(head)._lanes if lane) == 8)
     connection = await head.pool.remove_connection("dep", worker.server.address)
     answers = await in_flight
     assert [answer.docs[0].text for answer in answers] == [f"doc-{index}" for index in range(8)]
@@ -401,3 +403,76 @@ def test_a_deployment_passes_its_request_streams_switch_to_its_head():
         Deployment(executors.Tagger, request_streams="no")
     with pytest.raises(ConfigurationError, match="request_streams is True or False"):
         GrpcConnectionPool(request_streams=1)
+
+
+async def test_an_id_reused_after_its_caller_gave_up_never_gets_the_late_answer(runtimes):
+    """Callers that keep one request id and a deadline about as long as the work: a late answer to an
+    abandoned request must never reach the next request with that id."""
+    worker = await start_worker(runtimes)
+    async with GrpcConnectionPool(request_streams=True) as pool:
+        pool.add_connection("dep", worker.server.address)
+        replicas = pool.get_replicas("dep")
+        streams = replicas.get_all_connections()[0].stubs.streams
+        await eventually(lambda: _open_all(pool, replicas, streams))
+        outcomes = {"answered": 0, "timed out": 0, "wrong": []}
+
+        async def caller(key: int) -> None:
+            rng = random.Random(key)
+            for call in range(60):
+                sent = f"id{key}-call{call}"
+                try:
+                    answer, _ = await pool.call(request("/sleep", sent, request_id=f"id{key}", seconds=0.01), "dep",
+                                                replicas, timeout=rng.uniform(0.007, 0.013), retries=0)
+                except ReplicaError:
+                    outcomes["timed out"] += 1
+                    continue
+                outcomes["answered"] += 1
+                if answer.docs[0].text != sent:
+                    outcomes["wrong"].append((sent, answer.docs[0].text))
+
+        await asyncio.gather(*(caller(key) for key in range(6)))
+        assert outcomes["wrong"] == []
+        assert outcomes["answered"] and outcomes["timed out"] and streams.streamed  # both cases happened, on streams
+
+
+async def _open_all(pool, replicas, streams) -> bool:
+    try:
+        await pool.call(request("/sleep", "warm-up"), "dep", replicas)
+    except ReplicaError:  # a replica just started: its channel may still be backing off
+        return False
+    return streams.open_streams == len(streams._lanes)
+
+
+async def test_closing_a_pool_cuts_what_waits_on_its_streams(runtimes):
+    worker = await start_worker(runtimes)
+    pool = GrpcConnectionPool(request_streams=True)
+    try:
+        pool.add_connection("dep", worker.server.address)
+        replicas = pool.get_replicas("dep")
+        streams = replicas.get_all_connections()[0].stubs.streams
+        await eventually(lambda: _open_all(pool, replicas, streams))
+        waiting = asyncio.ensure_future(pool.call(request("/sleep", "long", seconds=30), "dep", replicas, retries=0))
+        await eventually(lambda: any(lane and lane.pending for lane in streams._lanes))
+    finally:
+        await asyncio.wait_for(pool.close(), 5)
+    with pytest.raises(ReplicaError) as caught:
+        await asyncio.wait_for(waiting, 5)
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "was closed with this request on it" in str(caught.value)
+
+
+async def test_a_worker_that_was_down_at_first_gets_its_streams_once_it_is_up(runtimes):
+    from shardnet.testing import free_port
+
+    port = free_port()
+    async with GrpcConnectionPool(request_streams=True, retry=None) as pool:
+        pool.add_connection("dep", f"127.0.0.1:{port}")
+        replicas = pool.get_replicas("dep")
+        connection = replicas.get_all_connections()[0]
+        with pytest.raises(ReplicaError):
+            await pool.call(request("/sleep", "too early"), "dep", replicas, retries=0, timeout=2)
+        assert not connection.stubs.streams.unary_only  # refused, not unimplemented: it may serve streams later
+        await start_worker(runtimes, port=port)
+        # (the channel itself is rebuilt if failures pile up: read the streams of the current one)
+        await eventually(lambda: _open_all(pool, replicas, connection.stubs.streams))
+        assert not connection.stubs.streams.unary_only

@@ -10,7 +10,6 @@ the replica.
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
@@ -171,7 +170,9 @@ class MalformedReply:
 def _decoding(parse: Callable[[bytes], Any], what: str) -> Callable[[bytes], Any]:
     """A response deserializer that returns a MalformedReply instead of raising."""
 
-    def decode(data: bytes) -> Any:
+    def decode(data: Optional[bytes]) -> Any:
+        if data is None:  # no message at all: checked_reply says what that means
+            return None
         try:
             return parse(data)
         except ProtocolError as exc:
@@ -182,12 +183,32 @@ def _decoding(parse: Callable[[bytes], Any], what: str) -> Callable[[bytes], Any
     return decode
 
 
-def checked_reply(response: Any, address: Any, owner: str = "") -> Any:
+def checked_reply(response: Any, address: Any, owner: str = "", timed: bool = False) -> Any:
     """``response``, or a MalformedReplyError (a ProtocolError) naming the replica (and the ``owner`` list it
-    belongs to, "dep/shard-0") when its reply did not decode."""
+    belongs to, "dep/shard-0") when its reply did not decode.
+
+    No response at all (None) is an AioRpcError: grpc.aio ends a call now and then with status OK and no
+    message when its deadline expires as the answer is on its way. A ``timed`` call (one with a deadline)
+    gets DEADLINE_EXCEEDED, as its peers do; an untimed one UNAVAILABLE, which fails over.
+    """
     if isinstance(response, MalformedReply):
         raise MalformedReplyError(str(response.error), address=str(address), owner=owner) from None
+    if response is None:
+        code = grpc.StatusCode.DEADLINE_EXCEEDED if timed else grpc.StatusCode.UNAVAILABLE
+        raise grpc.aio.AioRpcError(
+            code, grpc.aio.Metadata(), grpc.aio.Metadata(),
+            details=f"{address} ended the call without an answer (status OK, no message)",
+        )
     return response
+
+
+def _lazy_reply(origin: Optional[str]) -> Callable[[Optional[bytes]], Optional[DataRequest]]:
+    """The deserializer of forwarded replies: wrapped, not decoded; no message stays None (see checked_reply)."""
+
+    def wrap(data: Optional[bytes]) -> Optional[DataRequest]:
+        return None if data is None else DataRequest.from_bytes(data, origin=origin)
+
+    return wrap
 
 
 _HEADER_KEY = re.compile(r"[0-9a-z_.\-]+\Z")
@@ -358,7 +379,7 @@ class Stubs:
         (networking/streams.py), unary to any other server; ``max_receive_bytes`` is this side's limit.
         """
         unary = channel.unary_unary
-        data_reply = DataRequest.from_bytes if origin is None else functools.partial(DataRequest.from_bytes, origin=origin)
+        data_reply = _lazy_reply(origin)
         single_data = unary(services.PROCESS_SINGLE_DATA, _to_bytes, data_reply)
         decoded_single_data = unary(services.PROCESS_SINGLE_DATA, _to_bytes, _DECODED_REPLY)
         streams = None

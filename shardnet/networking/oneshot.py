@@ -87,7 +87,7 @@ async def call_once(
         call = getattr(Stubs.for_channel(channel, origin=f"replica {address}"), method)(
             payload, metadata=metadata, timeout=timeout
         )
-        response = checked_reply(await call, address)
+        response = checked_reply(await call, address, timed=timeout is not None)
         return response, await call.trailing_metadata()
     except grpc.aio.AioRpcError as error:
         kind = DeadlineExceeded if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else ReplicaError

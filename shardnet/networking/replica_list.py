@@ -29,6 +29,7 @@ from shardnet.networking.channels import (
     get_grpc_channel,
     receive_limit,
 )
+from shardnet.networking.streams import RequestStreams
 from shardnet.networking.policies import EjectionPolicy
 from shardnet.networking.tls import ClientTls
 
@@ -55,6 +56,24 @@ async def _finish_or_cut(closings: dict[asyncio.Task, Any], grace: float) -> Non
         await closings[closing].close(None)
 
 
+class _ChannelInUse:
+    """A channel and the request streams on it (None without), closed together: closing a channel does not
+    end its streams, and their requests must get the same grace as its calls."""
+
+    __slots__ = ("channel", "streams")
+
+    def __init__(self, channel: grpc.aio.Channel, streams: Optional[RequestStreams]):
+        self.channel = channel
+        self.streams = streams
+
+    async def close(self, grace: Optional[float]) -> None:
+        """Give calls and streamed requests ``grace`` seconds (None: none), then cut them."""
+        if self.streams is None:
+            await self.channel.close(grace)
+        else:
+            await asyncio.gather(self.streams.close(grace), self.channel.close(grace))
+
+
 class Connection:
     """One replica: its address, its channel and the method callables on it."""
 
@@ -78,7 +97,7 @@ class Connection:
         self._options = options
         self.failures = 0
         self.times_ejected = 0
-        self._retiring: dict[asyncio.Task, grpc.aio.Channel] = {}  # replaced channels closing in the background
+        self._retiring: dict[asyncio.Task, _ChannelInUse] = {}  # replaced channels closing in the background
         self._closed: weakref.WeakSet = weakref.WeakSet()  # channels we closed: their cancelled calls were cut by us
         self._open()
 
@@ -99,17 +118,11 @@ class Connection:
             max_receive_bytes=receive_limit(self._options),
         )
 
-    def _retire_streams(self) -> None:
-        """The current channel's request streams end once their answers are in, so the channel can close."""
-        if self.stubs.streams is not None:
-            self.stubs.streams.retire()
-
     def rebuild(self) -> None:
         """Replace the channel with a fresh one; the old one closes once the calls still on it end."""
-        retired = self.channel
-        self._retire_streams()
+        retired = _ChannelInUse(self.channel, self.stubs.streams)
         self._open()
-        self._closed.add(retired)
+        self._closed.add(retired.channel)
         closing = asyncio.get_running_loop().create_task(retired.close(RETIRED_CHANNEL_GRACE))
         self._retiring[closing] = retired
         closing.add_done_callback(self._retiring.pop)
@@ -137,8 +150,7 @@ class Connection:
         Calls still running after that are cancelled; ``ReplicaList.call`` turns that into UNAVAILABLE.
         """
         self._closed.add(self.channel)
-        self._retire_streams()
-        await self.channel.close(grace)
+        await _ChannelInUse(self.channel, self.stubs.streams).close(grace)
         retiring, self._retiring = dict(self._retiring), {}
         await _finish_or_cut(retiring, grace or 0)
 
@@ -334,7 +346,7 @@ class ReplicaList:
         channel = connection.channel
         try:
             call = getattr(connection.stubs, method)(payload, metadata=metadata, timeout=timeout)
-            response = checked_reply(await call, connection.address, self.name)
+            response = checked_reply(await call, connection.address, self.name, timed=timeout is not None)
             trailing = await call.trailing_metadata()
         except grpc.aio.AioRpcError as error:
             balancer.finished(connection, token, failed=True)

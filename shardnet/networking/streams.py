@@ -13,7 +13,11 @@ beside its message travels inside the messages instead:
   an answer whose exception is named ``STATUS_EXCEPTION``, its args the code's
   name and details; the same message sent the other way, CANCELLED, tells the
   worker that the caller stopped waiting (its deadline passed, or it went),
-  and the worker cancels that request's work as gRPC would cancel a call's;
+  and the worker cancels that request's work as gRPC would cancel a call's.
+  The worker sends one message back for every request, its answer or, when it
+  cancelled the work, a CANCELLED status message; until that comes, the
+  request's id stays taken on its stream, so that a late answer never reaches
+  a later request that reuses the id;
 - the ``is-error`` trailer is read off the answer's status;
 - each end's receive limit goes once, as stream metadata, so that neither sends
   a message too big for the other (gRPC would end the whole stream): the worker
@@ -139,12 +143,13 @@ class _Lane:
     requests go unary.
     """
 
-    __slots__ = ("_owner", "call", "pending", "writer", "limit", "ready", "task")
+    __slots__ = ("_owner", "call", "pending", "abandoned", "writer", "limit", "ready", "task")
 
     def __init__(self, owner: "RequestStreams"):
         self._owner = owner
         self.call = owner._open(metadata=owner._stream_metadata)
         self.pending: dict[str, asyncio.Future] = {}
+        self.abandoned: set[str] = set()  # ids whose callers left before their answers came, which are still due
         self.ready = False
         self.writer: Optional[StreamWriter] = None
         self.limit = MAX_STREAMED_BYTES
@@ -152,8 +157,8 @@ class _Lane:
 
     def submit(self, request_id: str, data: bytes) -> Optional[asyncio.Future]:
         """The future of ``data``'s answer; None when it must go unary (stream not open yet, the same id
-        already waiting here, or bigger than the replica takes)."""
-        if not self.ready or request_id in self.pending or len(data) > self.limit:
+        still due here, or bigger than the replica takes)."""
+        if not self.ready or request_id in self.pending or request_id in self.abandoned or len(data) > self.limit:
             return None
         future = self.pending[request_id] = asyncio.get_running_loop().create_future()
         self.writer.send(data)
@@ -163,6 +168,7 @@ class _Lane:
         """The call is over; if its answer never came (deadline, cancellation), the worker stops its work."""
         if self.pending.get(request_id) is future:
             del self.pending[request_id]
+            self.abandoned.add(request_id)
             self.writer.send(status_message(request_id, grpc.StatusCode.CANCELLED, "the caller stopped waiting"))
         if not self.pending and self._owner.retired:
             self.finish()
@@ -182,10 +188,10 @@ class _Lane:
         )
         try:
             offered = (await self.call.initial_metadata()).get(LIMIT_METADATA, "")
-            if not offered.isdigit():  # not a shardnet worker (Jina's refuse the method): unary from now on
-                owner.unary_only = True
-                self.call.cancel()
-                return
+            if not offered.isdigit():  # the stream did not open: why?
+                if await self.call.code() == grpc.StatusCode.UNIMPLEMENTED:  # no shardnet worker (Jina's refuse it)
+                    owner.unary_only = True
+                return  # down, or stopping: a later request opens the stream again
             self.limit = min(self.limit, int(offered))
             self.writer = StreamWriter(self.call.write, self.call.done_writing)
             self.ready = not owner.retired
@@ -223,15 +229,18 @@ class _Lane:
                 if not future.done():
                     future.set_exception(error)
             self.pending.clear()
+            self.abandoned.clear()
             if self.writer is not None:
                 self.writer.task.cancel()
 
     def _deliver(self, message: bytes) -> None:
         answer = DataRequest.from_bytes(message, origin=self._owner.origin)
-        future = self.pending.pop(answer.request_id, None)
-        if future is None or future.done():  # its caller stopped waiting (deadline, cancellation)
-            return
-        future.set_result(answer)
+        request_id = answer.request_id
+        future = self.pending.pop(request_id, None)
+        if future is None:  # its caller stopped waiting (deadline, cancellation): the id is free again
+            self.abandoned.discard(request_id)
+        elif not future.done():
+            future.set_result(answer)
 
 
 class RequestStreams:
@@ -318,6 +327,18 @@ class RequestStreams:
                 lane.ready = False
                 if not lane.pending:
                     lane.finish()
+
+    async def close(self, grace: Optional[float]) -> None:
+        """Retire, give the requests still waiting ``grace`` seconds (None: none), then cut the streams: what is
+        still on them fails with UNAVAILABLE and fails over. (Closing the channel does not end its streams.)"""
+        self.retire()
+        lanes = [lane for lane in self._lanes if lane is not None]
+        if lanes and grace:
+            await asyncio.wait([lane.task for lane in lanes], timeout=grace)
+        for lane in lanes:
+            lane.call.cancel()
+        if lanes:
+            await asyncio.wait([lane.task for lane in lanes])
 
     def unary(self, decode: bool) -> Callable[..., Any]:
         return self._decoded_unary if decode else self._unary

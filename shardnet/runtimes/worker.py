@@ -224,8 +224,8 @@ class Worker:
             answer = await self._handle([request], _MessageContext(), limit, whose)
         except _Aborted as aborted:
             answer = status_message(request_id, aborted.code, aborted.details)
-        except asyncio.CancelledError:  # its sender stopped waiting: no answer
-            return
+        except asyncio.CancelledError:  # its sender stopped waiting: that is acknowledged, so it may reuse the id
+            answer = status_message(request_id, grpc.StatusCode.CANCELLED, "cancelled at the sender's request")
         writer.send(answer)
 
     async def _handle(
