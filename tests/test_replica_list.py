@@ -91,7 +91,7 @@ def live_channels() -> int:
 
 async def test_failing_channel_is_rebuilt_and_replaced_channels_do_not_pile_up(echo_servers, eventually):
     [sick] = await echo_servers(1, fail_with=grpc.StatusCode.UNAVAILABLE)
-    replicas = ReplicaList(ejection=EjectionPolicy(consecutive_failures=1))
+    replicas = ReplicaList(ejection=EjectionPolicy(consecutive_failures=1, min_rebuild_interval=0))
     try:
         connection = replicas.add_connection(sick.address)
         before = live_channels()
@@ -102,5 +102,21 @@ async def test_failing_channel_is_rebuilt_and_replaced_channels_do_not_pile_up(e
         assert connection.channel is not first and sick.calls == 30
         del first
         await eventually(lambda: live_channels() <= before + 1, timeout=5.0)
+    finally:
+        await replicas.close()
+
+
+async def test_a_channel_is_rebuilt_at_most_once_per_interval_however_fast_failures_come(echo_servers):
+    """Under overload every call may time out; a rebuild per few failures would only slow the loop down more."""
+    [sick] = await echo_servers(1, fail_with=grpc.StatusCode.UNAVAILABLE)
+    replicas = ReplicaList(ejection=EjectionPolicy(consecutive_failures=1, min_rebuild_interval=60))
+    try:
+        connection = replicas.add_connection(sick.address)
+        channels = {id(connection.channel)}
+        for _ in range(20):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await replicas.call(connection, "single_data", DataRequest(), None, 5.0)
+            channels.add(id(connection.channel))
+        assert len(channels) == 2 and sick.calls == 20  # the first failure rebuilt it; the next 19 did not
     finally:
         await replicas.close()

@@ -190,13 +190,15 @@ class EjectionPolicy:
     deadline that expires counts only when it gave the replica at least
     ``min_blamed_deadline`` seconds: a shorter one says more about the caller
     than the replica, a longer one is how a hung replica shows when no
-    per-attempt timeout is set.
+    per-attempt timeout is set. Such a run of failures also rebuilds the
+    replica's channel, at most once every ``min_rebuild_interval`` seconds.
     """
 
     consecutive_failures: int = 3
     base_ejection: float = 0.5
     max_ejection: float = 30.0
     min_blamed_deadline: float = 1.0
+    min_rebuild_interval: float = 5.0
     failure_codes: frozenset = field(
         default_factory=lambda: frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
     )
@@ -206,6 +208,7 @@ class EjectionPolicy:
         check_seconds(self.base_ejection, "EjectionPolicy.base_ejection")
         check_seconds(self.max_ejection, "EjectionPolicy.max_ejection")
         check_seconds(self.min_blamed_deadline, "EjectionPolicy.min_blamed_deadline", zero=True)
+        check_seconds(self.min_rebuild_interval, "EjectionPolicy.min_rebuild_interval", zero=True)
         check_codes(self.failure_codes, "EjectionPolicy.failure_codes")
         if self.consecutive_failures < 1 or self.base_ejection <= 0 or self.max_ejection < self.base_ejection:
             raise ConfigurationError("EjectionPolicy needs consecutive_failures >= 1 and 0 < base_ejection <= max_ejection")

@@ -79,7 +79,7 @@ class Connection:
 
     __slots__ = (
         "address", "_tls", "_options", "channel", "stubs", "failures", "times_ejected", "_retiring", "_closed", "_origin",
-        "_request_streams",
+        "_request_streams", "rebuilt_at",
     )
 
     def __init__(
@@ -97,6 +97,7 @@ class Connection:
         self._options = options
         self.failures = 0
         self.times_ejected = 0
+        self.rebuilt_at = float("-inf")  # loop time of the last rebuild
         self._retiring: dict[asyncio.Task, _ChannelInUse] = {}  # replaced channels closing in the background
         self._closed: weakref.WeakSet = weakref.WeakSet()  # channels we closed: their cancelled calls were cut by us
         self._open()
@@ -121,6 +122,7 @@ class Connection:
     def rebuild(self) -> None:
         """Replace the channel with a fresh one; the old one closes once the calls still on it end."""
         retired = _ChannelInUse(self.channel, self.stubs.streams)
+        self.rebuilt_at = asyncio.get_running_loop().time()
         self._open()
         self._closed.add(retired.channel)
         closing = asyncio.get_running_loop().create_task(retired.close(RETIRED_CHANNEL_GRACE))
@@ -284,7 +286,10 @@ class ReplicaList:
         if connection.failures < policy.consecutive_failures:
             return
         connection.failures = 0
-        connection.rebuild()
+        # at most one rebuild per interval: under overload every call may time out, and rebuilds (each old
+        # channel's close walks every task of the loop) would then slow the loop down further and further
+        if asyncio.get_running_loop().time() - connection.rebuilt_at >= policy.min_rebuild_interval:
+            connection.rebuild()
         if len(self._eligible) > 1 and connection in self._position:
             self._eject(connection)
 
