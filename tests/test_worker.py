@@ -7,6 +7,7 @@ trailing metadata, health and reflection as a stock gRPC client reads them.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import signal
@@ -194,6 +195,20 @@ async def test_unbound_endpoint_comes_back_byte_for_byte(runtimes):
     # the bound endpoint still works
     known = await oneshot.send_request_async(DataRequest([Document()], endpoint="/known"), worker.server.address)
     assert known.docs.texts == ["known"]
+
+
+async def test_endpoints_without_a_handler_are_logged_once_each_and_only_so_many(runtimes, caplog):
+    from shardnet.runtimes.worker import UNBOUND_LOGGED
+
+    worker = await runtimes(Worker(executors.KnownOnly.create()))
+    caplog.set_level(logging.INFO, logger="shardnet.runtimes.worker")
+    async with grpc.aio.insecure_channel(worker.server.address) as channel:
+        call = channel.unary_unary(services.PROCESS_SINGLE_DATA)
+        for index in [0, 0, *range(1, UNBOUND_LOGGED + 20)]:  # callers choose endpoints: any number of them
+            await call(DataRequest([], endpoint=f"/unknown-{index}").to_bytes(), timeout=10)
+    lines = [record.getMessage() for record in caplog.records if "handler" in record.getMessage()]
+    assert sum("/unknown-0:" in line for line in lines) == 1
+    assert len(lines) == UNBOUND_LOGGED + 1 and "no more are logged" in lines[-1]
 
 
 async def test_blocking_sync_handler_does_not_stall_async_ones(runtimes):

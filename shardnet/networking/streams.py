@@ -53,8 +53,6 @@ MAX_STREAMED_BYTES = 256 * 1024
 # streams per replica: one write at a time goes on each, so a few let writes overlap
 LANES = 4
 
-ERROR_TRAILER = ((services.ERROR_METADATA, "true"),)
-
 
 def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
     """An AioRpcError as a unary call would have raised it, for one request on a stream."""
@@ -386,7 +384,7 @@ class StreamedCall:
         if error is not None:
             raise error
         if answer.is_error:
-            self._trailing = ERROR_TRAILER
+            self._trailing = services.ERROR_TRAILER
         if self._decode:
             return streams.decode_answer(answer.to_bytes())
         return answer

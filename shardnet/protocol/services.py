@@ -27,6 +27,7 @@ REQUEST_STREAM = "/shardnet.RequestStream/Call"
 # metadata keys that travel beside requests
 ENDPOINT_METADATA = "endpoint"
 ERROR_METADATA = "is-error"
+ERROR_TRAILER = ((ERROR_METADATA, "true"),)  # what marks an answer carrying an executor's error, as in Jina
 AUTHORIZATION_METADATA = "authorization"
 
 # the parameter under which executors' dict results travel, keyed by executor name (ALL replies always carry it)

@@ -42,7 +42,8 @@ logger = logging.getLogger(__name__)
 SETTLE_QUIET = 0.1
 SETTLE_BOUND = 1.0
 
-ERROR_TRAILER = ((services.ERROR_METADATA, "true"),)
+# endpoints without a handler logged (once each); past that, one line says so and no more are kept or logged
+UNBOUND_LOGGED = 100
 
 
 def _tls_hint(error: ReplicaError) -> str:
@@ -273,7 +274,7 @@ class Worker:
             logger.warning("%s.%s failed on %s: %r", self.name, handler.name, endpoint, exc)
             first.set_exception(exc, executor=self.name)
             route.status.CopyFrom(first.status)
-            context.set_trailing_metadata(ERROR_TRAILER)
+            context.set_trailing_metadata(services.ERROR_TRAILER)
         route.end_time.FromNanoseconds(time.time_ns())
         return await within_message_limit(
             context,
@@ -324,8 +325,13 @@ class Worker:
         request.docs.replace(returned)
 
     def _log_unbound(self, endpoint: str) -> None:
-        if endpoint not in self._unbound_logged:
-            self._unbound_logged.add(endpoint)
+        """Log each unbound endpoint once, the first UNBOUND_LOGGED of them: endpoints are the callers' to choose."""
+        if endpoint in self._unbound_logged or len(self._unbound_logged) > UNBOUND_LOGGED:
+            return
+        self._unbound_logged.add(endpoint)
+        if len(self._unbound_logged) > UNBOUND_LOGGED:
+            logger.info("%s: more than %d endpoints without a handler; no more are logged", self.name, UNBOUND_LOGGED)
+        else:
             logger.info("%s has no handler for %s: requests pass through unchanged", self.name, endpoint)
 
     # -- control and discovery -------------------------------------------------------
