@@ -487,3 +487,36 @@ async def test_uses_after_response_still_names_a_failed_shard(runtimes):
     description = response.status.description
     assert "shard 1" in description and "broken" in description  # answered with an error
     assert "shard 2" in description and "'search'" in description  # had no replica
+
+
+# -- admission -------------------------------------------------------------------------------------------------
+
+
+async def test_a_head_past_its_max_in_flight_refuses_at_once_and_health_still_answers(runtimes, eventually):
+    worker = await runtimes(Worker(executors.Sleepy.create()))
+    head = await runtimes(Head("dep", connections={0: [worker.server.address]}, max_in_flight=3))
+    slow = [asyncio.ensure_future(send(head.server.address, "/sleep", [Document(text=f"slow-{index}")],
+                                       parameters={"seconds": 1})) for index in range(3)]
+    await eventually(lambda: head._in_flight == 3)
+    with pytest.raises(ReplicaError) as caught:
+        await send(head.server.address, "/sleep", [Document(text="one too many")], timeout=5)
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "3 requests in flight already, as many as it takes (--max-in-flight)" in str(caught.value)
+    async with grpc.aio.insecure_channel(head.server.address) as channel:  # health is no data request: it answers
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    answers = await asyncio.gather(*slow)
+    assert [answer.docs[0].text for answer in answers] == [f"slow-{index}" for index in range(3)]
+    assert head._in_flight == 0
+    assert (await send(head.server.address, "/sleep", [Document(text="room again")])).docs[0].text == "room again"
+
+
+def test_max_in_flight_must_be_a_whole_number_from_one():
+    from shardnet import Deployment
+
+    for bad in (0, 2.5, True, "8"):
+        with pytest.raises(ConfigurationError, match="max_in_flight must be a whole number of at least 1"):
+            Head("dep", max_in_flight=bad)
+        with pytest.raises(ConfigurationError, match="max_in_flight must be a whole number of at least 1"):
+            Deployment(executors.Tagger, max_in_flight=bad)
+    assert Deployment(executors.Tagger, max_in_flight=64)._head_options[-2:] == ["--max-in-flight", "64"]

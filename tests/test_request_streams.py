@@ -476,3 +476,4 @@ async def test_a_worker_that_was_down_at_first_gets_its_streams_once_it_is_up(ru
         # (the channel itself is rebuilt if failures pile up: read the streams of the current one)
         await eventually(lambda: _open_all(pool, replicas, connection.stubs.streams))
         assert not connection.stubs.streams.unary_only
+

@@ -32,6 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--uses-after", metavar="MODULE:CLASS", help="an Executor that receives the shards' answers (docs_matrix)"
     )
+    parser.add_argument(
+        "--max-in-flight", type=int, default=None, metavar="N",
+        help="the head refuses a request (RESOURCE_EXHAUSTED) while N are in flight",
+    )
     parser.add_argument("--timeout", type=float, default=None, help="the head's default deadline of a call, seconds")
     parser.add_argument(
         "--attempt-timeout", type=float, default=None, help="the head gives up on one replica after this long"
@@ -68,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         uses_before=args.uses_before,
         uses_after=args.uses_after,
         request_streams=args.request_streams,
+        max_in_flight=args.max_in_flight,
     ) as deployment:
         for signum in (signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, lambda *_: stop.set())

@@ -50,6 +50,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="send single requests to shardnet workers as messages on a few shared streams per worker instead of "
         "a call each (other servers are called unary either way; default: on)",
     )
+    parser.add_argument(
+        "--max-in-flight", type=int, default=None, metavar="N",
+        help="refuse a request (RESOURCE_EXHAUSTED) while N are in flight, instead of queueing without bound",
+    )
     parser.add_argument("--timeout", type=float, default=None, help="default deadline of a forwarded call, seconds")
     parser.add_argument(
         "--attempt-timeout", type=float, default=None, help="give up on one replica after this long and try another"
@@ -110,5 +114,6 @@ async def serve(args: argparse.Namespace) -> int:
         uses_after=args.uses_after and str(parse_address(args.uses_after, tls=pool.tls is not None)),
         shards=args.shards,
         lease=args.lease,
+        max_in_flight=args.max_in_flight,
     )
     return await head.run(parent_pid=args.parent_pid)

@@ -26,6 +26,7 @@ from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address, parse_address
 from shardnet.networking.balancing import make_balancer
 from shardnet.networking.channels import check_max_message_mb, message_size_options
+from shardnet.networking.policies import check_count
 from shardnet.networking.polling import PollingMap
 from shardnet.protocol.documents import Document, DocumentList
 from shardnet.protocol.messages import DataRequest
@@ -119,6 +120,7 @@ class Deployment:
         unix_sockets: Optional[bool] = None,
         max_message_mb: Optional[float] = None,
         request_streams: bool = True,
+        max_in_flight: Optional[int] = None,
     ):
         _check_arguments(uses, shards, replicas, name, balancer, register_interval, startup_timeout)
         self.polling = PollingMap.parse(polling)
@@ -143,6 +145,9 @@ class Deployment:
             raise ConfigurationError(f"request_streams is True or False, got {request_streams!r}")
         if not request_streams:  # the head then calls its workers unary, a call per request
             self._head_options.append("--no-request-streams")
+        if max_in_flight is not None:
+            check_count(max_in_flight, "max_in_flight", 1)
+            self._head_options += ["--max-in-flight", str(max_in_flight)]
         self._head_port = port
         # one message size limit for every process and for post(): a head passes its workers' answers on
         self._size_arguments, self._post_options = [], None

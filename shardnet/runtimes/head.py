@@ -23,7 +23,7 @@ import grpc.aio
 from shardnet.errors import ConfigurationError, MalformedReplyError, ProtocolError, ReplicaError, RoutingError
 from shardnet.networking.addresses import entity_address, parse_address
 from shardnet.networking.channels import message_size_options
-from shardnet.networking.policies import check_seconds
+from shardnet.networking.policies import check_count, check_seconds
 from shardnet.networking.polling import PollingMap, PollingType
 from shardnet.networking.pool import GrpcConnectionPool
 from shardnet.protocol import services
@@ -72,6 +72,7 @@ class Head:
         shards: int = 0,
         lease: Optional[float] = None,
         request_streams: bool = True,
+        max_in_flight: Optional[int] = None,
     ):
         if not deployment:
             raise ConfigurationError("a head needs a deployment name")
@@ -100,6 +101,11 @@ class Head:
             self.pool.add_connection(self._uses_before, uses_before)
         if uses_after:
             self.pool.add_connection(self._uses_after, uses_after)
+        if max_in_flight is not None:
+            check_count(max_in_flight, "max_in_flight", 1)
+        # with a limit, a request past it is refused at once (RESOURCE_EXHAUSTED) instead of queueing without bound
+        self._max_in_flight = max_in_flight
+        self._in_flight = 0
         if lease is not None:
             check_seconds(lease, "lease")
         # with a lease, a worker that stops re-sending ACTIVATE (killed -9, partitioned) leaves on its own
@@ -120,6 +126,8 @@ class Head:
 
     async def process_single_data(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
         request = DataRequest.from_bytes(payload)
+        if self._max_in_flight is not None:
+            return await self._serve_admitted([request], context)
         return await self._serve([request], context)
 
     async def process_data(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -129,7 +137,24 @@ class Head:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if not envelope.requests:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "process_data received an empty request list")
-        return await self._serve([DataRequest.from_bytes(item) for item in envelope.requests], context)
+        requests = [DataRequest.from_bytes(item) for item in envelope.requests]
+        if self._max_in_flight is not None:
+            return await self._serve_admitted(requests, context)
+        return await self._serve(requests, context)
+
+    async def _serve_admitted(self, requests: list[DataRequest], context: grpc.aio.ServicerContext) -> bytes:
+        """``_serve`` within ``max_in_flight``: past it, RESOURCE_EXHAUSTED at once, naming the limit."""
+        if self._in_flight >= self._max_in_flight:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"head of {self.deployment!r}: {self._in_flight} requests in flight already, as many as it takes "
+                "(--max-in-flight); try again later",
+            )
+        self._in_flight += 1
+        try:
+            return await self._serve(requests, context)
+        finally:
+            self._in_flight -= 1
 
     async def _serve(self, requests: list[DataRequest], context: grpc.aio.ServicerContext) -> bytes:
         try:
