@@ -110,6 +110,29 @@ async def test_a_worker_that_stops_renewing_its_lease_is_dropped(runtimes, event
     assert await members() == {("127.0.0.1", 40002)}
 
 
+async def test_without_a_lease_a_worker_saying_how_often_it_renews_is_leased_and_one_saying_nothing_is_not(
+    runtimes, eventually
+):
+    """A shardnet worker killed -9 leaves a head that has no --lease; a Jina worker (one ACTIVATE, no renewal
+    interval) stays until it says DEACTIVATE, as in Jina."""
+    head = await runtimes(Head("implied"))
+
+    async def members() -> set[int]:
+        status = await oneshot.send_control("STATUS", head.server.address)
+        return {entity.port for entity in status.related_entities}
+
+    await oneshot.activate_worker("127.0.0.1", 40001, head.server.address, shard_id=0)  # as Jina's workers do
+    await oneshot.activate_worker("127.0.0.1", 40002, head.server.address, shard_id=0, renews_every=0.1)
+    await oneshot.activate_worker("127.0.0.1", 40003, head.server.address, shard_id=0, renews_every=0.1)
+    assert await members() == {40001, 40002, 40003}
+
+    async def renewing_one_only() -> bool:  # 40003 renews as it said it would; 40002 "was killed"
+        await oneshot.activate_worker("127.0.0.1", 40003, head.server.address, shard_id=0, renews_every=0.1)
+        return await members() == {40001, 40003}
+
+    await eventually(renewing_one_only, timeout=5.0, interval=0.05)
+
+
 async def test_a_head_process_holds_its_workers_answers_to_its_own_message_limit(runtimes, tmp_path):
     worker = await runtimes(Worker(executors.Tagger.create()))  # the worker's own limit is the default 256 MB
     head = ShardnetProcess(

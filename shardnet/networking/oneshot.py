@@ -28,7 +28,7 @@ from shardnet.networking.channels import (
 from shardnet.networking.policies import check_timeout
 from shardnet.networking.tls import ClientTls, PemSource
 from shardnet.protocol.messages import ControlRequest, DataRequest
-from shardnet.protocol.services import AUTHORIZATION_METADATA, ENDPOINT_METADATA
+from shardnet.protocol.services import AUTHORIZATION_METADATA, ENDPOINT_METADATA, RENEWAL_METADATA
 
 T = TypeVar("T")
 
@@ -192,13 +192,14 @@ async def send_control(
     token: Optional[str] = None,
     timeout: float = 5.0,
     tls: Union[bool, ClientTls, None] = None,
+    metadata: Sequence[tuple[str, str]] = (),
 ) -> ControlRequest:
     """Send a control request (naming the worker, when given) to a head; raise when it reports an error."""
     request = ControlRequest(command)
     if worker_host is not None and worker_port is not None:
         request.add_related_entity(entity_address(worker_host, worker_port), worker_host, worker_port, shard_id)
     response, _ = await call_once(
-        "control", request, target_head, timeout=timeout, tls=tls, metadata=auth_metadata(token)
+        "control", request, target_head, timeout=timeout, tls=tls, metadata=(*auth_metadata(token), *metadata)
     )
     if response.is_error:
         raise ReplicaError(response.status.description, address=target_head)
@@ -213,10 +214,14 @@ async def activate_worker(
     token: Optional[str] = None,
     tls: Union[bool, ClientTls, None] = None,
     timeout: float = 5.0,
+    renews_every: Optional[float] = None,
 ) -> ControlRequest:
-    """Tell the head at ``target_head`` to send traffic to this worker (ACTIVATE)."""
+    """Tell the head at ``target_head`` to send traffic to this worker (ACTIVATE); ``renews_every``: the worker
+    repeats it that often (seconds), and a head without a lease of its own leases it for a few times that."""
+    renewal = () if renews_every is None else ((RENEWAL_METADATA, f"{renews_every:g}"),)
     return await send_control(
-        "ACTIVATE", target_head, worker_host, worker_port, shard_id, token=token, tls=tls, timeout=timeout
+        "ACTIVATE", target_head, worker_host, worker_port, shard_id, token=token, tls=tls, timeout=timeout,
+        metadata=renewal,
     )
 
 

@@ -191,7 +191,8 @@ class EjectionPolicy:
     ``min_blamed_deadline`` seconds: a shorter one says more about the caller
     than the replica, a longer one is how a hung replica shows when no
     per-attempt timeout is set. Such a run of failures also rebuilds the
-    replica's channel, at most once every ``min_rebuild_interval`` seconds.
+    replica's channel; a run ending in a timeout at most once every
+    ``min_rebuild_interval`` seconds.
     """
 
     consecutive_failures: int = 3

@@ -286,9 +286,11 @@ class ReplicaList:
         if connection.failures < policy.consecutive_failures:
             return
         connection.failures = 0
-        # at most one rebuild per interval: under overload every call may time out, and rebuilds (each old
-        # channel's close walks every task of the loop) would then slow the loop down further and further
-        if asyncio.get_running_loop().time() - connection.rebuilt_at >= policy.min_rebuild_interval:
+        # a run of timeouts rebuilds at most once per interval: under overload every call may time out, and
+        # rebuilds (each old channel's close walks every task of the loop) would slow the loop down ever more;
+        # a run ending UNAVAILABLE always does, as a fresh channel reconnects without the old one's backoff
+        now = asyncio.get_running_loop().time()
+        if code == grpc.StatusCode.UNAVAILABLE or now - connection.rebuilt_at >= policy.min_rebuild_interval:
             connection.rebuild()
         if len(self._eligible) > 1 and connection in self._position:
             self._eject(connection)

@@ -2,7 +2,7 @@
 
 A unary gRPC call opens an HTTP/2 stream and sends headers and trailers both
 ways; a message on a stream that is already open costs both ends far less
-(``benchmarks/floor_variants.py`` measures it). A shardnet worker serves
+(``benchmarks/head_overhead.py`` runs a head each way). A shardnet worker serves
 ``services.REQUEST_STREAM``: it reads DataRequests, works on them concurrently
 and writes each answer when it is ready, carrying the request's own
 ``request_id``, by which the sending side matches it. What a unary call carries
@@ -26,9 +26,10 @@ beside its message travels inside the messages instead:
   a stream only once it has come.
 
 A request goes unary instead when a stream cannot carry it faithfully: no
-request id or one already waiting on that stream, metadata beyond its endpoint,
-more than ``MAX_STREAMED_BYTES``, or a replica that does not serve the stream
-(a Jina worker answers UNIMPLEMENTED once; its connection is unary from then on).
+request id or one still due on that stream, metadata beyond its endpoint, a
+request that would read as a status message, more than ``MAX_STREAMED_BYTES``,
+or a replica that does not serve the stream (a Jina worker answers
+UNIMPLEMENTED once; its connection is unary from then on).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def status_message(request_id: str, code: grpc.StatusCode, details: str) -> byte
 
 def status_of(answer: DataRequest) -> Optional[grpc.aio.AioRpcError]:
     """The gRPC error ``answer`` stands for, when it is a status answer."""
-    exception = answer._header().status.exception
+    exception = answer.status.exception  # (asked of error answers only: it copies the status)
     if exception.name != STATUS_EXCEPTION or len(exception.args) != 2:
         return None
     code = getattr(grpc.StatusCode, exception.args[0], grpc.StatusCode.UNKNOWN)

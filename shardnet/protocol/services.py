@@ -29,6 +29,9 @@ ENDPOINT_METADATA = "endpoint"
 ERROR_METADATA = "is-error"
 ERROR_TRAILER = ((ERROR_METADATA, "true"),)  # what marks an answer carrying an executor's error, as in Jina
 AUTHORIZATION_METADATA = "authorization"
+# beside an ACTIVATE: how often (seconds) the worker repeats it; a head without --lease then leases it for a few times
+# that, so a worker killed without DEACTIVATE leaves (Jina's workers send none: they are never leased implicitly)
+RENEWAL_METADATA = "shardnet-renews-every"
 
 # the parameter under which executors' dict results travel, keyed by executor name (ALL replies always carry it)
 RESULTS_PARAMETER = "__results__"

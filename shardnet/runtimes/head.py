@@ -14,6 +14,7 @@ client certificate when configured.
 from __future__ import annotations
 
 import asyncio
+import math
 import logging
 from typing import Any, Mapping, Optional, Sequence
 
@@ -46,6 +47,11 @@ USES_AFTER = "uses_after"
 DEADLINE_MARGIN = 0.25
 # seconds a head gives its workers to list their endpoints, when its caller sets no shorter deadline
 DISCOVERY_TIMEOUT = 5.0
+# without --lease, a worker that says how often it repeats ACTIVATE is leased for this many times that
+IMPLIED_LEASE_FACTOR = 5
+# how often implied leases are checked, and how long a lapsed one is remembered (for the renewing-too-slowly warning)
+IMPLIED_LEASE_CHECK = 0.5
+LAPSED_MEMORY = 60.0
 
 
 def _time_left(context: grpc.aio.ServicerContext) -> Optional[float]:
@@ -108,9 +114,10 @@ class Head:
         self._in_flight = 0
         if lease is not None:
             check_seconds(lease, "lease")
-        # with a lease, a worker that stops re-sending ACTIVATE (killed -9, partitioned) leaves on its own
+        # with a lease, a worker that stops re-sending ACTIVATE (killed -9, partitioned) leaves on its own; without
+        # one, so does a worker that says how often it re-sends it (a shardnet worker), leased for a few times that
         self._lease = lease
-        self._leases: dict[tuple[str, int], float] = {}
+        self._leases: dict[tuple[str, int], tuple[float, float]] = {}  # (until, length) by (address, shard)
         self._lapsed: dict[tuple[str, int], float] = {}  # leases that ran out lately, and when: a worker back soon
         # after renews more slowly than the lease allows
         self._expiry: Optional[asyncio.Task] = None
@@ -316,13 +323,14 @@ class Head:
                 replicas = self.pool.get_replicas(self.deployment, shard_id=shard_id or 0)
                 known = replicas is not None and replicas.has_connection(address)
                 self.pool.add_connection(self.deployment, address, shard_id=shard_id or 0)
-                if self._lease is not None:
-                    self._renew_lease(address, shard_id or 0)
+                lease = self._lease_for(context)
+                if lease is not None:
+                    self._renew_lease(address, shard_id or 0, lease)
                 if not known:  # workers repeat ACTIVATE every few seconds: log the news only
                     logger.info("%s: activated %s in shard %s", self.deployment, address, shard_id or 0)
             else:
                 removed = await self.pool.remove_connection(self.deployment, address, shard_id=shard_id)
-                self._leases = {key: until for key, until in self._leases.items() if key[0] != address}
+                self._leases = {key: lease for key, lease in self._leases.items() if key[0] != address}
                 logger.info("%s: deactivated %s (%s)", self.deployment, address, "removed" if removed else "unknown")
         return request.to_bytes()
 
@@ -372,26 +380,41 @@ class Head:
 
     # -- lifetime -----------------------------------------------------------------------
 
-    def _renew_lease(self, address: str, shard_id: int) -> None:
-        now = asyncio.get_running_loop().time()
-        self._leases[(address, shard_id)] = now + self._lease
+    def _lease_for(self, context: grpc.aio.ServicerContext) -> Optional[float]:
+        """The head's --lease, else a few times the interval at which the worker says it renews, else None."""
+        if self._lease is not None:
+            return self._lease
+        offered = dict(context.invocation_metadata()).get(services.RENEWAL_METADATA, "")
+        try:
+            interval = float(offered)
+        except ValueError:
+            return None
+        return IMPLIED_LEASE_FACTOR * interval if 0 < interval < math.inf else None
+
+    def _renew_lease(self, address: str, shard_id: int, lease: float) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._leases[(address, shard_id)] = (now + lease, lease)
+        if self._expiry is None:  # implied leases start the expiry on the first one
+            self._expiry = loop.create_task(self._expire_leases())
         lapsed_at = self._lapsed.pop((address, shard_id), None)
         if lapsed_at is not None:
             logger.warning(
                 "%s: %s (shard %d) registered again %.1fs after its %gs lease ran out: it is alive but renews "
                 "less often than the lease, so it keeps dropping out; give the head a --lease longer than the "
                 "worker's --register-interval",
-                self.deployment, address, shard_id, now - lapsed_at, self._lease,
+                self.deployment, address, shard_id, now - lapsed_at, lease,
             )
 
     async def _expire_leases(self) -> None:
         """Remove ACTIVATEd workers whose lease ran out without a fresh ACTIVATE."""
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(self._lease / 4)
+            await asyncio.sleep(self._lease / 4 if self._lease is not None else IMPLIED_LEASE_CHECK)
             now = loop.time()
-            self._lapsed = {key: at for key, at in self._lapsed.items() if now - at < self._lease}
-            expired = [key for key, until in self._leases.items() if until < now]
+            remembered = max(self._lease or 0.0, LAPSED_MEMORY)
+            self._lapsed = {key: at for key, at in self._lapsed.items() if now - at < remembered}
+            expired = [key for key, (until, _) in self._leases.items() if until < now]
             for address, shard_id in expired:
                 del self._leases[(address, shard_id)]
                 self._lapsed[(address, shard_id)] = now
@@ -417,6 +440,7 @@ class Head:
             if task is not None:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+        self._expiry = self._readiness = None
         await self.pool.close()
 
     async def start(self) -> None:

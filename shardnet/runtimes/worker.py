@@ -376,7 +376,8 @@ class Worker:
     async def _activate(self, timeout: float = 5.0) -> None:
         host, port = self._advertised()
         await oneshot.activate_worker(
-            host, port, self._head, self._shard_id, token=self._control_token, tls=self._head_tls, timeout=timeout
+            host, port, self._head, self._shard_id, token=self._control_token, tls=self._head_tls, timeout=timeout,
+            renews_every=self._register_interval,
         )
         logger.debug("registered %s with head %s as shard %d", entity_address(host, port), self._head, self._shard_id)
 
