@@ -4,7 +4,10 @@ It holds one bare grpc.aio client (``_client_worker.Bare``: one channel, bytes
 in and out) per named target and answers each ``run`` with one JSON line in
 the shape of ``_client_worker.closed_loop`` (request count, wall time, this
 client's CPU, every latency): ``n`` requests, or as many as ``seconds`` allow.
-The endpoint travels as gRPC metadata, as a gateway sends it. ``check`` sends
+The endpoint travels as gRPC metadata, as a gateway sends it, and every timed
+request carries a request_id of its own, as a Jina or shardnet client's does (a
+head matches answers on its request streams by it; requests sharing one would
+go unary there). ``check`` sends
 one request and decodes its answer (status, documents), which the timed runs
 never do: a head answering gRPC-OK with an ERROR status would count as served.
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import sys
 import time
@@ -92,13 +96,15 @@ async def timed_loop(client: Bare, payload: bytes, seconds: float, concurrency: 
     clock = time.perf_counter
     deadline = clock() + seconds
 
+    fresh = FreshIds(payload)
+
     async def sender() -> None:
         nonlocal failures
         send, record = client.send, latencies.append
         while clock() < deadline:
             started = clock()
             try:
-                await send(payload)
+                await send(fresh())
             except Exception:  # noqa: BLE001 - a benchmark counts failures, it does not stop on them
                 failures += 1
             record(clock() - started)
@@ -108,6 +114,23 @@ async def timed_loop(client: Bare, payload: bytes, seconds: float, concurrency: 
     wall, cpu, loop_cpu = clock() - wall0, time.process_time() - cpu0, time.thread_time() - thread0
     return {"n": len(latencies), "wall": wall, "cpu": cpu, "loop_cpu": loop_cpu, "failures": failures,
             "lat": [round(value, 7) for value in latencies]}
+
+
+class FreshIds:
+    """``template`` with a new request_id at each call: the id's bytes replaced in place by a counter of the same
+    width, so the message needs no encoding (nor any length field a change)."""
+
+    def __init__(self, template: bytes):
+        from shardnet.protocol.proto import jina_pb2
+
+        request_id = jina_pb2.DataRequestProto.FromString(template).header.request_id.encode()
+        at = template.index(request_id)
+        self._before, self._after = template[:at], template[at + len(request_id):]
+        self._format = f"0{len(request_id)}x"
+        self._counter = itertools.count()
+
+    def __call__(self) -> bytes:
+        return self._before + format(next(self._counter), self._format).encode() + self._after
 
 
 async def check(client: Bare, payload: bytes) -> dict:
