@@ -202,19 +202,6 @@ async def test_a_cancelled_caller_leaves_the_stream_working(runtimes):
     assert answer.docs[0].text == "next"
 
 
-async def test_a_worker_that_dies_mid_stream_loses_nothing_its_requests_fail_over(runtimes):
-    doomed = await start_worker(runtimes)
-    survivor = await start_worker(runtimes)
-    head = await start_head(runtimes, [doomed, survivor])
-    await warm_up(head)
-    texts = [f"doc-{index}" for index in range(60)]
-    sending = asyncio.gather(*(send(head, request("/sleep", text, seconds=0.3)) for text in texts))
-    await eventually(lambda: any(lane and lane.pending for lane in streams_of(head)._lanes if lane))
-    await doomed.server._server.stop(None)  # the process's server gone at once: its streams break mid-request
-    answers = await sending
-    assert [answer.docs[0].text for answer in answers] == texts
-
-
 async def test_a_worker_process_killed_9_under_load_loses_no_request(runtimes, tmp_path):
     uses = f"{Path(executors.__file__).resolve()}:Sleepy"
     processes = [
@@ -246,15 +233,18 @@ async def test_a_worker_process_killed_9_under_load_loses_no_request(runtimes, t
             process.kill()
 
 
-async def test_a_draining_worker_answers_what_it_took_and_the_rest_fails_over(runtimes):
-    leaving = await start_worker(runtimes)
-    staying = await start_worker(runtimes)
-    head = await start_head(runtimes, [leaving, staying])
+@pytest.mark.parametrize("leaving", ["dies", "drains"])
+async def test_a_worker_leaving_mid_stream_loses_nothing(runtimes, leaving):
+    """Dies: its server gone at once, the streams break under their requests, which fail over. Drains: it
+    answers what it took, then ends its streams; what the head sent after that fails over."""
+    leaver = await start_worker(runtimes)
+    stayer = await start_worker(runtimes)
+    head = await start_head(runtimes, [leaver, stayer])
     await warm_up(head)
-    texts = [f"doc-{index}" for index in range(40)]
-    sending = asyncio.gather(*(send(head, request("/sleep", text, seconds=0.2)) for text in texts))
+    texts = [f"doc-{index}" for index in range(60)]
+    sending = asyncio.gather(*(send(head, request("/sleep", text, seconds=0.3)) for text in texts))
     await eventually(lambda: any(lane and lane.pending for lane in streams_of(head)._lanes if lane))
-    await leaving.stop(5)  # drains: the streams end once the answers of what they took are out
+    await leaver.stop(0 if leaving == "dies" else 5)  # grace 0: its calls and streams cut at once
     answers = await sending
     assert [answer.docs[0].text for answer in answers] == texts
 

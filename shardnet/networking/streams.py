@@ -130,8 +130,9 @@ class StreamWriter:
                 raise
             # the stream was cancelled under us (its channel closed): its reader reports that
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-            pass  # the stream ended: its reader fails what was waiting for an answer
-        self._queue.clear()
+            return  # the stream ended: its reader fails what was waiting for an answer
+        finally:
+            self._queue.clear()
 
 
 class _Lane:

@@ -84,7 +84,7 @@ class _MessageContext:
         return ()
 
     def set_trailing_metadata(self, metadata: Any) -> None:
-        pass  # the receiving side reads is-error off the answer's status
+        """Nothing to send: the receiving side reads ``is-error`` off the answer's status."""
 
 
 class Worker:
