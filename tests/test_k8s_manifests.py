@@ -191,6 +191,20 @@ def test_the_shardnet_parser_accepts_the_rendered_commands() -> None:
         assert parsed.workspace in mounts  # writable under the read-only root filesystem
 
 
+def test_the_heads_admission_limit_and_request_streams_switch_reach_its_command_line() -> None:
+    spec = DeploymentSpec(name="gate", image="i", uses="m:C", max_in_flight=256, request_streams=False)
+    head, workers = head_and_workers(render(spec), "Deployment")
+    parsed = build_parser().parse_args(container(head)["args"])
+    assert parsed.max_in_flight == 256 and parsed.request_streams is False
+    default = build_parser().parse_args(container(head_and_workers(render(SPECS["defaults"]), "Deployment")[0])["args"])
+    assert default.max_in_flight is None and default.request_streams is True
+    for bad in (0, 1.5):
+        with pytest.raises(ConfigurationError, match="max_in_flight must be a whole number of at least 1"):
+            DeploymentSpec(name="gate", image="i", uses="m:C", max_in_flight=bad)
+    with pytest.raises(ConfigurationError, match="request_streams is True or False"):
+        DeploymentSpec(name="gate", image="i", uses="m:C", request_streams="off")
+
+
 def test_a_message_limit_reaches_the_head_and_every_worker() -> None:
     spec = DeploymentSpec(name="big", image="i", uses="m:C", shards=2, max_message_mb=512)
     head, workers = head_and_workers(render(spec), "Deployment")

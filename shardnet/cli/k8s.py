@@ -39,6 +39,14 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     parser.add_argument("--polling", default="ANY", help='ANY, ALL or a JSON map such as \'{"/search": "ALL", "*": "ANY"}\'')
     parser.add_argument("--namespace", default="default", help="namespace of every object (default: %(default)s)")
     parser.add_argument("--balancer", default="p2c_ewma", help="the head's replica balancer (default: %(default)s)")
+    parser.add_argument(
+        "--max-in-flight", type=int, default=None, metavar="N",
+        help="the head refuses a request (RESOURCE_EXHAUSTED) while N are in flight (default: no limit)",
+    )
+    parser.add_argument(
+        "--request-streams", action=argparse.BooleanOptionalAction, default=True,
+        help="the head sends single requests to its workers on a few shared streams each (default: on)",
+    )
     parser.add_argument("--port", type=int, default=8080, help="gRPC port of every container (default: %(default)s)")
     parser.add_argument("--cpu", default=Resources.cpu, help="CPU request of each worker (default: %(default)s)")
     parser.add_argument(
@@ -97,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         ),
         head_resources=Resources(cpu=args.head_cpu, memory=args.head_memory, memory_limit=args.head_memory_limit),
         max_message_mb=args.max_message_mb,
+        max_in_flight=args.max_in_flight,
+        request_streams=args.request_streams,
     )
     if args.output is None:
         sys.stdout.write(to_yaml(render(spec)))

@@ -36,6 +36,7 @@ import yaml
 from shardnet.errors import ConfigurationError
 from shardnet.networking.balancing import BALANCERS
 from shardnet.networking.channels import check_max_message_mb
+from shardnet.networking.policies import check_count
 from shardnet.networking.polling import PollingMap
 from shardnet.protocol import services
 
@@ -169,6 +170,8 @@ class DeploymentSpec:
     termination_grace_seconds: int = 30
     pre_stop_seconds: int = 5
     max_message_mb: Optional[float] = None  # None: the processes' default (256)
+    max_in_flight: Optional[int] = None  # the head refuses requests past it; None: no limit
+    request_streams: bool = True  # the head sends its workers single requests on shared streams
 
     def __post_init__(self) -> None:
         for what in ("shards", "replicas", "head_replicas"):
@@ -201,6 +204,10 @@ class DeploymentSpec:
         PollingMap.parse(self.polling)  # raises ConfigurationError naming what is wrong
         if self.max_message_mb is not None:
             check_max_message_mb(self.max_message_mb)
+        if self.max_in_flight is not None:
+            check_count(self.max_in_flight, "max_in_flight", 1)
+        if not isinstance(self.request_streams, bool):
+            raise ConfigurationError(f"request_streams is True or False, got {self.request_streams!r}")
         if self.balancer not in BALANCERS:
             raise ConfigurationError(f"unknown balancer {self.balancer!r}: choose one of {', '.join(BALANCERS)}")
         if not _is_count(self.port) or not 1 <= self.port <= 65535:
@@ -374,6 +381,10 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
             "--balancer", spec.balancer,
             "--shards", str(spec.shards),  # so that ALL polling reports a shard with no ready replica
         ]  # fmt: skip
+        if spec.max_in_flight is not None:
+            args += ["--max-in-flight", str(spec.max_in_flight)]
+        if not spec.request_streams:
+            args.append("--no-request-streams")
         volumes = {"tmp": "/tmp"}
     else:
         args = [
