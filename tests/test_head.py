@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import executors
@@ -131,6 +132,23 @@ async def test_without_a_lease_a_worker_saying_how_often_it_renews_is_leased_and
         return await members() == {40001, 40003}
 
     await eventually(renewing_one_only, timeout=5.0, interval=0.05)
+
+
+async def test_a_head_that_stalls_past_a_lease_does_not_drop_the_workers_it_could_not_hear(runtimes, caplog):
+    """The head's loop blocked longer than the lease (CPU starvation, a paused process): the renewals wait in
+    its socket, so a lease running out meanwhile says nothing about the worker."""
+    head = await runtimes(Head("stalling"))
+
+    async def members() -> set[int]:
+        status = await oneshot.send_control("STATUS", head.server.address)
+        return {entity.port for entity in status.related_entities}
+
+    for _ in range(3):
+        await oneshot.activate_worker("127.0.0.1", 40005, head.server.address, shard_id=0, renews_every=0.1)
+    time.sleep(1.5)  # the fault itself: this loop, the head's, blocked for three implied leases (0.5 s)
+    await oneshot.activate_worker("127.0.0.1", 40005, head.server.address, shard_id=0, renews_every=0.1)
+    assert await members() == {40005}
+    assert "stopped renewing" not in caplog.text
 
 
 async def test_a_head_process_holds_its_workers_answers_to_its_own_message_limit(runtimes, tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import gc
 
 import grpc
@@ -124,5 +126,26 @@ async def test_timeouts_rebuild_a_channel_at_most_once_per_interval_however_fast
         with pytest.raises(grpc.aio.AioRpcError):
             await replicas.call(connection, "single_data", DataRequest(), None, 5.0)
         assert connection.channel is not channels[-1]  # unreachable: a fresh channel reconnects without backoff
+    finally:
+        await replicas.close()
+
+
+async def test_calls_failing_on_a_channel_already_replaced_do_not_rebuild_it_again(echo_servers):
+    """A worker dying under many calls: the first failures rebuild its channel; the rest, on the old channel,
+    tell nothing new (they used to rebuild it once per three)."""
+    [dead] = await echo_servers(1, fail_with=grpc.StatusCode.UNAVAILABLE, delay=0.2)
+    replicas = ReplicaList(ejection=EjectionPolicy(consecutive_failures=3, min_rebuild_interval=0))
+    try:
+        connection = replicas.add_connection(dead.address)
+        channels = [connection.channel]
+
+        async def one_call() -> None:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await replicas.call(connection, "single_data", DataRequest(), None, 5.0)
+            if connection.channel is not channels[-1]:
+                channels.append(connection.channel)
+
+        await asyncio.gather(*(one_call() for _ in range(12)))  # all on the first channel, failing together
+        assert dead.calls == 12 and len(channels) == 2
     finally:
         await replicas.close()

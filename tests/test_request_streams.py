@@ -51,13 +51,13 @@ async def send(head: Head, built: DataRequest, timeout: float = 10.0) -> DataReq
     return await oneshot.send_request_async(built, head.server.address, timeout=timeout)
 
 
-async def warm_up(head: Head) -> None:
+async def warm_up(head: Head, endpoint: str = "/sleep") -> None:
     """Send until every stream to every replica carries requests (the first go unary while they open);
     a few at a time, so that the balancer spreads them."""
     connections = head.pool.get_replicas("dep").get_all_connections()
 
     async def all_open() -> bool:
-        await asyncio.gather(*(send(head, request("/sleep", "warm-up", seconds=0.005)) for _ in range(16)))
+        await asyncio.gather(*(send(head, request(endpoint, "warm-up", seconds=0.005)) for _ in range(16)))
         return all(c.stubs.streams.open_streams == len(c.stubs.streams._lanes) for c in connections)
 
     await eventually(all_open)
@@ -82,12 +82,15 @@ async def test_requests_sharing_a_request_id_are_all_answered_and_not_mixed_up(r
     worker = await start_worker(runtimes)
     head = await start_head(runtimes, [worker])
     await warm_up(head)
+    before = streams_of(head).streamed
     texts = [f"twin-{index}" for index in range(40)]
     answers = await asyncio.gather(
-        *(send(head, request("/sleep", text, request_id="same-id", seconds=0.01 * (index % 3)))
+        *(send(head, request("/sleep", text, request_id="same-id", seconds=0.05 + 0.01 * (index % 3)))
           for index, text in enumerate(texts))
     )
     assert [answer.docs[0].text for answer in answers] == texts
+    streamed = streams_of(head).streamed - before
+    assert 0 < streamed < len(texts)  # one per stream at a time: the others went unary
 
 
 async def test_a_request_that_reads_as_a_status_message_goes_unary_and_is_answered(runtimes):
@@ -106,8 +109,10 @@ async def test_a_request_without_an_id_is_answered(runtimes):
     worker = await start_worker(runtimes)
     head = await start_head(runtimes, [worker])
     await warm_up(head)
+    before = streams_of(head).streamed
     answer = await send(head, request("/sleep", "anonymous", request_id=""))
     assert answer.docs[0].text == "anonymous"
+    assert streams_of(head).streamed == before  # no id to match its answer by: it went unary
 
 
 async def test_a_server_without_request_streams_is_called_unary(runtimes):
@@ -134,17 +139,14 @@ async def test_a_pool_with_request_streams_returns_a_unary_servers_trailing_meta
 async def test_an_executor_error_comes_back_with_its_status_and_the_is_error_trailer(runtimes):
     worker = await start_worker(runtimes, executors.Tagger)
     head = await start_head(runtimes, [worker])
-    await eventually(lambda: send_and_count(head))
+    await warm_up(head, "/tag")
+    before = streams_of(head).streamed
     response, trailing = await oneshot.call_once(
         "single_data", request("/fail", "x"), head.server.address, timeout=10, metadata=[("endpoint", "/fail")]
     )
+    assert streams_of(head).streamed == before + 1  # it went on a stream: the trailer was read off its status
     assert response.is_error and "bad input" in response.status.description
     assert dict(tuple(trailing))[services.ERROR_METADATA] == "true"
-
-
-async def send_and_count(head: Head) -> bool:
-    await send(head, request("/tag", "warm-up"))
-    return streams_of(head).open_streams > 0
 
 
 async def test_an_answer_over_the_heads_limit_fails_alone_with_the_limit_named(runtimes):
@@ -467,3 +469,26 @@ async def test_a_worker_that_was_down_at_first_gets_its_streams_once_it_is_up(ru
         await eventually(lambda: _open_all(pool, replicas, connection.stubs.streams))
         assert not connection.stubs.streams.unary_only
 
+
+
+async def test_a_request_over_the_senders_own_send_limit_goes_unary_and_fails_alone(runtimes):
+    worker = await start_worker(runtimes)
+    async with GrpcConnectionPool(request_streams=True, options=[("grpc.max_send_message_length", 4000)]) as pool:
+        pool.add_connection("dep", worker.server.address)
+        replicas = pool.get_replicas("dep")
+        streams = replicas.get_all_connections()[0].stubs.streams
+        await eventually(lambda: _open_all(pool, replicas, streams))
+        before = streams.streamed
+        small = [pool.call(request("/sleep", f"small-{index}", seconds=0.05), "dep", replicas) for index in range(8)]
+        big = pool.call(request("/sleep", "b" * 8000), "dep", replicas, retries=0)
+        *answers, refused = await asyncio.gather(*small, big, return_exceptions=True)
+        assert [answer.docs[0].text for answer, _ in answers] == [f"small-{index}" for index in range(8)]
+        assert isinstance(refused, ReplicaError) and refused.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert streams.streamed - before == 8
+
+
+async def test_a_worker_whose_limit_is_a_float_still_serves_streams(runtimes):
+    worker = await start_worker(runtimes, max_message_bytes=8e6)
+    head = await start_head(runtimes, [worker])
+    await warm_up(head)
+    assert streams_of(head).open_streams == len(streams_of(head)._lanes)

@@ -36,7 +36,7 @@ import yaml
 from shardnet.errors import ConfigurationError
 from shardnet.networking.balancing import BALANCERS
 from shardnet.networking.channels import check_max_message_mb
-from shardnet.networking.policies import check_count
+from shardnet.networking.policies import check_count, check_flag
 from shardnet.networking.polling import PollingMap
 from shardnet.protocol import services
 
@@ -206,8 +206,7 @@ class DeploymentSpec:
             check_max_message_mb(self.max_message_mb)
         if self.max_in_flight is not None:
             check_count(self.max_in_flight, "max_in_flight", 1)
-        if not isinstance(self.request_streams, bool):
-            raise ConfigurationError(f"request_streams is True or False, got {self.request_streams!r}")
+        check_flag(self.request_streams, "request_streams")
         if self.balancer not in BALANCERS:
             raise ConfigurationError(f"unknown balancer {self.balancer!r}: choose one of {', '.join(BALANCERS)}")
         if not _is_count(self.port) or not 1 <= self.port <= 65535:

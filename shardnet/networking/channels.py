@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2
 
 from shardnet.errors import ConfigurationError, MalformedReplyError, ProtocolError
 from shardnet.networking.addresses import Address, parse_address
-from shardnet.networking.streams import RequestStreams
+from shardnet.networking.streams import RequestStreams, rpc_error
 from shardnet.networking.tls import ClientTls, PemSource
 from shardnet.protocol import services
 from shardnet.protocol.messages import ControlRequest, DataRequest
@@ -114,9 +114,10 @@ def merge_options(options: Optional[ChannelOptions]) -> list[tuple[str, Any]]:
     return merged + list(given.items())
 
 
-def receive_limit(options: Optional[ChannelOptions]) -> int:
-    """The receive limit a channel with ``options`` has, in bytes (the default unless they set one)."""
-    return int(dict(merge_options(options))["grpc.max_receive_message_length"])
+def message_limits(options: Optional[ChannelOptions]) -> tuple[int, int]:
+    """The (send, receive) message limits a channel with ``options`` has, in bytes (-1: none)."""
+    merged = dict(merge_options(options))
+    return int(merged["grpc.max_send_message_length"]), int(merged["grpc.max_receive_message_length"])
 
 
 def tls_settings(https: bool, tls: Union[bool, ClientTls, None]) -> tuple[bool, Optional[ClientTls]]:
@@ -195,10 +196,7 @@ def checked_reply(response: Any, address: Any, owner: str = "", timed: bool = Fa
         raise MalformedReplyError(str(response.error), address=str(address), owner=owner) from None
     if response is None:
         code = grpc.StatusCode.DEADLINE_EXCEEDED if timed else grpc.StatusCode.UNAVAILABLE
-        raise grpc.aio.AioRpcError(
-            code, grpc.aio.Metadata(), grpc.aio.Metadata(),
-            details=f"{address} ended the call without an answer (status OK, no message)",
-        )
+        raise rpc_error(code, f"{address} ended the call without an answer (status OK, no message)")
     return response
 
 
@@ -371,12 +369,12 @@ class Stubs:
         origin: Optional[str] = None,
         *,
         request_streams: bool = False,
-        max_receive_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        limits: tuple[int, int] = (DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_MESSAGE_BYTES),
     ) -> "Stubs":
         """The callables on ``channel``; data replies, decoded lazily, name ``origin`` if they prove malformed.
 
         ``request_streams``: single requests go as messages on a few streams to a shardnet worker
-        (networking/streams.py), unary to any other server; ``max_receive_bytes`` is this side's limit.
+        (networking/streams.py), unary to any other server; ``limits`` are the channel's (send, receive) limits.
         """
         unary = channel.unary_unary
         data_reply = _lazy_reply(origin)
@@ -385,7 +383,7 @@ class Stubs:
         streams = None
         if request_streams:
             streams = RequestStreams(
-                channel, single_data, decoded_single_data, _DECODED_REPLY, max_receive_bytes, origin or "the server"
+                channel, single_data, decoded_single_data, _DECODED_REPLY, limits, origin or "the server"
             )
             single_data, decoded_single_data = streams.single_data, streams.decoded_single_data
         return cls(

@@ -40,6 +40,12 @@ def check_count(value: Any, what: str, minimum: int) -> None:
         raise ConfigurationError(f"{what} must be a whole number of at least {minimum}, got {value!r}")
 
 
+def check_flag(value: Any, what: str) -> None:
+    """True or False, not a value that merely reads as one ("no" is truthy)."""
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{what} is True or False, got {value!r}")
+
+
 def check_codes(codes: Any, what: str) -> None:
     """A set of grpc.StatusCode members (names as text would silently match nothing)."""
     if isinstance(codes, (str, bytes)) or not all(isinstance(code, grpc.StatusCode) for code in codes):

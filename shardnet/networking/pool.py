@@ -35,7 +35,7 @@ from shardnet.networking.channels import (
     error_cause,
     get_grpc_channel,
 )
-from shardnet.networking.policies import EjectionPolicy, RetryBudget, RetryPolicy, check_timeout
+from shardnet.networking.policies import EjectionPolicy, RetryBudget, RetryPolicy, check_flag, check_timeout
 from shardnet.networking.polling import PollingType
 from shardnet.networking.replica_list import Connection, ReplicaList
 from shardnet.networking.tls import ClientTls
@@ -130,8 +130,7 @@ class GrpcConnectionPool:
         if logger is not None and not all(callable(getattr(logger, name, None)) for name in ("warning", "info")):
             raise ConfigurationError(f"logger must have warning() and info() (a logging.Logger), got {logger!r}")
         self._logger = logger
-        if not isinstance(request_streams, bool):
-            raise ConfigurationError(f"request_streams is True or False, got {request_streams!r}")
+        check_flag(request_streams, "request_streams")
         self._request_streams = request_streams
         self._deployments: dict[str, _Deployment] = {}
         try:

@@ -27,9 +27,9 @@ from shardnet.networking.channels import (
     checked_options,
     checked_reply,
     get_grpc_channel,
-    receive_limit,
+    message_limits,
 )
-from shardnet.networking.streams import RequestStreams
+from shardnet.networking.streams import RequestStreams, rpc_error
 from shardnet.networking.policies import EjectionPolicy
 from shardnet.networking.tls import ClientTls
 
@@ -116,7 +116,7 @@ class Connection:
             self.channel,
             origin=self._origin,
             request_streams=self._request_streams,
-            max_receive_bytes=receive_limit(self._options),
+            limits=message_limits(self._options),
         )
 
     def rebuild(self) -> None:
@@ -357,17 +357,20 @@ class ReplicaList:
             trailing = await call.trailing_metadata()
         except grpc.aio.AioRpcError as error:
             balancer.finished(connection, token, failed=True)
-            if not (callers_deadline and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self._too_short(timeout)):
+            # a call on a channel already replaced tells nothing new: the failures that replaced it were counted
+            # (a worker dying under many calls would otherwise rebuild its channel once per three of them)
+            blamed = channel is connection.channel and not (
+                callers_deadline and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self._too_short(timeout)
+            )
+            if blamed:
                 self.record_failure(connection, error.code())
             raise
         except asyncio.CancelledError:
             balancer.finished(connection, token, failed=True)
             if connection.cut_by_close(channel):
-                raise grpc.aio.AioRpcError(
+                raise rpc_error(
                     grpc.StatusCode.UNAVAILABLE,
-                    grpc.aio.Metadata(),
-                    grpc.aio.Metadata(),
-                    details=f"the channel to replica {connection.address} was closed with this call still on it "
+                    f"the channel to replica {connection.address} was closed with this call still on it "
                     "(the replica was removed, its channel rebuilt, or the pool closed)",
                 ) from None
             raise

@@ -152,7 +152,7 @@ class _Lane:
         self.abandoned: set[str] = set()  # ids whose callers left before their answers came, which are still due
         self.ready = False
         self.writer: Optional[StreamWriter] = None
-        self.limit = MAX_STREAMED_BYTES
+        self.limit = owner.max_request_bytes
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     def submit(self, request_id: str, data: bytes) -> Optional[asyncio.Future]:
@@ -187,12 +187,18 @@ class _Lane:
             f"{owner.origin} ended its request stream before answering (it is stopping)",
         )
         try:
-            offered = (await self.call.initial_metadata()).get(LIMIT_METADATA, "")
-            if not offered.isdigit():  # the stream did not open: why?
+            offered = (await self.call.initial_metadata()).get(LIMIT_METADATA)
+            if offered is None:  # the stream did not open: why?
                 if await self.call.code() == grpc.StatusCode.UNIMPLEMENTED:  # no shardnet worker (Jina's refuse it)
                     owner.unary_only = True
                 return  # down, or stopping: a later request opens the stream again
-            self.limit = min(self.limit, int(offered))
+            worker_limit = _byte_count(offered)
+            if worker_limit is None:  # a server speaking some other stream on this path: not ours to use
+                owner.unary_only = True
+                self.call.cancel()
+                return
+            if worker_limit:  # 0: none
+                self.limit = min(self.limit, worker_limit)
             self.writer = StreamWriter(self.call.write, self.call.done_writing)
             self.ready = not owner.retired
             while True:
@@ -246,8 +252,8 @@ class _Lane:
 class RequestStreams:
     """The request streams to one replica over one channel, opened as they are needed."""
 
-    __slots__ = ("_open", "_unary", "_decoded_unary", "decode_answer", "_stream_metadata", "_lanes", "_turn",
-                 "origin", "unary_only", "retired", "streamed")
+    __slots__ = ("_open", "_unary", "_decoded_unary", "decode_answer", "max_request_bytes", "_stream_metadata",
+                 "_lanes", "_turn", "origin", "unary_only", "retired", "streamed")
 
     def __init__(
         self,
@@ -255,7 +261,7 @@ class RequestStreams:
         unary: Callable[..., Any],
         decoded_unary: Callable[..., Any],
         decode_answer: Callable[[bytes], Any],
-        max_receive_bytes: int,
+        limits: tuple[int, int],
         origin: str,
         lanes: int = LANES,
     ):
@@ -263,7 +269,10 @@ class RequestStreams:
         self._unary = unary
         self._decoded_unary = decoded_unary
         self.decode_answer = decode_answer  # what the decoded unary method makes of an answer's bytes
-        self._stream_metadata = ((LIMIT_METADATA, str(max_receive_bytes)),)
+        max_send_bytes, max_receive_bytes = limits  # this side's (-1: none)
+        # requests go on a stream only when this side may send them: gRPC would end the stream over one too big
+        self.max_request_bytes = MAX_STREAMED_BYTES if max_send_bytes < 0 else min(MAX_STREAMED_BYTES, max_send_bytes)
+        self._stream_metadata = ((LIMIT_METADATA, str(max(max_receive_bytes, 0))),)  # 0: no limit
         self._lanes: list[Optional[_Lane]] = [None] * lanes
         self._turn = 0
         self.origin = origin
@@ -396,6 +405,15 @@ class StreamedCall:
         answer = await call
         self._trailing = await call.trailing_metadata()
         return answer
+
+
+def _byte_count(text: str) -> Optional[int]:
+    """A limit as metadata carries it (digits; a float's text is taken too), or None when it is none."""
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return int(value) if 0 <= value < float("inf") else None
 
 
 def _expire(future: asyncio.Future) -> None:

@@ -26,7 +26,7 @@ from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address, parse_address
 from shardnet.networking.balancing import make_balancer
 from shardnet.networking.channels import check_max_message_mb, message_size_options
-from shardnet.networking.policies import check_count
+from shardnet.networking.policies import check_count, check_flag
 from shardnet.networking.polling import PollingMap
 from shardnet.protocol.documents import Document, DocumentList
 from shardnet.protocol.messages import DataRequest
@@ -141,8 +141,7 @@ class Deployment:
             self._head_options += ["--timeout", str(timeout)]
         if attempt_timeout is not None:
             self._head_options += ["--attempt-timeout", str(attempt_timeout)]
-        if not isinstance(request_streams, bool):
-            raise ConfigurationError(f"request_streams is True or False, got {request_streams!r}")
+        check_flag(request_streams, "request_streams")
         if not request_streams:  # the head then calls its workers unary, a call per request
             self._head_options.append("--no-request-streams")
         if max_in_flight is not None:

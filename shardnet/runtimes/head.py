@@ -49,9 +49,8 @@ DEADLINE_MARGIN = 0.25
 DISCOVERY_TIMEOUT = 5.0
 # without --lease, a worker that says how often it repeats ACTIVATE is leased for this many times that
 IMPLIED_LEASE_FACTOR = 5
-# how often implied leases are checked, and how long a lapsed one is remembered (for the renewing-too-slowly warning)
+# how often implied leases are checked
 IMPLIED_LEASE_CHECK = 0.5
-LAPSED_MEMORY = 60.0
 
 
 def _time_left(context: grpc.aio.ServicerContext) -> Optional[float]:
@@ -118,8 +117,8 @@ class Head:
         # one, so does a worker that says how often it re-sends it (a shardnet worker), leased for a few times that
         self._lease = lease
         self._leases: dict[tuple[str, int], tuple[float, float]] = {}  # (until, length) by (address, shard)
-        self._lapsed: dict[tuple[str, int], float] = {}  # leases that ran out lately, and when: a worker back soon
-        # after renews more slowly than the lease allows
+        # leases that ran out lately, (when, length): a worker back soon after renews more slowly than it allows
+        self._lapsed: dict[tuple[str, int], tuple[float, float]] = {}
         self._expiry: Optional[asyncio.Task] = None
         mutual_tls = config.tls is not None and config.tls.client_ca is not None
         self._guard = ControlGuard(config.control_token, mutual_tls)
@@ -397,27 +396,40 @@ class Head:
         self._leases[(address, shard_id)] = (now + lease, lease)
         if self._expiry is None:  # implied leases start the expiry on the first one
             self._expiry = loop.create_task(self._expire_leases())
-        lapsed_at = self._lapsed.pop((address, shard_id), None)
-        if lapsed_at is not None:
+        lapsed = self._lapsed.pop((address, shard_id), None)
+        if lapsed is not None:
+            lapsed_at, _ = lapsed
+            advice = (
+                "give the head a --lease longer than the worker's --register-interval" if self._lease is not None
+                else f"its lease is {IMPLIED_LEASE_FACTOR} times the interval it announced: the worker or the head "
+                "stalls (CPU starvation, a paused process)"
+            )
             logger.warning(
                 "%s: %s (shard %d) registered again %.1fs after its %gs lease ran out: it is alive but renews "
-                "less often than the lease, so it keeps dropping out; give the head a --lease longer than the "
-                "worker's --register-interval",
-                self.deployment, address, shard_id, now - lapsed_at, lease,
+                "less often than the lease, so it keeps dropping out; %s",
+                self.deployment, address, shard_id, now - lapsed_at, lease, advice,
             )
 
     async def _expire_leases(self) -> None:
-        """Remove ACTIVATEd workers whose lease ran out without a fresh ACTIVATE."""
+        """Remove ACTIVATEd workers whose lease ran out without a fresh ACTIVATE.
+
+        A pass that wakes late (the head itself stalled: its renewals could not be read either) first moves
+        every lease on by the delay, so that a stalled head does not drop the workers it failed to hear.
+        """
         loop = asyncio.get_running_loop()
+        period = self._lease / 4 if self._lease is not None else IMPLIED_LEASE_CHECK
         while True:
-            await asyncio.sleep(self._lease / 4 if self._lease is not None else IMPLIED_LEASE_CHECK)
+            due = loop.time() + period
+            await asyncio.sleep(period)
             now = loop.time()
-            remembered = max(self._lease or 0.0, LAPSED_MEMORY)
-            self._lapsed = {key: at for key, at in self._lapsed.items() if now - at < remembered}
+            stalled = now - due
+            if stalled > period:
+                self._leases = {key: (until + stalled, lease) for key, (until, lease) in self._leases.items()}
+            self._lapsed = {key: (at, lease) for key, (at, lease) in self._lapsed.items() if now - at < lease}
             expired = [key for key, (until, _) in self._leases.items() if until < now]
             for address, shard_id in expired:
-                del self._leases[(address, shard_id)]
-                self._lapsed[(address, shard_id)] = now
+                _, lease = self._leases.pop((address, shard_id))
+                self._lapsed[(address, shard_id)] = (now, lease)
                 await self.pool.remove_connection(self.deployment, address, shard_id=shard_id)
                 logger.warning("%s: %s (shard %d) stopped renewing its registration: removed", self.deployment, address, shard_id)
 

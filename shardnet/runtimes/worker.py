@@ -87,6 +87,9 @@ class _MessageContext:
         """Nothing to send: the receiving side reads ``is-error`` off the answer's status."""
 
 
+_MESSAGE_CONTEXT = _MessageContext()  # it holds nothing: one serves every streamed request
+
+
 class Worker:
     """Serves ``executor`` on ``config``'s address; optionally registers with a head."""
 
@@ -165,7 +168,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         limit, whose = self._stream_limit(context)
         # what we take, which also tells the sender that this is a request stream it may use
-        await context.send_initial_metadata(((LIMIT_METADATA, str(self.server.config.max_message_bytes)),))
+        await context.send_initial_metadata(((LIMIT_METADATA, str(int(self.server.config.max_message_bytes))),))
         writer = StreamWriter(context.write)
         working: dict[str, asyncio.Task] = {}  # by request id: the sender keeps them distinct on a stream
         unreadable: list[ProtocolError] = []
@@ -213,16 +216,16 @@ class Worker:
 
     def _stream_limit(self, context: grpc.aio.ServicerContext) -> tuple[int, str]:
         """The largest answer a stream's sender takes, and whose limit that is."""
-        own = self.server.config.max_message_bytes
+        own = int(self.server.config.max_message_bytes)
         offered = dict(context.invocation_metadata()).get(LIMIT_METADATA, "")
-        theirs = int(offered) if offered.isdigit() else 0
+        theirs = int(offered) if offered.isdigit() else 0  # 0: none given
         return (theirs, "the receiving head's") if 0 < theirs < own else (own, "this worker's")
 
     async def _answer_streamed(
         self, request: DataRequest, request_id: str, writer: StreamWriter, limit: int, whose: str
     ) -> None:
         try:
-            answer = await self._handle([request], _MessageContext(), limit, whose)
+            answer = await self._handle([request], _MESSAGE_CONTEXT, limit, whose)
         except _Aborted as aborted:
             answer = status_message(request_id, aborted.code, aborted.details)
         except asyncio.CancelledError:  # its sender stopped waiting: that is acknowledged, so it may reuse the id
