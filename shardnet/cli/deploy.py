@@ -7,7 +7,13 @@ import contextlib
 import signal
 import threading
 
-from shardnet.cli.options import add_token_argument, control_token, json_object, message_megabytes
+from shardnet.cli.options import (
+    add_head_traffic_arguments,
+    add_token_argument,
+    control_token,
+    json_object,
+    message_megabytes,
+)
 from shardnet.networking.balancing import BALANCERS
 from shardnet.runtimes.deployment import Deployment
 
@@ -23,19 +29,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=int, default=0, help="port of the head; 0 picks a free one")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--balancer", choices=sorted(BALANCERS), default="p2c_ewma")
-    parser.add_argument(
-        "--request-streams", action=argparse.BooleanOptionalAction, default=True,
-        help="the head sends single requests to its workers on a few shared streams each (default: on)",
-    )
     parser.add_argument("--workspace", help="folder the Executors keep state in")
     parser.add_argument("--uses-before", metavar="MODULE:CLASS", help="an Executor every request passes first")
     parser.add_argument(
         "--uses-after", metavar="MODULE:CLASS", help="an Executor that receives the shards' answers (docs_matrix)"
     )
-    parser.add_argument(
-        "--max-in-flight", type=int, default=None, metavar="N",
-        help="the head refuses a request (RESOURCE_EXHAUSTED) while N are in flight",
-    )
+    add_head_traffic_arguments(parser)
     parser.add_argument("--timeout", type=float, default=None, help="the head's default deadline of a call, seconds")
     parser.add_argument(
         "--attempt-timeout", type=float, default=None, help="the head gives up on one replica after this long"

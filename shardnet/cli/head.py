@@ -7,6 +7,7 @@ from collections import defaultdict
 
 from shardnet.cli.options import (
     add_client_tls_arguments,
+    add_head_traffic_arguments,
     add_server_arguments,
     client_tls,
     run_in_loop,
@@ -45,15 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--uses-before", metavar="HOST:PORT")
     parser.add_argument("--uses-after", metavar="HOST:PORT")
     parser.add_argument("--balancer", choices=sorted(BALANCERS), default="p2c_ewma")
-    parser.add_argument(
-        "--request-streams", action=argparse.BooleanOptionalAction, default=True,
-        help="send single requests to shardnet workers as messages on a few shared streams per worker instead of "
-        "a call each (other servers are called unary either way; default: on)",
-    )
-    parser.add_argument(
-        "--max-in-flight", type=int, default=None, metavar="N",
-        help="refuse a request (RESOURCE_EXHAUSTED) while N are in flight, instead of queueing without bound",
-    )
+    add_head_traffic_arguments(parser)
     parser.add_argument("--timeout", type=float, default=None, help="default deadline of a forwarded call, seconds")
     parser.add_argument(
         "--attempt-timeout", type=float, default=None, help="give up on one replica after this long and try another"

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from shardnet.cli.options import message_megabytes
+from shardnet.cli.options import add_head_traffic_arguments, message_megabytes
 from shardnet.errors import ConfigurationError
 from shardnet.manifests.kubernetes import HEAD_RESOURCES, DeploymentSpec, Resources, render, render_components, to_yaml
 
@@ -39,14 +39,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     parser.add_argument("--polling", default="ANY", help='ANY, ALL or a JSON map such as \'{"/search": "ALL", "*": "ANY"}\'')
     parser.add_argument("--namespace", default="default", help="namespace of every object (default: %(default)s)")
     parser.add_argument("--balancer", default="p2c_ewma", help="the head's replica balancer (default: %(default)s)")
-    parser.add_argument(
-        "--max-in-flight", type=int, default=None, metavar="N",
-        help="the head refuses a request (RESOURCE_EXHAUSTED) while N are in flight (default: no limit)",
-    )
-    parser.add_argument(
-        "--request-streams", action=argparse.BooleanOptionalAction, default=True,
-        help="the head sends single requests to its workers on a few shared streams each (default: on)",
-    )
+    add_head_traffic_arguments(parser)
     parser.add_argument("--port", type=int, default=8080, help="gRPC port of every container (default: %(default)s)")
     parser.add_argument("--cpu", default=Resources.cpu, help="CPU request of each worker (default: %(default)s)")
     parser.add_argument(

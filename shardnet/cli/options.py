@@ -107,6 +107,20 @@ def run_in_loop(coroutine: Coroutine[Any, Any, Any], loop: str = "auto") -> Any:
     return asyncio.run(coroutine)
 
 
+def add_head_traffic_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a head treats its traffic: admission (--max-in-flight) and request streams to its workers."""
+    parser.add_argument(
+        "--max-in-flight", type=int, default=None, metavar="N",
+        help="the head refuses a request (RESOURCE_EXHAUSTED) while N are in flight, instead of queueing without "
+        "bound (default: no limit)",
+    )
+    parser.add_argument(
+        "--request-streams", action=argparse.BooleanOptionalAction, default=True,
+        help="the head sends single requests to shardnet workers as messages on a few shared streams per worker "
+        "instead of a call each; other servers are called unary either way (default: on)",
+    )
+
+
 def add_token_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--control-token",
