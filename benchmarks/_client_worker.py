@@ -1,7 +1,7 @@
 """A benchmark client process, driven by JSON lines on stdin.
 
 Runs in shardnet's virtual environment (impls ``bare``, ``bare-task``,
-``shardnet``, ``shardnet-call``) or in the Jina peer's (``bare`` and ``jina``);
+``bare-task-trailing``, ``shardnet``, ``shardnet-call``) or in the Jina peer's (``bare`` and ``jina``);
 it imports shardnet or jina only for the impl that needs it. One process may
 hold several impls, run one at a time: each ``run`` collects garbage first (so
 one impl's leftovers are not collected on another's clock), then answers one
@@ -60,6 +60,24 @@ class BareTask(Bare):
 
     async def send(self, request):
         return await asyncio.create_task(Bare.send(self, request))
+
+
+class BareTaskTrailing(Bare):
+    """The bare client in a Task that also fetches each call's trailing metadata: what the pool's contract
+    (Jina's: a Task per call giving ``(response, trailing metadata)``) costs before the pool does any work.
+
+    Not a competitor either: the floor any pool keeping that contract on grpc.aio's public API stands on.
+    """
+
+    async def send(self, request):
+        return await asyncio.create_task(self._call_with_trailing(request))
+
+    async def _call_with_trailing(self, request):
+        stubs = self.stubs
+        index = self.next
+        self.next = (index + 1) % len(stubs)
+        call = stubs[index](request, metadata=self.metadata)
+        return await call, await call.trailing_metadata()
 
 
 class Shardnet:
@@ -200,6 +218,8 @@ def main() -> int:
                 clients[key] = Bare(args.addresses, grpc_options())
             elif impl == "bare-task":
                 clients[key] = BareTask(args.addresses, grpc_options())
+            elif impl == "bare-task-trailing":
+                clients[key] = BareTaskTrailing(args.addresses, grpc_options())
             elif impl == "shardnet":
                 clients[key] = Shardnet(args.addresses, balancer)
             elif impl == "shardnet-call":
