@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from pathlib import Path
 
@@ -20,9 +21,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from shardnet import ConfigurationError, DataRequest, Document, GrpcConnectionPool, PollingMap, ReplicaError
+from shardnet.cli.main import main as cli_main
 from shardnet.networking import oneshot
 from shardnet.networking.channels import message_size_options
 from shardnet.protocol import services
+from shardnet.protocol.messages import ControlRequest
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.processes import ShardnetProcess
 from shardnet.runtimes.server import ServerConfig
@@ -92,6 +95,45 @@ async def test_activate_then_deactivate_makes_sends_succeed_then_fail_naming_the
     assert (await oneshot.send_control("STATUS", head.server.address)).related_entities == []
     assert worker.executor.calls == 1
 
+
+
+async def test_status_names_ejected_replicas_and_empty_shards_and_the_cli_prints_them(
+    runtimes, eventually, dead_address, capsys
+):
+    """STATUS's related entities (Jina's message) cannot say a replica is ejected or a shard has no replica;
+    its trailing metadata does, and ``shardnet status`` prints it beside the retry budget."""
+    [worker] = await shard_workers(runtimes, executors.Tagger, 1)
+    pool = GrpcConnectionPool(balancer="round_robin")  # the dead replica keeps being picked until it is ejected
+    head = await runtimes(
+        Head("ejecting", pool=pool, shards=2, connections={0: [worker.server.address, dead_address]})
+    )
+
+    async def status() -> tuple[list, dict]:
+        response, trailing = await oneshot.call_once("control", ControlRequest("STATUS"), head.server.address, timeout=5)
+        pairs = list(tuple(trailing))
+        return [(e.shard_id, e.port) for e in response.related_entities], pairs
+
+    entities, pairs = await status()
+    assert ("empty-shard", "1") in pairs and not [key for key, _ in pairs if key == "ejected"]
+
+    async def dead_one_ejected() -> bool:  # every request still answered: failover to the live replica
+        assert not (await send(head.server.address, "/tag", [Document()], timeout=5)).is_error
+        return ("ejected", f"0 {dead_address}") in (await status())[1]
+
+    await eventually(dead_one_ejected, timeout=10.0, interval=0.0)
+    entities, pairs = await status()
+    dead_port, live_port = int(dead_address.rsplit(":", 1)[1]), int(worker.server.address.rsplit(":", 1)[1])
+    assert sorted(entities) == sorted([(0, live_port), (0, dead_port)])  # ejected is still a member
+    assert dict(pairs)["retries-spent"] != "0"
+
+    capsys.readouterr()
+    code = await asyncio.to_thread(cli_main, ["status", head.server.address])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert f"shard 0: {dead_address} (ejected" in printed
+    assert f"shard 0: {worker.server.address}\n" in printed
+    assert "shard 1: no replica" in printed
+    assert re.search(r"retries: requests-seen \d+, retries-spent [1-9]", printed), printed
 
 
 async def test_a_worker_that_stops_renewing_its_lease_is_dropped(runtimes, eventually):

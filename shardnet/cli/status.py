@@ -13,6 +13,7 @@ from shardnet.errors import ReplicaError
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address
 from shardnet.protocol import services
+from shardnet.protocol.messages import ControlRequest
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,12 +48,41 @@ async def status(args: argparse.Namespace) -> int:
     except ReplicaError as exc:
         print(f"endpoints: unknown ({exc.cause})")
         healthy = False
-    control = await oneshot.send_control("STATUS", args.target, timeout=args.timeout, tls=tls)
-    if control.related_entities:
+    control, trailing = await oneshot.call_once("control", ControlRequest("STATUS"), args.target, timeout=args.timeout, tls=tls)
+    if control.is_error:
+        raise ReplicaError(control.status.description, address=args.target)
+    notes = _replica_notes(trailing)
+    if control.related_entities or notes:
         print("replicas:")
-        for entity in control.related_entities:
-            print(f"  shard {entity.shard_id}: {entity_address(entity.address, entity.port)}")
+    for entity in control.related_entities:
+        address = entity_address(entity.address, entity.port)
+        mark = " (ejected: failing, probed until healthy)" if (entity.shard_id, address) in notes["ejected"] else ""
+        print(f"  shard {entity.shard_id}: {address}{mark}")
+    for shard_id in notes["empty"]:
+        print(f"  shard {shard_id}: no replica")
+    budget = {key: value for key, value in trailing or () if key in _BUDGET_KEYS}
+    if budget:
+        print("retries: " + ", ".join(f"{key} {budget[key]}" for key in _BUDGET_KEYS if key in budget))
     return 0 if healthy else 1
+
+
+_BUDGET_KEYS = ("requests-seen", "retries-spent", "retries-refused", "retry-window")
+
+
+def _replica_notes(trailing) -> dict:
+    """A head's STATUS trailing metadata read back: ejected (shard, address) pairs and empty shard ids.
+
+    A worker, or a Jina head, says none of it; a pair that does not read is skipped, not fatal.
+    """
+    ejected, empty = set(), []
+    for key, value in trailing or ():
+        if key == services.EJECTED_METADATA:
+            shard, _, address = value.partition(" ")
+            if shard.isdigit() and address:
+                ejected.add((int(shard), address))
+        elif key == services.EMPTY_SHARD_METADATA and value.isdigit():
+            empty.append(int(value))
+    return {"ejected": ejected, "empty": empty}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -246,6 +246,11 @@ class ReplicaList:
     def addresses(self) -> list[str]:
         return [str(connection.address) for connection in self._connections.values()]
 
+    @property
+    def ejected_addresses(self) -> list[str]:
+        """The replicas ejected for repeated failures, not picked until a health probe lets them back in."""
+        return [str(connection.address) for connection in self._connections.values() if connection not in self._position]
+
     def __len__(self) -> int:
         return len(self._connections)
 

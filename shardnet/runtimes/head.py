@@ -293,7 +293,7 @@ class Head:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         command = request.command
         if command == "STATUS":
-            context.set_trailing_metadata(self._retry_metadata())
+            context.set_trailing_metadata(self._retry_metadata() + self._replica_metadata())
             return self._status(request).to_bytes()
         if not self._guard.allows(context):
             await context.abort(
@@ -342,6 +342,21 @@ class Head:
             ("retries-refused", str(budget.refused)),
             ("retry-window", f"{budget.retries}/{budget.allowance:g}"),
         )
+
+    def _replica_metadata(self) -> tuple[tuple[str, str], ...]:
+        """What STATUS's related entities cannot say (Jina's message has no field for it), as trailing metadata:
+        an ``ejected`` pair ("SHARD ADDRESS") per replica ejected for repeated failures, and an ``empty-shard``
+        pair per shard with no replica at all (declared, or left by its last one), which ALL cannot serve."""
+        pairs = []
+        for shard_id in self.pool.shard_ids(self.deployment):
+            replicas = self.pool.get_replicas(self.deployment, shard_id=shard_id)
+            if not replicas.has_connections():
+                pairs.append((services.EMPTY_SHARD_METADATA, str(shard_id)))
+            pairs.extend(
+                (services.EJECTED_METADATA, f"{shard_id} {entity_address(*parse_address(address).entity())}")
+                for address in replicas.ejected_addresses  # as the related entity names it
+            )
+        return tuple(pairs)
 
     def _status(self, request: ControlRequest) -> ControlRequest:
         """Answer STATUS with every replica the head routes to, as related entities."""
