@@ -48,11 +48,13 @@ async def status(args: argparse.Namespace) -> int:
     except ReplicaError as exc:
         print(f"endpoints: unknown ({exc.cause})")
         healthy = False
-    control, trailing = await oneshot.call_once("control", ControlRequest("STATUS"), args.target, timeout=args.timeout, tls=tls)
+    control, trailing = await oneshot.call_once(  # not send_control: the trailing metadata says what is ejected
+        "control", ControlRequest("STATUS"), args.target, timeout=args.timeout, tls=tls
+    )
     if control.is_error:
         raise ReplicaError(control.status.description, address=args.target)
     notes = _replica_notes(trailing)
-    if control.related_entities or notes:
+    if control.related_entities or notes["empty"]:
         print("replicas:")
     for entity in control.related_entities:
         address = entity_address(entity.address, entity.port)
