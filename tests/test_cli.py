@@ -93,6 +93,20 @@ def deployed(tmp_path):
                         os.kill(pid, signal.SIGKILL)
 
 
+def test_deploy_starts_again_a_worker_killed_under_it(deployed, tmp_path):
+    address, deploy, pids = deployed
+    head_pid, worker_pid = pids[0], pids[1]
+    os.kill(worker_pid, signal.SIGKILL)
+    log = tmp_path / "deploy.log"
+    wait_for_line(log, rf"worker-0-0 \(pid {worker_pid}\) was killed by SIGKILL; starting it again", deploy)
+    wait_for_line(log, r"worker-0-0 serves again on \S+ \(pid \d+\)", deploy)
+    status = shardnet("status", address)
+    assert len(re.findall(r"^\s+shard [01]: unix:/\S+\.sock$", status.stdout, re.M)) == 2, status.stdout
+    sent = shardnet("send", address, "--endpoint", "/tag", "--text", "again")
+    assert sent.returncode == 0 and json.loads(sent.stdout)["status"] == "SUCCESS", sent.stderr
+    assert pid_alive(head_pid)
+
+
 def test_deploy_send_and_status_against_a_running_deployment(deployed, tmp_path):
     address, deploy, pids = deployed
 

@@ -16,6 +16,7 @@ from shardnet import DataRequest, Document, ReplicaError
 from shardnet.errors import ConfigurationError, ExecutorError, ProcessError
 from shardnet.networking import oneshot
 from shardnet.runtimes.deployment import Deployment
+from shardnet.runtimes.processes import ShardnetProcess
 
 import executors
 
@@ -178,6 +179,46 @@ def test_a_worker_that_died_is_restarted_on_its_socket_and_served_at_once():
         assert sorted(deployment.members()) == members
         served_by = {int(doc.tags["pid"]) for _ in range(6) for doc in deployment.post("/who", [Document()])}
         assert worker.pid in served_by and old_pid not in served_by  # a fresh connection, not an ejected one
+
+
+def test_revive_starts_again_a_killed_worker_and_a_killed_head_where_they_served(caplog):
+    """What ``shardnet deploy`` does every second: a process that exited is launched again, at its old address."""
+    with Deployment(executors.Pid, shards=1, replicas=2, name="revived", balancer="round_robin") as deployment:
+        assert deployment.revive() == []  # nothing exited: nothing to do
+        members, address = sorted(deployment.members()), deployment.address
+        worker = deployment.workers[(0, 0)]
+        old_pid = worker.pid
+        worker.kill()
+        with caplog.at_level("INFO", logger="shardnet.runtimes.deployment"):
+            assert deployment.revive() == ["worker-0-0"]
+        assert "worker-0-0 (pid %d) was killed by SIGKILL; starting it again" % old_pid in caplog.text
+        assert worker.alive and worker.pid != old_pid
+
+        def served_by() -> set[int]:
+            return {int(doc.tags["pid"]) for _ in range(6) for doc in deployment.post("/who", [Document()], timeout=10)}
+
+        assert sorted(deployment.members()) == members and worker.pid in served_by()
+
+        deployment.head.kill()
+        assert deployment.revive() == ["head"]
+        assert deployment.address == address  # where clients and workers look for it
+        deadline = time.monotonic() + 15  # the workers still running register again on their own
+        while sorted(deployment.members()) != members:
+            assert time.monotonic() < deadline, deployment.members()
+            time.sleep(0.05)
+        assert worker.pid in served_by()
+
+
+def test_a_process_that_keeps_exiting_soon_after_its_launch_waits_longer_each_time(tmp_path):
+    process = ShardnetProcess("worker-0-0", ["worker"], tmp_path / "w.log")
+    delays = []
+    for launched in range(8):  # each run lasts 1 s: a crash loop
+        process.launched_at = 100.0 * launched
+        delays.append(process.note_exit(100.0 * launched + 1))
+    assert delays == [0, 0.5, 1, 2, 4, 8, 16, 30]
+    assert process.restart_at == 701 + 30
+    process.launched_at = 1000.0
+    assert process.note_exit(1000.0 + 61) == 0 and process.quick_exits == 0  # a long run: again at once
 
 
 def test_max_message_mb_sets_every_process_and_post_at_once():

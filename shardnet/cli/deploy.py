@@ -18,6 +18,9 @@ from shardnet.networking.balancing import BALANCERS
 from shardnet.runtimes.deployment import Deployment
 
 
+REVIVE_INTERVAL = 1.0  # seconds between looks for processes that exited
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("deploy", help="run head + shards x replicas locally until Ctrl-C")
     parser.add_argument("--uses", required=True, help="MODULE:CLASS or FILE.py:CLASS")
@@ -42,6 +45,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--max-message-mb", type=message_megabytes, default=None,
         help="largest message the head, the workers and their calls take, in MB (default 256)",
+    )
+    parser.add_argument(
+        "--restart", action=argparse.BooleanOptionalAction, default=True,
+        help="start again, where it served, any process that exits while deployed (a crash, kill -9); "
+             "one that keeps exiting soon after its start waits longer each time, up to 30 s (default: on)",
     )
     add_token_argument(parser)
     parser.set_defaults(handler=run)
@@ -78,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
         print(deployment.table())
         print(f"\n{args.name} serves on {deployment.address} (Ctrl-C stops it)", flush=True)
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the wait as SIGTERM does
-            stop.wait()
+            while not stop.wait(REVIVE_INTERVAL):
+                if args.restart:
+                    deployment.revive()
         print("stopping...", flush=True)  # on SIGTERM as on Ctrl-C: the drain may take a few seconds
     return 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import socket
@@ -19,9 +20,9 @@ import tempfile
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
-from shardnet.errors import ConfigurationError, ExecutorError, ProcessError
+from shardnet.errors import ConfigurationError, ExecutorError, ProcessError, ShardnetError
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address, parse_address
 from shardnet.networking.balancing import make_balancer
@@ -32,6 +33,8 @@ from shardnet.protocol.documents import Document, DocumentList
 from shardnet.protocol.messages import DataRequest
 from shardnet.runtimes.executor import Executor, executor_reference
 from shardnet.runtimes.processes import ShardnetProcess, stop_all
+
+logger = logging.getLogger(__name__)
 
 ExecutorSpec = Union[type[Executor], str]
 
@@ -330,13 +333,67 @@ class Deployment:
         """Restart the head on the same port; workers re-register on their next refresh."""
         head = self._running_head()
         head.stop()
-        # the head comes back on the port it had, where the workers look for it
-        port = head.address.rsplit(":", 1)[1]
-        head.arguments[head.arguments.index("--port") + 1] = port
-        head.launch()
-        head.wait_ready(self.startup_timeout)
+        self._relaunch_in_place(head)
         self.wait_registered()
         return self.head
+
+    def _relaunch_in_place(self, process: ShardnetProcess) -> None:
+        """Launch an exited head or uses_before/after again on the port it had, where the others look for it."""
+        if process.address is not None:
+            process.arguments[process.arguments.index("--port") + 1] = process.address.rsplit(":", 1)[1]
+        process.launch()
+        process.wait_ready(self.startup_timeout)
+
+    def revive(self) -> list[str]:
+        """Launch again every process of the running deployment that exited (a crash, an OOM kill, kill -9), each
+        where it served before; return the roles that serve again. ``shardnet deploy`` calls it every second.
+
+        Each exit is logged once, with how it ended. A process that keeps
+        exiting soon after its launch waits longer each time (``ShardnetProcess.note_exit``),
+        so a crash loop does not spin; its log's tail is logged when it fails to come up. Workers wait for
+        the head: they register with it (the ones still running re-register with a restarted head on their own).
+        """
+        if self._finalizer is None:
+            raise ProcessError(f"deployment {self.name!r} is not running")
+        now = time.monotonic()
+        exited = [process for process in self.processes if process.popen is not None and not process.alive]
+        for process in exited:
+            if process.restart_at is None:
+                delay = process.note_exit(now)
+                later = f" in {delay:g}s: it exited {process.quick_exits} times in a row soon after its start" if delay else ""
+                logger.warning("%s (pid %s) %s; starting it again%s", process.role, process.pid,
+                               process.exit_description(), later)
+        due = [process for process in exited if now >= process.restart_at]
+        revived = []
+        for process in due:
+            if process in self.workers.values():
+                continue
+            if self._came_up(process, lambda: self._relaunch_in_place(process)):
+                revived.append(process.role)
+        if self.head is None or not self.head.alive:
+            return revived
+        for key, process in self.workers.items():
+            if process in due and self._came_up(process, lambda: self._relaunch_worker(key, process)):
+                revived.append(process.role)
+        return revived
+
+    def _relaunch_worker(self, key: tuple[int, int], process: ShardnetProcess) -> None:
+        member = self._member_address(key, process)
+        if member is not None and member in self.members():  # it died without DEACTIVATE: a fresh connection
+            self._forget(member, key[0])
+        process.launch()
+        process.wait_ready(self.startup_timeout)
+
+    def _came_up(self, process: ShardnetProcess, launch: Callable[[], None]) -> bool:
+        """Run ``launch``; True once ``process`` serves, False (logged with its log's tail) when it did not."""
+        try:
+            launch()
+        except ShardnetError as exc:  # it exited or hung before ready, or the head did not answer about it
+            process.kill()  # given up on: counted as an exit by the next revive
+            logger.error("%s did not come back: %s", process.role, exc)
+            return False
+        logger.info("%s serves again on %s (pid %s)", process.role, process.address, process.pid)
+        return True
 
     def stop(self) -> None:
         """Stop every process: SIGTERM to all at once, the head's first (no new traffic), so the drains overlap."""

@@ -19,6 +19,8 @@ from typing import Optional, Sequence
 from shardnet.errors import ProcessError
 
 _READY = re.compile(r"ready on (\S+)")
+STABLE_RUN = 60.0  # seconds: a process that ran this long before it exited is launched again at once
+MAX_RESTART_DELAY = 30.0
 
 
 class ShardnetProcess:
@@ -32,6 +34,9 @@ class ShardnetProcess:
         self.address: Optional[str] = None
         self.popen: Optional[subprocess.Popen] = None
         self._log_offset = 0
+        self.launched_at = float("-inf")  # time.monotonic() of the last launch
+        self.quick_exits = 0  # exits in a row, each soon after its launch: how long a restart waits (note_exit)
+        self.restart_at: Optional[float] = None  # once an exit was noted: when it may be launched again
 
     @property
     def pid(self) -> Optional[int]:
@@ -47,6 +52,8 @@ class ShardnetProcess:
             raise ProcessError(f"{self.role} (pid {self.pid}) is still running: stop it before launching it again")
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.address = None
+        self.launched_at = time.monotonic()
+        self.restart_at = None
         # a head or worker stops when this process goes, whatever ends it (kill -9, a closed terminal)
         watch_parent = ["--parent-pid", str(os.getpid())] if self.arguments[:1] in (["head"], ["worker"]) else []
         with open(self.log_path, "ab") as log:
@@ -74,6 +81,27 @@ class ShardnetProcess:
                 raise ProcessError(f"{self.role} exited with code {self.popen.returncode} before it was ready:\n{self.tail()}")
             time.sleep(0.02)
         raise ProcessError(f"{self.role} was not ready after {timeout:.0f}s:\n{self.tail()}")
+
+    def exit_description(self) -> str:
+        """How the process ended, as a person reads it: "exited with code 1", "was killed by SIGKILL"."""
+        code = self.popen.returncode if self.popen else None
+        if code is None:
+            return "is running"
+        if code < 0:
+            try:
+                return f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"was killed by signal {-code}"
+        return f"exited with code {code}"
+
+    def note_exit(self, now: float) -> float:
+        """Count an exit seen at ``now`` (``time.monotonic()``); return how long to wait before launching again:
+        nothing the first time, nor after a run of ``STABLE_RUN`` seconds or more; then, per further exit in a
+        row that came that soon after its launch (a crash loop), 0.5 s doubling up to ``MAX_RESTART_DELAY``."""
+        self.quick_exits = self.quick_exits + 1 if now - self.launched_at < STABLE_RUN else 0
+        delay = min(MAX_RESTART_DELAY, 0.5 * 2 ** (self.quick_exits - 2)) if self.quick_exits > 1 else 0.0
+        self.restart_at = now + delay
+        return delay
 
     def tail(self, lines: int = 20) -> str:
         try:
