@@ -240,7 +240,7 @@ def test_send_to_nothing_fails_with_a_message_naming_the_address(dead_address):
 
 
 BAD_ARGUMENTS = {
-    "uses-without-class": (["worker", "--uses", "just_a_module"], "expected MODULE:CLASS"),
+    "uses-without-class": (["worker", "--uses", "just_a_module"], "must look like MODULE:CLASS"),
     "uses-missing-module": (["worker", "--uses", "no_such_module_xyz:Thing"], "cannot import 'no_such_module_xyz'"),
     "uses-missing-class": (["worker", "--uses", f"{EXECUTORS}:Missing"], "has no 'Missing'"),
     "uses-not-an-executor": (["worker", "--uses", "os:getcwd"], "not a shardnet.Executor subclass"),

@@ -329,5 +329,5 @@ def test_jina_habits_per_shard_workspaces_close_and_executor_specific_parameters
 
 @pytest.mark.parametrize("uses", ["config.yml", "jinahub://Encoder", "no_class_here"])
 def test_uses_that_no_worker_could_load_is_refused_at_construction(uses):
-    with pytest.raises(ConfigurationError, match="expected an Executor subclass or 'MODULE:CLASS'"):
+    with pytest.raises(ConfigurationError, match="must look like MODULE:CLASS or FILE.py:CLASS"):
         Deployment(uses)

@@ -16,7 +16,9 @@ from shardnet import ConfigurationError, DataRequest, Document, Executor, reques
 from shardnet.networking import oneshot
 from shardnet.protocol import ndarray
 from shardnet.protocol.proto import docarray_pb2
-from shardnet.runtimes.executor import executor_reference, load_executor_class
+from shardnet.manifests.kubernetes import DeploymentSpec
+from shardnet.runtimes.deployment import Deployment
+from shardnet.runtimes.executor import executor_reference, load_executor_class, split_uses
 from shardnet.runtimes.worker import Worker
 
 import executors
@@ -159,10 +161,26 @@ def test_load_executor_class_by_module_and_by_file_path():
     assert loaded.__name__ == "Tagger" and issubclass(loaded, Executor)
 
 
+@pytest.mark.parametrize("uses", ["config.yml", "jinahub://Encoder", "pkg/mod:Cls", "m:C:extra", "m:", ":C", "m:C D"])
+def test_the_worker_a_deployment_and_the_manifests_refuse_the_same_uses_alike(uses):
+    """One rule (split_uses) for every place an Executor is named by text: what one refuses, all refuse."""
+    refusals = []
+    for name_it in (load_executor_class, Deployment, lambda text: DeploymentSpec(name="idx", image="i", uses=text)):
+        with pytest.raises(ConfigurationError, match="must look like MODULE:CLASS or FILE.py:CLASS") as refused:
+            name_it(uses)
+        refusals.append(str(refused.value).split(" ", 1)[1])  # past the "uses"/"--uses" that names the option
+    assert len(set(refusals)) == 1, refusals
+
+
+def test_uses_may_name_a_script_in_a_folder_with_spaces():
+    assert split_uses("/home/me/My Projects/upper.py:Upper") == ("/home/me/My Projects/upper.py", "Upper")
+    assert split_uses("pkg.mod:Outer.Inner") == ("pkg.mod", "Outer.Inner")
+
+
 @pytest.mark.parametrize(
     "uses, message",
     [
-        ("no_colon", "expected MODULE:CLASS"),
+        ("no_colon", "must look like MODULE:CLASS"),
         ("missing_module_abc:X", "cannot import 'missing_module_abc'"),
         ("/nonexistent/file.py:X", "no such file"),
         (f"{executors.__file__}:Nope", "has no 'Nope'"),

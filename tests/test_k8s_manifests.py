@@ -292,7 +292,7 @@ def test_yaml_quotes_label_values_and_shares_no_anchors() -> None:
         ({"uses": "TextIndexer"}, "MODULE:CLASS"),
         ({"uses": "pkg.mod:Cls:extra"}, "MODULE:CLASS"),
         ({"uses": "pkg/mod:Cls"}, "MODULE:CLASS"),
-        ({"uses": "my exec.py:Cls"}, "FILE.py:CLASS"),
+        ({"uses": "exec.py:Cls Name"}, "FILE.py:CLASS"),
         ({"polling": "SOME"}, "unknown polling 'SOME'"),
         ({"polling": '{"/search": ALL}'}, "not valid JSON"),
         ({"namespace": "Prod"}, "namespace 'Prod'"),

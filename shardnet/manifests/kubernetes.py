@@ -39,6 +39,7 @@ from shardnet.networking.channels import check_max_message_mb
 from shardnet.networking.policies import check_count, check_flag
 from shardnet.networking.polling import PollingMap
 from shardnet.protocol import services
+from shardnet.runtimes.executor import split_uses
 
 DEPLOYMENT_LABEL = "jina_deployment_name"
 POD_TYPE_LABEL = "pod_type"
@@ -60,9 +61,6 @@ WORKSPACE = "/workspace"  # the workers' writable folder (an emptyDir) under a r
 
 _LABEL_MAX = 63
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
-_DOTTED = rf"{_IDENTIFIER}(\.{_IDENTIFIER})*"
-_USES = re.compile(rf"^({_DOTTED}|[^\s:]+\.py):{_DOTTED}$")  # what ``shardnet worker --uses`` loads
 _QUANTITY = re.compile(
     r"^(?P<number>[0-9]+(\.[0-9]*)?|\.[0-9]+)"
     r"(?:(?P<suffix>m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)|[eE](?P<exponent>[+-]?[0-9]+))?$"
@@ -194,11 +192,7 @@ class DeploymentSpec:
             raise ConfigurationError(f"namespace {self.namespace!r} must be a DNS-1123 label of at most 63 characters")
         if not isinstance(self.image, str) or not self.image or any(char.isspace() for char in self.image):
             raise ConfigurationError(f"image {self.image!r} must be a non-empty image reference without spaces")
-        if not isinstance(self.uses, str) or not _USES.match(self.uses):
-            raise ConfigurationError(
-                f"uses {self.uses!r} must look like MODULE:CLASS (or FILE.py:CLASS), "
-                "e.g. shardnet.examples.text_index:TextIndexer"
-            )
+        split_uses(self.uses)  # what ``shardnet worker --uses`` loads
         if not isinstance(self.polling, str):
             raise ConfigurationError(f"polling must be ANY, ALL or a JSON map as text, got {self.polling!r}")
         PollingMap.parse(self.polling)  # raises ConfigurationError naming what is wrong

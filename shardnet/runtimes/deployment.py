@@ -31,7 +31,7 @@ from shardnet.networking.policies import check_count, check_flag
 from shardnet.networking.polling import PollingMap
 from shardnet.protocol.documents import Document, DocumentList
 from shardnet.protocol.messages import DataRequest
-from shardnet.runtimes.executor import Executor, executor_reference
+from shardnet.runtimes.executor import Executor, executor_reference, split_uses
 from shardnet.runtimes.processes import ShardnetProcess, stop_all
 
 logger = logging.getLogger(__name__)
@@ -47,12 +47,7 @@ def _reference(uses: ExecutorSpec) -> str:
     address) is refused here rather than by every worker."""
     if not isinstance(uses, str):
         return executor_reference(uses)
-    module, colon, name = uses.rpartition(":")
-    if not colon or not module or not name.replace(".", "").replace("_", "").isalnum():
-        raise ConfigurationError(
-            f"uses {uses!r}: expected an Executor subclass or 'MODULE:CLASS' / 'FILE.py:CLASS' "
-            "(YAML configurations and hub addresses are not supported)"
-        )
+    split_uses(uses)
     return uses
 
 

@@ -18,6 +18,7 @@ import importlib.util
 import inspect
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -165,11 +166,28 @@ class Executor:
         return executor
 
 
+_DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
+_USES = re.compile(rf"({_DOTTED}|[^:]+\.py):({_DOTTED})")
+
+
+def split_uses(uses: Any, what: str = "uses") -> tuple[str, str]:
+    """``MODULE:CLASS`` or ``FILE.py:CLASS`` as (module or file, class), else a ConfigurationError.
+
+    One rule for ``shardnet worker --uses``, a Deployment and the Kubernetes
+    manifests, so that what one of them takes the others take too.
+    """
+    match = _USES.fullmatch(uses) if isinstance(uses, str) else None
+    if match is None:
+        raise ConfigurationError(
+            f"{what} {uses!r} must look like MODULE:CLASS or FILE.py:CLASS, e.g. shardnet.examples.text_index:TextIndexer "
+            "(YAML configurations and hub addresses are not supported)"
+        )
+    return match.group(1), match.group(2)
+
+
 def load_executor_class(uses: str) -> type[Executor]:
     """Resolve ``package.module:Class`` or ``path/to/file.py:Class`` to an Executor subclass."""
-    module_name, sep, class_name = uses.rpartition(":")
-    if not sep or not module_name or not class_name:
-        raise ConfigurationError(f"--uses {uses!r}: expected MODULE:CLASS or FILE.py:CLASS")
+    module_name, class_name = split_uses(uses, "--uses")
     try:
         if module_name.endswith(".py"):
             path = Path(module_name).resolve()
