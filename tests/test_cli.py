@@ -93,6 +93,22 @@ def deployed(tmp_path):
                         os.kill(pid, signal.SIGKILL)
 
 
+def test_the_demo_indexes_searches_survives_a_killed_replica_and_stops_everything():
+    """The quick start's main job, end to end: a 2x2 index, searched, a replica killed -9 under load."""
+    result = shardnet("demo", "--requests", "300", "--concurrency", "8", timeout=90)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert re.search(r"indexed 8 texts: shard 0 holds \d+, shard 1 holds \d+", out), out
+    assert len(re.findall(r"^  \d\.\d\d  shard [01]  \S", out, re.M)) >= 6, out  # every search found matches
+    assert "300 searches (ALL over 2 shards)" in out and ", 0 errors" in out
+    assert re.search(r"kill -9 of worker-0-1 \(pid \d+\) .*: 300 answered, 0 errors", out), out
+    assert re.search(r"started again: worker-0-1 serves on \S+ \(pid \d+\); the same search gives the same matches", out)
+    assert out.rstrip().endswith("stopped every process; bye")
+    pids = [int(pid) for pid in re.findall(r"^(?:head|worker-\d-\d)\s+\S+\s+(\d+)\s+running", out, re.M)]
+    pids += [int(pid) for pid in re.findall(r"serves on \S+ \(pid (\d+)\)", out)]
+    assert len(pids) == 6 and not any(pid_alive(pid) for pid in pids)
+
+
 def test_deploy_starts_again_a_worker_killed_under_it(deployed, tmp_path):
     address, deploy, pids = deployed
     head_pid, worker_pid = pids[0], pids[1]

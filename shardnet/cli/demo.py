@@ -1,10 +1,12 @@
-"""``shardnet demo``: a sharded text index, 2 shards x 2 replicas, indexed and searched end to end."""
+"""``shardnet demo``: a sharded text index, 2 shards x 2 replicas, indexed and searched end to end, and a replica
+killed under load and started again."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import time
+from typing import Callable, Optional
 
 from shardnet.errors import ConfigurationError
 from shardnet.examples.text_index import TextIndexer
@@ -53,8 +55,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.set_defaults(handler=run)
 
 
-async def measure(address: str, total: int, concurrency: int) -> tuple[float, int]:
-    """Send ``total`` searches through the head with ``concurrency`` in flight; return (seconds, errors)."""
+async def measure(
+    address: str, total: int, concurrency: int, midway: Optional[Callable[[], None]] = None
+) -> tuple[float, int]:
+    """Send ``total`` searches through the head with ``concurrency`` in flight; return (seconds, errors).
+
+    ``midway`` runs (in a thread) once a third of the searches were sent: the demo kills a replica there.
+    """
     for what, value in (("total", total), ("concurrency", concurrency)):
         if value < 1:
             raise ConfigurationError(f"{what} must be an integer >= 1, got {value}: nothing would be measured")
@@ -66,6 +73,8 @@ async def measure(address: str, total: int, concurrency: int) -> tuple[float, in
         async def client() -> None:
             nonlocal errors
             for i in remaining:
+                if midway is not None and i == total // 3:
+                    await asyncio.to_thread(midway)
                 request = DataRequest([Document(text=QUERIES[i % len(QUERIES)])], endpoint="/search")
                 response, _ = await pool.send_request_once(request, "demo", head=True)
                 errors += response.is_error
@@ -96,5 +105,34 @@ def run(args: argparse.Namespace) -> int:
             f"\nthroughput: {args.requests} searches (ALL over 2 shards) in {seconds:.2f}s = "
             f"{args.requests / seconds:.0f} requests/s at concurrency {args.concurrency}, {errors} errors"
         )
+        errors += survive_a_replica(deployment, args)
     print("stopped every process; bye")
     return 0 if errors == 0 else 1
+
+
+def survive_a_replica(deployment: Deployment, args: argparse.Namespace) -> int:
+    """Kill -9 a replica of shard 0 a third of the way through a run of searches, then start it again, as
+    ``shardnet deploy`` does by itself; return the searches that failed (the head fails over: none should)."""
+    victim = deployment.workers[(0, 1)]
+    killed = victim.pid
+    before = search_result(deployment)
+    _, errors = asyncio.run(measure(deployment.address, args.requests, args.concurrency, midway=victim.kill))
+    print(f"\nkill -9 of {victim.role} (pid {killed}) a third of the way through {args.requests} more searches: "
+          f"{args.requests - errors} answered, {errors} errors")
+    revived = deployment.revive()
+    same = search_result(deployment) == before
+    print(f"started again: {', '.join(revived) or 'nothing'} serves on {victim.address} (pid {victim.pid}); "
+          f"the same search {'gives the same' if same else 'now gives other'} matches")
+    return errors + (not same)
+
+
+def search_result(deployment: Deployment) -> list[tuple[str, float]]:
+    """The matches of one search, asked once per replica and again (the balancer spreads the asks over the
+    replicas of each shard): what a restarted replica must give as before, having reloaded its shard's file."""
+    results = []
+    for _ in range(deployment.replicas * 2):
+        [result] = deployment.post("/search", [Document(text=QUERIES[0])], parameters={"top_k": 3})
+        results.append(sorted((match.text, round(match.scores["jaccard"], 6)) for match in result.matches))
+    if any(other != results[0] for other in results):
+        return [("replicas disagree", 0.0)]
+    return results[0]
