@@ -1,7 +1,8 @@
 """A benchmark client process, driven by JSON lines on stdin.
 
 Runs in shardnet's virtual environment (impls ``bare``, ``bare-task``,
-``bare-task-trailing``, ``shardnet``, ``shardnet-call``) or in the Jina peer's (``bare`` and ``jina``);
+``bare-task-trailing``, ``shardnet``, ``shardnet-call``, and for ``--steps`` ``step-pick``,
+``step-replica-list``, ``step-pool-call``, ``shardnet-core``) or in the Jina peer's (``bare`` and ``jina``);
 it imports shardnet or jina only for the impl that needs it. One process may
 hold several impls, run one at a time: each ``run`` collects garbage first (so
 one impl's leftovers are not collected on another's clock), then answers one
@@ -120,6 +121,87 @@ class ShardnetCall(Shardnet):
         return response
 
 
+class PoolStep(Shardnet):
+    """One of the pool's layers alone, in a Task of its own as ``send_requests_once`` runs it, to split the pool's
+    cost step by step (``pool_overhead.py --steps``): ``pick`` is a replica picked and called with the trailing
+    metadata fetched and nothing else, ``replica-list`` is ``ReplicaList.call``, ``pool-call`` is
+    ``GrpcConnectionPool.call``; the full pool adds ``send_requests``'s routing to the last."""
+
+    def __init__(self, addresses, step: str):
+        super().__init__(addresses)
+        from shardnet.networking.channels import MetadataCache
+
+        self.replicas = self.pool.get_replicas(DEPLOYMENT)
+        self.metadata = MetadataCache().for_endpoint(ENDPOINT)  # as send_requests hands it on
+        self.layer = {"pick": self._pick, "replica-list": self._replica_list, "pool-call": self._pool_call}[step]
+
+    async def send(self, request):
+        response, _trailing = await asyncio.create_task(self.layer(request))
+        return response
+
+    async def _pick(self, request):
+        call = self.replicas.get_next_connection().stubs.single_data(request, metadata=self.metadata, timeout=None)
+        return await call, await call.trailing_metadata()
+
+    async def _replica_list(self, request):
+        replicas = self.replicas
+        return await replicas.call(replicas.get_next_connection(), "single_data", request, self.metadata, None)
+
+    async def _pool_call(self, request):
+        return await self.pool.call(request, DEPLOYMENT, self.replicas, shard_id=0, metadata=self.metadata)
+
+
+class ShardnetCore(Shardnet):
+    """The full pool with each replica's ``single_data`` replaced by a call on gRPC's Cython channel
+    (``grpc.aio.Channel._channel``, private API; no grpc.aio call object, no Task of grpc.aio's): what the pool
+    would save on the call path ``transports.py``'s core-call row measures for a bare client. A benchmark
+    prototype only: no deadlines, no cancellation, no close grace."""
+
+    def __init__(self, addresses, balancer="round_robin"):
+        super().__init__(addresses, balancer)
+        import dataclasses
+
+        for connection in self.pool.get_replicas(DEPLOYMENT).eligible():
+            core = _CoreSingleData(connection.channel, self.DataRequest.from_bytes)
+            connection.stubs = dataclasses.replace(connection.stubs, single_data=core)
+
+
+class _CoreSingleData:
+    """``process_single_data`` on a channel's Cython object, called as the pool calls ``Stubs.single_data``."""
+
+    def __init__(self, channel, wrap_reply):
+        self._core = channel._channel
+        self._method = SINGLE_DATA.encode()
+        self._wrap_reply = wrap_reply
+
+    def __call__(self, request, metadata=None, timeout=None):
+        return _CoreCall(self, request, tuple(metadata or ()))
+
+
+class _CoreCall:
+    __slots__ = ("_owner", "_request", "_metadata", "_trailing")
+
+    def __init__(self, owner, request, metadata):
+        self._owner, self._request, self._metadata, self._trailing = owner, request, metadata, ()
+
+    def __await__(self):
+        return self._run().__await__()
+
+    async def _run(self):
+        owner = self._owner
+        call = owner._core.call(owner._method, None, None, None)  # method, deadline, credentials, wait_for_ready
+        reply = await call.unary_unary(self._request.to_bytes(), self._metadata)
+        if not call.is_ok():
+            raise RuntimeError(f"core call failed: {call}")
+        self._trailing = (await call.status()).trailing_metadata()
+        return owner._wrap_reply(reply)
+
+    async def trailing_metadata(self):
+        import grpc.aio
+
+        return grpc.aio.Metadata.from_tuple(self._trailing)
+
+
 class Jina:
     """``jina.serve.networking.GrpcConnectionPool.send_requests_once`` from jina 3.34."""
 
@@ -224,6 +306,10 @@ def main() -> int:
                 clients[key] = Shardnet(args.addresses, balancer)
             elif impl == "shardnet-call":
                 clients[key] = ShardnetCall(args.addresses, balancer)
+            elif impl.startswith("step-"):
+                clients[key] = PoolStep(args.addresses, impl[len("step-"):])
+            elif impl == "shardnet-core":
+                clients[key] = ShardnetCore(args.addresses, balancer)
             elif impl == "jina":
                 clients[key] = Jina(args.addresses)
             else:

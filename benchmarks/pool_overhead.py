@@ -12,6 +12,7 @@ loop too, and each shardnet row is judged against Jina's on the same loop.
     python benchmarks/pool_overhead.py --peer jina     # adds Jina 3.34's pool (and a bare client on its grpcio)
     python benchmarks/pool_overhead.py --loop both     # shardnet and bare under asyncio and under uvloop
     python benchmarks/pool_overhead.py --quick
+    python benchmarks/pool_overhead.py --steps --rounds 50 --no-call-path   # the pool's cost split by layer
 
 Every client wraps the same request bytes per call in its own request type
 (bytes, ``shardnet DataRequest.from_bytes``, ``jina DataRequest(bytes)``), as a
@@ -55,6 +56,14 @@ def request_bytes(size: int) -> bytes:
     return DataRequest(docs=[document], endpoint="/").to_bytes()
 
 
+# --steps: the pool's layers one at a time, each in a Task as send_requests_once runs the whole (impl, row label)
+STEPS = (
+    ("step-pick", "step: pick + call + trailing"),
+    ("step-replica-list", "step: ReplicaList.call"),
+    ("step-pool-call", "step: GrpcConnectionPool.call"),
+)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=20_000, help="measured requests per client (default 20000)")
@@ -70,9 +79,15 @@ def parse_args(argv=None):
     parser.add_argument("--no-task-row", dest="task_row", action="store_false",
                         help="skip the bare client wrapped in a Task, with and without fetching the trailing "
                              "metadata (what the contract of send_requests_once costs before the pool's own work)")
+    parser.add_argument("--steps", action="store_true",
+                        help="add rows that run the pool's layers one at a time (each in a Task, as the pool), and "
+                             "the pool on gRPC's Cython call (a prototype on private API), judged against the "
+                             "contract's floor; many rounds (--rounds 50) are needed to tell steps of 1-3 %% apart")
     parser.add_argument("--profile", metavar="FILE", help="after the rounds, profile one shardnet round with cProfile")
     parser.add_argument("--quick", action="store_true", help="about 20 s: 4 rounds of 2000, warm-up 1000")
     args = parser.parse_args(argv)
+    if args.steps and not args.task_row:
+        parser.error("--steps judges each step against the 'bare + Task + trailing' row: drop --no-task-row")
     if args.quick:
         args.requests, args.rounds, args.warmup = 8_000, 4, 1_000
     return args
@@ -102,7 +117,12 @@ def main(argv=None) -> int:
                     if args.task_row:
                         competitors.append((f"bare + asyncio.Task{suffix}", worker, "bare-task"))
                         competitors.append((f"bare + Task + trailing{suffix}", worker, "bare-task-trailing"))
+                    if args.steps:
+                        for step, label in STEPS:
+                            competitors.append((f"{label}{suffix}", worker, step))
                     competitors.append((f"shardnet pool{suffix}", worker, "shardnet"))
+                    if args.steps:
+                        competitors.append((f"shardnet pool on the Cython call{suffix}", worker, "shardnet-core"))
                     if args.call_path:
                         competitors.append((f"shardnet pool.call{suffix}", worker, "shardnet-call"))
                 if args.peer == "jina":
@@ -166,6 +186,12 @@ def main(argv=None) -> int:
             ratio_rows.append(ratio_row(f"shardnet / (bare + Task + trailing){suffix}", ours, contract))
         if args.call_path:
             ratio_rows.append(ratio_row(f"pool.call / bare{suffix}", f"shardnet pool.call{suffix}", bare))
+        if args.steps:
+            floor = f"bare + Task + trailing{suffix}"
+            for _step, label in STEPS:
+                ratio_rows.append(ratio_row(f"{label} / (bare + Task + trailing){suffix}", f"{label}{suffix}", floor))
+            ratio_rows.append(ratio_row(f"shardnet / pool on the Cython call{suffix}", ours,
+                                        f"shardnet pool on the Cython call{suffix}"))
     if len(loops) > 1:
         ratio_rows.append(ratio_row("bare uvloop / asyncio", "bare grpc.aio " + labels[0].split()[2] + " [uvloop]",
                                     labels[0]))
