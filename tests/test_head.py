@@ -114,7 +114,7 @@ async def test_status_names_ejected_replicas_and_empty_shards_and_the_cli_prints
         return [(e.shard_id, e.port) for e in response.related_entities], pairs
 
     entities, pairs = await status()
-    assert ("empty-shard", "1") in pairs and not [key for key, _ in pairs if key == "ejected"]
+    assert ("empty-shards", "1") in pairs and not [key for key, _ in pairs if key == "ejected"]
 
     async def dead_one_ejected() -> bool:  # every request still answered: failover to the live replica
         assert not (await send(head.server.address, "/tag", [Document()], timeout=5)).is_error
@@ -134,6 +134,46 @@ async def test_status_names_ejected_replicas_and_empty_shards_and_the_cli_prints
     assert f"shard 0: {worker.server.address}\n" in printed
     assert "shard 1: no replica" in printed
     assert re.search(r"retries: requests-seen \d+, retries-spent [1-9]", printed), printed
+
+
+async def test_status_stays_answerable_with_a_non_ascii_ejected_address_and_hundreds_of_empty_shards(
+    runtimes, eventually, tmp_path, capsys
+):
+    """Metadata is ASCII and bounded (16 KB): an ejected replica on a socket under a non-ASCII folder, and 400
+    declared shards with no worker yet, must not make STATUS itself fail (it did: its callers waited out
+    their deadlines, Deployment.members() and revive() with them)."""
+    [worker] = await shard_workers(runtimes, executors.Tagger, 1)
+    dead = f"unix:{tmp_path / 'sôck.sock'}"  # nothing listens there
+    pool = GrpcConnectionPool(balancer="round_robin")
+    head = await runtimes(Head("wide", pool=pool, shards=400, connections={0: [worker.server.address, dead]}))
+
+    async def ejected() -> bool:
+        assert not (await send(head.server.address, "/tag", [Document()], timeout=5)).is_error
+        _, trailing = await oneshot.call_once("control", ControlRequest("STATUS"), head.server.address, timeout=5)
+        return any(key == "ejected" for key, _ in tuple(trailing))
+
+    await eventually(ejected, timeout=10.0, interval=0.0)
+    _, trailing = await oneshot.call_once("control", ControlRequest("STATUS"), head.server.address, timeout=5)
+    pairs = dict(tuple(trailing))
+    assert pairs["empty-shards"] == "1-399" and pairs["ejected"] == "0 unix:" + str(tmp_path / "s%C3%B4ck.sock")
+
+    capsys.readouterr()
+    assert await asyncio.to_thread(cli_main, ["status", head.server.address]) == 0
+    printed = capsys.readouterr().out
+    assert f"shard 0: {dead} (ejected" in printed
+    assert "shard 1: no replica" in printed and "shard 399: no replica" in printed
+
+
+def test_status_names_a_few_dozen_ejected_replicas_and_counts_the_rest():
+    head = Head("many", shards=1)
+    replicas = head.pool.get_replicas("many", shard_id=0)
+    ejected = [f"10.0.0.{n}:50051" for n in range(40)]
+    replicas.__class__ = type("Ejecting", (type(replicas),), {"ejected_addresses": property(lambda self: ejected)})
+    replicas.has_connections = lambda: True
+    pairs = head._replica_metadata()
+    assert [value for key, value in pairs if key == "ejected"] == [f"0 {address}" for address in ejected[:32]]
+    assert ("ejected-unlisted", "8") in pairs
+    assert sum(len(key) + len(value) + 32 for key, value in pairs) < 8192  # gRPC's soft limit for a client
 
 
 async def test_a_worker_that_stops_renewing_its_lease_is_dropped(runtimes, eventually):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import urllib.parse
 
 from google.protobuf import empty_pb2
 from grpc_health.v1 import health_pb2
@@ -62,6 +63,8 @@ async def status(args: argparse.Namespace) -> int:
         print(f"  shard {entity.shard_id}: {address}{mark}")
     for shard_id in notes["empty"]:
         print(f"  shard {shard_id}: no replica")
+    if notes["unlisted"]:
+        print(f"  ... and {notes['unlisted']} more ejected replicas, not named")
     budget = {key: value for key, value in trailing or () if key in _BUDGET_KEYS}
     if budget:
         print("retries: " + ", ".join(f"{key} {budget[key]}" for key in _BUDGET_KEYS if key in budget))
@@ -72,19 +75,30 @@ _BUDGET_KEYS = ("requests-seen", "retries-spent", "retries-refused", "retry-wind
 
 
 def _replica_notes(trailing) -> dict:
-    """A head's STATUS trailing metadata read back: ejected (shard, address) pairs and empty shard ids.
-
-    A worker, or a Jina head, says none of it; a pair that does not read is skipped, not fatal.
-    """
-    ejected, empty = set(), []
+    """A head's STATUS trailing metadata read back: ejected (shard, address) pairs, how many more were not named,
+    and the empty shard ids. A worker, or a Jina head, says none of it; a value that does not read is skipped."""
+    ejected, empty, unlisted = set(), [], 0
     for key, value in trailing or ():
         if key == services.EJECTED_METADATA:
             shard, _, address = value.partition(" ")
             if shard.isdigit() and address:
-                ejected.add((int(shard), address))
-        elif key == services.EMPTY_SHARD_METADATA and value.isdigit():
-            empty.append(int(value))
-    return {"ejected": ejected, "empty": empty}
+                ejected.add((int(shard), urllib.parse.unquote(address)))
+        elif key == services.EJECTED_UNLISTED_METADATA and value.isdigit():
+            unlisted = int(value)
+        elif key == services.EMPTY_SHARDS_METADATA:
+            empty = _shard_ids(value)
+    return {"ejected": ejected, "empty": empty, "unlisted": unlisted}
+
+
+def _shard_ids(ranges: str, most: int = 65536) -> list[int]:
+    """"0-3,7" as [0, 1, 2, 3, 7]; what does not read as ranges, or names more than ``most`` shards, gives nothing."""
+    ids: list[int] = []
+    for part in ranges.split(","):
+        first, _, last = part.partition("-")
+        if not first.isdigit() or not (last or first).isdigit() or len(ids) + int(last or first) - int(first) >= most:
+            return []
+        ids.extend(range(int(first), int(last or first) + 1))
+    return ids
 
 
 def run(args: argparse.Namespace) -> int:

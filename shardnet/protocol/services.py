@@ -32,10 +32,12 @@ AUTHORIZATION_METADATA = "authorization"
 # beside an ACTIVATE: how often (seconds) the worker repeats it; a head without --lease then leases it for a few times
 # that, so a worker killed without DEACTIVATE leaves (Jina's workers send none: they are never leased implicitly)
 RENEWAL_METADATA = "shardnet-renews-every"
-# beside a head's STATUS answer, what its related entities cannot carry: "SHARD ADDRESS" of each replica ejected for
-# repeated failures, and the id of each shard with no replica at all (ALL cannot be served while there is one)
+# beside a head's STATUS answer, what its related entities cannot carry: "SHARD ADDRESS" (the address percent-encoded,
+# as metadata is ASCII) of each replica ejected for repeated failures, up to a few dozen, and how many more there are;
+# the shards with no replica at all (ALL cannot be served while there is one), as ranges: "1,3-5"
 EJECTED_METADATA = "ejected"
-EMPTY_SHARD_METADATA = "empty-shard"
+EJECTED_UNLISTED_METADATA = "ejected-unlisted"
+EMPTY_SHARDS_METADATA = "empty-shards"
 
 # the parameter under which executors' dict results travel, keyed by executor name (ALL replies always carry it)
 RESULTS_PARAMETER = "__results__"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 import logging
+import urllib.parse
 from typing import Any, Mapping, Optional, Sequence
 
 import grpc
@@ -59,6 +60,20 @@ def _time_left(context: grpc.aio.ServicerContext) -> Optional[float]:
     if timeout is not None:
         timeout -= min(DEADLINE_MARGIN, timeout / 10)
     return timeout
+
+
+EJECTED_LISTED = 32  # ejected replicas STATUS names one by one; past them it gives their number
+
+
+def _shard_ranges(shard_ids: list[int]) -> str:
+    """Sorted shard ids as ranges, "0-3,7": a declared 400-shard head with no worker yet says it in 5 bytes."""
+    ranges: list[list[int]] = []
+    for shard_id in shard_ids:
+        if ranges and shard_id == ranges[-1][1] + 1:
+            ranges[-1][1] = shard_id
+        else:
+            ranges.append([shard_id, shard_id])
+    return ",".join(str(first) if first == last else f"{first}-{last}" for first, last in ranges)
 
 
 class Head:
@@ -345,17 +360,21 @@ class Head:
 
     def _replica_metadata(self) -> tuple[tuple[str, str], ...]:
         """What STATUS's related entities cannot say (Jina's message has no field for it), as trailing metadata:
-        an ``ejected`` pair ("SHARD ADDRESS") per replica ejected for repeated failures, and an ``empty-shard``
-        pair per shard with no replica at all (declared, or left by its last one), which ALL cannot serve."""
-        pairs = []
+        the replicas ejected for repeated failures and the shards with no replica at all (declared, or left by
+        their last one), which ALL cannot serve. Bounded, whatever the deployment's size: gRPC refuses trailing
+        metadata past 16 KB, and with it the whole answer."""
+        empty, ejected = [], []
         for shard_id in self.pool.shard_ids(self.deployment):
             replicas = self.pool.get_replicas(self.deployment, shard_id=shard_id)
             if not replicas.has_connections():
-                pairs.append((services.EMPTY_SHARD_METADATA, str(shard_id)))
-            pairs.extend(
-                (services.EJECTED_METADATA, f"{shard_id} {entity_address(*parse_address(address).entity())}")
-                for address in replicas.ejected_addresses  # as the related entity names it
-            )
+                empty.append(shard_id)
+            ejected.extend((shard_id, address) for address in replicas.ejected_addresses)
+        pairs = [(services.EMPTY_SHARDS_METADATA, _shard_ranges(empty))] if empty else []
+        for shard_id, address in ejected[:EJECTED_LISTED]:
+            entity = entity_address(*parse_address(address).entity())  # as the related entity names it
+            pairs.append((services.EJECTED_METADATA, f"{shard_id} {urllib.parse.quote(entity, safe=':/[]')}"))
+        if len(ejected) > EJECTED_LISTED:
+            pairs.append((services.EJECTED_UNLISTED_METADATA, str(len(ejected) - EJECTED_LISTED)))
         return tuple(pairs)
 
     def _status(self, request: ControlRequest) -> ControlRequest:
