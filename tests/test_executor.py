@@ -172,9 +172,21 @@ def test_the_worker_a_deployment_and_the_manifests_refuse_the_same_uses_alike(us
     assert len(set(refusals)) == 1, refusals
 
 
-def test_uses_may_name_a_script_in_a_folder_with_spaces():
+def test_uses_takes_every_reference_a_deployment_may_write():
+    """executor_reference writes a script's absolute path: spaces, colons and non-ASCII names included."""
     assert split_uses("/home/me/My Projects/upper.py:Upper") == ("/home/me/My Projects/upper.py", "Upper")
+    assert split_uses("/srv/a:b/exec.py:Cls") == ("/srv/a:b/exec.py", "Cls")
+    assert split_uses(r"C:\work\exec.py:Cls") == (r"C:\work\exec.py", "Cls")
     assert split_uses("pkg.mod:Outer.Inner") == ("pkg.mod", "Outer.Inner")
+    assert split_uses("módulo:Größe") == ("módulo", "Größe")
+
+
+def test_a_class_with_a_non_ascii_name_in_a_script_loads_from_its_reference(tmp_path):
+    script = tmp_path / "a:b" / "größen.py"
+    script.parent.mkdir()
+    script.write_text("from shardnet import Executor\n\nclass Größe(Executor):\n    pass\n", encoding="utf-8")
+    loaded = load_executor_class(f"{script}:Größe")
+    assert loaded.__name__ == "Größe" and issubclass(loaded, Executor)
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,6 @@ import importlib.util
 import inspect
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -166,23 +165,22 @@ class Executor:
         return executor
 
 
-_DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
-_USES = re.compile(rf"({_DOTTED}|[^:]+\.py):({_DOTTED})")
-
-
 def split_uses(uses: Any, what: str = "uses") -> tuple[str, str]:
     """``MODULE:CLASS`` or ``FILE.py:CLASS`` as (module or file, class), else a ConfigurationError.
 
     One rule for ``shardnet worker --uses``, a Deployment and the Kubernetes
-    manifests, so that what one of them takes the others take too.
+    manifests, so that what one of them takes the others take too. Names are
+    Python's (any identifier, dotted); a file is any path ending in ``.py``,
+    colons and spaces included, as ``executor_reference`` may write it.
     """
-    match = _USES.fullmatch(uses) if isinstance(uses, str) else None
-    if match is None:
+    module, colon, name = uses.rpartition(":") if isinstance(uses, str) else ("", "", "")
+    dotted = lambda text: all(part.isidentifier() for part in text.split("."))  # noqa: E731
+    if not (colon and dotted(name) and (module.endswith(".py") or dotted(module))):
         raise ConfigurationError(
             f"{what} {uses!r} must look like MODULE:CLASS or FILE.py:CLASS, e.g. shardnet.examples.text_index:TextIndexer "
             "(YAML configurations and hub addresses are not supported)"
         )
-    return match.group(1), match.group(2)
+    return module, name
 
 
 def load_executor_class(uses: str) -> type[Executor]:
