@@ -231,6 +231,23 @@ class Pid(Executor):
             doc.tags["shard"] = self.runtime_args.shard_id
 
 
+class Restartable(Pid):
+    """A ``Pid`` whose starts after its first do what ``<workspace>/later-starts`` says: ``hang`` in ``__init__``,
+    ``raise`` there, or nothing (as the first): restarts that fail, for ``Deployment.revive``."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        root = Path(self.runtime_args.workspace)
+        first = root / f"started-{self.runtime_args.shard_id}-{self.runtime_args.replica_id}"
+        if first.exists():
+            mode = (root / "later-starts").read_text().strip() if (root / "later-starts").exists() else ""
+            if mode == "raise":
+                raise RuntimeError("this restart fails on purpose")
+            if mode == "hang":
+                time.sleep(3600)
+        first.touch()
+
+
 class Arrays(Executor):
     """``/normalize`` scales each embedding to unit length and stores its norm as a sparse tensor."""
 

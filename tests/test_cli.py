@@ -93,6 +93,32 @@ def deployed(tmp_path):
                         os.kill(pid, signal.SIGKILL)
 
 
+def test_deploy_stops_at_once_on_sigterm_while_a_restart_hangs(tmp_path):
+    """A restart under way never holds up SIGTERM: systemd and Kubernetes kill -9 after their grace."""
+    workspace, log = tmp_path / "ws", tmp_path / "deploy.log"
+    with open(log, "wb") as out:
+        deploy = subprocess.Popen(
+            [*PYTHON_M, "deploy", "--uses", f"{EXECUTORS}:Restartable", "--replicas", "2", "--name", "hung",
+             "--workspace", str(workspace)],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+    try:
+        wait_for_line(log, r"hung serves on", deploy)
+        pids = [int(pid) for pid in re.findall(r"^(?:head|worker-\d+-\d+)\s+\S+\s+(\d+)\s+running", log.read_text(), re.M)]
+        (workspace / "later-starts").write_text("hang")
+        os.kill(pids[1], signal.SIGKILL)  # worker-0-0: its restart will hang in __init__
+        wait_for_line(log, r"worker-0-0 \(pid \d+\) was killed by SIGKILL; starting it again", deploy)
+        deploy.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert deploy.wait(15) == 0
+        assert time.monotonic() - started < 10, log.read_text()  # the hung start had 30 s to come up
+        assert not any(pid_alive(pid) for pid in pids)
+    finally:
+        if deploy.poll() is None:
+            deploy.kill()
+            deploy.wait()
+
+
 def test_the_demo_indexes_searches_survives_a_killed_replica_and_stops_everything():
     """The quick start's main job, end to end: a 2x2 index, searched, a replica killed -9 under load."""
     result = shardnet("demo", "--requests", "300", "--concurrency", "8", timeout=90)

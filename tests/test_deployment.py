@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -207,6 +208,56 @@ def test_revive_starts_again_a_killed_worker_and_a_killed_head_where_they_served
             assert time.monotonic() < deadline, deployment.members()
             time.sleep(0.05)
         assert worker.pid in served_by()
+
+
+def test_a_head_killed_while_a_worker_hangs_in_its_restart_comes_back_at_once_and_the_hung_start_is_stopped(caplog):
+    """revive(wait=False), what `shardnet deploy` runs every second, never waits for a start under way."""
+    with Deployment(executors.Restartable, replicas=2, name="hung", startup_timeout=3.0) as deployment, \
+            caplog.at_level("INFO", logger="shardnet.runtimes.deployment"):
+        (deployment.workspace / "later-starts").write_text("hang")
+        deployment.workers[(0, 0)].kill()
+        assert deployment.revive(wait=False) == []  # launched again; it hangs in __init__
+        deployment.head.kill()
+        started = time.monotonic()
+        back: list[str] = []
+        while "head" not in back:
+            assert time.monotonic() - started < 10, caplog.text
+            back += deployment.revive(wait=False)
+            time.sleep(0.05)
+        assert time.monotonic() - started < 2.5  # not held up by the worker, which has 3 s to come up
+        live = deployment._member_address((0, 1), deployment.workers[(0, 1)])
+        while live not in deployment.members():  # the running worker registers with the new head on its own
+            assert time.monotonic() - started < 10
+            time.sleep(0.05)
+        while "did not come up within 3s; stopped it" not in caplog.text:
+            assert time.monotonic() - started < 15, caplog.text
+            deployment.revive(wait=False)
+            time.sleep(0.05)
+
+
+def test_a_restart_that_fails_is_logged_once_with_its_own_output_and_backs_off(caplog):
+    with Deployment(executors.Restartable, replicas=2, name="failing") as deployment:
+        (deployment.workspace / "later-starts").write_text("raise")
+        worker = deployment.workers[(0, 0)]
+        worker.kill()
+        with caplog.at_level("INFO", logger="shardnet.runtimes.deployment"):
+            assert deployment.revive() == []  # launched, and it failed to start
+            assert deployment.revive() == []  # the failure is counted now, and the next start waits
+        records = [record for record in caplog.records if "worker-0-0" in record.getMessage()]
+        assert [record.levelname for record in records] == ["WARNING", "ERROR"], [r.getMessage() for r in records]
+        assert "was killed by SIGKILL; starting it again" in records[0].getMessage()
+        failed = records[1].getMessage()
+        assert "exited with code" in failed and "before it was ready; starting it again in 0.5s" in failed
+        assert "this restart fails on purpose" in failed and failed.count("ready on") == 0  # this start's output only
+        assert worker.restart_at > time.monotonic()
+
+
+def test_revive_starts_a_worker_again_after_its_log_folder_was_removed():
+    with Deployment(executors.Pid, replicas=2, name="cleaned") as deployment:
+        worker = deployment.workers[(0, 1)]
+        worker.kill()
+        shutil.rmtree(deployment.log_dir)  # what a /tmp cleaner does to a long-running deployment
+        assert deployment.revive() == ["worker-0-1"] and worker.alive
 
 
 def test_a_process_that_keeps_exiting_soon_after_its_launch_waits_longer_each_time(tmp_path):

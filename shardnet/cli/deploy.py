@@ -88,6 +88,6 @@ def run(args: argparse.Namespace) -> int:
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the wait as SIGTERM does
             while not stop.wait(REVIVE_INTERVAL):
                 if args.restart:
-                    deployment.revive()
+                    deployment.revive(wait=False)  # never blocks: SIGTERM is heard within a second
         print("stopping...", flush=True)  # on SIGTERM as on Ctrl-C: the drain may take a few seconds
     return 0

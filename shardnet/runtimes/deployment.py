@@ -20,7 +20,7 @@ import tempfile
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 from shardnet.errors import ConfigurationError, ExecutorError, ProcessError, ShardnetError
 from shardnet.networking import oneshot
@@ -169,6 +169,7 @@ class Deployment:
         self.extras: dict[str, ShardnetProcess] = {}
         self.workers: dict[tuple[int, int], ShardnetProcess] = {}
         self._spawned: list[ShardnetProcess] = []
+        self._starting: set[ShardnetProcess] = set()  # launched again by revive(), not serving yet
         # a Deployment dropped without stop() (or an interpreter exit) still stops its processes
         self._finalizer: Optional[weakref.finalize] = weakref.finalize(self, stop_all, self._spawned, 5.0)
 
@@ -328,67 +329,98 @@ class Deployment:
         """Restart the head on the same port; workers re-register on their next refresh."""
         head = self._running_head()
         head.stop()
-        self._relaunch_in_place(head)
+        # the head comes back on the port it had, where the workers look for it
+        head.arguments[head.arguments.index("--port") + 1] = head.address.rsplit(":", 1)[1]
+        head.launch()
+        head.wait_ready(self.startup_timeout)
         self.wait_registered()
         return self.head
 
-    def _relaunch_in_place(self, process: ShardnetProcess) -> None:
-        """Launch an exited head or uses_before/after again on the port it had, where the others look for it."""
-        if process.address is not None:
-            process.arguments[process.arguments.index("--port") + 1] = process.address.rsplit(":", 1)[1]
-        process.launch()
-        process.wait_ready(self.startup_timeout)
-
-    def revive(self) -> list[str]:
+    def revive(self, wait: bool = True) -> list[str]:
         """Launch again every process of the running deployment that exited (a crash, an OOM kill, kill -9), each
-        where it served before; return the roles that serve again. ``shardnet deploy`` calls it every second.
+        where it served before; return the roles that serve again since the last look.
 
-        Each exit is logged once, with how it ended. A process that keeps
-        exiting soon after its launch waits longer each time (``ShardnetProcess.note_exit``),
-        so a crash loop does not spin; its log's tail is logged when it fails to come up. Workers wait for
-        the head: they register with it (the ones still running re-register with a restarted head on their own).
+        ``shardnet deploy`` looks every second with ``wait=False``: a start
+        under way never holds up the next look (a head that dies while a worker
+        is slow to start comes back at once). With ``wait`` this look waits, up
+        to the startup timeout, for what it launched.
+
+        Each exit is logged once, with how it ended, and for a start that failed,
+        that start's output. A process that keeps exiting soon after its launch
+        waits longer each time (``ShardnetProcess.note_exit``); one that does
+        not come up within the startup timeout is stopped, and counts as such an
+        exit. Workers wait for the head: they register with it (the ones still
+        running re-register with a restarted head on their own).
         """
         if self._finalizer is None:
             raise ProcessError(f"deployment {self.name!r} is not running")
+        revived = self._check_starting()
         now = time.monotonic()
-        exited = [process for process in self.processes if process.popen is not None and not process.alive]
-        for process in exited:
-            if process.restart_at is None:
-                delay = process.note_exit(now)
-                later = f" in {delay:g}s: it exited {process.quick_exits} times in a row soon after its start" if delay else ""
-                logger.warning("%s (pid %s) %s; starting it again%s", process.role, process.pid,
-                               process.exit_description(), later)
-        due = [process for process in exited if now >= process.restart_at]
-        revived = []
-        for process in due:
-            if process in self.workers.values():
-                continue
-            if self._came_up(process, lambda: self._relaunch_in_place(process)):
-                revived.append(process.role)
-        if self.head is None or not self.head.alive:
-            return revived
-        for key, process in self.workers.items():
-            if process in due and self._came_up(process, lambda: self._relaunch_worker(key, process)):
-                revived.append(process.role)
+        for process in self.processes:
+            if process.popen is not None and not process.alive and process.restart_at is None:
+                self._note_exit(process, now)
+        head_up = self.head is not None and self.head.alive
+        for process in self.processes:  # the head and uses_before/after first: workers need the head
+            is_worker = process in self.workers.values()
+            due = process.restart_at is not None and process.restart_at <= now and not process.alive
+            if due and (head_up or not is_worker):
+                self._relaunch(process, is_worker)
+                head_up = head_up or process is self.head
+        deadline = time.monotonic() + self.startup_timeout
+        while wait and any(process.alive for process in self._starting) and time.monotonic() < deadline:
+            time.sleep(0.02)
+            revived += self._check_starting()
         return revived
 
-    def _relaunch_worker(self, key: tuple[int, int], process: ShardnetProcess) -> None:
-        member = self._member_address(key, process)
-        if member is not None and member in self.members():  # it died without DEACTIVATE: a fresh connection
-            self._forget(member, key[0])
-        process.launch()
-        process.wait_ready(self.startup_timeout)
+    def _note_exit(self, process: ShardnetProcess, now: float) -> None:
+        delay = process.note_exit(now)
+        again = f"starting it again in {delay:g}s ({process.quick_exits} quick exits in a row)" if delay else "starting it again"
+        if process in self._starting:  # a start that failed: its own output says why
+            self._starting.discard(process)
+            logger.error("%s %s before it was ready; %s. Its output:\n%s", process.role, process.exit_description(),
+                         again, process.tail())
+        else:
+            logger.warning("%s (pid %s) %s; %s", process.role, process.pid, process.exit_description(), again)
 
-    def _came_up(self, process: ShardnetProcess, launch: Callable[[], None]) -> bool:
-        """Run ``launch``; True once ``process`` serves, False (logged with its log's tail) when it did not."""
+    def _relaunch(self, process: ShardnetProcess, is_worker: bool) -> None:
+        """Launch an exited process where it served: the head and uses_before/after on their ports, a worker
+        on its socket, forgotten at the head first (it died without DEACTIVATE: dialled afresh)."""
         try:
-            launch()
-        except ShardnetError as exc:  # it exited or hung before ready, or the head did not answer about it
-            process.kill()  # given up on: counted as an exit by the next revive
-            logger.error("%s did not come back: %s", process.role, exc)
-            return False
-        logger.info("%s serves again on %s (pid %s)", process.role, process.address, process.pid)
-        return True
+            if is_worker:
+                key = next(key for key, worker in self.workers.items() if worker is process)
+                member = self._member_address(key, process)
+                try:
+                    if member is not None and member in self.members():
+                        self._forget(member, key[0])
+                except ShardnetError as exc:  # a head that does not answer does not know it either
+                    logger.info("%s: could not ask the head to forget %s: %s", process.role, member, exc)
+            elif process.address is not None:
+                process.arguments[process.arguments.index("--port") + 1] = process.address.rsplit(":", 1)[1]
+            self.log_dir.mkdir(parents=True, exist_ok=True)  # a cleaner may have removed it meanwhile
+            process.launch()
+        except Exception as exc:  # the OS refused (no log folder, no file descriptors): try again later
+            delay = process.note_exit(time.monotonic())
+            logger.error("%s could not be started: %s; trying again in %gs", process.role, exc, delay)
+            return
+        self._starting.add(process)
+
+    def _check_starting(self) -> list[str]:
+        """The roles launched by an earlier look that serve now; one past the startup timeout is stopped."""
+        ready = []
+        for process in list(self._starting):
+            if not process.alive:
+                continue  # the next look counts the exit
+            if process.poll_ready():
+                self._starting.discard(process)
+                logger.info("%s serves again on %s (pid %s)", process.role, process.address, process.pid)
+                ready.append(process.role)
+            elif time.monotonic() - process.launched_at > self.startup_timeout:
+                self._starting.discard(process)
+                process.kill()
+                delay = process.note_exit(time.monotonic())
+                logger.error("%s did not come up within %gs; stopped it, starting it again in %gs. Its output:\n%s",
+                             process.role, self.startup_timeout, delay, process.tail())
+        return ready
 
     def stop(self) -> None:
         """Stop every process: SIGTERM to all at once, the head's first (no new traffic), so the drains overlap."""

@@ -71,16 +71,28 @@ class ShardnetProcess:
         """Block until the ready line appears; raise ProcessError with the log's tail if it exits or times out."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            with open(self.log_path, "rb") as log:
-                log.seek(self._log_offset)
-                found = _READY.findall(log.read().decode(errors="replace"))
-            if found:
-                self.address = found[-1]
+            if self.poll_ready():
                 return self.address
             if not self.alive:
                 raise ProcessError(f"{self.role} exited with code {self.popen.returncode} before it was ready:\n{self.tail()}")
             time.sleep(0.02)
         raise ProcessError(f"{self.role} was not ready after {timeout:.0f}s:\n{self.tail()}")
+
+    def poll_ready(self) -> Optional[str]:
+        """The address, once this launch printed its ready line (one look at the log, no waiting); else None."""
+        if self.address is None:
+            found = _READY.findall(self._output())
+            self.address = found[-1] if found else None
+        return self.address
+
+    def _output(self) -> str:
+        """What this launch wrote to the log so far (earlier launches' lines are not its own)."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(self._log_offset)
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def exit_description(self) -> str:
         """How the process ended, as a person reads it: "exited with code 1", "was killed by SIGKILL"."""
@@ -97,17 +109,16 @@ class ShardnetProcess:
     def note_exit(self, now: float) -> float:
         """Count an exit seen at ``now`` (``time.monotonic()``); return how long to wait before launching again:
         nothing the first time, nor after a run of ``STABLE_RUN`` seconds or more; then, per further exit in a
-        row that came that soon after its launch (a crash loop), 0.5 s doubling up to ``MAX_RESTART_DELAY``."""
+        row that came that soon after its launch (a crash loop), 0.5 s doubling up to ``MAX_RESTART_DELAY``.
+        Counted from when the exit is seen: whoever looks once a second waits up to a second more."""
         self.quick_exits = self.quick_exits + 1 if now - self.launched_at < STABLE_RUN else 0
         delay = min(MAX_RESTART_DELAY, 0.5 * 2 ** (self.quick_exits - 2)) if self.quick_exits > 1 else 0.0
         self.restart_at = now + delay
         return delay
 
     def tail(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        """The last lines of this launch's output."""
+        return "\n".join(self._output().splitlines()[-lines:]) or "(no output)"
 
     def signal(self, signum: int) -> None:
         if self.alive:
