@@ -260,6 +260,28 @@ def test_revive_starts_a_worker_again_after_its_log_folder_was_removed():
         assert deployment.revive() == ["worker-0-1"] and worker.alive
 
 
+def test_a_worker_that_cannot_be_launched_is_tried_again_later_and_the_others_keep_serving(caplog):
+    with Deployment(executors.Pid, replicas=2, name="blocked") as deployment:
+        worker, other = deployment.workers[(0, 1)], deployment.workers[(0, 0)]
+        worker.kill()
+        shutil.rmtree(deployment.log_dir)
+        deployment.log_dir.write_text("a file where the log folder was")  # the OS refuses every launch
+        try:
+            with caplog.at_level("ERROR", logger="shardnet.runtimes.deployment"):
+                assert deployment.revive() == [] and deployment.revive() == []
+            # the kill was the first quick exit (at once), the failed start the second: the next try waits 0.5 s
+            assert caplog.text.count("worker-0-1 could not be started") == 1, caplog.text
+            assert "trying again in 0.5s" in caplog.text and worker.restart_at > time.monotonic()
+            assert deployment.head.alive and other.alive
+        finally:
+            deployment.log_dir.unlink()
+        deadline = time.monotonic() + 10
+        while not worker.alive:
+            assert time.monotonic() < deadline
+            deployment.revive()
+            time.sleep(0.05)
+
+
 def test_a_process_that_keeps_exiting_soon_after_its_launch_waits_longer_each_time(tmp_path):
     process = ShardnetProcess("worker-0-0", ["worker"], tmp_path / "w.log")
     delays = []

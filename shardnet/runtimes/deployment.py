@@ -370,6 +370,9 @@ class Deployment:
         while wait and any(process.alive for process in self._starting) and time.monotonic() < deadline:
             time.sleep(0.02)
             revived += self._check_starting()
+        for process in list(self._starting):  # a start that failed already: said now, not at the next look
+            if not process.alive:
+                self._note_exit(process, time.monotonic())
         return revived
 
     def _note_exit(self, process: ShardnetProcess, now: float) -> None:
@@ -399,7 +402,8 @@ class Deployment:
             self.log_dir.mkdir(parents=True, exist_ok=True)  # a cleaner may have removed it meanwhile
             process.launch()
         except Exception as exc:  # the OS refused (no log folder, no file descriptors): try again later
-            delay = process.note_exit(time.monotonic())
+            process.launched_at = now = time.monotonic()  # a start that failed counts as an exit at once
+            delay = process.note_exit(now)
             logger.error("%s could not be started: %s; trying again in %gs", process.role, exc, delay)
             return
         self._starting.add(process)
