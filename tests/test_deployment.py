@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import threading
 import subprocess
 import sys
 import time
@@ -17,7 +19,7 @@ from shardnet import DataRequest, Document, ReplicaError
 from shardnet.errors import ConfigurationError, ExecutorError, ProcessError
 from shardnet.networking import oneshot
 from shardnet.runtimes.deployment import Deployment
-from shardnet.runtimes.processes import ShardnetProcess
+from shardnet.runtimes.processes import ShardnetProcess, stop_all
 
 import executors
 
@@ -282,16 +284,56 @@ def test_a_worker_that_cannot_be_launched_is_tried_again_later_and_the_others_ke
             time.sleep(0.05)
 
 
+def test_stop_leaves_nothing_running_while_another_thread_keeps_reviving():
+    """A library user's own supervisor thread must not launch again what stop() is stopping."""
+    deployment = Deployment(executors.Pid, replicas=2, name="raced").start()
+    stopped = threading.Event()
+
+    def supervise() -> None:
+        while not stopped.is_set():
+            with contextlib.suppress(ProcessError):  # "not running", once stop() is through
+                deployment.revive(wait=False)
+            time.sleep(0.01)
+
+    supervisor = threading.Thread(target=supervise)
+    supervisor.start()
+    try:
+        time.sleep(0.2)
+        deployment.stop()
+        time.sleep(0.5)  # looks the supervisor takes after stop(): none may launch anything
+        assert not [process.role for process in deployment._spawned if process.alive]
+    finally:
+        stopped.set()
+        supervisor.join()
+        stop_all(deployment._spawned)
+
+
+def test_a_head_that_does_not_answer_holds_up_a_look_half_a_second_at_most():
+    with Deployment(executors.Pid, replicas=3, name="mute") as deployment:
+        for replica in range(3):
+            deployment.workers[(0, replica)].kill()
+        deployment.head.signal(signal.SIGSTOP)  # alive, silent
+        try:
+            started = time.monotonic()
+            deployment.revive(wait=False)
+            assert time.monotonic() - started < 1.5  # one brief question, not one per worker
+            assert all(worker.alive for worker in deployment.workers.values())  # launched anyway
+        finally:
+            deployment.head.signal(signal.SIGCONT)
+
+
 def test_a_process_that_keeps_exiting_soon_after_its_launch_waits_longer_each_time(tmp_path):
     process = ShardnetProcess("worker-0-0", ["worker"], tmp_path / "w.log")
     delays = []
-    for launched in range(8):  # each run lasts 1 s: a crash loop
-        process.launched_at = 100.0 * launched
+    for launched in range(8):  # each run serves 1 s: a crash loop
+        process.ready_at = 100.0 * launched
         delays.append(process.note_exit(100.0 * launched + 1))
     assert delays == [0, 0.5, 1, 2, 4, 8, 16, 30]
     assert process.restart_at == 701 + 30
-    process.launched_at = 1000.0
-    assert process.note_exit(1000.0 + 61) == 0 and process.quick_exits == 0  # a long run: again at once
+    process.ready_at = 1000.0
+    assert process.note_exit(1000.0 + 61) == 0  # a long run: again at once, and the count starts over
+    process.ready_at = None  # then a start that never got ready (hung, or crashed while loading) is a quick exit
+    assert [process.note_exit(2000.0 + 100 * n) for n in range(3)] == [0.5, 1, 2]
 
 
 def test_max_message_mb_sets_every_process_and_post_at_once():

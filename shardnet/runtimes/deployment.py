@@ -17,6 +17,7 @@ import os
 import re
 import socket
 import tempfile
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -170,6 +171,8 @@ class Deployment:
         self.workers: dict[tuple[int, int], ShardnetProcess] = {}
         self._spawned: list[ShardnetProcess] = []
         self._starting: set[ShardnetProcess] = set()  # launched again by revive(), not serving yet
+        self._launching = threading.Lock()  # revive() launches, stop() stops: one at a time, whatever the threads
+        self._stopping = False
         # a Deployment dropped without stop() (or an interpreter exit) still stops its processes
         self._finalizer: Optional[weakref.finalize] = weakref.finalize(self, stop_all, self._spawned, 5.0)
 
@@ -292,9 +295,9 @@ class Deployment:
                 raise ProcessError(f"head of {self.name!r} lists {self.members()}, expected {sorted(expected)}")
             time.sleep(0.02)
 
-    def members(self) -> list[str]:
+    def members(self, timeout: float = 2.0) -> list[str]:
         """The replica addresses the head routes to (its STATUS answer)."""
-        reply = oneshot.run_sync(oneshot.send_control("STATUS", self.address, timeout=2.0))
+        reply = oneshot.run_sync(oneshot.send_control("STATUS", self.address, timeout=timeout))
         return [entity_address(entity.address, entity.port) for entity in reply.related_entities]
 
     def restart_worker(self, shard: int, replica: int) -> ShardnetProcess:
@@ -359,13 +362,17 @@ class Deployment:
         for process in self.processes:
             if process.popen is not None and not process.alive and process.restart_at is None:
                 self._note_exit(process, now)
-        head_up = self.head is not None and self.head.alive
+        head_up = self.head is not None and self.head.alive and self.head not in self._starting
+        listed: Optional[set[str]] = None  # the head's members, asked once per look, when a worker is due
         for process in self.processes:  # the head and uses_before/after first: workers need the head
             is_worker = process in self.workers.values()
             due = process.restart_at is not None and process.restart_at <= now and not process.alive
-            if due and (head_up or not is_worker):
-                self._relaunch(process, is_worker)
-                head_up = head_up or process is self.head
+            if not due or (is_worker and not (head_up or process is self.head)):
+                continue
+            if is_worker and listed is None:
+                listed = self._listed_members()
+            self._relaunch(process, listed if is_worker else None)
+            head_up = head_up or process is self.head
         deadline = time.monotonic() + self.startup_timeout
         while wait and any(process.alive for process in self._starting) and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -385,23 +392,38 @@ class Deployment:
         else:
             logger.warning("%s (pid %s) %s; %s", process.role, process.pid, process.exit_description(), again)
 
-    def _relaunch(self, process: ShardnetProcess, is_worker: bool) -> None:
-        """Launch an exited process where it served: the head and uses_before/after on their ports, a worker
-        on its socket, forgotten at the head first (it died without DEACTIVATE: dialled afresh)."""
+    def _listed_members(self) -> set[str]:
+        """What the head lists, asked briefly (a look must not hang on a head that does not answer); nothing
+        when it is starting or silent: a new or silent head has no stale connection to forget either."""
+        if self.head is None or not self.head.alive or self.head in self._starting:
+            return set()
         try:
-            if is_worker:
+            return set(self.members(timeout=0.5))
+        except ShardnetError as exc:
+            logger.info("the head did not say whom it lists (%s): restarting workers without DEACTIVATE first", exc)
+            return set()
+
+    def _relaunch(self, process: ShardnetProcess, listed: Optional[set[str]]) -> None:
+        """Launch an exited process where it served: the head and uses_before/after on their ports, a worker
+        (``listed``: the head's members) on its socket, forgotten at the head first if it is still listed (it
+        died without DEACTIVATE: dialled afresh)."""
+        try:
+            if listed is not None:
                 key = next(key for key, worker in self.workers.items() if worker is process)
                 member = self._member_address(key, process)
-                try:
-                    if member is not None and member in self.members():
+                if member in listed:
+                    try:
                         self._forget(member, key[0])
-                except ShardnetError as exc:  # a head that does not answer does not know it either
-                    logger.info("%s: could not ask the head to forget %s: %s", process.role, member, exc)
+                    except ShardnetError as exc:  # it is launched anyway: serving beats a fresh connection
+                        logger.info("%s: the head did not forget %s: %s", process.role, member, exc)
             elif process.address is not None:
                 process.arguments[process.arguments.index("--port") + 1] = process.address.rsplit(":", 1)[1]
             self.log_dir.mkdir(parents=True, exist_ok=True)  # a cleaner may have removed it meanwhile
-            process.launch()
-        except Exception as exc:  # the OS refused (no log folder, no file descriptors): try again later
+            with self._launching:
+                if self._stopping:
+                    return
+                process.launch()
+        except Exception as exc:  # the OS refused (no log folder, no file descriptors), the head did not answer
             process.launched_at = now = time.monotonic()  # a start that failed counts as an exit at once
             delay = process.note_exit(now)
             logger.error("%s could not be started: %s; trying again in %gs", process.role, exc, delay)
@@ -412,12 +434,12 @@ class Deployment:
         """The roles launched by an earlier look that serve now; one past the startup timeout is stopped."""
         ready = []
         for process in list(self._starting):
-            if not process.alive:
-                continue  # the next look counts the exit
-            if process.poll_ready():
+            if process.poll_ready():  # before asking whether it lives: one that served and died did serve
                 self._starting.discard(process)
                 logger.info("%s serves again on %s (pid %s)", process.role, process.address, process.pid)
                 ready.append(process.role)
+            elif not process.alive:
+                continue  # exited before it was ready: the next look (or this one's end) counts it
             elif time.monotonic() - process.launched_at > self.startup_timeout:
                 self._starting.discard(process)
                 process.kill()
@@ -428,6 +450,8 @@ class Deployment:
 
     def stop(self) -> None:
         """Stop every process: SIGTERM to all at once, the head's first (no new traffic), so the drains overlap."""
+        with self._launching:  # a revive() in another thread launches nothing from here on
+            self._stopping = True
         stop_all(self.processes)
         if self._finalizer is not None:
             self._finalizer.detach()

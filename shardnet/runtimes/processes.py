@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 from shardnet.errors import ProcessError
 
 _READY = re.compile(r"ready on (\S+)")
-STABLE_RUN = 60.0  # seconds: a process that ran this long before it exited is launched again at once
+STABLE_RUN = 60.0  # seconds: a process that served this long before it exited is launched again at once
 MAX_RESTART_DELAY = 30.0
 
 
@@ -35,7 +35,8 @@ class ShardnetProcess:
         self.popen: Optional[subprocess.Popen] = None
         self._log_offset = 0
         self.launched_at = float("-inf")  # time.monotonic() of the last launch
-        self.quick_exits = 0  # exits in a row, each soon after its launch: how long a restart waits (note_exit)
+        self.ready_at: Optional[float] = None  # and of its ready line, once seen
+        self.quick_exits = 0  # exits in a row, none after a stable run: how long a restart waits (note_exit)
         self.restart_at: Optional[float] = None  # once an exit was noted: when it may be launched again
 
     @property
@@ -53,7 +54,7 @@ class ShardnetProcess:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.address = None
         self.launched_at = time.monotonic()
-        self.restart_at = None
+        self.ready_at = self.restart_at = None
         # a head or worker stops when this process goes, whatever ends it (kill -9, a closed terminal)
         watch_parent = ["--parent-pid", str(os.getpid())] if self.arguments[:1] in (["head"], ["worker"]) else []
         with open(self.log_path, "ab") as log:
@@ -82,7 +83,8 @@ class ShardnetProcess:
         """The address, once this launch printed its ready line (one look at the log, no waiting); else None."""
         if self.address is None:
             found = _READY.findall(self._output())
-            self.address = found[-1] if found else None
+            if found:
+                self.address, self.ready_at = found[-1], time.monotonic()
         return self.address
 
     def _output(self) -> str:
@@ -107,11 +109,15 @@ class ShardnetProcess:
         return f"exited with code {code}"
 
     def note_exit(self, now: float) -> float:
-        """Count an exit seen at ``now`` (``time.monotonic()``); return how long to wait before launching again:
-        nothing the first time, nor after a run of ``STABLE_RUN`` seconds or more; then, per further exit in a
-        row that came that soon after its launch (a crash loop), 0.5 s doubling up to ``MAX_RESTART_DELAY``.
-        Counted from when the exit is seen: whoever looks once a second waits up to a second more."""
-        self.quick_exits = self.quick_exits + 1 if now - self.launched_at < STABLE_RUN else 0
+        """Count an exit seen at ``now`` (``time.monotonic()``); return how long to wait before launching again.
+
+        The first exit after a stable run (``STABLE_RUN`` seconds or more since its ready line) waits nothing;
+        each further one in a row (never ready, or ready for less) waits 0.5 s, doubling up to
+        ``MAX_RESTART_DELAY``. Counted from when the exit is seen: whoever looks once a second waits up to a
+        second more.
+        """
+        stable = self.ready_at is not None and now - self.ready_at >= STABLE_RUN
+        self.quick_exits = 1 if stable else self.quick_exits + 1
         delay = min(MAX_RESTART_DELAY, 0.5 * 2 ** (self.quick_exits - 2)) if self.quick_exits > 1 else 0.0
         self.restart_at = now + delay
         return delay
