@@ -43,6 +43,12 @@ ExecutorSpec = Union[type[Executor], str]
 LAUNCHED_BY_DEPLOYMENT = "SHARDNET_LAUNCHED_BY_DEPLOYMENT"
 
 
+def _keep_port(process: ShardnetProcess) -> None:
+    """Launch the head or a uses_before/after again on the port it served on, where the others look for it."""
+    if process.address is not None:
+        process.arguments[process.arguments.index("--port") + 1] = process.address.rsplit(":", 1)[1]
+
+
 def _reference(uses: ExecutorSpec) -> str:
     """The --uses text for ``uses``; text that is no MODULE:CLASS or FILE.py:CLASS (a YAML config, a hub
     address) is refused here rather than by every worker."""
@@ -332,8 +338,7 @@ class Deployment:
         """Restart the head on the same port; workers re-register on their next refresh."""
         head = self._running_head()
         head.stop()
-        # the head comes back on the port it had, where the workers look for it
-        head.arguments[head.arguments.index("--port") + 1] = head.address.rsplit(":", 1)[1]
+        _keep_port(head)
         head.launch()
         head.wait_ready(self.startup_timeout)
         self.wait_registered()
@@ -416,16 +421,16 @@ class Deployment:
                         self._forget(member, key[0])
                     except ShardnetError as exc:  # it is launched anyway: serving beats a fresh connection
                         logger.info("%s: the head did not forget %s: %s", process.role, member, exc)
-            elif process.address is not None:
-                process.arguments[process.arguments.index("--port") + 1] = process.address.rsplit(":", 1)[1]
+            else:
+                _keep_port(process)
             self.log_dir.mkdir(parents=True, exist_ok=True)  # a cleaner may have removed it meanwhile
             with self._launching:
                 if self._stopping:
                     return
                 process.launch()
-        except Exception as exc:  # the OS refused (no log folder, no file descriptors), the head did not answer
-            process.launched_at = now = time.monotonic()  # a start that failed counts as an exit at once
-            delay = process.note_exit(now)
+        except Exception as exc:  # the OS refused (no log folder, no file descriptors): try again later
+            process.ready_at = None  # a start that failed never served: a quick exit, whatever ran before
+            delay = process.note_exit(time.monotonic())
             logger.error("%s could not be started: %s; trying again in %gs", process.role, exc, delay)
             return
         self._starting.add(process)
