@@ -312,6 +312,23 @@ def test_docs_bytes_is_refused_naming_it(servers, server):
     servers.assert_healthy()
 
 
+@pytest.mark.parametrize("server", ["worker", "head"])
+def test_a_parameter_value_with_no_kind_is_refused_naming_it_and_blames_no_replica(servers, server):
+    message = jina_pb2.DataRequestProto()
+    message.header.request_id = "valueless"
+    message.header.exec_endpoint = "/any"
+    message.parameters.fields["top_k"].SetInParent()  # valid protobuf, but a Value that is no JSON value
+    for _ in range(8):  # through the head on a request stream: more failures than eject a replica, if blamed
+        code, details, _ = servers.call(server, services.PROCESS_SINGLE_DATA, message.SerializeToString(), timeout=5)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+        assert "'valueless'" in details and "'top_k'" in details and "no kind set" in details, details
+    _, status = servers.channels["head"].unary_unary(services.PROCESS_CONTROL).with_call(
+        ControlRequest("STATUS").to_bytes(), timeout=5
+    )
+    assert services.EJECTED_METADATA not in dict(status.trailing_metadata())
+    servers.assert_healthy()
+
+
 def _huge(megabytes: float) -> bytes:
     return DataRequest(docs=[Document(id="huge", blob=b"\x00" * int(megabytes * 2**20))], endpoint="/any").to_bytes()
 

@@ -30,7 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from shardnet import DataRequest, Document, PollingMap
 from shardnet.networking import oneshot
 from shardnet.protocol import ndarray, services
-from shardnet.protocol.proto import docarray_pb2
+from shardnet.protocol.proto import docarray_pb2, jina_pb2
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.worker import Worker
 from shardnet.testing import free_port
@@ -256,8 +256,45 @@ async def test_shardnet_head_in_front_of_a_jina_executor(jina_peer, tmp_path, ru
 
         endpoints, _ = await oneshot.call_once("discovery", empty_pb2.Empty(), address, timeout=10)
         assert {"/tag", "/search", "/fail"} <= set(endpoints.endpoints)
+
+        await _pickles_stop_at_the_head(address, tmp_path / "unpickled")
+        again, _ = await call(address, "/tag", [Document(id="d2", text="still")])  # and serves on
+        assert again.docs.texts == ["still"] and again.docs[0].tags["by"] == "jina"
     finally:
         executor.kill()
+
+
+class _TouchOnUnpickle:
+    """Unpickling this touches ``path``: proof that a Jina worker loaded what a client sent as docs_bytes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+async def _pickles_stop_at_the_head(address: str, marker: Path) -> None:
+    """docs_bytes sent through a shardnet head to a Jina worker, under ANY and ALL, one request and a list:
+    the head refuses each (INVALID_ARGUMENT) and the worker never unpickles it."""
+    import pickle  # only to build the hostile bytes, never to load any
+
+    for endpoint in ("/tag", "/search"):  # ANY: bytes passed on untouched; ALL: decoded to merge
+        message = DataRequest([Document()], endpoint=endpoint).proto
+        message.data.docs_bytes = pickle.dumps(_TouchOnUnpickle(marker))
+        raw = message.SerializeToString()
+        async with grpc.aio.insecure_channel(address) as channel:
+            for method, payload in (
+                (services.PROCESS_SINGLE_DATA, raw),
+                (services.PROCESS_DATA, jina_pb2.DataRequestListEnvelope(requests=[raw]).SerializeToString()),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await channel.unary_unary(method)(
+                        payload, timeout=10, metadata=((services.ENDPOINT_METADATA, endpoint),)
+                    )
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, refused.value
+                assert "docs_bytes" in refused.value.details()
+    assert not marker.exists(), "the Jina worker unpickled a client's docs_bytes"
 
 
 async def test_jina_head_in_front_of_a_shardnet_worker(jina_peer, tmp_path, runtimes):

@@ -185,13 +185,21 @@ def test_from_bytes_does_not_decode_until_read():
     # documents that would fail to decode do not matter to a request only routed
     request = DataRequest(endpoint="/index")
     envelope = jina_pb2.DataRequestEnvelope.FromString(request.to_bytes())
-    envelope.data = b"\x0a\xff\xff"  # DataContent.docs with a corrupt length
+    envelope.data = b"\x0a\x03\xff\xff\xff"  # DataContent.docs, framed, holding garbage
     raw = envelope.SerializeToString()
     routed = DataRequest.from_bytes(raw)
     assert routed.endpoint == "/index"
     assert routed.to_bytes() is raw
     with pytest.raises(ProtocolError, match="malformed DataRequest"):
         routed.docs
+
+
+def test_reading_the_header_checks_the_framing_of_the_documents_field():
+    # the peek walks DataContent's own fields (to find a pickle), so a corrupt length there is caught at once
+    envelope = jina_pb2.DataRequestEnvelope.FromString(DataRequest(endpoint="/index").to_bytes())
+    envelope.data = b"\x0a\xff\xff"  # DataContent.docs with a corrupt length
+    with pytest.raises(ProtocolError, match="malformed DataRequest data"):
+        DataRequest.from_bytes(envelope.SerializeToString()).endpoint
 
 
 # -- unknown fields -------------------------------------------------------------------
@@ -315,10 +323,16 @@ def test_docs_bytes_is_refused_never_unpickled():
     proto.header.exec_endpoint = "/index"
     proto.data.docs_bytes = b"\x80\x04\x95 a pickle that must not be loaded"
     raw = proto.SerializeToString()
-    request = DataRequest.from_bytes(raw)
-    assert request.endpoint == "/index"  # routing it is fine
-    assert request.to_bytes() is raw
+    # not even routed: a head passes the bytes of a request it only routes on untouched, and a Jina worker
+    # would unpickle them; reading the header is where every head and worker starts
+    for read in (lambda r: r.endpoint, lambda r: r.request_id, lambda r: r.docs, len, lambda r: r.parameters):
+        with pytest.raises(ProtocolError, match="'r1' carries docs_bytes"):
+            read(DataRequest.from_bytes(raw))
+    envelope = jina_pb2.DataRequestEnvelope.FromString(raw)  # the header changed first: the envelope path refuses
+    changed = DataRequest.from_bytes(envelope.SerializeToString())
     with pytest.raises(ProtocolError, match="docs_bytes"):
-        request.docs
+        changed.endpoint = "/search"
+    proto.data.docs.SetInParent()  # the pickle first, documents after: protobuf keeps the last, we refuse anyway
+    both = raw + proto.SerializeToString()
     with pytest.raises(ProtocolError, match="docs_bytes"):
-        len(request)
+        DataRequest.from_bytes(both).endpoint

@@ -13,18 +13,32 @@ from typing import Any, Optional, Union, overload
 import numpy as np
 from google.protobuf import struct_pb2
 
+from shardnet.errors import ProtocolError
 from shardnet.protocol import ndarray
 from shardnet.protocol.ids import new_id
 from shardnet.protocol.proto import docarray_pb2
 
 
 def to_python(value: Any) -> Any:
-    """Turn protobuf Struct/ListValue values into plain dicts and lists (numbers as floats, NaN kept)."""
+    """Turn protobuf Struct/ListValue values into plain dicts and lists (numbers as floats, NaN kept).
+
+    A Value with no kind set (valid protobuf that is no JSON value) is a ProtocolError naming its key.
+    """
     if isinstance(value, struct_pb2.Struct):
-        return {key: to_python(value[key]) for key in value.keys()}
+        return {key: to_python(_entry(value, key)) for key in value.keys()}
     if isinstance(value, struct_pb2.ListValue):
-        return [to_python(item) for item in value]
+        return [to_python(_entry(value, index)) for index in range(len(value))]
     return value
+
+
+def _entry(container: Union[struct_pb2.Struct, struct_pb2.ListValue], key: Union[str, int]) -> Any:
+    try:
+        return container[key]
+    except ValueError:  # protobuf's "Value not set"
+        raise ProtocolError(
+            f"entry {key!r} is a google.protobuf.Value with no kind set (neither null, number, text, bool, "
+            "struct nor list)"
+        ) from None
 
 
 def _proto_of(doc: Any) -> docarray_pb2.DocumentProto:
@@ -69,7 +83,7 @@ class StructView(MutableMapping):
     def __getitem__(self, key: str) -> Any:
         if key not in self._struct:
             raise KeyError(key)
-        return to_python(self._struct[key])
+        return to_python(_entry(self._struct, key))
 
     def __setitem__(self, key: str, value: Any) -> None:
         update_struct(self._struct, {key: value}, "tags")

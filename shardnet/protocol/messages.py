@@ -21,7 +21,7 @@ from shardnet.errors import ProtocolError
 from shardnet.protocol.documents import Document, DocumentList, to_python, update_struct
 from shardnet.protocol.ids import new_id
 from shardnet.protocol.proto import jina_pb2
-from shardnet.protocol.wire import length_delimited_fields
+from shardnet.protocol.wire import field_spans
 
 SUCCESS = jina_pb2.StatusProto.SUCCESS
 ERROR = jina_pb2.StatusProto.ERROR
@@ -35,6 +35,14 @@ PROTOBUF_DEPTH_LIMIT = 100
 
 # header, parameters, routes, data: all length-delimited on the wire
 _DATA_REQUEST_FIELDS = frozenset({1, 2, 3, 4})
+_HEADER_AND_DATA = frozenset({1, 4})
+_DOCS, _DOCS_BYTES = frozenset({1}), frozenset({2})  # DataContent's oneof: protobuf documents, or a pickle
+
+
+def _refuse_pickle(request_id: str, what: str) -> ProtocolError:
+    return ProtocolError(
+        f"{what} {request_id!r} carries docs_bytes (a pickle): refused, send documents as protobuf (DataContent field 1)"
+    )
 
 
 def parse(message_type: type[Message], data: bytes, what: str) -> Message:
@@ -142,7 +150,10 @@ class DataRequest:
         """Header, parameters and routes, decoding the envelope only; ``changing`` drops the byte cache."""
         outer = self._message if self._message is not None else self._envelope
         if outer is None:
-            outer = self._envelope = parse(jina_pb2.DataRequestEnvelope, self._buffer, self._what)
+            outer = parse(jina_pb2.DataRequestEnvelope, self._buffer, self._what)
+            if field_spans(outer.data, _DOCS_BYTES, f"{self._what} data", _DOCS):  # never passed on, whoever asks
+                raise _refuse_pickle(outer.header.request_id, self._what)
+            self._envelope = outer
         if changing:
             self._buffer = None
         return outer
@@ -153,12 +164,20 @@ class DataRequest:
         if outer is not None:
             return outer.header
         if self._peeked is None:
-            header = jina_pb2.HeaderProto()
-            for chunk in length_delimited_fields(self._buffer, 1, self._what, _DATA_REQUEST_FIELDS):
+            # one walk over the top-level fields: the header is read, and documents that are a pickle are
+            # refused here, before a head passes the bytes on untouched (to a Jina worker that would unpickle them)
+            header, pickled = jina_pb2.HeaderProto(), False
+            buffer = self._buffer
+            for number, start, end in field_spans(buffer, _HEADER_AND_DATA, self._what, _DATA_REQUEST_FIELDS):
+                if number == 4:
+                    pickled = pickled or bool(field_spans(buffer, _DOCS_BYTES, f"{self._what} data", _DOCS, start, end))
+                    continue
                 try:
-                    header.MergeFromString(chunk)  # repeated occurrences merge, as protobuf does
+                    header.MergeFromString(buffer[start:end])  # repeated occurrences merge, as protobuf does
                 except (DecodeError, RuntimeError, ValueError) as exc:
                     raise ProtocolError(f"malformed {self._what} header: {exc}") from None
+            if pickled:
+                raise _refuse_pickle(header.request_id, self._what)
             self._peeked = header
         return self._peeked
 
@@ -170,10 +189,7 @@ class DataRequest:
             self._message = parse(jina_pb2.DataRequestProto, data, self._what)
             self._envelope = None
         if self._message.data.WhichOneof("documents") == "docs_bytes":
-            raise ProtocolError(
-                f"DataRequest {self._message.header.request_id!r} carries docs_bytes (a pickle): refused, "
-                "send documents as protobuf (DataContent field 1)"
-            )
+            raise _refuse_pickle(self._message.header.request_id, self._what)
         self._buffer = None
         return self._message
 
@@ -252,7 +268,10 @@ class DataRequest:
     @property
     def parameters(self) -> dict[str, Any]:
         """A copy of the parameters as a dict (assign to change them)."""
-        return to_python(self._outer().parameters)
+        try:
+            return to_python(self._outer().parameters)
+        except ProtocolError as exc:
+            raise ProtocolError(f"{self._what} {self.request_id!r}: parameters: {exc}") from None
 
     @parameters.setter
     def parameters(self, value: Mapping[str, Any]) -> None:

@@ -8,16 +8,19 @@ walk checks the framing of every top-level field, so truncated bytes are caught.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from shardnet.errors import ProtocolError
 
 _VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
 
 
-def _varint(data: bytes, position: int, what: str) -> tuple[int, int]:
+def _varint(data: bytes, position: int, what: str, size: int) -> tuple[int, int]:
+    """The varint at ``position`` and the position after it; it must end before ``size``."""
     result = shift = 0
     while True:
-        if position >= len(data):
-            raise ProtocolError(f"malformed {what} ({len(data)} bytes): truncated varint at byte {position}")
+        if position >= size:
+            raise ProtocolError(f"malformed {what} ({size} bytes): truncated varint at byte {position}")
         byte = data[position]
         position += 1
         result |= (byte & 0x7F) << shift
@@ -25,7 +28,7 @@ def _varint(data: bytes, position: int, what: str) -> tuple[int, int]:
             return result, position
         shift += 7
         if shift > 63:
-            raise ProtocolError(f"malformed {what} ({len(data)} bytes): varint longer than 10 bytes at byte {position}")
+            raise ProtocolError(f"malformed {what} ({size} bytes): varint longer than 10 bytes at byte {position}")
 
 
 def length_delimited_fields(data: bytes, number: int, what: str, known: frozenset = frozenset()) -> list[bytes]:
@@ -34,17 +37,29 @@ def length_delimited_fields(data: bytes, number: int, what: str, known: frozense
     Only that field is copied (protobuf parses bytes about twice as fast as a
     memoryview, and a header is tens of bytes). ``known`` names the other
     fields that must be length-delimited too (a known field with another wire
-    type is malformed, as protobuf sees it). Tags and lengths of up to two
-    bytes are read inline, longer ones by ``_varint``.
+    type is malformed, as protobuf sees it).
     """
-    found: list[bytes] = []
-    position, size = 0, len(data)
+    return [data[start:end] for _, start, end in field_spans(data, frozenset({number}), what, known)]
+
+
+def field_spans(
+    data: bytes, numbers: frozenset, what: str, known: frozenset = frozenset(), start: int = 0, stop: Optional[int] = None
+) -> list[tuple[int, int, int]]:
+    """(field number, start, end) of every occurrence of the length-delimited fields ``numbers`` among the
+    top-level fields of the message in ``data[start:stop]``, copying nothing.
+
+    A large field (a request's documents) is skipped by its length, so looking
+    for a field costs a few tags whatever the size of the message. Tags and
+    lengths of up to two bytes are read inline, longer ones by ``_varint``.
+    """
+    found: list[tuple[int, int, int]] = []
+    position, size = start, len(data) if stop is None else stop
     while position < size:
         tag = data[position]
         if tag < 0x80:
             position += 1
         else:
-            tag, position = _varint(data, position, what)
+            tag, position = _varint(data, position, what, size)
         field, wire_type = tag >> 3, tag & 7
         if field == 0:
             raise ProtocolError(f"malformed {what} ({size} bytes): field number 0 at byte {position}")
@@ -56,18 +71,18 @@ def length_delimited_fields(data: bytes, number: int, what: str, known: frozense
                 length = (length & 0x7F) | (data[position + 1] << 7)
                 position += 2
             else:
-                length, position = _varint(data, position, what)
+                length, position = _varint(data, position, what, size)
             end = position + length
             if end > size:
                 raise ProtocolError(f"malformed {what} ({size} bytes): field {field} claims {length} bytes, {size - position} left")
-            if field == number:
-                found.append(data[position:end])
+            if field in numbers:
+                found.append((field, position, end))
             position = end
             continue
-        if field == number or field in known:
+        if field in numbers or field in known:
             raise ProtocolError(f"malformed {what} ({size} bytes): field {field} has wire type {wire_type}, expected 2")
         if wire_type == _VARINT:
-            _, position = _varint(data, position, what)
+            _, position = _varint(data, position, what, size)
         elif wire_type == _FIXED64:
             position += 8
         elif wire_type == _FIXED32:

@@ -230,6 +230,9 @@ class Worker:
             answer = status_message(request_id, aborted.code, aborted.details)
         except asyncio.CancelledError:  # its sender stopped waiting: that is acknowledged, so it may reuse the id
             answer = status_message(request_id, grpc.StatusCode.CANCELLED, "cancelled at the sender's request")
+        except Exception as exc:  # a fault of ours: the sender still gets an answer, not a wait to its deadline
+            logger.exception("%s: request %r on a request stream failed", self.name, request_id)
+            answer = status_message(request_id, grpc.StatusCode.INTERNAL, f"{self.name}: {type(exc).__name__}: {exc}")
         writer.send(answer)
 
     async def _handle(
@@ -251,9 +254,12 @@ class Worker:
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         route = first.add_route(self.name)
-        if others:  # uses_after under ALL: keep every shard's dict results, not only the first's
-            self._gather_results(requests)
-        parameters = first.parameters
+        try:
+            if others:  # uses_after under ALL: keep every shard's dict results, not only the first's
+                self._gather_results(requests)
+            parameters = first.parameters
+        except ProtocolError as exc:  # one that protobuf parsed but that is no JSON (a Value with no kind)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         specific = parameters.get(self._metas_name)
         if isinstance(specific, dict):  # Jina's executor-specific parameters: {"index": {"top_k": 3}} for "index"
             parameters = {**parameters, **specific}
