@@ -65,3 +65,20 @@ def test_documents_without_an_id_are_never_merged_into_one():
         answers.append((shard, answer))
     [query] = merge_shard_responses("dep", answers).docs
     assert [match.text for match in query.matches] == ["anonymous-0", "anonymous-1"]
+
+
+def test_many_documents_sharing_an_id_merge_in_one_pass():
+    # a request of 20,000 documents all named "x", each with one match of no id, echoed by two shards: the
+    # matches of every copy fold into the target's document at once (folded one copy at a time, the target's
+    # map of ids was rebuilt per copy: quadratic, minutes of a head's event loop for a 200 KB request)
+    def echoed() -> DataRequest:
+        docs = [Document(id="x") for _ in range(20_000)]
+        for i, doc in enumerate(docs):
+            doc.matches.append(Document(text=str(i)))
+        return DataRequest(docs, endpoint="/e")
+
+    merged = merge_shard_responses("dep", [(0, echoed()), (1, echoed())])
+    docs = merged.docs
+    assert len(docs) == 20_000  # the first shard's, none added: every one of the second's has an id known
+    assert len(docs[-1].matches) == 1 + 20_000  # the id maps to the last copy, which gains every other match
+    assert all(len(doc.matches) == 1 for doc in list(docs)[:-1])

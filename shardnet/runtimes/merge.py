@@ -29,9 +29,12 @@ def _reduce(target: Any, source: Any) -> None:
 
     A document ``target`` already holds keeps its fields and gains the matches and chunks it lacks, so a
     match or chunk the request carried to every shard comes back once, not once per shard. Documents
-    without an id are always added: there is nothing to tell them apart by.
+    without an id are always added: there is nothing to tell them apart by. The matches and chunks of all
+    the source documents that share an id are folded in together, once: folding them in one document at a
+    time would rebuild the target's map of ids for each (quadratic in a request of many equal ids).
     """
     by_id = {doc.id: doc for doc in target if doc.id}
+    folding: dict[str, list[Any]] = {}  # id -> the source documents that fold into the target's document
     for doc in source:
         existing = by_id.get(doc.id) if doc.id else None
         if existing is None:
@@ -39,12 +42,14 @@ def _reduce(target: Any, source: Any) -> None:
             added.CopyFrom(doc)
             if doc.id:
                 by_id[doc.id] = added
-            continue
-        # most shards add no matches or chunks to a document: skip the empty lists without building a map
-        if doc.matches:
-            _reduce(existing.matches, doc.matches)
-        if doc.chunks:
-            _reduce(existing.chunks, doc.chunks)
+        elif doc.matches or doc.chunks:  # most shards add neither to a document: nothing to fold
+            folding.setdefault(doc.id, []).append(doc)
+    for doc_id, docs in folding.items():
+        existing = by_id[doc_id]
+        for field in ("matches", "chunks"):
+            gained = [item for doc in docs for item in getattr(doc, field)]
+            if gained:
+                _reduce(getattr(existing, field), gained)
 
 
 def merge_shard_responses(deployment: str, outcomes: Sequence[ShardOutcome]) -> DataRequest:
