@@ -78,6 +78,9 @@ def test_parse_address(address, target, tls):
         "user@host:1",
         "ho st:1",
         "host:1/path",
+        "127.0.0.1\x00.example.invalid:1",  # gRPC would dial the part before the NUL, STATUS would list it all
+        "ho\x07st:1",
+        "h" * 254 + ":1",  # longer than any DNS name: it would also swell STATUS's metadata
         None,
         8080,
     ],

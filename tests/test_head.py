@@ -30,6 +30,7 @@ from shardnet.runtimes.head import Head
 from shardnet.runtimes.processes import ShardnetProcess
 from shardnet.runtimes.server import ServerConfig
 from shardnet.runtimes.worker import Worker
+from shardnet.testing import free_port
 
 EXECUTORS = Path(executors.__file__).resolve()
 
@@ -174,6 +175,59 @@ def test_status_names_a_few_dozen_ejected_replicas_and_counts_the_rest():
     assert [value for key, value in pairs if key == "ejected"] == [f"0 {address}" for address in ejected[:32]]
     assert ("ejected-unlisted", "8") in pairs
     assert sum(len(key) + len(value) + 32 for key, value in pairs) < 8192  # gRPC's soft limit for a client
+
+
+def test_status_metadata_stays_under_grpcs_soft_limit_with_long_hosts_and_scattered_empty_shards():
+    head = Head("sprawling", shards=8000)
+    replicas = head.pool.get_replicas("sprawling", shard_id=0)
+    ejected = [f"{'h' * 240}{n}.example:50051" for n in range(32)]  # names as long as an ACTIVATE may give
+    replicas.__class__ = type("Ejecting", (type(replicas),), {"ejected_addresses": property(lambda self: ejected)})
+    head.pool.declare_shards("sprawling", 8000)
+    for shard_id in range(1, 8000, 2):  # every other shard has a replica: the empty ones make 4000 ranges
+        head.pool.get_replicas("sprawling", shard_id=shard_id).has_connections = lambda: True
+    replicas.has_connections = lambda: True
+    pairs = head._replica_metadata() + head._retry_metadata()
+    assert sum(len(key) + len(value) + 32 for key, value in pairs) < 8192  # gRPC's soft limit for a client
+    named = [value for key, value in pairs if key == "ejected"]
+    assert 0 < len(named) < 32 and ("ejected-unlisted", str(32 - len(named))) in pairs
+    ranges = dict(pairs)["empty-shards"]
+    assert ranges.startswith("2,4,6,") and len(ranges) <= 1024
+    assert len(ranges.split(",")) + int(dict(pairs)["empty-shards-unlisted"]) == 4000 - 1  # shard 0 has a replica
+
+
+async def test_an_activate_naming_the_head_itself_is_refused(runtimes):
+    head = await runtimes(Head("selfish"))
+    for host in ("127.0.0.1", "localhost"):
+        with pytest.raises(ReplicaError) as refused:
+            await oneshot.activate_worker(host, head.server.port, head.server.address, shard_id=0)
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "is this head of 'selfish' itself" in str(refused.value)
+    assert (await oneshot.send_control("STATUS", head.server.address)).related_entities == []
+
+
+async def test_a_head_routed_to_itself_or_round_a_cycle_of_heads_refuses_instead_of_looping(runtimes):
+    port = free_port()  # its own address another way: a static connection, before it knows it is its own
+    selfish = await runtimes(Head("selfish", ServerConfig(port=port), connections={0: [f"127.0.0.1:{port}"]}))
+    first, second = free_port(), free_port()
+    await runtimes(Head("a", ServerConfig(port=first), connections={0: [f"127.0.0.1:{second}"]}))
+    await runtimes(Head("b", ServerConfig(port=second), connections={0: [f"127.0.0.1:{first}"]}))
+    for address in (selfish.server.address, f"127.0.0.1:{first}"):
+        with pytest.raises(ReplicaError) as refused:
+            await send(address, "/tag", [Document()], timeout=10)
+        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION, refused.value
+        assert "received a request it had forwarded itself" in str(refused.value)
+
+
+async def test_a_header_endpoint_too_long_to_travel_as_metadata_is_refused_naming_its_length(runtimes):
+    [worker] = await shard_workers(runtimes, executors.Tagger, 1)
+    head = await runtimes(Head("long", connections={0: [worker.server.address]}))
+    request = DataRequest([Document()], endpoint="/" + "x" * 20_000)  # in the header only, as a Jina client may
+    async with grpc.aio.insecure_channel(head.server.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await channel.unary_unary(services.PROCESS_SINGLE_DATA)(request.to_bytes(), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "has 20001 characters; a head forwards at most 1024" in refused.value.details()
+    assert worker.executor.calls == 0
 
 
 async def test_a_worker_that_stops_renewing_its_lease_is_dropped(runtimes, eventually):

@@ -23,6 +23,7 @@ _TLS_SCHEMES = {"https": True, "grpcs": True, "http": False, "grpc": False}
 _LOCAL_NAMES = frozenset({"", "localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback", "0.0.0.0"})
 UNIX_SCHEME = "unix:"
 MAX_UNIX_PATH_BYTES = 107  # sockaddr_un.sun_path holds 108 bytes, the terminating NUL included
+MAX_HOST_CHARS = 253  # the longest DNS name; a longer host could only be a mistake or an attack
 
 
 @dataclass(frozen=True)
@@ -110,8 +111,12 @@ def parse_address(address: str, tls: bool = False) -> Address:
         host, sep, port_text = text.rpartition(":")
         if not sep or ":" in host:
             raise ConfigurationError(f"bad address {address!r}: expected host:port")
-    if not host or any(ch.isspace() or ch in "/?#@" for ch in host):
+    if not host or not host.isprintable() or any(ch.isspace() or ch in "/?#@" for ch in host):
         raise ConfigurationError(f"bad address {address!r}: bad host {host!r}")
+    if len(host) > MAX_HOST_CHARS:
+        raise ConfigurationError(
+            f"bad address {address[:40]!r}...: a host name has at most {MAX_HOST_CHARS} characters, this one {len(host)}"
+        )
     if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise ConfigurationError(f"bad address {address!r}: port must be a number from 1 to 65535")
     return Address(host=host, port=int(port_text), tls=tls)

@@ -38,6 +38,10 @@ RENEWAL_METADATA = "shardnet-renews-every"
 EJECTED_METADATA = "ejected"
 EJECTED_UNLISTED_METADATA = "ejected-unlisted"
 EMPTY_SHARDS_METADATA = "empty-shards"
+EMPTY_SHARDS_UNLISTED_METADATA = "empty-shards-unlisted"  # empty shards past what "empty-shards" has room for
+# beside every request a head forwards: the head's own random id, so that a head asked to route to itself (an
+# ACTIVATE naming its own address another way, a cycle of heads) refuses the request instead of looping
+VIA_HEAD_METADATA = "shardnet-via-head"
 
 # the parameter under which executors' dict results travel, keyed by executor name (ALL replies always carry it)
 RESULTS_PARAMETER = "__results__"

@@ -23,12 +23,13 @@ import grpc
 import grpc.aio
 
 from shardnet.errors import ConfigurationError, MalformedReplyError, ProtocolError, ReplicaError, RoutingError
-from shardnet.networking.addresses import entity_address, parse_address
+from shardnet.networking.addresses import Address, entity_address, host_is_local, parse_address
 from shardnet.networking.channels import message_size_options
 from shardnet.networking.policies import check_count, check_seconds
 from shardnet.networking.polling import PollingMap, PollingType
 from shardnet.networking.pool import GrpcConnectionPool
 from shardnet.protocol import services
+from shardnet.protocol.ids import new_id
 from shardnet.protocol.messages import ControlRequest, DataRequest, parse, require_empty
 from shardnet.protocol.proto import jina_pb2
 from shardnet.runtimes.merge import merge_shard_responses, report_shard_problems
@@ -62,18 +63,37 @@ def _time_left(context: grpc.aio.ServicerContext) -> Optional[float]:
     return timeout
 
 
-EJECTED_LISTED = 32  # ejected replicas STATUS names one by one; past them it gives their number
+# STATUS's trailing metadata stays under gRPC's 8 KB soft limit (a client may refuse more, past 16 KB it must, and
+# with it the whole answer): at most 32 ejected replicas are named, in at most EJECTED_ROOM bytes, and then
+# counted; empty shards are given as ranges in at most EMPTY_SHARDS_ROOM characters, and then counted
+EJECTED_LISTED = 32
+EJECTED_ROOM = 5120
+EMPTY_SHARDS_ROOM = 1024
+MAX_ENDPOINT_CHARS = 1024  # an endpoint from a request's header that a head forwards as metadata
 
 
-def _shard_ranges(shard_ids: list[int]) -> str:
-    """Sorted shard ids as ranges, "0-3,7": a declared 400-shard head with no worker yet says it in 5 bytes."""
+def _shard_ranges(shard_ids: list[int], room: int = EMPTY_SHARDS_ROOM) -> tuple[str, int]:
+    """Sorted shard ids as ranges, "0-3,7" (a declared 400-shard head with no worker yet says it in 5 bytes), at
+    most ``room`` characters of them; and how many shards did not fit."""
     ranges: list[list[int]] = []
     for shard_id in shard_ids:
         if ranges and shard_id == ranges[-1][1] + 1:
             ranges[-1][1] = shard_id
         else:
             ranges.append([shard_id, shard_id])
-    return ",".join(str(first) if first == last else f"{first}-{last}" for first, last in ranges)
+    texts, used, left = [], -1, len(shard_ids)
+    for first, last in ranges:
+        text = str(first) if first == last else f"{first}-{last}"
+        if used + 1 + len(text) > room:
+            break
+        texts.append(text)
+        used += 1 + len(text)
+        left -= last - first + 1
+    return ",".join(texts), left
+
+
+class _LoopedBack(Exception):
+    """A request this head forwarded came back to it: one of its replicas is the head itself."""
 
 
 class Head:
@@ -138,6 +158,8 @@ class Head:
         mutual_tls = config.tls is not None and config.tls.client_ca is not None
         self._guard = ControlGuard(config.control_token, mutual_tls)
         self.server = jina_server(config, self)
+        # beside every request it forwards: a request coming back with it was routed to this head by itself
+        self._via = (services.VIA_HEAD_METADATA, new_id())
         # a pool fed by discovery (Kubernetes) knows no worker until its first list: not ready before that
         self._discovery_synced = getattr(self.pool, "wait_synced", None)
         self.server.ready_at_start = self._discovery_synced is None
@@ -179,8 +201,8 @@ class Head:
 
     async def _serve(self, requests: list[DataRequest], context: grpc.aio.ServicerContext) -> bytes:
         try:
-            endpoint = self._settle_endpoint(requests, context)
-            metadata = ((services.ENDPOINT_METADATA, endpoint),)
+            endpoint, vias = self._settle_endpoint(requests, context)
+            metadata = ((services.ENDPOINT_METADATA, endpoint), *vias, self._via)
             timeout = _time_left(context)
             if self._uses_before is not None:
                 response, trailing = await self._one(self._uses_before, requests, metadata, timeout, decoded=True)
@@ -193,6 +215,12 @@ class Head:
                 response, trailing = await self._one(self.deployment, requests, metadata, timeout)
             else:
                 response, trailing = await self._gather(requests, metadata, timeout, polling)
+        except _LoopedBack:  # refused, not forwarded again: one request would otherwise fan out without end
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"head of {self.deployment!r} received a request it had forwarded itself: one of its replicas is "
+                "this head (an ACTIVATE or --connection naming its own address another way?); DEACTIVATE it",
+            )
         except MalformedReplyError as exc:  # a replica's answer, not the caller's request, was malformed
             await context.abort(grpc.StatusCode.INTERNAL, f"{self.deployment}: {exc}")
         except ProtocolError as exc:
@@ -211,25 +239,37 @@ class Head:
             "this head's",
         )
 
-    @staticmethod
-    def _settle_endpoint(requests: list[DataRequest], context: grpc.aio.ServicerContext) -> str:
-        """The request's endpoint, written into both metadata and header (Jina workers read the header)."""
-        endpoint = None
-        for key, value in context.invocation_metadata():
-            if key == services.ENDPOINT_METADATA:
-                endpoint = value
-                break
+    def _settle_endpoint(
+        self, requests: list[DataRequest], context: grpc.aio.ServicerContext
+    ) -> tuple[str, tuple[tuple[str, str], ...]]:
+        """The request's endpoint, written into both metadata and header (Jina workers read the header), and
+        the heads it passed (passed on with it: a cycle of heads comes back to one of them); _LoopedBack when
+        this head is among them."""
+        endpoint, vias = None, ()
+        for pair in context.invocation_metadata():
+            if pair[0] == services.ENDPOINT_METADATA:
+                if endpoint is None:
+                    endpoint = pair[1]
+            elif pair[0] == services.VIA_HEAD_METADATA:
+                if pair[1] == self._via[1]:
+                    raise _LoopedBack()
+                vias += ((pair[0], pair[1]),)
         header_endpoint = requests[0].endpoint
         if endpoint is None:
             endpoint = header_endpoint or "/default"
             if not (endpoint.isascii() and endpoint.isprintable()):  # gRPC would refuse it as metadata, and hang
-                raise ProtocolError(f"endpoint {endpoint!r} is not printable ASCII: it cannot travel as gRPC metadata")
+                raise ProtocolError(f"endpoint {endpoint!r:.80} is not printable ASCII: it cannot travel as gRPC metadata")
+            if len(endpoint) > MAX_ENDPOINT_CHARS:  # the replica's gRPC would refuse the metadata, blamed on it
+                raise ProtocolError(
+                    f"endpoint {endpoint[:40]!r}... has {len(endpoint)} characters; a head forwards at most "
+                    f"{MAX_ENDPOINT_CHARS} (it travels as gRPC metadata)"
+                )
         if header_endpoint != endpoint:
             requests[0].endpoint = endpoint
         for request in requests[1:]:
             if request.endpoint != endpoint:
                 request.endpoint = endpoint
-        return endpoint
+        return endpoint, vias
 
     @staticmethod
     def _method(requests: list[DataRequest], decoded: bool = False) -> tuple[str, Any]:
@@ -320,9 +360,16 @@ class Head:
         dial_tls = self.pool.tls is not None  # a head given TLS material dials its workers over TLS
         for entity in request.related_entities:
             try:
-                address = str(parse_address(entity_address(entity.address, entity.port), tls=dial_tls))
+                parsed = parse_address(entity_address(entity.address, entity.port), tls=dial_tls)
             except ConfigurationError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{command} refused: {exc}")
+            address = str(parsed)
+            if command == "ACTIVATE" and self._is_own(parsed):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"ACTIVATE refused: {address} is this head of {self.deployment!r} itself; it would send "
+                    "requests to itself without end",
+                )
             shard_id = entity.shard_id if entity.HasField("shard_id") else None
             if command == "ACTIVATE" and self._shards and (shard_id or 0) >= self._shards:
                 # a worker configured for another shape: ALL would fan out to a shard nobody expects
@@ -348,6 +395,13 @@ class Head:
                 logger.info("%s: deactivated %s (%s)", self.deployment, address, "removed" if removed else "unknown")
         return request.to_bytes()
 
+    def _is_own(self, address: Address) -> bool:
+        """Whether ``address`` is one this head listens on, as a worker on its machine would name it."""
+        if address.unix_path is not None:
+            return address.unix_path == self.server.config.unix_socket
+        host = address.host.lower()
+        return address.port == self.server.port and (host_is_local(host) or host == self.server.config.host.lower())
+
     def _retry_metadata(self) -> tuple[tuple[str, str], ...]:
         """The retry budget as STATUS trailing metadata: spent and refused since start, the window's use."""
         budget = self.pool.retry_budget
@@ -369,12 +423,23 @@ class Head:
             if not replicas.has_connections():
                 empty.append(shard_id)
             ejected.extend((shard_id, address) for address in replicas.ejected_addresses)
-        pairs = [(services.EMPTY_SHARDS_METADATA, _shard_ranges(empty))] if empty else []
+        pairs = []
+        if empty:
+            ranges, unlisted = _shard_ranges(empty)
+            pairs.append((services.EMPTY_SHARDS_METADATA, ranges))
+            if unlisted:
+                pairs.append((services.EMPTY_SHARDS_UNLISTED_METADATA, str(unlisted)))
+        room, named = EJECTED_ROOM, 0
         for shard_id, address in ejected[:EJECTED_LISTED]:
             entity = entity_address(*parse_address(address).entity())  # as the related entity names it
-            pairs.append((services.EJECTED_METADATA, f"{shard_id} {urllib.parse.quote(entity, safe=':/[]')}"))
-        if len(ejected) > EJECTED_LISTED:
-            pairs.append((services.EJECTED_UNLISTED_METADATA, str(len(ejected) - EJECTED_LISTED)))
+            value = f"{shard_id} {urllib.parse.quote(entity, safe=':/[]')}"
+            room -= len(services.EJECTED_METADATA) + len(value) + 32  # 32: what HPACK counts per entry
+            if room < 0:
+                break
+            pairs.append((services.EJECTED_METADATA, value))
+            named += 1
+        if len(ejected) > named:
+            pairs.append((services.EJECTED_UNLISTED_METADATA, str(len(ejected) - named)))
         return tuple(pairs)
 
     def _status(self, request: ControlRequest) -> ControlRequest:

@@ -335,6 +335,7 @@ class Worker:
 
     def _log_unbound(self, endpoint: str) -> None:
         """Log each unbound endpoint once, the first UNBOUND_LOGGED of them: endpoints are the callers' to choose."""
+        endpoint = endpoint[:200]  # the log stays small whatever a caller names (the set too)
         if endpoint in self._unbound_logged or len(self._unbound_logged) > UNBOUND_LOGGED:
             return
         self._unbound_logged.add(endpoint)
