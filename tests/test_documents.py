@@ -91,6 +91,20 @@ def test_a_shape_whose_size_overflows_64_bits_is_refused_not_reshaped():
         ndarray.from_proto(target)
 
 
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_a_shape_of_hundreds_of_thousands_of_dimensions_is_refused_before_its_size_is_computed(kind):
+    target = docarray_pb2.NdArrayProto()
+    if kind == "dense":
+        target.dense.dtype = "<f8"
+        target.dense.shape.extend([2] * 500_000)  # half a megabyte of request; the product alone took seconds
+    else:
+        ndarray.write_sparse(np.zeros((0, 2), dtype=np.int64), np.zeros(0), (2, 2), target)
+        del target.sparse.shape[:]
+        target.sparse.shape.extend([2] * 500_000)
+    with pytest.raises(ProtocolError, match="shape has 500000 dimensions; at most 32"):
+        ndarray.from_proto(target)
+
+
 def test_a_sparse_array_may_not_expand_beyond_the_limit():
     target = docarray_pb2.NdArrayProto()
     ndarray.write_sparse(np.zeros((0, 2), dtype=np.int64), np.zeros(0), (100_000, 125_000), target)  # 93 GiB dense

@@ -298,7 +298,7 @@ async def test_all_polling_reads_every_shards_answer_off_the_streams(runtimes):
 # -- the worker's side, spoken to directly -------------------------------------------------------------------------
 
 
-async def open_stream(worker: Worker, limit: int | None = None):
+async def open_stream(worker: Worker, limit: int | str | None = None):
     channel = grpc.aio.insecure_channel(worker.server.address)
     metadata = () if limit is None else (("shardnet-max-message-bytes", str(limit)),)
     return channel, channel.stream_stream(services.REQUEST_STREAM)(metadata=metadata)
@@ -313,6 +313,34 @@ async def test_a_worker_refuses_an_unreadable_stream_message_with_invalid_argume
             await call.read()
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "request stream: malformed DataRequest" in caught.value.details()
+    finally:
+        await channel.close()
+
+
+async def test_a_worker_answers_what_came_before_an_unreadable_stream_message_then_refuses_the_stream(runtimes):
+    worker = await start_worker(runtimes)
+    channel, call = await open_stream(worker)
+    try:
+        for n in range(3):
+            await call.write(request("/sleep", f"s{n}", request_id=f"before-{n}", seconds=0.3).to_bytes())
+        await call.write(b"\xff\xff\xff")
+        answered = set()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            while True:
+                answered.add(DataRequest.from_bytes(await call.read()).request_id)
+        assert answered == {"before-0", "before-1", "before-2"}
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        await channel.close()
+
+
+async def test_a_worker_takes_a_stream_limit_of_thousands_of_digits_as_none_given(runtimes):
+    worker = await start_worker(runtimes)
+    channel, call = await open_stream(worker, limit="9" * 5000)
+    try:
+        await call.write(request("/tag", "t", request_id="huge-limit").to_bytes())
+        answer = DataRequest.from_bytes(await call.read())
+        assert answer.request_id == "huge-limit" and not answer.is_error and answer.docs[0].text == "t"
     finally:
         await channel.close()
 

@@ -26,7 +26,8 @@ beside its message travels inside the messages instead:
   a stream only once it has come.
 
 A request goes unary instead when a stream cannot carry it faithfully: no
-request id or one still due on that stream, metadata beyond its endpoint, a
+request id or one still due on that stream, metadata beyond its endpoint (and
+the heads it passed, which a worker has no use for), a
 request that would read as a status message, more than ``MAX_STREAMED_BYTES``,
 or a replica that does not serve the stream (a Jina worker answers
 UNIMPLEMENTED once; its connection is unary from then on).
@@ -192,7 +193,7 @@ class _Lane:
                 if await self.call.code() == grpc.StatusCode.UNIMPLEMENTED:  # no shardnet worker (Jina's refuse it)
                     owner.unary_only = True
                 return  # down, or stopping: a later request opens the stream again
-            worker_limit = _byte_count(offered)
+            worker_limit = byte_count(offered)
             if worker_limit is None:  # a server speaking some other stream on this path: not ours to use
                 owner.unary_only = True
                 self.call.cancel()
@@ -302,6 +303,8 @@ class RequestStreams:
             if not request.request_id or (request.is_error and status_of(request) is not None):
                 return None  # no id to match its answer by, or it would read as a status message
             for key, value in metadata or ():
+                if key == services.VIA_HEAD_METADATA:
+                    continue  # a head's loop guard: only a worker serves the stream, and a worker forwards nothing
                 if key != services.ENDPOINT_METADATA or request.endpoint != value:
                     return None
             return request.to_bytes()  # (its size is for the stream it would go on to judge: _Lane.submit)
@@ -406,8 +409,9 @@ class StreamedCall:
         return answer
 
 
-def _byte_count(text: str) -> Optional[int]:
-    """A limit as metadata carries it (digits; a float's text is taken too), or None when it is none."""
+def byte_count(text: str) -> Optional[int]:
+    """A limit as metadata carries it (digits; a float's text is taken too), or None when it is none (no number,
+    or one past any float, as thousands of digits are)."""
     try:
         value = float(text)
     except ValueError:

@@ -23,6 +23,7 @@ from shardnet.protocol.proto import docarray_pb2
 _SAFE_KINDS = frozenset("biufc")
 # the largest array a sparse one may expand to: what a default-sized gRPC message could carry densely
 # (a few bytes of shape must not allocate gigabytes)
+MAX_DIMS = 32  # numpy's own limit before 2.0; more dimensions are refused before anything is computed from them
 MAX_DENSE_BYTES = 256 * 2**20
 
 
@@ -40,7 +41,7 @@ def write_dense(array: np.ndarray, target: docarray_pb2.DenseNdArrayProto) -> No
 def read_dense(source: docarray_pb2.DenseNdArrayProto) -> np.ndarray:
     """Rebuild a numpy array from a DenseNdArray message, checking size against shape."""
     dtype = _numeric_dtype(source.dtype)
-    shape = tuple(source.shape)
+    shape = _shape(source.shape)
     # Python integers: a huge shape cannot wrap around to the buffer's size
     expected = math.prod(shape) * dtype.itemsize
     if expected != len(source.buffer):
@@ -52,6 +53,13 @@ def read_dense(source: docarray_pb2.DenseNdArrayProto) -> np.ndarray:
         return np.frombuffer(bytearray(source.buffer), dtype=dtype).reshape(shape)
     except ValueError as exc:  # numpy refuses some empty shapes, (0, 2**30, 2**30) say, as too big
         raise ProtocolError(f"NdArray shape {shape} of {dtype} is not usable: {exc}") from None
+
+
+def _shape(dimensions) -> tuple[int, ...]:
+    """The shape a message gives, refused past MAX_DIMS dimensions (a product over 500,000 of them took seconds)."""
+    if len(dimensions) > MAX_DIMS:
+        raise ProtocolError(f"NdArray shape has {len(dimensions)} dimensions; at most {MAX_DIMS} are taken")
+    return tuple(dimensions)
 
 
 @functools.lru_cache(maxsize=128)  # a stream of arrays names a handful of dtypes
@@ -105,7 +113,7 @@ def from_proto(source: docarray_pb2.NdArrayProto) -> Optional[np.ndarray]:
     if kind == "sparse":
         indices = read_dense(source.sparse.indices)
         values = read_dense(source.sparse.values)
-        shape = tuple(source.sparse.shape)
+        shape = _shape(source.sparse.shape)
         if source.cls_name == "torch" and indices.ndim == 2:  # torch's own layout: one row per dimension
             indices = indices.T
         if values.ndim != 1 or indices.ndim != 2 or indices.shape != (len(values), len(shape)):

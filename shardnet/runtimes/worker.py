@@ -26,7 +26,7 @@ from shardnet.errors import ProtocolError, ReplicaError
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address
 from shardnet.networking.channels import check_control_token
-from shardnet.networking.streams import LIMIT_METADATA, StreamWriter, status_message, status_of
+from shardnet.networking.streams import LIMIT_METADATA, StreamWriter, byte_count, status_message, status_of
 from shardnet.networking.tls import ClientTls
 from shardnet.protocol import services
 from shardnet.protocol.documents import Document, DocumentList
@@ -201,10 +201,10 @@ class Worker:
             await asyncio.gather(taking, return_exceptions=True)
             if working:
                 await asyncio.wait(list(working.values()))
+            writer.finish()  # the answers to what came before an unreadable message go out first
+            await writer.task
             if unreadable:  # no request id to answer by: the stream as a whole is refused
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request stream: {unreadable[0]}")
-            writer.finish()
-            await writer.task
         except asyncio.CancelledError:  # the sender went away: nobody waits for these answers any more
             for task in working.values():
                 task.cancel()
@@ -218,7 +218,7 @@ class Worker:
         """The largest answer a stream's sender takes, and whose limit that is."""
         own = int(self.server.config.max_message_bytes)
         offered = dict(context.invocation_metadata()).get(LIMIT_METADATA, "")
-        theirs = int(offered) if offered.isdigit() else 0  # 0: none given
+        theirs = byte_count(offered) or 0  # 0: none given (or none that reads as a number of bytes)
         return (theirs, "the receiving head's") if 0 < theirs < own else (own, "this worker's")
 
     async def _answer_streamed(
