@@ -352,9 +352,7 @@ class Head:
             return self._status(request).to_bytes()
         if not self._guard.allows(context):
             await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                f"{command} on head of {self.deployment!r} needs the control token (authorization: Bearer ...) "
-                "or a client certificate",
+                grpc.StatusCode.UNAUTHENTICATED, self._guard.refusal(context, f"{command} on head of {self.deployment!r}")
             )
         changes = []
         dial_tls = self.pool.tls is not None  # a head given TLS material dials its workers over TLS

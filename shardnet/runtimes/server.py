@@ -112,6 +112,13 @@ class ControlGuard:
         offered = dict(context.invocation_metadata()).get(AUTHORIZATION_METADATA, "")
         return hmac.compare_digest(offered.encode(), self._expected)
 
+    def refusal(self, context: grpc.aio.ServicerContext, what: str) -> str:
+        """Why ``what`` is refused: no credential offered, or one that does not match (never which part)."""
+        offered = AUTHORIZATION_METADATA in dict(context.invocation_metadata())
+        if offered:
+            return f"{what}: the control token given does not match this one's (authorization: Bearer ...)"
+        return f"{what} needs the control token (authorization: Bearer ...) or a client certificate"
+
 
 class Server:
     """A grpc.aio server with health, reflection and graceful drain around the given handlers.
