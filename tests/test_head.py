@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from shardnet import ConfigurationError, DataRequest, Document, GrpcConnectionPool, PollingMap, ReplicaError
 from shardnet.cli.main import main as cli_main
+from shardnet.cli.status import _replica_notes
 from shardnet.networking import oneshot
 from shardnet.networking.channels import message_size_options
 from shardnet.protocol import services
@@ -193,6 +194,9 @@ def test_status_metadata_stays_under_grpcs_soft_limit_with_long_hosts_and_scatte
     ranges = dict(pairs)["empty-shards"]
     assert ranges.startswith("2,4,6,") and len(ranges) <= 1024
     assert len(ranges.split(",")) + int(dict(pairs)["empty-shards-unlisted"]) == 4000 - 1  # shard 0 has a replica
+    notes = _replica_notes(pairs)  # as `shardnet status` reads them back
+    assert notes["empty"][:3] == [2, 4, 6] and len(notes["empty"]) + notes["empty_unlisted"] == 3999
+    assert notes["unlisted"] == 32 - len(named)
 
 
 async def test_an_activate_naming_the_head_itself_is_refused(runtimes):

@@ -8,6 +8,7 @@ import asyncio
 import time
 from typing import Callable, Optional
 
+from shardnet.cli.options import on_stop_signals
 from shardnet.errors import ConfigurationError
 from shardnet.examples.text_index import TextIndexer
 from shardnet.networking.polling import PollingType
@@ -86,10 +87,11 @@ async def measure(
 
 def run(args: argparse.Namespace) -> int:
     """Start a 2x2 text index, index and search it, print a throughput figure, stop it; 1 if any search failed."""
+    on_stop_signals()  # SIGTERM and a closed terminal stop it as Ctrl-C does: every process, every folder
     print("starting a text index: 1 head, 2 shards x 2 replicas ...")
     polling = {"/search": PollingType.ALL.name, "/count": PollingType.ALL.name, "*": PollingType.ANY.name}
     with Deployment(TextIndexer, shards=2, replicas=2, polling=polling, name="demo") as deployment:
-        print(deployment.table(), "\n")
+        print(deployment.table(), "\n", flush=True)  # what a log or a pipe shows while the rest runs
         for text in CORPUS:
             deployment.post("/index", [Document(text=text)])
         counts = deployment.post("/count")
@@ -121,8 +123,11 @@ def survive_a_replica(deployment: Deployment, args: argparse.Namespace) -> int:
           f"{args.requests - errors} answered, {errors} errors")
     revived = deployment.revive()
     same = search_result(deployment) == before
-    print(f"started again: {', '.join(revived) or 'nothing'} serves on {victim.address} (pid {victim.pid}); "
+    dialled = deployment.head_dials(victim)
+    print(f"started again: {', '.join(revived) or 'nothing'} serves on {dialled} (pid {victim.pid}); "
           f"the same search {'gives the same' if same else 'now gives other'} matches")
+    if dialled != victim.address:  # a new process binds a new TCP port; the head never dialled that one
+        print(f"  (the same socket as before, which the head dials; the new process's TCP port is {victim.address})")
     return errors + (not same)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import signal
+import logging
 import threading
 
 from shardnet.cli.options import (
@@ -13,10 +13,14 @@ from shardnet.cli.options import (
     control_token,
     json_object,
     message_megabytes,
+    on_stop_signals,
+    positive_seconds,
 )
 from shardnet.networking.balancing import BALANCERS
 from shardnet.runtimes.deployment import Deployment
+from shardnet.runtimes.processes import ShardnetProcess
 
+logger = logging.getLogger("shardnet.deploy")
 
 REVIVE_INTERVAL = 1.0  # seconds between looks for processes that exited
 
@@ -25,22 +29,45 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("deploy", help="run head + shards x replicas locally until Ctrl-C")
     parser.add_argument("--uses", required=True, help="MODULE:CLASS or FILE.py:CLASS")
     parser.add_argument("--uses-with", default="{}", help="JSON keyword arguments for the Executor")
-    parser.add_argument("--name", default="executor")
-    parser.add_argument("--shards", type=int, default=1)
-    parser.add_argument("--replicas", type=int, default=1)
-    parser.add_argument("--polling", default="ANY")
+    parser.add_argument(
+        "--name", default="executor",
+        help="deployment name (default: %(default)s): names the workers in dict results (NAME/rep-R, "
+             "NAME/shard-S/rep-R) and is the key executor-specific parameters go under",
+    )
+    parser.add_argument("--shards", type=int, default=1, help="number of shards (default: %(default)s)")
+    parser.add_argument("--replicas", type=int, default=1, help="replicas of each shard (default: %(default)s)")
+    parser.add_argument(
+        "--polling", default="ANY",
+        help='ANY (one shard answers), ALL (every shard does), or a JSON map like {"/search": "ALL", "*": "ANY"}, '
+             "as the head takes it (default: %(default)s)",
+    )
     parser.add_argument("--port", type=int, default=0, help="port of the head; 0 picks a free one")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--balancer", choices=sorted(BALANCERS), default="p2c_ewma")
+    parser.add_argument(
+        "--host", default="127.0.0.1",
+        help="address the head and the workers bind (default: %(default)s, loopback only)",
+    )
+    parser.add_argument(
+        "--balancer", choices=sorted(BALANCERS), default="p2c_ewma",
+        help="how the head picks a replica within a shard (default: %(default)s)",
+    )
     parser.add_argument("--workspace", help="folder the Executors keep state in")
+    parser.add_argument(
+        "--log-dir", metavar="DIR",
+        help="write each process's output to DIR/ROLE.log and keep it after exit (default: a temporary folder, "
+             "removed on exit)",
+    )
     parser.add_argument("--uses-before", metavar="MODULE:CLASS", help="an Executor every request passes first")
     parser.add_argument(
         "--uses-after", metavar="MODULE:CLASS", help="an Executor that receives the shards' answers (docs_matrix)"
     )
     add_head_traffic_arguments(parser)
-    parser.add_argument("--timeout", type=float, default=None, help="the head's default deadline of a call, seconds")
     parser.add_argument(
-        "--attempt-timeout", type=float, default=None, help="the head gives up on one replica after this long"
+        "--timeout", type=positive_seconds("timeout"), metavar="SECONDS", default=None,
+        help="the head's default deadline of a call, seconds (default: none)",
+    )
+    parser.add_argument(
+        "--attempt-timeout", type=positive_seconds("attempt timeout"), metavar="SECONDS", default=None,
+        help="the head gives up on one replica after this many seconds (default: none)",
     )
     parser.add_argument(
         "--max-message-mb", type=message_megabytes, default=None,
@@ -58,9 +85,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     uses_with = json_object(args.uses_with, "--uses-with")
     stop = threading.Event()
-    # during startup SIGTERM acts as Ctrl-C does: Deployment.start stops what it had started, and we exit
-    for signum in (signal.SIGTERM, signal.SIGHUP):  # a closed terminal stops it as Ctrl-C does
-        signal.signal(signum, signal.default_int_handler)
+    on_stop_signals()  # during startup as Ctrl-C: Deployment.start stops what it had started, and we exit
     with Deployment(
         args.uses,
         shards=args.shards,
@@ -72,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         uses_with=uses_with,
         balancer=args.balancer,
         workspace=args.workspace,
+        log_dir=args.log_dir,
         control_token=control_token(args),
         timeout=args.timeout,
         attempt_timeout=args.attempt_timeout,
@@ -81,13 +107,36 @@ def run(args: argparse.Namespace) -> int:
         request_streams=args.request_streams,
         max_in_flight=args.max_in_flight,
     ) as deployment:
-        for signum in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, lambda *_: stop.set())
+        on_stop_signals(lambda *_: stop.set())  # from here on the loop below notices within a second
         print(deployment.table())
+        kept = "kept after exit" if args.log_dir else "removed on exit; --log-dir DIR keeps them"
+        print(f"logs: {deployment.log_dir}/ROLE.log, one per process ({kept})")
         print(f"\n{args.name} serves on {deployment.address} (Ctrl-C stops it)", flush=True)
+        reported: set[int] = set()  # pids of exits already warned about under --no-restart
         with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the wait as SIGTERM does
             while not stop.wait(REVIVE_INTERVAL):
                 if args.restart:
                     deployment.revive(wait=False)  # never blocks: SIGTERM is heard within a second
+                else:
+                    _warn_exited(deployment, reported)
         print("stopping...", flush=True)  # on SIGTERM as on Ctrl-C: the drain may take a few seconds
     return 0
+
+
+def _warn_exited(deployment: Deployment, reported: set[int]) -> None:
+    """Under --no-restart, warn once about each process that exited (revive() says so when it restarts them)."""
+    for process in deployment.processes:
+        if process.popen is None or process.alive or process.pid in reported:
+            continue
+        reported.add(process.pid)
+        logger.warning("%s (pid %s) %s; not restarted (--no-restart)%s. Its log: %s", process.role, process.pid,
+                       process.exit_description(), _consequence(deployment, process), process.log_path)
+
+
+def _consequence(deployment: Deployment, process: ShardnetProcess) -> str:
+    """What the exit of ``process`` leaves the deployment, in a few words."""
+    if process is deployment.head:
+        return f": nothing answers on {deployment.head.address} any more"
+    if process in deployment.extras.values():
+        return ": requests fail until deploy is started again"
+    return ""

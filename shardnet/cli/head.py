@@ -10,6 +10,7 @@ from shardnet.cli.options import (
     add_head_traffic_arguments,
     add_server_arguments,
     client_tls,
+    positive_seconds,
     run_in_loop,
     server_config,
 )
@@ -38,16 +39,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--shards",
         type=int,
         default=0,
-        help="shards expected: ALL reports any without a replica, ACTIVATE beyond them is refused",
+        help="shards expected: ALL reports any without a replica, ACTIVATE beyond them is refused "
+             "(default: %(default)s, not fixed: any shard id may register)",
     )
     parser.add_argument(
-        "--lease", type=float, default=None, help="drop an ACTIVATEd worker that has not re-sent ACTIVATE for this long"
+        "--lease", type=positive_seconds("lease"), metavar="SECONDS", default=None,
+        help="drop an ACTIVATEd worker that has not re-sent ACTIVATE for this many seconds (default: five times the "
+             "interval a shardnet worker says it renews at; a Jina worker stays until its DEACTIVATE)",
     )
     parser.add_argument("--uses-before", metavar="HOST:PORT")
     parser.add_argument("--uses-after", metavar="HOST:PORT")
     parser.add_argument("--balancer", choices=sorted(BALANCERS), default="p2c_ewma")
     add_head_traffic_arguments(parser)
-    parser.add_argument("--timeout", type=float, default=None, help="default deadline of a forwarded call, seconds")
+    parser.add_argument(
+        "--timeout", type=positive_seconds("timeout"), metavar="SECONDS", default=None,
+        help="default deadline of a forwarded call, seconds (default: none)",
+    )
     parser.add_argument(
         "--attempt-timeout", type=float, default=None, help="give up on one replica after this long and try another"
     )

@@ -8,7 +8,8 @@ import importlib.util
 import json
 import math
 import os
-from typing import Any, Coroutine, Optional
+import signal
+from typing import Any, Callable, Coroutine, Optional
 
 from shardnet.errors import ConfigurationError
 from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_MB, check_control_token
@@ -52,6 +53,44 @@ def drain_seconds(text: str) -> float:
     return value
 
 
+def positive_seconds(what: str) -> Callable[[str], float]:
+    """An argparse ``type`` for a flag taking seconds (a timeout, a lease, an interval): a finite number above 0,
+    refused in the flag's words rather than the Python API's (0 would expire at once, NaN compares false everywhere).
+
+    >>> positive_seconds("timeout")("2.5")
+    2.5
+    """
+
+    def parse(text: str) -> float:
+        value = _finite(text, what, "seconds")
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{what} must be positive seconds, got {text!r}")
+        return value
+
+    return parse
+
+
+def as_ctrl_c(signum: int, frame: Any) -> None:
+    """A signal handler doing what Ctrl-C would do now: run SIGINT's handler (``asyncio.run``'s cancels its main
+    task, Python's raises KeyboardInterrupt), or raise KeyboardInterrupt when SIGINT is ignored (a background job)."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:
+        signal.default_int_handler(signum, frame)
+
+
+def on_stop_signals(handler: Callable[[int, Any], Any] = as_ctrl_c) -> None:
+    """Make SIGTERM and SIGHUP (a closed terminal) do what ``handler`` does; by default what Ctrl-C does.
+
+    Their default action ends the process at once, so a ``with Deployment(...)`` under way would neither stop its
+    processes nor remove its folders; as Ctrl-C they do both. ``deploy`` passes its own handler once it serves,
+    to stop at its next look rather than mid-restart.
+    """
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, handler)
+
+
 def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> None:
     group = parser.add_argument_group("serving")
     group.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
@@ -72,7 +111,8 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
         help=f"largest message sent or received, in MB (more than 0, at most {MAX_MESSAGE_MB})",
     )
     group.add_argument(
-        "--drain-seconds", type=drain_seconds, default=10.0, help="grace for in-flight requests on SIGTERM"
+        "--drain-seconds", type=drain_seconds, default=10.0,
+        help="seconds in-flight requests get to finish on SIGTERM (default: %(default)g)",
     )
     group.add_argument(
         "--parent-pid",

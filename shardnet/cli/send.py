@@ -7,16 +7,22 @@ import asyncio
 import json
 import logging
 
+import grpc
 from google.protobuf import empty_pb2
 
-from shardnet.cli.options import add_client_tls_arguments, client_tls, json_object, message_megabytes
+from shardnet.cli.options import (
+    add_client_tls_arguments,
+    client_tls,
+    json_object,
+    message_megabytes,
+    positive_seconds,
+)
 from shardnet.errors import ReplicaError
 from shardnet.networking import oneshot
-from shardnet.runtimes.executor import DEFAULT_ENDPOINT
 from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, message_size_options
-from shardnet.networking.policies import check_timeout
 from shardnet.protocol.documents import Document
 from shardnet.protocol.messages import DataRequest
+from shardnet.runtimes.executor import DEFAULT_ENDPOINT
 
 logger = logging.getLogger("shardnet.send")
 
@@ -24,10 +30,16 @@ logger = logging.getLogger("shardnet.send")
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("send", help="send documents to an endpoint and print the response")
     parser.add_argument("target", help="HOST:PORT (https://HOST:PORT for TLS)")
-    parser.add_argument("--endpoint", required=True)
+    parser.add_argument(
+        "--endpoint", required=True,
+        help="the endpoint to call, e.g. /index (`shardnet status` lists those the server serves)",
+    )
     parser.add_argument("--text", action="append", default=[], help="a document's text (repeatable)")
     parser.add_argument("--parameters", default="{}", help="JSON object")
-    parser.add_argument("--timeout", type=float, default=10.0)
+    parser.add_argument(
+        "--timeout", type=positive_seconds("timeout"), metavar="SECONDS", default=10.0,
+        help="seconds the whole send may take, endpoint discovery included (default: %(default)g)",
+    )
     parser.add_argument(
         "--max-message-mb", type=message_megabytes, default=DEFAULT_MAX_MESSAGE_BYTES / 2**20,
         help="largest request or answer, in MB",
@@ -41,23 +53,43 @@ async def _discovered_endpoints(target: str, tls, timeout: float) -> list[str]:
     return list(reply.endpoints)
 
 
+# how gRPC itself says it reached no server at all: a status a server sent (a head relaying a failure of its
+# workers, say) starts with that server's own words instead
+_NOT_REACHED = ("failed to connect to all addresses", "dns resolution failed", "socket closed", "connection reset")
+
+
+def _target_unreachable(exc: ReplicaError) -> bool:
+    """Whether discovery failed because nothing answered at the target: the request would fail the same way, so
+    there is nothing to warn about before that error."""
+    return exc.code == grpc.StatusCode.UNAVAILABLE and exc.cause.lower().startswith(_NOT_REACHED)
+
+
 async def send(args: argparse.Namespace) -> int:
     parameters = json_object(args.parameters, "--parameters")
-    check_timeout(args.timeout, "--timeout")
     tls = client_tls(args)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + args.timeout
     try:  # the check is advisory: it gets half of --timeout, the request what is left
         endpoints = await _discovered_endpoints(args.target, tls, args.timeout / 2)
     except ReplicaError as exc:
+        # the target itself kept silent (a head answers its workers' failures before the caller's deadline): said
+        # once, with the time it had, which is half of --timeout rather than all of it
+        if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise type(exc)(
+                f"{exc.cause} (no answer to endpoint discovery within {args.timeout / 2:g}s, half of --timeout)",
+                address=exc.address, code=exc.code, deployment=exc.deployment, shard_id=exc.shard_id, role=exc.role,
+            ) from None
+        if _target_unreachable(exc):
+            raise  # said once, as the request would say it
         logger.warning("could not discover the endpoints of %s: %s", args.target, exc)
         endpoints = None
-    if endpoints is not None and args.endpoint not in endpoints and DEFAULT_ENDPOINT not in endpoints:
+    # a server naming no endpoint (a head with no replica yet) says nothing about this one: its error follows
+    if endpoints and args.endpoint not in endpoints and DEFAULT_ENDPOINT not in endpoints:
         logger.warning(
             "%s is not among the endpoints %s serves (%s): it will come back unchanged unless a default handler takes it",
             args.endpoint,
             args.target,
-            ", ".join(endpoints) or "none",
+            ", ".join(endpoints),
         )
     request = DataRequest([Document(text=text) for text in args.text], endpoint=args.endpoint, parameters=parameters)
     response = await oneshot.send_request_async(

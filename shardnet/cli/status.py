@@ -9,7 +9,7 @@ import urllib.parse
 from google.protobuf import empty_pb2
 from grpc_health.v1 import health_pb2
 
-from shardnet.cli.options import add_client_tls_arguments, client_tls
+from shardnet.cli.options import add_client_tls_arguments, client_tls, positive_seconds
 from shardnet.errors import ReplicaError
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address
@@ -20,7 +20,10 @@ from shardnet.protocol.messages import ControlRequest
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("status", help="health, endpoints and replicas of a head or worker")
     parser.add_argument("target", help="HOST:PORT")
-    parser.add_argument("--timeout", type=float, default=5.0)
+    parser.add_argument(
+        "--timeout", type=positive_seconds("timeout"), metavar="SECONDS", default=5.0,
+        help="seconds each of its calls (health, readiness, endpoints, replicas) may take (default: %(default)g)",
+    )
     add_client_tls_arguments(parser)
     parser.set_defaults(handler=run)
 
@@ -55,7 +58,7 @@ async def status(args: argparse.Namespace) -> int:
     if control.is_error:
         raise ReplicaError(control.status.description, address=args.target)
     notes = _replica_notes(trailing)
-    if control.related_entities or notes["empty"]:
+    if control.related_entities or notes["empty"] or notes["empty_unlisted"]:
         print("replicas:")
     for entity in control.related_entities:
         address = entity_address(entity.address, entity.port)
@@ -63,6 +66,8 @@ async def status(args: argparse.Namespace) -> int:
         print(f"  shard {entity.shard_id}: {address}{mark}")
     for shard_id in notes["empty"]:
         print(f"  shard {shard_id}: no replica")
+    if notes["empty_unlisted"]:
+        print(f"  ... and {notes['empty_unlisted']} more shards with no replica, not named")
     if notes["unlisted"]:
         print(f"  ... and {notes['unlisted']} more ejected replicas, not named")
     budget = {key: value for key, value in trailing or () if key in _BUDGET_KEYS}
@@ -77,7 +82,7 @@ _BUDGET_KEYS = ("requests-seen", "retries-spent", "retries-refused", "retry-wind
 def _replica_notes(trailing) -> dict:
     """A head's STATUS trailing metadata read back: ejected (shard, address) pairs, how many more were not named,
     and the empty shard ids. A worker, or a Jina head, says none of it; a value that does not read is skipped."""
-    ejected, empty, unlisted = set(), [], 0
+    ejected, empty, unlisted, empty_unlisted = set(), [], 0, 0
     for key, value in trailing or ():
         if key == services.EJECTED_METADATA:
             shard, _, address = value.partition(" ")
@@ -87,7 +92,9 @@ def _replica_notes(trailing) -> dict:
             unlisted = int(value)
         elif key == services.EMPTY_SHARDS_METADATA:
             empty = _shard_ids(value)
-    return {"ejected": ejected, "empty": empty, "unlisted": unlisted}
+        elif key == services.EMPTY_SHARDS_UNLISTED_METADATA and value.isdigit():
+            empty_unlisted = int(value)
+    return {"ejected": ejected, "empty": empty, "unlisted": unlisted, "empty_unlisted": empty_unlisted}
 
 
 def _shard_ids(ranges: str, most: int = 65536) -> list[int]:

@@ -13,6 +13,7 @@ from shardnet.cli.options import (
     client_tls,
     control_token,
     json_object,
+    positive_seconds,
     run_in_loop,
     server_config,
 )
@@ -28,7 +29,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--uses-with", default="{}", help="JSON keyword arguments for the Executor")
     parser.add_argument("--head", help="HOST:PORT of a head to register with (ACTIVATE) and leave on stop")
     parser.add_argument("--shard-id", type=int, default=0)
-    parser.add_argument("--register-interval", type=float, default=2.0, help="seconds between ACTIVATE refreshes")
+    parser.add_argument(
+        "--register-interval", type=positive_seconds("register interval"), metavar="SECONDS", default=2.0,
+        help="seconds between ACTIVATE refreshes to --head; a head without --lease leases the worker for five "
+             "times that (default: %(default)g)",
+    )
     parser.add_argument("--replica-id", type=int, default=0)
     parser.add_argument("--workspace", help="folder the Executor may keep state in")
     parser.add_argument(
@@ -46,8 +51,6 @@ def run(args: argparse.Namespace) -> int:
     uses_with = json_object(args.uses_with, "--uses-with")
     if args.shard_id < 0 or args.threads < 1:
         raise ConfigurationError("--shard-id must be >= 0 and --threads >= 1")
-    if not args.register_interval > 0:
-        raise ConfigurationError(f"--register-interval must be positive seconds, got {args.register_interval}")
     # every flag is checked before the Executor loads: a typo should not wait for a model to load, nor run its __init__
     if args.head is not None:
         parse_address(args.head)

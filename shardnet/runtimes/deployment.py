@@ -441,7 +441,8 @@ class Deployment:
         for process in list(self._starting):
             if process.poll_ready():  # before asking whether it lives: one that served and died did serve
                 self._starting.discard(process)
-                logger.info("%s serves again on %s (pid %s)", process.role, process.address, process.pid)
+                logger.info("%s serves again on %s (pid %s)", process.role, self.head_dials(process) or process.address,
+                            process.pid)
                 ready.append(process.role)
             elif not process.alive:
                 continue  # exited before it was ready: the next look (or this one's end) counts it
@@ -517,13 +518,28 @@ class Deployment:
         """Blocking ``post_async``."""
         return oneshot.run_sync(self.post_async(endpoint, docs, parameters, timeout, return_responses))
 
+    def head_dials(self, process: ShardnetProcess) -> Optional[str]:
+        """What the head dials for a worker of this deployment: its Unix socket (kept across restarts) or the TCP
+        address it printed ready; None for the head and uses_before/after."""
+        key = next((key for key, worker in self.workers.items() if worker is process), None)
+        return None if key is None else self._member_address(key, process)
+
     def table(self) -> str:
-        """What runs where, one line a process."""
-        rows = [("ROLE", "ADDRESS", "PID", "STATE")]
+        """What runs where, one line a process; HEAD-DIALS is what the head dials for a worker (its Unix socket
+        beside the head, as ``shardnet status`` lists it), "-" for the head and uses_before/after.
+
+        >>> print(dep.table())   # doctest: +SKIP
+        ROLE        ADDRESS          PID    STATE    HEAD-DIALS
+        head        127.0.0.1:40467  31401  running  -
+        worker-0-0  127.0.0.1:35121  31409  running  unix:/tmp/sn-x1y2/w0-0.sock
+        """
+        rows = [("ROLE", "ADDRESS", "PID", "STATE", "HEAD-DIALS")]
         for process in self.processes:
-            rows.append((process.role, process.address or "-", str(process.pid), "running" if process.alive else "stopped"))
-        widths = [max(len(row[i]) for row in rows) for i in range(4)]
-        return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows)
+            dialled = self.head_dials(process)
+            rows.append((process.role, process.address or "-", str(process.pid),
+                         "running" if process.alive else "stopped", dialled or "-"))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
     def __repr__(self) -> str:
         return f"<Deployment {self.name} {self.shards}x{self.replicas} at {self.head.address if self.head else '-'}>"

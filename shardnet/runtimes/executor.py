@@ -184,14 +184,21 @@ def split_uses(uses: Any, what: str = "uses") -> tuple[str, str]:
 
 
 def load_executor_class(uses: str) -> type[Executor]:
-    """Resolve ``package.module:Class`` or ``path/to/file.py:Class`` to an Executor subclass."""
+    """Resolve ``package.module:Class`` or ``path/to/file.py:Class`` to an Executor subclass.
+
+    Whatever goes wrong is a ConfigurationError of one line: a module that cannot be found or does not parse,
+    and one whose own code raises as it is imported, named with the exception and the line of the user's
+    file it came from (importlib's frames are no help to whoever wrote the file).
+    """
     module_name, class_name = split_uses(uses, "--uses")
+    path = Path(module_name).resolve() if module_name.endswith(".py") else None
+    if path is not None and not path.is_file():
+        raise ConfigurationError(f"--uses {uses!r}: no such file {path}")
+    # the name the module's own code runs under, to find its frames in a traceback
+    loaded_as = f"shardnet_user_{path.stem}" if path is not None else module_name
+    spec = importlib.util.spec_from_file_location(loaded_as, path) if path is not None else None
     try:
-        if module_name.endswith(".py"):
-            path = Path(module_name).resolve()
-            spec = importlib.util.spec_from_file_location(f"shardnet_user_{path.stem}", path)
-            if spec is None or not path.exists():
-                raise ConfigurationError(f"--uses {uses!r}: no such file {path}")
+        if spec is not None:
             module = importlib.util.module_from_spec(spec)
             sys.modules[spec.name] = module  # as import does: the module's own code may look itself up
             try:
@@ -203,8 +210,22 @@ def load_executor_class(uses: str) -> type[Executor]:
             module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigurationError(f"--uses {uses!r}: cannot import {module_name!r}: {exc}") from None
-    except SyntaxError as exc:  # a typo in the user's file: where it is, in one line (other errors keep a traceback)
+    except SyntaxError as exc:  # a typo in the user's file: where it is, in one line
         raise ConfigurationError(f"--uses {uses!r}: {exc.filename}, line {exc.lineno}: {exc.msg}") from None
+    except Exception as exc:  # the module's own code raised while it was imported
+        # the user's files: those of the module (or of a package above it) whose code runs in the traceback
+        frames, files = [], set()
+        traceback = exc.__traceback__
+        while traceback is not None:
+            frames.append(traceback)
+            name = traceback.tb_frame.f_globals.get("__name__", "")
+            if name == loaded_as or loaded_as.startswith(f"{name}."):
+                files.add(traceback.tb_frame.f_code.co_filename)
+            traceback = traceback.tb_next
+        innermost = next((frame for frame in reversed(frames) if frame.tb_frame.f_code.co_filename in files), None)
+        where = f" ({innermost.tb_frame.f_code.co_filename}, line {innermost.tb_lineno})" if innermost else ""
+        raised = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise ConfigurationError(f"--uses {uses!r}: importing {module_name!r} raised {raised}{where}") from None
     executor_class = module
     for part in class_name.split("."):
         executor_class = getattr(executor_class, part, None)

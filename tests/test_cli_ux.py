@@ -1,0 +1,296 @@
+"""What a new user meets on the command line: where the logs are, exits reported, signals that clean up, one-line
+errors, flags refused in their own words, help that says the defaults. Real processes, as a person runs them."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional
+
+import pytest
+from test_cli import EXECUTORS, PYTHON_M, pid_alive, shardnet, wait_for_line
+
+from shardnet.cli.options import positive_seconds
+
+ROW = r"(?m)^{role}\s+\S+\s+(\d+)\s+running"  # ROLE ADDRESS PID STATE ... as Deployment.table() prints it
+
+
+def start(log: Path, *arguments: str, env: Optional[dict[str, str]] = None) -> subprocess.Popen:
+    """``python -m shardnet ARGUMENTS`` in the background, its stdout and stderr in ``log``."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [*PYTHON_M, *arguments], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+        )
+
+
+def stop(process: subprocess.Popen, pids: list[int], timeout: float = 20.0) -> Optional[int]:
+    """SIGTERM ``process`` and wait; if it hangs, SIGKILL it and the children (``pids``) it can no longer stop."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    for pid in pids:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    return process.returncode
+
+
+def wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
+    """The ``pids`` still alive after up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return [pid for pid in pids if pid_alive(pid)]
+
+
+def child_env(tmp: Path) -> dict[str, str]:
+    """This environment with TMPDIR at ``tmp``: where the child's temporary folders go (ours stays as it is)."""
+    return {**os.environ, "TMPDIR": str(tmp)}
+
+
+# -- 1 and 7: deploy says where the logs are, what the head dials, and what exited ---------------------------
+
+
+def test_deploy_names_its_logs_which_go_on_exit_and_its_table_shows_what_the_head_dials(tmp_path):
+    tmp = tmp_path / "t"
+    tmp.mkdir()
+    log = tmp_path / "deploy.log"
+    deploy = start(log, "deploy", "--uses", f"{EXECUTORS}:Tagger", "--shards", "2", "--name", "logs",
+                   env=child_env(tmp))
+    pids: list[int] = []
+    try:
+        address = wait_for_line(log, r"logs serves on (\S+)", deploy).group(1)
+        out = log.read_text()
+        pids = [int(pid) for pid in re.findall(ROW.format(role=r"(?:head|worker-\d+-\d+)"), out, re.M)]
+        assert len(pids) == 3, out
+        folder = Path(re.search(r"^logs: (\S+)/ROLE\.log, one per process \(removed on exit; --log-dir DIR keeps "
+                                r"them\)$", out, re.M).group(1))
+        assert folder.parent == tmp and {"head.log", "worker-0-0.log", "worker-1-0.log"} <= {
+            path.name for path in folder.iterdir()}
+        assert "ready on" in (folder / "worker-1-0.log").read_text()
+
+        header, *rows = out[out.index("ROLE"):].splitlines()[:4]
+        assert header.split() == ["ROLE", "ADDRESS", "PID", "STATE", "HEAD-DIALS"], out
+        dials = {row.split()[0]: row.split()[4] for row in rows}
+        assert dials["head"] == "-", out
+        status = shardnet("status", address)
+        listed = re.findall(r"^\s+shard (\d): (\S+)$", status.stdout, re.M)
+        # the table and `shardnet status` name the same addresses: the workers' Unix sockets, not their TCP ports
+        assert sorted(listed) == sorted([("0", dials["worker-0-0"]), ("1", dials["worker-1-0"])]), (out, status.stdout)
+        assert all(dial.startswith("unix:/") for _, dial in listed)
+    finally:
+        assert stop(deploy, pids) == 0, log.read_text()
+    assert not wait_gone(pids)
+    assert not folder.exists(), "the logs line said they are removed on exit"
+
+
+def test_deploy_log_dir_keeps_the_logs_and_no_restart_warns_once_per_exited_process(tmp_path):
+    logs, log = tmp_path / "logs", tmp_path / "deploy.log"
+    deploy = start(log, "deploy", "--uses", f"{EXECUTORS}:Tagger", "--replicas", "2", "--name", "kept",
+                   "--no-restart", "--log-dir", str(logs))
+    pids: list[int] = []
+    try:
+        wait_for_line(log, r"kept serves on", deploy)
+        out = log.read_text()
+        assert f"logs: {logs}/ROLE.log, one per process (kept after exit)" in out, out
+        [first] = re.findall(ROW.format(role="worker-0-0"), out, re.M)
+        [second] = re.findall(ROW.format(role="worker-0-1"), out, re.M)
+        pids = [int(first), int(second), *map(int, re.findall(ROW.format(role="head"), out, re.M))]
+        os.kill(int(first), signal.SIGKILL)
+        warning = rf"worker-0-0 \(pid {first}\) was killed by SIGKILL; not restarted \(--no-restart\)"
+        wait_for_line(log, warning, deploy, timeout=10)
+        os.kill(int(second), signal.SIGTERM)  # by the time this one is reported, the loop looked again at the first
+        wait_for_line(log, rf"worker-0-1 \(pid {second}\) exited with code 0; not restarted", deploy, timeout=10)
+        assert len(re.findall(warning, log.read_text())) == 1, log.read_text()
+        assert "starting it again" not in log.read_text()
+    finally:
+        assert stop(deploy, pids) == 0, log.read_text()
+    assert not wait_gone(pids)
+    assert "ready on" in (logs / "head.log").read_text() and "ready on" in (logs / "worker-0-1.log").read_text()
+
+
+# -- 2: SIGTERM stops the demo as Ctrl-C does ----------------------------------------------------------------
+
+
+def test_sigterm_stops_the_demo_and_leaves_no_temporary_folder(tmp_path):
+    tmp = tmp_path / "t"  # short: the demo's worker sockets go under it, at most 107 bytes a path
+    tmp.mkdir()
+    log = tmp_path / "demo.log"
+    demo = start(log, "demo", "--requests", "200", "--concurrency", "4", env=child_env(tmp))
+    pids: list[int] = []
+    try:
+        wait_for_line(log, ROW.format(role="worker-1-1"), demo)
+        pids = [int(pid) for pid in re.findall(ROW.format(role=r"(?:head|worker-\d-\d)"), log.read_text(), re.M)]
+        assert len(pids) == 5 and list(tmp.glob("shardnet-demo-*")) and list(tmp.glob("sn-*"))
+        demo.send_signal(signal.SIGTERM)
+        began = time.monotonic()
+        code = demo.wait(15)
+        assert time.monotonic() - began < 10, log.read_text()
+    finally:
+        stop(demo, pids)
+    assert code == 130, log.read_text()  # as after Ctrl-C, not 143: it stopped, it was not killed
+    assert not wait_gone(pids)
+    assert not list(tmp.glob("shardnet-demo-*")) and not list(tmp.glob("sn-*")), list(tmp.iterdir())
+    out = log.read_text()
+    assert "Traceback" not in out and "Task was destroyed" not in out, out  # stopped as Ctrl-C stops it: cleanly
+
+
+# -- 3: a --uses module that raises as it is imported ----------------------------------------------------------
+
+RAISES = '''import os
+
+
+def fail():
+    raise RuntimeError("boom at import")
+
+
+fail()
+'''
+
+
+@pytest.mark.parametrize("how", ["module-in-cwd", "path"])
+def test_a_uses_module_raising_on_import_is_one_line_naming_the_users_file_and_line(tmp_path, how):
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "raises.py").write_text(RAISES)
+    uses, cwd = ("raises:X", code) if how == "module-in-cwd" else ("code/raises.py:X", tmp_path)
+    result = shardnet("worker", "--uses", uses, cwd=cwd)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip() == (
+        f"shardnet worker: --uses '{uses}': importing '{uses[:-2]}' raised RuntimeError: boom at import "
+        f"({code / 'raises.py'}, line 5)"
+    )
+    assert "ready on" not in result.stdout
+
+
+# -- 4: send against nothing, and against a head with no replica --------------------------------------------
+
+
+def test_send_to_nothing_says_so_once(dead_address):
+    result = shardnet("send", dead_address, "--endpoint", "/index", "--text", "a", "--timeout", "5")
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith(f"shardnet send: server {dead_address}: UNAVAILABLE: "), line
+
+
+def test_send_to_a_server_keeping_silent_says_so_once_with_the_time_it_waited():
+    """A port that accepts connections but never answers (a SIGSTOPped server, say)."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        began = time.monotonic()
+        result = shardnet("send", address, "--endpoint", "/index", "--timeout", "1")
+        assert time.monotonic() - began < 5
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert "DEADLINE_EXCEEDED" in line and "endpoint discovery within 0.5s, half of --timeout" in line, line
+
+
+def test_send_to_a_head_with_no_replica_gives_its_error_alone(tmp_path):
+    log = tmp_path / "head.log"
+    head = start(log, "head", "--deployment", "empty", "--port", "0", "--shards", "1")
+    try:
+        address = wait_for_line(log, r"ready on (\S+)", head).group(1)
+        result = shardnet("send", address, "--endpoint", "/index", "--text", "a")
+    finally:
+        stop(head, [])
+    assert result.returncode == 2
+    no_replica = f"shardnet send: server {address}: UNAVAILABLE: deployment 'empty' has no live replica"
+    assert result.stderr.strip() == no_replica  # no warning first about endpoints it could not have named
+
+
+async def test_send_to_a_server_without_discovery_still_warns_then_sends(echo_servers):
+    [echo] = await echo_servers(1)  # no endpoint discovery: UNIMPLEMENTED, and the request goes anyway
+    result = await asyncio.to_thread(shardnet, "send", echo.address, "--endpoint", "/index", "--text", "a")
+    assert result.returncode == 0, result.stderr
+    assert "could not discover the endpoints" in result.stderr and "UNIMPLEMENTED" in result.stderr
+    assert json.loads(result.stdout)["docs"][0]["text"] == "a"
+
+
+# -- 5: flags taking seconds refuse what is not a positive number of them, in the flag's words ----------------
+
+SECONDS_FLAGS = {
+    "send-timeout-zero": (["send", "127.0.0.1:1", "--endpoint", "/x", "--timeout", "0"], "--timeout", "'0'"),
+    "send-timeout-nan": (["send", "127.0.0.1:1", "--endpoint", "/x", "--timeout", "nan"], "--timeout", "'nan'"),
+    "status-timeout-negative": (["status", "127.0.0.1:1", "--timeout", "-1"], "--timeout", "'-1'"),
+    "deploy-timeout-zero": (["deploy", "--uses", "m:C", "--timeout", "0"], "--timeout", "'0'"),
+    "deploy-attempt-timeout-inf": (
+        ["deploy", "--uses", "m:C", "--attempt-timeout", "inf"], "--attempt-timeout", "'inf'"
+    ),
+    "worker-register-interval-zero": (
+        ["worker", "--uses", "m:C", "--register-interval", "0"], "--register-interval", "'0'"
+    ),
+    "head-lease-zero": (["head", "--deployment", "d", "--lease", "0"], "--lease", "'0'"),
+    "head-timeout-text": (["head", "--deployment", "d", "--timeout", "soon"], "--timeout", "'soon'"),
+}
+
+
+@pytest.mark.parametrize("arguments, flag, given", SECONDS_FLAGS.values(), ids=SECONDS_FLAGS.keys())
+def test_flags_taking_seconds_refuse_non_positive_values_naming_the_flag(arguments, flag, given):
+    result = shardnet(*arguments)
+    assert result.returncode == 2
+    [message] = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert re.search(rf"error: argument {flag}( SECONDS)?: .*seconds, got {re.escape(given)}$", message), message
+    assert "None" not in message and "0.0" not in message
+
+
+@pytest.mark.parametrize("text", ["0", "-2", "nan", "inf", "soon"])
+def test_positive_seconds_refuses(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="seconds"):
+        positive_seconds("timeout")(text)
+
+
+def test_positive_seconds_takes_fractions():
+    assert positive_seconds("timeout")("0.25") == 0.25
+
+
+# -- 6: --help says what the flags mean and their defaults -------------------------------------------------------
+
+HELP = {
+    "deploy": ["--name NAME deployment name (default: executor)", "--shards SHARDS number of shards (default: 1)",
+               "--replicas REPLICAS replicas of each shard (default: 1)", '{"/search": "ALL", "*": "ANY"}',
+               "(default: ANY)", "(default: 127.0.0.1, loopback only)", "within a shard (default: p2c_ewma)",
+               "--log-dir DIR"],
+    "send": ["--endpoint ENDPOINT the endpoint to call", "(default: 10)"],
+    "status": ["--timeout SECONDS", "(default: 5)"],
+    "worker": ["--register-interval SECONDS seconds between ACTIVATE refreshes", "(default: 2)",
+               "on SIGTERM (default: 10)"],
+    "head": ["(default: 0, not fixed: any shard id may register)"],
+}
+
+
+@pytest.mark.parametrize("command", HELP)
+def test_help_says_what_flags_mean_and_their_defaults(command):
+    result = shardnet(command, "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # as read, whatever argparse's wrapping
+    missing = [phrase for phrase in HELP[command] if phrase not in text]
+    assert not missing, text
+
+
+# -- 8: the demo says where a restarted replica is back ---------------------------------------------------------
+
+
+def test_the_demo_says_a_restarted_replica_is_back_where_the_head_dials_it(tmp_path):
+    tmp = tmp_path / "t"
+    tmp.mkdir()
+    result = subprocess.run([*PYTHON_M, "demo", "--requests", "60", "--concurrency", "4"], capture_output=True,
+                            text=True, timeout=60, stdin=subprocess.DEVNULL, env=child_env(tmp))
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    [dialled] = re.findall(r"^worker-0-1\s+(\S+)\s+\d+\s+running\s+(\S+)$", out, re.M)
+    tcp_before, socket = dialled
+    back = re.search(r"^started again: worker-0-1 serves on (\S+) \(pid \d+\); .*\n  \(the same socket as before, "
+                     r"which the head dials; the new process's TCP port is (\S+)\)$", out, re.M)
+    assert back and back.group(1) == socket and socket.startswith("unix:/"), out
+    assert back.group(2) != tcp_before  # a new process, a new port: not where it served before
