@@ -380,6 +380,7 @@ def test_the_processes_of_a_deployment_killed_with_sigkill_stop_on_their_own(tmp
     parent = subprocess.Popen(
         [sys.executable, str(script), str(Path(executors.__file__).parent)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        env={**os.environ, "TMPDIR": str(tmp_path)},  # a killed parent removes no folder: they go with tmp_path
     )
     children: list[int] = []
     try:
