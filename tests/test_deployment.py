@@ -352,6 +352,13 @@ def test_a_bad_max_message_mb_is_refused_where_it_is_given(size):
         Deployment(executors.Tagger, max_message_mb=size)
 
 
+@pytest.mark.parametrize("option", ["timeout", "attempt_timeout"])
+@pytest.mark.parametrize("seconds", [0, -1.5, float("nan"), float("inf"), "5"])
+def test_a_bad_timeout_is_refused_where_it_is_given_not_by_the_head_process(option, seconds):
+    with pytest.raises(ConfigurationError, match=option):
+        Deployment(executors.Tagger, **{option: seconds})
+
+
 ORPHAN_SCRIPT = """
 import sys, time
 sys.path.insert(0, sys.argv[1])

@@ -28,7 +28,7 @@ from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address, parse_address
 from shardnet.networking.balancing import make_balancer
 from shardnet.networking.channels import check_max_message_mb, message_size_options
-from shardnet.networking.policies import check_count, check_flag
+from shardnet.networking.policies import check_count, check_flag, check_seconds
 from shardnet.networking.polling import PollingMap
 from shardnet.protocol.documents import Document, DocumentList
 from shardnet.protocol.messages import DataRequest
@@ -142,6 +142,9 @@ class Deployment:
         self._head_options = ["--balancer", balancer, "--polling", self.polling.to_json(), "--shards", str(shards)]
         # workers renew their ACTIVATE every register_interval; one missing a few renewals is gone
         self._head_options += ["--lease", str(5 * register_interval)]
+        for seconds, what in ((timeout, "timeout"), (attempt_timeout, "attempt_timeout")):
+            if seconds is not None:  # refused here, not by the head process it would keep from starting
+                check_seconds(seconds, what)
         if timeout is not None:
             self._head_options += ["--timeout", str(timeout)]
         if attempt_timeout is not None:
