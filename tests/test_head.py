@@ -234,6 +234,31 @@ async def test_a_header_endpoint_too_long_to_travel_as_metadata_is_refused_namin
     assert worker.executor.calls == 0
 
 
+async def test_a_deactivate_of_thousands_of_replicas_leaves_the_head_answering(runtimes, tmp_path):
+    # each removed replica's channel closes, and grpc.aio's close walks every task of the loop: thousands of
+    # closes started at once walked each other, and the head answered nothing for seconds (25 s for 4000)
+    worker = await runtimes(Worker(executors.Tagger.create()))
+    head = ShardnetProcess(  # a process of its own: a stall of its loop must not stall the caller's clock too
+        "head", ["head", "--deployment", "crowded", "--port", "0", "--connection", f"0={worker.server.address}"],
+        tmp_path / "head.log",
+    )
+    head.launch()
+    try:
+        address = await asyncio.to_thread(head.wait_ready, 30.0)
+        requests = {command: ControlRequest(command) for command in ("ACTIVATE", "DEACTIVATE")}
+        for shard_id in range(1, 3001):
+            for request in requests.values():
+                request.add_related_entity(f"w{shard_id}", "127.0.0.1", 7, shard_id=shard_id)  # nothing on 7
+        for request in requests.values():
+            await oneshot.call_once("control", request, address, timeout=60)
+        answer = await send(address, "/tag", [Document()], timeout=3)  # answered while the closes go on
+        assert answer.docs[0].tags["by"] == "tagger"
+        status = await oneshot.send_control("STATUS", address, timeout=3)
+        assert [entity.shard_id for entity in status.related_entities] == [0]
+    finally:
+        head.stop()
+
+
 async def test_a_worker_that_stops_renewing_its_lease_is_dropped(runtimes, eventually):
     head = await runtimes(Head("leased", lease=0.6))
 
