@@ -249,11 +249,11 @@ class _Ledger:
             self._holders[member] -= 1
             if self._holders[member] <= 0:
                 del self._holders[member]
-                self._remove(member)
+                await self._remove(member)
         for member in also_remove - old - members:
             if not self._holders[member]:
                 del self._holders[member]
-                self._remove(member)
+                await self._remove(member)
         for member in members - old:
             self._holders[member] += 1
             if self._holders[member] == 1:
@@ -284,12 +284,15 @@ class _Ledger:
             member.deployment,
         )
 
-    def _remove(self, member: Member) -> None:
+    async def _remove(self, member: Member) -> None:
         task = asyncio.get_running_loop().create_task(
             self._pool.remove_connection(member.deployment, member.address, head=member.head, shard_id=member.shard_id)
         )
         self._removals[member] = task
         task.add_done_callback(functools.partial(self._removed, member))
+        # one removal under way before the next: a relist that drops hundreds of pods would otherwise start as
+        # many channel closes at once, and grpc.aio's close walks every task of the loop (ReplicaList.remove_connection)
+        await asyncio.sleep(0)
 
     def _removed(self, member: Member, task: asyncio.Task) -> None:
         if self._removals.get(member) is task:
