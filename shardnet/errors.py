@@ -20,6 +20,15 @@ class ProtocolError(ShardnetError, ValueError):
     """Bytes or messages that do not follow the wire protocol (malformed, truncated, refused)."""
 
 
+class PickleRefused(ProtocolError):
+    """A DataRequest whose documents are Jina's pickled ``docs_bytes``: readable, answerable by its
+    ``request_id``, never loaded or passed on."""
+
+    def __init__(self, message: str, *, request_id: str):
+        super().__init__(message)
+        self.request_id = request_id
+
+
 class MalformedReplyError(ProtocolError):
     """A replica answered bytes that are not the message it should have sent; ``address`` names it."""
 

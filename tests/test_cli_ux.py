@@ -232,6 +232,7 @@ SECONDS_FLAGS = {
     ),
     "head-lease-zero": (["head", "--deployment", "d", "--lease", "0"], "--lease", "'0'"),
     "head-timeout-text": (["head", "--deployment", "d", "--timeout", "soon"], "--timeout", "'soon'"),
+    "head-attempt-timeout-zero": (["head", "--deployment", "d", "--attempt-timeout", "0"], "--attempt-timeout", "'0'"),
 }
 
 

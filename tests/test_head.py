@@ -207,6 +207,25 @@ async def test_an_activate_naming_the_head_itself_is_refused(runtimes):
         assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert "is this head of 'selfish' itself" in str(refused.value)
     assert (await oneshot.send_control("STATUS", head.server.address)).related_entities == []
+    # another loopback address on the same port is another socket (the head binds 127.0.0.1 only)
+    await oneshot.activate_worker("127.0.0.2", head.server.port, head.server.address, shard_id=0)
+    status = await oneshot.send_control("STATUS", head.server.address)
+    assert [(e.address, e.port) for e in status.related_entities] == [("127.0.0.2", head.server.port)]
+
+
+@pytest.mark.parametrize("via", [["not-a-head-id"], ["0" * 32] * 17, ["a" * 4000]])
+async def test_head_ids_a_client_sends_are_checked_before_they_are_passed_on(runtimes, via):
+    [worker] = await shard_workers(runtimes, executors.Tagger, 1)
+    head = await runtimes(Head("guarded", connections={0: [worker.server.address]}))
+    metadata = tuple((services.VIA_HEAD_METADATA, value) for value in via)
+    async with grpc.aio.insecure_channel(head.server.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await channel.unary_unary(services.PROCESS_SINGLE_DATA)(
+                DataRequest([Document()], endpoint="/tag").to_bytes(), metadata=metadata, timeout=10
+            )
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 16 head ids of 32 hex digits" in refused.value.details()
+    assert worker.executor.calls == 0
 
 
 async def test_a_head_routed_to_itself_or_round_a_cycle_of_heads_refuses_instead_of_looping(runtimes):
@@ -220,6 +239,28 @@ async def test_a_head_routed_to_itself_or_round_a_cycle_of_heads_refuses_instead
             await send(address, "/tag", [Document()], timeout=10)
         assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION, refused.value
         assert "received a request it had forwarded itself" in str(refused.value)
+
+
+async def test_a_replicas_answer_carrying_a_pickle_is_not_passed_on_under_any(runtimes):
+    from conftest import GarbageServer
+
+    class PicklingReplica(GarbageServer):
+        answer = DataRequest([Document()], endpoint="/tag").proto
+        answer.data.docs_bytes = b"\x80\x04K\x01."  # a pickle: a Jina gateway behind the head would load it
+        GARBAGE = answer.SerializeToString()
+
+    replica = await PicklingReplica("pickling").start()
+    try:
+        head = await runtimes(Head("pickled", connections={0: [replica.address]}))
+        async with grpc.aio.insecure_channel(head.server.address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:  # ANY: bytes in, bytes out, but read first
+                await channel.unary_unary(services.PROCESS_SINGLE_DATA)(
+                    DataRequest([Document()], endpoint="/tag").to_bytes(), timeout=10
+                )
+        assert refused.value.code() == grpc.StatusCode.INTERNAL  # the replica's fault, not the caller's
+        assert "docs_bytes" in refused.value.details() and replica.address in refused.value.details()
+    finally:
+        await replica.stop()
 
 
 async def test_a_header_endpoint_too_long_to_travel_as_metadata_is_refused_naming_its_length(runtimes):
@@ -274,6 +315,24 @@ async def test_a_worker_that_stops_renewing_its_lease_is_dropped(runtimes, event
         await oneshot.activate_worker("127.0.0.1", 40002, head.server.address, shard_id=0)
         await asyncio.sleep(0.1)
     assert await members() == {("127.0.0.1", 40002)}
+
+
+async def test_a_renewal_or_deactivate_during_an_expiry_pass_is_honoured_and_expiry_goes_on(runtimes, eventually):
+    # removals yield to other requests (ReplicaList.remove_connection): a DEACTIVATE of a worker the pass was about
+    # to drop killed the expiry task (KeyError), and a renewal arriving mid-pass was undone
+    head = await runtimes(Head("leased", lease=0.5))
+    replicas = lambda: head.pool.get_replicas("leased", shard_id=0)  # noqa: E731
+    activate = ControlRequest("ACTIVATE")
+    for n in range(300):
+        activate.add_related_entity(f"w{n}", "127.0.0.1", 20000 + n, shard_id=0)
+    await oneshot.call_once("control", activate, head.server.address, timeout=30)
+    while len(replicas().get_all_connections()) == 300:  # until the pass has begun
+        await asyncio.sleep(0)
+    await oneshot.deactivate_worker("127.0.0.1", 20298, head.server.address, shard_id=0)
+    await oneshot.activate_worker("127.0.0.1", 20299, head.server.address, shard_id=0)  # a renewal, mid-pass
+    await eventually(lambda: len(replicas().get_all_connections()) == 1, timeout=5.0)
+    assert replicas().has_connection("127.0.0.1:20299") and not head._expiry.done()
+    await eventually(lambda: not replicas().has_connections(), timeout=5.0)  # its own lease runs out in turn
 
 
 async def test_without_a_lease_a_worker_saying_how_often_it_renews_is_leased_and_one_saying_nothing_is_not(

@@ -334,6 +334,42 @@ async def test_a_worker_answers_what_came_before_an_unreadable_stream_message_th
         await channel.close()
 
 
+async def test_a_fault_of_the_worker_itself_on_a_stream_is_answered_internal_not_left_unanswered(runtimes):
+    worker = await start_worker(runtimes)
+
+    async def faulty(*arguments):  # a bug of ours (fault injection): neither an abort nor the executor's error
+        raise KeyError("a bug of ours")
+
+    worker._handle = faulty
+    channel, call = await open_stream(worker)
+    try:
+        await call.write(request("/tag", "t", request_id="unlucky").to_bytes())
+        answer = DataRequest.from_bytes(await asyncio.wait_for(call.read(), 5))  # before: no answer, ever
+        assert answer.request_id == "unlucky" and answer.is_error
+        assert list(answer.status.exception.args)[0] == "INTERNAL" and "KeyError" in answer.status.exception.args[1]
+    finally:
+        await channel.close()
+
+
+async def test_a_pickled_request_on_a_stream_is_refused_alone_and_the_stream_goes_on(runtimes):
+    worker = await start_worker(runtimes)
+    pickled = request("/tag", "p", request_id="pickled").proto
+    pickled.data.docs_bytes = b"\x80\x04K\x01."
+    channel, call = await open_stream(worker)
+    try:
+        await call.write(pickled.SerializeToString())
+        await call.write(request("/tag", "after", request_id="after").to_bytes())
+        answers = {}
+        for _ in range(2):
+            answer = DataRequest.from_bytes(await asyncio.wait_for(call.read(), 5))
+            answers[answer.request_id] = answer
+        assert list(answers["pickled"].status.exception.args)[0] == "INVALID_ARGUMENT"
+        assert "docs_bytes" in answers["pickled"].status.exception.args[1]
+        assert not answers["after"].is_error and answers["after"].docs[0].text == "after"
+    finally:
+        await channel.close()
+
+
 async def test_a_worker_takes_a_stream_limit_of_thousands_of_digits_as_none_given(runtimes):
     worker = await start_worker(runtimes)
     channel, call = await open_stream(worker, limit="9" * 5000)

@@ -4,7 +4,7 @@ import pytest
 
 from shardnet import DataRequest, Document, ProtocolError
 from shardnet.protocol.proto import jina_pb2
-from shardnet.protocol.wire import length_delimited_fields
+from shardnet.protocol.wire import field_spans, length_delimited_fields
 
 
 def _varint(value: int) -> bytes:
@@ -73,3 +73,15 @@ def test_fields_of_every_length_encoding_are_skipped_exactly(size):
 def test_a_length_cut_short_or_past_the_end_is_a_protocol_error(data):
     with pytest.raises(ProtocolError, match="truncated varint|claims"):
         DataRequest.from_bytes(data).endpoint
+
+
+def test_field_spans_walks_a_message_nested_in_another_by_its_offsets():
+    inner = b"\x12\x02ab" + b"\x0a\x01x"  # field 2 "ab", field 1 "x"
+    outer = b"\x0a\x03hdr" + b"\x22" + bytes([len(inner)]) + inner + b"\x12\x00"
+    [(number, start, stop)] = field_spans(outer, frozenset({4}), "outer")
+    assert number == 4 and outer[start:stop] == inner
+    assert [(n, outer[a:b]) for n, a, b in field_spans(outer, frozenset({1, 2}), "inner", start=start, stop=stop)] == [
+        (2, b"ab"), (1, b"x")]
+    cut = outer[: start + 3]  # inner's first field claims 2 bytes, the walk may read 1: sizes are the inner's own
+    with pytest.raises(ProtocolError, match=r"malformed inner \(3 bytes\): field 2 claims 2 bytes, 1 left"):
+        field_spans(cut, frozenset({2}), "inner", start=start, stop=start + 3)

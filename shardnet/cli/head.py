@@ -56,7 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="default deadline of a forwarded call, seconds (default: none)",
     )
     parser.add_argument(
-        "--attempt-timeout", type=float, default=None, help="give up on one replica after this long and try another"
+        "--attempt-timeout", type=positive_seconds("attempt timeout"), metavar="SECONDS", default=None,
+        help="give up on one replica after this many seconds and try another (default: none)",
     )
     parser.add_argument(
         "--k8s-namespace",

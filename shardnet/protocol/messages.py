@@ -17,7 +17,7 @@ from typing import Any, Optional, Union
 from google.protobuf import struct_pb2, unknown_fields
 from google.protobuf.message import DecodeError, Message
 
-from shardnet.errors import ProtocolError
+from shardnet.errors import PickleRefused, ProtocolError
 from shardnet.protocol.documents import Document, DocumentList, to_python, update_struct
 from shardnet.protocol.ids import new_id
 from shardnet.protocol.proto import jina_pb2
@@ -39,9 +39,10 @@ _HEADER_AND_DATA = frozenset({1, 4})
 _DOCS, _DOCS_BYTES = frozenset({1}), frozenset({2})  # DataContent's oneof: protobuf documents, or a pickle
 
 
-def _refuse_pickle(request_id: str, what: str) -> ProtocolError:
-    return ProtocolError(
-        f"{what} {request_id!r} carries docs_bytes (a pickle): refused, send documents as protobuf (DataContent field 1)"
+def _refuse_pickle(request_id: str, what: str) -> PickleRefused:
+    return PickleRefused(
+        f"{what} {request_id!r} carries docs_bytes (a pickle): refused, send documents as protobuf (DataContent field 1)",
+        request_id=request_id,
     )
 
 
@@ -150,10 +151,8 @@ class DataRequest:
         """Header, parameters and routes, decoding the envelope only; ``changing`` drops the byte cache."""
         outer = self._message if self._message is not None else self._envelope
         if outer is None:
-            outer = parse(jina_pb2.DataRequestEnvelope, self._buffer, self._what)
-            if field_spans(outer.data, _DOCS_BYTES, f"{self._what} data", _DOCS):  # never passed on, whoever asks
-                raise _refuse_pickle(outer.header.request_id, self._what)
-            self._envelope = outer
+            self._header()  # the walk that refuses a pickle, whatever order it is asked in: never passed on
+            outer = self._envelope = parse(jina_pb2.DataRequestEnvelope, self._buffer, self._what)
         if changing:
             self._buffer = None
         return outer

@@ -23,7 +23,7 @@ from shardnet.protocol.proto import docarray_pb2
 _SAFE_KINDS = frozenset("biufc")
 # the largest array a sparse one may expand to: what a default-sized gRPC message could carry densely
 # (a few bytes of shape must not allocate gigabytes)
-MAX_DIMS = 32  # numpy's own limit before 2.0; more dimensions are refused before anything is computed from them
+MAX_DIMS = 64  # numpy's own limit (32 before 2.0); more dimensions are refused before anything is computed from them
 MAX_DENSE_BYTES = 256 * 2**20
 
 

@@ -15,12 +15,13 @@ from shardnet.errors import ProtocolError
 _VARINT, _FIXED64, _LENGTH_DELIMITED, _FIXED32 = 0, 1, 2, 5
 
 
-def _varint(data: bytes, position: int, what: str, size: int) -> tuple[int, int]:
-    """The varint at ``position`` and the position after it; it must end before ``size``."""
+def _varint(data: bytes, position: int, what: str, size: int, start: int = 0) -> tuple[int, int]:
+    """The varint at ``position`` and the position after it; it must end before ``size`` (errors count from
+    ``start``, where the message walked begins)."""
     result = shift = 0
     while True:
         if position >= size:
-            raise ProtocolError(f"malformed {what} ({size} bytes): truncated varint at byte {position}")
+            raise ProtocolError(f"malformed {what} ({size - start} bytes): truncated varint at byte {position - start}")
         byte = data[position]
         position += 1
         result |= (byte & 0x7F) << shift
@@ -28,7 +29,9 @@ def _varint(data: bytes, position: int, what: str, size: int) -> tuple[int, int]
             return result, position
         shift += 7
         if shift > 63:
-            raise ProtocolError(f"malformed {what} ({size} bytes): varint longer than 10 bytes at byte {position}")
+            raise ProtocolError(
+                f"malformed {what} ({size - start} bytes): varint longer than 10 bytes at byte {position - start}"
+            )
 
 
 def length_delimited_fields(data: bytes, number: int, what: str, known: frozenset = frozenset()) -> list[bytes]:
@@ -59,10 +62,10 @@ def field_spans(
         if tag < 0x80:
             position += 1
         else:
-            tag, position = _varint(data, position, what, size)
+            tag, position = _varint(data, position, what, size, start)
         field, wire_type = tag >> 3, tag & 7
         if field == 0:
-            raise ProtocolError(f"malformed {what} ({size} bytes): field number 0 at byte {position}")
+            raise ProtocolError(f"malformed {what} ({size - start} bytes): field number 0 at byte {position - start}")
         if wire_type == _LENGTH_DELIMITED:
             length = data[position] if position < size else 0x80
             if length < 0x80:
@@ -71,24 +74,26 @@ def field_spans(
                 length = (length & 0x7F) | (data[position + 1] << 7)
                 position += 2
             else:
-                length, position = _varint(data, position, what, size)
+                length, position = _varint(data, position, what, size, start)
             end = position + length
             if end > size:
-                raise ProtocolError(f"malformed {what} ({size} bytes): field {field} claims {length} bytes, {size - position} left")
+                raise ProtocolError(
+                    f"malformed {what} ({size - start} bytes): field {field} claims {length} bytes, {size - position} left"
+                )
             if field in numbers:
                 found.append((field, position, end))
             position = end
             continue
         if field in numbers or field in known:
-            raise ProtocolError(f"malformed {what} ({size} bytes): field {field} has wire type {wire_type}, expected 2")
+            raise ProtocolError(f"malformed {what} ({size - start} bytes): field {field} has wire type {wire_type}, expected 2")
         if wire_type == _VARINT:
-            _, position = _varint(data, position, what, size)
+            _, position = _varint(data, position, what, size, start)
         elif wire_type == _FIXED64:
             position += 8
         elif wire_type == _FIXED32:
             position += 4
         else:
-            raise ProtocolError(f"malformed {what} ({size} bytes): unsupported wire type {wire_type} for field {field}")
+            raise ProtocolError(f"malformed {what} ({size - start} bytes): unsupported wire type {wire_type} for field {field}")
         if position > size:
-            raise ProtocolError(f"malformed {what} ({size} bytes): field {field} runs past the end")
+            raise ProtocolError(f"malformed {what} ({size - start} bytes): field {field} runs past the end")
     return found

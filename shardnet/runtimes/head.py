@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import math
 import logging
+import re
 import urllib.parse
 from typing import Any, Mapping, Optional, Sequence
 
@@ -70,6 +71,8 @@ EJECTED_LISTED = 32
 EJECTED_ROOM = 5120
 EMPTY_SHARDS_ROOM = 1024
 MAX_ENDPOINT_CHARS = 1024  # an endpoint from a request's header that a head forwards as metadata
+MAX_HEADS_PASSED = 16  # heads a request may have crossed (their ids travel on with it as metadata)
+_HEAD_ID = re.compile(r"[0-9a-f]{32}")  # what new_id() gives a head
 
 
 def _shard_ranges(shard_ids: list[int], room: int = EMPTY_SHARDS_ROOM) -> tuple[str, int]:
@@ -213,6 +216,10 @@ class Head:
             polling = self.polling[endpoint]
             if polling == PollingType.ANY and self._uses_after is None:  # the fast path: bytes in, bytes out
                 response, trailing = await self._one(self.deployment, requests, metadata, timeout)
+                try:
+                    response.request_id  # noqa: B018 - reading the header refuses an answer carrying a pickle
+                except ProtocolError as exc:  # the replica's fault (its bytes are named), not the caller's
+                    await context.abort(grpc.StatusCode.INTERNAL, f"{self.deployment}: {exc}")
             else:
                 response, trailing = await self._gather(requests, metadata, timeout, polling)
         except _LoopedBack:  # refused, not forwarded again: one request would otherwise fan out without end
@@ -253,6 +260,11 @@ class Head:
             elif pair[0] == services.VIA_HEAD_METADATA:
                 if pair[1] == self._via[1]:
                     raise _LoopedBack()
+                if len(vias) >= MAX_HEADS_PASSED or not _HEAD_ID.fullmatch(pair[1]):
+                    raise ProtocolError(
+                        f"{services.VIA_HEAD_METADATA} metadata: at most {MAX_HEADS_PASSED} head ids of 32 hex "
+                        f"digits, got {pair[1][:40]!r} as number {len(vias) + 1}"
+                    )
                 vias += ((pair[0], pair[1]),)
         header_endpoint = requests[0].endpoint
         if endpoint is None:
@@ -397,8 +409,12 @@ class Head:
         """Whether ``address`` is one this head listens on, as a worker on its machine would name it."""
         if address.unix_path is not None:
             return address.unix_path == self.server.config.unix_socket
-        host = address.host.lower()
-        return address.port == self.server.port and (host_is_local(host) or host == self.server.config.host.lower())
+        host, bound = address.host.lower(), self.server.config.host.lower()
+        if address.port != self.server.port:
+            return False
+        if bound in ("0.0.0.0", "::", ""):  # every local address is this head's
+            return host_is_local(host)
+        return host == bound or (host == "localhost" and bound in ("127.0.0.1", "::1"))
 
     def _retry_metadata(self) -> tuple[tuple[str, str], ...]:
         """The retry budget as STATUS trailing metadata: spent and refused since start, the window's use."""
@@ -525,8 +541,13 @@ class Head:
             self._lapsed = {key: (at, lease) for key, (at, lease) in self._lapsed.items() if now - at < lease}
             expired = [key for key, (until, _) in self._leases.items() if until < now]
             for address, shard_id in expired:
-                _, lease = self._leases.pop((address, shard_id))
-                self._lapsed[(address, shard_id)] = (now, lease)
+                # each removal lets other requests run: a DEACTIVATE may have dropped this lease since, an
+                # ACTIVATE renewed it; either way it is not this pass's to remove
+                held = self._leases.get((address, shard_id))
+                if held is None or held[0] >= now:
+                    continue
+                del self._leases[(address, shard_id)]
+                self._lapsed[(address, shard_id)] = (now, held[1])
                 await self.pool.remove_connection(self.deployment, address, shard_id=shard_id)
                 logger.warning("%s: %s (shard %d) stopped renewing its registration: removed", self.deployment, address, shard_id)
 

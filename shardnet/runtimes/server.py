@@ -114,10 +114,12 @@ class ControlGuard:
 
     def refusal(self, context: grpc.aio.ServicerContext, what: str) -> str:
         """Why ``what`` is refused: no credential offered, or one that does not match (never which part)."""
-        offered = AUTHORIZATION_METADATA in dict(context.invocation_metadata())
-        if offered:
+        if self._expected is None:
+            return f"{what} needs a client certificate signed by its client CA (it takes no control token)"
+        if AUTHORIZATION_METADATA in dict(context.invocation_metadata()):
             return f"{what}: the control token given does not match this one's (authorization: Bearer ...)"
-        return f"{what} needs the control token (authorization: Bearer ...) or a client certificate"
+        credentials = "the control token (authorization: Bearer ...)"
+        return f"{what} needs {credentials}{' or a client certificate' if self._mutual_tls else ''}"
 
 
 class Server:

@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator, Optional
 import grpc
 import grpc.aio
 
-from shardnet.errors import ProtocolError, ReplicaError
+from shardnet.errors import PickleRefused, ProtocolError, ReplicaError
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address
 from shardnet.networking.channels import check_control_token
@@ -180,6 +180,9 @@ class Worker:
                     request = DataRequest.from_bytes(payload)
                     request_id = request.request_id  # the header decodes here, or the request cannot be answered
                     cancelled = request.is_error and status_of(request) is not None  # the sender stopped waiting
+                except PickleRefused as exc:  # readable, so refused alone: the stream goes on
+                    writer.send(status_message(exc.request_id, grpc.StatusCode.INVALID_ARGUMENT, str(exc)))
+                    continue
                 except ProtocolError as exc:
                     unreadable.append(exc)
                     return
