@@ -4,7 +4,7 @@ import pytest
 
 from shardnet import DataRequest, Document, ProtocolError
 from shardnet.protocol.proto import jina_pb2
-from shardnet.protocol.wire import field_spans, length_delimited_fields
+from shardnet.protocol.wire import field_spans
 
 
 def _varint(value: int) -> bytes:
@@ -55,9 +55,9 @@ def test_broken_framing_is_a_protocol_error(data, reason):
         DataRequest.from_bytes(data).endpoint
 
 
-def test_each_occurrence_of_the_field_comes_back_as_its_own_bytes():
+def test_each_occurrence_of_the_field_comes_back_as_its_own_span():
     data = _field(3, b"route") + _field(4, b"docs") + _field(3, b"again")
-    assert length_delimited_fields(data, 3, "test") == [b"route", b"again"]
+    assert [data[start:end] for _, start, end in field_spans(data, frozenset({3}), "test")] == [b"route", b"again"]
 
 
 @pytest.mark.parametrize("size", [127, 128, 200, 16_383, 16_384, 2_000_000])  # lengths of 1, 2 and 3+ varint bytes
