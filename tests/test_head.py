@@ -195,6 +195,9 @@ def test_status_metadata_stays_under_grpcs_soft_limit_with_long_hosts_and_scatte
     assert ranges.startswith("2,4,6,") and len(ranges) <= 1024
     assert len(ranges.split(",")) + int(dict(pairs)["empty-shards-unlisted"]) == 4000 - 1  # shard 0 has a replica
     notes = _replica_notes(pairs)  # as `shardnet status` reads them back
+    assert _replica_notes([("empty-shards", "0-69999")])["empty_ranges"] == "0-69999"  # past what it names one by one
+    assert _replica_notes([("empty-shards", "0-69999")])["empty"] == []
+    assert _replica_notes([("empty-shards", "1,x")])["empty_ranges"] == ""  # what does not read is skipped
     assert notes["empty"][:3] == [2, 4, 6] and len(notes["empty"]) + notes["empty_unlisted"] == 3999
     assert notes["unlisted"] == 32 - len(named)
 

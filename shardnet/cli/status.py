@@ -58,7 +58,7 @@ async def status(args: argparse.Namespace) -> int:
     if control.is_error:
         raise ReplicaError(control.status.description, address=args.target)
     notes = _replica_notes(trailing)
-    if control.related_entities or notes["empty"] or notes["empty_unlisted"]:
+    if control.related_entities or notes["empty_ranges"] or notes["empty_unlisted"]:
         print("replicas:")
     for entity in control.related_entities:
         address = entity_address(entity.address, entity.port)
@@ -66,6 +66,8 @@ async def status(args: argparse.Namespace) -> int:
         print(f"  shard {entity.shard_id}: {address}{mark}")
     for shard_id in notes["empty"]:
         print(f"  shard {shard_id}: no replica")
+    if notes["empty_ranges"] and not notes["empty"]:  # too many to name one by one: as the head gave them
+        print(f"  shards {notes['empty_ranges']}: no replica")
     if notes["empty_unlisted"]:
         print(f"  ... and {notes['empty_unlisted']} more shards with no replica, not named")
     if notes["unlisted"]:
@@ -82,7 +84,7 @@ _BUDGET_KEYS = ("requests-seen", "retries-spent", "retries-refused", "retry-wind
 def _replica_notes(trailing) -> dict:
     """A head's STATUS trailing metadata read back: ejected (shard, address) pairs, how many more were not named,
     and the empty shard ids. A worker, or a Jina head, says none of it; a value that does not read is skipped."""
-    ejected, empty, unlisted, empty_unlisted = set(), [], 0, 0
+    ejected, empty, unlisted, empty_unlisted, ranges = set(), [], 0, 0, ""
     for key, value in trailing or ():
         if key == services.EJECTED_METADATA:
             shard, _, address = value.partition(" ")
@@ -91,10 +93,12 @@ def _replica_notes(trailing) -> dict:
         elif key == services.EJECTED_UNLISTED_METADATA and value.isdigit():
             unlisted = int(value)
         elif key == services.EMPTY_SHARDS_METADATA:
-            empty = _shard_ids(value)
+            empty, ranges = _shard_ids(value), value
         elif key == services.EMPTY_SHARDS_UNLISTED_METADATA and value.isdigit():
             empty_unlisted = int(value)
-    return {"ejected": ejected, "empty": empty, "unlisted": unlisted, "empty_unlisted": empty_unlisted}
+    ranges = ranges if ranges.isascii() and ranges.replace(",", "").replace("-", "").isdigit() else ""
+    return {"ejected": ejected, "empty": empty, "unlisted": unlisted, "empty_unlisted": empty_unlisted,
+            "empty_ranges": ranges}
 
 
 def _shard_ids(ranges: str, most: int = 65536) -> list[int]:
