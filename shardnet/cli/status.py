@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import urllib.parse
 
 from google.protobuf import empty_pb2
@@ -79,6 +80,7 @@ async def status(args: argparse.Namespace) -> int:
 
 
 _BUDGET_KEYS = ("requests-seen", "retries-spent", "retries-refused", "retry-window")
+_RANGES = re.compile(r"[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*")  # "empty-shards" as a head writes it: "1,3-5"
 
 
 def _replica_notes(trailing) -> dict:
@@ -92,21 +94,20 @@ def _replica_notes(trailing) -> dict:
                 ejected.add((int(shard), urllib.parse.unquote(address)))
         elif key == services.EJECTED_UNLISTED_METADATA and value.isdigit():
             unlisted = int(value)
-        elif key == services.EMPTY_SHARDS_METADATA:
+        elif key == services.EMPTY_SHARDS_METADATA and _RANGES.fullmatch(value):
             empty, ranges = _shard_ids(value), value
         elif key == services.EMPTY_SHARDS_UNLISTED_METADATA and value.isdigit():
             empty_unlisted = int(value)
-    ranges = ranges if ranges.isascii() and ranges.replace(",", "").replace("-", "").isdigit() else ""
     return {"ejected": ejected, "empty": empty, "unlisted": unlisted, "empty_unlisted": empty_unlisted,
             "empty_ranges": ranges}
 
 
 def _shard_ids(ranges: str, most: int = 65536) -> list[int]:
-    """"0-3,7" as [0, 1, 2, 3, 7]; what does not read as ranges, or names more than ``most`` shards, gives nothing."""
+    """"0-3,7" (as ``_RANGES`` reads it) as [0, 1, 2, 3, 7]; nothing when that names more than ``most`` shards."""
     ids: list[int] = []
     for part in ranges.split(","):
         first, _, last = part.partition("-")
-        if not first.isdigit() or not (last or first).isdigit() or len(ids) + int(last or first) - int(first) >= most:
+        if len(ids) + int(last or first) - int(first) >= most:
             return []
         ids.extend(range(int(first), int(last or first) + 1))
     return ids

@@ -267,10 +267,11 @@ class DataRequest:
     @property
     def parameters(self) -> dict[str, Any]:
         """A copy of the parameters as a dict (assign to change them)."""
+        outer = self._outer()
         try:
-            return to_python(self._outer().parameters)
-        except ProtocolError as exc:
-            raise ProtocolError(f"{self._what} {self.request_id!r}: parameters: {exc}") from None
+            return to_python(outer.parameters)
+        except ProtocolError as exc:  # a Value with no kind: named with the request it came in
+            raise ProtocolError(f"{self._what} {outer.header.request_id!r}: parameters: {exc}") from None
 
     @parameters.setter
     def parameters(self, value: Mapping[str, Any]) -> None:

@@ -417,7 +417,7 @@ class Deployment:
         died without DEACTIVATE: dialled afresh)."""
         try:
             if listed is not None:
-                key = next(key for key, worker in self.workers.items() if worker is process)
+                key = self._worker_key(process)
                 member = self._member_address(key, process)
                 if member in listed:
                     try:
@@ -524,8 +524,12 @@ class Deployment:
     def head_dials(self, process: ShardnetProcess) -> Optional[str]:
         """What the head dials for a worker of this deployment: its Unix socket (kept across restarts) or the TCP
         address it printed ready; None for the head and uses_before/after."""
-        key = next((key for key, worker in self.workers.items() if worker is process), None)
+        key = self._worker_key(process)
         return None if key is None else self._member_address(key, process)
+
+    def _worker_key(self, process: ShardnetProcess) -> Optional[tuple[int, int]]:
+        """(shard, replica) of a worker of this deployment; None for the head and uses_before/after."""
+        return next((key for key, worker in self.workers.items() if worker is process), None)
 
     def table(self) -> str:
         """What runs where, one line a process; HEAD-DIALS is what the head dials for a worker (its Unix socket

@@ -213,16 +213,13 @@ def load_executor_class(uses: str) -> type[Executor]:
     except SyntaxError as exc:  # a typo in the user's file: where it is, in one line
         raise ConfigurationError(f"--uses {uses!r}: {exc.filename}, line {exc.lineno}: {exc.msg}") from None
     except Exception as exc:  # the module's own code raised while it was imported
-        # the user's files: those of the module (or of a package above it) whose code runs in the traceback
-        frames, files = [], set()
-        traceback = exc.__traceback__
+        # the innermost frame of the user's code: the module's own, or a package's above it
+        innermost, traceback = None, exc.__traceback__
         while traceback is not None:
-            frames.append(traceback)
             name = traceback.tb_frame.f_globals.get("__name__", "")
             if name == loaded_as or loaded_as.startswith(f"{name}."):
-                files.add(traceback.tb_frame.f_code.co_filename)
+                innermost = traceback
             traceback = traceback.tb_next
-        innermost = next((frame for frame in reversed(frames) if frame.tb_frame.f_code.co_filename in files), None)
         where = f" ({innermost.tb_frame.f_code.co_filename}, line {innermost.tb_lineno})" if innermost else ""
         raised = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         raise ConfigurationError(f"--uses {uses!r}: importing {module_name!r} raised {raised}{where}") from None
