@@ -400,6 +400,43 @@ async def test_410_relists_and_reconciles(api_server: FakeApiServer, start_pool,
     await eventually(lambda: "10.0.0.5:8080" in replicas(pool))
 
 
+async def test_a_relist_that_drops_thousands_of_pods_leaves_the_loop_running(api_server, start_pool) -> None:
+    # each removed replica's channel closes, and grpc.aio's close walks every task of the loop: a relist that
+    # started thousands of closes at once held the loop for seconds; each removal now lets its close start first
+    count = 3000
+    for index in range(count):
+        api_server.apply("pods", pod(f"w{index}", ip=f"10.1.{index // 250}.{index % 250 + 1}"))
+    pool = await start_pool(sources=("pods",))
+    await eventually(lambda: api_server.open_streams("pods") == 1)
+    assert len(replicas(pool)) == count
+
+    loop = asyncio.get_running_loop()
+    gaps: list[float] = []
+
+    async def heartbeat() -> None:
+        last = loop.time()
+        while True:
+            await asyncio.sleep(0.005)
+            gaps.append(loop.time() - last)
+            last = loop.time()
+
+    beat = asyncio.create_task(heartbeat())
+    try:
+        api_server.drop_streams()
+        for index in range(count):
+            api_server.delete("pods", f"w{index}")
+        api_server.apply("pods", pod("stays", ip="10.9.0.1"))
+        api_server.compact()
+        await eventually(lambda: replicas(pool) == {"10.9.0.1:8080"}, timeout=60)
+        await eventually(lambda: pool.changes.count(("remove", "dep", "10.1.11.250:8080")) == 1)
+        beats = len(gaps)
+        await eventually(lambda: len(gaps) > beats + 1)  # a stall in the last pass is in gaps too
+    finally:
+        beat.cancel()
+    assert len(api_server.list_requests("pods")) == 2  # it was a relist
+    assert max(gaps) < 1.0, f"the loop stalled for {max(gaps):.2f} s"
+
+
 async def test_410_error_event_mid_watch(api_server: FakeApiServer, start_pool) -> None:
     api_server.apply("pods", pod("w", ip="10.0.0.1"))
     pool = await start_pool(sources=("pods",))
