@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -230,6 +231,26 @@ def median(values: Iterable[float]) -> float:
     return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
+def paired_ratio_interval(
+    numerators: Sequence[float], denominators: Sequence[float], confidence: float = 0.95, draws: int = 4000
+) -> tuple[float, float]:
+    """A bootstrap interval for sum(numerators) / sum(denominators) over paired rounds: the rounds are drawn
+    again with replacement, pairs kept together, so that a ratio read off one run says how far another run
+    of the same length could land from it. Seeded: the same rounds give the same interval."""
+    pairs = [(a, b) for a, b in zip(numerators, denominators)]
+    if len(pairs) < 2:
+        return math.nan, math.nan
+    draw = random.Random(0).choices
+    ratios = []
+    for _ in range(draws):
+        sample = draw(pairs, k=len(pairs))
+        below = sum(b for _, b in sample)
+        if below:
+            ratios.append(sum(a for a, _ in sample) / below)
+    tail = (1 - confidence) / 2
+    return percentile(ratios, tail), percentile(ratios, 1 - tail)
+
+
 # -- output ---------------------------------------------------------------------------------
 
 
@@ -254,10 +275,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def verdict(label: str, value: float, op: str, target: float) -> str:
+def verdict(label: str, value: float, op: str, target: float, detail: str = "") -> str:
     met = value <= target if op == "<=" else value >= target
     shown = f"{value:.3f}" if isinstance(value, float) else str(value)  # a count stays a count
-    return f"  [{'met' if met else 'MISSED'}] {label}: {shown} (target {op} {target:g})"
+    return f"  [{'met' if met else 'MISSED'}] {label}: {shown} (target {op} {target:g}){detail}"
 
 
 def exit_on_sigterm() -> None:

@@ -40,6 +40,7 @@ from _common import (
     exit_on_sigterm,
     machine_line,
     median,
+    paired_ratio_interval,
     rotated,
     run_script,
     table,
@@ -165,9 +166,13 @@ def main(argv=None) -> int:
     def ratio_row(label, numerator, denominator):
         a, b = tallies[numerator], tallies[denominator]
         per_round_cpu = [ra["cpu"] / rb["cpu"] for ra, rb in zip(a.rounds, b.rounds) if rb["cpu"]]
+        low, high = paired_ratio_interval([r["cpu"] for r in a.rounds], [r["cpu"] for r in b.rounds])
         return [label, a.rps / b.rps, a.p(0.5) / b.p(0.5), a.p(0.99) / b.p(0.99),
-                a.cpu_per_request_us / b.cpu_per_request_us, median(per_round_cpu),
+                a.cpu_per_request_us / b.cpu_per_request_us, f"{low:.2f}-{high:.2f}", median(per_round_cpu),
                 f"{min(per_round_cpu):.2f}-{max(per_round_cpu):.2f}"]
+
+    def interval(row):
+        return f"; 95 % interval {row[5]} over rounds"
 
     ratio_rows, checks = [], []
     checks.append(verdict("failed requests, all clients", sum(t.failures for t in tallies.values()), "<=", 0))
@@ -177,7 +182,8 @@ def main(argv=None) -> int:
         bare = next(label for label in labels if label.startswith("bare grpc.aio") and label.endswith(suffix) and "jina" not in label)
         ours = f"shardnet pool{suffix}"
         ratio_rows.append(ratio_row(f"shardnet / bare{suffix}", ours, bare))
-        checks.append(verdict(f"CPU/req shardnet / bare{suffix}", ratio_rows[-1][4], "<=", 1.05))
+        checks.append(verdict(f"CPU/req shardnet / bare{suffix}", ratio_rows[-1][4], "<=", 1.05,
+                              interval(ratio_rows[-1])))
         checks.append(verdict(f"rps shardnet / bare{suffix}", ratio_rows[-1][1], ">=", 0.95))
         if args.task_row:
             contract = f"bare + Task + trailing{suffix}"
@@ -202,9 +208,12 @@ def main(argv=None) -> int:
             jina_bare = next(label for label in labels if "(jina venv)" in label and label.endswith(suffix))
             ratio_rows.append(ratio_row(f"jina / bare (jina venv){suffix}", f"jina 3.34 pool{suffix}", jina_bare))
             ratio_rows.append(ratio_row(f"shardnet / jina{suffix}", f"shardnet pool{suffix}", f"jina 3.34 pool{suffix}"))
-            checks.append(verdict(f"CPU/req shardnet / jina{suffix}", ratio_rows[-1][4], "<=", 0.80))
+            checks.append(verdict(f"CPU/req shardnet / jina{suffix}", ratio_rows[-1][4], "<=", 0.80,
+                                  interval(ratio_rows[-1])))
     print()
-    print(table(["ratio", "rps", "p50", "p99", "CPU/req", "CPU/req median of rounds", "CPU/req range"], ratio_rows))
+    print(table(["ratio", "rps", "p50", "p99", "CPU/req", "CPU/req 95 % interval", "CPU/req median of rounds",
+                 "CPU/req range"], ratio_rows))
+    print("(95 % interval: of the CPU/req ratio, the run's rounds drawn again with replacement, pairs kept)")
     print()
     print("targets:")
     print("\n".join(checks))
