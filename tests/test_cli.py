@@ -102,21 +102,33 @@ def test_deploy_stops_at_once_on_sigterm_while_a_restart_hangs(tmp_path):
              "--workspace", str(workspace)],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
+    pids: list[int] = []
     try:
         wait_for_line(log, r"hung serves on", deploy)
-        pids = [int(pid) for pid in re.findall(r"^(?:head|worker-\d+-\d+)\s+\S+\s+(\d+)\s+running", log.read_text(), re.M)]
+        pids += [int(pid) for pid in re.findall(r"^(?:head|worker-\d+-\d+)\s+\S+\s+(\d+)\s+running", log.read_text(), re.M)]
         (workspace / "later-starts").write_text("hang")
         os.kill(pids[1], signal.SIGKILL)  # worker-0-0: its restart will hang in __init__
         wait_for_line(log, r"worker-0-0 \(pid \d+\) was killed by SIGKILL; starting it again", deploy)
+        deadline = time.monotonic() + 10
+        while not (restarted := set(_children(deploy.pid)) - set(pids)):  # the restart that hangs
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        pids += restarted
         deploy.send_signal(signal.SIGTERM)
         started = time.monotonic()
         assert deploy.wait(15) == 0
         assert time.monotonic() - started < 10, log.read_text()  # the hung start had 30 s to come up
-        assert not any(pid_alive(pid) for pid in pids)
+        deadline = time.monotonic() + 5
+        while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not [pid for pid in pids if pid_alive(pid)], "deploy left the hung restart (or another) running"
     finally:
         if deploy.poll() is None:
             deploy.kill()
             deploy.wait()
+        for pid in pids:  # whatever deploy could not stop, the test does
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_the_demo_indexes_searches_survives_a_killed_replica_and_stops_everything():
@@ -201,8 +213,17 @@ def test_deploy_takes_a_uses_after(tmp_path):
         sent = shardnet("send", address, "--endpoint", "/tag", "--text", "x")
         assert sent.returncode == 0, sent.stderr
     finally:
+        children = _children(process.pid) if process.poll() is None else []
         process.send_signal(signal.SIGTERM)
-        assert process.wait(20) == 0, log.read_text()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        for pid in children:  # a deploy killed while hung cannot stop its children: do it for it
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert process.returncode == 0, log.read_text()
 
 
 def test_sigterm_while_deploy_is_starting_stops_what_it_started(tmp_path):

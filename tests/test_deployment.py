@@ -287,18 +287,19 @@ def test_a_worker_that_cannot_be_launched_is_tried_again_later_and_the_others_ke
 def test_stop_leaves_nothing_running_while_another_thread_keeps_reviving():
     """A library user's own supervisor thread must not launch again what stop() is stopping."""
     deployment = Deployment(executors.Pid, replicas=2, name="raced").start()
-    stopped = threading.Event()
+    stopped, looking = threading.Event(), threading.Event()
 
     def supervise() -> None:
         while not stopped.is_set():
             with contextlib.suppress(ProcessError):  # "not running", once stop() is through
                 deployment.revive(wait=False)
+            looking.set()
             time.sleep(0.01)
 
     supervisor = threading.Thread(target=supervise)
     supervisor.start()
     try:
-        time.sleep(0.2)
+        assert looking.wait(10)  # the supervisor is in its loop before stop() begins
         deployment.stop()
         time.sleep(0.5)  # looks the supervisor takes after stop(): none may launch anything
         assert not [process.role for process in deployment._spawned if process.alive]

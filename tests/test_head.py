@@ -329,8 +329,7 @@ async def test_a_renewal_or_deactivate_during_an_expiry_pass_is_honoured_and_exp
     for n in range(300):
         activate.add_related_entity(f"w{n}", "127.0.0.1", 20000 + n, shard_id=0)
     await oneshot.call_once("control", activate, head.server.address, timeout=30)
-    while len(replicas().get_all_connections()) == 300:  # until the pass has begun
-        await asyncio.sleep(0)
+    await eventually(lambda: len(replicas().get_all_connections()) < 300, timeout=5.0, interval=0)  # the pass began
     await oneshot.deactivate_worker("127.0.0.1", 20298, head.server.address, shard_id=0)
     await oneshot.activate_worker("127.0.0.1", 20299, head.server.address, shard_id=0)  # a renewal, mid-pass
     await eventually(lambda: len(replicas().get_all_connections()) == 1, timeout=5.0)
