@@ -13,6 +13,7 @@ import logging
 import os
 from typing import Any, AsyncIterator, Callable, Optional
 
+import grpc
 import pytest
 import trustme
 from k8s_apiserver import FakeApiServer, endpoint_slice, pod, write_kubeconfig
@@ -737,3 +738,34 @@ async def test_a_head_fed_by_discovery_is_alive_but_not_ready_until_its_first_li
 
 async def _is(awaitable, expected: Any) -> bool:
     return await awaitable == expected
+
+
+async def test_a_head_fed_by_discovery_refuses_membership_changes_and_pods_beyond_its_shards(
+    api_server: FakeApiServer, kubeconfig: str, caplog
+) -> None:
+    """Kubernetes owns such a head's workers: an ACTIVATE from any pod would route the deployment's requests to
+    it, a DEACTIVATE would drop a Ready pod that no relist brings back; a pod of a shard the head does not
+    have (left running after a resharding) is not routed to, and said so."""
+    async with EchoServer("replica-a") as a, EchoServer("stale") as stale, EchoServer("intruder") as intruder:
+        api_server.apply("pods", pod("a", ip="127.0.0.1", port=a.port))
+        api_server.apply("pods", pod("stale", shard_id="2", ip="127.0.0.1", port=stale.port))
+        pool = K8sGrpcConnectionPool(NS, kubeconfig=kubeconfig, watch=FAST, sources=("pods",))
+        head = Head("dep", pool=pool, shards=2)
+        await head.start()
+        try:
+            await pool.wait_synced(timeout=5)
+            address = head.server.address
+            for change in (oneshot.activate_worker, oneshot.deactivate_worker):
+                target = intruder if change is oneshot.activate_worker else a
+                with pytest.raises(ReplicaError) as refused:
+                    await change("127.0.0.1", target.port, address, shard_id=0)
+                assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+                assert "takes its workers from Kubernetes discovery" in str(refused.value)
+            assert replicas(pool) == {a.address}
+            assert pool.get_replicas("dep", shard_id=2) is None
+            assert f"replica {stale.address} is of shard 2, but the deployment has shards 0..1" in caplog.text
+            answers = [await oneshot.call_once("single_data", DataRequest(endpoint="/x"), address, timeout=5)
+                       for _ in range(3)]
+            assert {dict(tuple(trailing))["served-by"] for _, trailing in answers} == {"replica-a"}
+        finally:
+            await head.stop(0.5)

@@ -167,12 +167,13 @@ def test_containers_run_the_shardnet_commands() -> None:
     assert container(head)["command"] + container(head)["args"] == [
         "shardnet", "head", "--deployment", "search", "--host", "0.0.0.0", "--port", "50051",
         "--polling", '{"/search": "ALL", "*": "ANY"}', "--k8s-namespace", "prod-7", "--balancer", "round_robin",
-        "--shards", "3",
+        "--shards", "3", "--max-message-mb", "64.0",
     ]  # fmt: skip
     for shard, worker in enumerate(sorted(workers, key=lambda w: w["metadata"]["name"])):
         assert container(worker)["command"] + container(worker)["args"] == [
             "shardnet", "worker", "--uses", "acme.search:Indexer", "--host", "0.0.0.0", "--port", "50051",
             "--shard-id", str(shard), "--name", f"search/shard-{shard}", "--workspace", "/workspace",
+            "--max-message-mb", "64.0",
         ]  # fmt: skip
 
 
@@ -206,16 +207,37 @@ def test_the_heads_admission_limit_and_request_streams_switch_reach_its_command_
 
 
 def test_a_message_limit_reaches_the_head_and_every_worker() -> None:
-    spec = DeploymentSpec(name="big", image="i", uses="m:C", shards=2, max_message_mb=512)
+    roomy = {"head_resources": Resources(memory_limit=None), "worker_resources": Resources(memory_limit="8Gi")}
+    spec = DeploymentSpec(name="big", image="i", uses="m:C", shards=2, max_message_mb=512, **roomy)
     head, workers = head_and_workers(render(spec), "Deployment")
     for deployment in [head, *workers]:
         assert build_parser().parse_args(container(deployment)["args"]).max_message_mb == 512
-    exact, _ = head_and_workers(render(DeploymentSpec(name="e", image="i", uses="m:C", max_message_mb=1234.5678)), "Deployment")
-    assert build_parser().parse_args(container(exact)["args"]).max_message_mb == 1234.5678  # not rounded
-    default_head, _ = head_and_workers(render(SPECS["defaults"]), "Deployment")
-    assert "--max-message-mb" not in container(default_head)["args"]
+    exact = DeploymentSpec(name="e", image="i", uses="m:C", max_message_mb=12.345678)
+    exact_head, _ = head_and_workers(render(exact), "Deployment")
+    assert build_parser().parse_args(container(exact_head)["args"]).max_message_mb == 12.345678  # not rounded
+    for deployment in head_and_workers(render(SPECS["defaults"]), "Deployment")[0:1]:
+        assert build_parser().parse_args(container(deployment)["args"]).max_message_mb == 64  # what the limits hold
     with pytest.raises(ConfigurationError, match="max_message_mb must be a number of megabytes above 0 and at most 2047"):
         DeploymentSpec(name="big", image="i", uses="m:C", max_message_mb=2048)
+
+
+def test_a_memory_limit_one_largest_message_would_exceed_is_refused() -> None:
+    """One legal request must not OOM-kill a container: a head holds a request about 5 times over at its peak,
+    a worker 8 (measured with 64 MB through the real processes), over a base of 64 MiB."""
+    with pytest.raises(ConfigurationError) as refused:
+        DeploymentSpec(name="big", image="i", uses="m:C", max_message_mb=256)  # the processes' own default
+    assert str(refused.value) == (
+        "a head memory limit of 512Mi (--head-memory-limit) is too small for messages of 256 MB (--max-message-mb): "
+        "one such request takes a head about 1285 MiB at its peak (5 copies of it over 64 MiB), and the container "
+        "would be OOM-killed with every request on it; raise the limit to 1285Mi, lower --max-message-mb to 93 or "
+        "less, or drop the limit ('none')"
+    )
+    with pytest.raises(ConfigurationError, match=r"a worker memory limit of 1Gi \(--memory-limit\) .*\(8 copies"):
+        DeploymentSpec(name="big", image="i", uses="m:C", max_message_mb=128, head_resources=Resources(memory_limit="1Gi"))
+    DeploymentSpec(  # each limit just holds it, or there is none
+        name="big", image="i", uses="m:C", max_message_mb=256,
+        head_resources=Resources(memory_limit="1285Mi"), worker_resources=Resources(memory_limit=None),
+    )
 
 
 @pytest.mark.parametrize(

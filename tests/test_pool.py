@@ -63,6 +63,16 @@ async def test_all_goes_to_one_replica_of_every_shard(pool, echo_servers):
     assert len(pool.send_request(DataRequest(), "dep", polling_type="ALL")) == 3
 
 
+async def test_declared_shards_refuse_a_replica_beyond_them(pool):
+    pool.declare_shards("dep", 2)
+    pool.add_connection("dep", "127.0.0.1:7", shard_id=1)
+    pool.add_connection("dep", "127.0.0.1:8", head=True)  # a head is no shard
+    with pytest.raises(ConfigurationError, match=r"'dep': replica 127.0.0.1:9 is of shard 2, but .* shards 0..1"):
+        pool.add_connection("dep", "127.0.0.1:9", shard_id=2)
+    assert pool.shard_ids("dep") == [0, 1]
+    pool.add_connection("other", "127.0.0.1:9", shard_id=5)  # undeclared deployments take any shard
+
+
 async def test_any_to_a_given_shard(pool, echo_servers):
     shard0, shard1 = await echo_servers(2, names=["s0", "s1"])
     pool.add_connection("dep", shard0.address, shard_id=0)

@@ -43,8 +43,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     parser.add_argument("--port", type=int, default=8080, help="gRPC port of every container (default: %(default)s)")
     parser.add_argument("--cpu", default=Resources.cpu, help="CPU request of each worker (default: %(default)s)")
     parser.add_argument(
-        "--max-message-mb", type=message_megabytes, default=None,
-        help="largest message the head and workers take, in MB (default 256)",
+        "--max-message-mb", type=message_megabytes, default=DeploymentSpec.max_message_mb,
+        help="largest message the head and workers take, in MB; the memory limits must hold one (a head about 5 "
+             "copies, a worker 8, over 64 MiB) (default: %(default)g)",
     )
     parser.add_argument("--memory", default=Resources.memory, help="memory request of each worker (default: %(default)s)")
     parser.add_argument(

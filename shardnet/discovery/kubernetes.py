@@ -274,6 +274,9 @@ class _Ledger:
             return
         try:
             self._pool.add_connection(member.deployment, member.address, head=member.head, shard_id=member.shard_id)
+        except ConfigurationError as exc:  # a pod the deployment's shape has no room for: said, not a crash
+            logger.warning("not routing to a discovered pod: %s", exc)
+            return
         except Exception:  # a bad address must not stop the watch
             logger.exception("could not add replica %s of %r", member.address, member.deployment)
             return

@@ -25,6 +25,7 @@ removes a deployment.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -137,6 +138,12 @@ class Resources:
 
 HEAD_RESOURCES = Resources(cpu="100m", memory="128Mi", memory_limit="512Mi")
 
+# What one request of the largest size costs a process at its peak, in copies of it, over a base: measured with
+# a 64 MB request through a head (+265 MiB over 54) to an Echo worker (+450 MiB), as gRPC, Python and protobuf
+# each hold their own. A memory limit below that lets one legal request OOM-kill the container and all it serves.
+PROCESS_BASE_MIB = 64
+MESSAGE_COPIES = MappingProxyType({"head": 5, "worker": 8})
+
 
 @dataclass(frozen=True)
 class DeploymentSpec:
@@ -167,7 +174,7 @@ class DeploymentSpec:
     head_resources: Resources = HEAD_RESOURCES
     termination_grace_seconds: int = 30
     pre_stop_seconds: int = 5
-    max_message_mb: Optional[float] = None  # None: the processes' default (256)
+    max_message_mb: float = 64.0  # under the processes' own default (256): what the default memory limits hold
     max_in_flight: Optional[int] = None  # the head refuses requests past it; None: no limit
     request_streams: bool = True  # the head sends its workers single requests on shared streams
 
@@ -196,8 +203,8 @@ class DeploymentSpec:
         if not isinstance(self.polling, str):
             raise ConfigurationError(f"polling must be ANY, ALL or a JSON map as text, got {self.polling!r}")
         PollingMap.parse(self.polling)  # raises ConfigurationError naming what is wrong
-        if self.max_message_mb is not None:
-            check_max_message_mb(self.max_message_mb)
+        check_max_message_mb(self.max_message_mb)
+        self._check_memory_holds_a_message()
         if self.max_in_flight is not None:
             check_count(self.max_in_flight, "max_in_flight", 1)
         check_flag(self.request_streams, "request_streams")
@@ -214,6 +221,28 @@ class DeploymentSpec:
                 f"pre_stop_seconds must be an integer >= 0 and below termination_grace_seconds "
                 f"({self.termination_grace_seconds}), got {self.pre_stop_seconds!r}"
             )
+
+    def _check_memory_holds_a_message(self) -> None:
+        """Refuse a memory limit that one request of ``max_message_mb`` would exceed (MESSAGE_COPIES)."""
+        for role, resources, flag in (
+            ("head", self.head_resources, "--head-memory-limit"),
+            ("worker", self.worker_resources, "--memory-limit"),
+        ):
+            if not isinstance(resources, Resources) or resources.memory_limit is None:
+                continue
+            message_mib = self.max_message_mb * 1e6 / 2**20
+            needed = math.ceil(PROCESS_BASE_MIB + MESSAGE_COPIES[role] * message_mib)
+            limit_mib = float(_quantity_value(resources.memory_limit)) / 2**20
+            if limit_mib < needed:
+                fits = max(0.0, (limit_mib - PROCESS_BASE_MIB) / MESSAGE_COPIES[role] * 2**20 / 1e6)
+                raise ConfigurationError(
+                    f"a {role} memory limit of {resources.memory_limit} ({flag}) is too small for messages of "
+                    f"{self.max_message_mb:g} MB (--max-message-mb): one such request takes a {role} about "
+                    f"{needed} MiB at its peak ({MESSAGE_COPIES[role]} copies of it over {PROCESS_BASE_MIB} "
+                    f"MiB), and the container would be OOM-killed with every request on it; raise the limit to "
+                    f"{needed}Mi, lower --max-message-mb to {math.floor(fits)} or less, or drop the limit "
+                    "('none')"
+                )
 
     @property
     def polling_argument(self) -> str:
@@ -391,8 +420,8 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
             "--workspace", WORKSPACE,
         ]  # fmt: skip
         volumes = {"tmp": "/tmp", "workspace": WORKSPACE}
-    if spec.max_message_mb is not None:  # head and workers alike: the head passes its workers' answers on
-        args += ["--max-message-mb", repr(float(spec.max_message_mb))]  # exactly what was given
+    # head and workers alike (the head passes its workers' answers on), exactly what was given
+    args += ["--max-message-mb", repr(float(spec.max_message_mb))]
 
     def probe(period: int, timeout: int, failures: int, service: str = "") -> dict[str, Any]:
         # the standard grpc.health.v1 service: "" is the server's overall status (alive), READY_SERVICE

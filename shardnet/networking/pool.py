@@ -76,6 +76,7 @@ class _Deployment:
     head: Optional[ReplicaList] = None
     shards: dict[int, ReplicaList] = field(default_factory=dict)
     next_shard: int = 0
+    declared: int = 0  # shards 0..declared-1 expected (declare_shards); 0: any shard may join
 
 
 class GrpcConnectionPool:
@@ -163,12 +164,22 @@ class GrpcConnectionPool:
         A malformed address raises ConfigurationError and leaves the pool as it was.
         """
         parse_address(address)  # before any map entry is made for it
+        entry = self._deployments.get(deployment)
+        if not head and entry is not None and entry.declared and (shard_id or 0) >= entry.declared:
+            # a replica of another shape (a shard left running after a resharding): ALL would fan out to it
+            raise ConfigurationError(
+                f"deployment {deployment!r}: replica {address} is of shard {shard_id}, but the deployment has "
+                f"shards 0..{entry.declared - 1}"
+            )
         self._replica_list(deployment, head, shard_id or 0).add_connection(address)
 
     def declare_shards(self, deployment: str, count: int) -> None:
-        """Make shards ``0..count-1`` known before any replica joins, so ALL reports the missing ones."""
+        """Make shards ``0..count-1`` known before any replica joins, so ALL reports the missing ones; from then
+        on a replica of a shard beyond them is refused (ConfigurationError)."""
         for shard_id in range(count):
             self._replica_list(deployment, False, shard_id)
+        if count:
+            self._deployments[deployment].declared = count
 
     async def remove_connection(
         self, deployment: str, address: str, head: bool = False, shard_id: Optional[int] = None

@@ -366,6 +366,14 @@ class Head:
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED, self._guard.refusal(context, f"{command} on head of {self.deployment!r}")
             )
+        if self._discovery_synced is not None:
+            # Kubernetes owns this head's membership: a DEACTIVATE would drop a Ready pod no relist brings back,
+            # and an ACTIVATE from any pod of the cluster would route the deployment's requests to it
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{command} refused: the head of {self.deployment!r} takes its workers from Kubernetes discovery; "
+                "scale or remove their pods instead",
+            )
         changes = []
         dial_tls = self.pool.tls is not None  # a head given TLS material dials its workers over TLS
         for entity in request.related_entities:
