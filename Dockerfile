@@ -1,6 +1,10 @@
 # The shardnet image: `docker build -t shardnet:0.1.0 .`, then `docker run shardnet:0.1.0 worker --uses MODULE:CLASS`.
-# Add your own Executor with `FROM shardnet:0.1.0` and `pip install` it; the manifests of
-# `shardnet k8s render` run this image as uid 10001 with a read-only root filesystem.
+# Add your own Executor in an image of your own; this one ends as uid 10001, which may not install packages:
+#     FROM shardnet:0.1.0
+#     USER root
+#     RUN pip install your-package
+#     USER 10001:10001
+# The manifests of `shardnet k8s render` run the image as uid 10001 with a read-only root filesystem.
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -344,6 +346,28 @@ def test_bad_arguments_exit_non_zero_with_a_clear_message(arguments, message):
     assert message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     assert "ready on" not in result.stdout
+
+
+def test_a_port_below_1024_it_cannot_take_says_such_ports_may_be_refused_to_the_user():
+    with contextlib.ExitStack() as stack:
+        port = None
+        for candidate in range(1023, 899, -1):  # held here (as root), or refused to this user: either way taken
+            holder = stack.enter_context(socket.socket())
+            try:
+                holder.bind(("127.0.0.1", candidate))
+            except PermissionError:
+                port = candidate
+                break
+            except OSError:
+                continue
+            holder.listen()
+            port = candidate
+            break
+        assert port is not None
+        result = shardnet("worker", "--uses", f"{EXECUTORS}:Tagger", "--port", str(port))
+    assert result.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr and "below 1024" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_port_already_taken_by_another_worker_is_refused(tmp_path):

@@ -167,13 +167,13 @@ def test_containers_run_the_shardnet_commands() -> None:
     assert container(head)["command"] + container(head)["args"] == [
         "shardnet", "head", "--deployment", "search", "--host", "0.0.0.0", "--port", "50051",
         "--polling", '{"/search": "ALL", "*": "ANY"}', "--k8s-namespace", "prod-7", "--balancer", "round_robin",
-        "--shards", "3", "--max-message-mb", "64.0",
+        "--shards", "3", "--max-message-mb", "64.0", "--drain-seconds", "20",
     ]  # fmt: skip
     for shard, worker in enumerate(sorted(workers, key=lambda w: w["metadata"]["name"])):
         assert container(worker)["command"] + container(worker)["args"] == [
             "shardnet", "worker", "--uses", "acme.search:Indexer", "--host", "0.0.0.0", "--port", "50051",
             "--shard-id", str(shard), "--name", f"search/shard-{shard}", "--workspace", "/workspace",
-            "--max-message-mb", "64.0",
+            "--max-message-mb", "64.0", "--drain-seconds", "20",
         ]  # fmt: skip
 
 
@@ -273,6 +273,53 @@ def test_pods_are_locked_down_and_drain_before_they_stop() -> None:
     assert head["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 60
 
 
+def test_startup_time_and_grace_reach_the_probes_and_the_drain() -> None:
+    """An Executor that loads for 10 minutes, requests that run a minute: the startup probe waits that long, and
+    each process drains for what the grace leaves after the preStop pause, less a margin to exit in."""
+    spec = DeploymentSpec(name="slow", image="i", uses="m:C", startup_seconds=601, termination_grace_seconds=90)
+    for deployment in by_kind(render(spec), "Deployment"):
+        served = container(deployment)
+        probe = served["startupProbe"]
+        assert probe["periodSeconds"] * probe["failureThreshold"] >= 601
+        assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 90
+        assert build_parser().parse_args(served["args"]).drain_seconds == 90 - 5 - 5
+    default = container(head_and_workers(render(SPECS["defaults"]), "Deployment")[0])
+    assert default["startupProbe"]["periodSeconds"] * default["startupProbe"]["failureThreshold"] == 180
+    assert build_parser().parse_args(default["args"]).drain_seconds == 20
+
+
+def test_cli_takes_startup_and_grace_seconds(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["k8s", "render", "--name", "s", "--image", "i", "--startup-seconds", "600", "--grace-seconds", "120"]) == 0
+    [head, *_] = [o for o in yaml.safe_load_all(capsys.readouterr().out) if o["kind"] == "Deployment"]
+    assert head["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120
+    assert container(head)["startupProbe"]["failureThreshold"] == 300
+
+
+def test_the_demo_indexer_with_replicas_is_rendered_with_a_note(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["k8s", "render", "--name", "d", "--image", "i", "--replicas", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "TextIndexer keeps its index in its pod's own emptyDir" in err and "--replicas 1" in err
+    for quiet in (["--replicas", "1"], ["--replicas", "2", "--uses", "mypkg.search:Indexer"]):
+        assert main(["k8s", "render", "--name", "d", "--image", "i", *quiet]) == 0
+        assert capsys.readouterr().err == ""
+
+
+def test_images_built_on_ours_install_as_root_and_the_build_context_is_only_what_is_copied() -> None:
+    root = Path(__file__).parents[1]
+    dockerfile = (root / "Dockerfile").read_text()
+    readme = (root / "README.md").read_text()
+    derived = ["USER root", "RUN pip install mypkg", f"USER {RUN_AS}:{RUN_AS}"]  # uid 10001 may not pip install
+    for lines, package in ((readme.splitlines(), "mypkg"), (dockerfile.splitlines(), "your-package")):
+        lines = [line.lstrip("#").strip() for line in lines]
+        expected = [line.replace("mypkg", package) for line in derived]
+        assert any(lines[i:i + 3] == expected for i in range(len(lines))), package
+    ignored = (root / ".dockerignore").read_text().split("\n")
+    assert "*" in ignored  # virtual environments of gigabytes stay out of the context
+    copied = [line.split()[1:-1] for line in dockerfile.splitlines() if line.startswith("COPY ")]
+    for source in (source for sources in copied for source in sources):
+        assert f"!{source}" in ignored, source
+
+
 def test_pods_run_as_the_dockerfile_user() -> None:
     """runAsNonRoot needs the image's USER to be the numeric uid the pods ask for."""
     dockerfile = (Path(__file__).parents[1] / "Dockerfile").read_text().splitlines()
@@ -321,7 +368,10 @@ def test_yaml_quotes_label_values_and_shares_no_anchors() -> None:
         ({"image": ""}, "image"),
         ({"image": "shardnet 0.1"}, "without spaces"),
         ({"balancer": "random"}, "unknown balancer 'random'"),
-        ({"port": 70000}, "port must be an integer in 1..65535"),
+        ({"port": 70000}, "port must be an integer in 1024..65535"),
+        ({"port": 443}, "cannot listen below 1024"),
+        ({"startup_seconds": 1}, "startup_seconds must be an integer >= 2"),
+        ({"startup_seconds": 2.5}, "startup_seconds must be an integer"),
         ({"pre_stop_seconds": 30}, "below termination_grace_seconds"),
     ],
 )

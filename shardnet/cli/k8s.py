@@ -10,7 +10,7 @@ from typing import Optional
 
 from shardnet.cli.options import add_head_traffic_arguments, message_megabytes
 from shardnet.errors import ConfigurationError
-from shardnet.manifests.kubernetes import HEAD_RESOURCES, DeploymentSpec, Resources, render, render_components, to_yaml
+from shardnet.manifests.kubernetes import DRAIN_MARGIN, HEAD_RESOURCES, DeploymentSpec, Resources, render, render_components, to_yaml
 
 DEFAULT_USES = "shardnet.examples.text_index:TextIndexer"
 
@@ -40,7 +40,18 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     parser.add_argument("--namespace", default="default", help="namespace of every object (default: %(default)s)")
     parser.add_argument("--balancer", default="p2c_ewma", help="the head's replica balancer (default: %(default)s)")
     add_head_traffic_arguments(parser)
-    parser.add_argument("--port", type=int, default=8080, help="gRPC port of every container (default: %(default)s)")
+    parser.add_argument(
+        "--port", type=int, default=8080, help="gRPC port of every container, 1024 or above (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--startup-seconds", type=int, default=DeploymentSpec.startup_seconds,
+        help="how long loading the Executor may take before Kubernetes restarts a pod (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--grace-seconds", type=int, default=DeploymentSpec.termination_grace_seconds,
+        help="a stopping pod's grace: the preStop pause, then in-flight requests get all but "
+             f"{DRAIN_MARGIN} s of the rest (default: %(default)s)",
+    )
     parser.add_argument("--cpu", default=Resources.cpu, help="CPU request of each worker (default: %(default)s)")
     parser.add_argument(
         "--max-message-mb", type=message_megabytes, default=DeploymentSpec.max_message_mb,
@@ -94,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         namespace=args.namespace,
         balancer=args.balancer,
         port=args.port,
+        startup_seconds=args.startup_seconds,
+        termination_grace_seconds=args.grace_seconds,
         worker_resources=Resources(
             cpu=args.cpu, memory=args.memory, memory_limit=args.memory_limit, cpu_limit=args.cpu_limit
         ),
@@ -102,6 +115,13 @@ def run(args: argparse.Namespace) -> int:
         max_in_flight=args.max_in_flight,
         request_streams=args.request_streams,
     )
+    if spec.uses == DEFAULT_USES and spec.replicas > 1:
+        print(
+            f"shardnet k8s: note: the demo's TextIndexer keeps its index in its pod's own emptyDir; with "
+            f"{spec.replicas} replicas per shard a search sees only what its replica indexed (give --uses your "
+            "Executor, or --replicas 1)",
+            file=sys.stderr,
+        )
     if args.output is None:
         sys.stdout.write(to_yaml(render(spec)))
         return 0

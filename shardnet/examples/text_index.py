@@ -1,7 +1,9 @@
 """``TextIndexer``: a sharded text index that searches by token overlap.
 
-``/index`` stores documents in the shard's file in the workspace, so every
-replica of a shard sees what any of them indexed; ``/search`` scores each
+``/index`` stores documents in the shard's file in the workspace, so the
+replicas of a shard that share a workspace (as ``shardnet deploy`` and the
+demo run them; not pods with an ``emptyDir`` each) see what any of them
+indexed; ``/search`` scores each
 stored document by the Jaccard overlap of its tokens with the query's and
 returns the ``top_k`` best as matches. Run ``/index`` with ANY polling (each
 document lands in one shard) and ``/search`` with ALL (every shard answers,

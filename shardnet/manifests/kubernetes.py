@@ -142,6 +142,8 @@ HEAD_RESOURCES = Resources(cpu="100m", memory="128Mi", memory_limit="512Mi")
 # a 64 MB request through a head (+265 MiB over 54) to an Echo worker (+450 MiB), as gRPC, Python and protobuf
 # each hold their own. A memory limit below that lets one legal request OOM-kill the container and all it serves.
 PROCESS_BASE_MIB = 64
+STARTUP_PERIOD = 2  # seconds between startup probes
+DRAIN_MARGIN = 5  # seconds of the grace left to a process after its drain, to exit before SIGKILL
 MESSAGE_COPIES = MappingProxyType({"head": 5, "worker": 8})
 
 
@@ -172,8 +174,9 @@ class DeploymentSpec:
     head_replicas: int = 1
     worker_resources: Resources = field(default_factory=Resources)
     head_resources: Resources = HEAD_RESOURCES
-    termination_grace_seconds: int = 30
+    termination_grace_seconds: int = 30  # what a stopping pod has: preStop, then the drain, then SIGKILL
     pre_stop_seconds: int = 5
+    startup_seconds: int = 180  # how long loading an Executor may take before Kubernetes restarts the pod
     max_message_mb: float = 64.0  # under the processes' own default (256): what the default memory limits hold
     max_in_flight: Optional[int] = None  # the head refuses requests past it; None: no limit
     request_streams: bool = True  # the head sends its workers single requests on shared streams
@@ -210,8 +213,15 @@ class DeploymentSpec:
         check_flag(self.request_streams, "request_streams")
         if self.balancer not in BALANCERS:
             raise ConfigurationError(f"unknown balancer {self.balancer!r}: choose one of {', '.join(BALANCERS)}")
-        if not _is_count(self.port) or not 1 <= self.port <= 65535:
-            raise ConfigurationError(f"port must be an integer in 1..65535, got {self.port!r}")
+        if not _is_count(self.port) or not 1024 <= self.port <= 65535:
+            raise ConfigurationError(
+                f"port must be an integer in 1024..65535, got {self.port!r}: the pods run as uid {RUN_AS} with every "
+                "capability dropped, and such a process cannot listen below 1024"
+            )
+        if not _is_count(self.startup_seconds) or self.startup_seconds < STARTUP_PERIOD:
+            raise ConfigurationError(
+                f"startup_seconds must be an integer >= {STARTUP_PERIOD}, got {self.startup_seconds!r}"
+            )
         if not _is_count(self.termination_grace_seconds) or self.termination_grace_seconds < 1:
             raise ConfigurationError(
                 f"termination_grace_seconds must be an integer >= 1, got {self.termination_grace_seconds!r}"
@@ -243,6 +253,11 @@ class DeploymentSpec:
                     f"{needed}Mi, lower --max-message-mb to {math.floor(fits)} or less, or drop the limit "
                     "('none')"
                 )
+
+    @property
+    def drain_seconds(self) -> int:
+        """How long a process lets its in-flight requests finish on SIGTERM: the grace after preStop, less a margin."""
+        return max(1, self.termination_grace_seconds - self.pre_stop_seconds - DRAIN_MARGIN)
 
     @property
     def polling_argument(self) -> str:
@@ -421,7 +436,7 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
         ]  # fmt: skip
         volumes = {"tmp": "/tmp", "workspace": WORKSPACE}
     # head and workers alike (the head passes its workers' answers on), exactly what was given
-    args += ["--max-message-mb", repr(float(spec.max_message_mb))]
+    args += ["--max-message-mb", repr(float(spec.max_message_mb)), "--drain-seconds", str(spec.drain_seconds)]
 
     def probe(period: int, timeout: int, failures: int, service: str = "") -> dict[str, Any]:
         # the standard grpc.health.v1 service: "" is the server's overall status (alive), READY_SERVICE
@@ -437,7 +452,9 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
         "ports": [{"name": PORT_NAME, "containerPort": spec.port, "protocol": "TCP"}],
         "resources": (spec.head_resources if is_head else spec.worker_resources).to_k8s(),
         # loading an Executor may take minutes; liveness only starts once this has passed
-        "startupProbe": probe(period=2, timeout=2, failures=90),
+        "startupProbe": probe(
+            period=STARTUP_PERIOD, timeout=2, failures=math.ceil(spec.startup_seconds / STARTUP_PERIOD)
+        ),
         "readinessProbe": probe(period=5, timeout=2, failures=2, service=services.READY_SERVICE),
         "livenessProbe": probe(period=10, timeout=5, failures=6),
         "securityContext": {

@@ -173,7 +173,10 @@ class Server:
             else:
                 self.port = self._server.add_insecure_port(bind)
         except RuntimeError as exc:
-            raise ConfigurationError(f"cannot listen on {bind}: port in use or address not local ({exc})") from None
+            cause = "port in use or address not local"
+            if 0 < config.port < 1024:
+                cause += ", or this user may not listen below 1024"
+            raise ConfigurationError(f"cannot listen on {bind}: {cause} ({exc})") from None
         if config.unix_socket is not None:
             self._bind_unix(config.unix_socket)
         await self._server.start()
