@@ -788,3 +788,28 @@ def test_max_in_flight_must_be_a_whole_number_from_one():
         with pytest.raises(ConfigurationError, match="max_in_flight must be a whole number of at least 1"):
             Deployment(executors.Tagger, max_in_flight=bad)
     assert Deployment(executors.Tagger, max_in_flight=64)._head_options[-2:] == ["--max-in-flight", "64"]
+
+
+async def test_a_control_request_naming_too_many_workers_is_refused_whole(runtimes):
+    # each named worker costs the head a channel and some 10 KB: 30,000 in one ACTIVATE held its loop for seconds
+    from shardnet.runtimes.head import MAX_CONTROL_ENTITIES
+
+    head = await runtimes(Head("capped"))
+    request = ControlRequest("ACTIVATE")
+    for n in range(MAX_CONTROL_ENTITIES + 1):
+        request.add_related_entity(f"w{n}", "127.0.0.1", 1 + n, shard_id=0)
+    with pytest.raises(ReplicaError) as refused:
+        await oneshot.call_once("control", request, head.server.address, timeout=30)
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"names {MAX_CONTROL_ENTITIES + 1} workers, a head takes at most {MAX_CONTROL_ENTITIES}" in str(refused.value)
+    status = await oneshot.send_control("STATUS", head.server.address, timeout=5)
+    assert list(status.related_entities) == []
+
+
+async def test_a_worker_cannot_lease_itself_for_ever(runtimes):
+    from shardnet.runtimes.head import IMPLIED_LEASE_FACTOR, MAX_RENEWAL_INTERVAL
+
+    head = await runtimes(Head("leased"))
+    await oneshot.activate_worker("127.0.0.1", 40001, head.server.address, shard_id=0, renews_every=1e9)
+    _, lease = head._leases[("127.0.0.1:40001", 0)]
+    assert lease == IMPLIED_LEASE_FACTOR * MAX_RENEWAL_INTERVAL

@@ -1,5 +1,6 @@
 """Security: TLS and mutual TLS on every server and client path (control plane included), loopback by
-default, membership changes only for callers holding the token or a client certificate, no secret in a log.
+default, membership changes only for callers holding the token (or, where none is set, a client certificate),
+no secret in a log.
 
 Certificates come from ``trustme``; servers run in the test's loop, except where the command line or a
 process's log is what is tested.
@@ -12,6 +13,7 @@ import ipaddress
 import os
 import signal
 import socket
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,9 +92,8 @@ async def post(head_address: str, tls=None) -> str:
 
 
 async def test_mutual_tls_head_and_tls_worker_register_and_serve_over_tls(pki, runtimes):
-    """The worker joins over mTLS (its certificate is its credential, no token), the head dials it over TLS."""
-    head = await runtimes(Head("secure", ServerConfig(tls=pki.server_mutual, control_token="unused-here"),
-                               pool=GrpcConnectionPool(tls=pki.client)))
+    """The worker joins over mTLS (with no token set, its certificate is its credential), the head dials it over TLS."""
+    head = await runtimes(Head("secure", ServerConfig(tls=pki.server_mutual), pool=GrpcConnectionPool(tls=pki.client)))
     worker = await runtimes(
         Worker(Stamp.create(), ServerConfig(tls=pki.server_mutual), head=head.server.address, head_tls=pki.client)
     )
@@ -117,6 +118,24 @@ async def test_clients_without_the_right_credentials_reach_nothing(pki, runtimes
     assert await members(head.server.address, pki.client) == []  # nobody joined
     await oneshot.activate_worker(host, int(port), head.server.address, 0, tls=pki.client)
     assert await post(head.server.address, pki.client) == "stamped"
+
+
+async def test_a_mutual_tls_head_with_a_token_wants_it_beside_the_certificate(pki, runtimes, caplog):
+    """Every data client of a mutual-TLS head holds a certificate the client CA signed: with a token set, a
+    certificate alone must not change membership (it did: the token was ignored)."""
+    head = await runtimes(Head("secure", ServerConfig(tls=pki.server_mutual, control_token="s3cret-token"),
+                               pool=GrpcConnectionPool(tls=pki.client)))
+    worker = await runtimes(Worker(Stamp.create(), ServerConfig(tls=pki.server_mutual)))
+    host, port = worker.server.address.rsplit(":", 1)
+    for token in [None, "wrong-token"] * 10:
+        with pytest.raises(ReplicaError) as refused:
+            await oneshot.activate_worker(host, int(port), head.server.address, 0, token=token, tls=pki.client)
+        assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert await members(head.server.address, pki.client) == []
+    assert "secure: refused ACTIVATE from ipv4:127.0.0.1:" in caplog.text  # refusals are logged, with the caller
+    assert caplog.text.count("refused ACTIVATE") < 20  # at most once a second: a guesser cannot flood the log
+    await oneshot.activate_worker(host, int(port), head.server.address, 0, token="s3cret-token", tls=pki.client)
+    assert await members(head.server.address, pki.client) == [worker.server.address]
 
 
 async def test_tls_head_without_client_ca_wants_the_token_for_membership(pki, runtimes):
@@ -219,6 +238,72 @@ def _listening_hosts(port: int) -> set[str]:
     return hosts
 
 
+# -- exposure: said at start, refused where it would bridge ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "settings, warned",
+    [
+        ({}, "anyone who reaches 0.0.0.0:"),
+        ({"control_token": "s3cret-token"}, "the control token crosses the network in cleartext"),
+        ({"tls": "server", "control_token": "s3cret-token"}, "dials its workers in plaintext"),
+    ],
+)
+async def test_a_head_reachable_beyond_its_machine_says_what_it_exposes(pki, runtimes, caplog, settings, warned):
+    if settings.get("tls") == "server":
+        settings = {**settings, "tls": pki.server}
+    await runtimes(Head("exposed", ServerConfig(host="0.0.0.0", **settings)))
+    assert warned in caplog.text
+    assert caplog.text.count("exposed: ") == 1  # that one thing, nothing else
+
+
+async def test_a_head_on_loopback_or_fed_by_kubernetes_warns_of_nothing(pki, runtimes, caplog):
+    await runtimes(Head("quiet", ServerConfig(host="127.0.0.1")))
+    await runtimes(Head("quiet", ServerConfig(host="0.0.0.0", tls=pki.server, control_token="t"),
+                        pool=GrpcConnectionPool(tls=pki.trusting)))
+    assert "quiet: " not in caplog.text
+
+
+async def test_a_worker_sending_its_token_in_cleartext_over_a_network_says_so(runtimes, caplog):
+    for head in ("192.0.2.9:5", "localhost:5", "https://192.0.2.9:5"):  # nothing listens there
+        worker = await runtimes(Worker(Stamp.create(), head=head, control_token="s3cret-token"))
+        caplog.clear()
+        registering = asyncio.create_task(worker.register())
+        await asyncio.sleep(0)  # one step: register() says it before its first call, which is not waited for
+        registering.cancel()
+        await asyncio.gather(registering, return_exceptions=True)
+        cleartext = "sending the control token to head 192.0.2.9:5 in cleartext" in caplog.text
+        assert cleartext == (head == "192.0.2.9:5"), (head, caplog.text)
+        assert "s3cret-token" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "peer, local",
+    [
+        ("ipv4:127.0.0.1:40000", True),
+        ("ipv6:[::1]:40000", True),
+        ("ipv6:%5B::1%5D:40000", True),
+        ("unix:/tmp/head.sock", True),
+        ("ipv4:192.0.2.7:40000", False),
+        ("ipv6:[2001:db8::7]:40000", False),
+        ("ipv4:0.0.0.0:1", False),
+    ],
+)
+def test_who_counts_as_a_caller_on_the_heads_machine(peer, local):
+    from shardnet.runtimes.head import _on_this_machine
+
+    assert _on_this_machine(peer) is local
+
+
+async def test_activate_of_a_unix_socket_is_taken_from_this_machine_only(runtimes, tmp_path):
+    """A remote caller must not make the head a bridge to sockets only its machine reaches (the peer check is
+    above, for addresses this machine may not have); a local worker, as Deployment runs them, registers."""
+    worker = await runtimes(Worker(Stamp.create(), ServerConfig(unix_socket=str(tmp_path / "w.sock"))))
+    head = await runtimes(Head("local"))
+    await oneshot.activate_worker(worker.server.unix_address, 0, head.server.address, 0)
+    assert await members(head.server.address) == [f"{worker.server.unix_address}:0"]
+
+
 # -- secrets ------------------------------------------------------------------------------------------
 
 
@@ -256,6 +341,32 @@ def test_the_control_token_never_reaches_a_log(tmp_path):
     assert "DEBUG" in logs and "activated" in logs  # the logs are there, and verbose...
     assert token not in logs and wrong not in logs  # ...and hold no secret
     assert repr(ServerConfig(control_token=token)).count(token) == 0
+
+
+def test_the_control_token_from_a_file_or_the_command_line_which_warns_that_ps_shows_it(tmp_path):
+    secret = tmp_path / "token"
+    secret.write_text("tok-from-a-file\n")
+    for flags, warned in ((["--control-token-file", str(secret)], False), (["--control-token", "tok-from-a-file"], True)):
+        head = ShardnetProcess("head", ["head", "--deployment", "t", *flags], tmp_path / f"head{warned}.log",
+                               env=_child_environment())
+        try:
+            head.launch()
+            address = head.wait_ready()
+            with pytest.raises(ReplicaError):
+                oneshot.run_sync(oneshot.activate_worker("127.0.0.1", 40001, address, 0, token="tok-from-a-fil"))
+            oneshot.run_sync(oneshot.activate_worker("127.0.0.1", 40001, address, 0, token="tok-from-a-file"))
+        finally:
+            stop_all([head])
+        assert ("shows the secret to every user of this machine (ps)" in head.tail()) is warned, head.tail()
+    for flags, message in (
+        (["--control-token-file", str(tmp_path / "missing")], "cannot read the control token from"),
+        (["--control-token-file", str(tmp_path / "empty")], "is empty"),
+        (["--control-token-file", str(secret), "--control-token", "x"], "not allowed with argument"),
+    ):
+        (tmp_path / "empty").write_text("\n")
+        finished = subprocess.run([sys.executable, "-m", "shardnet", "head", "--deployment", "t", *flags],
+                                  capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        assert finished.returncode == 2 and message in finished.stderr, finished.stderr
 
 
 def _child_environment() -> dict:

@@ -224,3 +224,24 @@ async def test_a_one_off_call_in_plaintext_to_a_tls_server_points_at_tls(echo_se
     [server] = await echo_servers(1, credentials=tls.server.credentials())
     with pytest.raises(ReplicaError, match="if the server serves TLS, dial https://"):
         await oneshot.send_request_async(DataRequest(), server.address, timeout=5.0)
+
+
+def test_private_keys_stay_out_of_reprs_and_errors_and_open_key_files_are_warned_of(tls, tmp_path, caplog):
+    key = load_pem(tls.server.private_key)
+    for material in (tls.server, tls.server_mutual, tls.client):
+        assert key not in repr(material).encode() and b"PRIVATE KEY" not in repr(material).encode()
+    for slip in (lambda: GrpcConnectionPool(tls=tls.server), lambda: oneshot.send_request_sync(
+            DataRequest(), "127.0.0.1:1", tls=tls.server)):
+        with pytest.raises(ConfigurationError) as refused:  # a ServerTls where a ClientTls belongs
+            slip()
+        assert "PRIVATE KEY" not in str(refused.value) and "ServerTls" in str(refused.value)
+
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(load_pem(tls.server.certificate_chain))
+    for mode, warned in ((0o644, True), (0o600, False)):
+        path = tmp_path / f"key-{mode:o}.pem"
+        path.write_bytes(key)
+        path.chmod(mode)
+        caplog.clear()
+        ServerTls(certificate_chain=str(chain), private_key=str(path))
+        assert (f"server private key '{path}' is open to other users of this machine (mode 0644)" in caplog.text) is warned

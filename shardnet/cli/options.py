@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import logging
 import math
 import os
 import signal
@@ -15,6 +16,8 @@ from shardnet.errors import ConfigurationError
 from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_MB, check_control_token
 from shardnet.networking.tls import ClientTls, ServerTls
 from shardnet.runtimes.server import ServerConfig
+
+logger = logging.getLogger(__name__)
 
 TOKEN_VARIABLE = "SHARDNET_CONTROL_TOKEN"
 LOOPS = ("asyncio", "uvloop", "auto")
@@ -162,16 +165,39 @@ def add_head_traffic_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_token_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
+    given = parser.add_mutually_exclusive_group()
+    given.add_argument(
+        "--control-token-file",
+        metavar="PATH",
+        help=f"file holding the shared secret for ACTIVATE/DEACTIVATE (default: ${TOKEN_VARIABLE})",
+    )
+    given.add_argument(
         "--control-token",
         default=None,
-        help=f"shared secret for ACTIVATE/DEACTIVATE (default: ${TOKEN_VARIABLE})",
+        help="the secret itself; every user of the machine reads it in the process list: prefer the file or "
+             f"${TOKEN_VARIABLE}",
     )
 
 
 def control_token(args: argparse.Namespace) -> Optional[str]:
-    """``--control-token``, else ``SHARDNET_CONTROL_TOKEN``; refused (unquoted) when gRPC could not carry it."""
-    token = args.control_token or os.environ.get(TOKEN_VARIABLE) or None
+    """``--control-token-file``'s first line, ``--control-token`` (with a warning: ps shows it), else
+    ``SHARDNET_CONTROL_TOKEN``; refused (unquoted) when gRPC could not carry it."""
+    if args.control_token_file is not None:
+        try:
+            with open(args.control_token_file, encoding="utf-8") as handle:
+                token = handle.readline().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigurationError(f"cannot read the control token from {args.control_token_file!r}: {exc}") from None
+        if not token:
+            raise ConfigurationError(f"the control token file {args.control_token_file!r} is empty")
+    elif args.control_token:
+        logger.warning(
+            "--control-token shows the secret to every user of this machine (ps): give it in a file "
+            "(--control-token-file) or in $%s instead", TOKEN_VARIABLE,
+        )
+        token = args.control_token
+    else:
+        token = os.environ.get(TOKEN_VARIABLE) or None
     check_control_token(token)
     return token
 

@@ -136,6 +136,20 @@ def host_is_local(hostname: str) -> bool:
     return ip.is_loopback or ip.is_unspecified
 
 
+def host_is_loopback(hostname: str) -> bool:
+    """True for a name or address only this machine reaches (localhost, 127.0.0.0/8, ::1), unlike
+    ``host_is_local`` which also takes the unspecified address (0.0.0.0: every interface); never raises."""
+    if not isinstance(hostname, str):
+        return False
+    name = hostname.strip().strip("[]").lower()
+    if name in ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def is_remote_local_connection(first: str, second: str) -> bool:
     """True when ``first`` is a public (global) host and ``second`` a private or loopback one.
 

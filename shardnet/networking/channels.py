@@ -125,7 +125,7 @@ def tls_settings(https: bool, tls: Union[bool, ClientTls, None]) -> tuple[bool, 
     if isinstance(tls, bool):
         return bool(https) or tls, None
     if tls is not None and not isinstance(tls, ClientTls):
-        raise ConfigurationError(f"tls takes a ClientTls (or True/False, as in Jina), got {tls!r}")
+        raise ConfigurationError(f"tls takes a ClientTls (or True/False, as in Jina), got a {type(tls).__name__}")
     return bool(https), tls
 
 

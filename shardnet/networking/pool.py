@@ -52,7 +52,8 @@ def _check_policies(**given: tuple[Any, type]) -> None:
     """Each policy is an instance of its class (or None where that means the default): a wrong one fails here."""
     for name, (value, kind) in given.items():
         if value is not None and not isinstance(value, kind):
-            raise ConfigurationError(f"{name} must be an instance of {kind.__name__} (or None), got {value!r}")
+            # the type only: a ServerTls given for a ClientTls would print its private key
+            raise ConfigurationError(f"{name} must be an instance of {kind.__name__} (or None), got a {type(value).__name__}")
 
 
 def _check_retries(retries: Any) -> None:

@@ -9,17 +9,20 @@ later, as a failed bind or a failed handshake that says neither.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import ssl
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import grpc
 
 from shardnet.errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
 
 PemSource = Union[str, bytes, os.PathLike, None]
 
@@ -37,6 +40,20 @@ def _is_path(source: PemSource) -> bool:
 def _describe(source: PemSource, what: str) -> str:
     """Name TLS material in a message: ``what`` and its file, or that it was given in memory."""
     return f"{what} {os.fspath(source)!r}" if _is_path(source) else f"{what} (given in memory)"
+
+
+def _warn_if_others_may_read(source: PemSource, what: str) -> None:
+    """Log a warning for a private key file other users of the machine may read or write (as ssh refuses one)."""
+    if not _is_path(source):
+        return
+    try:
+        mode = os.stat(os.fspath(source)).st_mode
+    except OSError:
+        return  # reading it says why
+    if mode & 0o077:
+        logger.warning(
+            "%s is open to other users of this machine (mode %04o): chmod 600 it", _describe(source, what), mode & 0o777
+        )
 
 
 def load_pem(source: PemSource, what: str = "certificate") -> Optional[bytes]:
@@ -127,7 +144,7 @@ class ClientTls:
     """What a client presents and trusts: root certificates, and a client certificate for mTLS."""
 
     root_certificates: PemSource = None
-    private_key: PemSource = None
+    private_key: PemSource = field(default=None, repr=False)  # PEM text may be the key itself: never printed
     certificate_chain: PemSource = None
 
     def __post_init__(self) -> None:
@@ -140,6 +157,7 @@ class ClientTls:
         roots = load_pem(self.root_certificates, "root certificates")
         chain = load_pem(self.certificate_chain, "client certificate chain")
         key = load_pem(self.private_key, "client private key")
+        _warn_if_others_may_read(self.private_key, "client private key")
         if roots is not None:
             check_certificates(self.root_certificates, roots, "root certificates")
         if chain is not None and key is not None:
@@ -161,7 +179,7 @@ class ServerTls:
     """A server's certificate and key; with ``client_ca`` set, clients must present a certificate it signed."""
 
     certificate_chain: PemSource
-    private_key: PemSource
+    private_key: PemSource = field(repr=False)  # PEM text may be the key itself: never printed
     client_ca: PemSource = None
 
     def __post_init__(self) -> None:
@@ -180,6 +198,7 @@ class ServerTls:
             raise ConfigurationError(f"{needs}: no server {' and no '.join(missing)} given")
         chain = load_pem(self.certificate_chain, "server certificate chain")
         key = load_pem(self.private_key, "server private key")
+        _warn_if_others_may_read(self.private_key, "server private key")
         client_ca = load_pem(self.client_ca, "client CA")
         check_key_pair(self.certificate_chain, chain, self.private_key, key, "server")
         if client_ca is not None:

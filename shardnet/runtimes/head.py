@@ -17,6 +17,7 @@ import asyncio
 import math
 import logging
 import re
+import time
 import urllib.parse
 from typing import Any, Mapping, Optional, Sequence
 
@@ -24,7 +25,7 @@ import grpc
 import grpc.aio
 
 from shardnet.errors import ConfigurationError, MalformedReplyError, ProtocolError, ReplicaError, RoutingError
-from shardnet.networking.addresses import Address, entity_address, host_is_local, parse_address
+from shardnet.networking.addresses import Address, entity_address, host_is_local, host_is_loopback, parse_address
 from shardnet.networking.channels import message_size_options
 from shardnet.networking.policies import check_count, check_seconds
 from shardnet.networking.polling import PollingMap, PollingType
@@ -54,6 +55,20 @@ DISCOVERY_TIMEOUT = 5.0
 IMPLIED_LEASE_FACTOR = 5
 # how often implied leases are checked
 IMPLIED_LEASE_CHECK = 0.5
+# the longest renewal interval a worker may announce (its implied lease is IMPLIED_LEASE_FACTOR times it)
+MAX_RENEWAL_INTERVAL = 300.0
+# workers one ACTIVATE or DEACTIVATE may name (each costs the head a channel and some 10 KB)
+MAX_CONTROL_ENTITIES = 10_000
+# refused control calls are logged at most once per this many seconds, with how many there were
+REFUSAL_LOG_INTERVAL = 1.0
+
+
+def _on_this_machine(peer: str) -> bool:
+    """Whether a gRPC peer string ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000", "unix:...") is on this machine."""
+    kind, _, rest = urllib.parse.unquote(peer).partition(":")
+    if kind == "unix":
+        return True
+    return kind in ("ipv4", "ipv6") and host_is_loopback(rest.rsplit(":", 1)[0])
 
 
 def _time_left(context: grpc.aio.ServicerContext) -> Optional[float]:
@@ -160,6 +175,7 @@ class Head:
         self._expiry: Optional[asyncio.Task] = None
         mutual_tls = config.tls is not None and config.tls.client_ca is not None
         self._guard = ControlGuard(config.control_token, mutual_tls)
+        self._refused, self._refusal_logged = 0, -math.inf  # refused control calls not logged yet, and when last
         self.server = jina_server(config, self)
         # beside every request it forwards: a request coming back with it was routed to this head by itself
         self._via = (services.VIA_HEAD_METADATA, new_id())
@@ -363,6 +379,7 @@ class Head:
             context.set_trailing_metadata(self._retry_metadata() + self._replica_metadata())
             return self._status(request).to_bytes()
         if not self._guard.allows(context):
+            self._note_refusal(command, context.peer())
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED, self._guard.refusal(context, f"{command} on head of {self.deployment!r}")
             )
@@ -374,6 +391,13 @@ class Head:
                 f"{command} refused: the head of {self.deployment!r} takes its workers from Kubernetes discovery; "
                 "scale or remove their pods instead",
             )
+        if len(request.related_entities) > MAX_CONTROL_ENTITIES:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{command} refused: it names {len(request.related_entities)} workers, a head takes at most "
+                f"{MAX_CONTROL_ENTITIES} per request",
+            )
+        peer = context.peer()
         changes = []
         dial_tls = self.pool.tls is not None  # a head given TLS material dials its workers over TLS
         for entity in request.related_entities:
@@ -382,6 +406,13 @@ class Head:
             except ConfigurationError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{command} refused: {exc}")
             address = str(parsed)
+            if command == "ACTIVATE" and parsed.unix_path is not None and not _on_this_machine(peer):
+                # a socket only this machine reaches: a remote caller must not make the head a bridge to it
+                await context.abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"ACTIVATE refused: {address} is a Unix socket on the head's machine, and the caller ({peer}) "
+                    "is not on it",
+                )
             if command == "ACTIVATE" and self._is_own(parsed):
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT,
@@ -406,11 +437,14 @@ class Head:
                 if lease is not None:
                     self._renew_lease(address, shard_id or 0, lease)
                 if not known:  # workers repeat ACTIVATE every few seconds: log the news only
-                    logger.info("%s: activated %s in shard %s", self.deployment, address, shard_id or 0)
+                    logger.info("%s: activated %s in shard %s (by %s)", self.deployment, address, shard_id or 0, peer)
             else:
                 removed = await self.pool.remove_connection(self.deployment, address, shard_id=shard_id)
-                self._leases = {key: lease for key, lease in self._leases.items() if key[0] != address}
-                logger.info("%s: deactivated %s (%s)", self.deployment, address, "removed" if removed else "unknown")
+                for leased_shard in [shard_id] if shard_id is not None else self.pool.shard_ids(self.deployment):
+                    self._leases.pop((address, leased_shard), None)
+                logger.info(
+                    "%s: deactivated %s (%s, by %s)", self.deployment, address, "removed" if removed else "unknown", peer
+                )
         return request.to_bytes()
 
     def _is_own(self, address: Address) -> bool:
@@ -509,7 +543,9 @@ class Head:
             interval = float(offered)
         except ValueError:
             return None
-        return IMPLIED_LEASE_FACTOR * interval if 0 < interval < math.inf else None
+        if not 0 < interval < math.inf:
+            return None
+        return IMPLIED_LEASE_FACTOR * min(interval, MAX_RENEWAL_INTERVAL)  # no registration for ever
 
     def _renew_lease(self, address: str, shard_id: int, lease: float) -> None:
         loop = asyncio.get_running_loop()
@@ -565,7 +601,44 @@ class Head:
         await self.server.mark_ready()
         logger.info("%s: discovery listed its workers; ready", self.deployment)
 
+    def _note_refusal(self, command: str, peer: str) -> None:
+        """Log refused control calls, at most once per REFUSAL_LOG_INTERVAL (a guesser must not flood the log)."""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refusal_logged >= REFUSAL_LOG_INTERVAL:
+            logger.warning(
+                "%s: refused %s from %s for want of the control token (%d refused since the last such line)",
+                self.deployment, command, peer, self._refused,
+            )
+            self._refused, self._refusal_logged = 0, now
+
+    def _warn_of_exposure(self) -> None:
+        """Say at start where membership or the control token is exposed beyond this machine."""
+        config = self.server.config
+        if self._discovery_synced is not None or host_is_loopback(config.host):
+            return  # Kubernetes owns membership / only this machine reaches the head
+        where = f"{config.host}:{self.server.port}"
+        if self._guard.open:
+            logger.warning(
+                "%s: anyone who reaches %s may add or remove its workers (ACTIVATE/DEACTIVATE): set a control "
+                "token (SHARDNET_CONTROL_TOKEN, with TLS) or require client certificates (--tls-client-ca)",
+                self.deployment, where,
+            )
+        elif config.tls is None:
+            logger.warning(
+                "%s: the control token crosses the network in cleartext on %s (its workers send it with every "
+                "ACTIVATE): serve TLS too (--tls-cert, --tls-key)",
+                self.deployment, where,
+            )
+        if config.tls is not None and self.pool.tls is None:
+            logger.warning(
+                "%s: clients reach this head over TLS, but it dials its workers in plaintext: give it --root-ca "
+                "(and its workers TLS) unless they are on this machine",
+                self.deployment,
+            )
+
     def _begin(self) -> None:
+        self._warn_of_exposure()
         self.pool.start()
         loop = asyncio.get_running_loop()
         if self._lease is not None:

@@ -92,7 +92,8 @@ def unary_service(path: str, handler: RawHandler) -> grpc.GenericRpcHandler:
 
 
 class ControlGuard:
-    """Decides whether a caller may change membership: a bearer token, or a verified client certificate."""
+    """Decides whether a caller may change membership: the bearer token when one is set (a client certificate
+    alone does not do: every data client of a mutual-TLS head has one), else a verified client certificate."""
 
     def __init__(self, token: Optional[str], mutual_tls: bool):
         self._expected = f"Bearer {token}".encode() if token else None
@@ -102,24 +103,22 @@ class ControlGuard:
     def open(self) -> bool:
         return self._expected is None and not self._mutual_tls
 
+    @property
+    def has_token(self) -> bool:
+        return self._expected is not None
+
     def allows(self, context: grpc.aio.ServicerContext) -> bool:
-        if self.open:
-            return True
-        if self._mutual_tls and context.auth_context().get("x509_common_name"):
-            return True  # the TLS layer only lets certificates signed by the client CA through
         if self._expected is None:
-            return False
+            # open, or mutual TLS: its TLS layer lets only certificates signed by the client CA through
+            return True
         offered = dict(context.invocation_metadata()).get(AUTHORIZATION_METADATA, "")
         return hmac.compare_digest(offered.encode(), self._expected)
 
     def refusal(self, context: grpc.aio.ServicerContext, what: str) -> str:
-        """Why ``what`` is refused: no credential offered, or one that does not match (never which part)."""
-        if self._expected is None:
-            return f"{what} needs a client certificate signed by its client CA (it takes no control token)"
+        """Why ``what`` is refused: no token offered, or one that does not match (never which part)."""
         if AUTHORIZATION_METADATA in dict(context.invocation_metadata()):
             return f"{what}: the control token given does not match this one's (authorization: Bearer ...)"
-        credentials = "the control token (authorization: Bearer ...)"
-        return f"{what} needs {credentials}{' or a client certificate' if self._mutual_tls else ''}"
+        return f"{what} needs the control token (authorization: Bearer ...)"
 
 
 class Server:

@@ -24,7 +24,7 @@ import grpc.aio
 
 from shardnet.errors import PickleRefused, ProtocolError, ReplicaError
 from shardnet.networking import oneshot
-from shardnet.networking.addresses import entity_address
+from shardnet.networking.addresses import entity_address, host_is_loopback, parse_address
 from shardnet.networking.channels import check_control_token
 from shardnet.networking.streams import LIMIT_METADATA, StreamWriter, byte_count, status_message, status_of
 from shardnet.networking.tls import ClientTls
@@ -44,6 +44,12 @@ SETTLE_BOUND = 1.0
 
 # endpoints without a handler logged (once each); past that, one line says so and no more are kept or logged
 UNBOUND_LOGGED = 100
+
+
+def _cleartext_beyond_this_machine(head: str) -> bool:
+    """Whether a call to ``head`` (as ``--head`` gives it) crosses a network unencrypted."""
+    address = parse_address(head)
+    return not address.tls and address.unix_path is None and not host_is_loopback(address.host)
 
 
 def _tls_hint(error: ReplicaError) -> str:
@@ -378,6 +384,12 @@ class Worker:
         A head that is not up yet is retried by the refresh loop; a head that
         refuses us (a wrong token, say) stops the worker with that error.
         """
+        if self._control_token and self._head_tls is None and _cleartext_beyond_this_machine(self._head):
+            logger.warning(
+                "sending the control token to head %s in cleartext with every ACTIVATE: give the worker "
+                "--head-root-ca (and the head TLS) so that nobody on the way can read it",
+                self._head,
+            )
         try:
             await self._activate()
         except ReplicaError as exc:
