@@ -153,6 +153,15 @@ def test_a_file_that_fails_to_load_leaves_no_half_module_behind(tmp_path):
     assert "shardnet_user_broken_executor" not in sys.modules
 
 
+def test_a_jina_executor_file_is_named_as_one(tmp_path):
+    jina_style = tmp_path / "jina_executor.py"
+    jina_style.write_text("from jina import Executor, requests\n\nclass Probe(Executor):\n    pass\n")
+    with pytest.raises(ConfigurationError) as refused:
+        load_executor_class(f"{jina_style}:Probe")
+    assert "No module named 'jina'" in str(refused.value) and "it looks like a Jina Executor" in str(refused.value)
+    assert "from shardnet import Executor, requests" in str(refused.value)
+
+
 def test_load_executor_class_by_module_and_by_file_path():
     assert load_executor_class("shardnet.examples.text_index:TextIndexer").__name__ == "TextIndexer"
     reference = executor_reference(executors.Tagger)

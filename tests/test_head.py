@@ -465,6 +465,19 @@ async def test_all_over_three_shards_merges_by_document_id(runtimes):
     assert [w.executor.calls for w in workers] == [{"/search": 1}] * 3
 
 
+@pytest.mark.parametrize("polling", ["ANY", "ALL"])
+async def test_search_goes_to_every_shard_and_index_to_one_whatever_the_polling_as_on_a_jina_head(runtimes, polling):
+    workers = await shard_workers(runtimes, executors.ShardSearch, 2)
+    head = await head_over(runtimes, "search", workers, polling)
+    searched, _ = await send_with_trailing(head.server.address, "/search", [Document(id="q")])
+    assert searched.docs.ids == ["q", "only-shard-0", "only-shard-1"]
+    await send_with_trailing(head.server.address, "/index", [Document(id="d")])
+    assert sum(worker.executor.calls.get("/index", 0) for worker in workers) == 1
+    overridden = await head_over(runtimes, "search", workers, '{"/search": "ANY", "*": "ALL"}')
+    searched, _ = await send_with_trailing(overridden.server.address, "/search", [Document(id="q")])
+    assert len(searched.docs) == 2  # a map that names /search decides it
+
+
 async def test_all_keeps_every_shards_dict_results_side_by_side(runtimes):
     workers = [
         await runtimes(Worker(executors.Tagger.create({"shard_id": shard}), name=f"count/shard-{shard}/rep-0"))
@@ -582,7 +595,7 @@ async def test_uses_after_under_any_gets_one_shards_answer_and_the_shards_take_t
     for _ in range(4):
         response, trailing = await send_with_trailing(head.server.address, "/index", [Document(id="d")])
         [merged] = response.docs
-        assert merged.text == "d" and merged.tags["matrix"] == []  # one request reached uses_after, not a matrix
+        assert merged.text == "d" and merged.tags["matrix"] == [1]  # one request reached uses_after: a one-column matrix
         assert trailing["total_shards"] == "1"
         seen_shards.append(merged.tags["shards"])
     assert [w.executor.calls.get("/index", 0) for w in workers] == [2, 2]  # each document written once, in turn

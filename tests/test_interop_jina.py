@@ -374,6 +374,33 @@ async def test_jina_connection_pool_calls_a_shardnet_worker_and_head(jina_peer, 
     assert {"/tag", "/fail"} <= set(result["endpoints"])
 
 
+JINA_CLIENT = """
+import json, sys
+from docarray import Document, DocumentArray
+from jina import Client
+
+results = {}
+for name, address in (("worker", sys.argv[1]), ("head", sys.argv[2])):
+    host, port = address.rsplit(":", 1)
+    client = Client(host=host, port=int(port))
+    docs = client.post("/tag", DocumentArray([Document(text=str(n)) for n in range(5)]), request_size=2,
+                       parameters={"suffix": "!"})
+    results[name] = {"texts": [doc.text for doc in docs], "by": [doc.tags.get("by") for doc in docs]}
+print("RESULT " + json.dumps(results), flush=True)
+"""
+
+
+async def test_jinas_client_posts_to_a_shardnet_worker_and_head(jina_peer, tmp_path, runtimes):
+    """jina.Client talks jina.JinaRPC/Call to whatever it is pointed at (a gateway, or an executor or head)."""
+    worker = await runtimes(Worker(executors.Tagger.create(label="shardnet")))
+    head = await runtimes(Head("tagging", connections={0: [worker.server.address]}))
+    result = await jina_script(tmp_path, textwrap.dedent(JINA_CLIENT), worker.server.address, head.server.address)
+    for name in ("worker", "head"):
+        assert result[name]["texts"] == [f"{n}!" for n in range(5)], result  # 3 requests of at most 2, in order
+        assert result[name]["by"] == ["shardnet"] * 5, result
+    assert worker.executor.calls == 6
+
+
 DOCARRAY_SPARSE = """
 import json, sys
 import numpy as np

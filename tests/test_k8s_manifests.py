@@ -166,7 +166,7 @@ def test_containers_run_the_shardnet_commands() -> None:
     head, workers = head_and_workers(render(spec), "Deployment")
     assert container(head)["command"] + container(head)["args"] == [
         "shardnet", "head", "--deployment", "search", "--host", "0.0.0.0", "--port", "50051",
-        "--polling", '{"/search": "ALL", "*": "ANY"}', "--k8s-namespace", "prod-7", "--balancer", "round_robin",
+        "--polling", '{"/search": "ALL", "/index": "ANY", "*": "ANY"}', "--k8s-namespace", "prod-7", "--balancer", "round_robin",
         "--shards", "3", "--max-message-mb", "64.0", "--drain-seconds", "20",
     ]  # fmt: skip
     for shard, worker in enumerate(sorted(workers, key=lambda w: w["metadata"]["name"])):
@@ -241,7 +241,7 @@ def test_a_memory_limit_one_largest_message_would_exceed_is_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    "polling, argument", [("any", "ANY"), (" All ", "ALL"), ('{"/index": "all"}', '{"/index": "ALL", "*": "ANY"}')]
+    "polling, argument", [("any", "ANY"), (" All ", "ALL"), ('{"/index": "all"}', '{"/search": "ALL", "/index": "ALL", "*": "ANY"}')]
 )
 def test_polling_reaches_the_head_normalised(polling: str, argument: str) -> None:
     head, _ = head_and_workers(render(DeploymentSpec(name="p", image="i", uses="m:C", polling=polling)), "Deployment")

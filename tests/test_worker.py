@@ -150,7 +150,7 @@ async def test_handler_exception_is_an_error_response_and_the_worker_keeps_servi
     assert status.exception.executor == "Tagger"
     stack = "".join(status.exception.stacks)
     assert "Traceback" in stack and "executors.py" in stack and 'raise ValueError("bad input", 42)' in stack
-    assert "ValueError" in status.description
+    assert status.description == "ValueError('bad input', 42)"  # repr, as Jina writes it
     route = decoded(reply).routes[-1]
     assert route.executor == "Tagger" and route.status.code == jina_pb2.StatusProto.ERROR
 
@@ -174,10 +174,28 @@ async def test_an_answer_past_the_workers_own_limit_is_refused_by_name(runtimes)
     assert "over this worker's max message size" in str(caught.value) and "/grow" in str(caught.value)
 
 
-async def test_endpoint_discovery_names_a_default_handler_as_jina_does(runtimes):
-    worker = await runtimes(Worker(executors.SlowUntilReleased.create()))
-    reply, _ = await raw_call(worker.server.address, services.ENDPOINT_DISCOVERY, empty_pb2.Empty().SerializeToString())
-    assert list(jina_pb2.EndpointsProto.FromString(reply).endpoints) == ["/slow", "__default__"]
+async def test_endpoint_discovery_names_a_default_handler_and_the_dry_run_as_jina_does(runtimes):
+    # a Jina gateway skips a worker that lists neither the request's endpoint nor /default (Jina's name for it)
+    for executor, listed in ((executors.SlowUntilReleased, ["/slow", "/default", "_jina_dry_run_"]),
+                             (executors.KnownOnly, ["/known", "_jina_dry_run_"])):
+        worker = await runtimes(Worker(executor.create()))
+        empty = empty_pb2.Empty().SerializeToString()
+        reply, _ = await raw_call(worker.server.address, services.ENDPOINT_DISCOVERY, empty)
+        assert list(jina_pb2.EndpointsProto.FromString(reply).endpoints) == listed
+
+
+async def test_a_dry_run_is_answered_as_served_without_running_a_handler(runtimes):
+    """Jina's Client.is_flow_ready() and a gateway's readiness check send _jina_dry_run_: a default handler
+    (an indexer's, say) must not take it for data."""
+    worker = await runtimes(Worker(executors.CountingAfter.create()))
+    request = DataRequest([Document(text="probe")], endpoint="_jina_dry_run_")
+    answer = await oneshot.send_request_async(request, worker.server.address, timeout=5)
+    assert not answer.is_error and worker.executor.calls == 0
+    assert [doc.text for doc in answer.docs] == ["probe"] and [route.executor for route in answer.routes] == [
+        worker.name
+    ]
+    await oneshot.send_request_async(DataRequest([Document()], endpoint="/default"), worker.server.address, timeout=5)
+    assert worker.executor.calls == 1  # /default is the default handler's, as in Jina
 
 
 async def test_unbound_endpoint_comes_back_byte_for_byte(runtimes):
@@ -255,6 +273,7 @@ async def test_endpoint_discovery_lists_bound_endpoints(tagger):
         "/grow",
         "/replace",
         "/tag",
+        "_jina_dry_run_",
     ]
 
 
@@ -291,7 +310,24 @@ async def test_stock_grpc_client_sees_health_serving_and_reflection_listing_jina
         "jina.JinaDataRequestRPC",
         "jina.JinaControlRequestRPC",
         "jina.JinaDiscoverEndpointsRPC",
+        "jina.JinaRPC",
     } <= listed
+
+
+@pytest.mark.parametrize("server", ["worker", "head"])
+async def test_jinas_call_stream_answers_each_request_in_turn(tagger, runtimes, server):
+    """What a Jina Client opens against an executor or head: jina.JinaRPC/Call, requests in, answers out."""
+    address = tagger.server.address
+    if server == "head":
+        address = (await runtimes(Head("streamed", connections={0: [address]}))).server.address
+    requests = [DataRequest([Document(text=str(n))], endpoint="/tag") for n in range(3)]
+    requests.append(DataRequest([Document(text="boom")], endpoint="/fail"))
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.stream_stream(services.STREAM_CALL)(iter([request.to_bytes() for request in requests]), timeout=10)
+        answers = [DataRequest.from_bytes(answer) async for answer in call]
+    assert [answer.request_id for answer in answers] == [request.request_id for request in requests]
+    assert [answer.docs[0].tags.get("by") for answer in answers[:3]] == ["t"] * 3
+    assert answers[-1].is_error and answers[-1].status.exception.name == "ValueError"
 
 
 # -- worker processes: signals -------------------------------------------------------------

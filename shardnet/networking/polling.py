@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+from types import MappingProxyType
 from typing import Mapping, Union
 
 from shardnet.errors import ConfigurationError
@@ -41,15 +42,23 @@ class PollingType(enum.IntEnum):
 
 
 class PollingMap:
-    """Polling per endpoint: one type for all, or a map with ``*`` as the default.
+    """Polling per endpoint: a default (``*``) and the endpoints that differ from it.
 
-    >>> polling = PollingMap.parse('{"/search": "ALL", "*": "ANY"}')
-    >>> polling["/search"].name, polling["/index"].name
-    ('ALL', 'ANY')
+    As a Jina head, ``/search`` goes to ALL and ``/index`` to ANY whatever the
+    default is, unless a map names them: a head with ``--polling ANY`` in front
+    of several shards still searches every shard.
+
+    >>> polling = PollingMap.parse("ANY")
+    >>> polling["/search"].name, polling["/index"].name, polling["/tag"].name
+    ('ALL', 'ANY', 'ANY')
+    >>> PollingMap.parse('{"/search": "ANY", "*": "ALL"}')["/search"].name
+    'ANY'
     """
 
+    JINA_DEFAULTS = MappingProxyType({"/search": PollingType.ALL, "/index": PollingType.ANY})
+
     def __init__(self, by_endpoint: Mapping[str, PollingType], default: PollingType = PollingType.ANY):
-        self._by_endpoint = dict(by_endpoint)
+        self._by_endpoint = {**self.JINA_DEFAULTS, **by_endpoint}
         self.default = default
 
     @classmethod

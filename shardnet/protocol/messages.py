@@ -244,7 +244,7 @@ class DataRequest:
         """Mark the request failed with ``exc``, the way Jina reports an executor exception."""
         status = self._outer(changing=True).header.status
         status.code = ERROR
-        status.description = f"{type(exc).__name__}: {exc}"
+        status.description = repr(exc)  # as Jina writes it: ValueError('bad input', 7)
         status.exception.name = type(exc).__name__
         del status.exception.args[:]
         status.exception.args.extend(str(arg) for arg in exc.args)

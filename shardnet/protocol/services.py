@@ -14,6 +14,7 @@ SINGLE_DATA_SERVICE = jina_pb2.DESCRIPTOR.services_by_name["JinaSingleDataReques
 DATA_SERVICE = jina_pb2.DESCRIPTOR.services_by_name["JinaDataRequestRPC"].full_name
 CONTROL_SERVICE = jina_pb2.DESCRIPTOR.services_by_name["JinaControlRequestRPC"].full_name
 DISCOVERY_SERVICE = jina_pb2.DESCRIPTOR.services_by_name["JinaDiscoverEndpointsRPC"].full_name
+CALL_SERVICE = jina_pb2.DESCRIPTOR.services_by_name["JinaRPC"].full_name
 
 PROCESS_SINGLE_DATA = _path("JinaSingleDataRequestRPC", "process_single_data")
 PROCESS_DATA = _path("JinaDataRequestRPC", "process_data")

@@ -27,7 +27,9 @@ from shardnet.errors import ConfigurationError
 
 _ENDPOINTS_ATTR = "__shardnet_endpoints__"
 DEFAULT = "*"
-DEFAULT_ENDPOINT = "__default__"  # how endpoint discovery names a default handler, as Jina's workers do
+DEFAULT_ENDPOINT = "/default"  # how endpoint discovery names a default handler: Jina's __default_endpoint__
+# Jina's readiness check (Client.is_flow_ready, a gateway's dry run) sends this endpoint; it runs no handler
+DRY_RUN_ENDPOINT = "_jina_dry_run_"
 
 
 def requests(func: Optional[Callable] = None, *, on: Union[str, Iterable[str], None] = None):
@@ -209,7 +211,13 @@ def load_executor_class(uses: str) -> type[Executor]:
         else:
             module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ConfigurationError(f"--uses {uses!r}: cannot import {module_name!r}: {exc}") from None
+        hint = ""
+        if exc.name is not None and exc.name.split(".")[0] in ("jina", "docarray"):
+            hint = (
+                f" (it looks like a Jina Executor: shardnet runs its own, from shardnet import Executor, requests; "
+                "the handlers take the same docs and parameters)"
+            )
+        raise ConfigurationError(f"--uses {uses!r}: cannot import {module_name!r}: {exc}{hint}") from None
     except SyntaxError as exc:  # a typo in the user's file: where it is, in one line
         raise ConfigurationError(f"--uses {uses!r}: {exc.filename}, line {exc.lineno}: {exc.msg}") from None
     except Exception as exc:  # the module's own code raised while it was imported

@@ -19,7 +19,7 @@ import signal
 import socket
 import stat
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Optional, Sequence
+from typing import AsyncIterator, Awaitable, Callable, Optional, Sequence
 
 import grpc
 import grpc.aio
@@ -89,6 +89,23 @@ def unary_service(path: str, handler: RawHandler) -> grpc.GenericRpcHandler:
     """A generic handler serving one unary method path with bytes in and out."""
     service, method = path.strip("/").split("/")
     return grpc.method_handlers_generic_handler(service, {method: grpc.unary_unary_rpc_method_handler(handler)})
+
+
+def stream_service(path: str, handler: Callable[..., AsyncIterator[bytes]]) -> grpc.GenericRpcHandler:
+    """A generic handler serving one bidirectional-stream method path with bytes in and out."""
+    service, method = path.strip("/").split("/")
+    return grpc.method_handlers_generic_handler(service, {method: grpc.stream_stream_rpc_method_handler(handler)})
+
+
+def one_by_one(handler: RawHandler) -> Callable[..., AsyncIterator[bytes]]:
+    """Jina's ``JinaRPC/Call`` over a unary handler: each request on the stream answered in turn, as a Jina
+    worker or head answers the stream its ``Client`` opens."""
+
+    async def call(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        async for payload in requests:
+            yield await handler(payload, context)
+
+    return call
 
 
 class ControlGuard:
@@ -319,16 +336,15 @@ def jina_server(config: ServerConfig, runtime) -> Server:
         unary_service(services.PROCESS_DATA, runtime.process_data),
         unary_service(services.PROCESS_CONTROL, runtime.process_control),
         unary_service(services.ENDPOINT_DISCOVERY, runtime.endpoint_discovery),
+        stream_service(services.STREAM_CALL, one_by_one(runtime.process_single_data)),
     ]
     request_stream = getattr(runtime, "request_stream", None)
     if request_stream is not None and config.max_concurrent_rpcs is None:
-        service, method = services.REQUEST_STREAM.strip("/").split("/")
-        handlers.append(
-            grpc.method_handlers_generic_handler(service, {method: grpc.stream_stream_rpc_method_handler(request_stream)})
-        )
+        handlers.append(stream_service(services.REQUEST_STREAM, request_stream))
     return Server(
         config,
         handlers,
-        [services.SINGLE_DATA_SERVICE, services.DATA_SERVICE, services.CONTROL_SERVICE, services.DISCOVERY_SERVICE],
+        [services.SINGLE_DATA_SERVICE, services.DATA_SERVICE, services.CONTROL_SERVICE, services.DISCOVERY_SERVICE,
+         services.CALL_SERVICE],
     )
 

@@ -32,7 +32,7 @@ from shardnet.protocol import services
 from shardnet.protocol.documents import Document, DocumentList
 from shardnet.protocol.messages import ControlRequest, DataRequest, parse, require_empty
 from shardnet.protocol.proto import docarray_pb2, jina_pb2
-from shardnet.runtimes.executor import DEFAULT, DEFAULT_ENDPOINT, Executor
+from shardnet.runtimes.executor import DEFAULT, DEFAULT_ENDPOINT, DRY_RUN_ENDPOINT, Executor
 from shardnet.runtimes.server import ServerConfig, jina_server, serve_until_signalled, within_message_limit
 
 logger = logging.getLogger(__name__)
@@ -134,10 +134,11 @@ class Worker:
 
     @property
     def endpoints(self) -> list[str]:
-        """The endpoints bound to a handler, and ``__default__`` when a default handler takes the rest (as Jina
-        lists it)."""
+        """What endpoint discovery lists, as a Jina worker does: the bound endpoints, ``/default`` when a default
+        handler takes the rest (a Jina gateway skips a worker listing neither the request's endpoint nor it),
+        and the dry-run endpoint."""
         named = sorted(endpoint for endpoint in self._handlers if endpoint != DEFAULT)
-        return named + ([DEFAULT_ENDPOINT] if DEFAULT in self._handlers else [])
+        return named + ([DEFAULT_ENDPOINT] if DEFAULT in self._handlers else []) + [DRY_RUN_ENDPOINT]
 
     # -- data ---------------------------------------------------------------------
 
@@ -254,6 +255,9 @@ class Worker:
         first = requests[0]
         try:
             endpoint = self._endpoint_of(first, context)
+            if endpoint == DRY_RUN_ENDPOINT:  # a readiness check: answered as served, no handler runs
+                first.add_route(self.name).end_time.FromNanoseconds(time.time_ns())
+                return first.to_bytes()
             handler = self._handlers.get(endpoint) or self._handlers.get(DEFAULT)
             if handler is None:
                 self._log_unbound(endpoint)
@@ -272,7 +276,8 @@ class Worker:
         specific = parameters.get(self._metas_name)
         if isinstance(specific, dict):  # Jina's executor-specific parameters: {"index": {"top_k": 3}} for "index"
             parameters = {**parameters, **specific}
-        arguments: dict[str, Any] = {"docs": docs, "parameters": parameters, "endpoint": endpoint}
+        # docs_matrix as Jina gives it: one column per request, so a reducer reading docs_matrix[0] runs alone too
+        arguments: dict[str, Any] = {"docs": docs, "parameters": parameters, "endpoint": endpoint, "docs_matrix": [docs]}
         if others:
             # the first column gets a copy of its own: its field is about to hold every document
             first_column = docarray_pb2.DocumentArrayProto()
@@ -290,7 +295,7 @@ class Worker:
         # (a library parsing arguments, say): it would stop the worker without a DEACTIVATE
         except (Exception, SystemExit) as exc:
             logger.warning("%s.%s failed on %s: %r", self.name, handler.name, endpoint, exc)
-            first.set_exception(exc, executor=self.name)
+            first.set_exception(exc, executor=type(self.executor).__name__)  # Jina names the class; routes the worker
             route.status.CopyFrom(first.status)
             context.set_trailing_metadata(services.ERROR_TRAILER)
         route.end_time.FromNanoseconds(time.time_ns())
