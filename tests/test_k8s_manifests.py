@@ -34,6 +34,7 @@ SPECS = {
         worker_resources=Resources(cpu="2", memory="4Gi", memory_limit="8Gi", cpu_limit="4"),
     ),
     "no-pre-stop": DeploymentSpec(name="a1", image="i", uses="m:C", pre_stop_seconds=0, termination_grace_seconds=60),
+    "fenced": DeploymentSpec(name="fenced", image="i", uses="m:C", shards=2, port=9000, network_policy=True),
 }
 
 
@@ -318,6 +319,23 @@ def test_images_built_on_ours_install_as_root_and_the_build_context_is_only_what
     copied = [line.split()[1:-1] for line in dockerfile.splitlines() if line.startswith("COPY ")]
     for source in (source for sources in copied for source in sources):
         assert f"!{source}" in ignored, source
+
+
+def test_a_network_policy_lets_only_the_heads_reach_each_shards_workers(capsys: pytest.CaptureFixture[str]) -> None:
+    objects = render(SPECS["fenced"])
+    policies = by_kind(objects, "NetworkPolicy")
+    head, workers = head_and_workers(objects, "Deployment")
+    assert len(policies) == 2  # one per shard; the head stays open to its clients
+    head_labels = head["spec"]["template"]["metadata"]["labels"]
+    for policy, worker in zip(policies, sorted(workers, key=lambda w: w["metadata"]["name"])):
+        assert policy["spec"]["podSelector"]["matchLabels"] == worker["spec"]["selector"]["matchLabels"]
+        [rule] = policy["spec"]["ingress"]
+        [source] = rule["from"]
+        assert source["podSelector"]["matchLabels"].items() <= head_labels.items()
+        assert rule["ports"] == [{"port": 9000, "protocol": "TCP"}]
+    assert not by_kind(render(SPECS["defaults"]), "NetworkPolicy")  # only when asked for
+    assert main(["k8s", "render", "--name", "f", "--image", "i", "--uses", "m:C", "--network-policy"]) == 0
+    assert "kind: NetworkPolicy" in capsys.readouterr().out
 
 
 def test_pods_run_as_the_dockerfile_user() -> None:

@@ -44,6 +44,11 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         "--port", type=int, default=8080, help="gRPC port of every container, 1024 or above (default: %(default)s)"
     )
     parser.add_argument(
+        "--network-policy", action="store_true",
+        help="a NetworkPolicy per shard letting only the head's pods reach its workers (needs a network plugin "
+             "that enforces them; kubelet's probes come from the node, which common plugins let through)",
+    )
+    parser.add_argument(
         "--startup-seconds", type=int, default=DeploymentSpec.startup_seconds,
         help="how long loading the Executor may take before Kubernetes restarts a pod (default: %(default)s)",
     )
@@ -106,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         balancer=args.balancer,
         port=args.port,
         startup_seconds=args.startup_seconds,
+        network_policy=args.network_policy,
         termination_grace_seconds=args.grace_seconds,
         worker_resources=Resources(
             cpu=args.cpu, memory=args.memory, memory_limit=args.memory_limit, cpu_limit=args.cpu_limit

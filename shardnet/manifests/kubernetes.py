@@ -177,6 +177,7 @@ class DeploymentSpec:
     termination_grace_seconds: int = 30  # what a stopping pod has: preStop, then the drain, then SIGKILL
     pre_stop_seconds: int = 5
     startup_seconds: int = 180  # how long loading an Executor may take before Kubernetes restarts the pod
+    network_policy: bool = False  # a NetworkPolicy per shard: its workers take connections from the heads only
     max_message_mb: float = 64.0  # under the processes' own default (256): what the default memory limits hold
     max_in_flight: Optional[int] = None  # the head refuses requests past it; None: no limit
     request_streams: bool = True  # the head sends its workers single requests on shared streams
@@ -211,6 +212,7 @@ class DeploymentSpec:
         if self.max_in_flight is not None:
             check_count(self.max_in_flight, "max_in_flight", 1)
         check_flag(self.request_streams, "request_streams")
+        check_flag(self.network_policy, "network_policy")
         if self.balancer not in BALANCERS:
             raise ConfigurationError(f"unknown balancer {self.balancer!r}: choose one of {', '.join(BALANCERS)}")
         if not _is_count(self.port) or not 1024 <= self.port <= 65535:
@@ -361,7 +363,8 @@ def _role_binding(spec: DeploymentSpec, name: str) -> dict[str, Any]:
 
 
 def _component(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) -> list[dict[str, Any]]:
-    """Deployment, Service and PodDisruptionBudget of the head (``shard`` None) or of one shard.
+    """Deployment, Service and PodDisruptionBudget of the head (``shard`` None) or of one shard, and a shard's
+    NetworkPolicy when asked for.
 
     Each object gets its own dicts (no shared sub-objects), so a caller may
     edit one without touching another and the YAML has no anchors.
@@ -402,7 +405,25 @@ def _component(spec: DeploymentSpec, name: str, role: str, shard: Optional[int])
         # one replica at a time: a drained node never takes a whole shard down when it has more than one
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": pod_labels(spec, role, shard)}},
     }
-    return [deployment, service, budget]
+    if is_head or not spec.network_policy:
+        return [deployment, service, budget]
+    # workers serve plaintext, and a head fed by Kubernetes only dials them: nobody else in the cluster needs to
+    policy = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(spec, name, role, shard),
+        "spec": {
+            "podSelector": {"matchLabels": pod_labels(spec, role, shard)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [{"podSelector": {"matchLabels": pod_labels(spec, "head", None)}}],
+                    "ports": [{"port": spec.port, "protocol": "TCP"}],
+                }
+            ],
+        },
+    }
+    return [deployment, service, budget, policy]
 
 
 def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) -> dict[str, Any]:
