@@ -209,6 +209,19 @@ def test_send_to_a_head_with_no_replica_gives_its_error_alone(tmp_path):
     assert result.stderr.strip() == no_replica  # no warning first about endpoints it could not have named
 
 
+def test_a_head_that_cannot_tell_a_missing_shard_says_so_at_start(tmp_path):
+    """Without --shards (and no static connections) ALL answers with the shards that registered: after a head
+    restart, an answer missing a shard came back OK (found by a reliability review)."""
+    for flags, warned in (([], True), (["--shards", "2"], False), (["--connection", "0=127.0.0.1:7"], False)):
+        log = tmp_path / f"head-{len(flags)}-{warned}.log"
+        head = start(log, "head", "--deployment", "d", "--port", "0", *flags)
+        try:
+            wait_for_line(log, r"ready on (\S+)", head)
+        finally:
+            stop(head, [])
+        assert ("no --shards: under ALL" in log.read_text()) is warned, log.read_text()
+
+
 async def test_send_to_a_server_without_discovery_still_warns_then_sends(echo_servers):
     [echo] = await echo_servers(1)  # no endpoint discovery: UNIMPLEMENTED, and the request goes anyway
     result = await asyncio.to_thread(shardnet, "send", echo.address, "--endpoint", "/index", "--text", "a")

@@ -275,6 +275,23 @@ async def test_retry_budget_exhausted(pool_factory, echo_servers, dead_address):
     assert pool.retry_budget.refused == 1 and live.calls == 0
 
 
+async def test_failing_over_from_a_replica_already_ejected_spends_no_retry_budget(pool_factory, echo_servers,
+                                                                                    dead_address):
+    """A killed replica fails everything it carried at once: once its list has ejected it, moving those requests
+    elsewhere is routing, not a retry storm (a budget of 100 failed the excess of 900 in flight)."""
+    [live] = await echo_servers(1)
+    pool = pool_factory(retry_budget=RetryBudget(ratio=0.0, min_per_second=0.0), ejection=EjectionPolicy())
+    pool.add_connection("dep", dead_address)
+    pool.add_connection("dep", live.address)
+    outcomes = await asyncio.gather(*(send_one(pool) for _ in range(20)), return_exceptions=True)
+    refused = [outcome for outcome in outcomes if isinstance(outcome, ReplicaError)]
+    # round robin sent 10 to the dead one: the failures before its ejection (2 of the 3 that eject it) wanted
+    # the budget and found none; every one after went over to the live replica
+    assert len(refused) == EjectionPolicy().consecutive_failures - 1
+    assert all("retry budget exhausted" in str(error) for error in refused)
+    assert live.calls == 20 - len(refused)
+
+
 async def test_call_timeout_raises_deadline_exceeded(pool, echo_servers):
     [slow] = await echo_servers(1, delay=2.0)
     pool.add_connection("dep", slow.address, shard_id=0)

@@ -251,6 +251,29 @@ async def test_a_worker_leaving_mid_stream_loses_nothing(runtimes, leaving):
     assert [answer.docs[0].text for answer in answers] == texts
 
 
+async def test_a_draining_worker_refuses_new_stream_requests_at_once_so_they_fail_over_in_time(runtimes):
+    """Draining, a worker finishes what it took; what its streams bring meanwhile is answered UNAVAILABLE at once
+    (it was held until the slowest handler finished, past its callers' deadlines, a healthy replica idle)."""
+    leaver = await runtimes(Worker(executors.Sleepy.create(), name="leaver"))
+    stayer = await runtimes(Worker(executors.Sleepy.create(), name="stayer"))
+    head = await runtimes(Head("dep", connections={0: [leaver.server.address, stayer.server.address]},
+                               pool=GrpcConnectionPool(balancer="round_robin", request_streams=True)))
+    await warm_up(head)
+    slow = asyncio.gather(*(send(head, request("/sleep", f"slow-{n}", seconds=3)) for n in range(4)))
+    await eventually(lambda: any(lane and lane.pending for lane in streams_of(head, 0)._lanes if lane))
+    stopping = asyncio.create_task(leaver.stop(10))
+    try:
+        await eventually(leaver.server.stopping.is_set)
+        texts = [f"quick-{n}" for n in range(10)]  # round robin sends half of them to the draining worker
+        answers = await asyncio.gather(*(send(head, request("/sleep", text, seconds=0.01), timeout=1.5)
+                                         for text in texts))
+        assert [answer.docs[0].text for answer in answers] == texts
+        assert {answer.routes[-1].executor for answer in answers} == {"stayer"}  # none taken while draining
+        assert [answer.docs[0].text for answer in await slow] == [f"slow-{n}" for n in range(4)]
+    finally:
+        await stopping
+
+
 async def test_removing_a_replica_lets_its_requests_finish_then_closes_its_channel(runtimes):
     worker = await start_worker(runtimes)
     head = await start_head(runtimes, [worker])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from collections import defaultdict
 
 from shardnet.cli.options import (
@@ -22,6 +23,8 @@ from shardnet.networking.channels import message_size_options
 from shardnet.networking.policies import RetryPolicy
 from shardnet.networking.polling import PollingMap
 from shardnet.runtimes.head import Head
+
+logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -90,6 +93,12 @@ async def serve(args: argparse.Namespace) -> int:
     """Build the head inside the running loop (gRPC channels belong to the loop they are made in)."""
     if args.shards < 0:
         raise ConfigurationError("--shards must be >= 0")
+    if not args.shards and not args.connection:
+        logger.warning(
+            "no --shards: under ALL (/search, and whatever --polling sends to all) the answer holds the shards whose "
+            "workers have registered, and one that has not yet (after this head restarts, say) is left out "
+            "without an error; give --shards N so that a missing shard is named"
+        )
     retry = RetryPolicy(attempt_timeout=args.attempt_timeout)
     namespace = args.k8s_namespace  # only when asked: a head that happens to run in a pod may be a local one
     k8s_options = {"deployments": (args.deployment,)} if namespace is not None else {}  # its own pods only

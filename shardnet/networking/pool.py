@@ -380,7 +380,10 @@ class GrpcConnectionPool:
             max_attempts = retries
         if max_attempts < 1:  # one round over one replica: the first attempt was all (tenacity would make one more)
             raise self._replica_error(first_error, first, deployment, shard_id) from None
-        if not self.retry_budget.try_spend():
+        # leaving a replica its list already took out for connection failures is routing, not a retry storm:
+        # a killed replica's streams fail everything they carried at once, and all of it must go elsewhere
+        routed_around = first_error.code() == grpc.StatusCode.UNAVAILABLE and not replicas.is_eligible(first)
+        if not routed_around and not self.retry_budget.try_spend():
             raise self._replica_error(first_error, first, deployment, shard_id, "retry budget exhausted") from None
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(max_attempts) | tenacity.stop_any(spend),

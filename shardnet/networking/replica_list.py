@@ -265,6 +265,10 @@ class ReplicaList:
             return None
         return self.balancer.pick(self._eligible)
 
+    def is_eligible(self, connection: Connection) -> bool:
+        """Whether picks may choose ``connection``: in this list and not ejected."""
+        return connection in self._position
+
     def eligible(self) -> Sequence[Connection]:
         """The replicas a pick may choose from: all but the ejected (a live view, do not modify)."""
         return self._eligible

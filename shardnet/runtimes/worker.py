@@ -198,19 +198,23 @@ class Worker:
                     if task is not None:
                         task.cancel()
                     continue
+                if draining.is_set():  # refused at once: the sender fails it over now, not when the stream ends
+                    writer.send(status_message(request_id, grpc.StatusCode.UNAVAILABLE, f"{self.name} is stopping"))
+                    continue
                 task = working[request_id] = loop.create_task(
                     self._answer_streamed(request, request_id, writer, limit, whose)
                 )
                 task.add_done_callback(functools.partial(_drop_if_current, working, request_id))
 
+        draining = self.server.stopping
         taking = loop.create_task(take())
-        stopping = loop.create_task(self.server.stopping.wait())
+        stopping = loop.create_task(draining.wait())
         try:
             await asyncio.wait((taking, stopping), return_when=asyncio.FIRST_COMPLETED)
-            taking.cancel()  # draining: take no more; the sender fails over what it sent after this
-            await asyncio.gather(taking, return_exceptions=True)
-            if working:
+            if working:  # draining: finish what was taken, while new requests are refused as they come
                 await asyncio.wait(list(working.values()))
+            taking.cancel()
+            await asyncio.gather(taking, return_exceptions=True)
             writer.finish()  # the answers to what came before an unreadable message go out first
             await writer.task
             if unreadable:  # no request id to answer by: the stream as a whole is refused
