@@ -153,6 +153,14 @@ def test_a_file_that_fails_to_load_leaves_no_half_module_behind(tmp_path):
     assert "shardnet_user_broken_executor" not in sys.modules
 
 
+def test_an_import_failing_inside_the_users_file_names_its_line(tmp_path):
+    nested = tmp_path / "nested_import.py"
+    nested.write_text("import os\nimport no_such_module_xyz\n")
+    with pytest.raises(ConfigurationError) as refused:
+        load_executor_class(f"{nested}:X")
+    assert str(refused.value).endswith(f"No module named 'no_such_module_xyz' ({nested}, line 2)")
+
+
 def test_a_jina_executor_file_is_named_as_one(tmp_path):
     jina_style = tmp_path / "jina_executor.py"
     jina_style.write_text("from jina import Executor, requests\n\nclass Probe(Executor):\n    pass\n")

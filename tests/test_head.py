@@ -27,6 +27,7 @@ from shardnet.networking import oneshot
 from shardnet.networking.channels import message_size_options
 from shardnet.protocol import services
 from shardnet.protocol.messages import ControlRequest
+from shardnet.protocol.proto import jina_pb2
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.processes import ShardnetProcess
 from shardnet.runtimes.server import ServerConfig
@@ -826,3 +827,19 @@ async def test_a_worker_cannot_lease_itself_for_ever(runtimes):
     await oneshot.activate_worker("127.0.0.1", 40001, head.server.address, shard_id=0, renews_every=1e9)
     _, lease = head._leases[("127.0.0.1:40001", 0)]
     assert lease == IMPLIED_LEASE_FACTOR * MAX_RENEWAL_INTERVAL
+
+
+async def test_a_dry_run_reaches_every_shard_and_says_which_did_not_answer(runtimes):
+    """jina.JinaGatewayDryRunRPC/dry_run, what Client.is_flow_ready() asks: SUCCESS when every shard answered
+    the dry run (no handler runs), else ERROR naming the shard."""
+    workers = await shard_workers(runtimes, executors.ShardSearch, 2)
+    full = await head_over(runtimes, "search", workers, "ANY")
+    partial = await runtimes(Head("search", connections={0: [workers[0].server.address]}, shards=2))
+    async with grpc.aio.insecure_channel(full.server.address) as channel:
+        ready = await channel.unary_unary(services.DRY_RUN)(b"", timeout=5)
+    async with grpc.aio.insecure_channel(partial.server.address) as channel:
+        not_ready = await channel.unary_unary(services.DRY_RUN)(b"", timeout=5)
+    assert jina_pb2.StatusProto.FromString(ready).code == jina_pb2.StatusProto.SUCCESS
+    status = jina_pb2.StatusProto.FromString(not_ready)
+    assert status.code == jina_pb2.StatusProto.ERROR and "shard 1" in status.description, status
+    assert all(worker.executor.calls == {} for worker in workers)  # the dry run ran no handler

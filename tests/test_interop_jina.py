@@ -385,7 +385,10 @@ for name, address in (("worker", sys.argv[1]), ("head", sys.argv[2])):
     client = Client(host=host, port=int(port))
     docs = client.post("/tag", DocumentArray([Document(text=str(n)) for n in range(5)]), request_size=2,
                        parameters={"suffix": "!"})
-    results[name] = {"texts": [doc.text for doc in docs], "by": [doc.tags.get("by") for doc in docs]}
+    results[name] = {"texts": [doc.text for doc in docs], "by": [doc.tags.get("by") for doc in docs],
+                     "ready": client.is_flow_ready()}
+host, port = sys.argv[3].rsplit(":", 1)
+results["empty_head_ready"] = Client(host=host, port=int(port)).is_flow_ready()
 print("RESULT " + json.dumps(results), flush=True)
 """
 
@@ -394,11 +397,16 @@ async def test_jinas_client_posts_to_a_shardnet_worker_and_head(jina_peer, tmp_p
     """jina.Client talks jina.JinaRPC/Call to whatever it is pointed at (a gateway, or an executor or head)."""
     worker = await runtimes(Worker(executors.Tagger.create(label="shardnet")))
     head = await runtimes(Head("tagging", connections={0: [worker.server.address]}))
-    result = await jina_script(tmp_path, textwrap.dedent(JINA_CLIENT), worker.server.address, head.server.address)
+    empty = await runtimes(Head("empty", shards=1))  # no worker: not ready
+    result = await jina_script(
+        tmp_path, textwrap.dedent(JINA_CLIENT), worker.server.address, head.server.address, empty.server.address
+    )
     for name in ("worker", "head"):
         assert result[name]["texts"] == [f"{n}!" for n in range(5)], result  # 3 requests of at most 2, in order
         assert result[name]["by"] == ["shardnet"] * 5, result
-    assert worker.executor.calls == 6
+        assert result[name]["ready"] is True, result  # Client.is_flow_ready(): jina.JinaGatewayDryRunRPC
+    assert result["empty_head_ready"] is False
+    assert worker.executor.calls == 6  # the readiness checks ran no handler
 
 
 DOCARRAY_SPARSE = """

@@ -228,16 +228,16 @@ def test_a_memory_limit_one_largest_message_would_exceed_is_refused() -> None:
     with pytest.raises(ConfigurationError) as refused:
         DeploymentSpec(name="big", image="i", uses="m:C", max_message_mb=256)  # the processes' own default
     assert str(refused.value) == (
-        "a head memory limit of 512Mi (--head-memory-limit) is too small for messages of 256 MB (--max-message-mb): "
-        "one such request takes a head about 1285 MiB at its peak (5 copies of it over 64 MiB), and the container "
-        "would be OOM-killed with every request on it; raise the limit to 1285Mi, lower --max-message-mb to 93 or "
+        "a head memory limit of 512Mi (--head-memory-limit) is too small for messages of 256 MiB (--max-message-mb): "
+        "one such request takes a head about 1344 MiB at its peak (5 copies of it over 64 MiB), and the container "
+        "would be OOM-killed with every request on it; raise the limit to 1344Mi, lower --max-message-mb to 89 or "
         "less, or drop the limit ('none')"
     )
     with pytest.raises(ConfigurationError, match=r"a worker memory limit of 1Gi \(--memory-limit\) .*\(8 copies"):
         DeploymentSpec(name="big", image="i", uses="m:C", max_message_mb=128, head_resources=Resources(memory_limit="1Gi"))
     DeploymentSpec(  # each limit just holds it, or there is none
         name="big", image="i", uses="m:C", max_message_mb=256,
-        head_resources=Resources(memory_limit="1285Mi"), worker_resources=Resources(memory_limit=None),
+        head_resources=Resources(memory_limit="1344Mi"), worker_resources=Resources(memory_limit=None),
     )
 
 
@@ -432,10 +432,10 @@ def test_cli_sets_the_heads_resources_and_cpu_limits_and_drops_memory_limits(cap
 
 
 def test_quantities_may_use_a_decimal_exponent_as_kubernetes_allows() -> None:
-    resources = Resources(cpu="1e3", cpu_limit="1000", memory=".5Gi", memory_limit="6e8")
+    resources = Resources(cpu="1e3", cpu_limit="1000", memory=".5Gi", memory_limit="7e8")
     assert resources.to_k8s() == {
         "requests": {"cpu": "1e3", "memory": ".5Gi"},
-        "limits": {"cpu": "1000", "memory": "6e8"},
+        "limits": {"cpu": "1000", "memory": "7e8"},
     }
     with pytest.raises(ConfigurationError, match="cpu request '1.5e3' exceeds cpu_limit '1e3'"):
         Resources(cpu="1.5e3", cpu_limit="1e3")

@@ -311,6 +311,7 @@ async def test_stock_grpc_client_sees_health_serving_and_reflection_listing_jina
         "jina.JinaControlRequestRPC",
         "jina.JinaDiscoverEndpointsRPC",
         "jina.JinaRPC",
+        "jina.JinaGatewayDryRunRPC",
     } <= listed
 
 

@@ -11,7 +11,6 @@ from shardnet.cli.options import (
     add_client_tls_arguments,
     add_server_arguments,
     client_tls,
-    control_token,
     json_object,
     positive_seconds,
     run_in_loop,
@@ -60,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         )
     config = server_config(args)
     head_tls = client_tls(args, prefix="head-")
-    token = control_token(args)
+    token = config.control_token  # read once (a token given on the command line is warned of once)
     if os.getcwd() not in sys.path:  # as under `python -m`: MODULE:CLASS may name a module in this folder
         sys.path.insert(0, os.getcwd())
     if args.workspace:  # made here, as deploy makes it: an Executor should find its folder

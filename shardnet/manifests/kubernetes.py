@@ -242,14 +242,14 @@ class DeploymentSpec:
         ):
             if not isinstance(resources, Resources) or resources.memory_limit is None:
                 continue
-            message_mib = self.max_message_mb * 1e6 / 2**20
-            needed = math.ceil(PROCESS_BASE_MIB + MESSAGE_COPIES[role] * message_mib)
+            # --max-message-mb counts MiB (the processes take it times 2**20), as the limits here do
+            needed = math.ceil(PROCESS_BASE_MIB + MESSAGE_COPIES[role] * self.max_message_mb)
             limit_mib = float(_quantity_value(resources.memory_limit)) / 2**20
             if limit_mib < needed:
-                fits = max(0.0, (limit_mib - PROCESS_BASE_MIB) / MESSAGE_COPIES[role] * 2**20 / 1e6)
+                fits = max(0.0, (limit_mib - PROCESS_BASE_MIB) / MESSAGE_COPIES[role])
                 raise ConfigurationError(
                     f"a {role} memory limit of {resources.memory_limit} ({flag}) is too small for messages of "
-                    f"{self.max_message_mb:g} MB (--max-message-mb): one such request takes a {role} about "
+                    f"{self.max_message_mb:g} MiB (--max-message-mb): one such request takes a {role} about "
                     f"{needed} MiB at its peak ({MESSAGE_COPIES[role]} copies of it over {PROCESS_BASE_MIB} "
                     f"MiB), and the container would be OOM-killed with every request on it; raise the limit to "
                     f"{needed}Mi, lower --max-message-mb to {math.floor(fits)} or less, or drop the limit "

@@ -15,12 +15,14 @@ DATA_SERVICE = jina_pb2.DESCRIPTOR.services_by_name["JinaDataRequestRPC"].full_n
 CONTROL_SERVICE = jina_pb2.DESCRIPTOR.services_by_name["JinaControlRequestRPC"].full_name
 DISCOVERY_SERVICE = jina_pb2.DESCRIPTOR.services_by_name["JinaDiscoverEndpointsRPC"].full_name
 CALL_SERVICE = jina_pb2.DESCRIPTOR.services_by_name["JinaRPC"].full_name
+DRY_RUN_SERVICE = jina_pb2.DESCRIPTOR.services_by_name["JinaGatewayDryRunRPC"].full_name
 
 PROCESS_SINGLE_DATA = _path("JinaSingleDataRequestRPC", "process_single_data")
 PROCESS_DATA = _path("JinaDataRequestRPC", "process_data")
 PROCESS_CONTROL = _path("JinaControlRequestRPC", "process_control")
 ENDPOINT_DISCOVERY = _path("JinaDiscoverEndpointsRPC", "endpoint_discovery")
 STREAM_CALL = _path("JinaRPC", "Call")
+DRY_RUN = _path("JinaGatewayDryRunRPC", "dry_run")
 # shardnet's own: single DataRequests both ways, answered concurrently, matched by request_id
 # (networking/streams.py); Jina's Call above answers one request at a time, in order
 REQUEST_STREAM = "/shardnet.RequestStream/Call"

@@ -185,6 +185,18 @@ def split_uses(uses: Any, what: str = "uses") -> tuple[str, str]:
     return module, name
 
 
+def _users_line(exc: BaseException, loaded_as: str) -> str:
+    """`` (FILE, line N)`` of the innermost frame of the user's code in ``exc``'s traceback (the module's own, or
+    a package's above it), or "" when the traceback never entered it."""
+    innermost, traceback = None, exc.__traceback__
+    while traceback is not None:
+        name = traceback.tb_frame.f_globals.get("__name__", "")
+        if name == loaded_as or loaded_as.startswith(f"{name}."):
+            innermost = traceback
+        traceback = traceback.tb_next
+    return f" ({innermost.tb_frame.f_code.co_filename}, line {innermost.tb_lineno})" if innermost else ""
+
+
 def load_executor_class(uses: str) -> type[Executor]:
     """Resolve ``package.module:Class`` or ``path/to/file.py:Class`` to an Executor subclass.
 
@@ -217,19 +229,13 @@ def load_executor_class(uses: str) -> type[Executor]:
                 f" (it looks like a Jina Executor: shardnet runs its own, from shardnet import Executor, requests; "
                 "the handlers take the same docs and parameters)"
             )
-        raise ConfigurationError(f"--uses {uses!r}: cannot import {module_name!r}: {exc}{hint}") from None
+        where = _users_line(exc, loaded_as)  # an import inside the user's file, not the file itself
+        raise ConfigurationError(f"--uses {uses!r}: cannot import {module_name!r}: {exc}{where}{hint}") from None
     except SyntaxError as exc:  # a typo in the user's file: where it is, in one line
         raise ConfigurationError(f"--uses {uses!r}: {exc.filename}, line {exc.lineno}: {exc.msg}") from None
     except Exception as exc:  # the module's own code raised while it was imported
-        # the innermost frame of the user's code: the module's own, or a package's above it
-        innermost, traceback = None, exc.__traceback__
-        while traceback is not None:
-            name = traceback.tb_frame.f_globals.get("__name__", "")
-            if name == loaded_as or loaded_as.startswith(f"{name}."):
-                innermost = traceback
-            traceback = traceback.tb_next
-        where = f" ({innermost.tb_frame.f_code.co_filename}, line {innermost.tb_lineno})" if innermost else ""
         raised = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        where = _users_line(exc, loaded_as)
         raise ConfigurationError(f"--uses {uses!r}: importing {module_name!r} raised {raised}{where}") from None
     executor_class = module
     for part in class_name.split("."):

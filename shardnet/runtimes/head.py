@@ -24,7 +24,14 @@ from typing import Any, Mapping, Optional, Sequence
 import grpc
 import grpc.aio
 
-from shardnet.errors import ConfigurationError, MalformedReplyError, ProtocolError, ReplicaError, RoutingError
+from shardnet.errors import (
+    ConfigurationError,
+    MalformedReplyError,
+    ProtocolError,
+    ReplicaError,
+    RoutingError,
+    ShardnetError,
+)
 from shardnet.networking.addresses import Address, entity_address, host_is_local, host_is_loopback, parse_address
 from shardnet.networking.channels import message_size_options
 from shardnet.networking.policies import check_count, check_seconds
@@ -34,6 +41,7 @@ from shardnet.protocol import services
 from shardnet.protocol.ids import new_id
 from shardnet.protocol.messages import ControlRequest, DataRequest, parse, require_empty
 from shardnet.protocol.proto import jina_pb2
+from shardnet.runtimes.executor import DRY_RUN_ENDPOINT
 from shardnet.runtimes.merge import merge_shard_responses, report_shard_problems
 from shardnet.runtimes.server import (
     ControlGuard,
@@ -203,6 +211,21 @@ class Head:
         if self._max_in_flight is not None:
             return await self._serve_admitted(requests, context)
         return await self._serve(requests, context)
+
+    async def dry_run(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """Jina's ``Client.is_flow_ready()`` pointed at this head: a dry-run request through every shard, as a
+        Jina gateway sends one through its graph; SUCCESS when each shard answered, else ERROR saying why."""
+        status = jina_pb2.StatusProto(code=jina_pb2.StatusProto.SUCCESS)
+        metadata = ((services.ENDPOINT_METADATA, DRY_RUN_ENDPOINT), self._via)
+        try:
+            response, _ = await self._gather(
+                [DataRequest(endpoint=DRY_RUN_ENDPOINT)], metadata, _time_left(context), PollingType.ALL
+            )
+            if response.is_error:
+                status.CopyFrom(response.status)
+        except ShardnetError as exc:
+            status.code, status.description = jina_pb2.StatusProto.ERROR, f"{self.deployment}: {exc}"
+        return status.SerializeToString()
 
     async def _serve_admitted(self, requests: list[DataRequest], context: grpc.aio.ServicerContext) -> bytes:
         """``_serve`` within ``max_in_flight``: past it, RESOURCE_EXHAUSTED at once, naming the limit."""

@@ -324,8 +324,8 @@ async def serve_until_signalled(
 
 
 def jina_server(config: ServerConfig, runtime) -> Server:
-    """A Server exposing ``runtime``'s four Jina methods (process_single_data, process_data,
-    process_control, endpoint_discovery) and listing their services through reflection.
+    """A Server exposing ``runtime``'s Jina methods (process_single_data, process_data, process_control,
+    endpoint_discovery, dry_run, and Call over process_single_data) and listing their services through reflection.
 
     A runtime with a ``request_stream`` handler serves shardnet's request streams too
     (networking/streams.py), unless ``max_concurrent_rpcs`` caps it: a stream is one RPC however
@@ -337,6 +337,7 @@ def jina_server(config: ServerConfig, runtime) -> Server:
         unary_service(services.PROCESS_CONTROL, runtime.process_control),
         unary_service(services.ENDPOINT_DISCOVERY, runtime.endpoint_discovery),
         stream_service(services.STREAM_CALL, one_by_one(runtime.process_single_data)),
+        unary_service(services.DRY_RUN, runtime.dry_run),
     ]
     request_stream = getattr(runtime, "request_stream", None)
     if request_stream is not None and config.max_concurrent_rpcs is None:
@@ -345,6 +346,6 @@ def jina_server(config: ServerConfig, runtime) -> Server:
         config,
         handlers,
         [services.SINGLE_DATA_SERVICE, services.DATA_SERVICE, services.CONTROL_SERVICE, services.DISCOVERY_SERVICE,
-         services.CALL_SERVICE],
+         services.CALL_SERVICE, services.DRY_RUN_SERVICE],
     )
 

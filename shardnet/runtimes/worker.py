@@ -155,6 +155,10 @@ class Worker:
             endpoint = dict(context.invocation_metadata()).get(services.ENDPOINT_METADATA) or "/default"
         return endpoint
 
+    async def dry_run(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """Jina's ``Client.is_flow_ready()`` pointed at this worker: serving, so ready (no handler runs)."""
+        return jina_pb2.StatusProto(code=jina_pb2.StatusProto.SUCCESS).SerializeToString()
+
     async def process_single_data(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
         self._last_call = time.monotonic()
         request = await self._decode(payload, context, DataRequest.from_bytes)
