@@ -10,7 +10,15 @@ from typing import Optional
 
 from shardnet.cli.options import add_head_traffic_arguments, message_megabytes
 from shardnet.errors import ConfigurationError
-from shardnet.manifests.kubernetes import DRAIN_MARGIN, HEAD_RESOURCES, DeploymentSpec, Resources, render, render_components, to_yaml
+from shardnet.manifests.kubernetes import (
+    DRAIN_MARGIN,
+    HEAD_RESOURCES,
+    DeploymentSpec,
+    Resources,
+    render,
+    render_components,
+    to_yaml,
+)
 
 DEFAULT_USES = "shardnet.examples.text_index:TextIndexer"
 

@@ -53,7 +53,9 @@ def _check_policies(**given: tuple[Any, type]) -> None:
     for name, (value, kind) in given.items():
         if value is not None and not isinstance(value, kind):
             # the type only: a ServerTls given for a ClientTls would print its private key
-            raise ConfigurationError(f"{name} must be an instance of {kind.__name__} (or None), got a {type(value).__name__}")
+            raise ConfigurationError(
+                f"{name} must be an instance of {kind.__name__} (or None), got a {type(value).__name__}"
+            )
 
 
 def _check_retries(retries: Any) -> None:

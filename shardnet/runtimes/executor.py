@@ -226,7 +226,7 @@ def load_executor_class(uses: str) -> type[Executor]:
         hint = ""
         if exc.name is not None and exc.name.split(".")[0] in ("jina", "docarray"):
             hint = (
-                f" (it looks like a Jina Executor: shardnet runs its own, from shardnet import Executor, requests; "
+                " (it looks like a Jina Executor: shardnet runs its own, from shardnet import Executor, requests; "
                 "the handlers take the same docs and parameters)"
             )
         where = _users_line(exc, loaded_as)  # an import inside the user's file, not the file itself

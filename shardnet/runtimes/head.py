@@ -14,8 +14,8 @@ client certificate when configured.
 from __future__ import annotations
 
 import asyncio
-import math
 import logging
+import math
 import re
 import time
 import urllib.parse
@@ -57,7 +57,8 @@ USES_BEFORE = "uses_before"
 USES_AFTER = "uses_after"
 # seconds the head keeps from its caller's deadline to send back its own DEADLINE_EXCEEDED naming the shard
 DEADLINE_MARGIN = 0.25
-# seconds a head gives its workers to list their endpoints, when its caller sets no shorter deadline
+# seconds a head gives its workers to list their endpoints, or to answer a dry run, when its caller sets no shorter
+# deadline
 DISCOVERY_TIMEOUT = 5.0
 # without --lease, a worker that says how often it repeats ACTIVATE is leased for this many times that
 IMPLIED_LEASE_FACTOR = 5
@@ -218,9 +219,10 @@ class Head:
         status = jina_pb2.StatusProto(code=jina_pb2.StatusProto.SUCCESS)
         metadata = ((services.ENDPOINT_METADATA, DRY_RUN_ENDPOINT), self._via)
         try:
-            response, _ = await self._gather(
-                [DataRequest(endpoint=DRY_RUN_ENDPOINT)], metadata, _time_left(context), PollingType.ALL
-            )
+            left = _time_left(context)  # a hung shard must not hold a readiness check for ever
+            timeout = DISCOVERY_TIMEOUT if left is None else min(left, DISCOVERY_TIMEOUT)
+            dry = [DataRequest(endpoint=DRY_RUN_ENDPOINT)]
+            response, _ = await self._gather(dry, metadata, timeout, PollingType.ALL)
             if response.is_error:
                 status.CopyFrom(response.status)
         except ShardnetError as exc:
@@ -465,9 +467,8 @@ class Head:
                 removed = await self.pool.remove_connection(self.deployment, address, shard_id=shard_id)
                 for leased_shard in [shard_id] if shard_id is not None else self.pool.shard_ids(self.deployment):
                     self._leases.pop((address, leased_shard), None)
-                logger.info(
-                    "%s: deactivated %s (%s, by %s)", self.deployment, address, "removed" if removed else "unknown", peer
-                )
+                outcome = "removed" if removed else "unknown"
+                logger.info("%s: deactivated %s (%s, by %s)", self.deployment, address, outcome, peer)
         return request.to_bytes()
 
     def _is_own(self, address: Address) -> bool:
@@ -640,7 +641,7 @@ class Head:
         config = self.server.config
         if self._discovery_synced is not None or host_is_loopback(config.host):
             return  # Kubernetes owns membership / only this machine reaches the head
-        where = f"{config.host}:{self.server.port}"
+        where = f"{config.host}:{config.port}" if config.port else f"{config.host} (a port picked at start)"
         if self._guard.open:
             logger.warning(
                 "%s: anyone who reaches %s may add or remove its workers (ACTIVATE/DEACTIVATE): set a control "

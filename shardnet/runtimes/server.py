@@ -120,10 +120,6 @@ class ControlGuard:
     def open(self) -> bool:
         return self._expected is None and not self._mutual_tls
 
-    @property
-    def has_token(self) -> bool:
-        return self._expected is not None
-
     def allows(self, context: grpc.aio.ServicerContext) -> bool:
         if self._expected is None:
             # open, or mutual TLS: its TLS layer lets only certificates signed by the client CA through

@@ -285,7 +285,8 @@ class Worker:
         if isinstance(specific, dict):  # Jina's executor-specific parameters: {"index": {"top_k": 3}} for "index"
             parameters = {**parameters, **specific}
         # docs_matrix as Jina gives it: one column per request, so a reducer reading docs_matrix[0] runs alone too
-        arguments: dict[str, Any] = {"docs": docs, "parameters": parameters, "endpoint": endpoint, "docs_matrix": [docs]}
+        arguments: dict[str, Any] = {"docs": docs, "parameters": parameters, "endpoint": endpoint}
+        arguments["docs_matrix"] = [docs]
         if others:
             # the first column gets a copy of its own: its field is about to hold every document
             first_column = docarray_pb2.DocumentArrayProto()
