@@ -843,3 +843,15 @@ async def test_a_dry_run_reaches_every_shard_and_says_which_did_not_answer(runti
     status = jina_pb2.StatusProto.FromString(not_ready)
     assert status.code == jina_pb2.StatusProto.ERROR and "shard 1" in status.description, status
     assert all(worker.executor.calls == {} for worker in workers)  # the dry run ran no handler
+
+
+async def test_a_dry_run_without_a_deadline_gives_up_on_a_hung_shard(runtimes, echo_servers, monkeypatch):
+    import shardnet.runtimes.head as head_module
+
+    monkeypatch.setattr(head_module, "DISCOVERY_TIMEOUT", 0.3)  # the bound a caller without a deadline gets
+    [hung] = await echo_servers(1, delay=30)
+    head = await runtimes(Head("hung", connections={0: [hung.address]}))
+    async with grpc.aio.insecure_channel(head.server.address) as channel:
+        answer = await asyncio.wait_for(channel.unary_unary(services.DRY_RUN)(b""), 10)  # no gRPC deadline
+    status = jina_pb2.StatusProto.FromString(answer)
+    assert status.code == jina_pb2.StatusProto.ERROR and "DEADLINE_EXCEEDED" in status.description, status
