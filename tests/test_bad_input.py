@@ -579,6 +579,7 @@ BAD_CONFIGURATIONS = {
     "pool-ejection-text": (lambda: GrpcConnectionPool(ejection="x"), "ejection must be an instance of EjectionPolicy"),
     "pool-tls-path": (lambda: GrpcConnectionPool(tls="cert.pem"), "tls must be an instance of ClientTls"),
     "pool-timeout-text": (lambda: GrpcConnectionPool(timeout="5"), "timeout must be positive seconds"),
+    "pool-timeout-infinite": (lambda: GrpcConnectionPool(timeout=float("inf")), "timeout must be positive seconds"),
     "replicas-balancer-name": (lambda: ReplicaList("random"), "unknown balancer 'random'"),
     "replicas-balancer-object": (lambda: ReplicaList(5), "balancer must be a balancer name or object"),
     "pool-option-single": (lambda: GrpcConnectionPool(options=[("x",)]), "(name, value) pairs, got ('x',)"),
@@ -599,6 +600,9 @@ BAD_CALLS = {
     "timeout-zero": ({"timeout": 0}, ConfigurationError, "timeout must be positive seconds"),
     "timeout-negative": ({"timeout": -1}, ConfigurationError, "timeout must be positive seconds"),
     "timeout-nan": ({"timeout": float("nan")}, ConfigurationError, "timeout must be positive seconds"),
+    # gRPC's deadline overflows: every call failed at once with DEADLINE_EXCEEDED
+    "timeout-infinite": ({"timeout": float("inf")}, ConfigurationError, "timeout must be positive seconds up to 1e+09"),
+    "timeout-huge": ({"timeout": 1e12}, ConfigurationError, "(None for no deadline), got 1000000000000.0"),
     "metadata-uppercase-key": ({"metadata": [("X-Trace", "1")]}, ProtocolError, "'X-Trace' is not a gRPC header name"),
     "metadata-reserved-key": ({"metadata": [("grpc-timeout", "1S")]}, ProtocolError, "not starting with 'grpc-'"),
     "metadata-newline": ({"metadata": [("x-trace", "a\nb")]}, ProtocolError, "printable ASCII text"),

@@ -414,6 +414,35 @@ async def test_closing_the_pool_fails_its_calls_in_flight_naming_the_replica(poo
         assert "closed" in str(outcome) and outcome.deployment == "dep"
 
 
+async def test_closing_the_pool_cuts_calls_left_on_a_removed_replica(pool_factory, echo_servers, eventually):
+    # a removed replica's channel waits for its calls; the pool's close must still cut them (they ran on)
+    [hung] = await echo_servers(1, delay=60.0)
+    pool = pool_factory()
+    pool.add_connection("dep", hung.address)
+    task = pool.send_request(DataRequest(), "dep")[0]  # no deadline: only the close ends it
+    await eventually(lambda: hung.calls == 1, timeout=5.0)
+    await pool.remove_connection("dep", hung.address)
+    await pool.close()
+    with pytest.raises(ReplicaError) as cut:
+        await asyncio.wait_for(task, 5.0)
+    assert cut.value.code == grpc.StatusCode.UNAVAILABLE and hung.address in str(cut.value)
+
+
+async def test_a_close_cut_short_cuts_the_calls_and_closing_again_finishes(pool_factory, echo_servers, eventually):
+    servers = await echo_servers(3, delay=60.0)
+    pool = pool_factory()
+    for shard_id, server in enumerate(servers):
+        pool.add_connection("dep", server.address, shard_id=shard_id)
+    tasks = pool.send_request(DataRequest(), "dep", polling_type=PollingType.ALL)
+    await eventually(lambda: sum(server.calls for server in servers) == 3, timeout=5.0)  # all reached their servers
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(pool.close(), 0.05)  # a caller's shutdown deadline, shorter than the grace
+    outcomes = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5.0)
+    assert all(isinstance(outcome, ReplicaError) and outcome.code == grpc.StatusCode.UNAVAILABLE for outcome in outcomes)
+    await asyncio.wait_for(pool.close(), 5.0)
+    assert pool.deployments == {}
+
+
 async def test_a_caller_cancelling_its_call_still_gets_cancelled_error(pool, echo_servers, eventually):
     [slow] = await echo_servers(1, delay=5.0)
     pool.add_connection("dep", slow.address)

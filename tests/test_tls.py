@@ -81,6 +81,23 @@ async def test_pool_over_tls(pool_factory, echo_servers, tls):
     assert response.endpoint == "/i" and server.received_metadata[0]["endpoint"] == "/i"
 
 
+async def test_a_pool_given_tls_material_dials_bare_addresses_over_tls_too(pool_factory, echo_servers, tls):
+    """As the one-off helpers given it do: a bare host:port went out in plaintext, silently."""
+    [secure] = await echo_servers(1, credentials=tls.server.credentials())
+    [plain] = await echo_servers(1)
+    pool = pool_factory(tls=ClientTls(root_certificates=tls.ca_pem))
+    pool.add_connection("dep", secure.address)
+    response, _ = await pool.send_request(DataRequest(endpoint="/i"), "dep", timeout=5.0)[0]
+    assert response.endpoint == "/i" and secure.calls == 1
+    pool.add_connection("plain", plain.address)
+    with pytest.raises(ReplicaError):  # a plaintext server does not answer a TLS client
+        await pool.send_request(DataRequest(), "plain", timeout=5.0)[0]
+    assert plain.calls == 0
+    with pytest.raises(ConfigurationError, match="a Unix socket is local and plaintext, it takes no TLS"):
+        pool.add_connection("local", "unix:/tmp/never.sock")
+    assert "local" not in pool.deployments  # refused before anything was made for it
+
+
 async def test_pool_refuses_an_untrusted_server(pool, echo_servers, tls):
     [server] = await echo_servers(1, credentials=tls.server.credentials())
     pool.add_connection("dep", f"https://{server.address}")  # system roots do not know the test CA

@@ -18,12 +18,20 @@ import tenacity
 from shardnet.errors import ConfigurationError
 
 
+# the longest deadline gRPC takes: past about 9.2e9 s its deadline arithmetic overflows, and a call with an
+# infinite or huge timeout fails at once with DEADLINE_EXCEEDED
+MAX_TIMEOUT = 1e9
+
+
 def check_timeout(timeout: Optional[float], what: str = "timeout") -> None:
-    """Positive seconds or None (gRPC would take NaN as no deadline, 0 as expired and text not at all)."""
+    """Positive seconds up to MAX_TIMEOUT, or None (gRPC would take NaN as no deadline, 0 as expired, infinity
+    as expired too, and text not at all)."""
     if timeout is None:
         return
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ConfigurationError(f"{what} must be positive seconds (or None), got {timeout!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_TIMEOUT:
+        raise ConfigurationError(
+            f"{what} must be positive seconds up to {MAX_TIMEOUT:g} (None for no deadline), got {timeout!r}"
+        )
 
 
 def check_seconds(value: Any, what: str, *, zero: bool = False) -> None:

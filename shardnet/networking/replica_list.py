@@ -50,36 +50,62 @@ async def _finish_or_cut(closings: dict[asyncio.Task, Any], grace: float) -> Non
         return
     _, pending = await asyncio.wait(closings, timeout=grace)
     for closing in pending:
-        closing.cancel()
+        closing.cancel()  # a cancelled close cuts what it waited for (_ChannelInUse.close)
     await asyncio.gather(*pending, return_exceptions=True)
-    for closing in pending:
-        await closings[closing].close(None)
+
+
+class _Running:
+    """The calls and streamed requests running on one channel, counted by ``ReplicaList.call``, so that a close
+    can wait for them itself: grpc.aio's own grace, once cancelled, leaves its calls running uncut."""
+
+    __slots__ = ("count", "_idle")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle: Optional[asyncio.Future] = None
+
+    def end(self) -> None:
+        self.count -= 1
+        if not self.count and self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+
+    async def idle(self, timeout: float) -> None:
+        """Return once none runs, or after ``timeout`` seconds."""
+        if self.count:
+            self._idle = asyncio.get_running_loop().create_future()
+            await asyncio.wait([self._idle], timeout=timeout)
 
 
 class _ChannelInUse:
-    """A channel and the request streams on it (None without), closed together: closing a channel does not
-    end its streams, and their requests must get the same grace as its calls."""
+    """A channel, the request streams on it (None without) and what runs on it, closed together: closing a
+    channel does not end its streams, and their requests must get the same grace as its calls."""
 
-    __slots__ = ("channel", "streams")
+    __slots__ = ("channel", "streams", "running")
 
-    def __init__(self, channel: grpc.aio.Channel, streams: Optional[RequestStreams]):
+    def __init__(self, channel: grpc.aio.Channel, streams: Optional[RequestStreams], running: _Running):
         self.channel = channel
         self.streams = streams
+        self.running = running
 
     async def close(self, grace: Optional[float]) -> None:
-        """Give calls and streamed requests ``grace`` seconds (None: none), then cut them."""
-        if self.streams is None:
-            await self.channel.close(grace)
-        else:
-            await asyncio.gather(self.streams.close(grace), self.channel.close(grace))
+        """Give calls and streamed requests ``grace`` seconds (None: none), then cut them; cancelled while it
+        waits, it cuts them at once."""
+        try:
+            if grace:
+                await self.running.idle(grace)
+        finally:
+            if self.streams is None:
+                await self.channel.close(None)
+            else:
+                await asyncio.gather(self.streams.close(None), self.channel.close(None))
 
 
 class Connection:
     """One replica: its address, its channel and the method callables on it."""
 
     __slots__ = (
-        "address", "_tls", "_options", "channel", "stubs", "failures", "times_ejected", "_retiring", "_closed", "_origin",
-        "_request_streams", "rebuilt_at",
+        "address", "_tls", "_options", "channel", "stubs", "running", "failures", "times_ejected", "_retiring",
+        "_closed", "_origin", "_request_streams", "rebuilt_at",
     )
 
     def __init__(
@@ -118,10 +144,11 @@ class Connection:
             request_streams=self._request_streams,
             limits=message_limits(self._options),
         )
+        self.running = _Running()
 
     def rebuild(self) -> None:
         """Replace the channel with a fresh one; the old one closes once the calls still on it end."""
-        retired = _ChannelInUse(self.channel, self.stubs.streams)
+        retired = _ChannelInUse(self.channel, self.stubs.streams, self.running)
         self.rebuilt_at = asyncio.get_running_loop().time()
         self._open()
         self._closed.add(retired.channel)
@@ -152,9 +179,15 @@ class Connection:
         Calls still running after that are cancelled; ``ReplicaList.call`` turns that into UNAVAILABLE.
         """
         self._closed.add(self.channel)
-        await _ChannelInUse(self.channel, self.stubs.streams).close(grace)
         retiring, self._retiring = dict(self._retiring), {}
-        await _finish_or_cut(retiring, grace or 0)
+        cut = False
+        try:
+            await _ChannelInUse(self.channel, self.stubs.streams, self.running).close(grace)
+        except asyncio.CancelledError:
+            cut = True  # cancelled itself (a pool closing): the replaced channels are cut at once too
+            raise
+        finally:
+            await _finish_or_cut(retiring, 0 if cut else grace or 0)
 
     def __repr__(self) -> str:
         return f"<Connection {self.address} failures={self.failures}>"
@@ -202,8 +235,10 @@ class ReplicaList:
     # -- membership --------------------------------------------------------
 
     def add_connection(self, address: str) -> Connection:
-        """Open a channel to ``address`` unless one is already there; return the connection."""
-        parsed = parse_address(address)
+        """Open a channel to ``address`` unless one is already there; return the connection. A list given TLS
+        material dials every replica over TLS (a bare ``host:port`` too; a ``unix:`` socket, plaintext, is
+        refused), as the one-off helpers given it do."""
+        parsed = parse_address(address, tls=self._tls is not None)
         existing = self._connections.get(parsed.target)
         if existing is not None:
             return existing
@@ -363,6 +398,8 @@ class ReplicaList:
         balancer = self.balancer
         token = balancer.started(connection)
         channel = connection.channel
+        running = connection.running  # the channel's: a close waits for it
+        running.count += 1
         try:
             call = getattr(connection.stubs, method)(payload, metadata=metadata, timeout=timeout)
             response = checked_reply(await call, connection.address, self.name, timed=timeout is not None)
@@ -398,24 +435,34 @@ class ReplicaList:
         except BaseException:
             balancer.finished(connection, token, failed=True)
             raise
+        finally:
+            running.end()
         balancer.finished(connection, token)
         connection.failures = 0
         return response, trailing
 
     async def close(self) -> None:
-        """Close every channel and stop every health probe."""
+        """Close every channel and stop every health probe; calls still running get half a second together,
+        then are cut. Cancelled (a caller's own deadline on closing), it cuts them at once, and a later close
+        finds whatever it had not reached yet."""
         for probe in list(self._probes.values()):
             probe.cancel()
         self._probes.clear()
-        connections = list(self._connections.values())
-        self._connections.clear()
-        self._eligible.clear()
+        self._eligible.clear()  # no pick, failover included, lands on a closing channel
         self._position.clear()
-        for connection in connections:
-            self.balancer.forget(connection)
-            await connection.close(grace=0.5)
+        closing = []
+        for connection in list(self._connections.values()):
+            closing.append(asyncio.ensure_future(connection.close(grace=0.5)))
+            await asyncio.sleep(0)  # one close started per loop pass (grpc.aio's close walks every task)
         leaving, self._leaving = dict(self._leaving), {}
-        await _finish_or_cut(leaving, 0.5)
+        try:
+            await asyncio.gather(*closing, _finish_or_cut(leaving, 0.5))
+        finally:
+            for task in closing:
+                task.cancel()  # when this close was cancelled itself: theirs cut what they waited for
+        for connection in self._connections.values():
+            self.balancer.forget(connection)
+        self._connections.clear()
 
     def __repr__(self) -> str:
         ejected = len(self._connections) - len(self._eligible)
