@@ -855,3 +855,16 @@ async def test_a_dry_run_without_a_deadline_gives_up_on_a_hung_shard(runtimes, e
         answer = await asyncio.wait_for(channel.unary_unary(services.DRY_RUN)(b""), 10)  # no gRPC deadline
     status = jina_pb2.StatusProto.FromString(answer)
     assert status.code == jina_pb2.StatusProto.ERROR and "DEADLINE_EXCEEDED" in status.description, status
+
+
+async def test_a_dry_run_goes_through_uses_before_refuses_a_payload_and_never_fails_over(runtimes, dead_address):
+    [worker] = await shard_workers(runtimes, executors.ShardSearch, 1)
+    head = await runtimes(Head("before", connections={0: [worker.server.address]}, uses_before=dead_address))
+    async with grpc.aio.insecure_channel(head.server.address) as channel:
+        dry_run = channel.unary_unary(services.DRY_RUN)
+        status = jina_pb2.StatusProto.FromString(await dry_run(b"", timeout=5))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await dry_run(b"not an Empty message", timeout=5)
+    assert status.code == jina_pb2.StatusProto.ERROR and "uses_before" in status.description, status
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert head.pool.retry_budget.total_retries == 0  # a readiness check spends none of the requests' budget

@@ -440,6 +440,7 @@ def test_quantities_may_use_a_decimal_exponent_as_kubernetes_allows() -> None:
     with pytest.raises(ConfigurationError, match="cpu request '1.5e3' exceeds cpu_limit '1e3'"):
         Resources(cpu="1.5e3", cpu_limit="1e3")
     spec = DeploymentSpec(name="exp", image="x", uses="shardnet.examples.text_index:TextIndexer", worker_resources=resources)
+    DeploymentSpec(name="vast", image="x", uses="m:C", worker_resources=Resources(memory_limit="1e400"))  # no float
     for obj in render(spec):
         kubernetes_validate.validate(obj, SCHEMA_VERSION, strict=True)
 

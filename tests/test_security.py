@@ -358,15 +358,27 @@ def test_the_control_token_from_a_file_or_the_command_line_which_warns_that_ps_s
         finally:
             stop_all([head])
         assert ("shows the secret to every user of this machine (ps)" in head.tail()) is warned, head.tail()
+    os.mkfifo(tmp_path / "fifo")  # nobody writes: reading it would block the start for ever
+    (tmp_path / "empty").write_text("\n \n")
+    (tmp_path / "huge").write_bytes(b"x" * 10_000)
+    (tmp_path / "bom").write_bytes("\ufeff\n  tok-with-a-bom  \r\n".encode())
+    (tmp_path / "accented").write_text("t\u00f6ken\n")
     for flags, message in (
         (["--control-token-file", str(tmp_path / "missing")], "cannot read the control token from"),
-        (["--control-token-file", str(tmp_path / "empty")], "is empty"),
+        (["--control-token-file", str(tmp_path / "empty")], "holds no token (only blank lines)"),
+        (["--control-token-file", str(tmp_path / "fifo")], "is not a regular file"),
+        (["--control-token-file", str(tmp_path)], "is not a regular file"),
+        (["--control-token-file", str(tmp_path / "huge")], "holds more than 4096 bytes"),
+        (["--control-token-file", str(tmp_path / "accented")], "must be printable ASCII text"),
         (["--control-token-file", str(secret), "--control-token", "x"], "not allowed with argument"),
     ):
-        (tmp_path / "empty").write_text("\n")
         finished = subprocess.run([sys.executable, "-m", "shardnet", "head", "--deployment", "t", *flags],
                                   capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
         assert finished.returncode == 2 and message in finished.stderr, finished.stderr
+        assert "t\u00f6ken" not in finished.stderr  # a token is never shown, not even a wrong one
+    from shardnet.cli.options import _token_from_file
+
+    assert _token_from_file(str(tmp_path / "bom")) == "tok-with-a-bom"  # a BOM, blank lines, CRLF: the token
 
 
 def _child_environment() -> dict:

@@ -176,7 +176,7 @@ async def test_an_answer_past_the_workers_own_limit_is_refused_by_name(runtimes)
 
 async def test_endpoint_discovery_names_a_default_handler_and_the_dry_run_as_jina_does(runtimes):
     # a Jina gateway skips a worker that lists neither the request's endpoint nor /default (Jina's name for it)
-    for executor, listed in ((executors.SlowUntilReleased, ["/slow", "/default", "_jina_dry_run_"]),
+    for executor, listed in ((executors.SlowUntilReleased, ["/default", "/slow", "_jina_dry_run_"]),
                              (executors.KnownOnly, ["/known", "_jina_dry_run_"])):
         worker = await runtimes(Worker(executor.create()))
         empty = empty_pb2.Empty().SerializeToString()
@@ -329,6 +329,34 @@ async def test_jinas_call_stream_answers_each_request_in_turn(tagger, runtimes, 
     assert [answer.request_id for answer in answers] == [request.request_id for request in requests]
     assert [answer.docs[0].tags.get("by") for answer in answers[:3]] == ["t"] * 3
     assert answers[-1].is_error and answers[-1].status.exception.name == "ValueError"
+
+
+async def test_a_jina_call_stream_ends_unavailable_when_the_worker_drains_and_does_not_hold_its_stop(runtimes):
+    """An open Call stream (a Jina Client's) held a draining worker to its whole grace, and what it brought
+    meanwhile was served or cut; it now ends UNAVAILABLE at once, so the client sends elsewhere."""
+    worker = await runtimes(Worker(executors.Tagger.create()))
+    outgoing: asyncio.Queue = asyncio.Queue()
+
+    async def requests():
+        while (request := await outgoing.get()) is not None:
+            yield request
+
+    async with grpc.aio.insecure_channel(worker.server.address) as channel:
+        call = channel.stream_stream(services.STREAM_CALL)(requests())
+        outgoing.put_nowait(DataRequest([Document(text="a")], endpoint="/tag").to_bytes())
+        first = DataRequest.from_bytes(await call.read())
+        assert first.docs[0].tags["by"] == "tagger"
+        started = asyncio.get_running_loop().time()
+        stopping = asyncio.create_task(worker.stop(10))
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await asyncio.wait_for(call.read(), 5)
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE and "stopping" in ended.value.details()
+            await asyncio.wait_for(stopping, 5)  # not the 10 s grace
+        finally:
+            outgoing.put_nowait(None)
+            await asyncio.gather(stopping, return_exceptions=True)
+        assert asyncio.get_running_loop().time() - started < 5
 
 
 # -- worker processes: signals -------------------------------------------------------------

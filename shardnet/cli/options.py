@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import signal
+import stat
 from typing import Any, Callable, Coroutine, Optional
 
 from shardnet.errors import ConfigurationError
@@ -179,17 +180,39 @@ def add_token_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+MAX_TOKEN_FILE_BYTES = 4096
+
+
+def _token_from_file(path: str) -> str:
+    """The first non-blank line of a regular file of at most MAX_TOKEN_FILE_BYTES (a FIFO would block the start,
+    /dev/zero fill the memory); a UTF-8 byte order mark is dropped."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ConfigurationError(f"--control-token-file {path!r} is not a regular file")
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_TOKEN_FILE_BYTES + 1)
+        text = data.decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"cannot read the control token from {path!r}: {exc}") from None
+    if len(data) > MAX_TOKEN_FILE_BYTES:
+        raise ConfigurationError(f"--control-token-file {path!r} holds more than {MAX_TOKEN_FILE_BYTES} bytes")
+    token = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    if not token:
+        raise ConfigurationError(f"the control token file {path!r} holds no token (only blank lines)")
+    try:
+        check_control_token(token)
+    except ConfigurationError:
+        raise ConfigurationError(
+            f"the token in {path!r} must be printable ASCII text (it travels as gRPC metadata); the value is not shown"
+        ) from None
+    return token
+
+
 def control_token(args: argparse.Namespace) -> Optional[str]:
     """``--control-token-file``'s first line, ``--control-token`` (with a warning: ps shows it), else
     ``SHARDNET_CONTROL_TOKEN``; refused (unquoted) when gRPC could not carry it."""
     if args.control_token_file is not None:
-        try:
-            with open(args.control_token_file, encoding="utf-8") as handle:
-                token = handle.readline().strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigurationError(f"cannot read the control token from {args.control_token_file!r}: {exc}") from None
-        if not token:
-            raise ConfigurationError(f"the control token file {args.control_token_file!r} is empty")
+        token = _token_from_file(args.control_token_file)
     elif args.control_token:
         logger.warning(
             "--control-token shows the secret to every user of this machine (ps): give it in a file "

@@ -242,11 +242,12 @@ class DeploymentSpec:
         ):
             if not isinstance(resources, Resources) or resources.memory_limit is None:
                 continue
-            # --max-message-mb counts MiB (the processes take it times 2**20), as the limits here do
+            # --max-message-mb counts MiB (the processes take it times 2**20), as the limits here do; exact
+            # fractions, as a quantity may be far past what a float holds (1e400)
             needed = math.ceil(PROCESS_BASE_MIB + MESSAGE_COPIES[role] * self.max_message_mb)
-            limit_mib = float(_quantity_value(resources.memory_limit)) / 2**20
+            limit_mib = _quantity_value(resources.memory_limit) / 2**20
             if limit_mib < needed:
-                fits = max(0.0, (limit_mib - PROCESS_BASE_MIB) / MESSAGE_COPIES[role])
+                fits = max(0, (limit_mib - PROCESS_BASE_MIB) / MESSAGE_COPIES[role])
                 raise ConfigurationError(
                     f"a {role} memory limit of {resources.memory_limit} ({flag}) is too small for messages of "
                     f"{self.max_message_mb:g} MiB (--max-message-mb): one such request takes a {role} about "

@@ -214,19 +214,37 @@ class Head:
         return await self._serve(requests, context)
 
     async def dry_run(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        """Jina's ``Client.is_flow_ready()`` pointed at this head: a dry-run request through every shard, as a
-        Jina gateway sends one through its graph; SUCCESS when each shard answered, else ERROR saying why."""
-        status = jina_pb2.StatusProto(code=jina_pb2.StatusProto.SUCCESS)
-        metadata = ((services.ENDPOINT_METADATA, DRY_RUN_ENDPOINT), self._via)
+        """Jina's ``Client.is_flow_ready()`` pointed at this head: a dry-run request through ``uses_before`` and
+        every shard, as a Jina gateway sends one through its graph; SUCCESS when each answered, else ERROR saying
+        why. Admitted as a data request is (``max_in_flight``), and it never fails over: a readiness check must
+        not spend the retry budget requests need."""
         try:
-            left = _time_left(context)  # a hung shard must not hold a readiness check for ever
-            timeout = DISCOVERY_TIMEOUT if left is None else min(left, DISCOVERY_TIMEOUT)
-            dry = [DataRequest(endpoint=DRY_RUN_ENDPOINT)]
-            response, _ = await self._gather(dry, metadata, timeout, PollingType.ALL)
+            require_empty(payload)
+        except ProtocolError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        status = jina_pb2.StatusProto(code=jina_pb2.StatusProto.SUCCESS)
+        admitted = self._max_in_flight is None or self._in_flight < self._max_in_flight
+        if not admitted:
+            status.code = jina_pb2.StatusProto.ERROR
+            status.description = f"head of {self.deployment!r}: as many requests in flight as it takes (--max-in-flight)"
+            return status.SerializeToString()
+        self._in_flight += 1
+        metadata = ((services.ENDPOINT_METADATA, DRY_RUN_ENDPOINT), self._via)
+        left = _time_left(context)  # a hung shard must not hold a readiness check for ever
+        timeout = DISCOVERY_TIMEOUT if left is None else min(left, DISCOVERY_TIMEOUT)
+        dry = [DataRequest(endpoint=DRY_RUN_ENDPOINT)]
+        try:
+            if self._uses_before is not None:
+                response, _ = await self._one(self._uses_before, dry, metadata, timeout, decoded=True, retries=0)
+                dry = [response]
+            if not dry[0].is_error:
+                response, _ = await self._gather(dry, metadata, timeout, PollingType.ALL, retries=0)
             if response.is_error:
                 status.CopyFrom(response.status)
         except ShardnetError as exc:
             status.code, status.description = jina_pb2.StatusProto.ERROR, f"{self.deployment}: {exc}"
+        finally:
+            self._in_flight -= 1
         return status.SerializeToString()
 
     async def _serve_admitted(self, requests: list[DataRequest], context: grpc.aio.ServicerContext) -> bytes:
@@ -331,20 +349,23 @@ class Head:
         return (single, requests[0]) if len(requests) == 1 else (many, requests)
 
     async def _one(
-        self, deployment: str, requests: list[DataRequest], metadata, timeout, decoded: bool = False
+        self, deployment: str, requests: list[DataRequest], metadata, timeout, decoded: bool = False,
+        retries: Optional[int] = None,
     ) -> tuple[DataRequest, Any]:
-        """One replica's answer; ``decoded`` when the head reads it (uses_before/after), not only forwards it."""
+        """One replica's answer; ``decoded`` when the head reads it (uses_before/after), not only forwards it;
+        ``retries`` as ``GrpcConnectionPool.call`` takes it."""
         targets = self.pool.targets(deployment, False, None, PollingType.ANY)
         if not targets:
             raise RoutingError(f"deployment {deployment!r} has no live replica", deployment=deployment)
         shard_id, replicas = targets[0]
         method, payload = self._method(requests, decoded)
         return await self.pool.call(
-            payload, deployment, replicas, shard_id=shard_id, method=method, metadata=metadata, timeout=timeout
+            payload, deployment, replicas, shard_id=shard_id, method=method, metadata=metadata, timeout=timeout,
+            retries=retries,
         )
 
     async def _gather(
-        self, requests: list[DataRequest], metadata, timeout, polling: PollingType
+        self, requests: list[DataRequest], metadata, timeout, polling: PollingType, retries: Optional[int] = None
     ) -> tuple[DataRequest, list]:
         """The answers of the shards ``polling`` selects (one under ANY, every one under ALL), merged or
         handed to ``uses_after`` in one call."""
@@ -355,7 +376,10 @@ class Head:
         method, payload = self._method(requests, decoded=True)
         results = await asyncio.gather(
             *(
-                self.pool.call(payload, self.deployment, replicas, shard_id=sid, method=method, metadata=metadata, timeout=timeout)
+                self.pool.call(
+                    payload, self.deployment, replicas, shard_id=sid, method=method, metadata=metadata,
+                    timeout=timeout, retries=retries,
+                )
                 for sid, replicas in targets
             ),
             return_exceptions=True,
@@ -431,11 +455,12 @@ class Head:
             except ConfigurationError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{command} refused: {exc}")
             address = str(parsed)
-            if command == "ACTIVATE" and parsed.unix_path is not None and not _on_this_machine(peer):
-                # a socket only this machine reaches: a remote caller must not make the head a bridge to it
+            local_only = parsed.unix_path is not None or host_is_loopback(parsed.host)
+            if command == "ACTIVATE" and local_only and not _on_this_machine(peer):
+                # a socket or port only this machine reaches: a remote caller must not make the head a bridge to it
                 await context.abort(
                     grpc.StatusCode.PERMISSION_DENIED,
-                    f"ACTIVATE refused: {address} is a Unix socket on the head's machine, and the caller ({peer}) "
+                    f"ACTIVATE refused: {address} is reached on the head's machine only, and the caller ({peer}) "
                     "is not on it",
                 )
             if command == "ACTIVATE" and self._is_own(parsed):

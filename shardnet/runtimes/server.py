@@ -97,13 +97,29 @@ def stream_service(path: str, handler: Callable[..., AsyncIterator[bytes]]) -> g
     return grpc.method_handlers_generic_handler(service, {method: grpc.stream_stream_rpc_method_handler(handler)})
 
 
-def one_by_one(handler: RawHandler) -> Callable[..., AsyncIterator[bytes]]:
+def one_by_one(handler: RawHandler, stopping: asyncio.Event) -> Callable[..., AsyncIterator[bytes]]:
     """Jina's ``JinaRPC/Call`` over a unary handler: each request on the stream answered in turn, as a Jina
-    worker or head answers the stream its ``Client`` opens."""
+    worker or head answers the stream its ``Client`` opens. Once the server is ``stopping`` the stream ends
+    UNAVAILABLE after the answer under way (an open stream would otherwise hold the drain to its whole grace,
+    and what it brought meanwhile would be served or cut), so that the client sends elsewhere."""
 
     async def call(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
-        async for payload in requests:
-            yield await handler(payload, context)
+        incoming = requests.__aiter__()
+        stop = asyncio.ensure_future(stopping.wait())
+        try:
+            while True:
+                next_request = asyncio.ensure_future(incoming.__anext__())
+                await asyncio.wait((next_request, stop), return_when=asyncio.FIRST_COMPLETED)
+                if not next_request.done():
+                    next_request.cancel()
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is stopping: send elsewhere")
+                try:
+                    payload = next_request.result()
+                except StopAsyncIteration:
+                    return
+                yield await handler(payload, context)
+        finally:
+            stop.cancel()
 
     return call
 
@@ -146,7 +162,7 @@ class Server:
     def __init__(self, config: ServerConfig, handlers: Sequence[grpc.GenericRpcHandler], service_names: Sequence[str]):
         self.config = config
         self.ready_at_start = True
-        self._handlers = list(handlers)
+        self._handlers = list(handlers)  # more may be added until start (add_handler)
         self._service_names = list(service_names)
         self.health = health.aio.HealthServicer()
         self._server: Optional[grpc.aio.Server] = None
@@ -154,6 +170,10 @@ class Server:
         self.draining = False
         self.stopping = asyncio.Event()  # set as the drain begins: long-lived streams end once their answers are out
         self._unix_bound = False
+
+    def add_handler(self, handler: grpc.GenericRpcHandler) -> None:
+        """Serve ``handler`` too (one that needs this server, as its ``stopping``, to be made); before start."""
+        self._handlers.append(handler)
 
     @property
     def address(self) -> str:
@@ -332,16 +352,17 @@ def jina_server(config: ServerConfig, runtime) -> Server:
         unary_service(services.PROCESS_DATA, runtime.process_data),
         unary_service(services.PROCESS_CONTROL, runtime.process_control),
         unary_service(services.ENDPOINT_DISCOVERY, runtime.endpoint_discovery),
-        stream_service(services.STREAM_CALL, one_by_one(runtime.process_single_data)),
         unary_service(services.DRY_RUN, runtime.dry_run),
     ]
     request_stream = getattr(runtime, "request_stream", None)
     if request_stream is not None and config.max_concurrent_rpcs is None:
         handlers.append(stream_service(services.REQUEST_STREAM, request_stream))
-    return Server(
+    server = Server(
         config,
         handlers,
         [services.SINGLE_DATA_SERVICE, services.DATA_SERVICE, services.CONTROL_SERVICE, services.DISCOVERY_SERVICE,
          services.CALL_SERVICE, services.DRY_RUN_SERVICE],
     )
+    server.add_handler(stream_service(services.STREAM_CALL, one_by_one(runtime.process_single_data, server.stopping)))
+    return server
 

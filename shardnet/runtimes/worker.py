@@ -137,8 +137,10 @@ class Worker:
         """What endpoint discovery lists, as a Jina worker does: the bound endpoints, ``/default`` when a default
         handler takes the rest (a Jina gateway skips a worker listing neither the request's endpoint nor it),
         and the dry-run endpoint."""
-        named = sorted(endpoint for endpoint in self._handlers if endpoint != DEFAULT)
-        return named + ([DEFAULT_ENDPOINT] if DEFAULT in self._handlers else []) + [DRY_RUN_ENDPOINT]
+        listed = {endpoint for endpoint in self._handlers if endpoint != DEFAULT}
+        if DEFAULT in self._handlers:
+            listed.add(DEFAULT_ENDPOINT)  # once, also when a handler is bound to /default by name
+        return sorted(listed) + [DRY_RUN_ENDPOINT]
 
     # -- data ---------------------------------------------------------------------
 
@@ -157,6 +159,7 @@ class Worker:
 
     async def dry_run(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """Jina's ``Client.is_flow_ready()`` pointed at this worker: serving, so ready (no handler runs)."""
+        await self._decode(payload, context, require_empty)
         return jina_pb2.StatusProto(code=jina_pb2.StatusProto.SUCCESS).SerializeToString()
 
     async def process_single_data(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
