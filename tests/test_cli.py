@@ -63,6 +63,21 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def stop(process: subprocess.Popen, pids: list[int], timeout: float = 20.0) -> Optional[int]:
+    """SIGTERM ``process`` and wait; if it hangs, SIGKILL it and the children (``pids``) it can no longer stop."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    for pid in pids:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    return process.returncode
+
+
 @pytest.fixture
 def deployed(tmp_path):
     """``shardnet deploy`` of the Tagger, 2 shards x 1 replica, ALL on /tag: (address, deploy process, child pids)."""
@@ -83,16 +98,7 @@ def deployed(tmp_path):
         assert len(pids) == 3, table
         yield address, process, pids
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-                for pid in pids:  # a deploy killed while hung cannot stop its children: do it for it
-                    if pid_alive(pid):
-                        os.kill(pid, signal.SIGKILL)
+        stop(process, pids, timeout=15)
 
 
 def test_deploy_stops_at_once_on_sigterm_while_a_restart_hangs(tmp_path):
@@ -215,16 +221,7 @@ def test_deploy_takes_a_uses_after(tmp_path):
         sent = shardnet("send", address, "--endpoint", "/tag", "--text", "x")
         assert sent.returncode == 0, sent.stderr
     finally:
-        children = _children(process.pid) if process.poll() is None else []
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        for pid in children:  # a deploy killed while hung cannot stop its children: do it for it
-            if pid_alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        stop(process, _children(process.pid) if process.poll() is None else [])
     assert process.returncode == 0, log.read_text()
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
-from test_cli import EXECUTORS, PYTHON_M, pid_alive, shardnet, wait_for_line
+from test_cli import EXECUTORS, PYTHON_M, pid_alive, shardnet, stop, wait_for_line
 
 from shardnet.cli.options import positive_seconds
 
@@ -29,21 +29,6 @@ def start(log: Path, *arguments: str, env: Optional[dict[str, str]] = None) -> s
         return subprocess.Popen(
             [*PYTHON_M, *arguments], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
         )
-
-
-def stop(process: subprocess.Popen, pids: list[int], timeout: float = 20.0) -> Optional[int]:
-    """SIGTERM ``process`` and wait; if it hangs, SIGKILL it and the children (``pids``) it can no longer stop."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    for pid in pids:
-        if pid_alive(pid):
-            os.kill(pid, signal.SIGKILL)
-    return process.returncode
 
 
 def wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
