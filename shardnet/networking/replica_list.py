@@ -72,7 +72,8 @@ class _Running:
     async def idle(self, timeout: float) -> None:
         """Return once none runs, or after ``timeout`` seconds."""
         if self.count:
-            self._idle = asyncio.get_running_loop().create_future()
+            if self._idle is None or self._idle.done():  # shared by everyone waiting (a close after a removal)
+                self._idle = asyncio.get_running_loop().create_future()
             await asyncio.wait([self._idle], timeout=timeout)
 
 
