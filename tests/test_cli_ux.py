@@ -207,6 +207,21 @@ def test_a_head_that_cannot_tell_a_missing_shard_says_so_at_start(tmp_path):
         assert ("no --shards: under ALL" in log.read_text()) is warned, log.read_text()
 
 
+def test_a_process_dying_of_a_fatal_signal_leaves_its_stacks_in_its_log(tmp_path):
+    """Two processes vanished under CI load without a word in their logs; a fault now says where each thread was."""
+    log = tmp_path / "head.log"
+    head = start(log, "head", "--deployment", "d", "--port", "0", "--shards", "1")
+    try:
+        wait_for_line(log, r"ready on (\S+)", head)
+        head.send_signal(signal.SIGSEGV)
+        head.wait(20)
+    finally:
+        stop(head, [])
+    text = log.read_text()
+    assert head.returncode == -signal.SIGSEGV, text
+    assert "Fatal Python error: Segmentation fault" in text and "Current thread" in text, text
+
+
 async def test_send_to_a_server_without_discovery_still_warns_then_sends(echo_servers):
     [echo] = await echo_servers(1)  # no endpoint discovery: UNIMPLEMENTED, and the request goes anyway
     result = await asyncio.to_thread(shardnet, "send", echo.address, "--endpoint", "/index", "--text", "a")

@@ -8,6 +8,8 @@ exit code.
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import io
 import logging
 import os
 import sys
@@ -31,8 +33,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _say_where_on_a_crash() -> None:
+    """A process dying of a fatal signal (a fault in gRPC's C core, say) prints every thread's Python stack to
+    stderr, its log, instead of vanishing without a word; where stderr is no file (a test capturing it), nothing."""
+    try:
+        stderr = sys.stderr.fileno()
+    except (AttributeError, ValueError, io.UnsupportedOperation):
+        return
+    faulthandler.enable(file=stderr, all_threads=True)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the subcommand ``argv`` names (default: ``sys.argv[1:]``) and return its exit code."""
+    _say_where_on_a_crash()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
