@@ -212,8 +212,8 @@ def control_token(args: argparse.Namespace) -> Optional[str]:
     """``--control-token-file``'s first line, ``--control-token`` (with a warning: ps shows it), else
     ``SHARDNET_CONTROL_TOKEN``; refused (unquoted) when gRPC could not carry it."""
     if args.control_token_file is not None:
-        token = _token_from_file(args.control_token_file)
-    elif args.control_token:
+        return _token_from_file(args.control_token_file)  # checked there, naming the file
+    if args.control_token:
         logger.warning(
             "--control-token shows the secret to every user of this machine (ps): give it in a file "
             "(--control-token-file) or in $%s instead", TOKEN_VARIABLE,

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from shardnet.errors import ConfigurationError
 
 _TLS_SCHEMES = {"https": True, "grpcs": True, "http": False, "grpc": False}
-_LOCAL_NAMES = frozenset({"", "localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback", "0.0.0.0"})
+_LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+_LOCAL_NAMES = _LOOPBACK_NAMES | {""}  # and what parses as an address: loopback or unspecified (0.0.0.0, ::)
 UNIX_SCHEME = "unix:"
 MAX_UNIX_PATH_BYTES = 107  # sockaddr_un.sun_path holds 108 bytes, the terminating NUL included
 MAX_HOST_CHARS = 253  # the longest DNS name; a longer host could only be a mistake or an attack
@@ -122,18 +123,13 @@ def parse_address(address: str, tls: bool = False) -> Address:
     return Address(host=host, port=int(port_text), tls=tls)
 
 
-def host_is_local(hostname: str) -> bool:
-    """True for localhost, loopback and unspecified addresses and the empty name; never raises."""
-    if not isinstance(hostname, str):
-        return False
+def _ip_or_name(hostname: str) -> Union[ipaddress.IPv4Address, ipaddress.IPv6Address, str]:
+    """``hostname`` as an IP address, else as the lower-case name (brackets and spaces dropped)."""
     name = hostname.strip().strip("[]").lower()
-    if name in _LOCAL_NAMES:
-        return True
     try:
-        ip = ipaddress.ip_address(name)
+        return ipaddress.ip_address(name)
     except ValueError:
-        return False
-    return ip.is_loopback or ip.is_unspecified
+        return name
 
 
 def host_is_loopback(hostname: str) -> bool:
@@ -141,13 +137,16 @@ def host_is_loopback(hostname: str) -> bool:
     ``host_is_local`` which also takes the unspecified address (0.0.0.0: every interface); never raises."""
     if not isinstance(hostname, str):
         return False
-    name = hostname.strip().strip("[]").lower()
-    if name in ("localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"):
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
+    host = _ip_or_name(hostname)
+    return host in _LOOPBACK_NAMES if isinstance(host, str) else host.is_loopback
+
+
+def host_is_local(hostname: str) -> bool:
+    """True for localhost, loopback and unspecified addresses and the empty name; never raises."""
+    if not isinstance(hostname, str):
         return False
+    host = _ip_or_name(hostname)
+    return host in _LOCAL_NAMES if isinstance(host, str) else host.is_loopback or host.is_unspecified
 
 
 def is_remote_local_connection(first: str, second: str) -> bool:

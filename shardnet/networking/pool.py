@@ -37,7 +37,7 @@ from shardnet.networking.channels import (
 )
 from shardnet.networking.policies import EjectionPolicy, RetryBudget, RetryPolicy, check_flag, check_timeout
 from shardnet.networking.polling import PollingType
-from shardnet.networking.replica_list import Connection, ReplicaList
+from shardnet.networking.replica_list import Connection, ReplicaList, close_in_turn
 from shardnet.networking.tls import ClientTls
 from shardnet.protocol.messages import ControlRequest, DataRequest
 
@@ -568,15 +568,7 @@ class GrpcConnectionPool:
             for entry in self._deployments.values()
             for replicas in ([entry.head] if entry.head else []) + list(entry.shards.values())
         ]
-        closing = []
-        for replicas in lists:
-            closing.append(asyncio.ensure_future(replicas.close()))
-            await asyncio.sleep(0)  # one list's closes started per loop pass (grpc.aio's close walks every task)
-        try:
-            await asyncio.gather(*closing)
-        finally:
-            for task in closing:
-                task.cancel()
+        await close_in_turn(replicas.close() for replicas in lists)
         self._deployments = {}
 
     async def __aenter__(self) -> "GrpcConnectionPool":

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Awaitable, Iterable, Optional, Sequence, Union
 
 import grpc
 import grpc.aio
@@ -52,6 +52,21 @@ async def _finish_or_cut(closings: dict[asyncio.Task, Any], grace: float) -> Non
     for closing in pending:
         closing.cancel()  # a cancelled close cuts what it waited for (_ChannelInUse.close)
     await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def close_in_turn(closes: Iterable[Awaitable[Any]]) -> None:
+    """Start each close a loop pass after the one before, then wait for them all: grpc.aio's channel close walks
+    every task of the loop, and thousands started at once walked each other. Cancelled, it cancels every close
+    it started (each then cuts what it waited for)."""
+    started: list[asyncio.Future] = []
+    try:
+        for close in closes:
+            started.append(asyncio.ensure_future(close))
+            await asyncio.sleep(0)
+        await asyncio.gather(*started)
+    finally:
+        for task in started:
+            task.cancel()
 
 
 class _Running:
@@ -451,16 +466,11 @@ class ReplicaList:
         self._probes.clear()
         self._eligible.clear()  # no pick, failover included, lands on a closing channel
         self._position.clear()
-        closing = []
-        for connection in list(self._connections.values()):
-            closing.append(asyncio.ensure_future(connection.close(grace=0.5)))
-            await asyncio.sleep(0)  # one close started per loop pass (grpc.aio's close walks every task)
+        connections = list(self._connections.values())
         leaving, self._leaving = dict(self._leaving), {}
-        try:
-            await asyncio.gather(*closing, _finish_or_cut(leaving, 0.5))
-        finally:
-            for task in closing:
-                task.cancel()  # when this close was cancelled itself: theirs cut what they waited for
+        await asyncio.gather(
+            close_in_turn(connection.close(grace=0.5) for connection in connections), _finish_or_cut(leaving, 0.5)
+        )
         for connection in self._connections.values():
             self.balancer.forget(connection)
         self._connections.clear()

@@ -72,6 +72,13 @@ MAX_CONTROL_ENTITIES = 10_000
 REFUSAL_LOG_INTERVAL = 1.0
 
 
+def _discovery_time_left(context: grpc.aio.ServicerContext) -> float:
+    """What a head gives its workers to list their endpoints or answer a dry run: the caller's time left, at
+    most DISCOVERY_TIMEOUT."""
+    left = _time_left(context)
+    return DISCOVERY_TIMEOUT if left is None else min(DISCOVERY_TIMEOUT, max(left, 0.001))
+
+
 def _on_this_machine(peer: str) -> bool:
     """Whether a gRPC peer string ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000", "unix:...") is on this machine."""
     kind, _, rest = urllib.parse.unquote(peer).partition(":")
@@ -230,8 +237,7 @@ class Head:
             return status.SerializeToString()
         self._in_flight += 1
         metadata = ((services.ENDPOINT_METADATA, DRY_RUN_ENDPOINT), self._via)
-        left = _time_left(context)  # a hung shard must not hold a readiness check for ever
-        timeout = DISCOVERY_TIMEOUT if left is None else min(left, DISCOVERY_TIMEOUT)
+        timeout = _discovery_time_left(context)  # a hung shard must not hold a readiness check for ever
         dry = [DataRequest(endpoint=DRY_RUN_ENDPOINT)]
         try:
             if self._uses_before is not None:
@@ -564,8 +570,7 @@ class Head:
             require_empty(payload)
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        timeout = _time_left(context)
-        timeout = DISCOVERY_TIMEOUT if timeout is None else min(DISCOVERY_TIMEOUT, max(timeout, 0.001))
+        timeout = _discovery_time_left(context)
         failure: Optional[ReplicaError] = None
         for shard_id in self.pool.shard_ids(self.deployment):
             task = self.pool.send_discover_endpoint(self.deployment, head=False, shard_id=shard_id, timeout=timeout)
