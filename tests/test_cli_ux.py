@@ -128,7 +128,28 @@ def test_sigterm_stops_the_demo_and_leaves_no_temporary_folder(tmp_path):
     assert not wait_gone(pids)
     assert not list(tmp.glob("shardnet-demo-*")) and not list(tmp.glob("sn-*")), list(tmp.iterdir())
     out = log.read_text()
-    assert "Traceback" not in out and "Task was destroyed" not in out, out  # stopped as Ctrl-C stops it: cleanly
+    assert "Traceback" not in out and "Task was destroyed" not in out and "never awaited" not in out, out
+
+
+def test_sigterm_while_the_demo_starts_stops_what_it_launched_as_cleanly(tmp_path):
+    tmp = tmp_path / "t"
+    tmp.mkdir()
+    log = tmp_path / "demo.log"
+    demo = start(log, "demo", "--requests", "200", "--concurrency", "4", env=child_env(tmp))
+    try:
+        deadline = time.monotonic() + 20
+        while not list(tmp.glob("shardnet-demo-*/head.log")):  # the start is under way: its head was launched
+            assert demo.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.01)
+        demo.send_signal(signal.SIGTERM)
+        code = demo.wait(20)
+    finally:
+        stop(demo, [])
+    out = log.read_text()
+    assert code == 130, out
+    assert "ROLE" not in out, out  # it stopped during the start: the table of a started deployment never came
+    assert not list(tmp.glob("shardnet-demo-*")) and not list(tmp.glob("sn-*")), list(tmp.iterdir())
+    assert "Traceback" not in out and "never awaited" not in out, out
 
 
 # -- 3: a --uses module that raises as it is imported ----------------------------------------------------------

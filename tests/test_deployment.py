@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -125,6 +126,36 @@ async def test_async_deployment_with_control_token():
         assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
         pids = [process.pid for process in deployment.processes]
     assert_all_gone(pids)
+
+
+async def test_an_async_deployment_cancelled_while_it_starts_stops_what_it_launched_and_its_folders(tmp_path):
+    """Ctrl-C under asyncio.run cancels ``async with Deployment``'s start, which runs in a thread: the start
+    must end, and every process it launched go, not only the ones it had got to record."""
+    workspace = tmp_path / "ws"
+    deployment = Deployment(executors.SlowStart, shards=1, replicas=2, name="slow", workspace=str(workspace),
+                            unix_sockets=False, startup_timeout=120)
+
+    async def enter() -> None:
+        async with deployment:
+            pytest.fail("the start of workers that take a minute to load finished")
+
+    entering = asyncio.ensure_future(enter())
+    deadline = time.monotonic() + 20
+    while len(list(workspace.glob("loading-*"))) < 2:  # the head is up and both workers are loading
+        assert time.monotonic() < deadline and not entering.done(), "the workers never started loading"
+        await asyncio.sleep(0.02)
+    pids = [process.pid for process in deployment.processes]
+    log_dir = deployment.log_dir
+    began = time.monotonic()
+    entering.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await entering
+    assert time.monotonic() - began < 20  # not the minute the workers' loading takes, nor the startup timeout
+    assert len(pids) == 3
+    assert_all_gone(pids)
+    assert not log_dir.exists()
+    with pytest.raises(ProcessError, match="not running"):
+        deployment.address
 
 
 def test_a_script_that_starts_a_deployment_unguarded_is_refused_not_recursed(tmp_path):

@@ -86,43 +86,52 @@ async def measure(
 
 
 def run(args: argparse.Namespace) -> int:
-    """Start a 2x2 text index, index and search it, print a throughput figure, stop it; 1 if any search failed."""
-    on_stop_signals()  # SIGTERM and a closed terminal stop it as Ctrl-C does: every process, every folder
+    """Start a 2x2 text index, index and search it, print a throughput figure, stop it; 1 if any search failed.
+
+    It runs as one coroutine: SIGTERM or a closed terminal, as Ctrl-C, cancel it wherever it waits, and the
+    Deployment stops every process and removes every folder; no KeyboardInterrupt lands in the making of a loop.
+    """
+    on_stop_signals()
+    return asyncio.run(demo(args))
+
+
+async def demo(args: argparse.Namespace) -> int:
+    """The demo's steps, ``run``'s exit code: index, search, measure, survive a replica's death, stop."""
     print("starting a text index: 1 head, 2 shards x 2 replicas ...")
     polling = {"/search": PollingType.ALL.name, "/count": PollingType.ALL.name, "*": PollingType.ANY.name}
-    with Deployment(TextIndexer, shards=2, replicas=2, polling=polling, name="demo") as deployment:
+    async with Deployment(TextIndexer, shards=2, replicas=2, polling=polling, name="demo") as deployment:
         print(deployment.table(), "\n", flush=True)  # what a log or a pipe shows while the rest runs
         for text in CORPUS:
-            deployment.post("/index", [Document(text=text)])
-        counts = deployment.post("/count")
+            await deployment.post_async("/index", [Document(text=text)])
+        counts = await deployment.post_async("/count")
         print(f"indexed {len(CORPUS)} texts: " + ", ".join(f"shard {int(d.tags['shard'])} holds {d.text}" for d in counts))
         for query in QUERIES:
-            [result] = deployment.post("/search", [Document(text=query)], parameters={"top_k": 2})
+            [result] = await deployment.post_async("/search", [Document(text=query)], parameters={"top_k": 2})
             print(f"\nsearch {query!r}")
             ranked = sorted(result.matches, key=lambda m: -m.scores["jaccard"])
             for match in ranked[:3]:
                 print(f"  {match.scores['jaccard']:.2f}  shard {int(match.tags['shard'])}  {match.text}")
-        seconds, errors = asyncio.run(measure(deployment.address, args.requests, args.concurrency))
+        seconds, errors = await measure(deployment.address, args.requests, args.concurrency)
         print(
             f"\nthroughput: {args.requests} searches (ALL over 2 shards) in {seconds:.2f}s = "
             f"{args.requests / seconds:.0f} requests/s at concurrency {args.concurrency}, {errors} errors"
         )
-        errors += survive_a_replica(deployment, args)
+        errors += await survive_a_replica(deployment, args)
     print("stopped every process; bye")
     return 0 if errors == 0 else 1
 
 
-def survive_a_replica(deployment: Deployment, args: argparse.Namespace) -> int:
+async def survive_a_replica(deployment: Deployment, args: argparse.Namespace) -> int:
     """Kill -9 a replica of shard 0 a third of the way through a run of searches, then start it again, as
     ``shardnet deploy`` does by itself; return the searches that failed (the head fails over: none should)."""
     victim = deployment.workers[(0, 1)]
     killed = victim.pid
-    before = search_result(deployment)
-    _, errors = asyncio.run(measure(deployment.address, args.requests, args.concurrency, midway=victim.kill))
+    before = await search_result(deployment)
+    _, errors = await measure(deployment.address, args.requests, args.concurrency, midway=victim.kill)
     print(f"\nkill -9 of {victim.role} (pid {killed}) a third of the way through {args.requests} more searches: "
           f"{args.requests - errors} answered, {errors} errors")
-    revived = deployment.revive()
-    same = search_result(deployment) == before
+    revived = await asyncio.to_thread(deployment.revive)
+    same = await search_result(deployment) == before
     dialled = deployment.head_dials(victim)
     print(f"started again: {', '.join(revived) or 'nothing'} serves on {dialled} (pid {victim.pid}); "
           f"the same search {'gives the same' if same else 'now gives other'} matches")
@@ -131,12 +140,12 @@ def survive_a_replica(deployment: Deployment, args: argparse.Namespace) -> int:
     return errors + (not same)
 
 
-def search_result(deployment: Deployment) -> list[tuple[str, float]]:
+async def search_result(deployment: Deployment) -> list[tuple[str, float]]:
     """The matches of one search, asked once per replica and again (the balancer spreads the asks over the
     replicas of each shard): what a restarted replica must give as before, having reloaded its shard's file."""
     results = []
     for _ in range(deployment.replicas * 2):
-        [result] = deployment.post("/search", [Document(text=QUERIES[0])], parameters={"top_k": 3})
+        [result] = await deployment.post_async("/search", [Document(text=QUERIES[0])], parameters={"top_k": 3})
         results.append(sorted((match.text, round(match.scores["jaccard"], 6)) for match in result.matches))
     if any(other != results[0] for other in results):
         return [("replicas disagree", 0.0)]

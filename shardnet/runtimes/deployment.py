@@ -11,6 +11,7 @@ SIGKILL if one hangs), also when the body raised.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -209,8 +210,11 @@ class Deployment:
 
     def _launch(self, role: str, arguments: list[str]) -> ShardnetProcess:
         process = ShardnetProcess(role, arguments, self.log_dir / f"{role}.log", env=self._child_env())
-        self._spawned.append(process)
-        return process.launch()
+        with self._launching:  # a stop() from another thread (a cancelled ``async with``) ends the start here
+            if self._stopping:
+                raise ProcessError(f"deployment {self.name!r} was stopped while it started")
+            self._spawned.append(process)
+            return process.launch()
 
     def start(self) -> "Deployment":
         """Start head, uses_before/after and workers; return when every replica is registered."""
@@ -459,18 +463,19 @@ class Deployment:
 
     def stop(self) -> None:
         """Stop every process: SIGTERM to all at once, the head's first (no new traffic), so the drains overlap."""
-        with self._launching:  # a revive() in another thread launches nothing from here on
+        # one stop at a time, and a revive() or start() in another thread launches nothing from here on
+        with self._launching:
             self._stopping = True
-        stop_all(self.processes)
-        if self._finalizer is not None:
-            self._finalizer.detach()
-            self._finalizer = None
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
-        if self._sockets is not None:  # the workers removed their sockets as they stopped
-            self._sockets.cleanup()
-            self._sockets = None
+            stop_all(self._spawned)  # every process of this run, one a start under way has not assigned yet too
+            if self._finalizer is not None:
+                self._finalizer.detach()
+                self._finalizer = None
+            if self._tmp is not None:
+                self._tmp.cleanup()
+                self._tmp = None
+            if self._sockets is not None:  # the workers removed their sockets as they stopped
+                self._sockets.cleanup()
+                self._sockets = None
 
     def __enter__(self) -> "Deployment":
         return self.start()
@@ -479,7 +484,16 @@ class Deployment:
         self.stop()
 
     async def __aenter__(self) -> "Deployment":
-        return await asyncio.to_thread(self.start)
+        """``start()`` in a thread; cancelled (Ctrl-C under ``asyncio.run``), it stops what the start launched,
+        which ends the start at its next launch or wait, before the cancellation goes on."""
+        starting = asyncio.ensure_future(asyncio.to_thread(self.start))
+        try:
+            return await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            await asyncio.to_thread(self.stop)
+            with contextlib.suppress(Exception):  # "stopped while it started", or a start that had just ended
+                await starting
+            raise
 
     async def __aexit__(self, *exc_info: Any) -> None:
         await asyncio.to_thread(self.stop)
