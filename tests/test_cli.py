@@ -63,6 +63,14 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
+    """The ``pids`` still alive after up to ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return [pid for pid in pids if pid_alive(pid)]
+
+
 def stop(process: subprocess.Popen, pids: list[int], timeout: float = 20.0) -> Optional[int]:
     """SIGTERM ``process`` and wait; if it hangs, SIGKILL it and the children (``pids``) it can no longer stop."""
     if process.poll() is None:
@@ -126,10 +134,7 @@ def test_deploy_stops_at_once_on_sigterm_while_a_restart_hangs(tmp_path):
         started = time.monotonic()
         assert deploy.wait(15) == 0
         assert time.monotonic() - started < 10, log.read_text()  # the hung start had 30 s to come up
-        deadline = time.monotonic() + 5
-        while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert not [pid for pid in pids if pid_alive(pid)], "deploy left the hung restart (or another) running"
+        assert not wait_gone(pids), "deploy left the hung restart (or another) running"
     finally:
         if deploy.poll() is None:
             deploy.kill()
@@ -201,10 +206,16 @@ def test_deploy_send_and_status_against_a_running_deployment(deployed, tmp_path)
     deploy.send_signal(signal.SIGTERM)
     assert deploy.wait(20) == 0
     assert "stopping..." in (tmp_path / "deploy.log").read_text()  # SIGTERM says so, as Ctrl-C does
-    deadline = time.monotonic() + 5
-    while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not [pid for pid in pids if pid_alive(pid)], "shardnet deploy left processes behind"
+    assert not wait_gone(pids), "shardnet deploy left processes behind"
+
+
+def test_deploy_stops_on_ctrl_c_as_on_sigterm(deployed, tmp_path):
+    _, deploy, pids = deployed
+    deploy.send_signal(signal.SIGINT)
+    assert deploy.wait(20) == 0
+    out = (tmp_path / "deploy.log").read_text()
+    assert "stopping..." in out and "Traceback" not in out and "KeyboardInterrupt" not in out, out
+    assert not wait_gone(pids), "shardnet deploy left processes behind"
 
 
 def test_deploy_takes_a_uses_after(tmp_path):
@@ -243,10 +254,7 @@ def test_sigterm_while_deploy_is_starting_stops_what_it_started(tmp_path):
         [worker_pid] = [int(path.name.split("-")[1]) for path in workspace.glob("loading-*")]
         deploy.send_signal(signal.SIGTERM)
         assert deploy.wait(15) != 0  # interrupted, not a minute later once the worker had loaded
-        deadline = time.monotonic() + 5
-        while pid_alive(worker_pid) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert not pid_alive(worker_pid), "the loading worker outlived deploy"
+        assert not wait_gone([worker_pid]), "the loading worker outlived deploy"
         assert "serves on" not in (tmp_path / "deploy.log").read_text()
     finally:
         children = _children(deploy.pid) if deploy.poll() is None else []  # before a kill re-parents them

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
-from test_cli import EXECUTORS, PYTHON_M, pid_alive, shardnet, stop, wait_for_line
+from test_cli import EXECUTORS, PYTHON_M, pid_alive, shardnet, stop, wait_for_line, wait_gone
 
 from shardnet.cli.options import positive_seconds
 
@@ -29,14 +29,6 @@ def start(log: Path, *arguments: str, env: Optional[dict[str, str]] = None) -> s
         return subprocess.Popen(
             [*PYTHON_M, *arguments], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
         )
-
-
-def wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
-    """The ``pids`` still alive after up to ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return [pid for pid in pids if pid_alive(pid)]
 
 
 def child_env(tmp: Path) -> dict[str, str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import threading
 
@@ -107,18 +106,19 @@ def run(args: argparse.Namespace) -> int:
         request_streams=args.request_streams,
         max_in_flight=args.max_in_flight,
     ) as deployment:
-        on_stop_signals(lambda *_: stop.set())  # from here on the loop below notices within a second
+        # from here on the loop below notices within a second, Ctrl-C too: a KeyboardInterrupt could land in
+        # the middle of a restart, or of the making of the loop a look at the head runs in
+        on_stop_signals(lambda *_: stop.set(), ctrl_c=True)
         print(deployment.table())
         kept = "kept after exit" if args.log_dir else "removed on exit; --log-dir DIR keeps them"
         print(f"logs: {deployment.log_dir}/ROLE.log, one per process ({kept})")
         print(f"\n{args.name} serves on {deployment.address} (Ctrl-C stops it)", flush=True)
         reported: set[int] = set()  # pids of exits already warned about under --no-restart
-        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends the wait as SIGTERM does
-            while not stop.wait(REVIVE_INTERVAL):
-                if args.restart:
-                    deployment.revive(wait=False)  # never blocks: SIGTERM is heard within a second
-                else:
-                    _warn_exited(deployment, reported)
+        while not stop.wait(REVIVE_INTERVAL):
+            if args.restart:
+                deployment.revive(wait=False)  # never blocks: SIGTERM is heard within a second
+            else:
+                _warn_exited(deployment, reported)
         print("stopping...", flush=True)  # on SIGTERM as on Ctrl-C: the drain may take a few seconds
     return 0
 

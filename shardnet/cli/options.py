@@ -84,14 +84,15 @@ def as_ctrl_c(signum: int, frame: Any) -> None:
         signal.default_int_handler(signum, frame)
 
 
-def on_stop_signals(handler: Callable[[int, Any], Any] = as_ctrl_c) -> None:
-    """Make SIGTERM and SIGHUP (a closed terminal) do what ``handler`` does; by default what Ctrl-C does.
+def on_stop_signals(handler: Callable[[int, Any], Any] = as_ctrl_c, ctrl_c: bool = False) -> None:
+    """Make SIGTERM and SIGHUP (a closed terminal), and with ``ctrl_c`` SIGINT, do what ``handler`` does; by
+    default what Ctrl-C does.
 
     Their default action ends the process at once, so a ``with Deployment(...)`` under way would neither stop its
     processes nor remove its folders; as Ctrl-C they do both. ``deploy`` passes its own handler once it serves,
     to stop at its next look rather than mid-restart.
     """
-    for signum in (signal.SIGTERM, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGHUP, *((signal.SIGINT,) if ctrl_c else ())):
         signal.signal(signum, handler)
 
 
