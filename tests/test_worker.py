@@ -285,6 +285,27 @@ async def test_a_worker_on_the_wildcard_address_answers_over_ipv6_too(runtimes):
         assert response.docs[0].tags["by"] == "t", address
 
 
+async def test_ipv6_hosts_bind_are_dialled_and_registered_in_brackets(runtimes, eventually):
+    """``--host ::`` and ``--host ::1`` serve (gRPC binds an IPv6 host only in brackets: ``:::0`` failed), and a
+    worker on ``::1`` registers with a head on ``::`` as ``[::1]:port``, through which a request reaches it."""
+    head = await runtimes(Head("six", ServerConfig(host="::", port=0)))
+    assert head.server.address == f"[::1]:{head.server.port}"
+    worker = await runtimes(
+        Worker(executors.Tagger.create(label="v6"), ServerConfig(host="::1", port=0), head=head.server.address)
+    )
+    assert worker.server.address == f"[::1]:{worker.server.port}"
+    await worker.register()
+
+    async def listed() -> list[tuple[str, int]]:
+        reply = await oneshot.send_control("STATUS", head.server.address)
+        return [(entity.address, entity.port) for entity in reply.related_entities]
+
+    await eventually(listed, timeout=10)
+    assert await listed() == [("::1", worker.server.port)]
+    response = await oneshot.send_request_async(DataRequest([Document()], endpoint="/tag"), head.server.address, timeout=10)
+    assert not response.is_error and response.docs[0].tags["by"] == "v6"
+
+
 async def test_worker_answers_status_and_refuses_membership_commands(tagger):
     status = await oneshot.send_control("STATUS", tagger.server.address)
     assert status.command == "STATUS" and not status.is_error

@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shardnet.errors import ConfigurationError
-from shardnet.networking.addresses import UNIX_SCHEME, parse_address
+from shardnet.networking.addresses import UNIX_SCHEME, entity_address, parse_address
 from shardnet.networking.channels import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MAX_MESSAGE_BYTES,
@@ -40,6 +40,7 @@ from shardnet.protocol.services import AUTHORIZATION_METADATA
 
 logger = logging.getLogger(__name__)
 
+_WILDCARD_TO_LOOPBACK = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 PARENT_POLL_SECONDS = 0.5  # how soon a child notices that the process that launched it is gone
 
 RawHandler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
@@ -176,9 +177,14 @@ class Server:
         self._handlers.append(handler)
 
     @property
+    def dial_host(self) -> str:
+        """The host a client on this machine dials: loopback for a wildcard bind (``0.0.0.0``, ``::``)."""
+        return _WILDCARD_TO_LOOPBACK.get(self.config.host, self.config.host)
+
+    @property
     def address(self) -> str:
-        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "") else self.config.host
-        return f"{host}:{self.port}"
+        """``host:port`` (``[v6]:port``) to dial this server from this machine."""
+        return entity_address(self.dial_host, self.port)
 
     @property
     def unix_address(self) -> Optional[str]:
@@ -198,7 +204,7 @@ class Server:
             self._service_names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             self._server,
         )
-        bind = f"{config.host}:{config.port}"
+        bind = entity_address(config.host, config.port)  # an IPv6 host in brackets
         try:
             if config.tls is not None:
                 self.port = self._server.add_secure_port(bind, config.tls.credentials())

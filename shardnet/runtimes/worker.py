@@ -392,7 +392,7 @@ class Worker:
         """What the head should dial: our Unix socket when we listen on one (the head is local), else host and port."""
         if self.server.unix_address is not None:
             return self.server.unix_address, 0
-        host = self._advertise_host or self.server.address.rsplit(":", 1)[0]
+        host = self._advertise_host or self.server.dial_host
         return host, self.server.port
 
     async def register(self) -> None:
