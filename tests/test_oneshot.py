@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import inspect
 import logging
+import warnings
 
 import grpc
 import pytest
@@ -204,6 +206,22 @@ def test_the_grpc_poller_race_is_dropped_and_other_loop_errors_still_reported(ca
             assert "a real failure" in caplog.text and "boom" in caplog.text
     finally:
         loop.close()
+
+
+def test_a_ctrl_c_while_the_sync_helpers_loop_is_made_leaves_no_coroutine_never_awaited(monkeypatch, dead_address):
+    """SIGINT raises KeyboardInterrupt wherever Python is; landing in asyncio.run before the coroutine started,
+    it must not leave "coroutine ... was never awaited" warnings on the way out (the demo printed two)."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(asyncio.events, "new_event_loop", interrupted)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(KeyboardInterrupt):
+            oneshot.run_sync(oneshot.send_control("STATUS", dead_address, timeout=1))
+        gc.collect()
+    assert not [w for w in caught if "never awaited" in str(w.message)], [str(w.message) for w in caught]
 
 
 def test_jinas_positional_order_with_channel_options_as_a_dict(threaded_echo):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import functools
+import inspect
 from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar, Union
 
 import grpc.aio
@@ -51,12 +52,21 @@ def run_sync(awaitable: Awaitable[T]) -> T:
 
     The loop it makes is one more that grpc.aio's poller wakes: its spurious BlockingIOError is dropped.
     """
+    coroutine = _tolerating_poller_race(awaitable)
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(_tolerating_poller_race(awaitable))
+        try:
+            return asyncio.run(coroutine)
+        except BaseException:
+            # a Ctrl-C while the loop was being made never started them: closed, they are not "never awaited"
+            # (one that ran has finished by now: asyncio.run ends every task it started)
+            for unstarted in (coroutine, awaitable):
+                if inspect.iscoroutine(unstarted):
+                    unstarted.close()
+            raise
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor:
-        return executor.submit(asyncio.run, _tolerating_poller_race(awaitable)).result()
+        return executor.submit(asyncio.run, coroutine).result()
 
 
 def auth_metadata(token: Optional[str]) -> tuple[tuple[str, str], ...]:
