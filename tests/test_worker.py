@@ -380,6 +380,36 @@ async def test_a_jina_call_stream_ends_unavailable_when_the_worker_drains_and_do
         assert asyncio.get_running_loop().time() - started < 5
 
 
+async def test_a_draining_worker_keeps_listening_refuses_new_calls_itself_and_stops_once_in_flight_ones_end(
+    runtimes, eventually
+):
+    """While a call is in flight the listener stays open and new calls, on new connections too, are refused
+    UNAVAILABLE by the server itself: grpcio can crash when a client connects as stop() closes the listener,
+    and a crash then would lose the in-flight answer. Once that call ends the stop goes on, not a grace later."""
+    blocking = executors.Blocking.create()
+    worker = await runtimes(Worker(blocking, threads=2))
+    address = worker.server.address
+    in_flight = asyncio.ensure_future(
+        oneshot.send_request_async(DataRequest([Document()], endpoint="/block"), address, timeout=20)
+    )
+    try:
+        assert await asyncio.to_thread(blocking.entered.wait, 10)
+        stopping = asyncio.ensure_future(worker.stop(20))
+        await eventually(lambda: worker.server.draining, timeout=5)
+        for _ in range(3):  # each a fresh channel: a new connection, accepted, then refused in-band
+            with pytest.raises(ReplicaError) as refused:
+                await oneshot.send_request_async(DataRequest([Document()], endpoint="/fast"), address, timeout=5)
+            assert refused.value.code == grpc.StatusCode.UNAVAILABLE and "stopping" in str(refused.value)
+        assert not in_flight.done() and not stopping.done()
+    finally:
+        blocking.release.set()
+    response = await in_flight
+    assert not response.is_error and response.docs.texts == ["unblocked"]
+    began = asyncio.get_running_loop().time()
+    await asyncio.wait_for(stopping, 10)
+    assert asyncio.get_running_loop().time() - began < 5  # not the 20 s grace
+
+
 # -- worker processes: signals -------------------------------------------------------------
 
 

@@ -5,13 +5,20 @@ request is decoded only as far as the runtime needs), list them through
 reflection (Jina 3.4+ clients skip services that reflection does not list),
 answer the gRPC health service, and drain on shutdown: health turns
 NOT_SERVING, new calls are refused, in-flight calls finish within a grace.
+
+The server refuses new calls itself while it drains, and only closes its
+listener once the calls in flight are done: grpcio 1.78 can crash (SIGSEGV in
+its C core) when a client connects as ``stop()`` closes the listener, and a
+crash while calls are in flight loses their answers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import hmac
+import inspect
 import logging
 import math
 import os
@@ -19,7 +26,7 @@ import signal
 import socket
 import stat
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Awaitable, Callable, Optional, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence
 
 import grpc
 import grpc.aio
@@ -44,6 +51,8 @@ _WILDCARD_TO_LOOPBACK = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 PARENT_POLL_SECONDS = 0.5  # how soon a child notices that the process that launched it is gone
 
 RawHandler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
+StreamHandler = Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], Any]
+DRAINING_DETAILS = "the server is stopping: send elsewhere"
 
 
 @dataclass(frozen=True)
@@ -92,7 +101,7 @@ def unary_service(path: str, handler: RawHandler) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(service, {method: grpc.unary_unary_rpc_method_handler(handler)})
 
 
-def stream_service(path: str, handler: Callable[..., AsyncIterator[bytes]]) -> grpc.GenericRpcHandler:
+def stream_service(path: str, handler: StreamHandler) -> grpc.GenericRpcHandler:
     """A generic handler serving one bidirectional-stream method path with bytes in and out."""
     service, method = path.strip("/").split("/")
     return grpc.method_handlers_generic_handler(service, {method: grpc.stream_stream_rpc_method_handler(handler)})
@@ -113,7 +122,7 @@ def one_by_one(handler: RawHandler, stopping: asyncio.Event) -> Callable[..., As
                 await asyncio.wait((next_request, stop), return_when=asyncio.FIRST_COMPLETED)
                 if not next_request.done():
                     next_request.cancel()
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is stopping: send elsewhere")
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_DETAILS)
                 try:
                     payload = next_request.result()
                 except StopAsyncIteration:
@@ -160,21 +169,66 @@ class Server:
     discovery has listed them.
     """
 
-    def __init__(self, config: ServerConfig, handlers: Sequence[grpc.GenericRpcHandler], service_names: Sequence[str]):
+    def __init__(self, config: ServerConfig, service_names: Sequence[str]):
         self.config = config
         self.ready_at_start = True
-        self._handlers = list(handlers)  # more may be added until start (add_handler)
+        self._handlers: list[grpc.GenericRpcHandler] = []  # serve_unary / serve_stream, before start
         self._service_names = list(service_names)
         self.health = health.aio.HealthServicer()
         self._server: Optional[grpc.aio.Server] = None
         self.port: int = config.port
         self.draining = False
         self.stopping = asyncio.Event()  # set as the drain begins: long-lived streams end once their answers are out
+        self._calls = 0  # calls under way in the handlers served (health and reflection aside)
+        self._idle = asyncio.Event()  # set whenever _calls drops to 0: what a drain waits for
         self._unix_bound = False
 
-    def add_handler(self, handler: grpc.GenericRpcHandler) -> None:
-        """Serve ``handler`` too (one that needs this server, as its ``stopping``, to be made); before start."""
-        self._handlers.append(handler)
+    def serve_unary(self, path: str, handler: RawHandler) -> None:
+        """Serve the unary method ``path`` with ``handler`` (bytes in and out), counted and refused while draining."""
+
+        async def gated(payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            await self._admit(context)
+            try:
+                return await handler(payload, context)
+            finally:
+                self._call_ended()
+
+        self._handlers.append(unary_service(path, gated))
+
+    def serve_stream(self, path: str, handler: StreamHandler) -> None:
+        """Serve the bidirectional-stream method ``path`` with ``handler`` (an async generator of answers, or a
+        coroutine writing them to its context), counted for the stream's whole life and refused while draining."""
+        if inspect.isasyncgenfunction(handler):
+
+            async def gated(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+                await self._admit(context)
+                try:
+                    async for answer in handler(requests, context):
+                        yield answer
+                finally:
+                    self._call_ended()
+
+        else:
+
+            async def gated(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+                await self._admit(context)
+                try:
+                    await handler(requests, context)
+                finally:
+                    self._call_ended()
+
+        self._handlers.append(stream_service(path, gated))
+
+    async def _admit(self, context: grpc.aio.ServicerContext) -> None:
+        """Count a call in, or refuse it (UNAVAILABLE) once the server drains: the caller sends elsewhere."""
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_DETAILS)
+        self._calls += 1
+
+    def _call_ended(self) -> None:
+        self._calls -= 1
+        if not self._calls:
+            self._idle.set()
 
     @property
     def dial_host(self) -> str:
@@ -254,11 +308,18 @@ class Server:
         """Refuse new calls, let in-flight ones finish (up to ``grace`` seconds), then stop."""
         if self._server is None:
             return
+        grace = self.config.drain_grace if grace is None else grace
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         self.draining = True
         self.stopping.set()
         await self.health.enter_graceful_shutdown()
         server, self._server = self._server, None
-        await server.stop(self.config.drain_grace if grace is None else grace)
+        if self._calls:  # the listener stays open while they finish (see the module's docstring)
+            self._idle.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), grace)
+        await server.stop(max(0.0, deadline - loop.time()))
         self._remove_unix_socket()
 
     async def wait_for_termination(self) -> None:
@@ -353,22 +414,19 @@ def jina_server(config: ServerConfig, runtime) -> Server:
     (networking/streams.py), unless ``max_concurrent_rpcs`` caps it: a stream is one RPC however
     many requests it carries, so a capped server leaves its callers to call it unary.
     """
-    handlers = [
-        unary_service(services.PROCESS_SINGLE_DATA, runtime.process_single_data),
-        unary_service(services.PROCESS_DATA, runtime.process_data),
-        unary_service(services.PROCESS_CONTROL, runtime.process_control),
-        unary_service(services.ENDPOINT_DISCOVERY, runtime.endpoint_discovery),
-        unary_service(services.DRY_RUN, runtime.dry_run),
-    ]
-    request_stream = getattr(runtime, "request_stream", None)
-    if request_stream is not None and config.max_concurrent_rpcs is None:
-        handlers.append(stream_service(services.REQUEST_STREAM, request_stream))
     server = Server(
         config,
-        handlers,
         [services.SINGLE_DATA_SERVICE, services.DATA_SERVICE, services.CONTROL_SERVICE, services.DISCOVERY_SERVICE,
          services.CALL_SERVICE, services.DRY_RUN_SERVICE],
     )
-    server.add_handler(stream_service(services.STREAM_CALL, one_by_one(runtime.process_single_data, server.stopping)))
+    server.serve_unary(services.PROCESS_SINGLE_DATA, runtime.process_single_data)
+    server.serve_unary(services.PROCESS_DATA, runtime.process_data)
+    server.serve_unary(services.PROCESS_CONTROL, runtime.process_control)
+    server.serve_unary(services.ENDPOINT_DISCOVERY, runtime.endpoint_discovery)
+    server.serve_unary(services.DRY_RUN, runtime.dry_run)
+    request_stream = getattr(runtime, "request_stream", None)
+    if request_stream is not None and config.max_concurrent_rpcs is None:
+        server.serve_stream(services.REQUEST_STREAM, request_stream)
+    server.serve_stream(services.STREAM_CALL, one_by_one(runtime.process_single_data, server.stopping))
     return server
 

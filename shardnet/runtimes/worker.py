@@ -38,7 +38,7 @@ from shardnet.runtimes.server import ServerConfig, jina_server, serve_until_sign
 logger = logging.getLogger(__name__)
 
 # after DEACTIVATE a worker serves on until no call came for SETTLE_QUIET seconds (SETTLE_BOUND at most):
-# calls the head sent before it knew still arrive, and gRPC cancels (not refuses) those reaching a stopping server
+# calls the head sent before it knew still arrive, and a draining server refuses them (the head fails them over)
 SETTLE_QUIET = 0.1
 SETTLE_BOUND = 1.0
 
