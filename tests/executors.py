@@ -132,6 +132,20 @@ class Blocking(Executor):
             doc.text = "fast"
 
 
+class ClosesSlowly(Blocking):
+    """``Blocking``, whose ``close()`` sets ``closing`` and then waits for ``finish_close``."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.closing = threading.Event()
+        self.finish_close = threading.Event()
+
+    def close(self) -> None:
+        self.closing.set()
+        if not self.finish_close.wait(timeout=20):
+            raise TimeoutError("close() was never let finish")
+
+
 class SlowUntilReleased(Executor):
     """``/slow`` writes ``<workspace>/started``, then waits until another process makes ``<workspace>/release``."""
 

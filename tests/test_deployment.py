@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import shutil
@@ -140,22 +141,41 @@ async def test_an_async_deployment_cancelled_while_it_starts_stops_what_it_launc
             pytest.fail("the start of workers that take a minute to load finished")
 
     entering = asyncio.ensure_future(enter())
-    deadline = time.monotonic() + 20
-    while len(list(workspace.glob("loading-*"))) < 2:  # the head is up and both workers are loading
-        assert time.monotonic() < deadline and not entering.done(), "the workers never started loading"
-        await asyncio.sleep(0.02)
-    pids = [process.pid for process in deployment.processes]
-    log_dir = deployment.log_dir
-    began = time.monotonic()
-    entering.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await entering
-    assert time.monotonic() - began < 20  # not the minute the workers' loading takes, nor the startup timeout
+    try:
+        deadline = time.monotonic() + 20
+        while len(list(workspace.glob("loading-*"))) < 2:  # the head is up and both workers are loading
+            assert time.monotonic() < deadline and not entering.done(), "the workers never started loading"
+            await asyncio.sleep(0.02)
+        pids = [process.pid for process in deployment.processes]
+        log_dir = deployment.log_dir
+        began = time.monotonic()
+        entering.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await entering
+        assert time.monotonic() - began < 20  # not the minute the workers' loading takes, nor the startup timeout
+    finally:
+        entering.cancel()
+        await asyncio.gather(entering, return_exceptions=True)
+        deployment.stop()
     assert len(pids) == 3
     assert_all_gone(pids)
     assert not log_dir.exists()
     with pytest.raises(ProcessError, match="not running"):
         deployment.address
+
+
+def test_a_start_whose_thread_begins_only_after_its_cancellation_stopped_the_deployment_starts_nothing():
+    """A cancelled ``async with`` may stop() before its start's thread even ran (the default executor was busy):
+    that start must not make a fresh run and start it all, with nobody left to stop it."""
+    deployment = Deployment(executors.Tagger, name="late", unix_sockets=False)
+    abandoned = threading.Event()
+    abandoned.set()  # as __aenter__ sets it on cancellation, before its stop()
+    deployment.stop()
+    with pytest.raises(ProcessError, match="stopped before it started"):
+        deployment._start(abandoned)
+    assert deployment.processes == [] and not deployment.log_dir.exists()
+    with deployment:  # a later start is a fresh one, as after any stop
+        assert deployment.post("/tag", [Document(text="a")])[0].tags["by"] == "tagger"
 
 
 def test_a_script_that_starts_a_deployment_unguarded_is_refused_not_recursed(tmp_path):
@@ -266,6 +286,27 @@ def test_a_head_killed_while_a_worker_hangs_in_its_restart_comes_back_at_once_an
             assert time.monotonic() - started < 15, caplog.text
             deployment.revive(wait=False)
             time.sleep(0.05)
+
+
+def test_a_stop_during_a_revive_that_waits_ends_it_without_telling_of_exits_it_made(caplog):
+    """A stop() from another thread (a cancelled demo) ends the processes a waiting revive() launched: revive
+    returns at once and does not log them as starts that failed."""
+    deployment = Deployment(executors.Restartable, replicas=2, name="cut", startup_timeout=30.0)
+    deployment.start()
+    try:
+        with caplog.at_level("INFO", logger="shardnet.runtimes.deployment"):
+            (deployment.workspace / "later-starts").write_text("hang")
+            deployment.workers[(0, 0)].kill()
+            reviving = concurrent.futures.ThreadPoolExecutor(1).submit(deployment.revive, True)
+            deadline = time.monotonic() + 10
+            while not deployment._starting:  # launched again, hanging in __init__, revive waiting for it
+                assert time.monotonic() < deadline and not reviving.done(), caplog.text
+                time.sleep(0.02)
+            deployment.stop()
+            assert reviving.result(timeout=10) == []
+        assert "before it was ready" not in caplog.text and "starting it again in" not in caplog.text, caplog.text
+    finally:
+        deployment.stop()
 
 
 def test_a_restart_that_fails_is_logged_once_with_its_own_output_and_backs_off(caplog):

@@ -868,3 +868,39 @@ async def test_a_dry_run_goes_through_uses_before_refuses_a_payload_and_never_fa
     assert status.code == jina_pb2.StatusProto.ERROR and "uses_before" in status.description, status
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert head.pool.retry_budget.total_retries == 0  # a readiness check spends none of the requests' budget
+
+
+# -- draining ---------------------------------------------------------------------------------
+
+
+async def test_a_draining_head_moves_plain_grpc_clients_elsewhere_without_an_error(runtimes, eventually):
+    """A head stops as gRPC does (GOAWAY at once, not refusals while its calls finish): a stock client balancing
+    round robin over two heads, as behind a headless Service, sees no error while one of them drains."""
+    blocking = executors.Blocking.create()
+    worker = await runtimes(Worker(blocking, threads=2))
+    heads = [await head_over(runtimes, "pair", [worker], "ANY") for _ in range(2)]
+    draining_head, other = heads
+    body = DataRequest([Document()], endpoint="/fast").to_bytes()
+    targets = ",".join(head.server.address for head in heads)
+    async with grpc.aio.insecure_channel(
+        f"ipv4:{targets}", options=[("grpc.lb_policy_name", "round_robin"), ("grpc.enable_retries", 0)]
+    ) as channel:
+        call = channel.unary_unary(services.PROCESS_SINGLE_DATA)
+        for _ in range(4):  # both heads connected and serving
+            await call(body, metadata=(("endpoint", "/fast"),), timeout=5)
+        in_flight = asyncio.ensure_future(
+            oneshot.send_request_async(DataRequest([Document()], endpoint="/block"), draining_head.server.address,
+                                       timeout=20)
+        )
+        try:
+            assert await asyncio.to_thread(blocking.entered.wait, 10)
+            stopping = asyncio.ensure_future(draining_head.stop(20))
+            await eventually(lambda: draining_head.server.draining, timeout=5)
+            answers = [await call(body, metadata=(("endpoint", "/fast"),), timeout=5) for _ in range(20)]
+            assert all(not DataRequest.from_bytes(answer).is_error for answer in answers)
+            assert not in_flight.done()
+        finally:
+            blocking.release.set()
+        response = await in_flight
+        assert not response.is_error and response.docs.texts == ["unblocked"]  # its call finished within the grace
+        await asyncio.wait_for(stopping, 10)

@@ -20,7 +20,8 @@ from google.protobuf import empty_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from shardnet import DataRequest, Document, ReplicaError
+from shardnet import ConfigurationError, DataRequest, Document, ReplicaError
+from shardnet.networking.addresses import parse_address
 from shardnet.networking import oneshot
 from shardnet.protocol import services
 from shardnet.protocol.proto import jina_pb2
@@ -306,6 +307,27 @@ async def test_ipv6_hosts_bind_are_dialled_and_registered_in_brackets(runtimes, 
     assert not response.is_error and response.docs[0].tags["by"] == "v6"
 
 
+@pytest.mark.parametrize("given", ["[::1]", "0:0:0:0:0:0:0:1", " ::1 "])
+def test_an_ipv6_host_in_brackets_or_another_form_is_taken_in_its_standard_form(given):
+    config = ServerConfig(host=given)
+    assert config.host == "::1"
+    assert Head("six", config).server.dial_host == "::1"
+
+
+def test_a_host_that_is_no_string_is_refused_by_name():
+    with pytest.raises(ConfigurationError, match="host must be a name or an IP address, got 6"):
+        ServerConfig(host=6)
+
+
+async def test_a_head_bound_to_an_ipv6_host_in_another_form_refuses_itself_as_a_worker(runtimes):
+    head = await runtimes(Head("six", ServerConfig(host="[::1]", port=0)))
+    for named in (f"[::1]:{head.server.port}", f"[0:0:0:0:0:0:0:1]:{head.server.port}", f"localhost:{head.server.port}"):
+        host, port = parse_address(named).entity()
+        with pytest.raises(ReplicaError) as refused:
+            await oneshot.activate_worker(host, port, head.server.address, shard_id=0)
+        assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT and "itself" in str(refused.value), named
+
+
 async def test_worker_answers_status_and_refuses_membership_commands(tagger):
     status = await oneshot.send_control("STATUS", tagger.server.address)
     assert status.command == "STATUS" and not status.is_error
@@ -380,6 +402,25 @@ async def test_a_jina_call_stream_ends_unavailable_when_the_worker_drains_and_do
         assert asyncio.get_running_loop().time() - started < 5
 
 
+async def drain_with_a_call_in_flight(worker: Worker, executor, eventually) -> tuple[asyncio.Future, asyncio.Future]:
+    """Send ``/block`` to ``worker`` (a ``Blocking`` executor's) and, once its handler runs, begin ``stop(20)``:
+    (the call in flight, the stop), the server draining."""
+    in_flight = asyncio.ensure_future(
+        oneshot.send_request_async(DataRequest([Document()], endpoint="/block"), worker.server.address, timeout=20)
+    )
+    assert await asyncio.to_thread(executor.entered.wait, 10)
+    stopping = asyncio.ensure_future(worker.stop(20))
+    await eventually(lambda: worker.server.draining, timeout=5)
+    return in_flight, stopping
+
+
+async def assert_refused_in_band(address: str) -> None:
+    """A call on a fresh channel (a new connection, which the open listener accepts) is refused by the server."""
+    with pytest.raises(ReplicaError) as refused:
+        await oneshot.send_request_async(DataRequest([Document()], endpoint="/fast"), address, timeout=5)
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE and "stopping" in str(refused.value)
+
+
 async def test_a_draining_worker_keeps_listening_refuses_new_calls_itself_and_stops_once_in_flight_ones_end(
     runtimes, eventually
 ):
@@ -388,18 +429,10 @@ async def test_a_draining_worker_keeps_listening_refuses_new_calls_itself_and_st
     and a crash then would lose the in-flight answer. Once that call ends the stop goes on, not a grace later."""
     blocking = executors.Blocking.create()
     worker = await runtimes(Worker(blocking, threads=2))
-    address = worker.server.address
-    in_flight = asyncio.ensure_future(
-        oneshot.send_request_async(DataRequest([Document()], endpoint="/block"), address, timeout=20)
-    )
     try:
-        assert await asyncio.to_thread(blocking.entered.wait, 10)
-        stopping = asyncio.ensure_future(worker.stop(20))
-        await eventually(lambda: worker.server.draining, timeout=5)
-        for _ in range(3):  # each a fresh channel: a new connection, accepted, then refused in-band
-            with pytest.raises(ReplicaError) as refused:
-                await oneshot.send_request_async(DataRequest([Document()], endpoint="/fast"), address, timeout=5)
-            assert refused.value.code == grpc.StatusCode.UNAVAILABLE and "stopping" in str(refused.value)
+        in_flight, stopping = await drain_with_a_call_in_flight(worker, blocking, eventually)
+        for _ in range(3):
+            await assert_refused_in_band(worker.server.address)
         assert not in_flight.done() and not stopping.done()
     finally:
         blocking.release.set()
@@ -408,6 +441,26 @@ async def test_a_draining_worker_keeps_listening_refuses_new_calls_itself_and_st
     began = asyncio.get_running_loop().time()
     await asyncio.wait_for(stopping, 10)
     assert asyncio.get_running_loop().time() - began < 5  # not the 20 s grace
+
+
+async def test_a_draining_worker_closes_its_executor_once_its_calls_end_and_before_its_listener_closes(
+    runtimes, eventually
+):
+    """What close() saves must not hang on the listener's close, where grpcio can crash: close() runs once the
+    calls in flight have ended, while new calls are still refused by the server itself."""
+    executor = executors.ClosesSlowly.create()
+    worker = await runtimes(Worker(executor, threads=2))
+    try:
+        in_flight, stopping = await drain_with_a_call_in_flight(worker, executor, eventually)
+        assert not executor.closing.is_set()  # a call is in flight: not yet
+        executor.release.set()
+        assert (await in_flight).docs.texts == ["unblocked"]
+        assert await asyncio.to_thread(executor.closing.wait, 10)
+        await assert_refused_in_band(worker.server.address)  # the listener is still open
+    finally:
+        executor.release.set()
+        executor.finish_close.set()
+    await asyncio.wait_for(stopping, 10)
 
 
 # -- worker processes: signals -------------------------------------------------------------

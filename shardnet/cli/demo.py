@@ -91,12 +91,12 @@ def run(args: argparse.Namespace) -> int:
     It runs as one coroutine: SIGTERM or a closed terminal, as Ctrl-C, cancel it wherever it waits, and the
     Deployment stops every process and removes every folder; no KeyboardInterrupt lands in the making of a loop.
     """
-    on_stop_signals()
     return asyncio.run(demo(args))
 
 
 async def demo(args: argparse.Namespace) -> int:
     """The demo's steps, ``run``'s exit code: index, search, measure, survive a replica's death, stop."""
+    on_stop_signals()  # here, in the loop: one arriving before is a plain SIGTERM, with nothing started to stop
     print("starting a text index: 1 head, 2 shards x 2 replicas ...")
     polling = {"/search": PollingType.ALL.name, "/count": PollingType.ALL.name, "*": PollingType.ANY.name}
     async with Deployment(TextIndexer, shards=2, replicas=2, polling=polling, name="demo") as deployment:

@@ -132,6 +132,17 @@ def _ip_or_name(hostname: str) -> Union[ipaddress.IPv4Address, ipaddress.IPv6Add
         return name
 
 
+def canonical_host(hostname: str) -> str:
+    """``hostname`` without brackets, an IP address in its standard form (``[::1]``, ``0:0::1`` -> ``::1``)."""
+    host = _ip_or_name(hostname)
+    return hostname.strip().strip("[]") if isinstance(host, str) else str(host)
+
+
+def same_host(first: str, second: str) -> bool:
+    """Whether two host names or addresses are written alike, whatever their brackets, case or IPv6 form."""
+    return _ip_or_name(first) == _ip_or_name(second)
+
+
 def host_is_loopback(hostname: str) -> bool:
     """True for a name or address only this machine reaches (localhost, 127.0.0.0/8, ::1), unlike
     ``host_is_local`` which also takes the unspecified address (0.0.0.0: every interface); never raises."""

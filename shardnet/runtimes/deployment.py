@@ -218,6 +218,11 @@ class Deployment:
 
     def start(self) -> "Deployment":
         """Start head, uses_before/after and workers; return when every replica is registered."""
+        return self._start(abandoned=threading.Event())
+
+    def _start(self, abandoned: threading.Event) -> "Deployment":
+        """``start()``, which launches nothing once ``abandoned`` is set (a cancelled ``async with``, whose stop()
+        may come before this thread even began)."""
         if os.environ.get(LAUNCHED_BY_DEPLOYMENT):
             # a worker importing a script that starts a Deployment at import time would start one per worker,
             # each of whose workers would start another
@@ -228,11 +233,13 @@ class Deployment:
             )
         if self._finalizer is None:  # started again after a stop: a fresh run
             self._prepare_run()
-        for folder, what in ((self.log_dir, "log_dir"), (self.workspace, "workspace")):
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise ConfigurationError(f"deployment {self.name!r}: cannot create {what} {str(folder)!r}: {exc.strerror}") from None
+        with self._launching:  # a stop() in another thread comes before (nothing starts) or after (it cleans up)
+            refused = self._stopping or abandoned.is_set()
+            if not refused:
+                self._make_folders()
+        if refused:
+            self.stop()  # the folders of the run made above go too
+            raise ProcessError(f"deployment {self.name!r} was stopped before it started")
         try:
             extra_args = []
             for key, uses in self._extras.items():
@@ -257,6 +264,15 @@ class Deployment:
             self.stop()
             raise
         return self
+
+    def _make_folders(self) -> None:
+        for folder, what in ((self.log_dir, "log_dir"), (self.workspace, "workspace")):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigurationError(
+                    f"deployment {self.name!r}: cannot create {what} {str(folder)!r}: {exc.strerror}"
+                ) from None
 
     def _launch_worker(self, shard: int, replica: int) -> ShardnetProcess:
         # named as Jina names its replicas, so every shard's dict results keep their own key under ALL
@@ -331,10 +347,17 @@ class Deployment:
         process.stop()
         if died and member is not None:
             self._forget(member, shard)
-        process.launch()
+        self._launch_again(process)
         process.wait_ready(self.startup_timeout)
         self.wait_registered()
         return process
+
+    def _launch_again(self, process: ShardnetProcess) -> None:
+        """Launch ``process`` again, unless a stop() from another thread is under way or done."""
+        with self._launching:
+            if self._stopping:
+                raise ProcessError(f"deployment {self.name!r} is stopping: {process.role} is not started again")
+            process.launch()
 
     def _forget(self, member: str, shard: int) -> None:
         """DEACTIVATE ``member`` (as ``members()`` lists it) at the head: a worker that died never said goodbye."""
@@ -346,7 +369,7 @@ class Deployment:
         head = self._running_head()
         head.stop()
         _keep_port(head)
-        head.launch()
+        self._launch_again(head)
         head.wait_ready(self.startup_timeout)
         self.wait_registered()
         return self.head
@@ -387,10 +410,12 @@ class Deployment:
             head_up = head_up or process is self.head
         deadline = time.monotonic() + self.startup_timeout
         while wait and any(process.alive for process in self._starting) and time.monotonic() < deadline:
+            if self._stopping:  # a stop() in another thread ended what this look launched: not an exit to tell
+                return revived
             time.sleep(0.02)
             revived += self._check_starting()
         for process in list(self._starting):  # a start that failed already: said now, not at the next look
-            if not process.alive:
+            if not process.alive and not self._stopping:
                 self._note_exit(process, time.monotonic())
         return revived
 
@@ -486,10 +511,12 @@ class Deployment:
     async def __aenter__(self) -> "Deployment":
         """``start()`` in a thread; cancelled (Ctrl-C under ``asyncio.run``), it stops what the start launched,
         which ends the start at its next launch or wait, before the cancellation goes on."""
-        starting = asyncio.ensure_future(asyncio.to_thread(self.start))
+        abandoned = threading.Event()
+        starting = asyncio.ensure_future(asyncio.to_thread(self._start, abandoned))
         try:
             return await asyncio.shield(starting)
         except asyncio.CancelledError:
+            abandoned.set()
             await asyncio.to_thread(self.stop)
             with contextlib.suppress(Exception):  # "stopped while it started", or a start that had just ended
                 await starting

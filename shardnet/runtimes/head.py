@@ -32,7 +32,14 @@ from shardnet.errors import (
     RoutingError,
     ShardnetError,
 )
-from shardnet.networking.addresses import Address, entity_address, host_is_local, host_is_loopback, parse_address
+from shardnet.networking.addresses import (
+    Address,
+    entity_address,
+    host_is_local,
+    host_is_loopback,
+    parse_address,
+    same_host,
+)
 from shardnet.networking.channels import message_size_options
 from shardnet.networking.policies import check_count, check_seconds
 from shardnet.networking.polling import PollingMap, PollingType
@@ -192,7 +199,8 @@ class Head:
         mutual_tls = config.tls is not None and config.tls.client_ca is not None
         self._guard = ControlGuard(config.control_token, mutual_tls)
         self._refused, self._refusal_logged = 0, -math.inf  # refused control calls not logged yet, and when last
-        self.server = jina_server(config, self)
+        # a head stops as gRPC does: its GOAWAY moves clients elsewhere without an error (see server.py)
+        self.server = jina_server(config, self, listen_while_draining=False)
         # beside every request it forwards: a request coming back with it was routed to this head by itself
         self._via = (services.VIA_HEAD_METADATA, new_id())
         # a pool fed by discovery (Kubernetes) knows no worker until its first list: not ready before that
@@ -511,7 +519,7 @@ class Head:
             return False
         if bound in ("0.0.0.0", "::", ""):  # every local address is this head's
             return host_is_local(host)
-        return host == bound or (host == "localhost" and bound in ("127.0.0.1", "::1"))
+        return same_host(host, bound) or (host == "localhost" and host_is_loopback(bound))
 
     def _retry_metadata(self) -> tuple[tuple[str, str], ...]:
         """The retry budget as STATUS trailing metadata: spent and refused since start, the window's use."""

@@ -6,10 +6,14 @@ reflection (Jina 3.4+ clients skip services that reflection does not list),
 answer the gRPC health service, and drain on shutdown: health turns
 NOT_SERVING, new calls are refused, in-flight calls finish within a grace.
 
-The server refuses new calls itself while it drains, and only closes its
-listener once the calls in flight are done: grpcio 1.78 can crash (SIGSEGV in
-its C core) when a client connects as ``stop()`` closes the listener, and a
-crash while calls are in flight loses their answers.
+A worker's server (``listen_while_draining``) refuses new calls itself while it
+drains and closes its listener only once the calls in flight are done, and the
+Executor closed: grpcio 1.78 can crash (SIGSEGV in its C core) when a client
+connects as ``stop()`` closes the listener, and a crash then would lose the
+answers it owes and what ``close()`` saves. Its callers (heads, pools) fail an
+in-band UNAVAILABLE over at once. A head's server stops at once as gRPC does:
+the GOAWAY moves any gRPC client elsewhere without an error, and a head owes
+nothing a crash would lose that its callers do not see fail.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shardnet.errors import ConfigurationError
-from shardnet.networking.addresses import UNIX_SCHEME, entity_address, parse_address
+from shardnet.networking.addresses import UNIX_SCHEME, canonical_host, entity_address, parse_address
 from shardnet.networking.channels import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MAX_MESSAGE_BYTES,
@@ -73,6 +77,10 @@ class ServerConfig:
     unix_socket: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.host, str):
+            raise ConfigurationError(f"host must be a name or an IP address, got {self.host!r}")
+        # as gRPC binds it and clients dial it: "[::1]" and "0:0::1" are "::1" (frozen: set as __init__ would)
+        object.__setattr__(self, "host", canonical_host(self.host))
         if self.unix_socket is not None:
             if self.tls is not None:
                 raise ConfigurationError(
@@ -169,8 +177,9 @@ class Server:
     discovery has listed them.
     """
 
-    def __init__(self, config: ServerConfig, service_names: Sequence[str]):
+    def __init__(self, config: ServerConfig, service_names: Sequence[str], *, listen_while_draining: bool = True):
         self.config = config
+        self.listen_while_draining = listen_while_draining
         self.ready_at_start = True
         self._handlers: list[grpc.GenericRpcHandler] = []  # serve_unary / serve_stream, before start
         self._service_names = list(service_names)
@@ -304,8 +313,12 @@ class Server:
             os.unlink(path)
         self._unix_bound = False
 
-    async def drain(self, grace: Optional[float] = None) -> None:
-        """Refuse new calls, let in-flight ones finish (up to ``grace`` seconds), then stop."""
+    async def drain(self, grace: Optional[float] = None, when_idle: Optional[Callable[[], Awaitable[None]]] = None) -> None:
+        """Refuse new calls, let in-flight ones finish (up to ``grace`` seconds), then stop.
+
+        ``when_idle`` runs once no call is in flight: before the listener closes when they all ended within the
+        grace (see the module's docstring), else once ``stop()`` has cut the rest.
+        """
         if self._server is None:
             return
         grace = self.config.drain_grace if grace is None else grace
@@ -315,12 +328,19 @@ class Server:
         self.stopping.set()
         await self.health.enter_graceful_shutdown()
         server, self._server = self._server, None
-        if self._calls:  # the listener stays open while they finish (see the module's docstring)
+        idle = not self._calls
+        if self.listen_while_draining and not idle:
             self._idle.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), grace)
+            idle = not self._calls
+        if idle and when_idle is not None:
+            await when_idle()
+            when_idle = None
         await server.stop(max(0.0, deadline - loop.time()))
         self._remove_unix_socket()
+        if when_idle is not None:
+            await when_idle()
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:
@@ -368,8 +388,10 @@ async def serve_until_signalled(
     on_stop: Optional[Callable[[], Awaitable[None]]] = None,
     ready_line: Optional[str] = None,
     parent_pid: Optional[int] = None,
+    when_idle: Optional[Callable[[], Awaitable[None]]] = None,
 ) -> int:
-    """Start ``server``, print ``ready_line``, and on SIGTERM/SIGINT run ``on_stop`` then drain; return 0.
+    """Start ``server``, print ``ready_line``, and on SIGTERM/SIGINT run ``on_stop`` then drain (``when_idle``: as
+    ``Server.drain`` takes it); return 0.
 
     With ``parent_pid`` the same happens when that process exits, however it ended (kill -9 included):
     a Deployment's children do not outlive it.
@@ -402,22 +424,24 @@ async def serve_until_signalled(
     finally:
         if orphaned is not None:
             orphaned.cancel()
-        await server.drain()
+        await server.drain(when_idle=when_idle)
     return 0
 
 
-def jina_server(config: ServerConfig, runtime) -> Server:
+def jina_server(config: ServerConfig, runtime, *, listen_while_draining: bool = True) -> Server:
     """A Server exposing ``runtime``'s Jina methods (process_single_data, process_data, process_control,
     endpoint_discovery, dry_run, and Call over process_single_data) and listing their services through reflection.
 
     A runtime with a ``request_stream`` handler serves shardnet's request streams too
     (networking/streams.py), unless ``max_concurrent_rpcs`` caps it: a stream is one RPC however
     many requests it carries, so a capped server leaves its callers to call it unary.
+    ``listen_while_draining``: as ``Server`` takes it.
     """
     server = Server(
         config,
         [services.SINGLE_DATA_SERVICE, services.DATA_SERVICE, services.CONTROL_SERVICE, services.DISCOVERY_SERVICE,
          services.CALL_SERVICE, services.DRY_RUN_SERVICE],
+        listen_while_draining=listen_while_draining,
     )
     server.serve_unary(services.PROCESS_SINGLE_DATA, runtime.process_single_data)
     server.serve_unary(services.PROCESS_DATA, runtime.process_data)

@@ -38,7 +38,7 @@ from shardnet.runtimes.server import ServerConfig, jina_server, serve_until_sign
 logger = logging.getLogger(__name__)
 
 # after DEACTIVATE a worker serves on until no call came for SETTLE_QUIET seconds (SETTLE_BOUND at most):
-# calls the head sent before it knew still arrive, and a draining server refuses them (the head fails them over)
+# calls the head sent before it knew still arrive, and are served here rather than refused once the drain begins
 SETTLE_QUIET = 0.1
 SETTLE_BOUND = 1.0
 
@@ -458,8 +458,8 @@ class Worker:
             self._keep_registered.cancel()
             await asyncio.gather(self._keep_registered, return_exceptions=True)
             self._keep_registered = None
-        await self.server.drain(grace)
-        await self._finish()
+        await self.server.drain(grace, when_idle=self._finish)
+        await self._finish()  # when the drain did not get to it
 
     async def _finish(self) -> None:
         """After the last request: the Executor's ``close()`` (once), then its threads go."""
@@ -481,6 +481,7 @@ class Worker:
                 on_stop=self.deregister if self._head else None,
                 ready_line=f"shardnet worker {self.name} ready on {{address}}",
                 parent_pid=parent_pid,
+                when_idle=self._finish,  # the Executor's close() before the listener closes: see server.py
             )
         finally:
             await self._finish()
