@@ -463,6 +463,35 @@ async def test_a_draining_worker_closes_its_executor_once_its_calls_end_and_befo
     await asyncio.wait_for(stopping, 10)
 
 
+async def test_calls_and_streams_their_clients_cancelled_do_not_hold_a_drain(runtimes):
+    """A cancelled call or stream ends its count at once, though a sync handler's thread runs on: a drain right
+    after does not wait for it (it waited out its whole grace when one was counted forever)."""
+    blocking = executors.Blocking.create()
+    worker = await runtimes(Worker(blocking, threads=2))
+    never = asyncio.Event()
+
+    async def one_request_then_silence():
+        yield DataRequest([Document()], endpoint="/fast").to_bytes()
+        await never.wait()
+
+    try:
+        async with grpc.aio.insecure_channel(worker.server.address) as channel:
+            unary = channel.unary_unary(services.PROCESS_SINGLE_DATA)(
+                DataRequest([Document()], endpoint="/block").to_bytes(), metadata=(("endpoint", "/block"),)
+            )
+            assert await asyncio.to_thread(blocking.entered.wait, 10)
+            stream = channel.stream_stream(services.STREAM_CALL)(one_request_then_silence())
+            assert DataRequest.from_bytes(await stream.read()).docs.texts == ["fast"]
+            unary.cancel()
+            stream.cancel()
+        began = asyncio.get_running_loop().time()
+        await asyncio.wait_for(worker.stop(20), 10)
+        assert asyncio.get_running_loop().time() - began < 5  # not the 20 s grace
+    finally:
+        blocking.release.set()
+        never.set()
+
+
 # -- worker processes: signals -------------------------------------------------------------
 
 

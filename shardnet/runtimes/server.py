@@ -212,8 +212,9 @@ class Server:
             async def gated(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
                 await self._admit(context)
                 try:
-                    async for answer in handler(requests, context):
-                        yield answer
+                    async with contextlib.aclosing(handler(requests, context)) as answers:  # its finally runs now
+                        async for answer in answers:
+                            yield answer
                 finally:
                     self._call_ended()
 
