@@ -218,6 +218,42 @@ def test_deploy_stops_on_ctrl_c_as_on_sigterm(deployed, tmp_path):
     assert not wait_gone(pids), "shardnet deploy left processes behind"
 
 
+def test_a_second_ctrl_c_cuts_deploys_drain_short(tmp_path):
+    """The first Ctrl-C drains (a worker finishes what it took, up to its grace); a second stops every process
+    at once, and deploy says so in its exit code."""
+    workspace, log = tmp_path / "ws", tmp_path / "deploy.log"
+    with open(log, "wb") as out:
+        deploy = subprocess.Popen(
+            [*PYTHON_M, "deploy", "--uses", f"{EXECUTORS}:SlowUntilReleased", "--workspace", str(workspace),
+             "--name", "slow"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+    pids: list[int] = []
+    sender = None
+    try:
+        address = wait_for_line(log, r"slow serves on (\S+)", deploy).group(1)
+        pids += [int(pid) for pid in re.findall(r"^(?:head|worker-\d+-\d+)\s+\S+\s+(\d+)\s+running", log.read_text(), re.M)]
+        sender = subprocess.Popen([*PYTHON_M, "send", address, "--endpoint", "/slow", "--text", "x", "--timeout", "30"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while not (workspace / "started").exists():  # the worker holds a call its drain would wait for
+            assert time.monotonic() < deadline and sender.poll() is None, log.read_text()
+            time.sleep(0.02)
+        deploy.send_signal(signal.SIGINT)
+        wait_for_line(log, r"stopping\.\.\. \(Ctrl-C again stops them at once\)", deploy)
+        began = time.monotonic()
+        deploy.send_signal(signal.SIGINT)
+        assert deploy.wait(15) == 130, log.read_text()
+        assert time.monotonic() - began < 5, log.read_text()  # not the worker's 10 s drain
+        assert not wait_gone(pids), "a process outlived the second Ctrl-C"
+    finally:
+        (workspace / "release").touch()
+        stop(deploy, pids)
+        if sender is not None:
+            sender.kill()
+            sender.wait()
+
+
 def test_deploy_takes_a_uses_after(tmp_path):
     log = tmp_path / "deploy.log"
     with open(log, "wb") as out:

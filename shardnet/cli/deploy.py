@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import threading
+from typing import Any
 
 from shardnet.cli.options import (
     add_head_traffic_arguments,
@@ -119,8 +121,16 @@ def run(args: argparse.Namespace) -> int:
                 deployment.revive(wait=False)  # never blocks: SIGTERM is heard within a second
             else:
                 _warn_exited(deployment, reported)
-        print("stopping...", flush=True)  # on SIGTERM as on Ctrl-C: the drain may take a few seconds
-    return 0
+        # on SIGTERM as on Ctrl-C: the drain may take a few seconds, which a second Ctrl-C cuts short
+        forced = threading.Event()
+
+        def stop_at_once(*_: Any) -> None:
+            forced.set()
+            deployment.kill()
+
+        signal.signal(signal.SIGINT, stop_at_once)
+        print("stopping... (Ctrl-C again stops them at once)", flush=True)
+    return 130 if forced.is_set() else 0
 
 
 def _warn_exited(deployment: Deployment, reported: set[int]) -> None:
