@@ -196,7 +196,9 @@ class Server:
         """Serve the unary method ``path`` with ``handler`` (bytes in and out), counted and refused while draining."""
 
         async def gated(payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            await self._admit(context)
+            if self.draining:
+                await self._refuse(context)
+            self._calls += 1
             try:
                 return await handler(payload, context)
             finally:
@@ -210,7 +212,9 @@ class Server:
         if inspect.isasyncgenfunction(handler):
 
             async def gated(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
-                await self._admit(context)
+                if self.draining:
+                    await self._refuse(context)
+                self._calls += 1
                 try:
                     async with contextlib.aclosing(handler(requests, context)) as answers:  # its finally runs now
                         async for answer in answers:
@@ -221,7 +225,9 @@ class Server:
         else:
 
             async def gated(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
-                await self._admit(context)
+                if self.draining:
+                    await self._refuse(context)
+                self._calls += 1
                 try:
                     await handler(requests, context)
                 finally:
@@ -229,11 +235,11 @@ class Server:
 
         self._handlers.append(stream_service(path, gated))
 
-    async def _admit(self, context: grpc.aio.ServicerContext) -> None:
-        """Count a call in, or refuse it (UNAVAILABLE) once the server drains: the caller sends elsewhere."""
-        if self.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_DETAILS)
-        self._calls += 1
+    @staticmethod
+    async def _refuse(context: grpc.aio.ServicerContext) -> None:
+        """Refuse a call (UNAVAILABLE) that came once the server drains: the caller sends elsewhere. (A call let
+        in is counted in ``_calls`` by its wrapper, inline: no coroutine more per request.)"""
+        await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_DETAILS)
 
     def _call_ended(self) -> None:
         self._calls -= 1
