@@ -820,6 +820,23 @@ async def test_a_control_request_naming_too_many_workers_is_refused_whole(runtim
     assert list(status.related_entities) == []
 
 
+async def test_workers_activated_one_by_one_stop_at_the_heads_cap_and_known_ones_still_renew(runtimes):
+    """Each ACTIVATE may name 10,000 workers; without a cap over all of them, many small ones added up to
+    what one may not name (a channel and some 10 KB each)."""
+    head = await runtimes(Head("capped", max_workers=2))
+    await oneshot.activate_worker("127.0.0.1", 40001, head.server.address, shard_id=0)
+    await oneshot.activate_worker("127.0.0.1", 40002, head.server.address, shard_id=1)
+    await oneshot.activate_worker("127.0.0.1", 40001, head.server.address, shard_id=0)  # a renewal: not new
+    with pytest.raises(ReplicaError) as refused:
+        await oneshot.activate_worker("127.0.0.1", 40003, head.server.address, shard_id=0)
+    assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "head of 'capped' holds 2 workers and takes at most 2; this one would add 1" in str(refused.value)
+    status = await oneshot.send_control("STATUS", head.server.address, timeout=5)
+    assert sorted(entity.port for entity in status.related_entities) == [40001, 40002]
+    with pytest.raises(ConfigurationError, match="max_workers"):
+        Head("capped", max_workers=0)
+
+
 async def test_a_worker_cannot_lease_itself_for_ever(runtimes):
     from shardnet.runtimes.head import IMPLIED_LEASE_FACTOR, MAX_RENEWAL_INTERVAL
 

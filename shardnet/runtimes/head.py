@@ -75,6 +75,8 @@ IMPLIED_LEASE_CHECK = 0.5
 MAX_RENEWAL_INTERVAL = 300.0
 # workers one ACTIVATE or DEACTIVATE may name (each costs the head a channel and some 10 KB)
 MAX_CONTROL_ENTITIES = 10_000
+# workers a head holds at most, over all ACTIVATEs: many small ones must not add up to what one may not name
+MAX_WORKERS = 10_000
 # refused control calls are logged at most once per this many seconds, with how many there were
 REFUSAL_LOG_INTERVAL = 1.0
 
@@ -154,6 +156,7 @@ class Head:
         lease: Optional[float] = None,
         request_streams: bool = True,
         max_in_flight: Optional[int] = None,
+        max_workers: int = MAX_WORKERS,
     ):
         if not deployment:
             raise ConfigurationError("a head needs a deployment name")
@@ -182,6 +185,8 @@ class Head:
             self.pool.add_connection(self._uses_before, uses_before)
         if uses_after:
             self.pool.add_connection(self._uses_after, uses_after)
+        check_count(max_workers, "max_workers", 1)
+        self._max_workers = max_workers  # an ACTIVATE that would take the head past it is refused whole
         if max_in_flight is not None:
             check_count(max_in_flight, "max_in_flight", 1)
         # with a limit, a request past it is refused at once (RESOURCE_EXHAUSTED) instead of queueing without bound
@@ -492,6 +497,8 @@ class Head:
                     f"which has shards 0..{self._shards - 1} (head --shards {self._shards})",
                 )
             changes.append((address, shard_id))
+        if command == "ACTIVATE":
+            await self._check_room(changes, context)
         for address, shard_id in changes:
             if command == "ACTIVATE":
                 replicas = self.pool.get_replicas(self.deployment, shard_id=shard_id or 0)
@@ -509,6 +516,20 @@ class Head:
                 outcome = "removed" if removed else "unknown"
                 logger.info("%s: deactivated %s (%s, by %s)", self.deployment, address, outcome, peer)
         return request.to_bytes()
+
+    async def _check_room(self, changes: list[tuple[str, Optional[int]]], context: grpc.aio.ServicerContext) -> None:
+        """Refuse (RESOURCE_EXHAUSTED) an ACTIVATE whose new workers would take the head past ``max_workers``."""
+        held = {shard_id: self.pool.get_replicas(self.deployment, shard_id=shard_id)
+                for shard_id in self.pool.shard_ids(self.deployment)}
+        new = {(address, shard_id or 0) for address, shard_id in changes
+               if held.get(shard_id or 0) is None or not held[shard_id or 0].has_connection(address)}
+        total = sum(len(replicas) for replicas in held.values() if replicas is not None)
+        if total + len(new) > self._max_workers:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"ACTIVATE refused: the head of {self.deployment!r} holds {total} workers and takes at most "
+                f"{self._max_workers}; this one would add {len(new)}",
+            )
 
     def _is_own(self, address: Address) -> bool:
         """Whether ``address`` is one this head listens on, as a worker on its machine would name it."""
