@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from google.protobuf import empty_pb2
 from hypothesis import HealthCheck, given, settings
@@ -643,6 +644,19 @@ async def test_deployments_and_shards_are_named_by_text_and_numbers(deployment, 
         with pytest.raises(ConfigurationError, match=re.escape(message)):
             pool.add_connection(deployment, "127.0.0.1:50001", shard_id=shard_id)
         assert pool.deployments == {}
+
+
+async def test_a_shard_id_computed_with_numpy_is_taken_as_the_int_it_is(echo_servers):
+    """np.argmin and friends give numpy integers: they name a shard as an int does (a float still does not)."""
+    [server] = await echo_servers(1)
+    async with GrpcConnectionPool() as pool:
+        pool.add_connection("d", server.address, shard_id=np.int64(1))
+        assert pool.shard_ids("d") == [1] and type(pool.shard_ids("d")[0]) is int
+        assert pool.get_replicas("d", shard_id=np.int32(1)).addresses == [server.address]
+        response, _ = await pool.send_requests_once([DataRequest(endpoint="/x")], "d", shard_id=np.uint8(1))
+        assert not response.is_error and server.calls == 1
+        with pytest.raises(ConfigurationError, match="a shard id is an integer from 0"):
+            pool.add_connection("d", server.address, shard_id=np.float64(1.0))
 
 
 @pytest.mark.parametrize("arguments, error, message", BAD_CALLS.values(), ids=BAD_CALLS.keys())

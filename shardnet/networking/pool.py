@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -64,12 +65,14 @@ def _check_retries(retries: Any) -> None:
         raise ConfigurationError(f"retries must be an integer (negative: the pool's policy), got {retries!r}")
 
 
-def _check_names(deployment: Any, shard_id: Any) -> None:
-    """A deployment is named by non-empty text and a shard by a number from 0: the maps sort and print them."""
+def _check_names(deployment: Any, shard_id: Any) -> int:
+    """A deployment is named by non-empty text and a shard by a number from 0 (the maps sort and print them);
+    the shard id as a Python int (one from numpy, as a computed id often is, too)."""
     if not isinstance(deployment, str) or not deployment:
         raise ConfigurationError(f"a deployment is named by non-empty text, got {deployment!r}")
-    if isinstance(shard_id, bool) or not isinstance(shard_id, int) or shard_id < 0:
+    if isinstance(shard_id, bool) or not isinstance(shard_id, numbers.Integral) or shard_id < 0:
         raise ConfigurationError(f"deployment {deployment!r}: a shard id is an integer from 0, got {shard_id!r}")
+    return int(shard_id)
 
 
 @dataclass
@@ -145,7 +148,7 @@ class GrpcConnectionPool:
     # -- membership -----------------------------------------------------------
 
     def _replica_list(self, deployment: str, head: bool, shard_id: int) -> ReplicaList:
-        _check_names(deployment, shard_id)
+        shard_id = _check_names(deployment, shard_id)
         entry = self._deployments.setdefault(deployment, _Deployment())
         name = f"{deployment}/head" if head else f"{deployment}/shard-{shard_id}"
         make = lambda: ReplicaList(  # noqa: E731
