@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -165,6 +166,20 @@ class SlowUntilReleased(Executor):
     def default(self, docs, parameters, **kwargs):
         for doc in docs:
             doc.text = "default"
+
+
+class SlowWithAHelper(SlowUntilReleased):
+    """``SlowUntilReleased`` that starts a helper process (as a model server would) and writes its pid to
+    ``<workspace>/helper-<pid>``; ``close()`` stops it."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.helper = subprocess.Popen(["sleep", "300"])
+        (Path(self.runtime_args.workspace) / f"helper-{self.helper.pid}").touch()
+
+    def close(self) -> None:
+        self.helper.kill()
+        self.helper.wait()
 
 
 class ShardSearch(Executor):

@@ -655,8 +655,19 @@ async def test_a_shard_id_computed_with_numpy_is_taken_as_the_int_it_is(echo_ser
         assert pool.get_replicas("d", shard_id=np.int32(1)).addresses == [server.address]
         response, _ = await pool.send_requests_once([DataRequest(endpoint="/x")], "d", shard_id=np.uint8(1))
         assert not response.is_error and server.calls == 1
-        with pytest.raises(ConfigurationError, match="a shard id is an integer from 0"):
-            pool.add_connection("d", server.address, shard_id=np.float64(1.0))
+        for float_id in (np.float64(1.0), 1.0, np.float64(0.0)):  # a float names no shard, 0.0 neither
+            with pytest.raises(ConfigurationError, match="a shard id is an integer from 0"):
+                pool.add_connection("d", server.address, shard_id=float_id)
+            with pytest.raises(ConfigurationError, match="a shard id is an integer from 0"):
+                pool.get_replicas("d", shard_id=float_id)
+            with pytest.raises(ConfigurationError, match="a shard id is an integer from 0"):
+                pool.send_requests_once([DataRequest(endpoint="/x")], "d", shard_id=float_id)
+            with pytest.raises(ConfigurationError, match="a shard id is an integer from 0"):
+                await pool.remove_connection("d", server.address, shard_id=float_id)
+        pool.declare_shards("e", np.int64(3))
+        assert pool.shard_ids("e") == [0, 1, 2] and type(pool._deployments["e"].declared) is int
+        with pytest.raises(ConfigurationError, match="a shard id is an integer from 0, got '1'"):
+            pool.add_connection("e", server.address, shard_id="1")  # not numpy's own error from the comparison
 
 
 @pytest.mark.parametrize("arguments, error, message", BAD_CALLS.values(), ids=BAD_CALLS.keys())

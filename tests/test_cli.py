@@ -220,11 +220,11 @@ def test_deploy_stops_on_ctrl_c_as_on_sigterm(deployed, tmp_path):
 
 def test_a_second_ctrl_c_cuts_deploys_drain_short(tmp_path):
     """The first Ctrl-C drains (a worker finishes what it took, up to its grace); a second stops every process
-    at once, and deploy says so in its exit code."""
+    at once, with the processes they started, and deploy says so in its exit code."""
     workspace, log = tmp_path / "ws", tmp_path / "deploy.log"
     with open(log, "wb") as out:
         deploy = subprocess.Popen(
-            [*PYTHON_M, "deploy", "--uses", f"{EXECUTORS}:SlowUntilReleased", "--workspace", str(workspace),
+            [*PYTHON_M, "deploy", "--uses", f"{EXECUTORS}:SlowWithAHelper", "--workspace", str(workspace),
              "--name", "slow"],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
@@ -245,9 +245,14 @@ def test_a_second_ctrl_c_cuts_deploys_drain_short(tmp_path):
         deploy.send_signal(signal.SIGINT)
         assert deploy.wait(15) == 130, log.read_text()
         assert time.monotonic() - began < 5, log.read_text()  # not the worker's 10 s drain
-        assert not wait_gone(pids), "a process outlived the second Ctrl-C"
+        helpers = [int(path.name.split("-")[1]) for path in workspace.glob("helper-*")]
+        assert len(helpers) == 1
+        assert not wait_gone(pids + helpers), "a process, or one a worker started, outlived the second Ctrl-C"
     finally:
         (workspace / "release").touch()
+        for helper in workspace.glob("helper-*"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(helper.name.split("-")[1]), signal.SIGKILL)
         stop(deploy, pids)
         if sender is not None:
             sender.kill()

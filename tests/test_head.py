@@ -835,6 +835,20 @@ async def test_workers_activated_one_by_one_stop_at_the_heads_cap_and_known_ones
     assert sorted(entity.port for entity in status.related_entities) == [40001, 40002]
     with pytest.raises(ConfigurationError, match="max_workers"):
         Head("capped", max_workers=0)
+    with pytest.raises(ConfigurationError, match="3 static connections, over max_workers=2"):
+        Head("capped", max_workers=2, connections={0: ["127.0.0.1:1", "127.0.0.1:2"], 1: ["127.0.0.1:3"]})
+
+
+async def test_a_head_at_its_cap_still_takes_renewals_and_counts_a_worker_once_however_it_is_spelt(runtimes):
+    head = await runtimes(Head("full", max_workers=2, connections={0: ["127.0.0.1:40001", "127.0.0.1:40002"]}))
+    await oneshot.activate_worker("127.0.0.1", 40001, head.server.address, shard_id=0)  # known: adds none
+    crowded = await runtimes(Head("one", max_workers=1))
+    request = ControlRequest("ACTIVATE")
+    request.add_related_entity("a", "127.0.0.1", 40005, shard_id=0)
+    request.add_related_entity("b", "grpc://127.0.0.1", 40005, shard_id=0)  # the same worker: one connection
+    await oneshot.call_once("control", request, crowded.server.address, timeout=10)
+    status = await oneshot.send_control("STATUS", crowded.server.address, timeout=5)
+    assert [entity.port for entity in status.related_entities] == [40005]
 
 
 async def test_a_worker_cannot_lease_itself_for_ever(runtimes):

@@ -67,11 +67,17 @@ def _check_retries(retries: Any) -> None:
 
 def _check_names(deployment: Any, shard_id: Any) -> int:
     """A deployment is named by non-empty text and a shard by a number from 0 (the maps sort and print them);
-    the shard id as a Python int (one from numpy, as a computed id often is, too)."""
+    the shard id as a Python int."""
     if not isinstance(deployment, str) or not deployment:
         raise ConfigurationError(f"a deployment is named by non-empty text, got {deployment!r}")
+    return _shard_number(deployment, shard_id)
+
+
+def _shard_number(deployment: str, shard_id: Any, what: str = "a shard id") -> int:
+    """``shard_id`` as a Python int (one from numpy, as a computed id often is, too); ConfigurationError for
+    anything but an integer from 0 (a float, a bool, text)."""
     if isinstance(shard_id, bool) or not isinstance(shard_id, numbers.Integral) or shard_id < 0:
-        raise ConfigurationError(f"deployment {deployment!r}: a shard id is an integer from 0, got {shard_id!r}")
+        raise ConfigurationError(f"deployment {deployment!r}: {what} is an integer from 0, got {shard_id!r}")
     return int(shard_id)
 
 
@@ -170,18 +176,20 @@ class GrpcConnectionPool:
         A malformed address raises ConfigurationError and leaves the pool as it was.
         """
         parse_address(address, tls=self._tls is not None)  # before any map entry is made for it
+        shard_id = _check_names(deployment, 0 if shard_id is None else shard_id)
         entry = self._deployments.get(deployment)
-        if not head and entry is not None and entry.declared and (shard_id or 0) >= entry.declared:
+        if not head and entry is not None and entry.declared and shard_id >= entry.declared:
             # a replica of another shape (a shard left running after a resharding): ALL would fan out to it
             raise ConfigurationError(
                 f"deployment {deployment!r}: replica {address} is of shard {shard_id}, but the deployment has "
                 f"shards 0..{entry.declared - 1}"
             )
-        self._replica_list(deployment, head, shard_id or 0).add_connection(address)
+        self._replica_list(deployment, head, shard_id).add_connection(address)
 
     def declare_shards(self, deployment: str, count: int) -> None:
         """Make shards ``0..count-1`` known before any replica joins, so ALL reports the missing ones; from then
         on a replica of a shard beyond them is refused (ConfigurationError)."""
+        count = _shard_number(deployment, count, "a count of shards")
         for shard_id in range(count):
             self._replica_list(deployment, False, shard_id)
         if count:
@@ -202,7 +210,7 @@ class GrpcConnectionPool:
             return None
         if head:
             return await entry.head.remove_connection(address) if entry.head else None
-        candidates = entry.shards.values() if shard_id is None else [entry.shards.get(shard_id)]
+        candidates = entry.shards.values() if shard_id is None else [entry.shards.get(_shard_number(deployment, shard_id))]
         for replicas in candidates:
             if replicas is not None:
                 removed = await replicas.remove_connection(address)
@@ -215,7 +223,7 @@ class GrpcConnectionPool:
         entry = self._deployments.get(deployment)
         if entry is None:
             return None
-        return entry.head if head else entry.shards.get(shard_id)
+        return entry.head if head else entry.shards.get(_shard_number(deployment, shard_id))
 
     def shard_ids(self, deployment: str) -> list[int]:
         """The shard ids the pool knows for ``deployment``, in order (empty shards included)."""
@@ -252,6 +260,7 @@ class GrpcConnectionPool:
         if polling_type == PollingType.ALL:
             return sorted(entry.shards.items())
         if shard_id is not None:
+            shard_id = _shard_number(deployment, shard_id)
             replicas = entry.shards.get(shard_id)
             return [(shard_id, replicas)] if replicas is not None and replicas.has_connections() else []
         if len(entry.shards) == 1:  # the common case, without a sort per request

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-import signal
 import socket
 import tempfile
 import threading
@@ -504,10 +503,11 @@ class Deployment:
                 self._sockets = None
 
     def kill(self) -> None:
-        """SIGKILL every process of this run at once, cutting their drains (a second Ctrl-C); a stop() under
-        way then finishes at once. Takes no lock: a signal handler may call it while stop() holds one."""
+        """SIGKILL every process of this run, and the processes each started, at once, cutting their drains (a
+        second Ctrl-C); a stop() under way then finishes at once. Takes no lock: a signal handler may call it
+        while stop() holds one."""
         for process in list(self._spawned):
-            process.signal(signal.SIGKILL)
+            process.kill_group()
 
     def __enter__(self) -> "Deployment":
         return self.start()

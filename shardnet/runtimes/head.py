@@ -169,6 +169,14 @@ class Head:
         )
         if isinstance(shards, bool) or not isinstance(shards, int) or shards < 0:
             raise ConfigurationError(f"shards must be a whole number from 0 (0: not declared), got {shards!r}")
+        check_count(max_workers, "max_workers", 1)
+        if max_in_flight is not None:
+            check_count(max_in_flight, "max_in_flight", 1)
+        if lease is not None:
+            check_seconds(lease, "lease")
+        static = sum(len(addresses) for addresses in (connections or {}).values())
+        if static > max_workers:
+            raise ConfigurationError(f"deployment {deployment!r}: {static} static connections, over max_workers={max_workers}")
         self.pool.declare_shards(deployment, shards)
         self._shards = shards  # when given, ACTIVATE (or a static connection) for a shard beyond them is refused
         for shard_id, addresses in (connections or {}).items():
@@ -185,15 +193,10 @@ class Head:
             self.pool.add_connection(self._uses_before, uses_before)
         if uses_after:
             self.pool.add_connection(self._uses_after, uses_after)
-        check_count(max_workers, "max_workers", 1)
         self._max_workers = max_workers  # an ACTIVATE that would take the head past it is refused whole
-        if max_in_flight is not None:
-            check_count(max_in_flight, "max_in_flight", 1)
         # with a limit, a request past it is refused at once (RESOURCE_EXHAUSTED) instead of queueing without bound
         self._max_in_flight = max_in_flight
         self._in_flight = 0
-        if lease is not None:
-            check_seconds(lease, "lease")
         # with a lease, a worker that stops re-sending ACTIVATE (killed -9, partitioned) leaves on its own; without
         # one, so does a worker that says how often it re-sends it (a shardnet worker), leased for a few times that
         self._lease = lease
@@ -518,18 +521,26 @@ class Head:
         return request.to_bytes()
 
     async def _check_room(self, changes: list[tuple[str, Optional[int]]], context: grpc.aio.ServicerContext) -> None:
-        """Refuse (RESOURCE_EXHAUSTED) an ACTIVATE whose new workers would take the head past ``max_workers``."""
-        held = {shard_id: self.pool.get_replicas(self.deployment, shard_id=shard_id)
-                for shard_id in self.pool.shard_ids(self.deployment)}
-        new = {(address, shard_id or 0) for address, shard_id in changes
-               if held.get(shard_id or 0) is None or not held[shard_id or 0].has_connection(address)}
-        total = sum(len(replicas) for replicas in held.values() if replicas is not None)
+        """Refuse (RESOURCE_EXHAUSTED) an ACTIVATE whose new workers would take the head past ``max_workers``;
+        renewals, the usual ACTIVATE, add none and cost a lookup each."""
+        new = set()
+        for address, shard_id in changes:
+            replicas = self.pool.get_replicas(self.deployment, shard_id=shard_id or 0)
+            if replicas is None or not replicas.has_connection(address):
+                new.add((parse_address(address).target, shard_id or 0))  # as the pool keys it: one per target
+        if not new:
+            return
+        total = self._worker_count()
         if total + len(new) > self._max_workers:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"ACTIVATE refused: the head of {self.deployment!r} holds {total} workers and takes at most "
                 f"{self._max_workers}; this one would add {len(new)}",
             )
+
+    def _worker_count(self) -> int:
+        """The workers this head holds, over every shard."""
+        return sum(len(self.pool.get_replicas(self.deployment, shard_id=shard)) for shard in self.pool.shard_ids(self.deployment))
 
     def _is_own(self, address: Address) -> bool:
         """Whether ``address`` is one this head listens on, as a worker on its machine would name it."""

@@ -7,6 +7,7 @@ for that line with a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -149,6 +150,13 @@ class ShardnetProcess:
             self.popen.kill()
             self.popen.wait()
         return self.popen.returncode
+
+    def kill_group(self) -> None:
+        """SIGKILL this process and those it started (its own session's group: a model server, data loaders), at
+        once; safe in a signal handler: no poll or wait (one under way in the main thread holds their lock)."""
+        if self.popen is not None and self.popen.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):  # reaped meanwhile: nothing to kill
+                os.killpg(self.popen.pid, signal.SIGKILL)
 
     def kill(self) -> None:
         if self.alive:
