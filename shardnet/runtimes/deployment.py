@@ -210,11 +210,21 @@ class Deployment:
 
     def _launch(self, role: str, arguments: list[str]) -> ShardnetProcess:
         process = ShardnetProcess(role, arguments, self.log_dir / f"{role}.log", env=self._child_env())
-        with self._launching:  # a stop() from another thread (a cancelled ``async with``) ends the start here
+        # a stop() from another thread (a cancelled ``async with``) ends the start here
+        if not self._launch_unless_stopping(process, first=True):
+            raise ProcessError(f"deployment {self.name!r} was stopped while it started")
+        return process
+
+    def _launch_unless_stopping(self, process: ShardnetProcess, first: bool = False) -> bool:
+        """Launch ``process`` (``first``: a new one of this run, which stop() must know of) unless a stop() from
+        another thread is under way or done; whether it was launched."""
+        with self._launching:
             if self._stopping:
-                raise ProcessError(f"deployment {self.name!r} was stopped while it started")
-            self._spawned.append(process)
-            return process.launch()
+                return False
+            if first:
+                self._spawned.append(process)
+            process.launch()
+            return True
 
     def start(self) -> "Deployment":
         """Start head, uses_before/after and workers; return when every replica is registered."""
@@ -353,11 +363,9 @@ class Deployment:
         return process
 
     def _launch_again(self, process: ShardnetProcess) -> None:
-        """Launch ``process`` again, unless a stop() from another thread is under way or done."""
-        with self._launching:
-            if self._stopping:
-                raise ProcessError(f"deployment {self.name!r} is stopping: {process.role} is not started again")
-            process.launch()
+        """Launch ``process`` again, or ProcessError when a stop() from another thread is under way or done."""
+        if not self._launch_unless_stopping(process):
+            raise ProcessError(f"deployment {self.name!r} is stopping: {process.role} is not started again")
 
     def _forget(self, member: str, shard: int) -> None:
         """DEACTIVATE ``member`` (as ``members()`` lists it) at the head: a worker that died never said goodbye."""
@@ -456,10 +464,8 @@ class Deployment:
             else:
                 _keep_port(process)
             self.log_dir.mkdir(parents=True, exist_ok=True)  # a cleaner may have removed it meanwhile
-            with self._launching:
-                if self._stopping:
-                    return
-                process.launch()
+            if not self._launch_unless_stopping(process):
+                return
         except Exception as exc:  # the OS refused (no log folder, no file descriptors): try again later
             process.ready_at = None  # a start that failed never served: a quick exit, whatever ran before
             delay = process.note_exit(time.monotonic())

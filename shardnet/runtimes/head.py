@@ -711,7 +711,7 @@ class Head:
         config = self.server.config
         if self._discovery_synced is not None or host_is_loopback(config.host):
             return  # Kubernetes owns membership / only this machine reaches the head
-        where = f"{config.host}:{config.port}" if config.port else f"{config.host} (a port picked at start)"
+        where = entity_address(config.host, config.port) if config.port else f"{config.host} (a port picked at start)"
         if self._guard.open:
             logger.warning(
                 "%s: anyone who reaches %s may add or remove its workers (ACTIVATE/DEACTIVATE): set a control "
