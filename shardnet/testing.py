@@ -2,8 +2,9 @@
 
 ``EchoServer`` answers ``process_single_data`` and ``process_data`` with the
 request bytes (the first request of a list), records the metadata it
-received, and can be told to answer slowly, to fail with a status, or to
-stop answering. It binds a free loopback port, so tests run in parallel.
+received, and can be told to answer slowly, to fail with a status (always,
+or the first few times), or to stop answering. It binds a free loopback
+port, so tests run in parallel.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class EchoServer:
         port: Optional[int] = None,
         delay: float = 0.0,
         fail_with: Optional[grpc.StatusCode] = None,
+        fail_times: Optional[int] = None,
         credentials: Optional[grpc.ServerCredentials] = None,
     ):
         self.name = name
@@ -68,6 +70,7 @@ class EchoServer:
         self.port = port or 0
         self.delay = delay
         self.fail_with = fail_with
+        self.fail_times = fail_times  # with fail_with: only the first this many calls fail (None: all of them)
         self.received_metadata: list[dict[str, str]] = []
         self.calls = 0
         self._credentials = credentials
@@ -83,7 +86,7 @@ class EchoServer:
             self.received_metadata.append({key: value for key, value in context.invocation_metadata()})
         if self.delay:
             await asyncio.sleep(self.delay)
-        if self.fail_with is not None:
+        if self.fail_with is not None and (self.fail_times is None or self.calls <= self.fail_times):
             await context.abort(self.fail_with, f"{self.name} told to fail")
         context.set_trailing_metadata((("served-by", self.name),))
         return payload

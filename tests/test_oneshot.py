@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from shardnet import (
+    ConfigurationError,
     ControlRequest,
     DataRequest,
     DeadlineExceeded,
@@ -179,6 +180,8 @@ async def test_malformed_data_reply_is_returned_lazily(garbage_server):
         ("send_request_sync", "request, target, timeout=100.0, https=False, root_certificates=None, endpoint=None"),
         ("send_requests_sync", "requests, target, timeout=100.0, https=False, root_certificates=None, endpoint=None"),
         ("send_request_async", "request, target, timeout=1.0, https=False, root_certificates=None"),
+        ("send_health_check_sync", "target, timeout=99.0, https=False, root_certificates=None"),
+        ("send_health_check_async", "target, timeout=99.0, https=False, root_certificates=None"),
         ("create_async_channel_stub", "address, https=False, root_certificates=None"),
         ("get_default_grpc_options", ""),
     ],
@@ -242,3 +245,94 @@ async def test_jinas_positional_order_for_the_async_helper(echo_servers):
         request, server.address, 5.0, False, None, {"grpc.primary_user_agent": "jina-style"}
     )
     assert response.request_id == request.request_id
+
+
+# -- one more try when the server is UNAVAILABLE, and the health check (as Jina's helpers) ----------------
+
+
+def test_send_request_sync_tries_once_more_when_the_server_is_unavailable(threaded_echo):
+    server = threaded_echo.start(fail_with=grpc.StatusCode.UNAVAILABLE, fail_times=1)
+    request = DataRequest(endpoint="/index")
+    response = GrpcConnectionPool.send_request_sync(request, server.address, timeout=5.0)
+    assert response.request_id == request.request_id
+    assert server.calls == 2
+
+
+async def test_send_request_async_gives_up_after_the_second_unavailable_and_says_so(echo_servers):
+    [server] = await echo_servers(1, fail_with=grpc.StatusCode.UNAVAILABLE)
+    with pytest.raises(ReplicaError) as caught:
+        await GrpcConnectionPool.send_request_async(DataRequest(), server.address, timeout=5.0)
+    assert server.calls == 2
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert server.address in str(caught.value) and "the last of 2 attempts" in str(caught.value)
+
+
+async def test_other_failures_of_a_one_off_call_are_not_tried_again(echo_servers):
+    [server] = await echo_servers(1, fail_with=grpc.StatusCode.INTERNAL)
+    with pytest.raises(ReplicaError) as caught:
+        await GrpcConnectionPool.send_request_async(DataRequest(), server.address, timeout=5.0)
+    assert server.calls == 1 and caught.value.code == grpc.StatusCode.INTERNAL
+    assert "attempts" not in str(caught.value)
+
+
+async def test_control_requests_are_not_tried_again(echo_servers):
+    # a worker's registration has its own schedule of renewals; the helper makes exactly one call
+    [head] = await echo_servers(1, fail_with=grpc.StatusCode.UNAVAILABLE)
+    with pytest.raises(ReplicaError):
+        await GrpcConnectionPool.activate_worker("10.0.0.5", 9000, head.address, timeout=5.0)
+    assert head.calls == 1
+
+
+async def test_the_retry_stays_within_the_callers_timeout(echo_servers):
+    [server] = await echo_servers(1, fail_with=grpc.StatusCode.UNAVAILABLE, fail_times=1)
+    # 10 ms leaves no room for the pause before a second attempt (at least 50 ms): one call, then the error
+    with pytest.raises(ReplicaError) as caught:
+        await GrpcConnectionPool.send_request_async(DataRequest(), server.address, timeout=0.01)
+    assert server.calls <= 1 and caught.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def test_send_health_check_sync_reports_serving_then_not_serving(threaded_echo):
+    from grpc_health.v1 import health_pb2
+
+    server = threaded_echo.start()
+    answer = GrpcConnectionPool.send_health_check_sync(server.address, timeout=5.0)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    threaded_echo.run(server.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING))
+    assert GrpcConnectionPool.send_health_check_sync(server.address, 5.0).status == (
+        health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+
+
+async def test_send_health_check_async_against_a_shardnet_worker(runtimes):
+    from grpc_health.v1 import health_pb2
+
+    import executors
+    from shardnet.runtimes.worker import Worker
+
+    worker = await runtimes(Worker(executors.Tagger.create()))
+    answer = await GrpcConnectionPool.send_health_check_async(worker.server.address, timeout=5.0)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_send_health_check_async_to_nothing_fails_after_two_attempts(dead_address):
+    with pytest.raises(ReplicaError) as caught:
+        await GrpcConnectionPool.send_health_check_async(dead_address, timeout=5.0)
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert dead_address in str(caught.value) and "the last of 2 attempts" in str(caught.value)
+
+
+async def test_send_health_check_async_to_a_server_without_the_health_service():
+    server = grpc.aio.server()
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        with pytest.raises(ReplicaError) as caught:
+            await GrpcConnectionPool.send_health_check_async(f"127.0.0.1:{port}", timeout=5.0)
+        assert caught.value.code == grpc.StatusCode.UNIMPLEMENTED
+    finally:
+        await server.stop(None)
+
+
+def test_send_health_check_sync_refuses_a_bad_address():
+    with pytest.raises(ConfigurationError):
+        GrpcConnectionPool.send_health_check_sync("no-port-here", timeout=1.0)

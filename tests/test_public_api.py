@@ -10,6 +10,7 @@ NAMED_IN_THE_ISSUES = [
 STATIC_HELPERS = [
     "get_grpc_channel", "activate_worker_sync", "activate_worker", "deactivate_worker", "send_request_sync",
     "send_requests_sync", "send_request_async", "get_default_grpc_options", "create_async_channel_stub",
+    "send_health_check_sync", "send_health_check_async",
 ]
 
 

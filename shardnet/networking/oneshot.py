@@ -13,9 +13,11 @@ import inspect
 from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar, Union
 
 import grpc.aio
+import tenacity
+from grpc_health.v1 import health_pb2
 
 from shardnet.errors import DeadlineExceeded, ReplicaError
-from shardnet.networking.addresses import entity_address, parse_address
+from shardnet.networking.addresses import Address, entity_address, parse_address
 from shardnet.networking.channels import (
     ChannelOptions,
     Stubs,
@@ -32,6 +34,9 @@ from shardnet.protocol.messages import ControlRequest, DataRequest
 from shardnet.protocol.services import AUTHORIZATION_METADATA, ENDPOINT_METADATA, RENEWAL_METADATA
 
 T = TypeVar("T")
+
+# a one-off data or health call is tried twice when the server is UNAVAILABLE, as Jina's blocking helpers do
+ATTEMPTS_WHEN_UNAVAILABLE = 2
 
 
 def tolerate_grpc_poller_race(loop: asyncio.AbstractEventLoop, context: dict) -> None:
@@ -73,6 +78,10 @@ def auth_metadata(token: Optional[str]) -> tuple[tuple[str, str], ...]:
     return ((AUTHORIZATION_METADATA, f"Bearer {token}"),) if token else ()
 
 
+def _unavailable(error: BaseException) -> bool:
+    return isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.UNAVAILABLE
+
+
 async def call_once(
     method: str,
     payload: Any,
@@ -84,27 +93,57 @@ async def call_once(
     tls: Union[bool, ClientTls, None] = None,
     metadata: Sequence[tuple[str, str]] = (),
     options: Optional[ChannelOptions] = None,
+    attempts: int = 1,
 ) -> tuple[Any, Any]:
-    """Open a channel to ``target``, make one call, close it; return (response, trailing metadata)."""
+    """Make one call to ``target`` over a channel of its own; return (response, trailing metadata).
+
+    With ``attempts`` above 1 an UNAVAILABLE answer (nothing listening yet, a
+    server stopping) is tried again on a fresh channel after a short random
+    pause, as Jina's blocking helpers do; ``timeout`` bounds all the attempts.
+    """
     https, tls = tls_settings(https, tls)
     address = parse_address(target, tls=https or tls is not None)
     check_timeout(timeout)
     metadata = checked_metadata(metadata)
-    channel = get_grpc_channel(
-        address, options=checked_options(options), asyncio=True, root_certificates=root_certificates, tls=tls
+    options = checked_options(options)
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    retrying = tenacity.AsyncRetrying(
+        stop=tenacity.stop_after_attempt(attempts)
+        | (tenacity.stop_never if timeout is None else tenacity.stop_before_delay(timeout)),
+        wait=tenacity.wait_random(0.05, 0.2),
+        retry=tenacity.retry_if_exception(_unavailable),
+        reraise=True,
     )
+
+    async def attempt() -> tuple[Any, Any]:
+        remaining = None if deadline is None else max(0.0, deadline - loop.time())
+        return await _call_on_new_channel(method, payload, address, remaining, root_certificates, tls, metadata, options)
+
+    try:
+        return await retrying(attempt)
+    except grpc.aio.AioRpcError as error:
+        kind = DeadlineExceeded if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else ReplicaError
+        cause = error_cause(error)
+        if not address.tls and "socket closed" in cause.lower():  # gRPC's words for a TLS server dialled in plaintext
+            cause += " (if the server serves TLS, dial https://ADDRESS and give its CA)"
+        made = retrying.statistics.get("attempt_number", 1)
+        if made > 1:
+            cause += f" (the last of {made} attempts)"
+        raise kind(cause, address=str(address), code=error.code(), role="server") from None
+
+
+async def _call_on_new_channel(
+    method: str, payload: Any, address: Address, timeout: Optional[float], root_certificates: PemSource,
+    tls: Optional[ClientTls], metadata: Sequence[tuple[str, str]], options: ChannelOptions,
+) -> tuple[Any, Any]:
+    channel = get_grpc_channel(address, options=options, asyncio=True, root_certificates=root_certificates, tls=tls)
     try:
         call = getattr(Stubs.for_channel(channel, origin=f"replica {address}"), method)(
             payload, metadata=metadata, timeout=timeout
         )
         response = checked_reply(await call, address, timed=timeout is not None)
         return response, await call.trailing_metadata()
-    except grpc.aio.AioRpcError as error:
-        kind = DeadlineExceeded if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else ReplicaError
-        cause = error_cause(error)
-        if not address.tls and "socket closed" in cause.lower():  # gRPC's words for a TLS server dialled in plaintext
-            cause += " (if the server serves TLS, dial https://ADDRESS and give its CA)"
-        raise kind(cause, address=str(address), code=error.code(), role="server") from None
     finally:
         await channel.close()
 
@@ -130,7 +169,8 @@ async def send_requests_async(
     endpoint: Optional[str] = None,
     tls: Union[bool, ClientTls, None] = None,
 ) -> DataRequest:
-    """Send one or more requests to ``target`` in one call and return its response.
+    """Send one or more requests to ``target`` in one call and return its response; tried once more, on a new
+    channel, when the server is UNAVAILABLE (within ``timeout``).
 
     Jina's argument order; ``channel_options`` (a list of pairs or a dict), ``message_size_options(n)``
     say, to send or receive more than 256 MB; ``tls`` a ClientTls (or Jina's flag).
@@ -138,7 +178,7 @@ async def send_requests_async(
     method, payload, metadata = _data_call(requests, endpoint)
     response, _ = await call_once(
         method, payload, target, timeout=timeout, https=https, root_certificates=root_certificates, tls=tls,
-        metadata=metadata, options=channel_options,
+        metadata=metadata, options=channel_options, attempts=ATTEMPTS_WHEN_UNAVAILABLE,
     )
     return response
 
@@ -190,6 +230,35 @@ def send_requests_sync(
     return run_sync(
         send_requests_async(requests, target, timeout, https, root_certificates, channel_options, endpoint=endpoint, tls=tls)
     )
+
+
+async def send_health_check_async(
+    target: str,
+    timeout: float = 99.0,
+    https: bool = False,
+    root_certificates: PemSource = None,
+    *,
+    tls: Union[bool, ClientTls, None] = None,
+) -> health_pb2.HealthCheckResponse:
+    """Ask ``target`` the standard gRPC health check (service ""); its answer's ``status`` is SERVING when it
+    takes requests. Tried once more when UNAVAILABLE, as Jina's; a server without the service: UNIMPLEMENTED."""
+    response, _ = await call_once(
+        "health", health_pb2.HealthCheckRequest(service=""), target, timeout=timeout, https=https,
+        root_certificates=root_certificates, tls=tls, attempts=ATTEMPTS_WHEN_UNAVAILABLE,
+    )
+    return response
+
+
+def send_health_check_sync(
+    target: str,
+    timeout: float = 99.0,
+    https: bool = False,
+    root_certificates: PemSource = None,
+    *,
+    tls: Union[bool, ClientTls, None] = None,
+) -> health_pb2.HealthCheckResponse:
+    """Blocking ``send_health_check_async`` (Jina's order: ``target, timeout, tls, root_certificates``)."""
+    return run_sync(send_health_check_async(target, timeout, https, root_certificates, tls=tls))
 
 
 async def send_control(
