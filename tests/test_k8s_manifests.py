@@ -12,7 +12,7 @@ import yaml
 
 from shardnet.cli.main import build_parser, main
 from shardnet.errors import ConfigurationError
-from shardnet.manifests.kubernetes import RUN_AS, DeploymentSpec, Resources, render, render_components, to_yaml
+from shardnet.manifests.kubernetes import RUN_AS, TLS_DIR, DeploymentSpec, Resources, render, render_components, to_yaml
 from shardnet.protocol import services
 
 # the newest schema kubernetes-validate 1.37.0 ships
@@ -35,6 +35,9 @@ SPECS = {
     ),
     "no-pre-stop": DeploymentSpec(name="a1", image="i", uses="m:C", pre_stop_seconds=0, termination_grace_seconds=60),
     "fenced": DeploymentSpec(name="fenced", image="i", uses="m:C", shards=2, port=9000, network_policy=True),
+    "tls": DeploymentSpec(
+        name="secure", image="i", uses="m:C", shards=2, namespace="prod-7", tls_secret="secure-tls", network_policy=True
+    ),
 }
 
 
@@ -107,7 +110,9 @@ def test_pod_templates_carry_the_discovery_labels_and_grpc_port(spec: Deployment
         assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
         served = container(deployment)
         assert served["name"] == "executor"
-        assert served["ports"] == [{"name": "grpc", "containerPort": spec.port, "protocol": "TCP"}]
+        health = [{"name": "health", "containerPort": spec.health_port, "protocol": "TCP"}] if spec.tls_secret else []
+        # discovery reaches a pod on its port named grpc, whatever else it has
+        assert served["ports"] == [{"name": "grpc", "containerPort": spec.port, "protocol": "TCP"}, *health]
 
 
 @pytest.mark.parametrize("spec", SPECS.values(), ids=SPECS.keys())
@@ -158,7 +163,8 @@ def test_probes_are_native_grpc_health_probes(spec: DeploymentSpec) -> None:
             probe = served[kind]
             # alive is the server's overall status; ready is the service a head turns on once discovery has listed
             service = {"service": services.READY_SERVICE} if kind == "readinessProbe" else {}
-            assert probe["grpc"] == {"port": spec.port, **service}
+            # with TLS on the gRPC port, the plaintext health-only port: the kubelet's gRPC probes speak no TLS
+            assert probe["grpc"] == {"port": spec.health_port if spec.tls_secret else spec.port, **service}
             assert not {"httpGet", "exec", "tcpSocket"} & probe.keys()
 
 
@@ -391,6 +397,10 @@ def test_yaml_quotes_label_values_and_shares_no_anchors() -> None:
         ({"startup_seconds": 1}, "startup_seconds must be an integer >= 2"),
         ({"startup_seconds": 2.5}, "startup_seconds must be an integer"),
         ({"pre_stop_seconds": 30}, "below termination_grace_seconds"),
+        ({"tls_secret": "Idx_TLS"}, "tls_secret 'Idx_TLS' must name a Secret"),
+        ({"tls_secret": ""}, "tls_secret '' must name a Secret"),
+        ({"health_port": 8080}, r"health_port must be an integer in 1024..65535 other than port \(8080\)"),
+        ({"health_port": 80}, "health_port must be an integer in 1024..65535"),
     ],
 )
 def test_bad_specs_raise_configuration_error(changes: dict[str, Any], message: str) -> None:
@@ -534,3 +544,58 @@ def test_a_request_up_to_its_limit_renders_and_validates() -> None:
     for obj in render(spec):
         kubernetes_validate.validate(obj, SCHEMA_VERSION, strict=True)
     assert Resources(cpu="4", memory="8Gi", memory_limit=None).to_k8s()["requests"] == {"cpu": "4", "memory": "8Gi"}
+
+
+# -- TLS from a Secret -------------------------------------------------------------------------------
+
+
+def test_a_tls_secret_is_mounted_read_only_and_served_mutually_to_the_workers() -> None:
+    spec = SPECS["tls"]
+    head, workers = head_and_workers(render(spec), "Deployment")
+    for deployment in [head, *workers]:
+        pod = deployment["spec"]["template"]["spec"]
+        served = container(deployment)
+        [volume] = [v for v in pod["volumes"] if v["name"] == "tls"]
+        assert volume["secret"] == {"secretName": "secure-tls", "defaultMode": 0o440}
+        assert {"name": "tls", "mountPath": TLS_DIR, "readOnly": True} in served["volumeMounts"]
+        assert {"name": "health", "containerPort": spec.health_port, "protocol": "TCP"} in served["ports"]
+        args = served["args"]
+        assert args[args.index("--tls-cert") + 1] == f"{TLS_DIR}/tls.crt"
+        assert args[args.index("--tls-key") + 1] == f"{TLS_DIR}/tls.key"
+        assert args[args.index("--health-port") + 1] == str(spec.health_port)
+    head_args = container(head)["args"]
+    # the head dials its workers by pod IP: it presents the Secret's certificate and checks theirs by a fixed name
+    assert head_args[head_args.index("--root-ca") + 1] == f"{TLS_DIR}/ca.crt"
+    assert head_args[head_args.index("--client-cert") + 1] == f"{TLS_DIR}/tls.crt"
+    assert head_args[head_args.index("--server-name") + 1] == "secure-worker.prod-7.svc" == spec.worker_server_name
+    assert "--tls-client-ca" not in head_args  # the head's callers are the users' clients
+    for worker in workers:
+        worker_args = container(worker)["args"]
+        assert worker_args[worker_args.index("--tls-client-ca") + 1] == f"{TLS_DIR}/ca.crt"
+        assert "--root-ca" not in worker_args
+    assert spec.head_server_name == "secure-head.prod-7.svc"
+
+
+def test_without_a_tls_secret_nothing_of_tls_is_rendered() -> None:
+    text = to_yaml(render(SPECS["sharded"]))
+    assert "tls" not in text and "health" not in text
+
+
+def test_the_shardnet_parser_accepts_the_rendered_tls_commands() -> None:
+    head, workers = head_and_workers(render(SPECS["tls"]), "Deployment")
+    parsed = build_parser().parse_args(container(head)["args"])
+    assert (parsed.tls_cert, parsed.root_ca, parsed.server_name, parsed.health_port) == (
+        f"{TLS_DIR}/tls.crt", f"{TLS_DIR}/ca.crt", "secure-worker.prod-7.svc", 8081
+    )
+    for worker in workers:
+        parsed = build_parser().parse_args(container(worker)["args"])
+        assert (parsed.tls_client_ca, parsed.health_port) == (f"{TLS_DIR}/ca.crt", 8081)
+
+
+def test_cli_takes_a_tls_secret_and_names_what_its_certificate_must_carry(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["k8s", "render", "--name", "idx", "--image", "i", "--tls-secret", "idx-tls", "--health-port", "9001"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert "idx-head.default.svc" in err and "idx-worker.default.svc" in err
+    deployments = by_kind(list(yaml.safe_load_all(out)), "Deployment")
+    assert {container(d)["readinessProbe"]["grpc"]["port"] for d in deployments} == {9001}

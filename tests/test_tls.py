@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import dataclass
 
 import grpc
@@ -255,10 +256,13 @@ def test_private_keys_stay_out_of_reprs_and_errors_and_open_key_files_are_warned
 
     chain = tmp_path / "chain.pem"
     chain.write_bytes(load_pem(tls.server.certificate_chain))
-    for mode, warned in ((0o644, True), (0o600, False)):
+    # 0440 in this process's own group is how Kubernetes mounts a Secret for the pod's fsGroup: not warned of
+    for mode, warned in ((0o644, True), (0o600, False), (0o440, False), (0o660, True)):
         path = tmp_path / f"key-{mode:o}.pem"
         path.write_bytes(key)
         path.chmod(mode)
+        assert path.stat().st_gid == os.getgid()  # a file made here is in this process's group
         caplog.clear()
         ServerTls(certificate_chain=str(chain), private_key=str(path))
-        assert (f"server private key '{path}' is open to other users of this machine (mode 0644)" in caplog.text) is warned
+        warning = f"server private key '{path}' is open to other users of this machine (mode {mode:04o})"
+        assert (warning in caplog.text) is warned, caplog.text

@@ -57,6 +57,16 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
              "that enforces them; kubelet's probes come from the node, which common plugins let through)",
     )
     parser.add_argument(
+        "--tls-secret", metavar="SECRET",
+        help="a Secret with tls.crt, tls.key and ca.crt (as cert-manager writes one): the head serves TLS, the "
+             "workers mutual TLS, the head dials them with that certificate; it must name NAME-head.NAMESPACE.svc "
+             "and NAME-worker.NAMESPACE.svc. Probes then use a plaintext health-only port (--health-port)",
+    )
+    parser.add_argument(
+        "--health-port", type=int, default=DeploymentSpec.health_port,
+        help="with --tls-secret, the port of the plaintext health check the probes use (default: %(default)s)",
+    )
+    parser.add_argument(
         "--startup-seconds", type=int, default=DeploymentSpec.startup_seconds,
         help="how long loading the Executor may take before Kubernetes restarts a pod (default: %(default)s)",
     )
@@ -128,12 +138,21 @@ def run(args: argparse.Namespace) -> int:
         max_message_mb=args.max_message_mb,
         max_in_flight=args.max_in_flight,
         request_streams=args.request_streams,
+        tls_secret=args.tls_secret,
+        health_port=args.health_port,
     )
     if spec.uses == DEFAULT_USES and spec.replicas > 1:
         print(
             f"shardnet k8s: note: the demo's TextIndexer keeps its index in its pod's own emptyDir; with "
             f"{spec.replicas} replicas per shard a search sees only what its replica indexed (give --uses your "
             "Executor, or --replicas 1)",
+            file=sys.stderr,
+        )
+    if spec.tls_secret is not None:
+        print(
+            f"shardnet k8s: note: Secret {spec.tls_secret!r}'s certificate must name {spec.head_server_name} (what "
+            f"clients dial) and {spec.worker_server_name} (what the head checks its workers against: it dials "
+            "them by pod IP), and be signed by its ca.crt",
             file=sys.stderr,
         )
     if args.output is None:

@@ -110,6 +110,13 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
     group.add_argument("--tls-key", help="PEM private key of --tls-cert")
     group.add_argument("--tls-client-ca", help="PEM CA: require client certificates signed by it (mutual TLS)")
     group.add_argument(
+        "--health-port",
+        type=int,
+        metavar="PORT",
+        help="also answer the gRPC health check, plaintext, on this port (on --host), for Kubernetes probes, "
+        "which cannot speak TLS; 0 picks a free one",
+    )
+    group.add_argument(
         "--max-message-mb",
         type=message_megabytes,
         default=DEFAULT_MAX_MESSAGE_BYTES / 2**20,
@@ -246,6 +253,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         max_message_bytes=int(args.max_message_mb * 2**20),
         drain_grace=args.drain_seconds,
         unix_socket=args.unix_socket,
+        health_port=args.health_port,
     )
 
 
@@ -253,6 +261,11 @@ def add_client_tls_arguments(parser: argparse.ArgumentParser, prefix: str = "") 
     parser.add_argument(f"--{prefix}root-ca", help="PEM CA that signed the server's certificate (enables TLS)")
     parser.add_argument(f"--{prefix}client-cert", help="PEM client certificate for mutual TLS")
     parser.add_argument(f"--{prefix}client-key", help="PEM private key of the client certificate")
+    parser.add_argument(
+        f"--{prefix}server-name", metavar="NAME",
+        help="the name the server's certificate must carry, when it is dialled by an address the certificate "
+             f"cannot name (a pod IP); needs --{prefix}root-ca",
+    )
 
 
 def client_tls(args: argparse.Namespace, prefix: str = "") -> Optional[ClientTls]:
@@ -260,12 +273,18 @@ def client_tls(args: argparse.Namespace, prefix: str = "") -> Optional[ClientTls
     root = getattr(args, f"{attr}root_ca")
     cert = getattr(args, f"{attr}client_cert")
     key = getattr(args, f"{attr}client_key")
+    server_name = getattr(args, f"{attr}server_name")
+    if server_name is not None and root is None:
+        raise ConfigurationError(
+            f"--{prefix}server-name needs --{prefix}root-ca: the name is checked in the server's TLS certificate, "
+            f"and --{prefix}root-ca (the CA that signed it) is what turns TLS on"
+        )
     if root is None and cert is None and key is None:
         return None
     _refuse_half_pair(
         f"--{prefix}client-cert", cert, f"--{prefix}client-key", key, "mutual TLS needs the client certificate and key"
     )
-    return ClientTls(root_certificates=root, certificate_chain=cert, private_key=key)
+    return ClientTls(root_certificates=root, certificate_chain=cert, private_key=key, server_name=server_name)
 
 
 def _refuse_half_pair(cert_flag: str, cert: Optional[str], key_flag: str, key: Optional[str], why: str) -> None:

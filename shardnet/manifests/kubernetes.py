@@ -59,9 +59,12 @@ DISCOVERY_RULES = (
 
 RUN_AS = 10001  # the Dockerfile's numeric user, so the kubelet can check runAsNonRoot
 WORKSPACE = "/workspace"  # the workers' writable folder (an emptyDir) under a read-only root filesystem
+TLS_DIR = "/etc/shardnet/tls"  # where the TLS Secret (tls.crt, tls.key, ca.crt) is mounted, read-only
+HEALTH_PORT_NAME = "health"
 
 _LABEL_MAX = 63
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 _QUANTITY = re.compile(
     r"^(?P<number>[0-9]+(\.[0-9]*)?|\.[0-9]+)"
     r"(?:(?P<suffix>m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)|[eE](?P<exponent>[+-]?[0-9]+))?$"
@@ -181,6 +184,10 @@ class DeploymentSpec:
     max_message_mb: float = 64.0  # under the processes' own default (256): what the default memory limits hold
     max_in_flight: Optional[int] = None  # the head refuses requests past it; None: no limit
     request_streams: bool = True  # the head sends its workers single requests on shared streams
+    # a Secret holding tls.crt, tls.key and ca.crt (as cert-manager writes one): the head serves TLS, the workers
+    # mutual TLS, and the head dials them with that certificate; see head_server_name and worker_server_name
+    tls_secret: Optional[str] = None
+    health_port: int = 8081  # with TLS, the plaintext health check the probes use (kubelet's speak no TLS)
 
     def __post_init__(self) -> None:
         for what in ("shards", "replicas", "head_replicas"):
@@ -219,6 +226,17 @@ class DeploymentSpec:
             raise ConfigurationError(
                 f"port must be an integer in 1024..65535, got {self.port!r}: the pods run as uid {RUN_AS} with every "
                 "capability dropped, and such a process cannot listen below 1024"
+            )
+        if self.tls_secret is not None and (
+            not isinstance(self.tls_secret, str) or len(self.tls_secret) > 253
+            or not _DNS1123_SUBDOMAIN.match(self.tls_secret)
+        ):
+            raise ConfigurationError(
+                f"tls_secret {self.tls_secret!r} must name a Secret: a DNS-1123 subdomain of at most 253 characters"
+            )
+        if not _is_count(self.health_port) or not 1024 <= self.health_port <= 65535 or self.health_port == self.port:
+            raise ConfigurationError(
+                f"health_port must be an integer in 1024..65535 other than port ({self.port}), got {self.health_port!r}"
             )
         if not _is_count(self.startup_seconds) or self.startup_seconds < STARTUP_PERIOD:
             raise ConfigurationError(
@@ -261,6 +279,17 @@ class DeploymentSpec:
     def drain_seconds(self) -> int:
         """How long a process lets its in-flight requests finish on SIGTERM: the grace after preStop, less a margin."""
         return max(1, self.termination_grace_seconds - self.pre_stop_seconds - DRAIN_MARGIN)
+
+    @property
+    def head_server_name(self) -> str:
+        """The name clients dial the head by (its Service's), which the TLS certificate must carry."""
+        return f"{self.name}-head.{self.namespace}.svc"
+
+    @property
+    def worker_server_name(self) -> str:
+        """The name the head checks its workers' certificate against: it dials them by pod IP, which no
+        certificate can name, so the certificate must carry this name as well."""
+        return f"{self.name}-worker.{self.namespace}.svc"
 
     @property
     def polling_argument(self) -> str:
@@ -408,7 +437,8 @@ def _component(spec: DeploymentSpec, name: str, role: str, shard: Optional[int])
     }
     if is_head or not spec.network_policy:
         return [deployment, service, budget]
-    # workers serve plaintext, and a head fed by Kubernetes only dials them: nobody else in the cluster needs to
+    # a head fed by Kubernetes only dials its workers: nobody else in the cluster needs to (with TLS, nobody
+    # else could call them either: they take only clients with a certificate of the Secret's CA)
     policy = {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -459,11 +489,17 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
         volumes = {"tmp": "/tmp", "workspace": WORKSPACE}
     # head and workers alike (the head passes its workers' answers on), exactly what was given
     args += ["--max-message-mb", repr(float(spec.max_message_mb)), "--drain-seconds", str(spec.drain_seconds)]
+    ports = [{"name": PORT_NAME, "containerPort": spec.port, "protocol": "TCP"}]
+    probe_port = spec.port
+    if spec.tls_secret is not None:
+        args += _tls_arguments(spec, is_head)
+        ports.append({"name": HEALTH_PORT_NAME, "containerPort": spec.health_port, "protocol": "TCP"})
+        probe_port = spec.health_port
 
     def probe(period: int, timeout: int, failures: int, service: str = "") -> dict[str, Any]:
         # the standard grpc.health.v1 service: "" is the server's overall status (alive), READY_SERVICE
         # whether it is fit for traffic (a head: once discovery has listed its workers)
-        grpc = {"port": spec.port, **({"service": service} if service else {})}
+        grpc = {"port": probe_port, **({"service": service} if service else {})}
         return {"grpc": grpc, "periodSeconds": period, "timeoutSeconds": timeout, "failureThreshold": failures}
 
     container: dict[str, Any] = {
@@ -471,7 +507,7 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
         "image": spec.image,
         "command": ["shardnet"],
         "args": args,
-        "ports": [{"name": PORT_NAME, "containerPort": spec.port, "protocol": "TCP"}],
+        "ports": ports,
         "resources": (spec.head_resources if is_head else spec.worker_resources).to_k8s(),
         # loading an Executor may take minutes; liveness only starts once this has passed
         "startupProbe": probe(
@@ -486,6 +522,11 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
         },
         "volumeMounts": [{"name": volume, "mountPath": path} for volume, path in volumes.items()],
     }
+    pod_volumes: list[dict[str, Any]] = [{"name": volume, "emptyDir": {}} for volume in volumes]
+    if spec.tls_secret is not None:
+        container["volumeMounts"].append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
+        # owner and group read: the kubelet gives the files to the pod's fsGroup, which the process runs as
+        pod_volumes.append({"name": "tls", "secret": {"secretName": spec.tls_secret, "defaultMode": 0o440}})
     if spec.pre_stop_seconds:
         # keep serving while the heads' watches see the pod go, before SIGTERM starts the drain
         container["lifecycle"] = {"preStop": {"sleep": {"seconds": spec.pre_stop_seconds}}}
@@ -513,7 +554,25 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
                 }
             ],
             "containers": [container],
-            "volumes": [{"name": volume, "emptyDir": {}} for volume in volumes],
+            "volumes": pod_volumes,
         }
     )
     return pod
+
+
+def _tls_arguments(spec: DeploymentSpec, is_head: bool) -> list[str]:
+    """Serving and dialling flags for the mounted TLS Secret: both serve TLS (plaintext health aside); a worker
+    takes only clients with a certificate of the Secret's CA, and the head presents its own to them."""
+    args = [
+        "--tls-cert", f"{TLS_DIR}/tls.crt",
+        "--tls-key", f"{TLS_DIR}/tls.key",
+        "--health-port", str(spec.health_port),
+    ]  # fmt: skip
+    if not is_head:
+        return args + ["--tls-client-ca", f"{TLS_DIR}/ca.crt"]
+    return args + [
+        "--root-ca", f"{TLS_DIR}/ca.crt",
+        "--client-cert", f"{TLS_DIR}/tls.crt",
+        "--client-key", f"{TLS_DIR}/tls.key",
+        "--server-name", spec.worker_server_name,
+    ]  # fmt: skip

@@ -140,16 +140,29 @@ def get_grpc_channel(
     """Open a channel to ``address``: TLS when the address says https/grpcs, ``https`` is set or ``tls`` given.
 
     The fourth argument is Jina's ``tls`` flag under the name ``https``; ``tls`` also takes that flag.
+    Every shardnet channel is made here, so a secure one always carries its ClientTls's channel options.
     """
     https, tls = tls_settings(https, tls)
     parsed = address if isinstance(address, Address) else parse_address(address, tls=https)
     use_tls = parsed.tls or https or tls is not None
-    opts = merge_options(options)
     module = grpc.aio if asyncio else grpc
     if use_tls:
         tls = tls or ClientTls(root_certificates=root_certificates)
+        opts = merge_options(_with_tls_options(options, tls))
         return module.secure_channel(parsed.target, tls.credentials(), options=opts)
-    return module.insecure_channel(parsed.target, options=opts)
+    return module.insecure_channel(parsed.target, options=merge_options(options))
+
+
+def _with_tls_options(options: Optional[ChannelOptions], tls: ClientTls) -> list[tuple[str, Any]]:
+    """``options`` and the ClientTls's own (its server name); the same option given both ways with two values is
+    refused naming both, rather than one silently winning."""
+    given = dict(options or ())
+    for name, value in tls.channel_options():
+        if given.setdefault(name, value) != value:
+            raise ConfigurationError(
+                f"channel option {name}={given[name]!r} contradicts ClientTls(server_name={value!r}): give it once"
+            )
+    return list(given.items())
 
 
 class MalformedReply:

@@ -24,10 +24,16 @@ from shardnet.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
+# the gRPC channel option that checks the server certificate against a name instead of the dialled address
+SERVER_NAME_OPTION = "grpc.ssl_target_name_override"
+
 PemSource = Union[str, bytes, os.PathLike, None]
 
 _CERTIFICATE_LINE = b"-----BEGIN CERTIFICATE-----"
 _PRIVATE_KEY_LINE = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----")
+# a DNS name as a certificate carries it: dot-separated labels of letters, digits and inner hyphens
+_DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DNS_NAME = re.compile(rf"(?=.{{1,253}}\Z){_DNS_LABEL}(?:\.{_DNS_LABEL})*\Z")
 
 
 def _is_path(source: PemSource) -> bool:
@@ -47,10 +53,13 @@ def _warn_if_others_may_read(source: PemSource, what: str) -> None:
     if not _is_path(source):
         return
     try:
-        mode = os.stat(os.fspath(source)).st_mode
+        status = os.stat(os.fspath(source))
     except OSError:
         return  # reading it says why
-    if mode & 0o077:
+    mode = status.st_mode
+    # group read for this process's own group is how Kubernetes mounts a Secret for a pod's fsGroup: no one else
+    group_is_ours = status.st_gid == os.getgid() and not mode & 0o020
+    if mode & (0o007 if group_is_ours else 0o077):
         logger.warning(
             "%s is open to other users of this machine (mode %04o): chmod 600 it", _describe(source, what), mode & 0o777
         )
@@ -108,6 +117,30 @@ def check_key_pair(chain_source: PemSource, chain: bytes, key_source: PemSource,
             ) from None
 
 
+def check_server_name(name: object) -> str:
+    """Refuse a ``server_name`` that is not a bare DNS name, saying what is wrong with it.
+
+    gRPC would take anything and every handshake would then fail on a name no certificate carries.
+    """
+    if not isinstance(name, str):
+        raise ConfigurationError(f"server_name takes a DNS name as text, got a {type(name).__name__}")
+    if "://" in name:
+        why = "give the name alone, without a scheme"
+    elif "/" in name:
+        why = "give the name alone, without a path"
+    elif ":" in name:
+        why = "give the name alone, without a port (the address dialled carries the port)"
+    elif not name.strip():
+        why = "it is empty"
+    elif any(character.isspace() for character in name):
+        why = "it holds a space"
+    elif not _DNS_NAME.match(name):
+        why = "expected dot-separated labels of letters, digits and inner hyphens, e.g. shardnet-worker.internal"
+    else:
+        return name
+    raise ConfigurationError(f"server_name {name!r} is not a DNS name a server certificate can carry: {why}")
+
+
 def _reason(exc: Exception) -> str:
     """The short cause of an ``ssl`` error (its reason code when it has one)."""
     return getattr(exc, "reason", None) or str(exc)
@@ -141,14 +174,20 @@ def _as_file(source: PemSource, data: bytes) -> Iterator[str]:
 
 @dataclass(frozen=True)
 class ClientTls:
-    """What a client presents and trusts: root certificates, and a client certificate for mTLS."""
+    """What a client presents and trusts: root certificates, a client certificate for mTLS, and the name the
+    server's certificate must carry when the dialled address cannot be it."""
 
     root_certificates: PemSource = None
     private_key: PemSource = field(default=None, repr=False)  # PEM text may be the key itself: never printed
     certificate_chain: PemSource = None
+    # the name the server's certificate must carry (its SAN), when it is dialled by an address the certificate
+    # cannot name, such as a pod IP
+    server_name: Optional[str] = None
 
     def __post_init__(self) -> None:
         """Refuse missing, unreadable or mismatched material where it is configured, not at the first call."""
+        if self.server_name is not None:
+            check_server_name(self.server_name)
         if (self.private_key is None) != (self.certificate_chain is None):
             missing = "private key" if self.private_key is None else "certificate chain"
             raise ConfigurationError(
@@ -172,6 +211,13 @@ class ClientTls:
             private_key=key,
             certificate_chain=chain,
         )
+
+    def channel_options(self) -> tuple[tuple[str, str], ...]:
+        """The channel options a secure channel with this material needs besides its credentials: the server
+        name its certificate is checked against, when one is set."""
+        if self.server_name is None:
+            return ()
+        return ((SERVER_NAME_OPTION, self.server_name),)
 
 
 @dataclass(frozen=True)

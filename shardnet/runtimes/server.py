@@ -65,6 +65,9 @@ class ServerConfig:
 
     ``unix_socket``, an absolute path, adds a plaintext listener on a Unix
     domain socket for a head on the same machine (no TCP stack on that hop).
+    ``health_port`` adds a plaintext listener on ``host`` answering only the gRPC
+    health service, for Kubernetes' ``grpc:`` probes, which cannot speak TLS
+    (0: a free port picked at start; None: no such listener).
     """
 
     host: str = "127.0.0.1"
@@ -75,6 +78,7 @@ class ServerConfig:
     max_concurrent_rpcs: Optional[int] = None
     drain_grace: float = 10.0
     unix_socket: Optional[str] = None
+    health_port: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str):
@@ -89,6 +93,14 @@ class ServerConfig:
             parse_address(f"{UNIX_SCHEME}{self.unix_socket}")  # absolute, short enough for sun_path
         if not 0 <= self.port < 65536:
             raise ConfigurationError(f"port {self.port} is outside 0..65535")
+        if self.health_port is not None:
+            if not 0 <= self.health_port < 65536:
+                raise ConfigurationError(f"health port {self.health_port} is outside 0..65535")
+            if self.port and self.health_port == self.port:
+                raise ConfigurationError(
+                    f"--health-port must differ from --port ({self.port}): the health check listens on a second, "
+                    "plaintext port beside the one serving"
+                )
         check_control_token(self.control_token)
         if self.max_message_bytes <= 0:
             raise ConfigurationError("max message size must be positive")
@@ -175,6 +187,10 @@ class Server:
     probes) and ``services.READY_SERVICE`` (fit for traffic; readiness probes). A head whose
     workers come from discovery sets ``ready_at_start`` False and calls ``mark_ready`` once
     discovery has listed them.
+
+    With ``config.health_port`` the same health service (the same statuses) is answered in
+    plaintext on a second listener serving nothing else, for probes that cannot speak TLS; it
+    answers NOT_SERVING while the server drains and closes right after it.
     """
 
     def __init__(self, config: ServerConfig, service_names: Sequence[str], *, listen_while_draining: bool = True):
@@ -185,7 +201,9 @@ class Server:
         self._service_names = list(service_names)
         self.health = health.aio.HealthServicer()
         self._server: Optional[grpc.aio.Server] = None
+        self._health_server: Optional[grpc.aio.Server] = None  # the plaintext health-only listener (health_port)
         self.port: int = config.port
+        self.health_port: Optional[int] = None  # bound at start when config.health_port is set
         self.draining = False
         self.stopping = asyncio.Event()  # set as the drain begins: long-lived streams end once their answers are out
         self._calls = 0  # calls under way in the handlers served (health and reflection aside)
@@ -257,40 +275,64 @@ class Server:
         return entity_address(self.dial_host, self.port)
 
     @property
+    def health_address(self) -> Optional[str]:
+        """``host:port`` of the plaintext health-only listener, when the server has one (``config.health_port``)."""
+        return None if self.health_port is None else entity_address(self.dial_host, self.health_port)
+
+    @property
     def unix_address(self) -> Optional[str]:
         """``unix:/path`` when the server also listens on a Unix socket."""
         return None if self.config.unix_socket is None else f"{UNIX_SCHEME}{self.config.unix_socket}"
 
     async def start(self) -> None:
+        """Bind every listener, then serve; a listener refused stops those already bound, so a failed start
+        leaves nothing listening."""
         config = self.config
-        self._server = grpc.aio.server(
+        server = grpc.aio.server(
             # no SO_REUSEPORT: a second server on a port in use must fail, not silently share its traffic
             options=default_grpc_options(config.max_message_bytes) + [("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
-        self._server.add_generic_rpc_handlers(self._handlers)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        server.add_generic_rpc_handlers(self._handlers)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             self._service_names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            self._server,
+            server,
         )
-        bind = entity_address(config.host, config.port)  # an IPv6 host in brackets
+        health_server: Optional[grpc.aio.Server] = None
+        bound: list[grpc.aio.Server] = []  # each holds its port until stopped
+        started: list[grpc.aio.Server] = []
         try:
-            if config.tls is not None:
-                self.port = self._server.add_secure_port(bind, config.tls.credentials())
-            else:
-                self.port = self._server.add_insecure_port(bind)
-        except RuntimeError as exc:
-            cause = "port in use or address not local"
-            if 0 < config.port < 1024:
-                cause += ", or this user may not listen below 1024"
-            raise ConfigurationError(f"cannot listen on {bind}: {cause} ({exc})") from None
-        if config.unix_socket is not None:
-            self._bind_unix(config.unix_socket)
-        await self._server.start()
+            self.port = _bind(server, config.host, config.port, config.tls)
+            bound.append(server)
+            self._server = server  # _bind_unix binds on it
+            if config.unix_socket is not None:
+                self._bind_unix(config.unix_socket)
+            if config.health_port is not None:
+                # the same servicer: both listeners always report the same statuses; nothing else is served there
+                health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+                health_pb2_grpc.add_HealthServicer_to_server(self.health, health_server)
+                self.health_port = _bind(health_server, config.host, config.health_port, None)
+                bound.append(health_server)
+            for listener in bound:
+                await listener.start()
+                started.append(listener)
+        except BaseException:
+            self._server = None
+            self.health_port = None
+            for listener in bound:
+                with contextlib.suppress(Exception):
+                    if listener not in started:  # bound but never started, it would hold its port until exit
+                        await listener.start()
+                    await listener.stop(0)
+            self._remove_unix_socket()
+            raise
+        self._health_server = health_server
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         ready = health_pb2.HealthCheckResponse.SERVING if self.ready_at_start else health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set(services.READY_SERVICE, ready)
+        if self.health_address is not None:
+            logger.info("health check (plaintext) on %s", self.health_address)
 
     async def mark_ready(self) -> None:
         """Report readiness SERVING, now or when the server starts (a draining one stays NOT_SERVING)."""
@@ -344,14 +386,39 @@ class Server:
         if idle and when_idle is not None:
             await when_idle()
             when_idle = None
-        await server.stop(max(0.0, deadline - loop.time()))
+        try:
+            await server.stop(max(0.0, deadline - loop.time()))
+        finally:
+            # probes saw NOT_SERVING throughout the drain; the health listener goes once the server has
+            await self._stop_health_listener()
         self._remove_unix_socket()
         if when_idle is not None:
             await when_idle()
 
+    async def _stop_health_listener(self) -> None:
+        """Stop the plaintext health-only listener, if any (it has no calls worth waiting for)."""
+        health_server, self._health_server = self._health_server, None
+        if health_server is not None:
+            await health_server.stop(0)
+
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def _bind(server: grpc.aio.Server, host: str, port: int, tls: Optional[ServerTls]) -> int:
+    """Bind ``server`` on ``host:port`` (TLS when ``tls`` is given) and return the port bound; a refusal is a
+    ConfigurationError naming the address and its likely cause."""
+    bind = entity_address(host, port)  # an IPv6 host in brackets
+    try:
+        if tls is not None:
+            return server.add_secure_port(bind, tls.credentials())
+        return server.add_insecure_port(bind)
+    except RuntimeError as exc:
+        cause = "port in use or address not local"
+        if 0 < port < 1024:
+            cause += ", or this user may not listen below 1024"
+        raise ConfigurationError(f"cannot listen on {bind}: {cause} ({exc})") from None
 
 
 def _running(pid: int) -> bool:

@@ -1,0 +1,208 @@
+"""The plaintext health-only listener (``--health-port``) for Kubernetes' gRPC probes, which cannot speak TLS.
+
+Real gRPC servers on loopback, ports picked at run time; every runtime started is stopped by the
+``runtimes`` fixture, passed or failed. Certificates are made in the test (trustme), as in test_tls.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Iterator
+
+import executors
+import grpc
+import grpc.aio
+import pytest
+import trustme
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shardnet import ClientTls, ConfigurationError, DataRequest, Document, GrpcConnectionPool, ServerTls
+from shardnet.cli.main import build_parser
+from shardnet.cli.options import server_config
+from shardnet.networking import oneshot
+from shardnet.protocol import services
+from shardnet.runtimes.head import Head
+from shardnet.runtimes.server import ServerConfig
+from shardnet.runtimes.worker import Worker
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.fixture(scope="module")
+def server_tls() -> tuple[ServerTls, bytes]:
+    """A server certificate for localhost/127.0.0.1 and the CA PEM that signed it."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    chain = b"".join(blob.bytes() for blob in cert.cert_chain_pems)
+    return ServerTls(certificate_chain=chain, private_key=cert.private_key_pem.bytes()), ca.cert_pem.bytes()
+
+
+async def health_status(address: str, service: str = "", timeout: float = 2.0) -> int:
+    """A stock, plaintext grpc.health.v1 Check, as kubelet's ``grpc:`` probe makes it."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout
+        )
+    return reply.status
+
+
+async def health_error(address: str, service: str = "", timeout: float = 2.0) -> grpc.StatusCode:
+    """The status code a plaintext health Check to ``address`` fails with (the test fails if it answers)."""
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await health_status(address, service, timeout)
+    return failed.value.code()
+
+
+def listening(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture
+def port_in_use() -> Iterator[int]:
+    """A loopback port a plain socket listens on for the whole test."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield holder.getsockname()[1]
+
+
+class GatedPool(GrpcConnectionPool):
+    """A pool that, like discovery's, has ``wait_synced``: its head is not ready until ``synced`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.synced = asyncio.Event()
+
+    async def wait_synced(self, timeout: float | None = None) -> None:
+        await self.synced.wait()
+
+
+# -- serving ------------------------------------------------------------------------------
+
+
+async def test_a_tls_worker_answers_plaintext_health_only_on_its_health_port(runtimes, server_tls):
+    tls, ca_pem = server_tls
+    worker = await runtimes(Worker(executors.Tagger.create(), ServerConfig(tls=tls, health_port=0)))
+    server = worker.server
+    assert server.health_port not in (None, 0, server.port)
+    assert server.health_address == f"127.0.0.1:{server.health_port}"
+
+    assert await health_status(server.health_address) == SERVING
+    assert await health_status(server.health_address, services.READY_SERVICE) == SERVING
+    # the main port still serves TLS only: a plaintext client gets nothing there
+    assert await health_error(server.address) == grpc.StatusCode.UNAVAILABLE
+    reply, _ = await oneshot.call_once(
+        "health", health_pb2.HealthCheckRequest(service=services.READY_SERVICE), server.address,
+        timeout=5.0, tls=ClientTls(root_certificates=ca_pem),
+    )
+    assert reply.status == SERVING
+    # nothing but health on the plaintext port: no data, no reflection
+    async with grpc.aio.insecure_channel(server.health_address) as channel:
+        for path in (services.PROCESS_SINGLE_DATA, "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"):
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await channel.unary_unary(path)(DataRequest([Document()]).to_bytes(), timeout=2)
+            assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED, path
+
+
+async def test_no_health_listener_unless_asked(runtimes):
+    worker = await runtimes(Worker(executors.Tagger.create()))
+    assert worker.server.health_port is None and worker.server.health_address is None
+
+
+async def test_a_head_waiting_for_discovery_is_not_ready_on_its_health_port_until_it_has_synced(runtimes, eventually):
+    pool = GatedPool()
+    head = await runtimes(Head("dep", ServerConfig(health_port=0), pool=pool))
+    address = head.server.health_address
+    assert await health_status(address) == SERVING  # alive: liveness must not kill it
+    assert await health_status(address, services.READY_SERVICE) == NOT_SERVING
+    pool.synced.set()
+
+    async def ready() -> bool:
+        return await health_status(address, services.READY_SERVICE) == SERVING
+
+    await eventually(ready, timeout=5)
+    assert await health_status(head.server.address, services.READY_SERVICE) == SERVING  # the same on both
+
+
+async def test_the_health_port_says_not_serving_through_a_drain_and_closes_after_it(runtimes, eventually):
+    blocking = executors.Blocking.create()
+    worker = await runtimes(Worker(blocking, ServerConfig(health_port=0), threads=2))
+    address, port = worker.server.health_address, worker.server.health_port
+    try:
+        in_flight = asyncio.ensure_future(
+            oneshot.send_request_async(DataRequest([Document()], endpoint="/block"), worker.server.address, timeout=20)
+        )
+        assert await asyncio.to_thread(blocking.entered.wait, 10)
+        stopping = asyncio.ensure_future(worker.stop(20))
+        await eventually(lambda: worker.server.draining, timeout=5)
+        for service in ("", services.READY_SERVICE):
+            assert await health_status(address, service) == NOT_SERVING
+        assert not in_flight.done() and not stopping.done()
+    finally:
+        blocking.release.set()
+    assert (await in_flight).docs.texts == ["unblocked"]
+    await asyncio.wait_for(stopping, 10)
+    assert not listening(port)
+    assert await health_error(address) == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_the_health_listener_logs_its_address_once_at_start(runtimes, caplog):
+    caplog.set_level(logging.INFO, logger="shardnet.runtimes.server")
+    worker = await runtimes(Worker(executors.Tagger.create(), ServerConfig(health_port=0)))
+    lines = [record.getMessage() for record in caplog.records if "health check" in record.getMessage()]
+    assert lines == [f"health check (plaintext) on {worker.server.health_address}"]
+
+
+# -- refused configurations ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"port": 5005, "health_port": 5005}, r"--health-port must differ from --port \(5005\)"),
+        ({"health_port": -1}, "health port -1 is outside 0..65535"),
+        ({"health_port": 70000}, "health port 70000 is outside 0..65535"),
+    ],
+)
+def test_bad_health_ports_are_refused(settings, message):
+    with pytest.raises(ConfigurationError, match=message):
+        ServerConfig(**settings)
+
+
+def test_health_port_zero_beside_port_zero_is_accepted():
+    assert ServerConfig(port=0, health_port=0).health_port == 0
+
+
+async def test_a_health_port_in_use_fails_the_start_naming_it_and_leaves_nothing_listening(runtimes, port_in_use):
+    worker = Worker(executors.Tagger.create(), ServerConfig(health_port=port_in_use))
+    with pytest.raises(ConfigurationError, match=f"cannot listen on 127.0.0.1:{port_in_use}: port in use"):
+        await runtimes(worker)
+    assert worker.server.port != 0 and not listening(worker.server.port)  # the main port was bound, then let go
+    assert worker.server.health_port is None
+
+
+async def test_a_unix_socket_refused_leaves_the_main_port_not_listening_either(runtimes, socket_dir):
+    path = os.path.join(socket_dir, "missing", "w.sock")
+    worker = Worker(executors.Tagger.create(), ServerConfig(unix_socket=path, health_port=0))
+    with pytest.raises(ConfigurationError, match="folder missing"):
+        await runtimes(worker)
+    assert worker.server.port != 0 and not listening(worker.server.port)
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["worker", "--uses", "m:C"], ["head", "--deployment", "d"]])
+def test_health_port_flag_reaches_the_server_config(command, monkeypatch):
+    monkeypatch.delenv("SHARDNET_CONTROL_TOKEN", raising=False)
+    parser = build_parser()
+    assert server_config(parser.parse_args([*command, "--port", "8080", "--health-port", "8081"])).health_port == 8081
+    assert server_config(parser.parse_args(command)).health_port is None
+    with pytest.raises(ConfigurationError, match="--health-port must differ from --port"):
+        server_config(parser.parse_args([*command, "--port", "8080", "--health-port", "8080"]))
