@@ -63,6 +63,7 @@ class EchoServer:
         delay: float = 0.0,
         fail_with: Optional[grpc.StatusCode] = None,
         fail_times: Optional[int] = None,
+        fail_details: Optional[str] = None,
         credentials: Optional[grpc.ServerCredentials] = None,
     ):
         self.name = name
@@ -71,6 +72,7 @@ class EchoServer:
         self.delay = delay
         self.fail_with = fail_with
         self.fail_times = fail_times  # with fail_with: only the first this many calls fail (None: all of them)
+        self.fail_details = fail_details  # what the failure says (default: "NAME told to fail")
         self.received_metadata: list[dict[str, str]] = []
         self.calls = 0
         self._credentials = credentials
@@ -87,7 +89,7 @@ class EchoServer:
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.fail_with is not None and (self.fail_times is None or self.calls <= self.fail_times):
-            await context.abort(self.fail_with, f"{self.name} told to fail")
+            await context.abort(self.fail_with, self.fail_details or f"{self.name} told to fail")
         context.set_trailing_metadata((("served-by", self.name),))
         return payload
 

@@ -23,6 +23,7 @@ from shardnet import (
 )
 from shardnet.networking import oneshot
 from shardnet.protocol import services
+from shardnet.protocol.services import DRAINING_DETAILS
 
 # -- blocking forms (the replica runs on another thread's loop) --------------------
 
@@ -247,24 +248,50 @@ async def test_jinas_positional_order_for_the_async_helper(echo_servers):
     assert response.request_id == request.request_id
 
 
-# -- one more try when the server is UNAVAILABLE, and the health check (as Jina's helpers) ----------------
+# -- one more try when the call reached no handler, and the health check (as Jina's helpers) ------------
 
 
-def test_send_request_sync_tries_once_more_when_the_server_is_unavailable(threaded_echo):
-    server = threaded_echo.start(fail_with=grpc.StatusCode.UNAVAILABLE, fail_times=1)
+def test_send_request_sync_tries_once_more_when_a_draining_server_refused_it(threaded_echo):
+    server = threaded_echo.start(fail_with=grpc.StatusCode.UNAVAILABLE, fail_times=1, fail_details=DRAINING_DETAILS)
     request = DataRequest(endpoint="/index")
     response = GrpcConnectionPool.send_request_sync(request, server.address, timeout=5.0)
     assert response.request_id == request.request_id
     assert server.calls == 2
 
 
-async def test_send_request_async_gives_up_after_the_second_unavailable_and_says_so(echo_servers):
-    [server] = await echo_servers(1, fail_with=grpc.StatusCode.UNAVAILABLE)
+async def test_send_request_async_gives_up_after_the_second_refusal_and_says_so(echo_servers):
+    [server] = await echo_servers(1, fail_with=grpc.StatusCode.UNAVAILABLE, fail_details=DRAINING_DETAILS)
     with pytest.raises(ReplicaError) as caught:
         await GrpcConnectionPool.send_request_async(DataRequest(), server.address, timeout=5.0)
     assert server.calls == 2
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
     assert server.address in str(caught.value) and "the last of 2 attempts" in str(caught.value)
+
+
+async def test_an_unavailable_a_handler_answered_is_not_sent_again(echo_servers):
+    # a head passing on its worker's UNAVAILABLE, say: the work may have been done, so it is not done twice
+    [server] = await echo_servers(1, fail_with=grpc.StatusCode.UNAVAILABLE)
+    with pytest.raises(ReplicaError) as caught:
+        await GrpcConnectionPool.send_request_async(DataRequest(), server.address, timeout=5.0)
+    assert server.calls == 1 and caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "attempts" not in str(caught.value)
+
+
+async def test_through_a_head_a_failing_worker_runs_a_request_no_more_often_than_the_heads_own_failover(
+    echo_servers, runtimes
+):
+    from shardnet.runtimes.head import Head
+    from shardnet.runtimes.server import ServerConfig
+
+    [worker] = await echo_servers(1, fail_with=grpc.StatusCode.UNAVAILABLE)
+    head = await runtimes(Head("dep", ServerConfig(), connections={0: [worker.address]}))
+    with pytest.raises(ReplicaError):
+        await GrpcConnectionPool.send_request_async(DataRequest(endpoint="/x"), head.server.address, timeout=5.0)
+    through_the_head = worker.calls
+    with pytest.raises(ReplicaError):
+        await GrpcConnectionPool.send_request_async(DataRequest(endpoint="/x"), worker.address, timeout=5.0)
+    assert worker.calls - through_the_head == 1  # sent straight: once
+    assert through_the_head == 2  # through the head: its own second round over its one replica, and no more
 
 
 async def test_other_failures_of_a_one_off_call_are_not_tried_again(echo_servers):
@@ -277,18 +304,22 @@ async def test_other_failures_of_a_one_off_call_are_not_tried_again(echo_servers
 
 async def test_control_requests_are_not_tried_again(echo_servers):
     # a worker's registration has its own schedule of renewals; the helper makes exactly one call
-    [head] = await echo_servers(1, fail_with=grpc.StatusCode.UNAVAILABLE)
+    [head] = await echo_servers(1, fail_with=grpc.StatusCode.UNAVAILABLE, fail_details=DRAINING_DETAILS)
     with pytest.raises(ReplicaError):
         await GrpcConnectionPool.activate_worker("10.0.0.5", 9000, head.address, timeout=5.0)
     assert head.calls == 1
 
 
-async def test_the_retry_stays_within_the_callers_timeout(echo_servers):
-    [server] = await echo_servers(1, fail_with=grpc.StatusCode.UNAVAILABLE, fail_times=1)
-    # 10 ms leaves no room for the pause before a second attempt (at least 50 ms): one call, then the error
+async def test_the_second_attempt_stays_within_the_callers_timeout(echo_servers):
+    [server] = await echo_servers(1, fail_with=grpc.StatusCode.UNAVAILABLE, fail_details=DRAINING_DETAILS, delay=0.2)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    # 0.2 s for the refusal and at most 0.2 s of pause leave room for a second attempt, which the timeout cuts
     with pytest.raises(ReplicaError) as caught:
-        await GrpcConnectionPool.send_request_async(DataRequest(), server.address, timeout=0.01)
-    assert server.calls <= 1 and caught.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        await GrpcConnectionPool.send_request_async(DataRequest(), server.address, timeout=0.5)
+    assert server.calls == 2
+    assert loop.time() - began < 0.5 + 0.15  # the timeout, and what it takes to report it
+    assert caught.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 def test_send_health_check_sync_reports_serving_then_not_serving(threaded_echo):

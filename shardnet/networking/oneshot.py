@@ -31,12 +31,15 @@ from shardnet.networking.channels import (
 from shardnet.networking.policies import check_timeout
 from shardnet.networking.tls import ClientTls, PemSource
 from shardnet.protocol.messages import ControlRequest, DataRequest
-from shardnet.protocol.services import AUTHORIZATION_METADATA, ENDPOINT_METADATA, RENEWAL_METADATA
+from shardnet.protocol.services import AUTHORIZATION_METADATA, DRAINING_DETAILS, ENDPOINT_METADATA, RENEWAL_METADATA
 
 T = TypeVar("T")
 
-# a one-off data or health call is tried twice when the server is UNAVAILABLE, as Jina's blocking helpers do
+# a one-off data or health call is tried twice when it was UNAVAILABLE, as Jina's blocking helpers do, but only
+# when it provably reached no handler (see _never_reached): a request sent again must not be processed twice
 ATTEMPTS_WHEN_UNAVAILABLE = 2
+# how gRPC says it reached no server at all (a status a server sent starts with that server's own words)
+_NOT_CONNECTED = ("failed to connect to all addresses", "dns resolution failed")
 
 
 def tolerate_grpc_poller_race(loop: asyncio.AbstractEventLoop, context: dict) -> None:
@@ -78,8 +81,13 @@ def auth_metadata(token: Optional[str]) -> tuple[tuple[str, str], ...]:
     return ((AUTHORIZATION_METADATA, f"Bearer {token}"),) if token else ()
 
 
-def _unavailable(error: BaseException) -> bool:
-    return isinstance(error, grpc.aio.AioRpcError) and error.code() == grpc.StatusCode.UNAVAILABLE
+def _never_reached(error: BaseException) -> bool:
+    """An UNAVAILABLE that no handler saw: no connection was made, or a shardnet server refused it as it drains.
+    Not "socket closed" nor a head passing on its worker's UNAVAILABLE: the work may have been done."""
+    if not isinstance(error, grpc.aio.AioRpcError) or error.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    details = (error.details() or "").lower()
+    return details.startswith(_NOT_CONNECTED) or details == DRAINING_DETAILS
 
 
 async def call_once(
@@ -97,9 +105,10 @@ async def call_once(
 ) -> tuple[Any, Any]:
     """Make one call to ``target`` over a channel of its own; return (response, trailing metadata).
 
-    With ``attempts`` above 1 an UNAVAILABLE answer (nothing listening yet, a
-    server stopping) is tried again on a fresh channel after a short random
-    pause, as Jina's blocking helpers do; ``timeout`` bounds all the attempts.
+    With ``attempts`` above 1 a call that reached no handler (nothing listening
+    yet, a shardnet server refusing it as it drains) is tried again on a fresh
+    channel after a short random pause, as Jina's blocking helpers try an
+    UNAVAILABLE again; ``timeout`` bounds all the attempts.
     """
     https, tls = tls_settings(https, tls)
     address = parse_address(target, tls=https or tls is not None)
@@ -112,7 +121,7 @@ async def call_once(
         stop=tenacity.stop_after_attempt(attempts)
         | (tenacity.stop_never if timeout is None else tenacity.stop_before_delay(timeout)),
         wait=tenacity.wait_random(0.05, 0.2),
-        retry=tenacity.retry_if_exception(_unavailable),
+        retry=tenacity.retry_if_exception(_never_reached),
         reraise=True,
     )
 
@@ -170,7 +179,7 @@ async def send_requests_async(
     tls: Union[bool, ClientTls, None] = None,
 ) -> DataRequest:
     """Send one or more requests to ``target`` in one call and return its response; tried once more, on a new
-    channel, when the server is UNAVAILABLE (within ``timeout``).
+    channel, when it reached no handler (within ``timeout``: see ``call_once``).
 
     Jina's argument order; ``channel_options`` (a list of pairs or a dict), ``message_size_options(n)``
     say, to send or receive more than 256 MB; ``tls`` a ClientTls (or Jina's flag).
@@ -241,7 +250,7 @@ async def send_health_check_async(
     tls: Union[bool, ClientTls, None] = None,
 ) -> health_pb2.HealthCheckResponse:
     """Ask ``target`` the standard gRPC health check (service ""); its answer's ``status`` is SERVING when it
-    takes requests. Tried once more when UNAVAILABLE, as Jina's; a server without the service: UNIMPLEMENTED."""
+    takes requests. Tried once more when it reached no server, as Jina's; a server without the service: UNIMPLEMENTED."""
     response, _ = await call_once(
         "health", health_pb2.HealthCheckRequest(service=""), target, timeout=timeout, https=https,
         root_certificates=root_certificates, tls=tls, attempts=ATTEMPTS_WHEN_UNAVAILABLE,

@@ -51,3 +51,7 @@ RESULTS_PARAMETER = "__results__"
 
 # the health service readiness probes ask for: SERVING once fit for traffic ("" answers whether it is alive)
 READY_SERVICE = "shardnet.ready"
+
+# the details of the UNAVAILABLE a shardnet server answers once it drains: the call never reached a handler, so
+# any client may send it again elsewhere (or to a new connection) without it being processed twice
+DRAINING_DETAILS = "the server is stopping: send elsewhere"

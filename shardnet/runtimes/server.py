@@ -56,7 +56,6 @@ PARENT_POLL_SECONDS = 0.5  # how soon a child notices that the process that laun
 
 RawHandler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
 StreamHandler = Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], Any]
-DRAINING_DETAILS = "the server is stopping: send elsewhere"
 
 
 @dataclass(frozen=True)
@@ -142,7 +141,7 @@ def one_by_one(handler: RawHandler, stopping: asyncio.Event) -> Callable[..., As
                 await asyncio.wait((next_request, stop), return_when=asyncio.FIRST_COMPLETED)
                 if not next_request.done():
                     next_request.cancel()
-                    await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_DETAILS)
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, services.DRAINING_DETAILS)
                 try:
                     payload = next_request.result()
                 except StopAsyncIteration:
@@ -257,7 +256,7 @@ class Server:
     async def _refuse(context: grpc.aio.ServicerContext) -> None:
         """Refuse a call (UNAVAILABLE) that came once the server drains: the caller sends elsewhere. (A call let
         in is counted in ``_calls`` by its wrapper, inline: no coroutine more per request.)"""
-        await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING_DETAILS)
+        await context.abort(grpc.StatusCode.UNAVAILABLE, services.DRAINING_DETAILS)
 
     def _call_ended(self) -> None:
         self._calls -= 1
