@@ -49,6 +49,18 @@ async def eventually(
             raise AssertionError(f"condition not met within {timeout:g}s: {getattr(predicate, '__name__', predicate)}")
         await asyncio.sleep(interval)
 
+async def probe_health(address: str, service: str = "", timeout: float = 2.0) -> int:
+    """The status a stock, plaintext grpc.health.v1 Check reads at ``address``, as the kubelet's ``grpc:`` probe
+    makes it (no shardnet code on the client side)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=timeout
+        )
+    return reply.status
+
+
 class EchoServer:
     """An echo replica on loopback; ``async with EchoServer() as server: server.address``."""
 

@@ -17,7 +17,7 @@ import grpc
 import grpc.aio
 import pytest
 import trustme
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from shardnet import ClientTls, ConfigurationError, DataRequest, Document, GrpcConnectionPool, ServerTls
 from shardnet.cli.main import build_parser
@@ -27,6 +27,7 @@ from shardnet.protocol import services
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.server import ServerConfig
 from shardnet.runtimes.worker import Worker
+from shardnet.testing import probe_health
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -41,19 +42,10 @@ def server_tls() -> tuple[ServerTls, bytes]:
     return ServerTls(certificate_chain=chain, private_key=cert.private_key_pem.bytes()), ca.cert_pem.bytes()
 
 
-async def health_status(address: str, service: str = "", timeout: float = 2.0) -> int:
-    """A stock, plaintext grpc.health.v1 Check, as kubelet's ``grpc:`` probe makes it."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        reply = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=timeout
-        )
-    return reply.status
-
-
 async def health_error(address: str, service: str = "", timeout: float = 2.0) -> grpc.StatusCode:
     """The status code a plaintext health Check to ``address`` fails with (the test fails if it answers)."""
     with pytest.raises(grpc.aio.AioRpcError) as failed:
-        await health_status(address, service, timeout)
+        await probe_health(address, service, timeout)
     return failed.value.code()
 
 
@@ -93,8 +85,8 @@ async def test_a_tls_worker_answers_plaintext_health_only_on_its_health_port(run
     assert server.health_port not in (None, 0, server.port)
     assert server.health_address == f"127.0.0.1:{server.health_port}"
 
-    assert await health_status(server.health_address) == SERVING
-    assert await health_status(server.health_address, services.READY_SERVICE) == SERVING
+    assert await probe_health(server.health_address) == SERVING
+    assert await probe_health(server.health_address, services.READY_SERVICE) == SERVING
     # the main port still serves TLS only: a plaintext client gets nothing there
     assert await health_error(server.address) == grpc.StatusCode.UNAVAILABLE
     reply, _ = await oneshot.call_once(
@@ -119,15 +111,15 @@ async def test_a_head_waiting_for_discovery_is_not_ready_on_its_health_port_unti
     pool = GatedPool()
     head = await runtimes(Head("dep", ServerConfig(health_port=0), pool=pool))
     address = head.server.health_address
-    assert await health_status(address) == SERVING  # alive: liveness must not kill it
-    assert await health_status(address, services.READY_SERVICE) == NOT_SERVING
+    assert await probe_health(address) == SERVING  # alive: liveness must not kill it
+    assert await probe_health(address, services.READY_SERVICE) == NOT_SERVING
     pool.synced.set()
 
     async def ready() -> bool:
-        return await health_status(address, services.READY_SERVICE) == SERVING
+        return await probe_health(address, services.READY_SERVICE) == SERVING
 
     await eventually(ready, timeout=5)
-    assert await health_status(head.server.address, services.READY_SERVICE) == SERVING  # the same on both
+    assert await probe_health(head.server.address, services.READY_SERVICE) == SERVING  # the same on both
 
 
 async def test_the_health_port_says_not_serving_through_a_drain_and_closes_after_it(runtimes, eventually):
@@ -142,7 +134,7 @@ async def test_the_health_port_says_not_serving_through_a_drain_and_closes_after
         stopping = asyncio.ensure_future(worker.stop(20))
         await eventually(lambda: worker.server.draining, timeout=5)
         for service in ("", services.READY_SERVICE):
-            assert await health_status(address, service) == NOT_SERVING
+            assert await probe_health(address, service) == NOT_SERVING
         assert not in_flight.done() and not stopping.done()
     finally:
         blocking.release.set()
@@ -165,7 +157,7 @@ async def test_the_health_listener_logs_its_address_once_at_start(runtimes, capl
 @pytest.mark.parametrize(
     "settings, message",
     [
-        ({"port": 5005, "health_port": 5005}, r"--health-port must differ from --port \(5005\)"),
+        ({"port": 5005, "health_port": 5005}, r"health_port \(--health-port\) must differ from port \(--port, 5005\)"),
         ({"health_port": -1}, "health port -1 is outside 0..65535"),
         ({"health_port": 70000}, "health port 70000 is outside 0..65535"),
     ],
@@ -204,5 +196,5 @@ def test_health_port_flag_reaches_the_server_config(command, monkeypatch):
     parser = build_parser()
     assert server_config(parser.parse_args([*command, "--port", "8080", "--health-port", "8081"])).health_port == 8081
     assert server_config(parser.parse_args(command)).health_port is None
-    with pytest.raises(ConfigurationError, match="--health-port must differ from --port"):
+    with pytest.raises(ConfigurationError, match=r"\(--health-port\) must differ from port \(--port"):
         server_config(parser.parse_args([*command, "--port", "8080", "--health-port", "8080"]))

@@ -399,8 +399,8 @@ def test_yaml_quotes_label_values_and_shares_no_anchors() -> None:
         ({"pre_stop_seconds": 30}, "below termination_grace_seconds"),
         ({"tls_secret": "Idx_TLS"}, "tls_secret 'Idx_TLS' must name a Secret"),
         ({"tls_secret": ""}, "tls_secret '' must name a Secret"),
-        ({"health_port": 8080}, r"health_port must be an integer in 1024..65535 other than port \(8080\)"),
-        ({"health_port": 80}, "health_port must be an integer in 1024..65535"),
+        ({"tls_secret": "s", "health_port": 8080}, r"must be an integer in 1024..65535 other than port \(8080\)"),
+        ({"tls_secret": "s", "health_port": 80}, r"health_port \(--health-port\) must be an integer in 1024..65535"),
     ],
 )
 def test_bad_specs_raise_configuration_error(changes: dict[str, Any], message: str) -> None:
@@ -577,8 +577,21 @@ def test_a_tls_secret_is_mounted_read_only_and_served_mutually_to_the_workers() 
 
 
 def test_without_a_tls_secret_nothing_of_tls_is_rendered() -> None:
-    text = to_yaml(render(SPECS["sharded"]))
-    assert "tls" not in text and "health" not in text
+    for deployment in by_kind(render(SPECS["sharded"]), "Deployment"):
+        served = container(deployment)
+        assert not {"--tls-cert", "--root-ca", "--health-port", "--server-name"} & set(served["args"])
+        assert [port["name"] for port in served["ports"]] == ["grpc"]
+        assert "tls" not in {volume["name"] for volume in deployment["spec"]["template"]["spec"]["volumes"]}
+
+
+def test_the_health_port_is_checked_only_with_tls_and_refused_alone_on_the_command_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert DeploymentSpec(name="idx", image="i", uses="m:C", port=8081).port == 8081  # no clash without TLS
+    with pytest.raises(ConfigurationError, match="other than port"):
+        DeploymentSpec(name="idx", image="i", uses="m:C", port=8081, tls_secret="s")
+    assert main(["k8s", "render", "--name", "idx", "--image", "i", "--health-port", "9001"]) == 2
+    assert "--health-port needs --tls-secret" in capsys.readouterr().err
 
 
 def test_the_shardnet_parser_accepts_the_rendered_tls_commands() -> None:
@@ -596,6 +609,6 @@ def test_cli_takes_a_tls_secret_and_names_what_its_certificate_must_carry(capsys
     code = main(["k8s", "render", "--name", "idx", "--image", "i", "--tls-secret", "idx-tls", "--health-port", "9001"])
     out, err = capsys.readouterr()
     assert code == 0
-    assert "idx-head.default.svc" in err and "idx-worker.default.svc" in err
+    assert "idx-head.default.svc" in err and "idx-worker.default.svc" in err and "client auth" in err
     deployments = by_kind(list(yaml.safe_load_all(out)), "Deployment")
     assert {container(d)["readinessProbe"]["grpc"]["port"] for d in deployments} == {9001}

@@ -20,7 +20,7 @@ from shardnet.manifests.kubernetes import TLS_DIR, WORKSPACE, DeploymentSpec, re
 from shardnet.networking import oneshot
 from shardnet.protocol import services
 from shardnet.runtimes.processes import ShardnetProcess
-from shardnet.testing import eventually, free_port
+from shardnet.testing import eventually, free_port, probe_health
 
 NS = "default"
 SPEC = DeploymentSpec(name="secure", image="i", uses="shardnet.examples.text_index:TextIndexer", tls_secret="secure-tls")
@@ -63,17 +63,6 @@ def on_this_machine(args: list[str], secret: Path, workspace: Path, port: int, h
     return [arg.replace(TLS_DIR, str(secret)).replace(WORKSPACE, str(workspace)) for arg in local]
 
 
-async def health(address: str, service: str = "") -> int:
-    """The status a plaintext gRPC health probe (as the kubelet's) reads at ``address``."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        check = channel.unary_unary(
-            "/grpc.health.v1.Health/Check",
-            request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-            response_deserializer=health_pb2.HealthCheckResponse.FromString,
-        )
-        return (await check(health_pb2.HealthCheckRequest(service=service), timeout=5.0)).status
-
-
 async def test_the_rendered_tls_commands_serve_end_to_end(api_server: FakeApiServer, tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     write_secret(secret)
@@ -94,12 +83,13 @@ async def test_the_rendered_tls_commands_serve_end_to_end(api_server: FakeApiSer
         worker.launch()
         worker_address = await asyncio.to_thread(worker.wait_ready, 30.0)
         # the kubelet's probes: plaintext, on the health port, while the gRPC port serves only mutual TLS
-        assert await health(f"127.0.0.1:{worker_health}") == health_pb2.HealthCheckResponse.SERVING
-        assert await health(f"127.0.0.1:{worker_health}", services.READY_SERVICE) == health_pb2.HealthCheckResponse.SERVING
+        assert await probe_health(f"127.0.0.1:{worker_health}") == health_pb2.HealthCheckResponse.SERVING
+        assert await probe_health(f"127.0.0.1:{worker_health}", services.READY_SERVICE) == health_pb2.HealthCheckResponse.SERVING
         ca = str(secret / "ca.crt")
         no_client_certificate = ClientTls(root_certificates=ca, server_name=SPEC.worker_server_name)
-        with pytest.raises(ReplicaError):
+        with pytest.raises(ReplicaError) as refused:  # mutual TLS: the handshake ends before any handler
             await oneshot.send_request_async(DataRequest(endpoint="/index"), worker_address, 5.0, tls=no_client_certificate)
+        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
 
         api_server.apply(
             "pods", pod("secure-0-a", deployment="secure", shard_id="0", ip="127.0.0.1", port=int(worker_address.rsplit(":", 1)[1])),
@@ -109,7 +99,7 @@ async def test_the_rendered_tls_commands_serve_end_to_end(api_server: FakeApiSer
         head_address = await asyncio.to_thread(head.wait_ready, 30.0)
 
         async def head_ready() -> bool:
-            return await health(f"127.0.0.1:{head_health}", services.READY_SERVICE) == health_pb2.HealthCheckResponse.SERVING
+            return await probe_health(f"127.0.0.1:{head_health}", services.READY_SERVICE) == health_pb2.HealthCheckResponse.SERVING
 
         await eventually(head_ready, timeout=15)
         # a client dials the head by its Service's name (here by loopback, checked against that name); the head

@@ -20,6 +20,7 @@ from shardnet import (
     ServerTls,
 )
 from shardnet.networking import oneshot
+from shardnet.networking import tls as tls_module
 from shardnet.networking.tls import load_pem
 
 
@@ -256,8 +257,10 @@ def test_private_keys_stay_out_of_reprs_and_errors_and_open_key_files_are_warned
 
     chain = tmp_path / "chain.pem"
     chain.write_bytes(load_pem(tls.server.certificate_chain))
-    # 0440 in this process's own group is how Kubernetes mounts a Secret for the pod's fsGroup: not warned of
-    for mode, warned in ((0o644, True), (0o600, False), (0o440, False), (0o660, True)):
+    # 0440 in this process's own group is how Kubernetes mounts a Secret for the pod's fsGroup: not warned of,
+    # unless another user of this machine is in that group too
+    shared_group = not tls_module._only_this_user_in(os.getgid())
+    for mode, warned in ((0o644, True), (0o600, False), (0o440, shared_group), (0o660, True)):
         path = tmp_path / f"key-{mode:o}.pem"
         path.write_bytes(key)
         path.chmod(mode)
@@ -266,3 +269,17 @@ def test_private_keys_stay_out_of_reprs_and_errors_and_open_key_files_are_warned
         ServerTls(certificate_chain=str(chain), private_key=str(path))
         warning = f"server private key '{path}' is open to other users of this machine (mode {mode:04o})"
         assert (warning in caplog.text) is warned, caplog.text
+
+
+def test_a_group_with_another_user_in_it_is_not_private(monkeypatch):
+    import grp
+    import pwd
+
+    me = pwd.getpwuid(os.getuid()).pw_name
+    group = grp.struct_group(("shared", "x", 4242, [me, "someone-else"]))
+    monkeypatch.setattr(grp, "getgrgid", lambda gid: group)
+    assert not tls_module._only_this_user_in(4242)
+    group = grp.struct_group(("mine", "x", 4242, [me]))
+    assert all(entry.pw_gid != 4242 or entry.pw_uid == os.getuid() for entry in pwd.getpwall())
+    monkeypatch.setattr(grp, "getgrgid", lambda gid: group)
+    assert tls_module._only_this_user_in(4242)

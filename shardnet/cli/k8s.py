@@ -63,8 +63,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
              "and NAME-worker.NAMESPACE.svc. Probes then use a plaintext health-only port (--health-port)",
     )
     parser.add_argument(
-        "--health-port", type=int, default=DeploymentSpec.health_port,
-        help="with --tls-secret, the port of the plaintext health check the probes use (default: %(default)s)",
+        "--health-port", type=int,
+        help="with --tls-secret, the port of the plaintext health check the probes use "
+             f"(default: {DeploymentSpec.health_port})",
     )
     parser.add_argument(
         "--startup-seconds", type=int, default=DeploymentSpec.startup_seconds,
@@ -117,6 +118,11 @@ def optional_quantity(text: str) -> Optional[str]:
 
 def run(args: argparse.Namespace) -> int:
     """Render the manifests the arguments describe; a bad argument raises ``ConfigurationError``."""
+    if args.health_port is not None and args.tls_secret is None:
+        raise ConfigurationError(
+            "--health-port needs --tls-secret: without TLS the probes read the gRPC port itself, and no health "
+            "port is rendered"
+        )
     spec = DeploymentSpec(
         name=args.name,
         image=args.image,
@@ -139,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         max_in_flight=args.max_in_flight,
         request_streams=args.request_streams,
         tls_secret=args.tls_secret,
-        health_port=args.health_port,
+        **({} if args.health_port is None else {"health_port": args.health_port}),
     )
     if spec.uses == DEFAULT_USES and spec.replicas > 1:
         print(
@@ -152,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"shardnet k8s: note: Secret {spec.tls_secret!r}'s certificate must name {spec.head_server_name} (what "
             f"clients dial) and {spec.worker_server_name} (what the head checks its workers against: it dials "
-            "them by pod IP), and be signed by its ca.crt",
+            "them by pod IP), allow both server auth and client auth (the head presents it to its workers), and "
+            "be signed by its ca.crt, best a CA of this deployment's own (the workers take whoever it signed)",
             file=sys.stderr,
         )
     if args.output is None:

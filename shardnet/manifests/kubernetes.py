@@ -187,7 +187,7 @@ class DeploymentSpec:
     # a Secret holding tls.crt, tls.key and ca.crt (as cert-manager writes one): the head serves TLS, the workers
     # mutual TLS, and the head dials them with that certificate; see head_server_name and worker_server_name
     tls_secret: Optional[str] = None
-    health_port: int = 8081  # with TLS, the plaintext health check the probes use (kubelet's speak no TLS)
+    health_port: int = 8081  # with TLS only: the plaintext health check the probes use (kubelet's speak no TLS)
 
     def __post_init__(self) -> None:
         for what in ("shards", "replicas", "head_replicas"):
@@ -234,9 +234,12 @@ class DeploymentSpec:
             raise ConfigurationError(
                 f"tls_secret {self.tls_secret!r} must name a Secret: a DNS-1123 subdomain of at most 253 characters"
             )
-        if not _is_count(self.health_port) or not 1024 <= self.health_port <= 65535 or self.health_port == self.port:
+        if self.tls_secret is not None and (
+            not _is_count(self.health_port) or not 1024 <= self.health_port <= 65535 or self.health_port == self.port
+        ):
             raise ConfigurationError(
-                f"health_port must be an integer in 1024..65535 other than port ({self.port}), got {self.health_port!r}"
+                f"health_port (--health-port) must be an integer in 1024..65535 other than port ({self.port}), got "
+                f"{self.health_port!r}: with TLS the probes read a plaintext health check there"
             )
         if not _is_count(self.startup_seconds) or self.startup_seconds < STARTUP_PERIOD:
             raise ConfigurationError(
@@ -287,8 +290,8 @@ class DeploymentSpec:
 
     @property
     def worker_server_name(self) -> str:
-        """The name the head checks its workers' certificate against: it dials them by pod IP, which no
-        certificate can name, so the certificate must carry this name as well."""
+        """The name the head checks its workers' certificate against: it dials them by pod IP, which is not
+        known when the certificate is made, so the certificate must carry this name as well."""
         return f"{self.name}-worker.{self.namespace}.svc"
 
     @property
@@ -437,8 +440,8 @@ def _component(spec: DeploymentSpec, name: str, role: str, shard: Optional[int])
     }
     if is_head or not spec.network_policy:
         return [deployment, service, budget]
-    # a head fed by Kubernetes only dials its workers: nobody else in the cluster needs to (with TLS, nobody
-    # else could call them either: they take only clients with a certificate of the Secret's CA)
+    # a head fed by Kubernetes only dials its workers: nobody else in the cluster needs to (with TLS they take
+    # only clients with a certificate of the Secret's CA, which shuts out the rest if that CA is this deployment's)
     policy = {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",

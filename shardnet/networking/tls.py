@@ -9,8 +9,10 @@ later, as a failed bind or a failed handshake that says neither.
 from __future__ import annotations
 
 import contextlib
+import grp
 import logging
 import os
+import pwd
 import re
 import ssl
 import tempfile
@@ -57,12 +59,25 @@ def _warn_if_others_may_read(source: PemSource, what: str) -> None:
     except OSError:
         return  # reading it says why
     mode = status.st_mode
-    # group read for this process's own group is how Kubernetes mounts a Secret for a pod's fsGroup: no one else
-    group_is_ours = status.st_gid == os.getgid() and not mode & 0o020
-    if mode & (0o007 if group_is_ours else 0o077):
+    # group read is how Kubernetes mounts a Secret for a pod's fsGroup: fine in a group only this user is in
+    group_may_read = status.st_gid == os.getgid() and _only_this_user_in(status.st_gid) and not mode & 0o020
+    if mode & (0o007 if group_may_read else 0o077):
         logger.warning(
             "%s is open to other users of this machine (mode %04o): chmod 600 it", _describe(source, what), mode & 0o777
         )
+
+
+def _only_this_user_in(gid: int) -> bool:
+    """Whether no other user of this machine has ``gid`` as a group (a gid without a name, as a pod's fsGroup
+    usually is, has no members)."""
+    uid = os.getuid()
+    try:
+        members = set(grp.getgrgid(gid).gr_mem)
+    except KeyError:
+        members = set()
+    accounts = pwd.getpwall()
+    members -= {entry.pw_name for entry in accounts if entry.pw_uid == uid}
+    return not members and all(entry.pw_uid == uid for entry in accounts if entry.pw_gid == gid)
 
 
 def load_pem(source: PemSource, what: str = "certificate") -> Optional[bytes]:

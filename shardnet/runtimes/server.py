@@ -97,8 +97,8 @@ class ServerConfig:
                 raise ConfigurationError(f"health port {self.health_port} is outside 0..65535")
             if self.port and self.health_port == self.port:
                 raise ConfigurationError(
-                    f"--health-port must differ from --port ({self.port}): the health check listens on a second, "
-                    "plaintext port beside the one serving"
+                    f"health_port (--health-port) must differ from port (--port, {self.port}): the health check "
+                    "listens on a second, plaintext port beside the one serving"
                 )
         check_control_token(self.control_token)
         if self.max_message_bytes <= 0:
@@ -298,7 +298,6 @@ class Server:
             self._service_names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
             server,
         )
-        health_server: Optional[grpc.aio.Server] = None
         bound: list[grpc.aio.Server] = []  # each holds its port until stopped
         started: list[grpc.aio.Server] = []
         try:
@@ -313,20 +312,21 @@ class Server:
                 health_pb2_grpc.add_HealthServicer_to_server(self.health, health_server)
                 self.health_port = _bind(health_server, config.host, config.health_port, None)
                 bound.append(health_server)
+                self._health_server = health_server  # a drain from now on stops it too
             for listener in bound:
                 await listener.start()
                 started.append(listener)
         except BaseException:
-            self._server = None
+            self._server = self._health_server = None
             self.health_port = None
             for listener in bound:
-                with contextlib.suppress(Exception):
-                    if listener not in started:  # bound but never started, it would hold its port until exit
+                if listener not in started:  # bound but never started, it would hold its port until exit
+                    with contextlib.suppress(Exception):
                         await listener.start()
+                with contextlib.suppress(Exception):
                     await listener.stop(0)
             self._remove_unix_socket()
             raise
-        self._health_server = health_server
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         ready = health_pb2.HealthCheckResponse.SERVING if self.ready_at_start else health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.set(services.READY_SERVICE, ready)
