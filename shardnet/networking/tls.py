@@ -257,19 +257,75 @@ class ServerTls:
                 else "a TLS server needs both its certificate chain and the matching private key"
             )
             raise ConfigurationError(f"{needs}: no server {' and no '.join(missing)} given")
+        self.checked_material()
+        _warn_if_others_may_read(self.private_key, "server private key")
+
+    def checked_material(self) -> tuple[bytes, bytes, Optional[bytes]]:
+        """(chain, key, client CA) read afresh, or a ConfigurationError saying what is wrong with them."""
         chain = load_pem(self.certificate_chain, "server certificate chain")
         key = load_pem(self.private_key, "server private key")
-        _warn_if_others_may_read(self.private_key, "server private key")
         client_ca = load_pem(self.client_ca, "client CA")
         check_key_pair(self.certificate_chain, chain, self.private_key, key, "server")
         if client_ca is not None:
             check_certificates(self.client_ca, client_ca, "client CA")
+        return chain, key, client_ca
 
     def credentials(self) -> grpc.ServerCredentials:
-        """gRPC server credentials from the material, read afresh."""
-        chain = load_pem(self.certificate_chain, "server certificate chain")
-        key = load_pem(self.private_key, "server private key")
-        client_ca = load_pem(self.client_ca, "client CA")
-        return grpc.ssl_server_credentials(
-            [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+        """gRPC server credentials from the material. Material in files is followed: renewed files (a Secret
+        cert-manager renewed, say) serve every connection made after the change, without a restart."""
+        require_client_auth = self.client_ca is not None
+        if not any(_is_path(source) for source in (self.certificate_chain, self.private_key, self.client_ca)):
+            chain, key, client_ca = self.checked_material()
+            return grpc.ssl_server_credentials(
+                [(key, chain)], root_certificates=client_ca, require_client_auth=require_client_auth
+            )
+        follower = FollowedServerMaterial(self)
+        return grpc.dynamic_ssl_server_credentials(
+            follower.configuration(), follower, require_client_authentication=require_client_auth
         )
+
+
+class FollowedServerMaterial:
+    """What gRPC asks for at each TLS handshake of a server whose material is in files: None while the files
+    are unchanged, else the new material once it passes ServerTls's checks. A change that fails them (a key
+    not yet matching its new certificate, say) keeps the last good material and is logged once."""
+
+    def __init__(self, tls: ServerTls):
+        self._tls = tls
+        self._sources = [source for source in (tls.certificate_chain, tls.private_key, tls.client_ca) if _is_path(source)]
+        self._served = self._signature()
+        self._refused: Optional[tuple] = None
+
+    def _signature(self) -> tuple:
+        """What tells a changed file apart: a Secret volume swaps a symlink (a new inode), an editor rewrites."""
+        signature = []
+        for source in self._sources:
+            try:
+                status = os.stat(os.fspath(source))
+            except OSError:
+                signature.append(None)
+            else:
+                signature.append((status.st_ino, status.st_mtime_ns, status.st_size))
+        return tuple(signature)
+
+    def configuration(self) -> grpc.ServerCertificateConfiguration:
+        """The material as gRPC serves it, read and checked now."""
+        chain, key, client_ca = self._tls.checked_material()
+        return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=client_ca)
+
+    def __call__(self) -> Optional[grpc.ServerCertificateConfiguration]:
+        # called on one of gRPC's threads at each handshake: cheap when nothing changed, and nothing may raise
+        signature = self._signature()
+        if signature in (self._served, self._refused):
+            return None
+        try:
+            configuration = self.configuration()
+        except Exception as exc:  # ConfigurationError, and whatever gRPC refuses
+            self._refused = signature
+            logger.warning("TLS material changed but cannot be served; the previous material stays: %s", exc)
+            return None
+        self._served, self._refused = signature, None
+        logger.info(
+            "TLS material changed: new connections get %s", _describe(self._tls.certificate_chain, "certificate chain")
+        )
+        return configuration

@@ -1,0 +1,135 @@
+"""A server whose TLS material is in files follows them: renewed files (as cert-manager renews a Secret) serve
+every connection made after the change, without a restart; a change that does not check out is not served."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import grpc
+import pytest
+import trustme
+
+from shardnet import ClientTls, DataRequest, ReplicaError, ServerTls
+from shardnet.networking import oneshot
+from shardnet.networking import tls as tls_module
+from shardnet.testing import EchoServer
+
+
+class Files:
+    """tls.crt / tls.key / ca.crt in a folder, replaced the way a Secret volume is: a whole new file at once."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.chain, self.key, self.client_ca = folder / "tls.crt", folder / "tls.key", folder / "ca.crt"
+
+    def write(self, path: Path, data: bytes) -> None:
+        fresh = path.with_suffix(".new")
+        fresh.write_bytes(data)
+        fresh.chmod(0o600)
+        os.replace(fresh, path)
+
+    def serve(self, certificate: trustme.LeafCert, client_ca: trustme.CA) -> None:
+        self.write(self.chain, b"".join(blob.bytes() for blob in certificate.cert_chain_pems))
+        self.write(self.key, certificate.private_key_pem.bytes())
+        self.write(self.client_ca, client_ca.cert_pem.bytes())
+
+    def server_tls(self) -> ServerTls:
+        return ServerTls(certificate_chain=str(self.chain), private_key=str(self.key), client_ca=str(self.client_ca))
+
+
+def client_of(ca: trustme.CA, server_name: str, client_ca: trustme.CA) -> ClientTls:
+    """Trusts ``ca``, expects a certificate naming ``server_name``, presents one ``client_ca`` signed."""
+    own = client_ca.issue_cert("client.example")
+    return ClientTls(
+        root_certificates=ca.cert_pem.bytes(),
+        certificate_chain=b"".join(blob.bytes() for blob in own.cert_chain_pems),
+        private_key=own.private_key_pem.bytes(),
+        server_name=server_name,
+    )
+
+
+async def answered(address: str, tls: ClientTls) -> bool:
+    """Whether a one-off call over a new connection with ``tls`` is answered (a refused handshake is not)."""
+    try:
+        await oneshot.send_request_async(DataRequest(endpoint="/x"), address, 5.0, tls=tls)
+    except ReplicaError as error:
+        assert error.code == grpc.StatusCode.UNAVAILABLE, error
+        return False
+    return True
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Files:
+    return Files(tmp_path)
+
+
+async def test_renewed_files_serve_new_connections_and_the_old_ones_carry_on(files, pool_factory):
+    ca, clients = trustme.CA(), trustme.CA()
+    files.serve(ca.issue_cert("before.example"), clients)
+    async with EchoServer("rotating", credentials=files.server_tls().credentials()) as server:
+        before = client_of(ca, "before.example", clients)
+        after = client_of(ca, "after.example", clients)
+        assert await answered(server.address, before) and not await answered(server.address, after)
+        pool = pool_factory(tls=before)
+        pool.add_connection("dep", server.address)
+        await pool.send_request_once(DataRequest(endpoint="/x"), "dep")  # a connection made before the renewal
+
+        files.serve(ca.issue_cert("after.example"), clients)
+        assert await answered(server.address, after) and not await answered(server.address, before)
+        reply, _ = await pool.send_request_once(DataRequest(endpoint="/x"), "dep")  # its connection carries on
+        assert reply is not None
+
+
+async def test_a_renewed_client_ca_decides_who_may_connect(files):
+    ca, old_clients, new_clients = trustme.CA(), trustme.CA(), trustme.CA()
+    files.serve(ca.issue_cert("server.example"), old_clients)
+    async with EchoServer("mutual", credentials=files.server_tls().credentials()) as server:
+        assert await answered(server.address, client_of(ca, "server.example", old_clients))
+        assert not await answered(server.address, client_of(ca, "server.example", new_clients))
+        files.serve(ca.issue_cert("server.example"), new_clients)
+        assert await answered(server.address, client_of(ca, "server.example", new_clients))
+        assert not await answered(server.address, client_of(ca, "server.example", old_clients))
+
+
+async def test_a_change_that_does_not_check_out_keeps_the_last_good_material_and_says_so_once(files, caplog):
+    ca, clients = trustme.CA(), trustme.CA()
+    files.serve(ca.issue_cert("good.example"), clients)
+    good = client_of(ca, "good.example", clients)
+    async with EchoServer("careful", credentials=files.server_tls().credentials()) as server:
+        # half a renewal: the new certificate is there, its key not yet
+        files.write(files.chain, b"".join(blob.bytes() for blob in ca.issue_cert("next.example").cert_chain_pems))
+        with caplog.at_level(logging.WARNING, logger="shardnet.networking.tls"):
+            assert await answered(server.address, good)
+            assert await answered(server.address, good)
+        refusals = [record for record in caplog.records if "cannot be served" in record.getMessage()]
+        assert len(refusals) == 1 and "does not match" in refusals[0].getMessage()
+
+        renewed = ca.issue_cert("next.example")
+        files.serve(renewed, clients)  # the rest of it arrives
+        assert await answered(server.address, client_of(ca, "next.example", clients))
+
+
+async def test_material_given_in_memory_is_served_as_given(files):
+    ca, clients = trustme.CA(), trustme.CA()
+    certificate = ca.issue_cert("memory.example")
+    tls = ServerTls(
+        certificate_chain=b"".join(blob.bytes() for blob in certificate.cert_chain_pems),
+        private_key=certificate.private_key_pem.bytes(),
+    )
+    async with EchoServer("in-memory", credentials=tls.credentials()) as server:
+        assert await answered(server.address, ClientTls(root_certificates=ca.cert_pem.bytes(), server_name="memory.example"))
+
+
+def test_the_handshake_check_reads_nothing_while_nothing_changed(files, monkeypatch):
+    ca, clients = trustme.CA(), trustme.CA()
+    files.serve(ca.issue_cert("a.example"), clients)
+    follower = tls_module.FollowedServerMaterial(files.server_tls())
+    reads = []
+    real_load = tls_module.load_pem
+    monkeypatch.setattr(tls_module, "load_pem", lambda *args: reads.append(args) or real_load(*args))
+    assert follower() is None and follower() is None and reads == []  # a stat per file, no read
+    files.serve(ca.issue_cert("b.example"), clients)
+    assert isinstance(follower(), grpc.ServerCertificateConfiguration) and len(reads) == 3
+    assert follower() is None and len(reads) == 3  # served now: unchanged again
