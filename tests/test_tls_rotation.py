@@ -133,3 +133,27 @@ def test_the_handshake_check_reads_nothing_while_nothing_changed(files, monkeypa
     files.serve(ca.issue_cert("b.example"), clients)
     assert isinstance(follower(), grpc.ServerCertificateConfiguration) and len(reads) == 3
     assert follower() is None and len(reads) == 3  # served now: unchanged again
+
+
+async def test_a_secret_volume_renewal_as_the_kubelet_makes_it(tmp_path):
+    """The kubelet writes a Secret's new files into a fresh folder and swaps the ``..data`` symlink to it at
+    once; ``tls.crt`` and its siblings are symlinks through ``..data``."""
+    ca, clients = trustme.CA(), trustme.CA()
+
+    def publish(version: str, certificate: trustme.LeafCert) -> None:
+        folder = tmp_path / f"..{version}"
+        folder.mkdir()
+        staged = Files(folder)
+        staged.serve(certificate, clients)
+        (tmp_path / "..data_tmp").symlink_to(folder.name)
+        os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+
+    publish("2026_11_27_01", ca.issue_cert("first.example"))
+    for name in ("tls.crt", "tls.key", "ca.crt"):
+        (tmp_path / name).symlink_to(f"..data/{name}")
+    mounted = Files(tmp_path)
+    async with EchoServer("pod", credentials=mounted.server_tls().credentials()) as server:
+        assert await answered(server.address, client_of(ca, "first.example", clients))
+        publish("2026_11_27_02", ca.issue_cert("second.example"))
+        assert await answered(server.address, client_of(ca, "second.example", clients))
+        assert not await answered(server.address, client_of(ca, "first.example", clients))
