@@ -23,7 +23,10 @@ from shardnet.runtimes.processes import ShardnetProcess
 from shardnet.testing import eventually, free_port, probe_health
 
 NS = "default"
-SPEC = DeploymentSpec(name="secure", image="i", uses="shardnet.examples.text_index:TextIndexer", tls_secret="secure-tls")
+SPEC = DeploymentSpec(
+    name="secure", image="i", uses="shardnet.examples.text_index:TextIndexer", tls_secret="secure-tls"
+)
+SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 @pytest.fixture
@@ -50,7 +53,9 @@ def write_secret(directory: Path) -> trustme.CA:
 
 def rendered_args(role: str) -> list[str]:
     [deployment] = [
-        obj for obj in render(SPEC) if obj["kind"] == "Deployment" and obj["metadata"]["labels"]["shardnet.io/role"] == role
+        obj
+        for obj in render(SPEC)
+        if obj["kind"] == "Deployment" and obj["metadata"]["labels"]["shardnet.io/role"] == role
     ]
     [container] = deployment["spec"]["template"]["spec"]["containers"]
     return list(container["args"])
@@ -83,23 +88,25 @@ async def test_the_rendered_tls_commands_serve_end_to_end(api_server: FakeApiSer
         worker.launch()
         worker_address = await asyncio.to_thread(worker.wait_ready, 30.0)
         # the kubelet's probes: plaintext, on the health port, while the gRPC port serves only mutual TLS
-        assert await probe_health(f"127.0.0.1:{worker_health}") == health_pb2.HealthCheckResponse.SERVING
-        assert await probe_health(f"127.0.0.1:{worker_health}", services.READY_SERVICE) == health_pb2.HealthCheckResponse.SERVING
+        assert await probe_health(f"127.0.0.1:{worker_health}") == SERVING
+        assert await probe_health(f"127.0.0.1:{worker_health}", services.READY_SERVICE) == SERVING
         ca = str(secret / "ca.crt")
         no_client_certificate = ClientTls(root_certificates=ca, server_name=SPEC.worker_server_name)
         with pytest.raises(ReplicaError) as refused:  # mutual TLS: the handshake ends before any handler
-            await oneshot.send_request_async(DataRequest(endpoint="/index"), worker_address, 5.0, tls=no_client_certificate)
+            await oneshot.send_request_async(
+                DataRequest(endpoint="/index"), worker_address, 5.0, tls=no_client_certificate
+            )
         assert refused.value.code == grpc.StatusCode.UNAVAILABLE
 
+        worker_port = int(worker_address.rsplit(":", 1)[1])
         api_server.apply(
-            "pods", pod("secure-0-a", deployment="secure", shard_id="0", ip="127.0.0.1", port=int(worker_address.rsplit(":", 1)[1])),
-            namespace=NS,
+            "pods", pod("secure-0-a", deployment="secure", shard_id="0", ip="127.0.0.1", port=worker_port), namespace=NS
         )
         head.launch()
         head_address = await asyncio.to_thread(head.wait_ready, 30.0)
 
         async def head_ready() -> bool:
-            return await probe_health(f"127.0.0.1:{head_health}", services.READY_SERVICE) == health_pb2.HealthCheckResponse.SERVING
+            return await probe_health(f"127.0.0.1:{head_health}", services.READY_SERVICE) == SERVING
 
         await eventually(head_ready, timeout=15)
         # a client dials the head by its Service's name (here by loopback, checked against that name); the head

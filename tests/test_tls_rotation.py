@@ -93,7 +93,7 @@ async def test_a_renewed_client_ca_decides_who_may_connect(files):
         assert not await answered(server.address, client_of(ca, "server.example", old_clients))
 
 
-async def test_a_change_that_does_not_check_out_keeps_the_last_good_material_and_says_so_once(files, caplog):
+async def test_a_change_that_does_not_check_out_keeps_the_last_good_material_and_says_so(files, caplog):
     ca, clients = trustme.CA(), trustme.CA()
     files.serve(ca.issue_cert("good.example"), clients)
     good = client_of(ca, "good.example", clients)
@@ -111,15 +111,16 @@ async def test_a_change_that_does_not_check_out_keeps_the_last_good_material_and
         assert await answered(server.address, client_of(ca, "next.example", clients))
 
 
-async def test_material_given_in_memory_is_served_as_given(files):
-    ca, clients = trustme.CA(), trustme.CA()
+async def test_material_given_in_memory_is_served_as_given():
+    ca = trustme.CA()
     certificate = ca.issue_cert("memory.example")
     tls = ServerTls(
         certificate_chain=b"".join(blob.bytes() for blob in certificate.cert_chain_pems),
         private_key=certificate.private_key_pem.bytes(),
     )
     async with EchoServer("in-memory", credentials=tls.credentials()) as server:
-        assert await answered(server.address, ClientTls(root_certificates=ca.cert_pem.bytes(), server_name="memory.example"))
+        client = ClientTls(root_certificates=ca.cert_pem.bytes(), server_name="memory.example")
+        assert await answered(server.address, client)
 
 
 def test_the_handshake_check_reads_nothing_while_nothing_changed(files, monkeypatch):
@@ -157,3 +158,39 @@ async def test_a_secret_volume_renewal_as_the_kubelet_makes_it(tmp_path):
         publish("2026_11_27_02", ca.issue_cert("second.example"))
         assert await answered(server.address, client_of(ca, "second.example", clients))
         assert not await answered(server.address, client_of(ca, "first.example", clients))
+
+
+def test_a_refused_renewal_is_tried_and_reported_again_while_it_lasts(files, caplog):
+    ca, clients = trustme.CA(), trustme.CA()
+    files.serve(ca.issue_cert("a.example"), clients)
+    eager = tls_module.FollowedServerMaterial(files.server_tls(), retry_refused_after=0.0)
+    patient = tls_module.FollowedServerMaterial(files.server_tls(), retry_refused_after=3600.0)
+    files.write(files.chain, b"".join(blob.bytes() for blob in ca.issue_cert("b.example").cert_chain_pems))
+
+    def warnings_from(follower) -> int:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="shardnet.networking.tls"):
+            assert follower() is None and follower() is None  # two handshakes: the last good material stays
+        return sum("cannot be served" in record.getMessage() for record in caplog.records)
+
+    assert warnings_from(eager) == 2  # past the interval at each handshake: tried and reported again
+    assert warnings_from(patient) == 1  # within it: once
+
+
+def test_a_chmod_that_fixes_access_is_a_change(files):
+    ca, clients = trustme.CA(), trustme.CA()
+    files.serve(ca.issue_cert("a.example"), clients)
+    follower = tls_module.FollowedServerMaterial(files.server_tls())
+    assert follower() is None
+    files.key.chmod(0o400)  # nothing else changes: not inode, mtime nor size
+    assert isinstance(follower(), grpc.ServerCertificateConfiguration)
+
+
+async def test_a_renewal_that_empties_the_client_ca_keeps_the_old_one_and_still_asks_for_certificates(files):
+    ca, clients = trustme.CA(), trustme.CA()
+    files.serve(ca.issue_cert("server.example"), clients)
+    async with EchoServer("strict", credentials=files.server_tls().credentials()) as server:
+        files.write(files.client_ca, b"")
+        without_certificate = ClientTls(root_certificates=ca.cert_pem.bytes(), server_name="server.example")
+        assert not await answered(server.address, without_certificate)
+        assert await answered(server.address, client_of(ca, "server.example", clients))

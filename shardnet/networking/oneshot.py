@@ -127,7 +127,9 @@ async def call_once(
 
     async def attempt() -> tuple[Any, Any]:
         remaining = None if deadline is None else max(0.0, deadline - loop.time())
-        return await _call_on_new_channel(method, payload, address, remaining, root_certificates, tls, metadata, options)
+        return await _call_on_new_channel(
+            method, payload, address, remaining, root_certificates, tls, metadata, options
+        )
 
     try:
         return await retrying(attempt)
@@ -250,7 +252,8 @@ async def send_health_check_async(
     tls: Union[bool, ClientTls, None] = None,
 ) -> health_pb2.HealthCheckResponse:
     """Ask ``target`` the standard gRPC health check (service ""); its answer's ``status`` is SERVING when it
-    takes requests. Tried once more when it reached no server, as Jina's; a server without the service: UNIMPLEMENTED."""
+    takes requests. Tried once more when it reached no server, as Jina's; a server without the service:
+    UNIMPLEMENTED."""
     response, _ = await call_once(
         "health", health_pb2.HealthCheckRequest(service=""), target, timeout=timeout, https=https,
         root_certificates=root_certificates, tls=tls, attempts=ATTEMPTS_WHEN_UNAVAILABLE,

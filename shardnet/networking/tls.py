@@ -16,6 +16,8 @@ import pwd
 import re
 import ssl
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Optional, Union
@@ -288,16 +290,25 @@ class ServerTls:
 class FollowedServerMaterial:
     """What gRPC asks for at each TLS handshake of a server whose material is in files: None while the files
     are unchanged, else the new material once it passes ServerTls's checks. A change that fails them (a key
-    not yet matching its new certificate, say) keeps the last good material and is logged once."""
+    not yet matching its new certificate, say) keeps the last good material; it is tried and logged again
+    every ``retry_refused_after`` seconds while it lasts, so that a broken renewal is not a single log line."""
 
-    def __init__(self, tls: ServerTls):
+    def __init__(self, tls: ServerTls, retry_refused_after: float = 60.0):
         self._tls = tls
-        self._sources = [source for source in (tls.certificate_chain, tls.private_key, tls.client_ca) if _is_path(source)]
+        self._sources = [
+            source for source in (tls.certificate_chain, tls.private_key, tls.client_ca) if _is_path(source)
+        ]
+        self._retry_refused_after = retry_refused_after
         self._served = self._signature()
         self._refused: Optional[tuple] = None
+        self._refused_at = 0.0
+        # gRPC (1.78) holds a lock around each fetch: handshakes never run this concurrently; were they to,
+        # the worst is one reload or warning twice
+        self._lock = threading.Lock()
 
     def _signature(self) -> tuple:
-        """What tells a changed file apart: a Secret volume swaps a symlink (a new inode), an editor rewrites."""
+        """What tells a changed file apart: a Secret volume swaps a symlink (a new inode), an editor rewrites
+        (mtime, size), a chmod or chown fixes access (ctime, mode, owner)."""
         signature = []
         for source in self._sources:
             try:
@@ -305,7 +316,10 @@ class FollowedServerMaterial:
             except OSError:
                 signature.append(None)
             else:
-                signature.append((status.st_ino, status.st_mtime_ns, status.st_size))
+                signature.append(
+                    (status.st_ino, status.st_mtime_ns, status.st_ctime_ns, status.st_size, status.st_mode,
+                     status.st_uid, status.st_gid)
+                )
         return tuple(signature)
 
     def configuration(self) -> grpc.ServerCertificateConfiguration:
@@ -315,17 +329,22 @@ class FollowedServerMaterial:
 
     def __call__(self) -> Optional[grpc.ServerCertificateConfiguration]:
         # called on one of gRPC's threads at each handshake: cheap when nothing changed, and nothing may raise
-        signature = self._signature()
-        if signature in (self._served, self._refused):
-            return None
-        try:
-            configuration = self.configuration()
-        except Exception as exc:  # ConfigurationError, and whatever gRPC refuses
-            self._refused = signature
-            logger.warning("TLS material changed but cannot be served; the previous material stays: %s", exc)
-            return None
-        self._served, self._refused = signature, None
+        with self._lock:
+            signature = self._signature()
+            if signature == self._served:
+                return None
+            if signature == self._refused and time.monotonic() - self._refused_at < self._retry_refused_after:
+                return None
+            try:
+                configuration = self.configuration()
+            except Exception as exc:  # noqa: BLE001 - on gRPC's thread: any failure keeps the last good material
+                self._refused, self._refused_at = signature, time.monotonic()
+                logger.warning("TLS material changed but cannot be served; the previous material stays: %s", exc)
+                return None
+            self._served, self._refused = signature, None
+        # gRPC's TLS library parses it after this returns, and logs it if it refuses it (a key type it lacks)
         logger.info(
-            "TLS material changed: new connections get %s", _describe(self._tls.certificate_chain, "certificate chain")
+            "TLS material changed: new connections are offered %s",
+            _describe(self._tls.certificate_chain, "certificate chain"),
         )
         return configuration
