@@ -268,12 +268,19 @@ async def test_send_request_async_gives_up_after_the_second_refusal_and_says_so(
     assert server.address in str(caught.value) and "the last of 2 attempts" in str(caught.value)
 
 
-async def test_an_unavailable_a_handler_answered_is_not_sent_again(echo_servers):
-    # a head passing on its worker's UNAVAILABLE, say: the work may have been done, so it is not done twice
-    [server] = await echo_servers(1, fail_with=grpc.StatusCode.UNAVAILABLE)
+@pytest.mark.parametrize(
+    "code",
+    [
+        # an UNAVAILABLE a handler sent (a head passing on its worker's, say): the work may have been done
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.INTERNAL,
+    ],
+)
+async def test_a_failure_a_handler_answered_is_not_sent_again(echo_servers, code):
+    [server] = await echo_servers(1, fail_with=code)
     with pytest.raises(ReplicaError) as caught:
         await GrpcConnectionPool.send_request_async(DataRequest(), server.address, timeout=5.0)
-    assert server.calls == 1 and caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert server.calls == 1 and caught.value.code == code
     assert "attempts" not in str(caught.value)
 
 
@@ -292,14 +299,6 @@ async def test_through_a_head_a_failing_worker_runs_a_request_no_more_often_than
         await GrpcConnectionPool.send_request_async(DataRequest(endpoint="/x"), worker.address, timeout=5.0)
     assert worker.calls - through_the_head == 1  # sent straight: once
     assert through_the_head == 2  # through the head: its own second round over its one replica, and no more
-
-
-async def test_other_failures_of_a_one_off_call_are_not_tried_again(echo_servers):
-    [server] = await echo_servers(1, fail_with=grpc.StatusCode.INTERNAL)
-    with pytest.raises(ReplicaError) as caught:
-        await GrpcConnectionPool.send_request_async(DataRequest(), server.address, timeout=5.0)
-    assert server.calls == 1 and caught.value.code == grpc.StatusCode.INTERNAL
-    assert "attempts" not in str(caught.value)
 
 
 async def test_control_requests_are_not_tried_again(echo_servers):

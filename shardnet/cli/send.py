@@ -55,7 +55,7 @@ async def _discovered_endpoints(target: str, tls, timeout: float) -> list[str]:
 
 # how gRPC itself says it reached no server at all: a status a server sent (a head relaying a failure of its
 # workers, say) starts with that server's own words instead
-_NOT_REACHED = ("failed to connect to all addresses", "dns resolution failed", "socket closed", "connection reset")
+_NOT_REACHED = (*oneshot.NOT_CONNECTED, "socket closed", "connection reset")
 
 
 def _target_unreachable(exc: ReplicaError) -> bool:

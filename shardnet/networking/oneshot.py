@@ -39,7 +39,7 @@ T = TypeVar("T")
 # when it provably reached no handler (see _never_reached): a request sent again must not be processed twice
 ATTEMPTS_WHEN_UNAVAILABLE = 2
 # how gRPC says it reached no server at all (a status a server sent starts with that server's own words)
-_NOT_CONNECTED = ("failed to connect to all addresses", "dns resolution failed")
+NOT_CONNECTED = ("failed to connect to all addresses", "dns resolution failed")
 
 
 def tolerate_grpc_poller_race(loop: asyncio.AbstractEventLoop, context: dict) -> None:
@@ -87,7 +87,7 @@ def _never_reached(error: BaseException) -> bool:
     if not isinstance(error, grpc.aio.AioRpcError) or error.code() != grpc.StatusCode.UNAVAILABLE:
         return False
     details = (error.details() or "").lower()
-    return details.startswith(_NOT_CONNECTED) or details == DRAINING_DETAILS
+    return details.startswith(NOT_CONNECTED) or details == DRAINING_DETAILS
 
 
 async def call_once(
@@ -261,18 +261,6 @@ async def send_health_check_async(
     return response
 
 
-def send_health_check_sync(
-    target: str,
-    timeout: float = 99.0,
-    https: bool = False,
-    root_certificates: PemSource = None,
-    *,
-    tls: Union[bool, ClientTls, None] = None,
-) -> health_pb2.HealthCheckResponse:
-    """Blocking ``send_health_check_async`` (Jina's order: ``target, timeout, tls, root_certificates``)."""
-    return run_sync(send_health_check_async(target, timeout, https, root_certificates, tls=tls))
-
-
 async def send_control(
     command: str,
     target_head: str,
@@ -338,10 +326,11 @@ def _blocking(coroutine_function: Callable[..., Awaitable[T]]) -> Callable[..., 
     def blocking(*args: Any, **kwargs: Any) -> T:
         return run_sync(coroutine_function(*args, **kwargs))
 
-    blocking.__name__ = blocking.__qualname__ = f"{coroutine_function.__name__}_sync"
+    blocking.__name__ = blocking.__qualname__ = f"{coroutine_function.__name__.removesuffix('_async')}_sync"
     blocking.__doc__ = f"Blocking ``{coroutine_function.__name__}``: {coroutine_function.__doc__}"
     return blocking
 
 
 activate_worker_sync = _blocking(activate_worker)
 deactivate_worker_sync = _blocking(deactivate_worker)
+send_health_check_sync = _blocking(send_health_check_async)  # Jina's order: target, timeout, tls, root_certificates

@@ -302,9 +302,7 @@ class FollowedServerMaterial:
         self._served = self._signature()
         self._refused: Optional[tuple] = None
         self._refused_at = 0.0
-        # gRPC (1.78) holds a lock around each fetch: handshakes never run this concurrently; were they to,
-        # the worst is one reload or warning twice
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # gRPC 1.78 runs one fetch at a time already; other versions need not
 
     def _signature(self) -> tuple:
         """What tells a changed file apart: a Secret volume swaps a symlink (a new inode), an editor rewrites
