@@ -13,6 +13,7 @@ from shardnet.errors import ConfigurationError
 from shardnet.manifests.kubernetes import (
     DRAIN_MARGIN,
     HEAD_RESOURCES,
+    ISSUER_KINDS,
     DeploymentSpec,
     Resources,
     render,
@@ -61,6 +62,15 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         help="a Secret with tls.crt, tls.key and ca.crt (as cert-manager writes one): the head serves TLS, the "
              "workers mutual TLS, the head dials them with that certificate; it must name NAME-head.NAMESPACE.svc "
              "and NAME-worker.NAMESPACE.svc. Probes then use a plaintext health-only port (--health-port)",
+    )
+    parser.add_argument(
+        "--tls-issuer", metavar="ISSUER",
+        help="also render a cert-manager Certificate from this Issuer (a CA of the deployment's own) that keeps "
+             "--tls-secret filled and renewed, with every name and usage it needs",
+    )
+    parser.add_argument(
+        "--tls-issuer-kind", choices=ISSUER_KINDS, default="Issuer",
+        help="the kind of --tls-issuer (default: %(default)s)",
     )
     parser.add_argument(
         "--health-port", type=int,
@@ -145,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
         max_in_flight=args.max_in_flight,
         request_streams=args.request_streams,
         tls_secret=args.tls_secret,
+        tls_issuer=args.tls_issuer,
+        tls_issuer_kind=args.tls_issuer_kind,
         **({} if args.health_port is None else {"health_port": args.health_port}),
     )
     if spec.uses == DEFAULT_USES and spec.replicas > 1:
@@ -154,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
             "Executor, or --replicas 1)",
             file=sys.stderr,
         )
-    if spec.tls_secret is not None:
+    if spec.tls_secret is not None and spec.tls_issuer is None:
         print(
             f"shardnet k8s: note: Secret {spec.tls_secret!r}'s certificate must name {spec.head_server_name} (what "
             f"clients dial) and {spec.worker_server_name} (what the head checks its workers against: it dials "

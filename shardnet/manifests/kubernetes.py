@@ -6,7 +6,9 @@ plain dicts, one per Kubernetes object; ``to_yaml`` turns them into the text
 Service and a PodDisruptionBudget named ``NAME-n``; the head has the same three
 named ``NAME-head`` (its Service is a plain ClusterIP one: the stable address
 clients call) plus a ServiceAccount, Role and RoleBinding that let it get, list
-and watch pods and EndpointSlices, nothing more.
+and watch pods and EndpointSlices, nothing more. With a TLS Secret every pod
+mounts it and serves TLS (probes on a plaintext health-only port); with a
+cert-manager issuer a Certificate keeps that Secret filled.
 
 Labels are a contract with discovery (``shardnet.discovery``):
 
@@ -20,7 +22,7 @@ Labels are a contract with discovery (``shardnet.discovery``):
 
 Every object also carries ``app.kubernetes.io/instance: NAME``, so
 ``kubectl delete all,pdb,sa,role,rolebinding -l app.kubernetes.io/instance=NAME``
-removes a deployment.
+removes a deployment (add ``certificate`` to the list when one was rendered).
 """
 
 from __future__ import annotations
@@ -61,6 +63,9 @@ RUN_AS = 10001  # the Dockerfile's numeric user, so the kubelet can check runAsN
 WORKSPACE = "/workspace"  # the workers' writable folder (an emptyDir) under a read-only root filesystem
 TLS_DIR = "/etc/shardnet/tls"  # where the TLS Secret (tls.crt, tls.key, ca.crt) is mounted, read-only
 HEALTH_PORT_NAME = "health"
+ISSUER_KINDS = ("Issuer", "ClusterIssuer")
+# what the Secret's one certificate is used for: the head and workers serve with it, the head dials with it
+CERTIFICATE_USAGES = ("digital signature", "key encipherment", "server auth", "client auth")
 
 _LABEL_MAX = 63
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -188,6 +193,9 @@ class DeploymentSpec:
     # mutual TLS, and the head dials them with that certificate; see head_server_name and worker_server_name
     tls_secret: Optional[str] = None
     health_port: int = 8081  # with TLS only: the plaintext health check the probes use (kubelet's speak no TLS)
+    # a cert-manager Issuer (or ClusterIssuer) of the deployment's own CA: a Certificate keeping tls_secret filled
+    tls_issuer: Optional[str] = None
+    tls_issuer_kind: str = "Issuer"
 
     def __post_init__(self) -> None:
         for what in ("shards", "replicas", "head_replicas"):
@@ -240,6 +248,15 @@ class DeploymentSpec:
             raise ConfigurationError(
                 f"health_port (--health-port) must be an integer in 1024..65535 other than port ({self.port}), got "
                 f"{self.health_port!r}: with TLS the probes read a plaintext health check there"
+            )
+        if self.tls_issuer is not None:
+            if self.tls_secret is None:
+                raise ConfigurationError("tls_issuer (--tls-issuer) needs tls_secret (--tls-secret): the Secret it fills")
+            if not isinstance(self.tls_issuer, str) or not _DNS1123_SUBDOMAIN.match(self.tls_issuer):
+                raise ConfigurationError(f"tls_issuer {self.tls_issuer!r} must name an Issuer: a DNS-1123 subdomain")
+        if self.tls_issuer_kind not in ISSUER_KINDS:
+            raise ConfigurationError(
+                f"tls_issuer_kind must be one of {', '.join(ISSUER_KINDS)}, got {self.tls_issuer_kind!r}"
             )
         if not _is_count(self.startup_seconds) or self.startup_seconds < STARTUP_PERIOD:
             raise ConfigurationError(
@@ -295,6 +312,15 @@ class DeploymentSpec:
         return f"{self.name}-worker.{self.namespace}.svc"
 
     @property
+    def tls_names(self) -> list[str]:
+        """Every name the certificate must carry: the head Service's, as clients may spell it, and the workers'."""
+        head = f"{self.name}-head"
+        return [
+            head, f"{head}.{self.namespace}", self.head_server_name, f"{self.head_server_name}.cluster.local",
+            self.worker_server_name,
+        ]
+
+    @property
     def polling_argument(self) -> str:
         """``polling`` as the head's ``--polling`` takes it: ``ANY``, ``ALL`` or compact JSON."""
         parsed = PollingMap.parse(self.polling)
@@ -318,6 +344,7 @@ def render_components(spec: DeploymentSpec) -> dict[str, list[dict[str, Any]]]:
     head = f"{spec.name}-head"
     components = {
         head: [
+            *([_certificate(spec, head)] if spec.tls_issuer is not None else []),
             _service_account(spec, head),
             _role(spec, head),
             _role_binding(spec, head),
@@ -370,6 +397,23 @@ def _metadata(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
         **service_labels(spec, role, shard),
     }
     return {"name": name, "namespace": spec.namespace, "labels": labels}
+
+
+def _certificate(spec: DeploymentSpec, name: str) -> dict[str, Any]:
+    """A cert-manager Certificate that keeps the TLS Secret filled and renewed: tls.crt and tls.key, and ca.crt
+    from a CA issuer; a new key at each renewal."""
+    return {
+        "apiVersion": "cert-manager.io/v1",
+        "kind": "Certificate",
+        "metadata": _metadata(spec, name, "head", None),
+        "spec": {
+            "secretName": spec.tls_secret,
+            "dnsNames": spec.tls_names,
+            "usages": list(CERTIFICATE_USAGES),
+            "privateKey": {"rotationPolicy": "Always"},
+            "issuerRef": {"name": spec.tls_issuer, "kind": spec.tls_issuer_kind, "group": "cert-manager.io"},
+        },
+    }
 
 
 def _service_account(spec: DeploymentSpec, name: str) -> dict[str, Any]:
