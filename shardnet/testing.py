@@ -30,7 +30,6 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
-
 async def eventually(
     predicate: Callable[[], Union[bool, Awaitable[bool]]], timeout: float = 5.0, interval: float = 0.01
 ) -> None:
@@ -48,6 +47,7 @@ async def eventually(
         if time.monotonic() >= deadline:
             raise AssertionError(f"condition not met within {timeout:g}s: {getattr(predicate, '__name__', predicate)}")
         await asyncio.sleep(interval)
+
 
 async def probe_health(address: str, service: str = "", timeout: float = 2.0) -> int:
     """The status a stock, plaintext grpc.health.v1 Check reads at ``address``, as the kubelet's ``grpc:`` probe

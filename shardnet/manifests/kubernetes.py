@@ -251,7 +251,9 @@ class DeploymentSpec:
             )
         if self.tls_issuer is not None:
             if self.tls_secret is None:
-                raise ConfigurationError("tls_issuer (--tls-issuer) needs tls_secret (--tls-secret): the Secret it fills")
+                raise ConfigurationError(
+                    "tls_issuer (--tls-issuer) needs tls_secret (--tls-secret): the Secret it fills"
+                )
             if not isinstance(self.tls_issuer, str) or not _DNS1123_SUBDOMAIN.match(self.tls_issuer):
                 raise ConfigurationError(f"tls_issuer {self.tls_issuer!r} must name an Issuer: a DNS-1123 subdomain")
         if self.tls_issuer_kind not in ISSUER_KINDS:

@@ -210,7 +210,10 @@ class GrpcConnectionPool:
             return None
         if head:
             return await entry.head.remove_connection(address) if entry.head else None
-        candidates = entry.shards.values() if shard_id is None else [entry.shards.get(_shard_number(deployment, shard_id))]
+        if shard_id is None:
+            candidates = entry.shards.values()
+        else:
+            candidates = [entry.shards.get(_shard_number(deployment, shard_id))]
         for replicas in candidates:
             if replicas is not None:
                 removed = await replicas.remove_connection(address)

@@ -176,7 +176,9 @@ class Head:
             check_seconds(lease, "lease")
         static = sum(len(addresses) for addresses in (connections or {}).values())
         if static > max_workers:
-            raise ConfigurationError(f"deployment {deployment!r}: {static} static connections, over max_workers={max_workers}")
+            raise ConfigurationError(
+                f"deployment {deployment!r}: {static} static connections, over max_workers={max_workers}"
+            )
         self.pool.declare_shards(deployment, shards)
         self._shards = shards  # when given, ACTIVATE (or a static connection) for a shard beyond them is refused
         for shard_id, addresses in (connections or {}).items():
@@ -246,10 +248,11 @@ class Head:
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         status = jina_pb2.StatusProto(code=jina_pb2.StatusProto.SUCCESS)
-        admitted = self._max_in_flight is None or self._in_flight < self._max_in_flight
-        if not admitted:
+        if self._full:
             status.code = jina_pb2.StatusProto.ERROR
-            status.description = f"head of {self.deployment!r}: as many requests in flight as it takes (--max-in-flight)"
+            status.description = (
+                f"head of {self.deployment!r}: as many requests in flight as it takes (--max-in-flight)"
+            )
             return status.SerializeToString()
         self._in_flight += 1
         metadata = ((services.ENDPOINT_METADATA, DRY_RUN_ENDPOINT), self._via)
@@ -269,9 +272,14 @@ class Head:
             self._in_flight -= 1
         return status.SerializeToString()
 
+    @property
+    def _full(self) -> bool:
+        """Whether ``max_in_flight`` requests are under way already (never, without a limit)."""
+        return self._max_in_flight is not None and self._in_flight >= self._max_in_flight
+
     async def _serve_admitted(self, requests: list[DataRequest], context: grpc.aio.ServicerContext) -> bytes:
         """``_serve`` within ``max_in_flight``: past it, RESOURCE_EXHAUSTED at once, naming the limit."""
-        if self._in_flight >= self._max_in_flight:
+        if self._full:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"head of {self.deployment!r}: {self._in_flight} requests in flight already, as many as it takes "
@@ -540,7 +548,8 @@ class Head:
 
     def _worker_count(self) -> int:
         """The workers this head holds, over every shard."""
-        return sum(len(self.pool.get_replicas(self.deployment, shard_id=shard)) for shard in self.pool.shard_ids(self.deployment))
+        pool = self.pool
+        return sum(len(pool.get_replicas(self.deployment, shard_id=shard)) for shard in pool.shard_ids(self.deployment))
 
     def _is_own(self, address: Address) -> bool:
         """Whether ``address`` is one this head listens on, as a worker on its machine would name it."""

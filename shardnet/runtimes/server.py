@@ -229,28 +229,30 @@ class Server:
         if inspect.isasyncgenfunction(handler):
 
             async def gated(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
-                if self.draining:
-                    await self._refuse(context)
-                self._calls += 1
-                try:
+                async with self._counted_stream(context):
                     async with contextlib.aclosing(handler(requests, context)) as answers:  # its finally runs now
                         async for answer in answers:
                             yield answer
-                finally:
-                    self._call_ended()
 
         else:
 
             async def gated(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
-                if self.draining:
-                    await self._refuse(context)
-                self._calls += 1
-                try:
+                async with self._counted_stream(context):
                     await handler(requests, context)
-                finally:
-                    self._call_ended()
 
         self._handlers.append(stream_service(path, gated))
+
+    @contextlib.asynccontextmanager
+    async def _counted_stream(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """A stream, refused while draining, else counted as a call for its whole life (``serve_unary`` counts
+        inline instead: no context manager per request)."""
+        if self.draining:
+            await self._refuse(context)
+        self._calls += 1
+        try:
+            yield
+        finally:
+            self._call_ended()
 
     @staticmethod
     async def _refuse(context: grpc.aio.ServicerContext) -> None:
@@ -361,7 +363,9 @@ class Server:
             os.unlink(path)
         self._unix_bound = False
 
-    async def drain(self, grace: Optional[float] = None, when_idle: Optional[Callable[[], Awaitable[None]]] = None) -> None:
+    async def drain(
+        self, grace: Optional[float] = None, when_idle: Optional[Callable[[], Awaitable[None]]] = None
+    ) -> None:
         """Refuse new calls, let in-flight ones finish (up to ``grace`` seconds), then stop.
 
         ``when_idle`` runs once no call is in flight: before the listener closes when they all ended within the
