@@ -86,6 +86,7 @@ class EchoServer:
         self.fail_times = fail_times  # with fail_with: only the first this many calls fail (None: all of them)
         self.fail_details = fail_details  # what the failure says (default: "NAME told to fail")
         self.received_metadata: list[dict[str, str]] = []
+        self.client_names: list[Optional[list[str]]] = []  # per call: what a client certificate named (mTLS)
         self.calls = 0
         self._credentials = credentials
         self._server: Optional[grpc.aio.Server] = None
@@ -98,6 +99,8 @@ class EchoServer:
         self.calls += 1
         if self.record_metadata:
             self.received_metadata.append({key: value for key, value in context.invocation_metadata()})
+            identities = context.peer_identities()
+            self.client_names.append(None if identities is None else [name.decode() for name in identities])
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.fail_with is not None and (self.fail_times is None or self.calls <= self.fail_times):

@@ -11,7 +11,7 @@ import grpc
 import pytest
 import trustme
 
-from shardnet import ClientTls, DataRequest, ReplicaError, ServerTls
+from shardnet import ClientTls, ConfigurationError, DataRequest, GrpcConnectionPool, ReplicaError, ServerTls
 from shardnet.networking import oneshot
 from shardnet.networking import tls as tls_module
 from shardnet.testing import EchoServer
@@ -194,3 +194,98 @@ async def test_a_renewal_that_empties_the_client_ca_keeps_the_old_one_and_still_
         without_certificate = ClientTls(root_certificates=ca.cert_pem.bytes(), server_name="server.example")
         assert not await answered(server.address, without_certificate)
         assert await answered(server.address, client_of(ca, "server.example", clients))
+
+
+# -- the client side: a pool whose material is in files gives its replicas new channels after a renewal -------
+
+
+class ClientFiles(Files):
+    """A client's ca.crt / tls.crt / tls.key, as a head mounts its Secret."""
+
+    def present(self, certificate: trustme.LeafCert, roots: trustme.CA) -> None:
+        self.write(self.chain, b"".join(blob.bytes() for blob in certificate.cert_chain_pems))
+        self.write(self.key, certificate.private_key_pem.bytes())
+        self.write(self.client_ca, roots.cert_pem.bytes())
+
+    def client_tls(self, server_name: str) -> ClientTls:
+        return ClientTls(root_certificates=str(self.client_ca), certificate_chain=str(self.chain),
+                         private_key=str(self.key), server_name=server_name)
+
+
+@pytest.fixture
+def client_files(tmp_path: Path) -> ClientFiles:
+    folder = tmp_path / "client"
+    folder.mkdir()
+    return ClientFiles(folder)
+
+
+async def test_a_renewed_client_certificate_reaches_replicas_on_new_channels_and_loses_no_call(
+    files, client_files, pool_factory, eventually
+):
+    ca, old_clients, new_clients = trustme.CA(), trustme.CA(), trustme.CA()
+    files.serve(ca.issue_cert("worker.example"), old_clients)
+    client_files.present(old_clients.issue_cert("head-before.example"), ca)
+    async with EchoServer("worker", credentials=files.server_tls().credentials()) as server:
+        pool = pool_factory(tls=client_files.client_tls("worker.example"), tls_check_interval=0.02)
+        pool.add_connection("dep", server.address)
+        await pool.send_request_once(DataRequest(endpoint="/x"), "dep")
+        [connection] = pool.get_replicas("dep").get_all_connections()
+        old_channel = connection.channel
+
+        server.delay = 0.5
+        in_flight = pool.send_request_once(DataRequest(endpoint="/slow"), "dep")
+        await eventually(lambda: server.calls == 2)
+        # the worker now trusts only the new client CA, and the head's Secret holds a certificate it signed
+        files.serve(ca.issue_cert("worker.example"), new_clients)
+        client_files.present(new_clients.issue_cert("head-after.example"), ca)
+        await eventually(lambda: connection.channel is not old_channel)
+
+        reply, _ = await in_flight  # the call on the retired channel was answered there
+        assert reply.header.exec_endpoint == "/slow"
+        server.delay = 0.0
+        reply, _ = await pool.send_request_once(DataRequest(endpoint="/after"), "dep")  # a new connection
+        assert reply.header.exec_endpoint == "/after"
+        assert server.client_names == [["head-before.example"]] * 2 + [["head-after.example"]]
+        assert not await answered(server.address, client_of(ca, "worker.example", old_clients))
+
+
+async def test_a_client_renewal_that_does_not_check_out_is_not_taken_until_it_does(
+    files, client_files, pool_factory, eventually, caplog
+):
+    ca, clients = trustme.CA(), trustme.CA()
+    files.serve(ca.issue_cert("worker.example"), clients)
+    client_files.present(clients.issue_cert("head.example"), ca)
+    async with EchoServer("worker", credentials=files.server_tls().credentials()) as server:
+        with caplog.at_level(logging.WARNING, logger="shardnet.networking.tls"):
+            pool = pool_factory(tls=client_files.client_tls("worker.example"), tls_check_interval=0.02)
+            pool.add_connection("dep", server.address)
+            [connection] = pool.get_replicas("dep").get_all_connections()
+            first_channel = connection.channel
+            renewed = clients.issue_cert("head.example")
+            client_files.write(client_files.chain, b"".join(blob.bytes() for blob in renewed.cert_chain_pems))
+            await eventually(lambda: any("is not taken" in record.getMessage() for record in caplog.records))
+            assert connection.channel is first_channel  # half a renewal: the key does not match yet
+            reply, _ = await pool.send_request_once(DataRequest(endpoint="/x"), "dep")
+            assert reply.header.exec_endpoint == "/x"
+
+            client_files.write(client_files.key, renewed.private_key_pem.bytes())
+            await eventually(lambda: connection.channel is not first_channel)
+            reply, _ = await pool.send_request_once(DataRequest(endpoint="/y"), "dep")
+            assert reply.header.exec_endpoint == "/y"
+        refusals = [record.getMessage() for record in caplog.records if "is not taken" in record.getMessage()]
+        assert refusals and "does not match" in refusals[0]
+
+
+def test_only_material_in_files_is_followed(client_files):
+    ca, clients = trustme.CA(), trustme.CA()
+    client_files.present(clients.issue_cert("head.example"), ca)
+    assert tls_module.FollowedClientMaterial(client_files.client_tls("worker.example")).follows_files
+    in_memory = ClientTls(root_certificates=ca.cert_pem.bytes())
+    assert not tls_module.FollowedClientMaterial(in_memory).follows_files
+    assert not tls_module.FollowedClientMaterial(in_memory).renewed()
+
+
+@pytest.mark.parametrize("interval", [0, -1, float("nan"), "30", True])
+def test_a_bad_tls_check_interval_is_refused(interval):
+    with pytest.raises(ConfigurationError, match="tls_check_interval must be positive seconds"):
+        GrpcConnectionPool(tls_check_interval=interval)

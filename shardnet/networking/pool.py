@@ -36,10 +36,17 @@ from shardnet.networking.channels import (
     error_cause,
     get_grpc_channel,
 )
-from shardnet.networking.policies import EjectionPolicy, RetryBudget, RetryPolicy, check_flag, check_timeout
+from shardnet.networking.policies import (
+    EjectionPolicy,
+    RetryBudget,
+    RetryPolicy,
+    check_flag,
+    check_seconds,
+    check_timeout,
+)
 from shardnet.networking.polling import PollingType
 from shardnet.networking.replica_list import Connection, ReplicaList, close_in_turn
-from shardnet.networking.tls import ClientTls
+from shardnet.networking.tls import ClientTls, FollowedClientMaterial
 from shardnet.protocol.messages import ControlRequest, DataRequest
 
 logger = logging.getLogger(__name__)
@@ -116,13 +123,16 @@ class GrpcConnectionPool:
         channel_options: Optional[ChannelOptions] = None,
         metadata: Metadata = (),
         request_streams: bool = False,
+        tls_check_interval: float = 30.0,
     ):
         """Jina's first three arguments keep their places: ``runtime_name``, ``logger`` (where the pool's
         replica lists log ejections; any object with ``warning`` and ``info``) and ``compression``
         (``"Gzip"``, ``"Deflate"``, ``"NoCompression"`` or a ``grpc.Compression``) for every call;
         ``channel_options`` is Jina's name for ``options``. ``request_streams``: single requests to
         shardnet workers travel as messages on a few shared streams per replica instead of a call each
-        (networking/streams.py; what a head does), unary to servers that do not serve them."""
+        (networking/streams.py; what a head does), unary to servers that do not serve them.
+        ``tls_check_interval``: how often a started pool whose ``tls`` material is in files looks for a
+        renewal of them, and gives its replicas new channels when there is one."""
         if not isinstance(runtime_name, str):
             raise ConfigurationError(f"runtime_name names the pool's owner (Jina's first argument), got {runtime_name!r}")
         self.runtime_name = runtime_name  # who holds the pool, as in Jina: shown by repr
@@ -130,12 +140,15 @@ class GrpcConnectionPool:
         _check_policies(retry=(retry, RetryPolicy), retry_budget=(retry_budget, RetryBudget),
                         ejection=(ejection, EjectionPolicy), tls=(tls, ClientTls))
         check_timeout(timeout, "the pool's timeout")
+        check_seconds(tls_check_interval, "tls_check_interval")
         self.balancer = balancer
         self.retry = retry if retry is not None else RetryPolicy()
         self.retry_budget = retry_budget if retry_budget is not None else RetryBudget()
         self.timeout = timeout
         self._ejection = ejection
         self._tls = tls
+        self._tls_check_interval = tls_check_interval
+        self._tls_follower: Optional[asyncio.Task] = None
         if options is not None and channel_options is not None:
             raise ConfigurationError("give channel options once: options= or Jina's channel_options=, not both")
         self._options = checked_options(options if options is not None else channel_options)
@@ -573,17 +586,47 @@ class GrpcConnectionPool:
     # -- lifetime -------------------------------------------------------------------
 
     def start(self) -> None:
-        """Begin background work (the base pool has none; Kubernetes discovery starts watching here)."""
+        """Begin background work (call inside a running loop): following TLS material in files for renewals
+        (Kubernetes discovery starts watching here too)."""
+        if self._tls is None or self._tls_follower is not None:
+            return
+        follower = FollowedClientMaterial(self._tls)
+        if follower.follows_files:
+            self._tls_follower = asyncio.get_running_loop().create_task(
+                self._follow_tls(follower), name=f"tls-follower-{self.runtime_name or id(self)}"
+            )
 
-    async def close(self) -> None:
-        """Close every channel of every deployment, all together: calls still running get half a second, then
-        are cut (UNAVAILABLE naming the replica). Cancelled, it cuts them at once; closing again finishes."""
-        lists = [
+    async def _follow_tls(self, follower: FollowedClientMaterial) -> None:
+        """Renew every replica's channel after each renewal of the client material: an open channel presents
+        the certificate it was made with at every reconnection, long after that certificate has expired."""
+        while True:
+            await asyncio.sleep(self._tls_check_interval)
+            if not follower.renewed():
+                continue
+            renewed = 0
+            try:
+                for replicas in self._replica_lists():
+                    renewed += await replicas.renew_channels()
+            except Exception:  # noqa: BLE001 - the follower must outlive one failed renewal; failures rebuild too
+                logger.exception("renewing channels for new client TLS material failed after %d", renewed)
+            else:
+                logger.info("%d replica channels renewed with the new client TLS material", renewed)
+
+    def _replica_lists(self) -> list[ReplicaList]:
+        return [
             replicas
             for entry in self._deployments.values()
             for replicas in ([entry.head] if entry.head else []) + list(entry.shards.values())
         ]
-        await close_in_turn(replicas.close() for replicas in lists)
+
+    async def close(self) -> None:
+        """Close every channel of every deployment, all together: calls still running get half a second, then
+        are cut (UNAVAILABLE naming the replica). Cancelled, it cuts them at once; closing again finishes."""
+        follower, self._tls_follower = self._tls_follower, None
+        if follower is not None:
+            follower.cancel()
+            await asyncio.gather(follower, return_exceptions=True)
+        await close_in_turn(replicas.close() for replicas in self._replica_lists())
         self._deployments = {}
 
     async def __aenter__(self) -> "GrpcConnectionPool":

@@ -284,6 +284,17 @@ class ReplicaList:
         await asyncio.sleep(0)
         return connection
 
+    async def renew_channels(self) -> int:
+        """Give every TLS replica a new channel, made with the material as it is now (a renewed client
+        certificate); calls on the old channels finish there. Returns how many were renewed."""
+        renewed = 0
+        for connection in list(self._connections.values()):
+            if connection.address.tls and self._connections.get(connection.address.target) is connection:
+                connection.rebuild()
+                renewed += 1
+                await asyncio.sleep(0)  # one close started per loop pass (see remove_connection)
+        return renewed
+
     def has_connection(self, address: str) -> bool:
         """True when ``address`` is one of this list's replicas, ejected or not."""
         return parse_address(address).target in self._connections

@@ -18,8 +18,8 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Optional, Union
 
 import grpc
@@ -80,6 +80,23 @@ def _only_this_user_in(gid: int) -> bool:
     accounts = pwd.getpwall()
     members -= {entry.pw_name for entry in accounts if entry.pw_uid == uid}
     return not members and all(entry.pw_uid == uid for entry in accounts if entry.pw_gid == gid)
+
+
+def files_signature(sources: Sequence[PemSource]) -> tuple:
+    """A stat of each file, no read: what tells a changed file apart. A Secret volume swaps a symlink (a new
+    inode), an editor rewrites (mtime, size), a chmod or chown fixes access (ctime, mode, owner)."""
+    signature = []
+    for source in sources:
+        try:
+            status = os.stat(os.fspath(source))
+        except OSError:
+            signature.append(None)
+        else:
+            signature.append(
+                (status.st_ino, status.st_mtime_ns, status.st_ctime_ns, status.st_size, status.st_mode,
+                 status.st_uid, status.st_gid)
+            )
+    return tuple(signature)
 
 
 def load_pem(source: PemSource, what: str = "certificate") -> Optional[bytes]:
@@ -236,6 +253,11 @@ class ClientTls:
             return ()
         return ((SERVER_NAME_OPTION, self.server_name),)
 
+    def files(self) -> list[PemSource]:
+        """The material given as file paths: what a renewal can change under a running client."""
+        sources = (self.root_certificates, self.certificate_chain, self.private_key)
+        return [source for source in sources if _is_path(source)]
+
 
 @dataclass(frozen=True)
 class ServerTls:
@@ -299,26 +321,10 @@ class FollowedServerMaterial:
             source for source in (tls.certificate_chain, tls.private_key, tls.client_ca) if _is_path(source)
         ]
         self._retry_refused_after = retry_refused_after
-        self._served = self._signature()
+        self._served = files_signature(self._sources)
         self._refused: Optional[tuple] = None
         self._refused_at = 0.0
         self._lock = threading.Lock()  # gRPC 1.78 runs one fetch at a time already; other versions need not
-
-    def _signature(self) -> tuple:
-        """What tells a changed file apart: a Secret volume swaps a symlink (a new inode), an editor rewrites
-        (mtime, size), a chmod or chown fixes access (ctime, mode, owner)."""
-        signature = []
-        for source in self._sources:
-            try:
-                status = os.stat(os.fspath(source))
-            except OSError:
-                signature.append(None)
-            else:
-                signature.append(
-                    (status.st_ino, status.st_mtime_ns, status.st_ctime_ns, status.st_size, status.st_mode,
-                     status.st_uid, status.st_gid)
-                )
-        return tuple(signature)
 
     def configuration(self) -> grpc.ServerCertificateConfiguration:
         """The material as gRPC serves it, read and checked now."""
@@ -328,7 +334,7 @@ class FollowedServerMaterial:
     def __call__(self) -> Optional[grpc.ServerCertificateConfiguration]:
         # called on one of gRPC's threads at each handshake: cheap when nothing changed, and nothing may raise
         with self._lock:
-            signature = self._signature()
+            signature = files_signature(self._sources)
             if signature == self._served:
                 return None
             if signature == self._refused and time.monotonic() - self._refused_at < self._retry_refused_after:
@@ -346,3 +352,34 @@ class FollowedServerMaterial:
             _describe(self._tls.certificate_chain, "certificate chain"),
         )
         return configuration
+
+
+class FollowedClientMaterial:
+    """Whether a client's TLS files changed into material that checks out, asked now and then by a pool: its
+    open channels keep the certificate they were made with, including for every reconnection, so a renewed
+    one reaches a replica only through a new channel. A change that fails ClientTls's checks (half a renewal)
+    is not taken, and said so each time it is asked while it lasts."""
+
+    def __init__(self, tls: ClientTls):
+        self._tls = tls
+        self._sources = tls.files()
+        self._taken = files_signature(self._sources)
+
+    @property
+    def follows_files(self) -> bool:
+        return bool(self._sources)
+
+    def renewed(self) -> bool:
+        """True once for each change of the files whose new material passes the checks."""
+        signature = files_signature(self._sources)
+        if signature == self._taken:
+            return False
+        try:
+            replace(self._tls)  # a fresh ClientTls checks what the files hold now
+        except ConfigurationError as exc:
+            logger.warning("client TLS material changed but is not taken; channels keep the previous one: %s", exc)
+            return False
+        self._taken = signature
+        logger.info("client TLS material changed: replicas get new channels with %s",
+                    _describe(self._tls.certificate_chain or self._tls.root_certificates, "material"))
+        return True
