@@ -17,13 +17,14 @@ import grpc
 import grpc.aio
 import pytest
 import trustme
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shardnet import ClientTls, ConfigurationError, DataRequest, Document, GrpcConnectionPool, ServerTls
 from shardnet.cli.main import build_parser
 from shardnet.cli.options import server_config
 from shardnet.networking import oneshot
 from shardnet.protocol import services
+from shardnet.runtimes import server as server_module
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.server import ServerConfig
 from shardnet.runtimes.worker import Worker
@@ -100,6 +101,37 @@ async def test_a_tls_worker_answers_plaintext_health_only_on_its_health_port(run
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await channel.unary_unary(path)(DataRequest([Document()]).to_bytes(), timeout=2)
             assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED, path
+
+
+async def test_the_plaintext_health_port_holds_only_a_few_calls_and_small_messages(runtimes, eventually):
+    worker = await runtimes(Worker(executors.Tagger.create(), ServerConfig(health_port=0)))
+    address = worker.server.health_address
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        request = health_pb2.HealthCheckRequest(service="")
+        watches = [stub.Watch(request) for _ in range(server_module.HEALTH_LISTENER_RPCS)]
+        try:
+            for watch in watches:
+                assert (await watch.read()).status == SERVING
+            # every call it may hold is held open by a watcher: a probe now is refused at once, not queued
+            assert await health_error(address) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            watches.pop().cancel()
+
+            async def answers() -> bool:
+                try:
+                    return await probe_health(address) == SERVING
+                except grpc.aio.AioRpcError:
+                    return False
+
+            await eventually(answers, timeout=5)
+        finally:
+            for watch in watches:
+                watch.cancel()
+        oversized = health_pb2.HealthCheckRequest(service="x" * server_module.HEALTH_MESSAGE_BYTES)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Check(oversized, timeout=2)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert await probe_health(worker.server.address) == SERVING  # the main port holds no such limit
 
 
 async def test_no_health_listener_unless_asked(runtimes):

@@ -51,6 +51,11 @@ from shardnet.protocol.services import AUTHORIZATION_METADATA
 
 logger = logging.getLogger(__name__)
 
+# the plaintext health listener answers anyone who reaches it: a probe is one small Check at a time, so a few
+# calls at once, each a small message, is plenty, and Watch streams held open by others cannot pile up there
+HEALTH_LISTENER_RPCS = 16
+HEALTH_MESSAGE_BYTES = 4096
+
 _WILDCARD_TO_LOOPBACK = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 PARENT_POLL_SECONDS = 0.5  # how soon a child notices that the process that launched it is gone
 
@@ -310,7 +315,10 @@ class Server:
                 self._bind_unix(config.unix_socket)
             if config.health_port is not None:
                 # the same servicer: both listeners always report the same statuses; nothing else is served there
-                health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+                health_server = grpc.aio.server(
+                    options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", HEALTH_MESSAGE_BYTES)],
+                    maximum_concurrent_rpcs=HEALTH_LISTENER_RPCS,
+                )
                 health_pb2_grpc.add_HealthServicer_to_server(self.health, health_server)
                 self.health_port = _bind(health_server, config.host, config.health_port, None)
                 bound.append(health_server)
