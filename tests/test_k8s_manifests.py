@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -652,3 +653,72 @@ def test_cli_renders_the_certificate_from_a_cluster_issuer(capsys: pytest.Captur
     assert "must name" not in err  # the Certificate says what the note would have
     assert main(["k8s", "render", "--name", "idx", "--image", "i", "--tls-issuer", "ca"]) == 2
     assert "needs tls_secret (--tls-secret)" in capsys.readouterr().err
+
+
+APART = dataclasses.replace(SPECS["tls"], worker_tls_secret="secure-worker-tls")
+
+
+def test_a_worker_tls_secret_gives_the_head_and_the_workers_a_certificate_each() -> None:
+    head, workers = head_and_workers(render(APART), "Deployment")
+
+    def mounted(deployment: dict) -> str:
+        [volume] = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls"]
+        return volume["secret"]["secretName"]
+
+    assert mounted(head) == "secure-tls"
+    assert {mounted(worker) for worker in workers} == {"secure-worker-tls"}
+    # the same files in each pod's own Secret: the flags do not change
+    assert container(head)["args"] == container(head_and_workers(render(SPECS["tls"]), "Deployment")[0])["args"]
+
+    components = render_components(APART)
+    head_certificate, worker_certificate = by_kind(components["secure-head"], "Certificate")
+    assert components["secure-head"][:2] == [head_certificate, worker_certificate]
+    assert head_certificate["metadata"]["name"] == "secure-head"
+    assert head_certificate["spec"]["secretName"] == "secure-tls"
+    assert head_certificate["spec"]["dnsNames"] == [
+        "secure-head", "secure-head.prod-7", "secure-head.prod-7.svc", "secure-head.prod-7.svc.cluster.local",
+    ]
+    assert head_certificate["spec"]["usages"] == ["digital signature", "key encipherment", "server auth", "client auth"]
+    assert worker_certificate["metadata"]["name"] == "secure-worker"
+    assert worker_certificate["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"
+    assert worker_certificate["spec"] == {
+        "secretName": "secure-worker-tls",
+        "dnsNames": ["secure-worker.prod-7.svc"],
+        "usages": ["digital signature", "key encipherment", "server auth"],  # it cannot be a client's
+        "privateKey": {"rotationPolicy": "Always"},
+        "issuerRef": {"name": "secure-ca", "kind": "Issuer", "group": "cert-manager.io"},
+    }
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"worker_tls_secret": "w-tls"}, "needs tls_secret"),
+        ({"tls_secret": "same", "worker_tls_secret": "same"}, "another Secret than tls_secret"),
+        ({"tls_secret": "t", "worker_tls_secret": "Not_A_Name"}, "worker_tls_secret 'Not_A_Name' must name a Secret"),
+    ],
+)
+def test_bad_worker_tls_secrets_are_refused(settings: dict, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        DeploymentSpec(name="idx", image="i", uses="m:C", **settings)
+
+
+def test_cli_takes_a_worker_tls_secret_and_says_what_each_certificate_must_carry(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ["k8s", "render", "--name", "idx", "--image", "i", "--tls-secret", "idx-tls",
+            "--worker-tls-secret", "idx-worker-tls"]  # fmt: skip
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    head_note, worker_note = [line for line in err.splitlines() if "must name" in line]
+    assert "'idx-tls'" in head_note and "idx-head.default.svc" in head_note and "client auth" in head_note
+    assert "idx-worker.default.svc" not in head_note
+    assert "'idx-worker-tls'" in worker_note and "idx-worker.default.svc" in worker_note
+    assert "server auth only" in worker_note and "the CA both Secrets hold" in worker_note
+    secrets = {
+        volume["secret"]["secretName"]
+        for deployment in by_kind(list(yaml.safe_load_all(out)), "Deployment")
+        for volume in deployment["spec"]["template"]["spec"]["volumes"]
+        if volume["name"] == "tls"
+    }
+    assert secrets == {"idx-tls", "idx-worker-tls"}

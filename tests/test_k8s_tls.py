@@ -5,6 +5,8 @@ server (real Kubernetes wire protocol) that shows it the worker's pod."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import datetime
 import os
 from pathlib import Path
 from typing import AsyncIterator
@@ -12,6 +14,10 @@ from typing import AsyncIterator
 import grpc
 import pytest
 import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2
 
 from k8s_apiserver import FakeApiServer, pod, write_kubeconfig
@@ -23,9 +29,10 @@ from shardnet.runtimes.processes import ShardnetProcess
 from shardnet.testing import eventually, free_port, probe_health
 
 NS = "default"
-SPEC = DeploymentSpec(
+SHARED = DeploymentSpec(
     name="secure", image="i", uses="shardnet.examples.text_index:TextIndexer", tls_secret="secure-tls"
 )
+APART = dataclasses.replace(SHARED, worker_tls_secret="secure-worker-tls")
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
@@ -35,26 +42,56 @@ async def api_server() -> AsyncIterator[FakeApiServer]:
         yield server
 
 
-def write_secret(directory: Path) -> trustme.CA:
+def issue(ca: trustme.CA, names: list[str], usages: list[x509.ObjectIdentifier]) -> tuple[bytes, bytes]:
+    """A leaf certificate (PEM) and its key signed by ``ca``, with exactly ``usages`` as extended key usages,
+    as cert-manager issues one for a Certificate's ``usages`` (trustme's leaves carry every usage)."""
+    authority = x509.load_pem_x509_certificate(ca.cert_pem.bytes())
+    authority_key = serialization.load_pem_private_key(ca.private_key_pem.bytes(), password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+        .issuer_name(authority.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name) for name in names]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+        .sign(authority_key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def write_secret(directory: Path, ca: trustme.CA, certificate: bytes, key: bytes) -> Path:
     """tls.crt, tls.key and ca.crt as a cert-manager Secret holds them, mode 0440 as the kubelet mounts them."""
-    ca = trustme.CA()
-    leaf = ca.issue_cert(SPEC.head_server_name, SPEC.worker_server_name)
     directory.mkdir()
-    files = {
-        "tls.crt": b"".join(blob.bytes() for blob in leaf.cert_chain_pems),
-        "tls.key": leaf.private_key_pem.bytes(),
-        "ca.crt": ca.cert_pem.bytes(),
-    }
-    for name, data in files.items():
+    for name, data in {"tls.crt": certificate, "tls.key": key, "ca.crt": ca.cert_pem.bytes()}.items():
         (directory / name).write_bytes(data)
         (directory / name).chmod(0o440)
-    return ca
+    return directory
 
 
-def rendered_args(role: str) -> list[str]:
+def write_secrets(spec: DeploymentSpec, folder: Path, ca: trustme.CA) -> tuple[Path, Path]:
+    """The head's and the workers' Secret folders: one shared, or one each with the usages render asks for."""
+    serving, dialling = ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH
+    if spec.worker_tls_secret is None:
+        shared = write_secret(folder / "secret", ca, *issue(ca, spec.tls_names, [serving, dialling]))
+        return shared, shared
+    head = write_secret(folder / "head-secret", ca, *issue(ca, spec.head_tls_names, [serving, dialling]))
+    worker = write_secret(folder / "worker-secret", ca, *issue(ca, [spec.worker_server_name], [serving]))
+    return head, worker
+
+
+def rendered_args(spec: DeploymentSpec, role: str) -> list[str]:
     [deployment] = [
         obj
-        for obj in render(SPEC)
+        for obj in render(spec)
         if obj["kind"] == "Deployment" and obj["metadata"]["labels"]["shardnet.io/role"] == role
     ]
     [container] = deployment["spec"]["template"]["spec"]["containers"]
@@ -63,24 +100,39 @@ def rendered_args(role: str) -> list[str]:
 
 def on_this_machine(args: list[str], secret: Path, workspace: Path, port: int, health_port: int) -> list[str]:
     """The pod's arguments with what only a pod has replaced: loopback, ports free here, the Secret's folder."""
-    replaced = {"0.0.0.0": "127.0.0.1", str(SPEC.port): str(port), str(SPEC.health_port): str(health_port)}
+    replaced = {"0.0.0.0": "127.0.0.1", str(SHARED.port): str(port), str(SHARED.health_port): str(health_port)}
     local = [replaced.get(arg, arg) for arg in args]
     return [arg.replace(TLS_DIR, str(secret)).replace(WORKSPACE, str(workspace)) for arg in local]
 
 
-async def test_the_rendered_tls_commands_serve_end_to_end(api_server: FakeApiServer, tmp_path: Path) -> None:
-    secret = tmp_path / "secret"
-    write_secret(secret)
+async def answered(address: str, tls: ClientTls) -> bool:
+    """Whether a one-off request over a new connection with ``tls`` is answered (a refused handshake is not)."""
+    try:
+        await oneshot.send_request_async(DataRequest(endpoint="/index"), address, 5.0, tls=tls)
+    except ReplicaError as error:
+        assert error.code == grpc.StatusCode.UNAVAILABLE, error  # the handshake ends before any handler
+        return False
+    return True
+
+
+@pytest.mark.parametrize("spec", [SHARED, APART], ids=["one-secret", "a-secret-each"])
+async def test_the_rendered_tls_commands_serve_end_to_end(
+    spec: DeploymentSpec, api_server: FakeApiServer, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    head_secret, worker_secret = write_secrets(spec, tmp_path, ca)
     workspace = tmp_path / "workspace"
     workspace.mkdir()
     worker_health, head_health = free_port(), free_port()
     worker = ShardnetProcess(
-        "worker", on_this_machine(rendered_args("worker"), secret, workspace, 0, worker_health), tmp_path / "worker.log"
+        "worker",
+        on_this_machine(rendered_args(spec, "worker"), worker_secret, workspace, 0, worker_health),
+        tmp_path / "worker.log",
     )
     kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api_server.url, namespace=NS)
     head = ShardnetProcess(
         "head",
-        on_this_machine(rendered_args("head"), secret, workspace, 0, head_health),
+        on_this_machine(rendered_args(spec, "head"), head_secret, workspace, 0, head_health),
         tmp_path / "head.log",
         env={**os.environ, "KUBECONFIG": str(kubeconfig)},
     )
@@ -90,13 +142,13 @@ async def test_the_rendered_tls_commands_serve_end_to_end(api_server: FakeApiSer
         # the kubelet's probes: plaintext, on the health port, while the gRPC port serves only mutual TLS
         assert await probe_health(f"127.0.0.1:{worker_health}") == SERVING
         assert await probe_health(f"127.0.0.1:{worker_health}", services.READY_SERVICE) == SERVING
-        ca = str(secret / "ca.crt")
-        no_client_certificate = ClientTls(root_certificates=ca, server_name=SPEC.worker_server_name)
-        with pytest.raises(ReplicaError) as refused:  # mutual TLS: the handshake ends before any handler
-            await oneshot.send_request_async(
-                DataRequest(endpoint="/index"), worker_address, 5.0, tls=no_client_certificate
-            )
-        assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+        roots = str(head_secret / "ca.crt")
+        # mutual TLS: a client without a certificate is refused, the head's certificate is taken
+        assert not await answered(worker_address, ClientTls(roots, server_name=spec.worker_server_name))
+        assert await answered(worker_address, client_of(head_secret, spec.worker_server_name))
+        # a worker's own certificate is a client's only when head and workers share one
+        worker_as_client = client_of(worker_secret, spec.worker_server_name)
+        assert await answered(worker_address, worker_as_client) == (spec.worker_tls_secret is None)
 
         worker_port = int(worker_address.rsplit(":", 1)[1])
         api_server.apply(
@@ -111,7 +163,7 @@ async def test_the_rendered_tls_commands_serve_end_to_end(api_server: FakeApiSer
         await eventually(head_ready, timeout=15)
         # a client dials the head by its Service's name (here by loopback, checked against that name); the head
         # dials the worker by "pod IP", presenting the Secret's certificate and checking the worker's by its name
-        client = ClientTls(root_certificates=ca, server_name=SPEC.head_server_name)
+        client = ClientTls(root_certificates=roots, server_name=spec.head_server_name)
         request = DataRequest(docs=[Document(text="over tls")], endpoint="/index")
         response = await oneshot.send_request_async(request, head_address, 10.0, tls=client)
         assert response.request_id == request.request_id and response.docs.texts == ["over tls"]
@@ -122,3 +174,11 @@ async def test_the_rendered_tls_commands_serve_end_to_end(api_server: FakeApiSer
         worker.stop()
     for log in ("worker.log", "head.log"):  # 0440 in the pod's own group is how a Secret is mounted: no warning
         assert "open to other users" not in (tmp_path / log).read_text()
+
+
+def client_of(secret: Path, server_name: str) -> ClientTls:
+    """A client presenting the certificate of a Secret's folder, trusting its CA."""
+    return ClientTls(
+        root_certificates=str(secret / "ca.crt"), certificate_chain=str(secret / "tls.crt"),
+        private_key=str(secret / "tls.key"), server_name=server_name,
+    )

@@ -64,9 +64,15 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
              "and NAME-worker.NAMESPACE.svc. Probes then use a plaintext health-only port (--health-port)",
     )
     parser.add_argument(
+        "--worker-tls-secret", metavar="SECRET",
+        help="with --tls-secret, a Secret of the same CA for the workers alone: its certificate names only "
+             "NAME-worker.NAMESPACE.svc and serves only, --tls-secret's then only the head, so a worker's key can "
+             "neither pose as the head nor call other workers (default: the workers share --tls-secret)",
+    )
+    parser.add_argument(
         "--tls-issuer", metavar="ISSUER",
-        help="also render a cert-manager Certificate from this Issuer (a CA of the deployment's own) that keeps "
-             "--tls-secret filled and renewed, with every name and usage it needs",
+        help="also render the cert-manager Certificates from this Issuer (a CA of the deployment's own) that keep "
+             "--tls-secret (and --worker-tls-secret) filled and renewed, with every name and usage they need",
     )
     parser.add_argument(
         "--tls-issuer-kind", choices=ISSUER_KINDS, default="Issuer",
@@ -121,6 +127,28 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     parser.set_defaults(handler=run)
 
 
+def _certificate_notes(spec: DeploymentSpec) -> list[str]:
+    """What each TLS Secret given without an issuer must hold, since nothing renders it."""
+    signer = "its ca.crt" if len(spec.certificates) == 1 else "the CA both Secrets hold as ca.crt"
+    notes = []
+    for need in spec.certificates:
+        names = []
+        if need.role == "head":
+            names.append(f"{spec.head_server_name} (what clients dial)")
+        if spec.worker_server_name in need.names:
+            names.append(f"{spec.worker_server_name} (what the head checks its workers against: it dials pod IPs)")
+        usage = (
+            "allow both server auth and client auth (the head presents it to its workers)"
+            if "client auth" in need.usages
+            else "allow server auth only (so that it cannot call other workers)"
+        )
+        notes.append(
+            f"Secret {need.secret!r}'s certificate must name {' and '.join(names)}, {usage}, and be signed by "
+            f"{signer}, best a CA of this deployment's own (the workers take whoever it signed)"
+        )
+    return notes
+
+
 def optional_quantity(text: str) -> Optional[str]:
     """A limit flag's value: a quantity (checked by ``Resources``), or 'none' for no limit."""
     return None if text.strip().lower() == "none" else text
@@ -155,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
         max_in_flight=args.max_in_flight,
         request_streams=args.request_streams,
         tls_secret=args.tls_secret,
+        worker_tls_secret=args.worker_tls_secret,
         tls_issuer=args.tls_issuer,
         tls_issuer_kind=args.tls_issuer_kind,
         **({} if args.health_port is None else {"health_port": args.health_port}),
@@ -166,14 +195,9 @@ def run(args: argparse.Namespace) -> int:
             "Executor, or --replicas 1)",
             file=sys.stderr,
         )
-    if spec.tls_secret is not None and spec.tls_issuer is None:
-        print(
-            f"shardnet k8s: note: Secret {spec.tls_secret!r}'s certificate must name {spec.head_server_name} (what "
-            f"clients dial) and {spec.worker_server_name} (what the head checks its workers against: it dials "
-            "them by pod IP), allow both server auth and client auth (the head presents it to its workers), and "
-            "be signed by its ca.crt, best a CA of this deployment's own (the workers take whoever it signed)",
-            file=sys.stderr,
-        )
+    if spec.tls_issuer is None:
+        for note in _certificate_notes(spec):
+            print(f"shardnet k8s: note: {note}", file=sys.stderr)
     if args.output is None:
         sys.stdout.write(to_yaml(render(spec)))
         return 0

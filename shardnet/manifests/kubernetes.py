@@ -7,8 +7,9 @@ Service and a PodDisruptionBudget named ``NAME-n``; the head has the same three
 named ``NAME-head`` (its Service is a plain ClusterIP one: the stable address
 clients call) plus a ServiceAccount, Role and RoleBinding that let it get, list
 and watch pods and EndpointSlices, nothing more. With a TLS Secret every pod
-mounts it and serves TLS (probes on a plaintext health-only port); with a
-cert-manager issuer a Certificate keeps that Secret filled.
+mounts it (or the head's, and the workers' own) and serves TLS (probes on a
+plaintext health-only port); with a cert-manager issuer a Certificate keeps
+each Secret filled.
 
 Labels are a contract with discovery (``shardnet.discovery``):
 
@@ -32,7 +33,7 @@ import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 from types import MappingProxyType
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import yaml
 
@@ -64,8 +65,11 @@ WORKSPACE = "/workspace"  # the workers' writable folder (an emptyDir) under a r
 TLS_DIR = "/etc/shardnet/tls"  # where the TLS Secret (tls.crt, tls.key, ca.crt) is mounted, read-only
 HEALTH_PORT_NAME = "health"
 ISSUER_KINDS = ("Issuer", "ClusterIssuer")
-# what the Secret's one certificate is used for: the head and workers serve with it, the head dials with it
+# what the head's certificate is used for (also the workers', when they share its Secret): serving, and dialling
+# the workers, who take only clients with a certificate of their CA
 CERTIFICATE_USAGES = ("digital signature", "key encipherment", "server auth", "client auth")
+# a worker's certificate in a Secret of its own only serves: it cannot be presented as a client
+WORKER_CERTIFICATE_USAGES = ("digital signature", "key encipherment", "server auth")
 
 _LABEL_MAX = 63
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -155,6 +159,15 @@ DRAIN_MARGIN = 5  # seconds of the grace left to a process after its drain, to e
 MESSAGE_COPIES = MappingProxyType({"head": 5, "worker": 8})
 
 
+class CertificateNeed(NamedTuple):
+    """One TLS Secret and what its certificate must be: the names it carries and what it is used for."""
+
+    secret: str
+    role: str  # who mounts it: "head" (the workers too, when they have no Secret of their own) or "worker"
+    names: list[str]
+    usages: tuple[str, ...]
+
+
 @dataclass(frozen=True)
 class DeploymentSpec:
     """One sharded, replicated deployment as Kubernetes should run it; validated at construction.
@@ -192,6 +205,9 @@ class DeploymentSpec:
     # a Secret holding tls.crt, tls.key and ca.crt (as cert-manager writes one): the head serves TLS, the workers
     # mutual TLS, and the head dials them with that certificate; see head_server_name and worker_server_name
     tls_secret: Optional[str] = None
+    # a second Secret of the same CA for the workers alone, whose certificate names only them and only serves:
+    # a worker's key then can neither pose as the head nor call other workers (None: they share tls_secret's)
+    worker_tls_secret: Optional[str] = None
     health_port: int = 8081  # with TLS only: the plaintext health check the probes use (kubelet's speak no TLS)
     # a cert-manager Issuer (or ClusterIssuer) of the deployment's own CA: a Certificate keeping tls_secret filled
     tls_issuer: Optional[str] = None
@@ -235,12 +251,22 @@ class DeploymentSpec:
                 f"port must be an integer in 1024..65535, got {self.port!r}: the pods run as uid {RUN_AS} with every "
                 "capability dropped, and such a process cannot listen below 1024"
             )
-        if self.tls_secret is not None and (
-            not isinstance(self.tls_secret, str) or len(self.tls_secret) > 253
-            or not _DNS1123_SUBDOMAIN.match(self.tls_secret)
-        ):
+        for what in ("tls_secret", "worker_tls_secret"):
+            secret = getattr(self, what)
+            if secret is not None and (
+                not isinstance(secret, str) or len(secret) > 253 or not _DNS1123_SUBDOMAIN.match(secret)
+            ):
+                raise ConfigurationError(
+                    f"{what} {secret!r} must name a Secret: a DNS-1123 subdomain of at most 253 characters"
+                )
+        if self.worker_tls_secret is not None and self.worker_tls_secret == self.tls_secret:
             raise ConfigurationError(
-                f"tls_secret {self.tls_secret!r} must name a Secret: a DNS-1123 subdomain of at most 253 characters"
+                f"worker_tls_secret (--worker-tls-secret) must be another Secret than tls_secret "
+                f"({self.tls_secret!r}): the head's certificate and the workers' are apart"
+            )
+        if self.worker_tls_secret is not None and self.tls_secret is None:
+            raise ConfigurationError(
+                "worker_tls_secret (--worker-tls-secret) needs tls_secret (--tls-secret): the head's own Secret"
             )
         if self.tls_secret is not None and (
             not _is_count(self.health_port) or not 1024 <= self.health_port <= 65535 or self.health_port == self.port
@@ -314,12 +340,31 @@ class DeploymentSpec:
         return f"{self.name}-worker.{self.namespace}.svc"
 
     @property
-    def tls_names(self) -> list[str]:
-        """Every name the certificate must carry: the head Service's, as clients may spell it, and the workers'."""
+    def head_tls_names(self) -> list[str]:
+        """The head Service's name as clients may spell it, each of which the head's certificate must carry."""
         head = f"{self.name}-head"
+        return [head, f"{head}.{self.namespace}", self.head_server_name, f"{self.head_server_name}.cluster.local"]
+
+    @property
+    def tls_names(self) -> list[str]:
+        """Every name one certificate shared by head and workers must carry: the head Service's and the workers'."""
+        return self.head_tls_names + [self.worker_server_name]
+
+    @property
+    def worker_secret(self) -> Optional[str]:
+        """The Secret the workers mount: their own, else the head's."""
+        return self.worker_tls_secret or self.tls_secret
+
+    @property
+    def certificates(self) -> list[CertificateNeed]:
+        """What each TLS Secret's certificate must be: one shared by head and workers, or one for each."""
+        if self.tls_secret is None:
+            return []
+        if self.worker_tls_secret is None:
+            return [CertificateNeed(self.tls_secret, "head", self.tls_names, CERTIFICATE_USAGES)]
         return [
-            head, f"{head}.{self.namespace}", self.head_server_name, f"{self.head_server_name}.cluster.local",
-            self.worker_server_name,
+            CertificateNeed(self.tls_secret, "head", self.head_tls_names, CERTIFICATE_USAGES),
+            CertificateNeed(self.worker_tls_secret, "worker", [self.worker_server_name], WORKER_CERTIFICATE_USAGES),
         ]
 
     @property
@@ -346,7 +391,7 @@ def render_components(spec: DeploymentSpec) -> dict[str, list[dict[str, Any]]]:
     head = f"{spec.name}-head"
     components = {
         head: [
-            *([_certificate(spec, head)] if spec.tls_issuer is not None else []),
+            *(_certificates(spec) if spec.tls_issuer is not None else []),
             _service_account(spec, head),
             _role(spec, head),
             _role_binding(spec, head),
@@ -401,21 +446,24 @@ def _metadata(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
     return {"name": name, "namespace": spec.namespace, "labels": labels}
 
 
-def _certificate(spec: DeploymentSpec, name: str) -> dict[str, Any]:
-    """A cert-manager Certificate that keeps the TLS Secret filled and renewed: tls.crt and tls.key, and ca.crt
+def _certificates(spec: DeploymentSpec) -> list[dict[str, Any]]:
+    """cert-manager Certificates that keep the TLS Secrets filled and renewed: tls.crt and tls.key, and ca.crt
     from a CA issuer; a new key at each renewal."""
-    return {
-        "apiVersion": "cert-manager.io/v1",
-        "kind": "Certificate",
-        "metadata": _metadata(spec, name, "head", None),
-        "spec": {
-            "secretName": spec.tls_secret,
-            "dnsNames": spec.tls_names,
-            "usages": list(CERTIFICATE_USAGES),
-            "privateKey": {"rotationPolicy": "Always"},
-            "issuerRef": {"name": spec.tls_issuer, "kind": spec.tls_issuer_kind, "group": "cert-manager.io"},
-        },
-    }
+    return [
+        {
+            "apiVersion": "cert-manager.io/v1",
+            "kind": "Certificate",
+            "metadata": _metadata(spec, f"{spec.name}-{need.role}", need.role, None),
+            "spec": {
+                "secretName": need.secret,
+                "dnsNames": list(need.names),
+                "usages": list(need.usages),
+                "privateKey": {"rotationPolicy": "Always"},
+                "issuerRef": {"name": spec.tls_issuer, "kind": spec.tls_issuer_kind, "group": "cert-manager.io"},
+            },
+        }
+        for need in spec.certificates
+    ]
 
 
 def _service_account(spec: DeploymentSpec, name: str) -> dict[str, Any]:
@@ -575,7 +623,8 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
     if spec.tls_secret is not None:
         container["volumeMounts"].append({"name": "tls", "mountPath": TLS_DIR, "readOnly": True})
         # owner and group read: the kubelet gives the files to the pod's fsGroup, which the process runs as
-        pod_volumes.append({"name": "tls", "secret": {"secretName": spec.tls_secret, "defaultMode": 0o440}})
+        secret = spec.tls_secret if is_head else spec.worker_secret
+        pod_volumes.append({"name": "tls", "secret": {"secretName": secret, "defaultMode": 0o440}})
     if spec.pre_stop_seconds:
         # keep serving while the heads' watches see the pod go, before SIGTERM starts the drain
         container["lifecycle"] = {"preStop": {"sleep": {"seconds": spec.pre_stop_seconds}}}
