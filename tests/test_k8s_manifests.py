@@ -382,6 +382,7 @@ def test_yaml_quotes_label_values_and_shares_no_anchors() -> None:
         ({"name": "idx-"}, "DNS-1123 label"),
         ({"name": "x" * 59}, "too long: at most 58"),
         ({"name": "x" * 61, "shards": 1}, "too long"),
+        ({"name": "x" * 57, "tls_secret": "t"}, r"at most 56 .*-worker"),  # the workers' certificate name's label
         ({"shards": 0}, "shards must be an integer >= 1"),
         ({"replicas": -1}, "replicas must be an integer >= 1"),
         ({"replicas": True}, "replicas must be an integer"),

@@ -3,6 +3,7 @@ every connection made after the change, without a restart; a change that does no
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from pathlib import Path
@@ -13,6 +14,7 @@ import trustme
 
 from shardnet import ClientTls, ConfigurationError, DataRequest, GrpcConnectionPool, ReplicaError, ServerTls
 from shardnet.networking import oneshot
+from shardnet.networking.replica_list import ReplicaList
 from shardnet.networking import tls as tls_module
 from shardnet.testing import EchoServer
 
@@ -282,10 +284,89 @@ def test_only_material_in_files_is_followed(client_files):
     assert tls_module.FollowedClientMaterial(client_files.client_tls("worker.example")).follows_files
     in_memory = ClientTls(root_certificates=ca.cert_pem.bytes())
     assert not tls_module.FollowedClientMaterial(in_memory).follows_files
-    assert not tls_module.FollowedClientMaterial(in_memory).renewed()
+    assert tls_module.FollowedClientMaterial(in_memory).renewal() is None
 
 
 @pytest.mark.parametrize("interval", [0, -1, float("nan"), "30", True])
 def test_a_bad_tls_check_interval_is_refused(interval):
     with pytest.raises(ConfigurationError, match="tls_check_interval must be positive seconds"):
         GrpcConnectionPool(tls_check_interval=interval)
+
+
+async def test_channels_made_after_a_renewal_use_the_material_checked_then_not_the_files_as_they_are_later(
+    files, client_files, pool_factory, eventually
+):
+    ca, clients = trustme.CA(), trustme.CA()
+    files.serve(ca.issue_cert("worker.example"), clients)
+    client_files.present(clients.issue_cert("head.example"), ca)
+    async with EchoServer("worker", credentials=files.server_tls().credentials()) as server:
+        pool = pool_factory(tls=client_files.client_tls("worker.example"), tls_check_interval=0.02)
+        pool.add_connection("dep", server.address)
+        [connection] = pool.get_replicas("dep").get_all_connections()
+        first_channel = connection.channel
+        client_files.present(clients.issue_cert("head-renewed.example"), ca)
+        await eventually(lambda: connection.channel is not first_channel)
+        # then half of the next renewal lands: a certificate whose key has not arrived
+        stray = clients.issue_cert("head-next.example")
+        client_files.write(client_files.chain, b"".join(blob.bytes() for blob in stray.cert_chain_pems))
+        connection.rebuild()  # as repeated failures would rebuild it: with what was checked, not these files
+        reply, _ = await pool.send_request_once(DataRequest(endpoint="/x"), "dep")
+        assert reply.header.exec_endpoint == "/x"
+        assert server.client_names[-1] == ["head-renewed.example"]
+        pool.add_connection("dep", f"localhost:{server.port}")  # a replica joining now dials with it too
+        replies = [await pool.send_request_once(DataRequest(endpoint="/y"), "dep") for _ in range(2)]
+        assert all(reply.header.exec_endpoint == "/y" for reply, _ in replies)
+        assert server.client_names[-2:] == [["head-renewed.example"]] * 2
+
+
+def follower_tasks() -> list[asyncio.Task]:
+    return [task for task in asyncio.all_tasks() if task.get_name().startswith("tls-follower-")]
+
+
+async def test_the_follower_runs_once_per_started_pool_and_stops_with_it(client_files):
+    ca, clients = trustme.CA(), trustme.CA()
+    client_files.present(clients.issue_cert("head.example"), ca)
+    pool = GrpcConnectionPool(runtime_name="follow", tls=client_files.client_tls("worker.example"))
+    try:
+        pool.start()
+        pool.start()
+        [follower] = follower_tasks()
+    finally:
+        await pool.close()
+    assert follower.cancelled() and follower_tasks() == []
+    async with pool:  # started again after a close: following again
+        assert len(follower_tasks()) == 1
+    assert follower_tasks() == []
+
+
+def test_a_pool_following_tls_files_must_be_started_in_a_running_loop(client_files):
+    ca, clients = trustme.CA(), trustme.CA()
+    client_files.present(clients.issue_cert("head.example"), ca)
+    pool = GrpcConnectionPool(tls=client_files.client_tls("worker.example"))
+    with pytest.raises(ConfigurationError, match="from async code"):
+        pool.start()
+    GrpcConnectionPool(tls=ClientTls(root_certificates=ca.cert_pem.bytes())).start()  # nothing to follow: fine
+
+
+async def test_a_health_check_cut_by_a_channel_renewal_is_a_failed_check_not_a_cancellation(client_files):
+    ca, clients = trustme.CA(), trustme.CA()
+    client_files.present(clients.issue_cert("head.example"), ca)
+    held: list[asyncio.StreamWriter] = []
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # takes the connection, never answers the TLS handshake
+
+    silent = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    replicas = ReplicaList(tls=client_files.client_tls("worker.example"))
+    try:
+        connection = replicas.add_connection(f"127.0.0.1:{silent.sockets[0].getsockname()[1]}")
+        check = asyncio.create_task(connection.health(timeout=30))
+        await asyncio.sleep(0)
+        await replicas.renew_channels(client_files.client_tls("worker.example").in_memory())
+        assert await asyncio.wait_for(check, 5) is False  # an ejected replica's probe carries on
+    finally:
+        await replicas.close()
+        for writer in held:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()

@@ -223,11 +223,13 @@ class DeploymentSpec:
                 f"name {self.name!r} must be a DNS-1123 label that starts with a letter: "
                 "lower-case letters, digits and '-', ending in a letter or digit"
             )
-        longest_suffix = max(len("-head"), len(f"-{self.shards - 1}"))
+        # with TLS, NAME-worker is a DNS label of the workers' certificate name (and a Certificate's name)
+        suffixes = ["-head", f"-{self.shards - 1}"] + (["-worker"] if self.tls_secret is not None else [])
+        longest_suffix = max(len(suffix) for suffix in suffixes)
         if len(self.name) + longest_suffix > _LABEL_MAX:
             raise ConfigurationError(
                 f"name {self.name!r} is too long: at most {_LABEL_MAX - longest_suffix} characters, "
-                f"so that object names with their suffix stay within {_LABEL_MAX}"
+                f"so that names with their suffix ({', '.join(suffixes)}) stay within {_LABEL_MAX}"
             )
         namespace = self.namespace
         if not isinstance(namespace, str) or len(namespace) > _LABEL_MAX or not _DNS1123_LABEL.match(namespace):

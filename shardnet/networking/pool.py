@@ -147,6 +147,7 @@ class GrpcConnectionPool:
         self.timeout = timeout
         self._ejection = ejection
         self._tls = tls
+        self._dialling_tls = tls  # the material channels are made with: tls, or its last renewal read from its files
         self._tls_check_interval = tls_check_interval
         self._tls_follower: Optional[asyncio.Task] = None
         if options is not None and channel_options is not None:
@@ -171,7 +172,7 @@ class GrpcConnectionPool:
         entry = self._deployments.setdefault(deployment, _Deployment())
         name = f"{deployment}/head" if head else f"{deployment}/shard-{shard_id}"
         make = lambda: ReplicaList(  # noqa: E731
-            make_balancer(self.balancer), tls=self._tls, options=self._options, ejection=self._ejection, name=name,
+            make_balancer(self.balancer), tls=self._dialling_tls, options=self._options, ejection=self._ejection, name=name,
             logger=self._logger, request_streams=self._request_streams,
         )
         if head:
@@ -586,31 +587,45 @@ class GrpcConnectionPool:
     # -- lifetime -------------------------------------------------------------------
 
     def start(self) -> None:
-        """Begin background work (call inside a running loop): following TLS material in files for renewals
-        (Kubernetes discovery starts watching here too)."""
+        """Begin background work: following TLS material in files for renewals (Kubernetes discovery starts
+        watching here too). A pool with such material must be started in a running loop (``async with``)."""
         if self._tls is None or self._tls_follower is not None:
             return
         follower = FollowedClientMaterial(self._tls)
-        if follower.follows_files:
-            self._tls_follower = asyncio.get_running_loop().create_task(
-                self._follow_tls(follower), name=f"tls-follower-{self.runtime_name or id(self)}"
-            )
+        if not follower.follows_files:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise ConfigurationError(
+                "start() follows the pool's TLS files for renewals, in the event loop that sends: call it from "
+                "async code (or use 'async with pool')"
+            ) from None
+        self._tls_follower = loop.create_task(
+            self._follow_tls(follower), name=f"tls-follower-{self.runtime_name or id(self)}"
+        )
 
     async def _follow_tls(self, follower: FollowedClientMaterial) -> None:
         """Renew every replica's channel after each renewal of the client material: an open channel presents
-        the certificate it was made with at every reconnection, long after that certificate has expired."""
+        the certificate it was made with at every reconnection, long after that certificate has expired. A
+        renewal that did not reach every replica list is tried again at the next look."""
         while True:
             await asyncio.sleep(self._tls_check_interval)
-            if not follower.renewed():
+            renewal = follower.renewal()
+            if renewal is None:
                 continue
-            renewed = 0
-            try:
-                for replicas in self._replica_lists():
-                    renewed += await replicas.renew_channels()
-            except Exception:  # noqa: BLE001 - the follower must outlive one failed renewal; failures rebuild too
-                logger.exception("renewing channels for new client TLS material failed after %d", renewed)
-            else:
-                logger.info("%d replica channels renewed with the new client TLS material", renewed)
+            signature, material = renewal
+            self._dialling_tls = material  # replicas added from now on dial with it too
+            renewed, failed = 0, 0
+            for replicas in self._replica_lists():
+                try:
+                    renewed += await replicas.renew_channels(material)
+                except Exception:  # noqa: BLE001 - the others still get it; this one is tried again
+                    failed += 1
+                    logger.exception("%s: renewing its channels with new client TLS material failed", replicas.name)
+            if not failed:
+                follower.take(signature)
+                logger.info("client TLS material changed: %d replica channels renewed with it", renewed)
 
     def _replica_lists(self) -> list[ReplicaList]:
         return [

@@ -162,8 +162,11 @@ class Connection:
         )
         self.running = _Running()
 
-    def rebuild(self) -> None:
-        """Replace the channel with a fresh one; the old one closes once the calls still on it end."""
+    def rebuild(self, tls: Optional[ClientTls] = None) -> None:
+        """Replace the channel with a fresh one (dialled with ``tls`` from now on, when given: renewed material);
+        the old one closes once the calls still on it end."""
+        if tls is not None and self._tls is not None:
+            self._tls = tls
         retired = _ChannelInUse(self.channel, self.stubs.streams, self.running)
         self.rebuilt_at = asyncio.get_running_loop().time()
         self._open()
@@ -180,13 +183,20 @@ class Connection:
         return task is None or not task.cancelling()  # the caller's task being cancelled: its own doing
 
     async def health(self, timeout: float = 1.0) -> bool:
-        """True when the replica's gRPC health service answers SERVING."""
+        """True when the replica's gRPC health service answers SERVING; False when the check fails, including
+        when its channel is closed under it (renewed or rebuilt: health checks are not counted among the calls a
+        close waits for), which is no cancellation of the caller's."""
+        channel = self.channel
         try:
             reply = checked_reply(
                 await self.stubs.health(health_pb2.HealthCheckRequest(service=""), timeout=timeout), self.address
             )
         except (grpc.aio.AioRpcError, ProtocolError):
             return False
+        except asyncio.CancelledError:
+            if self.cut_by_close(channel):
+                return False
+            raise
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
     async def close(self, grace: Optional[float] = None) -> None:
@@ -284,13 +294,14 @@ class ReplicaList:
         await asyncio.sleep(0)
         return connection
 
-    async def renew_channels(self) -> int:
-        """Give every TLS replica a new channel, made with the material as it is now (a renewed client
-        certificate); calls on the old channels finish there. Returns how many were renewed."""
+    async def renew_channels(self, tls: ClientTls) -> int:
+        """Dial every replica with ``tls`` from now on (renewed client material): each TLS replica gets a new
+        channel, and calls on the old channels finish there. Returns how many were renewed."""
+        self._tls = tls
         renewed = 0
         for connection in list(self._connections.values()):
             if connection.address.tls and self._connections.get(connection.address.target) is connection:
-                connection.rebuild()
+                connection.rebuild(tls)
                 renewed += 1
                 await asyncio.sleep(0)  # one close started per loop pass (see remove_connection)
         return renewed

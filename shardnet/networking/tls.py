@@ -258,6 +258,15 @@ class ClientTls:
         sources = (self.root_certificates, self.certificate_chain, self.private_key)
         return [source for source in sources if _is_path(source)]
 
+    def in_memory(self) -> "ClientTls":
+        """This material with its files read now, and checked as one: what later changes to them cannot alter."""
+        return replace(
+            self,
+            root_certificates=load_pem(self.root_certificates, "root certificates"),
+            certificate_chain=load_pem(self.certificate_chain, "client certificate chain"),
+            private_key=load_pem(self.private_key, "client private key"),
+        )
+
 
 @dataclass(frozen=True)
 class ServerTls:
@@ -355,10 +364,10 @@ class FollowedServerMaterial:
 
 
 class FollowedClientMaterial:
-    """Whether a client's TLS files changed into material that checks out, asked now and then by a pool: its
-    open channels keep the certificate they were made with, including for every reconnection, so a renewed
-    one reaches a replica only through a new channel. A change that fails ClientTls's checks (half a renewal)
-    is not taken, and said so each time it is asked while it lasts."""
+    """A client's TLS files, looked at now and then by a pool: its open channels keep the certificate they were
+    made with, including for every reconnection, so a renewed one reaches a replica only through a new channel.
+    A renewal is read once and checked as a whole; a change that fails ClientTls's checks (half a renewal) is
+    not taken, and said so each time it is looked at while it lasts."""
 
     def __init__(self, tls: ClientTls):
         self._tls = tls
@@ -369,17 +378,21 @@ class FollowedClientMaterial:
     def follows_files(self) -> bool:
         return bool(self._sources)
 
-    def renewed(self) -> bool:
-        """True once for each change of the files whose new material passes the checks."""
+    def renewal(self) -> Optional[tuple[tuple, ClientTls]]:
+        """(the files' signature, their material read and checked) when they changed since the last renewal
+        taken; None while they are unchanged, change under the read, or do not check out."""
         signature = files_signature(self._sources)
         if signature == self._taken:
-            return False
+            return None
         try:
-            replace(self._tls)  # a fresh ClientTls checks what the files hold now
+            material = self._tls.in_memory()
         except ConfigurationError as exc:
             logger.warning("client TLS material changed but is not taken; channels keep the previous one: %s", exc)
-            return False
+            return None
+        if files_signature(self._sources) != signature:
+            return None  # written while read: looked at again next time, whole
+        return signature, material
+
+    def take(self, signature: tuple) -> None:
+        """Record that the renewal of ``signature`` reached every channel."""
         self._taken = signature
-        logger.info("client TLS material changed: replicas get new channels with %s",
-                    _describe(self._tls.certificate_chain or self._tls.root_certificates, "material"))
-        return True

@@ -51,10 +51,11 @@ from shardnet.protocol.services import AUTHORIZATION_METADATA
 
 logger = logging.getLogger(__name__)
 
-# the plaintext health listener answers anyone who reaches it: a probe is one small Check at a time, so a few
-# calls at once, each a small message, is plenty, and Watch streams held open by others cannot pile up there
-HEALTH_LISTENER_RPCS = 16
+# the plaintext health listener answers anyone who reaches it, so it serves only what a probe sends: a Check, a
+# small message. No Watch: a stream held open there by others would outlive every probe (and a cap on calls
+# would let whoever fills it fail the probes, and have the pod restarted)
 HEALTH_MESSAGE_BYTES = 4096
+HEALTH_CHECK_METHOD = "Check"
 
 _WILDCARD_TO_LOOPBACK = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 PARENT_POLL_SECONDS = 0.5  # how soon a child notices that the process that launched it is gone
@@ -317,9 +318,8 @@ class Server:
                 # the same servicer: both listeners always report the same statuses; nothing else is served there
                 health_server = grpc.aio.server(
                     options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", HEALTH_MESSAGE_BYTES)],
-                    maximum_concurrent_rpcs=HEALTH_LISTENER_RPCS,
                 )
-                health_pb2_grpc.add_HealthServicer_to_server(self.health, health_server)
+                health_server.add_generic_rpc_handlers((self._health_check_only(),))
                 self.health_port = _bind(health_server, config.host, config.health_port, None)
                 bound.append(health_server)
                 self._health_server = health_server  # a drain from now on stops it too
@@ -348,6 +348,16 @@ class Server:
         self.ready_at_start = True
         if self._server is not None:
             await self.health.set(services.READY_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+
+    def _health_check_only(self) -> grpc.GenericRpcHandler:
+        """grpc.health.v1's Check on the shared servicer, and no other method (Watch answers UNIMPLEMENTED)."""
+        check = grpc.unary_unary_rpc_method_handler(
+            self.health.Check,
+            request_deserializer=health_pb2.HealthCheckRequest.FromString,
+            response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+        )
+        service = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        return grpc.method_handlers_generic_handler(service, {HEALTH_CHECK_METHOD: check})
 
     def _bind_unix(self, path: str) -> None:
         """Listen on ``path``; a socket left by a dead server is replaced, one a live server holds is refused."""
