@@ -172,8 +172,8 @@ class GrpcConnectionPool:
         entry = self._deployments.setdefault(deployment, _Deployment())
         name = f"{deployment}/head" if head else f"{deployment}/shard-{shard_id}"
         make = lambda: ReplicaList(  # noqa: E731
-            make_balancer(self.balancer), tls=self._dialling_tls, options=self._options, ejection=self._ejection, name=name,
-            logger=self._logger, request_streams=self._request_streams,
+            make_balancer(self.balancer), tls=self._dialling_tls, options=self._options, ejection=self._ejection,
+            name=name, logger=self._logger, request_streams=self._request_streams,
         )
         if head:
             if entry.head is None:
@@ -601,6 +601,7 @@ class GrpcConnectionPool:
                 "start() follows the pool's TLS files for renewals, in the event loop that sends: call it from "
                 "async code (or use 'async with pool')"
             ) from None
+        self._dialling_tls = self._tls  # the files as they are now, which the follower takes for its start
         self._tls_follower = loop.create_task(
             self._follow_tls(follower), name=f"tls-follower-{self.runtime_name or id(self)}"
         )
