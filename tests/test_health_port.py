@@ -145,6 +145,28 @@ async def test_a_head_waiting_for_discovery_is_not_ready_on_its_health_port_unti
     assert await probe_health(head.server.address, services.READY_SERVICE) == SERVING  # the same on both
 
 
+async def test_a_head_fed_by_discovery_is_ready_only_once_every_declared_shard_has_a_worker(
+    runtimes, eventually, caplog
+):
+    pool = GatedPool()
+    head = await runtimes(Head("dep", ServerConfig(health_port=0), pool=pool, shards=2))
+    address = head.server.health_address
+    with caplog.at_level(logging.INFO, logger="shardnet.runtimes.head"):
+        pool.synced.set()
+        await eventually(lambda: any("shard(s) 0, 1 have a ready one" in r.getMessage() for r in caplog.records))
+    assert await probe_health(address, services.READY_SERVICE) == NOT_SERVING  # listed, but no worker yet
+    pool.add_connection("dep", "127.0.0.1:1", shard_id=0)
+    assert await probe_health(address, services.READY_SERVICE) == NOT_SERVING  # shard 1 has none yet
+    pool.add_connection("dep", "127.0.0.1:2", shard_id=1)
+
+    async def ready() -> bool:
+        return await probe_health(address, services.READY_SERVICE) == SERVING
+
+    await eventually(ready, timeout=5)
+    await pool.remove_connection("dep", "127.0.0.1:2", shard_id=1)
+    assert await ready()  # once ready, a shard left without workers is reported by ALL, not by readiness
+
+
 async def test_the_health_port_says_not_serving_through_a_drain_and_closes_after_it(runtimes, eventually):
     blocking = executors.Blocking.create()
     worker = await runtimes(Worker(blocking, ServerConfig(health_port=0), threads=2))

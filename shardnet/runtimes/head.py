@@ -71,6 +71,8 @@ DISCOVERY_TIMEOUT = 5.0
 IMPLIED_LEASE_FACTOR = 5
 # how often implied leases are checked
 IMPLIED_LEASE_CHECK = 0.5
+# how often a head fed by discovery looks whether every declared shard has a worker yet, before it turns ready
+SHARDS_LOOKED_AT_EVERY = 0.2
 # the longest renewal interval a worker may announce (its implied lease is IMPLIED_LEASE_FACTOR times it)
 MAX_RENEWAL_INTERVAL = 300.0
 # workers one ACTIVATE or DEACTIVATE may name (each costs the head a channel and some 10 KB)
@@ -699,10 +701,30 @@ class Head:
                 logger.warning("%s: %s (shard %d) stopped renewing its registration: removed", self.deployment, address, shard_id)
 
     async def _ready_once_discovered(self) -> None:
-        """Turn readiness SERVING once discovery has listed the workers (it retries, with backoff, until then)."""
+        """Turn readiness SERVING once discovery has listed the workers (it retries, with backoff, until then)
+        and every declared shard has one: traffic taken before would fail, at a first deployment and when a
+        resharding rolls out a head for a shard whose workers still load (the old head serves meanwhile)."""
         await self._discovery_synced()
+        waiting = self._shards_without_workers()
+        if waiting:
+            logger.info(
+                "%s: discovery listed its workers; not ready until shard(s) %s have a ready one",
+                self.deployment, ", ".join(map(str, waiting)),
+            )
+        while waiting:
+            await asyncio.sleep(SHARDS_LOOKED_AT_EVERY)
+            waiting = self._shards_without_workers()
         await self.server.mark_ready()
-        logger.info("%s: discovery listed its workers; ready", self.deployment)
+        logger.info("%s: discovery listed a worker for every shard; ready", self.deployment)
+
+    def _shards_without_workers(self) -> list[int]:
+        """The declared shards the pool holds no worker of."""
+        return [
+            shard_id
+            for shard_id in range(self._shards)
+            if not (replicas := self.pool.get_replicas(self.deployment, shard_id=shard_id))
+            or not replicas.has_connections()
+        ]
 
     def _note_refusal(self, command: str, peer: str) -> None:
         """Log refused control calls, at most once per REFUSAL_LOG_INTERVAL (a guesser must not flood the log)."""
