@@ -257,6 +257,7 @@ SECONDS_FLAGS = {
         ["worker", "--uses", "m:C", "--register-interval", "0"], "--register-interval", "'0'"
     ),
     "head-lease-zero": (["head", "--deployment", "d", "--lease", "0"], "--lease", "'0'"),
+    "head-shards-wait-negative": (["head", "--deployment", "d", "--shards-wait", "-1"], "--shards-wait", "'-1'"),
     "head-timeout-text": (["head", "--deployment", "d", "--timeout", "soon"], "--timeout", "'soon'"),
     "head-attempt-timeout-zero": (["head", "--deployment", "d", "--attempt-timeout", "0"], "--attempt-timeout", "'0'"),
 }
@@ -279,6 +280,12 @@ def test_positive_seconds_refuses(text):
 
 def test_positive_seconds_takes_fractions():
     assert positive_seconds("timeout")("0.25") == 0.25
+
+
+def test_seconds_that_may_be_zero():
+    assert positive_seconds("shards-wait", zero=True)("0") == 0
+    with pytest.raises(argparse.ArgumentTypeError, match="shards-wait must be 0 or more seconds"):
+        positive_seconds("shards-wait", zero=True)("-0.5")
 
 
 # -- 6: --help says what the flags mean and their defaults -------------------------------------------------------

@@ -24,6 +24,7 @@ from shardnet.cli.main import build_parser
 from shardnet.cli.options import server_config
 from shardnet.networking import oneshot
 from shardnet.protocol import services
+from shardnet.runtimes import head as head_module
 from shardnet.runtimes import server as server_module
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.server import ServerConfig
@@ -146,25 +147,51 @@ async def test_a_head_waiting_for_discovery_is_not_ready_on_its_health_port_unti
 
 
 async def test_a_head_fed_by_discovery_is_ready_only_once_every_declared_shard_has_a_worker(
-    runtimes, eventually, caplog
+    runtimes, eventually, caplog, monkeypatch
 ):
+    monkeypatch.setattr(head_module, "SHARDS_LOOKED_AT_EVERY", 0.01)
     pool = GatedPool()
     head = await runtimes(Head("dep", ServerConfig(health_port=0), pool=pool, shards=2))
     address = head.server.health_address
-    with caplog.at_level(logging.INFO, logger="shardnet.runtimes.head"):
-        pool.synced.set()
-        await eventually(lambda: any("shard(s) 0, 1 have a ready one" in r.getMessage() for r in caplog.records))
-    assert await probe_health(address, services.READY_SERVICE) == NOT_SERVING  # listed, but no worker yet
-    pool.add_connection("dep", "127.0.0.1:1", shard_id=0)
-    assert await probe_health(address, services.READY_SERVICE) == NOT_SERVING  # shard 1 has none yet
-    pool.add_connection("dep", "127.0.0.1:2", shard_id=1)
 
     async def ready() -> bool:
         return await probe_health(address, services.READY_SERVICE) == SERVING
 
+    with caplog.at_level(logging.INFO, logger="shardnet.runtimes.head"):
+        pool.synced.set()
+        await eventually(lambda: any("shard(s) 0-1 have one" in r.getMessage() for r in caplog.records))
+    assert not await ready()  # listed, but no worker yet
+    pool.add_connection("dep", "127.0.0.1:1", shard_id=0)
+    await asyncio.sleep(0.2)  # twenty looks: a negative cannot be polled for
+    assert not await ready()  # shard 1 has none yet
+    pool.add_connection("dep", "127.0.0.1:2", shard_id=1)
     await eventually(ready, timeout=5)
     await pool.remove_connection("dep", "127.0.0.1:2", shard_id=1)
+    await asyncio.sleep(0.2)
     assert await ready()  # once ready, a shard left without workers is reported by ALL, not by readiness
+
+
+async def test_a_head_waits_for_its_shards_only_so_long_then_serves_the_others_and_says_so(
+    runtimes, eventually, caplog
+):
+    pool = GatedPool()
+    head = await runtimes(Head("dep", ServerConfig(health_port=0), pool=pool, shards=3, shards_wait=0.3))
+    pool.add_connection("dep", "127.0.0.1:1", shard_id=0)  # a head restarted while shards 1 and 2 are down
+    with caplog.at_level(logging.WARNING, logger="shardnet.runtimes.head"):
+        pool.synced.set()
+
+        async def ready() -> bool:
+            return await probe_health(head.server.health_address, services.READY_SERVICE) == SERVING
+
+        await eventually(ready, timeout=5)
+    [warning] = [r.getMessage() for r in caplog.records if "without a worker" in r.getMessage()]
+    assert "after 0.3s without a worker of shard(s) 1-2" in warning
+
+
+@pytest.mark.parametrize("wait", [-1, float("nan"), "5", True])
+def test_a_bad_shards_wait_is_refused(wait):
+    with pytest.raises(ConfigurationError, match="shards_wait"):
+        Head("dep", shards=2, shards_wait=wait)
 
 
 async def test_the_health_port_says_not_serving_through_a_drain_and_closes_after_it(runtimes, eventually):

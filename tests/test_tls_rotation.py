@@ -370,3 +370,109 @@ async def test_a_health_check_cut_by_a_channel_renewal_is_a_failed_check_not_a_c
             writer.close()
         silent.close()
         await silent.wait_closed()
+
+
+async def test_a_replica_list_the_renewal_failed_to_reach_is_renewed_at_the_next_look_and_only_it(
+    files, client_files, pool_factory, eventually, monkeypatch
+):
+    ca, clients = trustme.CA(), trustme.CA()
+    files.serve(ca.issue_cert("worker.example"), clients)
+    client_files.present(clients.issue_cert("head.example"), ca)
+    async with EchoServer("worker", credentials=files.server_tls().credentials()) as server:
+        pool = pool_factory(tls=client_files.client_tls("worker.example"), tls_check_interval=0.02)
+        pool.add_connection("steady", server.address)
+        pool.add_connection("flaky", server.address)
+        [steady] = pool.get_replicas("steady").get_all_connections()
+        flaky_list = pool.get_replicas("flaky")
+        [flaky] = flaky_list.get_all_connections()
+        steady_channels, flaky_channels = [steady.channel], [flaky.channel]
+        real_renew = flaky_list.renew_channels
+        attempts = []
+
+        async def fails_once(tls):
+            attempts.append(tls)
+            if len(attempts) == 1:
+                raise RuntimeError("a list that could not be renewed this time")
+            return await real_renew(tls)
+
+        monkeypatch.setattr(flaky_list, "renew_channels", fails_once)
+        client_files.present(clients.issue_cert("head-renewed.example"), ca)
+        await eventually(lambda: flaky.channel is not flaky_channels[0])
+        steady_channels.append(steady.channel)
+        await asyncio.sleep(0.2)  # ten looks more: nothing is renewed twice (a negative cannot be polled for)
+        assert len(attempts) == 2
+        assert steady.channel is steady_channels[1] is not steady_channels[0]  # renewed once, at the first look
+        for deployment in ("steady", "flaky"):
+            await pool.send_request_once(DataRequest(endpoint="/x"), deployment)
+        assert server.client_names[-2:] == [["head-renewed.example"]] * 2
+
+
+async def test_a_pool_started_again_dials_with_the_files_as_they_are_then(files, client_files, eventually):
+    ca, clients = trustme.CA(), trustme.CA()
+    files.serve(ca.issue_cert("worker.example"), clients)
+    client_files.present(clients.issue_cert("head-first.example"), ca)
+    async with EchoServer("worker", credentials=files.server_tls().credentials()) as server:
+        pool = GrpcConnectionPool(tls=client_files.client_tls("worker.example"), tls_check_interval=3600)
+        async with pool:
+            pool.add_connection("dep", server.address)
+            await pool.send_request_once(DataRequest(endpoint="/x"), "dep")
+        client_files.present(clients.issue_cert("head-second.example"), ca)  # while it was closed
+        async with pool:
+            pool.add_connection("dep", server.address)
+            await pool.send_request_once(DataRequest(endpoint="/x"), "dep")
+        assert server.client_names == [["head-first.example"], ["head-second.example"]]
+
+
+async def test_a_started_pool_dials_with_what_it_checked_at_start_not_with_half_a_renewal(
+    files, client_files, pool_factory
+):
+    ca, clients = trustme.CA(), trustme.CA()
+    files.serve(ca.issue_cert("worker.example"), clients)
+    client_files.present(clients.issue_cert("head.example"), ca)
+    async with EchoServer("worker", credentials=files.server_tls().credentials()) as server:
+        pool = pool_factory(tls=client_files.client_tls("worker.example"), tls_check_interval=3600)
+        stray = clients.issue_cert("head-next.example")  # half of a renewal lands before the first replica
+        client_files.write(client_files.chain, b"".join(blob.bytes() for blob in stray.cert_chain_pems))
+        pool.add_connection("dep", server.address)
+        reply, _ = await pool.send_request_once(DataRequest(endpoint="/x"), "dep")
+        assert reply.header.exec_endpoint == "/x" and server.client_names == [["head.example"]]
+
+
+def test_files_rewritten_while_read_are_read_again_whole_at_the_next_look(client_files, monkeypatch):
+    ca, clients = trustme.CA(), trustme.CA()
+    client_files.present(clients.issue_cert("head.example"), ca)
+    follower = tls_module.FollowedClientMaterial(client_files.client_tls("worker.example"))
+    follower.take(follower.renewal()[0])
+    client_files.present(clients.issue_cert("head-renewed.example"), ca)
+    real_load = tls_module.load_pem
+    newer = clients.issue_cert("head-newer.example")
+
+    def load_then_rewrite(source, what="certificate"):
+        data = real_load(source, what)
+        if what == "client private key" and not rewritten:  # a renewal lands in the middle of the read
+            rewritten.append(True)
+            client_files.present(newer, ca)
+        return data
+
+    rewritten: list[bool] = []
+    monkeypatch.setattr(tls_module, "load_pem", load_then_rewrite)
+    assert follower.renewal() is None and rewritten
+    signature, material = follower.renewal()
+    assert material.certificate_chain == client_files.chain.read_bytes()  # the newer files, whole
+
+
+def test_a_refused_renewal_names_its_files_and_a_key_open_to_others_is_said(client_files, caplog):
+    ca, clients = trustme.CA(), trustme.CA()
+    client_files.present(clients.issue_cert("head.example"), ca)
+    follower = tls_module.FollowedClientMaterial(client_files.client_tls("worker.example"))
+    follower.take(follower.renewal()[0])
+    stray = clients.issue_cert("head-next.example")
+    client_files.write(client_files.chain, b"".join(blob.bytes() for blob in stray.cert_chain_pems))
+    with caplog.at_level(logging.WARNING, logger="shardnet.networking.tls"):
+        assert follower.renewal() is None
+        client_files.present(clients.issue_cert("head-open.example"), ca)
+        client_files.key.chmod(0o644)
+        assert follower.renewal() is not None
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("is not taken" in m and str(client_files.chain) in m for m in messages)
+    assert any("open to other users" in m and str(client_files.key) in m for m in messages)

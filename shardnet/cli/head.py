@@ -22,7 +22,7 @@ from shardnet.networking.balancing import BALANCERS
 from shardnet.networking.channels import message_size_options
 from shardnet.networking.policies import RetryPolicy
 from shardnet.networking.polling import PollingMap
-from shardnet.runtimes.head import Head
+from shardnet.runtimes.head import SHARDS_WAIT, Head
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--k8s-namespace",
         help="discover replicas by watching this Kubernetes namespace (never implied by running in a pod)",
+    )
+    parser.add_argument(
+        "--shards-wait", type=positive_seconds("shards-wait", zero=True), metavar="SECONDS", default=SHARDS_WAIT,
+        help="with --k8s-namespace and --shards, how long the head stays unready waiting for a worker of every "
+             "shard before it turns ready without them (default: %(default)g)",
     )
     add_server_arguments(parser, default_port=0)
     add_client_tls_arguments(parser, prefix="")
@@ -125,5 +130,6 @@ async def serve(args: argparse.Namespace) -> int:
         shards=args.shards,
         lease=args.lease,
         max_in_flight=args.max_in_flight,
+        shards_wait=args.shards_wait,
     )
     return await head.run(parent_pid=args.parent_pid)

@@ -57,9 +57,10 @@ def drain_seconds(text: str) -> float:
     return value
 
 
-def positive_seconds(what: str) -> Callable[[str], float]:
-    """An argparse ``type`` for a flag taking seconds (a timeout, a lease, an interval): a finite number above 0,
-    refused in the flag's words rather than the Python API's (0 would expire at once, NaN compares false everywhere).
+def positive_seconds(what: str, zero: bool = False) -> Callable[[str], float]:
+    """An argparse ``type`` for a flag taking seconds (a timeout, a lease, an interval): a finite number above 0
+    (or 0 too, with ``zero``), refused in the flag's words rather than the Python API's (0 would expire at once,
+    NaN compares false everywhere).
 
     >>> positive_seconds("timeout")("2.5")
     2.5
@@ -67,8 +68,9 @@ def positive_seconds(what: str) -> Callable[[str], float]:
 
     def parse(text: str) -> float:
         value = _finite(text, what, "seconds")
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{what} must be positive seconds, got {text!r}")
+        if value < 0 or (value == 0 and not zero):
+            least = "0 or more" if zero else "positive"
+            raise argparse.ArgumentTypeError(f"{what} must be {least} seconds, got {text!r}")
         return value
 
     return parse

@@ -36,7 +36,7 @@ async def status(args: argparse.Namespace) -> int:
     )
     print(f"{args.target}: {health_pb2.HealthCheckResponse.ServingStatus.Name(health.status)}")
     healthy = health.status == health_pb2.HealthCheckResponse.SERVING
-    try:  # shardnet servers also answer readiness (a head fed by discovery: once it has listed its workers)
+    try:  # shardnet servers also answer readiness (a head fed by discovery: once it has listed a worker of every shard)
         ready, _ = await oneshot.call_once(
             "health", health_pb2.HealthCheckRequest(service=services.READY_SERVICE), args.target,
             timeout=args.timeout, tls=tls,

@@ -568,6 +568,8 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
             "--k8s-namespace", spec.namespace,
             "--balancer", spec.balancer,
             "--shards", str(spec.shards),  # so that ALL polling reports a shard with no ready replica
+            # not ready until every shard has a worker, for as long as a worker may take to load its Executor
+            "--shards-wait", str(spec.startup_seconds),
         ]  # fmt: skip
         if spec.max_in_flight is not None:
             args += ["--max-in-flight", str(spec.max_in_flight)]
@@ -597,7 +599,8 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
 
     def probe(period: int, timeout: int, failures: int, service: str = "") -> dict[str, Any]:
         # the standard grpc.health.v1 service: "" is the server's overall status (alive), READY_SERVICE
-        # whether it is fit for traffic (a head: once discovery has listed its workers)
+        # whether it is fit for traffic (a head: once discovery has listed a worker of every shard, or after
+        # --shards-wait)
         grpc = {"port": probe_port, **({"service": service} if service else {})}
         return {"grpc": grpc, "periodSeconds": period, "timeoutSeconds": timeout, "failureThreshold": failures}
 

@@ -13,6 +13,7 @@ import asyncio
 import dataclasses
 import logging
 import numbers
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -601,7 +602,15 @@ class GrpcConnectionPool:
                 "start() follows the pool's TLS files for renewals, in the event loop that sends: call it from "
                 "async code (or use 'async with pool')"
             ) from None
-        self._dialling_tls = self._tls  # the files as they are now, which the follower takes for its start
+        # every channel from now on dials with material read and checked as a whole, not with the files as they
+        # happen to be when it opens (half a renewal, say); lists made before (a head's static workers) included
+        self._dialling_tls = self._tls
+        first = follower.renewal()
+        if first is not None:
+            signature, self._dialling_tls = first
+            for replicas in self._replica_lists():
+                replicas.dial_with(self._dialling_tls)
+            follower.take(signature)
         self._tls_follower = loop.create_task(
             self._follow_tls(follower), name=f"tls-follower-{self.runtime_name or id(self)}"
         )
@@ -609,7 +618,8 @@ class GrpcConnectionPool:
     async def _follow_tls(self, follower: FollowedClientMaterial) -> None:
         """Renew every replica's channel after each renewal of the client material: an open channel presents
         the certificate it was made with at every reconnection, long after that certificate has expired. A
-        renewal that did not reach every replica list is tried again at the next look."""
+        replica list the renewal failed to reach is tried again at the next look; the others are not."""
+        taken: weakref.WeakKeyDictionary[ReplicaList, tuple] = weakref.WeakKeyDictionary()  # by each list
         while True:
             await asyncio.sleep(self._tls_check_interval)
             renewal = follower.renewal()
@@ -619,11 +629,15 @@ class GrpcConnectionPool:
             self._dialling_tls = material  # replicas added from now on dial with it too
             renewed, failed = 0, 0
             for replicas in self._replica_lists():
+                if taken.get(replicas) == signature:
+                    continue
                 try:
                     renewed += await replicas.renew_channels(material)
                 except Exception:  # noqa: BLE001 - the others still get it; this one is tried again
                     failed += 1
                     logger.exception("%s: renewing its channels with new client TLS material failed", replicas.name)
+                else:
+                    taken[replicas] = signature
             if not failed:
                 follower.take(signature)
                 logger.info("client TLS material changed: %d replica channels renewed with it", renewed)

@@ -162,11 +162,16 @@ class Connection:
         )
         self.running = _Running()
 
+    def dial_with(self, tls: ClientTls) -> None:
+        """Open the next channel with ``tls`` (renewed material); a replica dialled in plaintext stays so."""
+        if self._tls is not None:
+            self._tls = tls
+
     def rebuild(self, tls: Optional[ClientTls] = None) -> None:
         """Replace the channel with a fresh one (dialled with ``tls`` from now on, when given: renewed material);
         the old one closes once the calls still on it end."""
-        if tls is not None and self._tls is not None:
-            self._tls = tls
+        if tls is not None:
+            self.dial_with(tls)
         retired = _ChannelInUse(self.channel, self.stubs.streams, self.running)
         self.rebuilt_at = asyncio.get_running_loop().time()
         self._open()
@@ -293,6 +298,12 @@ class ReplicaList:
         # thousands of closes started at once walked each other (one DEACTIVATE of 4000 stalled a head for 25 s)
         await asyncio.sleep(0)
         return connection
+
+    def dial_with(self, tls: ClientTls) -> None:
+        """Make every channel opened from now on (a replica added, a channel rebuilt) with ``tls``."""
+        self._tls = tls
+        for connection in self._connections.values():
+            connection.dial_with(tls)
 
     async def renew_channels(self, tls: ClientTls) -> int:
         """Dial every replica with ``tls`` from now on (renewed client material): each TLS replica gets a new

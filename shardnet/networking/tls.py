@@ -260,6 +260,7 @@ class ClientTls:
 
     def in_memory(self) -> "ClientTls":
         """This material with its files read now, and checked as one: what later changes to them cannot alter."""
+        replace(self)  # checked first as files, so that a refusal names them (and a key open to others is said)
         return replace(
             self,
             root_certificates=load_pem(self.root_certificates, "root certificates"),
@@ -372,15 +373,17 @@ class FollowedClientMaterial:
     def __init__(self, tls: ClientTls):
         self._tls = tls
         self._sources = tls.files()
-        self._taken = files_signature(self._sources)
+        self._taken: Optional[tuple] = None  # nothing taken yet: the first look reads them
 
     @property
     def follows_files(self) -> bool:
         return bool(self._sources)
 
     def renewal(self) -> Optional[tuple[tuple, ClientTls]]:
-        """(the files' signature, their material read and checked) when they changed since the last renewal
-        taken; None while they are unchanged, change under the read, or do not check out."""
+        """(the files' signature, their material read and checked) at the first look and when they changed since
+        the renewal taken last; None while they are unchanged, change under the read, or do not check out."""
+        if not self._sources:
+            return None
         signature = files_signature(self._sources)
         if signature == self._taken:
             return None

@@ -73,6 +73,9 @@ IMPLIED_LEASE_FACTOR = 5
 IMPLIED_LEASE_CHECK = 0.5
 # how often a head fed by discovery looks whether every declared shard has a worker yet, before it turns ready
 SHARDS_LOOKED_AT_EVERY = 0.2
+# how long it waits for them at most (Head(shards_wait=...), head --shards-wait): as long as a worker may take to
+# load its Executor, as a Kubernetes startup probe allows by default; then it turns ready without them, and says so
+SHARDS_WAIT = 180.0
 # the longest renewal interval a worker may announce (its implied lease is IMPLIED_LEASE_FACTOR times it)
 MAX_RENEWAL_INTERVAL = 300.0
 # workers one ACTIVATE or DEACTIVATE may name (each costs the head a channel and some 10 KB)
@@ -159,6 +162,7 @@ class Head:
         request_streams: bool = True,
         max_in_flight: Optional[int] = None,
         max_workers: int = MAX_WORKERS,
+        shards_wait: float = SHARDS_WAIT,
     ):
         if not deployment:
             raise ConfigurationError("a head needs a deployment name")
@@ -176,6 +180,8 @@ class Head:
             check_count(max_in_flight, "max_in_flight", 1)
         if lease is not None:
             check_seconds(lease, "lease")
+        check_seconds(shards_wait, "shards_wait", zero=True)
+        self._shards_wait = shards_wait
         static = sum(len(addresses) for addresses in (connections or {}).values())
         if static > max_workers:
             raise ConfigurationError(
@@ -703,19 +709,29 @@ class Head:
     async def _ready_once_discovered(self) -> None:
         """Turn readiness SERVING once discovery has listed the workers (it retries, with backoff, until then)
         and every declared shard has one: traffic taken before would fail, at a first deployment and when a
-        resharding rolls out a head for a shard whose workers still load (the old head serves meanwhile)."""
+        resharding rolls out a head for a shard whose workers still load (the old head serves meanwhile). It
+        waits for them at most ``shards_wait`` seconds: a head restarted while a shard is down serves the others."""
         await self._discovery_synced()
         waiting = self._shards_without_workers()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._shards_wait
         if waiting:
             logger.info(
-                "%s: discovery listed its workers; not ready until shard(s) %s have a ready one",
-                self.deployment, ", ".join(map(str, waiting)),
+                "%s: discovery listed its workers; not ready until shard(s) %s have one (for %gs at most)",
+                self.deployment, _shard_ranges(waiting)[0], self._shards_wait,
             )
-        while waiting:
-            await asyncio.sleep(SHARDS_LOOKED_AT_EVERY)
+        while waiting and loop.time() < deadline:
+            await asyncio.sleep(min(SHARDS_LOOKED_AT_EVERY, max(0.0, deadline - loop.time())))
             waiting = self._shards_without_workers()
+        if waiting:
+            ranges, unlisted = _shard_ranges(waiting)
+            logger.warning(
+                "%s: ready after %gs without a worker of shard(s) %s%s: ALL requests name them as failed",
+                self.deployment, self._shards_wait, ranges, f" and {unlisted} more" if unlisted else "",
+            )
+        else:
+            logger.info("%s: discovery listed a worker for every shard; ready", self.deployment)
         await self.server.mark_ready()
-        logger.info("%s: discovery listed a worker for every shard; ready", self.deployment)
 
     def _shards_without_workers(self) -> list[int]:
         """The declared shards the pool holds no worker of."""

@@ -191,7 +191,7 @@ class Server:
     Health answers for two services: ``""`` (alive: SERVING once started; liveness and startup
     probes) and ``services.READY_SERVICE`` (fit for traffic; readiness probes). A head whose
     workers come from discovery sets ``ready_at_start`` False and calls ``mark_ready`` once
-    discovery has listed them.
+    discovery has listed a worker of every shard (or it waited long enough).
 
     With ``config.health_port`` the same health service (the same statuses) is answered in
     plaintext on a second listener serving nothing else, for probes that cannot speak TLS; it
