@@ -221,6 +221,15 @@ def client_files(tmp_path: Path) -> ClientFiles:
     return ClientFiles(folder)
 
 
+@pytest.fixture
+def authorities(files, client_files) -> tuple[trustme.CA, trustme.CA]:
+    """(server CA, client CA): the worker's files serve worker.example, the head's present head.example."""
+    ca, clients = trustme.CA(), trustme.CA()
+    files.serve(ca.issue_cert("worker.example"), clients)
+    client_files.present(clients.issue_cert("head.example"), ca)
+    return ca, clients
+
+
 async def test_a_renewed_client_certificate_reaches_replicas_on_new_channels_and_loses_no_call(
     files, client_files, pool_factory, eventually
 ):
@@ -252,11 +261,9 @@ async def test_a_renewed_client_certificate_reaches_replicas_on_new_channels_and
 
 
 async def test_a_client_renewal_that_does_not_check_out_is_not_taken_until_it_does(
-    files, client_files, pool_factory, eventually, caplog
+    authorities, files, client_files, pool_factory, eventually, caplog
 ):
-    ca, clients = trustme.CA(), trustme.CA()
-    files.serve(ca.issue_cert("worker.example"), clients)
-    client_files.present(clients.issue_cert("head.example"), ca)
+    _, clients = authorities
     async with EchoServer("worker", credentials=files.server_tls().credentials()) as server:
         with caplog.at_level(logging.WARNING, logger="shardnet.networking.tls"):
             pool = pool_factory(tls=client_files.client_tls("worker.example"), tls_check_interval=0.02)
@@ -294,11 +301,9 @@ def test_a_bad_tls_check_interval_is_refused(interval):
 
 
 async def test_channels_made_after_a_renewal_use_the_material_checked_then_not_the_files_as_they_are_later(
-    files, client_files, pool_factory, eventually
+    authorities, files, client_files, pool_factory, eventually
 ):
-    ca, clients = trustme.CA(), trustme.CA()
-    files.serve(ca.issue_cert("worker.example"), clients)
-    client_files.present(clients.issue_cert("head.example"), ca)
+    ca, clients = authorities
     async with EchoServer("worker", credentials=files.server_tls().credentials()) as server:
         pool = pool_factory(tls=client_files.client_tls("worker.example"), tls_check_interval=0.02)
         pool.add_connection("dep", server.address)
@@ -373,11 +378,9 @@ async def test_a_health_check_cut_by_a_channel_renewal_is_a_failed_check_not_a_c
 
 
 async def test_a_replica_list_the_renewal_failed_to_reach_is_renewed_at_the_next_look_and_only_it(
-    files, client_files, pool_factory, eventually, monkeypatch
+    authorities, files, client_files, pool_factory, eventually, monkeypatch
 ):
-    ca, clients = trustme.CA(), trustme.CA()
-    files.serve(ca.issue_cert("worker.example"), clients)
-    client_files.present(clients.issue_cert("head.example"), ca)
+    ca, clients = authorities
     async with EchoServer("worker", credentials=files.server_tls().credentials()) as server:
         pool = pool_factory(tls=client_files.client_tls("worker.example"), tls_check_interval=0.02)
         pool.add_connection("steady", server.address)
@@ -424,11 +427,9 @@ async def test_a_pool_started_again_dials_with_the_files_as_they_are_then(files,
 
 
 async def test_a_started_pool_dials_with_what_it_checked_at_start_not_with_half_a_renewal(
-    files, client_files, pool_factory
+    authorities, files, client_files, pool_factory
 ):
-    ca, clients = trustme.CA(), trustme.CA()
-    files.serve(ca.issue_cert("worker.example"), clients)
-    client_files.present(clients.issue_cert("head.example"), ca)
+    _, clients = authorities
     async with EchoServer("worker", credentials=files.server_tls().credentials()) as server:
         pool = pool_factory(tls=client_files.client_tls("worker.example"), tls_check_interval=3600)
         stray = clients.issue_cert("head-next.example")  # half of a renewal lands before the first replica
