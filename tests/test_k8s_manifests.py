@@ -178,7 +178,7 @@ def test_containers_run_the_shardnet_commands() -> None:
     assert container(head)["command"] + container(head)["args"] == [
         "shardnet", "head", "--deployment", "search", "--host", "0.0.0.0", "--port", "50051",
         "--polling", '{"/search": "ALL", "/index": "ANY", "*": "ANY"}', "--k8s-namespace", "prod-7", "--balancer", "round_robin",
-        "--shards", "3", "--shards-wait", "180", "--max-message-mb", "64.0", "--drain-seconds", "20",
+        "--shards", "3", "--shards-wait", "240", "--max-message-mb", "64.0", "--drain-seconds", "20",
     ]  # fmt: skip
     for shard, worker in enumerate(sorted(workers, key=lambda w: w["metadata"]["name"])):
         assert container(worker)["command"] + container(worker)["args"] == [
@@ -294,8 +294,12 @@ def test_startup_time_and_grace_reach_the_probes_and_the_drain() -> None:
         assert probe["periodSeconds"] * probe["failureThreshold"] >= 601
         assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 90
         assert build_parser().parse_args(served["args"]).drain_seconds == 90 - 5 - 5
-    head = container(head_and_workers(render(spec), "Deployment")[0])
-    assert build_parser().parse_args(head["args"]).shards_wait == 601  # the head waits for shards as long
+    head_deployment = head_and_workers(render(spec), "Deployment")[0]
+    # a new head waits for a worker of every shard as long as one may load, and the time to be scheduled
+    assert build_parser().parse_args(container(head_deployment)["args"]).shards_wait == 601 + 60
+    for deployment in by_kind(render(spec), "Deployment"):  # and a rollout is not called stuck before that
+        assert deployment["spec"]["progressDeadlineSeconds"] == 601 + 60 + 60
+    assert {d["spec"]["progressDeadlineSeconds"] for d in by_kind(render(SPECS["defaults"]), "Deployment")} == {600}
     default = container(head_and_workers(render(SPECS["defaults"]), "Deployment")[0])
     assert default["startupProbe"]["periodSeconds"] * default["startupProbe"]["failureThreshold"] == 180
     assert build_parser().parse_args(default["args"]).drain_seconds == 20

@@ -285,9 +285,8 @@ async def test_a_client_renewal_that_does_not_check_out_is_not_taken_until_it_do
         assert refusals and "does not match" in refusals[0]
 
 
-def test_only_material_in_files_is_followed(client_files):
-    ca, clients = trustme.CA(), trustme.CA()
-    client_files.present(clients.issue_cert("head.example"), ca)
+def test_only_material_in_files_is_followed(authorities, client_files):
+    ca, clients = authorities
     assert tls_module.FollowedClientMaterial(client_files.client_tls("worker.example")).follows_files
     in_memory = ClientTls(root_certificates=ca.cert_pem.bytes())
     assert not tls_module.FollowedClientMaterial(in_memory).follows_files
@@ -328,9 +327,7 @@ def follower_tasks() -> list[asyncio.Task]:
     return [task for task in asyncio.all_tasks() if task.get_name().startswith("tls-follower-")]
 
 
-async def test_the_follower_runs_once_per_started_pool_and_stops_with_it(client_files):
-    ca, clients = trustme.CA(), trustme.CA()
-    client_files.present(clients.issue_cert("head.example"), ca)
+async def test_the_follower_runs_once_per_started_pool_and_stops_with_it(authorities, client_files):
     pool = GrpcConnectionPool(runtime_name="follow", tls=client_files.client_tls("worker.example"))
     try:
         pool.start()
@@ -344,18 +341,15 @@ async def test_the_follower_runs_once_per_started_pool_and_stops_with_it(client_
     assert follower_tasks() == []
 
 
-def test_a_pool_following_tls_files_must_be_started_in_a_running_loop(client_files):
-    ca, clients = trustme.CA(), trustme.CA()
-    client_files.present(clients.issue_cert("head.example"), ca)
+def test_a_pool_following_tls_files_must_be_started_in_a_running_loop(authorities, client_files):
+    ca, clients = authorities
     pool = GrpcConnectionPool(tls=client_files.client_tls("worker.example"))
     with pytest.raises(ConfigurationError, match="from async code"):
         pool.start()
     GrpcConnectionPool(tls=ClientTls(root_certificates=ca.cert_pem.bytes())).start()  # nothing to follow: fine
 
 
-async def test_a_health_check_cut_by_a_channel_renewal_is_a_failed_check_not_a_cancellation(client_files):
-    ca, clients = trustme.CA(), trustme.CA()
-    client_files.present(clients.issue_cert("head.example"), ca)
+async def test_a_health_check_cut_by_a_channel_renewal_is_a_failed_check_not_a_cancellation(authorities, client_files):
     held: list[asyncio.StreamWriter] = []
 
     async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -439,9 +433,8 @@ async def test_a_started_pool_dials_with_what_it_checked_at_start_not_with_half_
         assert reply.header.exec_endpoint == "/x" and server.client_names == [["head.example"]]
 
 
-def test_files_rewritten_while_read_are_read_again_whole_at_the_next_look(client_files, monkeypatch):
-    ca, clients = trustme.CA(), trustme.CA()
-    client_files.present(clients.issue_cert("head.example"), ca)
+def test_files_rewritten_while_read_are_read_again_whole_at_the_next_look(authorities, client_files, monkeypatch):
+    ca, clients = authorities
     follower = tls_module.FollowedClientMaterial(client_files.client_tls("worker.example"))
     follower.take(follower.renewal()[0])
     client_files.present(clients.issue_cert("head-renewed.example"), ca)
@@ -462,9 +455,8 @@ def test_files_rewritten_while_read_are_read_again_whole_at_the_next_look(client
     assert material.certificate_chain == client_files.chain.read_bytes()  # the newer files, whole
 
 
-def test_a_refused_renewal_names_its_files_and_a_key_open_to_others_is_said(client_files, caplog):
-    ca, clients = trustme.CA(), trustme.CA()
-    client_files.present(clients.issue_cert("head.example"), ca)
+def test_a_refused_renewal_names_its_files_and_a_key_open_to_others_is_said(authorities, client_files, caplog):
+    ca, clients = authorities
     follower = tls_module.FollowedClientMaterial(client_files.client_tls("worker.example"))
     follower.take(follower.renewal()[0])
     stray = clients.issue_cert("head-next.example")
@@ -477,3 +469,25 @@ def test_a_refused_renewal_names_its_files_and_a_key_open_to_others_is_said(clie
     messages = [record.getMessage() for record in caplog.records]
     assert any("is not taken" in m and str(client_files.chain) in m for m in messages)
     assert any("open to other users" in m and str(client_files.key) in m for m in messages)
+
+
+async def test_files_that_do_not_check_out_at_start_are_said_and_taken_once_they_do(
+    authorities, files, client_files, pool_factory, eventually, caplog
+):
+    _, clients = authorities
+    tls = client_files.client_tls("worker.example")  # checked when built
+    renewed = clients.issue_cert("head-renewed.example")  # half of a renewal lands before the pool starts
+    client_files.write(client_files.chain, b"".join(blob.bytes() for blob in renewed.cert_chain_pems))
+    with caplog.at_level(logging.WARNING, logger="shardnet.networking.tls"):
+        pool = pool_factory(tls=tls, tls_check_interval=0.02)
+    [warning] = [r.getMessage() for r in caplog.records if "do not check out" in r.getMessage()]
+    assert "does not match" in warning and str(client_files.chain) in warning
+    async with EchoServer("worker", credentials=files.server_tls().credentials()) as server:
+        client_files.write(client_files.key, renewed.private_key_pem.bytes())  # the rest of it arrives
+        pool.add_connection("dep", server.address)
+
+        async def presents_the_renewed_certificate() -> bool:
+            await pool.send_request_once(DataRequest(endpoint="/x"), "dep")
+            return server.client_names[-1] == ["head-renewed.example"]
+
+        await eventually(presents_the_renewed_certificate)

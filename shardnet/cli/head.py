@@ -106,6 +106,8 @@ async def serve(args: argparse.Namespace) -> int:
         )
     retry = RetryPolicy(attempt_timeout=args.attempt_timeout)
     namespace = args.k8s_namespace  # only when asked: a head that happens to run in a pod may be a local one
+    if args.shards_wait != SHARDS_WAIT and (namespace is None or not args.shards):
+        logger.warning("--shards-wait has no effect without --k8s-namespace and --shards: such a head is ready at once")
     k8s_options = {"deployments": (args.deployment,)} if namespace is not None else {}  # its own pods only
     config = server_config(args)
     pool = create_connection_pool(

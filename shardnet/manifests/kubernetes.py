@@ -157,6 +157,10 @@ PROCESS_BASE_MIB = 64
 STARTUP_PERIOD = 2  # seconds between startup probes
 DRAIN_MARGIN = 5  # seconds of the grace left to a process after its drain, to exit before SIGKILL
 MESSAGE_COPIES = MappingProxyType({"head": 5, "worker": 8})
+# seconds for a new pod to be scheduled, its image pulled and its readiness seen by the head's watch, beyond the
+# time its Executor takes to load (startup_seconds)
+SCHEDULING_MARGIN = 60
+DEFAULT_PROGRESS_DEADLINE = 600  # Kubernetes' own progressDeadlineSeconds
 
 
 class CertificateNeed(NamedTuple):
@@ -329,6 +333,17 @@ class DeploymentSpec:
     def drain_seconds(self) -> int:
         """How long a process lets its in-flight requests finish on SIGTERM: the grace after preStop, less a margin."""
         return max(1, self.termination_grace_seconds - self.pre_stop_seconds - DRAIN_MARGIN)
+
+    @property
+    def shards_wait_seconds(self) -> int:
+        """How long a new head waits for a worker of every shard before it turns ready anyway: as long as a
+        worker may take to load, plus the time to be scheduled, pulled and seen ready (SCHEDULING_MARGIN)."""
+        return self.startup_seconds + SCHEDULING_MARGIN
+
+    @property
+    def progress_deadline_seconds(self) -> int:
+        """When Kubernetes reports a rollout stuck: its default (600 s), unless a new head may wait longer."""
+        return max(DEFAULT_PROGRESS_DEADLINE, self.shards_wait_seconds + SCHEDULING_MARGIN)
 
     @property
     def head_server_name(self) -> str:
@@ -508,6 +523,8 @@ def _component(spec: DeploymentSpec, name: str, role: str, shard: Optional[int])
             "selector": {"matchLabels": pod_labels(spec, role, shard)},
             # surge before removing: a shard keeps all its replicas serving during a rollout
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            # a rollout is reported stuck only after a new pod could have loaded and a new head waited for it
+            "progressDeadlineSeconds": spec.progress_deadline_seconds,
             "template": {
                 "metadata": {"labels": {**_metadata(spec, name, role, shard)["labels"], **pod_labels(spec, role, shard)}},
                 "spec": _pod_spec(spec, name, role, shard),
@@ -569,7 +586,7 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
             "--balancer", spec.balancer,
             "--shards", str(spec.shards),  # so that ALL polling reports a shard with no ready replica
             # not ready until every shard has a worker, for as long as a worker may take to load its Executor
-            "--shards-wait", str(spec.startup_seconds),
+            "--shards-wait", str(spec.shards_wait_seconds),
         ]  # fmt: skip
         if spec.max_in_flight is not None:
             args += ["--max-in-flight", str(spec.max_in_flight)]

@@ -390,7 +390,12 @@ class FollowedClientMaterial:
         try:
             material = self._tls.in_memory()
         except ConfigurationError as exc:
-            logger.warning("client TLS material changed but is not taken; channels keep the previous one: %s", exc)
+            if self._taken is None:  # at start: nothing checked to fall back on
+                logger.warning(
+                    "client TLS files do not check out; channels read them as they open until they do: %s", exc
+                )
+            else:
+                logger.warning("client TLS material changed but is not taken; channels keep the previous one: %s", exc)
             return None
         if files_signature(self._sources) != signature:
             return None  # written while read: looked at again next time, whole

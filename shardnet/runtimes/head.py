@@ -120,6 +120,12 @@ MAX_HEADS_PASSED = 16  # heads a request may have crossed (their ids travel on w
 _HEAD_ID = re.compile(r"[0-9a-f]{32}")  # what new_id() gives a head
 
 
+def _listed(shard_ids: list[int]) -> str:
+    """Sorted shard ids as a log line names them: ranges, then how many more did not fit."""
+    ranges, unlisted = _shard_ranges(shard_ids)
+    return f"{ranges} and {unlisted} more" if unlisted else ranges
+
+
 def _shard_ranges(shard_ids: list[int], room: int = EMPTY_SHARDS_ROOM) -> tuple[str, int]:
     """Sorted shard ids as ranges, "0-3,7" (a declared 400-shard head with no worker yet says it in 5 bytes), at
     most ``room`` characters of them; and how many shards did not fit."""
@@ -718,16 +724,15 @@ class Head:
         if waiting:
             logger.info(
                 "%s: discovery listed its workers; not ready until shard(s) %s have one (for %gs at most)",
-                self.deployment, _shard_ranges(waiting)[0], self._shards_wait,
+                self.deployment, _listed(waiting), self._shards_wait,
             )
         while waiting and loop.time() < deadline:
             await asyncio.sleep(min(SHARDS_LOOKED_AT_EVERY, max(0.0, deadline - loop.time())))
             waiting = self._shards_without_workers()
         if waiting:
-            ranges, unlisted = _shard_ranges(waiting)
             logger.warning(
-                "%s: ready after %gs without a worker of shard(s) %s%s: ALL requests name them as failed",
-                self.deployment, self._shards_wait, ranges, f" and {unlisted} more" if unlisted else "",
+                "%s: ready after %gs without a worker of shard(s) %s: ALL requests name them as failed",
+                self.deployment, self._shards_wait, _listed(waiting),
             )
         else:
             logger.info("%s: discovery listed a worker for every shard; ready", self.deployment)
