@@ -220,6 +220,18 @@ def test_a_head_that_cannot_tell_a_missing_shard_says_so_at_start(tmp_path):
         assert ("no --shards: under ALL" in log.read_text()) is warned, log.read_text()
 
 
+def test_a_shards_wait_that_cannot_apply_is_said_at_start(tmp_path):
+    """--shards-wait bounds how long a head fed by Kubernetes waits for its shards; a head fed by ACTIVATE is
+    ready at once, and a flag it ignores silently would mislead."""
+    log = tmp_path / "head.log"
+    head = start(log, "head", "--deployment", "d", "--port", "0", "--shards", "2", "--shards-wait", "30")
+    try:
+        wait_for_line(log, r"ready on (\S+)", head)
+    finally:
+        stop(head, [])
+    assert "--shards-wait has no effect without --k8s-namespace" in log.read_text(), log.read_text()
+
+
 def test_a_process_dying_of_a_fatal_signal_leaves_its_stacks_in_its_log(tmp_path):
     """Two processes vanished under CI load without a word in their logs; a fault now says where each thread was."""
     log = tmp_path / "head.log"
