@@ -491,3 +491,13 @@ async def test_files_that_do_not_check_out_at_start_are_said_and_taken_once_they
             return server.client_names[-1] == ["head-renewed.example"]
 
         await eventually(presents_the_renewed_certificate)
+
+
+def test_material_read_at_a_renewal_is_shown_by_size_in_a_repr_not_as_pem(authorities, client_files):
+    tls = client_files.client_tls("worker.example")
+    assert repr(tls) == (
+        f"ClientTls(root_certificates={str(client_files.client_ca)!r}, certificate_chain={str(client_files.chain)!r}, "
+        f"private_key={str(client_files.key)!r}, server_name='worker.example')"
+    )
+    shown = repr(tls.in_memory())
+    assert "-----BEGIN" not in shown and "bytes of PEM" in shown and "server_name='worker.example'" in shown

@@ -52,6 +52,13 @@ def _describe(source: PemSource, what: str) -> str:
     return f"{what} {os.fspath(source)!r}" if _is_path(source) else f"{what} (given in memory)"
 
 
+def _shown(source: PemSource) -> str:
+    """TLS material as a repr may show it: a file by its path, PEM in memory by its size only."""
+    if _is_path(source):
+        return repr(os.fspath(source))
+    return f"<{len(source)} bytes of PEM>"
+
+
 def _warn_if_others_may_read(source: PemSource, what: str) -> None:
     """Log a warning for a private key file other users of the machine may read or write (as ssh refuses one)."""
     if not _is_path(source):
@@ -252,6 +259,17 @@ class ClientTls:
         if self.server_name is None:
             return ()
         return ((SERVER_NAME_OPTION, self.server_name),)
+
+    def __repr__(self) -> str:
+        # files by their path; PEM held in memory (given so, or read at a renewal) by its size, never its text
+        shown = [
+            f"{name}={_shown(getattr(self, name))}"
+            for name in ("root_certificates", "certificate_chain", "private_key")
+            if getattr(self, name) is not None
+        ]
+        if self.server_name is not None:
+            shown.append(f"server_name={self.server_name!r}")
+        return f"ClientTls({', '.join(shown)})"
 
     def files(self) -> list[PemSource]:
         """The material given as file paths: what a renewal can change under a running client."""
