@@ -167,11 +167,8 @@ class Connection:
         if self._tls is not None:
             self._tls = tls
 
-    def rebuild(self, tls: Optional[ClientTls] = None) -> None:
-        """Replace the channel with a fresh one (dialled with ``tls`` from now on, when given: renewed material);
-        the old one closes once the calls still on it end."""
-        if tls is not None:
-            self.dial_with(tls)
+    def rebuild(self) -> None:
+        """Replace the channel with a fresh one; the old one closes once the calls still on it end."""
         retired = _ChannelInUse(self.channel, self.stubs.streams, self.running)
         self.rebuilt_at = asyncio.get_running_loop().time()
         self._open()
@@ -308,11 +305,11 @@ class ReplicaList:
     async def renew_channels(self, tls: ClientTls) -> int:
         """Dial every replica with ``tls`` from now on (renewed client material): each TLS replica gets a new
         channel, and calls on the old channels finish there. Returns how many were renewed."""
-        self._tls = tls
+        self.dial_with(tls)
         renewed = 0
         for connection in list(self._connections.values()):
             if connection.address.tls and self._connections.get(connection.address.target) is connection:
-                connection.rebuild(tls)
+                connection.rebuild()
                 renewed += 1
                 await asyncio.sleep(0)  # one close started per loop pass (see remove_connection)
         return renewed
