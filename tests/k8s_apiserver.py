@@ -433,10 +433,19 @@ class FakeApiServer:
 
 
 def write_kubeconfig(
-    path: Path, server_url: str, *, token: Optional[str] = "test-token", namespace: str = "default"
+    path: Path,
+    server_url: str,
+    *,
+    token: Optional[str] = "test-token",
+    namespace: str = "default",
+    user: Optional[dict[str, Any]] = None,
 ) -> Path:
-    """Write a kubeconfig whose current context points at ``server_url``; return its path."""
-    user = {"token": token} if token else {}
+    """Write a kubeconfig whose current context points at ``server_url``; return its path.
+
+    ``user``: the user's entry (an exec plugin, a tokenFile) instead of the static ``token``.
+    """
+    if user is None:
+        user = {"token": token} if token else {}
     path.write_text(
         yaml.safe_dump(
             {

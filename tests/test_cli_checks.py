@@ -98,3 +98,10 @@ def test_k8s_render_accepts_a_request_equal_to_its_limit_in_other_units() -> Non
     result = run_cli(*K8S_RENDER, "--memory", "1024Mi", "--memory-limit", "1Gi")
     assert result.returncode == 0, result.stderr
     assert "memory: 1024Mi" in result.stdout and "memory: 1Gi" in result.stdout
+
+
+def test_head_refuses_a_kubeconfig_without_a_namespace_to_watch(tmp_path) -> None:
+    """--kubeconfig only serves discovery: a head given it alone would silently ignore it."""
+    result = run_cli("head", "--deployment", "d", "--port", "0", "--kubeconfig", str(tmp_path / "kubeconfig"))
+    assert result.returncode == 2, result.stderr
+    assert "--kubeconfig is for discovery: give --k8s-namespace as well" in result.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 from typing import Any, AsyncIterator, Callable, Optional
 
 import grpc
@@ -21,7 +22,8 @@ from kubernetes_asyncio import config as k8s_config
 from grpc_health.v1 import health_pb2
 from kubernetes_asyncio.client import ApiClient
 
-from shardnet.discovery.kubernetes import K8sGrpcConnectionPool, Member, load_api_client, pod_members, slice_members
+from shardnet.discovery.configuration import load_api_client
+from shardnet.discovery.kubernetes import K8sGrpcConnectionPool, Member, pod_members, slice_members
 from shardnet.discovery.watch import WatchOptions
 from shardnet.errors import ConfigurationError, DiscoveryError, ReplicaError
 from shardnet.networking import oneshot
@@ -576,7 +578,9 @@ async def test_no_client_loads_the_kubeconfig(api_server: FakeApiServer, kubecon
     await eventually(lambda: api_server.open_streams() == 0)
 
 
-async def test_configuration_lookup_order(api_server: FakeApiServer, kubeconfig: str, tmp_path) -> None:
+async def test_configuration_lookup_order_is_kubectls(api_server: FakeApiServer, kubeconfig: str, tmp_path) -> None:
+    """A kubeconfig file that exists wins, in a pod too (KUBECONFIG's missing entries skipped); the service
+    account is used only when there is none; with neither, the error names what was looked for."""
     client = await load_api_client(environ={"KUBECONFIG": f"{tmp_path}/missing:{kubeconfig}"})
     async with client:
         assert client.configuration.host == api_server.url
@@ -585,16 +589,19 @@ async def test_configuration_lookup_order(api_server: FakeApiServer, kubeconfig:
     account.mkdir()
     (account / "token").write_text("in-cluster-token")
     trustme.CA().cert_pem.write_to_path(str(account / "ca.crt"))
-    cluster = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443", "KUBECONFIG": kubeconfig}
-    client = await load_api_client(environ=cluster, service_account_dir=str(account))
+    in_a_pod = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+    client = await load_api_client(environ={**in_a_pod, "KUBECONFIG": kubeconfig}, service_account_dir=str(account))
+    async with client:  # as kubectl in a pod: the kubeconfig given points elsewhere, and is meant
+        assert client.configuration.host == api_server.url
+
+    only_missing = {**in_a_pod, "KUBECONFIG": f"{tmp_path}/missing"}
+    client = await load_api_client(environ=only_missing, service_account_dir=str(account))
     async with client:
         assert client.configuration.host == "https://10.96.0.1:443"
         assert client.configuration.api_key["BearerToken"] == "Bearer in-cluster-token"
 
-    (account / "token").unlink()  # in a pod without a token: fall back to KUBECONFIG
-    client = await load_api_client(environ=cluster, service_account_dir=str(account))
-    async with client:
-        assert client.configuration.host == api_server.url
+    with pytest.raises(k8s_config.ConfigException, match=r"no kubeconfig file at .*missing, and not in a pod"):
+        await load_api_client(environ={"KUBECONFIG": f"{tmp_path}/missing"})
 
 
 async def test_in_a_pod_without_a_token_the_error_names_the_service_account(tmp_path) -> None:
@@ -602,8 +609,72 @@ async def test_in_a_pod_without_a_token_the_error_names_the_service_account(tmp_
     account.mkdir()
     cluster = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443",
                "KUBECONFIG": str(tmp_path / "no-kubeconfig")}
-    with pytest.raises(k8s_config.ConfigException, match=r"in-cluster service account: .*token"):
+    with pytest.raises(k8s_config.ConfigException, match=r"in-cluster service account: .*token.*no-kubeconfig"):
         await load_api_client(environ=cluster, service_account_dir=str(account))
+
+
+# an exec credential plugin as ``aws eks get-token`` is one: it prints the token its folder holds, which lapses
+# at once by the library's reckoning (five minutes' margin), and counts its runs
+EXEC_PLUGIN = """
+import datetime, json, pathlib, sys
+folder = pathlib.Path(sys.argv[1])
+runs = folder / "runs"
+runs.write_text(str(int(runs.read_text()) + 1 if runs.exists() else 1))
+expiry = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=2)
+print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1beta1", "kind": "ExecCredential",
+                  "status": {"token": (folder / "token").read_text(),
+                             "expirationTimestamp": expiry.strftime("%Y-%m-%dT%H:%M:%SZ")}}))
+"""
+
+
+@pytest.mark.parametrize("credential", ["exec-plugin", "token-file"])
+async def test_a_kubeconfigs_expiring_credentials_are_renewed(
+    credential: str, api_server: FakeApiServer, tmp_path
+) -> None:
+    """The API server stops taking the first token; the pool's next requests carry the renewed one, so pods
+    that come and go afterwards are still followed (before: 401 for ever, the members frozen)."""
+    (tmp_path / "token").write_text("token-1")
+    api_server.token = "token-1"
+    if credential == "exec-plugin":
+        (tmp_path / "plugin.py").write_text(EXEC_PLUGIN)
+        user = {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1", "command": sys.executable,
+                         "args": [str(tmp_path / "plugin.py"), str(tmp_path)]}}
+    else:
+        user = {"tokenFile": str(tmp_path / "token")}
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api_server.url, namespace=NS, user=user)
+    client = await load_api_client(str(kubeconfig), environ={}, credentials_check_interval=0.1)
+    api_server.apply("pods", pod("a", ip="10.0.0.1"))
+    watch = WatchOptions(timeout_seconds=1, read_timeout=5.0, connect_timeout=1.0, list_timeout=5.0,
+                         backoff_initial=0.02, backoff_max=0.2)
+    async with client, K8sGrpcConnectionPool(NS, client, watch=watch, sources=("pods",)) as pool:
+        await pool.wait_synced(timeout=10)
+        assert replicas(pool) == {"10.0.0.1:8080"}
+        (tmp_path / "token").write_text("token-2")
+        api_server.token = "token-2"  # the issuer no longer takes token-1; the open watch ends within a second
+        api_server.apply("pods", pod("b", ip="10.0.0.2"))
+        api_server.delete("pods", "a")
+        await eventually(lambda: replicas(pool) == {"10.0.0.2:8080"}, timeout=15)
+    if credential == "exec-plugin":
+        assert int((tmp_path / "runs").read_text()) >= 2
+
+
+async def test_a_credentials_reload_that_fails_keeps_the_last_ones(
+    api_server: FakeApiServer, tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A plugin that starts failing is reported, and the credentials it gave before are used meanwhile."""
+    (tmp_path / "token").write_text("test-token")
+    (tmp_path / "plugin.py").write_text(EXEC_PLUGIN)
+    user = {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1", "command": sys.executable,
+                     "args": [str(tmp_path / "plugin.py"), str(tmp_path)]}}
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api_server.url, namespace=NS, user=user)
+    client = await load_api_client(str(kubeconfig), environ={}, credentials_check_interval=0)  # every request
+    (tmp_path / "plugin.py").write_text("import sys; sys.exit('the identity provider is down')")
+    api_server.apply("pods", pod("a", ip="10.0.0.1"))
+    caplog.set_level(logging.WARNING, logger="shardnet.discovery.configuration")
+    async with client, K8sGrpcConnectionPool(NS, client, watch=FAST, sources=("pods",)) as pool:
+        await pool.wait_synced(timeout=10)
+        assert replicas(pool) == {"10.0.0.1:8080"}
+    assert "could not reload the kubeconfig's credentials, keeping the last ones" in caplog.text
 
 
 async def test_a_jina_style_core_api_client_is_taken_and_anything_else_refused(
@@ -672,18 +743,21 @@ async def test_requests_reach_discovered_replicas(api_server: FakeApiServer, sta
 # -- the head process follows the cluster ------------------------------------------------------
 
 
+@pytest.mark.parametrize("given_by", ["KUBECONFIG", "--kubeconfig"])
 async def test_head_process_with_k8s_namespace_routes_to_what_the_cluster_shows(
-    api_server: FakeApiServer, kubeconfig: str, tmp_path
+    given_by: str, api_server: FakeApiServer, kubeconfig: str, tmp_path
 ) -> None:
-    """``shardnet head --k8s-namespace`` (a real process; the kubeconfig reaches it through its own env)."""
+    """``shardnet head --k8s-namespace`` (a real process), its kubeconfig in its env or named by the flag
+    (which wins over a KUBECONFIG that points nowhere)."""
+    args = ["head", "--deployment", "dep", "--port", "0", "--k8s-namespace", NS]
+    if given_by == "--kubeconfig":
+        args += ["--kubeconfig", kubeconfig]
+        env = {**os.environ, "KUBECONFIG": str(tmp_path / "missing")}
+    else:
+        env = {**os.environ, "KUBECONFIG": kubeconfig}
     async with EchoServer("replica-a") as a, EchoServer("replica-b") as b:
         api_server.apply("pods", pod("a", ip="127.0.0.1", port=a.port, ready=True))
-        head = ShardnetProcess(
-            "head",
-            ["head", "--deployment", "dep", "--port", "0", "--k8s-namespace", NS],
-            tmp_path / "head.log",
-            env={**os.environ, "KUBECONFIG": kubeconfig},
-        )
+        head = ShardnetProcess("head", args, tmp_path / "head.log", env=env)
         head.launch()
         try:
             address = await asyncio.to_thread(head.wait_ready, 30.0)

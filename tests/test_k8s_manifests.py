@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from kubelet import pod_arguments
 
 from shardnet.cli.main import build_parser, main
 from shardnet.errors import ConfigurationError
@@ -177,7 +179,7 @@ def test_containers_run_the_shardnet_commands() -> None:
     head, workers = head_and_workers(render(spec), "Deployment")
     assert container(head)["command"] + container(head)["args"] == [
         "shardnet", "head", "--deployment", "search", "--host", "0.0.0.0", "--port", "50051",
-        "--polling", '{"/search": "ALL", "/index": "ANY", "*": "ANY"}', "--k8s-namespace", "prod-7", "--balancer", "round_robin",
+        "--polling", '{"/search": "ALL", "/index": "ANY", "*": "ANY"}', "--k8s-namespace", "$(POD_NAMESPACE)", "--balancer", "round_robin",
         "--shards", "3", "--shards-wait", "240", "--max-message-mb", "64.0", "--drain-seconds", "20",
     ]  # fmt: skip
     for shard, worker in enumerate(sorted(workers, key=lambda w: w["metadata"]["name"])):
@@ -192,7 +194,7 @@ def test_the_shardnet_parser_accepts_the_rendered_commands() -> None:
     """The container arguments are what ``shardnet head`` and ``shardnet worker`` really take."""
     spec = SPECS["sharded"]
     head, workers = head_and_workers(render(spec), "Deployment")
-    parsed = build_parser().parse_args(container(head)["args"])
+    parsed = build_parser().parse_args(pod_arguments(container(head), "prod-7"))
     assert (parsed.command, parsed.deployment, parsed.k8s_namespace, parsed.shards) == ("head", "search", "prod-7", 3)
     assert (parsed.host, parsed.port, parsed.balancer, parsed.polling) == ("0.0.0.0", 50051, "round_robin", spec.polling_argument)
     for worker in workers:
@@ -201,6 +203,28 @@ def test_the_shardnet_parser_accepts_the_rendered_commands() -> None:
         assert str(parsed.shard_id) == worker["spec"]["template"]["metadata"]["labels"]["shard_id"]
         mounts = {m["mountPath"] for m in container(worker)["volumeMounts"]}
         assert parsed.workspace in mounts  # writable under the read-only root filesystem
+
+
+def test_the_head_watches_the_namespace_it_is_applied_to() -> None:
+    """Re-namespaced after rendering (kustomize's ``namespace:``, Argo CD, Flux), the head still watches its own
+    namespace, where its Role grants the watch: the downward API tells it (found by a Kubernetes review)."""
+    head, _ = head_and_workers(render(SPECS["sharded"]), "Deployment")
+    assert container(head)["env"] == [
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
+    ]
+    parsed = build_parser().parse_args(pod_arguments(container(head), "moved-by-kustomize"))
+    assert parsed.k8s_namespace == "moved-by-kustomize"
+
+
+def test_a_dollar_in_a_value_reaches_the_process_as_written() -> None:
+    """The kubelet expands ``$(VAR)`` and ``$$`` in every argument: a polling map naming ``/$(POD_NAMESPACE)``
+    or ``/a$$b`` must reach the head unchanged, so render doubles each ``$`` it did not write itself."""
+    polling = {"/$(POD_NAMESPACE)": "ALL", "/a$$b": "ALL", "*": "ANY"}
+    spec = DeploymentSpec(name="odd", image="i", uses="m:C", namespace="prod-7", polling=json.dumps(polling))
+    head, _ = head_and_workers(render(spec), "Deployment")
+    parsed = build_parser().parse_args(pod_arguments(container(head), "prod-7"))
+    assert polling.items() <= json.loads(parsed.polling).items()  # with /search and /index as the head sets them
+    assert parsed.k8s_namespace == "prod-7"
 
 
 def test_the_heads_admission_limit_and_request_streams_switch_reach_its_command_line() -> None:

@@ -21,6 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2
 
 from k8s_apiserver import FakeApiServer, pod, write_kubeconfig
+from kubelet import pod_arguments
 from shardnet import ClientTls, DataRequest, Document, ReplicaError
 from shardnet.manifests.kubernetes import TLS_DIR, WORKSPACE, DeploymentSpec, render
 from shardnet.networking import oneshot
@@ -95,7 +96,7 @@ def rendered_args(spec: DeploymentSpec, role: str) -> list[str]:
         if obj["kind"] == "Deployment" and obj["metadata"]["labels"]["shardnet.io/role"] == role
     ]
     [container] = deployment["spec"]["template"]["spec"]["containers"]
-    return list(container["args"])
+    return pod_arguments(container, spec.namespace)
 
 
 def on_this_machine(args: list[str], secret: Path, workspace: Path, port: int, health_port: int) -> list[str]:

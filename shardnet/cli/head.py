@@ -67,6 +67,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="discover replicas by watching this Kubernetes namespace (never implied by running in a pod)",
     )
     parser.add_argument(
+        "--kubeconfig", metavar="FILE",
+        help="with --k8s-namespace, the kubeconfig to reach the API server with (default: as kubectl finds one: "
+             "KUBECONFIG, ~/.kube/config, else the pod's service account)",
+    )
+    parser.add_argument(
         "--shards-wait", type=positive_seconds("shards-wait", zero=True), metavar="SECONDS", default=SHARDS_WAIT,
         help="with --k8s-namespace and --shards, how long the head stays unready waiting for a worker of every "
              "shard before it turns ready without them (default: %(default)g)",
@@ -108,7 +113,10 @@ async def serve(args: argparse.Namespace) -> int:
     namespace = args.k8s_namespace  # only when asked: a head that happens to run in a pod may be a local one
     if args.shards_wait != SHARDS_WAIT and (namespace is None or not args.shards):
         logger.warning("--shards-wait has no effect without --k8s-namespace and --shards: such a head is ready at once")
-    k8s_options = {"deployments": (args.deployment,)} if namespace is not None else {}  # its own pods only
+    if args.kubeconfig is not None and namespace is None:
+        raise ConfigurationError("--kubeconfig is for discovery: give --k8s-namespace as well")
+    # its own pods only
+    k8s_options = {"deployments": (args.deployment,), "kubeconfig": args.kubeconfig} if namespace is not None else {}
     config = server_config(args)
     pool = create_connection_pool(
         k8s_connection_pool=namespace is not None,

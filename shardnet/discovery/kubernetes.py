@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import re
 from collections import Counter
 from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence
@@ -35,6 +34,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 
+from shardnet.discovery.configuration import load_api_client
 from shardnet.discovery.watch import ListWatch, Unavailable, WatchOptions, with_backoff
 from shardnet.errors import ConfigurationError, DiscoveryError
 from shardnet.networking.addresses import parse_address
@@ -44,7 +44,6 @@ logger = logging.getLogger(__name__)
 
 SOURCES = ("pods", "endpointslices")
 DEFAULT_PORT = 8080
-SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 
 POD_SELECTOR = "jina_deployment_name,pod_type"
 SLICE_SELECTOR = "shardnet.io/deployment"
@@ -320,51 +319,6 @@ class _Ledger:
             await asyncio.gather(*self._removals.values(), return_exceptions=True)
 
 
-# -- configuration -------------------------------------------------------------------
-
-
-async def load_api_client(
-    kubeconfig: Optional[str] = None,
-    *,
-    environ: Mapping[str, str] = os.environ,
-    service_account_dir: str = SERVICE_ACCOUNT_DIR,
-) -> k8s_client.ApiClient:
-    """An ApiClient configured the way kubectl users expect, on its own Configuration (no global default).
-
-    Order: the explicit ``kubeconfig`` file; the in-cluster service account
-    when ``KUBERNETES_SERVICE_HOST`` and its token are present; ``KUBECONFIG``
-    (a path list); ``~/.kube/config``. Raises kubernetes_asyncio's
-    ConfigException when none works.
-    """
-    configuration = type.__call__(k8s_client.Configuration)  # a fresh one, not a copy of the process default
-    in_cluster_error = None
-    if kubeconfig is None and environ.get("KUBERNETES_SERVICE_HOST"):
-        try:
-            k8s_config.load_incluster_config(
-                client_configuration=configuration,
-                environ=environ,
-                token_filename=os.path.join(service_account_dir, "token"),
-                cert_filename=os.path.join(service_account_dir, "ca.crt"),
-            )
-            return k8s_client.ApiClient(configuration=configuration)
-        except k8s_config.ConfigException as error:
-            logger.info("not using the in-cluster service account: %s", error)
-            in_cluster_error = error
-    config_file = kubeconfig or environ.get("KUBECONFIG") or os.path.expanduser("~/.kube/config")
-    try:
-        await k8s_config.load_kube_config(
-            config_file=config_file, client_configuration=configuration, persist_config=False
-        )
-    except k8s_config.ConfigException as error:
-        if in_cluster_error is None:
-            raise
-        # in a pod the service account is what was meant: name its failure first
-        raise k8s_config.ConfigException(
-            f"in-cluster service account: {in_cluster_error}; kubeconfig {config_file}: {error}"
-        ) from error
-    return k8s_client.ApiClient(configuration=configuration)
-
-
 # -- the pool ------------------------------------------------------------------------
 
 
@@ -378,8 +332,9 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
 
     ``client`` is a kubernetes_asyncio ApiClient (or a CoreV1Api over one, as
     Jina passes it) the caller owns; without one
-    the pool loads configuration when it starts (``kubeconfig``, in-cluster,
-    KUBECONFIG, ~/.kube/config) and closes that client with itself.
+    the pool loads configuration when it starts, as kubectl would
+    (``kubeconfig``, KUBECONFIG, ~/.kube/config, in-cluster; see
+    ``discovery.configuration``), and closes that client with itself.
     ``deployments`` narrows the watch to those deployments' objects (a head
     passes its own); by default it follows every deployment, as a gateway does.
     """

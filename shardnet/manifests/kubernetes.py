@@ -22,8 +22,13 @@ Labels are a contract with discovery (``shardnet.discovery``):
   port, is named ``grpc``.
 
 Every object also carries ``app.kubernetes.io/instance: NAME``, so
-``kubectl delete all,pdb,sa,role,rolebinding -l app.kubernetes.io/instance=NAME``
+``kubectl delete all,pdb,sa,role,rolebinding,networkpolicy -l app.kubernetes.io/instance=NAME``
 removes a deployment (add ``certificate`` to the list when one was rendered).
+
+The head learns its namespace from the downward API, so the objects may be
+moved to another namespace as rendered (kustomize's ``namespace:``, Argo CD,
+Flux). TLS names are the exception: the certificates and ``--server-name``
+carry the namespace rendered, so a TLS deployment is rendered again for another.
 """
 
 from __future__ import annotations
@@ -64,6 +69,10 @@ RUN_AS = 10001  # the Dockerfile's numeric user, so the kubelet can check runAsN
 WORKSPACE = "/workspace"  # the workers' writable folder (an emptyDir) under a read-only root filesystem
 TLS_DIR = "/etc/shardnet/tls"  # where the TLS Secret (tls.crt, tls.key, ca.crt) is mounted, read-only
 HEALTH_PORT_NAME = "health"
+# the head watches the namespace it runs in, told by the downward API: re-namespaced by kustomize, Argo CD or
+# Flux, it still watches its own (where its Role is) rather than the one rendered into its arguments
+NAMESPACE_VARIABLE = "POD_NAMESPACE"
+NAMESPACE_ARGUMENT = f"$({NAMESPACE_VARIABLE})"
 ISSUER_KINDS = ("Issuer", "ClusterIssuer")
 # what the head's certificate is used for (also the workers', when they share its Secret): serving, and dialling
 # the workers, who take only clients with a certificate of their CA
@@ -582,7 +591,7 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
             "--host", "0.0.0.0",
             "--port", str(spec.port),
             "--polling", spec.polling_argument,
-            "--k8s-namespace", spec.namespace,
+            "--k8s-namespace", NAMESPACE_ARGUMENT,
             "--balancer", spec.balancer,
             "--shards", str(spec.shards),  # so that ALL polling reports a shard with no ready replica
             # not ready until every shard has a worker, for as long as a worker may take to load its Executor
@@ -625,7 +634,7 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
         "name": CONTAINER_NAME,
         "image": spec.image,
         "command": ["shardnet"],
-        "args": args,
+        "args": [arg if arg == NAMESPACE_ARGUMENT else _literal(arg) for arg in args],
         "ports": ports,
         "resources": (spec.head_resources if is_head else spec.worker_resources).to_k8s(),
         # loading an Executor may take minutes; liveness only starts once this has passed
@@ -647,6 +656,10 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
         # owner and group read: the kubelet gives the files to the pod's fsGroup, which the process runs as
         secret = spec.tls_secret if is_head else spec.worker_secret
         pod_volumes.append({"name": "tls", "secret": {"secretName": secret, "defaultMode": 0o440}})
+    if is_head:
+        container["env"] = [
+            {"name": NAMESPACE_VARIABLE, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
+        ]
     if spec.pre_stop_seconds:
         # keep serving while the heads' watches see the pod go, before SIGTERM starts the drain
         container["lifecycle"] = {"preStop": {"sleep": {"seconds": spec.pre_stop_seconds}}}
@@ -678,6 +691,12 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
         }
     )
     return pod
+
+
+def _literal(argument: str) -> str:
+    """``argument`` as the kubelet passes it on: it expands ``$(VAR)`` and turns ``$$`` into ``$`` in every
+    argument, so each ``$`` is doubled (a ``/$$`` endpoint in a polling map stays itself)."""
+    return argument.replace("$", "$$")
 
 
 def _tls_arguments(spec: DeploymentSpec, is_head: bool) -> list[str]:

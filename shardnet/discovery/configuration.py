@@ -1,0 +1,113 @@
+"""Where a pool finds the Kubernetes API server and its credentials, and how those credentials stay fresh.
+
+Lookup is kubectl's: a kubeconfig file when one is given or exists
+(``KUBECONFIG``'s list, else ``~/.kube/config``), else the pod's service
+account. Credentials that expire are read again as kubectl would: the
+library re-reads a service account's token by itself; a kubeconfig's exec
+plugin (``aws eks get-token``, ``gke-gcloud-auth-plugin``, ``kubelogin``),
+``tokenFile``, gcp or OIDC user is reloaded by ``KubeconfigCredentials``,
+which the library calls before each request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Mapping, Optional
+
+from kubernetes_asyncio import client as k8s_client
+from kubernetes_asyncio import config as k8s_config
+from kubernetes_asyncio.config.kube_config import KubeConfigLoader
+
+logger = logging.getLogger(__name__)
+
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+DEFAULT_KUBECONFIG = "~/.kube/config"
+# how often a kubeconfig's credentials are read again; the library renews an exec plugin's or gcp/OIDC token
+# once it is within five minutes of expiring, so a look every half minute renews it well before it lapses
+CREDENTIALS_CHECK_INTERVAL = 30.0
+
+
+class KubeconfigCredentials:
+    """A Configuration's ``refresh_api_key_hook``: reloads a kubeconfig user's credentials at most once per
+    ``interval`` seconds, so tokens that expire (exec plugins, ``tokenFile``, gcp, OIDC) are renewed.
+
+    A reload that fails keeps the credentials already held and says why; the
+    API server's 401s, logged by the watch, follow if they have lapsed.
+    """
+
+    def __init__(self, loader: KubeConfigLoader, interval: float = CREDENTIALS_CHECK_INTERVAL):
+        self._loader = loader
+        self._interval = interval
+        self._loaded_at = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    async def __call__(self, configuration: k8s_client.Configuration) -> None:
+        if time.monotonic() - self._loaded_at < self._interval:
+            return
+        async with self._lock:  # the pods and the endpointslices watch may ask at once: one reload
+            if time.monotonic() - self._loaded_at < self._interval:
+                return
+            try:
+                await self._loader.load_and_set(configuration)
+            except Exception as error:  # a plugin that fails or a file half written: keep what works for now
+                logger.warning("could not reload the kubeconfig's credentials, keeping the last ones: %s", error)
+            finally:
+                self._loaded_at = time.monotonic()
+
+
+def _kubeconfig_files(kubeconfig: Optional[str], environ: Mapping[str, str]) -> tuple[Optional[str], str]:
+    """The kubeconfig files to read (os.pathsep-joined; None when there is none) and what was looked for.
+
+    As kubectl: ``KUBECONFIG``'s missing entries are skipped and, when it is
+    set, ``~/.kube/config`` is not consulted.
+    """
+    if kubeconfig:
+        return kubeconfig, kubeconfig
+    listed = environ.get("KUBECONFIG") or DEFAULT_KUBECONFIG
+    existing = [path for path in listed.split(os.pathsep) if path and os.path.exists(os.path.expanduser(path))]
+    return (os.pathsep.join(existing) or None), listed
+
+
+async def load_api_client(
+    kubeconfig: Optional[str] = None,
+    *,
+    environ: Mapping[str, str] = os.environ,
+    service_account_dir: str = SERVICE_ACCOUNT_DIR,
+    credentials_check_interval: float = CREDENTIALS_CHECK_INTERVAL,
+) -> k8s_client.ApiClient:
+    """An ApiClient configured as kubectl would be, on its own Configuration (no global default).
+
+    Order: the explicit ``kubeconfig`` file; the files of ``KUBECONFIG`` (a
+    path list) that exist, else ``~/.kube/config`` if it exists; the
+    in-cluster service account when ``KUBERNETES_SERVICE_HOST`` is set. A
+    kubeconfig's credentials are read again every ``credentials_check_interval``
+    seconds. Raises kubernetes_asyncio's ConfigException naming what was tried
+    when none works.
+    """
+    configuration = type.__call__(k8s_client.Configuration)  # a fresh one, not a copy of the process default
+    config_files, looked_for = _kubeconfig_files(kubeconfig, environ)
+    if config_files is None and environ.get("KUBERNETES_SERVICE_HOST"):
+        try:
+            k8s_config.load_incluster_config(
+                client_configuration=configuration,
+                environ=environ,
+                token_filename=os.path.join(service_account_dir, "token"),
+                cert_filename=os.path.join(service_account_dir, "ca.crt"),
+            )
+        except k8s_config.ConfigException as error:
+            raise k8s_config.ConfigException(
+                f"in-cluster service account: {error}; and no kubeconfig file at {looked_for}"
+            ) from error
+        return k8s_client.ApiClient(configuration=configuration)
+    if config_files is None:
+        raise k8s_config.ConfigException(
+            f"no kubeconfig file at {looked_for}, and not in a pod (KUBERNETES_SERVICE_HOST is not set)"
+        )
+    loader = await k8s_config.load_kube_config(
+        config_file=config_files, client_configuration=configuration, persist_config=False
+    )
+    configuration.refresh_api_key_hook = KubeconfigCredentials(loader, credentials_check_interval)
+    return k8s_client.ApiClient(configuration=configuration)
