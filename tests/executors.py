@@ -348,3 +348,15 @@ class Ledger(Executor):
     def close(self) -> None:
         with open(f"{self.workspace}/ledger.txt", "w") as ledger:
             ledger.write("\n".join(self.seen))
+
+
+class CancelledInside(Executor):
+    """A handler that lets out the CancelledError of a task someone else cancelled (a client library's, say)."""
+
+    @requests(on="/cancelled")
+    async def cancelled(self, docs, parameters, **kwargs):
+        import asyncio
+
+        future = asyncio.get_running_loop().create_future()
+        future.cancel()
+        await future

@@ -46,7 +46,7 @@ from shardnet.networking.polling import PollingMap, PollingType
 from shardnet.networking.pool import GrpcConnectionPool
 from shardnet.protocol import services
 from shardnet.protocol.ids import new_id
-from shardnet.protocol.messages import ControlRequest, DataRequest, parse, require_empty
+from shardnet.protocol.messages import ControlRequest, DataRequest, require_empty
 from shardnet.protocol.proto import jina_pb2
 from shardnet.runtimes.executor import DRY_RUN_ENDPOINT
 from shardnet.runtimes.merge import merge_shard_responses, report_shard_problems
@@ -54,6 +54,7 @@ from shardnet.runtimes.server import (
     ControlGuard,
     ServerConfig,
     jina_server,
+    request_list,
     serve_until_signalled,
     within_message_limit,
 )
@@ -242,12 +243,9 @@ class Head:
 
     async def process_data(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
-            envelope = parse(jina_pb2.DataRequestListEnvelope, payload, "DataRequestList")
+            requests = request_list(payload)
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if not envelope.requests:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "process_data received an empty request list")
-        requests = [DataRequest.from_bytes(item) for item in envelope.requests]
         if self._max_in_flight is not None:
             return await self._serve_admitted(requests, context)
         return await self._serve(requests, context)

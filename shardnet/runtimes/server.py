@@ -37,7 +37,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shardnet.errors import ConfigurationError
+from shardnet.errors import ConfigurationError, ProtocolError
 from shardnet.networking.addresses import UNIX_SCHEME, canonical_host, entity_address, parse_address
 from shardnet.networking.channels import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -47,6 +47,8 @@ from shardnet.networking.channels import (
 )
 from shardnet.networking.tls import ServerTls
 from shardnet.protocol import services
+from shardnet.protocol.messages import DataRequest, parse
+from shardnet.protocol.proto import jina_pb2
 from shardnet.protocol.services import AUTHORIZATION_METADATA
 
 logger = logging.getLogger(__name__)
@@ -58,6 +60,9 @@ HEALTH_MESSAGE_BYTES = 4096
 HEALTH_CHECK_METHOD = "Check"
 
 _WILDCARD_TO_LOOPBACK = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
+# requests one process_data call may carry: Jina sends one, or one per shard to a uses_after, and a head holds at
+# most 10,000 workers; each request costs a wrapper and a header rewrite, so a longer list is memory for the asking
+MAX_REQUESTS_PER_CALL = 10_000
 PARENT_POLL_SECONDS = 0.5  # how soon a child notices that the process that launched it is gone
 
 RawHandler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
@@ -440,6 +445,20 @@ def _bind(server: grpc.aio.Server, host: str, port: int, tls: Optional[ServerTls
         if 0 < port < 1024:
             cause += ", or this user may not listen below 1024"
         raise ConfigurationError(f"cannot listen on {bind}: {cause} ({exc})") from None
+
+
+def request_list(payload: bytes) -> list[DataRequest]:
+    """The requests of a ``process_data`` call; ProtocolError when the list is malformed, empty or longer than
+    MAX_REQUESTS_PER_CALL (refused before any is wrapped)."""
+    envelope = parse(jina_pb2.DataRequestListEnvelope, payload, "DataRequestList")
+    if not envelope.requests:
+        raise ProtocolError("process_data received an empty request list")
+    if len(envelope.requests) > MAX_REQUESTS_PER_CALL:
+        raise ProtocolError(
+            f"process_data received {len(envelope.requests)} requests in one list; at most "
+            f"{MAX_REQUESTS_PER_CALL} are taken"
+        )
+    return [DataRequest.from_bytes(item) for item in envelope.requests]
 
 
 def _running(pid: int) -> bool:

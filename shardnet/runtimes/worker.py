@@ -30,10 +30,16 @@ from shardnet.networking.streams import LIMIT_METADATA, StreamWriter, byte_count
 from shardnet.networking.tls import ClientTls
 from shardnet.protocol import services
 from shardnet.protocol.documents import Document, DocumentList
-from shardnet.protocol.messages import ControlRequest, DataRequest, parse, require_empty
+from shardnet.protocol.messages import ControlRequest, DataRequest, require_empty
 from shardnet.protocol.proto import docarray_pb2, jina_pb2
 from shardnet.runtimes.executor import DEFAULT, DEFAULT_ENDPOINT, DRY_RUN_ENDPOINT, Executor
-from shardnet.runtimes.server import ServerConfig, jina_server, serve_until_signalled, within_message_limit
+from shardnet.runtimes.server import (
+    ServerConfig,
+    jina_server,
+    request_list,
+    serve_until_signalled,
+    within_message_limit,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +100,13 @@ class _MessageContext:
 
 
 _MESSAGE_CONTEXT = _MessageContext()  # it holds nothing: one serves every streamed request
+
+
+def _cancelled_from_outside() -> bool:
+    """Whether the running task itself was asked to stop (its call cancelled), rather than a CancelledError
+    surfacing from something the handler awaited."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class Worker:
@@ -169,12 +182,7 @@ class Worker:
 
     async def process_data(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
         self._last_call = time.monotonic()
-        envelope = await self._decode(
-            payload, context, lambda data: parse(jina_pb2.DataRequestListEnvelope, data, "DataRequestList")
-        )
-        if not envelope.requests:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "process_data received an empty request list")
-        return await self._handle([DataRequest.from_bytes(item) for item in envelope.requests], context)
+        return await self._handle(await self._decode(payload, context, request_list), context)
 
     async def request_stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         """shardnet's request stream (networking/streams.py): each request handled as it arrives, each answer
@@ -304,8 +312,12 @@ class Worker:
             elif returned is not None:
                 self._replace_docs(first, returned, handler.name)
         # the executor's failure is the client's answer, not the worker's crash; sys.exit() in a handler too
-        # (a library parsing arguments, say): it would stop the worker without a DEACTIVATE
-        except (Exception, SystemExit) as exc:
+        # (a library parsing arguments, say): it would stop the worker without a DEACTIVATE; and a CancelledError
+        # the handler let out of a task someone else cancelled: gRPC would take it for the call's own
+        # cancellation and send no answer at all, leaving a caller without a deadline waiting for ever
+        except (Exception, SystemExit, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and _cancelled_from_outside():
+                raise  # the call itself: its client left, or the drain's grace ended
             logger.warning("%s.%s failed on %s: %r", self.name, handler.name, endpoint, exc)
             first.set_exception(exc, executor=type(self.executor).__name__)  # Jina names the class; routes the worker
             route.status.CopyFrom(first.status)
