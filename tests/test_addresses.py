@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from shardnet import ConfigurationError, host_is_local, is_remote_local_connection
-from shardnet.networking.addresses import parse_address
+from shardnet.networking.addresses import dialled_host, parse_address
 
 
 @pytest.mark.parametrize(
@@ -88,3 +88,22 @@ def test_parse_address(address, target, tls):
 def test_bad_addresses_raise_configuration_error(address):
     with pytest.raises(ConfigurationError, match="bad address"):
         parse_address(address)
+
+
+@pytest.mark.parametrize(
+    "host, lands_on",
+    [
+        ("0.0.0.0", "127.0.0.1"),
+        ("::", "::1"),
+        ("[::]", "::1"),
+        ("::ffff:127.0.0.1", "127.0.0.1"),
+        ("::ffff:0.0.0.0", "127.0.0.1"),
+        ("::ffff:10.1.2.3", "10.1.2.3"),
+        ("LOCALHOST", "127.0.0.1"),
+        ("127.0.0.2", "127.0.0.2"),
+        ("0:0::1", "::1"),
+        ("worker.example", "worker.example"),
+    ],
+)
+def test_dialled_host_is_where_a_connection_lands(host, lands_on):
+    assert dialled_host(host) == lands_on

@@ -304,6 +304,24 @@ async def test_activate_of_a_unix_socket_is_taken_from_this_machine_only(runtime
     assert await members(head.server.address) == [f"{worker.server.unix_address}:0"]
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "::", "::ffff:127.0.0.1", "localhost"])
+async def test_activate_of_a_loopback_only_port_however_written_is_refused_to_a_remote_caller(
+    runtimes, monkeypatch, host
+):
+    """0.0.0.0, :: and IPv4-mapped loopback reach this machine as 127.0.0.1 does: a remote caller holding the
+    token could make the head a bridge to a port listening on loopback only (found by a runtimes review). No
+    remote peer can reach a test on loopback, so the head is told its caller is not on its machine."""
+    import shardnet.runtimes.head as head_module
+
+    monkeypatch.setattr(head_module, "_on_this_machine", lambda peer: False)
+    head = await runtimes(Head("bridged"))
+    with pytest.raises(ReplicaError) as refused:
+        await oneshot.activate_worker(host, 6379, head.server.address, 0)
+    assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED, refused.value
+    assert "is reached on the head's machine only" in str(refused.value)
+    assert await members(head.server.address) == []
+
+
 # -- secrets ------------------------------------------------------------------------------------------
 
 

@@ -152,6 +152,20 @@ def host_is_loopback(hostname: str) -> bool:
     return host in _LOOPBACK_NAMES if isinstance(host, str) else host.is_loopback
 
 
+def dialled_host(hostname: str) -> str:
+    """The address a dial of ``hostname`` reaches, for telling where a connection lands: an IPv4-mapped IPv6
+    address as its IPv4, the unspecified addresses as loopback (Linux connects 0.0.0.0 and :: to this machine),
+    a loopback name as 127.0.0.1; anything else in its canonical form. Other names are not resolved."""
+    host = _ip_or_name(hostname)
+    if isinstance(host, str):
+        return "127.0.0.1" if host in _LOOPBACK_NAMES else host
+    if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:
+        host = host.ipv4_mapped
+    if host.is_unspecified:
+        return "127.0.0.1" if host.version == 4 else "::1"
+    return str(host)
+
+
 def host_is_local(hostname: str) -> bool:
     """True for localhost, loopback and unspecified addresses and the empty name; never raises."""
     if not isinstance(hostname, str):

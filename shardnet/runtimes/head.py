@@ -34,6 +34,7 @@ from shardnet.errors import (
 )
 from shardnet.networking.addresses import (
     Address,
+    dialled_host,
     entity_address,
     host_is_local,
     host_is_loopback,
@@ -497,7 +498,8 @@ class Head:
             except ConfigurationError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{command} refused: {exc}")
             address = str(parsed)
-            local_only = parsed.unix_path is not None or host_is_loopback(parsed.host)
+            # 0.0.0.0, :: and ::ffff:127.0.0.1 reach this machine too: a bridge to a loopback-only port as well
+            local_only = parsed.unix_path is not None or host_is_loopback(dialled_host(parsed.host))
             if command == "ACTIVATE" and local_only and not _on_this_machine(peer):
                 # a socket or port only this machine reaches: a remote caller must not make the head a bridge to it
                 await context.abort(
@@ -571,8 +573,8 @@ class Head:
         if address.port != self.server.port:
             return False
         if bound in ("0.0.0.0", "::", ""):  # every local address is this head's
-            return host_is_local(host)
-        return same_host(host, bound) or (host == "localhost" and host_is_loopback(bound))
+            return host_is_local(host) or host_is_loopback(dialled_host(host))
+        return same_host(dialled_host(host), dialled_host(bound)) or (host == "localhost" and host_is_loopback(bound))
 
     def _retry_metadata(self) -> tuple[tuple[str, str], ...]:
         """The retry budget as STATUS trailing metadata: spent and refused since start, the window's use."""
