@@ -443,6 +443,21 @@ async def test_a_worker_renewing_slower_than_the_lease_is_told_so(runtimes, even
     assert "127.0.0.1:40003 (shard 0) registered again" in caplog.text
 
 
+async def test_a_lease_shorter_than_the_interval_a_worker_announces_is_said_at_once(runtimes, eventually, caplog):
+    """A --lease far below the workers' --register-interval made them drop out and come back every interval with
+    no word: the lapse was forgotten after one (tiny) lease (found by a first-use review). The head now says so
+    at the first ACTIVATE, once, and still names the worker that comes back after its lease ran out."""
+    head = await runtimes(Head("leased", lease=0.05))
+    for port in (40004, 40005):
+        await oneshot.activate_worker("127.0.0.1", port, head.server.address, shard_id=0, renews_every=2.0)
+    assert caplog.text.count("--lease 0.05s is not longer than the 2s at which 127.0.0.1:40004 renews") == 1
+    assert "40005 renews" not in caplog.text
+    await eventually(lambda: "127.0.0.1:40004 (shard 0) stopped renewing" in caplog.text, timeout=5.0)
+    await asyncio.sleep(0.2)  # four leases: longer than the head used to remember a lapse
+    await oneshot.activate_worker("127.0.0.1", 40004, head.server.address, shard_id=0, renews_every=2.0)
+    assert "127.0.0.1:40004 (shard 0) registered again" in caplog.text
+
+
 @pytest.mark.parametrize("lease", [0, -1, float("nan"), "5"])
 def test_a_lease_must_be_positive_seconds(lease):
     with pytest.raises(ConfigurationError, match="lease"):

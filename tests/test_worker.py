@@ -11,6 +11,8 @@ import logging
 import math
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -631,3 +633,22 @@ async def test_worker_on_a_unix_socket_registers_it_and_removes_it_on_sigterm(tm
     assert await wait_exit(worker) == 0, worker.tail()
     assert await listed() == []
     assert not os.path.lexists(path)
+
+
+def test_a_parent_pid_that_is_not_running_is_refused_at_start(tmp_path):
+    """It used to log that its parent exited, print "ready on" and exit 0: whatever waited for the line was misled
+    (found by a first-use review)."""
+    gone = subprocess.Popen(["true"])
+    gone.wait(10)
+    for role in ("worker", "head"):
+        arguments = {
+            "worker": ["worker", "--uses", f"{EXECUTORS}:Tagger", "--port", "0"],
+            "head": ["head", "--deployment", "d", "--port", "0", "--shards", "1"],
+        }[role]
+        result = subprocess.run(
+            [sys.executable, "-m", "shardnet", *arguments, "--parent-pid", str(gone.pid)],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert result.returncode == 2, (role, result.stdout, result.stderr)
+        assert f"--parent-pid {gone.pid}: no such process is running" in result.stderr, (role, result.stderr)
+        assert "ready on" not in result.stdout

@@ -80,6 +80,8 @@ SHARDS_LOOKED_AT_EVERY = 0.2
 SHARDS_WAIT = 180.0
 # the longest renewal interval a worker may announce (its implied lease is IMPLIED_LEASE_FACTOR times it)
 MAX_RENEWAL_INTERVAL = 300.0
+# seconds a lapsed registration is remembered (or its lease, if longer), to say so when the worker comes back
+LAPSE_MEMORY = 60.0
 # workers one ACTIVATE or DEACTIVATE may name (each costs the head a channel and some 10 KB)
 MAX_CONTROL_ENTITIES = 10_000
 # workers a head holds at most, over all ACTIVATEs: many small ones must not add up to what one may not name
@@ -221,6 +223,7 @@ class Head:
         self._leases: dict[tuple[str, int], tuple[float, float]] = {}  # (until, length) by (address, shard)
         # leases that ran out lately, (when, length): a worker back soon after renews more slowly than it allows
         self._lapsed: dict[tuple[str, int], tuple[float, float]] = {}
+        self._short_lease_warned = False
         self._expiry: Optional[asyncio.Task] = None
         mutual_tls = config.tls is not None and config.tls.client_ca is not None
         self._guard = ControlGuard(config.control_token, mutual_tls)
@@ -529,7 +532,7 @@ class Head:
                 replicas = self.pool.get_replicas(self.deployment, shard_id=shard_id or 0)
                 known = replicas is not None and replicas.has_connection(address)
                 self.pool.add_connection(self.deployment, address, shard_id=shard_id or 0)
-                lease = self._lease_for(context)
+                lease = self._lease_for(context, address)
                 if lease is not None:
                     self._renew_lease(address, shard_id or 0, lease)
                 if not known:  # workers repeat ACTIVATE every few seconds: log the news only
@@ -651,17 +654,24 @@ class Head:
 
     # -- lifetime -----------------------------------------------------------------------
 
-    def _lease_for(self, context: grpc.aio.ServicerContext) -> Optional[float]:
+    def _lease_for(self, context: grpc.aio.ServicerContext, address: str) -> Optional[float]:
         """The head's --lease, else a few times the interval at which the worker says it renews, else None."""
-        if self._lease is not None:
-            return self._lease
         offered = dict(context.invocation_metadata()).get(services.RENEWAL_METADATA, "")
         try:
             interval = float(offered)
         except ValueError:
-            return None
+            interval = math.nan
         if not 0 < interval < math.inf:
-            return None
+            return self._lease
+        if self._lease is not None:
+            if interval >= self._lease and not self._short_lease_warned:
+                self._short_lease_warned = True  # once: every worker renews every few seconds
+                logger.warning(
+                    "%s: --lease %gs is not longer than the %gs at which %s renews its registration: it will drop "
+                    "out between renewals again and again; give the head a --lease a few times the workers' "
+                    "--register-interval", self.deployment, self._lease, interval, address,
+                )
+            return self._lease
         return IMPLIED_LEASE_FACTOR * min(interval, MAX_RENEWAL_INTERVAL)  # no registration for ever
 
     def _renew_lease(self, address: str, shard_id: int, lease: float) -> None:
@@ -699,7 +709,10 @@ class Head:
             stalled = now - due
             if stalled > period:
                 self._leases = {key: (until + stalled, lease) for key, (until, lease) in self._leases.items()}
-            self._lapsed = {key: (at, lease) for key, (at, lease) in self._lapsed.items() if now - at < lease}
+            # a lapse is remembered for a while (at least LAPSE_MEMORY), so a worker that comes back is told about
+            self._lapsed = {
+                key: (at, lease) for key, (at, lease) in self._lapsed.items() if now - at < max(lease, LAPSE_MEMORY)
+            }
             expired = [key for key, (until, _) in self._leases.items() if until < now]
             for address, shard_id in expired:
                 # each removal lets other requests run: a DEACTIVATE may have dropped this lease since, an

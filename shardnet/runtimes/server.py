@@ -516,6 +516,11 @@ async def serve_until_signalled(
         loop.add_signal_handler(signum, stop.set)
     orphaned = None
     if parent_pid is not None:
+        # pid 0 and -1 would name a process group or every process: the watch would never fire
+        if isinstance(parent_pid, bool) or not isinstance(parent_pid, int) or parent_pid < 1:
+            raise ConfigurationError(f"--parent-pid must be a process id (1 or more), got {parent_pid!r}")
+        if not _running(parent_pid):  # else it would stop at once, after saying it was ready
+            raise ConfigurationError(f"--parent-pid {parent_pid}: no such process is running, so none to serve")
         orphaned = loop.create_task(_parent_exited(parent_pid))
         orphaned.add_done_callback(lambda _: stop.set())
     await server.start()
