@@ -13,17 +13,22 @@ from shardnet.cli.options import (
     add_token_argument,
     control_token,
     json_object,
+    make_folder,
     message_megabytes,
     on_stop_signals,
     positive_seconds,
+    whole_number,
 )
+from shardnet.errors import ConfigurationError
 from shardnet.networking.balancing import BALANCERS
-from shardnet.runtimes.deployment import Deployment
+from shardnet.runtimes.deployment import DEFAULT_STARTUP_TIMEOUT, Deployment
 from shardnet.runtimes.processes import ShardnetProcess
 
 logger = logging.getLogger("shardnet.deploy")
 
 REVIVE_INTERVAL = 1.0  # seconds between looks for processes that exited
+# workers one machine runs at most: each is a process loading its own Executor; more is a cluster's job
+MAX_LOCAL_WORKERS = 256
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -35,8 +40,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="deployment name (default: %(default)s): names the workers in dict results (NAME/rep-R, "
              "NAME/shard-S/rep-R) and is the key executor-specific parameters go under",
     )
-    parser.add_argument("--shards", type=int, default=1, help="number of shards (default: %(default)s)")
-    parser.add_argument("--replicas", type=int, default=1, help="replicas of each shard (default: %(default)s)")
+    parser.add_argument(
+        "--shards", type=whole_number("shards", 1), default=1, help="number of shards (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--replicas", type=whole_number("replicas", 1), default=1,
+        help=f"replicas of each shard (default: %(default)s); shards x replicas at most {MAX_LOCAL_WORKERS}",
+    )
     parser.add_argument(
         "--polling", default="ANY",
         help='ANY (one shard answers), ALL (every shard does), or a JSON map like {"/search": "ALL", "*": "ANY"}, '
@@ -75,6 +85,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="largest message the head, the workers and their calls take, in MB (default 256)",
     )
     parser.add_argument(
+        "--startup-seconds", type=positive_seconds("startup time"), metavar="SECONDS",
+        default=DEFAULT_STARTUP_TIMEOUT,
+        help="how long a process may take to start, loading its Executor, before deploy gives up (at start) or "
+             "stops it and starts it again (a restart) (default: %(default)g)",
+    )
+    parser.add_argument(
         "--restart", action=argparse.BooleanOptionalAction, default=True,
         help="start again, where it served, any process that exits while deployed (a crash, kill -9); "
              "one that keeps exiting soon after its start waits longer each time, up to 30 s (default: on)",
@@ -85,9 +101,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     uses_with = json_object(args.uses_with, "--uses-with")
+    workers = args.shards * args.replicas
+    if workers > MAX_LOCAL_WORKERS:
+        raise ConfigurationError(
+            f"--shards {args.shards} x --replicas {args.replicas} = {workers} workers, more than the "
+            f"{MAX_LOCAL_WORKERS} deploy runs: each is a process of this machine loading its own Executor "
+            "(shardnet k8s render spreads more over a cluster)"
+        )
     stop = threading.Event()
     on_stop_signals()  # during startup as Ctrl-C: Deployment.start stops what it had started, and we exit
-    with Deployment(
+    deployment = Deployment(
         args.uses,
         shards=args.shards,
         replicas=args.replicas,
@@ -107,7 +130,12 @@ def run(args: argparse.Namespace) -> int:
         uses_after=args.uses_after,
         request_streams=args.request_streams,
         max_in_flight=args.max_in_flight,
-    ) as deployment:
+        startup_timeout=args.startup_seconds,
+    )
+    for folder, flag in ((args.log_dir, "--log-dir"), (args.workspace, "--workspace")):
+        if folder is not None:  # made here to name the flag (Deployment's own error names its parameter)
+            make_folder(folder, flag)
+    with deployment:
         # from here on the loop below notices within a second, Ctrl-C too: a KeyboardInterrupt could land in
         # the middle of a restart, or of the making of the loop a look at the head runs in
         on_stop_signals(lambda *_: stop.set(), ctrl_c=True)

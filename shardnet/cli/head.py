@@ -14,6 +14,7 @@ from shardnet.cli.options import (
     positive_seconds,
     run_in_loop,
     server_config,
+    whole_number,
 )
 from shardnet.discovery.factory import create_connection_pool
 from shardnet.errors import ConfigurationError
@@ -22,7 +23,7 @@ from shardnet.networking.balancing import BALANCERS
 from shardnet.networking.channels import message_size_options
 from shardnet.networking.policies import RetryPolicy
 from shardnet.networking.polling import PollingMap
-from shardnet.runtimes.head import SHARDS_WAIT, Head
+from shardnet.runtimes.head import MAX_WORKERS, SHARDS_WAIT, Head
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--shards",
-        type=int,
+        # each shard needs a worker at least, and a head holds at most MAX_WORKERS
+        type=whole_number("shards", 0, MAX_WORKERS, f" (a head holds at most {MAX_WORKERS} workers)"),
         default=0,
         help="shards expected: ALL reports any without a replica, ACTIVATE beyond them is refused "
              "(default: %(default)s, not fixed: any shard id may register)",
@@ -101,8 +103,6 @@ def run(args: argparse.Namespace) -> int:
 
 async def serve(args: argparse.Namespace) -> int:
     """Build the head inside the running loop (gRPC channels belong to the loop they are made in)."""
-    if args.shards < 0:
-        raise ConfigurationError("--shards must be >= 0")
     if not args.shards and not args.connection:
         logger.warning(
             "no --shards: under ALL (/search, and whatever --polling sends to all) the answer holds the shards whose "

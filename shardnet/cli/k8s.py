@@ -8,18 +8,20 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from shardnet.cli.options import add_head_traffic_arguments, message_megabytes
+from shardnet.cli.options import add_head_traffic_arguments, check_whole_number, message_megabytes
 from shardnet.errors import ConfigurationError
 from shardnet.manifests.kubernetes import (
     DRAIN_MARGIN,
     HEAD_RESOURCES,
     ISSUER_KINDS,
+    STARTUP_PERIOD,
     DeploymentSpec,
     Resources,
     render,
     render_components,
     to_yaml,
 )
+from shardnet.runtimes.head import MAX_WORKERS
 
 DEFAULT_USES = "shardnet.examples.text_index:TextIndexer"
 
@@ -154,8 +156,29 @@ def optional_quantity(text: str) -> Optional[str]:
     return None if text.strip().lower() == "none" else text
 
 
+def check_counts(args: argparse.Namespace) -> None:
+    """Refuse counts and times ``DeploymentSpec`` would refuse in its parameters' names (or not at all: a head
+    takes at most ``MAX_WORKERS`` workers), naming the flags; as ConfigurationErrors, as render reports the rest."""
+    for flag, value in (("--shards", args.shards), ("--replicas", args.replicas), ("--head-replicas", args.head_replicas)):
+        check_whole_number(value, flag, 1)
+    workers = args.shards * args.replicas
+    if workers > MAX_WORKERS:
+        raise ConfigurationError(
+            f"--shards {args.shards} x --replicas {args.replicas} = {workers} workers, more than the {MAX_WORKERS} "
+            "a head holds"
+        )
+    check_whole_number(
+        args.startup_seconds, "--startup-seconds", STARTUP_PERIOD, why=f" (the startup probe looks every {STARTUP_PERIOD} s)"
+    )
+    pause = DeploymentSpec.pre_stop_seconds
+    check_whole_number(
+        args.grace_seconds, "--grace-seconds", pause + 1, why=f" (a stopping pod first pauses {pause} s in preStop)"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """Render the manifests the arguments describe; a bad argument raises ``ConfigurationError``."""
+    check_counts(args)
     if args.health_port is not None and args.tls_secret is None:
         raise ConfigurationError(
             "--health-port needs --tls-secret: without TLS the probes read the gRPC port itself, and no health "

@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import stat
+from pathlib import Path
 from typing import Any, Callable, Coroutine, Optional
 
 from shardnet.errors import ConfigurationError
@@ -22,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 TOKEN_VARIABLE = "SHARDNET_CONTROL_TOKEN"
 LOOPS = ("asyncio", "uvloop", "auto")
+INT32_MAX = 2**31 - 1  # shard and replica ids travel as protobuf int32 fields
 
 
 def _finite(text: str, what: str, unit: str) -> float:
@@ -57,10 +59,12 @@ def drain_seconds(text: str) -> float:
     return value
 
 
-def positive_seconds(what: str, zero: bool = False) -> Callable[[str], float]:
+def positive_seconds(
+    what: str, zero: bool = False, most: Optional[float] = None, why: str = ""
+) -> Callable[[str], float]:
     """An argparse ``type`` for a flag taking seconds (a timeout, a lease, an interval): a finite number above 0
-    (or 0 too, with ``zero``), refused in the flag's words rather than the Python API's (0 would expire at once,
-    NaN compares false everywhere).
+    (or 0 too, with ``zero``), at most ``most`` when given (``why`` says why), refused in the flag's words rather
+    than the Python API's (0 would expire at once, NaN compares false everywhere).
 
     >>> positive_seconds("timeout")("2.5")
     2.5
@@ -71,9 +75,44 @@ def positive_seconds(what: str, zero: bool = False) -> Callable[[str], float]:
         if value < 0 or (value == 0 and not zero):
             least = "0 or more" if zero else "positive"
             raise argparse.ArgumentTypeError(f"{what} must be {least} seconds, got {text!r}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"{what} must be at most {most:g} seconds{why}, got {text!r}")
         return value
 
     return parse
+
+
+def _integers(least: int, most: Optional[int]) -> str:
+    """The integers from ``least`` (to ``most``), in words: "an integer >= 1", "an integer from 0 to 9"."""
+    return f"an integer >= {least}" if most is None else f"an integer from {least} to {most}"
+
+
+def whole_number(what: str, least: int, most: Optional[int] = None, why: str = "") -> Callable[[str], int]:
+    """An argparse ``type`` for a count or an id: an integer from ``least`` (to ``most``; ``why`` says why),
+    refused at once, in argparse's words naming the flag, rather than deep inside later (a shard id past
+    protobuf's int32 is a traceback, a pid of 0 a parent watch that never fires).
+
+    >>> whole_number("shard id", 0, INT32_MAX)("3")
+    3
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value: Optional[int] = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < least or (most is not None and value > most):
+            raise argparse.ArgumentTypeError(f"{what} must be {_integers(least, most)}{why}, got {text!r}")
+        return value
+
+    return parse
+
+
+def check_whole_number(value: int, flag: str, least: int, most: Optional[int] = None, why: str = "") -> None:
+    """``whole_number``'s rule for a flag checked after parsing (where its error must be a ``ConfigurationError``,
+    as ``k8s render`` reports its spec's), naming the flag."""
+    if value < least or (most is not None and value > most):
+        raise ConfigurationError(f"{flag} must be {_integers(least, most)}{why}, got {value}")
 
 
 def as_ctrl_c(signum: int, frame: Any) -> None:
@@ -130,7 +169,8 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
     )
     group.add_argument(
         "--parent-pid",
-        type=int,
+        type=whole_number("parent pid", 1, why=" (0 or -1 would name a group of processes, always there: the watch "
+                                               "would never fire)"),
         metavar="PID",
         help="stop (as on SIGTERM) when process PID exits; shardnet deploy and Deployment set it on their children",
     )
@@ -143,20 +183,34 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
     add_token_argument(parser)
 
 
+def check_loop(loop: str) -> str:
+    """The loop ``loop`` (one of ``LOOPS``) stands for, "asyncio" or "uvloop"; ConfigurationError when it is
+    uvloop and uvloop cannot be imported. A worker calls it before it loads its Executor: a missing uvloop should
+    not wait for a model to load."""
+    if loop == "auto":
+        loop = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+    if loop == "uvloop":
+        try:
+            import uvloop  # noqa: F401
+        except ImportError:
+            raise ConfigurationError("--loop uvloop needs uvloop: pip install 'shardnet[fast]'") from None
+    return loop
+
+
 def run_in_loop(coroutine: Coroutine[Any, Any, Any], loop: str = "auto") -> Any:
     """Run ``coroutine`` to completion in a new event loop of kind ``loop`` (one of ``LOOPS``).
 
     uvloop takes about a tenth off a head's CPU per request (``benchmarks/head_overhead.py``);
     Jina's runtimes use it too whenever it is installed.
     """
-    if loop == "auto":
-        loop = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+    try:
+        loop = check_loop(loop)
+    except ConfigurationError:
+        coroutine.close()
+        raise
     if loop == "uvloop":
-        try:
-            import uvloop
-        except ImportError:
-            coroutine.close()
-            raise ConfigurationError("--loop uvloop needs uvloop: pip install 'shardnet[fast]'") from None
+        import uvloop
+
         return uvloop.run(coroutine)
     return asyncio.run(coroutine)
 
@@ -164,7 +218,7 @@ def run_in_loop(coroutine: Coroutine[Any, Any, Any], loop: str = "auto") -> Any:
 def add_head_traffic_arguments(parser: argparse.ArgumentParser) -> None:
     """How a head treats its traffic: admission (--max-in-flight) and request streams to its workers."""
     parser.add_argument(
-        "--max-in-flight", type=int, default=None, metavar="N",
+        "--max-in-flight", type=whole_number("requests in flight", 1), default=None, metavar="N",
         help="the head refuses a request (RESOURCE_EXHAUSTED) while N are in flight, instead of queueing without "
         "bound (default: no limit)",
     )
@@ -247,7 +301,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     if cert is not None or key is not None:
         _refuse_half_pair("--tls-cert", cert, "--tls-key", key, "a TLS server needs its certificate and private key")
         tls = ServerTls(certificate_chain=cert, private_key=key, client_ca=client_ca)
-    return ServerConfig(
+    config = ServerConfig(
         host=args.host,
         port=args.port,
         tls=tls,
@@ -257,6 +311,20 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         unix_socket=args.unix_socket,
         health_port=args.health_port,
     )
+    if config.unix_socket is not None:  # checked (absolute, short enough) by ServerConfig
+        _check_socket_folder(config.unix_socket)
+    return config
+
+
+def _check_socket_folder(path: str) -> None:
+    """Refuse a ``--unix-socket`` whose folder is missing (or no folder) now: binding finds it only once the
+    Executor has loaded, which may take minutes."""
+    folder = os.path.dirname(path) or "/"
+    if not os.path.isdir(folder):
+        missing = "is not a folder" if os.path.exists(folder) else "does not exist"
+        raise ConfigurationError(
+            f"--unix-socket {path!r}: its folder {folder!r} {missing} (create it first, e.g. mkdir -p {folder})"
+        )
 
 
 def add_client_tls_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -294,6 +362,15 @@ def _refuse_half_pair(cert_flag: str, cert: Optional[str], key_flag: str, key: O
     if (cert is None) != (key is None):
         given, missing = (cert_flag, key_flag) if key is None else (key_flag, cert_flag)
         raise ConfigurationError(f"{given} needs {missing}: {why}")
+
+
+def make_folder(path: str, flag: str) -> None:
+    """Create the folder a flag names (and its parents), or a ConfigurationError naming the flag: before anything
+    starts, rather than as the Python API words it, or once an Executor has loaded."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigurationError(f"{flag} {path!r}: cannot create it: {exc.strerror or exc}") from None
 
 
 def json_object(text: str, flag: str) -> dict:

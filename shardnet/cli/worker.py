@@ -5,21 +5,31 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
 from shardnet.cli.options import (
+    INT32_MAX,
     add_client_tls_arguments,
     add_server_arguments,
+    check_loop,
     client_tls,
     json_object,
+    make_folder,
     positive_seconds,
     run_in_loop,
     server_config,
+    whole_number,
 )
 from shardnet.errors import ConfigurationError
 from shardnet.networking.addresses import parse_address
 from shardnet.runtimes.executor import load_executor_class
+from shardnet.runtimes.head import IMPLIED_LEASE_FACTOR, MAX_RENEWAL_INTERVAL
 from shardnet.runtimes.worker import Worker
+
+# why a longer --register-interval is refused: the head would not wait for its renewals
+LONGEST_INTERVAL = (
+    f" (a head counts at most {MAX_RENEWAL_INTERVAL:g} s of the interval a worker announces and leases it for "
+    f"{IMPLIED_LEASE_FACTOR} times that: a worker renewing less often may be dropped between its renewals)"
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,19 +37,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--uses", required=True, help="MODULE:CLASS or FILE.py:CLASS of a shardnet.Executor")
     parser.add_argument("--uses-with", default="{}", help="JSON keyword arguments for the Executor")
     parser.add_argument("--head", help="HOST:PORT of a head to register with (ACTIVATE) and leave on stop")
-    parser.add_argument("--shard-id", type=int, default=0)
     parser.add_argument(
-        "--register-interval", type=positive_seconds("register interval"), metavar="SECONDS", default=2.0,
-        help="seconds between ACTIVATE refreshes to --head; a head without --lease leases the worker for five "
-             "times that (default: %(default)g)",
+        "--shard-id", type=whole_number("shard id", 0, INT32_MAX, " (a protobuf int32)"), default=0,
+        help="shard this worker serves (default: %(default)s)",
     )
-    parser.add_argument("--replica-id", type=int, default=0)
+    parser.add_argument(
+        "--register-interval",
+        type=positive_seconds("register interval", most=MAX_RENEWAL_INTERVAL, why=LONGEST_INTERVAL),
+        metavar="SECONDS",
+        default=2.0,
+        help=f"seconds between ACTIVATE refreshes to --head, at most {MAX_RENEWAL_INTERVAL:g}; a head without "
+             "--lease leases the worker for five times that (default: %(default)g)",
+    )
+    parser.add_argument(
+        "--replica-id", type=whole_number("replica id", 0, INT32_MAX, " (a protobuf int32)"), default=0,
+        help="replica number within its shard (default: %(default)s)",
+    )
     parser.add_argument("--workspace", help="folder the Executor may keep state in")
     parser.add_argument(
         "--name",
         help="name in route entries, errors and dict results (default: CLASS/shard-S/rep-R, distinct for each shard)",
     )
-    parser.add_argument("--threads", type=int, default=1, help="threads for blocking handlers")
+    parser.add_argument(
+        "--threads", type=whole_number("threads", 1), default=1, help="threads for blocking handlers (default: 1)"
+    )
     parser.add_argument("--advertise-host", help="host the head should dial (default: the bound host)")
     add_server_arguments(parser, default_port=0)
     add_client_tls_arguments(parser, prefix="head-")
@@ -48,9 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     uses_with = json_object(args.uses_with, "--uses-with")
-    if args.shard_id < 0 or args.threads < 1:
-        raise ConfigurationError("--shard-id must be >= 0 and --threads >= 1")
     # every flag is checked before the Executor loads: a typo should not wait for a model to load, nor run its __init__
+    loop = check_loop(args.loop)
     if args.head is not None:
         parse_address(args.head)
     if args.unix_socket and args.advertise_host:
@@ -63,10 +83,7 @@ def run(args: argparse.Namespace) -> int:
     if os.getcwd() not in sys.path:  # as under `python -m`: MODULE:CLASS may name a module in this folder
         sys.path.insert(0, os.getcwd())
     if args.workspace:  # made here, as deploy makes it: an Executor should find its folder
-        try:
-            Path(args.workspace).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigurationError(f"--workspace {args.workspace!r}: cannot create it: {exc.strerror}") from None
+        make_folder(args.workspace, "--workspace")
     executor_class = load_executor_class(args.uses)
     name = args.name or f"{executor_class.__name__}/shard-{args.shard_id}/rep-{args.replica_id}"
     runtime_args = {"shard_id": args.shard_id, "replica_id": args.replica_id, "workspace": args.workspace, "name": name}
@@ -83,4 +100,4 @@ def run(args: argparse.Namespace) -> int:
         register_interval=args.register_interval,
         name=name,
     )
-    return run_in_loop(worker.run(parent_pid=args.parent_pid), args.loop)
+    return run_in_loop(worker.run(parent_pid=args.parent_pid), loop)

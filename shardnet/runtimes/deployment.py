@@ -34,6 +34,7 @@ from shardnet.networking.polling import PollingMap
 from shardnet.protocol.documents import Document, DocumentList
 from shardnet.protocol.messages import DataRequest
 from shardnet.runtimes.executor import Executor, executor_reference, split_uses
+from shardnet.runtimes.head import MAX_RENEWAL_INTERVAL
 from shardnet.runtimes.processes import ShardnetProcess, stop_all
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,11 @@ ExecutorSpec = Union[type[Executor], str]
 
 # set in the environment of every process a Deployment launches
 LAUNCHED_BY_DEPLOYMENT = "SHARDNET_LAUNCHED_BY_DEPLOYMENT"
+# seconds a process may take to serve (loading its Executor) before a start fails or a restart is stopped: a
+# model may take minutes to load; as `k8s render --startup-seconds` (Jina's timeout_ready: 10 minutes)
+DEFAULT_STARTUP_TIMEOUT = 180.0
+# what a start that timed out says: how to allow longer
+LONGER_STARTUP = "a slow Executor may need longer: shardnet deploy --startup-seconds, Deployment(startup_timeout=)"
 
 
 def _keep_port(process: ShardnetProcess) -> None:
@@ -78,6 +84,11 @@ def _check_arguments(
     make_balancer(balancer)  # an unknown name fails here, with the same message the pool gives
     if not register_interval > 0 or not startup_timeout > 0:
         raise ConfigurationError("register_interval and startup_timeout must be positive seconds")
+    if register_interval > MAX_RENEWAL_INTERVAL:  # the workers would refuse it (worker --register-interval)
+        raise ConfigurationError(
+            f"register_interval must be at most {MAX_RENEWAL_INTERVAL:g} seconds (a head counts no more of it), "
+            f"got {register_interval!r}"
+        )
 
 
 def _uses_with_json(uses_with: Optional[Mapping[str, Any]]) -> str:
@@ -96,7 +107,10 @@ class Deployment:
     to its workers on Unix sockets: a few per cent more ANY throughput than
     loopback TCP (the ``unix sockets`` row of ``benchmarks/head_overhead.py``).
     ``max_message_mb`` raises (or lowers) the 256 MB message limit of every
-    process and of ``post`` at once.
+    process and of ``post`` at once. ``startup_timeout`` (default 180 s) is
+    how long a process may take to serve, its Executor loading: longer fails
+    the start, and a process started again (``revive``) is stopped and tried
+    again.
 
     >>> with Deployment(uses=MyExecutor, shards=2, replicas=2, polling="ALL") as dep:   # doctest: +SKIP
     ...     docs = dep.post("/index", [Document(text="hello")])
@@ -121,7 +135,7 @@ class Deployment:
         timeout: Optional[float] = None,
         attempt_timeout: Optional[float] = None,
         register_interval: float = 1.0,
-        startup_timeout: float = 30.0,
+        startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
         log_dir: Optional[str] = None,
         unix_sockets: Optional[bool] = None,
         max_message_mb: Optional[float] = None,
@@ -258,14 +272,15 @@ class Deployment:
                                  *self._size_arguments]
                     process = self._launch(key, arguments + ["--name", f"{self.name}/{key}"])
                     self.extras[key] = process
-                    extra_args += [f"--{key.replace('_', '-')}", process.wait_ready(self.startup_timeout)]
+                    address = process.wait_ready(self.startup_timeout, LONGER_STARTUP)
+                    extra_args += [f"--{key.replace('_', '-')}", address]
             self.head = self._launch(
                 "head",
                 ["head", "--deployment", self.name, "--host", self.host, "--port", str(self._head_port)]
                 + self._head_options
                 + extra_args,
             )
-            self.head.wait_ready(self.startup_timeout)
+            self.head.wait_ready(self.startup_timeout, LONGER_STARTUP)
             for shard in range(self.shards):
                 for replica in range(self.replicas):
                     self.workers[(shard, replica)] = self._launch_worker(shard, replica)
@@ -326,7 +341,7 @@ class Deployment:
             if len(expected) < len(self.workers):
                 for process in self.workers.values():
                     if process.address is None:
-                        process.wait_ready(max(0.1, deadline - time.monotonic()))
+                        process.wait_ready(max(0.1, deadline - time.monotonic()), LONGER_STARTUP)
                 continue
             if expected <= set(self.members()):
                 return
@@ -358,7 +373,7 @@ class Deployment:
         if died and member is not None:
             self._forget(member, shard)
         self._launch_again(process)
-        process.wait_ready(self.startup_timeout)
+        process.wait_ready(self.startup_timeout, LONGER_STARTUP)
         self.wait_registered()
         return process
 
@@ -378,7 +393,7 @@ class Deployment:
         head.stop()
         _keep_port(head)
         self._launch_again(head)
-        head.wait_ready(self.startup_timeout)
+        head.wait_ready(self.startup_timeout, LONGER_STARTUP)
         self.wait_registered()
         return self.head
 
@@ -488,8 +503,8 @@ class Deployment:
                 self._starting.discard(process)
                 process.kill()
                 delay = process.note_exit(time.monotonic())
-                logger.error("%s did not come up within %gs; stopped it, starting it again in %gs. Its output:\n%s",
-                             process.role, self.startup_timeout, delay, process.tail())
+                logger.error("%s did not come up within %gs; stopped it, starting it again in %gs (%s). Its output:\n%s",
+                             process.role, self.startup_timeout, delay, LONGER_STARTUP, process.tail())
         return ready
 
     def stop(self) -> None:

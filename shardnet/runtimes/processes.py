@@ -52,6 +52,7 @@ class ShardnetProcess:
         """Start the child (again, after a stop: its log grows and only new lines count)."""
         if self.alive:
             raise ProcessError(f"{self.role} (pid {self.pid}) is still running: stop it before launching it again")
+        self.end_group()  # what the last launch started and left (it crashed): no second model server beside the new
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.address = None
         self.launched_at = time.monotonic()
@@ -69,8 +70,9 @@ class ShardnetProcess:
             )
         return self
 
-    def wait_ready(self, timeout: float = 30.0) -> str:
-        """Block until the ready line appears; raise ProcessError with the log's tail if it exits or times out."""
+    def wait_ready(self, timeout: float = 30.0, hint: str = "") -> str:
+        """Block until the ready line appears; raise ProcessError with the log's tail if it exits or times out
+        (``hint``: what the caller's user may do about a timeout, such as a flag allowing longer)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.poll_ready():
@@ -78,7 +80,10 @@ class ShardnetProcess:
             if not self.alive:
                 raise ProcessError(f"{self.role} exited with code {self.popen.returncode} before it was ready:\n{self.tail()}")
             time.sleep(0.02)
-        raise ProcessError(f"{self.role} was not ready after {timeout:.0f}s:\n{self.tail()}")
+        waited = time.monotonic() - self.launched_at  # since the launch: a caller may have waited for others first
+        raise ProcessError(
+            f"{self.role} was not ready {waited:.0f}s after its launch{f' ({hint})' if hint else ''}:\n{self.tail()}"
+        )
 
     def poll_ready(self) -> Optional[str]:
         """The address, once this launch printed its ready line (one look at the log, no waiting); else None."""
@@ -149,7 +154,17 @@ class ShardnetProcess:
         except subprocess.TimeoutExpired:
             self.popen.kill()
             self.popen.wait()
+        self.end_group()
         return self.popen.returncode
+
+    def end_group(self) -> None:
+        """Once the child has exited, SIGKILL what is left of its process group (it leads one of its own: it was
+        started in a new session): helpers its Executor started (a model server, data loaders) that its close()
+        did not stop, or that outlived a child killed mid-load. The group's id stays taken while a member lives,
+        so no other process is hit."""
+        if self.popen is not None and self.popen.poll() is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):  # nothing left: the usual case
+                os.killpg(self.popen.pid, signal.SIGKILL)
 
     def kill_group(self) -> None:
         """SIGKILL this process and those it started (its own session's group: a model server, data loaders), at
@@ -159,9 +174,11 @@ class ShardnetProcess:
                 os.killpg(self.popen.pid, signal.SIGKILL)
 
     def kill(self) -> None:
+        """SIGKILL the child, then what is left of its process group."""
         if self.alive:
             self.popen.kill()
             self.popen.wait()
+        self.end_group()
 
     def __repr__(self) -> str:
         state = "running" if self.alive else "stopped"
@@ -169,7 +186,8 @@ class ShardnetProcess:
 
 
 def stop_all(processes: Sequence[ShardnetProcess], timeout: float = 15.0) -> None:
-    """Stop every process, sending all the SIGTERMs first so drains overlap."""
+    """Stop every process, sending all the SIGTERMs first so drains overlap; then what each left of its process
+    group (helpers its Executor started) is killed."""
     for process in processes:
         process.signal(signal.SIGCONT)
         process.signal(signal.SIGTERM)
