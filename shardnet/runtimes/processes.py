@@ -160,8 +160,8 @@ class ShardnetProcess:
     def end_group(self) -> None:
         """Once the child has exited, SIGKILL what is left of its process group (it leads one of its own: it was
         started in a new session): helpers its Executor started (a model server, data loaders) that its close()
-        did not stop, or that outlived a child killed mid-load. The group's id stays taken while a member lives,
-        so no other process is hit."""
+        did not stop, or that outlived a child killed mid-load. The group's id stays taken while a member lives;
+        once none does, only a new group leader given the same pid since could be hit (a pid wrap-around)."""
         if self.popen is not None and self.popen.poll() is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):  # nothing left: the usual case
                 os.killpg(self.popen.pid, signal.SIGKILL)
