@@ -21,7 +21,7 @@ from shardnet.errors import PickleRefused, ProtocolError
 from shardnet.protocol.documents import Document, DocumentList, to_python, update_struct
 from shardnet.protocol.ids import new_id
 from shardnet.protocol.proto import jina_pb2
-from shardnet.protocol.wire import field_spans
+from shardnet.protocol.wire import count_fields, field_spans
 
 SUCCESS = jina_pb2.StatusProto.SUCCESS
 ERROR = jina_pb2.StatusProto.ERROR
@@ -32,6 +32,17 @@ _WIRE_TYPES = {0: "a varint", 1: "8 fixed bytes", 2: "length-delimited bytes", 3
 
 # protobuf's default recursion limit: a message nested deeper does not parse
 PROTOBUF_DEPTH_LIMIT = 100
+
+# The walk that peeks a DataRequest's header costs Python work per top-level field, and so does the one over its
+# data field (DataContent) that looks for a pickle. A DataRequest has 4 fields, one of them repeated: ``routes``,
+# one entry per executor or head the request passed (Jina appends one each; a head holds at most 10,000 workers).
+# A message with more top-level fields than this is padding (millions of 2-byte unknown fields held a head's event
+# loop for seconds) and is refused; walking up to this many costs a few milliseconds.
+MAX_TOP_LEVEL_FIELDS = 10_000
+# The same bound on what ``parse`` takes, counted before protobuf parses (protobuf's unknown fields are listed one
+# Python object each, and a DataRequestList's empty entries decode to tens of bytes each): twice the longest
+# legitimate repetition, a process_data list of 10,000 requests or an ACTIVATE naming 10,000 workers.
+MAX_PARSED_FIELDS = 20_000
 
 # header, parameters, routes, data: all length-delimited on the wire
 _DATA_REQUEST_FIELDS = frozenset({1, 2, 3, 4})
@@ -46,13 +57,20 @@ def _refuse_pickle(request_id: str, what: str) -> PickleRefused:
     )
 
 
-def parse(message_type: type[Message], data: bytes, what: str) -> Message:
+def parse(message_type: type[Message], data: bytes, what: str, max_fields: int = MAX_PARSED_FIELDS) -> Message:
     """Parse ``data`` as ``message_type``; a decoding failure becomes a ProtocolError naming ``what``.
 
     A declared top-level field arriving with another wire type (protobuf would keep it as an unknown
     field) is refused too: it is another message sent to the wrong method, such as an ACTIVATE to
-    ``process_single_data``. Undeclared fields still pass, untouched.
+    ``process_single_data``. Undeclared fields still pass, untouched. More than ``max_fields``
+    top-level fields are refused before protobuf parses anything.
     """
+    fields = count_fields(data, max_fields)
+    if fields > max_fields:
+        raise ProtocolError(
+            f"{what} ({len(data)} bytes) has more than {max_fields} top-level fields; refused "
+            "(padding, or another kind of message)"
+        )
     message = message_type()
     try:
         message.ParseFromString(data)
@@ -167,9 +185,16 @@ class DataRequest:
             # refused here, before a head passes the bytes on untouched (to a Jina worker that would unpickle them)
             header, pickled = jina_pb2.HeaderProto(), False
             buffer = self._buffer
-            for number, start, end in field_spans(buffer, _HEADER_AND_DATA, self._what, _DATA_REQUEST_FIELDS):
+            spans = field_spans(
+                buffer, _HEADER_AND_DATA, self._what, _DATA_REQUEST_FIELDS, max_fields=MAX_TOP_LEVEL_FIELDS
+            )
+            for number, start, end in spans:
                 if number == 4:
-                    pickled = pickled or bool(field_spans(buffer, _DOCS_BYTES, f"{self._what} data", _DOCS, start, end))
+                    pickled = pickled or bool(
+                        field_spans(
+                            buffer, _DOCS_BYTES, f"{self._what} data", _DOCS, start, end, MAX_TOP_LEVEL_FIELDS
+                        )
+                    )
                     continue
                 try:
                     header.MergeFromString(buffer[start:end])  # repeated occurrences merge, as protobuf does
@@ -183,6 +208,8 @@ class DataRequest:
     def _full(self) -> jina_pb2.DataRequestProto:
         """The fully decoded message; refuses pickled ``docs_bytes``."""
         if self._message is None:
+            if self._buffer is not None:
+                self._header()  # the bounded walk first: padding is refused before protobuf lists unknown fields
             # the byte form keeps every field, unknown ones included, whichever stage we are at
             data = self._buffer if self._buffer is not None else self._envelope.SerializeToString()
             self._message = parse(jina_pb2.DataRequestProto, data, self._what)
