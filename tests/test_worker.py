@@ -579,6 +579,32 @@ async def test_sigterm_drains_in_flight_request_refuses_new_ones_and_exits_zero(
     assert await wait_exit(worker) == 0, worker.tail()
 
 
+async def test_a_handler_stuck_past_the_drain_grace_does_not_hold_the_exit(tmp_path, processes, eventually):
+    """--drain-seconds bounds the stop: the stuck call is cut at the grace, and the process leaves then, where it
+    waited for the handler thread (here 20 s, for ever for one truly stuck; found by a runtimes review)."""
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    worker = processes(
+        "worker",
+        ["worker", "--uses", f"{EXECUTORS}:SlowUntilReleased", "--workspace", str(workspace), "--drain-seconds", "1"],
+        tmp_path,
+    )
+    address = await asyncio.to_thread(worker.wait_ready, 20)
+    in_flight = asyncio.ensure_future(
+        oneshot.send_request_async(DataRequest([Document(text="x")], endpoint="/slow"), address, timeout=30)
+    )
+    try:
+        await eventually(lambda: (workspace / "started").exists(), timeout=10)
+        worker.signal(signal.SIGTERM)
+        assert await wait_exit(worker, timeout=10) == 0, worker.tail()  # the handler alone would take 20 s
+        assert "still busy after the drain (handler" in worker.tail()
+        with pytest.raises(ReplicaError) as cut:
+            await in_flight
+        assert cut.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        (workspace / "release").touch()
+
+
 async def test_worker_with_head_deactivates_itself_on_sigterm(tmp_path, processes, runtimes, eventually):
     head = await runtimes(Head("dep"))
     worker = processes(

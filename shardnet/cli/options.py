@@ -11,6 +11,9 @@ import math
 import os
 import signal
 import stat
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Coroutine, Optional
 
@@ -213,6 +216,28 @@ def run_in_loop(coroutine: Coroutine[Any, Any, Any], loop: str = "auto") -> Any:
 
         return uvloop.run(coroutine)
     return asyncio.run(coroutine)
+
+
+def exit_past_stuck_threads(code: int, grace: float = 1.0) -> int:
+    """Return ``code`` once the process's threads have ended, or leave at once (``os._exit``) after ``grace``
+    seconds more if some have not: Python joins thread-pool threads at exit, so a handler stuck past the drain's
+    grace (its call already cut) would hold the process for as long as it hangs, past --drain-seconds."""
+    deadline = time.monotonic() + grace
+    for thread in threading.enumerate():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join(max(0.0, deadline - time.monotonic()))
+    stuck = [
+        thread.name for thread in threading.enumerate()
+        if thread is not threading.main_thread() and not thread.daemon and thread.is_alive()
+    ]
+    if not stuck:
+        return code
+    logger.warning("exiting with %d thread(s) still busy after the drain (%s): a handler that has not returned",
+                   len(stuck), ", ".join(stuck))
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def add_head_traffic_arguments(parser: argparse.ArgumentParser) -> None:

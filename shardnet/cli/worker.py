@@ -12,6 +12,7 @@ from shardnet.cli.options import (
     add_server_arguments,
     check_loop,
     client_tls,
+    exit_past_stuck_threads,
     json_object,
     make_folder,
     positive_seconds,
@@ -100,4 +101,4 @@ def run(args: argparse.Namespace) -> int:
         register_interval=args.register_interval,
         name=name,
     )
-    return run_in_loop(worker.run(parent_pid=args.parent_pid), loop)
+    return exit_past_stuck_threads(run_in_loop(worker.run(parent_pid=args.parent_pid), loop))

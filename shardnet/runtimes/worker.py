@@ -474,11 +474,15 @@ class Worker:
         await self._finish()  # when the drain did not get to it
 
     async def _finish(self) -> None:
-        """After the last request: the Executor's ``close()`` (once), then its threads go."""
+        """After the last request: the Executor's ``close()`` (once), then its threads go.
+
+        ``close()`` runs on a thread of its own, not behind the handlers: one still stuck after the drain's
+        grace (its call already cut) would hold it, and the process's exit, for as long as it hangs.
+        """
         if not self._closed:
             self._closed = True
             try:
-                await asyncio.get_running_loop().run_in_executor(self._threads, self.executor.close)
+                await asyncio.to_thread(self.executor.close)
             except Exception:  # its failure is logged, the stop goes on
                 logger.exception("%s: the Executor's close() failed", self.name)
         self._threads.shutdown(wait=False, cancel_futures=True)
