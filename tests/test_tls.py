@@ -241,8 +241,9 @@ async def test_jinas_tls_flag_is_taken_and_anything_else_refused(echo_servers, t
 
 async def test_a_one_off_call_in_plaintext_to_a_tls_server_points_at_tls(echo_servers, tls):
     [server] = await echo_servers(1, credentials=tls.server.credentials())
-    with pytest.raises(ReplicaError, match="if the server serves TLS, dial https://"):
+    with pytest.raises(ReplicaError, match="if the server serves TLS, dial https://") as refused:
         await oneshot.send_request_async(DataRequest(), server.address, timeout=5.0)
+    assert f"dial https://{server.address} and give its CA" in str(refused.value)  # the address, not a placeholder
 
 
 def test_private_keys_stay_out_of_reprs_and_errors_and_open_key_files_are_warned_of(tls, tmp_path, caplog):

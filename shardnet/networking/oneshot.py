@@ -137,7 +137,7 @@ async def call_once(
         kind = DeadlineExceeded if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else ReplicaError
         cause = error_cause(error)
         if not address.tls and "socket closed" in cause.lower():  # gRPC's words for a TLS server dialled in plaintext
-            cause += " (if the server serves TLS, dial https://ADDRESS and give its CA)"
+            cause += f" (if the server serves TLS, dial https://{address.target} and give its CA)"
         made = retrying.statistics.get("attempt_number", 1)
         if made > 1:
             cause += f" (the last of {made} attempts)"
