@@ -338,6 +338,30 @@ async def test_ipv6_hosts_bind_are_dialled_and_registered_in_brackets(runtimes, 
     assert not response.is_error and response.docs[0].tags["by"] == "v6"
 
 
+async def test_a_worker_whose_head_is_away_says_so_once_and_again_when_it_is_back(runtimes, eventually, caplog):
+    """It renews every interval all along (the head needs one as soon as it is back), but warned at each one: a
+    line every 2 s for as long as the head was away (found by a first-use review)."""
+    caplog.set_level(logging.DEBUG, logger="shardnet.runtimes.worker")
+    head = Head("away")
+    await head.start()
+    port = head.server.port
+    worker = await runtimes(Worker(executors.Tagger.create(), head=head.server.address, register_interval=0.05))
+    await worker.register()
+    await head.stop(0)
+
+    def said(level: int) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "shardnet.runtimes.worker" and r.levelno == level]
+
+    refused = lambda: [line for line in said(logging.DEBUG) if "did not take our registration" in line]  # noqa: E731
+    await eventually(lambda: len(refused()) >= 5, timeout=20)  # five renewals refused
+    [warning] = said(logging.WARNING)
+    assert "did not take our registration" in warning
+    back = await runtimes(Head("away", ServerConfig(port=port)))
+    await eventually(lambda: "takes our registration again" in caplog.text, timeout=20)
+    reply = await oneshot.send_control("STATUS", back.server.address)
+    assert [entity.port for entity in reply.related_entities] == [worker.server.port]
+
+
 @pytest.mark.parametrize("given", ["[::1]", "0:0:0:0:0:0:0:1", " ::1 "])
 def test_an_ipv6_host_in_brackets_or_another_form_is_taken_in_its_standard_form(given):
     config = ServerConfig(host=given)

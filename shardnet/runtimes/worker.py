@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 # calls the head sent before it knew still arrive, and are served here rather than refused once the drain begins
 SETTLE_QUIET = 0.1
 SETTLE_BOUND = 1.0
+# seconds between the warnings of a worker whose head keeps refusing (or missing) its renewals
+REGISTRATION_LOG_INTERVAL = 60.0
 
 # endpoints without a handler logged (once each); past that, one line says so and no more are kept or logged
 UNBOUND_LOGGED = 100
@@ -436,12 +438,29 @@ class Worker:
         logger.debug("registered %s with head %s as shard %d", entity_address(host, port), self._head, self._shard_id)
 
     async def _refresh_registration(self) -> None:
+        """Repeat ACTIVATE every interval, even while the head is away (it needs one as soon as it is back); say
+        so when it stops taking them, then at most once a REGISTRATION_LOG_INTERVAL, and when it takes them again."""
+        failing_since: Optional[float] = None
+        said_at = 0.0
         while True:
             await asyncio.sleep(self._register_interval)
             try:
                 await self._activate(timeout=1.0)
             except ReplicaError as exc:
-                logger.warning("head %s did not take our registration: %s%s", self._head, exc, _tls_hint(exc))
+                now = time.monotonic()
+                logger.debug("head %s did not take our registration: %s", self._head, exc)
+                if failing_since is None:
+                    failing_since = said_at = now
+                    logger.warning("head %s did not take our registration: %s%s", self._head, exc, _tls_hint(exc))
+                elif now - said_at >= REGISTRATION_LOG_INTERVAL:
+                    said_at = now
+                    logger.warning("head %s has not taken our registration for %.0fs: %s", self._head,
+                                   now - failing_since, exc)
+                continue
+            if failing_since is not None:
+                logger.info("head %s takes our registration again, after %.0fs", self._head,
+                            time.monotonic() - failing_since)
+                failing_since = None
 
     async def deregister(self) -> None:
         """Tell the head to stop routing here (DEACTIVATE) and stop renewing the registration."""
