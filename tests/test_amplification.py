@@ -8,16 +8,28 @@ is asserted by counting what the code reads or allocates, never by timing.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import executors
 import grpc
 import grpc.aio
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-import executors
 from shardnet import ControlRequest, DataRequest, Document, ProtocolError
 from shardnet.protocol import services
-from shardnet.protocol.messages import MAX_PARSED_FIELDS, MAX_TOP_LEVEL_FIELDS
-from shardnet.protocol.wire import count_fields, field_spans
+from shardnet.protocol.messages import (
+    MAX_DOCUMENT_FIELDS,
+    MAX_DOCUMENTS,
+    MAX_PARSED_FIELDS,
+    MAX_TOP_LEVEL_FIELDS,
+    parse,
+)
+from shardnet.protocol.proto import docarray_pb2, jina_pb2
+from shardnet.protocol.wire import check_document_count, count_fields, field_spans
 from shardnet.runtimes.head import Head
+from shardnet.runtimes.processes import ShardnetProcess, stop_all
 from shardnet.runtimes.worker import Worker
 
 PADDING = b"\x78\x00"  # field 15, varint 0: unknown to every message here, 2 bytes each
@@ -109,3 +121,133 @@ async def test_a_head_refuses_a_padded_request_and_keeps_serving(runtimes):
     reply, _ = await raw_call(head.server.address, good)
     answer = DataRequest.from_bytes(reply)
     assert not answer.is_error and answer.docs[0].tags["by"] == "t"
+
+
+# -- 2. documents ---------------------------------------------------------------------------------------------
+
+HEADER = ld(0x0A, b"\x0a\x02id\x1a\x06/count")  # request id "id", endpoint /count
+
+
+def request_of(array: bytes) -> bytes:
+    """A DataRequest whose documents field holds the DocumentArray ``array`` (its bytes)."""
+    return HEADER + ld(0x22, ld(0x0A, array))
+
+
+def documents_in(array: docarray_pb2.DocumentArrayProto) -> int:
+    """What protobuf decodes: every document, chunks and matches at every depth."""
+    stack, count = list(array.docs), 0
+    while stack:
+        document = stack.pop()
+        count += 1
+        stack.extend(document.chunks)
+        stack.extend(document.matches)
+    return count
+
+
+def check(array: bytes, limit: int, max_fields: int = 10**9) -> None:
+    check_document_count(array, [(0, len(array))], limit, max_fields, "test")
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        b"\x0a\x00" * (MAX_DOCUMENTS + 1),  # empty top-level documents: 2 bytes each, some 200 decoded
+        ld(0x0A, b"\x7a\x00" * (MAX_DOCUMENTS + 1)),  # as the matches of one document (a field too large for a run)
+        ld(0x0A, ld(0x72, b"\x7a\x00" * MAX_DOCUMENTS)),  # matches of a chunk
+    ],
+    ids=["top-level", "matches", "matches-of-a-chunk"],
+)
+def test_more_documents_than_the_bound_are_refused_before_decoding_after_bounded_work(array):
+    request = DataRequest.from_bytes(b"")
+    request._buffer = CountingBytes(request_of(array))
+    with pytest.raises(ProtocolError, match=f"too many documents: at most {MAX_DOCUMENTS} are taken in one request"):
+        request.docs
+    assert request._message is None  # nothing was decoded
+    # a tag and a length per field walked at most, and no more fields than the walk's bound
+    assert request._buffer.reads <= 3 * MAX_DOCUMENT_FIELDS
+
+
+def test_a_request_at_the_bound_is_taken():
+    array = b"\x0a\x00" * (MAX_DOCUMENTS - 1) + ld(0x0A, b"\x0a\x01x")  # the last one has an id: "x"
+    request = DataRequest.from_bytes(request_of(array))
+    assert len(request.docs) == MAX_DOCUMENTS and request.docs[MAX_DOCUMENTS - 1].id == "x"
+
+
+def test_padding_inside_documents_stops_the_count_at_its_field_bound():
+    """Fields that are no documents, but whose bytes could start one (0x72 'r'), make the count walk them."""
+    array = ld(0x0A, b"\xa8\x01\x72" * (MAX_DOCUMENT_FIELDS + 10))  # field 21, varint 114 ('r'), in one document
+    counted = CountingBytes(array)
+    with pytest.raises(ProtocolError, match=f"could not be counted within {MAX_DOCUMENT_FIELDS} fields"):
+        check(counted, MAX_DOCUMENTS, MAX_DOCUMENT_FIELDS)
+    assert counted.reads <= 5 * MAX_DOCUMENT_FIELDS  # a tag's two bytes (one read twice), a value byte
+
+
+def test_a_list_of_millions_of_empty_requests_is_refused_before_protobuf_parses_it():
+    """The list's own entries decode to tens of bytes each: counted first, like any parse."""
+    with pytest.raises(ProtocolError, match=f"DataRequestList .* has more than {MAX_PARSED_FIELDS} top-level fields"):
+        parse(jina_pb2.DataRequestListEnvelope, b"\x0a\x00" * 5_000_000, "DataRequestList")
+
+
+documents = st.recursive(
+    st.builds(lambda text: docarray_pb2.DocumentProto(text=text), st.sampled_from(["", "r", "z" * 200, "rose"])),
+    lambda children: st.builds(
+        lambda chunks, matches, blob: docarray_pb2.DocumentProto(chunks=chunks, matches=matches, blob=blob),
+        st.lists(children, max_size=4),
+        st.lists(children, max_size=4),
+        st.sampled_from([b"", b"\x72\x7a" * 40, b"\x0a" * 70_000]),  # tag-like bytes; one too large for a run
+    ),
+    max_leaves=40,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(documents, max_size=12))
+def test_the_count_agrees_with_protobuf_at_the_bound_and_one_below(docs):
+    """Whatever the nesting, and whichever of the count's ways answers: the bound is exact."""
+    array = docarray_pb2.DocumentArrayProto(docs=docs)
+    data, count = array.SerializeToString(), documents_in(array)
+    check(data, count)  # exactly as many as allowed: taken
+    if count:
+        with pytest.raises(ProtocolError, match="too many documents"):
+            check(data, count - 1)
+
+
+def test_documents_larger_than_a_run_are_walked_and_their_nested_documents_counted():
+    inner = docarray_pb2.DocumentProto(blob=b"r" * 100_000, matches=[docarray_pb2.DocumentProto()] * 3)
+    outer = docarray_pb2.DocumentProto(blob=b"z" * 100_000, chunks=[inner] * 2, matches=[docarray_pb2.DocumentProto()])
+    array = docarray_pb2.DocumentArrayProto(docs=[outer, docarray_pb2.DocumentProto(text="r")])
+    data = array.SerializeToString()
+    assert documents_in(array) == 11
+    check(data, 11)
+    with pytest.raises(ProtocolError, match="too many documents: at most 10"):
+        check(data, 10)
+
+
+EXECUTOR = f"{Path(executors.__file__).resolve()}:Tagger"
+
+
+def peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM"))
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_refuses_millions_of_empty_documents_without_decoding_them(tmp_path):
+    """5 million empty documents in 9.5 MiB cost a worker 1.1 GB before; now INVALID_ARGUMENT and no balloon."""
+    worker = ShardnetProcess("worker", ["worker", "--uses", EXECUTOR, "--workspace", str(tmp_path)], tmp_path / "w.log")
+    try:
+        address = worker.launch().wait_ready()
+        base = peak_rss_mib(worker.pid)
+        payload = request_of(b"\x0a\x00" * 5_000_000)
+        options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+        with grpc.insecure_channel(address, options=options) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                channel.unary_unary(services.PROCESS_SINGLE_DATA)(payload, timeout=60)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert f"at most {MAX_DOCUMENTS} are taken in one request" in refused.value.details()
+            good = DataRequest([Document(text="a")], endpoint="/tag").to_bytes()
+            assert not DataRequest.from_bytes(channel.unary_unary(services.PROCESS_SINGLE_DATA)(good)).is_error
+        # the request's bytes a few times over (gRPC's buffer, our copy), not the gigabyte of its documents
+        assert peak_rss_mib(worker.pid) - base < 10 * len(payload) / 2**20
+    finally:
+        stop_all([worker])

@@ -21,7 +21,7 @@ from shardnet.errors import PickleRefused, ProtocolError
 from shardnet.protocol.documents import Document, DocumentList, to_python, update_struct
 from shardnet.protocol.ids import new_id
 from shardnet.protocol.proto import jina_pb2
-from shardnet.protocol.wire import count_fields, field_spans
+from shardnet.protocol.wire import check_document_count, count_fields, field_spans
 
 SUCCESS = jina_pb2.StatusProto.SUCCESS
 ERROR = jina_pb2.StatusProto.ERROR
@@ -43,10 +43,20 @@ MAX_TOP_LEVEL_FIELDS = 10_000
 # Python object each, and a DataRequestList's empty entries decode to tens of bytes each): twice the longest
 # legitimate repetition, a process_data list of 10,000 requests or an ACTIVATE naming 10,000 workers.
 MAX_PARSED_FIELDS = 20_000
+# Documents one request may hold, chunks and matches at every depth included. An empty document is 2 bytes on the
+# wire and some 200 once decoded (protobuf's message for 20 fields), so 5 million of them (10 MB) cost a worker a
+# gigabyte; at this bound the documents of a request decode to at most about 50 MB beyond their own bytes. Jina's
+# clients send 100 documents per request by default; a search of 1,000 queries for their 100 best matches is
+# 101,000. Counted before protobuf decodes any of them: by C code when it can tell, by a walk otherwise.
+MAX_DOCUMENTS = 250_000
+# The fields the count of documents may walk (wire.check_document_count), some 0.2 s of Python at the most: it
+# walks the top-level documents (one field each; runs of them are counted by protobuf's parser) and the fields of
+# documents too large for a run, so twice the bound passes any request that holds no more, and stops padding.
+MAX_DOCUMENT_FIELDS = 2 * MAX_DOCUMENTS
 
 # header, parameters, routes, data: all length-delimited on the wire
 _DATA_REQUEST_FIELDS = frozenset({1, 2, 3, 4})
-_HEADER_AND_DATA = frozenset({1, 4})
+_HEADER_AND_DATA, _DATA = frozenset({1, 4}), frozenset({4})
 _DOCS, _DOCS_BYTES = frozenset({1}), frozenset({2})  # DataContent's oneof: protobuf documents, or a pickle
 
 
@@ -212,12 +222,23 @@ class DataRequest:
                 self._header()  # the bounded walk first: padding is refused before protobuf lists unknown fields
             # the byte form keeps every field, unknown ones included, whichever stage we are at
             data = self._buffer if self._buffer is not None else self._envelope.SerializeToString()
+            self._check_document_count(data)
             self._message = parse(jina_pb2.DataRequestProto, data, self._what)
             self._envelope = None
         if self._message.data.WhichOneof("documents") == "docs_bytes":
             raise _refuse_pickle(self._message.header.request_id, self._what)
         self._buffer = None
         return self._message
+
+    def _check_document_count(self, data: bytes) -> None:
+        """Refuse more than MAX_DOCUMENTS documents in ``data`` before protobuf decodes them (see wire.py)."""
+        if len(data) < 2 * (MAX_DOCUMENTS + 1):  # a document takes 2 bytes at least: nothing to count
+            return
+        arrays = []
+        for _, start, end in field_spans(data, _DATA, self._what, _DATA_REQUEST_FIELDS, 0, None, MAX_TOP_LEVEL_FIELDS):
+            spans = field_spans(data, _DOCS, f"{self._what} data", _DOCS_BYTES, start, end, MAX_TOP_LEVEL_FIELDS)
+            arrays.extend((first, last) for _, first, last in spans)
+        check_document_count(data, arrays, MAX_DOCUMENTS, MAX_DOCUMENT_FIELDS, self._what)
 
     @property
     def proto(self) -> jina_pb2.DataRequestProto:
