@@ -13,12 +13,13 @@ from pathlib import Path
 import executors
 import grpc
 import grpc.aio
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shardnet import ControlRequest, DataRequest, Document, ProtocolError
-from shardnet.protocol import services
+from shardnet import ControlRequest, DataRequest, Document, Executor, ProtocolError, requests
+from shardnet.protocol import ndarray, services
 from shardnet.protocol.messages import (
     MAX_DOCUMENT_FIELDS,
     MAX_DOCUMENTS,
@@ -27,6 +28,7 @@ from shardnet.protocol.messages import (
     parse,
 )
 from shardnet.protocol.proto import docarray_pb2, jina_pb2
+from shardnet.protocol.documents import DocumentList
 from shardnet.protocol.wire import check_document_count, count_fields, field_spans
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.processes import ShardnetProcess, stop_all
@@ -69,7 +71,7 @@ def test_a_request_padded_with_tiny_fields_is_refused_after_a_bounded_walk():
     request = DataRequest.from_bytes(b"")
     request._buffer = CountingBytes(b"\x0a\x04\x0a\x02id" + PADDING * 10_000_000)
     with pytest.raises(ProtocolError, match=f"DataRequest .* has more than {MAX_TOP_LEVEL_FIELDS} top-level fields"):
-        request.request_id
+        request.request_id  # noqa: B018
     # a tag and a varint per field, then it stopped: the padding's size did not matter
     assert request._buffer.reads <= 3 * (MAX_TOP_LEVEL_FIELDS + 1)
 
@@ -80,7 +82,7 @@ def test_padding_inside_the_data_field_is_refused_after_a_bounded_walk():
     request = DataRequest.from_bytes(b"")
     request._buffer = CountingBytes(data)
     with pytest.raises(ProtocolError, match=f"DataRequest data .* has more than {MAX_TOP_LEVEL_FIELDS} top-level"):
-        request.endpoint
+        request.endpoint  # noqa: B018
     assert request._buffer.reads <= 3 * (MAX_TOP_LEVEL_FIELDS + 1) + 10
 
 
@@ -161,7 +163,7 @@ def test_more_documents_than_the_bound_are_refused_before_decoding_after_bounded
     request = DataRequest.from_bytes(b"")
     request._buffer = CountingBytes(request_of(array))
     with pytest.raises(ProtocolError, match=f"too many documents: at most {MAX_DOCUMENTS} are taken in one request"):
-        request.docs
+        request.docs  # noqa: B018
     assert request._message is None  # nothing was decoded
     # a tag and a length per field walked at most, and no more fields than the walk's bound
     assert request._buffer.reads <= 3 * MAX_DOCUMENT_FIELDS
@@ -251,3 +253,88 @@ def test_a_worker_refuses_millions_of_empty_documents_without_decoding_them(tmp_
         assert peak_rss_mib(worker.pid) - base < 10 * len(payload) / 2**20
     finally:
         stop_all([worker])
+
+
+# -- 3. sparse arrays -----------------------------------------------------------------------------------------
+
+
+def huge_sparse(doc_id: str) -> Document:
+    """One value in 8192 x 8191 float32: 256 MiB once dense (just under the limit for one array), 60 bytes sent."""
+    doc = Document(id=doc_id)
+    ndarray.write_sparse(np.zeros((1, 2), dtype="<i8"), np.ones(1, dtype="<f4"), (8192, 8191), doc.proto.embedding)
+    return doc
+
+
+def embedding_of_100_in_100k(doc_id: str, seed: int) -> Document:
+    """A legitimate sparse embedding: 100 values in 100,000 float32 dimensions (2 KB sent, 400 KB dense)."""
+    rng = np.random.default_rng(seed)
+    positions = np.sort(rng.choice(100_000, size=100, replace=False))
+    doc = Document(id=doc_id)
+    indices = np.stack([np.zeros(100, dtype="<i8"), positions.astype("<i8")], axis=1)
+    ndarray.write_sparse(indices, rng.random(100).astype("<f4"), (1, 100_000), doc.proto.embedding)
+    return doc
+
+
+class Stacker(Executor):
+    """What an indexer does: read every embedding of the request (and keep them all, as np.stack would)."""
+
+    @requests(on="/index")
+    def index(self, docs, parameters, **kwargs):
+        embeddings = [doc.embedding for doc in docs]
+        return {"rows": len(embeddings), "values": float(sum(embedding.sum() for embedding in embeddings))}
+
+
+async def test_sparse_arrays_of_one_request_share_a_budget_end_to_end(runtimes):
+    """12 documents of some 1,000 bytes in all made a worker allocate 3 GB: each array was bounded, not their sum."""
+    worker = await runtimes(Worker(Stacker.create()))
+    payload = DataRequest([huge_sparse(f"d{i}") for i in range(12)], endpoint="/index").to_bytes()
+    assert len(payload) < 1_200
+    reply, trailing = await raw_call(worker.server.address, payload)
+    answer = DataRequest.from_bytes(reply)
+    assert answer.is_error and trailing.get("is-error") == "true"
+    assert answer.status.exception.name == "ProtocolError"
+    assert f"of a request of {len(payload)} bytes" in answer.status.description
+    assert f"may expand to in all: {ndarray.MAX_DENSE_BYTES} bytes" in answer.status.description
+    # legitimate sparse embeddings still go through, a Jina-sized batch and more
+    docs = [embedding_of_100_in_100k(f"e{i}", i) for i in range(200)]
+    reply, _ = await raw_call(worker.server.address, DataRequest(docs, endpoint="/index").to_bytes())
+    results = DataRequest.from_bytes(reply).parameters["__results__"]
+    assert not DataRequest.from_bytes(reply).is_error and next(iter(results.values()))["rows"] == 200
+
+
+def test_an_array_read_again_is_charged_once_and_the_budget_grows_with_the_message():
+    docs = [embedding_of_100_in_100k(f"e{i}", i) for i in range(640)]  # 256 MB dense: within the budget's floor
+    request = DataRequest.from_bytes(DataRequest(docs, endpoint="/index").to_bytes())
+    for _ in range(3):  # three passes over the same arrays cost what one does
+        assert sum(int(doc.embedding.shape[1]) for doc in request.docs) == 640 * 100_000
+    assert request._budget.used == 640 * 400_000 <= request._budget.limit == ndarray.MAX_DENSE_BYTES
+    twice = DataRequest(docs * 2, endpoint="/index").to_bytes()  # 1,280 of them in 2.7 MB: 512 MB dense
+    with pytest.raises(ProtocolError, match="sparse arrays of a request of .* may expand to in all"):
+        [doc.embedding for doc in DataRequest.from_bytes(twice).docs]
+    padded = twice + ld(0x7A, b"x" * 6_000_000)  # an unknown field makes the message 8.7 MB: 64 times that fits
+    bigger = DataRequest.from_bytes(padded)
+    assert len([doc.embedding for doc in bigger.docs]) == 1_280
+    assert bigger._budget.limit == ndarray.DENSE_PER_MESSAGE_BYTE * len(padded)
+
+
+def test_documents_wrapped_or_listed_on_their_own_have_a_budget_too():
+    """A list made over a message's field (as a worker does for docs_matrix) or a document wrapped alone."""
+    field = docarray_pb2.DocumentArrayProto(docs=[huge_sparse(f"d{i}").proto for i in range(2)]).docs
+    listed = list(DocumentList(field))
+    assert listed[0].embedding.shape == (8192, 8191)
+    with pytest.raises(ProtocolError, match="documents read outside a request"):
+        listed[1].embedding  # noqa: B018
+    alone = Document(proto=huge_sparse("a").proto)
+    assert alone.embedding.shape == alone.embedding.shape == (8192, 8191)  # the same array twice: charged once
+    assert Document(id="mine", embedding=np.ones(3)).embedding.sum() == 3  # built here: unbounded
+
+
+def test_documents_moved_into_another_request_bring_their_budget():
+    """A worker joining the shards' answers (uses_after over ALL) moves every document into the first's list."""
+    answers = [
+        DataRequest.from_bytes(DataRequest([huge_sparse(f"s{shard}")], endpoint="/index").to_bytes())
+        for shard in range(3)
+    ]
+    first = answers[0].docs
+    first.replace([doc for answer in answers for doc in answer.docs])
+    assert [doc.embedding.shape for doc in first] == [(8192, 8191)] * 3

@@ -111,7 +111,9 @@ class Document:
     ('hello', 'en', 32)
     """
 
-    __slots__ = ("_pb",)
+    # _budget: what the sparse arrays of the message this document came in may still expand to (shared with the
+    # other documents of that message); None for a document wrapped on its own, given one when it first needs it
+    __slots__ = ("_budget", "_pb")
 
     def __init__(
         self,
@@ -126,7 +128,9 @@ class Document:
     ):
         self._pb = proto if proto is not None else docarray_pb2.DocumentProto()
         if proto is not None:
+            self._budget: Optional[ndarray.DenseBudget] = None  # a message from anywhere: bounded when read
             return
+        self._budget = ndarray.DenseBudget(None)  # built here: the program's own arrays
         self._pb.id = _text(id, "id") if id else new_id()
         if text is not None:
             self.text = text
@@ -138,6 +142,18 @@ class Document:
             self.embedding = embedding
         if tags:
             update_struct(self._pb.tags, tags, "tags")
+
+    @classmethod
+    def _view(cls, proto: docarray_pb2.DocumentProto, budget: ndarray.DenseBudget) -> "Document":
+        """A view of a document of a list, sharing the list's budget for sparse arrays."""
+        document = cls.__new__(cls)
+        document._pb, document._budget = proto, budget
+        return document
+
+    def _dense_budget(self) -> ndarray.DenseBudget:
+        if self._budget is None:  # wrapped on its own: as much as one small message may expand to
+            self._budget = ndarray.DenseBudget(ndarray.MAX_DENSE_BYTES)
+        return self._budget
 
     @property
     def proto(self) -> docarray_pb2.DocumentProto:
@@ -171,7 +187,7 @@ class Document:
     @property
     def tensor(self) -> Optional[np.ndarray]:
         """A copy of the tensor: edit it and assign it back (``doc.tensor = t``) for the edit to travel."""
-        return ndarray.from_proto(self._pb.tensor) if self._pb.HasField("tensor") else None
+        return ndarray.from_proto(self._pb.tensor, self._dense_budget()) if self._pb.HasField("tensor") else None
 
     @tensor.setter
     def tensor(self, value: np.ndarray) -> None:
@@ -180,7 +196,7 @@ class Document:
     @property
     def embedding(self) -> Optional[np.ndarray]:
         """A copy of the embedding: ``doc.embedding /= n`` works, ``doc.embedding[0] = x`` edits only the copy."""
-        return ndarray.from_proto(self._pb.embedding) if self._pb.HasField("embedding") else None
+        return ndarray.from_proto(self._pb.embedding, self._dense_budget()) if self._pb.HasField("embedding") else None
 
     @embedding.setter
     def embedding(self, value: Optional[np.ndarray]) -> None:
@@ -203,11 +219,11 @@ class Document:
 
     @property
     def matches(self) -> "DocumentList":
-        return DocumentList(self._pb.matches)
+        return DocumentList(self._pb.matches, self._dense_budget())
 
     @property
     def chunks(self) -> "DocumentList":
-        return DocumentList(self._pb.chunks)
+        return DocumentList(self._pb.chunks, self._dense_budget())
 
     @property
     def scores(self) -> dict[str, float]:
@@ -239,18 +255,21 @@ class DocumentList:
     the stored copy, so later edits through the same object are not lost (and
     a Document appended to two lists follows the second). ``"id" in docs`` and
     ``doc in docs`` look documents up by id. A request's ``docs`` are such a
-    view; to build documents, make a plain list of Document.
+    view; to build documents, make a plain list of Document. The sparse arrays
+    of a list's documents share one budget (``ndarray.DenseBudget``): the
+    request's, or for a list made directly, what one small message may expand to.
     """
 
-    __slots__ = ("_field",)
+    __slots__ = ("_budget", "_field")
 
-    def __init__(self, field: Any):
+    def __init__(self, field: Any, budget: Optional[ndarray.DenseBudget] = None):
         if isinstance(field, (list, tuple)) or not hasattr(field, "add"):
             raise TypeError(
                 "DocumentList is a view over a message's documents (request.docs, doc.matches, doc.chunks); "
                 "to build documents, make a plain list of Document"
             )
         self._field = field
+        self._budget = budget if budget is not None else ndarray.DenseBudget(ndarray.MAX_DENSE_BYTES)
 
     def __contains__(self, item: object) -> bool:
         """By id, as a DocumentArray answers it: a text id, or a Document whose id is here."""
@@ -268,20 +287,22 @@ class DocumentList:
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return [Document(proto=pb) for pb in self._field[index]]
-        return Document(proto=self._field[index])
+            return [Document._view(pb, self._budget) for pb in self._field[index]]
+        return Document._view(self._field[index], self._budget)
 
     def __delitem__(self, index: Union[int, slice]) -> None:
         del self._field[index]
 
     def __iter__(self) -> Iterator[Document]:
-        return (Document(proto=pb) for pb in self._field)
+        budget = self._budget
+        return (Document._view(pb, budget) for pb in self._field)
 
     def append(self, doc: DocumentLike) -> None:
         proto = _proto_of(doc)  # before add(): a refused value leaves no empty document behind
         stored = self._field.add()
         stored.CopyFrom(proto)
         if isinstance(doc, Document):
+            self._budget.absorb(doc._budget)
             doc._pb = stored
 
     def extend(self, docs: Iterable[DocumentLike]) -> None:
@@ -298,6 +319,8 @@ class DocumentList:
             clone = docarray_pb2.DocumentProto()
             clone.CopyFrom(_proto_of(doc))
             copies.append(clone)
+            if isinstance(doc, Document):
+                self._budget.absorb(doc._budget)
         self.clear()
         self._field.extend(copies)
 

@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError, Message
 
 from shardnet.errors import PickleRefused, ProtocolError
 from shardnet.protocol.documents import Document, DocumentList, to_python, update_struct
+from shardnet.protocol.ndarray import DenseBudget
 from shardnet.protocol.ids import new_id
 from shardnet.protocol.proto import jina_pb2
 from shardnet.protocol.wire import check_document_count, count_fields, field_spans
@@ -119,7 +120,9 @@ class DataRequest:
     True
     """
 
-    __slots__ = ("_buffer", "_envelope", "_message", "_peeked", "_origin")
+    # _budget: what the sparse arrays of its documents may expand to, together (ndarray.DenseBudget); set when
+    # the documents of received bytes decode
+    __slots__ = ("_budget", "_buffer", "_envelope", "_message", "_origin", "_peeked")
 
     def __init__(
         self,
@@ -131,6 +134,7 @@ class DataRequest:
         self._envelope: Optional[jina_pb2.DataRequestEnvelope] = None
         self._peeked: Optional[jina_pb2.HeaderProto] = None
         self._origin: Optional[str] = None
+        self._budget = DenseBudget(None)  # built here: the program's own arrays
         self._message = jina_pb2.DataRequestProto()
         self._message.header.request_id = new_id()
         self._message.data.docs.SetInParent()
@@ -156,6 +160,7 @@ class DataRequest:
         request._message = None
         request._peeked = None
         request._origin = origin
+        request._budget = None  # set as the documents decode, from the size they came in
         return request
 
     @classmethod
@@ -166,6 +171,7 @@ class DataRequest:
         request._message = message
         request._peeked = None
         request._origin = None
+        request._budget = DenseBudget(None)
         return request
 
     @property
@@ -224,6 +230,8 @@ class DataRequest:
             data = self._buffer if self._buffer is not None else self._envelope.SerializeToString()
             self._check_document_count(data)
             self._message = parse(jina_pb2.DataRequestProto, data, self._what)
+            if self._budget is None:
+                self._budget = DenseBudget.for_message(len(data))
             self._envelope = None
         if self._message.data.WhichOneof("documents") == "docs_bytes":
             raise _refuse_pickle(self._message.header.request_id, self._what)
@@ -330,7 +338,7 @@ class DataRequest:
     @property
     def docs(self) -> DocumentList:
         """The documents, as a live list-like view (decodes them on first access)."""
-        return DocumentList(self._full().data.docs.docs)
+        return DocumentList(self._full().data.docs.docs, self._budget)
 
     @property
     def routes(self) -> list[jina_pb2.RouteProto]:
