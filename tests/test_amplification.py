@@ -8,6 +8,7 @@ is asserted by counting what the code reads or allocates, never by timing.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import executors
@@ -338,3 +339,76 @@ def test_documents_moved_into_another_request_bring_their_budget():
     first = answers[0].docs
     first.replace([doc for answer in answers for doc in answer.docs])
     assert [doc.embedding.shape for doc in first] == [(8192, 8191)] * 3
+
+
+# -- 4. executor exceptions protobuf cannot store as they are --------------------------------------------------
+
+
+class Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+    __repr__ = __str__
+
+
+class UnprintableError(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+    __repr__ = __str__
+
+
+SURROGATE_NAME = b"caf\xe9.txt".decode("utf-8", "surrogateescape")  # what os.fsdecode gives for a Latin-1 name
+
+
+class Nasty(Executor):
+    """Handlers that raise what a real one may: file names that are no UTF-8, objects that cannot be printed."""
+
+    @requests(on="/surrogate")
+    def surrogate(self, docs, parameters, **kwargs):
+        raise FileNotFoundError(f"no such file: {SURROGATE_NAME}", 2)
+
+    @requests(on="/unprintable-argument")
+    def unprintable_argument(self, docs, parameters, **kwargs):
+        raise ValueError(Unprintable(), "and text")
+
+    @requests(on="/unprintable-exception")
+    def unprintable_exception(self, docs, parameters, **kwargs):
+        raise UnprintableError("hidden")
+
+
+@pytest.mark.parametrize(
+    "endpoint, name, args",
+    [
+        ("/surrogate", "FileNotFoundError", ["no such file: caf\\udce9.txt", "2"]),
+        ("/unprintable-argument", "ValueError", ["<unprintable Unprintable: str() raised RuntimeError>", "and text"]),
+        ("/unprintable-exception", "UnprintableError", ["hidden"]),
+    ],
+)
+async def test_an_executor_exception_protobuf_cannot_store_as_is_still_arrives_jina_shaped(
+    runtimes, monkeypatch, endpoint, name, args
+):
+    """Such an exception failed the answer itself: the client got UNKNOWN "Unexpected UnicodeEncodeError" (or the
+    RuntimeError of a __str__), not the executor's error."""
+    # the worker logs the exception with %r: logging reports a repr that raises on stderr and goes on, but pytest's
+    # capturing handler raises it instead unless told, as here, to behave as logging's own handlers do
+    monkeypatch.setattr(logging, "raiseExceptions", False)
+    worker = await runtimes(Worker(Nasty.create()))
+    request = DataRequest([Document(text="a")], endpoint=endpoint)
+    reply, trailing = await raw_call(worker.server.address, request.to_bytes())
+    answer = DataRequest.from_bytes(reply)
+    assert answer.is_error and trailing.get("is-error") == "true"
+    exception = answer.status.exception
+    assert (exception.name, list(exception.args), exception.executor) == (name, args, "Nasty")
+    assert answer.status.description  # repr(exc), or what stands for it
+    assert exception.stacks and "raise " in "".join(exception.stacks)
+    assert answer.docs[0].text == "a"  # nothing lost: the documents come back
+    reply, _ = await raw_call(worker.server.address, DataRequest([Document(text="b")], endpoint="/nothing").to_bytes())
+    assert not DataRequest.from_bytes(reply).is_error  # and the worker serves on
+
+
+def test_set_error_escapes_what_protobuf_would_refuse():
+    request = DataRequest([Document(text="a")])
+    request.set_error(f"cannot open {SURROGATE_NAME}", name=f"Err{SURROGATE_NAME[3]}", executor=SURROGATE_NAME)
+    back = DataRequest.from_bytes(request.to_bytes())
+    assert back.status.description == "cannot open caf\\udce9.txt" and back.status.exception.name == "Err\\udce9"

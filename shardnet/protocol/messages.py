@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Optional, Union
 
 from google.protobuf import struct_pb2, unknown_fields
@@ -102,6 +102,24 @@ def parse(message_type: type[Message], data: bytes, what: str, max_fields: int =
                     f"not as its declared type; is this another message sent to the wrong method?"
                 )
     return message
+
+
+def wire_text(text: str) -> str:
+    """``text`` as protobuf can store it: lone surrogates (file names from os.fsdecode, surrogateescape) are
+    refused by protobuf's UTF-8 check, so they are written as backslash escapes (``\\udce9``)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _rendered(render: Callable[[Any], str], value: Any, what: str) -> str:
+    """``render(value)`` (str or repr) as protobuf can store it; when that raises or gives no text, a
+    placeholder naming the type: an error report must not fail on the error it reports."""
+    try:
+        text = render(value)
+        if not isinstance(text, str):
+            raise TypeError(f"{what} returned {type(text).__name__}")
+    except Exception as exc:
+        text = f"<unprintable {type(value).__name__}: {what}() raised {type(exc).__name__}>"
+    return wire_text(text)
 
 
 def require_empty(data: bytes) -> None:
@@ -297,26 +315,41 @@ class DataRequest:
         return self._header().status.code == ERROR
 
     def set_exception(self, exc: BaseException, executor: str = "") -> None:
-        """Mark the request failed with ``exc``, the way Jina reports an executor exception."""
-        status = self._outer(changing=True).header.status
-        status.code = ERROR
-        status.description = repr(exc)  # as Jina writes it: ValueError('bad input', 7)
-        status.exception.name = type(exc).__name__
-        del status.exception.args[:]
-        status.exception.args.extend(str(arg) for arg in exc.args)
-        del status.exception.stacks[:]
-        status.exception.stacks.extend(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        status.exception.executor = executor
+        """Mark the request failed with ``exc``, the way Jina reports an executor exception.
 
-    def set_error(self, description: str, name: str = "ShardnetError", executor: str = "") -> None:
-        """Mark the request failed with a plain description (no Python exception at hand)."""
+        Whatever the exception holds, the report is made: text protobuf refuses (lone surrogates) is
+        escaped, and an exception or argument whose str() or repr() raises is named by its type instead
+        (either would otherwise fail the whole answer with UNKNOWN, no Jina-shaped error at all).
+        """
+        description = _rendered(repr, exc, "repr")  # as Jina writes it: ValueError('bad input', 7)
+        try:
+            arguments = [_rendered(str, argument, "str") for argument in tuple(exc.args)]
+        except Exception:  # an ``args`` of its own that raises, or is no sequence
+            arguments = [description]
+        try:
+            stacks = [wire_text(line) for line in traceback.format_exception(type(exc), exc, exc.__traceback__)]
+        except Exception as error:
+            stacks = [f"<traceback of {wire_text(type(exc).__name__)} not formatted: {type(error).__name__}>"]
         status = self._outer(changing=True).header.status
         status.code = ERROR
         status.description = description
-        status.exception.name = name
+        status.exception.name = wire_text(type(exc).__name__)
+        del status.exception.args[:]
+        status.exception.args.extend(arguments)
+        del status.exception.stacks[:]
+        status.exception.stacks.extend(stacks)
+        status.exception.executor = wire_text(executor)
+
+    def set_error(self, description: str, name: str = "ShardnetError", executor: str = "") -> None:
+        """Mark the request failed with a plain description (no Python exception at hand)."""
+        description = wire_text(description)
+        status = self._outer(changing=True).header.status
+        status.code = ERROR
+        status.description = description
+        status.exception.name = wire_text(name)
         del status.exception.args[:]
         status.exception.args.append(description)
-        status.exception.executor = executor
+        status.exception.executor = wire_text(executor)
 
     # -- body ------------------------------------------------------------
 
