@@ -360,3 +360,26 @@ class CancelledInside(Executor):
         future = asyncio.get_running_loop().create_future()
         future.cancel()
         await future
+
+
+class SavesOnClose(Executor):
+    """``/index`` works for ``parameters["seconds"]`` then keeps its documents' ids; ``close()`` saves them to
+    ``<workspace>/index.txt`` on a writer thread of its own (as a library flushing in the background would)."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.kept: list[str] = []
+
+    @requests(on="/index")
+    def index(self, docs, parameters, **kwargs):
+        time.sleep(float(parameters.get("seconds", 0)))
+        self.kept.extend(doc.id for doc in docs)
+
+    def close(self) -> None:
+        target = Path(self.runtime_args.workspace) / "index.txt"
+
+        def write() -> None:
+            time.sleep(0.5)
+            target.write_text(",".join(self.kept))
+
+        threading.Thread(target=write, name="writer").start()

@@ -105,3 +105,12 @@ def test_head_refuses_a_kubeconfig_without_a_namespace_to_watch(tmp_path) -> Non
     result = run_cli("head", "--deployment", "d", "--port", "0", "--kubeconfig", str(tmp_path / "kubeconfig"))
     assert result.returncode == 2, result.stderr
     assert "--kubeconfig is for discovery: give --k8s-namespace as well" in result.stderr
+
+
+def test_head_refuses_a_kubeconfig_that_is_not_there(tmp_path) -> None:
+    """It said ready and retried for ever with the library's unrelated "Expected key current-context" instead."""
+    missing = tmp_path / "kubeconfig"
+    result = run_cli("head", "--deployment", "d", "--port", "0", "--k8s-namespace", "ns", "--kubeconfig", str(missing))
+    assert result.returncode == 2, result.stderr
+    assert f"--kubeconfig {missing}: no such file" in result.stderr
+    assert "ready on" not in result.stdout

@@ -21,6 +21,7 @@ from shardnet.cli.options import INT32_MAX, whole_number
 from shardnet.errors import ConfigurationError, ProcessError
 from shardnet.runtimes.deployment import DEFAULT_STARTUP_TIMEOUT, Deployment
 from shardnet.runtimes.head import MAX_RENEWAL_INTERVAL, MAX_WORKERS
+from shardnet.runtimes.processes import ShardnetProcess, stop_all
 
 EXECUTORS = Path(executors.__file__).resolve()
 RENDER = ["k8s", "render", "--name", "idx", "--image", "i"]
@@ -274,3 +275,43 @@ def test_deploy_startup_seconds_reaches_the_deployment_and_its_error_names_the_f
         for path in workspace.glob("loading-*"):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(path.name.split("-")[1]), signal.SIGKILL)
+
+
+def _state(pid: int) -> str:
+    """The kernel's one-letter state of ``pid`` (``Z``: exited, not reaped yet), or ``-`` when there is none."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "-"
+
+
+def test_a_process_groups_leftovers_are_killed_while_its_leader_still_holds_the_groups_id(
+    tmp_path, helpers_file, monkeypatch
+):
+    """Reaped first, the child's pid (the group's id) is free, and a killpg later could hit a new group leader
+    given it (a pid wrap-around; found by a review): the group is killed while the exited child is a zombie."""
+    states: list[str] = []
+    killpg = os.killpg
+
+    def recording(pgid: int, signum: int) -> None:
+        states.append(_state(pgid))
+        killpg(pgid, signum)
+
+    monkeypatch.setattr(os, "killpg", recording)
+    workspace = tmp_path / "ws"
+    process = ShardnetProcess(
+        "worker", ["worker", "--uses", f"{helpers_file}:WithAHelper", "--workspace", str(workspace), "--port", "0"],
+        tmp_path / "worker.log",
+    )
+    try:
+        process.launch().wait_ready(30)
+        os.kill(process.pid, signal.SIGKILL)  # a crash, leaving its helper in its group
+        deadline = time.monotonic() + 10
+        while process.alive:
+            assert time.monotonic() < deadline, "the killed worker never exited"
+            time.sleep(0.02)
+        assert states == ["Z"], states
+        assert not _still_running(_helpers(workspace)), "the crashed worker's helper outlived it"
+    finally:
+        stop_all([process])

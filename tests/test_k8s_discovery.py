@@ -9,8 +9,10 @@ waiting for a sentinel change made after X, which the watch delivers in order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import sys
 from typing import Any, AsyncIterator, Callable, Optional
 
@@ -658,6 +660,44 @@ async def test_a_kubeconfigs_expiring_credentials_are_renewed(
         assert int((tmp_path / "runs").read_text()) >= 2
 
 
+# an exec plugin that answers once, then hangs as a login waiting for a browser would; it notes its pid to be killed
+HANGING_PLUGIN = """
+import datetime, json, os, pathlib, sys, time
+folder = pathlib.Path(sys.argv[1])
+(folder / f"plugin-{os.getpid()}").touch()
+if (folder / "answered").exists():
+    time.sleep(300)
+(folder / "answered").touch()
+expiry = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=4)  # within the library's 5
+print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1beta1", "kind": "ExecCredential",
+                  "status": {"token": "test-token", "expirationTimestamp": expiry.strftime("%Y-%m-%dT%H:%M:%SZ")}}))
+"""
+
+
+async def test_a_credentials_reload_that_hangs_does_not_hold_discovery(api_server: FakeApiServer, tmp_path) -> None:
+    """The reload runs beside the requests: while a plugin hangs, the token held still serves every list and watch
+    (a first version awaited it before each request, and discovery froze without a word; found by a review)."""
+    (tmp_path / "plugin.py").write_text(HANGING_PLUGIN)
+    user = {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1", "command": sys.executable,
+                     "args": [str(tmp_path / "plugin.py"), str(tmp_path)]}}
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api_server.url, namespace=NS, user=user)
+    client = await load_api_client(str(kubeconfig), environ={}, credentials_check_interval=0)
+    api_server.apply("pods", pod("a", ip="10.0.0.1"))
+    watch = WatchOptions(timeout_seconds=1, read_timeout=5.0, connect_timeout=1.0, list_timeout=5.0,
+                         backoff_initial=0.02, backoff_max=0.2)
+    try:
+        async with client, K8sGrpcConnectionPool(NS, client, watch=watch, sources=("pods",)) as pool:
+            await pool.wait_synced(timeout=10)
+            await eventually(lambda: len(list(tmp_path.glob("plugin-*"))) >= 2, timeout=10)  # the second one hangs
+            api_server.apply("pods", pod("b", ip="10.0.0.2"))
+            await eventually(lambda: replicas(pool) == {"10.0.0.1:8080", "10.0.0.2:8080"}, timeout=10)
+            await client.configuration.refresh_api_key_hook.close()
+    finally:
+        for marker in tmp_path.glob("plugin-*"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(marker.name.split("-")[1]), signal.SIGKILL)
+
+
 async def test_a_credentials_reload_that_fails_keeps_the_last_ones(
     api_server: FakeApiServer, tmp_path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -674,7 +714,8 @@ async def test_a_credentials_reload_that_fails_keeps_the_last_ones(
     async with client, K8sGrpcConnectionPool(NS, client, watch=FAST, sources=("pods",)) as pool:
         await pool.wait_synced(timeout=10)
         assert replicas(pool) == {"10.0.0.1:8080"}
-    assert "could not reload the kubeconfig's credentials, keeping the last ones" in caplog.text
+        await eventually(lambda: "could not reload the kubeconfig's credentials, keeping the last ones" in caplog.text,
+                         timeout=10)
 
 
 async def test_a_jina_style_core_api_client_is_taken_and_anything_else_refused(

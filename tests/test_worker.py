@@ -518,9 +518,10 @@ async def test_a_draining_worker_closes_its_executor_once_its_calls_end_and_befo
     await asyncio.wait_for(stopping, 10)
 
 
-async def test_calls_and_streams_their_clients_cancelled_do_not_hold_a_drain(runtimes):
+async def test_calls_and_streams_their_clients_cancelled_do_not_hold_a_drain(runtimes, eventually):
     """A cancelled call or stream ends its count at once, though a sync handler's thread runs on: a drain right
-    after does not wait for it (it waited out its whole grace when one was counted forever)."""
+    after waits for that handler only, until it ends, before close() (it waited out its whole grace when the
+    call was counted forever)."""
     blocking = executors.Blocking.create()
     worker = await runtimes(Worker(blocking, threads=2))
     never = asyncio.Event()
@@ -540,8 +541,13 @@ async def test_calls_and_streams_their_clients_cancelled_do_not_hold_a_drain(run
             unary.cancel()
             stream.cancel()
         began = asyncio.get_running_loop().time()
-        await asyncio.wait_for(worker.stop(20), 10)
-        assert asyncio.get_running_loop().time() - began < 5  # not the 20 s grace
+        stopping = asyncio.ensure_future(worker.stop(20))
+        await eventually(lambda: worker.server.draining, timeout=5)
+        assert worker.handlers_still_running() == 1  # its caller left; close() waits for it within the grace
+        blocking.release.set()
+        await asyncio.wait_for(stopping, 10)
+        assert asyncio.get_running_loop().time() - began < 5  # the handler's end, not the 20 s grace
+        assert worker.handlers_still_running() == 0
     finally:
         blocking.release.set()
         never.set()
@@ -621,12 +627,36 @@ async def test_a_handler_stuck_past_the_drain_grace_does_not_hold_the_exit(tmp_p
         await eventually(lambda: (workspace / "started").exists(), timeout=10)
         worker.signal(signal.SIGTERM)
         assert await wait_exit(worker, timeout=10) == 0, worker.tail()  # the handler alone would take 20 s
-        assert "still busy after the drain (handler" in worker.tail()
+        assert "exiting with 1 handler call(s) still running past the drain's grace" in worker.tail()
         with pytest.raises(ReplicaError) as cut:
             await in_flight
         assert cut.value.code == grpc.StatusCode.UNAVAILABLE
     finally:
         (workspace / "release").touch()
+
+
+async def test_a_handler_whose_caller_gave_up_finishes_before_close_and_the_exit_waits_for_closes_threads(
+    tmp_path, processes
+):
+    """The call ended at its caller's deadline, but its handler works on within the drain's grace: close() waits
+    for it, so what close() saves holds its work, and the process waits for the thread close() left saving (a
+    first fix ran close() at once and cut both a second later; found by a review)."""
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    worker = processes(
+        "worker",
+        ["worker", "--uses", f"{EXECUTORS}:SavesOnClose", "--workspace", str(workspace), "--drain-seconds", "10"],
+        tmp_path,
+    )
+    address = await asyncio.to_thread(worker.wait_ready, 20)
+    request = DataRequest([Document(id="doc-1")], endpoint="/index", parameters={"seconds": 1.5})
+    with pytest.raises(ReplicaError) as gave_up:
+        await oneshot.send_request_async(request, address, timeout=0.3)
+    assert gave_up.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    worker.signal(signal.SIGTERM)
+    assert await wait_exit(worker, timeout=20) == 0, worker.tail()
+    assert (workspace / "index.txt").read_text() == "doc-1"
+    assert "still running" not in worker.tail()
 
 
 async def test_worker_with_head_deactivates_itself_on_sigterm(tmp_path, processes, runtimes, eventually):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import importlib.util
 import json
 import logging
@@ -13,7 +14,6 @@ import signal
 import stat
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any, Callable, Coroutine, Optional
 
@@ -21,6 +21,7 @@ from shardnet.errors import ConfigurationError
 from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_MB, check_control_token
 from shardnet.networking.tls import ClientTls, ServerTls
 from shardnet.runtimes.server import ServerConfig
+from shardnet.runtimes.worker import HANDLER_THREAD_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -218,22 +219,19 @@ def run_in_loop(coroutine: Coroutine[Any, Any, Any], loop: str = "auto") -> Any:
     return asyncio.run(coroutine)
 
 
-def exit_past_stuck_threads(code: int, grace: float = 1.0) -> int:
-    """Return ``code`` once the process's threads have ended, or leave at once (``os._exit``) after ``grace``
-    seconds more if some have not: Python joins thread-pool threads at exit, so a handler stuck past the drain's
-    grace (its call already cut) would hold the process for as long as it hangs, past --drain-seconds."""
-    deadline = time.monotonic() + grace
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join(max(0.0, deadline - time.monotonic()))
-    stuck = [
-        thread.name for thread in threading.enumerate()
-        if thread is not threading.main_thread() and not thread.daemon and thread.is_alive()
-    ]
+def exit_leaving_stuck_handlers(code: int, stuck: int) -> int:
+    """Return ``code``; or, when ``stuck`` handler calls still run past the drain's grace (their calls cut and
+    the Executor closed already), exit with it at once: Python joins thread-pool threads at exit, so a handler
+    that hangs would hold the process past --drain-seconds. The process's other threads are joined and its
+    atexit functions run first, as at a normal exit; only the stuck handlers are left behind."""
     if not stuck:
         return code
-    logger.warning("exiting with %d thread(s) still busy after the drain (%s): a handler that has not returned",
-                   len(stuck), ", ".join(stuck))
+    logger.warning("exiting with %d handler call(s) still running past the drain's grace", stuck)
+    for thread in threading.enumerate():
+        if thread is threading.main_thread() or thread.daemon or thread.name.startswith(HANDLER_THREAD_PREFIX):
+            continue
+        thread.join()
+    atexit._run_exitfuncs()  # what the interpreter's exit would run, which os._exit skips
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

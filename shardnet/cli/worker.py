@@ -12,7 +12,7 @@ from shardnet.cli.options import (
     add_server_arguments,
     check_loop,
     client_tls,
-    exit_past_stuck_threads,
+    exit_leaving_stuck_handlers,
     json_object,
     make_folder,
     positive_seconds,
@@ -101,4 +101,5 @@ def run(args: argparse.Namespace) -> int:
         register_interval=args.register_interval,
         name=name,
     )
-    return exit_past_stuck_threads(run_in_loop(worker.run(parent_pid=args.parent_pid), loop))
+    code = run_in_loop(worker.run(parent_pid=args.parent_pid), loop)
+    return exit_leaving_stuck_handlers(code, worker.handlers_still_running())

@@ -5,8 +5,9 @@ Lookup is kubectl's: a kubeconfig file when one is given or exists
 account. Credentials that expire are read again as kubectl would: the
 library re-reads a service account's token by itself; a kubeconfig's exec
 plugin (``aws eks get-token``, ``gke-gcloud-auth-plugin``, ``kubelogin``),
-``tokenFile``, gcp or OIDC user is reloaded by ``KubeconfigCredentials``,
-which the library calls before each request.
+``tokenFile``, gcp or OIDC user's token is reloaded by
+``KubeconfigCredentials``, which the library calls before each request (tokens
+only: a client certificate from an exec plugin is read once).
 """
 
 from __future__ import annotations
@@ -28,34 +29,52 @@ DEFAULT_KUBECONFIG = "~/.kube/config"
 # how often a kubeconfig's credentials are read again; the library renews an exec plugin's or gcp/OIDC token
 # once it is within five minutes of expiring, so a look every half minute renews it well before it lapses
 CREDENTIALS_CHECK_INTERVAL = 30.0
+RELOAD_TIMEOUT = 30.0  # seconds a reload (an exec plugin's run) may take before it is given up for this time
 
 
 class KubeconfigCredentials:
-    """A Configuration's ``refresh_api_key_hook``: reloads a kubeconfig user's credentials at most once per
+    """A Configuration's ``refresh_api_key_hook``: reloads a kubeconfig user's token at most once per
     ``interval`` seconds, so tokens that expire (exec plugins, ``tokenFile``, gcp, OIDC) are renewed.
 
-    A reload that fails keeps the credentials already held and says why; the
-    API server's 401s, logged by the watch, follow if they have lapsed.
+    The reload runs beside the requests, never in their way: a plugin that hangs (a login waiting for a
+    browser) must not stall discovery while the token held still works. It gets ``reload_timeout``
+    seconds; one that fails or times out keeps the token held and says why, and the API server's 401s,
+    logged by the watch, follow if it has lapsed. Only tokens are renewed: the library builds its TLS
+    context once, so a plugin that answers with a client certificate keeps its first one.
     """
 
-    def __init__(self, loader: KubeConfigLoader, interval: float = CREDENTIALS_CHECK_INTERVAL):
+    def __init__(
+        self, loader: KubeConfigLoader, interval: float = CREDENTIALS_CHECK_INTERVAL,
+        reload_timeout: float = RELOAD_TIMEOUT,
+    ):
         self._loader = loader
         self._interval = interval
+        self._reload_timeout = reload_timeout
         self._loaded_at = time.monotonic()
-        self._lock = asyncio.Lock()
+        self._reloading: Optional[asyncio.Task] = None
 
     async def __call__(self, configuration: k8s_client.Configuration) -> None:
-        if time.monotonic() - self._loaded_at < self._interval:
+        if self._reloading is not None or time.monotonic() - self._loaded_at < self._interval:
             return
-        async with self._lock:  # the pods and the endpointslices watch may ask at once: one reload
-            if time.monotonic() - self._loaded_at < self._interval:
-                return
-            try:
-                await self._loader.load_and_set(configuration)
-            except Exception as error:  # a plugin that fails or a file half written: keep what works for now
-                logger.warning("could not reload the kubeconfig's credentials, keeping the last ones: %s", error)
-            finally:
-                self._loaded_at = time.monotonic()
+        self._reloading = asyncio.get_running_loop().create_task(self._reload(configuration))
+
+    async def close(self) -> None:
+        """Stop a reload under way (its client is closing)."""
+        if self._reloading is not None:
+            self._reloading.cancel()
+            await asyncio.gather(self._reloading, return_exceptions=True)
+
+    async def _reload(self, configuration: k8s_client.Configuration) -> None:
+        try:
+            await asyncio.wait_for(self._loader.load_and_set(configuration), self._reload_timeout)
+        except asyncio.TimeoutError:
+            logger.warning("the kubeconfig's credentials took more than %gs to reload; keeping the last ones",
+                           self._reload_timeout)
+        except Exception as error:  # a plugin that fails or a file half written: keep what works for now
+            logger.warning("could not reload the kubeconfig's credentials, keeping the last ones: %s", error)
+        finally:
+            self._loaded_at = time.monotonic()
+            self._reloading = None
 
 
 def _kubeconfig_files(kubeconfig: Optional[str], environ: Mapping[str, str]) -> tuple[Optional[str], str]:
@@ -65,6 +84,8 @@ def _kubeconfig_files(kubeconfig: Optional[str], environ: Mapping[str, str]) -> 
     set, ``~/.kube/config`` is not consulted.
     """
     if kubeconfig:
+        if not os.path.isfile(os.path.expanduser(kubeconfig)):  # as kubectl --kubeconfig: no quiet fallback
+            raise k8s_config.ConfigException(f"kubeconfig {kubeconfig}: no such file")
         return kubeconfig, kubeconfig
     listed = environ.get("KUBECONFIG") or DEFAULT_KUBECONFIG
     existing = [path for path in listed.split(os.pathsep) if path and os.path.exists(os.path.expanduser(path))]

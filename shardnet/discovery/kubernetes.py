@@ -34,7 +34,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 
-from shardnet.discovery.configuration import load_api_client
+from shardnet.discovery.configuration import KubeconfigCredentials, load_api_client
 from shardnet.discovery.watch import ListWatch, Unavailable, WatchOptions, with_backoff
 from shardnet.errors import ConfigurationError, DiscoveryError
 from shardnet.networking.addresses import parse_address
@@ -399,6 +399,9 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
         await self._ledger.drain()
         self._ledger = _Ledger(self)  # the base close forgets every replica; so does the record
         if self._owns_client and self._client is not None:
+            credentials = self._client.configuration.refresh_api_key_hook
+            if isinstance(credentials, KubeconfigCredentials):
+                await credentials.close()
             await self._client.close()
             self._client = None
         self._watches = {}

@@ -26,9 +26,10 @@ Every object also carries ``app.kubernetes.io/instance: NAME``, so
 removes a deployment (add ``certificate`` to the list when one was rendered).
 
 The head learns its namespace from the downward API, so the objects may be
-moved to another namespace as rendered (kustomize's ``namespace:``, Argo CD,
-Flux). TLS names are the exception: the certificates and ``--server-name``
-carry the namespace rendered, so a TLS deployment is rendered again for another.
+moved to another namespace as rendered (kustomize's ``namespace:``, Flux's
+``targetNamespace``). TLS names are the exception: the certificates and
+``--server-name`` carry the namespace rendered, so a TLS deployment is
+rendered again for another.
 """
 
 from __future__ import annotations

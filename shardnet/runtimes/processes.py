@@ -22,6 +22,8 @@ from shardnet.errors import ProcessError
 _READY = re.compile(r"ready on (\S+)")
 STABLE_RUN = 60.0  # seconds: a process that served this long before it exited is launched again at once
 MAX_RESTART_DELAY = 30.0
+REAP_POLL_SECONDS = 0.02  # how often a stop looks whether its child has exited (left unreaped till collected)
+REAP_AFTER_KILL_SECONDS = 5.0
 
 
 class ShardnetProcess:
@@ -46,13 +48,45 @@ class ShardnetProcess:
 
     @property
     def alive(self) -> bool:
-        return self.popen is not None and self.popen.poll() is None
+        """Whether the child runs; one found exited is collected (``_collect``) on the way."""
+        if self.popen is None or self.popen.returncode is not None:
+            return False
+        if not self._exited():
+            return True
+        self._collect()
+        return False
+
+    def _exited(self) -> bool:
+        """Whether the child has exited, without reaping it: while it is a zombie its pid, and so its process
+        group's id, cannot be given to anyone else."""
+        return self._unreaped_exit() is not False
+
+    def _unreaped_exit(self) -> Optional[bool]:
+        """False while the child runs, True once it has exited and awaits its reaping, None when it was reaped
+        already (by subprocess itself: only poll() can tell its code then)."""
+        try:
+            return os.waitid(os.P_PID, self.popen.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return None
+
+    def _collect(self) -> None:
+        """For an exited child: SIGKILL what is left of its process group while the zombie still holds the group's
+        id (helpers its Executor started and its close() did not stop, or that outlived a child killed mid-load),
+        then reap it. Reaped first, the id could pass to a new group leader (a pid wrap-around) and be hit."""
+        if self.popen.returncode is not None:
+            return
+        state = self._unreaped_exit()
+        if state:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait()
+        elif state is None:
+            self.popen.poll()
 
     def launch(self) -> "ShardnetProcess":
         """Start the child (again, after a stop: its log grows and only new lines count)."""
         if self.alive:
             raise ProcessError(f"{self.role} (pid {self.pid}) is still running: stop it before launching it again")
-        self.end_group()  # what the last launch started and left (it crashed): no second model server beside the new
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.address = None
         self.launched_at = time.monotonic()
@@ -146,25 +180,19 @@ class ShardnetProcess:
         return self._reap(timeout)
 
     def _reap(self, timeout: float) -> Optional[int]:
-        """Wait up to ``timeout`` for the exit (no second SIGTERM: one arriving after the drain kills), then SIGKILL."""
+        """Wait up to ``timeout`` for the exit (no second SIGTERM: one arriving after the drain kills), then SIGKILL;
+        collect it (its group's leftovers killed) and return its exit code."""
         if self.popen is None:
             return None
-        try:
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
+        deadline = time.monotonic() + timeout
+        while self.popen.returncode is None and not self._exited() and time.monotonic() < deadline:
+            time.sleep(REAP_POLL_SECONDS)  # waited for unreaped: the group's id must stay the child's until killed
+        if self.popen.returncode is None and not self._exited():
             self.popen.kill()
-            self.popen.wait()
-        self.end_group()
+            with contextlib.suppress(ChildProcessError):
+                os.waitid(os.P_PID, self.popen.pid, os.WEXITED | os.WNOWAIT)
+        self._collect()
         return self.popen.returncode
-
-    def end_group(self) -> None:
-        """Once the child has exited, SIGKILL what is left of its process group (it leads one of its own: it was
-        started in a new session): helpers its Executor started (a model server, data loaders) that its close()
-        did not stop, or that outlived a child killed mid-load. The group's id stays taken while a member lives;
-        once none does, only a new group leader given the same pid since could be hit (a pid wrap-around)."""
-        if self.popen is not None and self.popen.poll() is not None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):  # nothing left: the usual case
-                os.killpg(self.popen.pid, signal.SIGKILL)
 
     def kill_group(self) -> None:
         """SIGKILL this process and those it started (its own session's group: a model server, data loaders), at
@@ -177,8 +205,7 @@ class ShardnetProcess:
         """SIGKILL the child, then what is left of its process group."""
         if self.alive:
             self.popen.kill()
-            self.popen.wait()
-        self.end_group()
+            self._reap(REAP_AFTER_KILL_SECONDS)
 
     def __repr__(self) -> str:
         state = "running" if self.alive else "stopped"

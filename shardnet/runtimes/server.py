@@ -215,6 +215,7 @@ class Server:
         self.port: int = config.port
         self.health_port: Optional[int] = None  # bound at start when config.health_port is set
         self.draining = False
+        self.drain_deadline: Optional[float] = None  # the loop's time at which a drain under way cuts the calls
         self.stopping = asyncio.Event()  # set as the drain begins: long-lived streams end once their answers are out
         self._calls = 0  # calls under way in the handlers served (health and reflection aside)
         self._idle = asyncio.Event()  # set whenever _calls drops to 0: what a drain waits for
@@ -398,7 +399,7 @@ class Server:
             return
         grace = self.config.drain_grace if grace is None else grace
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
+        deadline = self.drain_deadline = loop.time() + grace
         self.draining = True
         self.stopping.set()
         await self.health.enter_graceful_shutdown()

@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 # calls the head sent before it knew still arrive, and are served here rather than refused once the drain begins
 SETTLE_QUIET = 0.1
 SETTLE_BOUND = 1.0
+# the handler threads' names begin so: a stop tells them from the Executor's own threads
+HANDLER_THREAD_PREFIX = "handler"
 # seconds between the warnings of a worker whose head keeps refusing (or missing) its renewals
 REGISTRATION_LOG_INTERVAL = 60.0
 
@@ -111,6 +113,24 @@ def _cancelled_from_outside() -> bool:
     return task is not None and task.cancelling() > 0
 
 
+class HandlerThreads(concurrent.futures.ThreadPoolExecutor):
+    """The blocking handlers' threads, which know the calls they still run: a call cut at the gRPC level (its
+    caller's deadline, a cancel, the drain) leaves its handler running on, and a stop must know."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._running: set[concurrent.futures.Future] = set()
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        future = super().submit(fn, *args, **kwargs)
+        self._running.add(future)
+        future.add_done_callback(self._running.discard)
+        return future
+
+    def running(self) -> list[concurrent.futures.Future]:
+        return [future for future in list(self._running) if not future.done()]
+
+
 class Worker:
     """Serves ``executor`` on ``config``'s address; optionally registers with a head."""
 
@@ -133,7 +153,7 @@ class Worker:
         # in route entries, error reports and as the key of a dict result; Jina names it deployment/shard-S/rep-R
         self.name = name or type(executor).__name__
         self._handlers = type(executor).handler_table()
-        self._threads = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="handler")
+        self._threads = HandlerThreads(max_workers=threads, thread_name_prefix=HANDLER_THREAD_PREFIX)
         self._unbound_logged: set[str] = set()
         self._head = head
         self._shard_id = shard_id
@@ -495,16 +515,34 @@ class Worker:
     async def _finish(self) -> None:
         """After the last request: the Executor's ``close()`` (once), then its threads go.
 
-        ``close()`` runs on a thread of its own, not behind the handlers: one still stuck after the drain's
-        grace (its call already cut) would hold it, and the process's exit, for as long as it hangs.
+        A handler whose call has ended (its caller's deadline, a cancel) may still run on its thread: ``close()``
+        waits for it until the drain's grace ends (an index saved in ``close()`` then holds its work), then runs
+        on a thread of its own rather than behind one still stuck, which ``handlers_still_running`` counts.
         """
         if not self._closed:
             self._closed = True
+            await self._wait_for_handlers()
             try:
                 await asyncio.to_thread(self.executor.close)
             except Exception:  # its failure is logged, the stop goes on
                 logger.exception("%s: the Executor's close() failed", self.name)
         self._threads.shutdown(wait=False, cancel_futures=True)
+
+    async def _wait_for_handlers(self) -> None:
+        running = self._threads.running()
+        deadline = self.server.drain_deadline
+        if not running or deadline is None:
+            return
+        loop = asyncio.get_running_loop()
+        await asyncio.wait([asyncio.wrap_future(future) for future in running], timeout=max(0.0, deadline - loop.time()))
+        stuck = self.handlers_still_running()
+        if stuck:
+            logger.warning("%s: %d handler call(s) still running past the drain's grace; closing the Executor anyway",
+                           self.name, stuck)
+
+    def handlers_still_running(self) -> int:
+        """How many blocking handler calls are still running on their threads (their callers may have gone)."""
+        return len(self._threads.running())
 
     async def run(self, parent_pid: Optional[int] = None) -> int:
         """Serve until SIGTERM/SIGINT (or until process ``parent_pid`` exits): register with the head once
