@@ -167,6 +167,9 @@ PROCESS_BASE_MIB = 64
 STARTUP_PERIOD = 2  # seconds between startup probes
 DRAIN_MARGIN = 5  # seconds of the grace left to a process after its drain, to exit before SIGKILL
 MESSAGE_COPIES = MappingProxyType({"head": 5, "worker": 8})
+# what the most documents a request may hold (protocol.messages' cap, 250,000) cost a worker decoded, however small
+# its message (about 200 bytes each); a head routes them undecoded
+DECODED_DOCUMENTS_MIB = MappingProxyType({"head": 0, "worker": 56})
 # seconds for a new pod to be scheduled, its image pulled and its readiness seen by the head's watch, beyond the
 # time its Executor takes to load (startup_seconds)
 SCHEDULING_MARGIN = 60
@@ -326,16 +329,24 @@ class DeploymentSpec:
                 continue
             # --max-message-mb counts MiB (the processes take it times 2**20), as the limits here do; exact
             # fractions, as a quantity may be far past what a float holds (1e400)
-            needed = math.ceil(PROCESS_BASE_MIB + MESSAGE_COPIES[role] * self.max_message_mb)
+            copies = MESSAGE_COPIES[role] * self.max_message_mb
+            floor = DECODED_DOCUMENTS_MIB[role]  # small documents decode to more than copies of a small message
+            needed = math.ceil(PROCESS_BASE_MIB + max(copies, floor))
             limit_mib = _quantity_value(resources.memory_limit) / 2**20
             if limit_mib < needed:
                 fits = max(0, (limit_mib - PROCESS_BASE_MIB) / MESSAGE_COPIES[role])
+                peak = f"{MESSAGE_COPIES[role]} copies of it" if copies >= floor else (
+                    f"the {floor} MiB its most documents decode to"
+                )
+                lower = (
+                    f"lower --max-message-mb to {math.floor(fits)} or less, "
+                    if copies >= floor and limit_mib >= PROCESS_BASE_MIB + floor else ""
+                )
                 raise ConfigurationError(
                     f"a {role} memory limit of {resources.memory_limit} ({flag}) is too small for messages of "
                     f"{self.max_message_mb:g} MiB (--max-message-mb): one such request takes a {role} about "
-                    f"{needed} MiB at its peak ({MESSAGE_COPIES[role]} copies of it over {PROCESS_BASE_MIB} "
-                    f"MiB), and the container would be OOM-killed with every request on it; raise the limit to "
-                    f"{needed}Mi, lower --max-message-mb to {math.floor(fits)} or less, or drop the limit "
+                    f"{needed} MiB at its peak ({peak} over {PROCESS_BASE_MIB} MiB), and the container would be "
+                    f"OOM-killed with every request on it; raise the limit to {needed}Mi, {lower}or drop the limit "
                     "('none')"
                 )
 

@@ -340,8 +340,9 @@ class Worker:
         except (Exception, SystemExit, asyncio.CancelledError) as exc:
             if isinstance(exc, asyncio.CancelledError) and _cancelled_from_outside():
                 raise  # the call itself: its client left, or the drain's grace ended
-            logger.warning("%s.%s failed on %s: %r", self.name, handler.name, endpoint, exc)
             first.set_exception(exc, executor=type(self.executor).__name__)  # Jina names the class; routes the worker
+            # the description set_exception made, which holds even for an exception that cannot be printed
+            logger.warning("%s.%s failed on %s: %s", self.name, handler.name, endpoint, first.status.description)
             route.status.CopyFrom(first.status)
             context.set_trailing_metadata(services.ERROR_TRAILER)
         route.end_time.FromNanoseconds(time.time_ns())
