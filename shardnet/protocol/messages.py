@@ -76,8 +76,8 @@ def parse(message_type: type[Message], data: bytes, what: str, max_fields: int =
     ``process_single_data``. Undeclared fields still pass, untouched. More than ``max_fields``
     top-level fields are refused before protobuf parses anything.
     """
-    fields = count_fields(data, max_fields)
-    if fields > max_fields:
+    # a field takes one byte at the least (a group's start or end tag): a message no longer cannot hold too many
+    if len(data) > max_fields and count_fields(data, max_fields) > max_fields:
         raise ProtocolError(
             f"{what} ({len(data)} bytes) has more than {max_fields} top-level fields; refused "
             "(padding, or another kind of message)"
@@ -242,7 +242,7 @@ class DataRequest:
     def _full(self) -> jina_pb2.DataRequestProto:
         """The fully decoded message; refuses pickled ``docs_bytes``."""
         if self._message is None:
-            if self._buffer is not None:
+            if self._buffer is not None and len(self._buffer) > MAX_TOP_LEVEL_FIELDS:
                 self._header()  # the bounded walk first: padding is refused before protobuf lists unknown fields
             # the byte form keeps every field, unknown ones included, whichever stage we are at
             data = self._buffer if self._buffer is not None else self._envelope.SerializeToString()
