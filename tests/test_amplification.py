@@ -55,10 +55,12 @@ class CountingBytes(bytes):
         return super().__getitem__(index)
 
 
-async def raw_call(address: str, payload: bytes, timeout: float = 30.0) -> tuple[bytes, dict]:
+async def raw_call(
+    address: str, payload: bytes, timeout: float = 30.0, method: str = services.PROCESS_SINGLE_DATA
+) -> tuple[bytes, dict]:
     options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
     async with grpc.aio.insecure_channel(address, options=options) as channel:
-        call = channel.unary_unary(services.PROCESS_SINGLE_DATA)(payload, timeout=timeout)
+        call = channel.unary_unary(method)(payload, timeout=timeout)
         reply = await call
         return reply, dict(tuple(await call.trailing_metadata()))
 
@@ -410,3 +412,47 @@ def test_set_error_escapes_what_protobuf_would_refuse():
     request.set_error(f"cannot open {SURROGATE_NAME}", name=f"Err{SURROGATE_NAME[3]}", executor=SURROGATE_NAME)
     back = DataRequest.from_bytes(request.to_bytes())
     assert back.status.description == "cannot open caf\\udce9.txt" and back.status.exception.name == "Err\\udce9"
+
+
+# -- 5. bounds a call shares, and what they leave alone (a second review) --------------------------------------
+
+
+def test_a_header_or_data_field_sent_over_and_over_is_refused():
+    """Each data field was walked up to its own bound: a thousand padded ones held a head's loop for seconds."""
+    repeated = HEADER + ld(0x22, PADDING * 10) * 5
+    with pytest.raises(ProtocolError, match="holds its data field more than 4 times"):
+        DataRequest.from_bytes(repeated).endpoint  # noqa: B018
+    with pytest.raises(ProtocolError, match="holds its header field more than 4 times"):
+        DataRequest.from_bytes(HEADER * 5).endpoint  # noqa: B018
+    assert DataRequest.from_bytes(HEADER + ld(0x22, b"") * 2).endpoint == "/count"  # merged, as protobuf does
+
+
+async def test_a_request_list_shares_one_requests_bounds_end_to_end(runtimes):
+    """Bounded one by one, a process_data list of 20 requests held 20 times the documents a request may (5 million
+    empty ones: 5.8 GB), and its sparse arrays expanded 6 times over the budget of one (found by a review)."""
+    counter = await runtimes(Worker(executors.Tagger.create()))
+    third = request_of(b"\x0a\x00" * (MAX_DOCUMENTS // 3 + 1))  # each alone is taken
+    envelope = jina_pb2.DataRequestListEnvelope(requests=[third] * 3).SerializeToString()
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await raw_call(counter.server.address, envelope, method=services.PROCESS_DATA)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"at most {MAX_DOCUMENTS} are taken in one call" in refused.value.details()
+    two = jina_pb2.DataRequestListEnvelope(requests=[third] * 2).SerializeToString()
+    reply, _ = await raw_call(counter.server.address, two, method=services.PROCESS_DATA)
+    [counted] = DataRequest.from_bytes(reply, max_documents=None).parameters["__results__"].values()
+    assert counted["docs"] == 2 * (MAX_DOCUMENTS // 3 + 1)
+    worker = await runtimes(Worker(Stacker.create()))
+    sparse = [DataRequest([huge_sparse(f"s{i}")], endpoint="/index").to_bytes() for i in range(6)]
+    envelope = jina_pb2.DataRequestListEnvelope(requests=sparse).SerializeToString()
+    reply, trailing = await raw_call(worker.server.address, envelope, method=services.PROCESS_DATA)
+    answer = DataRequest.from_bytes(reply)
+    assert answer.is_error and answer.status.exception.name == "ProtocolError", answer.status.description
+    assert f"may expand to in all: {ndarray.MAX_DENSE_BYTES} bytes" in answer.status.description
+
+
+def test_an_answer_its_caller_asked_for_may_hold_more_documents_than_a_request():
+    """A head's ALL merge of three shards' 101,000 matches each holds 303,000: its caller must read it."""
+    merged = request_of(b"\x0a\x00" * (MAX_DOCUMENTS + 1))
+    with pytest.raises(ProtocolError, match="too many documents"):
+        DataRequest.from_bytes(merged).docs  # noqa: B018
+    assert len(DataRequest.from_bytes(merged, max_documents=None).docs) == MAX_DOCUMENTS + 1

@@ -217,7 +217,7 @@ def _lazy_reply(origin: Optional[str]) -> Callable[[Optional[bytes]], Optional[D
     """The deserializer of forwarded replies: wrapped, not decoded; no message stays None (see checked_reply)."""
 
     def wrap(data: Optional[bytes]) -> Optional[DataRequest]:
-        return None if data is None else DataRequest.from_bytes(data, origin=origin)
+        return None if data is None else DataRequest.from_bytes(data, origin=origin, max_documents=None)
 
     return wrap
 
@@ -341,7 +341,7 @@ def _to_bytes(request: Union[DataRequest, ControlRequest]) -> bytes:
 
 def _decoded_request(data: bytes) -> DataRequest:
     """A reply decoded at once, so a malformed one fails where the replica that sent it is known."""
-    request = DataRequest.from_bytes(data)
+    request = DataRequest.from_bytes(data, max_documents=None)  # an answer asked for: a merge may hold more
     request.proto  # noqa: B018 - decodes, and refuses pickled docs_bytes
     return request
 

@@ -241,7 +241,7 @@ class _Lane:
                 self.writer.task.cancel()
 
     def _deliver(self, message: bytes) -> None:
-        answer = DataRequest.from_bytes(message, origin=self._owner.origin)
+        answer = DataRequest.from_bytes(message, origin=self._owner.origin, max_documents=None)
         request_id = answer.request_id
         future = self.pending.pop(request_id, None)
         if future is None:  # its caller stopped waiting (deadline, cancellation): the id is free again

@@ -271,6 +271,11 @@ class DocumentList:
         self._field = field
         self._budget = budget if budget is not None else ndarray.DenseBudget(ndarray.MAX_DENSE_BYTES)
 
+    @property
+    def budget(self) -> ndarray.DenseBudget:
+        """What the sparse arrays of these documents may still expand to, shared with their request's other views."""
+        return self._budget
+
     def __contains__(self, item: object) -> bool:
         """By id, as a DocumentArray answers it: a text id, or a Document whose id is here."""
         wanted = item.id if isinstance(item, Document) else item

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 from google.protobuf import struct_pb2, unknown_fields
 from google.protobuf.message import DecodeError, Message
@@ -54,6 +54,9 @@ MAX_DOCUMENTS = 250_000
 # walks the top-level documents (one field each; runs of them are counted by protobuf's parser) and the fields of
 # documents too large for a run, so twice the bound passes any request that holds no more, and stops padding.
 MAX_DOCUMENT_FIELDS = 2 * MAX_DOCUMENTS
+
+# times a DataRequest may repeat its header or its data field (protobuf merges repeats; no sender writes any)
+MAX_FIELD_REPEATS = 4
 
 # header, parameters, routes, data: all length-delimited on the wire
 _DATA_REQUEST_FIELDS = frozenset({1, 2, 3, 4})
@@ -122,6 +125,18 @@ def _rendered(render: Callable[[Any], str], value: Any, what: str) -> str:
     return wire_text(text)
 
 
+def _check_repeats(spans: Sequence[tuple[int, int, int]], what: str) -> None:
+    """Refuse a header or data field sent more than MAX_FIELD_REPEATS times: protobuf merges the repeats of a
+    field that is no list, which no sender writes, and each data field is walked in turn up to its own bound
+    (a thousand padded data fields held a head's event loop for seconds)."""
+    seen: dict[int, int] = {}
+    for number, _, _ in spans:
+        seen[number] = seen.get(number, 0) + 1
+        if seen[number] > MAX_FIELD_REPEATS:
+            name = "header" if number == 1 else "data"
+            raise ProtocolError(f"{what} holds its {name} field more than {MAX_FIELD_REPEATS} times; refused")
+
+
 def require_empty(data: bytes) -> None:
     """Refuse anything but ``google.protobuf.Empty`` (no bytes at all), which endpoint discovery takes."""
     if data:
@@ -140,7 +155,7 @@ class DataRequest:
 
     # _budget: what the sparse arrays of its documents may expand to, together (ndarray.DenseBudget); set when
     # the documents of received bytes decode
-    __slots__ = ("_budget", "_buffer", "_envelope", "_message", "_origin", "_peeked")
+    __slots__ = ("_budget", "_buffer", "_envelope", "_max_documents", "_message", "_origin", "_peeked")
 
     def __init__(
         self,
@@ -153,6 +168,7 @@ class DataRequest:
         self._peeked: Optional[jina_pb2.HeaderProto] = None
         self._origin: Optional[str] = None
         self._budget = DenseBudget(None)  # built here: the program's own arrays
+        self._max_documents: Optional[int] = None
         self._message = jina_pb2.DataRequestProto()
         self._message.header.request_id = new_id()
         self._message.data.docs.SetInParent()
@@ -164,9 +180,13 @@ class DataRequest:
             self.docs.extend(docs)
 
     @classmethod
-    def from_bytes(cls, data: bytes, origin: Optional[str] = None) -> "DataRequest":
+    def from_bytes(
+        cls, data: bytes, origin: Optional[str] = None, max_documents: Optional[int] = MAX_DOCUMENTS
+    ) -> "DataRequest":
         """Wrap received bytes without decoding them; errors surface on first read, naming ``origin``
-        (who sent the bytes, "dep/shard-0 replica 10.0.0.7:8080" say) when given."""
+        (who sent the bytes, "dep/shard-0 replica 10.0.0.7:8080" say) when given. ``max_documents``: what a
+        server takes from a client; None for an answer its caller asked for (a head's merge of every
+        shard's matches may hold more)."""
         if not isinstance(data, (bytes, bytearray, memoryview)):  # bytes() of an int or a dict means something else
             raise TypeError(
                 f"DataRequest.from_bytes takes the bytes of a message, got {type(data).__name__} "
@@ -179,7 +199,28 @@ class DataRequest:
         request._peeked = None
         request._origin = origin
         request._budget = None  # set as the documents decode, from the size they came in
+        request._max_documents = max_documents
         return request
+
+    @staticmethod
+    def bound_together(requests: Sequence["DataRequest"], size: int, what: str = "DataRequestList") -> None:
+        """The requests of one call (a process_data list of ``size`` bytes) share the bounds of one request: at
+        most MAX_DOCUMENTS documents in all, and one budget for their sparse arrays, sized by the whole message.
+        Each bounded alone, a list of 20 held 20 times the documents and could expand 20 times over."""
+        budget = DenseBudget.for_message(size)
+        may_hold_more = size >= 2 * (MAX_DOCUMENTS + 1)  # a document takes 2 bytes at least
+        total = 0
+        for request in requests:
+            if request._message is None and request._buffer is not None and request._max_documents is not None:
+                if may_hold_more:
+                    total += request._count_documents(request._buffer, MAX_DOCUMENTS)
+                request._max_documents = None  # counted here, with the others
+            request._budget = budget
+        if total > MAX_DOCUMENTS:
+            raise ProtocolError(
+                f"{what} holds too many documents: at most {MAX_DOCUMENTS} are taken in one call, chunks and "
+                "matches and every request of the list included; split it"
+            )
 
     @classmethod
     def from_proto(cls, message: jina_pb2.DataRequestProto) -> "DataRequest":
@@ -190,6 +231,7 @@ class DataRequest:
         request._peeked = None
         request._origin = None
         request._budget = DenseBudget(None)
+        request._max_documents = None
         return request
 
     @property
@@ -222,6 +264,7 @@ class DataRequest:
             spans = field_spans(
                 buffer, _HEADER_AND_DATA, self._what, _DATA_REQUEST_FIELDS, max_fields=MAX_TOP_LEVEL_FIELDS
             )
+            _check_repeats(spans, self._what)
             for number, start, end in spans:
                 if number == 4:
                     pickled = pickled or bool(
@@ -256,15 +299,21 @@ class DataRequest:
         self._buffer = None
         return self._message
 
-    def _check_document_count(self, data: bytes) -> None:
-        """Refuse more than MAX_DOCUMENTS documents in ``data`` before protobuf decodes them (see wire.py)."""
-        if len(data) < 2 * (MAX_DOCUMENTS + 1):  # a document takes 2 bytes at least: nothing to count
-            return
+    def _check_document_count(self, data: bytes) -> int:
+        """Refuse more than ``max_documents`` documents in ``data`` before protobuf decodes them (see wire.py);
+        the count, or a bound above it."""
+        if self._max_documents is None or len(data) < 2 * (self._max_documents + 1):  # a document: 2 bytes at least
+            return len(data) // 2
+        return self._count_documents(data, self._max_documents)
+
+    def _count_documents(self, data: bytes, limit: int) -> int:
         arrays = []
-        for _, start, end in field_spans(data, _DATA, self._what, _DATA_REQUEST_FIELDS, 0, None, MAX_TOP_LEVEL_FIELDS):
+        data_fields = field_spans(data, _DATA, self._what, _DATA_REQUEST_FIELDS, 0, None, MAX_TOP_LEVEL_FIELDS)
+        _check_repeats(data_fields, self._what)
+        for _, start, end in data_fields:
             spans = field_spans(data, _DOCS, f"{self._what} data", _DOCS_BYTES, start, end, MAX_TOP_LEVEL_FIELDS)
             arrays.extend((first, last) for _, first, last in spans)
-        check_document_count(data, arrays, MAX_DOCUMENTS, MAX_DOCUMENT_FIELDS, self._what)
+        return check_document_count(data, arrays, limit, MAX_DOCUMENT_FIELDS, self._what)
 
     @property
     def proto(self) -> jina_pb2.DataRequestProto:

@@ -216,7 +216,7 @@ class _Tally:
             )
 
 
-def check_document_count(data: bytes, arrays: list[tuple[int, int]], limit: int, max_fields: int, what: str) -> None:
+def check_document_count(data: bytes, arrays: list[tuple[int, int]], limit: int, max_fields: int, what: str) -> int:
     """Refuse (ProtocolError) more than ``limit`` documents, counting chunks and matches at every depth, in the
     DocumentArray messages at ``arrays`` (start, stop) of ``data``, before protobuf decodes any of them.
 
@@ -226,15 +226,18 @@ def check_document_count(data: bytes, arrays: list[tuple[int, int]], limit: int,
     in C (an upper bound, enough for most messages); otherwise the top-level fields are walked, runs of
     them counted by protobuf's parser (documents only: see _count_run), and documents too large for a
     run walked in turn. The walk visits ``max_fields`` fields at most, then refuses the message: walking
-    costs Python work per field, and padding is cheap to send.
+    costs Python work per field, and padding is cheap to send. Returns the count, or a bound above it.
     """
-    if sum(stop - start for start, stop in arrays) < 2 * (limit + 1):
-        return
-    if len(data.translate(None, _NOT_DOCUMENT_TAG_STARTS)) <= limit:  # one C pass over a superset of the arrays
-        return
+    size = sum(stop - start for start, stop in arrays)
+    if size < 2 * (limit + 1):
+        return size // 2
+    starts = len(data.translate(None, _NOT_DOCUMENT_TAG_STARTS))  # one C pass over a superset of the arrays
+    if starts <= limit:
+        return starts
     tally = _Tally(limit, max_fields, what)
     for start, stop in arrays:
         _count_fields(data, start, stop, True, tally, 1)
+    return tally.documents
 
 
 def _count_fields(data: bytes, begin: int, end: int, is_array: bool, tally: _Tally, depth: int) -> None:

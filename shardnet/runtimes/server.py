@@ -459,7 +459,9 @@ def request_list(payload: bytes) -> list[DataRequest]:
             f"process_data received {len(envelope.requests)} requests in one list; at most "
             f"{MAX_REQUESTS_PER_CALL} are taken"
         )
-    return [DataRequest.from_bytes(item) for item in envelope.requests]
+    requests = [DataRequest.from_bytes(item) for item in envelope.requests]
+    DataRequest.bound_together(requests, len(payload))  # one call: one request's bounds, not one per request
+    return requests
 
 
 def _running(pid: int) -> bool:

@@ -324,7 +324,7 @@ class Worker:
             # the first column gets a copy of its own: its field is about to hold every document
             first_column = docarray_pb2.DocumentArrayProto()
             first_column.docs.extend(first.proto.data.docs.docs)
-            matrix = [DocumentList(first_column.docs), *others]
+            matrix = [DocumentList(first_column.docs, docs.budget), *others]  # the call's one budget
             docs.replace([doc for column in matrix for doc in column])
             arguments["docs_matrix"] = matrix
         try:
