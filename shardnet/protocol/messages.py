@@ -125,6 +125,11 @@ def _rendered(render: Callable[[Any], str], value: Any, what: str) -> str:
     return wire_text(text)
 
 
+def _endpoint_header(endpoint: str) -> bytes:
+    """A DataRequest's header field holding only ``endpoint``: appended to a request's bytes, it sets the endpoint."""
+    return jina_pb2.DataRequestEnvelope(header=jina_pb2.HeaderProto(exec_endpoint=endpoint)).SerializeToString()
+
+
 def _check_repeats(spans: Sequence[tuple[int, int, int]], what: str) -> None:
     """Refuse a header or data field sent more than MAX_FIELD_REPEATS times: protobuf merges the repeats of a
     field that is no list, which no sender writes, and each data field is walked in turn up to its own bound
@@ -155,7 +160,8 @@ class DataRequest:
 
     # _budget: what the sparse arrays of its documents may expand to, together (ndarray.DenseBudget); set when
     # the documents of received bytes decode
-    __slots__ = ("_budget", "_buffer", "_envelope", "_max_documents", "_message", "_origin", "_peeked")
+    # _spliced_at: where the header field holding a new endpoint begins, once one was appended to received bytes
+    __slots__ = ("_budget", "_buffer", "_envelope", "_max_documents", "_message", "_origin", "_peeked", "_spliced_at")
 
     def __init__(
         self,
@@ -169,6 +175,7 @@ class DataRequest:
         self._origin: Optional[str] = None
         self._budget = DenseBudget(None)  # built here: the program's own arrays
         self._max_documents: Optional[int] = None
+        self._spliced_at: Optional[int] = None
         self._message = jina_pb2.DataRequestProto()
         self._message.header.request_id = new_id()
         self._message.data.docs.SetInParent()
@@ -200,6 +207,7 @@ class DataRequest:
         request._origin = origin
         request._budget = None  # set as the documents decode, from the size they came in
         request._max_documents = max_documents
+        request._spliced_at = None
         return request
 
     @staticmethod
@@ -232,6 +240,7 @@ class DataRequest:
         request._origin = None
         request._budget = DenseBudget(None)
         request._max_documents = None
+        request._spliced_at = None
         return request
 
     @property
@@ -340,6 +349,18 @@ class DataRequest:
     def endpoint(self, value: Optional[str]) -> None:
         if value is not None and not isinstance(value, str):
             raise TypeError(f"an endpoint is text like '/index', got {type(value).__name__}")
+        if value is not None and self._message is None and self._envelope is None:
+            # received bytes, untouched: a header field appended after the first merges into it (protobuf's rule
+            # for a message field sent twice), so a head sets the endpoint without decoding parameters and
+            # routes, which many tiny values make cost some 25 times their size (and its loop seconds)
+            header = jina_pb2.HeaderProto()
+            header.CopyFrom(self._header())  # the peek refuses what it must first
+            header.exec_endpoint = value
+            if self._spliced_at is None:  # one field appended at most: set again, it is replaced
+                self._spliced_at = len(self._buffer)
+            self._buffer = self._buffer[: self._spliced_at] + _endpoint_header(value)
+            self._peeked = header
+            return
         header = self._outer(changing=True).header
         if value is None:
             header.ClearField("exec_endpoint")
