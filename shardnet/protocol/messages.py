@@ -50,7 +50,8 @@ MAX_PARSED_FIELDS = 20_000
 # clients send 100 documents per request by default; a search of 1,000 queries for their 100 best matches is
 # 101,000. Counted before protobuf decodes any of them: by C code when it can tell, by a walk otherwise.
 MAX_DOCUMENTS = 250_000
-# The fields the count of documents may walk (wire.check_document_count), some 0.2 s of Python at the most: it
+# The fields the count of documents may walk (wire.check_document_count): 0.1-0.2 s of Python, up to some 0.8 s
+# for fields written with the longest varints protobuf reads (measured by a review); it
 # walks the top-level documents (one field each; runs of them are counted by protobuf's parser) and the fields of
 # documents too large for a run, so twice the bound passes any request that holds no more, and stops padding.
 MAX_DOCUMENT_FIELDS = 2 * MAX_DOCUMENTS
