@@ -23,6 +23,7 @@ from shardnet.protocol import ndarray, services
 from shardnet.protocol.messages import (
     MAX_DOCUMENT_FIELDS,
     MAX_DOCUMENTS,
+    MAX_LIST_DOCUMENTS,
     MAX_PARSED_FIELDS,
     MAX_TOP_LEVEL_FIELDS,
     parse,
@@ -419,28 +420,44 @@ def test_set_error_escapes_what_protobuf_would_refuse():
 
 def test_a_header_or_data_field_sent_over_and_over_is_refused():
     """Each data field was walked up to its own bound: a thousand padded ones held a head's loop for seconds."""
-    repeated = HEADER + ld(0x22, PADDING * 10) * 5
-    with pytest.raises(ProtocolError, match="holds its data field more than 4 times"):
-        DataRequest.from_bytes(repeated).endpoint  # noqa: B018
+    for repeated in (HEADER + ld(0x22, PADDING * 10) * 1000, ld(0x22, b"") + HEADER + ld(0x22, b"")):
+        with pytest.raises(ProtocolError, match="holds its data field more than once"):
+            DataRequest.from_bytes(repeated).endpoint  # noqa: B018
     with pytest.raises(ProtocolError, match="holds its header field more than 4 times"):
         DataRequest.from_bytes(HEADER * 5).endpoint  # noqa: B018
-    assert DataRequest.from_bytes(HEADER + ld(0x22, b"") * 2).endpoint == "/count"  # merged, as protobuf does
+    assert DataRequest.from_bytes(HEADER * 4 + ld(0x22, b"")).endpoint == "/count"  # merged, as protobuf does
 
 
-async def test_a_request_list_shares_one_requests_bounds_end_to_end(runtimes):
+async def test_a_request_list_shares_one_calls_bounds_end_to_end(runtimes):
     """Bounded one by one, a process_data list of 20 requests held 20 times the documents a request may (5 million
-    empty ones: 5.8 GB), and its sparse arrays expanded 6 times over the budget of one (found by a review)."""
+    empty ones: 5.8 GB), and its sparse arrays expanded 6 times over the budget of one (found by a review). A list
+    decoded by a worker now holds at most MAX_LIST_DOCUMENTS in all (a uses_after's: four of the largest answers),
+    counted by one walk's work; a head forwards lists undecoded and counts nothing."""
     counter = await runtimes(Worker(executors.Tagger.create()))
-    third = request_of(b"\x0a\x00" * (MAX_DOCUMENTS // 3 + 1))  # each alone is taken
-    envelope = jina_pb2.DataRequestListEnvelope(requests=[third] * 3).SerializeToString()
-    with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await raw_call(counter.server.address, envelope, method=services.PROCESS_DATA)
-    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert f"at most {MAX_DOCUMENTS} are taken in one call" in refused.value.details()
-    two = jina_pb2.DataRequestListEnvelope(requests=[third] * 2).SerializeToString()
-    reply, _ = await raw_call(counter.server.address, two, method=services.PROCESS_DATA)
+    head = await runtimes(Head("dep", connections={0: [counter.server.address]}))
+    fifth = request_of(b"\x0a\x00" * (MAX_LIST_DOCUMENTS // 5 + 1))  # each alone is taken
+    envelope = jina_pb2.DataRequestListEnvelope(requests=[fifth] * 5).SerializeToString()
+    for address in (counter.server.address, head.server.address):  # the head forwards; its worker refuses
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await raw_call(address, envelope, method=services.PROCESS_DATA)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, address
+        assert f"at most {MAX_LIST_DOCUMENTS} are taken in one call, every request of it" in refused.value.details()
+    # more than one request may hold: three shards' answers of 101,000 matches each, to a uses_after
+    answers = [request_of(b"\x0a\x00" * 101_000)] * 3
+    reply, _ = await raw_call(
+        counter.server.address, jina_pb2.DataRequestListEnvelope(requests=answers).SerializeToString(),
+        method=services.PROCESS_DATA,
+    )
     [counted] = DataRequest.from_bytes(reply, max_documents=None).parameters["__results__"].values()
-    assert counted["docs"] == 2 * (MAX_DOCUMENTS // 3 + 1)
+    assert counted["docs"] == 303_000
+    # documents of large blobs are counted as the few they are (a bound of them refused two 1 MB documents)
+    blobs = [DataRequest([Document(blob=b"r" * 1_100_000)], endpoint="/count").to_bytes()] * 2
+    reply, _ = await raw_call(
+        counter.server.address, jina_pb2.DataRequestListEnvelope(requests=blobs).SerializeToString(),
+        method=services.PROCESS_DATA,
+    )
+    [counted] = DataRequest.from_bytes(reply).parameters["__results__"].values()
+    assert counted["docs"] == 2
     worker = await runtimes(Worker(Stacker.create()))
     sparse = [DataRequest([huge_sparse(f"s{i}")], endpoint="/index").to_bytes() for i in range(6)]
     envelope = jina_pb2.DataRequestListEnvelope(requests=sparse).SerializeToString()
@@ -474,3 +491,15 @@ def test_a_head_sets_an_endpoint_without_decoding_parameters_and_routes():
     assert len(forwarded.parameters["k"]) == 1000 and forwarded.routes[0].executor == "gateway"
     again = DataRequest.from_bytes(request.to_bytes())
     assert (again.endpoint, again.request_id, again.docs.texts) == ("/search", original.request_id, ["a"])
+
+
+def test_an_endpoint_is_appended_once_per_hop_and_bytes_already_holding_one_are_decoded_instead():
+    """Each hop appending a header field would pass the four a request may hold (found by a review): bytes that
+    hold more than one already take the decoding path."""
+    request = DataRequest.from_bytes(DataRequest([Document(text="a")], endpoint="/index").to_bytes())
+    request.endpoint = "/search"
+    hop = DataRequest.from_bytes(request.to_bytes())  # the next hop: two header fields
+    hop.endpoint = "/other"
+    assert "header only" in repr(hop)  # decoded as an envelope, not spliced again
+    assert jina_pb2.DataRequestProto.FromString(hop.to_bytes()).header.exec_endpoint == "/other"
+    assert len(field_spans(hop.to_bytes(), frozenset({1}), "test")) == 1  # the envelope wrote one header

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import traceback
+from types import MappingProxyType
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Optional, Sequence, Union
 
@@ -22,7 +23,7 @@ from shardnet.protocol.documents import Document, DocumentList, to_python, updat
 from shardnet.protocol.ndarray import DenseBudget
 from shardnet.protocol.ids import new_id
 from shardnet.protocol.proto import jina_pb2
-from shardnet.protocol.wire import check_document_count, count_fields, field_spans
+from shardnet.protocol.wire import DocumentTally, check_document_count, count_fields, field_spans
 
 SUCCESS = jina_pb2.StatusProto.SUCCESS
 ERROR = jina_pb2.StatusProto.ERROR
@@ -56,12 +57,17 @@ MAX_DOCUMENTS = 250_000
 # documents too large for a run, so twice the bound passes any request that holds no more, and stops padding.
 MAX_DOCUMENT_FIELDS = 2 * MAX_DOCUMENTS
 
-# times a DataRequest may repeat its header or its data field (protobuf merges repeats; no sender writes any)
-MAX_FIELD_REPEATS = 4
+# Documents one process_data call may hold in all, when its list is decoded: a uses_after receives every shard's
+# answer in one list, so up to four answers of the most documents a request may hold (a head forwards lists
+# undecoded and counts nothing)
+MAX_LIST_DOCUMENTS = 4 * MAX_DOCUMENTS
+# times a DataRequest may hold its header field (a head setting the endpoint appends one; no other sender writes
+# a second) and its data field (none writes two, and an edit through the envelope would keep only the last)
+MAX_FIELD_REPEATS = MappingProxyType({1: 4, 4: 1})
 
 # header, parameters, routes, data: all length-delimited on the wire
 _DATA_REQUEST_FIELDS = frozenset({1, 2, 3, 4})
-_HEADER_AND_DATA, _DATA = frozenset({1, 4}), frozenset({4})
+_HEADER, _HEADER_AND_DATA, _DATA = frozenset({1}), frozenset({1, 4}), frozenset({4})
 _DOCS, _DOCS_BYTES = frozenset({1}), frozenset({2})  # DataContent's oneof: protobuf documents, or a pickle
 
 
@@ -132,17 +138,18 @@ def _endpoint_header(endpoint: str) -> bytes:
 
 
 def _check_repeats(spans: Sequence[tuple[int, int, int]], what: str) -> None:
-    """Refuse a header or data field sent more than MAX_FIELD_REPEATS times: protobuf merges the repeats of a
-    field that is no list, which no sender writes, and each data field is walked in turn up to its own bound
-    (a thousand padded data fields held a head's event loop for seconds)."""
-    if len(spans) <= MAX_FIELD_REPEATS:  # the usual header and data field: nothing to count, on every request
+    """Refuse a header or data field sent more often than MAX_FIELD_REPEATS allows: protobuf merges the repeats
+    of a field that is no list, and each data field was walked in turn up to its own bound (a thousand padded
+    data fields held a head's event loop for seconds)."""
+    if len(spans) < 2 or (len(spans) == 2 and spans[0][0] != spans[1][0]):  # the usual header and data field
         return
     seen: dict[int, int] = {}
     for number, _, _ in spans:
         seen[number] = seen.get(number, 0) + 1
-        if seen[number] > MAX_FIELD_REPEATS:
+        if seen[number] > MAX_FIELD_REPEATS[number]:
             name = "header" if number == 1 else "data"
-            raise ProtocolError(f"{what} holds its {name} field more than {MAX_FIELD_REPEATS} times; refused")
+            times = "once" if MAX_FIELD_REPEATS[number] == 1 else f"{MAX_FIELD_REPEATS[number]} times"
+            raise ProtocolError(f"{what} holds its {name} field more than {times}; refused")
 
 
 def require_empty(data: bytes) -> None:
@@ -215,23 +222,21 @@ class DataRequest:
 
     @staticmethod
     def bound_together(requests: Sequence["DataRequest"], size: int, what: str = "DataRequestList") -> None:
-        """The requests of one call (a process_data list of ``size`` bytes) share the bounds of one request: at
-        most MAX_DOCUMENTS documents in all, and one budget for their sparse arrays, sized by the whole message.
-        Each bounded alone, a list of 20 held 20 times the documents and could expand 20 times over."""
+        """The requests of one call (a process_data list of ``size`` bytes), to be decoded here, share their
+        bounds: at most MAX_LIST_DOCUMENTS documents in all, counted by one walk's work for the whole list, and
+        one budget for their sparse arrays, sized by the whole message. Bounded one by one, a list of 20 held 20
+        times the documents of a request and could expand 20 times over."""
         budget = DenseBudget.for_message(size)
-        may_hold_more = size >= 2 * (MAX_DOCUMENTS + 1)  # a document takes 2 bytes at least
-        total = 0
+        tally = None
+        if size >= 2 * (MAX_LIST_DOCUMENTS + 1):  # smaller, it cannot hold more: a document takes 2 bytes at least
+            # twice the bound in fields, as for one request: the worker that walks them decodes as many documents
+            tally = DocumentTally(MAX_LIST_DOCUMENTS, 2 * MAX_LIST_DOCUMENTS, what, "in one call, every request of it")
         for request in requests:
             if request._message is None and request._buffer is not None and request._max_documents is not None:
-                if may_hold_more:
-                    total += request._count_documents(request._buffer, MAX_DOCUMENTS)
+                if tally is not None:
+                    tally.count(request._buffer, request._document_arrays(request._buffer))
                 request._max_documents = None  # counted here, with the others
             request._budget = budget
-        if total > MAX_DOCUMENTS:
-            raise ProtocolError(
-                f"{what} holds too many documents: at most {MAX_DOCUMENTS} are taken in one call, chunks and "
-                "matches and every request of the list included; split it"
-            )
 
     @classmethod
     def from_proto(cls, message: jina_pb2.DataRequestProto) -> "DataRequest":
@@ -262,6 +267,12 @@ class DataRequest:
         if changing:
             self._buffer = None
         return outer
+
+    def _one_header(self) -> bool:
+        """Whether the received bytes hold one header field (a hop before may have appended one already: appended
+        at every hop, they would pass what a request may hold)."""
+        received = self._buffer if self._spliced_at is None else self._buffer[: self._spliced_at]
+        return len(field_spans(received, _HEADER, self._what, _DATA_REQUEST_FIELDS, max_fields=MAX_TOP_LEVEL_FIELDS)) == 1
 
     def _header(self) -> jina_pb2.HeaderProto:
         """The header, for reading only: peeked from the bytes when nothing is decoded yet (no copy)."""
@@ -311,21 +322,21 @@ class DataRequest:
         self._buffer = None
         return self._message
 
-    def _check_document_count(self, data: bytes) -> int:
-        """Refuse more than ``max_documents`` documents in ``data`` before protobuf decodes them (see wire.py);
-        the count, or a bound above it."""
+    def _check_document_count(self, data: bytes) -> None:
+        """Refuse more than ``max_documents`` documents in ``data`` before protobuf decodes them (see wire.py)."""
         if self._max_documents is None or len(data) < 2 * (self._max_documents + 1):  # a document: 2 bytes at least
-            return len(data) // 2
-        return self._count_documents(data, self._max_documents)
+            return
+        check_document_count(data, self._document_arrays(data), self._max_documents, MAX_DOCUMENT_FIELDS, self._what)
 
-    def _count_documents(self, data: bytes, limit: int) -> int:
+    def _document_arrays(self, data: bytes) -> list[tuple[int, int]]:
+        """(start, stop) of each DocumentArray message in ``data``: the documents a count walks."""
         arrays = []
         data_fields = field_spans(data, _DATA, self._what, _DATA_REQUEST_FIELDS, 0, None, MAX_TOP_LEVEL_FIELDS)
         _check_repeats(data_fields, self._what)
         for _, start, end in data_fields:
             spans = field_spans(data, _DOCS, f"{self._what} data", _DOCS_BYTES, start, end, MAX_TOP_LEVEL_FIELDS)
             arrays.extend((first, last) for _, first, last in spans)
-        return check_document_count(data, arrays, limit, MAX_DOCUMENT_FIELDS, self._what)
+        return arrays
 
     @property
     def proto(self) -> jina_pb2.DataRequestProto:
@@ -352,7 +363,7 @@ class DataRequest:
     def endpoint(self, value: Optional[str]) -> None:
         if value is not None and not isinstance(value, str):
             raise TypeError(f"an endpoint is text like '/index', got {type(value).__name__}")
-        if value is not None and self._message is None and self._envelope is None:
+        if value is not None and self._message is None and self._envelope is None and self._one_header():
             # received bytes, untouched: a header field appended after the first merges into it (protobuf's rule
             # for a message field sent twice), so a head sets the endpoint without decoding parameters and
             # routes, which many tiny values make cost some 25 times their size (and its loop seconds)

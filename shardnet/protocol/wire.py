@@ -190,14 +190,15 @@ def _counting_types() -> tuple[type[Message], type[Message]]:
 _COUNTING_ARRAY, _COUNTING_DOCUMENT = _counting_types()
 
 
-class _Tally:
-    """Documents counted and fields walked so far in one message, refused past their bounds."""
+class DocumentTally:
+    """Documents counted and fields walked so far, in one message or in the messages of one call (a
+    process_data list shares one), refused past their bounds; ``scope`` says which in the refusal."""
 
-    __slots__ = ("documents", "fields", "limit", "max_fields", "what")
+    __slots__ = ("documents", "fields", "limit", "max_fields", "scope", "what")
 
-    def __init__(self, limit: int, max_fields: int, what: str):
+    def __init__(self, limit: int, max_fields: int, what: str, scope: str = "in one request"):
         self.documents = self.fields = 0
-        self.limit, self.max_fields, self.what = limit, max_fields, what
+        self.limit, self.max_fields, self.what, self.scope = limit, max_fields, what, scope
 
     def field(self) -> None:
         self.fields += 1
@@ -211,12 +212,18 @@ class _Tally:
         self.documents += documents
         if self.documents > self.limit:
             raise ProtocolError(
-                f"{self.what} holds too many documents: at most {self.limit} are taken in one request, chunks and "
+                f"{self.what} holds too many documents: at most {self.limit} are taken {self.scope}, chunks and "
                 "matches included; split it"
             )
 
+    def count(self, data: bytes, arrays: list[tuple[int, int]]) -> None:
+        """Count the documents of the DocumentArray messages at ``arrays`` (start, stop) of ``data`` into this
+        tally, by the walk alone (see check_document_count)."""
+        for start, stop in arrays:
+            _count_fields(data, start, stop, True, self, 1)
 
-def check_document_count(data: bytes, arrays: list[tuple[int, int]], limit: int, max_fields: int, what: str) -> int:
+
+def check_document_count(data: bytes, arrays: list[tuple[int, int]], limit: int, max_fields: int, what: str) -> None:
     """Refuse (ProtocolError) more than ``limit`` documents, counting chunks and matches at every depth, in the
     DocumentArray messages at ``arrays`` (start, stop) of ``data``, before protobuf decodes any of them.
 
@@ -226,21 +233,16 @@ def check_document_count(data: bytes, arrays: list[tuple[int, int]], limit: int,
     in C (an upper bound, enough for most messages); otherwise the top-level fields are walked, runs of
     them counted by protobuf's parser (documents only: see _count_run), and documents too large for a
     run walked in turn. The walk visits ``max_fields`` fields at most, then refuses the message: walking
-    costs Python work per field, and padding is cheap to send. Returns the count, or a bound above it.
+    costs Python work per field, and padding is cheap to send.
     """
-    size = sum(stop - start for start, stop in arrays)
-    if size < 2 * (limit + 1):
-        return size // 2
-    starts = len(data.translate(None, _NOT_DOCUMENT_TAG_STARTS))  # one C pass over a superset of the arrays
-    if starts <= limit:
-        return starts
-    tally = _Tally(limit, max_fields, what)
-    for start, stop in arrays:
-        _count_fields(data, start, stop, True, tally, 1)
-    return tally.documents
+    if sum(stop - start for start, stop in arrays) < 2 * (limit + 1):
+        return
+    if len(data.translate(None, _NOT_DOCUMENT_TAG_STARTS)) <= limit:  # one C pass over a superset of the arrays
+        return
+    DocumentTally(limit, max_fields, what).count(data, arrays)
 
 
-def _count_fields(data: bytes, begin: int, end: int, is_array: bool, tally: _Tally, depth: int) -> None:
+def _count_fields(data: bytes, begin: int, end: int, is_array: bool, tally: DocumentTally, depth: int) -> None:
     """Count the documents among the fields at ``data[begin:end]`` (a DocumentArray's, or a Document's whose
     documents are its chunks and matches) and below them, into ``tally``. Hot: tags, lengths and varints of
     one byte are read inline, and the fields walked are counted in a local until they are handed back."""
@@ -313,7 +315,7 @@ def _count_fields(data: bytes, begin: int, end: int, is_array: bool, tally: _Tal
     _count_run(data, run, end, is_array, tally)
 
 
-def _count_run(data: bytes, start: int, stop: int, is_array: bool, tally: _Tally) -> None:
+def _count_run(data: bytes, start: int, stop: int, is_array: bool, tally: DocumentTally) -> None:
     """Add the documents of the fields at ``data[start:stop]``, at every depth, parsed by protobuf as documents
     alone (a run is about _RUN_BYTES long: what the parse allocates stays a few MB).
 

@@ -247,7 +247,7 @@ class Head:
 
     async def process_data(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
-            requests = request_list(payload)
+            requests = request_list(payload, decoded_here=False)
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if self._max_in_flight is not None:

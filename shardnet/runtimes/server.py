@@ -448,9 +448,10 @@ def _bind(server: grpc.aio.Server, host: str, port: int, tls: Optional[ServerTls
         raise ConfigurationError(f"cannot listen on {bind}: {cause} ({exc})") from None
 
 
-def request_list(payload: bytes) -> list[DataRequest]:
+def request_list(payload: bytes, decoded_here: bool = True) -> list[DataRequest]:
     """The requests of a ``process_data`` call; ProtocolError when the list is malformed, empty or longer than
-    MAX_REQUESTS_PER_CALL (refused before any is wrapped)."""
+    MAX_REQUESTS_PER_CALL (refused before any is wrapped). ``decoded_here``: their documents share one call's
+    bounds (DataRequest.bound_together); a head forwards them undecoded and leaves that to who decodes them."""
     envelope = parse(jina_pb2.DataRequestListEnvelope, payload, "DataRequestList")
     if not envelope.requests:
         raise ProtocolError("process_data received an empty request list")
@@ -460,7 +461,8 @@ def request_list(payload: bytes) -> list[DataRequest]:
             f"{MAX_REQUESTS_PER_CALL} are taken"
         )
     requests = [DataRequest.from_bytes(item) for item in envelope.requests]
-    DataRequest.bound_together(requests, len(payload))  # one call: one request's bounds, not one per request
+    if decoded_here:
+        DataRequest.bound_together(requests, len(payload))  # one call's bounds, not one request's each
     return requests
 
 
