@@ -598,6 +598,17 @@ async def test_uses_before_and_uses_after_see_every_request(runtimes):
     assert [w.executor.calls["/search"] for w in workers] == [5, 5]
 
 
+async def test_uses_after_takes_every_shards_answer_of_large_documents(runtimes):
+    """A list's bound once summed each request's bound on its documents: two shards answering with a 300 KB
+    query were refused as "too many documents" at the uses_after (found by a review)."""
+    after = await runtimes(Worker(executors.CountingAfter.create()))
+    workers = await shard_workers(runtimes, executors.ShardSearch, 2)
+    head = await head_over(runtimes, "search", workers, "ALL", uses_after=after.server.address)
+    response = await send(head.server.address, "/search", [Document(id="q", text="x" * 300_000)])
+    assert not response.is_error, response.status.description
+    assert after.executor.calls == 1 and response.docs[0].tags["matrix"] == [2, 2]
+
+
 async def test_uses_after_under_any_gets_one_shards_answer_and_the_shards_take_turns(runtimes):
     after = await runtimes(Worker(executors.CountingAfter.create()))
     workers = await shard_workers(runtimes, executors.ShardSearch, 2)
