@@ -577,20 +577,28 @@ async def wait_exit(process: ShardnetProcess, timeout: float = 15.0) -> int:
     return await asyncio.to_thread(process.popen.wait, timeout)
 
 
-async def test_sigterm_drains_in_flight_request_refuses_new_ones_and_exits_zero(tmp_path, processes, eventually):
+async def slow_call_in_flight(processes, tmp_path, eventually, drain_seconds: str, timeout: float):
+    """A worker process of SlowUntilReleased and a /slow call under way in it, its handler started: (worker,
+    workspace, address, the call's future). Touching ``workspace / "release"`` lets the handler finish."""
     workspace = tmp_path / "ws"
     workspace.mkdir()
     worker = processes(
         "worker",
-        ["worker", "--uses", f"{EXECUTORS}:SlowUntilReleased", "--workspace", str(workspace), "--drain-seconds", "20"],
+        ["worker", "--uses", f"{EXECUTORS}:SlowUntilReleased", "--workspace", str(workspace),
+         "--drain-seconds", drain_seconds],
         tmp_path,
     )
     address = await asyncio.to_thread(worker.wait_ready, 20)
     in_flight = asyncio.ensure_future(
-        oneshot.send_request_async(DataRequest([Document(text="x")], endpoint="/slow"), address, timeout=20)
+        oneshot.send_request_async(DataRequest([Document(text="x")], endpoint="/slow"), address, timeout=timeout)
     )
+    await eventually(lambda: (workspace / "started").exists(), timeout=10)
+    return worker, workspace, address, in_flight
+
+
+async def test_sigterm_drains_in_flight_request_refuses_new_ones_and_exits_zero(tmp_path, processes, eventually):
+    worker, workspace, address, in_flight = await slow_call_in_flight(processes, tmp_path, eventually, "20", 20)
     try:
-        await eventually(lambda: (workspace / "started").exists(), timeout=10)
         worker.signal(signal.SIGTERM)
 
         async def refuses_new_requests() -> bool:
@@ -612,19 +620,8 @@ async def test_sigterm_drains_in_flight_request_refuses_new_ones_and_exits_zero(
 async def test_a_handler_stuck_past_the_drain_grace_does_not_hold_the_exit(tmp_path, processes, eventually):
     """--drain-seconds bounds the stop: the stuck call is cut at the grace, and the process leaves then, where it
     waited for the handler thread (here 20 s, for ever for one truly stuck; found by a runtimes review)."""
-    workspace = tmp_path / "ws"
-    workspace.mkdir()
-    worker = processes(
-        "worker",
-        ["worker", "--uses", f"{EXECUTORS}:SlowUntilReleased", "--workspace", str(workspace), "--drain-seconds", "1"],
-        tmp_path,
-    )
-    address = await asyncio.to_thread(worker.wait_ready, 20)
-    in_flight = asyncio.ensure_future(
-        oneshot.send_request_async(DataRequest([Document(text="x")], endpoint="/slow"), address, timeout=30)
-    )
+    worker, workspace, _, in_flight = await slow_call_in_flight(processes, tmp_path, eventually, "1", 30)
     try:
-        await eventually(lambda: (workspace / "started").exists(), timeout=10)
         worker.signal(signal.SIGTERM)
         assert await wait_exit(worker, timeout=10) == 0, worker.tail()  # the handler alone would take 20 s
         assert "exiting with 1 handler call(s) still running past the drain's grace" in worker.tail()

@@ -16,6 +16,8 @@ Python only when bounds computed by C code (sizes, byte counts) cannot answer.
 
 from __future__ import annotations
 
+import contextlib
+
 from typing import Optional
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -124,7 +126,7 @@ def count_fields(data: bytes, limit: int) -> int:
     inside as fields of their own.
     """
     count, position, size = 0, 0, len(data)
-    try:
+    with contextlib.suppress(ProtocolError):  # a varint cut short: broken framing, the parser's to name
         while position < size and count <= limit:
             count += 1
             tag = data[position]
@@ -144,8 +146,6 @@ def count_fields(data: bytes, limit: int) -> int:
                 position += 4
             elif wire_type not in (3, 4):  # 6 and 7 mean nothing: broken framing
                 break
-    except ProtocolError:  # a varint cut short: broken framing, the parser's to name
-        pass
     return count
 
 
