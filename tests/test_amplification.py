@@ -8,6 +8,8 @@ is asserted by counting what the code reads or allocates, never by timing.
 
 from __future__ import annotations
 
+import contextlib
+
 from pathlib import Path
 
 import executors
@@ -15,6 +17,7 @@ import grpc
 import grpc.aio
 import numpy as np
 import pytest
+from google.protobuf import struct_pb2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -30,10 +33,12 @@ from shardnet.protocol.messages import (
 )
 from shardnet.protocol.proto import docarray_pb2, jina_pb2
 from shardnet.protocol.documents import DocumentList
-from shardnet.protocol.wire import check_document_count, count_fields, field_spans
+from shardnet.protocol.wire import DocumentTally, check_document_count, count_fields, field_spans
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.processes import ShardnetProcess, stop_all
+from shardnet.runtimes.server import request_list
 from shardnet.runtimes.worker import Worker
+from shardnet.testing import EchoServer
 
 PADDING = b"\x78\x00"  # field 15, varint 0: unknown to every message here, 2 bytes each
 
@@ -493,13 +498,57 @@ def test_a_head_sets_an_endpoint_without_decoding_parameters_and_routes():
     assert (again.endpoint, again.request_id, again.docs.texts) == ("/search", original.request_id, ["a"])
 
 
-def test_an_endpoint_is_appended_once_per_hop_and_bytes_already_holding_one_are_decoded_instead():
-    """Each hop appending a header field would pass the four a request may hold (found by a review): bytes that
-    hold more than one already take the decoding path."""
-    request = DataRequest.from_bytes(DataRequest([Document(text="a")], endpoint="/index").to_bytes())
+@pytest.mark.parametrize("headers", [0, 1, 2, 4])
+def test_an_endpoint_is_set_without_decoding_however_many_header_fields_came(headers):
+    """Bytes with no header field, or several (a sender may write them; protobuf merges them), took the decoding
+    path, so a crafted request made a head decode its parameters after all (found by a review): every header
+    field is cut out and one holding them merged, the endpoint changed, is appended, so hops never add up."""
+    header = jina_pb2.HeaderProto(request_id="r1", exec_endpoint="/index")
+    body = jina_pb2.DataRequestProto(parameters=struct_pb2.Struct(fields={"k": struct_pb2.Value(string_value="v")}))
+    body.data.docs.docs.add(text="a")
+    pieces = [ld(0x0A, header.SerializeToString())] * min(headers, 1) + [ld(0x0A, b"\x1a\x02/x")] * max(0, headers - 1)
+    raw = b"".join(pieces) + body.SerializeToString()
+    request = DataRequest.from_bytes(raw)
     request.endpoint = "/search"
-    hop = DataRequest.from_bytes(request.to_bytes())  # the next hop: two header fields
+    assert repr(request).endswith("bytes>")  # nothing decoded: neither parameters nor routes
+    sent = request.to_bytes()
+    assert len(field_spans(sent, frozenset({1}), "test")) == 1
+    forwarded = jina_pb2.DataRequestProto.FromString(sent)
+    assert forwarded.header.exec_endpoint == "/search" and forwarded.parameters["k"] == "v"
+    assert forwarded.header.request_id == ("r1" if headers else "")
+    assert forwarded.data.docs.docs[0].text == "a"
+    hop = DataRequest.from_bytes(sent)  # the next hop sets it again: still one header field
     hop.endpoint = "/other"
-    assert "header only" in repr(hop)  # decoded as an envelope, not spliced again
-    assert jina_pb2.DataRequestProto.FromString(hop.to_bytes()).header.exec_endpoint == "/other"
-    assert len(field_spans(hop.to_bytes(), frozenset({1}), "test")) == 1  # the envelope wrote one header
+    assert len(field_spans(hop.to_bytes(), frozenset({1}), "test")) == 1
+    assert DataRequest.from_bytes(hop.to_bytes()).endpoint == "/other"
+
+
+def test_a_list_of_one_request_keeps_a_requests_bound_and_its_repeat_check():
+    """A list small enough not to be counted as a whole let each request decode with no bound (999,000 documents
+    in a list of one), and a later one decode its data field twice (found by a review)."""
+    over = request_of(b"\x0a\x00" * (MAX_DOCUMENTS + 1))
+    [alone] = request_list(jina_pb2.DataRequestListEnvelope(requests=[over]).SerializeToString())
+    with pytest.raises(ProtocolError, match=f"at most {MAX_DOCUMENTS} are taken in one request"):
+        alone.docs  # noqa: B018
+    twice = HEADER + ld(0x22, ld(0x0A, ld(0x0A, b"\x0a\x01a"))) * 2
+    _, second = request_list(jina_pb2.DataRequestListEnvelope(requests=[HEADER, twice]).SerializeToString())
+    with pytest.raises(ProtocolError, match="holds its data field more than once"):
+        second.docs  # noqa: B018
+    big = request_of(b"\x0a\x00" * (MAX_DOCUMENTS + 1))
+    padded = [big, request_of(b"\x0a\x00" * (MAX_LIST_DOCUMENTS // 4))] * 2  # counted as a whole: over 2 MB
+    with pytest.raises(ProtocolError, match=f"one of its requests holds more than {MAX_DOCUMENTS} documents"):
+        request_list(jina_pb2.DataRequestListEnvelope(requests=padded).SerializeToString())
+
+
+async def test_a_head_forwards_a_list_without_counting_its_documents(runtimes, monkeypatch):
+    """Counting is for who decodes: 40 walks held a head's loop for 10 s when it counted (found by a review)."""
+    walked = []
+    monkeypatch.setattr(DocumentTally, "count", lambda self, data, arrays: walked.append(len(data)))
+    async with EchoServer("echo") as echo:
+        head = await runtimes(Head("dep", connections={0: [echo.address]}))
+        fifth = request_of(b"\x0a\x00" * (MAX_LIST_DOCUMENTS // 5 + 1))
+        envelope = jina_pb2.DataRequestListEnvelope(requests=[fifth] * 5).SerializeToString()
+        with contextlib.suppress(grpc.aio.AioRpcError):  # the echo's answer is a list, no request: not the point
+            await raw_call(head.server.address, envelope, method=services.PROCESS_DATA)
+        assert echo.calls >= 1  # forwarded
+    assert walked == []

@@ -269,15 +269,16 @@ def test_a_memory_limit_one_largest_message_would_exceed_is_refused() -> None:
     )
     with pytest.raises(ConfigurationError, match=r"a worker memory limit of 1Gi \(--memory-limit\) .*\(8 copies"):
         DeploymentSpec(name="big", image="i", uses="m:C", max_message_mb=128, head_resources=Resources(memory_limit="1Gi"))
-    # small messages: a worker decodes up to 250,000 documents, about 56 MiB, whatever their size (a review)
+    # small messages: a worker decodes up to 1,000,000 documents in one call (a uses_after's list), about 224 MiB,
+    # whatever their size (reviews)
     with pytest.raises(ConfigurationError) as small:
-        DeploymentSpec(name="small", image="i", uses="m:C", max_message_mb=1,
-                       worker_resources=Resources(memory="64Mi", memory_limit="100Mi"))
-    assert "takes a worker about 120 MiB at its peak (the 56 MiB its most documents decode to over 64 MiB)" in str(
+        DeploymentSpec(name="small", image="i", uses="m:C", max_message_mb=4,
+                       worker_resources=Resources(memory="64Mi", memory_limit="128Mi"))
+    assert "takes a worker about 288 MiB at its peak (the 224 MiB its most documents decode to over 64 MiB)" in str(
         small.value
-    ) and "raise the limit to 120Mi, or drop the limit" in str(small.value)
-    DeploymentSpec(name="small", image="i", uses="m:C", max_message_mb=1,
-                   worker_resources=Resources(memory="64Mi", memory_limit="120Mi"))
+    ) and "raise the limit to 288Mi, or drop the limit" in str(small.value)
+    DeploymentSpec(name="small", image="i", uses="m:C", max_message_mb=4,
+                   worker_resources=Resources(memory="64Mi", memory_limit="288Mi"))
     DeploymentSpec(  # each limit just holds it, or there is none
         name="big", image="i", uses="m:C", max_message_mb=256,
         head_resources=Resources(memory_limit="1344Mi"), worker_resources=Resources(memory_limit=None),

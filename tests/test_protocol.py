@@ -231,13 +231,12 @@ def test_unknown_field_survives_changing_the_endpoint(make):
     request = DataRequest.from_bytes(raw)
     request.endpoint = "/search"
     changed = request.to_bytes()
-    assert changed.startswith(raw)  # the bytes as received, a header field holding the endpoint appended
+    assert UNKNOWN_FIELD in changed and len(changed) == len(raw) + 1  # the header moved to the end, "/search"
     assert DataRequest.from_bytes(changed).endpoint == "/search"
-    assert jina_pb2.DataRequestProto.FromString(changed).header.exec_endpoint == "/search"  # as protobuf merges it
+    assert jina_pb2.DataRequestProto.FromString(changed).header.exec_endpoint == "/search"
     request.endpoint = "/index"
     restored = request.to_bytes()
-    assert restored.startswith(raw) and same_content(restored, raw)
-    assert len(restored) == len(changed) - 1  # the appended field replaced, not another one added ("/index")
+    assert same_content(restored, raw) and len(restored) == len(raw)  # replaced, not another one added
 
 
 @pytest.mark.parametrize("make", [plain_request, sample_request])

@@ -167,9 +167,9 @@ PROCESS_BASE_MIB = 64
 STARTUP_PERIOD = 2  # seconds between startup probes
 DRAIN_MARGIN = 5  # seconds of the grace left to a process after its drain, to exit before SIGKILL
 MESSAGE_COPIES = MappingProxyType({"head": 5, "worker": 8})
-# what the most documents a request may hold (protocol.messages' cap, 250,000) cost a worker decoded, however small
-# its message (about 200 bytes each); a head routes them undecoded
-DECODED_DOCUMENTS_MIB = MappingProxyType({"head": 0, "worker": 56})
+# what the most documents one call may hold (protocol.messages: 1,000,000 in a process_data list, what a uses_after
+# receives) cost a worker decoded, however small its message (some 200 bytes each); a head routes them undecoded
+DECODED_DOCUMENTS_MIB = MappingProxyType({"head": 0, "worker": 224})
 # seconds for a new pod to be scheduled, its image pulled and its readiness seen by the head's watch, beyond the
 # time its Executor takes to load (startup_seconds)
 SCHEDULING_MARGIN = 60

@@ -132,9 +132,9 @@ def _rendered(render: Callable[[Any], str], value: Any, what: str) -> str:
     return wire_text(text)
 
 
-def _endpoint_header(endpoint: str) -> bytes:
-    """A DataRequest's header field holding only ``endpoint``: appended to a request's bytes, it sets the endpoint."""
-    return jina_pb2.DataRequestEnvelope(header=jina_pb2.HeaderProto(exec_endpoint=endpoint)).SerializeToString()
+def _header_field(header: jina_pb2.HeaderProto) -> bytes:
+    """A DataRequest's header field holding ``header``, as bytes to join to the request's other fields."""
+    return jina_pb2.DataRequestEnvelope(header=header).SerializeToString()
 
 
 def _check_repeats(spans: Sequence[tuple[int, int, int]], what: str) -> None:
@@ -223,18 +223,24 @@ class DataRequest:
     @staticmethod
     def bound_together(requests: Sequence["DataRequest"], size: int, what: str = "DataRequestList") -> None:
         """The requests of one call (a process_data list of ``size`` bytes), to be decoded here, share their
-        bounds: at most MAX_LIST_DOCUMENTS documents in all, counted by one walk's work for the whole list, and
-        one budget for their sparse arrays, sized by the whole message. Bounded one by one, a list of 20 held 20
-        times the documents of a request and could expand 20 times over."""
+        bounds: at most MAX_LIST_DOCUMENTS documents in all (each still at most a request's), counted by one
+        walk's work for the whole list, and one budget for their sparse arrays, sized by the whole message.
+        Bounded one by one, a list of 20 held 20 times the documents of a request and could expand 20 times over."""
         budget = DenseBudget.for_message(size)
         tally = None
         if size >= 2 * (MAX_LIST_DOCUMENTS + 1):  # smaller, it cannot hold more: a document takes 2 bytes at least
             # twice the bound in fields, as for one request: the worker that walks them decodes as many documents
             tally = DocumentTally(MAX_LIST_DOCUMENTS, 2 * MAX_LIST_DOCUMENTS, what, "in one call, every request of it")
         for request in requests:
-            if request._message is None and request._buffer is not None and request._max_documents is not None:
-                if tally is not None:
-                    tally.count(request._buffer, request._document_arrays(request._buffer))
+            counted = request._message is None and request._buffer is not None and request._max_documents is not None
+            if counted and tally is not None:  # else each keeps its own bound, checked as it decodes
+                before = tally.documents
+                tally.count(request._buffer, request._document_arrays(request._buffer))
+                if tally.documents - before > request._max_documents:
+                    raise ProtocolError(
+                        f"{what}: one of its requests holds more than {request._max_documents} documents, the most "
+                        "a request may hold; split it"
+                    )
                 request._max_documents = None  # counted here, with the others
             request._budget = budget
 
@@ -268,11 +274,16 @@ class DataRequest:
             self._buffer = None
         return outer
 
-    def _one_header(self) -> bool:
-        """Whether the received bytes hold one header field (a hop before may have appended one already: appended
-        at every hop, they would pass what a request may hold)."""
-        received = self._buffer if self._spliced_at is None else self._buffer[: self._spliced_at]
-        return len(field_spans(received, _HEADER, self._what, _DATA_REQUEST_FIELDS, max_fields=MAX_TOP_LEVEL_FIELDS)) == 1
+    def _without_headers(self) -> list[memoryview]:
+        """The received bytes with every header field cut out (a sender may write none, or several), in pieces."""
+        tags: list[int] = []
+        spans = field_spans(self._buffer, _HEADER, self._what, _DATA_REQUEST_FIELDS, 0, None, MAX_TOP_LEVEL_FIELDS, tags)
+        received, pieces, position = memoryview(self._buffer), [], 0
+        for (_, _, end), tag in zip(spans, tags):
+            pieces.append(received[position:tag])
+            position = end
+        pieces.append(received[position:])
+        return pieces
 
     def _header(self) -> jina_pb2.HeaderProto:
         """The header, for reading only: peeked from the bytes when nothing is decoded yet (no copy)."""
@@ -310,6 +321,8 @@ class DataRequest:
         if self._message is None:
             if self._buffer is not None and len(self._buffer) > MAX_TOP_LEVEL_FIELDS:
                 self._header()  # the bounded walk first: padding is refused before protobuf lists unknown fields
+            elif self._buffer is not None and self._peeked is None:  # too small for padding: the repeats only
+                _check_repeats(field_spans(self._buffer, _HEADER_AND_DATA, self._what, _DATA_REQUEST_FIELDS), self._what)
             # the byte form keeps every field, unknown ones included, whichever stage we are at
             data = self._buffer if self._buffer is not None else self._envelope.SerializeToString()
             self._check_document_count(data)
@@ -363,16 +376,19 @@ class DataRequest:
     def endpoint(self, value: Optional[str]) -> None:
         if value is not None and not isinstance(value, str):
             raise TypeError(f"an endpoint is text like '/index', got {type(value).__name__}")
-        if value is not None and self._message is None and self._envelope is None and self._one_header():
-            # received bytes, untouched: a header field appended after the first merges into it (protobuf's rule
-            # for a message field sent twice), so a head sets the endpoint without decoding parameters and
-            # routes, which many tiny values make cost some 25 times their size (and its loop seconds)
+        if value is not None and self._message is None and self._envelope is None:
+            # received bytes, untouched: their header fields are cut out and one holding the whole header, the
+            # endpoint changed, is appended; a head sets the endpoint so without decoding parameters and routes,
+            # which many tiny values make cost some 25 times their size (and its loop seconds)
             header = jina_pb2.HeaderProto()
-            header.CopyFrom(self._header())  # the peek refuses what it must first
+            header.CopyFrom(self._header())  # the peek (every header field merged) refuses what it must first
             header.exec_endpoint = value
-            if self._spliced_at is None:  # one field appended at most: set again, it is replaced
-                self._spliced_at = len(self._buffer)
-            self._buffer = self._buffer[: self._spliced_at] + _endpoint_header(value)
+            if self._spliced_at is None:
+                kept = self._without_headers()
+                self._spliced_at = sum(len(piece) for piece in kept)
+            else:
+                kept = [memoryview(self._buffer)[: self._spliced_at]]
+            self._buffer = b"".join([*kept, _header_field(header)])  # one copy of the request's bytes
             self._peeked = header
             return
         header = self._outer(changing=True).header

@@ -55,9 +55,11 @@ def field_spans(
     start: int = 0,
     stop: Optional[int] = None,
     max_fields: Optional[int] = None,
+    tags: Optional[list[int]] = None,
 ) -> list[tuple[int, int, int]]:
     """(field number, start, end) of every occurrence of the length-delimited fields ``numbers`` among the
-    top-level fields of the message in ``data[start:stop]``, copying nothing.
+    top-level fields of the message in ``data[start:stop]``, copying nothing; ``tags``, when given, gets where
+    each occurrence's tag begins (its whole field is ``data[tag:end]``).
 
     A large field (a request's documents) is skipped by its length, so looking
     for a field costs a few tags whatever the size of the message. Tags and
@@ -70,6 +72,7 @@ def field_spans(
     fields = 0
     while position < size:
         fields += 1
+        opened = position
         if max_fields is not None and fields > max_fields:
             raise ProtocolError(
                 f"{what} ({size - start} bytes) has more than {max_fields} top-level fields; refused "
@@ -99,6 +102,8 @@ def field_spans(
                 )
             if field in numbers:
                 found.append((field, position, end))
+                if tags is not None:
+                    tags.append(opened)
             position = end
             continue
         if field in numbers or field in known:
