@@ -23,7 +23,7 @@ from shardnet.protocol.documents import Document, DocumentList, to_python, updat
 from shardnet.protocol.ndarray import DenseBudget
 from shardnet.protocol.ids import new_id
 from shardnet.protocol.proto import jina_pb2
-from shardnet.protocol.wire import DocumentTally, check_document_count, count_fields, field_spans
+from shardnet.protocol.wire import DocumentTally, check_document_count, count_fields, document_bound, field_spans
 
 SUCCESS = jina_pb2.StatusProto.SUCCESS
 ERROR = jina_pb2.StatusProto.ERROR
@@ -228,7 +228,10 @@ class DataRequest:
         Bounded one by one, a list of 20 held 20 times the documents of a request and could expand 20 times over."""
         budget = DenseBudget.for_message(size)
         tally = None
-        if size >= 2 * (MAX_LIST_DOCUMENTS + 1):  # smaller, it cannot hold more: a document takes 2 bytes at least
+        # smaller, it cannot hold more (a document takes 2 bytes at least); nor with fewer bytes that can open one
+        if size >= 2 * (MAX_LIST_DOCUMENTS + 1) and (
+            sum(document_bound(request._buffer or b"") for request in requests) > MAX_LIST_DOCUMENTS
+        ):
             # twice the bound in fields, as for one request: the worker that walks them decodes as many documents
             tally = DocumentTally(MAX_LIST_DOCUMENTS, 2 * MAX_LIST_DOCUMENTS, what, "in one call, every request of it")
         for request in requests:

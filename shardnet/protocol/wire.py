@@ -242,9 +242,14 @@ def check_document_count(data: bytes, arrays: list[tuple[int, int]], limit: int,
     """
     if sum(stop - start for start, stop in arrays) < 2 * (limit + 1):
         return
-    if len(data.translate(None, _NOT_DOCUMENT_TAG_STARTS)) <= limit:  # one C pass over a superset of the arrays
+    if document_bound(data) <= limit:  # one C pass over a superset of the arrays
         return
     DocumentTally(limit, max_fields, what).count(data, arrays)
+
+
+def document_bound(data: bytes) -> int:
+    """A bound above the documents ``data`` can hold, found in C: the bytes that can open a document's tag."""
+    return len(data.translate(None, _NOT_DOCUMENT_TAG_STARTS))
 
 
 def _count_fields(data: bytes, begin: int, end: int, is_array: bool, tally: DocumentTally, depth: int) -> None:

@@ -204,7 +204,11 @@ class Worker:
 
     async def process_data(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
         self._last_call = time.monotonic()
-        return await self._handle(await self._decode(payload, context, request_list), context)
+        try:  # on a thread: counting a large list's documents may take seconds, which must not stop other calls
+            requests = await asyncio.to_thread(request_list, payload)
+        except ProtocolError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        return await self._handle(requests, context)
 
     async def request_stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
         """shardnet's request stream (networking/streams.py): each request handled as it arrives, each answer
