@@ -154,6 +154,9 @@ class Worker:
         self.name = name or type(executor).__name__
         self._handlers = type(executor).handler_table()
         self._threads = HandlerThreads(max_workers=threads, thread_name_prefix=HANDLER_THREAD_PREFIX)
+        # one thread counts the documents of process_data lists, out of the loop's way (a padded list's count takes
+        # seconds) and of the default executor's, where close() runs: calls past it wait for it, none cancels it
+        self._counting = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="list-count")
         self._unbound_logged: set[str] = set()
         self._head = head
         self._shard_id = shard_id
@@ -204,8 +207,8 @@ class Worker:
 
     async def process_data(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
         self._last_call = time.monotonic()
-        try:  # on a thread: counting a large list's documents may take seconds, which must not stop other calls
-            requests = await asyncio.to_thread(request_list, payload)
+        try:
+            requests = await asyncio.get_running_loop().run_in_executor(self._counting, request_list, payload)
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return await self._handle(requests, context)
@@ -532,6 +535,7 @@ class Worker:
             except Exception:  # its failure is logged, the stop goes on
                 logger.exception("%s: the Executor's close() failed", self.name)
         self._threads.shutdown(wait=False, cancel_futures=True)
+        self._counting.shutdown(wait=False, cancel_futures=True)
 
     async def _wait_for_handlers(self) -> None:
         running = self._threads.running()
