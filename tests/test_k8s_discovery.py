@@ -656,6 +656,7 @@ async def test_a_kubeconfigs_expiring_credentials_are_renewed(
         api_server.apply("pods", pod("b", ip="10.0.0.2"))
         api_server.delete("pods", "a")
         await eventually(lambda: replicas(pool) == {"10.0.0.2:8080"}, timeout=15)
+        await client.configuration.refresh_api_key_hook.close()  # a plugin run under way ends with the test
     if credential == "exec-plugin":
         assert int((tmp_path / "runs").read_text()) >= 2
 
@@ -716,6 +717,7 @@ async def test_a_credentials_reload_that_fails_keeps_the_last_ones(
         assert replicas(pool) == {"10.0.0.1:8080"}
         await eventually(lambda: "could not reload the kubeconfig's credentials, keeping the last ones" in caplog.text,
                          timeout=10)
+        await client.configuration.refresh_api_key_hook.close()
 
 
 async def test_a_jina_style_core_api_client_is_taken_and_anything_else_refused(

@@ -58,11 +58,14 @@ class KubeconfigCredentials:
             return
         self._reloading = asyncio.get_running_loop().create_task(self._reload(configuration))
 
-    async def close(self) -> None:
-        """Stop a reload under way (its client is closing)."""
-        if self._reloading is not None:
-            self._reloading.cancel()
-            await asyncio.gather(self._reloading, return_exceptions=True)
+    async def close(self, grace: float = 1.0) -> None:
+        """Let a reload under way end within ``grace`` seconds (its plugin's process is then reaped), else stop
+        it: its client is closing."""
+        reloading = self._reloading
+        if reloading is not None:
+            await asyncio.wait([reloading], timeout=grace)
+            reloading.cancel()
+            await asyncio.gather(reloading, return_exceptions=True)
 
     async def _reload(self, configuration: k8s_client.Configuration) -> None:
         try:
