@@ -338,3 +338,12 @@ def test_docs_bytes_is_refused_never_unpickled():
     both = raw + proto.SerializeToString()
     with pytest.raises(ProtocolError, match="docs_bytes|data field more than once"):
         DataRequest.from_bytes(both).endpoint
+
+
+def test_an_endpoint_protobuf_cannot_store_is_refused_by_name_and_changes_nothing():
+    """A lone surrogate (what os.fsdecode gives for bytes that are no UTF-8) raised protobuf's UnicodeEncodeError."""
+    raw = DataRequest([Document(text="a")], endpoint="/index").to_bytes()
+    for request in (DataRequest.from_bytes(raw), DataRequest([Document(text="a")], endpoint="/index")):
+        with pytest.raises(ValueError, match="is not valid UTF-8 text"):
+            request.endpoint = "/caf\udce9"
+        assert request.endpoint == "/index"

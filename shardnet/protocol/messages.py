@@ -379,6 +379,8 @@ class DataRequest:
     def endpoint(self, value: Optional[str]) -> None:
         if value is not None and not isinstance(value, str):
             raise TypeError(f"an endpoint is text like '/index', got {type(value).__name__}")
+        if value is not None and wire_text(value) != value:  # protobuf would refuse it with a UnicodeEncodeError
+            raise ValueError(f"endpoint {value!r:.80} is not valid UTF-8 text (it holds a lone surrogate)")
         if value is not None and self._message is None and self._envelope is None:
             # received bytes, untouched: their header fields are cut out and one holding the whole header, the
             # endpoint changed, is appended; a head sets the endpoint so without decoding parameters and routes,
