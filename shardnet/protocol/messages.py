@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import time
 import traceback
-from types import MappingProxyType
 from collections.abc import Callable, Iterable, Mapping
+from types import MappingProxyType
 from typing import Any, Optional, Sequence, Union
 
 from google.protobuf import struct_pb2, unknown_fields
@@ -61,8 +61,9 @@ MAX_DOCUMENT_FIELDS = 2 * MAX_DOCUMENTS
 # answer in one list, so up to four answers of the most documents a request may hold (a head forwards lists
 # undecoded and counts nothing)
 MAX_LIST_DOCUMENTS = 4 * MAX_DOCUMENTS
-# times a DataRequest may hold its header field (a head setting the endpoint appends one; no other sender writes
-# a second) and its data field (none writes two, and an edit through the envelope would keep only the last)
+# times a DataRequest may hold its header field (protobuf merges repeats; no known sender writes a second, and a
+# head setting an endpoint leaves one) and its data field (none writes two, and an edit through the envelope
+# would keep only the last)
 MAX_FIELD_REPEATS = MappingProxyType({1: 4, 4: 1})
 
 # header, parameters, routes, data: all length-delimited on the wire
@@ -170,7 +171,8 @@ class DataRequest:
 
     # _budget: what the sparse arrays of its documents may expand to, together (ndarray.DenseBudget); set when
     # the documents of received bytes decode
-    # _spliced_at: where the header field holding a new endpoint begins, once one was appended to received bytes
+    # _spliced_at: once an endpoint was set on received bytes, where the one header field appended to what was
+    # kept of them (their header fields cut out) begins
     __slots__ = ("_budget", "_buffer", "_envelope", "_max_documents", "_message", "_origin", "_peeked", "_spliced_at")
 
     def __init__(
