@@ -50,11 +50,11 @@ def test_help_lists_every_subcommand() -> None:
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (["--concurrency", "0"], "argument --concurrency: must be an integer >= 1, got 0"),
-        (["--concurrency", "-3"], "argument --concurrency: must be an integer >= 1, got -3"),
-        (["--requests", "-5"], "argument --requests: must be an integer >= 1, got -5"),
-        (["--requests", "0"], "argument --requests: must be an integer >= 1, got 0"),
-        (["--requests", "many"], "argument --requests: must be an integer >= 1, got 'many'"),
+        (["--concurrency", "0"], "argument --concurrency: concurrency must be an integer >= 1, got '0'"),
+        (["--concurrency", "-3"], "argument --concurrency: concurrency must be an integer >= 1, got '-3'"),
+        (["--requests", "-5"], "argument --requests: requests must be an integer >= 1, got '-5'"),
+        (["--requests", "0"], "argument --requests: requests must be an integer >= 1, got '0'"),
+        (["--requests", "many"], "argument --requests: requests must be an integer >= 1, got 'many'"),
     ],
 )
 def test_demo_refuses_counts_below_one_before_starting_anything(arguments: list[str], message: str) -> None:

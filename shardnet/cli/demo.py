@@ -8,7 +8,7 @@ import asyncio
 import time
 from typing import Callable, Optional
 
-from shardnet.cli.options import on_stop_signals
+from shardnet.cli.options import on_stop_signals, whole_number
 from shardnet.errors import ConfigurationError
 from shardnet.examples.text_index import TextIndexer
 from shardnet.networking.polling import PollingType
@@ -30,28 +30,20 @@ CORPUS = (
 QUERIES = ("which replica answers when one dies", "how does the head merge shards", "rank texts by token overlap")
 
 
-def positive_int(text: str) -> int:
-    """An argparse ``type`` for counts: an integer >= 1, since 0 or fewer requests or clients measure nothing."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
-    return value
-
-
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``demo`` to the ``shardnet`` parser."""
     parser = subparsers.add_parser("demo", help="run a local 2x2 text index, index, search, measure, stop")
     parser.add_argument(
         "--requests",
-        type=positive_int,
+        type=whole_number("requests", 1),
         default=2000,
         help="search requests for the throughput figure (default: %(default)s)",
     )
     parser.add_argument(
-        "--concurrency", type=positive_int, default=32, help="searches in flight at once (default: %(default)s)"
+        "--concurrency",
+        type=whole_number("concurrency", 1),
+        default=32,
+        help="searches in flight at once (default: %(default)s)",
     )
     parser.set_defaults(handler=run)
 
