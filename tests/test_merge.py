@@ -82,3 +82,93 @@ def test_many_documents_sharing_an_id_merge_in_one_pass():
     assert len(docs) == 20_000  # the first shard's, none added: every one of the second's has an id known
     assert len(docs[-1].matches) == 1 + 20_000  # the id maps to the last copy, which gains every other match
     assert all(len(doc.matches) == 1 for doc in list(docs)[:-1])
+
+
+def shard_copy(uri: str = "", mime_type: str = "", **fields) -> DataRequest:
+    """A shard's answer holding query ``q`` with ``fields`` set on it (and on its match ``m``)."""
+    query, match = Document(id="q", **fields), Document(id="m", **fields)
+    for doc in (query, match):
+        doc.proto.uri, doc.proto.mime_type = uri, mime_type
+    query.matches.append(match)
+    return DataRequest([query], endpoint="/search")
+
+
+def test_a_field_only_a_later_shard_set_is_kept_as_docarrays_reduce_keeps_it():
+    # shard 1 embeds the query and names its uri; shard 0 set neither: a Jina head returns both (the fields
+    # of a later copy fill what the first left empty), and so must a shardnet head, matches included
+    later = shard_copy(uri="found-by-1", embedding=[1.0, 2.0, 3.0], tags={"by": 1})
+    later.proto.data.docs.docs[0].scores["cosine"].value = 0.5
+    later.proto.data.docs.docs[0].location.extend([4.0, 5.0])
+    merged = merge_shard_responses("dep", [(0, shard_copy()), (1, later)])
+    [query] = merged.docs
+    assert query.proto.uri == "found-by-1"
+    assert list(query.embedding) == [1.0, 2.0, 3.0]
+    assert query.tags == {"by": 1}
+    assert query.proto.scores["cosine"].value == 0.5
+    assert list(query.proto.location) == [4.0, 5.0]
+    assert query.matches[0].proto.uri == "found-by-1" and list(query.matches[0].embedding) == [1.0, 2.0, 3.0]
+    assert query.matches.ids == ["m"]  # merged, not repeated
+
+
+def test_where_several_shards_set_a_field_the_first_shards_value_wins():
+    merged = merge_shard_responses(
+        "dep", [(0, shard_copy(uri="first")), (1, shard_copy(uri="second", mime_type="text/plain"))]
+    )
+    [query] = merged.docs
+    assert (query.proto.uri, query.proto.mime_type) == ("first", "text/plain")
+
+
+def test_a_document_holding_content_takes_no_other_content_from_a_later_copy():
+    merged = merge_shard_responses("dep", [(0, shard_copy(text="kept")), (1, shard_copy(blob=b"other"))])
+    [query] = merged.docs
+    assert query.proto.WhichOneof("content") == "text" and query.text == "kept"
+
+
+def test_content_only_a_later_copy_holds_is_taken():
+    merged = merge_shard_responses("dep", [(0, shard_copy()), (1, shard_copy(blob=b"found"))])
+    assert merged.docs[0].blob == b"found"
+
+
+def test_tags_present_but_empty_count_as_not_set():
+    first = shard_copy()
+    first.proto.data.docs.docs[0].tags.SetInParent()  # touched, never filled
+    merged = merge_shard_responses("dep", [(0, first), (1, shard_copy(tags={"k": "v"}))])
+    assert merged.docs[0].tags == {"k": "v"}
+
+
+def raised(error: BaseException, executor: str = "Probe") -> DataRequest:
+    answer = shard_answer()
+    try:
+        raise error
+    except type(error) as caught:
+        answer.set_exception(caught, executor=executor)
+    return answer
+
+
+def test_a_shards_executor_error_reaches_the_client_as_raised_with_every_shard_named_in_the_description():
+    merged = merge_shard_responses("dep", [(0, raised(ValueError("boom", 7))), (1, shard_answer())])
+    status = merged.status
+    assert merged.is_error
+    assert (status.exception.name, list(status.exception.args), status.exception.executor) == (
+        "ValueError", ["boom", "7"], "Probe"
+    )  # as a Jina head passes it on: a client reading the arguments gets the executor's own
+    assert any("ValueError" in line for line in status.exception.stacks)
+    assert status.description == "shard 0 of 'dep' answered an error: ValueError('boom', 7)"
+
+
+def test_a_failed_shard_beside_an_erroring_one_is_named_too_and_the_executors_error_kept():
+    merged = merge_shard_responses(
+        "dep", [(0, shard_answer()), (1, raised(KeyError("k"))), (2, ConnectionError("refused"))]
+    )
+    status = merged.status
+    assert (status.exception.name, list(status.exception.args)) == ("KeyError", ["k"])
+    assert status.description == (
+        "shard 1 of 'dep' answered an error: KeyError('k'); shard 2 of 'dep' failed: refused"
+    )
+
+
+def test_shards_that_only_failed_give_a_shard_error_naming_them():
+    merged = merge_shard_responses("dep", [(0, shard_answer()), (1, ConnectionError("refused"))])
+    status = merged.status
+    assert (status.exception.name, status.exception.executor) == ("ShardError", "dep")
+    assert list(status.exception.args) == [status.description] == ["shard 1 of 'dep' failed: refused"]

@@ -1,20 +1,23 @@
 """Merge the answers of every shard (ALL polling) into one response.
 
-Documents are merged by id: a document several shards return keeps its first
-copy, and gains the others' matches and chunks it does not hold yet (merged by
-id the same way, as docarray's ``reduce`` does); new ids are appended in shard
-order. A shard that failed or answered with an error is named in the
-merged status, so the client learns which shard to look at.
+Documents are merged by id, as docarray's ``reduce`` does: a document several
+shards return keeps its first copy, takes from the later copies each field the
+first left empty (an embedding, a uri, tags), and gains their matches and
+chunks it does not hold yet (merged by id the same way, fields included); new
+ids are appended in shard order. A shard that failed or answered with an
+error is named in the merged status, so the client learns which shard to look
+at; the executor's exception (name, arguments, stack) reaches it as raised.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Union
 
-from shardnet.protocol.messages import DataRequest
+from shardnet.protocol.messages import DataRequest, wire_text
 from shardnet.protocol.services import RESULTS_PARAMETER as RESULTS
 
 ShardOutcome = tuple[Optional[int], Union[DataRequest, BaseException]]
+_MERGED_APART = frozenset({"id", "parent_id", "matches", "chunks"})  # docarray never copies these from a later copy
 
 
 def merge_documents(target: DataRequest, others: Sequence[DataRequest]) -> None:
@@ -27,7 +30,8 @@ def merge_documents(target: DataRequest, others: Sequence[DataRequest]) -> None:
 def _reduce(target: Any, source: Any) -> None:
     """Fold the ``source`` documents into the ``target`` list by id, recursively (docarray's ``reduce``).
 
-    A document ``target`` already holds keeps its fields and gains the matches and chunks it lacks, so a
+    A document ``target`` already holds keeps the fields it set, takes the others from the source's copy,
+    and gains the matches and chunks it lacks, so a
     match or chunk the request carried to every shard comes back once, not once per shard. Documents
     without an id are always added: there is nothing to tell them apart by. The matches and chunks of all
     the source documents that share an id are folded in together, once: folding them in one document at a
@@ -42,14 +46,38 @@ def _reduce(target: Any, source: Any) -> None:
             added.CopyFrom(doc)
             if doc.id:
                 by_id[doc.id] = added
-        elif doc.matches or doc.chunks:  # most shards add neither to a document: nothing to fold
-            folding.setdefault(doc.id, []).append(doc)
+        else:
+            _fill_empty_fields(existing, doc)
+            if doc.matches or doc.chunks:  # most shards add neither to a document: nothing to fold
+                folding.setdefault(doc.id, []).append(doc)
     for doc_id, docs in folding.items():
         existing = by_id[doc_id]
         for field in ("matches", "chunks"):
             gained = [item for doc in docs for item in getattr(doc, field)]
             if gained:
                 _reduce(getattr(existing, field), gained)
+
+
+def _fill_empty_fields(target: Any, source: Any) -> None:
+    """Copy into ``target`` each field ``source`` set that ``target`` left empty (docarray's rule: the first
+    copy wins where both set one). Content is one field: a document holding a text takes no blob."""
+    held = {field.name for field, value in target.ListFields() if not _empty_message(field, value)}
+    has_content = target.WhichOneof("content") is not None
+    for field, value in source.ListFields():
+        name = field.name
+        if name in held or name in _MERGED_APART or _empty_message(field, value):
+            continue
+        if has_content and field.containing_oneof is not None:
+            continue
+        if field.message_type is None and not field.is_repeated:
+            setattr(target, name, value)
+        else:  # a message, a list or a map, empty in the target: merging copies it
+            getattr(target, name).MergeFrom(value)
+
+
+def _empty_message(field: Any, value: Any) -> bool:
+    """A message field present but holding nothing (``tags`` touched, never filled) counts as not set."""
+    return field.message_type is not None and not field.is_repeated and value.ByteSize() == 0
 
 
 def merge_shard_responses(deployment: str, outcomes: Sequence[ShardOutcome]) -> DataRequest:
@@ -88,8 +116,9 @@ def report_shard_problems(response: DataRequest, deployment: str, outcomes: Sequ
     """Mark ``response`` failed, naming each shard that failed or answered an error; no-op when none did.
 
     ``response`` is the merged answer or the uses_after's answer. It takes the
-    first shard error's exception (name, stack) unless it is an error of its
-    own, whose description then comes first.
+    first shard error's exception as the executor raised it (name, arguments,
+    executor, stack: what a Jina client reads), unless it is an error of its
+    own, which it keeps; the description names every shard's problem.
     """
     problems = []
     first_error = None
@@ -107,5 +136,7 @@ def report_shard_problems(response: DataRequest, deployment: str, outcomes: Sequ
             problems.insert(0, status.description)
     elif first_error is not None:
         status.CopyFrom(first_error)
-    name = status.exception.name if status.code else ""
-    response.set_error("; ".join(problems), name=name or "ShardError", executor=deployment)
+    else:  # only failed calls: no executor raised anything
+        response.set_error("; ".join(problems), name="ShardError", executor=deployment)
+        return
+    status.description = wire_text("; ".join(problems))
