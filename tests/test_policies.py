@@ -187,3 +187,59 @@ async def test_pool_stops_sending_to_an_ejected_replica(pool_factory, echo_serve
         _, trailing = await pool.send_request(DataRequest(), "dep")[0]
         assert trailing["served-by"] == "healthy"
     assert sick.calls == 2  # two failures, then out of rotation
+
+
+async def test_removing_the_last_pickable_replica_lets_the_ejected_ones_back_at_once(echo_servers, pool_factory):
+    # a replica ejected after a blip and healthy again, then its only peer leaves (scale-down, DEACTIVATE, a
+    # lapsed lease): the shard must not sit with nothing to pick until the probe's timer fires
+    blipped, leaving = await echo_servers(2, names=["blipped", "leaving"])
+    blipped.fail_with = grpc.StatusCode.UNAVAILABLE
+    pool = pool_factory(ejection=EjectionPolicy(consecutive_failures=2, base_ejection=60.0, max_ejection=60.0))
+    pool.add_connection("dep", blipped.address)
+    pool.add_connection("dep", leaving.address)
+    replicas = pool.get_replicas("dep")
+    [bad] = [c for c in replicas.get_all_connections() if str(c.address) == blipped.address]
+    for _ in range(2):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call(replicas, bad)
+    assert replicas.ejected_addresses == [blipped.address]
+    blipped.fail_with = None
+    await pool.remove_connection("dep", leaving.address)
+    assert list(replicas.eligible()) == [bad] and replicas.ejected_addresses == []
+    [task] = pool.send_request(DataRequest(), "dep")
+    _, trailing = await task
+    assert trailing["served-by"] == "blipped"
+    assert not replicas._probes  # its probe stopped: a later ejection starts one of its own
+
+
+async def test_an_old_blip_is_forgotten_once_the_replica_served_as_long_as_the_longest_ejection(echo_servers):
+    sick, healthy = await echo_servers(2, names=["sick", "healthy"])
+    replicas = ReplicaList(ejection=EjectionPolicy(consecutive_failures=1, base_ejection=0.5, max_ejection=30.0))
+    try:
+        bad = replicas.add_connection(sick.address)
+        replicas.add_connection(healthy.address)
+        sick.fail_with = grpc.StatusCode.UNAVAILABLE
+        for expected in (1, 2, 3):  # blips in a row: each ejection twice the last
+            with pytest.raises(grpc.aio.AioRpcError):
+                await call(replicas, bad)
+            assert bad.times_ejected == expected
+            replicas._readmit_ejected()
+        bad.admitted_at -= 30.0  # back for 30 s, the longest ejection: the next blip starts over
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call(replicas, bad)
+        assert bad.times_ejected == 1
+    finally:
+        await replicas.close()
+
+
+async def test_the_same_replica_dialled_with_and_without_tls_is_refused_naming_both(pool_factory):
+    pool = pool_factory()
+    pool.add_connection("dep", "10.0.0.7:8443")
+    with pytest.raises(ConfigurationError, match=r"'https://10.0.0.7:8443' is already a replica dialled without TLS"):
+        pool.add_connection("dep", "https://10.0.0.7:8443")
+    other = pool_factory()
+    other.add_connection("dep", "https://10.0.0.7:8443")
+    with pytest.raises(ConfigurationError, match=r"'10.0.0.7:8443' is already a replica dialled with TLS"):
+        other.add_connection("dep", "10.0.0.7:8443")
+    assert pool.get_replicas("dep").addresses == ["10.0.0.7:8443"]
+    other.add_connection("dep", "https://10.0.0.7:8443")  # the same again: nothing to refuse

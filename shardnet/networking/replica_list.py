@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import weakref
 from typing import Any, Awaitable, Iterable, Optional, Sequence, Union
 
@@ -121,7 +122,7 @@ class Connection:
 
     __slots__ = (
         "address", "_tls", "_options", "channel", "stubs", "running", "failures", "times_ejected", "_retiring",
-        "_closed", "_origin", "_request_streams", "rebuilt_at",
+        "_closed", "_origin", "_request_streams", "rebuilt_at", "admitted_at",
     )
 
     def __init__(
@@ -139,6 +140,7 @@ class Connection:
         self._options = options
         self.failures = 0
         self.times_ejected = 0
+        self.admitted_at = float("-inf")  # time.monotonic() when it last joined the picks
         self.rebuilt_at = float("-inf")  # loop time of the last rebuild
         self._retiring: dict[asyncio.Task, _ChannelInUse] = {}  # replaced channels closing in the background
         self._closed: weakref.WeakSet = weakref.WeakSet()  # channels we closed: their cancelled calls were cut by us
@@ -269,6 +271,12 @@ class ReplicaList:
         parsed = parse_address(address, tls=self._tls is not None)
         existing = self._connections.get(parsed.target)
         if existing is not None:
+            if existing.address.tls != parsed.tls:  # keeping either would silently drop what the caller asked
+                raise ConfigurationError(
+                    f"{self.name or 'replica list'}: {address!r} is already a replica dialled "
+                    f"{'with' if existing.address.tls else 'without'} TLS as {str(existing.address)!r}; "
+                    "remove it first to change how it is dialled"
+                )
             return existing
         connection = Connection(
             parsed, tls=self._tls, options=self._options, owner=self.name, request_streams=self._request_streams
@@ -358,6 +366,7 @@ class ReplicaList:
         if connection not in self._position:
             self._position[connection] = len(self._eligible)
             self._eligible.append(connection)
+            connection.admitted_at = time.monotonic()
 
     def _withdraw(self, connection: Connection) -> None:
         index = self._position.pop(connection, None)
@@ -367,6 +376,17 @@ class ReplicaList:
         if last is not connection:
             self._eligible[index] = last
             self._position[last] = index
+        if not self._eligible and self._probes:  # the last pickable replica left: the ejected are all there is
+            self._readmit_ejected()
+
+    def _readmit_ejected(self) -> None:
+        """Let every ejected replica back in at once (their probes stop): a shard with replicas is never left
+        with none to pick while it waits for a probe's timer."""
+        probes, self._probes = self._probes, {}
+        for connection, probe in probes.items():
+            probe.cancel()
+            self._admit(connection)
+            self._logger.info("%s: replica %s let back in early: no other is left", self.name, connection.address)
 
     # -- outcomes ----------------------------------------------------------
 
@@ -395,6 +415,8 @@ class ReplicaList:
 
     def _eject(self, connection: Connection) -> None:
         self._withdraw(connection)
+        if time.monotonic() - connection.admitted_at >= self._ejection.max_ejection:
+            connection.times_ejected = 0  # healthy for as long as the longest ejection: an old blip is forgotten
         connection.times_ejected += 1
         delay = self._ejection.ejection_time(connection.times_ejected)
         self._probes[connection] = asyncio.get_running_loop().create_task(self._probe_until_healthy(connection, delay))
@@ -417,7 +439,8 @@ class ReplicaList:
                     return
                 delay = min(self._ejection.max_ejection, delay * 2)
         finally:
-            self._probes.pop(connection, None)
+            if self._probes.get(connection) is asyncio.current_task():  # not a newer probe of the same replica
+                del self._probes[connection]
 
     # -- calls ---------------------------------------------------------------
 
