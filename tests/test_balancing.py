@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import math
 import random
+import time
 
+import grpc
 import pytest
 
-from shardnet import ConfigurationError, DataRequest, GrpcConnectionPool, PeakEwma, RoundRobin
+from shardnet import ConfigurationError, DataRequest, GrpcConnectionPool, PeakEwma, ReplicaList, RoundRobin
 from shardnet.networking.balancing import make_balancer
 
 
@@ -90,3 +94,128 @@ async def test_slow_replica_gets_fewer_picks(pool_factory, echo_servers):
         await pool.send_request(DataRequest(), "dep", timeout=5.0)[0]
     assert slow.calls + fast.calls == 40
     assert slow.calls <= 3, (slow.calls, fast.calls)
+
+
+def test_abandoned_request_leaves_the_estimate_alone():
+    from shardnet.networking.balancing import Balancer
+
+    assert callable(getattr(Balancer, "abandoned", None))
+    assert RoundRobin().abandoned("x", RoundRobin().started("x")) is None
+    clock = FakeClock()
+    balancer = PeakEwma(clock=clock, rng=random.Random(3))
+    served(balancer, clock, "a", 0.01)
+    token = balancer.started("a")
+    clock.now += 0.5  # its caller gives up: nothing learnt about the replica
+    balancer.abandoned("a", token)
+    assert balancer.outstanding("a") == 0
+    assert balancer.cost("a", clock.now) == pytest.approx(0.01 * math.exp(-0.5 / 10.0))  # no failure penalty
+    balancer.finished("a", token, failed=True)  # a late end of the same request changes nothing
+    assert balancer.cost("a", clock.now) == pytest.approx(0.01 * math.exp(-0.5 / 10.0))
+    balancer.abandoned("unknown", 12345)  # harmless
+
+
+def burst(balancer, candidates, requests):
+    """``requests`` concurrent requests (each picked and started, none finished yet): the share of each."""
+    shares = dict.fromkeys(candidates, 0)
+    for _ in range(requests):
+        connection = balancer.pick(candidates)
+        balancer.started(connection)
+        shares[connection] += 1
+    return shares
+
+
+def test_new_replica_starts_at_its_peers_median_and_does_not_take_a_burst():
+    clock = FakeClock()
+    balancer = PeakEwma(clock=clock, rng=random.Random(5))
+    served(balancer, clock, "a", 0.05)
+    served(balancer, clock, "b", 0.06)
+    b_measured = clock.now
+    served(balancer, clock, "c", 0.08)
+    now = clock.now
+    median = 0.06 * math.exp(-(now - b_measured) / 10.0)  # b's estimate, decayed as cost decays it
+    assert balancer.cost("new", now) == pytest.approx(median)
+    shares = burst(balancer, ["a", "b", "c", "new"], 60)
+    assert shares["new"] <= 20, shares  # about a fair share (15), not most of the burst
+    assert min(shares.values()) >= 8, shares
+
+
+def test_a_seed_gives_way_to_the_first_measurement():
+    clock = FakeClock()
+    balancer = PeakEwma(clock=clock, rng=random.Random(5))
+    served(balancer, clock, "a", 0.5)
+    served(balancer, clock, "new", 0.01)  # seeded at 0.5, measured at 0.01: the measurement wins
+    assert balancer.cost("new", clock.now) == pytest.approx(0.01)
+    assert all(balancer.pick(["a", "new"]) == "new" for _ in range(20))
+
+
+def test_forgotten_replica_is_seeded_from_its_peers_again():
+    clock = FakeClock()
+    balancer = PeakEwma(clock=clock, rng=random.Random(11))
+    served(balancer, clock, "a", 0.001, failed=True)  # its estimate is the 1 s failure penalty
+    served(balancer, clock, "b", 0.02)
+    served(balancer, clock, "c", 0.02)
+    balancer.forget("a")  # readmitted after ejection: neither starved by the penalty nor free
+    assert balancer.cost("a", clock.now) == pytest.approx(0.02, rel=1e-3)
+    shares = burst(balancer, ["a", "b", "c"], 30)
+    assert shares["a"] <= 13, shares  # about a fair share (10)
+    assert min(shares.values()) >= 7, shares
+
+
+def test_identical_replicas_share_one_at_a_time_traffic():
+    clock = FakeClock()
+    balancer = PeakEwma(clock=clock, rng=random.Random(2))
+    served(balancer, clock, "x", 0.01)
+    served(balancer, clock, "y", 0.01)  # alike but for a sliver of decay: a near tie, not a verdict for x
+    picks = [balancer.pick(["x", "y"]) for _ in range(100)]
+    assert 30 <= picks.count("x") <= 70, picks.count("x")
+    for seed in range(10):  # latency noise (a spread of 50 %) must not hand one replica nearly everything
+        balancer = PeakEwma(clock=clock, rng=random.Random(seed))
+        jitter = random.Random(seed)
+        shares = {"x": 0, "y": 0}
+        for _ in range(200):
+            connection = balancer.pick(["x", "y"])
+            shares[connection] += 1
+            served(balancer, clock, connection, 0.001 * (1.0 + 0.5 * jitter.random()))
+            clock.now += 0.0002
+        assert min(shares.values()) >= 60, (seed, shares)
+
+
+def test_a_clearly_slower_or_hung_replica_is_still_avoided():
+    clock = FakeClock()
+    balancer = PeakEwma(clock=clock, rng=random.Random(4))
+    served(balancer, clock, "slow", 0.0125)  # 25 % slower: beyond the near-tie margin
+    served(balancer, clock, "fast", 0.01)
+    for _ in range(50):
+        assert balancer.pick(["slow", "fast"]) == "fast"
+        served(balancer, clock, "fast", 0.01)
+    served(balancer, clock, "slow", 0.01)  # now alike
+    balancer.started("slow")  # hangs
+    clock.now += 0.05
+    assert all(balancer.pick(["slow", "fast"]) == "fast" for _ in range(20))
+
+
+async def test_a_callers_cancellation_or_short_deadline_is_no_failure_of_the_replica(echo_servers):
+    # a call its own caller cancelled (a client gone) or gave too short a deadline says nothing against the
+    # replica: before, each stamped a 1 s failure penalty on it, and a healthy replica got no sequential
+    # traffic for some 40 s
+    [replica] = await echo_servers(1, delay=0.2)
+    balancer = PeakEwma()
+    replicas = ReplicaList(balancer=balancer)
+    try:
+        connection = replicas.add_connection(replica.address)
+        call = asyncio.ensure_future(replicas.call(connection, "single_data", DataRequest(endpoint="/e"), None, None))
+        while not replica.calls:  # the replica has it: the caller then gives up
+            await asyncio.sleep(0.005)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert balancer.outstanding(connection) == 0
+        assert balancer.cost(connection, time.monotonic()) < 0.05  # no penalty: nothing was measured
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await replicas.call(connection, "single_data", DataRequest(endpoint="/e"), None, 0.02,
+                                callers_deadline=True)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert 0.0 < balancer.cost(connection, time.monotonic()) < 0.5  # the time it waited, not the 1 s penalty
+        assert connection.failures == 0
+    finally:
+        await replicas.close()

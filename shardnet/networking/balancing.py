@@ -4,8 +4,13 @@
 (decaying peak latency) x (outstanding requests + 1), where a request still
 out for longer than the average counts by its age, so a replica that hangs
 loses its share at once instead of after its requests time out (the Finagle
-and Linkerd balancer). Balancers own the in-flight bookkeeping; replica lists
-tell them when a request starts and ends.
+and Linkerd balancer). A replica it has no history for (new, or forgotten on
+readmission) starts at the median estimate of its peers rather than at zero,
+so it competes on equal terms instead of taking a whole burst; two costs
+within a small margin of each other are a coin flip, so identical replicas
+share one-at-a-time traffic instead of the lower estimate taking it all.
+Balancers own the in-flight bookkeeping; replica lists tell them when a
+request starts and ends, and whether its end told anything about the replica.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import statistics
 import time
 import types
 from typing import Any, Protocol, Sequence
@@ -21,13 +27,28 @@ from shardnet.errors import ConfigurationError
 
 
 class Balancer(Protocol):
-    def pick(self, candidates: Sequence[Any]) -> Any: ...
+    """What a replica list needs of a balancer: a pick, and the start and end of every request."""
 
-    def started(self, connection: Any) -> Any: ...
+    def pick(self, candidates: Sequence[Any]) -> Any:
+        """The candidate (a non-empty sequence) the next request goes to."""
+        ...
 
-    def finished(self, connection: Any, token: Any, failed: bool = False) -> None: ...
+    def started(self, connection: Any) -> Any:
+        """A request to ``connection`` starts; the token returned is handed back when it ends."""
+        ...
 
-    def forget(self, connection: Any) -> None: ...
+    def finished(self, connection: Any, token: Any, failed: bool = False) -> None:
+        """The request ended with an answer, or ``failed`` by the replica's fault (an error, a timeout)."""
+        ...
+
+    def abandoned(self, connection: Any, token: Any) -> None:
+        """The request ended telling nothing about the replica (its own caller cancelled it): no longer
+        outstanding, and no latency to learn from."""
+        ...
+
+    def forget(self, connection: Any) -> None:
+        """Drop what is known of ``connection`` (removed, or readmitted after ejection: its past no longer counts)."""
+        ...
 
 
 class RoundRobin:
@@ -49,47 +70,82 @@ class RoundRobin:
     def finished(self, connection: Any, token: Any, failed: bool = False) -> None:
         return None
 
+    def abandoned(self, connection: Any, token: Any) -> None:
+        """Nothing to undo: rotation keeps no per-request state."""
+        return None
+
     def forget(self, connection: Any) -> None:
         return None
 
 
 class _Load:
-    __slots__ = ("ewma", "stamp", "outstanding")
+    """One replica's latency estimate and its requests still out (token -> start, oldest first)."""
 
-    def __init__(self, now: float):
-        self.ewma = 0.0
+    __slots__ = ("ewma", "stamp", "outstanding", "prior")
+
+    def __init__(self, ewma: float, now: float):
+        self.ewma = ewma
         self.stamp = now
         self.outstanding: dict[int, float] = {}
+        self.prior = True  # ewma is a seed, not a measurement: the first request's latency replaces it outright
 
 
 class PeakEwma:
-    """Power of two choices weighted by peak-EWMA latency times outstanding requests."""
+    """Power of two choices weighted by peak-EWMA latency times outstanding requests.
+
+    ``default_latency`` seeds the first replica it learns of (later ones start at the median of their peers);
+    costs within ``tie_margin`` (relative) of each other are a coin flip, so noise between identical replicas
+    does not send all one-at-a-time traffic to one of them.
+    """
 
     name = "p2c_ewma"
+    seed_sample = 15  # at most this many peers (the longest known) are read to seed a new load: O(1) per new replica
 
-    def __init__(self, decay: float = 10.0, failure_penalty: float = 1.0, clock=time.monotonic, rng=None):
+    def __init__(
+        self,
+        decay: float = 10.0,
+        failure_penalty: float = 1.0,
+        clock=time.monotonic,
+        rng=None,
+        *,
+        default_latency: float = 0.0,
+        tie_margin: float = 0.1,
+    ):
         self._decay = decay
         self._failure_penalty = failure_penalty
         self._clock = clock
         self._rng = rng or random.Random()
+        self._default_latency = default_latency
+        self._tie_margin = tie_margin
         self._loads: dict[Any, _Load] = {}
         self._tokens = itertools.count()
 
-    def _load(self, connection: Any) -> _Load:
+    def _seed(self, now: float) -> float:
+        """The estimate a load without history starts at: the median of its peers' (a sample of them, decayed to
+        ``now``), so a new or readmitted replica neither takes a burst for free nor starts starved."""
+        peers = itertools.islice(self._loads.values(), self.seed_sample)
+        estimates = [load.ewma * math.exp(-(now - load.stamp) / self._decay) for load in peers]
+        return statistics.median(estimates) if estimates else self._default_latency
+
+    def _load(self, connection: Any, now: float) -> _Load:
         load = self._loads.get(connection)
         if load is None:
-            load = self._loads[connection] = _Load(self._clock())
+            load = self._loads[connection] = _Load(self._seed(now), now)
         return load
 
-    def cost(self, connection: Any, now: float) -> float:
-        load = self._loads.get(connection)
-        if load is None:  # never used: nothing known against it
-            return 0.0
+    def _cost(self, load: _Load, now: float) -> float:
         latency = load.ewma * math.exp(-(now - load.stamp) / self._decay)
         if load.outstanding:
             oldest_age = now - next(iter(load.outstanding.values()))
             latency = max(latency, oldest_age)
         return latency * (len(load.outstanding) + 1)
+
+    def cost(self, connection: Any, now: float) -> float:
+        """What a pick at ``now`` weighs ``connection`` by; one without history by the estimate it would start at."""
+        load = self._loads.get(connection)
+        if load is None:
+            return self._seed(now)
+        return self._cost(load, now)
 
     def pick(self, candidates: Sequence[Any]) -> Any:
         count = len(candidates)
@@ -105,11 +161,19 @@ class PeakEwma:
                 second += 1
             a, b = candidates[first], candidates[second]
         now = self._clock()
-        return a if self.cost(a, now) <= self.cost(b, now) else b
+        loads = self._loads
+        cost_a = self._cost(loads.get(a) or self._load(a, now), now)  # a replica new to it is seeded here, once
+        cost_b = self._cost(loads.get(b) or self._load(b, now), now)
+        if cost_b < cost_a:
+            a, b, cost_a, cost_b = b, a, cost_b, cost_a
+        if cost_b - cost_a <= cost_b * self._tie_margin and self._rng.random() < 0.5:
+            return b  # a near tie is noise, not a verdict: a coin flip, or the first would take it every time
+        return a
 
     def started(self, connection: Any) -> int:
         token = next(self._tokens)
-        self._load(connection).outstanding[token] = self._clock()
+        now = self._clock()
+        self._load(connection, now).outstanding[token] = now
         return token
 
     def finished(self, connection: Any, token: int, failed: bool = False) -> None:
@@ -121,14 +185,23 @@ class PeakEwma:
             return
         now = self._clock()
         rtt = max(now - started, self._failure_penalty) if failed else now - started
-        if rtt > load.ewma:
-            load.ewma = rtt  # peak: jump up at once
+        if rtt > load.ewma or load.prior:
+            load.ewma = rtt  # peak: jump up at once (and a seed gives way to the first measurement)
+            load.prior = False
         else:
             weight = math.exp(-(now - load.stamp) / self._decay)
             load.ewma = load.ewma * weight + rtt * (1.0 - weight)
         load.stamp = now
 
+    def abandoned(self, connection: Any, token: int) -> None:
+        """The request ended telling nothing about the replica (its caller cancelled it): no longer outstanding,
+        the latency estimate untouched (a failure penalty here would starve a healthy replica)."""
+        load = self._loads.get(connection)
+        if load is not None:
+            load.outstanding.pop(token, None)
+
     def forget(self, connection: Any) -> None:
+        """Drop the connection's history; its next load is seeded from its peers as a new replica's is."""
         self._loads.pop(connection, None)
 
     def outstanding(self, connection: Any) -> int:

@@ -211,27 +211,35 @@ class GrpcConnectionPool:
             self._deployments[deployment].declared = count
 
     async def remove_connection(
-        self, deployment: str, address: str, head: bool = False, shard_id: Optional[int] = None
+        self,
+        deployment: str,
+        address: str,
+        head: bool = False,
+        shard_id: Optional[int] = None,
+        *,
+        grace: Optional[float] = None,
     ) -> Optional[Connection]:
         """Close and forget a replica; return the removed connection, or None when it was not there.
 
         With no ``shard_id`` every shard of the deployment is searched. A shard
         whose last replica leaves stays known (empty), so ALL can say it is missing.
         A malformed address raises ConfigurationError, whether or not the deployment is known.
+        ``grace``: how long calls already on it may go on before they are cut and fail over (as
+        ``ReplicaList.remove_connection``: None, as long as they last, for a replica leaving alive).
         """
         parse_address(address)
         entry = self._deployments.get(deployment)
         if entry is None:
             return None
         if head:
-            return await entry.head.remove_connection(address) if entry.head else None
+            return await entry.head.remove_connection(address, grace=grace) if entry.head else None
         if shard_id is None:
             candidates = entry.shards.values()
         else:
             candidates = [entry.shards.get(_shard_number(deployment, shard_id))]
         for replicas in candidates:
             if replicas is not None:
-                removed = await replicas.remove_connection(address)
+                removed = await replicas.remove_connection(address, grace=grace)
                 if removed is not None:
                     return removed
         return None

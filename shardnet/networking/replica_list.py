@@ -43,6 +43,9 @@ _OTHER_LOOP = ("attached to a different loop", "Event loop is closed")
 # anyway: as long as they last, in practice (a call cut off here fails over, it is not lost, but it runs twice)
 RETIRED_CHANNEL_GRACE = 24 * 3600.0
 
+# the name of the task that checks an ejected replica's health at once when it registers again (readmit_if_healthy)
+_READMISSION = "shardnet-readmission"
+
 
 async def _finish_or_cut(closings: dict[asyncio.Task, Any], grace: float) -> None:
     """Give background closes ``grace`` seconds; those still waiting on calls stop waiting and close at once
@@ -244,10 +247,11 @@ class ReplicaList:
     ):
         if isinstance(balancer, str):  # a name, as the pool takes it
             balancer = make_balancer(balancer)
-        methods = ("pick", "started", "finished", "forget")
+        methods = ("pick", "started", "finished", "abandoned", "forget")
         if balancer is not None and not all(callable(getattr(balancer, method, None)) for method in methods):
             raise ConfigurationError(
-                f"balancer must be a balancer name or object (pick, started, finished, forget), got {balancer!r}"
+                f"balancer must be a balancer name or object (pick, started, finished, abandoned, forget), got "
+                f"{balancer!r}"
             )
         self.balancer = balancer if balancer is not None else RoundRobin()
         self.name = name
@@ -285,8 +289,14 @@ class ReplicaList:
         self._admit(connection)
         return connection
 
-    async def remove_connection(self, address: str) -> Optional[Connection]:
-        """Close and forget the connection to ``address``; return it, or None when it was not there."""
+    async def remove_connection(self, address: str, *, grace: Optional[float] = None) -> Optional[Connection]:
+        """Close and forget the connection to ``address``; return it, or None when it was not there.
+
+        ``grace``: how long the calls already on it may go on before they are cut (UNAVAILABLE, which fails
+        over): None, as long as they last (``RETIRED_CHANNEL_GRACE``), for a replica that leaves alive
+        (DEACTIVATE, a drain); a replica presumed dead or cut off (its lease lapsed) gets little or none, or what
+        it holds waits for keepalive.
+        """
         connection = self._connections.pop(parse_address(address).target, None)
         if connection is None:
             return None
@@ -296,7 +306,8 @@ class ReplicaList:
             probe.cancel()
         self.balancer.forget(connection)
         # calls already on it still get their answers (a draining worker gives them); the channel closes after
-        closing = asyncio.get_running_loop().create_task(connection.close(grace=RETIRED_CHANNEL_GRACE))
+        grace = RETIRED_CHANNEL_GRACE if grace is None else grace
+        closing = asyncio.get_running_loop().create_task(connection.close(grace=grace))
         self._leaving[closing] = connection
         closing.add_done_callback(self._leaving.pop)
         # the close starts before the caller removes another: grpc.aio's close walks every task of the loop, and
@@ -341,7 +352,8 @@ class ReplicaList:
     @property
     def ejected_addresses(self) -> list[str]:
         """The replicas ejected for repeated failures, not picked until a health probe lets them back in."""
-        return [str(connection.address) for connection in self._connections.values() if connection not in self._position]
+        connections = self._connections.values()
+        return [str(connection.address) for connection in connections if connection not in self._position]
 
     def __len__(self) -> int:
         return len(self._connections)
@@ -432,6 +444,7 @@ class ReplicaList:
                     return
                 if await connection.health():
                     self._admit(connection)
+                    self.balancer.forget(connection)  # its failures' penalty would keep it starved for many seconds
                     self._logger.info("%s: replica %s is healthy again", self.name, connection.address)
                     return
                 if not self._eligible:  # nothing else left: better a doubtful replica than none
@@ -440,6 +453,48 @@ class ReplicaList:
                 delay = min(self._ejection.max_ejection, delay * 2)
         finally:
             if self._probes.get(connection) is asyncio.current_task():  # not a newer probe of the same replica
+                del self._probes[connection]
+
+    def readmit_if_healthy(self, address: str) -> bool:
+        """Check an ejected replica's health now, in the background, and let it back in on SERVING rather than
+        when its ejection (up to ``EjectionPolicy.max_ejection``) runs out: a worker registering again while no
+        connection of this list to it is open may have restarted on the same address. The check takes the place
+        of the pending probe, which starts over if the replica is not healthy yet.
+
+        True when a check was started; False, doing nothing, when ``address`` is not ejected here, a check is
+        under way, or its channel is still connected: the replica ejected is then the one registering, and its
+        ejection runs its course (a slow replica must not flap back in at every renewal)."""
+        connection = self._connections.get(parse_address(address).target)
+        if connection is None or connection in self._position:
+            return False
+        probe = self._probes.get(connection)
+        if probe is not None and probe.get_name() == _READMISSION:
+            return False
+        if connection.channel.get_state() == grpc.ChannelConnectivity.READY:
+            return False
+        if probe is not None:
+            probe.cancel()  # its finally leaves the entry alone once it is ours
+        self._probes[connection] = asyncio.get_running_loop().create_task(self._readmit(connection), name=_READMISSION)
+        return True
+
+    async def _readmit(self, connection: Connection) -> None:
+        """``readmit_if_healthy``'s check: admit ``connection`` if it serves, else probe on as after an ejection."""
+        try:
+            if connection.channel.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                connection.rebuild()  # the old one waits out its reconnect backoff (up to minutes); a new one dials now
+            healthy = await connection.health()
+            if self._connections.get(connection.address.target) is not connection or connection in self._position:
+                return
+            if healthy:
+                self._admit(connection)
+                self.balancer.forget(connection)
+                self._logger.info(
+                    "%s: replica %s registered again and is healthy: back in rotation", self.name, connection.address
+                )
+                return
+            await self._probe_until_healthy(connection, self._ejection.ejection_time(connection.times_ejected))
+        finally:
+            if self._probes.get(connection) is asyncio.current_task():
                 del self._probes[connection]
 
     # -- calls ---------------------------------------------------------------
@@ -474,23 +529,28 @@ class ReplicaList:
             response = checked_reply(await call, connection.address, self.name, timed=timeout is not None)
             trailing = await call.trailing_metadata()
         except grpc.aio.AioRpcError as error:
-            balancer.finished(connection, token, failed=True)
-            # a call on a channel already replaced tells nothing new: the failures that replaced it were counted
-            # (a worker dying under many calls would otherwise rebuild its channel once per three of them)
-            blamed = channel is connection.channel and not (
+            # a caller's own deadline, too short to say anything of the replica, is no failure of it: its
+            # latency estimate takes the time it did wait, with no penalty
+            blamed = not (
                 callers_deadline and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self._too_short(timeout)
             )
-            if blamed:
+            balancer.finished(connection, token, failed=blamed)
+            # a call on a channel already replaced tells nothing new: the failures that replaced it were counted
+            # (a worker dying under many calls would otherwise rebuild its channel once per three of them)
+            # nor does a call on a replica already removed (its cut calls would rebuild a channel no one closes)
+            listed = self._connections.get(connection.address.target) is connection
+            if blamed and channel is connection.channel and listed:
                 self.record_failure(connection, error.code())
             raise
         except asyncio.CancelledError:
-            balancer.finished(connection, token, failed=True)
             if connection.cut_by_close(channel):
+                balancer.finished(connection, token, failed=True)
                 raise rpc_error(
                     grpc.StatusCode.UNAVAILABLE,
                     f"the channel to replica {connection.address} was closed with this call still on it "
                     "(the replica was removed, its channel rebuilt, or the pool closed)",
                 ) from None
+            balancer.abandoned(connection, token)  # its caller gave up: nothing learnt of the replica
             raise
         except RuntimeError as error:
             balancer.finished(connection, token, failed=True)

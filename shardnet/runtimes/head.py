@@ -82,6 +82,9 @@ SHARDS_WAIT = 180.0
 MAX_RENEWAL_INTERVAL = 300.0
 # seconds a lapsed registration is remembered (or its lease, if longer), to say so when the worker comes back
 LAPSE_MEMORY = 60.0
+# seconds the requests a worker holds when its lease lapses get before they are cut (UNAVAILABLE) and fail over:
+# the head presumes it dead or cut off (a SIGSTOP, a partition), and without a cut they would wait for keepalive
+LAPSED_LEASE_GRACE = 0.5
 # workers one ACTIVATE or DEACTIVATE may name (each costs the head a channel and some 10 KB)
 MAX_CONTROL_ENTITIES = 10_000
 # workers a head holds at most, over all ACTIVATEs: many small ones must not add up to what one may not name
@@ -320,13 +323,25 @@ class Head:
                 requests = [response]
             polling = self.polling[endpoint]
             if polling == PollingType.ANY and self._uses_after is None:  # the fast path: bytes in, bytes out
-                response, trailing = await self._one(self.deployment, requests, metadata, timeout)
+                try:
+                    response, trailing = await self._one(self.deployment, requests, metadata, timeout)
+                except ReplicaError as exc:
+                    shard = self._another_shard(exc)
+                    if shard is None:
+                        raise
+                    response, trailing = await self._on_shard(shard, requests, metadata, context)
                 try:
                     response.request_id  # noqa: B018 - reading the header refuses an answer carrying a pickle
                 except ProtocolError as exc:  # the replica's fault (its bytes are named), not the caller's
                     await context.abort(grpc.StatusCode.INTERNAL, f"{self.deployment}: {exc}")
             else:
-                response, trailing = await self._gather(requests, metadata, timeout, polling)
+                try:
+                    response, trailing = await self._gather(requests, metadata, timeout, polling)
+                except ReplicaError as exc:
+                    shard = self._another_shard(exc) if polling == PollingType.ANY else None
+                    if shard is None:
+                        raise
+                    response, trailing = await self._on_shard(shard, requests, metadata, context)
         except _LoopedBack:  # refused, not forwarded again: one request would otherwise fan out without end
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -410,12 +425,45 @@ class Head:
             retries=retries,
         )
 
+    def _another_shard(self, failure: ReplicaError) -> Optional[int]:
+        """Where an ANY request goes once its shard failed it UNAVAILABLE, after failing over within the shard:
+        the next shard after it with a replica to pick, else None. A shard's last replica is never ejected, so
+        rotation keeps choosing a shard whose only worker died until its lease lapses; any shard serves ANY."""
+        failed = failure.shard_id
+        if failure.code != grpc.StatusCode.UNAVAILABLE or failure.deployment != self.deployment or failed is None:
+            return None  # another status says the request reached a worker; uses_before/after have no other shard
+        shard_ids = self.pool.shard_ids(self.deployment)
+        for shard_id in sorted(shard_ids, key=lambda shard: (shard <= failed, shard)):  # those after it, then before
+            if shard_id != failed and self.pool.get_replicas(self.deployment, shard_id=shard_id).eligible():
+                logger.debug(
+                    "%s: shard %d failed an ANY request (%s); sending it to shard %d instead",
+                    self.deployment, failed, failure, shard_id,
+                )
+                return shard_id
+        return None
+
+    async def _on_shard(
+        self, shard_id: int, requests: list[DataRequest], metadata, context: grpc.aio.ServicerContext
+    ) -> tuple[DataRequest, Any]:
+        """An ANY request sent once more, to ``shard_id``, within what is left of the caller's deadline."""
+        timeout = _time_left(context)
+        if timeout is not None:
+            timeout = max(timeout, 0.001)  # spent already: DEADLINE_EXCEEDED at once, as gRPC takes no timeout <= 0
+        if self._uses_after is not None:
+            return await self._gather(requests, metadata, timeout, PollingType.ANY, shard_id=shard_id)
+        replicas = self.pool.get_replicas(self.deployment, shard_id=shard_id)
+        method, payload = self._method(requests)
+        return await self.pool.call(
+            payload, self.deployment, replicas, shard_id=shard_id, method=method, metadata=metadata, timeout=timeout
+        )
+
     async def _gather(
-        self, requests: list[DataRequest], metadata, timeout, polling: PollingType, retries: Optional[int] = None
+        self, requests: list[DataRequest], metadata, timeout, polling: PollingType, retries: Optional[int] = None,
+        shard_id: Optional[int] = None,
     ) -> tuple[DataRequest, list]:
-        """The answers of the shards ``polling`` selects (one under ANY, every one under ALL), merged or
-        handed to ``uses_after`` in one call."""
-        targets = self.pool.targets(self.deployment, False, None, polling)
+        """The answers of the shards ``polling`` selects (one under ANY, ``shard_id`` when given; every one under
+        ALL), merged or handed to ``uses_after`` in one call."""
+        targets = self.pool.targets(self.deployment, False, shard_id, polling)
         if not targets:
             missing = "live replica" if polling == PollingType.ANY else "shard"
             raise RoutingError(f"deployment {self.deployment!r} has no {missing}", deployment=self.deployment)
@@ -494,6 +542,7 @@ class Head:
             )
         peer = context.peer()
         changes = []
+        interval = self._announced_interval(context) if command == "ACTIVATE" else None
         dial_tls = self.pool.tls is not None  # a head given TLS material dials its workers over TLS
         for entity in request.related_entities:
             try:
@@ -532,11 +581,16 @@ class Head:
                 replicas = self.pool.get_replicas(self.deployment, shard_id=shard_id or 0)
                 known = replicas is not None and replicas.has_connection(address)
                 self.pool.add_connection(self.deployment, address, shard_id=shard_id or 0)
-                lease = self._lease_for(context, address)
+                lease = self._lease_for(interval, address)
                 if lease is not None:
-                    self._renew_lease(address, shard_id or 0, lease)
+                    self._renew_lease(address, shard_id or 0, lease, interval)
                 if not known:  # workers repeat ACTIVATE every few seconds: log the news only
                     logger.info("%s: activated %s in shard %s (by %s)", self.deployment, address, shard_id or 0, peer)
+                elif replicas.readmit_if_healthy(address):  # ejected while dead, back on the same address?
+                    logger.info(
+                        "%s: %s (shard %s), ejected, registered again: checking its health now",
+                        self.deployment, address, shard_id or 0,
+                    )
             else:
                 removed = await self.pool.remove_connection(self.deployment, address, shard_id=shard_id)
                 for leased_shard in [shard_id] if shard_id is not None else self.pool.shard_ids(self.deployment):
@@ -654,14 +708,19 @@ class Head:
 
     # -- lifetime -----------------------------------------------------------------------
 
-    def _lease_for(self, context: grpc.aio.ServicerContext, address: str) -> Optional[float]:
-        """The head's --lease, else a few times the interval at which the worker says it renews, else None."""
+    @staticmethod
+    def _announced_interval(context: grpc.aio.ServicerContext) -> Optional[float]:
+        """The interval at which an ACTIVATE's worker says it renews (positive seconds), or None when it says none."""
         offered = dict(context.invocation_metadata()).get(services.RENEWAL_METADATA, "")
         try:
             interval = float(offered)
         except ValueError:
-            interval = math.nan
-        if not 0 < interval < math.inf:
+            return None
+        return interval if 0 < interval < math.inf else None
+
+    def _lease_for(self, interval: Optional[float], address: str) -> Optional[float]:
+        """The head's --lease, else a few times the ``interval`` at which the worker says it renews, else None."""
+        if interval is None:
             return self._lease
         if self._lease is not None:
             if interval >= self._lease and not self._short_lease_warned:
@@ -674,25 +733,32 @@ class Head:
             return self._lease
         return IMPLIED_LEASE_FACTOR * min(interval, MAX_RENEWAL_INTERVAL)  # no registration for ever
 
-    def _renew_lease(self, address: str, shard_id: int, lease: float) -> None:
+    def _renew_lease(self, address: str, shard_id: int, lease: float, interval: Optional[float] = None) -> None:
+        """Lease ``address`` in ``shard_id`` for ``lease`` seconds more; one coming back after its lease lapsed is
+        told why it dropped out, by what the ``interval`` it announced says of the lapse."""
         loop = asyncio.get_running_loop()
         now = loop.time()
         self._leases[(address, shard_id)] = (now + lease, lease)
         if self._expiry is None:  # implied leases start the expiry on the first one
             self._expiry = loop.create_task(self._expire_leases())
         lapsed = self._lapsed.pop((address, shard_id), None)
-        if lapsed is not None:
-            lapsed_at, _ = lapsed
-            advice = (
-                "give the head a --lease longer than the worker's --register-interval" if self._lease is not None
-                else f"its lease is {IMPLIED_LEASE_FACTOR} times the interval it announced: the worker or the head "
-                "stalls (CPU starvation, a paused process)"
-            )
+        if lapsed is None:
+            return
+        lapsed_at, _ = lapsed
+        if interval is not None and lease >= 2 * interval:  # the lease had room for renewals: none came
             logger.warning(
-                "%s: %s (shard %d) registered again %.1fs after its %gs lease ran out: it is alive but renews "
-                "less often than the lease, so it keeps dropping out; %s",
-                self.deployment, address, shard_id, now - lapsed_at, lease, advice,
+                "%s: %s (shard %d) registered again %.1fs after its %gs lease ran out, though it renews every %gs: "
+                "it did not renew for the whole lease, so it stalled (a paused process, a blocked event loop, CPU "
+                "starvation) or was cut off from the head",
+                self.deployment, address, shard_id, now - lapsed_at, lease, interval,
             )
+            return
+        logger.warning(
+            "%s: %s (shard %d) registered again %.1fs after its %gs lease ran out: it is alive but renews less "
+            "often than the lease, so it keeps dropping out; give the head a --lease longer than the worker's "
+            "--register-interval",
+            self.deployment, address, shard_id, now - lapsed_at, lease,
+        )
 
     async def _expire_leases(self) -> None:
         """Remove ACTIVATEd workers whose lease ran out without a fresh ACTIVATE.
@@ -722,8 +788,11 @@ class Head:
                     continue
                 del self._leases[(address, shard_id)]
                 self._lapsed[(address, shard_id)] = (now, held[1])
-                await self.pool.remove_connection(self.deployment, address, shard_id=shard_id)
-                logger.warning("%s: %s (shard %d) stopped renewing its registration: removed", self.deployment, address, shard_id)
+                await self.pool.remove_connection(self.deployment, address, shard_id=shard_id, grace=LAPSED_LEASE_GRACE)
+                logger.warning(
+                    "%s: %s (shard %d) stopped renewing its registration: removed, and the requests it held cut "
+                    "(they fail over)", self.deployment, address, shard_id,
+                )
 
     async def _ready_once_discovered(self) -> None:
         """Turn readiness SERVING once discovery has listed the workers (it retries, with backoff, until then)

@@ -1,0 +1,230 @@
+"""How a head recovers from workers that stall, die or come back: requests held by a worker whose lease lapsed
+fail over at once, a worker restarted on its address is back in rotation at its next ACTIVATE, ANY leaves a
+shard whose only replica is dead, and a lapse is explained by what the worker announced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from pathlib import Path
+
+import executors
+import grpc
+import pytest
+from test_head import head_over, send, shard_workers
+
+from shardnet import DataRequest, Document, GrpcConnectionPool, ReplicaError
+from shardnet.networking import oneshot
+from shardnet.networking.policies import EjectionPolicy
+from shardnet.networking.replica_list import ReplicaList
+from shardnet.runtimes.head import Head
+from shardnet.runtimes.processes import ShardnetProcess
+from shardnet.runtimes.server import ServerConfig
+from shardnet.runtimes.worker import Worker
+
+EXECUTORS = Path(executors.__file__).resolve()
+
+
+# -- a lapsed lease cuts what the worker held ------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("request_streams", [True, False], ids=["streams", "unary"])
+async def test_requests_held_by_a_stopped_worker_are_answered_by_the_other_once_its_lease_lapses(
+    runtimes, eventually, tmp_path, request_streams
+):
+    """Without an attempt timeout (the default), a SIGSTOPped worker's requests waited for keepalive (20-30 s)
+    after its lease lapsed, since a removed replica keeps its channel for the calls on it: a lapse now cuts them
+    and they fail over to the live replica."""
+    head = await runtimes(Head("stalled", lease=1.5, request_streams=request_streams))
+    workers = [
+        ShardnetProcess(
+            f"worker-{n}",
+            ["worker", "--uses", f"{EXECUTORS}:Sleepy", "--port", "0", "--head", head.server.address,
+             "--register-interval", "0.25"],
+            tmp_path / f"worker-{n}.log",
+        )
+        for n in range(2)
+    ]
+    try:
+        for worker in workers:
+            worker.launch()
+        addresses = [await asyncio.to_thread(worker.wait_ready, 30.0) for worker in workers]
+        replicas = head.pool.get_replicas("stalled", shard_id=0)
+        await eventually(lambda: sorted(replicas.addresses) == sorted(addresses), timeout=10.0)
+        connections = {str(connection.address): connection for connection in replicas.get_all_connections()}
+        stopped, live = workers[0], workers[1]
+
+        request = DataRequest([Document(text="q")], endpoint="/sleep", parameters={"seconds": 1.0})
+        pending = [
+            asyncio.create_task(oneshot.send_request_async(request, head.server.address, timeout=20.0))
+            for _ in range(6)
+        ]
+        # both workers hold some (the head's balancer spreads them); then one stops, holding its share
+        await eventually(lambda: all(c.running.count for c in connections.values()), timeout=5.0, interval=0.005)
+        stopped.signal(signal.SIGSTOP)
+        held = connections[stopped.address].running.count
+        assert held >= 1
+        began = time.monotonic()
+
+        answers = await asyncio.wait_for(asyncio.gather(*pending), 8.0)
+        took = time.monotonic() - began
+        assert [answer.docs[0].tags["slept"] for answer in answers] == [1.0] * 6
+        assert stopped.alive and replicas.addresses == [live.address]  # so the live one answered them all
+        # the lease (1.5 s, checked every 0.375 s), the cut's grace (0.5 s), then 1 s on the live worker
+        assert took < 6.0, f"answered {took:.1f}s after the stop"
+    finally:
+        for worker in workers:
+            worker.signal(signal.SIGCONT)
+            worker.kill()
+
+
+async def test_a_removal_with_no_grace_cuts_the_calls_on_the_replica_as_unavailable(echo_servers, eventually):
+    """``remove_connection(grace=0)``: what the replica held ends UNAVAILABLE naming it, which the pool fails
+    over; the default grace still lets calls finish (DEACTIVATE, drains)."""
+    slow, patient = await echo_servers(2, delay=1.0)
+    replicas = ReplicaList()
+    try:
+        for server in (slow, patient):
+            replicas.add_connection(server.address)
+        by_address = {str(c.address): c for c in replicas.get_all_connections()}
+        request = DataRequest(endpoint="/x")
+        cut = asyncio.create_task(replicas.call(by_address[slow.address], "single_data", request, None, None))
+        kept = asyncio.create_task(replicas.call(by_address[patient.address], "single_data", request, None, None))
+        await eventually(lambda: slow.calls and patient.calls, timeout=5.0)  # each server holds its call
+        began = time.monotonic()
+        await replicas.remove_connection(slow.address, grace=0)
+        await replicas.remove_connection(patient.address)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(cut, 1.0)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and slow.address in caught.value.details()
+        assert time.monotonic() - began < 1.0
+        response, _ = await asyncio.wait_for(kept, 5.0)  # the default grace: answered
+        assert response is not None
+    finally:
+        await replicas.close()
+
+
+# -- a worker restarted on its address ---------------------------------------------------------------------------
+
+
+async def test_a_worker_restarted_on_its_address_is_back_in_rotation_at_its_next_activate(runtimes, eventually):
+    """Killed, ejected while dead, restarted on the same port: its ACTIVATE (the address already known) changed
+    nothing, and it got no traffic until its probe, up to 30 s later. Its channel was in reconnect backoff too."""
+    pool = GrpcConnectionPool(
+        balancer="round_robin", request_streams=True, ejection=EjectionPolicy(base_ejection=30.0, max_ejection=30.0)
+    )
+    head = await runtimes(Head("restarts", pool=pool))
+    steady = await runtimes(Worker(executors.Tagger.create({}, label="steady")))
+    flaky = await runtimes(Worker(executors.Tagger.create({}, label="first")))
+    port = int(flaky.server.address.rsplit(":", 1)[1])
+    for worker in (steady, flaky):
+        host, worker_port = worker.server.address.rsplit(":", 1)
+        await oneshot.activate_worker(host, int(worker_port), head.server.address, shard_id=0, renews_every=1.0)
+    replicas = head.pool.get_replicas("restarts", shard_id=0)
+
+    await flaky.stop(0)  # as good as killed: its port refuses connections
+
+    async def ejected() -> bool:
+        answer = await send(head.server.address, "/tag", [Document()], timeout=5)  # failed over: still answered
+        assert answer.docs[0].tags["by"] == "steady"
+        return replicas.ejected_addresses == [flaky.server.address]
+
+    await eventually(ejected, timeout=5.0, interval=0.0)
+    [connection] = [c for c in replicas.get_all_connections() if str(c.address) == flaky.server.address]
+    assert not await connection.health()  # a probe's look while it was dead: the channel backs off reconnecting
+
+    restarted = await runtimes(Worker(executors.Tagger.create({}, label="restarted"), ServerConfig(port=port)))
+    assert restarted.server.address == flaky.server.address
+    await oneshot.activate_worker("127.0.0.1", port, head.server.address, shard_id=0, renews_every=1.0)
+    await eventually(lambda: replicas.ejected_addresses == [], timeout=3.0)
+    labels = {(await send(head.server.address, "/tag", [Document()], timeout=5)).docs[0].tags["by"] for _ in range(4)}
+    assert labels == {"steady", "restarted"}
+
+
+async def test_an_ejected_replica_still_connected_is_not_readmitted_by_a_renewal(echo_servers):
+    """A replica ejected while its connection stays up (slow, not dead) is the one renewing: its ejection runs
+    its course, or it would flap back in at every renewal."""
+    slow, other = await echo_servers(2)
+    replicas = ReplicaList(ejection=EjectionPolicy(consecutive_failures=1, base_ejection=30.0, max_ejection=30.0))
+    try:
+        connection = replicas.add_connection(slow.address)
+        replicas.add_connection(other.address)
+        replicas.record_failure(connection, grpc.StatusCode.DEADLINE_EXCEEDED)  # ejected, its channel rebuilt
+        assert replicas.ejected_addresses == [slow.address]
+        assert await connection.health()  # connected again (as a probe's look leaves it)
+        assert not replicas.readmit_if_healthy(slow.address)
+        assert replicas.ejected_addresses == [slow.address]
+        assert not replicas.readmit_if_healthy(other.address)  # not ejected: nothing to do
+    finally:
+        await replicas.close()
+
+
+# -- ANY and a dead shard ------------------------------------------------------------------------------------------
+
+
+async def test_any_leaves_a_shard_whose_only_replica_is_dead_for_a_live_shard_and_all_does_not(
+    runtimes, dead_address, caplog
+):
+    """shards=2, replicas=1, one worker killed: half of the ANY requests failed UNAVAILABLE until its lease
+    lapsed, as rotation kept choosing its shard (a shard's last replica is never ejected). ALL still names the
+    dead shard, and ANY fails as before once no shard has a live replica."""
+    caplog.set_level(logging.DEBUG, logger="shardnet.runtimes.head")
+    [live] = await shard_workers(runtimes, executors.Tagger, 1)
+    head = await head_over(runtimes, "halves", [live], '{"/count": "ALL", "*": "ANY"}')
+    head.pool.add_connection("halves", dead_address, shard_id=1)  # shard 1's only worker, dead
+    for _ in range(6):
+        response = await send(head.server.address, "/tag", [Document()], timeout=5)
+        assert not response.is_error and response.docs[0].tags["shard"] == 0
+    assert live.executor.calls == 6
+    rerouted = [r for r in caplog.records if "sending it to shard 0 instead" in r.getMessage()]
+    assert len(rerouted) == 3 and all(r.levelno == logging.DEBUG for r in rerouted)  # every other one, quietly
+    assert "shard 1 failed" in rerouted[0].getMessage() and dead_address in rerouted[0].getMessage()
+
+    response = await send(head.server.address, "/count", [Document()], timeout=5)  # ALL: not sent elsewhere
+    assert response.is_error and "shard 1" in response.status.description
+    await live.stop(0)  # no shard has a live replica now: the failure is the caller's to see
+    with pytest.raises(ReplicaError) as caught:
+        for _ in range(2):  # whichever shard rotation picks first
+            await send(head.server.address, "/tag", [Document()], timeout=5)
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_any_with_uses_after_leaves_a_shard_whose_only_replica_is_dead(runtimes, dead_address):
+    after = await runtimes(Worker(executors.CountingAfter.create()))
+    [live] = await shard_workers(runtimes, executors.Tagger, 1)
+    head = await head_over(runtimes, "halves", [live], "ANY", uses_after=after.server.address)
+    head.pool.add_connection("halves", dead_address, shard_id=1)
+    for _ in range(4):
+        response = await send(head.server.address, "/tag", [Document(id="d")], timeout=5)
+        assert not response.is_error, response.status.description
+        assert response.docs[0].tags["shards"] == [0]  # uses_after received shard 0's answer, each time
+    assert live.executor.calls == 4
+
+
+# -- what a lapse is blamed on -------------------------------------------------------------------------------------
+
+
+async def test_a_worker_back_after_its_lease_lapsed_is_told_why_by_the_interval_it_announced(
+    runtimes, eventually, caplog
+):
+    """Lease 5 s, interval 1 s, a SIGSTOPped worker: the head said to give it a --lease longer than the interval,
+    which it already was five times over. The advice stays for a lease under two intervals, or no interval said."""
+    head = await runtimes(Head("leased", lease=0.6))
+    cases = {
+        40007: (0.1, "it did not renew for the whole lease, so it stalled"),  # six intervals: no renewal came
+        40008: (0.5, "give the head a --lease longer than the worker's --register-interval"),  # too short a lease
+        40009: (None, "give the head a --lease longer than the worker's --register-interval"),  # no interval said
+    }
+    for port, (interval, _) in cases.items():
+        await oneshot.activate_worker("127.0.0.1", port, head.server.address, shard_id=0, renews_every=interval)
+    await eventually(lambda: caplog.text.count("stopped renewing") == 3, timeout=5.0)
+    for port, (interval, blamed) in cases.items():
+        await oneshot.activate_worker("127.0.0.1", port, head.server.address, shard_id=0, renews_every=interval)
+        [line] = [r.getMessage() for r in caplog.records if f"{port} (shard 0) registered again" in r.getMessage()]
+        assert blamed in line, line
+    [stalled] = [r.getMessage() for r in caplog.records if "40007 (shard 0) registered again" in r.getMessage()]
+    assert "--register-interval" not in stalled and "renews every 0.1s" in stalled
