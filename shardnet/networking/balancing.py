@@ -6,9 +6,10 @@ out for longer than the average counts by its age, so a replica that hangs
 loses its share at once instead of after its requests time out (the Finagle
 and Linkerd balancer). A replica it has no history for (new, or forgotten on
 readmission) starts at the median estimate of its peers rather than at zero,
-so it competes on equal terms instead of taking a whole burst; two costs
-within a small margin of each other are a coin flip, so identical replicas
-share one-at-a-time traffic instead of the lower estimate taking it all.
+so it competes on equal terms instead of taking a whole burst; two idle
+replicas whose costs are within a small margin of each other are a coin
+flip, so identical replicas share one-at-a-time traffic instead of the
+lower estimate taking it all.
 Balancers own the in-flight bookkeeping; replica lists tell them when a
 request starts and ends, and whether its end told anything about the replica.
 """
@@ -94,8 +95,8 @@ class PeakEwma:
     """Power of two choices weighted by peak-EWMA latency times outstanding requests.
 
     ``default_latency`` seeds the first replica it learns of (later ones start at the median of their peers);
-    costs within ``tie_margin`` (relative) of each other are a coin flip, so noise between identical replicas
-    does not send all one-at-a-time traffic to one of them.
+    costs of two idle replicas within ``tie_margin`` (relative) of each other are a coin flip, so noise between
+    identical replicas does not send all one-at-a-time traffic to one of them.
     """
 
     name = "p2c_ewma"
@@ -162,12 +163,16 @@ class PeakEwma:
             a, b = candidates[first], candidates[second]
         now = self._clock()
         loads = self._loads
-        cost_a = self._cost(loads.get(a) or self._load(a, now), now)  # a replica new to it is seeded here, once
-        cost_b = self._cost(loads.get(b) or self._load(b, now), now)
+        load_a = loads.get(a) or self._load(a, now)  # a replica new to it is seeded here, once
+        load_b = loads.get(b) or self._load(b, now)
+        cost_a, cost_b = self._cost(load_a, now), self._cost(load_b, now)
         if cost_b < cost_a:
             a, b, cost_a, cost_b = b, a, cost_b, cost_a
-        if cost_b - cost_a <= cost_b * self._tie_margin and self._rng.random() < 0.5:
-            return b  # a near tie is noise, not a verdict: a coin flip, or the first would take it every time
+        # two idle replicas whose estimates differ by noise: a coin flip, or the first would take all of
+        # one-at-a-time traffic; under load a near tie is no such thing (the one with requests out may be slow)
+        if cost_b - cost_a <= cost_b * self._tie_margin and not (load_a.outstanding or load_b.outstanding):
+            if self._rng.random() < 0.5:
+                return b
         return a
 
     def started(self, connection: Any) -> int:
