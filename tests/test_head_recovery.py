@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -16,11 +17,11 @@ import grpc
 import pytest
 from test_head import head_over, send, shard_workers
 
-from shardnet import DataRequest, Document, GrpcConnectionPool, ReplicaError
+from shardnet import DataRequest, Document, GrpcConnectionPool, ReplicaError, RetryBudget
 from shardnet.networking import oneshot
 from shardnet.networking.policies import EjectionPolicy
 from shardnet.networking.replica_list import ReplicaList
-from shardnet.runtimes.head import Head
+from shardnet.runtimes.head import LAPSED_LEASE_GRACE, Head
 from shardnet.runtimes.processes import ShardnetProcess
 from shardnet.runtimes.server import ServerConfig
 from shardnet.runtimes.worker import Worker
@@ -113,7 +114,8 @@ async def test_a_removal_with_no_grace_cuts_the_calls_on_the_replica_as_unavaila
 
 async def test_a_worker_restarted_on_its_address_is_back_in_rotation_at_its_next_activate(runtimes, eventually):
     """Killed, ejected while dead, restarted on the same port: its ACTIVATE (the address already known) changed
-    nothing, and it got no traffic until its probe, up to 30 s later. Its channel was in reconnect backoff too."""
+    nothing, and it got no traffic until its probe, up to 30 s later. Its channel was in reconnect backoff too.
+    The new process names a new instance; a renewal naming the old one (a hung replica renewing) changes nothing."""
     pool = GrpcConnectionPool(
         balancer="round_robin", request_streams=True, ejection=EjectionPolicy(base_ejection=30.0, max_ejection=30.0)
     )
@@ -121,9 +123,11 @@ async def test_a_worker_restarted_on_its_address_is_back_in_rotation_at_its_next
     steady = await runtimes(Worker(executors.Tagger.create({}, label="steady")))
     flaky = await runtimes(Worker(executors.Tagger.create({}, label="first")))
     port = int(flaky.server.address.rsplit(":", 1)[1])
-    for worker in (steady, flaky):
+    for worker, instance in ((steady, "steady"), (flaky, "first")):
         host, worker_port = worker.server.address.rsplit(":", 1)
-        await oneshot.activate_worker(host, int(worker_port), head.server.address, shard_id=0, renews_every=1.0)
+        await oneshot.activate_worker(
+            host, int(worker_port), head.server.address, shard_id=0, renews_every=1.0, instance=instance
+        )
     replicas = head.pool.get_replicas("restarts", shard_id=0)
 
     await flaky.stop(0)  # as good as killed: its port refuses connections
@@ -139,26 +143,33 @@ async def test_a_worker_restarted_on_its_address_is_back_in_rotation_at_its_next
 
     restarted = await runtimes(Worker(executors.Tagger.create({}, label="restarted"), ServerConfig(port=port)))
     assert restarted.server.address == flaky.server.address
-    await oneshot.activate_worker("127.0.0.1", port, head.server.address, shard_id=0, renews_every=1.0)
+    await oneshot.activate_worker(
+        "127.0.0.1", port, head.server.address, shard_id=0, renews_every=1.0, instance="first"
+    )  # the same process renewing: its ejection runs its course
+    assert replicas.ejected_addresses == [flaky.server.address]
+    assert replicas._probes[connection].get_name() != "shardnet-readmission"
+    await oneshot.activate_worker(
+        "127.0.0.1", port, head.server.address, shard_id=0, renews_every=1.0, instance="second"
+    )
     await eventually(lambda: replicas.ejected_addresses == [], timeout=3.0)
     labels = {(await send(head.server.address, "/tag", [Document()], timeout=5)).docs[0].tags["by"] for _ in range(4)}
     assert labels == {"steady", "restarted"}
 
 
-async def test_an_ejected_replica_still_connected_is_not_readmitted_by_a_renewal(echo_servers):
-    """A replica ejected while its connection stays up (slow, not dead) is the one renewing: its ejection runs
-    its course, or it would flap back in at every renewal."""
-    slow, other = await echo_servers(2)
+async def test_only_an_ejected_replica_is_checked_and_one_check_at_a_time(echo_servers):
     replicas = ReplicaList(ejection=EjectionPolicy(consecutive_failures=1, base_ejection=30.0, max_ejection=30.0))
     try:
-        connection = replicas.add_connection(slow.address)
+        sick, other = await echo_servers(2)
+        connection = replicas.add_connection(sick.address)
         replicas.add_connection(other.address)
-        replicas.record_failure(connection, grpc.StatusCode.DEADLINE_EXCEEDED)  # ejected, its channel rebuilt
-        assert replicas.ejected_addresses == [slow.address]
-        assert await connection.health()  # connected again (as a probe's look leaves it)
-        assert not replicas.readmit_if_healthy(slow.address)
-        assert replicas.ejected_addresses == [slow.address]
-        assert not replicas.readmit_if_healthy(other.address)  # not ejected: nothing to do
+        assert not replicas.readmit_if_healthy(sick.address)  # not ejected: nothing to do
+        replicas.record_failure(connection, grpc.StatusCode.UNAVAILABLE)
+        assert replicas.ejected_addresses == [sick.address]
+        assert replicas.readmit_if_healthy(sick.address)
+        assert not replicas.readmit_if_healthy(sick.address)  # one under way
+        probes = dict(replicas._probes)
+        await asyncio.wait_for(asyncio.gather(*probes.values(), return_exceptions=True), 5.0)
+        assert replicas.ejected_addresses == []  # SERVING: back in at once, not after 30 s
     finally:
         await replicas.close()
 
@@ -180,9 +191,9 @@ async def test_any_leaves_a_shard_whose_only_replica_is_dead_for_a_live_shard_an
         response = await send(head.server.address, "/tag", [Document()], timeout=5)
         assert not response.is_error and response.docs[0].tags["shard"] == 0
     assert live.executor.calls == 6
-    rerouted = [r for r in caplog.records if "sending it to shard 0 instead" in r.getMessage()]
+    rerouted = [r for r in caplog.records if "sending the ANY request to shard 0 instead" in r.getMessage()]
     assert len(rerouted) == 3 and all(r.levelno == logging.DEBUG for r in rerouted)  # every other one, quietly
-    assert "shard 1 failed" in rerouted[0].getMessage() and dead_address in rerouted[0].getMessage()
+    assert f"shard 1, replica {dead_address}: UNAVAILABLE" in rerouted[0].getMessage()
 
     response = await send(head.server.address, "/count", [Document()], timeout=5)  # ALL: not sent elsewhere
     assert response.is_error and "shard 1" in response.status.description
@@ -191,6 +202,84 @@ async def test_any_leaves_a_shard_whose_only_replica_is_dead_for_a_live_shard_an
         for _ in range(2):  # whichever shard rotation picks first
             await send(head.server.address, "/tag", [Document()], timeout=5)
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_request_both_shards_fail_names_both_and_the_first_failure_keeps_its_code(
+    runtimes, dead_address
+):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as holder:  # a second address nothing listens on
+        holder.bind(("127.0.0.1", 0))
+        other_dead = f"127.0.0.1:{holder.getsockname()[1]}"
+        head = await runtimes(Head("gone", connections={0: [dead_address], 1: [other_dead]}))
+        with pytest.raises(ReplicaError) as caught:
+            await send(head.server.address, "/tag", [Document()], timeout=5)
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    message = str(caught.value)
+    assert "which failed too" in message and dead_address in message and other_dead in message, message
+    assert "shard 0" in message and "shard 1" in message
+
+
+async def test_a_request_is_sent_to_another_shard_only_with_a_retry_from_the_budget(runtimes, dead_address):
+    # the resend is a retry: with the budget spent (here none at all) a storm of failures is not doubled
+    [live] = await shard_workers(runtimes, executors.Tagger, 1)
+    pool = GrpcConnectionPool(retry_budget=RetryBudget(ratio=0.0, min_per_second=0.0))
+    head = await head_over(runtimes, "halves", [live], "ANY", pool=pool)
+    head.pool.add_connection("halves", dead_address, shard_id=1)
+    outcomes = await asyncio.gather(
+        *(send(head.server.address, "/tag", [Document()], timeout=5) for _ in range(4)), return_exceptions=True
+    )
+    failures = [outcome for outcome in outcomes if isinstance(outcome, ReplicaError)]
+    assert len(failures) == 2 and live.executor.calls == 2, outcomes  # shard 1's turns failed, not resent
+    assert all(dead_address in str(failure) and "which failed too" not in str(failure) for failure in failures)
+    assert head.pool.retry_budget.refused >= 2
+
+
+@pytest.mark.timeout(60)
+async def test_a_stalled_only_replica_keeps_what_it_holds_when_its_lease_lapses(runtimes, eventually, tmp_path):
+    """A shard whose only worker stalls past its lease: cutting what it held would only fail it, or send it to
+    another shard while the stalled worker may still run it (stored twice). It is left to the worker, which
+    answers once it resumes."""
+    head = await runtimes(Head("split", lease=1.0))
+    workers = [
+        ShardnetProcess(
+            f"worker-{shard}",
+            ["worker", "--uses", f"{EXECUTORS}:Sleepy", "--port", "0", "--head", head.server.address,
+             "--shard-id", str(shard), "--register-interval", "0.2"],
+            tmp_path / f"worker-{shard}.log",
+        )
+        for shard in range(2)
+    ]
+    try:
+        for worker in workers:
+            worker.launch()
+        addresses = [await asyncio.to_thread(worker.wait_ready, 30.0) for worker in workers]
+        shards = {0: [addresses[0]], 1: [addresses[1]]}
+        await eventually(lambda: head.pool.deployments["split"]["shards"] == shards, timeout=10.0)
+        stalled_replicas = head.pool.get_replicas("split", shard_id=0)
+        [connection] = stalled_replicas.get_all_connections()
+        request = DataRequest([Document(text="q")], endpoint="/sleep", parameters={"seconds": 0.5})
+        # ANY rotates over the shards: of two requests in a row, one is shard 0's
+        pending = [
+            asyncio.create_task(oneshot.send_request_async(request, head.server.address, timeout=30))
+            for _ in range(2)
+        ]
+        await eventually(lambda: connection.running.count == 1, timeout=5.0, interval=0.005)
+        workers[0].signal(signal.SIGSTOP)
+        await eventually(lambda: not stalled_replicas.addresses, timeout=10.0)  # its lease lapsed: removed
+        held = [task for task in pending if not task.done()]
+        assert held
+        # past the grace a cut would have had (an absence: a bounded wait, nothing to poll), neither cut nor sent on
+        done, _ = await asyncio.wait(held, timeout=LAPSED_LEASE_GRACE + 1.0)
+        assert not done, [task.result() for task in done]
+        workers[0].signal(signal.SIGCONT)
+        answers = await asyncio.wait_for(asyncio.gather(*held), 20.0)
+        assert all(answer.routes[-1].executor.endswith("shard-0/rep-0") for answer in answers), [
+            answer.routes[-1].executor for answer in answers
+        ]
+    finally:
+        for worker in workers:
+            worker.signal(signal.SIGCONT)
+            worker.kill()
 
 
 async def test_any_with_uses_after_leaves_a_shard_whose_only_replica_is_dead(runtimes, dead_address):
@@ -211,20 +300,30 @@ async def test_any_with_uses_after_leaves_a_shard_whose_only_replica_is_dead(run
 async def test_a_worker_back_after_its_lease_lapsed_is_told_why_by_the_interval_it_announced(
     runtimes, eventually, caplog
 ):
-    """Lease 5 s, interval 1 s, a SIGSTOPped worker: the head said to give it a --lease longer than the interval,
-    which it already was five times over. The advice stays for a lease under two intervals, or no interval said."""
+    """A lease several times the interval a worker announced, lapsed: the worker stalled (a paused process, a
+    blocked loop), yet the head said to give it a --lease longer than the interval. That advice stays for a lease
+    under two intervals, or when no interval was said. The workers here are ACTIVATEs only, on ports held free."""
     head = await runtimes(Head("leased", lease=0.6))
-    cases = {
-        40007: (0.1, "it did not renew for the whole lease, so it stalled"),  # six intervals: no renewal came
-        40008: (0.5, "give the head a --lease longer than the worker's --register-interval"),  # too short a lease
-        40009: (None, "give the head a --lease longer than the worker's --register-interval"),  # no interval said
-    }
-    for port, (interval, _) in cases.items():
-        await oneshot.activate_worker("127.0.0.1", port, head.server.address, shard_id=0, renews_every=interval)
-    await eventually(lambda: caplog.text.count("stopped renewing") == 3, timeout=5.0)
-    for port, (interval, blamed) in cases.items():
-        await oneshot.activate_worker("127.0.0.1", port, head.server.address, shard_id=0, renews_every=interval)
-        [line] = [r.getMessage() for r in caplog.records if f"{port} (shard 0) registered again" in r.getMessage()]
-        assert blamed in line, line
-    [stalled] = [r.getMessage() for r in caplog.records if "40007 (shard 0) registered again" in r.getMessage()]
-    assert "--register-interval" not in stalled and "renews every 0.1s" in stalled
+    holders = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(3)]
+    try:
+        for holder in holders:
+            holder.bind(("127.0.0.1", 0))
+        stalled_port, short_port, silent_port = (holder.getsockname()[1] for holder in holders)
+        cases = {
+            stalled_port: (0.1, "it did not renew for the whole lease, so it stalled"),  # six intervals, none came
+            short_port: (0.5, "give the head a --lease longer than the worker's --register-interval"),  # too short
+            silent_port: (None, "give the head a --lease longer than the worker's --register-interval"),  # none said
+        }
+        for port, (interval, _) in cases.items():
+            await oneshot.activate_worker("127.0.0.1", port, head.server.address, shard_id=0, renews_every=interval)
+        await eventually(lambda: caplog.text.count("stopped renewing") == 3, timeout=5.0)
+        for port, (interval, blamed) in cases.items():
+            await oneshot.activate_worker("127.0.0.1", port, head.server.address, shard_id=0, renews_every=interval)
+            [line] = [r.getMessage() for r in caplog.records if f"{port} (shard 0) registered again" in r.getMessage()]
+            assert blamed in line, line
+        back = f"{stalled_port} (shard 0) registered again"
+        [stalled] = [r.getMessage() for r in caplog.records if back in r.getMessage()]
+        assert "--register-interval" not in stalled and "renews every 0.1s" in stalled
+    finally:
+        for holder in holders:
+            holder.close()

@@ -31,7 +31,13 @@ from shardnet.networking.channels import (
 from shardnet.networking.policies import check_timeout
 from shardnet.networking.tls import ClientTls, PemSource
 from shardnet.protocol.messages import ControlRequest, DataRequest
-from shardnet.protocol.services import AUTHORIZATION_METADATA, DRAINING_DETAILS, ENDPOINT_METADATA, RENEWAL_METADATA
+from shardnet.protocol.services import (
+    AUTHORIZATION_METADATA,
+    DRAINING_DETAILS,
+    ENDPOINT_METADATA,
+    INSTANCE_METADATA,
+    RENEWAL_METADATA,
+)
 
 T = TypeVar("T")
 
@@ -294,13 +300,17 @@ async def activate_worker(
     tls: Union[bool, ClientTls, None] = None,
     timeout: float = 5.0,
     renews_every: Optional[float] = None,
+    instance: Optional[str] = None,
 ) -> ControlRequest:
     """Tell the head at ``target_head`` to send traffic to this worker (ACTIVATE); ``renews_every``: the worker
-    repeats it that often (seconds), and a head without a lease of its own leases it for a few times that."""
-    renewal = () if renews_every is None else ((RENEWAL_METADATA, f"{renews_every:g}"),)
+    repeats it that often (seconds), and a head without a lease of its own leases it for a few times that;
+    ``instance``: the worker process's own id, so a head tells a restart on the same address from a renewal."""
+    metadata = () if renews_every is None else ((RENEWAL_METADATA, f"{renews_every:g}"),)
+    if instance is not None:
+        metadata += ((INSTANCE_METADATA, instance),)
     return await send_control(
         "ACTIVATE", target_head, worker_host, worker_port, shard_id, token=token, tls=tls, timeout=timeout,
-        metadata=renewal,
+        metadata=metadata,
     )
 
 

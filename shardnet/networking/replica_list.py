@@ -43,6 +43,10 @@ _OTHER_LOOP = ("attached to a different loop", "Event loop is closed")
 # anyway: as long as they last, in practice (a call cut off here fails over, it is not lost, but it runs twice)
 RETIRED_CHANNEL_GRACE = 24 * 3600.0
 
+# what a call cut by its channel's close says (UNAVAILABLE): it may still be running on the replica (a head sends
+# such a request to another replica of its shard, never to another shard, which would store it twice)
+CUT_BY_CLOSE = "was closed with this call still on it"
+
 # the name of the task that checks an ejected replica's health at once when it registers again (readmit_if_healthy)
 _READMISSION = "shardnet-readmission"
 
@@ -457,20 +461,18 @@ class ReplicaList:
 
     def readmit_if_healthy(self, address: str) -> bool:
         """Check an ejected replica's health now, in the background, and let it back in on SERVING rather than
-        when its ejection (up to ``EjectionPolicy.max_ejection``) runs out: a worker registering again while no
-        connection of this list to it is open may have restarted on the same address. The check takes the place
-        of the pending probe, which starts over if the replica is not healthy yet.
+        when its ejection (up to ``EjectionPolicy.max_ejection``) runs out: for a replica known to have started
+        again on its address (a head hears it from an ACTIVATE naming a new worker process), whose predecessor
+        earned the ejection. The check takes the place of the pending probe, which starts over if the replica is
+        not healthy yet.
 
-        True when a check was started; False, doing nothing, when ``address`` is not ejected here, a check is
-        under way, or its channel is still connected: the replica ejected is then the one registering, and its
-        ejection runs its course (a slow replica must not flap back in at every renewal)."""
+        True when a check was started; False, doing nothing, when ``address`` is not ejected here or a check is
+        under way."""
         connection = self._connections.get(parse_address(address).target)
         if connection is None or connection in self._position:
             return False
         probe = self._probes.get(connection)
         if probe is not None and probe.get_name() == _READMISSION:
-            return False
-        if connection.channel.get_state() == grpc.ChannelConnectivity.READY:
             return False
         if probe is not None:
             probe.cancel()  # its finally leaves the entry alone once it is ours
@@ -547,7 +549,7 @@ class ReplicaList:
                 balancer.finished(connection, token, failed=True)
                 raise rpc_error(
                     grpc.StatusCode.UNAVAILABLE,
-                    f"the channel to replica {connection.address} was closed with this call still on it "
+                    f"the channel to replica {connection.address} {CUT_BY_CLOSE} "
                     "(the replica was removed, its channel rebuilt, or the pool closed)",
                 ) from None
             balancer.abandoned(connection, token)  # its caller gave up: nothing learnt of the replica

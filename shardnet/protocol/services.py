@@ -35,6 +35,9 @@ AUTHORIZATION_METADATA = "authorization"
 # beside an ACTIVATE: how often (seconds) the worker repeats it; a head without --lease then leases it for a few times
 # that, so a worker killed without DEACTIVATE leaves (Jina's workers send none: they are never leased implicitly)
 RENEWAL_METADATA = "shardnet-renews-every"
+# beside an ACTIVATE: a random id the worker process drew at start; a known address naming a new one is a worker
+# restarted there, which a head checks at once rather than waiting out an ejection its dead predecessor earned
+INSTANCE_METADATA = "shardnet-instance"
 # beside a head's STATUS answer, what its related entities cannot carry: "SHARD ADDRESS" (the address percent-encoded,
 # as metadata is ASCII) of each replica ejected for repeated failures, up to a few dozen, and how many more there are;
 # the shards with no replica at all (ALL cannot be served while there is one), as ranges: "1,3-5"

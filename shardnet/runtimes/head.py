@@ -45,6 +45,7 @@ from shardnet.networking.channels import message_size_options
 from shardnet.networking.policies import check_count, check_seconds
 from shardnet.networking.polling import PollingMap, PollingType
 from shardnet.networking.pool import GrpcConnectionPool
+from shardnet.networking.replica_list import CUT_BY_CLOSE
 from shardnet.protocol import services
 from shardnet.protocol.ids import new_id
 from shardnet.protocol.messages import ControlRequest, DataRequest, require_empty
@@ -85,6 +86,8 @@ LAPSE_MEMORY = 60.0
 # seconds the requests a worker holds when its lease lapses get before they are cut (UNAVAILABLE) and fail over:
 # the head presumes it dead or cut off (a SIGSTOP, a partition), and without a cut they would wait for keepalive
 LAPSED_LEASE_GRACE = 0.5
+# seconds of a caller's deadline an ANY request must have left to be sent to another shard after its own failed
+MIN_RESEND_SECONDS = 0.1
 # workers one ACTIVATE or DEACTIVATE may name (each costs the head a channel and some 10 KB)
 MAX_CONTROL_ENTITIES = 10_000
 # workers a head holds at most, over all ACTIVATEs: many small ones must not add up to what one may not name
@@ -226,6 +229,7 @@ class Head:
         self._leases: dict[tuple[str, int], tuple[float, float]] = {}  # (until, length) by (address, shard)
         # leases that ran out lately, (when, length): a worker back soon after renews more slowly than it allows
         self._lapsed: dict[tuple[str, int], tuple[float, float]] = {}
+        self._instances: dict[tuple[str, int], str] = {}  # (address, shard) -> the worker process's id it announced
         self._short_lease_warned = False
         self._expiry: Optional[asyncio.Task] = None
         mutual_tls = config.tls is not None and config.tls.client_ca is not None
@@ -326,10 +330,7 @@ class Head:
                 try:
                     response, trailing = await self._one(self.deployment, requests, metadata, timeout)
                 except ReplicaError as exc:
-                    shard = self._another_shard(exc)
-                    if shard is None:
-                        raise
-                    response, trailing = await self._on_shard(shard, requests, metadata, context)
+                    response, trailing = await self._on_another_shard(exc, requests, metadata, context)
                 try:
                     response.request_id  # noqa: B018 - reading the header refuses an answer carrying a pickle
                 except ProtocolError as exc:  # the replica's fault (its bytes are named), not the caller's
@@ -338,10 +339,9 @@ class Head:
                 try:
                     response, trailing = await self._gather(requests, metadata, timeout, polling)
                 except ReplicaError as exc:
-                    shard = self._another_shard(exc) if polling == PollingType.ANY else None
-                    if shard is None:
+                    if polling != PollingType.ANY:
                         raise
-                    response, trailing = await self._on_shard(shard, requests, metadata, context)
+                    response, trailing = await self._on_another_shard(exc, requests, metadata, context)
         except _LoopedBack:  # refused, not forwarded again: one request would otherwise fan out without end
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -426,36 +426,50 @@ class Head:
         )
 
     def _another_shard(self, failure: ReplicaError) -> Optional[int]:
-        """Where an ANY request goes once its shard failed it UNAVAILABLE, after failing over within the shard:
-        the next shard after it with a replica to pick, else None. A shard's last replica is never ejected, so
-        rotation keeps choosing a shard whose only worker died until its lease lapses; any shard serves ANY."""
+        """The next shard after the one that failed an ANY request with a replica to pick, or None when the
+        request must not go elsewhere: another status says a worker took it; a call cut by its channel's close
+        may still be running on a worker that was only stalled (another shard would store it twice);
+        uses_before/after have no other shard."""
         failed = failure.shard_id
         if failure.code != grpc.StatusCode.UNAVAILABLE or failure.deployment != self.deployment or failed is None:
-            return None  # another status says the request reached a worker; uses_before/after have no other shard
+            return None
+        if CUT_BY_CLOSE in failure.cause:
+            return None
         shard_ids = self.pool.shard_ids(self.deployment)
         for shard_id in sorted(shard_ids, key=lambda shard: (shard <= failed, shard)):  # those after it, then before
             if shard_id != failed and self.pool.get_replicas(self.deployment, shard_id=shard_id).eligible():
-                logger.debug(
-                    "%s: shard %d failed an ANY request (%s); sending it to shard %d instead",
-                    self.deployment, failed, failure, shard_id,
-                )
                 return shard_id
         return None
 
-    async def _on_shard(
-        self, shard_id: int, requests: list[DataRequest], metadata, context: grpc.aio.ServicerContext
+    async def _on_another_shard(
+        self, failure: ReplicaError, requests: list[DataRequest], metadata, context: grpc.aio.ServicerContext
     ) -> tuple[DataRequest, Any]:
-        """An ANY request sent once more, to ``shard_id``, within what is left of the caller's deadline."""
+        """An ANY request its shard failed UNAVAILABLE (after failing over within it), sent once to another shard:
+        a shard's last replica is never ejected, so rotation keeps choosing a shard whose only worker died until
+        its lease lapses, and any shard serves ANY. Only with a retry from the budget and at least
+        ``MIN_RESEND_SECONDS`` of the caller's deadline left; when the resend fails too, ``failure`` is raised
+        with its outcome appended, so both shards are named."""
+        shard_id = self._another_shard(failure)
         timeout = _time_left(context)
-        if timeout is not None:
-            timeout = max(timeout, 0.001)  # spent already: DEADLINE_EXCEEDED at once, as gRPC takes no timeout <= 0
-        if self._uses_after is not None:
-            return await self._gather(requests, metadata, timeout, PollingType.ANY, shard_id=shard_id)
-        replicas = self.pool.get_replicas(self.deployment, shard_id=shard_id)
-        method, payload = self._method(requests)
-        return await self.pool.call(
-            payload, self.deployment, replicas, shard_id=shard_id, method=method, metadata=metadata, timeout=timeout
-        )
+        if shard_id is None or (timeout is not None and timeout < MIN_RESEND_SECONDS):
+            raise failure
+        if not self.pool.retry_budget.try_spend():
+            raise failure
+        logger.debug("%s: %s; sending the ANY request to shard %d instead", self.deployment, failure, shard_id)
+        try:
+            if self._uses_after is not None:
+                return await self._gather(requests, metadata, timeout, PollingType.ANY, shard_id=shard_id)
+            replicas = self.pool.get_replicas(self.deployment, shard_id=shard_id)
+            method, payload = self._method(requests)
+            return await self.pool.call(
+                payload, self.deployment, replicas, shard_id=shard_id, method=method, metadata=metadata,
+                timeout=timeout,
+            )
+        except (ReplicaError, RoutingError) as resent:
+            raise type(failure)(
+                f"{failure.cause}; sent on to shard {shard_id}, which failed too: {resent}",
+                address=failure.address, code=failure.code, deployment=failure.deployment, shard_id=failure.shard_id,
+            ) from None
 
     async def _gather(
         self, requests: list[DataRequest], metadata, timeout, polling: PollingType, retries: Optional[int] = None,
@@ -543,6 +557,9 @@ class Head:
         peer = context.peer()
         changes = []
         interval = self._announced_interval(context) if command == "ACTIVATE" else None
+        instance = None
+        if command == "ACTIVATE":
+            instance = dict(context.invocation_metadata()).get(services.INSTANCE_METADATA)
         dial_tls = self.pool.tls is not None  # a head given TLS material dials its workers over TLS
         for entity in request.related_entities:
             try:
@@ -581,20 +598,25 @@ class Head:
                 replicas = self.pool.get_replicas(self.deployment, shard_id=shard_id or 0)
                 known = replicas is not None and replicas.has_connection(address)
                 self.pool.add_connection(self.deployment, address, shard_id=shard_id or 0)
+                announced = self._instances.get((address, shard_id or 0), instance)
+                restarted = known and instance is not None and announced != instance
+                if instance is not None:
+                    self._instances[(address, shard_id or 0)] = instance
                 lease = self._lease_for(interval, address)
                 if lease is not None:
                     self._renew_lease(address, shard_id or 0, lease, interval)
                 if not known:  # workers repeat ACTIVATE every few seconds: log the news only
                     logger.info("%s: activated %s in shard %s (by %s)", self.deployment, address, shard_id or 0, peer)
-                elif replicas.readmit_if_healthy(address):  # ejected while dead, back on the same address?
+                elif restarted and replicas.readmit_if_healthy(address):  # ejected while dead, started again there
                     logger.info(
-                        "%s: %s (shard %s), ejected, registered again: checking its health now",
+                        "%s: %s (shard %s), ejected, registered again as a new process: checking its health now",
                         self.deployment, address, shard_id or 0,
                     )
             else:
                 removed = await self.pool.remove_connection(self.deployment, address, shard_id=shard_id)
                 for leased_shard in [shard_id] if shard_id is not None else self.pool.shard_ids(self.deployment):
                     self._leases.pop((address, leased_shard), None)
+                    self._instances.pop((address, leased_shard), None)
                 outcome = "removed" if removed else "unknown"
                 logger.info("%s: deactivated %s (%s, by %s)", self.deployment, address, outcome, peer)
         return request.to_bytes()
@@ -787,11 +809,18 @@ class Head:
                 if held is None or held[0] >= now:
                     continue
                 del self._leases[(address, shard_id)]
+                self._instances.pop((address, shard_id), None)
                 self._lapsed[(address, shard_id)] = (now, held[1])
-                await self.pool.remove_connection(self.deployment, address, shard_id=shard_id, grace=LAPSED_LEASE_GRACE)
+                # what it holds is cut to fail over where the shard has another replica to take it; with none, cut
+                # calls would only fail, and a worker that was merely stalled may still answer them
+                replicas = self.pool.get_replicas(self.deployment, shard_id=shard_id)
+                others = replicas is not None and any(str(c.address) != address for c in replicas.eligible())
+                await self.pool.remove_connection(
+                    self.deployment, address, shard_id=shard_id, grace=LAPSED_LEASE_GRACE if others else None
+                )
                 logger.warning(
-                    "%s: %s (shard %d) stopped renewing its registration: removed, and the requests it held cut "
-                    "(they fail over)", self.deployment, address, shard_id,
+                    "%s: %s (shard %d) stopped renewing its registration: removed%s", self.deployment, address,
+                    shard_id, ", and the requests it held cut (they fail over)" if others else "",
                 )
 
     async def _ready_once_discovered(self) -> None:

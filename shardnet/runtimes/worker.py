@@ -17,6 +17,7 @@ import concurrent.futures
 import functools
 import logging
 import time
+import uuid
 from typing import Any, AsyncIterator, Optional
 
 import grpc
@@ -164,6 +165,7 @@ class Worker:
         self._head_tls = head_tls
         self._advertise_host = advertise_host
         self._register_interval = register_interval
+        self._instance = uuid.uuid4().hex  # this process's, sent with every ACTIVATE: a restart draws a new one
         self._keep_registered: Optional[asyncio.Task] = None
         self._last_call = 0.0  # time.monotonic() of the latest data call
         self.server = jina_server(config, self)
@@ -461,7 +463,7 @@ class Worker:
         host, port = self._advertised()
         await oneshot.activate_worker(
             host, port, self._head, self._shard_id, token=self._control_token, tls=self._head_tls, timeout=timeout,
-            renews_every=self._register_interval,
+            renews_every=self._register_interval, instance=self._instance,
         )
         logger.debug("registered %s with head %s as shard %d", entity_address(host, port), self._head, self._shard_id)
 
