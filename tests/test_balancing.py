@@ -96,7 +96,7 @@ async def test_slow_replica_gets_fewer_picks(pool_factory, echo_servers):
     assert slow.calls <= 3, (slow.calls, fast.calls)
 
 
-def test_abandoned_request_leaves_the_estimate_alone():
+def test_an_abandoned_request_is_no_failure_but_a_lower_bound_of_the_latency():
     from shardnet.networking.balancing import Balancer
 
     assert callable(getattr(Balancer, "abandoned", None))
@@ -105,13 +105,36 @@ def test_abandoned_request_leaves_the_estimate_alone():
     balancer = PeakEwma(clock=clock, rng=random.Random(3))
     served(balancer, clock, "a", 0.01)
     token = balancer.started("a")
-    clock.now += 0.5  # its caller gives up: nothing learnt about the replica
+    clock.now += 0.005  # its caller gives up sooner than the replica usually answers: nothing learnt
     balancer.abandoned("a", token)
     assert balancer.outstanding("a") == 0
-    assert balancer.cost("a", clock.now) == pytest.approx(0.01 * math.exp(-0.5 / 10.0))  # no failure penalty
+    assert balancer.cost("a", clock.now) == pytest.approx(0.01 * math.exp(-0.005 / 10.0))  # no failure penalty
+    token = balancer.started("a")
+    clock.now += 0.5  # given up after half a second: it took at least that long (a hung replica must not look fast)
+    balancer.abandoned("a", token)
+    assert balancer.cost("a", clock.now) == pytest.approx(0.5)  # the time waited, not the 1 s failure penalty
     balancer.finished("a", token, failed=True)  # a late end of the same request changes nothing
-    assert balancer.cost("a", clock.now) == pytest.approx(0.01 * math.exp(-0.5 / 10.0))
+    assert balancer.cost("a", clock.now) == pytest.approx(0.5)
     balancer.abandoned("unknown", 12345)  # harmless
+
+
+def test_a_hung_replica_whose_callers_all_give_up_loses_its_share():
+    clock = FakeClock()
+    balancer = PeakEwma(clock=clock, rng=random.Random(5))
+    for _ in range(5):
+        served(balancer, clock, "a", 0.01)
+        served(balancer, clock, "hung", 0.009)  # the faster one, until it hangs
+    picks = []
+    for _ in range(40):  # one at a time, each caller giving up after 0.5 s if no answer came
+        chosen = balancer.pick(["a", "hung"])
+        picks.append(chosen)
+        if chosen == "hung":
+            token = balancer.started(chosen)
+            clock.now += 0.5
+            balancer.abandoned(chosen, token)
+        else:
+            served(balancer, clock, chosen, 0.01)
+    assert picks.count("hung") <= 2, picks
 
 
 def burst(balancer, candidates, requests):

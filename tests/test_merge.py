@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from shardnet import DataRequest, Document
 from shardnet.runtimes.merge import merge_shard_responses
 
@@ -118,10 +120,19 @@ def test_where_several_shards_set_a_field_the_first_shards_value_wins():
     assert (query.proto.uri, query.proto.mime_type) == ("first", "text/plain")
 
 
-def test_a_document_holding_content_takes_no_other_content_from_a_later_copy():
-    merged = merge_shard_responses("dep", [(0, shard_copy(text="kept")), (1, shard_copy(blob=b"other"))])
+def test_content_of_another_kind_from_a_later_copy_replaces_the_first_as_docarrays_setters_do():
+    # a store-like shard sets the tensor of a query another shard echoed with its text: a Jina head returns the
+    # tensor (docarray's text, blob and tensor are three fields, each setter clearing the others)
+    merged = merge_shard_responses(
+        "dep", [(0, shard_copy(text="echoed")), (1, shard_copy(tensor=np.arange(3, dtype=np.float32)))]
+    )
     [query] = merged.docs
-    assert query.proto.WhichOneof("content") == "text" and query.text == "kept"
+    assert query.proto.WhichOneof("content") == "tensor" and list(query.tensor) == [0.0, 1.0, 2.0]
+
+
+def test_content_of_the_same_kind_keeps_the_first_copys():
+    merged = merge_shard_responses("dep", [(0, shard_copy(text="kept")), (1, shard_copy(text="other"))])
+    assert merged.docs[0].text == "kept"
 
 
 def test_content_only_a_later_copy_holds_is_taken():

@@ -239,7 +239,11 @@ async def test_the_same_replica_dialled_with_and_without_tls_is_refused_naming_b
         pool.add_connection("dep", "https://10.0.0.7:8443")
     other = pool_factory()
     other.add_connection("dep", "https://10.0.0.7:8443")
-    with pytest.raises(ConfigurationError, match=r"'10.0.0.7:8443' is already a replica dialled with TLS"):
-        other.add_connection("dep", "10.0.0.7:8443")
+    with pytest.raises(ConfigurationError, match=r"'grpc://10.0.0.7:8443' is already a replica dialled with TLS"):
+        other.add_connection("dep", "grpc://10.0.0.7:8443")
     assert pool.get_replicas("dep").addresses == ["10.0.0.7:8443"]
     other.add_connection("dep", "https://10.0.0.7:8443")  # the same again: nothing to refuse
+    # a bare host:port says nothing of TLS (an ACTIVATE names a worker so, whose static entry said https): kept
+    [kept] = other.get_replicas("dep").get_all_connections()
+    other.add_connection("dep", "10.0.0.7:8443")
+    assert other.get_replicas("dep").get_all_connections() == [kept] and kept.address.tls

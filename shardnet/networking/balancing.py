@@ -43,8 +43,8 @@ class Balancer(Protocol):
         ...
 
     def abandoned(self, connection: Any, token: Any) -> None:
-        """The request ended telling nothing about the replica (its own caller cancelled it): no longer
-        outstanding, and no latency to learn from."""
+        """The request ended without an answer because its own caller cancelled it: no longer outstanding, and
+        no failure of the replica; at most a lower bound of its latency."""
         ...
 
     def forget(self, connection: Any) -> None:
@@ -199,11 +199,20 @@ class PeakEwma:
         load.stamp = now
 
     def abandoned(self, connection: Any, token: int) -> None:
-        """The request ended telling nothing about the replica (its caller cancelled it): no longer outstanding,
-        the latency estimate untouched (a failure penalty here would starve a healthy replica)."""
+        """The request ended without an answer, its caller having given up: no failure of the replica (a
+        penalty would starve a healthy one), but it did take at least that long, so the estimate rises to the
+        time waited if that is longer (a hung replica whose callers all give up must not look fast)."""
         load = self._loads.get(connection)
-        if load is not None:
-            load.outstanding.pop(token, None)
+        if load is None:
+            return
+        started = load.outstanding.pop(token, None)
+        if started is None:
+            return
+        now = self._clock()
+        if now - started > load.ewma:
+            load.ewma = now - started
+            load.prior = False
+            load.stamp = now
 
     def forget(self, connection: Any) -> None:
         """Drop the connection's history; its next load is seeded from its peers as a new replica's is."""

@@ -279,7 +279,9 @@ class ReplicaList:
         parsed = parse_address(address, tls=self._tls is not None)
         existing = self._connections.get(parsed.target)
         if existing is not None:
-            if existing.address.tls != parsed.tls:  # keeping either would silently drop what the caller asked
+            # a scheme the caller wrote that contradicts the replica's: keeping either would silently drop what
+            # was asked (a bare host:port, as an ACTIVATE names a worker, asks nothing: the replica is as it is)
+            if existing.address.tls != parsed.tls and "://" in address:
                 raise ConfigurationError(
                     f"{self.name or 'replica list'}: {address!r} is already a replica dialled "
                     f"{'with' if existing.address.tls else 'without'} TLS as {str(existing.address)!r}; "

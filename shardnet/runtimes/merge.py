@@ -2,7 +2,8 @@
 
 Documents are merged by id, as docarray's ``reduce`` does: a document several
 shards return keeps its first copy, takes from the later copies each field the
-first left empty (an embedding, a uri, tags), and gains their matches and
+first left empty (an embedding, a uri, tags; content of another kind, as
+docarray's setters replace it), and gains their matches and
 chunks it does not hold yet (merged by id the same way, fields included); new
 ids are appended in shard order. A shard that failed or answered with an
 error is named in the merged status, so the client learns which shard to look
@@ -11,9 +12,11 @@ at; the executor's exception (name, arguments, stack) reaches it as raised.
 
 from __future__ import annotations
 
+import types
 from typing import Any, Optional, Sequence, Union
 
 from shardnet.protocol.messages import DataRequest, wire_text
+from shardnet.protocol.proto import docarray_pb2
 from shardnet.protocol.services import RESULTS_PARAMETER as RESULTS
 
 ShardOutcome = tuple[Optional[int], Union[DataRequest, BaseException]]
@@ -59,25 +62,56 @@ def _reduce(target: Any, source: Any) -> None:
 
 
 def _fill_empty_fields(target: Any, source: Any) -> None:
-    """Copy into ``target`` each field ``source`` set that ``target`` left empty (docarray's rule: the first
-    copy wins where both set one). Content is one field: a document holding a text takes no blob."""
-    held = {field.name for field, value in target.ListFields() if not _empty_message(field, value)}
-    has_content = target.WhichOneof("content") is not None
+    """Copy into ``target`` each field ``source`` set that ``target`` left empty: docarray's rule, the first copy
+    wins where both set one. Content (text, blob, tensor) is one protobuf field but three of docarray's: a later
+    copy's content of another kind replaces the first's, as docarray's setters do; of the same kind it does not.
+    Runs for every copy of every document and match (an echoed query's hundred matches per shard), so it reads
+    the source's set fields only and asks the target about each by its kind."""
+    content = None
     for field, value in source.ListFields():
+        kind = _KIND.get(field.name)
+        if kind is None:  # id, parent_id, matches, chunks: docarray never copies them from a later copy
+            continue
         name = field.name
-        if name in held or name in _MERGED_APART or _empty_message(field, value):
-            continue
-        if has_content and field.containing_oneof is not None:
-            continue
-        if field.message_type is None and not field.is_repeated:
-            setattr(target, name, value)
-        else:  # a message, a list or a map, empty in the target: merging copies it
-            getattr(target, name).MergeFrom(value)
+        if kind is _SCALAR:
+            if not getattr(target, name):
+                setattr(target, name, value)
+        elif kind is _MESSAGE:
+            if value.ByteSize() and not (target.HasField(name) and getattr(target, name).ByteSize()):
+                getattr(target, name).CopyFrom(value)
+        elif kind is _MANY:
+            if not len(getattr(target, name)):
+                getattr(target, name).MergeFrom(value)
+        else:  # _CONTENT
+            content = content or target.WhichOneof("content")
+            if content != name:  # none yet, or another kind: the later copy's replaces it
+                if field.message_type is None:
+                    setattr(target, name, value)
+                else:
+                    getattr(target, name).CopyFrom(value)
 
 
-def _empty_message(field: Any, value: Any) -> bool:
-    """A message field present but holding nothing (``tags`` touched, never filled) counts as not set."""
-    return field.message_type is not None and not field.is_repeated and value.ByteSize() == 0
+_SCALAR, _MESSAGE, _MANY, _CONTENT = "scalar", "message", "many", "content"
+
+
+def _kinds() -> dict[str, str]:
+    """How each field of a document is filled from a later copy; the fields docarray merges apart are absent."""
+    kinds = {}
+    for field in docarray_pb2.DocumentProto.DESCRIPTOR.fields:
+        if field.name in _MERGED_APART:
+            continue
+        if field.containing_oneof is not None:
+            kinds[field.name] = _CONTENT
+        elif field.is_repeated:
+            kinds[field.name] = _MANY  # lists and maps
+        elif field.message_type is not None:
+            kinds[field.name] = _MESSAGE
+        else:
+            kinds[field.name] = _SCALAR
+    return kinds
+
+
+_KIND = types.MappingProxyType(_kinds())
 
 
 def merge_shard_responses(deployment: str, outcomes: Sequence[ShardOutcome]) -> DataRequest:
