@@ -15,7 +15,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from shardnet import Document, Executor, requests
+
+
+class Fetcher(Executor):
+    """``/fetch`` as a store-like shard answers a query: shard 0 echoes it with a hit of its own, shard 1 (which
+    holds the document) also sets its tensor, embedding and uri, and tags the hit both shards return."""
+
+    @requests(on="/fetch")
+    def fetch(self, docs, parameters, **kwargs):
+        shard = self.runtime_args.shard_id
+        for doc in docs:
+            doc.matches.append(Document(id=f"hit-{shard}", text=f"from shard {shard}"))
+            doc.matches.append(Document(id="shared-hit", text="both"))
+            if shard == 1:
+                doc.tensor = np.arange(3, dtype=np.float32)
+                doc.embedding = np.array([1.0, 2.0], dtype=np.float32)
+                doc.proto.uri = "found-by-1"
+                doc.matches[-1].tags = {"scored_by": 1}
 
 
 class Tagger(Executor):

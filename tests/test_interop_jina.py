@@ -449,3 +449,41 @@ async def test_sparse_tensors_cross_to_docarray_and_back(jina_peer, tmp_path):
     expected = np.zeros((3, 4))
     expected[0, 2], expected[1, 3], expected[2, 0] = 5.0, 7.0, 9.0
     np.testing.assert_array_equal(ndarray.from_proto(theirs), expected)
+
+
+async def test_a_shardnet_head_merges_all_answers_as_a_jina_head_does(jina_peer, tmp_path, runtimes):
+    # the same two shards behind a Jina 3.34 head and a shardnet head, polling ALL: shard 0 echoes the query
+    # with its text, shard 1 also sets its tensor, embedding and uri, and tags a hit both return; a Jina head
+    # keeps what shard 1 found (docarray's reduce), and so must a shardnet head
+    shards = [
+        await runtimes(Worker(executors.Fetcher.create({"shard_id": shard}), name=f"store/shard-{shard}/rep-0"))
+        for shard in range(2)
+    ]
+    connections = {shard: [worker.server.address] for shard, worker in enumerate(shards)}
+    port = free_port()
+    jina_head = JinaProcess(
+        [str(jina_peer), *"executor --native --runtime-cls HeadRuntime --polling ALL --host 127.0.0.1".split()]
+        + ["--port", str(port), "--connection-list", json.dumps({str(s): a for s, a in connections.items()})],
+        tmp_path / "jina-head-merge.log",
+        tmp_path,
+    )
+    try:
+        await jina_head.wait_serving(f"127.0.0.1:{port}")
+        ours = await runtimes(Head("store", polling=PollingMap.parse("ALL"), connections=connections))
+        answers = {}
+        for name, address in (("jina", f"127.0.0.1:{port}"), ("shardnet", ours.server.address)):
+            response, _ = await call(address, "/fetch", [Document(id="img-7", text="find img-7")])
+            assert not response.is_error, (name, response.status)
+            [query] = response.docs
+            answers[name] = {
+                "content": query.proto.WhichOneof("content"),
+                "tensor": None if query.tensor is None else query.tensor.tolist(),
+                "embedding": None if query.embedding is None else query.embedding.tolist(),
+                "uri": query.proto.uri,
+                "hits": query.matches.ids,
+                "shared hit tags": dict(query.matches[query.matches.ids.index("shared-hit")].tags),
+            }
+        assert answers["shardnet"] == answers["jina"], answers
+        assert answers["jina"]["content"] == "tensor" and answers["jina"]["uri"] == "found-by-1"
+    finally:
+        jina_head.kill()
