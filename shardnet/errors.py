@@ -53,7 +53,8 @@ class RoutingError(ShardnetError, LookupError):
 
 
 class ReplicaError(ShardnetError):
-    """A call to a replica failed; carries where it went and the gRPC status it ended with."""
+    """A call to a replica failed; carries where it went and the gRPC status it ended with. ``unsent``: no
+    attempt reached a replica (no connection, or refused while it drained), so the request surely did not run."""
 
     def __init__(
         self,
@@ -64,8 +65,10 @@ class ReplicaError(ShardnetError):
         deployment: str = "",
         shard_id: Optional[int] = None,
         role: str = "replica",
+        unsent: bool = False,
     ):
         self.cause = cause
+        self.unsent = unsent
         self.address = address
         self.code = code
         self.deployment = deployment

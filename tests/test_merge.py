@@ -183,3 +183,16 @@ def test_shards_that_only_failed_give_a_shard_error_naming_them():
     status = merged.status
     assert (status.exception.name, status.exception.executor) == ("ShardError", "dep")
     assert list(status.exception.args) == [status.description] == ["shard 1 of 'dep' failed: refused"]
+
+
+def test_empty_content_from_a_later_copy_replaces_nothing_and_an_empty_first_content_is_none():
+    # a shard that cleared the echoed query's text (set, empty) must not wipe the tensor another found
+    cleared = shard_copy(text="")
+    merged = merge_shard_responses(
+        "dep", [(0, shard_copy(tensor=np.arange(3, dtype=np.float32))), (1, cleared)]
+    )
+    assert merged.docs[0].proto.WhichOneof("content") == "tensor"
+    merged = merge_shard_responses("dep", [(0, shard_copy(text="keep me")), (1, shard_copy(blob=b""))])
+    assert merged.docs[0].text == "keep me"
+    merged = merge_shard_responses("dep", [(0, shard_copy(text="")), (1, shard_copy(text="found"))])
+    assert merged.docs[0].text == "found"  # docarray counts "" as no text: the later copy's fills it

@@ -584,3 +584,31 @@ def test_a_call_ended_ok_without_an_answer_is_an_error_not_a_none_response(timed
         checked_reply(None, "127.0.0.1:5", "dep/shard-0", timed=timed)
     assert caught.value.code() == code
     assert "127.0.0.1:5 ended the call without an answer" in caught.value.details()
+
+
+async def test_a_request_refused_by_every_replica_is_marked_unsent(pool_factory, dead_address):
+    # no attempt reached a replica: the one kind of failure after which a head may send an ANY request to another
+    # shard without its running twice
+    pool = pool_factory()
+    pool.add_connection("dep", dead_address)
+    with pytest.raises(ReplicaError) as caught:
+        await pool.send_request(DataRequest(), "dep")[0]
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE and caught.value.unsent
+
+
+async def test_a_request_a_replica_took_is_never_marked_unsent_whatever_its_last_attempt_met(
+    pool_factory, echo_servers, dead_address, eventually
+):
+    # the slow replica takes it, its call is cut (its lease lapsed, say), the failover meets a dead replica:
+    # the last error is a refusal, but the request may have run
+    [slow] = await echo_servers(1, delay=5.0)
+    pool = pool_factory(balancer="round_robin")
+    pool.add_connection("dep", slow.address)
+    pool.add_connection("dep", dead_address)
+    task = pool.send_request(DataRequest(), "dep")[0]  # round robin: the first replica added
+    await eventually(lambda: slow.calls == 1, timeout=5.0)
+    await pool.remove_connection("dep", slow.address, grace=0)
+    with pytest.raises(ReplicaError) as caught:
+        await task
+    assert caught.value.address == dead_address and "Connection refused" in str(caught.value)
+    assert not caught.value.unsent

@@ -19,7 +19,7 @@ from shardnet.cli.options import (
 )
 from shardnet.errors import ReplicaError
 from shardnet.networking import oneshot
-from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, message_size_options
+from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, NOT_CONNECTED, message_size_options
 from shardnet.protocol.documents import Document
 from shardnet.protocol.messages import DataRequest
 from shardnet.runtimes.executor import DEFAULT_ENDPOINT
@@ -55,7 +55,7 @@ async def _discovered_endpoints(target: str, tls, timeout: float) -> list[str]:
 
 # how gRPC itself says it reached no server at all: a status a server sent (a head relaying a failure of its
 # workers, say) starts with that server's own words instead
-_NOT_REACHED = (*oneshot.NOT_CONNECTED, "socket closed", "connection reset")
+_NOT_REACHED = (*NOT_CONNECTED, "socket closed", "connection reset")
 
 
 def _target_unreachable(exc: ReplicaError) -> bool:

@@ -197,6 +197,20 @@ def _decoding(parse: Callable[[bytes], Any], what: str) -> Callable[[bytes], Any
     return decode
 
 
+# how gRPC says it reached no server at all (a status a server sent starts with that server's own words)
+NOT_CONNECTED = ("failed to connect to all addresses", "dns resolution failed")
+
+
+def never_reached(error: BaseException) -> bool:
+    """An UNAVAILABLE that no handler saw: no connection was made, or a shardnet server refused it as it drains.
+    Not "socket closed", a stream that broke, a call cut, nor a head passing on its worker's UNAVAILABLE: the
+    work may have been done. Only such a request may be sent again where running twice would matter."""
+    if not isinstance(error, grpc.aio.AioRpcError) or error.code() != grpc.StatusCode.UNAVAILABLE:
+        return False
+    details = (error.details() or "").lower()
+    return details.startswith(NOT_CONNECTED) or details == services.DRAINING_DETAILS
+
+
 def checked_reply(response: Any, address: Any, owner: str = "", timed: bool = False) -> Any:
     """``response``, or a MalformedReplyError (a ProtocolError) naming the replica (and the ``owner`` list it
     belongs to, "dep/shard-0") when its reply did not decode.

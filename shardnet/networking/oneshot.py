@@ -26,6 +26,7 @@ from shardnet.networking.channels import (
     checked_reply,
     error_cause,
     get_grpc_channel,
+    never_reached,
     tls_settings,
 )
 from shardnet.networking.policies import check_timeout
@@ -33,7 +34,6 @@ from shardnet.networking.tls import ClientTls, PemSource
 from shardnet.protocol.messages import ControlRequest, DataRequest
 from shardnet.protocol.services import (
     AUTHORIZATION_METADATA,
-    DRAINING_DETAILS,
     ENDPOINT_METADATA,
     INSTANCE_METADATA,
     RENEWAL_METADATA,
@@ -42,10 +42,8 @@ from shardnet.protocol.services import (
 T = TypeVar("T")
 
 # a one-off data or health call is tried twice when it was UNAVAILABLE, as Jina's blocking helpers do, but only
-# when it provably reached no handler (see _never_reached): a request sent again must not be processed twice
+# when it provably reached no handler (see channels.never_reached): a request sent again must not be processed twice
 ATTEMPTS_WHEN_UNAVAILABLE = 2
-# how gRPC says it reached no server at all (a status a server sent starts with that server's own words)
-NOT_CONNECTED = ("failed to connect to all addresses", "dns resolution failed")
 
 
 def tolerate_grpc_poller_race(loop: asyncio.AbstractEventLoop, context: dict) -> None:
@@ -87,15 +85,6 @@ def auth_metadata(token: Optional[str]) -> tuple[tuple[str, str], ...]:
     return ((AUTHORIZATION_METADATA, f"Bearer {token}"),) if token else ()
 
 
-def _never_reached(error: BaseException) -> bool:
-    """An UNAVAILABLE that no handler saw: no connection was made, or a shardnet server refused it as it drains.
-    Not "socket closed" nor a head passing on its worker's UNAVAILABLE: the work may have been done."""
-    if not isinstance(error, grpc.aio.AioRpcError) or error.code() != grpc.StatusCode.UNAVAILABLE:
-        return False
-    details = (error.details() or "").lower()
-    return details.startswith(NOT_CONNECTED) or details == DRAINING_DETAILS
-
-
 async def call_once(
     method: str,
     payload: Any,
@@ -127,7 +116,7 @@ async def call_once(
         stop=tenacity.stop_after_attempt(attempts)
         | (tenacity.stop_never if timeout is None else tenacity.stop_before_delay(timeout)),
         wait=tenacity.wait_random(0.05, 0.2),
-        retry=tenacity.retry_if_exception(_never_reached),
+        retry=tenacity.retry_if_exception(never_reached),
         reraise=True,
     )
 

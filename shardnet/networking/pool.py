@@ -36,6 +36,7 @@ from shardnet.networking.channels import (
     default_grpc_options,
     error_cause,
     get_grpc_channel,
+    never_reached,
 )
 from shardnet.networking.policies import (
     EjectionPolicy,
@@ -352,7 +353,8 @@ class GrpcConnectionPool:
         except grpc.aio.AioRpcError as error:
             loop = asyncio.get_running_loop()
             if retries == 0 or not self._retryable(error, attempt_timeout, deadline, loop):
-                raise self._replica_error(error, connection, deployment, shard_id) from None
+                unsent = never_reached(error)
+                raise self._replica_error(error, connection, deployment, shard_id, unsent=unsent) from None
             return await self._fail_over(
                 error, connection, payload, deployment, replicas, shard_id, method, metadata, deadline, retries
             )
@@ -393,6 +395,7 @@ class GrpcConnectionPool:
         loop = asyncio.get_running_loop()
         tried = {first}
         last = {"error": first_error, "connection": first, "attempt_timeout": None, "attempts": 1}
+        unsent = [never_reached(first_error)]  # while every attempt failed before a replica could take it
         backoff = self.retry.backoff()
 
         def untried() -> list[Connection]:
@@ -410,6 +413,7 @@ class GrpcConnectionPool:
             if not isinstance(error, grpc.aio.AioRpcError):
                 return False
             last["error"] = error
+            unsent[0] = unsent[0] and never_reached(error)
             return self._retryable(error, last["attempt_timeout"], deadline, loop)
 
         def spend(state: tenacity.RetryCallState) -> bool:
@@ -419,12 +423,14 @@ class GrpcConnectionPool:
         if retries is not None and retries >= 0:
             max_attempts = retries
         if max_attempts < 1:  # one round over one replica: the first attempt was all (tenacity would make one more)
-            raise self._replica_error(first_error, first, deployment, shard_id) from None
+            raise self._replica_error(first_error, first, deployment, shard_id, unsent=unsent[0]) from None
         # leaving a replica its list already took out for connection failures is routing, not a retry storm:
         # a killed replica's streams fail everything they carried at once, and all of it must go elsewhere
         routed_around = first_error.code() == grpc.StatusCode.UNAVAILABLE and not replicas.is_eligible(first)
         if not routed_around and not self.retry_budget.try_spend():
-            raise self._replica_error(first_error, first, deployment, shard_id, "retry budget exhausted") from None
+            raise self._replica_error(
+                first_error, first, deployment, shard_id, "retry budget exhausted", unsent=unsent[0]
+            ) from None
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(max_attempts) | tenacity.stop_any(spend),
             wait=wait,
@@ -448,20 +454,31 @@ class GrpcConnectionPool:
                     )
         except grpc.aio.AioRpcError as error:  # retries exhausted, refused by the budget, or not retryable
             last["error"] = error
+            unsent[0] = unsent[0] and never_reached(error)
         note = f"the last of {last['attempts']} attempts"
         if self.retry.attempt_timeout is not None and last["error"].code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             note += f", each given at most the attempt timeout of {self.retry.attempt_timeout:g}s"
-        raise self._replica_error(last["error"], last["connection"], deployment, shard_id, note) from None
+        raise self._replica_error(
+            last["error"], last["connection"], deployment, shard_id, note, unsent=unsent[0]
+        ) from None
 
     @staticmethod
     def _replica_error(
-        error: grpc.aio.AioRpcError, connection: Connection, deployment: str, shard_id: Optional[int], note: str = ""
+        error: grpc.aio.AioRpcError,
+        connection: Connection,
+        deployment: str,
+        shard_id: Optional[int],
+        note: str = "",
+        unsent: bool = False,
     ) -> ReplicaError:
         cause = error_cause(error)
         if note:
             cause = f"{cause} ({note})"
         kind = DeadlineExceeded if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else ReplicaError
-        return kind(cause, address=str(connection.address), code=error.code(), deployment=deployment, shard_id=shard_id)
+        return kind(
+            cause, address=str(connection.address), code=error.code(), deployment=deployment, shard_id=shard_id,
+            unsent=unsent,
+        )
 
     def _spawn(
         self, payload: Any, deployment: str, shard_id, replicas, method, metadata, timeout, retries=None

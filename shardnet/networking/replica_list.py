@@ -43,10 +43,6 @@ _OTHER_LOOP = ("attached to a different loop", "Event loop is closed")
 # anyway: as long as they last, in practice (a call cut off here fails over, it is not lost, but it runs twice)
 RETIRED_CHANNEL_GRACE = 24 * 3600.0
 
-# what a call cut by its channel's close says (UNAVAILABLE): it may still be running on the replica (a head sends
-# such a request to another replica of its shard, never to another shard, which would store it twice)
-CUT_BY_CLOSE = "was closed with this call still on it"
-
 # the name of the task that checks an ejected replica's health at once when it registers again (readmit_if_healthy)
 _READMISSION = "shardnet-readmission"
 
@@ -433,6 +429,7 @@ class ReplicaList:
 
     def _eject(self, connection: Connection) -> None:
         self._withdraw(connection)
+        self.balancer.forget(connection)  # its failures' estimate must not seed the replicas added meanwhile
         if time.monotonic() - connection.admitted_at >= self._ejection.max_ejection:
             connection.times_ejected = 0  # healthy for as long as the longest ejection: an old blip is forgotten
         connection.times_ejected += 1
@@ -551,7 +548,7 @@ class ReplicaList:
                 balancer.finished(connection, token, failed=True)
                 raise rpc_error(
                     grpc.StatusCode.UNAVAILABLE,
-                    f"the channel to replica {connection.address} {CUT_BY_CLOSE} "
+                    f"the channel to replica {connection.address} was closed with this call still on it "
                     "(the replica was removed, its channel rebuilt, or the pool closed)",
                 ) from None
             balancer.abandoned(connection, token)  # its caller gave up: nothing learnt of the replica

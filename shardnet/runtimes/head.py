@@ -45,7 +45,6 @@ from shardnet.networking.channels import message_size_options
 from shardnet.networking.policies import check_count, check_seconds
 from shardnet.networking.polling import PollingMap, PollingType
 from shardnet.networking.pool import GrpcConnectionPool
-from shardnet.networking.replica_list import CUT_BY_CLOSE
 from shardnet.protocol import services
 from shardnet.protocol.ids import new_id
 from shardnet.protocol.messages import ControlRequest, DataRequest, require_empty
@@ -427,13 +426,11 @@ class Head:
 
     def _another_shard(self, failure: ReplicaError) -> Optional[int]:
         """The next shard after the one that failed an ANY request with a replica to pick, or None when the
-        request must not go elsewhere: another status says a worker took it; a call cut by its channel's close
-        may still be running on a worker that was only stalled (another shard would store it twice);
-        uses_before/after have no other shard."""
+        request must not go elsewhere: unless no attempt reached a worker (no connection, or refused as it
+        drained), one may have run it, if only stalled, and another shard would store it twice; uses_before/after
+        have no other shard."""
         failed = failure.shard_id
-        if failure.code != grpc.StatusCode.UNAVAILABLE or failure.deployment != self.deployment or failed is None:
-            return None
-        if CUT_BY_CLOSE in failure.cause:
+        if not failure.unsent or failure.deployment != self.deployment or failed is None:
             return None
         shard_ids = self.pool.shard_ids(self.deployment)
         for shard_id in sorted(shard_ids, key=lambda shard: (shard <= failed, shard)):  # those after it, then before
@@ -444,7 +441,7 @@ class Head:
     async def _on_another_shard(
         self, failure: ReplicaError, requests: list[DataRequest], metadata, context: grpc.aio.ServicerContext
     ) -> tuple[DataRequest, Any]:
-        """An ANY request its shard failed UNAVAILABLE (after failing over within it), sent once to another shard:
+        """An ANY request no worker of its shard took (after failing over within it), sent once to another shard:
         a shard's last replica is never ejected, so rotation keeps choosing a shard whose only worker died until
         its lease lapses, and any shard serves ANY. Only with a retry from the budget and at least
         ``MIN_RESEND_SECONDS`` of the caller's deadline left; when the resend fails too, ``failure`` is raised

@@ -67,7 +67,6 @@ def _fill_empty_fields(target: Any, source: Any) -> None:
     copy's content of another kind replaces the first's, as docarray's setters do; of the same kind it does not.
     Runs for every copy of every document and match (an echoed query's hundred matches per shard), so it reads
     the source's set fields only and asks the target about each by its kind."""
-    content = None
     for field, value in source.ListFields():
         kind = _KIND.get(field.name)
         if kind is None:  # id, parent_id, matches, chunks: docarray never copies them from a later copy
@@ -82,9 +81,11 @@ def _fill_empty_fields(target: Any, source: Any) -> None:
         elif kind is _MANY:
             if not len(getattr(target, name)):
                 getattr(target, name).MergeFrom(value)
-        else:  # _CONTENT
-            content = content or target.WhichOneof("content")
-            if content != name:  # none yet, or another kind: the later copy's replaces it
+        elif value if field.message_type is None else value.ByteSize():  # content; an empty one is none
+            held = target.WhichOneof("content")
+            if held is not None and not _holds(target, held):
+                held = None  # an empty text or blob (set, cleared) is none either
+            if held != name:  # none yet, or another kind: the later copy's replaces it
                 if field.message_type is None:
                     setattr(target, name, value)
                 else:
@@ -92,6 +93,12 @@ def _fill_empty_fields(target: Any, source: Any) -> None:
 
 
 _SCALAR, _MESSAGE, _MANY, _CONTENT = "scalar", "message", "many", "content"
+
+
+def _holds(document: Any, content: str) -> bool:
+    """Whether the ``content`` field ``document`` has set holds anything (docarray counts ``""`` as no text)."""
+    value = getattr(document, content)
+    return bool(value.ByteSize() if content == "tensor" else value)
 
 
 def _kinds() -> dict[str, str]:
