@@ -327,3 +327,14 @@ async def test_a_worker_back_after_its_lease_lapsed_is_told_why_by_the_interval_
     finally:
         for holder in holders:
             holder.close()
+
+
+async def test_the_worker_ids_a_head_keeps_are_short_and_leave_with_their_workers(runtimes, dead_address):
+    head = await runtimes(Head("ids"))
+    host, port = dead_address.rsplit(":", 1)
+    await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0, renews_every=1.0, instance="x" * 65)
+    assert head._instances == {}  # no id of a shardnet worker: not kept (each would hold up to 8 KB of metadata)
+    await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0, renews_every=1.0, instance="a" * 32)
+    assert head._instances == {(dead_address, 0): "a" * 32}
+    await oneshot.deactivate_worker(host, int(port), head.server.address, shard_id=0)
+    assert head._instances == {} and head._leases == {}

@@ -87,6 +87,8 @@ LAPSE_MEMORY = 60.0
 LAPSED_LEASE_GRACE = 0.5
 # seconds of a caller's deadline an ANY request must have left to be sent to another shard after its own failed
 MIN_RESEND_SECONDS = 0.1
+# characters of the worker process id an ACTIVATE may carry (a shardnet worker's: 32)
+MAX_INSTANCE_CHARS = 64
 # workers one ACTIVATE or DEACTIVATE may name (each costs the head a channel and some 10 KB)
 MAX_CONTROL_ENTITIES = 10_000
 # workers a head holds at most, over all ACTIVATEs: many small ones must not add up to what one may not name
@@ -555,8 +557,9 @@ class Head:
         changes = []
         interval = self._announced_interval(context) if command == "ACTIVATE" else None
         instance = None
-        if command == "ACTIVATE":
+        if command == "ACTIVATE":  # a worker's id is 32 hex digits: anything long is no id, and is not kept
             instance = dict(context.invocation_metadata()).get(services.INSTANCE_METADATA)
+            instance = instance if instance is not None and len(instance) <= MAX_INSTANCE_CHARS else None
         dial_tls = self.pool.tls is not None  # a head given TLS material dials its workers over TLS
         for entity in request.related_entities:
             try:
@@ -614,6 +617,7 @@ class Head:
                 for leased_shard in [shard_id] if shard_id is not None else self.pool.shard_ids(self.deployment):
                     self._leases.pop((address, leased_shard), None)
                     self._instances.pop((address, leased_shard), None)
+                    self._lapsed.pop((address, leased_shard), None)  # it left cleanly: a return is no lapse
                 outcome = "removed" if removed else "unknown"
                 logger.info("%s: deactivated %s (%s, by %s)", self.deployment, address, outcome, peer)
         return request.to_bytes()
