@@ -32,24 +32,19 @@ class Balancer(Protocol):
 
     def pick(self, candidates: Sequence[Any]) -> Any:
         """The candidate (a non-empty sequence) the next request goes to."""
-        ...
 
     def started(self, connection: Any) -> Any:
         """A request to ``connection`` starts; the token returned is handed back when it ends."""
-        ...
 
     def finished(self, connection: Any, token: Any, failed: bool = False) -> None:
         """The request ended with an answer, or ``failed`` by the replica's fault (an error, a timeout)."""
-        ...
 
     def abandoned(self, connection: Any, token: Any) -> None:
         """The request ended without an answer because its own caller cancelled it: no longer outstanding, and
         no failure of the replica; at most a lower bound of its latency."""
-        ...
 
     def forget(self, connection: Any) -> None:
-        """Drop what is known of ``connection`` (removed, or readmitted after ejection: its past no longer counts)."""
-        ...
+        """Drop what is known of ``connection`` (removed, ejected or readmitted: its past no longer counts)."""
 
 
 class RoundRobin:
