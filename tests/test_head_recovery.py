@@ -219,19 +219,18 @@ async def test_a_request_both_shards_fail_names_both_and_the_first_failure_keeps
     assert "shard 0" in message and "shard 1" in message
 
 
-async def test_a_request_is_sent_to_another_shard_only_with_a_retry_from_the_budget(runtimes, dead_address):
-    # the resend is a retry: with the budget spent (here none at all) a storm of failures is not doubled
+async def test_a_request_no_worker_took_goes_to_another_shard_even_with_the_retry_budget_spent(
+    runtimes, dead_address
+):
+    # the dead shard's own failover spends the budget under steady traffic; a resend charged to it as well failed
+    # a third of all requests while the dead worker's lease ran, though going elsewhere adds no load
     [live] = await shard_workers(runtimes, executors.Tagger, 1)
     pool = GrpcConnectionPool(retry_budget=RetryBudget(ratio=0.0, min_per_second=0.0))
     head = await head_over(runtimes, "halves", [live], "ANY", pool=pool)
     head.pool.add_connection("halves", dead_address, shard_id=1)
-    outcomes = await asyncio.gather(
-        *(send(head.server.address, "/tag", [Document()], timeout=5) for _ in range(4)), return_exceptions=True
-    )
-    failures = [outcome for outcome in outcomes if isinstance(outcome, ReplicaError)]
-    assert len(failures) == 2 and live.executor.calls == 2, outcomes  # shard 1's turns failed, not resent
-    assert all(dead_address in str(failure) and "which failed too" not in str(failure) for failure in failures)
-    assert head.pool.retry_budget.refused >= 2
+    answers = await asyncio.gather(*(send(head.server.address, "/tag", [Document()], timeout=5) for _ in range(4)))
+    assert all(answer.docs[0].tags["shard"] == 0 for answer in answers) and live.executor.calls == 4
+    assert head.pool.retry_budget.refused >= 2  # the dead shard's own retries were refused: only routing helped
 
 
 @pytest.mark.timeout(60)

@@ -579,3 +579,30 @@ async def test_a_worker_whose_limit_is_a_float_still_serves_streams(runtimes):
     head = await start_head(runtimes, [worker])
     await warm_up(head)
     assert streams_of(head).open_streams == len(streams_of(head)._lanes)
+
+
+async def test_a_draining_workers_stream_refusal_says_the_request_never_ran(runtimes, pool_factory):
+    # in the words of its unary refusal: a head may then send an ANY request to another shard (it was refused as
+    # "NAME is stopping", which no sender could tell from work done)
+    leaver = await runtimes(Worker(executors.Sleepy.create(), name="leaver"))
+    pool = pool_factory(request_streams=True)
+    pool.add_connection("dep", leaver.server.address)
+    streams = pool.get_replicas("dep").get_all_connections()[0].stubs.streams
+
+    async def open_streams() -> bool:
+        await asyncio.gather(*(pool.send_request(request("/sleep", "warm-up", seconds=0.005), "dep")[0]
+                               for _ in range(16)))
+        return streams.open_streams == len(streams._lanes)
+
+    await eventually(open_streams)
+    slow = asyncio.gather(*(pool.send_request(request("/sleep", f"slow-{n}", seconds=2), "dep")[0] for n in range(8)))
+    await eventually(lambda: all(lane and lane.pending for lane in streams._lanes))
+    stopping = asyncio.create_task(leaver.stop(10))
+    try:
+        await eventually(leaver.server.stopping.is_set)
+        with pytest.raises(ReplicaError) as caught:
+            await pool.send_request(request("/sleep", "refused", seconds=0.01), "dep", retries=0)[0]
+        assert caught.value.unsent and services.DRAINING_DETAILS in str(caught.value), caught.value
+        assert len(await slow) == 8  # what it took, it finished
+    finally:
+        await stopping

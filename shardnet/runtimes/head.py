@@ -445,14 +445,14 @@ class Head:
     ) -> tuple[DataRequest, Any]:
         """An ANY request no worker of its shard took (after failing over within it), sent once to another shard:
         a shard's last replica is never ejected, so rotation keeps choosing a shard whose only worker died until
-        its lease lapses, and any shard serves ANY. Only with a retry from the budget and at least
-        ``MIN_RESEND_SECONDS`` of the caller's deadline left; when the resend fails too, ``failure`` is raised
-        with its outcome appended, so both shards are named."""
+        its lease lapses, and any shard serves ANY. With at least ``MIN_RESEND_SECONDS`` of the caller's deadline
+        left, and without a retry from the budget: a request no worker took adds no load by going elsewhere (it
+        is routing, as leaving an ejected replica is), and the budget, spent on the dead shard's own failover
+        under steady traffic, would fail a third of all requests while the dead worker's lease runs. When the
+        resend fails too, ``failure`` is raised with its outcome appended, so both shards are named."""
         shard_id = self._another_shard(failure)
         timeout = _time_left(context)
         if shard_id is None or (timeout is not None and timeout < MIN_RESEND_SECONDS):
-            raise failure
-        if not self.pool.retry_budget.try_spend():
             raise failure
         logger.debug("%s: %s; sending the ANY request to shard %d instead", self.deployment, failure, shard_id)
         try:

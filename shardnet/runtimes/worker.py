@@ -244,8 +244,9 @@ class Worker:
                     if task is not None:
                         task.cancel()
                     continue
-                if draining.is_set():  # refused at once: the sender fails it over now, not when the stream ends
-                    writer.send(status_message(request_id, grpc.StatusCode.UNAVAILABLE, f"{self.name} is stopping"))
+                if draining.is_set():  # refused at once: the sender fails it over now, not when the stream ends,
+                    # in the words of a unary refusal, which tell every sender the request was never run
+                    writer.send(status_message(request_id, grpc.StatusCode.UNAVAILABLE, services.DRAINING_DETAILS))
                     continue
                 task = working[request_id] = loop.create_task(
                     self._answer_streamed(request, request_id, writer, limit, whose)
