@@ -17,7 +17,7 @@ import grpc
 import pytest
 from test_head import head_over, send, shard_workers
 
-from shardnet import DataRequest, Document, GrpcConnectionPool, ReplicaError, RetryBudget
+from shardnet import ControlRequest, DataRequest, Document, GrpcConnectionPool, ReplicaError, RetryBudget
 from shardnet.networking import oneshot
 from shardnet.networking.policies import EjectionPolicy
 from shardnet.networking.replica_list import ReplicaList
@@ -337,3 +337,47 @@ async def test_the_worker_ids_a_head_keeps_are_short_and_leave_with_their_worker
     assert head._instances == {(dead_address, 0): "a" * 32}
     await oneshot.deactivate_worker(host, int(port), head.server.address, shard_id=0)
     assert head._instances == {} and head._leases == {}
+
+
+async def test_replicas_whose_leases_lapse_together_keep_what_they_hold(echo_servers):
+    # a stalled node takes every replica of a shard with it: the first one lapsing must not count the second,
+    # lapsing in the same pass, as another replica to fail over to (its requests were cut, then failed)
+    first, second = await echo_servers(2, delay=2.0)
+    head = Head("together", lease=0.5, pool=GrpcConnectionPool(balancer="round_robin"))
+    await head.start()
+    try:
+        both = ControlRequest("ACTIVATE")  # one ACTIVATE for both: one lease, lapsing in one pass
+        for server in (first, second):
+            host, port = server.address.rsplit(":", 1)
+            both.add_related_entity(server.address, host, int(port), 0)
+        await oneshot.call_once("control", both, head.server.address, timeout=5)
+        held = [asyncio.create_task(send(head.server.address, "/e", [Document()], timeout=10)) for _ in range(2)]
+        answers = await asyncio.wait_for(asyncio.gather(*held), 8.0)  # kept for the replicas, not cut at 0.5 s
+        assert len(answers) == 2 and first.calls == 1 and second.calls == 1
+        assert head.pool.get_replicas("together", shard_id=0).addresses == []  # both lapsed meanwhile
+    finally:
+        await head.stop(0)
+
+
+async def test_a_deactivate_racing_a_renewal_never_leaves_a_worker_listed_without_a_lease(runtimes, dead_address):
+    head = await runtimes(Head("race", lease=30.0))
+    host, port = dead_address.rsplit(":", 1)
+    for _ in range(100):  # a renewal lands while the DEACTIVATE's removal yields, or before, or after
+        await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0, renews_every=1.0)
+        await asyncio.gather(
+            oneshot.deactivate_worker(host, int(port), head.server.address, shard_id=0),
+            oneshot.activate_worker(host, int(port), head.server.address, shard_id=0, renews_every=1.0),
+        )
+        listed = head.pool.get_replicas("race", shard_id=0).addresses
+        assert all((address, 0) in head._leases for address in listed), (listed, head._leases)
+
+
+async def test_a_dead_shards_requests_go_to_the_other_shards_in_turn_and_count_once(runtimes, dead_address):
+    live = await shard_workers(runtimes, executors.Tagger, 3)
+    head = await head_over(runtimes, "thirds", live, "ANY")
+    await head.pool.remove_connection("thirds", live[1].server.address, shard_id=1)
+    head.pool.add_connection("thirds", dead_address, shard_id=1)
+    for _ in range(6):  # rotation: 0, 1, 2, 0, 1, 2; shard 1's two turns go to shards 2 and 0 (not both to 2)
+        await send(head.server.address, "/tag", [Document()], timeout=5)
+    assert (live[0].executor.calls, live[2].executor.calls) == (3, 3)
+    assert head.pool.retry_budget.total_requests == 6  # a resend is no new request of the budget's

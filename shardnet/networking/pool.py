@@ -320,16 +320,20 @@ class GrpcConnectionPool:
         metadata: Metadata = (),
         timeout: Optional[float] = None,
         retries: Optional[int] = None,
+        new_request: bool = True,
     ) -> Reply:
         """Send ``payload`` with ``method`` to one replica of ``replicas``, failing over as the policy allows.
 
         ``retries`` caps the failovers of this call (0: none; None or negative: the policy's rounds).
+        ``new_request``: False for a request the retry budget already counted (a head sending one no worker
+        took to another shard), which must not raise the budget's allowance.
         Raises ReplicaError (or DeadlineExceeded) naming deployment, shard and
         replica, or RoutingError when the list has no replica at all.
         """
         if method not in _METHODS:
             raise ConfigurationError(f"method {method!r}: expected one of {', '.join(sorted(_METHODS))}")
-        self.retry_budget.record_request()
+        if new_request:
+            self.retry_budget.record_request()
         metadata = self._metadata_cache.get(metadata)
         timeout = self.timeout if timeout is None else timeout
         connection = replicas.get_next_connection()

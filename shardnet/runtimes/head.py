@@ -231,6 +231,7 @@ class Head:
         # leases that ran out lately, (when, length): a worker back soon after renews more slowly than it allows
         self._lapsed: dict[tuple[str, int], tuple[float, float]] = {}
         self._instances: dict[tuple[str, int], str] = {}  # (address, shard) -> the worker process's id it announced
+        self._resend_turn = 0  # which live shard takes the next ANY request a dead shard could not
         self._short_lease_warned = False
         self._expiry: Optional[asyncio.Task] = None
         mutual_tls = config.tls is not None and config.tls.client_ca is not None
@@ -427,18 +428,22 @@ class Head:
         )
 
     def _another_shard(self, failure: ReplicaError) -> Optional[int]:
-        """The next shard after the one that failed an ANY request with a replica to pick, or None when the
-        request must not go elsewhere: unless no attempt reached a worker (no connection, or refused as it
-        drained), one may have run it, if only stalled, and another shard would store it twice; uses_before/after
-        have no other shard."""
+        """Another shard with a replica to pick for an ANY request its shard failed, in turn (the next one
+        alone would take the dead shard's whole share), or None when the request must not go elsewhere: unless
+        no attempt reached a worker (no connection, or refused as it drained), one may have run it, if only
+        stalled, and another shard would store it twice; uses_before/after have no other shard."""
         failed = failure.shard_id
         if not failure.unsent or failure.deployment != self.deployment or failed is None:
             return None
-        shard_ids = self.pool.shard_ids(self.deployment)
-        for shard_id in sorted(shard_ids, key=lambda shard: (shard <= failed, shard)):  # those after it, then before
-            if shard_id != failed and self.pool.get_replicas(self.deployment, shard_id=shard_id).eligible():
-                return shard_id
-        return None
+        pool = self.pool
+        live = [
+            shard for shard in pool.shard_ids(self.deployment)
+            if shard != failed and pool.get_replicas(self.deployment, shard_id=shard).eligible()
+        ]
+        if not live:
+            return None
+        self._resend_turn += 1
+        return live[self._resend_turn % len(live)]
 
     async def _on_another_shard(
         self, failure: ReplicaError, requests: list[DataRequest], metadata, context: grpc.aio.ServicerContext
@@ -462,7 +467,7 @@ class Head:
             method, payload = self._method(requests)
             return await self.pool.call(
                 payload, self.deployment, replicas, shard_id=shard_id, method=method, metadata=metadata,
-                timeout=timeout,
+                timeout=timeout, new_request=False,
             )
         except (ReplicaError, RoutingError) as resent:
             raise type(failure)(
@@ -613,11 +618,13 @@ class Head:
                         self.deployment, address, shard_id or 0,
                     )
             else:
-                removed = await self.pool.remove_connection(self.deployment, address, shard_id=shard_id)
+                # forgotten before the removal yields: an ACTIVATE handled meanwhile (a renewal already under way)
+                # adds the worker again, and its lease must stay, or nothing would ever remove it
                 for leased_shard in [shard_id] if shard_id is not None else self.pool.shard_ids(self.deployment):
                     self._leases.pop((address, leased_shard), None)
                     self._instances.pop((address, leased_shard), None)
                     self._lapsed.pop((address, leased_shard), None)  # it left cleanly: a return is no lapse
+                removed = await self.pool.remove_connection(self.deployment, address, shard_id=shard_id)
                 outcome = "removed" if removed else "unknown"
                 logger.info("%s: deactivated %s (%s, by %s)", self.deployment, address, outcome, peer)
         return request.to_bytes()
@@ -803,6 +810,7 @@ class Head:
                 key: (at, lease) for key, (at, lease) in self._lapsed.items() if now - at < max(lease, LAPSE_MEMORY)
             }
             expired = [key for key, (until, _) in self._leases.items() if until < now]
+            lapsing = set(expired)
             for address, shard_id in expired:
                 # each removal lets other requests run: a DEACTIVATE may have dropped this lease since, an
                 # ACTIVATE renewed it; either way it is not this pass's to remove
@@ -814,8 +822,11 @@ class Head:
                 self._lapsed[(address, shard_id)] = (now, held[1])
                 # what it holds is cut to fail over where the shard has another replica to take it; with none, cut
                 # calls would only fail, and a worker that was merely stalled may still answer them
+                # (one whose lease lapses in this same pass is no other: a stalled node takes all its replicas)
                 replicas = self.pool.get_replicas(self.deployment, shard_id=shard_id)
-                others = replicas is not None and any(str(c.address) != address for c in replicas.eligible())
+                others = replicas is not None and any(
+                    str(c.address) != address and (str(c.address), shard_id) not in lapsing for c in replicas.eligible()
+                )
                 await self.pool.remove_connection(
                     self.deployment, address, shard_id=shard_id, grace=LAPSED_LEASE_GRACE if others else None
                 )
