@@ -29,6 +29,26 @@ from shardnet.runtimes.worker import Worker
 EXECUTORS = Path(executors.__file__).resolve()
 
 
+def sleepy_workers(head: Head, folder: Path, shards: list[int], register_interval: float) -> list[ShardnetProcess]:
+    """Worker processes of ``executors.Sleepy`` registering with ``head``, one per entry of ``shards`` (its id)."""
+    return [
+        ShardnetProcess(
+            f"worker-{n}",
+            ["worker", "--uses", f"{EXECUTORS}:Sleepy", "--port", "0", "--head", head.server.address,
+             "--shard-id", str(shard), "--register-interval", str(register_interval)],
+            folder / f"worker-{n}.log",
+        )
+        for n, shard in enumerate(shards)
+    ]
+
+
+async def launched(workers: list[ShardnetProcess]) -> list[str]:
+    """Launch ``workers``; their addresses once each serves."""
+    for worker in workers:
+        worker.launch()
+    return [await asyncio.to_thread(worker.wait_ready, 30.0) for worker in workers]
+
+
 # -- a lapsed lease cuts what the worker held ------------------------------------------------------------------
 
 
@@ -41,19 +61,9 @@ async def test_requests_held_by_a_stopped_worker_are_answered_by_the_other_once_
     after its lease lapsed, since a removed replica keeps its channel for the calls on it: a lapse now cuts them
     and they fail over to the live replica."""
     head = await runtimes(Head("stalled", lease=1.5, request_streams=request_streams))
-    workers = [
-        ShardnetProcess(
-            f"worker-{n}",
-            ["worker", "--uses", f"{EXECUTORS}:Sleepy", "--port", "0", "--head", head.server.address,
-             "--register-interval", "0.25"],
-            tmp_path / f"worker-{n}.log",
-        )
-        for n in range(2)
-    ]
+    workers = sleepy_workers(head, tmp_path, shards=[0, 0], register_interval=0.25)
     try:
-        for worker in workers:
-            worker.launch()
-        addresses = [await asyncio.to_thread(worker.wait_ready, 30.0) for worker in workers]
+        addresses = await launched(workers)
         replicas = head.pool.get_replicas("stalled", shard_id=0)
         await eventually(lambda: sorted(replicas.addresses) == sorted(addresses), timeout=10.0)
         connections = {str(connection.address): connection for connection in replicas.get_all_connections()}
@@ -239,19 +249,9 @@ async def test_a_stalled_only_replica_keeps_what_it_holds_when_its_lease_lapses(
     another shard while the stalled worker may still run it (stored twice). It is left to the worker, which
     answers once it resumes."""
     head = await runtimes(Head("split", lease=1.0))
-    workers = [
-        ShardnetProcess(
-            f"worker-{shard}",
-            ["worker", "--uses", f"{EXECUTORS}:Sleepy", "--port", "0", "--head", head.server.address,
-             "--shard-id", str(shard), "--register-interval", "0.2"],
-            tmp_path / f"worker-{shard}.log",
-        )
-        for shard in range(2)
-    ]
+    workers = sleepy_workers(head, tmp_path, shards=[0, 1], register_interval=0.2)
     try:
-        for worker in workers:
-            worker.launch()
-        addresses = [await asyncio.to_thread(worker.wait_ready, 30.0) for worker in workers]
+        addresses = await launched(workers)
         shards = {0: [addresses[0]], 1: [addresses[1]]}
         await eventually(lambda: head.pool.deployments["split"]["shards"] == shards, timeout=10.0)
         stalled_replicas = head.pool.get_replicas("split", shard_id=0)

@@ -22,7 +22,7 @@ import random
 import statistics
 import time
 import types
-from typing import Any, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 from shardnet.errors import ConfigurationError
 
@@ -176,14 +176,18 @@ class PeakEwma:
         self._load(connection, now).outstanding[token] = now
         return token
 
-    def finished(self, connection: Any, token: int, failed: bool = False) -> None:
+    def _ended(self, connection: Any, token: int) -> tuple[Optional[_Load], float, float]:
+        """The load request ``token`` was out on, its start and now; a None load when it was forgotten since."""
         load = self._loads.get(connection)
+        started = None if load is None else load.outstanding.pop(token, None)
+        if started is None:
+            return None, 0.0, 0.0
+        return load, started, self._clock()
+
+    def finished(self, connection: Any, token: int, failed: bool = False) -> None:
+        load, started, now = self._ended(connection, token)
         if load is None:
             return
-        started = load.outstanding.pop(token, None)
-        if started is None:
-            return
-        now = self._clock()
         rtt = max(now - started, self._failure_penalty) if failed else now - started
         if rtt > load.ewma or load.prior:
             load.ewma = rtt  # peak: jump up at once (and a seed gives way to the first measurement)
@@ -197,14 +201,8 @@ class PeakEwma:
         """The request ended without an answer, its caller having given up: no failure of the replica (a
         penalty would starve a healthy one), but it did take at least that long, so the estimate rises to the
         time waited if that is longer (a hung replica whose callers all give up must not look fast)."""
-        load = self._loads.get(connection)
-        if load is None:
-            return
-        started = load.outstanding.pop(token, None)
-        if started is None:
-            return
-        now = self._clock()
-        if now - started > load.ewma:
+        load, started, now = self._ended(connection, token)
+        if load is not None and now - started > load.ewma:
             load.ewma = now - started
             load.prior = False
             load.stamp = now
