@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import executors
 import pytest
@@ -63,12 +63,12 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
-    """The ``pids`` still alive after up to ``timeout`` seconds."""
+def wait_gone(pids: list[int], timeout: float = 5.0, alive: Callable[[int], bool] = pid_alive) -> list[int]:
+    """The ``pids`` still ``alive`` after up to ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
-    while any(pid_alive(pid) for pid in pids) and time.monotonic() < deadline:
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.02)
-    return [pid for pid in pids if pid_alive(pid)]
+    return [pid for pid in pids if alive(pid)]
 
 
 def stop(process: subprocess.Popen, pids: list[int], timeout: float = 20.0) -> Optional[int]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import executors
 import pytest
-from test_cli import PYTHON_M, shardnet
+from test_cli import PYTHON_M, shardnet, wait_gone
 
 from shardnet.cli.main import build_parser, main
 from shardnet.cli.options import INT32_MAX, whole_number
@@ -199,14 +199,6 @@ def _running(pid: int) -> bool:
         return False
 
 
-def _still_running(pids: list[int], timeout: float = 5.0) -> list[int]:
-    """The ``pids`` still running after up to ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return [pid for pid in pids if _running(pid)]
-
-
 def _helpers(workspace: Path) -> list[int]:
     return sorted(int(path.name.split("-")[1]) for path in workspace.rglob("helper-*"))
 
@@ -232,7 +224,7 @@ def test_a_start_that_times_out_says_how_to_allow_longer_and_leaves_no_helper_ru
     assert "shardnet deploy --startup-seconds, Deployment(startup_timeout=)" in str(failed.value)
     helpers = _helpers(workspace)
     assert len(helpers) == 1, "the Executor never started its helper"
-    assert not _still_running(helpers), "the helper an Executor started outlived the failed start"
+    assert not wait_gone(helpers, alive=_running), "the helper an Executor started outlived the failed start"
 
 
 def test_a_stop_and_a_restart_leave_no_helper_of_the_processes_they_ended(tmp_path, helpers_file):
@@ -246,10 +238,10 @@ def test_a_stop_and_a_restart_leave_no_helper_of_the_processes_they_ended(tmp_pa
             assert time.monotonic() < deadline, "the killed worker never exited"
             time.sleep(0.02)
         assert deployment.revive() == ["worker-0-0"]
-        assert not _still_running([first]), "the helper of a crashed worker outlived its restart"
+        assert not wait_gone([first], alive=_running), "the helper of a crashed worker outlived its restart"
         [second] = [pid for pid in _helpers(workspace) if pid != first]
         assert _running(second)
-    assert not _still_running([second]), "the helper of a stopped worker outlived the stop"
+    assert not wait_gone([second], alive=_running), "the helper of a stopped worker outlived the stop"
 
 
 def test_deploy_startup_seconds_reaches_the_deployment_and_its_error_names_the_flag(tmp_path):
@@ -267,7 +259,7 @@ def test_deploy_startup_seconds_reaches_the_deployment_and_its_error_names_the_f
         assert re.search(r"was not ready \d+s after its launch \(a slow Executor may need longer: shardnet deploy "
                          r"--startup-seconds", text), text
         loading = [int(path.name.split("-")[1]) for path in workspace.glob("loading-*")]
-        assert not _still_running(loading), "the loading worker outlived deploy"
+        assert not wait_gone(loading, alive=_running), "the loading worker outlived deploy"
     finally:
         if deploy.poll() is None:
             deploy.kill()
@@ -312,6 +304,6 @@ def test_a_process_groups_leftovers_are_killed_while_its_leader_still_holds_the_
             assert time.monotonic() < deadline, "the killed worker never exited"
             time.sleep(0.02)
         assert states == ["Z"], states
-        assert not _still_running(_helpers(workspace)), "the crashed worker's helper outlived it"
+        assert not wait_gone(_helpers(workspace), alive=_running), "the crashed worker's helper outlived it"
     finally:
         stop_all([process])

@@ -446,9 +446,7 @@ class ReplicaList:
                 if self._connections.get(connection.address.target) is not connection:
                     return
                 if await connection.health():
-                    self._admit(connection)
-                    self.balancer.forget(connection)  # its failures' penalty would keep it starved for many seconds
-                    self._logger.info("%s: replica %s is healthy again", self.name, connection.address)
+                    self._back_in(connection, "is healthy again")
                     return
                 if not self._eligible:  # nothing else left: better a doubtful replica than none
                     self._admit(connection)
@@ -457,6 +455,13 @@ class ReplicaList:
         finally:
             if self._probes.get(connection) is asyncio.current_task():  # not a newer probe of the same replica
                 del self._probes[connection]
+
+    def _back_in(self, connection: Connection, why: str) -> None:
+        """Let an ejected replica that answers its health check back into the picks, its past forgotten (its
+        failures' penalty would keep the balancer from it for many seconds)."""
+        self._admit(connection)
+        self.balancer.forget(connection)
+        self._logger.info("%s: replica %s %s", self.name, connection.address, why)
 
     def readmit_if_healthy(self, address: str) -> bool:
         """Check an ejected replica's health now, in the background, and let it back in on SERVING rather than
@@ -487,11 +492,7 @@ class ReplicaList:
             if self._connections.get(connection.address.target) is not connection or connection in self._position:
                 return
             if healthy:
-                self._admit(connection)
-                self.balancer.forget(connection)
-                self._logger.info(
-                    "%s: replica %s registered again and is healthy: back in rotation", self.name, connection.address
-                )
+                self._back_in(connection, "registered again and is healthy: back in rotation")
                 return
             await self._probe_until_healthy(connection, self._ejection.ejection_time(connection.times_ejected))
         finally:
@@ -551,7 +552,7 @@ class ReplicaList:
                     f"the channel to replica {connection.address} was closed with this call still on it "
                     "(the replica was removed, its channel rebuilt, or the pool closed)",
                 ) from None
-            balancer.abandoned(connection, token)  # its caller gave up: nothing learnt of the replica
+            balancer.abandoned(connection, token)  # its caller gave up: no failure of the replica
             raise
         except RuntimeError as error:
             balancer.finished(connection, token, failed=True)
