@@ -883,8 +883,7 @@ async def test_a_worker_cannot_lease_itself_for_ever(runtimes):
 
     head = await runtimes(Head("leased"))
     await oneshot.activate_worker("127.0.0.1", 40001, head.server.address, shard_id=0, renews_every=1e9)
-    _, lease = head._leases[("127.0.0.1:40001", 0)]
-    assert lease == IMPLIED_LEASE_FACTOR * MAX_RENEWAL_INTERVAL
+    assert head._registrations.leased(("127.0.0.1:40001", 0)) == IMPLIED_LEASE_FACTOR * MAX_RENEWAL_INTERVAL
 
 
 async def test_a_dry_run_reaches_every_shard_and_says_which_did_not_answer(runtimes):

@@ -332,11 +332,12 @@ async def test_the_worker_ids_a_head_keeps_are_short_and_leave_with_their_worker
     head = await runtimes(Head("ids"))
     host, port = dead_address.rsplit(":", 1)
     await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0, renews_every=1.0, instance="x" * 65)
-    assert head._instances == {}  # no id of a shardnet worker: not kept (each would hold up to 8 KB of metadata)
+    key = (dead_address, 0)
+    assert head._registrations.instance(key) is None  # no id of a shardnet worker: not kept (up to 8 KB each)
     await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0, renews_every=1.0, instance="a" * 32)
-    assert head._instances == {(dead_address, 0): "a" * 32}
+    assert head._registrations.instance(key) == "a" * 32
     await oneshot.deactivate_worker(host, int(port), head.server.address, shard_id=0)
-    assert head._instances == {} and head._leases == {}
+    assert head._registrations.instance(key) is None and head._registrations.leased(key) is None
 
 
 async def test_replicas_whose_leases_lapse_together_keep_what_they_hold(echo_servers):
@@ -369,7 +370,7 @@ async def test_a_deactivate_racing_a_renewal_never_leaves_a_worker_listed_withou
             oneshot.activate_worker(host, int(port), head.server.address, shard_id=0, renews_every=1.0),
         )
         listed = head.pool.get_replicas("race", shard_id=0).addresses
-        assert all((address, 0) in head._leases for address in listed), (listed, head._leases)
+        assert all(head._registrations.leased((address, 0)) for address in listed), listed
 
 
 async def test_a_dead_shards_requests_go_to_the_other_shards_in_turn_and_count_once(runtimes, dead_address):

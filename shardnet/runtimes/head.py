@@ -51,6 +51,7 @@ from shardnet.protocol.messages import ControlRequest, DataRequest, require_empt
 from shardnet.protocol.proto import jina_pb2
 from shardnet.runtimes.executor import DRY_RUN_ENDPOINT
 from shardnet.runtimes.merge import merge_shard_responses, report_shard_problems
+from shardnet.runtimes.registrations import Registrations
 from shardnet.runtimes.server import (
     ControlGuard,
     ServerConfig,
@@ -227,10 +228,7 @@ class Head:
         # with a lease, a worker that stops re-sending ACTIVATE (killed -9, partitioned) leaves on its own; without
         # one, so does a worker that says how often it re-sends it (a shardnet worker), leased for a few times that
         self._lease = lease
-        self._leases: dict[tuple[str, int], tuple[float, float]] = {}  # (until, length) by (address, shard)
-        # leases that ran out lately, (when, length): a worker back soon after renews more slowly than it allows
-        self._lapsed: dict[tuple[str, int], tuple[float, float]] = {}
-        self._instances: dict[tuple[str, int], str] = {}  # (address, shard) -> the worker process's id it announced
+        self._registrations = Registrations(lapse_memory=LAPSE_MEMORY)
         self._resend_turn = 0  # which live shard takes the next ANY request a dead shard could not
         self._short_lease_warned = False
         self._expiry: Optional[asyncio.Task] = None
@@ -603,10 +601,7 @@ class Head:
                 replicas = self.pool.get_replicas(self.deployment, shard_id=shard_id or 0)
                 known = replicas is not None and replicas.has_connection(address)
                 self.pool.add_connection(self.deployment, address, shard_id=shard_id or 0)
-                announced = self._instances.get((address, shard_id or 0), instance)
-                restarted = known and instance is not None and announced != instance
-                if instance is not None:
-                    self._instances[(address, shard_id or 0)] = instance
+                restarted = self._registrations.announce((address, shard_id or 0), instance) and known
                 lease = self._lease_for(interval, address)
                 if lease is not None:
                     self._renew_lease(address, shard_id or 0, lease, interval)
@@ -621,9 +616,7 @@ class Head:
                 # forgotten before the removal yields: an ACTIVATE handled meanwhile (a renewal already under way)
                 # adds the worker again, and its lease must stay, or nothing would ever remove it
                 for leased_shard in [shard_id] if shard_id is not None else self.pool.shard_ids(self.deployment):
-                    self._leases.pop((address, leased_shard), None)
-                    self._instances.pop((address, leased_shard), None)
-                    self._lapsed.pop((address, leased_shard), None)  # it left cleanly: a return is no lapse
+                    self._registrations.forget((address, leased_shard))
                 removed = await self.pool.remove_connection(self.deployment, address, shard_id=shard_id)
                 outcome = "removed" if removed else "unknown"
                 logger.info("%s: deactivated %s (%s, by %s)", self.deployment, address, outcome, peer)
@@ -768,26 +761,24 @@ class Head:
         told why it dropped out, by what the ``interval`` it announced says of the lapse."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        self._leases[(address, shard_id)] = (now + lease, lease)
+        lapsed = self._registrations.renew((address, shard_id), now, lease)
         if self._expiry is None:  # implied leases start the expiry on the first one
             self._expiry = loop.create_task(self._expire_leases())
-        lapsed = self._lapsed.pop((address, shard_id), None)
         if lapsed is None:
             return
-        lapsed_at, _ = lapsed
         if interval is not None and lease >= 2 * interval:  # the lease had room for renewals: none came
             logger.warning(
                 "%s: %s (shard %d) registered again %.1fs after its %gs lease ran out, though it renews every %gs: "
                 "it did not renew for the whole lease, so it stalled (a paused process, a blocked event loop, CPU "
                 "starvation) or was cut off from the head",
-                self.deployment, address, shard_id, now - lapsed_at, lease, interval,
+                self.deployment, address, shard_id, now - lapsed.at, lease, interval,
             )
             return
         logger.warning(
             "%s: %s (shard %d) registered again %.1fs after its %gs lease ran out: it is alive but renews less "
             "often than the lease, so it keeps dropping out; give the head a --lease longer than the worker's "
             "--register-interval",
-            self.deployment, address, shard_id, now - lapsed_at, lease,
+            self.deployment, address, shard_id, now - lapsed.at, lease,
         )
 
     async def _expire_leases(self) -> None:
@@ -804,22 +795,14 @@ class Head:
             now = loop.time()
             stalled = now - due
             if stalled > period:
-                self._leases = {key: (until + stalled, lease) for key, (until, lease) in self._leases.items()}
-            # a lapse is remembered for a while (at least LAPSE_MEMORY), so a worker that comes back is told about
-            self._lapsed = {
-                key: (at, lease) for key, (at, lease) in self._lapsed.items() if now - at < max(lease, LAPSE_MEMORY)
-            }
-            expired = [key for key, (until, _) in self._leases.items() if until < now]
+                self._registrations.postpone(stalled)
+            expired = self._registrations.expired(now)
             lapsing = set(expired)
             for address, shard_id in expired:
                 # each removal lets other requests run: a DEACTIVATE may have dropped this lease since, an
                 # ACTIVATE renewed it; either way it is not this pass's to remove
-                held = self._leases.get((address, shard_id))
-                if held is None or held[0] >= now:
+                if not self._registrations.lapse((address, shard_id), now):
                     continue
-                del self._leases[(address, shard_id)]
-                self._instances.pop((address, shard_id), None)
-                self._lapsed[(address, shard_id)] = (now, held[1])
                 # what it holds is cut to fail over where the shard has another replica to take it; with none, cut
                 # calls would only fail, and a worker that was merely stalled may still answer them
                 # (one whose lease lapses in this same pass is no other: a stalled node takes all its replicas)
