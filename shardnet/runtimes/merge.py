@@ -49,7 +49,8 @@ def _reduce(target: Any, source: Any) -> None:
             added.CopyFrom(doc)
             if doc.id:
                 by_id[doc.id] = added
-        else:
+        elif doc != existing:  # an echoed copy, the same to the last field, has nothing to add (protobuf compares
+            # in C, some ten times faster than filling finds nothing)
             _fill_empty_fields(existing, doc)
             if doc.matches or doc.chunks:  # most shards add neither to a document: nothing to fold
                 folding.setdefault(doc.id, []).append(doc)
