@@ -130,19 +130,16 @@ def stop_all(processes: Sequence["EchoProcess"]) -> None:
         process.stop()
 
 
-class Worker:
-    """A client worker process (``_client_worker.py``) in a given Python; one JSON command per line."""
+class JsonProcess:
+    """A benchmark process (a script of this folder) in a given Python, driven by one JSON command per line."""
 
-    def __init__(self, python: str, addresses: Sequence[str], *, loop: str = "asyncio", concurrency: int = 64,
-                 extra_env: Optional[dict] = None):
+    def __init__(self, python: str, script: str, arguments: Sequence[str] = (), extra_env: Optional[dict] = None):
         env = dict(os.environ, JINA_OPTOUT_TELEMETRY="1")
         env.pop("PYTHONPATH", None)  # never let one venv see the other's packages
         env.update(extra_env or {})
-        command = [python, str(HERE / "_client_worker.py"), "--loop", loop, "--concurrency", str(concurrency),
-                   *addresses]
         env.setdefault("GRPC_VERBOSITY", "ERROR")
-        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                                        env=env)
+        self.process = subprocess.Popen([python, str(HERE / script), *arguments], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
         try:
             self.info = self._read()
         except BaseException:
@@ -152,10 +149,10 @@ class Worker:
     def _read(self) -> dict:
         line = self.process.stdout.readline()
         if not line:
-            raise RuntimeError(f"client worker {self.process.args[0]} exited (code {self.process.poll()})")
+            raise RuntimeError(f"benchmark process {self.process.args[:2]} exited (code {self.process.poll()})")
         reply = json.loads(line)
         if "error" in reply:
-            raise RuntimeError(f"client worker failed: {reply['error']}")
+            raise RuntimeError(f"benchmark process failed: {reply['error']}")
         return reply
 
     def command(self, **command: Any) -> dict:
@@ -163,11 +160,20 @@ class Worker:
         self.process.stdin.flush()
         return self._read()
 
-    def run(self, impl: str, requests: int, payload_bytes: int) -> dict:
-        return self.command(cmd="run", impl=impl, n=requests, payload=payload_bytes)
-
     def stop(self) -> None:
         _stop_process(self.process)
+
+
+class Worker(JsonProcess):
+    """A client worker process (``_client_worker.py``)."""
+
+    def __init__(self, python: str, addresses: Sequence[str], *, loop: str = "asyncio", concurrency: int = 64,
+                 extra_env: Optional[dict] = None):
+        arguments = ["--loop", loop, "--concurrency", str(concurrency), *addresses]
+        super().__init__(python, "_client_worker.py", arguments, extra_env)
+
+    def run(self, impl: str, requests: int, payload_bytes: int) -> dict:
+        return self.command(cmd="run", impl=impl, n=requests, payload=payload_bytes)
 
 
 # -- statistics -------------------------------------------------------------------------
