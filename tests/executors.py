@@ -84,6 +84,14 @@ class Tagger(Executor):
     def exit(self, docs, parameters, **kwargs):
         raise SystemExit(3)  # what sys.exit(3), or argparse on bad input, does inside a handler
 
+    @requests(on="/interrupt")
+    def interrupt(self, docs, parameters, **kwargs):
+        raise KeyboardInterrupt("raised by the handler")
+
+    @requests(on="/base")
+    async def base(self, docs, parameters, **kwargs):
+        raise NotAnException("neither Exception nor SystemExit")
+
     @requests(on="/grow")
     def grow(self, docs, parameters, **kwargs):
         """An answer of a size the caller picks: each document's text becomes parameters["bytes"] bytes."""
@@ -129,6 +137,24 @@ class KnownOnly(Executor):
             doc.text = "known"
 
 
+class NamedDefault(Executor):
+    """Binds ``/default`` by name, as Jina code often does for its default handler, and ``/other``."""
+
+    @requests(on="/default")
+    def default(self, docs, parameters, **kwargs):
+        for doc in docs:
+            doc.tags = {"by": "default"}
+
+    @requests(on="/other")
+    def other(self, docs, parameters, **kwargs):
+        for doc in docs:
+            doc.tags = {"by": "other"}
+
+
+class NotAnException(BaseException):
+    """What some libraries raise to unwind (gevent's, a test runner's): a BaseException of its own."""
+
+
 class Blocking(Executor):
     """``/block`` is a sync handler stuck until ``release`` is set; ``/fast`` is async and answers at once."""
 
@@ -150,6 +176,15 @@ class Blocking(Executor):
         await asyncio.sleep(0)
         for doc in docs:
             doc.text = "fast"
+
+    @requests(on="/yield")
+    def yield_blocked(self, docs, parameters, **kwargs):
+        """A handler that yields its Documents, each after blocking work (a model's inference, say)."""
+        for doc in docs:
+            self.entered.set()
+            if not self.release.wait(timeout=20):
+                raise TimeoutError("/yield was never released")
+            yield Document(id=doc.id, text="yielded")
 
 
 class ClosesSlowly(Blocking):

@@ -46,6 +46,12 @@ def test_sparse_array_is_densified():
     np.testing.assert_array_equal(dense, np.array([[0, 5.0], [0, 0], [7.0, 0]]))
 
 
+def test_a_coordinate_a_sparse_array_gives_twice_holds_the_sum_as_docarray_reads_it():
+    target = docarray_pb2.NdArrayProto()  # scipy's COO keeps duplicates, and toarray() (torch's coalesce) sums them
+    ndarray.write_sparse(np.array([[0, 1], [0, 1], [1, 0]]), np.array([1.0, 2.0, 4.0]), (2, 2), target)
+    np.testing.assert_array_equal(ndarray.from_proto(target), np.array([[0, 3.0], [4.0, 0]]))
+
+
 def test_sparse_arrays_are_labelled_as_docarray_reads_them():
     matrix, cube = docarray_pb2.NdArrayProto(), docarray_pb2.NdArrayProto()
     ndarray.write_sparse(np.array([[0, 1]]), np.array([5.0]), (3, 2), matrix)
@@ -132,7 +138,9 @@ def _dense(array: np.ndarray) -> docarray_pb2.DenseNdArrayProto:
 @pytest.mark.parametrize(
     "target, message",
     [
-        (_sparse(_dense(np.zeros((1, 0), np.int64)), _dense(np.array(5.0)), ()), "do not fit values"),  # 0-d values
+        (_sparse(_dense(np.zeros((1, 0), np.int64)), _dense(np.array(5.0)), ()), "at least one dimension"),  # 0-d
+        (_sparse(_dense(np.zeros((1, 0), np.int64)), _dense(np.array([5.0])), ()), "at least one dimension"),
+        (_sparse(_dense(np.zeros((1, 1), np.int64)), _dense(np.array(5.0)), (2,)), "do not fit values"),
         (_sparse(_dense(np.array([[0.5, 1.0]])), _dense(np.array([1.0])), (2, 2)), "indices must be integers"),
         (_sparse(_dense(np.zeros((0, 3), np.int64)), _dense(np.zeros(0)), (0, 2**31, 2**31)), "is not usable"),
     ],
@@ -166,6 +174,15 @@ def test_document_list_is_list_like():
     assert docs.texts == ["4", "3", "2", "1"]
     docs.clear()
     assert len(request.docs) == 0
+
+
+def test_a_document_list_extended_by_itself_doubles_once():
+    request = DataRequest(docs=[Document(id="a"), Document(id="b")])
+    docs = request.docs
+    docs.extend(docs)  # read while it grew, it grew for ever
+    assert docs.ids == ["a", "b", "a", "b"]
+    docs.extend(doc for doc in docs if doc.id == "a")
+    assert docs.ids == ["a", "b", "a", "b", "a", "a"]
 
 
 def test_appended_document_stays_live():

@@ -107,6 +107,12 @@ def test_control_request_unknown_command():
         ControlRequest("REBOOT")
 
 
+def test_a_data_request_sent_as_a_control_request_is_refused_not_taken_for_a_status():
+    request = DataRequest([Document(text="x")], endpoint="/tag")  # no parameters: nothing of field 2 to trip on
+    with pytest.raises(ProtocolError, match=r"this one also 4: another kind of message \(a DataRequest\?\)"):
+        ControlRequest.from_bytes(request.to_bytes())
+
+
 # -- wire layout (PROTOCOL.md) -----------------------------------------------------
 
 

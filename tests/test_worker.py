@@ -161,9 +161,16 @@ async def test_handler_exception_is_an_error_response_and_the_worker_keeps_servi
     assert not after.is_error and after.docs[0].tags["by"] == "t"
 
 
-async def test_a_handler_calling_sys_exit_is_an_error_response_not_a_dead_worker(tagger):
-    response = await oneshot.send_request_async(DataRequest([Document()], endpoint="/exit"), tagger.server.address)
-    assert response.is_error and response.status.exception.name == "SystemExit"
+@pytest.mark.parametrize(
+    "endpoint, raised",
+    [("/exit", "SystemExit"), ("/interrupt", "KeyboardInterrupt"), ("/base", "NotAnException")],
+)
+async def test_a_handler_raising_what_is_no_exception_gets_an_error_response_not_a_dead_worker(tagger, endpoint, raised):
+    """sys.exit() or KeyboardInterrupt from a handler stopped the worker without a DEACTIVATE, and another
+    BaseException left the call unanswered (a caller without a deadline waited for ever)."""
+    request = DataRequest([Document()], endpoint=endpoint)
+    response = await oneshot.send_request_async(request, tagger.server.address, timeout=10)
+    assert response.is_error and response.status.exception.name == raised
     after = await oneshot.send_request_async(DataRequest([Document(text="b")], endpoint="/tag"), tagger.server.address)
     assert not after.is_error and after.docs[0].tags["by"] == "t"
 
@@ -278,6 +285,37 @@ async def test_blocking_sync_handler_does_not_stall_async_ones(runtimes):
     assert (await stuck).docs.texts == ["unblocked"]
 
 
+async def test_a_handler_that_yields_its_documents_runs_them_off_the_event_loop(runtimes):
+    """Only the call that made the generator ran on a handler thread; its body, the handler's work, ran on
+    the event loop and froze the worker: health checks failed and every other request waited."""
+    blocking = executors.Blocking.create()
+    worker = await runtimes(Worker(blocking, threads=2))
+    address = worker.server.address
+    stuck = asyncio.ensure_future(
+        oneshot.send_request_async(DataRequest([Document(id="a")], endpoint="/yield"), address, timeout=20)
+    )
+    try:
+        assert await asyncio.to_thread(blocking.entered.wait, 10), "the yielding handler never started"
+        fast = await oneshot.send_request_async(DataRequest([Document()], endpoint="/fast"), address, timeout=5)
+        assert fast.docs.texts == ["fast"]
+        assert not stuck.done(), "the yielding handler was released before the async one answered"
+    finally:
+        blocking.release.set()
+    answer = await stuck
+    assert [(doc.id, doc.text) for doc in answer.docs] == [("a", "yielded")]
+
+
+async def test_a_handler_bound_to_default_by_name_takes_the_endpoints_nothing_else_binds(runtimes):
+    """In Jina, @requests(on="/default") is the default handler (bare @requests binds that very name)."""
+    worker = await runtimes(Worker(executors.NamedDefault.create()))
+    for endpoint in ("/anything", "/default"):
+        request = DataRequest([Document()], endpoint=endpoint)
+        answer = await oneshot.send_request_async(request, worker.server.address, timeout=5)
+        assert answer.docs[0].tags["by"] == "default", endpoint
+    reply, _ = await raw_call(worker.server.address, services.ENDPOINT_DISCOVERY, empty_pb2.Empty().SerializeToString())
+    assert list(jina_pb2.EndpointsProto.FromString(reply).endpoints) == ["/default", "/other", "_jina_dry_run_"]
+
+
 async def test_docs_bytes_and_garbage_are_refused_as_invalid_argument(tagger):
     pickled = jina_pb2.DataRequestProto()
     pickled.header.request_id = "r" * 32
@@ -298,11 +336,13 @@ async def test_endpoint_discovery_lists_bound_endpoints(tagger):
     assert list(jina_pb2.EndpointsProto.FromString(reply).endpoints) == [
         "/bad-result",
         "/bad-return",
+        "/base",
         "/count",
         "/endpoint",
         "/exit",
         "/fail",
         "/grow",
+        "/interrupt",
         "/replace",
         "/tag",
         "_jina_dry_run_",
@@ -389,6 +429,21 @@ async def test_worker_answers_status_and_refuses_membership_commands(tagger):
     with pytest.raises(ReplicaError) as caught:
         await oneshot.send_control("ACTIVATE", tagger.server.address, "127.0.0.1", 1, 0)
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_the_calls_that_take_no_message_refuse_one_naming_themselves(tagger):
+    for path, name in ((services.DRY_RUN, "dry_run"), (services.ENDPOINT_DISCOVERY, "endpoint_discovery")):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await raw_call(tagger.server.address, path, b"\x0a\x00")
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.details().startswith(f"{name} takes google.protobuf.Empty"), caught.value.details()
+
+
+async def test_a_data_request_sent_to_process_control_is_refused_not_echoed_as_a_status(tagger):
+    request = DataRequest([Document(text="x")], endpoint="/tag")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await raw_call(tagger.server.address, services.PROCESS_CONTROL, request.to_bytes())
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "a DataRequest?" in caught.value.details()
 
 
 async def test_stock_grpc_client_sees_health_serving_and_reflection_listing_jina_services(tagger):

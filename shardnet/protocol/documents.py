@@ -311,7 +311,9 @@ class DocumentList:
             doc._pb = stored
 
     def extend(self, docs: Iterable[DocumentLike]) -> None:
-        for doc in docs:
+        # taken whole first: ``docs`` may read this very list (``docs.extend(docs)``, a generator over it), which
+        # would grow as fast as it is read, for ever
+        for doc in list(docs):
             self.append(doc)
 
     def clear(self) -> None:

@@ -153,10 +153,10 @@ def _check_repeats(spans: Sequence[tuple[int, int, int]], what: str) -> None:
             raise ProtocolError(f"{what} holds its {name} field more than {times}; refused")
 
 
-def require_empty(data: bytes) -> None:
-    """Refuse anything but ``google.protobuf.Empty`` (no bytes at all), which endpoint discovery takes."""
+def require_empty(data: bytes, method: str = "endpoint_discovery") -> None:
+    """Refuse anything but ``google.protobuf.Empty`` (no bytes at all), which ``method`` takes."""
     if data:
-        raise ProtocolError(f"endpoint_discovery takes google.protobuf.Empty, got {len(data)} bytes of something else")
+        raise ProtocolError(f"{method} takes google.protobuf.Empty, got {len(data)} bytes of something else")
 
 
 class DataRequest:
@@ -534,6 +534,13 @@ class ControlRequest:
     def from_bytes(cls, data: bytes) -> "ControlRequest":
         request = cls.__new__(cls)
         request._message = parse(jina_pb2.ControlRequestProto, data, "ControlRequest")
+        strays = unknown_fields.UnknownFieldSet(request._message)
+        if len(strays):  # a DataRequest with no parameters parses as a STATUS: its documents are field 4
+            numbers = sorted({field.field_number for field in strays})
+            raise ProtocolError(
+                f"a ControlRequest has fields header (1), command (2) and related_entities (3), this one also "
+                f"{', '.join(map(str, numbers))}: another kind of message (a DataRequest?) sent as a control request"
+            )
         if request._message.command not in jina_pb2.ControlRequestProto.Command.values():
             raise ProtocolError(
                 f"unknown control command {request._message.command}: expected STATUS, ACTIVATE or DEACTIVATE"

@@ -174,6 +174,8 @@ def from_proto(source: docarray_pb2.NdArrayProto, budget: Optional[DenseBudget] 
         shape = _shape(source.sparse.shape)
         if source.cls_name == "torch" and indices.ndim == 2:  # torch's own layout: one row per dimension
             indices = indices.T
+        if not shape:
+            raise ProtocolError("a sparse NdArray needs a shape of at least one dimension, got none")
         if values.ndim != 1 or indices.ndim != 2 or indices.shape != (len(values), len(shape)):
             raise ProtocolError(f"sparse NdArray indices {indices.shape} do not fit values {values.shape} of {shape}")
         if indices.dtype.kind not in "iu":
@@ -192,6 +194,6 @@ def from_proto(source: docarray_pb2.NdArrayProto, budget: Optional[DenseBudget] 
         if len(values):
             if (indices < 0).any() or (indices >= np.array(shape)).any():
                 raise ProtocolError(f"sparse NdArray index outside shape {shape}")
-            dense[tuple(indices.T)] = values
+            np.add.at(dense, tuple(indices.T), values)  # a coordinate given twice sums, as scipy and torch read it
         return dense
     return None

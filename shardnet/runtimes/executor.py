@@ -12,6 +12,7 @@ serving other requests.
 from __future__ import annotations
 
 import asyncio
+import collections.abc
 import functools
 import importlib
 import importlib.util
@@ -56,6 +57,8 @@ def requests(func: Optional[Callable] = None, *, on: Union[str, Iterable[str], N
             if endpoint != DEFAULT and not endpoint.startswith("/"):
                 raise ConfigurationError(f"endpoint {endpoint!r} of {method.__qualname__} must start with '/'")
         # stacked decorators add up: @requests(on="/a") over @requests(on="/b") binds both
+        # "/default" by name is the default handler, as in Jina (its bare @requests binds that very name)
+        endpoints = [DEFAULT if endpoint == DEFAULT_ENDPOINT else endpoint for endpoint in endpoints]
         bound = getattr(method, _ENDPOINTS_ATTR, ())
         setattr(method, _ENDPOINTS_ATTR, bound + tuple(e for e in endpoints if e not in bound))
         return method
@@ -93,8 +96,17 @@ class Handler:
             arguments = {key: value for key, value in arguments.items() if key in self.accepted}
         if self.is_async:
             return await self.function(executor, **arguments)
-        call = functools.partial(self.function, executor, **arguments)
+        call = functools.partial(_run_to_the_end, self.function, executor, **arguments)
         return await asyncio.get_running_loop().run_in_executor(threads, call)
+
+
+def _run_to_the_end(function: Callable, *args: Any, **kwargs: Any) -> Any:
+    """Call a blocking handler and, when it gives an iterator (a handler that yields its Documents), read that
+    too: its body is the handler's work, which must run on the handler's thread, not the event loop's."""
+    returned = function(*args, **kwargs)
+    if isinstance(returned, collections.abc.Iterator):
+        return list(returned)
+    return returned
 
 
 class Executor:

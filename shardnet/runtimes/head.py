@@ -267,7 +267,7 @@ class Head:
         why. Admitted as a data request is (``max_in_flight``), and it never fails over: a readiness check must
         not spend the retry budget requests need."""
         try:
-            require_empty(payload)
+            require_empty(payload, "dry_run")
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         status = jina_pb2.StatusProto(code=jina_pb2.StatusProto.SUCCESS)

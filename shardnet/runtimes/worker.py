@@ -179,7 +179,7 @@ class Worker:
         and the dry-run endpoint."""
         listed = {endpoint for endpoint in self._handlers if endpoint != DEFAULT}
         if DEFAULT in self._handlers:
-            listed.add(DEFAULT_ENDPOINT)  # once, also when a handler is bound to /default by name
+            listed.add(DEFAULT_ENDPOINT)
         return sorted(listed) + [DRY_RUN_ENDPOINT]
 
     # -- data ---------------------------------------------------------------------
@@ -194,12 +194,12 @@ class Worker:
     def _endpoint_of(self, request: DataRequest, context: grpc.aio.ServicerContext) -> str:
         endpoint = request.endpoint
         if endpoint is None:
-            endpoint = dict(context.invocation_metadata()).get(services.ENDPOINT_METADATA) or "/default"
+            endpoint = dict(context.invocation_metadata()).get(services.ENDPOINT_METADATA) or DEFAULT_ENDPOINT
         return endpoint
 
     async def dry_run(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
         """Jina's ``Client.is_flow_ready()`` pointed at this worker: serving, so ready (no handler runs)."""
-        await self._decode(payload, context, require_empty)
+        await self._decode(payload, context, functools.partial(require_empty, method="dry_run"))
         return jina_pb2.StatusProto(code=jina_pb2.StatusProto.SUCCESS).SerializeToString()
 
     async def process_single_data(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -343,11 +343,14 @@ class Worker:
                 self._file_result(first, returned, handler.name)
             elif returned is not None:
                 self._replace_docs(first, returned, handler.name)
-        # the executor's failure is the client's answer, not the worker's crash; sys.exit() in a handler too
-        # (a library parsing arguments, say): it would stop the worker without a DEACTIVATE; and a CancelledError
-        # the handler let out of a task someone else cancelled: gRPC would take it for the call's own
-        # cancellation and send no answer at all, leaving a caller without a deadline waiting for ever
-        except (Exception, SystemExit, asyncio.CancelledError) as exc:
+        # the executor's failure is the client's answer, not the worker's crash; sys.exit() or KeyboardInterrupt
+        # in a handler too (a library parsing arguments, say): it would stop the worker without a DEACTIVATE; any
+        # other BaseException would leave the call unanswered; and a CancelledError the handler let out of a task
+        # someone else cancelled: gRPC would take it for the call's own cancellation and send no answer at all,
+        # leaving a caller without a deadline waiting for ever
+        except GeneratorExit:
+            raise  # this coroutine is being closed: nothing may run in it any more
+        except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError) and _cancelled_from_outside():
                 raise  # the call itself: its client left, or the drain's grace ended
             first.set_exception(exc, executor=type(self.executor).__name__)  # Jina names the class; routes the worker
