@@ -205,11 +205,22 @@ def test_the_shardnet_parser_accepts_the_rendered_commands() -> None:
         assert parsed.workspace in mounts  # writable under the read-only root filesystem
 
 
+def test_home_is_a_writable_folder_for_libraries_that_cache_under_it() -> None:
+    """The image's user has no home (/nonexistent) and the root is read-only: a Hugging Face or torch model
+    cached under ~/.cache failed to load; HOME points at the pod's /tmp, an emptyDir, in head and workers alike."""
+    served = [container(manifest) for spec in SPECS.values() for manifest in render(spec)
+              if manifest["kind"] in ("Deployment", "StatefulSet")]
+    assert len(served) > len(SPECS)  # a head and its workers per spec
+    for each in served:
+        assert {"name": "HOME", "value": "/tmp"} in each["env"], each["args"]
+        assert "/tmp" in {mount["mountPath"] for mount in each["volumeMounts"]}
+
+
 def test_the_head_watches_the_namespace_it_is_applied_to() -> None:
     """Re-namespaced after rendering (kustomize's ``namespace:``, Argo CD, Flux), the head still watches its own
     namespace, where its Role grants the watch: the downward API tells it (found by a Kubernetes review)."""
     head, _ = head_and_workers(render(SPECS["sharded"]), "Deployment")
-    assert container(head)["env"] == [
+    assert container(head)["env"][1:] == [
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
     ]
     parsed = build_parser().parse_args(pod_arguments(container(head), "moved-by-kustomize"))
@@ -640,6 +651,12 @@ def test_the_health_port_is_checked_only_with_tls_and_refused_alone_on_the_comma
         DeploymentSpec(name="idx", image="i", uses="m:C", port=8081, tls_secret="s")
     assert main(["k8s", "render", "--name", "idx", "--image", "i", "--health-port", "9001"]) == 2
     assert "--health-port needs --tls-secret" in capsys.readouterr().err
+
+
+def test_an_issuer_kind_without_an_issuer_is_refused_not_ignored(capsys: pytest.CaptureFixture[str]) -> None:
+    arguments = ["k8s", "render", "--name", "idx", "--image", "i", "--tls-secret", "s"]
+    assert main([*arguments, "--tls-issuer-kind", "ClusterIssuer"]) == 2
+    assert "--tls-issuer-kind ClusterIssuer needs --tls-issuer" in capsys.readouterr().err
 
 
 def test_the_shardnet_parser_accepts_the_rendered_tls_commands() -> None:

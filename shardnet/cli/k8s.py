@@ -77,8 +77,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
              "--tls-secret (and --worker-tls-secret) filled and renewed, with every name and usage they need",
     )
     parser.add_argument(
-        "--tls-issuer-kind", choices=ISSUER_KINDS, default="Issuer",
-        help="the kind of --tls-issuer (default: %(default)s)",
+        "--tls-issuer-kind", choices=ISSUER_KINDS,
+        help=f"the kind of --tls-issuer (default: {DeploymentSpec.tls_issuer_kind})",
     )
     parser.add_argument(
         "--health-port", type=int,
@@ -179,6 +179,10 @@ def check_counts(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     """Render the manifests the arguments describe; a bad argument raises ``ConfigurationError``."""
     check_counts(args)
+    if args.tls_issuer_kind is not None and args.tls_issuer is None:
+        raise ConfigurationError(
+            f"--tls-issuer-kind {args.tls_issuer_kind} needs --tls-issuer: without an issuer no Certificate is rendered"
+        )
     if args.health_port is not None and args.tls_secret is None:
         raise ConfigurationError(
             "--health-port needs --tls-secret: without TLS the probes read the gRPC port itself, and no health "
@@ -208,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
         tls_secret=args.tls_secret,
         worker_tls_secret=args.worker_tls_secret,
         tls_issuer=args.tls_issuer,
-        tls_issuer_kind=args.tls_issuer_kind,
+        tls_issuer_kind=args.tls_issuer_kind or DeploymentSpec.tls_issuer_kind,
         **({} if args.health_port is None else {"health_port": args.health_port}),
     )
     if spec.uses == DEFAULT_USES and spec.replicas > 1:

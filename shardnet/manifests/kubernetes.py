@@ -668,10 +668,13 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
         # owner and group read: the kubelet gives the files to the pod's fsGroup, which the process runs as
         secret = spec.tls_secret if is_head else spec.worker_secret
         pod_volumes.append({"name": "tls", "secret": {"secretName": secret, "defaultMode": 0o440}})
+    # the image's user has no home, and the root filesystem is read-only: libraries that cache or configure
+    # under ~ (Hugging Face, torch hub, matplotlib) write to the pod's /tmp instead of failing at load
+    container["env"] = [{"name": "HOME", "value": "/tmp"}]
     if is_head:
-        container["env"] = [
+        container["env"].append(
             {"name": NAMESPACE_VARIABLE, "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
-        ]
+        )
     if spec.pre_stop_seconds:
         # keep serving while the heads' watches see the pod go, before SIGTERM starts the drain
         container["lifecycle"] = {"preStop": {"sleep": {"seconds": spec.pre_stop_seconds}}}
