@@ -107,10 +107,25 @@ def test_head_refuses_a_kubeconfig_without_a_namespace_to_watch(tmp_path) -> Non
     assert "--kubeconfig is for discovery: give --k8s-namespace as well" in result.stderr
 
 
-def test_head_refuses_a_kubeconfig_that_is_not_there(tmp_path) -> None:
-    """It said ready and retried for ever with the library's unrelated "Expected key current-context" instead."""
-    missing = tmp_path / "kubeconfig"
-    result = run_cli("head", "--deployment", "d", "--port", "0", "--k8s-namespace", "ns", "--kubeconfig", str(missing))
+@pytest.mark.parametrize(
+    "content, said",
+    [
+        (None, "no such file"),
+        ("directory", "a directory, not a file"),
+        ("clusters: [unclosed", "is not readable YAML"),
+        ("- a list", "is not a kubeconfig"),
+        ("apiVersion: v1\nkind: Config\ncontexts: []\n", "sets no current-context"),
+        ("current-context: gone\ncontexts: [{name: here}]\n", "current-context 'gone' is not among its contexts (here)"),
+    ],
+)
+def test_head_refuses_a_kubeconfig_that_can_never_work(tmp_path, content, said) -> None:
+    """It said ready and retried for ever (a YAML error with a traceback each time) instead, as kubectl does not."""
+    path = tmp_path / "kubeconfig"
+    if content == "directory":
+        path.mkdir()
+    elif content is not None:
+        path.write_text(content)
+    result = run_cli("head", "--deployment", "d", "--port", "0", "--k8s-namespace", "ns", "--kubeconfig", str(path))
     assert result.returncode == 2, result.stderr
-    assert f"--kubeconfig {missing}: no such file" in result.stderr
-    assert "ready on" not in result.stdout
+    assert f"kubeconfig {path}" in result.stderr and said in result.stderr, result.stderr
+    assert "ready on" not in result.stdout and "Traceback" not in result.stderr

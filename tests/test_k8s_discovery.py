@@ -742,8 +742,18 @@ async def test_wrong_credentials_are_retried_not_fatal(api_server: FakeApiServer
             await pool.wait_synced(timeout=0.3)
 
 
+async def test_a_kubeconfig_that_can_never_work_is_refused_when_the_pool_is_made(tmp_path) -> None:
+    with pytest.raises(ConfigurationError, match=r"kubeconfig .*missing: no such file"):
+        K8sGrpcConnectionPool(NS, kubeconfig=str(tmp_path / "missing"))
+    (tmp_path / "broken").write_text("clusters: [unclosed")
+    with pytest.raises(ConfigurationError, match="is not readable YAML"):
+        K8sGrpcConnectionPool(NS, kubeconfig=str(tmp_path / "broken"))
+
+
 async def test_waiting_for_a_pool_that_cannot_configure_itself_says_why(tmp_path) -> None:
-    unusable = K8sGrpcConnectionPool(NS, kubeconfig=str(tmp_path / "missing"), watch=FAST)
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", "https://127.0.0.1:1")
+    unusable = K8sGrpcConnectionPool(NS, kubeconfig=str(kubeconfig), watch=FAST)
+    kubeconfig.unlink()  # gone before the pool starts: what it retries, as a file may be written again
     with pytest.raises(ConfigurationError, match="not started"):
         await unusable.wait_synced(timeout=0.3)
     async with unusable:

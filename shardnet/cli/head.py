@@ -116,8 +116,6 @@ async def serve(args: argparse.Namespace) -> int:
         logger.warning("--shards-wait has no effect without --k8s-namespace and --shards: such a head is ready at once")
     if args.kubeconfig is not None and namespace is None:
         raise ConfigurationError("--kubeconfig is for discovery: give --k8s-namespace as well")
-    if args.kubeconfig is not None and not os.path.isfile(os.path.expanduser(args.kubeconfig)):
-        raise ConfigurationError(f"--kubeconfig {args.kubeconfig}: no such file")
     # its own pods only
     k8s_options = {"deployments": (args.deployment,), "kubeconfig": args.kubeconfig} if namespace is not None else {}
     config = server_config(args)

@@ -18,9 +18,12 @@ import os
 import time
 from typing import Mapping, Optional
 
+import yaml
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.config.kube_config import KubeConfigLoader
+
+from shardnet.errors import ConfigurationError
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +81,37 @@ class KubeconfigCredentials:
         finally:
             self._loaded_at = time.monotonic()
             self._reloading = None
+
+
+def check_kubeconfig(path: str) -> None:
+    """Refuse at once a kubeconfig file that can never work, as kubectl does: missing, not a file, not YAML, or
+    naming no current context among its contexts. What may come right later (an exec plugin failing, an API
+    server away) is left to the retries; this is not."""
+    expanded = os.path.expanduser(path)
+    if not os.path.isfile(expanded):
+        raise ConfigurationError(
+            f"kubeconfig {path}: {'a directory, not a file' if os.path.isdir(expanded) else 'no such file'}"
+        )
+    try:
+        with open(expanded, encoding="utf-8") as handle:
+            document = yaml.safe_load(handle)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ConfigurationError(f"kubeconfig {path} is not readable YAML: {_one_line(error)}") from None
+    if not isinstance(document, dict):
+        raise ConfigurationError(f"kubeconfig {path} is not a kubeconfig (a YAML mapping of clusters, contexts, users)")
+    current = document.get("current-context")
+    if not current:
+        raise ConfigurationError(f"kubeconfig {path} sets no current-context (kubectl config use-context NAME)")
+    contexts = [entry.get("name") for entry in document.get("contexts") or [] if isinstance(entry, dict)]
+    if current not in contexts:
+        raise ConfigurationError(
+            f"kubeconfig {path}: current-context {current!r} is not among its contexts "
+            f"({', '.join(map(str, contexts)) or 'none'})"
+        )
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
 
 
 def _kubeconfig_files(kubeconfig: Optional[str], environ: Mapping[str, str]) -> tuple[Optional[str], str]:

@@ -31,10 +31,11 @@ import re
 from collections import Counter
 from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence
 
+import yaml
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 
-from shardnet.discovery.configuration import KubeconfigCredentials, load_api_client
+from shardnet.discovery.configuration import KubeconfigCredentials, check_kubeconfig, load_api_client
 from shardnet.discovery.watch import ListWatch, Unavailable, WatchOptions, with_backoff
 from shardnet.errors import ConfigurationError, DiscoveryError
 from shardnet.networking.addresses import parse_address
@@ -368,6 +369,8 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
                 f"client must be a kubernetes_asyncio ApiClient (or CoreV1Api), got {type(client).__name__}"
                 + (": the synchronous kubernetes package's clients cannot be awaited" if synchronous else "")
             )
+        if kubeconfig is not None:
+            check_kubeconfig(kubeconfig)
         self._client = client
         self._owns_client = client is None
         self._kubeconfig = kubeconfig
@@ -456,8 +459,8 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
     async def _load_client(self) -> None:
         try:
             self._client = await load_api_client(self._kubeconfig)
-        except k8s_config.ConfigException as error:
-            raise Unavailable(f"no usable Kubernetes configuration: {error}") from error
+        except (k8s_config.ConfigException, yaml.YAMLError) as error:  # a KUBECONFIG file may be written meanwhile
+            raise Unavailable(f"no usable Kubernetes configuration: {' '.join(str(error).split())}") from error
 
     def _watch_for(self, source: str) -> ListWatch:
         if source == "pods":
