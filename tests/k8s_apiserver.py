@@ -169,6 +169,7 @@ class FakeApiServer:
         self.compacted = 0  # watches from a version below this get 410 Gone
         self.end_watches_at_once = False  # answer each watch 200 with an empty body (a proxy cutting it short)
         self.state = "up"  # up | refusing | unavailable
+        self.forbidden: set[str] = set()  # resources answered 403, as RBAC refuses what a Role does not grant
         self.requests: list[tuple[str, bool, dict[str, str]]] = []  # (resource, watch, query)
         self.written_at: dict[int, float] = {}  # version -> perf_counter() when first written to a stream
         self._objects: dict[str, dict[tuple[str, str], dict]] = {name: {} for name in RESOURCES}
@@ -332,6 +333,10 @@ class FakeApiServer:
             )
         if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
             return web.json_response(status_object(401, "Unauthorized", "Unauthorized"), status=401)
+        forbidden = next((name for name in self.forbidden if f"/{name}" in request.path), None)
+        if forbidden is not None:
+            message = f'{forbidden} is forbidden: User "system:serviceaccount:ns:head" cannot list resource "{forbidden}"'
+            return web.json_response(status_object(403, "Forbidden", message), status=403)
         return None
 
     async def _serve(self, resource: str, request: web.Request) -> web.StreamResponse:

@@ -867,6 +867,41 @@ async def _is(awaitable, expected: Any) -> bool:
     return await awaitable == expected
 
 
+async def test_a_source_the_role_does_not_grant_is_left_out_and_the_head_turns_ready_on_the_other(
+    api_server: FakeApiServer, kubeconfig: str, caplog, eventually
+) -> None:
+    """A Role granting pods only (Jina's): the endpointslices watch was refused for ever, wait_synced with it, and
+    the head never turned ready though the pods had given it every worker (found by a Kubernetes review)."""
+    api_server.forbidden = {"endpointslices"}
+    api_server.apply("pods", pod("w0", ip="127.0.0.1", port=50001))
+    pool = K8sGrpcConnectionPool(NS, kubeconfig=kubeconfig, watch=FAST, deployments=("dep",))
+    head = Head("dep", pool=pool, shards=1)
+    await head.start()
+    try:
+        await pool.wait_synced(timeout=10)
+        assert pool.deployments["dep"]["shards"] == {0: ["127.0.0.1:50001"]}
+        assert "following pods in default only: endpointslices in default refused (Refused: HTTP 403" in caplog.text
+
+        async def ready() -> int:
+            request = health_pb2.HealthCheckRequest(service=services.READY_SERVICE)
+            reply, _ = await oneshot.call_once("health", request, head.server.address, timeout=2.0)
+            return reply.status
+
+        await eventually(lambda: _is(ready(), health_pb2.HealthCheckResponse.SERVING), timeout=10)
+        api_server.forbidden = set()  # granted later: a retry lists the slices too
+        api_server.apply("endpointslices", endpoint_slice("dep-s", "dep-svc", [("127.0.0.2", True, None)], port=50002))
+        await eventually(lambda: "127.0.0.2:50002" in pool.deployments["dep"]["shards"][0], timeout=10)
+    finally:
+        await head.stop(0.5)
+
+
+async def test_a_pool_every_source_of_which_is_refused_is_never_synced(api_server: FakeApiServer, kubeconfig: str):
+    api_server.forbidden = {"pods", "endpointslices"}
+    async with K8sGrpcConnectionPool(NS, kubeconfig=kubeconfig, watch=FAST) as pool:
+        with pytest.raises(DiscoveryError, match=r"pods in default and endpointslices in default not listed .*403"):
+            await pool.wait_synced(timeout=1.0)
+
+
 async def test_a_head_fed_by_discovery_refuses_membership_changes_and_pods_beyond_its_shards(
     api_server: FakeApiServer, kubeconfig: str, caplog
 ) -> None:

@@ -36,7 +36,7 @@ from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 
 from shardnet.discovery.configuration import KubeconfigCredentials, check_kubeconfig, load_api_client
-from shardnet.discovery.watch import ListWatch, Unavailable, WatchOptions, with_backoff
+from shardnet.discovery.watch import ListWatch, Unavailable, WatchOptions, describe, with_backoff
 from shardnet.errors import ConfigurationError, DiscoveryError
 from shardnet.networking.addresses import parse_address
 from shardnet.networking.pool import GrpcConnectionPool
@@ -417,7 +417,9 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
         return self._task is not None and not self._task.done()
 
     async def wait_synced(self, timeout: Optional[float] = None) -> None:
-        """Return once every source has completed its first list (its objects are in the pool).
+        """Return once every source has completed its first list (its objects are in the pool), or some have and
+        the API server refuses the others (403: the Role does not grant them; 404: the cluster has none), which
+        are then left out, with a warning, until a retry lists them.
 
         Raises DiscoveryError naming the namespace, what is not listed yet and the last failure when
         ``timeout`` passes first, and ConfigurationError on a pool that was not started.
@@ -427,7 +429,19 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
 
         async def synced() -> None:
             await self._configured.wait()  # the watches exist once configuration has loaded
-            await asyncio.gather(*(watch.synced.wait() for watch in self._watches.values()))
+            watches = list(self._watches.values())
+            await asyncio.gather(*(watch.settled.wait() for watch in watches))
+            listed = [watch for watch in watches if watch.synced.is_set()]
+            refused = [watch for watch in watches if not watch.synced.is_set()]
+            if listed and refused:
+                logger.warning(
+                    "namespace %r: following %s only: %s refused (%s); grant list and watch on it in the Role "
+                    "(the rendered one does) to follow it too",
+                    self.namespace, " and ".join(w.name for w in listed), " and ".join(w.name for w in refused),
+                    "; ".join(w.last_failure or "" for w in refused),
+                )
+                return
+            await asyncio.gather(*(watch.synced.wait() for watch in watches))  # every one refused: none listed yet
 
         try:
             await asyncio.wait_for(synced(), timeout)
@@ -453,8 +467,8 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
         self._configured.set()
         await asyncio.gather(*(watch.run() for watch in self._watches.values()))
 
-    def _note_config_failure(self, failure: str) -> None:
-        self._config_failure = failure
+    def _note_config_failure(self, error: BaseException) -> None:
+        self._config_failure = describe(error)
 
     async def _load_client(self) -> None:
         try:

@@ -109,6 +109,16 @@ class Unavailable(Exception):
     """The API server did not give a usable answer (down, refused, 5xx, 4xx, bad body); retry later."""
 
 
+class Refused(Unavailable):
+    """The API server refused the request itself: 403 (the Role does not grant it) or 404 (the cluster has no
+    such resource). Retried all the same (a Role may be granted later), but not what a wait should wait for."""
+
+
+def describe(error: BaseException) -> str:
+    """A failure as one line of text: its kind and what it says."""
+    return f"{type(error).__name__}: {error}"
+
+
 class ListWatch:
     """The list-then-watch loop for one resource; ``await run()`` until cancelled.
 
@@ -132,6 +142,9 @@ class ListWatch:
         self.name = name
         self.resource_version: Optional[str] = None
         self.synced = asyncio.Event()  # set once the first list has been handed over
+        # set once the first list has been handed over or refused (Refused): the source has had its say
+        self.settled = asyncio.Event()
+        self.refused = False  # the latest failure was a refusal, and no list has succeeded since
         self.lists = 0  # how many lists succeeded (one, plus one per 410)
         self._list_call = list_call
         self._on_list = on_list
@@ -166,8 +179,11 @@ class ListWatch:
                 self.resource_version = None
                 await asyncio.sleep(pause)
 
-    def _failed(self, failure: str) -> None:
-        self.last_failure = failure
+    def _failed(self, error: BaseException) -> None:
+        self.last_failure = describe(error)
+        if isinstance(error, Refused):
+            self.refused = True
+            self.settled.set()
 
     # -- list ----------------------------------------------------------------
 
@@ -196,7 +212,9 @@ class ListWatch:
         self.resource_version = version
         self._progress = False
         self.lists += 1
+        self.refused = False
         self.synced.set()
+        self.settled.set()
         logger.debug("%s: listed %d objects at resourceVersion %s", self.name, len(items), version)
 
     # -- watch ---------------------------------------------------------------
@@ -276,7 +294,8 @@ def _is_object(value: Any) -> bool:
 
 
 async def _check_status(response: aiohttp.ClientResponse) -> None:
-    """Raise Gone on 410 or a too-large version, Unavailable on any other non-2xx answer, with the Status message."""
+    """Raise Gone on 410 or a too-large version, Refused on 403 and 404, Unavailable on any other non-2xx answer,
+    with the Status message."""
     if 200 <= response.status < 300:
         return
     text = (await response.read())[:2000].decode("utf-8", "replace")
@@ -288,26 +307,27 @@ async def _check_status(response: aiohttp.ClientResponse) -> None:
         message = text.strip() or response.reason or ""
     if response.status == 410 or _too_large_version(status):
         raise Gone(message)
-    raise Unavailable(f"HTTP {response.status} from {response.url.path}: {message}")
+    kind = Refused if response.status in (403, 404) else Unavailable
+    raise kind(f"HTTP {response.status} from {response.url.path}: {message}")
 
 
 async def with_backoff(
     name: str,
     step: Callable[[], Awaitable[None]],
     options: WatchOptions,
-    on_failure: Optional[Callable[[str], None]] = None,
+    on_failure: Optional[Callable[[BaseException], None]] = None,
 ) -> None:
     """Run ``step`` until it succeeds, logging each failure and backing off; Gone and cancellation pass through.
 
     A fresh retry state per call, so the backoff restarts after every success.
-    ``on_failure`` hears each failure, as text, to report it where the log is not read.
+    ``on_failure`` hears each failure, to report it where the log is not read.
     """
 
     def log_failure(state: tenacity.RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
         pause = state.next_action.sleep if state.next_action else 0.0
         if on_failure is not None:
-            on_failure(f"{type(error).__name__}: {error}")
+            on_failure(error)
         known = isinstance(error, (Unavailable, aiohttp.ClientError, asyncio.TimeoutError, OSError))
         logger.warning(
             "%s: attempt %d failed (%s: %s); retrying in %.2fs",
