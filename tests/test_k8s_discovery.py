@@ -205,6 +205,25 @@ async def test_a_pool_narrowed_to_its_deployments_lists_and_keeps_only_theirs(
     assert "other" not in pool.deployments
 
 
+async def test_a_pool_following_the_namespace_forgets_a_deployment_whose_last_pod_left(
+    api_server: FakeApiServer, start_pool
+) -> None:
+    """A gateway's pool kept every deployment it ever saw, emptied, for ever (a namespace of per-job deployments
+    grows without end); a head's pool keeps its own, so ALL can name the shard that has no worker left."""
+    for index in range(3):
+        api_server.apply("pods", pod(f"job-{index}", deployment=f"job-{index}", ip=f"10.0.1.{index}"))
+    api_server.apply("pods", pod("w0", ip="10.0.0.1"))
+    gateway, head = await start_pool(), await start_pool(deployments=("dep",))
+    assert set(gateway.deployments) == {"dep", "job-0", "job-1", "job-2"}
+    for index in range(3):
+        api_server.delete("pods", f"job-{index}")
+    api_server.delete("pods", "w0")
+    await eventually(lambda: set(gateway.deployments) == set())
+    await eventually(lambda: head.deployments == {"dep": {"head": [], "shards": {0: []}}})
+    api_server.apply("pods", pod("job-1", deployment="job-1", ip="10.0.1.1"))  # back: known again
+    await eventually(lambda: gateway.deployments == {"job-1": {"head": [], "shards": {0: ["10.0.1.1:8080"]}}})
+
+
 @pytest.mark.parametrize("deployments", ["dep", (), ("a b",), ("x" * 64,)])
 def test_deployments_must_be_label_values(deployments) -> None:
     with pytest.raises(ConfigurationError, match="deployment"):

@@ -73,6 +73,16 @@ async def test_declared_shards_refuse_a_replica_beyond_them(pool):
     pool.add_connection("other", "127.0.0.1:9", shard_id=5)  # undeclared deployments take any shard
 
 
+async def test_a_deployment_is_forgotten_only_when_empty_and_undeclared(pool):
+    pool.add_connection("kept", "127.0.0.1:1")
+    pool.declare_shards("declared", 2)
+    pool.add_connection("emptied", "127.0.0.1:2", head=True)
+    await pool.remove_connection("emptied", "127.0.0.1:2", head=True)
+    assert not await pool.forget_deployment("kept") and not await pool.forget_deployment("declared")
+    assert await pool.forget_deployment("emptied") and not await pool.forget_deployment("emptied")
+    assert set(pool.deployments) == {"kept", "declared"}
+
+
 async def test_any_to_a_given_shard(pool, echo_servers):
     shard0, shard1 = await echo_servers(2, names=["s0", "s1"])
     pool.add_connection("dep", shard0.address, shard_id=0)

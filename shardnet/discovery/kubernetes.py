@@ -40,6 +40,7 @@ from shardnet.discovery.watch import ListWatch, Unavailable, WatchOptions, descr
 from shardnet.errors import ConfigurationError, DiscoveryError
 from shardnet.networking.addresses import parse_address
 from shardnet.networking.pool import GrpcConnectionPool
+from shardnet.networking.replica_list import Connection
 
 logger = logging.getLogger(__name__)
 
@@ -227,10 +228,11 @@ class _Ledger:
     and an address added back while its removal is still closing waits for it.
     """
 
-    def __init__(self, pool: GrpcConnectionPool):
+    def __init__(self, pool: "K8sGrpcConnectionPool"):
         self._pool = pool
         self._records: dict[tuple[str, str], Contribution] = {}
         self._holders: Counter[Member] = Counter()
+        self._members_of: Counter[str] = Counter()  # deployment -> its members held
         self._removals: dict[Member, asyncio.Task] = {}
 
     def keys(self, source: str) -> list[str]:
@@ -249,6 +251,9 @@ class _Ledger:
             self._holders[member] -= 1
             if self._holders[member] <= 0:
                 del self._holders[member]
+                self._members_of[member.deployment] -= 1
+                if not self._members_of[member.deployment]:
+                    del self._members_of[member.deployment]
                 await self._remove(member)
         for member in also_remove - old - members:
             if not self._holders[member]:
@@ -257,6 +262,7 @@ class _Ledger:
         for member in members - old:
             self._holders[member] += 1
             if self._holders[member] == 1:
+                self._members_of[member.deployment] += 1
                 await self._add(member)
 
     async def replace(self, source: str, contributions: Mapping[str, Contribution]) -> None:
@@ -288,14 +294,24 @@ class _Ledger:
         )
 
     async def _remove(self, member: Member) -> None:
-        task = asyncio.get_running_loop().create_task(
-            self._pool.remove_connection(member.deployment, member.address, head=member.head, shard_id=member.shard_id)
-        )
+        task = asyncio.get_running_loop().create_task(self._leave(member))
         self._removals[member] = task
         task.add_done_callback(functools.partial(self._removed, member))
         # one removal under way before the next: a relist that drops hundreds of pods would otherwise start as
         # many channel closes at once, and grpc.aio's close walks every task of the loop (ReplicaList.remove_connection)
         await asyncio.sleep(0)
+
+    async def _leave(self, member: Member) -> Optional[Connection]:
+        """Remove ``member`` from the pool; following a whole namespace, forget its deployment when it was the
+        last member of it (a pool following all deployments would otherwise keep every one it ever saw)."""
+        pool = self._pool
+        removed = await pool.remove_connection(
+            member.deployment, member.address, head=member.head, shard_id=member.shard_id
+        )
+        if pool.followed_deployments is None and not self._members_of[member.deployment]:
+            if await pool.forget_deployment(member.deployment):
+                logger.info("deployment %r left the namespace: forgotten", member.deployment)
+        return removed
 
     def _removed(self, member: Member, task: asyncio.Task) -> None:
         if self._removals.get(member) is task:

@@ -245,6 +245,22 @@ class GrpcConnectionPool:
                     return removed
         return None
 
+    async def forget_deployment(self, deployment: str) -> bool:
+        """Drop ``deployment`` if it holds no replica, head included, and declared no shards; True when dropped.
+
+        ``remove_connection`` keeps a deployment its last replica left (ALL names the empty shard); discovery
+        following a whole namespace forgets, with this, one that left it.
+        """
+        entry = self._deployments.get(deployment)
+        if entry is None or entry.declared:
+            return False
+        lists = ([entry.head] if entry.head else []) + list(entry.shards.values())
+        if any(replicas.has_connections() for replicas in lists):
+            return False
+        del self._deployments[deployment]  # before the first await: an addition meanwhile starts a new entry
+        await close_in_turn(replicas.close() for replicas in lists)
+        return True
+
     def get_replicas(self, deployment: str, head: bool = False, shard_id: int = 0) -> Optional[ReplicaList]:
         """The ReplicaList of one shard (or of the head), or None when the pool does not know it."""
         entry = self._deployments.get(deployment)
