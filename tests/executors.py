@@ -236,6 +236,25 @@ class SlowWithAHelper(SlowUntilReleased):
         self.helper.wait()
 
 
+class SaysReadyWhileLoading(Tagger):
+    """Prints a line of the kind shardnet's own ready line is while it loads, as model code does."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        print("model weights loaded, ready on cuda:0", flush=True)
+
+
+class LeavesAHelper(Executor):
+    """Starts a helper process (as a model server would), writes its pid to ``<workspace>/helper-<pid>``, and
+    leaves it running at close."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.helper = subprocess.Popen(["sleep", "300"])
+        Path(self.runtime_args.workspace).mkdir(parents=True, exist_ok=True)
+        (Path(self.runtime_args.workspace) / f"helper-{self.helper.pid}").touch()
+
+
 class ShardSearch(Executor):
     """A sharded searcher: ``/search`` adds one match per shard to every query and appends one shard-only document.
 

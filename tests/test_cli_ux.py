@@ -51,11 +51,13 @@ def test_deploy_names_its_logs_which_go_on_exit_and_its_table_shows_what_the_hea
         out = log.read_text()
         pids = [int(pid) for pid in re.findall(ROW.format(role=r"(?:head|worker-\d+-\d+)"), out, re.M)]
         assert len(pids) == 3, out
-        folder = Path(re.search(r"^logs: (\S+)/ROLE\.log, one per process \(removed on exit; --log-dir DIR keeps "
-                                r"them\)$", out, re.M).group(1))
-        assert folder.parent == tmp and {"head.log", "worker-0-0.log", "worker-1-0.log"} <= {
+        folder = Path(re.search(r"^logs: (\S+)/logs-ROLE\.log, one per process \(removed on exit; --log-dir DIR "
+                                r"keeps them\)$", out, re.M).group(1))
+        assert folder.parent == tmp and {"logs-head.log", "logs-worker-0-0.log", "logs-worker-1-0.log"} <= {
             path.name for path in folder.iterdir()}
-        assert "ready on" in (folder / "worker-1-0.log").read_text()
+        assert "ready on" in (folder / "logs-worker-1-0.log").read_text()
+        workspace = f"{folder}/workspace (removed on exit; --workspace DIR keeps it)"
+        assert f"workspace of the Executors' state: {workspace}" in out, out
 
         header, *rows = out[out.index("ROLE"):].splitlines()[:4]
         assert header.split() == ["ROLE", "ADDRESS", "PID", "STATE", "HEAD-DIALS"], out
@@ -80,7 +82,8 @@ def test_deploy_log_dir_keeps_the_logs_and_no_restart_warns_once_per_exited_proc
     try:
         wait_for_line(log, r"kept serves on", deploy)
         out = log.read_text()
-        assert f"logs: {logs}/ROLE.log, one per process (kept after exit)" in out, out
+        assert f"logs: {logs}/kept-ROLE.log, one per process (kept after exit)" in out, out
+        assert f"workspace of the Executors' state: {logs}/workspace (kept after exit)" in out, out
         [first] = re.findall(ROW.format(role="worker-0-0"), out, re.M)
         [second] = re.findall(ROW.format(role="worker-0-1"), out, re.M)
         pids = [int(first), int(second), *map(int, re.findall(ROW.format(role="head"), out, re.M))]
@@ -94,7 +97,8 @@ def test_deploy_log_dir_keeps_the_logs_and_no_restart_warns_once_per_exited_proc
     finally:
         assert stop(deploy, pids) == 0, log.read_text()
     assert not wait_gone(pids)
-    assert "ready on" in (logs / "head.log").read_text() and "ready on" in (logs / "worker-0-1.log").read_text()
+    assert "ready on" in (logs / "kept-head.log").read_text()
+    assert "ready on" in (logs / "kept-worker-0-1.log").read_text()
 
 
 # -- 2: SIGTERM stops the demo as Ctrl-C does ----------------------------------------------------------------
@@ -130,7 +134,7 @@ def test_sigterm_while_the_demo_starts_stops_what_it_launched_as_cleanly(tmp_pat
     demo = start(log, "demo", "--requests", "200", "--concurrency", "4", env=child_env(tmp))
     try:
         deadline = time.monotonic() + 20
-        while not list(tmp.glob("shardnet-demo-*/head.log")):  # the start is under way: its head was launched
+        while not list(tmp.glob("shardnet-demo-*/demo-head.log")):  # the start is under way: its head was launched
             assert demo.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.01)
         demo.send_signal(signal.SIGTERM)

@@ -409,6 +409,38 @@ def test_a_process_that_keeps_exiting_soon_after_its_launch_waits_longer_each_ti
     assert [process.note_exit(2000.0 + 100 * n) for n in range(3)] == [0.5, 1, 2]
 
 
+def test_an_executor_printing_ready_on_something_is_not_taken_for_the_process_address(tmp_path):
+    """The address came from the last "ready on X" in a process's log, an Executor's own line included
+    ("ready on cuda:0"): the head was started with --connection cuda:0, or a hung restart counted as served."""
+    with Deployment(executors.SaysReadyWhileLoading, name="loud", replicas=2, log_dir=str(tmp_path)) as deployment:
+        assert "ready on cuda:0" in (tmp_path / "loud-worker-0-0.log").read_text()  # said, and not believed
+        assert all(worker.address != "cuda:0" for worker in deployment.workers.values())
+        [doc] = deployment.post("/tag", [Document()])
+        assert doc.tags["by"] == "tagger"
+
+
+def test_deployments_sharing_a_log_folder_each_serve_their_own_executor(tmp_path):
+    """Logs were named by role only: two deployments in one --log-dir read each other's ready lines, and both
+    announced one head, answering with the other's Executor."""
+    shared = str(tmp_path / "logs")
+    first = Deployment(executors.Tagger, name="first", uses_with={"label": "first"}, log_dir=shared)
+    second = Deployment(executors.Tagger, name="second", uses_with={"label": "second"}, log_dir=shared)
+    starts = [threading.Thread(target=deployment.start) for deployment in (first, second)]
+    try:
+        for start in starts:
+            start.start()
+        for start in starts:
+            start.join(60)
+        assert first.address != second.address
+        for deployment in (first, second):
+            [doc] = deployment.post("/tag", [Document()])
+            assert doc.tags["by"] == deployment.name
+        assert {"first-head.log", "second-head.log"} <= {path.name for path in (tmp_path / "logs").iterdir()}
+    finally:
+        first.stop()
+        second.stop()
+
+
 def test_max_message_mb_sets_every_process_and_post_at_once():
     with Deployment(executors.Tagger, name="sized", max_message_mb=1) as deployment:
         with pytest.raises(ReplicaError, match="max message size") as caught:  # the worker's own, named
@@ -439,7 +471,7 @@ import executors
 from shardnet import Deployment
 
 if __name__ == "__main__":
-    with Deployment(executors.Tagger, name="orphans", replicas=2) as deployment:
+    with Deployment(executors.LeavesAHelper, name="orphans", replicas=2, workspace=sys.argv[2]) as deployment:
         print(" ".join(str(process.pid) for process in deployment.processes), flush=True)
         time.sleep(120)
 """
@@ -455,10 +487,13 @@ def _running(pid: int) -> bool:
 
 
 def test_the_processes_of_a_deployment_killed_with_sigkill_stop_on_their_own(tmp_path):
+    """The workers stop through their parent watch, and stop what their Executors started and left running
+    (a model server, say) as the Deployment would have: those were left behind."""
     script = tmp_path / "orphans.py"
     script.write_text(ORPHAN_SCRIPT)
+    workspace = tmp_path / "ws"
     parent = subprocess.Popen(
-        [sys.executable, str(script), str(Path(executors.__file__).parent)],
+        [sys.executable, str(script), str(Path(executors.__file__).parent), str(workspace)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         env={**os.environ, "TMPDIR": str(tmp_path)},  # a killed parent removes no folder: they go with tmp_path
     )
@@ -466,12 +501,15 @@ def test_the_processes_of_a_deployment_killed_with_sigkill_stop_on_their_own(tmp
     try:
         children = [int(pid) for pid in parent.stdout.readline().split()]
         assert len(children) == 3 and all(_running(pid) for pid in children)
+        helpers = [int(path.name.split("-")[1]) for path in workspace.glob("helper-*")]
+        assert len(helpers) == 2 and all(_running(pid) for pid in helpers)
+        children += helpers  # killed in the end whatever happens
         parent.kill()  # no finalizer, no signal handler runs: the children must notice by themselves
         parent.wait(10)
         deadline = time.monotonic() + 15
         while any(_running(pid) for pid in children) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not [pid for pid in children if _running(pid)], "a child outlived its Deployment"
+        assert not [pid for pid in children if _running(pid)], "a child, or a helper of its, outlived its Deployment"
     finally:
         parent.kill()
         for pid in children:

@@ -711,7 +711,9 @@ async def test_a_handler_whose_caller_gave_up_finishes_before_close_and_the_exit
     assert "still running" not in worker.tail()
 
 
-async def test_worker_with_head_deactivates_itself_on_sigterm(tmp_path, processes, runtimes, eventually):
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP: its terminal closed
+async def test_worker_with_head_deactivates_itself_on_sigterm(tmp_path, processes, runtimes, eventually, stop_signal):
+    """A standalone worker whose terminal closed was killed by the SIGHUP: no drain, no close(), no DEACTIVATE."""
     head = await runtimes(Head("dep"))
     worker = processes(
         "worker",
@@ -738,7 +740,7 @@ async def test_worker_with_head_deactivates_itself_on_sigterm(tmp_path, processe
     response = await oneshot.send_request_async(DataRequest([Document()], endpoint="/tag"), head.server.address)
     assert response.docs[0].tags["by"] == "tagger"
 
-    worker.signal(signal.SIGTERM)
+    worker.signal(stop_signal)
     assert await wait_exit(worker) == 0, worker.tail()
     assert await listed() == []
 

@@ -61,11 +61,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--balancer", choices=sorted(BALANCERS), default="p2c_ewma",
         help="how the head picks a replica within a shard (default: %(default)s)",
     )
-    parser.add_argument("--workspace", help="folder the Executors keep state in")
+    parser.add_argument(
+        "--workspace", metavar="DIR",
+        help="folder the Executors keep state in, kept after exit (default: one in the log folder, removed on exit "
+             "with it unless --log-dir is given)",
+    )
     parser.add_argument(
         "--log-dir", metavar="DIR",
-        help="write each process's output to DIR/ROLE.log and keep it after exit (default: a temporary folder, "
-             "removed on exit)",
+        help="write each process's output to DIR/NAME-ROLE.log and keep it after exit (default: a temporary "
+             "folder, removed on exit); deployments may share one",
     )
     parser.add_argument("--uses-before", metavar="MODULE:CLASS", help="an Executor every request passes first")
     parser.add_argument(
@@ -141,7 +145,9 @@ def run(args: argparse.Namespace) -> int:
         on_stop_signals(lambda *_: stop.set(), ctrl_c=True)
         print(deployment.table())
         kept = "kept after exit" if args.log_dir else "removed on exit; --log-dir DIR keeps them"
-        print(f"logs: {deployment.log_dir}/ROLE.log, one per process ({kept})")
+        print(f"logs: {deployment.log_dir}/{args.name}-ROLE.log, one per process ({kept})")
+        kept = "kept after exit" if args.workspace or args.log_dir else "removed on exit; --workspace DIR keeps it"
+        print(f"workspace of the Executors' state: {deployment.workspace} ({kept})")
         print(f"\n{args.name} serves on {deployment.address} (Ctrl-C stops it)", flush=True)
         reported: set[int] = set()  # pids of exits already warned about under --no-restart
         while not stop.wait(REVIVE_INTERVAL):

@@ -143,4 +143,4 @@ async def serve(args: argparse.Namespace) -> int:
         max_in_flight=args.max_in_flight,
         shards_wait=args.shards_wait,
     )
-    return await head.run(parent_pid=args.parent_pid)
+    return await head.run(parent_pid=args.parent_pid, ready_fd=args.ready_fd)

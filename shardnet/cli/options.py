@@ -179,6 +179,13 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
         help="stop (as on SIGTERM) when process PID exits; shardnet deploy and Deployment set it on their children",
     )
     group.add_argument(
+        "--ready-fd",
+        type=whole_number("ready fd", 3, why=" (0 to 2 are the standard streams)"),
+        metavar="FD",
+        help="once serving, write the address to file descriptor FD and close it: how shardnet deploy and "
+        "Deployment learn it (a line an Executor prints cannot be taken for it)",
+    )
+    group.add_argument(
         "--loop",
         choices=LOOPS,
         default="auto",

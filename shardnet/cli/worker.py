@@ -101,5 +101,5 @@ def run(args: argparse.Namespace) -> int:
         register_interval=args.register_interval,
         name=name,
     )
-    code = run_in_loop(worker.run(parent_pid=args.parent_pid), loop)
+    code = run_in_loop(worker.run(parent_pid=args.parent_pid, ready_fd=args.ready_fd), loop)
     return exit_leaving_stuck_handlers(code, worker.handlers_still_running())

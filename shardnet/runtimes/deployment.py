@@ -223,7 +223,8 @@ class Deployment:
         return env
 
     def _launch(self, role: str, arguments: list[str]) -> ShardnetProcess:
-        process = ShardnetProcess(role, arguments, self.log_dir / f"{role}.log", env=self._child_env())
+        # named after the deployment too: deployments may share a log folder (--log-dir /var/log/shardnet)
+        process = ShardnetProcess(role, arguments, self.log_dir / f"{self.name}-{role}.log", env=self._child_env())
         # a stop() from another thread (a cancelled ``async with``) ends the start here
         if not self._launch_unless_stopping(process, first=True):
             raise ProcessError(f"deployment {self.name!r} was stopped while it started")

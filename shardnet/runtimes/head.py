@@ -916,12 +916,14 @@ class Head:
         await self.server.drain(grace)
         await self._end()
 
-    async def run(self, parent_pid: Optional[int] = None) -> int:
-        """Serve until SIGTERM/SIGINT (or until process ``parent_pid`` exits), then drain and close the pool."""
+    async def run(self, parent_pid: Optional[int] = None, ready_fd: Optional[int] = None) -> int:
+        """Serve until SIGTERM/SIGINT/SIGHUP (or until process ``parent_pid`` exits), then drain and close the
+        pool. ``ready_fd``: as ``serve_until_signalled`` takes it."""
         self._begin()
         try:
             return await serve_until_signalled(
-                self.server, ready_line=f"shardnet head {self.deployment} ready on {{address}}", parent_pid=parent_pid
+                self.server, ready_line=f"shardnet head {self.deployment} ready on {{address}}", parent_pid=parent_pid,
+                ready_fd=ready_fd,
             )
         finally:
             await self._end()

@@ -1,15 +1,16 @@
 """Start, watch and stop the shardnet processes of a local deployment.
 
-A child prints ``... ready on HOST:PORT`` once it serves; its output goes to
-a log file (never a pipe that could fill up and block it), which is polled
-for that line with a deadline.
+A child's output goes to a log file (never a pipe that could fill up and
+block it); once it serves, it writes its address, one line, to a pipe of its
+own (``--ready-fd``), which is polled with a deadline. Not read from the log:
+an Executor printing "ready on cuda:0" would be taken at its word, and a log
+folder two deployments share holds the other's lines too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -19,7 +20,6 @@ from typing import Optional, Sequence
 
 from shardnet.errors import ProcessError
 
-_READY = re.compile(r"ready on (\S+)")
 STABLE_RUN = 60.0  # seconds: a process that served this long before it exited is launched again at once
 MAX_RESTART_DELAY = 30.0
 REAP_POLL_SECONDS = 0.02  # how often a stop looks whether its child has exited (left unreaped till collected)
@@ -36,6 +36,8 @@ class ShardnetProcess:
         self.env = env
         self.address: Optional[str] = None
         self.popen: Optional[subprocess.Popen] = None
+        self._ready_pipe: Optional[int] = None  # this launch's end of the pipe its address comes down
+        self._ready_read = b""
         self._log_offset = 0
         self.launched_at = float("-inf")  # time.monotonic() of the last launch
         self.ready_at: Optional[float] = None  # and of its ready line, once seen
@@ -75,6 +77,7 @@ class ShardnetProcess:
         then reap it. Reaped first, the id could pass to a new group leader (a pid wrap-around) and be hit."""
         if self.popen.returncode is not None:
             return
+        self._close_ready_pipe()
         state = self._unreaped_exit()
         if state:
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -87,22 +90,40 @@ class ShardnetProcess:
         """Start the child (again, after a stop: its log grows and only new lines count)."""
         if self.alive:
             raise ProcessError(f"{self.role} (pid {self.pid}) is still running: stop it before launching it again")
+        if not {"head", "worker"} & set(self.arguments):  # after global options such as --log-level
+            raise ProcessError(f"{self.role}: a ShardnetProcess runs 'shardnet head' or 'shardnet worker'")
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         self.address = None
         self.launched_at = time.monotonic()
         self.ready_at = self.restart_at = None
-        # a head or worker stops when this process goes, whatever ends it (kill -9, a closed terminal)
-        watch_parent = ["--parent-pid", str(os.getpid())] if self.arguments[:1] in (["head"], ["worker"]) else []
-        with open(self.log_path, "ab") as log:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", "shardnet", *self.arguments, *watch_parent],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.env,
-                start_new_session=True,  # Ctrl-C reaches the parent, which stops children in order
-            )
+        self._close_ready_pipe()
+        reading, writing = os.pipe()
+        os.set_blocking(reading, False)
+        # it stops when this process goes, whatever ends it (kill -9, a closed terminal)
+        launcher = ["--parent-pid", str(os.getpid()), "--ready-fd", str(writing)]
+        try:
+            with open(self.log_path, "ab") as log:
+                self.popen = subprocess.Popen(
+                    [sys.executable, "-m", "shardnet", *self.arguments, *launcher],
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=self.env,
+                    pass_fds=(writing,),
+                    start_new_session=True,  # Ctrl-C reaches the parent, which stops children in order
+                )
+        except BaseException:
+            os.close(reading)
+            raise
+        finally:
+            os.close(writing)  # the child's now: the pipe ends (EOF) when it exits without a word
+        self._ready_pipe, self._ready_read = reading, b""
         return self
+
+    def _close_ready_pipe(self) -> None:
+        if self._ready_pipe is not None:
+            os.close(self._ready_pipe)
+            self._ready_pipe = None
 
     def wait_ready(self, timeout: float = 30.0, hint: str = "") -> str:
         """Block until the ready line appears; raise ProcessError with the log's tail if it exits or times out
@@ -120,11 +141,15 @@ class ShardnetProcess:
         )
 
     def poll_ready(self) -> Optional[str]:
-        """The address, once this launch printed its ready line (one look at the log, no waiting); else None."""
-        if self.address is None:
-            found = _READY.findall(self._output())
-            if found:
-                self.address, self.ready_at = found[-1], time.monotonic()
+        """The address, once this launch has written it to its pipe (one look, no waiting); else None."""
+        if self.address is None and self._ready_pipe is not None:
+            try:
+                self._ready_read += os.read(self._ready_pipe, 4096)
+            except BlockingIOError:  # nothing yet
+                return None
+            if self._ready_read.endswith(b"\n"):
+                self.address, self.ready_at = self._ready_read.decode(errors="replace").strip(), time.monotonic()
+                self._close_ready_pipe()
         return self.address
 
     def _output(self) -> str:

@@ -508,16 +508,19 @@ async def serve_until_signalled(
     ready_line: Optional[str] = None,
     parent_pid: Optional[int] = None,
     when_idle: Optional[Callable[[], Awaitable[None]]] = None,
+    ready_fd: Optional[int] = None,
 ) -> int:
-    """Start ``server``, print ``ready_line``, and on SIGTERM/SIGINT run ``on_stop`` then drain (``when_idle``: as
-    ``Server.drain`` takes it); return 0.
+    """Start ``server``, print ``ready_line``, and on SIGTERM, SIGINT or SIGHUP (its terminal closed) run
+    ``on_stop`` then drain (``when_idle``: as ``Server.drain`` takes it); return 0.
 
     With ``parent_pid`` the same happens when that process exits, however it ended (kill -9 included):
-    a Deployment's children do not outlive it.
+    a Deployment's children do not outlive it, nor, when this process leads its own process group (as a
+    Deployment starts each), what it started there. ``ready_fd``: a pipe the address is written to, one
+    line, once serving; then it is closed.
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(signum, stop.set)
     orphaned = None
     if parent_pid is not None:
@@ -538,6 +541,8 @@ async def serve_until_signalled(
         if ready_line:
             also = f" and {server.unix_address}" if server.unix_address else ""
             print(ready_line.format(address=server.address, port=server.port) + also, flush=True)
+        if ready_fd is not None:
+            _tell_ready(ready_fd, server.address)
         await stop.wait()
         logger.info("draining %s", server.address)
         if on_stop is not None:
@@ -549,7 +554,32 @@ async def serve_until_signalled(
         if orphaned is not None:
             orphaned.cancel()
         await server.drain(when_idle=when_idle)
+    if orphaned is not None and orphaned.done() and not orphaned.cancelled():
+        _stop_own_group()
     return 0
+
+
+def _tell_ready(fd: int, address: str) -> None:
+    """Write ``address`` to the launcher's pipe and close it; a launcher gone meanwhile is no reason to stop."""
+    try:
+        with os.fdopen(fd, "wb", buffering=0) as pipe:
+            pipe.write(f"{address}\n".encode())
+    except OSError as exc:
+        logger.warning("could not tell the launcher the address on file descriptor %d: %s", fd, exc)
+
+
+def _stop_own_group() -> None:
+    """SIGTERM what is left of this process's group when it leads one (a Deployment starts each child so) and its
+    launcher has gone: helpers its Executor started would outlive it, as the launcher is not there to kill them.
+    This process ignores the signal meanwhile: a signal ignored when sent is discarded."""
+    if os.getpgrp() != os.getpid():
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(os.getpid(), signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def jina_server(config: ServerConfig, runtime, *, listen_while_draining: bool = True) -> Server:

@@ -559,9 +559,9 @@ class Worker:
         """How many blocking handler calls are still running on their threads (their callers may have gone)."""
         return len(self._threads.running())
 
-    async def run(self, parent_pid: Optional[int] = None) -> int:
-        """Serve until SIGTERM/SIGINT (or until process ``parent_pid`` exits): register with the head once
-        ready, deregister then drain on stop."""
+    async def run(self, parent_pid: Optional[int] = None, ready_fd: Optional[int] = None) -> int:
+        """Serve until SIGTERM/SIGINT/SIGHUP (or until process ``parent_pid`` exits): register with the head once
+        ready, deregister then drain on stop. ``ready_fd``: as ``serve_until_signalled`` takes it."""
         try:
             return await serve_until_signalled(
                 self.server,
@@ -569,6 +569,7 @@ class Worker:
                 on_stop=self.deregister if self._head else None,
                 ready_line=f"shardnet worker {self.name} ready on {{address}}",
                 parent_pid=parent_pid,
+                ready_fd=ready_fd,
                 when_idle=self._finish,  # the Executor's close() before the listener closes: see server.py
             )
         finally:
