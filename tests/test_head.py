@@ -132,7 +132,7 @@ async def test_status_names_ejected_replicas_and_empty_shards_and_the_cli_prints
     capsys.readouterr()
     code = await asyncio.to_thread(cli_main, ["status", head.server.address])
     printed = capsys.readouterr().out
-    assert code == 0, printed
+    assert code == 1, printed  # shard 1 has no replica: a readiness gate built on it must not pass
     assert f"shard 0: {dead_address} (ejected" in printed
     assert f"shard 0: {worker.server.address}\n" in printed
     assert "shard 1: no replica" in printed
@@ -161,7 +161,7 @@ async def test_status_stays_answerable_with_a_non_ascii_ejected_address_and_hund
     assert pairs["empty-shards"] == "1-399" and pairs["ejected"] == "0 unix:" + str(tmp_path / "s%C3%B4ck.sock")
 
     capsys.readouterr()
-    assert await asyncio.to_thread(cli_main, ["status", head.server.address]) == 0
+    assert await asyncio.to_thread(cli_main, ["status", head.server.address]) == 1
     printed = capsys.readouterr().out
     assert f"shard 0: {dead} (ejected" in printed
     assert "shard 1: no replica" in printed and "shard 399: no replica" in printed

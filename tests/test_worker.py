@@ -27,6 +27,7 @@ from shardnet.networking.addresses import parse_address
 from shardnet.networking import oneshot
 from shardnet.protocol import services
 from shardnet.protocol.proto import jina_pb2
+from shardnet.cli.main import main as cli_main
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.processes import ShardnetProcess
 from shardnet.runtimes.server import MAX_REQUESTS_PER_CALL, ServerConfig
@@ -314,6 +315,25 @@ async def test_a_handler_bound_to_default_by_name_takes_the_endpoints_nothing_el
         assert answer.docs[0].tags["by"] == "default", endpoint
     reply, _ = await raw_call(worker.server.address, services.ENDPOINT_DISCOVERY, empty_pb2.Empty().SerializeToString())
     assert list(jina_pb2.EndpointsProto.FromString(reply).endpoints) == ["/default", "/other", "_jina_dry_run_"]
+
+
+async def test_send_whose_timeout_runs_out_before_the_request_says_so_in_its_own_words(tagger, capsys, monkeypatch):
+    """What endpoint discovery left of --timeout was handed on unchecked: a negative timeout, refused with the
+    Python API's "timeout must be positive seconds ... got -0.007" (found by a command line review). Here the
+    discovery answers, and the time up to the request (a busy machine's) takes what was left."""
+    from shardnet.cli import send as send_command
+
+    discover = send_command._discovered_endpoints
+
+    async def answered_late(*args, **kwargs):
+        endpoints = await discover(*args, **kwargs)
+        await asyncio.sleep(0.3)
+        return endpoints
+
+    monkeypatch.setattr(send_command, "_discovered_endpoints", answered_late)
+    code = await asyncio.to_thread(cli_main, ["send", tagger.server.address, "--endpoint", "/tag", "--timeout", "0.2"])
+    said = capsys.readouterr().err
+    assert code != 0 and "--timeout 0.2s ran out during endpoint discovery, before the request was sent" in said, said
 
 
 async def test_docs_bytes_and_garbage_are_refused_as_invalid_argument(tagger):

@@ -17,7 +17,7 @@ from shardnet.cli.options import (
     message_megabytes,
     positive_seconds,
 )
-from shardnet.errors import ReplicaError
+from shardnet.errors import DeadlineExceeded, ReplicaError
 from shardnet.networking import oneshot
 from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, NOT_CONNECTED, message_size_options
 from shardnet.protocol.documents import Document
@@ -92,8 +92,14 @@ async def send(args: argparse.Namespace) -> int:
             ", ".join(endpoints),
         )
     request = DataRequest([Document(text=text) for text in args.text], endpoint=args.endpoint, parameters=parameters)
+    left = deadline - loop.time()
+    if left <= 0:  # discovery answered, but took it all
+        raise DeadlineExceeded(
+            f"--timeout {args.timeout:g}s ran out during endpoint discovery, before the request was sent",
+            address=args.target, code=grpc.StatusCode.DEADLINE_EXCEEDED,
+        )
     response = await oneshot.send_request_async(
-        request, args.target, timeout=deadline - loop.time(), tls=tls,
+        request, args.target, timeout=left, tls=tls,
         channel_options=message_size_options(int(args.max_message_mb * 2**20)),
     )
     print(json.dumps(describe(response), indent=2))

@@ -19,7 +19,11 @@ from shardnet.protocol.messages import ControlRequest
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("status", help="health, endpoints and replicas of a head or worker")
+    parser = subparsers.add_parser(
+        "status", help="health, endpoints and replicas of a head or worker",
+        description="Health, readiness, endpoints and replicas of a head or worker. Exits 1 when it is not serving "
+        "or not ready, its endpoints cannot be listed, or a shard has no replica; 0 when all is well.",
+    )
     parser.add_argument("target", help="HOST:PORT")
     parser.add_argument(
         "--timeout", type=positive_seconds("timeout"), metavar="SECONDS", default=5.0,
@@ -73,6 +77,8 @@ async def status(args: argparse.Namespace) -> int:
         print(f"  ... and {notes['empty_unlisted']} more shards with no replica, not named")
     if notes["unlisted"]:
         print(f"  ... and {notes['unlisted']} more ejected replicas, not named")
+    if notes["empty_ranges"] or notes["empty_unlisted"]:
+        healthy = False  # a request to ALL fails naming the shard, and one to it goes nowhere
     budget = {key: value for key, value in trailing or () if key in _BUDGET_KEYS}
     if budget:
         print("retries: " + ", ".join(f"{key} {budget[key]}" for key in _BUDGET_KEYS if key in budget))
