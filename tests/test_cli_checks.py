@@ -129,3 +129,27 @@ def test_head_refuses_a_kubeconfig_that_can_never_work(tmp_path, content, said) 
     assert result.returncode == 2, result.stderr
     assert f"kubeconfig {path}" in result.stderr and said in result.stderr, result.stderr
     assert "ready on" not in result.stdout and "Traceback" not in result.stderr
+
+
+def test_send_shows_what_an_encoder_answers_and_says_what_it_cannot_read() -> None:
+    """It printed id, text, tags, scores and matches only: an encoder's embeddings could not be checked."""
+    import json
+
+    import numpy as np
+
+    from shardnet import DataRequest, Document
+    from shardnet.cli.send import describe
+
+    encoded = Document(id="q", text="hi", embedding=np.arange(8, dtype=np.float32), tensor=np.ones((2, 3)))
+    encoded.proto.uri = "s3://bucket/q.txt"
+    encoded.chunks.append(Document(id="c", embedding=np.array([1j, 2], dtype=np.complex64)))
+    broken = Document(id="b")
+    broken.proto.embedding.dense.shape.extend([4])  # four values announced, none sent
+    broken.proto.embedding.dense.dtype = "<f4"
+    [shown, unreadable] = describe(DataRequest([encoded, broken]))["docs"]
+    assert shown["uri"] == "s3://bucket/q.txt"
+    assert shown["embedding"] == {"shape": [8], "dtype": "float32", "first": [0.0, 1.0, 2.0, 3.0, 4.0]}
+    assert shown["tensor"] == {"shape": [2, 3], "dtype": "float64", "first": [1.0] * 5}
+    assert shown["chunks"][0]["embedding"]["first"] == ["1j", "(2+0j)"]
+    assert "unreadable" in unreadable["embedding"]
+    json.dumps([shown, unreadable])  # all of it printable

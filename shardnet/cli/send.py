@@ -17,7 +17,7 @@ from shardnet.cli.options import (
     message_megabytes,
     positive_seconds,
 )
-from shardnet.errors import DeadlineExceeded, ReplicaError
+from shardnet.errors import DeadlineExceeded, ProtocolError, ReplicaError
 from shardnet.networking import oneshot
 from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, NOT_CONNECTED, message_size_options
 from shardnet.protocol.documents import Document
@@ -25,6 +25,7 @@ from shardnet.protocol.messages import DataRequest
 from shardnet.runtimes.executor import DEFAULT_ENDPOINT
 
 logger = logging.getLogger("shardnet.send")
+SHOWN_VALUES = 5  # the first values of an embedding or tensor a terminal is shown
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -107,15 +108,24 @@ async def send(args: argparse.Namespace) -> int:
 
 
 def describe(response: DataRequest) -> dict:
-    """A JSON-friendly view of a response for people reading a terminal."""
+    """A JSON-friendly view of a response for people reading a terminal: an encoder's output is checked by its
+    embeddings' shapes and first values."""
     def doc(d: Document) -> dict:
-        view = {"id": d.id, "text": d.text}
+        view: dict = {"id": d.id, "text": d.text}
+        if d.proto.uri:
+            view["uri"] = d.proto.uri
+        if d.proto.HasField("blob"):
+            view["blob"] = f"{len(d.proto.blob)} bytes"
+        for field in ("tensor", "embedding"):
+            if d.proto.HasField(field):
+                view[field] = _array(d, field)
         if len(d.tags):
             view["tags"] = dict(d.tags)
         if d.scores:
             view["scores"] = d.scores
-        if len(d.matches):
-            view["matches"] = [doc(m) for m in d.matches]
+        for nested in ("chunks", "matches"):
+            if len(getattr(d, nested)):
+                view[nested] = [doc(m) for m in getattr(d, nested)]
         return view
 
     status = response.status
@@ -129,6 +139,17 @@ def describe(response: DataRequest) -> dict:
         result["parameters"] = parameters
     result["docs"] = [doc(d) for d in response.docs]
     return result
+
+
+def _array(document: Document, field: str) -> dict:
+    """An array's shape, dtype and first values (a terminal is no place for the rest), or why it cannot be read."""
+    try:
+        array = getattr(document, field)
+    except ProtocolError as exc:
+        return {"unreadable": str(exc)}
+    first = array.reshape(-1)[:SHOWN_VALUES]
+    values = [str(value) for value in first] if first.dtype.kind == "c" else first.tolist()  # JSON has no complex
+    return {"shape": list(array.shape), "dtype": str(array.dtype), "first": values}
 
 
 def run(args: argparse.Namespace) -> int:
