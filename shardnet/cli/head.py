@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from collections import defaultdict
 
 from shardnet.cli.options import (

@@ -96,7 +96,7 @@ def check_kubeconfig(path: str) -> None:
         with open(expanded, encoding="utf-8") as handle:
             document = yaml.safe_load(handle)
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise ConfigurationError(f"kubeconfig {path} is not readable YAML: {_one_line(error)}") from None
+        raise ConfigurationError(f"kubeconfig {path} is not readable YAML: {one_line(error)}") from None
     if not isinstance(document, dict):
         raise ConfigurationError(f"kubeconfig {path} is not a kubeconfig (a YAML mapping of clusters, contexts, users)")
     current = document.get("current-context")
@@ -110,7 +110,8 @@ def check_kubeconfig(path: str) -> None:
         )
 
 
-def _one_line(error: Exception) -> str:
+def one_line(error: Exception) -> str:
+    """An error's message on one line (YAML's span several, with the offending text)."""
     return " ".join(str(error).split())
 
 

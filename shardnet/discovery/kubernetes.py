@@ -35,7 +35,7 @@ import yaml
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 
-from shardnet.discovery.configuration import KubeconfigCredentials, check_kubeconfig, load_api_client
+from shardnet.discovery.configuration import KubeconfigCredentials, check_kubeconfig, load_api_client, one_line
 from shardnet.discovery.watch import ListWatch, Unavailable, WatchOptions, describe, with_backoff
 from shardnet.errors import ConfigurationError, DiscoveryError
 from shardnet.networking.addresses import parse_address
@@ -490,7 +490,7 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
         try:
             self._client = await load_api_client(self._kubeconfig)
         except (k8s_config.ConfigException, yaml.YAMLError) as error:  # a KUBECONFIG file may be written meanwhile
-            raise Unavailable(f"no usable Kubernetes configuration: {' '.join(str(error).split())}") from error
+            raise Unavailable(f"no usable Kubernetes configuration: {one_line(error)}") from error
 
     def _watch_for(self, source: str) -> ListWatch:
         if source == "pods":
