@@ -62,6 +62,12 @@ class RecordingPool(K8sGrpcConnectionPool):
         self.changes.append(("remove", deployment, address))
         return await super().remove_connection(deployment, address, head=head, shard_id=shard_id)
 
+    def forget_deployment(self, deployment: str) -> bool:
+        forgotten = super().forget_deployment(deployment)
+        if forgotten:
+            self.changes.append(("forget", deployment, ""))
+        return forgotten
+
 
 # -- fixtures ------------------------------------------------------------------------
 
@@ -812,6 +818,39 @@ async def test_requests_reach_discovered_replicas(api_server: FakeApiServer, sta
         assert {await served_by() for _ in range(4)} == {"replica-b"}
 
 
+async def test_a_deployment_forgotten_while_its_last_replica_still_answers_loses_no_request(
+    api_server: FakeApiServer, start_pool
+) -> None:
+    """A namespace-wide pool forgot a deployment by closing its lists, which cut the calls still running on the
+    channel of the replica just removed, after half a second (found by a review)."""
+    async with EchoServer("slow", delay=1.5) as slow:
+        api_server.apply("pods", pod("w", ip="127.0.0.1", port=slow.port))
+        pool = await start_pool()
+        in_flight = pool.send_request_once(DataRequest(endpoint="/x"), "dep")
+        await eventually(lambda: slow.calls == 1)
+        api_server.apply("pods", pod("w", ip="127.0.0.1", port=slow.port, deleting=True))  # terminating: it drains
+        await eventually(lambda: "dep" not in pool.deployments)
+        _, trailing = await in_flight  # answered, after the forget
+        assert dict(tuple(trailing))["served-by"] == "slow"
+
+
+async def test_a_relist_adds_a_deployments_new_pod_before_it_removes_the_old_one(
+    api_server: FakeApiServer, start_pool
+) -> None:
+    """A deployment rolled from one pod to another while the watch was away: the relist removed the old pod
+    before it added the new, and a namespace-wide pool forgot the deployment in between (found by a review)."""
+    api_server.apply("pods", pod("old", ip="10.0.0.1"))
+    pool = await start_pool(sources=("pods",))
+    await eventually(lambda: api_server.open_streams("pods") == 1)
+    api_server.drop_streams()
+    api_server.apply("pods", pod("new", ip="10.0.0.2"))
+    api_server.delete("pods", "old")
+    api_server.compact()  # its resume version is too old: it re-lists
+    await eventually(lambda: replicas(pool) == {"10.0.0.2:8080"})
+    assert pool.changes.index(("add", "dep", "10.0.0.2:8080")) < pool.changes.index(("remove", "dep", "10.0.0.1:8080"))
+    assert ("forget", "dep", "") not in pool.changes
+
+
 # -- the head process follows the cluster ------------------------------------------------------
 
 
@@ -914,11 +953,22 @@ async def test_a_source_the_role_does_not_grant_is_left_out_and_the_head_turns_r
         await head.stop(0.5)
 
 
-async def test_a_pool_every_source_of_which_is_refused_is_never_synced(api_server: FakeApiServer, kubeconfig: str):
+async def test_a_pool_every_source_of_which_is_refused_is_synced_once_one_is_granted(
+    api_server: FakeApiServer, kubeconfig: str, eventually
+):
+    """Both refused at first, then a Role granting pods only bound: the wait, decided when both had been
+    refused, then waited for both to list, for ever (found by a review of the first fix)."""
     api_server.forbidden = {"pods", "endpointslices"}
+    api_server.apply("pods", pod("w0", ip="10.0.0.1"))
     async with K8sGrpcConnectionPool(NS, kubeconfig=kubeconfig, watch=FAST) as pool:
         with pytest.raises(DiscoveryError, match=r"pods in default and endpointslices in default not listed .*403"):
             await pool.wait_synced(timeout=1.0)
+        waiting = asyncio.ensure_future(pool.wait_synced(timeout=10))
+        await eventually(lambda: len(api_server.list_requests("endpointslices")) >= 2)  # both refused, more than once
+        assert not waiting.done()
+        api_server.forbidden = {"endpointslices"}
+        await waiting
+        assert replicas(pool) == {"10.0.0.1:8080"}
 
 
 async def test_a_head_fed_by_discovery_refuses_membership_changes_and_pods_beyond_its_shards(

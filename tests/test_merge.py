@@ -69,6 +69,20 @@ def test_documents_without_an_id_are_never_merged_into_one():
     assert [match.text for match in query.matches] == ["anonymous-0", "anonymous-1"]
 
 
+def test_an_identical_echo_still_adds_its_matches_without_an_id():
+    """Skipping a copy that compares equal to the one held skipped its id-less matches too: one copy where a
+    copy differing in an unrelated field gave two, as Jina (which gives each a random id) does."""
+    answers = []
+    for shard in range(2):
+        query = Document(id="q", text="same")
+        query.matches.append(Document(text="anonymous"))
+        answer = DataRequest([query], endpoint="/search")
+        answer.proto.data.docs.docs[0].matches[0].id = ""
+        answers.append((shard, answer))
+    [query] = merge_shard_responses("dep", answers).docs
+    assert [match.text for match in query.matches] == ["anonymous", "anonymous"]
+
+
 def test_many_documents_sharing_an_id_merge_in_one_pass():
     # a request of 20,000 documents all named "x", each with one match of no id, echoed by two shards: the
     # matches of every copy fold into the target's document at once (folded one copy at a time, the target's

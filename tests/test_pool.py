@@ -78,8 +78,8 @@ async def test_a_deployment_is_forgotten_only_when_empty_and_undeclared(pool):
     pool.declare_shards("declared", 2)
     pool.add_connection("emptied", "127.0.0.1:2", head=True)
     await pool.remove_connection("emptied", "127.0.0.1:2", head=True)
-    assert not await pool.forget_deployment("kept") and not await pool.forget_deployment("declared")
-    assert await pool.forget_deployment("emptied") and not await pool.forget_deployment("emptied")
+    assert not pool.forget_deployment("kept") and not pool.forget_deployment("declared")
+    assert pool.forget_deployment("emptied") and not pool.forget_deployment("emptied")
     assert set(pool.deployments) == {"kept", "declared"}
 
 

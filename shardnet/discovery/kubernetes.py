@@ -266,12 +266,14 @@ class _Ledger:
                 await self._add(member)
 
     async def replace(self, source: str, contributions: Mapping[str, Contribution]) -> None:
-        """Reconcile after a (re-)list: objects gone from it contribute nothing, the rest what they show now."""
+        """Reconcile after a (re-)list: the objects listed contribute what they show now, then those gone from
+        it nothing; in that order, a deployment rolled from one pod to another while the watch was away
+        never looks empty (a namespace-wide pool would forget it meanwhile)."""
+        for key, members in contributions.items():
+            await self.record(source, key, members)
         for key in self.keys(source):
             if key not in contributions:
                 await self.record(source, key, NOTHING)
-        for key, members in contributions.items():
-            await self.record(source, key, members)
 
     async def _add(self, member: Member) -> None:
         while (pending := self._removals.get(member)) is not None:
@@ -309,7 +311,7 @@ class _Ledger:
             member.deployment, member.address, head=member.head, shard_id=member.shard_id
         )
         if pool.followed_deployments is None and not self._members_of[member.deployment]:
-            if await pool.forget_deployment(member.deployment):
+            if pool.forget_deployment(member.deployment):
                 logger.info("deployment %r left the namespace: forgotten", member.deployment)
         return removed
 
@@ -334,6 +336,16 @@ class _Ledger:
         """Wait for the removals still closing channels."""
         while self._removals:
             await asyncio.gather(*self._removals.values(), return_exceptions=True)
+
+
+async def _first_of(waits: Iterable[Any]) -> None:
+    """Wait until the first of ``waits`` (coroutines) is done; the others are cancelled."""
+    tasks = [asyncio.ensure_future(wait) for wait in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 # -- the pool ------------------------------------------------------------------------
@@ -446,18 +458,22 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
         async def synced() -> None:
             await self._configured.wait()  # the watches exist once configuration has loaded
             watches = list(self._watches.values())
-            await asyncio.gather(*(watch.settled.wait() for watch in watches))
-            listed = [watch for watch in watches if watch.synced.is_set()]
-            refused = [watch for watch in watches if not watch.synced.is_set()]
-            if listed and refused:
-                logger.warning(
-                    "namespace %r: following %s only: %s refused (%s); grant list and watch on it in the Role "
-                    "(the rendered one does) to follow it too",
-                    self.namespace, " and ".join(w.name for w in listed), " and ".join(w.name for w in refused),
-                    "; ".join(w.last_failure or "" for w in refused),
-                )
-                return
-            await asyncio.gather(*(watch.synced.wait() for watch in watches))  # every one refused: none listed yet
+            while True:  # looked at again at each list and each refusal, whichever source it comes from
+                listed = [watch for watch in watches if watch.synced.is_set()]
+                if len(listed) == len(watches):
+                    return
+                refused = [watch for watch in watches if not watch.synced.is_set() and watch.refused]
+                if listed and len(listed) + len(refused) == len(watches):
+                    logger.warning(
+                        "namespace %r: following %s only: %s refused (%s); grant list and watch on it in the Role "
+                        "(the rendered one does) to follow it too",
+                        self.namespace, " and ".join(w.name for w in listed), " and ".join(w.name for w in refused),
+                        "; ".join(w.last_failure or "" for w in refused),
+                    )
+                    return
+                for watch in watches:
+                    watch.news.clear()
+                await _first_of(watch.news.wait() for watch in watches)
 
         try:
             await asyncio.wait_for(synced(), timeout)

@@ -142,9 +142,8 @@ class ListWatch:
         self.name = name
         self.resource_version: Optional[str] = None
         self.synced = asyncio.Event()  # set once the first list has been handed over
-        # set once the first list has been handed over or refused (Refused): the source has had its say
-        self.settled = asyncio.Event()
         self.refused = False  # the latest failure was a refusal, and no list has succeeded since
+        self.news = asyncio.Event()  # set at each list handed over and each refusal: whoever waits looks again
         self.lists = 0  # how many lists succeeded (one, plus one per 410)
         self._list_call = list_call
         self._on_list = on_list
@@ -183,7 +182,7 @@ class ListWatch:
         self.last_failure = describe(error)
         if isinstance(error, Refused):
             self.refused = True
-            self.settled.set()
+            self.news.set()
 
     # -- list ----------------------------------------------------------------
 
@@ -214,7 +213,7 @@ class ListWatch:
         self.lists += 1
         self.refused = False
         self.synced.set()
-        self.settled.set()
+        self.news.set()
         logger.debug("%s: listed %d objects at resourceVersion %s", self.name, len(items), version)
 
     # -- watch ---------------------------------------------------------------

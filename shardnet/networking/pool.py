@@ -162,6 +162,7 @@ class GrpcConnectionPool:
         check_flag(request_streams, "request_streams")
         self._request_streams = request_streams
         self._deployments: dict[str, _Deployment] = {}
+        self._retired: list[ReplicaList] = []  # lists of forgotten deployments whose removed channels still close
         try:
             self._metadata_cache = MetadataCache(fixed=metadata)
         except ProtocolError as exc:
@@ -245,11 +246,12 @@ class GrpcConnectionPool:
                     return removed
         return None
 
-    async def forget_deployment(self, deployment: str) -> bool:
+    def forget_deployment(self, deployment: str) -> bool:
         """Drop ``deployment`` if it holds no replica, head included, and declared no shards; True when dropped.
 
         ``remove_connection`` keeps a deployment its last replica left (ALL names the empty shard); discovery
-        following a whole namespace forgets, with this, one that left it.
+        following a whole namespace forgets, with this, one that left it. Calls still running on the channels
+        of replicas it removed keep their grace: those lists stay the pool's, to close, until their channels are.
         """
         entry = self._deployments.get(deployment)
         if entry is None or entry.declared:
@@ -257,8 +259,8 @@ class GrpcConnectionPool:
         lists = ([entry.head] if entry.head else []) + list(entry.shards.values())
         if any(replicas.has_connections() for replicas in lists):
             return False
-        del self._deployments[deployment]  # before the first await: an addition meanwhile starts a new entry
-        await close_in_turn(replicas.close() for replicas in lists)
+        del self._deployments[deployment]
+        self._retired = [replicas for replicas in [*self._retired, *lists] if replicas.has_closing_channels()]
         return True
 
     def get_replicas(self, deployment: str, head: bool = False, shard_id: int = 0) -> Optional[ReplicaList]:
@@ -692,7 +694,7 @@ class GrpcConnectionPool:
             replicas
             for entry in self._deployments.values()
             for replicas in ([entry.head] if entry.head else []) + list(entry.shards.values())
-        ]
+        ] + self._retired
 
     async def close(self) -> None:
         """Close every channel of every deployment, all together: calls still running get half a second, then
@@ -702,7 +704,7 @@ class GrpcConnectionPool:
             follower.cancel()
             await asyncio.gather(follower, return_exceptions=True)
         await close_in_turn(replicas.close() for replicas in self._replica_lists())
-        self._deployments = {}
+        self._deployments, self._retired = {}, []
 
     async def __aenter__(self) -> "GrpcConnectionPool":
         self.start()

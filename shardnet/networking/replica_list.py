@@ -343,6 +343,10 @@ class ReplicaList:
         """True when the list holds any replica, ejected or not."""
         return bool(self._connections)
 
+    def has_closing_channels(self) -> bool:
+        """True while channels of replicas removed from the list still close, their calls finishing."""
+        return bool(self._leaving)
+
     def get_all_connections(self) -> list[Connection]:
         """Every replica, ejected ones included."""
         return list(self._connections.values())
