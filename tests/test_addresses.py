@@ -81,6 +81,9 @@ def test_parse_address(address, target, tls):
         "127.0.0.1\x00.example.invalid:1",  # gRPC would dial the part before the NUL, STATUS would list it all
         "ho\x07st:1",
         "h" * 254 + ":1",  # longer than any DNS name: it would also swell STATUS's metadata
+        "unix-abstract:4242",  # gRPC dials the abstract socket @4242, which only this machine reaches
+        "vsock:2",
+        "DNS:53",
         None,
         8080,
     ],

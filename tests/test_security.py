@@ -295,6 +295,32 @@ def test_who_counts_as_a_caller_on_the_heads_machine(peer, local):
     assert _on_this_machine(peer) is local
 
 
+async def test_activate_of_a_name_resolving_to_loopback_is_refused_to_a_remote_caller(runtimes, monkeypatch):
+    """/etc/hosts gives a machine's own name 127.0.1.1 (Debian's way): a name is resolved before it is taken.
+    The resolver is the machine's, outside the project: here it is told what the name resolves to."""
+    import shardnet.runtimes.head as head_module
+
+    monkeypatch.setattr(head_module, "_on_this_machine", lambda peer: False)
+    head = await runtimes(Head("named"))
+    loop = asyncio.get_running_loop()
+    resolve = loop.getaddrinfo
+
+    async def hosts_file(host, port, **kwargs):
+        if host == "this-machine.example":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.1.1", port))]
+        return await resolve(host, port, **kwargs)
+
+    monkeypatch.setattr(loop, "getaddrinfo", hosts_file)
+    with pytest.raises(ReplicaError) as refused:
+        await oneshot.activate_worker("this-machine.example", 6379, head.server.address, 0)
+    assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED, refused.value
+    with pytest.raises(ReplicaError) as unresolved:  # nowhere anyone can tell: not taken either
+        await oneshot.activate_worker("no-such-host.invalid", 6379, head.server.address, 0)
+    assert unresolved.value.code == grpc.StatusCode.PERMISSION_DENIED, unresolved.value
+    await oneshot.activate_worker("10.9.8.7", 6379, head.server.address, 0)  # an address elsewhere: taken
+    assert await members(head.server.address) == ["10.9.8.7:6379"]
+
+
 async def test_activate_of_a_unix_socket_is_taken_from_this_machine_only(runtimes, tmp_path):
     """A remote caller must not make the head a bridge to sockets only its machine reaches (the peer check is
     above, for addresses this machine may not have); a local worker, as Deployment runs them, registers."""
@@ -304,7 +330,11 @@ async def test_activate_of_a_unix_socket_is_taken_from_this_machine_only(runtime
     assert await members(head.server.address) == [f"{worker.server.unix_address}:0"]
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "0.0.0.0", "::", "::ffff:127.0.0.1", "localhost"])
+@pytest.mark.parametrize(
+    "host",
+    # the last five, as a dial reads them too, were taken (found by a security review)
+    ["127.0.0.1", "0.0.0.0", "::", "::ffff:127.0.0.1", "localhost", "127.1", "0", "2130706433", "0x7f.1", "localhost."],
+)
 async def test_activate_of_a_loopback_only_port_however_written_is_refused_to_a_remote_caller(
     runtimes, monkeypatch, host
 ):
@@ -381,6 +411,7 @@ def test_the_control_token_from_a_file_or_the_command_line_which_warns_that_ps_s
     (tmp_path / "huge").write_bytes(b"x" * 10_000)
     (tmp_path / "bom").write_bytes("\ufeff\n  tok-with-a-bom  \r\n".encode())
     (tmp_path / "accented").write_text("t\u00f6ken\n")
+    (tmp_path / "latin1").write_bytes("t\u00e9ken\n".encode("latin-1"))  # UTF-8's error named the byte and where
     for flags, message in (
         (["--control-token-file", str(tmp_path / "missing")], "cannot read the control token from"),
         (["--control-token-file", str(tmp_path / "empty")], "holds no token (only blank lines)"),
@@ -388,12 +419,14 @@ def test_the_control_token_from_a_file_or_the_command_line_which_warns_that_ps_s
         (["--control-token-file", str(tmp_path)], "is not a regular file"),
         (["--control-token-file", str(tmp_path / "huge")], "holds more than 4096 bytes"),
         (["--control-token-file", str(tmp_path / "accented")], "must be printable ASCII text"),
+        (["--control-token-file", str(tmp_path / "latin1")], "is not UTF-8 text; the value is not shown"),
         (["--control-token-file", str(secret), "--control-token", "x"], "not allowed with argument"),
     ):
         finished = subprocess.run([sys.executable, "-m", "shardnet", "head", "--deployment", "t", *flags],
                                   capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
         assert finished.returncode == 2 and message in finished.stderr, finished.stderr
         assert "t\u00f6ken" not in finished.stderr  # a token is never shown, not even a wrong one
+        assert "0xe9" not in finished.stderr and "position" not in finished.stderr
     from shardnet.cli.options import _token_from_file
 
     assert _token_from_file(str(tmp_path / "bom")) == "tok-with-a-bom"  # a BOM, blank lines, CRLF: the token

@@ -3,6 +3,8 @@ every connection made after the change, without a restart; a change that does no
 
 from __future__ import annotations
 
+import datetime
+
 import asyncio
 import logging
 import os
@@ -111,6 +113,40 @@ async def test_a_change_that_does_not_check_out_keeps_the_last_good_material_and
         renewed = ca.issue_cert("next.example")
         files.serve(renewed, clients)  # the rest of it arrives
         assert await answered(server.address, client_of(ca, "next.example", clients))
+
+
+def days_from_now(start: float, end: float) -> dict:
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return {"not_before": now + datetime.timedelta(days=start), "not_after": now + datetime.timedelta(days=end)}
+
+
+OUTSIDE_VALIDITY = [((-30, -1), "expired on"), ((10, 40), "is not valid before")]
+
+
+@pytest.mark.parametrize("window, said", OUTSIDE_VALIDITY, ids=["expired", "not yet valid"])
+async def test_a_renewal_outside_its_validity_period_keeps_the_last_good_material(files, caplog, window, said):
+    """Only the key's fit was checked: an expired renewal, or one issued ahead of the clock, replaced a
+    working certificate, and every handshake failed, with an INFO line (found by a security review)."""
+    ca, clients = trustme.CA(), trustme.CA()
+    files.serve(ca.issue_cert("good.example"), clients)
+    good = client_of(ca, "good.example", clients)
+    async with EchoServer("dated", credentials=files.server_tls().credentials()) as server:
+        files.serve(ca.issue_cert("good.example", **days_from_now(*window)), clients)
+        with caplog.at_level(logging.WARNING, logger="shardnet.networking.tls"):
+            assert await answered(server.address, good)
+        refusals = [record.getMessage() for record in caplog.records if "cannot be served" in record.getMessage()]
+        assert len(refusals) == 1 and said in refusals[0], refusals
+
+
+@pytest.mark.parametrize("window, said", OUTSIDE_VALIDITY, ids=["expired", "not yet valid"])
+def test_a_certificate_outside_its_validity_period_is_refused_where_it_is_configured(tmp_path, window, said):
+    ca = trustme.CA()
+    dated = ca.issue_cert("dated.example", **days_from_now(*window))
+    chain, key = b"".join(blob.bytes() for blob in dated.cert_chain_pems), dated.private_key_pem.bytes()
+    with pytest.raises(ConfigurationError, match=f"server certificate chain .* {said}"):
+        ServerTls(certificate_chain=chain, private_key=key)
+    with pytest.raises(ConfigurationError, match=f"client certificate chain .* {said}"):
+        ClientTls(root_certificates=ca.cert_pem.bytes(), certificate_chain=chain, private_key=key)
 
 
 async def test_material_given_in_memory_is_served_as_given():

@@ -150,6 +150,24 @@ def test_a_bad_server_name_is_refused_naming_it(tls, name, cause):
     assert repr(name) in str(refused.value) and cause in str(refused.value)
 
 
+@pytest.mark.parametrize("address", ["10.1.2.3", "fd00::2"])
+def test_an_ip_address_a_certificate_names_may_be_the_server_name(tls, address):
+    """An IPv6 one was refused as a name "with a port" (found by a security review)."""
+    assert ClientTls(root_certificates=tls.ca_pem, server_name=address).server_name == address
+
+
+def test_a_private_key_given_as_text_that_is_not_pem_is_never_shown(tls):
+    """Base64 of a Secret's tls.key, or a key without its PEM lines, was taken for a path and echoed whole."""
+    import base64
+
+    for given in (base64.b64encode(tls.client_key).decode(), b"".join(tls.client_key.splitlines()[1:-1]).decode()):
+        with pytest.raises(ConfigurationError) as refused:
+            ClientTls(root_certificates=tls.ca_pem, certificate_chain=tls.client_chain, private_key=given)
+        assert given[:24] not in str(refused.value) and "not shown" in str(refused.value), str(refused.value)
+    with pytest.raises(ConfigurationError, match="'missing-key.pem'"):  # a path is still named
+        ClientTls(root_certificates=tls.ca_pem, certificate_chain=tls.client_chain, private_key="missing-key.pem")
+
+
 def test_channel_options_and_repr(tls):
     assert ClientTls(root_certificates=tls.ca_pem).channel_options() == ()
     material = ClientTls(

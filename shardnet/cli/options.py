@@ -286,8 +286,10 @@ def _token_from_file(path: str) -> str:
         with open(path, "rb") as handle:
             data = handle.read(MAX_TOKEN_FILE_BYTES + 1)
         text = data.decode("utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigurationError(f"cannot read the control token from {path!r}: {exc}") from None
+    except UnicodeDecodeError:  # its own words would show a byte of the token and where it sits
+        raise ConfigurationError(f"the control token file {path!r} is not UTF-8 text; the value is not shown") from None
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read the control token from {path!r}: {exc.strerror}") from None
     if len(data) > MAX_TOKEN_FILE_BYTES:
         raise ConfigurationError(f"--control-token-file {path!r} holds more than {MAX_TOKEN_FILE_BYTES} bytes")
     token = next((line.strip() for line in text.splitlines() if line.strip()), "")

@@ -13,7 +13,9 @@ request's related entity it travels as address ``unix:/path`` and port 0.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import socket
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -25,6 +27,8 @@ _LOCAL_NAMES = _LOOPBACK_NAMES | {""}  # and what parses as an address: loopback
 UNIX_SCHEME = "unix:"
 MAX_UNIX_PATH_BYTES = 107  # sockaddr_un.sun_path holds 108 bytes, the terminating NUL included
 MAX_HOST_CHARS = 253  # the longest DNS name; a longer host could only be a mistake or an attack
+# what gRPC reads as the scheme of a target "X:rest" rather than as a host: unix-abstract:4242 is an abstract socket
+_GRPC_SCHEMES = frozenset({"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "google-c2p"})
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,11 @@ def parse_address(address: str, tls: bool = False) -> Address:
             raise ConfigurationError(f"bad address {address!r}: expected host:port")
     if not host or not host.isprintable() or any(ch.isspace() or ch in "/?#@" for ch in host):
         raise ConfigurationError(f"bad address {address!r}: bad host {host!r}")
+    if host.lower() in _GRPC_SCHEMES:
+        raise ConfigurationError(
+            f"bad address {address!r}: gRPC reads {host!r} as the scheme of a target, not as a host "
+            f"({host}:{port_text} would dial something else)"
+        )
     if len(host) > MAX_HOST_CHARS:
         raise ConfigurationError(
             f"bad address {address[:40]!r}...: a host name has at most {MAX_HOST_CHARS} characters, this one {len(host)}"
@@ -124,12 +133,21 @@ def parse_address(address: str, tls: bool = False) -> Address:
 
 
 def _ip_or_name(hostname: str) -> Union[ipaddress.IPv4Address, ipaddress.IPv6Address, str]:
-    """``hostname`` as an IP address, else as the lower-case name (brackets and spaces dropped)."""
+    """``hostname`` as an IP address, else as the lower-case name (brackets, spaces and a final dot dropped).
+
+    The numeric forms a dial reads as IPv4 too (``127.1``, ``0``, ``2130706433``, ``0x7f.1``: inet_aton's, which
+    getaddrinfo follows) count as the address they stand for."""
     name = hostname.strip().strip("[]").lower()
     try:
         return ipaddress.ip_address(name)
     except ValueError:
-        return name
+        pass
+    if name and all(ch in "0123456789abcdefx." for ch in name):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(name))
+        except OSError:
+            pass
+    return name.removesuffix(".")  # "localhost." is localhost, fully qualified
 
 
 def canonical_host(hostname: str) -> str:
@@ -164,6 +182,20 @@ def dialled_host(hostname: str) -> str:
     if host.is_unspecified:
         return "127.0.0.1" if host.version == 4 else "::1"
     return str(host)
+
+
+async def resolves_to_this_machine(host: str, port: int, timeout: float = 2.0) -> bool:
+    """Whether a dial of ``host`` could land on this machine only: a loopback or unspecified address, or a name
+    that resolves to one (``/etc/hosts`` may give this machine's name 127.0.1.1). A name that does not resolve
+    within ``timeout`` counts as one: whoever asks cannot tell where it would land."""
+    if not host_is_loopback(dialled_host(host)) and isinstance(_ip_or_name(host), str):
+        loop = asyncio.get_running_loop()
+        try:
+            found = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
+        except (OSError, asyncio.TimeoutError):
+            return True
+        return any(host_is_loopback(dialled_host(str(entry[4][0]))) for entry in found)
+    return host_is_loopback(dialled_host(host))
 
 
 def host_is_local(hostname: str) -> bool:

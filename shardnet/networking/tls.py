@@ -9,7 +9,9 @@ later, as a failed bind or a failed handshake that says neither.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import grp
+import ipaddress
 import logging
 import os
 import pwd
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Optional, Union
 
 import grpc
+from cryptography import x509
 
 from shardnet.errors import ConfigurationError
 
@@ -33,6 +36,7 @@ SERVER_NAME_OPTION = "grpc.ssl_target_name_override"
 
 PemSource = Union[str, bytes, os.PathLike, None]
 
+MAX_SHOWN_KEY_PATH = 160  # characters of what was given as a private key's path that a message may show
 _CERTIFICATE_LINE = b"-----BEGIN CERTIFICATE-----"
 _PRIVATE_KEY_LINE = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----")
 # a DNS name as a certificate carries it: dot-separated labels of letters, digits and inner hyphens
@@ -49,14 +53,25 @@ def _is_path(source: PemSource) -> bool:
 
 def _describe(source: PemSource, what: str) -> str:
     """Name TLS material in a message: ``what`` and its file, or that it was given in memory."""
-    return f"{what} {os.fspath(source)!r}" if _is_path(source) else f"{what} (given in memory)"
+    return f"{what} {_path_shown(source, what)}" if _is_path(source) else f"{what} (given in memory)"
 
 
-def _shown(source: PemSource) -> str:
+def _shown(source: PemSource, what: str) -> str:
     """TLS material as a repr may show it: a file by its path, PEM in memory by its size only."""
     if _is_path(source):
-        return repr(os.fspath(source))
+        return _path_shown(source, what)
     return f"<{len(source)} bytes of PEM>"
+
+
+def _path_shown(source: PemSource, what: str) -> str:
+    """A path as a message shows it. What was given as a private key is shown only when it is a file, or has a
+    file's extension (base64 has no dot): else it may be a key given without its PEM lines (the base64 of a
+    Secret's tls.key, say)."""
+    path = os.fspath(source)
+    looks_like_a_file = os.path.exists(path) or "." in os.path.basename(path)
+    if "private key" in what and not (looks_like_a_file and len(path) <= MAX_SHOWN_KEY_PATH):
+        return f"<{len(path)} characters, not shown: no file of that name, and a key given as text must be PEM>"
+    return repr(path)
 
 
 def _warn_if_others_may_read(source: PemSource, what: str) -> None:
@@ -119,7 +134,7 @@ def load_pem(source: PemSource, what: str = "certificate") -> Optional[bytes]:
             with open(os.fspath(source), "rb") as handle:
                 data = handle.read()
         except OSError as exc:
-            raise ConfigurationError(f"cannot read {what} from {os.fspath(source)!r}: {exc.strerror}") from None
+            raise ConfigurationError(f"cannot read {what} from {_path_shown(source, what)}: {exc.strerror}") from None
     if b"-----BEGIN" not in data:
         raise ConfigurationError(f"{_describe(source, what)} is not PEM (no '-----BEGIN' line)")
     return data
@@ -136,6 +151,24 @@ def check_certificates(source: PemSource, data: bytes, what: str) -> None:
         raise ConfigurationError(f"no readable PEM certificate in {name} ({_reason(exc)})") from None
 
 
+def check_validity(chain: bytes, name: str, now: Optional[datetime.datetime] = None) -> None:
+    """Refuse a certificate chain whose first certificate, the one presented, is outside its validity period:
+    every handshake would fail on it (an expired renewal, or one issued ahead of a clock that is behind)."""
+    try:
+        [presented, *_] = x509.load_pem_x509_certificates(chain)
+    except ValueError as exc:
+        raise ConfigurationError(f"{name} cannot be read as X.509 ({exc})") from None
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    begins, ends = presented.not_valid_before_utc, presented.not_valid_after_utc
+    if now < begins:
+        raise ConfigurationError(
+            f"{name} is not valid before {begins:%Y-%m-%d %H:%M:%S} UTC (now {now:%Y-%m-%d %H:%M:%S}): issued ahead "
+            "of this machine's clock, or the clock is behind"
+        )
+    if now > ends:
+        raise ConfigurationError(f"{name} expired on {ends:%Y-%m-%d %H:%M:%S} UTC")
+
+
 def check_key_pair(chain_source: PemSource, chain: bytes, key_source: PemSource, key: bytes, role: str) -> None:
     """Refuse a certificate chain and private key that are the wrong kind of PEM, encrypted, or not a pair.
 
@@ -144,6 +177,7 @@ def check_key_pair(chain_source: PemSource, chain: bytes, key_source: PemSource,
     chain_name = _describe(chain_source, f"{role} certificate chain")
     key_name = _describe(key_source, f"{role} private key")
     check_certificates(chain_source, chain, f"{role} certificate chain")
+    check_validity(chain, chain_name)
     if not _PRIVATE_KEY_LINE.search(key):
         raise ConfigurationError(f"{key_name} is not a PEM private key (no '-----BEGIN ... PRIVATE KEY-----' line)")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -165,6 +199,11 @@ def check_server_name(name: object) -> str:
     """
     if not isinstance(name, str):
         raise ConfigurationError(f"server_name takes a DNS name as text, got a {type(name).__name__}")
+    try:
+        ipaddress.ip_address(name)  # a certificate may name an IP address (its SAN), IPv6 too
+        return name
+    except ValueError:
+        pass
     if "://" in name:
         why = "give the name alone, without a scheme"
     elif "/" in name:
@@ -263,7 +302,7 @@ class ClientTls:
     def __repr__(self) -> str:
         # files by their path; PEM held in memory (given so, or read at a renewal) by its size, never its text
         shown = [
-            f"{name}={_shown(getattr(self, name))}"
+            f"{name}={_shown(getattr(self, name), name.replace('_', ' '))}"
             for name in ("root_certificates", "certificate_chain", "private_key")
             if getattr(self, name) is not None
         ]
