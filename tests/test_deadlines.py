@@ -18,6 +18,7 @@ import pytest
 from shardnet import DataRequest, Document, Executor, GrpcConnectionPool, requests
 from shardnet.networking.channels import Stubs
 from shardnet.protocol import services
+from shardnet.networking.polling import PollingMap
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.server import ServerConfig
 from shardnet.runtimes.worker import Worker
@@ -179,3 +180,24 @@ async def test_a_real_workers_handler_is_stopped_when_the_caller_gives_up():
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED and took < 3.5
     assert "deployment 'dl'" in details and "shard 0" in details, details
     assert executor.finished == 1 and after == grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize("polling", ["ANY", "ALL"])
+async def test_each_hop_is_given_what_is_left_of_the_callers_time_not_the_whole_again(polling):
+    """uses_before took half the caller's time, and the shard was given the whole of it again: the caller's
+    deadline passed first, and it got a bare "Deadline Exceeded" instead of the head's error naming the shard
+    (under ALL with uses_after, the other shards' answers were lost with it). Found by a head review."""
+    async with RecordingReplica(delay=0.5) as before, RecordingReplica(delay=5.0) as shard:
+        head = Head("dl", ServerConfig(), pool=GrpcConnectionPool(), connections={0: [shard.address]},
+                    uses_before=before.address, polling=PollingMap.parse(polling))
+        await head.start()
+        try:
+            code, details, took = await call_head(head, DataRequest(endpoint="/x"), timeout=1.5)
+        finally:
+            await head.stop(0)
+    assert took < 1.5
+    if polling == "ANY":
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "deployment 'dl'" in details and "shard 0" in details and shard.address in details, details
+    [given] = shard.remaining
+    assert given is not None and given < 1.05  # what was left after uses_before, less the margin

@@ -961,3 +961,41 @@ async def test_a_draining_head_moves_plain_grpc_clients_elsewhere_without_an_err
         response = await in_flight
         assert not response.is_error and response.docs.texts == ["unblocked"]  # its call finished within the grace
         await asyncio.wait_for(stopping, 10)
+
+
+async def test_endpoint_discovery_round_a_cycle_of_heads_is_refused_at_once(runtimes):
+    """Head A's only replica is head B and B's is A: one endpoint discovery became thousands of calls between
+    them until the caller's deadline (found by a head review); data requests were refused already."""
+    first = await runtimes(Head("cycle"))
+    second = await runtimes(Head("cycle", connections={0: [first.server.address]}))
+    first.pool.add_connection("cycle", second.server.address)
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(ReplicaError) as caught:
+        await oneshot.call_once("discovery", empty_pb2.Empty(), first.server.address, timeout=10)
+    assert asyncio.get_running_loop().time() - started < 3
+    assert "cycle of heads" in str(caught.value), caught.value
+
+
+async def test_endpoint_discovery_asks_every_shard_at_once_so_a_hung_one_takes_no_time_of_the_others(runtimes):
+    """Shards were asked in turn, each given the whole time: a hung shard 0 made a caller wait 5 s for what
+    shard 1 answers at once, or fail when its deadline was shorter (found by a head review)."""
+    hung = grpc.aio.server()
+
+    async def never(payload, context):
+        await asyncio.sleep(30)
+
+    service, method = services.ENDPOINT_DISCOVERY.strip("/").split("/")
+    hung.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler(service, {method: grpc.unary_unary_rpc_method_handler(never)})]
+    )
+    port = hung.add_insecure_port("127.0.0.1:0")
+    await hung.start()
+    try:
+        [worker] = await shard_workers(runtimes, executors.Tagger, 1)
+        head = await runtimes(Head("disc", connections={0: [f"127.0.0.1:{port}"], 1: [worker.server.address]}))
+        started = asyncio.get_running_loop().time()
+        reply, _ = await oneshot.call_once("discovery", empty_pb2.Empty(), head.server.address, timeout=3)
+        assert asyncio.get_running_loop().time() - started < 1.5
+        assert "/tag" in list(reply.endpoints)
+    finally:
+        await hung.stop(None)

@@ -606,3 +606,35 @@ async def test_a_draining_workers_stream_refusal_says_the_request_never_ran(runt
         assert len(await slow) == 8  # what it took, it finished
     finally:
         await stopping
+
+
+async def test_requests_left_unread_when_a_worker_ends_its_stream_cleanly_are_refused_as_never_run(runtimes):
+    """A draining worker ends its stream, status OK, once every request it took is answered: those still on
+    their way to it were never run, yet failed as "ended its request stream before answering", which no
+    sender can tell from work done, so an ANY request was not sent to another shard (found by a head review).
+    A fake replica here takes one request without reading it and ends the stream as a drained worker does."""
+
+    async def drained(requests, context):
+        await context.send_initial_metadata((("shardnet-max-message-bytes", "1000000"),))
+        await requests.__anext__()  # on its way, and never read further: the stream ends, status OK
+
+    server = grpc.aio.server()
+    service, method = services.REQUEST_STREAM.strip("/").split("/")
+    server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler(service, {method: grpc.stream_stream_rpc_method_handler(drained)})]
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with GrpcConnectionPool(request_streams=True) as pool:
+            pool.add_connection("dep", f"127.0.0.1:{port}")
+            replicas = pool.get_replicas("dep")
+            streams = replicas.get_all_connections()[0].stubs.streams
+            lane = streams.lane()
+            await eventually(lambda: lane.ready or lane.task.done())
+            streams._turn = 0
+            with pytest.raises(ReplicaError) as caught:
+                await pool.call(request("/x", "x"), "dep", replicas, retries=0)
+            assert caught.value.unsent and services.DRAINING_DETAILS in str(caught.value), caught.value
+    finally:
+        await server.stop(None)

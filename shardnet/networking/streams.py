@@ -207,6 +207,10 @@ class _Lane:
                 if message is grpc.aio.EOF:
                     break
                 self._deliver(message)
+            if self.pending and await self.call.code() == grpc.StatusCode.OK:
+                # a shardnet worker ends its stream so only once every request it took is answered (it drains):
+                # what is left never reached it, and is refused in the words that say so, to go elsewhere
+                error = rpc_error(grpc.StatusCode.UNAVAILABLE, services.DRAINING_DETAILS)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 owner.unary_only = True

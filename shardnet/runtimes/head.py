@@ -23,6 +23,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import grpc
 import grpc.aio
+from google.protobuf import empty_pb2
 
 from shardnet.errors import (
     ConfigurationError,
@@ -120,6 +121,21 @@ def _time_left(context: grpc.aio.ServicerContext) -> Optional[float]:
     if timeout is not None:
         timeout -= min(DEADLINE_MARGIN, timeout / 10)
     return timeout
+
+
+class _Deadline:
+    """When a request's time at this head runs out (None: never). Each hop (uses_before, the shards, uses_after,
+    a shard tried after another) is given what is left of it then, not the whole again: the head's own error,
+    naming the hop that took the time, must reach the caller before its deadline does."""
+
+    __slots__ = ("_at",)
+
+    def __init__(self, seconds: Optional[float]):
+        self._at = None if seconds is None else asyncio.get_running_loop().time() + seconds
+
+    def left(self) -> Optional[float]:
+        """Seconds left (0 once past: a call given them fails at once, naming where it was going), or None."""
+        return None if self._at is None else max(0.0, self._at - asyncio.get_running_loop().time())
 
 
 # STATUS's trailing metadata stays under gRPC's 8 KB soft limit (a client may refuse more, past 16 KB it must, and
@@ -280,14 +296,14 @@ class Head:
             return status.SerializeToString()
         self._in_flight += 1
         metadata = ((services.ENDPOINT_METADATA, DRY_RUN_ENDPOINT), self._via)
-        timeout = _discovery_time_left(context)  # a hung shard must not hold a readiness check for ever
+        deadline = _Deadline(_discovery_time_left(context))  # a hung shard must not hold a readiness check for ever
         dry = [DataRequest(endpoint=DRY_RUN_ENDPOINT)]
         try:
             if self._uses_before is not None:
-                response, _ = await self._one(self._uses_before, dry, metadata, timeout, decoded=True, retries=0)
+                response, _ = await self._one(self._uses_before, dry, metadata, deadline, decoded=True, retries=0)
                 dry = [response]
             if not dry[0].is_error:
-                response, _ = await self._gather(dry, metadata, timeout, PollingType.ALL, retries=0)
+                response, _ = await self._gather(dry, metadata, deadline, PollingType.ALL, retries=0)
             if response.is_error:
                 status.CopyFrom(response.status)
         except ShardnetError as exc:
@@ -319,9 +335,9 @@ class Head:
         try:
             endpoint, vias = self._settle_endpoint(requests, context)
             metadata = ((services.ENDPOINT_METADATA, endpoint), *vias, self._via)
-            timeout = _time_left(context)
+            deadline = _Deadline(_time_left(context))
             if self._uses_before is not None:
-                response, trailing = await self._one(self._uses_before, requests, metadata, timeout, decoded=True)
+                response, trailing = await self._one(self._uses_before, requests, metadata, deadline, decoded=True)
                 if response.is_error:  # the shards would only work on a request that already failed
                     context.set_trailing_metadata(tuple(trailing or ()))
                     return response.to_bytes()
@@ -329,20 +345,20 @@ class Head:
             polling = self.polling[endpoint]
             if polling == PollingType.ANY and self._uses_after is None:  # the fast path: bytes in, bytes out
                 try:
-                    response, trailing = await self._one(self.deployment, requests, metadata, timeout)
+                    response, trailing = await self._one(self.deployment, requests, metadata, deadline)
                 except ReplicaError as exc:
-                    response, trailing = await self._on_another_shard(exc, requests, metadata, context)
+                    response, trailing = await self._on_another_shard(exc, requests, metadata, deadline)
                 try:
                     response.request_id  # noqa: B018 - reading the header refuses an answer carrying a pickle
                 except ProtocolError as exc:  # the replica's fault (its bytes are named), not the caller's
                     await context.abort(grpc.StatusCode.INTERNAL, f"{self.deployment}: {exc}")
             else:
                 try:
-                    response, trailing = await self._gather(requests, metadata, timeout, polling)
+                    response, trailing = await self._gather(requests, metadata, deadline, polling)
                 except ReplicaError as exc:
                     if polling != PollingType.ANY:
                         raise
-                    response, trailing = await self._on_another_shard(exc, requests, metadata, context)
+                    response, trailing = await self._on_another_shard(exc, requests, metadata, deadline)
         except _LoopedBack:  # refused, not forwarded again: one request would otherwise fan out without end
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -379,14 +395,7 @@ class Head:
                 if endpoint is None:
                     endpoint = pair[1]
             elif pair[0] == services.VIA_HEAD_METADATA:
-                if pair[1] == self._via[1]:
-                    raise _LoopedBack()
-                if len(vias) >= MAX_HEADS_PASSED or not _HEAD_ID.fullmatch(pair[1]):
-                    raise ProtocolError(
-                        f"{services.VIA_HEAD_METADATA} metadata: at most {MAX_HEADS_PASSED} head ids of 32 hex "
-                        f"digits, got {pair[1][:40]!r} as number {len(vias) + 1}"
-                    )
-                vias += ((pair[0], pair[1]),)
+                vias = self._passed(vias, pair)
         header_endpoint = requests[0].endpoint
         if endpoint is None:
             endpoint = header_endpoint or "/default"
@@ -404,6 +413,18 @@ class Head:
                 request.endpoint = endpoint
         return endpoint, vias
 
+    def _passed(self, vias: tuple[tuple[str, str], ...], pair: tuple[str, str]) -> tuple[tuple[str, str], ...]:
+        """``vias`` and the head id of ``pair``, a ``shardnet-via-head`` metadata pair; _LoopedBack when it is this
+        head's own, ProtocolError when it is no head id or one too many."""
+        if pair[1] == self._via[1]:
+            raise _LoopedBack()
+        if len(vias) >= MAX_HEADS_PASSED or not _HEAD_ID.fullmatch(pair[1]):
+            raise ProtocolError(
+                f"{services.VIA_HEAD_METADATA} metadata: at most {MAX_HEADS_PASSED} head ids of 32 hex "
+                f"digits, got {pair[1][:40]!r} as number {len(vias) + 1}"
+            )
+        return vias + ((pair[0], pair[1]),)
+
     @staticmethod
     def _method(requests: list[DataRequest], decoded: bool = False) -> tuple[str, Any]:
         """The stub and payload for ``requests``; ``decoded`` replies are decoded on arrival (ALL reads them all)."""
@@ -411,19 +432,19 @@ class Head:
         return (single, requests[0]) if len(requests) == 1 else (many, requests)
 
     async def _one(
-        self, deployment: str, requests: list[DataRequest], metadata, timeout, decoded: bool = False,
+        self, deployment: str, requests: list[DataRequest], metadata, deadline: _Deadline, decoded: bool = False,
         retries: Optional[int] = None,
     ) -> tuple[DataRequest, Any]:
-        """One replica's answer; ``decoded`` when the head reads it (uses_before/after), not only forwards it;
-        ``retries`` as ``GrpcConnectionPool.call`` takes it."""
+        """One replica's answer, within what is left of ``deadline``; ``decoded`` when the head reads it
+        (uses_before/after), not only forwards it; ``retries`` as ``GrpcConnectionPool.call`` takes it."""
         targets = self.pool.targets(deployment, False, None, PollingType.ANY)
         if not targets:
             raise RoutingError(f"deployment {deployment!r} has no live replica", deployment=deployment)
         shard_id, replicas = targets[0]
         method, payload = self._method(requests, decoded)
         return await self.pool.call(
-            payload, deployment, replicas, shard_id=shard_id, method=method, metadata=metadata, timeout=timeout,
-            retries=retries,
+            payload, deployment, replicas, shard_id=shard_id, method=method, metadata=metadata,
+            timeout=deadline.left(), retries=retries,
         )
 
     def _another_shard(self, failure: ReplicaError) -> Optional[int]:
@@ -445,7 +466,7 @@ class Head:
         return live[self._resend_turn % len(live)]
 
     async def _on_another_shard(
-        self, failure: ReplicaError, requests: list[DataRequest], metadata, context: grpc.aio.ServicerContext
+        self, failure: ReplicaError, requests: list[DataRequest], metadata, deadline: _Deadline
     ) -> tuple[DataRequest, Any]:
         """An ANY request no worker of its shard took (after failing over within it), sent once to another shard:
         a shard's last replica is never ejected, so rotation keeps choosing a shard whose only worker died until
@@ -455,13 +476,13 @@ class Head:
         under steady traffic, would fail a third of all requests while the dead worker's lease runs. When the
         resend fails too, ``failure`` is raised with its outcome appended, so both shards are named."""
         shard_id = self._another_shard(failure)
-        timeout = _time_left(context)
+        timeout = deadline.left()
         if shard_id is None or (timeout is not None and timeout < MIN_RESEND_SECONDS):
             raise failure
         logger.debug("%s: %s; sending the ANY request to shard %d instead", self.deployment, failure, shard_id)
         try:
             if self._uses_after is not None:
-                return await self._gather(requests, metadata, timeout, PollingType.ANY, shard_id=shard_id)
+                return await self._gather(requests, metadata, deadline, PollingType.ANY, shard_id=shard_id)
             replicas = self.pool.get_replicas(self.deployment, shard_id=shard_id)
             method, payload = self._method(requests)
             return await self.pool.call(
@@ -475,8 +496,8 @@ class Head:
             ) from None
 
     async def _gather(
-        self, requests: list[DataRequest], metadata, timeout, polling: PollingType, retries: Optional[int] = None,
-        shard_id: Optional[int] = None,
+        self, requests: list[DataRequest], metadata, deadline: _Deadline, polling: PollingType,
+        retries: Optional[int] = None, shard_id: Optional[int] = None,
     ) -> tuple[DataRequest, list]:
         """The answers of the shards ``polling`` selects (one under ANY, ``shard_id`` when given; every one under
         ALL), merged or handed to ``uses_after`` in one call."""
@@ -485,6 +506,7 @@ class Head:
             missing = "live replica" if polling == PollingType.ANY else "shard"
             raise RoutingError(f"deployment {self.deployment!r} has no {missing}", deployment=self.deployment)
         method, payload = self._method(requests, decoded=True)
+        timeout = deadline.left()
         results = await asyncio.gather(
             *(
                 self.pool.call(
@@ -522,7 +544,7 @@ class Head:
             answered = [outcome for _, outcome in outcomes if isinstance(outcome, DataRequest)]
             if not answered:
                 raise outcomes[0][1]
-            response, _ = await self._one(self._uses_after, answered, metadata, timeout, decoded=True)
+            response, _ = await self._one(self._uses_after, answered, metadata, deadline, decoded=True)
             report_shard_problems(response, self.deployment, outcomes)
             return response, trailing
         return merge_shard_responses(self.deployment, outcomes), trailing
@@ -707,29 +729,56 @@ class Head:
         return request
 
     async def endpoint_discovery(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        """The endpoints of the first shard that answers (all shards run the same Executor).
+        """The endpoints of the first shard that answers (all shards run the same Executor): every shard is asked
+        at once, so a hung one does not take the time the others would answer in.
 
-        No replica at all: an empty list. Replicas that all fail to answer: UNAVAILABLE naming the last
-        failure, as Jina's head does, so a caller does not read a hung worker as one serving nothing.
+        No replica at all: an empty list. Replicas that all fail to answer: UNAVAILABLE naming each failure,
+        as Jina's head does, so a caller does not read a hung worker as one serving nothing. The question
+        carries the heads it passed, as a request does: round a cycle of heads it is refused, not asked again.
         """
+        vias: tuple[tuple[str, str], ...] = ()
         try:
             require_empty(payload)
+            for pair in context.invocation_metadata():
+                if pair[0] == services.VIA_HEAD_METADATA:
+                    vias = self._passed(vias, pair)
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        timeout = _discovery_time_left(context)
-        failure: Optional[ReplicaError] = None
-        for shard_id in self.pool.shard_ids(self.deployment):
-            task = self.pool.send_discover_endpoint(self.deployment, head=False, shard_id=shard_id, timeout=timeout)
-            if task is None:
-                continue
-            try:
-                reply, _ = await task
-            except ReplicaError as exc:
-                failure = exc
-                continue
-            return reply.SerializeToString()
-        if failure is not None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"endpoint discovery: {failure}")
+        except _LoopedBack:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"head of {self.deployment!r} was asked for its endpoints by way of itself: its replicas lead back "
+                "to it (a cycle of heads)",
+            )
+        timeout, metadata = _discovery_time_left(context), (*vias, self._via)
+        asked = {
+            asyncio.ensure_future(
+                self.pool.call(
+                    empty_pb2.Empty(), self.deployment, replicas, shard_id=shard_id, method="discovery",
+                    metadata=metadata, timeout=timeout,
+                )
+            )
+            for shard_id in self.pool.shard_ids(self.deployment)
+            if (replicas := self.pool.get_replicas(self.deployment, shard_id=shard_id)).has_connections()
+        }
+        failures: list[str] = []
+        try:
+            pending = asked
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    try:
+                        reply, _ = task.result()
+                    except (ReplicaError, RoutingError) as exc:
+                        failures.append(str(exc))
+                        continue
+                    return reply.SerializeToString()
+        finally:
+            for task in asked:
+                task.cancel()
+            await asyncio.gather(*asked, return_exceptions=True)
+        if failures:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"endpoint discovery: {'; '.join(sorted(failures))}")
         return jina_pb2.EndpointsProto().SerializeToString()
 
     # -- lifetime -----------------------------------------------------------------------
