@@ -403,6 +403,34 @@ class SlowStart(Executor):
         time.sleep(60)
 
 
+class HelperThenSlowLoad(Executor):
+    """Starts a helper process (``<workspace>/helper-<pid>``), then loads for ``LOAD_SECONDS`` (3), as a model
+    server started before the weights load would."""
+
+    LOAD_SECONDS = 3.0
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        helper = subprocess.Popen(["sleep", "300"])
+        Path(self.runtime_args.workspace).mkdir(parents=True, exist_ok=True)
+        (Path(self.runtime_args.workspace) / f"helper-{helper.pid}").touch()
+        time.sleep(self.LOAD_SECONDS)
+
+
+class Unruly(Executor):
+    """Handlers that end badly in ways Python makes awkward: a StopIteration out of a blocking handler, a
+    generator that never ends."""
+
+    @requests(on="/stopiter")
+    def stop_iteration(self, docs, parameters, **kwargs):
+        next(iter([]))  # a next() on an empty iterator
+
+    @requests(on="/endless")
+    def endless(self, docs, parameters, **kwargs):
+        while True:
+            yield Document(text="again and again")
+
+
 class Ledger(Executor):
     """Jina's habits: a file in ``self.workspace`` flushed in ``close()``, executor-specific parameters."""
 

@@ -517,6 +517,57 @@ def test_the_processes_of_a_deployment_killed_with_sigkill_stop_on_their_own(tmp
                 os.kill(pid, signal.SIGKILL)
 
 
+LAUNCHER_SCRIPT = """
+import subprocess, sys, time
+worker = subprocess.Popen(
+    [sys.executable, "-m", "shardnet", "worker", "--uses", sys.argv[1] + ":HelperThenSlowLoad", "--port", "0",
+     "--workspace", sys.argv[2], "--parent-pid", str(__import__("os").getpid())],
+    start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+)
+print(worker.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_worker_whose_launcher_dies_while_its_executor_loads_stops_what_the_executor_started(tmp_path):
+    """It found its --parent-pid gone once loaded, and exited, leaving the helper its Executor had started
+    (found by a review): a session of its own is its to clean up, as the launcher would have."""
+    script, workspace = tmp_path / "launcher.py", tmp_path / "ws"
+    script.write_text(LAUNCHER_SCRIPT)
+    launcher = subprocess.Popen([sys.executable, str(script), executors.__file__, str(workspace)],
+                                stdout=subprocess.PIPE, text=True)
+    left: list[int] = []
+    try:
+        worker = int(launcher.stdout.readline())
+        left.append(worker)
+        deadline = time.monotonic() + 30
+        while not list(workspace.glob("helper-*")):
+            assert time.monotonic() < deadline, "the Executor never started its helper"
+            time.sleep(0.05)
+        [helper] = [int(path.name.split("-")[1]) for path in workspace.glob("helper-*")]
+        left.append(helper)
+        launcher.kill()  # while the Executor still loads
+        launcher.wait(10)
+        deadline = time.monotonic() + 20
+        while any(_running(pid) for pid in left) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in left if _running(pid)], "the worker, or its Executor's helper, outlived the launcher"
+    finally:
+        launcher.kill()
+        for pid in left:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_deployments_of_one_name_may_not_share_a_log_folder(tmp_path):
+    """Both wrote NAME-head.log and the Executors' state under one workspace (found by a review)."""
+    with Deployment(executors.Tagger, name="same", log_dir=str(tmp_path)):
+        with pytest.raises(ConfigurationError, match="a deployment named 'same' runs already with log folder"):
+            Deployment(executors.Tagger, name="same", log_dir=str(tmp_path)).start()
+    with Deployment(executors.Tagger, name="same", log_dir=str(tmp_path)) as again:  # released with the first
+        assert again.post("/tag", [Document()])[0].tags["by"] == "tagger"
+
+
 def test_a_worker_follows_a_parent_pid_that_is_not_its_own_parent(tmp_path):
     """--parent-pid names a process to outlive not: here a sibling (a supervisor, say), watched by its pid."""
     sibling = subprocess.Popen(["sleep", "120"])

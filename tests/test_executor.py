@@ -47,6 +47,21 @@ def test_requests_binds_one_endpoint_a_list_and_the_default():
     }
 
 
+def test_a_class_binding_the_default_both_bare_and_by_name_keeps_the_later_as_jina_does(caplog):
+    """It was refused as a default bound twice once "/default" by name was the default (found by a review):
+    Jina loads such a class, and the later binding takes the default."""
+
+    class Both(Executor):
+        @requests
+        def catch_all(self, docs, **kwargs): ...
+
+        @requests(on="/default")
+        def default(self, docs, **kwargs): ...
+
+    assert Both.handler_table()["*"].name == "default"
+    assert "binds the default handler twice" in caplog.text
+
+
 def test_stacked_requests_decorators_bind_every_endpoint():
     assert {endpoint: handler.name for endpoint, handler in executors.Minimal.handler_table().items()} == {
         "/reverse": "reverse",

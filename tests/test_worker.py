@@ -10,9 +10,11 @@ import asyncio
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -304,6 +306,23 @@ async def test_a_handler_that_yields_its_documents_runs_them_off_the_event_loop(
         blocking.release.set()
     answer = await stuck
     assert [(doc.id, doc.text) for doc in answer.docs] == [("a", "yielded")]
+
+
+async def test_a_blocking_handler_letting_a_stop_iteration_out_is_answered_error(runtimes):
+    """A thread's Future cannot carry a StopIteration to the loop: the call was never answered (a Jina client
+    without a deadline waited for ever). Found by a review."""
+    worker = await runtimes(Worker(executors.Unruly.create()))
+    answer = await oneshot.send_request_async(DataRequest([Document()], endpoint="/stopiter"), worker.server.address,
+                                              timeout=10)
+    assert answer.is_error and "StopIteration" in answer.status.description, answer.status
+
+
+async def test_a_handler_yielding_without_end_is_stopped_at_what_an_answer_holds(runtimes):
+    """It was read until the memory ran out (gigabytes in seconds). Found by a review."""
+    worker = await runtimes(Worker(executors.Unruly.create(), ServerConfig(max_message_bytes=2**20)))
+    answer = await oneshot.send_request_async(DataRequest([Document()], endpoint="/endless"), worker.server.address,
+                                              timeout=20)
+    assert answer.is_error and f"more than {2**20} bytes of Documents" in answer.status.description, answer.status
 
 
 async def test_a_handler_bound_to_default_by_name_takes_the_endpoints_nothing_else_binds(runtimes):
@@ -729,6 +748,27 @@ async def test_a_handler_whose_caller_gave_up_finishes_before_close_and_the_exit
     assert await wait_exit(worker, timeout=20) == 0, worker.tail()
     assert (workspace / "index.txt").read_text() == "doc-1"
     assert "still running" not in worker.tail()
+
+
+def test_a_sighup_ignored_from_the_start_stays_ignored(tmp_path):
+    """Under nohup a worker took SIGHUP for a stop once it handled it: a closed terminal stopped what nohup was
+    to keep running (found by a review). The kernel's mask of ignored signals says which it ignores."""
+    log = tmp_path / "nohup.log"
+    with open(log, "wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "shardnet", "worker", "--uses", f"{EXECUTORS}:Tagger", "--port", "0"],
+            stdout=out, stderr=subprocess.STDOUT, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN),
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "ready on" not in log.read_text():
+            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        ignored = int(re.search(r"^SigIgn:\s*([0-9a-f]+)$", Path(f"/proc/{worker.pid}/status").read_text(), re.M)[1], 16)
+        assert ignored & (1 << (signal.SIGHUP - 1)), f"SIGHUP is handled, not ignored: {ignored:x}"
+    finally:
+        worker.terminate()
+        worker.wait(15)
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGHUP])  # SIGHUP: its terminal closed

@@ -69,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--log-dir", metavar="DIR",
         help="write each process's output to DIR/NAME-ROLE.log and keep it after exit (default: a temporary "
-             "folder, removed on exit); deployments may share one",
+             "folder, removed on exit); deployments of different --name may share one",
     )
     parser.add_argument("--uses-before", metavar="MODULE:CLASS", help="an Executor every request passes first")
     parser.add_argument(

@@ -147,8 +147,9 @@ def _array(document: Document, field: str) -> dict:
         array = getattr(document, field)
     except ProtocolError as exc:
         return {"unreadable": str(exc)}
-    first = array.reshape(-1)[:SHOWN_VALUES]
-    values = [str(value) for value in first] if first.dtype.kind == "c" else first.tolist()  # JSON has no complex
+    first = array.reshape(-1)[:SHOWN_VALUES].tolist()
+    # JSON has numbers of float64's range and no complex: others (complex, float128's own type) as text
+    values = [value if isinstance(value, (bool, int, float)) else str(value) for value in first]
     return {"shape": list(array.shape), "dtype": str(array.dtype), "first": values}
 
 

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import fcntl
 import os
 import re
 import socket
@@ -22,7 +23,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import IO, Any, Iterable, Mapping, Optional, Union
 
 from shardnet.errors import ConfigurationError, ExecutorError, ProcessError, ShardnetError
 from shardnet.networking import oneshot
@@ -190,6 +191,7 @@ class Deployment:
         self.workspace = Path(workspace or self.log_dir / "workspace")
         # a folder of its own, short: a socket path holds at most 107 bytes, a log_dir may be longer
         self._sockets = tempfile.TemporaryDirectory(prefix="sn-") if self._unix_sockets else None
+        self._name_lock: Optional[IO[str]] = None  # NAME.lock in a log folder given, held while the run lasts
         self.head: Optional[ShardnetProcess] = None
         self.extras: dict[str, ShardnetProcess] = {}
         self.workers: dict[tuple[int, int], ShardnetProcess] = {}
@@ -299,6 +301,23 @@ class Deployment:
                 raise ConfigurationError(
                     f"deployment {self.name!r}: cannot create {what} {str(folder)!r}: {exc.strerror}"
                 ) from None
+        if self._given_folders[0] is not None:  # a temporary log folder is this run's alone
+            self._hold_name()
+
+    def _hold_name(self) -> None:
+        """Hold ``NAME.lock`` in the log folder for the run: deployments may share a folder they were given, but
+        two of one name would write each other's logs and Executors' state (released by stop, or the exit)."""
+        path = self.log_dir / f"{self.name}.lock"
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise ConfigurationError(
+                f"a deployment named {self.name!r} runs already with log folder {str(self.log_dir)!r} (it holds "
+                f"{path.name}): give this one another name, or another folder"
+            ) from None
+        self._name_lock = handle
 
     def _launch_worker(self, shard: int, replica: int) -> ShardnetProcess:
         # named as Jina names its replicas, so every shard's dict results keep their own key under ALL
@@ -517,6 +536,9 @@ class Deployment:
             if self._finalizer is not None:
                 self._finalizer.detach()
                 self._finalizer = None
+            if self._name_lock is not None:
+                self._name_lock.close()
+                self._name_lock = None
             if self._tmp is not None:
                 self._tmp.cleanup()
                 self._tmp = None

@@ -25,6 +25,9 @@ from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Optional, Union
 
 from shardnet.errors import ConfigurationError
+from shardnet.protocol.documents import Document
+
+logger = logging.getLogger(__name__)
 
 _ENDPOINTS_ATTR = "__shardnet_endpoints__"
 DEFAULT = "*"
@@ -91,22 +94,40 @@ class Handler:
         self.accepts_any_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
         self.accepted = frozenset(p.name for p in parameters)
 
-    async def __call__(self, executor: "Executor", threads, **arguments: Any) -> Any:
+    async def __call__(
+        self, executor: "Executor", threads, *, answer_limit: Optional[int] = None, **arguments: Any
+    ) -> Any:
+        """Run the handler with the ``arguments`` it takes; a blocking one on ``threads``. ``answer_limit``: the
+        bytes an answer may hold, beyond which Documents a blocking handler yields are not read."""
         if not self.accepts_any_kwargs:
             arguments = {key: value for key, value in arguments.items() if key in self.accepted}
         if self.is_async:
             return await self.function(executor, **arguments)
-        call = functools.partial(_run_to_the_end, self.function, executor, **arguments)
+        call = functools.partial(_run_to_the_end, self.function, answer_limit, executor, **arguments)
         return await asyncio.get_running_loop().run_in_executor(threads, call)
 
 
-def _run_to_the_end(function: Callable, *args: Any, **kwargs: Any) -> Any:
+def _run_to_the_end(function: Callable, answer_limit: Optional[int], *args: Any, **kwargs: Any) -> Any:
     """Call a blocking handler and, when it gives an iterator (a handler that yields its Documents), read that
-    too: its body is the handler's work, which must run on the handler's thread, not the event loop's."""
-    returned = function(*args, **kwargs)
-    if isinstance(returned, collections.abc.Iterator):
-        return list(returned)
-    return returned
+    too: its body is the handler's work, which must run on the handler's thread, not the event loop's. Read
+    only while it yields Documents within ``answer_limit`` bytes: an endless one would fill the memory."""
+    try:
+        returned = function(*args, **kwargs)
+        if not isinstance(returned, collections.abc.Iterator):
+            return returned
+        read, size = [], 0
+        for item in returned:
+            read.append(item)
+            if not isinstance(item, Document):
+                break  # refused with the rest: a handler returns Documents
+            size += item.proto.ByteSize()
+            if answer_limit is not None and size > answer_limit:
+                raise ValueError(
+                    f"the handler yielded more than {answer_limit} bytes of Documents, more than an answer holds"
+                )
+        return read
+    except StopIteration as exc:  # a thread's Future cannot carry one to the loop: the call would never end
+        raise RuntimeError("the handler let a StopIteration out (a next() on an empty iterator?)") from exc
 
 
 class Executor:
@@ -158,7 +179,14 @@ class Executor:
             bound_here: dict[str, str] = {}
             for attribute in vars(klass).values():
                 for endpoint in getattr(attribute, _ENDPOINTS_ATTR, ()):
-                    if endpoint in bound_here:
+                    if endpoint == DEFAULT and endpoint in bound_here:
+                        # bare @requests and @requests(on="/default") are one binding in Jina, which loads such a
+                        # class and keeps the later: so here, saying so
+                        logger.warning(
+                            "%s binds the default handler twice (bare @requests and /default are one): %s, not %s",
+                            klass.__qualname__, attribute.__name__, bound_here[endpoint],
+                        )
+                    elif endpoint in bound_here:
                         raise ConfigurationError(
                             f"{klass.__qualname__} binds {'the default handler' if endpoint == DEFAULT else endpoint} "
                             f"twice: {bound_here[endpoint]} and {attribute.__name__}"

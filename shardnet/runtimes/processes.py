@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -38,6 +39,8 @@ class ShardnetProcess:
         self.popen: Optional[subprocess.Popen] = None
         self._ready_pipe: Optional[int] = None  # this launch's end of the pipe its address comes down
         self._ready_read = b""
+        # a stop() from another thread closes the pipe a start is reading: its number must not be read once reused
+        self._pipe_lock = threading.Lock()
         self._log_offset = 0
         self.launched_at = float("-inf")  # time.monotonic() of the last launch
         self.ready_at: Optional[float] = None  # and of its ready line, once seen
@@ -117,13 +120,15 @@ class ShardnetProcess:
             raise
         finally:
             os.close(writing)  # the child's now: the pipe ends (EOF) when it exits without a word
-        self._ready_pipe, self._ready_read = reading, b""
+        with self._pipe_lock:
+            self._ready_pipe, self._ready_read = reading, b""
         return self
 
     def _close_ready_pipe(self) -> None:
-        if self._ready_pipe is not None:
-            os.close(self._ready_pipe)
-            self._ready_pipe = None
+        with self._pipe_lock:
+            if self._ready_pipe is not None:
+                os.close(self._ready_pipe)
+                self._ready_pipe = None
 
     def wait_ready(self, timeout: float = 30.0, hint: str = "") -> str:
         """Block until the ready line appears; raise ProcessError with the log's tail if it exits or times out
@@ -142,14 +147,17 @@ class ShardnetProcess:
 
     def poll_ready(self) -> Optional[str]:
         """The address, once this launch has written it to its pipe (one look, no waiting); else None."""
-        if self.address is None and self._ready_pipe is not None:
+        with self._pipe_lock:
+            if self.address is not None or self._ready_pipe is None:
+                return self.address
             try:
                 self._ready_read += os.read(self._ready_pipe, 4096)
             except BlockingIOError:  # nothing yet
                 return None
-            if self._ready_read.endswith(b"\n"):
-                self.address, self.ready_at = self._ready_read.decode(errors="replace").strip(), time.monotonic()
-                self._close_ready_pipe()
+            if not self._ready_read.endswith(b"\n"):
+                return None
+            self.address, self.ready_at = self._ready_read.decode(errors="replace").strip(), time.monotonic()
+        self._close_ready_pipe()
         return self.address
 
     def _output(self) -> str:

@@ -489,16 +489,17 @@ async def within_message_limit(
     return answer
 
 
-async def _parent_exited(parent_pid: int) -> None:
-    """Return once process ``parent_pid`` is gone: for the direct parent, once this one was handed to another
-    (immune to its pid being reused); for any other process, once it no longer exists."""
-    if os.getppid() == parent_pid:
-        while os.getppid() == parent_pid:
-            await asyncio.sleep(PARENT_POLL_SECONDS)
-    else:
-        while _running(parent_pid):
-            await asyncio.sleep(PARENT_POLL_SECONDS)
+async def _parent_exited(parent_pid: int, direct: bool) -> None:
+    """Return once process ``parent_pid`` is gone (``_parent_gone``)."""
+    while not _parent_gone(parent_pid, direct):
+        await asyncio.sleep(PARENT_POLL_SECONDS)
     logger.warning("process %d (--parent-pid) exited: stopping", parent_pid)
+
+
+def _parent_gone(parent_pid: int, direct: bool) -> bool:
+    """Whether process ``parent_pid`` has gone: the ``direct`` parent once this one was handed to another (immune
+    to its pid being reused, or its zombie lingering); any other once no such process is left."""
+    return os.getppid() != parent_pid if direct else not _running(parent_pid)
 
 
 async def serve_until_signalled(
@@ -514,13 +515,16 @@ async def serve_until_signalled(
     ``on_stop`` then drain (``when_idle``: as ``Server.drain`` takes it); return 0.
 
     With ``parent_pid`` the same happens when that process exits, however it ended (kill -9 included):
-    a Deployment's children do not outlive it, nor, when this process leads its own process group (as a
+    a Deployment's children do not outlive it, nor, when this process leads a session of its own (as a
     Deployment starts each), what it started there. ``ready_fd``: a pipe the address is written to, one
-    line, once serving; then it is closed.
+    line, once serving; then it is closed. A SIGHUP ignored from the start (``nohup``) stays ignored.
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signals = [signal.SIGTERM, signal.SIGINT]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signals.append(signal.SIGHUP)
+    for signum in signals:
         loop.add_signal_handler(signum, stop.set)
     orphaned = None
     if parent_pid is not None:
@@ -528,8 +532,10 @@ async def serve_until_signalled(
         if isinstance(parent_pid, bool) or not isinstance(parent_pid, int) or parent_pid < 1:
             raise ConfigurationError(f"--parent-pid must be a process id (1 or more), got {parent_pid!r}")
         if not _running(parent_pid):  # else it would stop at once, after saying it was ready
+            _stop_own_session()  # its launcher died while the Executor loaded: what that started goes too
             raise ConfigurationError(f"--parent-pid {parent_pid}: no such process is running, so none to serve")
-        orphaned = loop.create_task(_parent_exited(parent_pid))
+        direct = os.getppid() == parent_pid
+        orphaned = loop.create_task(_parent_exited(parent_pid, direct))
         orphaned.add_done_callback(lambda _: stop.set())
     await server.start()
     try:
@@ -554,8 +560,8 @@ async def serve_until_signalled(
         if orphaned is not None:
             orphaned.cancel()
         await server.drain(when_idle=when_idle)
-    if orphaned is not None and orphaned.done() and not orphaned.cancelled():
-        _stop_own_group()
+    if orphaned is not None and _parent_gone(parent_pid, direct):  # whenever it went: before the stop, or in it
+        _stop_own_session()
     return 0
 
 
@@ -568,11 +574,12 @@ def _tell_ready(fd: int, address: str) -> None:
         logger.warning("could not tell the launcher the address on file descriptor %d: %s", fd, exc)
 
 
-def _stop_own_group() -> None:
-    """SIGTERM what is left of this process's group when it leads one (a Deployment starts each child so) and its
-    launcher has gone: helpers its Executor started would outlive it, as the launcher is not there to kill them.
-    This process ignores the signal meanwhile: a signal ignored when sent is discarded."""
-    if os.getpgrp() != os.getpid():
+def _stop_own_session() -> None:
+    """SIGTERM what is left of this process's group when it leads a session of its own (a Deployment starts
+    each child so, a shell's job does not: its pipeline shares the group) and its launcher has gone: helpers its
+    Executor started would outlive it, as the launcher is not there to kill them. This process ignores the
+    signal meanwhile: a signal ignored when sent is discarded."""
+    if os.getsid(0) != os.getpid():
         return
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:

@@ -338,7 +338,8 @@ class Worker:
             docs.replace([doc for column in matrix for doc in column])
             arguments["docs_matrix"] = matrix
         try:
-            returned = await handler(self.executor, self._threads, **arguments)
+            answer_limit = self.server.config.max_message_bytes if limit is None else limit
+            returned = await handler(self.executor, self._threads, answer_limit=answer_limit, **arguments)
             if isinstance(returned, dict):
                 self._file_result(first, returned, handler.name)
             elif returned is not None:
