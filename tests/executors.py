@@ -427,8 +427,15 @@ class Unruly(Executor):
 
     @requests(on="/endless")
     def endless(self, docs, parameters, **kwargs):
-        while True:
-            yield Document(text="again and again")
+        try:
+            while True:
+                yield Document(text="again and again")
+        finally:  # a generator's cleanup: it must run on the handler's thread, not the event loop's
+            self.cleaned_up_on = threading.current_thread().name
+
+    @requests(on="/generator-exit")
+    def generator_exit(self, docs, parameters, **kwargs):
+        raise GeneratorExit("raised by the handler")
 
 
 class Ledger(Executor):

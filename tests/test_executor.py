@@ -62,6 +62,18 @@ def test_a_class_binding_the_default_both_bare_and_by_name_keeps_the_later_as_ji
     assert "binds the default handler twice" in caplog.text
 
 
+def test_two_bare_requests_in_one_class_are_still_refused():
+    class Twice(Executor):
+        @requests
+        def first(self, docs, **kwargs): ...
+
+        @requests
+        def second(self, docs, **kwargs): ...
+
+    with pytest.raises(ConfigurationError, match="Twice binds the default handler twice: first and second"):
+        Twice.handler_table()
+
+
 def test_stacked_requests_decorators_bind_every_endpoint():
     assert {endpoint: handler.name for endpoint, handler in executors.Minimal.handler_table().items()} == {
         "/reverse": "reverse",

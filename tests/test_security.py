@@ -295,32 +295,6 @@ def test_who_counts_as_a_caller_on_the_heads_machine(peer, local):
     assert _on_this_machine(peer) is local
 
 
-async def test_activate_of_a_name_resolving_to_loopback_is_refused_to_a_remote_caller(runtimes, monkeypatch):
-    """/etc/hosts gives a machine's own name 127.0.1.1 (Debian's way): a name is resolved before it is taken.
-    The resolver is the machine's, outside the project: here it is told what the name resolves to."""
-    import shardnet.runtimes.head as head_module
-
-    monkeypatch.setattr(head_module, "_on_this_machine", lambda peer: False)
-    head = await runtimes(Head("named"))
-    loop = asyncio.get_running_loop()
-    resolve = loop.getaddrinfo
-
-    async def hosts_file(host, port, **kwargs):
-        if host == "this-machine.example":
-            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.1.1", port))]
-        return await resolve(host, port, **kwargs)
-
-    monkeypatch.setattr(loop, "getaddrinfo", hosts_file)
-    with pytest.raises(ReplicaError) as refused:
-        await oneshot.activate_worker("this-machine.example", 6379, head.server.address, 0)
-    assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED, refused.value
-    with pytest.raises(ReplicaError) as unresolved:  # nowhere anyone can tell: not taken either
-        await oneshot.activate_worker("no-such-host.invalid", 6379, head.server.address, 0)
-    assert unresolved.value.code == grpc.StatusCode.PERMISSION_DENIED, unresolved.value
-    await oneshot.activate_worker("10.9.8.7", 6379, head.server.address, 0)  # an address elsewhere: taken
-    assert await members(head.server.address) == ["10.9.8.7:6379"]
-
-
 async def test_activate_of_a_unix_socket_is_taken_from_this_machine_only(runtimes, tmp_path):
     """A remote caller must not make the head a bridge to sockets only its machine reaches (the peer check is
     above, for addresses this machine may not have); a local worker, as Deployment runs them, registers."""

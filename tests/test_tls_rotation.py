@@ -149,6 +149,27 @@ def test_a_certificate_outside_its_validity_period_is_refused_where_it_is_config
         ClientTls(root_certificates=ca.cert_pem.bytes(), certificate_chain=chain, private_key=key)
 
 
+async def test_a_certificate_valid_in_a_minute_starts_with_a_warning_but_is_no_renewal_until_then(
+    files, caplog
+):
+    """The issuer's clock a little ahead made a process refuse its only certificate at start (found by a
+    review); a renewal, which has a certificate still serving, waits for it to be valid."""
+    ca, clients = trustme.CA(), trustme.CA()
+    early = ca.issue_cert("early.example", **days_from_now(60 / 86400, 30))
+    files.serve(early, clients)
+    with caplog.at_level(logging.WARNING, logger="shardnet.networking.tls"):
+        tls = files.server_tls()  # taken
+    assert "clients refuse it until then" in caplog.text
+    files.serve(ca.issue_cert("good.example"), clients)
+    async with EchoServer("skewed", credentials=files.server_tls().credentials()) as server:
+        files.serve(early, clients)
+        with caplog.at_level(logging.WARNING, logger="shardnet.networking.tls"):
+            assert await answered(server.address, client_of(ca, "good.example", clients))
+        assert any("cannot be served" in r.getMessage() and "is not valid before" in r.getMessage()
+                   for r in caplog.records)
+    assert tls.certificate_chain == str(files.chain)
+
+
 async def test_material_given_in_memory_is_served_as_given():
     ca = trustme.CA()
     certificate = ca.issue_cert("memory.example")

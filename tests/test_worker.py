@@ -33,7 +33,7 @@ from shardnet.cli.main import main as cli_main
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.processes import ShardnetProcess
 from shardnet.runtimes.server import MAX_REQUESTS_PER_CALL, ServerConfig
-from shardnet.runtimes.worker import Worker
+from shardnet.runtimes.worker import HANDLER_THREAD_PREFIX, Worker
 
 import executors
 
@@ -308,21 +308,27 @@ async def test_a_handler_that_yields_its_documents_runs_them_off_the_event_loop(
     assert [(doc.id, doc.text) for doc in answer.docs] == [("a", "yielded")]
 
 
-async def test_a_blocking_handler_letting_a_stop_iteration_out_is_answered_error(runtimes):
-    """A thread's Future cannot carry a StopIteration to the loop: the call was never answered (a Jina client
-    without a deadline waited for ever). Found by a review."""
+@pytest.mark.parametrize("endpoint, raised", [("/stopiter", "StopIteration"), ("/generator-exit", "GeneratorExit")])
+async def test_a_blocking_handler_letting_a_stop_iteration_out_is_answered_error(runtimes, endpoint, raised):
+    """A thread's Future cannot carry a StopIteration (or a GeneratorExit) to the loop: the call was never
+    answered (a Jina client without a deadline waited for ever). Found by reviews."""
     worker = await runtimes(Worker(executors.Unruly.create()))
-    answer = await oneshot.send_request_async(DataRequest([Document()], endpoint="/stopiter"), worker.server.address,
+    answer = await oneshot.send_request_async(DataRequest([Document()], endpoint=endpoint), worker.server.address,
                                               timeout=10)
-    assert answer.is_error and "StopIteration" in answer.status.description, answer.status
+    assert answer.is_error and raised in answer.status.description, answer.status
 
 
 async def test_a_handler_yielding_without_end_is_stopped_at_what_an_answer_holds(runtimes):
-    """It was read until the memory ran out (gigabytes in seconds). Found by a review."""
+    """It was read until the memory ran out (gigabytes in seconds); then refused as the Executor's own error,
+    where an answer returned whole and too big is RESOURCE_EXHAUSTED naming the limit. Found by reviews."""
     worker = await runtimes(Worker(executors.Unruly.create(), ServerConfig(max_message_bytes=2**20)))
-    answer = await oneshot.send_request_async(DataRequest([Document()], endpoint="/endless"), worker.server.address,
-                                              timeout=20)
-    assert answer.is_error and f"more than {2**20} bytes of Documents" in answer.status.description, answer.status
+    with pytest.raises(ReplicaError) as caught:
+        await oneshot.send_request_async(DataRequest([Document()], endpoint="/endless"), worker.server.address,
+                                         timeout=20)
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert f"over this worker's max message size of {2**20} bytes (--max-message-mb)" in str(caught.value)
+    assert "/endless" in str(caught.value) and "not all read" in str(caught.value)
+    assert worker.executor.cleaned_up_on.startswith(HANDLER_THREAD_PREFIX)  # not on the event loop's thread
 
 
 async def test_a_handler_bound_to_default_by_name_takes_the_endpoints_nothing_else_binds(runtimes):

@@ -13,7 +13,6 @@ request's related entity it travels as address ``unix:/path`` and port 0.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -182,20 +181,6 @@ def dialled_host(hostname: str) -> str:
     if host.is_unspecified:
         return "127.0.0.1" if host.version == 4 else "::1"
     return str(host)
-
-
-async def resolves_to_this_machine(host: str, port: int, timeout: float = 2.0) -> bool:
-    """Whether a dial of ``host`` could land on this machine only: a loopback or unspecified address, or a name
-    that resolves to one (``/etc/hosts`` may give this machine's name 127.0.1.1). A name that does not resolve
-    within ``timeout`` counts as one: whoever asks cannot tell where it would land."""
-    if not host_is_loopback(dialled_host(host)) and isinstance(_ip_or_name(host), str):
-        loop = asyncio.get_running_loop()
-        try:
-            found = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
-        except (OSError, asyncio.TimeoutError):
-            return True
-        return any(host_is_loopback(dialled_host(str(entry[4][0]))) for entry in found)
-    return host_is_loopback(dialled_host(host))
 
 
 def host_is_local(hostname: str) -> bool:

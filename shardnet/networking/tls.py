@@ -36,6 +36,9 @@ SERVER_NAME_OPTION = "grpc.ssl_target_name_override"
 
 PemSource = Union[str, bytes, os.PathLike, None]
 
+# seconds a certificate may become valid after now and still be taken where it is configured (with a warning):
+# the issuer's clock a little ahead must not stop a process whose material has nothing to fall back on
+CLOCK_SKEW = 300.0
 MAX_SHOWN_KEY_PATH = 160  # characters of what was given as a private key's path that a message may show
 _CERTIFICATE_LINE = b"-----BEGIN CERTIFICATE-----"
 _PRIVATE_KEY_LINE = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----")
@@ -151,16 +154,20 @@ def check_certificates(source: PemSource, data: bytes, what: str) -> None:
         raise ConfigurationError(f"no readable PEM certificate in {name} ({_reason(exc)})") from None
 
 
-def check_validity(chain: bytes, name: str, now: Optional[datetime.datetime] = None) -> None:
+def check_validity(chain: bytes, name: str, skew: float = 0.0) -> None:
     """Refuse a certificate chain whose first certificate, the one presented, is outside its validity period:
-    every handshake would fail on it (an expired renewal, or one issued ahead of a clock that is behind)."""
+    every handshake would fail on it (an expired renewal, or one issued ahead of a clock that is behind). One
+    valid within ``skew`` seconds is taken with a warning: at start there is no other to serve meanwhile."""
     try:
         [presented, *_] = x509.load_pem_x509_certificates(chain)
     except ValueError as exc:
         raise ConfigurationError(f"{name} cannot be read as X.509 ({exc})") from None
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.timezone.utc)
     begins, ends = presented.not_valid_before_utc, presented.not_valid_after_utc
-    if now < begins:
+    if now < begins <= now + datetime.timedelta(seconds=skew):
+        logger.warning("%s is valid from %s UTC, %.0fs from now: clients refuse it until then (clocks apart?)",
+                       name, f"{begins:%Y-%m-%d %H:%M:%S}", (begins - now).total_seconds())
+    elif now < begins:
         raise ConfigurationError(
             f"{name} is not valid before {begins:%Y-%m-%d %H:%M:%S} UTC (now {now:%Y-%m-%d %H:%M:%S}): issued ahead "
             "of this machine's clock, or the clock is behind"
@@ -169,7 +176,9 @@ def check_validity(chain: bytes, name: str, now: Optional[datetime.datetime] = N
         raise ConfigurationError(f"{name} expired on {ends:%Y-%m-%d %H:%M:%S} UTC")
 
 
-def check_key_pair(chain_source: PemSource, chain: bytes, key_source: PemSource, key: bytes, role: str) -> None:
+def check_key_pair(
+    chain_source: PemSource, chain: bytes, key_source: PemSource, key: bytes, role: str, skew: float = 0.0
+) -> None:
     """Refuse a certificate chain and private key that are the wrong kind of PEM, encrypted, or not a pair.
 
     The pair check is OpenSSL's own, through ``ssl.SSLContext.load_cert_chain``.
@@ -177,7 +186,7 @@ def check_key_pair(chain_source: PemSource, chain: bytes, key_source: PemSource,
     chain_name = _describe(chain_source, f"{role} certificate chain")
     key_name = _describe(key_source, f"{role} private key")
     check_certificates(chain_source, chain, f"{role} certificate chain")
-    check_validity(chain, chain_name)
+    check_validity(chain, chain_name, skew)
     if not _PRIVATE_KEY_LINE.search(key):
         raise ConfigurationError(f"{key_name} is not a PEM private key (no '-----BEGIN ... PRIVATE KEY-----' line)")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -280,7 +289,7 @@ class ClientTls:
         if roots is not None:
             check_certificates(self.root_certificates, roots, "root certificates")
         if chain is not None and key is not None:
-            check_key_pair(self.certificate_chain, chain, self.private_key, key, "client")
+            check_key_pair(self.certificate_chain, chain, self.private_key, key, "client", CLOCK_SKEW)
 
     def credentials(self) -> grpc.ChannelCredentials:
         """gRPC channel credentials from the material, read afresh (its consistency was checked when built)."""
@@ -348,15 +357,16 @@ class ServerTls:
                 else "a TLS server needs both its certificate chain and the matching private key"
             )
             raise ConfigurationError(f"{needs}: no server {' and no '.join(missing)} given")
-        self.checked_material()
+        self.checked_material(skew=CLOCK_SKEW)
         _warn_if_others_may_read(self.private_key, "server private key")
 
-    def checked_material(self) -> tuple[bytes, bytes, Optional[bytes]]:
-        """(chain, key, client CA) read afresh, or a ConfigurationError saying what is wrong with them."""
+    def checked_material(self, skew: float = 0.0) -> tuple[bytes, bytes, Optional[bytes]]:
+        """(chain, key, client CA) read afresh, or a ConfigurationError saying what is wrong with them (``skew``:
+        as ``check_validity`` takes it; a renewal takes none, as the material it would replace still serves)."""
         chain = load_pem(self.certificate_chain, "server certificate chain")
         key = load_pem(self.private_key, "server private key")
         client_ca = load_pem(self.client_ca, "client CA")
-        check_key_pair(self.certificate_chain, chain, self.private_key, key, "server")
+        check_key_pair(self.certificate_chain, chain, self.private_key, key, "server", skew)
         if client_ca is not None:
             check_certificates(self.client_ca, client_ca, "client CA")
         return chain, key, client_ca
@@ -446,6 +456,9 @@ class FollowedClientMaterial:
             return None
         try:
             material = self._tls.in_memory()
+            if self._taken is not None and material.certificate_chain is not None:  # a renewal: no skew taken,
+                # as the certificate it would replace still serves
+                check_validity(material.certificate_chain, "the renewed client certificate chain")
         except ConfigurationError as exc:
             if self._taken is None:  # at start: nothing checked to fall back on
                 logger.warning(

@@ -30,6 +30,7 @@ from shardnet.protocol.documents import Document
 logger = logging.getLogger(__name__)
 
 _ENDPOINTS_ATTR = "__shardnet_endpoints__"
+_NAMED_DEFAULT_ATTR = "__shardnet_binds_default_by_name__"  # @requests(on="/default"), which bare @requests is too
 DEFAULT = "*"
 DEFAULT_ENDPOINT = "/default"  # how endpoint discovery names a default handler: Jina's __default_endpoint__
 # Jina's readiness check (Client.is_flow_ready, a gateway's dry run) sends this endpoint; it runs no handler
@@ -61,6 +62,8 @@ def requests(func: Optional[Callable] = None, *, on: Union[str, Iterable[str], N
                 raise ConfigurationError(f"endpoint {endpoint!r} of {method.__qualname__} must start with '/'")
         # stacked decorators add up: @requests(on="/a") over @requests(on="/b") binds both
         # "/default" by name is the default handler, as in Jina (its bare @requests binds that very name)
+        if DEFAULT_ENDPOINT in endpoints:
+            setattr(method, _NAMED_DEFAULT_ATTR, True)
         endpoints = [DEFAULT if endpoint == DEFAULT_ENDPOINT else endpoint for endpoint in endpoints]
         bound = getattr(method, _ENDPOINTS_ATTR, ())
         setattr(method, _ENDPOINTS_ATTR, bound + tuple(e for e in endpoints if e not in bound))
@@ -107,27 +110,39 @@ class Handler:
         return await asyncio.get_running_loop().run_in_executor(threads, call)
 
 
+class AnswerTooBig(Exception):
+    """A blocking handler yielded more Documents than an answer may hold (``size`` bytes and counting)."""
+
+    def __init__(self, size: int):
+        super().__init__(size)
+        self.size = size
+
+
 def _run_to_the_end(function: Callable, answer_limit: Optional[int], *args: Any, **kwargs: Any) -> Any:
     """Call a blocking handler and, when it gives an iterator (a handler that yields its Documents), read that
-    too: its body is the handler's work, which must run on the handler's thread, not the event loop's. Read
-    only while it yields Documents within ``answer_limit`` bytes: an endless one would fill the memory."""
+    too: its body is the handler's work, which must run on the handler's thread, not the event loop's, its
+    cleanup included (it is closed here, however the reading ends). Read only while it yields Documents within
+    ``answer_limit`` bytes (AnswerTooBig past them): an endless one would fill the memory."""
     try:
         returned = function(*args, **kwargs)
         if not isinstance(returned, collections.abc.Iterator):
             return returned
-        read, size = [], 0
-        for item in returned:
-            read.append(item)
-            if not isinstance(item, Document):
-                break  # refused with the rest: a handler returns Documents
-            size += item.proto.ByteSize()
-            if answer_limit is not None and size > answer_limit:
-                raise ValueError(
-                    f"the handler yielded more than {answer_limit} bytes of Documents, more than an answer holds"
-                )
-        return read
-    except StopIteration as exc:  # a thread's Future cannot carry one to the loop: the call would never end
-        raise RuntimeError("the handler let a StopIteration out (a next() on an empty iterator?)") from exc
+        try:
+            read, size = [], 0
+            for item in returned:
+                read.append(item)
+                if not isinstance(item, Document):
+                    break  # refused with the rest: a handler returns Documents
+                size += item.proto.ByteSize()
+                if answer_limit is not None and size > answer_limit:
+                    raise AnswerTooBig(size)
+            return read
+        finally:
+            close = getattr(returned, "close", None)
+            if close is not None:
+                close()
+    except (StopIteration, GeneratorExit) as exc:  # a thread's Future cannot carry these: no answer would come
+        raise RuntimeError(f"the handler let a {type(exc).__name__} out (a next() on an empty iterator?)") from exc
 
 
 class Executor:
@@ -177,9 +192,12 @@ class Executor:
         table: dict[str, Handler] = {}
         for klass in reversed(cls.__mro__):  # a subclass may rebind an endpoint; one class may not bind it twice
             bound_here: dict[str, str] = {}
+            by_name: set[str] = set()  # the handlers of this class binding the default as "/default"
             for attribute in vars(klass).values():
+                if getattr(attribute, _NAMED_DEFAULT_ATTR, False):
+                    by_name.add(attribute.__name__)
                 for endpoint in getattr(attribute, _ENDPOINTS_ATTR, ()):
-                    if endpoint == DEFAULT and endpoint in bound_here:
+                    if endpoint == DEFAULT and endpoint in bound_here and by_name & {attribute.__name__, bound_here[endpoint]}:
                         # bare @requests and @requests(on="/default") are one binding in Jina, which loads such a
                         # class and keeps the later: so here, saying so
                         logger.warning(

@@ -40,7 +40,6 @@ from shardnet.networking.addresses import (
     host_is_local,
     host_is_loopback,
     parse_address,
-    resolves_to_this_machine,
     same_host,
 )
 from shardnet.networking.channels import message_size_options
@@ -593,11 +592,11 @@ class Head:
             except ConfigurationError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{command} refused: {exc}")
             address = str(parsed)
-            # 0.0.0.0, ::, ::ffff:127.0.0.1, 127.1 and a name resolving to 127.0.1.1 reach this machine too: a
-            # bridge to a loopback-only port as well
-            if command == "ACTIVATE" and not _on_this_machine(peer) and (
-                parsed.unix_path is not None or await resolves_to_this_machine(parsed.host, parsed.port)
-            ):
+            # 0.0.0.0, ::, ::ffff:127.0.0.1, 127.1 and localhost. reach this machine too: a bridge to a loopback-only
+            # port as well. Names are not resolved: a lookup per ACTIVATE would make registration hang on DNS (and
+            # fail with it), and a name may resolve elsewhere at the check and to this machine at the dial
+            local_only = parsed.unix_path is not None or host_is_loopback(dialled_host(parsed.host))
+            if command == "ACTIVATE" and local_only and not _on_this_machine(peer):
                 # a socket or port only this machine reaches: a remote caller must not make the head a bridge to it
                 await context.abort(
                     grpc.StatusCode.PERMISSION_DENIED,

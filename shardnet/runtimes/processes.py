@@ -27,6 +27,21 @@ REAP_POLL_SECONDS = 0.02  # how often a stop looks whether its child has exited 
 REAP_AFTER_KILL_SECONDS = 5.0
 
 
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` runs: it exists and is no zombie (an exited process its parent has not reaped)."""
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[0] != b"Z"
+    except (OSError, IndexError):  # no /proc (not Linux): existing is running
+        return True
+
+
 class ShardnetProcess:
     """One ``python -m shardnet ...`` child: its command, log file, address once ready."""
 
@@ -39,8 +54,9 @@ class ShardnetProcess:
         self.popen: Optional[subprocess.Popen] = None
         self._ready_pipe: Optional[int] = None  # this launch's end of the pipe its address comes down
         self._ready_read = b""
-        # a stop() from another thread closes the pipe a start is reading: its number must not be read once reused
-        self._pipe_lock = threading.Lock()
+        # a stop() from another thread closes the pipe a start is reading: its number must not be read once reused;
+        # reentrant, as a signal handler stopping a deployment may run in the thread that holds it
+        self._pipe_lock = threading.RLock()
         self._log_offset = 0
         self.launched_at = float("-inf")  # time.monotonic() of the last launch
         self.ready_at: Optional[float] = None  # and of its ready line, once seen
@@ -154,6 +170,8 @@ class ShardnetProcess:
                 self._ready_read += os.read(self._ready_pipe, 4096)
             except BlockingIOError:  # nothing yet
                 return None
+            except OSError:  # closed under the read, by a stop() a signal handler ran in this very thread
+                return self.address
             if not self._ready_read.endswith(b"\n"):
                 return None
             self.address, self.ready_at = self._ready_read.decode(errors="replace").strip(), time.monotonic()

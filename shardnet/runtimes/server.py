@@ -50,6 +50,7 @@ from shardnet.protocol import services
 from shardnet.protocol.messages import DataRequest, parse
 from shardnet.protocol.proto import jina_pb2
 from shardnet.protocol.services import AUTHORIZATION_METADATA
+from shardnet.runtimes.processes import process_running
 
 logger = logging.getLogger(__name__)
 
@@ -466,16 +467,6 @@ def request_list(payload: bytes, decoded_here: bool = True) -> list[DataRequest]
     return requests
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by someone else
-        return True
-    return True
-
-
 async def within_message_limit(
     context: grpc.aio.ServicerContext, answer: bytes, limit: int, what: str, whose: str
 ) -> bytes:
@@ -499,7 +490,7 @@ async def _parent_exited(parent_pid: int, direct: bool) -> None:
 def _parent_gone(parent_pid: int, direct: bool) -> bool:
     """Whether process ``parent_pid`` has gone: the ``direct`` parent once this one was handed to another (immune
     to its pid being reused, or its zombie lingering); any other once no such process is left."""
-    return os.getppid() != parent_pid if direct else not _running(parent_pid)
+    return os.getppid() != parent_pid if direct else not process_running(parent_pid)
 
 
 async def serve_until_signalled(
@@ -531,7 +522,7 @@ async def serve_until_signalled(
         # pid 0 and -1 would name a process group or every process: the watch would never fire
         if isinstance(parent_pid, bool) or not isinstance(parent_pid, int) or parent_pid < 1:
             raise ConfigurationError(f"--parent-pid must be a process id (1 or more), got {parent_pid!r}")
-        if not _running(parent_pid):  # else it would stop at once, after saying it was ready
+        if not process_running(parent_pid):  # else it would stop at once, after saying it was ready
             _stop_own_session()  # its launcher died while the Executor loaded: what that started goes too
             raise ConfigurationError(f"--parent-pid {parent_pid}: no such process is running, so none to serve")
         direct = os.getppid() == parent_pid

@@ -33,7 +33,7 @@ from shardnet.protocol import services
 from shardnet.protocol.documents import Document, DocumentList
 from shardnet.protocol.messages import ControlRequest, DataRequest, require_empty
 from shardnet.protocol.proto import docarray_pb2, jina_pb2
-from shardnet.runtimes.executor import DEFAULT, DEFAULT_ENDPOINT, DRY_RUN_ENDPOINT, Executor
+from shardnet.runtimes.executor import DEFAULT, DEFAULT_ENDPOINT, DRY_RUN_ENDPOINT, AnswerTooBig, Executor
 from shardnet.runtimes.server import (
     ServerConfig,
     jina_server,
@@ -337,13 +337,19 @@ class Worker:
             matrix = [DocumentList(first_column.docs, docs.budget), *others]  # the call's one budget
             docs.replace([doc for column in matrix for doc in column])
             arguments["docs_matrix"] = matrix
+        answer_limit = self.server.config.max_message_bytes if limit is None else limit
         try:
-            answer_limit = self.server.config.max_message_bytes if limit is None else limit
             returned = await handler(self.executor, self._threads, answer_limit=answer_limit, **arguments)
             if isinstance(returned, dict):
                 self._file_result(first, returned, handler.name)
             elif returned is not None:
                 self._replace_docs(first, returned, handler.name)
+        except AnswerTooBig as exc:  # refused as an answer returned whole would be, by within_message_limit
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.name}: the answer of {endpoint} is over {exc.size} bytes (Documents yielded, not all read), "
+                f"over {whose} max message size of {answer_limit} bytes (--max-message-mb)",
+            )
         # the executor's failure is the client's answer, not the worker's crash; sys.exit() or KeyboardInterrupt
         # in a handler too (a library parsing arguments, say): it would stop the worker without a DEACTIVATE; any
         # other BaseException would leave the call unanswered; and a CancelledError the handler let out of a task
@@ -361,11 +367,7 @@ class Worker:
             context.set_trailing_metadata(services.ERROR_TRAILER)
         route.end_time.FromNanoseconds(time.time_ns())
         return await within_message_limit(
-            context,
-            first.to_bytes(),
-            self.server.config.max_message_bytes if limit is None else limit,
-            f"{self.name}: the answer of {endpoint}",
-            whose,
+            context, first.to_bytes(), answer_limit, f"{self.name}: the answer of {endpoint}", whose
         )
 
     def _file_result(self, request: DataRequest, result: dict, handler_name: str) -> None:
