@@ -127,14 +127,18 @@ class _Deadline:
     a shard tried after another) is given what is left of it then, not the whole again: the head's own error,
     naming the hop that took the time, must reach the caller before its deadline does."""
 
-    __slots__ = ("_at",)
+    __slots__ = ("_at", "_clock")
 
     def __init__(self, seconds: Optional[float]):
-        self._at = None if seconds is None else asyncio.get_running_loop().time() + seconds
+        if seconds is None:
+            self._at = self._clock = None
+        else:
+            self._clock = asyncio.get_running_loop().time
+            self._at = self._clock() + seconds
 
     def left(self) -> Optional[float]:
         """Seconds left (0 once past: a call given them fails at once, naming where it was going), or None."""
-        return None if self._at is None else max(0.0, self._at - asyncio.get_running_loop().time())
+        return None if self._at is None else max(0.0, self._at - self._clock())
 
 
 # STATUS's trailing metadata stays under gRPC's 8 KB soft limit (a client may refuse more, past 16 KB it must, and
