@@ -559,25 +559,6 @@ def test_a_worker_whose_launcher_dies_while_its_executor_loads_stops_what_the_ex
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_deployments_of_one_name_may_not_share_a_log_folder(tmp_path):
-    """Both wrote NAME-head.log and the Executors' state under one workspace (found by a review)."""
-    import multiprocessing
-
-    with Deployment(executors.Tagger, name="same", log_dir=str(tmp_path)):
-        with pytest.raises(ConfigurationError, match="a deployment named 'same' runs already with folder"):
-            Deployment(executors.Tagger, name="same", log_dir=str(tmp_path)).start()
-        forked = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,), daemon=True)
-        forked.start()  # outlives the stop: a lock it inherited held the name while it lived (found by a review)
-    try:
-        with Deployment(executors.Tagger, name="same", log_dir=str(tmp_path), workspace=str(tmp_path / "ws")) as again:
-            assert again.post("/tag", [Document()])[0].tags["by"] == "tagger"
-            with pytest.raises(ConfigurationError, match="runs already with folder"):  # its workspace is claimed
-                Deployment(executors.Tagger, name="same", workspace=str(tmp_path / "ws")).start()
-    finally:
-        forked.kill()
-        forked.join()
-
-
 def test_a_worker_follows_a_parent_pid_that_is_not_its_own_parent(tmp_path):
     """--parent-pid names a process to outlive not: here a sibling (a supervisor, say), watched by its pid."""
     sibling = subprocess.Popen(["sleep", "120"])

@@ -158,7 +158,9 @@ async def test_a_certificate_valid_in_a_minute_starts_with_a_warning_but_is_no_r
     early = ca.issue_cert("early.example", **days_from_now(60 / 86400, 30))
     files.serve(early, clients)
     with caplog.at_level(logging.WARNING, logger="shardnet.networking.tls"):
-        tls = files.server_tls()  # taken
+        tls = files.server_tls()  # taken, and served: from files, and from memory
+        tls.credentials()
+        ServerTls(certificate_chain=files.chain.read_bytes(), private_key=files.key.read_bytes()).credentials()
     assert "clients refuse it until then" in caplog.text
     files.serve(ca.issue_cert("good.example"), clients)
     async with EchoServer("skewed", credentials=files.server_tls().credentials()) as server:

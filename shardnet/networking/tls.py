@@ -376,13 +376,13 @@ class ServerTls:
         cert-manager renewed, say) serve every connection made after the change, without a restart."""
         require_client_auth = self.client_ca is not None
         if not any(_is_path(source) for source in (self.certificate_chain, self.private_key, self.client_ca)):
-            chain, key, client_ca = self.checked_material()
+            chain, key, client_ca = self.checked_material(skew=CLOCK_SKEW)
             return grpc.ssl_server_credentials(
                 [(key, chain)], root_certificates=client_ca, require_client_auth=require_client_auth
             )
         follower = FollowedServerMaterial(self)
         return grpc.dynamic_ssl_server_credentials(
-            follower.configuration(), follower, require_client_authentication=require_client_auth
+            follower.configuration(skew=CLOCK_SKEW), follower, require_client_authentication=require_client_auth
         )
 
 
@@ -403,9 +403,9 @@ class FollowedServerMaterial:
         self._refused_at = 0.0
         self._lock = threading.Lock()  # gRPC 1.78 runs one fetch at a time already; other versions need not
 
-    def configuration(self) -> grpc.ServerCertificateConfiguration:
-        """The material as gRPC serves it, read and checked now."""
-        chain, key, client_ca = self._tls.checked_material()
+    def configuration(self, skew: float = 0.0) -> grpc.ServerCertificateConfiguration:
+        """The material as gRPC serves it, read and checked now (``skew``: at start only, see check_validity)."""
+        chain, key, client_ca = self._tls.checked_material(skew)
         return grpc.ssl_server_certificate_configuration([(key, chain)], root_certificates=client_ca)
 
     def __call__(self) -> Optional[grpc.ServerCertificateConfiguration]:

@@ -35,7 +35,7 @@ from shardnet.protocol.documents import Document, DocumentList
 from shardnet.protocol.messages import DataRequest
 from shardnet.runtimes.executor import Executor, executor_reference, split_uses
 from shardnet.runtimes.head import MAX_RENEWAL_INTERVAL
-from shardnet.runtimes.processes import ShardnetProcess, process_running, stop_all
+from shardnet.runtimes.processes import ShardnetProcess, stop_all
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +48,6 @@ LAUNCHED_BY_DEPLOYMENT = "SHARDNET_LAUNCHED_BY_DEPLOYMENT"
 DEFAULT_STARTUP_TIMEOUT = 180.0
 # what a start that timed out says: how to allow longer
 LONGER_STARTUP = "a slow Executor may need longer: shardnet deploy --startup-seconds, Deployment(startup_timeout=)"
-
-
-def _pid_in(path: Path) -> Optional[int]:
-    """The process id a claim file holds, or None when it holds none (half written, or not ours)."""
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isascii() and text.isdigit() else None
 
 
 def _keep_port(process: ShardnetProcess) -> None:
@@ -199,7 +190,6 @@ class Deployment:
         self.workspace = Path(workspace or self.log_dir / "workspace")
         # a folder of its own, short: a socket path holds at most 107 bytes, a log_dir may be longer
         self._sockets = tempfile.TemporaryDirectory(prefix="sn-") if self._unix_sockets else None
-        self._claims: list[Path] = []  # NAME.pid in each folder given, while the run lasts
         self.head: Optional[ShardnetProcess] = None
         self.extras: dict[str, ShardnetProcess] = {}
         self.workers: dict[tuple[int, int], ShardnetProcess] = {}
@@ -309,32 +299,6 @@ class Deployment:
                 raise ConfigurationError(
                     f"deployment {self.name!r}: cannot create {what} {str(folder)!r}: {exc.strerror}"
                 ) from None
-        given = [Path(folder) for folder in self._given_folders if folder is not None]  # temporary ones are its own
-        for folder in dict.fromkeys(given):
-            self._claims.append(self._claim(folder))
-
-    def _claim(self, folder: Path) -> Path:
-        """Write ``NAME.pid`` in a folder given (log_dir, workspace) for the run: deployments may share folders,
-        but two of one name would write each other's logs and Executors' state. The claim of a process that has
-        gone (killed -9) is taken over; stop() removes the run's own."""
-        path = folder / f"{self.name}.pid"
-        for _ in range(2):
-            try:
-                descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                holder = _pid_in(path)
-                if holder is not None and process_running(holder):
-                    raise ConfigurationError(
-                        f"a deployment named {self.name!r} runs already with folder {str(folder)!r} (process "
-                        f"{holder}, by {path.name}): give this one another name or folder (remove {path.name} if "
-                        "that process is no deployment)"
-                    ) from None
-                path.unlink(missing_ok=True)  # its process has gone
-                continue
-            with os.fdopen(descriptor, "w") as claim:
-                claim.write(f"{os.getpid()}\n")
-            return path
-        raise ConfigurationError(f"deployment {self.name!r}: {path} keeps being claimed by another deployment")
 
     def _launch_worker(self, shard: int, replica: int) -> ShardnetProcess:
         # named as Jina names its replicas, so every shard's dict results keep their own key under ALL
@@ -553,10 +517,6 @@ class Deployment:
             if self._finalizer is not None:
                 self._finalizer.detach()
                 self._finalizer = None
-            for claim in self._claims:
-                if _pid_in(claim) == os.getpid():
-                    claim.unlink(missing_ok=True)
-            self._claims = []
             if self._tmp is not None:
                 self._tmp.cleanup()
                 self._tmp = None
