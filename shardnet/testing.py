@@ -10,10 +10,11 @@ port, so tests run in parallel.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import socket
 import time
-from typing import Awaitable, Callable, Optional, Union
+from typing import AsyncIterator, Awaitable, Callable, Optional, Union
 
 import grpc
 import grpc.aio
@@ -274,3 +275,19 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+@contextlib.asynccontextmanager
+async def serving(path: str, handler: Callable, *, stream: bool = False) -> AsyncIterator[str]:
+    """A gRPC server on loopback answering the method ``path`` with ``handler`` (unary, or bidirectional
+    ``stream``), bytes in and out: a replica behaving as a test needs. Yields its address; stops it after."""
+    server = grpc.aio.server()
+    service, method = path.strip("/").split("/")
+    kind = grpc.stream_stream_rpc_method_handler if stream else grpc.unary_unary_rpc_method_handler
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, {method: kind(handler)})])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)

@@ -32,7 +32,7 @@ from shardnet.runtimes.head import Head
 from shardnet.runtimes.processes import ShardnetProcess
 from shardnet.runtimes.server import ServerConfig
 from shardnet.runtimes.worker import Worker
-from shardnet.testing import free_port
+from shardnet.testing import free_port, serving
 
 EXECUTORS = Path(executors.__file__).resolve()
 
@@ -979,23 +979,13 @@ async def test_endpoint_discovery_round_a_cycle_of_heads_is_refused_at_once(runt
 async def test_endpoint_discovery_asks_every_shard_at_once_so_a_hung_one_takes_no_time_of_the_others(runtimes):
     """Shards were asked in turn, each given the whole time: a hung shard 0 made a caller wait 5 s for what
     shard 1 answers at once, or fail when its deadline was shorter (found by a head review)."""
-    hung = grpc.aio.server()
-
     async def never(payload, context):
         await asyncio.sleep(30)
 
-    service, method = services.ENDPOINT_DISCOVERY.strip("/").split("/")
-    hung.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler(service, {method: grpc.unary_unary_rpc_method_handler(never)})]
-    )
-    port = hung.add_insecure_port("127.0.0.1:0")
-    await hung.start()
-    try:
+    async with serving(services.ENDPOINT_DISCOVERY, never) as hung:
         [worker] = await shard_workers(runtimes, executors.Tagger, 1)
-        head = await runtimes(Head("disc", connections={0: [f"127.0.0.1:{port}"], 1: [worker.server.address]}))
+        head = await runtimes(Head("disc", connections={0: [hung], 1: [worker.server.address]}))
         started = asyncio.get_running_loop().time()
         reply, _ = await oneshot.call_once("discovery", empty_pb2.Empty(), head.server.address, timeout=3)
         assert asyncio.get_running_loop().time() - started < 1.5
         assert "/tag" in list(reply.endpoints)
-    finally:
-        await hung.stop(None)

@@ -8,6 +8,7 @@ that the requests did travel the way the test is about (on a stream, or unary).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from shardnet.runtimes.head import Head
 from shardnet.runtimes.processes import ShardnetProcess
 from shardnet.runtimes.server import ServerConfig
 from shardnet.runtimes.worker import Worker
-from shardnet.testing import EchoServer, eventually
+from shardnet.testing import EchoServer, eventually, serving
 
 
 async def start_worker(runtimes, executor_class=executors.Sleepy, **config) -> Worker:
@@ -440,28 +441,28 @@ async def test_a_stream_answer_that_cannot_be_read_fails_its_stream_by_name_and_
         async for _ in requests:
             await context.write(b"\xff\xff\xff")
 
-    server = grpc.aio.server()
-    service, method = services.REQUEST_STREAM.strip("/").split("/")
-    server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler(service, {method: grpc.stream_stream_rpc_method_handler(garbage)})]
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
+    async with one_stream_to(garbage) as (pool, replicas, address):
+        with pytest.raises(ReplicaError) as caught:
+            await pool.call(request("/x", "x"), "dep", replicas, retries=0)
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE  # so that what was on the stream fails over
+        assert f"{address} sent an unreadable answer on its request stream" in str(caught.value)
+        streams = replicas.get_all_connections()[0].stubs.streams
+        await eventually(lambda: streams._lanes[0] is None)
+
+
+@contextlib.asynccontextmanager
+async def one_stream_to(handler):
+    """(pool, replicas, address) of a pool whose next call goes on a request stream, open, to a fake replica
+    serving the stream with ``handler``."""
+    async with serving(services.REQUEST_STREAM, handler, stream=True) as address:
         async with GrpcConnectionPool(request_streams=True) as pool:
-            pool.add_connection("dep", f"127.0.0.1:{port}")
+            pool.add_connection("dep", address)
             replicas = pool.get_replicas("dep")
             streams = replicas.get_all_connections()[0].stubs.streams
             lane = streams.lane()
             await eventually(lambda: lane.ready or lane.task.done())
             streams._turn = 0  # the next call takes the lane now open
-            with pytest.raises(ReplicaError) as caught:
-                await pool.call(request("/x", "x"), "dep", replicas, retries=0)
-            assert caught.value.code == grpc.StatusCode.UNAVAILABLE  # so that what was on the stream fails over
-            assert f"127.0.0.1:{port} sent an unreadable answer on its request stream" in str(caught.value)
-            await eventually(lambda: streams._lanes[0] is None)
-    finally:
-        await server.stop(None)
+            yield pool, replicas, address
 
 
 def test_the_command_line_turns_request_streams_off():
@@ -618,23 +619,7 @@ async def test_requests_left_unread_when_a_worker_ends_its_stream_cleanly_are_re
         await context.send_initial_metadata((("shardnet-max-message-bytes", "1000000"),))
         await requests.__anext__()  # on its way, and never read further: the stream ends, status OK
 
-    server = grpc.aio.server()
-    service, method = services.REQUEST_STREAM.strip("/").split("/")
-    server.add_generic_rpc_handlers(
-        [grpc.method_handlers_generic_handler(service, {method: grpc.stream_stream_rpc_method_handler(drained)})]
-    )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with GrpcConnectionPool(request_streams=True) as pool:
-            pool.add_connection("dep", f"127.0.0.1:{port}")
-            replicas = pool.get_replicas("dep")
-            streams = replicas.get_all_connections()[0].stubs.streams
-            lane = streams.lane()
-            await eventually(lambda: lane.ready or lane.task.done())
-            streams._turn = 0
-            with pytest.raises(ReplicaError) as caught:
-                await pool.call(request("/x", "x"), "dep", replicas, retries=0)
-            assert caught.value.unsent and services.DRAINING_DETAILS in str(caught.value), caught.value
-    finally:
-        await server.stop(None)
+    async with one_stream_to(drained) as (pool, replicas, _):
+        with pytest.raises(ReplicaError) as caught:
+            await pool.call(request("/x", "x"), "dep", replicas, retries=0)
+        assert caught.value.unsent and services.DRAINING_DETAILS in str(caught.value), caught.value
