@@ -13,6 +13,7 @@ request's related entity it travels as address ``unix:/path`` and port 0.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import socket
 from dataclasses import dataclass
@@ -137,15 +138,11 @@ def _ip_or_name(hostname: str) -> Union[ipaddress.IPv4Address, ipaddress.IPv6Add
     The numeric forms a dial reads as IPv4 too (``127.1``, ``0``, ``2130706433``, ``0x7f.1``: inet_aton's, which
     getaddrinfo follows) count as the address they stand for."""
     name = hostname.strip().strip("[]").lower()
-    try:
+    with contextlib.suppress(ValueError):
         return ipaddress.ip_address(name)
-    except ValueError:
-        pass
     if name and all(ch in "0123456789abcdefx." for ch in name):
-        try:
+        with contextlib.suppress(OSError):  # no number inet_aton reads: a name made of hex digits ("cafe")
             return ipaddress.IPv4Address(socket.inet_aton(name))
-        except OSError:
-            pass
     return name.removesuffix(".")  # "localhost." is localhost, fully qualified
 
 

@@ -208,11 +208,9 @@ def check_server_name(name: object) -> str:
     """
     if not isinstance(name, str):
         raise ConfigurationError(f"server_name takes a DNS name as text, got a {type(name).__name__}")
-    try:
+    with contextlib.suppress(ValueError):
         ipaddress.ip_address(name)  # a certificate may name an IP address (its SAN), IPv6 too
         return name
-    except ValueError:
-        pass
     if "://" in name:
         why = "give the name alone, without a scheme"
     elif "/" in name:

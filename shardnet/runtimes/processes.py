@@ -33,13 +33,18 @@ def process_running(pid: int) -> bool:
         os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:  # it exists, owned by someone else
-        pass
+    except PermissionError:  # it exists, owned by someone else: its state tells the rest
+        return not _zombie(pid)
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Whether process ``pid`` has exited and waits for its parent to reap it (no /proc, as off Linux: no)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as stat:
-            return stat.read().rpartition(b")")[2].split()[0] != b"Z"
-    except (OSError, IndexError):  # no /proc (not Linux): existing is running
-        return True
+            return stat.read().rpartition(b")")[2].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 class ShardnetProcess:
