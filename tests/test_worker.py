@@ -598,6 +598,23 @@ async def test_a_draining_worker_keeps_listening_refuses_new_calls_itself_and_st
     assert asyncio.get_running_loop().time() - began < 5  # not the 20 s grace
 
 
+async def test_status_of_a_draining_worker_says_so_and_exits_1(runtimes, eventually, capsys):
+    """Its STATUS call, refused as the worker drains, was an error of the command (exit 2, a traceback-free
+    line), where the README says 1 for a server not serving (found by a review)."""
+    blocking = executors.Blocking.create()
+    worker = await runtimes(Worker(blocking, threads=2))
+    try:
+        in_flight, stopping = await drain_with_a_call_in_flight(worker, blocking, eventually)
+        capsys.readouterr()
+        code = await asyncio.to_thread(cli_main, ["status", worker.server.address])
+        printed = capsys.readouterr().out
+        assert code == 1 and "NOT_SERVING" in printed and "replicas: unknown" in printed, printed
+    finally:
+        blocking.release.set()
+    await in_flight
+    await asyncio.wait_for(stopping, 10)
+
+
 async def test_a_draining_worker_closes_its_executor_once_its_calls_end_and_before_its_listener_closes(
     runtimes, eventually
 ):

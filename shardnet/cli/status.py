@@ -22,7 +22,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "status", help="health, endpoints and replicas of a head or worker",
         description="Health, readiness, endpoints and replicas of a head or worker. Exits 1 when it is not serving "
-        "or not ready, its endpoints cannot be listed, or a shard has no replica; 0 when all is well.",
+        "or not ready, its endpoints or replicas cannot be listed, or a shard has no replica; 0 when all is well; 2 "
+        "when it cannot be reached at all.",
     )
     parser.add_argument("target", help="HOST:PORT")
     parser.add_argument(
@@ -57,9 +58,13 @@ async def status(args: argparse.Namespace) -> int:
     except ReplicaError as exc:
         print(f"endpoints: unknown ({exc.cause})")
         healthy = False
-    control, trailing = await oneshot.call_once(  # not send_control: the trailing metadata says what is ejected
-        "control", ControlRequest("STATUS"), args.target, timeout=args.timeout, tls=tls
-    )
+    try:
+        control, trailing = await oneshot.call_once(  # not send_control: the trailing metadata says what is ejected
+            "control", ControlRequest("STATUS"), args.target, timeout=args.timeout, tls=tls
+        )
+    except ReplicaError as exc:  # a server draining refuses it: said, as the rest is, and not a failed command
+        print(f"replicas: unknown ({exc.cause})")
+        return 1
     if control.is_error:
         raise ReplicaError(control.status.description, address=args.target)
     notes = _replica_notes(trailing)

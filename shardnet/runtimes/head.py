@@ -605,7 +605,7 @@ class Head:
                 await context.abort(
                     grpc.StatusCode.PERMISSION_DENIED,
                     f"ACTIVATE refused: {address} is reached on the head's machine only, and the caller ({peer}) "
-                    "is not on it",
+                    "did not connect over loopback or a Unix socket",
                 )
             if command == "ACTIVATE" and self._is_own(parsed):
                 await context.abort(
