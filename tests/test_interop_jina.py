@@ -28,6 +28,7 @@ from google.protobuf import empty_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shardnet import DataRequest, Document, PollingMap
+from shardnet.cli.main import main as cli_main
 from shardnet.networking import oneshot
 from shardnet.protocol import ndarray, services
 from shardnet.protocol.proto import docarray_pb2, jina_pb2
@@ -203,7 +204,7 @@ async def call(address: str, endpoint: str, docs, parameters=None) -> tuple[Data
     return response, dict(tuple(trailing))
 
 
-async def test_shardnet_head_in_front_of_a_jina_executor(jina_peer, tmp_path, runtimes):
+async def test_shardnet_head_in_front_of_a_jina_executor(jina_peer, tmp_path, runtimes, capsys):
     (tmp_path / "jina_tagger.py").write_text(textwrap.dedent(JINA_EXECUTOR))
     port = free_port()
     executor = JinaProcess(
@@ -215,6 +216,10 @@ async def test_shardnet_head_in_front_of_a_jina_executor(jina_peer, tmp_path, ru
     try:
         jina_address = f"127.0.0.1:{port}"
         await executor.wait_serving(jina_address)
+        # a healthy Jina server has no control service (no STATUS): shardnet status said it failed (exit 1)
+        capsys.readouterr()
+        assert await asyncio.to_thread(cli_main, ["status", jina_address]) == 0, capsys.readouterr().out
+        assert "not a shardnet server" in capsys.readouterr().out
         head = await runtimes(
             Head(
                 "jina-backed",
