@@ -486,6 +486,21 @@ def _running(pid: int) -> bool:
         return False
 
 
+def still_running(pids: list[int], timeout: float) -> list[int]:
+    """The processes of ``pids`` still running once ``timeout`` seconds have passed, or fewer if all end first."""
+    deadline = time.monotonic() + timeout
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [pid for pid in pids if _running(pid)]
+
+
+def kill_all(pids: list[int]) -> None:
+    """SIGKILL whichever of ``pids`` still run: a test that failed leaves none behind."""
+    for pid in pids:
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_the_processes_of_a_deployment_killed_with_sigkill_stop_on_their_own(tmp_path):
     """The workers stop through their parent watch, and stop what their Executors started and left running
     (a model server, say) as the Deployment would have: those were left behind."""
@@ -506,15 +521,10 @@ def test_the_processes_of_a_deployment_killed_with_sigkill_stop_on_their_own(tmp
         children += helpers  # killed in the end whatever happens
         parent.kill()  # no finalizer, no signal handler runs: the children must notice by themselves
         parent.wait(10)
-        deadline = time.monotonic() + 15
-        while any(_running(pid) for pid in children) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not [pid for pid in children if _running(pid)], "a child, or a helper of its, outlived its Deployment"
+        assert not still_running(children, 15), "a child, or a helper of its, outlived its Deployment"
     finally:
         parent.kill()
-        for pid in children:
-            if _running(pid):
-                os.kill(pid, signal.SIGKILL)
+        kill_all(children)
 
 
 LAUNCHER_SCRIPT = """
@@ -548,15 +558,10 @@ def test_a_worker_whose_launcher_dies_while_its_executor_loads_stops_what_the_ex
         left.append(helper)
         launcher.kill()  # while the Executor still loads
         launcher.wait(10)
-        deadline = time.monotonic() + 20
-        while any(_running(pid) for pid in left) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not [pid for pid in left if _running(pid)], "the worker, or its Executor's helper, outlived the launcher"
+        assert not still_running(left, 20), "the worker, or its Executor's helper, outlived the launcher"
     finally:
         launcher.kill()
-        for pid in left:
-            if _running(pid):
-                os.kill(pid, signal.SIGKILL)
+        kill_all(left)
 
 
 def test_a_worker_follows_a_parent_pid_that_is_not_its_own_parent(tmp_path):
