@@ -9,6 +9,7 @@ process's log is what is tested.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import signal
@@ -293,6 +294,22 @@ def test_who_counts_as_a_caller_on_the_heads_machine(peer, local):
     from shardnet.runtimes.head import _on_this_machine
 
     assert _on_this_machine(peer) is local
+
+
+def test_a_caller_from_one_of_the_machines_own_addresses_is_on_it():
+    """A worker on the head's machine dialling the head by the machine's own address (not loopback) was taken
+    for a remote caller, and its loopback registration refused (found by a README review)."""
+    from shardnet.runtimes.head import _on_this_machine
+
+    own = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # the address a route out leaves by
+        with contextlib.suppress(OSError):
+            probe.connect(("198.51.100.1", 9))  # no packet is sent
+            own.append(probe.getsockname()[0])
+    for address in own:  # none on a machine with no route out: then the other side alone is checked
+        assert _on_this_machine(f"ipv4:{address}:40000"), address
+        assert _on_this_machine(f"ipv6:[::ffff:{address}]:40000"), address
+    assert not _on_this_machine("ipv4:198.51.100.77:40000")  # TEST-NET-2: no machine's own
 
 
 async def test_activate_of_a_unix_socket_is_taken_from_this_machine_only(runtimes, tmp_path):

@@ -14,9 +14,11 @@ client certificate when configured.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import math
 import re
+import socket
 import time
 import urllib.parse
 from typing import Any, Mapping, Optional, Sequence
@@ -107,11 +109,35 @@ def _discovery_time_left(context: grpc.aio.ServicerContext) -> float:
 
 
 def _on_this_machine(peer: str) -> bool:
-    """Whether a gRPC peer string ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000", "unix:...") is on this machine."""
+    """Whether a gRPC peer string ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000", "unix:...") is on this machine: over
+    loopback or a Unix socket, or from one of the machine's own addresses (a worker dialling the head by them)."""
     kind, _, rest = urllib.parse.unquote(peer).partition(":")
     if kind == "unix":
         return True
-    return kind in ("ipv4", "ipv6") and host_is_loopback(rest.rsplit(":", 1)[0])
+    if kind not in ("ipv4", "ipv6"):
+        return False
+    host = rest.rsplit(":", 1)[0].strip("[]")
+    return host_is_loopback(host) or _an_address_of_this_machine(host)
+
+
+def _an_address_of_this_machine(host: str) -> bool:
+    """Whether the IP address ``host`` is one of this machine's own: only those can be bound (unless the
+    kernel is told to bind any, net.ipv4.ip_nonlocal_bind, which no one sets on a head's machine by chance)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_unspecified or address.is_multicast:
+        return False
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((str(address), 0))
+        except OSError:
+            return False
+    return True
 
 
 def _time_left(context: grpc.aio.ServicerContext) -> Optional[float]:
@@ -605,7 +631,7 @@ class Head:
                 await context.abort(
                     grpc.StatusCode.PERMISSION_DENIED,
                     f"ACTIVATE refused: {address} is reached on the head's machine only, and the caller ({peer}) "
-                    "did not connect over loopback or a Unix socket",
+                    "is not on it (not over loopback, a Unix socket, or from one of its own addresses)",
                 )
             if command == "ACTIVATE" and self._is_own(parsed):
                 await context.abort(
