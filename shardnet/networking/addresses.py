@@ -180,6 +180,26 @@ def dialled_host(hostname: str) -> str:
     return str(host)
 
 
+def is_own_address(host: str) -> bool:
+    """Whether the IP address ``host`` is one of this machine's own: only those can be bound (unless the
+    kernel is told to bind any, net.ipv4.ip_nonlocal_bind, which no one sets on a head's machine by chance)."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    if address.is_unspecified or address.is_multicast:
+        return False
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((str(address), 0))
+        except OSError:
+            return False
+    return True
+
+
 def host_is_local(hostname: str) -> bool:
     """True for localhost, loopback and unspecified addresses and the empty name; never raises."""
     if not isinstance(hostname, str):

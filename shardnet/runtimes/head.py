@@ -14,11 +14,9 @@ client certificate when configured.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import math
 import re
-import socket
 import time
 import urllib.parse
 from typing import Any, Mapping, Optional, Sequence
@@ -41,6 +39,7 @@ from shardnet.networking.addresses import (
     entity_address,
     host_is_local,
     host_is_loopback,
+    is_own_address,
     parse_address,
     same_host,
 )
@@ -117,27 +116,7 @@ def _on_this_machine(peer: str) -> bool:
     if kind not in ("ipv4", "ipv6"):
         return False
     host = rest.rsplit(":", 1)[0].strip("[]")
-    return host_is_loopback(host) or _an_address_of_this_machine(host)
-
-
-def _an_address_of_this_machine(host: str) -> bool:
-    """Whether the IP address ``host`` is one of this machine's own: only those can be bound (unless the
-    kernel is told to bind any, net.ipv4.ip_nonlocal_bind, which no one sets on a head's machine by chance)."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    if address.is_unspecified or address.is_multicast:
-        return False
-    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.bind((str(address), 0))
-        except OSError:
-            return False
-    return True
+    return host_is_loopback(host) or is_own_address(host)
 
 
 def _time_left(context: grpc.aio.ServicerContext) -> Optional[float]:
