@@ -1,6 +1,7 @@
-"""Executors the runtime tests serve, in process (imported) or in child processes (``--uses FILE.py:Class``).
+"""Executors the runtime tests serve, in process (imported) or in child processes (``--uses executors:Class``
+(a Deployment) or ``--uses FILE.py:Class``).
 
-Nothing here imports test code: a worker process loads this file by path.
+Nothing here imports test code: a worker process loads this file by name or by path.
 State that a test must read from another process goes to the workspace
 (``runtime_args.workspace``) or into the documents' tags.
 """
@@ -491,3 +492,26 @@ class SavesOnClose(Executor):
             target.write_text(",".join(self.kept))
 
         threading.Thread(target=write, name="writer").start()
+
+
+class Upper(Executor):
+    """Upper-cases each document's text."""
+
+    @requests
+    def handle(self, docs, **kwargs):
+        for doc in docs:
+            doc.text = doc.text.upper()
+
+
+class UsesWithCounter(Executor):
+    """Tags each document with how many ``words`` it was given, and the last: what a long uses_with carried."""
+
+    def __init__(self, words: list, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.words = words
+
+    @requests
+    def handle(self, docs, **kwargs):
+        for doc in docs:
+            doc.tags["words"] = len(self.words)
+            doc.tags["last"] = self.words[-1]

@@ -39,6 +39,34 @@ def test_tensor_and_embedding_round_trip():
     assert back.embedding is None and Document().tensor is None
 
 
+def test_tensor_none_drops_the_tensor_and_keeps_a_text_as_docarray_does():
+    texted = Document(text="hello")
+    texted.tensor = None
+    assert texted.text == "hello" and texted.proto.WhichOneof("content") == "text"
+    tensored = Document(tensor=np.arange(3))
+    tensored.tensor = None
+    assert tensored.tensor is None and tensored.proto.WhichOneof("content") is None
+
+
+@pytest.mark.parametrize("refused", [np.array(["a", "b"]), np.array([object(), 1], dtype=object), "text"])
+def test_an_array_refused_leaves_the_documents_content_and_arrays_as_they_were(refused):
+    texted = Document(text="hello", embedding=np.ones(4))
+    for field in ("tensor", "embedding"):
+        with pytest.raises(ProtocolError, match="only numeric dtypes travel"):
+            setattr(texted, field, refused)
+    assert texted.text == "hello" and texted.proto.WhichOneof("content") == "text"
+    np.testing.assert_array_equal(texted.embedding, np.ones(4))
+    tensored = Document(tensor=np.arange(3.0))
+    with pytest.raises(ProtocolError):
+        tensored.tensor = refused
+    np.testing.assert_array_equal(tensored.tensor, np.arange(3.0))
+    target = docarray_pb2.NdArrayProto()
+    ndarray.to_proto(np.arange(2), target)
+    with pytest.raises(ProtocolError):
+        ndarray.write_sparse(np.array([[0], [1]]), refused, (2,), target)
+    np.testing.assert_array_equal(ndarray.from_proto(target), np.arange(2))
+
+
 def test_sparse_array_is_densified():
     target = docarray_pb2.NdArrayProto()
     ndarray.write_sparse(np.array([[0, 1], [2, 0]]), np.array([5.0, 7.0]), (3, 2), target)

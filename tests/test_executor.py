@@ -199,9 +199,7 @@ def test_a_jina_executor_file_is_named_as_one(tmp_path):
 
 def test_load_executor_class_by_module_and_by_file_path():
     assert load_executor_class("shardnet.examples.text_index:TextIndexer").__name__ == "TextIndexer"
-    reference = executor_reference(executors.Tagger)
-    assert reference == f"{executors.__file__}:Tagger"
-    loaded = load_executor_class(reference)
+    loaded = load_executor_class(f"{executors.__file__}:Tagger")
     assert loaded.__name__ == "Tagger" and issubclass(loaded, Executor)
 
 

@@ -406,7 +406,15 @@ def make_folder(path: str, flag: str) -> None:
 
 
 def json_object(text: str, flag: str) -> dict:
-    """Parse a JSON object given on the command line; a clear error names the flag."""
+    """Parse a JSON object given on the command line, or in a file given as ``@FILE`` (one too long for a
+    command line, whose every argument Linux caps at 128 KiB); a clear error names the flag."""
+    if text.startswith("@"):  # no JSON text starts so
+        try:
+            text = Path(text[1:]).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigurationError(f"{flag} {text}: cannot read {text[1:]!r}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigurationError(f"{flag} {text}: the file is not UTF-8 text") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:

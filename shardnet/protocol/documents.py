@@ -190,8 +190,11 @@ class Document:
         return ndarray.from_proto(self._pb.tensor, self._dense_budget()) if self._pb.HasField("tensor") else None
 
     @tensor.setter
-    def tensor(self, value: np.ndarray) -> None:
-        ndarray.to_proto(value, self._pb.tensor)
+    def tensor(self, value: Optional[np.ndarray]) -> None:
+        if value is None:  # as docarray: drop the raw data, keep a text or blob
+            self._pb.ClearField("tensor")
+        else:
+            ndarray.to_proto(value, self._pb.tensor)
 
     @property
     def embedding(self) -> Optional[np.ndarray]:

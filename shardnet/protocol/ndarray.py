@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
@@ -84,11 +84,18 @@ class DenseBudget:
             self.limit += other.limit
 
 
-def write_dense(array: np.ndarray, target: docarray_pb2.DenseNdArrayProto) -> None:
-    """Store ``array`` (C-contiguous copy if needed) into a DenseNdArray message."""
+def _sendable(array: Any) -> np.ndarray:
+    """``array`` as numpy, refused unless numeric: checked before a message is touched, so a refused value
+    leaves what was there."""
     array = np.asarray(array)
     if array.dtype.kind not in _SAFE_KINDS:
         raise ProtocolError(f"cannot send an array of dtype {array.dtype}: only numeric dtypes travel")
+    return array
+
+
+def write_dense(array: np.ndarray, target: docarray_pb2.DenseNdArrayProto) -> None:
+    """Store ``array`` (C-contiguous copy if needed) into a DenseNdArray message."""
+    array = _sendable(array)
     target.buffer = np.ascontiguousarray(array).tobytes()
     del target.shape[:]
     target.shape.extend(array.shape)
@@ -135,6 +142,7 @@ def _numeric_dtype(name: str) -> np.dtype:
 
 def to_proto(array: np.ndarray, target: docarray_pb2.NdArrayProto) -> None:
     """Write a dense numpy array into an NdArray message."""
+    array = _sendable(array)
     target.Clear()
     write_dense(array, target.dense)
     target.cls_name = "numpy"
@@ -148,12 +156,12 @@ def write_sparse(
     Labelled so docarray reads it back: a matrix as scipy's ``coo``, any other
     rank in tensorflow's layout (which is ours).
     """
-    indices = np.asarray(indices)
+    indices, values = _sendable(indices), _sendable(values)
     if indices.ndim != 2 or indices.shape[1] != len(shape):
         raise ProtocolError(f"sparse indices must be (nnz, {len(shape)}), got {indices.shape}")
     target.Clear()
     write_dense(indices, target.sparse.indices)
-    write_dense(np.asarray(values), target.sparse.values)
+    write_dense(values, target.sparse.values)
     target.sparse.shape.extend(shape)
     if len(shape) == 2:
         target.cls_name = "scipy"

@@ -33,7 +33,7 @@ from shardnet.networking.policies import check_count, check_flag, check_seconds
 from shardnet.networking.polling import PollingMap
 from shardnet.protocol.documents import Document, DocumentList
 from shardnet.protocol.messages import DataRequest
-from shardnet.runtimes.executor import Executor, executor_reference, split_uses
+from shardnet.runtimes.executor import Executor, executor_import_path, executor_reference, split_uses
 from shardnet.runtimes.head import MAX_RENEWAL_INTERVAL
 from shardnet.runtimes.processes import ShardnetProcess, stop_all
 
@@ -56,24 +56,32 @@ def _keep_port(process: ShardnetProcess) -> None:
         process.arguments[process.arguments.index("--port") + 1] = process.address.rsplit(":", 1)[1]
 
 
-def _reference(uses: ExecutorSpec) -> str:
+def _check_uses(uses: Any, what: str) -> None:
+    if not (isinstance(uses, str) or (isinstance(uses, type) and issubclass(uses, Executor))):
+        raise ConfigurationError(f"{what} must be an Executor subclass or 'MODULE:CLASS' text, got {uses!r}")
+
+
+def _reference(uses: ExecutorSpec, what: str = "uses") -> str:
     """The --uses text for ``uses``; text that is no MODULE:CLASS or FILE.py:CLASS (a YAML config, a hub
     address) is refused here rather than by every worker."""
+    _check_uses(uses, what)
     if not isinstance(uses, str):
         return executor_reference(uses)
-    split_uses(uses)
+    split_uses(uses, what)
     return uses
+
+
+# a --uses-with longer than this goes in a file: Linux caps each argument of a command line at 128 KiB
+_LONGEST_USES_WITH_ARGUMENT = 32 * 1024
 
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 
 
 def _check_arguments(
-    uses: Any, shards: Any, replicas: Any, name: Any, balancer: str, register_interval: float, startup_timeout: float
+    shards: Any, replicas: Any, name: Any, balancer: str, register_interval: float, startup_timeout: float
 ) -> None:
     """Refuse what would only fail later, in a child process or a temporary path, with a murkier message."""
-    if not (isinstance(uses, str) or (isinstance(uses, type) and issubclass(uses, Executor))):
-        raise ConfigurationError(f"uses must be an Executor subclass or 'MODULE:CLASS' text, got {uses!r}")
     for what, count in (("shards", shards), ("replicas", replicas)):
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ConfigurationError(f"a deployment needs at least 1 shard and 1 replica: {what}={count!r}")
@@ -142,7 +150,7 @@ class Deployment:
         request_streams: bool = True,
         max_in_flight: Optional[int] = None,
     ):
-        _check_arguments(uses, shards, replicas, name, balancer, register_interval, startup_timeout)
+        _check_arguments(shards, replicas, name, balancer, register_interval, startup_timeout)
         self.polling = PollingMap.parse(polling)
         self.name = name
         self.shards = shards
@@ -150,6 +158,13 @@ class Deployment:
         self.host = host
         self.startup_timeout = startup_timeout
         self._uses = _reference(uses)
+        extras = {"uses_before": uses_before, "uses_after": uses_after}
+        self._extras = {key: _reference(value, key) for key, value in extras.items() if value is not None}
+        # the folders the workers need on their path to import the classes given by name, as this process did
+        self._import_paths = list(dict.fromkeys(
+            path for value in (uses, uses_before, uses_after) if isinstance(value, type)
+            for path in [executor_import_path(value)] if path is not None
+        ))
         self._uses_with = _uses_with_json(uses_with)
         self._control_token = control_token
         self._register_interval = register_interval
@@ -178,14 +193,15 @@ class Deployment:
             self._size_arguments = ["--max-message-mb", str(megabytes)]
             self._post_options = message_size_options(int(megabytes * 2**20))
             self._head_options += self._size_arguments
+        if unix_sockets is not None:
+            check_flag(unix_sockets, "unix_sockets")
         self._unix_sockets = hasattr(socket, "AF_UNIX") if unix_sockets is None else unix_sockets
-        self._extras = {"uses_before": uses_before, "uses_after": uses_after}
         self._prepare_run()
 
     def _prepare_run(self) -> None:
         """What one run owns, made anew for each start after a stop: its folders and a finalizer for its processes."""
         log_dir, workspace = self._given_folders
-        self._tmp = tempfile.TemporaryDirectory(prefix=f"shardnet-{self.name}-") if log_dir is None or workspace is None else None
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"shardnet-{self.name}-") if log_dir is None else None
         self.log_dir = Path(log_dir or self._tmp.name)
         self.workspace = Path(workspace or self.log_dir / "workspace")
         # a folder of its own, short: a socket path holds at most 107 bytes, a log_dir may be longer
@@ -218,6 +234,8 @@ class Deployment:
 
     def _child_env(self) -> dict[str, str]:
         env = {**os.environ, LAUNCHED_BY_DEPLOYMENT: self.name}
+        if self._import_paths:
+            env["PYTHONPATH"] = os.pathsep.join([*self._import_paths, *filter(None, [env.get("PYTHONPATH")])])
         if self._control_token is not None:
             env["SHARDNET_CONTROL_TOKEN"] = self._control_token
         return env
@@ -258,6 +276,8 @@ class Deployment:
             )
         if self._finalizer is None:  # started again after a stop: a fresh run
             self._prepare_run()
+        elif self._spawned:  # a second head and workers, or (on its sockets) a start failing, which stops the first
+            raise ProcessError(f"deployment {self.name!r} is already running: stop() it before starting it again")
         with self._launching:  # a stop() in another thread comes before (nothing starts) or after (it cleans up)
             refused = self._stopping or abandoned.is_set()
             if not refused:
@@ -268,13 +288,11 @@ class Deployment:
         try:
             extra_args = []
             for key, uses in self._extras.items():
-                if uses is not None:
-                    arguments = ["worker", "--uses", _reference(uses), "--host", self.host, "--port", "0",
-                                 *self._size_arguments]
-                    process = self._launch(key, arguments + ["--name", f"{self.name}/{key}"])
-                    self.extras[key] = process
-                    address = process.wait_ready(self.startup_timeout, LONGER_STARTUP)
-                    extra_args += [f"--{key.replace('_', '-')}", address]
+                arguments = ["worker", "--uses", uses, "--host", self.host, "--port", "0", *self._size_arguments]
+                process = self._launch(key, arguments + ["--name", f"{self.name}/{key}"])
+                self.extras[key] = process
+                address = process.wait_ready(self.startup_timeout, LONGER_STARTUP)
+                extra_args += [f"--{key.replace('_', '-')}", address]
             self.head = self._launch(
                 "head",
                 ["head", "--deployment", self.name, "--host", self.host, "--port", str(self._head_port)]
@@ -308,7 +326,7 @@ class Deployment:
             [
                 "worker",
                 "--uses", self._uses,
-                "--uses-with", self._uses_with,
+                "--uses-with", self._uses_with_argument(),
                 "--host", self.host,
                 "--port", "0",
                 "--shard-id", str(shard),
@@ -321,6 +339,15 @@ class Deployment:
                 *(["--unix-socket", self._socket_path(shard, replica)] if self._sockets else []),
             ],
         )
+
+    def _uses_with_argument(self) -> str:
+        """``uses_with`` as the workers' --uses-with: its JSON, or @FILE in the log folder when too long for a
+        command line."""
+        if len(self._uses_with.encode()) <= _LONGEST_USES_WITH_ARGUMENT:
+            return self._uses_with
+        path = self.log_dir / f"{self.name}-uses-with.json"  # written anew by each run: not a stale one's
+        path.write_text(self._uses_with, encoding="utf-8")
+        return f"@{path}"
 
     def _socket_path(self, shard: int, replica: int) -> str:
         return os.path.join(self._sockets.name, f"w{shard}-{replica}.sock")

@@ -19,7 +19,9 @@ import importlib.util
 import inspect
 import logging
 import os
+import site
 import sys
+import sysconfig
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Optional, Union
@@ -269,6 +271,8 @@ def load_executor_class(uses: str) -> type[Executor]:
     # the name the module's own code runs under, to find its frames in a traceback
     loaded_as = f"shardnet_user_{path.stem}" if path is not None else module_name
     spec = importlib.util.spec_from_file_location(loaded_as, path) if path is not None else None
+    if path is not None and str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))  # as Python does for a script: the modules beside it import
     try:
         if spec is not None:
             module = importlib.util.module_from_spec(spec)
@@ -305,17 +309,64 @@ def load_executor_class(uses: str) -> type[Executor]:
     return executor_class
 
 
+def _interpreters_own_paths() -> set[Path]:
+    """The folders every process of this interpreter imports from without being told: stdlib and site-packages."""
+    paths = sysconfig.get_paths()
+    folders = [paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths]
+    if site.ENABLE_USER_SITE:
+        folders.append(site.getusersitepackages())
+    return {Path(folder).resolve() for folder in folders}
+
+
+def _module_location(executor_class: type[Executor]) -> Optional[tuple[str, Optional[Path]]]:
+    """The name another process imports ``executor_class``'s module by, and the folder it needs on its path
+    for that (None: the interpreter finds it unaided); None when the module is a script, loadable only from
+    its file.
+
+    Importing by name keeps a package's relative imports working and the module one module, not a copy.
+    """
+    name = executor_class.__module__
+    module = sys.modules.get(name)
+    if name == "__main__":  # python -m pkg.mod gives its main module a spec; a script run by path has none
+        spec = getattr(module, "__spec__", None)
+        if spec is None or not spec.name or spec.name == "__main__":
+            return None
+        name = spec.name
+    file = getattr(module, "__file__", None)
+    if file is None:  # made in code, or a namespace: nothing to point at but its name
+        return name, None
+    path = Path(file).resolve()
+    parts = name.split(".")
+    is_package = path.name.startswith("__init__.")
+    if not is_package and path.name.split(".")[0] != parts[-1]:
+        return None  # loaded from a file under another name: the name leads nowhere
+    root = path.parent
+    for folder in reversed(parts if is_package else parts[:-1]):
+        if root.name != folder:
+            return None
+        root = root.parent
+    return name, (None if root in _interpreters_own_paths() else root)
+
+
+def executor_import_path(executor_class: type[Executor]) -> Optional[str]:
+    """The folder a worker needs on its PYTHONPATH to import ``executor_class`` by ``executor_reference``'s
+    text, or None when it needs none."""
+    location = _module_location(executor_class)
+    return None if location is None or location[1] is None else str(location[1])
+
+
 def executor_reference(executor_class: type[Executor]) -> str:
-    """The ``--uses`` text that lets another process load ``executor_class``."""
-    module = sys.modules.get(executor_class.__module__)
+    """The ``--uses`` text that lets another process load ``executor_class``: MODULE:CLASS for a module
+    (with ``executor_import_path`` on its path), the script's absolute FILE.py:CLASS for a script."""
     if "<locals>" in executor_class.__qualname__:
         raise ConfigurationError(
             f"{executor_class.__qualname__} is defined inside a function: a worker process cannot import it; "
             "define it at the top level of a module or script file"
         )
-    file = getattr(module, "__file__", None)
-    if executor_class.__module__.startswith("shardnet.") or (file is None and executor_class.__module__ != "__main__"):
-        return f"{executor_class.__module__}:{executor_class.__qualname__}"
+    location = _module_location(executor_class)
+    if location is not None:
+        return f"{location[0]}:{executor_class.__qualname__}"
+    file = getattr(sys.modules.get(executor_class.__module__), "__file__", None)
     if file is None or not Path(file).is_file():  # python -c, stdin, a notebook: no file a worker could load
         raise ConfigurationError(
             f"{executor_class.__qualname__} is defined in {file or 'a session'} with no file behind it: a worker "

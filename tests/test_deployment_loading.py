@@ -1,0 +1,164 @@
+"""How a Deployment's workers find the user's Executor, and what one start may be given: the class from a
+package (relative imports), from a ``python -m`` main module, from a script beside its own modules; a
+``uses_with`` too long for a command line; a second start of a running Deployment."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from shardnet import Document
+from shardnet.cli.options import json_object
+from shardnet.errors import ConfigurationError, ProcessError
+from shardnet.runtimes.deployment import Deployment
+from shardnet.runtimes.executor import executor_import_path, executor_reference, load_executor_class
+
+import executors
+
+SHOUTER = """\
+from shardnet import Executor, requests
+from {helpers} import shout
+
+MODULE_STATE = []  # one module, in every process: loaded once, not a copy beside the package's
+
+
+class Shouter(Executor):
+    @requests
+    def handle(self, docs, **kwargs):
+        for doc in docs:
+            doc.text = shout(doc.text)
+"""
+
+
+def write_package(root: Path) -> None:
+    """``mypkg`` under ``root``: ``execs.Shouter`` imports its helper relatively."""
+    package = root / "mypkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "helpers.py").write_text("def shout(text):\n    return text.upper() + '!'\n")
+    (package / "execs.py").write_text(SHOUTER.format(helpers=".helpers"))
+
+
+def run_python(arguments: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *arguments], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_a_class_from_a_package_with_relative_imports_is_sent_by_its_module_name(tmp_path, monkeypatch):
+    write_package(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "mypkg", raising=False)
+    from mypkg.execs import Shouter  # noqa: E402 (the package exists only now)
+
+    try:
+        assert executor_reference(Shouter) == "mypkg.execs:Shouter"
+        assert executor_import_path(Shouter) == str(tmp_path.resolve())
+        with Deployment(Shouter) as deployment:
+            assert [doc.text for doc in deployment.post("/", [Document(text="hi")])] == ["HI!"]
+    finally:
+        for name in ("mypkg", "mypkg.execs", "mypkg.helpers"):
+            sys.modules.pop(name, None)
+
+
+def test_a_class_of_a_main_module_run_with_dash_m_is_sent_by_its_module_name(tmp_path):
+    write_package(tmp_path)
+    (tmp_path / "mypkg" / "serve.py").write_text(textwrap.dedent("""\
+        from shardnet import Executor, requests
+        from shardnet.runtimes.executor import executor_import_path, executor_reference
+        from .helpers import shout
+
+
+        class Local(Executor):
+            @requests
+            def handle(self, docs, **kwargs):
+                for doc in docs:
+                    doc.text = shout(doc.text)
+
+
+        if __name__ == "__main__":
+            print(executor_reference(Local), executor_import_path(Local))
+        """))
+    done = run_python(["-m", "mypkg.serve"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["mypkg.serve:Local", str(tmp_path.resolve())]
+    loaded = run_python(
+        ["-c", "from shardnet.runtimes.executor import load_executor_class as load; "
+               "print(load('mypkg.serve:Local').__name__)"],
+        cwd=tmp_path,
+    )
+    assert loaded.stdout.strip() == "Local", loaded.stderr
+
+
+def test_a_script_imports_the_modules_beside_it_whatever_folder_it_is_run_from(tmp_path):
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "beside_helpers.py").write_text("def shout(text):\n    return text.upper() + '!'\n")
+    (app / "serve.py").write_text(SHOUTER.format(helpers="beside_helpers"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    loaded = run_python(
+        ["-c", f"from shardnet.runtimes.executor import load_executor_class as load; "
+               f"print(load({str(app / 'serve.py') + ':Shouter'!r}).__name__)"],
+        cwd=elsewhere,
+    )
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "Shouter", loaded.stderr
+
+
+def test_a_class_of_the_test_modules_is_sent_by_module_name_and_loads_from_it():
+    reference = executor_reference(executors.Tagger)
+    assert reference == "executors:Tagger"
+    assert executor_import_path(executors.Tagger) == str(Path(executors.__file__).resolve().parent)
+    assert load_executor_class(reference) is executors.Tagger  # the module itself, not a second copy
+
+
+def test_a_shardnet_class_needs_no_import_path():
+    from shardnet.examples.text_index import TextIndexer
+
+    assert executor_reference(TextIndexer) == "shardnet.examples.text_index:TextIndexer"
+
+
+def test_a_uses_with_too_long_for_a_command_line_reaches_the_workers_whole():
+    words = [f"word{number:06d}" for number in range(30_000)]  # about 390 KB of JSON: past Linux's 128 KiB
+    with Deployment(executors.UsesWithCounter, uses_with={"words": words}) as deployment:
+        answered = deployment.post("/", [Document(text="x")])
+        assert answered[0].tags["words"] == len(words)
+        assert answered[0].tags["last"] == words[-1]
+        written = deployment.log_dir / "executor-uses-with.json"
+        assert written.is_file()
+
+
+def test_uses_with_at_file_is_read_and_a_bad_file_is_named(tmp_path):
+    given = tmp_path / "kwargs.json"
+    given.write_text('{"size": 3}')
+    assert json_object(f"@{given}", "--uses-with") == {"size": 3}
+    with pytest.raises(ConfigurationError, match=r"--uses-with @.*missing.json: cannot read .*No such file"):
+        json_object(f"@{tmp_path / 'missing.json'}", "--uses-with")
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'{"name": "caf\xe9"}')
+    with pytest.raises(ConfigurationError, match="not UTF-8"):
+        json_object(f"@{latin}", "--uses-with")
+
+
+def test_starting_a_running_deployment_again_is_refused_and_leaves_it_serving():
+    with Deployment(executors.Upper) as deployment:
+        processes = list(deployment.processes)
+        with pytest.raises(ProcessError, match="'executor' is already running: stop\\(\\) it"):
+            deployment.start()
+        assert deployment.processes == processes and all(process.alive for process in processes)
+        assert [doc.text for doc in deployment.post("/", [Document(text="a")])] == ["A"]
+
+
+@pytest.mark.parametrize("argument", ["uses_before", "uses_after"])
+def test_a_bad_uses_before_or_after_is_refused_when_the_deployment_is_made(argument):
+    with pytest.raises(ConfigurationError, match=f"{argument} must be an Executor subclass"):
+        Deployment(executors.Upper, **{argument: 5})
+    with pytest.raises(ConfigurationError, match=f"{argument} .*must look like MODULE:CLASS"):
+        Deployment(executors.Upper, **{argument: "config.yml"})
+
+
+def test_unix_sockets_must_be_a_flag():
+    with pytest.raises(ConfigurationError, match="unix_sockets is True or False, got 'no'"):
+        Deployment(executors.Upper, unix_sockets="no")
