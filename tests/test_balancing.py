@@ -244,3 +244,22 @@ async def test_a_callers_cancellation_or_short_deadline_is_no_failure_of_the_rep
         assert connection.failures == 0
     finally:
         await replicas.close()
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"decay": 0}, "decay must be positive seconds"),
+        ({"decay": float("nan")}, "decay must be positive seconds"),
+        ({"decay": -1}, "decay must be positive seconds"),
+        ({"failure_penalty": "1"}, "failure_penalty must be positive seconds"),
+        ({"default_latency": -0.1}, "default_latency must be 0 or more seconds"),
+        ({"tie_margin": "x"}, "tie_margin must be a fraction"),
+        ({"tie_margin": 1.5}, "tie_margin must be a fraction"),
+        ({"clock": 5}, "clock must be callable"),
+        ({"rng": object()}, "rng have a random"),
+    ],
+)
+def test_peak_ewma_refuses_what_would_fail_inside_a_call(arguments, message):
+    with pytest.raises(ConfigurationError, match=message):
+        PeakEwma(**arguments)

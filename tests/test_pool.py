@@ -622,3 +622,100 @@ async def test_a_request_a_replica_took_is_never_marked_unsent_whatever_its_last
         await task
     assert caught.value.address == dead_address and "Connection refused" in str(caught.value)
     assert not caught.value.unsent
+
+
+async def test_a_close_cut_short_also_cuts_the_calls_left_on_a_removed_replica(pool_factory, echo_servers, eventually):
+    [hung] = await echo_servers(1, delay=60.0)
+    pool = pool_factory()
+    pool.add_connection("dep", hung.address)
+    task = pool.send_request(DataRequest(), "dep")[0]
+    await eventually(lambda: hung.calls == 1, timeout=5.0)
+    removed = await pool.remove_connection("dep", hung.address)  # its call keeps the grace of a replica leaving alive
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(pool.close(), 0.05)
+    with pytest.raises(ReplicaError) as cut:
+        await asyncio.wait_for(task, 5.0)
+    assert cut.value.code == grpc.StatusCode.UNAVAILABLE and hung.address in str(cut.value)
+    await eventually(lambda: removed.channel.get_state() == grpc.ChannelConnectivity.SHUTDOWN, timeout=5.0)
+
+
+async def test_a_replica_added_while_the_pool_closes_is_closed_too(pool_factory, echo_servers, eventually):
+    [slow, other, late] = await echo_servers(3, delay=60.0)
+    pool = pool_factory()
+    pool.add_connection("dep", slow.address)
+    pool.send_request(DataRequest(), "dep")  # keeps the close waiting its half second
+    await eventually(lambda: slow.calls == 1, timeout=5.0)
+    closing = asyncio.ensure_future(pool.close())
+    await asyncio.sleep(0.05)  # the close is under way (its grace is 0.5 s)
+    pool.add_connection("dep", other.address)  # a watch or an ACTIVATE landing meanwhile
+    pool.add_connection("new", late.address)
+    added = [
+        connection
+        for deployment in ("dep", "new")
+        for connection in pool.get_replicas(deployment).get_all_connections()
+        if connection.address.target != slow.address
+    ]
+    assert len(added) == 2
+    await asyncio.wait_for(closing, 5.0)
+    assert pool.deployments == {}
+    shut = grpc.ChannelConnectivity.SHUTDOWN
+    await eventually(lambda: all(connection.channel.get_state() == shut for connection in added), timeout=5.0)
+
+
+async def test_a_request_the_caller_got_wrong_does_not_sideline_the_replica(pool_factory, echo_servers):
+    [refusing] = await echo_servers(1, fail_with=grpc.StatusCode.INVALID_ARGUMENT, fail_times=1)
+    pool = pool_factory(balancer="p2c_ewma")
+    pool.add_connection("dep", refusing.address)
+    with pytest.raises(ReplicaError, match="INVALID_ARGUMENT"):
+        await send_one(pool)
+    replicas = pool.get_replicas("dep")
+    [connection] = replicas.get_all_connections()
+    balancer = replicas.balancer
+    # what p2c weighs the replica by: the failure penalty (1 s) would send traffic elsewhere for tens of seconds
+    assert balancer._cost(balancer._load(connection, balancer._clock()), balancer._clock()) < 0.5
+    assert served_by(await send_one(pool)) == refusing.name
+
+
+async def test_declaring_fewer_shards_drops_the_empty_ones_and_refuses_while_others_hold_replicas(pool, echo_servers):
+    [zero, two] = await echo_servers(2)
+    pool.declare_shards("dep", 4)
+    pool.add_connection("dep", zero.address, shard_id=0)
+    pool.declare_shards("dep", 2)
+    assert pool.shard_ids("dep") == [0, 1]
+    tasks = pool.send_request(DataRequest(), "dep", polling_type=PollingType.ALL)
+    assert len(tasks) == 2  # shards 2 and 3 are no longer part of ALL
+    await asyncio.gather(*tasks, return_exceptions=True)
+    pool.add_connection("other", two.address, shard_id=2)
+    with pytest.raises(ConfigurationError, match=r"cannot declare 2 shards while shards 2 still have replicas"):
+        pool.declare_shards("other", 2)
+    assert pool.shard_ids("other") == [2]
+
+
+@pytest.mark.parametrize("grace", ["5", -3, float("nan"), True])
+async def test_a_bad_grace_is_refused_and_the_replica_stays(pool, echo_servers, grace):
+    [server] = await echo_servers(1)
+    pool.add_connection("dep", server.address)
+    with pytest.raises(ConfigurationError, match="grace must be 0 or more seconds"):
+        await pool.remove_connection("dep", server.address, grace=grace)
+    with pytest.raises(ConfigurationError, match="grace must be 0 or more seconds"):
+        await pool.get_replicas("dep").remove_connection(server.address, grace=grace)
+    assert served_by(await send_one(pool)) == server.name
+
+
+async def test_a_failover_the_retry_budget_stopped_says_so(pool_factory, echo_servers):
+    servers = await echo_servers(3, fail_with=grpc.StatusCode.UNAVAILABLE)
+    # the floor allows one retry in the window and no more: the second failover is the budget's to refuse
+    pool = pool_factory(retry_budget=RetryBudget(ratio=0.0, min_per_second=0.1, window=10.0))
+    for server in servers:
+        pool.add_connection("dep", server.address)
+    with pytest.raises(ReplicaError, match=r"the last of 2 attempts, the retry budget exhausted"):
+        await send_one(pool)
+    assert pool.retry_budget.refused == 1
+
+
+async def test_an_endpoint_that_is_not_text_is_refused_naming_it(pool, echo_servers):
+    [server] = await echo_servers(1)
+    pool.add_connection("dep", server.address)
+    with pytest.raises(ConfigurationError, match="endpoint must be text such as '/search', got 5"):
+        pool.send_request(DataRequest(), "dep", endpoint=5)
+    assert server.calls == 0

@@ -25,6 +25,7 @@ import types
 from typing import Any, Optional, Protocol, Sequence
 
 from shardnet.errors import ConfigurationError
+from shardnet.networking.policies import check_seconds
 
 
 class Balancer(Protocol):
@@ -107,6 +108,13 @@ class PeakEwma:
         default_latency: float = 0.0,
         tie_margin: float = 0.1,
     ):
+        check_seconds(decay, "PeakEwma decay")
+        check_seconds(failure_penalty, "PeakEwma failure_penalty")
+        check_seconds(default_latency, "PeakEwma default_latency", zero=True)
+        if isinstance(tie_margin, bool) or not isinstance(tie_margin, (int, float)) or not 0 <= tie_margin < 1:
+            raise ConfigurationError(f"PeakEwma tie_margin must be a fraction from 0 up to 1, got {tie_margin!r}")
+        if not callable(clock) or (rng is not None and not callable(getattr(rng, "random", None))):
+            raise ConfigurationError("PeakEwma clock must be callable and rng have a random() method")
         self._decay = decay
         self._failure_penalty = failure_penalty
         self._clock = clock

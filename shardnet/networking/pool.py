@@ -205,8 +205,21 @@ class GrpcConnectionPool:
 
     def declare_shards(self, deployment: str, count: int) -> None:
         """Make shards ``0..count-1`` known before any replica joins, so ALL reports the missing ones; from then
-        on a replica of a shard beyond them is refused (ConfigurationError)."""
+        on a replica of a shard beyond them is refused (ConfigurationError). Empty shards beyond them (an
+        earlier, larger shape) are dropped; ones that still have replicas make it a ConfigurationError."""
         count = _shard_number(deployment, count, "a count of shards")
+        entry = self._deployments.get(deployment)
+        beyond = sorted(shard for shard in entry.shards if shard >= count) if entry is not None and count else []
+        held = [shard for shard in beyond if entry.shards[shard].has_connections()]
+        if held:  # ALL would go on fanning out to them, past the shape declared
+            raise ConfigurationError(
+                f"deployment {deployment!r}: cannot declare {count} shards while shards "
+                f"{', '.join(map(str, held))} still have replicas; remove them first"
+            )
+        for shard in beyond:  # empty, from an earlier shape: no longer part of ALL
+            replicas = entry.shards.pop(shard)
+            if replicas.has_closing_channels():
+                self._retired.append(replicas)
         for shard_id in range(count):
             self._replica_list(deployment, False, shard_id)
         if count:
@@ -230,6 +243,8 @@ class GrpcConnectionPool:
         ``ReplicaList.remove_connection``: None, as long as they last, for a replica leaving alive).
         """
         parse_address(address)
+        if grace is not None:
+            check_seconds(grace, "grace", zero=True)
         entry = self._deployments.get(deployment)
         if entry is None:
             return None
@@ -416,7 +431,7 @@ class GrpcConnectionPool:
         """Retry on the shard's other replicas, each at most once a round; back off between rounds."""
         loop = asyncio.get_running_loop()
         tried = {first}
-        last = {"error": first_error, "connection": first, "attempt_timeout": None, "attempts": 1}
+        last = {"error": first_error, "connection": first, "attempt_timeout": None, "attempts": 1, "budget refused": False}
         unsent = [never_reached(first_error)]  # while every attempt failed before a replica could take it
         backoff = self.retry.backoff()
 
@@ -439,7 +454,9 @@ class GrpcConnectionPool:
             return self._retryable(error, last["attempt_timeout"], deadline, loop)
 
         def spend(state: tenacity.RetryCallState) -> bool:
-            return not self.retry_budget.try_spend()
+            refused = not self.retry_budget.try_spend()
+            last["budget refused"] = refused
+            return refused
 
         max_attempts = max(1, len(replicas)) * self.retry.rounds - 1
         if retries is not None and retries >= 0:
@@ -478,6 +495,8 @@ class GrpcConnectionPool:
             last["error"] = error
             unsent[0] = unsent[0] and never_reached(error)
         note = f"the last of {last['attempts']} attempts"
+        if last["budget refused"]:
+            note += ", the retry budget exhausted"
         if self.retry.attempt_timeout is not None and last["error"].code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             note += f", each given at most the attempt timeout of {self.retry.attempt_timeout:g}s"
         raise self._replica_error(
@@ -557,6 +576,8 @@ class GrpcConnectionPool:
             raise ConfigurationError(f"send_requests to {deployment!r} needs at least one request")
         check_timeout(timeout)
         _check_retries(retries)
+        if endpoint is not None and not isinstance(endpoint, str):
+            raise ConfigurationError(f"endpoint must be text such as '/search', got {endpoint!r}")
         method, payload = self._method_for(requests)
         call_metadata = self._metadata_for(requests[0], endpoint, metadata)
         return [
@@ -703,7 +724,11 @@ class GrpcConnectionPool:
         if follower is not None:
             follower.cancel()
             await asyncio.gather(follower, return_exceptions=True)
-        await close_in_turn(replicas.close() for replicas in self._replica_lists())
+        while True:  # until no replica was added (a watch, an ACTIVATE) while the closes ran
+            lists = [r for r in self._replica_lists() if r.has_connections() or r.has_closing_channels()]
+            if not lists:
+                break
+            await close_in_turn(replicas.close() for replicas in lists)
         self._deployments, self._retired = {}, []
 
     async def __aenter__(self) -> "GrpcConnectionPool":

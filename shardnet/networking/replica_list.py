@@ -31,7 +31,7 @@ from shardnet.networking.channels import (
     message_limits,
 )
 from shardnet.networking.streams import RequestStreams, rpc_error
-from shardnet.networking.policies import EjectionPolicy
+from shardnet.networking.policies import EjectionPolicy, check_seconds
 from shardnet.networking.tls import ClientTls
 
 module_logger = logging.getLogger(__name__)
@@ -43,6 +43,14 @@ _OTHER_LOOP = ("attached to a different loop", "Event loop is closed")
 # anyway: as long as they last, in practice (a call cut off here fails over, it is not lost, but it runs twice)
 RETIRED_CHANNEL_GRACE = 24 * 3600.0
 
+# what a replica answers to a request at fault (malformed, unknown, refused for its caller): every replica would
+# answer it so, and a quick refusal is no sign of speed either, so the balancer learns nothing from it
+CALLERS_FAULT = frozenset({
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.UNIMPLEMENTED,
+})
+
 # the name of the task that checks an ejected replica's health at once when it registers again (readmit_if_healthy)
 _READMISSION = "shardnet-readmission"
 
@@ -52,9 +60,12 @@ async def _finish_or_cut(closings: dict[asyncio.Task, Any], grace: float) -> Non
     (their calls are cut: ``ReplicaList.call`` reports them as UNAVAILABLE)."""
     if not closings:
         return
-    _, pending = await asyncio.wait(closings, timeout=grace)
-    for closing in pending:
-        closing.cancel()  # a cancelled close cuts what it waited for (_ChannelInUse.close)
+    pending = set(closings)  # all of them, when the wait itself is cancelled: then none may wait on
+    try:
+        _, pending = await asyncio.wait(closings, timeout=grace)
+    finally:
+        for closing in pending:
+            closing.cancel()  # a cancelled close cuts what it waited for (_ChannelInUse.close)
     await asyncio.gather(*pending, return_exceptions=True)
 
 
@@ -299,7 +310,10 @@ class ReplicaList:
         (DEACTIVATE, a drain); a replica presumed dead or cut off (its lease lapsed) gets little or none, or what
         it holds waits for keepalive.
         """
-        connection = self._connections.pop(parse_address(address).target, None)
+        target = parse_address(address).target
+        if grace is not None:
+            check_seconds(grace, "grace", zero=True)
+        connection = self._connections.pop(target, None)
         if connection is None:
             return None
         self._withdraw(connection)
@@ -537,10 +551,12 @@ class ReplicaList:
         except grpc.aio.AioRpcError as error:
             # a caller's own deadline, too short to say anything of the replica, is no failure of it: its
             # latency estimate takes the time it did wait, with no penalty
-            blamed = not (
-                callers_deadline and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self._too_short(timeout)
-            )
-            balancer.finished(connection, token, failed=blamed)
+            code = error.code()
+            blamed = not (callers_deadline and code == grpc.StatusCode.DEADLINE_EXCEEDED and self._too_short(timeout))
+            if code in CALLERS_FAULT:  # the request's own fault: nothing learnt of the replica, good or bad
+                balancer.abandoned(connection, token)
+            else:
+                balancer.finished(connection, token, failed=blamed)
             # a call on a channel already replaced tells nothing new: the failures that replaced it were counted
             # (a worker dying under many calls would otherwise rebuild its channel once per three of them)
             # nor does a call on a replica already removed (its cut calls would rebuild a channel no one closes)
@@ -583,13 +599,19 @@ class ReplicaList:
         for probe in list(self._probes.values()):
             probe.cancel()
         self._probes.clear()
-        self._eligible.clear()  # no pick, failover included, lands on a closing channel
-        self._position.clear()
-        connections = list(self._connections.values())
-        leaving, self._leaving = dict(self._leaving), {}
-        await asyncio.gather(
-            close_in_turn(connection.close(grace=0.5) for connection in connections), _finish_or_cut(leaving, 0.5)
-        )
+        closed: set[Connection] = set()
+        while True:  # until no replica was added (a watch, an ACTIVATE) while the closes ran
+            self._eligible.clear()  # no pick, failover included, lands on a closing channel
+            self._position.clear()
+            connections = [connection for connection in self._connections.values() if connection not in closed]
+            leaving, self._leaving = dict(self._leaving), {}
+            if not connections and not leaving:
+                break
+            await asyncio.gather(
+                close_in_turn(connection.close(grace=0.5) for connection in connections),
+                _finish_or_cut(leaving, 0.5),
+            )
+            closed.update(connections)
         for connection in self._connections.values():
             self.balancer.forget(connection)
         self._connections.clear()
