@@ -263,3 +263,33 @@ async def test_a_callers_cancellation_or_short_deadline_is_no_failure_of_the_rep
 def test_peak_ewma_refuses_what_would_fail_inside_a_call(arguments, message):
     with pytest.raises(ConfigurationError, match=message):
         PeakEwma(**arguments)
+
+
+def test_a_replica_starved_by_one_peak_is_tried_again_after_probe_after():
+    """A replica paused for 20 s answers what it held 20 s late: its estimate peaks at 20 s and, decaying over
+    10 s, kept it from every pick for about a minute after it resumed (a review measured 59 s). Idle and unheard
+    of for ``probe_after``, it is weighed at its peers' median: one request tests it, and it is back."""
+    clock = FakeClock()
+    balancer = PeakEwma(clock=clock, rng=random.Random(3), probe_after=1.0)
+    served(balancer, clock, "steady", 0.01)
+    served(balancer, clock, "paused", 20.0)
+    picks = []
+    for _ in range(400):  # 2 s of one-at-a-time traffic
+        connection = balancer.pick(["steady", "paused"])
+        picks.append(connection)
+        served(balancer, clock, connection, 0.005)
+    assert "paused" not in picks[:150], "tried again before probe_after passed"
+    assert picks[250:].count("paused") >= 50, picks[250:].count("paused")  # its answer reset it: it shares again
+
+
+def test_a_slow_replica_is_tested_once_per_probe_after_and_no_more():
+    clock = FakeClock()
+    balancer = PeakEwma(clock=clock, rng=random.Random(5), probe_after=1.0)
+    served(balancer, clock, "fast", 0.01)
+    served(balancer, clock, "slow", 0.05)
+    picks = []
+    for _ in range(300):  # 3 s of one-at-a-time traffic
+        connection = balancer.pick(["fast", "slow"])
+        picks.append(connection)
+        served(balancer, clock, connection, 0.01 if connection == "fast" else 0.05)
+    assert 1 <= picks.count("slow") <= 3, picks.count("slow")

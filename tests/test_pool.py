@@ -622,6 +622,9 @@ async def test_a_request_a_replica_took_is_never_marked_unsent_whatever_its_last
         await task
     assert caught.value.address == dead_address and "Connection refused" in str(caught.value)
     assert not caught.value.unsent
+    # and the words say so: the refusal alone would read as if no replica ever had the request
+    assert f"an earlier attempt, on replica {slow.address}, may have run it: " in str(caught.value)
+    assert "was closed with this call still on it" in str(caught.value)
 
 
 async def test_a_close_cut_short_also_cuts_the_calls_left_on_a_removed_replica(pool_factory, echo_servers, eventually):

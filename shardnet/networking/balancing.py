@@ -22,7 +22,7 @@ import random
 import statistics
 import time
 import types
-from typing import Any, Optional, Protocol, Sequence
+from typing import Any, Iterable, Optional, Protocol, Sequence
 
 from shardnet.errors import ConfigurationError
 from shardnet.networking.policies import check_seconds
@@ -92,7 +92,9 @@ class PeakEwma:
 
     ``default_latency`` seeds the first replica it learns of (later ones start at the median of their peers);
     costs of two idle replicas within ``tie_margin`` (relative) of each other are a coin flip, so noise between
-    identical replicas does not send all one-at-a-time traffic to one of them.
+    identical replicas does not send all one-at-a-time traffic to one of them. A replica with nothing out and
+    no answer for ``probe_after`` seconds is weighed at most at its peers' median, so one request tests it
+    again: a single peak (a pause, a collection) no longer starves it until its estimate decays, for a minute.
     """
 
     name = "p2c_ewma"
@@ -107,10 +109,12 @@ class PeakEwma:
         *,
         default_latency: float = 0.0,
         tie_margin: float = 0.1,
+        probe_after: float = 1.0,
     ):
         check_seconds(decay, "PeakEwma decay")
         check_seconds(failure_penalty, "PeakEwma failure_penalty")
         check_seconds(default_latency, "PeakEwma default_latency", zero=True)
+        check_seconds(probe_after, "PeakEwma probe_after")
         if isinstance(tie_margin, bool) or not isinstance(tie_margin, (int, float)) or not 0 <= tie_margin < 1:
             raise ConfigurationError(f"PeakEwma tie_margin must be a fraction from 0 up to 1, got {tie_margin!r}")
         if not callable(clock) or (rng is not None and not callable(getattr(rng, "random", None))):
@@ -121,15 +125,20 @@ class PeakEwma:
         self._rng = rng or random.Random()
         self._default_latency = default_latency
         self._tie_margin = tie_margin
+        self._probe_after = probe_after
         self._loads: dict[Any, _Load] = {}
         self._tokens = itertools.count()
 
     def _seed(self, now: float) -> float:
         """The estimate a load without history starts at: the median of its peers' (a sample of them, decayed to
         ``now``), so a new or readmitted replica neither takes a burst for free nor starts starved."""
-        peers = itertools.islice(self._loads.values(), self.seed_sample)
-        estimates = [load.ewma * math.exp(-(now - load.stamp) / self._decay) for load in peers]
-        return statistics.median(estimates) if estimates else self._default_latency
+        median = self._median_estimate(self._loads.values(), now)
+        return self._default_latency if median is None else median
+
+    def _median_estimate(self, loads: Iterable[_Load], now: float) -> Optional[float]:
+        """The median estimate of ``loads`` (the first ``seed_sample`` of them: O(1)), decayed to ``now``."""
+        estimates = [load.ewma * math.exp(-(now - load.stamp) / self._decay) for load in itertools.islice(loads, self.seed_sample)]
+        return statistics.median(estimates) if estimates else None
 
     def _load(self, connection: Any, now: float) -> _Load:
         load = self._loads.get(connection)
@@ -142,7 +151,14 @@ class PeakEwma:
         if load.outstanding:
             oldest_age = now - next(iter(load.outstanding.values()))
             latency = max(latency, oldest_age)
+        elif now - load.stamp > self._probe_after:  # nothing heard of it for a while: its estimate may be stale
+            latency = min(latency, self._peers_median(load, now))
         return latency * (len(load.outstanding) + 1)
+
+    def _peers_median(self, own: _Load, now: float) -> float:
+        """The median estimate of the other replicas (a sample of them, decayed to ``now``); its own if none."""
+        median = self._median_estimate((load for load in self._loads.values() if load is not own), now)
+        return own.ewma if median is None else median
 
     def cost(self, connection: Any, now: float) -> float:
         """What a pick at ``now`` weighs ``connection`` by; one without history by the estimate it would start at."""
@@ -197,8 +213,10 @@ class PeakEwma:
         if load is None:
             return
         rtt = max(now - started, self._failure_penalty) if failed else now - started
-        if rtt > load.ewma or load.prior:
-            load.ewma = rtt  # peak: jump up at once (and a seed gives way to the first measurement)
+        # peak: jump up at once; a seed, or an estimate nothing was heard of for probe_after before this request
+        # started (a probe's), gives way to the new measurement outright
+        if rtt > load.ewma or load.prior or started - load.stamp > self._probe_after:
+            load.ewma = rtt
             load.prior = False
         else:
             weight = math.exp(-(now - load.stamp) / self._decay)

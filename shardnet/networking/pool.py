@@ -432,7 +432,13 @@ class GrpcConnectionPool:
         loop = asyncio.get_running_loop()
         tried = {first}
         last = {"error": first_error, "connection": first, "attempt_timeout": None, "attempts": 1, "budget refused": False}
-        unsent = [never_reached(first_error)]  # while every attempt failed before a replica could take it
+        # the first failed attempt a replica may have run, with its replica; None while every attempt failed
+        # before a replica could take it (the request is then unsent)
+        taken: dict[str, Any] = {"attempt": None if never_reached(first_error) else (first_error, first)}
+
+        def note_taken(error: grpc.aio.AioRpcError) -> None:
+            if taken["attempt"] is None and not never_reached(error):
+                taken["attempt"] = (error, last["connection"])
         backoff = self.retry.backoff()
 
         def untried() -> list[Connection]:
@@ -450,7 +456,7 @@ class GrpcConnectionPool:
             if not isinstance(error, grpc.aio.AioRpcError):
                 return False
             last["error"] = error
-            unsent[0] = unsent[0] and never_reached(error)
+            note_taken(error)
             return self._retryable(error, last["attempt_timeout"], deadline, loop)
 
         def spend(state: tenacity.RetryCallState) -> bool:
@@ -462,13 +468,13 @@ class GrpcConnectionPool:
         if retries is not None and retries >= 0:
             max_attempts = retries
         if max_attempts < 1:  # one round over one replica: the first attempt was all (tenacity would make one more)
-            raise self._replica_error(first_error, first, deployment, shard_id, unsent=unsent[0]) from None
+            raise self._replica_error(first_error, first, deployment, shard_id, unsent=taken["attempt"] is None) from None
         # leaving a replica its list already took out for connection failures is routing, not a retry storm:
         # a killed replica's streams fail everything they carried at once, and all of it must go elsewhere
         routed_around = first_error.code() == grpc.StatusCode.UNAVAILABLE and not replicas.is_eligible(first)
         if not routed_around and not self.retry_budget.try_spend():
             raise self._replica_error(
-                first_error, first, deployment, shard_id, "retry budget exhausted", unsent=unsent[0]
+                first_error, first, deployment, shard_id, "retry budget exhausted", unsent=taken["attempt"] is None
             ) from None
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(max_attempts) | tenacity.stop_any(spend),
@@ -493,14 +499,18 @@ class GrpcConnectionPool:
                     )
         except grpc.aio.AioRpcError as error:  # retries exhausted, refused by the budget, or not retryable
             last["error"] = error
-            unsent[0] = unsent[0] and never_reached(error)
+            note_taken(error)
         note = f"the last of {last['attempts']} attempts"
         if last["budget refused"]:
             note += ", the retry budget exhausted"
         if self.retry.attempt_timeout is not None and last["error"].code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             note += f", each given at most the attempt timeout of {self.retry.attempt_timeout:g}s"
+        if taken["attempt"] is not None and taken["attempt"][0] is not last["error"]:
+            # the last attempt's words ("connection refused") would read as if no replica ever had the request
+            error, connection = taken["attempt"]
+            note += f"; an earlier attempt, on replica {connection.address}, may have run it: {error_cause(error)}"
         raise self._replica_error(
-            last["error"], last["connection"], deployment, shard_id, note, unsent=unsent[0]
+            last["error"], last["connection"], deployment, shard_id, note, unsent=taken["attempt"] is None
         ) from None
 
     @staticmethod

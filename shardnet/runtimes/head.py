@@ -875,7 +875,9 @@ class Head:
                 )
                 logger.warning(
                     "%s: %s (shard %d) stopped renewing its registration: removed%s", self.deployment, address,
-                    shard_id, ", and the requests it held cut (they fail over)" if others else "",
+                    shard_id,
+                    ", and the requests it held cut (they fail over)" if others
+                    else " (its shard's only replica: the requests it holds wait for it, their deadline or keepalive)",
                 )
 
     async def _ready_once_discovered(self) -> None:
