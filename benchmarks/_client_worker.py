@@ -36,7 +36,8 @@ class Bare:
 
         self.channels = [grpc.aio.insecure_channel(address, options=options) for address in addresses]
         self.stubs = [channel.unary_unary(SINGLE_DATA) for channel in self.channels]
-        self.metadata = (("endpoint", ENDPOINT),)
+        # built once, as the pool's cache hands it on: a tuple would be made into Metadata on every call
+        self.metadata = grpc.aio.Metadata(("endpoint", ENDPOINT))
         self.next = 0
 
     def wrap(self, payload: bytes):
@@ -267,6 +268,7 @@ def grpc_options():
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.enable_http_proxy", 0),
         ("grpc.enable_retries", 0),
+        ("grpc.use_local_subchannel_pool", 1),
     ]
 
 

@@ -147,7 +147,7 @@ def report_slow(args, names, results) -> list[str]:
             served = collections.Counter(replica for _, _, replica in records)
             failures = sum(count for replica, count in served.items() if replica.startswith("failed"))
             shares = [f"{100 * served[name] / len(records):.1f}" for name in names]
-            rows.append([concurrency, balancer, len(records) / seconds, 1e3 * percentile(latencies, 0.5),
+            rows.append([concurrency, balancer, (len(records) - failures) / seconds, 1e3 * percentile(latencies, 0.5),
                          1e3 * percentile(latencies, 0.99), *shares, failures])
     headers = ["conc", "balancer", "rps", "p50 ms", "p99 ms", *[f"% {name}" for name in names], "failures"]
     print(table(headers, rows))

@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 
-from shardnet import ConfigurationError, DataRequest, GrpcConnectionPool, PeakEwma, ReplicaList, RoundRobin
+from shardnet import ConfigurationError, DataRequest, GrpcConnectionPool, PeakEwma, ReplicaError, ReplicaList, RoundRobin
 from shardnet.networking.balancing import make_balancer
 
 
@@ -293,3 +293,47 @@ def test_a_slow_replica_is_tested_once_per_probe_after_and_no_more():
         picks.append(connection)
         served(balancer, clock, connection, 0.01 if connection == "fast" else 0.05)
     assert 1 <= picks.count("slow") <= 3, picks.count("slow")
+
+
+def test_a_replica_that_failed_last_gets_no_probe():
+    """Each probe of a hung replica would be a user's request waiting out its deadline: one whose last request
+    failed (a blamed timeout) or was given up on waits for its estimate to decay, as before probes."""
+    for end in ("failed", "abandoned"):
+        clock = FakeClock()
+        balancer = PeakEwma(clock=clock, rng=random.Random(6), probe_after=1.0)
+        served(balancer, clock, "healthy", 0.01)
+        token = balancer.started("hung")
+        clock.now += 2.0
+        if end == "failed":
+            balancer.finished("hung", token, failed=True)
+        else:
+            balancer.abandoned("hung", token)
+        picks = []
+        for _ in range(500):  # 5 s of one-at-a-time traffic
+            connection = balancer.pick(["healthy", "hung"])
+            picks.append(connection)
+            served(balancer, clock, connection, 0.01)
+        assert picks.count("hung") == 0, (end, picks.count("hung"))
+
+
+async def test_a_replica_answering_unimplemented_to_everything_draws_no_traffic(pool_factory, echo_servers):
+    """UNIMPLEMENTED may be one replica's own fault (another server on its port): it counts as a failure, so a
+    replica answering it to everything is avoided, not taken for the fastest."""
+    [healthy] = await echo_servers(1)
+    stranger = grpc.aio.server()  # no service at all: UNIMPLEMENTED to every call
+    port = stranger.add_insecure_port("127.0.0.1:0")
+    await stranger.start()
+    try:
+        pool = pool_factory(balancer="p2c_ewma")
+        pool.add_connection("dep", f"127.0.0.1:{port}")
+        pool.add_connection("dep", healthy.address)
+        refused = 0
+        for _ in range(200):
+            try:
+                await pool.send_request(DataRequest(), "dep")[0]
+            except ReplicaError as error:
+                assert error.code == grpc.StatusCode.UNIMPLEMENTED
+                refused += 1
+        assert refused <= 5 and healthy.calls == 200 - refused, refused
+    finally:
+        await stranger.stop(0)

@@ -130,6 +130,35 @@ def test_a_uses_with_too_long_for_a_command_line_reaches_the_workers_whole():
         assert written.is_file()
 
 
+def test_a_worker_revived_after_a_cleaner_removed_the_uses_with_file_gets_it_again():
+    words = [f"word{number:06d}" for number in range(5_000)]  # past the 32 KB the command line takes
+    with Deployment(executors.UsesWithCounter, uses_with={"words": words}) as deployment:
+        written = deployment.log_dir / "executor-uses-with.json"
+        written.unlink()  # a /tmp cleaner, days later
+        deployment.workers[(0, 0)].kill()
+        assert deployment.revive() == ["worker-0-0"]
+        assert deployment.post("/", [Document(text="x")])[0].tags["words"] == len(words)
+
+
+def test_a_class_found_through_a_folder_appended_to_sys_path_shadows_nothing_in_the_workers(tmp_path, monkeypatch):
+    """A vendored folder reached by sys.path.append, holding a module named as a standard one: the workers
+    put the class's folder after their own, as this process had it, so the head and the workers still start."""
+    vendor = tmp_path / "vendor"
+    vendor.mkdir()
+    (vendor / "dataclasses.py").write_text("raise ImportError('a vendored backport for Python 3.6')\n")
+    write_package(vendor)
+    monkeypatch.setattr(sys, "path", [*sys.path, str(vendor)])
+    monkeypatch.delitem(sys.modules, "mypkg", raising=False)
+    from mypkg.execs import Shouter  # noqa: E402 (the package exists only now)
+
+    try:
+        with Deployment(Shouter) as deployment:
+            assert [doc.text for doc in deployment.post("/", [Document(text="hi")])] == ["HI!"]
+    finally:
+        for name in ("mypkg", "mypkg.execs", "mypkg.helpers"):
+            sys.modules.pop(name, None)
+
+
 def test_uses_with_at_file_is_read_and_a_bad_file_is_named(tmp_path):
     given = tmp_path / "kwargs.json"
     given.write_text('{"size": 3}')

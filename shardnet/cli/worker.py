@@ -22,7 +22,7 @@ from shardnet.cli.options import (
 )
 from shardnet.errors import ConfigurationError
 from shardnet.networking.addresses import parse_address
-from shardnet.runtimes.executor import load_executor_class
+from shardnet.runtimes.executor import EXECUTOR_PATH_VARIABLE, load_executor_class
 from shardnet.runtimes.head import IMPLIED_LEASE_FACTOR, MAX_RENEWAL_INTERVAL
 from shardnet.runtimes.worker import Worker
 
@@ -85,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
         sys.path.insert(0, os.getcwd())
     if args.workspace:  # made here, as deploy makes it: an Executor should find its folder
         make_folder(args.workspace, "--workspace")
-    executor_class = load_executor_class(args.uses)
+    executor_class = load_executor_class(
+        args.uses, os.environ.get(EXECUTOR_PATH_VARIABLE, "").split(os.pathsep)
+    )
     name = args.name or f"{executor_class.__name__}/shard-{args.shard_id}/rep-{args.replica_id}"
     runtime_args = {"shard_id": args.shard_id, "replica_id": args.replica_id, "workspace": args.workspace, "name": name}
     executor = executor_class.create(runtime_args, **uses_with)

@@ -22,7 +22,7 @@ import random
 import statistics
 import time
 import types
-from typing import Any, Iterable, Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 from shardnet.errors import ConfigurationError
 from shardnet.networking.policies import check_seconds
@@ -78,13 +78,16 @@ class RoundRobin:
 class _Load:
     """One replica's latency estimate and its requests still out (token -> start, oldest first)."""
 
-    __slots__ = ("ewma", "stamp", "outstanding", "prior")
+    __slots__ = ("ewma", "stamp", "outstanding", "prior", "failed")
 
     def __init__(self, ewma: float, now: float):
         self.ewma = ewma
         self.stamp = now
         self.outstanding: dict[int, float] = {}
         self.prior = True  # ewma is a seed, not a measurement: the first request's latency replaces it outright
+        # its last request failed by its fault, or was given up on after longer than its estimate: no probe
+        # until one succeeds
+        self.failed = False
 
 
 class PeakEwma:
@@ -92,9 +95,11 @@ class PeakEwma:
 
     ``default_latency`` seeds the first replica it learns of (later ones start at the median of their peers);
     costs of two idle replicas within ``tie_margin`` (relative) of each other are a coin flip, so noise between
-    identical replicas does not send all one-at-a-time traffic to one of them. A replica with nothing out and
-    no answer for ``probe_after`` seconds is weighed at most at its peers' median, so one request tests it
-    again: a single peak (a pause, a collection) no longer starves it until its estimate decays, for a minute.
+    identical replicas does not send all one-at-a-time traffic to one of them. A replica with nothing out, no
+    answer for ``probe_after`` seconds and no failure last is weighed at most as its rival in a pick, and the
+    probe's answer replaces its estimate: a single slow peak (a pause's held requests) no longer starves it
+    until the estimate decays, for a minute. One that failed last (a timeout, a hung handler) gets no probe:
+    each would be a user's request waiting out its deadline.
     """
 
     name = "p2c_ewma"
@@ -132,13 +137,9 @@ class PeakEwma:
     def _seed(self, now: float) -> float:
         """The estimate a load without history starts at: the median of its peers' (a sample of them, decayed to
         ``now``), so a new or readmitted replica neither takes a burst for free nor starts starved."""
-        median = self._median_estimate(self._loads.values(), now)
-        return self._default_latency if median is None else median
-
-    def _median_estimate(self, loads: Iterable[_Load], now: float) -> Optional[float]:
-        """The median estimate of ``loads`` (the first ``seed_sample`` of them: O(1)), decayed to ``now``."""
-        estimates = [load.ewma * math.exp(-(now - load.stamp) / self._decay) for load in itertools.islice(loads, self.seed_sample)]
-        return statistics.median(estimates) if estimates else None
+        peers = itertools.islice(self._loads.values(), self.seed_sample)
+        estimates = [load.ewma * math.exp(-(now - load.stamp) / self._decay) for load in peers]
+        return statistics.median(estimates) if estimates else self._default_latency
 
     def _load(self, connection: Any, now: float) -> _Load:
         load = self._loads.get(connection)
@@ -151,14 +152,11 @@ class PeakEwma:
         if load.outstanding:
             oldest_age = now - next(iter(load.outstanding.values()))
             latency = max(latency, oldest_age)
-        elif now - load.stamp > self._probe_after:  # nothing heard of it for a while: its estimate may be stale
-            latency = min(latency, self._peers_median(load, now))
         return latency * (len(load.outstanding) + 1)
 
-    def _peers_median(self, own: _Load, now: float) -> float:
-        """The median estimate of the other replicas (a sample of them, decayed to ``now``); its own if none."""
-        median = self._median_estimate((load for load in self._loads.values() if load is not own), now)
-        return own.ewma if median is None else median
+    def _stale(self, load: _Load, now: float) -> bool:
+        """Idle, unheard of for ``probe_after`` and not failed last: its estimate may be an old peak's."""
+        return not load.outstanding and not load.failed and now - load.stamp > self._probe_after
 
     def cost(self, connection: Any, now: float) -> float:
         """What a pick at ``now`` weighs ``connection`` by; one without history by the estimate it would start at."""
@@ -185,6 +183,9 @@ class PeakEwma:
         load_a = loads.get(a) or self._load(a, now)  # a replica new to it is seeded here, once
         load_b = loads.get(b) or self._load(b, now)
         cost_a, cost_b = self._cost(load_a, now), self._cost(load_b, now)
+        if self._stale(load_a, now) or self._stale(load_b, now):  # a stale estimate weighs at most as its rival
+            cost_a, cost_b = (min(cost_a, cost_b) if self._stale(load_a, now) else cost_a,
+                              min(cost_a, cost_b) if self._stale(load_b, now) else cost_b)
         if cost_b < cost_a:
             a, b, cost_a, cost_b = b, a, cost_b, cost_a
         # two idle replicas whose estimates differ by noise: a coin flip, or the first would take all of
@@ -215,13 +216,14 @@ class PeakEwma:
         rtt = max(now - started, self._failure_penalty) if failed else now - started
         # peak: jump up at once; a seed, or an estimate nothing was heard of for probe_after before this request
         # started (a probe's), gives way to the new measurement outright
-        if rtt > load.ewma or load.prior or started - load.stamp > self._probe_after:
+        if rtt > load.ewma or load.prior or (started - load.stamp > self._probe_after and not load.failed):
             load.ewma = rtt
             load.prior = False
         else:
             weight = math.exp(-(now - load.stamp) / self._decay)
             load.ewma = load.ewma * weight + rtt * (1.0 - weight)
         load.stamp = now
+        load.failed = failed
 
     def abandoned(self, connection: Any, token: int) -> None:
         """The request ended without an answer, its caller having given up: no failure of the replica (a
@@ -232,6 +234,7 @@ class PeakEwma:
             load.ewma = now - started
             load.prior = False
             load.stamp = now
+            load.failed = True  # probing it would send one more caller into the same wait
 
     def forget(self, connection: Any) -> None:
         """Drop the connection's history; its next load is seeded from its peers as a new replica's is."""

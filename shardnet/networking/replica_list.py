@@ -43,12 +43,13 @@ _OTHER_LOOP = ("attached to a different loop", "Event loop is closed")
 # anyway: as long as they last, in practice (a call cut off here fails over, it is not lost, but it runs twice)
 RETIRED_CHANNEL_GRACE = 24 * 3600.0
 
-# what a replica answers to a request at fault (malformed, unknown, refused for its caller): every replica would
-# answer it so, and a quick refusal is no sign of speed either, so the balancer learns nothing from it
+# what a replica answers to a request whose content is at fault (malformed, unknown): every replica of the shard
+# would answer it so, so the balancer counts it as an answer, not as the replica's failure. Not UNIMPLEMENTED,
+# FAILED_PRECONDITION, UNAUTHENTICATED or PERMISSION_DENIED: those may be one replica's own (another server on
+# its port, a head misconfigured, other credentials), and one answering them to everything must not draw traffic
 CALLERS_FAULT = frozenset({
     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
-    grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.UNIMPLEMENTED,
+    grpc.StatusCode.OUT_OF_RANGE,
 })
 
 # the name of the task that checks an ejected replica's health at once when it registers again (readmit_if_healthy)
@@ -553,10 +554,7 @@ class ReplicaList:
             # latency estimate takes the time it did wait, with no penalty
             code = error.code()
             blamed = not (callers_deadline and code == grpc.StatusCode.DEADLINE_EXCEEDED and self._too_short(timeout))
-            if code in CALLERS_FAULT:  # the request's own fault: nothing learnt of the replica, good or bad
-                balancer.abandoned(connection, token)
-            else:
-                balancer.finished(connection, token, failed=blamed)
+            balancer.finished(connection, token, failed=blamed and code not in CALLERS_FAULT)
             # a call on a channel already replaced tells nothing new: the failures that replaced it were counted
             # (a worker dying under many calls would otherwise rebuild its channel once per three of them)
             # nor does a call on a replica already removed (its cut calls would rebuild a channel no one closes)

@@ -33,7 +33,13 @@ from shardnet.networking.policies import check_count, check_flag, check_seconds
 from shardnet.networking.polling import PollingMap
 from shardnet.protocol.documents import Document, DocumentList
 from shardnet.protocol.messages import DataRequest
-from shardnet.runtimes.executor import Executor, executor_import_path, executor_reference, split_uses
+from shardnet.runtimes.executor import (
+    EXECUTOR_PATH_VARIABLE,
+    Executor,
+    executor_import_path,
+    executor_reference,
+    split_uses,
+)
 from shardnet.runtimes.head import MAX_RENEWAL_INTERVAL
 from shardnet.runtimes.processes import ShardnetProcess, stop_all
 
@@ -160,7 +166,8 @@ class Deployment:
         self._uses = _reference(uses)
         extras = {"uses_before": uses_before, "uses_after": uses_after}
         self._extras = {key: _reference(value, key) for key, value in extras.items() if value is not None}
-        # the folders the workers need on their path to import the classes given by name, as this process did
+        # the folders the workers need on their path to import the classes given by name, as this process did;
+        # they go after the interpreter's own (SHARDNET_EXECUTOR_PATH, not PYTHONPATH): nothing there shadows them
         self._import_paths = list(dict.fromkeys(
             path for value in (uses, uses_before, uses_after) if isinstance(value, type)
             for path in [executor_import_path(value)] if path is not None
@@ -235,7 +242,7 @@ class Deployment:
     def _child_env(self) -> dict[str, str]:
         env = {**os.environ, LAUNCHED_BY_DEPLOYMENT: self.name}
         if self._import_paths:
-            env["PYTHONPATH"] = os.pathsep.join([*self._import_paths, *filter(None, [env.get("PYTHONPATH")])])
+            env[EXECUTOR_PATH_VARIABLE] = os.pathsep.join(self._import_paths)
         if self._control_token is not None:
             env["SHARDNET_CONTROL_TOKEN"] = self._control_token
         return env
@@ -256,6 +263,7 @@ class Deployment:
                 return False
             if first:
                 self._spawned.append(process)
+            self._write_uses_with()
             process.launch()
             return True
 
@@ -340,14 +348,27 @@ class Deployment:
             ],
         )
 
-    def _uses_with_argument(self) -> str:
-        """``uses_with`` as the workers' --uses-with: its JSON, or @FILE in the log folder when too long for a
-        command line."""
+    def _uses_with_file(self) -> Optional[Path]:
+        """Where the workers read ``uses_with`` from when it is too long for a command line; None when it fits."""
         if len(self._uses_with.encode()) <= _LONGEST_USES_WITH_ARGUMENT:
-            return self._uses_with
-        path = self.log_dir / f"{self.name}-uses-with.json"  # written anew by each run: not a stale one's
-        path.write_text(self._uses_with, encoding="utf-8")
-        return f"@{path}"
+            return None
+        return self.log_dir / f"{self.name}-uses-with.json"
+
+    def _uses_with_argument(self) -> str:
+        """``uses_with`` as the workers' --uses-with: its JSON, or @FILE (written before each launch)."""
+        path = self._uses_with_file()
+        return self._uses_with if path is None else f"@{path}"
+
+    def _write_uses_with(self) -> None:
+        """Write the uses_with file before a launch, each time: a worker revived days later finds it even if a
+        /tmp cleaner removed it meanwhile, and a worker reading it meanwhile sees a whole file (a rename)."""
+        path = self._uses_with_file()
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        written = path.with_name(f".{path.name}.{os.getpid()}")
+        written.write_text(self._uses_with, encoding="utf-8")
+        os.replace(written, path)
 
     def _socket_path(self, shard: int, replica: int) -> str:
         return os.path.join(self._sockets.name, f"w{shard}-{replica}.sock")

@@ -19,9 +19,7 @@ import importlib.util
 import inspect
 import logging
 import os
-import site
 import sys
-import sysconfig
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Optional, Union
@@ -257,14 +255,23 @@ def _users_line(exc: BaseException, loaded_as: str) -> str:
     return f" ({innermost.tb_frame.f_code.co_filename}, line {innermost.tb_lineno})" if innermost else ""
 
 
-def load_executor_class(uses: str) -> type[Executor]:
-    """Resolve ``package.module:Class`` or ``path/to/file.py:Class`` to an Executor subclass.
+# folders (os.pathsep-separated) a Deployment gives its workers to import the Executor's module by name from: the
+# folders its own process imported it from; appended to sys.path, after the interpreter's own folders
+EXECUTOR_PATH_VARIABLE = "SHARDNET_EXECUTOR_PATH"
+
+
+def load_executor_class(uses: str, import_paths: Iterable[str] = ()) -> type[Executor]:
+    """Resolve ``package.module:Class`` or ``path/to/file.py:Class`` to an Executor subclass; ``import_paths``
+    go at the end of sys.path first (a Deployment's EXECUTOR_PATH_VARIABLE), so they shadow nothing installed.
 
     Whatever goes wrong is a ConfigurationError of one line: a module that cannot be found or does not parse,
     and one whose own code raises as it is imported, named with the exception and the line of the user's
     file it came from (importlib's frames are no help to whoever wrote the file).
     """
     module_name, class_name = split_uses(uses, "--uses")
+    for folder in import_paths:
+        if folder and folder not in sys.path:
+            sys.path.append(folder)
     path = Path(module_name).resolve() if module_name.endswith(".py") else None
     if path is not None and not path.is_file():
         raise ConfigurationError(f"--uses {uses!r}: no such file {path}")
@@ -309,19 +316,9 @@ def load_executor_class(uses: str) -> type[Executor]:
     return executor_class
 
 
-def _interpreters_own_paths() -> set[Path]:
-    """The folders every process of this interpreter imports from without being told: stdlib and site-packages."""
-    paths = sysconfig.get_paths()
-    folders = [paths[key] for key in ("stdlib", "platstdlib", "purelib", "platlib") if key in paths]
-    if site.ENABLE_USER_SITE:
-        folders.append(site.getusersitepackages())
-    return {Path(folder).resolve() for folder in folders}
-
-
 def _module_location(executor_class: type[Executor]) -> Optional[tuple[str, Optional[Path]]]:
-    """The name another process imports ``executor_class``'s module by, and the folder it needs on its path
-    for that (None: the interpreter finds it unaided); None when the module is a script, loadable only from
-    its file.
+    """The name another process imports ``executor_class``'s module by, and the folder it was imported from
+    (None when it has no file); None when the module is a script, loadable only from its file.
 
     Importing by name keeps a package's relative imports working and the module one module, not a copy.
     """
@@ -345,12 +342,12 @@ def _module_location(executor_class: type[Executor]) -> Optional[tuple[str, Opti
         if root.name != folder:
             return None
         root = root.parent
-    return name, (None if root in _interpreters_own_paths() else root)
+    return name, root
 
 
 def executor_import_path(executor_class: type[Executor]) -> Optional[str]:
-    """The folder a worker needs on its PYTHONPATH to import ``executor_class`` by ``executor_reference``'s
-    text, or None when it needs none."""
+    """The folder a worker needs on its path to import ``executor_class`` by ``executor_reference``'s text
+    (a Deployment passes it in EXECUTOR_PATH_VARIABLE), or None when it has none to give."""
     location = _module_location(executor_class)
     return None if location is None or location[1] is None else str(location[1])
 
