@@ -277,6 +277,31 @@ def test_deploy_takes_a_uses_after(tmp_path):
     assert process.returncode == 0, log.read_text()
 
 
+def test_a_worker_sigtermed_while_its_executor_loads_ends_the_load_as_ctrl_c_does(tmp_path):
+    """A pod deleted while its model loads: with no handler of its own, a container's PID 1 never receives
+    SIGTERM and sat out its grace period. The worker now handles it from before the load: it ends the load
+    itself (exit 130, as Ctrl-C), not killed by the signal."""
+    workspace = tmp_path / "workspace"
+    with open(tmp_path / "worker.log", "wb") as out:
+        worker = subprocess.Popen(
+            [*PYTHON_M, "worker", "--uses", f"{EXECUTORS}:SlowStart", "--workspace", str(workspace)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while not list(workspace.glob("loading-*")):
+            assert worker.poll() is None and time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
+            time.sleep(0.02)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(15) == 130, (tmp_path / "worker.log").read_text()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+
+
 def test_sigterm_while_deploy_is_starting_stops_what_it_started(tmp_path):
     workspace = tmp_path / "workspace"
     with open(tmp_path / "deploy.log", "wb") as out:

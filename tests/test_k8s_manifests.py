@@ -453,6 +453,8 @@ def test_yaml_quotes_label_values_and_shares_no_anchors() -> None:
         ({"startup_seconds": 1}, "startup_seconds must be an integer >= 2"),
         ({"startup_seconds": 2.5}, "startup_seconds must be an integer"),
         ({"pre_stop_seconds": 30}, "below termination_grace_seconds"),
+        ({"termination_grace_seconds": 10}, r"termination_grace_seconds must be at least 11: the preStop pause"),
+        ({"pre_stop_seconds": 0, "termination_grace_seconds": 5}, "termination_grace_seconds must be at least 6"),
         ({"tls_secret": "Idx_TLS"}, "tls_secret 'Idx_TLS' must name a Secret"),
         ({"tls_issuer": "ca"}, r"tls_issuer \(--tls-issuer\) needs tls_secret"),
         ({"tls_secret": "s", "tls_issuer": "My CA"}, "tls_issuer 'My CA' must name an Issuer"),

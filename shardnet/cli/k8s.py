@@ -172,7 +172,9 @@ def check_counts(args: argparse.Namespace) -> None:
     )
     pause = DeploymentSpec.pre_stop_seconds
     check_whole_number(
-        args.grace_seconds, "--grace-seconds", pause + 1, why=f" (a stopping pod first pauses {pause} s in preStop)"
+        args.grace_seconds, "--grace-seconds", pause + DRAIN_MARGIN + 1,
+        why=f" (a stopping pod first pauses {pause} s in preStop, drains at least 1 s, and needs {DRAIN_MARGIN} s to "
+        "exit before SIGKILL)",
     )
 
 

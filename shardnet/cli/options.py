@@ -141,6 +141,18 @@ def on_stop_signals(handler: Callable[[int, Any], Any] = as_ctrl_c, ctrl_c: bool
         signal.signal(signum, handler)
 
 
+def end_loading_on_stop_signals() -> None:
+    """Make SIGTERM (and SIGHUP, unless ignored from the start as under nohup) end what runs before serving, an
+    Executor's load, as Ctrl-C would; serving installs its own handlers (a drain) after.
+
+    A container's PID 1 with no handler of its own never receives SIGTERM: a pod deleted while its model loaded
+    sat out its whole grace period, then was killed, its Executor never closed.
+    """
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, as_ctrl_c)
+
+
 def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> None:
     group = parser.add_argument_group("serving")
     group.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")

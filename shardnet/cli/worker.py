@@ -12,6 +12,7 @@ from shardnet.cli.options import (
     add_server_arguments,
     check_loop,
     client_tls,
+    end_loading_on_stop_signals,
     exit_leaving_stuck_handlers,
     json_object,
     make_folder,
@@ -85,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         sys.path.insert(0, os.getcwd())
     if args.workspace:  # made here, as deploy makes it: an Executor should find its folder
         make_folder(args.workspace, "--workspace")
+    end_loading_on_stop_signals()  # a pod deleted while its model loads stops now, not at SIGKILL
     executor_class = load_executor_class(
         args.uses, os.environ.get(EXECUTOR_PATH_VARIABLE, "").split(os.pathsep)
     )

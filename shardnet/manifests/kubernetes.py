@@ -318,6 +318,13 @@ class DeploymentSpec:
                 f"pre_stop_seconds must be an integer >= 0 and below termination_grace_seconds "
                 f"({self.termination_grace_seconds}), got {self.pre_stop_seconds!r}"
             )
+        least = self.pre_stop_seconds + DRAIN_MARGIN + 1  # a drain of 1 s, and the margin to exit after it
+        if self.termination_grace_seconds < least:
+            raise ConfigurationError(
+                f"termination_grace_seconds must be at least {least}: the preStop pause ({self.pre_stop_seconds} s), "
+                f"a drain of 1 s and {DRAIN_MARGIN} s to exit after it before SIGKILL; got "
+                f"{self.termination_grace_seconds}"
+            )
 
     def _check_memory_holds_a_message(self) -> None:
         """Refuse a memory limit that one request of ``max_message_mb`` would exceed (MESSAGE_COPIES)."""
