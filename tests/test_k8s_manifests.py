@@ -782,3 +782,30 @@ def test_cli_takes_a_worker_tls_secret_and_says_what_each_certificate_must_carry
         if volume["name"] == "tls"
     }
     assert secrets == {"idx-tls", "idx-worker-tls"}
+
+
+def test_uses_with_reaches_every_worker_as_written_and_no_head(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    given = tmp_path / "kwargs.json"
+    given.write_text('{"model": "$MODEL_DIR/m.bin", "top_k": 5}')
+    assert main(["k8s", "render", "--name", "w", "--image", "i", "--uses", "m:C", "--shards", "2",
+                 "--uses-with", f"@{given}"]) == 0
+    head, workers = head_and_workers(list(yaml.safe_load_all(capsys.readouterr().out)), "Deployment")
+    assert "--uses-with" not in container(head)["args"]
+    assert len(workers) == 2
+    for worker in workers:
+        args = container(worker)["args"]
+        # the kubelet turns $$ back into $: the Executor gets the text, not an expanded variable
+        assert args[args.index("--uses-with") + 1] == '{"model": "$$MODEL_DIR/m.bin", "top_k": 5}'
+
+
+@pytest.mark.parametrize(
+    "uses_with, message",
+    [
+        ("[1]", "uses_with must be a JSON object"),
+        ("{oops", "uses_with is not valid JSON"),
+        ('{"words": "' + "x" * 140_000 + '"}', "past the 131071 Linux takes in one argument"),
+    ],
+)
+def test_a_uses_with_no_worker_could_take_is_refused(uses_with: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        DeploymentSpec(name="w", image="i", uses="m:C", uses_with=uses_with)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
 from typing import Optional
 
-from shardnet.cli.options import add_head_traffic_arguments, check_whole_number, message_megabytes
+from shardnet.cli.options import add_head_traffic_arguments, check_whole_number, json_object, message_megabytes
 from shardnet.errors import ConfigurationError
 from shardnet.manifests.kubernetes import (
     DRAIN_MARGIN,
@@ -43,6 +44,10 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     parser.add_argument("--image", required=True, help="container image with shardnet and the Executor installed")
     parser.add_argument(
         "--uses", default=DEFAULT_USES, help="Executor the workers load, as MODULE:CLASS or FILE.py:CLASS (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--uses-with", default="{}",
+        help="JSON keyword arguments for the Executor, or @FILE holding them; on every worker's command line",
     )
     parser.add_argument("--shards", type=int, default=1, help="number of shards (default: %(default)s)")
     parser.add_argument("--replicas", type=int, default=1, help="replicas per shard (default: %(default)s)")
@@ -194,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
         name=args.name,
         image=args.image,
         uses=args.uses,
+        uses_with=json.dumps(json_object(args.uses_with, "--uses-with")),
         shards=args.shards,
         replicas=args.replicas,
         head_replicas=args.head_replicas,

@@ -34,6 +34,7 @@ rendered again for another.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -203,6 +204,7 @@ class DeploymentSpec:
     name: str
     image: str
     uses: str
+    uses_with: str = "{}"  # a JSON object: the Executor's keyword arguments, on every worker's command line
     shards: int = 1
     replicas: int = 1
     polling: str = "ANY"
@@ -231,6 +233,7 @@ class DeploymentSpec:
     tls_issuer_kind: str = "Issuer"
 
     def __post_init__(self) -> None:
+        self._check_uses_with()
         for what in ("shards", "replicas", "head_replicas"):
             value = getattr(self, what)
             if not _is_count(value) or value < 1:
@@ -324,6 +327,20 @@ class DeploymentSpec:
                 f"termination_grace_seconds must be at least {least}: the preStop pause ({self.pre_stop_seconds} s), "
                 f"a drain of 1 s and {DRAIN_MARGIN} s to exit after it before SIGKILL; got "
                 f"{self.termination_grace_seconds}"
+            )
+
+    def _check_uses_with(self) -> None:
+        try:
+            value = json.loads(self.uses_with) if isinstance(self.uses_with, str) else None
+        except json.JSONDecodeError as exc:
+            raise ConfigurationError(f"uses_with is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ConfigurationError(f"uses_with must be a JSON object of keyword arguments, got {self.uses_with!r}")
+        written = len(_literal(self.uses_with).encode())
+        if written > MAX_ARGUMENT_BYTES:  # the container's exec would fail, the pod crash-looping
+            raise ConfigurationError(
+                f"uses_with is {written} bytes on the worker's command line, past the {MAX_ARGUMENT_BYTES} Linux "
+                "takes in one argument: put the data in the image (or a volume) and pass its path instead"
             )
 
     def _check_memory_holds_a_message(self) -> None:
@@ -632,6 +649,8 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
             "--name", f"{spec.name}/shard-{shard}" if spec.shards > 1 else spec.name,
             "--workspace", WORKSPACE,
         ]  # fmt: skip
+        if spec.uses_with != "{}":
+            args += ["--uses-with", spec.uses_with]
         volumes = {"tmp": "/tmp", "workspace": WORKSPACE}
     # head and workers alike (the head passes its workers' answers on), exactly what was given
     args += ["--max-message-mb", repr(float(spec.max_message_mb)), "--drain-seconds", str(spec.drain_seconds)]
@@ -713,6 +732,10 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
         }
     )
     return pod
+
+
+# what Linux takes in one argument of a command line (MAX_ARG_STRLEN: 32 pages), less its terminating NUL
+MAX_ARGUMENT_BYTES = 128 * 1024 - 1
 
 
 def _literal(argument: str) -> str:
