@@ -4,6 +4,7 @@ package (relative imports), from a ``python -m`` main module, from a script besi
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,7 @@ from shardnet import Document
 from shardnet.cli.options import json_object
 from shardnet.errors import ConfigurationError, ProcessError
 from shardnet.runtimes.deployment import Deployment
-from shardnet.runtimes.executor import executor_import_path, executor_reference, load_executor_class
+from shardnet.runtimes.executor import EXECUTOR_PATH_VARIABLE, executor_reference, executor_search_path, load_executor_class
 
 import executors
 
@@ -55,7 +56,7 @@ def test_a_class_from_a_package_with_relative_imports_is_sent_by_its_module_name
 
     try:
         assert executor_reference(Shouter) == "mypkg.execs:Shouter"
-        assert executor_import_path(Shouter) == str(tmp_path.resolve())
+        assert str(tmp_path) in executor_search_path(Shouter)
         with Deployment(Shouter) as deployment:
             assert [doc.text for doc in deployment.post("/", [Document(text="hi")])] == ["HI!"]
     finally:
@@ -67,7 +68,7 @@ def test_a_class_of_a_main_module_run_with_dash_m_is_sent_by_its_module_name(tmp
     write_package(tmp_path)
     (tmp_path / "mypkg" / "serve.py").write_text(textwrap.dedent("""\
         from shardnet import Executor, requests
-        from shardnet.runtimes.executor import executor_import_path, executor_reference
+        from shardnet.runtimes.executor import executor_reference, executor_search_path
         from .helpers import shout
 
 
@@ -79,11 +80,11 @@ def test_a_class_of_a_main_module_run_with_dash_m_is_sent_by_its_module_name(tmp
 
 
         if __name__ == "__main__":
-            print(executor_reference(Local), executor_import_path(Local))
+            print(executor_reference(Local), executor_search_path(Local)[0])
         """))
     done = run_python(["-m", "mypkg.serve"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["mypkg.serve:Local", str(tmp_path.resolve())]
+    assert done.stdout.split() == ["mypkg.serve:Local", str(tmp_path)]  # python -m puts the folder it ran in first
     loaded = run_python(
         ["-c", "from shardnet.runtimes.executor import load_executor_class as load; "
                "print(load('mypkg.serve:Local').__name__)"],
@@ -110,7 +111,8 @@ def test_a_script_imports_the_modules_beside_it_whatever_folder_it_is_run_from(t
 def test_a_class_of_the_test_modules_is_sent_by_module_name_and_loads_from_it():
     reference = executor_reference(executors.Tagger)
     assert reference == "executors:Tagger"
-    assert executor_import_path(executors.Tagger) == str(Path(executors.__file__).resolve().parent)
+    tests_folder = Path(executors.__file__).resolve().parent
+    assert tests_folder in {Path(folder or ".").resolve() for folder in executor_search_path(executors.Tagger)}
     assert load_executor_class(reference) is executors.Tagger  # the module itself, not a second copy
 
 
@@ -191,3 +193,22 @@ def test_a_bad_uses_before_or_after_is_refused_when_the_deployment_is_made(argum
 def test_unix_sockets_must_be_a_flag():
     with pytest.raises(ConfigurationError, match="unix_sockets is True or False, got 'no'"):
         Deployment(executors.Upper, unix_sockets="no")
+
+
+def test_a_worker_finds_a_users_module_named_like_an_installed_one_as_the_naming_process_did(tmp_path):
+    """The user's folder came first in the process that named the class (a script's folder does), and an
+    installed module of the same name comes before it in a worker's own path: the search path given puts the
+    user's first again. Appending it, as a first version did, loaded the installed module."""
+    users, installed = tmp_path / "project", tmp_path / "installed"
+    for folder in (users, installed):
+        folder.mkdir()
+    (users / "collide.py").write_text(SHOUTER.format(helpers="beside_helpers"))
+    (users / "beside_helpers.py").write_text("def shout(text):\n    return text.upper() + '!'\n")
+    (installed / "collide.py").write_text("# an installed module of the same name: no Shouter here\n")
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import os; from shardnet.runtimes.executor import load_executor_class as load; "
+         f"print(load('collide:Shouter', os.environ[{EXECUTOR_PATH_VARIABLE!r}].split(os.pathsep)).__module__)"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(installed), EXECUTOR_PATH_VARIABLE: str(users)},
+    )
+    assert loaded.returncode == 0 and loaded.stdout.strip() == "collide", loaded.stderr

@@ -87,9 +87,8 @@ def run(args: argparse.Namespace) -> int:
     if args.workspace:  # made here, as deploy makes it: an Executor should find its folder
         make_folder(args.workspace, "--workspace")
     end_loading_on_stop_signals()  # a pod deleted while its model loads stops now, not at SIGKILL
-    executor_class = load_executor_class(
-        args.uses, os.environ.get(EXECUTOR_PATH_VARIABLE, "").split(os.pathsep)
-    )
+    search_path = os.environ[EXECUTOR_PATH_VARIABLE].split(os.pathsep) if EXECUTOR_PATH_VARIABLE in os.environ else []
+    executor_class = load_executor_class(args.uses, search_path)
     name = args.name or f"{executor_class.__name__}/shard-{args.shard_id}/rep-{args.replica_id}"
     runtime_args = {"shard_id": args.shard_id, "replica_id": args.replica_id, "workspace": args.workspace, "name": name}
     executor = executor_class.create(runtime_args, **uses_with)

@@ -36,8 +36,8 @@ from shardnet.protocol.messages import DataRequest
 from shardnet.runtimes.executor import (
     EXECUTOR_PATH_VARIABLE,
     Executor,
-    executor_import_path,
     executor_reference,
+    executor_search_path,
     split_uses,
 )
 from shardnet.runtimes.head import MAX_RENEWAL_INTERVAL
@@ -166,12 +166,9 @@ class Deployment:
         self._uses = _reference(uses)
         extras = {"uses_before": uses_before, "uses_after": uses_after}
         self._extras = {key: _reference(value, key) for key, value in extras.items() if value is not None}
-        # the folders the workers need on their path to import the classes given by name, as this process did;
-        # they go after the interpreter's own (SHARDNET_EXECUTOR_PATH, not PYTHONPATH): nothing there shadows them
-        self._import_paths = list(dict.fromkeys(
-            path for value in (uses, uses_before, uses_after) if isinstance(value, type)
-            for path in [executor_import_path(value)] if path is not None
-        ))
+        # classes given by name are imported by the workers as this process imported them: along its sys.path
+        classes = [value for value in (uses, uses_before, uses_after) if isinstance(value, type)]
+        self._search_path = executor_search_path(*classes) if classes else []
         self._uses_with = _uses_with_json(uses_with)
         self._control_token = control_token
         self._register_interval = register_interval
@@ -241,8 +238,8 @@ class Deployment:
 
     def _child_env(self) -> dict[str, str]:
         env = {**os.environ, LAUNCHED_BY_DEPLOYMENT: self.name}
-        if self._import_paths:
-            env[EXECUTOR_PATH_VARIABLE] = os.pathsep.join(self._import_paths)
+        if self._search_path:
+            env[EXECUTOR_PATH_VARIABLE] = os.pathsep.join(self._search_path)
         if self._control_token is not None:
             env["SHARDNET_CONTROL_TOKEN"] = self._control_token
         return env

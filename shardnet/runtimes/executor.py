@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 from shardnet.errors import ConfigurationError
 from shardnet.protocol.documents import Document
@@ -255,23 +255,24 @@ def _users_line(exc: BaseException, loaded_as: str) -> str:
     return f" ({innermost.tb_frame.f_code.co_filename}, line {innermost.tb_lineno})" if innermost else ""
 
 
-# folders (os.pathsep-separated) a Deployment gives its workers to import the Executor's module by name from: the
-# folders its own process imported it from; appended to sys.path, after the interpreter's own folders
+# the module search path (os.pathsep-separated) a Deployment gives its workers when it was given Executor classes:
+# its own sys.path, in its order (see executor_search_path)
 EXECUTOR_PATH_VARIABLE = "SHARDNET_EXECUTOR_PATH"
 
 
-def load_executor_class(uses: str, import_paths: Iterable[str] = ()) -> type[Executor]:
-    """Resolve ``package.module:Class`` or ``path/to/file.py:Class`` to an Executor subclass; ``import_paths``
-    go at the end of sys.path first (a Deployment's EXECUTOR_PATH_VARIABLE), so they shadow nothing installed.
+def load_executor_class(uses: str, search_path: Sequence[str] = ()) -> type[Executor]:
+    """Resolve ``package.module:Class`` or ``path/to/file.py:Class`` to an Executor subclass. ``search_path``
+    (a Deployment's, see ``executor_search_path``) goes first in sys.path, in its order, so each module name
+    leads to the module it led to in the process that named the class: a user's ``utils`` before an installed
+    one when that process had it so, a vendored folder appended after the standard library when it was.
 
     Whatever goes wrong is a ConfigurationError of one line: a module that cannot be found or does not parse,
     and one whose own code raises as it is imported, named with the exception and the line of the user's
     file it came from (importlib's frames are no help to whoever wrote the file).
     """
     module_name, class_name = split_uses(uses, "--uses")
-    for folder in import_paths:
-        if folder and folder not in sys.path:
-            sys.path.append(folder)
+    if search_path:
+        sys.path[:] = [*search_path, *(folder for folder in sys.path if folder not in search_path)]
     path = Path(module_name).resolve() if module_name.endswith(".py") else None
     if path is not None and not path.is_file():
         raise ConfigurationError(f"--uses {uses!r}: no such file {path}")
@@ -345,16 +346,23 @@ def _module_location(executor_class: type[Executor]) -> Optional[tuple[str, Opti
     return name, root
 
 
-def executor_import_path(executor_class: type[Executor]) -> Optional[str]:
-    """The folder a worker needs on its path to import ``executor_class`` by ``executor_reference``'s text
-    (a Deployment passes it in EXECUTOR_PATH_VARIABLE), or None when it has none to give."""
-    location = _module_location(executor_class)
-    return None if location is None or location[1] is None else str(location[1])
+def executor_search_path(*executor_classes: type[Executor]) -> list[str]:
+    """The module search path another process of this interpreter needs to import each of ``executor_classes``
+    by ``executor_reference``'s text as this process did: this process's sys.path, in its order, then any folder
+    one of them was imported from that it lacks (the path changed since)."""
+    search_path = list(sys.path)
+    known = {Path(folder or ".").resolve() for folder in search_path}
+    for executor_class in executor_classes:
+        location = _module_location(executor_class)
+        if location is not None and location[1] is not None and location[1] not in known:
+            search_path.append(str(location[1]))
+            known.add(location[1])
+    return search_path
 
 
 def executor_reference(executor_class: type[Executor]) -> str:
     """The ``--uses`` text that lets another process load ``executor_class``: MODULE:CLASS for a module
-    (with ``executor_import_path`` on its path), the script's absolute FILE.py:CLASS for a script."""
+    (found on ``executor_search_path``), the script's absolute FILE.py:CLASS for a script."""
     if "<locals>" in executor_class.__qualname__:
         raise ConfigurationError(
             f"{executor_class.__qualname__} is defined inside a function: a worker process cannot import it; "
