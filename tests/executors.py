@@ -404,6 +404,16 @@ class SlowStart(Executor):
         time.sleep(60)
 
 
+class SlowStartHoldingAThread(Executor):
+    """Starts a thread that never ends (not a daemon: an orderly exit waits for it), then loads as SlowStart."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        threading.Thread(target=threading.Event().wait, name="refresher").start()
+        (Path(self.runtime_args.workspace) / f"loading-{os.getpid()}").touch()
+        time.sleep(60)
+
+
 class HelperThenSlowLoad(Executor):
     """Starts a helper process (``<workspace>/helper-<pid>``), then loads for ``LOAD_SECONDS`` (3), as a model
     server started before the weights load would."""

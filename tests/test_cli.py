@@ -277,14 +277,15 @@ def test_deploy_takes_a_uses_after(tmp_path):
     assert process.returncode == 0, log.read_text()
 
 
-def test_a_worker_sigtermed_while_its_executor_loads_ends_the_load_as_ctrl_c_does(tmp_path):
+@pytest.mark.parametrize("executor", ["SlowStart", "SlowStartHoldingAThread"])
+def test_a_worker_sigtermed_while_its_executor_loads_ends_at_once(tmp_path, executor):
     """A pod deleted while its model loads: with no handler of its own, a container's PID 1 never receives
-    SIGTERM and sat out its grace period. The worker now handles it from before the load: it ends the load
-    itself (exit 130, as Ctrl-C), not killed by the signal."""
+    SIGTERM and sat out its grace period. The worker now handles it from before the load and ends at once (exit
+    143, its own), a thread the Executor's __init__ started notwithstanding (an orderly exit would wait on it)."""
     workspace = tmp_path / "workspace"
     with open(tmp_path / "worker.log", "wb") as out:
         worker = subprocess.Popen(
-            [*PYTHON_M, "worker", "--uses", f"{EXECUTORS}:SlowStart", "--workspace", str(workspace)],
+            [*PYTHON_M, "worker", "--uses", f"{EXECUTORS}:{executor}", "--workspace", str(workspace)],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -295,7 +296,8 @@ def test_a_worker_sigtermed_while_its_executor_loads_ends_the_load_as_ctrl_c_doe
             assert worker.poll() is None and time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
             time.sleep(0.02)
         worker.send_signal(signal.SIGTERM)
-        assert worker.wait(15) == 130, (tmp_path / "worker.log").read_text()
+        assert worker.wait(15) == 143, (tmp_path / "worker.log").read_text()
+        assert "SIGTERM while loading the Executor: stopped" in (tmp_path / "worker.log").read_text()
     finally:
         if worker.poll() is None:
             worker.kill()

@@ -809,3 +809,10 @@ def test_uses_with_reaches_every_worker_as_written_and_no_head(capsys: pytest.Ca
 def test_a_uses_with_no_worker_could_take_is_refused(uses_with: str, message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         DeploymentSpec(name="w", image="i", uses="m:C", uses_with=uses_with)
+
+
+def test_a_uses_with_is_measured_as_the_worker_receives_it_not_as_rendered() -> None:
+    """The kubelet turns the rendered $$ back into $: 66,000 of them are 66 KB on the command line, not 132."""
+    spec = DeploymentSpec(name="w", image="i", uses="m:C", uses_with=json.dumps({"s": "$" * 66_000}))
+    [worker] = head_and_workers(render(spec), "Deployment")[1]
+    assert container(worker)["args"][container(worker)["args"].index("--uses-with") + 1].count("$$") == 66_000

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import contextlib
 import importlib.util
 import json
 import logging
@@ -142,15 +143,25 @@ def on_stop_signals(handler: Callable[[int, Any], Any] = as_ctrl_c, ctrl_c: bool
 
 
 def end_loading_on_stop_signals() -> None:
-    """Make SIGTERM (and SIGHUP, unless ignored from the start as under nohup) end what runs before serving, an
-    Executor's load, as Ctrl-C would; serving installs its own handlers (a drain) after.
+    """Make SIGTERM (and SIGHUP, unless ignored from the start as under nohup) end the process at once while
+    what runs before serving, an Executor's load, runs, as their default action would; serving installs its
+    own handlers (a drain) after.
 
     A container's PID 1 with no handler of its own never receives SIGTERM: a pod deleted while its model loaded
-    sat out its whole grace period, then was killed, its Executor never closed.
+    sat out its whole grace period, then was killed. An exit rather than an exception: a load interrupted has
+    no Executor to close, and a thread its ``__init__`` started would hold an orderly exit for ever.
     """
+
+    def end_now(signum: int, frame: Any) -> None:
+        print(f"shardnet: {signal.Signals(signum).name} while loading the Executor: stopped", file=sys.stderr)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(128 + signum)
+
     for signum in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(signum) is not signal.SIG_IGN:
-            signal.signal(signum, as_ctrl_c)
+            signal.signal(signum, end_now)
 
 
 def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> None:

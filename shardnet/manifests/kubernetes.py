@@ -336,7 +336,7 @@ class DeploymentSpec:
             raise ConfigurationError(f"uses_with is not valid JSON: {exc}") from None
         if not isinstance(value, dict):
             raise ConfigurationError(f"uses_with must be a JSON object of keyword arguments, got {self.uses_with!r}")
-        written = len(_literal(self.uses_with).encode())
+        written = len(self.uses_with.encode())  # as executed: the kubelet turns the rendered $$ back into $
         if written > MAX_ARGUMENT_BYTES:  # the container's exec would fail, the pod crash-looping
             raise ConfigurationError(
                 f"uses_with is {written} bytes on the worker's command line, past the {MAX_ARGUMENT_BYTES} Linux "

@@ -78,16 +78,20 @@ class RoundRobin:
 class _Load:
     """One replica's latency estimate and its requests still out (token -> start, oldest first)."""
 
-    __slots__ = ("ewma", "stamp", "outstanding", "prior", "failed")
+    __slots__ = ("ewma", "stamp", "outstanding", "prior", "failures")
 
     def __init__(self, ewma: float, now: float):
         self.ewma = ewma
         self.stamp = now
         self.outstanding: dict[int, float] = {}
         self.prior = True  # ewma is a seed, not a measurement: the first request's latency replaces it outright
-        # its last request failed by its fault, or was given up on after longer than its estimate: no probe
-        # until one succeeds
-        self.failed = False
+        # its last requests in a row that failed by its fault, or were given up on after longer than its
+        # estimate: each doubles the quiet before it is probed (a hung replica's probes are callers' waits)
+        self.failures = 0
+
+
+# the most doublings of probe_after a replica failing again and again waits before a probe: 64 s by default
+MAX_PROBE_BACKOFF = 6
 
 
 class PeakEwma:
@@ -95,11 +99,11 @@ class PeakEwma:
 
     ``default_latency`` seeds the first replica it learns of (later ones start at the median of their peers);
     costs of two idle replicas within ``tie_margin`` (relative) of each other are a coin flip, so noise between
-    identical replicas does not send all one-at-a-time traffic to one of them. A replica with nothing out, no
-    answer for ``probe_after`` seconds and no failure last is weighed at most as its rival in a pick, and the
-    probe's answer replaces its estimate: a single slow peak (a pause's held requests) no longer starves it
-    until the estimate decays, for a minute. One that failed last (a timeout, a hung handler) gets no probe:
-    each would be a user's request waiting out its deadline.
+    identical replicas does not send all one-at-a-time traffic to one of them. A replica with nothing out and
+    no answer for ``probe_after`` seconds, picked against a rival heard of since, weighs at most as the rival,
+    and the probe's answer replaces its estimate: a single slow peak (a pause's held requests) no longer
+    starves it until the estimate decays, for a minute. Each failure in a row (a timeout, a hung handler, a
+    request given up on) doubles that quiet, up to 64 times: a hung replica's probes are callers' waits.
     """
 
     name = "p2c_ewma"
@@ -155,8 +159,10 @@ class PeakEwma:
         return latency * (len(load.outstanding) + 1)
 
     def _stale(self, load: _Load, now: float) -> bool:
-        """Idle, unheard of for ``probe_after`` and not failed last: its estimate may be an old peak's."""
-        return not load.outstanding and not load.failed and now - load.stamp > self._probe_after
+        """Idle and unheard of for ``probe_after`` (doubled for each failure in a row, up to 64 times): its
+        estimate may be an old peak's."""
+        quiet = self._probe_after * (1 << min(load.failures, MAX_PROBE_BACKOFF))
+        return not load.outstanding and now - load.stamp > quiet
 
     def cost(self, connection: Any, now: float) -> float:
         """What a pick at ``now`` weighs ``connection`` by; one without history by the estimate it would start at."""
@@ -183,9 +189,12 @@ class PeakEwma:
         load_a = loads.get(a) or self._load(a, now)  # a replica new to it is seeded here, once
         load_b = loads.get(b) or self._load(b, now)
         cost_a, cost_b = self._cost(load_a, now), self._cost(load_b, now)
-        if self._stale(load_a, now) or self._stale(load_b, now):  # a stale estimate weighs at most as its rival
-            cost_a, cost_b = (min(cost_a, cost_b) if self._stale(load_a, now) else cost_a,
-                              min(cost_a, cost_b) if self._stale(load_b, now) else cost_b)
+        stale_a, stale_b = self._stale(load_a, now), self._stale(load_b, now)
+        if stale_a != stale_b:  # one unheard of while its rival served: it weighs at most as the rival (a probe)
+            if stale_a:
+                cost_a = min(cost_a, cost_b)
+            else:
+                cost_b = min(cost_a, cost_b)
         if cost_b < cost_a:
             a, b, cost_a, cost_b = b, a, cost_b, cost_a
         # two idle replicas whose estimates differ by noise: a coin flip, or the first would take all of
@@ -216,14 +225,14 @@ class PeakEwma:
         rtt = max(now - started, self._failure_penalty) if failed else now - started
         # peak: jump up at once; a seed, or an estimate nothing was heard of for probe_after before this request
         # started (a probe's), gives way to the new measurement outright
-        if rtt > load.ewma or load.prior or (started - load.stamp > self._probe_after and not load.failed):
+        if rtt > load.ewma or load.prior or (started - load.stamp > self._probe_after and not failed):
             load.ewma = rtt
             load.prior = False
         else:
             weight = math.exp(-(now - load.stamp) / self._decay)
             load.ewma = load.ewma * weight + rtt * (1.0 - weight)
         load.stamp = now
-        load.failed = failed
+        load.failures = load.failures + 1 if failed else 0
 
     def abandoned(self, connection: Any, token: int) -> None:
         """The request ended without an answer, its caller having given up: no failure of the replica (a
@@ -234,7 +243,7 @@ class PeakEwma:
             load.ewma = now - started
             load.prior = False
             load.stamp = now
-            load.failed = True  # probing it would send one more caller into the same wait
+            load.failures += 1  # a probe soon would send one more caller into the same wait
 
     def forget(self, connection: Any) -> None:
         """Drop the connection's history; its next load is seeded from its peers as a new replica's is."""
