@@ -34,7 +34,9 @@ MAX_LOCAL_WORKERS = 256
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("deploy", help="run head + shards x replicas locally until Ctrl-C")
     parser.add_argument("--uses", required=True, help="MODULE:CLASS or FILE.py:CLASS")
-    parser.add_argument("--uses-with", default="{}", help="JSON keyword arguments for the Executor, or @FILE holding them")
+    parser.add_argument(
+        "--uses-with", default="{}", help="JSON keyword arguments for the Executor, or @FILE holding them"
+    )
     parser.add_argument(
         "--name", default="executor",
         help="deployment name (default: %(default)s): names the workers in dict results (NAME/rep-R, "

@@ -37,7 +37,9 @@ LONGEST_INTERVAL = (
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("worker", help="serve an Executor")
     parser.add_argument("--uses", required=True, help="MODULE:CLASS or FILE.py:CLASS of a shardnet.Executor")
-    parser.add_argument("--uses-with", default="{}", help="JSON keyword arguments for the Executor, or @FILE holding them")
+    parser.add_argument(
+        "--uses-with", default="{}", help="JSON keyword arguments for the Executor, or @FILE holding them"
+    )
     parser.add_argument("--head", help="HOST:PORT of a head to register with (ACTIVATE) and leave on stop")
     parser.add_argument(
         "--shard-id", type=whole_number("shard id", 0, INT32_MAX, " (a protobuf int32)"), default=0,

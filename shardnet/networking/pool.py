@@ -431,14 +431,16 @@ class GrpcConnectionPool:
         """Retry on the shard's other replicas, each at most once a round; back off between rounds."""
         loop = asyncio.get_running_loop()
         tried = {first}
-        last = {"error": first_error, "connection": first, "attempt_timeout": None, "attempts": 1, "budget refused": False}
-        # the first failed attempt a replica may have run, with its replica; None while every attempt failed
-        # before a replica could take it (the request is then unsent)
-        taken: dict[str, Any] = {"attempt": None if never_reached(first_error) else (first_error, first)}
+        last: dict[str, Any] = {
+            "error": first_error, "connection": first, "attempt_timeout": None, "attempts": 1, "budget refused": False,
+            # the first failed attempt a replica may have run, with its replica; None while every attempt failed
+            # before a replica could take it (the request is then unsent)
+            "taken": None if never_reached(first_error) else (first_error, first),
+        }
 
         def note_taken(error: grpc.aio.AioRpcError) -> None:
-            if taken["attempt"] is None and not never_reached(error):
-                taken["attempt"] = (error, last["connection"])
+            if last["taken"] is None and not never_reached(error):
+                last["taken"] = (error, last["connection"])
         backoff = self.retry.backoff()
 
         def untried() -> list[Connection]:
@@ -468,13 +470,13 @@ class GrpcConnectionPool:
         if retries is not None and retries >= 0:
             max_attempts = retries
         if max_attempts < 1:  # one round over one replica: the first attempt was all (tenacity would make one more)
-            raise self._replica_error(first_error, first, deployment, shard_id, unsent=taken["attempt"] is None) from None
+            raise self._replica_error(first_error, first, deployment, shard_id, unsent=last["taken"] is None) from None
         # leaving a replica its list already took out for connection failures is routing, not a retry storm:
         # a killed replica's streams fail everything they carried at once, and all of it must go elsewhere
         routed_around = first_error.code() == grpc.StatusCode.UNAVAILABLE and not replicas.is_eligible(first)
         if not routed_around and not self.retry_budget.try_spend():
             raise self._replica_error(
-                first_error, first, deployment, shard_id, "retry budget exhausted", unsent=taken["attempt"] is None
+                first_error, first, deployment, shard_id, "retry budget exhausted", unsent=last["taken"] is None
             ) from None
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(max_attempts) | tenacity.stop_any(spend),
@@ -505,12 +507,12 @@ class GrpcConnectionPool:
             note += ", the retry budget exhausted"
         if self.retry.attempt_timeout is not None and last["error"].code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             note += f", each given at most the attempt timeout of {self.retry.attempt_timeout:g}s"
-        if taken["attempt"] is not None and taken["attempt"][0] is not last["error"]:
+        if last["taken"] is not None and last["taken"][0] is not last["error"]:
             # the last attempt's words ("connection refused") would read as if no replica ever had the request
-            error, connection = taken["attempt"]
+            error, connection = last["taken"]
             note += f"; an earlier attempt, on replica {connection.address}, may have run it: {error_cause(error)}"
         raise self._replica_error(
-            last["error"], last["connection"], deployment, shard_id, note, unsent=taken["attempt"] is None
+            last["error"], last["connection"], deployment, shard_id, note, unsent=last["taken"] is None
         ) from None
 
     @staticmethod
