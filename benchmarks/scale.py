@@ -29,9 +29,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import EchoProcess, exit_on_sigterm, machine_line, run_script, table
+from _common import EchoProcess, exit_on_sigterm, machine_line, run_script, table, verdict
 
 PICKS = 200_000
+# "flat" as a verdict: the largest size's time per operation at most this many times the smallest's. Over the
+# default 1,000-fold growth O(log n) gives 4x and O(n) 1000x; noise between fresh processes moves a cell by ~1.5x
+FLAT_AT_MOST = 3.0
 
 
 def rss_bytes() -> int:
@@ -198,6 +201,13 @@ def main(argv=None) -> int:
         last = rows[-1]
         print(f"  {last[0]} vs {first[0]} replicas: add x{last[1] / first[1]:.2f}, remove x{last[2] / first[2]:.2f}, "
               f"pick rr x{last[3] / first[3]:.2f}, pick p2c x{last[4] / first[4]:.2f} (flat = about 1)")
+    if len(rows) > 1:
+        print()
+        print(f"targets (flat: each operation's time at {rows[-1][0]} replicas at most {FLAT_AT_MOST:g}x its time at the "
+              "smaller sizes, the worst of them):")
+        for column, operation in ((1, "add"), (2, "remove"), (3, "pick round robin"), (4, "pick p2c_ewma")):
+            worst = max(rows[-1][column] / row[column] for row in rows[:-1])
+            print(verdict(f"{operation}, {rows[-1][0]} replicas / smaller", worst, "<=", FLAT_AT_MOST))
 
     if args.connected:
         print()

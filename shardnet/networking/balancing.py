@@ -161,9 +161,10 @@ class PeakEwma:
     def _stale(self, load: _Load, now: float) -> bool:
         """Idle and unheard of for ``probe_after`` (doubled for each failure in a row, up to 64 times): its
         estimate may be an old peak's."""
-        if load.outstanding or now - load.stamp <= self._probe_after:  # under load, what nearly every pick meets
+        idle_for = now - load.stamp
+        if load.outstanding or idle_for <= self._probe_after:  # under load, what nearly every pick meets
             return False
-        return now - load.stamp > self._probe_after * (1 << min(load.failures, MAX_PROBE_BACKOFF))
+        return not load.failures or idle_for > self._probe_after * (1 << min(load.failures, MAX_PROBE_BACKOFF))
 
     def cost(self, connection: Any, now: float) -> float:
         """What a pick at ``now`` weighs ``connection`` by; one without history by the estimate it would start at."""
