@@ -10,7 +10,9 @@ import time
 import grpc
 import pytest
 
-from shardnet import ConfigurationError, DataRequest, GrpcConnectionPool, PeakEwma, ReplicaError, ReplicaList, RoundRobin
+from shardnet import (
+    ConfigurationError, DataRequest, GrpcConnectionPool, PeakEwma, ReplicaError, ReplicaList, RoundRobin,
+)
 from shardnet.networking.balancing import make_balancer
 
 
@@ -32,6 +34,18 @@ def served(balancer, clock, connection, seconds, failed=False):
     token = balancer.started(connection)
     clock.now += seconds
     balancer.finished(connection, token, failed=failed)
+
+
+def one_at_a_time(balancer, clock, candidates, requests, seconds, failing=(), gap=0.0) -> list:
+    """``requests`` picks in a row, each served in ``seconds[replica]`` (failed on a replica in ``failing``) and
+    ``gap`` seconds apart; the replicas picked, in order."""
+    picks = []
+    for _ in range(requests):
+        connection = balancer.pick(candidates)
+        picks.append(connection)
+        served(balancer, clock, connection, seconds[connection], failed=connection in failing)
+        clock.now += gap
+    return picks
 
 
 def test_peak_ewma_prefers_the_faster_replica():
@@ -273,11 +287,7 @@ def test_a_replica_starved_by_one_peak_is_tried_again_after_probe_after():
     balancer = PeakEwma(clock=clock, rng=random.Random(3), probe_after=1.0)
     served(balancer, clock, "steady", 0.01)
     served(balancer, clock, "paused", 20.0)
-    picks = []
-    for _ in range(400):  # 2 s of one-at-a-time traffic
-        connection = balancer.pick(["steady", "paused"])
-        picks.append(connection)
-        served(balancer, clock, connection, 0.005)
+    picks = one_at_a_time(balancer, clock, ["steady", "paused"], 400, {"steady": 0.005, "paused": 0.005})  # 2 s
     assert "paused" not in picks[:150], "tried again before probe_after passed"
     assert picks[250:].count("paused") >= 50, picks[250:].count("paused")  # its answer reset it: it shares again
 
@@ -287,11 +297,7 @@ def test_a_slow_replica_is_tested_once_per_probe_after_and_no_more():
     balancer = PeakEwma(clock=clock, rng=random.Random(5), probe_after=1.0)
     served(balancer, clock, "fast", 0.01)
     served(balancer, clock, "slow", 0.05)
-    picks = []
-    for _ in range(300):  # 3 s of one-at-a-time traffic
-        connection = balancer.pick(["fast", "slow"])
-        picks.append(connection)
-        served(balancer, clock, connection, 0.01 if connection == "fast" else 0.05)
+    picks = one_at_a_time(balancer, clock, ["fast", "slow"], 300, {"fast": 0.01, "slow": 0.05})  # 3 s
     assert 1 <= picks.count("slow") <= 3, picks.count("slow")
 
 
@@ -302,11 +308,8 @@ def test_a_replica_failing_again_and_again_is_probed_ever_less_often():
     balancer = PeakEwma(clock=clock, rng=random.Random(6), probe_after=1.0)
     served(balancer, clock, "healthy", 0.01)
     served(balancer, clock, "hung", 2.0, failed=True)
-    picks = []
-    for _ in range(6000):  # 60 s of one-at-a-time traffic; every request to the hung one fails
-        connection = balancer.pick(["healthy", "hung"])
-        picks.append(connection)
-        served(balancer, clock, connection, 0.01, failed=connection == "hung")
+    # 60 s of one-at-a-time traffic; every request to the hung one fails
+    picks = one_at_a_time(balancer, clock, ["healthy", "hung"], 6000, {"healthy": 0.01, "hung": 0.01}, failing={"hung"})
     assert 2 <= picks.count("hung") <= 6, picks.count("hung")  # probes after 2, 4, 8, 16 and 32 s of quiet
 
 
@@ -319,11 +322,8 @@ def test_a_replica_whose_held_requests_were_given_up_on_is_probed_soon_after():
     token = balancer.started("paused")
     clock.now += 3.0
     balancer.abandoned("paused", token)
-    picks = []
-    for _ in range(600):  # 3 s of one-at-a-time traffic, the paused replica healthy again
-        connection = balancer.pick(["steady", "paused"])
-        picks.append(connection)
-        served(balancer, clock, connection, 0.005)
+    # 3 s of one-at-a-time traffic, the paused replica healthy again
+    picks = one_at_a_time(balancer, clock, ["steady", "paused"], 600, {"steady": 0.005, "paused": 0.005})
     assert "paused" not in picks[:150] and picks[500:].count("paused") >= 25, picks.count("paused")
 
 
@@ -334,12 +334,7 @@ def test_at_a_low_rate_a_much_slower_replica_is_not_probed_into_half_the_traffic
     balancer = PeakEwma(clock=clock, rng=random.Random(9), probe_after=1.0)
     served(balancer, clock, "fast", 0.005)
     served(balancer, clock, "slow", 0.5)
-    picks = []
-    for _ in range(100):
-        connection = balancer.pick(["fast", "slow"])
-        picks.append(connection)
-        served(balancer, clock, connection, 0.005 if connection == "fast" else 0.5)
-        clock.now += 1.5
+    picks = one_at_a_time(balancer, clock, ["fast", "slow"], 100, {"fast": 0.005, "slow": 0.5}, gap=1.5)
     assert picks.count("slow") <= 10, picks.count("slow")
 
 
