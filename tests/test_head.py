@@ -989,3 +989,33 @@ async def test_endpoint_discovery_asks_every_shard_at_once_so_a_hung_one_takes_n
         reply, _ = await oneshot.call_once("discovery", empty_pb2.Empty(), head.server.address, timeout=3)
         assert asyncio.get_running_loop().time() - started < 1.5
         assert "/tag" in list(reply.endpoints)
+
+
+async def test_a_head_without_shards_forgets_a_shard_its_last_worker_left(runtimes, dead_address, eventually):
+    """A shard id given by mistake, or one a resharding left: a head with no --shards kept its empty list for ever,
+    so every ALL failed naming it and each new id held memory (a soak review: 20,000 ids, 150 MB). It now
+    forgets such a shard when its last worker leaves, by DEACTIVATE or a lapsed lease; shard 0 stays."""
+    [worker] = await shard_workers(runtimes, executors.Tagger, 1)
+    # shard 0 listed from the start (no lease to lapse); the others register
+    head = await runtimes(
+        Head("reshaped", polling=PollingMap.parse("ALL"), lease=0.5, connections={0: [worker.server.address]})
+    )
+    dead_host, dead_port = dead_address.rsplit(":", 1)
+    for shard_id in range(1, 201):  # each id once, then gone
+        await oneshot.activate_worker(dead_host, int(dead_port), head.server.address, shard_id=shard_id)
+        await oneshot.deactivate_worker(dead_host, int(dead_port), head.server.address, shard_id=shard_id)
+    assert head.pool.shard_ids("reshaped") == [0]
+    answer = await send(head.server.address, "/tag", [Document()])
+    assert not answer.is_error and answer.docs[0].tags["by"] == "tagger"
+    # a lapsed lease forgets it too
+    await oneshot.activate_worker(dead_host, int(dead_port), head.server.address, shard_id=7, renews_every=0.1)
+    assert head.pool.shard_ids("reshaped") == [0, 7]
+    await eventually(lambda: head.pool.shard_ids("reshaped") == [0], timeout=10.0)
+
+
+async def test_a_head_with_shards_keeps_an_empty_shard_so_all_names_it(runtimes, dead_address):
+    head = await runtimes(Head("declared", polling=PollingMap.parse("ALL"), shards=2))
+    dead_host, dead_port = dead_address.rsplit(":", 1)
+    await oneshot.activate_worker(dead_host, int(dead_port), head.server.address, shard_id=1)
+    await oneshot.deactivate_worker(dead_host, int(dead_port), head.server.address, shard_id=1)
+    assert head.pool.shard_ids("declared") == [0, 1]

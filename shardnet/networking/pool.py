@@ -216,10 +216,7 @@ class GrpcConnectionPool:
                 f"deployment {deployment!r}: cannot declare {count} shards while shards "
                 f"{', '.join(map(str, held))} still have replicas; remove them first"
             )
-        for shard in beyond:  # empty, from an earlier shape: no longer part of ALL
-            replicas = entry.shards.pop(shard)
-            if replicas.has_closing_channels():
-                self._retired.append(replicas)
+        self._retire([entry.shards.pop(shard) for shard in beyond])  # empty, from an earlier shape: not in ALL
         for shard_id in range(count):
             self._replica_list(deployment, False, shard_id)
         if count:
@@ -275,8 +272,24 @@ class GrpcConnectionPool:
         if any(replicas.has_connections() for replicas in lists):
             return False
         del self._deployments[deployment]
-        self._retired = [replicas for replicas in [*self._retired, *lists] if replicas.has_closing_channels()]
+        self._retire(lists)
         return True
+
+    def forget_empty_shards(self, deployment: str) -> list[int]:
+        """Drop the shards beyond 0 of ``deployment`` that hold no replica, when it declared no shards; the ids
+        dropped. A head given no shard count calls it as workers leave: a shard id given by mistake, or one a
+        resharding left, would otherwise fail every ALL and hold its list for ever."""
+        entry = self._deployments.get(deployment)
+        if entry is None or entry.declared:
+            return []
+        empty = [shard for shard, replicas in entry.shards.items() if shard and not replicas.has_connections()]
+        self._retire([entry.shards.pop(shard) for shard in empty])
+        return empty
+
+    def _retire(self, lists: list[ReplicaList]) -> None:
+        """Keep ``lists``, dropped from the map, while their channels still close (calls keep their grace), and
+        let go of those retired before whose channels have closed."""
+        self._retired = [replicas for replicas in [*self._retired, *lists] if replicas.has_closing_channels()]
 
     def get_replicas(self, deployment: str, head: bool = False, shard_id: int = 0) -> Optional[ReplicaList]:
         """The ReplicaList of one shard (or of the head), or None when the pool does not know it."""

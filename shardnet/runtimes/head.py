@@ -653,7 +653,18 @@ class Head:
                 removed = await self.pool.remove_connection(self.deployment, address, shard_id=shard_id)
                 outcome = "removed" if removed else "unknown"
                 logger.info("%s: deactivated %s (%s, by %s)", self.deployment, address, outcome, peer)
+                self._forget_empty_shards()
         return request.to_bytes()
+
+    def _forget_empty_shards(self) -> None:
+        """Without --shards, a shard beyond 0 whose last worker left is forgotten (ALL leaves it out, as before
+        it registered): with --shards, ALL names it as missing."""
+        forgotten = self.pool.forget_empty_shards(self.deployment)
+        if forgotten:
+            logger.info(
+                "%s: shard(s) %s have no worker left and no --shards names them: forgotten (ALL leaves them out)",
+                self.deployment, _listed(sorted(forgotten)),
+            )
 
     async def _check_room(self, changes: list[tuple[str, Optional[int]]], context: grpc.aio.ServicerContext) -> None:
         """Refuse (RESOURCE_EXHAUSTED) an ACTIVATE whose new workers would take the head past ``max_workers``;
@@ -879,6 +890,7 @@ class Head:
                     ", and the requests it held cut (they fail over)" if others
                     else " (its shard's only replica: the requests it holds wait for it, their deadline or keepalive)",
                 )
+                self._forget_empty_shards()
 
     async def _ready_once_discovered(self) -> None:
         """Turn readiness SERVING once discovery has listed the workers (it retries, with backoff, until then)
