@@ -888,7 +888,8 @@ class Head:
                     "%s: %s (shard %d) stopped renewing its registration: removed%s", self.deployment, address,
                     shard_id,
                     ", and the requests it held cut (they fail over)" if others
-                    else " (its shard's only replica: the requests it holds wait for it, their deadline or keepalive)",
+                    else " (no other replica of its shard can take the requests it holds: they wait for it, their "
+                    "deadline or keepalive)",
                 )
                 self._forget_empty_shards()
 
