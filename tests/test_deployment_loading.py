@@ -16,7 +16,12 @@ from shardnet import Document
 from shardnet.cli.options import json_object
 from shardnet.errors import ConfigurationError, ProcessError
 from shardnet.runtimes.deployment import Deployment
-from shardnet.runtimes.executor import EXECUTOR_PATH_VARIABLE, executor_reference, executor_search_path, load_executor_class
+from shardnet.runtimes.executor import (
+    EXECUTOR_PATH_VARIABLE,
+    executor_reference,
+    executor_search_path,
+    load_executor_class,
+)
 
 import executors
 
@@ -44,24 +49,32 @@ def write_package(root: Path) -> None:
     (package / "execs.py").write_text(SHOUTER.format(helpers=".helpers"))
 
 
+@pytest.fixture
+def fresh_mypkg():
+    """No ``mypkg`` imported before or after the test: each test writes its own."""
+
+    def forget() -> None:
+        for name in [name for name in sys.modules if name == "mypkg" or name.startswith("mypkg.")]:
+            del sys.modules[name]
+
+    forget()
+    yield
+    forget()
+
+
 def run_python(arguments: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *arguments], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
-def test_a_class_from_a_package_with_relative_imports_is_sent_by_its_module_name(tmp_path, monkeypatch):
+def test_a_class_from_a_package_with_relative_imports_is_sent_by_its_module_name(tmp_path, monkeypatch, fresh_mypkg):
     write_package(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "mypkg", raising=False)
     from mypkg.execs import Shouter  # noqa: E402 (the package exists only now)
 
-    try:
-        assert executor_reference(Shouter) == "mypkg.execs:Shouter"
-        assert str(tmp_path) in executor_search_path(Shouter)
-        with Deployment(Shouter) as deployment:
-            assert [doc.text for doc in deployment.post("/", [Document(text="hi")])] == ["HI!"]
-    finally:
-        for name in ("mypkg", "mypkg.execs", "mypkg.helpers"):
-            sys.modules.pop(name, None)
+    assert executor_reference(Shouter) == "mypkg.execs:Shouter"
+    assert str(tmp_path) in executor_search_path(Shouter)
+    with Deployment(Shouter) as deployment:
+        assert [doc.text for doc in deployment.post("/", [Document(text="hi")])] == ["HI!"]
 
 
 def test_a_class_of_a_main_module_run_with_dash_m_is_sent_by_its_module_name(tmp_path):
@@ -142,23 +155,21 @@ def test_a_worker_revived_after_a_cleaner_removed_the_uses_with_file_gets_it_aga
         assert deployment.post("/", [Document(text="x")])[0].tags["words"] == len(words)
 
 
-def test_a_class_found_through_a_folder_appended_to_sys_path_shadows_nothing_in_the_workers(tmp_path, monkeypatch):
+def test_a_class_found_through_a_folder_appended_to_sys_path_shadows_nothing_in_the_workers(
+    tmp_path, monkeypatch, fresh_mypkg
+):
     """A vendored folder reached by sys.path.append, holding a module named as a standard one: the workers
-    put the class's folder after their own, as this process had it, so the head and the workers still start."""
+    search this process's path in its order, the folder after the standard library, so the head and the
+    workers still start."""
     vendor = tmp_path / "vendor"
     vendor.mkdir()
     (vendor / "dataclasses.py").write_text("raise ImportError('a vendored backport for Python 3.6')\n")
     write_package(vendor)
     monkeypatch.setattr(sys, "path", [*sys.path, str(vendor)])
-    monkeypatch.delitem(sys.modules, "mypkg", raising=False)
     from mypkg.execs import Shouter  # noqa: E402 (the package exists only now)
 
-    try:
-        with Deployment(Shouter) as deployment:
-            assert [doc.text for doc in deployment.post("/", [Document(text="hi")])] == ["HI!"]
-    finally:
-        for name in ("mypkg", "mypkg.execs", "mypkg.helpers"):
-            sys.modules.pop(name, None)
+    with Deployment(Shouter) as deployment:
+        assert [doc.text for doc in deployment.post("/", [Document(text="hi")])] == ["HI!"]
 
 
 def test_uses_with_at_file_is_read_and_a_bad_file_is_named(tmp_path):
