@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import logging
 import os
 import signal
 import socket
@@ -31,6 +32,7 @@ from shardnet.runtimes.deployment import Deployment
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.processes import ShardnetProcess, stop_all
 from shardnet.runtimes.server import ServerConfig
+from shardnet.runtimes import worker as worker_module
 from shardnet.runtimes.worker import Worker
 
 pytestmark = pytest.mark.timeout(60)
@@ -52,6 +54,7 @@ class Pki:
     client: ClientTls  # trusts the CA and presents a client certificate
     trusting: ClientTls  # trusts the CA, no client certificate
     files: dict  # the same material as PEM files, for the command line
+    authority: trustme.CA  # what issued it all: issues more
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +78,7 @@ def pki(tmp_path_factory) -> Pki:
         client=ClientTls(root_certificates=ca.cert_pem.bytes(), private_key=client_key, certificate_chain=client_chain),
         trusting=ClientTls(root_certificates=ca.cert_pem.bytes()),
         files=files,
+        authority=ca,
     )
 
 
@@ -103,6 +107,44 @@ async def test_mutual_tls_head_and_tls_worker_register_and_serve_over_tls(pki, r
     assert await post(head.server.address, pki.client) == "stamped"
     await worker.deregister()
     assert await members(head.server.address, pki.client) == []
+
+
+async def test_a_worker_keeps_renewing_its_registration_through_a_tls_file_gone_or_half_renewed(
+    pki, runtimes, tmp_path, monkeypatch, caplog, eventually
+):
+    """The worker registers with the last client material it read whole and checked: its renewals (it had died
+    for good on a key file missing a moment) go on through a missing file and through half a renewal (a new
+    certificate whose key is not written yet, which failed every handshake), and it takes the whole renewal."""
+    first, renewed = pki.authority.issue_cert("worker-first.shardnet.test"), pki.authority.issue_cert("worker-renewed.shardnet.test")
+    chain, key = tmp_path / "client.crt", tmp_path / "client.key"
+    chain.write_bytes(b"".join(blob.bytes() for blob in first.cert_chain_pems))
+    key.write_bytes(first.private_key_pem.bytes())
+    key.chmod(0o600)
+    monkeypatch.setattr(worker_module, "HEAD_TLS_CHECK_INTERVAL", 0.0)  # the files looked at with every renewal
+    head = await runtimes(Head("secure", ServerConfig(tls=pki.server_mutual), pool=GrpcConnectionPool(tls=pki.client)))
+    material = ClientTls(root_certificates=pki.ca, certificate_chain=str(chain), private_key=str(key))
+    worker = await runtimes(Worker(Stamp.create(), ServerConfig(tls=pki.server_mutual), head=head.server.address,
+                                   head_tls=material, register_interval=0.05))
+    caplog.set_level(logging.DEBUG, logger="shardnet.runtimes.worker")
+    await worker.register()
+
+    async def renewals_go_on() -> None:
+        taken = lambda: sum("registered" in r.getMessage() for r in caplog.records)  # noqa: E731
+        before = taken()
+        await eventually(lambda: taken() >= before + 3, timeout=5.0)
+
+    key.unlink()  # a copy on its way, say
+    await renewals_go_on()
+    key.write_bytes(first.private_key_pem.bytes())
+    key.chmod(0o600)
+    chain.write_bytes(b"".join(blob.bytes() for blob in renewed.cert_chain_pems))  # its key comes later
+    await renewals_go_on()
+    assert "is not taken" in caplog.text and str(chain) in caplog.text
+    key.write_bytes(renewed.private_key_pem.bytes())
+    await eventually(lambda: worker._head_material().certificate_chain == chain.read_bytes())
+    await renewals_go_on()
+    assert not worker._keep_registered.done()
+    assert await members(head.server.address, pki.client) == [worker.server.address]
 
 
 async def test_clients_without_the_right_credentials_reach_nothing(pki, runtimes):

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 import grpc
+from cryptography import x509
 import pytest
 import trustme
 
@@ -284,3 +285,63 @@ def test_a_group_with_another_user_in_it_is_not_private(monkeypatch):
     assert all(entry.pw_gid != 4242 or entry.pw_uid == os.getuid() for entry in pwd.getpwall())
     monkeypatch.setattr(grp, "getgrgid", lambda gid: group)
     assert tls_module._only_this_user_in(4242)
+
+
+def _self_signed_ed25519() -> tuple[bytes, bytes]:
+    """A certificate and key as cert-manager issues with ``privateKey.algorithm: Ed25519``."""
+    import datetime
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.x509.oid import NameOID
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, None)
+    )  # signed with no digest: EdDSA hashes inside
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+    return certificate.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def test_an_ed25519_certificate_is_refused_where_it_is_configured(tls, tmp_path):
+    # OpenSSL loads the pair and a server with it says it is ready, but no gRPC client completes a handshake
+    chain, key = _self_signed_ed25519()
+    (tmp_path / "ed.crt").write_bytes(chain)
+    (tmp_path / "ed.key").write_bytes(key)
+    (tmp_path / "ed.key").chmod(0o600)
+    with pytest.raises(ConfigurationError, match=r"server certificate chain '.*ed\.crt' holds an Ed25519 key.*ECDSA"):
+        ServerTls(certificate_chain=str(tmp_path / "ed.crt"), private_key=str(tmp_path / "ed.key"))
+    with pytest.raises(ConfigurationError, match="client certificate chain .* holds an Ed25519 key"):
+        ClientTls(root_certificates=tls.ca_pem, certificate_chain=chain, private_key=key)
+
+
+def test_tls_material_that_is_not_a_regular_file_is_refused_naming_it(tmp_path, monkeypatch):
+    # a pipe (``<(...)``) cannot be read again at a renewal, a FIFO would block the start, a device never ends
+    fifo = tmp_path / "key.fifo"
+    os.mkfifo(fifo)
+    for source in (str(fifo), "/dev/zero"):
+        with pytest.raises(ConfigurationError, match=f"root certificates '{source}' is not a regular file"):
+            load_pem(source, "root certificates")
+    big = tmp_path / "big.pem"
+    big.write_bytes(b"-----BEGIN CERTIFICATE-----\n" + b"A" * 100)
+    monkeypatch.setattr(tls_module, "MAX_PEM_FILE_BYTES", 64)
+    with pytest.raises(ConfigurationError, match=r"root certificates '.*big\.pem' holds more than 64 bytes"):
+        load_pem(str(big), "root certificates")
+
+
+def test_a_client_key_open_to_others_is_warned_of_once_not_again_when_read_for_the_pool(tls, tmp_path, caplog):
+    key_path = tmp_path / "client.key"
+    key_path.write_bytes(load_pem(tls.client.private_key))
+    key_path.chmod(0o644)
+    material = ClientTls(root_certificates=tls.ca_pem, certificate_chain=tls.client.certificate_chain,
+                         private_key=str(key_path))
+    renewal = tls_module.FollowedClientMaterial(material).renewal()  # a pool's first look, at its start()
+    assert renewal is not None and renewal[1].private_key == key_path.read_bytes()
+    assert caplog.text.count("is open to other users of this machine") == 1, caplog.text

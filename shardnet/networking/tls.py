@@ -17,6 +17,7 @@ import os
 import pwd
 import re
 import ssl
+import stat
 import tempfile
 import threading
 import time
@@ -26,6 +27,7 @@ from typing import Optional, Union
 
 import grpc
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
 
 from shardnet.errors import ConfigurationError
 
@@ -39,6 +41,7 @@ PemSource = Union[str, bytes, os.PathLike, None]
 # seconds a certificate may become valid after now and still be taken where it is configured (with a warning):
 # the issuer's clock a little ahead must not stop a process whose material has nothing to fall back on
 CLOCK_SKEW = 300.0
+MAX_PEM_FILE_BYTES = 16 * 1024 * 1024  # a bundle of every public root is about 0.3 MB
 MAX_SHOWN_KEY_PATH = 160  # characters of what was given as a private key's path that a message may show
 _CERTIFICATE_LINE = b"-----BEGIN CERTIFICATE-----"
 _PRIVATE_KEY_LINE = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----")
@@ -133,13 +136,28 @@ def load_pem(source: PemSource, what: str = "certificate") -> Optional[bytes]:
     elif isinstance(source, str) and "-----BEGIN" in source:
         data = source.encode()
     else:
-        try:
-            with open(os.fspath(source), "rb") as handle:
-                data = handle.read()
-        except OSError as exc:
-            raise ConfigurationError(f"cannot read {what} from {_path_shown(source, what)}: {exc.strerror}") from None
+        data = _read_pem_file(source, what)
     if b"-----BEGIN" not in data:
         raise ConfigurationError(f"{_describe(source, what)} is not PEM (no '-----BEGIN' line)")
+    return data
+
+
+def _read_pem_file(source: PemSource, what: str) -> bytes:
+    """A regular file's bytes, up to MAX_PEM_FILE_BYTES. Material is read again at every renewal look and every
+    new channel, which a pipe (``<(...)``) cannot give twice; a FIFO would block the start, a device never end."""
+    path = os.fspath(source)
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ConfigurationError(
+                f"{_describe(source, what)} is not a regular file (a pipe, FIFO or device?): TLS material is read "
+                "again at every renewal, so give a file"
+            )
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_PEM_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {what} from {_path_shown(source, what)}: {exc.strerror}") from None
+    if len(data) > MAX_PEM_FILE_BYTES:
+        raise ConfigurationError(f"{_describe(source, what)} holds more than {MAX_PEM_FILE_BYTES} bytes: not PEM material")
     return data
 
 
@@ -176,6 +194,19 @@ def check_validity(chain: bytes, name: str, skew: float = 0.0) -> None:
         raise ConfigurationError(f"{name} expired on {ends:%Y-%m-%d %H:%M:%S} UTC")
 
 
+def check_key_type(chain: bytes, name: str) -> None:
+    """Refuse a certificate with an EdDSA key (cert-manager offers Ed25519): OpenSSL loads the pair and the server
+    says it is ready, but gRPC's peers offer no EdDSA signature, so every handshake fails, logged nowhere."""
+    [presented, *_] = x509.load_pem_x509_certificates(chain)
+    key = presented.public_key()
+    for kind, label in ((ed25519.Ed25519PublicKey, "Ed25519"), (ed448.Ed448PublicKey, "Ed448")):
+        if isinstance(key, kind):
+            raise ConfigurationError(
+                f"{name} holds an {label} key, which gRPC's TLS cannot sign a handshake with: issue it with an "
+                "ECDSA (P-256) or RSA key"
+            )
+
+
 def check_key_pair(
     chain_source: PemSource, chain: bytes, key_source: PemSource, key: bytes, role: str, skew: float = 0.0
 ) -> None:
@@ -187,6 +218,7 @@ def check_key_pair(
     key_name = _describe(key_source, f"{role} private key")
     check_certificates(chain_source, chain, f"{role} certificate chain")
     check_validity(chain, chain_name, skew)
+    check_key_type(chain, chain_name)
     if not _PRIVATE_KEY_LINE.search(key):
         raise ConfigurationError(f"{key_name} is not a PEM private key (no '-----BEGIN ... PRIVATE KEY-----' line)")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -246,8 +278,8 @@ def _refuse_passphrase(key_name: str) -> Callable[[], bytes]:
 def _as_file(source: PemSource, data: bytes) -> Iterator[str]:
     """Yield a path holding ``data``: the regular file it came from, else a private temporary copy.
 
-    ``load_cert_chain`` reads only files; in-memory PEM (and pipes, which cannot be read twice) goes to a
-    file readable by this user only, in a folder removed on exit.
+    ``load_cert_chain`` reads only files; in-memory PEM goes to a file readable by this user only, in a folder
+    removed on exit.
     """
     if _is_path(source) and os.path.isfile(os.fspath(source)):
         yield os.fspath(source)
@@ -280,10 +312,13 @@ class ClientTls:
             raise ConfigurationError(
                 f"mutual TLS needs both a client private key and its certificate chain: no client {missing} given"
             )
+        self._check()
+        _warn_if_others_may_read(self.private_key, "client private key")
+
+    def _check(self) -> None:
         roots = load_pem(self.root_certificates, "root certificates")
         chain = load_pem(self.certificate_chain, "client certificate chain")
         key = load_pem(self.private_key, "client private key")
-        _warn_if_others_may_read(self.private_key, "client private key")
         if roots is not None:
             check_certificates(self.root_certificates, roots, "root certificates")
         if chain is not None and key is not None:
@@ -322,9 +357,12 @@ class ClientTls:
         sources = (self.root_certificates, self.certificate_chain, self.private_key)
         return [source for source in sources if _is_path(source)]
 
-    def in_memory(self) -> "ClientTls":
-        """This material with its files read now, and checked as one: what later changes to them cannot alter."""
-        replace(self)  # checked first as files, so that a refusal names them (and a key open to others is said)
+    def in_memory(self, warn: bool = True) -> "ClientTls":
+        """This material with its files read now, and checked as one: what later changes to them cannot alter.
+        ``warn``: log a key file open to other users (False where this material's making just did)."""
+        self._check()  # first as files, so that a refusal names them
+        if warn:
+            _warn_if_others_may_read(self.private_key, "client private key")
         return replace(
             self,
             root_certificates=load_pem(self.root_certificates, "root certificates"),
@@ -453,7 +491,7 @@ class FollowedClientMaterial:
         if signature == self._taken:
             return None
         try:
-            material = self._tls.in_memory()
+            material = self._tls.in_memory(warn=self._taken is not None)  # at the first look, its making said it
             if self._taken is not None and material.certificate_chain is not None:  # a renewal: no skew taken,
                 # as the certificate it would replace still serves
                 check_validity(material.certificate_chain, "the renewed client certificate chain")

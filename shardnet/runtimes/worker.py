@@ -28,7 +28,7 @@ from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address, host_is_loopback, parse_address
 from shardnet.networking.channels import check_control_token
 from shardnet.networking.streams import LIMIT_METADATA, StreamWriter, byte_count, status_message, status_of
-from shardnet.networking.tls import ClientTls
+from shardnet.networking.tls import ClientTls, FollowedClientMaterial
 from shardnet.protocol import services
 from shardnet.protocol.documents import Document, DocumentList
 from shardnet.protocol.messages import ControlRequest, DataRequest, require_empty
@@ -52,6 +52,8 @@ SETTLE_BOUND = 1.0
 HANDLER_THREAD_PREFIX = "handler"
 # seconds between the warnings of a worker whose head keeps refusing (or missing) its renewals
 REGISTRATION_LOG_INTERVAL = 60.0
+# seconds between looks at the files of the TLS material a worker registers with, for a renewal (as a pool's)
+HEAD_TLS_CHECK_INTERVAL = 30.0
 
 # endpoints without a handler logged (once each); past that, one line says so and no more are kept or logged
 UNBOUND_LOGGED = 100
@@ -63,8 +65,10 @@ def _cleartext_beyond_this_machine(head: str) -> bool:
     return not address.tls and address.unix_path is None and not host_is_loopback(address.host)
 
 
-def _tls_hint(error: ReplicaError) -> str:
+def _tls_hint(error: Exception) -> str:
     """A pointer to TLS when gRPC's words for a failure suggest the two ends disagree about it."""
+    if not isinstance(error, ReplicaError):
+        return ""
     cause = error.cause.lower()
     if "socket closed" in cause or "handshake" in cause or "certificate" in cause or "ssl" in cause:
         return (
@@ -162,7 +166,11 @@ class Worker:
         self._head = head
         self._shard_id = shard_id
         self._control_token = control_token
+        # what ACTIVATE dials the head with: the files as last read whole and checked, so that half a renewal
+        # on disk (a new certificate whose key is not written yet) or a file missing a moment is not used
         self._head_tls = head_tls
+        self._head_tls_files = FollowedClientMaterial(head_tls) if head_tls is not None else None
+        self._head_tls_next_look = 0.0  # time.monotonic() of the next look at those files
         self._advertise_host = advertise_host
         self._register_interval = register_interval
         self._instance = uuid.uuid4().hex  # this process's, sent with every ACTIVATE: a restart draws a new one
@@ -466,11 +474,24 @@ class Worker:
             logger.warning("head %s is not reachable yet, will keep trying: %s%s", self._head, exc, _tls_hint(exc))
         self._keep_registered = asyncio.get_running_loop().create_task(self._refresh_registration())
 
+    def _head_material(self) -> Optional[ClientTls]:
+        """The TLS material to reach the head with, its files looked at for a renewal every
+        HEAD_TLS_CHECK_INTERVAL; until a first read checks out, the files as they are."""
+        follower = self._head_tls_files
+        now = time.monotonic()
+        if follower is not None and now >= self._head_tls_next_look:
+            self._head_tls_next_look = now + HEAD_TLS_CHECK_INTERVAL
+            renewal = follower.renewal()  # a refusal is logged there, naming the files
+            if renewal is not None:
+                signature, self._head_tls = renewal
+                follower.take(signature)
+        return self._head_tls
+
     async def _activate(self, timeout: float = 5.0) -> None:
         host, port = self._advertised()
         await oneshot.activate_worker(
-            host, port, self._head, self._shard_id, token=self._control_token, tls=self._head_tls, timeout=timeout,
-            renews_every=self._register_interval, instance=self._instance,
+            host, port, self._head, self._shard_id, token=self._control_token, tls=self._head_material(),
+            timeout=timeout, renews_every=self._register_interval, instance=self._instance,
         )
         logger.debug("registered %s with head %s as shard %d", entity_address(host, port), self._head, self._shard_id)
 
@@ -483,7 +504,7 @@ class Worker:
             await asyncio.sleep(self._register_interval)
             try:
                 await self._activate(timeout=1.0)
-            except ReplicaError as exc:
+            except Exception as exc:  # noqa: BLE001 - anything (a TLS file gone a moment): said, and tried again
                 now = time.monotonic()
                 logger.debug("head %s did not take our registration: %s", self._head, exc)
                 if failing_since is None:
@@ -506,7 +527,7 @@ class Worker:
             await asyncio.gather(self._keep_registered, return_exceptions=True)
         host, port = self._advertised()
         await oneshot.deactivate_worker(
-            host, port, self._head, self._shard_id, token=self._control_token, tls=self._head_tls
+            host, port, self._head, self._shard_id, token=self._control_token, tls=self._head_material()
         )
         left = time.monotonic()
         while time.monotonic() - left < SETTLE_BOUND:
