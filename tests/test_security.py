@@ -385,6 +385,38 @@ async def test_activate_of_a_loopback_only_port_however_written_is_refused_to_a_
     assert await members(head.server.address) == []
 
 
+async def test_every_refused_control_call_is_logged_with_its_caller_a_burst_counted_when_its_second_ends(
+    runtimes, monkeypatch, caplog, eventually
+):
+    """A burst of wrong tokens was one line, its count said only at the next refusal, however late, under that
+    caller's name; a refusal for another cause (a loopback worker from afar) was not logged at all."""
+    import re
+
+    import shardnet.runtimes.head as head_module
+
+    head = await runtimes(Head("guarded", ServerConfig(control_token="s3cret-token")))
+    caplog.set_level(logging.WARNING, logger="shardnet.runtimes.head")
+    for _ in range(40):
+        with pytest.raises(ReplicaError):
+            await oneshot.activate_worker("127.0.0.1", 6379, head.server.address, 0, token="guess")
+
+    def refusals_said() -> int:
+        lines = [r.getMessage() for r in caplog.records if "guarded: refused" in r.getMessage()]
+        return sum(int(m.group(1)) if (m := re.search(r"refused (\d+) more", line)) else 1 for line in lines)
+
+    await eventually(lambda: refusals_said() == 40, timeout=5.0)  # with no later refusal to bring them out
+    assert "refused ACTIVATE from ipv4:127.0.0.1:" in caplog.text and "control token" in caplog.text
+    assert re.search(r"from ipv4:127\.0\.0\.1 x\d+;", caplog.text)  # the burst names its callers, by host
+    assert len([r for r in caplog.records if "guarded: refused" in r.getMessage()]) <= 8  # no flood
+
+    monkeypatch.setattr(head_module, "_on_this_machine", lambda peer: False)
+    caplog.clear()
+    with pytest.raises(ReplicaError):
+        await oneshot.activate_worker("127.0.0.1", 6379, head.server.address, 0, token="s3cret-token")
+    await eventually(lambda: "is reached on the head's machine only" in caplog.text, timeout=5.0)
+    assert "guarded: refused" in caplog.text and "from ipv4:127.0.0.1" in caplog.text
+
+
 # -- secrets ------------------------------------------------------------------------------------------
 
 

@@ -242,9 +242,35 @@ async def test_jinas_tls_flag_is_taken_and_anything_else_refused(echo_servers, t
 
 async def test_a_one_off_call_in_plaintext_to_a_tls_server_points_at_tls(echo_servers, tls):
     [server] = await echo_servers(1, credentials=tls.server.credentials())
-    with pytest.raises(ReplicaError, match="if the server serves TLS, dial https://") as refused:
+    with pytest.raises(ReplicaError, match="the server seems to serve TLS and this call was plaintext") as refused:
         await oneshot.send_request_async(DataRequest(), server.address, timeout=5.0)
-    assert f"dial https://{server.address} and give its CA" in str(refused.value)  # the address, not a placeholder
+    assert f"dial https://{server.address} with its CA" in str(refused.value)  # the address, not a placeholder
+
+
+async def test_a_one_off_call_without_a_client_certificate_to_a_mutual_tls_server_points_at_it(echo_servers, tls):
+    [server] = await echo_servers(1, credentials=tls.server_mutual.credentials())
+    trusting = ClientTls(root_certificates=tls.ca_pem)
+    with pytest.raises(ReplicaError, match="seems to want a client certificate and this call presented none"):
+        await oneshot.send_request_async(DataRequest(), server.address, timeout=5.0, tls=trusting)
+
+
+async def test_a_tls_failure_a_head_relays_from_its_worker_gets_no_hint_about_the_callers_own_dial(runtimes, tls):
+    """A plaintext head in front of a TLS worker: the caller's plaintext dial of the head was right, so it must not
+    be told to dial the head over https (it was: the worker's 'socket closed' was read as the head's)."""
+    import executors
+
+    from shardnet.runtimes.head import Head
+    from shardnet.runtimes.server import ServerConfig
+    from shardnet.runtimes.worker import Worker
+
+    head = await runtimes(Head("mixed"))
+    worker = await runtimes(Worker(executors.Tagger.create(), ServerConfig(tls=tls.server)))
+    host, port = worker.server.address.rsplit(":", 1)
+    await oneshot.activate_worker(host, int(port), head.server.address, 0)
+    with pytest.raises(ReplicaError) as refused:
+        await oneshot.send_request_async(DataRequest(endpoint="/x"), head.server.address, timeout=5.0)
+    assert worker.server.address in str(refused.value) and "socket closed" in str(refused.value).lower()
+    assert "seems to" not in str(refused.value) and "https://" not in str(refused.value)
 
 
 def test_private_keys_stay_out_of_reprs_and_errors_and_open_key_files_are_warned_of(tls, tmp_path, caplog):

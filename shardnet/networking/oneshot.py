@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2
 from shardnet.errors import DeadlineExceeded, ReplicaError
 from shardnet.networking.addresses import Address, entity_address, parse_address
 from shardnet.networking.channels import (
+    NOT_CONNECTED,
     ChannelOptions,
     Stubs,
     checked_metadata,
@@ -130,13 +131,26 @@ async def call_once(
         return await retrying(attempt)
     except grpc.aio.AioRpcError as error:
         kind = DeadlineExceeded if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else ReplicaError
-        cause = error_cause(error)
-        if not address.tls and "socket closed" in cause.lower():  # gRPC's words for a TLS server dialled in plaintext
-            cause += f" (if the server serves TLS, dial https://{address.target} and give its CA)"
+        cause = error_cause(error) + _tls_diagnosis(error, address, tls)
         made = retrying.statistics.get("attempt_number", 1)
         if made > 1:
             cause += f" (the last of {made} attempts)"
         raise kind(cause, address=str(address), code=error.code(), role="server") from None
+
+
+def _tls_diagnosis(error: grpc.aio.AioRpcError, address: Address, tls: Optional[ClientTls]) -> str:
+    """What gRPC's words for this channel's own failed connection say of the two ends' TLS, if anything. Not a
+    status a server sent: a head relaying its worker's failure speaks of another hop."""
+    details = (error.details() or "").lower()
+    if not details.startswith(NOT_CONNECTED):
+        return ""
+    if "socket closed" in details and not address.tls:
+        return f" (the server seems to serve TLS and this call was plaintext: dial https://{address.target} with its CA)"
+    if "socket closed" in details and (tls is None or tls.certificate_chain is None):
+        return " (the server seems to want a client certificate and this call presented none: mutual TLS)"
+    if address.tls and "wrong_version_number" in details:
+        return " (the server seems to serve plaintext and this call was TLS)"
+    return ""
 
 
 async def _call_on_new_channel(

@@ -17,9 +17,8 @@ import asyncio
 import logging
 import math
 import re
-import time
 import urllib.parse
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, NoReturn, Optional, Sequence
 
 import grpc
 import grpc.aio
@@ -53,6 +52,7 @@ from shardnet.protocol.messages import ControlRequest, DataRequest, require_empt
 from shardnet.protocol.proto import jina_pb2
 from shardnet.runtimes.executor import DRY_RUN_ENDPOINT
 from shardnet.runtimes.merge import merge_shard_responses, report_shard_problems
+from shardnet.runtimes.refusals import RefusalLog
 from shardnet.runtimes.registrations import Registrations
 from shardnet.runtimes.server import (
     ControlGuard,
@@ -96,8 +96,6 @@ MAX_INSTANCE_CHARS = 64
 MAX_CONTROL_ENTITIES = 10_000
 # workers a head holds at most, over all ACTIVATEs: many small ones must not add up to what one may not name
 MAX_WORKERS = 10_000
-# refused control calls are logged at most once per this many seconds, with how many there were
-REFUSAL_LOG_INTERVAL = 1.0
 
 
 def _discovery_time_left(context: grpc.aio.ServicerContext) -> float:
@@ -259,7 +257,7 @@ class Head:
         self._expiry: Optional[asyncio.Task] = None
         mutual_tls = config.tls is not None and config.tls.client_ca is not None
         self._guard = ControlGuard(config.control_token, mutual_tls)
-        self._refused, self._refusal_logged = 0, -math.inf  # refused control calls not logged yet, and when last
+        self._refusals = RefusalLog(deployment)
         # a head stops as gRPC does: its GOAWAY moves clients elsewhere without an error (see server.py)
         self.server = jina_server(config, self, listen_while_draining=False)
         # beside every request it forwards: a request coming back with it was routed to this head by itself
@@ -569,21 +567,21 @@ class Head:
             context.set_trailing_metadata(self._retry_metadata() + self._replica_metadata())
             return self._status(request).to_bytes()
         if not self._guard.allows(context):
-            self._note_refusal(command, context.peer())
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED, self._guard.refusal(context, f"{command} on head of {self.deployment!r}")
+            await self._refuse(
+                context, command, grpc.StatusCode.UNAUTHENTICATED,
+                self._guard.refusal(context, f"{command} on head of {self.deployment!r}"),
             )
         if self._discovery_synced is not None:
             # Kubernetes owns this head's membership: a DEACTIVATE would drop a Ready pod no relist brings back,
             # and an ACTIVATE from any pod of the cluster would route the deployment's requests to it
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
+            await self._refuse(
+                context, command, grpc.StatusCode.FAILED_PRECONDITION,
                 f"{command} refused: the head of {self.deployment!r} takes its workers from Kubernetes discovery; "
                 "scale or remove their pods instead",
             )
         if len(request.related_entities) > MAX_CONTROL_ENTITIES:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            await self._refuse(
+                context, command, grpc.StatusCode.INVALID_ARGUMENT,
                 f"{command} refused: it names {len(request.related_entities)} workers, a head takes at most "
                 f"{MAX_CONTROL_ENTITIES} per request",
             )
@@ -599,7 +597,7 @@ class Head:
             try:
                 parsed = parse_address(entity_address(entity.address, entity.port), tls=dial_tls)
             except ConfigurationError as exc:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{command} refused: {exc}")
+                await self._refuse(context, command, grpc.StatusCode.INVALID_ARGUMENT, f"{command} refused: {exc}")
             address = str(parsed)
             # 0.0.0.0, ::, ::ffff:127.0.0.1, 127.1 and localhost. reach this machine too: a bridge to a loopback-only
             # port as well. Names are not resolved: a lookup per ACTIVATE would make registration hang on DNS (and
@@ -607,22 +605,22 @@ class Head:
             local_only = parsed.unix_path is not None or host_is_loopback(dialled_host(parsed.host))
             if command == "ACTIVATE" and local_only and not _on_this_machine(peer):
                 # a socket or port only this machine reaches: a remote caller must not make the head a bridge to it
-                await context.abort(
-                    grpc.StatusCode.PERMISSION_DENIED,
+                await self._refuse(
+                    context, command, grpc.StatusCode.PERMISSION_DENIED,
                     f"ACTIVATE refused: {address} is reached on the head's machine only, and the caller ({peer}) "
                     "is not on it (not over loopback, a Unix socket, or from one of its own addresses)",
                 )
             if command == "ACTIVATE" and self._is_own(parsed):
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
+                await self._refuse(
+                    context, command, grpc.StatusCode.INVALID_ARGUMENT,
                     f"ACTIVATE refused: {address} is this head of {self.deployment!r} itself; it would send "
                     "requests to itself without end",
                 )
             shard_id = entity.shard_id if entity.HasField("shard_id") else None
             if command == "ACTIVATE" and self._shards and (shard_id or 0) >= self._shards:
                 # a worker configured for another shape: ALL would fan out to a shard nobody expects
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
+                await self._refuse(
+                    context, command, grpc.StatusCode.INVALID_ARGUMENT,
                     f"ACTIVATE refused: {address} claims shard {shard_id} of {self.deployment!r}, "
                     f"which has shards 0..{self._shards - 1} (head --shards {self._shards})",
                 )
@@ -678,8 +676,8 @@ class Head:
             return
         total = self._worker_count()
         if total + len(new) > self._max_workers:
-            await context.abort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            await self._refuse(
+                context, "ACTIVATE", grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"ACTIVATE refused: the head of {self.deployment!r} holds {total} workers and takes at most "
                 f"{self._max_workers}; this one would add {len(new)}",
             )
@@ -928,16 +926,12 @@ class Head:
             or not replicas.has_connections()
         ]
 
-    def _note_refusal(self, command: str, peer: str) -> None:
-        """Log refused control calls, at most once per REFUSAL_LOG_INTERVAL (a guesser must not flood the log)."""
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._refusal_logged >= REFUSAL_LOG_INTERVAL:
-            logger.warning(
-                "%s: refused %s from %s for want of the control token (%d refused since the last such line)",
-                self.deployment, command, peer, self._refused,
-            )
-            self._refused, self._refusal_logged = 0, now
+    async def _refuse(
+        self, context: grpc.aio.ServicerContext, command: str, code: grpc.StatusCode, message: str
+    ) -> NoReturn:
+        """Refuse a control call with ``code``: logged with its caller (a burst counted, see RefusalLog)."""
+        self._refusals.note(command, context.peer(), message)
+        await context.abort(code, message)
 
     def _warn_of_exposure(self) -> None:
         """Say at start where membership or the control token is exposed beyond this machine."""
@@ -979,6 +973,7 @@ class Head:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         self._expiry = self._readiness = None
+        self._refusals.close()
         await self.pool.close()
 
     async def start(self) -> None:

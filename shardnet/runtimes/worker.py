@@ -26,7 +26,7 @@ import grpc.aio
 from shardnet.errors import PickleRefused, ProtocolError, ReplicaError
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address, host_is_loopback, parse_address
-from shardnet.networking.channels import check_control_token
+from shardnet.networking.channels import NOT_CONNECTED, check_control_token
 from shardnet.networking.streams import LIMIT_METADATA, StreamWriter, byte_count, status_message, status_of
 from shardnet.networking.tls import ClientTls, FollowedClientMaterial
 from shardnet.protocol import services
@@ -66,10 +66,13 @@ def _cleartext_beyond_this_machine(head: str) -> bool:
 
 
 def _tls_hint(error: Exception) -> str:
-    """A pointer to TLS when gRPC's words for a failure suggest the two ends disagree about it."""
+    """The worker's flags for TLS to its head, when its own connection failed in words that suggest the two ends
+    disagree about TLS (not a status the head sent)."""
     if not isinstance(error, ReplicaError):
         return ""
     cause = error.cause.lower()
+    if not cause.startswith(NOT_CONNECTED):
+        return ""
     if "socket closed" in cause or "handshake" in cause or "certificate" in cause or "ssl" in cause:
         return (
             " (if the head serves TLS, give --head-root-ca; with mutual TLS also --head-client-cert and "
