@@ -67,6 +67,12 @@ class Tagger(Executor):
     def fail(self, docs, parameters, **kwargs):
         raise ValueError("bad input", 42)
 
+    @requests(on="/edit-then-fail")
+    def edit_then_fail(self, docs, parameters, **kwargs):
+        for doc in docs:
+            doc.text, doc.tags["touched"] = "half-edited", True
+        raise KeyError("after editing")
+
     @requests(on="/count")
     def count(self, docs, parameters, **kwargs):
         """A dict result, as Jina executors return one: it travels in parameters["__results__"]."""

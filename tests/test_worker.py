@@ -164,6 +164,22 @@ async def test_handler_exception_is_an_error_response_and_the_worker_keeps_servi
     assert not after.is_error and after.docs[0].tags["by"] == "t"
 
 
+async def test_a_failed_handler_is_answered_with_the_documents_as_they_came_not_its_half_made_edits(runtimes, tagger):
+    """As a Jina worker answers: its half-made edits reached the caller, and under ALL the merged answer."""
+    head = await runtimes(Head("edits"))
+    host, port = tagger.server.address.rsplit(":", 1)
+    await oneshot.activate_worker(host, int(port), head.server.address, 0)
+    for address in (tagger.server.address, head.server.address):  # unary, and the head's request streams
+        request = DataRequest([Document(id="d", text="orig")], endpoint="/edit-then-fail")
+        answer = await oneshot.send_request_async(request, address, timeout=10.0)
+        assert answer.is_error and answer.status.exception.name == "KeyError"
+        [doc] = answer.docs
+        assert (doc.id, doc.text, dict(doc.tags)) == ("d", "orig", {})
+        route = answer.routes[-1]
+        assert route.executor == "Tagger" and route.status.code == jina_pb2.StatusProto.ERROR
+        assert route.start_time.ToNanoseconds() <= route.end_time.ToNanoseconds()
+
+
 @pytest.mark.parametrize(
     "endpoint, raised",
     [("/exit", "SystemExit"), ("/interrupt", "KeyboardInterrupt"), ("/base", "NotAnException")],
@@ -383,6 +399,7 @@ async def test_endpoint_discovery_lists_bound_endpoints(tagger):
         "/bad-return",
         "/base",
         "/count",
+        "/edit-then-fail",
         "/endpoint",
         "/exit",
         "/fail",
@@ -527,6 +544,35 @@ async def test_jinas_call_stream_answers_each_request_in_turn(tagger, runtimes, 
     assert [answer.request_id for answer in answers] == [request.request_id for request in requests]
     assert [answer.docs[0].tags.get("by") for answer in answers[:3]] == ["t"] * 3
     assert answers[-1].is_error and answers[-1].status.exception.name == "ValueError"
+
+
+@pytest.mark.parametrize("server", ["worker", "head"])
+async def test_a_request_refused_on_a_jina_call_stream_is_answered_error_and_the_stream_goes_on(runtimes, server):
+    """As a Jina head answers it: one answer over the worker's message size (RESOURCE_EXHAUSTED at the gRPC level)
+    ended the whole stream, and the requests after it were never sent. One that cannot be read still ends it."""
+    worker = await runtimes(Worker(executors.Tagger.create(label="t"), ServerConfig(max_message_bytes=64 * 1024)))
+    address = worker.server.address
+    if server == "head":
+        address = (await runtimes(Head("streamed", connections={0: [address]}))).server.address
+    texts = ["a", "b", "big", "c"]
+    requests = [
+        DataRequest([Document(text=text)], endpoint="/grow", parameters={"bytes": 100_000 if text == "big" else 3})
+        for text in texts
+    ]
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.stream_stream(services.STREAM_CALL)(iter([request.to_bytes() for request in requests]), timeout=10)
+        answers = [DataRequest.from_bytes(answer) async for answer in call]
+    assert [answer.request_id for answer in answers] == [request.request_id for request in requests]
+    assert [answer.is_error for answer in answers] == [False, False, True, False]
+    refused = answers[2]
+    assert "RESOURCE_EXHAUSTED" in refused.status.description and "max message size" in refused.status.description
+    assert refused.docs[0].text == "big"  # the request as it came
+
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.stream_stream(services.STREAM_CALL)(iter([requests[0].to_bytes(), b"\xff\xff\xff"]), timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            [answer async for answer in call]
+    assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_a_jina_call_stream_ends_unavailable_when_the_worker_drains_and_does_not_hold_its_stop(runtimes):

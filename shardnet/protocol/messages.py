@@ -493,6 +493,10 @@ class DataRequest:
 
     # -- bytes -----------------------------------------------------------
 
+    def received_bytes(self) -> Optional[bytes]:
+        """The bytes this request came in, while nothing has decoded or changed them; else None."""
+        return self._buffer
+
     def to_bytes(self) -> bytes:
         """The wire form; the received bytes themselves when nothing was changed."""
         if self._buffer is not None:

@@ -30,7 +30,7 @@ import signal
 import socket
 import stat
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn, Optional, Sequence
 
 import grpc
 import grpc.aio
@@ -138,15 +138,53 @@ def stream_service(path: str, handler: StreamHandler) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(service, {method: grpc.stream_stream_rpc_method_handler(handler)})
 
 
+class RequestAborted(grpc.aio.AbortError):
+    """One request of several on a call refused with a gRPC status, by a handler's ``abort``: that request
+    alone fails, the call goes on."""
+
+    def __init__(self, code: grpc.StatusCode, details: str):
+        super().__init__(details)
+        self.code = code
+        self.details = details
+
+
+class _OneRequestOfAStream:
+    """The context one request of a ``JinaRPC/Call`` stream is handled with: the call's own, but its ``abort``
+    fails that request alone (RequestAborted), as Jina's head answers such a request ERROR and goes on."""
+
+    def __init__(self, context: grpc.aio.ServicerContext):
+        self._context = context
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
+        raise RequestAborted(code, details)
+
+
+def _error_answer(payload: bytes, aborted: RequestAborted) -> Optional[bytes]:
+    """The request answered ERROR with the status its handler refused it with, as Jina's head answers a
+    request that failed (its documents as they came); None for a request that cannot be read."""
+    try:
+        request = DataRequest.from_bytes(payload)
+        request.set_error(f"{aborted.code.name}: {aborted.details}", name="RpcError")
+        return request.to_bytes()
+    except ProtocolError:
+        return None
+
+
 def one_by_one(handler: RawHandler, stopping: asyncio.Event) -> Callable[..., AsyncIterator[bytes]]:
     """Jina's ``JinaRPC/Call`` over a unary handler: each request on the stream answered in turn, as a Jina
-    worker or head answers the stream its ``Client`` opens. Once the server is ``stopping`` the stream ends
-    UNAVAILABLE after the answer under way (an open stream would otherwise hold the drain to its whole grace,
-    and what it brought meanwhile would be served or cut), so that the client sends elsewhere."""
+    worker or head answers the stream its ``Client`` opens; one its handler refuses is answered ERROR, the
+    others go on. One that cannot be read ends the stream with its status, as its unary call would fail.
+    Once the server is ``stopping`` the stream ends UNAVAILABLE after the answer under way (an open stream
+    would otherwise hold the drain to its whole grace, and what it brought meanwhile would be served or cut),
+    so that the client sends elsewhere."""
 
     async def call(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         incoming = requests.__aiter__()
         stop = asyncio.ensure_future(stopping.wait())
+        each = _OneRequestOfAStream(context)
         try:
             while True:
                 next_request = asyncio.ensure_future(incoming.__anext__())
@@ -158,7 +196,13 @@ def one_by_one(handler: RawHandler, stopping: asyncio.Event) -> Callable[..., As
                     payload = next_request.result()
                 except StopAsyncIteration:
                     return
-                yield await handler(payload, context)
+                try:
+                    answer = await handler(payload, each)
+                except RequestAborted as aborted:
+                    answer = _error_answer(payload, aborted)
+                    if answer is None:
+                        await context.abort(aborted.code, aborted.details)
+                yield answer
         finally:
             stop.cancel()
 

@@ -35,6 +35,7 @@ from shardnet.protocol.messages import ControlRequest, DataRequest, require_empt
 from shardnet.protocol.proto import docarray_pb2, jina_pb2
 from shardnet.runtimes.executor import DEFAULT, DEFAULT_ENDPOINT, DRY_RUN_ENDPOINT, AnswerTooBig, Executor
 from shardnet.runtimes.server import (
+    RequestAborted,
     ServerConfig,
     jina_server,
     request_list,
@@ -86,22 +87,13 @@ def _drop_if_current(tasks: dict[str, asyncio.Task], key: str, task: asyncio.Tas
         del tasks[key]
 
 
-class _Aborted(Exception):
-    """One streamed request refused with a gRPC status (``_MessageContext.abort``)."""
-
-    def __init__(self, code: grpc.StatusCode, details: str):
-        super().__init__(details)
-        self.code = code
-        self.details = details
-
-
 class _MessageContext:
     """What ``Worker._handle`` asks of a call's context, for one request on a request stream: an abort refuses
     that request alone, no metadata comes with it (its endpoint is in its header), and the ``is-error``
     trailer is read off its status by the receiving side."""
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
-        raise _Aborted(code, details)
+        raise RequestAborted(code, details)
 
     @staticmethod
     def invocation_metadata() -> tuple:
@@ -298,7 +290,7 @@ class Worker:
     ) -> None:
         try:
             answer = await self._handle([request], _MESSAGE_CONTEXT, limit, whose)
-        except _Aborted as aborted:
+        except RequestAborted as aborted:
             answer = status_message(request_id, aborted.code, aborted.details)
         except asyncio.CancelledError:  # its sender stopped waiting: that is acknowledged, so it may reuse the id
             answer = status_message(request_id, grpc.StatusCode.CANCELLED, "cancelled at the sender's request")
@@ -324,6 +316,7 @@ class Worker:
             if handler is None:
                 self._log_unbound(endpoint)
                 return first.to_bytes()
+            received = first.received_bytes()  # what a failed handler's answer carries, not its half-made edits
             docs = first.docs
             others = [request.docs for request in requests[1:]]
         except ProtocolError as exc:
@@ -371,6 +364,10 @@ class Worker:
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError) and _cancelled_from_outside():
                 raise  # the call itself: its client left, or the drain's grace ended
+            if received is not None:  # as Jina's worker answers: the documents as they came, not half edited
+                first, started = DataRequest.from_bytes(received), route.start_time
+                route = first.add_route(self.name)
+                route.start_time.CopyFrom(started)
             first.set_exception(exc, executor=type(self.executor).__name__)  # Jina names the class; routes the worker
             # the description set_exception made, which holds even for an exception that cannot be printed
             logger.warning("%s.%s failed on %s: %s", self.name, handler.name, endpoint, first.status.description)
