@@ -531,3 +531,12 @@ class UsesWithCounter(Executor):
         for doc in docs:
             doc.tags["words"] = len(self.words)
             doc.tags["last"] = self.words[-1]
+
+
+class Nordic(Executor):
+    """Binds an endpoint gRPC cannot send as metadata (not ASCII): it travels in the request's header."""
+
+    @requests(on="/s\u00f8g")
+    def search(self, docs, parameters, **kwargs):
+        for doc in docs:
+            doc.text = f"handled {doc.text}"

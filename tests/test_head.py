@@ -20,7 +20,15 @@ from google.protobuf import empty_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from shardnet import ConfigurationError, DataRequest, Document, GrpcConnectionPool, PollingMap, ReplicaError
+from shardnet import (
+    ConfigurationError,
+    DataRequest,
+    Document,
+    GrpcConnectionPool,
+    PollingMap,
+    ProtocolError,
+    ReplicaError,
+)
 from shardnet.cli.main import main as cli_main
 from shardnet.cli.status import _replica_notes
 from shardnet.networking import oneshot
@@ -74,6 +82,27 @@ async def test_any_reaches_one_worker_through_the_head(runtimes):
     response = await send(head.server.address, "/tag", [Document(text="x")])
     assert not response.is_error and response.docs[0].tags["by"] == "tagger"
     assert worker.executor.calls == 1
+
+
+async def test_an_endpoint_grpc_cannot_send_as_metadata_travels_in_the_header_through_head_and_pool(runtimes):
+    """/søg: a Jina head and a Jina or shardnet worker serve it (they read the header); the head and the pool
+    refused it, as it cannot travel as gRPC metadata. ANY and ALL, unary and on request streams."""
+    endpoint = "/s\u00f8g"
+    workers = [await runtimes(Worker(executors.Nordic.create())) for _ in range(2)]
+    any_head = await runtimes(Head("nordic", connections={0: [workers[0].server.address]}))
+    all_head = await runtimes(Head("nordic-all", connections={0: [workers[0].server.address],
+                                                              1: [workers[1].server.address]},
+                                   polling=PollingMap.parse("ALL")))
+    for address in (workers[0].server.address, any_head.server.address, all_head.server.address):
+        response = await send(address, endpoint, [Document(id="d", text="x")])
+        assert not response.is_error, response.status
+        assert response.docs[0].text == "handled x"
+    async with GrpcConnectionPool() as pool:
+        pool.add_connection("nordic", any_head.server.address)
+        response, _ = await pool.send_requests_once([DataRequest([Document(text="y")], endpoint=endpoint)], "nordic")
+        assert response.docs[0].text == "handled y"
+        with pytest.raises(ProtocolError, match="set it in the request's header"):  # beside it only: reaches no one
+            pool.send_requests_once([DataRequest([Document(text="z")])], "nordic", endpoint=endpoint)
 
 
 async def test_activate_then_deactivate_makes_sends_succeed_then_fail_naming_the_deployment(runtimes):

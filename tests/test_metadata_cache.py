@@ -29,13 +29,10 @@ def test_the_cache_forgets_everything_at_its_limit():
     assert again is not first and list(again) == list(first)
 
 
-def test_an_endpoint_grpc_cannot_send_is_refused_and_not_cached():
-    cache = MetadataCache()
-    for _ in range(2):  # the refusal is not remembered as a success
-        with pytest.raises(ProtocolError, match="not printable ASCII"):
-            cache.for_endpoint("/caf\u00e9")
-    with pytest.raises(ProtocolError):
-        cache.for_endpoint("/line\nbreak")
+def test_an_endpoint_grpc_cannot_send_is_left_to_the_requests_header():
+    cache = MetadataCache(fixed=(("x-tenant", "blue"),))
+    assert list(cache.for_endpoint("/caf\u00e9")) == [("x-tenant", "blue")]
+    assert list(cache.for_endpoint("/line\nbreak")) == [("x-tenant", "blue")]
 
 
 def test_unhashable_extra_pairs_are_built_without_caching():

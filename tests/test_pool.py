@@ -574,14 +574,16 @@ async def test_discover_endpoint(pool, echo_servers):
     assert caught.value.code == grpc.StatusCode.UNIMPLEMENTED and caught.value.address == head.address
 
 
-async def test_an_endpoint_that_cannot_be_metadata_is_refused_at_once(pool, echo_servers):
+async def test_an_endpoint_that_cannot_be_metadata_travels_in_the_header_and_beside_it_only_is_refused(
+    pool, echo_servers
+):
     [server] = await echo_servers(1)
     pool.add_connection("dep", server.address)
-    with pytest.raises(ProtocolError, match="printable ASCII"):
-        pool.send_request_once(DataRequest(endpoint="/caf\u00e9"), "dep")
-    with pytest.raises(ProtocolError, match="printable ASCII"):
-        pool.send_request(DataRequest(), "dep", endpoint="/a\nb")
-    assert server.calls == 0
+    response, _ = await pool.send_request_once(DataRequest(endpoint="/caf\u00e9"), "dep")
+    assert response.endpoint == "/caf\u00e9" and server.calls == 1
+    with pytest.raises(ProtocolError, match="printable ASCII.*set it in the request's header"):
+        pool.send_request(DataRequest(), "dep", endpoint="/a\nb")  # it would reach no worker
+    assert server.calls == 1
 
 
 @pytest.mark.parametrize("timed, code", [(True, grpc.StatusCode.DEADLINE_EXCEEDED), (False, grpc.StatusCode.UNAVAILABLE)])

@@ -323,7 +323,8 @@ class MetadataCache:
         return metadata
 
     def for_endpoint(self, endpoint: Optional[str], extra: Sequence[tuple[str, str]] = ()) -> grpc.aio.Metadata:
-        """The ``endpoint`` pair, then the fixed pairs, then ``extra``; ProtocolError for a pair gRPC cannot send."""
+        """The ``endpoint`` pair (none for an endpoint gRPC cannot send), then the fixed pairs, then ``extra``;
+        ProtocolError for an extra pair gRPC cannot send."""
         if extra and type(extra) is not tuple and isinstance(extra, Mapping):  # a dict, as Jina callers pass it
             extra = tuple(extra.items())
         key = (endpoint, extra)
@@ -336,10 +337,9 @@ class MetadataCache:
         return metadata
 
     def _build(self, endpoint: Optional[str], extra: Sequence[tuple[str, str]]) -> grpc.aio.Metadata:
-        if endpoint and not (endpoint.isascii() and endpoint.isprintable()):
-            # gRPC cannot send it as metadata and the call would only end at its deadline
-            raise ProtocolError(f"endpoint {endpoint!r} is not printable ASCII: it cannot travel as gRPC metadata")
-        base = ((services.ENDPOINT_METADATA, endpoint),) if endpoint else ()
+        # one gRPC cannot send (it would fail the call) travels in the request's header alone
+        sent = endpoint and services.endpoint_fits_metadata(endpoint)
+        base = ((services.ENDPOINT_METADATA, endpoint),) if sent else ()
         return grpc.aio.Metadata(*base, *self._fixed, *checked_metadata(extra))
 
     def _store(self, built: dict, key: tuple, metadata: grpc.aio.Metadata) -> grpc.aio.Metadata:
@@ -347,6 +347,18 @@ class MetadataCache:
             built.clear()
         built[key] = metadata
         return metadata
+
+
+def check_endpoint_travels(request: Any, endpoint: str) -> None:
+    """Refuse an endpoint gRPC cannot send as metadata (``/søg``) unless ``request``'s header carries it, where
+    workers read it first: given only beside the request, it would reach no worker."""
+    if not services.endpoint_fits_metadata(endpoint) and not (
+        isinstance(request, DataRequest) and request.endpoint == endpoint
+    ):
+        raise ProtocolError(
+            f"endpoint {endpoint!r:.80} is not printable ASCII, so it cannot travel as gRPC metadata: set it in the "
+            "request's header (DataRequest(endpoint=...)), which workers read"
+        )
 
 
 def _to_bytes(request: Union[DataRequest, ControlRequest]) -> bytes:

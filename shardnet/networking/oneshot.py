@@ -24,6 +24,7 @@ from shardnet.networking.channels import (
     Stubs,
     checked_metadata,
     checked_options,
+    check_endpoint_travels,
     checked_reply,
     error_cause,
     get_grpc_channel,
@@ -38,6 +39,7 @@ from shardnet.protocol.services import (
     ENDPOINT_METADATA,
     INSTANCE_METADATA,
     RENEWAL_METADATA,
+    endpoint_fits_metadata,
 )
 
 T = TypeVar("T")
@@ -172,7 +174,9 @@ def _data_call(requests: Sequence[DataRequest], endpoint: Optional[str]) -> tupl
     if not requests or not all(isinstance(request, DataRequest) for request in requests):
         raise TypeError(f"send_requests takes one or more DataRequest objects, got {list(requests)!r:.200}")
     endpoint = endpoint or requests[0].endpoint
-    metadata = ((ENDPOINT_METADATA, endpoint),) if endpoint else ()
+    if endpoint:
+        check_endpoint_travels(requests[0], endpoint)
+    metadata = ((ENDPOINT_METADATA, endpoint),) if endpoint and endpoint_fits_metadata(endpoint) else ()
     if len(requests) == 1:
         return "single_data", requests[0], metadata
     return "data", list(requests), metadata

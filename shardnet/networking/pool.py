@@ -30,6 +30,7 @@ from shardnet.networking.channels import (
     ChannelOptions,
     MetadataCache,
     Stubs,
+    check_endpoint_travels,
     checked_options,
     create_async_channel_stub,
     compression_options,
@@ -349,6 +350,8 @@ class GrpcConnectionPool:
     def _metadata_for(self, request: Any, endpoint: Optional[str], metadata: Optional[Metadata]) -> grpc.aio.Metadata:
         if endpoint is None and isinstance(request, DataRequest):
             endpoint = request.endpoint
+        elif endpoint is not None:
+            check_endpoint_travels(request, endpoint)
         if not metadata:
             return self._metadata_cache.for_endpoint(endpoint)
         return self._metadata_cache.for_endpoint(endpoint, metadata)

@@ -29,6 +29,14 @@ REQUEST_STREAM = "/shardnet.RequestStream/Call"
 
 # metadata keys that travel beside requests
 ENDPOINT_METADATA = "endpoint"
+
+
+def endpoint_fits_metadata(endpoint: str) -> bool:
+    """Whether gRPC can send ``endpoint`` as metadata (printable ASCII); one that cannot (``/søg``) travels in
+    the request's header alone, which Jina's workers and shardnet's read first."""
+    return endpoint.isascii() and endpoint.isprintable()
+
+
 ERROR_METADATA = "is-error"
 ERROR_TRAILER = ((ERROR_METADATA, "true"),)  # what marks an answer carrying an executor's error, as in Jina
 AUTHORIZATION_METADATA = "authorization"

@@ -340,7 +340,10 @@ class Head:
     async def _serve(self, requests: list[DataRequest], context: grpc.aio.ServicerContext) -> bytes:
         try:
             endpoint, vias = self._settle_endpoint(requests, context)
-            metadata = ((services.ENDPOINT_METADATA, endpoint), *vias, self._via)
+            if services.endpoint_fits_metadata(endpoint):
+                metadata = ((services.ENDPOINT_METADATA, endpoint), *vias, self._via)
+            else:  # /søg, say: the header carries it, which Jina's workers and shardnet's read first
+                metadata = (*vias, self._via)
             deadline = _Deadline(_time_left(context))
             if self._uses_before is not None:
                 response, trailing = await self._one(self._uses_before, requests, metadata, deadline, decoded=True)
@@ -405,8 +408,6 @@ class Head:
         header_endpoint = requests[0].endpoint
         if endpoint is None:
             endpoint = header_endpoint or "/default"
-            if not (endpoint.isascii() and endpoint.isprintable()):  # gRPC would refuse it as metadata, and hang
-                raise ProtocolError(f"endpoint {endpoint!r:.80} is not printable ASCII: it cannot travel as gRPC metadata")
             if len(endpoint) > MAX_ENDPOINT_CHARS:  # the replica's gRPC would refuse the metadata, blamed on it
                 raise ProtocolError(
                     f"endpoint {endpoint[:40]!r}... has {len(endpoint)} characters; a head forwards at most "
