@@ -749,6 +749,25 @@ async def test_head_forwards_endpoint_discovery(runtimes):
     assert "/tag" in reply.endpoints
 
 
+async def test_endpoint_discovery_lists_uses_before_and_uses_after_endpoints_too_as_jinas_head(runtimes):
+    """A client checking an endpoint against the list (``shardnet send`` warns, a Jina gateway may skip) was told
+    uses_before's own endpoints were not served, though the head routes them."""
+    before = await runtimes(Worker(executors.Tagger.create()))
+    after = await runtimes(Worker(executors.CountingAfter.create()))
+    workers = await shard_workers(runtimes, executors.ShardSearch, 2)
+    head = await head_over(runtimes, "search", workers, "ALL", uses_before=before.server.address,
+                           uses_after=after.server.address)
+    reply, _ = await oneshot.call_once("discovery", empty_pb2.Empty(), head.server.address, timeout=5)
+    endpoints = list(reply.endpoints)
+    assert {"/search", "/index", "/tag", "/fail", "/default"} <= set(endpoints)
+    assert len(endpoints) == len(set(endpoints)) and endpoints[-1] == "_jina_dry_run_"
+
+    await before.stop(0)  # a uses_before that does not answer: said, not left out of the list
+    with pytest.raises(ReplicaError, match=r"endpoint discovery of search/uses_before") as failed:
+        await oneshot.call_once("discovery", empty_pb2.Empty(), head.server.address, timeout=5)
+    assert failed.value.code == grpc.StatusCode.UNAVAILABLE and before.server.address in str(failed.value)
+
+
 async def test_stock_grpc_client_sees_the_heads_health_and_reflection(runtimes):
     head = await runtimes(Head("plain"))
     async with grpc.aio.insecure_channel(head.server.address) as channel:

@@ -747,8 +747,8 @@ class Head:
         return request
 
     async def endpoint_discovery(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        """The endpoints of the first shard that answers (all shards run the same Executor): every shard is asked
-        at once, so a hung one does not take the time the others would answer in.
+        """The endpoints of the first shard that answers (all shards run the same Executor), with those of
+        uses_before and uses_after, as Jina's head lists them.
 
         No replica at all: an empty list. Replicas that all fail to answer: UNAVAILABLE naming each failure,
         as Jina's head does, so a caller does not read a hung worker as one serving nothing. The question
@@ -769,15 +769,41 @@ class Head:
                 "to it (a cycle of heads)",
             )
         timeout, metadata = _discovery_time_left(context), (*vias, self._via)
+        # uses_before and uses_after serve endpoints of their own, listed beside the shards', as Jina's head does
+        names = [name for name in (self.deployment, self._uses_before, self._uses_after) if name is not None]
+        asked = await asyncio.gather(*(self._endpoints_of(name, metadata, timeout) for name in names))
+        (reply, failures), others = asked[0], asked[1:]
+        if reply is None:
+            if failures:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"endpoint discovery: {'; '.join(failures)}")
+            return jina_pb2.EndpointsProto().SerializeToString()  # no replica at all
+        if not others:
+            return reply.SerializeToString()
+        listed = set(reply.endpoints)
+        for name, (other, failed) in zip(names[1:], others):
+            if other is None:
+                reasons = "; ".join(failed) or "it has no replica"
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"endpoint discovery of {name}: {reasons}")
+            listed.update(other.endpoints)
+        del reply.endpoints[:]
+        reply.endpoints.extend(sorted(listed - {DRY_RUN_ENDPOINT}) + sorted(listed & {DRY_RUN_ENDPOINT}))
+        return reply.SerializeToString()
+
+    async def _endpoints_of(
+        self, deployment: str, metadata: Sequence[tuple[str, str]], timeout: Optional[float]
+    ) -> tuple[Optional[jina_pb2.EndpointsProto], list[str]]:
+        """The endpoints of ``deployment``'s first shard that answers (all run the same Executor), every shard
+        asked at once so that a hung one does not take the time the others would answer in; else None and why
+        each failed (none: no replica at all)."""
         asked = {
             asyncio.ensure_future(
                 self.pool.call(
-                    empty_pb2.Empty(), self.deployment, replicas, shard_id=shard_id, method="discovery",
+                    empty_pb2.Empty(), deployment, replicas, shard_id=shard_id, method="discovery",
                     metadata=metadata, timeout=timeout,
                 )
             )
-            for shard_id in self.pool.shard_ids(self.deployment)
-            if (replicas := self.pool.get_replicas(self.deployment, shard_id=shard_id)).has_connections()
+            for shard_id in self.pool.shard_ids(deployment)
+            if (replicas := self.pool.get_replicas(deployment, shard_id=shard_id)).has_connections()
         }
         failures: list[str] = []
         try:
@@ -790,14 +816,12 @@ class Head:
                     except (ReplicaError, RoutingError) as exc:
                         failures.append(str(exc))
                         continue
-                    return reply.SerializeToString()
+                    return reply, []
         finally:
             for task in asked:
                 task.cancel()
             await asyncio.gather(*asked, return_exceptions=True)
-        if failures:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"endpoint discovery: {'; '.join(sorted(failures))}")
-        return jina_pb2.EndpointsProto().SerializeToString()
+        return None, sorted(failures)
 
     # -- lifetime -----------------------------------------------------------------------
 
