@@ -419,6 +419,19 @@ async def test_a_worker_on_the_wildcard_address_answers_over_ipv6_too(runtimes):
         assert response.docs[0].tags["by"] == "t", address
 
 
+async def test_registering_with_a_head_that_takes_no_activate_says_it_is_no_shardnet_head(runtimes):
+    """A Jina 3.34 head has no control plane: the worker stopped with a bare 'UNIMPLEMENTED: Method not found!'."""
+    foreign = grpc.aio.server()  # a gRPC server serving none of shardnet's methods, as a Jina head serves no control
+    port = foreign.add_insecure_port("127.0.0.1:0")
+    await foreign.start()
+    try:
+        worker = await runtimes(Worker(executors.Tagger.create(), head=f"127.0.0.1:{port}"))
+        with pytest.raises(ConfigurationError, match="takes no registration.*no shardnet head.*--connection-list"):
+            await worker.register()
+    finally:
+        await foreign.stop(0)
+
+
 async def test_ipv6_hosts_bind_are_dialled_and_registered_in_brackets(runtimes, eventually):
     """``--host ::`` and ``--host ::1`` serve (gRPC binds an IPv6 host only in brackets: ``:::0`` failed), and a
     worker on ``::1`` registers with a head on ``::`` as ``[::1]:port``, through which a request reaches it."""

@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Optional
 import grpc
 import grpc.aio
 
-from shardnet.errors import PickleRefused, ProtocolError, ReplicaError
+from shardnet.errors import ConfigurationError, PickleRefused, ProtocolError, ReplicaError
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address, host_is_loopback, parse_address
 from shardnet.networking.channels import NOT_CONNECTED, check_control_token
@@ -469,6 +469,12 @@ class Worker:
         try:
             await self._activate()
         except ReplicaError as exc:
+            if exc.code == grpc.StatusCode.UNIMPLEMENTED:
+                raise ConfigurationError(
+                    f"head {self._head} takes no registration (ACTIVATE: {exc.cause}): it is no shardnet head; a "
+                    "Jina head takes its workers from its --connection-list only: list this worker there, and "
+                    "start it without --head"
+                ) from None
             if exc.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise
             logger.warning("head %s is not reachable yet, will keep trying: %s%s", self._head, exc, _tls_hint(exc))
