@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
+import os
 
 import pytest
 from test_cli import CONSOLE_SCRIPT, PYTHON_M
@@ -155,3 +156,36 @@ def test_send_shows_what_an_encoder_answers_and_says_what_it_cannot_read() -> No
     long_double = describe(DataRequest([Document(embedding=np.array([0.5, 1.5], dtype=np.longdouble))]))["docs"][0]
     assert long_double["embedding"]["first"] in (["0.5", "1.5"], [0.5, 1.5])  # a platform's float128 or float64
     json.dumps([shown, unreadable, long_double])  # all of it printable (float128's own type failed)
+
+
+def test_a_ready_fd_the_launcher_did_not_pass_is_refused_before_grpc_opens_descriptors(capsys) -> None:
+    """A number gRPC or the loop opened later (an eventfd) was written to and closed: an abort, or a worker that
+    no longer stopped. Only an open pipe or file is taken."""
+    from shardnet.cli.main import build_parser
+
+    def parsed(fd: int) -> int:
+        return build_parser().parse_args(["worker", "--uses", "shardnet.examples.echo:Echo", "--ready-fd", str(fd)]).ready_fd
+
+    unopened = next(fd for fd in range(64, 1024) if not _is_open(fd))
+    with pytest.raises(SystemExit) as refused:
+        parsed(unopened)
+    assert refused.value.code == 2
+    assert f"file descriptor {unopened} is not open in this process" in capsys.readouterr().err
+    device = os.open(os.devnull, os.O_WRONLY)
+    reading, writing = os.pipe()
+    try:
+        with pytest.raises(SystemExit):
+            parsed(device)
+        assert "neither a pipe nor a file" in capsys.readouterr().err
+        assert parsed(writing) == writing
+    finally:
+        for fd in (device, reading, writing):
+            os.close(fd)
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True

@@ -21,7 +21,7 @@ from typing import Any, Callable, Coroutine, Optional
 from shardnet.errors import ConfigurationError
 from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_MB, check_control_token
 from shardnet.networking.tls import ClientTls, ServerTls
-from shardnet.runtimes.server import ServerConfig
+from shardnet.runtimes.server import ServerConfig, check_ready_fd
 from shardnet.runtimes.worker import HANDLER_THREAD_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -111,6 +111,16 @@ def whole_number(what: str, least: int, most: Optional[int] = None, why: str = "
         return value
 
     return parse
+
+
+def _ready_fd(text: str) -> int:
+    """``--ready-fd``: checked as the arguments are parsed, before gRPC or the event loop open a descriptor."""
+    fd = whole_number("ready fd", 3, why=" (0 to 2 are the standard streams)")(text)
+    try:
+        check_ready_fd(fd)
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("--ready-fd ", "file descriptor ", 1)) from None
+    return fd
 
 
 def check_whole_number(value: int, flag: str, least: int, most: Optional[int] = None, why: str = "") -> None:
@@ -203,7 +213,7 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
     )
     group.add_argument(
         "--ready-fd",
-        type=whole_number("ready fd", 3, why=" (0 to 2 are the standard streams)"),
+        type=_ready_fd,
         metavar="FD",
         help="once serving, write the address to file descriptor FD and close it: how shardnet deploy and "
         "Deployment learn it (a line an Executor prints cannot be taken for it)",

@@ -554,6 +554,8 @@ async def serve_until_signalled(
     Deployment starts each), what it started there. ``ready_fd``: a pipe the address is written to, one
     line, once serving; then it is closed. A SIGHUP ignored from the start (``nohup``) stays ignored.
     """
+    if ready_fd is not None:
+        check_ready_fd(ready_fd)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = [signal.SIGTERM, signal.SIGINT]
@@ -598,6 +600,22 @@ async def serve_until_signalled(
     if orphaned is not None and _parent_gone(parent_pid, direct):  # whenever it went: before the stop, or in it
         _stop_own_session()
     return 0
+
+
+def check_ready_fd(fd: Any) -> None:
+    """Refuse a ready fd that is not an open pipe or file of this process's: one its launcher did not pass may be
+    a descriptor gRPC or the event loop opens, which writing the address to and closing would break (an abort,
+    or a process that no longer stops). Checked before they open any."""
+    if isinstance(fd, bool) or not isinstance(fd, int) or fd < 3:
+        raise ConfigurationError(f"--ready-fd must be a file descriptor from 3 (0 to 2 are the standard streams), got {fd!r}")
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as exc:
+        raise ConfigurationError(
+            f"--ready-fd {fd} is not open in this process ({exc.strerror}): its launcher must pass it (pass_fds)"
+        ) from None
+    if not (stat.S_ISFIFO(mode) or stat.S_ISREG(mode)):
+        raise ConfigurationError(f"--ready-fd {fd} is neither a pipe nor a file: the address is written to it")
 
 
 def _tell_ready(fd: int, address: str) -> None:
