@@ -186,6 +186,25 @@ def test_send_to_nothing_says_so_once(dead_address):
     assert line.startswith(f"shardnet send: server {dead_address}: UNAVAILABLE: "), line
 
 
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (["--endpoint", "/x", "--text", "a\udcffb"], "--text 'a\\udcffb' is not UTF-8 text"),
+        (["--endpoint", "/\udcff"], "--endpoint '/\\udcff' is not UTF-8 text"),
+        (["--endpoint", "/x", "--parameters", '{"a": "\\udcff"}'], "--parameters: parameters['a'] must be JSON-like"),
+        (["--endpoint", "/x", "--parameters", '{"a": ' + "[" * 60 + "]" * 60 + "}"], "nested more than 20 deep"),
+        (["--endpoint", "/x", "--parameters", '{"a": ' + "[" * 5000 + "]" * 5000 + "}"], "deeper than JSON here can read"),
+    ],
+    ids=["text-not-utf8", "endpoint-not-utf8", "lone-surrogate", "nested-60", "nested-5000"],
+)
+def test_send_refuses_what_a_request_cannot_hold_in_one_line_before_sending(dead_address, flags, said):
+    """Each was a 23-35 line traceback with exit 1, which send uses for an ERROR answer."""
+    result = shardnet("send", dead_address, *flags)
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert line.startswith("shardnet send: ") and said in line, line
+
+
 def test_send_to_a_server_keeping_silent_says_so_once_with_the_time_it_waited():
     """A port that accepts connections but never answers (a SIGSTOPped server, say)."""
     with socket.create_server(("127.0.0.1", 0)) as silent:

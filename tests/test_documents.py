@@ -309,3 +309,24 @@ def test_a_document_list_answers_in_by_id_and_is_not_built_from_a_list():
     assert "z" not in request.docs and 42 not in request.docs
     with pytest.raises(TypeError, match="make a plain list of Document"):
         DocumentList([Document()])
+
+
+def test_tags_and_parameters_nested_deeper_than_a_peer_can_read_are_refused_naming_the_key():
+    """Past about 50 lists protobuf itself failed with a SystemError (no shardnet error), and far less could
+    already not be read by the receiving side; a list holding itself recursed."""
+    deep: list = []
+    for _ in range(25):
+        deep = [deep]
+    with pytest.raises(TypeError, match=r"parameters\['a'\] holds lists and dicts nested more than 20 deep"):
+        DataRequest(parameters={"a": deep})
+    looped: list = []
+    looped.append(looped)
+    doc = Document(tags={"kept": 1})
+    with pytest.raises(TypeError, match=r"tags\['x'\] holds lists and dicts nested"):
+        doc.tags["x"] = looped
+    assert dict(doc.tags) == {"kept": 1}
+    readable: dict = {}
+    for _ in range(19):
+        readable = {"k": readable}
+    request = DataRequest(docs=[Document(tags={"a": readable})], parameters={"a": readable})  # 20 deep: taken
+    assert DataRequest.from_bytes(request.to_bytes()).docs[0].tags["a"]["k"]["k"] is not None

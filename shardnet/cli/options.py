@@ -452,6 +452,8 @@ def json_object(text: str, flag: str) -> dict:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigurationError(f"{flag} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ConfigurationError(f"{flag} nests lists and objects deeper than JSON here can read") from None
     if not isinstance(value, dict):
         raise ConfigurationError(f"{flag} must be a JSON object, got {type(value).__name__}")
     return value

@@ -17,7 +17,7 @@ from shardnet.cli.options import (
     message_megabytes,
     positive_seconds,
 )
-from shardnet.errors import DeadlineExceeded, ProtocolError, ReplicaError
+from shardnet.errors import ConfigurationError, DeadlineExceeded, ProtocolError, ReplicaError
 from shardnet.networking import oneshot
 from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, NOT_CONNECTED, message_size_options
 from shardnet.protocol.documents import Document
@@ -65,8 +65,23 @@ def _target_unreachable(exc: ReplicaError) -> bool:
     return exc.code == grpc.StatusCode.UNAVAILABLE and exc.cause.lower().startswith(_NOT_REACHED)
 
 
+def _request(args: argparse.Namespace, parameters: dict) -> DataRequest:
+    """The request the flags describe, or a ConfigurationError naming the flag a value cannot travel in."""
+    for flag, values in (("--endpoint", [args.endpoint]), ("--text", args.text)):
+        for value in values:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:  # bytes the terminal's encoding could not decode, kept as surrogates
+                raise ConfigurationError(f"{flag} {value!r:.80} is not UTF-8 text") from None
+    try:
+        return DataRequest([Document(text=text) for text in args.text], endpoint=args.endpoint, parameters=parameters)
+    except (TypeError, ValueError) as exc:  # a value protobuf cannot hold (text that is no Unicode, nesting)
+        raise ConfigurationError(f"--parameters: {exc}") from None
+
+
 async def send(args: argparse.Namespace) -> int:
     parameters = json_object(args.parameters, "--parameters")
+    _request(args, parameters)  # refused before anything is sent
     tls = client_tls(args)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + args.timeout
@@ -92,7 +107,7 @@ async def send(args: argparse.Namespace) -> int:
             args.target,
             ", ".join(endpoints),
         )
-    request = DataRequest([Document(text=text) for text in args.text], endpoint=args.endpoint, parameters=parameters)
+    request = _request(args, parameters)
     left = deadline - loop.time()
     if left <= 0:  # discovery answered, but took it all
         raise DeadlineExceeded(

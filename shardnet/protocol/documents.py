@@ -18,6 +18,10 @@ from shardnet.protocol import ndarray
 from shardnet.protocol.ids import new_id
 from shardnet.protocol.proto import docarray_pb2
 
+# lists and dicts a tag or parameter value may nest: each level takes two or three of the 100 levels protobuf
+# reads (Jina's as shardnet's), under a request's own; past about 50, protobuf cannot even write the message
+MAX_JSON_NESTING = 20
+
 
 def to_python(value: Any) -> Any:
     """Turn protobuf Struct/ListValue values into plain dicts and lists (numbers as floats, NaN kept).
@@ -55,6 +59,23 @@ def _text(value: Any, field: str) -> str:
     return value
 
 
+def _nested_deeper_than(value: Any, levels: int) -> bool:
+    """Whether ``value`` holds lists and dicts more than ``levels`` deep (a list holding itself is, at once)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, Mapping):
+            children = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        if depth > levels:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
 def update_struct(struct: struct_pb2.Struct, values: Any, what: str) -> None:
     """``struct.update`` all or nothing, with an error that says which value could not be stored and why."""
     if not isinstance(values, Mapping):
@@ -63,6 +84,11 @@ def update_struct(struct: struct_pb2.Struct, values: Any, what: str) -> None:
     for key, value in values.items():
         if not isinstance(key, str):
             raise TypeError(f"{what} keys are text, got {key!r}")
+        if _nested_deeper_than(value, MAX_JSON_NESTING):
+            raise TypeError(
+                f"{what}[{key!r}] holds lists and dicts nested more than {MAX_JSON_NESTING} deep: no peer's protobuf "
+                "could read such a message (each level takes two or three of the 100 it reads)"
+            )
         try:
             checked.update({key: value})
         except (TypeError, ValueError, OverflowError):  # OverflowError: an int past a double's range
