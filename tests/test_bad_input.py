@@ -31,6 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shardnet import ControlRequest, DataRequest, Document
+from shardnet.cli.head import parse_connections
 from shardnet.errors import ConfigurationError, ProtocolError
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import parse_address
@@ -666,8 +667,14 @@ async def test_a_shard_id_computed_with_numpy_is_taken_as_the_int_it_is(echo_ser
                 await pool.remove_connection("d", server.address, shard_id=float_id)
         pool.declare_shards("e", np.int64(3))
         assert pool.shard_ids("e") == [0, 1, 2] and type(pool._deployments["e"].declared) is int
-        with pytest.raises(ConfigurationError, match="a shard id is an integer from 0, got '1'"):
+        with pytest.raises(ConfigurationError, match="a shard id is an integer from 0 to 2147483647, got '1'"):
             pool.add_connection("e", server.address, shard_id="1")  # not numpy's own error from the comparison
+        # one no message can carry: a head's STATUS failed inside gRPC with a servicer traceback
+        with pytest.raises(ConfigurationError, match="from 0 to 2147483647, got 99999999999"):
+            pool.add_connection("e", server.address, shard_id=99_999_999_999)
+        with pytest.raises(ConfigurationError, match=r"--connection '2147483648=127\.0\.0\.1:1'.*from 0 to 2147483647"):
+            parse_connections(["2147483648=127.0.0.1:1"])
+        assert parse_connections(["2147483647=127.0.0.1:1"]) == {2147483647: ["127.0.0.1:1"]}
 
 
 @pytest.mark.parametrize("arguments, error, message", BAD_CALLS.values(), ids=BAD_CALLS.keys())

@@ -23,6 +23,7 @@ from shardnet.networking.balancing import BALANCERS
 from shardnet.networking.channels import message_size_options
 from shardnet.networking.policies import RetryPolicy
 from shardnet.networking.polling import PollingMap
+from shardnet.networking.pool import MAX_SHARD_ID
 from shardnet.runtimes.head import MAX_WORKERS, SHARDS_WAIT, Head
 
 logger = logging.getLogger(__name__)
@@ -88,10 +89,10 @@ def parse_connections(items: list[str], tls: bool = False) -> dict[int, list[str
     connections: dict[int, list[str]] = defaultdict(list)
     for item in items:
         shard, sep, address = item.partition("=")
-        if not sep or not shard.strip().isdigit():
+        if not sep or not shard.strip().isdigit() or int(shard) > MAX_SHARD_ID:
             raise ConfigurationError(
-                f"--connection {item!r}: expected SHARD=HOST:PORT with SHARD a whole number from 0, "
-                "e.g. 0=127.0.0.1:50051"
+                f"--connection {item!r}: expected SHARD=HOST:PORT with SHARD a whole number from 0 to "
+                f"{MAX_SHARD_ID}, e.g. 0=127.0.0.1:50051"
             )
         connections[int(shard)].append(str(parse_address(address, tls=tls)))
     return dict(connections)

@@ -75,6 +75,10 @@ def _check_retries(retries: Any) -> None:
         raise ConfigurationError(f"retries must be an integer (negative: the pool's policy), got {retries!r}")
 
 
+# shard ids travel in protobuf int32 fields (a worker's ACTIVATE) and uint32 ones (a head's STATUS reply)
+MAX_SHARD_ID = 2**31 - 1
+
+
 def _check_names(deployment: Any, shard_id: Any) -> int:
     """A deployment is named by non-empty text and a shard by a number from 0 (the maps sort and print them);
     the shard id as a Python int."""
@@ -85,9 +89,13 @@ def _check_names(deployment: Any, shard_id: Any) -> int:
 
 def _shard_number(deployment: str, shard_id: Any, what: str = "a shard id") -> int:
     """``shard_id`` as a Python int (one from numpy, as a computed id often is, too); ConfigurationError for
-    anything but an integer from 0 (a float, a bool, text)."""
-    if isinstance(shard_id, bool) or not isinstance(shard_id, numbers.Integral) or shard_id < 0:
-        raise ConfigurationError(f"deployment {deployment!r}: {what} is an integer from 0, got {shard_id!r}")
+    anything but an integer from 0 to MAX_SHARD_ID (a float, a bool, text, one no message can carry)."""
+    if (
+        isinstance(shard_id, bool) or not isinstance(shard_id, numbers.Integral) or not 0 <= shard_id <= MAX_SHARD_ID
+    ):
+        raise ConfigurationError(
+            f"deployment {deployment!r}: {what} is an integer from 0 to {MAX_SHARD_ID}, got {shard_id!r}"
+        )
     return int(shard_id)
 
 
