@@ -278,6 +278,21 @@ async def test_send_to_a_server_without_discovery_still_warns_then_sends(echo_se
     assert json.loads(result.stdout)["docs"][0]["text"] == "a"
 
 
+async def test_send_prints_json_a_strict_parser_reads_nan_and_infinities_as_protobuf_writes_them(echo_servers):
+    """Python's NaN and Infinity are no JSON: a browser's JSON.parse and jq refused what send printed."""
+    [echo] = await echo_servers(1)
+    result = await asyncio.to_thread(
+        shardnet, "send", echo.address, "--endpoint", "/index", "--parameters", '{"a": NaN, "b": [Infinity, -Infinity, 1.5]}'
+    )
+    assert result.returncode == 0, result.stderr
+
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is no JSON")
+
+    printed = json.loads(result.stdout, parse_constant=refuse)
+    assert printed["parameters"] == {"a": "NaN", "b": ["Infinity", "-Infinity", 1.5]}
+
+
 # -- 5: flags taking seconds refuse what is not a positive number of them, in the flag's words ----------------
 
 SECONDS_FLAGS = {

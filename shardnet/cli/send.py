@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import json
 import logging
+import math
+from typing import Any
 
 import grpc
 from google.protobuf import empty_pb2
@@ -118,7 +120,7 @@ async def send(args: argparse.Namespace) -> int:
         request, args.target, timeout=left, tls=tls,
         channel_options=message_size_options(int(args.max_message_mb * 2**20)),
     )
-    print(json.dumps(describe(response), indent=2))
+    print(json.dumps(_strict_json(describe(response)), indent=2, allow_nan=False))
     return 1 if response.is_error else 0
 
 
@@ -166,6 +168,18 @@ def _array(document: Document, field: str) -> dict:
     # JSON has numbers of float64's range and no complex: others (complex, float128's own type) as text
     values = [value if isinstance(value, (bool, int, float)) else str(value) for value in first]
     return {"shape": list(array.shape), "dtype": str(array.dtype), "first": values}
+
+
+def _strict_json(value: Any) -> Any:
+    """``value`` with every NaN and infinity as the text protobuf's JSON mapping writes ("NaN", "Infinity",
+    "-Infinity"): JSON has no such numbers, and a strict parser (a browser's, jq's) refuses Python's."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {key: _strict_json(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_strict_json(item) for item in value]
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
