@@ -278,6 +278,26 @@ async def test_send_to_a_server_without_discovery_still_warns_then_sends(echo_se
     assert json.loads(result.stdout)["docs"][0]["text"] == "a"
 
 
+def test_a_worker_refuses_an_address_it_cannot_listen_on_before_its_executor_loads(tmp_path):
+    """The bind said so only after the load (20 s of a model, say); a module that does not exist shows the order:
+    the address is refused first."""
+    in_the_way = tmp_path / "not-a-socket"
+    in_the_way.write_text("")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flags, said in (
+            (["--port", str(port)], f"cannot listen on 127.0.0.1:{port}: Address already in use"),
+            (["--port", "0", "--health-port", str(port)], f"cannot listen on 127.0.0.1:{port}"),
+            (["--unix-socket", str(in_the_way)], "a file that is not a socket is in the way"),
+        ):
+            result = shardnet("worker", "--uses", "no_such_module_anywhere:Nothing", *flags)
+            assert result.returncode == 2, result.stderr
+            [line] = result.stderr.splitlines()
+            assert said in line and "no_such_module" not in line, line
+
+
 async def test_send_prints_json_a_strict_parser_reads_nan_and_infinities_as_protobuf_writes_them(echo_servers):
     """Python's NaN and Infinity are no JSON: a browser's JSON.parse and jq refused what send printed."""
     [echo] = await echo_servers(1)

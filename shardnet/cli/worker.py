@@ -25,6 +25,7 @@ from shardnet.errors import ConfigurationError
 from shardnet.networking.addresses import parse_address
 from shardnet.runtimes.executor import EXECUTOR_PATH_VARIABLE, load_executor_class
 from shardnet.runtimes.head import IMPLIED_LEASE_FACTOR, MAX_RENEWAL_INTERVAL
+from shardnet.runtimes.server import check_can_listen
 from shardnet.runtimes.worker import Worker
 
 # why a longer --register-interval is refused: the head would not wait for its renewals
@@ -82,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
             "give one of --unix-socket and --advertise-host: both say what the head dials (the socket, when given)"
         )
     config = server_config(args)
+    check_can_listen(config)
     head_tls = client_tls(args, prefix="head-")
     token = config.control_token  # read once (a token given on the command line is warned of once)
     if os.getcwd() not in sys.path:  # as under `python -m`: MODULE:CLASS may name a module in this folder

@@ -412,13 +412,7 @@ class Server:
 
     def _bind_unix(self, path: str) -> None:
         """Listen on ``path``; a socket left by a dead server is replaced, one a live server holds is refused."""
-        if os.path.lexists(path):
-            if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                raise ConfigurationError(f"cannot listen on unix:{path}: a file that is not a socket is in the way")
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-                listening = probe.connect_ex(path) == 0  # else a stale socket, which gRPC replaces
-            if listening:
-                raise ConfigurationError(f"cannot listen on unix:{path}: another server is listening there")
+        _check_unix_path_free(path)
         try:
             self._server.add_insecure_port(f"{UNIX_SCHEME}{path}")
         except RuntimeError as exc:
@@ -476,6 +470,54 @@ class Server:
     async def wait_for_termination(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
+
+
+def _check_unix_path_free(path: str) -> None:
+    """Refuse a socket path holding a file that is no socket, or a socket a live server listens on (a socket left
+    by a dead server is free: gRPC replaces it)."""
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise ConfigurationError(f"cannot listen on unix:{path}: a file that is not a socket is in the way")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            listening = probe.connect_ex(path) == 0
+        if listening:
+            raise ConfigurationError(f"cannot listen on unix:{path}: another server is listening there")
+
+
+def check_can_listen(config: ServerConfig) -> None:
+    """Refuse, before an Executor loads, the addresses ``config`` names that this process cannot listen on (a
+    port in use, an address not on this machine, a socket path in the way), as the bind would refuse them only
+    after the load: a typo should not wait for a model. Not a reservation: the bind still says what it finds."""
+    if config.unix_socket is not None:
+        _check_unix_path_free(config.unix_socket)
+        folder = os.path.dirname(config.unix_socket) or "."
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ConfigurationError(f"cannot listen on unix:{config.unix_socket}: folder missing or not writable")
+    ports = [port for port in (None if config.unix_socket else config.port, config.health_port) if port]
+    for port in ports:
+        _check_port_free(config.host, port)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Bind (and close) a socket on each address ``host`` resolves to, as gRPC would; refused when none binds."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigurationError(f"cannot listen on {entity_address(host, port)}: {exc.strerror}") from None
+    failures = []
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC's: TIME_WAIT does not count
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                failures.append(exc)
+                continue
+        return
+    cause = "; ".join(sorted({exc.strerror or str(exc) for exc in failures}))
+    if 0 < port < 1024:
+        cause += " (this user may not listen below 1024?)"
+    raise ConfigurationError(f"cannot listen on {entity_address(host, port)}: {cause}")
 
 
 def _bind(server: grpc.aio.Server, host: str, port: int, tls: Optional[ServerTls]) -> int:
