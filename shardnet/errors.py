@@ -95,8 +95,18 @@ class DiscoveryError(ShardnetError, TimeoutError):
     """Discovery did not list the cluster in time; the message names the namespace and the last failure."""
 
 
-class Unauthenticated(ShardnetError, PermissionError):
-    """A control request without the credentials the head requires."""
+class Unauthenticated(ReplicaError, PermissionError):
+    """A call refused for want of the credentials the server requires (UNAUTHENTICATED): a control request
+    without the head's token, or with another."""
+
+
+def replica_error_class(code: Optional[grpc.StatusCode]) -> type[ReplicaError]:
+    """The ReplicaError a call that ended with ``code`` raises: DeadlineExceeded, Unauthenticated, else itself."""
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return Unauthenticated
+    return ReplicaError
 
 
 class ExecutorError(ShardnetError):

@@ -20,6 +20,7 @@ from shardnet import (
     GrpcConnectionPool,
     ProtocolError,
     ReplicaError,
+    Unauthenticated,
 )
 from shardnet.networking import oneshot
 from shardnet.protocol import services
@@ -366,3 +367,50 @@ async def test_send_health_check_async_to_a_server_without_the_health_service():
 def test_send_health_check_sync_refuses_a_bad_address():
     with pytest.raises(ConfigurationError):
         GrpcConnectionPool.send_health_check_sync("no-port-here", timeout=1.0)
+
+
+@pytest.mark.parametrize(
+    "arguments, said",
+    [
+        ({"worker_host": "127.0.0.1", "worker_port": None}, "ACTIVATE names a worker"),
+        ({"worker_host": None, "worker_port": 5000}, "ACTIVATE names a worker"),
+        ({"worker_host": "127.0.0.1", "worker_port": 5000, "shard_id": -1}, "shard id is an integer from 0 to"),
+        ({"worker_host": "127.0.0.1", "worker_port": 5000, "shard_id": 2**31}, "shard id is an integer from 0 to"),
+        ({"worker_host": "127.0.0.1", "worker_port": "5000"}, "its port is an integer from 0 to 65535"),
+        ({"worker_host": "127.0.0.1", "worker_port": 70000}, "its port is an integer from 0 to 65535"),
+        ({"worker_host": " ", "worker_port": 5000}, "a worker is named by a host"),
+        ({"worker_host": "127.0.0.1", "worker_port": 5000, "renews_every": 0}, "renews_every must be positive"),
+    ],
+    ids=["no-port", "no-host", "negative-shard", "shard-past-int32", "port-as-text", "port-past-65535", "blank-host",
+         "renews-every-zero"],
+)
+async def test_activate_and_deactivate_refuse_a_worker_they_cannot_name_before_sending(
+    runtimes, arguments, said
+):
+    """Without a host or port they went out naming nobody and did nothing; a bad shard id was protobuf's bare
+    'Value out of range'; text as a port a TypeError; renews_every=0 was sent."""
+    from shardnet.runtimes.head import Head
+
+    head = await runtimes(Head("named"))
+    with pytest.raises(ConfigurationError, match=said):
+        await oneshot.activate_worker(target_head=head.server.address, **arguments)
+    if "renews_every" not in arguments:
+        with pytest.raises(ConfigurationError, match=said.replace("ACTIVATE", "DEACTIVATE")):
+            await oneshot.deactivate_worker(target_head=head.server.address, **arguments)
+    assert not head.pool.shard_ids("named")
+
+
+async def test_a_refused_control_token_raises_unauthenticated_which_is_a_replica_error(runtimes):
+    """shardnet.Unauthenticated was exported and documented but never raised: `except Unauthenticated` caught
+    nothing."""
+    from shardnet.runtimes.head import Head
+    from shardnet.runtimes.server import ServerConfig
+
+    head = await runtimes(Head("guarded", ServerConfig(control_token="s3cret-token")))
+    for token in (None, "wrong"):
+        with pytest.raises(Unauthenticated) as refused:
+            await oneshot.activate_worker("127.0.0.1", 5000, head.server.address, token=token)
+        assert isinstance(refused.value, ReplicaError) and refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+        assert head.server.address in str(refused.value)
+    with pytest.raises(Unauthenticated):  # the blocking face too, from a thread: the head serves in this loop
+        await asyncio.to_thread(oneshot.activate_worker_sync, "127.0.0.1", 5000, head.server.address, token="wrong")

@@ -23,7 +23,7 @@ from shardnet.networking.balancing import BALANCERS
 from shardnet.networking.channels import message_size_options
 from shardnet.networking.policies import RetryPolicy
 from shardnet.networking.polling import PollingMap
-from shardnet.networking.pool import MAX_SHARD_ID
+from shardnet.protocol.messages import MAX_SHARD_ID
 from shardnet.runtimes.head import MAX_WORKERS, SHARDS_WAIT, Head
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import grpc.aio
 import tenacity
 from grpc_health.v1 import health_pb2
 
-from shardnet.errors import DeadlineExceeded, ReplicaError
+from shardnet.errors import ConfigurationError, ReplicaError, replica_error_class
 from shardnet.networking.addresses import Address, entity_address, parse_address
 from shardnet.networking.channels import (
     NOT_CONNECTED,
@@ -31,9 +31,9 @@ from shardnet.networking.channels import (
     never_reached,
     tls_settings,
 )
-from shardnet.networking.policies import check_timeout
+from shardnet.networking.policies import check_seconds, check_timeout
 from shardnet.networking.tls import ClientTls, PemSource
-from shardnet.protocol.messages import ControlRequest, DataRequest
+from shardnet.protocol.messages import MAX_SHARD_ID, ControlRequest, DataRequest, is_shard_id
 from shardnet.protocol.services import (
     AUTHORIZATION_METADATA,
     ENDPOINT_METADATA,
@@ -132,7 +132,7 @@ async def call_once(
     try:
         return await retrying(attempt)
     except grpc.aio.AioRpcError as error:
-        kind = DeadlineExceeded if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else ReplicaError
+        kind = replica_error_class(error.code())
         cause = error_cause(error) + _tls_diagnosis(error, address, tls)
         made = retrying.statistics.get("attempt_number", 1)
         if made > 1:
@@ -298,6 +298,24 @@ async def send_control(
     return response
 
 
+def _check_worker_named(command: str, worker_host: Any, worker_port: Any, shard_id: Any) -> None:
+    """Refuse an ACTIVATE or DEACTIVATE that names no worker a message can carry: without a host or a port it
+    went out naming nobody and did nothing, a shard id past its field was protobuf's bare "Value out of range"."""
+    if worker_host is None or worker_port is None:
+        raise ConfigurationError(
+            f"{command} names a worker: give its host (or unix: path) and its port (0 for a socket), got "
+            f"{worker_host!r} and {worker_port!r}"
+        )
+    if not isinstance(worker_host, str) or not worker_host.strip():
+        raise ConfigurationError(f"{command}: a worker is named by a host, an IP address or a unix: path, got {worker_host!r}")
+    if isinstance(worker_port, bool) or not isinstance(worker_port, int) or not 0 <= worker_port <= 65535:
+        raise ConfigurationError(f"{command} of {worker_host}: its port is an integer from 0 to 65535, got {worker_port!r}")
+    if shard_id is not None and not is_shard_id(shard_id):
+        raise ConfigurationError(
+            f"{command} of {worker_host}: its shard id is an integer from 0 to {MAX_SHARD_ID}, got {shard_id!r}"
+        )
+
+
 async def activate_worker(
     worker_host: str,
     worker_port: int,
@@ -312,6 +330,9 @@ async def activate_worker(
     """Tell the head at ``target_head`` to send traffic to this worker (ACTIVATE); ``renews_every``: the worker
     repeats it that often (seconds), and a head without a lease of its own leases it for a few times that;
     ``instance``: the worker process's own id, so a head tells a restart on the same address from a renewal."""
+    _check_worker_named("ACTIVATE", worker_host, worker_port, shard_id)
+    if renews_every is not None:
+        check_seconds(renews_every, "renews_every")
     metadata = () if renews_every is None else ((RENEWAL_METADATA, f"{renews_every:g}"),)
     if instance is not None:
         metadata += ((INSTANCE_METADATA, instance),)
@@ -331,6 +352,7 @@ async def deactivate_worker(
     timeout: float = 5.0,
 ) -> ControlRequest:
     """Tell the head to stop sending traffic to this worker (DEACTIVATE), in the shard it was given."""
+    _check_worker_named("DEACTIVATE", worker_host, worker_port, shard_id)
     return await send_control(
         "DEACTIVATE", target_head, worker_host, worker_port, shard_id, token=token, tls=tls, timeout=timeout
     )

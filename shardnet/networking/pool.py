@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import numbers
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -22,7 +21,13 @@ import grpc.aio
 import tenacity
 from google.protobuf import empty_pb2
 
-from shardnet.errors import ConfigurationError, DeadlineExceeded, ProtocolError, ReplicaError, RoutingError
+from shardnet.errors import (
+    ConfigurationError,
+    ProtocolError,
+    ReplicaError,
+    RoutingError,
+    replica_error_class,
+)
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import parse_address
 from shardnet.networking.balancing import make_balancer
@@ -50,7 +55,7 @@ from shardnet.networking.policies import (
 from shardnet.networking.polling import PollingType
 from shardnet.networking.replica_list import Connection, ReplicaList, close_in_turn
 from shardnet.networking.tls import ClientTls, FollowedClientMaterial
-from shardnet.protocol.messages import ControlRequest, DataRequest
+from shardnet.protocol.messages import MAX_SHARD_ID, ControlRequest, DataRequest, is_shard_id
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +80,6 @@ def _check_retries(retries: Any) -> None:
         raise ConfigurationError(f"retries must be an integer (negative: the pool's policy), got {retries!r}")
 
 
-# shard ids travel in protobuf int32 fields (a worker's ACTIVATE) and uint32 ones (a head's STATUS reply)
-MAX_SHARD_ID = 2**31 - 1
-
-
 def _check_names(deployment: Any, shard_id: Any) -> int:
     """A deployment is named by non-empty text and a shard by a number from 0 (the maps sort and print them);
     the shard id as a Python int."""
@@ -90,9 +91,7 @@ def _check_names(deployment: Any, shard_id: Any) -> int:
 def _shard_number(deployment: str, shard_id: Any, what: str = "a shard id") -> int:
     """``shard_id`` as a Python int (one from numpy, as a computed id often is, too); ConfigurationError for
     anything but an integer from 0 to MAX_SHARD_ID (a float, a bool, text, one no message can carry)."""
-    if (
-        isinstance(shard_id, bool) or not isinstance(shard_id, numbers.Integral) or not 0 <= shard_id <= MAX_SHARD_ID
-    ):
+    if not is_shard_id(shard_id):
         raise ConfigurationError(
             f"deployment {deployment!r}: {what} is an integer from 0 to {MAX_SHARD_ID}, got {shard_id!r}"
         )
@@ -551,8 +550,7 @@ class GrpcConnectionPool:
         cause = error_cause(error)
         if note:
             cause = f"{cause} ({note})"
-        kind = DeadlineExceeded if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED else ReplicaError
-        return kind(
+        return replica_error_class(error.code())(
             cause, address=str(connection.address), code=error.code(), deployment=deployment, shard_id=shard_id,
             unsent=unsent,
         )

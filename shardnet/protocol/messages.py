@@ -9,6 +9,7 @@ not know ride along as protobuf unknown fields, untouched.
 
 from __future__ import annotations
 
+import numbers
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping
@@ -25,7 +26,16 @@ from shardnet.protocol.ids import new_id
 from shardnet.protocol.proto import jina_pb2
 from shardnet.protocol.wire import DocumentTally, check_document_count, count_fields, document_bound, field_spans
 
+# shard ids travel in protobuf int32 fields (a worker's ACTIVATE) and uint32 ones (a head's STATUS reply)
+MAX_SHARD_ID = 2**31 - 1
 SUCCESS = jina_pb2.StatusProto.SUCCESS
+
+
+def is_shard_id(value: Any) -> bool:
+    """Whether ``value`` is an integer a shard id field carries: 0 to MAX_SHARD_ID (numpy's too, not a bool)."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and 0 <= value <= MAX_SHARD_ID
+
+
 ERROR = jina_pb2.StatusProto.ERROR
 
 
