@@ -32,11 +32,12 @@ class PickleRefused(ProtocolError):
 class MalformedReplyError(ProtocolError):
     """A replica answered bytes that are not the message it should have sent; ``address`` names it."""
 
-    def __init__(self, cause: str, *, address: str, owner: str = ""):
+    def __init__(self, cause: str, *, address: str, owner: str = "", role: str = "replica"):
         self.cause = cause
         self.address = address
         self.owner = owner  # the replica list it belongs to, "dep/shard-0" say, when known
-        super().__init__(f"{owner + ' ' if owner else ''}replica {address}: {cause}")
+        # "replica" in a pool; "server" for a one-off call, as ReplicaError's role
+        super().__init__(f"{owner + ' ' if owner else ''}{role} {address}: {cause}")
 
 
 class ConfigurationError(ShardnetError, ValueError):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import executors
+import grpc.aio
 import pytest
 
 EXECUTORS = Path(executors.__file__).resolve()
@@ -349,11 +350,27 @@ def _children(pid: int) -> list[int]:
 
 async def test_send_and_status_against_a_server_answering_garbage_say_so_without_a_traceback(garbage_server):
     address = garbage_server.address
-    for command in (("send", address, "--endpoint", "/x", "--timeout", "5"), ("status", address)):
-        result = await asyncio.to_thread(shardnet, *command)  # the garbage server answers on this loop meanwhile
-        assert result.returncode != 0, (command, result.stdout)
-        assert address in result.stderr and "malformed" in result.stderr, (command, result.stderr)
-        assert "Traceback" not in result.stderr, (command, result.stderr)
+    result = await asyncio.to_thread(shardnet, "send", address, "--endpoint", "/x", "--timeout", "5")
+    assert result.returncode == 2, result.stdout  # the garbage server answers on this loop meanwhile
+    assert f"server {address}" in result.stderr and "malformed" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    # status reached it: exit 1 (not healthy), as 2 says nothing answered at all
+    result = await asyncio.to_thread(shardnet, "status", address)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "replicas: unknown (malformed" in result.stdout, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+async def test_status_of_a_grpc_server_without_health_checks_exits_1_as_it_answered():
+    foreign = grpc.aio.server()
+    port = foreign.add_insecure_port("127.0.0.1:0")
+    await foreign.start()
+    try:
+        result = await asyncio.to_thread(shardnet, "status", f"127.0.0.1:{port}")
+    finally:
+        await foreign.stop(0)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert f"127.0.0.1:{port}: health unknown (" in result.stdout and "UNIMPLEMENTED" not in result.stderr
 
 
 def test_output_into_a_closed_pipe_exits_quietly():

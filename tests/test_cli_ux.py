@@ -319,6 +319,8 @@ SECONDS_FLAGS = {
     "send-timeout-zero": (["send", "127.0.0.1:1", "--endpoint", "/x", "--timeout", "0"], "--timeout", "'0'"),
     "send-timeout-nan": (["send", "127.0.0.1:1", "--endpoint", "/x", "--timeout", "nan"], "--timeout", "'nan'"),
     "status-timeout-negative": (["status", "127.0.0.1:1", "--timeout", "-1"], "--timeout", "'-1'"),
+    # the Python API's refusal of half the value, naming no flag
+    "send-timeout-past-1e9": (["send", "127.0.0.1:1", "--endpoint", "/x", "--timeout", "3e9"], "--timeout", "'3e9'"),
     "deploy-timeout-zero": (["deploy", "--uses", "m:C", "--timeout", "0"], "--timeout", "'0'"),
     "deploy-attempt-timeout-inf": (
         ["deploy", "--uses", "m:C", "--attempt-timeout", "inf"], "--attempt-timeout", "'inf'"

@@ -20,6 +20,7 @@ from typing import Any, Callable, Coroutine, Optional
 
 from shardnet.errors import ConfigurationError
 from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_MB, check_control_token
+from shardnet.networking.policies import MAX_TIMEOUT
 from shardnet.networking.tls import ClientTls, ServerTls
 from shardnet.runtimes.server import ServerConfig, check_ready_fd
 from shardnet.runtimes.worker import HANDLER_THREAD_PREFIX
@@ -65,11 +66,12 @@ def drain_seconds(text: str) -> float:
 
 
 def positive_seconds(
-    what: str, zero: bool = False, most: Optional[float] = None, why: str = ""
+    what: str, zero: bool = False, most: float = MAX_TIMEOUT, why: str = ""
 ) -> Callable[[str], float]:
     """An argparse ``type`` for a flag taking seconds (a timeout, a lease, an interval): a finite number above 0
-    (or 0 too, with ``zero``), at most ``most`` when given (``why`` says why), refused in the flag's words rather
-    than the Python API's (0 would expire at once, NaN compares false everywhere).
+    (or 0 too, with ``zero``), at most ``most`` (``why`` says why; by default the longest deadline the pool
+    takes, some 31 years), refused in the flag's words rather than the Python API's (0 would expire at once,
+    NaN compares false everywhere, 3e9 came back as the API's refusal of half of it).
 
     >>> positive_seconds("timeout")("2.5")
     2.5
@@ -80,7 +82,7 @@ def positive_seconds(
         if value < 0 or (value == 0 and not zero):
             least = "0 or more" if zero else "positive"
             raise argparse.ArgumentTypeError(f"{what} must be {least} seconds, got {text!r}")
-        if most is not None and value > most:
+        if value > most:
             raise argparse.ArgumentTypeError(f"{what} must be at most {most:g} seconds{why}, got {text!r}")
         return value
 

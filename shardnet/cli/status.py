@@ -12,9 +12,10 @@ from google.protobuf import empty_pb2
 from grpc_health.v1 import health_pb2
 
 from shardnet.cli.options import add_client_tls_arguments, client_tls, positive_seconds
-from shardnet.errors import ReplicaError
+from shardnet.errors import MalformedReplyError, ReplicaError
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address
+from shardnet.networking.channels import NOT_CONNECTED
 from shardnet.protocol import services
 from shardnet.protocol.messages import ControlRequest
 
@@ -37,11 +38,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 async def status(args: argparse.Namespace) -> int:
     tls = client_tls(args)
-    health, _ = await oneshot.call_once(
-        "health", health_pb2.HealthCheckRequest(), args.target, timeout=args.timeout, tls=tls
-    )
-    print(f"{args.target}: {health_pb2.HealthCheckResponse.ServingStatus.Name(health.status)}")
-    healthy = health.status == health_pb2.HealthCheckResponse.SERVING
+    try:
+        health, _ = await oneshot.call_once(
+            "health", health_pb2.HealthCheckRequest(), args.target, timeout=args.timeout, tls=tls
+        )
+    except ReplicaError as exc:
+        if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED or exc.cause.lower().startswith(NOT_CONNECTED):
+            raise  # nothing answered at all: exit 2
+        print(f"{args.target}: health unknown ({exc.cause})")  # it answered, but no health check (exit 1)
+        healthy = False
+    except MalformedReplyError as exc:
+        print(f"{args.target}: health unknown ({exc.cause})")
+        healthy = False
+    else:
+        print(f"{args.target}: {health_pb2.HealthCheckResponse.ServingStatus.Name(health.status)}")
+        healthy = health.status == health_pb2.HealthCheckResponse.SERVING
     try:  # shardnet servers also answer readiness (a head fed by discovery: once it has listed a worker of every shard)
         ready, _ = await oneshot.call_once(
             "health", health_pb2.HealthCheckRequest(service=services.READY_SERVICE), args.target,
@@ -49,22 +60,22 @@ async def status(args: argparse.Namespace) -> int:
         )
         print(f"ready: {health_pb2.HealthCheckResponse.ServingStatus.Name(ready.status)}")
         healthy = healthy and ready.status == health_pb2.HealthCheckResponse.SERVING
-    except ReplicaError as exc:  # a Jina server has no such service
+    except (ReplicaError, MalformedReplyError) as exc:  # a Jina server has no such service
         print(f"ready: unknown ({exc.cause})")
     try:  # a head asks its workers: a hung one fails this, and the replica list below still says who is there
         endpoints, _ = await oneshot.call_once(
             "discovery", empty_pb2.Empty(), args.target, timeout=args.timeout, tls=tls
         )
         print(f"endpoints: {', '.join(endpoints.endpoints) or '(none)'}")
-    except ReplicaError as exc:
+    except (ReplicaError, MalformedReplyError) as exc:
         print(f"endpoints: unknown ({exc.cause})")
         healthy = False
     try:
         control, trailing = await oneshot.call_once(  # not send_control: the trailing metadata says what is ejected
             "control", ControlRequest("STATUS"), args.target, timeout=args.timeout, tls=tls
         )
-    except ReplicaError as exc:
-        if exc.code == grpc.StatusCode.UNIMPLEMENTED:  # a Jina 3.34 server has no control service: no shardnet head
+    except (ReplicaError, MalformedReplyError) as exc:
+        if getattr(exc, "code", None) == grpc.StatusCode.UNIMPLEMENTED:  # a Jina 3.34 server has no control service: no shardnet head
             print(f"replicas: none listed ({exc.cause}: not a shardnet server)")
             return 0 if healthy else 1
         print(f"replicas: unknown ({exc.cause})")  # a draining server refuses it: said, as the rest is

@@ -211,7 +211,7 @@ def never_reached(error: BaseException) -> bool:
     return details.startswith(NOT_CONNECTED) or details == services.DRAINING_DETAILS
 
 
-def checked_reply(response: Any, address: Any, owner: str = "", timed: bool = False) -> Any:
+def checked_reply(response: Any, address: Any, owner: str = "", timed: bool = False, role: str = "replica") -> Any:
     """``response``, or a MalformedReplyError (a ProtocolError) naming the replica (and the ``owner`` list it
     belongs to, "dep/shard-0") when its reply did not decode.
 
@@ -220,7 +220,7 @@ def checked_reply(response: Any, address: Any, owner: str = "", timed: bool = Fa
     gets DEADLINE_EXCEEDED, as its peers do; an untimed one UNAVAILABLE, which fails over.
     """
     if isinstance(response, MalformedReply):
-        raise MalformedReplyError(str(response.error), address=str(address), owner=owner) from None
+        raise MalformedReplyError(str(response.error), address=str(address), owner=owner, role=role) from None
     if response is None:
         code = grpc.StatusCode.DEADLINE_EXCEEDED if timed else grpc.StatusCode.UNAVAILABLE
         raise rpc_error(code, f"{address} ended the call without an answer (status OK, no message)")

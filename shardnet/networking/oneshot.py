@@ -164,7 +164,7 @@ async def _call_on_new_channel(
         call = getattr(Stubs.for_channel(channel, origin=f"replica {address}"), method)(
             payload, metadata=metadata, timeout=timeout
         )
-        response = checked_reply(await call, address, timed=timeout is not None)
+        response = checked_reply(await call, address, timed=timeout is not None, role="server")
         return response, await call.trailing_metadata()
     finally:
         await channel.close()
