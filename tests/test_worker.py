@@ -559,6 +559,20 @@ async def test_jinas_call_stream_answers_each_request_in_turn(tagger, runtimes, 
     assert answers[-1].is_error and answers[-1].status.exception.name == "ValueError"
 
 
+async def test_a_call_sending_nothing_for_long_is_not_cut_by_its_clients_keepalive_pings(runtimes):
+    """gRPC's server default takes one ping per 5 minutes without data and sends GOAWAY "too_many_pings" at the
+    third strike: every call that ran 2 minutes (shardnet's 30 s client keepalive; 20 s here at 5 s, as a client
+    pinging often yet within the policy) was cut, and a head ran it again on another worker."""
+    worker = await runtimes(Worker(executors.Sleepy.create()))
+    request = DataRequest([Document(id="long")], endpoint="/sleep", parameters={"seconds": 22})
+    pinging = [("grpc.keepalive_time_ms", 5_000), ("grpc.keepalive_permit_without_calls", 1),
+               ("grpc.http2.max_pings_without_data", 0)]
+    async with grpc.aio.insecure_channel(worker.server.address, options=pinging) as channel:
+        reply = await channel.unary_unary(services.PROCESS_SINGLE_DATA)(request.to_bytes(), timeout=40)
+    [doc] = DataRequest.from_bytes(reply).docs
+    assert doc.tags["slept"] == 22 and worker.executor.cancelled == 0
+
+
 @pytest.mark.parametrize("server", ["worker", "head"])
 async def test_a_request_refused_on_a_jina_call_stream_is_answered_error_and_the_stream_goes_on(runtimes, server):
     """As a Jina head answers it: one answer over the worker's message size (RESOURCE_EXHAUSTED at the gRPC level)

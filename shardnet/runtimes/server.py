@@ -126,6 +126,13 @@ class ServerConfig:
             raise ConfigurationError(f"max_concurrent_rpcs must be at least 1 (or None), got {self.max_concurrent_rpcs}")
 
 
+# the keepalive pings a server takes while a call sends nothing: gRPC's default (one per 5 minutes, and a
+# GOAWAY "too_many_pings" at the third strike) cut every call that ran 2 minutes without data under shardnet's
+# 30 s client keepalive (and Jina's 10 s one), and a head ran it again elsewhere. Clients pinging every 5 s or
+# less often are taken; faster ones are still sent away, as gRPC does
+PING_POLICY = (("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),)
+
+
 def unary_service(path: str, handler: RawHandler) -> grpc.GenericRpcHandler:
     """A generic handler serving one unary method path with bytes in and out."""
     service, method = path.strip("/").split("/")
@@ -348,7 +355,7 @@ class Server:
         config = self.config
         server = grpc.aio.server(
             # no SO_REUSEPORT: a second server on a port in use must fail, not silently share its traffic
-            options=default_grpc_options(config.max_message_bytes) + [("grpc.so_reuseport", 0)],
+            options=default_grpc_options(config.max_message_bytes) + [("grpc.so_reuseport", 0), *PING_POLICY],
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
         server.add_generic_rpc_handlers(self._handlers)
