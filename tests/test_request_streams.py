@@ -19,7 +19,7 @@ import pytest
 
 from shardnet import DataRequest, Document, GrpcConnectionPool, PollingMap, ReplicaError
 from shardnet.networking import oneshot
-from shardnet.networking.streams import MAX_STREAMED_BYTES, status_message
+from shardnet.networking.streams import MAX_STREAMED_BYTES, STATUS_EXCEPTION, status_message
 from shardnet.protocol import services
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.processes import ShardnetProcess
@@ -448,6 +448,28 @@ async def test_a_stream_answer_that_cannot_be_read_fails_its_stream_by_name_and_
         assert f"{address} sent an unreadable answer on its request stream" in str(caught.value)
         streams = replicas.get_all_connections()[0].stubs.streams
         await eventually(lambda: streams._lanes[0] is None)
+
+
+@pytest.mark.parametrize("code_name", ["OK", "__class__", "NOT_A_CODE"])
+async def test_a_status_answer_with_no_failed_calls_code_is_a_malformed_answer_naming_the_replica(code_name):
+    """Code OK had a head abort with OK (an AssertionError in gRPC) and its caller wait to its deadline, or for
+    ever; a name that is an attribute of StatusCode but no status was an AttributeError naming no replica."""
+
+    async def lying(requests, context):
+        await context.send_initial_metadata((("shardnet-max-message-bytes", "1000000"),))
+        async for data in requests:
+            answer = DataRequest()  # a status message as status_message writes one, with the code named
+            answer.header.request_id = DataRequest.from_bytes(data).request_id
+            answer.header.status.code = answer.header.status.ERROR
+            answer.header.status.exception.name = STATUS_EXCEPTION
+            answer.header.status.exception.args.extend([code_name, "whatever"])
+            await context.write(answer.to_bytes())
+
+    async with one_stream_to(lying) as (pool, replicas, address):
+        with pytest.raises(ReplicaError) as caught:
+            await asyncio.wait_for(pool.call(request("/x", "x"), "dep", replicas, retries=0), timeout=5)
+        assert caught.value.code == grpc.StatusCode.INTERNAL
+        assert address in str(caught.value) and "malformed status answer" in str(caught.value)
 
 
 @contextlib.asynccontextmanager

@@ -78,7 +78,12 @@ def status_of(answer: DataRequest) -> Optional[grpc.aio.AioRpcError]:
     exception = answer.status.exception  # (asked of error answers only: it copies the status)
     if exception.name != STATUS_EXCEPTION or len(exception.args) != 2:
         return None
-    code = getattr(grpc.StatusCode, exception.args[0], grpc.StatusCode.UNKNOWN)
+    code = grpc.StatusCode.__members__.get(exception.args[0])
+    if code is None or code == grpc.StatusCode.OK:  # no status, or one no failed call ends with: the sender's fault
+        return rpc_error(
+            grpc.StatusCode.INTERNAL,
+            f"a malformed status answer on the request stream (code {exception.args[0]!r:.40}): {exception.args[1]:.200}",
+        )
     return rpc_error(code, exception.args[1])
 
 

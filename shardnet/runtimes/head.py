@@ -381,7 +381,8 @@ class Head:
         except RoutingError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except ReplicaError as exc:
-            await context.abort(exc.code or grpc.StatusCode.UNAVAILABLE, str(exc))
+            failed = exc.code if exc.code not in (None, grpc.StatusCode.OK) else grpc.StatusCode.UNAVAILABLE
+            await context.abort(failed, str(exc))
         if trailing:
             context.set_trailing_metadata(tuple(trailing))
         return await within_message_limit(
