@@ -24,7 +24,7 @@ from google.protobuf import empty_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from shardnet import ConfigurationError, DataRequest, Document, ReplicaError
+from shardnet import ConfigurationError, ControlRequest, DataRequest, Document, ReplicaError
 from shardnet.networking.addresses import parse_address
 from shardnet.networking import oneshot
 from shardnet.protocol import services
@@ -417,6 +417,24 @@ async def test_a_worker_on_the_wildcard_address_answers_over_ipv6_too(runtimes):
     for address in (f"127.0.0.1:{worker.server.port}", f"[::1]:{worker.server.port}"):
         response = await oneshot.send_request_async(DataRequest([Document()], endpoint="/tag"), address, timeout=10)
         assert response.docs[0].tags["by"] == "t", address
+
+
+async def test_a_worker_stopping_with_no_drain_grace_does_not_wait_5_s_for_a_silent_head(runtimes):
+    """--drain-seconds 0 still took 5 s to stop while the head was silent: the DEACTIVATE's own timeout."""
+    from shardnet.testing import serving
+
+    async def takes_activate_then_keeps_silent(payload, context):
+        if ControlRequest.from_bytes(payload).command == "DEACTIVATE":
+            await asyncio.sleep(30)
+        return payload
+
+    async with serving(services.PROCESS_CONTROL, takes_activate_then_keeps_silent) as head:
+        worker = await runtimes(Worker(executors.Tagger.create(), ServerConfig(drain_grace=0), head=head))
+        await worker.register()
+        started = time.monotonic()
+        with pytest.raises(ReplicaError, match="DEADLINE_EXCEEDED"):  # said (run() logs it), and the stop goes on
+            await worker.deregister()
+        assert time.monotonic() - started < 2.5  # half a second of DEACTIVATE: it was 5 s
 
 
 async def test_registering_with_a_head_that_takes_no_activate_says_it_is_no_shardnet_head(runtimes):

@@ -53,6 +53,8 @@ SETTLE_BOUND = 1.0
 HANDLER_THREAD_PREFIX = "handler"
 # seconds between the warnings of a worker whose head keeps refusing (or missing) its renewals
 REGISTRATION_LOG_INTERVAL = 60.0
+# seconds a DEACTIVATE may take at most (less with a shorter drain grace)
+DEACTIVATE_TIMEOUT = 5.0
 # seconds between looks at the files of the TLS material a worker registers with, for a renewal (as a pool's)
 HEAD_TLS_CHECK_INTERVAL = 30.0
 
@@ -170,6 +172,7 @@ class Worker:
         self._register_interval = register_interval
         self._instance = uuid.uuid4().hex  # this process's, sent with every ACTIVATE: a restart draws a new one
         self._keep_registered: Optional[asyncio.Task] = None
+        self._taken = False  # a head took an ACTIVATE of ours (so a DEACTIVATE has something to undo)
         self._last_call = 0.0  # time.monotonic() of the latest data call
         self.server = jina_server(config, self)
         self._closed = False  # the Executor's close() has run
@@ -499,6 +502,7 @@ class Worker:
             host, port, self._head, self._shard_id, token=self._control_token, tls=self._head_material(),
             timeout=timeout, renews_every=self._register_interval, instance=self._instance,
         )
+        self._taken = True
         logger.debug("registered %s with head %s as shard %d", entity_address(host, port), self._head, self._shard_id)
 
     async def _refresh_registration(self) -> None:
@@ -527,16 +531,23 @@ class Worker:
                 failing_since = None
 
     async def deregister(self) -> None:
-        """Tell the head to stop routing here (DEACTIVATE) and stop renewing the registration."""
+        """Tell the head to stop routing here (DEACTIVATE) and stop renewing the registration. Both take at most
+        the drain's grace (half a second at least, DEACTIVATE_TIMEOUT at most): a silent head held a worker
+        stopping with --drain-seconds 0 for 5 s. A worker the head never took sends none."""
         if self._keep_registered is not None:
             self._keep_registered.cancel()
             await asyncio.gather(self._keep_registered, return_exceptions=True)
+        grace = self.server.config.drain_grace
+        if not self._taken:
+            logger.debug("head %s never took our registration: no DEACTIVATE", self._head)
+            return
         host, port = self._advertised()
         await oneshot.deactivate_worker(
-            host, port, self._head, self._shard_id, token=self._control_token, tls=self._head_material()
+            host, port, self._head, self._shard_id, token=self._control_token, tls=self._head_material(),
+            timeout=min(DEACTIVATE_TIMEOUT, max(0.5, grace)),
         )
         left = time.monotonic()
-        while time.monotonic() - left < SETTLE_BOUND:
+        while time.monotonic() - left < min(SETTLE_BOUND, grace):
             now = time.monotonic()
             if now - left >= SETTLE_QUIET and now - self._last_call >= SETTLE_QUIET:
                 break
