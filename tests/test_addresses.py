@@ -28,10 +28,20 @@ def test_is_remote_local_connection(first, second, expected):
 
 
 @pytest.mark.parametrize(
-    "hostname", ["localhost", "LOCALHOST", "127.0.0.1", "127.0.1.1", "::1", "[::1]", "0.0.0.0", ""]
+    "hostname",
+    # IPv4-mapped loopback and unspecified addresses reach this machine as their IPv4 does (they were not local)
+    ["localhost", "LOCALHOST", "127.0.0.1", "127.0.1.1", "::1", "[::1]", "0.0.0.0", "", "::ffff:127.0.0.1",
+     "[::ffff:0.0.0.0]"],
 )
 def test_host_is_local(hostname):
     assert host_is_local(hostname) is True
+
+
+def test_an_ipv4_mapped_address_is_loopback_as_its_ipv4_is():
+    from shardnet.networking.addresses import host_is_loopback
+
+    assert host_is_loopback("::ffff:127.0.0.1") and host_is_loopback("[::ffff:127.9.9.9]")
+    assert not host_is_loopback("::ffff:10.0.0.1") and not host_is_local("::ffff:10.0.0.1")
 
 
 @pytest.mark.parametrize("hostname", ["1.2.3.4", "192.168.0.1", "example.com", "not a host", "::2", None, 42])

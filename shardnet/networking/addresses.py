@@ -146,6 +146,13 @@ def _ip_or_name(hostname: str) -> Union[ipaddress.IPv4Address, ipaddress.IPv6Add
     return name.removesuffix(".")  # "localhost." is localhost, fully qualified
 
 
+def _unmapped(host: Union[ipaddress.IPv4Address, ipaddress.IPv6Address]) -> Union[ipaddress.IPv4Address, ipaddress.IPv6Address]:
+    """An IPv4-mapped IPv6 address (``::ffff:127.0.0.1``) as the IPv4 address a dial of it reaches."""
+    if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:
+        return host.ipv4_mapped
+    return host
+
+
 def canonical_host(hostname: str) -> str:
     """``hostname`` without brackets, an IP address in its standard form (``[::1]``, ``0:0::1`` -> ``::1``)."""
     host = _ip_or_name(hostname)
@@ -163,7 +170,7 @@ def host_is_loopback(hostname: str) -> bool:
     if not isinstance(hostname, str):
         return False
     host = _ip_or_name(hostname)
-    return host in _LOOPBACK_NAMES if isinstance(host, str) else host.is_loopback
+    return host in _LOOPBACK_NAMES if isinstance(host, str) else _unmapped(host).is_loopback
 
 
 def dialled_host(hostname: str) -> str:
@@ -173,8 +180,7 @@ def dialled_host(hostname: str) -> str:
     host = _ip_or_name(hostname)
     if isinstance(host, str):
         return "127.0.0.1" if host in _LOOPBACK_NAMES else host
-    if isinstance(host, ipaddress.IPv6Address) and host.ipv4_mapped is not None:
-        host = host.ipv4_mapped
+    host = _unmapped(host)
     if host.is_unspecified:
         return "127.0.0.1" if host.version == 4 else "::1"
     return str(host)
@@ -187,8 +193,7 @@ def is_own_address(host: str) -> bool:
         address = ipaddress.ip_address(host)
     except ValueError:
         return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
+    address = _unmapped(address)
     if address.is_unspecified or address.is_multicast:
         return False
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
@@ -205,7 +210,10 @@ def host_is_local(hostname: str) -> bool:
     if not isinstance(hostname, str):
         return False
     host = _ip_or_name(hostname)
-    return host in _LOCAL_NAMES if isinstance(host, str) else host.is_loopback or host.is_unspecified
+    if isinstance(host, str):
+        return host in _LOCAL_NAMES
+    host = _unmapped(host)
+    return host.is_loopback or host.is_unspecified
 
 
 def is_remote_local_connection(first: str, second: str) -> bool:
