@@ -147,7 +147,8 @@ def _read_pem_file(source: PemSource, what: str) -> bytes:
     new channel, which a pipe (``<(...)``) cannot give twice; a FIFO would block the start, a device never end."""
     path = os.fspath(source)
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
+        mode = os.stat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # a folder: open() says "Is a directory"
             raise ConfigurationError(
                 f"{_describe(source, what)} is not a regular file (a pipe, FIFO or device?): TLS material is read "
                 "again at every renewal, so give a file"
