@@ -192,7 +192,7 @@ def test_send_to_nothing_says_so_once(dead_address):
         (["--endpoint", "/x", "--text", "a\udcffb"], "--text 'a\\udcffb' is not UTF-8 text"),
         (["--endpoint", "/\udcff"], "--endpoint '/\\udcff' is not UTF-8 text"),
         (["--endpoint", "/x", "--parameters", '{"a": "\\udcff"}'], "--parameters: parameters['a'] must be JSON-like"),
-        (["--endpoint", "/x", "--parameters", '{"a": ' + "[" * 60 + "]" * 60 + "}"], "nested more than 20 deep"),
+        (["--endpoint", "/x", "--parameters", '{"a": ' + "[" * 60 + "]" * 60 + "}"], "nests lists and dicts deeper than protobuf can carry"),
         (["--endpoint", "/x", "--parameters", '{"a": ' + "[" * 5000 + "]" * 5000 + "}"], "deeper than JSON here can read"),
     ],
     ids=["text-not-utf8", "endpoint-not-utf8", "lone-surrogate", "nested-60", "nested-5000"],
@@ -291,6 +291,8 @@ def test_a_worker_refuses_an_address_it_cannot_listen_on_before_its_executor_loa
             (["--port", str(port)], f"cannot listen on 127.0.0.1:{port}: Address already in use"),
             (["--port", "0", "--health-port", str(port)], f"cannot listen on 127.0.0.1:{port}"),
             (["--unix-socket", str(in_the_way)], "a file that is not a socket is in the way"),
+            # a worker on a socket listens on TCP too
+            (["--unix-socket", str(tmp_path / "w.sock"), "--port", str(port)], f"cannot listen on 127.0.0.1:{port}"),
         ):
             result = shardnet("worker", "--uses", "no_such_module_anywhere:Nothing", *flags)
             assert result.returncode == 2, result.stderr

@@ -414,3 +414,13 @@ async def test_a_refused_control_token_raises_unauthenticated_which_is_a_replica
         assert head.server.address in str(refused.value)
     with pytest.raises(Unauthenticated):  # the blocking face too, from a thread: the head serves in this loop
         await asyncio.to_thread(oneshot.activate_worker_sync, "127.0.0.1", 5000, head.server.address, token="wrong")
+
+
+async def test_activate_takes_a_port_and_shard_computed_with_numpy(runtimes):
+    import numpy as np
+
+    from shardnet.runtimes.head import Head
+
+    head = await runtimes(Head("numpy"))
+    await oneshot.activate_worker("127.0.0.1", np.int64(5000), head.server.address, np.int64(0))
+    assert head.pool.get_replicas("numpy", shard_id=0).addresses == ["127.0.0.1:5000"]

@@ -24,7 +24,7 @@ import grpc
 import pytest
 import trustme
 
-from shardnet import ClientTls, DataRequest, Document, Executor, GrpcConnectionPool, ServerTls, requests
+from shardnet import ClientTls, ControlRequest, DataRequest, Document, Executor, GrpcConnectionPool, ServerTls, requests
 from shardnet.cli.main import build_parser
 from shardnet.errors import ReplicaError
 from shardnet.networking import oneshot
@@ -415,6 +415,16 @@ async def test_every_refused_control_call_is_logged_with_its_caller_a_burst_coun
         await oneshot.activate_worker("127.0.0.1", 6379, head.server.address, 0, token="s3cret-token")
     await eventually(lambda: "is reached on the head's machine only" in caplog.text, timeout=5.0)
     assert "guarded: refused" in caplog.text and "from ipv4:127.0.0.1" in caplog.text
+
+    caplog.clear()  # a caller's megabytes are not copied into the log
+    huge = ControlRequest("ACTIVATE")
+    huge.add_related_entity("x", "h" * 2_000_000 + " y", 5000, 0)
+    for _ in range(3):
+        with pytest.raises(ReplicaError):
+            await oneshot.call_once("control", huge, head.server.address, timeout=5.0,
+                                    metadata=(("authorization", "Bearer s3cret-token"),))
+    await eventually(lambda: "bad address" in caplog.text, timeout=5.0)
+    assert max(len(r.getMessage()) for r in caplog.records) < 2_000
 
 
 # -- secrets ------------------------------------------------------------------------------------------

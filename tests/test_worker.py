@@ -437,6 +437,31 @@ async def test_a_worker_stopping_with_no_drain_grace_does_not_wait_5_s_for_a_sil
         assert time.monotonic() - started < 2.5  # half a second of DEACTIVATE: it was 5 s
 
 
+@pytest.mark.parametrize("answer, deactivated", [(grpc.StatusCode.INTERNAL, True), (grpc.StatusCode.UNAUTHENTICATED, False)])
+async def test_a_worker_whose_activate_the_head_may_have_taken_sends_deactivate_when_it_stops(
+    runtimes, answer, deactivated
+):
+    """An ACTIVATE the head applied but whose answer never came back whole (a deadline, a connection cut) left
+    the head routing to a stopped worker until its lease ran out: no DEACTIVATE for a registration that had
+    not been answered. One the head refused needs none."""
+    from shardnet.testing import serving
+
+    commands: list[str] = []
+
+    async def applies_then_fails(payload, context):
+        commands.append(ControlRequest.from_bytes(payload).command)
+        if commands[-1] == "ACTIVATE":
+            await context.abort(answer, "the answer broke on its way")
+        return payload
+
+    async with serving(services.PROCESS_CONTROL, applies_then_fails) as head:
+        worker = await runtimes(Worker(executors.Tagger.create(), head=head, register_interval=60))
+        with pytest.raises(ReplicaError):
+            await worker.register()
+        await worker.deregister()
+    assert commands == (["ACTIVATE", "DEACTIVATE"] if deactivated else ["ACTIVATE"])
+
+
 async def test_registering_with_a_head_that_takes_no_activate_says_it_is_no_shardnet_head(runtimes):
     """A Jina 3.34 head has no control plane: the worker stopped with a bare 'UNIMPLEMENTED: Method not found!'."""
     foreign = grpc.aio.server()  # a gRPC server serving none of shardnet's methods, as a Jina head serves no control
@@ -612,6 +637,20 @@ async def test_a_request_refused_on_a_jina_call_stream_is_answered_error_and_the
     refused = answers[2]
     assert "RESOURCE_EXHAUSTED" in refused.status.description and "max message size" in refused.status.description
     assert refused.docs[0].text == "big"  # the request as it came
+
+    # a request just under the worker's limit, refused: its documents and the error would not fit in its answer
+    # (gRPC ended the stream), so it is answered with its header alone, and the stream still goes on
+    near = DataRequest([Document(text="n")], endpoint="/grow", parameters={"bytes": 100_000})
+    near.docs[0].text = "n" * (64 * 1024 - 100 - len(near.to_bytes()))
+    assert 64 * 1024 - 110 < len(near.to_bytes()) <= 64 * 1024 - 90
+    after = requests[0]
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.stream_stream(services.STREAM_CALL)(iter([near.to_bytes(), after.to_bytes()]), timeout=10)
+        answers = [DataRequest.from_bytes(answer) async for answer in call]
+    assert [answer.request_id for answer in answers] == [near.request_id, after.request_id]
+    assert answers[0].is_error and "RESOURCE_EXHAUSTED" in answers[0].status.description
+    assert len(answers[0].docs) == (0 if server == "worker" else 1)  # the head's own limit is the default 256 MB
+    assert not answers[1].is_error
 
     async with grpc.aio.insecure_channel(address) as channel:
         call = channel.stream_stream(services.STREAM_CALL)(iter([requests[0].to_bytes(), b"\xff\xff\xff"]), timeout=10)

@@ -71,20 +71,20 @@ def entity_address(address: str, port: int) -> str:
 
 def _parse_unix(address: str, text: str, tls: bool) -> Address:
     if tls:
-        raise ConfigurationError(f"bad address {address!r}: a Unix socket is local and plaintext, it takes no TLS")
+        raise ConfigurationError(f"bad address {address!r:.200}: a Unix socket is local and plaintext, it takes no TLS")
     path = text.removeprefix(UNIX_SCHEME)
     if path.startswith("//"):  # gRPC's unix:///absolute/path form
         path = path[2:]
     if not path.startswith("/"):
         raise ConfigurationError(
-            f"bad address {address!r}: a Unix socket needs an absolute path (unix:/run/worker.sock); "
+            f"bad address {address!r:.200}: a Unix socket needs an absolute path (unix:/run/worker.sock); "
             "a relative one would depend on each process's working directory"
         )
     if any(ch < " " for ch in path):
-        raise ConfigurationError(f"bad address {address!r}: control characters in the socket path")
+        raise ConfigurationError(f"bad address {address!r:.200}: control characters in the socket path")
     if len(path.encode()) > MAX_UNIX_PATH_BYTES:
         raise ConfigurationError(
-            f"bad address {address!r}: a Unix socket path holds at most {MAX_UNIX_PATH_BYTES} bytes, "
+            f"bad address {address!r:.200}: a Unix socket path holds at most {MAX_UNIX_PATH_BYTES} bytes, "
             f"this one has {len(path.encode())}"
         )
     return Address(host="localhost", port=0, unix_path=path)
@@ -93,34 +93,34 @@ def _parse_unix(address: str, text: str, tls: bool) -> Address:
 def parse_address(address: str, tls: bool = False) -> Address:
     """Parse ``[scheme://]host:port`` (IPv6 hosts in brackets) or ``unix:/path``; ConfigurationError when malformed."""
     if not isinstance(address, str) or not address.strip():
-        raise ConfigurationError(f"bad address {address!r}: expected host:port")
+        raise ConfigurationError(f"bad address {address!r:.200}: expected host:port")
     text = address.strip()
     if text.startswith(UNIX_SCHEME):
         return _parse_unix(address, text, tls)
     if "://" in text:
         scheme, _, text = text.partition("://")
         if scheme.lower() not in _TLS_SCHEMES:
-            raise ConfigurationError(f"bad address {address!r}: unknown scheme {scheme!r} (use grpc, grpcs, http or https)")
+            raise ConfigurationError(f"bad address {address!r:.200}: unknown scheme {scheme!r} (use grpc, grpcs, http or https)")
         tls = tls or _TLS_SCHEMES[scheme.lower()]
     text = text.rstrip("/")
     if text.startswith("["):
         host, sep, rest = text[1:].partition("]")
         if not sep or not rest.startswith(":"):
-            raise ConfigurationError(f"bad address {address!r}: expected [ipv6]:port")
+            raise ConfigurationError(f"bad address {address!r:.200}: expected [ipv6]:port")
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
-            raise ConfigurationError(f"bad address {address!r}: {host!r} in brackets is not an IPv6 address") from None
+            raise ConfigurationError(f"bad address {address!r:.200}: {host!r:.200} in brackets is not an IPv6 address") from None
         port_text = rest[1:]
     else:
         host, sep, port_text = text.rpartition(":")
         if not sep or ":" in host:
-            raise ConfigurationError(f"bad address {address!r}: expected host:port")
+            raise ConfigurationError(f"bad address {address!r:.200}: expected host:port")
     if not host or not host.isprintable() or any(ch.isspace() or ch in "/?#@" for ch in host):
-        raise ConfigurationError(f"bad address {address!r}: bad host {host!r}")
+        raise ConfigurationError(f"bad address {address!r:.200}: bad host {host!r:.200}")
     if host.lower() in _GRPC_SCHEMES:
         raise ConfigurationError(
-            f"bad address {address!r}: gRPC reads {host!r} as the scheme of a target, not as a host "
+            f"bad address {address!r:.200}: gRPC reads {host!r} as the scheme of a target, not as a host "
             f"({host}:{port_text} would dial something else)"
         )
     if len(host) > MAX_HOST_CHARS:
@@ -128,7 +128,7 @@ def parse_address(address: str, tls: bool = False) -> Address:
             f"bad address {address[:40]!r}...: a host name has at most {MAX_HOST_CHARS} characters, this one {len(host)}"
         )
     if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
-        raise ConfigurationError(f"bad address {address!r}: port must be a number from 1 to 65535")
+        raise ConfigurationError(f"bad address {address!r:.200}: port must be a number from 1 to 65535")
     return Address(host=host, port=int(port_text), tls=tls)
 
 

@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import functools
 import inspect
+import numbers
 from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar, Union
 
 import grpc.aio
@@ -308,7 +309,7 @@ def _check_worker_named(command: str, worker_host: Any, worker_port: Any, shard_
         )
     if not isinstance(worker_host, str) or not worker_host.strip():
         raise ConfigurationError(f"{command}: a worker is named by a host, an IP address or a unix: path, got {worker_host!r}")
-    if isinstance(worker_port, bool) or not isinstance(worker_port, int) or not 0 <= worker_port <= 65535:
+    if isinstance(worker_port, bool) or not isinstance(worker_port, numbers.Integral) or not 0 <= worker_port <= 65535:
         raise ConfigurationError(f"{command} of {worker_host}: its port is an integer from 0 to 65535, got {worker_port!r}")
     if shard_id is not None and not is_shard_id(shard_id):
         raise ConfigurationError(

@@ -18,9 +18,10 @@ from shardnet.protocol import ndarray
 from shardnet.protocol.ids import new_id
 from shardnet.protocol.proto import docarray_pb2
 
-# lists and dicts a tag or parameter value may nest: each level takes two or three of the 100 levels protobuf
-# reads (Jina's as shardnet's), under a request's own; past about 50, protobuf cannot even write the message
-MAX_JSON_NESTING = 20
+# the protobuf levels a tag or parameter value may take: protobuf reads (and writes) 100 levels, Jina's as
+# shardnet's, and a request's parameters sit 4 levels down (message, Struct, entry, Value); a dict takes 3 more
+# (Struct, entry, Value), a list 2 (ListValue, Value). So whatever a request brought fits, to be written back
+VALUE_LEVELS = 96
 
 
 def to_python(value: Any) -> Any:
@@ -59,20 +60,21 @@ def _text(value: Any, field: str) -> str:
     return value
 
 
-def _nested_deeper_than(value: Any, levels: int) -> bool:
-    """Whether ``value`` holds lists and dicts more than ``levels`` deep (a list holding itself is, at once)."""
-    stack = [(value, 1)]
+def _deeper_than(value: Any, levels: int) -> bool:
+    """Whether ``value`` as a protobuf Value takes more than ``levels`` levels below its own (a dict 3, a list 2;
+    a list holding itself does, at once)."""
+    stack = [(value, 0)]
     while stack:
         item, depth = stack.pop()
         if isinstance(item, Mapping):
-            children = item.values()
+            depth, children = depth + 3, item.values()
         elif isinstance(item, (list, tuple)):
-            children = item
+            depth, children = depth + 2, item
         else:
             continue
         if depth > levels:
             return True
-        stack.extend((child, depth + 1) for child in children)
+        stack.extend((child, depth) for child in children)
     return False
 
 
@@ -84,10 +86,10 @@ def update_struct(struct: struct_pb2.Struct, values: Any, what: str) -> None:
     for key, value in values.items():
         if not isinstance(key, str):
             raise TypeError(f"{what} keys are text, got {key!r}")
-        if _nested_deeper_than(value, MAX_JSON_NESTING):
+        if _deeper_than(value, VALUE_LEVELS):
             raise TypeError(
-                f"{what}[{key!r}] holds lists and dicts nested more than {MAX_JSON_NESTING} deep: no peer's protobuf "
-                "could read such a message (each level takes two or three of the 100 it reads)"
+                f"{what}[{key!r}] nests lists and dicts deeper than protobuf can carry (at most 100 levels in all: "
+                "a dict takes 3, a list 2)"
             )
         try:
             checked.update({key: value})

@@ -20,6 +20,8 @@ logger = logging.getLogger("shardnet.runtimes.head")
 REFUSAL_LOG_INTERVAL = 1.0
 # callers a line of a burst names; past them it counts the others
 MAX_NAMED_CALLERS = 5
+# characters of a refusal's reason a line shows
+MAX_REASON_CHARS = 300
 
 
 class RefusalLog:
@@ -37,6 +39,8 @@ class RefusalLog:
 
     def note(self, command: str, caller: str, reason: str) -> None:
         """Record that ``command`` from ``caller`` was refused for ``reason``; log it now, or when the interval ends."""
+        if len(reason) > MAX_REASON_CHARS:  # it quotes what the caller sent, which may be megabytes
+            reason = f"{reason[:MAX_REASON_CHARS]}... ({len(reason)} characters)"
         now = time.monotonic()
         if not self._held and now - self._logged_at >= self._interval:
             self._logged_at = now

@@ -169,18 +169,24 @@ class _OneRequestOfAStream:
         raise RequestAborted(code, details)
 
 
-def _error_answer(payload: bytes, aborted: RequestAborted) -> Optional[bytes]:
+def _error_answer(payload: bytes, aborted: RequestAborted, limit: int) -> Optional[bytes]:
     """The request answered ERROR with the status its handler refused it with, as Jina's head answers a
-    request that failed (its documents as they came); None for a request that cannot be read."""
+    request that failed: its documents as they came, or its header alone when they would take the answer past
+    ``limit`` (gRPC would end the stream). None for a request that cannot be read, or a header past it."""
     try:
         request = DataRequest.from_bytes(payload)
         request.set_error(f"{aborted.code.name}: {aborted.details}", name="RpcError")
-        return request.to_bytes()
+        answer = request.to_bytes()
+        if len(answer) > limit:
+            header_only = DataRequest()
+            header_only.header.CopyFrom(request.header)
+            answer = header_only.to_bytes()
     except ProtocolError:
         return None
+    return answer if len(answer) <= limit else None
 
 
-def one_by_one(handler: RawHandler, stopping: asyncio.Event) -> Callable[..., AsyncIterator[bytes]]:
+def one_by_one(handler: RawHandler, stopping: asyncio.Event, limit: int) -> Callable[..., AsyncIterator[bytes]]:
     """Jina's ``JinaRPC/Call`` over a unary handler: each request on the stream answered in turn, as a Jina
     worker or head answers the stream its ``Client`` opens; one its handler refuses is answered ERROR, the
     others go on. One that cannot be read ends the stream with its status, as its unary call would fail.
@@ -206,7 +212,7 @@ def one_by_one(handler: RawHandler, stopping: asyncio.Event) -> Callable[..., As
                 try:
                     answer = await handler(payload, each)
                 except RequestAborted as aborted:
-                    answer = _error_answer(payload, aborted)
+                    answer = _error_answer(payload, aborted, limit)
                     if answer is None:
                         await context.abort(aborted.code, aborted.details)
                 yield answer
@@ -500,7 +506,7 @@ def check_can_listen(config: ServerConfig) -> None:
         folder = os.path.dirname(config.unix_socket) or "."
         if not os.access(folder, os.W_OK | os.X_OK):
             raise ConfigurationError(f"cannot listen on unix:{config.unix_socket}: folder missing or not writable")
-    ports = [port for port in (None if config.unix_socket else config.port, config.health_port) if port]
+    ports = [port for port in (config.port, config.health_port) if port]  # TCP too beside a socket
     for port in ports:
         _check_port_free(config.host, port)
 
@@ -714,6 +720,8 @@ def jina_server(config: ServerConfig, runtime, *, listen_while_draining: bool = 
     request_stream = getattr(runtime, "request_stream", None)
     if request_stream is not None and config.max_concurrent_rpcs is None:
         server.serve_stream(services.REQUEST_STREAM, request_stream)
-    server.serve_stream(services.STREAM_CALL, one_by_one(runtime.process_single_data, server.stopping))
+    server.serve_stream(
+        services.STREAM_CALL, one_by_one(runtime.process_single_data, server.stopping, config.max_message_bytes)
+    )
     return server
 

@@ -68,6 +68,21 @@ def _cleartext_beyond_this_machine(head: str) -> bool:
     return not address.tls and address.unix_path is None and not host_is_loopback(address.host)
 
 
+# what a head answers an ACTIVATE it refuses: it took nothing
+_HEAD_REFUSALS = frozenset({
+    grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED,
+})
+
+
+def _never_reached(error: ReplicaError) -> bool:
+    """Whether a one-off call provably reached no handler: no connection made, or refused as its server drained."""
+    cause = error.cause.lower()
+    return error.code == grpc.StatusCode.UNAVAILABLE and (
+        cause.startswith(NOT_CONNECTED) or cause.startswith(services.DRAINING_DETAILS)
+    )
+
+
 def _tls_hint(error: Exception) -> str:
     """The worker's flags for TLS to its head, when its own connection failed in words that suggest the two ends
     disagree about TLS (not a status the head sent)."""
@@ -172,7 +187,7 @@ class Worker:
         self._register_interval = register_interval
         self._instance = uuid.uuid4().hex  # this process's, sent with every ACTIVATE: a restart draws a new one
         self._keep_registered: Optional[asyncio.Task] = None
-        self._taken = False  # a head took an ACTIVATE of ours (so a DEACTIVATE has something to undo)
+        self._taken = False  # a head took, or may have taken, an ACTIVATE of ours (a DEACTIVATE has something to undo)
         self._last_call = 0.0  # time.monotonic() of the latest data call
         self.server = jina_server(config, self)
         self._closed = False  # the Executor's close() has run
@@ -498,10 +513,15 @@ class Worker:
 
     async def _activate(self, timeout: float = 5.0) -> None:
         host, port = self._advertised()
-        await oneshot.activate_worker(
-            host, port, self._head, self._shard_id, token=self._control_token, tls=self._head_material(),
-            timeout=timeout, renews_every=self._register_interval, instance=self._instance,
-        )
+        try:
+            await oneshot.activate_worker(
+                host, port, self._head, self._shard_id, token=self._control_token, tls=self._head_material(),
+                timeout=timeout, renews_every=self._register_interval, instance=self._instance,
+            )
+        except ReplicaError as exc:
+            # a deadline, a connection cut: the head may have taken it all the same, and must hear DEACTIVATE
+            self._taken = self._taken or not (exc.code in _HEAD_REFUSALS or _never_reached(exc))
+            raise
         self._taken = True
         logger.debug("registered %s with head %s as shard %d", entity_address(host, port), self._head, self._shard_id)
 
@@ -533,13 +553,14 @@ class Worker:
     async def deregister(self) -> None:
         """Tell the head to stop routing here (DEACTIVATE) and stop renewing the registration. Both take at most
         the drain's grace (half a second at least, DEACTIVATE_TIMEOUT at most): a silent head held a worker
-        stopping with --drain-seconds 0 for 5 s. A worker the head never took sends none."""
+        stopping with --drain-seconds 0 for 5 s. A worker the head cannot have
+        taken (each ACTIVATE refused, or never reaching it) sends none."""
         if self._keep_registered is not None:
             self._keep_registered.cancel()
             await asyncio.gather(self._keep_registered, return_exceptions=True)
         grace = self.server.config.drain_grace
         if not self._taken:
-            logger.debug("head %s never took our registration: no DEACTIVATE", self._head)
+            logger.debug("head %s cannot have taken our registration: no DEACTIVATE", self._head)
             return
         host, port = self._advertised()
         await oneshot.deactivate_worker(
