@@ -514,6 +514,20 @@ async def test_a_watch_that_ends_at_once_backs_off(api_server: FakeApiServer, st
     await eventually(lambda: replicas(pool) == {"10.0.0.1:8080", "10.0.0.2:8080"}, timeout=5)
 
 
+async def test_a_server_that_lists_but_never_lets_a_watch_through_is_followed_by_listing_again(
+    api_server: FakeApiServer, start_pool
+) -> None:
+    """Watches ending at once for good (a proxy), or refused while lists are not: the members froze at the
+    first list, the watch retried from its version for ever (1 list against 17 watches in a review's run)."""
+    api_server.apply("pods", pod("a", ip="10.0.0.1"))
+    api_server.end_watches_at_once = True
+    pool = await start_pool(sources=("pods",))
+    api_server.apply("pods", pod("a", ip="10.0.0.1", ready=False))
+    api_server.apply("pods", pod("b", ip="10.0.0.2"))
+    await eventually(lambda: replicas(pool) == {"10.0.0.2:8080"}, timeout=10)
+    assert len(api_server.list_requests("pods")) >= 2
+
+
 async def test_dropped_stream_resumes_from_last_version(api_server: FakeApiServer, start_pool) -> None:
     pool = await start_pool(sources=("pods",))
     api_server.apply("pods", pod("a", ip="10.0.0.1"))
@@ -574,7 +588,7 @@ async def test_api_server_down_then_up(api_server: FakeApiServer, start_pool, ho
 
     await api_server.go_down(how)
     api_server.apply("pods", pod("b", ip="10.0.0.2"))  # happens while nobody can watch
-    await eventually(lambda: "attempt" in caplog.text)  # retried, and said so
+    await eventually(lambda: "watch failed" in caplog.text)  # retried, and said so
     assert pool.watching and replicas(pool) == {"10.0.0.1:8080"}
 
     await api_server.come_back()

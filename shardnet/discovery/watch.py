@@ -109,9 +109,37 @@ class Unavailable(Exception):
     """The API server did not give a usable answer (down, refused, 5xx, 4xx, bad body); retry later."""
 
 
+class TooManyRequests(Unavailable):
+    """429: the API server sheds load; a watch is tried again later from where it was."""
+
+
+class Dropped(Unavailable):
+    """The connection broke under a watch as soon as it opened: an outage's kind, watched again from where it was."""
+
+
+class ServerError(Unavailable):
+    """5xx: the API server (or what is in front of it) failed; a watch is tried again from where it was."""
+
+
 class Refused(Unavailable):
     """The API server refused the request itself: 403 (the Role does not grant it) or 404 (the cluster has no
     such resource). Retried all the same (a Role may be granted later), but not what a wait should wait for."""
+
+
+_KNOWN_FAILURES = (Unavailable, aiohttp.ClientError, asyncio.TimeoutError, OSError)
+
+
+# watch failures in a row, each of an outage's kind, after which the next attempt re-lists all the same
+RELIST_AFTER_FAILURES = 5
+
+
+def _watch_again(error: BaseException) -> bool:
+    """Whether a failed watch looks like an outage (no connection, a reset, a timeout, 5xx, 429), to be watched
+    again from the same version, rather than a server that cannot watch, to be re-listed."""
+    return isinstance(
+        error,
+        (Dropped, TooManyRequests, ServerError, aiohttp.ClientConnectionError, ConnectionError, asyncio.TimeoutError),
+    )
 
 
 def describe(error: BaseException) -> str:
@@ -158,13 +186,15 @@ class ListWatch:
 
         The first 410 re-lists at once; 410s that follow a list with no
         watch line in between back off, so a confused server is not hammered.
+        A watch that fails otherwise is backed off, then re-listed (or, when
+        no connection was made or the server answered 429, watched again).
         """
-        expired_in_a_row = 0
+        expired_in_a_row = failed_in_a_row = 0
         while True:
             if self.resource_version is None:
                 await with_backoff(self.name, self._list, self._options, self._failed)
             try:
-                await with_backoff(self.name, self._watch, self._options, self._failed)
+                await self._watch()
             except Gone as gone:
                 expired_in_a_row = 1 if self._progress else expired_in_a_row + 1
                 pause = self._options.pause(expired_in_a_row - 1) if expired_in_a_row > 1 else 0.0
@@ -177,6 +207,27 @@ class ListWatch:
                 )
                 self.resource_version = None
                 await asyncio.sleep(pause)
+            except Exception as error:  # noqa: BLE001 - logged, backed off, and listed or watched again
+                failed_in_a_row += 1
+                self._failed(error)
+                pause = self._options.pause(failed_in_a_row)
+                # a server that lists but cannot watch (403 on watch alone, an ERROR event, watches ending at
+                # once) froze the members at the first list: such failures re-list, as client-go's reflector
+                # does; an outage (no connection, a reset, 5xx, 429) watches again from where it was, and
+                # re-lists past RELIST_AFTER_FAILURES in a row
+                again = _watch_again(error) and failed_in_a_row < RELIST_AFTER_FAILURES
+                logger.warning(
+                    "%s: watch failed (%s); %s in %.2fs", self.name, describe(error),
+                    "watching again" if again else "re-listing", pause,
+                    exc_info=None if isinstance(error, _KNOWN_FAILURES) else error,
+                )
+                if not again:
+                    self.resource_version = None
+                await asyncio.sleep(pause)
+            else:
+                if failed_in_a_row:
+                    logger.info("%s: watching again after %d failures", self.name, failed_in_a_row)
+                failed_in_a_row = 0
 
     def _failed(self, error: BaseException) -> None:
         self.last_failure = describe(error)
@@ -249,7 +300,7 @@ class ListWatch:
                 except aiohttp.ClientError as error:
                     if not received and asyncio.get_running_loop().time() - opened < VERY_SHORT_WATCH:
                         # dropped as soon as opened: back off rather than spin against a sick server
-                        raise Unavailable(f"watch stream dropped at once: {error}") from error
+                        raise Dropped(f"watch stream dropped at once: {error}") from error
                     logger.info(
                         "%s: watch stream dropped (%s); resuming from %s", self.name, error, self.resource_version
                     )
@@ -306,7 +357,12 @@ async def _check_status(response: aiohttp.ClientResponse) -> None:
         message = text.strip() or response.reason or ""
     if response.status == 410 or _too_large_version(status):
         raise Gone(message)
-    kind = Refused if response.status in (403, 404) else Unavailable
+    if response.status in (403, 404):
+        kind: type[Unavailable] = Refused
+    elif response.status == 429:
+        kind = TooManyRequests
+    else:
+        kind = ServerError if response.status >= 500 else Unavailable
     raise kind(f"HTTP {response.status} from {response.url.path}: {message}")
 
 
@@ -327,7 +383,7 @@ async def with_backoff(
         pause = state.next_action.sleep if state.next_action else 0.0
         if on_failure is not None:
             on_failure(error)
-        known = isinstance(error, (Unavailable, aiohttp.ClientError, asyncio.TimeoutError, OSError))
+        known = isinstance(error, _KNOWN_FAILURES)
         logger.warning(
             "%s: attempt %d failed (%s: %s); retrying in %.2fs",
             name,
