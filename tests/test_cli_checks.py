@@ -83,6 +83,8 @@ K8S_RENDER = ("k8s", "render", "--name", "index", "--image", "x")
         (["--memory", "1.5Gi", "--memory-limit", "1500Mi"], "memory request '1.5Gi' exceeds memory_limit '1500Mi'"),
         (["--memory", "lots"], "memory request 'lots' is not a Kubernetes quantity"),
         (["--memory-limit", "1GB"], "memory_limit '1GB' is not a Kubernetes quantity"),
+        # rendered as a --shards-wait the head refuses (a crash loop) and a progressDeadlineSeconds past int32
+        (["--startup-seconds", "999999950"], "--startup-seconds must be an integer from 2 to 86400"),
         (["--cpu", "-1"], "cpu request '-1' is not a Kubernetes quantity"),
         (["--cpu", "2", "--cpu-limit", "1"], "cpu request '2' exceeds cpu_limit '1'"),
         (["--head-memory", "1Gi"], "memory request '1Gi' exceeds memory_limit '512Mi'"),  # the head's default limit

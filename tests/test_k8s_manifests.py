@@ -450,7 +450,9 @@ def test_yaml_quotes_label_values_and_shares_no_anchors() -> None:
         ({"balancer": "random"}, "unknown balancer 'random'"),
         ({"port": 70000}, "port must be an integer in 1024..65535"),
         ({"port": 443}, "cannot listen below 1024"),
-        ({"startup_seconds": 1}, "startup_seconds must be an integer >= 2"),
+        ({"startup_seconds": 1}, "startup_seconds must be an integer from 2 to 86400"),
+        # the head's --shards-wait (startup + 60) past its 1e9 cap crash-looped it; progressDeadlineSeconds is int32
+        ({"startup_seconds": 999_999_950}, "startup_seconds must be an integer from 2 to 86400"),
         ({"startup_seconds": 2.5}, "startup_seconds must be an integer"),
         ({"pre_stop_seconds": 30}, "below termination_grace_seconds"),
         ({"termination_grace_seconds": 10}, r"termination_grace_seconds must be at least 11: the preStop pause"),

@@ -15,6 +15,7 @@ from shardnet.manifests.kubernetes import (
     DRAIN_MARGIN,
     HEAD_RESOURCES,
     ISSUER_KINDS,
+    MAX_STARTUP_SECONDS,
     STARTUP_PERIOD,
     DeploymentSpec,
     Resources,
@@ -173,7 +174,8 @@ def check_counts(args: argparse.Namespace) -> None:
             "a head holds"
         )
     check_whole_number(
-        args.startup_seconds, "--startup-seconds", STARTUP_PERIOD, why=f" (the startup probe looks every {STARTUP_PERIOD} s)"
+        args.startup_seconds, "--startup-seconds", STARTUP_PERIOD, MAX_STARTUP_SECONDS,
+        why=f" (the startup probe looks every {STARTUP_PERIOD} s; a day at most)",
     )
     pause = DeploymentSpec.pre_stop_seconds
     check_whole_number(

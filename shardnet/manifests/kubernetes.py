@@ -174,6 +174,9 @@ DECODED_DOCUMENTS_MIB = MappingProxyType({"head": 0, "worker": 224})
 # seconds for a new pod to be scheduled, its image pulled and its readiness seen by the head's watch, beyond the
 # time its Executor takes to load (startup_seconds)
 SCHEDULING_MARGIN = 60
+# the longest an Executor may take to load (a day): the head waits that long and more for its workers
+# (--shards-wait, which it caps at 1e9 s) and the rollout's deadline counts it in an int32 field
+MAX_STARTUP_SECONDS = 86_400
 DEFAULT_PROGRESS_DEADLINE = 600  # Kubernetes' own progressDeadlineSeconds
 
 
@@ -308,9 +311,10 @@ class DeploymentSpec:
             raise ConfigurationError(
                 f"tls_issuer_kind must be one of {', '.join(ISSUER_KINDS)}, got {self.tls_issuer_kind!r}"
             )
-        if not _is_count(self.startup_seconds) or self.startup_seconds < STARTUP_PERIOD:
+        if not _is_count(self.startup_seconds) or not STARTUP_PERIOD <= self.startup_seconds <= MAX_STARTUP_SECONDS:
             raise ConfigurationError(
-                f"startup_seconds must be an integer >= {STARTUP_PERIOD}, got {self.startup_seconds!r}"
+                f"startup_seconds must be an integer from {STARTUP_PERIOD} to {MAX_STARTUP_SECONDS}, "
+                f"got {self.startup_seconds!r}"
             )
         if not _is_count(self.termination_grace_seconds) or self.termination_grace_seconds < 1:
             raise ConfigurationError(
