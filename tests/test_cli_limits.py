@@ -93,7 +93,7 @@ RENDER_REFUSED = {
                          f"--shards 101 x --replicas 100 = 10100 workers, more than the {MAX_WORKERS} a head holds"),
     "grace-within-the-pre-stop-pause": (["--grace-seconds", "3"],
                                         "--grace-seconds must be an integer >= 11 (a stopping pod first pauses 5 s"),
-    "startup-below-the-probe-period": (["--startup-seconds", "1"], "--startup-seconds must be an integer >= 2"),
+    "startup-below-the-probe-period": (["--startup-seconds", "1"], "--startup-seconds must be an integer from 2 to 86400"),
 }
 
 
