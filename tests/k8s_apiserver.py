@@ -158,10 +158,14 @@ END = object()  # queue sentinel: end the stream cleanly
 class FakeApiServer:
     """The API server a test talks to; ``async with FakeApiServer() as server: server.url``."""
 
-    def __init__(self, *, token: Optional[str] = "test-token", gone_as: str = "event", host: str = "127.0.0.1"):
+    def __init__(
+        self, *, token: Optional[str] = "test-token", gone_as: str = "event", host: str = "127.0.0.1",
+        ssl_context: Any = None,
+    ):
         if gone_as not in ("event", "status"):
             raise ValueError("gone_as is 'event' (ERROR watch event) or 'status' (HTTP 410)")
         self.token = token
+        self.ssl_context = ssl_context  # serves HTTPS with it (its certificate may be replaced while serving)
         self.gone_as = gone_as
         self.host = host
         self.port = 0
@@ -185,7 +189,7 @@ class FakeApiServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://{self.host}:{self.port}"
 
     async def start(self) -> "FakeApiServer":
         app = web.Application()
@@ -198,7 +202,7 @@ class FakeApiServer:
         listener = socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET)
         listener.bind((self.host, self.port))
         self.port = listener.getsockname()[1]
-        self._site = web.SockSite(self._runner, listener)
+        self._site = web.SockSite(self._runner, listener, ssl_context=self.ssl_context)
         await self._site.start()
         return self
 
@@ -444,6 +448,7 @@ def write_kubeconfig(
     token: Optional[str] = "test-token",
     namespace: str = "default",
     user: Optional[dict[str, Any]] = None,
+    certificate_authority: Optional[str] = None,
 ) -> Path:
     """Write a kubeconfig whose current context points at ``server_url``; return its path.
 
@@ -456,7 +461,10 @@ def write_kubeconfig(
             {
                 "apiVersion": "v1",
                 "kind": "Config",
-                "clusters": [{"name": "fake", "cluster": {"server": server_url}}],
+                "clusters": [{"name": "fake", "cluster": {
+                    "server": server_url,
+                    **({"certificate-authority": certificate_authority} if certificate_authority else {}),
+                }}],
                 "users": [{"name": "tester", "user": user}],
                 "contexts": [
                     {"name": "fake", "context": {"cluster": "fake", "user": "tester", "namespace": namespace}}

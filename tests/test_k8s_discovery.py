@@ -596,6 +596,33 @@ async def test_api_server_down_then_up(api_server: FakeApiServer, start_pool, ho
     assert len(api_server.list_requests("pods")) == 1  # resumed: the history was still there
 
 
+async def test_a_rotated_api_server_ca_is_taken_from_its_file_and_membership_followed_on(tmp_path) -> None:
+    """The library reads the CA once: after the cluster's CA rotated, a head never reconnected, yet stayed ready
+    with the members it had (CERTIFICATE_VERIFY_FAILED at every retry)."""
+    import ssl
+
+    import trustme
+
+    old_ca, new_ca = trustme.CA(), trustme.CA()
+    serving = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    old_ca.issue_cert("127.0.0.1").configure_cert(serving)
+    ca_file = tmp_path / "ca.crt"
+    ca_file.write_bytes(old_ca.cert_pem.bytes())
+    async with FakeApiServer(ssl_context=serving) as server:
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", server.url, namespace=NS,
+                                      certificate_authority=str(ca_file))
+        server.apply("pods", pod("a", ip="10.0.0.1"))
+        async with K8sGrpcConnectionPool(NS, kubeconfig=str(kubeconfig), watch=FAST) as pool:
+            await pool.wait_synced(timeout=5)
+            assert replicas(pool) == {"10.0.0.1:8080"}
+            ca_file.write_bytes(new_ca.cert_pem.bytes())  # the Secret or kubeconfig is renewed first
+            new_ca.issue_cert("127.0.0.1").configure_cert(serving)  # then the server presents the new certificate
+            await server.go_down("refuse")  # every connection reset: the next ones shake hands anew
+            await server.come_back()
+            server.apply("pods", pod("b", ip="10.0.0.2"))
+            await eventually(lambda: replicas(pool) == {"10.0.0.1:8080", "10.0.0.2:8080"}, timeout=10)
+
+
 async def test_starts_while_api_server_is_down(api_server: FakeApiServer, start_pool) -> None:
     api_server.apply("pods", pod("a", ip="10.0.0.1"))
     await api_server.go_down("unavailable")

@@ -41,6 +41,7 @@ from shardnet.errors import ConfigurationError, DiscoveryError
 from shardnet.networking.addresses import parse_address
 from shardnet.networking.pool import GrpcConnectionPool
 from shardnet.networking.replica_list import Connection
+from shardnet.networking.tls import files_signature
 
 logger = logging.getLogger(__name__)
 
@@ -401,6 +402,8 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
             check_kubeconfig(kubeconfig)
         self._client = client
         self._owns_client = client is None
+        self._ca_signature: Optional[tuple] = None  # the CA file as our client read it (a client of our own)
+        self._ca_lock = asyncio.Lock()
         self._kubeconfig = kubeconfig
         self._watch_options = watch
         self._ledger = _Ledger(self)
@@ -507,16 +510,43 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
             self._client = await load_api_client(self._kubeconfig)
         except (k8s_config.ConfigException, yaml.YAMLError) as error:  # a KUBECONFIG file may be written meanwhile
             raise Unavailable(f"no usable Kubernetes configuration: {one_line(error)}") from error
+        self._ca_signature = self._ca_file_signature()
+
+    def _ca_file_signature(self) -> Optional[tuple]:
+        """A stat of the CA file the client trusts the API server by (None: no file, or a client not ours)."""
+        path = self._client.configuration.ssl_ca_cert if self._owns_client and self._client is not None else None
+        return files_signature([path]) if path else None
+
+    async def _follow_ca(self) -> None:
+        """Make a new client when the CA file changed (a rotation of the cluster's CA, the service account's
+        ca.crt): the library reads it once, into a TLS context every connection keeps using, so a head would
+        stop following membership once the server's certificate is signed by the new CA alone."""
+        if self._ca_file_signature() in (None, self._ca_signature):
+            return
+        async with self._ca_lock:  # pods and slices may both notice: one new client
+            if self._ca_file_signature() in (None, self._ca_signature):
+                return
+            old = self._client
+            await self._load_client()
+            logger.info("namespace %s: the API server's CA file changed; a new client trusts it", self.namespace)
+            credentials = old.configuration.refresh_api_key_hook
+            if isinstance(credentials, KubeconfigCredentials):
+                await credentials.close()
+            await old.close()  # a watch still on it breaks, and is watched again on the new one
+
+    async def _list_pods(self, **options: Any) -> Any:
+        await self._follow_ca()
+        return await k8s_client.CoreV1Api(self._client).list_namespaced_pod(self.namespace, **options)
+
+    async def _list_slices(self, **options: Any) -> Any:
+        await self._follow_ca()
+        return await k8s_client.DiscoveryV1Api(self._client).list_namespaced_endpoint_slice(self.namespace, **options)
 
     def _watch_for(self, source: str) -> ListWatch:
-        if source == "pods":
-            call = functools.partial(k8s_client.CoreV1Api(self._client).list_namespaced_pod, self.namespace)
-            selector = _narrowed(POD_SELECTOR, self.followed_deployments)
+        if source == "pods":  # the client looked up at each call: _follow_ca may have replaced it
+            call, selector = self._list_pods, _narrowed(POD_SELECTOR, self.followed_deployments)
         else:
-            call = functools.partial(
-                k8s_client.DiscoveryV1Api(self._client).list_namespaced_endpoint_slice, self.namespace
-            )
-            selector = _narrowed(SLICE_SELECTOR, self.followed_deployments)
+            call, selector = self._list_slices, _narrowed(SLICE_SELECTOR, self.followed_deployments)
         return ListWatch(
             f"{source} in {self.namespace}",
             call,
