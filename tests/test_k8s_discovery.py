@@ -623,6 +623,51 @@ async def test_a_rotated_api_server_ca_is_taken_from_its_file_and_membership_fol
             await eventually(lambda: replicas(pool) == {"10.0.0.1:8080", "10.0.0.2:8080"}, timeout=10)
 
 
+async def test_a_ca_file_missing_or_half_written_keeps_the_client_that_works(tmp_path) -> None:
+    """Taken for a rotation, a CA file removed (a temp file cleaned) or half written stopped every list and
+    watch, though the client in hand held the CA in memory and still worked."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    serving = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("127.0.0.1").configure_cert(serving)
+    ca_file = tmp_path / "ca.crt"
+    ca_file.write_bytes(ca.cert_pem.bytes())
+    async with FakeApiServer(ssl_context=serving) as server:
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", server.url, namespace=NS,
+                                      certificate_authority=str(ca_file))
+        server.apply("pods", pod("a", ip="10.0.0.1"))
+        async with K8sGrpcConnectionPool(NS, kubeconfig=str(kubeconfig), watch=FAST) as pool:
+            await pool.wait_synced(timeout=5)
+            for change, ip in ((lambda: ca_file.write_bytes(ca.cert_pem.bytes()[:200]), "10.0.0.2"),
+                               (ca_file.unlink, "10.0.0.3")):
+                change()
+                await server.go_down("refuse")
+                await server.come_back()
+                server.apply("pods", pod(f"p-{ip}", ip=ip))
+                await eventually(lambda: f"{ip}:8080" in replicas(pool), timeout=10)
+
+
+async def test_a_watch_that_answers_again_clears_the_failures_before_it(
+    api_server: FakeApiServer, start_pool, caplog
+) -> None:
+    """Failures were counted until a watch *ended* well (minutes later): one blip after an outage counted as the
+    5th in a row and listed everything again; the recovery was said only then."""
+    caplog.set_level(logging.INFO, logger="shardnet.discovery.watch")
+    api_server.apply("pods", pod("a", ip="10.0.0.1"))
+    pool = await start_pool(sources=("pods",))
+    api_server.failing_watches = 4
+    api_server.drop_streams()  # the next four watches answer 503, the fifth works
+    await eventually(lambda: "pods in default: watching again after 4 failures" in caplog.text)  # said as it answers
+    api_server.failing_watches = 1
+    api_server.drop_streams()  # one blip
+    api_server.apply("pods", pod("b", ip="10.0.0.2"))
+    await eventually(lambda: replicas(pool) == {"10.0.0.1:8080", "10.0.0.2:8080"})
+    assert "re-listing" not in caplog.text and len(api_server.list_requests("pods")) == 1
+
+
 async def test_starts_while_api_server_is_down(api_server: FakeApiServer, start_pool) -> None:
     api_server.apply("pods", pod("a", ip="10.0.0.1"))
     await api_server.go_down("unavailable")

@@ -404,6 +404,7 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
         self._owns_client = client is None
         self._ca_signature: Optional[tuple] = None  # the CA file as our client read it (a client of our own)
         self._ca_lock = asyncio.Lock()
+        self._ca_refused: Optional[tuple] = None  # a change of the CA file that did not load
         self._kubeconfig = kubeconfig
         self._watch_options = watch
         self._ledger = _Ledger(self)
@@ -513,21 +514,32 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
         self._ca_signature = self._ca_file_signature()
 
     def _ca_file_signature(self) -> Optional[tuple]:
-        """A stat of the CA file the client trusts the API server by (None: no file, or a client not ours)."""
+        """A stat of the CA file the client trusts the API server by (None: no file, none now, or a client not
+        ours: nothing to take, and the client holds the CA it read)."""
         path = self._client.configuration.ssl_ca_cert if self._owns_client and self._client is not None else None
-        return files_signature([path]) if path else None
+        signature = files_signature([path]) if path else None
+        return None if signature is None or signature[0] is None else signature
 
     async def _follow_ca(self) -> None:
         """Make a new client when the CA file changed (a rotation of the cluster's CA, the service account's
         ca.crt): the library reads it once, into a TLS context every connection keeps using, so a head would
         stop following membership once the server's certificate is signed by the new CA alone."""
-        if self._ca_file_signature() in (None, self._ca_signature):
+        if self._ca_file_signature() in (None, self._ca_signature, self._ca_refused):
             return
         async with self._ca_lock:  # pods and slices may both notice: one new client
-            if self._ca_file_signature() in (None, self._ca_signature):
+            signature = self._ca_file_signature()
+            if signature in (None, self._ca_signature, self._ca_refused):
                 return
             old = self._client
-            await self._load_client()
+            try:
+                await self._load_client()
+            except Exception as error:  # noqa: BLE001 - half written, say: the client as it is still works
+                self._ca_refused = signature  # not tried again until the file changes once more
+                logger.warning(
+                    "namespace %s: the API server's CA file changed but cannot be read (%s); the client keeps the "
+                    "CA it has", self.namespace, describe(error),
+                )
+                return
             logger.info("namespace %s: the API server's CA file changed; a new client trusts it", self.namespace)
             credentials = old.configuration.refresh_api_key_hook
             if isinstance(credentials, KubeconfigCredentials):

@@ -179,6 +179,7 @@ class ListWatch:
         self._selector = {"label_selector": label_selector} if label_selector else {}
         self._options = options
         self._progress = False  # a watch line arrived since the last list
+        self._failed_in_a_row = 0  # watches that failed since one last answered
         self.last_failure: Optional[str] = None  # the latest failed list or watch, as text
 
     async def run(self) -> None:
@@ -189,7 +190,7 @@ class ListWatch:
         A watch that fails otherwise is backed off, then re-listed (or, when
         no connection was made or the server answered 429, watched again).
         """
-        expired_in_a_row = failed_in_a_row = 0
+        expired_in_a_row = 0
         while True:
             if self.resource_version is None:
                 await with_backoff(self.name, self._list, self._options, self._failed)
@@ -208,14 +209,14 @@ class ListWatch:
                 self.resource_version = None
                 await asyncio.sleep(pause)
             except Exception as error:  # noqa: BLE001 - logged, backed off, and listed or watched again
-                failed_in_a_row += 1
+                self._failed_in_a_row += 1
                 self._failed(error)
-                pause = self._options.pause(failed_in_a_row)
+                pause = self._options.pause(self._failed_in_a_row)
                 # a server that lists but cannot watch (403 on watch alone, an ERROR event, watches ending at
                 # once) froze the members at the first list: such failures re-list, as client-go's reflector
                 # does; an outage (no connection, a reset, 5xx, 429) watches again from where it was, and
                 # re-lists past RELIST_AFTER_FAILURES in a row
-                again = _watch_again(error) and failed_in_a_row < RELIST_AFTER_FAILURES
+                again = _watch_again(error) and self._failed_in_a_row < RELIST_AFTER_FAILURES
                 logger.warning(
                     "%s: watch failed (%s); %s in %.2fs", self.name, describe(error),
                     "watching again" if again else "re-listing", pause,
@@ -224,10 +225,6 @@ class ListWatch:
                 if not again:
                     self.resource_version = None
                 await asyncio.sleep(pause)
-            else:
-                if failed_in_a_row:
-                    logger.info("%s: watching again after %d failures", self.name, failed_in_a_row)
-                failed_in_a_row = 0
 
     def _failed(self, error: BaseException) -> None:
         self.last_failure = describe(error)
@@ -284,6 +281,9 @@ class ListWatch:
         )
         async with response:
             await _check_status(response)
+            if self._failed_in_a_row:  # said as soon as a watch answers, not when it ends (minutes later)
+                logger.info("%s: watching again after %d failures", self.name, self._failed_in_a_row)
+                self._failed_in_a_row = 0
             received = 0
             opened = asyncio.get_running_loop().time()
             while True:
