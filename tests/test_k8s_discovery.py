@@ -660,12 +660,18 @@ async def test_a_watch_that_answers_again_clears_the_failures_before_it(
     pool = await start_pool(sources=("pods",))
     api_server.failing_watches = 4
     api_server.drop_streams()  # the next four watches answer 503, the fifth works
-    await eventually(lambda: "pods in default: watching again after 4 failures" in caplog.text)  # said as it answers
-    api_server.failing_watches = 1
-    api_server.drop_streams()  # one blip
     api_server.apply("pods", pod("b", ip="10.0.0.2"))
+    # said at the working watch's first line, not when it ends
+    await eventually(lambda: "pods in default: watching again after 4 failures" in caplog.text)
     await eventually(lambda: replicas(pool) == {"10.0.0.1:8080", "10.0.0.2:8080"})
-    assert "re-listing" not in caplog.text and len(api_server.list_requests("pods")) == 1
+    api_server.failing_watches = 1  # then the working watch ends by a 410 (one list), and the next one blips
+    api_server.compact()
+    api_server.error()
+    api_server.apply("pods", pod("c", ip="10.0.0.3"))
+    await eventually(lambda: replicas(pool) == {"10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"})
+    failed = [record.getMessage() for record in caplog.records if "watch failed" in record.getMessage()]
+    assert len(failed) == 5 and not any("re-listing" in message for message in failed), failed
+    assert len(api_server.list_requests("pods")) == 2  # the first, and the 410's: the blip watched again
 
 
 async def test_starts_while_api_server_is_down(api_server: FakeApiServer, start_pool) -> None:

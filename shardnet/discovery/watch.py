@@ -281,9 +281,6 @@ class ListWatch:
         )
         async with response:
             await _check_status(response)
-            if self._failed_in_a_row:  # said as soon as a watch answers, not when it ends (minutes later)
-                logger.info("%s: watching again after %d failures", self.name, self._failed_in_a_row)
-                self._failed_in_a_row = 0
             received = 0
             opened = asyncio.get_running_loop().time()
             while True:
@@ -311,6 +308,9 @@ class ListWatch:
                     logger.debug("%s: watch ended; resuming from %s", self.name, self.resource_version)
                     return
                 if line.strip():
+                    if not received and self._failed_in_a_row:  # said at a watch's first line, not when it ends
+                        logger.info("%s: watching again after %d failures", self.name, self._failed_in_a_row)
+                        self._failed_in_a_row = 0
                     received += 1
                     await self._handle(line)
 
