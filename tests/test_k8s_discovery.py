@@ -596,41 +596,12 @@ async def test_api_server_down_then_up(api_server: FakeApiServer, start_pool, ho
     assert len(api_server.list_requests("pods")) == 1  # resumed: the history was still there
 
 
-async def test_a_rotated_api_server_ca_is_taken_from_its_file_and_membership_followed_on(tmp_path) -> None:
-    """The library reads the CA once: after the cluster's CA rotated, a head never reconnected, yet stayed ready
-    with the members it had (CERTIFICATE_VERIFY_FAILED at every retry)."""
+@contextlib.asynccontextmanager
+async def followed_over_https(tmp_path, ca) -> AsyncIterator[tuple[FakeApiServer, Any, Any, K8sGrpcConnectionPool]]:
+    """(server, its ssl context, the CA file, a synced pool of its own client trusting that file): a fake API
+    server over HTTPS, with a certificate ``ca`` issued and pod ``a`` listed."""
     import ssl
 
-    import trustme
-
-    old_ca, new_ca = trustme.CA(), trustme.CA()
-    serving = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    old_ca.issue_cert("127.0.0.1").configure_cert(serving)
-    ca_file = tmp_path / "ca.crt"
-    ca_file.write_bytes(old_ca.cert_pem.bytes())
-    async with FakeApiServer(ssl_context=serving) as server:
-        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", server.url, namespace=NS,
-                                      certificate_authority=str(ca_file))
-        server.apply("pods", pod("a", ip="10.0.0.1"))
-        async with K8sGrpcConnectionPool(NS, kubeconfig=str(kubeconfig), watch=FAST) as pool:
-            await pool.wait_synced(timeout=5)
-            assert replicas(pool) == {"10.0.0.1:8080"}
-            ca_file.write_bytes(new_ca.cert_pem.bytes())  # the Secret or kubeconfig is renewed first
-            new_ca.issue_cert("127.0.0.1").configure_cert(serving)  # then the server presents the new certificate
-            await server.go_down("refuse")  # every connection reset: the next ones shake hands anew
-            await server.come_back()
-            server.apply("pods", pod("b", ip="10.0.0.2"))
-            await eventually(lambda: replicas(pool) == {"10.0.0.1:8080", "10.0.0.2:8080"}, timeout=10)
-
-
-async def test_a_ca_file_missing_or_half_written_keeps_the_client_that_works(tmp_path) -> None:
-    """Taken for a rotation, a CA file removed (a temp file cleaned) or half written stopped every list and
-    watch, though the client in hand held the CA in memory and still worked."""
-    import ssl
-
-    import trustme
-
-    ca = trustme.CA()
     serving = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ca.issue_cert("127.0.0.1").configure_cert(serving)
     ca_file = tmp_path / "ca.crt"
@@ -641,13 +612,38 @@ async def test_a_ca_file_missing_or_half_written_keeps_the_client_that_works(tmp
         server.apply("pods", pod("a", ip="10.0.0.1"))
         async with K8sGrpcConnectionPool(NS, kubeconfig=str(kubeconfig), watch=FAST) as pool:
             await pool.wait_synced(timeout=5)
-            for change, ip in ((lambda: ca_file.write_bytes(ca.cert_pem.bytes()[:200]), "10.0.0.2"),
-                               (ca_file.unlink, "10.0.0.3")):
-                change()
-                await server.go_down("refuse")
-                await server.come_back()
-                server.apply("pods", pod(f"p-{ip}", ip=ip))
-                await eventually(lambda: f"{ip}:8080" in replicas(pool), timeout=10)
+            yield server, serving, ca_file, pool
+
+
+async def reconnected_with(server: FakeApiServer, pool: K8sGrpcConnectionPool, ip: str) -> None:
+    """Reset every connection (the next ones shake hands anew), add a pod at ``ip``, and wait for the pool to hold it."""
+    await server.go_down("refuse")
+    await server.come_back()
+    server.apply("pods", pod(f"p-{ip}", ip=ip))
+    await eventually(lambda: f"{ip}:8080" in replicas(pool), timeout=10)
+
+
+async def test_a_rotated_api_server_ca_is_taken_from_its_file_and_membership_followed_on(tmp_path) -> None:
+    """The library reads the CA once: after the cluster's CA rotated, a head never reconnected, yet stayed ready
+    with the members it had (CERTIFICATE_VERIFY_FAILED at every retry)."""
+    old_ca, new_ca = trustme.CA(), trustme.CA()
+    async with followed_over_https(tmp_path, old_ca) as (server, serving, ca_file, pool):
+        assert replicas(pool) == {"10.0.0.1:8080"}
+        ca_file.write_bytes(new_ca.cert_pem.bytes())  # the Secret or kubeconfig is renewed first
+        new_ca.issue_cert("127.0.0.1").configure_cert(serving)  # then the server presents the new certificate
+        await reconnected_with(server, pool, "10.0.0.2")
+        assert replicas(pool) == {"10.0.0.1:8080", "10.0.0.2:8080"}
+
+
+async def test_a_ca_file_missing_or_half_written_keeps_the_client_that_works(tmp_path) -> None:
+    """Taken for a rotation, a CA file removed (a temp file cleaned) or half written stopped every list and
+    watch, though the client in hand held the CA in memory and still worked."""
+    ca = trustme.CA()
+    async with followed_over_https(tmp_path, ca) as (server, _, ca_file, pool):
+        for change, ip in ((lambda: ca_file.write_bytes(ca.cert_pem.bytes()[:200]), "10.0.0.2"),
+                           (ca_file.unlink, "10.0.0.3")):
+            change()
+            await reconnected_with(server, pool, ip)
 
 
 async def test_a_watch_that_answers_again_clears_the_failures_before_it(
