@@ -339,11 +339,7 @@ class Head:
 
     async def _serve(self, requests: list[DataRequest], context: grpc.aio.ServicerContext) -> bytes:
         try:
-            endpoint, vias = self._settle_endpoint(requests, context)
-            if services.endpoint_fits_metadata(endpoint):
-                metadata = ((services.ENDPOINT_METADATA, endpoint), *vias, self._via)
-            else:  # /søg, say: the header carries it, which Jina's workers and shardnet's read first
-                metadata = (*vias, self._via)
+            endpoint, metadata = self._settle_endpoint(requests, context)
             deadline = _Deadline(_time_left(context))
             if self._uses_before is not None:
                 response, trailing = await self._one(self._uses_before, requests, metadata, deadline, decoded=True)
@@ -396,9 +392,10 @@ class Head:
     def _settle_endpoint(
         self, requests: list[DataRequest], context: grpc.aio.ServicerContext
     ) -> tuple[str, tuple[tuple[str, str], ...]]:
-        """The request's endpoint, written into both metadata and header (Jina workers read the header), and
-        the heads it passed (passed on with it: a cycle of heads comes back to one of them); _LoopedBack when
-        this head is among them."""
+        """The request's endpoint, written into the header (Jina workers read it first), and the metadata to
+        forward with it: the endpoint when gRPC can send it (not ``/søg``: the header alone carries that), the
+        heads it passed (a cycle of heads comes back to one of them) and this head; _LoopedBack when this head
+        is among them."""
         endpoint, vias = None, ()
         for pair in context.invocation_metadata():
             if pair[0] == services.ENDPOINT_METADATA:
@@ -407,8 +404,10 @@ class Head:
             elif pair[0] == services.VIA_HEAD_METADATA:
                 vias = self._passed(vias, pair)
         header_endpoint = requests[0].endpoint
+        sendable = True  # an endpoint that came as metadata can go on as metadata
         if endpoint is None:
             endpoint = header_endpoint or "/default"
+            sendable = services.endpoint_fits_metadata(endpoint)
             if len(endpoint) > MAX_ENDPOINT_CHARS:  # the replica's gRPC would refuse the metadata, blamed on it
                 raise ProtocolError(
                     f"endpoint {endpoint[:40]!r}... has {len(endpoint)} characters; a head forwards at most "
@@ -419,7 +418,8 @@ class Head:
         for request in requests[1:]:
             if request.endpoint != endpoint:
                 request.endpoint = endpoint
-        return endpoint, vias
+        forwarded = ((services.ENDPOINT_METADATA, endpoint),) if sendable else ()
+        return endpoint, (*forwarded, *vias, self._via)
 
     def _passed(self, vias: tuple[tuple[str, str], ...], pair: tuple[str, str]) -> tuple[tuple[str, str], ...]:
         """``vias`` and the head id of ``pair``, a ``shardnet-via-head`` metadata pair; _LoopedBack when it is this
