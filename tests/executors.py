@@ -475,6 +475,37 @@ class Ledger(Executor):
             ledger.write("\n".join(self.seen))
 
 
+class Partitioner(Executor):
+    """Jina's hash partitioning: counts the documents whose hex id falls to its shard, by ``runtime_args.shards``."""
+
+    @requests
+    def index(self, docs, parameters, **kwargs):
+        args = self.runtime_args
+        kept = sum(int(doc.id, 16) % args.shards == args.shard_id for doc in docs)
+        return {"kept": kept, "shards": args.shards, "replicas": args.replicas}
+
+
+class StampsWorkspace(Executor):
+    """A uses_before that tags every document with its own workspace folder."""
+
+    @requests
+    def stamp(self, docs, parameters, **kwargs):
+        for doc in docs:
+            doc.tags["before"] = self.workspace or ""
+
+
+class MapReducer(Executor):
+    """A Jina uses_after reading ``docs_map``: one document per column, named by who sent it, holding its ids."""
+
+    @requests
+    def reduce(self, docs, docs_map, **kwargs):
+        return [
+            Document(id=sender, text=",".join(column.ids),
+                     tags={"workspace": self.workspace or "", "before": [doc.tags["before"] for doc in column]})
+            for sender, column in docs_map.items()
+        ]
+
+
 class CancelledInside(Executor):
     """A handler that lets out the CancelledError of a task someone else cancelled (a client library's, say)."""
 

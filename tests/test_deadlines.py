@@ -149,16 +149,30 @@ async def test_heads_own_timeout_exceeded_names_deployment_and_shard():
     assert "deployment 'dl'" in details and "shard 0" in details and replica.address in details, details
 
 
-async def test_a_callers_deadline_overrides_the_heads_default():
-    """The head's timeout is the default for callers without one; a caller's own deadline wins."""
+async def test_the_heads_timeout_bounds_a_callers_longer_deadline():
+    """As Jina's head holds its calls to its timeout_send whatever the caller sent: a caller allowing 3 s of a head
+    whose --timeout is 0.3 s hears DEADLINE_EXCEEDED from the head after 0.3 s, not the replica's answer at 0.6 s."""
     async with RecordingReplica(delay=0.6) as replica:
         head = await started_head(replica.address, timeout=0.3)
         try:
-            code, _, _ = await call_head(head, DataRequest(endpoint="/x"), timeout=3.0)
+            code, details, took = await call_head(head, DataRequest(endpoint="/x"), timeout=3.0)
+        finally:
+            await head.stop(0)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED, details
+    assert "deployment 'dl'" in details and replica.address in details, details
+    assert took < 2.0
+    assert replica.remaining[0] <= 0.35
+
+
+async def test_a_callers_shorter_deadline_wins_over_the_heads_timeout():
+    async with RecordingReplica() as replica:
+        head = await started_head(replica.address, timeout=30.0)
+        try:
+            code, _, _ = await call_head(head, DataRequest(endpoint="/x"), timeout=2.0)
         finally:
             await head.stop(0)
     assert code == grpc.StatusCode.OK
-    assert replica.remaining[0] > 2.0
+    assert 1.0 < replica.remaining[0] <= 2.05
 
 
 async def test_a_real_workers_handler_is_stopped_when_the_caller_gives_up():

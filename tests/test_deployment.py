@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from shardnet import DataRequest, Document, ReplicaError
-from shardnet.errors import ConfigurationError, ExecutorError, ProcessError
+from shardnet.errors import ConfigurationError, DeadlineExceeded, ExecutorError, ProcessError
 from shardnet.networking import oneshot
 from shardnet.runtimes.deployment import Deployment
 from shardnet.runtimes.processes import ShardnetProcess, stop_all
@@ -596,19 +596,54 @@ def test_jina_habits_per_shard_workspaces_close_and_executor_specific_parameters
     workspace = tmp_path / "ws"
     with Deployment(executors.Ledger, name="ledger", shards=2, workspace=str(workspace)) as deployment:
         for shard_text in ("a", "b", "c", "d"):
+            # as in Jina 3.34, executor-specific parameters address the class's name (metas.name), not the deployment's
             [doc] = deployment.post("/note", [Document(text=shard_text)],
-                                    parameters={"prefix": "all", "ledger": {"prefix": "mine"}})
+                                    parameters={"prefix": "all", "ledger": {"prefix": "dep"}, "Ledger": {"prefix": "mine"}})
             assert doc.tags["prefix"] == "mine" and doc.tags["in"] is True
         folders = {doc.tags["workspace"] for doc in deployment.post("/note", [Document(text="e")])}
-    # one folder per shard, WORKSPACE/NAME/SHARD as in Jina, and close() ran in each when the deployment stopped
-    shards = sorted(path.parent.name for path in workspace.glob("ledger/*/ledger.txt"))
+    # one folder per shard, WORKSPACE/CLASS/SHARD as Jina lays it out, and close() ran in each when the deployment
+    # stopped
+    shards = sorted(path.parent.name for path in workspace.glob("Ledger/*/ledger.txt"))
     assert shards == ["0", "1"], sorted(str(p) for p in workspace.rglob("*"))
-    written = "\n".join((workspace / "ledger" / shard / "ledger.txt").read_text() for shard in shards)
+    written = "\n".join((workspace / "Ledger" / shard / "ledger.txt").read_text() for shard in shards)
     assert sorted(written.split()) == ["a", "b", "c", "d", "e"]  # each text noted once, by one shard
-    assert folders <= {str(workspace / "ledger" / "0"), str(workspace / "ledger" / "1")}
+    assert folders <= {str(workspace / "Ledger" / "0"), str(workspace / "Ledger" / "1")}
+
+
+def test_jina_habits_runtime_args_docs_map_and_the_workspaces_of_uses_before_and_after(tmp_path):
+    """A hash-partitioning indexer reads runtime_args.shards, a reducer reads docs_map (each shard's column by the
+    worker that answered it), and uses_before and uses_after find their workspace folders, as under Jina."""
+    workspace = tmp_path / "ws"
+    ids = [f"{number:032x}" for number in range(6)]
+    with Deployment(executors.Partitioner, name="part", shards=2, replicas=2, polling="ALL", workspace=str(workspace),
+                    uses_before=executors.StampsWorkspace, uses_after=executors.MapReducer) as deployment:
+        response = deployment.post("/partition", [Document(id=i) for i in ids], return_responses=True)  # ALL
+    results = response.parameters["__results__"]
+    kept = {name: entry for name, entry in results.items() if name.startswith("part/shard-")}
+    assert len(kept) == 2 and sum(entry["kept"] for entry in kept.values()) == len(ids), results
+    assert all(entry["shards"] == 2 and entry["replicas"] == 2 for entry in kept.values()), results
+    senders = {doc.id: doc for doc in response.docs}
+    assert {sender.rsplit("/", 1)[0] for sender in senders} == {"part/shard-0", "part/shard-1"}, list(senders)
+    assert set(senders) == set(kept)  # docs_map's keys are the workers that answered
+    for doc in senders.values():
+        assert doc.text == ",".join(ids)  # each shard's whole column
+        assert doc.tags["workspace"] == str(workspace / "MapReducer" / "0")
+        assert doc.tags["before"] == [str(workspace / "StampsWorkspace" / "0")] * len(ids)
 
 
 @pytest.mark.parametrize("uses", ["config.yml", "jinahub://Encoder", "no_class_here"])
 def test_uses_that_no_worker_could_load_is_refused_at_construction(uses):
     with pytest.raises(ConfigurationError, match="must look like MODULE:CLASS or FILE.py:CLASS"):
         Deployment(uses)
+
+
+def test_the_deployments_timeout_bounds_a_post_as_jinas_timeout_send_does():
+    """Deployment(timeout=1) with a handler taking 20 s: post() (no deadline of its own, as Jina's) fails after
+    about a second naming the deployment; the handler's answer within the timeout still comes."""
+    with Deployment(executors.Sleepy, name="slow", timeout=1.0) as deployment:
+        [doc] = deployment.post("/sleep", [Document()], parameters={"seconds": 0.1})
+        assert doc.tags["slept"] == 0.1
+        started = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match="deployment 'slow'"):
+            deployment.post("/sleep", [Document()], parameters={"seconds": 20})
+        assert time.monotonic() - started < 10

@@ -223,3 +223,22 @@ def test_a_worker_finds_a_users_module_named_like_an_installed_one_as_the_naming
         env={**os.environ, "PYTHONPATH": str(installed), EXECUTOR_PATH_VARIABLE: str(users)},
     )
     assert loaded.returncode == 0 and loaded.stdout.strip() == "collide", loaded.stderr
+
+
+def test_uses_given_as_text_is_found_along_the_scripts_path_whatever_folder_it_is_run_from(tmp_path):
+    """Deployment("shouting:Shouter") in a script beside shouting.py, run from another folder: the workers find the
+    module as the script would import it (they looked in the folder it was run from alone)."""
+    app, elsewhere = tmp_path / "app", tmp_path / "elsewhere"
+    for folder in (app, elsewhere):
+        folder.mkdir()
+    (app / "shouting.py").write_text(SHOUTER.format(helpers="beside_helpers"))
+    (app / "beside_helpers.py").write_text("def shout(text):\n    return text.upper() + '!'\n")
+    (app / "run.py").write_text(textwrap.dedent("""\
+        from shardnet import Deployment, Document
+
+        if __name__ == "__main__":
+            with Deployment("shouting:Shouter") as deployment:
+                print(deployment.post("/", [Document(text="hi")])[0].text)
+    """))
+    done = run_python([str(app / "run.py")], cwd=elsewhere)
+    assert done.returncode == 0 and done.stdout.strip() == "HI!", done.stderr[-2000:]

@@ -26,6 +26,19 @@ def test_document_fields():
     assert blob.blob == b"\x00\x01" and blob.proto.WhichOneof("content") == "blob"
 
 
+def test_matches_and_chunks_are_assigned_a_list_as_in_docarray():
+    query = Document(text="q")
+    query.matches = [Document(id="a"), Document(id="b")]
+    assert query.matches.ids == ["a", "b"]
+    query.matches = query.matches[1:]  # views into the very list
+    assert query.matches.ids == ["b"]
+    query.chunks = (Document(text=word) for word in "two words".split())
+    assert query.chunks.texts == ["two", "words"]
+    with pytest.raises(TypeError, match="got str"):
+        query.matches = ["not a document"]
+    assert query.matches.ids == ["b"]  # a refused assignment leaves the matches as they were
+
+
 def test_tensor_and_embedding_round_trip():
     tensor = np.arange(12, dtype=np.float32).reshape(3, 4)
     embedding = np.array([0.5, -1.0], dtype="<f8")

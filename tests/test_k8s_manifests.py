@@ -185,7 +185,8 @@ def test_containers_run_the_shardnet_commands() -> None:
     for shard, worker in enumerate(sorted(workers, key=lambda w: w["metadata"]["name"])):
         assert container(worker)["command"] + container(worker)["args"] == [
             "shardnet", "worker", "--uses", "acme.search:Indexer", "--host", "0.0.0.0", "--port", "50051",
-            "--shard-id", str(shard), "--name", f"search/shard-{shard}", "--workspace", "/workspace",
+            "--shard-id", str(shard), "--shards", "3", "--replicas", "2",  # the Executor's runtime_args, as in Jina
+            "--name", f"search/shard-{shard}", "--workspace", "/workspace",
             "--max-message-mb", "64.0", "--drain-seconds", "20",
         ]  # fmt: skip
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -80,7 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_head_traffic_arguments(parser)
     parser.add_argument(
         "--timeout", type=positive_seconds("timeout"), metavar="SECONDS", default=None,
-        help="the head's default deadline of a call, seconds (default: none)",
+        help="the longest a request may take at the head, seconds; a caller's shorter deadline wins (default: none)",
     )
     parser.add_argument(
         "--attempt-timeout", type=positive_seconds("attempt timeout"), metavar="SECONDS", default=None,
@@ -114,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
             f"{MAX_LOCAL_WORKERS} deploy runs: each is a process of this machine loading its own Executor "
             "(shardnet k8s render spreads more over a cluster)"
         )
+    if os.getcwd() not in sys.path:  # as `shardnet worker` does: --uses MODULE:CLASS may name a module here, and
+        sys.path.insert(0, os.getcwd())  # the workers look along this process's path, this folder first
     stop = threading.Event()
     on_stop_signals()  # during startup as Ctrl-C: Deployment.start stops what it had started, and we exit
     deployment = Deployment(

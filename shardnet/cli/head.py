@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_head_traffic_arguments(parser)
     parser.add_argument(
         "--timeout", type=positive_seconds("timeout"), metavar="SECONDS", default=None,
-        help="default deadline of a forwarded call, seconds (default: none)",
+        help="the longest a request may take at the head, seconds; a caller's shorter deadline wins (default: none)",
     )
     parser.add_argument(
         "--attempt-timeout", type=positive_seconds("attempt timeout"), metavar="SECONDS", default=None,

@@ -58,6 +58,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--replica-id", type=whole_number("replica id", 0, INT32_MAX, " (a protobuf int32)"), default=0,
         help="replica number within its shard (default: %(default)s)",
     )
+    for flag, what in (("--shards", "shards its deployment has"), ("--replicas", "replicas each shard has")):
+        parser.add_argument(
+            flag, type=whole_number(flag[2:], 1, INT32_MAX), default=1,
+            help=f"{what}, for the Executor's runtime_args (default: %(default)s)",
+        )
     parser.add_argument("--workspace", help="folder the Executor may keep state in")
     parser.add_argument(
         "--name",
@@ -94,7 +99,10 @@ def run(args: argparse.Namespace) -> int:
     search_path = os.environ[EXECUTOR_PATH_VARIABLE].split(os.pathsep) if EXECUTOR_PATH_VARIABLE in os.environ else []
     executor_class = load_executor_class(args.uses, search_path)
     name = args.name or f"{executor_class.__name__}/shard-{args.shard_id}/rep-{args.replica_id}"
-    runtime_args = {"shard_id": args.shard_id, "replica_id": args.replica_id, "workspace": args.workspace, "name": name}
+    runtime_args = {
+        "shard_id": args.shard_id, "shards": args.shards, "replica_id": args.replica_id, "replicas": args.replicas,
+        "workspace": args.workspace, "name": name,
+    }
     executor = executor_class.create(runtime_args, **uses_with)
     worker = Worker(
         executor,

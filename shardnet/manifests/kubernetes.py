@@ -649,6 +649,8 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
             "--host", "0.0.0.0",
             "--port", str(spec.port),
             "--shard-id", str(shard),
+            "--shards", str(spec.shards),
+            "--replicas", str(spec.replicas),
             # the key of its dict results: one per shard, so ALL keeps every shard's side by side
             "--name", f"{spec.name}/shard-{shard}" if spec.shards > 1 else spec.name,
             "--workspace", WORKSPACE,

@@ -252,9 +252,18 @@ class Document:
     def matches(self) -> "DocumentList":
         return DocumentList(self._pb.matches, self._dense_budget())
 
+    @matches.setter
+    def matches(self, docs: Iterable[DocumentLike]) -> None:
+        """``doc.matches = [...]`` replaces them all, as in docarray (copies of ``docs``, views of it included)."""
+        self.matches.replace(docs)
+
     @property
     def chunks(self) -> "DocumentList":
         return DocumentList(self._pb.chunks, self._dense_budget())
+
+    @chunks.setter
+    def chunks(self, docs: Iterable[DocumentLike]) -> None:
+        self.chunks.replace(docs)
 
     @property
     def scores(self) -> dict[str, float]:

@@ -494,6 +494,13 @@ class DataRequest:
     def routes(self) -> list[jina_pb2.RouteProto]:
         return list(self._outer().routes)
 
+    @property
+    def last_executor(self) -> Optional[str]:
+        """Who handled the request last (its last route entry's executor), as Jina's ``last_executor``; None
+        when it has no route."""
+        routes = self._outer().routes
+        return routes[-1].executor if routes else None
+
     def add_route(self, executor: str) -> jina_pb2.RouteProto:
         """Append a route entry stamped with the current time, as a Jina worker does."""
         route = self._outer(changing=True).routes.add()

@@ -124,7 +124,9 @@ class Deployment:
     process and of ``post`` at once. ``startup_timeout`` (default 180 s) is
     how long a process may take to serve, its Executor loading: longer fails
     the start, and a process started again (``revive``) is stopped and tried
-    again.
+    again. ``timeout`` bounds every request at the head, uses_before and
+    uses_after included (a caller's shorter deadline wins), as Jina's
+    ``timeout_send``; ``post`` adds no deadline of its own unless given one.
 
     >>> with Deployment(uses=MyExecutor, shards=2, replicas=2, polling="ALL") as dep:   # doctest: +SKIP
     ...     docs = dep.post("/index", [Document(text="hello")])
@@ -167,8 +169,9 @@ class Deployment:
         extras = {"uses_before": uses_before, "uses_after": uses_after}
         self._extras = {key: _reference(value, key) for key, value in extras.items() if value is not None}
         # classes given by name are imported by the workers as this process imported them: along its sys.path
+        # and a MODULE:CLASS given as text along it too, as this process would import it
         classes = [value for value in (uses, uses_before, uses_after) if isinstance(value, type)]
-        self._search_path = executor_search_path(*classes) if classes else []
+        self._search_path = executor_search_path(*classes)
         self._uses_with = _uses_with_json(uses_with)
         self._control_token = control_token
         self._register_interval = register_interval
@@ -294,6 +297,7 @@ class Deployment:
             extra_args = []
             for key, uses in self._extras.items():
                 arguments = ["worker", "--uses", uses, "--host", self.host, "--port", "0", *self._size_arguments]
+                arguments += ["--workspace", str(self.workspace)]  # as Jina gives them: WORKSPACE/CLASS/0
                 process = self._launch(key, arguments + ["--name", f"{self.name}/{key}"])
                 self.extras[key] = process
                 address = process.wait_ready(self.startup_timeout, LONGER_STARTUP)
@@ -336,6 +340,8 @@ class Deployment:
                 "--port", "0",
                 "--shard-id", str(shard),
                 "--replica-id", str(replica),
+                "--shards", str(self.shards),
+                "--replicas", str(self.replicas),
                 "--name", name,
                 "--workspace", str(self.workspace),
                 "--head", self.address,
@@ -606,11 +612,13 @@ class Deployment:
         endpoint: str,
         docs: Optional[Iterable[Document]] = None,
         parameters: Optional[Mapping[str, Any]] = None,
-        timeout: float = 30.0,
+        timeout: Optional[float] = None,
         return_responses: bool = False,
     ) -> Union[DocumentList, DataRequest]:
         """Send documents to ``endpoint`` through the head; return the response's documents, or (as Jina's
-        ``return_responses``) the whole response, whose ``parameters["__results__"]`` hold dict results."""
+        ``return_responses``) the whole response, whose ``parameters["__results__"]`` hold dict results.
+        ``timeout``: seconds this request may take; None (as Jina's ``post``) leaves it to the Deployment's
+        ``timeout``, which bounds every request at the head, and without one waits as long as the handler runs."""
         if isinstance(docs, Document):  # one document, as Jina's post takes it
             docs = [docs]
         request = DataRequest(docs=docs or [], endpoint=endpoint, parameters=parameters)
@@ -630,7 +638,7 @@ class Deployment:
         endpoint: str,
         docs: Optional[Iterable[Document]] = None,
         parameters: Optional[Mapping[str, Any]] = None,
-        timeout: float = 30.0,
+        timeout: Optional[float] = None,
         return_responses: bool = False,
     ) -> Union[DocumentList, DataRequest]:
         """Blocking ``post_async``."""

@@ -97,6 +97,10 @@ class Handler:
         self.accepts_any_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
         self.accepted = frozenset(p.name for p in parameters)
 
+    def takes(self, argument: str) -> bool:
+        """Whether the handler is given ``argument``: it names it, or takes any keyword."""
+        return self.accepts_any_kwargs or argument in self.accepted
+
     async def __call__(
         self, executor: "Executor", threads, *, answer_limit: Optional[int] = None, **arguments: Any
     ) -> Any:
@@ -148,11 +152,12 @@ def _run_to_the_end(function: Callable, answer_limit: Optional[int], *args: Any,
 class Executor:
     """Base class of user code served by a worker.
 
-    ``self.runtime_args`` (shard_id, replica_id, workspace, name) is set
-    before ``__init__`` runs, so a subclass can use it there. As in Jina,
-    ``self.workspace`` is this shard's own folder, ``self.metas.name`` the
-    name executor-specific parameters are addressed to, ``self.logger`` a
-    logger named after it, and ``close()`` runs when the worker stops.
+    ``self.runtime_args`` (shard_id, shards, replica_id, replicas, workspace,
+    name) is set before ``__init__`` runs, so a subclass can use it there. As
+    in Jina, ``self.workspace`` is this shard's own folder, ``self.metas.name``
+    (the class's name) the name executor-specific parameters are addressed to,
+    ``self.logger`` a logger named after the worker, and ``close()`` runs when
+    the worker stops.
     """
 
     runtime_args: SimpleNamespace
@@ -163,14 +168,13 @@ class Executor:
 
     @property
     def metas(self) -> SimpleNamespace:
-        """Jina's ``metas``: ``name``, the deployment's ("index" of worker "index/shard-0/rep-1"), which
-        ``parameters[name]`` addresses, and ``workspace``."""
-        name = self.runtime_args.name.split("/", 1)[0]
-        return SimpleNamespace(name=name, workspace=self.runtime_args.workspace)
+        """Jina's ``metas``: ``name``, the class's name as Jina gives it (``parameters[name]`` addresses it, and
+        the workspace is laid out by it, so an index Jina built is found), and ``workspace``."""
+        return SimpleNamespace(name=type(self).__name__, workspace=self.runtime_args.workspace)
 
     @property
     def workspace(self) -> Optional[str]:
-        """This shard's folder, ``WORKSPACE/NAME/SHARD`` as Jina lays it out (replicas of a shard share it;
+        """This shard's folder, ``WORKSPACE/CLASS/SHARD`` as Jina lays it out (replicas of a shard share it;
         shards never do), made on first use; None when the worker was given no workspace."""
         if not self.runtime_args.workspace:
             return None
@@ -219,7 +223,10 @@ class Executor:
         cls.handler_table()  # a handler table that cannot be served fails before a costly __init__ runs
         executor = cls.__new__(cls)
         executor.runtime_args = SimpleNamespace(
-            **{"shard_id": 0, "replica_id": 0, "workspace": None, "name": cls.__name__, **(runtime_args or {})}
+            **{
+                "shard_id": 0, "shards": 1, "replica_id": 0, "replicas": 1, "workspace": None, "name": cls.__name__,
+                **(runtime_args or {}),
+            }
         )
         executor.__init__(**uses_with)
         return executor

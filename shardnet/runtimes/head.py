@@ -340,7 +340,7 @@ class Head:
     async def _serve(self, requests: list[DataRequest], context: grpc.aio.ServicerContext) -> bytes:
         try:
             endpoint, metadata = self._settle_endpoint(requests, context)
-            deadline = _Deadline(_time_left(context))
+            deadline = _Deadline(self._request_seconds(context))
             if self._uses_before is not None:
                 response, trailing = await self._one(self._uses_before, requests, metadata, deadline, decoded=True)
                 if response.is_error:  # the shards would only work on a request that already failed
@@ -388,6 +388,14 @@ class Head:
             f"{self.deployment}: the answer (under ALL, every shard's merged)",
             "this head's",
         )
+
+    def _request_seconds(self, context: grpc.aio.ServicerContext) -> Optional[float]:
+        """What a request may take at this head: the caller's time left, at most the head's own timeout (as
+        Jina's head holds every call to its workers to its ``timeout_send``, whatever deadline came with it)."""
+        left, limit = _time_left(context), self.pool.timeout
+        if limit is None:
+            return left
+        return limit if left is None else min(left, limit)
 
     def _settle_endpoint(
         self, requests: list[DataRequest], context: grpc.aio.ServicerContext

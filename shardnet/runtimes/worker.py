@@ -337,6 +337,8 @@ class Worker:
             received = first.received_bytes()  # what a failed handler's answer carries, not its half-made edits
             docs = first.docs
             others = [request.docs for request in requests[1:]]
+            # Jina's docs_map: each request's documents by who handled it last (a shard's worker, for uses_after)
+            senders = [request.last_executor for request in requests] if handler.takes("docs_map") else None
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         route = first.add_route(self.name)
@@ -359,6 +361,8 @@ class Worker:
             matrix = [DocumentList(first_column.docs, docs.budget), *others]  # the call's one budget
             docs.replace([doc for column in matrix for doc in column])
             arguments["docs_matrix"] = matrix
+        if senders is not None:
+            arguments["docs_map"] = dict(zip(senders, arguments["docs_matrix"]))
         answer_limit = self.server.config.max_message_bytes if limit is None else limit
         try:
             returned = await handler(self.executor, self._threads, answer_limit=answer_limit, **arguments)
