@@ -30,6 +30,8 @@ from shardnet.protocol.proto import jina_pb2
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's message size limits are 32-bit signed byte counts
 MAX_MESSAGE_MB = MAX_MESSAGE_BYTES // 2**20  # 2047: the largest whole number of MB under it
+KEEPALIVE_TIMEOUT = "grpc.keepalive_timeout_ms"
+PING_TIMEOUT = "grpc.http2.ping_timeout_ms"
 ChannelOptions = Union[Sequence[tuple[str, Any]], Mapping[str, Any]]
 
 
@@ -41,7 +43,10 @@ def default_grpc_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> 
     return [
         *message_size_options(max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
+        (KEEPALIVE_TIMEOUT, 10_000),
+        # what gRPC 1.78 actually times an unanswered keepalive ping out by (60 s unless set): a stopped or cut-off
+        # peer held untimed calls for 90 s, not the 40 s the two lines above say
+        (PING_TIMEOUT, 10_000),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.enable_http_proxy", 0),
@@ -110,6 +115,8 @@ def checked_options(options: Optional[ChannelOptions]) -> tuple[tuple[str, Any],
 def merge_options(options: Optional[ChannelOptions]) -> list[tuple[str, Any]]:
     """The defaults, with any option named in ``options`` replaced by the caller's value."""
     given = dict(options or ())
+    if KEEPALIVE_TIMEOUT in given and PING_TIMEOUT not in given:  # a keepalive timeout given is the one that holds
+        given[PING_TIMEOUT] = given[KEEPALIVE_TIMEOUT]
     merged = [(key, given.pop(key, value)) for key, value in default_grpc_options()]
     return merged + list(given.items())
 

@@ -53,7 +53,7 @@ from shardnet.networking.policies import (
     check_timeout,
 )
 from shardnet.networking.polling import PollingType
-from shardnet.networking.replica_list import Connection, ReplicaList, close_in_turn
+from shardnet.networking.replica_list import Connection, ReplicaList, close_in_turn, wrong_server
 from shardnet.networking.tls import ClientTls, FollowedClientMaterial
 from shardnet.protocol.messages import MAX_SHARD_ID, ControlRequest, DataRequest, is_shard_id
 
@@ -412,7 +412,7 @@ class GrpcConnectionPool:
             )
         except grpc.aio.AioRpcError as error:
             loop = asyncio.get_running_loop()
-            if retries == 0 or not self._retryable(error, attempt_timeout, deadline, loop):
+            if retries == 0 or not self._retryable(error, method, attempt_timeout, deadline, loop):
                 unsent = never_reached(error)
                 raise self._replica_error(error, connection, deployment, shard_id, unsent=unsent) from None
             return await self._fail_over(
@@ -432,11 +432,13 @@ class GrpcConnectionPool:
         is the caller's, not the replica's fault (no ejection, no retry)."""
         return attempt_timeout is not None and attempt_timeout != self.retry.attempt_timeout
 
-    def _retryable(self, error: grpc.aio.AioRpcError, attempt_timeout, deadline, loop) -> bool:
+    def _retryable(self, error: grpc.aio.AioRpcError, method: str, attempt_timeout, deadline, loop) -> bool:
+        """Whether a failed attempt may go to another replica: a code the policy retries, an attempt that ran
+        out of its own time, or a server on the replica's port that is no replica (it ran nothing)."""
         if deadline is not None and loop.time() >= deadline:
             return False
         timed_out_attempt = attempt_timeout is not None and not self._callers_deadline(attempt_timeout)
-        return self.retry.is_retryable(error.code(), timed_out_attempt)
+        return self.retry.is_retryable(error.code(), timed_out_attempt) or wrong_server(method, error.code())
 
     async def _fail_over(
         self,
@@ -482,7 +484,7 @@ class GrpcConnectionPool:
                 return False
             last["error"] = error
             note_taken(error)
-            return self._retryable(error, last["attempt_timeout"], deadline, loop)
+            return self._retryable(error, method, last["attempt_timeout"], deadline, loop)
 
         def spend(state: tenacity.RetryCallState) -> bool:
             refused = not self.retry_budget.try_spend()
@@ -494,9 +496,10 @@ class GrpcConnectionPool:
             max_attempts = retries
         if max_attempts < 1:  # one round over one replica: the first attempt was all (tenacity would make one more)
             raise self._replica_error(first_error, first, deployment, shard_id, unsent=last["taken"] is None) from None
-        # leaving a replica its list already took out for connection failures is routing, not a retry storm:
-        # a killed replica's streams fail everything they carried at once, and all of it must go elsewhere
-        routed_around = first_error.code() == grpc.StatusCode.UNAVAILABLE and not replicas.is_eligible(first)
+        # leaving a replica its list already took out (ejected for its failures, or removed) is routing, not a
+        # retry storm: a killed replica's streams fail everything they carried at once, a hung one's calls time
+        # out together, and all of it must go elsewhere
+        routed_around = not replicas.is_eligible(first)
         if not routed_around and not self.retry_budget.try_spend():
             raise self._replica_error(
                 first_error, first, deployment, shard_id, "retry budget exhausted", unsent=last["taken"] is None

@@ -17,6 +17,7 @@ from typing import Any, Awaitable, Iterable, Optional, Sequence, Union
 
 import grpc
 import grpc.aio
+from google.protobuf import empty_pb2
 from grpc_health.v1 import health_pb2
 
 from shardnet.errors import ConfigurationError, ProtocolError
@@ -51,6 +52,17 @@ CALLERS_FAULT = frozenset({
     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.ALREADY_EXISTS,
     grpc.StatusCode.OUT_OF_RANGE,
 })
+
+# the methods every replica serves, a Jina or shardnet worker or head alike: UNIMPLEMENTED for one of them is
+# another server on the replica's port (a reused pod IP, a restarted machine), which failed the call without
+# running it, as a refused connection does
+DATA_METHODS = frozenset({"single_data", "data", "decoded_single_data", "decoded_data"})
+
+
+def wrong_server(method: str, code: grpc.StatusCode) -> bool:
+    """Whether a call of ``method`` ending with ``code`` met a server that is no replica at all."""
+    return code == grpc.StatusCode.UNIMPLEMENTED and method in DATA_METHODS
+
 
 # the name of the task that checks an ejected replica's health at once when it registers again (readmit_if_healthy)
 _READMISSION = "shardnet-readmission"
@@ -202,15 +214,24 @@ class Connection:
         return task is None or not task.cancelling()  # the caller's task being cancelled: its own doing
 
     async def health(self, timeout: float = 1.0) -> bool:
-        """True when the replica's gRPC health service answers SERVING; False when the check fails, including
-        when its channel is closed under it (renewed or rebuilt: health checks are not counted among the calls a
-        close waits for), which is no cancellation of the caller's."""
+        """True when the replica's gRPC health service answers SERVING, or, for a replica without one, when it
+        lists its endpoints (every Jina and shardnet server does; another server on its port does not); False
+        when the check fails, including when its channel is closed under it (renewed or rebuilt: health checks
+        are not counted among the calls a close waits for), which is no cancellation of the caller's."""
         channel = self.channel
         try:
             reply = checked_reply(
                 await self.stubs.health(health_pb2.HealthCheckRequest(service=""), timeout=timeout), self.address
             )
-        except (grpc.aio.AioRpcError, ProtocolError):
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+                return False
+            try:  # no health service: a replica still lists its endpoints
+                checked_reply(await self.stubs.discovery(empty_pb2.Empty(), timeout=timeout), self.address)
+            except (grpc.aio.AioRpcError, ProtocolError):
+                return False
+            return True
+        except ProtocolError:
             return False
         except asyncio.CancelledError:
             if self.cut_by_close(channel):
@@ -423,10 +444,12 @@ class ReplicaList:
 
     # -- outcomes ----------------------------------------------------------
 
-    def record_failure(self, connection: Connection, code: grpc.StatusCode) -> None:
-        """Count a transport failure; rebuild the channel and eject the replica when they pile up."""
+    def record_failure(self, connection: Connection, code: grpc.StatusCode, counted: bool = False) -> None:
+        """Count a transport failure (one of the policy's codes, or any when ``counted``); rebuild the channel
+        and eject the replica when they pile up. The last pickable replica is not ejected: the ejected ones are
+        checked at once instead (one may have come back while its probe waits), and the first healthy is let in."""
         policy = self._ejection
-        if policy is None or code not in policy.failure_codes:
+        if policy is None or (code not in policy.failure_codes and not counted):
             return
         connection.failures += 1
         if connection.failures < policy.consecutive_failures:
@@ -440,6 +463,9 @@ class ReplicaList:
             connection.rebuild()
         if len(self._eligible) > 1 and connection in self._position:
             self._eject(connection)
+        elif connection in self._position:  # the last one pickable
+            for ejected in list(self._probes):
+                self._check_now(ejected)
 
     def _too_short(self, callers_timeout: Optional[float]) -> bool:
         """True when a caller's deadline was too short to blame the replica for missing it."""
@@ -492,7 +518,13 @@ class ReplicaList:
         True when a check was started; False, doing nothing, when ``address`` is not ejected here or a check is
         under way."""
         connection = self._connections.get(parse_address(address).target)
-        if connection is None or connection in self._position:
+        if connection is None:
+            return False
+        return self._check_now(connection)
+
+    def _check_now(self, connection: Connection) -> bool:
+        """``readmit_if_healthy`` for a connection of this list."""
+        if connection in self._position:
             return False
         probe = self._probes.get(connection)
         if probe is not None and probe.get_name() == _READMISSION:
@@ -560,7 +592,7 @@ class ReplicaList:
             # nor does a call on a replica already removed (its cut calls would rebuild a channel no one closes)
             listed = self._connections.get(connection.address.target) is connection
             if blamed and channel is connection.channel and listed:
-                self.record_failure(connection, error.code())
+                self.record_failure(connection, code, counted=wrong_server(method, code))
             raise
         except asyncio.CancelledError:
             if connection.cut_by_close(channel):

@@ -641,6 +641,8 @@ class Head:
             if command == "ACTIVATE":
                 replicas = self.pool.get_replicas(self.deployment, shard_id=shard_id or 0)
                 known = replicas is not None and replicas.has_connection(address)
+                if not known:
+                    await self._drop_predecessors(address, shard_id or 0, instance)
                 self.pool.add_connection(self.deployment, address, shard_id=shard_id or 0)
                 restarted = self._registrations.announce((address, shard_id or 0), instance) and known
                 lease = self._lease_for(interval, address)
@@ -656,13 +658,32 @@ class Head:
             else:
                 # forgotten before the removal yields: an ACTIVATE handled meanwhile (a renewal already under way)
                 # adds the worker again, and its lease must stay, or nothing would ever remove it
-                for leased_shard in [shard_id] if shard_id is not None else self.pool.shard_ids(self.deployment):
+                # Jina's DEACTIVATE names no shard: the worker leaves every shard it is in
+                shards = [shard_id] if shard_id is not None else self.pool.shard_ids(self.deployment)
+                for leased_shard in shards:
                     self._registrations.forget((address, leased_shard))
-                removed = await self.pool.remove_connection(self.deployment, address, shard_id=shard_id)
-                outcome = "removed" if removed else "unknown"
+                removed = [await self.pool.remove_connection(self.deployment, address, shard_id=s) for s in shards]
+                outcome = "removed" if any(removed) else "unknown"
                 logger.info("%s: deactivated %s (%s, by %s)", self.deployment, address, outcome, peer)
                 self._forget_empty_shards()
         return request.to_bytes()
+
+    async def _drop_predecessors(self, address: str, shard_id: int, instance: Optional[str]) -> None:
+        """Remove ``address`` from the other shards where another process registered it: a worker new here, on
+        the port of one that died (its lease not yet run out), would otherwise answer that one's shard too.
+        Its calls there are cut, to fail over to that shard's other replicas."""
+        if instance is None:  # a Jina worker announces no process id: nothing tells a new process from the old
+            return
+        for other in self.pool.shard_ids(self.deployment):
+            known = self._registrations.instance((address, other))
+            if other == shard_id or known is None or known == instance:
+                continue
+            self._registrations.forget((address, other))
+            await self.pool.remove_connection(self.deployment, address, shard_id=other, grace=0)
+            logger.warning(
+                "%s: %s registered in shard %d as a new process: removed from shard %d, where the process it "
+                "replaced had registered", self.deployment, address, shard_id, other,
+            )
 
     def _forget_empty_shards(self) -> None:
         """Without --shards, a shard beyond 0 whose last worker left is forgotten (ALL leaves it out, as before
