@@ -216,6 +216,7 @@ def test_deploy_stops_on_ctrl_c_as_on_sigterm(deployed, tmp_path):
     assert deploy.wait(20) == 0
     out = (tmp_path / "deploy.log").read_text()
     assert "stopping..." in out and "Traceback" not in out and "KeyboardInterrupt" not in out, out
+    assert "tags: every process drained and stopped; its temporary folders are removed" in out, out
     assert not wait_gone(pids), "shardnet deploy left processes behind"
 
 

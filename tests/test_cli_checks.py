@@ -94,7 +94,7 @@ def test_k8s_render_refuses_resources_kubernetes_would_reject(arguments: list[st
     result = run_cli(*K8S_RENDER, *arguments)
     assert result.returncode == 2
     assert result.stdout == ""  # no half-written manifest to pipe into kubectl
-    assert result.stderr.startswith("shardnet k8s: ") and message in result.stderr, result.stderr
+    assert result.stderr.startswith("shardnet k8s render: ") and message in result.stderr, result.stderr
 
 
 def test_k8s_render_accepts_a_request_equal_to_its_limit_in_other_units() -> None:

@@ -101,7 +101,7 @@ RENDER_REFUSED = {
 def test_k8s_render_refuses_counts_and_times_naming_its_flags(extra, message, capsys):
     assert main([*RENDER, *extra]) == 2
     captured = capsys.readouterr()
-    assert captured.out == "" and captured.err.startswith("shardnet k8s: ") and message in captured.err, captured.err
+    assert captured.out == "" and captured.err.startswith("shardnet k8s render: ") and message in captured.err, captured.err
     assert "pre_stop_seconds" not in captured.err and "termination_grace_seconds" not in captured.err
 
 

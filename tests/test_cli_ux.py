@@ -402,3 +402,65 @@ def test_the_demo_says_a_restarted_replica_is_back_where_the_head_dials_it(tmp_p
                      r"which the head dials; the new process's TCP port is (\S+)\)$", out, re.M)
     assert back and back.group(1) == socket and socket.startswith("unix:/"), out
     assert back.group(2) != tcp_before  # a new process, a new port: not where it served before
+
+
+@pytest.mark.parametrize(
+    "arguments, command, said",
+    [
+        (["deploy", "--uses", "x:Y", "--replcias", "2"], "deploy", "unrecognized arguments: --replcias 2"),
+        (["worker", "--uses", "x:Y", "--shard", "1"], "worker", "unrecognized arguments: --shard 1"),  # no prefixes
+        (["k8s", "render", "--name", "n", "--image", "i", "--uses", "a:B", "--bogus"], "k8s render",
+         "unrecognized arguments: --bogus"),
+    ],
+)
+def test_a_flag_no_subcommand_takes_is_refused_with_that_subcommands_usage(capsys, arguments, command, said):
+    """A typo was refused with the top-level usage (`shardnet: error:`), a prefix taken for the flag it begins."""
+    from shardnet.cli.main import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(arguments)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"usage: shardnet {command}" in err and f"shardnet {command}: error: {said}" in err, err
+
+
+@pytest.mark.parametrize(
+    "arguments, level",
+    [(["head", "--log-level", "DEBUG", "--deployment", "x"], "DEBUG"),
+     (["--log-level", "ERROR", "head", "--deployment", "x"], "ERROR"),
+     (["head", "--deployment", "x"], "INFO")],
+)
+def test_log_level_is_taken_before_or_after_the_subcommand(arguments, level):
+    from shardnet.cli.main import build_parser
+
+    assert build_parser().parse_args(arguments).log_level == level
+
+
+async def test_status_of_a_head_no_worker_has_joined_exits_1_naming_shard_0(runtimes):
+    """A fresh head without --shards knew no shard, so status listed none and exited 0 while every request
+    failed; shard 0 is where they go."""
+    from shardnet.runtimes.head import Head
+
+    head = await runtimes(Head("fresh"))
+    result = await asyncio.to_thread(shardnet, "status", head.server.address)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "shard 0: no replica" in result.stdout, result.stdout
+
+
+def test_a_head_on_a_port_in_use_says_so_in_one_line_without_grpcs_own(tmp_path):
+    """The bind failed inside gRPC, whose C core logged its own 'E... add_port.cc' line above shardnet's."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = shardnet("head", "--deployment", "x", "--port", str(port), "--shards", "1")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"shardnet head: cannot listen on 127.0.0.1:{port}: Address already in use"
+    ], result.stderr
+
+
+def test_a_register_interval_without_a_head_is_refused_not_ignored():
+    result = shardnet("worker", "--uses", "m:C", "--register-interval", "5")
+    assert result.returncode == 2
+    assert "--register-interval says how often to renew a registration: give --head as well" in result.stderr

@@ -795,6 +795,7 @@ async def test_control_token_refuses_strangers_and_accepts_the_right_token(runti
             await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0, token=token)
         assert caught.value.code == grpc.StatusCode.UNAUTHENTICATED
         assert why in str(caught.value) and "s3cret" not in str(caught.value)
+        assert "SHARDNET_CONTROL_TOKEN or --control-token-file" in str(caught.value)  # how to give one
     status = await oneshot.send_control("STATUS", head.server.address)  # STATUS needs no token
     assert status.related_entities == []
     with pytest.raises(ReplicaError):

@@ -560,7 +560,7 @@ def test_cli_rejects_bad_input_with_a_clear_message(
     assert main([*CLI_ARGS, *extra]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.startswith("shardnet k8s: ") and message in captured.err
+    assert captured.err.startswith("shardnet k8s render: ") and message in captured.err
 
 
 def test_cli_reports_an_output_path_it_cannot_use(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -437,6 +437,23 @@ async def test_a_worker_stopping_with_no_drain_grace_does_not_wait_5_s_for_a_sil
         assert time.monotonic() - started < 2.5  # half a second of DEACTIVATE: it was 5 s
 
 
+async def test_a_worker_whose_head_stopped_first_deregisters_without_a_warning(runtimes, caplog):
+    """A deploy's Ctrl-C stops the head with its workers: its port closed before their DEACTIVATE, which then
+    failed "connection refused" and each worker's log held a WARNING on every clean stop."""
+    from shardnet.runtimes.head import Head
+
+    head = Head("stopping")
+    await head.start()
+    try:
+        worker = await runtimes(Worker(executors.Tagger.create(), head=head.server.address, register_interval=60))
+        await worker.register()
+    finally:
+        await head.stop(0)
+    with caplog.at_level(logging.INFO, logger="shardnet.runtimes.worker"):
+        await worker.deregister()  # no ReplicaError: the server's stop would log it as a warning
+    assert "no longer listens (stopped or draining): no DEACTIVATE to send" in caplog.text
+
+
 @pytest.mark.parametrize("answer, deactivated", [(grpc.StatusCode.INTERNAL, True), (grpc.StatusCode.UNAUTHENTICATED, False)])
 async def test_a_worker_whose_activate_the_head_may_have_taken_sends_deactivate_when_it_stops(
     runtimes, answer, deactivated

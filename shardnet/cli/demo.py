@@ -32,7 +32,11 @@ QUERIES = ("which replica answers when one dies", "how does the head merge shard
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add ``demo`` to the ``shardnet`` parser."""
-    parser = subparsers.add_parser("demo", help="run a local 2x2 text index, index, search, measure, stop")
+    parser = subparsers.add_parser(
+        "demo", help="run a local 2x2 text index, index, search, measure, stop",
+        description="Start a local deployment of 2 shards x 2 replicas of a text index, index a few texts, search "
+        "them, measure throughput, kill -9 a worker under load to show nothing is lost, then stop everything.",
+    )
     parser.add_argument(
         "--requests",
         type=whole_number("requests", 1),

@@ -90,7 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--max-message-mb", type=message_megabytes, default=None,
-        help="largest message the head, the workers and their calls take, in MB (default 256)",
+        help="largest message the head, the workers and their calls take, in MiB (default 256)",
     )
     parser.add_argument(
         "--startup-seconds", type=positive_seconds("startup time"), metavar="SECONDS",
@@ -170,7 +170,19 @@ def run(args: argparse.Namespace) -> int:
 
         signal.signal(signal.SIGINT, stop_at_once)
         print("stopping... (Ctrl-C again stops them at once)", flush=True)
+    how = "killed at once" if forced.is_set() else "drained and stopped"
+    print(f"{args.name}: every process {how}; {_left_behind(args)}", flush=True)
     return 130 if forced.is_set() else 0
+
+
+def _left_behind(args: argparse.Namespace) -> str:
+    """What of a stopped deploy is kept on disk, in a few words."""
+    kept = []
+    if args.log_dir:
+        kept.append(f"logs in {args.log_dir}")
+    if args.workspace:
+        kept.append(f"workspace in {args.workspace}")
+    return f"kept: {', '.join(kept)}" if kept else "its temporary folders are removed"
 
 
 def _warn_exited(deployment: Deployment, reported: set[int]) -> None:

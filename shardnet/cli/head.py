@@ -25,6 +25,7 @@ from shardnet.networking.policies import RetryPolicy
 from shardnet.networking.polling import PollingMap
 from shardnet.protocol.messages import MAX_SHARD_ID
 from shardnet.runtimes.head import MAX_WORKERS, SHARDS_WAIT, Head
+from shardnet.runtimes.server import check_can_listen
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +54,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="drop an ACTIVATEd worker that has not re-sent ACTIVATE for this many seconds (default: five times the "
              "interval a shardnet worker says it renews at; a Jina worker stays until its DEACTIVATE)",
     )
-    parser.add_argument("--uses-before", metavar="HOST:PORT")
-    parser.add_argument("--uses-after", metavar="HOST:PORT")
-    parser.add_argument("--balancer", choices=sorted(BALANCERS), default="p2c_ewma")
+    parser.add_argument(
+        "--uses-before", metavar="HOST:PORT", help="a worker every request passes through before the shards"
+    )
+    parser.add_argument(
+        "--uses-after", metavar="HOST:PORT",
+        help="a worker given the shards' answers together (under ALL, one column per shard) to merge them",
+    )
+    parser.add_argument(
+        "--balancer", choices=sorted(BALANCERS), default="p2c_ewma",
+        help="how a shard's replica is picked: p2c_ewma steers clear of slow and hung ones (default: %(default)s)",
+    )
     add_head_traffic_arguments(parser)
     parser.add_argument(
         "--timeout", type=positive_seconds("timeout"), metavar="SECONDS", default=None,
@@ -119,6 +128,7 @@ async def serve(args: argparse.Namespace) -> int:
     # its own pods only
     k8s_options = {"deployments": (args.deployment,), "kubeconfig": args.kubeconfig} if namespace is not None else {}
     config = server_config(args)
+    check_can_listen(config)  # in our words, before gRPC's C core logs its own line about the failed bind
     pool = create_connection_pool(
         k8s_connection_pool=namespace is not None,
         k8s_namespace=namespace,

@@ -103,7 +103,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     parser.add_argument("--cpu", default=Resources.cpu, help="CPU request of each worker (default: %(default)s)")
     parser.add_argument(
         "--max-message-mb", type=message_megabytes, default=DeploymentSpec.max_message_mb,
-        help="largest message the head and workers take, in MB; the memory limits must hold one (a head about 5 "
+        help="largest message the head and workers take, in MiB; the memory limits must hold one (a head about 5 "
              "copies, a worker 8, over 64 MiB) (default: %(default)g)",
     )
     parser.add_argument("--memory", default=Resources.memory, help="memory request of each worker (default: %(default)s)")
@@ -151,7 +151,7 @@ def _certificate_notes(spec: DeploymentSpec) -> list[str]:
             else "allow server auth only (so that it cannot call other workers)"
         )
         notes.append(
-            f"Secret {need.secret!r}'s certificate must name {' and '.join(names)}, {usage}, and be signed by "
+            f"the certificate in Secret {need.secret!r} must name {' and '.join(names)}, {usage}, and be signed by "
             f"{signer}, best a CA of this deployment's own (the workers take whoever it signed)"
         )
     return notes
@@ -227,14 +227,14 @@ def run(args: argparse.Namespace) -> int:
     )
     if spec.uses == DEFAULT_USES and spec.replicas > 1:
         print(
-            f"shardnet k8s: note: the demo's TextIndexer keeps its index in its pod's own emptyDir; with "
+            f"shardnet k8s render: note: the demo's TextIndexer keeps its index in its pod's own emptyDir; with "
             f"{spec.replicas} replicas per shard a search sees only what its replica indexed (give --uses your "
             "Executor, or --replicas 1)",
             file=sys.stderr,
         )
     if spec.tls_issuer is None:
         for note in _certificate_notes(spec):
-            print(f"shardnet k8s: note: {note}", file=sys.stderr)
+            print(f"shardnet k8s render: note: {note}", file=sys.stderr)
     if args.output is None:
         sys.stdout.write(to_yaml(render(spec)))
         return 0

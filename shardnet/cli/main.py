@@ -22,11 +22,27 @@ from shardnet.version import installed_version
 SUBCOMMANDS = (worker, head, deploy, send, status, demo, k8s)
 
 
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """A parser of this command line: flags spelled out (``--shard`` is a typo, not ``--shard-id``), and
+    ``--log-level`` taken after a subcommand as well as before it. The subcommands' parsers are of this class
+    too (argparse makes them of their parent's), and each names itself, so that an argument none of them
+    takes is refused with the usage of the subcommand it was given to."""
+
+    def __init__(self, *, log_level: str = argparse.SUPPRESS, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+        self.add_argument(
+            "--log-level", default=log_level, choices=LOG_LEVELS, help="how much to log (default: INFO)"
+        )
+        self.set_defaults(parser=self)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``shardnet`` parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(prog="shardnet", description="Serve sharded, replicated gRPC services.")
+    parser = _Parser(prog="shardnet", description="Serve sharded, replicated gRPC services.", log_level="INFO")
     parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in SUBCOMMANDS:
         module.register(subparsers)
@@ -46,13 +62,14 @@ def _say_where_on_a_crash() -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the subcommand ``argv`` names (default: ``sys.argv[1:]``) and return its exit code."""
     _say_where_on_a_crash()
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # refused by the (sub)command they were given to, with its usage
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.handler(args) or 0)
     except ShardnetError as exc:
-        print(f"shardnet {args.command}: {exc}", file=sys.stderr)
+        print(f"{args.parser.prog}: {exc}", file=sys.stderr)  # "shardnet k8s render: ..."
         return 2
     except KeyboardInterrupt:
         return 130

@@ -200,7 +200,7 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
         "--max-message-mb",
         type=message_megabytes,
         default=DEFAULT_MAX_MESSAGE_BYTES / 2**20,
-        help=f"largest message sent or received, in MB (more than 0, at most {MAX_MESSAGE_MB})",
+        help=f"largest message sent or received, in MiB (more than 0, at most {MAX_MESSAGE_MB})",
     )
     group.add_argument(
         "--drain-seconds", type=drain_seconds, default=10.0,

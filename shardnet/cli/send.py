@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--max-message-mb", type=message_megabytes, default=DEFAULT_MAX_MESSAGE_BYTES / 2**20,
-        help="largest request or answer, in MB",
+        help="largest request or answer, in MiB",
     )
     add_client_tls_arguments(parser)
     parser.set_defaults(handler=run)

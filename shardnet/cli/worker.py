@@ -28,6 +28,7 @@ from shardnet.runtimes.head import IMPLIED_LEASE_FACTOR, MAX_RENEWAL_INTERVAL
 from shardnet.runtimes.server import check_can_listen
 from shardnet.runtimes.worker import Worker
 
+REGISTER_INTERVAL = 2.0  # seconds between a worker's ACTIVATEs to its --head, unless --register-interval says
 # why a longer --register-interval is refused: the head would not wait for its renewals
 LONGEST_INTERVAL = (
     f" (a head counts at most {MAX_RENEWAL_INTERVAL:g} s of the interval a worker announces and leases it for "
@@ -50,9 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--register-interval",
         type=positive_seconds("register interval", most=MAX_RENEWAL_INTERVAL, why=LONGEST_INTERVAL),
         metavar="SECONDS",
-        default=2.0,
+        default=None,
         help=f"seconds between ACTIVATE refreshes to --head, at most {MAX_RENEWAL_INTERVAL:g}; a head without "
-             "--lease leases the worker for five times that (default: %(default)g)",
+             f"--lease leases the worker for five times that (default: {REGISTER_INTERVAL:g})",
     )
     parser.add_argument(
         "--replica-id", type=whole_number("replica id", 0, INT32_MAX, " (a protobuf int32)"), default=0,
@@ -83,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
     loop = check_loop(args.loop)
     if args.head is not None:
         parse_address(args.head)
+    if args.register_interval is not None and args.head is None:
+        raise ConfigurationError("--register-interval says how often to renew a registration: give --head as well")
     if args.unix_socket and args.advertise_host:
         raise ConfigurationError(
             "give one of --unix-socket and --advertise-host: both say what the head dials (the socket, when given)"
@@ -113,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         control_token=token,
         head_tls=head_tls,
         advertise_host=args.advertise_host,
-        register_interval=args.register_interval,
+        register_interval=args.register_interval or REGISTER_INTERVAL,
         name=name,
     )
     code = run_in_loop(worker.run(parent_pid=args.parent_pid, ready_fd=args.ready_fd), loop)

@@ -222,6 +222,13 @@ def one_by_one(handler: RawHandler, stopping: asyncio.Event, limit: int) -> Call
     return call
 
 
+# what a refusal for the token says of giving one: the caller is often a shardnet worker or command
+_HOW_TO_GIVE_A_TOKEN = (
+    " (sent as authorization: Bearer TOKEN; shardnet workers and commands send the one in SHARDNET_CONTROL_TOKEN "
+    "or --control-token-file)"
+)
+
+
 class ControlGuard:
     """Decides whether a caller may change membership: the bearer token when one is set (a client certificate
     alone does not do: every data client of a mutual-TLS head has one), else a verified client certificate."""
@@ -244,8 +251,8 @@ class ControlGuard:
     def refusal(self, context: grpc.aio.ServicerContext, what: str) -> str:
         """Why ``what`` is refused: no token offered, or one that does not match (never which part)."""
         if AUTHORIZATION_METADATA in dict(context.invocation_metadata()):
-            return f"{what}: the control token given does not match this one's (authorization: Bearer ...)"
-        return f"{what} needs the control token (authorization: Bearer ...)"
+            return f"{what}: the control token given does not match this one's{_HOW_TO_GIVE_A_TOKEN}"
+        return f"{what} needs the control token{_HOW_TO_GIVE_A_TOKEN}"
 
 
 class Server:

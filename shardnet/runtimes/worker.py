@@ -567,10 +567,17 @@ class Worker:
             logger.debug("head %s cannot have taken our registration: no DEACTIVATE", self._head)
             return
         host, port = self._advertised()
-        await oneshot.deactivate_worker(
-            host, port, self._head, self._shard_id, token=self._control_token, tls=self._head_material(),
-            timeout=min(DEACTIVATE_TIMEOUT, max(0.5, grace)),
-        )
+        try:
+            await oneshot.deactivate_worker(
+                host, port, self._head, self._shard_id, token=self._control_token, tls=self._head_material(),
+                timeout=min(DEACTIVATE_TIMEOUT, max(0.5, grace)),
+            )
+        except ReplicaError as exc:
+            if not _never_reached(exc):
+                raise
+            # a head stopping with its workers (a deploy's Ctrl-C) closed its port first: it routes nothing here
+            logger.info("head %s no longer listens (stopped or draining): no DEACTIVATE to send", self._head)
+            return
         left = time.monotonic()
         while time.monotonic() - left < min(SETTLE_BOUND, grace):
             now = time.monotonic()
