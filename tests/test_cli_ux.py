@@ -464,3 +464,19 @@ def test_a_register_interval_without_a_head_is_refused_not_ignored():
     result = shardnet("worker", "--uses", "m:C", "--register-interval", "5")
     assert result.returncode == 2
     assert "--register-interval says how often to renew a registration: give --head as well" in result.stderr
+
+
+def test_a_kubernetes_fed_head_says_it_listens_not_that_it_is_ready_before_discovery_lists(tmp_path):
+    """It printed "ready on" while its readiness said NOT_SERVING (no cluster to list yet)."""
+    env = {key: value for key, value in child_env(tmp_path).items() if not key.startswith("KUBERNETES_")}
+    env["HOME"] = str(tmp_path)  # no ~/.kube/config: discovery keeps trying
+    log = tmp_path / "head.log"
+    head = start(log, "head", "--deployment", "x", "--k8s-namespace", "default", "--port", "0", "--shards", "1",
+                 env=env)
+    try:
+        address = wait_for_line(log, r"shardnet head x listening on (\S+); ready \(", head).group(1)
+        assert "ready on" not in log.read_text()
+        result = shardnet("status", address)
+        assert result.returncode == 1 and "ready: NOT_SERVING" in result.stdout, result.stdout
+    finally:
+        stop(head, [])
