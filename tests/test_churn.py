@@ -294,3 +294,79 @@ async def test_a_deactivate_naming_no_shard_takes_the_worker_out_of_every_shard_
     await oneshot.deactivate_worker(host, int(port), head.server.address)
     for shard in (0, 1):
         assert head.pool.get_replicas("everywhere", shard_id=shard).addresses == [], shard
+
+
+async def test_a_replica_back_after_every_replica_died_is_found_within_a_second_or_so():
+    """B ejected, then A (the last pickable) died too: the out-of-turn check of B failed, and the check went on
+    waiting out B's 30 s back-off under the name that keeps any other check (an ACTIVATE's, the next failures')
+    from starting. B back, it is now found by the next check, at most a second after the last."""
+    a, b = EchoServer("A"), EchoServer("B")
+    await a.start()
+    await b.start()
+    pool = GrpcConnectionPool(ejection=LONG_EJECTION, retry=RetryPolicy(rounds=1))
+    try:
+        for server in (a, b):
+            pool.add_connection("d", server.address)
+        replicas = pool.get_replicas("d")
+        await b.stop()
+        while replicas.ejected_addresses != [b.address]:
+            await served_by(pool)
+        await a.stop()
+        for _ in range(6):  # A's failures check B out of turn, while B is down
+            assert await served_by(pool) == "ReplicaError"
+            await asyncio.sleep(0.05)
+        b = await EchoServer("B", port=b.port).start()
+        deadline = time.monotonic() + 5
+        outcomes = []
+        while "B" not in outcomes[-1:] and time.monotonic() < deadline:
+            outcomes.append(await served_by(pool))
+            await asyncio.sleep(0.1)
+        assert outcomes[-1] == "B", outcomes
+        assert len(outcomes) <= 25, outcomes  # about 1.5 s: OUT_OF_TURN_CHECKS_EVERY and a check
+    finally:
+        await pool.close()
+        await a.stop()
+        await b.stop()
+
+
+async def test_an_out_of_turn_check_that_failed_leaves_room_for_a_registrations_own():
+    """After a failed check the replica is probed on, and a new process registering there (readmit_if_healthy,
+    as a head calls it on ACTIVATE) is checked at once: it was refused for as long as the back-off lasted."""
+    a, b = EchoServer("A"), EchoServer("B")
+    await a.start()
+    await b.start()
+    pool = GrpcConnectionPool(ejection=LONG_EJECTION, retry=RetryPolicy(rounds=1))
+    try:
+        for server in (a, b):
+            pool.add_connection("d", server.address)
+        replicas = pool.get_replicas("d")
+        await b.stop()
+        while replicas.ejected_addresses != [b.address]:
+            await served_by(pool)
+        await a.stop()
+        for _ in range(4):
+            await served_by(pool)
+        await asyncio.sleep(0.3)  # the out-of-turn check of B (down) is over
+        b = await EchoServer("B", port=b.port).start()
+        assert replicas.readmit_if_healthy(b.address)
+        deadline = time.monotonic() + 3
+        while replicas.ejected_addresses and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert replicas.ejected_addresses == []
+    finally:
+        await pool.close()
+        await a.stop()
+        await b.stop()
+
+
+async def test_a_head_passes_its_replicas_unimplemented_on_as_internal(runtimes):
+    """A head whose replica is another kind of server answered UNIMPLEMENTED itself, which a pool in front of
+    heads takes for another server on the head's port and sends elsewhere: uses_before ran again on each."""
+    from shardnet.testing import free_port
+
+    async with NoReplica(free_port(), health=False) as other:
+        head = await runtimes(Head("relay", connections={0: [f"127.0.0.1:{other.port}"]}))
+        with pytest.raises(ReplicaError) as caught:
+            await oneshot.send_request_async(DataRequest(endpoint="/x"), head.server.address, timeout=5)
+    assert caught.value.code == grpc.StatusCode.INTERNAL
+    assert "UNIMPLEMENTED" in str(caught.value) and f"127.0.0.1:{other.port}" in str(caught.value)

@@ -480,3 +480,30 @@ def test_a_kubernetes_fed_head_says_it_listens_not_that_it_is_ready_before_disco
         assert result.returncode == 1 and "ready: NOT_SERVING" in result.stdout, result.stdout
     finally:
         stop(head, [])
+
+
+@pytest.mark.parametrize(
+    "flags, said",
+    [(["--shards", "2", "--shard-id", "3"], "--shard-id 3 is not among the 2 --shards (0 to 1)"),
+     (["--replicas", "2", "--replica-id", "2"], "--replica-id 2 is not among the 2 --replicas (0 to 1)")],
+)
+def test_a_worker_numbered_beyond_the_shape_it_is_given_is_refused(flags, said):
+    result = shardnet("worker", "--uses", "m:C", *flags)
+    assert result.returncode == 2 and said in result.stderr, result.stderr
+
+
+def test_a_worker_warns_of_a_workspace_an_earlier_shardnet_laid_out_by_the_deployments_name(tmp_path):
+    """The folder is now named by the Executor's metas name (its class's), as Jina names it: state an earlier
+    shardnet kept under WORKSPACE/DEPLOYMENT/SHARD would go unseen without a word."""
+    (tmp_path / "ws" / "index" / "0").mkdir(parents=True)
+    log = tmp_path / "worker.log"
+    worker = start(log, "worker", "--uses", f"{EXECUTORS}:Tagger", "--port", "0", "--workspace", str(tmp_path / "ws"),
+                   "--name", "index/shard-0/rep-0")
+    try:
+        wait_for_line(log, r"ready on", worker)
+        text = log.read_text()
+        assert f"its state is kept in {tmp_path / 'ws'}/Tagger/0" in text, text
+        assert f"a folder {tmp_path / 'ws' / 'index' / '0'} from an earlier shardnet" in text, text
+        assert "--uses-metas '{\"name\": \"index\"}'" in text, text
+    finally:
+        stop(worker, [])

@@ -164,6 +164,22 @@ async def test_the_heads_timeout_bounds_a_callers_longer_deadline():
     assert replica.remaining[0] <= 0.35
 
 
+async def test_the_heads_timeout_bounds_each_hop_not_their_sum_as_jinas_timeout_send():
+    """uses_before and the shard take 0.6 s each under a head whose --timeout is 1 s: Jina's head, giving each
+    send its timeout_send, answers; a first version gave both hops one second together and failed."""
+    async with RecordingReplica(delay=0.6) as before, RecordingReplica(delay=0.6) as replica:
+        head = Head("dl", ServerConfig(), pool=GrpcConnectionPool(timeout=1.0), connections={0: [replica.address]},
+                    uses_before=before.address)
+        await head.start()
+        try:
+            code, details, took = await call_head(head, DataRequest(endpoint="/x"), timeout=None)
+        finally:
+            await head.stop(0)
+    assert code == grpc.StatusCode.OK, details
+    assert took > 1.1
+    assert before.remaining[0] <= 1.05 and replica.remaining[0] <= 1.05  # each hop given the head's timeout
+
+
 async def test_a_callers_shorter_deadline_wins_over_the_heads_timeout():
     async with RecordingReplica() as replica:
         head = await started_head(replica.address, timeout=30.0)

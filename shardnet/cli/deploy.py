@@ -40,6 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--uses-with", default="{}", help="JSON keyword arguments for the Executor, or @FILE holding them"
     )
     parser.add_argument(
+        "--uses-metas", default=None,
+        help='JSON {"name": "NAME"}: the name executor-specific parameters address and the workspace folder is '
+             "called by (default: the Executor's class name, as in Jina)",
+    )
+    parser.add_argument(
         "--name", default="executor",
         help="deployment name (default: %(default)s): names the workers in dict results (NAME/rep-R, "
              "NAME/shard-S/rep-R) and is the key executor-specific parameters go under",
@@ -82,7 +87,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_head_traffic_arguments(parser)
     parser.add_argument(
         "--timeout", type=positive_seconds("timeout"), metavar="SECONDS", default=None,
-        help="the longest a request may take at the head, seconds; a caller's shorter deadline wins (default: none)",
+        help="the longest the head waits for each hop of a request (uses-before, the shards, uses-after), seconds; "
+             "a caller's shorter deadline wins (default: none)",
     )
     parser.add_argument(
         "--attempt-timeout", type=positive_seconds("attempt timeout"), metavar="SECONDS", default=None,
@@ -129,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         host=args.host,
         uses_with=uses_with,
+        uses_metas=json_object(args.uses_metas, "--uses-metas") if args.uses_metas else None,
         balancer=args.balancer,
         workspace=args.workspace,
         log_dir=args.log_dir,

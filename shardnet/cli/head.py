@@ -68,7 +68,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_head_traffic_arguments(parser)
     parser.add_argument(
         "--timeout", type=positive_seconds("timeout"), metavar="SECONDS", default=None,
-        help="the longest a request may take at the head, seconds; a caller's shorter deadline wins (default: none)",
+        help="the longest the head waits for each hop of a request (uses-before, the shards, uses-after), seconds; "
+             "a caller's shorter deadline wins (default: none)",
     )
     parser.add_argument(
         "--attempt-timeout", type=positive_seconds("attempt timeout"), metavar="SECONDS", default=None,

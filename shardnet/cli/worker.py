@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -23,12 +24,14 @@ from shardnet.cli.options import (
 )
 from shardnet.errors import ConfigurationError
 from shardnet.networking.addresses import parse_address
-from shardnet.runtimes.executor import EXECUTOR_PATH_VARIABLE, load_executor_class
+from shardnet.runtimes.executor import EXECUTOR_PATH_VARIABLE, former_workspace, load_executor_class, metas_name
 from shardnet.runtimes.head import IMPLIED_LEASE_FACTOR, MAX_RENEWAL_INTERVAL
 from shardnet.runtimes.server import check_can_listen
 from shardnet.runtimes.worker import Worker
 
 REGISTER_INTERVAL = 2.0  # seconds between a worker's ACTIVATEs to its --head, unless --register-interval says
+logger = logging.getLogger(__name__)
+
 # why a longer --register-interval is refused: the head would not wait for its renewals
 LONGEST_INTERVAL = (
     f" (a head counts at most {MAX_RENEWAL_INTERVAL:g} s of the interval a worker announces and leases it for "
@@ -61,9 +64,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     for flag, what in (("--shards", "shards its deployment has"), ("--replicas", "replicas each shard has")):
         parser.add_argument(
-            flag, type=whole_number(flag[2:], 1, INT32_MAX), default=1,
-            help=f"{what}, for the Executor's runtime_args (default: %(default)s)",
+            flag, type=whole_number(flag[2:], 1, INT32_MAX), default=None,
+            help=f"{what}, for the Executor's runtime_args (default: 1)",
         )
+    parser.add_argument(
+        "--uses-metas", default=None,
+        help='JSON of Jina\'s metas the Executor takes, {"name": "NAME"} only: the name executor-specific '
+             "parameters address and its workspace folder is called by (default: its class's name)",
+    )
     parser.add_argument("--workspace", help="folder the Executor may keep state in")
     parser.add_argument(
         "--name",
@@ -80,10 +88,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     uses_with = json_object(args.uses_with, "--uses-with")
+    name_in_metas = metas_name(json_object(args.uses_metas, "--uses-metas"), "--uses-metas") if args.uses_metas else None
     # every flag is checked before the Executor loads: a typo should not wait for a model to load, nor run its __init__
     loop = check_loop(args.loop)
     if args.head is not None:
         parse_address(args.head)
+    for number, count, what in ((args.shard_id, args.shards, "shard"), (args.replica_id, args.replicas, "replica")):
+        if count is not None and number >= count:
+            raise ConfigurationError(
+                f"--{what}-id {number} is not among the {count} --{what}s (0 to {count - 1}) of the deployment"
+            )
     if args.register_interval is not None and args.head is None:
         raise ConfigurationError("--register-interval says how often to renew a registration: give --head as well")
     if args.unix_socket and args.advertise_host:
@@ -103,10 +117,19 @@ def run(args: argparse.Namespace) -> int:
     executor_class = load_executor_class(args.uses, search_path)
     name = args.name or f"{executor_class.__name__}/shard-{args.shard_id}/rep-{args.replica_id}"
     runtime_args = {
-        "shard_id": args.shard_id, "shards": args.shards, "replica_id": args.replica_id, "replicas": args.replicas,
-        "workspace": args.workspace, "name": name,
+        "shard_id": args.shard_id, "shards": args.shards or 1, "replica_id": args.replica_id,
+        "replicas": args.replicas or 1,
+        "workspace": args.workspace, "name": name, "metas_name": name_in_metas,
     }
     executor = executor_class.create(runtime_args, **uses_with)
+    former = former_workspace(executor)
+    if former is not None:
+        logger.warning(
+            "%s: its state is kept in %s/%s/%d, named by its metas name as Jina names it, and a folder %s from an "
+            "earlier shardnet (named by the deployment) is not read: move it there, or give --uses-metas "
+            "'{\"name\": \"%s\"}' (Deployment(uses_metas=...)) to keep using it",
+            name, args.workspace, executor.metas.name, args.shard_id, former, name.split("/", 1)[0],
+        )
     worker = Worker(
         executor,
         config,

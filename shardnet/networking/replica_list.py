@@ -66,6 +66,9 @@ def wrong_server(method: str, code: grpc.StatusCode) -> bool:
 
 # the name of the task that checks an ejected replica's health at once when it registers again (readmit_if_healthy)
 _READMISSION = "shardnet-readmission"
+# how often at most the last pickable replica's failures have an ejected one checked out of turn: every streak
+# of failures asks, and a check of a replica refusing connections takes a millisecond
+OUT_OF_TURN_CHECKS_EVERY = 1.0
 
 
 async def _finish_or_cut(closings: dict[asyncio.Task, Any], grace: float) -> None:
@@ -149,7 +152,7 @@ class Connection:
 
     __slots__ = (
         "address", "_tls", "_options", "channel", "stubs", "running", "failures", "times_ejected", "_retiring",
-        "_closed", "_origin", "_request_streams", "rebuilt_at", "admitted_at",
+        "_closed", "_origin", "_request_streams", "rebuilt_at", "admitted_at", "checked_at",
     )
 
     def __init__(
@@ -169,6 +172,7 @@ class Connection:
         self.times_ejected = 0
         self.admitted_at = float("-inf")  # time.monotonic() when it last joined the picks
         self.rebuilt_at = float("-inf")  # loop time of the last rebuild
+        self.checked_at = float("-inf")  # time.monotonic() of the last health check out of turn (ejected)
         self._retiring: dict[asyncio.Task, _ChannelInUse] = {}  # replaced channels closing in the background
         self._closed: weakref.WeakSet = weakref.WeakSet()  # channels we closed: their cancelled calls were cut by us
         self._open()
@@ -464,8 +468,10 @@ class ReplicaList:
         if len(self._eligible) > 1 and connection in self._position:
             self._eject(connection)
         elif connection in self._position:  # the last one pickable
+            now = time.monotonic()
             for ejected in list(self._probes):
-                self._check_now(ejected)
+                if now - ejected.checked_at >= OUT_OF_TURN_CHECKS_EVERY:
+                    self._check_now(ejected)
 
     def _too_short(self, callers_timeout: Optional[float]) -> bool:
         """True when a caller's deadline was too short to blame the replica for missing it."""
@@ -531,6 +537,7 @@ class ReplicaList:
             return False
         if probe is not None:
             probe.cancel()  # its finally leaves the entry alone once it is ours
+        connection.checked_at = time.monotonic()
         self._probes[connection] = asyncio.get_running_loop().create_task(self._readmit(connection), name=_READMISSION)
         return True
 
@@ -543,9 +550,13 @@ class ReplicaList:
             if self._connections.get(connection.address.target) is not connection or connection in self._position:
                 return
             if healthy:
-                self._back_in(connection, "registered again and is healthy: back in rotation")
+                self._back_in(connection, "answers its health check again: back in rotation")
                 return
-            await self._probe_until_healthy(connection, self._ejection.ejection_time(connection.times_ejected))
+            # probed on as after its ejection, by a probe another check may take the place of (this one, while it
+            # waits out its back-off, would keep any from starting)
+            delay = self._ejection.ejection_time(connection.times_ejected)
+            probe = asyncio.get_running_loop().create_task(self._probe_until_healthy(connection, delay))
+            self._probes[connection] = probe
         finally:
             if self._probes.get(connection) is asyncio.current_task():
                 del self._probes[connection]

@@ -38,6 +38,7 @@ from shardnet.runtimes.executor import (
     Executor,
     executor_reference,
     executor_search_path,
+    metas_name,
     split_uses,
 )
 from shardnet.runtimes.head import MAX_RENEWAL_INTERVAL
@@ -124,9 +125,12 @@ class Deployment:
     process and of ``post`` at once. ``startup_timeout`` (default 180 s) is
     how long a process may take to serve, its Executor loading: longer fails
     the start, and a process started again (``revive``) is stopped and tried
-    again. ``timeout`` bounds every request at the head, uses_before and
-    uses_after included (a caller's shorter deadline wins), as Jina's
-    ``timeout_send``; ``post`` adds no deadline of its own unless given one.
+    again. ``timeout`` bounds each hop of a request at the head (uses_before,
+    the shards, uses_after), as Jina's ``timeout_send`` bounds each send; a
+    caller's shorter deadline wins. ``post`` adds no deadline of its own
+    unless given one. ``uses_metas={"name": ...}`` names the Executor as
+    Jina's does (executor-specific parameters, the workspace folder); by
+    default it is its class's name.
 
     >>> with Deployment(uses=MyExecutor, shards=2, replicas=2, polling="ALL") as dep:   # doctest: +SKIP
     ...     docs = dep.post("/index", [Document(text="hello")])
@@ -143,6 +147,7 @@ class Deployment:
         port: int = 0,
         host: str = "127.0.0.1",
         uses_with: Optional[Mapping[str, Any]] = None,
+        uses_metas: Optional[Mapping[str, Any]] = None,
         uses_before: Optional[ExecutorSpec] = None,
         uses_after: Optional[ExecutorSpec] = None,
         balancer: str = "p2c_ewma",
@@ -173,6 +178,8 @@ class Deployment:
         classes = [value for value in (uses, uses_before, uses_after) if isinstance(value, type)]
         self._search_path = executor_search_path(*classes)
         self._uses_with = _uses_with_json(uses_with)
+        name_in_metas = metas_name(uses_metas)  # refused here, not by every worker
+        self._metas_arguments = ["--uses-metas", json.dumps({"name": name_in_metas})] if name_in_metas else []
         self._control_token = control_token
         self._register_interval = register_interval
         self._given_folders = (log_dir, workspace)
@@ -344,6 +351,7 @@ class Deployment:
                 "--replicas", str(self.replicas),
                 "--name", name,
                 "--workspace", str(self.workspace),
+                *self._metas_arguments,
                 "--head", self.address,
                 "--register-interval", str(self._register_interval),
                 *self._size_arguments,

@@ -19,7 +19,9 @@ import importlib.util
 import inspect
 import logging
 import os
+import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
@@ -168,9 +170,11 @@ class Executor:
 
     @property
     def metas(self) -> SimpleNamespace:
-        """Jina's ``metas``: ``name``, the class's name as Jina gives it (``parameters[name]`` addresses it, and
-        the workspace is laid out by it, so an index Jina built is found), and ``workspace``."""
-        return SimpleNamespace(name=type(self).__name__, workspace=self.runtime_args.workspace)
+        """Jina's ``metas``: ``name``, the class's name unless ``uses_metas`` gave another, as in Jina
+        (``parameters[name]`` addresses it, and the workspace is laid out by it, so an index Jina built is
+        found), and ``workspace``."""
+        name = getattr(self.runtime_args, "metas_name", None) or type(self).__name__
+        return SimpleNamespace(name=name, workspace=self.runtime_args.workspace)
 
     @property
     def workspace(self) -> Optional[str]:
@@ -230,6 +234,45 @@ class Executor:
         )
         executor.__init__(**uses_with)
         return executor
+
+
+def metas_name(uses_metas: Any, what: str = "uses_metas") -> Optional[str]:
+    """The ``name`` a ``uses_metas`` mapping gives an Executor (None: its class's), or a ConfigurationError: only
+    ``name`` is taken, and a name is a folder of the workspace, so it holds no path."""
+    if uses_metas is None:
+        return None
+    if not isinstance(uses_metas, Mapping):
+        raise ConfigurationError(f"{what} is a mapping such as {{\"name\": \"products\"}}, got {uses_metas!r}")
+    others = sorted(set(uses_metas) - {"name"})
+    if others:
+        raise ConfigurationError(f"{what} takes only 'name' (the one Jina metas field shardnet has), got {others}")
+    name = uses_metas.get("name")
+    if name is None:
+        return None
+    if not isinstance(name, str) or not _METAS_NAME.fullmatch(name):
+        raise ConfigurationError(
+            f"{what} name {name!r}: letters, digits, '.', '_' and '-', starting with a letter or digit (it names "
+            "a folder of the workspace)"
+        )
+    return name
+
+
+_METAS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def former_workspace(executor: "Executor") -> Optional[str]:
+    """A shard folder an earlier shardnet laid out by the deployment's name (``WORKSPACE/DEPLOYMENT/SHARD``), when
+    it exists and this Executor's own (by its metas name, as Jina) does not yet: its state would go unseen."""
+    args = executor.runtime_args
+    parts = (args.name or "").split("/")  # DEPLOYMENT/shard-S/rep-R or DEPLOYMENT/rep-R, as a Deployment names it
+    deployment = parts[0]
+    if len(parts) < 2 or not parts[1].startswith(("shard-", "rep-")) or not args.workspace:
+        return None
+    if deployment == executor.metas.name:
+        return None
+    former = os.path.join(args.workspace, deployment, str(args.shard_id))
+    current = os.path.join(args.workspace, executor.metas.name, str(args.shard_id))
+    return former if os.path.isdir(former) and not os.path.exists(current) else None
 
 
 def split_uses(uses: Any, what: str = "uses") -> tuple[str, str]:

@@ -128,11 +128,13 @@ def _time_left(context: grpc.aio.ServicerContext) -> Optional[float]:
 class _Deadline:
     """When a request's time at this head runs out (None: never). Each hop (uses_before, the shards, uses_after,
     a shard tried after another) is given what is left of it then, not the whole again: the head's own error,
-    naming the hop that took the time, must reach the caller before its deadline does."""
+    naming the hop that took the time, must reach the caller before its deadline does. ``per_hop``, the head's
+    own timeout, bounds each hop as well, as Jina's head gives each of its sends its timeout_send."""
 
-    __slots__ = ("_at", "_clock")
+    __slots__ = ("_at", "_clock", "_per_hop")
 
-    def __init__(self, seconds: Optional[float]):
+    def __init__(self, seconds: Optional[float], per_hop: Optional[float] = None):
+        self._per_hop = per_hop
         if seconds is None:
             self._at = self._clock = None
         else:
@@ -140,8 +142,12 @@ class _Deadline:
             self._at = self._clock() + seconds
 
     def left(self) -> Optional[float]:
-        """Seconds left (0 once past: a call given them fails at once, naming where it was going), or None."""
-        return None if self._at is None else max(0.0, self._at - self._clock())
+        """Seconds the next hop may take (0 once past: a call given them fails at once, naming where it was
+        going), or None."""
+        if self._at is None:
+            return self._per_hop
+        left = max(0.0, self._at - self._clock())
+        return left if self._per_hop is None else min(left, self._per_hop)
 
 
 # STATUS's trailing metadata stays under gRPC's 8 KB soft limit (a client may refuse more, past 16 KB it must, and
@@ -340,7 +346,7 @@ class Head:
     async def _serve(self, requests: list[DataRequest], context: grpc.aio.ServicerContext) -> bytes:
         try:
             endpoint, metadata = self._settle_endpoint(requests, context)
-            deadline = _Deadline(self._request_seconds(context))
+            deadline = _Deadline(_time_left(context), per_hop=self.pool.timeout)
             if self._uses_before is not None:
                 response, trailing = await self._one(self._uses_before, requests, metadata, deadline, decoded=True)
                 if response.is_error:  # the shards would only work on a request that already failed
@@ -378,6 +384,8 @@ class Head:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except ReplicaError as exc:
             failed = exc.code if exc.code not in (None, grpc.StatusCode.OK) else grpc.StatusCode.UNAVAILABLE
+            if failed == grpc.StatusCode.UNIMPLEMENTED:  # the head serves the method: its replica did not, and
+                failed = grpc.StatusCode.INTERNAL  # a caller must not take it for another server and go elsewhere
             await context.abort(failed, str(exc))
         if trailing:
             context.set_trailing_metadata(tuple(trailing))
@@ -388,14 +396,6 @@ class Head:
             f"{self.deployment}: the answer (under ALL, every shard's merged)",
             "this head's",
         )
-
-    def _request_seconds(self, context: grpc.aio.ServicerContext) -> Optional[float]:
-        """What a request may take at this head: the caller's time left, at most the head's own timeout (as
-        Jina's head holds every call to its workers to its ``timeout_send``, whatever deadline came with it)."""
-        left, limit = _time_left(context), self.pool.timeout
-        if limit is None:
-            return left
-        return limit if left is None else min(left, limit)
 
     def _settle_endpoint(
         self, requests: list[DataRequest], context: grpc.aio.ServicerContext

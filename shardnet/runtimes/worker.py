@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
+import re
 import time
 import uuid
 from typing import Any, AsyncIterator, Optional
@@ -81,6 +82,14 @@ def _never_reached(error: ReplicaError) -> bool:
     return error.code == grpc.StatusCode.UNAVAILABLE and (
         cause.startswith(NOT_CONNECTED) or cause.startswith(services.DRAINING_DETAILS)
     )
+
+
+def _sender(executor: Optional[str]) -> Optional[str]:
+    """The key of a docs_map column: a route's executor name less its replica ("index/shard-0/rep-1": "index/shard-0")."""
+    return _REPLICA_SUFFIX.sub("", executor) if executor else executor
+
+
+_REPLICA_SUFFIX = re.compile(r"/rep-\d+$")
 
 
 def _tls_hint(error: Exception) -> str:
@@ -337,8 +346,9 @@ class Worker:
             received = first.received_bytes()  # what a failed handler's answer carries, not its half-made edits
             docs = first.docs
             others = [request.docs for request in requests[1:]]
-            # Jina's docs_map: each request's documents by who handled it last (a shard's worker, for uses_after)
-            senders = [request.last_executor for request in requests] if handler.takes("docs_map") else None
+            # Jina's docs_map: each request's documents by who handled it last (for uses_after, a shard: by its
+            # name without the replica, which changes from request to request)
+            senders = [_sender(request.last_executor) for request in requests] if handler.takes("docs_map") else None
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         route = first.add_route(self.name)
