@@ -411,6 +411,7 @@ def test_the_demo_says_a_restarted_replica_is_back_where_the_head_dials_it(tmp_p
         (["worker", "--uses", "x:Y", "--shard", "1"], "worker", "unrecognized arguments: --shard 1"),  # no prefixes
         (["k8s", "render", "--name", "n", "--image", "i", "--uses", "a:B", "--bogus"], "k8s render",
          "unrecognized arguments: --bogus"),
+        (["--bogus", "status", "127.0.0.1:1"], "", "unrecognized arguments: --bogus"),  # before the subcommand
     ],
 )
 def test_a_flag_no_subcommand_takes_is_refused_with_that_subcommands_usage(capsys, arguments, command, said):
@@ -421,7 +422,8 @@ def test_a_flag_no_subcommand_takes_is_refused_with_that_subcommands_usage(capsy
         main(arguments)
     assert exited.value.code == 2
     err = capsys.readouterr().err
-    assert f"usage: shardnet {command}" in err and f"shardnet {command}: error: {said}" in err, err
+    name = f"shardnet {command}".strip()
+    assert f"usage: {name} " in err and f"{name}: error: {said}" in err, err
 
 
 @pytest.mark.parametrize(

@@ -62,9 +62,13 @@ def _say_where_on_a_crash() -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the subcommand ``argv`` names (default: ``sys.argv[1:]``) and return its exit code."""
     _say_where_on_a_crash()
-    args, unknown = build_parser().parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
     if unknown:  # refused by the (sub)command they were given to, with its usage
-        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        given_before = set(argv[: argv.index(args.command)])  # before the subcommand: shardnet's own
+        refusing = parser if given_before.intersection(unknown) else args.parser
+        refusing.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.handler(args) or 0)
