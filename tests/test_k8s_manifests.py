@@ -819,3 +819,15 @@ def test_a_uses_with_is_measured_as_the_worker_receives_it_not_as_rendered() -> 
     spec = DeploymentSpec(name="w", image="i", uses="m:C", uses_with=json.dumps({"s": "$" * 66_000}))
     [worker] = head_and_workers(render(spec), "Deployment")[1]
     assert container(worker)["args"][container(worker)["args"].index("--uses-with") + 1].count("$$") == 66_000
+
+
+def test_uses_metas_reaches_every_worker_and_a_name_holding_a_path_is_refused() -> None:
+    spec = dataclasses.replace(SPECS["sharded"], metas_name="orders")
+    _, workers = head_and_workers(render(spec), "Deployment")
+    for worker in workers:
+        arguments = container(worker)["args"]
+        assert arguments[arguments.index("--uses-metas") + 1] == '{"name": "orders"}'
+    _, workers = head_and_workers(render(SPECS["sharded"]), "Deployment")
+    assert all("--uses-metas" not in container(worker)["args"] for worker in workers)  # the class's name, as Jina
+    with pytest.raises(ConfigurationError, match="names a folder"):
+        dataclasses.replace(SPECS["sharded"], metas_name="../up")

@@ -23,6 +23,7 @@ from shardnet.manifests.kubernetes import (
     render_components,
     to_yaml,
 )
+from shardnet.runtimes.executor import metas_name
 from shardnet.runtimes.head import MAX_WORKERS
 
 DEFAULT_USES = "shardnet.examples.text_index:TextIndexer"
@@ -49,6 +50,10 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     parser.add_argument(
         "--uses-with", default="{}",
         help="JSON keyword arguments for the Executor, or @FILE holding them; on every worker's command line",
+    )
+    parser.add_argument(
+        "--uses-metas", default=None,
+        help='JSON {"name": "NAME"}: the name executor-specific parameters address (default: the class name, as in Jina)',
     )
     parser.add_argument("--shards", type=int, default=1, help="number of shards (default: %(default)s)")
     parser.add_argument("--replicas", type=int, default=1, help="replicas per shard (default: %(default)s)")
@@ -202,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
         image=args.image,
         uses=args.uses,
         uses_with=json.dumps(json_object(args.uses_with, "--uses-with")),
+        metas_name=metas_name(json_object(args.uses_metas, "--uses-metas"), "--uses-metas") if args.uses_metas else None,
         shards=args.shards,
         replicas=args.replicas,
         head_replicas=args.head_replicas,

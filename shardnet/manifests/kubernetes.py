@@ -50,7 +50,7 @@ from shardnet.networking.channels import check_max_message_mb
 from shardnet.networking.policies import check_count, check_flag
 from shardnet.networking.polling import PollingMap
 from shardnet.protocol import services
-from shardnet.runtimes.executor import split_uses
+from shardnet.runtimes.executor import metas_name, split_uses
 
 DEPLOYMENT_LABEL = "jina_deployment_name"
 POD_TYPE_LABEL = "pod_type"
@@ -208,6 +208,7 @@ class DeploymentSpec:
     image: str
     uses: str
     uses_with: str = "{}"  # a JSON object: the Executor's keyword arguments, on every worker's command line
+    metas_name: Optional[str] = None  # the name uses_metas gives the Executor (None: its class's, as in Jina)
     shards: int = 1
     replicas: int = 1
     polling: str = "ANY"
@@ -237,6 +238,7 @@ class DeploymentSpec:
 
     def __post_init__(self) -> None:
         self._check_uses_with()
+        metas_name({"name": self.metas_name}, "metas_name")
         for what in ("shards", "replicas", "head_replicas"):
             value = getattr(self, what)
             if not _is_count(value) or value < 1:
@@ -657,6 +659,8 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
         ]  # fmt: skip
         if spec.uses_with != "{}":
             args += ["--uses-with", spec.uses_with]
+        if spec.metas_name is not None:
+            args += ["--uses-metas", json.dumps({"name": spec.metas_name})]
         volumes = {"tmp": "/tmp", "workspace": WORKSPACE}
     # head and workers alike (the head passes its workers' answers on), exactly what was given
     args += ["--max-message-mb", repr(float(spec.max_message_mb)), "--drain-seconds", str(spec.drain_seconds)]
