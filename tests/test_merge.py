@@ -210,3 +210,18 @@ def test_empty_content_from_a_later_copy_replaces_nothing_and_an_empty_first_con
     assert merged.docs[0].text == "keep me"
     merged = merge_shard_responses("dep", [(0, shard_copy(text="")), (1, shard_copy(text="found"))])
     assert merged.docs[0].text == "found"  # docarray counts "" as no text: the later copy's fills it
+
+
+def test_a_uses_after_passing_a_shards_error_on_is_not_named_twice():
+    """A uses_after answers with the shard's error as it came: the description said it, then the shard's again."""
+    from shardnet.runtimes.merge import report_shard_problems
+
+    failed = DataRequest([Document(id="a")])
+    failed.set_exception(ValueError("boom"), executor="Idx")
+    passed_on = DataRequest.from_bytes(failed.to_bytes())  # what the uses_after answered, the error kept
+    report_shard_problems(passed_on, "idx", [(1, failed)])
+    assert passed_on.status.description == "shard 1 of 'idx' answered an error: ValueError('boom')"
+    own = DataRequest([Document(id="a")])
+    own.set_exception(RuntimeError("reducer broke"), executor="After")  # an error of the uses_after's own stays first
+    report_shard_problems(own, "idx", [(1, failed)])
+    assert own.status.description == "RuntimeError('reducer broke'); shard 1 of 'idx' answered an error: ValueError('boom')"

@@ -175,7 +175,8 @@ def report_shard_problems(response: DataRequest, deployment: str, outcomes: Sequ
         return
     status = response.header.status
     if response.is_error:
-        if not any(outcome is response for _, outcome in outcomes):
+        carried = first_error is not None and status.description == first_error.description  # passed on as it came
+        if not carried and not any(outcome is response for _, outcome in outcomes):
             problems.insert(0, status.description)
     elif first_error is not None:
         status.CopyFrom(first_error)

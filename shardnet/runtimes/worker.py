@@ -16,7 +16,6 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
-import re
 import time
 import uuid
 from typing import Any, AsyncIterator, Optional
@@ -82,14 +81,6 @@ def _never_reached(error: ReplicaError) -> bool:
     return error.code == grpc.StatusCode.UNAVAILABLE and (
         cause.startswith(NOT_CONNECTED) or cause.startswith(services.DRAINING_DETAILS)
     )
-
-
-def _sender(executor: Optional[str]) -> Optional[str]:
-    """The key of a docs_map column: a route's executor name less its replica ("index/shard-0/rep-1": "index/shard-0")."""
-    return _REPLICA_SUFFIX.sub("", executor) if executor else executor
-
-
-_REPLICA_SUFFIX = re.compile(r"/rep-\d+$")
 
 
 def _tls_hint(error: Exception) -> str:
@@ -178,6 +169,7 @@ class Worker:
         self.executor = executor
         # in route entries, error reports and as the key of a dict result; Jina names it deployment/shard-S/rep-R
         self.name = name or type(executor).__name__
+        self._route_name = self.name.split("/", 1)[0]  # a route names the deployment, as a Jina worker's does
         self._handlers = type(executor).handler_table()
         self._threads = HandlerThreads(max_workers=threads, thread_name_prefix=HANDLER_THREAD_PREFIX)
         # one thread counts the documents of process_data lists, out of the loop's way (a padded list's count takes
@@ -337,7 +329,7 @@ class Worker:
         try:
             endpoint = self._endpoint_of(first, context)
             if endpoint == DRY_RUN_ENDPOINT:  # a readiness check: answered as served, no handler runs
-                first.add_route(self.name).end_time.FromNanoseconds(time.time_ns())
+                first.add_route(self._route_name).end_time.FromNanoseconds(time.time_ns())
                 return first.to_bytes()
             handler = self._handlers.get(endpoint) or self._handlers.get(DEFAULT)
             if handler is None:
@@ -346,12 +338,12 @@ class Worker:
             received = first.received_bytes()  # what a failed handler's answer carries, not its half-made edits
             docs = first.docs
             others = [request.docs for request in requests[1:]]
-            # Jina's docs_map: each request's documents by who handled it last (for uses_after, a shard: by its
-            # name without the replica, which changes from request to request)
-            senders = [_sender(request.last_executor) for request in requests] if handler.takes("docs_map") else None
+            # Jina's docs_map: each request's documents by the deployment that handled it last (a uses_after's
+            # shards share one name, as under Jina: the last one's column stays; docs_matrix holds them all)
+            senders = [request.last_executor for request in requests] if handler.takes("docs_map") else None
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        route = first.add_route(self.name)
+        started = time.time_ns()
         try:
             if others:  # uses_after under ALL: keep every shard's dict results, not only the first's
                 self._gather_results(requests)
@@ -397,15 +389,15 @@ class Worker:
             if isinstance(exc, asyncio.CancelledError) and _cancelled_from_outside():
                 raise  # the call itself: its client left, or the drain's grace ended
             if received is not None:  # as Jina's worker answers: the documents as they came, not half edited
-                first, started = DataRequest.from_bytes(received), route.start_time
-                route = first.add_route(self.name)
-                route.start_time.CopyFrom(started)
-            first.set_exception(exc, executor=type(self.executor).__name__)  # Jina names the class; routes the worker
+                first = DataRequest.from_bytes(received)
+            first.set_exception(exc, executor=type(self.executor).__name__)  # Jina names the class
             # the description set_exception made, which holds even for an exception that cannot be printed
             logger.warning("%s.%s failed on %s: %s", self.name, handler.name, endpoint, first.status.description)
-            route.status.CopyFrom(first.status)
             context.set_trailing_metadata(services.ERROR_TRAILER)
-        route.end_time.FromNanoseconds(time.time_ns())
+        else:  # a route entry for work done, as a Jina worker adds one only then
+            route = first.add_route(self._route_name)
+            route.start_time.FromNanoseconds(started)
+            route.end_time.FromNanoseconds(time.time_ns())
         return await within_message_limit(
             context, first.to_bytes(), answer_limit, f"{self.name}: the answer of {endpoint}", whose
         )
