@@ -7,6 +7,7 @@ the control plane and its token, and what a stock gRPC client sees.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import time
@@ -470,6 +471,22 @@ async def test_a_worker_renewing_slower_than_the_lease_is_told_so(runtimes, even
     await oneshot.activate_worker("127.0.0.1", 40003, head.server.address, shard_id=0)
     assert "longer than the worker's --register-interval" in caplog.text
     assert "127.0.0.1:40003 (shard 0) registered again" in caplog.text
+
+
+async def test_a_new_process_registering_after_its_predecessors_lease_ran_out_is_no_stalled_worker(
+    runtimes, eventually, caplog
+):
+    """A worker killed and started again on its address after its lease ran out was logged as one that had
+    stalled: the lapse kept no process id to tell the new one by."""
+    caplog.set_level(logging.INFO, logger="shardnet.runtimes.head")
+    head = await runtimes(Head("restarted", lease=1.0))
+    await oneshot.activate_worker("127.0.0.1", 40004, head.server.address, shard_id=0, renews_every=0.2,
+                                  instance="a" * 32)
+    await eventually(lambda: "stopped renewing" in caplog.text, timeout=5.0)
+    await oneshot.activate_worker("127.0.0.1", 40004, head.server.address, shard_id=0, renews_every=0.2,
+                                  instance="b" * 32)
+    assert "127.0.0.1:40004 (shard 0) registered as a new process" in caplog.text
+    assert "stalled" not in caplog.text
 
 
 async def test_a_lease_shorter_than_the_interval_a_worker_announces_is_said_at_once(runtimes, eventually, caplog):

@@ -47,3 +47,12 @@ def test_a_new_process_id_on_a_known_registration_is_a_restart_and_no_id_changes
     assert book.expired(1e9) == []
     book.forget(KEY)
     assert book.instance(KEY) is None
+
+
+def test_a_lapse_remembers_the_process_that_held_the_lease():
+    book = Registrations(lapse_memory=60.0)
+    book.announce(KEY, "a")
+    book.renew(KEY, now=0.0, lease=1.0)
+    assert book.lapse(KEY, now=2.0)
+    assert not book.announce(KEY, "b")  # the registration went with the lease: no restart to tell of here
+    assert book.renew(KEY, now=3.0, lease=1.0) == Lapse(at=2.0, lease=1.0, instance="a")

@@ -891,6 +891,13 @@ class Head:
             self._expiry = loop.create_task(self._expire_leases())
         if lapsed is None:
             return
+        instance = self._registrations.instance((address, shard_id))
+        if None not in (lapsed.instance, instance) and lapsed.instance != instance:  # not the one that lapsed
+            logger.info(
+                "%s: %s (shard %d) registered as a new process, %.1fs after the lease of the one before it ran out",
+                self.deployment, address, shard_id, now - lapsed.at,
+            )
+            return
         if interval is not None and lease >= 2 * interval:  # the lease had room for renewals: none came
             logger.warning(
                 "%s: %s (shard %d) registered again %.1fs after its %gs lease ran out, though it renews every %gs: "

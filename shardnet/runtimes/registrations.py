@@ -26,10 +26,11 @@ class Registration:
 
 @dataclass(frozen=True)
 class Lapse:
-    """A lease that ran out: when, and how long it was."""
+    """A lease that ran out: when, how long it was, and the process id that held it (None: none announced)."""
 
     at: float
     lease: float
+    instance: Optional[str] = None
 
 
 class Registrations:
@@ -91,5 +92,5 @@ class Registrations:
         if held is None or held.until is None or held.until >= now:
             return False
         del self._held[key]
-        self._lapsed[key] = Lapse(now, held.lease)
+        self._lapsed[key] = Lapse(now, held.lease, held.instance)
         return True
