@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import signal
 import subprocess
 import sys
@@ -296,13 +297,12 @@ async def test_a_deactivate_naming_no_shard_takes_the_worker_out_of_every_shard_
         assert head.pool.get_replicas("everywhere", shard_id=shard).addresses == [], shard
 
 
-async def test_a_replica_back_after_every_replica_died_is_found_within_a_second_or_so():
-    """B ejected, then A (the last pickable) died too: the out-of-turn check of B failed, and the check went on
-    waiting out B's 30 s back-off under the name that keeps any other check (an ACTIVATE's, the next failures')
-    from starting. B back, it is now found by the next check, at most a second after the last."""
+@contextlib.asynccontextmanager
+async def b_ejected_then_a_down():
+    """A pool over echo replicas A and B, ejecting for long: B stopped until ejected, then A stopped too (the
+    last pickable). Yields the pool, its replica list and a coroutine function starting B again on its port."""
     a, b = EchoServer("A"), EchoServer("B")
-    await a.start()
-    await b.start()
+    started = [await a.start(), await b.start()]
     pool = GrpcConnectionPool(ejection=LONG_EJECTION, retry=RetryPolicy(rounds=1))
     try:
         for server in (a, b):
@@ -312,10 +312,27 @@ async def test_a_replica_back_after_every_replica_died_is_found_within_a_second_
         while replicas.ejected_addresses != [b.address]:
             await served_by(pool)
         await a.stop()
+
+        async def start_b_again() -> EchoServer:
+            started.append(await EchoServer("B", port=b.port).start())
+            return started[-1]
+
+        yield pool, replicas, start_b_again
+    finally:
+        await pool.close()
+        for server in started:
+            await server.stop()
+
+
+async def test_a_replica_back_after_every_replica_died_is_found_within_a_second_or_so():
+    """B ejected, then A (the last pickable) died too: the out-of-turn check of B failed, and the check went on
+    waiting out B's 30 s back-off under the name that keeps any other check (an ACTIVATE's, the next failures')
+    from starting. B back, it is now found by the next check, at most a second after the last."""
+    async with b_ejected_then_a_down() as (pool, replicas, start_b_again):
         for _ in range(6):  # A's failures check B out of turn, while B is down
             assert await served_by(pool) == "ReplicaError"
             await asyncio.sleep(0.05)
-        b = await EchoServer("B", port=b.port).start()
+        await start_b_again()
         deadline = time.monotonic() + 5
         outcomes = []
         while "B" not in outcomes[-1:] and time.monotonic() < deadline:
@@ -323,40 +340,21 @@ async def test_a_replica_back_after_every_replica_died_is_found_within_a_second_
             await asyncio.sleep(0.1)
         assert outcomes[-1] == "B", outcomes
         assert len(outcomes) <= 25, outcomes  # about 1.5 s: OUT_OF_TURN_CHECKS_EVERY and a check
-    finally:
-        await pool.close()
-        await a.stop()
-        await b.stop()
 
 
 async def test_an_out_of_turn_check_that_failed_leaves_room_for_a_registrations_own():
     """After a failed check the replica is probed on, and a new process registering there (readmit_if_healthy,
     as a head calls it on ACTIVATE) is checked at once: it was refused for as long as the back-off lasted."""
-    a, b = EchoServer("A"), EchoServer("B")
-    await a.start()
-    await b.start()
-    pool = GrpcConnectionPool(ejection=LONG_EJECTION, retry=RetryPolicy(rounds=1))
-    try:
-        for server in (a, b):
-            pool.add_connection("d", server.address)
-        replicas = pool.get_replicas("d")
-        await b.stop()
-        while replicas.ejected_addresses != [b.address]:
-            await served_by(pool)
-        await a.stop()
+    async with b_ejected_then_a_down() as (pool, replicas, start_b_again):
         for _ in range(4):
             await served_by(pool)
         await asyncio.sleep(0.3)  # the out-of-turn check of B (down) is over
-        b = await EchoServer("B", port=b.port).start()
+        b = await start_b_again()
         assert replicas.readmit_if_healthy(b.address)
         deadline = time.monotonic() + 3
         while replicas.ejected_addresses and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         assert replicas.ejected_addresses == []
-    finally:
-        await pool.close()
-        await a.stop()
-        await b.stop()
 
 
 async def test_a_head_passes_its_replicas_unimplemented_on_as_internal(runtimes):

@@ -367,7 +367,7 @@ def test_seconds_that_may_be_zero():
 HELP = {
     "deploy": ["--name NAME deployment name (default: executor)", "--shards SHARDS number of shards (default: 1)",
                "--replicas REPLICAS replicas of each shard (default: 1)", '{"/search": "ALL", "*": "ANY"}',
-               "(default: ANY)", "(default: 127.0.0.1, loopback only)", "within a shard (default: p2c_ewma)",
+               "(default: ANY)", "(default: 127.0.0.1, loopback only)", "slow and hung ones (default: p2c_ewma)",
                "--log-dir DIR"],
     "send": ["--endpoint ENDPOINT the endpoint to call", "(default: 10)"],
     "status": ["--timeout SECONDS", "(default: 5)"],

@@ -11,6 +11,7 @@ import threading
 from typing import Any
 
 from shardnet.cli.options import (
+    add_head_routing_arguments,
     add_head_traffic_arguments,
     add_token_argument,
     control_token,
@@ -22,7 +23,6 @@ from shardnet.cli.options import (
     whole_number,
 )
 from shardnet.errors import ConfigurationError
-from shardnet.networking.balancing import BALANCERS
 from shardnet.runtimes.deployment import DEFAULT_STARTUP_TIMEOUT, Deployment
 from shardnet.runtimes.processes import ShardnetProcess
 
@@ -47,7 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--name", default="executor",
         help="deployment name (default: %(default)s): names the workers in dict results (NAME/rep-R, "
-             "NAME/shard-S/rep-R) and is the key executor-specific parameters go under",
+             "NAME/shard-S/rep-R), NAME in route entries (executor-specific parameters go under the class "
+             "name, or --uses-metas's)",
     )
     parser.add_argument(
         "--shards", type=whole_number("shards", 1), default=1, help="number of shards (default: %(default)s)"
@@ -67,10 +68,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="address the head and the workers bind (default: %(default)s, loopback only)",
     )
     parser.add_argument(
-        "--balancer", choices=sorted(BALANCERS), default="p2c_ewma",
-        help="how the head picks a replica within a shard (default: %(default)s)",
-    )
-    parser.add_argument(
         "--workspace", metavar="DIR",
         help="folder the Executors keep state in, kept after exit (default: one in the log folder, removed on exit "
              "with it unless --log-dir is given)",
@@ -84,16 +81,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--uses-after", metavar="MODULE:CLASS", help="an Executor that receives the shards' answers (docs_matrix)"
     )
+    add_head_routing_arguments(parser)
     add_head_traffic_arguments(parser)
-    parser.add_argument(
-        "--timeout", type=positive_seconds("timeout"), metavar="SECONDS", default=None,
-        help="the longest the head waits for each hop of a request (uses-before, the shards, uses-after), seconds; "
-             "a caller's shorter deadline wins (default: none)",
-    )
-    parser.add_argument(
-        "--attempt-timeout", type=positive_seconds("attempt timeout"), metavar="SECONDS", default=None,
-        help="the head gives up on one replica after this many seconds (default: none)",
-    )
     parser.add_argument(
         "--max-message-mb", type=message_megabytes, default=None,
         help="largest message the head, the workers and their calls take, in MiB (default 256)",

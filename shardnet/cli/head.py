@@ -8,6 +8,7 @@ from collections import defaultdict
 
 from shardnet.cli.options import (
     add_client_tls_arguments,
+    add_head_routing_arguments,
     add_head_traffic_arguments,
     add_server_arguments,
     client_tls,
@@ -19,7 +20,6 @@ from shardnet.cli.options import (
 from shardnet.discovery.factory import create_connection_pool
 from shardnet.errors import ConfigurationError
 from shardnet.networking.addresses import parse_address
-from shardnet.networking.balancing import BALANCERS
 from shardnet.networking.channels import message_size_options
 from shardnet.networking.policies import RetryPolicy
 from shardnet.networking.polling import PollingMap
@@ -61,20 +61,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--uses-after", metavar="HOST:PORT",
         help="a worker given the shards' answers together (under ALL, one column per shard) to merge them",
     )
-    parser.add_argument(
-        "--balancer", choices=sorted(BALANCERS), default="p2c_ewma",
-        help="how a shard's replica is picked: p2c_ewma steers clear of slow and hung ones (default: %(default)s)",
-    )
+    add_head_routing_arguments(parser)
     add_head_traffic_arguments(parser)
-    parser.add_argument(
-        "--timeout", type=positive_seconds("timeout"), metavar="SECONDS", default=None,
-        help="the longest the head waits for each hop of a request (uses-before, the shards, uses-after), seconds; "
-             "a caller's shorter deadline wins (default: none)",
-    )
-    parser.add_argument(
-        "--attempt-timeout", type=positive_seconds("attempt timeout"), metavar="SECONDS", default=None,
-        help="give up on one replica after this many seconds and try another (default: none)",
-    )
     parser.add_argument(
         "--k8s-namespace",
         help="discover replicas by watching this Kubernetes namespace (never implied by running in a pod)",

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Coroutine, Optional
 
 from shardnet.errors import ConfigurationError
+from shardnet.networking.balancing import BALANCERS
 from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_MB, check_control_token
 from shardnet.networking.policies import MAX_TIMEOUT
 from shardnet.networking.tls import ClientTls, ServerTls
@@ -291,6 +292,23 @@ def add_head_traffic_arguments(parser: argparse.ArgumentParser) -> None:
         "--request-streams", action=argparse.BooleanOptionalAction, default=True,
         help="the head sends single requests to shardnet workers as messages on a few shared streams per worker "
         "instead of a call each; other servers are called unary either way (default: on)",
+    )
+
+
+def add_head_routing_arguments(parser: argparse.ArgumentParser) -> None:
+    """How a head picks a replica and how long it waits for one: the same flags on ``head`` and ``deploy``."""
+    parser.add_argument(
+        "--balancer", choices=sorted(BALANCERS), default="p2c_ewma",
+        help="how a shard's replica is picked: p2c_ewma steers clear of slow and hung ones (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout", type=positive_seconds("timeout"), metavar="SECONDS", default=None,
+        help="the longest the head waits for each hop of a request (uses-before, the shards, uses-after), seconds; "
+             "a caller's shorter deadline wins (default: none)",
+    )
+    parser.add_argument(
+        "--attempt-timeout", type=positive_seconds("attempt timeout"), metavar="SECONDS", default=None,
+        help="give up on one replica after this many seconds and try another (default: none)",
     )
 
 
