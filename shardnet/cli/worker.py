@@ -75,7 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--workspace", help="folder the Executor may keep state in")
     parser.add_argument(
         "--name",
-        help="name in route entries, errors and dict results (default: CLASS/shard-S/rep-R, distinct for each shard)",
+        help="name in errors and dict results, its first part in route entries, as Jina's (default: "
+             "CLASS/shard-S/rep-R, distinct for each shard)",
     )
     parser.add_argument(
         "--threads", type=whole_number("threads", 1), default=1, help="threads for blocking handlers (default: 1)"

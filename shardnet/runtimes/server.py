@@ -128,9 +128,14 @@ class ServerConfig:
 
 # the keepalive pings a server takes while a call sends nothing: gRPC's default (one per 5 minutes, and a
 # GOAWAY "too_many_pings" at the third strike) cut every call that ran 2 minutes without data under shardnet's
-# 30 s client keepalive (and Jina's 10 s one), and a head ran it again elsewhere. Clients pinging every 5 s or
-# less often are taken, with a second to spare for a loaded machine's timing; faster ones are still sent away
-PING_POLICY = (("grpc.http2.min_recv_ping_interval_without_data_ms", 4_000),)
+# 30 s client keepalive (and Jina's 10 s one), and a head ran it again elsewhere. A strike is a ping read less
+# than a second after the one before: a server starved of CPU reads pings sent 5 s apart back to back (at a
+# 4 s minimum, a loaded test machine struck out a client pinging every 5 s); ten strikes are borne over a call
+# that sends nothing, and a client flooding pings is still sent away at the eleventh
+PING_POLICY = (
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000),
+    ("grpc.http2.max_ping_strikes", 10),
+)
 
 
 def unary_service(path: str, handler: RawHandler) -> grpc.GenericRpcHandler:

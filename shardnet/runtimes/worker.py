@@ -167,7 +167,7 @@ class Worker:
     ):
         check_control_token(control_token)  # before serving: a token gRPC cannot carry would fail every ACTIVATE
         self.executor = executor
-        # in route entries, error reports and as the key of a dict result; Jina names it deployment/shard-S/rep-R
+        # in error reports and as the key of a dict result (Jina names it deployment/shard-S/rep-R)
         self.name = name or type(executor).__name__
         self._route_name = self.name.split("/", 1)[0]  # a route names the deployment, as a Jina worker's does
         self._handlers = type(executor).handler_table()
