@@ -14,12 +14,14 @@ from shardnet.cli.options import (
     add_head_routing_arguments,
     add_head_traffic_arguments,
     add_token_argument,
+    add_uses_metas_argument,
     control_token,
     json_object,
     make_folder,
     message_megabytes,
     on_stop_signals,
     positive_seconds,
+    uses_metas_name,
     whole_number,
 )
 from shardnet.errors import ConfigurationError
@@ -39,11 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--uses-with", default="{}", help="JSON keyword arguments for the Executor, or @FILE holding them"
     )
-    parser.add_argument(
-        "--uses-metas", default=None,
-        help='JSON {"name": "NAME"}: the name executor-specific parameters address and the workspace folder is '
-             "called by (default: the Executor's class name, as in Jina)",
-    )
+    add_uses_metas_argument(parser)
     parser.add_argument(
         "--name", default="executor",
         help="deployment name (default: %(default)s): names the workers in dict results (NAME/rep-R, "
@@ -124,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         port=args.port,
         host=args.host,
         uses_with=uses_with,
-        uses_metas=json_object(args.uses_metas, "--uses-metas") if args.uses_metas else None,
+        uses_metas={"name": uses_metas_name(args.uses_metas)},
         balancer=args.balancer,
         workspace=args.workspace,
         log_dir=args.log_dir,

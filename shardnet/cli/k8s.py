@@ -9,7 +9,14 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from shardnet.cli.options import add_head_traffic_arguments, check_whole_number, json_object, message_megabytes
+from shardnet.cli.options import (
+    add_head_traffic_arguments,
+    add_uses_metas_argument,
+    check_whole_number,
+    json_object,
+    message_megabytes,
+    uses_metas_name,
+)
 from shardnet.errors import ConfigurationError
 from shardnet.manifests.kubernetes import (
     DRAIN_MARGIN,
@@ -23,7 +30,6 @@ from shardnet.manifests.kubernetes import (
     render_components,
     to_yaml,
 )
-from shardnet.runtimes.executor import metas_name
 from shardnet.runtimes.head import MAX_WORKERS
 
 DEFAULT_USES = "shardnet.examples.text_index:TextIndexer"
@@ -51,10 +57,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         "--uses-with", default="{}",
         help="JSON keyword arguments for the Executor, or @FILE holding them; on every worker's command line",
     )
-    parser.add_argument(
-        "--uses-metas", default=None,
-        help='JSON {"name": "NAME"}: the name executor-specific parameters address (default: the class name, as in Jina)',
-    )
+    add_uses_metas_argument(parser)
     parser.add_argument("--shards", type=int, default=1, help="number of shards (default: %(default)s)")
     parser.add_argument("--replicas", type=int, default=1, help="replicas per shard (default: %(default)s)")
     parser.add_argument("--head-replicas", type=int, default=1, help="replicas of the head (default: %(default)s)")
@@ -207,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
         image=args.image,
         uses=args.uses,
         uses_with=json.dumps(json_object(args.uses_with, "--uses-with")),
-        metas_name=metas_name(json_object(args.uses_metas, "--uses-metas"), "--uses-metas") if args.uses_metas else None,
+        metas_name=uses_metas_name(args.uses_metas),
         shards=args.shards,
         replicas=args.replicas,
         head_replicas=args.head_replicas,

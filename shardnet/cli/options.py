@@ -23,6 +23,7 @@ from shardnet.networking.balancing import BALANCERS
 from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_MB, check_control_token
 from shardnet.networking.policies import MAX_TIMEOUT
 from shardnet.networking.tls import ClientTls, ServerTls
+from shardnet.runtimes.executor import metas_name
 from shardnet.runtimes.server import ServerConfig, check_ready_fd
 from shardnet.runtimes.worker import HANDLER_THREAD_PREFIX
 
@@ -293,6 +294,20 @@ def add_head_traffic_arguments(parser: argparse.ArgumentParser) -> None:
         help="the head sends single requests to shardnet workers as messages on a few shared streams per worker "
         "instead of a call each; other servers are called unary either way (default: on)",
     )
+
+
+def add_uses_metas_argument(parser: argparse.ArgumentParser) -> None:
+    """``--uses-metas``, as ``worker``, ``deploy`` and ``k8s render`` take it (read with ``uses_metas_name``)."""
+    parser.add_argument(
+        "--uses-metas", default=None,
+        help='JSON {"name": "NAME"} of Jina\'s metas: the name executor-specific parameters address and the '
+             "workspace folder is called by (default: the Executor's class name, as in Jina)",
+    )
+
+
+def uses_metas_name(text: Optional[str]) -> Optional[str]:
+    """The name ``--uses-metas`` gives the Executor, checked; None when the flag was not given."""
+    return None if text is None else metas_name(json_object(text, "--uses-metas"), "--uses-metas")
 
 
 def add_head_routing_arguments(parser: argparse.ArgumentParser) -> None:

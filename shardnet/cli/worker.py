@@ -11,6 +11,7 @@ from shardnet.cli.options import (
     INT32_MAX,
     add_client_tls_arguments,
     add_server_arguments,
+    add_uses_metas_argument,
     check_loop,
     client_tls,
     end_loading_on_stop_signals,
@@ -20,11 +21,12 @@ from shardnet.cli.options import (
     positive_seconds,
     run_in_loop,
     server_config,
+    uses_metas_name,
     whole_number,
 )
 from shardnet.errors import ConfigurationError
 from shardnet.networking.addresses import parse_address
-from shardnet.runtimes.executor import EXECUTOR_PATH_VARIABLE, former_workspace, load_executor_class, metas_name
+from shardnet.runtimes.executor import EXECUTOR_PATH_VARIABLE, former_workspace, load_executor_class, shard_folder
 from shardnet.runtimes.head import IMPLIED_LEASE_FACTOR, MAX_RENEWAL_INTERVAL
 from shardnet.runtimes.server import check_can_listen
 from shardnet.runtimes.worker import Worker
@@ -67,11 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             flag, type=whole_number(flag[2:], 1, INT32_MAX), default=None,
             help=f"{what}, for the Executor's runtime_args (default: 1)",
         )
-    parser.add_argument(
-        "--uses-metas", default=None,
-        help='JSON of Jina\'s metas the Executor takes, {"name": "NAME"} only: the name executor-specific '
-             "parameters address and its workspace folder is called by (default: its class's name)",
-    )
+    add_uses_metas_argument(parser)
     parser.add_argument("--workspace", help="folder the Executor may keep state in")
     parser.add_argument(
         "--name",
@@ -89,7 +87,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     uses_with = json_object(args.uses_with, "--uses-with")
-    name_in_metas = metas_name(json_object(args.uses_metas, "--uses-metas"), "--uses-metas") if args.uses_metas else None
+    name_in_metas = uses_metas_name(args.uses_metas)
     # every flag is checked before the Executor loads: a typo should not wait for a model to load, nor run its __init__
     loop = check_loop(args.loop)
     if args.head is not None:
@@ -126,10 +124,10 @@ def run(args: argparse.Namespace) -> int:
     former = former_workspace(executor)
     if former is not None:
         logger.warning(
-            "%s: its state is kept in %s/%s/%d, named by its metas name as Jina names it, and a folder %s from an "
+            "%s: its state is kept in %s, named by its metas name as Jina names it, and a folder %s from an "
             "earlier shardnet (named by the deployment) is not read: move it there, or give --uses-metas "
             "'{\"name\": \"%s\"}' (Deployment(uses_metas=...)) to keep using it",
-            name, args.workspace, executor.metas.name, args.shard_id, former, name.split("/", 1)[0],
+            name, shard_folder(args.workspace, executor.metas.name, args.shard_id), former, name.split("/", 1)[0],
         )
     worker = Worker(
         executor,

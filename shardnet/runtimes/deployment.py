@@ -626,7 +626,7 @@ class Deployment:
         """Send documents to ``endpoint`` through the head; return the response's documents, or (as Jina's
         ``return_responses``) the whole response, whose ``parameters["__results__"]`` hold dict results.
         ``timeout``: seconds this request may take; None (as Jina's ``post``) leaves it to the Deployment's
-        ``timeout``, which bounds every request at the head, and without one waits as long as the handler runs."""
+        ``timeout``, which bounds each hop at the head, and without one waits as long as the handler runs."""
         if isinstance(docs, Document):  # one document, as Jina's post takes it
             docs = [docs]
         request = DataRequest(docs=docs or [], endpoint=endpoint, parameters=parameters)

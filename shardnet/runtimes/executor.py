@@ -173,7 +173,7 @@ class Executor:
         """Jina's ``metas``: ``name``, the class's name unless ``uses_metas`` gave another, as in Jina
         (``parameters[name]`` addresses it, and the workspace is laid out by it, so an index Jina built is
         found), and ``workspace``."""
-        name = getattr(self.runtime_args, "metas_name", None) or type(self).__name__
+        name = self.runtime_args.metas_name or type(self).__name__
         return SimpleNamespace(name=name, workspace=self.runtime_args.workspace)
 
     @property
@@ -182,7 +182,7 @@ class Executor:
         shards never do), made on first use; None when the worker was given no workspace."""
         if not self.runtime_args.workspace:
             return None
-        folder = os.path.join(self.runtime_args.workspace, self.metas.name, str(self.runtime_args.shard_id))
+        folder = shard_folder(self.runtime_args.workspace, self.metas.name, self.runtime_args.shard_id)
         os.makedirs(folder, exist_ok=True)
         return folder
 
@@ -229,7 +229,7 @@ class Executor:
         executor.runtime_args = SimpleNamespace(
             **{
                 "shard_id": 0, "shards": 1, "replica_id": 0, "replicas": 1, "workspace": None, "name": cls.__name__,
-                **(runtime_args or {}),
+                "metas_name": None, **(runtime_args or {}),
             }
         )
         executor.__init__(**uses_with)
@@ -270,9 +270,14 @@ def former_workspace(executor: "Executor") -> Optional[str]:
         return None
     if deployment == executor.metas.name:
         return None
-    former = os.path.join(args.workspace, deployment, str(args.shard_id))
-    current = os.path.join(args.workspace, executor.metas.name, str(args.shard_id))
+    former = shard_folder(args.workspace, deployment, args.shard_id)
+    current = shard_folder(args.workspace, executor.metas.name, args.shard_id)
     return former if os.path.isdir(former) and not os.path.exists(current) else None
+
+
+def shard_folder(workspace: str, name: str, shard_id: int) -> str:
+    """A shard's folder in ``workspace``, as Jina lays it out: ``WORKSPACE/NAME/SHARD``."""
+    return os.path.join(workspace, name, str(shard_id))
 
 
 def split_uses(uses: Any, what: str = "uses") -> tuple[str, str]:

@@ -744,9 +744,10 @@ class Head:
         the replicas ejected for repeated failures and the shards with no replica at all (declared, or left by
         their last one), which ALL cannot serve. Bounded, whatever the deployment's size: gRPC refuses trailing
         metadata past 16 KB, and with it the whole answer."""
+        shard_ids = self.pool.shard_ids(self.deployment)
         # a head no worker has joined yet knows no shard, but shard 0 is where every request would go
-        empty, ejected = ([] if self.pool.shard_ids(self.deployment) else [0]), []
-        for shard_id in self.pool.shard_ids(self.deployment):
+        empty, ejected = ([] if shard_ids else [0]), []
+        for shard_id in shard_ids:
             replicas = self.pool.get_replicas(self.deployment, shard_id=shard_id)
             if not replicas.has_connections():
                 empty.append(shard_id)
