@@ -41,6 +41,14 @@ def test_no_command_prints_usage_and_exits_2(command: tuple[str, ...]) -> None:
     assert "the following arguments are required: COMMAND" in result.stderr
 
 
+def test_a_mistyped_flag_without_a_command_is_named_not_taken_for_a_missing_command() -> None:
+    result = run_cli("--verison")
+    assert result.returncode == 2
+    assert result.stderr.startswith("usage: shardnet")
+    assert "shardnet: error: unrecognized arguments: --verison" in result.stderr, result.stderr
+    assert "required" not in result.stderr
+
+
 def test_help_lists_every_subcommand() -> None:
     result = run_cli("--help")
     assert result.returncode == 0, result.stderr

@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``shardnet`` parser with every subcommand registered."""
     parser = _Parser(prog="shardnet", description="Serve sharded, replicated gRPC services.", log_level="INFO")
     parser.add_argument("--version", action="version", version=f"%(prog)s {installed_version()}")
-    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # not required here: main() says so itself, after any flag it does not know ("--verison" is a typo, not a
+    # missing command)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in SUBCOMMANDS:
         module.register(subparsers)
     return parser
@@ -65,6 +67,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}" if unknown else
+                     "the following arguments are required: COMMAND")
     if unknown:  # refused by the (sub)command they were given to, with its usage
         given_before = set(argv[: argv.index(args.command)])  # before the subcommand: shardnet's own
         refusing = parser if given_before.intersection(unknown) else args.parser
