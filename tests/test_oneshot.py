@@ -58,6 +58,7 @@ def test_send_request_sync_to_nothing_raises_replica_error(dead_address):
     with pytest.raises(ReplicaError) as caught:
         GrpcConnectionPool.send_request_sync(DataRequest(), dead_address, timeout=5.0)
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE and caught.value.address == dead_address
+    assert caught.value.unsent
 
 
 def test_activate_and_deactivate_worker_sync(threaded_echo):
@@ -267,6 +268,7 @@ async def test_send_request_async_gives_up_after_the_second_refusal_and_says_so(
     assert server.calls == 2
     assert caught.value.code == grpc.StatusCode.UNAVAILABLE
     assert server.address in str(caught.value) and "the last of 2 attempts" in str(caught.value)
+    assert caught.value.unsent  # refused as it drained, both times: the request surely did not run
 
 
 @pytest.mark.parametrize(
@@ -283,6 +285,7 @@ async def test_a_failure_a_handler_answered_is_not_sent_again(echo_servers, code
         await GrpcConnectionPool.send_request_async(DataRequest(), server.address, timeout=5.0)
     assert server.calls == 1 and caught.value.code == code
     assert "attempts" not in str(caught.value)
+    assert not caught.value.unsent
 
 
 async def test_through_a_head_a_failing_worker_runs_a_request_no_more_often_than_the_heads_own_failover(
@@ -305,9 +308,10 @@ async def test_through_a_head_a_failing_worker_runs_a_request_no_more_often_than
 async def test_control_requests_are_not_tried_again(echo_servers):
     # a worker's registration has its own schedule of renewals; the helper makes exactly one call
     [head] = await echo_servers(1, fail_with=grpc.StatusCode.UNAVAILABLE, fail_details=DRAINING_DETAILS)
-    with pytest.raises(ReplicaError):
+    with pytest.raises(ReplicaError) as caught:
         await GrpcConnectionPool.activate_worker("10.0.0.5", 9000, head.address, timeout=5.0)
     assert head.calls == 1
+    assert caught.value.unsent  # what lets a stopping worker skip a DEACTIVATE its head cannot have taken
 
 
 async def test_the_second_attempt_stays_within_the_callers_timeout(echo_servers):

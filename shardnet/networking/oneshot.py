@@ -138,7 +138,10 @@ async def call_once(
         made = retrying.statistics.get("attempt_number", 1)
         if made > 1:
             cause += f" (the last of {made} attempts)"
-        raise kind(cause, address=str(address), code=error.code(), role="server") from None
+        # each earlier attempt reached no handler (only those are tried again): the last one says whether any did
+        raise kind(
+            cause, address=str(address), code=error.code(), role="server", unsent=never_reached(error)
+        ) from None
 
 
 def _tls_diagnosis(error: grpc.aio.AioRpcError, address: Address, tls: Optional[ClientTls]) -> str:

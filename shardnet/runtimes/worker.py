@@ -75,14 +75,6 @@ _HEAD_REFUSALS = frozenset({
 })
 
 
-def _never_reached(error: ReplicaError) -> bool:
-    """Whether a one-off call provably reached no handler: no connection made, or refused as its server drained."""
-    cause = error.cause.lower()
-    return error.code == grpc.StatusCode.UNAVAILABLE and (
-        cause.startswith(NOT_CONNECTED) or cause.startswith(services.DRAINING_DETAILS)
-    )
-
-
 def _tls_hint(error: Exception) -> str:
     """The worker's flags for TLS to its head, when its own connection failed in words that suggest the two ends
     disagree about TLS (not a status the head sent)."""
@@ -526,7 +518,7 @@ class Worker:
             )
         except ReplicaError as exc:
             # a deadline, a connection cut: the head may have taken it all the same, and must hear DEACTIVATE
-            self._taken = self._taken or not (exc.code in _HEAD_REFUSALS or _never_reached(exc))
+            self._taken = self._taken or not (exc.code in _HEAD_REFUSALS or exc.unsent)
             raise
         self._taken = True
         logger.debug("registered %s with head %s as shard %d", entity_address(host, port), self._head, self._shard_id)
@@ -575,7 +567,7 @@ class Worker:
                 timeout=min(DEACTIVATE_TIMEOUT, max(0.5, grace)),
             )
         except ReplicaError as exc:
-            if not _never_reached(exc):
+            if not exc.unsent:
                 raise
             # a head stopping with its workers (a deploy's Ctrl-C) closed its port first: it routes nothing here
             logger.info("head %s no longer listens (stopped or draining): no DEACTIVATE to send", self._head)
