@@ -22,7 +22,7 @@ import trustme
 from k8s_apiserver import FakeApiServer, endpoint_slice, pod, write_kubeconfig
 from kubernetes_asyncio import config as k8s_config
 from grpc_health.v1 import health_pb2
-from kubernetes_asyncio.client import ApiClient
+from kubernetes_asyncio.client import ApiClient, Configuration
 
 from shardnet.discovery.configuration import load_api_client
 from shardnet.discovery.kubernetes import K8sGrpcConnectionPool, Member, pod_members, slice_members
@@ -167,6 +167,66 @@ def test_bad_sources_are_refused() -> None:
         K8sGrpcConnectionPool(NS, sources=("services",))
     with pytest.raises(ConfigurationError):
         K8sGrpcConnectionPool(NS, sources=())
+
+
+@pytest.mark.parametrize(
+    "namespace, words",
+    [
+        ("Default", "cannot be a Kubernetes namespace: lower-case letters"),
+        ("my_ns", "cannot be a Kubernetes namespace"),
+        ("-ns", "a letter or digit at each end"),
+        ("n" * 64, "63 at most"),
+        ("$(POD_NAMESPACE)", "(a variable left unexpanded?)"),
+    ],
+)
+def test_a_namespace_kubernetes_cannot_have_is_refused(namespace: str, words: str) -> None:
+    """The API server lists nothing, without an error, in a namespace that cannot exist: a head given one turned
+    ready with no worker and said nothing (found by a Kubernetes review)."""
+    with pytest.raises(ConfigurationError, match=r"namespace .* cannot be a Kubernetes namespace") as refused:
+        K8sGrpcConnectionPool(namespace)
+    assert words in str(refused.value)
+
+
+async def test_a_head_whose_discovery_finds_no_worker_says_so_naming_the_namespace(
+    api_server: FakeApiServer, kubeconfig: str, caplog, eventually
+) -> None:
+    """A namespace typed wrong lists empty: the head said "discovery listed a worker for every shard; ready"."""
+    api_server.apply("pods", pod("w0", deployment="other", ip="10.0.0.1"))
+    pool = K8sGrpcConnectionPool(NS, kubeconfig=kubeconfig, watch=FAST, deployments=("dep",))
+    head = Head("dep", pool=pool)
+    await head.start()
+    try:
+        await eventually(lambda: "discovery found no worker of it" in caplog.text, timeout=10)
+        assert "dep: discovery found no worker of it in namespace 'default'; ready, and every request fails until " \
+            "one appears" in caplog.text
+        assert "listed a worker for every shard" not in caplog.text
+    finally:
+        await head.stop(0.5)
+
+
+async def test_an_api_server_that_never_answers_a_list_is_named_as_such(caplog) -> None:
+    """A hung API server was logged as "TimeoutError: " and nothing more (found by a Kubernetes review)."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def hold(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # accepted, never answered
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = ApiClient(Configuration(host=f"http://127.0.0.1:{port}"))
+    try:
+        options = WatchOptions(list_timeout=0.3, connect_timeout=1.0, backoff_initial=0.02, backoff_max=0.1)
+        async with K8sGrpcConnectionPool(NS, client, watch=options, sources=("pods",)) as pool:
+            with pytest.raises(DiscoveryError) as failed:
+                await pool.wait_synced(timeout=2)
+        assert "no whole answer to the list within 0.3s" in str(failed.value), str(failed.value)
+        assert "no whole answer to the list within 0.3s" in caplog.text
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+        await client.close()
 
 
 # -- pods ----------------------------------------------------------------------------
@@ -1039,6 +1099,56 @@ async def test_a_source_the_role_does_not_grant_is_left_out_and_the_head_turns_r
         await eventually(lambda: "127.0.0.2:50002" in pool.deployments["dep"]["shards"][0], timeout=10)
     finally:
         await head.stop(0.5)
+
+
+async def test_a_pod_deleted_while_the_other_source_fails_is_no_longer_routed_nor_its_address_reused_wrongly(
+    api_server: FakeApiServer, start_pool, caplog, eventually
+) -> None:
+    """The slices refused after the first list (a Role edited), then a shard-0 pod deleted and its address taken
+    by a shard-1 pod: the slices' stale hold kept the address in shard 0 for as long as they failed, and the
+    shard-1 worker answered shard 0's part of every ALL (found by a Kubernetes review). What the failing source
+    still shows comes back with its next list."""
+    api_server.apply("pods", pod("w0", ip="10.0.0.1", port=9000))
+    api_server.apply("pods", pod("w0b", ip="10.0.0.2", port=9000))
+    api_server.apply(
+        "endpointslices",
+        endpoint_slice("s0", "dep-0", [("10.0.0.1", True, None), ("10.0.0.2", True, None)], port=9000),
+    )
+    pool = await start_pool()
+    assert replicas(pool, shard_id=0) == {"10.0.0.1:9000", "10.0.0.2:9000"}
+
+    api_server.forbidden = {"endpointslices"}
+    api_server.drop_streams()
+    await eventually(lambda: pool.failing_sources() == {"endpointslices"}, timeout=10)
+
+    api_server.delete("pods", "w0")
+    api_server.apply("pods", pod("w1", shard_id="1", ip="10.0.0.1", port=9000))
+    await eventually(lambda: replicas(pool, shard_id=1) == {"10.0.0.1:9000"}, timeout=10)
+    await eventually(lambda: replicas(pool, shard_id=0) == {"10.0.0.2:9000"}, timeout=10)
+    assert "shard 0 replica 10.0.0.1:9000 of 'dep' is gone from the pods in default, and the endpointslices, " \
+        "failing, cannot say so: no longer routed to" in caplog.text
+
+    # the slices answer again, showing the shard-0 address still (a slice not updated yet): it comes back with them
+    api_server.forbidden = set()
+    await eventually(lambda: not pool.failing_sources() and replicas(pool, shard_id=0) == {"10.0.0.1:9000",
+                                                                                           "10.0.0.2:9000"},
+                     timeout=10)
+
+
+async def test_a_source_that_answers_does_not_drop_what_another_answering_source_holds(
+    api_server: FakeApiServer, start_pool, eventually
+) -> None:
+    """Both sources answering: a pod deleted while its endpoint is still in a slice stays routed until the slice
+    lets go too (each source's own removal decides, not the first to speak)."""
+    api_server.apply("pods", pod("w0", ip="10.0.0.1", port=9000))
+    api_server.apply("endpointslices", endpoint_slice("s0", "dep-0", [("10.0.0.1", True, None)], port=9000))
+    pool = await start_pool()
+    api_server.delete("pods", "w0")
+    api_server.apply("pods", pod("sentinel", ip="10.0.0.9", port=9000))  # delivered after the deletion
+    await eventually(lambda: "10.0.0.9:9000" in replicas(pool), timeout=10)
+    assert "10.0.0.1:9000" in replicas(pool)
+    api_server.apply("endpointslices", endpoint_slice("s0", "dep-0", [], port=9000))
+    await eventually(lambda: replicas(pool) == {"10.0.0.9:9000"}, timeout=10)
 
 
 async def test_a_pool_every_source_of_which_is_refused_is_synced_once_one_is_granted(

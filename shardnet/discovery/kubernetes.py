@@ -20,6 +20,10 @@ shard, address)``; the ledger remembers every object's contribution and how
 many objects hold each member, so an address is added when its first holder
 appears and removed when its last one goes, whichever source it came from.
 MODIFIED, DELETED and re-lists after 410 Gone are diffs against that record.
+A source that fails (a Role edited to refuse it, a watch that keeps breaking)
+cannot say what left meanwhile: when a source that answers lets go of a
+member only such a stale source still holds, the stale holds go too, and the
+stale source's next list puts back whatever it still shows.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ DEFAULT_PORT = 8080
 POD_SELECTOR = "jina_deployment_name,pod_type"
 SLICE_SELECTOR = "shardnet.io/deployment"
 _LABEL_VALUE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?\Z")
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?\Z")  # a DNS-1123 label, as Kubernetes requires
 
 
 def _label_values(deployments: Sequence[str]) -> tuple[str, ...]:
@@ -250,14 +255,16 @@ class _Ledger:
             self._records.pop((source, key), None)
         for member in old - members:
             self._holders[member] -= 1
+            if self._holders[member] > 0:
+                self._drop_stale_holds(member, source)
             if self._holders[member] <= 0:
-                del self._holders[member]
-                self._members_of[member.deployment] -= 1
-                if not self._members_of[member.deployment]:
-                    del self._members_of[member.deployment]
-                await self._remove(member)
+                await self._let_go(member)
         for member in also_remove - old - members:
-            if not self._holders[member]:
+            if self._holders[member]:
+                self._drop_stale_holds(member, source)
+                if self._holders[member] <= 0:
+                    await self._let_go(member)
+            else:
                 del self._holders[member]
                 await self._remove(member)
         for member in members - old:
@@ -265,6 +272,37 @@ class _Ledger:
             if self._holders[member] == 1:
                 self._members_of[member.deployment] += 1
                 await self._add(member)
+
+    async def _let_go(self, member: Member) -> None:
+        """``member``'s last holder went: out of the counts, and out of the pool."""
+        del self._holders[member]
+        self._members_of[member.deployment] -= 1
+        if not self._members_of[member.deployment]:
+            del self._members_of[member.deployment]
+        await self._remove(member)
+
+    def _drop_stale_holds(self, member: Member, reporter: str) -> None:
+        """``reporter``, answering, let go of ``member``: if only failing sources still hold it, their holds are
+        stale (a pod deleted while the slices were refused stayed routed, and its address, reused by a pod of
+        another shard, answered for the wrong shard), so they go. The caller lets it go when none is left."""
+        stale = self._pool.failing_sources() - {reporter}
+        if not stale:
+            return
+        holding = [(src, key) for (src, key), held in self._records.items() if member in held]
+        if any(src not in stale for src, _ in holding):
+            return  # a source that answers still holds it
+        for src, key in holding:
+            remaining = self._records[(src, key)] - {member}
+            if remaining:
+                self._records[(src, key)] = remaining
+            else:
+                del self._records[(src, key)]
+            self._holders[member] -= 1
+        logger.warning(
+            "%s %s of %r is gone from the %s in %s, and the %s, failing, cannot say so: no longer routed to",
+            "head" if member.head else f"shard {member.shard_id} replica", member.address, member.deployment,
+            reporter, self._pool.namespace, " and ".join(sorted(stale)),
+        )
 
     async def replace(self, source: str, contributions: Mapping[str, Contribution]) -> None:
         """Reconcile after a (re-)list: the objects listed contribute what they show now, then those gone from
@@ -383,6 +421,13 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
         super().__init__(**pool_options)
         if not namespace:
             raise ConfigurationError("K8sGrpcConnectionPool needs a namespace")
+        if not isinstance(namespace, str) or not _NAMESPACE.match(namespace):
+            # the API server lists nothing, without an error, in a namespace that cannot exist
+            raise ConfigurationError(
+                f"namespace {namespace!r} cannot be a Kubernetes namespace: lower-case letters, digits and '-', "
+                "63 at most, a letter or digit at each end"
+                + (" (a variable left unexpanded?)" if isinstance(namespace, str) and "$" in namespace else "")
+            )
         unknown = set(sources) - set(SOURCES)
         if unknown or not sources:
             raise ConfigurationError(f"sources must be a non-empty subset of {SOURCES}, got {tuple(sources)}")
@@ -442,6 +487,10 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
         self._watches = {}
         self._configured.clear()
         await super().close()
+
+    def failing_sources(self) -> set[str]:
+        """The sources whose latest list or watch failed: what they hold may be stale."""
+        return {source for source, watch in self._watches.items() if watch.failing}
 
     @property
     def watching(self) -> bool:

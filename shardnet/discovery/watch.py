@@ -143,8 +143,9 @@ def _watch_again(error: BaseException) -> bool:
 
 
 def describe(error: BaseException) -> str:
-    """A failure as one line of text: its kind and what it says."""
-    return f"{type(error).__name__}: {error}"
+    """A failure as one line of text: its kind and what it says (a timeout says nothing of itself)."""
+    text = str(error) or ("no answer in time" if isinstance(error, asyncio.TimeoutError) else "no details")
+    return f"{type(error).__name__}: {text}"
 
 
 class ListWatch:
@@ -171,6 +172,7 @@ class ListWatch:
         self.resource_version: Optional[str] = None
         self.synced = asyncio.Event()  # set once the first list has been handed over
         self.refused = False  # the latest failure was a refusal, and no list has succeeded since
+        self.failing = False  # the latest list or watch failed, and none has been answered since: its view is stale
         self.news = asyncio.Event()  # set at each list handed over and each refusal: whoever waits looks again
         self.lists = 0  # how many lists succeeded (one, plus one per 410)
         self._list_call = list_call
@@ -228,6 +230,7 @@ class ListWatch:
 
     def _failed(self, error: BaseException) -> None:
         self.last_failure = describe(error)
+        self.failing = True
         if isinstance(error, Refused):
             self.refused = True
             self.news.set()
@@ -235,14 +238,21 @@ class ListWatch:
     # -- list ----------------------------------------------------------------
 
     async def _list(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=self._options.list_timeout, sock_connect=self._options.connect_timeout)
-        response = await self._list_call(_preload_content=False, _request_timeout=timeout, **self._selector)
-        async with response:
-            try:
-                await _check_status(response)
-            except Gone as gone:  # no version was asked for: a server fault, retried like one
-                raise Unavailable(f"list refused as if it asked for a version: {gone}") from gone
-            body = await response.read()
+        options = self._options
+        timeout = aiohttp.ClientTimeout(total=options.list_timeout, sock_connect=options.connect_timeout)
+        try:
+            response = await self._list_call(_preload_content=False, _request_timeout=timeout, **self._selector)
+            async with response:
+                try:
+                    await _check_status(response)
+                except Gone as gone:  # no version was asked for: a server fault, retried like one
+                    raise Unavailable(f"list refused as if it asked for a version: {gone}") from gone
+                body = await response.read()
+        except asyncio.TimeoutError as error:  # aiohttp's own says nothing when the whole list runs out of time
+            if str(error):
+                raise
+            message = f"the API server gave no whole answer to the list within {options.list_timeout:g}s"
+            raise Unavailable(message) from error
         try:
             document = json.loads(body)
             items = document.get("items") or []
@@ -260,6 +270,7 @@ class ListWatch:
         self._progress = False
         self.lists += 1
         self.refused = False
+        self.failing = False
         self.synced.set()
         self.news.set()
         logger.debug("%s: listed %d objects at resourceVersion %s", self.name, len(items), version)
@@ -281,6 +292,7 @@ class ListWatch:
         )
         async with response:
             await _check_status(response)
+            self.failing = False  # it resumes from the version it had: what changed meanwhile comes first
             received = 0
             opened = asyncio.get_running_loop().time()
             while True:

@@ -972,10 +972,18 @@ class Head:
         while waiting and loop.time() < deadline:
             await asyncio.sleep(min(SHARDS_LOOKED_AT_EVERY, max(0.0, deadline - loop.time())))
             waiting = self._shards_without_workers()
-        if waiting:
+        where = f" in namespace {self.pool.namespace!r}" if hasattr(self.pool, "namespace") else ""
+        if not self._shards and not any(map(self._has_workers, self.pool.shard_ids(self.deployment))):
+            logger.warning(  # no shard declared to wait for: ready at once, but not as if all were well
+                "%s: discovery found no worker of it%s; ready, and every request fails until one appears (is the "
+                "namespace right? pods are found by the label jina_deployment_name=%s, Services by "
+                "shardnet.io/deployment=%s)",
+                self.deployment, where, self.deployment, self.deployment,
+            )
+        elif waiting:
             logger.warning(
-                "%s: ready after %gs without a worker of shard(s) %s: ALL requests name them as failed",
-                self.deployment, self._shards_wait, _listed(waiting),
+                "%s: ready after %gs without a worker of shard(s) %s%s: ALL requests name them as failed",
+                self.deployment, self._shards_wait, _listed(waiting), where,
             )
         else:
             logger.info("%s: discovery listed a worker for every shard; ready", self.deployment)
@@ -983,12 +991,11 @@ class Head:
 
     def _shards_without_workers(self) -> list[int]:
         """The declared shards the pool holds no worker of."""
-        return [
-            shard_id
-            for shard_id in range(self._shards)
-            if not (replicas := self.pool.get_replicas(self.deployment, shard_id=shard_id))
-            or not replicas.has_connections()
-        ]
+        return [shard_id for shard_id in range(self._shards) if not self._has_workers(shard_id)]
+
+    def _has_workers(self, shard_id: int) -> bool:
+        replicas = self.pool.get_replicas(self.deployment, shard_id=shard_id)
+        return replicas is not None and replicas.has_connections()
 
     async def _refuse(
         self, context: grpc.aio.ServicerContext, command: str, code: grpc.StatusCode, message: str
