@@ -47,6 +47,7 @@ from shardnet.runtimes.deployment import Deployment
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.processes import ShardnetProcess, stop_all
 from shardnet.runtimes.server import ServerConfig
+from shardnet.testing import EchoServer
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -722,8 +723,33 @@ def test_a_pool_filled_outside_the_loop_that_sends_says_so():
     try:
         with pytest.raises(ConfigurationError, match="replica 127.0.0.1:5000: its channel belongs to another event loop"):
             asyncio.run(send())
-    finally:  # the channel, and the call gRPC began on it, end in the loop they belong to
+        assert not asyncio.all_tasks(opening)  # refused before gRPC queued the call on the loop the channel knows
+    finally:  # the channel ends in the loop it belongs to
         opening.run_until_complete(pool.close())
+        opening.close()
+
+
+def test_a_request_refused_for_another_loops_channel_never_reaches_the_replica():
+    opening = asyncio.new_event_loop()  # a module-level pool's loop, which the program runs again later
+    try:
+        asyncio.set_event_loop(opening)
+        server = opening.run_until_complete(EchoServer("echo").start())
+        pool = GrpcConnectionPool()
+        pool.add_connection("dep", server.address)
+    finally:
+        asyncio.set_event_loop(None)
+
+    async def send():
+        await pool.send_request(DataRequest(endpoint="/x"), "dep", timeout=2)[0]
+
+    try:
+        with pytest.raises(ConfigurationError, match="its channel belongs to another event loop"):
+            asyncio.run(send())
+        opening.run_until_complete(asyncio.sleep(0.5))  # that loop runs again: nothing of the refused call is left
+        assert server.calls == 0
+    finally:
+        opening.run_until_complete(pool.close())
+        opening.run_until_complete(server.stop())
         opening.close()
 
 
@@ -737,11 +763,13 @@ def test_a_pool_used_again_after_its_loop_closed_says_so():
         await pool.send_request(DataRequest(endpoint="/x"), "dep", timeout=2)[0]
 
     asyncio.run(fill())  # the loop the channel belongs to ends here
-    with warnings.catch_warnings():  # gRPC made a coroutine for the call that its closed loop will never run
-        warnings.simplefilter("ignore", RuntimeWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         with pytest.raises(ConfigurationError, match="dep/shard-0 replica 127.0.0.1:5000: its channel belongs to"):
             asyncio.run(send())
         gc.collect()
+    # refused before gRPC made a call whose coroutine the closed loop could never run
+    assert not [w for w in caught if "never awaited" in str(w.message)], [str(w.message) for w in caught]
     with pytest.raises(ConfigurationError, match="replica 127.0.0.1:5001: no event loop to open its channel in"):
         pool.add_connection("dep", "127.0.0.1:5001")  # no loop at all now
 

@@ -152,7 +152,7 @@ class Connection:
 
     __slots__ = (
         "address", "_tls", "_options", "channel", "stubs", "running", "failures", "times_ejected", "_retiring",
-        "_closed", "_origin", "_request_streams", "rebuilt_at", "admitted_at", "checked_at",
+        "_closed", "_origin", "_request_streams", "rebuilt_at", "admitted_at", "checked_at", "loop",
     )
 
     def __init__(
@@ -187,6 +187,9 @@ class Connection:
                 f"replica {self.address}: no event loop to open its channel in; add connections from async code "
                 "in the loop that sends"
             ) from None
+        # the loop gRPC bound the channel to (grpc.aio keeps it as _loop; None: unknown, and gRPC's own error then
+        # says it, after the call was made)
+        self.loop: Optional[asyncio.AbstractEventLoop] = getattr(self.channel, "_loop", None)
         self.stubs = Stubs.for_channel(
             self.channel,
             origin=self._origin,
@@ -210,6 +213,22 @@ class Connection:
         self._retiring[closing] = retired
         closing.add_done_callback(self._retiring.pop)
 
+    def check_loop(self) -> None:
+        """Refuse, before gRPC makes a call, a channel whose event loop runs no more (closed, or a loop the pool
+        was filled in before ``asyncio.run``): gRPC would queue the call on it, never to run (a coroutine never
+        awaited, its call held) or to run whenever that loop runs again, long after the caller was refused.
+        (Asking whether it runs, not whether it is the running one, spares each call a system call; a loop
+        running in another thread is left to gRPC's own error.)"""
+        if self.loop is None or self.loop.is_running():
+            return
+        raise self.other_loop_error()
+
+    def other_loop_error(self) -> ConfigurationError:
+        return ConfigurationError(
+            f"{self._origin}: its channel belongs to another event loop than the one sending; add connections from "
+            "async code in the loop that sends (not before asyncio.run, nor in an earlier one)"
+        )
+
     def cut_by_close(self, channel: grpc.aio.Channel) -> bool:
         """True when a call on ``channel`` was cancelled because we closed the channel, not by its caller."""
         if channel not in self._closed:
@@ -223,6 +242,7 @@ class Connection:
         when the check fails, including when its channel is closed under it (renewed or rebuilt: health checks
         are not counted among the calls a close waits for), which is no cancellation of the caller's."""
         channel = self.channel
+        self.check_loop()
         try:
             reply = checked_reply(
                 await self.stubs.health(health_pb2.HealthCheckRequest(service=""), timeout=timeout), self.address
@@ -583,6 +603,7 @@ class ReplicaList:
         closed) raises UNAVAILABLE naming the replica rather than a
         CancelledError the caller would take for its own.
         """
+        connection.check_loop()  # before gRPC queues a call on a loop that will not run it
         balancer = self.balancer
         token = balancer.started(connection)
         channel = connection.channel
@@ -618,11 +639,7 @@ class ReplicaList:
         except RuntimeError as error:
             balancer.finished(connection, token, failed=True)
             if any(words in str(error) for words in _OTHER_LOOP):
-                raise ConfigurationError(
-                    f"{self.name} replica {connection.address}: its channel belongs to another event loop than the "
-                    "one sending; add connections from async code in the loop that sends (not before asyncio.run, "
-                    "nor in an earlier one)"
-                ) from None
+                raise connection.other_loop_error() from None
             raise
         except BaseException:
             balancer.finished(connection, token, failed=True)
