@@ -480,7 +480,9 @@ async def one_stream_to(handler):
         async with GrpcConnectionPool(request_streams=True) as pool:
             pool.add_connection("dep", address)
             replicas = pool.get_replicas("dep")
-            streams = replicas.get_all_connections()[0].stubs.streams
+            connection = replicas.get_all_connections()[0]
+            streams = connection.stubs.streams
+            await asyncio.wait_for(connection.channel.channel_ready(), timeout=5)  # streams open on a connected one
             lane = streams.lane()
             await eventually(lambda: lane.ready or lane.task.done())
             streams._turn = 0  # the next call takes the lane now open
@@ -645,3 +647,26 @@ async def test_requests_left_unread_when_a_worker_ends_its_stream_cleanly_are_re
         with pytest.raises(ReplicaError) as caught:
             await pool.call(request("/x", "x"), "dep", replicas, retries=0)
         assert caught.value.unsent and services.DRAINING_DETAILS in str(caught.value), caught.value
+
+
+async def test_no_stream_is_opened_to_a_replica_that_is_down_and_one_opens_once_it_is_up(dead_address, runtimes):
+    """A shard's last replica, dead, is never ejected: each request tried it, opening a request stream that
+    failed at once, and grpcio keeps a few hundred bytes of every such call (a head's RSS grew about a megabyte
+    per shard outage, without end; found by a soak). Until its channel connects, requests go unary."""
+    from shardnet.networking.policies import RetryPolicy
+
+    async with GrpcConnectionPool(request_streams=True, retry=RetryPolicy(rounds=1)) as pool:
+        pool.add_connection("dep", dead_address)
+        [connection] = pool.get_replicas("dep").get_all_connections()
+        for index in range(30):
+            with pytest.raises(ReplicaError):
+                await pool.send_request(request("/x", f"r{index}"), "dep", timeout=5)[0]
+        assert connection.stubs.streams.opened == 0
+
+    worker = await start_worker(runtimes)
+    async with GrpcConnectionPool(request_streams=True) as pool:
+        pool.add_connection("dep", worker.server.address)
+        streams = pool.get_replicas("dep").get_all_connections()[0].stubs.streams
+        for index in range(30):
+            await pool.send_request(request("/sleep", f"s{index}", seconds=0), "dep", timeout=5)[0]
+        assert streams.opened >= 1 and streams.streamed >= 1  # the first went unary and connected the channel

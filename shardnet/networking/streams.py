@@ -262,8 +262,8 @@ class _Lane:
 class RequestStreams:
     """The request streams to one replica over one channel, opened as they are needed."""
 
-    __slots__ = ("_open", "_unary", "_decoded_unary", "decode_answer", "max_request_bytes", "_stream_metadata",
-                 "_lanes", "_turn", "origin", "unary_only", "retired", "streamed")
+    __slots__ = ("_channel", "_open", "_unary", "_decoded_unary", "decode_answer", "max_request_bytes",
+                 "_stream_metadata", "_lanes", "_turn", "origin", "unary_only", "retired", "streamed", "opened")
 
     def __init__(
         self,
@@ -275,6 +275,7 @@ class RequestStreams:
         origin: str,
         lanes: int = LANES,
     ):
+        self._channel = channel
         self._open = channel.stream_stream(services.REQUEST_STREAM)
         self._unary = unary
         self._decoded_unary = decoded_unary
@@ -289,6 +290,7 @@ class RequestStreams:
         self.unary_only = False  # the replica does not serve request streams
         self.retired = False
         self.streamed = 0  # requests sent on a stream so far
+        self.opened = 0  # streams opened so far
 
     def single_data(self, request: Any, metadata: Any = None, timeout: Optional[float] = None) -> Any:
         """``process_single_data`` as a stream message when it can go as one, else the unary call."""
@@ -325,13 +327,22 @@ class RequestStreams:
         """How many of the streams carry requests now."""
         return sum(1 for lane in self._lanes if lane is not None and lane.ready)
 
-    def lane(self) -> _Lane:
-        """The next stream in turn, opened if it is not."""
+    def lane(self) -> Optional[_Lane]:
+        """The next stream in turn, opened if it is not; None when it is not and the channel is not connected.
+
+        A stream opens only on a connected channel: one to a replica that is down fails at once, and grpcio
+        (1.78, grpc/grpc#43360) keeps a few hundred bytes of every stream call that fails so, which a head
+        trying a shard's last, dead replica under load grew by a megabyte an outage. Until the channel
+        connects, requests go unary (whose calls connect it).
+        """
         turn = self._turn
         self._turn = (turn + 1) % len(self._lanes)
         lane = self._lanes[turn]
         if lane is None:
+            if self._channel.get_state() != grpc.ChannelConnectivity.READY:
+                return None
             lane = self._lanes[turn] = _Lane(self)
+            self.opened += 1
         return lane
 
     def _lane_ended(self, lane: _Lane) -> None:
@@ -389,7 +400,7 @@ class StreamedCall:
         streams = self._streams
         request_id = self._request.request_id
         lane = streams.lane()
-        future = lane.submit(request_id, self._data)
+        future = None if lane is None else lane.submit(request_id, self._data)
         if future is None:
             return await self._unary()
         streams.streamed += 1
