@@ -173,6 +173,7 @@ class FakeApiServer:
         self.compacted = 0  # watches from a version below this get 410 Gone
         self.end_watches_at_once = False  # answer each watch 200 with an empty body (a proxy cutting it short)
         self.failing_watches = 0  # the next this many watch requests are answered 503
+        self.failing_watches_of: Optional[str] = None  # only those of this resource, when set
         self.state = "up"  # up | refusing | unavailable
         self.forbidden: set[str] = set()  # resources answered 403, as RBAC refuses what a Role does not grant
         self.requests: list[tuple[str, bool, dict[str, str]]] = []  # (resource, watch, query)
@@ -353,7 +354,8 @@ class FakeApiServer:
         refusal = self._refuse(request)
         if refusal is not None:
             return refusal
-        if watching and self.failing_watches > 0:  # a blip: exactly this many watches answered 503
+        blip = self.failing_watches > 0 and self.failing_watches_of in (None, resource)
+        if watching and blip:  # a blip: exactly this many watches answered 503
             self.failing_watches -= 1
             return web.json_response(status_object(503, "ServiceUnavailable", "etcd leader change"), status=503)
         namespace = request.match_info["namespace"]

@@ -1140,6 +1140,25 @@ async def test_a_pod_deleted_while_the_other_source_fails_is_no_longer_routed_no
                      timeout=10)
 
 
+async def test_a_member_dropped_during_a_watch_blip_comes_back_when_the_blip_ends(
+    api_server: FakeApiServer, start_pool, eventually
+) -> None:
+    """The pod watch blipping (503s, which it resumes from, without a list), the slice that also held a ready
+    pod deleted: the pod's hold, taken for stale, was dropped, and the resumed watch never gave it back (found by
+    a review of the first fix). The source lists again instead of resuming once it has lost a hold so."""
+    api_server.apply("pods", pod("w0", ip="10.0.0.1", port=9000))
+    api_server.apply("endpointslices", endpoint_slice("s0", "dep-0", [("10.0.0.1", True, None)], port=9000))
+    pool = await start_pool(watch=WatchOptions(read_timeout=5.0, connect_timeout=1.0, list_timeout=5.0,
+                                               backoff_initial=0.3, backoff_max=0.6))
+    lists_before = len(api_server.list_requests("pods"))
+    api_server.failing_watches, api_server.failing_watches_of = 3, "pods"
+    api_server.drop_streams()
+    await eventually(lambda: pool.failing_sources() == {"pods"}, timeout=10)
+    api_server.delete("endpointslices", "s0")  # the Service went; the pod stays ready and untouched
+    await eventually(lambda: not pool.failing_sources() and replicas(pool) == {"10.0.0.1:9000"}, timeout=15)
+    assert len(api_server.list_requests("pods")) == lists_before + 1  # listed again rather than resumed
+
+
 async def test_a_source_that_answers_does_not_drop_what_another_answering_source_holds(
     api_server: FakeApiServer, start_pool, eventually
 ) -> None:

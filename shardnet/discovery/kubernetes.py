@@ -247,44 +247,56 @@ class _Ledger:
     async def record(
         self, source: str, key: str, members: Contribution, *, also_remove: Contribution = NOTHING
     ) -> None:
-        """Make ``members`` the contribution of object ``key``; ``also_remove`` goes too unless someone holds it."""
+        """Make ``members`` the contribution of object ``key``; ``also_remove`` goes too unless someone holds it.
+
+        The counts follow the records at once, with no await in between (a drop of stale holds reads them, and
+        another record may run while this one waits on the pool); the pool's additions and removals come after.
+        """
         old = self._records.get((source, key), NOTHING)
         if members:
             self._records[(source, key)] = members
         else:
             self._records.pop((source, key), None)
+        gone, new = [], []
         for member in old - members:
             self._holders[member] -= 1
             if self._holders[member] > 0:
                 self._drop_stale_holds(member, source)
             if self._holders[member] <= 0:
-                await self._let_go(member)
+                self._uncount(member)
+                gone.append(member)
         for member in also_remove - old - members:
             if self._holders[member]:
                 self._drop_stale_holds(member, source)
                 if self._holders[member] <= 0:
-                    await self._let_go(member)
-            else:
+                    self._uncount(member)
+                    gone.append(member)
+            else:  # held by no one here, but perhaps in the pool all the same: make sure
                 del self._holders[member]
-                await self._remove(member)
+                gone.append(member)
         for member in members - old:
             self._holders[member] += 1
             if self._holders[member] == 1:
                 self._members_of[member.deployment] += 1
-                await self._add(member)
+                new.append(member)
+        for member in gone:
+            if not self._holders.get(member):  # not held again meanwhile
+                await self._remove(member)
+        for member in new:
+            await self._add(member)
 
-    async def _let_go(self, member: Member) -> None:
-        """``member``'s last holder went: out of the counts, and out of the pool."""
+    def _uncount(self, member: Member) -> None:
+        """``member``'s last holder went."""
         del self._holders[member]
         self._members_of[member.deployment] -= 1
         if not self._members_of[member.deployment]:
             del self._members_of[member.deployment]
-        await self._remove(member)
 
     def _drop_stale_holds(self, member: Member, reporter: str) -> None:
         """``reporter``, answering, let go of ``member``: if only failing sources still hold it, their holds are
         stale (a pod deleted while the slices were refused stayed routed, and its address, reused by a pod of
-        another shard, answered for the wrong shard), so they go. The caller lets it go when none is left."""
+        another shard, answered for the wrong shard), so they go, and each such source lists again once it
+        answers, which puts back what it still shows. The caller lets ``member`` go when no holder is left."""
         stale = self._pool.failing_sources() - {reporter}
         if not stale:
             return
@@ -298,8 +310,10 @@ class _Ledger:
             else:
                 del self._records[(src, key)]
             self._holders[member] -= 1
+            self._pool.relist_when_back(src)
         logger.warning(
-            "%s %s of %r is gone from the %s in %s, and the %s, failing, cannot say so: no longer routed to",
+            "%s %s of %r is gone from the %s in %s, and the %s, failing, cannot say so: no longer routed to "
+            "until they answer again",
             "head" if member.head else f"shard {member.shard_id} replica", member.address, member.deployment,
             reporter, self._pool.namespace, " and ".join(sorted(stale)),
         )
@@ -335,16 +349,20 @@ class _Ledger:
         )
 
     async def _remove(self, member: Member) -> None:
-        task = asyncio.get_running_loop().create_task(self._leave(member))
+        # after any removal of it still closing: the latest is the one an addition waits for
+        task = asyncio.get_running_loop().create_task(self._leave(member, self._removals.get(member)))
         self._removals[member] = task
         task.add_done_callback(functools.partial(self._removed, member))
         # one removal under way before the next: a relist that drops hundreds of pods would otherwise start as
         # many channel closes at once, and grpc.aio's close walks every task of the loop (ReplicaList.remove_connection)
         await asyncio.sleep(0)
 
-    async def _leave(self, member: Member) -> Optional[Connection]:
-        """Remove ``member`` from the pool; following a whole namespace, forget its deployment when it was the
-        last member of it (a pool following all deployments would otherwise keep every one it ever saw)."""
+    async def _leave(self, member: Member, previous: Optional[asyncio.Task]) -> Optional[Connection]:
+        """Remove ``member`` from the pool (once ``previous``, a removal of it still closing, is done); following
+        a whole namespace, forget its deployment when it was the last member of it (a pool following all
+        deployments would otherwise keep every one it ever saw)."""
+        if previous is not None:
+            await asyncio.wait({previous})
         pool = self._pool
         removed = await pool.remove_connection(
             member.deployment, member.address, head=member.head, shard_id=member.shard_id
@@ -491,6 +509,11 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
     def failing_sources(self) -> set[str]:
         """The sources whose latest list or watch failed: what they hold may be stale."""
         return {source for source, watch in self._watches.items() if watch.failing}
+
+    def relist_when_back(self, source: str) -> None:
+        """Have ``source`` list again rather than resume its watch once it answers: some of what it held was
+        dropped as stale meanwhile, and only a list says what of it still stands."""
+        self._watches[source].relist_when_back()
 
     @property
     def watching(self) -> bool:

@@ -173,6 +173,7 @@ class ListWatch:
         self.synced = asyncio.Event()  # set once the first list has been handed over
         self.refused = False  # the latest failure was a refusal, and no list has succeeded since
         self.failing = False  # the latest list or watch failed, and none has been answered since: its view is stale
+        self._relist_wanted = False  # list again rather than resume, once the server answers (relist_when_back)
         self.news = asyncio.Event()  # set at each list handed over and each refusal: whoever waits looks again
         self.lists = 0  # how many lists succeeded (one, plus one per 410)
         self._list_call = list_call
@@ -194,7 +195,7 @@ class ListWatch:
         """
         expired_in_a_row = 0
         while True:
-            if self.resource_version is None:
+            if self.resource_version is None or self._relist_wanted:
                 await with_backoff(self.name, self._list, self._options, self._failed)
             try:
                 await self._watch()
@@ -227,6 +228,11 @@ class ListWatch:
                 if not again:
                     self.resource_version = None
                 await asyncio.sleep(pause)
+
+    def relist_when_back(self) -> None:
+        """List again at the next attempt rather than watch from the version held (what was handed over may have
+        been dropped since, and a resumed watch would never give it again)."""
+        self._relist_wanted = True
 
     def _failed(self, error: BaseException) -> None:
         self.last_failure = describe(error)
@@ -265,12 +271,14 @@ class ListWatch:
         if len(objects) < len(items):
             ignored = len(items) - len(objects)
             logger.warning("%s: ignored %d list items that are not Kubernetes objects", self.name, ignored)
+        # what it hands over is current from here: none of it is stale while it is reconciled (nor was a relist
+        # asked for then missed)
+        self.failing = self._relist_wanted = False
         await self._on_list(objects)
         self.resource_version = version
         self._progress = False
         self.lists += 1
         self.refused = False
-        self.failing = False
         self.synced.set()
         self.news.set()
         logger.debug("%s: listed %d objects at resourceVersion %s", self.name, len(items), version)
@@ -292,6 +300,8 @@ class ListWatch:
         )
         async with response:
             await _check_status(response)
+            if self._relist_wanted:  # answering again, but what it held was dropped meanwhile: list instead
+                return
             self.failing = False  # it resumes from the version it had: what changed meanwhile comes first
             received = 0
             opened = asyncio.get_running_loop().time()
