@@ -23,7 +23,8 @@ MODIFIED, DELETED and re-lists after 410 Gone are diffs against that record.
 A source that fails (a Role edited to refuse it, a watch that keeps breaking)
 cannot say what left meanwhile: when a source that answers lets go of a
 member only such a stale source still holds, the stale holds go too, and the
-stale source's next list puts back whatever it still shows.
+stale source lists again once it answers (rather than resume its watch),
+which puts back whatever it still shows.
 """
 
 from __future__ import annotations
