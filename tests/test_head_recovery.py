@@ -361,6 +361,27 @@ async def test_replicas_whose_leases_lapse_together_keep_what_they_hold(echo_ser
         await head.stop(0)
 
 
+async def test_replicas_whose_leases_lapse_a_pass_apart_keep_what_they_hold(echo_servers):
+    # two workers of a stalled node whose last renewals came a little apart: their leases run out in passes
+    # next to each other, and the first pass took the second for a replica to fail over to; it cut the first's
+    # requests, which went to the second, whose removal a pass later cut them again (seen in CI: one ACTIVATE for
+    # both leases them microseconds apart, and a pass fell between)
+    first, second = await echo_servers(2, delay=2.0)
+    head = Head("apart", lease=0.5, pool=GrpcConnectionPool(balancer="round_robin"))
+    await head.start()
+    try:
+        for server in (first, second):
+            host, port = server.address.rsplit(":", 1)
+            await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0)
+            await asyncio.sleep(0.1)  # most of a pass (a quarter of the lease) apart
+        held = [asyncio.create_task(send(head.server.address, "/e", [Document()], timeout=10)) for _ in range(2)]
+        answers = await asyncio.wait_for(asyncio.gather(*held), 8.0)
+        assert len(answers) == 2 and first.calls == 1 and second.calls == 1
+        assert head.pool.get_replicas("apart", shard_id=0).addresses == []
+    finally:
+        await head.stop(0)
+
+
 async def test_a_deactivate_racing_a_renewal_never_leaves_a_worker_listed_without_a_lease(runtimes, dead_address):
     head = await runtimes(Head("race", lease=30.0))
     host, port = dead_address.rsplit(":", 1)

@@ -930,7 +930,9 @@ class Head:
             if stalled > period:
                 self._registrations.postpone(stalled)
             expired = self._registrations.expired(now)
-            lapsing = set(expired)
+            # one whose lease runs out before the next pass is no replica to fail over to either: it stopped
+            # renewing with these (one ACTIVATE for several leases them microseconds apart, a pass between them)
+            lapsing = set(self._registrations.expiring(now + period))
             for address, shard_id in expired:
                 # each removal lets other requests run: a DEACTIVATE may have dropped this lease since, an
                 # ACTIVATE renewed it; either way it is not this pass's to remove
@@ -938,7 +940,7 @@ class Head:
                     continue
                 # what it holds is cut to fail over where the shard has another replica to take it; with none, cut
                 # calls would only fail, and a worker that was merely stalled may still answer them
-                # (one whose lease lapses in this same pass is no other: a stalled node takes all its replicas)
+                # (one whose lease lapses in this pass or the next is no other: a stalled node takes all its replicas)
                 replicas = self.pool.get_replicas(self.deployment, shard_id=shard_id)
                 others = replicas is not None and any(
                     str(c.address) != address and (str(c.address), shard_id) not in lapsing for c in replicas.eligible()

@@ -83,7 +83,11 @@ class Registrations:
         self._lapsed = {
             key: lapse for key, lapse in self._lapsed.items() if now - lapse.at < max(lapse.lease, self._lapse_memory)
         }
-        return [key for key, held in self._held.items() if held.until is not None and held.until < now]
+        return self.expiring(now)
+
+    def expiring(self, by: float) -> list[Key]:
+        """The registrations whose lease runs out before ``by``."""
+        return [key for key, held in self._held.items() if held.until is not None and held.until < by]
 
     def lapse(self, key: Key, now: float) -> bool:
         """End ``key``'s registration for a lease that ran out, remembering the lapse; False when a renewal or a
