@@ -39,26 +39,12 @@ async def served_by(pool: GrpcConnectionPool, deployment: str = "d", **kwargs) -
 async def test_the_last_replica_left_failing_lets_an_ejected_one_that_came_back_in_at_once():
     """B was ejected while down, came back, then A died: every request went to dead A (the last pickable, never
     ejected) until B's probe came round, up to 30 s later. A's failures now check B at once."""
-    a, b = EchoServer("A"), EchoServer("B")
-    await a.start()
-    await b.start()
-    pool = GrpcConnectionPool(ejection=LONG_EJECTION, retry=RetryPolicy(rounds=1))
-    try:
-        for server in (a, b):
-            pool.add_connection("d", server.address)
-        replicas = pool.get_replicas("d")
-        await b.stop()
-        while replicas.ejected_addresses != [b.address]:
-            await served_by(pool)
-        b = await EchoServer("B", port=b.port).start()  # back, its probe 30 s away
+    async with b_ejected() as (pool, replicas, a, start_b_again):
+        await start_b_again()  # back, its probe 30 s away
         await a.stop()
         outcomes = [await served_by(pool) for _ in range(8)]
         # a failure or two to learn A is gone (each request tries A alone), then B's health is checked at once
         assert outcomes[4:] == ["B"] * 4, outcomes
-    finally:
-        await pool.close()
-        await a.stop()
-        await b.stop()
 
 
 class NoReplica:
@@ -298,9 +284,9 @@ async def test_a_deactivate_naming_no_shard_takes_the_worker_out_of_every_shard_
 
 
 @contextlib.asynccontextmanager
-async def b_ejected_then_a_down():
-    """A pool over echo replicas A and B, ejecting for long: B stopped until ejected, then A stopped too (the
-    last pickable). Yields the pool, its replica list and a coroutine function starting B again on its port."""
+async def b_ejected():
+    """A pool over echo replicas A and B, ejecting for long, B stopped until ejected. Yields the pool, its
+    replica list, A and a coroutine function starting B again on its port."""
     a, b = EchoServer("A"), EchoServer("B")
     started = [await a.start(), await b.start()]
     pool = GrpcConnectionPool(ejection=LONG_EJECTION, retry=RetryPolicy(rounds=1))
@@ -311,17 +297,25 @@ async def b_ejected_then_a_down():
         await b.stop()
         while replicas.ejected_addresses != [b.address]:
             await served_by(pool)
-        await a.stop()
 
         async def start_b_again() -> EchoServer:
             started.append(await EchoServer("B", port=b.port).start())
             return started[-1]
 
-        yield pool, replicas, start_b_again
+        yield pool, replicas, a, start_b_again
     finally:
         await pool.close()
         for server in started:
             await server.stop()
+
+
+@contextlib.asynccontextmanager
+async def b_ejected_then_a_down():
+    """``b_ejected``, then A stopped too (the last pickable). Yields the pool, its replica list and a coroutine
+    function starting B again on its port."""
+    async with b_ejected() as (pool, replicas, a, start_b_again):
+        await a.stop()
+        yield pool, replicas, start_b_again
 
 
 async def test_a_replica_back_after_every_replica_died_is_found_within_a_second_or_so():
