@@ -366,6 +366,30 @@ async def test_flapping_pod_ends_where_its_last_event_says(api_server: FakeApiSe
     assert pool.changes.count(("add", "dep", "10.0.0.1:8080")) == 6
 
 
+async def test_a_pod_flapping_while_a_call_runs_on_it_answers_that_call_and_ends_routed(
+    api_server: FakeApiServer, start_pool
+) -> None:
+    """Unready, ready, unready, ready while a slow call runs on the pod: each removal lets the old channel drain
+    on its own, the pod is routed again on a new one at once, and the call still gets its answer."""
+    async with EchoServer("slow", delay=1.0) as slow:
+        api_server.apply("pods", pod("w", ip="127.0.0.1", port=slow.port))
+        pool = await start_pool(sources=("pods",))
+        in_flight = pool.send_request_once(DataRequest(endpoint="/x"), "dep")
+        await eventually(lambda: slow.calls == 1)
+        for ready in (False, True, False, True):
+            api_server.apply("pods", pod("w", ip="127.0.0.1", port=slow.port, ready=ready))
+        api_server.apply("pods", pod("sentinel", deployment="other", ip="10.0.0.99"))
+        await eventually(lambda: "10.0.0.99:8080" in replicas(pool, "other"))
+        assert not in_flight.done() and replicas(pool) == {slow.address}
+        assert pool.changes.count(("remove", "dep", slow.address)) == 2
+        assert pool.changes.count(("add", "dep", slow.address)) == 3
+
+        _, trailing = await in_flight  # on the first channel, drained rather than cut
+        assert dict(tuple(trailing))["served-by"] == "slow" and slow.calls == 1
+        _, trailing = await pool.send_request_once(DataRequest(endpoint="/x"), "dep")
+        assert dict(tuple(trailing))["served-by"] == "slow" and slow.calls == 2
+
+
 async def test_malformed_pod_is_skipped(api_server: FakeApiServer, start_pool, caplog) -> None:
     pool = await start_pool(sources=("pods",))
     broken = pod("broken", ip="10.0.0.1")

@@ -230,9 +230,10 @@ def _members(source: str, obj: Mapping[str, Any], *, ready_only: bool = True) ->
 class _Ledger:
     """What each watched object contributed, how many objects hold each member, and the pool calls that follow.
 
-    Additions are synchronous; a removal runs as a task (closing a channel may
-    wait for in-flight calls to drain) so the watch never stalls behind it,
-    and an address added back while its removal is still closing waits for it.
+    Additions are synchronous; a removal runs as a task, so the watch never
+    stalls behind it (the pool takes the replica out, and its channel drains
+    its calls on its own), and an address added back before its removal ran
+    waits for it, which could otherwise take out the new connection.
     """
 
     def __init__(self, pool: "K8sGrpcConnectionPool"):
