@@ -32,6 +32,7 @@ from shardnet.runtimes.worker import Worker
 from shardnet.testing import probe_health
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
+JINA_DATA_SERVICE = "jina.JinaSingleDataRequestRPC"
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -137,6 +138,7 @@ async def test_a_head_waiting_for_discovery_is_not_ready_on_its_health_port_unti
     address = head.server.health_address
     assert await probe_health(address) == SERVING  # alive: liveness must not kill it
     assert await probe_health(address, services.READY_SERVICE) == NOT_SERVING
+    assert await probe_health(address, JINA_DATA_SERVICE) == NOT_SERVING  # a Jina-style probe reads readiness
     pool.synced.set()
 
     async def ready() -> bool:
@@ -144,6 +146,17 @@ async def test_a_head_waiting_for_discovery_is_not_ready_on_its_health_port_unti
 
     await eventually(ready, timeout=5)
     assert await probe_health(head.server.address, services.READY_SERVICE) == SERVING  # the same on both
+    assert await probe_health(address, JINA_DATA_SERVICE) == SERVING
+
+
+@pytest.mark.parametrize("service", [
+    "jina.JinaSingleDataRequestRPC", "jina.JinaDataRequestRPC", "jina.JinaRPC", "jina.JinaDiscoverEndpointsRPC",
+])
+async def test_a_probe_naming_a_service_a_jina_server_names_is_answered_as_jinas_is(runtimes, service):
+    """A Jina server reports each service it serves SERVING; a probe naming one got NOT_FOUND (found by a review)."""
+    worker = await runtimes(Worker(executors.Tagger.create()))
+    assert await probe_health(worker.server.address, service) == SERVING
+    assert await health_error(worker.server.address, "jina.NoSuchService") == grpc.StatusCode.NOT_FOUND
 
 
 async def test_a_head_fed_by_discovery_is_ready_only_once_every_declared_shard_has_a_worker(
@@ -205,7 +218,7 @@ async def test_the_health_port_says_not_serving_through_a_drain_and_closes_after
         assert await asyncio.to_thread(blocking.entered.wait, 10)
         stopping = asyncio.ensure_future(worker.stop(20))
         await eventually(lambda: worker.server.draining, timeout=5)
-        for service in ("", services.READY_SERVICE):
+        for service in ("", services.READY_SERVICE, JINA_DATA_SERVICE):
             assert await probe_health(address, service) == NOT_SERVING
         assert not in_flight.done() and not stopping.done()
     finally:

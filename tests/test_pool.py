@@ -247,7 +247,7 @@ async def test_send_requests_once_takes_jinas_argument_order_and_a_dict_of_metad
     )
     assert trailing["served-by"] == "head" and response.endpoint is None
     assert head.received_metadata[-1]["tenant"] == "a" and head.received_metadata[-1]["endpoint"] == "/search"
-    await pool.send_request_once(DataRequest(endpoint="/x"), "dep", {"tenant": "b"})
+    await pool.send_request_once(DataRequest(endpoint="/x"), "dep", metadata={"tenant": "b"})
     assert worker.received_metadata[-1]["tenant"] == "b"
     with pytest.raises(ConfigurationError, match="retries must be an integer"):
         pool.send_requests_once([DataRequest()], "dep", retries="3")
@@ -340,10 +340,13 @@ async def test_close_and_context_manager(echo_servers):
     assert pool.send_request(DataRequest(), "dep") == []
 
 
-async def test_create_connection_pool():
-    pool = create_connection_pool()
+@pytest.mark.parametrize("arguments", [{}, {"k8s_connection_pool": True, "k8s_namespace": None}])
+async def test_create_connection_pool_makes_a_plain_pool_without_a_namespace_as_jinas_does(arguments):
+    """Jina's head calls it with k8s_connection_pool=True (its default) and no namespace outside Kubernetes, and
+    gets a plain pool; this one refused (found by a review)."""
+    pool = create_connection_pool(logger=logging.getLogger("jina-head"), **arguments)
     try:
-        assert isinstance(pool, GrpcConnectionPool)
+        assert type(pool) is GrpcConnectionPool
     finally:
         await pool.close()
 
@@ -563,6 +566,25 @@ async def test_bad_calls_are_configuration_errors_naming_what_is_wrong(pool, ech
 def test_polling_type_reads_and_prints_as_jinas_does():
     assert str(PollingType.ALL) == "ALL" and f"{PollingType.ANY}" == "ANY"
     assert PollingType.from_string("all") is PollingType.ALL and int(PollingType.ALL) == 2
+    assert PollingType.ANY.to_string() == "ANY" and PollingType.ANY.is_push and not PollingType.ANY.is_block
+    assert PollingType.ALL.is_block and not PollingType.ALL.is_push
+
+
+async def test_the_single_request_calls_take_jinas_positional_arguments(pool, echo_servers):
+    """Jina's ``send_request(request, deployment, head, shard_id, polling_type, endpoint, timeout, retries)`` and
+    ``send_request_once(request, deployment, head, shard_id, timeout, retries)``: a 5.0 in the timeout's place
+    was read as metadata or a shard id (found by a review)."""
+    [server] = await echo_servers(1)
+    pool.add_connection("dep", server.address, shard_id=0)
+    pool.add_connection("dep", server.address, head=True)
+    [task] = pool.send_request(DataRequest(endpoint="/i"), "dep", False, 0, PollingType.ANY, "/search", 5.0, 0)
+    await task
+    assert server.received_metadata[-1]["endpoint"] == "/search"
+    await pool.send_request_once(DataRequest(endpoint="/h"), "dep", True)
+    await pool.send_request_once(DataRequest(endpoint="/o"), "dep", False, 0, 5.0, 0, endpoint="/e")
+    assert server.calls == 3 and server.received_metadata[-1]["endpoint"] == "/e"
+    with pytest.raises(ConfigurationError, match="timeout"):
+        pool.send_request_once(DataRequest(), "dep", False, 0, -1.0)
 
 
 async def test_discover_endpoint(pool, echo_servers):

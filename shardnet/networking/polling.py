@@ -25,6 +25,20 @@ class PollingType(enum.IntEnum):
     def __format__(self, spec: str) -> str:
         return format(self.name, spec)
 
+    def to_string(self) -> str:
+        """The name, as Jina's enums give it."""
+        return self.name
+
+    @property
+    def is_push(self) -> bool:
+        """Jina's word for ANY (a request pushed to one shard)."""
+        return self is PollingType.ANY
+
+    @property
+    def is_block(self) -> bool:
+        """Jina's word for ALL (the caller blocks until every shard answered)."""
+        return self is PollingType.ALL
+
     @classmethod
     def from_string(cls, text: str) -> "PollingType":
         """Jina's name for ``parse`` of text ("any", "ALL")."""

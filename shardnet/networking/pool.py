@@ -630,11 +630,13 @@ class GrpcConnectionPool:
         shard_id: Optional[int] = None,
         polling_type: PollingType = PollingType.ANY,
         endpoint: Optional[str] = None,
-        metadata: Optional[Metadata] = None,
         timeout: Optional[float] = None,
         retries: Optional[int] = -1,
+        *,
+        metadata: Optional[Metadata] = None,
     ) -> list[asyncio.Task]:
-        """``send_requests`` for a single request."""
+        """``send_requests`` for a single request, its arguments in the order of Jina's ``send_request`` (which
+        had no ``metadata``: it is keyword-only here)."""
         return self.send_requests(
             [request], deployment, head, shard_id, polling_type, endpoint, metadata, timeout, retries
         )
@@ -663,14 +665,16 @@ class GrpcConnectionPool:
         self,
         request: Union[DataRequest, ControlRequest],
         deployment: str,
-        metadata: Optional[Metadata] = None,
         head: bool = False,
         shard_id: Optional[int] = None,
-        endpoint: Optional[str] = None,
         timeout: Optional[float] = None,
         retries: Optional[int] = -1,
+        *,
+        metadata: Optional[Metadata] = None,
+        endpoint: Optional[str] = None,
     ) -> Optional[asyncio.Task]:
-        """``send_requests_once`` for a single request."""
+        """``send_requests_once`` for a single request, its arguments in the order of Jina's ``send_request_once``
+        (which had neither ``metadata`` nor ``endpoint``: they are keyword-only here)."""
         return self.send_requests_once([request], deployment, metadata, head, shard_id, endpoint, timeout, retries)
 
     def send_discover_endpoint(

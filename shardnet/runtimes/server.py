@@ -264,7 +264,8 @@ class Server:
     """A grpc.aio server with health, reflection and graceful drain around the given handlers.
 
     Health answers for two services: ``""`` (alive: SERVING once started; liveness and startup
-    probes) and ``services.READY_SERVICE`` (fit for traffic; readiness probes). A head whose
+    probes) and ``services.READY_SERVICE`` (fit for traffic; readiness probes), which each service
+    served (``jina.JinaSingleDataRequestRPC``, ...) reports too, as on a Jina server. A head whose
     workers come from discovery sets ``ready_at_start`` False and calls ``mark_ready`` once
     discovery has listed a worker of every shard (or it waited long enough).
 
@@ -415,7 +416,7 @@ class Server:
             raise
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         ready = health_pb2.HealthCheckResponse.SERVING if self.ready_at_start else health_pb2.HealthCheckResponse.NOT_SERVING
-        await self.health.set(services.READY_SERVICE, ready)
+        await self._set_readiness(ready)
         if self.health_address is not None:
             logger.info("health check (plaintext) on %s", self.health_address)
 
@@ -423,7 +424,13 @@ class Server:
         """Report readiness SERVING, now or when the server starts (a draining one stays NOT_SERVING)."""
         self.ready_at_start = True
         if self._server is not None:
-            await self.health.set(services.READY_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+            await self._set_readiness(health_pb2.HealthCheckResponse.SERVING)
+
+    async def _set_readiness(self, status: int) -> None:
+        """Readiness under ``services.READY_SERVICE`` and, as a Jina server reports it, under each service
+        served, so that a probe naming one (``grpc_health_probe -service=jina.JinaSingleDataRequestRPC``) works."""
+        for name in (services.READY_SERVICE, *self._service_names):
+            await self.health.set(name, status)
 
     def _health_check_only(self) -> grpc.GenericRpcHandler:
         """grpc.health.v1's Check on the shared servicer, and no other method (Watch answers UNIMPLEMENTED)."""
