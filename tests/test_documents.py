@@ -39,6 +39,26 @@ def test_matches_and_chunks_are_assigned_a_list_as_in_docarray():
     assert query.matches.ids == ["b"]  # a refused assignment leaves the matches as they were
 
 
+def test_matches_and_chunks_added_are_placed_under_their_document_as_docarray_places_them():
+    """docarray gives a match adjacency one more than its document's, and a chunk granularity one more and the
+    document's id as parent; a Jina worker's answers carry them, and a shardnet worker's did not (a review)."""
+    query = Document(id="q")
+    query.matches.append(Document(id="m"))
+    query.matches.extend([Document(id="n")])
+    query.chunks = [Document(id="c")]
+    assert [m.proto.adjacency for m in query.matches] == [1, 1]
+    chunk = query.chunks[0]
+    assert (chunk.proto.parent_id, chunk.proto.granularity) == ("q", 1)
+    chunk.matches.append(Document())
+    chunk.chunks.append(Document())
+    assert chunk.matches[0].proto.adjacency == 1
+    assert (chunk.chunks[0].proto.parent_id, chunk.chunks[0].proto.granularity) == ("c", 2)
+    deepest = Document()
+    deepest.proto.adjacency = 2**32 - 1  # from the network: uint32's last value stays, no overflow
+    deepest.matches.append(Document())
+    assert deepest.matches[0].proto.adjacency == 2**32 - 1
+
+
 def test_tensor_and_embedding_round_trip():
     tensor = np.arange(12, dtype=np.float32).reshape(3, 4)
     embedding = np.array([0.5, -1.0], dtype="<f8")

@@ -7,7 +7,8 @@ shardnet does not model (location, evaluations, ...) survive untouched.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, MutableMapping
+import functools
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any, Optional, Union, overload
 
 import numpy as np
@@ -52,6 +53,18 @@ def _proto_of(doc: Any) -> docarray_pb2.DocumentProto:
     if isinstance(doc, docarray_pb2.DocumentProto):
         return doc
     raise TypeError(f"documents are shardnet.Document (or DocumentProto) objects, got {type(doc).__name__}")
+
+
+_DEEPEST = 2**32 - 1  # adjacency and granularity are uint32: a parent already there keeps its children there
+
+
+def _as_match_of(parent: docarray_pb2.DocumentProto, match: docarray_pb2.DocumentProto) -> None:
+    match.adjacency = min(parent.adjacency + 1, _DEEPEST)
+
+
+def _as_chunk_of(parent: docarray_pb2.DocumentProto, chunk: docarray_pb2.DocumentProto) -> None:
+    chunk.parent_id = parent.id
+    chunk.granularity = min(parent.granularity + 1, _DEEPEST)
 
 
 def _text(value: Any, field: str) -> str:
@@ -250,7 +263,8 @@ class Document:
 
     @property
     def matches(self) -> "DocumentList":
-        return DocumentList(self._pb.matches, self._dense_budget())
+        """The matches; one added gets adjacency one more than this document's, as docarray gives it."""
+        return DocumentList(self._pb.matches, self._dense_budget(), functools.partial(_as_match_of, self._pb))
 
     @matches.setter
     def matches(self, docs: Iterable[DocumentLike]) -> None:
@@ -259,7 +273,9 @@ class Document:
 
     @property
     def chunks(self) -> "DocumentList":
-        return DocumentList(self._pb.chunks, self._dense_budget())
+        """The chunks; one added gets this document's id as ``parent_id`` and granularity one more than its, as
+        docarray gives them."""
+        return DocumentList(self._pb.chunks, self._dense_budget(), functools.partial(_as_chunk_of, self._pb))
 
     @chunks.setter
     def chunks(self, docs: Iterable[DocumentLike]) -> None:
@@ -300,9 +316,14 @@ class DocumentList:
     request's, or for a list made directly, what one small message may expand to.
     """
 
-    __slots__ = ("_budget", "_field")
+    __slots__ = ("_budget", "_field", "_stamp")
 
-    def __init__(self, field: Any, budget: Optional[ndarray.DenseBudget] = None):
+    def __init__(
+        self,
+        field: Any,
+        budget: Optional[ndarray.DenseBudget] = None,
+        stamp: Optional[Callable[[docarray_pb2.DocumentProto], None]] = None,
+    ):
         if isinstance(field, (list, tuple)) or not hasattr(field, "add"):
             raise TypeError(
                 "DocumentList is a view over a message's documents (request.docs, doc.matches, doc.chunks); "
@@ -310,6 +331,7 @@ class DocumentList:
             )
         self._field = field
         self._budget = budget if budget is not None else ndarray.DenseBudget(ndarray.MAX_DENSE_BYTES)
+        self._stamp = stamp  # what a document added here gets from the list's owner (a match's adjacency)
 
     @property
     def budget(self) -> ndarray.DenseBudget:
@@ -346,6 +368,8 @@ class DocumentList:
         proto = _proto_of(doc)  # before add(): a refused value leaves no empty document behind
         stored = self._field.add()
         stored.CopyFrom(proto)
+        if self._stamp is not None:
+            self._stamp(stored)
         if isinstance(doc, Document):
             self._budget.absorb(doc._budget)
             doc._pb = stored
@@ -365,6 +389,8 @@ class DocumentList:
         for doc in docs:
             clone = docarray_pb2.DocumentProto()
             clone.CopyFrom(_proto_of(doc))
+            if self._stamp is not None:
+                self._stamp(clone)
             copies.append(clone)
             if isinstance(doc, Document):
                 self._budget.absorb(doc._budget)
