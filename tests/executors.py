@@ -118,6 +118,7 @@ class Sleepy(Executor):
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
         self.cancelled = 0  # sleeps cut short because their caller stopped waiting
+        self.made_big = 0  # /big answers made
 
     @requests(on="/sleep")
     async def sleep(self, docs, parameters, **kwargs):
@@ -131,6 +132,7 @@ class Sleepy(Executor):
 
     @requests(on="/big")
     async def big(self, docs, parameters, **kwargs):
+        self.made_big += 1
         for doc in docs:
             doc.text = "x" * int(parameters["bytes"])
 

@@ -18,7 +18,7 @@ import grpc.aio
 import pytest
 
 from shardnet import DataRequest, Document, GrpcConnectionPool, PollingMap, ReplicaError
-from shardnet.networking import oneshot
+from shardnet.networking import oneshot, streams
 from shardnet.networking.streams import MAX_STREAMED_BYTES, STATUS_EXCEPTION, status_message
 from shardnet.protocol import services
 from shardnet.runtimes.head import Head
@@ -354,6 +354,61 @@ async def test_a_worker_answers_what_came_before_an_unreadable_stream_message_th
                 answered.add(DataRequest.from_bytes(await call.read()).request_id)
         assert answered == {"before-0", "before-1", "before-2"}
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        await channel.close()
+
+
+@pytest.mark.parametrize("second_id", ["twice", ""])
+async def test_a_request_id_still_worked_on_or_none_ends_the_stream_after_the_answers_before_it(runtimes, second_id):
+    """Two requests under one id got one answer, and the other's handler ran on with nobody to answer nor to
+    cancel it; a request with no id is one whose answer no sender can match (found by a review)."""
+    worker = await start_worker(runtimes)
+    channel, call = await open_stream(worker)
+    try:
+        await call.write(request("/sleep", "first", request_id="twice", seconds=0.3).to_bytes())
+        await call.write(request("/sleep", "second", request_id=second_id, seconds=0).to_bytes())
+        answer = DataRequest.from_bytes(await asyncio.wait_for(call.read(), 5))
+        assert answer.request_id == "twice" and answer.docs.texts == ["first"]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(call.read(), 5)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        expected = "request id 'twice' is still being worked on" if second_id else "a request with no request id"
+        assert expected in caught.value.details()
+    finally:
+        await channel.close()
+
+
+async def test_an_id_answered_may_be_used_again_on_the_stream(runtimes):
+    worker = await start_worker(runtimes)
+    channel, call = await open_stream(worker)
+    try:
+        for text in ("one", "two"):
+            await call.write(request("/sleep", text, request_id="again", seconds=0).to_bytes())
+            answer = DataRequest.from_bytes(await asyncio.wait_for(call.read(), 5))
+            assert answer.request_id == "again" and answer.docs.texts == [text]
+    finally:
+        await channel.close()
+
+
+async def test_a_worker_reads_no_more_of_a_stream_whose_sender_does_not_read_its_answers(runtimes, monkeypatch):
+    """A sender that wrote and never read had every answer queued in the worker, without bound (a review: 5,000
+    answers of 20 KB grew the worker by 93 MB)."""
+    monkeypatch.setattr(streams, "WRITER_BACKLOG_MESSAGES", 8)
+    worker = await start_worker(runtimes)
+    channel, call = await open_stream(worker)
+    try:
+        sent = 300
+        for n in range(sent):  # small requests, each answered with 200 KB
+            await call.write(request("/big", "", request_id=f"r{n}", bytes=200_000).to_bytes())
+        await eventually(lambda: worker.executor.made_big >= 8)
+        await asyncio.sleep(0.3)  # a negative cannot be polled for: the worker has stopped taking requests
+        assert worker.executor.made_big < 40
+        ids = set()
+        for _ in range(sent):  # once read, every answer comes, nothing was dropped
+            answer = DataRequest.from_bytes(await asyncio.wait_for(call.read(), 10))
+            assert not answer.is_error and len(answer.docs[0].text) == 200_000
+            ids.add(answer.request_id)
+        assert ids == {f"r{n}" for n in range(sent)} and worker.executor.made_big == sent
     finally:
         await channel.close()
 

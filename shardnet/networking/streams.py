@@ -54,6 +54,10 @@ STATUS_EXCEPTION = "grpc.StatusCode"
 MAX_STREAMED_BYTES = 256 * 1024
 # streams per replica: one write at a time goes on each, so a few let writes overlap
 LANES = 4
+# a writer holding this many messages, or bytes, waiting for the other end to read is full: a worker reads no
+# more requests from a stream whose answers back up so (a sender that never reads would grow it without bound)
+WRITER_BACKLOG_MESSAGES = 1024
+WRITER_BACKLOG_BYTES = 16 * 1024 * 1024
 
 
 def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
@@ -94,19 +98,34 @@ class StreamWriter:
     cancels the whole stream: so no caller writes, each only queues.
     """
 
-    __slots__ = ("_write", "_finish", "_queue", "_wake", "_finishing", "task")
+    __slots__ = ("_write", "_finish", "_queue", "_queued_bytes", "_wake", "_room", "_finishing", "task")
 
     def __init__(self, write: Callable[[bytes], Awaitable[None]], finish: Optional[Callable[[], Awaitable[None]]] = None):
         self._write = write
         self._finish = finish
         self._queue: collections.deque[bytes] = collections.deque()
+        self._queued_bytes = 0
         self._wake: Optional[asyncio.Future] = None
+        self._room: Optional[asyncio.Future] = None  # set once a full writer has room again (or stops)
         self._finishing = False
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     def send(self, message: bytes) -> None:
         self._queue.append(message)
+        self._queued_bytes += len(message)
         self._wake_up()
+
+    @property
+    def full(self) -> bool:
+        """Whether the messages waiting to be written reached the backlog bounds."""
+        return len(self._queue) >= WRITER_BACKLOG_MESSAGES or self._queued_bytes >= WRITER_BACKLOG_BYTES
+
+    async def room(self) -> None:
+        """Return once the writer is not full, or has stopped (a stream ended writes nothing more)."""
+        while self.full and not self.task.done():
+            if self._room is None:
+                self._room = asyncio.get_running_loop().create_future()
+            await self._room
 
     def finish(self) -> None:
         """Write what is queued, then half-close the stream (``finish``) and stop."""
@@ -123,7 +142,11 @@ class StreamWriter:
         try:
             while True:
                 while self._queue:
-                    await self._write(self._queue.popleft())
+                    message = self._queue.popleft()
+                    await self._write(message)
+                    self._queued_bytes -= len(message)
+                    if self._room is not None and not self.full:
+                        self._room_made()
                 if self._finishing:
                     if self._finish is not None:
                         await self._finish()
@@ -139,6 +162,13 @@ class StreamWriter:
             return  # the stream ended: its reader fails what was waiting for an answer
         finally:
             self._queue.clear()
+            self._queued_bytes = 0
+            self._room_made()
+
+    def _room_made(self) -> None:
+        room, self._room = self._room, None
+        if room is not None and not room.done():
+            room.set_result(None)
 
 
 class _Lane:

@@ -243,10 +243,18 @@ class Worker:
         async def take() -> None:
             async for payload in requests:
                 self._last_call = time.monotonic()
+                if writer.full:  # the sender is not reading its answers: read no more of its requests until it does
+                    await writer.room()
                 try:
                     request = DataRequest.from_bytes(payload)
                     request_id = request.request_id  # the header decodes here, or the request cannot be answered
                     cancelled = request.is_error and status_of(request) is not None  # the sender stopped waiting
+                    if not cancelled and (not request_id or request_id in working):
+                        raise ProtocolError(
+                            f"request id {request_id!r:.80} is still being worked on in this stream: its answers "
+                            "could not be told apart" if request_id else
+                            "a request with no request id, whose answer could not be matched to it"
+                        )
                 except PickleRefused as exc:  # readable, so refused alone: the stream goes on
                     writer.send(status_message(exc.request_id, grpc.StatusCode.INVALID_ARGUMENT, str(exc)))
                     continue
