@@ -434,6 +434,23 @@ def test_activate_for_a_shard_beyond_the_heads_shards_is_refused(servers):
     assert servers.status() == servers.members
 
 
+@pytest.mark.parametrize("shard_id", [2**31, 2**32 - 1])
+def test_a_shard_id_the_wire_carries_but_no_pool_takes_is_refused_by_name(servers, shard_id):
+    """A uint32 past int32's range was answered UNKNOWN with a traceback logged (found by a review)."""
+    for command in ("ACTIVATE", "DEACTIVATE"):
+        far = ControlRequest(command)
+        far.add_related_entity("far", "127.0.0.1", 5997, 0)
+        far.related_entities[0].shard_id = shard_id
+        code, details, _ = servers.call(
+            "head", services.PROCESS_CONTROL, far.to_bytes(),
+            metadata=((services.AUTHORIZATION_METADATA, f"Bearer {TOKEN}"),),
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+        assert f"127.0.0.1:5997 names shard {shard_id} of 'bad', and a shard id is at most 2147483647" in details
+        assert servers.status() == servers.members
+    servers.assert_healthy()
+
+
 def test_activate_accepts_exactly_what_parse_address_accepts(servers):
     @FUZZ
     @given(host=st.text(max_size=30), port=st.integers(min_value=0, max_value=2**32 - 1))

@@ -48,7 +48,7 @@ from shardnet.networking.polling import PollingMap, PollingType
 from shardnet.networking.pool import GrpcConnectionPool
 from shardnet.protocol import services
 from shardnet.protocol.ids import new_id
-from shardnet.protocol.messages import ControlRequest, DataRequest, require_empty
+from shardnet.protocol.messages import MAX_SHARD_ID, ControlRequest, DataRequest, is_shard_id, require_empty
 from shardnet.protocol.proto import jina_pb2
 from shardnet.runtimes.executor import DRY_RUN_ENDPOINT
 from shardnet.runtimes.merge import merge_shard_responses, report_shard_problems
@@ -627,6 +627,12 @@ class Head:
                     "requests to itself without end",
                 )
             shard_id = entity.shard_id if entity.HasField("shard_id") else None
+            if shard_id is not None and not is_shard_id(shard_id):  # a uint32 on the wire; the pool takes int32's
+                await self._refuse(
+                    context, command, grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{command} refused: {address} names shard {shard_id} of {self.deployment!r}, and a shard id "
+                    f"is at most {MAX_SHARD_ID}",
+                )
             if command == "ACTIVATE" and self._shards and (shard_id or 0) >= self._shards:
                 # a worker configured for another shape: ALL would fan out to a shard nobody expects
                 await self._refuse(
