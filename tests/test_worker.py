@@ -163,6 +163,24 @@ async def test_handler_exception_is_an_error_response_and_the_worker_keeps_servi
     assert not after.is_error and after.docs[0].tags["by"] == "t"
 
 
+async def test_a_refusal_quoting_a_huge_value_the_caller_chose_stays_small_in_its_answer_and_the_log(
+    runtimes, caplog
+):
+    """A 1 MB dtype went whole into the refusal and a WARNING line per request (a review: 20 requests, 21 MB of
+    log)."""
+    worker = await runtimes(Worker(executors.Arrays.create()))
+    request = DataRequest([Document()], endpoint="/normalize")
+    request.docs[0].proto.embedding.dense.dtype = "<f4" * 350_000
+    request.docs[0].proto.embedding.dense.buffer = b"\0" * 4
+    request.docs[0].proto.embedding.dense.shape.append(1)
+    with caplog.at_level(logging.WARNING, logger="shardnet.runtimes.worker"):
+        answer = await oneshot.send_request_async(request, worker.server.address, timeout=10)
+    assert answer.is_error and "unknown dtype '<f4<f4" in answer.status.description
+    assert len(answer.status.description) < 500
+    [line] = [record.getMessage() for record in caplog.records if "failed on /normalize" in record.getMessage()]
+    assert len(line) < 1500
+
+
 async def test_a_failed_handler_is_answered_with_the_documents_as_they_came_not_its_half_made_edits(runtimes, tagger):
     """As a Jina worker answers: its half-made edits reached the caller, and under ALL the merged answer."""
     head = await runtimes(Head("edits"))

@@ -134,9 +134,9 @@ def _numeric_dtype(name: str) -> np.dtype:
         try:
             dtype = np.dtype(name)
         except Exception as exc:  # TypeError, ValueError, and SyntaxError for some strings (',')
-            raise ProtocolError(f"NdArray has an unknown dtype {name!r}") from exc
+            raise ProtocolError(f"NdArray has an unknown dtype {name!r:.80}") from exc  # (the sender chose its length)
     if dtype.kind not in _SAFE_KINDS:
-        raise ProtocolError(f"NdArray dtype {name!r} is not numeric; refusing to decode it")
+        raise ProtocolError(f"NdArray dtype {name!r:.80} is not numeric; refusing to decode it")
     return dtype
 
 

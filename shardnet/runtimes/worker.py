@@ -392,7 +392,10 @@ class Worker:
                 first = DataRequest.from_bytes(received)
             first.set_exception(exc, executor=type(self.executor).__name__)  # Jina names the class
             # the description set_exception made, which holds even for an exception that cannot be printed
-            logger.warning("%s.%s failed on %s: %s", self.name, handler.name, endpoint, first.status.description)
+            # (cut: a refusal may quote what the caller sent, and a log line per request must stay small)
+            logger.warning(
+                "%s.%s failed on %.200s: %.1000s", self.name, handler.name, endpoint, first.status.description
+            )
             context.set_trailing_metadata(services.ERROR_TRAILER)
         else:  # a route entry for work done, as a Jina worker adds one only then
             route = first.add_route(self._route_name)
