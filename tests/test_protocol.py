@@ -296,6 +296,26 @@ def test_documents_nested_past_protobufs_depth_limit_are_refused_saying_so():
         DataRequest.from_bytes(request.SerializeToString()).docs
 
 
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (payloads here are under 128 bytes)."""
+    return bytes([number << 3 | 2, len(payload)]) + payload
+
+
+@pytest.mark.parametrize("where, read", [
+    ("request id", lambda request: request.request_id),
+    ("document text", lambda request: request.docs),
+])
+def test_text_that_is_not_utf8_is_refused_with_that_named_among_the_causes(where, read):
+    """protobuf says only "Error parsing message" (a review asked for the cause to be named)."""
+    bad = b"\xc3\x28"
+    if where == "request id":
+        raw = _field(1, _field(1, bad))
+    else:
+        raw = _field(1, _field(1, b"ok")) + _field(4, _field(1, _field(1, _field(4, bad))))
+    with pytest.raises(ProtocolError, match="text that is not UTF-8"):
+        read(DataRequest.from_bytes(raw))
+
+
 @pytest.mark.parametrize("wrong", [{"header": {}}, 42, jina_pb2.DataRequestProto()])
 def test_from_bytes_takes_bytes_and_says_where_a_proto_goes(wrong):
     with pytest.raises(TypeError, match="from_proto"):

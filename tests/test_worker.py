@@ -690,6 +690,18 @@ async def test_a_request_refused_on_a_jina_call_stream_is_answered_error_and_the
             [answer async for answer in call]
     assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
+    # one whose envelope reads but whose documents do not (text that is not UTF-8) was answered ERROR with those
+    # very documents, an answer its client could not parse either (found by a review): it ends the stream too
+    no_documents = DataRequest(endpoint="/grow", parameters={"bytes": 3}).proto
+    no_documents.ClearField("data")
+    no_documents = no_documents.SerializeToString()
+    raw = no_documents + b"\x22\x08\x0a\x06\x0a\x04\x22\x02\xc3\x28"  # data: docs: one doc whose text is c3 28
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.stream_stream(services.STREAM_CALL)(iter([raw]), timeout=10)
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            [answer async for answer in call]
+    assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not UTF-8" in ended.value.details()
+
 
 async def test_a_jina_call_stream_ends_unavailable_when_the_worker_drains_and_does_not_hold_its_stop(runtimes):
     """An open Call stream (a Jina Client's) held a draining worker to its whole grace, and what it brought

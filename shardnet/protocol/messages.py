@@ -110,7 +110,8 @@ def parse(message_type: type[Message], data: bytes, what: str, max_fields: int =
         # protobuf says no more than that: name the causes it may hide, the depth limit above all
         raise ProtocolError(
             f"malformed {what} ({len(data)} bytes): {exc} (truncated or corrupt bytes, another message type, "
-            f"or documents nested deeper than protobuf's limit of {PROTOBUF_DEPTH_LIMIT} levels)"
+            f"text that is not UTF-8, or documents nested deeper than protobuf's limit of {PROTOBUF_DEPTH_LIMIT} "
+            "levels)"
         ) from None
     unknown = unknown_fields.UnknownFieldSet(message)
     if len(unknown):
@@ -325,7 +326,9 @@ class DataRequest:
                 try:
                     header.MergeFromString(buffer[start:end])  # repeated occurrences merge, as protobuf does
                 except (DecodeError, RuntimeError, ValueError) as exc:
-                    raise ProtocolError(f"malformed {self._what} header: {exc}") from None
+                    raise ProtocolError(
+                        f"malformed {self._what} header: {exc} (truncated or corrupt bytes, or text that is not UTF-8)"
+                    ) from None
             if pickled:
                 raise _refuse_pickle(header.request_id, self._what)
             self._peeked = header

@@ -186,6 +186,9 @@ def _error_answer(payload: bytes, aborted: RequestAborted, limit: int) -> Option
             header_only = DataRequest()
             header_only.header.CopyFrom(request.header)
             answer = header_only.to_bytes()
+        # documents are passed on as they came, undecoded: ones the caller could not read back (text that is not
+        # UTF-8, nesting past protobuf's limit) would reach it as an answer it cannot parse, the cause unsaid
+        parse(jina_pb2.DataRequestProto, answer, "answer")
     except ProtocolError:
         return None
     return answer if len(answer) <= limit else None
