@@ -34,8 +34,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn, Optional, 
 
 import grpc
 import grpc.aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
 from shardnet.errors import ConfigurationError, ProtocolError
 from shardnet.networking.addresses import UNIX_SCHEME, canonical_host, entity_address, parse_address
@@ -51,6 +50,7 @@ from shardnet.protocol.messages import DataRequest, parse
 from shardnet.protocol.proto import jina_pb2
 from shardnet.protocol.services import AUTHORIZATION_METADATA
 from shardnet.runtimes.processes import process_running
+from shardnet.runtimes.standard_services import HEALTH_SERVICE, health_handler, reflection_handler
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,6 @@ logger = logging.getLogger(__name__)
 # small message. No Watch: a stream held open there by others would outlive every probe (and a cap on calls
 # would let whoever fills it fail the probes, and have the pod restarted)
 HEALTH_MESSAGE_BYTES = 4096
-HEALTH_CHECK_METHOD = "Check"
 
 _WILDCARD_TO_LOOPBACK = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 # requests one process_data call may carry: Jina sends one, or one per shard to a uses_after, and a head holds at
@@ -381,10 +380,8 @@ class Server:
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
         server.add_generic_rpc_handlers(self._handlers)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            self._service_names + [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
-            server,
+        server.add_generic_rpc_handlers(
+            (health_handler(self.health), reflection_handler([*self._service_names, HEALTH_SERVICE]))
         )
         bound: list[grpc.aio.Server] = []  # each holds its port until stopped
         started: list[grpc.aio.Server] = []
@@ -399,7 +396,7 @@ class Server:
                 health_server = grpc.aio.server(
                     options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", HEALTH_MESSAGE_BYTES)],
                 )
-                health_server.add_generic_rpc_handlers((self._health_check_only(),))
+                health_server.add_generic_rpc_handlers((health_handler(self.health, watch=False),))
                 self.health_port = _bind(health_server, config.host, config.health_port, None)
                 bound.append(health_server)
                 self._health_server = health_server  # a drain from now on stops it too
@@ -434,16 +431,6 @@ class Server:
         served, so that a probe naming one (``grpc_health_probe -service=jina.JinaSingleDataRequestRPC``) works."""
         for name in (services.READY_SERVICE, *self._service_names):
             await self.health.set(name, status)
-
-    def _health_check_only(self) -> grpc.GenericRpcHandler:
-        """grpc.health.v1's Check on the shared servicer, and no other method (Watch answers UNIMPLEMENTED)."""
-        check = grpc.unary_unary_rpc_method_handler(
-            self.health.Check,
-            request_deserializer=health_pb2.HealthCheckRequest.FromString,
-            response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
-        )
-        service = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-        return grpc.method_handlers_generic_handler(service, {HEALTH_CHECK_METHOD: check})
 
     def _bind_unix(self, path: str) -> None:
         """Listen on ``path``; a socket left by a dead server is replaced, one a live server holds is refused."""
