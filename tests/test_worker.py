@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import grpc.aio
 import pytest
-from google.protobuf import empty_pb2
+from google.protobuf import empty_pb2, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -28,7 +28,7 @@ from shardnet import ConfigurationError, ControlRequest, DataRequest, Document, 
 from shardnet.networking.addresses import parse_address
 from shardnet.networking import oneshot
 from shardnet.protocol import services
-from shardnet.protocol.proto import jina_pb2
+from shardnet.protocol.proto import docarray_pb2, jina_pb2
 from shardnet.cli.main import main as cli_main
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.processes import ShardnetProcess
@@ -179,6 +179,58 @@ async def test_a_refusal_quoting_a_huge_value_the_caller_chose_stays_small_in_it
     assert len(answer.status.description) < 500
     [line] = [record.getMessage() for record in caplog.records if "failed on /normalize" in record.getMessage()]
     assert len(line) < 1500
+
+
+async def longest_loop_stall(work) -> tuple[object, float]:
+    """``work``'s result, and the longest the event loop went without running a 10 ms ticker meanwhile."""
+    loop = asyncio.get_running_loop()
+    gaps: list[float] = []
+    finished = asyncio.Event()
+
+    async def tick() -> None:
+        last = loop.time()
+        while not finished.is_set():
+            await asyncio.sleep(0.01)
+            now = loop.time()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    try:
+        return await work, max(gaps, default=0.0)
+    finally:
+        finished.set()
+        await ticker
+
+
+async def test_a_request_with_millions_of_parameter_values_does_not_hold_the_event_loop(runtimes):
+    """Each value is made a Python object in turn: a review's 1M nulls held a worker's loop (its health checks,
+    every other caller) for 1.1 s, and the 256 MB limit allowed a minute."""
+    worker = await runtimes(Worker(executors.Tagger.create(label="t")))
+    request = DataRequest([Document(text="a")], endpoint="/tag")
+    nulls = struct_pb2.ListValue.FromString(b"\x0a\x02\x08\x00" * 2_000_000)  # 8 MB of null values
+    request.proto.parameters.fields["many"].list_value.CopyFrom(nulls)
+    answer, stall = await longest_loop_stall(
+        oneshot.send_request_async(request, worker.server.address, timeout=60)
+    )
+    assert not answer.is_error and answer.docs[0].tags["by"] == "t"
+    assert stall < 0.5, stall  # on the loop: 2 s and more
+
+
+async def test_a_long_process_data_list_is_joined_without_holding_the_event_loop(runtimes):
+    """4,000 requests of 100 documents each: joined document by document on the loop, they held it for seconds
+    (a review: 10,000 such requests, 4 to 5 s)."""
+    worker = await runtimes(Worker(executors.Tagger.create(label="t")))
+    one = DataRequest(endpoint="/count").proto
+    one.header.request_id = "one"
+    one.data.docs.docs.extend([docarray_pb2.DocumentProto(text="x")] * 100)  # no ids: a small message, 2 MB in all
+    payload = jina_pb2.DataRequestListProto(requests=[one] * 4_000).SerializeToString()
+    options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+    async with grpc.aio.insecure_channel(worker.server.address, options=options) as channel:
+        reply, stall = await longest_loop_stall(channel.unary_unary(services.PROCESS_DATA)(payload, timeout=60))
+    answer = DataRequest.from_bytes(reply, max_documents=None)
+    assert not answer.is_error and answer.parameters["__results__"]["Tagger"]["docs"] == 400_000
+    assert stall < 0.5, stall  # on the loop: 1.5 s and more
 
 
 async def test_a_failed_handler_is_answered_with_the_documents_as_they_came_not_its_half_made_edits(runtimes, tagger):
