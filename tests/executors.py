@@ -494,6 +494,17 @@ class StampsWorkspace(Executor):
     def stamp(self, docs, parameters, **kwargs):
         for doc in docs:
             doc.tags["before"] = self.workspace or ""
+        return {"stamped": len(docs)}
+
+
+class Traced(Executor):
+    """A handler naming ``tracing_context``, as Jina gives every handler one."""
+
+    @requests
+    def traced(self, docs, tracing_context, **kwargs):
+        for doc in docs:
+            doc.tags["tracing_context"] = repr(tracing_context)
+            doc.tags["kwargs"] = sorted(kwargs)
 
 
 class MapReducer(Executor):

@@ -623,6 +623,7 @@ def test_jina_habits_runtime_args_docs_map_and_the_workspaces_of_uses_before_and
     kept = {name: entry for name, entry in results.items() if name.startswith("part/shard-")}
     assert len(kept) == 2 and sum(entry["kept"] for entry in kept.values()) == len(ids), results
     assert all(entry["shards"] == 2 and entry["replicas"] == 2 for entry in kept.values()), results
+    assert results["part/uses_before-0"] == {"stamped": len(ids)}, results  # named as Jina names it (a review)
     senders = {doc.id: doc for doc in response.docs}
     # docs_map as Jina gives it: by the deployment that handled each column last, so the shards share one key
     assert set(senders) == {"part"}, list(senders)

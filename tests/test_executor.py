@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import subprocess
 import sys
@@ -146,6 +148,54 @@ def test_create_sets_runtime_args_before_init_and_passes_uses_with():
     assert executor.runtime_args.workspace == "/tmp/w" and executor.runtime_args.name == "Sharded"
     with pytest.raises(ConfigurationError, match="unexpected arguments: colour"):
         executors.KnownOnly.create(colour="red")
+
+
+def test_a_jina_init_handing_its_arguments_up_is_served_and_jinas_own_arguments_are_ignored():
+    """``super().__init__(*args, **kwargs)`` then ``kwargs.get(...)`` is how many Jina Executors read uses_with;
+    it failed with "unexpected arguments" (found by a review)."""
+
+    class ReadsKwargs(Executor):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.given = kwargs.get("given")
+
+    assert ReadsKwargs.create(given="yes", workspace="/elsewhere", metas={"name": "x"}).given == "yes"
+    with pytest.raises(ConfigurationError, match="takes keyword arguments only"):
+        ReadsKwargs("positional")
+
+
+def test_an_executor_made_directly_has_what_a_worker_gives_it(tmp_path, monkeypatch):
+    """Made in a test or a notebook, it had no runtime_args, so metas, workspace and logger raised (a review)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    class Encoder(Executor):
+        def __init__(self, dim: int = 4, **kwargs):
+            super().__init__(**kwargs)
+            self.dim = dim
+
+        @requests
+        def encode(self, docs, **kwargs):
+            self.logger.success("encoded %d", len(docs))
+
+    encoder = Encoder(dim=8)
+    assert encoder.dim == 8 and encoder.runtime_args.shard_id == 0 and encoder.metas.name == "Encoder"
+    assert encoder.workspace == str(tmp_path / "cache" / "shardnet" / "Encoder" / "0")  # Jina: ~/.cache/jina/...
+    assert os.path.isdir(encoder.workspace)
+    encoder.encode([Document()])  # its logger has Jina's success
+
+
+def test_metas_and_logger_are_an_executors_own_to_change_as_in_jina(tmp_path, monkeypatch):
+    class OwnLogger(Executor):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.logger = logging.getLogger("mine")  # a plain attribute in Jina: it failed to start (a review)
+            self.metas.description = "kept"  # a fresh namespace each time lost it
+
+    monkeypatch.chdir(tmp_path)
+    executor = OwnLogger.create({"workspace": "relative-root"})
+    assert executor.logger.name == "mine" and executor.metas.description == "kept"
+    # an absolute path, as Jina's, whatever the root was given as (a relative one was handed on as it was)
+    assert executor.workspace == str(tmp_path / "relative-root" / "OwnLogger" / "0")
 
 
 # -- loading by --uses ----------------------------------------------------------------------------

@@ -143,6 +143,16 @@ async def test_process_data_gives_the_handler_all_documents_and_one_column_per_r
     assert response.request_id == columns[0].request_id
 
 
+async def test_a_handler_naming_tracing_context_gets_it_as_from_jina(runtimes):
+    """Jina gives every handler ``tracing_context`` (None without OpenTelemetry); one naming it failed on every
+    request (found by a review)."""
+    worker = await runtimes(Worker(executors.Traced.create()))
+    answer = await oneshot.send_request_async(DataRequest([Document()], endpoint="/any"), worker.server.address)
+    assert not answer.is_error, answer.status.description
+    assert answer.docs[0].tags["tracing_context"] == "None"
+    assert answer.docs[0].tags["kwargs"] == ["docs_map", "docs_matrix", "endpoint", "parameters"]
+
+
 async def test_handler_exception_is_an_error_response_and_the_worker_keeps_serving(tagger):
     request = DataRequest([Document(text="a")], endpoint="/fail")
     reply, trailing = await raw_call(

@@ -305,7 +305,8 @@ class Deployment:
             for key, uses in self._extras.items():
                 arguments = ["worker", "--uses", uses, "--host", self.host, "--port", "0", *self._size_arguments]
                 arguments += ["--workspace", str(self.workspace)]  # as Jina gives them: WORKSPACE/CLASS/0
-                process = self._launch(key, arguments + ["--name", f"{self.name}/{key}"])
+                # named as Jina names it, which is also the key of its dict results in __results__
+                process = self._launch(key, arguments + ["--name", f"{self.name}/{key}-0"])
                 self.extras[key] = process
                 address = process.wait_ready(self.startup_timeout, LONGER_STARTUP)
                 extra_args += [f"--{key.replace('_', '-')}", address]

@@ -151,6 +151,11 @@ def _run_to_the_end(function: Callable, answer_limit: Optional[int], *args: Any,
         raise RuntimeError(f"the handler let a {type(exc).__name__} out (a next() on an empty iterator?)") from exc
 
 
+# what Jina's BaseExecutor.__init__ takes besides an Executor's own arguments; its runtime passes them, and a
+# Jina Executor hands them up with super().__init__(**kwargs). shardnet sets these things itself (create())
+_JINA_BASE_ARGUMENTS = frozenset({"metas", "requests", "runtime_args", "workspace", "dynamic_batching"})
+
+
 class Executor:
     """Base class of user code served by a worker.
 
@@ -159,37 +164,68 @@ class Executor:
     in Jina, ``self.workspace`` is this shard's own folder, ``self.metas.name``
     (the class's name) the name executor-specific parameters are addressed to,
     ``self.logger`` a logger named after the worker, and ``close()`` runs when
-    the worker stops.
+    the worker stops. An Executor made directly (``MyExecutor(dim=8)``, in a
+    test or a notebook) has all of them too, as a lone shard 0.
     """
 
     runtime_args: SimpleNamespace
 
-    def __init__(self, **kwargs: Any):
-        if kwargs:
-            raise ConfigurationError(f"{type(self).__name__} got unexpected arguments: {', '.join(kwargs)}")
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Executor":
+        executor = super().__new__(cls)
+        executor.runtime_args = _runtime_args(cls)  # create() gives the worker's instead
+        return executor
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        """Take what a Jina Executor hands up (``super().__init__(*args, **kwargs)``): Jina's own arguments are
+        set by shardnet instead and are ignored here, as are an Executor's own that its ``__init__`` reads from
+        ``kwargs`` itself. An Executor with no ``__init__`` of its own is told of arguments nothing takes."""
+        if args:
+            raise ConfigurationError(f"{type(self).__name__} takes keyword arguments only (uses_with), got {args!r}")
+        unused = sorted(set(kwargs) - _JINA_BASE_ARGUMENTS)
+        if unused and type(self).__init__ is Executor.__init__:
+            raise ConfigurationError(f"{type(self).__name__} got unexpected arguments: {', '.join(unused)}")
 
     @property
     def metas(self) -> SimpleNamespace:
         """Jina's ``metas``: ``name``, the class's name unless ``uses_metas`` gave another, as in Jina
         (``parameters[name]`` addresses it, and the workspace is laid out by it, so an index Jina built is
-        found), and ``workspace``."""
-        name = self.runtime_args.metas_name or type(self).__name__
-        return SimpleNamespace(name=name, workspace=self.runtime_args.workspace)
+        found), and ``workspace``. One object, as Jina's: what an Executor sets on it stays."""
+        metas = self.__dict__.get("_metas")
+        if metas is None:
+            name = self.runtime_args.metas_name or type(self).__name__
+            metas = self.__dict__["_metas"] = SimpleNamespace(name=name, workspace=self.runtime_args.workspace)
+        return metas
+
+    @metas.setter
+    def metas(self, value: SimpleNamespace) -> None:
+        self.__dict__["_metas"] = value
 
     @property
-    def workspace(self) -> Optional[str]:
+    def workspace(self) -> str:
         """This shard's folder, ``WORKSPACE/CLASS/SHARD`` as Jina lays it out (replicas of a shard share it;
-        shards never do), made on first use; None when the worker was given no workspace."""
-        if not self.runtime_args.workspace:
-            return None
-        folder = shard_folder(self.runtime_args.workspace, self.metas.name, self.runtime_args.shard_id)
+        shards never do), an absolute path, made on first use. With no workspace given, WORKSPACE is the user's
+        cache folder (``$XDG_CACHE_HOME/shardnet``, else ``~/.cache/shardnet``), as Jina falls back on its own."""
+        root = self.runtime_args.workspace or os.path.join(
+            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "shardnet"
+        )
+        folder = os.path.abspath(shard_folder(root, self.metas.name, self.runtime_args.shard_id))
         os.makedirs(folder, exist_ok=True)
         return folder
 
     @property
-    def logger(self) -> logging.Logger:
-        """A logger named after this worker (``shardnet.executor.NAME``), as Jina gives each Executor one."""
-        return logging.getLogger(f"shardnet.executor.{self.runtime_args.name}")
+    def logger(self) -> "ExecutorLogger":
+        """A logger named after this worker (``shardnet.executor.NAME``), as Jina gives each Executor one, with
+        Jina's ``success``; an Executor may set its own, as in Jina."""
+        own = self.__dict__.get("_logger")
+        if own is None:
+            own = self.__dict__["_logger"] = ExecutorLogger(
+                logging.getLogger(f"shardnet.executor.{self.runtime_args.name}"), {}
+            )
+        return own
+
+    @logger.setter
+    def logger(self, value: Any) -> None:
+        self.__dict__["_logger"] = value
 
     def close(self) -> None:
         """Called once when the worker stops, after its last request: flush or persist state here."""
@@ -226,14 +262,29 @@ class Executor:
         """Instantiate with ``runtime_args`` available inside ``__init__``."""
         cls.handler_table()  # a handler table that cannot be served fails before a costly __init__ runs
         executor = cls.__new__(cls)
-        executor.runtime_args = SimpleNamespace(
-            **{
-                "shard_id": 0, "shards": 1, "replica_id": 0, "replicas": 1, "workspace": None, "name": cls.__name__,
-                "metas_name": None, **(runtime_args or {}),
-            }
-        )
+        executor.runtime_args = _runtime_args(cls, runtime_args)
         executor.__init__(**uses_with)
         return executor
+
+
+class ExecutorLogger(logging.LoggerAdapter):
+    """An Executor's logger: a standard one, with Jina's ``success`` (logged at INFO)."""
+
+    def success(self, message: Any, *args: Any, **kwargs: Any) -> None:
+        self.info(message, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # addHandler, handlers, ...: the logger's own
+        return getattr(self.logger, name)
+
+
+def _runtime_args(cls: type, given: Optional[dict[str, Any]] = None) -> SimpleNamespace:
+    """What a worker tells its Executor, as a lone shard 0 of its class unless ``given`` says otherwise."""
+    return SimpleNamespace(
+        **{
+            "shard_id": 0, "shards": 1, "replica_id": 0, "replicas": 1, "workspace": None, "name": cls.__name__,
+            "metas_name": None, **(given or {}),
+        }
+    )
 
 
 def metas_name(uses_metas: Any, what: str = "uses_metas") -> Optional[str]:

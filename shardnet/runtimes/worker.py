@@ -369,7 +369,10 @@ class Worker:
         specific = parameters.get(self._metas_name)
         if isinstance(specific, dict):  # Jina's executor-specific parameters: {"index": {"top_k": 3}} for "index"
             parameters = {**parameters, **specific}
-        arguments = {"docs": docs, "parameters": parameters, "endpoint": endpoint, "docs_matrix": matrix}
+        # tracing_context: Jina gives every handler one (None without OpenTelemetry, which shardnet has not)
+        arguments = {
+            "docs": docs, "parameters": parameters, "endpoint": endpoint, "docs_matrix": matrix, "tracing_context": None,
+        }
         if senders is not None:
             arguments["docs_map"] = dict(zip(senders, arguments["docs_matrix"]))
         answer_limit = self.server.config.max_message_bytes if limit is None else limit
