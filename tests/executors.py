@@ -296,6 +296,11 @@ class ShardSearch(Executor):
         if self.runtime_args.shard_id == 1:
             raise RuntimeError(f"shard {self.runtime_args.shard_id} is broken")
 
+    @requests(on="/broken-first")
+    def broken_first(self, docs, parameters, **kwargs):
+        if self.runtime_args.shard_id == 0:
+            raise RuntimeError("shard 0 is broken")
+
 
 class CountingBefore(Executor):
     """A uses_before: stamps each document with how many requests it has seen."""

@@ -590,6 +590,66 @@ async def test_all_names_the_shard_that_raised_and_keeps_the_others_answers(runt
     assert response.docs.ids == ["q"]
 
 
+async def test_when_the_first_shard_raises_the_answer_carries_the_route_of_the_shard_that_worked(runtimes):
+    """Jina builds an ALL answer on the first shard that succeeded; the answer had no route at all (a review)."""
+    workers = await shard_workers(runtimes, executors.ShardSearch, 2)
+    head = await head_over(runtimes, "search", workers, "ALL")
+    response, _ = await send_with_trailing(head.server.address, "/broken-first", [Document(id="q")])
+    assert response.is_error and "shard 0 is broken" in response.status.description
+    assert [route.executor for route in response.routes] == [workers[1].name.split("/")[0]]
+
+
+async def test_an_error_answer_the_head_makes_or_its_uses_after_gives_carries_the_is_error_trailer(runtimes):
+    """What a Jina gateway stops a flow on: a head's answer for a shard down, or its uses_after's error, came
+    without it (found by a review)."""
+    [worker] = await shard_workers(runtimes, executors.ShardSearch, 1)
+    head = await runtimes(
+        Head("search", polling=PollingMap.parse("ALL"), connections={0: [worker.server.address]}, shards=2)
+    )
+    response, trailing = await send_with_trailing(head.server.address, "/search", [Document(id="q")])
+    assert response.is_error and trailing["is-error"] == "true" and trailing["failed_shards"] == "1"
+
+    after = await runtimes(Worker(executors.Tagger.create()))
+    workers = await shard_workers(runtimes, executors.ShardSearch, 2)
+    head = await head_over(runtimes, "search", workers, "ALL", uses_after=after.server.address)
+    response, trailing = await send_with_trailing(head.server.address, "/fail", [Document(id="q")])
+    assert response.is_error and "bad input" in response.status.description  # the uses_after raised
+    assert trailing["is-error"] == "true" and trailing["failed_shards"] == "0"
+
+
+async def test_a_head_in_front_of_a_head_sends_its_own_shard_counts_only(runtimes):
+    """The inner head's total_shards and failed_shards came first, beside the outer's (found by a review)."""
+    [worker] = await shard_workers(runtimes, executors.ShardSearch, 1)
+    inner = await runtimes(
+        Head("inner", polling=PollingMap.parse("ALL"), connections={0: [worker.server.address]}, shards=2)
+    )
+    outer = await runtimes(Head("outer", polling=PollingMap.parse("ALL"), connections={0: [inner.server.address]}))
+    response, trailing = await oneshot.call_once(
+        "single_data", DataRequest([Document(id="q")], endpoint="/search"), outer.server.address, timeout=10,
+        metadata=[("endpoint", "/search")],
+    )
+    pairs = list(tuple(trailing))
+    assert response.is_error  # the inner head's: one of its shards has no worker
+    assert [pair for pair in pairs if pair[0] in ("total_shards", "failed_shards")] == [
+        ("total_shards", "1"), ("failed_shards", "0"),
+    ]
+    assert ("is-error", "true") in pairs
+
+
+async def test_a_header_naming_an_endpoint_is_kept_and_run_while_the_metadata_chooses_the_polling(runtimes):
+    """As through a Jina head: header /index, metadata /search polls ALL (as /search) and runs /index on every
+    shard; the head wrote /search into the header, and /search ran instead (found by a review)."""
+    workers = await shard_workers(runtimes, executors.ShardSearch, 2)
+    head = await head_over(runtimes, "search", workers, "ANY")  # Jina's defaults: /search ALL, /index ANY
+    response, trailing = await oneshot.call_once(
+        "single_data", DataRequest([Document(id="q")], endpoint="/index"), head.server.address, timeout=10,
+        metadata=[("endpoint", "/search")],
+    )
+    assert response.endpoint == "/index" and dict(tuple(trailing))["total_shards"] == "2"
+    assert [worker.executor.calls for worker in workers] == [{"/index": 1}, {"/index": 1}]
+    assert response.docs[0].matches.ids == []
+
+
 async def test_all_with_a_shard_without_replica_fails_fast_naming_deployment_and_shard(runtimes):
     [worker] = await shard_workers(runtimes, executors.ShardSearch, 1)
     head = await runtimes(

@@ -66,6 +66,8 @@ from shardnet.runtimes.server import (
 logger = logging.getLogger(__name__)
 
 USES_BEFORE = "uses_before"
+# the trailers a head sets on a gathered answer itself: a shard's (a head in front of a head) are not passed on
+_OWN_TRAILERS = frozenset({"total_shards", "failed_shards"})
 USES_AFTER = "uses_after"
 # seconds the head keeps from its caller's deadline to send back its own DEADLINE_EXCEEDED naming the shard
 DEADLINE_MARGIN = 0.25
@@ -400,8 +402,8 @@ class Head:
     def _settle_endpoint(
         self, requests: list[DataRequest], context: grpc.aio.ServicerContext
     ) -> tuple[str, tuple[tuple[str, str], ...]]:
-        """The request's endpoint, written into the header (Jina workers read it first), and the metadata to
-        forward with it: the endpoint when gRPC can send it (not ``/søg``: the header alone carries that), the
+        """The request's endpoint (its metadata's, else its header's), written into a header that names none
+        (Jina workers read the header only), and the metadata to forward with it: the endpoint when gRPC can send it (not ``/søg``: the header alone carries that), the
         heads it passed (a cycle of heads comes back to one of them) and this head; _LoopedBack when this head
         is among them."""
         endpoint, vias = None, ()
@@ -421,10 +423,10 @@ class Head:
                     f"endpoint {endpoint[:40]!r}... has {len(endpoint)} characters; a head forwards at most "
                     f"{MAX_ENDPOINT_CHARS} (it travels as gRPC metadata)"
                 )
-        if header_endpoint != endpoint:
-            requests[0].endpoint = endpoint
-        for request in requests[1:]:
-            if request.endpoint != endpoint:
+        # a header naming an endpoint is kept, as Jina's head keeps it: its workers run that one, whatever the
+        # metadata (which chose the polling) says
+        for request in requests:
+            if request.endpoint is None:
                 request.endpoint = endpoint
         forwarded = ((services.ENDPOINT_METADATA, endpoint),) if sendable else ()
         return endpoint, (*forwarded, *vias, self._via)
@@ -551,7 +553,7 @@ class Head:
             response, shard_trailing = result
             outcomes.append((shard_id, response))
             for pair in shard_trailing or ():  # each distinct pair once, in shard order
-                if pair not in seen:
+                if pair not in seen and pair[0] not in _OWN_TRAILERS:  # a head's shard may be a head: ours win
                     seen.add(pair)
                     trailing.append(pair)
         failed = sum(1 for _, outcome in outcomes if not isinstance(outcome, DataRequest))
@@ -562,8 +564,12 @@ class Head:
                 raise outcomes[0][1]
             response, _ = await self._one(self._uses_after, answered, metadata, deadline, decoded=True)
             report_shard_problems(response, self.deployment, outcomes)
-            return response, trailing
-        return merge_shard_responses(self.deployment, outcomes), trailing
+        else:
+            response = merge_shard_responses(self.deployment, outcomes)
+        if response.is_error and services.ERROR_TRAILER[0] not in trailing:
+            # an error this head made (a shard down) or uses_after answered: what a Jina gateway stops a flow on
+            trailing += services.ERROR_TRAILER
+        return response, trailing
 
     # -- control -----------------------------------------------------------------------
 

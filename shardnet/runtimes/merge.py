@@ -135,6 +135,12 @@ def merge_shard_responses(deployment: str, outcomes: Sequence[ShardOutcome]) -> 
     merged, others = answered[0][1], [response for _, response in answered[1:]]
     merge_documents(merged, others)
     merge_results(merged, others)
+    if merged.is_error:  # Jina builds on the first shard that did the work: its route entries are the answer's
+        worked = next((response for response in others if not response.is_error), None)
+        if worked is not None:
+            routes = merged.proto.routes
+            del routes[:]
+            routes.extend(worked.proto.routes)
     report_shard_problems(merged, deployment, outcomes)
     return merged
 
