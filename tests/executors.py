@@ -502,6 +502,18 @@ class StampsWorkspace(Executor):
         return {"stamped": len(docs)}
 
 
+class NeedsDim(Executor):
+    """An ``__init__`` with a required argument, which uses_with must give."""
+
+    def __init__(self, dim: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.dim = dim
+
+    @requests
+    def noop(self, docs, **kwargs):
+        return None
+
+
 class Traced(Executor):
     """A handler naming ``tracing_context``, as Jina gives every handler one."""
 

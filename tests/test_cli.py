@@ -19,6 +19,8 @@ import executors
 import grpc.aio
 import pytest
 
+from shardnet.cli.deploy import exposure_warning
+
 EXECUTORS = Path(executors.__file__).resolve()
 
 
@@ -427,6 +429,24 @@ BAD_ARGUMENTS = {
         ["worker", "--uses", f"{EXECUTORS}:Tagger", "--workspace", "/proc/no-such-folder"], "cannot create it"
     ),
     "deploy-message-limit": (["deploy", "--uses", f"{EXECUTORS}:Tagger", "--max-message-mb", "5000"], "at most 2047"),
+    # found by a review of the command line
+    "host-a-unix-socket": (["head", "--deployment", "d", "--host", "unix:/tmp/h.sock"], "--unix-socket PATH"),
+    "host-garbage-on-port-0": (
+        ["worker", "--uses", f"{EXECUTORS}:Tagger", "--host", "garbage!!", "--port", "0"], "cannot listen on garbage!!"
+    ),
+    "advertise-host-a-socket": (
+        ["worker", "--uses", f"{EXECUTORS}:Tagger", "--advertise-host", "unix:/tmp/nothing.sock"],
+        "a Unix socket is served and advertised with --unix-socket",
+    ),
+    "advertise-host-with-a-port": (
+        ["worker", "--uses", f"{EXECUTORS}:Tagger", "--advertise-host", "1.2.3.4:5"],
+        "no host name or IP address a head could dial",
+    ),
+    "uses-with-missing-an-argument": (
+        ["worker", "--uses", f"{EXECUTORS}:NeedsDim"], "NeedsDim cannot be made from uses_with (given: none)"
+    ),
+    "uses-with-a-folder": (["worker", "--uses", f"{EXECUTORS}:Tagger", "--uses-with", "@/tmp"], "not a regular file"),
+    "deploy-name-too-long": (["deploy", "--uses", f"{EXECUTORS}:Tagger", "--name", "a" * 300], "up to 100 letters"),
 }
 
 
@@ -437,6 +457,27 @@ def test_bad_arguments_exit_non_zero_with_a_clear_message(arguments, message):
     assert message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     assert "ready on" not in result.stdout
+
+
+def test_a_head_refusing_a_flag_says_that_alone_not_its_warnings_first():
+    """The "no --shards" warning came before the refusal of a bad port (found by a review)."""
+    result = shardnet("head", "--deployment", "d", "--host", "999.1.1.1", "--port", "0")
+    assert result.returncode != 0 and "cannot listen on 999.1.1.1" in result.stderr, result.stderr
+    assert "--shards" not in result.stderr and "may add or remove" not in result.stderr, result.stderr
+
+
+def test_deploy_on_a_host_beyond_this_machine_says_who_may_change_its_workers():
+    """The head logged it to a file of a temporary folder, and the terminal showed nothing (found by a review)."""
+    assert exposure_warning("127.0.0.1", token_given=False) == "" and exposure_warning("localhost", False) == ""
+    assert "anyone who reaches the head may add or remove its workers" in exposure_warning("0.0.0.0", False)
+    assert "in cleartext" in exposure_warning("10.0.0.5", token_given=True)
+
+
+def test_uses_with_from_a_fifo_is_refused_rather_than_waited_on(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # nobody writes it: reading would block the start for ever
+    result = shardnet("worker", "--uses", f"{EXECUTORS}:Tagger", "--uses-with", f"@{fifo}", timeout=20)
+    assert result.returncode != 0 and "is not a regular file" in result.stderr, result.stderr
 
 
 def test_a_port_below_1024_it_cannot_take_says_such_ports_may_be_refused_to_the_user():

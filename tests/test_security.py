@@ -488,7 +488,7 @@ def test_the_control_token_from_a_file_or_the_command_line_which_warns_that_ps_s
     (tmp_path / "accented").write_text("t\u00f6ken\n")
     (tmp_path / "latin1").write_bytes("t\u00e9ken\n".encode("latin-1"))  # UTF-8's error named the byte and where
     for flags, message in (
-        (["--control-token-file", str(tmp_path / "missing")], "cannot read the control token from"),
+        (["--control-token-file", str(tmp_path / "missing")], "--control-token-file: cannot read"),
         (["--control-token-file", str(tmp_path / "empty")], "holds no token (only blank lines)"),
         (["--control-token-file", str(tmp_path / "fifo")], "is not a regular file"),
         (["--control-token-file", str(tmp_path)], "is not a regular file"),

@@ -25,6 +25,7 @@ from shardnet.cli.options import (
     whole_number,
 )
 from shardnet.errors import ConfigurationError
+from shardnet.networking.addresses import host_is_loopback
 from shardnet.runtimes.deployment import DEFAULT_STARTUP_TIMEOUT, Deployment
 from shardnet.runtimes.processes import ShardnetProcess
 
@@ -113,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         sys.path.insert(0, os.getcwd())  # the workers look along this process's path, this folder first
     stop = threading.Event()
     on_stop_signals()  # during startup as Ctrl-C: Deployment.start stops what it had started, and we exit
+    token = control_token(args)
     deployment = Deployment(
         args.uses,
         shards=args.shards,
@@ -126,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         balancer=args.balancer,
         workspace=args.workspace,
         log_dir=args.log_dir,
-        control_token=control_token(args),
+        control_token=token,
         timeout=args.timeout,
         attempt_timeout=args.attempt_timeout,
         max_message_mb=args.max_message_mb,
@@ -149,6 +151,9 @@ def run(args: argparse.Namespace) -> int:
         kept = "kept after exit" if args.workspace or args.log_dir else "removed on exit; --workspace DIR keeps it"
         print(f"workspace of the Executors' state: {deployment.workspace} ({kept})")
         print(f"\n{args.name} serves on {deployment.address} (Ctrl-C stops it)", flush=True)
+        exposure = exposure_warning(args.host, token_given=token is not None)
+        if exposure:
+            print(exposure, flush=True)  # the head logs it to its file, which nobody reads while it serves
         reported: set[int] = set()  # pids of exits already warned about under --no-restart
         while not stop.wait(REVIVE_INTERVAL):
             if args.restart:
@@ -167,6 +172,18 @@ def run(args: argparse.Namespace) -> int:
     how = "killed at once" if forced.is_set() else "drained and stopped"
     print(f"{args.name}: every process {how}; {_left_behind(args)}", flush=True)
     return 130 if forced.is_set() else 0
+
+
+def exposure_warning(host: str, token_given: bool) -> str:
+    """A warning when ``host`` lets other machines reach the head's membership calls, else ""."""
+    if host_is_loopback(host):
+        return ""
+    if not token_given:
+        return (
+            f"warning: --host {host}: anyone who reaches the head may add or remove its workers (ACTIVATE/"
+            "DEACTIVATE); give a control token (SHARDNET_CONTROL_TOKEN or --control-token-file)"
+        )
+    return f"warning: --host {host}: the control token crosses the network in cleartext (deploy serves no TLS)"
 
 
 def _left_behind(args: argparse.Namespace) -> str:

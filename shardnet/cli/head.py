@@ -101,17 +101,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    """Build the head inside the running loop (gRPC channels belong to the loop they are made in)."""
-    if not args.shards and not args.connection:
-        logger.warning(
-            "no --shards: under ALL (/search, and whatever --polling sends to all) the answer holds the shards whose "
-            "workers have registered, and one that has not yet (after this head restarts, say) is left out "
-            "without an error; give --shards N so that a missing shard is named"
-        )
+    """Build the head inside the running loop (gRPC channels belong to the loop they are made in). Its
+    warnings come once every flag has been checked: a refusal is then the one line it prints."""
     retry = RetryPolicy(attempt_timeout=args.attempt_timeout)
     namespace = args.k8s_namespace  # only when asked: a head that happens to run in a pod may be a local one
-    if args.shards_wait != SHARDS_WAIT and (namespace is None or not args.shards):
-        logger.warning("--shards-wait has no effect without --k8s-namespace and --shards: such a head is ready at once")
     if args.kubeconfig is not None and namespace is None:
         raise ConfigurationError("--kubeconfig is for discovery: give --k8s-namespace as well")
     # its own pods only
@@ -142,4 +135,12 @@ async def serve(args: argparse.Namespace) -> int:
         max_in_flight=args.max_in_flight,
         shards_wait=args.shards_wait,
     )
+    if not args.shards and not args.connection:
+        logger.warning(
+            "no --shards: under ALL (/search, and whatever --polling sends to all) the answer holds the shards whose "
+            "workers have registered, and one that has not yet (after this head restarts, say) is left out "
+            "without an error; give --shards N so that a missing shard is named"
+        )
+    if args.shards_wait != SHARDS_WAIT and (namespace is None or not args.shards):
+        logger.warning("--shards-wait has no effect without --k8s-namespace and --shards: such a head is ready at once")
     return await head.run(parent_pid=args.parent_pid, ready_fd=args.ready_fd)

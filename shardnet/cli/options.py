@@ -343,23 +343,32 @@ def add_token_argument(parser: argparse.ArgumentParser) -> None:
 
 
 MAX_TOKEN_FILE_BYTES = 4096
+MAX_JSON_FILE_BYTES = 64 * 1024 * 1024  # a --uses-with @FILE: arguments, not a model
+
+
+def read_small_file(path: str, limit: int, flag: str) -> bytes:
+    """The bytes of the regular file ``path``, at most ``limit`` of them, else a ConfigurationError naming ``flag``
+    (a FIFO would block the start, /dev/zero fill the memory)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ConfigurationError(f"{flag} {path!r} is not a regular file")
+        with open(path, "rb") as handle:
+            data = handle.read(limit + 1)
+    except OSError as exc:
+        raise ConfigurationError(f"{flag}: cannot read {path!r}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise ConfigurationError(f"{flag} {path!r} holds more than {limit} bytes")
+    return data
 
 
 def _token_from_file(path: str) -> str:
-    """The first non-blank line of a regular file of at most MAX_TOKEN_FILE_BYTES (a FIFO would block the start,
-    /dev/zero fill the memory); a UTF-8 byte order mark is dropped."""
+    """The first non-blank line of a regular file of at most MAX_TOKEN_FILE_BYTES; a UTF-8 byte order mark is
+    dropped."""
+    data = read_small_file(path, MAX_TOKEN_FILE_BYTES, "--control-token-file")
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise ConfigurationError(f"--control-token-file {path!r} is not a regular file")
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_TOKEN_FILE_BYTES + 1)
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:  # its own words would show a byte of the token and where it sits
         raise ConfigurationError(f"the control token file {path!r} is not UTF-8 text; the value is not shown") from None
-    except OSError as exc:
-        raise ConfigurationError(f"cannot read the control token from {path!r}: {exc.strerror}") from None
-    if len(data) > MAX_TOKEN_FILE_BYTES:
-        raise ConfigurationError(f"--control-token-file {path!r} holds more than {MAX_TOKEN_FILE_BYTES} bytes")
     token = next((line.strip() for line in text.splitlines() if line.strip()), "")
     if not token:
         raise ConfigurationError(f"the control token file {path!r} holds no token (only blank lines)")
@@ -478,9 +487,7 @@ def json_object(text: str, flag: str) -> dict:
     command line, whose every argument Linux caps at 128 KiB); a clear error names the flag."""
     if text.startswith("@"):  # no JSON text starts so
         try:
-            text = Path(text[1:]).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigurationError(f"{flag} {text}: cannot read {text[1:]!r}: {exc.strerror}") from None
+            text = read_small_file(text[1:], MAX_JSON_FILE_BYTES, f"{flag} @FILE").decode("utf-8")
         except UnicodeDecodeError:
             raise ConfigurationError(f"{flag} {text}: the file is not UTF-8 text") from None
     try:

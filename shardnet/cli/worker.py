@@ -25,7 +25,7 @@ from shardnet.cli.options import (
     whole_number,
 )
 from shardnet.errors import ConfigurationError
-from shardnet.networking.addresses import parse_address
+from shardnet.networking.addresses import UNIX_SCHEME, entity_address, parse_address
 from shardnet.runtimes.executor import EXECUTOR_PATH_VARIABLE, former_workspace, load_executor_class, shard_folder
 from shardnet.runtimes.head import IMPLIED_LEASE_FACTOR, MAX_RENEWAL_INTERVAL
 from shardnet.runtimes.server import check_can_listen
@@ -103,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigurationError(
             "give one of --unix-socket and --advertise-host: both say what the head dials (the socket, when given)"
         )
+    if args.advertise_host is not None:  # the head would refuse it only once the Executor had loaded
+        check_advertise_host(args.advertise_host)
     config = server_config(args)
     check_can_listen(config)
     head_tls = client_tls(args, prefix="head-")
@@ -143,3 +145,17 @@ def run(args: argparse.Namespace) -> int:
     )
     code = run_in_loop(worker.run(parent_pid=args.parent_pid, ready_fd=args.ready_fd), loop)
     return exit_leaving_stuck_handlers(code, worker.handlers_still_running())
+
+
+def check_advertise_host(host: str) -> None:
+    """Refuse an ``--advertise-host`` no head could dial: a host name or IP address only (no port, no scheme)."""
+    if host.startswith(UNIX_SCHEME):
+        raise ConfigurationError(
+            f"--advertise-host {host!r:.80}: a Unix socket is served and advertised with --unix-socket PATH"
+        )
+    try:
+        parse_address(entity_address(host, 1))
+    except ConfigurationError as exc:
+        raise ConfigurationError(
+            f"--advertise-host {host!r:.80} is no host name or IP address a head could dial ({exc})"
+        ) from None

@@ -82,7 +82,7 @@ def _reference(uses: ExecutorSpec, what: str = "uses") -> str:
 _LONGEST_USES_WITH_ARGUMENT = 32 * 1024
 
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}\Z")  # a folder and a log file are named after it
 
 
 def _check_arguments(
@@ -94,7 +94,8 @@ def _check_arguments(
             raise ConfigurationError(f"a deployment needs at least 1 shard and 1 replica: {what}={count!r}")
     if not isinstance(name, str) or not _NAME.match(name):
         raise ConfigurationError(
-            f"deployment name {name!r}: letters, digits, '.', '_' or '-', starting with a letter or digit"
+            f"deployment name {name!r:.120}: up to 100 letters, digits, '.', '_' or '-', starting with a letter or "
+            "digit"
         )
     make_balancer(balancer)  # an unknown name fails here, with the same message the pool gives
     if not register_interval > 0 or not startup_timeout > 0:

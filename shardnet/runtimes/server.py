@@ -91,8 +91,13 @@ class ServerConfig:
     health_port: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.host, str):
+        if not isinstance(self.host, str) or not self.host.strip():
             raise ConfigurationError(f"host must be a name or an IP address, got {self.host!r}")
+        if self.host.startswith(UNIX_SCHEME) or "/" in self.host:  # gRPC would bind the socket, unchecked
+            raise ConfigurationError(
+                f"host {self.host!r:.80} is no name or IP address: a Unix socket is given as --unix-socket PATH "
+                "(unix_socket=), beside the TCP host"
+            )
         # as gRPC binds it and clients dial it: "[::1]" and "0:0::1" are "::1" (frozen: set as __init__ would)
         object.__setattr__(self, "host", canonical_host(self.host))
         if self.unix_socket is not None:
@@ -515,9 +520,10 @@ def check_can_listen(config: ServerConfig) -> None:
         folder = os.path.dirname(config.unix_socket) or "."
         if not os.access(folder, os.W_OK | os.X_OK):
             raise ConfigurationError(f"cannot listen on unix:{config.unix_socket}: folder missing or not writable")
-    ports = [port for port in (config.port, config.health_port) if port]  # TCP too beside a socket
-    for port in ports:
-        _check_port_free(config.host, port)
+    # port 0 too: the bind of a free port still needs a host of this machine (a typo'd one failed after the load)
+    for port in (config.port, config.health_port):
+        if port is not None:
+            _check_port_free(config.host, port)
 
 
 def _check_port_free(host: str, port: int) -> None:
