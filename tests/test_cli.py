@@ -446,6 +446,7 @@ BAD_ARGUMENTS = {
         ["worker", "--uses", f"{EXECUTORS}:NeedsDim"], "NeedsDim cannot be made from uses_with (given: none)"
     ),
     "uses-with-a-folder": (["worker", "--uses", f"{EXECUTORS}:Tagger", "--uses-with", "@/tmp"], "not a regular file"),
+    "send-an-empty-endpoint": (["send", "127.0.0.1:1", "--endpoint", ""], "--endpoint is empty"),
     "deploy-name-too-long": (["deploy", "--uses", f"{EXECUTORS}:Tagger", "--name", "a" * 300], "up to 100 letters"),
 }
 

@@ -568,6 +568,8 @@ def test_polling_type_reads_and_prints_as_jinas_does():
     assert PollingType.from_string("all") is PollingType.ALL and int(PollingType.ALL) == 2
     assert PollingType.ANY.to_string() == "ANY" and PollingType.ANY.is_push and not PollingType.ANY.is_block
     assert PollingType.ALL.is_block and not PollingType.ALL.is_push
+    with pytest.raises(ConfigurationError, match="unknown polling True"):  # 1 to Python, ANY: read as such before
+        PollingType.parse(True)
 
 
 async def test_the_single_request_calls_take_jinas_positional_arguments(pool, echo_servers):

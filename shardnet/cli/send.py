@@ -69,6 +69,8 @@ def _target_unreachable(exc: ReplicaError) -> bool:
 
 def _request(args: argparse.Namespace, parameters: dict) -> DataRequest:
     """The request the flags describe, or a ConfigurationError naming the flag a value cannot travel in."""
+    if not args.endpoint:  # sent, it ran the default handler, if any: never what was meant
+        raise ConfigurationError("--endpoint is empty: name the endpoint to call, e.g. /index")
     for flag, values in (("--endpoint", [args.endpoint]), ("--text", args.text)):
         for value in values:
             try:

@@ -49,6 +49,8 @@ class PollingType(enum.IntEnum):
         """``"ANY"``/``"all"``, 1/2 or a PollingType; anything else is a ConfigurationError."""
         if isinstance(value, PollingType):
             return value
+        if isinstance(value, bool):  # an int to Python, and 1 is ANY: a JSON true is no polling
+            raise ConfigurationError(f"unknown polling {value!r}: expected ANY or ALL")
         try:
             return cls[value.strip().upper()] if isinstance(value, str) else cls(value)
         except (KeyError, ValueError):
