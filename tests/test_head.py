@@ -857,6 +857,8 @@ async def test_stock_grpc_client_sees_the_heads_health_and_reflection(runtimes):
         ):
             listed |= {service.name for service in response.list_services_response.service}
     assert {"jina.JinaSingleDataRequestRPC", "jina.JinaDataRequestRPC", "jina.JinaControlRequestRPC"} <= listed
+    # as a Jina server lists them: Jina's pools make a stub for each service listed, and had none for Health
+    assert "grpc.health.v1.Health" not in listed
 
 
 # -- control token ------------------------------------------------------------------------------

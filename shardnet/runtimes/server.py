@@ -50,7 +50,7 @@ from shardnet.protocol.messages import DataRequest, parse
 from shardnet.protocol.proto import jina_pb2
 from shardnet.protocol.services import AUTHORIZATION_METADATA
 from shardnet.runtimes.processes import process_running
-from shardnet.runtimes.standard_services import HEALTH_SERVICE, health_handler, reflection_handler
+from shardnet.runtimes.standard_services import health_handler, reflection_handler
 
 logger = logging.getLogger(__name__)
 
@@ -385,9 +385,9 @@ class Server:
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
         server.add_generic_rpc_handlers(self._handlers)
-        server.add_generic_rpc_handlers(
-            (health_handler(self.health), reflection_handler([*self._service_names, HEALTH_SERVICE]))
-        )
+        # reflection lists the services as a Jina server does, without grpc.health.v1.Health (which it serves):
+        # Jina's pools make a stub for every service listed, from a table that has no Health (a KeyError)
+        server.add_generic_rpc_handlers((health_handler(self.health), reflection_handler(self._service_names)))
         bound: list[grpc.aio.Server] = []  # each holds its port until stopped
         started: list[grpc.aio.Server] = []
         try:
