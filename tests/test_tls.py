@@ -242,7 +242,7 @@ async def test_jinas_tls_flag_is_taken_and_anything_else_refused(echo_servers, t
 
 async def test_a_one_off_call_in_plaintext_to_a_tls_server_points_at_tls(echo_servers, tls):
     [server] = await echo_servers(1, credentials=tls.server.credentials())
-    with pytest.raises(ReplicaError, match="the server seems to serve TLS and this call was plaintext") as refused:
+    with pytest.raises(ReplicaError, match="if it serves TLS, this call was plaintext") as refused:
         await oneshot.send_request_async(DataRequest(), server.address, timeout=5.0)
     assert f"dial https://{server.address} with its CA" in str(refused.value)  # the address, not a placeholder
 
@@ -250,8 +250,55 @@ async def test_a_one_off_call_in_plaintext_to_a_tls_server_points_at_tls(echo_se
 async def test_a_one_off_call_without_a_client_certificate_to_a_mutual_tls_server_points_at_it(echo_servers, tls):
     [server] = await echo_servers(1, credentials=tls.server_mutual.credentials())
     trusting = ClientTls(root_certificates=tls.ca_pem)
-    with pytest.raises(ReplicaError, match="seems to want a client certificate and this call presented none"):
+    with pytest.raises(ReplicaError, match=r"if it requires client certificates \(mutual TLS\), this call presented none"):
         await oneshot.send_request_async(DataRequest(), server.address, timeout=5.0, tls=trusting)
+
+
+async def test_a_client_certificate_a_mutual_tls_server_does_not_trust_is_pointed_at(echo_servers, tls):
+    """A certificate from another CA got a bare "Socket closed" (found by a review)."""
+    [server] = await echo_servers(1, credentials=tls.server_mutual.credentials())
+    stranger = trustme.CA().issue_cert("client.example")
+    presenting = ClientTls(
+        root_certificates=tls.ca_pem,
+        private_key=stranger.private_key_pem.bytes(),
+        certificate_chain=b"".join(blob.bytes() for blob in stranger.cert_chain_pems),
+    )
+    with pytest.raises(ReplicaError, match="it does not trust the one this call presented"):
+        await oneshot.send_request_async(DataRequest(), server.address, timeout=5.0, tls=presenting)
+
+
+async def test_a_server_closing_every_connection_is_not_said_to_serve_tls_only_that_it_might():
+    """A TCP server that accepts and closes was reported as serving TLS (found by a review)."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    stopping = threading.Event()
+
+    def close_everything() -> None:
+        listener.settimeout(0.1)
+        while not stopping.is_set():
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                continue
+            connection.close()
+
+    closer = threading.Thread(target=close_everything)
+    closer.start()
+    try:
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+        with pytest.raises(ReplicaError) as refused:
+            await oneshot.send_request_async(DataRequest(), address, timeout=5.0)
+        assert "the server closed the connection at once: if it serves TLS, this call was plaintext" in str(
+            refused.value
+        ), refused.value
+    finally:
+        stopping.set()
+        closer.join()
+        listener.close()
 
 
 async def test_a_tls_failure_a_head_relays_from_its_worker_gets_no_hint_about_the_callers_own_dial(runtimes, tls):

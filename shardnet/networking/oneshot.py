@@ -150,10 +150,22 @@ def _tls_diagnosis(error: grpc.aio.AioRpcError, address: Address, tls: Optional[
     details = (error.details() or "").lower()
     if not details.startswith(NOT_CONNECTED):
         return ""
+    # a server that closes a connection at once says no more: TLS the likeliest cause, not the only one
     if "socket closed" in details and not address.tls:
-        return f" (the server seems to serve TLS and this call was plaintext: dial https://{address.target} with its CA)"
+        return (
+            " (the server closed the connection at once: if it serves TLS, this call was plaintext: dial "
+            f"https://{address.target} with its CA)"
+        )
     if "socket closed" in details and (tls is None or tls.certificate_chain is None):
-        return " (the server seems to want a client certificate and this call presented none: mutual TLS)"
+        return (
+            " (the server closed the connection at once: if it requires client certificates (mutual TLS), this "
+            "call presented none)"
+        )
+    if "socket closed" in details:
+        return (
+            " (the server closed the connection at once: if it requires client certificates (mutual TLS), it "
+            "does not trust the one this call presented)"
+        )
     if address.tls and "wrong_version_number" in details:
         return " (the server seems to serve plaintext and this call was TLS)"
     return ""
