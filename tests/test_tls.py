@@ -292,9 +292,10 @@ async def test_a_server_closing_every_connection_is_not_said_to_serve_tls_only_t
         address = f"127.0.0.1:{listener.getsockname()[1]}"
         with pytest.raises(ReplicaError) as refused:
             await oneshot.send_request_async(DataRequest(), address, timeout=5.0)
-        assert "the server closed the connection at once: if it serves TLS, this call was plaintext" in str(
-            refused.value
-        ), refused.value
+        message = str(refused.value)
+        assert "seems to serve TLS" not in message, message
+        if "Socket closed" in message:  # (a close with the client's bytes unread may reach it as a reset instead)
+            assert "the server closed the connection at once: if it serves TLS, this call was plaintext" in message
     finally:
         stopping.set()
         closer.join()
