@@ -176,7 +176,7 @@ def test_uses_with_at_file_is_read_and_a_bad_file_is_named(tmp_path):
     given = tmp_path / "kwargs.json"
     given.write_text('{"size": 3}')
     assert json_object(f"@{given}", "--uses-with") == {"size": 3}
-    with pytest.raises(ConfigurationError, match=r"--uses-with @.*missing.json: cannot read .*No such file"):
+    with pytest.raises(ConfigurationError, match=r"--uses-with @FILE: cannot read '.*missing.json': No such file"):
         json_object(f"@{tmp_path / 'missing.json'}", "--uses-with")
     latin = tmp_path / "latin.json"
     latin.write_bytes(b'{"name": "caf\xe9"}')
