@@ -425,7 +425,9 @@ class Head:
                 )
         # a header naming an endpoint is kept, as Jina's head keeps it: its workers run that one, whatever the
         # metadata (which chose the polling) says
-        for request in requests:
+        if header_endpoint is None:
+            requests[0].endpoint = endpoint
+        for request in requests[1:]:
             if request.endpoint is None:
                 request.endpoint = endpoint
         forwarded = ((services.ENDPOINT_METADATA, endpoint),) if sendable else ()
