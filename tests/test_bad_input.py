@@ -19,6 +19,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -799,6 +800,41 @@ def test_a_request_refused_for_another_loops_channel_never_reaches_the_replica()
         opening.run_until_complete(pool.close())
         opening.run_until_complete(server.stop())
         opening.close()
+
+
+def test_a_request_refused_for_a_channel_of_a_loop_running_in_another_thread_never_reaches_the_replica():
+    """The check let a loop running elsewhere through: gRPC queued the call on it from the wrong thread, the caller
+    was refused, and the replica ran the request once that loop woke (found by a review)."""
+    other = asyncio.new_event_loop()
+    thread = threading.Thread(target=other.run_forever, name="other-loop")
+    thread.start()
+    try:
+        server = asyncio.run_coroutine_threadsafe(EchoServer("echo").start(), other).result(10)
+        pool = GrpcConnectionPool()
+
+        async def fill():
+            pool.add_connection("dep", server.address)
+
+        asyncio.run_coroutine_threadsafe(fill(), other).result(10)
+
+        async def send():
+            await pool.send_request(DataRequest(endpoint="/x"), "dep", timeout=2)[0]
+
+        with pytest.raises(ConfigurationError, match="its channel belongs to another event loop"):
+            asyncio.run(send())
+
+        async def served_there() -> int:
+            await pool.send_request(DataRequest(endpoint="/x"), "dep", timeout=2)[0]  # its own loop: served
+            await asyncio.sleep(0.3)  # anything queued from the refused call would have run by now
+            return server.calls
+
+        assert asyncio.run_coroutine_threadsafe(served_there(), other).result(10) == 1
+        asyncio.run_coroutine_threadsafe(pool.close(), other).result(10)
+        asyncio.run_coroutine_threadsafe(server.stop(), other).result(10)
+    finally:
+        other.call_soon_threadsafe(other.stop)
+        thread.join(10)
+        other.close()
 
 
 def test_a_pool_used_again_after_its_loop_closed_says_so():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import weakref
 from typing import Any, Awaitable, Iterable, Optional, Sequence, Union
@@ -152,7 +153,7 @@ class Connection:
 
     __slots__ = (
         "address", "_tls", "_options", "channel", "stubs", "running", "failures", "times_ejected", "_retiring",
-        "_closed", "_origin", "_request_streams", "rebuilt_at", "admitted_at", "checked_at", "loop",
+        "_closed", "_origin", "_request_streams", "rebuilt_at", "admitted_at", "checked_at", "loop", "_loop_thread",
     )
 
     def __init__(
@@ -190,6 +191,7 @@ class Connection:
         # the loop gRPC bound the channel to (grpc.aio keeps it as _loop; None: unknown, and gRPC's own error then
         # says it, after the call was made)
         self.loop: Optional[asyncio.AbstractEventLoop] = getattr(self.channel, "_loop", None)
+        self._loop_thread: Optional[int] = None  # the thread that loop was seen running in (check_loop)
         self.stubs = Stubs.for_channel(
             self.channel,
             origin=self._origin,
@@ -214,14 +216,22 @@ class Connection:
         closing.add_done_callback(self._retiring.pop)
 
     def check_loop(self) -> None:
-        """Refuse, before gRPC makes a call, a channel whose event loop runs no more (closed, or a loop the pool
-        was filled in before ``asyncio.run``): gRPC would queue the call on it, never to run (a coroutine never
-        awaited, its call held) or to run whenever that loop runs again, long after the caller was refused.
-        (Asking whether it runs, not whether it is the running one, spares each call a system call; a loop
-        running in another thread is left to gRPC's own error.)"""
-        if self.loop is None or self.loop.is_running():
+        """Refuse, before gRPC makes a call, a channel whose event loop is not the one sending: one that runs no
+        more (closed, or a loop the pool was filled in before ``asyncio.run``), or one running in another thread.
+        gRPC would queue the call on it, never to run (a coroutine never awaited, its call held) or to run
+        whenever that loop wakes, long after the caller was refused. The running loop is asked for once per
+        channel (its lookup makes a system call); later calls compare threads."""
+        loop = self.loop
+        if loop is None:
             return
-        raise self.other_loop_error()
+        if not loop.is_running():
+            raise self.other_loop_error()
+        if self._loop_thread is None:
+            if asyncio._get_running_loop() is not loop:
+                raise self.other_loop_error()
+            self._loop_thread = threading.get_ident()
+        elif self._loop_thread != threading.get_ident():
+            raise self.other_loop_error()
 
     def other_loop_error(self) -> ConfigurationError:
         return ConfigurationError(
