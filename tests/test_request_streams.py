@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
+import signal
 from pathlib import Path
 
 import executors
@@ -17,7 +19,7 @@ import grpc
 import grpc.aio
 import pytest
 
-from shardnet import DataRequest, Document, GrpcConnectionPool, PollingMap, ReplicaError
+from shardnet import DataRequest, DeadlineExceeded, Document, GrpcConnectionPool, PollingMap, ReplicaError
 from shardnet.networking import oneshot, streams
 from shardnet.networking.streams import MAX_STREAMED_BYTES, STATUS_EXCEPTION, status_message
 from shardnet.protocol import services
@@ -411,6 +413,42 @@ async def test_a_worker_reads_no_more_of_a_stream_whose_sender_does_not_read_its
         assert ids == {f"r{n}" for n in range(sent)} and worker.executor.made_big == sent
     finally:
         await channel.close()
+
+
+async def test_requests_whose_callers_left_a_hung_replicas_stream_are_taken_back_not_held(tmp_path):
+    """A replica that stops reading (SIGSTOPped): each request queued behind it stayed queued after its caller
+    left, with a CANCELLED message beside it, and the replica ran them all when it woke (a review: 1,800 of
+    64 KB, 109 MB held). Now a request not yet written is taken back when its caller leaves."""
+    worker = ShardnetProcess("hung", ["worker", "--uses", "shardnet.examples.echo:Echo", "--port", "0"],
+                             tmp_path / "hung.log")
+    pool = GrpcConnectionPool(request_streams=True)
+    try:
+        worker.launch()
+        pool.add_connection("dep", await asyncio.to_thread(worker.wait_ready, 30.0))
+        lanes = pool.get_replicas("dep").get_all_connections()[0].stubs.streams
+
+        async def streams_open() -> bool:  # the first calls go unary and connect the channel; streams open then
+            await asyncio.gather(*(pool.send_request(request("/x", "warm"), "dep", timeout=5)[0] for _ in range(8)))
+            return lanes.open_streams == len(lanes._lanes)
+
+        await eventually(streams_open, timeout=10)
+        os.kill(worker.pid, signal.SIGSTOP)
+        big = "x" * 64 * 1024
+
+        async def send(index: int) -> None:
+            with pytest.raises(DeadlineExceeded):
+                await pool.send_request(request("/x", big, request_id=f"r{index}"), "dep", timeout=0.3)[0]
+
+        for first in (0, 300):
+            await asyncio.gather(*(send(index) for index in range(first, first + 300)))
+        writers = [lane.writer for lane in lanes._lanes if lane is not None and lane.writer is not None]
+        held = sum(writer.queued_bytes for writer in writers)
+        assert held < 2 * 1024 * 1024, held  # before: every request not yet written, some 30 MB, and more to come
+    finally:
+        with contextlib.suppress(ProcessLookupError, TypeError):
+            os.kill(worker.pid, signal.SIGCONT)
+        await pool.close()
+        worker.kill()
 
 
 async def test_a_fault_of_the_worker_itself_on_a_stream_is_answered_internal_not_left_unanswered(runtimes):

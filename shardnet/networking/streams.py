@@ -116,6 +116,11 @@ class StreamWriter:
         self._wake_up()
 
     @property
+    def queued_bytes(self) -> int:
+        """The bytes of the messages waiting to be written."""
+        return self._queued_bytes
+
+    @property
     def full(self) -> bool:
         """Whether the messages waiting to be written reached the backlog bounds."""
         return len(self._queue) >= WRITER_BACKLOG_MESSAGES or self._queued_bytes >= WRITER_BACKLOG_BYTES
@@ -126,6 +131,17 @@ class StreamWriter:
             if self._room is None:
                 self._room = asyncio.get_running_loop().create_future()
             await self._room
+
+    def withdraw(self, message: bytes) -> bool:
+        """Take ``message`` (this very object) out of the queue if it has not been written yet; whether it was."""
+        for index, queued in enumerate(self._queue):
+            if queued is message:
+                del self._queue[index]
+                self._queued_bytes -= len(message)
+                if self._room is not None and not self.full:
+                    self._room_made()
+                return True
+        return False
 
     def finish(self) -> None:
         """Write what is queued, then half-close the stream (``finish``) and stop."""
@@ -193,19 +209,22 @@ class _Lane:
 
     def submit(self, request_id: str, data: bytes) -> Optional[asyncio.Future]:
         """The future of ``data``'s answer; None when it must go unary (stream not open yet, the same id
-        still due here, or bigger than the replica takes)."""
+        still due here, or bigger than the replica takes). Behind a replica that stopped reading, the request
+        waits in the writer's queue as long as its caller does (``forget`` takes it back), no longer."""
         if not self.ready or request_id in self.pending or request_id in self.abandoned or len(data) > self.limit:
             return None
         future = self.pending[request_id] = asyncio.get_running_loop().create_future()
         self.writer.send(data)
         return future
 
-    def forget(self, request_id: str, future: asyncio.Future) -> None:
-        """The call is over; if its answer never came (deadline, cancellation), the worker stops its work."""
+    def forget(self, request_id: str, future: asyncio.Future, data: bytes) -> None:
+        """The call is over; if its answer never came (deadline, cancellation), the request is taken back when
+        it has not been written yet (the replica never hears of it), else the worker is told to stop its work."""
         if self.pending.get(request_id) is future:
             del self.pending[request_id]
-            self.abandoned.add(request_id)
-            self.writer.send(status_message(request_id, grpc.StatusCode.CANCELLED, "the caller stopped waiting"))
+            if not self.writer.withdraw(data):
+                self.abandoned.add(request_id)
+                self.writer.send(status_message(request_id, grpc.StatusCode.CANCELLED, "the caller stopped waiting"))
         if not self.pending and self._owner.retired:
             self.finish()
 
@@ -440,7 +459,7 @@ class StreamedCall:
         try:
             answer = await future
         finally:
-            lane.forget(request_id, future)
+            lane.forget(request_id, future, self._data)
             if timer is not None:
                 timer.cancel()
         error = status_of(answer) if answer.is_error else None
