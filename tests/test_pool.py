@@ -10,6 +10,8 @@ import grpc
 import pytest
 
 from shardnet.networking import replica_list
+from shardnet.protocol import services
+from shardnet.testing import serving
 
 from shardnet import (
     ConfigurationError,
@@ -280,9 +282,46 @@ async def test_retry_budget_exhausted(pool_factory, echo_servers, dead_address):
     pool = pool_factory(retry_budget=RetryBudget(ratio=0.0, min_per_second=0.0))
     pool.add_connection("dep", dead_address)  # round robin tries the dead one first
     pool.add_connection("dep", live.address)
-    with pytest.raises(ReplicaError, match="retry budget exhausted"):
+    with pytest.raises(ReplicaError, match="the only attempt, the retry budget exhausted"):  # as the README says
         await send_one(pool)
     assert pool.retry_budget.refused == 1 and live.calls == 0
+
+
+async def test_a_request_another_grpc_server_refused_as_unimplemented_is_said_never_to_have_run(pool_factory):
+    """No replica lacks the data methods: UNIMPLEMENTED means another server on the port, which ran nothing. The
+    error said an earlier attempt "may have run it", and unsent was False (found by a review)."""
+    strangers = [grpc.aio.server() for _ in range(2)]
+    addresses = [f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}" for server in strangers]
+    for server in strangers:
+        await server.start()
+    try:
+        pool = pool_factory()
+        for address in addresses:
+            pool.add_connection("dep", address)
+        with pytest.raises(ReplicaError) as caught:
+            await send_one(pool)
+        assert caught.value.code == grpc.StatusCode.UNIMPLEMENTED
+        assert "may have run it" not in str(caught.value) and caught.value.unsent
+    finally:
+        for server in strangers:
+            await server.stop(0)
+
+
+async def test_an_endpoint_in_the_metadata_that_differs_from_the_calls_is_refused(pool):
+    """Both went out, and a head ran the first while a worker ran the last (found by a review)."""
+    received = []
+
+    async def echo(request: bytes, context) -> bytes:
+        received.append(list(context.invocation_metadata()))
+        return request
+
+    async with serving(services.PROCESS_SINGLE_DATA, echo) as address:
+        pool.add_connection("dep", address)
+        with pytest.raises(ConfigurationError, match="the metadata names endpoint '/b' and the call endpoint '/a'"):
+            pool.send_request(DataRequest(), "dep", endpoint="/a", metadata={"endpoint": "/b"})
+        await pool.send_request(DataRequest(), "dep", endpoint="/a", metadata={"endpoint": "/a", "tenant": "t"})[0]
+    [pairs] = received
+    assert [pair for pair in pairs if pair[0] in ("endpoint", "tenant")] == [("endpoint", "/a"), ("tenant", "t")]
 
 
 async def test_failing_over_from_a_replica_already_ejected_spends_no_retry_budget(pool_factory, echo_servers,

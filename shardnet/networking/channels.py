@@ -347,7 +347,15 @@ class MetadataCache:
         # one gRPC cannot send (it would fail the call) travels in the request's header alone
         sent = endpoint and services.endpoint_fits_metadata(endpoint)
         base = ((services.ENDPOINT_METADATA, endpoint),) if sent else ()
-        return grpc.aio.Metadata(*base, *self._fixed, *checked_metadata(extra))
+        extra = checked_metadata(extra)
+        if endpoint:  # an endpoint among the caller's pairs too: a head reads the first, a worker the last
+            for key, value in extra:
+                if key == services.ENDPOINT_METADATA and value != endpoint:
+                    raise ConfigurationError(
+                        f"the metadata names endpoint {value!r:.80} and the call endpoint {endpoint!r:.80}: give one"
+                    )
+            extra = tuple(pair for pair in extra if pair[0] != services.ENDPOINT_METADATA)
+        return grpc.aio.Metadata(*base, *self._fixed, *extra)
 
     def _store(self, built: dict, key: tuple, metadata: grpc.aio.Metadata) -> grpc.aio.Metadata:
         if len(built) >= self._limit:

@@ -88,6 +88,14 @@ def _check_names(deployment: Any, shard_id: Any) -> int:
     return _shard_number(deployment, shard_id)
 
 
+def _unsent(error: BaseException, method: str) -> bool:
+    """Whether no replica ran the request a failed attempt carried: it reached none (``never_reached``), or one
+    with no such data method answered UNIMPLEMENTED (another server on its port)."""
+    if never_reached(error):
+        return True
+    return isinstance(error, grpc.aio.AioRpcError) and wrong_server(method, error.code())
+
+
 def _shard_number(deployment: str, shard_id: Any, what: str = "a shard id") -> int:
     """``shard_id`` as a Python int (one from numpy, as a computed id often is, too); ConfigurationError for
     anything but an integer from 0 to MAX_SHARD_ID (a float, a bool, text, one no message can carry)."""
@@ -413,8 +421,9 @@ class GrpcConnectionPool:
         except grpc.aio.AioRpcError as error:
             loop = asyncio.get_running_loop()
             if retries == 0 or not self._retryable(error, method, attempt_timeout, deadline, loop):
-                unsent = never_reached(error)
-                raise self._replica_error(error, connection, deployment, shard_id, unsent=unsent) from None
+                raise self._replica_error(
+                    error, connection, deployment, shard_id, unsent=_unsent(error, method)
+                ) from None
             return await self._fail_over(
                 error, connection, payload, deployment, replicas, shard_id, method, metadata, deadline, retries
             )
@@ -460,11 +469,11 @@ class GrpcConnectionPool:
             "error": first_error, "connection": first, "attempt_timeout": None, "attempts": 1, "budget refused": False,
             # the first failed attempt a replica may have run, with its replica; None while every attempt failed
             # before a replica could take it (the request is then unsent)
-            "taken": None if never_reached(first_error) else (first_error, first),
+            "taken": None if _unsent(first_error, method) else (first_error, first),
         }
 
         def note_taken(error: grpc.aio.AioRpcError) -> None:
-            if last["taken"] is None and not never_reached(error):
+            if last["taken"] is None and not _unsent(error, method):
                 last["taken"] = (error, last["connection"])
         backoff = self.retry.backoff()
 
@@ -502,7 +511,8 @@ class GrpcConnectionPool:
         routed_around = not replicas.is_eligible(first)
         if not routed_around and not self.retry_budget.try_spend():
             raise self._replica_error(
-                first_error, first, deployment, shard_id, "retry budget exhausted", unsent=last["taken"] is None
+                first_error, first, deployment, shard_id, "the only attempt, the retry budget exhausted",
+                unsent=last["taken"] is None,
             ) from None
         retrying = tenacity.AsyncRetrying(
             stop=tenacity.stop_after_attempt(max_attempts) | tenacity.stop_any(spend),
@@ -607,7 +617,8 @@ class GrpcConnectionPool:
         ALL: one replica of every shard, ``shard_id`` ignored; ``head``: the
         deployment's head. Unknown deployment or shard: an empty list. Under
         ALL a shard left with no replica gives a Task that raises RoutingError.
-        ``retries`` as in Jina: failovers per call, negative for the pool's policy.
+        ``retries`` as in Jina: failovers per call, negative for the pool's policy. An ``endpoint`` pair in
+        ``metadata`` other than the call's endpoint is refused (a head reads the first, a worker the last).
         """
         if not requests:
             raise ConfigurationError(f"send_requests to {deployment!r} needs at least one request")
