@@ -1183,6 +1183,28 @@ async def test_a_member_dropped_during_a_watch_blip_comes_back_when_the_blip_end
     assert len(api_server.list_requests("pods")) == lists_before + 1  # listed again rather than resumed
 
 
+async def test_an_address_reused_by_a_pod_of_another_shard_leaves_the_old_shard_while_the_slices_lag(
+    api_server: FakeApiServer, start_pool, caplog
+) -> None:
+    """One address, one shard, the freshest claim winning: a pod force-deleted and its IP given to a pod of
+    another shard stayed in the old shard too while its EndpointSlice lagged (found by a review)."""
+    address = "10.0.0.7"
+    api_server.apply("pods", pod("w0", shard_id="0", ip=address))
+    api_server.apply("endpointslices", endpoint_slice("dep-0-x", "dep-0", [(address, True, None)], shard="0", port=8080))
+    pool = await start_pool()
+    assert replicas(pool, shard_id=0) == {f"{address}:8080"}
+    api_server.delete("pods", "w0")  # the slice still lists it: routed still
+    api_server.apply("pods", pod("w1", shard_id="1", ip=address))
+    await eventually(lambda: replicas(pool, shard_id=1) == {f"{address}:8080"})
+    assert replicas(pool, shard_id=0) == set()
+    assert "serves shard 1 by the pods" in caplog.text and "still list it as shard 0" in caplog.text
+    api_server.apply("endpointslices", endpoint_slice("dep-0-x", "dep-0", [], shard="0", port=8080))  # caught up
+    api_server.apply("endpointslices", endpoint_slice("dep-1-x", "dep-1", [(address, True, None)], shard="1", port=8080))
+    api_server.apply("pods", pod("sentinel", shard_id="1", ip="10.0.0.99"))
+    await eventually(lambda: "10.0.0.99:8080" in replicas(pool, shard_id=1))
+    assert replicas(pool, shard_id=0) == set() and f"{address}:8080" in replicas(pool, shard_id=1)
+
+
 async def test_a_source_that_answers_does_not_drop_what_another_answering_source_holds(
     api_server: FakeApiServer, start_pool, eventually
 ) -> None:

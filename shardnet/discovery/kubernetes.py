@@ -87,6 +87,11 @@ class Member(NamedTuple):
     address: str
 
 
+def _role(member: Member) -> str:
+    """How a log line names what ``member`` is to its deployment."""
+    return "its head" if member.head else f"shard {member.shard_id}"
+
+
 Contribution = frozenset  # frozenset[Member]
 NOTHING: Contribution = frozenset()
 
@@ -241,6 +246,7 @@ class _Ledger:
         self._records: dict[tuple[str, str], Contribution] = {}
         self._holders: Counter[Member] = Counter()
         self._members_of: Counter[str] = Counter()  # deployment -> its members held
+        self._by_address: dict[tuple[str, str], set[Member]] = {}  # (deployment, address) -> the members held
         self._removals: dict[Member, asyncio.Task] = {}
 
     def keys(self, source: str) -> list[str]:
@@ -277,9 +283,11 @@ class _Ledger:
                 del self._holders[member]
                 gone.append(member)
         for member in members - old:
+            gone.extend(self._drop_contradicted(member, source))
             self._holders[member] += 1
             if self._holders[member] == 1:
                 self._members_of[member.deployment] += 1
+                self._by_address.setdefault((member.deployment, member.address), set()).add(member)
                 new.append(member)
         for member in gone:
             if not self._holders.get(member):  # not held again meanwhile
@@ -293,6 +301,41 @@ class _Ledger:
         self._members_of[member.deployment] -= 1
         if not self._members_of[member.deployment]:
             del self._members_of[member.deployment]
+        same_address = self._by_address.get((member.deployment, member.address))
+        if same_address is not None:
+            same_address.discard(member)
+            if not same_address:
+                del self._by_address[(member.deployment, member.address)]
+
+    def _drop_contradicted(self, claim: Member, source: str) -> list[Member]:
+        """The members ``claim`` contradicts, let go: one address serves one role of a deployment, so the same
+        address elsewhere in it, held only by other sources, is their stale word (an IP reused by a pod of
+        another shard before the lagging source caught up), and the freshest claim wins, as a worker's ACTIVATE
+        does. They come back if their sources say so again. Returns those that no one holds any more."""
+        others = self._by_address.get((claim.deployment, claim.address))
+        if not others:
+            return []
+        dropped = []
+        for member in [other for other in others if other != claim]:
+            holding = [(src, key) for (src, key), held in self._records.items() if member in held]
+            if any(src == source for src, _ in holding):
+                continue  # the claiming source itself still says so: not for this one to settle
+            for src, key in holding:
+                remaining = self._records[(src, key)] - {member}
+                if remaining:
+                    self._records[(src, key)] = remaining
+                else:
+                    del self._records[(src, key)]
+                self._holders[member] -= 1
+            logger.warning(
+                "%s of %r serves %s by the %s in namespace %s, while the %s still list it as %s: routed as the "
+                "%s say", member.address, member.deployment, _role(claim), source, self._pool.namespace,
+                " and ".join(sorted({src for src, _ in holding})), _role(member), source,
+            )
+            if self._holders[member] <= 0:
+                self._uncount(member)
+                dropped.append(member)
+        return dropped
 
     def _drop_stale_holds(self, member: Member, reporter: str) -> None:
         """``reporter``, answering, let go of ``member``: if only failing sources still hold it, their holds are
