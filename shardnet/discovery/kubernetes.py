@@ -307,6 +307,20 @@ class _Ledger:
             if not same_address:
                 del self._by_address[(member.deployment, member.address)]
 
+    def _holding(self, member: Member) -> list[tuple[str, str]]:
+        """The (source, object) records that hold ``member``."""
+        return [(src, key) for (src, key), held in self._records.items() if member in held]
+
+    def _let_go(self, member: Member, holding: list[tuple[str, str]]) -> None:
+        """Take ``member`` out of the records ``holding``, one hold each; the caller lets it go when none is left."""
+        for src, key in holding:
+            remaining = self._records[(src, key)] - {member}
+            if remaining:
+                self._records[(src, key)] = remaining
+            else:
+                del self._records[(src, key)]
+            self._holders[member] -= 1
+
     def _drop_contradicted(self, claim: Member, source: str) -> list[Member]:
         """The members ``claim`` contradicts, let go: one address serves one role of a deployment, so the same
         address elsewhere in it, held only by other sources, is their stale word (an IP reused by a pod of
@@ -317,16 +331,10 @@ class _Ledger:
             return []
         dropped = []
         for member in [other for other in others if other != claim]:
-            holding = [(src, key) for (src, key), held in self._records.items() if member in held]
+            holding = self._holding(member)
             if any(src == source for src, _ in holding):
                 continue  # the claiming source itself still says so: not for this one to settle
-            for src, key in holding:
-                remaining = self._records[(src, key)] - {member}
-                if remaining:
-                    self._records[(src, key)] = remaining
-                else:
-                    del self._records[(src, key)]
-                self._holders[member] -= 1
+            self._let_go(member, holding)
             logger.warning(
                 "%s of %r serves %s by the %s in namespace %s, while the %s still list it as %s: routed as the "
                 "%s say", member.address, member.deployment, _role(claim), source, self._pool.namespace,
@@ -345,16 +353,11 @@ class _Ledger:
         stale = self._pool.failing_sources() - {reporter}
         if not stale:
             return
-        holding = [(src, key) for (src, key), held in self._records.items() if member in held]
+        holding = self._holding(member)
         if any(src not in stale for src, _ in holding):
             return  # a source that answers still holds it
-        for src, key in holding:
-            remaining = self._records[(src, key)] - {member}
-            if remaining:
-                self._records[(src, key)] = remaining
-            else:
-                del self._records[(src, key)]
-            self._holders[member] -= 1
+        self._let_go(member, holding)
+        for src in {src for src, _ in holding}:
             self._pool.relist_when_back(src)
         logger.warning(
             "%s %s of %r is gone from the %s in %s, and the %s, failing, cannot say so: no longer routed to "
