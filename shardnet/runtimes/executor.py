@@ -263,15 +263,24 @@ class Executor:
         cls.handler_table()  # a handler table that cannot be served fails before a costly __init__ runs
         executor = cls.__new__(cls)
         executor.runtime_args = _runtime_args(cls, runtime_args)
-        try:  # arguments missing or unknown are the configuration's fault: said in a line, not a traceback
-            inspect.signature(cls.__init__).bind(executor, **uses_with)
-        except TypeError as exc:
-            given = ", ".join(sorted(uses_with)) or "none"
-            raise ConfigurationError(f"{cls.__name__} cannot be made from uses_with (given: {given}): {exc}") from None
-        except ValueError:  # no signature to read (a builtin's): the call says what is wrong
-            pass
+        _check_uses_with(cls, executor, uses_with)
         executor.__init__(**uses_with)
         return executor
+
+
+def _check_uses_with(cls: type, executor: "Executor", uses_with: Mapping[str, Any]) -> None:
+    """Refuse ``uses_with`` that ``cls.__init__`` cannot take (an argument missing or unknown): the configuration's
+    fault, said in a line rather than a traceback. An ``__init__`` without a signature to read (a builtin's) is
+    left to the call."""
+    try:
+        signature = inspect.signature(cls.__init__)
+    except ValueError:
+        return
+    try:
+        signature.bind(executor, **uses_with)
+    except TypeError as exc:
+        given = ", ".join(sorted(uses_with)) or "none"
+        raise ConfigurationError(f"{cls.__name__} cannot be made from uses_with (given: {given}): {exc}") from None
 
 
 class ExecutorLogger(logging.LoggerAdapter):
