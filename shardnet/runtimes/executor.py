@@ -290,6 +290,8 @@ class ExecutorLogger(logging.LoggerAdapter):
         self.info(message, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:  # addHandler, handlers, ...: the logger's own
+        if name == "logger":  # not set yet (a copy being made): no lookup through itself
+            raise AttributeError(name)
         return getattr(self.logger, name)
 
 
