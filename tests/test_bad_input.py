@@ -837,6 +837,55 @@ def test_a_request_refused_for_a_channel_of_a_loop_running_in_another_thread_nev
         other.close()
 
 
+def test_a_loop_run_again_from_another_thread_keeps_its_pool():
+    """asyncio lets a loop run in one thread, stop, and run again in another: the thread check refused the pool
+    there (found by a review of the check). Both threads stay alive, so neither reuses the other's id."""
+    loop = asyncio.new_event_loop()
+    held = threading.Event()
+    state: dict = {}
+    threads = []
+
+    def run_in_a_thread(coroutine) -> object:
+        outcome: dict = {}
+        ran = threading.Event()
+
+        def run() -> None:
+            try:
+                outcome["result"] = loop.run_until_complete(coroutine)
+            except BaseException as exc:  # reported below, in the test's thread
+                outcome["result"] = exc
+            ran.set()
+            held.wait()
+
+        thread = threading.Thread(target=run)
+        threads.append(thread)
+        thread.start()
+        ran.wait(30)
+        return outcome.get("result")
+
+    async def start() -> None:
+        state["server"] = await EchoServer("echo").start()
+        state["pool"] = GrpcConnectionPool()
+        state["pool"].add_connection("dep", state["server"].address)
+
+    async def send() -> str:
+        _, trailing = await state["pool"].send_request(DataRequest(endpoint="/x"), "dep", timeout=5)[0]
+        return dict(tuple(trailing))["served-by"]
+
+    try:
+        assert run_in_a_thread(start()) is None
+        assert run_in_a_thread(send()) == "echo"  # the first thread
+        assert run_in_a_thread(send()) == "echo"  # the same loop run from another thread
+    finally:
+        held.set()
+        for thread in threads:
+            thread.join(10)
+        if "pool" in state:
+            loop.run_until_complete(state["pool"].close())
+            loop.run_until_complete(state["server"].stop())
+        loop.close()
+
+
 def test_a_pool_used_again_after_its_loop_closed_says_so():
     pool = GrpcConnectionPool()
 

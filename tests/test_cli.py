@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -20,6 +21,8 @@ import grpc.aio
 import pytest
 
 from shardnet.cli.deploy import exposure_warning
+from shardnet.cli.options import json_object
+from shardnet.errors import ConfigurationError
 
 EXECUTORS = Path(executors.__file__).resolve()
 
@@ -474,11 +477,24 @@ def test_deploy_on_a_host_beyond_this_machine_says_who_may_change_its_workers():
     assert "in cleartext" in exposure_warning("10.0.0.5", token_given=True)
 
 
-def test_uses_with_from_a_fifo_is_refused_rather_than_waited_on(tmp_path):
+def test_uses_with_reads_a_pipe_as_a_shell_gives_one_and_refuses_a_device(tmp_path):
+    """``--uses-with @<(...)`` is a pipe: read, as before (a first fix refused it, a review found); a device such
+    as /dev/zero is refused rather than read to the end of memory."""
     fifo = tmp_path / "fifo"
-    os.mkfifo(fifo)  # nobody writes it: reading would block the start for ever
-    result = shardnet("worker", "--uses", f"{EXECUTORS}:Tagger", "--uses-with", f"@{fifo}", timeout=20)
-    assert result.returncode != 0 and "is not a regular file" in result.stderr, result.stderr
+    os.mkfifo(fifo)
+
+    def write() -> None:
+        with open(fifo, "w") as pipe:
+            pipe.write('{"size": 3}')
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        assert json_object(f"@{fifo}", "--uses-with") == {"size": 3}
+    finally:
+        writer.join(10)
+    with pytest.raises(ConfigurationError, match="is not a regular file or a pipe"):
+        json_object("@/dev/zero", "--uses-with")
 
 
 def test_a_port_below_1024_it_cannot_take_says_such_ports_may_be_refused_to_the_user():

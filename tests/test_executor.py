@@ -182,6 +182,12 @@ def test_an_executor_made_directly_has_what_a_worker_gives_it(tmp_path, monkeypa
     assert encoder.workspace == str(tmp_path / "cache" / "shardnet" / "Encoder" / "0")  # Jina: ~/.cache/jina/...
     assert os.path.isdir(encoder.workspace)
     encoder.encode([Document()])  # its logger has Jina's success
+    # Jina's own arguments, handed up, count as in Jina (they were dropped, and the cache folder used: a review)
+    assert Encoder(workspace=str(tmp_path / "given")).workspace == str(tmp_path / "given" / "Encoder" / "0")
+    named = Encoder(metas={"name": "enc", "workspace": str(tmp_path / "m")}, runtime_args={"shard_id": 2})
+    assert named.workspace == str(tmp_path / "m" / "enc" / "2")
+    with pytest.raises(ConfigurationError, match="requests=: bind endpoints with @requests"):
+        Encoder(requests={"/x": "encode"})
 
 
 def test_metas_and_logger_are_an_executors_own_to_change_as_in_jina(tmp_path, monkeypatch):

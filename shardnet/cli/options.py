@@ -346,12 +346,13 @@ MAX_TOKEN_FILE_BYTES = 4096
 MAX_JSON_FILE_BYTES = 64 * 1024 * 1024  # a --uses-with @FILE: arguments, not a model
 
 
-def read_small_file(path: str, limit: int, flag: str) -> bytes:
-    """The bytes of the regular file ``path``, at most ``limit`` of them, else a ConfigurationError naming ``flag``
-    (a FIFO would block the start, /dev/zero fill the memory)."""
+def read_small_file(path: str, limit: int, flag: str, pipes: bool = False) -> bytes:
+    """The bytes of the regular file ``path`` (or, with ``pipes``, of a pipe: ``@<(...)``), at most ``limit`` of
+    them, else a ConfigurationError naming ``flag`` (a FIFO would block the start, /dev/zero fill the memory)."""
     try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            raise ConfigurationError(f"{flag} {path!r} is not a regular file")
+        mode = os.stat(path).st_mode
+        if not (stat.S_ISREG(mode) or (pipes and stat.S_ISFIFO(mode))):
+            raise ConfigurationError(f"{flag} {path!r} is not a regular file" + (" or a pipe" if pipes else ""))
         with open(path, "rb") as handle:
             data = handle.read(limit + 1)
     except OSError as exc:
@@ -487,7 +488,7 @@ def json_object(text: str, flag: str) -> dict:
     command line, whose every argument Linux caps at 128 KiB); a clear error names the flag."""
     if text.startswith("@"):  # no JSON text starts so
         try:
-            text = read_small_file(text[1:], MAX_JSON_FILE_BYTES, f"{flag} @FILE").decode("utf-8")
+            text = read_small_file(text[1:], MAX_JSON_FILE_BYTES, f"{flag} @FILE", pipes=True).decode("utf-8")
         except UnicodeDecodeError:
             raise ConfigurationError(f"{flag} {text}: the file is not UTF-8 text") from None
     try:

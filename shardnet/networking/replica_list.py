@@ -219,19 +219,18 @@ class Connection:
         """Refuse, before gRPC makes a call, a channel whose event loop is not the one sending: one that runs no
         more (closed, or a loop the pool was filled in before ``asyncio.run``), or one running in another thread.
         gRPC would queue the call on it, never to run (a coroutine never awaited, its call held) or to run
-        whenever that loop wakes, long after the caller was refused. The running loop is asked for once per
-        channel (its lookup makes a system call); later calls compare threads."""
+        whenever that loop wakes, long after the caller was refused. The running loop is asked for when the
+        thread calling is not the one it was last seen running in (its lookup makes a system call)."""
         loop = self.loop
         if loop is None:
             return
         if not loop.is_running():
             raise self.other_loop_error()
-        if self._loop_thread is None:
+        thread = threading.get_ident()
+        if thread != self._loop_thread:  # the first call, or the loop run again from another thread, or a stranger
             if asyncio._get_running_loop() is not loop:
                 raise self.other_loop_error()
-            self._loop_thread = threading.get_ident()
-        elif self._loop_thread != threading.get_ident():
-            raise self.other_loop_error()
+            self._loop_thread = thread
 
     def other_loop_error(self) -> ConfigurationError:
         return ConfigurationError(

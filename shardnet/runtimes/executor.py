@@ -151,9 +151,14 @@ def _run_to_the_end(function: Callable, answer_limit: Optional[int], *args: Any,
         raise RuntimeError(f"the handler let a {type(exc).__name__} out (a next() on an empty iterator?)") from exc
 
 
-# what Jina's BaseExecutor.__init__ takes besides an Executor's own arguments; its runtime passes them, and a
-# Jina Executor hands them up with super().__init__(**kwargs). shardnet sets these things itself (create())
-_JINA_BASE_ARGUMENTS = frozenset({"metas", "requests", "runtime_args", "workspace", "dynamic_batching"})
+# what Jina's BaseExecutor.__init__ takes besides an Executor's own arguments, which a Jina Executor hands up
+# with super().__init__(**kwargs): the first three are taken as Jina takes them, the others are Jina features
+# shardnet has not
+_JINA_BASE_ARGUMENTS = frozenset({"metas", "runtime_args", "workspace"})
+_JINA_FEATURES_NOT_HERE = {
+    "requests": "bind endpoints with @requests (Jina's uses_requests is not supported)",
+    "dynamic_batching": "shardnet has no dynamic batching",
+}
 
 
 class Executor:
@@ -176,14 +181,29 @@ class Executor:
         return executor
 
     def __init__(self, *args: Any, **kwargs: Any):
-        """Take what a Jina Executor hands up (``super().__init__(*args, **kwargs)``): Jina's own arguments are
-        set by shardnet instead and are ignored here, as are an Executor's own that its ``__init__`` reads from
-        ``kwargs`` itself. An Executor with no ``__init__`` of its own is told of arguments nothing takes."""
+        """Take what a Jina Executor hands up (``super().__init__(*args, **kwargs)``). Jina's own arguments count
+        as in Jina: ``workspace`` (the folder when no worker gave one), ``metas`` (its ``name`` and
+        ``workspace``), ``runtime_args`` (over the lone shard 0 an Executor made directly is); an Executor's own
+        that its ``__init__`` reads from ``kwargs`` itself are left to it. An Executor with no ``__init__`` of its
+        own is told of arguments nothing takes."""
+        name = type(self).__name__
         if args:
-            raise ConfigurationError(f"{type(self).__name__} takes keyword arguments only (uses_with), got {args!r}")
-        unused = sorted(set(kwargs) - _JINA_BASE_ARGUMENTS)
+            raise ConfigurationError(f"{name} takes keyword arguments only (uses_with), got {args!r}")
+        for argument, instead in _JINA_FEATURES_NOT_HERE.items():
+            if kwargs.get(argument):
+                raise ConfigurationError(f"{name} was given {argument}=: {instead}")
+        unused = sorted(set(kwargs) - _JINA_BASE_ARGUMENTS - set(_JINA_FEATURES_NOT_HERE))
         if unused and type(self).__init__ is Executor.__init__:
-            raise ConfigurationError(f"{type(self).__name__} got unexpected arguments: {', '.join(unused)}")
+            raise ConfigurationError(f"{name} got unexpected arguments: {', '.join(unused)}")
+        for argument in ("runtime_args", "metas"):
+            given = kwargs.get(argument)
+            if given:
+                if not isinstance(given, (Mapping, SimpleNamespace)):
+                    raise ConfigurationError(f"{name} {argument}= takes a mapping, got {type(given).__name__}")
+                target = self.runtime_args if argument == "runtime_args" else self.metas
+                vars(target).update(given if isinstance(given, Mapping) else vars(given))
+        if kwargs.get("workspace"):
+            self.__dict__["_given_workspace"] = os.fspath(kwargs["workspace"])
 
     @property
     def metas(self) -> SimpleNamespace:
@@ -205,8 +225,11 @@ class Executor:
         """This shard's folder, ``WORKSPACE/CLASS/SHARD`` as Jina lays it out (replicas of a shard share it;
         shards never do), an absolute path, made on first use. With no workspace given, WORKSPACE is the user's
         cache folder (``$XDG_CACHE_HOME/shardnet``, else ``~/.cache/shardnet``), as Jina falls back on its own."""
-        root = self.runtime_args.workspace or os.path.join(
-            os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "shardnet"
+        root = (  # in Jina's order: the worker's, the metas', the one given to __init__, the cache folder
+            self.runtime_args.workspace
+            or getattr(self.metas, "workspace", None)
+            or self.__dict__.get("_given_workspace")
+            or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "shardnet")
         )
         folder = os.path.abspath(shard_folder(root, self.metas.name, self.runtime_args.shard_id))
         os.makedirs(folder, exist_ok=True)
