@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import random
 import socket
 import time
 from typing import AsyncIterator, Awaitable, Callable, Optional, Union
@@ -25,10 +26,32 @@ from shardnet.protocol.proto import jina_pb2
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the OS picks it)."""
+    """A TCP port that was free a moment ago, for a server told its port before it starts.
+
+    Picked below the kernel's ephemeral range where it can: a port from that range is what any process binding
+    port 0 (every other test's server) may be given meanwhile, before this one's user binds it.
+    """
+    low = _ephemeral_range_start()
+    candidates = random.sample(range(10_000, low), 64) if low is not None and low > 20_000 else []
+    for port in candidates:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
+
+
+def _ephemeral_range_start() -> Optional[int]:
+    """The first port of the range the kernel gives port-0 binds from (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+            return int(ports.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 async def eventually(
