@@ -488,10 +488,6 @@ class DataRequest:
         update_struct(fresh, value, "parameters")  # all or nothing: a refused value leaves the old parameters
         self._outer(changing=True).parameters.CopyFrom(fresh)
 
-    def parameters_bytes(self) -> int:
-        """How many bytes the parameters take in the message (what making them into a dict costs grows with it)."""
-        return self._outer().parameters.ByteSize()
-
     @property
     def docs(self) -> DocumentList:
         """The documents, as a live list-like view (decodes them on first access)."""

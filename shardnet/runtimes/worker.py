@@ -16,7 +16,6 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
-import operator
 import time
 import uuid
 from typing import Any, AsyncIterator, Optional
@@ -61,12 +60,10 @@ HEAD_TLS_CHECK_INTERVAL = 30.0
 
 # endpoints without a handler logged (once each); past that, one line says so and no more are kept or logged
 UNBOUND_LOGGED = 100
-# parameters this big (serialized) become Python objects off the event loop: each value is a Python object made
-# one by one, and a request's million values held the loop for a second
-PARAMETERS_OFF_LOOP_BYTES = 256 * 1024
-# requests of a process_data list joined on the event loop; a longer list (no deployment sends one) is joined in a
-# thread, which lets the loop run meanwhile
-JOINED_ON_THE_LOOP = 64
+# a call this big (received bytes) has its parameters made into Python objects, and a list's requests joined, in a
+# thread, which lets the event loop run meanwhile: it does both object by object, and a request's million parameter
+# values held the loop for a second, a list of 10,000 requests for seconds
+OFF_LOOP_BYTES = 256 * 1024
 
 
 def _cleartext_beyond_this_machine(head: str) -> bool:
@@ -351,19 +348,14 @@ class Worker:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         started = time.time_ns()
         try:
-            # docs_matrix as Jina gives it: one column per request, so a reducer reading docs_matrix[0] runs alone too
-            if len(requests) == 1:
-                matrix = [docs]
-            elif len(requests) <= JOINED_ON_THE_LOOP:  # uses_after under ALL: a request per shard
-                matrix = _join(requests)
-            else:  # a long list (no deployment sends one) would hold the event loop while it is joined
-                matrix = await asyncio.get_running_loop().run_in_executor(self._counting, _join, requests)
-            if first.parameters_bytes() < PARAMETERS_OFF_LOOP_BYTES:
-                parameters = first.parameters
-            else:  # made into Python objects one by one: a million values held the event loop for a second
-                parameters = await asyncio.get_running_loop().run_in_executor(
-                    self._counting, operator.attrgetter("parameters"), first
-                )
+            # the bytes received (a list's others are still undecoded); a request made here has none: measured
+            size = len(received) if received is not None else first.proto.ByteSize()
+            if len(requests) > 1:
+                size += sum(len(request.received_bytes() or b"") for request in requests[1:])
+            if size < OFF_LOOP_BYTES:
+                matrix, parameters = _join(requests)
+            else:
+                matrix, parameters = await asyncio.get_running_loop().run_in_executor(self._counting, _join, requests)
         except ProtocolError as exc:  # one that protobuf parsed but that is no JSON (a Value with no kind)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         specific = parameters.get(self._metas_name)
@@ -651,15 +643,20 @@ class Worker:
             await self._finish()
 
 
-def _join(requests: list[DataRequest]) -> list[DocumentList]:
-    """A list's columns, one per request, once the first request holds every request's documents and their
-    ``__results__`` (as Jina's worker joins a list: a uses_after under ALL gets each shard's dict results).
+def _join(requests: list[DataRequest]) -> tuple[list[DocumentList], dict[str, Any]]:
+    """The handler's ``docs_matrix`` and ``parameters``: one column per request (Jina gives one column even for a
+    single request, so a reducer reading docs_matrix[0] runs alone too), once the first request holds every
+    request's documents and ``__results__`` (as Jina's worker joins a list: a uses_after under ALL gets each
+    shard's dict results).
 
     The first column gets a copy of its own, as its field is about to hold every document; protobuf joins them
     (document by document in Python, 10,000 requests' million documents took 4 s).
     """
-    first, others = requests[0], [request.docs for request in requests[1:]]
+    first = requests[0]
     parameters = first.parameters
+    if len(requests) == 1:
+        return [first.docs], parameters
+    others = [request.docs for request in requests[1:]]
     gathered: dict[str, Any] = {}
     for request in requests:
         results = request.parameters.get(services.RESULTS_PARAMETER)
@@ -675,4 +672,4 @@ def _join(requests: list[DataRequest]) -> list[DocumentList]:
     for request, column in zip(requests[1:], others):
         docs.budget.absorb(column.budget)  # what their sparse arrays may expand to comes along
         joined.MergeFrom(request.proto.data.docs.docs)
-    return [DocumentList(first_column.docs, docs.budget), *others]
+    return [DocumentList(first_column.docs, docs.budget), *others], parameters
