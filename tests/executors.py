@@ -441,6 +441,16 @@ class HelperThenSlowLoad(Executor):
         time.sleep(self.LOAD_SECONDS)
 
 
+class EndlessLoad(Executor):
+    """Marks ``<workspace>/loading``, then loads for five minutes: a download or a GPU wait that hangs."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        Path(self.runtime_args.workspace).mkdir(parents=True, exist_ok=True)
+        (Path(self.runtime_args.workspace) / "loading").touch()
+        time.sleep(300)
+
+
 class Unruly(Executor):
     """Handlers that end badly in ways Python makes awkward: a StopIteration out of a blocking handler, a
     generator that never ends."""

@@ -531,9 +531,9 @@ def test_the_processes_of_a_deployment_killed_with_sigkill_stop_on_their_own(tmp
 LAUNCHER_SCRIPT = """
 import subprocess, sys, time
 worker = subprocess.Popen(
-    [sys.executable, "-m", "shardnet", "worker", "--uses", sys.argv[1] + ":HelperThenSlowLoad", "--port", "0",
+    [sys.executable, "-m", "shardnet", "worker", "--uses", sys.argv[1] + ":" + sys.argv[3], "--port", "0",
      "--workspace", sys.argv[2], "--parent-pid", str(__import__("os").getpid())],
-    start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    start_new_session=True, stdout=open(sys.argv[4], "ab"), stderr=subprocess.STDOUT,
 )
 print(worker.pid, flush=True)
 time.sleep(120)
@@ -545,8 +545,10 @@ def test_a_worker_whose_launcher_dies_while_its_executor_loads_stops_what_the_ex
     (found by a review): a session of its own is its to clean up, as the launcher would have."""
     script, workspace = tmp_path / "launcher.py", tmp_path / "ws"
     script.write_text(LAUNCHER_SCRIPT)
-    launcher = subprocess.Popen([sys.executable, str(script), executors.__file__, str(workspace)],
-                                stdout=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(
+        [sys.executable, str(script), executors.__file__, str(workspace), "HelperThenSlowLoad", tmp_path / "worker.log"],
+        stdout=subprocess.PIPE, text=True,
+    )
     left: list[int] = []
     try:
         worker = int(launcher.stdout.readline())
@@ -560,6 +562,29 @@ def test_a_worker_whose_launcher_dies_while_its_executor_loads_stops_what_the_ex
         launcher.kill()  # while the Executor still loads
         launcher.wait(10)
         assert not still_running(left, 20), "the worker, or its Executor's helper, outlived the launcher"
+    finally:
+        launcher.kill()
+        kill_all(left)
+
+
+def test_a_worker_whose_launcher_dies_during_a_load_that_hangs_stops_at_once(tmp_path):
+    """The parent watch began once the Executor had loaded: a load that hung (a download, a GPU wait) left its
+    worker running for good after its Deployment was killed (found by a review)."""
+    script, workspace, log = tmp_path / "launcher.py", tmp_path / "ws", tmp_path / "worker.log"
+    script.write_text(LAUNCHER_SCRIPT)
+    launcher = subprocess.Popen([sys.executable, str(script), executors.__file__, str(workspace), "EndlessLoad", log],
+                                stdout=subprocess.PIPE, text=True)
+    left: list[int] = []
+    try:
+        left.append(int(launcher.stdout.readline()))
+        deadline = time.monotonic() + 30
+        while not (workspace / "loading").exists():
+            assert time.monotonic() < deadline, "the Executor never began to load"
+            time.sleep(0.05)
+        launcher.kill()
+        launcher.wait(10)
+        assert not still_running(left, 5), "the worker loaded on after its launcher was killed"
+        assert "its launcher (--parent-pid" in log.read_text() and "exited while loading the Executor" in log.read_text()
     finally:
         launcher.kill()
         kill_all(left)

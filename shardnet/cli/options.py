@@ -24,7 +24,7 @@ from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_
 from shardnet.networking.policies import MAX_TIMEOUT
 from shardnet.networking.tls import ClientTls, ServerTls
 from shardnet.runtimes.executor import metas_name
-from shardnet.runtimes.server import ServerConfig, check_ready_fd
+from shardnet.runtimes.server import PARENT_POLL_SECONDS, ServerConfig, check_ready_fd, parent_gone
 from shardnet.runtimes.worker import HANDLER_THREAD_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -156,26 +156,58 @@ def on_stop_signals(handler: Callable[[int, Any], Any] = as_ctrl_c, ctrl_c: bool
         signal.signal(signum, handler)
 
 
-def end_loading_on_stop_signals() -> None:
+def end_loading_on_stop_signals(parent_pid: Optional[int] = None) -> threading.Event:
     """Make SIGTERM (and SIGHUP, unless ignored from the start as under nohup) end the process at once while
     what runs before serving, an Executor's load, runs, as their default action would; serving installs its
-    own handlers (a drain) after.
+    own handlers (a drain) after. With ``parent_pid`` (``--parent-pid``), that process's exit ends it too,
+    within half a second: a Deployment killed while a model loaded left its worker loading on, however long.
+    Set the event returned once serving takes over (it watches the parent itself from then on).
 
     A container's PID 1 with no handler of its own never receives SIGTERM: a pod deleted while its model loaded
     sat out its whole grace period, then was killed. An exit rather than an exception: a load interrupted has
     no Executor to close, and a thread its ``__init__`` started would hold an orderly exit for ever.
     """
+    ending = threading.Event()  # the watch below said why already: a signal it sends ends the process quietly
 
     def end_now(signum: int, frame: Any) -> None:
-        print(f"shardnet: {signal.Signals(signum).name} while loading the Executor: stopped", file=sys.stderr)
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(128 + signum)
+        _end_loading(None if ending.is_set() else signal.Signals(signum).name, 128 + signum)
 
     for signum in (signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, end_now)
+    serving = threading.Event()
+    if parent_pid is not None and parent_pid > 0:  # an invalid one is refused with its reason once serving starts
+        direct = os.getppid() == parent_pid
+        watch = threading.Thread(
+            target=_end_loading_when_parent_goes, args=(parent_pid, direct, serving, ending),
+            name="shardnet-parent-watch", daemon=True,
+        )
+        watch.start()
+    return serving
+
+
+def _end_loading_when_parent_goes(parent_pid: int, direct: bool, serving: threading.Event, ending: threading.Event) -> None:
+    while not serving.wait(PARENT_POLL_SECONDS):
+        if parent_gone(parent_pid, direct):
+            ending.set()
+            print(f"shardnet: its launcher (--parent-pid {parent_pid}) exited while loading the Executor: stopped",
+                  file=sys.stderr, flush=True)
+            # what the load started goes too, as at a served process's end: SIGTERM to its session (this process
+            # included, whose handler above exits), when it leads one
+            if os.getsid(0) == os.getpid():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(os.getpid(), signal.SIGTERM)
+            _end_loading(None, 128 + signal.SIGTERM)
+
+
+def _end_loading(signal_name: Optional[str], code: int) -> None:
+    """Exit at once with ``code``, first saying the load was stopped by ``signal_name`` (None: said already)."""
+    if signal_name is not None:
+        print(f"shardnet: {signal_name} while loading the Executor: stopped", file=sys.stderr)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> None:

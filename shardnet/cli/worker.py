@@ -113,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
         sys.path.insert(0, os.getcwd())
     if args.workspace:  # made here, as deploy makes it: an Executor should find its folder
         make_folder(args.workspace, "--workspace")
-    end_loading_on_stop_signals()  # a pod deleted while its model loads stops now, not at SIGKILL
+    # a pod deleted while its model loads stops now, not at SIGKILL; a Deployment gone (kill -9) too
+    loading = end_loading_on_stop_signals(args.parent_pid)
     search_path = os.environ[EXECUTOR_PATH_VARIABLE].split(os.pathsep) if EXECUTOR_PATH_VARIABLE in os.environ else []
     executor_class = load_executor_class(args.uses, search_path)
     name = args.name or f"{executor_class.__name__}/shard-{args.shard_id}/rep-{args.replica_id}"
@@ -143,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         register_interval=args.register_interval or REGISTER_INTERVAL,
         name=name,
     )
+    loading.set()  # serving watches the parent from here on, and drains on a signal
     code = run_in_loop(worker.run(parent_pid=args.parent_pid, ready_fd=args.ready_fd), loop)
     return exit_leaving_stuck_handlers(code, worker.handlers_still_running())
 

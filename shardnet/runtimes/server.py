@@ -595,13 +595,13 @@ async def within_message_limit(
 
 
 async def _parent_exited(parent_pid: int, direct: bool) -> None:
-    """Return once process ``parent_pid`` is gone (``_parent_gone``)."""
-    while not _parent_gone(parent_pid, direct):
+    """Return once process ``parent_pid`` is gone (``parent_gone``)."""
+    while not parent_gone(parent_pid, direct):
         await asyncio.sleep(PARENT_POLL_SECONDS)
     logger.warning("process %d (--parent-pid) exited: stopping", parent_pid)
 
 
-def _parent_gone(parent_pid: int, direct: bool) -> bool:
+def parent_gone(parent_pid: int, direct: bool) -> bool:
     """Whether process ``parent_pid`` has gone: the ``direct`` parent once this one was handed to another (immune
     to its pid being reused, or its zombie lingering); any other once no such process is left."""
     return os.getppid() != parent_pid if direct else not process_running(parent_pid)
@@ -639,7 +639,7 @@ async def serve_until_signalled(
         if isinstance(parent_pid, bool) or not isinstance(parent_pid, int) or parent_pid < 1:
             raise ConfigurationError(f"--parent-pid must be a process id (1 or more), got {parent_pid!r}")
         if not process_running(parent_pid):  # else it would stop at once, after saying it was ready
-            _stop_own_session()  # its launcher died while the Executor loaded: what that started goes too
+            stop_own_session()  # its launcher died while the Executor loaded: what that started goes too
             raise ConfigurationError(f"--parent-pid {parent_pid}: no such process is running, so none to serve")
         direct = os.getppid() == parent_pid
         orphaned = loop.create_task(_parent_exited(parent_pid, direct))
@@ -667,8 +667,8 @@ async def serve_until_signalled(
         if orphaned is not None:
             orphaned.cancel()
         await server.drain(when_idle=when_idle)
-    if orphaned is not None and _parent_gone(parent_pid, direct):  # whenever it went: before the stop, or in it
-        _stop_own_session()
+    if orphaned is not None and parent_gone(parent_pid, direct):  # whenever it went: before the stop, or in it
+        stop_own_session()
     return 0
 
 
@@ -697,7 +697,7 @@ def _tell_ready(fd: int, address: str) -> None:
         logger.warning("could not tell the launcher the address on file descriptor %d: %s", fd, exc)
 
 
-def _stop_own_session() -> None:
+def stop_own_session() -> None:
     """SIGTERM what is left of this process's group when it leads a session of its own (a Deployment starts
     each child so, a shell's job does not: its pipeline shares the group) and its launcher has gone: helpers its
     Executor started would outlive it, as the launcher is not there to kill them. This process ignores the
