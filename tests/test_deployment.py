@@ -696,3 +696,57 @@ def test_uses_metas_names_the_executor_for_its_parameters_and_workspace_as_in_ji
 def test_a_bad_uses_metas_is_refused_where_it_is_given(uses_metas, said):
     with pytest.raises(ConfigurationError, match=re.escape(said)):
         Deployment(executors.Ledger, uses_metas=uses_metas)
+
+
+def test_a_stop_answers_a_request_the_head_accepted_before_its_next_hops_go(tmp_path):
+    """stop() sent every SIGTERM at once: a request in uses_before when it came found the shards draining or
+    gone (UNAVAILABLE, after uses_before had run). The head drains first now, its hops still serving."""
+    workspace = tmp_path / "ws"
+    deployment = Deployment(executors.Pid, name="held", uses_before=executors.SlowUntilReleased,
+                            log_dir=str(tmp_path), workspace=str(workspace))
+    deployment.start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            answer = pool.submit(deployment.post, "/slow", [Document(id="a")])
+            started = _poll_for(lambda: next(workspace.glob("**/started"), None), answer)
+            stopping = pool.submit(deployment.stop)
+            _poll_for(lambda: "draining" in (tmp_path / "held-head.log").read_text(), answer)
+            (started.parent / "release").touch()  # uses_before answers; the head passes it on to its shard
+            [doc] = answer.result(timeout=20)
+            stopping.result(timeout=30)
+    finally:
+        deployment.stop()
+    assert doc.id == "a" and doc.text == "finished" and doc.tags["shard"] == 0  # through uses_before and the shard
+    assert deployment.killed_at_stop == []
+
+
+def _poll_for(found, answer: concurrent.futures.Future, seconds: float = 20.0):
+    """What ``found()`` gives once it gives something, while ``answer`` is still awaited."""
+    deadline = time.monotonic() + seconds
+    while not (result := found()):
+        assert time.monotonic() < deadline and not answer.done(), answer.done() and answer.exception()
+        time.sleep(0.02)
+    return result
+
+
+def test_a_stop_kills_what_does_not_stop_within_one_timeout_for_all_and_says_so(tmp_path, caplog):
+    """Each process was given the whole timeout in turn: three that hung took three times as long, and were
+    killed without a word (found by a review)."""
+    processes = [
+        ShardnetProcess(f"worker-0-{replica}", ["worker", "--uses", f"{executors.__file__}:ClosesSlowly", "--port", "0"],
+                        tmp_path / f"w{replica}.log").launch()
+        for replica in range(3)
+    ]
+    try:
+        for process in processes:
+            process.wait_ready(30)
+        started = time.monotonic()
+        with caplog.at_level("WARNING", logger="shardnet.runtimes.processes"):
+            killed = stop_all(processes, timeout=1.0)
+        took = time.monotonic() - started
+    finally:
+        stop_all(processes, timeout=0.1)
+    assert killed == processes and all(process.popen.returncode == -signal.SIGKILL for process in processes)
+    assert took < 1.0 + 2.0 + 2.0, took  # one timeout (the workers' floor of 2 s), not one each
+    said = [record.getMessage() for record in caplog.records]
+    assert all(any(f"worker-0-{replica} (pid" in line and "killed (SIGKILL)" in line for line in said) for replica in range(3)), said

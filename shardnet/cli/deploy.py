@@ -169,9 +169,15 @@ def run(args: argparse.Namespace) -> int:
 
         signal.signal(signal.SIGINT, stop_at_once)
         print("stopping... (Ctrl-C again stops them at once)", flush=True)
-    how = "killed at once" if forced.is_set() else "drained and stopped"
-    print(f"{args.name}: every process {how}; {_left_behind(args)}", flush=True)
-    return 130 if forced.is_set() else 0
+    if forced.is_set():
+        print(f"{args.name}: every process killed at once; {_left_behind(args)}", flush=True)
+        return 130
+    if deployment.killed_at_stop:  # their drain, or an Executor's close() saving its state, was cut short
+        print(f"{args.name}: stopped, but {', '.join(deployment.killed_at_stop)} did not stop in time and had to be "
+              f"killed (see the warnings above); {_left_behind(args)}", flush=True)
+        return 1
+    print(f"{args.name}: every process drained and stopped; {_left_behind(args)}", flush=True)
+    return 0
 
 
 def exposure_warning(host: str, token_given: bool) -> str:

@@ -228,6 +228,7 @@ class Deployment:
         self._starting: set[ShardnetProcess] = set()  # launched again by revive(), not serving yet
         self._launching = threading.Lock()  # revive() launches, stop() stops: one at a time, whatever the threads
         self._stopping = False
+        self.killed_at_stop: list[str] = []  # roles the last stop() had to kill (they did not stop in time)
         # a Deployment dropped without stop() (or an interpreter exit) still stops its processes
         self._finalizer: Optional[weakref.finalize] = weakref.finalize(self, stop_all, self._spawned, 5.0)
 
@@ -570,11 +571,14 @@ class Deployment:
         return ready
 
     def stop(self) -> None:
-        """Stop every process: SIGTERM to all at once, the head's first (no new traffic), so the drains overlap."""
+        """Stop every process within 15 s: the head first, drained while its workers and uses_before/after still
+        serve (what it accepted is answered), then those, their drains overlapping. Any still running then is
+        killed, with a warning, and its role is kept in ``killed_at_stop``."""
         # one stop at a time, and a revive() or start() in another thread launches nothing from here on
         with self._launching:
             self._stopping = True
-            stop_all(self._spawned)  # every process of this run, one a start under way has not assigned yet too
+            # every process of this run, one a start under way has not assigned yet too
+            self.killed_at_stop = [process.role for process in stop_all(self._spawned)]
             if self._finalizer is not None:
                 self._finalizer.detach()
                 self._finalizer = None

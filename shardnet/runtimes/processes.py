@@ -10,6 +10,7 @@ folder two deployments share holds the other's lines too.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -25,6 +26,9 @@ STABLE_RUN = 60.0  # seconds: a process that served this long before it exited i
 MAX_RESTART_DELAY = 30.0
 REAP_POLL_SECONDS = 0.02  # how often a stop looks whether its child has exited (left unreaped till collected)
 REAP_AFTER_KILL_SECONDS = 5.0
+MIN_LAST_DRAIN = 2.0  # seconds the workers get to drain after their heads, however long those took
+
+logger = logging.getLogger(__name__)
 
 
 def process_running(pid: int) -> bool:
@@ -227,28 +231,34 @@ class ShardnetProcess:
             os.kill(self.popen.pid, signum)
 
     def stop(self, timeout: float = 15.0) -> Optional[int]:
-        """SIGTERM, wait up to ``timeout`` for the drain, then SIGKILL; return the exit code."""
+        """SIGTERM, wait up to ``timeout`` for the drain, then SIGKILL (with a warning); return the exit code."""
         if self.popen is None:
             return None
         if self.alive:
             self.signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
             self.signal(signal.SIGTERM)
-        return self._reap(timeout)
+        self._reap(timeout)
+        return self.popen.returncode
 
-    def _reap(self, timeout: float) -> Optional[int]:
-        """Wait up to ``timeout`` for the exit (no second SIGTERM: one arriving after the drain kills), then SIGKILL;
-        collect it (its group's leftovers killed) and return its exit code."""
+    def _reap(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for the exit (no second SIGTERM: one arriving after the drain kills), then SIGKILL
+        it, saying so; collect it (its group's leftovers killed). Whether it had to be killed."""
         if self.popen is None:
-            return None
+            return False
         deadline = time.monotonic() + timeout
         while self.popen.returncode is None and not self._exited() and time.monotonic() < deadline:
             time.sleep(REAP_POLL_SECONDS)  # waited for unreaped: the group's id must stay the child's until killed
-        if self.popen.returncode is None and not self._exited():
+        killed = self.popen.returncode is None and not self._exited()
+        if killed:
+            logger.warning(
+                "%s (pid %s) did not stop within %.1fs: killed (SIGKILL), its drain or its Executor's close() cut "
+                "short. Its log: %s", self.role, self.popen.pid, timeout, self.log_path,
+            )
             self.popen.kill()
             with contextlib.suppress(ChildProcessError):
                 os.waitid(os.P_PID, self.popen.pid, os.WEXITED | os.WNOWAIT)
         self._collect()
-        return self.popen.returncode
+        return killed
 
     def kill_group(self) -> None:
         """SIGKILL this process and those it started (its own session's group: a model server, data loaders), at
@@ -268,11 +278,23 @@ class ShardnetProcess:
         return f"<ShardnetProcess {self.role} {self.address or '-'} pid={self.pid} {state}>"
 
 
-def stop_all(processes: Sequence[ShardnetProcess], timeout: float = 15.0) -> None:
-    """Stop every process, sending all the SIGTERMs first so drains overlap; then what each left of its process
-    group (helpers its Executor started) is killed."""
-    for process in processes:
-        process.signal(signal.SIGCONT)
-        process.signal(signal.SIGTERM)
-    for process in processes:
-        process._reap(timeout)
+def stop_all(processes: Sequence[ShardnetProcess], timeout: float = 15.0) -> list[ShardnetProcess]:
+    """Stop every process within ``timeout`` in all, and return those that had to be killed.
+
+    The heads go first. Each drains while the processes it calls still serve, so a request it accepted
+    reaches its shards and uses_after. Then the rest get their SIGTERMs at once, so their drains overlap,
+    with what time is left (at least ``MIN_LAST_DRAIN``). Whatever still runs then is SIGKILLed, with a
+    warning, and what each left of its process group (helpers its Executor started) is killed.
+    """
+    deadline = time.monotonic() + timeout
+    heads = [process for process in processes if process.role == "head"]
+    killed = []
+    for group in (heads, [process for process in processes if process.role != "head"]):
+        for process in group:
+            process.signal(signal.SIGCONT)  # a stopped process cannot handle SIGTERM
+            process.signal(signal.SIGTERM)
+        ends = deadline if group is heads else max(deadline, time.monotonic() + MIN_LAST_DRAIN)
+        for process in group:
+            if process._reap(max(ends - time.monotonic(), 0.0)):
+                killed.append(process)
+    return killed
