@@ -404,3 +404,35 @@ async def test_a_dead_shards_requests_go_to_the_other_shards_in_turn_and_count_o
         await send(head.server.address, "/tag", [Document()], timeout=5)
     assert (live[0].executor.calls, live[2].executor.calls) == (3, 3)
     assert head.pool.retry_budget.total_requests == 6  # a resend is no new request of the budget's
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("request_streams", [True, False], ids=["streams", "unary"])
+async def test_a_request_a_killed_worker_may_have_run_is_aborted_so_a_retrying_caller_runs_it_nowhere_else(
+    runtimes, eventually, tmp_path, request_streams
+):
+    """The head failed it with its worker's UNAVAILABLE, which a caller's pool retries by default: through the
+    head again, to the other shard under ANY, where it ran a second time (a faults review's find). ABORTED now."""
+    head = await runtimes(Head("halves", request_streams=request_streams))
+    workers = sleepy_workers(head, tmp_path, shards=[0, 1], register_interval=0.25)
+    client = GrpcConnectionPool()  # its default RetryPolicy retries UNAVAILABLE
+    try:
+        addresses = await launched(workers)
+        await eventually(lambda: head.pool.deployments["halves"]["shards"] == {0: [addresses[0]], 1: [addresses[1]]},
+                         timeout=10.0)
+        client.add_connection("halves", head.server.address)
+        [doomed] = head.pool.get_replicas("halves", shard_id=0).get_all_connections()
+        request = DataRequest([Document(text="q")], endpoint="/sleep", parameters={"seconds": 2.0})
+        pending = [client.send_requests_once([request], "halves", timeout=20.0) for _ in range(2)]
+        await eventually(lambda: doomed.running.count == 1, timeout=5.0, interval=0.005)  # one on each shard
+        workers[0].kill()
+        outcomes = await asyncio.gather(*pending, return_exceptions=True)
+    finally:
+        await client.close()
+        for worker in workers:
+            worker.kill()
+    failed = [outcome for outcome in outcomes if isinstance(outcome, ReplicaError)]
+    answered = [outcome for outcome in outcomes if not isinstance(outcome, BaseException)]
+    assert len(failed) == 1 and len(answered) == 1, outcomes
+    assert failed[0].code == grpc.StatusCode.ABORTED and "may have run it" in str(failed[0]), failed[0]
+    assert "shard 0" in str(failed[0]) and addresses[0] in str(failed[0])

@@ -189,6 +189,13 @@ def _shard_ranges(shard_ids: list[int], room: int = EMPTY_SHARDS_ROOM) -> tuple[
     return ",".join(texts), left
 
 
+# said of a request failed with ABORTED where its replica's failure was UNAVAILABLE
+MAY_HAVE_RUN_NOTE = (
+    " (ABORTED, not UNAVAILABLE: a replica may have run it, and a retry through this head could run it again on "
+    "another shard; retry only what is safe to run twice)"
+)
+
+
 class _LoopedBack(Exception):
     """A request this head forwarded came back to it: one of its replicas is the head itself."""
 
@@ -388,7 +395,13 @@ class Head:
             failed = exc.code if exc.code not in (None, grpc.StatusCode.OK) else grpc.StatusCode.UNAVAILABLE
             if failed == grpc.StatusCode.UNIMPLEMENTED:  # the head serves the method: its replica did not, and
                 failed = grpc.StatusCode.INTERNAL  # a caller must not take it for another server and go elsewhere
-            await context.abort(failed, str(exc))
+            details = str(exc)
+            if failed == grpc.StatusCode.UNAVAILABLE and not exc.unsent:
+                # a replica may have run it: a caller retrying UNAVAILABLE (as pools do) would send it through
+                # this head again, to any shard under ANY, where it would be stored twice
+                failed = grpc.StatusCode.ABORTED
+                details += MAY_HAVE_RUN_NOTE
+            await context.abort(failed, details)
         if trailing:
             context.set_trailing_metadata(tuple(trailing))
         return await within_message_limit(
@@ -513,6 +526,7 @@ class Head:
             raise type(failure)(
                 f"{failure.cause}; sent on to shard {shard_id}, which failed too: {resent}",
                 address=failure.address, code=failure.code, deployment=failure.deployment, shard_id=failure.shard_id,
+                unsent=getattr(resent, "unsent", True),  # the first shard's surely ran nothing (it is resent)
             ) from None
 
     async def _gather(
