@@ -260,6 +260,31 @@ async def test_a_callers_cancellation_or_short_deadline_is_no_failure_of_the_rep
         await replicas.close()
 
 
+async def test_a_hung_replicas_probes_back_off_however_short_its_callers_deadlines(echo_servers):
+    """A caller's short deadline running out on a hung replica counted as an answer: its failures in a row went
+    back to none, and it was probed once a probe_after, a caller's wait each, for as long as it hung (a
+    faults review's find). It is given up on now, as a cancelled call is, and its quiet doubles."""
+    [hung] = await echo_servers(1, delay=30.0)
+    [fast] = await echo_servers(1)
+    offset = [0.0]  # the balancer's clock runs ahead by this much: time passing without a wait
+    balancer = PeakEwma(clock=lambda: time.monotonic() + offset[0], probe_after=1.0)
+    replicas = ReplicaList(balancer=balancer)
+    try:
+        slow, quick = replicas.add_connection(hung.address), replicas.add_connection(fast.address)
+        await replicas.call(quick, "single_data", DataRequest(endpoint="/e"), None, 5.0)
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await replicas.call(slow, "single_data", DataRequest(endpoint="/e"), None, 0.05, callers_deadline=True)
+        offset[0] += 1.5  # past probe_after, short of it doubled
+        await replicas.call(quick, "single_data", DataRequest(endpoint="/e"), None, 5.0)  # its rival was heard of
+        assert slow not in [balancer.pick([slow, quick]) for _ in range(40)]  # a probe was a coin flip
+        offset[0] += 100.0  # past the longest quiet: probed again, once it is due
+        await replicas.call(quick, "single_data", DataRequest(endpoint="/e"), None, 5.0)
+        assert slow in [balancer.pick([slow, quick]) for _ in range(40)]
+    finally:
+        await replicas.close()
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [

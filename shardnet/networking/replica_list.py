@@ -623,11 +623,15 @@ class ReplicaList:
             response = checked_reply(await call, connection.address, self.name, timed=timeout is not None)
             trailing = await call.trailing_metadata()
         except grpc.aio.AioRpcError as error:
-            # a caller's own deadline, too short to say anything of the replica, is no failure of it: its
-            # latency estimate takes the time it did wait, with no penalty
+            # a caller's own deadline, too short to say anything of the replica, is no failure of it, but no
+            # answer either: given up on, as a cancelled call is (its estimate rises to the time waited, and a
+            # hung replica's probes back off however short its callers' deadlines)
             code = error.code()
             blamed = not (callers_deadline and code == grpc.StatusCode.DEADLINE_EXCEEDED and self._too_short(timeout))
-            balancer.finished(connection, token, failed=blamed and code not in CALLERS_FAULT)
+            if blamed:
+                balancer.finished(connection, token, failed=code not in CALLERS_FAULT)
+            else:
+                balancer.abandoned(connection, token)
             # a call on a channel already replaced tells nothing new: the failures that replaced it were counted
             # (a worker dying under many calls would otherwise rebuild its channel once per three of them)
             # nor does a call on a replica already removed (its cut calls would rebuild a channel no one closes)
