@@ -118,6 +118,13 @@ def test_head_refuses_a_kubeconfig_without_a_namespace_to_watch(tmp_path) -> Non
     assert "--kubeconfig is for discovery: give --k8s-namespace as well" in result.stderr
 
 
+def test_head_refuses_an_empty_namespace_in_one_line() -> None:
+    """``--k8s-namespace "$POD_NAMESPACE"`` with the variable unset crashed with a TypeError (a k8s review's find)."""
+    result = run_cli("head", "--deployment", "d", "--port", "0", "--k8s-namespace", "")
+    assert result.returncode == 2, result.stderr
+    assert "--k8s-namespace is empty" in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize(
     "content, said",
     [

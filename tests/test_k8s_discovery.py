@@ -470,6 +470,15 @@ async def test_terminating_endpoints_are_out(api_server: FakeApiServer, start_po
     await eventually(lambda: replicas(pool, "dep/uses_before") == {"10.1.0.4:50051"})
 
 
+def test_an_endpoint_not_serving_is_out_though_ready_says_true_behind_publish_not_ready_addresses() -> None:
+    """On a Service with publishNotReadyAddresses (a StatefulSet's headless one, often), the controller sets
+    ready true for every pod: only serving tells (a k8s review's find: a pod that was not ready got requests)."""
+    endpoint_slice_of = endpoint_slice("s", "svc", [("10.1.0.1", True, False), ("10.1.0.2", True, False)])
+    endpoint_slice_of["endpoints"][0]["conditions"]["serving"] = False
+    endpoint_slice_of["endpoints"][1]["conditions"]["serving"] = True
+    assert slice_members(endpoint_slice_of) == {Member("dep", False, 0, "10.1.0.2:50051")}
+
+
 async def test_a_replica_held_by_both_sources_leaves_with_the_last(api_server: FakeApiServer, start_pool) -> None:
     pool = await start_pool()
     api_server.apply("pods", pod("p", ip="10.2.0.1", port=50051))
@@ -717,6 +726,21 @@ async def test_a_rotated_api_server_ca_is_taken_from_its_file_and_membership_fol
         new_ca.issue_cert("127.0.0.1").configure_cert(serving)  # then the server presents the new certificate
         await reconnected_with(server, pool, "10.0.0.2")
         assert replicas(pool) == {"10.0.0.1:8080", "10.0.0.2:8080"}
+
+
+async def test_a_ca_file_rewritten_with_the_same_certificate_keeps_the_client(tmp_path, caplog) -> None:
+    """The kubelet rewrites a service account's whole volume at every token refresh (a new ca.crt inode, the same
+    bytes): taken for a CA rotation by its stat, it made a new client under the running watches, hourly."""
+    caplog.set_level(logging.INFO, logger="shardnet.discovery.kubernetes")
+    ca = trustme.CA()
+    async with followed_over_https(tmp_path, ca) as (server, _, ca_file, pool):
+        client = pool._client
+        swapped = tmp_path / "ca.crt.new"
+        swapped.write_bytes(ca_file.read_bytes())
+        os.replace(swapped, ca_file)  # a new inode, mtime and ctime; the same content
+        await pool._follow_ca()  # what each list and watch does first
+        await reconnected_with(server, pool, "10.0.0.2")
+        assert pool._client is client and "CA file changed" not in caplog.text
 
 
 async def test_a_ca_file_missing_or_half_written_keeps_the_client_that_works(tmp_path) -> None:
@@ -1100,6 +1124,18 @@ async def test_a_head_fed_by_discovery_is_alive_but_not_ready_until_its_first_li
 
 async def _is(awaitable, expected: Any) -> bool:
     return await awaitable == expected
+
+
+async def test_a_source_the_cluster_does_not_serve_is_left_out_saying_so_not_blaming_the_role(
+    api_server: FakeApiServer, start_pool, caplog
+) -> None:
+    """A 404 was told to grant list and watch in the Role, which cannot help (a k8s review's find)."""
+    api_server.missing = {"endpointslices"}
+    api_server.apply("pods", pod("w0", ip="10.0.0.1"))
+    pool = await start_pool()  # synced
+    assert replicas(pool) == {"10.0.0.1:8080"}
+    said = [record.getMessage() for record in caplog.records if "following pods in default only" in record.getMessage()]
+    assert len(said) == 1 and "HTTP 404" in said[0] and "does not serve it" in said[0] and "Role" not in said[0], said
 
 
 async def test_a_source_the_role_does_not_grant_is_left_out_and_the_head_turns_ready_on_the_other(

@@ -105,6 +105,8 @@ async def serve(args: argparse.Namespace) -> int:
     warnings come once every flag has been checked: a refusal is then the one line it prints."""
     retry = RetryPolicy(attempt_timeout=args.attempt_timeout)
     namespace = args.k8s_namespace  # only when asked: a head that happens to run in a pod may be a local one
+    if namespace == "":  # else a static head would start, with nothing to serve
+        raise ConfigurationError("--k8s-namespace is empty (a variable unset in a script?): name the namespace to follow")
     if args.kubeconfig is not None and namespace is None:
         raise ConfigurationError("--kubeconfig is for discovery: give --k8s-namespace as well")
     # its own pods only

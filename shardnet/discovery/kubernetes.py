@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import logging
 import re
 from collections import Counter
@@ -46,12 +47,12 @@ from shardnet.errors import ConfigurationError, DiscoveryError
 from shardnet.networking.addresses import parse_address
 from shardnet.networking.pool import GrpcConnectionPool
 from shardnet.networking.replica_list import Connection
-from shardnet.networking.tls import files_signature
 
 logger = logging.getLogger(__name__)
 
 SOURCES = ("pods", "endpointslices")
 DEFAULT_PORT = 8080
+MAX_CA_FILE_BYTES = 1 << 20  # a CA bundle is a few KB: what is read of it to tell a change
 
 POD_SELECTOR = "jina_deployment_name,pod_type"
 SLICE_SELECTOR = "shardnet.io/deployment"
@@ -208,13 +209,16 @@ def slice_members(endpoint_slice: Mapping[str, Any], *, ready_only: bool = True)
         conditions = endpoint.get("conditions") or {}
         if not addresses:
             continue
-        if ready_only and (conditions.get("ready") is False or conditions.get("terminating") is True):
+        # behind publishNotReadyAddresses, "ready" is always true and only "serving" says the pod is
+        if ready_only and any(conditions.get(name) is flag for name, flag in _NOT_SERVING):
             continue
         address = _join(addresses[0], int(port))  # addresses of one endpoint are fungible: use the first
         if address is not None:
             members.add(Member(*target, address))
     return frozenset(members)
 
+
+_NOT_SERVING = (("ready", False), ("serving", False), ("terminating", True))  # an endpoint's conditions
 
 _MEMBERS = {"pods": pod_members, "endpointslices": slice_members}
 
@@ -513,9 +517,9 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
             check_kubeconfig(kubeconfig)
         self._client = client
         self._owns_client = client is None
-        self._ca_signature: Optional[tuple] = None  # the CA file as our client read it (a client of our own)
+        self._ca_signature: Optional[bytes] = None  # the CA file as our client read it (a client of our own)
         self._ca_lock = asyncio.Lock()
-        self._ca_refused: Optional[tuple] = None  # a change of the CA file that did not load
+        self._ca_refused: Optional[bytes] = None  # a change of the CA file that did not load
         self._kubeconfig = kubeconfig
         self._watch_options = watch
         self._ledger = _Ledger(self)
@@ -588,11 +592,14 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
                     return
                 refused = [watch for watch in watches if not watch.synced.is_set() and watch.refused]
                 if listed and len(listed) + len(refused) == len(watches):
+                    missing = all(watch.refused == 404 for watch in refused)
                     logger.warning(
-                        "namespace %r: following %s only: %s refused (%s); grant list and watch on it in the Role "
-                        "(the rendered one does) to follow it too",
+                        "namespace %r: following %s only: %s refused (%s); %s",
                         self.namespace, " and ".join(w.name for w in listed), " and ".join(w.name for w in refused),
                         "; ".join(w.last_failure or "" for w in refused),
+                        "this API server does not serve it (EndpointSlices of discovery.k8s.io/v1 need Kubernetes "
+                        "1.21 or later), so sources=('pods',) says what is followed" if missing else
+                        "grant list and watch on it in the Role (the rendered one does) to follow it too",
                     )
                     return
                 for watch in watches:
@@ -633,12 +640,18 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
             raise Unavailable(f"no usable Kubernetes configuration: {one_line(error)}") from error
         self._ca_signature = self._ca_file_signature()
 
-    def _ca_file_signature(self) -> Optional[tuple]:
-        """A stat of the CA file the client trusts the API server by (None: no file, none now, or a client not
-        ours: nothing to take, and the client holds the CA it read)."""
+    def _ca_file_signature(self) -> Optional[bytes]:
+        """A digest of the CA file the client trusts the API server by (None: no file, none now, or a client not
+        ours: nothing to take, and the client holds the CA it read). Its content, not a stat: the kubelet rewrites
+        a service account's whole volume, ca.crt too, at every token refresh, about hourly, the CA unchanged."""
         path = self._client.configuration.ssl_ca_cert if self._owns_client and self._client is not None else None
-        signature = files_signature([path]) if path else None
-        return None if signature is None or signature[0] is None else signature
+        if not path:
+            return None
+        try:
+            with open(path, "rb") as ca_file:
+                return hashlib.sha256(ca_file.read(MAX_CA_FILE_BYTES)).digest()
+        except OSError:
+            return None
 
     async def _follow_ca(self) -> None:
         """Make a new client when the CA file changed (a rotation of the cluster's CA, the service account's

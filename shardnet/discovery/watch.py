@@ -125,6 +125,10 @@ class Refused(Unavailable):
     """The API server refused the request itself: 403 (the Role does not grant it) or 404 (the cluster has no
     such resource). Retried all the same (a Role may be granted later), but not what a wait should wait for."""
 
+    def __init__(self, message: str, status: int = 403):
+        super().__init__(message)
+        self.status = status
+
 
 _KNOWN_FAILURES = (Unavailable, aiohttp.ClientError, asyncio.TimeoutError, OSError)
 
@@ -171,7 +175,8 @@ class ListWatch:
         self.name = name
         self.resource_version: Optional[str] = None
         self.synced = asyncio.Event()  # set once the first list has been handed over
-        self.refused = False  # the latest failure was a refusal, and no list has succeeded since
+        # the HTTP status (403, 404) when the latest failure was a refusal and no list has succeeded since; else 0
+        self.refused = 0
         self.failing = False  # the latest list or watch failed, and none has been answered since: its view is stale
         self._relist_wanted = False  # list again rather than resume, once the server answers (relist_when_back)
         self.news = asyncio.Event()  # set at each list handed over and each refusal: whoever waits looks again
@@ -238,7 +243,7 @@ class ListWatch:
         self.last_failure = describe(error)
         self.failing = True
         if isinstance(error, Refused):
-            self.refused = True
+            self.refused = error.status
             self.news.set()
 
     # -- list ----------------------------------------------------------------
@@ -278,7 +283,7 @@ class ListWatch:
         self.resource_version = version
         self._progress = False
         self.lists += 1
-        self.refused = False
+        self.refused = 0
         self.synced.set()
         self.news.set()
         logger.debug("%s: listed %d objects at resourceVersion %s", self.name, len(items), version)
@@ -380,9 +385,9 @@ async def _check_status(response: aiohttp.ClientResponse) -> None:
     if response.status == 410 or _too_large_version(status):
         raise Gone(message)
     if response.status in (403, 404):
-        kind: type[Unavailable] = Refused
-    elif response.status == 429:
-        kind = TooManyRequests
+        raise Refused(f"HTTP {response.status} from {response.url.path}: {message}", response.status)
+    if response.status == 429:
+        kind: type[Unavailable] = TooManyRequests
     else:
         kind = ServerError if response.status >= 500 else Unavailable
     raise kind(f"HTTP {response.status} from {response.url.path}: {message}")
