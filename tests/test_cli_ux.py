@@ -95,10 +95,29 @@ def test_deploy_log_dir_keeps_the_logs_and_no_restart_warns_once_per_exited_proc
         assert len(re.findall(warning, log.read_text())) == 1, log.read_text()
         assert "starting it again" not in log.read_text()
     finally:
-        assert stop(deploy, pids) == 0, log.read_text()
+        assert stop(deploy, pids) == 1, log.read_text()  # what exited on its own is a failure to report
+    assert "kept: stopped after 2 process(es) exited on their own (--no-restart" in log.read_text(), log.read_text()
     assert not wait_gone(pids)
     assert "ready on" in (logs / "kept-head.log").read_text()
     assert "ready on" in (logs / "kept-worker-0-1.log").read_text()
+
+
+def test_deploy_no_restart_ends_with_code_1_once_its_head_exits(tmp_path):
+    """It served on, answering nothing, then said every process drained and exited 0 (a lifecycle review's find):
+    a supervisor never saw the failure."""
+    log = tmp_path / "deploy.log"
+    deploy = start(log, "deploy", "--uses", f"{EXECUTORS}:Tagger", "--name", "headless", "--no-restart")
+    pids: list[int] = []
+    try:
+        wait_for_line(log, r"headless serves on", deploy)
+        [head] = re.findall(ROW.format(role="head"), log.read_text(), re.M)
+        pids = [int(head), *map(int, re.findall(ROW.format(role="worker-0-0"), log.read_text(), re.M))]
+        os.kill(int(head), signal.SIGKILL)
+        assert deploy.wait(20) == 1, log.read_text()
+    finally:
+        stop(deploy, pids)
+    assert "nothing answers on" in log.read_text() and "so deploy stops" in log.read_text(), log.read_text()
+    assert not wait_gone(pids)
 
 
 # -- 2: SIGTERM stops the demo as Ctrl-C does ----------------------------------------------------------------

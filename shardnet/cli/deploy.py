@@ -158,8 +158,8 @@ def run(args: argparse.Namespace) -> int:
         while not stop.wait(REVIVE_INTERVAL):
             if args.restart:
                 deployment.revive(wait=False)  # never blocks: SIGTERM is heard within a second
-            else:
-                _warn_exited(deployment, reported)
+            elif _warn_exited(deployment, reported):
+                break  # its head exited: nothing serves, and a supervisor must see deploy end
         # on SIGTERM as on Ctrl-C: the drain may take a few seconds, which a second Ctrl-C cuts short
         forced = threading.Event()
 
@@ -172,6 +172,10 @@ def run(args: argparse.Namespace) -> int:
     if forced.is_set():
         print(f"{args.name}: every process killed at once; {_left_behind(args)}", flush=True)
         return 130
+    if reported:  # under --no-restart: what exited on its own is a failure for whoever runs deploy
+        print(f"{args.name}: stopped after {len(reported)} process(es) exited on their own (--no-restart; see the "
+              f"warnings above); {_left_behind(args)}", flush=True)
+        return 1
     if deployment.killed_at_stop:  # their drain, or an Executor's close() saving its state, was cut short
         print(f"{args.name}: stopped, but {', '.join(deployment.killed_at_stop)} did not stop in time and had to be "
               f"killed (see the warnings above); {_left_behind(args)}", flush=True)
@@ -202,20 +206,22 @@ def _left_behind(args: argparse.Namespace) -> str:
     return f"kept: {', '.join(kept)}" if kept else "its temporary folders are removed"
 
 
-def _warn_exited(deployment: Deployment, reported: set[int]) -> None:
-    """Under --no-restart, warn once about each process that exited (revive() says so when it restarts them)."""
+def _warn_exited(deployment: Deployment, reported: set[int]) -> bool:
+    """Under --no-restart, warn once about each process that exited (revive() says so when it restarts them);
+    whether the head is among them."""
     for process in deployment.processes:
         if process.popen is None or process.alive or process.pid in reported:
             continue
         reported.add(process.pid)
         logger.warning("%s (pid %s) %s; not restarted (--no-restart)%s. Its log: %s", process.role, process.pid,
                        process.exit_description(), _consequence(deployment, process), process.log_path)
+    return deployment.head is not None and deployment.head.pid in reported
 
 
 def _consequence(deployment: Deployment, process: ShardnetProcess) -> str:
     """What the exit of ``process`` leaves the deployment, in a few words."""
     if process is deployment.head:
-        return f": nothing answers on {deployment.head.address} any more"
+        return f": nothing answers on {deployment.head.address} any more, so deploy stops"
     if process in deployment.extras.values():
         return ": requests fail until deploy is started again"
     return ""

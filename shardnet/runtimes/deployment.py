@@ -272,6 +272,9 @@ class Deployment:
                 return False
             if first:
                 self._spawned.append(process)
+            # a cleaner may have removed it meanwhile; made only here, under the lock, where a stop() cannot
+            # have removed it after (a revive racing a stop left the temporary folder behind)
+            self.log_dir.mkdir(parents=True, exist_ok=True)
             self._write_uses_with()
             process.launch()
             return True
@@ -481,6 +484,8 @@ class Deployment:
         revived = self._check_starting()
         now = time.monotonic()
         for process in self.processes:
+            if self._stopping:  # a stop() in another thread: its exits are no news
+                return revived
             if process.popen is not None and not process.alive and process.restart_at is None:
                 self._note_exit(process, now)
         head_up = self.head is not None and self.head.alive and self.head not in self._starting
@@ -541,7 +546,6 @@ class Deployment:
                         logger.info("%s: the head did not forget %s: %s", process.role, member, exc)
             else:
                 _keep_port(process)
-            self.log_dir.mkdir(parents=True, exist_ok=True)  # a cleaner may have removed it meanwhile
             if not self._launch_unless_stopping(process):
                 return
         except Exception as exc:  # the OS refused (no log folder, no file descriptors): try again later
