@@ -427,6 +427,14 @@ class SlowStartHoldingAThread(Executor):
         time.sleep(60)
 
 
+class LeavesAThread(Tagger):
+    """A ``Tagger`` that starts a thread named ``forgotten-flusher`` that never ends (not a daemon)."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        threading.Thread(target=threading.Event().wait, name="forgotten-flusher").start()
+
+
 class HelperThenSlowLoad(Executor):
     """Starts a helper process (``<workspace>/helper-<pid>``), then loads for ``LOAD_SECONDS`` (3), as a model
     server started before the weights load would."""

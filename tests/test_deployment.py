@@ -595,6 +595,30 @@ def test_a_worker_whose_launcher_dies_during_a_load_that_hangs_stops_at_once(tmp
         kill_all(left)
 
 
+def test_a_worker_whose_executor_leaves_a_thread_running_exits_after_its_drain_naming_it(tmp_path):
+    """Python's exit joined the thread for ever: the worker hung after its drain until a Deployment's stop killed
+    it (a lifecycle review's find). It gives such threads a few seconds, names them, and exits."""
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "shardnet", "worker", "--uses", f"{executors.__file__}:LeavesAThread", "--port", "0"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "ready on" not in log_path.read_text():
+            assert worker.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        worker.terminate()
+        assert worker.wait(20) == 0, log_path.read_text()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(5)
+    said = log_path.read_text()
+    assert "1 thread(s) the Executor started still running" in said and "forgotten-flusher" in said, said
+
+
 def test_a_worker_follows_a_parent_pid_that_is_not_its_own_parent(tmp_path):
     """--parent-pid names a process to outlive not: here a sibling (a supervisor, say), watched by its pid."""
     sibling = subprocess.Popen(["sleep", "120"])

@@ -15,6 +15,7 @@ import signal
 import stat
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Coroutine, Optional
 
@@ -26,6 +27,8 @@ from shardnet.networking.tls import ClientTls, ServerTls
 from shardnet.runtimes.executor import metas_name
 from shardnet.runtimes.server import PARENT_POLL_SECONDS, ServerConfig, check_ready_fd, parent_gone
 from shardnet.runtimes.worker import HANDLER_THREAD_PREFIX
+
+THREAD_EXIT_GRACE = 5.0  # seconds the threads an Executor started get to end once it closed
 
 logger = logging.getLogger(__name__)
 
@@ -296,17 +299,30 @@ def run_in_loop(coroutine: Coroutine[Any, Any, Any], loop: str = "auto") -> Any:
 
 
 def exit_leaving_stuck_handlers(code: int, stuck: int) -> int:
-    """Return ``code``; or, when ``stuck`` handler calls still run past the drain's grace (their calls cut and
-    the Executor closed already), exit with it at once: Python joins thread-pool threads at exit, so a handler
-    that hangs would hold the process past --drain-seconds. The process's other threads are joined and its
-    atexit functions run first, as at a normal exit; only the stuck handlers are left behind."""
-    if not stuck:
-        return code
-    logger.warning("exiting with %d handler call(s) still running past the drain's grace", stuck)
+    """Return ``code`` when nothing would hold the exit; else exit with it at once, naming what is left behind.
+
+    Python joins every non-daemon thread at exit, thread-pool ones included: a handler call that hangs past the
+    drain's grace (``stuck``), or a thread an Executor started and never ended, held the process after its
+    drain for ever, and a Deployment's stop then killed it. The process's other threads get
+    ``THREAD_EXIT_GRACE`` seconds to end and its atexit functions run, as at a normal exit.
+    """
+    deadline = time.monotonic() + THREAD_EXIT_GRACE
+    left = []
     for thread in threading.enumerate():
         if thread is threading.main_thread() or thread.daemon or thread.name.startswith(HANDLER_THREAD_PREFIX):
             continue
-        thread.join()
+        thread.join(max(0.0, deadline - time.monotonic()))
+        if thread.is_alive():
+            left.append(thread.name)
+    if not stuck and not left:
+        return code
+    if stuck:
+        logger.warning("exiting with %d handler call(s) still running past the drain's grace", stuck)
+    if left:
+        logger.warning(
+            "exiting with %d thread(s) the Executor started still running %gs after it closed: %s (make them daemon "
+            "threads, or end them in close())", len(left), THREAD_EXIT_GRACE, ", ".join(left),
+        )
     atexit._run_exitfuncs()  # what the interpreter's exit would run, which os._exit skips
     logging.shutdown()
     sys.stdout.flush()
