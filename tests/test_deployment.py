@@ -470,6 +470,33 @@ def test_a_bad_timeout_is_refused_where_it_is_given_not_by_the_head_process(opti
         Deployment(executors.Tagger, **{option: seconds})
 
 
+@pytest.mark.parametrize("seconds", [-1, float("nan"), float("inf"), "5", True])
+def test_a_bad_drain_seconds_is_refused_where_it_is_given(seconds):
+    with pytest.raises(ConfigurationError, match="drain_seconds"):
+        Deployment(executors.Tagger, drain_seconds=seconds)
+
+
+def test_drain_seconds_bounds_how_long_a_stop_waits_for_a_request_in_flight(tmp_path):
+    """Deployment could not set its processes' drain (a lifecycle review's find): a request running past it is
+    cut when the stop comes, and the caller is told, instead of the stop waiting for it."""
+    workspace = tmp_path / "ws"
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        deployment = Deployment(executors.SlowUntilReleased, name="brief", drain_seconds=0.3, workspace=str(workspace))
+        deployment.start()
+        try:
+            answer = pool.submit(deployment.post, "/slow", [Document()])  # runs until released: never, here
+            _poll_for(lambda: next(workspace.glob("**/started"), None), answer)
+            started = time.monotonic()
+            deployment.stop()
+            took = time.monotonic() - started
+        finally:
+            deployment.stop()
+        with pytest.raises(ReplicaError):
+            answer.result(timeout=10)
+    assert took < 5.0, took  # two drains of 0.3 s and the exits, not the handler's 20 s
+    assert deployment.killed_at_stop == []
+
+
 ORPHAN_SCRIPT = """
 import sys, time
 sys.path.insert(0, sys.argv[1])

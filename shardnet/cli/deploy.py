@@ -16,6 +16,7 @@ from shardnet.cli.options import (
     add_token_argument,
     add_uses_metas_argument,
     control_token,
+    drain_seconds,
     json_object,
     make_folder,
     message_megabytes,
@@ -93,6 +94,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              "stops it and starts it again (a restart) (default: %(default)g)",
     )
     parser.add_argument(
+        "--drain-seconds", type=drain_seconds, default=None, metavar="SECONDS",
+        help="seconds each process's requests in flight get to finish when it stops or restarts; one still "
+             "running then is cut, and may run again on another replica (default: 10)",
+    )
+    parser.add_argument(
         "--restart", action=argparse.BooleanOptionalAction, default=True,
         help="start again, where it served, any process that exits while deployed (a crash, kill -9); "
              "one that keeps exiting soon after its start waits longer each time, up to 30 s (default: on)",
@@ -137,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         request_streams=args.request_streams,
         max_in_flight=args.max_in_flight,
         startup_timeout=args.startup_seconds,
+        drain_seconds=args.drain_seconds,
     )
     for folder, flag in ((args.log_dir, "--log-dir"), (args.workspace, "--workspace")):
         if folder is not None:  # made here to name the flag (Deployment's own error names its parameter)

@@ -53,6 +53,7 @@ LAUNCHED_BY_DEPLOYMENT = "SHARDNET_LAUNCHED_BY_DEPLOYMENT"
 # seconds a process may take to serve (loading its Executor) before a start fails or a restart is stopped: a
 # model may take minutes to load; as `k8s render --startup-seconds` (Jina's timeout_ready: 10 minutes)
 DEFAULT_STARTUP_TIMEOUT = 180.0
+DEFAULT_STOP_TIMEOUT = 15.0  # seconds a stop() gives its processes in all before killing what still runs
 # what a start that timed out says: how to allow longer
 LONGER_STARTUP = "a slow Executor may need longer: shardnet deploy --startup-seconds, Deployment(startup_timeout=)"
 
@@ -123,7 +124,10 @@ class Deployment:
     to its workers on Unix sockets: a few per cent more ANY throughput than
     loopback TCP (the ``unix sockets`` row of ``benchmarks/head_overhead.py``).
     ``max_message_mb`` raises (or lowers) the 256 MB message limit of every
-    process and of ``post`` at once. ``startup_timeout`` (default 180 s) is
+    process and of ``post`` at once. ``drain_seconds`` (default 10) is how long
+    each process's requests in flight get to finish when it stops or restarts;
+    a request still running then is cut, and the head may run it again on
+    another replica of its shard. ``startup_timeout`` (default 180 s) is
     how long a process may take to serve, its Executor loading: longer fails
     the start, and a process started again (``revive``) is stopped and tried
     again. ``timeout`` bounds each hop of a request at the head (uses_before,
@@ -163,6 +167,7 @@ class Deployment:
         max_message_mb: Optional[float] = None,
         request_streams: bool = True,
         max_in_flight: Optional[int] = None,
+        drain_seconds: Optional[float] = None,
     ):
         _check_arguments(shards, replicas, name, balancer, register_interval, startup_timeout)
         self.polling = PollingMap.parse(polling)
@@ -201,13 +206,21 @@ class Deployment:
             check_count(max_in_flight, "max_in_flight", 1)
             self._head_options += ["--max-in-flight", str(max_in_flight)]
         self._head_port = port
-        # one message size limit for every process and for post(): a head passes its workers' answers on
-        self._size_arguments, self._post_options = [], None
+        # one message size limit for every process and for post(): a head passes its workers' answers on;
+        # workers and uses_before/after take these arguments, the head its own copies of them
+        self._every_process_arguments, self._post_options = [], None
         if max_message_mb is not None:
             megabytes = check_max_message_mb(max_message_mb)
-            self._size_arguments = ["--max-message-mb", str(megabytes)]
+            self._every_process_arguments = ["--max-message-mb", str(megabytes)]
             self._post_options = message_size_options(int(megabytes * 2**20))
-            self._head_options += self._size_arguments
+            self._head_options += self._every_process_arguments
+        # each process's --drain-seconds (10 by default); a stop gives the head's drain, then its workers', time
+        self._stop_timeout = DEFAULT_STOP_TIMEOUT
+        if drain_seconds is not None:
+            check_seconds(drain_seconds, "drain_seconds", zero=True)
+            self._every_process_arguments += ["--drain-seconds", str(drain_seconds)]
+            self._head_options += self._every_process_arguments[-2:]
+            self._stop_timeout = max(DEFAULT_STOP_TIMEOUT, 2 * drain_seconds + 5)
         if unix_sockets is not None:
             check_flag(unix_sockets, "unix_sockets")
         self._unix_sockets = hasattr(socket, "AF_UNIX") if unix_sockets is None else unix_sockets
@@ -308,7 +321,7 @@ class Deployment:
         try:
             extra_args = []
             for key, uses in self._extras.items():
-                arguments = ["worker", "--uses", uses, "--host", self.host, "--port", "0", *self._size_arguments]
+                arguments = ["worker", "--uses", uses, "--host", self.host, "--port", "0", *self._every_process_arguments]
                 arguments += ["--workspace", str(self.workspace)]  # as Jina gives them: WORKSPACE/CLASS/0
                 # named as Jina names it, which is also the key of its dict results in __results__
                 process = self._launch(key, arguments + ["--name", f"{self.name}/{key}-0"])
@@ -360,7 +373,7 @@ class Deployment:
                 *self._metas_arguments,
                 "--head", self.address,
                 "--register-interval", str(self._register_interval),
-                *self._size_arguments,
+                *self._every_process_arguments,
                 *(["--unix-socket", self._socket_path(shard, replica)] if self._sockets else []),
             ],
         )
@@ -575,14 +588,14 @@ class Deployment:
         return ready
 
     def stop(self) -> None:
-        """Stop every process within 15 s: the head first, drained while its workers and uses_before/after still
+        """Stop every process within 15 s (twice ``drain_seconds`` and 5 s, when longer): the head first, drained while its workers and uses_before/after still
         serve (what it accepted is answered), then those, their drains overlapping. Any still running then is
         killed, with a warning, and its role is kept in ``killed_at_stop``."""
         # one stop at a time, and a revive() or start() in another thread launches nothing from here on
         with self._launching:
             self._stopping = True
             # every process of this run, one a start under way has not assigned yet too
-            self.killed_at_stop = [process.role for process in stop_all(self._spawned)]
+            self.killed_at_stop = [process.role for process in stop_all(self._spawned, self._stop_timeout)]
             if self._finalizer is not None:
                 self._finalizer.detach()
                 self._finalizer = None
