@@ -435,6 +435,22 @@ class LeavesAThread(Tagger):
         threading.Thread(target=threading.Event().wait, name="forgotten-flusher").start()
 
 
+class ModelMissing(Executor):
+    """Fails its load as a missing model file does, the cause chained under a wrapper and a long traceback."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        try:
+            open("/nonexistent/models/encoder.bin", "rb")
+        except OSError as exc:
+            self._deep(30, exc)
+
+    def _deep(self, depth: int, cause: OSError) -> None:
+        if depth:
+            self._deep(depth - 1, cause)
+        raise RuntimeError("the encoder could not be loaded") from cause
+
+
 class HelperThenSlowLoad(Executor):
     """Starts a helper process (``<workspace>/helper-<pid>``), then loads for ``LOAD_SECONDS`` (3), as a model
     server started before the weights load would."""

@@ -497,6 +497,16 @@ def test_drain_seconds_bounds_how_long_a_stop_waits_for_a_request_in_flight(tmp_
     assert deployment.killed_at_stop == []
 
 
+def test_a_start_that_fails_says_its_root_cause_and_its_deployment(tmp_path):
+    """The error quoted the output's last 20 lines, the chained cause cut off, and the temporary log with the
+    rest was then removed; nor did it name the deployment (a lifecycle review's find)."""
+    with pytest.raises(ProcessError) as caught:
+        Deployment(executors.ModelMissing, name="encoder", startup_timeout=60).start()
+    said = str(caught.value)
+    assert said.startswith("deployment 'encoder' did not start (its temporary logs are removed"), said
+    assert "/nonexistent/models/encoder.bin" in said and "the encoder could not be loaded" in said, said
+
+
 ORPHAN_SCRIPT = """
 import sys, time
 sys.path.insert(0, sys.argv[1])

@@ -339,6 +339,11 @@ class Deployment:
                 for replica in range(self.replicas):
                     self.workers[(shard, replica)] = self._launch_worker(shard, replica)
             self.wait_registered()
+        except ProcessError as exc:  # which deployment, and where its logs went, beside the process's words
+            self.stop()
+            given_log_dir = self._given_folders[0]
+            kept = f"its logs are in {given_log_dir}" if given_log_dir else "its temporary logs are removed: log_dir=... keeps them"
+            raise ProcessError(f"deployment {self.name!r} did not start ({kept}): {exc}") from None
         except BaseException:
             self.stop()
             raise

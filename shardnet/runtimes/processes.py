@@ -26,6 +26,8 @@ STABLE_RUN = 60.0  # seconds: a process that served this long before it exited i
 MAX_RESTART_DELAY = 30.0
 REAP_POLL_SECONDS = 0.02  # how often a stop looks whether its child has exited (left unreaped till collected)
 REAP_AFTER_KILL_SECONDS = 5.0
+TRACEBACK_START = "Traceback (most recent call last):"
+MAX_TAIL_LINES = 200  # of a failed start's output quoted in its error
 MIN_LAST_DRAIN = 2.0  # seconds the workers get to drain after their heads, however long those took
 
 logger = logging.getLogger(__name__)
@@ -223,8 +225,14 @@ class ShardnetProcess:
         return delay
 
     def tail(self, lines: int = 20) -> str:
-        """The last lines of this launch's output."""
-        return "\n".join(self._output().splitlines()[-lines:]) or "(no output)"
+        """The last ``lines`` lines of this launch's output, or from its first traceback on when that starts
+        earlier (a chained exception's root cause comes first), up to ``MAX_TAIL_LINES``."""
+        output = self._output().splitlines()
+        start = len(output) - lines
+        first_traceback = next((n for n, line in enumerate(output) if line.startswith(TRACEBACK_START)), None)
+        if first_traceback is not None:
+            start = min(start, first_traceback)
+        return "\n".join(output[max(start, len(output) - MAX_TAIL_LINES, 0):]) or "(no output)"
 
     def signal(self, signum: int) -> None:
         if self.alive:
