@@ -22,6 +22,14 @@ from shardnet.testing import eventually as eventually_until
 Predicate = Callable[[], Union[bool, Awaitable[bool]]]
 
 
+@pytest.fixture(autouse=True)
+def own_cache_folder(tmp_path_factory, monkeypatch):
+    """Each test's own cache folder (``XDG_CACHE_HOME``), its processes' too: a Deployment or worker given no
+    workspace keeps its Executor's state there, and tests running side by side must not share it, nor fill
+    the user's ``~/.cache``."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+
+
 @pytest.fixture
 def socket_dir():
     """A fresh folder under /tmp for Unix sockets (pytest's tmp_path can outgrow the 107 bytes a socket path holds)."""

@@ -53,6 +53,7 @@ class Tagger(Executor):
         for doc in docs:
             doc.tags["by"] = self.label
             doc.tags["shard"] = self.runtime_args.shard_id
+            doc.tags["shards"] = self.runtime_args.shards
             doc.tags["calls"] = self.calls
             doc.tags["runtime_name"] = self.runtime_args.name
             if "suffix" in parameters:
@@ -449,6 +450,14 @@ class ModelMissing(Executor):
         if depth:
             self._deep(depth - 1, cause)
         raise RuntimeError("the encoder could not be loaded") from cause
+
+
+class LoadsFromItsWorkspace(Tagger):
+    """A ``Tagger`` that reads ``self.workspace`` in ``__init__``, as an index loading at start does."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.loaded = os.listdir(self.workspace)
 
 
 class HelperThenSlowLoad(Executor):

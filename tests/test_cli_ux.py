@@ -56,8 +56,9 @@ def test_deploy_names_its_logs_which_go_on_exit_and_its_table_shows_what_the_hea
         assert folder.parent == tmp and {"logs-head.log", "logs-worker-0-0.log", "logs-worker-1-0.log"} <= {
             path.name for path in folder.iterdir()}
         assert "ready on" in (folder / "logs-worker-1-0.log").read_text()
-        workspace = f"{folder}/workspace (removed on exit; --workspace DIR keeps it)"
-        assert f"workspace of the Executors' state: {workspace}" in out, out
+        workspace = Path(re.search(r"^workspace of the Executors' state: (\S+) \(removed on exit; --workspace DIR "
+                                   r"keeps it\)$", out, re.M).group(1))
+        assert workspace.parent == tmp and workspace.is_dir(), out  # its own temporary folder, not the cache's
 
         header, *rows = out[out.index("ROLE"):].splitlines()[:4]
         assert header.split() == ["ROLE", "ADDRESS", "PID", "STATE", "HEAD-DIALS"], out
@@ -72,6 +73,7 @@ def test_deploy_names_its_logs_which_go_on_exit_and_its_table_shows_what_the_hea
         assert stop(deploy, pids) == 0, log.read_text()
     assert not wait_gone(pids)
     assert not folder.exists(), "the logs line said they are removed on exit"
+    assert not workspace.exists(), "the workspace line said it is removed on exit"
 
 
 def test_deploy_log_dir_keeps_the_logs_and_no_restart_warns_once_per_exited_process(tmp_path):
@@ -516,17 +518,31 @@ def test_a_worker_numbered_beyond_the_shape_it_is_given_is_refused(flags, said):
     assert result.returncode == 2 and said in result.stderr, result.stderr
 
 
-def test_a_worker_warns_of_a_workspace_an_earlier_shardnet_laid_out_by_the_deployments_name(tmp_path):
+def test_a_worker_given_a_shard_id_but_no_shard_count_tells_its_executor_a_count_that_holds_it(tmp_path):
+    """The README's own `worker --shard-id 1` gave the Executor shard_id 1 of shards 1 (a review's find)."""
+    log = tmp_path / "worker.log"
+    worker = start(log, "worker", "--uses", f"{EXECUTORS}:Tagger", "--port", "0", "--shard-id", "2")
+    try:
+        address = wait_for_line(log, r"ready on (\S+)", worker).group(1)
+        result = shardnet("send", address, "--endpoint", "/tag", "--text", "a")
+    finally:
+        stop(worker, [])
+    assert result.returncode == 0 and '"shards": 3.0' in result.stdout and '"shard": 2.0' in result.stdout, result
+
+
+@pytest.mark.parametrize("executor", ["Tagger", "LoadsFromItsWorkspace"])
+def test_a_worker_warns_of_a_workspace_an_earlier_shardnet_laid_out_by_the_deployments_name(tmp_path, executor):
     """The folder is now named by the Executor's metas name (its class's), as Jina names it: state an earlier
-    shardnet kept under WORKSPACE/DEPLOYMENT/SHARD would go unseen without a word."""
+    shardnet kept under WORKSPACE/DEPLOYMENT/SHARD would go unseen without a word. An Executor reading its
+    workspace as it loads made its new folder first, and the warning never came (a README review's find)."""
     (tmp_path / "ws" / "index" / "0").mkdir(parents=True)
     log = tmp_path / "worker.log"
-    worker = start(log, "worker", "--uses", f"{EXECUTORS}:Tagger", "--port", "0", "--workspace", str(tmp_path / "ws"),
-                   "--name", "index/shard-0/rep-0")
+    worker = start(log, "worker", "--uses", f"{EXECUTORS}:{executor}", "--port", "0", "--workspace",
+                   str(tmp_path / "ws"), "--name", "index/shard-0/rep-0")
     try:
         wait_for_line(log, r"ready on", worker)
         text = log.read_text()
-        assert f"its state is kept in {tmp_path / 'ws'}/Tagger/0" in text, text
+        assert f"its state is kept in {tmp_path / 'ws'}/{executor}/0" in text, text
         assert f"a folder {tmp_path / 'ws' / 'index' / '0'} from an earlier shardnet" in text, text
         assert "--uses-metas '{\"name\": \"index\"}'" in text, text
     finally:

@@ -507,6 +507,16 @@ def test_a_start_that_fails_says_its_root_cause_and_its_deployment(tmp_path):
     assert "/nonexistent/models/encoder.bin" in said and "the encoder could not be loaded" in said, said
 
 
+def test_a_deployment_given_no_workspace_keeps_its_executors_state_in_the_cache_folder():
+    """As a worker's and as Jina's: it was a temporary folder, and an index written in a with block was gone at
+    its end (a README review's find). The tests' cache folder is their own (conftest)."""
+    with Deployment(executors.StampsWorkspace, name="cached") as deployment:
+        [doc] = deployment.post("/stamp", [Document()])
+    expected = Path(os.environ["XDG_CACHE_HOME"]) / "shardnet" / "StampsWorkspace" / "0"
+    assert deployment.workspace == expected.parent.parent and doc.tags["before"] == str(expected)
+    assert expected.is_dir()  # kept after the stop
+
+
 ORPHAN_SCRIPT = """
 import sys, time
 sys.path.insert(0, sys.argv[1])

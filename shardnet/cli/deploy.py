@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import threading
 from typing import Any
 
@@ -69,8 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--workspace", metavar="DIR",
-        help="folder the Executors keep state in, kept after exit (default: one in the log folder, removed on exit "
-             "with it unless --log-dir is given)",
+        help="folder the Executors keep state in, kept after exit (default: DIR/workspace with --log-dir DIR, "
+             "else a temporary one, removed on exit)",
     )
     parser.add_argument(
         "--log-dir", metavar="DIR",
@@ -118,6 +119,22 @@ def run(args: argparse.Namespace) -> int:
         )
     if os.getcwd() not in sys.path:  # as `shardnet worker` does: --uses MODULE:CLASS may name a module here, and
         sys.path.insert(0, os.getcwd())  # the workers look along this process's path, this folder first
+    # deploy's own workspace, removed on exit unless kept: a Deployment's default, the user's cache folder, would
+    # keep a demo's state for ever
+    temporary = None
+    workspace = args.workspace or (os.path.join(args.log_dir, "workspace") if args.log_dir else None)
+    if workspace is None:
+        temporary = tempfile.TemporaryDirectory(prefix="shardnet-workspace-")
+        workspace = temporary.name
+    try:
+        return _deploy(args, uses_with, workspace)
+    finally:
+        if temporary is not None:
+            temporary.cleanup()
+
+
+def _deploy(args: argparse.Namespace, uses_with: dict, workspace: str) -> int:
+    """Run the deployment ``args`` describe until a stop signal; its exit code."""
     stop = threading.Event()
     on_stop_signals()  # during startup as Ctrl-C: Deployment.start stops what it had started, and we exit
     token = control_token(args)
@@ -132,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         uses_with=uses_with,
         uses_metas={"name": uses_metas_name(args.uses_metas)},
         balancer=args.balancer,
-        workspace=args.workspace,
+        workspace=workspace,
         log_dir=args.log_dir,
         control_token=token,
         timeout=args.timeout,

@@ -26,7 +26,13 @@ from shardnet.cli.options import (
 )
 from shardnet.errors import ConfigurationError
 from shardnet.networking.addresses import UNIX_SCHEME, entity_address, parse_address
-from shardnet.runtimes.executor import EXECUTOR_PATH_VARIABLE, former_workspace, load_executor_class, shard_folder
+from shardnet.runtimes.executor import (
+    EXECUTOR_PATH_VARIABLE,
+    default_workspace,
+    former_workspace,
+    load_executor_class,
+    shard_folder,
+)
 from shardnet.runtimes.head import IMPLIED_LEASE_FACTOR, MAX_RENEWAL_INTERVAL
 from shardnet.runtimes.server import check_can_listen
 from shardnet.runtimes.worker import Worker
@@ -119,18 +125,21 @@ def run(args: argparse.Namespace) -> int:
     executor_class = load_executor_class(args.uses, search_path)
     name = args.name or f"{executor_class.__name__}/shard-{args.shard_id}/rep-{args.replica_id}"
     runtime_args = {
-        "shard_id": args.shard_id, "shards": args.shards or 1, "replica_id": args.replica_id,
+        # without --shards, the fewest that hold this shard: an Executor must never see shard_id >= shards
+        "shard_id": args.shard_id, "shards": args.shards or args.shard_id + 1, "replica_id": args.replica_id,
         "replicas": args.replicas or 1,
+        # None when not given, as in Jina: the Executor's own (metas, __init__) then counts, else the cache
         "workspace": args.workspace, "name": name, "metas_name": name_in_metas,
     }
+    workspace = args.workspace or default_workspace()  # where its folder is, but for an Executor choosing its own
+    former = former_workspace(name, workspace, name_in_metas or executor_class.__name__, args.shard_id)
     executor = executor_class.create(runtime_args, **uses_with)
-    former = former_workspace(executor)
     if former is not None:
         logger.warning(
             "%s: its state is kept in %s, named by its metas name as Jina names it, and a folder %s from an "
             "earlier shardnet (named by the deployment) is not read: move it there, or give --uses-metas "
             "'{\"name\": \"%s\"}' (Deployment(uses_metas=...)) to keep using it",
-            name, shard_folder(args.workspace, executor.metas.name, args.shard_id), former, name.split("/", 1)[0],
+            name, shard_folder(workspace, executor.metas.name, args.shard_id), former, name.split("/", 1)[0],
         )
     worker = Worker(
         executor,

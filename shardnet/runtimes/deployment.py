@@ -36,6 +36,7 @@ from shardnet.protocol.messages import DataRequest
 from shardnet.runtimes.executor import (
     EXECUTOR_PATH_VARIABLE,
     Executor,
+    default_workspace,
     executor_reference,
     executor_search_path,
     metas_name,
@@ -231,7 +232,8 @@ class Deployment:
         log_dir, workspace = self._given_folders
         self._tmp = tempfile.TemporaryDirectory(prefix=f"shardnet-{self.name}-") if log_dir is None else None
         self.log_dir = Path(log_dir or self._tmp.name)
-        self.workspace = Path(workspace or self.log_dir / "workspace")
+        # with none given, the cache folder, as a worker's and as Jina's: an index written in a with block is kept
+        self.workspace = Path(workspace or default_workspace()).absolute()
         # a folder of its own, short: a socket path holds at most 107 bytes, a log_dir may be longer
         self._sockets = tempfile.TemporaryDirectory(prefix="sn-") if self._unix_sockets else None
         self.head: Optional[ShardnetProcess] = None

@@ -229,7 +229,7 @@ class Executor:
             self.runtime_args.workspace
             or getattr(self.metas, "workspace", None)
             or self.__dict__.get("_given_workspace")
-            or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "shardnet")
+            or default_workspace()
         )
         folder = os.path.abspath(shard_folder(root, self.metas.name, self.runtime_args.shard_id))
         os.makedirs(folder, exist_ok=True)
@@ -352,19 +352,23 @@ def metas_name(uses_metas: Any, what: str = "uses_metas") -> Optional[str]:
 _METAS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
-def former_workspace(executor: "Executor") -> Optional[str]:
+def former_workspace(name: str, workspace: Optional[str], metas_name: str, shard_id: int) -> Optional[str]:
     """A shard folder an earlier shardnet laid out by the deployment's name (``WORKSPACE/DEPLOYMENT/SHARD``), when
-    it exists and this Executor's own (by its metas name, as Jina) does not yet: its state would go unseen."""
-    args = executor.runtime_args
-    parts = (args.name or "").split("/")  # DEPLOYMENT/shard-S/rep-R or DEPLOYMENT/rep-R, as a Deployment names it
+    it exists and the Executor's own (by its metas name, as Jina) does not yet: its state would go unseen. Asked
+    before the Executor loads: its ``__init__`` makes its own folder as it reads ``self.workspace``."""
+    parts = (name or "").split("/")  # DEPLOYMENT/shard-S/rep-R or DEPLOYMENT/rep-R, as a Deployment names it
     deployment = parts[0]
-    if len(parts) < 2 or not parts[1].startswith(("shard-", "rep-")) or not args.workspace:
+    if len(parts) < 2 or not parts[1].startswith(("shard-", "rep-")) or not workspace or deployment == metas_name:
         return None
-    if deployment == executor.metas.name:
-        return None
-    former = shard_folder(args.workspace, deployment, args.shard_id)
-    current = shard_folder(args.workspace, executor.metas.name, args.shard_id)
+    former = shard_folder(workspace, deployment, shard_id)
+    current = shard_folder(workspace, metas_name, shard_id)
     return former if os.path.isdir(former) and not os.path.exists(current) else None
+
+
+def default_workspace() -> str:
+    """The workspace root when none is given: the user's cache folder (``$XDG_CACHE_HOME/shardnet``, else
+    ``~/.cache/shardnet``), as Jina falls back on ``~/.cache/jina``."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "shardnet")
 
 
 def shard_folder(workspace: str, name: str, shard_id: int) -> str:
