@@ -39,6 +39,25 @@ def test_matches_and_chunks_are_assigned_a_list_as_in_docarray():
     assert query.matches.ids == ["b"]  # a refused assignment leaves the matches as they were
 
 
+def test_a_document_has_docarrays_uri_mime_type_and_placement_fields_as_attributes():
+    """The README named them, but they were reachable through ``doc.proto`` only (a README review's find)."""
+    doc = Document(id="d", uri="s3://bucket/a.png", mime_type="image/png")
+    assert (doc.uri, doc.mime_type) == ("s3://bucket/a.png", "image/png")
+    query = Document(id="q")
+    query.chunks = [doc]
+    query.matches = [Document(id="m")]
+    chunk, match = query.chunks[0], query.matches[0]
+    assert (chunk.parent_id, chunk.granularity, chunk.adjacency) == ("q", 1, 0)
+    assert (match.adjacency, match.granularity, match.parent_id) == (1, 0, "")
+    match.adjacency, chunk.parent_id = 3, "other"
+    assert (match.proto.adjacency, chunk.proto.parent_id) == (3, "other")
+    for field, value in (("adjacency", -1), ("granularity", 2**32), ("adjacency", True), ("granularity", 1.5),
+                         ("uri", b"x"), ("parent_id", 7)):
+        with pytest.raises(TypeError, match=f"Document.{field} takes"):
+            setattr(match, field, value)
+    assert match.adjacency == 3  # refused values leave it as it was
+
+
 def test_matches_and_chunks_added_are_placed_under_their_document_as_docarray_places_them():
     """docarray gives a match adjacency one more than its document's, and a chunk granularity one more and the
     document's id as parent; a Jina worker's answers carry them, and a shardnet worker's did not (a review)."""

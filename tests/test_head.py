@@ -447,6 +447,18 @@ async def test_an_all_answer_merged_past_the_heads_limit_is_refused_by_name(runt
     assert "merging" in str(caught.value) and "--max-message-mb" in str(caught.value)
 
 
+async def test_a_request_over_the_servers_message_limit_says_whose_limit_to_raise(runtimes):
+    """Over the calling side's limit the error said which to raise; over the server's, gRPC's words alone (a
+    README review's find)."""
+    worker = await runtimes(Worker(executors.Tagger.create(), ServerConfig(max_message_bytes=2**20)))
+    request = DataRequest(docs=[Document(text="x" * (2 * 2**20))], endpoint="/tag")
+    with pytest.raises(ReplicaError) as caught:
+        await oneshot.send_request_async(request, worker.server.address, timeout=10.0)
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "the receiving server's message size limit: raise that worker's or head's --max-message-mb" in str(
+        caught.value), caught.value
+
+
 def test_a_head_made_in_code_dials_its_workers_with_its_own_message_limit():
     head = Head("sized", ServerConfig(max_message_bytes=512 * 2**20))
     options = dict(head.pool.get_default_grpc_options()) | dict(head.pool._options)

@@ -111,15 +111,22 @@ async def test_head_routing(pool, echo_servers):
     assert pool.send_request(DataRequest(), "other", head=True) == []
 
 
-async def test_unknown_deployment_and_shard(pool, echo_servers):
+async def test_unknown_deployment_and_shard(pool, echo_servers, caplog):
+    """No Task, as in Jina; a name the pool never knew (a typo, as "Enc" for "enc") is warned of once, where it
+    did nothing without a word (a README review's find)."""
     [server] = await echo_servers(1)
     pool.add_connection("dep", server.address, shard_id=0)
+    caplog.set_level(logging.DEBUG, logger="shardnet.networking.pool")
     assert pool.send_request(DataRequest(), "nope") == []
     assert pool.send_request(DataRequest(), "nope", polling_type=PollingType.ALL) == []
     assert pool.send_request_once(DataRequest(), "nope") is None
     assert pool.send_requests_once([DataRequest()], "nope", endpoint="/x") is None
+    assert pool.send_discover_endpoint("nope") is None
     assert pool.send_request(DataRequest(), "dep", shard_id=7) == []
     assert server.calls == 0
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == ["deployment 'nope' is not in this pool (it has 'dep'): nothing sent, no Task"], warned
+    assert "no available connections for deployment 'dep', shard 7: nothing sent" in caplog.text
 
 
 async def test_send_request_once_returns_one_task(pool, echo_servers):

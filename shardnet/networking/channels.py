@@ -91,6 +91,11 @@ def error_cause(error: grpc.aio.AioRpcError) -> str:
             " (the calling side's own message size limit, not the replica's: raise it with --max-message-mb, "
             "Deployment(max_message_mb=...) or the grpc.max_send/receive_message_length channel options)"
         )
+    elif error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and cause.startswith("SERVER: Received message larger"):
+        cause += (
+            " (the receiving server's message size limit: raise that worker's or head's --max-message-mb, or "
+            "Deployment(max_message_mb=...))"
+        )
     return cause
 
 

@@ -59,6 +59,8 @@ from shardnet.protocol.messages import MAX_SHARD_ID, ControlRequest, DataRequest
 
 logger = logging.getLogger(__name__)
 
+MAX_UNKNOWN_NAMES_SAID = 100  # unknown deployment names warned of per pool: a caller looping over made-up names
+
 Metadata = Union[Sequence[tuple[str, str]], Mapping[str, str]]
 _METHODS = frozenset(field.name for field in dataclasses.fields(Stubs) if field.name != "streams")  # what ``call`` names
 Reply = tuple[Any, Any]
@@ -179,6 +181,7 @@ class GrpcConnectionPool:
         self._request_streams = request_streams
         self._deployments: dict[str, _Deployment] = {}
         self._retired: list[ReplicaList] = []  # lists of forgotten deployments whose removed channels still close
+        self._unknown_named: set[str] = set()  # deployment names asked for and never known: warned of once each
         try:
             self._metadata_cache = MetadataCache(fixed=metadata)
         except ProtocolError as exc:
@@ -628,10 +631,24 @@ class GrpcConnectionPool:
             raise ConfigurationError(f"endpoint must be text such as '/search', got {endpoint!r}")
         method, payload = self._method_for(requests)
         call_metadata = self._metadata_for(requests[0], endpoint, metadata)
+        targets = self.targets(deployment, head, shard_id, PollingType.parse(polling_type))
+        if not targets:
+            self._nothing_to_send_to(deployment, head, shard_id)
         return [
             self._spawn(payload, deployment, sid, replicas, method, call_metadata, timeout, retries)
-            for sid, replicas in self.targets(deployment, head, shard_id, PollingType.parse(polling_type))
+            for sid, replicas in targets
         ]
+
+    def _nothing_to_send_to(self, deployment: str, head: bool, shard_id: Optional[int]) -> None:
+        """Say why a send gives no Task, as Jina's pool does (at debug level); a deployment this pool never knew
+        (a typo, most often) is warned of once, since a send to it would otherwise do nothing without a word."""
+        if deployment in self._deployments:
+            where = "its head" if head else "any shard" if shard_id is None else f"shard {shard_id}"
+            logger.debug("no available connections for deployment %r, %s: nothing sent", deployment, where)
+        elif deployment not in self._unknown_named and len(self._unknown_named) < MAX_UNKNOWN_NAMES_SAID:
+            self._unknown_named.add(deployment)
+            known = ", ".join(repr(name) for name in sorted(self._deployments)[:10]) or "none"
+            logger.warning("deployment %r is not in this pool (it has %s): nothing sent, no Task", deployment, known)
 
     def send_request(
         self,
@@ -701,6 +718,7 @@ class GrpcConnectionPool:
         _check_retries(retries)
         targets = self.targets(deployment, head, shard_id, PollingType.ANY)
         if not targets:
+            self._nothing_to_send_to(deployment, head, shard_id)
             return None
         sid, replicas = targets[0]
         return self._spawn(empty_pb2.Empty(), deployment, sid, replicas, "discovery", (), timeout, retries)

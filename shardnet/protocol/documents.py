@@ -73,6 +73,13 @@ def _text(value: Any, field: str) -> str:
     return value
 
 
+def _level(value: Any, field: str) -> int:
+    """A uint32 protobuf field's value: a whole number from 0 (not a bool, not 2.5)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+        raise TypeError(f"Document.{field} takes a whole number from 0 to {2**32 - 1}, got {value!r}")
+    return value
+
+
 def _deeper_than(value: Any, levels: int) -> bool:
     """Whether ``value`` as a protobuf Value takes more than ``levels`` levels below its own (a dict 3, a list 2;
     a list holding itself does, at once)."""
@@ -165,6 +172,8 @@ class Document:
         embedding: Optional[np.ndarray] = None,
         tags: Optional[Mapping[str, Any]] = None,
         *,
+        uri: Optional[str] = None,
+        mime_type: Optional[str] = None,
         proto: Optional[docarray_pb2.DocumentProto] = None,
     ):
         self._pb = proto if proto is not None else docarray_pb2.DocumentProto()
@@ -183,6 +192,10 @@ class Document:
             self.embedding = embedding
         if tags:
             update_struct(self._pb.tags, tags, "tags")
+        if uri is not None:
+            self.uri = uri
+        if mime_type is not None:
+            self.mime_type = mime_type
 
     @classmethod
     def _view(cls, proto: docarray_pb2.DocumentProto, budget: ndarray.DenseBudget) -> "Document":
@@ -216,6 +229,49 @@ class Document:
     @text.setter
     def text(self, value: str) -> None:
         self._pb.text = _text(value, "text")
+
+    @property
+    def uri(self) -> str:
+        return self._pb.uri
+
+    @uri.setter
+    def uri(self, value: str) -> None:
+        self._pb.uri = _text(value, "uri")
+
+    @property
+    def mime_type(self) -> str:
+        return self._pb.mime_type
+
+    @mime_type.setter
+    def mime_type(self, value: str) -> None:
+        self._pb.mime_type = _text(value, "mime_type")
+
+    @property
+    def parent_id(self) -> str:
+        """The id of the document this one is a chunk of ("" for none), as docarray sets it."""
+        return self._pb.parent_id
+
+    @parent_id.setter
+    def parent_id(self, value: str) -> None:
+        self._pb.parent_id = _text(value, "parent_id")
+
+    @property
+    def granularity(self) -> int:
+        """How deep a chunk this is (0: a document), as docarray counts it."""
+        return self._pb.granularity
+
+    @granularity.setter
+    def granularity(self, value: int) -> None:
+        self._pb.granularity = _level(value, "granularity")
+
+    @property
+    def adjacency(self) -> int:
+        """How deep a match this is (0: a document), as docarray counts it."""
+        return self._pb.adjacency
+
+    @adjacency.setter
+    def adjacency(self, value: int) -> None:
+        self._pb.adjacency = _level(value, "adjacency")
 
     @property
     def blob(self) -> bytes:
