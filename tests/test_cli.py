@@ -32,9 +32,11 @@ CONSOLE_SCRIPT = (str(Path(sys.executable).with_name("shardnet")),)  # what `pip
 
 
 def shardnet(
-    *arguments: str, timeout: float = 30.0, cwd: Optional[Path] = None, command: tuple[str, ...] = PYTHON_M
+    *arguments: str, timeout: float = 30.0, cwd: Optional[Path] = None, command: tuple[str, ...] = PYTHON_M,
+    env: Optional[dict[str, str]] = None,
 ) -> subprocess.CompletedProcess:
-    """Run ``python -m shardnet ARGUMENTS`` (or ``command``) to completion; killed if it outlives ``timeout``."""
+    """Run ``python -m shardnet ARGUMENTS`` (or ``command``) to completion, in ``env`` (default: this process's);
+    killed if it outlives ``timeout``."""
     return subprocess.run(
         [*command, *arguments],
         check=False,
@@ -42,6 +44,7 @@ def shardnet(
         text=True,
         timeout=timeout,
         cwd=cwd,
+        env=env,
         stdin=subprocess.DEVNULL,
     )
 

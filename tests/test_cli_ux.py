@@ -492,10 +492,20 @@ def test_a_register_interval_without_a_head_is_refused_not_ignored():
     assert "--register-interval says how often to renew a registration: give --head as well" in result.stderr
 
 
+def test_a_kubernetes_fed_head_with_nowhere_to_find_a_configuration_is_refused_at_start(tmp_path):
+    """It started, never ready, and warned at every retry for ever (a k8s review's find)."""
+    env = {key: value for key, value in child_env(tmp_path).items() if not key.startswith(("KUBERNETES_", "KUBECONFIG"))}
+    env["HOME"] = str(tmp_path)  # no ~/.kube/config
+    result = shardnet("head", "--deployment", "x", "--k8s-namespace", "default", "--port", "0", env=env)
+    assert result.returncode == 2, result.stderr
+    assert "no Kubernetes configuration: no kubeconfig file at ~/.kube/config" in result.stderr, result.stderr
+
+
 def test_a_kubernetes_fed_head_says_it_listens_not_that_it_is_ready_before_discovery_lists(tmp_path):
     """It printed "ready on" while its readiness said NOT_SERVING (no cluster to list yet)."""
     env = {key: value for key, value in child_env(tmp_path).items() if not key.startswith("KUBERNETES_")}
-    env["HOME"] = str(tmp_path)  # no ~/.kube/config: discovery keeps trying
+    env["HOME"] = str(tmp_path)
+    env["KUBECONFIG"] = str(tmp_path / "written-later")  # not there yet: discovery keeps trying
     log = tmp_path / "head.log"
     head = start(log, "head", "--deployment", "x", "--k8s-namespace", "default", "--port", "0", "--shards", "1",
                  env=env)

@@ -779,12 +779,29 @@ async def test_a_ca_file_missing_or_half_written_keeps_the_client_that_works(tmp
             await reconnected_with(server, pool, ip)
 
 
+async def test_a_failure_that_keeps_coming_is_warned_of_once_not_at_every_retry(
+    api_server: FakeApiServer, start_pool, caplog
+) -> None:
+    """A Role granting pods only warned of the refused slices at every retry, for ever (a k8s review's find): a
+    failure said already is said again at debug level until REPEAT_WARNING_SECONDS pass."""
+    caplog.set_level(logging.DEBUG, logger="shardnet.discovery.watch")
+    api_server.forbidden = {"endpointslices"}
+    api_server.apply("pods", pod("a", ip="10.0.0.1"))
+    await start_pool()
+
+    def attempts(level: int) -> int:
+        return sum(1 for r in caplog.records if "endpointslices in default: attempt" in r.getMessage() and r.levelno == level)
+
+    await eventually(lambda: attempts(logging.DEBUG) >= 3)  # retried, and said quietly
+    assert attempts(logging.WARNING) == 1
+
+
 async def test_a_watch_that_answers_again_clears_the_failures_before_it(
     api_server: FakeApiServer, start_pool, caplog
 ) -> None:
     """Failures were counted until a watch *ended* well (minutes later): one blip after an outage counted as the
     5th in a row and listed everything again; the recovery was said only then."""
-    caplog.set_level(logging.INFO, logger="shardnet.discovery.watch")
+    caplog.set_level(logging.DEBUG, logger="shardnet.discovery.watch")  # a failure said again is at debug level
     api_server.apply("pods", pod("a", ip="10.0.0.1"))
     pool = await start_pool(sources=("pods",))
     api_server.failing_watches = 4

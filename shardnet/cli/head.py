@@ -109,6 +109,10 @@ async def serve(args: argparse.Namespace) -> int:
         raise ConfigurationError("--k8s-namespace is empty (a variable unset in a script?): name the namespace to follow")
     if args.kubeconfig is not None and namespace is None:
         raise ConfigurationError("--kubeconfig is for discovery: give --k8s-namespace as well")
+    if namespace is not None and args.kubeconfig is None:
+        from shardnet.discovery.configuration import check_configuration_exists  # the Kubernetes client: when asked
+
+        check_configuration_exists()
     # its own pods only
     k8s_options = {"deployments": (args.deployment,), "kubeconfig": args.kubeconfig} if namespace is not None else {}
     config = server_config(args)

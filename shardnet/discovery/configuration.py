@@ -110,6 +110,19 @@ def check_kubeconfig(path: str) -> None:
         )
 
 
+def check_configuration_exists(environ: Mapping[str, str] = os.environ) -> None:
+    """Refuse at once, when no kubeconfig file is given, a process with nowhere to find one: no ``KUBECONFIG``,
+    no ``~/.kube/config``, and not in a pod (``KUBERNETES_SERVICE_HOST`` unset). It would retry for ever,
+    never ready; a ``KUBECONFIG`` naming a file not written yet is left to the retries."""
+    if environ.get("KUBECONFIG") or environ.get("KUBERNETES_SERVICE_HOST"):
+        return
+    if not os.path.exists(os.path.expanduser(DEFAULT_KUBECONFIG)):
+        raise ConfigurationError(
+            f"no Kubernetes configuration: no kubeconfig file at {DEFAULT_KUBECONFIG}, KUBECONFIG unset, and not in "
+            "a pod (KUBERNETES_SERVICE_HOST unset); give --kubeconfig FILE"
+        )
+
+
 def one_line(error: Exception) -> str:
     """An error's message on one line (YAML's span several, with the offending text)."""
     return " ".join(str(error).split())

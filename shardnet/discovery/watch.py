@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Optional
 
@@ -136,6 +137,25 @@ _KNOWN_FAILURES = (Unavailable, aiohttp.ClientError, asyncio.TimeoutError, OSErr
 # watch failures in a row, each of an outage's kind, after which the next attempt re-lists all the same
 RELIST_AFTER_FAILURES = 5
 
+# a failure said already is said again at warning level once this many seconds passed (at debug level between):
+# one that cannot mend itself (a Role granting pods only, no configuration) warned at every retry for ever
+REPEAT_WARNING_SECONDS = 300.0
+
+
+class _Repeats:
+    """Which failures to warn of: each new one, and the same one again once ``REPEAT_WARNING_SECONDS`` passed."""
+
+    def __init__(self) -> None:
+        self._said: Optional[str] = None
+        self._said_at = 0.0
+
+    def level(self, failure: str) -> int:
+        now = time.monotonic()
+        if failure == self._said and now - self._said_at < REPEAT_WARNING_SECONDS:
+            return logging.DEBUG
+        self._said, self._said_at = failure, now
+        return logging.WARNING
+
 
 def _watch_again(error: BaseException) -> bool:
     """Whether a failed watch looks like an outage (no connection, a reset, a timeout, 5xx, 429), to be watched
@@ -188,6 +208,7 @@ class ListWatch:
         self._options = options
         self._progress = False  # a watch line arrived since the last list
         self._failed_in_a_row = 0  # watches that failed since one last answered
+        self._repeats = _Repeats()  # of its watch failures
         self.last_failure: Optional[str] = None  # the latest failed list or watch, as text
 
     async def run(self) -> None:
@@ -225,7 +246,8 @@ class ListWatch:
                 # does; an outage (no connection, a reset, 5xx, 429) watches again from where it was, and
                 # re-lists past RELIST_AFTER_FAILURES in a row
                 again = _watch_again(error) and self._failed_in_a_row < RELIST_AFTER_FAILURES
-                logger.warning(
+                logger.log(
+                    self._repeats.level(describe(error)),
                     "%s: watch failed (%s); %s in %.2fs", self.name, describe(error),
                     "watching again" if again else "re-listing", pause,
                     exc_info=None if isinstance(error, _KNOWN_FAILURES) else error,
@@ -405,13 +427,16 @@ async def with_backoff(
     ``on_failure`` hears each failure, to report it where the log is not read.
     """
 
+    repeats = _Repeats()
+
     def log_failure(state: tenacity.RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None
         pause = state.next_action.sleep if state.next_action else 0.0
         if on_failure is not None:
             on_failure(error)
         known = isinstance(error, _KNOWN_FAILURES)
-        logger.warning(
+        logger.log(
+            repeats.level(f"{type(error).__name__}: {error}"),
             "%s: attempt %d failed (%s: %s); retrying in %.2fs",
             name,
             state.attempt_number,
