@@ -147,7 +147,7 @@ def test_a_pod_is_reached_on_its_port_named_grpc() -> None:
     assert {m.address for m in pod_members(unnamed)} == {"10.0.0.1:7000"}  # none named: the first, as before
 
 
-def test_slice_conditions() -> None:
+def test_slice_conditions(caplog) -> None:
     endpoints = [
         ("10.0.1.1", None, None),
         ("10.0.1.2", True, None),
@@ -160,6 +160,8 @@ def test_slice_conditions() -> None:
     no_grpc_port = endpoint_slice("s", "svc", endpoints)
     no_grpc_port["ports"][0]["name"] = "http"
     assert slice_members(no_grpc_port) == frozenset()
+    # dropped without a word before (a k8s review's find)
+    assert "EndpointSlice None/s of 'dep' has no port named 'grpc': its endpoints are not followed" in caplog.text
 
 
 def test_bad_sources_are_refused() -> None:

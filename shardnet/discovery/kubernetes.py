@@ -214,7 +214,14 @@ def slice_members(endpoint_slice: Mapping[str, Any], *, ready_only: bool = True)
         return NOTHING
     target = _role_target(deployment, labels.get("shardnet.io/role") or "worker", labels.get("shardnet.io/shard"))
     port = next((p.get("port") for p in endpoint_slice.get("ports") or [] if p.get("name") == "grpc"), None)
-    if target is None or not port:
+    if target is None:
+        return NOTHING
+    if not port:  # labelled as ours, yet nothing says where to dial: said, not dropped without a word
+        metadata = endpoint_slice.get("metadata") or {}
+        logger.warning(
+            "EndpointSlice %s/%s of %r has no port named 'grpc': its endpoints are not followed (name the "
+            "Service's port grpc, as k8s render does)", metadata.get("namespace"), metadata.get("name"), deployment,
+        )
         return NOTHING
     members = set()
     for endpoint in endpoint_slice.get("endpoints") or []:

@@ -472,13 +472,24 @@ class Head:
         (uses_before/after), not only forwards it; ``retries`` as ``GrpcConnectionPool.call`` takes it."""
         targets = self.pool.targets(deployment, False, None, PollingType.ANY)
         if not targets:
-            raise RoutingError(f"deployment {deployment!r} has no live replica", deployment=deployment)
+            raise RoutingError(f"deployment {deployment!r} has no live replica{self._why_none(deployment)}",
+                               deployment=deployment)
         shard_id, replicas = targets[0]
         method, payload = self._method(requests, decoded)
         return await self.pool.call(
             payload, deployment, replicas, shard_id=shard_id, method=method, metadata=metadata,
             timeout=deadline.left(), retries=retries,
         )
+
+    def _why_none(self, deployment: str) -> str:
+        """What a "no live replica" refusal adds: which shards are known, each with none to pick, and how that
+        comes about."""
+        shard_ids = self.pool.shard_ids(deployment)
+        if not shard_ids:
+            return (": no worker has registered (ACTIVATE), none was given (--connection), nor has discovery "
+                    "found one")
+        return (f": shard(s) {_listed(shard_ids)} have no replica to pick (their workers deactivated, their "
+                "leases lapsed, or every one is ejected for its failures)")
 
     def _another_shard(self, failure: ReplicaError) -> Optional[int]:
         """Another shard with a replica to pick for an ANY request its shard failed, in turn (the next one
@@ -538,7 +549,8 @@ class Head:
         targets = self.pool.targets(self.deployment, False, shard_id, polling)
         if not targets:
             missing = "live replica" if polling == PollingType.ANY else "shard"
-            raise RoutingError(f"deployment {self.deployment!r} has no {missing}", deployment=self.deployment)
+            raise RoutingError(f"deployment {self.deployment!r} has no {missing}{self._why_none(self.deployment)}",
+                               deployment=self.deployment)
         method, payload = self._method(requests, decoded=True)
         timeout = deadline.left()
         results = await asyncio.gather(
