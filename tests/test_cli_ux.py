@@ -248,7 +248,7 @@ def test_send_to_a_head_with_no_replica_gives_its_error_alone(tmp_path):
         stop(head, [])
     assert result.returncode == 2
     no_replica = (f"shardnet send: server {address}: UNAVAILABLE: deployment 'empty' has no live replica: shard(s) 0 "
-                  "have no replica (none registered yet, or their workers deactivated or their leases lapsed)")  # said since a faults review
+                  "have no replica (none registered yet, or their workers deactivated or their leases lapsed)")
     assert result.stderr.strip() == no_replica  # no warning first about endpoints it could not have named
 
 

@@ -106,7 +106,9 @@ async def serve(args: argparse.Namespace) -> int:
     retry = RetryPolicy(attempt_timeout=args.attempt_timeout)
     namespace = args.k8s_namespace  # only when asked: a head that happens to run in a pod may be a local one
     if namespace == "":  # else a static head would start, with nothing to serve
-        raise ConfigurationError("--k8s-namespace is empty (a variable unset in a script?): name the namespace to follow")
+        raise ConfigurationError(
+            "--k8s-namespace is empty (a variable unset in a script?): name the namespace to follow"
+        )
     if args.kubeconfig is not None and namespace is None:
         raise ConfigurationError("--kubeconfig is for discovery: give --k8s-namespace as well")
     if namespace is not None and args.kubeconfig is None:

@@ -189,7 +189,9 @@ def end_loading_on_stop_signals(parent_pid: Optional[int] = None) -> threading.E
     return serving
 
 
-def _end_loading_when_parent_goes(parent_pid: int, direct: bool, serving: threading.Event, ending: threading.Event) -> None:
+def _end_loading_when_parent_goes(
+    parent_pid: int, direct: bool, serving: threading.Event, ending: threading.Event
+) -> None:
     while not serving.wait(PARENT_POLL_SECONDS):
         if parent_gone(parent_pid, direct):
             ending.set()

@@ -408,7 +408,9 @@ class _Ledger:
     def _vetoed(self, member: Member) -> bool:
         """Whether the pods let go of a member at ``member``'s IP less than ``VETO_SECONDS`` ago (``_veto``)."""
         since = self._vetoes.get((member.deployment, _host(member.address)))
-        return since is not None and time.monotonic() - since < VETO_SECONDS and PODS not in self._pool.failing_sources()
+        if since is None or time.monotonic() - since >= VETO_SECONDS:
+            return False
+        return PODS not in self._pool.failing_sources()
 
     def _drop_stale_holds(self, member: Member, reporter: str) -> None:
         """``reporter``, answering, let go of ``member``: if only failing sources still hold it, their holds are

@@ -323,7 +323,8 @@ class Deployment:
         try:
             extra_args = []
             for key, uses in self._extras.items():
-                arguments = ["worker", "--uses", uses, "--host", self.host, "--port", "0", *self._every_process_arguments]
+                arguments = ["worker", "--uses", uses, "--host", self.host, "--port", "0"]
+                arguments += self._every_process_arguments
                 arguments += ["--workspace", str(self.workspace)]  # as Jina gives them: WORKSPACE/CLASS/0
                 # named as Jina names it, which is also the key of its dict results in __results__
                 process = self._launch(key, arguments + ["--name", f"{self.name}/{key}-0"])
@@ -344,7 +345,8 @@ class Deployment:
         except ProcessError as exc:  # which deployment, and where its logs went, beside the process's words
             self.stop()
             given_log_dir = self._given_folders[0]
-            kept = f"its logs are in {given_log_dir}" if given_log_dir else "its temporary logs are removed: log_dir=... keeps them"
+            kept = f"its logs are in {given_log_dir}" if given_log_dir else (
+                "its temporary logs are removed: log_dir=... keeps them")
             raise ProcessError(f"deployment {self.name!r} did not start ({kept}): {exc}") from None
         except BaseException:
             self.stop()

@@ -488,7 +488,8 @@ class Head:
         if not shard_ids:
             return (": no worker has registered (ACTIVATE), none was given (--connection), nor has discovery "
                     "found one")
-        return f": shard(s) {_listed(shard_ids)} have no replica (none registered yet, or their workers deactivated or their leases lapsed)"
+        return (f": shard(s) {_listed(shard_ids)} have no replica (none registered yet, or their workers deactivated "
+                "or their leases lapsed)")
 
     def _another_shard(self, failure: ReplicaError) -> Optional[int]:
         """Another shard with a replica to pick for an ANY request its shard failed, in turn (the next one
