@@ -27,6 +27,7 @@ import contextlib
 import itertools
 import math
 import signal
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -563,8 +564,10 @@ async def run_all(names: list[str], settings: Settings, *, log_dir: Optional[str
     for scenario in SCENARIOS:
         if names and scenario.name not in names:
             continue
-        async with settings.deployment(balancer=scenario.balancer) as deployment:
-            report = await run_scenario(scenario, deployment, settings)
+        # a workspace of its own: the executors' seen/failed logs there count this scenario's runs alone
+        with tempfile.TemporaryDirectory(prefix="shardnet-faults-") as workspace:
+            async with settings.deployment(balancer=scenario.balancer, workspace=workspace) as deployment:
+                report = await run_scenario(scenario, deployment, settings)
         reports.append(report)
         print(f"  {scenario.name:12} {report.polling} {scenario.balancer:11}: {scenario.doc}; "
               f"{report.sent} sent, {'targets met' if not report.misses else 'MISSED: ' + '; '.join(report.misses)}",

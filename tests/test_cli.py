@@ -158,7 +158,8 @@ def test_the_demo_indexes_searches_survives_a_killed_replica_and_stops_everythin
     result = shardnet("demo", "--requests", "300", "--concurrency", "8", timeout=90)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    assert re.search(r"indexed 8 texts: shard 0 holds \d+, shard 1 holds \d+", out), out
+    held = re.search(r"indexed 8 texts: shard 0 holds (\d+), shard 1 holds (\d+)", out)
+    assert held and int(held[1]) + int(held[2]) == 8, out  # a fresh index: none of an earlier run's texts
     assert len(re.findall(r"^  \d\.\d\d  shard [01]  \S", out, re.M)) >= 6, out  # every search found matches
     assert "300 searches (ALL over 2 shards)" in out and ", 0 errors" in out
     assert re.search(r"kill -9 of worker-0-1 \(pid \d+\) .*: 300 answered, 0 errors", out), out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import tempfile
 import time
 from typing import Callable, Optional
 
@@ -95,7 +96,13 @@ async def demo(args: argparse.Namespace) -> int:
     on_stop_signals()  # here, in the loop: one arriving before is a plain SIGTERM, with nothing started to stop
     print("starting a text index: 1 head, 2 shards x 2 replicas ...")
     polling = {"/search": PollingType.ALL.name, "/count": PollingType.ALL.name, "*": PollingType.ANY.name}
-    async with Deployment(TextIndexer, shards=2, replicas=2, polling=polling, name="demo") as deployment:
+    with tempfile.TemporaryDirectory(prefix="shardnet-demo-workspace-") as workspace:  # a fresh index each run
+        return await _demo(polling, workspace, args)
+
+
+async def _demo(polling: dict, workspace: str, args: argparse.Namespace) -> int:
+    async with Deployment(TextIndexer, shards=2, replicas=2, polling=polling, name="demo",
+                          workspace=workspace) as deployment:
         print(deployment.table(), "\n", flush=True)  # what a log or a pipe shows while the rest runs
         for text in CORPUS:
             await deployment.post_async("/index", [Document(text=text)])
