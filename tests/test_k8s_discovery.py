@@ -481,12 +481,7 @@ def test_an_endpoint_not_serving_is_out_though_ready_says_true_behind_publish_no
     assert slice_members(endpoint_slice_of) == {Member("dep", False, 0, "10.1.0.2:50051")}
 
 
-async def test_a_pod_the_pods_let_go_of_leaves_though_its_slice_still_lists_it(
-    api_server: FakeApiServer, start_pool
-) -> None:
-    """The pods say first what the EndpointSlice controller, rate limited, says seconds later: a replica both hold
-    leaves when its pod does. Before, it stayed while any source held it, and a draining pod got requests for
-    as long as its slice lagged (a k8s review's find)."""
+async def test_a_replica_held_by_both_sources_leaves_with_the_last(api_server: FakeApiServer, start_pool) -> None:
     pool = await start_pool()
     api_server.apply("pods", pod("p", ip="10.2.0.1", port=50051))
     api_server.apply("endpointslices", endpoint_slice("s", "svc", [("10.2.0.1", True, None)]))
@@ -494,32 +489,12 @@ async def test_a_pod_the_pods_let_go_of_leaves_though_its_slice_still_lists_it(
     # the two sources are separate streams: "later" showing up means the slice watch has seen "s" too
     await eventually(lambda: replicas(pool) == {"10.2.0.1:50051", "10.2.0.2:50051"})
     api_server.delete("pods", "p")
-    await eventually(lambda: replicas(pool) == {"10.2.0.2:50051"})
-    api_server.delete("endpointslices", "s")  # the slice catches up: nothing changes
     api_server.apply("pods", pod("sentinel", ip="10.2.0.9"))
+    await eventually(lambda: "10.2.0.9:8080" in replicas(pool))
+    assert "10.2.0.1:50051" in replicas(pool)
+    api_server.delete("endpointslices", "s")
     await eventually(lambda: replicas(pool) == {"10.2.0.2:50051", "10.2.0.9:8080"})
     assert pool.changes.count(("add", "dep", "10.2.0.1:50051")) == 1
-
-
-async def test_a_pod_not_ready_leaves_at_once_and_its_lagging_slice_does_not_bring_it_back(
-    api_server: FakeApiServer, start_pool
-) -> None:
-    """A pod terminating (not ready, a deletion timestamp) while its slice still says ready: out at once, and a
-    slice update that still lists it (the controller behind, another endpoint's change) keeps it out; ready
-    again by its pod, it is back."""
-    api_server.apply("pods", pod("a", ip="10.3.0.1", port=50051))
-    api_server.apply("pods", pod("b", ip="10.3.0.2", port=50051))
-    both = [("10.3.0.1", True, None), ("10.3.0.2", True, None)]
-    api_server.apply("endpointslices", endpoint_slice("s", "svc", both))
-    pool = await start_pool()
-    assert replicas(pool) == {"10.3.0.1:50051", "10.3.0.2:50051"}
-    api_server.apply("pods", pod("a", ip="10.3.0.1", port=50051, ready=False, deleting=True))
-    await eventually(lambda: replicas(pool) == {"10.3.0.2:50051"})
-    api_server.apply("endpointslices", endpoint_slice("s", "svc", [*both, ("10.3.0.3", True, None)]))  # lagging
-    await eventually(lambda: "10.3.0.3:50051" in replicas(pool))
-    assert replicas(pool) == {"10.3.0.2:50051", "10.3.0.3:50051"}
-    api_server.apply("pods", pod("a", ip="10.3.0.1", port=50051))  # ready again (a readiness blip, say)
-    await eventually(lambda: "10.3.0.1:50051" in replicas(pool))
 
 
 # -- the watch protocol ------------------------------------------------------------------
@@ -1273,10 +1248,11 @@ async def test_an_address_reused_by_a_pod_of_another_shard_leaves_the_old_shard_
     api_server.apply("endpointslices", endpoint_slice("dep-0-x", "dep-0", [(address, True, None)], shard="0", port=8080))
     pool = await start_pool()
     assert replicas(pool, shard_id=0) == {f"{address}:8080"}
-    api_server.delete("pods", "w0")  # the slice still lists it: the pods' word wins
+    api_server.delete("pods", "w0")  # the slice still lists it: routed still
     api_server.apply("pods", pod("w1", shard_id="1", ip=address))
     await eventually(lambda: replicas(pool, shard_id=1) == {f"{address}:8080"})
     assert replicas(pool, shard_id=0) == set()
+    assert "serves shard 1 by the pods" in caplog.text and "still list it as shard 0" in caplog.text
     api_server.apply("endpointslices", endpoint_slice("dep-0-x", "dep-0", [], shard="0", port=8080))  # caught up
     api_server.apply("endpointslices", endpoint_slice("dep-1-x", "dep-1", [(address, True, None)], shard="1", port=8080))
     api_server.apply("pods", pod("sentinel", shard_id="1", ip="10.0.0.99"))
@@ -1284,32 +1260,20 @@ async def test_an_address_reused_by_a_pod_of_another_shard_leaves_the_old_shard_
     assert replicas(pool, shard_id=0) == set() and f"{address}:8080" in replicas(pool, shard_id=1)
 
 
-async def test_an_address_claimed_for_another_shard_leaves_the_shard_its_older_claim_named(
-    api_server: FakeApiServer, start_pool, caplog
-) -> None:
-    """One address, one shard of a deployment: the newest claim wins, whichever source makes it."""
-    api_server.apply("pods", pod("w0", shard_id="0", ip="10.0.0.7"))
-    pool = await start_pool()
-    assert replicas(pool, shard_id=0) == {"10.0.0.7:8080"}
-    api_server.apply("endpointslices", endpoint_slice("dep-1-x", "dep-1", [("10.0.0.7", True, None)], shard="1", port=8080))
-    await eventually(lambda: replicas(pool, shard_id=1) == {"10.0.0.7:8080"})
-    assert replicas(pool, shard_id=0) == set()
-    assert "serves shard 1 by the endpointslices" in caplog.text and "still list it as shard 0" in caplog.text
-
-
-async def test_a_slice_alone_holding_a_replica_the_pods_never_had_keeps_it(
+async def test_a_source_that_answers_does_not_drop_what_another_answering_source_holds(
     api_server: FakeApiServer, start_pool, eventually
 ) -> None:
-    """Only the pods' letting go of a replica outweighs the slices: one the pods never listed (its pod not
-    labelled as Jina labels them) is the slices' to remove."""
+    """Both sources answering: a pod deleted while its endpoint is still in a slice stays routed until the slice
+    lets go too (each source's own removal decides, not the first to speak)."""
     api_server.apply("pods", pod("w0", ip="10.0.0.1", port=9000))
-    api_server.apply("endpointslices", endpoint_slice("s0", "dep-0", [("10.0.0.5", True, None)], port=9000))
+    api_server.apply("endpointslices", endpoint_slice("s0", "dep-0", [("10.0.0.1", True, None)], port=9000))
     pool = await start_pool()
-    assert replicas(pool) == {"10.0.0.1:9000", "10.0.0.5:9000"}
     api_server.delete("pods", "w0")
-    await eventually(lambda: replicas(pool) == {"10.0.0.5:9000"}, timeout=10)
+    api_server.apply("pods", pod("sentinel", ip="10.0.0.9", port=9000))  # delivered after the deletion
+    await eventually(lambda: "10.0.0.9:9000" in replicas(pool), timeout=10)
+    assert "10.0.0.1:9000" in replicas(pool)
     api_server.apply("endpointslices", endpoint_slice("s0", "dep-0", [], port=9000))
-    await eventually(lambda: replicas(pool) == set(), timeout=10)
+    await eventually(lambda: replicas(pool) == {"10.0.0.9:9000"}, timeout=10)
 
 
 async def test_a_pool_every_source_of_which_is_refused_is_synced_once_one_is_granted(

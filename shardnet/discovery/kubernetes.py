@@ -12,8 +12,8 @@ Two sources, watched at once by default:
 - **endpointslices** (discovery.k8s.io/v1) of Services labelled
   ``shardnet.io/deployment``, ``shardnet.io/role`` and ``shardnet.io/shard``
   (Kubernetes copies a Service's labels onto its slices); the port is the one
-  named ``grpc``; an endpoint counts unless ``ready`` or ``serving`` is
-  false or ``terminating`` is true.
+  named ``grpc``; an endpoint counts unless ``ready`` is false or
+  ``terminating`` is true.
 
 Each watched object *contributes* a set of members ``(deployment, head,
 shard, address)``; the ledger remembers every object's contribution and how
@@ -24,10 +24,7 @@ A source that fails (a Role edited to refuse it, a watch that keeps breaking)
 cannot say what left meanwhile: when a source that answers lets go of a
 member only such a stale source still holds, the stale holds go too, and the
 stale source lists again once it answers (rather than resume its watch),
-which puts back whatever it still shows. The slices follow the pods, seconds
-behind: when the pods let go of a member, the slices' holds at its pod's IP
-go with it, and for ``VETO_SECONDS`` the slices add none there unless the pods
-do (a draining pod got requests while its slice lagged).
+which puts back whatever it still shows.
 """
 
 from __future__ import annotations
@@ -37,7 +34,6 @@ import functools
 import hashlib
 import logging
 import re
-import time
 from collections import Counter
 from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence
 
@@ -54,11 +50,7 @@ from shardnet.networking.replica_list import Connection
 
 logger = logging.getLogger(__name__)
 
-PODS, SLICES = "pods", "endpointslices"
-SOURCES = (PODS, SLICES)
-# how long the pods' word that a pod left outweighs the endpointslices' (their controller is rate limited: it lags
-# by seconds, not minutes)
-VETO_SECONDS = 60.0
+SOURCES = ("pods", "endpointslices")
 DEFAULT_PORT = 8080
 MAX_CA_FILE_BYTES = 1 << 20  # a CA bundle is a few KB: what is read of it to tell a change
 
@@ -135,11 +127,6 @@ def _join(host: str, port: int) -> Optional[str]:
         logger.warning("ignoring endpoint: %s", error)
         return None
     return address
-
-
-def _host(address: str) -> str:
-    """The IP of a replica address ``host:port`` or ``[v6]:port``."""
-    return address.rpartition(":")[0].strip("[]")
 
 
 def object_key(obj: Mapping[str, Any]) -> str:
@@ -272,8 +259,6 @@ class _Ledger:
         self._members_of: Counter[str] = Counter()  # deployment -> its members held
         self._by_address: dict[tuple[str, str], set[Member]] = {}  # (deployment, address) -> the members held
         self._removals: dict[Member, asyncio.Task] = {}
-        # (deployment, pod IP) -> when the pods let go of a member there: the slices' word on it waits (_veto)
-        self._vetoes: dict[tuple[str, str], float] = {}
 
     def keys(self, source: str) -> list[str]:
         return [key for (src, key) in self._records if src == source]
@@ -287,8 +272,6 @@ class _Ledger:
         another record may run while this one waits on the pool); the pool's additions and removals come after.
         """
         old = self._records.get((source, key), NOTHING)
-        if source == SLICES and self._vetoes:
-            members = frozenset(member for member in members if not self._vetoed(member))
         if members:
             self._records[(source, key)] = members
         else:
@@ -298,8 +281,6 @@ class _Ledger:
             self._holders[member] -= 1
             if self._holders[member] > 0:
                 self._drop_stale_holds(member, source)
-            if source == PODS:
-                gone.extend(self._veto(member))
             if self._holders[member] <= 0:
                 self._uncount(member)
                 gone.append(member)
@@ -313,8 +294,6 @@ class _Ledger:
                 del self._holders[member]
                 gone.append(member)
         for member in members - old:
-            if source == PODS:
-                self._vetoes.pop((member.deployment, _host(member.address)), None)
             gone.extend(self._drop_contradicted(member, source))
             self._holders[member] += 1
             if self._holders[member] == 1:
@@ -376,41 +355,6 @@ class _Ledger:
                 self._uncount(member)
                 dropped.append(member)
         return dropped
-
-    def _veto(self, withdrawn: Member) -> list[Member]:
-        """The pods let go of ``withdrawn`` (its pod not ready, terminating, relabelled or deleted): the slices'
-        holds at its pod's IP in that deployment go too, and for ``VETO_SECONDS`` the slices cannot add one
-        there unless the pods do. The EndpointSlice controller follows the pods behind a rate limit: trusted
-        until it caught up, a draining pod kept getting requests. Not while the pods source fails (its word is
-        stale then). Returns the members, other than ``withdrawn``, that no one holds any more."""
-        if PODS in self._pool.failing_sources():
-            return []
-        now = time.monotonic()
-        self._vetoes = {place: since for place, since in self._vetoes.items() if now - since < VETO_SECONDS}
-        place = (withdrawn.deployment, _host(withdrawn.address))
-        self._vetoes[place] = now
-        dropped = []
-        for (deployment, address), held in list(self._by_address.items()):
-            if deployment != withdrawn.deployment or _host(address) != place[1]:
-                continue
-            for member in list(held):
-                holding = [(src, key) for src, key in self._holding(member) if src == SLICES]
-                if not holding:
-                    continue
-                self._let_go(member, holding)
-                logger.info("%s of %r: its pod is no longer ready (the pods say so before the endpointslices): "
-                            "no longer routed", member.address, member.deployment)
-                if member != withdrawn and self._holders[member] <= 0:
-                    self._uncount(member)
-                    dropped.append(member)
-        return dropped
-
-    def _vetoed(self, member: Member) -> bool:
-        """Whether the pods let go of a member at ``member``'s IP less than ``VETO_SECONDS`` ago (``_veto``)."""
-        since = self._vetoes.get((member.deployment, _host(member.address)))
-        if since is None or time.monotonic() - since >= VETO_SECONDS:
-            return False
-        return PODS not in self._pool.failing_sources()
 
     def _drop_stale_holds(self, member: Member, reporter: str) -> None:
         """``reporter``, answering, let go of ``member``: if only failing sources still hold it, their holds are
