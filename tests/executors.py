@@ -9,6 +9,7 @@ State that a test must read from another process goes to the workspace
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import subprocess
 import threading
@@ -450,6 +451,15 @@ class ModelMissing(Executor):
         if depth:
             self._deep(depth - 1, cause)
         raise RuntimeError("the encoder could not be loaded") from cause
+
+
+class UsesAThreadPool(Tagger):
+    """A ``Tagger`` keeping a thread pool that has run a task: its idle thread ends only in Python's own exit."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.pool = concurrent.futures.ThreadPoolExecutor(1)
+        self.pool.submit(int).result()
 
 
 class LoadsFromItsWorkspace(Tagger):

@@ -301,31 +301,42 @@ def run_in_loop(coroutine: Coroutine[Any, Any, Any], loop: str = "auto") -> Any:
 
 
 def exit_leaving_stuck_handlers(code: int, stuck: int) -> int:
-    """Return ``code`` when nothing would hold the exit; else exit with it at once, naming what is left behind.
+    """Return ``code`` for an orderly exit, which a watch cuts short after ``THREAD_EXIT_GRACE`` seconds; or,
+    when ``stuck`` handler calls still run past the drain's grace, exit with it at once.
 
-    Python joins every non-daemon thread at exit, thread-pool ones included: a handler call that hangs past the
-    drain's grace (``stuck``), or a thread an Executor started and never ended, held the process after its
-    drain for ever, and a Deployment's stop then killed it. The process's other threads get
-    ``THREAD_EXIT_GRACE`` seconds to end and its atexit functions run, as at a normal exit.
+    Python joins every non-daemon thread at exit, thread-pool ones included: a handler call that hangs, or a
+    thread an Executor started and never ended, held the process after its drain for ever, and a Deployment's
+    stop then killed it. An idle thread pool ends in that orderly exit, at once (its threads are told to at
+    exit); what has not ended when the watch fires is named, and the process exits without it.
     """
+    if not stuck:
+        threading.Thread(target=_exit_if_held, args=(code,), name="shardnet-exit-watch", daemon=True).start()
+        return code
+    logger.warning("exiting with %d handler call(s) still running past the drain's grace", stuck)
     deadline = time.monotonic() + THREAD_EXIT_GRACE
-    left = []
     for thread in threading.enumerate():
         if thread is threading.main_thread() or thread.daemon or thread.name.startswith(HANDLER_THREAD_PREFIX):
             continue
         thread.join(max(0.0, deadline - time.monotonic()))
-        if thread.is_alive():
-            left.append(thread.name)
-    if not stuck and not left:
-        return code
-    if stuck:
-        logger.warning("exiting with %d handler call(s) still running past the drain's grace", stuck)
-    if left:
-        logger.warning(
-            "exiting with %d thread(s) the Executor started still running %gs after it closed: %s (make them daemon "
-            "threads, or end them in close())", len(left), THREAD_EXIT_GRACE, ", ".join(left),
-        )
-    atexit._run_exitfuncs()  # what the interpreter's exit would run, which os._exit skips
+    _exit_now(code)
+
+
+def _exit_if_held(code: int) -> None:
+    """Once ``THREAD_EXIT_GRACE`` passed and the process still has not exited, name what holds it and exit."""
+    time.sleep(THREAD_EXIT_GRACE)
+    left = [thread.name for thread in threading.enumerate()
+            if thread is not threading.main_thread() and not thread.daemon and thread.is_alive()]
+    logger.warning(
+        "exiting with %d thread(s) the Executor started still running %gs after it closed: %s (make them daemon "
+        "threads, or end them in close())", len(left), THREAD_EXIT_GRACE, ", ".join(left) or "none",
+    )
+    _exit_now(code)
+
+
+def _exit_now(code: int) -> None:
+    """Exit with ``code`` at once, after the atexit functions an interpreter's exit would run (os._exit skips
+    them) and with the output flushed."""
+    atexit._run_exitfuncs()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

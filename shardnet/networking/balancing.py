@@ -92,6 +92,8 @@ class _Load:
 
 # the most doublings of probe_after a replica failing again and again waits before a probe: 64 s by default
 MAX_PROBE_BACKOFF = 6
+# a request given up on after this share of its replica's estimate or more counts against it (``abandoned``)
+ABANDONED_AS_SLOW = 0.9
 
 
 class PeakEwma:
@@ -238,13 +240,20 @@ class PeakEwma:
 
     def abandoned(self, connection: Any, token: int) -> None:
         """The request ended without an answer, its caller having given up: no failure of the replica (a
-        penalty would starve a healthy one), but it did take at least that long, so the estimate rises to the
-        time waited if that is longer (a hung replica whose callers all give up must not look fast)."""
+        penalty would starve a healthy one), but it did take at least that long. A wait about as long as the
+        estimate or longer (``ABANDONED_AS_SLOW``: the estimate may be an earlier such wait) raises the
+        estimate to it (a hung replica whose callers all give up must not look fast) and counts as a failure
+        in a row: its probes back off. Either way the replica was tried now, and its next probe waits: when
+        nothing was noted, a hung replica's probes that each waited less than its estimate left no trace, and
+        it was probed at almost every pick."""
         load, started, now = self._ended(connection, token)
-        if load is not None and now - started > load.ewma:
-            load.ewma = now - started
+        if load is None:
+            return
+        waited = now - started
+        load.stamp = now  # tried now: a probe that was given up on waits its quiet again, like any other
+        if waited >= load.ewma * ABANDONED_AS_SLOW:
+            load.ewma = max(load.ewma, waited)
             load.prior = False
-            load.stamp = now
             load.failures += 1  # a probe soon would send one more caller into the same wait
 
     def forget(self, connection: Any) -> None:

@@ -54,7 +54,8 @@ LAUNCHED_BY_DEPLOYMENT = "SHARDNET_LAUNCHED_BY_DEPLOYMENT"
 # seconds a process may take to serve (loading its Executor) before a start fails or a restart is stopped: a
 # model may take minutes to load; as `k8s render --startup-seconds` (Jina's timeout_ready: 10 minutes)
 DEFAULT_STARTUP_TIMEOUT = 180.0
-DEFAULT_STOP_TIMEOUT = 15.0  # seconds a stop() gives its processes in all before killing what still runs
+DEFAULT_DRAIN_SECONDS = 10.0  # each process's --drain-seconds unless drain_seconds says otherwise
+STOP_MARGIN = 5.0  # seconds a stop gives a process beyond its drains: its Executor's close(), its exit
 # what a start that timed out says: how to allow longer
 LONGER_STARTUP = "a slow Executor may need longer: shardnet deploy --startup-seconds, Deployment(startup_timeout=)"
 
@@ -215,13 +216,14 @@ class Deployment:
             self._every_process_arguments = ["--max-message-mb", str(megabytes)]
             self._post_options = message_size_options(int(megabytes * 2**20))
             self._head_options += self._every_process_arguments
-        # each process's --drain-seconds (10 by default); a stop gives the head's drain, then its workers', time
-        self._stop_timeout = DEFAULT_STOP_TIMEOUT
+        # each process's --drain-seconds; a stop gives the head's drain, then its workers', time, and each its
+        # close() after (STOP_MARGIN); a restart one drain and the margin
         if drain_seconds is not None:
             check_seconds(drain_seconds, "drain_seconds", zero=True)
             self._every_process_arguments += ["--drain-seconds", str(drain_seconds)]
             self._head_options += self._every_process_arguments[-2:]
-            self._stop_timeout = max(DEFAULT_STOP_TIMEOUT, 2 * drain_seconds + 5)
+        drain = DEFAULT_DRAIN_SECONDS if drain_seconds is None else drain_seconds
+        self._stop_timeout, self._restart_timeout = 2 * drain + STOP_MARGIN, drain + STOP_MARGIN
         if unix_sockets is not None:
             check_flag(unix_sockets, "unix_sockets")
         self._unix_sockets = hasattr(socket, "AF_UNIX") if unix_sockets is None else unix_sockets
@@ -457,7 +459,7 @@ class Deployment:
             )
         died = not process.alive
         member = self._member_address((shard, replica), process)
-        process.stop()
+        process.stop(self._restart_timeout)
         if died and member is not None:
             self._forget(member, shard)
         self._launch_again(process)
@@ -478,7 +480,7 @@ class Deployment:
     def restart_head(self) -> ShardnetProcess:
         """Restart the head on the same port; workers re-register on their next refresh."""
         head = self._running_head()
-        head.stop()
+        head.stop(self._restart_timeout)
         _keep_port(head)
         self._launch_again(head)
         head.wait_ready(self.startup_timeout, LONGER_STARTUP)
@@ -597,9 +599,10 @@ class Deployment:
         return ready
 
     def stop(self) -> None:
-        """Stop every process within 15 s (twice ``drain_seconds`` and 5 s, when longer): the head first, drained while its workers and uses_before/after still
-        serve (what it accepted is answered), then those, their drains overlapping. Any still running then is
-        killed, with a warning, and its role is kept in ``killed_at_stop``."""
+        """Stop every process within two drains and 5 s (25 s by default): the head first, drained while its
+        workers and uses_before/after still serve (what it accepted is answered), then those, their drains
+        overlapping. Any still running then is killed, with a warning, and its role is kept in
+        ``killed_at_stop``."""
         # one stop at a time, and a revive() or start() in another thread launches nothing from here on
         with self._launching:
             self._stopping = True
