@@ -436,3 +436,16 @@ async def test_a_request_a_killed_worker_may_have_run_is_aborted_so_a_retrying_c
     assert len(failed) == 1 and len(answered) == 1, outcomes
     assert failed[0].code == grpc.StatusCode.ABORTED and "may have run it" in str(failed[0]), failed[0]
     assert "shard 0" in str(failed[0]) and addresses[0] in str(failed[0])
+
+
+async def test_a_request_whose_uses_after_fails_after_the_shards_ran_it_is_aborted_not_unavailable(
+    runtimes, dead_address
+):
+    """The head answered UNAVAILABLE, "safe to retry", though its shards had run the request: the failure's own
+    word (no connection to uses_after) was taken for the whole request's (a regression review's find)."""
+    [worker] = await shard_workers(runtimes, executors.Tagger, 1)
+    head = await head_over(runtimes, "after", [worker], "ANY", uses_after=dead_address)
+    with pytest.raises(ReplicaError) as caught:
+        await send(head.server.address, "/tag", [Document()], timeout=5)
+    assert caught.value.code == grpc.StatusCode.ABORTED and "may have run it" in str(caught.value), caught.value
+    assert worker.executor.calls == 1

@@ -353,6 +353,7 @@ class Head:
             self._in_flight -= 1
 
     async def _serve(self, requests: list[DataRequest], context: grpc.aio.ServicerContext) -> bytes:
+        worked = False  # whether a hop ran it already (uses_before): a failure after is no "never ran"
         try:
             endpoint, metadata = self._settle_endpoint(requests, context)
             deadline = _Deadline(_time_left(context), per_hop=self.pool.timeout)
@@ -362,6 +363,7 @@ class Head:
                     context.set_trailing_metadata(tuple(trailing or ()))
                     return response.to_bytes()
                 requests = [response]
+                worked = True
             polling = self.polling[endpoint]
             if polling == PollingType.ANY and self._uses_after is None:  # the fast path: bytes in, bytes out
                 try:
@@ -390,13 +392,15 @@ class Head:
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except RoutingError as exc:
+            if worked:
+                await context.abort(grpc.StatusCode.ABORTED, str(exc) + MAY_HAVE_RUN_NOTE)
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except ReplicaError as exc:
             failed = exc.code if exc.code not in (None, grpc.StatusCode.OK) else grpc.StatusCode.UNAVAILABLE
             if failed == grpc.StatusCode.UNIMPLEMENTED:  # the head serves the method: its replica did not, and
                 failed = grpc.StatusCode.INTERNAL  # a caller must not take it for another server and go elsewhere
             details = str(exc)
-            if failed == grpc.StatusCode.UNAVAILABLE and not exc.unsent:
+            if failed == grpc.StatusCode.UNAVAILABLE and not (exc.unsent and not worked):
                 # a replica may have run it: a caller retrying UNAVAILABLE (as pools do) would send it through
                 # this head again, to any shard under ANY, where it would be stored twice
                 failed = grpc.StatusCode.ABORTED
@@ -589,8 +593,18 @@ class Head:
         if self._uses_after is not None:
             answered = [outcome for _, outcome in outcomes if isinstance(outcome, DataRequest)]
             if not answered:
-                raise outcomes[0][1]
-            response, _ = await self._one(self._uses_after, answered, metadata, deadline, decoded=True)
+                first = outcomes[0][1]
+                if isinstance(first, ReplicaError):  # "never ran" only when no shard may have run it
+                    first.unsent = all(getattr(outcome, "unsent", True) for _, outcome in outcomes)
+                raise first
+            try:
+                response, _ = await self._one(self._uses_after, answered, metadata, deadline, decoded=True)
+            except ReplicaError as exc:
+                exc.unsent = False  # the shards ran it
+                raise
+            except RoutingError as exc:
+                raise ReplicaError(str(exc), address="-", code=grpc.StatusCode.UNAVAILABLE,
+                                   deployment=self._uses_after, unsent=False) from None
             report_shard_problems(response, self.deployment, outcomes)
         else:
             response = merge_shard_responses(self.deployment, outcomes)
