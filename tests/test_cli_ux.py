@@ -104,6 +104,30 @@ def test_deploy_log_dir_keeps_the_logs_and_no_restart_warns_once_per_exited_proc
     assert "ready on" in (logs / "kept-worker-0-1.log").read_text()
 
 
+def test_deploy_no_restart_counts_an_exit_its_stop_came_before_it_looked(tmp_path):
+    """A worker killed just before SIGTERM, between two of deploy's looks, went unsaid, and deploy exited 0 (a
+    regression review's find)."""
+    log = tmp_path / "deploy.log"
+    deploy = start(log, "deploy", "--uses", f"{EXECUTORS}:Tagger", "--name", "late", "--no-restart")
+    pids: list[int] = []
+    try:
+        wait_for_line(log, r"late serves on", deploy)
+        [worker] = re.findall(ROW.format(role="worker-0-0"), log.read_text(), re.M)
+        pids = [int(worker), *map(int, re.findall(ROW.format(role="head"), log.read_text(), re.M))]
+        os.kill(int(worker), signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{worker}/stat").read_text().rpartition(")")[2].split()[0] != "Z":  # dead, unreaped
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        time.sleep(0.05)  # the gap the review found it in (0.1 s); deploy's next look is up to a second away
+        deploy.send_signal(signal.SIGTERM)
+        assert deploy.wait(20) == 1, log.read_text()
+    finally:
+        stop(deploy, pids)
+    assert f"worker-0-0 (pid {worker}) was killed by SIGKILL; not restarted" in log.read_text(), log.read_text()
+    assert "(removed on exit; --log-dir keeps it), ending:" in log.read_text(), log.read_text()
+
+
 def test_deploy_no_restart_ends_with_code_1_once_its_head_exits(tmp_path):
     """It served on, answering nothing, then said every process drained and exited 0 (a lifecycle review's find):
     a supervisor never saw the failure."""

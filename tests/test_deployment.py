@@ -517,6 +517,16 @@ def test_a_deployment_given_no_workspace_keeps_its_executors_state_in_the_cache_
     assert expected.is_dir()  # kept after the stop
 
 
+def test_a_deployment_given_no_workspace_serves_where_the_cache_folder_cannot_be_made(monkeypatch, caplog):
+    """An unwritable cache folder (HOME=/ in a container, a system user's /nonexistent) failed the start even for
+    an Executor that never uses its workspace (a regression review's find): a temporary one serves, said."""
+    monkeypatch.setenv("XDG_CACHE_HOME", "/dev/null/cache")
+    with Deployment(executors.StampsWorkspace, name="homeless") as deployment:
+        [doc] = deployment.post("/stamp", [Document()])
+        assert doc.tags["before"] == str(deployment.log_dir / "workspace" / "StampsWorkspace" / "0")
+    assert "the cache folder /dev/null/cache/shardnet cannot be made" in caplog.text and "removed at stop" in caplog.text
+
+
 ORPHAN_SCRIPT = """
 import sys, time
 sys.path.insert(0, sys.argv[1])

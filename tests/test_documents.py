@@ -49,8 +49,8 @@ def test_a_document_has_docarrays_uri_mime_type_and_placement_fields_as_attribut
     chunk, match = query.chunks[0], query.matches[0]
     assert (chunk.parent_id, chunk.granularity, chunk.adjacency) == ("q", 1, 0)
     assert (match.adjacency, match.granularity, match.parent_id) == (1, 0, "")
-    match.adjacency, chunk.parent_id = 3, "other"
-    assert (match.proto.adjacency, chunk.proto.parent_id) == (3, "other")
+    match.adjacency, chunk.parent_id, chunk.granularity = 3, "other", np.uint32(2)  # numpy's integers too
+    assert (match.proto.adjacency, chunk.proto.parent_id, chunk.granularity) == (3, "other", 2)
     for field, value in (("adjacency", -1), ("granularity", 2**32), ("adjacency", True), ("granularity", 1.5),
                          ("uri", b"x"), ("parent_id", 7)):
         with pytest.raises(TypeError, match=f"Document.{field} takes"):

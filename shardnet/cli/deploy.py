@@ -182,8 +182,10 @@ def _deploy(args: argparse.Namespace, uses_with: dict, workspace: str) -> int:
         while not stop.wait(REVIVE_INTERVAL):
             if args.restart:
                 deployment.revive(wait=False)  # never blocks: SIGTERM is heard within a second
-            elif _warn_exited(deployment, reported):
+            elif _warn_exited(deployment, reported, bool(args.log_dir)):
                 break  # its head exited: nothing serves, and a supervisor must see deploy end
+        if not args.restart:
+            _warn_exited(deployment, reported, bool(args.log_dir))  # one that exited since the last look
         # on SIGTERM as on Ctrl-C: the drain may take a few seconds, which a second Ctrl-C cuts short
         forced = threading.Event()
 
@@ -230,7 +232,7 @@ def _left_behind(args: argparse.Namespace) -> str:
     return f"kept: {', '.join(kept)}" if kept else "its temporary folders are removed"
 
 
-def _warn_exited(deployment: Deployment, reported: set[int]) -> bool:
+def _warn_exited(deployment: Deployment, reported: set[int], kept_logs: bool) -> bool:
     """Under --no-restart, warn once about each process that exited (revive() says so when it restarts them);
     whether the head is among them."""
     for process in deployment.processes:
@@ -238,8 +240,13 @@ def _warn_exited(deployment: Deployment, reported: set[int]) -> bool:
             continue
         reported.add(process.pid)
         logger.warning("%s (pid %s) %s; not restarted (--no-restart)%s. Its log: %s", process.role, process.pid,
-                       process.exit_description(), _consequence(deployment, process), process.log_path)
+                       process.exit_description(), _consequence(deployment, process), _log_of(process, kept_logs))
     return deployment.head is not None and deployment.head.pid in reported
+
+
+def _log_of(process: ShardnetProcess, kept: bool) -> str:
+    """Where its log is, when kept; else its last lines, since the temporary folder goes at exit."""
+    return str(process.log_path) if kept else f"(removed on exit; --log-dir keeps it), ending:\n{process.tail()}"
 
 
 def _consequence(deployment: Deployment, process: ShardnetProcess) -> str:

@@ -132,8 +132,11 @@ def run(args: argparse.Namespace) -> int:
         "workspace": args.workspace, "name": name, "metas_name": name_in_metas,
     }
     workspace = args.workspace or default_workspace()  # where its folder is, but for an Executor choosing its own
-    former = former_workspace(name, workspace, name_in_metas or executor_class.__name__, args.shard_id)
+    expected_name = name_in_metas or executor_class.__name__
+    former = former_workspace(name, workspace, expected_name, args.shard_id)  # before its __init__ makes its own
     executor = executor_class.create(runtime_args, **uses_with)
+    if executor.metas.name != expected_name:  # named in its __init__ (metas= among its arguments): asked again
+        former = former_workspace(name, workspace, executor.metas.name, args.shard_id)
     if former is not None:
         logger.warning(
             "%s: its state is kept in %s, named by its metas name as Jina names it, and a folder %s from an "

@@ -50,7 +50,9 @@ from shardnet.networking.replica_list import Connection
 
 logger = logging.getLogger(__name__)
 
-SOURCES = ("pods", "endpointslices")
+PODS, SLICES = "pods", "endpointslices"
+SOURCES = (PODS, SLICES)
+SLICES_NEED = " (EndpointSlices of discovery.k8s.io/v1 need Kubernetes 1.21 or later)"
 DEFAULT_PORT = 8080
 MAX_CA_FILE_BYTES = 1 << 20  # a CA bundle is a few KB: what is read of it to tell a change
 
@@ -599,14 +601,17 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
                     return
                 refused = [watch for watch in watches if not watch.synced.is_set() and watch.refused]
                 if listed and len(listed) + len(refused) == len(watches):
-                    missing = all(watch.refused == 404 for watch in refused)
+                    if all(watch.refused == 404 for watch in refused):
+                        followed = tuple(source for source, watch in self._watches.items() if watch in listed)
+                        slices = any(self._watches.get(SLICES) is watch for watch in refused)
+                        advice = (f"this API server does not serve it{SLICES_NEED if slices else ''}; "
+                                  f"sources={followed!r} says what is followed")
+                    else:
+                        advice = "grant list and watch on it in the Role (the rendered one does) to follow it too"
                     logger.warning(
                         "namespace %r: following %s only: %s refused (%s); %s",
                         self.namespace, " and ".join(w.name for w in listed), " and ".join(w.name for w in refused),
-                        "; ".join(w.last_failure or "" for w in refused),
-                        "this API server does not serve it (EndpointSlices of discovery.k8s.io/v1 need Kubernetes "
-                        "1.21 or later), so sources=('pods',) says what is followed" if missing else
-                        "grant list and watch on it in the Role (the rendered one does) to follow it too",
+                        "; ".join(w.last_failure or "" for w in refused), advice,
                     )
                     return
                 for watch in watches:

@@ -8,6 +8,7 @@ shardnet does not model (location, evaluations, ...) survive untouched.
 from __future__ import annotations
 
 import functools
+import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any, Optional, Union, overload
 
@@ -75,9 +76,9 @@ def _text(value: Any, field: str) -> str:
 
 def _level(value: Any, field: str) -> int:
     """A uint32 protobuf field's value: a whole number from 0 (not a bool, not 2.5)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value < 2**32:
         raise TypeError(f"Document.{field} takes a whole number from 0 to {2**32 - 1}, got {value!r}")
-    return value
+    return int(value)  # a numpy integer too
 
 
 def _deeper_than(value: Any, levels: int) -> bool:

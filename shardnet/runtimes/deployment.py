@@ -348,7 +348,7 @@ class Deployment:
             self.stop()
             given_log_dir = self._given_folders[0]
             kept = f"its logs are in {given_log_dir}" if given_log_dir else (
-                "its temporary logs are removed: log_dir=... keeps them")
+                "its temporary logs are removed: log_dir=..., deploy --log-dir, keeps them")
             raise ProcessError(f"deployment {self.name!r} did not start ({kept}): {exc}") from None
         except BaseException:
             self.stop()
@@ -360,6 +360,15 @@ class Deployment:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
+                if what == "workspace" and not self._given_folders[1]:  # the cache folder, which HOME may not allow
+                    self.workspace = self.log_dir / "workspace"
+                    logger.warning(
+                        "deployment %r: the cache folder %s cannot be made (%s): the Executors' state goes to %s, "
+                        "%s; give workspace=... to keep it", self.name, folder, exc.strerror, self.workspace,
+                        "kept" if self._given_folders[0] else "removed at stop",
+                    )
+                    self._make_folders()
+                    return
                 raise ConfigurationError(
                     f"deployment {self.name!r}: cannot create {what} {str(folder)!r}: {exc.strerror}"
                 ) from None
