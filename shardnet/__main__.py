@@ -1,7 +1,5 @@
 """``python -m shardnet`` runs the command line."""
 
-import sys
+from shardnet.cli.main import program
 
-from shardnet.cli.main import main
-
-sys.exit(main())
+program()

@@ -9,6 +9,7 @@ State that a test must read from another process goes to the workspace
 from __future__ import annotations
 
 import asyncio
+import atexit
 import concurrent.futures
 import os
 import subprocess
@@ -451,6 +452,25 @@ class ModelMissing(Executor):
         if depth:
             self._deep(depth - 1, cause)
         raise RuntimeError("the encoder could not be loaded") from cause
+
+
+class SavesAtExit(Tagger):
+    """A ``Tagger`` whose atexit hook writes ``<workspace>/saved.txt`` slowly (5.5 s, past the exit watch's
+    grace), then ``COMPLETE``: an index saved at exit."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        target = Path(self.workspace) / "saved.txt"
+
+        def save() -> None:
+            with open(target, "w") as out:
+                for chunk in range(11):
+                    out.write(f"chunk {chunk}\n")
+                    out.flush()
+                    time.sleep(0.5)
+                out.write("COMPLETE\n")
+
+        atexit.register(save)
 
 
 class UsesAThreadPool(Tagger):

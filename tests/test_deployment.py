@@ -679,7 +679,47 @@ def test_a_worker_whose_executor_leaves_a_thread_running_exits_after_its_drain_n
     """Python's exit joined the thread for ever: the worker hung after its drain until a Deployment's stop killed
     it (a lifecycle review's find). It gives such threads a few seconds, names them, and exits."""
     _, said = _stopped_worker_log(tmp_path, "LeavesAThread")
-    assert "1 thread(s) the Executor started still running" in said and "forgotten-flusher" in said, said
+    assert "exiting with 1 thread(s) still running 5s after the program ended" in said and "forgotten-flusher" in said, said
+
+
+def test_an_executors_slow_atexit_save_runs_once_and_to_its_end(tmp_path):
+    """The exit watch ran the atexit functions a second time, from its own thread, while the first run still
+    wrote: the saved file was truncated mid-write (a regression review's find). It stands down once they began."""
+    log_path = tmp_path / "worker.log"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "shardnet", "worker", "--uses", f"{executors.__file__}:SavesAtExit", "--port", "0",
+             "--workspace", str(tmp_path / "ws")],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "ready on" not in log_path.read_text():
+            assert worker.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        worker.terminate()
+        assert worker.wait(30) == 0, log_path.read_text()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(5)
+    [saved] = (tmp_path / "ws").glob("**/saved.txt")
+    assert saved.read_text() == "".join(f"chunk {n}\n" for n in range(11)) + "COMPLETE\n"
+    assert "still running" not in log_path.read_text(), log_path.read_text()
+
+
+def test_main_called_in_a_program_of_ones_own_returns_and_leaves_that_program_alone(tmp_path):
+    """main() armed the exit watch, which ended its caller's program 5 s later, exit code 0 (a regression
+    review's find): only the shardnet program itself arms it."""
+    script = (
+        "import time\n"
+        "from shardnet.cli.main import main\n"
+        "code = main(['status', '127.0.0.1:9', '--timeout', '1'])\n"
+        "time.sleep(6)\n"
+        "print('still here', code)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "still here" in result.stdout, result
 
 
 def test_a_worker_whose_executor_keeps_an_idle_thread_pool_exits_at_once_without_a_warning(tmp_path):

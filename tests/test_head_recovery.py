@@ -20,6 +20,7 @@ from test_head import head_over, send, shard_workers
 from shardnet import ControlRequest, DataRequest, Document, GrpcConnectionPool, ReplicaError, RetryBudget
 from shardnet.networking import oneshot
 from shardnet.networking.policies import EjectionPolicy
+from shardnet.networking.polling import PollingMap
 from shardnet.networking.replica_list import ReplicaList
 from shardnet.runtimes.head import LAPSED_LEASE_GRACE, Head
 from shardnet.runtimes.processes import ShardnetProcess
@@ -449,3 +450,26 @@ async def test_a_request_whose_uses_after_fails_after_the_shards_ran_it_is_abort
         await send(head.server.address, "/tag", [Document()], timeout=5)
     assert caught.value.code == grpc.StatusCode.ABORTED and "may have run it" in str(caught.value), caught.value
     assert worker.executor.calls == 1
+
+
+@pytest.mark.timeout(60)
+async def test_under_all_a_shard_without_replicas_does_not_hide_another_that_ran_the_request(
+    runtimes, eventually, tmp_path
+):
+    """Every shard failed: shard 0 had no replica (never ran it), shard 1's worker died with it (may have run
+    it). The head raised shard 0's failure, UNAVAILABLE, "safe to retry" (a regression review's find)."""
+    head = await runtimes(Head("both", shards=2, polling=PollingMap.parse("ALL")))
+    [doomed] = sleepy_workers(head, tmp_path, shards=[1], register_interval=0.25)
+    try:
+        [address] = await launched([doomed])
+        await eventually(lambda: head.pool.deployments["both"]["shards"].get(1) == [address], timeout=10.0)
+        request = DataRequest([Document(text="q")], endpoint="/sleep", parameters={"seconds": 2.0})
+        answer = asyncio.create_task(oneshot.send_request_async(request, head.server.address, timeout=20))
+        [connection] = head.pool.get_replicas("both", shard_id=1).get_all_connections()
+        await eventually(lambda: connection.running.count == 1, timeout=5.0, interval=0.005)
+        doomed.kill()
+        with pytest.raises(ReplicaError) as caught:
+            await answer
+    finally:
+        doomed.kill()
+    assert caught.value.code == grpc.StatusCode.ABORTED and "may have run it" in str(caught.value), caught.value

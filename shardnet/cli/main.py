@@ -16,6 +16,7 @@ import sys
 from typing import Optional, Sequence
 
 from shardnet.cli import demo, deploy, head, k8s, send, status, worker
+from shardnet.cli.options import watch_the_exit
 from shardnet.errors import ShardnetError
 from shardnet.version import installed_version
 
@@ -87,5 +88,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 141
 
 
+def program() -> None:
+    """The ``shardnet`` program (``python -m shardnet``, the console script): ``main``, then an exit that a
+    thread left running cannot hold for ever (``watch_the_exit``). ``main`` itself returns to its caller."""
+    code = main()
+    watch_the_exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    program()

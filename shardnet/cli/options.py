@@ -28,7 +28,7 @@ from shardnet.runtimes.executor import metas_name
 from shardnet.runtimes.server import PARENT_POLL_SECONDS, ServerConfig, check_ready_fd, parent_gone
 from shardnet.runtimes.worker import HANDLER_THREAD_PREFIX
 
-THREAD_EXIT_GRACE = 5.0  # seconds the threads an Executor started get to end once it closed
+THREAD_EXIT_GRACE = 5.0  # seconds the threads an Executor started get to end once the program ended
 
 logger = logging.getLogger(__name__)
 
@@ -301,16 +301,12 @@ def run_in_loop(coroutine: Coroutine[Any, Any, Any], loop: str = "auto") -> Any:
 
 
 def exit_leaving_stuck_handlers(code: int, stuck: int) -> int:
-    """Return ``code`` for an orderly exit, which a watch cuts short after ``THREAD_EXIT_GRACE`` seconds; or,
-    when ``stuck`` handler calls still run past the drain's grace, exit with it at once.
-
-    Python joins every non-daemon thread at exit, thread-pool ones included: a handler call that hangs, or a
-    thread an Executor started and never ended, held the process after its drain for ever, and a Deployment's
-    stop then killed it. An idle thread pool ends in that orderly exit, at once (its threads are told to at
-    exit); what has not ended when the watch fires is named, and the process exits without it.
-    """
+    """Return ``code``; or, when ``stuck`` handler calls still run past the drain's grace (their calls cut and
+    the Executor closed already), exit with it at once: Python joins thread-pool threads at exit, so a handler
+    that hangs would hold the process past --drain-seconds. The process's other threads get
+    ``THREAD_EXIT_GRACE`` seconds to end and its atexit functions run first, as at a normal exit; only the
+    stuck handlers are left behind."""
     if not stuck:
-        threading.Thread(target=_exit_if_held, args=(code,), name="shardnet-exit-watch", daemon=True).start()
         return code
     logger.warning("exiting with %d handler call(s) still running past the drain's grace", stuck)
     deadline = time.monotonic() + THREAD_EXIT_GRACE
@@ -318,29 +314,37 @@ def exit_leaving_stuck_handlers(code: int, stuck: int) -> int:
         if thread is threading.main_thread() or thread.daemon or thread.name.startswith(HANDLER_THREAD_PREFIX):
             continue
         thread.join(max(0.0, deadline - time.monotonic()))
-    _exit_now(code)
-
-
-def _exit_if_held(code: int) -> None:
-    """Once ``THREAD_EXIT_GRACE`` passed and the process still has not exited, name what holds it and exit."""
-    time.sleep(THREAD_EXIT_GRACE)
-    left = [thread.name for thread in threading.enumerate()
-            if thread is not threading.main_thread() and not thread.daemon and thread.is_alive()]
-    logger.warning(
-        "exiting with %d thread(s) the Executor started still running %gs after it closed: %s (make them daemon "
-        "threads, or end them in close())", len(left), THREAD_EXIT_GRACE, ", ".join(left) or "none",
-    )
-    _exit_now(code)
-
-
-def _exit_now(code: int) -> None:
-    """Exit with ``code`` at once, after the atexit functions an interpreter's exit would run (os._exit skips
-    them) and with the output flushed."""
-    atexit._run_exitfuncs()
+    atexit._run_exitfuncs()  # what the interpreter's exit would run, which os._exit skips
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def watch_the_exit(code: int) -> None:
+    """For a program about to exit with ``code``: if a non-daemon thread (one an Executor started and never
+    ended) still holds the exit ``THREAD_EXIT_GRACE`` seconds from now, name it and exit without it. Python
+    joins such threads before anything else at exit: a worker hung after its drain, for ever, until a
+    Deployment's stop killed it. Once the atexit functions have begun (an index saved at exit, say), the
+    exit is under way and the watch stands down: they run once, and to their end."""
+    exiting = threading.Event()
+    atexit.register(exiting.set)  # registered last: the first to run
+
+    def watch() -> None:
+        if exiting.wait(THREAD_EXIT_GRACE):
+            return
+        held_by = [thread.name for thread in threading.enumerate()
+                   if thread is not threading.main_thread() and not thread.daemon and thread.is_alive()]
+        logger.warning(
+            "exiting with %d thread(s) still running %gs after the program ended: %s (an Executor's? make them "
+            "daemon threads, or end them in its close())", len(held_by), THREAD_EXIT_GRACE, ", ".join(held_by),
+        )
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    threading.Thread(target=watch, name="shardnet-exit-watch", daemon=True).start()
 
 
 def add_head_traffic_arguments(parser: argparse.ArgumentParser) -> None:

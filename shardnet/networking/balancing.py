@@ -250,11 +250,14 @@ class PeakEwma:
         if load is None:
             return
         waited = now - started
+        estimate = load.ewma * math.exp(-(now - load.stamp) / self._decay)  # decayed to now, as stamped now
         load.stamp = now  # tried now: a probe that was given up on waits its quiet again, like any other
-        if waited >= load.ewma * ABANDONED_AS_SLOW:
-            load.ewma = max(load.ewma, waited)
+        if waited >= estimate * ABANDONED_AS_SLOW:
+            load.ewma = max(estimate, waited)
             load.prior = False
             load.failures += 1  # a probe soon would send one more caller into the same wait
+        else:
+            load.ewma = estimate
 
     def forget(self, connection: Any) -> None:
         """Drop the connection's history; its next load is seeded from its peers as a new replica's is."""

@@ -51,7 +51,7 @@ from shardnet.protocol.ids import new_id
 from shardnet.protocol.messages import MAX_SHARD_ID, ControlRequest, DataRequest, is_shard_id, require_empty
 from shardnet.protocol.proto import jina_pb2
 from shardnet.runtimes.executor import DRY_RUN_ENDPOINT
-from shardnet.runtimes.merge import merge_shard_responses, report_shard_problems
+from shardnet.runtimes.merge import first_failure, merge_shard_responses, report_shard_problems
 from shardnet.runtimes.refusals import RefusalLog
 from shardnet.runtimes.registrations import Registrations
 from shardnet.runtimes.server import (
@@ -593,10 +593,7 @@ class Head:
         if self._uses_after is not None:
             answered = [outcome for _, outcome in outcomes if isinstance(outcome, DataRequest)]
             if not answered:
-                first = outcomes[0][1]
-                if isinstance(first, ReplicaError):  # "never ran" only when no shard may have run it
-                    first.unsent = all(getattr(outcome, "unsent", True) for _, outcome in outcomes)
-                raise first
+                raise first_failure(outcomes)
             try:
                 response, _ = await self._one(self._uses_after, answered, metadata, deadline, decoded=True)
             except ReplicaError as exc:

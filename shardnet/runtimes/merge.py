@@ -123,15 +123,23 @@ def _kinds() -> dict[str, str]:
 _KIND = types.MappingProxyType(_kinds())
 
 
+def first_failure(outcomes: Sequence[ShardOutcome]) -> BaseException:
+    """Of shards that all failed, the failure to raise: the first that may have run the request (a ReplicaError
+    not ``unsent``), else the first. Raised as the first, a shard with no replica hid another that had run it,
+    and the caller was told it never ran, safe to retry."""
+    failures = [result for _, result in outcomes if not isinstance(result, DataRequest)]
+    return next((failure for failure in failures if getattr(failure, "unsent", True) is False), failures[0])
+
+
 def merge_shard_responses(deployment: str, outcomes: Sequence[ShardOutcome]) -> DataRequest:
     """One response from the shards' responses (or failures), in shard order.
 
-    Raises the first shard's exception when no shard answered at all.
+    Raises a shard's exception when no shard answered at all (``first_failure``).
     """
     answered = [(shard, result) for shard, result in outcomes if isinstance(result, DataRequest)]
     failed = [(shard, result) for shard, result in outcomes if not isinstance(result, DataRequest)]
     if not answered:
-        raise failed[0][1]
+        raise first_failure(failed)
     merged, others = answered[0][1], [response for _, response in answered[1:]]
     merge_documents(merged, others)
     merge_results(merged, others)
