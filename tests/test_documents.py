@@ -41,8 +41,10 @@ def test_matches_and_chunks_are_assigned_a_list_as_in_docarray():
 
 def test_a_document_has_docarrays_uri_mime_type_and_placement_fields_as_attributes():
     """The README named them, but they were reachable through ``doc.proto`` only (a README review's find)."""
-    doc = Document(id="d", uri="s3://bucket/a.png", mime_type="image/png")
-    assert (doc.uri, doc.mime_type) == ("s3://bucket/a.png", "image/png")
+    doc = Document(id="d", uri="s3://bucket/a.png", mime_type="image/x-mine")
+    assert (doc.uri, doc.mime_type) == ("s3://bucket/a.png", "image/x-mine")  # a type given is kept
+    assert Document(uri="photo.png").mime_type == "image/png"  # as docarray's setter guesses it
+    assert Document(uri="no-extension").mime_type == ""
     query = Document(id="q")
     query.chunks = [doc]
     query.matches = [Document(id="m")]

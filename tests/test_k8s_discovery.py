@@ -1153,7 +1153,9 @@ async def test_a_source_the_cluster_does_not_serve_is_left_out_saying_so_not_bla
     api_server.apply("pods", pod("w0", ip="10.0.0.1"))
     pool = await start_pool()  # synced
     assert replicas(pool) == {"10.0.0.1:8080"}
-    said = [record.getMessage() for record in caplog.records if "following pods in default only" in record.getMessage()]
+    await pool.wait_synced(timeout=10)  # asked again: said once all the same
+    said = [record.getMessage() for record in caplog.records
+            if "following pods in default only" in record.getMessage() and record.levelno == logging.WARNING]
     assert len(said) == 1 and "HTTP 404" in said[0] and "does not serve it" in said[0] and "Role" not in said[0], said
 
 

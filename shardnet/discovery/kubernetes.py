@@ -42,7 +42,7 @@ from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 
 from shardnet.discovery.configuration import KubeconfigCredentials, check_kubeconfig, load_api_client, one_line
-from shardnet.discovery.watch import ListWatch, Unavailable, WatchOptions, describe, with_backoff
+from shardnet.discovery.watch import ListWatch, RepeatedWarnings, Unavailable, WatchOptions, describe, with_backoff
 from shardnet.errors import ConfigurationError, DiscoveryError
 from shardnet.networking.addresses import parse_address
 from shardnet.networking.pool import GrpcConnectionPool
@@ -529,6 +529,7 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
         self._ca_signature: Optional[bytes] = None  # the CA file as our client read it (a client of our own)
         self._ca_lock = asyncio.Lock()
         self._ca_refused: Optional[bytes] = None  # a change of the CA file that did not load
+        self._partial_said = RepeatedWarnings()  # wait_synced's word that a source is left out
         self._kubeconfig = kubeconfig
         self._watch_options = watch
         self._ledger = _Ledger(self)
@@ -608,11 +609,12 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
                                   f"sources={followed!r} says what is followed")
                     else:
                         advice = "grant list and watch on it in the Role (the rendered one does) to follow it too"
-                    logger.warning(
-                        "namespace %r: following %s only: %s refused (%s); %s",
-                        self.namespace, " and ".join(w.name for w in listed), " and ".join(w.name for w in refused),
-                        "; ".join(w.last_failure or "" for w in refused), advice,
+                    message = (
+                        f"namespace {self.namespace!r}: following {' and '.join(w.name for w in listed)} only: "
+                        f"{' and '.join(w.name for w in refused)} refused "
+                        f"({'; '.join(w.last_failure or '' for w in refused)}); {advice}"
                     )
+                    logger.log(self._partial_said.level(message), "%s", message)  # once, not at every wait
                     return
                 for watch in watches:
                     watch.news.clear()

@@ -142,7 +142,7 @@ RELIST_AFTER_FAILURES = 5
 REPEAT_WARNING_SECONDS = 300.0
 
 
-class _Repeats:
+class RepeatedWarnings:
     """Which failures to warn of: each new one, and the same one again once ``REPEAT_WARNING_SECONDS`` passed."""
 
     def __init__(self) -> None:
@@ -208,7 +208,7 @@ class ListWatch:
         self._options = options
         self._progress = False  # a watch line arrived since the last list
         self._failed_in_a_row = 0  # watches that failed since one last answered
-        self._repeats = _Repeats()  # of its watch failures
+        self._repeats = RepeatedWarnings()  # of its watch failures
         self.last_failure: Optional[str] = None  # the latest failed list or watch, as text
 
     async def run(self) -> None:
@@ -427,7 +427,7 @@ async def with_backoff(
     ``on_failure`` hears each failure, to report it where the log is not read.
     """
 
-    repeats = _Repeats()
+    repeats = RepeatedWarnings()
 
     def log_failure(state: tenacity.RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome else None

@@ -8,6 +8,7 @@ shardnet does not model (location, evaluations, ...) survive untouched.
 from __future__ import annotations
 
 import functools
+import mimetypes
 import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any, Optional, Union, overload
@@ -193,10 +194,10 @@ class Document:
             self.embedding = embedding
         if tags:
             update_struct(self._pb.tags, tags, "tags")
+        if mime_type is not None:  # before the uri, whose setter would guess one
+            self.mime_type = mime_type
         if uri is not None:
             self.uri = uri
-        if mime_type is not None:
-            self.mime_type = mime_type
 
     @classmethod
     def _view(cls, proto: docarray_pb2.DocumentProto, budget: ndarray.DenseBudget) -> "Document":
@@ -237,7 +238,10 @@ class Document:
 
     @uri.setter
     def uri(self, value: str) -> None:
+        """As docarray's: a document with no ``mime_type`` yet gets the one the uri's extension names."""
         self._pb.uri = _text(value, "uri")
+        if value and not self._pb.mime_type:
+            self._pb.mime_type = mimetypes.guess_type(value)[0] or ""
 
     @property
     def mime_type(self) -> str:
