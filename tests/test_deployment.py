@@ -524,7 +524,7 @@ def test_a_deployment_given_no_workspace_serves_where_the_cache_folder_cannot_be
     with Deployment(executors.StampsWorkspace, name="homeless") as deployment:
         [doc] = deployment.post("/stamp", [Document()])
         assert doc.tags["before"] == str(deployment.log_dir / "workspace" / "StampsWorkspace" / "0")
-    assert "the cache folder /dev/null/cache/shardnet cannot be made" in caplog.text and "removed at stop" in caplog.text
+    assert "the cache folder /dev/null/cache/shardnet cannot be used" in caplog.text and "removed at stop" in caplog.text
 
 
 ORPHAN_SCRIPT = """

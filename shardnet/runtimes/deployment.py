@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -359,18 +360,20 @@ class Deployment:
         for folder, what in ((self.log_dir, "log_dir"), (self.workspace, "workspace")):
             try:
                 folder.mkdir(parents=True, exist_ok=True)
+                if what == "workspace" and not os.access(folder, os.W_OK | os.X_OK):  # there, but read-only
+                    raise OSError(errno.EACCES, "not writable")
             except OSError as exc:
                 if what == "workspace" and not self._given_folders[1]:  # the cache folder, which HOME may not allow
                     self.workspace = self.log_dir / "workspace"
                     logger.warning(
-                        "deployment %r: the cache folder %s cannot be made (%s): the Executors' state goes to %s, "
+                        "deployment %r: the cache folder %s cannot be used (%s): the Executors' state goes to %s, "
                         "%s; give workspace=... to keep it", self.name, folder, exc.strerror, self.workspace,
                         "kept" if self._given_folders[0] else "removed at stop",
                     )
                     self._make_folders()
                     return
                 raise ConfigurationError(
-                    f"deployment {self.name!r}: cannot create {what} {str(folder)!r}: {exc.strerror}"
+                    f"deployment {self.name!r}: cannot use {what} {str(folder)!r}: {exc.strerror}"
                 ) from None
 
     def _launch_worker(self, shard: int, replica: int) -> ShardnetProcess:
