@@ -125,6 +125,8 @@ class Sleepy(Executor):
 
     @requests(on="/sleep")
     async def sleep(self, docs, parameters, **kwargs):
+        if "mark" in parameters:  # a folder: the worker leaves its pid there once it has the request
+            (Path(parameters["mark"]) / str(os.getpid())).touch()
         try:
             await asyncio.sleep(float(parameters.get("seconds", 0)))
         except asyncio.CancelledError:

@@ -604,6 +604,7 @@ BAD_CONFIGURATIONS = {
     "retry-invalid-argument": (lambda: RetryPolicy(retry_on=frozenset({grpc.StatusCode.INVALID_ARGUMENT})),
                                "INVALID_ARGUMENT"),
     "backoff-negative": (lambda: RetryPolicy(backoff_initial=-1), "backoff"),
+    "unsent-only-not-a-bool": (lambda: RetryPolicy(unsent_only="yes"), "unsent_only is True or False"),
     "ejection-zero-failures": (lambda: EjectionPolicy(consecutive_failures=0), "consecutive_failures"),
     "ejection-zero-time": (lambda: EjectionPolicy(base_ejection=0), "base_ejection"),
     "ejection-max-below-base": (lambda: EjectionPolicy(base_ejection=5, max_ejection=1), "max_ejection"),

@@ -470,6 +470,13 @@ def test_a_bad_timeout_is_refused_where_it_is_given_not_by_the_head_process(opti
         Deployment(executors.Tagger, **{option: seconds})
 
 
+def test_at_most_once_reaches_the_head_and_a_non_flag_is_refused():
+    assert "--at-most-once" in Deployment(executors.Tagger, at_most_once=True)._head_options
+    assert "--at-most-once" not in Deployment(executors.Tagger)._head_options
+    with pytest.raises(ConfigurationError, match="at_most_once"):
+        Deployment(executors.Tagger, at_most_once="yes")
+
+
 @pytest.mark.parametrize("seconds", [-1, float("nan"), float("inf"), "5", True])
 def test_a_bad_drain_seconds_is_refused_where_it_is_given(seconds):
     with pytest.raises(ConfigurationError, match="drain_seconds"):

@@ -17,7 +17,7 @@ import grpc
 import pytest
 from test_head import head_over, send, shard_workers
 
-from shardnet import ControlRequest, DataRequest, Document, GrpcConnectionPool, ReplicaError, RetryBudget
+from shardnet import ControlRequest, DataRequest, Document, GrpcConnectionPool, ReplicaError, RetryBudget, RetryPolicy
 from shardnet.networking import oneshot
 from shardnet.networking.policies import EjectionPolicy
 from shardnet.networking.polling import PollingMap
@@ -422,10 +422,12 @@ async def test_a_request_a_killed_worker_may_have_run_is_aborted_so_a_retrying_c
         await eventually(lambda: head.pool.deployments["halves"]["shards"] == {0: [addresses[0]], 1: [addresses[1]]},
                          timeout=10.0)
         client.add_connection("halves", head.server.address)
-        [doomed] = head.pool.get_replicas("halves", shard_id=0).get_all_connections()
-        request = DataRequest([Document(text="q")], endpoint="/sleep", parameters={"seconds": 2.0})
+        marks = tmp_path / "marks"
+        marks.mkdir()
+        request = DataRequest([Document(text="q")], endpoint="/sleep", parameters={"seconds": 2.0, "mark": str(marks)})
         pending = [client.send_requests_once([request], "halves", timeout=20.0) for _ in range(2)]
-        await eventually(lambda: doomed.running.count == 1, timeout=5.0, interval=0.005)  # one on each shard
+        # one on each shard, each worker holding it (a call counted before it was sent would go elsewhere, unsent)
+        await eventually(lambda: len(list(marks.iterdir())) == 2, timeout=5.0, interval=0.005)
         workers[0].kill()
         outcomes = await asyncio.gather(*pending, return_exceptions=True)
     finally:
@@ -473,3 +475,35 @@ async def test_under_all_a_shard_without_replicas_does_not_hide_another_that_ran
     finally:
         doomed.kill()
     assert caught.value.code == grpc.StatusCode.ABORTED and "may have run it" in str(caught.value), caught.value
+
+
+@pytest.mark.timeout(60)
+async def test_at_most_once_fails_a_request_a_dead_replica_may_have_run_and_fails_over_one_none_took(
+    runtimes, eventually, tmp_path, dead_address
+):
+    """A head fails over within a shard by default (at least once); with its pool's RetryPolicy(unsent_only=True)
+    (head --at-most-once) a request a replica may have run fails, ABORTED, and only one no replica took goes on."""
+    pool = GrpcConnectionPool(balancer="round_robin", retry=RetryPolicy(unsent_only=True))
+    head = await runtimes(Head("once", pool=pool))
+    workers = sleepy_workers(head, tmp_path, shards=[0, 0], register_interval=0.25)
+    try:
+        addresses = await launched(workers)
+        replicas = head.pool.get_replicas("once", shard_id=0)
+        await eventually(lambda: sorted(replicas.addresses) == sorted(addresses), timeout=10.0)
+        marks = tmp_path / "marks"
+        marks.mkdir()
+        request = DataRequest([Document(text="q")], endpoint="/sleep", parameters={"seconds": 2.0, "mark": str(marks)})
+        pending = [asyncio.create_task(oneshot.send_request_async(request, head.server.address, timeout=20))
+                   for _ in range(2)]
+        await eventually(lambda: len(list(marks.iterdir())) == 2, timeout=5.0, interval=0.005)  # each worker has one
+        workers[0].kill()
+        outcomes = await asyncio.gather(*pending, return_exceptions=True)
+        failed = [outcome for outcome in outcomes if isinstance(outcome, ReplicaError)]
+        assert len(failed) == 1 and failed[0].code == grpc.StatusCode.ABORTED, outcomes  # not run again
+        head.pool.add_connection("once", dead_address, shard_id=0)  # a replica no request can reach
+        answers = [await oneshot.send_request_async(DataRequest(endpoint="/sleep"), head.server.address, timeout=10)
+                   for _ in range(4)]  # some go to the dead address first: never taken, so failed over
+        assert all(not answer.is_error for answer in answers)
+    finally:
+        for worker in workers:
+            worker.kill()

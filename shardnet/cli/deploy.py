@@ -154,6 +154,7 @@ def _deploy(args: argparse.Namespace, uses_with: dict, workspace: str) -> int:
         control_token=token,
         timeout=args.timeout,
         attempt_timeout=args.attempt_timeout,
+        at_most_once=args.at_most_once,
         max_message_mb=args.max_message_mb,
         uses_before=args.uses_before,
         uses_after=args.uses_after,

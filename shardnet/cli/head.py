@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
 async def serve(args: argparse.Namespace) -> int:
     """Build the head inside the running loop (gRPC channels belong to the loop they are made in). Its
     warnings come once every flag has been checked: a refusal is then the one line it prints."""
-    retry = RetryPolicy(attempt_timeout=args.attempt_timeout)
+    retry = RetryPolicy(attempt_timeout=args.attempt_timeout, unsent_only=args.at_most_once)
     namespace = args.k8s_namespace  # only when asked: a head that happens to run in a pod may be a local one
     if namespace == "":  # else a static head would start, with nothing to serve
         raise ConfigurationError(

@@ -390,6 +390,11 @@ def add_head_routing_arguments(parser: argparse.ArgumentParser) -> None:
         "--attempt-timeout", type=positive_seconds("attempt timeout"), metavar="SECONDS", default=None,
         help="give up on one replica after this many seconds and try another (default: none)",
     )
+    parser.add_argument(
+        "--at-most-once", action="store_true",
+        help="fail over only requests no replica took: one a replica may have run (it died or hung under it) "
+             "fails, ABORTED, instead of running again on another (default: at least once)",
+    )
 
 
 def add_token_argument(parser: argparse.ArgumentParser) -> None:

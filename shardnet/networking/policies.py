@@ -70,7 +70,10 @@ class RetryPolicy:
     ``attempt_timeout`` set, an attempt that exceeds it (a hung replica) is
     abandoned and retried elsewhere while the call's own deadline lasts.
     INVALID_ARGUMENT and application errors (a response with status ERROR)
-    are never retried.
+    are never retried. ``unsent_only`` retries only attempts no replica took
+    (no connection, a drain's refusal): a request a replica may have run
+    fails instead of running again elsewhere (at most once, where the
+    default is at least once).
     """
 
     retry_on: frozenset = frozenset({grpc.StatusCode.UNAVAILABLE})
@@ -78,9 +81,12 @@ class RetryPolicy:
     backoff_initial: float = 0.05
     backoff_max: float = 1.0
     attempt_timeout: Optional[float] = None
+    unsent_only: bool = False
 
     def __post_init__(self) -> None:
         check_count(self.rounds, "RetryPolicy.rounds", 1)
+        if not isinstance(self.unsent_only, bool):
+            raise ConfigurationError(f"RetryPolicy.unsent_only is True or False, got {self.unsent_only!r}")
         check_codes(self.retry_on, "RetryPolicy.retry_on")
         if grpc.StatusCode.INVALID_ARGUMENT in self.retry_on:
             raise ConfigurationError("INVALID_ARGUMENT is never retried: the same bytes fail the same way")

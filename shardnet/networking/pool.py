@@ -449,6 +449,8 @@ class GrpcConnectionPool:
         out of its own time, or a server on the replica's port that is no replica (it ran nothing)."""
         if deadline is not None and loop.time() >= deadline:
             return False
+        if self.retry.unsent_only and not _unsent(error, method):  # it may have run: at most once
+            return False
         timed_out_attempt = attempt_timeout is not None and not self._callers_deadline(attempt_timeout)
         return self.retry.is_retryable(error.code(), timed_out_attempt) or wrong_server(method, error.code())
 

@@ -133,7 +133,8 @@ class Deployment:
     another replica of its shard. ``startup_timeout`` (default 180 s) is
     how long a process may take to serve, its Executor loading: longer fails
     the start, and a process started again (``revive``) is stopped and tried
-    again. ``timeout`` bounds each hop of a request at the head (uses_before,
+    again. ``at_most_once`` has the head fail over only requests no replica
+    took (``head --at-most-once``). ``timeout`` bounds each hop of a request at the head (uses_before,
     the shards, uses_after), as Jina's ``timeout_send`` bounds each send; a
     caller's shorter deadline wins. ``post`` adds no deadline of its own
     unless given one. ``uses_metas={"name": ...}`` names the Executor as
@@ -163,6 +164,7 @@ class Deployment:
         control_token: Optional[str] = None,
         timeout: Optional[float] = None,
         attempt_timeout: Optional[float] = None,
+        at_most_once: bool = False,
         register_interval: float = 1.0,
         startup_timeout: float = DEFAULT_STARTUP_TIMEOUT,
         log_dir: Optional[str] = None,
@@ -202,6 +204,9 @@ class Deployment:
             self._head_options += ["--timeout", str(timeout)]
         if attempt_timeout is not None:
             self._head_options += ["--attempt-timeout", str(attempt_timeout)]
+        check_flag(at_most_once, "at_most_once")
+        if at_most_once:  # the head fails a request a replica may have run instead of running it again
+            self._head_options.append("--at-most-once")
         check_flag(request_streams, "request_streams")
         if not request_streams:  # the head then calls its workers unary, a call per request
             self._head_options.append("--no-request-streams")
