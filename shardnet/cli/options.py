@@ -209,6 +209,12 @@ def _end_loading(signal_name: Optional[str], code: int) -> None:
     """Exit at once with ``code``, first saying the load was stopped by ``signal_name`` (None: said already)."""
     if signal_name is not None:
         print(f"shardnet: {signal_name} while loading the Executor: stopped", file=sys.stderr)
+    _exit_now(code)
+
+
+def _exit_now(code: int) -> None:
+    """Exit with ``code`` at once, what was logged and printed written out first (os._exit flushes nothing)."""
+    logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
@@ -315,10 +321,7 @@ def exit_leaving_stuck_handlers(code: int, stuck: int) -> int:
             continue
         thread.join(max(0.0, deadline - time.monotonic()))
     atexit._run_exitfuncs()  # what the interpreter's exit would run, which os._exit skips
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    _exit_now(code)
 
 
 def watch_the_exit(code: int) -> None:
@@ -339,10 +342,7 @@ def watch_the_exit(code: int) -> None:
             "exiting with %d thread(s) still running %gs after the program ended: %s (an Executor's? make them "
             "daemon threads, or end them in its close())", len(held_by), THREAD_EXIT_GRACE, ", ".join(held_by),
         )
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        _exit_now(code)
 
     threading.Thread(target=watch, name="shardnet-exit-watch", daemon=True).start()
 

@@ -400,7 +400,7 @@ class Head:
             if failed == grpc.StatusCode.UNIMPLEMENTED:  # the head serves the method: its replica did not, and
                 failed = grpc.StatusCode.INTERNAL  # a caller must not take it for another server and go elsewhere
             details = str(exc)
-            if failed == grpc.StatusCode.UNAVAILABLE and not (exc.unsent and not worked):
+            if failed == grpc.StatusCode.UNAVAILABLE and (worked or not exc.unsent):
                 # a replica may have run it: a caller retrying UNAVAILABLE (as pools do) would send it through
                 # this head again, to any shard under ANY, where it would be stored twice
                 failed = grpc.StatusCode.ABORTED
