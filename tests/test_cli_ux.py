@@ -104,6 +104,12 @@ def test_deploy_log_dir_keeps_the_logs_and_no_restart_warns_once_per_exited_proc
     assert "ready on" in (logs / "kept-worker-0-1.log").read_text()
 
 
+def _waitable_zombie(pid: int) -> bool:
+    """Whether ``pid`` exited and its parent can reap it now: the leader a zombie, and its last thread."""
+    state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    return state == "Z" and os.listdir(f"/proc/{pid}/task") == [str(pid)]
+
+
 def test_deploy_no_restart_counts_an_exit_its_stop_came_before_it_looked(tmp_path):
     """A worker killed just before SIGTERM, between two of deploy's looks, went unsaid, and deploy exited 0 (a
     regression review's find)."""
@@ -116,10 +122,11 @@ def test_deploy_no_restart_counts_an_exit_its_stop_came_before_it_looked(tmp_pat
         pids = [int(worker), *map(int, re.findall(ROW.format(role="head"), log.read_text(), re.M))]
         os.kill(int(worker), signal.SIGKILL)
         deadline = time.monotonic() + 5
-        while Path(f"/proc/{worker}/stat").read_text().rpartition(")")[2].split()[0] != "Z":  # dead, unreaped
+        # dead and waitable, not yet reaped: a killed leader shows Z at once, but its parent cannot collect it
+        # before its other threads (gRPC's) have exited too, which a zombie's task folder tells
+        while not _waitable_zombie(int(worker)):
             assert time.monotonic() < deadline
             time.sleep(0.005)
-        time.sleep(0.05)  # the gap the review found it in (0.1 s); deploy's next look is up to a second away
         deploy.send_signal(signal.SIGTERM)
         assert deploy.wait(20) == 1, log.read_text()
     finally:
