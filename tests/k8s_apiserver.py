@@ -541,8 +541,13 @@ def endpoint_slice(
     role: str = "worker",
     shard: str = "0",
     port: int = 50051,
+    pods: Optional[dict[str, dict]] = None,
 ) -> dict:
-    """An EndpointSlice of ``service`` with the Service's shardnet labels; endpoints are (ip, ready, terminating)."""
+    """An EndpointSlice of ``service`` with the Service's shardnet labels; endpoints are (ip, ready, terminating).
+
+    ``pods`` maps an endpoint's IP to the Pod it stands for (as ``apply`` returned it), which the endpoint then
+    names in its ``targetRef``, as the EndpointSlice controller writes it.
+    """
     items = []
     for ip, ready, terminating in endpoints:
         conditions = {}
@@ -550,7 +555,12 @@ def endpoint_slice(
             conditions["ready"] = ready
         if terminating is not None:
             conditions["terminating"] = terminating
-        items.append({"addresses": [ip], "conditions": conditions})
+        item: dict[str, Any] = {"addresses": [ip], "conditions": conditions}
+        if pods and ip in pods:
+            metadata = pods[ip]["metadata"]
+            item["targetRef"] = {"kind": "Pod", "namespace": metadata.get("namespace", "default"),
+                                 "name": metadata["name"], "uid": metadata["uid"]}
+        items.append(item)
     return {
         "metadata": {
             "name": name,

@@ -1193,7 +1193,8 @@ async def test_a_pod_deleted_while_the_other_source_fails_is_no_longer_routed_no
     """The slices refused after the first list (a Role edited), then a shard-0 pod deleted and its address taken
     by a shard-1 pod: the slices' stale hold kept the address in shard 0 for as long as they failed, and the
     shard-1 worker answered shard 0's part of every ALL (found by a Kubernetes review). What the failing source
-    still shows comes back with its next list."""
+    still shows comes back with its next list, unless the pods said otherwise first."""
+    caplog.set_level(logging.INFO, logger="shardnet.discovery.kubernetes")
     api_server.apply("pods", pod("w0", ip="10.0.0.1", port=9000))
     api_server.apply("pods", pod("w0b", ip="10.0.0.2", port=9000))
     api_server.apply(
@@ -1214,11 +1215,18 @@ async def test_a_pod_deleted_while_the_other_source_fails_is_no_longer_routed_no
     assert "shard 0 replica 10.0.0.1:9000 of 'dep' is gone from the pods in default, and the endpointslices, " \
         "failing, cannot say so: no longer routed to" in caplog.text
 
-    # the slices answer again, showing the shard-0 address still (a slice not updated yet): it comes back with them
+    # the slices answer again, listing the shard-0 address still (a slice not updated yet): the pods said first
+    # that a shard-1 pod holds it now, so it stays in shard 1 alone; the slice's other endpoint is routed still
+    lists = len(api_server.list_requests("endpointslices"))
     api_server.forbidden = set()
-    await eventually(lambda: not pool.failing_sources() and replicas(pool, shard_id=0) == {"10.0.0.1:9000",
-                                                                                           "10.0.0.2:9000"},
+    await eventually(lambda: not pool.failing_sources() and len(api_server.list_requests("endpointslices")) > lists,
                      timeout=10)
+    api_server.apply("pods", pod("sentinel", ip="10.0.0.9", port=9000))
+    await eventually(lambda: "10.0.0.9:9000" in replicas(pool, shard_id=0), timeout=10)
+    assert replicas(pool, shard_id=0) == {"10.0.0.2:9000", "10.0.0.9:9000"}
+    assert replicas(pool, shard_id=1) == {"10.0.0.1:9000"}
+    assert "10.0.0.1:9000 of 'dep' (shard 0) is in its EndpointSlice still, but the pods say its IP is pod w1's, " \
+        "which serves shard 1 of 'dep': not routed to" in caplog.text
 
 
 async def test_a_member_dropped_during_a_watch_blip_comes_back_when_the_blip_ends(
@@ -1325,3 +1333,126 @@ async def test_a_head_fed_by_discovery_refuses_membership_changes_and_pods_beyon
             assert {dict(tuple(trailing))["served-by"] for _, trailing in answers} == {"replica-a"}
         finally:
             await head.stop(0.5)
+
+
+# -- the pods' word on slices that lag --------------------------------------------------
+
+
+async def test_a_pod_being_deleted_leaves_at_once_though_its_slice_still_lists_it_ready(
+    api_server: FakeApiServer, start_pool, eventually, caplog
+) -> None:
+    """A terminating pod stayed routed until the EndpointSlice controller caught up (its worker refused new calls
+    while draining, so each one failed over): the pods say so first, and the slice's stale endpoint is vetoed."""
+    caplog.set_level(logging.INFO, logger="shardnet.discovery.kubernetes")
+    w0 = api_server.apply("pods", pod("w0", ip="10.0.0.1", port=9000))
+    w1 = api_server.apply("pods", pod("w1", ip="10.0.0.2", port=9000))
+    lagging = endpoint_slice("s0", "dep-0", [("10.0.0.1", True, None), ("10.0.0.2", True, None)], port=9000,
+                             pods={"10.0.0.1": w0, "10.0.0.2": w1})
+    api_server.apply("endpointslices", lagging)
+    pool = await start_pool()
+    assert replicas(pool) == {"10.0.0.1:9000", "10.0.0.2:9000"}
+    api_server.apply("pods", pod("w0", ip="10.0.0.1", port=9000, deleting=True))
+    await eventually(lambda: replicas(pool) == {"10.0.0.2:9000"}, timeout=10)
+    assert "10.0.0.1:9000 of 'dep' (shard 0) is in its EndpointSlice still, but the pods say its pod w0 is being " \
+        "deleted or has ended: not routed to" in caplog.text
+    # the pod goes; the slice, still lagging, changes for another reason and lists it still: out it stays
+    api_server.delete("pods", "w0")
+    api_server.apply("endpointslices", {**lagging, "metadata": {**lagging["metadata"], "annotations": {"x": "1"}}})
+    api_server.apply("pods", pod("sentinel", ip="10.0.0.9", port=9000))
+    await eventually(lambda: "10.0.0.9:9000" in replicas(pool), timeout=10)
+    assert replicas(pool) == {"10.0.0.2:9000", "10.0.0.9:9000"}
+
+
+async def test_a_pod_merely_not_ready_is_left_to_its_slice(api_server: FakeApiServer, start_pool, eventually) -> None:
+    """Readiness comes back, and the slice follows it soon enough: only a final word (deleted, being deleted, an
+    IP taken over) vetoes, so a veto never outlives its cause while the pods source fails."""
+    w0 = api_server.apply("pods", pod("w0", ip="10.0.0.1", port=9000))
+    api_server.apply("endpointslices", endpoint_slice("s0", "dep-0", [("10.0.0.1", True, None)], port=9000,
+                                                      pods={"10.0.0.1": w0}))
+    pool = await start_pool(sources=("pods", "endpointslices"))
+    api_server.apply("pods", pod("w0", ip="10.0.0.1", port=9000, ready=False))
+    api_server.apply("pods", pod("sentinel", ip="10.0.0.9", port=9000))
+    await eventually(lambda: "10.0.0.9:9000" in replicas(pool), timeout=10)
+    assert "10.0.0.1:9000" in replicas(pool)  # held by the slice, which says ready still
+
+
+@pytest.mark.parametrize("slices_first", [False, True], ids=["pods-listed-first", "slices-listed-first"])
+async def test_a_pool_started_while_a_slice_lags_an_ip_reuse_routes_the_address_as_the_pods_say(
+    api_server: FakeApiServer, kube_client: ApiClient, eventually, slices_first: bool
+) -> None:
+    """A head started (or re-listing after a 410) while shard 0's slice still listed a deleted pod whose IP a
+    shard-1 pod had taken: the last list handed over won, so shard 1's pod answered shard 0's part of every ALL
+    and shard 1 had no replica (a Kubernetes review's find)."""
+    address = "10.0.0.7"
+    w1 = api_server.apply("pods", pod("w1", shard_id="1", ip=address, port=9000))
+    api_server.apply("pods", pod("w0", shard_id="0", ip="10.0.0.8", port=9000))
+    gone = {"metadata": {"name": "w0-old", "uid": "uid-deleted-long-ago"}}  # deleted before the pool started
+    api_server.apply("endpointslices", endpoint_slice("s0", "dep-0", [(address, True, None), ("10.0.0.8", True, None)],
+                                                      shard="0", port=9000, pods={address: gone}))
+    api_server.apply("endpointslices", endpoint_slice("s1", "dep-1", [], shard="1", port=9000))
+    pool = RecordingPool(NS, kube_client, watch=FAST, sources=(("endpointslices", "pods") if slices_first
+                                                               else ("pods", "endpointslices")))
+    async with pool:
+        await pool.wait_synced(timeout=5)
+        await eventually(lambda: replicas(pool, shard_id=1) == {f"{address}:9000"}, timeout=10)
+        assert replicas(pool, shard_id=0) == {"10.0.0.8:9000"}
+        assert ("add", "dep", f"{address}:9000") in pool.changes  # the shard-1 pod, once
+        assert w1["metadata"]["uid"] != gone["metadata"]["uid"]
+
+
+async def test_a_pool_following_the_namespace_does_not_route_a_deleted_pods_ip_to_another_deployment(
+    api_server: FakeApiServer, start_pool, eventually
+) -> None:
+    """'enc''s pod deleted while its slice lagged, and its IP given to an 'idx' pod: 'enc''s requests went to
+    'idx''s Executor (a Kubernetes review's find). The pods saw the deletion: the stale endpoint is out."""
+    address = "10.0.0.7"
+    enc = api_server.apply("pods", pod("enc-0", deployment="enc", ip=address, port=9000))
+    api_server.apply("endpointslices", endpoint_slice("enc-s", "enc-0", [(address, True, None)], deployment="enc",
+                                                      port=9000, pods={address: enc}))
+    pool = await start_pool()
+    assert replicas(pool, "enc") == {f"{address}:9000"}
+    api_server.delete("pods", "enc-0")
+    api_server.apply("pods", pod("idx-0", deployment="idx", ip=address, port=9000))
+    await eventually(lambda: replicas(pool, "idx") == {f"{address}:9000"}, timeout=10)
+    await eventually(lambda: replicas(pool, "enc") == set(), timeout=10)
+
+
+async def test_pods_on_the_host_network_share_an_ip_without_vetoing_each_other(
+    api_server: FakeApiServer, start_pool, eventually
+) -> None:
+    """Host-network pods of one node all have its IP: none of them says another's endpoint is stale."""
+    def host_pod(name: str, shard: str, port: int) -> dict:
+        made = pod(name, shard_id=shard, ip="192.168.1.5", port=port)
+        made["spec"]["hostNetwork"] = True
+        return made
+
+    a = api_server.apply("pods", host_pod("a", "0", 9000))
+    b = api_server.apply("pods", host_pod("b", "1", 9001))
+    api_server.apply("endpointslices", endpoint_slice("s0", "dep-0", [("192.168.1.5", True, None)], shard="0",
+                                                      port=9000, pods={"192.168.1.5": a}))
+    api_server.apply("endpointslices", endpoint_slice("s1", "dep-1", [("192.168.1.5", True, None)], shard="1",
+                                                      port=9001, pods={"192.168.1.5": b}))
+    pool = await start_pool(sources=("endpointslices", "pods"))
+    api_server.apply("pods", pod("sentinel", ip="10.0.0.9", port=9000))
+    await eventually(lambda: "10.0.0.9:9000" in replicas(pool), timeout=10)
+    assert "192.168.1.5:9000" in replicas(pool, shard_id=0) and replicas(pool, shard_id=1) == {"192.168.1.5:9001"}
+
+
+def test_a_deleted_pod_is_remembered_only_while_a_slice_names_it() -> None:
+    """The pods' word keeps a deleted pod's uid only for the slices still naming it: a long-lived head following a
+    busy namespace does not grow with every pod that ever went."""
+    from shardnet.discovery.pods_word import PodsWord, SliceEndpoint
+
+    word = PodsWord()
+    named = {"metadata": {"uid": "u1", "name": "w1"}, "status": {"podIP": "10.0.0.1", "phase": "Running"}}
+    unnamed = {"metadata": {"uid": "u2", "name": "w2"}, "status": {"podIP": "10.0.0.2", "phase": "Running"}}
+    word.pod_seen(named, ("dep", False, 0))
+    word.pod_seen(unnamed, ("dep", False, 0))
+    endpoint = SliceEndpoint(Member("dep", False, 0, "10.0.0.1:8080"), "10.0.0.1", "u1")
+    assert word.slice_seen("s", [endpoint]) == {endpoint.member}
+    word.pod_deleted(unnamed)
+    word.pod_deleted(named)
+    assert word.veto(endpoint) == "its pod w1 was deleted"
+    assert word.slices_naming({"u1"}) == ["s"] and word.changed("s") == frozenset()
+    assert word.slice_seen("s", []) == frozenset()  # the slice caught up: the uid is forgotten
+    assert word.veto(endpoint) is None and word.slices_naming({"u1", "u2", "10.0.0.1"}) == []

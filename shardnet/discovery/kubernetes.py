@@ -24,7 +24,9 @@ A source that fails (a Role edited to refuse it, a watch that keeps breaking)
 cannot say what left meanwhile: when a source that answers lets go of a
 member only such a stale source still holds, the stale holds go too, and the
 stale source lists again once it answers (rather than resume its watch),
-which puts back whatever it still shows.
+which puts back whatever it still shows. The slices lag the pods they are
+made from, so the pods' word on a slice's endpoint comes first
+(``pods_word``): an endpoint whose pod is going or gone is not routed.
 """
 
 from __future__ import annotations
@@ -35,13 +37,14 @@ import hashlib
 import logging
 import re
 from collections import Counter
-from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import yaml
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 
 from shardnet.discovery.configuration import KubeconfigCredentials, check_kubeconfig, load_api_client, one_line
+from shardnet.discovery.pods_word import PodsWord, SliceEndpoint
 from shardnet.discovery.watch import ListWatch, RepeatedWarnings, Unavailable, WatchOptions, describe, with_backoff
 from shardnet.errors import ConfigurationError, DiscoveryError
 from shardnet.networking.addresses import parse_address
@@ -197,22 +200,27 @@ def slice_members(endpoint_slice: Mapping[str, Any], *, ready_only: bool = True)
     ...     "endpoints": [{"addresses": ["10.0.0.8"], "conditions": {}}]})
     frozenset({Member(deployment='enc', head=False, shard_id=0, address='10.0.0.8:50051')})
     """
+    return frozenset(endpoint.member for endpoint in slice_endpoints(endpoint_slice, ready_only=ready_only))
+
+
+def slice_endpoints(endpoint_slice: Mapping[str, Any], *, ready_only: bool = True) -> tuple[SliceEndpoint, ...]:
+    """``slice_members``, each with its IP and the uid of the pod it names (``targetRef``), for the pods' word."""
     labels = (endpoint_slice.get("metadata") or {}).get("labels") or {}
     deployment = labels.get("shardnet.io/deployment")
     if not deployment:
-        return NOTHING
+        return ()
     target = _role_target(deployment, labels.get("shardnet.io/role") or "worker", labels.get("shardnet.io/shard"))
     port = next((p.get("port") for p in endpoint_slice.get("ports") or [] if p.get("name") == "grpc"), None)
     if target is None:
-        return NOTHING
+        return ()
     if not port:  # labelled as ours, yet nothing says where to dial: said, not dropped without a word
         metadata = endpoint_slice.get("metadata") or {}
         logger.warning(
             "EndpointSlice %s/%s of %r has no port named 'grpc': its endpoints are not followed (name the "
             "Service's port grpc, as k8s render does)", metadata.get("namespace"), metadata.get("name"), deployment,
         )
-        return NOTHING
-    members = set()
+        return ()
+    endpoints = []
     for endpoint in endpoint_slice.get("endpoints") or []:
         addresses = endpoint.get("addresses") or []
         conditions = endpoint.get("conditions") or {}
@@ -223,8 +231,10 @@ def slice_members(endpoint_slice: Mapping[str, Any], *, ready_only: bool = True)
             continue
         address = _join(addresses[0], int(port))  # addresses of one endpoint are fungible: use the first
         if address is not None:
-            members.add(Member(*target, address))
-    return frozenset(members)
+            pod = endpoint.get("targetRef") or {}
+            uid = pod.get("uid") if pod.get("kind", "Pod") == "Pod" else None
+            endpoints.append(SliceEndpoint(Member(*target, address), str(addresses[0]), str(uid) if uid else None))
+    return tuple(endpoints)
 
 
 _NOT_SERVING = (("ready", False), ("serving", False), ("terminating", True))  # an endpoint's conditions
@@ -234,12 +244,27 @@ _MEMBERS = {"pods": pod_members, "endpointslices": slice_members}
 
 def _members(source: str, obj: Mapping[str, Any], *, ready_only: bool = True) -> Contribution:
     """What ``obj`` contributes; a malformed object contributes nothing (logged) rather than stop the watch."""
+    return _read(_MEMBERS[source], source, obj, NOTHING, ready_only=ready_only)
+
+
+def _endpoints(obj: Mapping[str, Any]) -> tuple[SliceEndpoint, ...]:
+    """``slice_endpoints``; a malformed slice has none (logged) rather than stop the watch."""
+    return _read(slice_endpoints, SLICES, obj, ())
+
+
+def _role_of_pod(pod: Mapping[str, Any]) -> Optional[tuple[str, bool, Optional[int]]]:
+    """What a pod serves whether ready or not, for the pods' word; None when it is not ours."""
+    member = next(iter(_members(PODS, pod, ready_only=False)), None)
+    return None if member is None else (member.deployment, member.head, member.shard_id)
+
+
+def _read(reader: Callable[..., Any], source: str, obj: Mapping[str, Any], default: Any, **options: Any) -> Any:
     try:
-        return _MEMBERS[source](obj, ready_only=ready_only)
+        return reader(obj, **options)
     except Exception:  # a field of an unexpected type somewhere inside (the watch checked the object and its metadata)
         metadata = obj.get("metadata") or {}
         logger.exception("ignoring malformed %s %s/%s", source, metadata.get("namespace"), metadata.get("name"))
-        return NOTHING
+        return default
 
 
 # -- the ledger ------------------------------------------------------------------
@@ -533,6 +558,7 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
         self._kubeconfig = kubeconfig
         self._watch_options = watch
         self._ledger = _Ledger(self)
+        self._pods_word = PodsWord()  # which slice endpoints the pods, fresher, say are gone
         self._watches: dict[str, ListWatch] = {}
         self._task: Optional[asyncio.Task] = None
         self._configured = asyncio.Event()
@@ -558,6 +584,7 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
                     raise
         await self._ledger.drain()
         self._ledger = _Ledger(self)  # the base close forgets every replica; so does the record
+        self._pods_word = PodsWord()
         if self._owns_client and self._client is not None:
             credentials = self._client.configuration.refresh_api_key_hook
             if isinstance(credentials, KubeconfigCredentials):
@@ -718,14 +745,55 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
     # -- events -------------------------------------------------------------------
 
     async def _on_list(self, source: str, objects: Iterable[Mapping[str, Any]]) -> None:
+        objects = list(objects)
+        if source == SLICES:
+            listed = {object_key(obj): _endpoints(obj) for obj in objects}
+            for key in self._pods_word.slice_keys():
+                if key not in listed:
+                    self._pods_word.slice_gone(key)
+            contributions = {key: self._pods_word.slice_seen(key, endpoints) for key, endpoints in listed.items()}
+            self._say_vetoes(listed)
+            await self._ledger.replace(source, contributions)
+            return
+        touched = self._pods_word.pods_listed(objects, _role_of_pod)
         await self._ledger.replace(source, {object_key(obj): _members(source, obj) for obj in objects})
+        await self._reconsider(touched)
 
     async def _on_event(self, source: str, kind: str, obj: Mapping[str, Any]) -> None:
-        key = object_key(obj)
-        if kind == "DELETED":
-            await self._ledger.record(source, key, NOTHING, also_remove=_members(source, obj, ready_only=False))
+        key, word = object_key(obj), self._pods_word
+        if source == SLICES and kind == "DELETED":
+            word.slice_gone(key)
+            await self._ledger.record(SLICES, key, NOTHING, also_remove=_members(SLICES, obj, ready_only=False))
+        elif source == SLICES:
+            contribution = word.slice_seen(key, _endpoints(obj))
+            self._say_vetoes([key])
+            await self._ledger.record(SLICES, key, contribution)
+        elif kind == "DELETED":
+            touched = word.pod_deleted(obj)
+            await self._ledger.record(PODS, key, NOTHING, also_remove=_members(PODS, obj, ready_only=False))
+            await self._reconsider(touched)
         else:
-            await self._ledger.record(source, key, _members(source, obj))
+            touched = word.pod_seen(obj, _role_of_pod(obj))
+            await self._ledger.record(PODS, key, _members(PODS, obj))
+            await self._reconsider(touched)
+
+    async def _reconsider(self, touched: set[str]) -> None:
+        """Give the slices naming a pod or IP whose word changed what they contribute now (vetoes applied or
+        lifted), each computed just before it is recorded: another event may have changed it meanwhile."""
+        keys = self._pods_word.slices_naming(touched)
+        self._say_vetoes(keys)
+        for key in keys:
+            contribution = self._pods_word.changed(key)
+            if contribution is not None:
+                await self._ledger.record(SLICES, key, contribution)
+
+    def _say_vetoes(self, keys: Iterable[str]) -> None:
+        for endpoint, why in self._pods_word.newly_vetoed(keys):
+            member = endpoint.member
+            logger.info(
+                "%s of %r (%s) is in its EndpointSlice still, but the pods say %s: not routed to", member.address,
+                member.deployment, _role(member), why,
+            )
 
     def __repr__(self) -> str:
         state = "watching" if self._task is not None else "stopped"
