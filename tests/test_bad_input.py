@@ -316,6 +316,39 @@ def test_docs_bytes_is_refused_naming_it(servers, server):
     servers.assert_healthy()
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes(out + bytes([value]))
+
+
+ODD_TAGS = {  # a 2 of field 2 (docs_bytes) or 4 (data) as C++ protobuf reads it: only a tag's low 32 bits
+    "bit-32": lambda tag: _varint(tag | 1 << 32),
+    "bit-63": lambda tag: _varint(tag | 1 << 63),
+    "six-bytes": lambda tag: bytes([tag | 0x80, 0x80, 0x80, 0x80, 0x80, 0x00]),
+}
+
+
+@pytest.mark.parametrize("server", ["worker", "head"])
+@pytest.mark.parametrize("odd", ODD_TAGS.values(), ids=ODD_TAGS.keys())
+def test_docs_bytes_behind_a_tag_out_of_protobufs_range_is_refused_not_passed_on(servers, server, odd):
+    """Such a tag was read whole, an unknown field skipped, and the head passed the pickle on, where a C++ protobuf
+    peer (keeping the tag's low 32 bits) would read docs_bytes (a review's find)."""
+    pickle = _with_docs_bytes()[-30:]
+    header = jina_pb2.DataRequestProto(header=jina_pb2.HeaderProto(request_id="odd", exec_endpoint="/any"))
+    head = header.SerializeToString()
+    in_data = head + b"\x22" + _varint(len(odd(0x12)) + 1 + len(pickle)) + odd(0x12) + _varint(len(pickle)) + pickle
+    data_field = b"\x12" + _varint(len(pickle)) + pickle
+    as_data = head + odd(0x22) + _varint(len(data_field)) + data_field
+    for payload in (in_data, as_data):
+        code, details, _ = servers.call(server, services.PROCESS_SINGLE_DATA, payload)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+        assert "a tag out of protobuf's range" in details and not details.startswith("deployment"), details
+    servers.assert_healthy()
+
+
 @pytest.mark.parametrize("server", ["worker", "head"])
 def test_a_parameter_value_with_no_kind_is_refused_naming_it_and_blames_no_replica(servers, server):
     message = jina_pb2.DataRequestProto()

@@ -47,6 +47,18 @@ def _varint(data: bytes, position: int, what: str, size: int, start: int = 0) ->
             )
 
 
+def _long_tag(data: bytes, position: int, what: str, size: int, start: int = 0) -> tuple[int, int]:
+    """A tag of more than one byte and the position after it. A tag is a 32-bit varint of at most 5 bytes: a
+    longer or larger one is refused, as protobuf's parser refuses it, since C++ protobuf keeps only its low 32 bits,
+    and a walk that read it whole would see an unknown field where such a peer sees another (``docs_bytes``)."""
+    tag, after = _varint(data, position, what, size, start)
+    if after - position > 5 or tag >> 32:
+        raise ProtocolError(
+            f"malformed {what} ({size - start} bytes): a tag out of protobuf's range at byte {position - start}"
+        )
+    return tag, after
+
+
 def field_spans(
     data: bytes,
     numbers: frozenset,
@@ -82,7 +94,7 @@ def field_spans(
         if tag < 0x80:
             position += 1
         else:
-            tag, position = _varint(data, position, what, size, start)
+            tag, position = _long_tag(data, position, what, size, start)
         field, wire_type = tag >> 3, tag & 7
         if field == 0:
             raise ProtocolError(f"malformed {what} ({size - start} bytes): field number 0 at byte {position - start}")
@@ -275,7 +287,7 @@ def _count_fields(data: bytes, begin: int, end: int, is_array: bool, tally: Docu
             tag = (tag & 0x7F) | (data[position + 1] << 7)
             position += 2
         else:
-            tag, position = _varint(data, position, what, end, begin)
+            tag, position = _long_tag(data, position, what, end, begin)
         wire_type = tag & 7
         if wire_type == 2:  # length-delimited
             length = data[position] if position < end else 0x80
