@@ -272,6 +272,21 @@ def test_a_control_token_grpc_cannot_carry_is_refused_at_start_without_showing_i
     assert token.strip() not in result.stderr and "Traceback" not in result.stderr and "ready on" not in result.stdout
 
 
+@pytest.mark.parametrize("where", ["flag", "variable"])
+def test_an_empty_control_token_is_refused_not_taken_for_none(tmp_path, where):
+    """``--control-token "$TOKEN"`` with TOKEN unset, or an empty SHARDNET_CONTROL_TOKEN, started a head that let
+    anyone ACTIVATE and DEACTIVATE its workers (a bad-input review's find)."""
+    import os
+
+    env = {**os.environ, "SHARDNET_CONTROL_TOKEN": ""} if where == "variable" else None
+    extra = ["--control-token", ""] if where == "flag" else []
+    result = shardnet("head", "--deployment", "t", "--port", "0", *extra, cwd=tmp_path, env=env)
+    assert result.returncode == 2, result.stderr
+    named = "--control-token" if where == "flag" else "$SHARDNET_CONTROL_TOKEN"
+    assert f"{named} is empty: give the token, or leave {named} out to run without one" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and "ready on" not in result.stdout
+
+
 def test_metadata_errors_never_quote_an_authorization_value():
     from shardnet.errors import ProtocolError
     from shardnet.networking.channels import checked_metadata

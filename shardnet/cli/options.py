@@ -457,14 +457,19 @@ def control_token(args: argparse.Namespace) -> Optional[str]:
     ``SHARDNET_CONTROL_TOKEN``; refused (unquoted) when gRPC could not carry it."""
     if args.control_token_file is not None:
         return _token_from_file(args.control_token_file)  # checked there, naming the file
-    if args.control_token:
-        logger.warning(
-            "--control-token shows the secret to every user of this machine (ps): give it in a file "
-            "(--control-token-file) or in $%s instead", TOKEN_VARIABLE,
-        )
-        token = args.control_token
+    if args.control_token is not None:
+        given, token = "--control-token", args.control_token
+        if token:
+            logger.warning(
+                "--control-token shows the secret to every user of this machine (ps): give it in a file "
+                "(--control-token-file) or in $%s instead", TOKEN_VARIABLE,
+            )
     else:
-        token = os.environ.get(TOKEN_VARIABLE) or None
+        given, token = f"${TOKEN_VARIABLE}", os.environ.get(TOKEN_VARIABLE)
+    if token == "":  # a variable unset where it was expanded, say: taken for "no token", the head was open to all
+        raise ConfigurationError(
+            f"{given} is empty: give the token, or leave {given} out to run without one"
+        )
     check_control_token(token)
     return token
 
