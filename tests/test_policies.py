@@ -101,6 +101,9 @@ def test_retry_policy():
         lambda: EjectionPolicy(consecutive_failures="3"),
         lambda: EjectionPolicy(base_ejection=float("nan")),
         lambda: EjectionPolicy(failure_codes={"UNAVAILABLE"}),
+        lambda: RetryPolicy(attempt_timeout=1e10),  # gRPC takes it as expired: every call failed at once, blamed
+        lambda: RetryPolicy(retry_on=None),  # a bare TypeError before
+        lambda: EjectionPolicy(failure_codes=None),
     ],
 )
 def test_policies_refuse_values_of_the_wrong_kind_by_name(make):
@@ -111,6 +114,8 @@ def test_policies_refuse_values_of_the_wrong_kind_by_name(make):
 def test_ejection_time_doubles_up_to_the_cap():
     policy = EjectionPolicy(base_ejection=0.5, max_ejection=3.0)
     assert [policy.ejection_time(n) for n in range(1, 6)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    # a crash loop re-registering for hours: 2**1024 is no float, and the ejecting request failed with OverflowError
+    assert policy.ejection_time(2000) == 3.0 and EjectionPolicy().ejection_time(10**9) == EjectionPolicy().max_ejection
     with pytest.raises(ConfigurationError):
         EjectionPolicy(consecutive_failures=0)
     with pytest.raises(ConfigurationError):

@@ -7,6 +7,7 @@ They are values (frozen dataclasses) except the budget, which counts.
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterable
 import math
 import time
 from dataclasses import dataclass, field
@@ -56,7 +57,9 @@ def check_flag(value: Any, what: str) -> None:
 
 def check_codes(codes: Any, what: str) -> None:
     """A set of grpc.StatusCode members (names as text would silently match nothing)."""
-    if isinstance(codes, (str, bytes)) or not all(isinstance(code, grpc.StatusCode) for code in codes):
+    if isinstance(codes, (str, bytes)) or not isinstance(codes, Iterable) or not all(
+        isinstance(code, grpc.StatusCode) for code in codes
+    ):
         raise ConfigurationError(f"{what} takes grpc.StatusCode members, got {codes!r}")
 
 
@@ -90,8 +93,7 @@ class RetryPolicy:
         check_codes(self.retry_on, "RetryPolicy.retry_on")
         if grpc.StatusCode.INVALID_ARGUMENT in self.retry_on:
             raise ConfigurationError("INVALID_ARGUMENT is never retried: the same bytes fail the same way")
-        if self.attempt_timeout is not None:
-            check_seconds(self.attempt_timeout, "RetryPolicy.attempt_timeout")
+        check_timeout(self.attempt_timeout, "RetryPolicy.attempt_timeout")  # gRPC takes a huge one as expired
         check_seconds(self.backoff_initial, "RetryPolicy.backoff_initial", zero=True)
         check_seconds(self.backoff_max, "RetryPolicy.backoff_max", zero=True)
         if not self.backoff_initial <= self.backoff_max:
@@ -235,4 +237,7 @@ class EjectionPolicy:
             raise ConfigurationError("EjectionPolicy needs consecutive_failures >= 1 and 0 < base_ejection <= max_ejection")
 
     def ejection_time(self, times_ejected: int) -> float:
-        return min(self.max_ejection, self.base_ejection * (2 ** max(0, times_ejected - 1)))
+        # the doubling capped before it is taken: a replica ejected a thousand times (a crash loop's re-registrations
+        # over hours) made an int too large for a float, and the request that ejected it failed with OverflowError
+        doublings = min(max(0, times_ejected - 1), 1 + math.ceil(math.log2(self.max_ejection / self.base_ejection)))
+        return min(self.max_ejection, self.base_ejection * 2 ** doublings)
