@@ -40,6 +40,7 @@ from shardnet.errors import ReplicaError, RoutingError
 from shardnet.networking import oneshot
 from shardnet.networking.policies import NO_RETRIES
 from shardnet.runtimes.deployment import Deployment
+from shardnet.runtimes.head import MAY_HAVE_RUN_ERROR
 from shardnet.testing import EchoServer
 
 if __package__:  # imported as benchmarks.faults (the test suite runs the scenarios' short versions)
@@ -164,6 +165,8 @@ class Load:
                 if self.answered[answered] > 1 or answered != request.request_id:
                     self.duplicates += 1
                 call.outcome = "app-error" if response.is_error else "ok"
+                if response.is_error and response.status.exception.name == MAY_HAVE_RUN_ERROR:
+                    call.outcome = "failed"  # the head's word that a replica died or hung with it: no app error
                 if response.is_error:
                     call.code = f"ERROR {response.status.description[:120]}"
             call.end = loop.time()

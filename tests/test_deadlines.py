@@ -87,8 +87,8 @@ async def call_head(head: Head, request: DataRequest, timeout) -> tuple[grpc.Sta
     try:
         started = time.monotonic()
         try:
-            await Stubs.for_channel(channel).single_data(request, timeout=timeout)
-            return grpc.StatusCode.OK, "", time.monotonic() - started
+            answer = await Stubs.for_channel(channel).single_data(request, timeout=timeout)
+            return grpc.StatusCode.OK, answer.status.description, time.monotonic() - started
         except grpc.aio.AioRpcError as error:
             return error.code(), error.details() or "", time.monotonic() - started
     finally:
@@ -137,6 +137,7 @@ async def test_callers_deadline_exceeded_names_deployment_and_shard_and_stops_th
 
 
 async def test_heads_own_timeout_exceeded_names_deployment_and_shard():
+    """Answered ERROR, not DEADLINE_EXCEEDED, which Jina's pool sends again: the replica may have run it."""
     async with RecordingReplica(delay=5.0) as replica:
         head = await started_head(replica.address, timeout=0.4)
         try:
@@ -144,21 +145,22 @@ async def test_heads_own_timeout_exceeded_names_deployment_and_shard():
             await asyncio.wait_for(replica.cancelled.wait(), 2.0)
         finally:
             await head.stop(0)
-    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert code == grpc.StatusCode.OK and details.startswith("DEADLINE_EXCEEDED: ") and "may have run it" in details
     assert took < 2.0
     assert "deployment 'dl'" in details and "shard 0" in details and replica.address in details, details
 
 
 async def test_the_heads_timeout_bounds_a_callers_longer_deadline():
     """As Jina's head holds its calls to its timeout_send whatever the caller sent: a caller allowing 3 s of a head
-    whose --timeout is 0.3 s hears DEADLINE_EXCEEDED from the head after 0.3 s, not the replica's answer at 0.6 s."""
+    whose --timeout is 0.3 s hears from the head after 0.3 s (an ERROR answer: its replica may have run it), not
+    the replica's answer at 0.6 s."""
     async with RecordingReplica(delay=0.6) as replica:
         head = await started_head(replica.address, timeout=0.3)
         try:
             code, details, took = await call_head(head, DataRequest(endpoint="/x"), timeout=3.0)
         finally:
             await head.stop(0)
-    assert code == grpc.StatusCode.DEADLINE_EXCEEDED, details
+    assert code == grpc.StatusCode.OK and details.startswith("DEADLINE_EXCEEDED: "), details
     assert "deployment 'dl'" in details and replica.address in details, details
     assert took < 2.0
     assert replica.remaining[0] <= 0.35

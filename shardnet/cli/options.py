@@ -393,7 +393,7 @@ def add_head_routing_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--at-most-once", action="store_true",
         help="fail over only requests no replica took: one a replica may have run (it died or hung under it) "
-             "fails, ABORTED, instead of running again on another (default: at least once)",
+             "fails, answered ERROR, instead of running again on another (default: at least once)",
     )
 
 

@@ -25,7 +25,11 @@ import weakref
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
-from shardnet.errors import ConfigurationError, ExecutorError, ProcessError, ShardnetError
+import grpc
+
+from shardnet.errors import (
+    ConfigurationError, ExecutorError, ProcessError, ReplicaError, ShardnetError, replica_error_class,
+)
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address, parse_address
 from shardnet.networking.balancing import make_balancer
@@ -43,7 +47,7 @@ from shardnet.runtimes.executor import (
     metas_name,
     split_uses,
 )
-from shardnet.runtimes.head import MAX_RENEWAL_INTERVAL
+from shardnet.runtimes.head import MAX_RENEWAL_INTERVAL, MAY_HAVE_RUN_ERROR
 from shardnet.runtimes.processes import ShardnetProcess, stop_all
 
 logger = logging.getLogger(__name__)
@@ -685,6 +689,8 @@ class Deployment:
         response = await oneshot.send_request_async(request, self.address, timeout=timeout, channel_options=self._post_options)
         if response.is_error:
             status = response.status
+            if status.exception.name == MAY_HAVE_RUN_ERROR:  # no Executor's: the head's, on a replica lost with it
+                raise _lost_with_a_replica(status.description, self.name, self.address)
             raise ExecutorError(
                 status.description,
                 name=status.exception.name,
@@ -733,3 +739,12 @@ class Deployment:
 
     def __repr__(self) -> str:
         return f"<Deployment {self.name} {self.shards}x{self.replicas} at {self.head.address if self.head else '-'}>"
+
+
+def _lost_with_a_replica(description: str, deployment: str, head: str) -> ReplicaError:
+    """The error a head's answer for a request a replica died or hung with reads as: the ReplicaError of the
+    status its description starts with (``DEADLINE_EXCEEDED: ...`` a DeadlineExceeded), naming the head."""
+    name, _, cause = description.partition(": ")
+    code = grpc.StatusCode.__members__.get(name)
+    error_class = replica_error_class(code)
+    return error_class(cause if code else description, address=head, code=code, deployment=deployment, role="head")

@@ -143,6 +143,11 @@ class _Deadline:
             self._clock = asyncio.get_running_loop().time
             self._at = self._clock() + seconds
 
+    def callers_passed(self) -> bool:
+        """Whether the caller's deadline (less the head's margin) has passed: what cut a hop was not the head's own
+        timeout."""
+        return self._at is not None and self._clock() >= self._at
+
     def left(self) -> Optional[float]:
         """Seconds the next hop may take (0 once past: a call given them fails at once, naming where it was
         going), or None."""
@@ -189,11 +194,24 @@ def _shard_ranges(shard_ids: list[int], room: int = EMPTY_SHARDS_ROOM) -> tuple[
     return ",".join(texts), left
 
 
-# said of a request failed with ABORTED where its replica's failure was UNAVAILABLE
+# the exception name and note of a request answered ERROR because a replica may have run it before it failed
+MAY_HAVE_RUN_ERROR = "ReplicaLost"
 MAY_HAVE_RUN_NOTE = (
-    " (ABORTED, not UNAVAILABLE: a replica may have run it, and a retry through this head could run it again on "
-    "another shard; retry only what is safe to run twice)"
+    " (a replica may have run it: sent again, it could run twice, on another replica or, under ANY, another "
+    "shard; send again only what is safe to run twice)"
 )
+
+
+def _may_have_run(failed: grpc.StatusCode, sent: bool, deadline: Optional[_Deadline]) -> bool:
+    """Whether a request that failed with ``failed`` is to be answered as one a replica may have run: it was
+    ``sent``, and callers send again on such a failure (Jina's pool on UNAVAILABLE and DEADLINE_EXCEEDED, each
+    attempt with a deadline of its own; shardnet's on UNAVAILABLE). A deadline that was the caller's stays
+    DEADLINE_EXCEEDED: its caller gave up, and gRPC's own word for that is what it expects."""
+    if not sent:
+        return False
+    if failed == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return deadline is not None and not deadline.callers_passed()
+    return failed == grpc.StatusCode.UNAVAILABLE
 
 
 class _LoopedBack(Exception):
@@ -354,6 +372,7 @@ class Head:
 
     async def _serve(self, requests: list[DataRequest], context: grpc.aio.ServicerContext) -> bytes:
         worked = False  # whether a hop ran it already (uses_before): a failure after is no "never ran"
+        deadline: Optional[_Deadline] = None
         try:
             endpoint, metadata = self._settle_endpoint(requests, context)
             deadline = _Deadline(_time_left(context), per_hop=self.pool.timeout)
@@ -392,20 +411,16 @@ class Head:
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except RoutingError as exc:
-            if worked:
-                await context.abort(grpc.StatusCode.ABORTED, str(exc) + MAY_HAVE_RUN_NOTE)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            if not worked:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            response, trailing = self._failed_after_running(requests[0], f"UNAVAILABLE: {exc}")
         except ReplicaError as exc:
             failed = exc.code if exc.code not in (None, grpc.StatusCode.OK) else grpc.StatusCode.UNAVAILABLE
             if failed == grpc.StatusCode.UNIMPLEMENTED:  # the head serves the method: its replica did not, and
                 failed = grpc.StatusCode.INTERNAL  # a caller must not take it for another server and go elsewhere
-            details = str(exc)
-            if failed == grpc.StatusCode.UNAVAILABLE and (worked or not exc.unsent):
-                # a replica may have run it: a caller retrying UNAVAILABLE (as pools do) would send it through
-                # this head again, to any shard under ANY, where it would be stored twice
-                failed = grpc.StatusCode.ABORTED
-                details += MAY_HAVE_RUN_NOTE
-            await context.abort(failed, details)
+            if not _may_have_run(failed, worked or not exc.unsent, deadline):
+                await context.abort(failed, str(exc))
+            response, trailing = self._failed_after_running(requests[0], f"{failed.name}: {exc}")
         if trailing:
             context.set_trailing_metadata(tuple(trailing))
         return await within_message_limit(
@@ -512,6 +527,14 @@ class Head:
             return None
         self._resend_turn += 1
         return live[self._resend_turn % len(live)]
+
+    def _failed_after_running(self, request: DataRequest, details: str) -> tuple[DataRequest, list[tuple[str, str]]]:
+        """A request a replica may have run, then failed: answered ERROR (``is-error: true``, gRPC OK), as an
+        Executor's exception is, with the failure in its description and its documents as they came. Not as a
+        gRPC status: pools send UNAVAILABLE and DEADLINE_EXCEEDED again, to any shard under ANY, where it would
+        run twice; and a Jina gateway passes any other status on to its client as UNKNOWN."""
+        request.set_error(details + MAY_HAVE_RUN_NOTE, name=MAY_HAVE_RUN_ERROR, executor=self.deployment)
+        return request, list(services.ERROR_TRAILER)
 
     async def _on_another_shard(
         self, failure: ReplicaError, requests: list[DataRequest], metadata, deadline: _Deadline
