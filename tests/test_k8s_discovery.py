@@ -206,6 +206,24 @@ async def test_a_head_whose_discovery_finds_no_worker_says_so_naming_the_namespa
         await head.stop(0.5)
 
 
+async def test_a_head_told_of_no_uses_before_says_so_of_the_uses_before_pods_discovery_found(
+    api_server: FakeApiServer, kubeconfig: str, caplog, eventually
+) -> None:
+    """Pods labelled pod_type=uses_before were listed as replicas and never called, without a word (a Kubernetes
+    review's find): a head calls the uses_before given by --uses-before, and k8s render renders none."""
+    api_server.apply("pods", pod("w0", ip="10.0.0.1"))
+    api_server.apply("pods", pod("before", pod_type="uses_before", shard_id=None, ip="10.0.0.2"))
+    head = Head("dep", pool=K8sGrpcConnectionPool(NS, kubeconfig=kubeconfig, watch=FAST, deployments=("dep",)))
+    await head.start()
+    try:
+        await eventually(lambda: head.server.ready_at_start, timeout=10)  # set once ready
+        assert "dep: discovery found uses_before pods of it (10.0.0.2:8080) but this head has no --uses-before: they " \
+            "are not called" in caplog.text
+        assert "uses_after pods" not in caplog.text
+    finally:
+        await head.stop(0.5)
+
+
 async def test_an_api_server_that_never_answers_a_list_is_named_as_such(caplog) -> None:
     """A hung API server was logged as "TimeoutError: " and nothing more (found by a Kubernetes review)."""
     accepted: list[asyncio.StreamWriter] = []

@@ -1063,7 +1063,20 @@ class Head:
             )
         else:
             logger.info("%s: discovery listed a worker for every shard; ready", self.deployment)
+        self._say_unused_hops()
         await self.server.mark_ready()
+
+    def _say_unused_hops(self) -> None:
+        """Warn of uses_before/uses_after pods discovery found for a head not told to use them: they were listed
+        as replicas and never called, without a word (a Kubernetes review's find)."""
+        for role, used in ((USES_BEFORE, self._uses_before), (USES_AFTER, self._uses_after)):
+            found = self.pool.get_replicas(f"{self.deployment}/{role}")
+            if used is None and found is not None and found.has_connections():
+                logger.warning(
+                    "%s: discovery found %s pods of it (%s) but this head has no --%s: they are not called (a "
+                    "head calls one %s, given by its address; k8s render renders none)", self.deployment, role,
+                    ", ".join(found.addresses), role.replace("_", "-"), role,
+                )
 
     def _shards_without_workers(self) -> list[int]:
         """The declared shards the pool holds no worker of."""
