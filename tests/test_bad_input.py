@@ -616,6 +616,13 @@ BAD_CONFIGURATIONS = {
     "polling-kind": (lambda: PollingMap.parse({"/a": "EVERY"}), "unknown polling"),
     "polling-null": (lambda: PollingMap.parse({"/a": None}), "unknown polling"),
     "polling-empty-endpoint": (lambda: PollingMap.parse({"": "ALL"}), "empty endpoint"),
+    # the constructor stored whatever it was given: repr and Deployment(polling=...) failed later, AttributeError
+    "polling-map-kind": (lambda: PollingMap({"/x": "BOGUS"}), "polling map '/x': unknown polling 'BOGUS'"),
+    "polling-map-default": (lambda: PollingMap({}, default="SOME"), "polling map default: unknown polling 'SOME'"),
+    "polling-map-key-number": (lambda: PollingMap({1: "ALL"}), "polling map key 1: an endpoint is text"),
+    "polling-map-key-star": (lambda: PollingMap({"*": "ALL"}), "give PollingMap the default as default="),
+    "polling-map-empty-endpoint": (lambda: PollingMap({"": "ALL"}), "empty endpoint"),
+    "polling-map-text": (lambda: PollingMap("{"), "PollingMap takes a mapping of endpoint to polling, got '{'"),
     "pool-balancer": (lambda: GrpcConnectionPool(balancer="random"), "unknown balancer"),
     "pool-timeout": (lambda: GrpcConnectionPool(timeout=0), "timeout"),
     "deployment-shards": (lambda: Deployment(uses=EXECUTOR, shards=0), "at least 1 shard"),
@@ -913,6 +920,17 @@ def test_a_polling_key_without_its_slash_is_taken_as_written_and_warned_about(ca
         polling = PollingMap.parse({"tag": "ALL"})
     assert polling["tag"] == PollingType.ALL and polling["/tag"] == PollingType.ANY
     assert "polling map key 'tag' has no leading '/'" in caplog.text
+
+
+def test_a_polling_map_made_with_names_holds_polling_types():
+    """PollingMap({"/search": "ANY"}, default="ALL") kept the text: its /search equalled no PollingType, and its
+    repr and a Deployment given it failed with AttributeError (found by a bad-input review)."""
+    polling = PollingMap({"/search": "any", "/tag": PollingType.ALL}, default=" ALL")
+    assert polling["/search"] is PollingType.ANY and polling["/tag"] is PollingType.ALL
+    assert polling["/other"] is PollingType.ALL and polling["/index"] is PollingType.ANY
+    assert repr(polling) == 'PollingMap({"/search": "ANY", "/index": "ANY", "/tag": "ALL", "*": "ALL"})'
+    assert PollingMap.parse(polling) is polling  # valid as made
+    assert Deployment(uses=EXECUTOR, polling=polling).polling is polling
 
 
 @settings(max_examples=300, deadline=None)
