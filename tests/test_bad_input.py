@@ -640,6 +640,10 @@ BAD_CONFIGURATIONS = {
     "pool-tls-path": (lambda: GrpcConnectionPool(tls="cert.pem"), "tls must be an instance of ClientTls"),
     "pool-timeout-text": (lambda: GrpcConnectionPool(timeout="5"), "timeout must be positive seconds"),
     "pool-timeout-infinite": (lambda: GrpcConnectionPool(timeout=float("inf")), "timeout must be positive seconds"),
+    "pool-tls-check-interval-huge": (lambda: GrpcConnectionPool(tls_check_interval=1e300),
+                                     "tls_check_interval must be positive seconds up to 1e+09, got 1e+300"),
+    "pool-tls-check-interval-nan": (lambda: GrpcConnectionPool(tls_check_interval=float("nan")),
+                                    "tls_check_interval must be positive seconds, got nan"),
     "replicas-balancer-name": (lambda: ReplicaList("random"), "unknown balancer 'random'"),
     "replicas-balancer-object": (lambda: ReplicaList(5), "balancer must be a balancer name or object"),
     "pool-option-single": (lambda: GrpcConnectionPool(options=[("x",)]), "(name, value) pairs, got ('x',)"),
@@ -691,6 +695,19 @@ async def test_the_pool_and_helpers_send_request_objects_only(echo_servers, make
     with pytest.raises(TypeError, match="one or more DataRequest objects"):
         await oneshot.send_requests_async(requests, server.address)
     assert server.calls == 0
+
+
+@pytest.mark.parametrize("head", ["yes", "no", 1, None])
+async def test_a_head_flag_that_is_no_bool_is_refused_and_the_pool_stays_as_it_was(head):
+    """head="no" was truthy: the replica was added as the deployment's head (found by a bad-input review)."""
+    async with GrpcConnectionPool() as pool:
+        pool.add_connection("dep", "127.0.0.1:50001")
+        with pytest.raises(ConfigurationError, match=re.escape(f"head is True or False, got {head!r}")):
+            pool.add_connection("dep", "127.0.0.1:50002", head=head)
+        with pytest.raises(ConfigurationError, match=re.escape(f"head is True or False, got {head!r}")):
+            await pool.remove_connection("dep", "127.0.0.1:50001", head=head)
+        assert pool.get_replicas("dep", head=True) is None
+        assert [str(c.address) for c in pool.get_replicas("dep").get_all_connections()] == ["127.0.0.1:50001"]
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,7 @@ from shardnet.networking.channels import (
     never_reached,
 )
 from shardnet.networking.policies import (
+    MAX_TIMEOUT,
     EjectionPolicy,
     RetryBudget,
     RetryPolicy,
@@ -167,6 +168,10 @@ class GrpcConnectionPool:
                         ejection=(ejection, EjectionPolicy), tls=(tls, ClientTls))
         check_timeout(timeout, "the pool's timeout")
         check_seconds(tls_check_interval, "tls_check_interval")
+        if tls_check_interval > MAX_TIMEOUT:  # as the longest timeout: a longer one would never look again
+            raise ConfigurationError(
+                f"tls_check_interval must be positive seconds up to {MAX_TIMEOUT:g}, got {tls_check_interval!r}"
+            )
         self.balancer = balancer
         self.retry = retry if retry is not None else RetryPolicy()
         self.retry_budget = retry_budget if retry_budget is not None else RetryBudget()
@@ -218,6 +223,7 @@ class GrpcConnectionPool:
         A malformed address raises ConfigurationError and leaves the pool as it was.
         """
         parse_address(address, tls=self._tls is not None)  # before any map entry is made for it
+        check_flag(head, "head")  # "no" would add the replica as the deployment's head
         shard_id = _check_names(deployment, 0 if shard_id is None else shard_id)
         entry = self._deployments.get(deployment)
         if not head and entry is not None and entry.declared and shard_id >= entry.declared:
@@ -269,6 +275,7 @@ class GrpcConnectionPool:
         ``ReplicaList.remove_connection``: None, as long as they last, for a replica leaving alive).
         """
         parse_address(address)
+        check_flag(head, "head")
         if grace is not None:
             check_seconds(grace, "grace", zero=True)
         entry = self._deployments.get(deployment)
