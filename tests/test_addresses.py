@@ -44,7 +44,11 @@ def test_an_ipv4_mapped_address_is_loopback_as_its_ipv4_is():
     assert not host_is_loopback("::ffff:10.0.0.1") and not host_is_local("::ffff:10.0.0.1")
 
 
-@pytest.mark.parametrize("hostname", ["1.2.3.4", "192.168.0.1", "example.com", "not a host", "::2", None, 42])
+@pytest.mark.parametrize(
+    "hostname",
+    # an unbalanced bracket is no address (parse_address refuses "[::1:5"): it was stripped, taken for ::1
+    ["1.2.3.4", "192.168.0.1", "example.com", "not a host", "::2", None, 42, "[::1", "::1]", "[127.0.0.1"],
+)
 def test_host_is_not_local_and_never_raises(hostname):
     assert host_is_local(hostname) is False
 
@@ -60,6 +64,13 @@ def test_host_is_not_local_and_never_raises(hostname):
         ("HTTPS://worker:443", "worker:443", True),
         ("[::1]:8080", "[::1]:8080", False),
         ("  localhost:65535 ", "localhost:65535", False),
+        ("worker_1:5", "worker_1:5", False),  # a Docker / compose service name: getaddrinfo takes the underscore
+        ("worker.example.:5", "worker.example.:5", False),  # fully qualified
+        ("xn--ncode-cta3g.example:5", "xn--ncode-cta3g.example:5", False),
+        ("a" * 63 + ".example:5", "a" * 63 + ".example:5", False),
+        ("0x7f.1:5", "0x7f.1:5", False),  # as a dial reads IPv4 (inet_aton's forms)
+        ("127.1:5", "127.1:5", False),
+        ("[fe80::1%eth0]:5", "[fe80::1%eth0]:5", False),
     ],
 )
 def test_parse_address(address, target, tls):
@@ -101,6 +112,36 @@ def test_parse_address(address, target, tls):
 def test_bad_addresses_raise_configuration_error(address):
     with pytest.raises(ConfigurationError, match="bad address"):
         parse_address(address)
+
+
+@pytest.mark.parametrize(
+    "host, reason",
+    # neither a DNS name nor an IP address: they were taken, and routed to (found by a bad-input review)
+    [
+        ("*", "label '*': a host name is labels of 1 to 63 ASCII letters, digits, '-' and '_'"),
+        ("]", "label ']'"),
+        ("-", "label '-'"),
+        ("-worker", "none starting or ending with '-'"),
+        ("worker-", "none starting or ending with '-'"),
+        (".", "an empty label"),
+        ("..", "an empty label"),
+        ("worker..example", "an empty label"),
+        (".worker", "an empty label"),
+        ("%2e", "label '%2e'"),
+        ("999.1.1.1", "all numbers, but no IPv4 address"),
+        ("1.2.3.4.5", "all numbers, but no IPv4 address"),
+        ("127.0.0.1.", "all numbers, but no IPv4 address"),
+        ("99999999999", "all numbers, but no IPv4 address"),
+        ("a" * 253, "a DNS label has at most 63 characters, 'aaaaaaaaaaaaaaaaaaaa'... has 253"),
+        ("a" * 64 + ".example", "a DNS label has at most 63 characters"),
+        ("ünïcode.example",
+         "a host name is ASCII: write an international name in its IDNA form, 'xn--ncode-cta3g.example'"),
+    ],
+)
+def test_a_host_that_is_no_dns_name_nor_ip_address_is_refused_saying_why(host, reason):
+    with pytest.raises(ConfigurationError, match="^bad address .*: bad host ") as refused:
+        parse_address(f"{host}:5")
+    assert reason in str(refused.value)
 
 
 @pytest.mark.parametrize(

@@ -649,6 +649,13 @@ BAD_CONFIGURATIONS = {
     "polling-kind": (lambda: PollingMap.parse({"/a": "EVERY"}), "unknown polling"),
     "polling-null": (lambda: PollingMap.parse({"/a": None}), "unknown polling"),
     "polling-empty-endpoint": (lambda: PollingMap.parse({"": "ALL"}), "empty endpoint"),
+    # the constructor stored whatever it was given: repr and Deployment(polling=...) failed later, AttributeError
+    "polling-map-kind": (lambda: PollingMap({"/x": "BOGUS"}), "polling map '/x': unknown polling 'BOGUS'"),
+    "polling-map-default": (lambda: PollingMap({}, default="SOME"), "polling map default: unknown polling 'SOME'"),
+    "polling-map-key-number": (lambda: PollingMap({1: "ALL"}), "polling map key 1: an endpoint is text"),
+    "polling-map-key-star": (lambda: PollingMap({"*": "ALL"}), "give PollingMap the default as default="),
+    "polling-map-empty-endpoint": (lambda: PollingMap({"": "ALL"}), "empty endpoint"),
+    "polling-map-text": (lambda: PollingMap("{"), "PollingMap takes a mapping of endpoint to polling, got '{'"),
     "pool-balancer": (lambda: GrpcConnectionPool(balancer="random"), "unknown balancer"),
     "pool-timeout": (lambda: GrpcConnectionPool(timeout=0), "timeout"),
     "deployment-shards": (lambda: Deployment(uses=EXECUTOR, shards=0), "at least 1 shard"),
@@ -666,6 +673,10 @@ BAD_CONFIGURATIONS = {
     "pool-tls-path": (lambda: GrpcConnectionPool(tls="cert.pem"), "tls must be an instance of ClientTls"),
     "pool-timeout-text": (lambda: GrpcConnectionPool(timeout="5"), "timeout must be positive seconds"),
     "pool-timeout-infinite": (lambda: GrpcConnectionPool(timeout=float("inf")), "timeout must be positive seconds"),
+    "pool-tls-check-interval-huge": (lambda: GrpcConnectionPool(tls_check_interval=1e300),
+                                     "tls_check_interval must be positive seconds up to 1e+09, got 1e+300"),
+    "pool-tls-check-interval-nan": (lambda: GrpcConnectionPool(tls_check_interval=float("nan")),
+                                    "tls_check_interval must be positive seconds, got nan"),
     "replicas-balancer-name": (lambda: ReplicaList("random"), "unknown balancer 'random'"),
     "replicas-balancer-object": (lambda: ReplicaList(5), "balancer must be a balancer name or object"),
     "pool-option-single": (lambda: GrpcConnectionPool(options=[("x",)]), "(name, value) pairs, got ('x',)"),
@@ -717,6 +728,19 @@ async def test_the_pool_and_helpers_send_request_objects_only(echo_servers, make
     with pytest.raises(TypeError, match="one or more DataRequest objects"):
         await oneshot.send_requests_async(requests, server.address)
     assert server.calls == 0
+
+
+@pytest.mark.parametrize("head", ["yes", "no", 1, None])
+async def test_a_head_flag_that_is_no_bool_is_refused_and_the_pool_stays_as_it_was(head):
+    """head="no" was truthy: the replica was added as the deployment's head (found by a bad-input review)."""
+    async with GrpcConnectionPool() as pool:
+        pool.add_connection("dep", "127.0.0.1:50001")
+        with pytest.raises(ConfigurationError, match=re.escape(f"head is True or False, got {head!r}")):
+            pool.add_connection("dep", "127.0.0.1:50002", head=head)
+        with pytest.raises(ConfigurationError, match=re.escape(f"head is True or False, got {head!r}")):
+            await pool.remove_connection("dep", "127.0.0.1:50001", head=head)
+        assert pool.get_replicas("dep", head=True) is None
+        assert [str(c.address) for c in pool.get_replicas("dep").get_all_connections()] == ["127.0.0.1:50001"]
 
 
 @pytest.mark.parametrize(
@@ -946,6 +970,17 @@ def test_a_polling_key_without_its_slash_is_taken_as_written_and_warned_about(ca
         polling = PollingMap.parse({"tag": "ALL"})
     assert polling["tag"] == PollingType.ALL and polling["/tag"] == PollingType.ANY
     assert "polling map key 'tag' has no leading '/'" in caplog.text
+
+
+def test_a_polling_map_made_with_names_holds_polling_types():
+    """PollingMap({"/search": "ANY"}, default="ALL") kept the text: its /search equalled no PollingType, and its
+    repr and a Deployment given it failed with AttributeError (found by a bad-input review)."""
+    polling = PollingMap({"/search": "any", "/tag": PollingType.ALL}, default=" ALL")
+    assert polling["/search"] is PollingType.ANY and polling["/tag"] is PollingType.ALL
+    assert polling["/other"] is PollingType.ALL and polling["/index"] is PollingType.ANY
+    assert repr(polling) == 'PollingMap({"/search": "ANY", "/index": "ANY", "/tag": "ALL", "*": "ALL"})'
+    assert PollingMap.parse(polling) is polling  # valid as made
+    assert Deployment(uses=EXECUTOR, polling=polling).polling is polling
 
 
 @settings(max_examples=300, deadline=None)

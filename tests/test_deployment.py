@@ -464,10 +464,34 @@ def test_a_bad_max_message_mb_is_refused_where_it_is_given(size):
 
 
 @pytest.mark.parametrize("option", ["timeout", "attempt_timeout"])
-@pytest.mark.parametrize("seconds", [0, -1.5, float("nan"), float("inf"), "5"])
+# past 1e9 s (the pool's MAX_TIMEOUT) the head process refused it at start: a ProcessError around its usage text
+@pytest.mark.parametrize("seconds", [0, -1.5, float("nan"), float("inf"), "5", 1e10, 1e9 + 1])
 def test_a_bad_timeout_is_refused_where_it_is_given_not_by_the_head_process(option, seconds):
-    with pytest.raises(ConfigurationError, match=option):
+    with pytest.raises(ConfigurationError, match=rf"^{option} must be positive seconds up to 1e\+09"):
         Deployment(executors.Tagger, **{option: seconds})
+    assert Deployment(executors.Tagger, **{option: 1e9})  # the longest the head takes
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    # each was taken, and refused by the head process once started (a ProcessError around its usage text); an
+    # empty control token was worse: taken for none, the head accepted an ACTIVATE with no token at all
+    [
+        ({"port": 70000}, "port must be a whole number from 0 (a free one) to 65535, got 70000"),
+        ({"port": -1}, "port must be a whole number from 0 (a free one) to 65535, got -1"),
+        ({"port": "8080"}, "port must be a whole number from 0 (a free one) to 65535, got '8080'"),
+        ({"host": ""}, "host must be a name or an IP address, got ''"),
+        ({"host": "unix:/tmp/x.sock"}, "host 'unix:/tmp/x.sock' is no name or IP address"),
+        ({"control_token": ""}, "control_token must be None (no token) or non-empty printable ASCII text"),
+        ({"control_token": "s3cret\nmore"}, "control_token must be None (no token) or non-empty printable ASCII"),
+        ({"control_token": "sécret"}, "control_token must be None (no token) or non-empty printable ASCII"),
+        ({"shards": 101, "replicas": 100}, "shards=101 x replicas=100 = 10100 workers, more than the 10000 a head"),
+    ],
+)
+def test_a_host_port_token_or_size_its_head_would_refuse_is_refused_where_it_is_given(options, message):
+    with pytest.raises(ConfigurationError) as refused:
+        Deployment(executors.Tagger, **options)
+    assert message in str(refused.value) and "cret" not in str(refused.value)  # a token is not shown
 
 
 def test_at_most_once_reaches_the_head_and_a_non_flag_is_refused():

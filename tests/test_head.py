@@ -212,7 +212,8 @@ def test_status_names_a_few_dozen_ejected_replicas_and_counts_the_rest():
 def test_status_metadata_stays_under_grpcs_soft_limit_with_long_hosts_and_scattered_empty_shards():
     head = Head("sprawling", shards=8000)
     replicas = head.pool.get_replicas("sprawling", shard_id=0)
-    ejected = [f"{'h' * 240}{n}.example:50051" for n in range(32)]  # names as long as an ACTIVATE may give
+    # names as long as an ACTIVATE may give: 250 characters in labels of at most 63
+    ejected = [f"{'h' * 63}.{'h' * 63}.{'h' * 63}.{'h' * 50}{n:02d}.example:50051" for n in range(32)]
     replicas.__class__ = type("Ejecting", (type(replicas),), {"ejected_addresses": property(lambda self: ejected)})
     head.pool.declare_shards("sprawling", 8000)
     for shard_id in range(1, 8000, 2):  # every other shard has a replica: the empty ones make 4000 ranges

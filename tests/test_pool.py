@@ -766,6 +766,21 @@ async def test_declaring_fewer_shards_drops_the_empty_ones_and_refuses_while_oth
     assert pool.shard_ids("other") == [2]
 
 
+async def test_more_shards_than_a_head_holds_workers_are_refused_and_the_declared_ones_stay(pool):
+    """declare_shards took up to 2**31-1 shards and made every one at once (300,000: 2.3 s and 282 MB), where
+    head --shards stops at 10,000 (found by a bad-input review)."""
+    from shardnet.networking.pool import MAX_SHARDS
+    from shardnet.runtimes.head import MAX_WORKERS
+
+    assert MAX_SHARDS == MAX_WORKERS == 10_000
+    pool.declare_shards("dep", 2)
+    for count in (MAX_SHARDS + 1, 2**31 - 1):
+        with pytest.raises(ConfigurationError, match=rf"'dep': a count of shards is an integer from 0 to {MAX_SHARDS} "
+                                                     rf"\(each is made at once.*got {count}$"):
+            pool.declare_shards("dep", count)
+    assert pool.shard_ids("dep") == [0, 1]
+
+
 @pytest.mark.parametrize("grace", ["5", -3, float("nan"), True])
 async def test_a_bad_grace_is_refused_and_the_replica_stays(pool, echo_servers, grace):
     [server] = await echo_servers(1)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import re
 import socket
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -27,6 +28,10 @@ _LOCAL_NAMES = _LOOPBACK_NAMES | {""}  # and what parses as an address: loopback
 UNIX_SCHEME = "unix:"
 MAX_UNIX_PATH_BYTES = 107  # sockaddr_un.sun_path holds 108 bytes, the terminating NUL included
 MAX_HOST_CHARS = 253  # the longest DNS name; a longer host could only be a mistake or an attack
+MAX_LABEL_CHARS = 63  # the longest label (the text between dots) of a DNS name
+# a label of a host name: letters, digits, '-' and '_' (Docker and compose service names have it, getaddrinfo takes
+# it), not starting or ending with '-'; its length is checked apart, to say so
+_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?")
 # what gRPC reads as the scheme of a target "X:rest" rather than as a host: unix-abstract:4242 is an abstract socket
 _GRPC_SCHEMES = frozenset({"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "google-c2p"})
 
@@ -91,7 +96,8 @@ def _parse_unix(address: str, text: str, tls: bool) -> Address:
 
 
 def parse_address(address: str, tls: bool = False) -> Address:
-    """Parse ``[scheme://]host:port`` (IPv6 hosts in brackets) or ``unix:/path``; ConfigurationError when malformed."""
+    """Parse ``[scheme://]host:port`` (host: an IPv4 address, a DNS name or an IPv6 address in brackets) or
+    ``unix:/path``; ConfigurationError when malformed."""
     if not isinstance(address, str) or not address.strip():
         raise ConfigurationError(f"bad address {address!r:.200}: expected host:port")
     text = address.strip()
@@ -129,7 +135,44 @@ def parse_address(address: str, tls: bool = False) -> Address:
         )
     if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise ConfigurationError(f"bad address {address!r:.200}: port must be a number from 1 to 65535")
+    fault = None if sep == "]" else _host_name_fault(host)  # one in brackets was checked as IPv6 above
+    if fault is not None:
+        raise ConfigurationError(f"bad address {address!r:.100}: bad host {host!r:.100}: {fault}")
     return Address(host=host, port=int(port_text), tls=tls)
+
+
+def _host_name_fault(host: str) -> Optional[str]:
+    """Why ``host`` is neither an IPv4 address (as a dial reads it: ``127.1`` and ``0x7f.1`` too) nor a DNS name,
+    or None: gRPC would take ``*``, ``]`` or ``999.1.1.1`` and route to a name no resolver ever finds."""
+    with contextlib.suppress(OSError):
+        socket.inet_aton(host)
+        return None
+    if not host.isascii():
+        try:
+            hint = f"its IDNA form, {host.encode('idna').decode('ascii')!r}"
+        except UnicodeError:
+            hint = "its IDNA (xn--) form"
+        return f"a host name is ASCII: write an international name in {hint}"
+    labels = host.removesuffix(".").split(".")  # one final dot: a fully qualified name
+    for label in labels:
+        if len(label) > MAX_LABEL_CHARS:
+            return f"a DNS label has at most {MAX_LABEL_CHARS} characters, {label[:20]!r}... has {len(label)}"
+        if not _LABEL.fullmatch(label):
+            return (
+                f"{'an empty label (a dot at the start or two in a row)' if not label else f'label {label!r}'}: "
+                f"a host name is labels of 1 to {MAX_LABEL_CHARS} ASCII letters, digits, '-' and '_' between dots, "
+                "none starting or ending with '-' (or an IP address)"
+            )
+    if all(label.isdigit() for label in labels):
+        return "all numbers, but no IPv4 address (four numbers from 0 to 255, no final dot)"
+    return None
+
+
+def _unbracketed(hostname: str) -> str:
+    """``hostname`` without spaces around it and without a pair of brackets around an IPv6 address; an unbalanced
+    bracket stays (``[::1`` is no address, as ``parse_address`` says, so not ``::1`` either)."""
+    host = hostname.strip()
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
 def _ip_or_name(hostname: str) -> Union[ipaddress.IPv4Address, ipaddress.IPv6Address, str]:
@@ -137,7 +180,7 @@ def _ip_or_name(hostname: str) -> Union[ipaddress.IPv4Address, ipaddress.IPv6Add
 
     The numeric forms a dial reads as IPv4 too (``127.1``, ``0``, ``2130706433``, ``0x7f.1``: inet_aton's, which
     getaddrinfo follows) count as the address they stand for."""
-    name = hostname.strip().strip("[]").lower()
+    name = _unbracketed(hostname).lower()
     with contextlib.suppress(ValueError):
         return ipaddress.ip_address(name)
     if name and all(ch in "0123456789abcdefx." for ch in name):
@@ -156,7 +199,7 @@ def _unmapped(host: Union[ipaddress.IPv4Address, ipaddress.IPv6Address]) -> Unio
 def canonical_host(hostname: str) -> str:
     """``hostname`` without brackets, an IP address in its standard form (``[::1]``, ``0:0::1`` -> ``::1``)."""
     host = _ip_or_name(hostname)
-    return hostname.strip().strip("[]") if isinstance(host, str) else str(host)
+    return _unbracketed(hostname) if isinstance(host, str) else str(host)
 
 
 def same_host(first: str, second: str) -> bool:

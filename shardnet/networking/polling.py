@@ -6,7 +6,7 @@ import enum
 import json
 import logging
 from types import MappingProxyType
-from typing import Mapping, Union
+from typing import Any, Mapping, Union
 
 from shardnet.errors import ConfigurationError
 
@@ -57,6 +57,14 @@ class PollingType(enum.IntEnum):
             raise ConfigurationError(f"unknown polling {value!r}: expected ANY or ALL") from None
 
 
+def _polling(kind: Any, what: str) -> PollingType:
+    """``kind`` as PollingType.parse reads it, refused naming ``what`` (the endpoint or the default)."""
+    try:
+        return PollingType.parse(kind)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{what}: {exc}") from None
+
+
 class PollingMap:
     """Polling per endpoint: a default (``*``) and the endpoints that differ from it.
 
@@ -73,13 +81,42 @@ class PollingMap:
 
     JINA_DEFAULTS = MappingProxyType({"/search": PollingType.ALL, "/index": PollingType.ANY})
 
-    def __init__(self, by_endpoint: Mapping[str, PollingType], default: PollingType = PollingType.ANY):
-        self._by_endpoint = {**self.JINA_DEFAULTS, **by_endpoint}
-        self.default = default
+    def __init__(
+        self,
+        by_endpoint: Mapping[str, Union[PollingType, str]],
+        default: Union[PollingType, str] = PollingType.ANY,
+    ):
+        """``by_endpoint``: the polling of the endpoints named, ``default`` the others'; PollingType members or
+        their names (``"ALL"``, ``"any"``), converted here: a name kept as text would equal no PollingType, and
+        fail later, far from here (repr, a Deployment). ``PollingMap.parse`` reads JSON text and ``*``."""
+        if not isinstance(by_endpoint, Mapping):
+            raise ConfigurationError(
+                f"PollingMap takes a mapping of endpoint to polling, got {by_endpoint!r:.100} "
+                "(PollingMap.parse reads text: ANY, ALL or a JSON object)"
+            )
+        checked = {}
+        for endpoint, kind in by_endpoint.items():
+            if not isinstance(endpoint, str):
+                raise ConfigurationError(f"polling map key {endpoint!r:.100}: an endpoint is text, such as '/search'")
+            if not endpoint:
+                raise ConfigurationError("polling map has an empty endpoint: name one such as '/search', or '*'")
+            if endpoint == "*":  # which would win, it or default=?
+                raise ConfigurationError(
+                    "polling map key '*': give PollingMap the default as default= (PollingMap.parse reads '*')"
+                )
+            if not endpoint.startswith("/"):  # legal (Jina allows it), and usually a typo
+                logger.warning(
+                    "polling map key %r has no leading '/': it matches the endpoint %r only, not %r",
+                    endpoint, endpoint, f"/{endpoint}",
+                )
+            checked[endpoint] = _polling(kind, f"polling map {endpoint!r:.100}")
+        self._by_endpoint = {**self.JINA_DEFAULTS, **checked}
+        self.default = _polling(default, "polling map default")
 
     @classmethod
     def parse(cls, value: Union[str, Mapping[str, str], PollingType, "PollingMap", None]) -> "PollingMap":
-        """Accept ``ANY``, ``ALL``, a JSON object text, a dict, or a PollingMap."""
+        """Accept ``ANY``, ``ALL``, a JSON object text, a dict (``*``: the default), or a PollingMap (as it is:
+        checked when it was made)."""
         if value is None:
             return cls({})
         if isinstance(value, PollingMap):
@@ -90,16 +127,8 @@ class PollingMap:
             except json.JSONDecodeError as exc:
                 raise ConfigurationError(f"polling map is not valid JSON: {exc}") from None
         if isinstance(value, Mapping):
-            parsed = {str(endpoint): PollingType.parse(kind) for endpoint, kind in value.items()}
-            for endpoint in parsed:
-                if not endpoint:
-                    raise ConfigurationError("polling map has an empty endpoint: name one such as '/search', or '*'")
-                if endpoint != "*" and not endpoint.startswith("/"):  # legal (Jina allows it), and usually a typo
-                    logger.warning(
-                        "polling map key %r has no leading '/': it matches the endpoint %r only, not %r",
-                        endpoint, endpoint, f"/{endpoint}",
-                    )
-            default = parsed.pop("*", PollingType.ANY)
+            parsed = {str(endpoint): kind for endpoint, kind in value.items()}  # checked by the constructor
+            default = PollingType.parse(parsed.pop("*", PollingType.ANY))
             return cls(parsed, default)
         return cls({}, PollingType.parse(value))
 

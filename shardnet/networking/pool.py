@@ -45,6 +45,7 @@ from shardnet.networking.channels import (
     never_reached,
 )
 from shardnet.networking.policies import (
+    MAX_TIMEOUT,
     EjectionPolicy,
     RetryBudget,
     RetryPolicy,
@@ -60,6 +61,9 @@ from shardnet.protocol.messages import MAX_SHARD_ID, ControlRequest, DataRequest
 logger = logging.getLogger(__name__)
 
 MAX_UNKNOWN_NAMES_SAID = 100  # unknown deployment names warned of per pool: a caller looping over made-up names
+# shards declare_shards takes at most: each is made at once (300,000 took 2.3 s and 282 MB), and each needs a worker
+# of its own, of which a head holds as many at most (runtimes.head.MAX_WORKERS is this; head --shards takes no more)
+MAX_SHARDS = 10_000
 
 Metadata = Union[Sequence[tuple[str, str]], Mapping[str, str]]
 _METHODS = frozenset(field.name for field in dataclasses.fields(Stubs) if field.name != "streams")  # what ``call`` names
@@ -98,12 +102,15 @@ def _unsent(error: BaseException, method: str) -> bool:
     return isinstance(error, grpc.aio.AioRpcError) and wrong_server(method, error.code())
 
 
-def _shard_number(deployment: str, shard_id: Any, what: str = "a shard id") -> int:
+def _shard_number(
+    deployment: str, shard_id: Any, what: str = "a shard id", most: int = MAX_SHARD_ID, why: str = ""
+) -> int:
     """``shard_id`` as a Python int (one from numpy, as a computed id often is, too); ConfigurationError for
-    anything but an integer from 0 to MAX_SHARD_ID (a float, a bool, text, one no message can carry)."""
-    if not is_shard_id(shard_id):
+    anything but an integer from 0 to ``most`` (``why`` says why; by default MAX_SHARD_ID: a float, a bool, text,
+    one no message can carry)."""
+    if not is_shard_id(shard_id) or shard_id > most:
         raise ConfigurationError(
-            f"deployment {deployment!r}: {what} is an integer from 0 to {MAX_SHARD_ID}, got {shard_id!r}"
+            f"deployment {deployment!r}: {what} is an integer from 0 to {most}{why}, got {shard_id!r}"
         )
     return int(shard_id)
 
@@ -161,6 +168,10 @@ class GrpcConnectionPool:
                         ejection=(ejection, EjectionPolicy), tls=(tls, ClientTls))
         check_timeout(timeout, "the pool's timeout")
         check_seconds(tls_check_interval, "tls_check_interval")
+        if tls_check_interval > MAX_TIMEOUT:  # as the longest timeout: a longer one would never look again
+            raise ConfigurationError(
+                f"tls_check_interval must be positive seconds up to {MAX_TIMEOUT:g}, got {tls_check_interval!r}"
+            )
         self.balancer = balancer
         self.retry = retry if retry is not None else RetryPolicy()
         self.retry_budget = retry_budget if retry_budget is not None else RetryBudget()
@@ -212,6 +223,7 @@ class GrpcConnectionPool:
         A malformed address raises ConfigurationError and leaves the pool as it was.
         """
         parse_address(address, tls=self._tls is not None)  # before any map entry is made for it
+        check_flag(head, "head")  # "no" would add the replica as the deployment's head
         shard_id = _check_names(deployment, 0 if shard_id is None else shard_id)
         entry = self._deployments.get(deployment)
         if not head and entry is not None and entry.declared and shard_id >= entry.declared:
@@ -225,8 +237,12 @@ class GrpcConnectionPool:
     def declare_shards(self, deployment: str, count: int) -> None:
         """Make shards ``0..count-1`` known before any replica joins, so ALL reports the missing ones; from then
         on a replica of a shard beyond them is refused (ConfigurationError). Empty shards beyond them (an
-        earlier, larger shape) are dropped; ones that still have replicas make it a ConfigurationError."""
-        count = _shard_number(deployment, count, "a count of shards")
+        earlier, larger shape) are dropped; ones that still have replicas make it a ConfigurationError. ``count``
+        is at most MAX_SHARDS, as ``head --shards``."""
+        count = _shard_number(
+            deployment, count, "a count of shards", MAX_SHARDS,
+            " (each is made at once, and needs a worker of its own: a head holds that many at most)",
+        )
         entry = self._deployments.get(deployment)
         beyond = sorted(shard for shard in entry.shards if shard >= count) if entry is not None and count else []
         held = [shard for shard in beyond if entry.shards[shard].has_connections()]
@@ -259,6 +275,7 @@ class GrpcConnectionPool:
         ``ReplicaList.remove_connection``: None, as long as they last, for a replica leaving alive).
         """
         parse_address(address)
+        check_flag(head, "head")
         if grace is not None:
             check_seconds(grace, "grace", zero=True)
         entry = self._deployments.get(deployment)

@@ -33,8 +33,8 @@ from shardnet.errors import (
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address, parse_address
 from shardnet.networking.balancing import make_balancer
-from shardnet.networking.channels import check_max_message_mb, message_size_options
-from shardnet.networking.policies import check_count, check_flag, check_seconds
+from shardnet.networking.channels import check_control_token, check_max_message_mb, message_size_options
+from shardnet.networking.policies import check_count, check_flag, check_seconds, check_timeout
 from shardnet.networking.polling import PollingMap
 from shardnet.protocol.documents import Document, DocumentList
 from shardnet.protocol.messages import DataRequest
@@ -47,8 +47,9 @@ from shardnet.runtimes.executor import (
     metas_name,
     split_uses,
 )
-from shardnet.runtimes.head import MAX_RENEWAL_INTERVAL, MAY_HAVE_RUN_ERROR
+from shardnet.runtimes.head import MAX_RENEWAL_INTERVAL, MAX_WORKERS, MAY_HAVE_RUN_ERROR
 from shardnet.runtimes.processes import ShardnetProcess, stop_all
+from shardnet.runtimes.server import ServerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,11 @@ def _check_arguments(
     for what, count in (("shards", shards), ("replicas", replicas)):
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ConfigurationError(f"a deployment needs at least 1 shard and 1 replica: {what}={count!r}")
+    if shards * replicas > MAX_WORKERS:  # its head would refuse the workers past them, or the shards at start
+        raise ConfigurationError(
+            f"shards={shards} x replicas={replicas} = {shards * replicas} workers, more than the {MAX_WORKERS} a "
+            "head holds"
+        )
     if not isinstance(name, str) or not _NAME.match(name):
         raise ConfigurationError(
             f"deployment name {name!r:.120}: up to 100 letters, digits, '.', '_' or '-', starting with a letter or "
@@ -113,6 +119,21 @@ def _check_arguments(
             f"register_interval must be at most {MAX_RENEWAL_INTERVAL:g} seconds (a head counts no more of it), "
             f"got {register_interval!r}"
         )
+
+
+def _check_serving(host: Any, port: Any, control_token: Any) -> None:
+    """Refuse a host, port or control token the head (and the workers) would refuse only once started, as a
+    ProcessError around their usage text; an empty token was worse: taken for none, an open head."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigurationError(f"port must be a whole number from 0 (a free one) to 65535, got {port!r}")
+    ServerConfig(host=host, port=port)  # the head's own rule for its --host: a name or an IP address
+    try:
+        check_control_token(control_token)
+    except ConfigurationError:
+        raise ConfigurationError(
+            "control_token must be None (no token) or non-empty printable ASCII text (no newline, no accents): it "
+            "travels as gRPC metadata; the value is not shown"
+        ) from None
 
 
 def _uses_with_json(uses_with: Optional[Mapping[str, Any]]) -> str:
@@ -179,6 +200,7 @@ class Deployment:
         drain_seconds: Optional[float] = None,
     ):
         _check_arguments(shards, replicas, name, balancer, register_interval, startup_timeout)
+        _check_serving(host, port, control_token)
         self.polling = PollingMap.parse(polling)
         self.name = name
         self.shards = shards
@@ -202,8 +224,7 @@ class Deployment:
         # workers renew their ACTIVATE every register_interval; one missing a few renewals is gone
         self._head_options += ["--lease", str(5 * register_interval)]
         for seconds, what in ((timeout, "timeout"), (attempt_timeout, "attempt_timeout")):
-            if seconds is not None:  # refused here, not by the head process it would keep from starting
-                check_seconds(seconds, what)
+            check_timeout(seconds, what)  # refused here, not by the head process it would keep from starting
         if timeout is not None:
             self._head_options += ["--timeout", str(timeout)]
         if attempt_timeout is not None:

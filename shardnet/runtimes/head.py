@@ -45,7 +45,7 @@ from shardnet.networking.addresses import (
 from shardnet.networking.channels import message_size_options
 from shardnet.networking.policies import check_count, check_seconds
 from shardnet.networking.polling import PollingMap, PollingType
-from shardnet.networking.pool import GrpcConnectionPool
+from shardnet.networking.pool import MAX_SHARDS, GrpcConnectionPool
 from shardnet.protocol import services
 from shardnet.protocol.ids import new_id
 from shardnet.protocol.messages import MAX_SHARD_ID, ControlRequest, DataRequest, is_shard_id, require_empty
@@ -96,8 +96,9 @@ MIN_RESEND_SECONDS = 0.1
 MAX_INSTANCE_CHARS = 64
 # workers one ACTIVATE or DEACTIVATE may name (each costs the head a channel and some 10 KB)
 MAX_CONTROL_ENTITIES = 10_000
-# workers a head holds at most, over all ACTIVATEs: many small ones must not add up to what one may not name
-MAX_WORKERS = 10_000
+# workers a head holds at most, over all ACTIVATEs: many small ones must not add up to what one may not name; as
+# many as a pool declares shards at most (every shard needs a worker), one constant for both
+MAX_WORKERS = MAX_SHARDS
 
 
 def _discovery_time_left(context: grpc.aio.ServicerContext) -> float:
