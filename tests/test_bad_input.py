@@ -676,7 +676,7 @@ BAD_CONFIGURATIONS = {
     "pool-tls-check-interval-huge": (lambda: GrpcConnectionPool(tls_check_interval=1e300),
                                      "tls_check_interval must be positive seconds up to 1e+09, got 1e+300"),
     "pool-tls-check-interval-nan": (lambda: GrpcConnectionPool(tls_check_interval=float("nan")),
-                                    "tls_check_interval must be positive seconds, got nan"),
+                                    "tls_check_interval must be positive seconds up to 1e+09, got nan"),
     "replicas-balancer-name": (lambda: ReplicaList("random"), "unknown balancer 'random'"),
     "replicas-balancer-object": (lambda: ReplicaList(5), "balancer must be a balancer name or object"),
     "pool-option-single": (lambda: GrpcConnectionPool(options=[("x",)]), "(name, value) pairs, got ('x',)"),

@@ -36,11 +36,14 @@ def check_timeout(timeout: Optional[float], what: str = "timeout") -> None:
 
 
 def check_seconds(value: Any, what: str, *, zero: bool = False) -> None:
-    """A finite number of seconds, positive (or 0 when ``zero``): NaN would compare false everywhere."""
+    """A number of seconds, positive (or 0 when ``zero``) and at most MAX_TIMEOUT: NaN would compare false
+    everywhere, and a sleep of 1e300 s overflows asyncio's clock."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not (
-        value >= 0 if zero else value > 0
+        0 <= value <= MAX_TIMEOUT if zero else 0 < value <= MAX_TIMEOUT
     ):
-        raise ConfigurationError(f"{what} must be {'0 or more' if zero else 'positive'} seconds, got {value!r}")
+        raise ConfigurationError(
+            f"{what} must be {'0 or more' if zero else 'positive'} seconds up to {MAX_TIMEOUT:g}, got {value!r}"
+        )
 
 
 def check_count(value: Any, what: str, minimum: int) -> None:

@@ -45,7 +45,6 @@ from shardnet.networking.channels import (
     never_reached,
 )
 from shardnet.networking.policies import (
-    MAX_TIMEOUT,
     EjectionPolicy,
     RetryBudget,
     RetryPolicy,
@@ -168,10 +167,6 @@ class GrpcConnectionPool:
                         ejection=(ejection, EjectionPolicy), tls=(tls, ClientTls))
         check_timeout(timeout, "the pool's timeout")
         check_seconds(tls_check_interval, "tls_check_interval")
-        if tls_check_interval > MAX_TIMEOUT:  # as the longest timeout: a longer one would never look again
-            raise ConfigurationError(
-                f"tls_check_interval must be positive seconds up to {MAX_TIMEOUT:g}, got {tls_check_interval!r}"
-            )
         self.balancer = balancer
         self.retry = retry if retry is not None else RetryPolicy()
         self.retry_budget = retry_budget if retry_budget is not None else RetryBudget()
