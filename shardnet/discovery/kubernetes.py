@@ -220,7 +220,7 @@ def slice_endpoints(endpoint_slice: Mapping[str, Any], *, ready_only: bool = Tru
             "Service's port grpc, as k8s render does)", metadata.get("namespace"), metadata.get("name"), deployment,
         )
         return ()
-    endpoints = []
+    endpoints, namespace = [], (endpoint_slice.get("metadata") or {}).get("namespace") or ""
     for endpoint in endpoint_slice.get("endpoints") or []:
         addresses = endpoint.get("addresses") or []
         conditions = endpoint.get("conditions") or {}
@@ -233,7 +233,8 @@ def slice_endpoints(endpoint_slice: Mapping[str, Any], *, ready_only: bool = Tru
         if address is not None:
             pod = endpoint.get("targetRef") or {}
             uid = pod.get("uid") if pod.get("kind", "Pod") == "Pod" else None
-            endpoints.append(SliceEndpoint(Member(*target, address), str(addresses[0]), str(uid) if uid else None))
+            name = f"{pod.get('namespace') or namespace}/{pod['name']}" if uid and pod.get("name") else None
+            endpoints.append(SliceEndpoint(Member(*target, address), str(addresses[0]), str(uid) if uid else None, name))
     return tuple(endpoints)
 
 
@@ -404,15 +405,22 @@ class _Ledger:
             reporter, self._pool.namespace, " and ".join(sorted(stale)),
         )
 
-    async def replace(self, source: str, contributions: Mapping[str, Contribution]) -> None:
-        """Reconcile after a (re-)list: the objects listed contribute what they show now, then those gone from
-        it nothing; in that order, a deployment rolled from one pod to another while the watch was away
-        never looks empty (a namespace-wide pool would forget it meanwhile)."""
-        for key, members in contributions.items():
-            await self.record(source, key, members)
+    async def replace(self, source: str, listed: Iterable[str], contribution: Callable[[str], Contribution]) -> None:
+        """Reconcile after a (re-)list: the objects ``listed`` contribute what ``contribution`` says of each now
+        (asked just before it is recorded: an event handled while an earlier one waited may have changed it),
+        then those gone from it nothing; in that order, a deployment rolled from one pod to another while the
+        watch was away never looks empty (a namespace-wide pool would forget it meanwhile)."""
+        listed = set(listed)
+        for key in listed:
+            await self.record(source, key, contribution(key))
         for key in self.keys(source):
-            if key not in contributions:
+            if key not in listed:
                 await self.record(source, key, NOTHING)
+
+    async def adjust(self, source: str, key: str, drop: Contribution, take: Contribution) -> None:
+        """Take ``drop`` out of object ``key``'s contribution as recorded and put ``take`` in: what the ledger
+        let go of meanwhile (stale, or contradicted by a fresher claim) stays let go."""
+        await self.record(source, key, (self._records.get((source, key), NOTHING) - drop) | take)
 
     async def _add(self, member: Member) -> None:
         while (pending := self._removals.get(member)) is not None:
@@ -558,7 +566,8 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
         self._kubeconfig = kubeconfig
         self._watch_options = watch
         self._ledger = _Ledger(self)
-        self._pods_word = PodsWord()  # which slice endpoints the pods, fresher, say are gone
+        self._pods_word = PodsWord(self._pods_answer)  # which slice endpoints the pods, fresher, say are gone
+        self._pods_listed = False
         self._watches: dict[str, ListWatch] = {}
         self._task: Optional[asyncio.Task] = None
         self._configured = asyncio.Event()
@@ -584,7 +593,7 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
                     raise
         await self._ledger.drain()
         self._ledger = _Ledger(self)  # the base close forgets every replica; so does the record
-        self._pods_word = PodsWord()
+        self._pods_word, self._pods_listed = PodsWord(self._pods_answer), False
         if self._owns_client and self._client is not None:
             credentials = self._client.configuration.refresh_api_key_hook
             if isinstance(credentials, KubeconfigCredentials):
@@ -598,6 +607,12 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
     def failing_sources(self) -> set[str]:
         """The sources whose latest list or watch failed: what they hold may be stale."""
         return {source for source, watch in self._watches.items() if watch.failing}
+
+    def _pods_answer(self) -> bool:
+        """Whether the pods source has listed (its first list counts from when it is handed over) and its latest
+        list or watch answered: its word is current."""
+        watch = self._watches.get(PODS)
+        return self._pods_listed and watch is not None and not watch.failing
 
     def relist_when_back(self, source: str) -> None:
         """Have ``source`` list again rather than resume its watch once it answers: some of what it held was
@@ -745,18 +760,21 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
     # -- events -------------------------------------------------------------------
 
     async def _on_list(self, source: str, objects: Iterable[Mapping[str, Any]]) -> None:
-        objects = list(objects)
+        objects, word = list(objects), self._pods_word
         if source == SLICES:
             listed = {object_key(obj): _endpoints(obj) for obj in objects}
-            for key in self._pods_word.slice_keys():
+            for key in word.slice_keys():
                 if key not in listed:
-                    self._pods_word.slice_gone(key)
-            contributions = {key: self._pods_word.slice_seen(key, endpoints) for key, endpoints in listed.items()}
+                    word.slice_gone(key)
+            for key, endpoints in listed.items():
+                word.slice_seen(key, endpoints)
             self._say_vetoes(listed)
-            await self._ledger.replace(source, contributions)
+            await self._ledger.replace(SLICES, listed, word.routed)
             return
-        touched = self._pods_word.pods_listed(objects, _role_of_pod)
-        await self._ledger.replace(source, {object_key(obj): _members(source, obj) for obj in objects})
+        self._pods_listed = True
+        touched = word.pods_listed(objects, _role_of_pod)  # a pod it cannot read is left out (_members says so)
+        members = {object_key(obj): _members(PODS, obj) for obj in objects}
+        await self._ledger.replace(PODS, members, members.__getitem__)
         await self._reconsider(touched)
 
     async def _on_event(self, source: str, kind: str, obj: Mapping[str, Any]) -> None:
@@ -765,9 +783,9 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
             word.slice_gone(key)
             await self._ledger.record(SLICES, key, NOTHING, also_remove=_members(SLICES, obj, ready_only=False))
         elif source == SLICES:
-            contribution = word.slice_seen(key, _endpoints(obj))
+            word.slice_seen(key, _endpoints(obj))
             self._say_vetoes([key])
-            await self._ledger.record(SLICES, key, contribution)
+            await self._ledger.record(SLICES, key, word.routed(key))
         elif kind == "DELETED":
             touched = word.pod_deleted(obj)
             await self._ledger.record(PODS, key, NOTHING, also_remove=_members(PODS, obj, ready_only=False))
@@ -778,14 +796,16 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
             await self._reconsider(touched)
 
     async def _reconsider(self, touched: set[str]) -> None:
-        """Give the slices naming a pod or IP whose word changed what they contribute now (vetoes applied or
-        lifted), each computed just before it is recorded: another event may have changed it meanwhile."""
+        """Apply the vetoes that the pods' news added or lifted to the slices naming a pod or IP it touched, as
+        changes to what each slice contributes (what the ledger let go of stays let go), each computed just
+        before it is recorded: another event may have changed it meanwhile."""
         keys = self._pods_word.slices_naming(touched)
         self._say_vetoes(keys)
         for key in keys:
-            contribution = self._pods_word.changed(key)
-            if contribution is not None:
-                await self._ledger.record(SLICES, key, contribution)
+            change = self._pods_word.changed(key)
+            if change is not None:
+                before, now = change
+                await self._ledger.adjust(SLICES, key, before - now, now - before)
 
     def _say_vetoes(self, keys: Iterable[str]) -> None:
         for endpoint, why in self._pods_word.newly_vetoed(keys):
