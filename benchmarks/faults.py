@@ -165,10 +165,11 @@ class Load:
                 if self.answered[answered] > 1 or answered != request.request_id:
                     self.duplicates += 1
                 call.outcome = "app-error" if response.is_error else "ok"
-                if response.is_error and response.status.exception.name == MAY_HAVE_RUN_ERROR:
-                    call.outcome = "failed"  # the head's word that a replica died or hung with it: no app error
                 if response.is_error:
                     call.code = f"ERROR {response.status.description[:120]}"
+                if response.is_error and response.status.exception.name == MAY_HAVE_RUN_ERROR:
+                    call.outcome = "failed"  # the head's word that a replica died or hung with it: no app error
+                    call.code = f"{MAY_HAVE_RUN_ERROR} {response.status.description.partition(':')[0]}"
             call.end = loop.time()
 
 

@@ -566,7 +566,7 @@ BAD_COMMAND_LINES = {  # test_cli.py has --uses, --connection, --polling and --p
     "tls-files-missing": (["worker", "--uses", EXECUTOR, "--tls-cert", "/nonexistent/cert.pem", "--tls-key",
                            "/nonexistent/key.pem"], "cannot read server certificate chain"),
     "max-message-zero": (["worker", "--uses", EXECUTOR, "--max-message-mb", "0"], "max message size must be positive"),
-    "drain-negative": (["head", "--deployment", "d", "--drain-seconds", "-1"], "drain grace must not be negative"),
+    "drain-negative": (["head", "--deployment", "d", "--drain-seconds", "-1"], "drain grace must be 0 to 1e+09 seconds"),
     "attempt-timeout-zero": (["head", "--deployment", "d", "--attempt-timeout", "0"], "attempt timeout must be positive"),
     "timeout-negative": (["head", "--deployment", "d", "--timeout", "-1"], "timeout must be positive"),
     "host-not-local": (["head", "--deployment", "d", "--host", "203.0.113.7"], "cannot listen on 203.0.113.7"),

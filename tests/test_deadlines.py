@@ -136,6 +136,39 @@ async def test_callers_deadline_exceeded_names_deployment_and_shard_and_stops_th
     assert "deployment 'dl'" in details and "shard 0" in details and replica.address in details, details
 
 
+@pytest.mark.parametrize("polling", ["ANY", "ALL"])
+async def test_a_callers_deadline_running_out_below_a_head_of_heads_is_deadline_exceeded_at_the_top(polling):
+    """The inner head gives up a margin before the deadline it was given, so its DEADLINE_EXCEEDED came back before
+    the outer head's own margin, and the outer head answered it as a replica's loss (ERROR) though the deadline
+    was the caller's (a regression review's find)."""
+    async with RecordingReplica(delay=5.0) as replica:
+        inner = await started_head(replica.address)
+        outer = Head("outer", ServerConfig(), pool=GrpcConnectionPool(), connections={0: [inner.server.address]},
+                     polling=PollingMap.parse(polling))
+        await outer.start()
+        try:
+            code, details, took = await call_head(outer, DataRequest(endpoint="/x"), timeout=2.0)
+        finally:
+            await outer.stop(0)
+            await inner.stop(0)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED and took < 2.5, (code, details)
+
+
+async def test_at_most_once_a_callers_deadline_the_head_gives_up_on_first_is_answered_error():
+    """The head gives up a margin before its caller; its DEADLINE_EXCEEDED, which Jina's pool sends again with a
+    fresh deadline to another replica or shard, ran an --at-most-once request 4 times (a regression review's find)."""
+    from shardnet import RetryPolicy
+
+    async with RecordingReplica(delay=5.0) as replica:
+        head = await started_head(replica.address, retry=RetryPolicy(unsent_only=True))
+        try:
+            code, details, took = await call_head(head, DataRequest(endpoint="/x"), timeout=1.5)
+        finally:
+            await head.stop(0)
+    assert code == grpc.StatusCode.OK and details.startswith("DEADLINE_EXCEEDED: ") and "may have run it" in details
+    assert took < 1.5
+
+
 async def test_heads_own_timeout_exceeded_names_deployment_and_shard():
     """Answered ERROR, not DEADLINE_EXCEEDED, which Jina's pool sends again: the replica may have run it."""
     async with RecordingReplica(delay=5.0) as replica:

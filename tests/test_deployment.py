@@ -494,6 +494,30 @@ def test_a_host_port_token_or_size_its_head_would_refuse_is_refused_where_it_is_
     assert message in str(refused.value) and "cret" not in str(refused.value)  # a token is not shown
 
 
+def test_a_numpy_port_is_a_port_and_an_inherited_empty_token_is_refused_before_anything_starts(monkeypatch):
+    """A numpy integer was refused as a port (a regression review's find); an empty SHARDNET_CONTROL_TOKEN, which
+    the processes inherit and refuse, was found only once the head had started."""
+    import numpy
+
+    assert Deployment(executors.Tagger, port=numpy.int64(8080))
+    monkeypatch.setenv("SHARDNET_CONTROL_TOKEN", "")
+    with pytest.raises(ConfigurationError, match=r"\$SHARDNET_CONTROL_TOKEN is empty, and the head and workers"):
+        Deployment(executors.Tagger)
+
+
+def test_an_executors_own_replica_lost_is_no_heads_word_of_a_lost_replica():
+    """post() took any ERROR named ReplicaLost for its head's (a regression review's find): an Executor's exception
+    of that name is raised as the Executor's."""
+    from shardnet.runtimes.deployment import _lost_with_a_replica_by
+
+    heads, executors_own = DataRequest(), DataRequest()
+    heads.set_error("UNAVAILABLE: deployment 'idx', shard 0, replica x: gone", name="ReplicaLost", executor="idx")
+    executors_own.set_error("my own", name="ReplicaLost", executor="MyIndexer")
+    assert _lost_with_a_replica_by(heads.status, "idx")
+    assert not _lost_with_a_replica_by(executors_own.status, "idx")
+    assert not _lost_with_a_replica_by(executors_own.status, "MyIndexer")  # no status name leads its description
+
+
 def test_at_most_once_reaches_the_head_and_a_non_flag_is_refused():
     assert "--at-most-once" in Deployment(executors.Tagger, at_most_once=True)._head_options
     assert "--at-most-once" not in Deployment(executors.Tagger)._head_options

@@ -117,6 +117,8 @@ def test_ejection_time_doubles_up_to_the_cap():
     assert [policy.ejection_time(n) for n in range(1, 6)] == [0.5, 1.0, 2.0, 3.0, 3.0]
     # a crash loop re-registering for hours: 2**1024 is no float, and the ejecting request failed with OverflowError
     assert policy.ejection_time(2000) == 3.0 and EjectionPolicy().ejection_time(10**9) == EjectionPolicy().max_ejection
+    tiny = EjectionPolicy(base_ejection=1e-300, max_ejection=1e9)  # max/base is no float: the cap is taken in logs
+    assert tiny.ejection_time(1) == 1e-300 and tiny.ejection_time(10**6) == 1e9
     with pytest.raises(ConfigurationError):
         EjectionPolicy(consecutive_failures=0)
     with pytest.raises(ConfigurationError):

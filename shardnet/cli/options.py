@@ -65,8 +65,8 @@ def message_megabytes(text: str) -> float:
 def drain_seconds(text: str) -> float:
     """Parse ``--drain-seconds``: a finite number of seconds, 0 or more (NaN would crash the drain at shutdown)."""
     value = _finite(text, "drain grace", "seconds")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"drain grace must not be negative, got {text!r}")
+    if not 0 <= value <= MAX_TIMEOUT:  # as every duration shardnet takes (deploy's Deployment refused more)
+        raise argparse.ArgumentTypeError(f"drain grace must be 0 to {MAX_TIMEOUT:g} seconds, got {text!r}")
     return value
 
 

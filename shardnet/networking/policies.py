@@ -242,5 +242,5 @@ class EjectionPolicy:
     def ejection_time(self, times_ejected: int) -> float:
         # the doubling capped before it is taken: a replica ejected a thousand times (a crash loop's re-registrations
         # over hours) made an int too large for a float, and the request that ejected it failed with OverflowError
-        doublings = min(max(0, times_ejected - 1), 1 + math.ceil(math.log2(self.max_ejection / self.base_ejection)))
-        return min(self.max_ejection, self.base_ejection * 2 ** doublings)
+        most = 1 + math.ceil(math.log2(self.max_ejection) - math.log2(self.base_ejection))
+        return min(self.max_ejection, math.ldexp(self.base_ejection, min(max(0, times_ejected - 1), most)))

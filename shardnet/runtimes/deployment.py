@@ -15,6 +15,7 @@ import contextlib
 import errno
 import json
 import logging
+import operator
 import os
 import re
 import socket
@@ -124,9 +125,18 @@ def _check_arguments(
 def _check_serving(host: Any, port: Any, control_token: Any) -> None:
     """Refuse a host, port or control token the head (and the workers) would refuse only once started, as a
     ProcessError around their usage text; an empty token was worse: taken for none, an open head."""
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+    try:
+        whole = operator.index(port) if not isinstance(port, bool) else None  # a numpy integer is one too
+    except TypeError:
+        whole = None
+    if whole is None or not 0 <= whole <= 65535:
         raise ConfigurationError(f"port must be a whole number from 0 (a free one) to 65535, got {port!r}")
-    ServerConfig(host=host, port=port)  # the head's own rule for its --host: a name or an IP address
+    ServerConfig(host=host, port=whole)  # the head's own rule for its --host: a name or an IP address
+    if control_token is None and os.environ.get("SHARDNET_CONTROL_TOKEN") == "":  # what the processes inherit
+        raise ConfigurationError(
+            "$SHARDNET_CONTROL_TOKEN is empty, and the head and workers inherit it: unset it to run without a "
+            "token, or give the token"
+        )
     try:
         check_control_token(control_token)
     except ConfigurationError:
@@ -710,7 +720,7 @@ class Deployment:
         response = await oneshot.send_request_async(request, self.address, timeout=timeout, channel_options=self._post_options)
         if response.is_error:
             status = response.status
-            if status.exception.name == MAY_HAVE_RUN_ERROR:  # no Executor's: the head's, on a replica lost with it
+            if _lost_with_a_replica_by(status, self.name):  # no Executor's: the head's, on a replica lost with it
                 raise _lost_with_a_replica(status.description, self.name, self.address)
             raise ExecutorError(
                 status.description,
@@ -760,6 +770,14 @@ class Deployment:
 
     def __repr__(self) -> str:
         return f"<Deployment {self.name} {self.shards}x{self.replicas} at {self.head.address if self.head else '-'}>"
+
+
+def _lost_with_a_replica_by(status: Any, deployment: str) -> bool:
+    """Whether an ERROR answer is the head of ``deployment`` saying a replica may have run the request and lost
+    it, not an Executor's exception that happens to share the name."""
+    name, _, _ = status.description.partition(": ")
+    return (status.exception.name == MAY_HAVE_RUN_ERROR and status.exception.executor == deployment
+            and name in grpc.StatusCode.__members__)
 
 
 def _lost_with_a_replica(description: str, deployment: str, head: str) -> ReplicaError:

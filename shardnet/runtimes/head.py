@@ -134,20 +134,23 @@ class _Deadline:
     naming the hop that took the time, must reach the caller before its deadline does. ``per_hop``, the head's
     own timeout, bounds each hop as well, as Jina's head gives each of its sends its timeout_send."""
 
-    __slots__ = ("_at", "_clock", "_per_hop")
+    __slots__ = ("_at", "_clock", "_per_hop", "_callers_bound")
 
     def __init__(self, seconds: Optional[float], per_hop: Optional[float] = None):
         self._per_hop = per_hop
+        self._callers_bound = False  # whether the caller's deadline, not per_hop, bounds the latest hop
         if seconds is None:
             self._at = self._clock = None
         else:
             self._clock = asyncio.get_running_loop().time
             self._at = self._clock() + seconds
 
-    def callers_passed(self) -> bool:
-        """Whether the caller's deadline (less the head's margin) has passed: what cut a hop was not the head's own
-        timeout."""
-        return self._at is not None and self._clock() >= self._at
+    def callers_ran_out(self) -> bool:
+        """Whether the latest hop ran into the caller's deadline (less the head's margin), rather than the head's
+        own timeout or an attempt timeout well before it. Heads in front of heads each give up a margin before
+        the deadline they were given, so a deadline that runs out below comes back up to a margin early at each
+        level: two margins are allowed for."""
+        return self._callers_bound and self._clock() >= self._at - 2 * DEADLINE_MARGIN
 
     def left(self) -> Optional[float]:
         """Seconds the next hop may take (0 once past: a call given them fails at once, naming where it was
@@ -155,6 +158,7 @@ class _Deadline:
         if self._at is None:
             return self._per_hop
         left = max(0.0, self._at - self._clock())
+        self._callers_bound = self._per_hop is None or left <= self._per_hop
         return left if self._per_hop is None else min(left, self._per_hop)
 
 
@@ -203,15 +207,16 @@ MAY_HAVE_RUN_NOTE = (
 )
 
 
-def _may_have_run(failed: grpc.StatusCode, sent: bool, deadline: Optional[_Deadline]) -> bool:
+def _may_have_run(failed: grpc.StatusCode, sent: bool, deadline: Optional[_Deadline], at_most_once: bool) -> bool:
     """Whether a request that failed with ``failed`` is to be answered as one a replica may have run: it was
     ``sent``, and callers send again on such a failure (Jina's pool on UNAVAILABLE and DEADLINE_EXCEEDED, each
     attempt with a deadline of its own; shardnet's on UNAVAILABLE). A deadline that was the caller's stays
-    DEADLINE_EXCEEDED: its caller gave up, and gRPC's own word for that is what it expects."""
+    DEADLINE_EXCEEDED, gRPC's word for what it expects, unless the head runs at most once: the head gives up a
+    margin before the caller, and a Jina caller would send it again, with a fresh deadline, elsewhere."""
     if not sent:
         return False
     if failed == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return deadline is not None and not deadline.callers_passed()
+        return at_most_once or deadline is None or not deadline.callers_ran_out()
     return failed == grpc.StatusCode.UNAVAILABLE
 
 
@@ -419,7 +424,7 @@ class Head:
             failed = exc.code if exc.code not in (None, grpc.StatusCode.OK) else grpc.StatusCode.UNAVAILABLE
             if failed == grpc.StatusCode.UNIMPLEMENTED:  # the head serves the method: its replica did not, and
                 failed = grpc.StatusCode.INTERNAL  # a caller must not take it for another server and go elsewhere
-            if not _may_have_run(failed, worked or not exc.unsent, deadline):
+            if not _may_have_run(failed, worked or not exc.unsent, deadline, self.pool.retry.unsent_only):
                 await context.abort(failed, str(exc))
             response, trailing = self._failed_after_running(requests[0], f"{failed.name}: {exc}")
         if trailing:
