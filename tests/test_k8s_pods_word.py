@@ -145,17 +145,3 @@ async def test_a_slice_naming_a_pod_after_its_deletion_was_seen_does_not_route_i
     api_server.apply("endpointslices", _slice("s0", "0", [a, b]))  # made while a was ready, delivered late
     await _sentinel(api_server, pool)
     assert replicas(pool) == {"10.0.0.2:9000"}
-
-
-@pytest.mark.parametrize("first", ["pods", "endpointslices"])
-async def test_a_head_started_while_a_slice_names_a_remade_statefulset_pod_routes_the_new_one(
-    api_server, start_pool, first
-):
-    """w-0 made again (another uid, another IP) while its slice still named the old one, and a head started then:
-    the pods list showed w-0 with another uid, yet the old endpoint was routed."""
-    old = api_server.apply("pods", pod("w-0", ip="10.0.0.1", port=9000))
-    api_server.apply("endpointslices", _slice("s0", "0", [old]))
-    api_server.delete("pods", "w-0")
-    api_server.apply("pods", pod("w-0", ip="10.0.0.5", port=9000))
-    pool = await start_pool(sources=(first, "endpointslices" if first == "pods" else "pods"))
-    await _until(lambda: replicas(pool) == {"10.0.0.5:9000"})

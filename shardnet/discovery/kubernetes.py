@@ -25,8 +25,9 @@ cannot say what left meanwhile: when a source that answers lets go of a
 member only such a stale source still holds, the stale holds go too, and the
 stale source lists again once it answers (rather than resume its watch),
 which puts back whatever it still shows. The slices lag the pods they are
-made from, so the pods' word on a slice's endpoint comes first
-(``pods_word``): an endpoint whose pod is going or gone is not routed.
+made from, so the pods' final word on a slice's endpoint comes first
+(``pods_word``): an endpoint whose pod is being deleted, ended or deleted is
+not routed.
 """
 
 from __future__ import annotations
@@ -204,7 +205,7 @@ def slice_members(endpoint_slice: Mapping[str, Any], *, ready_only: bool = True)
 
 
 def slice_endpoints(endpoint_slice: Mapping[str, Any], *, ready_only: bool = True) -> tuple[SliceEndpoint, ...]:
-    """``slice_members``, each with its IP and the uid of the pod it names (``targetRef``), for the pods' word."""
+    """``slice_members``, each with the uid of the pod it names (``targetRef``), for the pods' word."""
     labels = (endpoint_slice.get("metadata") or {}).get("labels") or {}
     deployment = labels.get("shardnet.io/deployment")
     if not deployment:
@@ -220,7 +221,7 @@ def slice_endpoints(endpoint_slice: Mapping[str, Any], *, ready_only: bool = Tru
             "Service's port grpc, as k8s render does)", metadata.get("namespace"), metadata.get("name"), deployment,
         )
         return ()
-    endpoints, namespace = [], (endpoint_slice.get("metadata") or {}).get("namespace") or ""
+    endpoints = []
     for endpoint in endpoint_slice.get("endpoints") or []:
         addresses = endpoint.get("addresses") or []
         conditions = endpoint.get("conditions") or {}
@@ -233,8 +234,7 @@ def slice_endpoints(endpoint_slice: Mapping[str, Any], *, ready_only: bool = Tru
         if address is not None:
             pod = endpoint.get("targetRef") or {}
             uid = pod.get("uid") if pod.get("kind", "Pod") == "Pod" else None
-            name = f"{pod.get('namespace') or namespace}/{pod['name']}" if uid and pod.get("name") else None
-            endpoints.append(SliceEndpoint(Member(*target, address), str(addresses[0]), str(uid) if uid else None, name))
+            endpoints.append(SliceEndpoint(Member(*target, address), str(uid) if uid else None))
     return tuple(endpoints)
 
 
@@ -251,12 +251,6 @@ def _members(source: str, obj: Mapping[str, Any], *, ready_only: bool = True) ->
 def _endpoints(obj: Mapping[str, Any]) -> tuple[SliceEndpoint, ...]:
     """``slice_endpoints``; a malformed slice has none (logged) rather than stop the watch."""
     return _read(slice_endpoints, SLICES, obj, ())
-
-
-def _role_of_pod(pod: Mapping[str, Any]) -> Optional[tuple[str, bool, Optional[int]]]:
-    """What a pod serves whether ready or not, for the pods' word; None when it is not ours."""
-    member = next(iter(_members(PODS, pod, ready_only=False)), None)
-    return None if member is None else (member.deployment, member.head, member.shard_id)
 
 
 def _read(reader: Callable[..., Any], source: str, obj: Mapping[str, Any], default: Any, **options: Any) -> Any:
@@ -417,10 +411,10 @@ class _Ledger:
             if key not in listed:
                 await self.record(source, key, NOTHING)
 
-    async def adjust(self, source: str, key: str, drop: Contribution, take: Contribution) -> None:
-        """Take ``drop`` out of object ``key``'s contribution as recorded and put ``take`` in: what the ledger
+    async def withdraw(self, source: str, key: str, members: Contribution) -> None:
+        """Take ``members`` out of object ``key``'s contribution as recorded, and nothing else: what the ledger
         let go of meanwhile (stale, or contradicted by a fresher claim) stays let go."""
-        await self.record(source, key, (self._records.get((source, key), NOTHING) - drop) | take)
+        await self.record(source, key, self._records.get((source, key), NOTHING) - members)
 
     async def _add(self, member: Member) -> None:
         while (pending := self._removals.get(member)) is not None:
@@ -566,8 +560,7 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
         self._kubeconfig = kubeconfig
         self._watch_options = watch
         self._ledger = _Ledger(self)
-        self._pods_word = PodsWord(self._pods_answer)  # which slice endpoints the pods, fresher, say are gone
-        self._pods_listed = False
+        self._pods_word = PodsWord()  # which slice endpoints the pods, fresher, say are going or gone
         self._watches: dict[str, ListWatch] = {}
         self._task: Optional[asyncio.Task] = None
         self._configured = asyncio.Event()
@@ -593,7 +586,7 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
                     raise
         await self._ledger.drain()
         self._ledger = _Ledger(self)  # the base close forgets every replica; so does the record
-        self._pods_word, self._pods_listed = PodsWord(self._pods_answer), False
+        self._pods_word = PodsWord()
         if self._owns_client and self._client is not None:
             credentials = self._client.configuration.refresh_api_key_hook
             if isinstance(credentials, KubeconfigCredentials):
@@ -607,12 +600,6 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
     def failing_sources(self) -> set[str]:
         """The sources whose latest list or watch failed: what they hold may be stale."""
         return {source for source, watch in self._watches.items() if watch.failing}
-
-    def _pods_answer(self) -> bool:
-        """Whether the pods source has listed (its first list counts from when it is handed over) and its latest
-        list or watch answered: its word is current."""
-        watch = self._watches.get(PODS)
-        return self._pods_listed and watch is not None and not watch.failing
 
     def relist_when_back(self, source: str) -> None:
         """Have ``source`` list again rather than resume its watch once it answers: some of what it held was
@@ -771,8 +758,7 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
             self._say_vetoes(listed)
             await self._ledger.replace(SLICES, listed, word.routed)
             return
-        self._pods_listed = True
-        touched = word.pods_listed(objects, _role_of_pod)  # a pod it cannot read is left out (_members says so)
+        touched = word.pods_listed(objects, self._ledger.keys(PODS))  # one it cannot read is left out (said below)
         members = {object_key(obj): _members(PODS, obj) for obj in objects}
         await self._ledger.replace(PODS, members, members.__getitem__)
         await self._reconsider(touched)
@@ -791,24 +777,23 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
             await self._ledger.record(PODS, key, NOTHING, also_remove=_members(PODS, obj, ready_only=False))
             await self._reconsider(touched)
         else:
-            touched = word.pod_seen(obj, _role_of_pod(obj))
+            touched = word.pod_seen(obj)
             await self._ledger.record(PODS, key, _members(PODS, obj))
             await self._reconsider(touched)
 
     async def _reconsider(self, touched: set[str]) -> None:
-        """Apply the vetoes that the pods' news added or lifted to the slices naming a pod or IP it touched, as
-        changes to what each slice contributes (what the ledger let go of stays let go), each computed just
-        before it is recorded: another event may have changed it meanwhile."""
+        """Take out of what the slices naming the pods ``touched`` contribute, as recorded, the endpoints the pods'
+        news vetoed (what the ledger let go of meanwhile stays let go), each just before it is recorded: another
+        event may have changed it meanwhile."""
         keys = self._pods_word.slices_naming(touched)
         self._say_vetoes(keys)
         for key in keys:
-            change = self._pods_word.changed(key)
-            if change is not None:
-                before, now = change
-                await self._ledger.adjust(SLICES, key, before - now, now - before)
+            vetoed = self._pods_word.newly_vetoed(key)
+            if vetoed:
+                await self._ledger.withdraw(SLICES, key, vetoed)
 
     def _say_vetoes(self, keys: Iterable[str]) -> None:
-        for endpoint, why in self._pods_word.newly_vetoed(keys):
+        for endpoint, why in self._pods_word.newly_said(keys):
             member = endpoint.member
             logger.info(
                 "%s of %r (%s) is in its EndpointSlice still, but the pods say %s: not routed to", member.address,
