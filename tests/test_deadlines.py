@@ -169,6 +169,33 @@ async def test_at_most_once_a_callers_deadline_the_head_gives_up_on_first_is_ans
     assert took < 1.5
 
 
+@pytest.mark.parametrize("more", [0.4, 5.0])
+async def test_the_heads_own_timeout_is_answered_error_whatever_the_callers_longer_deadline(more):
+    """A caller's deadline a little longer than the head's --timeout: the ANY path looked at the time left to
+    send elsewhere, which noted the caller's deadline as the hop's bound, and the head's own timeout was answered
+    DEADLINE_EXCEEDED, which Jina's pool sent again, 4 runs (a regression review's find)."""
+    async with RecordingReplica(delay=5.0) as replica:
+        head = await started_head(replica.address, timeout=0.6)
+        try:
+            code, details, _ = await call_head(head, DataRequest(endpoint="/x"), timeout=0.6 + more)
+        finally:
+            await head.stop(0)
+    assert code == grpc.StatusCode.OK and details.startswith("DEADLINE_EXCEEDED: ") and "may have run it" in details
+
+
+async def test_a_request_sent_on_to_another_shard_ends_with_that_shards_status(dead_address):
+    """Shard 0 dead, shard 1 hung past the caller's deadline: the answer carried the first shard's UNAVAILABLE, as
+    a replica lost with it (ERROR), instead of the caller's DEADLINE_EXCEEDED (a regression review's find)."""
+    async with RecordingReplica(delay=5.0) as hung:
+        head = Head("dl", ServerConfig(), pool=GrpcConnectionPool(), connections={0: [dead_address], 1: [hung.address]})
+        await head.start()
+        try:
+            outcomes = [await call_head(head, DataRequest(endpoint="/x"), timeout=1.5) for _ in range(2)]
+        finally:
+            await head.stop(0)
+    assert [code for code, _, _ in outcomes] == [grpc.StatusCode.DEADLINE_EXCEEDED] * 2, outcomes
+
+
 async def test_heads_own_timeout_exceeded_names_deployment_and_shard():
     """Answered ERROR, not DEADLINE_EXCEEDED, which Jina's pool sends again: the replica may have run it."""
     async with RecordingReplica(delay=5.0) as replica:

@@ -112,6 +112,14 @@ def test_policies_refuse_values_of_the_wrong_kind_by_name(make):
         make()
 
 
+def test_codes_given_as_a_generator_or_a_list_are_kept_as_a_frozenset():
+    """A generator was used up by the check, and the policy retried nothing; a list made it unhashable."""
+    once = RetryPolicy(retry_on=(code for code in [grpc.StatusCode.UNAVAILABLE]))
+    assert once.is_retryable(grpc.StatusCode.UNAVAILABLE)
+    assert hash(RetryPolicy(retry_on=[grpc.StatusCode.UNAVAILABLE])) == hash(RetryPolicy())
+    assert EjectionPolicy(failure_codes=[grpc.StatusCode.INTERNAL]).failure_codes == frozenset({grpc.StatusCode.INTERNAL})
+
+
 def test_ejection_time_doubles_up_to_the_cap():
     policy = EjectionPolicy(base_ejection=0.5, max_ejection=3.0)
     assert [policy.ejection_time(n) for n in range(1, 6)] == [0.5, 1.0, 2.0, 3.0, 3.0]

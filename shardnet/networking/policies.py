@@ -58,12 +58,15 @@ def check_flag(value: Any, what: str) -> None:
         raise ConfigurationError(f"{what} is True or False, got {value!r}")
 
 
-def check_codes(codes: Any, what: str) -> None:
-    """A set of grpc.StatusCode members (names as text would silently match nothing)."""
-    if isinstance(codes, (str, bytes)) or not isinstance(codes, Iterable) or not all(
-        isinstance(code, grpc.StatusCode) for code in codes
-    ):
+def checked_codes(codes: Any, what: str) -> frozenset:
+    """A frozenset of the grpc.StatusCode members ``codes`` holds (names as text would silently match nothing; a
+    generator would be used up by the check, and a list would make its policy unhashable)."""
+    if isinstance(codes, (str, bytes)) or not isinstance(codes, Iterable):
         raise ConfigurationError(f"{what} takes grpc.StatusCode members, got {codes!r}")
+    taken = frozenset(codes)
+    if not all(isinstance(code, grpc.StatusCode) for code in taken):
+        raise ConfigurationError(f"{what} takes grpc.StatusCode members, got {codes!r}")
+    return taken
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,7 @@ class RetryPolicy:
         check_count(self.rounds, "RetryPolicy.rounds", 1)
         if not isinstance(self.unsent_only, bool):
             raise ConfigurationError(f"RetryPolicy.unsent_only is True or False, got {self.unsent_only!r}")
-        check_codes(self.retry_on, "RetryPolicy.retry_on")
+        object.__setattr__(self, "retry_on", checked_codes(self.retry_on, "RetryPolicy.retry_on"))
         if grpc.StatusCode.INVALID_ARGUMENT in self.retry_on:
             raise ConfigurationError("INVALID_ARGUMENT is never retried: the same bytes fail the same way")
         check_timeout(self.attempt_timeout, "RetryPolicy.attempt_timeout")  # gRPC takes a huge one as expired
@@ -235,7 +238,7 @@ class EjectionPolicy:
         check_seconds(self.max_ejection, "EjectionPolicy.max_ejection")
         check_seconds(self.min_blamed_deadline, "EjectionPolicy.min_blamed_deadline", zero=True)
         check_seconds(self.min_rebuild_interval, "EjectionPolicy.min_rebuild_interval", zero=True)
-        check_codes(self.failure_codes, "EjectionPolicy.failure_codes")
+        object.__setattr__(self, "failure_codes", checked_codes(self.failure_codes, "EjectionPolicy.failure_codes"))
         if self.consecutive_failures < 1 or self.base_ejection <= 0 or self.max_ejection < self.base_ejection:
             raise ConfigurationError("EjectionPolicy needs consecutive_failures >= 1 and 0 < base_ejection <= max_ejection")
 

@@ -154,11 +154,16 @@ class _Deadline:
 
     def left(self) -> Optional[float]:
         """Seconds the next hop may take (0 once past: a call given them fails at once, naming where it was
-        going), or None."""
+        going), or None; noted as the bound of the hop about to start (``callers_ran_out``)."""
+        if self._at is not None:
+            self._callers_bound = self._per_hop is None or self._at - self._clock() <= self._per_hop
+        return self.remaining()
+
+    def remaining(self) -> Optional[float]:
+        """``left()`` as a look only, for a hop that may not start."""
         if self._at is None:
             return self._per_hop
         left = max(0.0, self._at - self._clock())
-        self._callers_bound = self._per_hop is None or left <= self._per_hop
         return left if self._per_hop is None else min(left, self._per_hop)
 
 
@@ -553,9 +558,10 @@ class Head:
         under steady traffic, would fail a third of all requests while the dead worker's lease runs. When the
         resend fails too, ``failure`` is raised with its outcome appended, so both shards are named."""
         shard_id = self._another_shard(failure)
-        timeout = deadline.left()
+        timeout = deadline.remaining()  # a look: the failed hop's bound still decides what its failure was
         if shard_id is None or (timeout is not None and timeout < MIN_RESEND_SECONDS):
             raise failure
+        timeout = deadline.left()
         logger.debug("%s: %s; sending the ANY request to shard %d instead", self.deployment, failure, shard_id)
         try:
             if self._uses_after is not None:
@@ -569,7 +575,9 @@ class Head:
         except (ReplicaError, RoutingError) as resent:
             raise type(failure)(
                 f"{failure.cause}; sent on to shard {shard_id}, which failed too: {resent}",
-                address=failure.address, code=failure.code, deployment=failure.deployment, shard_id=failure.shard_id,
+                # the resend's status: what the caller's request ended with (its deadline, say), not the first shard's
+                address=failure.address, code=getattr(resent, "code", None) or failure.code,
+                deployment=failure.deployment, shard_id=failure.shard_id,
                 unsent=getattr(resent, "unsent", True),  # the first shard's surely ran nothing (it is resent)
             ) from None
 
