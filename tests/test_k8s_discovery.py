@@ -1437,8 +1437,8 @@ def test_the_pods_word_remembers_deletions_boundedly_and_forgets_one_of_a_pod_ba
     word.pod_deleted(pod_a)  # before any slice names it
     word.slice_seen("s", [endpoint])
     assert word.routed("s") == frozenset() and word.veto(endpoint) == "its pod a was deleted"
-    word.pod_seen(pod_a)  # back in the selector
-    assert word.veto(endpoint) is None
+    assert word.pod_seen(pod_a) == {"u1"}  # back in the selector: its slices are looked at again
+    assert word.veto(endpoint) is None and word.changed("s") == (frozenset(), {endpoint.member})
     word.pod_deleted(pod_a)
     for uid in range(pods_word.REMEMBERED_DELETIONS):
         word.pod_deleted({"metadata": {"uid": f"x{uid}", "name": f"x{uid}"}})

@@ -411,10 +411,10 @@ class _Ledger:
             if key not in listed:
                 await self.record(source, key, NOTHING)
 
-    async def withdraw(self, source: str, key: str, members: Contribution) -> None:
-        """Take ``members`` out of object ``key``'s contribution as recorded, and nothing else: what the ledger
-        let go of meanwhile (stale, or contradicted by a fresher claim) stays let go."""
-        await self.record(source, key, self._records.get((source, key), NOTHING) - members)
+    async def change(self, source: str, key: str, withdrawn: Contribution, restored: Contribution) -> None:
+        """Take ``withdrawn`` out of object ``key``'s contribution as recorded and put ``restored`` in, and nothing
+        else: what the ledger let go of meanwhile (stale, or contradicted by a fresher claim) stays let go."""
+        await self.record(source, key, (self._records.get((source, key), NOTHING) - withdrawn) | restored)
 
     async def _add(self, member: Member) -> None:
         while (pending := self._removals.get(member)) is not None:
@@ -782,15 +782,15 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
             await self._reconsider(touched)
 
     async def _reconsider(self, touched: set[str]) -> None:
-        """Take out of what the slices naming the pods ``touched`` contribute, as recorded, the endpoints the pods'
-        news vetoed (what the ledger let go of meanwhile stays let go), each just before it is recorded: another
-        event may have changed it meanwhile."""
+        """Change what the slices naming the pods ``touched`` contribute, as recorded, by the endpoints the pods'
+        news vetoed or let back (what the ledger let go of meanwhile stays let go), each just before it is
+        recorded: another event may have changed it meanwhile."""
         keys = self._pods_word.slices_naming(touched)
         self._say_vetoes(keys)
         for key in keys:
-            vetoed = self._pods_word.newly_vetoed(key)
-            if vetoed:
-                await self._ledger.withdraw(SLICES, key, vetoed)
+            withdrawn, restored = self._pods_word.changed(key)
+            if withdrawn or restored:
+                await self._ledger.change(SLICES, key, withdrawn, restored)
 
     def _say_vetoes(self, keys: Iterable[str]) -> None:
         for endpoint, why in self._pods_word.newly_said(keys):

@@ -8,8 +8,10 @@ routed once the pods source has said that the pod the endpoint names (its
 ``targetRef``) is being deleted, has ended (Failed, Succeeded) or was deleted.
 
 Only such final words count: they are about that very pod, which never comes
-back, so they stand while the pods source fails afterwards, and a veto is never
-lifted by a later word that may be stale. Who holds an IP or a name now is not
+back, so they stand while the pods source fails afterwards. The one way back is a
+pod that left the pods' selector (a label edited: DELETED) and came back with
+its uid: what its slice's latest word listed is put back then, and nothing the
+ledger let go of meanwhile. Who holds an IP or a name now is not
 final (it changes while the pods source cannot say so), and is left to the
 ledger's newest-claim rule; a pod merely not ready is left to its slice, which
 follows readiness soon enough. Only pods the pods source follows can veto: a
@@ -49,6 +51,9 @@ class PodsWord:
         self._slices: dict[str, tuple[SliceEndpoint, ...]] = {}  # slice key -> its endpoints
         self._naming: dict[str, set[str]] = {}  # a pod uid -> the slice keys naming it
         self._given: dict[str, frozenset] = {}  # slice key -> what it was last said to contribute
+        # slice key -> the members its own latest word listed that a veto kept out then: they are the ones put back
+        # if that veto lifts (withdrawn ones are not: the ledger may have let go of them meanwhile)
+        self._held_back: dict[str, frozenset] = {}
         self._vetoed: set[tuple[str, SliceEndpoint]] = set()  # (slice key, endpoint) vetoes said already
 
     # -- the pods' news -------------------------------------------------------------
@@ -60,12 +65,13 @@ class PodsWord:
         if read is None:
             return set()
         uid, name, going = read
-        self._deleted.pop(uid, None)  # out of the selector and back (a label edited): DELETED, then ADDED again
+        # out of the selector and back (a label edited): DELETED, then ADDED again, its deletion no longer true
+        touched = {uid} if self._deleted.pop(uid, None) is not None else set()
         if going:
             self._going[uid] = name
             return {uid}
         self._going.pop(uid, None)
-        return set()
+        return touched
 
     def pod_deleted(self, pod: Mapping[str, Any]) -> set[str]:
         """Note a pod as deleted; the uids whose word changed."""
@@ -81,7 +87,8 @@ class PodsWord:
             if uid not in listed:
                 touched |= self._gone(uid, self._going.get(uid, uid))
         for uid, name, going in listed.values():
-            self._deleted.pop(uid, None)
+            if self._deleted.pop(uid, None) is not None:
+                touched.add(uid)
             if going:
                 self._going[uid] = name
                 touched.add(uid)
@@ -121,25 +128,32 @@ class PodsWord:
                 if not keys:
                     del self._naming[endpoint.pod_uid]
         self._given.pop(key, None)
+        self._held_back.pop(key, None)
 
     def slices_naming(self, uids: Iterable[str]) -> list[str]:
         """The slices with an endpoint naming one of the pods ``uids``."""
         return sorted({key for uid in uids for key in self._naming.get(uid, ())})
 
     def routed(self, key: str) -> frozenset:
-        """What slice ``key`` contributes now, vetoes applied, noted as said: to be recorded at once."""
+        """What slice ``key`` contributes now, vetoes applied, noted as said: to be recorded at once, as the
+        slice's own word (what a veto keeps out of it is held back, to be put back if the veto lifts)."""
+        listed = frozenset(e.member for e in self._slices.get(key, ()))
         self._given[key] = frozenset(e.member for e in self._slices.get(key, ()) if self.veto(e) is None)
+        self._held_back[key] = listed - self._given[key]
         return self._given[key]
 
-    def newly_vetoed(self, key: str) -> frozenset:
-        """The members of slice ``key`` vetoed since it was last said what it contributes (noted as said now): to
-        be taken out of what it contributes as recorded. A veto is final, so none is lifted here."""
+    def changed(self, key: str) -> tuple[frozenset, frozenset]:
+        """(members of slice ``key`` vetoed since it was last said what it contributes, to be taken out of what it
+        contributes as recorded; members its own latest word listed that a veto held back and that veto lifted,
+        a pod back in the selector, to be put back), noted as said now: to be recorded at once."""
         if key not in self._slices:
-            return frozenset()
-        before = self._given.get(key, frozenset())
-        now = self.routed(key) & before  # one lifted (a pod back in the selector) waits for its slice's next word
-        self._given[key] = now
-        return before - now
+            return frozenset(), frozenset()
+        before, held = self._given.get(key, frozenset()), self._held_back.get(key, frozenset())
+        allowed = frozenset(e.member for e in self._slices[key] if self.veto(e) is None)
+        withdrawn, restored = before - allowed, held & allowed
+        self._given[key] = (before & allowed) | restored
+        self._held_back[key] = held - restored
+        return withdrawn, restored
 
     def newly_said(self, keys: Iterable[str]) -> list[tuple[SliceEndpoint, str]]:
         """The endpoints of slices ``keys`` vetoed since they were last looked at, each with why: said once."""
