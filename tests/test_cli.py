@@ -202,7 +202,7 @@ def test_deploy_send_and_status_against_a_running_deployment(deployed, tmp_path)
     failed = shardnet("send", address, "--endpoint", "/fail", "--text", "x")
     assert failed.returncode == 1
     answer = json.loads(failed.stdout)
-    assert answer["status"] == "ERROR" and "ValueError" in answer["error"]
+    assert answer["status"] == "ERROR" and "ValueError" in answer["error"] and answer["exception"] == "ValueError"
 
     status = shardnet("status", address)
     assert status.returncode == 0, status.stderr

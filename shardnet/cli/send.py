@@ -151,6 +151,8 @@ def describe(response: DataRequest) -> dict:
     result = {"request_id": response.request_id, "status": "ERROR" if response.is_error else "SUCCESS"}
     if response.is_error:
         result["error"] = status.description
+        if status.exception.name:  # an Executor's exception, or the head's ReplicaLost: a replica died or hung with it
+            result["exception"] = status.exception.name
         if status.exception.executor:  # who raised it, as Deployment.post says
             result["executor"] = status.exception.executor
     parameters = response.parameters
