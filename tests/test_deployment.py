@@ -508,7 +508,10 @@ def test_a_numpy_port_is_a_port_and_an_inherited_empty_token_is_refused_before_a
 def test_an_executors_own_replica_lost_is_no_heads_word_of_a_lost_replica():
     """post() took any ERROR named ReplicaLost for its head's (a regression review's find): an Executor's exception
     of that name is raised as the Executor's."""
-    from shardnet.runtimes.deployment import _lost_with_a_replica_by
+    from shardnet.runtimes.deployment import _lost_with_a_replica
+
+    def _lost_with_a_replica_by(status, deployment: str) -> bool:
+        return _lost_with_a_replica(status, deployment, "head:1") is not None
 
     heads, executors_own = DataRequest(), DataRequest()
     heads.set_error("UNAVAILABLE: deployment 'idx', shard 0, replica x: gone", name="ReplicaLost", executor="idx")

@@ -21,7 +21,7 @@ from typing import Any, Callable, Coroutine, Optional
 
 from shardnet.errors import ConfigurationError
 from shardnet.networking.balancing import BALANCERS
-from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_MB, check_control_token
+from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_MB, TOKEN_VARIABLE, check_control_token
 from shardnet.networking.policies import MAX_TIMEOUT
 from shardnet.networking.tls import ClientTls, ServerTls
 from shardnet.runtimes.executor import metas_name
@@ -32,7 +32,6 @@ THREAD_EXIT_GRACE = 5.0  # seconds the threads an Executor started get to end on
 
 logger = logging.getLogger(__name__)
 
-TOKEN_VARIABLE = "SHARDNET_CONTROL_TOKEN"
 LOOPS = ("asyncio", "uvloop", "auto")
 INT32_MAX = 2**31 - 1  # shard and replica ids travel as protobuf int32 fields
 

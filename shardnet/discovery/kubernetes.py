@@ -750,11 +750,7 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
         objects, word = list(objects), self._pods_word
         if source == SLICES:
             listed = {object_key(obj): _endpoints(obj) for obj in objects}
-            for key in word.slice_keys():
-                if key not in listed:
-                    word.slice_gone(key)
-            for key, endpoints in listed.items():
-                word.slice_seen(key, endpoints)
+            word.slices_listed(listed)
             self._say_vetoes(listed)
             await self._ledger.replace(SLICES, listed, word.routed)
             return

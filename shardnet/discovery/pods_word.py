@@ -62,16 +62,7 @@ class PodsWord:
         """Note a pod as added or modified; the uids whose word changed. A pod that cannot be read is left out
         (the pool says it is malformed)."""
         read = _read_pod(pod)
-        if read is None:
-            return set()
-        uid, name, going = read
-        # out of the selector and back (a label edited): DELETED, then ADDED again, its deletion no longer true
-        touched = {uid} if self._deleted.pop(uid, None) is not None else set()
-        if going:
-            self._going[uid] = name
-            return {uid}
-        self._going.pop(uid, None)
-        return touched
+        return set() if read is None else self._note(*read)
 
     def pod_deleted(self, pod: Mapping[str, Any]) -> set[str]:
         """Note a pod as deleted; the uids whose word changed."""
@@ -86,12 +77,18 @@ class PodsWord:
         for uid in set(known_before) | set(self._going):
             if uid not in listed:
                 touched |= self._gone(uid, self._going.get(uid, uid))
-        for uid, name, going in listed.values():
-            if self._deleted.pop(uid, None) is not None:
-                touched.add(uid)
-            if going:
-                self._going[uid] = name
-                touched.add(uid)
+        for read in listed.values():
+            touched |= self._note(*read)
+        return touched
+
+    def _note(self, uid: str, name: str, going: bool) -> set[str]:
+        """One pod's word; ``{uid}`` when it may change a veto."""
+        # out of the selector and back (a label edited): DELETED, then ADDED again, its deletion no longer true
+        touched = {uid} if self._deleted.pop(uid, None) is not None else set()
+        if going:
+            self._going[uid] = name
+            return {uid}
+        self._going.pop(uid, None)
         return touched
 
     def _gone(self, uid: str, name: str) -> set[str]:
@@ -103,6 +100,13 @@ class PodsWord:
         return {uid}
 
     # -- the slices' word -----------------------------------------------------------
+
+    def slices_listed(self, listed: Mapping[str, Iterable[SliceEndpoint]]) -> None:
+        """Take a (re-)list of the slices as the whole word: those not listed now are gone."""
+        for key in [key for key in self._slices if key not in listed]:
+            self.slice_gone(key)
+        for key, endpoints in listed.items():
+            self.slice_seen(key, endpoints)
 
     def slice_seen(self, key: str, endpoints: Iterable[SliceEndpoint]) -> None:
         """Note what slice ``key`` lists now (``routed`` says what it contributes)."""
@@ -116,9 +120,6 @@ class PodsWord:
     def slice_gone(self, key: str) -> None:
         self._unindex(key)
         self._vetoed = {said for said in self._vetoed if said[0] != key}
-
-    def slice_keys(self) -> list[str]:
-        return list(self._slices)
 
     def _unindex(self, key: str) -> None:
         for endpoint in self._slices.pop(key, ()):
@@ -137,9 +138,8 @@ class PodsWord:
     def routed(self, key: str) -> frozenset:
         """What slice ``key`` contributes now, vetoes applied, noted as said: to be recorded at once, as the
         slice's own word (what a veto keeps out of it is held back, to be put back if the veto lifts)."""
-        listed = frozenset(e.member for e in self._slices.get(key, ()))
-        self._given[key] = frozenset(e.member for e in self._slices.get(key, ()) if self.veto(e) is None)
-        self._held_back[key] = listed - self._given[key]
+        self._given[key] = self._allowed(key)
+        self._held_back[key] = frozenset(e.member for e in self._slices.get(key, ())) - self._given[key]
         return self._given[key]
 
     def changed(self, key: str) -> tuple[frozenset, frozenset]:
@@ -149,11 +149,15 @@ class PodsWord:
         if key not in self._slices:
             return frozenset(), frozenset()
         before, held = self._given.get(key, frozenset()), self._held_back.get(key, frozenset())
-        allowed = frozenset(e.member for e in self._slices[key] if self.veto(e) is None)
+        allowed = self._allowed(key)
         withdrawn, restored = before - allowed, held & allowed
         self._given[key] = (before & allowed) | restored
         self._held_back[key] = held - restored
         return withdrawn, restored
+
+    def _allowed(self, key: str) -> frozenset:
+        """The members of slice ``key`` no veto keeps out."""
+        return frozenset(e.member for e in self._slices.get(key, ()) if self.veto(e) is None)
 
     def newly_said(self, keys: Iterable[str]) -> list[tuple[SliceEndpoint, str]]:
         """The endpoints of slices ``keys`` vetoed since they were last looked at, each with why: said once."""

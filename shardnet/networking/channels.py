@@ -285,6 +285,9 @@ def checked_metadata(pairs: Union[Sequence[tuple[str, Any]], Mapping[str, Any]])
     return tuple(checked)
 
 
+TOKEN_VARIABLE = "SHARDNET_CONTROL_TOKEN"  # the environment variable a head's and a worker's control token is in
+
+
 def check_control_token(token: Optional[str]) -> None:
     """Refuse a control token gRPC could not carry (it travels as ``authorization: Bearer TOKEN``), unquoted."""
     if token is None:

@@ -34,7 +34,7 @@ from shardnet.errors import (
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address, parse_address
 from shardnet.networking.balancing import make_balancer
-from shardnet.networking.channels import check_control_token, check_max_message_mb, message_size_options
+from shardnet.networking.channels import TOKEN_VARIABLE, check_control_token, check_max_message_mb, message_size_options
 from shardnet.networking.policies import check_count, check_flag, check_seconds, check_timeout
 from shardnet.networking.polling import PollingMap
 from shardnet.protocol.documents import Document, DocumentList
@@ -132,10 +132,10 @@ def _check_serving(host: Any, port: Any, control_token: Any) -> None:
     if whole is None or not 0 <= whole <= 65535:
         raise ConfigurationError(f"port must be a whole number from 0 (a free one) to 65535, got {port!r}")
     ServerConfig(host=host, port=whole)  # the head's own rule for its --host: a name or an IP address
-    if control_token is None and os.environ.get("SHARDNET_CONTROL_TOKEN") == "":  # what the processes inherit
+    if control_token is None and os.environ.get(TOKEN_VARIABLE) == "":  # what the processes inherit
         raise ConfigurationError(
-            "$SHARDNET_CONTROL_TOKEN is empty, and the head and workers inherit it: unset it to run without a "
-            "token, or give the token"
+            f"${TOKEN_VARIABLE} is empty, and the head and workers inherit it: unset it to run without a token, or "
+            "give the token"
         )
     try:
         check_control_token(control_token)
@@ -311,7 +311,7 @@ class Deployment:
         if self._search_path:
             env[EXECUTOR_PATH_VARIABLE] = os.pathsep.join(self._search_path)
         if self._control_token is not None:
-            env["SHARDNET_CONTROL_TOKEN"] = self._control_token
+            env[TOKEN_VARIABLE] = self._control_token
         return env
 
     def _launch(self, role: str, arguments: list[str]) -> ShardnetProcess:
@@ -720,8 +720,9 @@ class Deployment:
         response = await oneshot.send_request_async(request, self.address, timeout=timeout, channel_options=self._post_options)
         if response.is_error:
             status = response.status
-            if _lost_with_a_replica_by(status, self.name):  # no Executor's: the head's, on a replica lost with it
-                raise _lost_with_a_replica(status.description, self.name, self.address)
+            lost = _lost_with_a_replica(status, self.name, self.address)
+            if lost is not None:  # no Executor's: the head's, on a replica lost with it
+                raise lost
             raise ExecutorError(
                 status.description,
                 name=status.exception.name,
@@ -772,18 +773,12 @@ class Deployment:
         return f"<Deployment {self.name} {self.shards}x{self.replicas} at {self.head.address if self.head else '-'}>"
 
 
-def _lost_with_a_replica_by(status: Any, deployment: str) -> bool:
-    """Whether an ERROR answer is the head of ``deployment`` saying a replica may have run the request and lost
-    it, not an Executor's exception that happens to share the name."""
-    name, _, _ = status.description.partition(": ")
-    return (status.exception.name == MAY_HAVE_RUN_ERROR and status.exception.executor == deployment
-            and name in grpc.StatusCode.__members__)
-
-
-def _lost_with_a_replica(description: str, deployment: str, head: str) -> ReplicaError:
-    """The error a head's answer for a request a replica died or hung with reads as: the ReplicaError of the
-    status its description starts with (``DEADLINE_EXCEEDED: ...`` a DeadlineExceeded), naming the head."""
-    name, _, cause = description.partition(": ")
+def _lost_with_a_replica(status: Any, deployment: str, head: str) -> Optional[ReplicaError]:
+    """The error an ERROR answer reads as when it is the head of ``deployment`` saying a replica may have run
+    the request and lost it: the ReplicaError of the status its description starts with (``DEADLINE_EXCEEDED:
+    ...`` a DeadlineExceeded), naming the head. None for an Executor's exception, whatever its name."""
+    name, _, cause = status.description.partition(": ")
     code = grpc.StatusCode.__members__.get(name)
-    error_class = replica_error_class(code)
-    return error_class(cause if code else description, address=head, code=code, deployment=deployment, role="head")
+    if code is None or status.exception.name != MAY_HAVE_RUN_ERROR or status.exception.executor != deployment:
+        return None
+    return replica_error_class(code)(cause, address=head, code=code, deployment=deployment, role="head")
