@@ -161,6 +161,8 @@ def test_torch_sparse_indices_are_read_in_torchs_layout():
         (lambda dense: setattr(dense, "dtype", "O"), "not numeric"),
         (lambda dense: setattr(dense, "dtype", "no-such-dtype"), "unknown dtype"),
         (lambda dense: setattr(dense, "dtype", ","), "unknown dtype"),  # numpy raises SyntaxError for this one
+        # numpy reads this as int32; the sender's text would be parsed and cached whole
+        (lambda dense: setattr(dense, "dtype", "<i" + "0" * 100_000 + "4"), "dtype name has 100003 characters"),
     ],
 )
 def test_malformed_ndarray_raises_protocol_error(mutate, message):
@@ -387,3 +389,19 @@ def test_tags_and_parameters_nested_deeper_than_protobuf_carries_are_refused_and
     with pytest.raises(TypeError, match=r"tags\['x'\] nests lists and dicts deeper"):
         doc.tags["x"] = looped
     assert dict(doc.tags) == {"kept": 1}
+
+
+def test_a_refused_dtype_neither_stays_in_memory_nor_carries_numpy_s_quote_of_it():
+    """The dtype cache keeps only names numpy could spell (a client's megabyte names stayed, 8 MB each), and an
+    unknown name's error is not chained to numpy's, which quotes the whole name into an error answer's stacks."""
+    before = ndarray._parsed_dtype.cache_info().currsize
+    target = docarray_pb2.NdArrayProto()
+    ndarray.to_proto(np.zeros(1, dtype=np.int32), target)
+    target.dense.dtype = "<i" + "0" * 1000 + "4"
+    with pytest.raises(ProtocolError, match="at most 32 are taken"):
+        ndarray.from_proto(target)
+    assert ndarray._parsed_dtype.cache_info().currsize == before
+    target.dense.dtype = "x" * 32
+    with pytest.raises(ProtocolError, match="unknown dtype") as refused:
+        ndarray.from_proto(target)
+    assert refused.value.__cause__ is None and refused.value.__suppress_context__

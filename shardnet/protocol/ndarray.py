@@ -22,6 +22,7 @@ from shardnet.protocol.proto import docarray_pb2
 # dtypes whose buffer is plain numbers: object and void dtypes would mean pickles or raw memory
 _SAFE_KINDS = frozenset("biufc")
 MAX_DIMS = 64  # numpy's own limit (32 before 2.0); more dimensions are refused before anything is computed from them
+MAX_DTYPE_NAME = 32  # the longest numeric name numpy spells is "clongdouble": 32 leaves room for byte order and aliases
 # the largest array a sparse one may expand to: what a default-sized gRPC message could carry densely
 # (a few bytes of shape must not allocate gigabytes)
 MAX_DENSE_BYTES = 256 * 2**20
@@ -126,17 +127,26 @@ def _shape(dimensions) -> tuple[int, ...]:
     return tuple(dimensions)
 
 
-@functools.lru_cache(maxsize=128)  # a stream of arrays names a handful of dtypes
 def _numeric_dtype(name: str) -> np.dtype:
+    """The dtype a message names, refused unless numeric; a name longer than any numpy spells is refused before
+    it is parsed or cached (numpy reads ``'<i' + '0' * 10**6 + '4'`` as int32, and the cache would keep it)."""
+    if len(name) > MAX_DTYPE_NAME:
+        raise ProtocolError(f"NdArray dtype name has {len(name)} characters; at most {MAX_DTYPE_NAME} are taken")
+    return _parsed_dtype(name)
+
+
+@functools.lru_cache(maxsize=128)  # a stream of arrays names a handful of dtypes
+def _parsed_dtype(name: str) -> np.dtype:
     with warnings.catch_warnings():
         # numpy still parses deprecated aliases ('a'): they are refused below
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
             dtype = np.dtype(name)
-        except Exception as exc:  # TypeError, ValueError, and SyntaxError for some strings (',')
-            raise ProtocolError(f"NdArray has an unknown dtype {name!r:.80}") from exc  # (the sender chose its length)
+        except Exception:  # TypeError, ValueError, and SyntaxError for some strings (',')
+            # not chained: numpy's message quotes the whole name, and an error answer carries its causes
+            raise ProtocolError(f"NdArray has an unknown dtype {name!r}") from None
     if dtype.kind not in _SAFE_KINDS:
-        raise ProtocolError(f"NdArray dtype {name!r:.80} is not numeric; refusing to decode it")
+        raise ProtocolError(f"NdArray dtype {name!r} is not numeric; refusing to decode it")
     return dtype
 
 
