@@ -120,6 +120,22 @@ def test_field_spans_refuses_past_max_fields_and_takes_up_to_it():
         field_spans(data, frozenset({1}), "m", max_fields=5)
 
 
+async def test_a_request_at_the_field_bound_gets_its_answer_through_a_head(runtimes):
+    """The worker adds a route entry and the parameters of a dict result: the answer of a request at the bound is
+    read with room for them. Refused, it cut the head's request stream, and the others on it ran twice."""
+    worker = await runtimes(Worker(executors.Tagger.create(label="t")))
+    head = await runtimes(Head("bound", connections={0: [worker.server.address]}))
+    at_bound = DataRequest([Document(text="a")], endpoint="/count")
+    for _ in range(MAX_TOP_LEVEL_FIELDS - 2):  # header and data are the other two
+        at_bound.add_route("")
+    for _ in range(2):  # the first opens the head's streams; the second goes on one
+        reply, _ = await raw_call(head.server.address, at_bound.to_bytes())
+        answer = DataRequest.from_bytes(reply, max_documents=None, answer=True)
+        assert not answer.is_error, answer.status
+        assert [result["docs"] for result in answer.parameters["__results__"].values()] == [1]
+        assert len(answer.routes) == MAX_TOP_LEVEL_FIELDS - 1
+
+
 async def test_a_head_refuses_a_padded_request_and_keeps_serving(runtimes):
     worker = await runtimes(Worker(executors.Tagger.create(label="t")))
     head = await runtimes(Head("padded", connections={0: [worker.server.address]}))

@@ -763,3 +763,62 @@ async def test_no_stream_is_opened_to_a_replica_that_is_down_and_one_opens_once_
         for index in range(30):
             await pool.send_request(request("/sleep", f"s{index}", seconds=0), "dep", timeout=5)[0]
         assert streams.opened >= 1 and streams.streamed >= 1  # the first went unary and connected the channel
+
+
+async def test_an_unreadable_answer_ends_its_stream_without_cutting_the_other_requests_on_it():
+    """The requests sharing the stream with one answered unreadably are answered, not failed (and so not sent
+    elsewhere while the replica still ran them: a review saw 7 of 30 run twice); only the unmatched one fails."""
+    taken: list[str] = []
+
+    async def one_garbled(requests, context):
+        await context.send_initial_metadata((("shardnet-max-message-bytes", "1000000"),))
+        async for data in requests:
+            taken.append(DataRequest.from_bytes(data).request_id)
+            if len(taken) == 2:
+                await context.write(b"\xff\xff\xff")  # the first one's answer, garbled
+                await context.write(data)  # the second's, echoed
+
+    async with one_stream_to(one_garbled) as (pool, replicas, address):
+        streams = replicas.get_all_connections()[0].stubs.streams
+        first = asyncio.create_task(pool.call(request("/x", "one", request_id="one"), "dep", replicas, retries=0))
+        await eventually(lambda: "one" in streams._lanes[0].pending)
+        streams._turn = 0  # the same stream
+        second = asyncio.create_task(pool.call(request("/x", "two", request_id="two"), "dep", replicas, retries=0))
+        answer, _ = await asyncio.wait_for(second, 5)
+        assert answer.request_id == "two" and answer.docs[0].text == "two"
+        with pytest.raises(ReplicaError) as caught:
+            await asyncio.wait_for(first, 5)
+        assert f"{address} sent an unreadable answer on its request stream" in str(caught.value)
+        assert not caught.value.unsent  # it may have run
+        assert taken == ["one", "two"]
+        await eventually(lambda: streams._lanes[0] is None)
+
+
+async def test_requests_still_queued_when_a_stream_breaks_fail_as_never_sent():
+    """A replica that stops reading holds the stream's writes; what still waits in the writer's queue when the
+    stream breaks was never written and fails over as unsent, while what was written may have run."""
+    stop = asyncio.Event()
+
+    async def stalled(requests, context):
+        await context.send_initial_metadata((("shardnet-max-message-bytes", str(2**28)),))
+        await requests.__anext__()
+        await stop.wait()  # reads no more: HTTP/2's flow control holds the sender's writes
+        await context.abort(grpc.StatusCode.INTERNAL, "gone")
+
+    async with one_stream_to(stalled) as (pool, replicas, address):
+        streams = replicas.get_all_connections()[0].stubs.streams
+        calls, lane = [], streams._lanes[0]
+        for number in range(60):
+            streams._turn = 0  # each on the one open stream
+            built = request("/x", "x" * 200_000, request_id=f"r{number}")
+            calls.append(asyncio.create_task(pool.call(built, "dep", replicas, retries=0)))
+            await eventually(lambda: len(lane.pending) == number + 1)
+        await eventually(lambda: lane.writer.queued_bytes > 0)
+        queued = len(lane.writer._queue)
+        stop.set()
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(outcome, ReplicaError) for outcome in outcomes), outcomes
+        unsent = [outcome for outcome in outcomes if outcome.unsent]
+        assert 0 < len(unsent) <= queued  # (one more may have gone to be written since)
+        assert all(services.UNWRITTEN_DETAILS in str(outcome) for outcome in unsent)
+        assert all("broke: INTERNAL" in str(outcome) for outcome in outcomes if not outcome.unsent)

@@ -220,7 +220,7 @@ def never_reached(error: BaseException) -> bool:
     if not isinstance(error, grpc.aio.AioRpcError) or error.code() != grpc.StatusCode.UNAVAILABLE:
         return False
     details = (error.details() or "").lower()
-    return details.startswith(NOT_CONNECTED) or details == services.DRAINING_DETAILS
+    return details.startswith(NOT_CONNECTED) or details in services.NEVER_RAN_DETAILS
 
 
 def checked_reply(response: Any, address: Any, owner: str = "", timed: bool = False, role: str = "replica") -> Any:
@@ -243,7 +243,7 @@ def _lazy_reply(origin: Optional[str]) -> Callable[[Optional[bytes]], Optional[D
     """The deserializer of forwarded replies: wrapped, not decoded; no message stays None (see checked_reply)."""
 
     def wrap(data: Optional[bytes]) -> Optional[DataRequest]:
-        return None if data is None else DataRequest.from_bytes(data, origin=origin, max_documents=None)
+        return None if data is None else DataRequest.from_bytes(data, origin=origin, max_documents=None, answer=True)
 
     return wrap
 
@@ -390,7 +390,7 @@ def _to_bytes(request: Union[DataRequest, ControlRequest]) -> bytes:
 
 def _decoded_request(data: bytes) -> DataRequest:
     """A reply decoded at once, so a malformed one fails where the replica that sent it is known."""
-    request = DataRequest.from_bytes(data, max_documents=None)  # an answer asked for: a merge may hold more
+    request = DataRequest.from_bytes(data, max_documents=None, answer=True)  # asked for: a merge may hold more
     request.proto  # noqa: B018 - decodes, and refuses pickled docs_bytes
     return request
 

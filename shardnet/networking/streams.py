@@ -143,6 +143,14 @@ class StreamWriter:
                 return True
         return False
 
+    def take_queued(self) -> list[bytes]:
+        """Empty the queue, returning what was in it: messages never written (the one being written is not)."""
+        queued = list(self._queue)
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._room_made()
+        return queued
+
     def finish(self) -> None:
         """Write what is queued, then half-close the stream (``finish``) and stop."""
         self._finishing = True
@@ -256,12 +264,27 @@ class _Lane:
                 self.limit = min(self.limit, worker_limit)
             self.writer = StreamWriter(self.call.write, self.call.done_writing)
             self.ready = not owner.retired
+            unreadable: Optional[ProtocolError] = None
             while True:
                 message = await self.call.read()
                 if message is grpc.aio.EOF:
                     break
-                self._deliver(message)
-            if self.pending and await self.call.code() == grpc.StatusCode.OK:
+                try:
+                    self._deliver(message)
+                except ProtocolError as exc:  # an answer we cannot match to its request: this stream is done
+                    # with, but not cut: the replica still runs what it took, and cutting would send those
+                    # requests elsewhere too. Half-closed, it answers them and ends the stream; what is then
+                    # still waiting was answered unreadably (it may have run)
+                    if unreadable is None:
+                        unreadable = exc
+                        self.ready = False
+                        self.writer.finish()
+            if unreadable is not None:
+                error = rpc_error(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"{owner.origin} sent an unreadable answer on its request stream: {unreadable}",
+                )
+            elif self.pending and await self.call.code() == grpc.StatusCode.OK:
                 # a shardnet worker ends its stream so only once every request it took is answered (it drains):
                 # what is left never reached it, and is refused in the words that say so, to go elsewhere
                 error = rpc_error(grpc.StatusCode.UNAVAILABLE, services.DRAINING_DETAILS)
@@ -274,11 +297,7 @@ class _Lane:
                 grpc.StatusCode.UNAVAILABLE,
                 f"the request stream to {owner.origin} broke: {exc.code().name}: {exc.details()}",
             )
-        except ProtocolError as exc:  # an answer we cannot match to its request: the stream is not to be trusted
-            self.call.cancel()
-            error = rpc_error(
-                grpc.StatusCode.UNAVAILABLE, f"{owner.origin} sent an unreadable answer on its request stream: {exc}"
-            )
+            self._fail_unwritten()
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():
                 raise
@@ -298,8 +317,24 @@ class _Lane:
             if self.writer is not None:
                 self.writer.task.cancel()
 
+    def _fail_unwritten(self) -> None:
+        """Fail the requests still queued in the writer when the stream broke as never written, so that they go
+        elsewhere as a call that found no connection does: the replica cannot have run them. The others on the
+        stream may have run."""
+        if self.writer is None:
+            return
+        unsent = rpc_error(grpc.StatusCode.UNAVAILABLE, services.UNWRITTEN_DETAILS)
+        for message in self.writer.take_queued():
+            try:
+                request_id = DataRequest.from_bytes(message).request_id
+            except ProtocolError:  # (ours: it was read before it was queued)
+                continue
+            future = self.pending.pop(request_id, None)
+            if future is not None and not future.done():
+                future.set_exception(unsent)
+
     def _deliver(self, message: bytes) -> None:
-        answer = DataRequest.from_bytes(message, origin=self._owner.origin, max_documents=None)
+        answer = DataRequest.from_bytes(message, origin=self._owner.origin, max_documents=None, answer=True)
         request_id = answer.request_id
         future = self.pending.pop(request_id, None)
         if future is None:  # its caller stopped waiting (deadline, cancellation): the id is free again

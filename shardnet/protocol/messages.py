@@ -51,6 +51,10 @@ PROTOBUF_DEPTH_LIMIT = 100
 # A message with more top-level fields than this is padding (millions of 2-byte unknown fields held a head's event
 # loop for seconds) and is refused; walking up to this many costs a few milliseconds.
 MAX_TOP_LEVEL_FIELDS = 10_000
+# An answer holds what its request held plus what each hop adds on its way back (a worker's route entry, the
+# parameters a handler returned; a head of heads passes its worker's on): read with room for them, lest a request
+# at the bound be run and its answer refused (which cut a head's request stream with others' requests on it).
+MAX_ANSWER_FIELDS = MAX_TOP_LEVEL_FIELDS + 100
 # The same bound on what ``parse`` takes, counted before protobuf parses (protobuf's unknown fields are listed one
 # Python object each, and a DataRequestList's empty entries decode to tens of bytes each): twice the longest
 # legitimate repetition, a process_data list of 10,000 requests or an ACTIVATE naming 10,000 workers.
@@ -184,7 +188,9 @@ class DataRequest:
     # the documents of received bytes decode
     # _spliced_at: once an endpoint was set on received bytes, where the one header field appended to what was
     # kept of them (their header fields cut out) begins
-    __slots__ = ("_budget", "_buffer", "_envelope", "_max_documents", "_message", "_origin", "_peeked", "_spliced_at")
+    __slots__ = (
+        "_budget", "_buffer", "_envelope", "_max_documents", "_max_fields", "_message", "_origin", "_peeked", "_spliced_at"
+    )
 
     def __init__(
         self,
@@ -198,6 +204,7 @@ class DataRequest:
         self._origin: Optional[str] = None
         self._budget = DenseBudget(None)  # built here: the program's own arrays
         self._max_documents: Optional[int] = None
+        self._max_fields = MAX_TOP_LEVEL_FIELDS
         self._spliced_at: Optional[int] = None
         self._message = jina_pb2.DataRequestProto()
         self._message.header.request_id = new_id()
@@ -211,12 +218,14 @@ class DataRequest:
 
     @classmethod
     def from_bytes(
-        cls, data: bytes, origin: Optional[str] = None, max_documents: Optional[int] = MAX_DOCUMENTS
+        cls, data: bytes, origin: Optional[str] = None, max_documents: Optional[int] = MAX_DOCUMENTS,
+        answer: bool = False,
     ) -> "DataRequest":
         """Wrap received bytes without decoding them; errors surface on first read, naming ``origin``
         (who sent the bytes, "dep/shard-0 replica 10.0.0.7:8080" say) when given. ``max_documents``: what a
         server takes from a client; None for an answer its caller asked for (a head's merge of every
-        shard's matches may hold more)."""
+        shard's matches may hold more). ``answer``: the bytes answer a request this process sent, and may hold
+        the top-level fields each hop adds to it (MAX_ANSWER_FIELDS)."""
         if not isinstance(data, (bytes, bytearray, memoryview)):  # bytes() of an int or a dict means something else
             raise TypeError(
                 f"DataRequest.from_bytes takes the bytes of a message, got {type(data).__name__} "
@@ -230,6 +239,7 @@ class DataRequest:
         request._origin = origin
         request._budget = None  # set as the documents decode, from the size they came in
         request._max_documents = max_documents
+        request._max_fields = MAX_ANSWER_FIELDS if answer else MAX_TOP_LEVEL_FIELDS
         request._spliced_at = None
         return request
 
@@ -270,6 +280,7 @@ class DataRequest:
         request._origin = None
         request._budget = DenseBudget(None)
         request._max_documents = None
+        request._max_fields = MAX_TOP_LEVEL_FIELDS
         request._spliced_at = None
         return request
 
@@ -293,7 +304,7 @@ class DataRequest:
     def _without_headers(self) -> list[memoryview]:
         """The received bytes with every header field cut out (a sender may write none, or several), in pieces."""
         tags: list[int] = []
-        spans = field_spans(self._buffer, _HEADER, self._what, _DATA_REQUEST_FIELDS, 0, None, MAX_TOP_LEVEL_FIELDS, tags)
+        spans = field_spans(self._buffer, _HEADER, self._what, _DATA_REQUEST_FIELDS, 0, None, self._max_fields, tags)
         received, pieces, position = memoryview(self._buffer), [], 0
         for (_, _, end), tag in zip(spans, tags):
             pieces.append(received[position:tag])
@@ -312,7 +323,7 @@ class DataRequest:
             header, pickled = jina_pb2.HeaderProto(), False
             buffer = self._buffer
             spans = field_spans(
-                buffer, _HEADER_AND_DATA, self._what, _DATA_REQUEST_FIELDS, max_fields=MAX_TOP_LEVEL_FIELDS
+                buffer, _HEADER_AND_DATA, self._what, _DATA_REQUEST_FIELDS, max_fields=self._max_fields
             )
             _check_repeats(spans, self._what)
             for number, start, end in spans:
@@ -337,7 +348,7 @@ class DataRequest:
     def _full(self) -> jina_pb2.DataRequestProto:
         """The fully decoded message; refuses pickled ``docs_bytes``."""
         if self._message is None:
-            if self._buffer is not None and len(self._buffer) > MAX_TOP_LEVEL_FIELDS:
+            if self._buffer is not None and len(self._buffer) > self._max_fields:
                 self._header()  # the bounded walk first: padding is refused before protobuf lists unknown fields
             elif self._buffer is not None and self._peeked is None:  # too small for padding: the repeats only
                 _check_repeats(field_spans(self._buffer, _HEADER_AND_DATA, self._what, _DATA_REQUEST_FIELDS), self._what)
@@ -362,7 +373,7 @@ class DataRequest:
     def _document_arrays(self, data: bytes) -> list[tuple[int, int]]:
         """(start, stop) of each DocumentArray message in ``data``: the documents a count walks."""
         arrays = []
-        data_fields = field_spans(data, _DATA, self._what, _DATA_REQUEST_FIELDS, 0, None, MAX_TOP_LEVEL_FIELDS)
+        data_fields = field_spans(data, _DATA, self._what, _DATA_REQUEST_FIELDS, 0, None, self._max_fields)
         _check_repeats(data_fields, self._what)
         for _, start, end in data_fields:
             spans = field_spans(data, _DOCS, f"{self._what} data", _DOCS_BYTES, start, end, MAX_TOP_LEVEL_FIELDS)

@@ -66,3 +66,8 @@ READY_SERVICE = "shardnet.ready"
 # the details of the UNAVAILABLE a shardnet server answers once it drains: the call never reached a handler, so
 # any client may send it again elsewhere (or to a new connection) without it being processed twice
 DRAINING_DETAILS = "the server is stopping: send elsewhere"
+# the details of the UNAVAILABLE of a request that waited in a request stream's queue when the stream broke: it
+# was never written, so the replica cannot have run it, and it goes elsewhere as a refused one does
+UNWRITTEN_DETAILS = "the request stream broke before this request was written: send elsewhere"
+# the details that say a request surely did not run
+NEVER_RAN_DETAILS = (DRAINING_DETAILS, UNWRITTEN_DETAILS)
