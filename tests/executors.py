@@ -122,16 +122,21 @@ class Sleepy(Executor):
         super().__init__(**kwargs)
         self.cancelled = 0  # sleeps cut short because their caller stopped waiting
         self.made_big = 0  # /big answers made
+        self.sleeping = self.most_sleeping = 0  # /sleep handlers under way, now and at most
 
     @requests(on="/sleep")
     async def sleep(self, docs, parameters, **kwargs):
         if "mark" in parameters:  # a folder: the worker leaves its pid there once it has the request
             (Path(parameters["mark"]) / str(os.getpid())).touch()
+        self.sleeping += 1
+        self.most_sleeping = max(self.most_sleeping, self.sleeping)
         try:
             await asyncio.sleep(float(parameters.get("seconds", 0)))
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
+        finally:
+            self.sleeping -= 1
         for doc in docs:
             doc.tags["slept"] = float(parameters.get("seconds", 0))
 

@@ -88,7 +88,8 @@ _DOCS, _DOCS_BYTES = frozenset({1}), frozenset({2})  # DataContent's oneof: prot
 
 def _refuse_pickle(request_id: str, what: str) -> PickleRefused:
     return PickleRefused(
-        f"{what} {request_id!r} carries docs_bytes (a pickle): refused, send documents as protobuf (DataContent field 1)",
+        f"{what} {request_id!r:.80} carries docs_bytes (a pickle): refused, send documents as protobuf "
+        "(DataContent field 1)",
         request_id=request_id,
     )
 

@@ -27,7 +27,14 @@ from shardnet.errors import ConfigurationError, PickleRefused, ProtocolError, Re
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address, host_is_loopback, parse_address
 from shardnet.networking.channels import NOT_CONNECTED, check_control_token
-from shardnet.networking.streams import LIMIT_METADATA, StreamWriter, byte_count, status_message, status_of
+from shardnet.networking.streams import (
+    LIMIT_METADATA,
+    WRITER_BACKLOG_MESSAGES,
+    StreamWriter,
+    byte_count,
+    status_message,
+    status_of,
+)
 from shardnet.networking.tls import ClientTls, FollowedClientMaterial
 from shardnet.protocol import services
 from shardnet.protocol.documents import Document, DocumentList
@@ -64,6 +71,9 @@ UNBOUND_LOGGED = 100
 # thread, which lets the event loop run meanwhile: it does both object by object, and a request's million parameter
 # values held the loop for a second, a list of 10,000 requests for seconds
 OFF_LOOP_BYTES = 256 * 1024
+# requests of one stream worked on at once: past it the stream is read no further until one is done, so that a
+# sender writing faster than the handlers answer cannot pile up work, and answers, without bound
+STREAM_WORK_LIMIT = WRITER_BACKLOG_MESSAGES
 
 
 def _cleartext_beyond_this_machine(head: str) -> bool:
@@ -270,6 +280,9 @@ class Worker:
                     if task is not None:
                         task.cancel()
                     continue
+                if len(working) >= STREAM_WORK_LIMIT:  # handlers slower than the sender: no more work, and no
+                    # more reading, until some is done (each would hold its answer in the writer's backlog)
+                    await asyncio.wait(tuple(working.values()), return_when=asyncio.FIRST_COMPLETED)
                 if draining.is_set():  # refused at once: the sender fails it over now, not when the stream ends,
                     # in the words of a unary refusal, which tell every sender the request was never run
                     writer.send(status_message(request_id, grpc.StatusCode.UNAVAILABLE, services.DRAINING_DETAILS))
