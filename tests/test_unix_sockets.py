@@ -113,6 +113,18 @@ async def test_a_stale_socket_is_replaced_and_a_live_one_refused(socket_dir, run
     assert worker.server.unix_address == f"unix:{path}"
 
 
+async def test_a_server_leaving_removes_only_its_own_socket_not_a_newer_servers_on_its_path(socket_dir, runtimes):
+    path = f"{socket_dir}/w.sock"
+    old = await runtimes(unix_worker(path, "old"))
+    os.unlink(path)  # what a newer server's bind does to a socket its check found stale (the old one draining)
+    await runtimes(unix_worker(path, "new"))
+    await old.stop(0)
+    assert stat.S_ISSOCK(os.lstat(path).st_mode), "the old server removed the newer one's socket"
+    response = await oneshot.send_request_async(DataRequest([Document()], endpoint="/tag"), f"unix:{path}")
+    assert response.docs[0].tags["by"] == "new"
+    assert os.listdir(socket_dir) == ["w.sock"]  # nothing left beside it (the names gRPC bound before the rename)
+
+
 async def test_a_file_in_the_way_or_a_missing_folder_is_a_clear_error(socket_dir):
     in_the_way = f"{socket_dir}/notes.txt"
     Path(in_the_way).write_text("keep me")
