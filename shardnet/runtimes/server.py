@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import hmac
 import inspect
@@ -529,15 +530,28 @@ class Server:
 
 
 def _check_unix_path_free(path: str) -> None:
-    """Refuse a socket path holding a file that is no socket, or a socket a live server listens on (a socket left
-    by a dead server is free: gRPC replaces it)."""
+    """Refuse a socket path holding a file that is no socket, or a socket a server may listen on. Only a socket
+    that refuses a connection (ECONNREFUSED: left by a dead server), or is gone by then, is free: one this user
+    may not connect to (EACCES) is another user's, maybe live, and any other answer may be a live server's."""
     if os.path.lexists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise ConfigurationError(f"cannot listen on unix:{path}: a file that is not a socket is in the way")
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            listening = probe.connect_ex(path) == 0
-        if listening:
+            probe.settimeout(1.0)  # a live server whose backlog is full would hold a blocking connect
+            outcome = probe.connect_ex(path)
+        if outcome == 0:
             raise ConfigurationError(f"cannot listen on unix:{path}: another server is listening there")
+        if outcome == errno.EACCES:
+            raise ConfigurationError(
+                f"cannot listen on unix:{path}: the socket there is another user's, which this user may not "
+                "connect to (permission denied), so it may be their live server's: stop it or have them remove "
+                "the socket, or choose another path"
+            )
+        if outcome not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise ConfigurationError(
+                f"cannot listen on unix:{path}: the socket there answered a connection with "
+                f"{errno.errorcode.get(outcome, outcome)} ({os.strerror(outcome)}), so a server may be listening on it"
+            )
 
 
 def _private_socket_path(path: str) -> str:
