@@ -23,6 +23,7 @@ from shardnet import (
 from shardnet.networking import oneshot
 from shardnet.networking import tls as tls_module
 from shardnet.networking.tls import load_pem
+from shardnet.protocol import services
 
 
 @dataclass
@@ -238,6 +239,50 @@ async def test_jinas_tls_flag_is_taken_and_anything_else_refused(echo_servers, t
     assert response.request_id == request.request_id
     with pytest.raises(ConfigurationError, match="tls takes a ClientTls"):
         await oneshot.send_request_async(request, server.address, timeout=5.0, tls="yes")
+
+
+def channels_given_only_a_ca(server, root_certificates, request: DataRequest):
+    """(channel, a call of ``request`` on it) from get_grpc_channel and create_async_channel_stub, given a CA and
+    no TLS flag."""
+    channel = GrpcConnectionPool.get_grpc_channel(server.address, asyncio=True, root_certificates=root_certificates)
+    yield channel, lambda: channel.unary_unary(services.PROCESS_SINGLE_DATA)(request.to_bytes(), timeout=5.0)
+    stubs, channel = GrpcConnectionPool.create_async_channel_stub(server.address, root_certificates=root_certificates)
+    yield channel, lambda: stubs.single_data(request, timeout=5.0)
+
+
+async def test_root_certificates_given_without_the_tls_flag_mean_tls(echo_servers, tls, root_certificates):
+    """Jina ignores a CA given without its flag: the call went to a plaintext server in cleartext (a review's find)."""
+    [secure] = await echo_servers(1, credentials=tls.server.credentials())
+    [plain] = await echo_servers(1)
+    request = DataRequest(endpoint="/a")
+    response = await oneshot.send_request_async(request, secure.address, 5.0, root_certificates=root_certificates)
+    assert response.request_id == request.request_id
+    with pytest.raises(ReplicaError, match="seems to serve plaintext and this call was TLS"):
+        await oneshot.send_request_async(request, plain.address, 5.0, root_certificates=root_certificates)
+    for server, answered in ((secure, True), (plain, False)):
+        for channel, call in channels_given_only_a_ca(server, root_certificates, request):
+            try:
+                if answered:
+                    assert await call() is not None
+                else:
+                    with pytest.raises(grpc.aio.AioRpcError, match="WRONG_VERSION_NUMBER"):
+                        await call()
+            finally:
+                await channel.close()
+    assert plain.calls == 0, "a call given a CA reached a plaintext server"
+
+
+async def test_root_certificates_given_both_beside_and_in_a_client_tls_are_refused(echo_servers, tls):
+    [server] = await echo_servers(1, credentials=tls.server.credentials())
+    trusting = ClientTls(root_certificates=tls.ca_pem)
+    said = r"root certificates given twice, as root_certificates= and as tls=ClientTls"
+    with pytest.raises(ConfigurationError, match=said):
+        GrpcConnectionPool.get_grpc_channel(server.address, asyncio=True, root_certificates=tls.ca_pem, tls=trusting)
+    with pytest.raises(ConfigurationError, match=said):
+        GrpcConnectionPool.create_async_channel_stub(server.address, root_certificates=tls.ca_pem, tls=trusting)
+    with pytest.raises(ConfigurationError, match=said):
+        await oneshot.send_request_async(DataRequest(), server.address, 5.0, root_certificates=tls.ca_pem, tls=trusting)
+    assert server.calls == 0
 
 
 async def test_a_one_off_call_in_plaintext_to_a_tls_server_points_at_tls(echo_servers, tls):

@@ -132,13 +132,26 @@ def message_limits(options: Optional[ChannelOptions]) -> tuple[int, int]:
     return int(merged["grpc.max_send_message_length"]), int(merged["grpc.max_receive_message_length"])
 
 
-def tls_settings(https: bool, tls: Union[bool, ClientTls, None]) -> tuple[bool, Optional[ClientTls]]:
-    """``(https, tls)`` with Jina's ``tls=True``/``False`` read as ``https``; anything else but a ClientTls refused."""
+def tls_settings(
+    https: bool, tls: Union[bool, ClientTls, None], root_certificates: PemSource = None
+) -> tuple[bool, Optional[ClientTls]]:
+    """``(https, tls)`` with Jina's ``tls=True``/``False`` read as ``https``; anything else but a ClientTls refused.
+
+    ``root_certificates`` given means TLS, trusting them, whatever the flag says (as the command line's
+    ``--root-ca`` does): Jina ignores a CA given without its flag, so a caller who gave one would talk in
+    cleartext without knowing. Given beside a ClientTls, one of the two would be dropped: refused."""
     if isinstance(tls, bool):
-        return bool(https) or tls, None
-    if tls is not None and not isinstance(tls, ClientTls):
+        https, tls = bool(https) or tls, None
+    elif tls is not None and not isinstance(tls, ClientTls):
         raise ConfigurationError(f"tls takes a ClientTls (or True/False, as in Jina), got a {type(tls).__name__}")
-    return bool(https), tls
+    if root_certificates is None:
+        return bool(https), tls
+    if tls is not None:
+        raise ConfigurationError(
+            "root certificates given twice, as root_certificates= and as tls=ClientTls(...): one would be "
+            "dropped; give them in the ClientTls (ClientTls(root_certificates=...)) alone"
+        )
+    return True, ClientTls(root_certificates=root_certificates)
 
 
 def get_grpc_channel(
@@ -149,17 +162,19 @@ def get_grpc_channel(
     root_certificates: PemSource = None,
     tls: Union[bool, ClientTls, None] = None,
 ) -> Union[grpc.Channel, grpc.aio.Channel]:
-    """Open a channel to ``address``: TLS when the address says https/grpcs, ``https`` is set or ``tls`` given.
+    """Open a channel to ``address``: TLS when the address says https/grpcs, ``https`` is set, or TLS material
+    is given (``root_certificates`` or a ``tls`` ClientTls; both at once are refused).
 
-    The fourth argument is Jina's ``tls`` flag under the name ``https``; ``tls`` also takes that flag.
+    The fourth argument is Jina's ``tls`` flag under the name ``https``; ``tls`` also takes that flag. Unlike
+    Jina, root certificates given without the flag turn TLS on rather than being ignored (see tls_settings).
     Every shardnet channel is made here, so a secure one always carries its ClientTls's channel options.
     """
-    https, tls = tls_settings(https, tls)
+    https, tls = tls_settings(https, tls, root_certificates)
     parsed = address if isinstance(address, Address) else parse_address(address, tls=https)
     use_tls = parsed.tls or https or tls is not None
     module = grpc.aio if asyncio else grpc
     if use_tls:
-        tls = tls or ClientTls(root_certificates=root_certificates)
+        tls = tls or ClientTls()
         opts = merge_options(_with_tls_options(options, tls))
         return module.secure_channel(parsed.target, tls.credentials(), options=opts)
     return module.insecure_channel(parsed.target, options=merge_options(options))

@@ -109,7 +109,7 @@ async def call_once(
     channel after a short random pause, as Jina's blocking helpers try an
     UNAVAILABLE again; ``timeout`` bounds all the attempts.
     """
-    https, tls = tls_settings(https, tls)
+    https, tls = tls_settings(https, tls, root_certificates)  # a CA given means TLS
     address = parse_address(target, tls=https or tls is not None)
     check_timeout(timeout)
     metadata = checked_metadata(metadata)
@@ -126,9 +126,7 @@ async def call_once(
 
     async def attempt() -> tuple[Any, Any]:
         remaining = None if deadline is None else max(0.0, deadline - loop.time())
-        return await _call_on_new_channel(
-            method, payload, address, remaining, root_certificates, tls, metadata, options
-        )
+        return await _call_on_new_channel(method, payload, address, remaining, tls, metadata, options)
 
     try:
         return await retrying(attempt)
@@ -172,10 +170,10 @@ def _tls_diagnosis(error: grpc.aio.AioRpcError, address: Address, tls: Optional[
 
 
 async def _call_on_new_channel(
-    method: str, payload: Any, address: Address, timeout: Optional[float], root_certificates: PemSource,
-    tls: Optional[ClientTls], metadata: Sequence[tuple[str, str]], options: ChannelOptions,
+    method: str, payload: Any, address: Address, timeout: Optional[float], tls: Optional[ClientTls],
+    metadata: Sequence[tuple[str, str]], options: ChannelOptions,
 ) -> tuple[Any, Any]:
-    channel = get_grpc_channel(address, options=options, asyncio=True, root_certificates=root_certificates, tls=tls)
+    channel = get_grpc_channel(address, options=options, asyncio=True, tls=tls)
     try:
         call = getattr(Stubs.for_channel(channel, origin=f"replica {address}"), method)(
             payload, metadata=metadata, timeout=timeout
@@ -213,7 +211,8 @@ async def send_requests_async(
     channel, when it reached no handler (within ``timeout``: see ``call_once``).
 
     Jina's argument order; ``channel_options`` (a list of pairs or a dict), ``message_size_options(n)``
-    say, to send or receive more than 256 MB; ``tls`` a ClientTls (or Jina's flag).
+    say, to send or receive more than 256 MB; ``tls`` a ClientTls (or Jina's flag). ``root_certificates`` given
+    means TLS even without the flag (Jina would ignore them); given beside a ClientTls, refused.
     """
     method, payload, metadata = _data_call(requests, endpoint)
     response, _ = await call_once(
