@@ -366,6 +366,26 @@ async def test_a_tls_failure_a_head_relays_from_its_worker_gets_no_hint_about_th
     assert "seems to" not in str(refused.value) and "https://" not in str(refused.value)
 
 
+def test_a_server_tls_repr_shows_files_by_path_and_pem_in_memory_by_size_only(tls, tmp_path):
+    """A combined PEM (certificate and key in one blob, taken as both) printed the key in ServerTls's and
+    ServerConfig's reprs (a review's find)."""
+    from shardnet.runtimes.server import ServerConfig
+
+    chain, key = load_pem(tls.server.certificate_chain), load_pem(tls.server.private_key)
+    combined = ServerTls(certificate_chain=chain + key, private_key=chain + key, client_ca=tls.ca_pem)
+    for shown in (repr(combined), repr(ServerConfig(tls=combined))):
+        assert b"PRIVATE KEY" not in shown.encode() and b"CERTIFICATE" not in shown.encode()
+        assert f"certificate_chain=<{len(chain + key)} bytes of PEM>" in shown
+        assert f"client_ca=<{len(tls.ca_pem)} bytes of PEM>" in shown
+    (tmp_path / "tls.crt").write_bytes(chain)
+    (tmp_path / "tls.key").write_bytes(key)
+    (tmp_path / "tls.key").chmod(0o600)
+    in_files = ServerTls(certificate_chain=str(tmp_path / "tls.crt"), private_key=str(tmp_path / "tls.key"))
+    assert repr(in_files) == (
+        f"ServerTls(certificate_chain={str(tmp_path / 'tls.crt')!r}, private_key={str(tmp_path / 'tls.key')!r})"
+    )
+
+
 def test_private_keys_stay_out_of_reprs_and_errors_and_open_key_files_are_warned_of(tls, tmp_path, caplog):
     key = load_pem(tls.server.private_key)
     for material in (tls.server, tls.server_mutual, tls.client):
