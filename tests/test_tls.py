@@ -230,6 +230,32 @@ async def test_a_plaintext_worker_at_a_tls_head_is_told_to_look_at_tls(runtimes,
     assert not [task for task in asyncio.all_tasks() if "_refresh_registration" in repr(task.get_coro())]
 
 
+@pytest.mark.parametrize("head_serves, said", [
+    ("plaintext", "this worker dials its head over TLS, as --head-root-ca or a client certificate was given"),
+    ("mutual TLS", "give --head-client-cert and --head-client-key, signed by its --tls-client-ca"),
+])
+async def test_a_worker_dialling_its_head_over_tls_is_told_about_the_flags_it_gave(
+    runtimes, tls, caplog, head_serves, said
+):
+    """It was told to give --head-root-ca, which it had given (a review's find)."""
+    import executors
+
+    from shardnet.runtimes.head import Head
+    from shardnet.runtimes.server import ServerConfig
+    from shardnet.runtimes.worker import Worker
+
+    head = await runtimes(Head("dep", ServerConfig(tls=tls.server_mutual if head_serves == "mutual TLS" else None)))
+    worker = await runtimes(Worker(
+        executors.Tagger.create(), head=head.server.address, head_tls=ClientTls(root_certificates=tls.ca_pem),
+        register_interval=60,
+    ))
+    with caplog.at_level("WARNING", logger="shardnet.runtimes.worker"):
+        await worker.register()
+    assert f"head {head.server.address} is not reachable yet" in caplog.text
+    assert said in caplog.text and "give --head-root-ca" not in caplog.text, caplog.text
+    await worker.stop(0)
+
+
 async def test_jinas_tls_flag_is_taken_and_anything_else_refused(echo_servers, tls, root_certificates):
     [server] = await echo_servers(1, credentials=tls.server.credentials())
     request = DataRequest()
