@@ -117,6 +117,22 @@ async def test_plaintext_client_cannot_talk_to_a_tls_server(pool, echo_servers, 
         await pool.send_request(DataRequest(), "dep", timeout=5.0)[0]
 
 
+async def test_a_pools_tls_mismatch_is_pointed_at_as_the_one_off_helpers_point_at_it(pool_factory, echo_servers, tls):
+    """The pool's (and so a head's) errors said "Socket closed" or "WRONG_VERSION_NUMBER" alone (a review's find)."""
+    [secure] = await echo_servers(1, credentials=tls.server.credentials())
+    [plain] = await echo_servers(1)
+    plaintext_pool, tls_pool = pool_factory(), pool_factory(tls=ClientTls(root_certificates=tls.ca_pem))
+    for pool, server, said in (
+        (plaintext_pool, secure, "if it serves TLS, it was dialled in plaintext: give the pool a ClientTls"),
+        (tls_pool, plain, "the replica appears to serve plaintext, and it was dialled over TLS"),
+    ):
+        pool.add_connection("dep", server.address)
+        with pytest.raises(ReplicaError) as refused:
+            await pool.send_request(DataRequest(), "dep", timeout=5.0)[0]
+        assert said in str(refused.value) and refused.value.deployment == "dep"
+    assert plain.calls == 0
+
+
 async def test_send_request_async_with_root_certificates(echo_servers, tls, root_certificates):
     [server] = await echo_servers(1, credentials=tls.server.credentials())
     request = DataRequest(endpoint="/a")
@@ -390,6 +406,9 @@ async def test_a_tls_failure_a_head_relays_from_its_worker_gets_no_hint_about_th
         await oneshot.send_request_async(DataRequest(endpoint="/x"), head.server.address, timeout=5.0)
     assert worker.server.address in str(refused.value) and "socket closed" in str(refused.value).lower()
     assert "seems to" not in str(refused.value) and "https://" not in str(refused.value)
+    assert "it was dialled in plaintext: give the pool a ClientTls trusting its CA, a head --root-ca" in str(
+        refused.value
+    )  # the head's own dial of its worker is pointed at
 
 
 def test_a_server_tls_repr_shows_files_by_path_and_pem_in_memory_by_size_only(tls, tmp_path):

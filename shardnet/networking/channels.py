@@ -238,6 +238,73 @@ def never_reached(error: BaseException) -> bool:
     return details.startswith(NOT_CONNECTED) or details in services.NEVER_RAN_DETAILS
 
 
+def tls_mismatch(error: grpc.aio.AioRpcError, address: Address, tls: Optional[ClientTls]) -> Optional[str]:
+    """How gRPC's words for this channel's own failed connection suggest the two ends' TLS disagree, if they do:
+    "plaintext" (dialled in plaintext, closed at once), "no client certificate", "client certificate refused"
+    (dialled over TLS, closed at once), "tls at plaintext" (a handshake answered in plaintext); else None.
+
+    Not a status a server sent: a head relaying its worker's failure speaks of another hop. Read only once a
+    call has failed, never on a call's way."""
+    details = (error.details() or "").lower()
+    if not details.startswith(NOT_CONNECTED):
+        return None
+    # a server that closes a connection at once says no more: TLS the likeliest cause, not the only one
+    if "socket closed" in details:
+        if not address.tls:
+            return "plaintext"
+        return "no client certificate" if tls is None or tls.certificate_chain is None else "client certificate refused"
+    if address.tls and "wrong_version_number" in details:
+        return "tls at plaintext"
+    return None
+
+
+def tls_diagnosis(error: grpc.aio.AioRpcError, address: Address, tls: Optional[ClientTls]) -> str:
+    """A one-off call's words on ``tls_mismatch``, to append to its error ("" when none applies)."""
+    mismatch = tls_mismatch(error, address, tls)
+    if mismatch == "plaintext":
+        return (
+            " (the server closed the connection at once: if it serves TLS, this call was plaintext: dial "
+            f"https://{address.target} with its CA)"
+        )
+    if mismatch == "no client certificate":
+        return (
+            " (the server closed the connection at once: if it requires client certificates (mutual TLS), this "
+            "call presented none)"
+        )
+    if mismatch == "client certificate refused":
+        return (
+            " (the server closed the connection at once: if it requires client certificates (mutual TLS), it "
+            "does not trust the one this call presented)"
+        )
+    if mismatch == "tls at plaintext":
+        return " (the server seems to serve plaintext and this call was TLS)"
+    return ""
+
+
+def replica_tls_diagnosis(error: grpc.aio.AioRpcError, address: Address, tls: Optional[ClientTls]) -> str:
+    """A pool's words on ``tls_mismatch`` for one of its replicas: they reach a head's callers too, so they name
+    the hop (the replica, dialled by the pool) and what the pool or head is given, never the caller's dial."""
+    mismatch = tls_mismatch(error, address, tls)
+    if mismatch == "plaintext":
+        return (
+            " (the replica closed the connection at once: if it serves TLS, it was dialled in plaintext: give the "
+            "pool a ClientTls trusting its CA, a head --root-ca)"
+        )
+    if mismatch == "no client certificate":
+        return (
+            " (the replica closed the connection at once: if it requires client certificates (mutual TLS), none "
+            "was presented: give the pool's ClientTls one, a head --client-cert and --client-key)"
+        )
+    if mismatch == "client certificate refused":
+        return (
+            " (the replica closed the connection at once: if it requires client certificates (mutual TLS), it "
+            "does not trust the one presented)"
+        )
+    if mismatch == "tls at plaintext":
+        return " (the replica appears to serve plaintext, and it was dialled over TLS)"
+    return ""
+
+
 def checked_reply(response: Any, address: Any, owner: str = "", timed: bool = False, role: str = "replica") -> Any:
     """``response``, or a MalformedReplyError (a ProtocolError) naming the replica (and the ``owner`` list it
     belongs to, "dep/shard-0") when its reply did not decode.

@@ -20,7 +20,6 @@ from grpc_health.v1 import health_pb2
 from shardnet.errors import ConfigurationError, ReplicaError, replica_error_class
 from shardnet.networking.addresses import Address, entity_address, parse_address
 from shardnet.networking.channels import (
-    NOT_CONNECTED,
     ChannelOptions,
     Stubs,
     checked_metadata,
@@ -30,6 +29,7 @@ from shardnet.networking.channels import (
     error_cause,
     get_grpc_channel,
     never_reached,
+    tls_diagnosis,
     tls_settings,
 )
 from shardnet.networking.policies import check_seconds, check_timeout
@@ -132,7 +132,7 @@ async def call_once(
         return await retrying(attempt)
     except grpc.aio.AioRpcError as error:
         kind = replica_error_class(error.code())
-        cause = error_cause(error) + _tls_diagnosis(error, address, tls)
+        cause = error_cause(error) + tls_diagnosis(error, address, tls)
         made = retrying.statistics.get("attempt_number", 1)
         if made > 1:
             cause += f" (the last of {made} attempts)"
@@ -140,33 +140,6 @@ async def call_once(
         raise kind(
             cause, address=str(address), code=error.code(), role="server", unsent=never_reached(error)
         ) from None
-
-
-def _tls_diagnosis(error: grpc.aio.AioRpcError, address: Address, tls: Optional[ClientTls]) -> str:
-    """What gRPC's words for this channel's own failed connection say of the two ends' TLS, if anything. Not a
-    status a server sent: a head relaying its worker's failure speaks of another hop."""
-    details = (error.details() or "").lower()
-    if not details.startswith(NOT_CONNECTED):
-        return ""
-    # a server that closes a connection at once says no more: TLS the likeliest cause, not the only one
-    if "socket closed" in details and not address.tls:
-        return (
-            " (the server closed the connection at once: if it serves TLS, this call was plaintext: dial "
-            f"https://{address.target} with its CA)"
-        )
-    if "socket closed" in details and (tls is None or tls.certificate_chain is None):
-        return (
-            " (the server closed the connection at once: if it requires client certificates (mutual TLS), this "
-            "call presented none)"
-        )
-    if "socket closed" in details:
-        return (
-            " (the server closed the connection at once: if it requires client certificates (mutual TLS), it "
-            "does not trust the one this call presented)"
-        )
-    if address.tls and "wrong_version_number" in details:
-        return " (the server seems to serve plaintext and this call was TLS)"
-    return ""
 
 
 async def _call_on_new_channel(

@@ -200,6 +200,11 @@ class Connection:
         )
         self.running = _Running()
 
+    @property
+    def tls(self) -> Optional[ClientTls]:
+        """The material the next channel is dialled with; None for a replica dialled in plaintext."""
+        return self._tls
+
     def dial_with(self, tls: ClientTls) -> None:
         """Open the next channel with ``tls`` (renewed material); a replica dialled in plaintext stays so."""
         if self._tls is not None:
