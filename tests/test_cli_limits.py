@@ -158,6 +158,17 @@ def test_a_unix_socket_without_its_folder_is_refused_before_the_executor_loads(t
     assert not (tmp_path / "started.mark").exists(), "the Executor was loaded before --unix-socket was checked"
 
 
+def test_tls_flags_for_a_head_on_a_unix_socket_are_refused_before_the_executor_loads(tmp_path):
+    import trustme
+
+    trustme.CA().cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    finished = _worker(tmp_path, "--port", "0", "--head", "unix:/run/shardnet/h.sock", "--head-root-ca", "ca.pem")
+    assert finished.returncode == 2, finished.stderr
+    assert "--head 'unix:/run/shardnet/h.sock' is a Unix socket" in finished.stderr, finished.stderr
+    assert "drop --head-root-ca" in finished.stderr, finished.stderr
+    assert not (tmp_path / "started.mark").exists(), "the Executor was loaded before --head-root-ca was checked"
+
+
 # -- startup time, and what Executors started ------------------------------------------------------------------
 
 HELPERS = '''

@@ -23,6 +23,7 @@ from shardnet import (
 from shardnet.networking import oneshot
 from shardnet.networking import tls as tls_module
 from shardnet.networking.tls import load_pem
+from shardnet.protocol import services
 
 
 @dataclass
@@ -114,6 +115,22 @@ async def test_plaintext_client_cannot_talk_to_a_tls_server(pool, echo_servers, 
     pool.add_connection("dep", server.address)
     with pytest.raises(ReplicaError):
         await pool.send_request(DataRequest(), "dep", timeout=5.0)[0]
+
+
+async def test_a_pools_tls_mismatch_is_pointed_at_as_the_one_off_helpers_point_at_it(pool_factory, echo_servers, tls):
+    """The pool's (and so a head's) errors said "Socket closed" or "WRONG_VERSION_NUMBER" alone (a review's find)."""
+    [secure] = await echo_servers(1, credentials=tls.server.credentials())
+    [plain] = await echo_servers(1)
+    plaintext_pool, tls_pool = pool_factory(), pool_factory(tls=ClientTls(root_certificates=tls.ca_pem))
+    for pool, server, said in (
+        (plaintext_pool, secure, "if it serves TLS, it was dialled in plaintext: give the pool a ClientTls"),
+        (tls_pool, plain, "the replica appears to serve plaintext, and it was dialled over TLS"),
+    ):
+        pool.add_connection("dep", server.address)
+        with pytest.raises(ReplicaError) as refused:
+            await pool.send_request(DataRequest(), "dep", timeout=5.0)[0]
+        assert said in str(refused.value) and refused.value.deployment == "dep"
+    assert plain.calls == 0
 
 
 async def test_send_request_async_with_root_certificates(echo_servers, tls, root_certificates):
@@ -229,6 +246,32 @@ async def test_a_plaintext_worker_at_a_tls_head_is_told_to_look_at_tls(runtimes,
     assert not [task for task in asyncio.all_tasks() if "_refresh_registration" in repr(task.get_coro())]
 
 
+@pytest.mark.parametrize("head_serves, said", [
+    ("plaintext", "this worker dials its head over TLS, as --head-root-ca or a client certificate was given"),
+    ("mutual TLS", "give --head-client-cert and --head-client-key, signed by its --tls-client-ca"),
+])
+async def test_a_worker_dialling_its_head_over_tls_is_told_about_the_flags_it_gave(
+    runtimes, tls, caplog, head_serves, said
+):
+    """It was told to give --head-root-ca, which it had given (a review's find)."""
+    import executors
+
+    from shardnet.runtimes.head import Head
+    from shardnet.runtimes.server import ServerConfig
+    from shardnet.runtimes.worker import Worker
+
+    head = await runtimes(Head("dep", ServerConfig(tls=tls.server_mutual if head_serves == "mutual TLS" else None)))
+    worker = await runtimes(Worker(
+        executors.Tagger.create(), head=head.server.address, head_tls=ClientTls(root_certificates=tls.ca_pem),
+        register_interval=60,
+    ))
+    with caplog.at_level("WARNING", logger="shardnet.runtimes.worker"):
+        await worker.register()
+    assert f"head {head.server.address} is not reachable yet" in caplog.text
+    assert said in caplog.text and "give --head-root-ca" not in caplog.text, caplog.text
+    await worker.stop(0)
+
+
 async def test_jinas_tls_flag_is_taken_and_anything_else_refused(echo_servers, tls, root_certificates):
     [server] = await echo_servers(1, credentials=tls.server.credentials())
     request = DataRequest()
@@ -238,6 +281,50 @@ async def test_jinas_tls_flag_is_taken_and_anything_else_refused(echo_servers, t
     assert response.request_id == request.request_id
     with pytest.raises(ConfigurationError, match="tls takes a ClientTls"):
         await oneshot.send_request_async(request, server.address, timeout=5.0, tls="yes")
+
+
+def channels_given_only_a_ca(server, root_certificates, request: DataRequest):
+    """(channel, a call of ``request`` on it) from get_grpc_channel and create_async_channel_stub, given a CA and
+    no TLS flag."""
+    channel = GrpcConnectionPool.get_grpc_channel(server.address, asyncio=True, root_certificates=root_certificates)
+    yield channel, lambda: channel.unary_unary(services.PROCESS_SINGLE_DATA)(request.to_bytes(), timeout=5.0)
+    stubs, channel = GrpcConnectionPool.create_async_channel_stub(server.address, root_certificates=root_certificates)
+    yield channel, lambda: stubs.single_data(request, timeout=5.0)
+
+
+async def test_root_certificates_given_without_the_tls_flag_mean_tls(echo_servers, tls, root_certificates):
+    """Jina ignores a CA given without its flag: the call went to a plaintext server in cleartext (a review's find)."""
+    [secure] = await echo_servers(1, credentials=tls.server.credentials())
+    [plain] = await echo_servers(1)
+    request = DataRequest(endpoint="/a")
+    response = await oneshot.send_request_async(request, secure.address, 5.0, root_certificates=root_certificates)
+    assert response.request_id == request.request_id
+    with pytest.raises(ReplicaError, match="seems to serve plaintext and this call was TLS"):
+        await oneshot.send_request_async(request, plain.address, 5.0, root_certificates=root_certificates)
+    for server, answered in ((secure, True), (plain, False)):
+        for channel, call in channels_given_only_a_ca(server, root_certificates, request):
+            try:
+                if answered:
+                    assert await call() is not None
+                else:
+                    with pytest.raises(grpc.aio.AioRpcError, match="WRONG_VERSION_NUMBER"):
+                        await call()
+            finally:
+                await channel.close()
+    assert plain.calls == 0, "a call given a CA reached a plaintext server"
+
+
+async def test_root_certificates_given_both_beside_and_in_a_client_tls_are_refused(echo_servers, tls):
+    [server] = await echo_servers(1, credentials=tls.server.credentials())
+    trusting = ClientTls(root_certificates=tls.ca_pem)
+    said = r"root certificates given twice, as root_certificates= and as tls=ClientTls"
+    with pytest.raises(ConfigurationError, match=said):
+        GrpcConnectionPool.get_grpc_channel(server.address, asyncio=True, root_certificates=tls.ca_pem, tls=trusting)
+    with pytest.raises(ConfigurationError, match=said):
+        GrpcConnectionPool.create_async_channel_stub(server.address, root_certificates=tls.ca_pem, tls=trusting)
+    with pytest.raises(ConfigurationError, match=said):
+        await oneshot.send_request_async(DataRequest(), server.address, 5.0, root_certificates=tls.ca_pem, tls=trusting)
+    assert server.calls == 0
 
 
 async def test_a_one_off_call_in_plaintext_to_a_tls_server_points_at_tls(echo_servers, tls):
@@ -319,6 +406,29 @@ async def test_a_tls_failure_a_head_relays_from_its_worker_gets_no_hint_about_th
         await oneshot.send_request_async(DataRequest(endpoint="/x"), head.server.address, timeout=5.0)
     assert worker.server.address in str(refused.value) and "socket closed" in str(refused.value).lower()
     assert "seems to" not in str(refused.value) and "https://" not in str(refused.value)
+    assert "it was dialled in plaintext: give the pool a ClientTls trusting its CA, a head --root-ca" in str(
+        refused.value
+    )  # the head's own dial of its worker is pointed at
+
+
+def test_a_server_tls_repr_shows_files_by_path_and_pem_in_memory_by_size_only(tls, tmp_path):
+    """A combined PEM (certificate and key in one blob, taken as both) printed the key in ServerTls's and
+    ServerConfig's reprs (a review's find)."""
+    from shardnet.runtimes.server import ServerConfig
+
+    chain, key = load_pem(tls.server.certificate_chain), load_pem(tls.server.private_key)
+    combined = ServerTls(certificate_chain=chain + key, private_key=chain + key, client_ca=tls.ca_pem)
+    for shown in (repr(combined), repr(ServerConfig(tls=combined))):
+        assert b"PRIVATE KEY" not in shown.encode() and b"CERTIFICATE" not in shown.encode()
+        assert f"certificate_chain=<{len(chain + key)} bytes of PEM>" in shown
+        assert f"client_ca=<{len(tls.ca_pem)} bytes of PEM>" in shown
+    (tmp_path / "tls.crt").write_bytes(chain)
+    (tmp_path / "tls.key").write_bytes(key)
+    (tmp_path / "tls.key").chmod(0o600)
+    in_files = ServerTls(certificate_chain=str(tmp_path / "tls.crt"), private_key=str(tmp_path / "tls.key"))
+    assert repr(in_files) == (
+        f"ServerTls(certificate_chain={str(tmp_path / 'tls.crt')!r}, private_key={str(tmp_path / 'tls.key')!r})"
+    )
 
 
 def test_private_keys_stay_out_of_reprs_and_errors_and_open_key_files_are_warned_of(tls, tmp_path, caplog):

@@ -560,3 +560,54 @@ def test_material_read_at_a_renewal_is_shown_by_size_in_a_repr_not_as_pem(author
     )
     shown = repr(tls.in_memory())
     assert "-----BEGIN" not in shown and "bytes of PEM" in shown and "server_name='worker.example'" in shown
+
+
+# -- a pool not started reads its TLS files at each new channel: a file gone a moment must not lose a request --
+
+
+async def test_an_unstarted_pool_whose_tls_file_is_gone_a_moment_fails_over_and_keeps_the_failed_channel(
+    authorities, files, client_files, caplog
+):
+    credentials = files.server_tls().credentials
+    async with EchoServer("dying", credentials=credentials()) as dying, \
+            EchoServer("healthy", credentials=credentials()) as healthy:
+        pool = GrpcConnectionPool(tls=client_files.client_tls("worker.example"))  # as Jina-style code uses one
+        try:
+            for server in (dying, healthy):
+                pool.add_connection("dep", server.address)
+            for _ in range(2):
+                await pool.send_request_once(DataRequest(endpoint="/x"), "dep")
+            await dying.stop()
+            client_files.client_ca.unlink()  # a rotation that deletes, then writes
+            with caplog.at_level(logging.WARNING, logger="shardnet.networking.replica_list"):
+                for _ in range(8):  # the dying replica's third failure rebuilds its channel, reading the files
+                    _, trailing = await pool.send_request_once(DataRequest(endpoint="/x"), "dep")
+                    assert trailing["served-by"] == "healthy"
+            assert pool.get_replicas("dep").ejected_addresses == [f"https://{dying.address}"]
+            [warning] = [record.getMessage() for record in caplog.records if "current channel" in record.getMessage()]
+            assert "dep/shard-0" in warning and dying.address in warning and str(client_files.client_ca) in warning
+        finally:
+            await pool.close()
+
+
+async def test_a_readmission_check_whose_rebuild_cannot_read_the_tls_files_probes_on(
+    authorities, files, client_files, dead_address, eventually
+):
+    async with EchoServer("healthy", credentials=files.server_tls().credentials()) as healthy:
+        replicas = ReplicaList(tls=client_files.client_tls("worker.example"), name="dep/shard-0")
+        try:
+            dead = replicas.add_connection(dead_address)
+            replicas.add_connection(healthy.address)
+            for _ in range(3):
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await replicas.call(dead, "single_data", DataRequest(endpoint="/x"), None, 5.0)
+            assert replicas.ejected_addresses == [f"https://{dead_address}"]
+            await eventually(lambda: dead.channel.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE)
+            client_files.client_ca.unlink()
+            assert replicas.readmit_if_healthy(dead_address)
+            check = replicas._probes[dead]
+            await asyncio.wait_for(asyncio.gather(check, return_exceptions=True), 5)
+            assert check.exception() is None
+            assert not replicas._probes[dead].done()  # probed on, as after its ejection
+        finally:
+            await replicas.close()

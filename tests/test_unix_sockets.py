@@ -21,7 +21,7 @@ from shardnet.cli.head import parse_connections
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address, parse_address
 from shardnet.runtimes.head import Head
-from shardnet.runtimes.server import ServerConfig
+from shardnet.runtimes.server import ServerConfig, check_can_listen
 from shardnet.runtimes.worker import Worker
 
 
@@ -111,6 +111,57 @@ async def test_a_stale_socket_is_replaced_and_a_live_one_refused(socket_dir, run
     response = await oneshot.send_request_async(DataRequest([Document()], endpoint="/tag"), f"unix:{path}")
     assert response.docs[0].tags["by"] == "a", "the refused server took the socket over"
     assert worker.server.unix_address == f"unix:{path}"
+
+
+async def test_a_server_leaving_removes_only_its_own_socket_not_a_newer_servers_on_its_path(socket_dir, runtimes):
+    path = f"{socket_dir}/w.sock"
+    old = await runtimes(unix_worker(path, "old"))
+    os.unlink(path)  # what a newer server's bind does to a socket its check found stale (the old one draining)
+    await runtimes(unix_worker(path, "new"))
+    await old.stop(0)
+    assert stat.S_ISSOCK(os.lstat(path).st_mode), "the old server removed the newer one's socket"
+    response = await oneshot.send_request_async(DataRequest([Document()], endpoint="/tag"), f"unix:{path}")
+    assert response.docs[0].tags["by"] == "new"
+    assert os.listdir(socket_dir) == ["w.sock"]  # nothing left beside it (the names gRPC bound before the rename)
+
+
+def refusal_seen_by_another_user(path: str) -> str:
+    """What ``check_can_listen`` says of ``path`` in a child process running as another user (nobody; root may
+    connect to any socket), or as this one when it is not root (the socket's write permission then taken away
+    by the caller): the refusal's message, or "" when it found the path free."""
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: only os and socket calls, no gRPC
+        status = 1
+        try:
+            os.close(read)
+            if os.geteuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            try:
+                check_can_listen(ServerConfig(unix_socket=path))
+            except ConfigurationError as exc:
+                os.write(write, str(exc).encode())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write)
+    with os.fdopen(read, "rb") as said:
+        message = said.read().decode()
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return message
+
+
+async def test_a_socket_this_user_may_not_connect_to_is_refused_as_another_users(socket_dir, runtimes):
+    path = f"{socket_dir}/w.sock"
+    await runtimes(unix_worker(path, "theirs"))
+    os.chmod(socket_dir, 0o755)
+    os.chmod(path, 0o755 if os.geteuid() == 0 else 0o555)  # others (or we) may not write to it: connect refused
+    message = refusal_seen_by_another_user(path)
+    assert "another user's" in message and "permission denied" in message and path in message
+    response = await oneshot.send_request_async(DataRequest([Document()], endpoint="/tag"), f"unix:{path}")
+    assert response.docs[0].tags["by"] == "theirs"
 
 
 async def test_a_file_in_the_way_or_a_missing_folder_is_a_clear_error(socket_dir):

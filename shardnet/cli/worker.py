@@ -114,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
     config = server_config(args)
     check_can_listen(config)
     head_tls = client_tls(args, prefix="head-")
+    if head_tls is not None:
+        _refuse_tls_to_a_unix_head(args)
     token = config.control_token  # read once (a token given on the command line is warned of once)
     if os.getcwd() not in sys.path:  # as under `python -m`: MODULE:CLASS may name a module in this folder
         sys.path.insert(0, os.getcwd())
@@ -159,6 +161,20 @@ def run(args: argparse.Namespace) -> int:
     loading.set()  # serving watches the parent from here on, and drains on a signal
     code = run_in_loop(worker.run(parent_pid=args.parent_pid, ready_fd=args.ready_fd), loop)
     return exit_leaving_stuck_handlers(code, worker.handlers_still_running())
+
+
+def _refuse_tls_to_a_unix_head(args: argparse.Namespace) -> None:
+    """Refuse head TLS flags beside a ``--head unix:/...``, naming both: a Unix socket is plaintext, and the
+    registration would refuse it only once the Executor had loaded, naming neither flag."""
+    if args.head is None or parse_address(args.head).unix_path is None:
+        return
+    flags = (("--head-root-ca", args.head_root_ca), ("--head-client-cert", args.head_client_cert),
+             ("--head-client-key", args.head_client_key))
+    given = ", ".join(flag for flag, value in flags if value is not None)
+    raise ConfigurationError(
+        f"--head {args.head!r:.120} is a Unix socket, local and plaintext, and {given} would dial it over TLS: "
+        f"drop {given}, or give the head's TCP address as --head"
+    )
 
 
 def check_advertise_host(host: str) -> None:

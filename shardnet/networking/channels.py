@@ -132,13 +132,26 @@ def message_limits(options: Optional[ChannelOptions]) -> tuple[int, int]:
     return int(merged["grpc.max_send_message_length"]), int(merged["grpc.max_receive_message_length"])
 
 
-def tls_settings(https: bool, tls: Union[bool, ClientTls, None]) -> tuple[bool, Optional[ClientTls]]:
-    """``(https, tls)`` with Jina's ``tls=True``/``False`` read as ``https``; anything else but a ClientTls refused."""
+def tls_settings(
+    https: bool, tls: Union[bool, ClientTls, None], root_certificates: PemSource = None
+) -> tuple[bool, Optional[ClientTls]]:
+    """``(https, tls)`` with Jina's ``tls=True``/``False`` read as ``https``; anything else but a ClientTls refused.
+
+    ``root_certificates`` given means TLS, trusting them, whatever the flag says (as the command line's
+    ``--root-ca`` does): Jina ignores a CA given without its flag, so a caller who gave one would talk in
+    cleartext without knowing. Given beside a ClientTls, one of the two would be dropped: refused."""
     if isinstance(tls, bool):
-        return bool(https) or tls, None
-    if tls is not None and not isinstance(tls, ClientTls):
+        https, tls = bool(https) or tls, None
+    elif tls is not None and not isinstance(tls, ClientTls):
         raise ConfigurationError(f"tls takes a ClientTls (or True/False, as in Jina), got a {type(tls).__name__}")
-    return bool(https), tls
+    if root_certificates is None:
+        return bool(https), tls
+    if tls is not None:
+        raise ConfigurationError(
+            "root certificates given twice, as root_certificates= and as tls=ClientTls(...): one would be "
+            "dropped; give them in the ClientTls (ClientTls(root_certificates=...)) alone"
+        )
+    return True, ClientTls(root_certificates=root_certificates)
 
 
 def get_grpc_channel(
@@ -149,17 +162,19 @@ def get_grpc_channel(
     root_certificates: PemSource = None,
     tls: Union[bool, ClientTls, None] = None,
 ) -> Union[grpc.Channel, grpc.aio.Channel]:
-    """Open a channel to ``address``: TLS when the address says https/grpcs, ``https`` is set or ``tls`` given.
+    """Open a channel to ``address``: TLS when the address says https/grpcs, ``https`` is set, or TLS material
+    is given (``root_certificates`` or a ``tls`` ClientTls; both at once are refused).
 
-    The fourth argument is Jina's ``tls`` flag under the name ``https``; ``tls`` also takes that flag.
+    The fourth argument is Jina's ``tls`` flag under the name ``https``; ``tls`` also takes that flag. Unlike
+    Jina, root certificates given without the flag turn TLS on rather than being ignored (see tls_settings).
     Every shardnet channel is made here, so a secure one always carries its ClientTls's channel options.
     """
-    https, tls = tls_settings(https, tls)
+    https, tls = tls_settings(https, tls, root_certificates)
     parsed = address if isinstance(address, Address) else parse_address(address, tls=https)
     use_tls = parsed.tls or https or tls is not None
     module = grpc.aio if asyncio else grpc
     if use_tls:
-        tls = tls or ClientTls(root_certificates=root_certificates)
+        tls = tls or ClientTls()
         opts = merge_options(_with_tls_options(options, tls))
         return module.secure_channel(parsed.target, tls.credentials(), options=opts)
     return module.insecure_channel(parsed.target, options=merge_options(options))
@@ -221,6 +236,73 @@ def never_reached(error: BaseException) -> bool:
         return False
     details = (error.details() or "").lower()
     return details.startswith(NOT_CONNECTED) or details in services.NEVER_RAN_DETAILS
+
+
+def tls_mismatch(error: grpc.aio.AioRpcError, address: Address, tls: Optional[ClientTls]) -> Optional[str]:
+    """How gRPC's words for this channel's own failed connection suggest the two ends' TLS disagree, if they do:
+    "plaintext" (dialled in plaintext, closed at once), "no client certificate", "client certificate refused"
+    (dialled over TLS, closed at once), "tls at plaintext" (a handshake answered in plaintext); else None.
+
+    Not a status a server sent: a head relaying its worker's failure speaks of another hop. Read only once a
+    call has failed, never on a call's way."""
+    details = (error.details() or "").lower()
+    if not details.startswith(NOT_CONNECTED):
+        return None
+    # a server that closes a connection at once says no more: TLS the likeliest cause, not the only one
+    if "socket closed" in details:
+        if not address.tls:
+            return "plaintext"
+        return "no client certificate" if tls is None or tls.certificate_chain is None else "client certificate refused"
+    if address.tls and "wrong_version_number" in details:
+        return "tls at plaintext"
+    return None
+
+
+def tls_diagnosis(error: grpc.aio.AioRpcError, address: Address, tls: Optional[ClientTls]) -> str:
+    """A one-off call's words on ``tls_mismatch``, to append to its error ("" when none applies)."""
+    mismatch = tls_mismatch(error, address, tls)
+    if mismatch == "plaintext":
+        return (
+            " (the server closed the connection at once: if it serves TLS, this call was plaintext: dial "
+            f"https://{address.target} with its CA)"
+        )
+    if mismatch == "no client certificate":
+        return (
+            " (the server closed the connection at once: if it requires client certificates (mutual TLS), this "
+            "call presented none)"
+        )
+    if mismatch == "client certificate refused":
+        return (
+            " (the server closed the connection at once: if it requires client certificates (mutual TLS), it "
+            "does not trust the one this call presented)"
+        )
+    if mismatch == "tls at plaintext":
+        return " (the server seems to serve plaintext and this call was TLS)"
+    return ""
+
+
+def replica_tls_diagnosis(error: grpc.aio.AioRpcError, address: Address, tls: Optional[ClientTls]) -> str:
+    """A pool's words on ``tls_mismatch`` for one of its replicas: they reach a head's callers too, so they name
+    the hop (the replica, dialled by the pool) and what the pool or head is given, never the caller's dial."""
+    mismatch = tls_mismatch(error, address, tls)
+    if mismatch == "plaintext":
+        return (
+            " (the replica closed the connection at once: if it serves TLS, it was dialled in plaintext: give the "
+            "pool a ClientTls trusting its CA, a head --root-ca)"
+        )
+    if mismatch == "no client certificate":
+        return (
+            " (the replica closed the connection at once: if it requires client certificates (mutual TLS), none "
+            "was presented: give the pool's ClientTls one, a head --client-cert and --client-key)"
+        )
+    if mismatch == "client certificate refused":
+        return (
+            " (the replica closed the connection at once: if it requires client certificates (mutual TLS), it "
+            "does not trust the one presented)"
+        )
+    if mismatch == "tls at plaintext":
+        return " (the replica appears to serve plaintext, and it was dialled over TLS)"
+    return ""
 
 
 def checked_reply(response: Any, address: Any, owner: str = "", timed: bool = False, role: str = "replica") -> Any:

@@ -20,7 +20,6 @@ from grpc_health.v1 import health_pb2
 from shardnet.errors import ConfigurationError, ReplicaError, replica_error_class
 from shardnet.networking.addresses import Address, entity_address, parse_address
 from shardnet.networking.channels import (
-    NOT_CONNECTED,
     ChannelOptions,
     Stubs,
     checked_metadata,
@@ -30,6 +29,7 @@ from shardnet.networking.channels import (
     error_cause,
     get_grpc_channel,
     never_reached,
+    tls_diagnosis,
     tls_settings,
 )
 from shardnet.networking.policies import check_seconds, check_timeout
@@ -109,7 +109,7 @@ async def call_once(
     channel after a short random pause, as Jina's blocking helpers try an
     UNAVAILABLE again; ``timeout`` bounds all the attempts.
     """
-    https, tls = tls_settings(https, tls)
+    https, tls = tls_settings(https, tls, root_certificates)  # a CA given means TLS
     address = parse_address(target, tls=https or tls is not None)
     check_timeout(timeout)
     metadata = checked_metadata(metadata)
@@ -126,15 +126,13 @@ async def call_once(
 
     async def attempt() -> tuple[Any, Any]:
         remaining = None if deadline is None else max(0.0, deadline - loop.time())
-        return await _call_on_new_channel(
-            method, payload, address, remaining, root_certificates, tls, metadata, options
-        )
+        return await _call_on_new_channel(method, payload, address, remaining, tls, metadata, options)
 
     try:
         return await retrying(attempt)
     except grpc.aio.AioRpcError as error:
         kind = replica_error_class(error.code())
-        cause = error_cause(error) + _tls_diagnosis(error, address, tls)
+        cause = error_cause(error) + tls_diagnosis(error, address, tls)
         made = retrying.statistics.get("attempt_number", 1)
         if made > 1:
             cause += f" (the last of {made} attempts)"
@@ -144,38 +142,11 @@ async def call_once(
         ) from None
 
 
-def _tls_diagnosis(error: grpc.aio.AioRpcError, address: Address, tls: Optional[ClientTls]) -> str:
-    """What gRPC's words for this channel's own failed connection say of the two ends' TLS, if anything. Not a
-    status a server sent: a head relaying its worker's failure speaks of another hop."""
-    details = (error.details() or "").lower()
-    if not details.startswith(NOT_CONNECTED):
-        return ""
-    # a server that closes a connection at once says no more: TLS the likeliest cause, not the only one
-    if "socket closed" in details and not address.tls:
-        return (
-            " (the server closed the connection at once: if it serves TLS, this call was plaintext: dial "
-            f"https://{address.target} with its CA)"
-        )
-    if "socket closed" in details and (tls is None or tls.certificate_chain is None):
-        return (
-            " (the server closed the connection at once: if it requires client certificates (mutual TLS), this "
-            "call presented none)"
-        )
-    if "socket closed" in details:
-        return (
-            " (the server closed the connection at once: if it requires client certificates (mutual TLS), it "
-            "does not trust the one this call presented)"
-        )
-    if address.tls and "wrong_version_number" in details:
-        return " (the server seems to serve plaintext and this call was TLS)"
-    return ""
-
-
 async def _call_on_new_channel(
-    method: str, payload: Any, address: Address, timeout: Optional[float], root_certificates: PemSource,
-    tls: Optional[ClientTls], metadata: Sequence[tuple[str, str]], options: ChannelOptions,
+    method: str, payload: Any, address: Address, timeout: Optional[float], tls: Optional[ClientTls],
+    metadata: Sequence[tuple[str, str]], options: ChannelOptions,
 ) -> tuple[Any, Any]:
-    channel = get_grpc_channel(address, options=options, asyncio=True, root_certificates=root_certificates, tls=tls)
+    channel = get_grpc_channel(address, options=options, asyncio=True, tls=tls)
     try:
         call = getattr(Stubs.for_channel(channel, origin=f"replica {address}"), method)(
             payload, metadata=metadata, timeout=timeout
@@ -213,7 +184,8 @@ async def send_requests_async(
     channel, when it reached no handler (within ``timeout``: see ``call_once``).
 
     Jina's argument order; ``channel_options`` (a list of pairs or a dict), ``message_size_options(n)``
-    say, to send or receive more than 256 MB; ``tls`` a ClientTls (or Jina's flag).
+    say, to send or receive more than 256 MB; ``tls`` a ClientTls (or Jina's flag). ``root_certificates`` given
+    means TLS even without the flag (Jina would ignore them); given beside a ClientTls, refused.
     """
     method, payload, metadata = _data_call(requests, endpoint)
     response, _ = await call_once(

@@ -43,6 +43,7 @@ from shardnet.networking.channels import (
     error_cause,
     get_grpc_channel,
     never_reached,
+    replica_tls_diagnosis,
 )
 from shardnet.networking.policies import (
     EjectionPolicy,
@@ -577,7 +578,8 @@ class GrpcConnectionPool:
         note: str = "",
         unsent: bool = False,
     ) -> ReplicaError:
-        cause = error_cause(error)
+        # what the failed connection's words say of TLS on both ends (a plaintext pool at a TLS worker, say)
+        cause = error_cause(error) + replica_tls_diagnosis(error, connection.address, connection.tls)
         if note:
             cause = f"{cause} ({note})"
         return replica_error_class(error.code())(

@@ -200,16 +200,22 @@ class Connection:
         )
         self.running = _Running()
 
+    @property
+    def tls(self) -> Optional[ClientTls]:
+        """The material the next channel is dialled with; None for a replica dialled in plaintext."""
+        return self._tls
+
     def dial_with(self, tls: ClientTls) -> None:
         """Open the next channel with ``tls`` (renewed material); a replica dialled in plaintext stays so."""
         if self._tls is not None:
             self._tls = tls
 
     def rebuild(self) -> None:
-        """Replace the channel with a fresh one; the old one closes once the calls still on it end."""
+        """Replace the channel with a fresh one; the old one closes once the calls still on it end. TLS material
+        in files that cannot be read now raises ConfigurationError and leaves the connection as it was."""
         retired = _ChannelInUse(self.channel, self.stubs.streams, self.running)
+        self._open()  # first: a failure to open changes nothing
         self.rebuilt_at = asyncio.get_running_loop().time()
-        self._open()
         self._closed.add(retired.channel)
         closing = asyncio.get_running_loop().create_task(retired.close(RETIRED_CHANNEL_GRACE))
         self._retiring[closing] = retired
@@ -493,7 +499,7 @@ class ReplicaList:
         # a run ending UNAVAILABLE always does, as a fresh channel reconnects without the old one's backoff
         now = asyncio.get_running_loop().time()
         if code == grpc.StatusCode.UNAVAILABLE or now - connection.rebuilt_at >= policy.min_rebuild_interval:
-            connection.rebuild()
+            self._rebuild(connection)
         if len(self._eligible) > 1 and connection in self._position:
             self._eject(connection)
         elif connection in self._position:  # the last one pickable
@@ -501,6 +507,21 @@ class ReplicaList:
             for ejected in list(self._probes):
                 if now - ejected.checked_at >= OUT_OF_TURN_CHECKS_EVERY:
                     self._check_now(ejected)
+
+    def _rebuild(self, connection: Connection) -> bool:
+        """Give ``connection`` a fresh channel; True when it got one. When the TLS files a new channel reads
+        cannot be read now (a rotation that deletes and rewrites them, a file moved away), the replica keeps the
+        channel it has, which a warning says: the failover or health check that asked for the rebuild must not
+        fail on it. The next rebuild reads the files again."""
+        try:
+            connection.rebuild()
+        except ConfigurationError as exc:
+            self._logger.warning(
+                "%s: replica %s keeps its current channel, as a new one cannot be made: %s",
+                self.name or "replica list", connection.address, exc,
+            )
+            return False
+        return True
 
     def _too_short(self, callers_timeout: Optional[float]) -> bool:
         """True when a caller's deadline was too short to blame the replica for missing it."""
@@ -574,7 +595,8 @@ class ReplicaList:
         """``readmit_if_healthy``'s check: admit ``connection`` if it serves, else probe on as after an ejection."""
         try:
             if connection.channel.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
-                connection.rebuild()  # the old one waits out its reconnect backoff (up to minutes); a new one dials now
+                # the old channel waits out its reconnect backoff (up to minutes); a new one dials now
+                self._rebuild(connection)
             healthy = await connection.health()
             if self._connections.get(connection.address.target) is not connection or connection in self._position:
                 return

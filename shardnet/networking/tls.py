@@ -422,6 +422,16 @@ class ServerTls:
             follower.configuration(skew=CLOCK_SKEW), follower, require_client_authentication=require_client_auth
         )
 
+    def __repr__(self) -> str:
+        # as ClientTls's: files by their path, PEM held in memory by its size, never its text (a combined PEM
+        # given as the chain holds the private key too)
+        shown = [
+            f"{name}={_shown(getattr(self, name), name.replace('_', ' '))}"
+            for name in ("certificate_chain", "private_key", "client_ca")
+            if getattr(self, name) is not None
+        ]
+        return f"ServerTls({', '.join(shown)})"
+
 
 class FollowedServerMaterial:
     """What gRPC asks for at each TLS handshake of a server whose material is in files: None while the files

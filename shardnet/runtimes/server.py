@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import hmac
 import inspect
 import logging
 import math
 import os
+import secrets
 import signal
 import socket
 import stat
@@ -37,7 +39,13 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2
 
 from shardnet.errors import ConfigurationError, ProtocolError
-from shardnet.networking.addresses import UNIX_SCHEME, canonical_host, entity_address, parse_address
+from shardnet.networking.addresses import (
+    MAX_UNIX_PATH_BYTES,
+    UNIX_SCHEME,
+    canonical_host,
+    entity_address,
+    parse_address,
+)
 from shardnet.networking.channels import (
     DEFAULT_MAX_MESSAGE_BYTES,
     MAX_MESSAGE_BYTES,
@@ -297,7 +305,7 @@ class Server:
         self.stopping = asyncio.Event()  # set as the drain begins: long-lived streams end once their answers are out
         self._calls = 0  # calls under way in the handlers served (health and reflection aside)
         self._idle = asyncio.Event()  # set whenever _calls drops to 0: what a drain waits for
-        self._unix_bound = False
+        self._unix_socket: Optional[int] = None  # an O_PATH descriptor of the socket bound (_bind_unix)
 
     def serve_unary(self, path: str, handler: RawHandler) -> None:
         """Serve the unary method ``path`` with ``handler`` (bytes in and out), counted and refused while draining."""
@@ -438,20 +446,42 @@ class Server:
             await self.health.set(name, status)
 
     def _bind_unix(self, path: str) -> None:
-        """Listen on ``path``; a socket left by a dead server is replaced, one a live server holds is refused."""
+        """Listen on ``path``; a socket left by a dead server is replaced, one a live server holds is refused.
+
+        gRPC binds a private name beside ``path``, renamed onto it at once (which replaces a stale socket in one
+        step): gRPC unlinks the path it bound when it stops, whatever is there by then, and a newer server may
+        have bound ``path`` while this one drained. The socket is held (an O_PATH descriptor, so that its inode
+        number cannot be given to another file meanwhile) until ``_remove_unix_socket`` compares it with ``path``.
+        """
         _check_unix_path_free(path)
+        private = _private_socket_path(path)
         try:
-            self._server.add_insecure_port(f"{UNIX_SCHEME}{path}")
+            self._server.add_insecure_port(f"{UNIX_SCHEME}{private}")
+            if private != path:
+                os.rename(private, path)
+            self._unix_socket = os.open(path, os.O_PATH | os.O_NOFOLLOW)
         except RuntimeError as exc:
             raise ConfigurationError(f"cannot listen on unix:{path}: folder missing or not writable ({exc})") from None
-        self._unix_bound = True
+        except OSError as exc:
+            raise ConfigurationError(f"cannot listen on unix:{path}: {exc.strerror}") from None
 
     def _remove_unix_socket(self) -> None:
-        """Remove the socket file we bound (never one we were refused, which belongs to a live server)."""
+        """Remove the socket file we bound, only while ``path`` still is it (by device and inode): never one we
+        were refused, which belongs to a live server, nor one a newer server bound there since."""
+        held, self._unix_socket = self._unix_socket, None
+        if held is None:
+            return
         path = self.config.unix_socket
-        if self._unix_bound and os.path.lexists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
-        self._unix_bound = False
+        try:
+            ours = os.fstat(held)
+            with contextlib.suppress(FileNotFoundError):
+                there = os.lstat(path)
+                if (there.st_dev, there.st_ino) == (ours.st_dev, ours.st_ino):
+                    os.unlink(path)
+                else:
+                    logger.info("unix:%s is another server's socket now: left in place", path)
+        finally:
+            os.close(held)
 
     async def drain(
         self, grace: Optional[float] = None, when_idle: Optional[Callable[[], Awaitable[None]]] = None
@@ -500,15 +530,42 @@ class Server:
 
 
 def _check_unix_path_free(path: str) -> None:
-    """Refuse a socket path holding a file that is no socket, or a socket a live server listens on (a socket left
-    by a dead server is free: gRPC replaces it)."""
+    """Refuse a socket path holding a file that is no socket, or a socket a server may listen on. Only a socket
+    that refuses a connection (ECONNREFUSED: left by a dead server), or is gone by then, is free: one this user
+    may not connect to (EACCES) is another user's, maybe live, and any other answer may be a live server's."""
     if os.path.lexists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise ConfigurationError(f"cannot listen on unix:{path}: a file that is not a socket is in the way")
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            listening = probe.connect_ex(path) == 0
-        if listening:
+            probe.settimeout(1.0)  # a live server whose backlog is full would hold a blocking connect
+            outcome = probe.connect_ex(path)
+        if outcome == 0:
             raise ConfigurationError(f"cannot listen on unix:{path}: another server is listening there")
+        if outcome == errno.EACCES:
+            raise ConfigurationError(
+                f"cannot listen on unix:{path}: the socket there is another user's, which this user may not "
+                "connect to (permission denied), so it may be their live server's: stop it or have them remove "
+                "the socket, or choose another path"
+            )
+        if outcome not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise ConfigurationError(
+                f"cannot listen on unix:{path}: the socket there answered a connection with "
+                f"{errno.errorcode.get(outcome, outcome)} ({os.strerror(outcome)}), so a server may be listening on it"
+            )
+
+
+def _private_socket_path(path: str) -> str:
+    """A name beside ``path`` no file has, for gRPC to bind before the rename onto ``path`` (see
+    ``Server._bind_unix``), as short as a socket path must be; ``path`` itself when its folder leaves no room for
+    a name of 8 random characters or more (gRPC then removes whatever is at ``path`` when it stops)."""
+    folder = os.path.dirname(path)
+    room = MAX_UNIX_PATH_BYTES - len(os.path.join(folder, ".").encode())
+    if room >= 8:
+        for _ in range(8):
+            candidate = os.path.join(folder, "." + secrets.token_hex(6)[:room])
+            if not os.path.lexists(candidate):
+                return candidate
+    return path
 
 
 def check_can_listen(config: ServerConfig) -> None:

@@ -89,20 +89,41 @@ _HEAD_REFUSALS = frozenset({
 })
 
 
-def _tls_hint(error: Exception) -> str:
+def _tls_hint(error: Exception, head_tls: Optional[ClientTls]) -> str:
     """The worker's flags for TLS to its head, when its own connection failed in words that suggest the two ends
-    disagree about TLS (not a status the head sent)."""
+    disagree about TLS (not a status the head sent): what to give when it dials in plaintext, what to look at
+    in the flags it gave (``head_tls``) when it dials over TLS."""
     if not isinstance(error, ReplicaError):
         return ""
     cause = error.cause.lower()
     if not cause.startswith(NOT_CONNECTED):
         return ""
-    if "socket closed" in cause or "handshake" in cause or "certificate" in cause or "ssl" in cause:
+    if not any(word in cause for word in ("socket closed", "handshake", "certificate", "ssl")):
+        return ""
+    if head_tls is None:
         return (
             " (if the head serves TLS, give --head-root-ca; with mutual TLS also --head-client-cert and "
             "--head-client-key, signed by its client CA)"
         )
-    return ""
+    if "wrong_version_number" in cause:
+        return (
+            " (this worker dials its head over TLS, as --head-root-ca or a client certificate was given: if the "
+            "head serves plaintext, give it --tls-cert and --tls-key, or drop the worker's --head-* TLS flags)"
+        )
+    if "socket closed" in cause and head_tls.certificate_chain is None:
+        return (
+            " (if the head requires client certificates (mutual TLS), give --head-client-cert and "
+            "--head-client-key, signed by its --tls-client-ca)"
+        )
+    if "socket closed" in cause:
+        return (
+            " (if the head requires client certificates (mutual TLS), its --tls-client-ca must have signed "
+            "--head-client-cert)"
+        )
+    return (
+        " (--head-root-ca must have signed the head's certificate, and that certificate must name the address in "
+        "--head, or the name given as --head-server-name)"
+    )
 
 
 def _drop_if_current(tasks: dict[str, asyncio.Task], key: str, task: asyncio.Task) -> None:
@@ -506,7 +527,9 @@ class Worker:
                 ) from None
             if exc.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise
-            logger.warning("head %s is not reachable yet, will keep trying: %s%s", self._head, exc, _tls_hint(exc))
+            logger.warning(
+                "head %s is not reachable yet, will keep trying: %s%s", self._head, exc, _tls_hint(exc, self._head_tls)
+            )
         self._keep_registered = asyncio.get_running_loop().create_task(self._refresh_registration())
 
     def _head_material(self) -> Optional[ClientTls]:
@@ -550,7 +573,9 @@ class Worker:
                 logger.debug("head %s did not take our registration: %s", self._head, exc)
                 if failing_since is None:
                     failing_since = said_at = now
-                    logger.warning("head %s did not take our registration: %s%s", self._head, exc, _tls_hint(exc))
+                    logger.warning(
+                        "head %s did not take our registration: %s%s", self._head, exc, _tls_hint(exc, self._head_tls)
+                    )
                 elif now - said_at >= REGISTRATION_LOG_INTERVAL:
                     said_at = now
                     logger.warning("head %s has not taken our registration for %.0fs: %s", self._head,
