@@ -676,3 +676,11 @@ class Nordic(Executor):
     def search(self, docs, parameters, **kwargs):
         for doc in docs:
             doc.text = f"handled {doc.text}"
+
+
+class HangsInClose(Tagger):
+    """``close()`` marks ``<workspace>/closing``, then hangs (a lock never released, a connection lost)."""
+
+    def close(self) -> None:
+        (Path(self.runtime_args.workspace) / "closing").touch()
+        time.sleep(300)

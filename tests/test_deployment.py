@@ -710,6 +710,34 @@ def test_a_worker_whose_launcher_dies_during_a_load_that_hangs_stops_at_once(tmp
         kill_all(left)
 
 
+def test_a_worker_whose_launcher_dies_while_its_close_hangs_exits_at_once(tmp_path):
+    """Once stopping, the worker no longer watched its launcher: a close() that hung kept it running for ever
+    after its Deployment's kill -9 (a review's find). The launcher's exit during the stop ends it at once."""
+    script, workspace, log = tmp_path / "launcher.py", tmp_path / "ws", tmp_path / "worker.log"
+    script.write_text(LAUNCHER_SCRIPT)
+    launcher = subprocess.Popen([sys.executable, str(script), executors.__file__, str(workspace), "HangsInClose", log],
+                                stdout=subprocess.PIPE, text=True)
+    left: list[int] = []
+    try:
+        worker = int(launcher.stdout.readline())
+        left.append(worker)
+        deadline = time.monotonic() + 30
+        while "ready on" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        os.kill(worker, signal.SIGTERM)  # a drain of 10 s, then a close() that hangs
+        while not (workspace / "closing").exists():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        launcher.kill()
+        launcher.wait(10)
+        assert not still_running(left, 5), log.read_text()
+        assert "(--parent-pid) exited while stopping: exiting at once" in log.read_text(), log.read_text()
+    finally:
+        launcher.kill()
+        kill_all(left)
+
+
 def _stopped_worker_log(tmp_path: Path, executor: str, *flags: str) -> tuple[float, str]:
     """Start a worker of ``executor`` (and ``flags``), SIGTERM it once it serves; how long its exit took, and its
     log."""

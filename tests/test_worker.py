@@ -33,7 +33,7 @@ from shardnet.cli.main import main as cli_main
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.processes import ShardnetProcess
 from shardnet.runtimes.server import MAX_REQUESTS_PER_CALL, ServerConfig
-from shardnet.runtimes.worker import HANDLER_THREAD_PREFIX, Worker
+from shardnet.runtimes.worker import CLOSE_GRACE, HANDLER_THREAD_PREFIX, Worker
 
 import executors
 
@@ -1007,6 +1007,41 @@ async def test_a_handler_whose_caller_gave_up_finishes_before_close_and_the_exit
     assert await wait_exit(worker, timeout=20) == 0, worker.tail()
     assert (workspace / "index.txt").read_text() == "doc-1"
     assert "still running" not in worker.tail()
+
+
+async def test_a_close_that_hangs_is_left_behind_once_its_bound_passes_and_the_worker_exits(
+    tmp_path, processes, eventually
+):
+    """close() ran with no deadline: one that hung kept its worker for ever, its parent's kill -9 and further
+    signals too (a review's find). It gets what is left of the drain and CLOSE_GRACE more, is named, and the
+    worker exits 1 without it."""
+    workspace = tmp_path / "ws"
+    worker = processes(
+        "worker", ["worker", "--uses", f"{EXECUTORS}:HangsInClose", "--workspace", str(workspace),
+                   "--drain-seconds", "0.5"], tmp_path,
+    )
+    await asyncio.to_thread(worker.wait_ready, 20)
+    worker.signal(signal.SIGTERM)
+    await eventually(lambda: (workspace / "closing").exists(), timeout=10)
+    assert await wait_exit(worker, timeout=CLOSE_GRACE + 10) == 1, worker.tail()
+    assert "the Executor's close() did not return within" in worker.tail(), worker.tail()
+
+
+@pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM])
+async def test_a_second_stop_signal_while_close_hangs_exits_at_once(tmp_path, processes, eventually, second):
+    """A second SIGINT or SIGTERM did nothing while close() hung (a review's find): it ends the worker at once,
+    as deploy's second Ctrl-C ends its processes."""
+    workspace = tmp_path / "ws"
+    worker = processes(
+        "worker", ["worker", "--uses", f"{EXECUTORS}:HangsInClose", "--workspace", str(workspace),
+                   "--drain-seconds", "30"], tmp_path,
+    )
+    await asyncio.to_thread(worker.wait_ready, 20)
+    worker.signal(signal.SIGTERM)
+    await eventually(lambda: (workspace / "closing").exists(), timeout=10)
+    worker.signal(second)
+    assert await wait_exit(worker, timeout=5) == 128 + second, worker.tail()
+    assert f"a second {second.name} while stopping: exiting at once" in worker.tail(), worker.tail()
 
 
 def test_a_sighup_ignored_from_the_start_stays_ignored(tmp_path):

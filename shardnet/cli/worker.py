@@ -158,7 +158,9 @@ def run(args: argparse.Namespace) -> int:
     )
     loading.set()  # serving watches the parent from here on, and drains on a signal
     code = run_in_loop(worker.run(parent_pid=args.parent_pid, ready_fd=args.ready_fd), loop)
-    return exit_leaving_stuck_handlers(code, worker.handlers_still_running())
+    if code == 0 and worker.close_abandoned:  # stopped, but what its close() was to save may not be saved
+        code = 1
+    return exit_leaving_stuck_handlers(code, worker.handlers_still_running(), close_left=worker.close_abandoned)
 
 
 def check_advertise_host(host: str) -> None:
