@@ -684,3 +684,13 @@ class HangsInClose(Tagger):
     def close(self) -> None:
         (Path(self.runtime_args.workspace) / "closing").touch()
         time.sleep(300)
+
+
+class BlocksItsLoop(Tagger):
+    """``/block`` is an async handler that marks ``<workspace>/blocking``, then blocks the event loop for
+    ``parameters["seconds"]`` (a blocking call in an async def)."""
+
+    @requests(on="/block")
+    async def block(self, docs, parameters, **kwargs):
+        (Path(self.runtime_args.workspace) / "blocking").touch()
+        time.sleep(float(parameters.get("seconds", 60)))

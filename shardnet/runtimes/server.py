@@ -66,6 +66,10 @@ _WILDCARD_TO_LOOPBACK = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 # most 10,000 workers; each request costs a wrapper and a header rewrite, so a longer list is memory for the asking
 MAX_REQUESTS_PER_CALL = 10_000
 PARENT_POLL_SECONDS = 0.5  # how soon a child notices that the process that launched it is gone
+# once its launcher (--parent-pid) is gone, a process stopping for that takes at most these seconds beyond its
+# drain's grace (a DEACTIVATE, an Executor's close() with its own bound) before it exits at once: a handler
+# blocking the event loop (a blocking call in an async def) would hold a drain, which the loop runs, for as long
+STOP_SLACK = 15.0
 
 RawHandler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
 StreamHandler = Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], Any]
@@ -601,10 +605,12 @@ class _Stop:
     (``watch_parent``), sets ``requested``: a drain begins (``begin``). A second signal, or the launcher's
     exit, once the stop is under way ends the process at once, logged, as ``deploy``'s second Ctrl-C ends its
     processes: a drain or an Executor's ``close()`` that hung kept it running for ever, through further signals
-    and its launcher's kill -9 alike. The launcher is watched from a thread, which the event loop need not run."""
+    and its launcher's kill -9 alike. The launcher is watched from a thread, which needs no event loop (a
+    handler blocking the loop kept an orphan serving on), and the stop its exit asks for is bounded too."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, grace: float):
         self._loop = loop
+        self._grace = grace  # the drain's
         self.requested = asyncio.Event()
         self._began = threading.Event()  # the stop is under way (a drain, a close())
         self._ended = threading.Event()  # serving has returned: nothing more to watch
@@ -640,6 +646,19 @@ class _Stop:
         logger.warning("process %d (--parent-pid) exited: stopping", pid)
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the stop is over
             self._loop.call_soon_threadsafe(self.requested.set)
+        # the loop begins the stop at once, unless a handler holds it: that handler gets the drain's grace, as a
+        # drain would give it, and the whole stop that grace and STOP_SLACK more
+        begin_within = max(1.0, self._grace)
+        if not self._began.wait(begin_within):
+            self._exit_at_once(
+                f"process {pid} (--parent-pid) exited, and the event loop did not begin the stop within "
+                f"{begin_within:g}s (a handler holds it: a blocking call in an async def?)", 128 + signal.SIGTERM,
+            )
+        if not self._ended.wait(self._grace + STOP_SLACK):
+            self._exit_at_once(
+                f"process {pid} (--parent-pid) exited, and the stop took more than {self._grace + STOP_SLACK:g}s",
+                128 + signal.SIGTERM,
+            )
 
     def _exit_at_once(self, why: str, code: int) -> None:
         """Log ``why``, end what this process started when its launcher is gone (``end_own_session``), and exit
@@ -684,7 +703,7 @@ async def serve_until_signalled(
     if ready_fd is not None:
         check_ready_fd(ready_fd)
     loop = asyncio.get_running_loop()
-    stop = _Stop(loop)
+    stop = _Stop(loop, server.config.drain_grace)
     signals = [signal.SIGTERM, signal.SIGINT]
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
         signals.append(signal.SIGHUP)
