@@ -536,6 +536,11 @@ class Unruly(Executor):
     def generator_exit(self, docs, parameters, **kwargs):
         raise GeneratorExit("raised by the handler")
 
+    @requests(on="/async-generator-exit")
+    async def async_generator_exit(self, docs, parameters, **kwargs):
+        await asyncio.sleep(0)
+        raise GeneratorExit("raised by the handler")
+
 
 class Ledger(Executor):
     """Jina's habits: a file in ``self.workspace`` flushed in ``close()``, executor-specific parameters."""

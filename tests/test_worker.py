@@ -401,14 +401,23 @@ async def test_a_handler_that_yields_its_documents_runs_them_off_the_event_loop(
     assert [(doc.id, doc.text) for doc in answer.docs] == [("a", "yielded")]
 
 
-@pytest.mark.parametrize("endpoint, raised", [("/stopiter", "StopIteration"), ("/generator-exit", "GeneratorExit")])
-async def test_a_blocking_handler_letting_a_stop_iteration_out_is_answered_error(runtimes, endpoint, raised):
-    """A thread's Future cannot carry a StopIteration (or a GeneratorExit) to the loop: the call was never
-    answered (a Jina client without a deadline waited for ever). Found by reviews."""
+@pytest.mark.parametrize("endpoint, raised, why", [
+    ("/stopiter", "StopIteration", "a next() on an empty iterator?"),
+    ("/generator-exit", "GeneratorExit", "GeneratorExit closes a generator"),
+    ("/async-generator-exit", "GeneratorExit", "GeneratorExit closes a generator"),
+])
+async def test_a_handler_letting_a_stop_iteration_or_generator_exit_out_is_answered_error(
+    runtimes, endpoint, raised, why
+):
+    """A thread's Future cannot carry a StopIteration (or a GeneratorExit) to the loop, and a GeneratorExit out
+    of an async handler was taken for the worker's coroutine being closed: the call was never answered, unary or
+    on a head's request stream (a Jina client without a deadline waited for ever). Found by reviews."""
     worker = await runtimes(Worker(executors.Unruly.create()))
-    answer = await oneshot.send_request_async(DataRequest([Document()], endpoint=endpoint), worker.server.address,
-                                              timeout=10)
-    assert answer.is_error and raised in answer.status.description, answer.status
+    head = await runtimes(Head("dep", connections={0: [worker.server.address]}))  # its request streams
+    for address in (worker.server.address, head.server.address):
+        answer = await oneshot.send_request_async(DataRequest([Document()], endpoint=endpoint), address, timeout=10)
+        assert answer.is_error and f"the handler let a {raised} out ({why}" in answer.status.description, (
+            address, answer.status)
 
 
 async def test_a_handler_yielding_without_end_is_stopped_at_what_an_answer_holds(runtimes):

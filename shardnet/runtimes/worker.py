@@ -394,7 +394,7 @@ class Worker:
         # someone else cancelled: gRPC would take it for the call's own cancellation and send no answer at all,
         # leaving a caller without a deadline waiting for ever
         except GeneratorExit:
-            raise  # this coroutine is being closed: nothing may run in it any more
+            raise  # this coroutine is being closed: nothing may run in it (a handler's own came as a RuntimeError)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError) and _cancelled_from_outside():
                 raise  # the call itself: its client left, or the drain's grace ended
