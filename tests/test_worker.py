@@ -1053,6 +1053,21 @@ async def test_a_second_stop_signal_while_close_hangs_exits_at_once(tmp_path, pr
     assert f"a second {second.name} while stopping: exiting at once" in worker.tail(), worker.tail()
 
 
+async def test_a_brace_in_a_worker_or_head_name_is_printed_as_given(tmp_path, processes):
+    """The ready line was made with str.format on a string holding the name: a worker named idx{0} crashed once
+    loaded and registered (IndexError), without a DEACTIVATE, and a head so named likewise (a review's find)."""
+    head = processes("head", ["head", "--deployment", "a{b}", "--port", "0", "--shards", "1"], tmp_path)
+    head_address = await asyncio.to_thread(head.wait_ready, 20)
+    worker = processes(
+        "worker", ["worker", "--uses", f"{EXECUTORS}:Tagger", "--name", "idx{0}", "--head", head_address], tmp_path,
+    )
+    address = await asyncio.to_thread(worker.wait_ready, 20)
+    assert f"shardnet head a{{b}} ready on {head_address}" in head.tail(), head.tail()
+    assert f"shardnet worker idx{{0}} ready on {address}" in worker.tail(), worker.tail()
+    answer = await oneshot.send_request_async(DataRequest([Document()], endpoint="/tag"), head_address, timeout=10)
+    assert answer.docs[0].tags["by"] == "tagger"
+
+
 def test_a_sighup_ignored_from_the_start_stays_ignored(tmp_path):
     """Under nohup a worker took SIGHUP for a stop once it handled it: a closed terminal stopped what nohup was
     to keep running (found by a review). The kernel's mask of ignored signals says which it ignores."""

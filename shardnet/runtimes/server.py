@@ -685,12 +685,13 @@ async def serve_until_signalled(
     server: Server,
     on_ready: Optional[Callable[[], Awaitable[None]]] = None,
     on_stop: Optional[Callable[[], Awaitable[None]]] = None,
-    ready_line: Optional[str] = None,
+    ready_line: Optional[Callable[[str], str]] = None,
     parent_pid: Optional[int] = None,
     when_idle: Optional[Callable[[], Awaitable[None]]] = None,
     ready_fd: Optional[int] = None,
 ) -> int:
-    """Start ``server``, print ``ready_line``, and on SIGTERM, SIGINT or SIGHUP (its terminal closed) run
+    """Start ``server``, print ``ready_line(address)`` (a function: a line made with ``str.format`` broke on a
+    brace in a name the user gave), and on SIGTERM, SIGINT or SIGHUP (its terminal closed) run
     ``on_stop`` then drain (``when_idle``: as ``Server.drain`` takes it); return 0.
 
     With ``parent_pid`` the same happens when that process exits, however it ended (kill -9 included):
@@ -731,7 +732,7 @@ async def _serve(
     stop: _Stop,
     on_ready: Optional[Callable[[], Awaitable[None]]],
     on_stop: Optional[Callable[[], Awaitable[None]]],
-    ready_line: Optional[str],
+    ready_line: Optional[Callable[[str], str]],
     ready_fd: Optional[int],
     when_idle: Optional[Callable[[], Awaitable[None]]],
 ) -> None:
@@ -745,7 +746,7 @@ async def _serve(
         gc.freeze()
         if ready_line:
             also = f" and {server.unix_address}" if server.unix_address else ""
-            print(ready_line.format(address=server.address, port=server.port) + also, flush=True)
+            print(ready_line(server.address) + also, flush=True)
         if ready_fd is not None:
             _tell_ready(ready_fd, server.address)
         await stop.requested.wait()

@@ -679,7 +679,7 @@ class Worker:
                 self.server,
                 on_ready=self.register if self._head else None,
                 on_stop=self.deregister if self._head else None,
-                ready_line=f"shardnet worker {self.name} ready on {{address}}",
+                ready_line=lambda address: f"shardnet worker {self.name} ready on {address}",
                 parent_pid=parent_pid,
                 ready_fd=ready_fd,
                 when_idle=self._finish,  # the Executor's close() before the listener closes: see server.py
