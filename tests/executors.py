@@ -699,3 +699,25 @@ class BlocksItsLoop(Tagger):
     async def block(self, docs, parameters, **kwargs):
         (Path(self.runtime_args.workspace) / "blocking").touch()
         time.sleep(float(parameters.get("seconds", 60)))
+
+
+class InterruptedInInit(Tagger):
+    """Its ``__init__`` raises KeyboardInterrupt (a library's prompt or download helper, say)."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        raise KeyboardInterrupt
+
+
+class ExitsInClose(Tagger):
+    """Its ``close()`` calls ``sys.exit(3)``."""
+
+    def close(self) -> None:
+        raise SystemExit(3)
+
+
+class InterruptedInClose(Tagger):
+    """Its ``close()`` raises KeyboardInterrupt."""
+
+    def close(self) -> None:
+        raise KeyboardInterrupt("in close")

@@ -1068,6 +1068,32 @@ async def test_a_brace_in_a_worker_or_head_name_is_printed_as_given(tmp_path, pr
     assert answer.docs[0].tags["by"] == "tagger"
 
 
+@pytest.mark.parametrize("executor, raised", [("ExitsInClose", "SystemExit(3)"),
+                                              ("InterruptedInClose", "KeyboardInterrupt('in close')")])
+async def test_sys_exit_or_keyboard_interrupt_in_close_is_logged_and_the_stop_goes_on(
+    tmp_path, socket_dir, processes, executor, raised
+):
+    """They ended the worker silently (exit 3, or 130), its server's stop and its socket's removal skipped (a
+    review's find): logged as any failure of close() is, naming the Executor, and the stop ends as usual."""
+    path = f"{socket_dir}/worker.sock"
+    worker = processes("worker", ["worker", "--uses", f"{EXECUTORS}:{executor}", "--unix-socket", path], tmp_path)
+    await asyncio.to_thread(worker.wait_ready, 20)
+    worker.signal(signal.SIGTERM)
+    assert await wait_exit(worker) == 0, worker.tail()
+    assert f"the Executor's close() ({executor}) failed: {raised}" in worker.tail(), worker.tail()
+    assert not os.path.lexists(path)
+
+
+def test_keyboard_interrupt_in_init_is_logged_naming_the_executor(tmp_path):
+    """The worker exited 130 without a word (main() takes KeyboardInterrupt for Ctrl-C; a review's find)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "shardnet", "worker", "--uses", f"{EXECUTORS}:InterruptedInInit", "--port", "0"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 130, result
+    assert "the Executor's __init__ (InterruptedInInit) raised KeyboardInterrupt(): not served" in result.stderr, result
+
+
 def test_a_sighup_ignored_from_the_start_stays_ignored(tmp_path):
     """Under nohup a worker took SIGHUP for a stop once it handled it: a closed terminal stopped what nohup was
     to keep running (found by a review). The kernel's mask of ignored signals says which it ignores."""

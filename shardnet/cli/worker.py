@@ -134,7 +134,12 @@ def run(args: argparse.Namespace) -> int:
     workspace = args.workspace or default_workspace()  # where its folder is, but for an Executor choosing its own
     expected_name = name_in_metas or executor_class.__name__
     former = former_workspace(name, workspace, expected_name, args.shard_id)  # before its __init__ makes its own
-    executor = executor_class.create(runtime_args, **uses_with)
+    try:
+        executor = executor_class.create(runtime_args, **uses_with)
+    except (KeyboardInterrupt, SystemExit) as exc:  # the exit (130, or its code) would say nothing of why
+        logger.error("%s: the Executor's __init__ (%s) raised %r: not served", name, executor_class.__name__, exc,
+                     exc_info=True)
+        raise
     if executor.metas.name != expected_name:  # named in its __init__ (metas= among its arguments): asked again
         former = former_workspace(name, workspace, executor.metas.name, args.shard_id)
     if former is not None:

@@ -612,10 +612,7 @@ class Worker:
         if not self._closed:
             self._closed = True
             await self._wait_for_handlers()
-            try:
-                await self._close_executor()
-            except Exception:  # its failure is logged, the stop goes on
-                logger.exception("%s: the Executor's close() failed", self.name)
+            await self._close_executor()
         self._threads.shutdown(wait=False, cancel_futures=True)
         self._counting.shutdown(wait=False, cancel_futures=True)
 
@@ -623,7 +620,7 @@ class Worker:
         """Run the Executor's ``close()`` on a thread of its own, for what is left of the drain's grace
         and CLOSE_GRACE seconds more; one that has not returned by then is logged and left behind
         (``close_abandoned``), so that neither the drain nor the process's exit waits for it: a thread of the
-        loop's default executor would be joined by both."""
+        loop's default executor would be joined by both. What it raises, any BaseException, is logged."""
         loop = asyncio.get_running_loop()
         closed: asyncio.Future = loop.create_future()
 
@@ -653,7 +650,11 @@ class Worker:
                 "%gs more): stopping without it, its state may not be saved", self.name, bound, CLOSE_GRACE,
             )
             return
-        closed.result()  # what close() raised, raised here
+        failure = closed.exception()
+        if failure is not None:  # logged, and the stop goes on: KeyboardInterrupt or sys.exit() too, which
+            # skipped the server's stop and the socket's removal, and ended the worker without a word
+            logger.error("%s: the Executor's close() (%s) failed: %r", self.name, type(self.executor).__name__,
+                         failure, exc_info=failure)
 
     async def _wait_for_handlers(self) -> None:
         running = self._threads.running()
