@@ -606,7 +606,7 @@ async def test_a_worker_whose_head_is_away_says_so_once_and_again_when_it_is_bac
     head = Head("away")
     await head.start()
     port = head.server.port
-    worker = await runtimes(Worker(executors.Tagger.create(), head=head.server.address, register_interval=0.05))
+    worker = await runtimes(Worker(executors.Tagger.create(), head=head.server.address, register_interval=0.1))
     await worker.register()
     await head.stop(0)
 

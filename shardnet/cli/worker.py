@@ -35,7 +35,7 @@ from shardnet.runtimes.executor import (
 )
 from shardnet.runtimes.head import IMPLIED_LEASE_FACTOR, MAX_RENEWAL_INTERVAL
 from shardnet.runtimes.server import check_can_listen
-from shardnet.runtimes.worker import Worker
+from shardnet.runtimes.worker import MIN_REGISTER_INTERVAL, SHORTEST_INTERVAL_WHY, Worker
 
 REGISTER_INTERVAL = 2.0  # seconds between a worker's ACTIVATEs to its --head, unless --register-interval says
 logger = logging.getLogger(__name__)
@@ -45,6 +45,16 @@ LONGEST_INTERVAL = (
     f" (a head counts at most {MAX_RENEWAL_INTERVAL:g} s of the interval a worker announces and leases it for "
     f"{IMPLIED_LEASE_FACTOR} times that: a worker renewing less often may be dropped between its renewals)"
 )
+
+
+def _register_interval(text: str) -> float:
+    """``--register-interval``: positive seconds from MIN_REGISTER_INTERVAL to MAX_RENEWAL_INTERVAL."""
+    seconds = positive_seconds("register interval", most=MAX_RENEWAL_INTERVAL, why=LONGEST_INTERVAL)(text)
+    if seconds < MIN_REGISTER_INTERVAL:
+        raise argparse.ArgumentTypeError(
+            f"register interval must be at least {MIN_REGISTER_INTERVAL:g} seconds{SHORTEST_INTERVAL_WHY}, got {text!r}"
+        )
+    return seconds
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -60,10 +70,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--register-interval",
-        type=positive_seconds("register interval", most=MAX_RENEWAL_INTERVAL, why=LONGEST_INTERVAL),
+        type=_register_interval,
         metavar="SECONDS",
         default=None,
-        help=f"seconds between ACTIVATE refreshes to --head, at most {MAX_RENEWAL_INTERVAL:g}; a head without "
+        help=f"seconds between ACTIVATE refreshes to --head, from {MIN_REGISTER_INTERVAL:g} to "
+             f"{MAX_RENEWAL_INTERVAL:g}; a head without "
              f"--lease leases the worker for five times that (default: {REGISTER_INTERVAL:g})",
     )
     parser.add_argument(

@@ -62,6 +62,9 @@ DEACTIVATE_TIMEOUT = 5.0
 # too). A Deployment's stop, and a pod's grace under k8s render, give a worker as long after its drain
 CLOSE_GRACE = 5.0
 CLOSE_THREAD_NAME = "executor-close"  # the thread close() runs on, which an exit leaves behind once abandoned
+# the shortest interval between a worker's ACTIVATEs: each is a call to its head, and 1e-6 s flooded it
+MIN_REGISTER_INTERVAL = 0.1
+SHORTEST_INTERVAL_WHY = " (a worker renews its registration with its head that often: a shorter one floods the head)"
 # seconds between looks at the files of the TLS material a worker registers with, for a renewal (as a pool's)
 HEAD_TLS_CHECK_INTERVAL = 30.0
 
@@ -169,6 +172,11 @@ class Worker:
         name: Optional[str] = None,
     ):
         check_control_token(control_token)  # before serving: a token gRPC cannot carry would fail every ACTIVATE
+        if not register_interval >= MIN_REGISTER_INTERVAL:  # NaN too
+            raise ConfigurationError(
+                f"register_interval must be at least {MIN_REGISTER_INTERVAL:g} seconds{SHORTEST_INTERVAL_WHY}, "
+                f"got {register_interval!r}"
+            )
         self.executor = executor
         # in error reports and as the key of a dict result (Jina names it deployment/shard-S/rep-R)
         self.name = name or type(executor).__name__
