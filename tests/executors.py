@@ -541,6 +541,11 @@ class Unruly(Executor):
     def generator_exit(self, docs, parameters, **kwargs):
         raise GeneratorExit("raised by the handler")
 
+    @requests(on="/async-generator-exit")
+    async def async_generator_exit(self, docs, parameters, **kwargs):
+        await asyncio.sleep(0)
+        raise GeneratorExit("raised by the handler")
+
 
 class Ledger(Executor):
     """Jina's habits: a file in ``self.workspace`` flushed in ``close()``, executor-specific parameters."""
@@ -681,3 +686,43 @@ class Nordic(Executor):
     def search(self, docs, parameters, **kwargs):
         for doc in docs:
             doc.text = f"handled {doc.text}"
+
+
+class HangsInClose(Tagger):
+    """``close()`` marks ``<workspace>/closing``, then hangs (a lock never released, a connection lost)."""
+
+    def close(self) -> None:
+        (Path(self.runtime_args.workspace) / "closing").touch()
+        time.sleep(300)
+
+
+class BlocksItsLoop(Tagger):
+    """``/block`` is an async handler that marks ``<workspace>/blocking``, then blocks the event loop for
+    ``parameters["seconds"]`` (a blocking call in an async def)."""
+
+    @requests(on="/block")
+    async def block(self, docs, parameters, **kwargs):
+        (Path(self.runtime_args.workspace) / "blocking").touch()
+        time.sleep(float(parameters.get("seconds", 60)))
+
+
+class InterruptedInInit(Tagger):
+    """Its ``__init__`` raises KeyboardInterrupt (a library's prompt or download helper, say)."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        raise KeyboardInterrupt
+
+
+class ExitsInClose(Tagger):
+    """Its ``close()`` calls ``sys.exit(3)``."""
+
+    def close(self) -> None:
+        raise SystemExit(3)
+
+
+class InterruptedInClose(Tagger):
+    """Its ``close()`` raises KeyboardInterrupt."""
+
+    def close(self) -> None:
+        raise KeyboardInterrupt("in close")

@@ -22,6 +22,7 @@ from shardnet.errors import ConfigurationError, ProcessError
 from shardnet.runtimes.deployment import DEFAULT_STARTUP_TIMEOUT, Deployment
 from shardnet.runtimes.head import MAX_RENEWAL_INTERVAL, MAX_WORKERS
 from shardnet.runtimes.processes import ShardnetProcess, stop_all
+from shardnet.runtimes.worker import Worker
 
 EXECUTORS = Path(executors.__file__).resolve()
 RENDER = ["k8s", "render", "--name", "idx", "--image", "i"]
@@ -40,6 +41,10 @@ REFUSED_BY_ARGPARSE = {
     "register-interval-past-the-heads-cap": (
         ["worker", "--uses", "m:C", "--register-interval", "301"],
         "argument --register-interval: register interval must be at most 300 seconds",
+    ),
+    "register-interval-below-the-floor": (
+        ["worker", "--uses", "m:C", "--register-interval", "1e-6"],
+        "argument --register-interval: register interval must be at least 0.1 seconds",
     ),
     "head-shards-past-max-workers": (["head", "--deployment", "d", "--shards", str(MAX_WORKERS + 1)],
                                      f"argument --shards: shards must be an integer from 0 to {MAX_WORKERS}"),
@@ -123,6 +128,11 @@ def test_deploy_refuses_more_workers_than_one_machine_runs_and_a_log_dir_it_cann
 def test_deployment_refuses_a_register_interval_its_workers_would_refuse():
     with pytest.raises(ConfigurationError, match="register_interval must be at most 300 seconds"):
         Deployment(executors.Tagger, register_interval=301)
+    # 1e-6 s had every worker flood its head with ACTIVATEs (a review's find); a Worker refuses it too
+    with pytest.raises(ConfigurationError, match="register_interval must be at least 0.1 seconds"):
+        Deployment(executors.Tagger, register_interval=1e-6)
+    with pytest.raises(ConfigurationError, match="register_interval must be at least 0.1 seconds"):
+        Worker(executors.Tagger.create(), head="127.0.0.1:9", register_interval=0.01)
     assert Deployment(executors.Tagger).startup_timeout == DEFAULT_STARTUP_TIMEOUT
 
 

@@ -652,7 +652,7 @@ LAUNCHER_SCRIPT = """
 import subprocess, sys, time
 worker = subprocess.Popen(
     [sys.executable, "-m", "shardnet", "worker", "--uses", sys.argv[1] + ":" + sys.argv[3], "--port", "0",
-     "--workspace", sys.argv[2], "--parent-pid", str(__import__("os").getpid())],
+     "--workspace", sys.argv[2], "--parent-pid", str(__import__("os").getpid()), *sys.argv[5:]],
     start_new_session=True, stdout=open(sys.argv[4], "ab"), stderr=subprocess.STDOUT,
 )
 print(worker.pid, flush=True)
@@ -708,6 +708,71 @@ def test_a_worker_whose_launcher_dies_during_a_load_that_hangs_stops_at_once(tmp
     finally:
         launcher.kill()
         kill_all(left)
+
+
+def test_a_worker_whose_launcher_dies_while_its_close_hangs_exits_at_once(tmp_path):
+    """Once stopping, the worker no longer watched its launcher: a close() that hung kept it running for ever
+    after its Deployment's kill -9 (a review's find). The launcher's exit during the stop ends it at once."""
+    script, workspace, log = tmp_path / "launcher.py", tmp_path / "ws", tmp_path / "worker.log"
+    script.write_text(LAUNCHER_SCRIPT)
+    launcher = subprocess.Popen([sys.executable, str(script), executors.__file__, str(workspace), "HangsInClose", log],
+                                stdout=subprocess.PIPE, text=True)
+    left: list[int] = []
+    try:
+        worker = int(launcher.stdout.readline())
+        left.append(worker)
+        deadline = time.monotonic() + 30
+        while "ready on" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        os.kill(worker, signal.SIGTERM)  # a drain of 10 s, then a close() that hangs
+        while not (workspace / "closing").exists():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        launcher.kill()
+        launcher.wait(10)
+        assert not still_running(left, 5), log.read_text()
+        assert "(--parent-pid) exited while stopping: exiting at once" in log.read_text(), log.read_text()
+    finally:
+        launcher.kill()
+        kill_all(left)
+
+
+def test_a_worker_whose_launcher_dies_while_a_handler_blocks_its_event_loop_exits(tmp_path):
+    """The parent watch was a task of the event loop: a blocking call in an async handler kept the worker
+    serving on as an orphan for as long (a review's find). The watch is a thread, and the stop it asks for must
+    begin within the drain's grace."""
+    script, workspace, log = tmp_path / "launcher.py", tmp_path / "ws", tmp_path / "worker.log"
+    script.write_text(LAUNCHER_SCRIPT)
+    launcher = subprocess.Popen(
+        [sys.executable, str(script), executors.__file__, str(workspace), "BlocksItsLoop", log, "--drain-seconds", "1"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    left: list[int] = []
+    try:
+        left.append(int(launcher.stdout.readline()))
+        deadline = time.monotonic() + 30
+        while not (address := re.search(r"ready on (\S+)", log.read_text())):
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        blocked = threading.Thread(target=_call_quietly, args=(address[1], "/block"), daemon=True)
+        blocked.start()
+        while not (workspace / "blocking").exists():
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        launcher.kill()
+        launcher.wait(10)
+        assert not still_running(left, 8), log.read_text()  # its 60 s block cut after the 1 s grace
+        assert "the event loop did not begin the stop within 1s" in log.read_text(), log.read_text()
+    finally:
+        launcher.kill()
+        kill_all(left)
+
+
+def _call_quietly(address: str, endpoint: str) -> None:
+    """Send ``endpoint`` one request, whatever its answer (the worker may be gone before it)."""
+    with contextlib.suppress(ReplicaError):
+        oneshot.send_request_sync(DataRequest([Document()], endpoint=endpoint), address, timeout=60)
 
 
 def _stopped_worker_log(tmp_path: Path, executor: str, *flags: str) -> tuple[float, str]:

@@ -124,7 +124,7 @@ async def test_a_worker_keeps_renewing_its_registration_through_a_tls_file_gone_
     head = await runtimes(Head("secure", ServerConfig(tls=pki.server_mutual), pool=GrpcConnectionPool(tls=pki.client)))
     material = ClientTls(root_certificates=pki.ca, certificate_chain=str(chain), private_key=str(key))
     worker = await runtimes(Worker(Stamp.create(), ServerConfig(tls=pki.server_mutual), head=head.server.address,
-                                   head_tls=material, register_interval=0.05))
+                                   head_tls=material, register_interval=0.1))
     caplog.set_level(logging.DEBUG, logger="shardnet.runtimes.worker")
     await worker.register()
 

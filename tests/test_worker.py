@@ -33,7 +33,7 @@ from shardnet.cli.main import main as cli_main
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.processes import ShardnetProcess
 from shardnet.runtimes.server import MAX_REQUESTS_PER_CALL, ServerConfig
-from shardnet.runtimes.worker import HANDLER_THREAD_PREFIX, Worker
+from shardnet.runtimes.worker import CLOSE_GRACE, HANDLER_THREAD_PREFIX, Worker
 
 import executors
 
@@ -401,14 +401,23 @@ async def test_a_handler_that_yields_its_documents_runs_them_off_the_event_loop(
     assert [(doc.id, doc.text) for doc in answer.docs] == [("a", "yielded")]
 
 
-@pytest.mark.parametrize("endpoint, raised", [("/stopiter", "StopIteration"), ("/generator-exit", "GeneratorExit")])
-async def test_a_blocking_handler_letting_a_stop_iteration_out_is_answered_error(runtimes, endpoint, raised):
-    """A thread's Future cannot carry a StopIteration (or a GeneratorExit) to the loop: the call was never
-    answered (a Jina client without a deadline waited for ever). Found by reviews."""
+@pytest.mark.parametrize("endpoint, raised, why", [
+    ("/stopiter", "StopIteration", "a next() on an empty iterator?"),
+    ("/generator-exit", "GeneratorExit", "GeneratorExit closes a generator"),
+    ("/async-generator-exit", "GeneratorExit", "GeneratorExit closes a generator"),
+])
+async def test_a_handler_letting_a_stop_iteration_or_generator_exit_out_is_answered_error(
+    runtimes, endpoint, raised, why
+):
+    """A thread's Future cannot carry a StopIteration (or a GeneratorExit) to the loop, and a GeneratorExit out
+    of an async handler was taken for the worker's coroutine being closed: the call was never answered, unary or
+    on a head's request stream (a Jina client without a deadline waited for ever). Found by reviews."""
     worker = await runtimes(Worker(executors.Unruly.create()))
-    answer = await oneshot.send_request_async(DataRequest([Document()], endpoint=endpoint), worker.server.address,
-                                              timeout=10)
-    assert answer.is_error and raised in answer.status.description, answer.status
+    head = await runtimes(Head("dep", connections={0: [worker.server.address]}))  # its request streams
+    for address in (worker.server.address, head.server.address):
+        answer = await oneshot.send_request_async(DataRequest([Document()], endpoint=endpoint), address, timeout=10)
+        assert answer.is_error and f"the handler let a {raised} out ({why}" in answer.status.description, (
+            address, answer.status)
 
 
 async def test_a_handler_yielding_without_end_is_stopped_at_what_an_answer_holds(runtimes):
@@ -597,7 +606,7 @@ async def test_a_worker_whose_head_is_away_says_so_once_and_again_when_it_is_bac
     head = Head("away")
     await head.start()
     port = head.server.port
-    worker = await runtimes(Worker(executors.Tagger.create(), head=head.server.address, register_interval=0.05))
+    worker = await runtimes(Worker(executors.Tagger.create(), head=head.server.address, register_interval=0.1))
     await worker.register()
     await head.stop(0)
 
@@ -1007,6 +1016,82 @@ async def test_a_handler_whose_caller_gave_up_finishes_before_close_and_the_exit
     assert await wait_exit(worker, timeout=20) == 0, worker.tail()
     assert (workspace / "index.txt").read_text() == "doc-1"
     assert "still running" not in worker.tail()
+
+
+async def test_a_close_that_hangs_is_left_behind_once_its_bound_passes_and_the_worker_exits(
+    tmp_path, processes, eventually
+):
+    """close() ran with no deadline: one that hung kept its worker for ever, its parent's kill -9 and further
+    signals too (a review's find). It gets what is left of the drain and CLOSE_GRACE more, is named, and the
+    worker exits 1 without it."""
+    workspace = tmp_path / "ws"
+    worker = processes(
+        "worker", ["worker", "--uses", f"{EXECUTORS}:HangsInClose", "--workspace", str(workspace),
+                   "--drain-seconds", "0.5"], tmp_path,
+    )
+    await asyncio.to_thread(worker.wait_ready, 20)
+    worker.signal(signal.SIGTERM)
+    await eventually(lambda: (workspace / "closing").exists(), timeout=10)
+    assert await wait_exit(worker, timeout=CLOSE_GRACE + 10) == 1, worker.tail()
+    assert "the Executor's close() did not return within" in worker.tail(), worker.tail()
+
+
+@pytest.mark.parametrize("second", [signal.SIGINT, signal.SIGTERM])
+async def test_a_second_stop_signal_while_close_hangs_exits_at_once(tmp_path, processes, eventually, second):
+    """A second SIGINT or SIGTERM did nothing while close() hung (a review's find): it ends the worker at once,
+    as deploy's second Ctrl-C ends its processes."""
+    workspace = tmp_path / "ws"
+    worker = processes(
+        "worker", ["worker", "--uses", f"{EXECUTORS}:HangsInClose", "--workspace", str(workspace),
+                   "--drain-seconds", "30"], tmp_path,
+    )
+    await asyncio.to_thread(worker.wait_ready, 20)
+    worker.signal(signal.SIGTERM)
+    await eventually(lambda: (workspace / "closing").exists(), timeout=10)
+    worker.signal(second)
+    assert await wait_exit(worker, timeout=5) == 128 + second, worker.tail()
+    assert f"a second {second.name} while stopping: exiting at once" in worker.tail(), worker.tail()
+
+
+async def test_a_brace_in_a_worker_or_head_name_is_printed_as_given(tmp_path, processes):
+    """The ready line was made with str.format on a string holding the name: a worker named idx{0} crashed once
+    loaded and registered (IndexError), without a DEACTIVATE, and a head so named likewise (a review's find)."""
+    head = processes("head", ["head", "--deployment", "a{b}", "--port", "0", "--shards", "1"], tmp_path)
+    head_address = await asyncio.to_thread(head.wait_ready, 20)
+    worker = processes(
+        "worker", ["worker", "--uses", f"{EXECUTORS}:Tagger", "--name", "idx{0}", "--head", head_address], tmp_path,
+    )
+    address = await asyncio.to_thread(worker.wait_ready, 20)
+    assert f"shardnet head a{{b}} ready on {head_address}" in head.tail(), head.tail()
+    assert f"shardnet worker idx{{0}} ready on {address}" in worker.tail(), worker.tail()
+    answer = await oneshot.send_request_async(DataRequest([Document()], endpoint="/tag"), head_address, timeout=10)
+    assert answer.docs[0].tags["by"] == "tagger"
+
+
+@pytest.mark.parametrize("executor, raised", [("ExitsInClose", "SystemExit(3)"),
+                                              ("InterruptedInClose", "KeyboardInterrupt('in close')")])
+async def test_sys_exit_or_keyboard_interrupt_in_close_is_logged_and_the_stop_goes_on(
+    tmp_path, socket_dir, processes, executor, raised
+):
+    """They ended the worker silently (exit 3, or 130), its server's stop and its socket's removal skipped (a
+    review's find): logged as any failure of close() is, naming the Executor, and the stop ends as usual."""
+    path = f"{socket_dir}/worker.sock"
+    worker = processes("worker", ["worker", "--uses", f"{EXECUTORS}:{executor}", "--unix-socket", path], tmp_path)
+    await asyncio.to_thread(worker.wait_ready, 20)
+    worker.signal(signal.SIGTERM)
+    assert await wait_exit(worker) == 0, worker.tail()
+    assert f"the Executor's close() ({executor}) failed: {raised}" in worker.tail(), worker.tail()
+    assert not os.path.lexists(path)
+
+
+def test_keyboard_interrupt_in_init_is_logged_naming_the_executor(tmp_path):
+    """The worker exited 130 without a word (main() takes KeyboardInterrupt for Ctrl-C; a review's find)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "shardnet", "worker", "--uses", f"{EXECUTORS}:InterruptedInInit", "--port", "0"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 130, result
+    assert "the Executor's __init__ (InterruptedInInit) raised KeyboardInterrupt(): not served" in result.stderr, result
 
 
 def test_a_sighup_ignored_from_the_start_stays_ignored(tmp_path):

@@ -26,7 +26,7 @@ from shardnet.networking.policies import MAX_TIMEOUT
 from shardnet.networking.tls import ClientTls, ServerTls
 from shardnet.runtimes.executor import metas_name
 from shardnet.runtimes.server import PARENT_POLL_SECONDS, ServerConfig, check_ready_fd, parent_gone
-from shardnet.runtimes.worker import HANDLER_THREAD_PREFIX
+from shardnet.runtimes.worker import CLOSE_THREAD_NAME, HANDLER_THREAD_PREFIX
 
 THREAD_EXIT_GRACE = 5.0  # seconds the threads an Executor started get to end once the program ended
 
@@ -305,18 +305,21 @@ def run_in_loop(coroutine: Coroutine[Any, Any, Any], loop: str = "auto") -> Any:
     return asyncio.run(coroutine)
 
 
-def exit_leaving_stuck_handlers(code: int, stuck: int) -> int:
+def exit_leaving_stuck_handlers(code: int, stuck: int, close_left: bool = False) -> int:
     """Return ``code``; or, when ``stuck`` handler calls still run past the drain's grace (their calls cut and
-    the Executor closed already), exit with it at once: Python joins thread-pool threads at exit, so a handler
-    that hangs would hold the process past --drain-seconds. The process's other threads get
-    ``THREAD_EXIT_GRACE`` seconds to end and its atexit functions run first, as at a normal exit; only the
-    stuck handlers are left behind."""
-    if not stuck:
+    the Executor closed already), or the Executor's ``close()`` was left running past its bound (``close_left``),
+    exit with it at once: Python joins non-daemon threads at exit, so a handler or a close() that hangs would
+    hold the process past --drain-seconds. The process's other threads get ``THREAD_EXIT_GRACE`` seconds to end
+    and its atexit functions run first, as at a normal exit; only those stuck threads are left behind."""
+    if not stuck and not close_left:
         return code
-    logger.warning("exiting with %d handler call(s) still running past the drain's grace", stuck)
+    if stuck:
+        logger.warning("exiting with %d handler call(s) still running past the drain's grace", stuck)
     deadline = time.monotonic() + THREAD_EXIT_GRACE
     for thread in threading.enumerate():
         if thread is threading.main_thread() or thread.daemon or thread.name.startswith(HANDLER_THREAD_PREFIX):
+            continue
+        if close_left and thread.name == CLOSE_THREAD_NAME:
             continue
         thread.join(max(0.0, deadline - time.monotonic()))
     atexit._run_exitfuncs()  # what the interpreter's exit would run, which os._exit skips

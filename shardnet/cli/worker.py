@@ -35,7 +35,7 @@ from shardnet.runtimes.executor import (
 )
 from shardnet.runtimes.head import IMPLIED_LEASE_FACTOR, MAX_RENEWAL_INTERVAL
 from shardnet.runtimes.server import check_can_listen
-from shardnet.runtimes.worker import Worker
+from shardnet.runtimes.worker import MIN_REGISTER_INTERVAL, SHORTEST_INTERVAL_WHY, Worker
 
 REGISTER_INTERVAL = 2.0  # seconds between a worker's ACTIVATEs to its --head, unless --register-interval says
 logger = logging.getLogger(__name__)
@@ -45,6 +45,16 @@ LONGEST_INTERVAL = (
     f" (a head counts at most {MAX_RENEWAL_INTERVAL:g} s of the interval a worker announces and leases it for "
     f"{IMPLIED_LEASE_FACTOR} times that: a worker renewing less often may be dropped between its renewals)"
 )
+
+
+def _register_interval(text: str) -> float:
+    """``--register-interval``: positive seconds from MIN_REGISTER_INTERVAL to MAX_RENEWAL_INTERVAL."""
+    seconds = positive_seconds("register interval", most=MAX_RENEWAL_INTERVAL, why=LONGEST_INTERVAL)(text)
+    if seconds < MIN_REGISTER_INTERVAL:
+        raise argparse.ArgumentTypeError(
+            f"register interval must be at least {MIN_REGISTER_INTERVAL:g} seconds{SHORTEST_INTERVAL_WHY}, got {text!r}"
+        )
+    return seconds
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -60,10 +70,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--register-interval",
-        type=positive_seconds("register interval", most=MAX_RENEWAL_INTERVAL, why=LONGEST_INTERVAL),
+        type=_register_interval,
         metavar="SECONDS",
         default=None,
-        help=f"seconds between ACTIVATE refreshes to --head, at most {MAX_RENEWAL_INTERVAL:g}; a head without "
+        help=f"seconds between ACTIVATE refreshes to --head, from {MIN_REGISTER_INTERVAL:g} to "
+             f"{MAX_RENEWAL_INTERVAL:g}; a head without "
              f"--lease leases the worker for five times that (default: {REGISTER_INTERVAL:g})",
     )
     parser.add_argument(
@@ -136,7 +147,12 @@ def run(args: argparse.Namespace) -> int:
     workspace = args.workspace or default_workspace()  # where its folder is, but for an Executor choosing its own
     expected_name = name_in_metas or executor_class.__name__
     former = former_workspace(name, workspace, expected_name, args.shard_id)  # before its __init__ makes its own
-    executor = executor_class.create(runtime_args, **uses_with)
+    try:
+        executor = executor_class.create(runtime_args, **uses_with)
+    except (KeyboardInterrupt, SystemExit) as exc:  # the exit (130, or its code) would say nothing of why
+        logger.error("%s: the Executor's __init__ (%s) raised %r: not served", name, executor_class.__name__, exc,
+                     exc_info=True)
+        raise
     if executor.metas.name != expected_name:  # named in its __init__ (metas= among its arguments): asked again
         former = former_workspace(name, workspace, executor.metas.name, args.shard_id)
     if former is not None:
@@ -160,7 +176,9 @@ def run(args: argparse.Namespace) -> int:
     )
     loading.set()  # serving watches the parent from here on, and drains on a signal
     code = run_in_loop(worker.run(parent_pid=args.parent_pid, ready_fd=args.ready_fd), loop)
-    return exit_leaving_stuck_handlers(code, worker.handlers_still_running())
+    if code == 0 and worker.close_abandoned:  # stopped, but what its close() was to save may not be saved
+        code = 1
+    return exit_leaving_stuck_handlers(code, worker.handlers_still_running(), close_left=worker.close_abandoned)
 
 
 def _refuse_tls_to_a_unix_head(args: argparse.Namespace) -> None:

@@ -51,6 +51,7 @@ from shardnet.runtimes.executor import (
 from shardnet.runtimes.head import MAX_RENEWAL_INTERVAL, MAX_WORKERS, MAY_HAVE_RUN_ERROR
 from shardnet.runtimes.processes import ShardnetProcess, stop_all
 from shardnet.runtimes.server import ServerConfig
+from shardnet.runtimes.worker import MIN_REGISTER_INTERVAL, SHORTEST_INTERVAL_WHY
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +116,11 @@ def _check_arguments(
     make_balancer(balancer)  # an unknown name fails here, with the same message the pool gives
     if not register_interval > 0 or not startup_timeout > 0:
         raise ConfigurationError("register_interval and startup_timeout must be positive seconds")
+    if register_interval < MIN_REGISTER_INTERVAL:  # the workers would refuse it (worker --register-interval)
+        raise ConfigurationError(
+            f"register_interval must be at least {MIN_REGISTER_INTERVAL:g} seconds{SHORTEST_INTERVAL_WHY}, "
+            f"got {register_interval!r}"
+        )
     if register_interval > MAX_RENEWAL_INTERVAL:  # the workers would refuse it (worker --register-interval)
         raise ConfigurationError(
             f"register_interval must be at most {MAX_RENEWAL_INTERVAL:g} seconds (a head counts no more of it), "

@@ -111,7 +111,12 @@ class Handler:
         if not self.accepts_any_kwargs:
             arguments = {key: value for key, value in arguments.items() if key in self.accepted}
         if self.is_async:
-            return await self.function(executor, **arguments)
+            try:
+                return await self.function(executor, **arguments)
+            except GeneratorExit as exc:
+                if exc.__traceback__ is None or exc.__traceback__.tb_next is None:
+                    raise  # raised here, where this coroutine is being closed: nothing may run in it any more
+                raise _let_out(exc) from exc  # the handler's own (its frames follow): answered ERROR, as others are
         call = functools.partial(_run_to_the_end, self.function, answer_limit, executor, **arguments)
         return await asyncio.get_running_loop().run_in_executor(threads, call)
 
@@ -148,7 +153,17 @@ def _run_to_the_end(function: Callable, answer_limit: Optional[int], *args: Any,
             if close is not None:
                 close()
     except (StopIteration, GeneratorExit) as exc:  # a thread's Future cannot carry these: no answer would come
-        raise RuntimeError(f"the handler let a {type(exc).__name__} out (a next() on an empty iterator?)") from exc
+        raise _let_out(exc) from exc
+
+
+def _let_out(exc: BaseException) -> RuntimeError:
+    """The error a handler that let a StopIteration or a GeneratorExit out fails with: a thread's Future cannot
+    carry the first, and the second, out of a coroutine, reads as that coroutine being closed (no answer would
+    come of either), so each is named, with what likely raised it."""
+    why = "a next() on an empty iterator?" if isinstance(exc, StopIteration) else (
+        "GeneratorExit closes a generator; raise an Exception to fail a request"
+    )
+    return RuntimeError(f"the handler let a {type(exc).__name__} out ({why})")
 
 
 # what Jina's BaseExecutor.__init__ takes besides an Executor's own arguments, which a Jina Executor hands up

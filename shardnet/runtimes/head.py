@@ -1164,12 +1164,16 @@ class Head:
         """Serve until SIGTERM/SIGINT/SIGHUP (or until process ``parent_pid`` exits), then drain and close the
         pool. ``ready_fd``: as ``serve_until_signalled`` takes it."""
         self._begin()
-        ready_line = f"shardnet head {self.deployment} ready on {{address}}"
-        if self._discovery_synced is not None:  # listening is not ready yet: it waits for discovery's first list
-            ready_line = (
-                f"shardnet head {self.deployment} listening on {{address}}; ready (its health's "
+
+        def ready_line(address: str) -> str:  # not str.format: the deployment's name may hold a brace
+            if self._discovery_synced is None:
+                return f"shardnet head {self.deployment} ready on {address}"
+            # listening is not ready yet: it waits for discovery's first list
+            return (
+                f"shardnet head {self.deployment} listening on {address}; ready (its health's "
                 f"{services.READY_SERVICE!r} service SERVING) once Kubernetes discovery lists its workers"
             )
+
         try:
             return await serve_until_signalled(
                 self.server, ready_line=ready_line, parent_pid=parent_pid, ready_fd=ready_fd

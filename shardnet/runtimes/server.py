@@ -31,6 +31,8 @@ import secrets
 import signal
 import socket
 import stat
+import sys
+import threading
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn, Optional, Sequence
 
@@ -72,6 +74,10 @@ _WILDCARD_TO_LOOPBACK = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
 # most 10,000 workers; each request costs a wrapper and a header rewrite, so a longer list is memory for the asking
 MAX_REQUESTS_PER_CALL = 10_000
 PARENT_POLL_SECONDS = 0.5  # how soon a child notices that the process that launched it is gone
+# once its launcher (--parent-pid) is gone, a process stopping for that takes at most these seconds beyond its
+# drain's grace (a DEACTIVATE, an Executor's close() with its own bound) before it exits at once: a handler
+# blocking the event loop (a blocking call in an async def) would hold a drain, which the loop runs, for as long
+STOP_SLACK = 15.0
 
 RawHandler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
 StreamHandler = Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], Any]
@@ -651,11 +657,79 @@ async def within_message_limit(
     return answer
 
 
-async def _parent_exited(parent_pid: int, direct: bool) -> None:
-    """Return once process ``parent_pid`` is gone (``parent_gone``)."""
-    while not parent_gone(parent_pid, direct):
-        await asyncio.sleep(PARENT_POLL_SECONDS)
-    logger.warning("process %d (--parent-pid) exited: stopping", parent_pid)
+class _Stop:
+    """How a served process stops. The first SIGTERM, SIGINT or SIGHUP, or the exit of its launcher
+    (``watch_parent``), sets ``requested``: a drain begins (``begin``). A second signal, or the launcher's
+    exit, once the stop is under way ends the process at once, logged, as ``deploy``'s second Ctrl-C ends its
+    processes: a drain or an Executor's ``close()`` that hung kept it running for ever, through further signals
+    and its launcher's kill -9 alike. The launcher is watched from a thread, which needs no event loop (a
+    handler blocking the loop kept an orphan serving on), and the stop its exit asks for is bounded too."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, grace: float):
+        self._loop = loop
+        self._grace = grace  # the drain's
+        self.requested = asyncio.Event()
+        self._began = threading.Event()  # the stop is under way (a drain, a close())
+        self._ended = threading.Event()  # serving has returned: nothing more to watch
+        self._parent: Optional[tuple[int, bool]] = None  # the launcher watched: its pid, and whether it is ours
+
+    def signalled(self, signum: int) -> None:
+        """A stop signal's handler (run by the loop)."""
+        if self._began.is_set():
+            self._exit_at_once(f"a second {signal.Signals(signum).name} while stopping", 128 + signum)
+        self.requested.set()
+
+    def begin(self) -> None:
+        self._began.set()
+
+    def end(self) -> None:
+        self._ended.set()
+
+    def parent_has_gone(self) -> bool:
+        return self._parent is not None and parent_gone(*self._parent)
+
+    def watch_parent(self, parent_pid: int, direct: bool) -> None:
+        """Stop once process ``parent_pid`` exits (``parent_gone``), polled from a daemon thread."""
+        self._parent = (parent_pid, direct)
+        threading.Thread(target=self._watch, name="shardnet-parent-watch", daemon=True).start()
+
+    def _watch(self) -> None:
+        pid, direct = self._parent
+        while not parent_gone(pid, direct):
+            if self._ended.wait(PARENT_POLL_SECONDS):
+                return
+        if self._began.is_set():
+            self._exit_at_once(f"process {pid} (--parent-pid) exited while stopping", 128 + signal.SIGTERM)
+        logger.warning("process %d (--parent-pid) exited: stopping", pid)
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the stop is over
+            self._loop.call_soon_threadsafe(self.requested.set)
+        # the loop begins the stop at once, unless a handler holds it: that handler gets the drain's grace, as a
+        # drain would give it, and the whole stop that grace and STOP_SLACK more
+        begin_within = max(1.0, self._grace)
+        if not self._began.wait(begin_within):
+            self._exit_at_once(
+                f"process {pid} (--parent-pid) exited, and the event loop did not begin the stop within "
+                f"{begin_within:g}s (a handler holds it: a blocking call in an async def?)", 128 + signal.SIGTERM,
+            )
+        if not self._ended.wait(self._grace + STOP_SLACK):
+            self._exit_at_once(
+                f"process {pid} (--parent-pid) exited, and the stop took more than {self._grace + STOP_SLACK:g}s",
+                128 + signal.SIGTERM,
+            )
+
+    def _exit_at_once(self, why: str, code: int) -> None:
+        """Log ``why``, end what this process started when its launcher is gone (``end_own_session``), and exit
+        with ``code`` at once: neither the drain nor the Executor's ``close()`` is waited for."""
+        if self._ended.is_set():  # the stop ended on its own meanwhile
+            return
+        logger.error("%s: exiting at once, the drain and the Executor's close() cut short", why)
+        if self.parent_has_gone():
+            end_own_session()
+        logging.shutdown()  # what was logged is written out: os._exit flushes nothing
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
 
 
 def parent_gone(parent_pid: int, direct: bool) -> bool:
@@ -668,39 +742,58 @@ async def serve_until_signalled(
     server: Server,
     on_ready: Optional[Callable[[], Awaitable[None]]] = None,
     on_stop: Optional[Callable[[], Awaitable[None]]] = None,
-    ready_line: Optional[str] = None,
+    ready_line: Optional[Callable[[str], str]] = None,
     parent_pid: Optional[int] = None,
     when_idle: Optional[Callable[[], Awaitable[None]]] = None,
     ready_fd: Optional[int] = None,
 ) -> int:
-    """Start ``server``, print ``ready_line``, and on SIGTERM, SIGINT or SIGHUP (its terminal closed) run
+    """Start ``server``, print ``ready_line(address)`` (a function: a line made with ``str.format`` broke on a
+    brace in a name the user gave), and on SIGTERM, SIGINT or SIGHUP (its terminal closed) run
     ``on_stop`` then drain (``when_idle``: as ``Server.drain`` takes it); return 0.
 
     With ``parent_pid`` the same happens when that process exits, however it ended (kill -9 included):
     a Deployment's children do not outlive it, nor, when this process leads a session of its own (as a
     Deployment starts each), what it started there. ``ready_fd``: a pipe the address is written to, one
     line, once serving; then it is closed. A SIGHUP ignored from the start (``nohup``) stays ignored.
+    A second signal while stopping (the farewell, the drain, the Executor's ``close()``), or that process's
+    exit then, ends this one at once (``_Stop``).
     """
     if ready_fd is not None:
         check_ready_fd(ready_fd)
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    stop = _Stop(loop, server.config.drain_grace)
     signals = [signal.SIGTERM, signal.SIGINT]
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
         signals.append(signal.SIGHUP)
     for signum in signals:
-        loop.add_signal_handler(signum, stop.set)
-    orphaned = None
-    if parent_pid is not None:
-        # pid 0 and -1 would name a process group or every process: the watch would never fire
-        if isinstance(parent_pid, bool) or not isinstance(parent_pid, int) or parent_pid < 1:
-            raise ConfigurationError(f"--parent-pid must be a process id (1 or more), got {parent_pid!r}")
-        if not process_running(parent_pid):  # else it would stop at once, after saying it was ready
-            stop_own_session()  # its launcher died while the Executor loaded: what that started goes too
-            raise ConfigurationError(f"--parent-pid {parent_pid}: no such process is running, so none to serve")
-        direct = os.getppid() == parent_pid
-        orphaned = loop.create_task(_parent_exited(parent_pid, direct))
-        orphaned.add_done_callback(lambda _: stop.set())
+        loop.add_signal_handler(signum, stop.signalled, signum)
+    try:
+        if parent_pid is not None:
+            # pid 0 and -1 would name a process group or every process: the watch would never fire
+            if isinstance(parent_pid, bool) or not isinstance(parent_pid, int) or parent_pid < 1:
+                raise ConfigurationError(f"--parent-pid must be a process id (1 or more), got {parent_pid!r}")
+            if not process_running(parent_pid):  # else it would stop at once, after saying it was ready
+                stop_own_session()  # its launcher died while the Executor loaded: what that started goes too
+                raise ConfigurationError(f"--parent-pid {parent_pid}: no such process is running, so none to serve")
+            stop.watch_parent(parent_pid, os.getppid() == parent_pid)
+        await _serve(server, stop, on_ready, on_stop, ready_line, ready_fd, when_idle)
+    finally:
+        stop.end()
+    if stop.parent_has_gone():  # whenever it went: before the stop, or in it
+        stop_own_session()
+    return 0
+
+
+async def _serve(
+    server: Server,
+    stop: _Stop,
+    on_ready: Optional[Callable[[], Awaitable[None]]],
+    on_stop: Optional[Callable[[], Awaitable[None]]],
+    ready_line: Optional[Callable[[str], str]],
+    ready_fd: Optional[int],
+    when_idle: Optional[Callable[[], Awaitable[None]]],
+) -> None:
+    """``serve_until_signalled``'s serving: start, say so, wait for ``stop``, then ``on_stop`` and the drain."""
     await server.start()
     try:
         if on_ready is not None:
@@ -710,10 +803,11 @@ async def serve_until_signalled(
         gc.freeze()
         if ready_line:
             also = f" and {server.unix_address}" if server.unix_address else ""
-            print(ready_line.format(address=server.address, port=server.port) + also, flush=True)
+            print(ready_line(server.address) + also, flush=True)
         if ready_fd is not None:
             _tell_ready(ready_fd, server.address)
-        await stop.wait()
+        await stop.requested.wait()
+        stop.begin()
         logger.info("draining %s", server.address)
         if on_stop is not None:
             try:
@@ -721,12 +815,8 @@ async def serve_until_signalled(
             except Exception as exc:  # the drain goes on: exiting cleanly matters more than the farewell
                 logger.warning("while stopping: %s", exc)
     finally:
-        if orphaned is not None:
-            orphaned.cancel()
+        stop.begin()  # a failed start or registration drains too, and a signal then ends it at once
         await server.drain(when_idle=when_idle)
-    if orphaned is not None and parent_gone(parent_pid, direct):  # whenever it went: before the stop, or in it
-        stop_own_session()
-    return 0
 
 
 def check_ready_fd(fd: Any) -> None:
@@ -763,10 +853,19 @@ def stop_own_session() -> None:
         return
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(os.getpid(), signal.SIGTERM)
+        end_own_session()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def end_own_session() -> None:
+    """SIGTERM this process's group, itself included, when it leads a session of its own: for a process about to
+    exit at once, from any thread, whose handler of SIGTERM (the loop's, while serving) only notes the signal
+    meanwhile (``stop_own_session`` keeps this process out of it, from the main thread)."""
+    if os.getsid(0) != os.getpid():
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(os.getpid(), signal.SIGTERM)
 
 
 def jina_server(config: ServerConfig, runtime, *, listen_while_draining: bool = True) -> Server:

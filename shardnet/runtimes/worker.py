@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
+import threading
 import time
 import uuid
 from typing import Any, AsyncIterator, Optional
@@ -62,6 +63,15 @@ HANDLER_THREAD_PREFIX = "handler"
 REGISTRATION_LOG_INTERVAL = 60.0
 # seconds a DEACTIVATE may take at most (less with a shorter drain grace)
 DEACTIVATE_TIMEOUT = 5.0
+# seconds an Executor's close() may run past the drain's grace (what is left of it, when its calls ended sooner):
+# one that does not return by then is logged and left behind, and the worker exits without it (a close() hung
+# on a lock or a lost connection kept its worker running for ever, its parent's kill -9 and further signals
+# too). A Deployment's stop, and a pod's grace under k8s render, give a worker as long after its drain
+CLOSE_GRACE = 5.0
+CLOSE_THREAD_NAME = "executor-close"  # the thread close() runs on, which an exit leaves behind once abandoned
+# the shortest interval between a worker's ACTIVATEs: each is a call to its head, and 1e-6 s flooded it
+MIN_REGISTER_INTERVAL = 0.1
+SHORTEST_INTERVAL_WHY = " (a worker renews its registration with its head that often: a shorter one floods the head)"
 # seconds between looks at the files of the TLS material a worker registers with, for a renewal (as a pool's)
 HEAD_TLS_CHECK_INTERVAL = 30.0
 
@@ -193,6 +203,11 @@ class Worker:
         name: Optional[str] = None,
     ):
         check_control_token(control_token)  # before serving: a token gRPC cannot carry would fail every ACTIVATE
+        if not register_interval >= MIN_REGISTER_INTERVAL:  # NaN too
+            raise ConfigurationError(
+                f"register_interval must be at least {MIN_REGISTER_INTERVAL:g} seconds{SHORTEST_INTERVAL_WHY}, "
+                f"got {register_interval!r}"
+            )
         self.executor = executor
         # in error reports and as the key of a dict result (Jina names it deployment/shard-S/rep-R)
         self.name = name or type(executor).__name__
@@ -219,6 +234,7 @@ class Worker:
         self._last_call = 0.0  # time.monotonic() of the latest data call
         self.server = jina_server(config, self)
         self._closed = False  # the Executor's close() has run
+        self.close_abandoned = False  # its close() did not return within its bound, and was left running
         self._metas_name = executor.metas.name  # what executor-specific parameters address
 
     @property
@@ -420,7 +436,7 @@ class Worker:
         # someone else cancelled: gRPC would take it for the call's own cancellation and send no answer at all,
         # leaving a caller without a deadline waiting for ever
         except GeneratorExit:
-            raise  # this coroutine is being closed: nothing may run in it any more
+            raise  # this coroutine is being closed: nothing may run in it (a handler's own came as a RuntimeError)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError) and _cancelled_from_outside():
                 raise  # the call itself: its client left, or the drain's grace ended
@@ -637,16 +653,54 @@ class Worker:
         A handler whose call has ended (its caller's deadline, a cancel) may still run on its thread: ``close()``
         waits for it until the drain's grace ends (an index saved in ``close()`` then holds its work), then runs
         on a thread of its own rather than behind one still stuck, which ``handlers_still_running`` counts.
+        ``close()`` itself gets what is left of the grace and CLOSE_GRACE seconds more (``_close_executor``).
         """
         if not self._closed:
             self._closed = True
             await self._wait_for_handlers()
-            try:
-                await asyncio.to_thread(self.executor.close)
-            except Exception:  # its failure is logged, the stop goes on
-                logger.exception("%s: the Executor's close() failed", self.name)
+            await self._close_executor()
         self._threads.shutdown(wait=False, cancel_futures=True)
         self._counting.shutdown(wait=False, cancel_futures=True)
+
+    async def _close_executor(self) -> None:
+        """Run the Executor's ``close()`` on a thread of its own, for what is left of the drain's grace
+        and CLOSE_GRACE seconds more; one that has not returned by then is logged and left behind
+        (``close_abandoned``), so that neither the drain nor the process's exit waits for it: a thread of the
+        loop's default executor would be joined by both. What it raises, any BaseException, is logged."""
+        loop = asyncio.get_running_loop()
+        closed: asyncio.Future = loop.create_future()
+
+        def close() -> None:
+            try:
+                self.executor.close()
+            except BaseException as exc:  # noqa: BLE001 - handed to the loop, which says what it was
+                outcome: Optional[BaseException] = exc
+            else:
+                outcome = None
+            try:
+                loop.call_soon_threadsafe(_settle, closed, outcome)
+            except RuntimeError:  # the loop closed meanwhile: the worker went on without this close()
+                pass
+
+        deadline = self.server.drain_deadline
+        left = self.server.config.drain_grace if deadline is None else max(0.0, deadline - loop.time())
+        bound = left + CLOSE_GRACE
+        # not a daemon: threads close() starts inherit that, and the exit must wait for them (an index saved on
+        # a writer thread of its own); one left hung is not waited for (cli.options.exit_leaving_stuck_handlers)
+        threading.Thread(target=close, name=CLOSE_THREAD_NAME).start()
+        done, _ = await asyncio.wait([closed], timeout=bound)
+        if not done:
+            self.close_abandoned = True
+            logger.error(
+                "%s: the Executor's close() did not return within %.1fs (what was left of the drain's grace and "
+                "%gs more): stopping without it, its state may not be saved", self.name, bound, CLOSE_GRACE,
+            )
+            return
+        failure = closed.exception()
+        if failure is not None:  # logged, and the stop goes on: KeyboardInterrupt or sys.exit() too, which
+            # skipped the server's stop and the socket's removal, and ended the worker without a word
+            logger.error("%s: the Executor's close() (%s) failed: %r", self.name, type(self.executor).__name__,
+                         failure, exc_info=failure)
 
     async def _wait_for_handlers(self) -> None:
         running = self._threads.running()
@@ -672,13 +726,23 @@ class Worker:
                 self.server,
                 on_ready=self.register if self._head else None,
                 on_stop=self.deregister if self._head else None,
-                ready_line=f"shardnet worker {self.name} ready on {{address}}",
+                ready_line=lambda address: f"shardnet worker {self.name} ready on {address}",
                 parent_pid=parent_pid,
                 ready_fd=ready_fd,
                 when_idle=self._finish,  # the Executor's close() before the listener closes: see server.py
             )
         finally:
             await self._finish()
+
+
+def _settle(future: asyncio.Future, outcome: Optional[BaseException]) -> None:
+    """Give ``future`` the ``outcome`` of what ran on a thread (None: it returned), unless it was given up on."""
+    if future.done():
+        return
+    if outcome is None:
+        future.set_result(None)
+    else:
+        future.set_exception(outcome)
 
 
 def _join(requests: list[DataRequest]) -> tuple[list[DocumentList], dict[str, Any]]:
