@@ -529,3 +529,12 @@ def test_a_client_key_open_to_others_is_warned_of_once_not_again_when_read_for_t
     renewal = tls_module.FollowedClientMaterial(material).renewal()  # a pool's first look, at its start()
     assert renewal is not None and renewal[1].private_key == key_path.read_bytes()
     assert caplog.text.count("is open to other users of this machine") == 1, caplog.text
+
+
+@pytest.mark.parametrize("empty", ["", b""])
+async def test_empty_root_certificates_with_the_flag_off_are_none_as_in_jina(echo_servers, empty):
+    """Jina code passes an empty CA with TLS off; it is no CA, not a file named '' to read (a regression review)."""
+    [plain] = await echo_servers(1)
+    request = DataRequest(endpoint="/a")
+    response = await oneshot.send_request_async(request, plain.address, 5.0, root_certificates=empty)
+    assert response.request_id == request.request_id and plain.calls == 1

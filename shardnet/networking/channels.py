@@ -139,12 +139,13 @@ def tls_settings(
 
     ``root_certificates`` given means TLS, trusting them, whatever the flag says (as the command line's
     ``--root-ca`` does): Jina ignores a CA given without its flag, so a caller who gave one would talk in
-    cleartext without knowing. Given beside a ClientTls, one of the two would be dropped: refused."""
+    cleartext without knowing. Given beside a ClientTls, one of the two would be dropped: refused. An empty one
+    (``''``, ``b''``) is none, as Jina code passes it with the flag off."""
     if isinstance(tls, bool):
         https, tls = bool(https) or tls, None
     elif tls is not None and not isinstance(tls, ClientTls):
         raise ConfigurationError(f"tls takes a ClientTls (or True/False, as in Jina), got a {type(tls).__name__}")
-    if root_certificates is None:
+    if root_certificates is None or (isinstance(root_certificates, (str, bytes)) and not root_certificates):
         return bool(https), tls
     if tls is not None:
         raise ConfigurationError(
