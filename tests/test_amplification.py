@@ -22,9 +22,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shardnet import ControlRequest, DataRequest, Document, Executor, ProtocolError, requests
-from shardnet.protocol import ndarray, services
+from shardnet.protocol import messages, ndarray, services
 from shardnet.protocol.messages import (
     MAX_DOCUMENT_FIELDS,
+    MAX_ANSWER_FIELDS,
     MAX_DOCUMENTS,
     MAX_LIST_DOCUMENTS,
     MAX_PARSED_FIELDS,
@@ -130,10 +131,37 @@ async def test_a_request_at_the_field_bound_gets_its_answer_through_a_head(runti
         at_bound.add_route("")
     for _ in range(2):  # the first opens the head's streams; the second goes on one
         reply, _ = await raw_call(head.server.address, at_bound.to_bytes())
-        answer = DataRequest.from_bytes(reply, max_documents=None, answer=True)
+        answer = DataRequest.from_bytes(reply, max_documents=None, max_fields=MAX_ANSWER_FIELDS)
         assert not answer.is_error, answer.status
         assert [result["docs"] for result in answer.parameters["__results__"].values()] == [1]
         assert len(answer.routes) == MAX_TOP_LEVEL_FIELDS - 1
+
+
+def with_routes(fields: int, endpoint: str = "/count") -> DataRequest:
+    """A request of ``fields`` top-level fields: header, data and empty route entries."""
+    request = DataRequest([Document(text="a")], endpoint=endpoint)
+    for _ in range(fields - 2):
+        request.add_route("")
+    return request
+
+
+async def test_a_head_with_uses_before_and_after_takes_requests_with_room_for_their_hops(runtimes):
+    """uses_before's answer goes on to the shards as a request, and the merge of theirs to uses_after: a request
+    at the bound was refused by the shards once uses_before had run it (a regression review). Now the head
+    takes two hops' additions fewer fields, refusing more up front, before anything runs."""
+    before, shard, after = [await runtimes(Worker(executors.Tagger.create(label=label))) for label in "bsa"]
+    head = await runtimes(Head("hops", connections={0: [shard.server.address]},
+                               uses_before=before.server.address, uses_after=after.server.address))
+    bound = MAX_TOP_LEVEL_FIELDS - 2 * messages.HOP_FIELDS
+    reply, _ = await raw_call(head.server.address, with_routes(bound).to_bytes())
+    answer = DataRequest.from_bytes(reply, max_documents=None, max_fields=MAX_ANSWER_FIELDS)
+    assert not answer.is_error, answer.status
+    assert len(answer.routes) == bound - 2 + 3  # each of the three ran it, and returned a dict
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await raw_call(head.server.address, with_routes(bound + 1, "/tag").to_bytes())
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"more than {bound} top-level fields" in refused.value.details()
+    assert [worker.executor.calls for worker in (before, shard, after)] == [0, 0, 0]  # refused before any ran it
 
 
 async def test_a_head_refuses_a_padded_request_and_keeps_serving(runtimes):

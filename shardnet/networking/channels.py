@@ -24,7 +24,7 @@ from shardnet.networking.addresses import Address, parse_address
 from shardnet.networking.streams import RequestStreams, rpc_error
 from shardnet.networking.tls import ClientTls, PemSource
 from shardnet.protocol import services
-from shardnet.protocol.messages import ControlRequest, DataRequest
+from shardnet.protocol.messages import MAX_ANSWER_FIELDS, ControlRequest, DataRequest
 from shardnet.protocol.proto import jina_pb2
 
 DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
@@ -326,7 +326,9 @@ def _lazy_reply(origin: Optional[str]) -> Callable[[Optional[bytes]], Optional[D
     """The deserializer of forwarded replies: wrapped, not decoded; no message stays None (see checked_reply)."""
 
     def wrap(data: Optional[bytes]) -> Optional[DataRequest]:
-        return None if data is None else DataRequest.from_bytes(data, origin=origin, max_documents=None, answer=True)
+        if data is None:
+            return None
+        return DataRequest.from_bytes(data, origin=origin, max_documents=None, max_fields=MAX_ANSWER_FIELDS)
 
     return wrap
 
@@ -473,7 +475,8 @@ def _to_bytes(request: Union[DataRequest, ControlRequest]) -> bytes:
 
 def _decoded_request(data: bytes) -> DataRequest:
     """A reply decoded at once, so a malformed one fails where the replica that sent it is known."""
-    request = DataRequest.from_bytes(data, max_documents=None, answer=True)  # asked for: a merge may hold more
+    # an answer asked for: a merge may hold more documents, and the hops' additions more fields
+    request = DataRequest.from_bytes(data, max_documents=None, max_fields=MAX_ANSWER_FIELDS)
     request.proto  # noqa: B018 - decodes, and refuses pickled docs_bytes
     return request
 

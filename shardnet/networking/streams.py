@@ -44,7 +44,7 @@ import grpc.aio
 
 from shardnet.errors import ProtocolError
 from shardnet.protocol import services
-from shardnet.protocol.messages import DataRequest
+from shardnet.protocol.messages import MAX_ANSWER_FIELDS, DataRequest
 
 # the stream metadata key carrying the sender's receive limit, in bytes
 LIMIT_METADATA = "shardnet-max-message-bytes"
@@ -334,7 +334,9 @@ class _Lane:
                 future.set_exception(unsent)
 
     def _deliver(self, message: bytes) -> None:
-        answer = DataRequest.from_bytes(message, origin=self._owner.origin, max_documents=None, answer=True)
+        answer = DataRequest.from_bytes(
+            message, origin=self._owner.origin, max_documents=None, max_fields=MAX_ANSWER_FIELDS
+        )
         request_id = answer.request_id
         future = self.pending.pop(request_id, None)
         if future is None:  # its caller stopped waiting (deadline, cancellation): the id is free again

@@ -55,6 +55,10 @@ MAX_TOP_LEVEL_FIELDS = 10_000
 # parameters a handler returned; a head of heads passes its worker's on): read with room for them, lest a request
 # at the bound be run and its answer refused (which cut a head's request stream with others' requests on it).
 MAX_ANSWER_FIELDS = MAX_TOP_LEVEL_FIELDS + 100
+# What one worker adds to what it answers at most: a route entry, and parameters (a dict result's). A head that
+# sends a request through uses_before, whose answer goes on to the shards as a request, and the merge of theirs
+# on to uses_after, takes requests with room for two such hops, so that none of them is refused further on.
+HOP_FIELDS = 2
 # The same bound on what ``parse`` takes, counted before protobuf parses (protobuf's unknown fields are listed one
 # Python object each, and a DataRequestList's empty entries decode to tens of bytes each): twice the longest
 # legitimate repetition, a process_data list of 10,000 requests or an ACTIVATE naming 10,000 workers.
@@ -220,13 +224,13 @@ class DataRequest:
     @classmethod
     def from_bytes(
         cls, data: bytes, origin: Optional[str] = None, max_documents: Optional[int] = MAX_DOCUMENTS,
-        answer: bool = False,
+        max_fields: int = MAX_TOP_LEVEL_FIELDS,
     ) -> "DataRequest":
         """Wrap received bytes without decoding them; errors surface on first read, naming ``origin``
         (who sent the bytes, "dep/shard-0 replica 10.0.0.7:8080" say) when given. ``max_documents``: what a
         server takes from a client; None for an answer its caller asked for (a head's merge of every
-        shard's matches may hold more). ``answer``: the bytes answer a request this process sent, and may hold
-        the top-level fields each hop adds to it (MAX_ANSWER_FIELDS)."""
+        shard's matches may hold more). ``max_fields``: the top-level fields taken (MAX_ANSWER_FIELDS for an answer
+        to a request this process sent, which holds what each hop added to it)."""
         if not isinstance(data, (bytes, bytearray, memoryview)):  # bytes() of an int or a dict means something else
             raise TypeError(
                 f"DataRequest.from_bytes takes the bytes of a message, got {type(data).__name__} "
@@ -240,7 +244,7 @@ class DataRequest:
         request._origin = origin
         request._budget = None  # set as the documents decode, from the size they came in
         request._max_documents = max_documents
-        request._max_fields = MAX_ANSWER_FIELDS if answer else MAX_TOP_LEVEL_FIELDS
+        request._max_fields = max_fields
         request._spliced_at = None
         return request
 

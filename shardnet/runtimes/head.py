@@ -48,7 +48,15 @@ from shardnet.networking.polling import PollingMap, PollingType
 from shardnet.networking.pool import MAX_SHARDS, GrpcConnectionPool
 from shardnet.protocol import services
 from shardnet.protocol.ids import new_id
-from shardnet.protocol.messages import MAX_SHARD_ID, ControlRequest, DataRequest, is_shard_id, require_empty
+from shardnet.protocol.messages import (
+    HOP_FIELDS,
+    MAX_SHARD_ID,
+    MAX_TOP_LEVEL_FIELDS,
+    ControlRequest,
+    DataRequest,
+    is_shard_id,
+    require_empty,
+)
 from shardnet.protocol.proto import jina_pb2
 from shardnet.runtimes.executor import DRY_RUN_ENDPOINT
 from shardnet.runtimes.merge import first_failure, merge_shard_responses, report_shard_problems
@@ -284,6 +292,9 @@ class Head:
                 self.pool.add_connection(deployment, address, shard_id=shard_id)
         self._uses_before = f"{deployment}/{USES_BEFORE}" if uses_before else None
         self._uses_after = f"{deployment}/{USES_AFTER}" if uses_after else None
+        # what uses_before answers goes on to the shards, and their merged answers to uses_after, as requests:
+        # a request takes room for what those hops add, so that the next does not refuse it after one ran it
+        self._max_request_fields = MAX_TOP_LEVEL_FIELDS - HOP_FIELDS * (bool(uses_before) + bool(uses_after))
         if uses_before:
             self.pool.add_connection(self._uses_before, uses_before)
         if uses_after:
@@ -314,14 +325,14 @@ class Head:
     # -- data ------------------------------------------------------------------------
 
     async def process_single_data(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        request = DataRequest.from_bytes(payload)
+        request = DataRequest.from_bytes(payload, max_fields=self._max_request_fields)
         if self._max_in_flight is not None:
             return await self._serve_admitted([request], context)
         return await self._serve([request], context)
 
     async def process_data(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
         try:
-            requests = request_list(payload, decoded_here=False)
+            requests = request_list(payload, decoded_here=False, max_fields=self._max_request_fields)
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if self._max_in_flight is not None:

@@ -56,7 +56,7 @@ from shardnet.networking.channels import (
 )
 from shardnet.networking.tls import ServerTls
 from shardnet.protocol import services
-from shardnet.protocol.messages import DataRequest, parse
+from shardnet.protocol.messages import MAX_TOP_LEVEL_FIELDS, DataRequest, parse
 from shardnet.protocol.proto import jina_pb2
 from shardnet.protocol.services import AUTHORIZATION_METADATA
 from shardnet.runtimes.processes import process_running
@@ -626,10 +626,13 @@ def _bind(server: grpc.aio.Server, host: str, port: int, tls: Optional[ServerTls
         raise ConfigurationError(f"cannot listen on {bind}: {cause} ({exc})") from None
 
 
-def request_list(payload: bytes, decoded_here: bool = True) -> list[DataRequest]:
+def request_list(
+    payload: bytes, decoded_here: bool = True, max_fields: int = MAX_TOP_LEVEL_FIELDS
+) -> list[DataRequest]:
     """The requests of a ``process_data`` call; ProtocolError when the list is malformed, empty or longer than
     MAX_REQUESTS_PER_CALL (refused before any is wrapped). ``decoded_here``: their documents share one call's
-    bounds (DataRequest.bound_together); a head forwards them undecoded and leaves that to who decodes them."""
+    bounds (DataRequest.bound_together); a head forwards them undecoded and leaves that to who decodes them.
+    ``max_fields``: each request's top-level fields taken."""
     envelope = parse(jina_pb2.DataRequestListEnvelope, payload, "DataRequestList")
     if not envelope.requests:
         raise ProtocolError("process_data received an empty request list")
@@ -638,7 +641,7 @@ def request_list(payload: bytes, decoded_here: bool = True) -> list[DataRequest]
             f"process_data received {len(envelope.requests)} requests in one list; at most "
             f"{MAX_REQUESTS_PER_CALL} are taken"
         )
-    requests = [DataRequest.from_bytes(item) for item in envelope.requests]
+    requests = [DataRequest.from_bytes(item, max_fields=max_fields) for item in envelope.requests]
     if decoded_here:
         DataRequest.bound_together(requests, len(payload))  # one call's bounds, not one request's each
     return requests
