@@ -829,22 +829,65 @@ async def test_requests_still_queued_when_a_stream_breaks_fail_as_never_sent():
 
 
 async def test_a_worker_takes_no_more_of_a_stream_than_it_works_on_at_once(runtimes, monkeypatch):
-    """Handlers slower than the sender: every request written was read and worked on at once, and its answer
-    held, however many came (a review: 12,000 requests grew a worker from 69 MB to 314 MB). Now the stream is
-    read no further while STREAM_WORK_LIMIT of its requests are under way; none is lost for it."""
+    """Handlers slower than the sender: every request written was worked on at once, and its answer held, however
+    many came (a review: 12,000 requests grew a worker from 69 MB to 314 MB). Past STREAM_WORK_LIMIT a request is
+    refused as never run, and the stream is still read: the CANCELLED of what is under way gets through (a
+    first version stopped reading instead, and cancellations waited behind the requests unread)."""
     monkeypatch.setattr(worker_module, "STREAM_WORK_LIMIT", 8)
     worker = await start_worker(runtimes)
     channel, call = await open_stream(worker)
     try:
-        sent = 60
-        for n in range(sent):
-            await call.write(request("/sleep", "s", request_id=f"r{n}", seconds=0.05).to_bytes())
-        ids = set()
-        for _ in range(sent):
-            answer = DataRequest.from_bytes(await asyncio.wait_for(call.read(), 10))
-            assert not answer.is_error, answer.status
-            ids.add(answer.request_id)
-        assert ids == {f"r{n}" for n in range(sent)}
+        for n in range(12):
+            await call.write(request("/sleep", "s", request_id=f"r{n}", seconds=3600).to_bytes())
+        refused = [DataRequest.from_bytes(await asyncio.wait_for(call.read(), 10)) for _ in range(4)]
+        assert sorted(answer.request_id for answer in refused) == ["r10", "r11", "r8", "r9"]
+        assert all(list(answer.status.exception.args) == ["UNAVAILABLE", services.BUSY_DETAILS] for answer in refused)
         assert worker.executor.most_sleeping == 8
+        for n in range(8):  # the callers stop waiting
+            await call.write(status_message(f"r{n}", grpc.StatusCode.CANCELLED, "gone"))
+        acknowledged = [DataRequest.from_bytes(await asyncio.wait_for(call.read(), 10)) for _ in range(8)]
+        assert all(answer.status.exception.args[0] == "CANCELLED" for answer in acknowledged)
+        assert worker.executor.cancelled == 8
+        await call.write(request("/sleep", "quick", request_id="quick").to_bytes())
+        answer = DataRequest.from_bytes(await asyncio.wait_for(call.read(), 10))
+        assert answer.request_id == "quick" and not answer.is_error
     finally:
         await channel.close()
+
+
+def test_a_busy_workers_refusal_reads_as_never_run():
+    from shardnet.networking.channels import never_reached
+    from shardnet.networking.streams import rpc_error
+
+    assert never_reached(rpc_error(grpc.StatusCode.UNAVAILABLE, services.BUSY_DETAILS))
+
+async def test_a_stream_with_an_unreadable_answer_is_cut_once_only_what_may_be_garbled_waits():
+    """A replica that answered one request unreadably and holds the stream open (a handler still under way):
+    once the other's caller leaves, nothing waits but the garbled one, which fails then, not when (if ever) the
+    replica ends the stream (a regression review: it waited for good, its lane never replaced)."""
+    seen: list[str] = []
+
+    async def garble_then_hold(requests, context):
+        await context.send_initial_metadata((("shardnet-max-message-bytes", "1000000"),))
+        async for data in requests:
+            seen.append(DataRequest.from_bytes(data).request_id)
+            if len(seen) == 2:
+                await context.write(b"\xff\xff\xff")  # the first one's answer, garbled; the second under way
+        await asyncio.Event().wait()  # half-closed, it still holds the stream
+
+    async with one_stream_to(garble_then_hold) as (pool, replicas, address):
+        streams = replicas.get_all_connections()[0].stubs.streams
+        lane = streams._lanes[0]
+        first = asyncio.create_task(pool.call(request("/x", "one", request_id="one"), "dep", replicas, retries=0))
+        await eventually(lambda: "one" in lane.pending)
+        streams._turn = 0
+        second = asyncio.create_task(
+            pool.call(request("/x", "two", request_id="two"), "dep", replicas, retries=0, timeout=0.5)
+        )
+        await eventually(lambda: "two" in lane.pending)
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(second, 5)
+        with pytest.raises(ReplicaError) as caught:
+            await asyncio.wait_for(first, 5)
+        assert f"{address} sent an unreadable answer on its request stream" in str(caught.value)
+        await eventually(lambda: streams._lanes[0] is None)

@@ -203,7 +203,7 @@ class _Lane:
     requests go unary.
     """
 
-    __slots__ = ("_owner", "call", "pending", "abandoned", "writer", "limit", "ready", "task")
+    __slots__ = ("_owner", "call", "pending", "abandoned", "writer", "limit", "ready", "task", "garbled", "unreadable")
 
     def __init__(self, owner: "RequestStreams"):
         self._owner = owner
@@ -213,6 +213,8 @@ class _Lane:
         self.ready = False
         self.writer: Optional[StreamWriter] = None
         self.limit = owner.max_request_bytes
+        self.garbled = 0  # answers that could not be read (_set_aside), and the first one's error
+        self.unreadable: Optional[ProtocolError] = None
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     def submit(self, request_id: str, data: bytes) -> Optional[asyncio.Future]:
@@ -230,7 +232,9 @@ class _Lane:
         it has not been written yet (the replica never hears of it), else the worker is told to stop its work."""
         if self.pending.get(request_id) is future:
             del self.pending[request_id]
-            if not self.writer.withdraw(data):
+            if self.garbled:  # half-closed: nothing more is written, and the stream is cut once only those wait
+                self._cut_once_only_garbled_wait()
+            elif not self.writer.withdraw(data):
                 self.abandoned.add(request_id)
                 self.writer.send(status_message(request_id, grpc.StatusCode.CANCELLED, "the caller stopped waiting"))
         if not self.pending and self._owner.retired:
@@ -264,27 +268,17 @@ class _Lane:
                 self.limit = min(self.limit, worker_limit)
             self.writer = StreamWriter(self.call.write, self.call.done_writing)
             self.ready = not owner.retired
-            unreadable: Optional[ProtocolError] = None
             while True:
                 message = await self.call.read()
                 if message is grpc.aio.EOF:
                     break
                 try:
                     self._deliver(message)
-                except ProtocolError as exc:  # an answer we cannot match to its request: this stream is done
-                    # with, but not cut: the replica still runs what it took, and cutting would send those
-                    # requests elsewhere too. Half-closed, it answers them and ends the stream; what is then
-                    # still waiting was answered unreadably (it may have run)
-                    if unreadable is None:
-                        unreadable = exc
-                        self.ready = False
-                        self.writer.finish()
-            if unreadable is not None:
-                error = rpc_error(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"{owner.origin} sent an unreadable answer on its request stream: {unreadable}",
-                )
-            elif self.pending and await self.call.code() == grpc.StatusCode.OK:
+                except ProtocolError as exc:
+                    self._set_aside(exc)
+                if self.garbled:
+                    self._cut_once_only_garbled_wait()
+            if self.pending and self.garbled == 0 and await self.call.code() == grpc.StatusCode.OK:
                 # a shardnet worker ends its stream so only once every request it took is answered (it drains):
                 # what is left never reached it, and is refused in the words that say so, to go elsewhere
                 error = rpc_error(grpc.StatusCode.UNAVAILABLE, services.DRAINING_DETAILS)
@@ -309,6 +303,11 @@ class _Lane:
         finally:
             self.ready = False
             owner._lane_ended(self)
+            if self.unreadable is not None:  # what still waited when the stream ended may be what was garbled
+                error = rpc_error(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"{owner.origin} sent an unreadable answer on its request stream: {self.unreadable}",
+                )
             for future in self.pending.values():
                 if not future.done():
                     future.set_exception(error)
@@ -316,6 +315,22 @@ class _Lane:
             self.abandoned.clear()
             if self.writer is not None:
                 self.writer.task.cancel()
+
+    def _set_aside(self, unreadable: ProtocolError) -> None:
+        """An answer we cannot match to its request: this stream takes nothing more, and is half-closed, not cut,
+        since the replica still runs what it took and cutting would fail those requests (which then go elsewhere
+        too) while it does; it answers them and ends the stream."""
+        self.garbled += 1
+        if self.unreadable is None:
+            self.unreadable = unreadable
+            self.ready = False
+            self.writer.finish()
+
+    def _cut_once_only_garbled_wait(self) -> None:
+        """Cut the stream of a replica that answered ``garbled`` requests unreadably once no more requests wait
+        than that: they may be those, whose answers came, and a replica holding the stream open would hold them."""
+        if len(self.pending) <= self.garbled:
+            self.call.cancel()
 
     def _fail_unwritten(self) -> None:
         """Fail the requests still queued in the writer when the stream broke as never written, so that they go

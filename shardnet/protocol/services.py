@@ -69,5 +69,8 @@ DRAINING_DETAILS = "the server is stopping: send elsewhere"
 # the details of the UNAVAILABLE of a request that waited in a request stream's queue when the stream broke: it
 # was never written, so the replica cannot have run it, and it goes elsewhere as a refused one does
 UNWRITTEN_DETAILS = "the request stream broke before this request was written: send elsewhere"
+# the details of the UNAVAILABLE a worker answers on a request stream with as many requests under way as it takes
+# (runtimes.worker.STREAM_WORK_LIMIT): it did not run the request
+BUSY_DETAILS = "the worker has as many requests of this stream under way as it takes: send elsewhere"
 # the details that say a request surely did not run
-NEVER_RAN_DETAILS = (DRAINING_DETAILS, UNWRITTEN_DETAILS)
+NEVER_RAN_DETAILS = (DRAINING_DETAILS, UNWRITTEN_DETAILS, BUSY_DETAILS)

@@ -81,8 +81,8 @@ UNBOUND_LOGGED = 100
 # thread, which lets the event loop run meanwhile: it does both object by object, and a request's million parameter
 # values held the loop for a second, a list of 10,000 requests for seconds
 OFF_LOOP_BYTES = 256 * 1024
-# requests of one stream worked on at once: past it the stream is read no further until one is done, so that a
-# sender writing faster than the handlers answer cannot pile up work, and answers, without bound
+# requests of one stream worked on at once: past it a request is refused as never run (services.BUSY_DETAILS), so
+# that a sender writing faster than the handlers answer cannot pile up work, and answers, without bound
 STREAM_WORK_LIMIT = WRITER_BACKLOG_MESSAGES
 
 
@@ -317,12 +317,12 @@ class Worker:
                     if task is not None:
                         task.cancel()
                     continue
-                if len(working) >= STREAM_WORK_LIMIT:  # handlers slower than the sender: no more work, and no
-                    # more reading, until some is done (each would hold its answer in the writer's backlog)
-                    await asyncio.wait(tuple(working.values()), return_when=asyncio.FIRST_COMPLETED)
-                if draining.is_set():  # refused at once: the sender fails it over now, not when the stream ends,
-                    # in the words of a unary refusal, which tell every sender the request was never run
-                    writer.send(status_message(request_id, grpc.StatusCode.UNAVAILABLE, services.DRAINING_DETAILS))
+                if draining.is_set() or len(working) >= STREAM_WORK_LIMIT:  # refused at once, in words that tell
+                    # every sender it never ran: the sender fails it over now, not when the stream ends. Past the
+                    # limit, handlers are slower than the sender, and each request taken would hold its answer in
+                    # the writer's backlog; the stream is still read, for the CANCELLED of what is under way
+                    refusal = services.DRAINING_DETAILS if draining.is_set() else services.BUSY_DETAILS
+                    writer.send(status_message(request_id, grpc.StatusCode.UNAVAILABLE, refusal))
                     continue
                 task = working[request_id] = loop.create_task(
                     self._answer_streamed(request, request_id, writer, limit, whose)
