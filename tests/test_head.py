@@ -7,6 +7,7 @@ the control plane and its token, and what a stock gRPC client sees.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -1079,21 +1080,44 @@ async def test_a_dry_run_goes_through_uses_before_refuses_a_payload_and_never_fa
 # -- draining ---------------------------------------------------------------------------------
 
 
-async def test_a_draining_head_moves_plain_grpc_clients_elsewhere_without_an_error(runtimes, eventually):
-    """A head stops as gRPC does (GOAWAY at once, not refusals while its calls finish): a stock client balancing
-    round robin over two heads, as behind a headless Service, sees no error while one of them drains."""
+async def test_a_draining_head_refuses_new_calls_in_band_until_its_own_are_done(runtimes, eventually):
+    """A draining head refuses new calls (UNAVAILABLE, "the server is stopping: send elsewhere": none ran, and
+    pools send them elsewhere) while its calls in flight finish, then stops. A stock client balancing round
+    robin over two heads, as behind a headless Service, sees no error when it retries UNAVAILABLE (a gRPC
+    retry policy), and nothing but those refusals when it does not, until the head has stopped and its GOAWAY
+    moved it. (A head stopped at once, as gRPC does, which cancelled the calls it had taken and not yet
+    picked up: CANCELLED, which no pool sends again.)"""
     blocking = executors.Blocking.create()
     worker = await runtimes(Worker(blocking, threads=2))
     heads = [await head_over(runtimes, "pair", [worker], "ANY") for _ in range(2)]
     draining_head, other = heads
     body = DataRequest([Document()], endpoint="/fast").to_bytes()
-    targets = ",".join(head.server.address for head in heads)
-    async with grpc.aio.insecure_channel(
-        f"ipv4:{targets}", options=[("grpc.lb_policy_name", "round_robin"), ("grpc.enable_retries", 0)]
-    ) as channel:
-        call = channel.unary_unary(services.PROCESS_SINGLE_DATA)
-        for _ in range(4):  # both heads connected and serving
-            await call(body, metadata=(("endpoint", "/fast"),), timeout=5)
+    targets = f"ipv4:{','.join(head.server.address for head in heads)}"
+    retry_unavailable = json.dumps({
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [{"name": [{}], "retryPolicy": {
+            "maxAttempts": 3, "initialBackoff": "0.01s", "maxBackoff": "0.05s", "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        }}],
+    })
+    async with grpc.aio.insecure_channel(targets, options=[("grpc.service_config", retry_unavailable)]) as retrying, \
+            grpc.aio.insecure_channel(
+                targets, options=[("grpc.lb_policy_name", "round_robin"), ("grpc.enable_retries", 0)]
+            ) as plain:
+        retried = retrying.unary_unary(services.PROCESS_SINGLE_DATA)
+        once = plain.unary_unary(services.PROCESS_SINGLE_DATA)
+
+        async def outcomes(call, times: int) -> list[str]:
+            seen = []
+            for _ in range(times):
+                try:
+                    answer = DataRequest.from_bytes(await call(body, metadata=(("endpoint", "/fast"),), timeout=5))
+                    seen.append("ERROR" if answer.is_error else "ok")
+                except grpc.aio.AioRpcError as exc:
+                    seen.append(f"{exc.code().name}: {exc.details()}")
+            return seen
+
+        assert await outcomes(retried, 4) == await outcomes(once, 4) == ["ok"] * 4  # both heads serving
         in_flight = asyncio.ensure_future(
             oneshot.send_request_async(DataRequest([Document()], endpoint="/block"), draining_head.server.address,
                                        timeout=20)
@@ -1102,14 +1126,61 @@ async def test_a_draining_head_moves_plain_grpc_clients_elsewhere_without_an_err
             assert await asyncio.to_thread(blocking.entered.wait, 10)
             stopping = asyncio.ensure_future(draining_head.stop(20))
             await eventually(lambda: draining_head.server.draining, timeout=5)
-            answers = [await call(body, metadata=(("endpoint", "/fast"),), timeout=5) for _ in range(20)]
-            assert all(not DataRequest.from_bytes(answer).is_error for answer in answers)
-            assert not in_flight.done()
+            assert await outcomes(retried, 20) == ["ok"] * 20
+            refusal = f"UNAVAILABLE: {services.DRAINING_DETAILS}"
+            seen = await outcomes(once, 20)
+            assert set(seen) == {"ok", refusal}, seen  # round robin: every other call went to the draining head
+            assert not in_flight.done() and not stopping.done()
         finally:
             blocking.release.set()
         response = await in_flight
         assert not response.is_error and response.docs.texts == ["unblocked"]  # its call finished within the grace
         await asyncio.wait_for(stopping, 10)
+        assert await outcomes(once, 10) == ["ok"] * 10  # its GOAWAY moved the client to the other head
+
+
+async def test_a_head_drained_under_load_fails_no_caller_while_a_second_head_serves(runtimes, pool, eventually):
+    """Two heads before the same two workers, called through a pool by 200 callers at once, one head drained
+    under that load (a rolling restart): every call is answered, by one head or the other. The head stopped
+    as gRPC does, at once, which cancelled the calls gRPC had taken and its loop not picked up yet: their
+    callers read CANCELLED (never run, and sent again by no pool: some 80 of 1,100 calls here, 141 of
+    7,182 at 256 callers across processes). It now refuses calls in-band while its own finish (pools send those elsewhere at once), and
+    stops once they are done and no more come."""
+    workers = [await runtimes(Worker(executors.Sleepy.create())) for _ in range(2)]
+    connections = {0: [worker.server.address for worker in workers]}
+    drained, other = [await runtimes(Head("front", connections=connections)) for _ in range(2)]
+    for head in (drained, other):
+        pool.add_connection("front", head.server.address)
+    answered, failures = [0], []
+    calling = True
+
+    async def caller() -> None:
+        while calling:
+            request = DataRequest([Document()], endpoint="/sleep", parameters={"seconds": 0.01})
+            try:
+                [task] = pool.send_request(request, "front", timeout=20)
+                response, _ = await task
+            except ReplicaError as exc:
+                failures.append(f"{exc.code.name if exc.code else None}: {exc}")
+                continue
+            if response.is_error:
+                failures.append(f"ERROR: {response.status.description}")
+            else:
+                answered[0] += 1
+
+    callers = [asyncio.ensure_future(caller()) for _ in range(200)]
+    try:
+        await eventually(lambda: answered[0] >= 400, timeout=20)  # both heads busy
+        started = time.monotonic()
+        await asyncio.wait_for(drained.stop(10), 15)
+        stopped_after = time.monotonic() - started
+        then = answered[0]
+        await eventually(lambda: answered[0] >= then + 400, timeout=20)  # the other head takes it all
+    finally:
+        calling = False
+        await asyncio.wait_for(asyncio.gather(*callers), 30)
+    assert not failures, f"{len(failures)} of {len(failures) + answered[0]} calls failed: {failures[:3]}"
+    assert stopped_after < 5  # once its calls were done and no more came, not at the grace's end
 
 
 async def test_endpoint_discovery_round_a_cycle_of_heads_is_refused_at_once(runtimes):

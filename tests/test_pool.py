@@ -348,6 +348,32 @@ async def test_failing_over_from_a_replica_already_ejected_spends_no_retry_budge
     assert live.calls == 20 - len(refused)
 
 
+async def test_a_replica_refusing_as_it_drains_is_picked_no_more_until_it_serves_again(pool_factory, echo_servers,
+                                                                                         eventually):
+    """A draining shardnet server refuses new calls in-band: its first refusal takes it out of the picks (the
+    calls it holds go on), the refused call goes over at once without spending the retry budget, and it is back
+    once its health says SERVING (its next process). It took its turn of calls until three refusals in a row
+    ejected it, each sent over on the budget, and an answer to one of its calls in flight in between started the
+    count over: a head draining under load kept a pool's calls coming for as long as its own lasted."""
+    from grpc_health.v1 import health_pb2
+
+    draining, live = await echo_servers(2)
+    draining.fail_with, draining.fail_details = grpc.StatusCode.UNAVAILABLE, services.DRAINING_DETAILS
+    await draining.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    pool = pool_factory(retry_budget=RetryBudget(ratio=0.0, min_per_second=0.0))
+    pool.add_connection("dep", draining.address)  # round robin tries it first
+    pool.add_connection("dep", live.address)
+    assert [served_by(await send_one(pool)) for _ in range(6)] == ["echo-1"] * 6
+    assert draining.calls == 1 and pool.retry_budget.refused == 0
+    draining.fail_with = None  # its next process
+    await draining.health.set("", health_pb2.HealthCheckResponse.SERVING)
+
+    async def both_serve() -> bool:
+        return {served_by(await send_one(pool)) for _ in range(2)} == {"echo-0", "echo-1"}
+
+    await eventually(both_serve, timeout=5)
+
+
 async def test_call_timeout_raises_deadline_exceeded(pool, echo_servers):
     [slow] = await echo_servers(1, delay=2.0)
     pool.add_connection("dep", slow.address, shard_id=0)

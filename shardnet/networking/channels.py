@@ -306,6 +306,12 @@ def replica_tls_diagnosis(error: grpc.aio.AioRpcError, address: Address, tls: Op
     return ""
 
 
+def refused_as_draining(error: grpc.aio.AioRpcError) -> bool:
+    """A shardnet server's own refusal as it drains (never a head passing on its worker's: that one names the
+    worker): the replica that answered so takes no more calls until its next process serves."""
+    return error.code() == grpc.StatusCode.UNAVAILABLE and error.details() == services.DRAINING_DETAILS
+
+
 def checked_reply(response: Any, address: Any, owner: str = "", timed: bool = False, role: str = "replica") -> Any:
     """``response``, or a MalformedReplyError (a ProtocolError) naming the replica (and the ``owner`` list it
     belongs to, "dep/shard-0") when its reply did not decode.

@@ -31,6 +31,7 @@ from shardnet.networking.channels import (
     checked_reply,
     get_grpc_channel,
     message_limits,
+    refused_as_draining,
 )
 from shardnet.networking.streams import RequestStreams, rpc_error
 from shardnet.networking.policies import EjectionPolicy, check_seconds
@@ -523,6 +524,26 @@ class ReplicaList:
             return False
         return True
 
+    def _set_aside_draining(self, connection: Connection) -> bool:
+        """Pick ``connection`` no more, from its first refusal as it drains, until its health check says SERVING
+        (its next process on the address), probed as an ejected replica is, though the drain counts as no
+        ejection: it would otherwise take its turn of calls, each refused and sent again, for as long as its
+        calls in flight last (their answers keep its failures from adding up), and a draining head waits for its
+        callers to stop sending. The calls on it go on. Not the last pickable replica (its refusals are then
+        failures, and have the set-aside ones checked), nor without an ejection policy. True when it is out of
+        the picks, set aside now or before (a refusal of a call sent before the first one's: nothing to count)."""
+        if connection not in self._position:
+            return True
+        if self._ejection is None or len(self._eligible) < 2:
+            return False
+        self._withdraw(connection)
+        self.balancer.forget(connection)
+        connection.failures = 0
+        delay = self._ejection.base_ejection
+        self._probes[connection] = asyncio.get_running_loop().create_task(self._probe_until_healthy(connection, delay))
+        self._logger.info("%s: replica %s is draining: not picked until it serves again", self.name, connection.address)
+        return True
+
     def _too_short(self, callers_timeout: Optional[float]) -> bool:
         """True when a caller's deadline was too short to blame the replica for missing it."""
         policy = self._ejection
@@ -658,7 +679,9 @@ class ReplicaList:
             # (a worker dying under many calls would otherwise rebuild its channel once per three of them)
             # nor does a call on a replica already removed (its cut calls would rebuild a channel no one closes)
             listed = self._connections.get(connection.address.target) is connection
-            if blamed and channel is connection.channel and listed:
+            if listed and refused_as_draining(error) and self._set_aside_draining(connection):
+                pass  # no failure of the replica: it is going away, and said so
+            elif blamed and channel is connection.channel and listed:
                 self.record_failure(connection, code, counted=wrong_server(method, code))
             raise
         except asyncio.CancelledError:

@@ -63,6 +63,7 @@ from shardnet.runtimes.merge import first_failure, merge_shard_responses, report
 from shardnet.runtimes.refusals import RefusalLog
 from shardnet.runtimes.registrations import Registrations
 from shardnet.runtimes.server import (
+    DRAIN_QUIET_SECONDS,
     ControlGuard,
     ServerConfig,
     jina_server,
@@ -313,8 +314,9 @@ class Head:
         mutual_tls = config.tls is not None and config.tls.client_ca is not None
         self._guard = ControlGuard(config.control_token, mutual_tls)
         self._refusals = RefusalLog(deployment)
-        # a head stops as gRPC does: its GOAWAY moves clients elsewhere without an error (see server.py)
-        self.server = jina_server(config, self, listen_while_draining=False)
+        # a draining head refuses new calls in-band and closes its listener once its calls are done and no more
+        # come: gRPC's stop() under load cancelled calls it had taken but not picked up (see server.py)
+        self.server = jina_server(config, self, quiet_seconds=DRAIN_QUIET_SECONDS)
         # beside every request it forwards: a request coming back with it was routed to this head by itself
         self._via = (services.VIA_HEAD_METADATA, new_id())
         # a pool fed by discovery (Kubernetes) knows no worker until its first list: not ready before that

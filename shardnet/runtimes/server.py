@@ -6,14 +6,19 @@ reflection (Jina 3.4+ clients skip services that reflection does not list),
 answer the gRPC health service, and drain on shutdown: health turns
 NOT_SERVING, new calls are refused, in-flight calls finish within a grace.
 
-A worker's server (``listen_while_draining``) refuses new calls itself while it
-drains and closes its listener only once the calls in flight are done, and the
-Executor closed: grpcio 1.78 can crash (SIGSEGV in its C core) when a client
-connects as ``stop()`` closes the listener, and a crash then would lose the
-answers it owes and what ``close()`` saves. Its callers (heads, pools) fail an
-in-band UNAVAILABLE over at once. A head's server stops at once as gRPC does:
-the GOAWAY moves any gRPC client elsewhere without an error, and a head owes
-nothing a crash would lose that its callers do not see fail.
+A draining server (``listen_while_draining``) refuses new calls itself and
+closes its listener only once the calls in flight are done (a worker's once its
+Executor is closed too): grpcio 1.78 can crash (SIGSEGV in its C core) when a
+client connects as ``stop()`` closes the listener, and a crash then would lose
+the answers it owes and what ``close()`` saves. Its callers (heads, pools) fail
+an in-band UNAVAILABLE over at once, and pools pick it no more. The calls
+grpc.aio had taken up when the drain began are served, not refused, though
+their handlers may start later. A head's server waits, besides, until no call has
+come for a while (``quiet_seconds``): ``stop()`` cancels the calls gRPC's core
+holds and grpc.aio's request loop has not picked up yet (the client reads
+CANCELLED, sent again by no pool, though they never ran), and a head under load
+holds many; once callers have stopped coming, it holds none. A head stopped at
+once as gRPC does, relying on its GOAWAY, and lost those calls.
 """
 
 from __future__ import annotations
@@ -78,6 +83,15 @@ PARENT_POLL_SECONDS = 0.5  # how soon a child notices that the process that laun
 # drain's grace (a DEACTIVATE, an Executor's close() with its own bound) before it exits at once: a handler
 # blocking the event loop (a blocking call in an async def) would hold a drain, which the loop runs, for as long
 STOP_SLACK = 15.0
+# a draining head closes its listener once its calls are done and no call has come (refused ones count) for this
+# long: stop() cancels every call gRPC's core took and grpc.aio's request loop had not picked up yet (the client
+# reads CANCELLED, which no pool sends again), and callers not yet told to go away still send; once nothing came
+# for a while, nothing waits unseen in the core
+DRAIN_QUIET_SECONDS = 0.2
+# how long at most, once its calls are done, a draining server waits for that quiet: callers that keep sending
+# whatever it answers (a pool keeping it in rotation, a client whose one connection cannot move) never let it
+# come, and are refused until the listener closes, when its GOAWAY moves them
+DRAIN_QUIET_WAIT_MAX = 0.5
 
 RawHandler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
 StreamHandler = Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], Any]
@@ -295,9 +309,17 @@ class Server:
     answers NOT_SERVING while the server drains and closes right after it.
     """
 
-    def __init__(self, config: ServerConfig, service_names: Sequence[str], *, listen_while_draining: bool = True):
+    def __init__(
+        self,
+        config: ServerConfig,
+        service_names: Sequence[str],
+        *,
+        listen_while_draining: bool = True,
+        quiet_seconds: float = 0.0,
+    ):
         self.config = config
         self.listen_while_draining = listen_while_draining
+        self.quiet_seconds = quiet_seconds  # see drain(); 0: stop once idle
         self.ready_at_start = True
         self._handlers: list[grpc.GenericRpcHandler] = []  # serve_unary / serve_stream, before start
         self._service_names = list(service_names)
@@ -312,13 +334,15 @@ class Server:
         self._calls = 0  # calls under way in the handlers served (health and reflection aside)
         self._idle = asyncio.Event()  # set whenever _calls drops to 0: what a drain waits for
         self._unix_socket: Optional[int] = None  # an O_PATH descriptor of the socket bound (_bind_unix)
+        self._last_arrival = float("-inf")  # the loop's time of the last call refused while draining (only then kept)
+        self._taken_before: frozenset = frozenset()  # while a drain waits for its calls: the tasks running at its start
 
     def serve_unary(self, path: str, handler: RawHandler) -> None:
         """Serve the unary method ``path`` with ``handler`` (bytes in and out), counted and refused while draining."""
 
         async def gated(payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
             if self.draining:
-                await self._refuse(context)
+                await self._refuse_new(context)
             self._calls += 1
             try:
                 return await handler(payload, context)
@@ -351,17 +375,22 @@ class Server:
         """A stream, refused while draining, else counted as a call for its whole life (``serve_unary`` counts
         inline instead: no context manager per request)."""
         if self.draining:
-            await self._refuse(context)
+            await self._refuse_new(context)
         self._calls += 1
         try:
             yield
         finally:
             self._call_ended()
 
-    @staticmethod
-    async def _refuse(context: grpc.aio.ServicerContext) -> None:
-        """Refuse a call (UNAVAILABLE) that came once the server drains: the caller sends elsewhere. (A call let
-        in is counted in ``_calls`` by its wrapper, inline: no coroutine more per request.)"""
+    async def _refuse_new(self, context: grpc.aio.ServicerContext) -> None:
+        """Refuse a call (UNAVAILABLE) that came once the server drains: the caller sends elsewhere. Its arrival is
+        noted, as the drain stops only once calls no longer come (``quiet_seconds``). A call gRPC handed over
+        before the drain began, its handler only starting now (a loop under load), is let in as long as the drain
+        waits for its calls: it runs in a task that was there at the start. (A call let in is counted in
+        ``_calls`` by its wrapper, inline, and its arrival is not noted: nothing more per request.)"""
+        if asyncio.current_task() in self._taken_before:
+            return
+        self._last_arrival = asyncio.get_running_loop().time()
         await context.abort(grpc.StatusCode.UNAVAILABLE, services.DRAINING_DETAILS)
 
     def _call_ended(self) -> None:
@@ -495,26 +524,36 @@ class Server:
         """Refuse new calls, let in-flight ones finish (up to ``grace`` seconds), then stop.
 
         ``when_idle`` runs once no call is in flight: before the listener closes when they all ended within the
-        grace (see the module's docstring), else once ``stop()`` has cut the rest.
+        grace (see the module's docstring), else once ``stop()`` has cut the rest. With ``quiet_seconds`` the
+        listener closes only once, besides, no call has come for that long (the drain's start counts as one),
+        ``DRAIN_QUIET_WAIT_MAX`` after the calls ended at most, and never past the grace.
         """
-        if self._server is None:
+        server, self._server = self._server, None
+        if server is None:
             return
         grace = self.config.drain_grace if grace is None else grace
         loop = asyncio.get_running_loop()
         deadline = self.drain_deadline = loop.time() + grace
+        # the calls gRPC handed over before the drain are served, not refused as new (see _refuse_new): grpc.aio
+        # starts each call's handler in a task of its own a pass of the loop after it took the call
+        await asyncio.sleep(0)
+        self._taken_before = frozenset(asyncio.all_tasks())
+        self._last_arrival = loop.time()  # a call gRPC took just before may reach its handler (refused) only now
         self.draining = True
         self.stopping.set()
         await self.health.enter_graceful_shutdown()
-        server, self._server = self._server, None
         idle = not self._calls
         if self.listen_while_draining and not idle:
             self._idle.clear()
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._idle.wait(), grace)
+                await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - loop.time()))
             idle = not self._calls
+        self._taken_before = frozenset()  # from here on every call is new: once idle, idle it stays
         if idle and when_idle is not None:
             await when_idle()
             when_idle = None
+        if idle and self.listen_while_draining and self.quiet_seconds:
+            await self._until_quiet(deadline)
         try:
             await server.stop(max(0.0, deadline - loop.time()))
         finally:
@@ -523,6 +562,18 @@ class Server:
         self._remove_unix_socket()
         if when_idle is not None:
             await when_idle()
+
+    async def _until_quiet(self, deadline: float) -> None:
+        """Return once no call has come for ``quiet_seconds``, ``DRAIN_QUIET_WAIT_MAX`` from now at most, or at
+        ``deadline`` (the loop's time)."""
+        loop = asyncio.get_running_loop()
+        give_up = min(deadline, loop.time() + DRAIN_QUIET_WAIT_MAX)
+        while True:
+            now = loop.time()
+            quiet_at = self._last_arrival + self.quiet_seconds
+            if now >= quiet_at or now >= give_up:
+                return
+            await asyncio.sleep(min(quiet_at, give_up) - now)
 
     async def _stop_health_listener(self) -> None:
         """Stop the plaintext health-only listener, if any (it has no calls worth waiting for)."""
@@ -871,20 +922,23 @@ def end_own_session() -> None:
         os.killpg(os.getpid(), signal.SIGTERM)
 
 
-def jina_server(config: ServerConfig, runtime, *, listen_while_draining: bool = True) -> Server:
+def jina_server(
+    config: ServerConfig, runtime, *, listen_while_draining: bool = True, quiet_seconds: float = 0.0
+) -> Server:
     """A Server exposing ``runtime``'s Jina methods (process_single_data, process_data, process_control,
     endpoint_discovery, dry_run, and Call over process_single_data) and listing their services through reflection.
 
     A runtime with a ``request_stream`` handler serves shardnet's request streams too
     (networking/streams.py), unless ``max_concurrent_rpcs`` caps it: a stream is one RPC however
     many requests it carries, so a capped server leaves its callers to call it unary.
-    ``listen_while_draining``: as ``Server`` takes it.
+    ``listen_while_draining``, ``quiet_seconds``: as ``Server`` takes them.
     """
     server = Server(
         config,
         [services.SINGLE_DATA_SERVICE, services.DATA_SERVICE, services.CONTROL_SERVICE, services.DISCOVERY_SERVICE,
          services.CALL_SERVICE, services.DRY_RUN_SERVICE],
         listen_while_draining=listen_while_draining,
+        quiet_seconds=quiet_seconds,
     )
     server.serve_unary(services.PROCESS_SINGLE_DATA, runtime.process_single_data)
     server.serve_unary(services.PROCESS_DATA, runtime.process_data)
