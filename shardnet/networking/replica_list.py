@@ -679,9 +679,9 @@ class ReplicaList:
             # (a worker dying under many calls would otherwise rebuild its channel once per three of them)
             # nor does a call on a replica already removed (its cut calls would rebuild a channel no one closes)
             listed = self._connections.get(connection.address.target) is connection
-            if listed and refused_as_draining(error) and self._set_aside_draining(connection):
-                pass  # no failure of the replica: it is going away, and said so
-            elif blamed and channel is connection.channel and listed:
+            # a refusal as it drains is no failure of the replica: it is going away, and said so
+            set_aside = listed and refused_as_draining(error) and self._set_aside_draining(connection)
+            if blamed and channel is connection.channel and listed and not set_aside:
                 self.record_failure(connection, code, counted=wrong_server(method, code))
             raise
         except asyncio.CancelledError:
