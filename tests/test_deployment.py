@@ -998,3 +998,17 @@ def test_a_stop_kills_what_does_not_stop_within_one_timeout_for_all_and_says_so(
     assert took < 1.0 + 2.0 + 2.0, took  # one timeout (the workers' floor of 2 s), not one each
     said = [record.getMessage() for record in caplog.records]
     assert all(any(f"worker-0-{replica} (pid" in line and "killed (SIGKILL)" in line for line in said) for replica in range(3)), said
+
+
+def test_an_executors_own_workspace_wins_in_a_deployment_given_none_as_in_jina(tmp_path):
+    """uses_with={"workspace": ...} placed the Executor's folder there under Jina's Deployment; shardnet's gave
+    every worker the cache folder as --workspace, which won (a review's find). Given one, the Deployment's wins."""
+    own = tmp_path / "own"
+    with Deployment(executors.StampsWorkspace, name="own", uses_with={"workspace": str(own)}) as deployment:
+        [doc] = deployment.post("/stamp", [Document()])
+    assert doc.tags["before"] == str(own / "StampsWorkspace" / "0")
+    given = tmp_path / "given"
+    with Deployment(executors.StampsWorkspace, name="given", uses_with={"workspace": str(own)},
+                    workspace=str(given)) as deployment:
+        [doc] = deployment.post("/stamp", [Document()])
+    assert doc.tags["before"] == str(given / "StampsWorkspace" / "0")

@@ -283,6 +283,9 @@ class Deployment:
         self.log_dir = Path(log_dir or self._tmp.name)
         # with none given, the cache folder, as a worker's and as Jina's: an index written in a with block is kept
         self.workspace = Path(workspace or default_workspace()).absolute()
+        # passed to the workers only when given (or the cache folder cannot be used): a worker given none has the
+        # cache folder too, where an Executor's own workspace= (uses_with) wins, as under Jina's Deployment
+        self._pass_workspace = workspace is not None
         # a folder of its own, short: a socket path holds at most 107 bytes, a log_dir may be longer
         self._sockets = tempfile.TemporaryDirectory(prefix="sn-") if self._unix_sockets else None
         self.head: Optional[ShardnetProcess] = None
@@ -374,7 +377,7 @@ class Deployment:
             for key, uses in self._extras.items():
                 arguments = ["worker", "--uses", uses, "--host", self.host, "--port", "0"]
                 arguments += self._every_process_arguments
-                arguments += ["--workspace", str(self.workspace)]  # as Jina gives them: WORKSPACE/CLASS/0
+                arguments += self._workspace_arguments()  # as Jina gives them: WORKSPACE/CLASS/0
                 # named as Jina names it, which is also the key of its dict results in __results__
                 process = self._launch(key, arguments + ["--name", f"{self.name}/{key}-0"])
                 self.extras[key] = process
@@ -411,6 +414,7 @@ class Deployment:
             except OSError as exc:
                 if what == "workspace" and not self._given_folders[1]:  # the cache folder, which HOME may not allow
                     self.workspace = self.log_dir / "workspace"
+                    self._pass_workspace = True
                     logger.warning(
                         "deployment %r: the cache folder %s cannot be used (%s): the Executors' state goes to %s, "
                         "%s; give workspace=... to keep it", self.name, folder, exc.strerror, self.workspace,
@@ -421,6 +425,9 @@ class Deployment:
                 raise ConfigurationError(
                     f"deployment {self.name!r}: cannot use {what} {str(folder)!r}: {exc.strerror}"
                 ) from None
+
+    def _workspace_arguments(self) -> list[str]:
+        return ["--workspace", str(self.workspace)] if self._pass_workspace else []
 
     def _launch_worker(self, shard: int, replica: int) -> ShardnetProcess:
         # named as Jina names its replicas, so every shard's dict results keep their own key under ALL
@@ -438,7 +445,7 @@ class Deployment:
                 "--shards", str(self.shards),
                 "--replicas", str(self.replicas),
                 "--name", name,
-                "--workspace", str(self.workspace),
+                *self._workspace_arguments(),
                 *self._metas_arguments,
                 "--head", self.address,
                 "--register-interval", str(self._register_interval),
