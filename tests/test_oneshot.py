@@ -6,6 +6,9 @@ import asyncio
 import gc
 import inspect
 import logging
+import signal
+import threading
+import time
 import warnings
 
 import grpc
@@ -228,6 +231,37 @@ def test_a_ctrl_c_while_the_sync_helpers_loop_is_made_leaves_no_coroutine_never_
             oneshot.run_sync(oneshot.send_control("STATUS", dead_address, timeout=1))
         gc.collect()
     assert not [w for w in caught if "never awaited" in str(w.message)], [str(w.message) for w in caught]
+
+
+def test_a_ctrl_c_where_a_loop_runs_interrupts_the_sync_helper_at_once_and_cancels_its_run():
+    """In a notebook (a loop running in this thread) the helper runs in a thread of its own; a Ctrl-C reached the
+    caller only once the run ended, a handler's 15 s later (a review's find)."""
+    cancelled = threading.Event()
+
+    async def long_run() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    def ctrl_c(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    async def cell() -> None:  # what a notebook cell calling post() is: sync code under a running loop
+        oneshot.run_sync(long_run())
+
+    previous = signal.signal(signal.SIGALRM, ctrl_c)
+    started = time.monotonic()
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(KeyboardInterrupt):
+            asyncio.run(cell())
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - started < 5
+    assert cancelled.wait(5)
 
 
 def test_jinas_positional_order_with_channel_options_as_a_dict(threaded_echo):

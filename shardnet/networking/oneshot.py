@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import inspect
 import numbers
-from typing import Any, Awaitable, Callable, Optional, Sequence, TypeVar, Union
+from typing import Any, Awaitable, Callable, Coroutine, Optional, Sequence, TypeVar, Union
 
 import grpc.aio
 import tenacity
@@ -81,8 +82,29 @@ def run_sync(awaitable: Awaitable[T]) -> T:
                 if inspect.iscoroutine(unstarted):
                     unstarted.close()
             raise
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor:
-        return executor.submit(asyncio.run, coroutine).result()
+    return _run_in_a_thread(coroutine)
+
+
+def _run_in_a_thread(coroutine: Coroutine[Any, Any, T]) -> T:
+    """``coroutine`` run on a loop of its own in a helper thread. Interrupted while waiting (Ctrl-C in a notebook,
+    whose loop runs here), the helper's run is cancelled and not waited for: the wait outlasted a handler's."""
+    running: concurrent.futures.Future = concurrent.futures.Future()
+
+    async def main() -> T:
+        running.set_result((asyncio.get_running_loop(), asyncio.current_task()))
+        return await coroutine
+
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        return executor.submit(asyncio.run, main()).result()
+    except BaseException:
+        if running.done():
+            loop, task = running.result()
+            with contextlib.suppress(RuntimeError):  # that loop is closed: the run is over
+                loop.call_soon_threadsafe(task.cancel)
+        raise
+    finally:
+        executor.shutdown(wait=False)
 
 
 def auth_metadata(token: Optional[str]) -> tuple[tuple[str, str], ...]:
