@@ -161,3 +161,11 @@ def test_a_host_that_is_no_dns_name_nor_ip_address_is_refused_saying_why(host, r
 )
 def test_dialled_host_is_where_a_connection_lands(host, lands_on):
     assert dialled_host(host) == lands_on
+
+
+@pytest.mark.parametrize("spelling", ["unix:/run/sn//w.sock", "unix:/run/./sn/w.sock", "unix:///run/sn/w.sock/"])
+def test_a_unix_socket_has_one_spelling_so_one_worker_is_one_replica(spelling):
+    """unix:/d//w.sock and unix:/d/w.sock, one worker's two spellings (a --connection and its ACTIVATE), were two
+    replicas of double weight, and its DEACTIVATE removed one (a review's find)."""
+    assert parse_address(spelling) == parse_address("unix:/run/sn/w.sock")
+    assert parse_address("unix:/run/sn/../w.sock").unix_path == "/run/sn/../w.sock"  # a link may make it another

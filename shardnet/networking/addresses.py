@@ -87,6 +87,9 @@ def _parse_unix(address: str, text: str, tls: bool) -> Address:
         )
     if any(ch < " " for ch in path):
         raise ConfigurationError(f"bad address {address!r:.200}: control characters in the socket path")
+    # one spelling per socket, so that one worker is one replica: "//" and "/./" name the same file ("/../" may
+    # not, under a symbolic link, and is kept)
+    path = "/" + "/".join(part for part in path.split("/") if part not in ("", "."))
     if len(path.encode()) > MAX_UNIX_PATH_BYTES:
         raise ConfigurationError(
             f"bad address {address!r:.200}: a Unix socket path holds at most {MAX_UNIX_PATH_BYTES} bytes, "
