@@ -163,9 +163,10 @@ class ServerConfig:
 # 30 s client keepalive (and Jina's 10 s one), and a head ran it again elsewhere. A strike is a ping read less
 # than a second after the one before: a server starved of CPU reads pings sent 5 s apart back to back (at a
 # 4 s minimum, a loaded test machine struck out a client pinging every 5 s); ten strikes are borne over a call
-# that sends nothing, and a client flooding pings is still sent away at the eleventh
+# that sends nothing, and a client flooding pings is still sent away at the eleventh. (The first name is gRPC's own
+# spelling; its C macro reads MIN_RECV_PING_INTERVAL, and a name gRPC does not know is dropped without a word)
 PING_POLICY = (
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 1_000),
     ("grpc.http2.max_ping_strikes", 10),
 )
 
