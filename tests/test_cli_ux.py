@@ -533,6 +533,30 @@ def test_a_kubernetes_fed_head_with_nowhere_to_find_a_configuration_is_refused_a
     assert "no Kubernetes configuration: no kubeconfig file at ~/.kube/config" in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize(
+    "given_by, content, said",
+    [
+        ("KUBECONFIG", b"clusters: [\n", "is not readable YAML"),
+        ("KUBECONFIG", b"\xff\xfe not text", "is not readable YAML"),
+        ("KUBECONFIG", b"current-context: gone\ncontexts: []\n", "current-context 'gone' is not among its contexts"),
+        ("HOME", b"- a list\n", "is not a kubeconfig"),
+    ],
+)
+def test_a_kubeconfig_that_can_never_work_is_refused_at_start_however_it_is_found(tmp_path, given_by, content, said):
+    """Given by --kubeconfig it was refused at once; found through KUBECONFIG or ~/.kube/config, the head started
+    and retried for ever, never ready, a non-UTF-8 file with a traceback at each retry (a review's find)."""
+    env = {key: value for key, value in child_env(tmp_path).items() if not key.startswith(("KUBERNETES_", "KUBECONFIG"))}
+    env["HOME"] = str(tmp_path)
+    kubeconfig = tmp_path / ".kube" / "config"
+    kubeconfig.parent.mkdir()
+    kubeconfig.write_bytes(content)
+    if given_by == "KUBECONFIG":
+        env["KUBECONFIG"] = str(kubeconfig)
+    result = shardnet("head", "--deployment", "x", "--k8s-namespace", "default", "--port", "0", env=env)
+    assert result.returncode == 2, result.stderr
+    assert said in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 def test_a_kubernetes_fed_head_says_it_listens_not_that_it_is_ready_before_discovery_lists(tmp_path):
     """It printed "ready on" while its readiness said NOT_SERVING (no cluster to list yet)."""
     env = {key: value for key, value in child_env(tmp_path).items() if not key.startswith("KUBERNETES_")}

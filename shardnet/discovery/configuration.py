@@ -83,6 +83,18 @@ class KubeconfigCredentials:
             self._reloading = None
 
 
+def _kubeconfig_document(path: str) -> dict:
+    """The YAML mapping a kubeconfig file holds; ConfigurationError naming the file when it is none."""
+    try:
+        with open(os.path.expanduser(path), encoding="utf-8") as handle:
+            document = yaml.safe_load(handle)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise ConfigurationError(f"kubeconfig {path} is not readable YAML: {one_line(error)}") from None
+    if not isinstance(document, dict):
+        raise ConfigurationError(f"kubeconfig {path} is not a kubeconfig (a YAML mapping of clusters, contexts, users)")
+    return document
+
+
 def check_kubeconfig(path: str) -> None:
     """Refuse at once a kubeconfig file that can never work, as kubectl does: missing, not a file, not YAML, or
     naming no current context among its contexts. What may come right later (an exec plugin failing, an API
@@ -92,13 +104,7 @@ def check_kubeconfig(path: str) -> None:
         raise ConfigurationError(
             f"kubeconfig {path}: {'a directory, not a file' if os.path.isdir(expanded) else 'no such file'}"
         )
-    try:
-        with open(expanded, encoding="utf-8") as handle:
-            document = yaml.safe_load(handle)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise ConfigurationError(f"kubeconfig {path} is not readable YAML: {one_line(error)}") from None
-    if not isinstance(document, dict):
-        raise ConfigurationError(f"kubeconfig {path} is not a kubeconfig (a YAML mapping of clusters, contexts, users)")
+    document = _kubeconfig_document(path)
     current = document.get("current-context")
     if not current:
         raise ConfigurationError(f"kubeconfig {path} sets no current-context (kubectl config use-context NAME)")
@@ -112,15 +118,26 @@ def check_kubeconfig(path: str) -> None:
 
 def check_configuration_exists(environ: Mapping[str, str] = os.environ) -> None:
     """Refuse at once, when no kubeconfig file is given, a process with nowhere to find one: no ``KUBECONFIG``,
-    no ``~/.kube/config``, and not in a pod (``KUBERNETES_SERVICE_HOST`` unset). It would retry for ever,
-    never ready; a ``KUBECONFIG`` naming a file not written yet is left to the retries."""
-    if environ.get("KUBECONFIG") or environ.get("KUBERNETES_SERVICE_HOST"):
+    no ``~/.kube/config``, and not in a pod (``KUBERNETES_SERVICE_HOST`` unset); or one whose kubeconfig can never
+    work, as ``--kubeconfig`` is refused (``check_kubeconfig``). It would retry for ever, never ready. A
+    ``KUBECONFIG`` naming a file not written yet is left to the retries; of several files, each must be YAML,
+    and the context is looked for in their merge, by the client."""
+    files = [entry for entry in environ.get("KUBECONFIG", "").split(os.pathsep) if entry]
+    if files:
+        present = [entry for entry in files if os.path.isfile(os.path.expanduser(entry))]
+        if len(files) == 1 and present:
+            check_kubeconfig(present[0])
+        for entry in present:
+            _kubeconfig_document(entry)
+        return
+    if environ.get("KUBERNETES_SERVICE_HOST"):
         return
     if not os.path.exists(os.path.expanduser(DEFAULT_KUBECONFIG)):
         raise ConfigurationError(
             f"no Kubernetes configuration: no kubeconfig file at {DEFAULT_KUBECONFIG}, KUBECONFIG unset, and not in "
             "a pod (KUBERNETES_SERVICE_HOST unset); give --kubeconfig FILE"
         )
+    check_kubeconfig(DEFAULT_KUBECONFIG)
 
 
 def one_line(error: Exception) -> str:

@@ -679,7 +679,7 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
     async def _load_client(self) -> None:
         try:
             self._client = await load_api_client(self._kubeconfig)
-        except (k8s_config.ConfigException, yaml.YAMLError) as error:  # a KUBECONFIG file may be written meanwhile
+        except (k8s_config.ConfigException, yaml.YAMLError, UnicodeDecodeError) as error:  # (written meanwhile?)
             raise Unavailable(f"no usable Kubernetes configuration: {one_line(error)}") from error
         self._ca_signature = self._ca_file_signature()
 
