@@ -21,7 +21,7 @@ import pytest
 
 from shardnet import DataRequest, DeadlineExceeded, Document, GrpcConnectionPool, PollingMap, ReplicaError
 from shardnet.networking import oneshot, streams
-from shardnet.networking.streams import MAX_STREAMED_BYTES, STATUS_EXCEPTION, status_message
+from shardnet.networking.streams import MAX_STREAMED_BYTES, STATUS_EXCEPTION, status_message, status_of
 from shardnet.protocol import services
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.processes import ShardnetProcess
@@ -870,10 +870,14 @@ async def test_a_stream_with_an_unreadable_answer_is_cut_once_only_what_may_be_g
     async def garble_then_hold(requests, context):
         await context.send_initial_metadata((("shardnet-max-message-bytes", "1000000"),))
         async for data in requests:
-            seen.append(DataRequest.from_bytes(data).request_id)
+            received = DataRequest.from_bytes(data)
+            if received.is_error and status_of(received) is not None:  # a CANCELLED: acknowledged, as a worker does
+                await context.write(status_message(received.request_id, grpc.StatusCode.CANCELLED, "cancelled"))
+                continue
+            seen.append(received.request_id)
             if len(seen) == 2:
                 await context.write(b"\xff\xff\xff")  # the first one's answer, garbled; the second under way
-        await asyncio.Event().wait()  # half-closed, it still holds the stream
+        await asyncio.Event().wait()  # it holds the stream open
 
     async with one_stream_to(garble_then_hold) as (pool, replicas, address):
         streams = replicas.get_all_connections()[0].stubs.streams
@@ -891,3 +895,58 @@ async def test_a_stream_with_an_unreadable_answer_is_cut_once_only_what_may_be_g
             await asyncio.wait_for(first, 5)
         assert f"{address} sent an unreadable answer on its request stream" in str(caught.value)
         await eventually(lambda: streams._lanes[0] is None)
+
+
+async def test_a_garbled_answer_whose_caller_leaves_does_not_cut_a_request_still_under_way():
+    """The garbled one's caller gave up; the other, still worked on, was failed as unreadable when the stream was
+    cut on a count of what waited (a regression review). Its answer comes, and then the stream is cut."""
+
+    async def garble_one_answer_two_later(requests, context):
+        await context.send_initial_metadata((("shardnet-max-message-bytes", "1000000"),))
+        taken = []
+        async for data in requests:
+            received = DataRequest.from_bytes(data)
+            if received.is_error and status_of(received) is not None:
+                continue  # a CANCELLED of what it already answered: nothing to acknowledge
+            taken.append(data)
+            if len(taken) == 2:
+                await context.write(b"\xff\xff\xff")  # one's answer, garbled
+                await asyncio.sleep(1.0)
+                await context.write(taken[1])  # two's, in time
+
+    async with one_stream_to(garble_one_answer_two_later) as (pool, replicas, address):
+        streams = replicas.get_all_connections()[0].stubs.streams
+        lane = streams._lanes[0]
+        first = asyncio.create_task(
+            pool.call(request("/x", "one", request_id="one"), "dep", replicas, retries=0, timeout=0.3)
+        )
+        await eventually(lambda: "one" in lane.pending)
+        streams._turn = 0
+        second = asyncio.create_task(pool.call(request("/x", "two", request_id="two"), "dep", replicas, retries=0))
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.wait_for(first, 5)
+        answer, _ = await asyncio.wait_for(second, 5)
+        assert answer.request_id == "two" and answer.docs[0].text == "two"
+        await eventually(lambda: streams._lanes[0] is None)
+
+
+async def test_a_request_a_busy_stream_refuses_goes_unary_to_the_same_replica(runtimes, monkeypatch):
+    """A stream at its worker's limit of requests under way is full, not the worker: the refusal was a failure
+    of the replica (three rebuilt its channel; with one replica, callers failed). The request goes unary there."""
+    monkeypatch.setattr(worker_module, "STREAM_WORK_LIMIT", 0)
+    worker = await start_worker(runtimes)
+    async with GrpcConnectionPool(request_streams=True) as pool:
+        pool.add_connection("dep", worker.server.address)
+        connection = pool.get_replicas("dep").get_all_connections()[0]
+        await asyncio.wait_for(connection.channel.channel_ready(), timeout=5)
+
+        async def one_streamed() -> bool:
+            [task] = pool.send_request(request("/sleep", "s"), "dep", timeout=5)
+            answer, _ = await task
+            assert not answer.is_error and answer.docs[0].text == "s"
+            return connection.stubs.streams.streamed > 0
+
+        await eventually(one_streamed, timeout=10)
+        answers = await asyncio.gather(*(pool.send_request(request("/sleep", str(n)), "dep")[0] for n in range(20)))
+        assert [answer.docs[0].text for answer, _ in answers] == [str(n) for n in range(20)]
+        assert connection.failures == 0 and connection.stubs.streams.streamed > 1

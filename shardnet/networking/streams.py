@@ -232,11 +232,11 @@ class _Lane:
         it has not been written yet (the replica never hears of it), else the worker is told to stop its work."""
         if self.pending.get(request_id) is future:
             del self.pending[request_id]
-            if self.garbled:  # half-closed: nothing more is written, and the stream is cut once only those wait
-                self._cut_once_only_garbled_wait()
-            elif not self.writer.withdraw(data):
+            if not self.writer.withdraw(data):
                 self.abandoned.add(request_id)
                 self.writer.send(status_message(request_id, grpc.StatusCode.CANCELLED, "the caller stopped waiting"))
+            if self.garbled:
+                self._cut_once_only_garbled_are_due()
         if not self.pending and self._owner.retired:
             self.finish()
 
@@ -277,7 +277,7 @@ class _Lane:
                 except ProtocolError as exc:
                     self._set_aside(exc)
                 if self.garbled:
-                    self._cut_once_only_garbled_wait()
+                    self._cut_once_only_garbled_are_due()
             if self.pending and self.garbled == 0 and await self.call.code() == grpc.StatusCode.OK:
                 # a shardnet worker ends its stream so only once every request it took is answered (it drains):
                 # what is left never reached it, and is refused in the words that say so, to go elsewhere
@@ -317,19 +317,19 @@ class _Lane:
                 self.writer.task.cancel()
 
     def _set_aside(self, unreadable: ProtocolError) -> None:
-        """An answer we cannot match to its request: this stream takes nothing more, and is half-closed, not cut,
-        since the replica still runs what it took and cutting would fail those requests (which then go elsewhere
-        too) while it does; it answers them and ends the stream."""
+        """An answer we cannot match to its request: this stream takes no more requests, and is not cut yet, since
+        the replica still runs what it took and cutting would fail those requests (which then go elsewhere too)
+        while it does (``_cut_once_only_garbled_are_due``)."""
         self.garbled += 1
         if self.unreadable is None:
             self.unreadable = unreadable
             self.ready = False
-            self.writer.finish()
 
-    def _cut_once_only_garbled_wait(self) -> None:
-        """Cut the stream of a replica that answered ``garbled`` requests unreadably once no more requests wait
-        than that: they may be those, whose answers came, and a replica holding the stream open would hold them."""
-        if len(self.pending) <= self.garbled:
+    def _cut_once_only_garbled_are_due(self) -> None:
+        """Cut the stream once no more messages are due on it than came garbled: the replica sends one for each
+        request, its answer or the acknowledgement of its CANCELLED, so what still waits then is what was garbled.
+        (A replica holding the stream open would hold them for good; one that ends it fails them as it does.)"""
+        if len(self.pending) + len(self.abandoned) <= self.garbled:
             self.call.cancel()
 
     def _fail_unwritten(self) -> None:
@@ -505,9 +505,11 @@ class StreamedCall:
         if future is None:
             return await self._unary()
         streams.streamed += 1
-        timer = None
+        timer = loop = None
         if self._timeout is not None:
-            timer = asyncio.get_running_loop().call_later(self._timeout, _expire, future)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            timer = loop.call_later(self._timeout, _expire, future)
         try:
             answer = await future
         finally:
@@ -516,6 +518,8 @@ class StreamedCall:
                 timer.cancel()
         error = status_of(answer) if answer.is_error else None
         if error is not None:
+            if error.details() == services.BUSY_DETAILS:  # this stream is full, not the replica: a call has room
+                return await self._unary(None if loop is None else max(0.0, self._timeout - (loop.time() - started)))
             raise error
         if answer.is_error:
             self._trailing = services.ERROR_TRAILER
@@ -523,8 +527,9 @@ class StreamedCall:
             return streams.decode_answer(answer.to_bytes())
         return answer
 
-    async def _unary(self) -> Any:
-        call = self._streams.unary(self._decode)(self._request, metadata=self._metadata, timeout=self._timeout)
+    async def _unary(self, timeout: Optional[float] = None) -> Any:
+        timeout = self._timeout if timeout is None else timeout
+        call = self._streams.unary(self._decode)(self._request, metadata=self._metadata, timeout=timeout)
         answer = await call
         self._trailing = await call.trailing_metadata()
         return answer
