@@ -726,3 +726,11 @@ class InterruptedInClose(Tagger):
 
     def close(self) -> None:
         raise KeyboardInterrupt("in close")
+
+
+class SavesSlowly(Tagger):
+    """``close()`` takes a second and a half, then writes ``<workspace>/saved``: a state save a cut stop loses."""
+
+    def close(self) -> None:
+        time.sleep(1.5)
+        (Path(self.runtime_args.workspace) / "saved").write_text("saved")

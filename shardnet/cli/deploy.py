@@ -207,6 +207,10 @@ def _deploy(args: argparse.Namespace, uses_with: dict, workspace: str) -> int:
         print(f"{args.name}: stopped, but {', '.join(deployment.killed_at_stop)} did not stop in time and had to be "
               f"killed (see the warnings above); {_left_behind(args)}", flush=True)
         return 1
+    if deployment.failed_at_stop:  # a close() that did not return in time, a stop cut short: their logs say
+        print(f"{args.name}: stopped, but {', '.join(deployment.failed_at_stop)} did not stop cleanly (see its "
+              f"log); {_left_behind(args)}", flush=True)
+        return 1
     print(f"{args.name}: every process drained and stopped; {_left_behind(args)}", flush=True)
     return 0
 

@@ -296,6 +296,7 @@ class Deployment:
         self._launching = threading.Lock()  # revive() launches, stop() stops: one at a time, whatever the threads
         self._stopping = False
         self.killed_at_stop: list[str] = []  # roles the last stop() had to kill (they did not stop in time)
+        self.failed_at_stop: list[str] = []  # those that exited on their own at the last stop(), not with code 0
         # a Deployment dropped without stop() (or an interpreter exit) still stops its processes
         self._finalizer: Optional[weakref.finalize] = weakref.finalize(self, stop_all, self._spawned, 5.0)
 
@@ -667,12 +668,15 @@ class Deployment:
         """Stop every process within two drains and 5 s (25 s by default): the head first, drained while its
         workers and uses_before/after still serve (what it accepted is answered), then those, their drains
         overlapping. Any still running then is killed, with a warning, and its role is kept in
-        ``killed_at_stop``."""
+        ``killed_at_stop``; one that exits with a code other than 0 (its close() did not return in time) is in
+        ``failed_at_stop``."""
         # one stop at a time, and a revive() or start() in another thread launches nothing from here on
         with self._launching:
             self._stopping = True
             # every process of this run, one a start under way has not assigned yet too
-            self.killed_at_stop = [process.role for process in stop_all(self._spawned, self._stop_timeout)]
+            failed: list[ShardnetProcess] = []
+            self.killed_at_stop = [process.role for process in stop_all(self._spawned, self._stop_timeout, failed)]
+            self.failed_at_stop = [f"{process.role} (exit code {process.popen.returncode})" for process in failed]
             if self._finalizer is not None:
                 self._finalizer.detach()
                 self._finalizer = None

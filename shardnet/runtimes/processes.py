@@ -286,8 +286,12 @@ class ShardnetProcess:
         return f"<ShardnetProcess {self.role} {self.address or '-'} pid={self.pid} {state}>"
 
 
-def stop_all(processes: Sequence[ShardnetProcess], timeout: float = 15.0) -> list[ShardnetProcess]:
-    """Stop every process within ``timeout`` in all, and return those that had to be killed.
+def stop_all(
+    processes: Sequence[ShardnetProcess], timeout: float = 15.0, failed: Optional[list[ShardnetProcess]] = None
+) -> list[ShardnetProcess]:
+    """Stop every process within ``timeout`` in all, and return those that had to be killed; ``failed``, when
+    given, gets those running at the stop that exited on their own with a code other than 0 (a close() that did
+    not return in time, a stop cut short).
 
     The heads go first. Each drains while the processes it calls still serve, so a request it accepted
     reaches its shards and uses_after. Then the rest get their SIGTERMs at once, so their drains overlap,
@@ -296,6 +300,8 @@ def stop_all(processes: Sequence[ShardnetProcess], timeout: float = 15.0) -> lis
     """
     deadline = time.monotonic() + timeout
     heads = [process for process in processes if process.role == "head"]
+    running = [process for process in processes if process.popen is not None and process.popen.returncode is None
+               and not process._exited()]
     killed = []
     for group in (heads, [process for process in processes if process.role != "head"]):
         for process in group:
@@ -305,4 +311,6 @@ def stop_all(processes: Sequence[ShardnetProcess], timeout: float = 15.0) -> lis
         for process in group:
             if process._reap(max(ends - time.monotonic(), 0.0)):
                 killed.append(process)
+    if failed is not None:
+        failed.extend(process for process in running if process not in killed and process.popen.returncode != 0)
     return killed

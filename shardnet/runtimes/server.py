@@ -714,11 +714,11 @@ async def within_message_limit(
 
 class _Stop:
     """How a served process stops. The first SIGTERM, SIGINT or SIGHUP, or the exit of its launcher
-    (``watch_parent``), sets ``requested``: a drain begins (``begin``). A second signal, or the launcher's
-    exit, once the stop is under way ends the process at once, logged, as ``deploy``'s second Ctrl-C ends its
-    processes: a drain or an Executor's ``close()`` that hung kept it running for ever, through further signals
-    and its launcher's kill -9 alike. The launcher is watched from a thread, which needs no event loop (a
-    handler blocking the loop kept an orphan serving on), and the stop its exit asks for is bounded too."""
+    (``watch_parent``), sets ``requested``: a drain begins (``begin``). A second SIGINT once the stop is under
+    way ends the process at once, logged, as ``deploy``'s second Ctrl-C ends its processes (``signalled``). The
+    launcher is watched from a thread, which needs no event loop (a handler blocking the loop kept an orphan
+    serving on), and the stop its exit asks for is bounded (a drain or a ``close()`` that hung kept a worker
+    running for ever, its launcher killed -9)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, grace: float):
         self._loop = loop
@@ -729,9 +729,14 @@ class _Stop:
         self._parent: Optional[tuple[int, bool]] = None  # the launcher watched: its pid, and whether it is ours
 
     def signalled(self, signum: int) -> None:
-        """A stop signal's handler (run by the loop)."""
+        """A stop signal's handler (run by the loop). A second SIGINT while stopping is a person's second Ctrl-C:
+        it ends the process at once. A second SIGTERM or SIGHUP is not: a supervisor stopping a group (systemd's
+        KillMode=control-group) signals every process, and a launcher (``deploy``, a Deployment) signals its
+        children again, which would cut every drain; the stop is bounded anyway."""
         if self._began.is_set():
-            self._exit_at_once(f"a second {signal.Signals(signum).name} while stopping", 128 + signum)
+            if signum == signal.SIGINT:
+                self._exit_at_once("a second SIGINT (Ctrl-C) while stopping", 128 + signum)
+            logger.info("%s while stopping: the stop goes on", signal.Signals(signum).name)
         self.requested.set()
 
     def begin(self) -> None:
@@ -753,8 +758,8 @@ class _Stop:
         while not parent_gone(pid, direct):
             if self._ended.wait(PARENT_POLL_SECONDS):
                 return
-        if self._began.is_set():
-            self._exit_at_once(f"process {pid} (--parent-pid) exited while stopping", 128 + signal.SIGTERM)
+        # (gone while this process stops: the stop goes on, bounded below; a supervisor stopping a launcher and
+        # its children together ends the launcher first, and cutting the children's drains would lose their work)
         logger.warning("process %d (--parent-pid) exited: stopping", pid)
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the stop is over
             self._loop.call_soon_threadsafe(self.requested.set)
