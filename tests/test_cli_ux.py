@@ -613,3 +613,11 @@ def test_a_worker_warns_of_a_workspace_an_earlier_shardnet_laid_out_by_the_deplo
         assert "--uses-metas '{\"name\": \"index\"}'" in text, text
     finally:
         stop(worker, [])
+
+
+@pytest.mark.parametrize("name, said", [("d\udcff", "is not text"), ("a\tb", "printable characters")])
+def test_a_head_refuses_a_deployment_name_that_is_not_printable_text(name, said):
+    """A non-UTF-8 byte in --deployment, which deploy --name refuses, started a head whose errors carried it
+    as a surrogate (a review's find)."""
+    result = shardnet("head", "--deployment", name, "--port", "0")
+    assert result.returncode == 2 and said in result.stderr, result.stderr

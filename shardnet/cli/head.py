@@ -100,9 +100,21 @@ def run(args: argparse.Namespace) -> int:
     return run_in_loop(serve(args), args.loop)
 
 
+def _check_deployment_name(name: str) -> None:
+    """Refuse a name that is no printable text (bytes the terminal's encoding could not decode, a control
+    character): it names the head in every error and the route entries, and could never match a worker's."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigurationError(f"--deployment {name!r:.120} is not text (bytes not in the locale's encoding)") from None
+    if not name or not name.isprintable():
+        raise ConfigurationError(f"--deployment {name!r:.120}: give a name of printable characters")
+
+
 async def serve(args: argparse.Namespace) -> int:
     """Build the head inside the running loop (gRPC channels belong to the loop they are made in). Its
     warnings come once every flag has been checked: a refusal is then the one line it prints."""
+    _check_deployment_name(args.deployment)
     retry = RetryPolicy(attempt_timeout=args.attempt_timeout, unsent_only=args.at_most_once)
     namespace = args.k8s_namespace  # only when asked: a head that happens to run in a pod may be a local one
     if namespace == "":  # else a static head would start, with nothing to serve
