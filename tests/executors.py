@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from shardnet import Document, Executor, requests
+from shardnet.runtimes.executor import default_workspace
 
 
 class Fetcher(Executor):
@@ -363,7 +364,7 @@ class Restartable(Pid):
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
-        root = Path(self.runtime_args.workspace)
+        root = Path(self.runtime_args.workspace or default_workspace())  # a Deployment's, given or not
         first = root / f"started-{self.runtime_args.shard_id}-{self.runtime_args.replica_id}"
         if first.exists():
             mode = (root / "later-starts").read_text().strip() if (root / "later-starts").exists() else ""

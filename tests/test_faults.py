@@ -49,8 +49,9 @@ pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture(scope="module")
-def deployment():
-    deployment = SETTINGS.deployment(balancer="round_robin")
+def deployment(tmp_path_factory):
+    # a workspace of its own, given: the executors read their faults there and log what they ran
+    deployment = SETTINGS.deployment(balancer="round_robin", workspace=str(tmp_path_factory.mktemp("faults")))
     try:
         deployment.start()
         yield deployment

@@ -290,7 +290,7 @@ def stop_all(
     processes: Sequence[ShardnetProcess], timeout: float = 15.0, failed: Optional[list[ShardnetProcess]] = None
 ) -> list[ShardnetProcess]:
     """Stop every process within ``timeout`` in all, and return those that had to be killed; ``failed``, when
-    given, gets those running at the stop that exited on their own with a code other than 0 (a close() that did
+    given, gets those serving at the stop that exited on their own with a code other than 0 (a close() that did
     not return in time, a stop cut short).
 
     The heads go first. Each drains while the processes it calls still serve, so a request it accepted
@@ -300,8 +300,9 @@ def stop_all(
     """
     deadline = time.monotonic() + timeout
     heads = [process for process in processes if process.role == "head"]
-    running = [process for process in processes if process.popen is not None and process.popen.returncode is None
-               and not process._exited()]
+    # serving ones: a start under way that a SIGTERM ends exits as it may
+    serving = [process for process in processes if process.popen is not None and process.popen.returncode is None
+               and not process._exited() and process.address is not None]
     killed = []
     for group in (heads, [process for process in processes if process.role != "head"]):
         for process in group:
@@ -312,5 +313,5 @@ def stop_all(
             if process._reap(max(ends - time.monotonic(), 0.0)):
                 killed.append(process)
     if failed is not None:
-        failed.extend(process for process in running if process not in killed and process.popen.returncode != 0)
+        failed.extend(process for process in serving if process not in killed and process.popen.returncode != 0)
     return killed
