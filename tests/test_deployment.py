@@ -1024,3 +1024,19 @@ def test_a_worker_whose_stop_fails_is_named_after_the_stop_not_reported_drained(
         deployment.post("/tag", [Document()])
     assert deployment.killed_at_stop == [], deployment.killed_at_stop
     assert deployment.failed_at_stop == ["worker-0-0 (exit code 1)"], deployment.failed_at_stop
+
+
+def test_the_demo_indexer_under_a_deployment_given_no_workspace_writes_nothing_in_the_current_folder(
+    tmp_path, monkeypatch
+):
+    """Its index went to runtime_args.workspace or the current folder; with no workspace passed to the workers
+    (an Executor's own may win, as in Jina) that was the user's current folder. It is the shard's folder."""
+    from shardnet.examples.text_index import TextIndexer
+
+    monkeypatch.chdir(tmp_path)
+    with Deployment(TextIndexer, name="indexer") as deployment:
+        deployment.post("/index", [Document(text="hello world")])
+        [found] = deployment.post("/search", [Document(text="hello")])
+    assert list(tmp_path.iterdir()) == []
+    assert list((deployment.workspace / "TextIndexer" / "0").glob("text-index-shard-0.jsonl"))
+    assert found.matches

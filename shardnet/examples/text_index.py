@@ -34,9 +34,9 @@ class TextIndexer(Executor):
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
-        workspace = Path(self.runtime_args.workspace or ".")
-        workspace.mkdir(parents=True, exist_ok=True)
-        self._path = workspace / f"text-index-shard-{self.runtime_args.shard_id}.jsonl"
+        # the shard's own folder, shared by its replicas (an Executor made directly: the cache folder's), never
+        # the current one
+        self._path = Path(self.workspace) / f"text-index-shard-{self.runtime_args.shard_id}.jsonl"
         self._lock = threading.Lock()
         self._loaded_size = 0
         self._entries: list[tuple[str, str, frozenset[str]]] = []
