@@ -615,9 +615,17 @@ def test_a_worker_warns_of_a_workspace_an_earlier_shardnet_laid_out_by_the_deplo
         stop(worker, [])
 
 
-@pytest.mark.parametrize("name, said", [("d\udcff", "is not text"), ("a\tb", "printable characters")])
+@pytest.mark.parametrize("name, said", [("d\udcff", "is not text"), ("a\tb", "without control characters")])
 def test_a_head_refuses_a_deployment_name_that_is_not_printable_text(name, said):
     """A non-UTF-8 byte in --deployment, which deploy --name refuses, started a head whose errors carried it
     as a surrogate (a review's find)."""
     result = shardnet("head", "--deployment", name, "--port", "0")
     assert result.returncode == 2 and said in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("name", ["café", "検索", "a\xa0b", "👩\u200d💻"])
+def test_a_head_takes_a_deployment_name_of_any_visible_text(name):
+    """A first version refused what str.isprintable() does, a no-break space and joined emoji among them."""
+    from shardnet.cli.head import _check_deployment_name
+
+    _check_deployment_name(name)  # no ConfigurationError

@@ -1040,3 +1040,13 @@ def test_the_demo_indexer_under_a_deployment_given_no_workspace_writes_nothing_i
     assert list(tmp_path.iterdir()) == []
     assert list((deployment.workspace / "TextIndexer" / "0").glob("text-index-shard-0.jsonl"))
     assert found.matches
+
+
+def test_an_executors_own_workspace_wins_where_the_cache_folder_cannot_be_used(tmp_path, monkeypatch):
+    """The fallback for an unusable cache folder was passed over the Executor's own workspace, and its state went
+    to a temporary folder removed at stop (a regression review's find)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", "/dev/null/cache")
+    own = tmp_path / "own"
+    with Deployment(executors.StampsWorkspace, name="homeless-own", uses_with={"workspace": str(own)}) as deployment:
+        [doc] = deployment.post("/stamp", [Document()])
+    assert doc.tags["before"] == str(own / "StampsWorkspace" / "0")

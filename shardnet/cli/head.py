@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import unicodedata
 from collections import defaultdict
 
 from shardnet.cli.options import (
@@ -101,14 +102,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_deployment_name(name: str) -> None:
-    """Refuse a name that is no printable text (bytes the terminal's encoding could not decode, a control
-    character): it names the head in every error and the route entries, and could never match a worker's."""
+    """Refuse a name that is no text (bytes the terminal's encoding could not decode) or holds a control character:
+    it names the head in every error and the route entries, and could never match a worker's."""
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
         raise ConfigurationError(f"--deployment {name!r:.120} is not text (bytes not in the locale's encoding)") from None
-    if not name or not name.isprintable():
-        raise ConfigurationError(f"--deployment {name!r:.120}: give a name of printable characters")
+    if not name or any(unicodedata.category(character) == "Cc" for character in name):
+        raise ConfigurationError(f"--deployment {name!r:.120}: give a name without control characters")
 
 
 async def serve(args: argparse.Namespace) -> int:

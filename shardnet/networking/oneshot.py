@@ -12,6 +12,7 @@ import contextlib
 import functools
 import inspect
 import numbers
+import threading
 from typing import Any, Awaitable, Callable, Coroutine, Optional, Sequence, TypeVar, Union
 
 import grpc.aio
@@ -89,15 +90,23 @@ def _run_in_a_thread(coroutine: Coroutine[Any, Any, T]) -> T:
     """``coroutine`` run on a loop of its own in a helper thread. Interrupted while waiting (Ctrl-C in a notebook,
     whose loop runs here), the helper's run is cancelled and not waited for: the wait outlasted a handler's."""
     running: concurrent.futures.Future = concurrent.futures.Future()
+    abandoned = threading.Event()  # interrupted before the run began: it must not begin
+    deciding = threading.Lock()  # the run begins, or is abandoned, not both
 
     async def main() -> T:
-        running.set_result((asyncio.get_running_loop(), asyncio.current_task()))
+        with deciding:
+            if abandoned.is_set():
+                coroutine.close()
+                raise asyncio.CancelledError
+            running.set_result((asyncio.get_running_loop(), asyncio.current_task()))
         return await coroutine
 
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     try:
         return executor.submit(asyncio.run, main()).result()
     except BaseException:
+        with deciding:
+            abandoned.set()
         if running.done():
             loop, task = running.result()
             with contextlib.suppress(RuntimeError):  # that loop is closed: the run is over

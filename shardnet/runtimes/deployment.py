@@ -415,7 +415,9 @@ class Deployment:
             except OSError as exc:
                 if what == "workspace" and not self._given_folders[1]:  # the cache folder, which HOME may not allow
                     self.workspace = self.log_dir / "workspace"
-                    self._pass_workspace = True
+                    # for an Executor with no folder of its own: one given its own keeps it (a first version
+                    # passed this one over it, and the state went to a folder removed at stop)
+                    self._pass_workspace = not json.loads(self._uses_with).get("workspace")
                     logger.warning(
                         "deployment %r: the cache folder %s cannot be used (%s): the Executors' state goes to %s, "
                         "%s; give workspace=... to keep it", self.name, folder, exc.strerror, self.workspace,

@@ -815,8 +815,8 @@ async def serve_until_signalled(
     a Deployment's children do not outlive it, nor, when this process leads a session of its own (as a
     Deployment starts each), what it started there. ``ready_fd``: a pipe the address is written to, one
     line, once serving; then it is closed. A SIGHUP ignored from the start (``nohup``) stays ignored.
-    A second signal while stopping (the farewell, the drain, the Executor's ``close()``), or that process's
-    exit then, ends this one at once (``_Stop``).
+    A second SIGINT while stopping (the farewell, the drain, the Executor's ``close()``) ends this one at once
+    (``_Stop``); a second SIGTERM or SIGHUP, or that process's exit then, lets the stop go on.
     """
     if ready_fd is not None:
         check_ready_fd(ready_fd)
