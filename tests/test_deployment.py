@@ -714,20 +714,13 @@ def test_a_worker_whose_launcher_dies_while_its_close_hangs_still_exits(tmp_path
     """Once stopping, the worker no longer watched its launcher: a close() that hung kept it running for ever
     after its Deployment's kill -9 (a review's find). The stop goes on, its close() bounded, and it exits (the
     launcher's exit does not cut it at once: a supervisor stopping a group ends the launcher first)."""
-    script, workspace, log = tmp_path / "launcher.py", tmp_path / "ws", tmp_path / "worker.log"
-    script.write_text(LAUNCHER_SCRIPT)
-    launcher = subprocess.Popen(
-        [sys.executable, str(script), executors.__file__, str(workspace), "HangsInClose", log, "--drain-seconds", "1"],
-        stdout=subprocess.PIPE, text=True,
-    )
+    launcher, workspace, log = _launch_under_a_launcher(tmp_path, "HangsInClose")
     left: list[int] = []
     try:
         worker = int(launcher.stdout.readline())
         left.append(worker)
         deadline = time.monotonic() + 30
-        while "ready on" not in log.read_text():
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        _wait_in_log(log, r"ready on (\S+)", deadline)
         os.kill(worker, signal.SIGTERM)  # a drain of 1 s, then a close() that hangs
         while not (workspace / "closing").exists():
             assert time.monotonic() < deadline, log.read_text()
@@ -745,19 +738,12 @@ def test_a_worker_whose_launcher_dies_while_a_handler_blocks_its_event_loop_exit
     """The parent watch was a task of the event loop: a blocking call in an async handler kept the worker
     serving on as an orphan for as long (a review's find). The watch is a thread, and the stop it asks for must
     begin within the drain's grace."""
-    script, workspace, log = tmp_path / "launcher.py", tmp_path / "ws", tmp_path / "worker.log"
-    script.write_text(LAUNCHER_SCRIPT)
-    launcher = subprocess.Popen(
-        [sys.executable, str(script), executors.__file__, str(workspace), "BlocksItsLoop", log, "--drain-seconds", "1"],
-        stdout=subprocess.PIPE, text=True,
-    )
+    launcher, workspace, log = _launch_under_a_launcher(tmp_path, "BlocksItsLoop")
     left: list[int] = []
     try:
         left.append(int(launcher.stdout.readline()))
         deadline = time.monotonic() + 30
-        while not (address := re.search(r"ready on (\S+)", log.read_text())):
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        address = _wait_in_log(log, r"ready on (\S+)", deadline)
         blocked = threading.Thread(target=_call_quietly, args=(address[1], "/block"), daemon=True)
         blocked.start()
         while not (workspace / "blocking").exists():
@@ -770,6 +756,26 @@ def test_a_worker_whose_launcher_dies_while_a_handler_blocks_its_event_loop_exit
     finally:
         launcher.kill()
         kill_all(left)
+
+
+def _launch_under_a_launcher(tmp_path: Path, executor: str) -> tuple[subprocess.Popen, Path, Path]:
+    """(launcher, workspace, log) of a script that starts a worker of ``executor`` watching it (--parent-pid, a
+    drain of 1 s) and prints the worker's pid."""
+    script, workspace, log = tmp_path / "launcher.py", tmp_path / "ws", tmp_path / "worker.log"
+    script.write_text(LAUNCHER_SCRIPT)
+    launcher = subprocess.Popen(
+        [sys.executable, str(script), executors.__file__, str(workspace), executor, log, "--drain-seconds", "1"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    return launcher, workspace, log
+
+
+def _wait_in_log(log: Path, pattern: str, deadline: float) -> re.Match:
+    """The first match of ``pattern`` in ``log``, once it is written (AssertionError at ``deadline``)."""
+    while not (found := re.search(pattern, log.read_text() if log.exists() else "")):
+        assert time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
+        time.sleep(0.05)
+    return found
 
 
 def _call_quietly(address: str, endpoint: str) -> None:

@@ -1041,29 +1041,28 @@ async def test_a_close_that_hangs_is_left_behind_once_its_bound_passes_and_the_w
     """close() ran with no deadline: one that hung kept its worker for ever, its parent's kill -9 and further
     signals too (a review's find). It gets what is left of the drain and CLOSE_GRACE more, is named, and the
     worker exits 1 without it."""
+    worker = await stopping_in_a_hung_close(tmp_path, processes, eventually, drain_seconds=0.5)
+    assert await wait_exit(worker, timeout=CLOSE_GRACE + 10) == 1, worker.tail()
+    assert "the Executor's close() did not return within" in worker.tail(), worker.tail()
+
+
+async def stopping_in_a_hung_close(tmp_path, processes, eventually, drain_seconds: float):
+    """A worker whose Executor's close() hangs, stopped (SIGTERM) and now in that close()."""
     workspace = tmp_path / "ws"
     worker = processes(
         "worker", ["worker", "--uses", f"{EXECUTORS}:HangsInClose", "--workspace", str(workspace),
-                   "--drain-seconds", "0.5"], tmp_path,
+                   "--drain-seconds", str(drain_seconds)], tmp_path,
     )
     await asyncio.to_thread(worker.wait_ready, 20)
     worker.signal(signal.SIGTERM)
     await eventually(lambda: (workspace / "closing").exists(), timeout=10)
-    assert await wait_exit(worker, timeout=CLOSE_GRACE + 10) == 1, worker.tail()
-    assert "the Executor's close() did not return within" in worker.tail(), worker.tail()
+    return worker
 
 
 async def test_a_second_ctrl_c_while_close_hangs_exits_at_once(tmp_path, processes, eventually):
     """A second SIGINT did nothing while close() hung (a review's find): it ends the worker at once, as deploy's
     second Ctrl-C ends its processes."""
-    workspace = tmp_path / "ws"
-    worker = processes(
-        "worker", ["worker", "--uses", f"{EXECUTORS}:HangsInClose", "--workspace", str(workspace),
-                   "--drain-seconds", "30"], tmp_path,
-    )
-    await asyncio.to_thread(worker.wait_ready, 20)
-    worker.signal(signal.SIGTERM)
-    await eventually(lambda: (workspace / "closing").exists(), timeout=10)
+    worker = await stopping_in_a_hung_close(tmp_path, processes, eventually, drain_seconds=30)
     worker.signal(signal.SIGINT)
     assert await wait_exit(worker, timeout=5) == 130, worker.tail()
     assert "a second SIGINT (Ctrl-C) while stopping: exiting at once" in worker.tail(), worker.tail()

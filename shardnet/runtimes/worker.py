@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import logging
 import threading
@@ -677,10 +678,8 @@ class Worker:
                 outcome: Optional[BaseException] = exc
             else:
                 outcome = None
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the worker went on without it
                 loop.call_soon_threadsafe(_settle, closed, outcome)
-            except RuntimeError:  # the loop closed meanwhile: the worker went on without this close()
-                pass
 
         deadline = self.server.drain_deadline
         left = self.server.config.drain_grace if deadline is None else max(0.0, deadline - loop.time())
