@@ -735,3 +735,10 @@ class SavesSlowly(Tagger):
     def close(self) -> None:
         time.sleep(1.5)
         (Path(self.runtime_args.workspace) / "saved").write_text("saved")
+
+
+class DiesInClose(Tagger):
+    """``close()`` ends the process at once with exit code 3 (a crash in a native library's shutdown)."""
+
+    def close(self) -> None:
+        os._exit(3)

@@ -1024,12 +1024,13 @@ def test_an_executors_own_workspace_wins_in_a_deployment_given_none_as_in_jina(t
 
 
 def test_a_worker_whose_stop_fails_is_named_after_the_stop_not_reported_drained(tmp_path):
-    """A worker exiting by itself with a code other than 0 at a stop (its close() cut at its bound) was not
-    counted: deploy said every process had drained (a regression review's find). It is in failed_at_stop."""
-    with Deployment(executors.HangsInClose, name="hangs", workspace=str(tmp_path), drain_seconds=2) as deployment:
+    """A worker exiting by itself with a code other than 0 at a stop (its close() cut at its bound, or a crash
+    in it) was not counted: deploy said every process had drained (a regression review's find). It is in
+    failed_at_stop."""
+    with Deployment(executors.DiesInClose, name="dies", workspace=str(tmp_path)) as deployment:
         deployment.post("/tag", [Document()])
     assert deployment.killed_at_stop == [], deployment.killed_at_stop
-    assert deployment.failed_at_stop == ["worker-0-0 (exit code 1)"], deployment.failed_at_stop
+    assert deployment.failed_at_stop == ["worker-0-0 (exit code 3)"], deployment.failed_at_stop
 
 
 def test_the_demo_indexer_under_a_deployment_given_no_workspace_writes_nothing_in_the_current_folder(
