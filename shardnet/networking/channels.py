@@ -259,51 +259,39 @@ def tls_mismatch(error: grpc.aio.AioRpcError, address: Address, tls: Optional[Cl
     return None
 
 
+# what a one-off call, and what a pool about one of its replicas, append to an error for each ``tls_mismatch``: a
+# pool's words reach a head's callers too, so they name the hop (the replica, dialled by the pool) and what the
+# pool or head is given, never the caller's own dial
+_CALL_TLS_WORDS = {
+    "plaintext": " (the server closed the connection at once: if it serves TLS, this call was plaintext: dial "
+                 "https://{target} with its CA)",
+    "no client certificate": " (the server closed the connection at once: if it requires client certificates "
+                             "(mutual TLS), this call presented none)",
+    "client certificate refused": " (the server closed the connection at once: if it requires client certificates "
+                                  "(mutual TLS), it does not trust the one this call presented)",
+    "tls at plaintext": " (the server seems to serve plaintext and this call was TLS)",
+}
+_REPLICA_TLS_WORDS = {
+    "plaintext": " (the replica closed the connection at once: if it serves TLS, it was dialled in plaintext: give "
+                 "the pool a ClientTls trusting its CA, a head --root-ca)",
+    "no client certificate": " (the replica closed the connection at once: if it requires client certificates "
+                             "(mutual TLS), none was presented: give the pool's ClientTls one, a head --client-cert "
+                             "and --client-key)",
+    "client certificate refused": " (the replica closed the connection at once: if it requires client "
+                                  "certificates (mutual TLS), it does not trust the one presented)",
+    "tls at plaintext": " (the replica appears to serve plaintext, and it was dialled over TLS)",
+}
+
+
 def tls_diagnosis(error: grpc.aio.AioRpcError, address: Address, tls: Optional[ClientTls]) -> str:
     """A one-off call's words on ``tls_mismatch``, to append to its error ("" when none applies)."""
-    mismatch = tls_mismatch(error, address, tls)
-    if mismatch == "plaintext":
-        return (
-            " (the server closed the connection at once: if it serves TLS, this call was plaintext: dial "
-            f"https://{address.target} with its CA)"
-        )
-    if mismatch == "no client certificate":
-        return (
-            " (the server closed the connection at once: if it requires client certificates (mutual TLS), this "
-            "call presented none)"
-        )
-    if mismatch == "client certificate refused":
-        return (
-            " (the server closed the connection at once: if it requires client certificates (mutual TLS), it "
-            "does not trust the one this call presented)"
-        )
-    if mismatch == "tls at plaintext":
-        return " (the server seems to serve plaintext and this call was TLS)"
-    return ""
+    words = _CALL_TLS_WORDS.get(tls_mismatch(error, address, tls), "")
+    return words.format(target=address.target)
 
 
 def replica_tls_diagnosis(error: grpc.aio.AioRpcError, address: Address, tls: Optional[ClientTls]) -> str:
-    """A pool's words on ``tls_mismatch`` for one of its replicas: they reach a head's callers too, so they name
-    the hop (the replica, dialled by the pool) and what the pool or head is given, never the caller's dial."""
-    mismatch = tls_mismatch(error, address, tls)
-    if mismatch == "plaintext":
-        return (
-            " (the replica closed the connection at once: if it serves TLS, it was dialled in plaintext: give the "
-            "pool a ClientTls trusting its CA, a head --root-ca)"
-        )
-    if mismatch == "no client certificate":
-        return (
-            " (the replica closed the connection at once: if it requires client certificates (mutual TLS), none "
-            "was presented: give the pool's ClientTls one, a head --client-cert and --client-key)"
-        )
-    if mismatch == "client certificate refused":
-        return (
-            " (the replica closed the connection at once: if it requires client certificates (mutual TLS), it "
-            "does not trust the one presented)"
-        )
-    if mismatch == "tls at plaintext":
-        return " (the replica appears to serve plaintext, and it was dialled over TLS)"
-    return ""
+    """A pool's words on ``tls_mismatch`` for one of its replicas ("" when none applies)."""
+    return _REPLICA_TLS_WORDS.get(tls_mismatch(error, address, tls), "")
 
 
 def refused_as_draining(error: grpc.aio.AioRpcError) -> bool:

@@ -509,8 +509,8 @@ class ReplicaList:
                 if now - ejected.checked_at >= OUT_OF_TURN_CHECKS_EVERY:
                     self._check_now(ejected)
 
-    def _rebuild(self, connection: Connection) -> bool:
-        """Give ``connection`` a fresh channel; True when it got one. When the TLS files a new channel reads
+    def _rebuild(self, connection: Connection) -> None:
+        """Give ``connection`` a fresh channel. When the TLS files a new channel reads
         cannot be read now (a rotation that deletes and rewrites them, a file moved away), the replica keeps the
         channel it has, which a warning says: the failover or health check that asked for the rebuild must not
         fail on it. The next rebuild reads the files again."""
@@ -521,8 +521,6 @@ class ReplicaList:
                 "%s: replica %s keeps its current channel, as a new one cannot be made: %s",
                 self.name or "replica list", connection.address, exc,
             )
-            return False
-        return True
 
     def _set_aside_draining(self, connection: Connection) -> bool:
         """Pick ``connection`` no more, from its first refusal as it drains, until its health check says SERVING

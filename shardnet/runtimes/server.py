@@ -6,7 +6,7 @@ reflection (Jina 3.4+ clients skip services that reflection does not list),
 answer the gRPC health service, and drain on shutdown: health turns
 NOT_SERVING, new calls are refused, in-flight calls finish within a grace.
 
-A draining server (``listen_while_draining``) refuses new calls itself and
+A draining server refuses new calls itself and
 closes its listener only once the calls in flight are done (a worker's once its
 Executor is closed too): grpcio 1.78 can crash (SIGSEGV in its C core) when a
 client connects as ``stop()`` closes the listener, and a crash then would lose
@@ -315,11 +315,9 @@ class Server:
         config: ServerConfig,
         service_names: Sequence[str],
         *,
-        listen_while_draining: bool = True,
         quiet_seconds: float = 0.0,
     ):
         self.config = config
-        self.listen_while_draining = listen_while_draining
         self.quiet_seconds = quiet_seconds  # see drain(); 0: stop once idle
         self.ready_at_start = True
         self._handlers: list[grpc.GenericRpcHandler] = []  # serve_unary / serve_stream, before start
@@ -544,7 +542,7 @@ class Server:
         self.stopping.set()
         await self.health.enter_graceful_shutdown()
         idle = not self._calls
-        if self.listen_while_draining and not idle:
+        if not idle:
             self._idle.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), max(0.0, deadline - loop.time()))
@@ -553,7 +551,7 @@ class Server:
         if idle and when_idle is not None:
             await when_idle()
             when_idle = None
-        if idle and self.listen_while_draining and self.quiet_seconds:
+        if idle and self.quiet_seconds:
             await self._until_quiet(deadline)
         try:
             await server.stop(max(0.0, deadline - loop.time()))
@@ -929,7 +927,7 @@ def end_own_session() -> None:
 
 
 def jina_server(
-    config: ServerConfig, runtime, *, listen_while_draining: bool = True, quiet_seconds: float = 0.0
+    config: ServerConfig, runtime, *, quiet_seconds: float = 0.0
 ) -> Server:
     """A Server exposing ``runtime``'s Jina methods (process_single_data, process_data, process_control,
     endpoint_discovery, dry_run, and Call over process_single_data) and listing their services through reflection.
@@ -937,13 +935,12 @@ def jina_server(
     A runtime with a ``request_stream`` handler serves shardnet's request streams too
     (networking/streams.py), unless ``max_concurrent_rpcs`` caps it: a stream is one RPC however
     many requests it carries, so a capped server leaves its callers to call it unary.
-    ``listen_while_draining``, ``quiet_seconds``: as ``Server`` takes them.
+    ``quiet_seconds``: as ``Server`` takes it.
     """
     server = Server(
         config,
         [services.SINGLE_DATA_SERVICE, services.DATA_SERVICE, services.CONTROL_SERVICE, services.DISCOVERY_SERVICE,
          services.CALL_SERVICE, services.DRY_RUN_SERVICE],
-        listen_while_draining=listen_while_draining,
         quiet_seconds=quiet_seconds,
     )
     server.serve_unary(services.PROCESS_SINGLE_DATA, runtime.process_single_data)
