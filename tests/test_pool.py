@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 import grpc
 import pytest
@@ -372,6 +373,36 @@ async def test_a_replica_refusing_as_it_drains_is_picked_no_more_until_it_serves
         return {served_by(await send_one(pool)) for _ in range(2)} == {"echo-0", "echo-1"}
 
     await eventually(both_serve, timeout=5)
+
+
+async def test_a_replica_set_aside_as_draining_is_back_within_a_second_or_two_of_its_next_process_serving(
+    pool_factory, echo_servers, eventually
+):
+    """A replica that drained (a head restarted in a rolling update, behind a pool with a fixed list) is checked
+    every second, its channel redialled when gRPC holds it in reconnect back-off, so its next process is picked
+    at once. It was probed on the ejection's doubling schedule, and waited for its old channel's back-off: a head
+    back after 25 s was picked 36 s after it served, its share of calls going to the others meanwhile."""
+    from grpc_health.v1 import health_pb2
+
+    draining, live = await echo_servers(2)
+    draining.fail_with, draining.fail_details = grpc.StatusCode.UNAVAILABLE, services.DRAINING_DETAILS
+    await draining.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    pool = pool_factory()
+    pool.add_connection("dep", draining.address)
+    pool.add_connection("dep", live.address)
+    assert served_by(await send_one(pool)) == "echo-1"  # refused by the draining one, set aside
+    await draining.stop()  # its process exits; the next takes its port some seconds later
+    away = 4.0  # past three probes of the doubling schedule (0.5 s, 1 s, 2 s apart), whose next is 4 s on
+    await asyncio.sleep(away)  # the outage itself: what the test measures starts after it
+    [restarted] = await echo_servers(1, names=["echo-0"], port=draining.port)
+    serving_since = time.monotonic()
+
+    async def both_serve() -> bool:
+        return {served_by(await send_one(pool)) for _ in range(2)} == {"echo-0", "echo-1"}
+
+    await eventually(both_serve, timeout=10)
+    assert time.monotonic() - serving_since < 2.5
+    assert restarted.calls >= 1
 
 
 async def test_call_timeout_raises_deadline_exceeded(pool, echo_servers):

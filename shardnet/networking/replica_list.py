@@ -71,6 +71,9 @@ _READMISSION = "shardnet-readmission"
 # how often at most the last pickable replica's failures have an ejected one checked out of turn: every streak
 # of failures asks, and a check of a replica refusing connections takes a millisecond
 OUT_OF_TURN_CHECKS_EVERY = 1.0
+# how often at most a replica set aside as draining is checked: its next process (a restart, a rolling update) is
+# expected within seconds, so its checks do not back off as an ejected replica's do
+DRAINING_CHECKS_EVERY = 1.0
 
 
 async def _finish_or_cut(closings: dict[asyncio.Task, Any], grace: float) -> None:
@@ -537,8 +540,11 @@ class ReplicaList:
         self._withdraw(connection)
         self.balancer.forget(connection)
         connection.failures = 0
-        delay = self._ejection.base_ejection
-        self._probes[connection] = asyncio.get_running_loop().create_task(self._probe_until_healthy(connection, delay))
+        longest = min(DRAINING_CHECKS_EVERY, self._ejection.max_ejection)
+        delay = min(self._ejection.base_ejection, longest)
+        self._probes[connection] = asyncio.get_running_loop().create_task(
+            self._probe_until_healthy(connection, delay, longest)
+        )
         self._logger.info("%s: replica %s is draining: not picked until it serves again", self.name, connection.address)
         return True
 
@@ -559,19 +565,25 @@ class ReplicaList:
             "%s: ejecting replica %s for %.1fs after repeated failures", self.name, connection.address, delay
         )
 
-    async def _probe_until_healthy(self, connection: Connection, delay: float) -> None:
+    async def _probe_until_healthy(self, connection: Connection, delay: float, longest: Optional[float] = None) -> None:
+        """Check ``connection``'s health after ``delay``, then at doubling intervals up to ``longest`` (the
+        policy's ``max_ejection`` unless given), until it serves. A channel gRPC holds in reconnect back-off (up
+        to two minutes) is replaced first: it would fail the check at once, though the replica is back."""
+        longest = self._ejection.max_ejection if longest is None else longest
         try:
             while True:
                 await asyncio.sleep(delay)
                 if self._connections.get(connection.address.target) is not connection:
                     return
+                if connection.channel.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                    self._rebuild(connection)
                 if await connection.health():
                     self._back_in(connection, "is healthy again")
                     return
                 if not self._eligible:  # nothing else left: better a doubtful replica than none
                     self._admit(connection)
                     return
-                delay = min(self._ejection.max_ejection, delay * 2)
+                delay = min(longest, delay * 2)
         finally:
             if self._probes.get(connection) is asyncio.current_task():  # not a newer probe of the same replica
                 del self._probes[connection]
