@@ -454,6 +454,38 @@ async def test_create_connection_pool_makes_a_plain_pool_without_a_namespace_as_
         await pool.close()
 
 
+async def test_create_connection_pool_takes_the_logger_third_as_jina_3_passed_it(echo_servers, dead_address):
+    """Old Jina 3 called create_connection_pool(k8s_connection_pool, k8s_namespace, logger) positionally: a
+    TypeError (two positional parameters); now the logger is third and the pool logs its ejections there."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    own = logging.getLogger(f"jina3-head-{id(records)}")
+    own.addHandler(handler)
+    [live] = await echo_servers(1)
+    pool = create_connection_pool(False, None, own)
+    try:
+        assert type(pool) is GrpcConnectionPool
+        pool.add_connection("dep", dead_address)
+        pool.add_connection("dep", live.address)
+        for _ in range(6):  # round robin: the dead replica fails every other call, three times: ejected, and logged
+            await send_one(pool)
+        assert any("ejecting replica" in record.getMessage() for record in records)
+    finally:
+        await pool.close()
+
+
+def test_k8s_port_is_the_port_shardnets_manifests_and_discovery_use():
+    """Jina 3.34's GrpcConnectionPool.K8S_PORT, with the value shardnet's own Kubernetes side uses; its
+    uses_before/uses_after and monitoring ports name sidecars and a port shardnet does not have."""
+    from shardnet.discovery.kubernetes import DEFAULT_PORT
+    from shardnet.manifests.kubernetes import DeploymentSpec
+
+    assert GrpcConnectionPool.K8S_PORT == 8080 == DEFAULT_PORT == DeploymentSpec.port
+    for absent in ("K8S_PORT_USES_BEFORE", "K8S_PORT_USES_AFTER", "K8S_PORT_MONITORING"):
+        assert not hasattr(GrpcConnectionPool, absent)
+
+
 async def test_malformed_replies_raise_protocol_error_and_never_hang(pool, garbage_server):
     pool.add_connection("dep", garbage_server.address, head=True)
     with pytest.raises(ProtocolError, match=rf"replica {garbage_server.address}: malformed ControlRequest"):

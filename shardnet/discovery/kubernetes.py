@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 PODS, SLICES = "pods", "endpointslices"
 SOURCES = (PODS, SLICES)
 SLICES_NEED = " (EndpointSlices of discovery.k8s.io/v1 need Kubernetes 1.21 or later)"
-DEFAULT_PORT = 8080
+DEFAULT_PORT = GrpcConnectionPool.K8S_PORT  # a pod's gRPC port when it names none
 MAX_CA_FILE_BYTES = 1 << 20  # a CA bundle is a few KB: what is read of it to tell a change
 
 POD_SELECTOR = "jina_deployment_name,pod_type"
