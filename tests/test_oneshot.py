@@ -6,6 +6,7 @@ import asyncio
 import gc
 import inspect
 import logging
+import re
 import signal
 import threading
 import time
@@ -462,3 +463,44 @@ async def test_activate_takes_a_port_and_shard_computed_with_numpy(runtimes):
     head = await runtimes(Head("numpy"))
     await oneshot.activate_worker("127.0.0.1", np.int64(5000), head.server.address, np.int64(0))
     assert head.pool.get_replicas("numpy", shard_id=0).addresses == ["127.0.0.1:5000"]
+
+
+async def test_send_request_takes_a_control_request_as_jina_3s_did(runtimes):
+    """Jina 3's send_request_sync sent a ControlRequest through process_control; shardnet's refused it with
+    "send_requests takes one or more DataRequest objects", naming a function that was not called."""
+    import executors
+    from shardnet.runtimes.head import Head
+    from shardnet.runtimes.worker import Worker
+
+    worker = await runtimes(Worker(executors.Tagger.create()))
+    head = await runtimes(Head("dep", connections={0: [worker.server.address]}))
+    answer = await GrpcConnectionPool.send_request_async(ControlRequest("STATUS"), head.server.address, timeout=5.0)
+    assert isinstance(answer, ControlRequest) and answer.command == "STATUS" and not answer.is_error
+    assert [f"{e.address}:{e.port}" for e in answer.related_entities] == [worker.server.address]
+    # the blocking face, from a thread (the head serves in this loop); a worker answers STATUS too
+    answer = await asyncio.to_thread(GrpcConnectionPool.send_request_sync, ControlRequest("STATUS"), worker.server.address)
+    assert isinstance(answer, ControlRequest) and answer.command == "STATUS" and not answer.is_error
+    with pytest.raises(ConfigurationError, match="send_request_async: a ControlRequest .STATUS. goes to process_control"):
+        await GrpcConnectionPool.send_request_async(ControlRequest("STATUS"), head.server.address, endpoint="/x")
+
+
+@pytest.mark.parametrize(
+    "helper, argument, said",
+    [
+        ("send_request_sync", b"bytes", "send_request_sync takes a DataRequest or a ControlRequest, got b'bytes'"),
+        ("send_request_async", None, "send_request_async takes a DataRequest or a ControlRequest, got None"),
+        ("send_requests_sync", [ControlRequest], "send_requests_sync takes one or more DataRequest objects"),
+        ("send_requests_async", [ControlRequest], "send_requests_async takes one or more DataRequest objects"),
+    ],
+)
+async def test_a_refused_request_is_refused_in_the_name_of_the_helper_called(echo_servers, helper, argument, said):
+    [server] = await echo_servers(1)
+    if isinstance(argument, list):
+        argument = [kind() for kind in argument]
+    call = getattr(GrpcConnectionPool, helper)
+    with pytest.raises(TypeError, match=re.escape(said)):
+        if helper.endswith("_async"):
+            await call(argument, server.address)
+        else:
+            await asyncio.to_thread(call, argument, server.address)
+    assert server.calls == 0

@@ -188,9 +188,12 @@ async def _call_on_new_channel(
         await channel.close()
 
 
-def _data_call(requests: Sequence[DataRequest], endpoint: Optional[str]) -> tuple[str, Any, tuple]:
+def _data_call(
+    requests: Sequence[DataRequest], endpoint: Optional[str], function: str
+) -> tuple[str, Any, tuple]:
+    """The method, payload and metadata of a data call; ``function`` (the helper called) names a refusal."""
     if not requests or not all(isinstance(request, DataRequest) for request in requests):
-        raise TypeError(f"send_requests takes one or more DataRequest objects, got {list(requests)!r:.200}")
+        raise TypeError(f"{function} takes one or more DataRequest objects, got {list(requests)!r:.200}")
     endpoint = endpoint or requests[0].endpoint
     if endpoint:
         check_endpoint_travels(requests[0], endpoint)
@@ -198,6 +201,42 @@ def _data_call(requests: Sequence[DataRequest], endpoint: Optional[str]) -> tupl
     if len(requests) == 1:
         return "single_data", requests[0], metadata
     return "data", list(requests), metadata
+
+
+def _single_call(
+    request: Union[DataRequest, ControlRequest], endpoint: Optional[str], function: str
+) -> tuple[str, Any, tuple, int]:
+    """The method, payload, metadata and attempts of ``send_request_*``'s call: a DataRequest goes to
+    process_single_data (tried again when it reached no handler), a ControlRequest to process_control once,
+    as Jina 3's helper sent it (a worker's registration keeps its own schedule, as ``send_control``'s)."""
+    if isinstance(request, ControlRequest):
+        if endpoint:
+            raise ConfigurationError(
+                f"{function}: a ControlRequest ({request.command}) goes to process_control, which has no "
+                f"endpoint; got endpoint {endpoint!r}"
+            )
+        return "control", request, (), 1
+    if not isinstance(request, DataRequest):
+        raise TypeError(f"{function} takes a DataRequest or a ControlRequest, got {request!r:.200}")
+    return (*_data_call([request], endpoint, function), ATTEMPTS_WHEN_UNAVAILABLE)
+
+
+async def _send(
+    call: tuple[str, Any, tuple, int],
+    target: str,
+    timeout: Optional[float],
+    https: bool,
+    root_certificates: PemSource,
+    channel_options: Optional[ChannelOptions],
+    tls: Union[bool, ClientTls, None],
+) -> Union[DataRequest, ControlRequest]:
+    """Make the call ``_single_call`` or ``_data_call`` described and return its answer."""
+    method, payload, metadata, attempts = call
+    response, _ = await call_once(
+        method, payload, target, timeout=timeout, https=https, root_certificates=root_certificates, tls=tls,
+        metadata=metadata, options=channel_options, attempts=attempts,
+    )
+    return response
 
 
 async def send_requests_async(
@@ -218,16 +257,12 @@ async def send_requests_async(
     say, to send or receive more than 256 MB; ``tls`` a ClientTls (or Jina's flag). ``root_certificates`` given
     means TLS even without the flag (Jina would ignore them); given beside a ClientTls, refused.
     """
-    method, payload, metadata = _data_call(requests, endpoint)
-    response, _ = await call_once(
-        method, payload, target, timeout=timeout, https=https, root_certificates=root_certificates, tls=tls,
-        metadata=metadata, options=channel_options, attempts=ATTEMPTS_WHEN_UNAVAILABLE,
-    )
-    return response
+    call = (*_data_call(requests, endpoint, "send_requests_async"), ATTEMPTS_WHEN_UNAVAILABLE)
+    return await _send(call, target, timeout, https, root_certificates, channel_options, tls)
 
 
 async def send_request_async(
-    request: DataRequest,
+    request: Union[DataRequest, ControlRequest],
     target: str,
     timeout: float = 1.0,
     https: bool = False,
@@ -236,15 +271,16 @@ async def send_request_async(
     *,
     endpoint: Optional[str] = None,
     tls: Union[bool, ClientTls, None] = None,
-) -> DataRequest:
-    """Send one request to ``target`` and return the response (Jina's order: ``channel_options`` sixth)."""
-    return await send_requests_async(
-        [request], target, timeout, https, root_certificates, channel_options, endpoint=endpoint, tls=tls
-    )
+) -> Union[DataRequest, ControlRequest]:
+    """Send one request to ``target`` and return the response (Jina's order: ``channel_options`` sixth). A
+    ControlRequest goes to process_control and its answer, a ControlRequest, is returned as it came (an
+    error in it is the caller's to read, as a DataRequest's is)."""
+    call = _single_call(request, endpoint, "send_request_async")
+    return await _send(call, target, timeout, https, root_certificates, channel_options, tls)
 
 
 def send_request_sync(
-    request: DataRequest,
+    request: Union[DataRequest, ControlRequest],
     target: str,
     timeout: float = 100.0,
     https: bool = False,
@@ -252,11 +288,10 @@ def send_request_sync(
     endpoint: Optional[str] = None,
     channel_options: Optional[ChannelOptions] = None,
     tls: Union[bool, ClientTls, None] = None,
-) -> DataRequest:
+) -> Union[DataRequest, ControlRequest]:
     """Blocking ``send_request_async``, in Jina's order for it (``endpoint`` sixth, ``channel_options`` seventh)."""
-    return run_sync(
-        send_request_async(request, target, timeout, https, root_certificates, channel_options, endpoint=endpoint, tls=tls)
-    )
+    call = _single_call(request, endpoint, "send_request_sync")
+    return run_sync(_send(call, target, timeout, https, root_certificates, channel_options, tls))
 
 
 def send_requests_sync(
@@ -270,9 +305,8 @@ def send_requests_sync(
     tls: Union[bool, ClientTls, None] = None,
 ) -> DataRequest:
     """Blocking ``send_requests_async``."""
-    return run_sync(
-        send_requests_async(requests, target, timeout, https, root_certificates, channel_options, endpoint=endpoint, tls=tls)
-    )
+    call = (*_data_call(requests, endpoint, "send_requests_sync"), ATTEMPTS_WHEN_UNAVAILABLE)
+    return run_sync(_send(call, target, timeout, https, root_certificates, channel_options, tls))
 
 
 async def send_health_check_async(
