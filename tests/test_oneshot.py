@@ -504,3 +504,24 @@ async def test_a_refused_request_is_refused_in_the_name_of_the_helper_called(ech
         else:
             await asyncio.to_thread(call, argument, server.address)
     assert server.calls == 0
+
+
+def test_a_failed_one_off_call_is_a_grpc_rpc_error_as_jinas_is_ready_expects(threaded_echo, dead_address):
+    """Jina's GRPCServer.is_ready catches grpc.RpcError to say False; shardnet's ReplicaError was none, so it
+    raised instead. It is one now, and still no AioRpcError, with ``code`` an attribute."""
+    from grpc_health.v1 import health_pb2
+
+    def is_ready(address: str) -> bool:  # Jina 3.34's GRPCServer.is_ready, verbatim but for the helper's import
+        try:
+            response = GrpcConnectionPool.send_health_check_sync(address, timeout=1.0)
+            return response.status == health_pb2.HealthCheckResponse.ServingStatus.SERVING
+        except grpc.RpcError:
+            return False
+
+    assert is_ready(dead_address) is False
+    assert is_ready(threaded_echo.start().address) is True
+    with pytest.raises(grpc.RpcError) as caught:
+        GrpcConnectionPool.send_request_sync(DataRequest(), dead_address, timeout=2.0)
+    assert isinstance(caught.value, ReplicaError) and not isinstance(caught.value, grpc.aio.AioRpcError)
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    assert issubclass(DeadlineExceeded, grpc.RpcError) and issubclass(Unauthenticated, grpc.RpcError)
