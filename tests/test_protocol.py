@@ -373,3 +373,70 @@ def test_an_endpoint_protobuf_cannot_store_is_refused_by_name_and_changes_nothin
         with pytest.raises(ValueError, match="is not valid UTF-8 text"):
             request.endpoint = "/caf\udce9"
         assert request.endpoint == "/index"
+
+
+# -- live header, status and routes, as Jina's ------------------------------------------------------------------
+
+
+def _received(executor: str = "a", **kwargs) -> DataRequest:
+    """A request as it arrives: bytes, nothing decoded, with one route entry."""
+    request = DataRequest([Document(text="hi")], endpoint="/x", **kwargs)
+    request.add_route(executor)
+    return DataRequest.from_bytes(request.to_bytes())
+
+
+def _merge_routes(requests):  # verbatim from Jina 3.34's WorkerRequestHandler.merge_routes
+    if len(requests) <= 1:
+        return
+    existing_executor_routes = [r.executor for r in requests[0].routes]
+    for request in requests[1:]:
+        for route in request.routes:
+            if route.executor not in existing_executor_routes:
+                requests[0].routes.append(route)
+                existing_executor_routes.append(route.executor)
+
+
+def test_jinas_edits_through_routes_and_status_reach_the_bytes():
+    """routes and status were copies: Jina's merge_routes, routes.add() and status.code = ERROR did nothing and the
+    request went out unchanged (an error answer as SUCCESS)."""
+    requests = [_received("a"), _received("b"), _received("c")]
+    _merge_routes(requests)
+    requests[0].routes.add().executor = "gateway"
+    requests[0].status.code = jina_pb2.StatusProto.ERROR
+    requests[0].status.description = "failed downstream"
+    back = DataRequest.from_bytes(requests[0].to_bytes())
+    assert [route.executor for route in back.routes] == ["a", "b", "c", "gateway"]
+    assert back.is_error and back.status.description == "failed downstream" and back.docs.texts == ["hi"]
+
+
+def test_edits_through_a_view_reach_the_bytes_at_every_decoding_stage():
+    """A view taken before the documents decode, after a spliced endpoint or an edit of the envelope stage,
+    still reaches to_bytes(): its request is decoded once, into the message the view belongs to."""
+    spliced = _received()
+    spliced.endpoint = "/spliced"  # received bytes, header spliced in, nothing decoded
+    header = spliced.header
+    assert spliced.docs.texts == ["hi"]  # the documents read after the view was taken
+    header.exec_endpoint = "/edited"
+    spliced.routes.add().executor = "gateway"
+    back = DataRequest.from_bytes(spliced.to_bytes())
+    assert back.endpoint == "/edited" and [r.executor for r in back.routes] == ["a", "gateway"]
+
+    enveloped = _received(parameters={"k": 1})
+    enveloped.parameters = {"k": 2}  # an edit at the envelope stage (documents undecoded)
+    enveloped.status.code = jina_pb2.StatusProto.ERROR
+    back = DataRequest.from_bytes(enveloped.to_bytes())
+    assert back.is_error and back.parameters == {"k": 2.0} and back.docs.texts == ["hi"]
+
+
+def test_reading_without_a_view_keeps_the_received_bytes_as_the_answer():
+    """What the request path reads (and shardnet reads there) must not drop the byte cache: a forwarded answer
+    would be re-serialised."""
+    received = _received()
+    data = received.received_bytes()
+    assert (received.request_id, received.endpoint, received.is_error, received.last_executor) == (
+        received.request_id, "/x", False, "a"
+    )
+    assert received._header().status.code == jina_pb2.StatusProto.SUCCESS
+    assert received.received_bytes() is data and received.to_bytes() is data
+    received.status  # handing out a live view is a change
+    assert received.received_bytes() is None

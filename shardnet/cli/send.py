@@ -147,7 +147,7 @@ def describe(response: DataRequest) -> dict:
                 view[nested] = [doc(m) for m in getattr(d, nested)]
         return view
 
-    status = response.status
+    status = response._header().status
     result = {"request_id": response.request_id, "status": "ERROR" if response.is_error else "SUCCESS"}
     if response.is_error:
         result["error"] = status.description

@@ -79,7 +79,7 @@ def status_message(request_id: str, code: grpc.StatusCode, details: str) -> byte
 
 def status_of(answer: DataRequest) -> Optional[grpc.aio.AioRpcError]:
     """The gRPC error ``answer`` stands for, when it is a status answer."""
-    exception = answer.status.exception  # (asked of error answers only: it copies the status)
+    exception = answer._header().status.exception  # read only: the answer's bytes stay its cache, documents undecoded
     if exception.name != STATUS_EXCEPTION or len(exception.args) != 2:
         return None
     code = grpc.StatusCode.__members__.get(exception.args[0])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numbers
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, MutableSequence
 from types import MappingProxyType
 from typing import Any, Optional, Sequence, Union
 
@@ -394,8 +394,13 @@ class DataRequest:
 
     @property
     def header(self) -> jina_pb2.HeaderProto:
-        """The header message, writable (writing through it is a change: the byte cache is dropped)."""
-        return self._outer(changing=True).header
+        """The header message, live and writable, as Jina's: what is written through it reaches ``to_bytes()``.
+
+        Handing it out is a change (the byte cache is dropped) and decodes the documents, as Jina's
+        ``header`` does: a view of the header-only stage would be left behind, its later edits lost, once
+        the documents were read. Reading needs neither: ``request_id``, ``endpoint``, ``is_error``,
+        ``timeout_ms``, ``last_executor`` (and, inside shardnet, ``_header()``)."""
+        return self._full().header
 
     @property
     def request_id(self) -> str:
@@ -441,10 +446,10 @@ class DataRequest:
 
     @property
     def status(self) -> jina_pb2.StatusProto:
-        """A copy of the status (code SUCCESS or ERROR, description, exception)."""
-        status = jina_pb2.StatusProto()
-        status.CopyFrom(self._header().status)
-        return status
+        """The status (code SUCCESS or ERROR, description, exception), live as Jina's: ``r.status.code = ERROR``
+        reaches ``to_bytes()``. Decodes the documents and drops the byte cache, as ``header`` does; ``is_error``
+        reads the code without."""
+        return self._full().header.status
 
     @property
     def is_error(self) -> bool:
@@ -510,8 +515,11 @@ class DataRequest:
         return DocumentList(self._full().data.docs.docs, self._budget)
 
     @property
-    def routes(self) -> list[jina_pb2.RouteProto]:
-        return list(self._outer().routes)
+    def routes(self) -> MutableSequence[jina_pb2.RouteProto]:
+        """The route entries, the live protobuf list as Jina's (``routes.add()``, ``routes.append(route)``, as
+        Jina's worker merges them, reach ``to_bytes()``). Decodes the documents and drops the byte cache, as
+        ``header`` does; ``last_executor`` reads the last entry without."""
+        return self._full().routes
 
     @property
     def last_executor(self) -> Optional[str]:

@@ -738,7 +738,7 @@ class Deployment:
         request = DataRequest(docs=docs or [], endpoint=endpoint, parameters=parameters)
         response = await oneshot.send_request_async(request, self.address, timeout=timeout, channel_options=self._post_options)
         if response.is_error:
-            status = response.status
+            status = response._header().status  # read only: no decoding of the documents for it
             lost = _lost_with_a_replica(status, self.name, self.address)
             if lost is not None:  # no Executor's: the head's, on a replica lost with it
                 raise lost

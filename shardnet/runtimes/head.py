@@ -368,7 +368,7 @@ class Head:
             if not dry[0].is_error:
                 response, _ = await self._gather(dry, metadata, deadline, PollingType.ALL, retries=0)
             if response.is_error:
-                status.CopyFrom(response.status)
+                status.CopyFrom(response._header().status)
         except ShardnetError as exc:
             status.code, status.description = jina_pb2.StatusProto.ERROR, f"{self.deployment}: {exc}"
         finally:

@@ -183,11 +183,13 @@ def report_shard_problems(response: DataRequest, deployment: str, outcomes: Sequ
         if not isinstance(outcome, DataRequest):
             problems.append(f"shard {shard} of {deployment!r} failed: {outcome}")
         elif outcome.is_error:
-            problems.append(f"shard {shard} of {deployment!r} answered an error: {outcome.status.description}")
-            first_error = first_error or outcome.status
+            # read only (the live ``status`` would decode the shard's documents and drop its byte cache)
+            status = outcome._header().status
+            problems.append(f"shard {shard} of {deployment!r} answered an error: {status.description}")
+            first_error = first_error or status
     if not problems:
         return
-    status = response.header.status
+    status = response._outer(changing=True).header.status  # an edit of the header alone: documents undecoded
     if response.is_error:
         carried = first_error is not None and status.description == first_error.description  # passed on as it came
         if not carried and not any(outcome is response for _, outcome in outcomes):

@@ -217,7 +217,7 @@ def _error_answer(payload: bytes, aborted: RequestAborted, limit: int) -> Option
         answer = request.to_bytes()
         if len(answer) > limit:
             header_only = DataRequest()
-            header_only.header.CopyFrom(request.header)
+            header_only.header.CopyFrom(request._header())  # not the live header: it would decode the documents
             answer = header_only.to_bytes()
         # documents are passed on as they came, undecoded: ones the caller could not read back (text that is not
         # UTF-8, nesting past protobuf's limit) would reach it as an answer it cannot parse, the cause unsaid

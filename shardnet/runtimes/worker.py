@@ -447,7 +447,7 @@ class Worker:
             # the description set_exception made, which holds even for an exception that cannot be printed
             # (cut: a refusal may quote what the caller sent, and a log line per request must stay small)
             logger.warning(
-                "%s.%s failed on %.200s: %.1000s", self.name, handler.name, endpoint, first.status.description
+                "%s.%s failed on %.200s: %.1000s", self.name, handler.name, endpoint, first._header().status.description
             )
             context.set_trailing_metadata(services.ERROR_TRAILER)
         else:  # a route entry for work done, as a Jina worker adds one only then
