@@ -440,3 +440,68 @@ def test_reading_without_a_view_keeps_the_received_bytes_as_the_answer():
     assert received.received_bytes() is data and received.to_bytes() is data
     received.status  # handing out a live view is a change
     assert received.received_bytes() is None
+
+
+# -- Jina's request API -------------------------------------------------------------------------------------------
+
+# a request Jina 3.34 read the same way: its to_dict (but for "data", which docarray v1 writes through its pydantic
+# model) and its to_json give what the tests below expect of shardnet's
+JINA_CHECKED = bytes.fromhex(
+    "0a2e0a027231122008011204626f6f6d1a160a0a56616c75654572726f721204626f6f6d220265781a062f696e64657812320a1c0a066e"
+    "657374656412122a100a0e0a0161120911000000000000f03f0a120a05746f705f6b12091100000000000008401a040a026578220f0a0d"
+    "0a0b0a026431220568656c6c6f"
+)
+
+
+def test_to_dict_and_to_json_give_what_jinas_give_for_the_same_bytes():
+    import json
+
+    request = DataRequest.from_bytes(JINA_CHECKED)
+    assert not request.is_decompressed
+    assert request.to_dict() == {
+        "header": {
+            "request_id": "r1", "exec_endpoint": "/index",
+            "status": {
+                "code": 1, "description": "boom",
+                "exception": {"name": "ValueError", "args": ["boom"], "executor": "ex"},
+            },
+        },
+        "parameters": {"top_k": 3.0, "nested": {"a": 1.0}},
+        "routes": [{"executor": "ex"}],
+        "data": [{"id": "d1", "text": "hello"}],
+    }
+    assert request.is_decompressed  # read, not changed (a Struct's map is written back in another order)
+    parsed = jina_pb2.DataRequestProto.FromString
+    assert parsed(request.to_bytes()) == parsed(JINA_CHECKED)
+    as_json = json.loads(request.to_json())
+    assert as_json["data"] == {"docs": {"docs": [{"id": "d1", "text": "hello"}]}}
+    assert as_json["header"]["status"]["code"] == "ERROR"  # protobuf's JSON names enums, as Jina's to_json does
+    assert list(json.loads(request.to_json())) == sorted(as_json)
+
+
+def test_jinas_request_idioms():
+    """data.docs get and set, a docs setter, add_executor, nbytes, SerializeToString and bytes() were missing."""
+    request = DataRequest([Document(text="a")], endpoint="/x")
+    assert request.data.docs.texts == ["a"]
+    request.data.docs = [Document(text="b"), Document(text="c")]  # as Jina's gateway builds a request
+    assert request.docs.texts == ["b", "c"]
+    request.docs = [docarray_pb2.DocumentProto(text="d")]
+    assert request.docs.texts == ["d"]
+    request.add_executor("gateway")
+    assert request.last_executor == "gateway" and not request.routes[0].HasField("start_time")
+    wire = request.to_bytes()
+    assert bytes(request) == request.SerializeToString() == wire and request.nbytes == len(wire)
+    received = DataRequest.from_bytes(wire)
+    received.add_executor("exec")
+    received.data.docs = [Document(text="e")]
+    back = DataRequest.from_bytes(received.to_bytes())
+    assert [r.executor for r in back.routes] == ["gateway", "exec"] and back.docs.texts == ["e"]
+
+
+@pytest.mark.parametrize("message", [b"\x0a\x00", bytearray(b"\x0a\x00"), memoryview(b"\x0a\x00")])
+def test_a_message_as_the_first_argument_is_refused_with_the_constructor_to_use(message):
+    """DataRequest(some_bytes), Jina's form, said "documents are shardnet.Document ... got int"."""
+    with pytest.raises(TypeError, match=r"\(2 bytes\): wrap a received message with DataRequest.from_bytes"):
+        DataRequest(message)
+    with pytest.raises(TypeError, match=r"got a DataRequestProto: wrap it with DataRequest.from_proto"):
+        DataRequest(jina_pb2.DataRequestProto())

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, MutableSequence
 from types import MappingProxyType
 from typing import Any, Optional, Sequence, Union
 
-from google.protobuf import struct_pb2, unknown_fields
+from google.protobuf import json_format, struct_pb2, unknown_fields
 from google.protobuf.message import DecodeError, Message
 
 from shardnet.errors import PickleRefused, ProtocolError
@@ -203,6 +203,7 @@ class DataRequest:
         endpoint: Optional[str] = None,
         parameters: Optional[Mapping[str, Any]] = None,
     ):
+        _check_not_a_message(docs)
         self._buffer: Optional[bytes] = None
         self._envelope: Optional[jina_pb2.DataRequestEnvelope] = None
         self._peeked: Optional[jina_pb2.HeaderProto] = None
@@ -514,6 +515,23 @@ class DataRequest:
         """The documents, as a live list-like view (decodes them on first access)."""
         return DocumentList(self._full().data.docs.docs, self._budget)
 
+    @docs.setter
+    def docs(self, docs: Iterable[Union[Document, Any]]) -> None:
+        """Replace every document with ``docs`` (Documents or DocumentProtos), as ``req.data.docs = ...``."""
+        self.docs.replace(docs)
+
+    @property
+    def data(self) -> "DataContent":
+        """Jina's ``req.data``: the documents as ``req.data.docs``, read or assigned (Jina's gateway builds a
+        request with ``req.data.docs = ...``)."""
+        return DataContent(self)
+
+    @property
+    def is_decompressed(self) -> bool:
+        """Whether the received bytes were parsed beyond a peek at the header (Jina's meaning: the message, with
+        or without its documents, is decoded); a request built here is."""
+        return self._message is not None or self._envelope is not None
+
     @property
     def routes(self) -> MutableSequence[jina_pb2.RouteProto]:
         """The route entries, the live protobuf list as Jina's (``routes.add()``, ``routes.append(route)``, as
@@ -535,6 +553,30 @@ class DataRequest:
         route.start_time.FromNanoseconds(time.time_ns())  # GetCurrentTime goes through datetime: 5x slower
         return route
 
+    def add_executor(self, executor_name: str) -> None:
+        """Append a route entry naming ``executor_name`` and nothing else, as Jina's ``add_executor`` (a worker's
+        ``add_route`` also stamps the start time)."""
+        self._outer(changing=True).routes.add().executor = executor_name
+
+    # -- dict and JSON ---------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The request as Jina's ``to_dict`` gives it: header, parameters and routes as protobuf's dict (field
+        names as in the proto, enums as integers), and ``data`` a list of the documents, each as protobuf's
+        dict. Jina's docarray v1 writes a document through its pydantic model (every field present, empty ones
+        None); here a document holds the fields it carries on the wire."""
+        message = self._full()
+        outer = jina_pb2.DataRequestProto(header=message.header, parameters=message.parameters, routes=message.routes)
+        result = json_format.MessageToDict(outer, preserving_proto_field_name=True, use_integers_for_enums=True)
+        docs = message.data.docs.docs
+        result["data"] = [json_format.MessageToDict(doc, preserving_proto_field_name=True) for doc in docs]
+        return result
+
+    def to_json(self) -> str:
+        """The whole message as JSON, as Jina's ``to_json``: protobuf's form, field names as in the proto, keys
+        sorted."""
+        return json_format.MessageToJson(self._full(), preserving_proto_field_name=True, sort_keys=True)
+
     # -- bytes -----------------------------------------------------------
 
     def received_bytes(self) -> Optional[bytes]:
@@ -549,6 +591,18 @@ class DataRequest:
             return self._message.SerializeToString()
         return self._envelope.SerializeToString()
 
+    def SerializeToString(self) -> bytes:  # noqa: N802 (protobuf's name, which Jina's request answers to)
+        """``to_bytes()``, under the protobuf name Jina code calls on a request."""
+        return self.to_bytes()
+
+    def __bytes__(self) -> bytes:
+        return self.to_bytes()
+
+    @property
+    def nbytes(self) -> int:
+        """The size of the wire form in bytes, as Jina's ``nbytes``."""
+        return len(self.to_bytes())
+
     def __len__(self) -> int:
         return len(self._full().data.docs.docs)
 
@@ -560,6 +614,38 @@ class DataRequest:
         endpoint = header.exec_endpoint if header.HasField("exec_endpoint") else None
         state = "decoded" if self._message is not None else ("header only" if self._envelope is not None else "bytes")
         return f"<DataRequest id={header.request_id} endpoint={endpoint!r} {state}>"
+
+
+class DataContent:
+    """Jina's ``DataRequest.data``: ``docs`` read or assigned, through the request it belongs to."""
+
+    __slots__ = ("_request",)
+
+    def __init__(self, request: DataRequest):
+        self._request = request
+
+    @property
+    def docs(self) -> DocumentList:
+        return self._request.docs
+
+    @docs.setter
+    def docs(self, docs: Iterable[Union[Document, Any]]) -> None:
+        self._request.docs = docs
+
+
+def _check_not_a_message(docs: Any) -> None:
+    """Refuse a message as ``DataRequest``'s first argument: Jina's constructor takes one (bytes or a proto),
+    shardnet's takes documents, and bytes iterate as integers ("documents ... got int" said nothing useful)."""
+    if isinstance(docs, (bytes, bytearray, memoryview)):
+        raise TypeError(
+            f"DataRequest(docs, endpoint, parameters) takes documents, got {type(docs).__name__} "
+            f"({len(docs)} bytes): wrap a received message with DataRequest.from_bytes(data)"
+        )
+    if isinstance(docs, jina_pb2.DataRequestProto):
+        raise TypeError(
+            "DataRequest(docs, endpoint, parameters) takes documents, got a DataRequestProto: wrap it with "
+            "DataRequest.from_proto(message)"
+        )
 
 
 class ControlRequest:
