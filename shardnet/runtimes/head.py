@@ -63,7 +63,6 @@ from shardnet.runtimes.merge import first_failure, merge_shard_responses, report
 from shardnet.runtimes.refusals import RefusalLog
 from shardnet.runtimes.registrations import Registrations
 from shardnet.runtimes.server import (
-    DRAIN_QUIET_SECONDS,
     ControlGuard,
     ServerConfig,
     jina_server,
@@ -316,7 +315,7 @@ class Head:
         self._refusals = RefusalLog(deployment)
         # a draining head refuses new calls in-band and closes its listener once its calls are done and no more
         # come: gRPC's stop() under load cancelled calls it had taken but not picked up (see server.py)
-        self.server = jina_server(config, self, quiet_seconds=DRAIN_QUIET_SECONDS)
+        self.server = jina_server(config, self)
         # beside every request it forwards: a request coming back with it was routed to this head by itself
         self._via = (services.VIA_HEAD_METADATA, new_id())
         # a pool fed by discovery (Kubernetes) knows no worker until its first list: not ready before that

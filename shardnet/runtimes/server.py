@@ -13,12 +13,13 @@ client connects as ``stop()`` closes the listener, and a crash then would lose
 the answers it owes and what ``close()`` saves. Its callers (heads, pools) fail
 an in-band UNAVAILABLE over at once, and pools pick it no more. The calls
 grpc.aio had taken up when the drain began are served, not refused, though
-their handlers may start later. A head's server waits, besides, until no call has
+their handlers may start later. A head's or worker's server waits, besides, until no call has
 come for a while (``quiet_seconds``): ``stop()`` cancels the calls gRPC's core
 holds and grpc.aio's request loop has not picked up yet (the client reads
-CANCELLED, sent again by no pool, though they never ran), and a head under load
+CANCELLED, sent again by no pool, though they never ran), and a server under load
 holds many; once callers have stopped coming, it holds none. A head stopped at
-once as gRPC does, relying on its GOAWAY, and lost those calls.
+once as gRPC does, relying on its GOAWAY, and lost those calls; so did a worker
+whose head still sent to it.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ PARENT_POLL_SECONDS = 0.5  # how soon a child notices that the process that laun
 # drain's grace (a DEACTIVATE, an Executor's close() with its own bound) before it exits at once: a handler
 # blocking the event loop (a blocking call in an async def) would hold a drain, which the loop runs, for as long
 STOP_SLACK = 15.0
-# a draining head closes its listener once its calls are done and no call has come (refused ones count) for this
+# a draining head or worker closes its listener once its calls are done and no call has come (refused ones count) for this
 # long: stop() cancels every call gRPC's core took and grpc.aio's request loop had not picked up yet (the client
 # reads CANCELLED, which no pool sends again), and callers not yet told to go away still send; once nothing came
 # for a while, nothing waits unseen in the core
@@ -926,22 +927,22 @@ def end_own_session() -> None:
         os.killpg(os.getpid(), signal.SIGTERM)
 
 
-def jina_server(
-    config: ServerConfig, runtime, *, quiet_seconds: float = 0.0
-) -> Server:
+def jina_server(config: ServerConfig, runtime) -> Server:
     """A Server exposing ``runtime``'s Jina methods (process_single_data, process_data, process_control,
     endpoint_discovery, dry_run, and Call over process_single_data) and listing their services through reflection.
 
     A runtime with a ``request_stream`` handler serves shardnet's request streams too
     (networking/streams.py), unless ``max_concurrent_rpcs`` caps it: a stream is one RPC however
     many requests it carries, so a capped server leaves its callers to call it unary.
-    ``quiet_seconds``: as ``Server`` takes it.
+    Heads and workers alike close their listener once no call has come for ``DRAIN_QUIET_SECONDS`` (see the
+    module's docstring): a worker a head still sends to (its membership behind: a static list, a watch lagging,
+    a container restarted in place) had calls cut CANCELLED by ``stop()``, which the head does not send again.
     """
     server = Server(
         config,
         [services.SINGLE_DATA_SERVICE, services.DATA_SERVICE, services.CONTROL_SERVICE, services.DISCOVERY_SERVICE,
          services.CALL_SERVICE, services.DRY_RUN_SERVICE],
-        quiet_seconds=quiet_seconds,
+        quiet_seconds=DRAIN_QUIET_SECONDS,
     )
     server.serve_unary(services.PROCESS_SINGLE_DATA, runtime.process_single_data)
     server.serve_unary(services.PROCESS_DATA, runtime.process_data)
