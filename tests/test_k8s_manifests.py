@@ -380,7 +380,25 @@ def test_the_demo_indexer_with_replicas_is_rendered_with_a_note(capsys: pytest.C
     assert "TextIndexer keeps its index in its pod's own emptyDir" in err and "--replicas 1" in err
     for quiet in (["--replicas", "1"], ["--replicas", "2", "--uses", "mypkg.search:Indexer"]):
         assert main(["k8s", "render", "--name", "d", "--image", "i", *quiet]) == 0
-        assert capsys.readouterr().err == ""
+        assert "TextIndexer" not in capsys.readouterr().err
+
+
+def test_render_warns_on_stderr_of_disruption_budgets_that_hold_nothing_up(capsys: pytest.CaptureFixture[str]) -> None:
+    """maxUnavailable 1 over the single head, or a shard's single worker, the default sizes, lets a node drain
+    evict it: the budgets protected nothing, without a word (found by a review). Render now says so on stderr,
+    naming the flag that would make them hold, and leaves the YAML kubectl reads as it was."""
+    render_args = ["k8s", "render", "--name", "d", "--image", "i", "--uses", "m:C"]
+    assert main(render_args) == 0
+    out, err = capsys.readouterr()
+    assert "the head has 1 replica and its PodDisruptionBudget (maxUnavailable 1) lets a node drain evict it" in err
+    assert "--head-replicas 2 keeps one serving" in err
+    assert "each shard has 1 replica" in err and "--replicas 2 keeps one serving" in err
+    assert "warning" not in out and {o["kind"] for o in yaml.safe_load_all(out)} >= {"PodDisruptionBudget"}
+    assert main([*render_args, "--replicas", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "the head has 1 replica" in err and "each shard" not in err
+    assert main([*render_args, "--replicas", "2", "--head-replicas", "2"]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_images_built_on_ours_install_as_root_and_the_build_context_is_only_what_is_copied() -> None:

@@ -167,6 +167,7 @@ HEAD_RESOURCES = Resources(cpu="100m", memory="128Mi", memory_limit="512Mi")
 # each hold their own. A memory limit below that lets one legal request OOM-kill the container and all it serves.
 PROCESS_BASE_MIB = 64
 STARTUP_PERIOD = 2  # seconds between startup probes
+MAX_UNAVAILABLE = 1  # the pods of the head, or of one shard, a voluntary disruption (a node drain) may take at once
 EXIT_SECONDS = 2  # seconds left to a process to exit once its Executor's close() has returned or been left behind
 # seconds of the grace left to a process after its drain: a worker gives its Executor's close() up to CLOSE_GRACE
 # seconds past the drain, and must then still exit before SIGKILL (a margin of CLOSE_GRACE alone let a close() that
@@ -564,6 +565,27 @@ def _role_binding(spec: DeploymentSpec, name: str) -> dict[str, Any]:
     }
 
 
+def disruption_warnings(spec: DeploymentSpec) -> list[str]:
+    """What the rendered PodDisruptionBudgets cannot hold up: one that lets ``MAX_UNAVAILABLE`` pods go over no
+    more replicas than that lets a node drain evict every one of them (the head, or a shard's only worker). Each
+    names the flag that would make the budget hold; the budget itself stays as it is, since minAvailable 1 over
+    a single replica would block every drain of its node for ever."""
+    warnings = []
+    if spec.head_replicas <= MAX_UNAVAILABLE:
+        warnings.append(
+            f"the head has {spec.head_replicas} replica and its PodDisruptionBudget (maxUnavailable "
+            f"{MAX_UNAVAILABLE}) lets a node drain evict it: the deployment answers nothing until it is scheduled "
+            f"again; --head-replicas {MAX_UNAVAILABLE + 1} keeps one serving through a drain"
+        )
+    if spec.replicas <= MAX_UNAVAILABLE:
+        warnings.append(
+            f"each shard has {spec.replicas} replica and its PodDisruptionBudget (maxUnavailable "
+            f"{MAX_UNAVAILABLE}) lets a node drain evict it: ALL requests fail for that shard until its worker is "
+            f"scheduled again; --replicas {MAX_UNAVAILABLE + 1} keeps one serving through a drain"
+        )
+    return warnings
+
+
 def _component(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) -> list[dict[str, Any]]:
     """Deployment, Service and PodDisruptionBudget of the head (``shard`` None) or of one shard, and a shard's
     NetworkPolicy when asked for.
@@ -607,7 +629,7 @@ def _component(spec: DeploymentSpec, name: str, role: str, shard: Optional[int])
         "kind": "PodDisruptionBudget",
         "metadata": _metadata(spec, name, role, shard),
         # one replica at a time: a drained node never takes a whole shard down when it has more than one
-        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": pod_labels(spec, role, shard)}},
+        "spec": {"maxUnavailable": MAX_UNAVAILABLE, "selector": {"matchLabels": pod_labels(spec, role, shard)}},
     }
     if is_head or not spec.network_policy:
         return [deployment, service, budget]
