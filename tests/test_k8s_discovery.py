@@ -1019,6 +1019,34 @@ async def test_a_jina_style_core_api_client_is_taken_and_anything_else_refused(
         K8sGrpcConnectionPool(NS, client=object())
 
 
+async def test_jinas_positional_form_takes_the_logger_third(
+    api_server: FakeApiServer, kube_client: ApiClient, dead_address: str
+) -> None:
+    """Jina 3 builds the pool as ``K8sGrpcConnectionPool(namespace, client, logger)``: the third argument was
+    refused (TypeError, keywords only after the client; found by a review). It is the pool's logger, as Jina's,
+    where the replica lists say an ejection."""
+    from kubernetes_asyncio.client import CoreV1Api
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    own = logging.getLogger(f"jina-k8s-{id(records)}")
+    own.addHandler(handler)
+    with pytest.raises(ConfigurationError, match="logger must have warning"):
+        K8sGrpcConnectionPool(NS, None, "jina-head")  # the third is the logger, checked as GrpcConnectionPool's
+    async with EchoServer("live") as live:
+        api_server.apply("pods", pod("dead", ip="127.0.0.1", port=int(dead_address.rsplit(":", 1)[1])))
+        api_server.apply("pods", pod("live", ip="127.0.0.1", port=live.port))
+        async with K8sGrpcConnectionPool(NS, CoreV1Api(kube_client), own, watch=FAST, sources=("pods",)) as pool:
+            await pool.wait_synced(timeout=5)
+            assert len(replicas(pool)) == 2
+            for _ in range(6):  # round robin: the dead replica fails every other call, three times: ejected
+                [task] = pool.send_request(DataRequest(endpoint="/index"), "dep")
+                await task
+    own.removeHandler(handler)
+    assert any("ejecting replica" in record.getMessage() for record in records)
+
+
 async def test_wrong_credentials_are_retried_not_fatal(api_server: FakeApiServer, tmp_path) -> None:
     path = write_kubeconfig(tmp_path / "bad", api_server.url, token="wrong")
     async with K8sGrpcConnectionPool(NS, kubeconfig=str(path), watch=FAST, sources=("pods",)) as pool:

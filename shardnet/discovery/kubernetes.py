@@ -546,12 +546,16 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
     ``discovery.configuration``), and closes that client with itself.
     ``deployments`` narrows the watch to those deployments' objects (a head
     passes its own); by default it follows every deployment, as a gateway does.
+    ``logger`` comes third, as in Jina 3's ``K8sGrpcConnectionPool(namespace,
+    client, logger)``, and goes where GrpcConnectionPool's does (the replica
+    lists' ejections); the other options of GrpcConnectionPool are keywords.
     """
 
     def __init__(
         self,
         namespace: str,
         client: Optional[k8s_client.ApiClient | k8s_client.CoreV1Api] = None,
+        logger: Optional[logging.Logger] = None,
         *,
         sources: Sequence[str] = SOURCES,
         kubeconfig: Optional[str] = None,
@@ -559,7 +563,7 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
         deployments: Optional[Sequence[str]] = None,
         **pool_options: Any,
     ):
-        super().__init__(**pool_options)
+        super().__init__(logger=logger, **pool_options)
         if not namespace:
             raise ConfigurationError("K8sGrpcConnectionPool needs a namespace")
         if not isinstance(namespace, str) or not _NAMESPACE.match(namespace):
