@@ -97,7 +97,7 @@ RENDER_REFUSED = {
     "too-many-workers": (["--shards", "101", "--replicas", "100"],
                          f"--shards 101 x --replicas 100 = 10100 workers, more than the {MAX_WORKERS} a head holds"),
     "grace-within-the-pre-stop-pause": (["--grace-seconds", "3"],
-                                        "--grace-seconds must be an integer >= 11 (a stopping pod first pauses 5 s"),
+                                        "--grace-seconds must be an integer >= 13 (a stopping pod first pauses 5 s"),
     "startup-below-the-probe-period": (["--startup-seconds", "1"], "--startup-seconds must be an integer from 2 to 86400"),
 }
 
@@ -111,7 +111,7 @@ def test_k8s_render_refuses_counts_and_times_naming_its_flags(extra, message, ca
 
 
 def test_k8s_render_takes_the_most_workers_a_head_holds(capsys):
-    assert main([*RENDER, "--shards", "100", "--replicas", "100", "--grace-seconds", "11"]) == 0
+    assert main([*RENDER, "--shards", "100", "--replicas", "100", "--grace-seconds", "13"]) == 0
     assert "kind: Deployment" in capsys.readouterr().out
 
 

@@ -69,6 +69,29 @@ class RecordingPool(K8sGrpcConnectionPool):
         return forgotten
 
 
+class RoleCheckingPool(RecordingPool):
+    """A RecordingPool noting, the moment it happens, an address routed as two roles of its deployment at once
+    (a request for one shard could reach a worker of another) and a shard or head left with no replica."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.faults: list[str] = []
+
+    def add_connection(self, deployment: str, address: str, head: bool = False, shard_id: Optional[int] = None) -> None:
+        super().add_connection(deployment, address, head=head, shard_id=shard_id)
+        roles = [("head", None)] + [("shard", shard) for shard in self.shard_ids(deployment)]
+        holding = [role for role in roles if address in replicas(self, deployment, role[1] or 0, role[0] == "head")]
+        if len(holding) > 1:
+            self.faults.append(f"{address} routed as {holding}")
+
+    async def remove_connection(
+        self, deployment: str, address: str, head: bool = False, shard_id: Optional[int] = None
+    ):
+        if replicas(self, deployment, shard_id or 0, head) == {address}:
+            self.faults.append(f"{'head' if head else f'shard {shard_id}'} emptied by removing {address}")
+        return await super().remove_connection(deployment, address, head=head, shard_id=shard_id)
+
+
 # -- fixtures ------------------------------------------------------------------------
 
 
@@ -95,9 +118,9 @@ async def start_pool(kube_client: ApiClient) -> AsyncIterator[Callable[..., Any]
     """``await start_pool(**options)``: a started, synced RecordingPool, closed after the test."""
     pools: list[K8sGrpcConnectionPool] = []
 
-    async def start(sync: bool = True, **options: Any) -> RecordingPool:
+    async def start(sync: bool = True, pool_class: type = RecordingPool, **options: Any) -> RecordingPool:
         options.setdefault("watch", FAST)
-        pool = RecordingPool(NS, kube_client, **options)
+        pool = pool_class(NS, kube_client, **options)
         pools.append(pool)
         pool.start()
         if sync:
@@ -996,6 +1019,34 @@ async def test_a_jina_style_core_api_client_is_taken_and_anything_else_refused(
         K8sGrpcConnectionPool(NS, client=object())
 
 
+async def test_jinas_positional_form_takes_the_logger_third(
+    api_server: FakeApiServer, kube_client: ApiClient, dead_address: str
+) -> None:
+    """Jina 3 builds the pool as ``K8sGrpcConnectionPool(namespace, client, logger)``: the third argument was
+    refused (TypeError, keywords only after the client; found by a review). It is the pool's logger, as Jina's,
+    where the replica lists say an ejection."""
+    from kubernetes_asyncio.client import CoreV1Api
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    own = logging.getLogger(f"jina-k8s-{id(records)}")
+    own.addHandler(handler)
+    with pytest.raises(ConfigurationError, match="logger must have warning"):
+        K8sGrpcConnectionPool(NS, None, "jina-head")  # the third is the logger, checked as GrpcConnectionPool's
+    async with EchoServer("live") as live:
+        api_server.apply("pods", pod("dead", ip="127.0.0.1", port=int(dead_address.rsplit(":", 1)[1])))
+        api_server.apply("pods", pod("live", ip="127.0.0.1", port=live.port))
+        async with K8sGrpcConnectionPool(NS, CoreV1Api(kube_client), own, watch=FAST, sources=("pods",)) as pool:
+            await pool.wait_synced(timeout=5)
+            assert len(replicas(pool)) == 2
+            for _ in range(6):  # round robin: the dead replica fails every other call, three times: ejected
+                [task] = pool.send_request(DataRequest(endpoint="/index"), "dep")
+                await task
+    own.removeHandler(handler)
+    assert any("ejecting replica" in record.getMessage() for record in records)
+
+
 async def test_wrong_credentials_are_retried_not_fatal(api_server: FakeApiServer, tmp_path) -> None:
     path = write_kubeconfig(tmp_path / "bad", api_server.url, token="wrong")
     async with K8sGrpcConnectionPool(NS, kubeconfig=str(path), watch=FAST, sources=("pods",)) as pool:
@@ -1087,6 +1138,30 @@ async def test_a_relist_adds_a_deployments_new_pod_before_it_removes_the_old_one
     await eventually(lambda: replicas(pool) == {"10.0.0.2:8080"})
     assert pool.changes.index(("add", "dep", "10.0.0.2:8080")) < pool.changes.index(("remove", "dep", "10.0.0.1:8080"))
     assert ("forget", "dep", "") not in pool.changes
+
+
+async def test_a_relist_never_routes_a_reused_address_to_two_shards_nor_empties_a_shard(
+    api_server: FakeApiServer, start_pool, caplog
+) -> None:
+    """Pods replaced while the watch was away, an IP reused by a pod of another shard: the relist added the new
+    shard's replica at once and removed the old one only after every listed pod, so the address served both
+    shards meanwhile (a document indexed into the wrong shard; found by a review). The old one now goes just
+    before, and a shard's new replica at a fresh address comes in before a reused one takes its old one away."""
+    api_server.apply("pods", pod("w0", shard_id="0", ip="10.0.0.1"))
+    api_server.apply("pods", pod("w1", shard_id="1", ip="10.0.0.2"))
+    pool = await start_pool(sources=("pods",), pool_class=RoleCheckingPool)
+    await eventually(lambda: api_server.open_streams("pods") == 1)
+    api_server.drop_streams()
+    api_server.delete("pods", "w0")
+    api_server.delete("pods", "w1")
+    api_server.apply("pods", pod("n1", shard_id="1", ip="10.0.0.1"))  # listed first: w0's IP, another shard
+    api_server.apply("pods", pod("n0", shard_id="0", ip="10.0.0.3"))
+    api_server.compact()  # its resume version is too old: it re-lists
+    await eventually(lambda: replicas(pool, shard_id=0) == {"10.0.0.3:8080"})
+    await eventually(lambda: replicas(pool, shard_id=1) == {"10.0.0.1:8080"})
+    assert len(api_server.list_requests("pods")) == 2  # it was a relist
+    assert pool.faults == []
+    assert "the pods' previous listing had it as shard 0" in caplog.text
 
 
 # -- the head process follows the cluster ------------------------------------------------------

@@ -17,6 +17,7 @@ from shardnet.cli.main import build_parser, main
 from shardnet.errors import ConfigurationError
 from shardnet.manifests.kubernetes import RUN_AS, TLS_DIR, DeploymentSpec, Resources, render, render_components, to_yaml
 from shardnet.protocol import services
+from shardnet.runtimes.worker import CLOSE_GRACE
 
 # the newest schema kubernetes-validate 1.37.0 ships
 SCHEMA_VERSION = "1.37.0"
@@ -180,14 +181,14 @@ def test_containers_run_the_shardnet_commands() -> None:
     assert container(head)["command"] + container(head)["args"] == [
         "shardnet", "head", "--deployment", "search", "--host", "0.0.0.0", "--port", "50051",
         "--polling", '{"/search": "ALL", "/index": "ANY", "*": "ANY"}', "--k8s-namespace", "$(POD_NAMESPACE)", "--balancer", "round_robin",
-        "--shards", "3", "--shards-wait", "240", "--max-message-mb", "64.0", "--drain-seconds", "20",
+        "--shards", "3", "--shards-wait", "240", "--max-message-mb", "64.0", "--drain-seconds", "18",
     ]  # fmt: skip
     for shard, worker in enumerate(sorted(workers, key=lambda w: w["metadata"]["name"])):
         assert container(worker)["command"] + container(worker)["args"] == [
             "shardnet", "worker", "--uses", "acme.search:Indexer", "--host", "0.0.0.0", "--port", "50051",
             "--shard-id", str(shard), "--shards", "3", "--replicas", "2",  # the Executor's runtime_args, as in Jina
             "--name", f"search/shard-{shard}", "--workspace", "/workspace",
-            "--max-message-mb", "64.0", "--drain-seconds", "20",
+            "--max-message-mb", "64.0", "--drain-seconds", "18",
         ]  # fmt: skip
 
 
@@ -339,7 +340,7 @@ def test_startup_time_and_grace_reach_the_probes_and_the_drain() -> None:
         probe = served["startupProbe"]
         assert probe["periodSeconds"] * probe["failureThreshold"] >= 601
         assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 90
-        assert build_parser().parse_args(served["args"]).drain_seconds == 90 - 5 - 5
+        assert build_parser().parse_args(served["args"]).drain_seconds == 90 - 5 - 7
     head_deployment = head_and_workers(render(spec), "Deployment")[0]
     # a new head waits for a worker of every shard as long as one may load, and the time to be scheduled
     assert build_parser().parse_args(container(head_deployment)["args"]).shards_wait == 601 + 60
@@ -348,7 +349,22 @@ def test_startup_time_and_grace_reach_the_probes_and_the_drain() -> None:
     assert {d["spec"]["progressDeadlineSeconds"] for d in by_kind(render(SPECS["defaults"]), "Deployment")} == {600}
     default = container(head_and_workers(render(SPECS["defaults"]), "Deployment")[0])
     assert default["startupProbe"]["periodSeconds"] * default["startupProbe"]["failureThreshold"] == 180
-    assert build_parser().parse_args(default["args"]).drain_seconds == 20
+    assert build_parser().parse_args(default["args"]).drain_seconds == 18
+
+
+@pytest.mark.parametrize("grace", [13, 30, 90])
+def test_the_grace_leaves_a_worker_time_to_exit_after_its_executors_close(grace: int) -> None:
+    """A worker gives its Executor's close() up to CLOSE_GRACE seconds past its drain (runtimes.worker), then
+    exits: the rendered drain left the grace exactly that much after it, so a close() that used it all was
+    SIGKILLed before it could exit (found by a review: exit at 25.1 s of a 25 s budget)."""
+    spec = DeploymentSpec(name="g", image="i", uses="m:C", termination_grace_seconds=grace)
+    for worker in head_and_workers(render(spec), "Deployment")[1]:
+        served = container(worker)
+        after_sigterm = worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] - (
+            served["lifecycle"]["preStop"]["sleep"]["seconds"]
+        )
+        close_bound = build_parser().parse_args(served["args"]).drain_seconds + CLOSE_GRACE
+        assert after_sigterm - close_bound >= 2, f"{after_sigterm - close_bound:g} s to exit before SIGKILL"
 
 
 def test_cli_takes_startup_and_grace_seconds(capsys: pytest.CaptureFixture[str]) -> None:
@@ -364,7 +380,25 @@ def test_the_demo_indexer_with_replicas_is_rendered_with_a_note(capsys: pytest.C
     assert "TextIndexer keeps its index in its pod's own emptyDir" in err and "--replicas 1" in err
     for quiet in (["--replicas", "1"], ["--replicas", "2", "--uses", "mypkg.search:Indexer"]):
         assert main(["k8s", "render", "--name", "d", "--image", "i", *quiet]) == 0
-        assert capsys.readouterr().err == ""
+        assert "TextIndexer" not in capsys.readouterr().err
+
+
+def test_render_warns_on_stderr_of_disruption_budgets_that_hold_nothing_up(capsys: pytest.CaptureFixture[str]) -> None:
+    """maxUnavailable 1 over the single head, or a shard's single worker, the default sizes, lets a node drain
+    evict it: the budgets protected nothing, without a word (found by a review). Render now says so on stderr,
+    naming the flag that would make them hold, and leaves the YAML kubectl reads as it was."""
+    render_args = ["k8s", "render", "--name", "d", "--image", "i", "--uses", "m:C"]
+    assert main(render_args) == 0
+    out, err = capsys.readouterr()
+    assert "the head has 1 replica and its PodDisruptionBudget (maxUnavailable 1) lets a node drain evict it" in err
+    assert "--head-replicas 2 keeps one serving" in err
+    assert "each shard has 1 replica" in err and "--replicas 2 keeps one serving" in err
+    assert "warning" not in out and {o["kind"] for o in yaml.safe_load_all(out)} >= {"PodDisruptionBudget"}
+    assert main([*render_args, "--replicas", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "the head has 1 replica" in err and "each shard" not in err
+    assert main([*render_args, "--replicas", "2", "--head-replicas", "2"]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_images_built_on_ours_install_as_root_and_the_build_context_is_only_what_is_copied() -> None:
@@ -456,8 +490,8 @@ def test_yaml_quotes_label_values_and_shares_no_anchors() -> None:
         ({"startup_seconds": 999_999_950}, "startup_seconds must be an integer from 2 to 86400"),
         ({"startup_seconds": 2.5}, "startup_seconds must be an integer"),
         ({"pre_stop_seconds": 30}, "below termination_grace_seconds"),
-        ({"termination_grace_seconds": 10}, r"termination_grace_seconds must be at least 11: the preStop pause"),
-        ({"pre_stop_seconds": 0, "termination_grace_seconds": 5}, "termination_grace_seconds must be at least 6"),
+        ({"termination_grace_seconds": 10}, r"termination_grace_seconds must be at least 13: the preStop pause"),
+        ({"pre_stop_seconds": 0, "termination_grace_seconds": 7}, "termination_grace_seconds must be at least 8"),
         ({"tls_secret": "Idx_TLS"}, "tls_secret 'Idx_TLS' must name a Secret"),
         ({"tls_issuer": "ca"}, r"tls_issuer \(--tls-issuer\) needs tls_secret"),
         ({"tls_secret": "s", "tls_issuer": "My CA"}, "tls_issuer 'My CA' must name an Issuer"),

@@ -26,6 +26,7 @@ from shardnet.manifests.kubernetes import (
     STARTUP_PERIOD,
     DeploymentSpec,
     Resources,
+    disruption_warnings,
     render,
     render_components,
     to_yaml,
@@ -244,6 +245,8 @@ def run(args: argparse.Namespace) -> int:
     if spec.tls_issuer is None:
         for note in _certificate_notes(spec):
             print(f"shardnet k8s render: note: {note}", file=sys.stderr)
+    for warning in disruption_warnings(spec):  # on stderr: the YAML on stdout goes to kubectl as it is
+        print(f"shardnet k8s render: warning: {warning}", file=sys.stderr)
     if args.output is None:
         sys.stdout.write(to_yaml(render(spec)))
         return 0

@@ -38,7 +38,7 @@ import hashlib
 import logging
 import re
 from collections import Counter
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Collection, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import yaml
 from kubernetes_asyncio import client as k8s_client
@@ -286,12 +286,20 @@ class _Ledger:
         return [key for (src, key) in self._records if src == source]
 
     async def record(
-        self, source: str, key: str, members: Contribution, *, also_remove: Contribution = NOTHING
+        self,
+        source: str,
+        key: str,
+        members: Contribution,
+        *,
+        also_remove: Contribution = NOTHING,
+        unconfirmed: Collection[str] = (),
     ) -> None:
         """Make ``members`` the contribution of object ``key``; ``also_remove`` goes too unless someone holds it.
 
-        The counts follow the records at once, with no await in between (a drop of stale holds reads them, and
-        another record may run while this one waits on the pool); the pool's additions and removals come after.
+        ``unconfirmed``: during a relist of ``source``, its objects whose records are still those of its previous
+        listing; what they hold gives way to a claim of this one (``_drop_contradicted``). The counts follow the
+        records at once, with no await in between (a drop of stale holds reads them, and another record may run
+        while this one waits on the pool); the pool's additions and removals come after, removals first.
         """
         old = self._records.get((source, key), NOTHING)
         if members:
@@ -316,7 +324,7 @@ class _Ledger:
                 del self._holders[member]
                 gone.append(member)
         for member in members - old:
-            gone.extend(self._drop_contradicted(member, source))
+            gone.extend(self._drop_contradicted(member, source, unconfirmed))
             self._holders[member] += 1
             if self._holders[member] == 1:
                 self._members_of[member.deployment] += 1
@@ -354,24 +362,26 @@ class _Ledger:
                 del self._records[(src, key)]
             self._holders[member] -= 1
 
-    def _drop_contradicted(self, claim: Member, source: str) -> list[Member]:
+    def _drop_contradicted(self, claim: Member, source: str, unconfirmed: Collection[str] = ()) -> list[Member]:
         """The members ``claim`` contradicts, let go: one address serves one role of a deployment, so the same
         address elsewhere in it, held only by other sources, is their stale word (an IP reused by a pod of
         another shard before the lagging source caught up), and the freshest claim wins, as a worker's ACTIVATE
-        does. They come back if their sources say so again. Returns those that no one holds any more."""
+        does. So is a hold of the claiming source itself from its previous listing (``unconfirmed``: a relist
+        that has not come to that object yet), or a reused IP would serve two shards until the relist ends. They
+        come back if their sources say so again. Returns those that no one holds any more."""
         others = self._by_address.get((claim.deployment, claim.address))
         if not others:
             return []
         dropped = []
         for member in [other for other in others if other != claim]:
             holding = self._holding(member)
-            if any(src == source for src, _ in holding):
+            if any(src == source and key not in unconfirmed for src, key in holding):
                 continue  # the claiming source itself still says so: not for this one to settle
             self._let_go(member, holding)
             logger.warning(
-                "%s of %r serves %s by the %s in namespace %s, while the %s still list it as %s: routed as the "
-                "%s say", member.address, member.deployment, _role(claim), source, self._pool.namespace,
-                " and ".join(sorted({src for src, _ in holding})), _role(member), source,
+                "%s of %r serves %s by the %s in namespace %s, while %s: routed as the %s say", member.address,
+                member.deployment, _role(claim), source, self._pool.namespace,
+                _stale_word(member, {src for src, _ in holding}, source), source,
             )
             if self._holders[member] <= 0:
                 self._uncount(member)
@@ -399,17 +409,34 @@ class _Ledger:
             reporter, self._pool.namespace, " and ".join(sorted(stale)),
         )
 
-    async def replace(self, source: str, listed: Iterable[str], contribution: Callable[[str], Contribution]) -> None:
-        """Reconcile after a (re-)list: the objects ``listed`` contribute what ``contribution`` says of each now
-        (asked just before it is recorded: an event handled while an earlier one waited may have changed it),
-        then those gone from it nothing; in that order, a deployment rolled from one pod to another while the
-        watch was away never looks empty (a namespace-wide pool would forget it meanwhile)."""
-        listed = set(listed)
-        for key in listed:
-            await self.record(source, key, contribution(key))
+    async def replace(
+        self, source: str, listed: Mapping[str, Contribution], contribution: Callable[[str], Contribution]
+    ) -> None:
+        """Reconcile after a (re-)list: the objects ``listed`` (each with what the list says it contributes)
+        contribute what ``contribution`` says of each now (asked just before it is recorded: an event handled
+        while an earlier one waited may have changed it), then those gone from it nothing.
+
+        In that order, a deployment rolled from one pod to another while the watch was away never looks empty
+        (a namespace-wide pool would forget it meanwhile); and those that take no address another member holds
+        come first, so a shard gets its new replicas before a reused address takes an old one away. What the
+        previous listing still holds at an address the new one gives another role goes just before that role
+        comes in (``unconfirmed``): an address serves one shard at a time, even while the relist runs."""
+        unconfirmed = set(self.keys(source))
+        for key in self._fresh_first(listed):
+            unconfirmed.discard(key)
+            await self.record(source, key, contribution(key), unconfirmed=unconfirmed)
         for key in self.keys(source):
             if key not in listed:
                 await self.record(source, key, NOTHING)
+
+    def _fresh_first(self, listed: Mapping[str, Contribution]) -> list[str]:
+        """The keys of ``listed``, in its order, those none of whose members takes an address held as another
+        member of its deployment first."""
+
+        def displaces(key: str) -> bool:
+            return any(self._by_address.get((m.deployment, m.address), set()) - {m} for m in listed[key])
+
+        return sorted(listed, key=displaces)
 
     async def change(self, source: str, key: str, withdrawn: Contribution, restored: Contribution) -> None:
         """Take ``withdrawn`` out of object ``key``'s contribution as recorded and put ``restored`` in, and nothing
@@ -483,6 +510,14 @@ class _Ledger:
             await asyncio.gather(*self._removals.values(), return_exceptions=True)
 
 
+def _stale_word(member: Member, sources: set[str], claimant: str) -> str:
+    """Who still said ``member``, for a log line: other ``sources``, or the ``claimant``'s own previous listing."""
+    said = [f"the {src} still list it" for src in sorted(sources - {claimant})]
+    if claimant in sources:
+        said.append(f"the {claimant}' previous listing had it")
+    return f"{' and '.join(said)} as {_role(member)}"
+
+
 async def _first_of(waits: Iterable[Any]) -> None:
     """Wait until the first of ``waits`` (coroutines) is done; the others are cancelled."""
     tasks = [asyncio.ensure_future(wait) for wait in waits]
@@ -511,12 +546,16 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
     ``discovery.configuration``), and closes that client with itself.
     ``deployments`` narrows the watch to those deployments' objects (a head
     passes its own); by default it follows every deployment, as a gateway does.
+    ``logger`` comes third, as in Jina 3's ``K8sGrpcConnectionPool(namespace,
+    client, logger)``, and goes where GrpcConnectionPool's does (the replica
+    lists' ejections); the other options of GrpcConnectionPool are keywords.
     """
 
     def __init__(
         self,
         namespace: str,
         client: Optional[k8s_client.ApiClient | k8s_client.CoreV1Api] = None,
+        logger: Optional[logging.Logger] = None,
         *,
         sources: Sequence[str] = SOURCES,
         kubeconfig: Optional[str] = None,
@@ -524,7 +563,7 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
         deployments: Optional[Sequence[str]] = None,
         **pool_options: Any,
     ):
-        super().__init__(**pool_options)
+        super().__init__(logger=logger, **pool_options)
         if not namespace:
             raise ConfigurationError("K8sGrpcConnectionPool needs a namespace")
         if not isinstance(namespace, str) or not _NAMESPACE.match(namespace):
@@ -752,7 +791,8 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
             listed = {object_key(obj): _endpoints(obj) for obj in objects}
             word.slices_listed(listed)
             self._say_vetoes(listed)
-            await self._ledger.replace(SLICES, listed, word.routed)
+            said = {key: frozenset(endpoint.member for endpoint in endpoints) for key, endpoints in listed.items()}
+            await self._ledger.replace(SLICES, said, word.routed)
             return
         touched = word.pods_listed(objects, self._ledger.keys(PODS))  # one it cannot read is left out (said below)
         members = {object_key(obj): _members(PODS, obj) for obj in objects}

@@ -51,6 +51,7 @@ from shardnet.networking.policies import check_count, check_flag
 from shardnet.networking.polling import PollingMap
 from shardnet.protocol import services
 from shardnet.runtimes.executor import metas_name, split_uses
+from shardnet.runtimes.worker import CLOSE_GRACE
 
 DEPLOYMENT_LABEL = "jina_deployment_name"
 POD_TYPE_LABEL = "pod_type"
@@ -166,7 +167,12 @@ HEAD_RESOURCES = Resources(cpu="100m", memory="128Mi", memory_limit="512Mi")
 # each hold their own. A memory limit below that lets one legal request OOM-kill the container and all it serves.
 PROCESS_BASE_MIB = 64
 STARTUP_PERIOD = 2  # seconds between startup probes
-DRAIN_MARGIN = 5  # seconds of the grace left to a process after its drain, to exit before SIGKILL
+MAX_UNAVAILABLE = 1  # the pods of the head, or of one shard, a voluntary disruption (a node drain) may take at once
+EXIT_SECONDS = 2  # seconds left to a process to exit once its Executor's close() has returned or been left behind
+# seconds of the grace left to a process after its drain: a worker gives its Executor's close() up to CLOSE_GRACE
+# seconds past the drain, and must then still exit before SIGKILL (a margin of CLOSE_GRACE alone let a close() that
+# used it all run into the kill)
+DRAIN_MARGIN = math.ceil(CLOSE_GRACE) + EXIT_SECONDS
 MESSAGE_COPIES = MappingProxyType({"head": 5, "worker": 8})
 # what the most documents one call may hold (protocol.messages: 1,000,000 in a process_data list, what a uses_after
 # receives) cost a worker decoded, however small its message (some 200 bytes each); a head routes them undecoded
@@ -327,11 +333,12 @@ class DeploymentSpec:
                 f"pre_stop_seconds must be an integer >= 0 and below termination_grace_seconds "
                 f"({self.termination_grace_seconds}), got {self.pre_stop_seconds!r}"
             )
-        least = self.pre_stop_seconds + DRAIN_MARGIN + 1  # a drain of 1 s, and the margin to exit after it
+        least = self.pre_stop_seconds + DRAIN_MARGIN + 1  # a drain of 1 s, and the margin for close() and exit
         if self.termination_grace_seconds < least:
             raise ConfigurationError(
                 f"termination_grace_seconds must be at least {least}: the preStop pause ({self.pre_stop_seconds} s), "
-                f"a drain of 1 s and {DRAIN_MARGIN} s to exit after it before SIGKILL; got "
+                f"a drain of 1 s and {DRAIN_MARGIN} s after it for the Executor's close() ({CLOSE_GRACE:g} s at "
+                f"most) and the exit before SIGKILL; got "
                 f"{self.termination_grace_seconds}"
             )
 
@@ -382,7 +389,8 @@ class DeploymentSpec:
 
     @property
     def drain_seconds(self) -> int:
-        """How long a process lets its in-flight requests finish on SIGTERM: the grace after preStop, less a margin."""
+        """How long a process lets its in-flight requests finish on SIGTERM: the grace after preStop, less a margin
+        (``DRAIN_MARGIN``) for the Executor's close() and the exit."""
         return max(1, self.termination_grace_seconds - self.pre_stop_seconds - DRAIN_MARGIN)
 
     @property
@@ -557,6 +565,27 @@ def _role_binding(spec: DeploymentSpec, name: str) -> dict[str, Any]:
     }
 
 
+def disruption_warnings(spec: DeploymentSpec) -> list[str]:
+    """What the rendered PodDisruptionBudgets cannot hold up: one that lets ``MAX_UNAVAILABLE`` pods go over no
+    more replicas than that lets a node drain evict every one of them (the head, or a shard's only worker). Each
+    names the flag that would make the budget hold; the budget itself stays as it is, since minAvailable 1 over
+    a single replica would block every drain of its node for ever."""
+    warnings = []
+    if spec.head_replicas <= MAX_UNAVAILABLE:
+        warnings.append(
+            f"the head has {spec.head_replicas} replica and its PodDisruptionBudget (maxUnavailable "
+            f"{MAX_UNAVAILABLE}) lets a node drain evict it: the deployment answers nothing until it is scheduled "
+            f"again; --head-replicas {MAX_UNAVAILABLE + 1} keeps one serving through a drain"
+        )
+    if spec.replicas <= MAX_UNAVAILABLE:
+        warnings.append(
+            f"each shard has {spec.replicas} replica and its PodDisruptionBudget (maxUnavailable "
+            f"{MAX_UNAVAILABLE}) lets a node drain evict it: ALL requests fail for that shard until its worker is "
+            f"scheduled again; --replicas {MAX_UNAVAILABLE + 1} keeps one serving through a drain"
+        )
+    return warnings
+
+
 def _component(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) -> list[dict[str, Any]]:
     """Deployment, Service and PodDisruptionBudget of the head (``shard`` None) or of one shard, and a shard's
     NetworkPolicy when asked for.
@@ -600,7 +629,7 @@ def _component(spec: DeploymentSpec, name: str, role: str, shard: Optional[int])
         "kind": "PodDisruptionBudget",
         "metadata": _metadata(spec, name, role, shard),
         # one replica at a time: a drained node never takes a whole shard down when it has more than one
-        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": pod_labels(spec, role, shard)}},
+        "spec": {"maxUnavailable": MAX_UNAVAILABLE, "selector": {"matchLabels": pod_labels(spec, role, shard)}},
     }
     if is_head or not spec.network_policy:
         return [deployment, service, budget]
