@@ -40,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="SHARD=HOST:PORT",
-        help="a worker replica: SHARD=HOST:PORT, or SHARD=unix:/PATH for one on this machine (repeatable)",
+        help="a worker replica: SHARD=HOST:PORT, or SHARD=unix:/PATH for one on this machine (repeatable; not "
+             "with --k8s-namespace, whose discovery alone lists the workers)",
     )
     parser.add_argument(
         "--shards",
@@ -53,7 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--lease", type=positive_seconds("lease"), metavar="SECONDS", default=None,
         help="drop an ACTIVATEd worker that has not re-sent ACTIVATE for this many seconds (default: five times the "
-             "interval a shardnet worker says it renews at; a Jina worker stays until its DEACTIVATE)",
+             "interval a shardnet worker says it renews at; a Jina worker stays until its DEACTIVATE); not with "
+             "--k8s-namespace, whose head refuses ACTIVATE",
     )
     parser.add_argument(
         "--uses-before", metavar="HOST:PORT", help="a worker every request passes through before the shards"
@@ -112,6 +114,26 @@ def _check_deployment_name(name: str) -> None:
         raise ConfigurationError(f"--deployment {name!r:.120}: give a name without control characters")
 
 
+def _refuse_static_membership_under_discovery(args: argparse.Namespace) -> None:
+    """Refuse --connection and --lease beside --k8s-namespace: Kubernetes owns the membership of a head it feeds.
+    A static worker would be routed to and counted for readiness though discovery never listed it (a dead one
+    made the head ready), and a lease would never apply, as such a head refuses the ACTIVATEs it times out."""
+    if args.k8s_namespace is None:
+        return
+    if args.connection:
+        raise ConfigurationError(
+            "--connection and --k8s-namespace: a head following Kubernetes takes its workers from discovery alone "
+            "(Kubernetes owns its membership, and its readiness waits for what discovery lists); drop --connection, "
+            "or --k8s-namespace for a head of static workers"
+        )
+    if args.lease is not None:
+        raise ConfigurationError(
+            "--lease and --k8s-namespace: a lease drops workers that stop renewing their ACTIVATE, and a head "
+            "following Kubernetes refuses ACTIVATE (Kubernetes owns its membership, and a pod leaves as it stops "
+            "being Ready); drop --lease"
+        )
+
+
 async def serve(args: argparse.Namespace) -> int:
     """Build the head inside the running loop (gRPC channels belong to the loop they are made in). Its
     warnings come once every flag has been checked: a refusal is then the one line it prints."""
@@ -122,6 +144,7 @@ async def serve(args: argparse.Namespace) -> int:
         raise ConfigurationError(
             "--k8s-namespace is empty (a variable unset in a script?): name the namespace to follow"
         )
+    _refuse_static_membership_under_discovery(args)
     if args.kubeconfig is not None and namespace is None:
         raise ConfigurationError("--kubeconfig is for discovery: give --k8s-namespace as well")
     if namespace is not None and args.kubeconfig is None:
