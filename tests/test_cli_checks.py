@@ -149,6 +149,27 @@ def test_head_refuses_static_membership_beside_kubernetes_discovery(tmp_path, fl
 
 
 @pytest.mark.parametrize(
+    "command, said",
+    [
+        (["head", "--deployment", "d", "--connection", "0=foo"], "--connection '0=foo': bad address 'foo': expected"),
+        (["head", "--deployment", "d", "--uses-before", "nohost"], "--uses-before: bad address 'nohost': expected"),
+        (["head", "--deployment", "d", "--uses-after", "h:0"], "--uses-after: bad address 'h:0': port must be"),
+        (["worker", "--uses", "m:C", "--head", "nohost"], "--head: bad address 'nohost': expected host:port"),
+    ],
+    ids=["connection", "uses-before", "uses-after", "worker-head"],
+)
+def test_a_bad_address_is_refused_naming_the_flag_that_gave_it(command, said) -> None:
+    """"bad address 'foo': expected host:port" named no flag (a knobs review's find). Refused before anything
+    listens or loads (m:C is no module)."""
+    from shardnet.cli.main import build_parser
+
+    args = build_parser().parse_args(["--log-level", "ERROR", *command])
+    with pytest.raises(ConfigurationError) as refused:
+        args.handler(args)
+    assert str(refused.value).startswith(said), refused.value
+
+
+@pytest.mark.parametrize(
     "content, said",
     [
         (None, "no such file"),

@@ -6,6 +6,7 @@ import argparse
 import logging
 import unicodedata
 from collections import defaultdict
+from typing import Optional
 
 from shardnet.cli.options import (
     add_client_tls_arguments,
@@ -13,6 +14,7 @@ from shardnet.cli.options import (
     add_head_traffic_arguments,
     add_server_arguments,
     client_tls,
+    flag_address,
     positive_seconds,
     run_in_loop,
     server_config,
@@ -20,7 +22,6 @@ from shardnet.cli.options import (
 )
 from shardnet.discovery.factory import create_connection_pool
 from shardnet.errors import ConfigurationError
-from shardnet.networking.addresses import parse_address
 from shardnet.networking.channels import message_size_options
 from shardnet.networking.policies import RetryPolicy
 from shardnet.networking.polling import PollingMap
@@ -95,8 +96,13 @@ def parse_connections(items: list[str], tls: bool = False) -> dict[int, list[str
                 f"--connection {item!r}: expected SHARD=HOST:PORT with SHARD a whole number from 0 to "
                 f"{MAX_SHARD_ID}, e.g. 0=127.0.0.1:50051"
             )
-        connections[int(shard)].append(str(parse_address(address, tls=tls)))
+        connections[int(shard)].append(str(flag_address(f"--connection {item!r:.200}", address, tls=tls)))
     return dict(connections)
+
+
+def _extra_address(flag: str, address: Optional[str], tls: bool) -> Optional[str]:
+    """A --uses-before/--uses-after address as the head dials it; none when not given (nor given empty)."""
+    return address and str(flag_address(flag, address, tls=tls))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -172,8 +178,8 @@ async def serve(args: argparse.Namespace) -> int:
         polling=PollingMap.parse(args.polling),
         pool=pool,
         connections=parse_connections(args.connection, tls=pool.tls is not None),
-        uses_before=args.uses_before and str(parse_address(args.uses_before, tls=pool.tls is not None)),
-        uses_after=args.uses_after and str(parse_address(args.uses_after, tls=pool.tls is not None)),
+        uses_before=_extra_address("--uses-before", args.uses_before, tls=pool.tls is not None),
+        uses_after=_extra_address("--uses-after", args.uses_after, tls=pool.tls is not None),
         shards=args.shards,
         lease=args.lease,
         max_in_flight=args.max_in_flight,

@@ -16,6 +16,7 @@ from shardnet.cli.options import (
     client_tls,
     end_loading_on_stop_signals,
     exit_leaving_stuck_handlers,
+    flag_address,
     json_object,
     make_folder,
     positive_seconds,
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     # every flag is checked before the Executor loads: a typo should not wait for a model to load, nor run its __init__
     loop = check_loop(args.loop)
     if args.head is not None:
-        parse_address(args.head)
+        flag_address("--head", args.head)
     for number, count, what in ((args.shard_id, args.shards, "shard"), (args.replica_id, args.replicas, "replica")):
         if count is not None and number >= count:
             raise ConfigurationError(
