@@ -126,6 +126,50 @@ def test_head_refuses_an_empty_namespace_in_one_line() -> None:
 
 
 @pytest.mark.parametrize(
+    "flags, said",
+    [
+        (["--connection", "0=127.0.0.1:1"], "--connection and --k8s-namespace: a head following Kubernetes takes its "
+                                            "workers from discovery alone"),
+        (["--lease", "3"], "--lease and --k8s-namespace: a lease drops workers that stop renewing their ACTIVATE, "
+                           "and a head following Kubernetes refuses ACTIVATE"),
+    ],
+    ids=["connection", "lease"],
+)
+def test_head_refuses_static_membership_beside_kubernetes_discovery(tmp_path, flags, said) -> None:
+    """A static --connection was listed and counted for readiness (a dead one made the head ready) and --lease never
+    applied, silently, under --k8s-namespace (a knobs review's find): the head served on. Refused at start, before
+    the API server (which nothing serves here) is asked anything."""
+    from k8s_apiserver import write_kubeconfig
+
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", "http://127.0.0.1:9")
+    result = run_cli("head", "--deployment", "d", "--port", "0", "--k8s-namespace", "default", "--kubeconfig",
+                     str(kubeconfig), *flags, timeout=10)
+    assert result.returncode == 2, result.stderr
+    assert said in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "command, said",
+    [
+        (["head", "--deployment", "d", "--connection", "0=foo"], "--connection '0=foo': bad address 'foo': expected"),
+        (["head", "--deployment", "d", "--uses-before", "nohost"], "--uses-before: bad address 'nohost': expected"),
+        (["head", "--deployment", "d", "--uses-after", "h:0"], "--uses-after: bad address 'h:0': port must be"),
+        (["worker", "--uses", "m:C", "--head", "nohost"], "--head: bad address 'nohost': expected host:port"),
+    ],
+    ids=["connection", "uses-before", "uses-after", "worker-head"],
+)
+def test_a_bad_address_is_refused_naming_the_flag_that_gave_it(command, said) -> None:
+    """"bad address 'foo': expected host:port" named no flag (a knobs review's find). Refused before anything
+    listens or loads (m:C is no module)."""
+    from shardnet.cli.main import build_parser
+
+    args = build_parser().parse_args(["--log-level", "ERROR", *command])
+    with pytest.raises(ConfigurationError) as refused:
+        args.handler(args)
+    assert str(refused.value).startswith(said), refused.value
+
+
+@pytest.mark.parametrize(
     "content, said",
     [
         (None, "no such file"),

@@ -76,10 +76,11 @@ def test_deploy_names_its_logs_which_go_on_exit_and_its_table_shows_what_the_hea
     assert not workspace.exists(), "the workspace line said it is removed on exit"
 
 
-def test_deploy_log_dir_keeps_the_logs_and_no_restart_warns_once_per_exited_process(tmp_path):
+def test_deploy_log_dir_keeps_the_logs_at_the_log_level_and_no_restart_warns_once_per_exited_process(tmp_path):
     logs, log = tmp_path / "logs", tmp_path / "deploy.log"
-    deploy = start(log, "deploy", "--uses", f"{EXECUTORS}:Tagger", "--replicas", "2", "--name", "kept",
-                   "--no-restart", "--log-dir", str(logs))
+    # --log-level reaches the head's and workers' logs (only deploy's own followed it: a knobs review's find)
+    deploy = start(log, "deploy", "--log-level", "DEBUG", "--uses", f"{EXECUTORS}:Tagger", "--replicas", "2",
+                   "--name", "kept", "--no-restart", "--log-dir", str(logs))
     pids: list[int] = []
     try:
         wait_for_line(log, r"kept serves on", deploy)
@@ -100,8 +101,9 @@ def test_deploy_log_dir_keeps_the_logs_and_no_restart_warns_once_per_exited_proc
         assert stop(deploy, pids) == 1, log.read_text()  # what exited on its own is a failure to report
     assert "kept: stopped after 2 process(es) exited on their own (--no-restart" in log.read_text(), log.read_text()
     assert not wait_gone(pids)
-    assert "ready on" in (logs / "kept-head.log").read_text()
-    assert "ready on" in (logs / "kept-worker-0-1.log").read_text()
+    for role in ("head", "worker-0-1"):  # gRPC's loop logs at DEBUG before a process serves
+        assert "ready on" in (logs / f"kept-{role}.log").read_text()
+        assert " DEBUG " in (logs / f"kept-{role}.log").read_text(), (logs / f"kept-{role}.log").read_text()
 
 
 def _waitable_zombie(pid: int) -> bool:
@@ -160,12 +162,15 @@ def test_sigterm_stops_the_demo_and_leaves_no_temporary_folder(tmp_path):
     tmp = tmp_path / "t"  # short: the demo's worker sockets go under it, at most 107 bytes a path
     tmp.mkdir()
     log = tmp_path / "demo.log"
-    demo = start(log, "demo", "--requests", "200", "--concurrency", "4", env=child_env(tmp))
+    # --log-level reaches the demo's processes too (they logged at INFO whatever was asked: a knobs review's find)
+    demo = start(log, "--log-level", "DEBUG", "demo", "--requests", "200", "--concurrency", "4", env=child_env(tmp))
     pids: list[int] = []
     try:
         wait_for_line(log, ROW.format(role="worker-1-1"), demo)
         pids = [int(pid) for pid in re.findall(ROW.format(role=r"(?:head|worker-\d-\d)"), log.read_text(), re.M)]
         assert len(pids) == 5 and list(tmp.glob("shardnet-demo-*")) and list(tmp.glob("sn-*"))
+        [children_log] = tmp.glob("shardnet-demo-*/demo-worker-1-1.log")
+        assert " DEBUG " in children_log.read_text(), children_log.read_text()
         demo.send_signal(signal.SIGTERM)
         began = time.monotonic()
         code = demo.wait(15)

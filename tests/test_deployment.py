@@ -528,6 +528,24 @@ def test_at_most_once_reaches_the_head_and_a_non_flag_is_refused():
         Deployment(executors.Tagger, at_most_once="yes")
 
 
+def test_log_level_reaches_the_head_workers_uses_before_and_a_restarted_worker():
+    """Every child logged at INFO whatever was asked: ``shardnet deploy --log-level DEBUG`` set deploy's own
+    logging only, and Deployment had no way to pass a level on (a knobs review's find)."""
+    with Deployment(executors.Tagger, name="chatty", log_level="DEBUG", uses_before=executors.Tagger) as deployment:
+        worker = deployment.workers[(0, 0)]
+        worker.kill()
+        assert deployment.revive() == ["worker-0-0"]
+        for process in deployment.processes:  # the restarted worker's own launch, not its first one's
+            assert process.arguments[:2] == ["--log-level", "DEBUG"], process.arguments
+            assert " DEBUG " in process._output(), (process.role, process.tail())
+
+
+@pytest.mark.parametrize("level", ["debug", "VERBOSE", 10, None])
+def test_a_log_level_no_child_would_take_is_refused_where_it_is_given(level):
+    with pytest.raises(ConfigurationError, match=r"^log_level must be one of DEBUG, INFO, WARNING, ERROR \("):
+        Deployment(executors.Tagger, log_level=level)
+
+
 @pytest.mark.parametrize("seconds", [-1, float("nan"), float("inf"), "5", True])
 def test_a_bad_drain_seconds_is_refused_where_it_is_given(seconds):
     with pytest.raises(ConfigurationError, match="drain_seconds"):

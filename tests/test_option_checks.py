@@ -267,6 +267,34 @@ def test_bad_tls_and_limit_flags_exit_2_with_a_clear_message(pem, tmp_path, argu
     assert "ready on" not in result.stdout
 
 
+@pytest.mark.parametrize(
+    "flags, said",
+    [
+        (["--register-interval", "3"], "--register-interval says how often to renew a registration: give --head"),
+        (["--advertise-host", "10.9.9.9"], "--advertise-host says what a head dials for this worker, which only its "
+                                           "registration tells: give --head as well"),
+        (["--head-root-ca", "{ca}"], "--head-root-ca says how to dial the head over TLS, to register with it: give "
+                                     "--head as well"),
+        (["--head-root-ca", "{ca}", "--head-client-cert", "{cert}", "--head-client-key", "{key}",
+          "--head-server-name", "svc.example"],
+         "--head-root-ca, --head-client-cert, --head-client-key, --head-server-name say how to dial the head over TLS"),
+    ],
+    ids=["register-interval", "advertise-host", "head-root-ca", "every-head-tls-flag"],
+)
+def test_a_worker_refuses_flags_about_its_head_without_a_head_naming_them(pem, flags, said):
+    """Only --register-interval was refused without --head; --advertise-host and the --head-* TLS flags were taken
+    and silently ignored, the worker serving as if they applied (a knobs review's find). Refused before the
+    Executor loads: m:C is no module."""
+    from shardnet.cli import worker
+    from shardnet.cli.main import build_parser
+
+    files = {name: str(getattr(pem, name)) for name in ("ca", "cert", "key")}
+    args = build_parser().parse_args(["worker", "--uses", "m:C", *[flag.format(**files) for flag in flags]])
+    with pytest.raises(ConfigurationError) as refused:
+        worker.run(args)
+    assert said in str(refused.value)
+
+
 @pytest.mark.parametrize("token", ["t\u00f6k\u00e9n", "tok-9f8e7d\n"])
 @pytest.mark.parametrize("command", [["head", "--deployment", "t"], ["worker", "--uses", "m:C"]])
 def test_a_control_token_grpc_cannot_carry_is_refused_at_start_without_showing_it(tmp_path, command, token):

@@ -20,6 +20,7 @@ import grpc.aio
 import pytest
 
 from shardnet import DataRequest, DeadlineExceeded, Document, GrpcConnectionPool, PollingMap, ReplicaError
+from shardnet.errors import ConfigurationError
 from shardnet.networking import oneshot, streams
 from shardnet.networking.streams import MAX_STREAMED_BYTES, STATUS_EXCEPTION, status_message, status_of
 from shardnet.protocol import services
@@ -95,6 +96,24 @@ async def test_requests_sharing_a_request_id_are_all_answered_and_not_mixed_up(r
     assert [answer.docs[0].text for answer in answers] == texts
     streamed = streams_of(head).streamed - before
     assert 0 < streamed < len(texts)  # one per stream at a time: the others went unary
+
+
+async def test_a_head_given_a_pool_calls_as_that_pool_does_and_refuses_a_request_streams_it_would_ignore(runtimes):
+    """Head(pool=P, request_streams=False) called its workers on P's streams all the same, saying nothing (a knobs
+    review's find): the head makes no pool of its own when given one."""
+    worker = await start_worker(runtimes)
+    for given in (False, True):
+        with pytest.raises(ConfigurationError, match=rf"^Head\(request_streams={given}\) and a pool given with "
+                                                     rf"request_streams={not given}: "):
+            Head("dep", connections={0: [worker.server.address]}, pool=GrpcConnectionPool(request_streams=not given),
+                 request_streams=given)
+    with pytest.raises(ConfigurationError, match="request_streams is True or False, got 'no'"):
+        Head("dep", pool=GrpcConnectionPool(), request_streams="no")
+    unary = await start_head(runtimes, [worker], pool=GrpcConnectionPool(), request_streams=False)  # they agree
+    streamed = await start_head(runtimes, [worker], pool=GrpcConnectionPool(request_streams=True))  # the pool's
+    await warm_up(streamed)
+    assert (await send(unary, request("/sleep", "one", seconds=0))).docs[0].text == "one"
+    assert streams_of(unary) is None
 
 
 async def test_a_request_that_reads_as_a_status_message_goes_unary_and_is_answered(runtimes):

@@ -102,7 +102,7 @@ async def demo(args: argparse.Namespace) -> int:
 
 async def _demo(polling: dict, workspace: str, args: argparse.Namespace) -> int:
     async with Deployment(TextIndexer, shards=2, replicas=2, polling=polling, name="demo",
-                          workspace=workspace) as deployment:
+                          workspace=workspace, log_level=args.log_level) as deployment:
         print(deployment.table(), "\n", flush=True)  # what a log or a pipe shows while the rest runs
         for text in CORPUS:
             await deployment.post_async("/index", [Document(text=text)])

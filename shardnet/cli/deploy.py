@@ -162,6 +162,7 @@ def _deploy(args: argparse.Namespace, uses_with: dict, workspace: str) -> int:
         max_in_flight=args.max_in_flight,
         startup_timeout=args.startup_seconds,
         drain_seconds=args.drain_seconds,
+        log_level=args.log_level,  # shardnet --log-level: the head's and workers' logs, not only deploy's own
     )
     for folder, flag in ((args.log_dir, "--log-dir"), (args.workspace, "--workspace")):
         if folder is not None:  # made here to name the flag (Deployment's own error names its parameter)

@@ -6,6 +6,7 @@ import argparse
 import logging
 import unicodedata
 from collections import defaultdict
+from typing import Optional
 
 from shardnet.cli.options import (
     add_client_tls_arguments,
@@ -13,6 +14,7 @@ from shardnet.cli.options import (
     add_head_traffic_arguments,
     add_server_arguments,
     client_tls,
+    flag_address,
     positive_seconds,
     run_in_loop,
     server_config,
@@ -20,7 +22,6 @@ from shardnet.cli.options import (
 )
 from shardnet.discovery.factory import create_connection_pool
 from shardnet.errors import ConfigurationError
-from shardnet.networking.addresses import parse_address
 from shardnet.networking.channels import message_size_options
 from shardnet.networking.policies import RetryPolicy
 from shardnet.networking.polling import PollingMap
@@ -40,7 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="SHARD=HOST:PORT",
-        help="a worker replica: SHARD=HOST:PORT, or SHARD=unix:/PATH for one on this machine (repeatable)",
+        help="a worker replica: SHARD=HOST:PORT, or SHARD=unix:/PATH for one on this machine (repeatable; not "
+             "with --k8s-namespace, whose discovery alone lists the workers)",
     )
     parser.add_argument(
         "--shards",
@@ -53,7 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--lease", type=positive_seconds("lease"), metavar="SECONDS", default=None,
         help="drop an ACTIVATEd worker that has not re-sent ACTIVATE for this many seconds (default: five times the "
-             "interval a shardnet worker says it renews at; a Jina worker stays until its DEACTIVATE)",
+             "interval a shardnet worker says it renews at; a Jina worker stays until its DEACTIVATE); not with "
+             "--k8s-namespace, whose head refuses ACTIVATE",
     )
     parser.add_argument(
         "--uses-before", metavar="HOST:PORT", help="a worker every request passes through before the shards"
@@ -93,8 +96,13 @@ def parse_connections(items: list[str], tls: bool = False) -> dict[int, list[str
                 f"--connection {item!r}: expected SHARD=HOST:PORT with SHARD a whole number from 0 to "
                 f"{MAX_SHARD_ID}, e.g. 0=127.0.0.1:50051"
             )
-        connections[int(shard)].append(str(parse_address(address, tls=tls)))
+        connections[int(shard)].append(str(flag_address(f"--connection {item!r:.200}", address, tls=tls)))
     return dict(connections)
+
+
+def _extra_address(flag: str, address: Optional[str], tls: bool) -> Optional[str]:
+    """A --uses-before/--uses-after address as the head dials it; none when not given (nor given empty)."""
+    return address and str(flag_address(flag, address, tls=tls))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,6 +120,26 @@ def _check_deployment_name(name: str) -> None:
         raise ConfigurationError(f"--deployment {name!r:.120}: give a name without control characters")
 
 
+def _refuse_static_membership_under_discovery(args: argparse.Namespace) -> None:
+    """Refuse --connection and --lease beside --k8s-namespace: Kubernetes owns the membership of a head it feeds.
+    A static worker would be routed to and counted for readiness though discovery never listed it (a dead one
+    made the head ready), and a lease would never apply, as such a head refuses the ACTIVATEs it times out."""
+    if args.k8s_namespace is None:
+        return
+    if args.connection:
+        raise ConfigurationError(
+            "--connection and --k8s-namespace: a head following Kubernetes takes its workers from discovery alone "
+            "(Kubernetes owns its membership, and its readiness waits for what discovery lists); drop --connection, "
+            "or --k8s-namespace for a head of static workers"
+        )
+    if args.lease is not None:
+        raise ConfigurationError(
+            "--lease and --k8s-namespace: a lease drops workers that stop renewing their ACTIVATE, and a head "
+            "following Kubernetes refuses ACTIVATE (Kubernetes owns its membership, and a pod leaves as it stops "
+            "being Ready); drop --lease"
+        )
+
+
 async def serve(args: argparse.Namespace) -> int:
     """Build the head inside the running loop (gRPC channels belong to the loop they are made in). Its
     warnings come once every flag has been checked: a refusal is then the one line it prints."""
@@ -122,6 +150,7 @@ async def serve(args: argparse.Namespace) -> int:
         raise ConfigurationError(
             "--k8s-namespace is empty (a variable unset in a script?): name the namespace to follow"
         )
+    _refuse_static_membership_under_discovery(args)
     if args.kubeconfig is not None and namespace is None:
         raise ConfigurationError("--kubeconfig is for discovery: give --k8s-namespace as well")
     if namespace is not None and args.kubeconfig is None:
@@ -149,8 +178,8 @@ async def serve(args: argparse.Namespace) -> int:
         polling=PollingMap.parse(args.polling),
         pool=pool,
         connections=parse_connections(args.connection, tls=pool.tls is not None),
-        uses_before=args.uses_before and str(parse_address(args.uses_before, tls=pool.tls is not None)),
-        uses_after=args.uses_after and str(parse_address(args.uses_after, tls=pool.tls is not None)),
+        uses_before=_extra_address("--uses-before", args.uses_before, tls=pool.tls is not None),
+        uses_after=_extra_address("--uses-after", args.uses_after, tls=pool.tls is not None),
         shards=args.shards,
         lease=args.lease,
         max_in_flight=args.max_in_flight,

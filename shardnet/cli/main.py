@@ -18,12 +18,10 @@ from typing import Optional, Sequence
 from shardnet.cli import demo, deploy, head, k8s, send, status, worker
 from shardnet.cli.options import watch_the_exit
 from shardnet.errors import ShardnetError
+from shardnet.runtimes.processes import LOG_LEVELS
 from shardnet.version import installed_version
 
 SUBCOMMANDS = (worker, head, deploy, send, status, demo, k8s)
-
-
-LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Coroutine, Optional
 
 from shardnet.errors import ConfigurationError
+from shardnet.networking.addresses import Address, parse_address
 from shardnet.networking.balancing import BALANCERS
 from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_MB, TOKEN_VARIABLE, check_control_token
 from shardnet.networking.policies import MAX_TIMEOUT
@@ -549,6 +550,15 @@ def _refuse_half_pair(cert_flag: str, cert: Optional[str], key_flag: str, key: O
     if (cert is None) != (key is None):
         given, missing = (cert_flag, key_flag) if key is None else (key_flag, cert_flag)
         raise ConfigurationError(f"{given} needs {missing}: {why}")
+
+
+def flag_address(flag: str, address: str, tls: bool = False) -> Address:
+    """``address`` as ``parse_address`` reads it, a malformed one refused naming ``flag`` too ("bad address 'foo':
+    expected host:port" alone left the user to guess which of several flags held it)."""
+    try:
+        return parse_address(address, tls=tls)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{flag}: {exc}") from None
 
 
 def make_folder(path: str, flag: str) -> None:

@@ -16,6 +16,7 @@ from shardnet.cli.options import (
     client_tls,
     end_loading_on_stop_signals,
     exit_leaving_stuck_handlers,
+    flag_address,
     json_object,
     make_folder,
     positive_seconds,
@@ -108,14 +109,12 @@ def run(args: argparse.Namespace) -> int:
     # every flag is checked before the Executor loads: a typo should not wait for a model to load, nor run its __init__
     loop = check_loop(args.loop)
     if args.head is not None:
-        parse_address(args.head)
+        flag_address("--head", args.head)
     for number, count, what in ((args.shard_id, args.shards, "shard"), (args.replica_id, args.replicas, "replica")):
         if count is not None and number >= count:
             raise ConfigurationError(
                 f"--{what}-id {number} is not among the {count} --{what}s (0 to {count - 1}) of the deployment"
             )
-    if args.register_interval is not None and args.head is None:
-        raise ConfigurationError("--register-interval says how often to renew a registration: give --head as well")
     if args.unix_socket and args.advertise_host:
         raise ConfigurationError(
             "give one of --unix-socket and --advertise-host: both say what the head dials (the socket, when given)"
@@ -125,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     config = server_config(args)
     check_can_listen(config)
     head_tls = client_tls(args, prefix="head-")
+    _refuse_head_flags_without_a_head(args)  # after their values' own checks, which say more
     if head_tls is not None:
         _refuse_tls_to_a_unix_head(args)
     token = config.control_token  # read once (a token given on the command line is warned of once)
@@ -179,6 +179,33 @@ def run(args: argparse.Namespace) -> int:
     if code == 0 and worker.close_abandoned:  # stopped, but what its close() was to save may not be saved
         code = 1
     return exit_leaving_stuck_handlers(code, worker.handlers_still_running(), close_left=worker.close_abandoned)
+
+
+# flags that only a worker registering with a --head uses, and what each says
+_REGISTRATION_FLAGS = (
+    ("register_interval", "--register-interval", "says how often to renew a registration"),
+    ("advertise_host", "--advertise-host", "says what a head dials for this worker, which only its registration tells"),
+)
+_HEAD_TLS_FLAGS = (
+    ("head_root_ca", "--head-root-ca"), ("head_client_cert", "--head-client-cert"),
+    ("head_client_key", "--head-client-key"), ("head_server_name", "--head-server-name"),
+)
+
+
+def _refuse_head_flags_without_a_head(args: argparse.Namespace) -> None:
+    """Refuse, naming them, flags about the head given without ``--head``: there is no head to register with or
+    dial, and they would be silently ignored while the worker served as if they applied."""
+    if args.head is not None:
+        return
+    for attribute, flag, what in _REGISTRATION_FLAGS:
+        if getattr(args, attribute) is not None:
+            raise ConfigurationError(f"{flag} {what}: give --head as well")
+    given = [flag for attribute, flag in _HEAD_TLS_FLAGS if getattr(args, attribute) is not None]
+    if given:
+        raise ConfigurationError(
+            f"{', '.join(given)} {'say' if len(given) > 1 else 'says'} how to dial the head over TLS, to register "
+            "with it: give --head as well"
+        )
 
 
 def _refuse_tls_to_a_unix_head(args: argparse.Namespace) -> None:

@@ -343,6 +343,11 @@ class GrpcConnectionPool:
         return sorted(entry.shards) if entry else []
 
     @property
+    def request_streams(self) -> bool:
+        """Whether single requests to shardnet workers go on shared streams (``request_streams=``), else unary."""
+        return self._request_streams
+
+    @property
     def tls(self) -> Optional[ClientTls]:
         """The TLS material ``https://`` replicas are dialled with (None: system roots, no client certificate)."""
         return self._tls

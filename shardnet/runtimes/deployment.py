@@ -49,7 +49,7 @@ from shardnet.runtimes.executor import (
     split_uses,
 )
 from shardnet.runtimes.head import MAX_RENEWAL_INTERVAL, MAX_WORKERS, MAY_HAVE_RUN_ERROR
-from shardnet.runtimes.processes import ShardnetProcess, stop_all
+from shardnet.runtimes.processes import LOG_LEVELS, ShardnetProcess, stop_all
 from shardnet.runtimes.server import ServerConfig
 from shardnet.runtimes.worker import MIN_REGISTER_INTERVAL, SHORTEST_INTERVAL_WHY
 
@@ -152,6 +152,16 @@ def _check_serving(host: Any, port: Any, control_token: Any) -> None:
         ) from None
 
 
+def _log_level_arguments(log_level: Any) -> list[str]:
+    """The ``--log-level`` every child is launched with (``shardnet``'s own flag, before its subcommand): a level
+    ``shardnet --log-level`` takes, refused here rather than by every child's usage text."""
+    if log_level not in LOG_LEVELS:
+        raise ConfigurationError(
+            f"log_level must be one of {', '.join(LOG_LEVELS)} (how much the head and workers log), got {log_level!r}"
+        )
+    return ["--log-level", log_level]
+
+
 def _uses_with_json(uses_with: Optional[Mapping[str, Any]]) -> str:
     if uses_with is not None and not isinstance(uses_with, Mapping):
         raise ConfigurationError(f"uses_with must be a mapping of keyword arguments, got {uses_with!r}")
@@ -214,6 +224,7 @@ class Deployment:
         request_streams: bool = True,
         max_in_flight: Optional[int] = None,
         drain_seconds: Optional[float] = None,
+        log_level: str = "INFO",
     ):
         _check_arguments(shards, replicas, name, balancer, register_interval, startup_timeout)
         _check_serving(host, port, control_token)
@@ -234,6 +245,7 @@ class Deployment:
         name_in_metas = metas_name(uses_metas)  # refused here, not by every worker
         self._metas_arguments = ["--uses-metas", json.dumps({"name": name_in_metas})] if name_in_metas else []
         self._control_token = control_token
+        self._log_level_arguments = _log_level_arguments(log_level)
         self._register_interval = register_interval
         self._given_folders = (log_dir, workspace)
         self._head_options = ["--balancer", balancer, "--polling", self.polling.to_json(), "--shards", str(shards)]
@@ -325,8 +337,10 @@ class Deployment:
         return env
 
     def _launch(self, role: str, arguments: list[str]) -> ShardnetProcess:
-        # named after the deployment too: deployments may share a log folder (--log-dir /var/log/shardnet)
-        process = ShardnetProcess(role, arguments, self.log_dir / f"{self.name}-{role}.log", env=self._child_env())
+        # named after the deployment too: deployments may share a log folder (--log-dir /var/log/shardnet); the
+        # log level leads every child's command line, which a restart launches again as it is
+        log_path = self.log_dir / f"{self.name}-{role}.log"
+        process = ShardnetProcess(role, self._log_level_arguments + arguments, log_path, env=self._child_env())
         # a stop() from another thread (a cancelled ``async with``) ends the start here
         if not self._launch_unless_stopping(process, first=True):
             raise ProcessError(f"deployment {self.name!r} was stopped while it started")

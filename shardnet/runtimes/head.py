@@ -43,7 +43,7 @@ from shardnet.networking.addresses import (
     same_host,
 )
 from shardnet.networking.channels import message_size_options
-from shardnet.networking.policies import check_count, check_seconds
+from shardnet.networking.policies import check_count, check_flag, check_seconds
 from shardnet.networking.polling import PollingMap, PollingType
 from shardnet.networking.pool import MAX_SHARDS, GrpcConnectionPool
 from shardnet.protocol import services
@@ -237,6 +237,21 @@ class _LoopedBack(Exception):
     """A request this head forwarded came back to it: one of its replicas is the head itself."""
 
 
+def _check_pool(pool: GrpcConnectionPool, request_streams: Optional[bool]) -> None:
+    """Refuse a ``request_streams`` that disagrees with the given pool's: the head makes no pool of its own then,
+    and would call its workers as the pool does, silently ignoring it."""
+    if request_streams is None:  # not given: the pool's is the head's
+        return
+    check_flag(request_streams, "request_streams")
+    if request_streams != pool.request_streams:
+        raise ConfigurationError(
+            f"Head(request_streams={request_streams!r}) and a pool given with "
+            f"request_streams={pool.request_streams!r}: "
+            "the head calls its workers through the pool given, as it is; give the pool the request_streams wanted "
+            "and leave the head's out"
+        )
+
+
 class Head:
     """Routes a deployment's requests over its shards; its pool's membership is its state."""
 
@@ -252,20 +267,28 @@ class Head:
         uses_after: Optional[str] = None,
         shards: int = 0,
         lease: Optional[float] = None,
-        request_streams: bool = True,
+        request_streams: Optional[bool] = None,
         max_in_flight: Optional[int] = None,
         max_workers: int = MAX_WORKERS,
         shards_wait: float = SHARDS_WAIT,
     ):
+        """``pool``: the pool it dials its workers with, else one of its own, which calls them with the message
+        limit of ``config`` (their answers pass through it) and, unless ``request_streams=False``, sends single
+        requests on shared streams to shardnet workers (unary to others). A given pool is used as it is, its own
+        message size options included (a larger limit lets shards' answers that uses_after shrinks reach the
+        head); a ``request_streams`` that disagrees with it is refused."""
         if not deployment:
             raise ConfigurationError("a head needs a deployment name")
         self.deployment = deployment
         self.polling = polling
-        # its own pool dials the workers with its own message limit (their answers pass through it), and
-        # sends single requests on shared streams to shardnet workers (unary to others)
-        self.pool = pool if pool is not None else GrpcConnectionPool(
-            balancer="p2c_ewma", options=message_size_options(config.max_message_bytes), request_streams=request_streams
-        )
+        if pool is None:
+            pool = GrpcConnectionPool(
+                balancer="p2c_ewma", options=message_size_options(config.max_message_bytes),
+                request_streams=True if request_streams is None else request_streams,
+            )
+        else:
+            _check_pool(pool, request_streams)
+        self.pool = pool
         if isinstance(shards, bool) or not isinstance(shards, int) or shards < 0:
             raise ConfigurationError(f"shards must be a whole number from 0 (0: not declared), got {shards!r}")
         check_count(max_workers, "max_workers", 1)

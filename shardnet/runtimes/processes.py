@@ -29,6 +29,8 @@ REAP_AFTER_KILL_SECONDS = 5.0
 TRACEBACK_START = "Traceback (most recent call last):"
 MAX_TAIL_LINES = 200  # of a failed start's output quoted in its error
 MIN_LAST_DRAIN = 2.0  # seconds the workers get to drain after their heads, however long those took
+# what `shardnet --log-level` takes, and so what a launcher may pass its children
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 logger = logging.getLogger(__name__)
 
