@@ -449,6 +449,27 @@ async def test_an_all_answer_merged_past_the_heads_limit_is_refused_by_name(runt
     assert "merging" in str(caught.value) and "--max-message-mb" in str(caught.value)
 
 
+async def test_all_with_every_shard_failing_names_each_shards_problem(runtimes):
+    """Each shard's answer over its worker's limit: the head refused the request naming shard 0 alone (a
+    review's find), where one shard failing is answered naming it."""
+    workers = [
+        await runtimes(Worker(executors.Tagger.create({"shard_id": shard}), ServerConfig(max_message_bytes=2**20)))
+        for shard in range(2)
+    ]
+    head = await head_over(runtimes, "sized", workers, "ALL")
+    request = DataRequest(docs=[Document()], endpoint="/grow", parameters={"bytes": 1_100_000})
+    with pytest.raises(ReplicaError) as caught:
+        await oneshot.send_request_async(request, head.server.address, timeout=10.0)
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    message = str(caught.value)
+    assert f"{head.server.address}: RESOURCE_EXHAUSTED: all 2 shards of 'sized' failed: shard 0 of 'sized' " \
+        "failed: " in message, message
+    for shard, worker in enumerate(workers):
+        assert f"shard {shard} of 'sized' failed: deployment 'sized', shard {shard}, replica " \
+            f"{worker.server.address}: RESOURCE_EXHAUSTED: " in message, message
+    assert message.count("over this worker's max message size of 1048576 bytes") == 2, message
+
+
 async def test_a_request_over_the_servers_message_limit_says_whose_limit_to_raise(runtimes):
     """Over the calling side's limit the error said which to raise; over the server's, gRPC's words alone (a
     README review's find)."""

@@ -59,7 +59,7 @@ from shardnet.protocol.messages import (
 )
 from shardnet.protocol.proto import jina_pb2
 from shardnet.runtimes.executor import DRY_RUN_ENDPOINT
-from shardnet.runtimes.merge import first_failure, merge_shard_responses, report_shard_problems
+from shardnet.runtimes.merge import every_shard_failed, merge_shard_responses, report_shard_problems
 from shardnet.runtimes.refusals import RefusalLog
 from shardnet.runtimes.registrations import Registrations
 from shardnet.runtimes.server import (
@@ -649,7 +649,7 @@ class Head:
         if self._uses_after is not None:
             answered = [outcome for _, outcome in outcomes if isinstance(outcome, DataRequest)]
             if not answered:
-                raise first_failure(outcomes)
+                raise every_shard_failed(self.deployment, outcomes)
             try:
                 response, _ = await self._one(self._uses_after, answered, metadata, deadline, decoded=True)
             except ReplicaError as exc:
