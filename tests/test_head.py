@@ -449,6 +449,27 @@ async def test_an_all_answer_merged_past_the_heads_limit_is_refused_by_name(runt
     assert "merging" in str(caught.value) and "--max-message-mb" in str(caught.value)
 
 
+async def test_all_with_every_shard_failing_names_each_shards_problem(runtimes):
+    """Each shard's answer over its worker's limit: the head refused the request naming shard 0 alone (a
+    review's find), where one shard failing is answered naming it."""
+    workers = [
+        await runtimes(Worker(executors.Tagger.create({"shard_id": shard}), ServerConfig(max_message_bytes=2**20)))
+        for shard in range(2)
+    ]
+    head = await head_over(runtimes, "sized", workers, "ALL")
+    request = DataRequest(docs=[Document()], endpoint="/grow", parameters={"bytes": 1_100_000})
+    with pytest.raises(ReplicaError) as caught:
+        await oneshot.send_request_async(request, head.server.address, timeout=10.0)
+    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    message = str(caught.value)
+    assert f"{head.server.address}: RESOURCE_EXHAUSTED: all 2 shards of 'sized' failed: shard 0 of 'sized' " \
+        "failed: " in message, message
+    for shard, worker in enumerate(workers):
+        assert f"shard {shard} of 'sized' failed: deployment 'sized', shard {shard}, replica " \
+            f"{worker.server.address}: RESOURCE_EXHAUSTED: " in message, message
+    assert message.count("over this worker's max message size of 1048576 bytes") == 2, message
+
+
 async def test_a_request_over_the_servers_message_limit_says_whose_limit_to_raise(runtimes):
     """Over the calling side's limit the error said which to raise; over the server's, gRPC's words alone (a
     README review's find)."""
@@ -968,6 +989,94 @@ async def test_a_head_past_its_max_in_flight_refuses_at_once_and_health_still_an
     assert [answer.docs[0].text for answer in answers] == [f"slow-{index}" for index in range(3)]
     assert head._in_flight == 0
     assert (await send(head.server.address, "/sleep", [Document(text="room again")])).docs[0].text == "room again"
+
+
+class _NonReadingClient:
+    """A raw HTTP/2 client that never reads an answer's bytes: it opens with a flow-control window of 0, so gRPC
+    can send headers but no message, and it answers SETTINGS and PINGs, so keepalive never cuts it. What a
+    client that stopped reading looks like to a server (no gRPC client lets its window be shut at will)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self._reader, self._writer = reader, writer
+        self.answered: set[int] = set()  # streams whose response headers came: their handler has returned
+        self._reading = asyncio.ensure_future(self._read())
+
+    @classmethod
+    async def connect(cls, address: str) -> "_NonReadingClient":
+        host, port = address.rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _frame(4, 0, 0, (4).to_bytes(2, "big") + bytes(4)))
+        return cls(reader, writer)
+
+    def send(self, stream_id: int, path: str, payload: bytes) -> None:
+        headers = b"".join(
+            _literal(name, value) for name, value in (
+                (":method", "POST"), (":scheme", "http"), (":path", path), (":authority", "shardnet"),
+                ("content-type", "application/grpc"), ("te", "trailers"),
+            )
+        )
+        message = b"\x00" + len(payload).to_bytes(4, "big") + payload
+        self._writer.write(_frame(1, 4, stream_id, headers) + _frame(0, 1, stream_id, message))
+
+    async def _read(self) -> None:
+        while True:
+            head = await self._reader.readexactly(9)
+            kind, flags, stream_id = head[3], head[4], int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+            body = await self._reader.readexactly(int.from_bytes(head[:3], "big"))
+            if kind == 1:
+                self.answered.add(stream_id)
+            elif kind == 4 and not flags & 1:
+                self._writer.write(_frame(4, 1, 0))
+            elif kind == 6 and not flags & 1:
+                self._writer.write(_frame(6, 1, 0, body))
+
+    async def close(self) -> None:
+        self._reading.cancel()
+        self._writer.close()
+        await asyncio.gather(self._reading, self._writer.wait_closed(), return_exceptions=True)
+
+
+def _frame(kind: int, flags: int, stream_id: int, body: bytes = b"") -> bytes:
+    return len(body).to_bytes(3, "big") + bytes([kind, flags]) + stream_id.to_bytes(4, "big") + body
+
+
+def _literal(name: str, value: str) -> bytes:
+    """An HPACK literal header field, not indexed, with a short name and value."""
+    return b"\x00" + bytes([len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
+
+
+async def test_max_in_flight_counts_an_answer_its_caller_does_not_read_until_it_is_out(runtimes, eventually):
+    """A client that sends and never reads made the head hold every answer (gRPC keeps it until it is written)
+    while the limit, counting a request only until its handler returned, refused none: memory without bound."""
+    worker = await runtimes(Worker(executors.Sleepy.create()))
+    head = await runtimes(Head("dep", connections={0: [worker.server.address]}, max_in_flight=2))
+    stalled = await _NonReadingClient.connect(head.server.address)
+    try:
+        big = DataRequest([Document(text="q")], endpoint="/big", parameters={"bytes": 256 * 1024}).to_bytes()
+        for stream_id in (1, 3):
+            stalled.send(stream_id, services.PROCESS_SINGLE_DATA, big)
+        await eventually(lambda: stalled.answered == {1, 3})  # both handled: their answers wait to be read
+        assert head._in_flight == 2
+        with pytest.raises(ReplicaError) as caught:
+            await send(head.server.address, "/sleep", [Document(text="one too many")], timeout=5)
+        assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "head of 'dep': 2 requests in flight already, as many as it takes (--max-in-flight)" in str(caught.value)
+    finally:
+        await stalled.close()
+    await eventually(lambda: head._in_flight == 0)  # the connection gone, its calls ended
+    assert (await send(head.server.address, "/sleep", [Document(text="room again")])).docs[0].text == "room again"
+
+
+async def test_max_in_flight_counts_each_request_of_a_call_stream_until_its_answer_not_the_streams_end(runtimes):
+    worker = await runtimes(Worker(executors.Tagger.create()))
+    head = await runtimes(Head("dep", connections={0: [worker.server.address]}, max_in_flight=1))
+    requests = [DataRequest([Document(text=f"doc-{index}")], endpoint="/tag") for index in range(4)]
+    async with grpc.aio.insecure_channel(head.server.address) as channel:
+        call = channel.stream_stream(services.STREAM_CALL)(iter([request.to_bytes() for request in requests]), timeout=10)
+        answers = [DataRequest.from_bytes(answer) async for answer in call]
+    assert [answer.is_error for answer in answers] == [False] * 4
+    assert [answer.docs[0].text for answer in answers] == [f"doc-{index}" for index in range(4)]
+    assert head._in_flight == 0
 
 
 def test_max_in_flight_must_be_a_whole_number_from_one():

@@ -225,3 +225,26 @@ def test_a_uses_after_passing_a_shards_error_on_is_not_named_twice():
     own.set_exception(RuntimeError("reducer broke"), executor="After")  # an error of the uses_after's own stays first
     report_shard_problems(own, "idx", [(1, failed)])
     assert own.status.description == "RuntimeError('reducer broke'); shard 1 of 'idx' answered an error: ValueError('boom')"
+
+
+def test_every_shard_failed_names_each_shard_within_room_and_keeps_the_status_of_one_that_may_have_run():
+    import grpc
+
+    from shardnet.errors import ReplicaError
+    from shardnet.runtimes.merge import FAILURES_ROOM, every_shard_failed
+
+    def failed(shard, unsent=True, cause="down"):
+        return shard, ReplicaError(cause, address=f"10.0.0.{shard}:1", code=grpc.StatusCode.UNAVAILABLE,
+                                   deployment="dep", shard_id=shard, unsent=unsent)
+
+    two = every_shard_failed("dep", [failed(0), (1, failed(1, unsent=False)[1])])
+    assert str(two) == (
+        "all 2 shards of 'dep' failed: shard 0 of 'dep' failed: deployment 'dep', shard 0, replica 10.0.0.0:1: "
+        "UNAVAILABLE: down; shard 1 of 'dep' failed: deployment 'dep', shard 1, replica 10.0.0.1:1: UNAVAILABLE: down"
+    )
+    assert two.code == grpc.StatusCode.UNAVAILABLE and two.unsent is False  # shard 1 may have run it
+    many = every_shard_failed("dep", [failed(shard, cause="x" * 500) for shard in range(100)])
+    assert len(str(many)) < FAILURES_ROOM + 200 and "shard 0 of 'dep'" in str(many)
+    assert str(many).endswith("more shards failed (unnamed: a gRPC status's details must stay small)")
+    one = failed(3)[1]
+    assert every_shard_failed("dep", [(3, one)]) is one

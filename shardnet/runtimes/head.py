@@ -59,7 +59,7 @@ from shardnet.protocol.messages import (
 )
 from shardnet.protocol.proto import jina_pb2
 from shardnet.runtimes.executor import DRY_RUN_ENDPOINT
-from shardnet.runtimes.merge import first_failure, merge_shard_responses, report_shard_problems
+from shardnet.runtimes.merge import every_shard_failed, merge_shard_responses, report_shard_problems
 from shardnet.runtimes.refusals import RefusalLog
 from shardnet.runtimes.registrations import Registrations
 from shardnet.runtimes.server import (
@@ -403,7 +403,12 @@ class Head:
         return self._max_in_flight is not None and self._in_flight >= self._max_in_flight
 
     async def _serve_admitted(self, requests: list[DataRequest], context: grpc.aio.ServicerContext) -> bytes:
-        """``_serve`` within ``max_in_flight``: past it, RESOURCE_EXHAUSTED at once, naming the limit."""
+        """``_serve`` within ``max_in_flight``: past it, RESOURCE_EXHAUSTED at once, naming the limit.
+
+        A request counts until its call has ended, its answer written out (or the call cut), not only until this
+        returns: gRPC holds an answer its caller does not read (a client that stopped reading, its flow-control
+        window shut), and counted only while handled, a caller that sends and never reads made the head hold
+        answer after answer without bound, the limit refusing none (a review: 400 answers of 1 MiB, 922 MB)."""
         if self._full:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -411,10 +416,12 @@ class Head:
                 "(--max-in-flight); try again later",
             )
         self._in_flight += 1
-        try:
-            return await self._serve(requests, context)
-        finally:
-            self._in_flight -= 1
+        context.add_done_callback(self._call_ended)
+        return await self._serve(requests, context)
+
+    def _call_ended(self, _context: Any) -> None:
+        """An admitted call ended (gRPC's done callback): its answer is out, or it was cut; it counts no more."""
+        self._in_flight -= 1
 
     async def _serve(self, requests: list[DataRequest], context: grpc.aio.ServicerContext) -> bytes:
         worked = False  # whether a hop ran it already (uses_before): a failure after is no "never ran"
@@ -665,7 +672,7 @@ class Head:
         if self._uses_after is not None:
             answered = [outcome for _, outcome in outcomes if isinstance(outcome, DataRequest)]
             if not answered:
-                raise first_failure(outcomes)
+                raise every_shard_failed(self.deployment, outcomes)
             try:
                 response, _ = await self._one(self._uses_after, answered, metadata, deadline, decoded=True)
             except ReplicaError as exc:

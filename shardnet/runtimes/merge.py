@@ -15,11 +15,15 @@ from __future__ import annotations
 import types
 from typing import Any, Optional, Sequence, Union
 
+from shardnet.errors import ReplicaError, RoutingError
 from shardnet.protocol.messages import DataRequest, wire_text
 from shardnet.protocol.proto import docarray_pb2
 from shardnet.protocol.services import RESULTS_PARAMETER as RESULTS
 
 ShardOutcome = tuple[Optional[int], Union[DataRequest, BaseException]]
+# characters of the shards' failures a request every shard failed is refused with names: the refusal is a gRPC
+# status, whose details travel in trailers a client takes 8 KB of by default (past 16 KB it must fail the call)
+FAILURES_ROOM = 4096
 _MERGED_APART = frozenset({"id", "parent_id", "matches", "chunks"})  # docarray never copies these from a later copy
 
 
@@ -131,15 +135,45 @@ def first_failure(outcomes: Sequence[ShardOutcome]) -> BaseException:
     return next((failure for failure in failures if getattr(failure, "unsent", True) is False), failures[0])
 
 
+def every_shard_failed(deployment: str, outcomes: Sequence[ShardOutcome]) -> BaseException:
+    """What to raise when no shard answered: ``first_failure``'s kind, status and ``unsent``, with a message
+    naming every shard's problem in shard order (as an answer with some shards failed names each), as many as
+    fit in FAILURES_ROOM characters, then how many more failed. Raised as ``first_failure`` alone, the caller
+    learnt why shard 0 failed and nothing of the others (each over its size limit, say, or one down and one
+    refusing). One shard's failure is raised as it came; an exception not shardnet's (no replica's) too."""
+    chosen = first_failure(outcomes)
+    failures = [(shard, failure) for shard, failure in outcomes if not isinstance(failure, DataRequest)]
+    if len(failures) < 2 or not isinstance(chosen, (ReplicaError, RoutingError)):
+        return chosen
+    named, room = [], FAILURES_ROOM
+    for shard, failure in failures:
+        problem = f"shard {shard} of {deployment!r} failed: {failure}"
+        if named and len(problem) + 2 > room:
+            break
+        named.append(problem[:room])
+        room -= len(named[-1]) + 2
+    unnamed = len(failures) - len(named)
+    message = f"all {len(failures)} shards of {deployment!r} failed: {'; '.join(named)}" + (
+        f"; and {unnamed} more shards failed (unnamed: a gRPC status's details must stay small)" if unnamed else ""
+    )
+    if isinstance(chosen, RoutingError):
+        return RoutingError(message, deployment=chosen.deployment)
+    combined = type(chosen)(
+        message, address=chosen.address, code=chosen.code, deployment=chosen.deployment, role=chosen.role,
+        unsent=chosen.unsent,
+    )
+    combined.args = (message,)  # said as is: it names each shard and replica itself
+    return combined
+
+
 def merge_shard_responses(deployment: str, outcomes: Sequence[ShardOutcome]) -> DataRequest:
     """One response from the shards' responses (or failures), in shard order.
 
-    Raises a shard's exception when no shard answered at all (``first_failure``).
+    Raises when no shard answered at all, naming each shard's failure (``every_shard_failed``).
     """
     answered = [(shard, result) for shard, result in outcomes if isinstance(result, DataRequest)]
-    failed = [(shard, result) for shard, result in outcomes if not isinstance(result, DataRequest)]
     if not answered:
-        raise first_failure(failed)
+        raise every_shard_failed(deployment, outcomes)
     merged, others = answered[0][1], [response for _, response in answered[1:]]
     merge_documents(merged, others)
     merge_results(merged, others)

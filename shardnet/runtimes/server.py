@@ -196,16 +196,29 @@ class RequestAborted(grpc.aio.AbortError):
 
 class _OneRequestOfAStream:
     """The context one request of a ``JinaRPC/Call`` stream is handled with: the call's own, but its ``abort``
-    fails that request alone (RequestAborted), as Jina's head answers such a request ERROR and goes on."""
+    fails that request alone (RequestAborted), as Jina's head answers such a request ERROR and goes on, and its
+    ``add_done_callback`` calls back once that request's answer is written out (or the stream ended), not at the
+    stream's end: a head counts a request in flight (--max-in-flight) until its answer is out."""
 
     def __init__(self, context: grpc.aio.ServicerContext):
         self._context = context
+        self._done: list[Callable[[Any], None]] = []  # the request's callbacks, run once its answer is out
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
         raise RequestAborted(code, details)
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        self._done.append(callback)
+
+    def answered(self) -> None:
+        """The request's answer is out (gRPC resumes a stream's handler once it wrote what it yielded), or the
+        stream ended: run its done callbacks."""
+        done, self._done = self._done, []
+        for callback in done:
+            callback(self)
 
 
 def _error_answer(payload: bytes, aborted: RequestAborted, limit: int) -> Optional[bytes]:
@@ -258,8 +271,10 @@ def one_by_one(handler: RawHandler, stopping: asyncio.Event, limit: int) -> Call
                     if answer is None:
                         await context.abort(aborted.code, aborted.details)
                 yield answer
+                each.answered()
         finally:
             stop.cancel()
+            each.answered()  # the stream ended with a request's answer unsent, or its handler failed
 
     return call
 
