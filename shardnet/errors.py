@@ -53,14 +53,9 @@ class RoutingError(ShardnetError, LookupError):
         self.shard_id = shard_id
 
 
-class ReplicaError(ShardnetError, grpc.RpcError):
+class ReplicaError(ShardnetError):
     """A call to a replica failed; carries where it went and the gRPC status it ended with. ``unsent``: no
-    attempt reached a replica (no connection, or refused while it drained), so the request surely did not run.
-
-    Also a ``grpc.RpcError`` (grpcio's empty marker class), so code written for Jina, whose helpers raise
-    gRPC's own errors (``except grpc.RpcError: return False`` in its ``is_ready``), catches a failed call
-    as it did there. It is no ``grpc.aio.AioRpcError`` and ``code`` is an attribute, not gRPC's ``code()``
-    method: shardnet's own handling of gRPC's errors (``except grpc.aio.AioRpcError``) never takes one."""
+    attempt reached a replica (no connection, or refused while it drained), so the request surely did not run."""
 
     def __init__(
         self,

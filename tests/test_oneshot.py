@@ -506,22 +506,12 @@ async def test_a_refused_request_is_refused_in_the_name_of_the_helper_called(ech
     assert server.calls == 0
 
 
-def test_a_failed_one_off_call_is_a_grpc_rpc_error_as_jinas_is_ready_expects(threaded_echo, dead_address):
-    """Jina's GRPCServer.is_ready catches grpc.RpcError to say False; shardnet's ReplicaError was none, so it
-    raised instead. It is one now, and still no AioRpcError, with ``code`` an attribute."""
-    from grpc_health.v1 import health_pb2
-
-    def is_ready(address: str) -> bool:  # Jina 3.34's GRPCServer.is_ready, verbatim but for the helper's import
-        try:
-            response = GrpcConnectionPool.send_health_check_sync(address, timeout=1.0)
-            return response.status == health_pb2.HealthCheckResponse.ServingStatus.SERVING
-        except grpc.RpcError:
-            return False
-
-    assert is_ready(dead_address) is False
-    assert is_ready(threaded_echo.start().address) is True
-    with pytest.raises(grpc.RpcError) as caught:
+def test_a_failed_one_off_call_is_a_replica_error_not_a_grpc_rpc_error_whose_methods_it_lacks(dead_address):
+    """A ReplicaError is no grpc.RpcError on purpose: code that catches gRPC's errors calls their ``code()`` and
+    ``details()`` methods, which it does not have (``code`` is an attribute), and a TypeError raised inside such a
+    handler would hide the failure itself. Made one for a while, Jina's ``except grpc.RpcError as e: if e.code()
+    != ...`` pattern failed that way (found by a review); Jina code around these helpers catches ReplicaError."""
+    with pytest.raises(ReplicaError) as caught:
         GrpcConnectionPool.send_request_sync(DataRequest(), dead_address, timeout=2.0)
-    assert isinstance(caught.value, ReplicaError) and not isinstance(caught.value, grpc.aio.AioRpcError)
-    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
-    assert issubclass(DeadlineExceeded, grpc.RpcError) and issubclass(Unauthenticated, grpc.RpcError)
+    assert not isinstance(caught.value, grpc.RpcError)
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE and dead_address in str(caught.value)
