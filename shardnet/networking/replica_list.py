@@ -157,7 +157,8 @@ class Connection:
 
     __slots__ = (
         "address", "_tls", "_options", "channel", "stubs", "running", "failures", "times_ejected", "_retiring",
-        "_closed", "_origin", "_request_streams", "rebuilt_at", "admitted_at", "checked_at", "loop", "_loop_thread",
+        "_closed", "_origin", "_request_streams", "rebuilt_at", "admitted_at", "checked_at", "draining", "loop",
+        "_loop_thread",
     )
 
     def __init__(
@@ -178,6 +179,7 @@ class Connection:
         self.admitted_at = float("-inf")  # time.monotonic() when it last joined the picks
         self.rebuilt_at = float("-inf")  # loop time of the last rebuild
         self.checked_at = float("-inf")  # time.monotonic() of the last health check out of turn (ejected)
+        self.draining = False  # set aside as it drains (not ejected): checked every second until it serves again
         self._retiring: dict[asyncio.Task, _ChannelInUse] = {}  # replaced channels closing in the background
         self._closed: weakref.WeakSet = weakref.WeakSet()  # channels we closed: their cancelled calls were cut by us
         self._open()
@@ -464,6 +466,7 @@ class ReplicaList:
             self._position[connection] = len(self._eligible)
             self._eligible.append(connection)
             connection.admitted_at = time.monotonic()
+            connection.draining = False
 
     def _withdraw(self, connection: Connection) -> None:
         index = self._position.pop(connection, None)
@@ -540,10 +543,9 @@ class ReplicaList:
         self._withdraw(connection)
         self.balancer.forget(connection)
         connection.failures = 0
-        longest = min(DRAINING_CHECKS_EVERY, self._ejection.max_ejection)
-        delay = min(self._ejection.base_ejection, longest)
+        connection.draining = True
         self._probes[connection] = asyncio.get_running_loop().create_task(
-            self._probe_until_healthy(connection, delay, longest)
+            self._probe_until_healthy(connection, *self._probe_schedule(connection))
         )
         self._logger.info("%s: replica %s is draining: not picked until it serves again", self.name, connection.address)
         return True
@@ -559,17 +561,27 @@ class ReplicaList:
         if time.monotonic() - connection.admitted_at >= self._ejection.max_ejection:
             connection.times_ejected = 0  # healthy for as long as the longest ejection: an old blip is forgotten
         connection.times_ejected += 1
-        delay = self._ejection.ejection_time(connection.times_ejected)
-        self._probes[connection] = asyncio.get_running_loop().create_task(self._probe_until_healthy(connection, delay))
+        delay, longest = self._probe_schedule(connection)
+        self._probes[connection] = asyncio.get_running_loop().create_task(
+            self._probe_until_healthy(connection, delay, longest)
+        )
         self._logger.warning(
             "%s: ejecting replica %s for %.1fs after repeated failures", self.name, connection.address, delay
         )
 
-    async def _probe_until_healthy(self, connection: Connection, delay: float, longest: Optional[float] = None) -> None:
-        """Check ``connection``'s health after ``delay``, then at doubling intervals up to ``longest`` (the
-        policy's ``max_ejection`` unless given), until it serves. A channel gRPC holds in reconnect back-off (up
-        to two minutes) is replaced first: it would fail the check at once, though the replica is back."""
-        longest = self._ejection.max_ejection if longest is None else longest
+    def _probe_schedule(self, connection: Connection) -> tuple[float, float]:
+        """The first wait and the longest of ``connection``'s health checks while out of the picks: its ejection's
+        back-off, or, set aside as it drains, at most a second apart whoever started them (its probe, or an out
+        of turn check that found it not serving yet and handed over to a new probe)."""
+        if connection.draining:
+            longest = min(DRAINING_CHECKS_EVERY, self._ejection.max_ejection)
+            return min(self._ejection.base_ejection, longest), longest
+        return self._ejection.ejection_time(connection.times_ejected), self._ejection.max_ejection
+
+    async def _probe_until_healthy(self, connection: Connection, delay: float, longest: float) -> None:
+        """Check ``connection``'s health after ``delay``, then at doubling intervals up to ``longest``, until it
+        serves. A channel gRPC holds in reconnect back-off (up to two minutes) is replaced first: it would fail
+        the check at once, though the replica is back."""
         try:
             while True:
                 await asyncio.sleep(delay)
@@ -636,8 +648,9 @@ class ReplicaList:
                 return
             # probed on as after its ejection, by a probe another check may take the place of (this one, while it
             # waits out its back-off, would keep any from starting)
-            delay = self._ejection.ejection_time(connection.times_ejected)
-            probe = asyncio.get_running_loop().create_task(self._probe_until_healthy(connection, delay))
+            probe = asyncio.get_running_loop().create_task(
+                self._probe_until_healthy(connection, *self._probe_schedule(connection))
+            )
             self._probes[connection] = probe
         finally:
             if self._probes.get(connection) is asyncio.current_task():
