@@ -599,6 +599,31 @@ async def test_ipv6_hosts_bind_are_dialled_and_registered_in_brackets(runtimes, 
     assert not response.is_error and response.docs[0].tags["by"] == "v6"
 
 
+async def test_a_renewal_a_busy_head_answers_late_but_within_the_lease_is_waited_for(runtimes, eventually, caplog):
+    """A renewal gave the head 1 s: a head whose queue held calls longer (a review's 1,000 callers) never read
+    one in time, the worker logged DEADLINE_EXCEEDED and the head dropped it though it was alive. A renewal now
+    waits half of what is left of the lease (five intervals from the last one taken): 2 s here."""
+    from shardnet.testing import serving
+
+    caplog.set_level(logging.DEBUG, logger="shardnet.runtimes.worker")
+    activates: list[str] = []
+
+    async def answers_renewals_late(payload, context):
+        activates.append(ControlRequest.from_bytes(payload).command)
+        if len(activates) > 1:  # the registration at once, each renewal as a head with a deep queue does
+            await asyncio.sleep(1.5)
+        return payload
+
+    async with serving(services.PROCESS_CONTROL, answers_renewals_late) as head:
+        worker = await runtimes(Worker(executors.Tagger.create(), head=head, register_interval=1.0))
+        await worker.register()
+        taken = lambda: caplog.text.count("registered 127.0.0.1")  # noqa: E731
+        await eventually(lambda: taken() >= 2 or "did not take our registration" in caplog.text, timeout=5.0)
+        await worker.stop(0)
+    assert "did not take our registration" not in caplog.text
+    assert taken() >= 2 and activates[:2] == ["ACTIVATE", "ACTIVATE"]
+
+
 async def test_a_worker_whose_head_is_away_says_so_once_and_again_when_it_is_back(runtimes, eventually, caplog):
     """It renews every interval all along (the head needs one as soon as it is back), but warned at each one: a
     line every 2 s for as long as the head was away (found by a first-use review)."""

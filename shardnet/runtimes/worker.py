@@ -43,6 +43,7 @@ from shardnet.protocol.documents import Document, DocumentList
 from shardnet.protocol.messages import ControlRequest, DataRequest, require_empty
 from shardnet.protocol.proto import docarray_pb2, jina_pb2
 from shardnet.runtimes.executor import DEFAULT, DEFAULT_ENDPOINT, DRY_RUN_ENDPOINT, AnswerTooBig, Executor
+from shardnet.runtimes.head import IMPLIED_LEASE_FACTOR, MAX_RENEWAL_INTERVAL
 from shardnet.runtimes.server import (
     RequestAborted,
     ServerConfig,
@@ -62,6 +63,11 @@ SETTLE_BOUND = 1.0
 HANDLER_THREAD_PREFIX = "handler"
 # seconds between the warnings of a worker whose head keeps refusing (or missing) its renewals
 REGISTRATION_LOG_INTERVAL = 60.0
+# seconds a renewal waits for the head's answer at least (all it had once; now, while a lease holds, half of what
+# is left of it: a head whose queue held calls longer than 1 s never read a renewal in time, and dropped the worker)
+RENEWAL_TIMEOUT = 1.0
+# the share of what is left of its lease a renewal may wait for: the rest leaves time for another try within it
+RENEWAL_SHARE_OF_LEASE = 0.5
 # seconds a DEACTIVATE may take at most (less with a shorter drain grace)
 DEACTIVATE_TIMEOUT = 5.0
 # seconds an Executor's close() may run past the drain's grace (what is left of it, when its calls ended sooner):
@@ -233,6 +239,7 @@ class Worker:
         self._instance = uuid.uuid4().hex  # this process's, sent with every ACTIVATE: a restart draws a new one
         self._keep_registered: Optional[asyncio.Task] = None
         self._taken = False  # a head took, or may have taken, an ACTIVATE of ours (a DEACTIVATE has something to undo)
+        self._renewed_at = float("-inf")  # time.monotonic() when the last ACTIVATE the head took was sent
         self._last_call = 0.0  # time.monotonic() of the latest data call
         self.server = jina_server(config, self)
         self._closed = False  # the Executor's close() has run
@@ -565,6 +572,7 @@ class Worker:
 
     async def _activate(self, timeout: float = 5.0) -> None:
         host, port = self._advertised()
+        sent = time.monotonic()
         try:
             await oneshot.activate_worker(
                 host, port, self._head, self._shard_id, token=self._control_token, tls=self._head_material(),
@@ -575,7 +583,17 @@ class Worker:
             self._taken = self._taken or not (exc.code in _HEAD_REFUSALS or exc.unsent)
             raise
         self._taken = True
+        self._renewed_at = sent  # the head leased us when it read it, after this: what is left is at least that
         logger.debug("registered %s with head %s as shard %d", entity_address(host, port), self._head, self._shard_id)
+
+    def _renewal_timeout(self) -> float:
+        """How long a renewal may wait for the head: RENEWAL_SHARE_OF_LEASE of what is left of the lease the last
+        ACTIVATE taken gave us (the one the head implies from our interval), RENEWAL_TIMEOUT at least. A busy
+        head reads a renewal late, but within the lease still renews it; one given up on after 1 s counted
+        for nothing, and a head under load dropped every worker whose renewals it was too busy to read."""
+        lease = IMPLIED_LEASE_FACTOR * min(self._register_interval, MAX_RENEWAL_INTERVAL)
+        left = self._renewed_at + lease - time.monotonic()
+        return max(RENEWAL_TIMEOUT, RENEWAL_SHARE_OF_LEASE * left)
 
     async def _refresh_registration(self) -> None:
         """Repeat ACTIVATE every interval, even while the head is away (it needs one as soon as it is back); say
@@ -585,7 +603,7 @@ class Worker:
         while True:
             await asyncio.sleep(self._register_interval)
             try:
-                await self._activate(timeout=1.0)
+                await self._activate(timeout=self._renewal_timeout())
             except Exception as exc:  # noqa: BLE001 - anything (a TLS file gone a moment): said, and tried again
                 now = time.monotonic()
                 logger.debug("head %s did not take our registration: %s", self._head, exc)
