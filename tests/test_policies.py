@@ -116,7 +116,7 @@ def test_codes_given_as_a_generator_or_a_list_are_kept_as_a_frozenset():
     """A generator was used up by the check, and the policy retried nothing; a list made it unhashable."""
     once = RetryPolicy(retry_on=(code for code in [grpc.StatusCode.UNAVAILABLE]))
     assert once.is_retryable(grpc.StatusCode.UNAVAILABLE)
-    assert hash(RetryPolicy(retry_on=[grpc.StatusCode.UNAVAILABLE])) == hash(RetryPolicy())
+    assert hash(RetryPolicy(retry_on=[grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED])) == hash(RetryPolicy())
     assert EjectionPolicy(failure_codes=[grpc.StatusCode.INTERNAL]).failure_codes == frozenset({grpc.StatusCode.INTERNAL})
 
 

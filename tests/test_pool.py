@@ -219,14 +219,29 @@ async def test_failover_with_one_dead_replica(pool, echo_servers, dead_address):
     assert live.calls == 20
 
 
-async def test_failover_to_a_replica_that_answers_unavailable(pool, echo_servers):
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED])
+async def test_failover_to_a_replica_that_answers_unavailable_or_cancelled(pool, echo_servers, code):
+    """CANCELLED as a replica's status is its server's doing (a stop cutting calls it had taken and not handed
+    over, which never ran): failed over as UNAVAILABLE is. It was passed on, and a worker stopping under a head
+    that still sent to it failed a few of its callers (found by two reviews)."""
     sick, healthy = await echo_servers(2, names=["sick", "healthy"])
-    sick.fail_with = grpc.StatusCode.UNAVAILABLE
+    sick.fail_with = code
     pool.add_connection("dep", sick.address)
     pool.add_connection("dep", healthy.address)
     for _ in range(4):
         assert served_by(await send_one(pool)) == "healthy"
     assert sick.calls >= 1
+
+
+async def test_at_most_once_does_not_fail_over_a_cancelled_call_which_may_have_run(pool_factory, echo_servers):
+    sick, healthy = await echo_servers(2, names=["sick", "healthy"])
+    sick.fail_with = grpc.StatusCode.CANCELLED
+    pool = pool_factory(retry=RetryPolicy(unsent_only=True))
+    pool.add_connection("dep", sick.address)  # round robin tries it first
+    pool.add_connection("dep", healthy.address)
+    with pytest.raises(ReplicaError) as caught:
+        await send_one(pool)
+    assert caught.value.code == grpc.StatusCode.CANCELLED and healthy.calls == 0
 
 
 def test_the_pool_takes_jinas_runtime_name_first():

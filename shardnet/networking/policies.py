@@ -82,10 +82,13 @@ class RetryPolicy:
     are never retried. ``unsent_only`` retries only attempts no replica took
     (no connection, a drain's refusal): a request a replica may have run
     fails instead of running again elsewhere (at most once, where the
-    default is at least once).
+    default is at least once). CANCELLED is retried by default: a caller's
+    own cancellation never reaches the pool as a status (it is asyncio's),
+    so a CANCELLED status is the replica's, most often its server stopping
+    and cutting calls it had taken but not handed to a handler yet.
     """
 
-    retry_on: frozenset = frozenset({grpc.StatusCode.UNAVAILABLE})
+    retry_on: frozenset = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
     rounds: int = 2
     backoff_initial: float = 0.05
     backoff_max: float = 1.0
