@@ -7,9 +7,25 @@ where to look.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import grpc
+
+
+def _rebuilt(cls: type, args: tuple, keywords: dict[str, Any], said: tuple) -> BaseException:
+    """``cls(*args, **keywords)`` saying ``said`` (its ``args``, which a caller may have set since), for pickle:
+    it calls what ``__reduce__`` names with positional arguments only, and the errors below take keyword-only
+    ones (Exception's own reduction calls ``cls(*self.args)``, a TypeError on unpickling)."""
+    error = cls(*args, **keywords)
+    error.args = said
+    return error
+
+
+def _reduced(error: BaseException, args: tuple, keywords: tuple[str, ...]) -> tuple:
+    """``error``'s ``__reduce__``: made again from ``args`` and its attributes named ``keywords``, then given
+    the rest of its ``__dict__`` (notes, attributes set later), so a process pool carries it whole."""
+    keyword_values = {name: getattr(error, name) for name in keywords}
+    return _rebuilt, (type(error), args, keyword_values, error.args), dict(vars(error))
 
 
 class ShardnetError(Exception):
@@ -28,6 +44,9 @@ class PickleRefused(ProtocolError):
         super().__init__(message)
         self.request_id = request_id
 
+    def __reduce__(self) -> tuple:
+        return _reduced(self, self.args, ("request_id",))
+
 
 class MalformedReplyError(ProtocolError):
     """A replica answered bytes that are not the message it should have sent; ``address`` names it."""
@@ -37,7 +56,11 @@ class MalformedReplyError(ProtocolError):
         self.address = address
         self.owner = owner  # the replica list it belongs to, "dep/shard-0" say, when known
         # "replica" in a pool; "server" for a one-off call, as ReplicaError's role
+        self.role = role
         super().__init__(f"{owner + ' ' if owner else ''}{role} {address}: {cause}")
+
+    def __reduce__(self) -> tuple:
+        return _reduced(self, (self.cause,), ("address", "owner", "role"))
 
 
 class ConfigurationError(ShardnetError, ValueError):
@@ -51,6 +74,9 @@ class RoutingError(ShardnetError, LookupError):
         super().__init__(message)
         self.deployment = deployment
         self.shard_id = shard_id
+
+    def __reduce__(self) -> tuple:
+        return _reduced(self, self.args, ("deployment", "shard_id"))
 
 
 class ReplicaError(ShardnetError):
@@ -76,6 +102,9 @@ class ReplicaError(ShardnetError):
         self.shard_id = shard_id
         self.role = role  # "replica" in a pool; "server" for a one-off call, which may go to a head or a worker
         super().__init__(self._describe())
+
+    def __reduce__(self) -> tuple:
+        return _reduced(self, (self.cause,), ("address", "code", "deployment", "shard_id", "role", "unsent"))
 
     def _describe(self) -> str:
         where = []
@@ -117,8 +146,12 @@ class ExecutorError(ShardnetError):
         self.name = name
         self.executor = executor
         self.traceback = traceback
+        self.description = description
         remote = f"\nremote traceback:\n{traceback.rstrip()}" if traceback else ""  # as Jina prints it
         super().__init__(f"{executor or 'executor'} failed: {description}{remote}")
+
+    def __reduce__(self) -> tuple:
+        return _reduced(self, (self.description,), ("name", "executor", "traceback"))
 
 
 class ProcessError(ShardnetError):

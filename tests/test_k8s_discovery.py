@@ -70,8 +70,9 @@ class RecordingPool(K8sGrpcConnectionPool):
 
 
 class RoleCheckingPool(RecordingPool):
-    """A RecordingPool noting, the moment it happens, an address routed as two roles of its deployment at once
-    (a request for one shard could reach a worker of another) and a shard or head left with no replica."""
+    """A RecordingPool noting, the moment it happens, an address routed as two roles at once, of its deployment
+    or across deployments (a request for one shard, or one deployment, could reach a worker of another), and a
+    shard or head left with no replica."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -79,10 +80,17 @@ class RoleCheckingPool(RecordingPool):
 
     def add_connection(self, deployment: str, address: str, head: bool = False, shard_id: Optional[int] = None) -> None:
         super().add_connection(deployment, address, head=head, shard_id=shard_id)
-        roles = [("head", None)] + [("shard", shard) for shard in self.shard_ids(deployment)]
-        holding = [role for role in roles if address in replicas(self, deployment, role[1] or 0, role[0] == "head")]
+        holding = [role for name in self.deployments for role in self._roles_at(name, address)]
         if len(holding) > 1:
             self.faults.append(f"{address} routed as {holding}")
+
+    def _roles_at(self, deployment: str, address: str) -> list[tuple[str, str, Optional[int]]]:
+        """The roles of ``deployment`` routed to ``address``: (deployment, "head" or "shard", shard id)."""
+        roles = [("head", None)] + [("shard", shard) for shard in self.shard_ids(deployment)]
+        return [
+            (deployment, kind, shard) for kind, shard in roles
+            if address in replicas(self, deployment, shard or 0, kind == "head")
+        ]
 
     async def remove_connection(
         self, deployment: str, address: str, head: bool = False, shard_id: Optional[int] = None
@@ -1162,6 +1170,55 @@ async def test_a_relist_never_routes_a_reused_address_to_two_shards_nor_empties_
     assert len(api_server.list_requests("pods")) == 2  # it was a relist
     assert pool.faults == []
     assert "the pods' previous listing had it as shard 0" in caplog.text
+
+
+@pytest.mark.parametrize("reused_as", ["WORKER", "HEAD"])
+async def test_a_relist_never_routes_a_reused_address_to_two_deployments_nor_empties_one(
+    api_server: FakeApiServer, start_pool, caplog, reused_as: str
+) -> None:
+    """A namespace-wide pool (a gateway's): deployment A's pod replaced while the watch was away, its IP taken by
+    a pod of deployment B (a worker, or B's head) listed first; the relist added B's replica at once and removed
+    A's only after every listed pod, so A's requests could reach B's Executor meanwhile (found by a review).
+    A's new replica at a fresh address comes in first, then A's old one goes just before B's takes its IP."""
+    api_server.apply("pods", pod("a0", deployment="A", ip="10.0.0.1"))
+    api_server.apply("pods", pod("b0", deployment="B", pod_type=reused_as, ip="10.0.0.2"))
+    pool = await start_pool(sources=("pods",), pool_class=RoleCheckingPool)
+    await eventually(lambda: api_server.open_streams("pods") == 1)
+    api_server.drop_streams()
+    api_server.delete("pods", "a0")
+    api_server.delete("pods", "b0")
+    api_server.apply("pods", pod("b1", deployment="B", pod_type=reused_as, ip="10.0.0.1"))  # listed first: a0's IP
+    api_server.apply("pods", pod("a1", deployment="A", ip="10.0.0.3"))
+    api_server.compact()  # its resume version is too old: it re-lists
+    head = reused_as == "HEAD"
+    await eventually(lambda: replicas(pool, "B", head=head) == {"10.0.0.1:8080"})
+    await eventually(lambda: replicas(pool, "A") == {"10.0.0.3:8080"})
+    assert len(api_server.list_requests("pods")) == 2  # it was a relist
+    assert pool.faults == []
+    assert not [change for change in pool.changes if change[0] == "forget"]
+    assert "the pods' previous listing had it as shard 0" in caplog.text
+
+
+async def test_one_address_listed_for_several_deployments_stays_in_each_across_a_relist(
+    api_server: FakeApiServer, start_pool
+) -> None:
+    """Deployments listed at one address are each routed there, and a relist that lists them so again leaves
+    them as they were, even when the one that newly claims it comes first: only what the previous listing held
+    and the new one does not say again gives way to another deployment's claim."""
+    api_server.apply("pods", pod("b0", deployment="B", ip="10.0.0.1", ready=False))
+    api_server.apply("pods", pod("a0", deployment="A", ip="10.0.0.1"))
+    api_server.apply("pods", pod("c0", deployment="C", ip="10.0.0.1"))
+    pool = await start_pool(sources=("pods",))
+    assert replicas(pool, "A") == replicas(pool, "C") == {"10.0.0.1:8080"}
+    await eventually(lambda: api_server.open_streams("pods") == 1)
+    api_server.drop_streams()
+    api_server.apply("pods", pod("b0", deployment="B", ip="10.0.0.1"))  # listed first, now ready
+    api_server.compact()  # its resume version is too old: it re-lists
+    await eventually(lambda: replicas(pool, "B") == {"10.0.0.1:8080"})
+    await eventually(lambda: api_server.open_streams("pods") == 1)  # the relist is over: it watches again
+    assert len(api_server.list_requests("pods")) == 2  # it was a relist
+    assert replicas(pool, "A") == replicas(pool, "C") == {"10.0.0.1:8080"}
+    assert [change for change in pool.changes if change[0] != "add"] == []
 
 
 # -- the head process follows the cluster ------------------------------------------------------

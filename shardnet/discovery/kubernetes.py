@@ -38,7 +38,8 @@ import hashlib
 import logging
 import re
 from collections import Counter
-from typing import Any, Callable, Collection, Iterable, Mapping, NamedTuple, Optional, Sequence
+from types import MappingProxyType
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 import yaml
 from kubernetes_asyncio import client as k8s_client
@@ -279,7 +280,7 @@ class _Ledger:
         self._records: dict[tuple[str, str], Contribution] = {}
         self._holders: Counter[Member] = Counter()
         self._members_of: Counter[str] = Counter()  # deployment -> its members held
-        self._by_address: dict[tuple[str, str], set[Member]] = {}  # (deployment, address) -> the members held
+        self._by_address: dict[str, set[Member]] = {}  # address -> the members held there, of any deployment
         self._removals: dict[Member, asyncio.Task] = {}
 
     def keys(self, source: str) -> list[str]:
@@ -292,14 +293,15 @@ class _Ledger:
         members: Contribution,
         *,
         also_remove: Contribution = NOTHING,
-        unconfirmed: Collection[str] = (),
+        unconfirmed: Mapping[str, Contribution] = MappingProxyType({}),
     ) -> None:
         """Make ``members`` the contribution of object ``key``; ``also_remove`` goes too unless someone holds it.
 
         ``unconfirmed``: during a relist of ``source``, its objects whose records are still those of its previous
-        listing; what they hold gives way to a claim of this one (``_drop_contradicted``). The counts follow the
-        records at once, with no await in between (a drop of stale holds reads them, and another record may run
-        while this one waits on the pool); the pool's additions and removals come after, removals first.
+        listing, each with what it holds that the new listing does not say again; that gives way to a claim of
+        this one (``_drop_contradicted``). The counts follow the records at once, with no await in between (a
+        drop of stale holds reads them, and another record may run while this one waits on the pool); the pool's
+        additions and removals come after, removals first.
         """
         old = self._records.get((source, key), NOTHING)
         if members:
@@ -328,7 +330,7 @@ class _Ledger:
             self._holders[member] += 1
             if self._holders[member] == 1:
                 self._members_of[member.deployment] += 1
-                self._by_address.setdefault((member.deployment, member.address), set()).add(member)
+                self._by_address.setdefault(member.address, set()).add(member)
                 new.append(member)
         for member in gone:
             if not self._holders.get(member):  # not held again meanwhile
@@ -342,11 +344,11 @@ class _Ledger:
         self._members_of[member.deployment] -= 1
         if not self._members_of[member.deployment]:
             del self._members_of[member.deployment]
-        same_address = self._by_address.get((member.deployment, member.address))
+        same_address = self._by_address.get(member.address)
         if same_address is not None:
             same_address.discard(member)
             if not same_address:
-                del self._by_address[(member.deployment, member.address)]
+                del self._by_address[member.address]
 
     def _holding(self, member: Member) -> list[tuple[str, str]]:
         """The (source, object) records that hold ``member``."""
@@ -362,25 +364,30 @@ class _Ledger:
                 del self._records[(src, key)]
             self._holders[member] -= 1
 
-    def _drop_contradicted(self, claim: Member, source: str, unconfirmed: Collection[str] = ()) -> list[Member]:
+    def _drop_contradicted(
+        self, claim: Member, source: str, unconfirmed: Mapping[str, Contribution] = MappingProxyType({})
+    ) -> list[Member]:
         """The members ``claim`` contradicts, let go: one address serves one role of a deployment, so the same
         address elsewhere in it, held only by other sources, is their stale word (an IP reused by a pod of
         another shard before the lagging source caught up), and the freshest claim wins, as a worker's ACTIVATE
-        does. So is a hold of the claiming source itself from its previous listing (``unconfirmed``: a relist
-        that has not come to that object yet), or a reused IP would serve two shards until the relist ends. They
-        come back if their sources say so again. Returns those that no one holds any more."""
-        others = self._by_address.get((claim.deployment, claim.address))
-        if not others:
-            return []
+        does. So is a hold of the claiming source itself from its previous listing that the new one does not say
+        again (``unconfirmed``: a relist that has not come to that object yet), or a reused IP would serve two
+        shards until the relist ends. They come back if their sources say so again.
+
+        The same address in another deployment gives way only to such a relist, and only when nothing but the
+        claiming source's previous listing holds it (a pod IP reused by another deployment's pod while the watch
+        was away): outside a relist, or held by another source or by an object the new listing says it of again,
+        both deployments keep it, as two deployments listed at one address always have. Returns those that no
+        one holds any more."""
         dropped = []
-        for member in [other for other in others if other != claim]:
+        for member in self._by_address.get(claim.address, set()) - {claim}:
             holding = self._holding(member)
-            if any(src == source and key not in unconfirmed for src, key in holding):
-                continue  # the claiming source itself still says so: not for this one to settle
+            if not _contradicts(claim, member, holding, source, unconfirmed):
+                continue
             self._let_go(member, holding)
             logger.warning(
                 "%s of %r serves %s by the %s in namespace %s, while %s: routed as the %s say", member.address,
-                member.deployment, _role(claim), source, self._pool.namespace,
+                member.deployment, _claimed(claim, member), source, self._pool.namespace,
                 _stale_word(member, {src for src, _ in holding}, source), source,
             )
             if self._holders[member] <= 0:
@@ -420,10 +427,11 @@ class _Ledger:
         (a namespace-wide pool would forget it meanwhile); and those that take no address another member holds
         come first, so a shard gets its new replicas before a reused address takes an old one away. What the
         previous listing still holds at an address the new one gives another role goes just before that role
-        comes in (``unconfirmed``): an address serves one shard at a time, even while the relist runs."""
-        unconfirmed = set(self.keys(source))
+        comes in (``unconfirmed``): an address serves one shard, and one deployment, at a time, even while the
+        relist runs; what the new listing says again of an object is not stale, whatever order it comes in."""
+        unconfirmed = {key: self._records[(source, key)] - listed.get(key, NOTHING) for key in self.keys(source)}
         for key in self._fresh_first(listed):
-            unconfirmed.discard(key)
+            unconfirmed.pop(key, None)
             await self.record(source, key, contribution(key), unconfirmed=unconfirmed)
         for key in self.keys(source):
             if key not in listed:
@@ -431,10 +439,10 @@ class _Ledger:
 
     def _fresh_first(self, listed: Mapping[str, Contribution]) -> list[str]:
         """The keys of ``listed``, in its order, those none of whose members takes an address held as another
-        member of its deployment first."""
+        member (of its deployment or another) first."""
 
         def displaces(key: str) -> bool:
-            return any(self._by_address.get((m.deployment, m.address), set()) - {m} for m in listed[key])
+            return any(self._by_address.get(m.address, set()) - {m} for m in listed[key])
 
         return sorted(listed, key=displaces)
 
@@ -508,6 +516,28 @@ class _Ledger:
         """Wait for the removals still closing channels."""
         while self._removals:
             await asyncio.gather(*self._removals.values(), return_exceptions=True)
+
+
+def _contradicts(
+    claim: Member, member: Member, holding: list[tuple[str, str]], source: str, unconfirmed: Mapping[str, Contribution]
+) -> bool:
+    """Whether ``claim``, by ``source``, lets go of ``member`` at its address, held by the records ``holding``.
+
+    In its own deployment, unless ``source`` still says ``member`` beyond its previous listing (``unconfirmed``);
+    in another, only when every hold is that previous listing's: a deployment's word on its own addresses is
+    not another's to settle, but a relist's stale record must not route one IP to two deployments meanwhile."""
+    stale = [src == source and member in unconfirmed.get(key, NOTHING) for src, key in holding]
+    if claim.deployment == member.deployment:
+        return not any(src == source and not old for (src, _), old in zip(holding, stale))
+    return bool(holding) and all(stale)
+
+
+def _claimed(claim: Member, member: Member) -> str:
+    """What ``claim`` serves, for a log line about ``member`` at its address: its role, and its deployment when
+    that is another."""
+    if claim.deployment == member.deployment:
+        return _role(claim)
+    return f"{'the head' if claim.head else f'shard {claim.shard_id}'} of {claim.deployment!r}"
 
 
 def _stale_word(member: Member, sources: set[str], claimant: str) -> str:
