@@ -7,7 +7,6 @@ the control plane and its token, and what a stock gRPC client sees.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -410,33 +409,6 @@ async def test_a_head_that_stalls_past_a_lease_does_not_drop_the_workers_it_coul
     await oneshot.activate_worker("127.0.0.1", 40005, head.server.address, shard_id=0, renews_every=0.1)
     assert await members() == {40005}
     assert "stopped renewing" not in caplog.text
-
-
-async def test_a_worker_answering_the_heads_calls_keeps_its_lease_and_lapses_once_it_stops(
-    runtimes, eventually, caplog
-):
-    """A head under load (a review's 1,000 callers) read ACTIVATEs only after the worker had given up on them,
-    and dropped every worker whose renewal it had not read, healthy and answering as they were: overload became
-    an outage ("no live replica"). A worker the head's calls reach keeps its lease however late its renewals
-    are; one that answers no more (stopped here: its port refuses, as a worker killed -9) lapses under traffic."""
-    worker = await runtimes(Worker(executors.Tagger.create()))  # given no head: it renews nothing
-    head = await runtimes(Head("answering", lease=0.4))
-    host, port = worker.server.address.rsplit(":", 1)
-    await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0)  # once: the renewals "queued"
-    loop = asyncio.get_running_loop()
-    until = loop.time() + 1.6  # four leases
-    while loop.time() < until:
-        response = await send(head.server.address, "/tag", [Document()], timeout=5)
-        assert not response.is_error and response.docs[0].tags["by"] == "tagger", response.status
-    assert "stopped renewing" not in caplog.text
-    await worker.stop(0)
-
-    async def dropped() -> bool:  # requests go on, and fail: no answer keeps the lease
-        with contextlib.suppress(ReplicaError):
-            await send(head.server.address, "/tag", [Document()], timeout=1)
-        return f"{worker.server.address} (shard 0) stopped renewing" in caplog.text
-
-    await eventually(dropped, timeout=5.0)
 
 
 async def test_a_head_process_holds_its_workers_answers_to_its_own_message_limit(runtimes, tmp_path):

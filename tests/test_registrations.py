@@ -56,17 +56,3 @@ def test_a_lapse_remembers_the_process_that_held_the_lease():
     assert book.lapse(KEY, now=2.0)
     assert not book.announce(KEY, "b")  # the registration went with the lease: no restart to tell of here
     assert book.renew(KEY, now=3.0, lease=1.0) == Lapse(at=2.0, lease=1.0, instance="a")
-
-
-def test_a_worker_answering_calls_is_leased_again_and_one_answering_none_since_the_last_look_is_not():
-    book = Registrations(lapse_memory=60.0)
-    other = ("127.0.0.1:5001", 0)
-    book.renew(KEY, now=0.0, lease=1.0)
-    book.renew(other, now=0.0, lease=1.0)
-    book.announce(("127.0.0.1:5002", 0), "c")  # no lease (a Jina worker without --lease): none given it
-    book.renew_answering(0.8, {KEY: 3, other: 0, ("127.0.0.1:5002", 0): 7})  # KEY answered 3 calls, other none
-    assert book.expired(1.5) == [other] and book.leased(("127.0.0.1:5002", 0)) is None
-    book.renew_answering(1.6, {KEY: 3})  # none since the last look: its lease stays as it was
-    assert book.expired(1.9) == [KEY, other]
-    book.renew_answering(1.9, {KEY: 4, other: 0})
-    assert book.expired(2.5) == [other]

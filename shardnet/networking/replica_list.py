@@ -158,7 +158,7 @@ class Connection:
     __slots__ = (
         "address", "_tls", "_options", "channel", "stubs", "running", "failures", "times_ejected", "_retiring",
         "_closed", "_origin", "_request_streams", "rebuilt_at", "admitted_at", "checked_at", "draining", "loop",
-        "_loop_thread", "answered",
+        "_loop_thread",
     )
 
     def __init__(
@@ -176,9 +176,6 @@ class Connection:
         self._options = options
         self.failures = 0
         self.times_ejected = 0
-        # calls it answered, in all: a head keeps the lease of a registered worker that goes on answering, however
-        # long its renewals wait in the head's own queue (an int increment per answer, no clock read)
-        self.answered = 0
         self.admitted_at = float("-inf")  # time.monotonic() when it last joined the picks
         self.rebuilt_at = float("-inf")  # loop time of the last rebuild
         self.checked_at = float("-inf")  # time.monotonic() of the last health check out of turn (ejected)
@@ -732,7 +729,6 @@ class ReplicaList:
             running.end()
         balancer.finished(connection, token)
         connection.failures = 0
-        connection.answered += 1
         return response, trailing
 
     async def close(self) -> None:

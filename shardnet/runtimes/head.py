@@ -1044,22 +1044,11 @@ class Head:
             self.deployment, address, shard_id, now - lapsed.at, lease,
         )
 
-    def _answered(self) -> dict[tuple[str, int], int]:
-        """How many of the head's calls each replica in its pool has answered in all, by (address, shard id)."""
-        answered: dict[tuple[str, int], int] = {}
-        for shard_id in self.pool.shard_ids(self.deployment):
-            replicas = self.pool.get_replicas(self.deployment, shard_id=shard_id)
-            for connection in replicas.get_all_connections() if replicas is not None else ():
-                answered[str(connection.address), shard_id] = connection.answered
-        return answered
-
     async def _expire_leases(self) -> None:
-        """Remove ACTIVATEd workers whose lease ran out without a fresh ACTIVATE or an answer to the head's calls.
+        """Remove ACTIVATEd workers whose lease ran out without a fresh ACTIVATE.
 
         A pass that wakes late (the head itself stalled: its renewals could not be read either) first moves
-        every lease on by the delay, so that a stalled head does not drop the workers it failed to hear. Then a
-        worker that answered calls since the last pass is leased again: a head whose loop turns but whose
-        gRPC queue is deep (overload) reads ACTIVATEs late, and must not drop workers that keep answering it.
+        every lease on by the delay, so that a stalled head does not drop the workers it failed to hear.
         """
         loop = asyncio.get_running_loop()
         period = self._lease / 4 if self._lease is not None else IMPLIED_LEASE_CHECK
@@ -1070,7 +1059,6 @@ class Head:
             stalled = now - due
             if stalled > period:
                 self._registrations.postpone(stalled)
-            self._registrations.renew_answering(now, self._answered())
             expired = self._registrations.expired(now)
             # one whose lease runs out before the next pass is no replica to fail over to either: it stopped
             # renewing with these (one ACTIVATE for several leases them microseconds apart, a pass between them)
@@ -1091,8 +1079,8 @@ class Head:
                     self.deployment, address, shard_id=shard_id, grace=LAPSED_LEASE_GRACE if others else None
                 )
                 logger.warning(
-                    "%s: %s (shard %d) stopped renewing its registration and answered no call since: removed%s",
-                    self.deployment, address, shard_id,
+                    "%s: %s (shard %d) stopped renewing its registration: removed%s", self.deployment, address,
+                    shard_id,
                     ", and the requests it held cut (they fail over)" if others
                     else " (no other replica of its shard can take the requests it holds: they wait for it, their "
                     "deadline or keepalive)",

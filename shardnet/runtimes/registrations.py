@@ -1,30 +1,27 @@
 """What a head remembers of the workers that registered with it by ACTIVATE.
 
 One record per (address, shard): the lease that removes a worker which stops
-renewing and stops answering the head's calls, and the process id it announced
-(a new id on a known address is a worker restarted there). Leases that ran out
-lately are remembered apart, so a worker coming back soon after can be told
-why it dropped out. The head owns the pool and does the removing; this book
-only keeps the times, ids and answer counts.
+renewing, and the process id it announced (a new id on a known address is a
+worker restarted there). Leases that ran out lately are remembered apart, so a
+worker coming back soon after can be told why it dropped out. The head owns
+the pool and does the removing; this book only keeps the times and ids.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Optional
 
 Key = tuple[str, int]  # (address, shard id)
 
 
 @dataclass
 class Registration:
-    """One worker's registration: until when it is leased (None: no lease) and for how long, its process id, and
-    how many of the head's calls it had answered when last looked at (``renew_answering``)."""
+    """One worker's registration: until when it is leased (None: no lease) and for how long, and its process id."""
 
     until: Optional[float] = None
     lease: Optional[float] = None
     instance: Optional[str] = None
-    answers: int = 0
 
 
 @dataclass(frozen=True)
@@ -80,19 +77,6 @@ class Registrations:
         for held in self._held.values():
             if held.until is not None:
                 held.until += seconds
-
-    def renew_answering(self, now: float, answered: Mapping[Key, int]) -> None:
-        """Lease again from ``now`` every worker that answered calls since the last look: ``answered`` holds how
-        many each worker in the pool has answered in all. A worker that answers is alive and reachable, whether
-        or not its renewal got through: a head too busy to read its ACTIVATEs in time (thousands of calls
-        queued ahead of them) dropped every healthy worker it was sending to, and overload became an outage.
-        One that neither renews nor answers (killed, stalled, cut off) keeps its lease as it was."""
-        for key, held in self._held.items():
-            count = answered.get(key)
-            if held.until is None or count is None or count == held.answers:
-                continue
-            held.answers = count
-            held.until = max(held.until, now + held.lease)
 
     def expired(self, now: float) -> list[Key]:
         """The registrations whose lease ran out before ``now``; forgets lapses older than their memory."""
