@@ -462,8 +462,8 @@ async def test_all_with_every_shard_failing_names_each_shards_problem(runtimes):
         await oneshot.send_request_async(request, head.server.address, timeout=10.0)
     assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     message = str(caught.value)
-    assert f"{head.server.address}: RESOURCE_EXHAUSTED: all 2 shards of 'sized' failed: shard 0 of 'sized' " \
-        "failed: " in message, message
+    assert f"{head.server.address}: RESOURCE_EXHAUSTED: all 2 shards of 'sized' failed (2 RESOURCE_EXHAUSTED): " \
+        "shard 0 of 'sized' failed: " in message, message
     for shard, worker in enumerate(workers):
         assert f"shard {shard} of 'sized' failed: deployment 'sized', shard {shard}, replica " \
             f"{worker.server.address}: RESOURCE_EXHAUSTED: " in message, message

@@ -238,13 +238,21 @@ def test_every_shard_failed_names_each_shard_within_room_and_keeps_the_status_of
                                    deployment="dep", shard_id=shard, unsent=unsent)
 
     two = every_shard_failed("dep", [failed(0), (1, failed(1, unsent=False)[1])])
-    assert str(two) == (
-        "all 2 shards of 'dep' failed: shard 0 of 'dep' failed: deployment 'dep', shard 0, replica 10.0.0.0:1: "
-        "UNAVAILABLE: down; shard 1 of 'dep' failed: deployment 'dep', shard 1, replica 10.0.0.1:1: UNAVAILABLE: down"
+    assert str(two) == (  # shard 1, whose status is raised (it may have run the request), named first
+        "all 2 shards of 'dep' failed (2 UNAVAILABLE): shard 1 of 'dep' failed: deployment 'dep', shard 1, replica "
+        "10.0.0.1:1: UNAVAILABLE: down; shard 0 of 'dep' failed: deployment 'dep', shard 0, replica 10.0.0.0:1: "
+        "UNAVAILABLE: down"
     )
     assert two.code == grpc.StatusCode.UNAVAILABLE and two.unsent is False  # shard 1 may have run it
     many = every_shard_failed("dep", [failed(shard, cause="x" * 500) for shard in range(100)])
     assert len(str(many)) < FAILURES_ROOM + 200 and "shard 0 of 'dep'" in str(many)
+    # a review's 64 shards, mostly down, the last hung: the status raised is the hung one's (it may have run), and
+    # the message named only down shards, past its room before the hung one; now it comes first, with the counts
+    hung = ReplicaError("timed out", address="10.0.0.63:1", code=grpc.StatusCode.DEADLINE_EXCEEDED, deployment="dep",
+                        shard_id=63)
+    mixed = every_shard_failed("dep", [failed(shard, cause="x" * 500) for shard in range(63)] + [(63, hung)])
+    assert mixed.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert str(mixed).startswith("all 64 shards of 'dep' failed (63 UNAVAILABLE, 1 DEADLINE_EXCEEDED): shard 63 of")
     assert str(many).endswith("more shards failed (unnamed: a gRPC status's details must stay small)")
     one = failed(3)[1]
     assert every_shard_failed("dep", [(3, one)]) is one

@@ -13,6 +13,7 @@ at; the executor's exception (name, arguments, stack) reaches it as raised.
 from __future__ import annotations
 
 import types
+from collections import Counter
 from typing import Any, Optional, Sequence, Union
 
 from shardnet.errors import ReplicaError, RoutingError
@@ -145,6 +146,7 @@ def every_shard_failed(deployment: str, outcomes: Sequence[ShardOutcome]) -> Bas
     failures = [(shard, failure) for shard, failure in outcomes if not isinstance(failure, DataRequest)]
     if len(failures) < 2 or not isinstance(chosen, (ReplicaError, RoutingError)):
         return chosen
+    failures.sort(key=lambda pair: pair[1] is not chosen)  # the one whose status is raised named first, whatever fits
     named, room = [], FAILURES_ROOM
     for shard, failure in failures:
         problem = f"shard {shard} of {deployment!r} failed: {failure}"
@@ -153,7 +155,7 @@ def every_shard_failed(deployment: str, outcomes: Sequence[ShardOutcome]) -> Bas
         named.append(problem[:room])
         room -= len(named[-1]) + 2
     unnamed = len(failures) - len(named)
-    message = f"all {len(failures)} shards of {deployment!r} failed: {'; '.join(named)}" + (
+    message = f"all {len(failures)} shards of {deployment!r} failed ({_by_status(failures)}): {'; '.join(named)}" + (
         f"; and {unnamed} more shards failed (unnamed: a gRPC status's details must stay small)" if unnamed else ""
     )
     if isinstance(chosen, RoutingError):
@@ -164,6 +166,16 @@ def every_shard_failed(deployment: str, outcomes: Sequence[ShardOutcome]) -> Bas
     )
     combined.args = (message,)  # said as is: it names each shard and replica itself
     return combined
+
+
+def _by_status(failures: Sequence[ShardOutcome]) -> str:
+    """How many shards failed with each status, most first ("40 UNAVAILABLE, 24 DEADLINE_EXCEEDED"): what the
+    named ones leave out when they do not all fit."""
+    counts = Counter(
+        failure.code.name if getattr(failure, "code", None) is not None else type(failure).__name__
+        for _, failure in failures
+    )
+    return ", ".join(f"{count} {status}" for status, count in counts.most_common())
 
 
 def merge_shard_responses(deployment: str, outcomes: Sequence[ShardOutcome]) -> DataRequest:
