@@ -241,6 +241,18 @@ def _error_answer(payload: bytes, aborted: RequestAborted, limit: int) -> Option
     return answer if len(answer) <= limit else None
 
 
+def _settle(reading: Optional[asyncio.Future]) -> None:
+    """Cancel a stream's read still waiting, or take the outcome of one that ended unread (the stream's end,
+    StopAsyncIteration, once its call was cancelled mid-request): left alone, asyncio logged "Task exception was
+    never retrieved" with a traceback for every stream a client cancelled."""
+    if reading is None:
+        return
+    if not reading.done():
+        reading.cancel()
+    elif not reading.cancelled():
+        reading.exception()
+
+
 def one_by_one(handler: RawHandler, stopping: asyncio.Event, limit: int) -> Callable[..., AsyncIterator[bytes]]:
     """Jina's ``JinaRPC/Call`` over a unary handler: each request on the stream answered in turn, as a Jina
     worker or head answers the stream its ``Client`` opens; one its handler refuses is answered ERROR, the
@@ -253,6 +265,7 @@ def one_by_one(handler: RawHandler, stopping: asyncio.Event, limit: int) -> Call
         incoming = requests.__aiter__()
         stop = asyncio.ensure_future(stopping.wait())
         each = _OneRequestOfAStream(context)
+        next_request: Optional[asyncio.Future] = None
         try:
             while True:
                 next_request = asyncio.ensure_future(incoming.__anext__())
@@ -274,6 +287,7 @@ def one_by_one(handler: RawHandler, stopping: asyncio.Event, limit: int) -> Call
                 each.answered()
         finally:
             stop.cancel()
+            _settle(next_request)
             each.answered()  # the stream ended with a request's answer unsent, or its handler failed
 
     return call
