@@ -16,7 +16,8 @@ grpc.aio had taken up when the drain began are served, not refused, though
 their handlers may start later. A head's or worker's server waits, besides, until no call has
 come for a while (``quiet_seconds``): ``stop()`` cancels the calls gRPC's core
 holds and grpc.aio's request loop has not picked up yet (the client reads
-CANCELLED, sent again by no pool, though they never ran), and a server under load
+CANCELLED, which Jina's pools and most clients do not send again, though they
+never ran; shardnet's pools do), and a server under load
 holds many; once callers have stopped coming, it holds none. A head stopped at
 once as gRPC does, relying on its GOAWAY, and lost those calls; so did a worker
 whose head still sent to it.
@@ -84,10 +85,10 @@ PARENT_POLL_SECONDS = 0.5  # how soon a child notices that the process that laun
 # drain's grace (a DEACTIVATE, an Executor's close() with its own bound) before it exits at once: a handler
 # blocking the event loop (a blocking call in an async def) would hold a drain, which the loop runs, for as long
 STOP_SLACK = 15.0
-# a draining head or worker closes its listener once its calls are done and no call has come (refused ones count) for this
-# long: stop() cancels every call gRPC's core took and grpc.aio's request loop had not picked up yet (the client
-# reads CANCELLED, which no pool sends again), and callers not yet told to go away still send; once nothing came
-# for a while, nothing waits unseen in the core
+# a draining head or worker closes its listener once its calls are done and no call has come (refused ones count)
+# for this long: stop() cancels every call gRPC's core took and grpc.aio's request loop had not picked up yet (the
+# client reads CANCELLED, which other clients than shardnet's pools do not send again), and callers not yet told to
+# go away still send; once nothing came for a while, nothing waits unseen in the core
 DRAIN_QUIET_SECONDS = 0.2
 # how long at most, once its calls are done, a draining server waits for that quiet: callers that keep sending
 # whatever it answers (a pool keeping it in rotation, a client whose one connection cannot move) never let it
