@@ -346,6 +346,7 @@ class ReplicaList:
         self._position: dict[Connection, int] = {}
         self._probes: dict[Connection, asyncio.Task] = {}
         self._leaving: dict[asyncio.Task, Connection] = {}  # removed connections closing once their calls end
+        self._emptied = False  # its last replica left, and none has come since (said when one does)
 
     # -- membership --------------------------------------------------------
 
@@ -466,6 +467,8 @@ class ReplicaList:
 
     def _admit(self, connection: Connection) -> None:
         if connection not in self._position:
+            if self._emptied:
+                self._say_refilled(connection)
             self._position[connection] = len(self._eligible)
             self._eligible.append(connection)
             connection.admitted_at = time.monotonic()
@@ -481,6 +484,24 @@ class ReplicaList:
             self._position[last] = index
         if not self._eligible and self._probes:  # the last pickable replica left: the ejected are all there is
             self._readmit_ejected()
+        if not self._eligible:
+            self._say_emptied(connection)
+
+    def _say_emptied(self, connection: Connection) -> None:
+        """Warn that the list has no replica left to pick, ``connection`` the last to go: every request for it
+        fails from now on, which the log must say once, by shard, not leave to a count of failures. The one place
+        a replica leaves the picks (a removal: DEACTIVATE, a lapsed lease, discovery) comes through here; an
+        ejection or a drain never takes the last one."""
+        self._emptied = True
+        self._logger.warning(
+            "%s: no replica left: %s was the last (removed); requests for it fail until a replica is added",
+            self.name or "replica list", connection.address,
+        )
+
+    def _say_refilled(self, connection: Connection) -> None:
+        """Say that a list ``_say_emptied`` warned of has a replica again, ``connection``."""
+        self._emptied = False
+        self._logger.info("%s: has a replica again: %s", self.name or "replica list", connection.address)
 
     def _readmit_ejected(self) -> None:
         """Let every ejected replica back in at once (their probes stop): a shard with replicas is never left
