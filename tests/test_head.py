@@ -1389,3 +1389,40 @@ async def test_a_head_with_shards_keeps_an_empty_shard_so_all_names_it(runtimes,
     await oneshot.activate_worker(dead_host, int(dead_port), head.server.address, shard_id=1)
     await oneshot.deactivate_worker(dead_host, int(dead_port), head.server.address, shard_id=1)
     assert head.pool.shard_ids("declared") == [0, 1]
+
+
+async def test_a_shard_left_without_a_replica_is_warned_of_and_the_requests_it_fails_are_counted(
+    runtimes, eventually, caplog
+):
+    """A shard whose last worker left (a crash-looping worker's DEACTIVATE) was an INFO line, then silence while
+    every request failed (a review: 3,000 ERROR answers in 30 s, nothing logged). The shard's emptying is a
+    WARNING naming deployment and shard, its refilling an INFO; the failed requests, the first at once and the
+    rest of the burst counted by shard and cause once a second."""
+    caplog.set_level(logging.INFO)
+    workers = await shard_workers(runtimes, executors.Tagger, 2)
+    head = await runtimes(
+        Head("halved", polling=PollingMap.parse("ALL"), shards=2, connections={0: [workers[0].server.address]})
+    )
+    host, port = workers[1].server.address.rsplit(":", 1)
+    await oneshot.activate_worker(host, int(port), head.server.address, shard_id=1)
+    assert not (await send(head.server.address, "/tag", [Document()])).is_error
+    assert "no replica left" not in caplog.text
+    await oneshot.deactivate_worker(host, int(port), head.server.address, shard_id=1)
+    assert f"halved/shard-1: no replica left: {workers[1].server.address} was the last" in caplog.text
+
+    sent = [DataRequest([Document()], endpoint="/tag") for _ in range(20)]
+    for request in sent:
+        assert (await oneshot.send_request_async(request, head.server.address, timeout=10)).is_error
+
+    def failure_lines() -> list[str]:
+        return [record.getMessage() for record in caplog.records if "failed (" in record.getMessage()
+                or "more requests failed" in record.getMessage()]
+
+    await eventually(lambda: any("more requests failed" in line for line in failure_lines()), timeout=5.0)
+    first, burst = failure_lines()
+    assert first.startswith(f"'halved': request {sent[0].request_id} failed (shard 1: no replica): ")
+    assert burst.startswith("'halved': 19 more requests failed within 1s (shard 1: no replica x19); the latest: ")
+
+    await oneshot.activate_worker(host, int(port), head.server.address, shard_id=1)
+    assert f"halved/shard-1: has a replica again: {workers[1].server.address}" in caplog.text
+    assert not (await send(head.server.address, "/tag", [Document()])).is_error

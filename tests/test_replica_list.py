@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import gc
+import logging
 
 import grpc
 import pytest
@@ -149,3 +150,41 @@ async def test_calls_failing_on_a_channel_already_replaced_do_not_rebuild_it_aga
         assert dead.calls == 12 and len(channels) == 2
     finally:
         await replicas.close()
+
+
+async def call_until_ejected(replicas: ReplicaList, address: str, timeout: float, callers_deadline: bool) -> None:
+    """Call the replica at ``address`` (one of two) until it is out of the picks, at most ten times."""
+    [connection] = [each for each in replicas.get_all_connections() if str(each.address) == address]
+    for _ in range(10):
+        if not replicas.is_eligible(connection):
+            return
+        with pytest.raises(grpc.aio.AioRpcError):
+            await replicas.call(
+                connection, "single_data", DataRequest(endpoint="/x"), None, timeout, callers_deadline=callers_deadline
+            )
+    raise AssertionError(f"{address} was not ejected after 10 failures")
+
+
+@pytest.mark.parametrize(
+    "callers_deadline, whose", [(True, "the caller's deadline"), (False, "the pool's attempt timeout")]
+)
+async def test_an_ejection_names_its_failures_codes_and_whose_deadline_ran_out(
+    echo_servers, dead_address, caplog, callers_deadline, whose
+):
+    """'ejecting replica ... after repeated failures' told a dead replica from a slow one in no way: it names
+    the failures' status codes, and for a deadline whose it was (the caller's or the pool's per attempt)."""
+    caplog.set_level(logging.WARNING, logger="shardnet.networking.replica_list")
+    [slow] = await echo_servers(1, delay=5.0)
+    [live] = await echo_servers(1)
+    replicas = ReplicaList(name="dep/shard-0", ejection=EjectionPolicy(consecutive_failures=3, min_blamed_deadline=0.1))
+    try:
+        for address in (dead_address, slow.address, live.address):
+            replicas.add_connection(address)
+        await call_until_ejected(replicas, dead_address, 2.0, callers_deadline)
+        await call_until_ejected(replicas, slow.address, 0.2, callers_deadline)
+    finally:
+        await replicas.close()
+    dead, slowed = [record.getMessage() for record in caplog.records if "ejecting replica" in record.getMessage()]
+    assert dead.startswith(f"dep/shard-0: ejecting replica {dead_address} for ")
+    assert dead.endswith(" after 3 failures in a row: UNAVAILABLE x3")
+    assert slowed.endswith(f" after 3 failures in a row: DEADLINE_EXCEEDED ({whose} of 0.2s) x3")

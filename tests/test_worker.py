@@ -35,6 +35,8 @@ from shardnet.runtimes.processes import ShardnetProcess
 from shardnet.runtimes.server import MAX_REQUESTS_PER_CALL, ServerConfig
 from shardnet.runtimes.worker import CLOSE_GRACE, HANDLER_THREAD_PREFIX, Worker
 
+from shardnet.testing import eventually
+
 import executors
 
 EXECUTORS = Path(executors.__file__).resolve()
@@ -171,6 +173,34 @@ async def test_handler_exception_is_an_error_response_and_the_worker_keeps_servi
 
     after = await oneshot.send_request_async(DataRequest([Document(text="b")], endpoint="/tag"), tagger.server.address)
     assert not after.is_error and after.docs[0].tags["by"] == "t"
+
+
+async def test_an_executor_failing_every_request_logs_the_first_at_once_and_counts_the_rest_of_a_burst(
+    tagger, caplog
+):
+    """A line per failed request flooded the log (a review: an Executor raising at 400 requests/s, 401 lines a
+    second): the first failure is logged at once, naming its request; the rest of the burst in one line, with
+    how many, of which handler on which endpoint, and the latest exception."""
+    caplog.set_level(logging.WARNING, logger="shardnet.runtimes.worker")
+    requests = [DataRequest([Document(text=str(i))], endpoint="/fail") for i in range(30)]
+    for request in requests:
+        answer = await oneshot.send_request_async(request, tagger.server.address, timeout=10)
+        assert answer.is_error
+
+    def lines() -> list[str]:
+        return [record.getMessage() for record in caplog.records if record.name == "shardnet.runtimes.worker"]
+
+    def burst_said() -> bool:
+        return any("more handler failures" in line for line in lines())
+
+    await eventually(burst_said, timeout=5)
+    firsts = [line for line in lines() if "failed on /fail" in line]
+    assert firsts == [f"Tagger.fail failed on /fail (request {requests[0].request_id}): ValueError('bad input', 42)"]
+    [burst] = [line for line in lines() if "more handler failures" in line]
+    assert burst == (
+        "Tagger: 29 more handler failures within 1s (fail on /fail x29); the latest: fail on /fail: "
+        "ValueError('bad input', 42)"
+    )
 
 
 async def test_a_refusal_quoting_a_huge_value_the_caller_chose_stays_small_in_its_answer_and_the_log(

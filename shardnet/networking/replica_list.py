@@ -158,7 +158,7 @@ class Connection:
     __slots__ = (
         "address", "_tls", "_options", "channel", "stubs", "running", "failures", "times_ejected", "_retiring",
         "_closed", "_origin", "_request_streams", "rebuilt_at", "admitted_at", "checked_at", "draining", "loop",
-        "_loop_thread",
+        "_loop_thread", "recent_failures",
     )
 
     def __init__(
@@ -175,6 +175,9 @@ class Connection:
         self._tls = tls if address.tls else None
         self._options = options
         self.failures = 0
+        # the latest failures' causes (a status code, and whose deadline ran out), written on failures only: the
+        # last EjectionPolicy.consecutive_failures of them are the run an ejection names
+        self.recent_failures: list[str] = []
         self.times_ejected = 0
         self.admitted_at = float("-inf")  # time.monotonic() when it last joined the picks
         self.rebuilt_at = float("-inf")  # loop time of the last rebuild
@@ -304,6 +307,16 @@ class Connection:
         return f"<Connection {self.address} failures={self.failures}>"
 
 
+def _cause(code: grpc.StatusCode, timeout: Optional[float], callers_deadline: bool) -> str:
+    """A failed call's cause as an ejection names it: its status code, and for DEADLINE_EXCEEDED whose deadline
+    it was (the caller's own, or the pool's per-attempt timeout) and how long, so that an operator tells a slow
+    replica (deadlines) from a dead or unreachable one (UNAVAILABLE)."""
+    if code != grpc.StatusCode.DEADLINE_EXCEEDED or timeout is None:
+        return code.name
+    whose = "the caller's deadline" if callers_deadline else "the pool's attempt timeout"
+    return f"{code.name} ({whose} of {timeout:.3g}s)"
+
+
 class ReplicaList:
     """The connections to the replicas of one shard, with balancing and ejection.
 
@@ -343,6 +356,7 @@ class ReplicaList:
         self._position: dict[Connection, int] = {}
         self._probes: dict[Connection, asyncio.Task] = {}
         self._leaving: dict[asyncio.Task, Connection] = {}  # removed connections closing once their calls end
+        self._emptied = False  # its last replica left, and none has come since (said when one does)
 
     # -- membership --------------------------------------------------------
 
@@ -463,6 +477,8 @@ class ReplicaList:
 
     def _admit(self, connection: Connection) -> None:
         if connection not in self._position:
+            if self._emptied:
+                self._say_refilled(connection)
             self._position[connection] = len(self._eligible)
             self._eligible.append(connection)
             connection.admitted_at = time.monotonic()
@@ -478,6 +494,24 @@ class ReplicaList:
             self._position[last] = index
         if not self._eligible and self._probes:  # the last pickable replica left: the ejected are all there is
             self._readmit_ejected()
+        if not self._eligible:
+            self._say_emptied(connection)
+
+    def _say_emptied(self, connection: Connection) -> None:
+        """Warn that the list has no replica left to pick, ``connection`` the last to go: every request for it
+        fails from now on, which the log must say once, by shard, not leave to a count of failures. The one place
+        a replica leaves the picks (a removal: DEACTIVATE, a lapsed lease, discovery) comes through here; an
+        ejection or a drain never takes the last one."""
+        self._emptied = True
+        self._logger.warning(
+            "%s: no replica left: %s was the last (removed); requests for it fail until a replica is added",
+            self.name or "replica list", connection.address,
+        )
+
+    def _say_refilled(self, connection: Connection) -> None:
+        """Say that a list ``_say_emptied`` warned of has a replica again, ``connection``."""
+        self._emptied = False
+        self._logger.info("%s: has a replica again: %s", self.name or "replica list", connection.address)
 
     def _readmit_ejected(self) -> None:
         """Let every ejected replica back in at once (their probes stop): a shard with replicas is never left
@@ -490,14 +524,20 @@ class ReplicaList:
 
     # -- outcomes ----------------------------------------------------------
 
-    def record_failure(self, connection: Connection, code: grpc.StatusCode, counted: bool = False) -> None:
+    def record_failure(
+        self, connection: Connection, code: grpc.StatusCode, counted: bool = False, cause: Optional[str] = None
+    ) -> None:
         """Count a transport failure (one of the policy's codes, or any when ``counted``); rebuild the channel
         and eject the replica when they pile up. The last pickable replica is not ejected: the ejected ones are
-        checked at once instead (one may have come back while its probe waits), and the first healthy is let in."""
+        checked at once instead (one may have come back while its probe waits), and the first healthy is let in.
+        ``cause``: the failure as an ejection names it (its code, and whose deadline ran out), else the code."""
         policy = self._ejection
         if policy is None or (code not in policy.failure_codes and not counted):
             return
         connection.failures += 1
+        recent = connection.recent_failures
+        recent.append(cause or code.name)
+        del recent[:-policy.consecutive_failures]  # the run an ejection names, no more
         if connection.failures < policy.consecutive_failures:
             return
         connection.failures = 0
@@ -565,8 +605,11 @@ class ReplicaList:
         self._probes[connection] = asyncio.get_running_loop().create_task(
             self._probe_until_healthy(connection, delay, longest)
         )
+        run = connection.recent_failures
+        causes = ", ".join(f"{cause} x{run.count(cause)}" for cause in dict.fromkeys(run))
         self._logger.warning(
-            "%s: ejecting replica %s for %.1fs after repeated failures", self.name, connection.address, delay
+            "%s: ejecting replica %s for %.1fs after %d failures in a row: %s",
+            self.name, connection.address, delay, len(run), causes,
         )
 
     def _probe_schedule(self, connection: Connection) -> tuple[float, float]:
@@ -705,7 +748,8 @@ class ReplicaList:
             # a refusal as it drains is no failure of the replica: it is going away, and said so
             set_aside = listed and refused_as_draining(error) and self._set_aside_draining(connection)
             if blamed and channel is connection.channel and listed and not set_aside:
-                self.record_failure(connection, code, counted=wrong_server(method, code))
+                cause = _cause(code, timeout, callers_deadline)
+                self.record_failure(connection, code, counted=wrong_server(method, code), cause=cause)
             raise
         except asyncio.CancelledError:
             if connection.cut_by_close(channel):

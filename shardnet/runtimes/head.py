@@ -58,6 +58,7 @@ from shardnet.protocol.messages import (
     require_empty,
 )
 from shardnet.protocol.proto import jina_pb2
+from shardnet.runtimes.bursts import BurstLog
 from shardnet.runtimes.executor import DRY_RUN_ENDPOINT
 from shardnet.runtimes.merge import every_shard_failed, merge_shard_responses, report_shard_problems
 from shardnet.runtimes.refusals import RefusalLog
@@ -72,6 +73,8 @@ from shardnet.runtimes.server import (
 )
 
 logger = logging.getLogger(__name__)
+# characters of a failed request's cause its log line shows (it may name every shard's failure)
+MAX_FAILURE_CHARS = 1000
 
 USES_BEFORE = "uses_before"
 # the trailers a head sets on a gathered answer itself: a shard's (a head in front of a head) are not passed on
@@ -336,6 +339,10 @@ class Head:
         mutual_tls = config.tls is not None and config.tls.client_ca is not None
         self._guard = ControlGuard(config.control_token, mutual_tls)
         self._refusals = RefusalLog(deployment)
+        # requests it failed for want of a replica, or as a shard failed: counted, one line a second at most
+        self._failed_requests = BurstLog(
+            logger, deployment, "%r: %d more requests failed within %gs (%s); the latest: %s"
+        )
         # a draining head refuses new calls in-band and closes its listener once its calls are done and no more
         # come: gRPC's stop() under load cancelled calls it had taken but not picked up (see server.py)
         self.server = jina_server(config, self)
@@ -464,10 +471,12 @@ class Head:
         except ProtocolError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except RoutingError as exc:
+            self._note_failed(requests[0], exc)
             if not worked:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             response, trailing = self._failed_after_running(requests[0], f"UNAVAILABLE: {exc}")
         except ReplicaError as exc:
+            self._note_failed(requests[0], exc)
             failed = exc.code if exc.code not in (None, grpc.StatusCode.OK) else grpc.StatusCode.UNAVAILABLE
             if failed == grpc.StatusCode.UNIMPLEMENTED:  # the head serves the method: its replica did not, and
                 failed = grpc.StatusCode.INTERNAL  # a caller must not take it for another server and go elsewhere
@@ -581,6 +590,28 @@ class Head:
         self._resend_turn += 1
         return live[self._resend_turn % len(live)]
 
+    def _note_failed(self, request: DataRequest, *failures: ShardnetError) -> None:
+        """Count ``request``, failed for want of a replica or as shards failed (``failures``, one per shard that
+        did): the first of a burst is logged at once, the rest once a second by shard and cause (``BurstLog``),
+        so that a shard gone, every request failing, is never silent and never a line per request."""
+        kind = ", ".join(self._failure_kind(failure) for failure in failures)
+        latest = f"{failures[0]}"[:MAX_FAILURE_CHARS]
+        self._failed_requests.note(
+            kind, latest, "%r: request %.80s failed (%s): %s", self.deployment, request.request_id, kind, latest
+        )
+
+    def _failure_kind(self, failure: ShardnetError) -> str:
+        """Where a request failed and why, in a few words: ``shard 1: no replica``, ``shard 0: UNAVAILABLE``,
+        ``dep/uses_after: DEADLINE_EXCEEDED``."""
+        deployment, shard_id = getattr(failure, "deployment", ""), getattr(failure, "shard_id", None)
+        where = f"shard {shard_id}" if shard_id is not None and deployment in ("", self.deployment) else (
+            deployment or self.deployment
+        )
+        if isinstance(failure, RoutingError):
+            return f"{where}: no replica"
+        code = getattr(failure, "code", None)
+        return f"{where}: {code.name if code is not None else 'failed'}"
+
     def _failed_after_running(self, request: DataRequest, details: str) -> tuple[DataRequest, list[tuple[str, str]]]:
         """A request a replica may have run, then failed: answered ERROR (``is-error: true``, gRPC OK), as an
         Executor's exception is, with the failure in its description and its documents as they came. Not as a
@@ -646,7 +677,7 @@ class Head:
             ),
             return_exceptions=True,
         )
-        outcomes, trailing, seen = [], [], set()
+        outcomes, trailing, seen, failed = [], [], set(), 0
         for (shard_id, _), result in zip(targets, results):
             if isinstance(result, MalformedReplyError):  # the shard's fault, not the caller's: a failed shard
                 result = ReplicaError(
@@ -660,6 +691,7 @@ class Head:
                 if not isinstance(result, (ReplicaError, RoutingError)):
                     raise result
                 outcomes.append((shard_id, result))
+                failed += 1
                 continue
             response, shard_trailing = result
             outcomes.append((shard_id, response))
@@ -667,7 +699,6 @@ class Head:
                 if pair not in seen and pair[0] not in _OWN_TRAILERS:  # a head's shard may be a head: ours win
                     seen.add(pair)
                     trailing.append(pair)
-        failed = sum(1 for _, outcome in outcomes if not isinstance(outcome, DataRequest))
         trailing += [("total_shards", str(len(targets))), ("failed_shards", str(failed))]
         if self._uses_after is not None:
             answered = [outcome for _, outcome in outcomes if isinstance(outcome, DataRequest)]
@@ -683,7 +714,9 @@ class Head:
                                    deployment=self._uses_after, unsent=False) from None
             report_shard_problems(response, self.deployment, outcomes)
         else:
-            response = merge_shard_responses(self.deployment, outcomes)
+            response = merge_shard_responses(self.deployment, outcomes)  # raises when every shard failed
+        if failed:  # some shards answered, others failed (when all fail, _serve counts what is raised)
+            self._note_failed(requests[0], *(result for _, result in outcomes if not isinstance(result, DataRequest)))
         if response.is_error and services.ERROR_TRAILER[0] not in trailing:
             # an error this head made (a shard down) or uses_after answered: what a Jina gateway stops a flow on
             trailing += services.ERROR_TRAILER
@@ -1190,6 +1223,7 @@ class Head:
                 await asyncio.gather(task, return_exceptions=True)
         self._expiry = self._readiness = None
         self._refusals.close()
+        self._failed_requests.close()
         await self.pool.close()
 
     async def start(self) -> None:

@@ -42,6 +42,7 @@ from shardnet.protocol import services
 from shardnet.protocol.documents import Document, DocumentList
 from shardnet.protocol.messages import ControlRequest, DataRequest, require_empty
 from shardnet.protocol.proto import docarray_pb2, jina_pb2
+from shardnet.runtimes.bursts import BurstLog
 from shardnet.runtimes.executor import DEFAULT, DEFAULT_ENDPOINT, DRY_RUN_ENDPOINT, AnswerTooBig, Executor
 from shardnet.runtimes.head import IMPLIED_LEASE_FACTOR, MAX_RENEWAL_INTERVAL
 from shardnet.runtimes.server import (
@@ -226,6 +227,10 @@ class Worker:
         # seconds) and of the default executor's, where close() runs: calls past it wait for it, none cancels it
         self._counting = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="list-count")
         self._unbound_logged: set[str] = set()
+        # an Executor raising on every request must not write a line per request (a review: 401 a second)
+        self._failures = BurstLog(
+            logger, self.name, "%s: %d more handler failures within %gs (%s); the latest: %s"
+        )
         self._head = head
         self._shard_id = shard_id
         self._control_token = control_token
@@ -454,9 +459,7 @@ class Worker:
             first.set_exception(exc, executor=type(self.executor).__name__)  # Jina names the class
             # the description set_exception made, which holds even for an exception that cannot be printed
             # (cut: a refusal may quote what the caller sent, and a log line per request must stay small)
-            logger.warning(
-                "%s.%s failed on %.200s: %.1000s", self.name, handler.name, endpoint, first._header().status.description
-            )
+            self._log_failure(handler.name, endpoint, first)
             context.set_trailing_metadata(services.ERROR_TRAILER)
         else:  # a route entry for work done, as a Jina worker adds one only then
             route = first.add_route(self._route_name)
@@ -464,6 +467,17 @@ class Worker:
             route.end_time.FromNanoseconds(time.time_ns())
         return await within_message_limit(
             context, first.to_bytes(), answer_limit, f"{self.name}: the answer of {endpoint}", whose
+        )
+
+    def _log_failure(self, handler_name: str, endpoint: str, request: DataRequest) -> None:
+        """Log that ``handler_name`` failed on ``endpoint`` (``request`` answered with its exception): the first of a
+        burst at once, naming the request; the rest counted by handler and endpoint, with the latest exception,
+        once a second (``BurstLog``). The description is cut: a refusal may quote what the caller sent."""
+        kind = f"{handler_name} on {endpoint:.200}"
+        description = f"{request._header().status.description:.1000}"
+        self._failures.note(
+            kind, f"{kind}: {description}",
+            "%s.%s failed on %.200s (request %.80s): %s", self.name, handler_name, endpoint, request.request_id, description,
         )
 
     def _file_result(self, request: DataRequest, result: dict, handler_name: str) -> None:
@@ -681,6 +695,7 @@ class Worker:
             await self._close_executor()
         self._threads.shutdown(wait=False, cancel_futures=True)
         self._counting.shutdown(wait=False, cancel_futures=True)
+        self._failures.close()  # failures counted but not yet said are said, not lost
 
     async def _close_executor(self) -> None:
         """Run the Executor's ``close()`` on a thread of its own, for what is left of the drain's grace
