@@ -237,6 +237,18 @@ def test_a_worker_that_died_is_restarted_on_its_socket_and_served_at_once():
         assert worker.pid in served_by and old_pid not in served_by  # a fresh connection, not an ejected one
 
 
+def test_restart_worker_waits_for_its_own_worker_only_while_another_lies_dead():
+    """restart_worker(0, 0) restarted its worker, then raised about worker-1-0, killed before, as "exited with code
+    -9": it waited for every worker's registration. It now waits for its own; wait_registered(), which does wait
+    for all, names the dead one's end as deploy does."""
+    with Deployment(executors.Pid, shards=2, replicas=1, name="bystander", drain_seconds=1) as deployment:
+        deployment.workers[(1, 0)].kill()
+        restarted = deployment.restart_worker(0, 0)
+        assert restarted.alive and deployment._member_address((0, 0), restarted) in deployment.members()
+        with pytest.raises(ProcessError, match=r"^worker-1-0 was killed by SIGKILL:"):
+            deployment.wait_registered()
+
+
 def test_revive_starts_again_a_killed_worker_and_a_killed_head_where_they_served(caplog):
     """What ``shardnet deploy`` does every second: a process that exited is launched again, at its old address."""
     with Deployment(executors.Pid, shards=1, replicas=2, name="revived", balancer="round_robin") as deployment:

@@ -167,7 +167,7 @@ class ShardnetProcess:
             if self.poll_ready():
                 return self.address
             if not self.alive:
-                raise ProcessError(f"{self.role} exited with code {self.popen.returncode} before it was ready:\n{self.tail()}")
+                raise ProcessError(f"{self.role} {self.exit_description()} before it was ready:\n{self.tail()}")
             time.sleep(0.02)
         waited = time.monotonic() - self.launched_at  # since the launch: a caller may have waited for others first
         raise ProcessError(
