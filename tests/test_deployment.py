@@ -338,6 +338,13 @@ def test_a_restart_that_fails_is_logged_once_with_its_own_output_and_backs_off(c
         assert "exited with code" in failed and "before it was ready; starting it again in 0.5s" in failed
         assert "this restart fails on purpose" in failed and failed.count("ready on") == 0  # this start's output only
         assert worker.restart_at > time.monotonic()
+        while time.monotonic() < worker.restart_at:  # its backoff: the next look launches it again
+            time.sleep(0.02)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="shardnet.runtimes.deployment"):
+            deployment.revive()  # fails as before: said in a line, not the same traceback again
+        [again] = [record.getMessage() for record in caplog.records if "worker-0-0" in record.getMessage()]
+        assert again.endswith(f"Its output:\nthe same as at its last failed start (its log: {worker.log_path})"), again
 
 
 def test_revive_starts_a_worker_again_after_its_log_folder_was_removed():

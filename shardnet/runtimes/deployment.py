@@ -637,7 +637,7 @@ class Deployment:
         if process in self._starting:  # a start that failed: its own output says why
             self._starting.discard(process)
             logger.error("%s %s before it was ready; %s. Its output:\n%s", process.role, process.exit_description(),
-                         again, process.tail())
+                         again, process.failure_output())
         else:
             logger.warning("%s (pid %s) %s; %s", process.role, process.pid, process.exit_description(), again)
 
