@@ -315,7 +315,11 @@ def test_a_worker_sigtermed_while_its_executor_loads_ends_at_once(tmp_path, exec
             worker.wait()
 
 
-def test_sigterm_while_deploy_is_starting_stops_what_it_started(tmp_path):
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_while_deploy_is_starting_stops_what_it_started(tmp_path, signum, code):
+    """A stop while the Executors load ends deploy at once, stopping what it launched, and says so: one line
+    naming the signal and that the start did not complete, and the signal's exit code (a systemd stop exited
+    130, Ctrl-C's, with no word)."""
     workspace = tmp_path / "workspace"
     with open(tmp_path / "deploy.log", "wb") as out:
         deploy = subprocess.Popen(
@@ -331,10 +335,15 @@ def test_sigterm_while_deploy_is_starting_stops_what_it_started(tmp_path):
             assert deploy.poll() is None and time.monotonic() < deadline, (tmp_path / "deploy.log").read_text()
             time.sleep(0.02)
         [worker_pid] = [int(path.name.split("-")[1]) for path in workspace.glob("loading-*")]
-        deploy.send_signal(signal.SIGTERM)
-        assert deploy.wait(15) != 0  # interrupted, not a minute later once the worker had loaded
+        deploy.send_signal(signum)
+        # interrupted, not a minute later once the worker had loaded
+        assert deploy.wait(15) == code, (tmp_path / "deploy.log").read_text()
         assert not wait_gone([worker_pid]), "the loading worker outlived deploy"
-        assert "serves on" not in (tmp_path / "deploy.log").read_text()
+        output = (tmp_path / "deploy.log").read_text()
+        assert "serves on" not in output
+        said = [line for line in output.splitlines() if "while starting" in line]
+        assert said == [f"executor: stopped by {signum.name} while starting: it did not start, and every process it "
+                        f"had launched is stopped; kept: workspace in {workspace}"], output
     finally:
         children = _children(deploy.pid) if deploy.poll() is None else []  # before a kill re-parents them
         if deploy.poll() is None:

@@ -237,6 +237,18 @@ def test_a_worker_that_died_is_restarted_on_its_socket_and_served_at_once():
         assert worker.pid in served_by and old_pid not in served_by  # a fresh connection, not an ejected one
 
 
+def test_restart_worker_waits_for_its_own_worker_only_while_another_lies_dead():
+    """restart_worker(0, 0) restarted its worker, then raised about worker-1-0, killed before, as "exited with code
+    -9": it waited for every worker's registration. It now waits for its own; wait_registered(), which does wait
+    for all, names the dead one's end as deploy does."""
+    with Deployment(executors.Pid, shards=2, replicas=1, name="bystander", drain_seconds=1) as deployment:
+        deployment.workers[(1, 0)].kill()
+        restarted = deployment.restart_worker(0, 0)
+        assert restarted.alive and deployment._member_address((0, 0), restarted) in deployment.members()
+        with pytest.raises(ProcessError, match=r"^worker-1-0 was killed by SIGKILL:"):
+            deployment.wait_registered()
+
+
 def test_revive_starts_again_a_killed_worker_and_a_killed_head_where_they_served(caplog):
     """What ``shardnet deploy`` does every second: a process that exited is launched again, at its old address."""
     with Deployment(executors.Pid, shards=1, replicas=2, name="revived", balancer="round_robin") as deployment:
@@ -326,6 +338,13 @@ def test_a_restart_that_fails_is_logged_once_with_its_own_output_and_backs_off(c
         assert "exited with code" in failed and "before it was ready; starting it again in 0.5s" in failed
         assert "this restart fails on purpose" in failed and failed.count("ready on") == 0  # this start's output only
         assert worker.restart_at > time.monotonic()
+        while time.monotonic() < worker.restart_at:  # its backoff: the next look launches it again
+            time.sleep(0.02)
+        caplog.clear()
+        with caplog.at_level("INFO", logger="shardnet.runtimes.deployment"):
+            deployment.revive()  # fails as before: said in a line, not the same traceback again
+        [again] = [record.getMessage() for record in caplog.records if "worker-0-0" in record.getMessage()]
+        assert again.endswith(f"Its output:\nthe same as at its last failed start (its log: {worker.log_path})"), again
 
 
 def test_revive_starts_a_worker_again_after_its_log_folder_was_removed():

@@ -24,6 +24,7 @@ from google.protobuf import empty_pb2, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+import shardnet
 from shardnet import ConfigurationError, ControlRequest, DataRequest, Document, ReplicaError
 from shardnet.networking.addresses import parse_address
 from shardnet.networking import oneshot
@@ -1206,6 +1207,24 @@ def test_keyboard_interrupt_in_init_is_logged_naming_the_executor(tmp_path):
     )
     assert result.returncode == 130, result
     assert "the Executor's __init__ (InterruptedInInit) raised KeyboardInterrupt(): not served" in result.stderr, result
+
+
+def test_an_exception_in_init_is_one_logged_error_with_the_users_frames_only(tmp_path):
+    """A crash in the Executor's __init__ was Python's raw traceback, no time, no worker named, through
+    shardnet's own frames (cli/main.py, cli/worker.py, executor.py): now one ERROR naming the worker, the class
+    and the exception, over the traceback of the user's frames and the chained cause; the exit code is still 1."""
+    result = subprocess.run(
+        [sys.executable, "-m", "shardnet", "worker", "--uses", f"{EXECUTORS}:ModelMissing", "--port", "0"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1, result
+    error = (r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ERROR shardnet\.cli\.worker: ModelMissing/shard-0/rep-0: the "
+             r"Executor's __init__ \(ModelMissing\) raised RuntimeError: the encoder could not be loaded: not served$")
+    assert len(re.findall(error, result.stderr, re.M)) == 1, result.stderr
+    assert "/nonexistent/models/encoder.bin" in result.stderr, result.stderr  # the cause, chained under it
+    assert f'File "{EXECUTORS}", line' in result.stderr, result.stderr  # where the user's code raised
+    shardnet_files = os.path.dirname(shardnet.__file__)
+    assert f'File "{shardnet_files}' not in result.stderr, result.stderr
 
 
 def test_a_sighup_ignored_from_the_start_stays_ignored(tmp_path):

@@ -9,7 +9,7 @@ import signal
 import sys
 import tempfile
 import threading
-from typing import Any
+from typing import Any, Callable, Optional
 
 from shardnet.cli.options import (
     add_head_routing_arguments,
@@ -21,6 +21,7 @@ from shardnet.cli.options import (
     json_object,
     make_folder,
     message_megabytes,
+    as_ctrl_c,
     on_stop_signals,
     positive_seconds,
     uses_metas_name,
@@ -135,9 +136,25 @@ def run(args: argparse.Namespace) -> int:
 
 def _deploy(args: argparse.Namespace, uses_with: dict, workspace: str) -> int:
     """Run the deployment ``args`` describe until a stop signal; its exit code."""
-    stop = threading.Event()
-    on_stop_signals()  # during startup as Ctrl-C: Deployment.start stops what it had started, and we exit
+    received: list[int] = []  # a stop signal that came during startup, to name it and exit with its code
+    # during startup as Ctrl-C: Deployment.start stops what it had started, and we exit
+    on_stop_signals(_noting_signal(received))
     token = control_token(args)
+    try:
+        deployment = _started_deployment(args, uses_with, workspace, token)
+    except KeyboardInterrupt:
+        return _stopped_while_starting(args, received)
+    try:
+        return _serve(args, deployment, token_given=token is not None)
+    except BaseException:  # as a ``with`` would: its processes and folders go whatever ends the serving
+        deployment.stop()
+        raise
+
+
+def _started_deployment(
+    args: argparse.Namespace, uses_with: dict, workspace: str, token: Optional[str]
+) -> Deployment:
+    """The deployment ``args`` describe, started: every replica registered with its head."""
     deployment = Deployment(
         args.uses,
         shards=args.shards,
@@ -167,36 +184,43 @@ def _deploy(args: argparse.Namespace, uses_with: dict, workspace: str) -> int:
     for folder, flag in ((args.log_dir, "--log-dir"), (args.workspace, "--workspace")):
         if folder is not None:  # made here to name the flag (Deployment's own error names its parameter)
             make_folder(folder, flag)
-    with deployment:
-        # from here on the loop below notices within a second, Ctrl-C too: a KeyboardInterrupt could land in
-        # the middle of a restart, or of the making of the loop a look at the head runs in
-        on_stop_signals(lambda *_: stop.set(), ctrl_c=True)
-        print(deployment.table())
-        kept = "kept after exit" if args.log_dir else "removed on exit; --log-dir DIR keeps them"
-        print(f"logs: {deployment.log_dir}/{args.name}-ROLE.log, one per process ({kept})")
-        kept = "kept after exit" if args.workspace or args.log_dir else "removed on exit; --workspace DIR keeps it"
-        print(f"workspace of the Executors' state: {deployment.workspace} ({kept})")
-        print(f"\n{args.name} serves on {deployment.address} (Ctrl-C stops it)", flush=True)
-        exposure = exposure_warning(args.host, token_given=token is not None)
-        if exposure:
-            print(exposure, flush=True)  # the head logs it to its file, which nobody reads while it serves
-        reported: set[int] = set()  # pids of exits already warned about under --no-restart
-        while not stop.wait(REVIVE_INTERVAL):
-            if args.restart:
-                deployment.revive(wait=False)  # never blocks: SIGTERM is heard within a second
-            elif _warn_exited(deployment, reported, bool(args.log_dir)):
-                break  # its head exited: nothing serves, and a supervisor must see deploy end
-        if not args.restart:
-            _warn_exited(deployment, reported, bool(args.log_dir))  # one that exited since the last look
-        # on SIGTERM as on Ctrl-C: the drain may take a few seconds, which a second Ctrl-C cuts short
-        forced = threading.Event()
+    return deployment.start()
 
-        def stop_at_once(*_: Any) -> None:
-            forced.set()
-            deployment.kill()
 
-        signal.signal(signal.SIGINT, stop_at_once)
-        print("stopping... (Ctrl-C again stops them at once)", flush=True)
+def _serve(args: argparse.Namespace, deployment: Deployment, token_given: bool) -> int:
+    """Serve the started ``deployment`` until a stop signal, then stop it; deploy's exit code, from how the
+    stop went."""
+    stop = threading.Event()
+    # from here on the loop below notices within a second, Ctrl-C too: a KeyboardInterrupt could land in
+    # the middle of a restart, or of the making of the loop a look at the head runs in
+    on_stop_signals(lambda *_: stop.set(), ctrl_c=True)
+    print(deployment.table())
+    kept = "kept after exit" if args.log_dir else "removed on exit; --log-dir DIR keeps them"
+    print(f"logs: {deployment.log_dir}/{args.name}-ROLE.log, one per process ({kept})")
+    kept = "kept after exit" if args.workspace or args.log_dir else "removed on exit; --workspace DIR keeps it"
+    print(f"workspace of the Executors' state: {deployment.workspace} ({kept})")
+    print(f"\n{args.name} serves on {deployment.address} (Ctrl-C stops it)", flush=True)
+    exposure = exposure_warning(args.host, token_given=token_given)
+    if exposure:
+        print(exposure, flush=True)  # the head logs it to its file, which nobody reads while it serves
+    reported: set[int] = set()  # pids of exits already warned about under --no-restart
+    while not stop.wait(REVIVE_INTERVAL):
+        if args.restart:
+            deployment.revive(wait=False)  # never blocks: SIGTERM is heard within a second
+        elif _warn_exited(deployment, reported, bool(args.log_dir)):
+            break  # its head exited: nothing serves, and a supervisor must see deploy end
+    if not args.restart:
+        _warn_exited(deployment, reported, bool(args.log_dir))  # one that exited since the last look
+    # on SIGTERM as on Ctrl-C: the drain may take a few seconds, which a second Ctrl-C cuts short
+    forced = threading.Event()
+
+    def stop_at_once(*_: Any) -> None:
+        forced.set()
+        deployment.kill()
+
+    signal.signal(signal.SIGINT, stop_at_once)
+    print("stopping... (Ctrl-C again stops them at once)", flush=True)
+    deployment.stop()
     if forced.is_set():
         print(f"{args.name}: every process killed at once; {_left_behind(args)}", flush=True)
         return 130
@@ -214,6 +238,27 @@ def _deploy(args: argparse.Namespace, uses_with: dict, workspace: str) -> int:
         return 1
     print(f"{args.name}: every process drained and stopped; {_left_behind(args)}", flush=True)
     return 0
+
+
+def _noting_signal(received: list[int]) -> Callable[[int, Any], None]:
+    """A handler of the stop signals during startup: what Ctrl-C does (``Deployment.start`` stops what it had
+    started), the signal's number noted in ``received`` first, for the exit to name it."""
+
+    def as_ctrl_c_noted(signum: int, frame: Any) -> None:
+        received.append(signum)
+        as_ctrl_c(signum, frame)
+
+    return as_ctrl_c_noted
+
+
+def _stopped_while_starting(args: argparse.Namespace, received: list[int]) -> int:
+    """Say, in one line, that a stop signal (the first of ``received``, else Ctrl-C) ended the start before
+    the deployment served; its exit code, 128 + the signal's number (SIGTERM 143, SIGHUP 129, Ctrl-C 130), as
+    a shell reports a process a signal ended: a supervisor sees a stop, not a failure or a clean exit."""
+    signum = received[0] if received else signal.SIGINT
+    print(f"{args.name}: stopped by {signal.Signals(signum).name} while starting: it did not start, and every "
+          f"process it had launched is stopped; {_left_behind(args)}", file=sys.stderr, flush=True)
+    return 128 + signum
 
 
 def exposure_warning(host: str, token_given: bool) -> str:

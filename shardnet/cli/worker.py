@@ -6,6 +6,9 @@ import argparse
 import logging
 import os
 import sys
+import traceback
+
+import shardnet
 
 from shardnet.cli.options import (
     INT32_MAX,
@@ -25,7 +28,7 @@ from shardnet.cli.options import (
     uses_metas_name,
     whole_number,
 )
-from shardnet.errors import ConfigurationError
+from shardnet.errors import ConfigurationError, ShardnetError
 from shardnet.networking.addresses import UNIX_SCHEME, entity_address, parse_address
 from shardnet.runtimes.executor import (
     EXECUTOR_PATH_VARIABLE,
@@ -40,6 +43,9 @@ from shardnet.runtimes.worker import MIN_REGISTER_INTERVAL, SHORTEST_INTERVAL_WH
 
 REGISTER_INTERVAL = 2.0  # seconds between a worker's ACTIVATEs to its --head, unless --register-interval says
 logger = logging.getLogger(__name__)
+
+# frames of files here are shardnet's own, left out of the traceback of an Executor's failed __init__
+SHARDNET_FILES = os.path.dirname(os.path.abspath(shardnet.__file__)) + os.sep
 
 # why a longer --register-interval is refused: the head would not wait for its renewals
 LONGEST_INTERVAL = (
@@ -153,6 +159,12 @@ def run(args: argparse.Namespace) -> int:
         logger.error("%s: the Executor's __init__ (%s) raised %r: not served", name, executor_class.__name__, exc,
                      exc_info=True)
         raise
+    except ShardnetError:  # shardnet's own refusal (uses_with it cannot take): main() says it in a line
+        raise
+    except Exception as exc:  # one logged error, not Python's traceback through shardnet's own frames
+        logger.error("%s: the Executor's __init__ (%s) raised %s: not served\n%s", name, executor_class.__name__,
+                     traceback.format_exception_only(type(exc), exc)[-1].strip(), users_traceback(exc))
+        return 1  # the code an uncaught exception exits with, as before
     if executor.metas.name != expected_name:  # named in its __init__ (metas= among its arguments): asked again
         former = former_workspace(name, workspace, executor.metas.name, args.shard_id)
     if former is not None:
@@ -234,3 +246,20 @@ def check_advertise_host(host: str) -> None:
         raise ConfigurationError(
             f"--advertise-host {host!r:.80} is no host name or IP address a head could dial ({exc})"
         ) from None
+
+
+def users_traceback(exc: BaseException) -> str:
+    """``exc``'s traceback, its chained causes' too, without the frames of shardnet's own files: what an
+    Executor's author can act on is where their code raised, not how shardnet came to call it (cli/main.py,
+    cli/worker.py, executor.py took 18 lines of a crash's output)."""
+    report = traceback.TracebackException.from_exception(exc)
+    pending, seen = [report], set()
+    while pending:  # the exception and those chained to it (``raise ... from``, or raised while handling)
+        part = pending.pop()
+        if id(part) in seen:
+            continue
+        seen.add(id(part))
+        users = [frame for frame in part.stack if not os.path.abspath(frame.filename).startswith(SHARDNET_FILES)]
+        part.stack = traceback.StackSummary.from_list(users)
+        pending += [chained for chained in (part.__cause__, part.__context__) if chained is not None]
+    return "".join(report.format()).rstrip("\n")

@@ -508,7 +508,7 @@ class Deployment:
         while True:
             for process in self.workers.values():
                 if not process.alive:
-                    raise ProcessError(f"{process.role} exited with code {process.popen.returncode}:\n{process.tail()}")
+                    raise ProcessError(f"{process.role} {process.exit_description()}:\n{process.tail()}")
             expected = {self._member_address(key, p) for key, p in self.workers.items() if p.address is not None}
             if len(expected) < len(self.workers):
                 for process in self.workers.values():
@@ -546,8 +546,23 @@ class Deployment:
             self._forget(member, shard)
         self._launch_again(process)
         process.wait_ready(self.startup_timeout, LONGER_STARTUP)
-        self.wait_registered()
+        self._wait_listed((shard, replica), process)
         return process
+
+    def _wait_listed(self, key: tuple[int, int], process: ShardnetProcess) -> None:
+        """Block until the head lists the worker ``key`` (``process``, ready), within the startup timeout: a
+        restart waits for its own worker only, as another lying dead (revive's to restart) is no failure of it."""
+        member = self._member_address(key, process)
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            listed = self.members()
+            if member in listed:
+                return
+            if not process.alive:
+                raise ProcessError(f"{process.role} {process.exit_description()}:\n{process.tail()}")
+            if time.monotonic() > deadline:
+                raise ProcessError(f"head of {self.name!r} lists {listed}, not {process.role} at {member}")
+            time.sleep(0.02)
 
     def _launch_again(self, process: ShardnetProcess) -> None:
         """Launch ``process`` again, or ProcessError when a stop() from another thread is under way or done."""
@@ -622,7 +637,7 @@ class Deployment:
         if process in self._starting:  # a start that failed: its own output says why
             self._starting.discard(process)
             logger.error("%s %s before it was ready; %s. Its output:\n%s", process.role, process.exit_description(),
-                         again, process.tail())
+                         again, process.failure_output())
         else:
             logger.warning("%s (pid %s) %s; %s", process.role, process.pid, process.exit_description(), again)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,6 +30,9 @@ REAP_AFTER_KILL_SECONDS = 5.0
 TRACEBACK_START = "Traceback (most recent call last):"
 MAX_TAIL_LINES = 200  # of a failed start's output quoted in its error
 MIN_LAST_DRAIN = 2.0  # seconds the workers get to drain after their heads, however long those took
+# the time a log line of a shardnet process begins with: a failed start's output compared with the last one's
+# without it
+LOG_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", re.M)
 # what `shardnet --log-level` takes, and so what a launcher may pass its children
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -75,6 +79,7 @@ class ShardnetProcess:
         self.ready_at: Optional[float] = None  # and of its ready line, once seen
         self.quick_exits = 0  # exits in a row, none after a stable run: how long a restart waits (note_exit)
         self.restart_at: Optional[float] = None  # once an exit was noted: when it may be launched again
+        self._last_failure: Optional[str] = None  # what its last failed start said, times left out
 
     @property
     def pid(self) -> Optional[int]:
@@ -167,7 +172,7 @@ class ShardnetProcess:
             if self.poll_ready():
                 return self.address
             if not self.alive:
-                raise ProcessError(f"{self.role} exited with code {self.popen.returncode} before it was ready:\n{self.tail()}")
+                raise ProcessError(f"{self.role} {self.exit_description()} before it was ready:\n{self.tail()}")
             time.sleep(0.02)
         waited = time.monotonic() - self.launched_at  # since the launch: a caller may have waited for others first
         raise ProcessError(
@@ -235,6 +240,16 @@ class ShardnetProcess:
         if first_traceback is not None:
             start = min(start, first_traceback)
         return "\n".join(output[max(start, len(output) - MAX_TAIL_LINES, 0):]) or "(no output)"
+
+    def failure_output(self) -> str:
+        """For a launch that failed: its ``tail()``, or a line saying it is what the last failed launch said
+        (the times of log lines aside), so that a crash loop's restarts do not repeat the same error in full."""
+        output = self.tail()
+        said = LOG_TIMESTAMP.sub("", output)
+        if said == self._last_failure:
+            return f"the same as at its last failed start (its log: {self.log_path})"
+        self._last_failure = said
+        return output
 
     def signal(self, signum: int) -> None:
         if self.alive:
