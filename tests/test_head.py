@@ -987,7 +987,8 @@ async def test_a_head_past_its_max_in_flight_refuses_at_once_and_health_still_an
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
     answers = await asyncio.gather(*slow)
     assert [answer.docs[0].text for answer in answers] == [f"slow-{index}" for index in range(3)]
-    assert head._in_flight == 0
+    # a call counts until gRPC's done callback for it runs, once its answer is out: maybe after the client has it
+    await eventually(lambda: head._in_flight == 0)
     assert (await send(head.server.address, "/sleep", [Document(text="room again")])).docs[0].text == "room again"
 
 
