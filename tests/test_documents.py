@@ -405,3 +405,29 @@ def test_a_refused_dtype_neither_stays_in_memory_nor_carries_numpy_s_quote_of_it
     with pytest.raises(ProtocolError, match="unknown dtype") as refused:
         ndarray.from_proto(target)
     assert refused.value.__cause__ is None and refused.value.__suppress_context__
+
+
+def test_none_clears_text_blob_uri_and_mime_type_as_docarray_does():
+    """An Executor drops raw content once it encoded it (``doc.blob = None``, ``doc.text = None``); that failed
+    the request with a TypeError (protobuf's own, naming no field, for the blob), where docarray clears the field
+    (found by a review)."""
+    doc = Document(text="x", uri="a.png")
+    doc.embedding = np.ones(2, dtype=np.float32)
+    doc.text, doc.uri, doc.mime_type = None, None, None
+    assert (doc.text, doc.uri, doc.mime_type) == ("", "", "")
+    assert doc.embedding.tolist() == [1.0, 1.0]  # what was set beside it stays
+    doc.blob = b"raw"
+    doc.blob = None
+    assert doc.blob == b""
+    with pytest.raises(TypeError, match="Document.blob takes bytes"):
+        doc.blob = "text"
+
+
+def test_documents_are_found_by_id_and_other_lookups_are_refused_saying_what_to_write():
+    docs = DataRequest([Document(id="a"), Document(id="b"), Document(id="b", text="second")]).docs
+    assert docs["b"].text == "" and docs["a"].id == "a"  # the first with that id, as docarray's
+    with pytest.raises(KeyError, match="no document with id 'c' among these 3"):
+        docs["c"]
+    for index in ([0, 1], [True, False, True]):
+        with pytest.raises(TypeError, match="shardnet has no DocumentArray; write"):
+            docs[index]

@@ -318,6 +318,33 @@ async def test_minimal_signatures_and_returned_views_are_served(runtimes):
         assert response.docs.texts == [endpoint]
 
 
+class ForwardsItsKwargs(Executor):
+    """Hands its **kwargs on to code written for Jina's handler keywords, as ported Executors do."""
+
+    @requests(on="/forward")
+    def forward(self, docs, parameters, **kwargs):
+        def jinas_keywords_only(docs_matrix=None, docs_map=None, tracing_context=None):
+            return len(docs_matrix or [])
+
+        for doc in docs:
+            doc.tags["columns"] = jinas_keywords_only(**kwargs)
+
+
+async def test_a_handler_is_given_jinas_keywords_alone_unless_it_names_endpoint(runtimes):
+    """A handler taking **kwargs was given ``endpoint`` too, which Jina never passes: one that forwarded its
+    kwargs to code written for Jina's failed on every request (found by a review). A handler naming it gets it."""
+    worker = await runtimes(Worker(ForwardsItsKwargs.create()))
+    response = await oneshot.send_request_async(
+        DataRequest([Document()], endpoint="/forward"), worker.server.address, timeout=10
+    )
+    assert not response.is_error, response.status.description
+    assert response.docs[0].tags["columns"] == 1
+    named = await runtimes(Worker(executors.Tagger.create()))
+    response = await oneshot.send_request_async(DataRequest([Document()], endpoint="/endpoint"), named.server.address,
+                                                timeout=10)
+    assert response.docs[0].tags["endpoint"] == "/endpoint"
+
+
 # -- arrays -------------------------------------------------------------------------------------------
 
 

@@ -153,7 +153,7 @@ async def test_a_handler_naming_tracing_context_gets_it_as_from_jina(runtimes):
     answer = await oneshot.send_request_async(DataRequest([Document()], endpoint="/any"), worker.server.address)
     assert not answer.is_error, answer.status.description
     assert answer.docs[0].tags["tracing_context"] == "None"
-    assert answer.docs[0].tags["kwargs"] == ["docs_map", "docs_matrix", "endpoint", "parameters"]
+    assert answer.docs[0].tags["kwargs"] == ["docs_map", "docs_matrix", "parameters"]  # Jina's, no endpoint
 
 
 async def test_handler_exception_is_an_error_response_and_the_worker_keeps_serving(tagger):

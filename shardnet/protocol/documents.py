@@ -229,16 +229,24 @@ class Document:
         return self._pb.text
 
     @text.setter
-    def text(self, value: str) -> None:
-        self._pb.text = _text(value, "text")
+    def text(self, value: Optional[str]) -> None:
+        """``None`` clears it, as docarray's: an Executor drops a text once it encoded it."""
+        if value is None:
+            self._pb.ClearField("text")
+        else:
+            self._pb.text = _text(value, "text")
 
     @property
     def uri(self) -> str:
         return self._pb.uri
 
     @uri.setter
-    def uri(self, value: str) -> None:
-        """As docarray's: a document with no ``mime_type`` yet gets the one the uri's extension names."""
+    def uri(self, value: Optional[str]) -> None:
+        """As docarray's: a document with no ``mime_type`` yet gets the one the uri's extension names; ``None``
+        clears it."""
+        if value is None:
+            self._pb.ClearField("uri")
+            return
         self._pb.uri = _text(value, "uri")
         if value and not self._pb.mime_type:
             self._pb.mime_type = mimetypes.guess_type(value)[0] or ""
@@ -248,8 +256,12 @@ class Document:
         return self._pb.mime_type
 
     @mime_type.setter
-    def mime_type(self, value: str) -> None:
-        self._pb.mime_type = _text(value, "mime_type")
+    def mime_type(self, value: Optional[str]) -> None:
+        """``None`` clears it, as docarray's."""
+        if value is None:
+            self._pb.ClearField("mime_type")
+        else:
+            self._pb.mime_type = _text(value, "mime_type")
 
     @property
     def parent_id(self) -> str:
@@ -283,8 +295,14 @@ class Document:
         return self._pb.blob
 
     @blob.setter
-    def blob(self, value: bytes) -> None:
-        self._pb.blob = value
+    def blob(self, value: Optional[bytes]) -> None:
+        """``None`` clears it, as docarray's: an Executor drops the raw bytes once it encoded them."""
+        if value is None:
+            self._pb.ClearField("blob")
+        elif not isinstance(value, (bytes, bytearray)):
+            raise TypeError(f"Document.blob takes bytes (or None to clear it), got {type(value).__name__}")
+        else:
+            self._pb.blob = bytes(value)
 
     @property
     def tensor(self) -> Optional[np.ndarray]:
@@ -414,9 +432,25 @@ class DocumentList:
     def __getitem__(self, index: slice) -> list[Document]: ...
 
     def __getitem__(self, index):
+        """A document by position, or a list of them by slice; by id (``docs["d1"]``), as docarray's
+        ``DocumentArray``, the first with that id (KeyError when none has it). Lists of positions or of booleans,
+        which a ``DocumentArray`` also takes, are refused naming what to write instead."""
         if isinstance(index, slice):
             return [Document._view(pb, self._budget) for pb in self._field[index]]
+        if isinstance(index, str):
+            return self._by_id(index)
+        if not isinstance(index, int):
+            raise TypeError(
+                f"documents are indexed by position, slice or id, not by {type(index).__name__}: shardnet has no "
+                "DocumentArray; write [docs[i] for i in positions], or [d for d, keep in zip(docs, mask) if keep]"
+            )
         return Document._view(self._field[index], self._budget)
+
+    def _by_id(self, wanted: str) -> Document:
+        for pb in self._field:
+            if pb.id == wanted:
+                return Document._view(pb, self._budget)
+        raise KeyError(f"no document with id {wanted!r} among these {len(self._field)}")
 
     def __delitem__(self, index: Union[int, slice]) -> None:
         del self._field[index]

@@ -86,10 +86,15 @@ def _endpoint_list(on: Any) -> list:
         return [on]
 
 
+# keyword arguments a handler is given only when it names them: Jina passes no such keyword, and a handler that
+# forwards its **kwargs to code written for Jina's would fail on it
+NAMED_ONLY_ARGUMENTS = frozenset({"endpoint"})
+
+
 class Handler:
     """One bound handler: knows whether it is async and which keyword arguments it accepts."""
 
-    __slots__ = ("name", "function", "is_async", "accepts_any_kwargs", "accepted")
+    __slots__ = ("name", "function", "is_async", "accepts_any_kwargs", "accepted", "withheld")
 
     def __init__(self, function: Callable):
         self.name = function.__name__
@@ -98,10 +103,13 @@ class Handler:
         parameters = inspect.signature(function).parameters.values()
         self.accepts_any_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
         self.accepted = frozenset(p.name for p in parameters)
+        # what its **kwargs would have that Jina's never hold
+        self.withheld = tuple(NAMED_ONLY_ARGUMENTS - self.accepted) if self.accepts_any_kwargs else ()
 
     def takes(self, argument: str) -> bool:
-        """Whether the handler is given ``argument``: it names it, or takes any keyword."""
-        return self.accepts_any_kwargs or argument in self.accepted
+        """Whether the handler is given ``argument``: it names it, or takes any keyword (but for those it is
+        given only when it names them)."""
+        return argument in self.accepted or (self.accepts_any_kwargs and argument not in NAMED_ONLY_ARGUMENTS)
 
     async def __call__(
         self, executor: "Executor", threads, *, answer_limit: Optional[int] = None, **arguments: Any
@@ -110,6 +118,8 @@ class Handler:
         bytes an answer may hold, beyond which Documents a blocking handler yields are not read."""
         if not self.accepts_any_kwargs:
             arguments = {key: value for key, value in arguments.items() if key in self.accepted}
+        for name in self.withheld:
+            arguments.pop(name, None)
         if self.is_async:
             try:
                 return await self.function(executor, **arguments)
