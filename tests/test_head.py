@@ -7,6 +7,7 @@ the control plane and its token, and what a stock gRPC client sees.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -1249,6 +1250,45 @@ async def test_a_draining_head_refuses_new_calls_in_band_until_its_own_are_done(
         assert await outcomes(once, 10) == ["ok"] * 10  # its GOAWAY moved the client to the other head
 
 
+class _Load:
+    """Callers sending short /sleep requests to deployment "front" through a pool, counting what comes back."""
+
+    def __init__(self, pool: GrpcConnectionPool):
+        self.pool = pool
+        self.answered = 0
+        self.failures: list[str] = []
+        self.calling = True
+
+    async def caller(self) -> None:
+        while self.calling:
+            request = DataRequest([Document()], endpoint="/sleep", parameters={"seconds": 0.01})
+            try:
+                [task] = self.pool.send_request(request, "front", timeout=20)
+                response, _ = await task
+            except ReplicaError as exc:
+                self.failures.append(f"{exc.code.name if exc.code else None}: {exc}")
+                continue
+            if response.is_error:
+                self.failures.append(f"ERROR: {response.status.description}")
+            else:
+                self.answered += 1
+
+
+@contextlib.asynccontextmanager
+async def _under_load(pool: GrpcConnectionPool, eventually, callers: int = 200):
+    """200 callers through ``pool``: the body runs once 400 calls were answered, and 400 more must be after it."""
+    load = _Load(pool)
+    tasks = [asyncio.ensure_future(load.caller()) for _ in range(callers)]
+    try:
+        await eventually(lambda: load.answered >= 400, timeout=20)
+        yield load
+        then = load.answered
+        await eventually(lambda: load.answered >= then + 400, timeout=20)
+    finally:
+        load.calling = False
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+
+
 async def test_a_head_drained_under_load_fails_no_caller_while_a_second_head_serves(runtimes, pool, eventually):
     """Two heads before the same two workers, called through a pool by 200 callers at once, one head drained
     under that load (a rolling restart): every call is answered, by one head or the other. The head stopped
@@ -1261,35 +1301,12 @@ async def test_a_head_drained_under_load_fails_no_caller_while_a_second_head_ser
     drained, other = [await runtimes(Head("front", connections=connections)) for _ in range(2)]
     for head in (drained, other):
         pool.add_connection("front", head.server.address)
-    answered, failures = [0], []
-    calling = True
-
-    async def caller() -> None:
-        while calling:
-            request = DataRequest([Document()], endpoint="/sleep", parameters={"seconds": 0.01})
-            try:
-                [task] = pool.send_request(request, "front", timeout=20)
-                response, _ = await task
-            except ReplicaError as exc:
-                failures.append(f"{exc.code.name if exc.code else None}: {exc}")
-                continue
-            if response.is_error:
-                failures.append(f"ERROR: {response.status.description}")
-            else:
-                answered[0] += 1
-
-    callers = [asyncio.ensure_future(caller()) for _ in range(200)]
-    try:
-        await eventually(lambda: answered[0] >= 400, timeout=20)  # both heads busy
+    async with _under_load(pool, eventually) as load:  # both heads busy; the other takes it all after
         started = time.monotonic()
         await asyncio.wait_for(drained.stop(10), 15)
         stopped_after = time.monotonic() - started
-        then = answered[0]
-        await eventually(lambda: answered[0] >= then + 400, timeout=20)  # the other head takes it all
-    finally:
-        calling = False
-        await asyncio.wait_for(asyncio.gather(*callers), 30)
-    assert not failures, f"{len(failures)} of {len(failures) + answered[0]} calls failed: {failures[:3]}"
+    assert not load.failures, f"{len(load.failures)} of {len(load.failures) + load.answered} calls failed: " \
+        f"{load.failures[:3]}"
     assert stopped_after < 5  # once its calls were done and no more came, not at the grace's end
 
 
@@ -1305,33 +1322,10 @@ async def test_a_worker_drained_under_load_while_its_head_still_sends_to_it_fail
     addresses = [drained.server.address, other.server.address]
     head = await runtimes(Head("front", connections={0: addresses}, request_streams=False))
     pool.add_connection("front", head.server.address)
-    answered, failures = [0], []
-    calling = True
-
-    async def caller() -> None:
-        while calling:
-            request = DataRequest([Document()], endpoint="/sleep", parameters={"seconds": 0.01})
-            try:
-                [task] = pool.send_request(request, "front", timeout=20)
-                response, _ = await task
-            except ReplicaError as exc:
-                failures.append(f"{exc.code.name if exc.code else None}: {exc}")
-                continue
-            if response.is_error:
-                failures.append(f"ERROR: {response.status.description}")
-            else:
-                answered[0] += 1
-
-    callers = [asyncio.ensure_future(caller()) for _ in range(200)]
-    try:
-        await eventually(lambda: answered[0] >= 400, timeout=20)  # both workers busy
+    async with _under_load(pool, eventually) as load:  # both workers busy; the other takes it all after
         await asyncio.wait_for(drained.stop(10), 15)
-        then = answered[0]
-        await eventually(lambda: answered[0] >= then + 400, timeout=20)  # the other worker takes it all
-    finally:
-        calling = False
-        await asyncio.wait_for(asyncio.gather(*callers), 30)
-    assert not failures, f"{len(failures)} of {len(failures) + answered[0]} calls failed: {failures[:3]}"
+    assert not load.failures, f"{len(load.failures)} of {len(load.failures) + load.answered} calls failed: " \
+        f"{load.failures[:3]}"
 
 
 async def test_endpoint_discovery_round_a_cycle_of_heads_is_refused_at_once(runtimes):

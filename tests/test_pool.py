@@ -477,14 +477,20 @@ async def test_create_connection_pool_makes_a_plain_pool_without_a_namespace_as_
         await pool.close()
 
 
-async def test_create_connection_pool_takes_the_logger_third_as_jina_3_passed_it(echo_servers, dead_address):
-    """Old Jina 3 called create_connection_pool(k8s_connection_pool, k8s_namespace, logger) positionally: a
-    TypeError (two positional parameters); now the logger is third and the pool logs its ejections there."""
+def _recording_logger(prefix: str) -> tuple[logging.Logger, list[logging.LogRecord]]:
+    """A logger of its own (a Jina runtime's, say) and the records it receives."""
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
-    own = logging.getLogger(f"jina3-head-{id(records)}")
+    own = logging.getLogger(f"{prefix}-{id(records)}")
     own.addHandler(handler)
+    return own, records
+
+
+async def test_create_connection_pool_takes_the_logger_third_as_jina_3_passed_it(echo_servers, dead_address):
+    """Old Jina 3 called create_connection_pool(k8s_connection_pool, k8s_namespace, logger) positionally: a
+    TypeError (two positional parameters); now the logger is third and the pool logs its ejections there."""
+    own, records = _recording_logger("jina3-head")
     [live] = await echo_servers(1)
     pool = create_connection_pool(False, None, own)
     try:
@@ -686,11 +692,7 @@ async def test_one_round_over_one_replica_is_one_attempt(pool_factory, echo_serv
 
 
 async def test_jinas_logger_compression_and_channel_options_are_taken(pool_factory, echo_servers, dead_address):
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    own = logging.getLogger(f"jina-style-{id(records)}")
-    own.addHandler(handler)
+    own, records = _recording_logger("jina-style")
     [live] = await echo_servers(1)
     pool = pool_factory(logger=own, compression="Gzip", channel_options=[("grpc.primary_user_agent", "jina-style")])
     pool.add_connection("dep", dead_address)
