@@ -1147,9 +1147,12 @@ async def test_a_worker_cannot_lease_itself_for_ever(runtimes):
     assert head._registrations.leased(("127.0.0.1:40001", 0)) == IMPLIED_LEASE_FACTOR * MAX_RENEWAL_INTERVAL
 
 
-async def test_a_dry_run_reaches_every_shard_and_says_which_did_not_answer(runtimes):
+async def test_a_dry_run_reaches_every_shard_and_says_which_did_not_answer(runtimes, caplog):
     """jina.JinaGatewayDryRunRPC/dry_run, what Client.is_flow_ready() asks: SUCCESS when every shard answered
-    the dry run (no handler runs), else ERROR naming the shard."""
+    the dry run (no handler runs), else ERROR naming the shard. A readiness check is no request failed: it is not
+    counted in the head's log of failed requests (each probe of a head with a shard down was one, found by a
+    review)."""
+    caplog.set_level(logging.WARNING)
     workers = await shard_workers(runtimes, executors.ShardSearch, 2)
     full = await head_over(runtimes, "search", workers, "ANY")
     partial = await runtimes(Head("search", connections={0: [workers[0].server.address]}, shards=2))
@@ -1161,6 +1164,7 @@ async def test_a_dry_run_reaches_every_shard_and_says_which_did_not_answer(runti
     status = jina_pb2.StatusProto.FromString(not_ready)
     assert status.code == jina_pb2.StatusProto.ERROR and "shard 1" in status.description, status
     assert all(worker.executor.calls == {} for worker in workers)  # the dry run ran no handler
+    assert "failed (" not in caplog.text, caplog.text
 
 
 async def test_a_dry_run_without_a_deadline_gives_up_on_a_hung_shard(runtimes, echo_servers, monkeypatch):
@@ -1403,11 +1407,13 @@ async def test_a_shard_left_without_a_replica_is_warned_of_and_the_requests_it_f
     assert not (await send(head.server.address, "/tag", [Document()])).is_error
     assert "no replica left" not in caplog.text
     await oneshot.deactivate_worker(host, int(port), head.server.address, shard_id=1)
-    assert f"halved/shard-1: no replica left: {workers[1].server.address} was the last" in caplog.text
 
     sent = [DataRequest([Document()], endpoint="/tag") for _ in range(20)]
     for request in sent:
         assert (await oneshot.send_request_async(request, head.server.address, timeout=10)).is_error
+    # said by the first request that found the shard empty (once): not by the removal itself, which a shard
+    # forgotten on purpose (no --shards names it) also goes through, and which no request would then meet
+    assert caplog.text.count(f"halved/shard-1: no replica left: {workers[1].server.address} was the last") == 1
 
     def failure_lines() -> list[str]:
         return [record.getMessage() for record in caplog.records if "failed (" in record.getMessage()

@@ -230,7 +230,7 @@ def test_a_uses_after_passing_a_shards_error_on_is_not_named_twice():
 def test_every_shard_failed_names_each_shard_within_room_and_keeps_the_status_of_one_that_may_have_run():
     import grpc
 
-    from shardnet.errors import ReplicaError
+    from shardnet.errors import ReplicaError, RoutingError
     from shardnet.runtimes.merge import FAILURES_ROOM, every_shard_failed
 
     def failed(shard, unsent=True, cause="down"):
@@ -253,6 +253,8 @@ def test_every_shard_failed_names_each_shard_within_room_and_keeps_the_status_of
     mixed = every_shard_failed("dep", [failed(shard, cause="x" * 500) for shard in range(63)] + [(63, hung)])
     assert mixed.code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert str(mixed).startswith("all 64 shards of 'dep' failed (63 UNAVAILABLE, 1 DEADLINE_EXCEEDED): shard 63 of")
+    empty = (2, RoutingError("no live replica", deployment="dep", shard_id=2))  # a status word, not a class name
+    assert "failed (1 UNAVAILABLE, 1 no replica): " in str(every_shard_failed("dep", [failed(0), empty]))
     assert str(many).endswith("more shards failed (unnamed: a gRPC status's details must stay small)")
     one = failed(3)[1]
     assert every_shard_failed("dep", [(3, one)]) is one

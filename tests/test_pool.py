@@ -923,3 +923,21 @@ async def test_an_endpoint_that_is_not_text_is_refused_naming_it(pool, echo_serv
     with pytest.raises(ConfigurationError, match="endpoint must be text such as '/search', got 5"):
         pool.send_request(DataRequest(), "dep", endpoint=5)
     assert server.calls == 0
+
+
+async def test_a_deployment_emptied_and_forgotten_is_no_warning_and_an_emptied_one_called_is_one(pool, echo_servers,
+                                                                                                  caplog):
+    """Discovery following a namespace removes a deployment's replicas and forgets it: each emptied list warned
+    "no replica left ... requests for it fail" though none would come (a review: thousands at a namespace's
+    teardown). The warning now comes with the first call that finds the list empty, once."""
+    [server] = await echo_servers(1)
+    with caplog.at_level(logging.WARNING):
+        for name in ("gone", "kept"):
+            pool.add_connection(name, server.address)
+            await pool.remove_connection(name, server.address)
+        assert pool.forget_deployment("gone")
+        assert "no replica left" not in caplog.text
+        for _ in range(3):
+            with pytest.raises(RoutingError):
+                await pool.send_request(DataRequest(), "kept", polling_type=PollingType.ALL)[0]
+    assert caplog.text.count(f"no replica left: {server.address} was the last") == 1

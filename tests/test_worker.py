@@ -1225,6 +1225,12 @@ def test_an_exception_in_init_is_one_logged_error_with_the_users_frames_only(tmp
     assert f'File "{EXECUTORS}", line' in result.stderr, result.stderr  # where the user's code raised
     shardnet_files = os.path.dirname(shardnet.__file__)
     assert f'File "{shardnet_files}' not in result.stderr, result.stderr
+    # what a launcher quotes of a failed start begins with that line, not with the traceback under it (a review:
+    # deploy dropped it once the traceback ran long)
+    log = tmp_path / "worker.log"
+    log.write_text(result.stderr + "\n".join(f"  frame {n}" for n in range(40)))
+    process = ShardnetProcess("worker", [], log)
+    assert re.match(error, process.tail().splitlines()[0]), process.tail()[:500]
 
 
 def test_a_sighup_ignored_from_the_start_stays_ignored(tmp_path):

@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 # frames of files here are shardnet's own, left out of the traceback of an Executor's failed __init__
 SHARDNET_FILES = os.path.dirname(os.path.abspath(shardnet.__file__)) + os.sep
+# characters of an Executor's __init__ exception its one-line error quotes (its traceback ends with all of it)
+MAX_RAISED_CHARS = 1000
 
 # why a longer --register-interval is refused: the head would not wait for its renewals
 LONGEST_INTERVAL = (
@@ -163,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
         raise
     except Exception as exc:  # one logged error, not Python's traceback through shardnet's own frames
         logger.error("%s: the Executor's __init__ (%s) raised %s: not served\n%s", name, executor_class.__name__,
-                     traceback.format_exception_only(type(exc), exc)[-1].strip(), users_traceback(exc))
+                     traceback.format_exception_only(type(exc), exc)[-1].strip()[:MAX_RAISED_CHARS],
+                     users_traceback(exc))
         return 1  # the code an uncaught exception exits with, as before
     if executor.metas.name != expected_name:  # named in its __init__ (metas= among its arguments): asked again
         former = former_workspace(name, workspace, executor.metas.name, args.shard_id)

@@ -430,6 +430,7 @@ class GrpcConnectionPool:
         timeout = self.timeout if timeout is None else timeout
         connection = replicas.get_next_connection()
         if connection is None:
+            replicas.nothing_to_pick()
             raise RoutingError(
                 f"deployment {deployment!r}, shard {shard_id}: no live replica to send to",
                 deployment=deployment,

@@ -356,7 +356,9 @@ class ReplicaList:
         self._position: dict[Connection, int] = {}
         self._probes: dict[Connection, asyncio.Task] = {}
         self._leaving: dict[asyncio.Task, Connection] = {}  # removed connections closing once their calls end
-        self._emptied = False  # its last replica left, and none has come since (said when one does)
+        # the last replica to leave, while none has come since; whether a call finding none said so
+        self._emptied: Optional[Address] = None
+        self._said_empty = False
 
     # -- membership --------------------------------------------------------
 
@@ -477,8 +479,8 @@ class ReplicaList:
 
     def _admit(self, connection: Connection) -> None:
         if connection not in self._position:
-            if self._emptied:
-                self._say_refilled(connection)
+            if self._emptied is not None:
+                self._refilled(connection)
             self._position[connection] = len(self._eligible)
             self._eligible.append(connection)
             connection.admitted_at = time.monotonic()
@@ -495,23 +497,26 @@ class ReplicaList:
         if not self._eligible and self._probes:  # the last pickable replica left: the ejected are all there is
             self._readmit_ejected()
         if not self._eligible:
-            self._say_emptied(connection)
+            self._emptied = connection.address  # the one place a replica leaves the picks (an ejection or a drain
+            # never takes the last one): a removal, DEACTIVATE, a lapsed lease, discovery
 
-    def _say_emptied(self, connection: Connection) -> None:
-        """Warn that the list has no replica left to pick, ``connection`` the last to go: every request for it
-        fails from now on, which the log must say once, by shard, not leave to a count of failures. The one place
-        a replica leaves the picks (a removal: DEACTIVATE, a lapsed lease, discovery) comes through here; an
-        ejection or a drain never takes the last one."""
-        self._emptied = True
-        self._logger.warning(
-            "%s: no replica left: %s was the last (removed); requests for it fail until a replica is added",
-            self.name or "replica list", connection.address,
-        )
+    def nothing_to_pick(self) -> None:
+        """A call found no replica to pick: warn once, when its last replica was removed, that every request
+        fails until one comes (the log must say so by shard, not leave it to a count of failures). Said at the
+        first call that fails, not at the removal: a list emptied on its way to being forgotten (a shard no
+        --shards declares, a deployment gone from a namespace) gets no call, and is no fault."""
+        if self._emptied is not None and not self._said_empty:
+            self._said_empty = True
+            self._logger.warning(
+                "%s: no replica left: %s was the last (removed); requests for it fail until a replica is added",
+                self.name or "replica list", self._emptied,
+            )
 
-    def _say_refilled(self, connection: Connection) -> None:
-        """Say that a list ``_say_emptied`` warned of has a replica again, ``connection``."""
-        self._emptied = False
-        self._logger.info("%s: has a replica again: %s", self.name or "replica list", connection.address)
+    def _refilled(self, connection: Connection) -> None:
+        """The list has a replica again, ``connection``: said when its emptiness was."""
+        if self._said_empty:
+            self._logger.info("%s: has a replica again: %s", self.name or "replica list", connection.address)
+        self._emptied, self._said_empty = None, False
 
     def _readmit_ejected(self) -> None:
         """Let every ejected replica back in at once (their probes stop): a shard with replicas is never left

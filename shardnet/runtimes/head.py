@@ -715,7 +715,9 @@ class Head:
             report_shard_problems(response, self.deployment, outcomes)
         else:
             response = merge_shard_responses(self.deployment, outcomes)  # raises when every shard failed
-        if failed:  # some shards answered, others failed (when all fail, _serve counts what is raised)
+        # some shards answered, others failed (when all fail, _serve counts what is raised); a readiness check
+        # (the dry run) is no request failed: a shard down would be counted at every probe
+        if failed and requests[0].endpoint != DRY_RUN_ENDPOINT:
             self._note_failed(requests[0], *(result for _, result in outcomes if not isinstance(result, DataRequest)))
         if response.is_error and services.ERROR_TRAILER[0] not in trailing:
             # an error this head made (a shard down) or uses_after answered: what a Jina gateway stops a flow on

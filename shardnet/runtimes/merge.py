@@ -171,11 +171,16 @@ def every_shard_failed(deployment: str, outcomes: Sequence[ShardOutcome]) -> Bas
 def _by_status(failures: Sequence[ShardOutcome]) -> str:
     """How many shards failed with each status, most first ("40 UNAVAILABLE, 24 DEADLINE_EXCEEDED"): what the
     named ones leave out when they do not all fit."""
-    counts = Counter(
-        failure.code.name if getattr(failure, "code", None) is not None else type(failure).__name__
-        for _, failure in failures
-    )
+    counts = Counter(_status_of(failure) for _, failure in failures)
     return ", ".join(f"{count} {status}" for status, count in counts.most_common())
+
+
+def _status_of(failure: BaseException) -> str:
+    """A shard's failure in a word: its gRPC status, or "no replica" for a shard that had none to send to."""
+    if isinstance(failure, RoutingError):
+        return "no replica"
+    code = getattr(failure, "code", None)
+    return code.name if code is not None else type(failure).__name__
 
 
 def merge_shard_responses(deployment: str, outcomes: Sequence[ShardOutcome]) -> DataRequest:

@@ -238,7 +238,9 @@ class ShardnetProcess:
         start = len(output) - lines
         first_traceback = next((n for n, line in enumerate(output) if line.startswith(TRACEBACK_START)), None)
         if first_traceback is not None:
-            start = min(start, first_traceback)
+            # with the log line that introduces it (a worker's "the Executor's __init__ ... raised"), if one does
+            said_before = first_traceback > 0 and LOG_TIMESTAMP.match(output[first_traceback - 1])
+            start = min(start, first_traceback - 1 if said_before else first_traceback)
         return "\n".join(output[max(start, len(output) - MAX_TAIL_LINES, 0):]) or "(no output)"
 
     def failure_output(self) -> str:
