@@ -93,7 +93,8 @@ def _fail_with(error: BaseException) -> None:
 def test_a_replica_error_raised_in_a_process_pool_reaches_the_caller_as_itself() -> None:
     """The case a review hit: a ReplicaError raised in a worker process did not come back as itself."""
     error = _errors_with_keywords()[0]
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("fork")) as pool:
+    # spawned, not forked: a fork of a pytest worker whose gRPC threads hold locks hung once past the 30 s wait
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         with pytest.raises(ReplicaError) as raised:
             pool.submit(_fail_with, error).result(timeout=30)
     assert _described(raised.value)[:3] == _described(error)[:3]

@@ -589,9 +589,7 @@ class ReplicaList:
         self.balancer.forget(connection)
         connection.failures = 0
         connection.draining = True
-        self._probes[connection] = asyncio.get_running_loop().create_task(
-            self._probe_until_healthy(connection, *self._probe_schedule(connection))
-        )
+        self._start_probe(connection)
         self._logger.info("%s: replica %s is draining: not picked until it serves again", self.name, connection.address)
         return True
 
@@ -606,16 +604,21 @@ class ReplicaList:
         if time.monotonic() - connection.admitted_at >= self._ejection.max_ejection:
             connection.times_ejected = 0  # healthy for as long as the longest ejection: an old blip is forgotten
         connection.times_ejected += 1
-        delay, longest = self._probe_schedule(connection)
-        self._probes[connection] = asyncio.get_running_loop().create_task(
-            self._probe_until_healthy(connection, delay, longest)
-        )
+        delay = self._start_probe(connection)
         run = connection.recent_failures
         causes = ", ".join(f"{cause} x{run.count(cause)}" for cause in dict.fromkeys(run))
         self._logger.warning(
             "%s: ejecting replica %s for %.1fs after %d failures in a row: %s",
             self.name, connection.address, delay, len(run), causes,
         )
+
+    def _start_probe(self, connection: Connection) -> float:
+        """Have ``connection`` health-checked on its schedule (``_probe_schedule``) until it serves; the first wait."""
+        delay, longest = self._probe_schedule(connection)
+        self._probes[connection] = asyncio.get_running_loop().create_task(
+            self._probe_until_healthy(connection, delay, longest)
+        )
+        return delay
 
     def _probe_schedule(self, connection: Connection) -> tuple[float, float]:
         """The first wait and the longest of ``connection``'s health checks while out of the picks: its ejection's
@@ -696,10 +699,7 @@ class ReplicaList:
                 return
             # probed on as after its ejection, by a probe another check may take the place of (this one, while it
             # waits out its back-off, would keep any from starting)
-            probe = asyncio.get_running_loop().create_task(
-                self._probe_until_healthy(connection, *self._probe_schedule(connection))
-            )
-            self._probes[connection] = probe
+            self._start_probe(connection)
         finally:
             if self._probes.get(connection) is asyncio.current_task():
                 del self._probes[connection]

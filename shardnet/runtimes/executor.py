@@ -94,7 +94,7 @@ NAMED_ONLY_ARGUMENTS = frozenset({"endpoint"})
 class Handler:
     """One bound handler: knows whether it is async and which keyword arguments it accepts."""
 
-    __slots__ = ("name", "function", "is_async", "accepts_any_kwargs", "accepted", "withheld")
+    __slots__ = ("name", "function", "is_async", "accepts_any_kwargs", "accepted")
 
     def __init__(self, function: Callable):
         self.name = function.__name__
@@ -103,8 +103,6 @@ class Handler:
         parameters = inspect.signature(function).parameters.values()
         self.accepts_any_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
         self.accepted = frozenset(p.name for p in parameters)
-        # what its **kwargs would have that Jina's never hold
-        self.withheld = tuple(NAMED_ONLY_ARGUMENTS - self.accepted) if self.accepts_any_kwargs else ()
 
     def takes(self, argument: str) -> bool:
         """Whether the handler is given ``argument``: it names it, or takes any keyword (but for those it is
@@ -118,8 +116,6 @@ class Handler:
         bytes an answer may hold, beyond which Documents a blocking handler yields are not read."""
         if not self.accepts_any_kwargs:
             arguments = {key: value for key, value in arguments.items() if key in self.accepted}
-        for name in self.withheld:
-            arguments.pop(name, None)
         if self.is_async:
             try:
                 return await self.function(executor, **arguments)

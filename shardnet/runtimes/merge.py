@@ -138,8 +138,9 @@ def first_failure(outcomes: Sequence[ShardOutcome]) -> BaseException:
 
 def every_shard_failed(deployment: str, outcomes: Sequence[ShardOutcome]) -> BaseException:
     """What to raise when no shard answered: ``first_failure``'s kind, status and ``unsent``, with a message
-    naming every shard's problem in shard order (as an answer with some shards failed names each), as many as
-    fit in FAILURES_ROOM characters, then how many more failed. Raised as ``first_failure`` alone, the caller
+    counting the shards by status and naming every shard's problem (as an answer with some shards failed names
+    each), the one whose status is raised first, the rest in shard order, as many as fit in FAILURES_ROOM
+    characters, then how many more failed. Raised as ``first_failure`` alone, the caller
     learnt why shard 0 failed and nothing of the others (each over its size limit, say, or one down and one
     refusing). One shard's failure is raised as it came; an exception not shardnet's (no replica's) too."""
     chosen = first_failure(outcomes)
@@ -171,11 +172,11 @@ def every_shard_failed(deployment: str, outcomes: Sequence[ShardOutcome]) -> Bas
 def _by_status(failures: Sequence[ShardOutcome]) -> str:
     """How many shards failed with each status, most first ("40 UNAVAILABLE, 24 DEADLINE_EXCEEDED"): what the
     named ones leave out when they do not all fit."""
-    counts = Counter(_status_of(failure) for _, failure in failures)
+    counts = Counter(status_of(failure) for _, failure in failures)
     return ", ".join(f"{count} {status}" for status, count in counts.most_common())
 
 
-def _status_of(failure: BaseException) -> str:
+def status_of(failure: BaseException) -> str:
     """A shard's failure in a word: its gRPC status, or "no replica" for a shard that had none to send to."""
     if isinstance(failure, RoutingError):
         return "no replica"

@@ -426,9 +426,9 @@ class Worker:
         if isinstance(specific, dict):  # Jina's executor-specific parameters: {"index": {"top_k": 3}} for "index"
             parameters = {**parameters, **specific}
         # tracing_context: Jina gives every handler one (None without OpenTelemetry, which shardnet has not)
-        arguments = {
-            "docs": docs, "parameters": parameters, "endpoint": endpoint, "docs_matrix": matrix, "tracing_context": None,
-        }
+        arguments = {"docs": docs, "parameters": parameters, "docs_matrix": matrix, "tracing_context": None}
+        if handler.takes("endpoint"):  # only a handler naming it: Jina passes none (executor.NAMED_ONLY_ARGUMENTS)
+            arguments["endpoint"] = endpoint
         if senders is not None:
             arguments["docs_map"] = dict(zip(senders, arguments["docs_matrix"]))
         answer_limit = self.server.config.max_message_bytes if limit is None else limit
@@ -476,8 +476,8 @@ class Worker:
         kind = f"{handler_name} on {endpoint:.200}"
         description = f"{request._header().status.description:.1000}"
         self._failures.note(
-            kind, f"{kind}: {description}",
-            "%s.%s failed on %.200s (request %.80s): %s", self.name, handler_name, endpoint, request.request_id, description,
+            kind, f"{kind}: {description}", "%s.%s failed on %.200s (request %.80s): %s",
+            self.name, handler_name, endpoint, request.request_id, description,
         )
 
     def _file_result(self, request: DataRequest, result: dict, handler_name: str) -> None:
