@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+from collections import Counter
 from typing import Any, AsyncIterator, Callable, Optional
 
 import grpc
@@ -25,7 +26,7 @@ from grpc_health.v1 import health_pb2
 from kubernetes_asyncio.client import ApiClient, Configuration
 
 from shardnet.discovery.configuration import load_api_client
-from shardnet.discovery.kubernetes import K8sGrpcConnectionPool, Member, pod_members, slice_members
+from shardnet.discovery.kubernetes import LIST_BATCH, K8sGrpcConnectionPool, Member, pod_members, slice_members
 from shardnet.discovery.watch import WatchOptions
 from shardnet.errors import ConfigurationError, DiscoveryError, ReplicaError
 from shardnet.networking import oneshot
@@ -615,6 +616,67 @@ async def test_a_relist_that_drops_thousands_of_pods_lets_each_removal_start_bef
     assert len(api_server.list_requests("pods")) == 2  # it was a relist
     together = sum(later == earlier for earlier, later in zip(passes_at_removal, passes_at_removal[1:]))
     assert not together, f"{together} removals started in the same loop pass as the one before"
+
+
+async def test_a_list_of_thousands_of_pods_hands_the_loop_back_as_it_is_applied_and_the_pool_closes_promptly(
+    api_server, start_pool
+) -> None:
+    """A list of 8,000 pods was applied in one synchronous stretch (1.6 s in which no request through the pool
+    moved), a relist too, and the pool then took 15 s to close. The loop now gets control every LIST_BATCH pods
+    of a list or a relist, and the close lets go of each finished channel close."""
+    count = 1000
+    for index in range(count):
+        api_server.apply("pods", pod(f"w{index}", ip=f"127.1.{index // 250}.{index % 250 + 1}"))
+    passes, longest = 0, 0.0  # loop passes, counted by a task that yields at every one; the longest wait for one
+    added_at: list[int] = []
+
+    async def count_passes() -> None:
+        nonlocal passes, longest
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(0)
+            passes += 1
+            longest = max(longest, loop.time() - before)
+
+    def added_in_one_pass() -> int:
+        """The most pods added in one loop pass."""
+        return max(Counter(added_at).values())
+
+    counter = asyncio.create_task(count_passes())
+    try:
+        pool = await start_pool(sources=("pods",), sync=False)
+        add_connection = pool.add_connection
+
+        def counted_add_connection(*args: Any, **kwargs: Any) -> None:
+            added_at.append(passes)
+            add_connection(*args, **kwargs)
+
+        pool.add_connection = counted_add_connection
+        await pool.wait_synced(timeout=30)
+        assert len(replicas(pool)) == count
+        assert added_in_one_pass() <= LIST_BATCH, f"{added_in_one_pass()} pods were added in one loop pass"
+
+        await eventually(lambda: api_server.open_streams("pods") == 1)
+        api_server.drop_streams()
+        for index in range(0, count, 2):  # half the pods replaced while the watch was away
+            api_server.delete("pods", f"w{index}")
+            api_server.apply("pods", pod(f"n{index}", ip=f"127.2.{index // 250}.{index % 250 + 1}"))
+        api_server.compact()
+        added_at.clear()
+        await eventually(lambda: len(api_server.list_requests("pods")) == 2 and api_server.open_streams("pods"),
+                         timeout=30)
+        assert len(replicas(pool)) == count and "127.2.0.1:8080" in replicas(pool)
+        assert len(added_at) == count // 2
+        assert added_in_one_pass() <= LIST_BATCH, f"{added_in_one_pass()} pods were added in one loop pass"
+        print(f"longest wait for a loop pass while listing {count} pods and relisting: {longest * 1000:.0f} ms")
+
+        started = asyncio.get_running_loop().time()
+        await pool.close()
+        took = asyncio.get_running_loop().time() - started
+        assert took < 5, f"closing a pool of {count} replicas took {took:.1f} s"
+    finally:
+        counter.cancel()
 
 
 async def test_410_error_event_mid_watch(api_server: FakeApiServer, start_pool) -> None:
