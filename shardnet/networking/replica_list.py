@@ -92,17 +92,31 @@ async def _finish_or_cut(closings: dict[asyncio.Task, Any], grace: float) -> Non
 
 async def close_in_turn(closes: Iterable[Awaitable[Any]]) -> None:
     """Start each close a loop pass after the one before, then wait for them all: grpc.aio's channel close walks
-    every task of the loop, and thousands started at once walked each other. Cancelled, it cancels every close
-    it started (each then cuts what it waited for)."""
-    started: list[asyncio.Future] = []
+    every task of the loop, and thousands started at once walked each other. A close that has finished is let
+    go of at once: held until the last one ends, the 8,000 finished closes of a pool were walked by every close
+    after them (15 s). The first failure is raised once every close has ended. Cancelled, it cancels every close
+    still running (each then cuts what it waited for)."""
+    running: set[asyncio.Future] = set()
+    failures: list[BaseException] = []
+
+    def finished(task: asyncio.Future) -> None:
+        running.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            failures.append(task.exception())
+
     try:
         for close in closes:
-            started.append(asyncio.ensure_future(close))
+            task = asyncio.ensure_future(close)
+            running.add(task)
+            task.add_done_callback(finished)
             await asyncio.sleep(0)
-        await asyncio.gather(*started)
+        while running:
+            await asyncio.wait(running)
     finally:
-        for task in started:
+        for task in running:
             task.cancel()
+    if failures:
+        raise failures[0]
 
 
 class _Running:
