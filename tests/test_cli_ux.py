@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -19,6 +20,7 @@ import pytest
 from test_cli import EXECUTORS, PYTHON_M, pid_alive, shardnet, stop, wait_for_line, wait_gone
 
 from shardnet.cli.options import positive_seconds
+from shardnet.runtimes import log_lines
 
 ROW = r"(?m)^{role}\s+\S+\s+(\d+)\s+running"  # ROLE ADDRESS PID STATE ... as Deployment.table() prints it
 
@@ -153,6 +155,87 @@ def test_deploy_no_restart_ends_with_code_1_once_its_head_exits(tmp_path):
         stop(deploy, pids)
     assert "nothing answers on" in log.read_text() and "so deploy stops" in log.read_text(), log.read_text()
     assert not wait_gone(pids)
+
+
+# -- 9: every log line says which process wrote it ------------------------------------------------------------
+
+# TIME LEVEL [ROLE NAME pid PID] LOGGER: message, as every shardnet process writes its log lines
+LOG_LINE = re.compile(
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (?:DEBUG|INFO|WARNING|ERROR) \[(?P<said_by>.+) pid (?P<pid>\d+)\] "
+    r"[\w.]+: (?P<message>.*)$"
+)
+
+
+def _said_by(text: str) -> set[tuple[str, int]]:
+    """The (role and name, pid) of each line of ``text``, every one of which must be a log line saying so."""
+    lines = text.splitlines()
+    assert lines and all(LOG_LINE.match(line) for line in lines), text
+    return {(match["said_by"], int(match["pid"])) for match in map(LOG_LINE.match, lines)}
+
+
+def test_every_log_line_of_a_deployment_names_the_process_that_wrote_it_and_the_ready_line_has_a_time(tmp_path):
+    """The head's and workers' lines (and a restarted worker's, in the same file as the one it replaced) said
+    neither which process wrote them nor its pid, and their ready lines had no time (a review's find): an
+    operator reading them together could not tell who said what. Each line now carries the time, the level,
+    the process's role and name and its pid."""
+    logs, out, err = tmp_path / "logs", tmp_path / "deploy.out", tmp_path / "deploy.err"
+    with open(out, "wb") as stdout, open(err, "wb") as stderr:
+        deploy = subprocess.Popen(
+            [*PYTHON_M, "deploy", "--uses", f"{EXECUTORS}:Tagger", "--replicas", "2", "--name", "said",
+             "--log-dir", str(logs)], stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
+        )
+    pids: list[int] = []
+    try:
+        wait_for_line(out, r"said serves on", deploy)
+        roles = {role: int(pid) for role, pid in re.findall(ROW.format(role=r"(head|worker-0-[01])"), out.read_text())}
+        pids = list(roles.values())
+        assert len(pids) == 3, out.read_text()
+        os.kill(roles["worker-0-1"], signal.SIGKILL)
+        # the launcher still learns that the new one is ready
+        again = int(wait_for_line(err, r"worker-0-1 serves again on \S+ \(pid (\d+)\)", deploy, timeout=15).group(1))
+        pids.append(again)
+    finally:
+        assert stop(deploy, pids) == 0, out.read_text() + err.read_text()
+    assert not wait_gone(pids)
+    assert _said_by(err.read_text()) == {("deploy said", deploy.pid)}
+    assert _said_by((logs / "said-head.log").read_text()) == {("head said", roles["head"])}
+    assert _said_by((logs / "said-worker-0-0.log").read_text()) == {("worker said/rep-0", roles["worker-0-0"])}
+    restarted = (logs / "said-worker-0-1.log").read_text()
+    assert _said_by(restarted) == {("worker said/rep-1", roles["worker-0-1"]), ("worker said/rep-1", again)}
+    for role, pid in (*roles.items(), ("worker-0-1", again)):  # each launch's ready line, timed like the rest
+        ready = [match for match in map(LOG_LINE.match, (logs / f"said-{role}.log").read_text().splitlines())
+                 if re.fullmatch(r"shardnet (head said|worker said/rep-[01]) ready on \S+( and unix:\S+)?", match["message"])]
+        assert [int(match["pid"]) for match in ready].count(pid) == 1, (role, pid, ready)
+
+
+def test_a_worker_prints_its_ready_line_to_stdout_timed_and_naming_it_at_any_log_level(tmp_path):
+    """The ready line a script waits for on stdout had no time, while every log line had one; it stays on stdout,
+    in the log lines' format, and --log-level ERROR keeps it (it is no INFO chatter to silence). Named before
+    its Executor's class loads: after the class --uses names."""
+    out, err = tmp_path / "worker.out", tmp_path / "worker.err"
+    with open(out, "wb") as stdout, open(err, "wb") as stderr:
+        worker = subprocess.Popen(
+            [*PYTHON_M, "--log-level", "ERROR", "worker", "--uses", f"{EXECUTORS}:Tagger", "--port", "0"],
+            stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
+        )
+    try:
+        address = wait_for_line(out, r"ready on (\S+)", worker).group(1)
+        [line] = out.read_text().splitlines()
+        assert _said_by(line) == {("worker Tagger/shard-0/rep-0", worker.pid)}, line
+        assert LOG_LINE.match(line)["message"] == f"shardnet worker Tagger/shard-0/rep-0 ready on {address}", line
+    finally:
+        assert stop(worker, []) == 0, err.read_text()
+    assert err.read_text() == ""  # nothing at ERROR, and the ready line went to stdout alone
+
+
+def test_the_log_format_is_left_to_a_program_that_set_up_its_own_logging():
+    """``shardnet.cli.main.main()`` called from a program (here pytest, whose handlers root holds) configures
+    nothing: neither root's handlers and level nor the ready line's logger change."""
+    root, ready = logging.getLogger(), logging.getLogger(log_lines.READY_LOGGER)
+    before = (list(root.handlers), root.level, list(ready.handlers), ready.level, ready.propagate)
+    assert root.handlers
+    log_lines.configure("DEBUG", "worker x")
+    assert (list(root.handlers), root.level, list(ready.handlers), ready.level, ready.propagate) == before
 
 
 # -- 2: SIGTERM stops the demo as Ctrl-C does ----------------------------------------------------------------

@@ -1218,7 +1218,8 @@ def test_an_exception_in_init_is_one_logged_error_with_the_users_frames_only(tmp
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 1, result
-    error = (r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ERROR shardnet\.cli\.worker: ModelMissing/shard-0/rep-0: the "
+    error = (r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ERROR \[worker ModelMissing/shard-0/rep-0 pid \d+\] "
+             r"shardnet\.cli\.worker: ModelMissing/shard-0/rep-0: the "
              r"Executor's __init__ \(ModelMissing\) raised RuntimeError: the encoder could not be loaded: not served$")
     assert len(re.findall(error, result.stderr, re.M)) == 1, result.stderr
     assert "/nonexistent/models/encoder.bin" in result.stderr, result.stderr  # the cause, chained under it

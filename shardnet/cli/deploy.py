@@ -106,7 +106,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              "one that keeps exiting soon after its start waits longer each time, up to 30 s (default: on)",
     )
     add_token_argument(parser)
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, process_name=lambda args: args.name)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -83,7 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_server_arguments(parser, default_port=0)
     add_client_tls_arguments(parser, prefix="")
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, process_name=lambda args: args.deployment)
 
 
 def parse_connections(items: list[str], tls: bool = False) -> dict[int, list[str]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import io
-import logging
 import os
 import sys
 from typing import Optional, Sequence
@@ -18,6 +17,7 @@ from typing import Optional, Sequence
 from shardnet.cli import demo, deploy, head, k8s, send, status, worker
 from shardnet.cli.options import watch_the_exit
 from shardnet.errors import ShardnetError
+from shardnet.runtimes import log_lines
 from shardnet.runtimes.processes import LOG_LEVELS
 from shardnet.version import installed_version
 
@@ -50,6 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def said_by(args: argparse.Namespace) -> str:
+    """Which process writes this command's log lines: the subcommand, and the name its ``process_name`` (where
+    it sets one) gives it: ``head enc``, ``worker enc/shard-0/rep-1``, ``deploy enc``, ``send``."""
+    name = args.process_name(args) if "process_name" in args else None
+    return f"{args.command} {name}" if name else args.command
+
+
 def _say_where_on_a_crash() -> None:
     """A process dying of a fatal signal (a fault in gRPC's C core, say) prints every thread's Python stack to
     stderr, its log, instead of vanishing without a word; where stderr is no file (a test capturing it), nothing."""
@@ -73,7 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         given_before = set(argv[: argv.index(args.command)])  # before the subcommand: shardnet's own
         refusing = parser if given_before.intersection(unknown) else args.parser
         refusing.error(f"unrecognized arguments: {' '.join(unknown)}")
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_lines.configure(args.log_level, said_by(args))
     try:
         return int(args.handler(args) or 0)
     except ShardnetError as exc:

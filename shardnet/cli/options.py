@@ -195,8 +195,7 @@ def _end_loading_when_parent_goes(
     while not serving.wait(PARENT_POLL_SECONDS):
         if parent_gone(parent_pid, direct):
             ending.set()
-            print(f"shardnet: its launcher (--parent-pid {parent_pid}) exited while loading the Executor: stopped",
-                  file=sys.stderr, flush=True)
+            logger.warning("its launcher (--parent-pid %d) exited while loading the Executor: stopped", parent_pid)
             # what the load started goes too, as at a served process's end: SIGTERM to its session (this process
             # included, whose handler above exits), when it leads one
             if os.getsid(0) == os.getpid():
@@ -208,7 +207,7 @@ def _end_loading_when_parent_goes(
 def _end_loading(signal_name: Optional[str], code: int) -> None:
     """Exit at once with ``code``, first saying the load was stopped by ``signal_name`` (None: said already)."""
     if signal_name is not None:
-        print(f"shardnet: {signal_name} while loading the Executor: stopped", file=sys.stderr)
+        logger.warning("%s while loading the Executor: stopped", signal_name)
     _exit_now(code)
 
 

@@ -108,7 +108,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--advertise-host", help="host the head should dial (default: the bound host)")
     add_server_arguments(parser, default_port=0)
     add_client_tls_arguments(parser, prefix="head-")
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, process_name=process_name)
+
+
+def default_name(class_name: str, shard_id: int, replica_id: int) -> str:
+    """A worker's name without ``--name``: ``CLASS/shard-S/rep-R``, distinct for each shard and replica."""
+    return f"{class_name}/shard-{shard_id}/rep-{replica_id}"
+
+
+def process_name(args: argparse.Namespace) -> str:
+    """The worker's name in its log lines, from its flags alone (they begin before its Executor's class loads):
+    ``--name``, else ``default_name`` of the class ``--uses`` names."""
+    return args.name or default_name(args.uses.rpartition(":")[2].rpartition(".")[2], args.shard_id, args.replica_id)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     loading = end_loading_on_stop_signals(args.parent_pid)
     search_path = os.environ[EXECUTOR_PATH_VARIABLE].split(os.pathsep) if EXECUTOR_PATH_VARIABLE in os.environ else []
     executor_class = load_executor_class(args.uses, search_path)
-    name = args.name or f"{executor_class.__name__}/shard-{args.shard_id}/rep-{args.replica_id}"
+    name = args.name or default_name(executor_class.__name__, args.shard_id, args.replica_id)
     runtime_args = {
         # without --shards, the fewest that hold this shard: an Executor must never see shard_id >= shards
         "shard_id": args.shard_id, "shards": args.shards or args.shard_id + 1, "replica_id": args.replica_id,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from shardnet.errors import ProcessError
+from shardnet.runtimes.log_lines import LOG_TIMESTAMP, as_any_launch
 
 STABLE_RUN = 60.0  # seconds: a process that served this long before it exited is launched again at once
 MAX_RESTART_DELAY = 30.0
@@ -30,9 +30,6 @@ REAP_AFTER_KILL_SECONDS = 5.0
 TRACEBACK_START = "Traceback (most recent call last):"
 MAX_TAIL_LINES = 200  # of a failed start's output quoted in its error
 MIN_LAST_DRAIN = 2.0  # seconds the workers get to drain after their heads, however long those took
-# the time a log line of a shardnet process begins with: a failed start's output compared with the last one's
-# without it
-LOG_TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", re.M)
 # what `shardnet --log-level` takes, and so what a launcher may pass its children
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
@@ -245,9 +242,10 @@ class ShardnetProcess:
 
     def failure_output(self) -> str:
         """For a launch that failed: its ``tail()``, or a line saying it is what the last failed launch said
-        (the times of log lines aside), so that a crash loop's restarts do not repeat the same error in full."""
+        (the times and pids of log lines aside), so that a crash loop's restarts do not repeat the same error in
+        full."""
         output = self.tail()
-        said = LOG_TIMESTAMP.sub("", output)
+        said = as_any_launch(output)
         if said == self._last_failure:
             return f"the same as at its last failed start (its log: {self.log_path})"
         self._last_failure = said

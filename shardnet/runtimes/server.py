@@ -66,10 +66,12 @@ from shardnet.protocol import services
 from shardnet.protocol.messages import MAX_TOP_LEVEL_FIELDS, DataRequest, parse
 from shardnet.protocol.proto import jina_pb2
 from shardnet.protocol.services import AUTHORIZATION_METADATA
+from shardnet.runtimes.log_lines import READY_LOGGER
 from shardnet.runtimes.processes import process_running
 from shardnet.runtimes.standard_services import health_handler, reflection_handler
 
 logger = logging.getLogger(__name__)
+ready_logger = logging.getLogger(READY_LOGGER)  # the "ready on" line: the command writes it to stdout
 
 # the plaintext health listener answers anyone who reaches it, so it serves only what a probe sends: a Check, a
 # small message. No Watch: a stream held open there by others would outlive every probe (and a cap on calls
@@ -836,8 +838,8 @@ async def serve_until_signalled(
     when_idle: Optional[Callable[[], Awaitable[None]]] = None,
     ready_fd: Optional[int] = None,
 ) -> int:
-    """Start ``server``, print ``ready_line(address)`` (a function: a line made with ``str.format`` broke on a
-    brace in a name the user gave), and on SIGTERM, SIGINT or SIGHUP (its terminal closed) run
+    """Start ``server``, log ``ready_line(address)`` (a function: a line made with ``str.format`` broke on a
+    brace in a name the user gave) to READY_LOGGER, at INFO, and on SIGTERM, SIGINT or SIGHUP (its terminal closed) run
     ``on_stop`` then drain (``when_idle``: as ``Server.drain`` takes it); return 0.
 
     With ``parent_pid`` the same happens when that process exits, however it ended (kill -9 included):
@@ -892,7 +894,7 @@ async def _serve(
         gc.freeze()
         if ready_line:
             also = f" and {server.unix_address}" if server.unix_address else ""
-            print(ready_line(server.address) + also, flush=True)
+            ready_logger.info("%s%s", ready_line(server.address), also)
         if ready_fd is not None:
             _tell_ready(ready_fd, server.address)
         await stop.requested.wait()
