@@ -510,6 +510,37 @@ def test_uses_with_reads_a_pipe_as_a_shell_gives_one_and_refuses_a_device(tmp_pa
         json_object("@/dev/zero", "--uses-with")
 
 
+def test_uses_with_refuses_a_pipe_nobody_writes_to_its_end_rather_than_wait_for_ever(tmp_path):
+    """``--uses-with @FIFO`` with no writer, or ``@/dev/stdin`` on a pipe held open and silent, blocked the start
+    for ever (a review's find): a pipe is read to its end within its bound, else refused in one line naming the
+    flag and the path."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    reading, writing = os.pipe()  # a standard input whose writer stays but writes nothing
+    try:
+        for path in (str(fifo), f"/dev/fd/{reading}"):
+            began = time.monotonic()
+            with pytest.raises(ConfigurationError) as refused:
+                json_object(f"@{path}", "--uses-with", pipe_wait=0.2)
+            assert time.monotonic() - began < 5
+            [line] = str(refused.value).splitlines()
+            assert line.startswith(f"--uses-with @FILE {path!r}: the pipe did not end within 0.2s")
+        os.write(writing, b'{"size": 3}')  # written, but never closed: no end either
+        with pytest.raises(ConfigurationError, match="the pipe did not end within 0.2s"):
+            json_object(f"@/dev/fd/{reading}", "--uses-with", pipe_wait=0.2)
+        os.write(writing, b'{"size": 4}')
+        os.close(writing)
+        writing = -1
+        assert json_object(f"@/dev/fd/{reading}", "--uses-with", pipe_wait=5) == {"size": 4}
+    finally:
+        os.close(reading)
+        if writing >= 0:
+            os.close(writing)
+    with pytest.raises(ConfigurationError) as refused:  # a folder: one line, not a traceback
+        json_object(f"@{tmp_path}", "--uses-with")
+    assert str(refused.value) == f"--uses-with @FILE {str(tmp_path)!r} is not a regular file or a pipe"
+
+
 def test_a_port_below_1024_it_cannot_take_says_such_ports_may_be_refused_to_the_user():
     with contextlib.ExitStack() as stack:
         port = None

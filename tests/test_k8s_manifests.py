@@ -480,8 +480,8 @@ def test_yaml_quotes_label_values_and_shares_no_anchors() -> None:
         ({"polling": "SOME"}, "unknown polling 'SOME'"),
         ({"polling": '{"/search": ALL}'}, "not valid JSON"),
         ({"namespace": "Prod"}, "namespace 'Prod'"),
-        ({"image": ""}, "image"),
-        ({"image": "shardnet 0.1"}, "without spaces"),
+        ({"image": ""}, r"image \(--image\) '' is not an image reference"),
+        ({"image": "shardnet 0.1"}, r"image \(--image\) 'shardnet 0.1' is not an image reference"),
         ({"balancer": "random"}, "unknown balancer 'random'"),
         ({"port": 70000}, "port must be an integer in 1024..65535"),
         ({"port": 443}, "cannot listen below 1024"),
@@ -505,6 +505,47 @@ def test_bad_specs_raise_configuration_error(changes: dict[str, Any], message: s
     fields = {"name": "idx", "image": "i", "uses": "m:C", **changes}
     with pytest.raises(ConfigurationError, match=message):
         DeploymentSpec(**fields)
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "My Image:latest", ":tag", "", " ", "shardnet:0.1 ", "MyImage:1.0", "registry.example/Team/search:1",
+        "search:", "search:-dash", "search:" + "t" * 129, "search@sha256:abc", "search@sha256:" + "A" * 64,
+        "search@md5:" + "a" * 64, "/search", "search/", "team//search", "search__-x", "search.", "-search",
+        "localhost:port/search", "https://registry.example/search:1", "search:1:2", "\tsearch",
+        "a" * 64,  # a 64-hex repository name is taken for an image id
+        "r.example/" + "s" * 250,  # past the 255 characters a name may hold
+    ],
+)
+def test_images_a_registry_or_kubernetes_would_refuse_are_refused_at_render_naming_flag_and_value(image: str) -> None:
+    """Such an image rendered fine, and its pods sat in InvalidImageName once applied (found by a review)."""
+    with pytest.raises(ConfigurationError) as refused:
+        DeploymentSpec(name="idx", image=image, uses="m:C")
+    message = str(refused.value)
+    assert f"image (--image) {image!r} is not an image reference" in message
+    assert "[HOST[:PORT]/]PATH[:TAG][@sha256:DIGEST]" in message
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "i", "shardnet:0.1.0", "registry.example/search:1.2", "localhost:5000/team/search", "Registry.Example:443/s",
+        "[::1]:5000/s:v1", "ghcr.io/org/a.b_c__d-e--f/g:V1_2.3-rc", "s:" + "t" * 128, "s:_x",
+        "s@sha256:" + "0123456789abcdef" * 4, "r.example/s:1@sha256:" + "f" * 64, "a" * 63,
+    ],
+)
+def test_image_references_of_the_oci_grammar_are_rendered(image: str) -> None:
+    [head, *_] = head_and_workers(render(DeploymentSpec(name="idx", image=image, uses="m:C")), "Deployment")
+    assert container(head)["image"] == image
+
+
+def test_cli_refuses_a_bad_image_in_one_line_naming_the_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["k8s", "render", "--name", "idx", "--image", "My Image:latest"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing for kubectl to apply
+    [line] = captured.err.splitlines()
+    assert line.startswith("shardnet k8s render: image (--image) 'My Image:latest' is not an image reference")
 
 
 def test_bad_resources_raise_configuration_error() -> None:

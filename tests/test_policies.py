@@ -172,6 +172,38 @@ async def test_failing_replica_is_ejected_then_readmitted_when_serving(ejecting_
     assert trailing["served-by"] == "sick"
 
 
+async def test_an_ejection_after_a_success_names_only_the_failures_of_its_own_run(echo_servers, caplog):
+    """The causes an ejection quotes are the run that ejected the replica: failures before a call that succeeded
+    ended their run, and are not named with it. A review took recent_failures, kept across a success, for a
+    leak of the old run into the ejection's line; record_failure keeps only the last consecutive_failures causes,
+    which at an ejection are its own run's, and this keeps it so."""
+    sick, healthy = await echo_servers(2, names=["sick", "healthy"])
+    codes = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    replicas = ReplicaList(
+        name="runs", ejection=EjectionPolicy(consecutive_failures=3, base_ejection=5.0, max_ejection=5.0,
+                                             failure_codes=codes),
+    )
+    try:
+        connection = replicas.add_connection(sick.address)
+        replicas.add_connection(healthy.address)
+        sick.fail_with = grpc.StatusCode.RESOURCE_EXHAUSTED  # an old run of two, short of an ejection
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await call(replicas, connection)
+        sick.fail_with = None
+        await call(replicas, connection)  # the run ends
+        sick.fail_with = grpc.StatusCode.UNAVAILABLE
+        with caplog.at_level("WARNING", logger="shardnet.networking.replica_list"):
+            for _ in range(3):
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await call(replicas, connection)
+        [ejection] = [record.getMessage() for record in caplog.records if "ejecting replica" in record.getMessage()]
+        assert ejection.endswith("after 3 failures in a row: UNAVAILABLE x3"), ejection
+        assert connection not in replicas.eligible()
+    finally:
+        await replicas.close()
+
+
 async def test_last_replica_is_never_ejected(ejecting_replicas, echo_servers):
     [only] = await echo_servers(1, fail_with=grpc.StatusCode.UNAVAILABLE)
     connection = ejecting_replicas.add_connection(only.address)

@@ -31,6 +31,7 @@ from shardnet.networking import oneshot
 from shardnet.protocol import services
 from shardnet.protocol.proto import docarray_pb2, jina_pb2
 from shardnet.cli.main import main as cli_main
+from shardnet.cli.worker import DRAIN_CUT_EXIT
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.processes import ShardnetProcess
 from shardnet.runtimes.server import MAX_REQUESTS_PER_CALL, ServerConfig
@@ -1085,13 +1086,53 @@ async def test_a_handler_stuck_past_the_drain_grace_does_not_hold_the_exit(tmp_p
     worker, workspace, _, in_flight = await slow_call_in_flight(processes, tmp_path, eventually, "1", 30)
     try:
         worker.signal(signal.SIGTERM)
-        assert await wait_exit(worker, timeout=10) == 0, worker.tail()  # the handler alone would take 20 s
+        # the handler alone would take 20 s; the work cut, the exit says so (it was 0)
+        assert await wait_exit(worker, timeout=10) == DRAIN_CUT_EXIT, worker.tail()
         assert "exiting with 1 handler call(s) still running past the drain's grace" in worker.tail()
+        assert "WARNING" in worker.tail() and "ended with 1 request(s) still in their handlers" in worker.tail()
         with pytest.raises(ReplicaError) as cut:
             await in_flight
         assert cut.value.code == grpc.StatusCode.UNAVAILABLE
     finally:
         (workspace / "release").touch()
+
+
+async def test_requests_cut_at_the_end_of_the_drain_are_warned_by_endpoint_and_the_worker_exits_non_zero(
+    tmp_path, processes, eventually
+):
+    """An async handler still running when the drain's grace ended was cancelled, its caller answered
+    UNAVAILABLE, and the worker said nothing and exited 0: its supervisor (deploy, Kubernetes) saw a clean stop
+    (a review's find). It warns, naming each endpoint and how many of its requests were cut, and exits
+    DRAIN_CUT_EXIT."""
+    worker = processes("worker", ["worker", "--uses", f"{EXECUTORS}:Sleepy", "--drain-seconds", "0.5"], tmp_path)
+    address = await asyncio.to_thread(worker.wait_ready, 20)
+    marks = [tmp_path / f"mark-{index}" for index in range(2)]
+    sleeping = []
+    for mark in marks:  # each handler leaves the worker's pid in its folder once it runs
+        mark.mkdir()
+        sleeping.append(asyncio.ensure_future(oneshot.send_request_async(
+            DataRequest([Document()], endpoint="/sleep", parameters={"seconds": 30, "mark": str(mark)}), address,
+            timeout=30,
+        )))
+    try:
+        await eventually(lambda: all(any(mark.iterdir()) for mark in marks), timeout=10)
+        answered = await oneshot.send_request_async(DataRequest([Document()], endpoint="/big",
+                                                                parameters={"bytes": 1}), address, timeout=10)
+        assert not answered.is_error  # answered before the stop: not cut
+        worker.signal(signal.SIGTERM)
+        assert await wait_exit(worker, timeout=10) == DRAIN_CUT_EXIT, worker.tail()
+        for call in sleeping:
+            with pytest.raises(ReplicaError) as cut:
+                await call
+            assert cut.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        for call in sleeping:
+            call.cancel()
+        await asyncio.gather(*sleeping, return_exceptions=True)
+    [line] = [line for line in worker.tail().splitlines() if "still in their handlers" in line]
+    assert " WARNING " in line and "/big" not in line
+    assert line.endswith("the drain's grace (0.5s) ended with 2 request(s) still in their handlers, cut unanswered "
+                         "(their callers got UNAVAILABLE): /sleep x2"), line
 
 
 async def test_a_handler_whose_caller_gave_up_finishes_before_close_and_the_exit_waits_for_closes_threads(

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import select
 import signal
 import stat
 import sys
@@ -416,22 +417,61 @@ def add_token_argument(parser: argparse.ArgumentParser) -> None:
 
 MAX_TOKEN_FILE_BYTES = 4096
 MAX_JSON_FILE_BYTES = 64 * 1024 * 1024  # a --uses-with @FILE: arguments, not a model
+# seconds a pipe read as a file (@<(...), @/dev/stdin) has to reach its end: a FIFO nobody opens for writing, or
+# a standard input held open and silent, blocked the start for ever
+PIPE_WAIT = 30.0
+_PIPE_CHUNK = 1024 * 1024
 
 
-def read_small_file(path: str, limit: int, flag: str, pipes: bool = False) -> bytes:
-    """The bytes of the regular file ``path`` (or, with ``pipes``, of a pipe: ``@<(...)``), at most ``limit`` of
-    them, else a ConfigurationError naming ``flag`` (a FIFO would block the start, /dev/zero fill the memory)."""
+def read_small_file(path: str, limit: int, flag: str, pipes: bool = False, pipe_wait: float = PIPE_WAIT) -> bytes:
+    """The bytes of the regular file ``path`` (or, with ``pipes``, of a pipe: ``@<(...)``, read to its end within
+    ``pipe_wait`` seconds), at most ``limit`` of them, else a ConfigurationError naming ``flag`` (a FIFO nobody
+    writes to would block the start, /dev/zero fill the memory)."""
     try:
         mode = os.stat(path).st_mode
         if not (stat.S_ISREG(mode) or (pipes and stat.S_ISFIFO(mode))):
             raise ConfigurationError(f"{flag} {path!r} is not a regular file" + (" or a pipe" if pipes else ""))
-        with open(path, "rb") as handle:
-            data = handle.read(limit + 1)
+        if stat.S_ISFIFO(mode):
+            data = _read_pipe(path, limit, flag, pipe_wait)
+        else:
+            with open(path, "rb") as handle:
+                data = handle.read(limit + 1)
     except OSError as exc:
         raise ConfigurationError(f"{flag}: cannot read {path!r}: {exc.strerror}") from None
     if len(data) > limit:
         raise ConfigurationError(f"{flag} {path!r} holds more than {limit} bytes")
     return data
+
+
+def _read_pipe(path: str, limit: int, flag: str, wait: float) -> bytes:
+    """Up to ``limit`` + 1 bytes of the pipe ``path``, read to its end (its writers gone) within ``wait`` seconds.
+    Opened without blocking, as a FIFO's open waits for a writer, and read only once poll() says so: a FIFO no
+    writer has opened yet reads as ended, though poll() waits for one."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        ready = select.poll()
+        ready.register(fd, select.POLLIN)
+        deadline = time.monotonic() + wait
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            left = deadline - time.monotonic()
+            if left <= 0 or not ready.poll(math.ceil(left * 1000)):
+                raise ConfigurationError(
+                    f"{flag} {path!r}: the pipe did not end within {wait:g}s (is anything writing to it, and "
+                    "closing it? a pipe is read to its end before the start)"
+                )
+            try:
+                chunk = os.read(fd, min(_PIPE_CHUNK, limit + 1 - size))
+            except BlockingIOError:  # taken by another reader of the same pipe meanwhile
+                continue
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def _token_from_file(path: str) -> str:
@@ -569,12 +609,15 @@ def make_folder(path: str, flag: str) -> None:
         raise ConfigurationError(f"{flag} {path!r}: cannot create it: {exc.strerror or exc}") from None
 
 
-def json_object(text: str, flag: str) -> dict:
+def json_object(text: str, flag: str, pipe_wait: float = PIPE_WAIT) -> dict:
     """Parse a JSON object given on the command line, or in a file given as ``@FILE`` (one too long for a
-    command line, whose every argument Linux caps at 128 KiB); a clear error names the flag."""
+    command line, whose every argument Linux caps at 128 KiB; a pipe has ``pipe_wait`` seconds to end); a clear
+    error names the flag."""
     if text.startswith("@"):  # no JSON text starts so
         try:
-            text = read_small_file(text[1:], MAX_JSON_FILE_BYTES, f"{flag} @FILE", pipes=True).decode("utf-8")
+            text = read_small_file(
+                text[1:], MAX_JSON_FILE_BYTES, f"{flag} @FILE", pipes=True, pipe_wait=pipe_wait
+            ).decode("utf-8")
         except UnicodeDecodeError:
             raise ConfigurationError(f"{flag} {text}: the file is not UTF-8 text") from None
     try:

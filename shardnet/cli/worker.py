@@ -56,6 +56,11 @@ LONGEST_INTERVAL = (
 )
 
 
+# the exit code of a worker whose drain's grace ended with requests still in their handlers (cut unanswered), or
+# with handler calls still running on their threads (left behind): a supervisor sees that work it took was lost
+DRAIN_CUT_EXIT = 4
+
+
 def _register_interval(text: str) -> float:
     """``--register-interval``: positive seconds from MIN_REGISTER_INTERVAL to MAX_RENEWAL_INTERVAL."""
     seconds = positive_seconds("register interval", most=MAX_RENEWAL_INTERVAL, why=LONGEST_INTERVAL)(text)
@@ -204,6 +209,8 @@ def run(args: argparse.Namespace) -> int:
     code = run_in_loop(worker.run(parent_pid=args.parent_pid, ready_fd=args.ready_fd), loop)
     if code == 0 and worker.close_abandoned:  # stopped, but what its close() was to save may not be saved
         code = 1
+    elif code == 0 and (worker.requests_cut or worker.handlers_still_running()):  # work it took, lost
+        code = DRAIN_CUT_EXIT
     return exit_leaving_stuck_handlers(code, worker.handlers_still_running(), close_left=worker.close_abandoned)
 
 

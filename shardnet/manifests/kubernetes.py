@@ -45,6 +45,7 @@ from typing import Any, NamedTuple, Optional
 import yaml
 
 from shardnet.errors import ConfigurationError
+from shardnet.manifests.images import check_image
 from shardnet.networking.balancing import BALANCERS
 from shardnet.networking.channels import check_max_message_mb
 from shardnet.networking.policies import check_count, check_flag
@@ -265,8 +266,7 @@ class DeploymentSpec:
         namespace = self.namespace
         if not isinstance(namespace, str) or len(namespace) > _LABEL_MAX or not _DNS1123_LABEL.match(namespace):
             raise ConfigurationError(f"namespace {self.namespace!r} must be a DNS-1123 label of at most 63 characters")
-        if not isinstance(self.image, str) or not self.image or any(char.isspace() for char in self.image):
-            raise ConfigurationError(f"image {self.image!r} must be a non-empty image reference without spaces")
+        check_image(self.image)
         split_uses(self.uses)  # what ``shardnet worker --uses`` loads
         if not isinstance(self.polling, str):
             raise ConfigurationError(f"polling must be ANY, ALL or a JSON map as text, got {self.polling!r}")

@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import Counter
 from typing import Any, AsyncIterator, Optional
 
 import grpc
@@ -90,6 +91,8 @@ UNBOUND_LOGGED = 100
 # thread, which lets the event loop run meanwhile: it does both object by object, and a request's million parameter
 # values held the loop for a second, a list of 10,000 requests for seconds
 OFF_LOOP_BYTES = 256 * 1024
+# endpoints a warning of requests cut at the drain's end names at most (callers choose endpoints)
+CUT_ENDPOINTS_NAMED = 10
 # requests of one stream worked on at once: past it a request is refused as never run (services.BUSY_DETAILS), so
 # that a sender writing faster than the handlers answer cannot pile up work, and answers, without bound
 STREAM_WORK_LIMIT = WRITER_BACKLOG_MESSAGES
@@ -249,6 +252,12 @@ class Worker:
         self.server = jina_server(config, self)
         self._closed = False  # the Executor's close() has run
         self.close_abandoned = False  # its close() did not return within its bound, and was left running
+        # by endpoint: requests in their handlers (those queued for a handler thread too), and those the drain's
+        # end cut, which stay counted; what is left here once the drain is over was cut
+        self._in_handlers: Counter[str] = Counter()
+        # by endpoint: the requests still in their handlers when the drain's grace ended, cut unanswered (their
+        # callers got UNAVAILABLE); set once the drain is over
+        self.requests_cut: Counter[str] = Counter()
         self._metas_name = executor.metas.name  # what executor-specific parameters address
 
     @property
@@ -432,6 +441,9 @@ class Worker:
         if senders is not None:
             arguments["docs_map"] = dict(zip(senders, arguments["docs_matrix"]))
         answer_limit = self.server.config.max_message_bytes if limit is None else limit
+        in_handlers = self._in_handlers
+        in_handlers[endpoint] += 1
+        cut = False
         try:
             returned = await handler(self.executor, self._threads, answer_limit=answer_limit, **arguments)
             if isinstance(returned, dict):
@@ -453,6 +465,7 @@ class Worker:
             raise  # this coroutine is being closed: nothing may run in it (a handler's own came as a RuntimeError)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError) and _cancelled_from_outside():
+                cut = self._drain_is_over()  # kept in _in_handlers: _finish names it
                 raise  # the call itself: its client left, or the drain's grace ended
             if received is not None:  # as Jina's worker answers: the documents as they came, not half edited
                 first = DataRequest.from_bytes(received)
@@ -465,8 +478,37 @@ class Worker:
             route = first.add_route(self._route_name)
             route.start_time.FromNanoseconds(started)
             route.end_time.FromNanoseconds(time.time_ns())
+        finally:
+            if not cut:
+                in_handlers[endpoint] -= 1
+                if not in_handlers[endpoint]:  # callers choose endpoints: none is kept once its calls ended
+                    del in_handlers[endpoint]
         return await within_message_limit(
             context, first.to_bytes(), answer_limit, f"{self.name}: the answer of {endpoint}", whose
+        )
+
+    def _drain_is_over(self) -> bool:
+        """Whether the drain's grace has ended: a call cancelled now was cut by the stop (or its caller left as
+        it came), not given up on by its caller while the worker served."""
+        deadline = self.server.drain_deadline
+        return deadline is not None and asyncio.get_running_loop().time() >= deadline
+
+    def _warn_of_requests_cut(self) -> None:
+        """Once the drain is over: the requests still in their handlers then were cut (``requests_cut``), said
+        in a WARNING naming each endpoint and how many of its requests; a worker run exits DRAIN_CUT_EXIT then."""
+        if not self._drain_is_over():
+            return  # every call ended within the grace: none was cut
+        self.requests_cut = +self._in_handlers
+        if not self.requests_cut:
+            return
+        named = self.requests_cut.most_common(CUT_ENDPOINTS_NAMED)
+        endpoints = ", ".join(f"{endpoint:.200} x{count}" for endpoint, count in named)
+        if len(self.requests_cut) > len(named):
+            endpoints += f" and {len(self.requests_cut) - len(named)} more endpoint(s)"
+        logger.warning(
+            "%s: the drain's grace (%gs) ended with %d request(s) still in their handlers, cut unanswered (their "
+            "callers got UNAVAILABLE): %s", self.name, self.server.config.drain_grace, self.requests_cut.total(),
+            endpoints,
         )
 
     def _log_failure(self, handler_name: str, endpoint: str, request: DataRequest) -> None:
@@ -691,6 +733,7 @@ class Worker:
         """
         if not self._closed:
             self._closed = True
+            self._warn_of_requests_cut()
             await self._wait_for_handlers()
             await self._close_executor()
         self._threads.shutdown(wait=False, cancel_futures=True)
