@@ -105,4 +105,7 @@ def test_send_and_status_with_a_hung_worker_stay_within_their_timeout_and_say_wh
     status, _ = run("status", address, "--timeout", "3")
     assert status.returncode == 1
     assert re.search(r"endpoints: unknown \(endpoint discovery: .*shard 0.*DEADLINE_EXCEEDED", status.stdout), status.stdout
-    assert re.search(r"^\s+shard 0: 127\.0\.0\.1:\d+$", status.stdout, re.M), status.stdout  # still says who is there
+    # still says who is there, and that it does not answer
+    hung = r"^\s+shard 0: 127\.0\.0\.1:\d+ \(down: not answering within [0-9.]+s\)$"
+    assert re.search(hung, status.stdout, re.M), status.stdout
+    assert "  shard 0: no serving replica\n" in status.stdout, status.stdout

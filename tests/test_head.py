@@ -39,8 +39,9 @@ from shardnet.networking.channels import message_size_options
 from shardnet.protocol import services
 from shardnet.protocol.messages import ControlRequest
 from shardnet.protocol.proto import jina_pb2
-from shardnet.runtimes.head import Head
+from shardnet.runtimes.head import STATUS_ROOM, Head, _check_metadata, _metadata_size
 from shardnet.runtimes.processes import ShardnetProcess
+from shardnet.runtimes.replica_check import ReplicaCheck
 from shardnet.runtimes.server import ServerConfig
 from shardnet.runtimes.worker import Worker
 from shardnet.testing import free_port, serving
@@ -211,7 +212,9 @@ def test_status_names_a_few_dozen_ejected_replicas_and_counts_the_rest():
     assert sum(len(key) + len(value) + 32 for key, value in pairs) < 8192  # gRPC's soft limit for a client
 
 
-def test_status_metadata_stays_under_grpcs_soft_limit_with_long_hosts_and_scattered_empty_shards():
+def sprawling_status_metadata() -> tuple[tuple[str, str], ...]:
+    """STATUS's trailing metadata at its largest: 32 ejected replicas with the longest names an ACTIVATE may give,
+    and 4,000 empty shards, every other one."""
     head = Head("sprawling", shards=8000)
     replicas = head.pool.get_replicas("sprawling", shard_id=0)
     # names as long as an ACTIVATE may give: 250 characters in labels of at most 63
@@ -221,7 +224,11 @@ def test_status_metadata_stays_under_grpcs_soft_limit_with_long_hosts_and_scatte
     for shard_id in range(1, 8000, 2):  # every other shard has a replica: the empty ones make 4000 ranges
         head.pool.get_replicas("sprawling", shard_id=shard_id).has_connections = lambda: True
     replicas.has_connections = lambda: True
-    pairs = head._replica_metadata() + head._retry_metadata()
+    return head._replica_metadata() + head._retry_metadata()
+
+
+def test_status_metadata_stays_under_grpcs_soft_limit_with_long_hosts_and_scattered_empty_shards():
+    pairs = sprawling_status_metadata()
     assert sum(len(key) + len(value) + 32 for key, value in pairs) < 8192  # gRPC's soft limit for a client
     named = [value for key, value in pairs if key == "ejected"]
     assert 0 < len(named) < 32 and ("ejected-unlisted", str(32 - len(named))) in pairs
@@ -234,6 +241,27 @@ def test_status_metadata_stays_under_grpcs_soft_limit_with_long_hosts_and_scatte
     assert _replica_notes([("empty-shards", "1,x")])["empty_ranges"] == ""  # what does not read is skipped
     assert notes["empty"][:3] == [2, 4, 6] and len(notes["empty"]) + notes["empty_unlisted"] == 3999
     assert notes["unlisted"] == 32 - len(named)
+
+
+def test_a_replica_check_takes_the_room_the_rest_of_status_left_and_reads_back():
+    """A check adds the shards none serves and each replica down with why: past the sprawling worst case above it
+    must still stay under gRPC's soft limit (a client refuses the whole answer past 16 KB), naming what fits."""
+    down = [(shard_id, f"{'h' * 63}.example:50051", "unreachable: " + "x" * 300) for shard_id in range(1, 8000, 2)]
+    check = ReplicaCheck(checked=8000, down=down, shards_down=list(range(1, 8000, 2)))
+    pairs = sprawling_status_metadata()
+    pairs += _check_metadata(check, STATUS_ROOM - _metadata_size(pairs))
+    assert _metadata_size(pairs) < 8192
+    notes = _replica_notes(pairs)
+    assert notes["checked"] == 8000 and notes["shards_down"][:3] == [1, 3, 5]
+    assert len(notes["shards_down"]) + notes["shards_down_unlisted"] == 4000
+    assert len(notes["down"]) + notes["down_unlisted"] == 4000 and notes["down_unlisted"] > 0
+
+    cause = "unreachable: No such file: /tmp/sôck 100%"
+    alone = _check_metadata(ReplicaCheck(2, [(0, "unix:/tmp/sôck", cause)], [0]), 7000)
+    assert all(value.isascii() for _, value in alone)  # metadata is ASCII: non-ASCII and % travel percent-encoded
+    notes = _replica_notes(alone)
+    assert notes["down"] == {(0, "unix:/tmp/sôck"): cause}
+    assert notes["shards_down"] == [0] and notes["checked"] == 2 and notes["down_unlisted"] == 0
 
 
 async def test_an_activate_naming_the_head_itself_is_refused(runtimes):

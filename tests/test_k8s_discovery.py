@@ -17,6 +17,7 @@ import sys
 from collections import Counter
 from typing import Any, AsyncIterator, Callable, Optional
 
+import executors
 import grpc
 import pytest
 import trustme
@@ -25,6 +26,8 @@ from kubernetes_asyncio import config as k8s_config
 from grpc_health.v1 import health_pb2
 from kubernetes_asyncio.client import ApiClient, Configuration
 
+from shardnet.cli.main import main as cli_main
+from shardnet.cli.status import DEGRADED
 from shardnet.discovery.configuration import load_api_client
 from shardnet.discovery.kubernetes import LIST_BATCH, K8sGrpcConnectionPool, Member, pod_members, slice_members
 from shardnet.discovery.watch import WatchOptions
@@ -34,6 +37,7 @@ from shardnet.protocol import services
 from shardnet.protocol.messages import DataRequest
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.processes import ShardnetProcess
+from shardnet.runtimes.worker import Worker
 from shardnet.testing import EchoServer, eventually
 
 NS = "default"
@@ -1537,6 +1541,33 @@ async def test_a_head_fed_by_discovery_refuses_membership_changes_and_pods_beyon
             assert {dict(tuple(trailing))["served-by"] for _, trailing in answers} == {"replica-a"}
         finally:
             await head.stop(0.5)
+
+
+async def test_status_of_a_head_fed_by_discovery_checks_the_pods_it_routes_to(
+    api_server: FakeApiServer, kubeconfig: str, dead_address: str, capsys
+) -> None:
+    """Its replicas come from the cluster, not from --connection: a pod Kubernetes calls Ready whose process
+    refuses connections is named down all the same, and the exit says degraded."""
+    worker = Worker(executors.Tagger.create({}))
+    await worker.start()
+    api_server.apply("pods", pod("a", ip="127.0.0.1", port=worker.server.port))
+    api_server.apply("pods", pod("b", ip="127.0.0.1", port=int(dead_address.rsplit(":", 1)[1])))
+    pool = K8sGrpcConnectionPool(NS, kubeconfig=kubeconfig, watch=FAST, sources=("pods",))
+    head = Head("dep", pool=pool)
+    try:
+        await head.start()
+        try:
+            await pool.wait_synced(timeout=5)
+            capsys.readouterr()
+            code = await asyncio.to_thread(cli_main, ["status", head.server.address])
+            printed = capsys.readouterr().out
+        finally:
+            await head.stop(0.5)
+    finally:
+        await worker.stop(0)
+    assert code == DEGRADED, printed
+    assert f"  shard 0: {worker.server.address}\n" in printed
+    assert f"  shard 0: {dead_address} (down: unreachable: " in printed, printed
 
 
 # -- the pods' word on slices that lag --------------------------------------------------

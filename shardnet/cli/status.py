@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import re
 import urllib.parse
+from typing import Any, Optional, Sequence, Union
 
 import grpc
 from google.protobuf import empty_pb2
@@ -16,70 +17,83 @@ from shardnet.errors import MalformedReplyError, ReplicaError
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address
 from shardnet.networking.channels import NOT_CONNECTED
+from shardnet.networking.tls import ClientTls
 from shardnet.protocol import services
 from shardnet.protocol.messages import ControlRequest
+
+DEGRADED = 3  # the exit code when a replica the head routes to is down but every shard still has a serving one
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "status", help="health, endpoints and replicas of a head or worker",
-        description="Health, readiness, endpoints and replicas of a head or worker. Exits 1 when it is not serving "
-        "or not ready, its endpoints or replicas cannot be listed, or a shard has no replica; 0 when all is well; 2 "
-        "when it cannot be reached at all.",
+        description="Health, readiness, endpoints and replicas of a head or worker; a head checks each replica it "
+        "routes to now. Exits 0 when all is well; 1 when it is not serving or not ready, its endpoints or replicas "
+        "cannot be listed, or a shard has no replica, or none serving; 2 when it cannot be reached at all; "
+        f"{DEGRADED} (degraded) when a replica is down but every shard still has one serving.",
     )
     parser.add_argument("target", help="HOST:PORT")
     parser.add_argument(
         "--timeout", type=positive_seconds("timeout"), metavar="SECONDS", default=5.0,
-        help="seconds each of its calls (health, readiness, endpoints, replicas) may take (default: %(default)g)",
+        help="seconds the whole check may take, a head's check of its replicas included: one that does not "
+        "answer in time is named as such (default: %(default)g)",
     )
     add_client_tls_arguments(parser)
     parser.set_defaults(handler=run)
 
 
-async def status(args: argparse.Namespace) -> int:
-    tls = client_tls(args)
+async def _ask(
+    args: argparse.Namespace, tls: Optional[ClientTls], method: str, payload: Any,
+    metadata: Sequence[tuple[str, str]] = (),
+) -> Union[tuple[Any, Any], ReplicaError, MalformedReplyError]:
+    """(response, trailing metadata) of one call to the target within ``--timeout``, or the error it failed with."""
     try:
-        health, _ = await oneshot.call_once(
-            "health", health_pb2.HealthCheckRequest(), args.target, timeout=args.timeout, tls=tls
-        )
-    except ReplicaError as exc:
-        if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED or exc.cause.lower().startswith(NOT_CONNECTED):
-            raise  # nothing answered at all: exit 2
-        print(f"{args.target}: health unknown ({exc.cause})")  # it answered, but no health check (exit 1)
+        return await oneshot.call_once(method, payload, args.target, timeout=args.timeout, tls=tls, metadata=metadata)
+    except (ReplicaError, MalformedReplyError) as exc:
+        return exc
+
+
+async def status(args: argparse.Namespace) -> int:
+    # asked all at once, so that --timeout bounds the whole check: a head asks its workers for its endpoints and
+    # checks its replicas within the caller's time, and a hung one would otherwise take it twice
+    tls = client_tls(args)
+    health, ready, endpoints, control = await asyncio.gather(
+        _ask(args, tls, "health", health_pb2.HealthCheckRequest()),
+        _ask(args, tls, "health", health_pb2.HealthCheckRequest(service=services.READY_SERVICE)),
+        _ask(args, tls, "discovery", empty_pb2.Empty()),
+        _ask(args, tls, "control", ControlRequest("STATUS"), ((services.CHECK_REPLICAS_METADATA, "1"),)),
+    )
+    if isinstance(health, ReplicaError):
+        if health.code == grpc.StatusCode.DEADLINE_EXCEEDED or health.cause.lower().startswith(NOT_CONNECTED):
+            raise health  # nothing answered at all: exit 2
+        print(f"{args.target}: health unknown ({health.cause})")  # it answered, but no health check (exit 1)
         healthy = False
-    except MalformedReplyError as exc:
-        print(f"{args.target}: health unknown ({exc.cause})")
+    elif isinstance(health, MalformedReplyError):
+        print(f"{args.target}: health unknown ({health.cause})")
         healthy = False
     else:
-        print(f"{args.target}: {health_pb2.HealthCheckResponse.ServingStatus.Name(health.status)}")
-        healthy = health.status == health_pb2.HealthCheckResponse.SERVING
-    try:  # shardnet servers also answer readiness (a head fed by discovery: once it has listed a worker of every shard)
-        ready, _ = await oneshot.call_once(
-            "health", health_pb2.HealthCheckRequest(service=services.READY_SERVICE), args.target,
-            timeout=args.timeout, tls=tls,
-        )
-        print(f"ready: {health_pb2.HealthCheckResponse.ServingStatus.Name(ready.status)}")
-        healthy = healthy and ready.status == health_pb2.HealthCheckResponse.SERVING
-    except (ReplicaError, MalformedReplyError) as exc:  # a Jina server has no such service
-        print(f"ready: unknown ({exc.cause})")
-    try:  # a head asks its workers: a hung one fails this, and the replica list below still says who is there
-        endpoints, _ = await oneshot.call_once(
-            "discovery", empty_pb2.Empty(), args.target, timeout=args.timeout, tls=tls
-        )
-        print(f"endpoints: {', '.join(endpoints.endpoints) or '(none)'}")
-    except (ReplicaError, MalformedReplyError) as exc:
-        print(f"endpoints: unknown ({exc.cause})")
+        print(f"{args.target}: {health_pb2.HealthCheckResponse.ServingStatus.Name(health[0].status)}")
+        healthy = health[0].status == health_pb2.HealthCheckResponse.SERVING
+    # shardnet servers also answer readiness (a head fed by discovery: once it has listed a worker of every shard)
+    if isinstance(ready, Exception):  # a Jina server has no such service
+        print(f"ready: unknown ({ready.cause})")
+    else:
+        print(f"ready: {health_pb2.HealthCheckResponse.ServingStatus.Name(ready[0].status)}")
+        healthy = healthy and ready[0].status == health_pb2.HealthCheckResponse.SERVING
+    # a head asks its workers: a hung one fails this, and the replica list below still says who is there
+    if isinstance(endpoints, Exception):
+        print(f"endpoints: unknown ({endpoints.cause})")
         healthy = False
-    try:
-        control, trailing = await oneshot.call_once(  # not send_control: the trailing metadata says what is ejected
-            "control", ControlRequest("STATUS"), args.target, timeout=args.timeout, tls=tls
-        )
-    except (ReplicaError, MalformedReplyError) as exc:
-        if getattr(exc, "code", None) == grpc.StatusCode.UNIMPLEMENTED:  # a Jina 3.34 server has no control service: no shardnet head
-            print(f"replicas: none listed ({exc.cause}: not a shardnet server)")
+    else:
+        print(f"endpoints: {', '.join(endpoints[0].endpoints) or '(none)'}")
+    if isinstance(control, Exception):  # not send_control: the trailing metadata says what is ejected and down
+        # a Jina 3.34 server has no control service: no shardnet head
+        if getattr(control, "code", None) == grpc.StatusCode.UNIMPLEMENTED:
+            print(f"replicas: none listed ({control.cause}: not a shardnet server)")
             return 0 if healthy else 1
-        print(f"replicas: unknown ({exc.cause})")  # a draining server refuses it: said, as the rest is
+        print(f"replicas: unknown ({control.cause})")  # a draining server refuses it: said, as the rest is
         return 1
+    control, trailing = control
     if control.is_error:
         raise ReplicaError(control.status.description, address=args.target)
     notes = _replica_notes(trailing)
@@ -87,8 +101,10 @@ async def status(args: argparse.Namespace) -> int:
         print("replicas:")
     for entity in control.related_entities:
         address = entity_address(entity.address, entity.port)
-        mark = " (ejected: failing, probed until healthy)" if (entity.shard_id, address) in notes["ejected"] else ""
-        print(f"  shard {entity.shard_id}: {address}{mark}")
+        marks = ["ejected: failing, probed until healthy"] if (entity.shard_id, address) in notes["ejected"] else []
+        if (entity.shard_id, address) in notes["down"]:
+            marks.append(f"down: {notes['down'][entity.shard_id, address]}")
+        print(f"  shard {entity.shard_id}: {address}" + (f" ({'; '.join(marks)})" if marks else ""))
     for shard_id in notes["empty"]:
         print(f"  shard {shard_id}: no replica")
     if notes["empty_ranges"] and not notes["empty"]:  # too many to name one by one: as the head gave them
@@ -99,33 +115,78 @@ async def status(args: argparse.Namespace) -> int:
         print(f"  ... and {notes['unlisted']} more ejected replicas, not named")
     if notes["empty_ranges"] or notes["empty_unlisted"]:
         healthy = False  # a request to ALL fails naming the shard, and one to it goes nowhere
+    degraded = _say_replica_health(notes, listed=bool(control.related_entities))
+    if notes["shards_down_ranges"] or notes["shards_down_unlisted"]:
+        healthy = False  # as a shard with no replica: every request to it fails
     budget = {key: value for key, value in trailing or () if key in _BUDGET_KEYS}
     if budget:
         print("retries: " + ", ".join(f"{key} {budget[key]}" for key in _BUDGET_KEYS if key in budget))
-    return 0 if healthy else 1
+    return 1 if not healthy else DEGRADED if degraded else 0
+
+
+def _say_replica_health(notes: dict, listed: bool) -> bool:
+    """Print what the head's check of its replicas found (the shards none serves, the replicas down it could not
+    name, then a summary line); True when some replica is down."""
+    checked = notes["checked"]
+    if checked is None:
+        if listed:  # a worker lists none; a head of another version, or Jina's, does not check them
+            print("replica health: not checked (the head does not report it)")
+        return False
+    for shard_id in notes["shards_down"]:
+        print(f"  shard {shard_id}: no serving replica")
+    if notes["shards_down_ranges"] and not notes["shards_down"]:
+        print(f"  shards {notes['shards_down_ranges']}: no serving replica")
+    if notes["shards_down_unlisted"]:
+        print(f"  ... and {notes['shards_down_unlisted']} more shards with no serving replica, not named")
+    if notes["down_unlisted"]:
+        print(f"  ... and {notes['down_unlisted']} more replicas down, not named")
+    down = len(notes["down"]) + notes["down_unlisted"]
+    if not down:
+        if checked:
+            print(f"replica health: all {checked} replicas serving")
+        return False
+    where = "every shard has a serving one (degraded)"
+    shards, unlisted = notes["shards_down_ranges"], notes["shards_down_unlisted"]
+    if shards or unlisted:
+        several = bool(unlisted) or "," in shards or "-" in shards
+        more = f" and {unlisted} more" if unlisted else ""
+        where = f"shard{'s' if several else ''} {shards}{more} {'have' if several else 'has'} none serving"
+    print(f"replica health: {down} of {checked} replicas down, {where}")
+    return True
 
 
 _BUDGET_KEYS = ("requests-seen", "retries-spent", "retries-refused", "retry-window")
-_RANGES = re.compile(r"[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*")  # "empty-shards" as a head writes it: "1,3-5"
+_RANGES = re.compile(r"[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*")  # "empty-shards" and "shards-down" as a head writes them
 
 
 def _replica_notes(trailing) -> dict:
     """A head's STATUS trailing metadata read back: ejected (shard, address) pairs, how many more were not named,
-    and the empty shard ids. A worker, or a Jina head, says none of it; a value that does not read is skipped."""
-    ejected, empty, unlisted, empty_unlisted, ranges = set(), [], 0, 0, ""
+    and the empty shard ids; from its check of the replicas, how many it checked (None: no check reported), each
+    (shard, address) down with why, how many more, and the shards none of whose replicas serves. A worker, or a
+    Jina head, says none of it; a value that does not read is skipped."""
+    notes = {"ejected": set(), "empty": [], "unlisted": 0, "empty_unlisted": 0, "empty_ranges": "", "checked": None,
+             "down": {}, "down_unlisted": 0, "shards_down": [], "shards_down_ranges": "", "shards_down_unlisted": 0}
+    counts = {
+        services.EJECTED_UNLISTED_METADATA: "unlisted", services.EMPTY_SHARDS_UNLISTED_METADATA: "empty_unlisted",
+        services.REPLICAS_CHECKED_METADATA: "checked", services.REPLICAS_DOWN_UNLISTED_METADATA: "down_unlisted",
+        services.SHARDS_DOWN_UNLISTED_METADATA: "shards_down_unlisted",
+    }
     for key, value in trailing or ():
         if key == services.EJECTED_METADATA:
             shard, _, address = value.partition(" ")
             if shard.isdigit() and address:
-                ejected.add((int(shard), urllib.parse.unquote(address)))
-        elif key == services.EJECTED_UNLISTED_METADATA and value.isdigit():
-            unlisted = int(value)
+                notes["ejected"].add((int(shard), urllib.parse.unquote(address)))
+        elif key == services.REPLICA_DOWN_METADATA:
+            shard, address, cause = (value.split(" ", 2) + ["", ""])[:3]
+            if shard.isdigit() and address and cause:
+                notes["down"][int(shard), urllib.parse.unquote(address)] = urllib.parse.unquote(cause)
+        elif key in counts and value.isdigit():
+            notes[counts[key]] = int(value)
         elif key == services.EMPTY_SHARDS_METADATA and _RANGES.fullmatch(value):
-            empty, ranges = _shard_ids(value), value
-        elif key == services.EMPTY_SHARDS_UNLISTED_METADATA and value.isdigit():
-            empty_unlisted = int(value)
-    return {"ejected": ejected, "empty": empty, "unlisted": unlisted, "empty_unlisted": empty_unlisted,
-            "empty_ranges": ranges}
+            notes["empty"], notes["empty_ranges"] = _shard_ids(value), value
+        elif key == services.SHARDS_DOWN_METADATA and _RANGES.fullmatch(value):
+            notes["shards_down"], notes["shards_down_ranges"] = _shard_ids(value), value
+    return notes
 
 
 def _shard_ids(ranges: str, most: int = 65536) -> list[int]:

@@ -18,10 +18,8 @@ from typing import Any, Awaitable, Iterable, Optional, Sequence, Union
 
 import grpc
 import grpc.aio
-from google.protobuf import empty_pb2
-from grpc_health.v1 import health_pb2
 
-from shardnet.errors import ConfigurationError, ProtocolError
+from shardnet.errors import ConfigurationError
 from shardnet.networking.addresses import Address, parse_address
 from shardnet.networking.balancing import Balancer, RoundRobin, make_balancer
 from shardnet.networking.channels import (
@@ -33,6 +31,7 @@ from shardnet.networking.channels import (
     message_limits,
     refused_as_draining,
 )
+from shardnet.networking.health import health_problem
 from shardnet.networking.streams import RequestStreams, rpc_error
 from shardnet.networking.policies import EjectionPolicy, check_seconds
 from shardnet.networking.tls import ClientTls
@@ -282,24 +281,21 @@ class Connection:
         channel = self.channel
         self.check_loop()
         try:
-            reply = checked_reply(
-                await self.stubs.health(health_pb2.HealthCheckRequest(service=""), timeout=timeout), self.address
-            )
-        except grpc.aio.AioRpcError as error:
-            if error.code() != grpc.StatusCode.UNIMPLEMENTED:
-                return False
-            try:  # no health service: a replica still lists its endpoints
-                checked_reply(await self.stubs.discovery(empty_pb2.Empty(), timeout=timeout), self.address)
-            except (grpc.aio.AioRpcError, ProtocolError):
-                return False
-            return True
-        except ProtocolError:
-            return False
+            return await health_problem(self.stubs, self.address, timeout) is None
         except asyncio.CancelledError:
             if self.cut_by_close(channel):
                 return False
             raise
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def problem_now(self, timeout: float) -> Optional[str]:
+        """Why the replica does not serve right now (None: it serves), as ``health`` asks it but over a channel of
+        its own, closed after: the routing channel may wait out a reconnect back-off of minutes though the replica
+        is back, and a status check must not replace it."""
+        channel = get_grpc_channel(self.address, options=self._options, asyncio=True, tls=self._tls)
+        try:
+            return await health_problem(Stubs.for_channel(channel, origin=self._origin), self.address, timeout)
+        finally:
+            await channel.close()
 
     async def close(self, grace: Optional[float] = None) -> None:
         """Close the channel, giving calls in flight ``grace`` seconds; replaced channels get the same.

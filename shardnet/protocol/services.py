@@ -53,6 +53,15 @@ EJECTED_METADATA = "ejected"
 EJECTED_UNLISTED_METADATA = "ejected-unlisted"
 EMPTY_SHARDS_METADATA = "empty-shards"
 EMPTY_SHARDS_UNLISTED_METADATA = "empty-shards-unlisted"  # empty shards past what "empty-shards" has room for
+# beside a STATUS request (``shardnet status`` sends it): check every replica now. The head then adds how many it
+# checked, the shards none of whose replicas serves, as ranges, and "SHARD ADDRESS CAUSE" (both percent-encoded) of
+# each replica down, as many as fit, then how many more
+CHECK_REPLICAS_METADATA = "shardnet-check-replicas"
+REPLICAS_CHECKED_METADATA = "replicas-checked"
+REPLICA_DOWN_METADATA = "replica-down"
+REPLICAS_DOWN_UNLISTED_METADATA = "replicas-down-unlisted"
+SHARDS_DOWN_METADATA = "shards-down"
+SHARDS_DOWN_UNLISTED_METADATA = "shards-down-unlisted"
 # beside every request a head forwards: the head's own random id, so that a head asked to route to itself (an
 # ACTIVATE naming its own address another way, a cycle of heads) refuses the request instead of looping
 VIA_HEAD_METADATA = "shardnet-via-head"

@@ -63,6 +63,7 @@ from shardnet.runtimes.executor import DRY_RUN_ENDPOINT
 from shardnet.runtimes.merge import every_shard_failed, merge_shard_responses, report_shard_problems, status_of
 from shardnet.runtimes.refusals import RefusalLog
 from shardnet.runtimes.registrations import Registrations
+from shardnet.runtimes.replica_check import ReplicaCheck, check_replicas
 from shardnet.runtimes.server import (
     ControlGuard,
     ServerConfig,
@@ -184,6 +185,12 @@ class _Deadline:
 EJECTED_LISTED = 32
 EJECTED_ROOM = 5120
 EMPTY_SHARDS_ROOM = 1024
+# a replica check (``shardnet status``) adds its shards down as ranges in at most SHARDS_DOWN_ROOM characters, then
+# names the replicas down (each cause cut to MAX_CAUSE_CHARS) in what the rest left of STATUS_ROOM, then counts them
+STATUS_ROOM = 7936
+SHARDS_DOWN_ROOM = 512
+MAX_CAUSE_CHARS = 160
+_CAUSE_SAFE = "".join(chr(code) for code in range(32, 127) if chr(code) != "%")  # printable ASCII, as metadata is
 MAX_ENDPOINT_CHARS = 1024  # an endpoint from a request's header that a head forwards as metadata
 MAX_HEADS_PASSED = 16  # heads a request may have crossed (their ids travel on with it as metadata)
 _HEAD_ID = re.compile(r"[0-9a-f]{32}")  # what new_id() gives a head
@@ -193,6 +200,36 @@ def _listed(shard_ids: list[int]) -> str:
     """Sorted shard ids as a log line names them: ranges, then how many more did not fit."""
     ranges, unlisted = _shard_ranges(shard_ids)
     return f"{ranges} and {unlisted} more" if unlisted else ranges
+
+
+def _metadata_size(pairs: Sequence[tuple[str, str]]) -> int:
+    """What ``pairs`` count towards gRPC's metadata limit: 32 bytes per entry besides key and value (HPACK's)."""
+    return sum(len(key) + len(value) + 32 for key, value in pairs)
+
+
+def _check_metadata(check: ReplicaCheck, room: int) -> tuple[tuple[str, str], ...]:
+    """A replica check as STATUS trailing metadata in about ``room`` bytes (what the rest left under gRPC's soft
+    limit): how many replicas it checked, the shards none of whose replicas serves, and each replica down with
+    why, as many as fit, then how many more."""
+    pairs = [(services.REPLICAS_CHECKED_METADATA, str(check.checked))]
+    if check.shards_down:
+        ranges, unlisted = _shard_ranges(check.shards_down, SHARDS_DOWN_ROOM)
+        pairs.append((services.SHARDS_DOWN_METADATA, ranges))
+        if unlisted:
+            pairs.append((services.SHARDS_DOWN_UNLISTED_METADATA, str(unlisted)))
+    room -= _metadata_size(pairs) + _metadata_size([(services.REPLICAS_DOWN_UNLISTED_METADATA, str(check.checked))])
+    named = 0
+    for shard_id, address, cause in check.down:
+        address = urllib.parse.quote(address, safe=":/[]")
+        value = f"{shard_id} {address} {urllib.parse.quote(cause[:MAX_CAUSE_CHARS].strip(), safe=_CAUSE_SAFE)}"
+        room -= _metadata_size([(services.REPLICA_DOWN_METADATA, value)])
+        if room < 0:
+            break
+        pairs.append((services.REPLICA_DOWN_METADATA, value))
+        named += 1
+    if len(check.down) > named:
+        pairs.append((services.REPLICAS_DOWN_UNLISTED_METADATA, str(len(check.down) - named)))
+    return tuple(pairs)
 
 
 def _shard_ranges(shard_ids: list[int], room: int = EMPTY_SHARDS_ROOM) -> tuple[str, int]:
@@ -730,7 +767,11 @@ class Head:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         command = request.command
         if command == "STATUS":
-            context.set_trailing_metadata(self._retry_metadata() + self._replica_metadata())
+            trailing = self._retry_metadata() + self._replica_metadata()
+            if any(key == services.CHECK_REPLICAS_METADATA for key, _ in context.invocation_metadata() or ()):
+                check = await check_replicas(self.pool, self.deployment, _discovery_time_left(context))
+                trailing += _check_metadata(check, STATUS_ROOM - _metadata_size(trailing))
+            context.set_trailing_metadata(trailing)
             return self._status(request).to_bytes()
         if not self._guard.allows(context):
             await self._refuse(

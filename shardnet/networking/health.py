@@ -1,0 +1,53 @@
+"""Whether a replica serves, and if not why, in an operator's words: "unreachable: Connection refused", "not
+answering within 2s", "health NOT_SERVING". A pool's probes only need the yes or no; ``shardnet status`` prints why."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Optional
+
+import grpc
+import grpc.aio
+from google.protobuf import empty_pb2
+from grpc_health.v1 import health_pb2
+
+from shardnet.errors import ProtocolError
+from shardnet.networking.channels import NOT_CONNECTED, Stubs, checked_reply, refused_as_draining
+
+
+async def health_problem(stubs: Stubs, address: Any, timeout: float) -> Optional[str]:
+    """None when the replica behind ``stubs`` answers its gRPC health check SERVING, or, having no health service
+    (a Jina worker), lists its endpoints; else why not. ``timeout`` bounds both calls together."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        reply = checked_reply(await stubs.health(health_pb2.HealthCheckRequest(service=""), timeout=timeout), address)
+    except grpc.aio.AioRpcError as error:
+        if error.code() != grpc.StatusCode.UNIMPLEMENTED:
+            return failure_cause(error, timeout)
+        try:  # no health service: a replica still lists its endpoints
+            checked_reply(await stubs.discovery(empty_pb2.Empty(), timeout=max(0.0, deadline - loop.time())), address)
+        except grpc.aio.AioRpcError as error:
+            return f"no health service, and its endpoints do not list: {failure_cause(error, timeout)}"
+        except ProtocolError as exc:
+            return f"no health service, and its endpoints do not list: {exc}"
+        return None
+    except ProtocolError as exc:
+        return f"malformed health answer: {exc}"
+    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+        return None
+    return f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+
+
+def failure_cause(error: grpc.aio.AioRpcError, timeout: float) -> str:
+    """A failed health call's cause: unreachable (gRPC's last words on the connection), not answering in time,
+    draining, or the status and its details."""
+    code, details = error.code(), error.details() or ""
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"not answering within {timeout:.3g}s"
+    if refused_as_draining(error):
+        return f"draining ({details})"
+    if code == grpc.StatusCode.UNAVAILABLE and details.lower().startswith(NOT_CONNECTED):
+        # "failed to connect to all addresses; last error: UNKNOWN: ipv4:...: connect: Connection refused (111)"
+        return f"unreachable: {details.rsplit(': ', 1)[-1]}"
+    return f"{code.name}: {details}" if details else code.name

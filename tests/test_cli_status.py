@@ -1,0 +1,102 @@
+"""``shardnet status`` against a head checks every replica the head routes to, and its exit code says how it went.
+
+In-process heads in front of in-process workers on free loopback ports; a replica "down" is a worker stopped after
+the head started, or an address nothing listens on (as ``--connection`` to a port of nothing gives).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import executors
+
+from shardnet.cli.main import main as cli_main
+from shardnet.cli.status import DEGRADED
+from shardnet.runtimes.head import Head
+from shardnet.runtimes.processes import ShardnetProcess, stop_all
+from shardnet.runtimes.worker import Worker
+
+EXECUTORS = Path(executors.__file__).resolve()
+
+
+async def workers(runtimes, count: int) -> list[Worker]:
+    return [await runtimes(Worker(executors.Tagger.create({}))) for _ in range(count)]
+
+
+async def status(capsys, address: str, *flags: str) -> tuple[int, str]:
+    capsys.readouterr()
+    code = await asyncio.to_thread(cli_main, ["status", address, *flags])
+    return code, capsys.readouterr().out
+
+
+async def test_every_replica_serving_exits_0_and_says_so(runtimes, capsys):
+    a, b, c = await workers(runtimes, 3)
+    head = await runtimes(Head("all-up", connections={0: [a.server.address, b.server.address], 1: [c.server.address]}))
+    code, printed = await status(capsys, head.server.address)
+    assert code == 0, printed
+    assert f"  shard 0: {a.server.address}\n" in printed and f"  shard 1: {c.server.address}\n" in printed
+    assert "replica health: all 3 replicas serving" in printed, printed
+
+
+async def test_a_replica_down_beside_a_live_one_is_degraded_naming_its_shard_address_and_cause(
+    runtimes, capsys, dead_address
+):
+    """Exited 0: the head routes around it, but the shard is served by one replica out of two."""
+    a, b = await workers(runtimes, 2)
+    head = await runtimes(Head("half", connections={0: [a.server.address, dead_address], 1: [b.server.address]}))
+    code, printed = await status(capsys, head.server.address)
+    assert code == DEGRADED, printed
+    assert re.search(rf"  shard 0: {dead_address} \(down: unreachable: .*connection refused", printed, re.I), printed
+    assert f"  shard 0: {a.server.address}\n" in printed
+    assert "replica health: 1 of 3 replicas down, every shard has a serving one (degraded)" in printed, printed
+
+
+async def test_a_replica_stopped_after_the_head_started_is_named_down(runtimes, capsys):
+    a, b = await workers(runtimes, 2)
+    head = await runtimes(Head("stopped", connections={0: [a.server.address, b.server.address]}))
+    assert (await status(capsys, head.server.address))[0] == 0
+    await b.stop(0)
+    code, printed = await status(capsys, head.server.address)
+    assert code == DEGRADED, printed
+    assert re.search(rf"  shard 0: {b.server.address} \(down: unreachable: ", printed), printed
+
+
+async def test_a_shard_whose_only_replica_is_down_exits_1_naming_the_shard(runtimes, capsys):
+    """The endpoints still list (shard 0 answers them), the head is SERVING and ready: the exit said all is well
+    while every request to shard 1 failed."""
+    a, b = await workers(runtimes, 2)
+    head = await runtimes(Head("one-dead", connections={0: [a.server.address], 1: [b.server.address]}))
+    await b.stop(0)
+    code, printed = await status(capsys, head.server.address)
+    assert code == 1, printed
+    assert "endpoints: " in printed and "endpoints: unknown" not in printed, printed
+    assert re.search(rf"  shard 1: {b.server.address} \(down: unreachable: ", printed), printed
+    assert "  shard 1: no serving replica\n" in printed
+    assert "replica health: 1 of 2 replicas down, shard 1 has none serving" in printed, printed
+
+
+async def test_a_stopped_replica_is_named_as_not_answering_within_the_timeout(runtimes, capsys, tmp_path):
+    """A worker under SIGSTOP takes connections (the kernel does) and never answers: the check must not hang on
+    it, and --timeout bounds the whole of it (the head's endpoint listing and its check side by side)."""
+    [live] = await workers(runtimes, 1)
+    stopped = ShardnetProcess("worker", ["worker", "--uses", f"{EXECUTORS}:Tagger", "--port", "0"], tmp_path / "w.log")
+    try:
+        address = await asyncio.to_thread(stopped.launch().wait_ready, 30.0)
+        head = await runtimes(Head("hung", connections={0: [live.server.address], 1: [address]}))
+        os.kill(stopped.pid, signal.SIGSTOP)
+        began = time.monotonic()
+        code, printed = await status(capsys, head.server.address, "--timeout", "2")
+        took = time.monotonic() - began
+    finally:
+        if stopped.alive:
+            os.kill(stopped.pid, signal.SIGCONT)  # else it holds its SIGTERM until resumed
+        await asyncio.to_thread(stop_all, [stopped])
+    assert code == 1, printed
+    assert took < 3.2, f"status --timeout 2 took {took:.1f}s"  # one after the other, its calls took 4 s
+    assert re.search(rf"  shard 1: {address} \(down: not answering within 1\.[0-9]+s\)\n", printed), printed
+    assert "  shard 1: no serving replica\n" in printed and "endpoints: unknown" not in printed, printed
