@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import socket
 import time
 from pathlib import Path
 
@@ -547,6 +548,7 @@ async def test_a_new_process_registering_after_its_predecessors_lease_ran_out_is
     await oneshot.activate_worker("127.0.0.1", 40004, head.server.address, shard_id=0, renews_every=0.2,
                                   instance="a" * 32)
     await eventually(lambda: "stopped renewing" in caplog.text, timeout=5.0)
+    assert "requests it hold" not in caplog.text  # it was sent none (the lapse said it held some, every time)
     await oneshot.activate_worker("127.0.0.1", 40004, head.server.address, shard_id=0, renews_every=0.2,
                                   instance="b" * 32)
     assert "127.0.0.1:40004 (shard 0) registered as a new process" in caplog.text
@@ -1416,6 +1418,29 @@ async def test_a_head_with_shards_keeps_an_empty_shard_so_all_names_it(runtimes,
     await oneshot.activate_worker(dead_host, int(dead_port), head.server.address, shard_id=1)
     await oneshot.deactivate_worker(dead_host, int(dead_port), head.server.address, shard_id=1)
     assert head.pool.shard_ids("declared") == [0, 1]
+
+
+async def test_a_request_failed_in_two_shards_reads_as_one_kind_in_the_burst_line(
+    runtimes, eventually, caplog, dead_address
+):
+    """ALL requests each failing in shards 1 and 2 were counted as "shard 1: UNAVAILABLE, shard 2: UNAVAILABLE x19",
+    the shards of one request joined as the burst line joins its kinds, so that no count could be read off (a
+    review). One request's shards are joined with "&", statuses with "+"."""
+    caplog.set_level(logging.INFO)
+    with socket.socket() as holder:  # a second address nothing listens on
+        holder.bind(("127.0.0.1", 0))
+        dead = [dead_address, f"127.0.0.1:{holder.getsockname()[1]}"]
+        [live] = await shard_workers(runtimes, executors.Tagger, 1)
+        connections = {0: [live.server.address], 1: [dead[0]], 2: [dead[1]]}
+        head = await runtimes(Head("both", polling=PollingMap.parse("ALL"), connections=connections))
+        for _ in range(5):
+            assert (await send(head.server.address, "/tag", [Document()], timeout=5)).is_error
+
+    def bursts() -> list[str]:
+        return [record.getMessage() for record in caplog.records if "more requests failed" in record.getMessage()]
+
+    await eventually(lambda: bursts(), timeout=5.0)
+    assert all("(shard 1 & shard 2: UNAVAILABLE x" in line for line in bursts()), bursts()
 
 
 async def test_a_shard_left_without_a_replica_is_warned_of_and_the_requests_it_fails_are_counted(

@@ -104,6 +104,11 @@ LAPSE_MEMORY = 60.0
 LAPSED_LEASE_GRACE = 0.5
 # seconds of a caller's deadline an ANY request must have left to be sent to another shard after its own failed
 MIN_RESEND_SECONDS = 0.1
+# seconds a shard whose attempt failed before any worker took it is passed over when another ANY request is sent on
+# from its failed shard: a dead sole worker is never ejected, and a resend landing on a second dead shard failed a
+# request that live shards could have served (a shard passed over is still taken when every other failed too)
+RECENT_SHARD_FAILURE = 2.0
+SHARD_FAILURES_KEPT = 64
 # characters of the worker process id an ACTIVATE may carry (a shardnet worker's: 32)
 MAX_INSTANCE_CHARS = 64
 # workers one ACTIVATE or DEACTIVATE may name (each costs the head a channel and some 10 KB)
@@ -371,6 +376,7 @@ class Head:
         self._lease = lease
         self._registrations = Registrations(lapse_memory=LAPSE_MEMORY)
         self._resend_turn = 0  # which live shard takes the next ANY request a dead shard could not
+        self._shard_failed_at: dict[int, float] = {}  # loop time of each shard's latest attempt failed unsent
         self._short_lease_warned = False
         self._expiry: Optional[asyncio.Task] = None
         mutual_tls = config.tls is not None and config.tls.client_ca is not None
@@ -617,6 +623,8 @@ class Head:
         failed = failure.shard_id
         if not failure.unsent or failure.deployment != self.deployment or failed is None:
             return None
+        now = asyncio.get_running_loop().time()
+        self._note_shard_failed(failed, now)
         pool = self.pool
         live = [
             shard for shard in pool.shard_ids(self.deployment)
@@ -624,27 +632,46 @@ class Head:
         ]
         if not live:
             return None
+        failed_at = self._shard_failed_at
+        fresh = [shard for shard in live if now - failed_at.get(shard, -math.inf) >= RECENT_SHARD_FAILURE]
+        choices = fresh or live
         self._resend_turn += 1
-        return live[self._resend_turn % len(live)]
+        return choices[self._resend_turn % len(choices)]
+
+    def _note_shard_failed(self, shard_id: int, now: float) -> None:
+        """Remember that an attempt on ``shard_id`` failed before a worker took it (see RECENT_SHARD_FAILURE);
+        what is older than that is let go once many shards are remembered (registrations choose shard ids)."""
+        failed_at = self._shard_failed_at
+        failed_at[shard_id] = now
+        if len(failed_at) > SHARD_FAILURES_KEPT:
+            self._shard_failed_at = {
+                shard: at for shard, at in failed_at.items() if now - at < RECENT_SHARD_FAILURE
+            }
 
     def _note_failed(self, request: DataRequest, *failures: ShardnetError) -> None:
         """Count ``request``, failed for want of a replica or as shards failed (``failures``, one per shard that
         did): the first of a burst is logged at once, the rest once a second by shard and cause (``BurstLog``),
         so that a shard gone, every request failing, is never silent and never a line per request."""
-        kind = ", ".join(self._failure_kind(failure) for failure in failures)
+        # one request failed in several shards is one kind, "shard 0 & shard 1: UNAVAILABLE": the burst line joins
+        # kinds with ", ", so the shards of one request must read apart from the kinds of others
+        places: dict[str, list[str]] = {}
+        for failure in failures:
+            where, status = self._failure_kind(failure)
+            places.setdefault(status, []).append(where)
+        kind = " + ".join(f"{' & '.join(wheres)}: {status}" for status, wheres in places.items())
         latest = f"{failures[0]}"[:MAX_FAILURE_CHARS]
         self._failed_requests.note(
             kind, latest, "%r: request %.80s failed (%s): %s", self.deployment, request.request_id, kind, latest
         )
 
-    def _failure_kind(self, failure: ShardnetError) -> str:
-        """Where a request failed and why, in a few words: ``shard 1: no replica``, ``shard 0: UNAVAILABLE``,
-        ``dep/uses_after: DEADLINE_EXCEEDED``."""
+    def _failure_kind(self, failure: ShardnetError) -> tuple[str, str]:
+        """Where a request failed and why, in a few words: (``shard 1``, ``no replica``), (``shard 0``,
+        ``UNAVAILABLE``), (``dep/uses_after``, ``DEADLINE_EXCEEDED``)."""
         deployment, shard_id = getattr(failure, "deployment", ""), getattr(failure, "shard_id", None)
         where = f"shard {shard_id}" if shard_id is not None and deployment in ("", self.deployment) else (
             deployment or self.deployment
         )
-        return f"{where}: {status_of(failure)}"
+        return where, status_of(failure)
 
     def _failed_after_running(self, request: DataRequest, details: str) -> tuple[DataRequest, list[tuple[str, str]]]:
         """A request a replica may have run, then failed: answered ERROR (``is-error: true``, gRPC OK), as an
@@ -680,6 +707,8 @@ class Head:
                 timeout=timeout, new_request=False,
             )
         except (ReplicaError, RoutingError) as resent:
+            if getattr(resent, "unsent", True):
+                self._note_shard_failed(shard_id, asyncio.get_running_loop().time())
             raise type(failure)(
                 f"{failure.cause}; sent on to shard {shard_id}, which failed too: {resent}",
                 # the resend's status: what the caller's request ended with (its deadline, say), not the first shard's
@@ -1148,13 +1177,16 @@ class Head:
                 others = replicas is not None and any(
                     str(c.address) != address and (str(c.address), shard_id) not in lapsing for c in replicas.eligible()
                 )
+                held = replicas is not None and any(
+                    c.running.count for c in replicas.get_all_connections() if str(c.address) == address
+                )
                 await self.pool.remove_connection(
                     self.deployment, address, shard_id=shard_id, grace=LAPSED_LEASE_GRACE if others else None
                 )
                 logger.warning(
                     "%s: %s (shard %d) stopped renewing its registration: removed%s", self.deployment, address,
                     shard_id,
-                    ", and the requests it held cut (they fail over)" if others
+                    "" if not held else ", and the requests it held cut (they fail over)" if others
                     else " (no other replica of its shard can take the requests it holds: they wait for it, their "
                     "deadline or keepalive)",
                 )
