@@ -622,6 +622,39 @@ async def test_a_relist_that_drops_thousands_of_pods_lets_each_removal_start_bef
     assert not together, f"{together} removals started in the same loop pass as the one before"
 
 
+async def test_a_rolling_update_a_relist_takes_in_turns_never_leaves_the_deployment_unroutable(
+    api_server, start_pool
+) -> None:
+    """While the watch was away, dep rolled: its old pod (listed first) went unready, its new one (listed after
+    250 pods of another deployment) is ready. Taken in turns, the relist took the old pod out first and the new
+    one in turns later: a namespace-wide pool forgot dep for those turns (a regression review's find). Pods that
+    contribute less than before now come last."""
+    api_server.apply("pods", pod("a-old", deployment="dep", ip="10.9.0.1"))
+    for index in range(2 * LIST_BATCH + 50):
+        api_server.apply("pods", pod(f"other-{index}", deployment="other", ip=f"10.8.{index // 250}.{index % 250 + 1}"))
+    pool = await start_pool(sources=("pods",), pool_class=RoleCheckingPool)  # the whole namespace, as a gateway
+    assert replicas(pool, "dep") == {"10.9.0.1:8080"}
+    await eventually(lambda: api_server.open_streams("pods") == 1)
+    api_server.drop_streams()
+    api_server.apply("pods", pod("a-old", deployment="dep", ip="10.9.0.1", ready=False, deleting=True))
+    api_server.apply("pods", pod("zz-new", deployment="dep", ip="10.9.0.2"))
+    api_server.compact()
+    unroutable = 0  # loop passes in which dep had no replica to route to
+
+    async def look_every_pass() -> None:
+        nonlocal unroutable
+        while True:
+            await asyncio.sleep(0)
+            unroutable += not replicas(pool, "dep")
+
+    looking = asyncio.create_task(look_every_pass())
+    try:
+        await eventually(lambda: replicas(pool, "dep") == {"10.9.0.2:8080"}, timeout=20)
+    finally:
+        looking.cancel()
+    assert unroutable == 0 and pool.faults == []
+
+
 async def test_a_list_of_thousands_of_pods_hands_the_loop_back_as_it_is_applied_and_the_pool_closes_promptly(
     api_server, start_pool
 ) -> None:

@@ -438,27 +438,32 @@ class _Ledger:
         while an earlier one waited may have changed it), then those gone from it nothing.
 
         In that order, a deployment rolled from one pod to another while the watch was away never looks empty
-        (a namespace-wide pool would forget it meanwhile); and those that take no address another member holds
-        come first, so a shard gets its new replicas before a reused address takes an old one away. What the
+        (a namespace-wide pool would forget it meanwhile): those listed that contribute less than before come
+        after the rest; and those that take no address another member holds come first, so a shard gets its new replicas before a reused address takes an old one away. What the
         previous listing still holds at an address the new one gives another role goes just before that role
         comes in (``unconfirmed``): an address serves one shard, and one deployment, at a time, even while the
         relist runs; what the new listing says again of an object is not stale, whatever order it comes in.
         The loop gets control every ``LIST_BATCH`` objects (``in_turns``), between two records."""
         unconfirmed = {key: self._records[(source, key)] - listed.get(key, NOTHING) for key in self.keys(source)}
-        async for key in in_turns(self._fresh_first(listed)):
+        async for key in in_turns(self._fresh_first(source, listed)):
             unconfirmed.pop(key, None)
             await self.record(source, key, contribution(key), unconfirmed=unconfirmed)
         async for key in in_turns([key for key in self.keys(source) if key not in listed]):
             await self.record(source, key, NOTHING)
 
-    def _fresh_first(self, listed: Mapping[str, Contribution]) -> list[str]:
+    def _fresh_first(self, source: str, listed: Mapping[str, Contribution]) -> list[str]:
         """The keys of ``listed``, in its order, those none of whose members takes an address held as another
-        member (of its deployment or another) first."""
+        member (of its deployment or another) first, and those that now contribute less than recorded (a pod gone
+        unready) last: the loop runs between turns of a relist, and a deployment's old pod taken out before its
+        new one came in left it empty for those turns (forgotten, in a namespace-wide pool)."""
 
         def displaces(key: str) -> bool:
             return any(self._by_address.get(m.address, set()) - {m} for m in listed[key])
 
-        return sorted(listed, key=displaces)
+        def shrinks(key: str) -> bool:
+            return bool(self._records.get((source, key), NOTHING) - listed[key])
+
+        return sorted(listed, key=lambda key: (shrinks(key), displaces(key)))
 
     async def change(self, source: str, key: str, withdrawn: Contribution, restored: Contribution) -> None:
         """Take ``withdrawn`` out of object ``key``'s contribution as recorded and put ``restored`` in, and nothing
