@@ -592,6 +592,28 @@ def test_drain_seconds_bounds_how_long_a_stop_waits_for_a_request_in_flight(tmp_
     assert deployment.killed_at_stop == []
 
 
+def test_a_stop_whose_head_cuts_a_request_at_its_drains_end_names_the_head_in_failed_at_stop(tmp_path):
+    """stop() drains the head first: an async handler sleeping past the drain had its call cut at the head's
+    drain's end, and the worker's handler cancelled before the worker began draining; both exited 0 without a
+    word, and failed_at_stop was empty (a review's find). The head says so and exits 4: it is named there (its
+    worker, its handler cancelled while it still served, cut nothing at its own drain)."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        deployment = Deployment(executors.Sleepy, name="sleeper", drain_seconds=0.3)
+        deployment.start()
+        try:
+            answer = pool.submit(deployment.post, "/sleep", [Document()], {"seconds": 30, "mark": str(tmp_path)})
+            _poll_for(lambda: any(tmp_path.iterdir()), answer)  # the worker's handler has it
+            deployment.stop()
+            failed = deployment.failed_at_stop
+        finally:
+            deployment.stop()
+        with pytest.raises(ReplicaError) as cut:
+            answer.result(timeout=10)
+    assert cut.value.code == grpc.StatusCode.UNAVAILABLE, cut.value
+    assert failed == ["head (exit code 4)"], failed
+    assert deployment.killed_at_stop == []
+
+
 def test_a_start_that_fails_says_its_root_cause_and_its_deployment(tmp_path):
     """The error quoted the output's last 20 lines, the chained cause cut off, and the temporary log with the
     rest was then removed; nor did it name the deployment (a lifecycle review's find)."""

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import time
 from pathlib import Path
@@ -34,6 +35,7 @@ from shardnet import (
     ReplicaError,
 )
 from shardnet.cli.main import main as cli_main
+from shardnet.cli.options import DRAIN_CUT_EXIT
 from shardnet.cli.status import _replica_notes
 from shardnet.networking import oneshot
 from shardnet.networking.channels import message_size_options
@@ -1480,3 +1482,116 @@ async def test_a_shard_left_without_a_replica_is_warned_of_and_the_requests_it_f
     await oneshot.activate_worker(host, int(port), head.server.address, shard_id=1)
     assert f"halved/shard-1: has a replica again: {workers[1].server.address}" in caplog.text
     assert not (await send(head.server.address, "/tag", [Document()])).is_error
+
+
+# -- the drain's end ------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def head_process(tmp_path, worker: Worker, drain_seconds: str):
+    """A ``shardnet head`` process routing to ``worker`` (shard 0) with ``--drain-seconds``: (process, address);
+    killed at the end, whatever happened."""
+    head = ShardnetProcess(
+        "head", ["head", "--deployment", "cutter", "--port", "0", "--connection", f"0={worker.server.address}",
+                 "--drain-seconds", drain_seconds], tmp_path / "head.log",
+    )
+    head.launch()
+    try:
+        yield head, await asyncio.to_thread(head.wait_ready, 30.0)
+    finally:
+        head.kill()
+
+
+async def exit_code(process: ShardnetProcess, timeout: float = 10.0) -> int:
+    return await asyncio.to_thread(process.popen.wait, timeout)
+
+
+async def sent_unary(address: str, request: DataRequest) -> DataRequest:
+    return await oneshot.send_request_async(request, address, timeout=30)
+
+
+async def sent_on_a_call_stream(address: str, request: DataRequest) -> DataRequest:
+    """``request`` sent on a ``JinaRPC/Call`` stream, as Jina's Client sends, and its answer (a draining head
+    ends the stream UNAVAILABLE once it is out)."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        call = channel.stream_stream(services.STREAM_CALL)(timeout=30)
+        await call.write(request.to_bytes())
+        answer = await call.read()
+        if answer is grpc.aio.EOF:
+            await call  # raises the status the stream ended with
+        return DataRequest.from_bytes(answer)
+
+
+def status_of_failure(failure: BaseException) -> grpc.StatusCode:
+    return failure.code if isinstance(failure, ReplicaError) else failure.code()
+
+
+@pytest.mark.parametrize("sent", [sent_unary, sent_on_a_call_stream], ids=["unary", "call-stream"])
+async def test_a_head_whose_drain_ends_with_requests_under_way_warns_naming_them_and_exits_4(
+    runtimes, tmp_path, eventually, sent
+):
+    """A head draining (its workers still serving, as Deployment.stop() and deploy drain it first) whose grace
+    ended with a request under way cut it, and cancelled its worker's handler, without a word, and exited 0:
+    deploy and Deployment.stop() saw a clean stop (a review's find). It warns, naming each endpoint and how
+    many of its requests were cut, and exits DRAIN_CUT_EXIT."""
+    worker = await runtimes(Worker(executors.Sleepy.create()))
+    async with head_process(tmp_path, worker, "0.5") as (head, address):
+        in_flight = asyncio.ensure_future(
+            sent(address, DataRequest([Document()], endpoint="/sleep", parameters={"seconds": 30}))
+        )
+        try:
+            await eventually(lambda: worker.executor.sleeping == 1, timeout=10)
+            answered = await send(address, "/big", parameters={"bytes": 1})
+            assert not answered.is_error  # answered before the stop: not cut
+            head.signal(signal.SIGTERM)
+            assert await exit_code(head) == DRAIN_CUT_EXIT, head.tail()
+            with pytest.raises((ReplicaError, grpc.aio.AioRpcError)) as cut:
+                await in_flight
+            assert status_of_failure(cut.value) == grpc.StatusCode.UNAVAILABLE, cut.value
+        finally:
+            in_flight.cancel()
+            await asyncio.gather(in_flight, return_exceptions=True)
+        await eventually(lambda: worker.executor.cancelled == 1, timeout=5)  # its call to the worker went too
+        [line] = [line for line in head.tail().splitlines() if "still under way" in line]
+    assert " WARNING " in line and "/big" not in line
+    assert line.endswith(
+        "cutter: the drain's grace (0.5s) ended with 1 request(s) still under way, cut unanswered (their callers got "
+        "UNAVAILABLE, and the head's calls for them to its workers were cancelled): /sleep x1"
+    ), line
+
+
+async def test_a_head_holding_an_idle_call_stream_at_its_drain_exits_zero(runtimes, tmp_path):
+    """A gateway holds its Call stream to a head open between requests: open and idle, it carries no request
+    under way, and a drain that ends it is no cut."""
+    worker = await runtimes(Worker(executors.Sleepy.create()))
+    async with head_process(tmp_path, worker, "0.5") as (head, address):
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = channel.stream_stream(services.STREAM_CALL)(timeout=30)
+            await call.write(DataRequest([Document()], endpoint="/sleep", parameters={"seconds": 0}).to_bytes())
+            assert not DataRequest.from_bytes(await call.read()).is_error  # answered: the stream now idle
+            head.signal(signal.SIGTERM)
+            assert await exit_code(head) == 0, head.tail()
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await call.read()
+            assert ended.value.code() == grpc.StatusCode.UNAVAILABLE  # as the drain began: go elsewhere
+        assert "still under way" not in head.tail(), head.tail()
+
+
+async def test_a_head_whose_requests_all_finish_within_its_drain_exits_zero(runtimes, tmp_path, eventually):
+    worker = await runtimes(Worker(executors.Sleepy.create()))
+    async with head_process(tmp_path, worker, "10") as (head, address):
+        slow = [DataRequest([Document()], endpoint="/sleep", parameters={"seconds": 0.5}) for _ in range(2)]
+        in_flight = [asyncio.ensure_future(sent_unary(address, slow[0])),
+                     asyncio.ensure_future(sent_on_a_call_stream(address, slow[1]))]
+        try:
+            await eventually(lambda: worker.executor.sleeping == 2, timeout=10)
+            head.signal(signal.SIGTERM)
+            answers = await asyncio.gather(*in_flight)
+        finally:
+            for call in in_flight:
+                call.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
+        assert [answer.is_error for answer in answers] == [False, False]
+        assert [answer.docs[0].tags["slept"] for answer in answers] == [0.5, 0.5]
+        assert await exit_code(head) == 0, head.tail()
+        assert "still under way" not in head.tail(), head.tail()

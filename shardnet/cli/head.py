@@ -9,6 +9,7 @@ from collections import defaultdict
 from typing import Optional
 
 from shardnet.cli.options import (
+    DRAIN_CUT_EXIT,
     add_client_tls_arguments,
     add_head_routing_arguments,
     add_head_traffic_arguments,
@@ -193,4 +194,7 @@ async def serve(args: argparse.Namespace) -> int:
         )
     if args.shards_wait != SHARDS_WAIT and (namespace is None or not args.shards):
         logger.warning("--shards-wait has no effect without --k8s-namespace and --shards: such a head is ready at once")
-    return await head.run(parent_pid=args.parent_pid, ready_fd=args.ready_fd)
+    code = await head.run(parent_pid=args.parent_pid, ready_fd=args.ready_fd)
+    if code == 0 and head.requests_cut:  # requests it took were cut at its drain's end: a supervisor must see it
+        code = DRAIN_CUT_EXIT
+    return code

@@ -31,6 +31,10 @@ from shardnet.runtimes.server import PARENT_POLL_SECONDS, ServerConfig, check_re
 from shardnet.runtimes.worker import CLOSE_THREAD_NAME, HANDLER_THREAD_PREFIX
 
 THREAD_EXIT_GRACE = 5.0  # seconds the threads an Executor started get to end once the program ended
+# the exit code of a head or worker whose drain's grace ended with requests still under way (cut unanswered), or of
+# a worker with handler calls still running on their threads then (left behind): a supervisor sees that work it took
+# was lost
+DRAIN_CUT_EXIT = 4
 
 logger = logging.getLogger(__name__)
 

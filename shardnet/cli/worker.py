@@ -11,6 +11,7 @@ import traceback
 import shardnet
 
 from shardnet.cli.options import (
+    DRAIN_CUT_EXIT,
     INT32_MAX,
     add_client_tls_arguments,
     add_server_arguments,
@@ -54,11 +55,6 @@ LONGEST_INTERVAL = (
     f" (a head counts at most {MAX_RENEWAL_INTERVAL:g} s of the interval a worker announces and leases it for "
     f"{IMPLIED_LEASE_FACTOR} times that: a worker renewing less often may be dropped between its renewals)"
 )
-
-
-# the exit code of a worker whose drain's grace ended with requests still in their handlers (cut unanswered), or
-# with handler calls still running on their threads (left behind): a supervisor sees that work it took was lost
-DRAIN_CUT_EXIT = 4
 
 
 def _register_interval(text: str) -> float:

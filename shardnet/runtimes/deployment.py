@@ -699,8 +699,9 @@ class Deployment:
         """Stop every process within two drains and 5 s (25 s by default): the head first, drained while its
         workers and uses_before/after still serve (what it accepted is answered), then those, their drains
         overlapping. Any still running then is killed, with a warning, and its role is kept in
-        ``killed_at_stop``; one that exits with a code other than 0 (its close() did not return in time, or a
-        worker's drain ended with requests still in their handlers) is in ``failed_at_stop``."""
+        ``killed_at_stop``; one that exits with a code other than 0 (its close() did not return in time, or its
+        drain ended with requests still under way: the head's, drained first, is the one that cuts a request
+        running past one drain) is in ``failed_at_stop``."""
         # one stop at a time, and a revive() or start() in another thread launches nothing from here on
         with self._launching:
             self._stopping = True

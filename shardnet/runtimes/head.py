@@ -18,6 +18,7 @@ import logging
 import math
 import re
 import urllib.parse
+from collections import Counter
 from typing import Any, Mapping, NoReturn, Optional, Sequence
 
 import grpc
@@ -371,6 +372,13 @@ class Head:
         # with a limit, a request past it is refused at once (RESOURCE_EXHAUSTED) instead of queueing without bound
         self._max_in_flight = max_in_flight
         self._in_flight = 0
+        # by endpoint: data requests under way through the head (not the streams they came on: one a gateway holds
+        # open between requests carries none), and those the drain's end cut, which stay counted; what is left
+        # here once the drain is over was cut
+        self._under_way: Counter[str] = Counter()
+        # by endpoint: the requests still under way when the drain's grace ended, cut unanswered; set once the
+        # head has stopped (a head run exits DRAIN_CUT_EXIT then)
+        self.requests_cut: Counter[str] = Counter()
         # with a lease, a worker that stops re-sending ACTIVATE (killed -9, partitioned) leaves on its own; without
         # one, so does a worker that says how often it re-sends it (a shardnet worker), leased for a few times that
         self._lease = lease
@@ -476,8 +484,12 @@ class Head:
     async def _serve(self, requests: list[DataRequest], context: grpc.aio.ServicerContext) -> bytes:
         worked = False  # whether a hop ran it already (uses_before): a failure after is no "never ran"
         deadline: Optional[_Deadline] = None
+        under_way = self._under_way
+        counted: Optional[str] = None  # the endpoint it is counted under while under way
         try:
             endpoint, metadata = self._settle_endpoint(requests, context)
+            under_way[endpoint] += 1
+            counted = endpoint
             deadline = _Deadline(_time_left(context), per_hop=self.pool.timeout)
             if self._uses_before is not None:
                 response, trailing = await self._one(self._uses_before, requests, metadata, deadline, decoded=True)
@@ -503,6 +515,10 @@ class Head:
                     if polling != PollingType.ANY:
                         raise
                     response, trailing = await self._on_another_shard(exc, requests, metadata, deadline)
+        except asyncio.CancelledError:  # its call cut: its caller left, or the drain's grace ended
+            if self.server.grace_is_over():
+                counted = None  # kept in _under_way: _end names it
+            raise
         except _LoopedBack:  # refused, not forwarded again: one request would otherwise fan out without end
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -526,6 +542,11 @@ class Head:
             if not _may_have_run(failed, worked or not exc.unsent, deadline, self.pool.retry.unsent_only):
                 await context.abort(failed, str(exc))
             response, trailing = self._failed_after_running(requests[0], f"{failed.name}: {exc}")
+        finally:
+            if counted is not None:
+                under_way[counted] -= 1
+                if not under_way[counted]:  # callers choose endpoints: none is kept once its requests ended
+                    del under_way[counted]
         if trailing:
             context.set_trailing_metadata(tuple(trailing))
         return await within_message_limit(
@@ -1289,6 +1310,13 @@ class Head:
             self._readiness = loop.create_task(self._ready_once_discovered())
 
     async def _end(self) -> None:
+        # once the drain is over (the calls it cut cancelled, whichever order their tasks see it in): what is left
+        # under way was cut, said in a WARNING naming each endpoint and how many of its requests
+        self.requests_cut = self.server.requests_cut(
+            self._under_way, logger, self.deployment,
+            "still under way, cut unanswered (their callers got UNAVAILABLE, and the head's calls for them to its "
+            "workers were cancelled)",
+        )
         for task in (self._expiry, self._readiness):
             if task is not None:
                 task.cancel()

@@ -40,6 +40,7 @@ import socket
 import stat
 import sys
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn, Optional, Sequence
 
@@ -96,6 +97,8 @@ DRAIN_QUIET_SECONDS = 0.2
 # whatever it answers (a pool keeping it in rotation, a client whose one connection cannot move) never let it
 # come, and are refused until the listener closes, when its GOAWAY moves them
 DRAIN_QUIET_WAIT_MAX = 0.5
+# endpoints a warning of requests cut at the drain's end names at most (callers choose endpoints)
+CUT_ENDPOINTS_NAMED = 10
 
 RawHandler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
 StreamHandler = Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], Any]
@@ -594,6 +597,29 @@ class Server:
         self._remove_unix_socket()
         if when_idle is not None:
             await when_idle()
+
+    def grace_is_over(self) -> bool:
+        """Whether a drain's grace has ended: a call cancelled now was cut by the stop (or its caller left as it
+        came), not given up on by its caller while the server served."""
+        deadline = self.drain_deadline
+        return deadline is not None and asyncio.get_running_loop().time() >= deadline
+
+    def requests_cut(self, under_way: Counter[str], log: logging.Logger, name: str, what: str) -> Counter[str]:
+        """Once the drain is over: the requests ``under_way`` then, by endpoint (a runtime keeps those the
+        drain's end cancelled counted), were cut; said in one WARNING to ``log`` naming each endpoint and how
+        many of its requests, ``what`` saying where they were and what their callers got. Empty when the drain
+        ended within its grace; a head or worker process exits DRAIN_CUT_EXIT (cli.options) when some were."""
+        if not self.grace_is_over():
+            return Counter()  # every call ended within the grace: none was cut
+        cut = +under_way
+        if cut:
+            named = cut.most_common(CUT_ENDPOINTS_NAMED)
+            endpoints = ", ".join(f"{endpoint:.200} x{count}" for endpoint, count in named)
+            if len(cut) > len(named):
+                endpoints += f" and {len(cut) - len(named)} more endpoint(s)"
+            log.warning("%s: the drain's grace (%gs) ended with %d request(s) %s: %s", name, self.config.drain_grace,
+                        cut.total(), what, endpoints)
+        return cut
 
     async def _until_quiet(self, deadline: float) -> None:
         """Return once no call has come for ``quiet_seconds``, ``DRAIN_QUIET_WAIT_MAX`` from now at most, or at

@@ -91,8 +91,6 @@ UNBOUND_LOGGED = 100
 # thread, which lets the event loop run meanwhile: it does both object by object, and a request's million parameter
 # values held the loop for a second, a list of 10,000 requests for seconds
 OFF_LOOP_BYTES = 256 * 1024
-# endpoints a warning of requests cut at the drain's end names at most (callers choose endpoints)
-CUT_ENDPOINTS_NAMED = 10
 # requests of one stream worked on at once: past it a request is refused as never run (services.BUSY_DETAILS), so
 # that a sender writing faster than the handlers answer cannot pile up work, and answers, without bound
 STREAM_WORK_LIMIT = WRITER_BACKLOG_MESSAGES
@@ -465,7 +463,7 @@ class Worker:
             raise  # this coroutine is being closed: nothing may run in it (a handler's own came as a RuntimeError)
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError) and _cancelled_from_outside():
-                cut = self._drain_is_over()  # kept in _in_handlers: _finish names it
+                cut = self.server.grace_is_over()  # kept in _in_handlers: _finish names it
                 raise  # the call itself: its client left, or the drain's grace ended
             if received is not None:  # as Jina's worker answers: the documents as they came, not half edited
                 first = DataRequest.from_bytes(received)
@@ -487,28 +485,12 @@ class Worker:
             context, first.to_bytes(), answer_limit, f"{self.name}: the answer of {endpoint}", whose
         )
 
-    def _drain_is_over(self) -> bool:
-        """Whether the drain's grace has ended: a call cancelled now was cut by the stop (or its caller left as
-        it came), not given up on by its caller while the worker served."""
-        deadline = self.server.drain_deadline
-        return deadline is not None and asyncio.get_running_loop().time() >= deadline
-
     def _warn_of_requests_cut(self) -> None:
         """Once the drain is over: the requests still in their handlers then were cut (``requests_cut``), said
         in a WARNING naming each endpoint and how many of its requests; a worker run exits DRAIN_CUT_EXIT then."""
-        if not self._drain_is_over():
-            return  # every call ended within the grace: none was cut
-        self.requests_cut = +self._in_handlers
-        if not self.requests_cut:
-            return
-        named = self.requests_cut.most_common(CUT_ENDPOINTS_NAMED)
-        endpoints = ", ".join(f"{endpoint:.200} x{count}" for endpoint, count in named)
-        if len(self.requests_cut) > len(named):
-            endpoints += f" and {len(self.requests_cut) - len(named)} more endpoint(s)"
-        logger.warning(
-            "%s: the drain's grace (%gs) ended with %d request(s) still in their handlers, cut unanswered (their "
-            "callers got UNAVAILABLE): %s", self.name, self.server.config.drain_grace, self.requests_cut.total(),
-            endpoints,
+        self.requests_cut = self.server.requests_cut(
+            self._in_handlers, logger, self.name,
+            "still in their handlers, cut unanswered (their callers got UNAVAILABLE)",
         )
 
     def _log_failure(self, handler_name: str, endpoint: str, request: DataRequest) -> None:
