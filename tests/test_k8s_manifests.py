@@ -512,6 +512,7 @@ def test_bad_specs_raise_configuration_error(changes: dict[str, Any], message: s
     [
         "My Image:latest", ":tag", "", " ", "shardnet:0.1 ", "MyImage:1.0", "registry.example/Team/search:1",
         "search:", "search:-dash", "search:" + "t" * 129, "search@sha256:abc", "search@sha256:" + "A" * 64,
+        "search@sha512:" + "a" * 64, "search@md5:" + "a" * 32,
         "search@md5:" + "a" * 64, "/search", "search/", "team//search", "search__-x", "search.", "-search",
         "localhost:port/search", "https://registry.example/search:1", "search:1:2", "\tsearch",
         "a" * 64,  # a 64-hex repository name is taken for an image id
@@ -533,6 +534,7 @@ def test_images_a_registry_or_kubernetes_would_refuse_are_refused_at_render_nami
         "i", "shardnet:0.1.0", "registry.example/search:1.2", "localhost:5000/team/search", "Registry.Example:443/s",
         "[::1]:5000/s:v1", "ghcr.io/org/a.b_c__d-e--f/g:V1_2.3-rc", "s:" + "t" * 128, "s:_x",
         "s@sha256:" + "0123456789abcdef" * 4, "r.example/s:1@sha256:" + "f" * 64, "a" * 63,
+        "s@sha384:" + "a" * 96, "s:1@sha512:" + "0" * 128,  # refused once (a regression review)
     ],
 )
 def test_image_references_of_the_oci_grammar_are_rendered(image: str) -> None:

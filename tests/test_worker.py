@@ -1097,6 +1097,23 @@ async def test_a_handler_stuck_past_the_drain_grace_does_not_hold_the_exit(tmp_p
         (workspace / "release").touch()
 
 
+async def test_a_handler_whose_caller_gave_up_before_the_stop_is_no_cut_of_the_drain(tmp_path, processes, eventually):
+    """A blocking handler still on its thread at the exit, whose caller had given up (its deadline) long before
+    the SIGTERM: the stop cut nothing it took, yet the worker exited DRAIN_CUT_EXIT, and deploy failed a clean
+    stop (a regression review). It is still warned of as left running."""
+    worker, workspace, _, in_flight = await slow_call_in_flight(processes, tmp_path, eventually, "0.5", 0.5)
+    try:
+        with pytest.raises(ReplicaError) as gave_up:
+            await in_flight
+        assert gave_up.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        worker.signal(signal.SIGTERM)
+        assert await wait_exit(worker, timeout=10) == 0, worker.tail()
+        assert "exiting with 1 handler call(s) still running past the drain's grace" in worker.tail()
+        assert "still in their handlers" not in worker.tail()
+    finally:
+        (workspace / "release").touch()
+
+
 async def test_requests_cut_at_the_end_of_the_drain_are_warned_by_endpoint_and_the_worker_exits_non_zero(
     tmp_path, processes, eventually
 ):

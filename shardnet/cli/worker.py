@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
     code = run_in_loop(worker.run(parent_pid=args.parent_pid, ready_fd=args.ready_fd), loop)
     if code == 0 and worker.close_abandoned:  # stopped, but what its close() was to save may not be saved
         code = 1
-    elif code == 0 and (worker.requests_cut or worker.handlers_still_running()):  # work it took, lost
+    elif code == 0 and worker.requests_cut:  # work it took, lost (not a thread whose caller had already left)
         code = DRAIN_CUT_EXIT
     return exit_leaving_stuck_handlers(code, worker.handlers_still_running(), close_left=worker.close_abandoned)
 
