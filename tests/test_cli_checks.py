@@ -56,6 +56,19 @@ def test_help_lists_every_subcommand() -> None:
         assert f"    {name} " in result.stdout or f"    {name}\n" in result.stdout, (name, result.stdout)
 
 
+def test_the_polling_help_of_every_command_says_where_search_and_index_go_and_advertise_host_its_wildcard() -> None:
+    """"ANY (one shard answers)" read as if /search went to one shard under the default ANY: it goes to every
+    shard, as in Jina, unless a map names it (a README review). And a worker bound to 0.0.0.0 advertises
+    127.0.0.1, which the help's "the bound host" did not say."""
+    for command in (("head",), ("deploy",), ("k8s", "render")):
+        result = run_cli(*command, "--help")
+        assert result.returncode == 0, result.stderr
+        text = " ".join(result.stdout.split())
+        assert "/search goes to ALL and /index to ANY unless the map names them" in text, (command, text)
+    text = " ".join(run_cli("worker", "--help").stdout.split())
+    assert "0.0.0.0 advertises 127.0.0.1" in text
+
+
 @pytest.mark.parametrize(
     "arguments, message",
     [

@@ -12,6 +12,7 @@ import threading
 from typing import Any, Callable, Optional
 
 from shardnet.cli.options import (
+    POLLING_HELP,
     add_head_routing_arguments,
     add_head_traffic_arguments,
     add_token_argument,
@@ -61,8 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--polling", default="ANY",
-        help='ANY (one shard answers), ALL (every shard does), or a JSON map like {"/search": "ALL", "*": "ANY"}, '
-             "as the head takes it (default: %(default)s)",
+        help=POLLING_HELP,
     )
     parser.add_argument("--port", type=int, default=0, help="port of the head; 0 picks a free one")
     parser.add_argument(

@@ -9,6 +9,7 @@ from collections import defaultdict
 from typing import Optional
 
 from shardnet.cli.options import (
+    POLLING_HELP,
     DRAIN_CUT_EXIT,
     add_client_tls_arguments,
     add_head_routing_arguments,
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("head", help="route a deployment's requests over its shards")
     parser.add_argument("--deployment", required=True, help="name of the deployment this head fronts")
-    parser.add_argument("--polling", default="ANY", help='ANY, ALL, or a JSON map like {"/search": "ALL", "*": "ANY"}')
+    parser.add_argument("--polling", default="ANY", help=POLLING_HELP)
     parser.add_argument(
         "--connection",
         action="append",

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from shardnet.cli.options import (
+    POLLING_HELP,
     add_head_traffic_arguments,
     add_uses_metas_argument,
     check_whole_number,
@@ -62,7 +63,7 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     parser.add_argument("--shards", type=int, default=1, help="number of shards (default: %(default)s)")
     parser.add_argument("--replicas", type=int, default=1, help="replicas per shard (default: %(default)s)")
     parser.add_argument("--head-replicas", type=int, default=1, help="replicas of the head (default: %(default)s)")
-    parser.add_argument("--polling", default="ANY", help='ANY, ALL or a JSON map such as \'{"/search": "ALL", "*": "ANY"}\'')
+    parser.add_argument("--polling", default="ANY", help=POLLING_HELP)
     parser.add_argument("--namespace", default="default", help="namespace of every object (default: %(default)s)")
     parser.add_argument("--balancer", default="p2c_ewma", help="the head's replica balancer (default: %(default)s)")
     add_head_traffic_arguments(parser)

@@ -39,6 +39,13 @@ DRAIN_CUT_EXIT = 4
 logger = logging.getLogger(__name__)
 
 LOOPS = ("asyncio", "uvloop", "auto")
+# --polling's help, for every command that takes it: as a Jina head, /search goes to every shard and /index to one
+# whatever the default, which a reader of "ANY (one shard answers)" would not guess
+POLLING_HELP = (
+    'the default for endpoints a JSON map does not name: ANY (one shard answers) or ALL (every shard does), or '
+    'a JSON map such as \'{"/search": "ALL", "*": "ANY"}\'; as in Jina, /search goes to ALL and /index to ANY '
+    "unless the map names them (default: %(default)s)"
+)
 INT32_MAX = 2**31 - 1  # shard and replica ids travel as protobuf int32 fields
 
 

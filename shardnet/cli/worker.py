@@ -106,7 +106,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--threads", type=whole_number("threads", 1), default=1, help="threads for blocking handlers (default: 1)"
     )
-    parser.add_argument("--advertise-host", help="host the head should dial (default: the bound host)")
+    parser.add_argument(
+        "--advertise-host",
+        help="host the head should dial (default: the bound host; a wildcard bind such as 0.0.0.0 advertises "
+             "127.0.0.1, which only a head on this machine can dial: a worker on another machine needs this)",
+    )
     add_server_arguments(parser, default_port=0)
     add_client_tls_arguments(parser, prefix="head-")
     parser.set_defaults(handler=run, process_name=process_name)
