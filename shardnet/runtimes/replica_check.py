@@ -145,7 +145,7 @@ class ReplicaChecks:
     @staticmethod
     async def _end(run: _Run) -> None:
         run.task.cancel()  # each health call's channel closes as it is cut
-        await asyncio.gather(run.task, return_exceptions=True)
+        await asyncio.wait((run.task,))  # not gather: cancelled while it waits, it would cut those closes
 
     async def close(self) -> None:
         """End the check running, if any (its channels closed), and start no more."""
