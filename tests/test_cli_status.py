@@ -19,7 +19,9 @@ from shardnet.cli.main import main as cli_main
 from shardnet.cli.status import DEGRADED
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.processes import ShardnetProcess, stop_all
+from shardnet.runtimes.replica_check import REUSE_SECONDS
 from shardnet.runtimes.worker import Worker
+from shardnet.testing import eventually
 
 EXECUTORS = Path(executors.__file__).resolve()
 
@@ -57,11 +59,20 @@ async def test_a_replica_down_beside_a_live_one_is_degraded_naming_its_shard_add
 
 
 async def test_a_replica_stopped_after_the_head_started_is_named_down(runtimes, capsys):
+    """Once the check the head reuses for REUSE_SECONDS (saying how old it is) has aged out."""
     a, b = await workers(runtimes, 2)
     head = await runtimes(Head("stopped", connections={0: [a.server.address, b.server.address]}))
     assert (await status(capsys, head.server.address))[0] == 0
     await b.stop(0)
-    code, printed = await status(capsys, head.server.address)
+    answers = []
+
+    async def degraded() -> bool:
+        answers.append(await status(capsys, head.server.address))
+        return answers[-1][0] != 0
+
+    await eventually(degraded, timeout=REUSE_SECONDS + 3)
+    code, printed = answers[-1]
+    assert all(re.search(r"all 2 replicas serving \(as checked 0\.[0-9]+s ago\)", said) for _, said in answers[:-1])
     assert code == DEGRADED, printed
     assert re.search(rf"  shard 0: {b.server.address} \(down: unreachable: ", printed), printed
 

@@ -21,7 +21,9 @@ from shardnet.networking.tls import ClientTls
 from shardnet.protocol import services
 from shardnet.protocol.messages import ControlRequest
 
-DEGRADED = 3  # the exit code when a replica the head routes to is down but every shard still has a serving one
+# the exit code when a replica the head routes to is down or was not checked in time, but no shard is known to have
+# none serving
+DEGRADED = 3
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Health, readiness, endpoints and replicas of a head or worker; a head checks each replica it "
         "routes to now. Exits 0 when all is well; 1 when it is not serving or not ready, its endpoints or replicas "
         "cannot be listed, or a shard has no replica, or none serving; 2 when it cannot be reached at all; "
-        f"{DEGRADED} (degraded) when a replica is down but every shard still has one serving.",
+        f"{DEGRADED} (degraded) when a replica is down, or was not checked in time, but no shard is known to have "
+        "none serving.",
     )
     parser.add_argument("target", help="HOST:PORT")
     parser.add_argument(
@@ -126,7 +129,7 @@ async def status(args: argparse.Namespace) -> int:
 
 def _say_replica_health(notes: dict, listed: bool) -> bool:
     """Print what the head's check of its replicas found (the shards none serves, the replicas down it could not
-    name, then a summary line); True when some replica is down."""
+    name, then a summary line); True when some replica is down or was not checked in time (not all is known well)."""
     checked = notes["checked"]
     if checked is None:
         if listed:  # a worker lists none; a head of another version, or Jina's, does not check them
@@ -140,36 +143,45 @@ def _say_replica_health(notes: dict, listed: bool) -> bool:
         print(f"  ... and {notes['shards_down_unlisted']} more shards with no serving replica, not named")
     if notes["down_unlisted"]:
         print(f"  ... and {notes['down_unlisted']} more replicas down, not named")
-    down = len(notes["down"]) + notes["down_unlisted"]
-    if not down:
+    down, unchecked = len(notes["down"]) + notes["down_unlisted"], notes["unchecked"]
+    age = "" if notes["age"] is None else f" (as checked {notes['age']}s ago)"
+    if not down and not unchecked:
         if checked:
-            print(f"replica health: all {checked} replicas serving")
+            print(f"replica health: all {checked} replicas serving{age}")
         return False
     where = "every shard has a serving one (degraded)"
+    if unchecked:  # neither serving nor down: a shard whose replicas were not all checked may have none serving
+        where = f"{unchecked} not checked within the time (incomplete)"
     shards, unlisted = notes["shards_down_ranges"], notes["shards_down_unlisted"]
     if shards or unlisted:
         several = bool(unlisted) or "," in shards or "-" in shards
         more = f" and {unlisted} more" if unlisted else ""
-        where = f"shard{'s' if several else ''} {shards}{more} {'have' if several else 'has'} none serving"
-    print(f"replica health: {down} of {checked} replicas down, {where}")
+        where = f"shard{'s' if several else ''} {shards}{more} {'have' if several else 'has'} none serving" + (
+            f", {unchecked} not checked within the time" if unchecked else ""
+        )
+    print(f"replica health: {down} of {checked + unchecked} replicas down, {where}{age}")
     return True
 
 
 _BUDGET_KEYS = ("requests-seen", "retries-spent", "retries-refused", "retry-window")
 _RANGES = re.compile(r"[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*")  # "empty-shards" and "shards-down" as a head writes them
+_SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{1,3})?")  # "replica-check-age" as a head writes it
 
 
 def _replica_notes(trailing) -> dict:
     """A head's STATUS trailing metadata read back: ejected (shard, address) pairs, how many more were not named,
     and the empty shard ids; from its check of the replicas, how many it checked (None: no check reported), each
-    (shard, address) down with why, how many more, and the shards none of whose replicas serves. A worker, or a
-    Jina head, says none of it; a value that does not read is skipped."""
+    (shard, address) down with why, how many more, the shards none of whose replicas serves, how many replicas it
+    did not reach in time, and its age when the head reused it. A worker, or a Jina head, says none of it; a value
+    that does not read is skipped."""
     notes = {"ejected": set(), "empty": [], "unlisted": 0, "empty_unlisted": 0, "empty_ranges": "", "checked": None,
-             "down": {}, "down_unlisted": 0, "shards_down": [], "shards_down_ranges": "", "shards_down_unlisted": 0}
+             "down": {}, "down_unlisted": 0, "shards_down": [], "shards_down_ranges": "", "shards_down_unlisted": 0,
+             "unchecked": 0, "age": None}
     counts = {
         services.EJECTED_UNLISTED_METADATA: "unlisted", services.EMPTY_SHARDS_UNLISTED_METADATA: "empty_unlisted",
         services.REPLICAS_CHECKED_METADATA: "checked", services.REPLICAS_DOWN_UNLISTED_METADATA: "down_unlisted",
         services.SHARDS_DOWN_UNLISTED_METADATA: "shards_down_unlisted",
+        services.REPLICAS_UNCHECKED_METADATA: "unchecked",
     }
     for key, value in trailing or ():
         if key == services.EJECTED_METADATA:
@@ -186,6 +198,8 @@ def _replica_notes(trailing) -> dict:
             notes["empty"], notes["empty_ranges"] = _shard_ids(value), value
         elif key == services.SHARDS_DOWN_METADATA and _RANGES.fullmatch(value):
             notes["shards_down"], notes["shards_down_ranges"] = _shard_ids(value), value
+        elif key == services.REPLICA_CHECK_AGE_METADATA and _SECONDS.fullmatch(value):
+            notes["age"] = value
     return notes
 
 

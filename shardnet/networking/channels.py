@@ -32,6 +32,9 @@ MAX_MESSAGE_BYTES = 2**31 - 1  # gRPC's message size limits are 32-bit signed by
 MAX_MESSAGE_MB = MAX_MESSAGE_BYTES // 2**20  # 2047: the largest whole number of MB under it
 KEEPALIVE_TIMEOUT = "grpc.keepalive_timeout_ms"
 PING_TIMEOUT = "grpc.http2.ping_timeout_ms"
+# how long gRPC 1.78 lets one connection attempt last (20 s unless set): closing its channel does not cut it, so one
+# to a replica the kernel accepts for but that never answers (stopped, hung) outlives the channel by that long
+CONNECT_TIMEOUT = "grpc.min_reconnect_backoff_ms"
 ChannelOptions = Union[Sequence[tuple[str, Any]], Mapping[str, Any]]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 import time
 import weakref
@@ -23,6 +24,7 @@ from shardnet.errors import ConfigurationError
 from shardnet.networking.addresses import Address, parse_address
 from shardnet.networking.balancing import Balancer, RoundRobin, make_balancer
 from shardnet.networking.channels import (
+    CONNECT_TIMEOUT,
     ChannelOptions,
     Stubs,
     checked_options,
@@ -73,6 +75,8 @@ OUT_OF_TURN_CHECKS_EVERY = 1.0
 # how often at most a replica set aside as draining is checked: its next process (a restart, a rolling update) is
 # expected within seconds, so its checks do not back off as an ejected replica's do
 DRAINING_CHECKS_EVERY = 1.0
+# what a health check's connection attempt (problem_now) is given beyond the check's time, in milliseconds
+CONNECT_SLACK_MS = 100
 
 
 async def _finish_or_cut(closings: dict[asyncio.Task, Any], grace: float) -> None:
@@ -290,12 +294,17 @@ class Connection:
     async def problem_now(self, timeout: float) -> Optional[str]:
         """Why the replica does not serve right now (None: it serves), as ``health`` asks it but over a channel of
         its own, closed after: the routing channel may wait out a reconnect back-off of minutes though the replica
-        is back, and a status check must not replace it."""
-        channel = get_grpc_channel(self.address, options=self._options, asyncio=True, tls=self._tls)
+        is back, and a status check must not replace it. Its connection attempt lasts as long as the check, a
+        little more (so that a hung replica is named by the call's deadline, as not answering): gRPC's 20 s would
+        keep a connection to it open that long after the channel closed."""
+        options = {**dict(self._options or ()), CONNECT_TIMEOUT: math.ceil(timeout * 1000) + CONNECT_SLACK_MS}
+        channel = get_grpc_channel(self.address, options=options, asyncio=True, tls=self._tls)
         try:
             return await health_problem(Stubs.for_channel(channel, origin=self._origin), self.address, timeout)
         finally:
-            await channel.close()
+            # shielded: a check cut short (a head draining) and cut again as the close runs left the channel open,
+            # and gRPC dialling the replica again and again for as long as the channel object lived
+            await asyncio.shield(channel.close())
 
     async def close(self, grace: Optional[float] = None) -> None:
         """Close the channel, giving calls in flight ``grace`` seconds; replaced channels get the same.

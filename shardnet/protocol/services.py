@@ -58,6 +58,10 @@ EMPTY_SHARDS_UNLISTED_METADATA = "empty-shards-unlisted"  # empty shards past wh
 # each replica down, as many as fit, then how many more
 CHECK_REPLICAS_METADATA = "shardnet-check-replicas"
 REPLICAS_CHECKED_METADATA = "replicas-checked"
+# replicas a check did not reach within its caller's time (neither serving nor down), and, for a check ended
+# before this STATUS came and answered it again, its age in seconds
+REPLICAS_UNCHECKED_METADATA = "replicas-unchecked"
+REPLICA_CHECK_AGE_METADATA = "replica-check-age"
 REPLICA_DOWN_METADATA = "replica-down"
 REPLICAS_DOWN_UNLISTED_METADATA = "replicas-down-unlisted"
 SHARDS_DOWN_METADATA = "shards-down"

@@ -64,7 +64,7 @@ from shardnet.runtimes.executor import DRY_RUN_ENDPOINT
 from shardnet.runtimes.merge import every_shard_failed, merge_shard_responses, report_shard_problems, status_of
 from shardnet.runtimes.refusals import RefusalLog
 from shardnet.runtimes.registrations import Registrations
-from shardnet.runtimes.replica_check import ReplicaCheck, check_replicas
+from shardnet.runtimes.replica_check import ReplicaCheck, ReplicaChecks
 from shardnet.runtimes.server import (
     ControlGuard,
     ServerConfig,
@@ -215,9 +215,13 @@ def _metadata_size(pairs: Sequence[tuple[str, str]]) -> int:
 
 def _check_metadata(check: ReplicaCheck, room: int) -> tuple[tuple[str, str], ...]:
     """A replica check as STATUS trailing metadata in about ``room`` bytes (what the rest left under gRPC's soft
-    limit): how many replicas it checked, the shards none of whose replicas serves, and each replica down with
-    why, as many as fit, then how many more."""
+    limit): how many replicas it checked and did not reach in time, how old it is when reused, the shards none of
+    whose replicas serves, and each replica down with why, as many as fit, then how many more."""
     pairs = [(services.REPLICAS_CHECKED_METADATA, str(check.checked))]
+    if check.unchecked:
+        pairs.append((services.REPLICAS_UNCHECKED_METADATA, str(check.unchecked)))
+    if check.age is not None:
+        pairs.append((services.REPLICA_CHECK_AGE_METADATA, f"{check.age:.2f}"))
     if check.shards_down:
         ranges, unlisted = _shard_ranges(check.shards_down, SHARDS_DOWN_ROOM)
         pairs.append((services.SHARDS_DOWN_METADATA, ranges))
@@ -397,6 +401,8 @@ class Head:
         # a draining head refuses new calls in-band and closes its listener once its calls are done and no more
         # come: gRPC's stop() under load cancelled calls it had taken but not picked up (see server.py)
         self.server = jina_server(config, self)
+        # what STATUS asks of every replica (``shardnet status``): one check at a time, shared, bounded
+        self._replica_checks = ReplicaChecks(self.pool, deployment, self.server.stopping)
         # beside every request it forwards: a request coming back with it was routed to this head by itself
         self._via = (services.VIA_HEAD_METADATA, new_id())
         # a pool fed by discovery (Kubernetes) knows no worker until its first list: not ready before that
@@ -819,7 +825,7 @@ class Head:
         if command == "STATUS":
             trailing = self._retry_metadata() + self._replica_metadata()
             if any(key == services.CHECK_REPLICAS_METADATA for key, _ in context.invocation_metadata() or ()):
-                check = await check_replicas(self.pool, self.deployment, _discovery_time_left(context))
+                check = await self._replica_checks.check(_discovery_time_left(context))
                 trailing += _check_metadata(check, STATUS_ROOM - _metadata_size(trailing))
             context.set_trailing_metadata(trailing)
             return self._status(request).to_bytes()
@@ -1324,6 +1330,7 @@ class Head:
         self._expiry = self._readiness = None
         self._refusals.close()
         self._failed_requests.close()
+        await self._replica_checks.close()
         await self.pool.close()
 
     async def start(self) -> None:

@@ -1,46 +1,154 @@
-"""A head's check of every replica it routes to, for ``shardnet status``: each asked at once, over a channel of
-its own, whether it serves right now, within the caller's time. A head that only lists its replicas says nothing
-of one that refuses connections or hangs: it routes around it, and a shard may be left with one replica, or none."""
+"""A head's check of every replica it routes to, for ``shardnet status``: whether each serves right now, asked over
+a channel of its own, within the caller's time. A head that only lists its replicas says nothing of one that
+refuses connections or hangs: it routes around it, and a shard may be left with one replica, or none.
+
+STATUS needs no token, so the check is bounded whoever asks: one runs at a time per head, shared by every STATUS
+asking while it runs and reused for ``REUSE_SECONDS`` after, and it opens at most ``MAX_CHECKS_AT_ONCE``
+connections at once; a replica whose turn does not come within the time is reported as not checked, neither as
+serving nor as down."""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import Optional
 
 from shardnet.errors import ShardnetError
 from shardnet.networking.addresses import entity_address
 from shardnet.networking.pool import GrpcConnectionPool
+from shardnet.networking.replica_list import Connection
+
+# health checks (each a fresh connection, a TLS handshake under TLS) one check runs at once; the others wait their turn
+MAX_CHECKS_AT_ONCE = 64
+# seconds a finished check answers every STATUS that asks for one, instead of a new check
+REUSE_SECONDS = 1.0
+# of its caller's time, what a check keeps to wrap up (its last health calls end and their channels close), so that
+# it ends before its caller's wait does and a hung replica is named as not answering, not as not checked
+WRAP_UP_SECONDS = 0.1
+# a replica whose turn comes with less of the check's time left than this is not checked: given less, a health call
+# would name a replica that had no time to answer as "not answering"
+MIN_CHECK_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
 class ReplicaCheck:
     """What a check found: how many replicas it asked, each one down (shard id, address as a related entity names
-    it, why), and the shards that have replicas but none serving."""
+    it, why), the shards whose replicas were all checked and none serves, how many replicas were not checked
+    within the time, and how old the check is when it was reused (None: it ran for this STATUS)."""
 
     checked: int
     down: list[tuple[int, str, str]]
     shards_down: list[int]
+    unchecked: int = 0
+    age: Optional[float] = None
 
 
-async def check_replicas(pool: GrpcConnectionPool, deployment: str, timeout: float) -> ReplicaCheck:
-    """Health-check every replica of ``deployment``'s shards, ejected ones included, all at once, each within
-    ``timeout`` seconds (a hung one is named as not answering, not waited for)."""
-    listed = [
-        (shard_id, connection)
-        for shard_id in pool.shard_ids(deployment)
-        for connection in pool.get_replicas(deployment, shard_id=shard_id).get_all_connections()
-    ]
-    problems = await asyncio.gather(
-        *(connection.problem_now(timeout) for _, connection in listed), return_exceptions=True
-    )
-    down, serving = [], set()
-    for (shard_id, connection), problem in zip(listed, problems):
-        if isinstance(problem, ShardnetError):  # its TLS material unreadable now, say: not checked, so not serving
-            problem = f"not checked: {problem}"
-        elif isinstance(problem, BaseException):
-            raise problem
-        if problem is None:
-            serving.add(shard_id)
-        else:
-            down.append((shard_id, entity_address(*connection.address.entity()), problem))
-    return ReplicaCheck(len(listed), down, sorted({shard_id for shard_id, _ in listed} - serving))
+class _Run:
+    """One check of every replica listed when it began, at most ``MAX_CHECKS_AT_ONCE`` at a time, until its
+    deadline; what it found so far reads at any time."""
+
+    def __init__(self, listed: list[tuple[int, Connection]], seconds: float):
+        self.listed = listed
+        loop = asyncio.get_running_loop()
+        self.deadline = loop.time() + seconds
+        self.found: dict[int, Optional[str]] = {}  # index in listed: why it does not serve (None: it serves)
+        self.ended_at: Optional[float] = None  # loop time
+        self.task = loop.create_task(self._run())
+
+    async def _run(self) -> None:
+        turns = iter(range(len(self.listed)))
+        try:
+            failures = await asyncio.gather(
+                *(self._take_turns(turns) for _ in range(min(MAX_CHECKS_AT_ONCE, len(self.listed)))),
+                return_exceptions=True,
+            )
+        finally:
+            self.ended_at = asyncio.get_running_loop().time()
+        for failure in failures:
+            if isinstance(failure, BaseException):
+                raise failure
+
+    async def _take_turns(self, turns) -> None:
+        """Check the replicas whose turn comes, one after the other, while the time allows."""
+        loop = asyncio.get_running_loop()
+        for index in turns:
+            left = self.deadline - loop.time()
+            if left < MIN_CHECK_SECONDS:
+                return
+            try:
+                self.found[index] = await self.listed[index][1].problem_now(left)
+            except ShardnetError as exc:  # its TLS material unreadable now, say: not checked, so not serving
+                self.found[index] = f"not checked: {exc}"
+
+    def result(self, age: Optional[float] = None) -> ReplicaCheck:
+        """What the run found so far: a replica without an answer yet is not checked."""
+        if self.task.done() and not self.task.cancelled() and self.task.exception() is not None:
+            raise self.task.exception()
+        down, serving, unknown = [], set(), set()
+        for index, (shard_id, connection) in enumerate(self.listed):
+            if index not in self.found:
+                unknown.add(shard_id)
+            elif self.found[index] is None:
+                serving.add(shard_id)
+            else:
+                down.append((shard_id, entity_address(*connection.address.entity()), self.found[index]))
+        shard_ids = {shard_id for shard_id, _ in self.listed}
+        return ReplicaCheck(
+            len(self.found), down, sorted(shard_ids - serving - unknown), len(self.listed) - len(self.found), age
+        )
+
+
+class ReplicaChecks:
+    """A head's checks of its replicas: one at a time, shared by every STATUS that asks meanwhile, its answer
+    reused for ``REUSE_SECONDS``. A STATUS cancelled by its caller leaves the check running for the others; the
+    head's drain (``stopping``) or ``close()`` ends it."""
+
+    def __init__(self, pool: GrpcConnectionPool, deployment: str, stopping: asyncio.Event):
+        self._pool = pool
+        self._deployment = deployment
+        self._stopping = stopping
+        self._run: Optional[_Run] = None
+        self._closed = False
+
+    def _listed(self) -> list[tuple[int, Connection]]:
+        pool, deployment = self._pool, self._deployment
+        return [
+            (shard_id, connection)
+            for shard_id in pool.shard_ids(deployment)
+            for connection in pool.get_replicas(deployment, shard_id=shard_id).get_all_connections()
+        ]
+
+    async def check(self, seconds: float) -> ReplicaCheck:
+        """Every replica of the deployment's shards, ejected ones included, checked within ``seconds`` (a hung
+        one is named as not answering, one whose turn did not come as not checked): by the check running now,
+        by one that ended less than ``REUSE_SECONDS`` ago, else by a new one."""
+        loop = asyncio.get_running_loop()
+        run = self._run
+        if run is not None and run.ended_at is not None:
+            age = loop.time() - run.ended_at
+            if age <= REUSE_SECONDS:
+                return run.result(age)
+            run = None
+        if run is None:
+            if self._closed or self._stopping.is_set():  # a draining head opens no more connections
+                return ReplicaCheck(0, [], [], len(self._listed()))
+            run = self._run = _Run(self._listed(), seconds - min(WRAP_UP_SECONDS, seconds / 10))
+        stopping = loop.create_task(self._stopping.wait())
+        try:  # not wait_for: a caller that gives up must not cancel the check the others wait for
+            await asyncio.wait((run.task, stopping), timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if self._stopping.is_set():
+            await self._end(run)
+        return run.result()
+
+    @staticmethod
+    async def _end(run: _Run) -> None:
+        run.task.cancel()  # each health call's channel closes as it is cut
+        await asyncio.wait((run.task,))  # not gather: cancelled while it waits, it would cut those closes
+
+    async def close(self) -> None:
+        """End the check running, if any (its channels closed), and start no more."""
+        self._closed = True
+        if self._run is not None:
+            await self._end(self._run)
