@@ -296,6 +296,8 @@ class _Ledger:
         self._members_of: Counter[str] = Counter()  # deployment -> its members held
         self._by_address: dict[str, set[Member]] = {}  # address -> the members held there, of any deployment
         self._removals: dict[Member, asyncio.Task] = {}
+        self._relists = 0  # relists under way: a deployment emptied meanwhile is forgotten only once they end
+        self._emptied_in_relist: set[str] = set()
 
     def keys(self, source: str) -> list[str]:
         return [key for (src, key) in self._records if src == source]
@@ -445,11 +447,19 @@ class _Ledger:
         relist runs; what the new listing says again of an object is not stale, whatever order it comes in.
         The loop gets control every ``LIST_BATCH`` objects (``in_turns``), between two records."""
         unconfirmed = {key: self._records[(source, key)] - listed.get(key, NOTHING) for key in self.keys(source)}
-        async for key in in_turns(self._fresh_first(source, listed)):
-            unconfirmed.pop(key, None)
-            await self.record(source, key, contribution(key), unconfirmed=unconfirmed)
-        async for key in in_turns([key for key in self.keys(source) if key not in listed]):
-            await self.record(source, key, NOTHING)
+        self._relists += 1
+        try:
+            async for key in in_turns(self._fresh_first(source, listed)):
+                unconfirmed.pop(key, None)
+                await self.record(source, key, contribution(key), unconfirmed=unconfirmed)
+            async for key in in_turns([key for key in self.keys(source) if key not in listed]):
+                await self.record(source, key, NOTHING)
+        finally:
+            self._relists -= 1
+        if not self._relists:
+            emptied, self._emptied_in_relist = self._emptied_in_relist, set()
+            for deployment in emptied:
+                self._forget_if_empty(deployment)
 
     def _fresh_first(self, source: str, listed: Mapping[str, Contribution]) -> list[str]:
         """The keys of ``listed``, in its order, those none of whose members takes an address held as another
@@ -502,17 +512,26 @@ class _Ledger:
     async def _leave(self, member: Member, previous: Optional[asyncio.Task]) -> Optional[Connection]:
         """Remove ``member`` from the pool (once ``previous``, a removal of it still closing, is done); following
         a whole namespace, forget its deployment when it was the last member of it (a pool following all
-        deployments would otherwise keep every one it ever saw)."""
+        deployments would otherwise keep every one it ever saw), or, during a relist, once the relist is over and
+        if it is still empty then."""
         if previous is not None:
             await asyncio.wait({previous})
         pool = self._pool
         removed = await pool.remove_connection(
             member.deployment, member.address, head=member.head, shard_id=member.shard_id
         )
-        if pool.followed_deployments is None and not self._members_of[member.deployment]:
-            if pool.forget_deployment(member.deployment):
-                logger.info("deployment %r left the namespace: forgotten", member.deployment)
+        if self._relists:  # its new pods may come in a later turn (two deployments' pods swapped addresses)
+            self._emptied_in_relist.add(member.deployment)
+        else:
+            self._forget_if_empty(member.deployment)
         return removed
+
+    def _forget_if_empty(self, deployment: str) -> None:
+        """Following a whole namespace, forget ``deployment`` when no member of it is held."""
+        pool = self._pool
+        if pool.followed_deployments is None and not self._members_of[deployment]:
+            if pool.forget_deployment(deployment):
+                logger.info("deployment %r left the namespace: forgotten", deployment)
 
     def _removed(self, member: Member, task: asyncio.Task) -> None:
         if self._removals.get(member) is task:
