@@ -376,7 +376,17 @@ class Restartable(Pid):
 
 
 class Arrays(Executor):
-    """``/normalize`` scales each embedding to unit length and stores its norm as a sparse tensor."""
+    """``/normalize`` scales each embedding to unit length and stores its norm as a sparse tensor; ``/echo`` reads
+    each tensor, tags its dtype and writes it back (a document without one gets its text's words as strings)."""
+
+    @requests(on="/echo")
+    def echo(self, docs, parameters, **kwargs):
+        for doc in docs:
+            tensor = doc.tensor
+            if tensor is None:
+                tensor = np.array(doc.text.split())
+            doc.tags["dtype"] = tensor.dtype.str
+            doc.tensor = tensor
 
     @requests(on="/normalize")
     def normalize(self, docs, parameters, **kwargs):

@@ -7,6 +7,7 @@ the head started, or an address nothing listens on (as ``--connection`` to a por
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import signal
@@ -111,3 +112,17 @@ async def test_a_stopped_replica_is_named_as_not_answering_within_the_timeout(ru
     assert took < 3.2, f"status --timeout 2 took {took:.1f}s"  # one after the other, its calls took 4 s
     assert re.search(rf"  shard 1: {address} \(down: not answering within 1\.[0-9]+s\)\n", printed), printed
     assert "  shard 1: no serving replica\n" in printed and "endpoints: unknown" not in printed, printed
+
+
+async def test_status_and_send_leave_jinas_readiness_check_out_of_the_endpoints_they_list(runtimes, capsys, caplog):
+    """A worker serves and discovery lists ``_jina_dry_run_`` (as Jina's do, for Client.is_flow_ready()): no
+    endpoint anyone posts to, and `status` listed it beside /tag, `send` among the endpoints served."""
+    [worker] = await workers(runtimes, 1)
+    code, printed = await status(capsys, worker.server.address)
+    assert code == 0 and re.search(r"^endpoints: .*/tag", printed, re.M), printed
+    assert "_jina_dry_run_" not in printed, printed
+    with caplog.at_level(logging.WARNING, logger="shardnet.send"):  # pytest's logging: the CLI leaves it be
+        code = await asyncio.to_thread(cli_main, ["send", worker.server.address, "--endpoint", "/nope", "--text", "x"])
+    [warned] = [record.getMessage() for record in caplog.records if "is not among the endpoints" in record.getMessage()]
+    assert code == 0 and warned.startswith("/nope is not among the endpoints") and "/tag" in warned, warned
+    assert "_jina_dry_run_" not in warned, warned

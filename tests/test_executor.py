@@ -405,5 +405,5 @@ def test_sparse_round_trip_densifies_to_the_same_array(shape_and_positions, dtyp
 
 
 def test_object_arrays_are_refused():
-    with pytest.raises(Exception, match="only numeric dtypes travel"):
+    with pytest.raises(Exception, match="only numbers, strings, bytes, datetimes and timedeltas travel"):
         ndarray.to_proto(np.array([{"a": 1}], dtype=object), docarray_pb2.NdArrayProto())

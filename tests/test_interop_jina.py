@@ -414,6 +414,44 @@ async def test_jinas_client_posts_to_a_shardnet_worker_and_head(jina_peer, tmp_p
     assert worker.executor.calls == 6  # the readiness checks ran no handler
 
 
+JINA_PLAIN_TENSORS = """
+import json, sys
+import numpy as np
+from docarray import Document, DocumentArray
+from jina import Client
+
+sent = {"str": np.array(["a", "bc"]), "bytes": np.array([b"a", b"bc"]),
+        "datetime64": np.array(["2020-01-01", "NaT"], dtype="datetime64[D]"),
+        "timedelta64": np.array([[1, -2]], dtype="timedelta64[ms]")}
+host, port = sys.argv[1].rsplit(":", 1)
+docs = DocumentArray([Document(id=name, tensor=array) for name, array in sent.items()])
+docs.append(Document(id="words", text="to be or not"))
+answer = Client(host=host, port=int(port)).post("/echo", docs)
+back = {doc.id: doc for doc in answer}
+print("RESULT " + json.dumps({
+    "same": {name: back[name].tensor.dtype == array.dtype
+                   and bool(np.array_equal(back[name].tensor, array, equal_nan=name == "datetime64"))
+             for name, array in sent.items()},
+    "read": {doc.id: doc.tags["dtype"] for doc in answer},
+    "words": [np.asarray(back["words"].tensor).dtype.str, np.asarray(back["words"].tensor).tolist()],
+}), flush=True)
+"""
+
+
+async def test_string_bytes_and_datetime_tensors_cross_between_jina_and_a_shardnet_handler(
+    jina_peer, tmp_path, runtimes
+):
+    """docarray sends them as plain buffers: a shardnet handler reads them, writes them back (and writes a tensor of
+    strings), and Jina's client reads what it wrote."""
+    worker = await runtimes(Worker(executors.Arrays.create()))
+    result = await jina_script(tmp_path, JINA_PLAIN_TENSORS, worker.server.address)
+    assert result["read"] == {
+        "str": "<U2", "bytes": "|S2", "datetime64": "<M8[D]", "timedelta64": "<m8[ms]", "words": "<U3"
+    }, result
+    assert result["same"] == {"str": True, "bytes": True, "datetime64": True, "timedelta64": True}, result
+    assert result["words"] == ["<U3", ["to", "be", "or", "not"]], result
+
+
 DOCARRAY_SPARSE = """
 import json, sys
 import numpy as np

@@ -84,9 +84,9 @@ def test_an_identical_echo_still_adds_its_matches_without_an_id():
 
 
 def test_many_documents_sharing_an_id_merge_in_one_pass():
-    # a request of 20,000 documents all named "x", each with one match of no id, echoed by two shards: the
-    # matches of every copy fold into the target's document at once (folded one copy at a time, the target's
-    # map of ids was rebuilt per copy: quadratic, minutes of a head's event loop for a 200 KB request)
+    # a request of 20,000 documents all named "x", each with one match of no id, echoed by two shards: each copy
+    # folds into the target's document at its position (folded one copy at a time into one document, the
+    # target's map of ids was rebuilt per copy: quadratic, minutes of a head's event loop for a 200 KB request)
     def echoed() -> DataRequest:
         docs = [Document(id="x") for _ in range(20_000)]
         for i, doc in enumerate(docs):
@@ -95,9 +95,42 @@ def test_many_documents_sharing_an_id_merge_in_one_pass():
 
     merged = merge_shard_responses("dep", [(0, echoed()), (1, echoed())])
     docs = merged.docs
-    assert len(docs) == 20_000  # the first shard's, none added: every one of the second's has an id known
-    assert len(docs[-1].matches) == 1 + 20_000  # the id maps to the last copy, which gains every other match
-    assert all(len(doc.matches) == 1 for doc in list(docs)[:-1])
+    assert len(docs) == 20_000  # the first shard's, none added: every one of the second's has a partner
+    assert all([match.text for match in doc.matches] == [str(i)] * 2 for i, doc in enumerate(docs))
+
+
+def searched_twice(shard: int, copies: int = 2) -> DataRequest:
+    """A shard's answer to a request of documents sharing the id "dup": each gains a hit of the shard's own,
+    and the shard sets a uri naming it and the copy's position."""
+    docs = [Document(id="dup", text=f"copy {n}") for n in range(copies)]
+    for n, doc in enumerate(docs):
+        doc.matches.append(Document(id=f"m-{shard}", text=f"shard {shard}"))
+        doc.uri = f"shard-{shard}-copy-{n}"
+    return DataRequest(docs, endpoint="/search")
+
+
+def test_documents_sharing_an_id_each_gain_what_a_later_shard_found_for_the_copy_at_their_position():
+    # keyed by id alone, the second copy gained shard 1's hits of both copies and the first none (Jina's head
+    # gives both copies shard 1's hit only, losing shard 0's); by position nothing is lost
+    merged = merge_shard_responses("dep", [(0, searched_twice(0)), (1, searched_twice(1)), (2, searched_twice(2))])
+    assert [(doc.id, doc.text, doc.matches.ids) for doc in merged.docs] == [
+        ("dup", "copy 0", ["m-0", "m-1", "m-2"]),
+        ("dup", "copy 1", ["m-0", "m-1", "m-2"]),
+    ]
+    assert [doc.uri for doc in merged.docs] == ["shard-0-copy-0", "shard-0-copy-1"]  # the first shard's, each
+
+
+def test_copies_of_an_id_a_later_shard_has_more_of_are_added_not_folded():
+    unique = DataRequest([Document(id="dup", text="copy 0"), Document(id="other")], endpoint="/search")
+    unique.docs[0].matches.append(Document(id="m-0"))
+    merged = merge_shard_responses("dep", [(0, unique), (1, searched_twice(1, copies=3))])
+    assert [(doc.text, doc.matches.ids) for doc in merged.docs] == [
+        ("copy 0", ["m-0", "m-1"]), ("", []), ("copy 1", ["m-1"]), ("copy 2", ["m-1"])
+    ]
+    query = Document(id="q")  # and among matches: a shard's answer holding one hit twice keeps both
+    query.matches.extend([Document(id="hit", text="once"), Document(id="hit", text="twice")])
+    merged = merge_shard_responses("dep", [(0, DataRequest([Document(id="q")])), (1, DataRequest([query]))])
+    assert [match.text for match in merged.docs[0].matches] == ["once", "twice"]
 
 
 def shard_copy(uri: str = "", mime_type: str = "", **fields) -> DataRequest:

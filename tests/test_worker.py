@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 import grpc.aio
+import numpy as np
 import pytest
 from google.protobuf import empty_pb2, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -40,6 +41,7 @@ from shardnet.runtimes.worker import CLOSE_GRACE, HANDLER_THREAD_PREFIX, Worker
 from shardnet.testing import eventually
 
 import executors
+from test_documents import PLAIN_ARRAYS
 
 EXECUTORS = Path(executors.__file__).resolve()
 
@@ -203,6 +205,41 @@ async def test_an_executor_failing_every_request_logs_the_first_at_once_and_coun
         "Tagger: 29 more handler failures within 1s (fail on /fail x29); the latest: fail on /fail: "
         "ValueError('bad input', 42)"
     )
+
+
+async def test_strings_bytes_and_datetimes_round_trip_through_a_handler_reading_and_writing_them(runtimes):
+    """docarray sends them as plain buffers and a Jina executor reads and writes them: so does a worker."""
+    worker = await runtimes(Worker(executors.Arrays.create()))
+    request = DataRequest(
+        [Document(id=name, tensor=array) for name, array in PLAIN_ARRAYS.items()] + [Document(text="to be or not")],
+        endpoint="/echo",
+    )
+    answer = await oneshot.send_request_async(request, worker.server.address, timeout=10)
+    assert not answer.is_error, answer.status.description
+    *echoed, written = answer.docs
+    for doc, (name, array) in zip(echoed, PLAIN_ARRAYS.items()):
+        assert doc.tags["dtype"] == array.dtype.str and doc.tensor.dtype == array.dtype, name
+        np.testing.assert_array_equal(doc.tensor, array)
+    assert written.tensor.tolist() == ["to", "be", "or", "not"] and written.tags["dtype"] == "<U3"
+
+
+@pytest.mark.parametrize(
+    "dtype, buffer, refusal",
+    [
+        ("|O", b"\0" * 8, "tensor of document 'bad': NdArray dtype '|O' is not plain data"),
+        ("<U2", b"a\0\0\0", "tensor of document 'bad': NdArray buffer holds 4 bytes, shape (1,) of <U2 needs 8"),
+        ("<U1", b"\0\0\0\x01", "tensor of document 'bad': NdArray of <U1 holds 0x1000000, past U+10FFFF"),
+    ],
+)
+async def test_a_malformed_or_object_tensor_is_refused_naming_the_document(runtimes, dtype, buffer, refusal):
+    worker = await runtimes(Worker(executors.Arrays.create()))
+    request = DataRequest([Document(id="bad")], endpoint="/echo")
+    dense = request.docs[0].proto.tensor.dense
+    dense.dtype, dense.buffer = dtype, buffer
+    dense.shape.append(1)
+    answer = await oneshot.send_request_async(request, worker.server.address, timeout=10)
+    assert answer.is_error and answer.status.exception.name == "ProtocolError"
+    assert refusal in answer.status.description, answer.status.description
 
 
 async def test_a_refusal_quoting_a_huge_value_the_caller_chose_stays_small_in_its_answer_and_the_log(

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Coroutine, Optional
+from typing import Any, Callable, Coroutine, Iterable, Optional
 
 from shardnet.errors import ConfigurationError
 from shardnet.networking.addresses import Address, parse_address
@@ -26,7 +26,7 @@ from shardnet.networking.balancing import BALANCERS
 from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_MB, TOKEN_VARIABLE, check_control_token
 from shardnet.networking.policies import MAX_TIMEOUT
 from shardnet.networking.tls import ClientTls, ServerTls
-from shardnet.runtimes.executor import metas_name
+from shardnet.runtimes.executor import DRY_RUN_ENDPOINT, metas_name
 from shardnet.runtimes.server import PARENT_POLL_SECONDS, ServerConfig, check_ready_fd, parent_gone
 from shardnet.runtimes.worker import CLOSE_THREAD_NAME, HANDLER_THREAD_PREFIX
 
@@ -47,6 +47,12 @@ POLLING_HELP = (
     "unless the map names them (default: %(default)s)"
 )
 INT32_MAX = 2**31 - 1  # shard and replica ids travel as protobuf int32 fields
+
+
+def shown_endpoints(endpoints: Iterable[str]) -> str:
+    """Endpoints a server discovered, as a person is shown them: without Jina's readiness check
+    (``_jina_dry_run_``), which every worker serves and lists and nobody posts to."""
+    return ", ".join(endpoint for endpoint in endpoints if endpoint != DRY_RUN_ENDPOINT)
 
 
 def _finite(text: str, what: str, unit: str) -> float:

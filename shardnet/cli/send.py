@@ -18,6 +18,7 @@ from shardnet.cli.options import (
     json_object,
     message_megabytes,
     positive_seconds,
+    shown_endpoints,
 )
 from shardnet.errors import ConfigurationError, DeadlineExceeded, ProtocolError, ReplicaError
 from shardnet.networking import oneshot
@@ -109,7 +110,7 @@ async def send(args: argparse.Namespace) -> int:
             "%s is not among the endpoints %s serves (%s): it will come back unchanged unless a default handler takes it",
             args.endpoint,
             args.target,
-            ", ".join(endpoints),
+            shown_endpoints(endpoints),
         )
     request = _request(args, parameters)
     left = deadline - loop.time()

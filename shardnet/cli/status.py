@@ -12,7 +12,7 @@ import grpc
 from google.protobuf import empty_pb2
 from grpc_health.v1 import health_pb2
 
-from shardnet.cli.options import add_client_tls_arguments, client_tls, positive_seconds
+from shardnet.cli.options import add_client_tls_arguments, client_tls, positive_seconds, shown_endpoints
 from shardnet.errors import MalformedReplyError, ReplicaError
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address
@@ -88,7 +88,7 @@ async def status(args: argparse.Namespace) -> int:
         print(f"endpoints: unknown ({endpoints.cause})")
         healthy = False
     else:
-        print(f"endpoints: {', '.join(endpoints[0].endpoints) or '(none)'}")
+        print(f"endpoints: {shown_endpoints(endpoints[0].endpoints) or '(none)'}")
     if isinstance(control, Exception):  # not send_control: the trailing metadata says what is ejected and down
         # a Jina 3.34 server has no control service: no shardnet head
         if getattr(control, "code", None) == grpc.StatusCode.UNIMPLEMENTED:

@@ -307,26 +307,45 @@ class Document:
     @property
     def tensor(self) -> Optional[np.ndarray]:
         """A copy of the tensor: edit it and assign it back (``doc.tensor = t``) for the edit to travel."""
-        return ndarray.from_proto(self._pb.tensor, self._dense_budget()) if self._pb.HasField("tensor") else None
+        return self._array("tensor")
 
     @tensor.setter
     def tensor(self, value: Optional[np.ndarray]) -> None:
-        if value is None:  # as docarray: drop the raw data, keep a text or blob
-            self._pb.ClearField("tensor")
-        else:
-            ndarray.to_proto(value, self._pb.tensor)
+        self._set_array("tensor", value)  # None, as docarray: drops the raw data, keeps a text or blob
 
     @property
     def embedding(self) -> Optional[np.ndarray]:
         """A copy of the embedding: ``doc.embedding /= n`` works, ``doc.embedding[0] = x`` edits only the copy."""
-        return ndarray.from_proto(self._pb.embedding, self._dense_budget()) if self._pb.HasField("embedding") else None
+        return self._array("embedding")
 
     @embedding.setter
     def embedding(self, value: Optional[np.ndarray]) -> None:
+        self._set_array("embedding", value)
+
+    def _array(self, field: str) -> Optional[np.ndarray]:
+        """The array of ``field`` (tensor or embedding) as numpy; None if not set. A refusal names the field."""
+        if not self._pb.HasField(field):
+            return None
+        try:
+            return ndarray.from_proto(getattr(self._pb, field), self._dense_budget())
+        except ProtocolError as exc:
+            raise ProtocolError(f"{self._whose(field)}: {exc}") from None
+
+    def _set_array(self, field: str, value: Optional[np.ndarray]) -> None:
         if value is None:
-            self._pb.ClearField("embedding")
-        else:
-            ndarray.to_proto(value, self._pb.embedding)
+            self._pb.ClearField(field)
+            return
+        try:
+            ndarray.to_proto(value, getattr(self._pb, field))
+        except ProtocolError as exc:
+            raise ProtocolError(f"{self._whose(field)}: {exc}") from None
+
+    def _whose(self, field: str) -> str:
+        """``field`` of this document, by id when it has one (a long id is cut: refusals travel in answers)."""
+        if not self._pb.id:
+            return f"{field} of a document"
+        shown = self._pb.id if len(self._pb.id) <= 64 else self._pb.id[:64] + "..."
+        return f"{field} of document {shown!r}"
 
     @property
     def tags(self) -> StructView:

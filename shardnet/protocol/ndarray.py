@@ -1,7 +1,8 @@
 """Move tensors and embeddings between numpy and the docarray ``NdArray`` message.
 
-Dense arrays travel as raw buffer + shape + numpy dtype string; sparse ones
-as COO (indices, values, shape), which numpy can rebuild without scipy.
+Dense arrays travel as raw buffer + shape + numpy dtype string (``dtype.str``: ``<f4``, ``<U2``, ``|S2``,
+``<M8[D]``), as docarray writes them; sparse ones as COO (indices, values, shape), which numpy can rebuild
+without scipy.
 ``cls_name`` says whose layout a sparse array uses, as docarray writes it:
 ``torch`` keeps its indices as (ndim, nnz), ``scipy`` and ``tensorflow`` as
 (nnz, ndim).
@@ -19,10 +20,17 @@ import numpy as np
 from shardnet.errors import ProtocolError
 from shardnet.protocol.proto import docarray_pb2
 
-# dtypes whose buffer is plain numbers: object and void dtypes would mean pickles or raw memory
-_SAFE_KINDS = frozenset("biufc")
+# dtypes whose buffer is plain data of a fixed size: numbers, and the strings (U: UCS-4), bytes (S) and
+# datetimes and timedeltas (M, m: int64 counts) docarray sends the same way. Object and void dtypes (and so
+# any with fields or subarrays, which are void) would mean pickles or raw memory.
+_PLAIN_KINDS = frozenset("biufcUSMm")
+_NUMERIC_KINDS = frozenset("biufc")  # what a sparse array's values may be: densifying adds them up
+_TRAVELLING = "numbers, strings, bytes, datetimes and timedeltas"
+MAX_CODE_POINT = 0x10FFFF  # past it a UCS-4 unit is no character: numpy raises SystemError reading it as str
 MAX_DIMS = 64  # numpy's own limit (32 before 2.0); more dimensions are refused before anything is computed from them
-MAX_DTYPE_NAME = 32  # the longest numeric name numpy spells is "clongdouble": 32 leaves room for byte order and aliases
+# the longest numeric name numpy spells is "clongdouble", "timedelta64[ns]" a long time one: 32 leaves room for
+# byte order, aliases and a unit's multiple
+MAX_DTYPE_NAME = 32
 # the largest array a sparse one may expand to: what a default-sized gRPC message could carry densely
 # (a few bytes of shape must not allocate gigabytes)
 MAX_DENSE_BYTES = 256 * 2**20
@@ -85,12 +93,13 @@ class DenseBudget:
             self.limit += other.limit
 
 
-def _sendable(array: Any) -> np.ndarray:
-    """``array`` as numpy, refused unless numeric: checked before a message is touched, so a refused value
-    leaves what was there."""
+def _sendable(array: Any, kinds: frozenset[str] = _PLAIN_KINDS) -> np.ndarray:
+    """``array`` as numpy, refused unless of one of ``kinds``: checked before a message is touched, so a refused
+    value leaves what was there."""
     array = np.asarray(array)
-    if array.dtype.kind not in _SAFE_KINDS:
-        raise ProtocolError(f"cannot send an array of dtype {array.dtype}: only numeric dtypes travel")
+    if array.dtype.kind not in kinds:
+        travelling = _TRAVELLING if kinds is _PLAIN_KINDS else "numbers"
+        raise ProtocolError(f"cannot send an array of dtype {array.dtype}: only {travelling} travel")
     return array
 
 
@@ -105,7 +114,7 @@ def write_dense(array: np.ndarray, target: docarray_pb2.DenseNdArrayProto) -> No
 
 def read_dense(source: docarray_pb2.DenseNdArrayProto) -> np.ndarray:
     """Rebuild a numpy array from a DenseNdArray message, checking size against shape."""
-    dtype = _numeric_dtype(source.dtype)
+    dtype = _plain_dtype(source.dtype)
     shape = _shape(source.shape)
     # Python integers: a huge shape cannot wrap around to the buffer's size
     expected = math.prod(shape) * dtype.itemsize
@@ -113,11 +122,22 @@ def read_dense(source: docarray_pb2.DenseNdArrayProto) -> np.ndarray:
         raise ProtocolError(
             f"NdArray buffer holds {len(source.buffer)} bytes, shape {shape} of {dtype} needs {expected}"
         )
+    # a writable copy: handlers edit embeddings in place, and the message must not change under them
+    data = bytearray(source.buffer)
+    if dtype.kind == "U":
+        _check_code_points(data, dtype)
     try:
-        # a writable copy: handlers edit embeddings in place, and the message must not change under them
-        return np.frombuffer(bytearray(source.buffer), dtype=dtype).reshape(shape)
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
     except ValueError as exc:  # numpy refuses some empty shapes, (0, 2**30, 2**30) say, as too big
         raise ProtocolError(f"NdArray shape {shape} of {dtype} is not usable: {exc}") from None
+
+
+def _check_code_points(data: bytearray, dtype: np.dtype) -> None:
+    """Refuse a string buffer holding a unit past U+10FFFF: numpy would hand it out and fail (SystemError) only
+    when a handler reads that element."""
+    units = np.frombuffer(data, dtype=np.dtype("u4").newbyteorder(dtype.byteorder))
+    if len(units) and units.max() > MAX_CODE_POINT:
+        raise ProtocolError(f"NdArray of {dtype} holds {int(units.max()):#x}, past U+10FFFF: not a character")
 
 
 def _shape(dimensions) -> tuple[int, ...]:
@@ -127,9 +147,10 @@ def _shape(dimensions) -> tuple[int, ...]:
     return tuple(dimensions)
 
 
-def _numeric_dtype(name: str) -> np.dtype:
-    """The dtype a message names, refused unless numeric; a name longer than any numpy spells is refused before
-    it is parsed or cached (numpy reads ``'<i' + '0' * 10**6 + '4'`` as int32, and the cache would keep it)."""
+def _plain_dtype(name: str) -> np.dtype:
+    """The dtype a message names, refused unless plain data of a fixed size; a name longer than any numpy spells
+    is refused before it is parsed or cached (numpy reads ``'<i' + '0' * 10**6 + '4'`` as int32, and the cache
+    would keep it)."""
     if len(name) > MAX_DTYPE_NAME:
         raise ProtocolError(f"NdArray dtype name has {len(name)} characters; at most {MAX_DTYPE_NAME} are taken")
     return _parsed_dtype(name)
@@ -138,15 +159,17 @@ def _numeric_dtype(name: str) -> np.dtype:
 @functools.lru_cache(maxsize=128)  # a stream of arrays names a handful of dtypes
 def _parsed_dtype(name: str) -> np.dtype:
     with warnings.catch_warnings():
-        # numpy still parses deprecated aliases ('a'): they are refused below
+        # numpy still parses deprecated aliases ('a', read as 'S')
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
             dtype = np.dtype(name)
         except Exception:  # TypeError, ValueError, and SyntaxError for some strings (',')
             # not chained: numpy's message quotes the whole name, and an error answer carries its causes
             raise ProtocolError(f"NdArray has an unknown dtype {name!r}") from None
-    if dtype.kind not in _SAFE_KINDS:
-        raise ProtocolError(f"NdArray dtype {name!r} is not numeric; refusing to decode it")
+    if dtype.kind not in _PLAIN_KINDS:
+        raise ProtocolError(f"NdArray dtype {name!r} is not plain data ({_TRAVELLING}); refusing to decode it")
+    if dtype.itemsize == 0:  # 'U0', 'S': numpy reads no array of them
+        raise ProtocolError(f"NdArray dtype {name!r} has no size; refusing to decode it")
     return dtype
 
 
@@ -166,7 +189,7 @@ def write_sparse(
     Labelled so docarray reads it back: a matrix as scipy's ``coo``, any other
     rank in tensorflow's layout (which is ours).
     """
-    indices, values = _sendable(indices), _sendable(values)
+    indices, values = _sendable(indices, _NUMERIC_KINDS), _sendable(values, _NUMERIC_KINDS)
     if indices.ndim != 2 or indices.shape[1] != len(shape):
         raise ProtocolError(f"sparse indices must be (nnz, {len(shape)}), got {indices.shape}")
     target.Clear()
@@ -198,6 +221,8 @@ def from_proto(source: docarray_pb2.NdArrayProto, budget: Optional[DenseBudget] 
             raise ProtocolError(f"sparse NdArray indices {indices.shape} do not fit values {values.shape} of {shape}")
         if indices.dtype.kind not in "iu":
             raise ProtocolError(f"sparse NdArray indices must be integers, not {indices.dtype}")
+        if values.dtype.kind not in _NUMERIC_KINDS:
+            raise ProtocolError(f"sparse NdArray values must be numbers, not {values.dtype}")
         dense_bytes = math.prod(shape) * values.dtype.itemsize
         if dense_bytes > MAX_DENSE_BYTES:
             raise ProtocolError(

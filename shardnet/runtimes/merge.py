@@ -5,7 +5,9 @@ shards return keeps its first copy, takes from the later copies each field the
 first left empty (an embedding, a uri, tags; content of another kind, as
 docarray's setters replace it), and gains their matches and
 chunks it does not hold yet (merged by id the same way, fields included); new
-ids are appended in shard order. A shard that failed or answered with an
+ids are appended in shard order. Documents sharing an id merge by position
+among those of that id (a later shard's second "dup" into the first's second),
+so no copy's matches are lost. A shard that failed or answered with an
 error is named in the merged status, so the client learns which shard to look
 at; the executor's exception (name, arguments, stack) reaches it as raised.
 """
@@ -13,7 +15,7 @@ at; the executor's exception (name, arguments, stack) reaches it as raised.
 from __future__ import annotations
 
 import types
-from collections import Counter
+from collections import Counter, deque
 from typing import Any, Optional, Sequence, Union
 
 from shardnet.errors import ReplicaError, RoutingError
@@ -41,29 +43,36 @@ def _reduce(target: Any, source: Any) -> None:
     A document ``target`` already holds keeps the fields it set, takes the others from the source's copy,
     and gains the matches and chunks it lacks, so a
     match or chunk the request carried to every shard comes back once, not once per shard. Documents
-    without an id are always added: there is nothing to tell them apart by. The matches and chunks of all
-    the source documents that share an id are folded in together, once: folding them in one document at a
-    time would rebuild the target's map of ids for each (quadratic in a request of many equal ids).
+    without an id are always added: there is nothing to tell them apart by. Documents sharing an id fold by
+    position: the source's n-th of an id into the target's n-th of it, and one past the target's count is
+    added (docarray's map of ids gives every copy to one document, and Jina's head loses some copies' matches).
     """
-    by_id = {doc.id: doc for doc in target if doc.id}
-    folding: dict[str, list[Any]] = {}  # id -> the source documents that fold into the target's document
+    by_id = {doc.id: doc for doc in target if doc.id}  # each id's next document to fold into
+    later: dict[str, deque] = {}  # an id's documents after its first, when the target holds it more than once
+    if len(by_id) != len(target):  # ids repeated or missing (rare): the first of each id, and the rest in order
+        by_id, later = {}, {}
+        for doc in target:
+            if doc.id in by_id:
+                later.setdefault(doc.id, deque()).append(doc)
+            elif doc.id:
+                by_id[doc.id] = doc
+    folding: list[tuple[Any, Any]] = []  # (the target's document, the source's copy) whose matches and chunks fold
     for doc in source:
-        existing = by_id.get(doc.id) if doc.id else None
+        existing = by_id.pop(doc.id, None) if doc.id else None  # taken: the id's next copy goes to its next one
         if existing is None:
-            added = target.add()
-            added.CopyFrom(doc)
-            if doc.id:
-                by_id[doc.id] = added
-        elif doc.matches or doc.chunks:
+            target.add().CopyFrom(doc)
+            continue
+        if later and later.get(doc.id):
+            by_id[doc.id] = later[doc.id].popleft()
+        if doc.matches or doc.chunks:
             _fill_empty_fields(existing, doc)
-            folding.setdefault(doc.id, []).append(doc)  # its matches and chunks fold in by id, id-less ones added
+            folding.append((existing, doc))  # its matches and chunks fold in by id, id-less ones added
         elif doc != existing:  # a leaf (most matches): an echoed copy, the same to the last field, has nothing to
             # add, which protobuf tells in C some ten times faster than a fill finds it
             _fill_empty_fields(existing, doc)
-    for doc_id, docs in folding.items():
-        existing = by_id[doc_id]
+    for existing, doc in folding:
         for field in ("matches", "chunks"):
-            gained = [item for doc in docs for item in getattr(doc, field)]
+            gained = getattr(doc, field)
             if gained:
                 _reduce(getattr(existing, field), gained)
 
