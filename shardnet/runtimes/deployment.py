@@ -701,9 +701,12 @@ class Deployment:
         overlapping. Any still running then is killed, with a warning, and its role is kept in
         ``killed_at_stop``; one that exits with a code other than 0 (its close() did not return in time, or its
         drain ended with requests still under way: the head's, drained first, is the one that cuts a request
-        running past one drain) is in ``failed_at_stop``."""
+        running past one drain) is in ``failed_at_stop``. A stop of a stopped deployment (an explicit stop(),
+        then a ``with``'s exit) does nothing: both still say how the first went."""
         # one stop at a time, and a revive() or start() in another thread launches nothing from here on
         with self._launching:
+            if self._finalizer is None:  # stopped already (a start() after it makes a new run, and a finalizer)
+                return
             self._stopping = True
             # every process of this run, one a start under way has not assigned yet too
             failed: list[ShardnetProcess] = []
