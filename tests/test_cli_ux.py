@@ -140,6 +140,30 @@ def test_deploy_no_restart_counts_an_exit_its_stop_came_before_it_looked(tmp_pat
     assert "(removed on exit; --log-dir keeps it), ending:" in log.read_text(), log.read_text()
 
 
+def test_deploy_quotes_the_log_of_a_process_that_failed_at_its_stop_before_removing_it(tmp_path):
+    """deploy said a worker "did not stop cleanly (see its log)" in the line that said its temporary folders were
+    removed, the log with them (a README review's find). Its last lines are quoted while the log is still there,
+    as under --no-restart."""
+    log = tmp_path / "deploy.log"
+    deploy = start(log, "deploy", "--uses", f"{EXECUTORS}:DiesInClose", "--name", "dies")
+    pids: list[int] = []
+    try:
+        wait_for_line(log, r"dies serves on", deploy)
+        [worker] = re.findall(ROW.format(role="worker-0-0"), log.read_text(), re.M)
+        pids = [int(worker), *map(int, re.findall(ROW.format(role="head"), log.read_text(), re.M))]
+        deploy.send_signal(signal.SIGINT)
+        assert deploy.wait(20) == 1, log.read_text()
+    finally:
+        stop(deploy, pids)
+    out = log.read_text()
+    quoted = re.search(rf"worker-0-0 \(pid {worker}\) exited with code 3 at its stop\. Its log: \(removed on exit; "
+                       r"--log-dir keeps it\), ending:\n(?:.*\n)*?.*ready on", out)
+    assert quoted, out
+    said = "dies: stopped, but worker-0-0 (exit code 3) did not stop cleanly (see the warnings above)"
+    assert said in out and out.index(said) > quoted.end(), out
+    assert not wait_gone(pids)
+
+
 def test_deploy_no_restart_ends_with_code_1_once_its_head_exits(tmp_path):
     """It served on, answering nothing, then said every process drained and exited 0 (a lifecycle review's find):
     a supervisor never saw the failure."""

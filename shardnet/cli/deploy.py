@@ -220,7 +220,7 @@ def _serve(args: argparse.Namespace, deployment: Deployment, stop: threading.Eve
 
     signal.signal(signal.SIGINT, stop_at_once)
     print("stopping... (Ctrl-C again stops them at once)", flush=True)
-    deployment.stop()
+    deployment.stop(on_failed=lambda failed: _warn_failed_at_stop(failed, bool(args.log_dir)))
     if forced.is_set():
         print(f"{args.name}: every process killed at once; {_left_behind(args)}", flush=True)
         return 130
@@ -233,8 +233,8 @@ def _serve(args: argparse.Namespace, deployment: Deployment, stop: threading.Eve
               f"killed (see the warnings above); {_left_behind(args)}", flush=True)
         return 1
     if deployment.failed_at_stop:  # a close() that did not return in time, a stop cut short: their logs say
-        print(f"{args.name}: stopped, but {', '.join(deployment.failed_at_stop)} did not stop cleanly (see its "
-              f"log); {_left_behind(args)}", flush=True)
+        print(f"{args.name}: stopped, but {', '.join(deployment.failed_at_stop)} did not stop cleanly (see the "
+              f"warnings above); {_left_behind(args)}", flush=True)
         return 1
     print(f"{args.name}: every process drained and stopped; {_left_behind(args)}", flush=True)
     return 0
@@ -281,6 +281,14 @@ def _warn_exited(deployment: Deployment, reported: set[int], kept_logs: bool) ->
         logger.warning("%s (pid %s) %s; not restarted (--no-restart)%s. Its log: %s", process.role, process.pid,
                        process.exit_description(), _consequence(deployment, process), _log_of(process, kept_logs))
     return deployment.head is not None and deployment.head.pid in reported
+
+
+def _warn_failed_at_stop(failed: list[ShardnetProcess], kept_logs: bool) -> None:
+    """Warn about each process that exited at the stop with a code other than 0, quoting its log's last lines
+    while a temporary log folder still holds them, as ``_warn_exited`` does."""
+    for process in failed:
+        logger.warning("%s (pid %s) %s at its stop. Its log: %s", process.role, process.pid,
+                       process.exit_description(), _log_of(process, kept_logs))
 
 
 def _log_of(process: ShardnetProcess, kept: bool) -> str:
