@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -139,6 +140,30 @@ def test_deploy_no_restart_counts_an_exit_its_stop_came_before_it_looked(tmp_pat
     assert "(removed on exit; --log-dir keeps it), ending:" in log.read_text(), log.read_text()
 
 
+def test_deploy_quotes_the_log_of_a_process_that_failed_at_its_stop_before_removing_it(tmp_path):
+    """deploy said a worker "did not stop cleanly (see its log)" in the line that said its temporary folders were
+    removed, the log with them (a README review's find). Its last lines are quoted while the log is still there,
+    as under --no-restart."""
+    log = tmp_path / "deploy.log"
+    deploy = start(log, "deploy", "--uses", f"{EXECUTORS}:DiesInClose", "--name", "dies")
+    pids: list[int] = []
+    try:
+        wait_for_line(log, r"dies serves on", deploy)
+        [worker] = re.findall(ROW.format(role="worker-0-0"), log.read_text(), re.M)
+        pids = [int(worker), *map(int, re.findall(ROW.format(role="head"), log.read_text(), re.M))]
+        deploy.send_signal(signal.SIGINT)
+        assert deploy.wait(20) == 1, log.read_text()
+    finally:
+        stop(deploy, pids)
+    out = log.read_text()
+    quoted = re.search(rf"worker-0-0 \(pid {worker}\) exited with code 3 at its stop\. Its log: \(removed on exit; "
+                       r"--log-dir keeps it\), ending:\n(?:.*\n)*?.*ready on", out)
+    assert quoted, out
+    said = "dies: stopped, but worker-0-0 (exit code 3) did not stop cleanly (see the warnings above)"
+    assert said in out and out.index(said) > quoted.end(), out
+    assert not wait_gone(pids)
+
+
 def test_deploy_no_restart_ends_with_code_1_once_its_head_exits(tmp_path):
     """It served on, answering nothing, then said every process drained and exited 0 (a lifecycle review's find):
     a supervisor never saw the failure."""
@@ -260,14 +285,17 @@ def test_sigterm_stops_the_demo_and_leaves_no_temporary_folder(tmp_path):
         assert time.monotonic() - began < 10, log.read_text()
     finally:
         stop(demo, pids)
-    assert code == 130, log.read_text()  # as after Ctrl-C, not 143: it stopped, it was not killed
+    assert code == 143, log.read_text()  # 128 + SIGTERM, as deploy's: a supervisor sees the stop it asked for
     assert not wait_gone(pids)
     assert not list(tmp.glob("shardnet-demo-*")) and not list(tmp.glob("sn-*")), list(tmp.iterdir())
     out = log.read_text()
     assert "Traceback" not in out and "Task was destroyed" not in out and "never awaited" not in out, out
 
 
-def test_sigterm_while_the_demo_starts_stops_what_it_launched_as_cleanly(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_sigterm_while_the_demo_starts_stops_what_it_launched_as_cleanly(tmp_path, signum):
+    """SIGTERM, a closed terminal (SIGHUP) and Ctrl-C stop it alike, each with its exit code, 128 + its number
+    (deploy's: the demo exited 130 whatever the signal)."""
     tmp = tmp_path / "t"
     tmp.mkdir()
     log = tmp_path / "demo.log"
@@ -277,15 +305,52 @@ def test_sigterm_while_the_demo_starts_stops_what_it_launched_as_cleanly(tmp_pat
         while not list(tmp.glob("shardnet-demo-*/demo-head.log")):  # the start is under way: its head was launched
             assert demo.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.01)
-        demo.send_signal(signal.SIGTERM)
+        demo.send_signal(signum)
         code = demo.wait(20)
     finally:
         stop(demo, [])
     out = log.read_text()
-    assert code == 130, out
+    assert code == 128 + signum, out
     assert "ROLE" not in out, out  # it stopped during the start: the table of a started deployment never came
     assert not list(tmp.glob("shardnet-demo-*")) and not list(tmp.glob("sn-*")), list(tmp.iterdir())
     assert "Traceback" not in out and "never awaited" not in out, out
+
+
+def _ignores_sigint(pid: int) -> bool:
+    """Whether process ``pid`` ignores SIGINT, as a background job of a script does (its SigIgn mask)."""
+    [mask] = re.findall(r"(?m)^SigIgn:\s*([0-9a-f]+)$", Path(f"/proc/{pid}/status").read_text())
+    return bool(int(mask, 16) & 1 << (signal.SIGINT - 1))
+
+
+def test_sigterm_under_load_stops_a_demo_that_ignores_sigint_in_order(tmp_path):
+    """A demo started as a background job of a script, under nohup, CI or a supervisor ignores SIGINT; a SIGTERM
+    then raised KeyboardInterrupt wherever it landed: in a gRPC callback (likely under load) gRPC swallowed it
+    ("Exception ignored in: ...functor_run") and the demo waited for ever, a second SIGTERM doing nothing, or it
+    printed a long traceback; and it exited 130 where deploy exits 143 (a README review's find: 2 hangs in 6
+    tries). The signal now cancels the demo where it awaits: it stops every process and exits 143."""
+    tmp = tmp_path / "t"
+    tmp.mkdir()
+    log = tmp_path / "demo.log"
+    command = shlex.join([*PYTHON_M, "demo", "--requests", "20000", "--concurrency", "256"])
+    with open(log, "wb") as out:  # the shell's trap '' sets SIGINT ignored, which exec passes on
+        demo = subprocess.Popen(["sh", "-c", f"trap '' INT; exec {command}"], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=child_env(tmp))
+    pids: list[int] = []
+    try:
+        wait_for_line(log, r"search 'rank texts by token overlap'\n.+\n.+\n", demo)  # the load run begins
+        pids = [int(pid) for pid in re.findall(ROW.format(role=r"(?:head|worker-\d-\d)"), log.read_text(), re.M)]
+        assert len(pids) == 5 and _ignores_sigint(demo.pid), log.read_text()
+        time.sleep(0.5)  # well into the run of 20,000 searches, which says nothing until it ends
+        assert "throughput:" not in log.read_text(), log.read_text()
+        demo.send_signal(signal.SIGTERM)
+        code = demo.wait(30)
+    finally:
+        stop(demo, pids)
+    out = log.read_text()
+    assert code == 143, out
+    assert not wait_gone(pids), out
+    assert not list(tmp.glob("shardnet-demo-*")) and not list(tmp.glob("sn-*")), list(tmp.iterdir())
+    assert "Traceback" not in out and "Exception ignored" not in out and "KeyboardInterrupt" not in out, out
 
 
 # -- 3: a --uses module that raises as it is imported ----------------------------------------------------------

@@ -1092,6 +1092,18 @@ def test_a_worker_whose_stop_fails_is_named_after_the_stop_not_reported_drained(
     assert deployment.failed_at_stop == ["worker-0-0 (exit code 3)"], deployment.failed_at_stop
 
 
+def test_a_second_stop_of_a_stopped_deployment_keeps_what_the_first_one_found(tmp_path):
+    """An explicit stop() then the ``with``'s exit (or a try/finally) emptied failed_at_stop and killed_at_stop:
+    read after it, they told of a clean stop (a README review's find)."""
+    with Deployment(executors.DiesInClose, name="twice", workspace=str(tmp_path)) as deployment:
+        deployment.post("/tag", [Document()])
+        deployment.stop()
+        assert deployment.failed_at_stop == ["worker-0-0 (exit code 3)"], deployment.failed_at_stop
+    assert deployment.failed_at_stop == ["worker-0-0 (exit code 3)"], deployment.failed_at_stop
+    assert deployment.killed_at_stop == [], deployment.killed_at_stop
+    assert not deployment.log_dir.exists() and all(not process.alive for process in deployment.processes)
+
+
 def test_the_demo_indexer_under_a_deployment_given_no_workspace_writes_nothing_in_the_current_folder(
     tmp_path, monkeypatch
 ):

@@ -9,7 +9,7 @@ import tempfile
 import time
 from typing import Callable, Optional
 
-from shardnet.cli.options import on_stop_signals, whole_number
+from shardnet.cli.options import run_stoppable, whole_number
 from shardnet.errors import ConfigurationError
 from shardnet.examples.text_index import TextIndexer
 from shardnet.networking.polling import PollingType
@@ -85,15 +85,14 @@ async def measure(
 def run(args: argparse.Namespace) -> int:
     """Start a 2x2 text index, index and search it, print a throughput figure, stop it; 1 if any search failed.
 
-    It runs as one coroutine: SIGTERM or a closed terminal, as Ctrl-C, cancel it wherever it waits, and the
-    Deployment stops every process and removes every folder; no KeyboardInterrupt lands in the making of a loop.
+    It runs as one coroutine: SIGTERM, a closed terminal and Ctrl-C cancel it wherever it waits, the Deployment
+    stops every process and removes every folder, and the exit code is the signal's (``run_stoppable``).
     """
-    return asyncio.run(demo(args))
+    return run_stoppable(demo(args))
 
 
 async def demo(args: argparse.Namespace) -> int:
     """The demo's steps, ``run``'s exit code: index, search, measure, survive a replica's death, stop."""
-    on_stop_signals()  # here, in the loop: one arriving before is a plain SIGTERM, with nothing started to stop
     print("starting a text index: 1 head, 2 shards x 2 replicas ...")
     polling = {"/search": PollingType.ALL.name, "/count": PollingType.ALL.name, "*": PollingType.ANY.name}
     with tempfile.TemporaryDirectory(prefix="shardnet-demo-workspace-") as workspace:  # a fresh index each run

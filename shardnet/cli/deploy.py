@@ -9,10 +9,11 @@ import signal
 import sys
 import tempfile
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from shardnet.cli.options import (
     POLLING_HELP,
+    StoppedBySignal,
     add_head_routing_arguments,
     add_head_traffic_arguments,
     add_token_argument,
@@ -22,9 +23,9 @@ from shardnet.cli.options import (
     json_object,
     make_folder,
     message_megabytes,
-    as_ctrl_c,
     on_stop_signals,
     positive_seconds,
+    run_stoppable,
     uses_metas_name,
     whole_number,
 )
@@ -136,22 +137,22 @@ def run(args: argparse.Namespace) -> int:
 
 def _deploy(args: argparse.Namespace, uses_with: dict, workspace: str) -> int:
     """Run the deployment ``args`` describe until a stop signal; its exit code."""
-    received: list[int] = []  # a stop signal that came during startup, to name it and exit with its code
-    # during startup as Ctrl-C: Deployment.start stops what it had started, and we exit
-    on_stop_signals(_noting_signal(received))
     token = control_token(args)
+    stop = threading.Event()  # set by a stop signal once the start is over: the serving loop looks at it
+    on_stop_signals(lambda *_: stop.set())
     try:
-        deployment = _started_deployment(args, uses_with, workspace, token)
-    except KeyboardInterrupt:
-        return _stopped_while_starting(args, received)
+        # started as an ``async with`` starts it: a stop signal cancels the start, which stops what it launched
+        deployment = run_stoppable(_started_deployment(args, uses_with, workspace, token))
+    except KeyboardInterrupt as exc:
+        return _stopped_while_starting(args, exc.signum if isinstance(exc, StoppedBySignal) else signal.SIGINT)
     try:
-        return _serve(args, deployment, token_given=token is not None)
+        return _serve(args, deployment, stop, token_given=token is not None)
     except BaseException:  # as a ``with`` would: its processes and folders go whatever ends the serving
         deployment.stop()
         raise
 
 
-def _started_deployment(
+async def _started_deployment(
     args: argparse.Namespace, uses_with: dict, workspace: str, token: Optional[str]
 ) -> Deployment:
     """The deployment ``args`` describe, started: every replica registered with its head."""
@@ -184,13 +185,12 @@ def _started_deployment(
     for folder, flag in ((args.log_dir, "--log-dir"), (args.workspace, "--workspace")):
         if folder is not None:  # made here to name the flag (Deployment's own error names its parameter)
             make_folder(folder, flag)
-    return deployment.start()
+    return await deployment.__aenter__()
 
 
-def _serve(args: argparse.Namespace, deployment: Deployment, token_given: bool) -> int:
-    """Serve the started ``deployment`` until a stop signal, then stop it; deploy's exit code, from how the
-    stop went."""
-    stop = threading.Event()
+def _serve(args: argparse.Namespace, deployment: Deployment, stop: threading.Event, token_given: bool) -> int:
+    """Serve the started ``deployment`` until a stop signal sets ``stop``, then stop it; deploy's exit code, from
+    how the stop went."""
     # from here on the loop below notices within a second, Ctrl-C too: a KeyboardInterrupt could land in
     # the middle of a restart, or of the making of the loop a look at the head runs in
     on_stop_signals(lambda *_: stop.set(), ctrl_c=True)
@@ -220,7 +220,7 @@ def _serve(args: argparse.Namespace, deployment: Deployment, token_given: bool) 
 
     signal.signal(signal.SIGINT, stop_at_once)
     print("stopping... (Ctrl-C again stops them at once)", flush=True)
-    deployment.stop()
+    deployment.stop(on_failed=lambda failed: _warn_failed_at_stop(failed, bool(args.log_dir)))
     if forced.is_set():
         print(f"{args.name}: every process killed at once; {_left_behind(args)}", flush=True)
         return 130
@@ -233,29 +233,17 @@ def _serve(args: argparse.Namespace, deployment: Deployment, token_given: bool) 
               f"killed (see the warnings above); {_left_behind(args)}", flush=True)
         return 1
     if deployment.failed_at_stop:  # a close() that did not return in time, a stop cut short: their logs say
-        print(f"{args.name}: stopped, but {', '.join(deployment.failed_at_stop)} did not stop cleanly (see its "
-              f"log); {_left_behind(args)}", flush=True)
+        print(f"{args.name}: stopped, but {', '.join(deployment.failed_at_stop)} did not stop cleanly (see the "
+              f"warnings above); {_left_behind(args)}", flush=True)
         return 1
     print(f"{args.name}: every process drained and stopped; {_left_behind(args)}", flush=True)
     return 0
 
 
-def _noting_signal(received: list[int]) -> Callable[[int, Any], None]:
-    """A handler of the stop signals during startup: what Ctrl-C does (``Deployment.start`` stops what it had
-    started), the signal's number noted in ``received`` first, for the exit to name it."""
-
-    def as_ctrl_c_noted(signum: int, frame: Any) -> None:
-        received.append(signum)
-        as_ctrl_c(signum, frame)
-
-    return as_ctrl_c_noted
-
-
-def _stopped_while_starting(args: argparse.Namespace, received: list[int]) -> int:
-    """Say, in one line, that a stop signal (the first of ``received``, else Ctrl-C) ended the start before
+def _stopped_while_starting(args: argparse.Namespace, signum: int) -> int:
+    """Say, in one line, that the stop signal ``signum`` ended the start before
     the deployment served; its exit code, 128 + the signal's number (SIGTERM 143, SIGHUP 129, Ctrl-C 130), as
     a shell reports a process a signal ended: a supervisor sees a stop, not a failure or a clean exit."""
-    signum = received[0] if received else signal.SIGINT
     print(f"{args.name}: stopped by {signal.Signals(signum).name} while starting: it did not start, and every "
           f"process it had launched is stopped; {_left_behind(args)}", file=sys.stderr, flush=True)
     return 128 + signum
@@ -293,6 +281,14 @@ def _warn_exited(deployment: Deployment, reported: set[int], kept_logs: bool) ->
         logger.warning("%s (pid %s) %s; not restarted (--no-restart)%s. Its log: %s", process.role, process.pid,
                        process.exit_description(), _consequence(deployment, process), _log_of(process, kept_logs))
     return deployment.head is not None and deployment.head.pid in reported
+
+
+def _warn_failed_at_stop(failed: list[ShardnetProcess], kept_logs: bool) -> None:
+    """Warn about each process that exited at the stop with a code other than 0, quoting its log's last lines
+    while a temporary log folder still holds them, as ``_warn_exited`` does."""
+    for process in failed:
+        logger.warning("%s (pid %s) %s at its stop. Its log: %s", process.role, process.pid,
+                       process.exit_description(), _log_of(process, kept_logs))
 
 
 def _log_of(process: ShardnetProcess, kept: bool) -> str:

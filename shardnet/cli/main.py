@@ -15,7 +15,7 @@ import sys
 from typing import Optional, Sequence
 
 from shardnet.cli import demo, deploy, head, k8s, send, status, worker
-from shardnet.cli.options import watch_the_exit
+from shardnet.cli.options import StoppedBySignal, watch_the_exit
 from shardnet.errors import ShardnetError
 from shardnet.runtimes import log_lines
 from shardnet.runtimes.processes import LOG_LEVELS
@@ -86,6 +86,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ShardnetError as exc:
         print(f"{args.parser.prog}: {exc}", file=sys.stderr)  # "shardnet k8s render: ..."
         return 2
+    except StoppedBySignal as exc:  # stopped in order by SIGTERM, SIGHUP or Ctrl-C
+        return exc.code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # the reader went away (| head): nothing more to say, and nowhere to say it

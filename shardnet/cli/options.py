@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Coroutine, Iterable, Optional
+from typing import Any, Callable, Coroutine, Iterable, Optional, TypeVar
 
 from shardnet.errors import ConfigurationError
 from shardnet.networking.addresses import Address, parse_address
@@ -37,6 +37,7 @@ THREAD_EXIT_GRACE = 5.0  # seconds the threads an Executor started get to end on
 DRAIN_CUT_EXIT = 4
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 LOOPS = ("asyncio", "uvloop", "auto")
 # --polling's help, for every command that takes it: as a Jina head, /search goes to every shard and /index to one
@@ -155,23 +156,70 @@ def check_whole_number(value: int, flag: str, least: int, most: Optional[int] = 
         raise ConfigurationError(f"{flag} must be {_integers(least, most)}{why}, got {value}")
 
 
-def as_ctrl_c(signum: int, frame: Any) -> None:
-    """A signal handler doing what Ctrl-C would do now: run SIGINT's handler (``asyncio.run``'s cancels its main
-    task, Python's raises KeyboardInterrupt), or raise KeyboardInterrupt when SIGINT is ignored (a background job)."""
-    handler = signal.getsignal(signal.SIGINT)
-    if callable(handler):
-        handler(signal.SIGINT, frame)
-    else:
-        signal.default_int_handler(signum, frame)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 
 
-def on_stop_signals(handler: Callable[[int, Any], Any] = as_ctrl_c, ctrl_c: bool = False) -> None:
-    """Make SIGTERM and SIGHUP (a closed terminal), and with ``ctrl_c`` SIGINT, do what ``handler`` does; by
-    default what Ctrl-C does.
+class StoppedBySignal(KeyboardInterrupt):
+    """What ``run_stoppable`` raises once a stop signal has stopped its coroutine in order; ``code`` is the exit
+    code a shell reports for a process that signal ended, 128 + its number (SIGTERM 143, SIGHUP 129, Ctrl-C 130):
+    a supervisor sees a stop, not a failure or a clean exit. A KeyboardInterrupt, as Ctrl-C's own stop is."""
 
-    Their default action ends the process at once, so a ``with Deployment(...)`` under way would neither stop its
-    processes nor remove its folders; as Ctrl-C they do both. ``deploy`` passes its own handler once it serves,
-    to stop at its next look rather than mid-restart.
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.code = 128 + signum
+
+
+def run_stoppable(main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)``, which SIGTERM, SIGHUP (a closed terminal) and Ctrl-C, each unless ignored (as a
+    background job's SIGINT is), stop in order: the first cancels ``main`` where it awaits, its ``async with``
+    blocks exit (a Deployment stops every process and removes its folders), then ``StoppedBySignal`` is raised.
+    A later one changes nothing: the stop under way is bounded.
+
+    The handler only hands the stop to the event loop: a KeyboardInterrupt raised wherever the signal lands
+    may land in a gRPC callback, where gRPC swallows it, and the program then waited for ever."""
+    received: list[int] = []
+    result = asyncio.run(_cancelled_on_stop_signals(main, received))
+    if received:
+        raise StoppedBySignal(received[0])
+    return result  # type: ignore[return-value]  # None only with a signal received
+
+
+async def _cancelled_on_stop_signals(main: Coroutine[Any, Any, T], received: list[int]) -> Optional[T]:
+    """``main``, cancelled by the first stop signal, whose number goes in ``received``; None then."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+
+    def stop(signum: int) -> None:  # in the event loop, between its callbacks
+        if not received and not task.done():
+            received.append(signum)
+            task.cancel()
+
+    def on_signal(signum: int, frame: Any) -> None:  # wherever the main thread is: it only tells the loop
+        loop.call_soon_threadsafe(stop, signum)
+
+    # Python-level handlers, swapped without a moment under the default action (loop.add_signal_handler's
+    # removal restores SIG_DFL): what was there before (deploy's next handler) takes over at once after
+    previous = {signum: signal.signal(signum, on_signal) for signum in STOP_SIGNALS
+                if signal.getsignal(signum) is not signal.SIG_IGN}
+    try:
+        return await main
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        return None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def on_stop_signals(handler: Callable[[int, Any], Any], ctrl_c: bool = False) -> None:
+    """Make SIGTERM and SIGHUP (a closed terminal), and with ``ctrl_c`` SIGINT, run ``handler``.
+
+    Their default action ends the process at once, so a Deployment started would neither stop its processes nor
+    remove its folders. ``deploy`` passes a handler setting the event its serving loop looks at, to stop at its
+    next look rather than mid-restart.
     """
     for signum in (signal.SIGTERM, signal.SIGHUP, *((signal.SIGINT,) if ctrl_c else ())):
         signal.signal(signum, handler)

@@ -24,7 +24,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import grpc
 
@@ -695,20 +695,26 @@ class Deployment:
                              process.role, self.startup_timeout, delay, LONGER_STARTUP, process.tail())
         return ready
 
-    def stop(self) -> None:
+    def stop(self, on_failed: Optional[Callable[[list[ShardnetProcess]], None]] = None) -> None:
         """Stop every process within two drains and 5 s (25 s by default): the head first, drained while its
         workers and uses_before/after still serve (what it accepted is answered), then those, their drains
         overlapping. Any still running then is killed, with a warning, and its role is kept in
         ``killed_at_stop``; one that exits with a code other than 0 (its close() did not return in time, or its
         drain ended with requests still under way: the head's, drained first, is the one that cuts a request
-        running past one drain) is in ``failed_at_stop``."""
+        running past one drain) is in ``failed_at_stop``, and ``on_failed``, if given, gets those processes
+        before the temporary folders go (their logs can still be read). A stop of a stopped deployment (an explicit stop(),
+        then a ``with``'s exit) does nothing: both still say how the first went."""
         # one stop at a time, and a revive() or start() in another thread launches nothing from here on
         with self._launching:
+            if self._finalizer is None:  # stopped already (a start() after it makes a new run, and a finalizer)
+                return
             self._stopping = True
             # every process of this run, one a start under way has not assigned yet too
             failed: list[ShardnetProcess] = []
             self.killed_at_stop = [process.role for process in stop_all(self._spawned, self._stop_timeout, failed)]
             self.failed_at_stop = [f"{process.role} (exit code {process.popen.returncode})" for process in failed]
+            if failed and on_failed is not None:
+                on_failed(failed)
             if self._finalizer is not None:
                 self._finalizer.detach()
                 self._finalizer = None
