@@ -4,7 +4,15 @@ What it speaks, as the real one does:
 
 - ``GET /api/v1/namespaces/{ns}/pods`` and
   ``GET /apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices`` list
-  (``kind: PodList`` / ``EndpointSliceList``, ``metadata.resourceVersion``);
+  (``kind: PodList`` / ``EndpointSliceList``, ``metadata.resourceVersion``),
+  in the order of their names (etcd's key order);
+- a list with ``limit`` is served in pages from one snapshot, as the etcd3
+  store serves it: each page carries ``metadata.continue`` (an opaque token:
+  base64url of ``{"v", "rv", "start"}``) while more follow, and
+  ``metadata.remainingItemCount`` unless a label or field selector makes the
+  rest's size unknown; every page has the first one's resourceVersion; a
+  token whose snapshot was compacted gets 410 Gone (Status, reason Expired,
+  with an inconsistent token in its ``metadata.continue``); a bad one 400;
 - with ``watch=1|true`` they stream newline-delimited JSON watch events
   (ADDED, MODIFIED, DELETED, BOOKMARK when ``allowWatchBookmarks``, ERROR)
   starting after ``resourceVersion``, and end cleanly after ``timeoutSeconds``;
@@ -17,13 +25,15 @@ What it speaks, as the real one does:
 
 The test drives it: ``apply``/``delete`` objects, ``bookmark()``,
 ``compact()``, ``rewind()``, ``error()``, ``drop_streams()``, ``go_down()``
-(reset connections, or answer 503) and ``come_back()``. Every event written to a
+(reset connections, or answer 503) and ``come_back()``; ``between_pages`` runs
+before each continued list request is answered (changes between two pages). Every event written to a
 stream is timestamped in ``written_at`` for the membership benchmark.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import functools
 import itertools
@@ -151,6 +161,31 @@ class _Stream:
         return (json.dumps({"type": kind, "object": event.obj}) + "\n").encode()
 
 
+CONTINUE_EXPIRED = (
+    "The provided continue parameter is too old to display a consistent list result. You can start a new list "
+    "without the continue parameter, or use the continue token in this response to retrieve the remainder of the "
+    "results. Continuing with the provided token results in an inconsistent list - objects that were created, "
+    "modified, or deleted between the time the first chunk was returned and now may show up in the list."
+)
+
+
+def encode_continue(version: int, start: str) -> str:
+    """A continue token as the etcd3 store writes it: list from key ``start`` on, at ``version`` (-1: as now)."""
+    raw = json.dumps({"v": "meta.k8s.io/v1", "rv": version, "start": start}).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_continue(token: str) -> tuple[int, str]:
+    """The (version, start key) of a continue token; ValueError for one this server did not write."""
+    data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    if not isinstance(data, dict) or data.get("v") != "meta.k8s.io/v1":
+        raise ValueError("continue key is not valid: incorrect encoded start resourceVersion (version meta.k8s.io/v1)")
+    version, start = data.get("rv"), data.get("start")
+    if not isinstance(version, int) or not isinstance(start, str) or not start:
+        raise ValueError("continue key is not valid: no start key or resourceVersion")
+    return version, start
+
+
 DROP = object()  # queue sentinel: abort the connection mid-stream
 END = object()  # queue sentinel: end the stream cleanly
 
@@ -180,7 +215,10 @@ class FakeApiServer:
         self.requests: list[tuple[str, bool, dict[str, str]]] = []  # (resource, watch, query)
         self.written_at: dict[int, float] = {}  # version -> perf_counter() when first written to a stream
         self._objects: dict[str, dict[tuple[str, str], dict]] = {name: {} for name in RESOURCES}
-        self.junk_items: list[Any] = []  # served in every list answer after the real items, however wrong
+        self.junk_items: list[Any] = []  # served in every list's last page after the real items, however wrong
+        self.between_pages: Optional[Callable[[], None]] = None  # run before each continued list is answered
+        # (resource, version) -> its objects at that version, kept for the continued pages of a list read there
+        self._snapshots: dict[tuple[str, int], dict[tuple[str, str], dict]] = {}
         self._history: list[Event] = []
         self._streams: set[_Stream] = set()
         self._transports: set[asyncio.Transport] = set()
@@ -265,15 +303,18 @@ class FakeApiServer:
                 stream.queue.put_nowait((json.dumps(event) + "\n").encode())
 
     def compact(self) -> None:
-        """Forget the history up to now: watching from an older version gets 410 Gone."""
+        """Forget the history up to now: watching from an older version, or continuing a list read at one, gets
+        410 Gone."""
         self.compacted = self.version
         self._history.clear()
+        self._snapshots = {key: objects for key, objects in self._snapshots.items() if key[1] >= self.compacted}
 
     def rewind(self, version: int = 1) -> None:
         """Go back to ``version`` keeping the objects, as after an etcd restore: newer resume versions are
         "too large" (504 ResourceVersionTooLarge) until the server's version passes them again."""
         self.version = version
         self._history.clear()
+        self._snapshots.clear()
         self.compacted = 0
         self.drop_streams()
 
@@ -308,7 +349,12 @@ class FakeApiServer:
         return [query for name, watch, query in self.requests if name == resource and watch]
 
     def list_requests(self, resource: str) -> list[dict[str, str]]:
+        """Every list request, each page of a paged list one."""
         return [query for name, watch, query in self.requests if name == resource and not watch]
+
+    def lists_started(self, resource: str) -> list[dict[str, str]]:
+        """The list requests that began a list (with no continue token)."""
+        return [query for query in self.list_requests(resource) if not query.get("continue")]
 
     # -- internals -----------------------------------------------------------------
 
@@ -366,13 +412,45 @@ class FakeApiServer:
         selector = parse_selector(request.query.get("labelSelector", ""))
         if watching:
             return await self._watch(resource, namespace, selector, request)
-        items = [obj for (ns, _), obj in self._objects[resource].items() if ns == namespace and selector(_labels(obj))]
+        return self._list(resource, namespace, selector, request.query)
+
+    def _list(self, resource: str, namespace: str, selector: Selector, query: Any) -> web.Response:
+        """A list answer: the whole list, or with ``limit`` one page of it from the snapshot its first page read."""
+        token = query.get("continue", "")
+        if token and self.between_pages is not None:
+            self.between_pages()
+        try:
+            limit = int(query.get("limit") or 0)
+            version, start = decode_continue(token) if token else (self.version, "")
+        except ValueError as error:
+            return web.json_response(status_object(400, "BadRequest", str(error)), status=400)
+        objects = self._objects[resource]
+        if version < 0:  # the inconsistent remainder an expired token's 410 offers: as things are now
+            version = self.version
+        elif token:
+            snapshot = self._snapshots.get((resource, version)) if version >= self.compacted else None
+            if snapshot is None:
+                expired = status_object(410, "Expired", CONTINUE_EXPIRED)
+                expired["metadata"] = {"continue": encode_continue(-1, start)}
+                return web.json_response(expired, status=410)
+            objects = snapshot
+        names = sorted(
+            name for (ns, name), obj in objects.items() if ns == namespace and name >= start and selector(_labels(obj))
+        )
+        page = names[:limit] if limit > 0 else names
+        remaining = len(names) - len(page)
+        metadata: dict[str, Any] = {"resourceVersion": str(version)}
+        if remaining:
+            self._snapshots.setdefault((resource, version), dict(objects))
+            metadata["continue"] = encode_continue(version, page[-1] + "\x00")
+            if not query.get("labelSelector") and not query.get("fieldSelector"):
+                metadata["remainingItemCount"] = remaining
         return web.json_response(
             {
                 "kind": f"{RESOURCES[resource].kind}List",
                 "apiVersion": RESOURCES[resource].api_version,
-                "metadata": {"resourceVersion": str(self.version)},
-                "items": items + self.junk_items,
+                "metadata": metadata,
+                "items": [objects[(namespace, name)] for name in page] + ([] if remaining else self.junk_items),
             }
         )
 

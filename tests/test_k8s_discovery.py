@@ -18,6 +18,7 @@ from collections import Counter
 from typing import Any, AsyncIterator, Callable, Optional
 
 import executors
+import aiohttp
 import grpc
 import pytest
 import trustme
@@ -30,7 +31,7 @@ from shardnet.cli.main import main as cli_main
 from shardnet.cli.status import DEGRADED
 from shardnet.discovery.configuration import load_api_client
 from shardnet.discovery.kubernetes import LIST_BATCH, K8sGrpcConnectionPool, Member, pod_members, slice_members
-from shardnet.discovery.watch import WatchOptions
+from shardnet.discovery.watch import LIST_PAGE_SIZE, WatchOptions
 from shardnet.errors import ConfigurationError, DiscoveryError, ReplicaError
 from shardnet.networking import oneshot
 from shardnet.protocol import services
@@ -617,7 +618,7 @@ async def test_a_relist_that_drops_thousands_of_pods_lets_each_removal_start_bef
         await eventually(lambda: len(passes_at_removal) == count)
     finally:
         counter.cancel()
-    assert len(api_server.list_requests("pods")) == 2  # it was a relist
+    assert len(api_server.lists_started("pods")) == 2  # it was a relist
     together = sum(later == earlier for earlier, later in zip(passes_at_removal, passes_at_removal[1:]))
     assert not together, f"{together} removals started in the same loop pass as the one before"
 
@@ -732,7 +733,7 @@ async def test_a_list_of_thousands_of_pods_hands_the_loop_back_as_it_is_applied_
             api_server.apply("pods", pod(f"n{index}", ip=f"127.2.{index // 250}.{index % 250 + 1}"))
         api_server.compact()
         added_at.clear()
-        await eventually(lambda: len(api_server.list_requests("pods")) == 2 and api_server.open_streams("pods"),
+        await eventually(lambda: len(api_server.lists_started("pods")) == 2 and api_server.open_streams("pods"),
                          timeout=30)
         assert len(replicas(pool)) == count and "127.2.0.1:8080" in replicas(pool)
         assert len(added_at) == count // 2
@@ -756,6 +757,139 @@ async def test_410_error_event_mid_watch(api_server: FakeApiServer, start_pool) 
     api_server.apply("pods", pod("x", ip="10.0.0.2"))
     await eventually(lambda: replicas(pool) == {"10.0.0.1:8080", "10.0.0.2:8080"})
     assert pool.changes == [("add", "dep", "10.0.0.1:8080"), ("add", "dep", "10.0.0.2:8080")]
+
+
+
+# -- lists in pages --------------------------------------------------------------------
+
+PAGED = 1200  # pods: pages of 500, 500 and 200
+
+
+def _apply_paged_pods(api_server: FakeApiServer) -> None:
+    """``PAGED`` ready pods, w0000 to w1199 (listed in that order), each at an address of its own."""
+    for index in range(PAGED):
+        api_server.apply("pods", pod(f"w{index:04d}", ip=f"10.1.{index // 250}.{index % 250 + 1}"))
+
+
+def _paged_address(index: int) -> str:
+    return f"10.1.{index // 250}.{index % 250 + 1}:8080"
+
+
+def _change_mid_list(api_server: FakeApiServer) -> set[str]:
+    """Change a pod on the first page, delete one on the last, add one; return the addresses routed after it."""
+    api_server.between_pages = None  # once
+    api_server.apply("pods", pod("w0000", ip="10.1.0.1", ready=False))
+    api_server.delete("pods", "w1100")
+    api_server.apply("pods", pod("x-late", ip="10.2.0.1"))
+    return {_paged_address(index) for index in range(PAGED) if index not in (0, 1100)} | {"10.2.0.1:8080"}
+
+
+def _pages(api_server: FakeApiServer) -> list[tuple[Optional[str], bool]]:
+    """Each pods list request as (its limit, whether it continued a list)."""
+    return [(query.get("limit"), bool(query.get("continue"))) for query in api_server.list_requests("pods")]
+
+
+async def test_a_list_of_1200_pods_arrives_in_3_pages_and_is_handed_over_whole(
+    api_server: FakeApiServer, start_pool
+) -> None:
+    """A namespace was listed in one answer, parsed in one stretch of the loop (8,000 small pods: 55 ms); it is
+    read in pages of LIST_PAGE_SIZE now, as client-go's reflector reads it, and reconciled only once all are in."""
+    _apply_paged_pods(api_server)
+    listed_at = api_server.version
+    pool = await start_pool(sources=("pods",), sync=False)
+    held_between_pages: list[int] = []  # the replicas the pool held as each page after the first was asked for
+    api_server.between_pages = lambda: held_between_pages.append(len(replicas(pool)))
+    await pool.wait_synced(timeout=10)
+
+    assert LIST_PAGE_SIZE == 500 and _pages(api_server) == [("500", False), ("500", True), ("500", True)]
+    assert held_between_pages == [0, 0]  # nothing handed over before the last page was in
+    assert replicas(pool) == {_paged_address(index) for index in range(PAGED)}
+    assert sum(change[0] == "add" for change in pool.changes) == PAGED
+    await eventually(lambda: api_server.watch_requests("pods"))
+    assert api_server.watch_requests("pods")[0]["resourceVersion"] == str(listed_at)
+
+
+async def test_a_continue_token_expiring_mid_list_lists_all_again_in_one_request(
+    api_server: FakeApiServer, start_pool, caplog
+) -> None:
+    """The history is compacted between two pages: the token of the first is 410 Gone. What the first page said
+    is never handed over (it is of a snapshot no longer served); the list is read again whole, as client-go's
+    pager does."""
+    _apply_paged_pods(api_server)
+
+    expected: set[str] = set()
+
+    def change_and_compact() -> None:
+        expected.update(_change_mid_list(api_server))
+        api_server.compact()
+
+    api_server.between_pages = change_and_compact
+    with caplog.at_level(logging.INFO, logger="shardnet.discovery.watch"):
+        pool = await start_pool(sources=("pods",))
+
+    assert _pages(api_server) == [("500", False), ("500", True), (None, False)]
+    assert "continue token expired after 500 objects" in caplog.text
+    assert expected and replicas(pool) == expected
+    assert [change for change in pool.changes if change[0] != "add"] == []  # the abandoned page added nothing
+    await eventually(lambda: api_server.watch_requests("pods"))
+    assert api_server.watch_requests("pods")[0]["resourceVersion"] == str(api_server.version)
+    api_server.apply("pods", pod("y-later", ip="10.2.0.2"))  # and the watch from the full list's version follows
+    await eventually(lambda: "10.2.0.2:8080" in replicas(pool))
+
+
+async def test_a_change_between_two_pages_comes_by_the_watch_from_the_lists_version(
+    api_server: FakeApiServer, start_pool
+) -> None:
+    """The pages after the first come from the first one's snapshot, so they do not show what changed in
+    between; the watch from that snapshot's version brings it, and nothing is lost."""
+    _apply_paged_pods(api_server)
+    listed_at = api_server.version
+
+    expected: set[str] = set()
+    api_server.between_pages = lambda: expected.update(_change_mid_list(api_server))  # the last page still has w1100
+    pool = await start_pool(sources=("pods",))
+    assert _pages(api_server) == [("500", False), ("500", True), ("500", True)]
+    await eventually(lambda: expected and replicas(pool) == expected)
+    assert api_server.watch_requests("pods")[0]["resourceVersion"] == str(listed_at)
+    assert len(api_server.lists_started("pods")) == 1
+
+
+async def test_the_fake_api_server_pages_lists_as_the_real_one(api_server: FakeApiServer, kubeconfig) -> None:
+    """The wire shapes the paging tests rely on: continue and remainingItemCount (left out under a selector),
+    one resourceVersion for every page, 410 Expired with an inconsistent token once compacted, 400 for junk."""
+    for index in range(5):
+        api_server.apply("pods", pod(f"w{index}", ip=f"10.0.0.{index + 1}"))
+    url = f"{api_server.url}/api/v1/namespaces/{NS}/pods"
+    headers = {"Authorization": f"Bearer {api_server.token}"}
+    async with aiohttp.ClientSession(headers=headers) as session:
+
+        async def get(**query: str) -> tuple[int, dict]:
+            async with session.get(url, params=query) as response:
+                return response.status, await response.json()
+
+        status, first = await get(limit="2")
+        assert status == 200 and [item["metadata"]["name"] for item in first["items"]] == ["w0", "w1"]
+        assert first["metadata"]["remainingItemCount"] == 3 and first["metadata"]["continue"]
+        api_server.apply("pods", pod("w5"))  # not in the snapshot the pages come from
+        status, second = await get(limit="2", **{"continue": first["metadata"]["continue"]})
+        assert [item["metadata"]["name"] for item in second["items"]] == ["w2", "w3"]
+        assert second["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"]
+        status, last = await get(limit="2", **{"continue": second["metadata"]["continue"]})
+        assert [item["metadata"]["name"] for item in last["items"]] == ["w4"]
+        assert "continue" not in last["metadata"] and "remainingItemCount" not in last["metadata"]
+
+        status, selected = await get(limit="2", labelSelector="pod_type")
+        assert selected["metadata"]["continue"] and "remainingItemCount" not in selected["metadata"]
+        api_server.apply("pods", pod("w6"))
+        api_server.compact()
+        stale = selected["metadata"]["continue"]
+        status, expired = await get(limit="2", labelSelector="pod_type", **{"continue": stale})
+        assert status == 410 and (expired["kind"], expired["reason"], expired["code"]) == ("Status", "Expired", 410)
+        inconsistent = expired["metadata"]["continue"]  # the rest as things are now, offered with the 410
+        status, rest = await get(limit="10", labelSelector="pod_type", **{"continue": inconsistent})
+        assert status == 200 and [item["metadata"]["name"] for item in rest["items"]] == ["w2", "w3", "w4", "w5", "w6"]
+        status, bad = await get(limit="2", **{"continue": "junk"})
+        assert status == 400 and bad["reason"] == "BadRequest"
 
 
 async def test_a_version_the_server_has_not_reached_relists(api_server: FakeApiServer, start_pool) -> None:
