@@ -772,6 +772,26 @@ async def test_uses_before_and_uses_after_see_every_request(runtimes):
     assert [w.executor.calls["/search"] for w in workers] == [5, 5]
 
 
+async def test_a_shard_that_takes_the_callers_time_is_named_and_uses_after_is_not_sent_it_too_late(runtimes, eventually):
+    """Under ALL with uses_after, a shard slower than the caller's deadline: the head sent uses_after the other
+    shard's answer with no time left, which it ran once the caller had given up, and the caller's error named
+    uses_after, the hop that took no time (a review). The slow shard's failure is what the caller gets."""
+    after = await runtimes(Worker(executors.CountingAfter.create()))
+    fast = await runtimes(Worker(executors.Tagger.create({"shard_id": 0})))
+    slow = await runtimes(Worker(executors.Sleepy.create({"shard_id": 1})))
+    head = await head_over(runtimes, "slowish", [fast, slow], "ALL", uses_after=after.server.address)
+    failure = None
+    try:
+        answer = await send(head.server.address, "/sleep", [Document()], parameters={"seconds": 3}, timeout=1.0)
+        assert answer.is_error
+        failure = answer.status.description
+    except ReplicaError as exc:
+        failure = str(exc)
+    assert "shard 1" in failure and "DEADLINE_EXCEEDED" in failure and "uses_after" not in failure, failure
+    await eventually(lambda: slow.executor.cancelled == 1, timeout=5.0)  # the head gave up on it
+    assert after.executor.calls == 0
+
+
 async def test_uses_after_takes_every_shards_answer_of_large_documents(runtimes):
     """A list's bound once summed each request's bound on its documents: two shards answering with a 300 KB
     query were refused as "too many documents" at the uses_after (found by a review)."""

@@ -287,7 +287,8 @@ async def test_a_stalled_only_replica_keeps_what_it_holds_when_its_lease_lapses(
         await eventually(lambda: not stalled_replicas.addresses, timeout=10.0)  # its lease lapsed: removed
         held = [task for task in pending if not task.done()]
         assert held
-        assert "can take the requests it holds: they wait for it" in caplog.text  # said when it holds some
+        # said when it holds some (once the removal, awaited before it, is done)
+        await eventually(lambda: "can take the requests it holds: they wait for it" in caplog.text, timeout=5.0)
         # past the grace a cut would have had (an absence: a bounded wait, nothing to poll), neither cut nor sent on
         done, _ = await asyncio.wait(held, timeout=LAPSED_LEASE_GRACE + 1.0)
         assert not done, [task.result() for task in done]

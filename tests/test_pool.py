@@ -9,6 +9,7 @@ import time
 
 import grpc
 import pytest
+import tenacity
 
 from shardnet.networking import replica_list
 from shardnet.protocol import services
@@ -689,6 +690,25 @@ async def test_one_round_over_one_replica_is_one_attempt(pool_factory, echo_serv
     with pytest.raises(ReplicaError):
         await send_one(pool)
     assert failing.calls == 1 and pool.retry_budget.total_retries == 0
+
+
+async def test_a_back_off_that_would_outlast_the_callers_deadline_ends_the_retries_at_once(
+    pool_factory, echo_servers, monkeypatch
+):
+    """A round's back-off of 2 s against a 1 s deadline: the pool slept to the deadline, then sent an attempt with
+    half a millisecond left, and the caller had its UNAVAILABLE after its whole second instead of at once (a
+    review). It fails now, saying why, and sends nothing more."""
+    monkeypatch.setattr(tenacity.wait.random, "uniform", lambda low, high: high)  # the jitter's longest pause
+    [failing] = await echo_servers(1, fail_with=grpc.StatusCode.UNAVAILABLE)
+    pool = pool_factory(retry=RetryPolicy(rounds=3, backoff_initial=2.0, backoff_max=2.0))
+    pool.add_connection("dep", failing.address)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(ReplicaError) as failed:
+        await send_one(pool, timeout=1.0)
+    assert loop.time() - started < 0.5 and failing.calls == 2  # the first failover goes at once, as before
+    assert failed.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "back-off would have outlasted the caller's deadline" in str(failed.value)
 
 
 async def test_jinas_logger_compression_and_channel_options_are_taken(pool_factory, echo_servers, dead_address):

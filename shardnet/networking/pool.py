@@ -64,6 +64,9 @@ MAX_UNKNOWN_NAMES_SAID = 100  # unknown deployment names warned of per pool: a c
 # shards declare_shards takes at most: each is made at once (300,000 took 2.3 s and 282 MB), and each needs a worker
 # of its own, of which a head holds as many at most (runtimes.head.MAX_WORKERS is this; head --shards takes no more)
 MAX_SHARDS = 10_000
+# seconds of the caller's deadline a failover round must leave its attempt after the back-off; with less, the
+# call fails at once with what it has rather than sleep to the deadline and send an attempt it cannot wait for
+MIN_ATTEMPT_SECONDS = 0.05
 
 Metadata = Union[Sequence[tuple[str, str]], Mapping[str, str]]
 _METHODS = frozenset(field.name for field in dataclasses.fields(Stubs) if field.name != "streams")  # what ``call`` names
@@ -498,6 +501,7 @@ class GrpcConnectionPool:
         tried = {first}
         last: dict[str, Any] = {
             "error": first_error, "connection": first, "attempt_timeout": None, "attempts": 1, "budget refused": False,
+            "out of time": False,  # a round's back-off would outlast the caller's deadline: no attempt after it
             # the first failed attempt a replica may have run, with its replica; None while every attempt failed
             # before a replica could take it (the request is then unsent)
             "taken": None if _unsent(first_error, method) else (first_error, first),
@@ -516,7 +520,11 @@ class GrpcConnectionPool:
                 return 0.0
             tried.clear()  # a new round: every replica may be tried again
             pause = backoff(state)
-            return pause if deadline is None else min(pause, max(0.0, deadline - loop.time()))
+            if deadline is not None and pause >= deadline - loop.time() - MIN_ATTEMPT_SECONDS:
+                # slept to the deadline, the round's attempt would go with no time left: fail now, not then
+                last["out of time"] = True
+                return 0.0
+            return pause
 
         def should_retry(state: tenacity.RetryCallState) -> bool:
             error = state.outcome.exception() if state.outcome else None
@@ -555,7 +563,7 @@ class GrpcConnectionPool:
             async for attempt in retrying:
                 with attempt:
                     candidates = untried() or list(replicas.eligible())
-                    if not candidates:
+                    if not candidates or last["out of time"]:
                         break
                     connection = replicas.balancer.pick(candidates)
                     tried.add(connection)
@@ -572,6 +580,8 @@ class GrpcConnectionPool:
         note = f"the last of {last['attempts']} attempts"
         if last["budget refused"]:
             note += ", the retry budget exhausted"
+        if last["out of time"]:
+            note += ", the next round's back-off would have outlasted the caller's deadline"
         if self.retry.attempt_timeout is not None and last["error"].code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             note += f", each given at most the attempt timeout of {self.retry.attempt_timeout:g}s"
         if last["taken"] is not None and last["taken"][0] is not last["error"]:

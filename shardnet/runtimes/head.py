@@ -32,6 +32,7 @@ from shardnet.errors import (
     ReplicaError,
     RoutingError,
     ShardnetError,
+    replica_error_class,
 )
 from shardnet.networking.addresses import (
     Address,
@@ -206,6 +207,15 @@ def _listed(shard_ids: list[int]) -> str:
     """Sorted shard ids as a log line names them: ranges, then how many more did not fit."""
     ranges, unlisted = _shard_ranges(shard_ids)
     return f"{ranges} and {unlisted} more" if unlisted else ranges
+
+
+def _shard_that_took_the_time(outcomes: list[tuple[int, Any]]) -> ShardnetError:
+    """Of the shards' outcomes, the failure to raise once they took the caller's whole time: one that ran out of
+    it, else the first; it may have run elsewhere (the other shards did)."""
+    failures = [outcome for _, outcome in outcomes if isinstance(outcome, ShardnetError)]
+    failure = next((f for f in failures if getattr(f, "code", None) == grpc.StatusCode.DEADLINE_EXCEEDED), failures[0])
+    failure.unsent = False
+    return failure
 
 
 def _metadata_size(pairs: Sequence[tuple[str, str]]) -> int:
@@ -627,9 +637,15 @@ class Head:
                                deployment=deployment)
         shard_id, replicas = targets[0]
         method, payload = self._method(requests, decoded)
+        timeout = deadline.left()
+        if timeout == 0:  # sent now, it would run after the caller gave up (gRPC sends a call already past due)
+            raise replica_error_class(grpc.StatusCode.DEADLINE_EXCEEDED)(
+                f"deployment {deployment!r}: the caller's deadline ran out before it could be sent", address="-",
+                code=grpc.StatusCode.DEADLINE_EXCEEDED, deployment=deployment, unsent=True,
+            )
         return await self.pool.call(
             payload, deployment, replicas, shard_id=shard_id, method=method, metadata=metadata,
-            timeout=deadline.left(), retries=retries,
+            timeout=timeout, retries=retries,
         )
 
     def _why_none(self, deployment: str) -> str:
@@ -794,6 +810,10 @@ class Head:
             answered = [outcome for _, outcome in outcomes if isinstance(outcome, DataRequest)]
             if not answered:
                 raise every_shard_failed(self.deployment, outcomes)
+            if failed and deadline.remaining() == 0:
+                # a shard took the caller's time: its failure is the answer (uses_after, given none, would run
+                # once the caller had given up, and be named as the hop that took it)
+                raise _shard_that_took_the_time(outcomes)
             try:
                 response, _ = await self._one(self._uses_after, answered, metadata, deadline, decoded=True)
             except ReplicaError as exc:
