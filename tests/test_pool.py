@@ -537,6 +537,19 @@ async def test_attempts_that_all_outlive_the_attempt_timeout_say_so(pool_factory
         await send_one(pool, timeout=5.0)
 
 
+async def test_a_last_attempt_cut_by_the_callers_deadline_is_not_blamed_on_the_attempt_timeout(
+    pool_factory, echo_servers
+):
+    """Attempts of 0.3 s under a 0.5 s deadline: the second ran into the caller's deadline, yet the error said each
+    was given the attempt timeout, as if that had ended them all (a review)."""
+    slow_a, slow_b = await echo_servers(2, delay=2.0)
+    pool = pool_factory(retry=RetryPolicy(attempt_timeout=0.3, rounds=1))
+    for server in (slow_a, slow_b):
+        pool.add_connection("dep", server.address)
+    with pytest.raises(DeadlineExceeded, match=r"the last of 2 attempts, the last ended by the caller's deadline"):
+        await send_one(pool, timeout=0.5)
+
+
 async def test_attempt_timeout_fails_over_from_a_hung_replica(pool_factory, echo_servers):
     hung, healthy = await echo_servers(2, names=["hung", "healthy"])
     hung.delay = 10.0

@@ -583,7 +583,10 @@ class GrpcConnectionPool:
         if last["out of time"]:
             note += ", the next round's back-off would have outlasted the caller's deadline"
         if self.retry.attempt_timeout is not None and last["error"].code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-            note += f", each given at most the attempt timeout of {self.retry.attempt_timeout:g}s"
+            if self._callers_deadline(last["attempt_timeout"]):  # the last one ran into the caller's deadline
+                note += ", the last ended by the caller's deadline"
+            else:
+                note += f", each given at most the attempt timeout of {self.retry.attempt_timeout:g}s"
         if last["taken"] is not None and last["taken"][0] is not last["error"]:
             # the last attempt's words ("connection refused") would read as if no replica ever had the request
             error, connection = last["taken"]
