@@ -117,7 +117,9 @@ class Tagger(Executor):
 
 class Sleepy(Executor):
     """``/sleep`` answers after ``parameters["seconds"]`` (so answers finish out of order), each document tagged
-    with the worker's port-free name; ``/big`` answers with ``parameters["bytes"]`` bytes of text."""
+    with the worker's port-free name (given ``parameters["record"]``, a folder, it adds a line to the file named
+    by each document's id there first: how often each ran, across processes); ``/big`` answers with
+    ``parameters["bytes"]`` bytes of text."""
 
     def __init__(self, **kwargs: Any):
         super().__init__(**kwargs)
@@ -129,6 +131,10 @@ class Sleepy(Executor):
     async def sleep(self, docs, parameters, **kwargs):
         if "mark" in parameters:  # a folder: the worker leaves its pid there once it has the request
             (Path(parameters["mark"]) / str(os.getpid())).touch()
+        if "record" in parameters:
+            for doc in docs:
+                with open(Path(parameters["record"]) / doc.id, "a") as runs:
+                    runs.write(f"{os.getpid()}\n")
         self.sleeping += 1
         self.most_sleeping = max(self.most_sleeping, self.sleeping)
         try:

@@ -144,7 +144,8 @@ class StreamWriter:
         return False
 
     def take_queued(self) -> list[bytes]:
-        """Empty the queue, returning what was in it: messages never written (the one being written is not)."""
+        """Empty the queue, returning what was in it: messages never handed to ``write`` (the one being written is
+        not, nor any the writer took before it stopped). A writer that stopped keeps its queue for this."""
         queued = list(self._queue)
         self._queue.clear()
         self._queued_bytes = 0
@@ -185,8 +186,8 @@ class StreamWriter:
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             return  # the stream ended: its reader fails what was waiting for an answer
         finally:
-            self._queue.clear()
-            self._queued_bytes = 0
+            # the queue stays: which messages were never written is for the stream's owner to take, whenever it
+            # sees the end (its reader may see it after this writer's failed write, or before)
             self._room_made()
 
     def _room_made(self) -> None:
@@ -291,7 +292,6 @@ class _Lane:
                 grpc.StatusCode.UNAVAILABLE,
                 f"the request stream to {owner.origin} broke: {exc.code().name}: {exc.details()}",
             )
-            self._fail_unwritten()
         except asyncio.CancelledError:
             if asyncio.current_task().cancelling():
                 raise
@@ -303,6 +303,8 @@ class _Lane:
         finally:
             self.ready = False
             owner._lane_ended(self)
+            if error.details() != services.DRAINING_DETAILS:  # (a drain's refusal says "never ran" too, and more)
+                self._fail_unwritten()
             if self.unreadable is not None:  # what still waited when the stream ended may be what was garbled
                 error = rpc_error(
                     grpc.StatusCode.UNAVAILABLE,
@@ -333,9 +335,10 @@ class _Lane:
             self.call.cancel()
 
     def _fail_unwritten(self) -> None:
-        """Fail the requests still queued in the writer when the stream broke as never written, so that they go
-        elsewhere as a call that found no connection does: the replica cannot have run them. The others on the
-        stream may have run."""
+        """Fail the requests still queued in the writer when the stream ended (broke, was cut or closed) as never
+        written, so that they go elsewhere as a call that found no connection does: the replica cannot have run
+        them. The others on the stream, each handed to gRPC's write, may have run (a write whose completion was
+        never seen may still have reached the replica)."""
         if self.writer is None:
             return
         unsent = rpc_error(grpc.StatusCode.UNAVAILABLE, services.UNWRITTEN_DETAILS)
