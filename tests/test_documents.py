@@ -200,6 +200,9 @@ def _units(unit: bytes, dtype: str) -> docarray_pb2.DenseNdArrayProto:
         (lambda dense: setattr(dense, "dtype", "|S3"), "buffer holds 16 bytes, shape (2, 2) of |S3 needs 12"),
         (lambda dense: setattr(dense, "dtype", "<U0"), "dtype '<U0' has no size"),
         (lambda dense: setattr(dense, "dtype", "S"), "dtype 'S' has no size"),
+        # a time without a unit: numpy gave its values out as None (a regression review)
+        (lambda dense: setattr(dense, "dtype", "<M8"), "dtype '<M8' is a time without a unit"),
+        (lambda dense: setattr(dense, "dtype", "<m8"), "dtype '<m8' is a time without a unit"),
         # four UCS-4 units, each past U+10FFFF
         (lambda dense: dense.MergeFrom(_units(b"\xff\xff\xff\xff", "<U1")), "holds 0xffffffff, past U+10FFFF"),
         (lambda dense: dense.MergeFrom(_units(b"\0\x11\0\0", ">U1")), "holds 0x110000, past U+10FFFF"),

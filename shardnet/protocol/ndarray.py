@@ -170,6 +170,9 @@ def _parsed_dtype(name: str) -> np.dtype:
         raise ProtocolError(f"NdArray dtype {name!r} is not plain data ({_TRAVELLING}); refusing to decode it")
     if dtype.itemsize == 0:  # 'U0', 'S': numpy reads no array of them
         raise ProtocolError(f"NdArray dtype {name!r} has no size; refusing to decode it")
+    if dtype.kind in "Mm" and np.datetime_data(dtype)[0] == "generic":
+        # a time without a unit: numpy hands a value out as None and fails to print it
+        raise ProtocolError(f"NdArray dtype {name!r} is a time without a unit (such as [s] or [ns]); refusing it")
     return dtype
 
 
