@@ -15,7 +15,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /build
 COPY pyproject.toml README.md ./
 COPY shardnet ./shardnet
-RUN pip install . \
+# the metrics extra: `shardnet k8s render --metrics` runs heads and workers with --metrics-port
+RUN pip install '.[metrics]' \
  && rm -rf /build \
  && groupadd --system --gid 10001 shardnet \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin shardnet

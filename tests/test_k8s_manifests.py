@@ -43,6 +43,10 @@ SPECS = {
         name="secure", image="i", uses="m:C", shards=2, namespace="prod-7", tls_secret="secure-tls", network_policy=True,
         tls_issuer="secure-ca",
     ),
+    "metered": DeploymentSpec(
+        name="metered", image="i", uses="m:C", shards=2, tls_secret="metered-tls", network_policy=True,
+        metrics_port=9090,
+    ),
 }
 
 
@@ -118,8 +122,9 @@ def test_pod_templates_carry_the_discovery_labels_and_grpc_port(spec: Deployment
         served = container(deployment)
         assert served["name"] == "executor"
         health = [{"name": "health", "containerPort": spec.health_port, "protocol": "TCP"}] if spec.tls_secret else []
+        metrics = [{"name": "metrics", "containerPort": spec.metrics_port, "protocol": "TCP"}] if spec.metrics_port else []
         # discovery reaches a pod on its port named grpc, whatever else it has
-        assert served["ports"] == [{"name": "grpc", "containerPort": spec.port, "protocol": "TCP"}, *health]
+        assert served["ports"] == [{"name": "grpc", "containerPort": spec.port, "protocol": "TCP"}, *health, *metrics]
 
 
 @pytest.mark.parametrize("spec", SPECS.values(), ids=SPECS.keys())
@@ -908,3 +913,32 @@ def test_uses_metas_reaches_every_worker_and_a_name_holding_a_path_is_refused() 
     assert all("--uses-metas" not in container(worker)["args"] for worker in workers)  # the class's name, as Jina
     with pytest.raises(ConfigurationError, match="names a folder"):
         dataclasses.replace(SPECS["sharded"], metas_name="../up")
+
+
+def test_metrics_are_rendered_only_when_asked_for(capsys: pytest.CaptureFixture[str]) -> None:
+    """--metrics: each head and worker serves them (--metrics-port, the container port named metrics), its pod
+    annotated for the common Prometheus scrape configuration, and a NetworkPolicy lets the scrape through."""
+    for deployment in by_kind(render(SPECS["sharded"]), "Deployment"):
+        assert "annotations" not in deployment["spec"]["template"]["metadata"]
+        assert "--metrics-port" not in container(deployment)["args"]
+        assert all(port["name"] != "metrics" for port in container(deployment)["ports"])
+    objects = render(SPECS["metered"])
+    head, workers = head_and_workers(objects, "Deployment")
+    for deployment in [head, *workers]:
+        assert deployment["spec"]["template"]["metadata"]["annotations"] == {
+            "prometheus.io/scrape": "true", "prometheus.io/port": "9090", "prometheus.io/path": "/metrics",
+        }
+        args = pod_arguments(container(deployment), "prod-7")
+        assert args[args.index("--metrics-port") + 1] == "9090"
+        assert build_parser().parse_args(args).metrics_port == 9090
+    for policy in by_kind(objects, "NetworkPolicy"):
+        assert {"ports": [{"port": 9090, "protocol": "TCP"}]} in policy["spec"]["ingress"]
+    with pytest.raises(ConfigurationError, match="metrics_port"):
+        DeploymentSpec(name="m", image="i", uses="m:C", metrics_port=8080)  # the gRPC port
+    assert main(["k8s", "render", "--name", "m", "--image", "i", "--uses", "m:C", "--metrics"]) == 0
+    head, _ = head_and_workers(list(yaml.safe_load_all(capsys.readouterr().out)), "Deployment")
+    assert head["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "9090"
+    assert main(["k8s", "render", "--name", "m", "--image", "i", "--uses", "m:C", "--metrics", "9100"]) == 0
+    head, _ = head_and_workers(list(yaml.safe_load_all(capsys.readouterr().out)), "Deployment")
+    assert head["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "9100"
+    assert {"name": "metrics", "containerPort": 9100, "protocol": "TCP"} in container(head)["ports"]

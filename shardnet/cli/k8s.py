@@ -24,6 +24,7 @@ from shardnet.manifests.kubernetes import (
     HEAD_RESOURCES,
     ISSUER_KINDS,
     MAX_STARTUP_SECONDS,
+    METRICS_PORT,
     STARTUP_PERIOD,
     DeploymentSpec,
     Resources,
@@ -100,6 +101,12 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         "--health-port", type=int,
         help="with --tls-secret, the port of the plaintext health check the probes use "
              f"(default: {DeploymentSpec.health_port})",
+    )
+    parser.add_argument(
+        "--metrics", type=int, nargs="?", const=METRICS_PORT, metavar="PORT",
+        help="heads and workers serve Prometheus metrics on PORT (default when given alone: %(const)s), their pods "
+             "annotated prometheus.io/scrape and prometheus.io/port (the image needs the extra shardnet[metrics], "
+             "as the Dockerfile's has it)",
     )
     parser.add_argument(
         "--startup-seconds", type=int, default=DeploymentSpec.startup_seconds,
@@ -235,6 +242,7 @@ def run(args: argparse.Namespace) -> int:
         tls_issuer=args.tls_issuer,
         tls_issuer_kind=args.tls_issuer_kind or DeploymentSpec.tls_issuer_kind,
         **({} if args.health_port is None else {"health_port": args.health_port}),
+        metrics_port=args.metrics,
     )
     if spec.uses == DEFAULT_USES and spec.replicas > 1:
         print(

@@ -307,6 +307,13 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
         "which cannot speak TLS; 0 picks a free one",
     )
     group.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics over HTTP at /metrics on this port (on --host); 0 picks a free one. Needs "
+        "the optional extra: pip install 'shardnet[metrics]'",
+    )
+    group.add_argument(
         "--max-message-mb",
         type=message_megabytes,
         default=DEFAULT_MAX_MESSAGE_BYTES / 2**20,
@@ -602,7 +609,10 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         drain_grace=args.drain_seconds,
         unix_socket=args.unix_socket,
         health_port=args.health_port,
+        metrics_port=args.metrics_port,
     )
+    if config.metrics_port is not None:  # refused now, in words naming the extra, not once an Executor has loaded
+        importlib.import_module("shardnet.runtimes.metrics")
     if config.unix_socket is not None:  # checked (absolute, short enough) by ServerConfig
         _check_socket_folder(config.unix_socket)
     return config

@@ -73,6 +73,8 @@ RUN_AS = 10001  # the Dockerfile's numeric user, so the kubelet can check runAsN
 WORKSPACE = "/workspace"  # the workers' writable folder (an emptyDir) under a read-only root filesystem
 TLS_DIR = "/etc/shardnet/tls"  # where the TLS Secret (tls.crt, tls.key, ca.crt) is mounted, read-only
 HEALTH_PORT_NAME = "health"
+METRICS_PORT_NAME = "metrics"
+METRICS_PORT = 9090  # what `k8s render --metrics` alone gives
 # the head watches the namespace it runs in, told by the downward API: re-namespaced by kustomize, Argo CD or
 # Flux, it still watches its own (where its Role is) rather than the one rendered into its arguments
 NAMESPACE_VARIABLE = "POD_NAMESPACE"
@@ -242,6 +244,9 @@ class DeploymentSpec:
     # a cert-manager Issuer (or ClusterIssuer) of the deployment's own CA: a Certificate keeping tls_secret filled
     tls_issuer: Optional[str] = None
     tls_issuer_kind: str = "Issuer"
+    # head and workers serve Prometheus metrics over HTTP on this port (--metrics-port), their pods annotated
+    # prometheus.io/scrape and prometheus.io/port for the common scrape configuration; None: no metrics
+    metrics_port: Optional[int] = None
 
     def __post_init__(self) -> None:
         self._check_uses_with()
@@ -307,6 +312,14 @@ class DeploymentSpec:
             raise ConfigurationError(
                 f"health_port (--health-port) must be an integer in 1024..65535 other than port ({self.port}), got "
                 f"{self.health_port!r}: with TLS the probes read a plaintext health check there"
+            )
+        taken = (self.port, self.health_port) if self.tls_secret is not None else (self.port,)
+        if self.metrics_port is not None and (
+            not _is_count(self.metrics_port) or not 1024 <= self.metrics_port <= 65535 or self.metrics_port in taken
+        ):
+            raise ConfigurationError(
+                f"metrics_port (--metrics) must be an integer in 1024..65535 other than the gRPC and health ports "
+                f"({', '.join(map(str, taken))}), got {self.metrics_port!r}"
             )
         if self.tls_issuer is not None:
             if self.tls_secret is None:
@@ -606,7 +619,10 @@ def _component(spec: DeploymentSpec, name: str, role: str, shard: Optional[int])
             # a rollout is reported stuck only after a new pod could have loaded and a new head waited for it
             "progressDeadlineSeconds": spec.progress_deadline_seconds,
             "template": {
-                "metadata": {"labels": {**_metadata(spec, name, role, shard)["labels"], **pod_labels(spec, role, shard)}},
+                "metadata": {
+                    "labels": {**_metadata(spec, name, role, shard)["labels"], **pod_labels(spec, role, shard)},
+                    **_scrape_annotations(spec),
+                },
                 "spec": _pod_spec(spec, name, role, shard),
             },
         },
@@ -646,7 +662,9 @@ def _component(spec: DeploymentSpec, name: str, role: str, shard: Optional[int])
                 {
                     "from": [{"podSelector": {"matchLabels": pod_labels(spec, "head", None)}}],
                     "ports": [{"port": spec.port, "protocol": "TCP"}],
-                }
+                },
+                # metrics: Prometheus scrapes from wherever it runs (they are read-only, and say nothing of data)
+                *([{"ports": [{"port": spec.metrics_port, "protocol": "TCP"}]}] if spec.metrics_port is not None else []),
             ],
         },
     }
@@ -699,6 +717,9 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
         args += _tls_arguments(spec, is_head)
         ports.append({"name": HEALTH_PORT_NAME, "containerPort": spec.health_port, "protocol": "TCP"})
         probe_port = spec.health_port
+    if spec.metrics_port is not None:
+        args += ["--metrics-port", str(spec.metrics_port)]
+        ports.append({"name": METRICS_PORT_NAME, "containerPort": spec.metrics_port, "protocol": "TCP"})
 
     def probe(period: int, timeout: int, failures: int, service: str = "") -> dict[str, Any]:
         # the standard grpc.health.v1 service: "" is the server's overall status (alive), READY_SERVICE
@@ -771,6 +792,16 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
         }
     )
     return pod
+
+
+def _scrape_annotations(spec: DeploymentSpec) -> dict[str, Any]:
+    """The pod annotations the common Prometheus scrape configuration (kubernetes_sd, role pod) reads, when the
+    pods serve metrics."""
+    if spec.metrics_port is None:
+        return {}
+    return {"annotations": {
+        "prometheus.io/scrape": "true", "prometheus.io/port": str(spec.metrics_port), "prometheus.io/path": "/metrics",
+    }}
 
 
 # what Linux takes in one argument of a command line (MAX_ARG_STRLEN: 32 pages), less its terminating NUL

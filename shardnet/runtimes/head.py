@@ -419,6 +419,21 @@ class Head:
         self._discovery_synced = getattr(self.pool, "wait_synced", None)
         self.server.ready_at_start = self._discovery_synced is None
         self._readiness: Optional[asyncio.Task] = None
+        self.requests_resent = 0  # ANY requests sent on to another shard, theirs having no worker to take them
+        self.metrics = None
+        if config.metrics_port is not None:
+            self._meter()
+
+    def _meter(self) -> None:
+        """Count and time every request (--metrics-port): wrappers put in place of ``_serve`` (and
+        ``_serve_admitted``) here, so that a head without metrics runs the very same request path."""
+        from shardnet.runtimes.metrics import HeadMetrics  # an optional extra: imported only when asked for
+
+        self.metrics = HeadMetrics(self)
+        self.server.metrics = self.metrics.listener
+        self._serve = self.metrics.meter_serve(self._serve)
+        if self._max_in_flight is not None:
+            self._serve_admitted = self.metrics.meter_admission(self._serve_admitted)
 
     # -- data ------------------------------------------------------------------------
 
@@ -740,6 +755,7 @@ class Head:
             raise failure
         timeout = deadline.left()
         logger.debug("%s: %s; sending the ANY request to shard %d instead", self.deployment, failure, shard_id)
+        self.requests_resent += 1
         try:
             if self._uses_after is not None:
                 return await self._gather(requests, metadata, deadline, PollingType.ANY, shard_id=shard_id)

@@ -112,7 +112,8 @@ class ServerConfig:
     domain socket for a head on the same machine (no TCP stack on that hop).
     ``health_port`` adds a plaintext listener on ``host`` answering only the gRPC
     health service, for Kubernetes' ``grpc:`` probes, which cannot speak TLS
-    (0: a free port picked at start; None: no such listener).
+    (0: a free port picked at start; None: no such listener). ``metrics_port`` likewise adds an HTTP listener
+    on ``host`` serving Prometheus metrics at /metrics (a head's or worker's, runtimes/metrics.py).
     """
 
     host: str = "127.0.0.1"
@@ -124,6 +125,7 @@ class ServerConfig:
     drain_grace: float = 10.0
     unix_socket: Optional[str] = None
     health_port: Optional[int] = None
+    metrics_port: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host.strip():
@@ -150,6 +152,16 @@ class ServerConfig:
                 raise ConfigurationError(
                     f"health_port (--health-port) must differ from port (--port, {self.port}): the health check "
                     "listens on a second, plaintext port beside the one serving"
+                )
+        if self.metrics_port is not None:
+            if isinstance(self.metrics_port, bool) or not isinstance(self.metrics_port, int) or not (
+                0 <= self.metrics_port < 65536
+            ):
+                raise ConfigurationError(f"metrics port (--metrics-port) {self.metrics_port!r} is outside 0..65535")
+            if self.metrics_port and self.metrics_port in (self.port, self.health_port):
+                raise ConfigurationError(
+                    f"metrics_port (--metrics-port, {self.metrics_port}) must differ from port (--port) and "
+                    "health_port (--health-port): metrics are served over HTTP on a port of their own"
                 )
         check_control_token(self.control_token)
         if self.max_message_bytes <= 0:
@@ -209,9 +221,18 @@ class _OneRequestOfAStream:
     def __init__(self, context: grpc.aio.ServicerContext):
         self._context = context
         self._done: list[Callable[[Any], None]] = []  # the request's callbacks, run once its answer is out
+        self._trailing: Any = ()  # the trailing metadata this request set (a head's metrics read is-error there)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        self._trailing = metadata
+        self._context.set_trailing_metadata(metadata)
+
+    def trailing_metadata(self) -> Any:
+        """What this request set, not the stream's (which keeps what an earlier request of it set)."""
+        return self._trailing
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
         raise RequestAborted(code, details)
@@ -223,6 +244,7 @@ class _OneRequestOfAStream:
         """The request's answer is out (gRPC resumes a stream's handler once it wrote what it yielded), or the
         stream ended: run its done callbacks."""
         done, self._done = self._done, []
+        self._trailing = ()
         for callback in done:
             callback(self)
 
@@ -363,6 +385,9 @@ class Server:
         self._health_server: Optional[grpc.aio.Server] = None  # the plaintext health-only listener (health_port)
         self.port: int = config.port
         self.health_port: Optional[int] = None  # bound at start when config.health_port is set
+        # what serves the metrics on config.metrics_port: the runtime's (runtimes/metrics.py), given before start
+        self.metrics: Any = None
+        self.metrics_port: Optional[int] = None  # bound at start when config.metrics_port is set
         self.draining = False
         self.drain_deadline: Optional[float] = None  # the loop's time at which a drain under way cuts the calls
         self.stopping = asyncio.Event()  # set as the drain begins: long-lived streams end once their answers are out
@@ -449,6 +474,11 @@ class Server:
         return None if self.health_port is None else entity_address(self.dial_host, self.health_port)
 
     @property
+    def metrics_address(self) -> Optional[str]:
+        """``host:port`` of the HTTP listener serving metrics at /metrics, when the server has one."""
+        return None if self.metrics_port is None else entity_address(self.dial_host, self.metrics_port)
+
+    @property
     def unix_address(self) -> Optional[str]:
         """``unix:/path`` when the server also listens on a Unix socket."""
         return None if self.config.unix_socket is None else f"{UNIX_SCHEME}{self.config.unix_socket}"
@@ -483,12 +513,16 @@ class Server:
                 self.health_port = _bind(health_server, config.host, config.health_port, None)
                 bound.append(health_server)
                 self._health_server = health_server  # a drain from now on stops it too
+            if config.metrics_port is not None:
+                self.metrics_port = await self.metrics.start(config.host, config.metrics_port)
             for listener in bound:
                 await listener.start()
                 started.append(listener)
         except BaseException:
             self._server = self._health_server = None
-            self.health_port = None
+            self.health_port = self.metrics_port = None
+            if self.metrics is not None:
+                await self.metrics.stop()
             for listener in bound:
                 if listener not in started:  # bound but never started, it would hold its port until exit
                     with contextlib.suppress(Exception):
@@ -502,6 +536,8 @@ class Server:
         await self._set_readiness(ready)
         if self.health_address is not None:
             logger.info("health check (plaintext) on %s", self.health_address)
+        if self.metrics_address is not None:
+            logger.info("metrics on http://%s/metrics", self.metrics_address)
 
     async def mark_ready(self) -> None:
         """Report readiness SERVING, now or when the server starts (a draining one stays NOT_SERVING)."""
@@ -597,6 +633,12 @@ class Server:
         self._remove_unix_socket()
         if when_idle is not None:
             await when_idle()
+        await self._stop_metrics_listener()  # scraped through the drain, its cuts included, until the end
+
+    async def _stop_metrics_listener(self) -> None:
+        if self.metrics is not None and self.metrics_port is not None:
+            self.metrics_port = None
+            await self.metrics.stop()
 
     def grace_is_over(self) -> bool:
         """Whether a drain's grace has ended: a call cancelled now was cut by the stop (or its caller left as it
@@ -696,6 +738,11 @@ def check_can_listen(config: ServerConfig) -> None:
     for port in (config.port, config.health_port):
         if port is not None:
             _check_port_free(config.host, port)
+    if config.metrics_port is not None:
+        try:
+            _check_port_free(config.host, config.metrics_port)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"--metrics-port {config.metrics_port}: {exc}") from None
 
 
 def _check_port_free(host: str, port: int) -> None:
