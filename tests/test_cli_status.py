@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import executors
+from grpc_health.v1 import health_pb2
 
 from shardnet.cli.main import main as cli_main
 from shardnet.cli.status import DEGRADED
@@ -73,7 +74,8 @@ async def test_a_replica_stopped_after_the_head_started_is_named_down(runtimes, 
 
     await eventually(degraded, timeout=REUSE_SECONDS + 3)
     code, printed = answers[-1]
-    assert all(re.search(r"all 2 replicas serving \(as checked 0\.[0-9]+s ago\)", said) for _, said in answers[:-1])
+    reused = r"all 2 replicas serving \(as checked (0\.[0-9]+|1\.00)s ago\)"  # up to REUSE_SECONDS, inclusive
+    assert all(re.search(reused, said) for _, said in answers[:-1])
     assert code == DEGRADED, printed
     assert re.search(rf"  shard 0: {b.server.address} \(down: unreachable: ", printed), printed
 
@@ -126,3 +128,55 @@ async def test_status_and_send_leave_jinas_readiness_check_out_of_the_endpoints_
     [warned] = [record.getMessage() for record in caplog.records if "is not among the endpoints" in record.getMessage()]
     assert code == 0 and warned.startswith("/nope is not among the endpoints") and "/tag" in warned, warned
     assert "_jina_dry_run_" not in warned, warned
+
+
+async def hopping_head(runtimes, name: str) -> tuple[Head, Worker, Worker, Worker]:
+    """A head of one shard with a uses_before and a uses_after worker: (head, before, shard's worker, after)."""
+    before, worker, after = await workers(runtimes, 3)
+    head = await runtimes(
+        Head(name, connections={0: [worker.server.address]}, uses_before=before.server.address,
+             uses_after=after.server.address)
+    )
+    return head, before, worker, after
+
+
+async def test_a_heads_uses_before_and_uses_after_workers_are_listed_and_checked(runtimes, capsys):
+    head, before, worker, after = await hopping_head(runtimes, "hops-up")
+    code, printed = await status(capsys, head.server.address)
+    assert code == 0, printed
+    assert f"replicas:\n  shard 0: {worker.server.address}\n" in printed, printed
+    assert f"  uses_before: {before.server.address}\n  uses_after: {after.server.address}\n" in printed, printed
+    assert "replica health: all 3 replicas serving" in printed, printed
+
+
+async def test_a_uses_after_worker_down_is_named_with_its_cause_and_exits_1(runtimes, capsys):
+    """Every request through the head fails then: status said "all 1 replicas serving" and named it nowhere."""
+    head, _, _, after = await hopping_head(runtimes, "hop-down")
+    await after.stop(0)
+    code, printed = await status(capsys, head.server.address)
+    assert code == 1, printed
+    assert re.search(rf"  uses_after: {after.server.address} \(down: unreachable: .*connection refused", printed, re.I)
+    assert "  uses_after: no serving replica\n" in printed, printed
+    assert "replica health: 1 of 3 replicas down, uses_after has none serving" in printed, printed
+
+
+async def test_a_uses_before_worker_not_serving_exits_1_though_the_endpoints_list(runtimes, capsys):
+    """Its endpoints still list (it answers discovery), so nothing else made the exit 1 (health NOT_SERVING: a
+    worker still starting, say)."""
+    head, before, _, _ = await hopping_head(runtimes, "hop-not-serving")
+    await before.server.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    code, printed = await status(capsys, head.server.address)
+    assert code == 1, printed
+    assert "endpoints: unknown" not in printed, printed
+    assert f"  uses_before: {before.server.address} (down: health NOT_SERVING)\n" in printed, printed
+    assert "  uses_before: no serving replica\n" in printed, printed
+
+
+async def test_a_hop_left_with_no_replica_is_named_and_exits_1(runtimes, capsys):
+    """As discovery leaves it when the hop's last pod goes: no replica to check, and every request fails."""
+    head, _, worker, after = await hopping_head(runtimes, "hop-empty")
+    await head.pool.remove_connection("hop-empty/uses_after", after.server.address)
+    code, printed = await status(capsys, head.server.address)
+    assert code == 1, printed
+    assert "  uses_after: no replica\n" in printed and f"  uses_after: {after.server.address}" not in printed, printed
+    assert f"  shard 0: {worker.server.address}\n" in printed, printed

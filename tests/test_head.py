@@ -215,23 +215,37 @@ def test_status_names_a_few_dozen_ejected_replicas_and_counts_the_rest():
     assert sum(len(key) + len(value) + 32 for key, value in pairs) < 8192  # gRPC's soft limit for a client
 
 
-def sprawling_status_metadata() -> tuple[tuple[str, str], ...]:
+def long_name(n: int) -> str:
+    """A replica's address as long as an ACTIVATE may give: 250 characters in labels of at most 63."""
+    return f"{'h' * 63}.{'h' * 63}.{'h' * 63}.{'h' * 50}{n:02d}.example:50051"
+
+
+async def sprawling_status_metadata() -> tuple[tuple[str, str], ...]:
     """STATUS's trailing metadata at its largest: 32 ejected replicas with the longest names an ACTIVATE may give,
-    and 4,000 empty shards, every other one."""
-    head = Head("sprawling", shards=8000)
+    4,000 empty shards, every other one, a uses_before of 8 such replicas, all ejected (more than there is room
+    to name), and a uses_after left with none. Built in the test's loop (the hops' channels open in it), closed
+    after."""
+    head = Head("sprawling", shards=8000, uses_before=long_name(0), uses_after="127.0.0.1:1")
+    for n in range(1, 8):
+        head.pool.add_connection("sprawling/uses_before", long_name(n))
+    before = head.pool.get_replicas("sprawling/uses_before")
+    before.__class__ = type("Ejecting", (type(before),), {"ejected_addresses": property(lambda self: self.addresses)})
+    head.pool.get_replicas("sprawling/uses_after").has_connections = lambda: False
     replicas = head.pool.get_replicas("sprawling", shard_id=0)
-    # names as long as an ACTIVATE may give: 250 characters in labels of at most 63
-    ejected = [f"{'h' * 63}.{'h' * 63}.{'h' * 63}.{'h' * 50}{n:02d}.example:50051" for n in range(32)]
+    ejected = [long_name(n) for n in range(32)]
     replicas.__class__ = type("Ejecting", (type(replicas),), {"ejected_addresses": property(lambda self: ejected)})
     head.pool.declare_shards("sprawling", 8000)
     for shard_id in range(1, 8000, 2):  # every other shard has a replica: the empty ones make 4000 ranges
         head.pool.get_replicas("sprawling", shard_id=shard_id).has_connections = lambda: True
     replicas.has_connections = lambda: True
-    return head._replica_metadata() + head._retry_metadata()
+    try:
+        return head._replica_metadata() + head._retry_metadata() + head._hop_metadata()
+    finally:  # the hops' channels: the pool's close would wait for the shards said to have replicas to have none
+        await asyncio.gather(before.close(), head.pool.get_replicas("sprawling/uses_after").close())
 
 
-def test_status_metadata_stays_under_grpcs_soft_limit_with_long_hosts_and_scattered_empty_shards():
-    pairs = sprawling_status_metadata()
+async def test_status_metadata_stays_under_grpcs_soft_limit_with_long_hosts_and_scattered_empty_shards():
+    pairs = await sprawling_status_metadata()
     assert sum(len(key) + len(value) + 32 for key, value in pairs) < 8192  # gRPC's soft limit for a client
     named = [value for key, value in pairs if key == "ejected"]
     assert 0 < len(named) < 32 and ("ejected-unlisted", str(32 - len(named))) in pairs
@@ -244,20 +258,35 @@ def test_status_metadata_stays_under_grpcs_soft_limit_with_long_hosts_and_scatte
     assert _replica_notes([("empty-shards", "1,x")])["empty_ranges"] == ""  # what does not read is skipped
     assert notes["empty"][:3] == [2, 4, 6] and len(notes["empty"]) + notes["empty_unlisted"] == 3999
     assert notes["unlisted"] == 32 - len(named)
+    assert notes["hops"] == [("uses_before", long_name(0))] and ("uses_before", long_name(0)) in notes["ejected"]
+    assert notes["hops_unlisted"] == 7 and notes["empty_hops"] == ["uses_after"]
 
 
-def test_a_replica_check_takes_the_room_the_rest_of_status_left_and_reads_back():
+async def test_a_replica_check_takes_the_room_the_rest_of_status_left_and_reads_back():
     """A check adds the shards none serves and each replica down with why: past the sprawling worst case above it
     must still stay under gRPC's soft limit (a client refuses the whole answer past 16 KB), naming what fits."""
     down = [(shard_id, f"{'h' * 63}.example:50051", "unreachable: " + "x" * 300) for shard_id in range(1, 8000, 2)]
-    check = ReplicaCheck(checked=8000, down=down, shards_down=list(range(1, 8000, 2)))
-    pairs = sprawling_status_metadata()
+    hop_down = [("uses_before", long_name(n), "not answering within 4.65s " + "x" * 300) for n in range(8)]
+    check = ReplicaCheck(
+        checked=8000, down=down, shards_down=list(range(1, 8000, 2)), unchecked=99999, age=0.99,
+        hop_down=hop_down, hops_down=["uses_before", "uses_after"],
+    )
+    pairs = await sprawling_status_metadata()
     pairs += _check_metadata(check, STATUS_ROOM - _metadata_size(pairs))
     assert _metadata_size(pairs) < 8192
     notes = _replica_notes(pairs)
     assert notes["checked"] == 8000 and notes["shards_down"][:3] == [1, 3, 5]
     assert len(notes["shards_down"]) + notes["shards_down_unlisted"] == 4000
-    assert len(notes["down"]) + notes["down_unlisted"] == 4000 and notes["down_unlisted"] > 0
+    assert notes["hops_down"] == ["uses_before", "uses_after"]  # what the exit code needs fits, whatever the rest
+    assert len(notes["down"]) + notes["down_unlisted"] == 4000 + 8 and notes["down_unlisted"] > 0
+
+    # with the room, the hops' replicas down are named first: every request crosses them
+    few = ReplicaCheck(
+        3, [(0, "127.0.0.1:2", "health NOT_SERVING")], [], hop_down=hop_down[:1], hops_down=["uses_before"]
+    )
+    named = [key for key, _ in _check_metadata(few, 7000) if key.endswith("-down")]
+    assert named == ["hops-down", "hop-down", "replica-down"]
+    assert _replica_notes(_check_metadata(few, 7000))["down"][("uses_before", long_name(0))].startswith("not answering")
 
     cause = "unreachable: No such file: /tmp/sôck 100%"
     alone = _check_metadata(ReplicaCheck(2, [(0, "unix:/tmp/sôck", cause)], [0]), 7000)

@@ -20,6 +20,7 @@ from shardnet.networking.channels import NOT_CONNECTED
 from shardnet.networking.tls import ClientTls
 from shardnet.protocol import services
 from shardnet.protocol.messages import ControlRequest
+from shardnet.runtimes.head import USES_AFTER, USES_BEFORE
 
 # the exit code when a replica the head routes to is down or was not checked in time, but no shard is known to have
 # none serving
@@ -31,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "status", help="health, endpoints and replicas of a head or worker",
         description="Health, readiness, endpoints and replicas of a head or worker; a head checks each replica it "
         "routes to now. Exits 0 when all is well; 1 when it is not serving or not ready, its endpoints or replicas "
-        "cannot be listed, or a shard has no replica, or none serving; 2 when it cannot be reached at all; "
+        "cannot be listed, or a shard, a uses_before or a uses_after has no replica, or none serving; 2 when it "
+        "cannot be reached at all; "
         f"{DEGRADED} (degraded) when a replica is down, or was not checked in time, but no shard is known to have "
         "none serving.",
     )
@@ -100,14 +102,12 @@ async def status(args: argparse.Namespace) -> int:
     if control.is_error:
         raise ReplicaError(control.status.description, address=args.target)
     notes = _replica_notes(trailing)
-    if control.related_entities or notes["empty_ranges"] or notes["empty_unlisted"]:
+    hops = notes["hops"] or notes["empty_hops"] or notes["hops_unlisted"]
+    if control.related_entities or notes["empty_ranges"] or notes["empty_unlisted"] or hops:
         print("replicas:")
     for entity in control.related_entities:
         address = entity_address(entity.address, entity.port)
-        marks = ["ejected: failing, probed until healthy"] if (entity.shard_id, address) in notes["ejected"] else []
-        if (entity.shard_id, address) in notes["down"]:
-            marks.append(f"down: {notes['down'][entity.shard_id, address]}")
-        print(f"  shard {entity.shard_id}: {address}" + (f" ({'; '.join(marks)})" if marks else ""))
+        print(f"  shard {entity.shard_id}: {_marked(notes, entity.shard_id, address)}")
     for shard_id in notes["empty"]:
         print(f"  shard {shard_id}: no replica")
     if notes["empty_ranges"] and not notes["empty"]:  # too many to name one by one: as the head gave them
@@ -116,20 +116,36 @@ async def status(args: argparse.Namespace) -> int:
         print(f"  ... and {notes['empty_unlisted']} more shards with no replica, not named")
     if notes["unlisted"]:
         print(f"  ... and {notes['unlisted']} more ejected replicas, not named")
-    if notes["empty_ranges"] or notes["empty_unlisted"]:
-        healthy = False  # a request to ALL fails naming the shard, and one to it goes nowhere
-    degraded = _say_replica_health(notes, listed=bool(control.related_entities))
-    if notes["shards_down_ranges"] or notes["shards_down_unlisted"]:
-        healthy = False  # as a shard with no replica: every request to it fails
+    for role, address in notes["hops"]:  # a head's uses_before and uses_after (one of an earlier version: none)
+        print(f"  {role}: {_marked(notes, role, address)}")
+    for role in notes["empty_hops"]:
+        print(f"  {role}: no replica")
+    if notes["hops_unlisted"]:
+        print(f"  ... and {notes['hops_unlisted']} more replicas of {USES_BEFORE} or {USES_AFTER}, not named")
+    if notes["empty_ranges"] or notes["empty_unlisted"] or notes["empty_hops"]:
+        healthy = False  # a request to ALL fails naming the shard, and one to it goes nowhere; every one, a hop
+    degraded = _say_replica_health(notes, listed=bool(control.related_entities or notes["hops"]))
+    if notes["shards_down_ranges"] or notes["shards_down_unlisted"] or notes["hops_down"]:
+        healthy = False  # as a shard or a hop with no replica: every request to it, or through it, fails
     budget = {key: value for key, value in trailing or () if key in _BUDGET_KEYS}
     if budget:
         print("retries: " + ", ".join(f"{key} {budget[key]}" for key in _BUDGET_KEYS if key in budget))
     return 1 if not healthy else DEGRADED if degraded else 0
 
 
+def _marked(notes: dict, where: Union[int, str], address: str) -> str:
+    """A replica's address with what the head said of it (ejected, down and why); ``where``: its shard id, or the
+    role of the hop it serves."""
+    marks = ["ejected: failing, probed until healthy"] if (where, address) in notes["ejected"] else []
+    if (where, address) in notes["down"]:
+        marks.append(f"down: {notes['down'][where, address]}")
+    return address + (f" ({'; '.join(marks)})" if marks else "")
+
+
 def _say_replica_health(notes: dict, listed: bool) -> bool:
-    """Print what the head's check of its replicas found (the shards none serves, the replicas down it could not
-    name, then a summary line); True when some replica is down or was not checked in time (not all is known well)."""
+    """Print what the head's check of its replicas found (the shards and hops none serves, the replicas down it
+    could not name, then a summary line); True when some replica is down or was not checked in time (not all is
+    known well)."""
     checked = notes["checked"]
     if checked is None:
         if listed:  # a worker lists none; a head of another version, or Jina's, does not check them
@@ -139,6 +155,8 @@ def _say_replica_health(notes: dict, listed: bool) -> bool:
         print(f"  shard {shard_id}: no serving replica")
     if notes["shards_down_ranges"] and not notes["shards_down"]:
         print(f"  shards {notes['shards_down_ranges']}: no serving replica")
+    for role in notes["hops_down"]:
+        print(f"  {role}: no serving replica")
     if notes["shards_down_unlisted"]:
         print(f"  ... and {notes['shards_down_unlisted']} more shards with no serving replica, not named")
     if notes["down_unlisted"]:
@@ -153,10 +171,14 @@ def _say_replica_health(notes: dict, listed: bool) -> bool:
     if unchecked:  # neither serving nor down: a shard whose replicas were not all checked may have none serving
         where = f"{unchecked} not checked within the time (incomplete)"
     shards, unlisted = notes["shards_down_ranges"], notes["shards_down_unlisted"]
-    if shards or unlisted:
-        several = bool(unlisted) or "," in shards or "-" in shards
-        more = f" and {unlisted} more" if unlisted else ""
-        where = f"shard{'s' if several else ''} {shards}{more} {'have' if several else 'has'} none serving" + (
+    several = bool(unlisted) or "," in shards or "-" in shards
+    named = [f"shard{'s' if several else ''} {shards}" + (f" and {unlisted} more" if unlisted else "")] if (
+        shards or unlisted
+    ) else []
+    named += notes["hops_down"]
+    if named:
+        several = several or len(named) > 1
+        where = f"{' and '.join(named)} {'have' if several else 'has'} none serving" + (
             f", {unchecked} not checked within the time" if unchecked else ""
         )
     print(f"replica health: {down} of {checked + unchecked} replicas down, {where}{age}")
@@ -164,24 +186,26 @@ def _say_replica_health(notes: dict, listed: bool) -> bool:
 
 
 _BUDGET_KEYS = ("requests-seen", "retries-spent", "retries-refused", "retry-window")
+_HOP_ROLES = (USES_BEFORE, USES_AFTER)  # "hop", "hop-down", "empty-hops" and "hops-down" as a head writes them
 _RANGES = re.compile(r"[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*")  # "empty-shards" and "shards-down" as a head writes them
 _SECONDS = re.compile(r"[0-9]{1,9}(\.[0-9]{1,3})?")  # "replica-check-age" as a head writes it
 
 
 def _replica_notes(trailing) -> dict:
     """A head's STATUS trailing metadata read back: ejected (shard, address) pairs, how many more were not named,
-    and the empty shard ids; from its check of the replicas, how many it checked (None: no check reported), each
-    (shard, address) down with why, how many more, the shards none of whose replicas serves, how many replicas it
-    did not reach in time, and its age when the head reused it. A worker, or a Jina head, says none of it; a value
-    that does not read is skipped."""
+    and the empty shard ids; its hops' replicas as (role, address), ejected ones among the ejected pairs, how many
+    more, and the hops with none; from its check of the replicas, how many it checked (None: no check reported),
+    each (shard or role, address) down with why, how many more, the shards and hops none of whose replicas serves,
+    how many replicas it did not reach in time, and its age when the head reused it. A worker, or a Jina head,
+    says none of it (nor a head of an earlier version of the hops); a value that does not read is skipped."""
     notes = {"ejected": set(), "empty": [], "unlisted": 0, "empty_unlisted": 0, "empty_ranges": "", "checked": None,
              "down": {}, "down_unlisted": 0, "shards_down": [], "shards_down_ranges": "", "shards_down_unlisted": 0,
-             "unchecked": 0, "age": None}
+             "unchecked": 0, "age": None, "hops": [], "hops_unlisted": 0, "empty_hops": [], "hops_down": []}
     counts = {
         services.EJECTED_UNLISTED_METADATA: "unlisted", services.EMPTY_SHARDS_UNLISTED_METADATA: "empty_unlisted",
         services.REPLICAS_CHECKED_METADATA: "checked", services.REPLICAS_DOWN_UNLISTED_METADATA: "down_unlisted",
         services.SHARDS_DOWN_UNLISTED_METADATA: "shards_down_unlisted",
-        services.REPLICAS_UNCHECKED_METADATA: "unchecked",
+        services.REPLICAS_UNCHECKED_METADATA: "unchecked", services.HOPS_UNLISTED_METADATA: "hops_unlisted",
     }
     for key, value in trailing or ():
         if key == services.EJECTED_METADATA:
@@ -192,6 +216,20 @@ def _replica_notes(trailing) -> dict:
             shard, address, cause = (value.split(" ", 2) + ["", ""])[:3]
             if shard.isdigit() and address and cause:
                 notes["down"][int(shard), urllib.parse.unquote(address)] = urllib.parse.unquote(cause)
+        elif key == services.HOP_METADATA:
+            role, address, mark = (value.split(" ", 2) + ["", ""])[:3]
+            if role in _HOP_ROLES and address and mark in ("", "ejected"):
+                notes["hops"].append((role, urllib.parse.unquote(address)))
+                if mark:
+                    notes["ejected"].add(notes["hops"][-1])
+        elif key == services.HOP_DOWN_METADATA:
+            role, address, cause = (value.split(" ", 2) + ["", ""])[:3]
+            if role in _HOP_ROLES and address and cause:
+                notes["down"][role, urllib.parse.unquote(address)] = urllib.parse.unquote(cause)
+        elif key in (services.EMPTY_HOPS_METADATA, services.HOPS_DOWN_METADATA):
+            roles = value.split(",")
+            if all(role in _HOP_ROLES for role in roles):
+                notes["empty_hops" if key == services.EMPTY_HOPS_METADATA else "hops_down"] = roles
         elif key in counts and value.isdigit():
             notes[counts[key]] = int(value)
         elif key == services.EMPTY_SHARDS_METADATA and _RANGES.fullmatch(value):

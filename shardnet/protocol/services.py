@@ -66,6 +66,16 @@ REPLICA_DOWN_METADATA = "replica-down"
 REPLICAS_DOWN_UNLISTED_METADATA = "replicas-down-unlisted"
 SHARDS_DOWN_METADATA = "shards-down"
 SHARDS_DOWN_UNLISTED_METADATA = "shards-down-unlisted"
+# beside a head's STATUS answer, its uses_before and uses_after (a related entity has no field to say a hop): "HOP
+# ADDRESS" (HOP: uses_before or uses_after; the address percent-encoded), then " ejected" for one ejected for repeated
+# failures, for as many as fit, then how many more; the hops with no replica at all: "uses_before,uses_after". A
+# check adds "HOP ADDRESS CAUSE" of each one down (named before the shards' replicas), and the hops none of whose
+# replicas serves, as "empty-hops" gives them: every request through the head fails then
+HOP_METADATA = "hop"
+HOPS_UNLISTED_METADATA = "hops-unlisted"
+EMPTY_HOPS_METADATA = "empty-hops"
+HOP_DOWN_METADATA = "hop-down"
+HOPS_DOWN_METADATA = "hops-down"
 # beside every request a head forwards: the head's own random id, so that a head asked to route to itself (an
 # ACTIVATE naming its own address another way, a cycle of heads) refuses the request instead of looping
 VIA_HEAD_METADATA = "shardnet-via-head"

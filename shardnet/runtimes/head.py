@@ -188,12 +188,15 @@ class _Deadline:
 
 # STATUS's trailing metadata stays under gRPC's 8 KB soft limit (a client may refuse more, past 16 KB it must, and
 # with it the whole answer): at most 32 ejected replicas are named, in at most EJECTED_ROOM bytes, and then
-# counted; empty shards are given as ranges in at most EMPTY_SHARDS_ROOM characters, and then counted
+# counted; empty shards are given as ranges in at most EMPTY_SHARDS_ROOM characters, and then counted; the hops'
+# replicas (uses_before, uses_after) are named in at most HOPS_ROOM bytes, and then counted
 EJECTED_LISTED = 32
 EJECTED_ROOM = 5120
 EMPTY_SHARDS_ROOM = 1024
-# a replica check (``shardnet status``) adds its shards down as ranges in at most SHARDS_DOWN_ROOM characters, then
-# names the replicas down (each cause cut to MAX_CAUSE_CHARS) in what the rest left of STATUS_ROOM, then counts them
+HOPS_ROOM = 512
+# a replica check (``shardnet status``) adds its shards down as ranges in at most SHARDS_DOWN_ROOM characters and its
+# hops down, then names the replicas down, the hops' first (each cause cut to MAX_CAUSE_CHARS), in what the rest left
+# of STATUS_ROOM, then counts them
 STATUS_ROOM = 7936
 SHARDS_DOWN_ROOM = 512
 MAX_CAUSE_CHARS = 160
@@ -223,10 +226,16 @@ def _metadata_size(pairs: Sequence[tuple[str, str]]) -> int:
     return sum(len(key) + len(value) + 32 for key, value in pairs)
 
 
+def _quoted_entity(address: str) -> str:
+    """A replica's address as a related entity names it, percent-encoded (metadata is ASCII, and space-separated)."""
+    return urllib.parse.quote(entity_address(*parse_address(address).entity()), safe=":/[]")
+
+
 def _check_metadata(check: ReplicaCheck, room: int) -> tuple[tuple[str, str], ...]:
     """A replica check as STATUS trailing metadata in about ``room`` bytes (what the rest left under gRPC's soft
-    limit): how many replicas it checked and did not reach in time, how old it is when reused, the shards none of
-    whose replicas serves, and each replica down with why, as many as fit, then how many more."""
+    limit): how many replicas it checked and did not reach in time, how old it is when reused, the shards and the
+    hops none of whose replicas serves, and each replica down with why (the hops' first: every request crosses
+    them), as many as fit, then how many more."""
     pairs = [(services.REPLICAS_CHECKED_METADATA, str(check.checked))]
     if check.unchecked:
         pairs.append((services.REPLICAS_UNCHECKED_METADATA, str(check.unchecked)))
@@ -237,18 +246,22 @@ def _check_metadata(check: ReplicaCheck, room: int) -> tuple[tuple[str, str], ..
         pairs.append((services.SHARDS_DOWN_METADATA, ranges))
         if unlisted:
             pairs.append((services.SHARDS_DOWN_UNLISTED_METADATA, str(unlisted)))
+    if check.hops_down:
+        pairs.append((services.HOPS_DOWN_METADATA, ",".join(check.hops_down)))
     room -= _metadata_size(pairs) + _metadata_size([(services.REPLICAS_DOWN_UNLISTED_METADATA, str(check.checked))])
+    down = [(services.HOP_DOWN_METADATA, *replica) for replica in check.hop_down]
+    down += [(services.REPLICA_DOWN_METADATA, *replica) for replica in check.down]
     named = 0
-    for shard_id, address, cause in check.down:
+    for key, where, address, cause in down:
         address = urllib.parse.quote(address, safe=":/[]")
-        value = f"{shard_id} {address} {urllib.parse.quote(cause[:MAX_CAUSE_CHARS].strip(), safe=_CAUSE_SAFE)}"
-        room -= _metadata_size([(services.REPLICA_DOWN_METADATA, value)])
+        value = f"{where} {address} {urllib.parse.quote(cause[:MAX_CAUSE_CHARS].strip(), safe=_CAUSE_SAFE)}"
+        room -= _metadata_size([(key, value)])
         if room < 0:
             break
-        pairs.append((services.REPLICA_DOWN_METADATA, value))
+        pairs.append((key, value))
         named += 1
-    if len(check.down) > named:
-        pairs.append((services.REPLICAS_DOWN_UNLISTED_METADATA, str(len(check.down) - named)))
+    if len(down) > named:
+        pairs.append((services.REPLICAS_DOWN_UNLISTED_METADATA, str(len(down) - named)))
     return tuple(pairs)
 
 
@@ -375,6 +388,9 @@ class Head:
                 self.pool.add_connection(deployment, address, shard_id=shard_id)
         self._uses_before = f"{deployment}/{USES_BEFORE}" if uses_before else None
         self._uses_after = f"{deployment}/{USES_AFTER}" if uses_after else None
+        # (role, the pool's deployment of it) of each hop the head calls, in the order it calls them
+        self._hops = [(role, hop) for role, hop in ((USES_BEFORE, self._uses_before), (USES_AFTER, self._uses_after))
+                      if hop is not None]
         # what uses_before answers goes on to the shards, and their merged answers to uses_after, as requests:
         # a request takes room for what those hops add, so that the next does not refuse it after one ran it
         self._max_request_fields = MAX_TOP_LEVEL_FIELDS - HOP_FIELDS * (bool(uses_before) + bool(uses_after))
@@ -411,8 +427,9 @@ class Head:
         # a draining head refuses new calls in-band and closes its listener once its calls are done and no more
         # come: gRPC's stop() under load cancelled calls it had taken but not picked up (see server.py)
         self.server = jina_server(config, self)
-        # what STATUS asks of every replica (``shardnet status``): one check at a time, shared, bounded
-        self._replica_checks = ReplicaChecks(self.pool, deployment, self.server.stopping)
+        # what STATUS asks of every replica, the hops' included (``shardnet status``): one check at a time, shared,
+        # bounded
+        self._replica_checks = ReplicaChecks(self.pool, deployment, self.server.stopping, self._hops)
         # beside every request it forwards: a request coming back with it was routed to this head by itself
         self._via = (services.VIA_HEAD_METADATA, new_id())
         # a pool fed by discovery (Kubernetes) knows no worker until its first list: not ready before that
@@ -859,7 +876,7 @@ class Head:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         command = request.command
         if command == "STATUS":
-            trailing = self._retry_metadata() + self._replica_metadata()
+            trailing = self._retry_metadata() + self._replica_metadata() + self._hop_metadata()
             if any(key == services.CHECK_REPLICAS_METADATA for key, _ in context.invocation_metadata() or ()):
                 check = await self._replica_checks.check(_discovery_time_left(context))
                 trailing += _check_metadata(check, STATUS_ROOM - _metadata_size(trailing))
@@ -1055,8 +1072,7 @@ class Head:
                 pairs.append((services.EMPTY_SHARDS_UNLISTED_METADATA, str(unlisted)))
         room, named = EJECTED_ROOM, 0
         for shard_id, address in ejected[:EJECTED_LISTED]:
-            entity = entity_address(*parse_address(address).entity())  # as the related entity names it
-            value = f"{shard_id} {urllib.parse.quote(entity, safe=':/[]')}"
+            value = f"{shard_id} {_quoted_entity(address)}"  # the address as the related entity names it
             room -= len(services.EJECTED_METADATA) + len(value) + 32  # 32: what HPACK counts per entry
             if room < 0:
                 break
@@ -1064,6 +1080,31 @@ class Head:
             named += 1
         if len(ejected) > named:
             pairs.append((services.EJECTED_UNLISTED_METADATA, str(len(ejected) - named)))
+        return tuple(pairs)
+
+    def _hop_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The replicas of the hops the head calls (uses_before, uses_after), as STATUS trailing metadata: a related
+        entity has a shard id and no field to say a hop. Each one "ROLE ADDRESS", " ejected" added for one ejected
+        for repeated failures, in at most HOPS_ROOM bytes, then how many more; the hops with no replica (left by
+        their last one under discovery), through which every request fails."""
+        pairs, empty, unlisted, room = [], [], 0, HOPS_ROOM
+        for role, hop in self._hops:
+            replicas = self.pool.get_replicas(hop)
+            if replicas is None or not replicas.has_connections():
+                empty.append(role)
+                continue
+            ejected = set(replicas.ejected_addresses)
+            for address in replicas.addresses:
+                value = f"{role} {_quoted_entity(address)}" + (" ejected" if address in ejected else "")
+                room -= _metadata_size([(services.HOP_METADATA, value)])
+                if room < 0:
+                    unlisted += 1
+                else:
+                    pairs.append((services.HOP_METADATA, value))
+        if unlisted:
+            pairs.append((services.HOPS_UNLISTED_METADATA, str(unlisted)))
+        if empty:
+            pairs.append((services.EMPTY_HOPS_METADATA, ",".join(empty)))
         return tuple(pairs)
 
     def _status(self, request: ControlRequest) -> ControlRequest:

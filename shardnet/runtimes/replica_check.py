@@ -10,8 +10,8 @@ serving nor as down."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
 
 from shardnet.errors import ShardnetError
 from shardnet.networking.addresses import entity_address
@@ -29,25 +29,31 @@ WRAP_UP_SECONDS = 0.1
 # would name a replica that had no time to answer as "not answering"
 MIN_CHECK_SECONDS = 0.05
 
+# where a checked replica serves: a shard id, or a hop's role (uses_before, uses_after)
+Where = Union[int, str]
+
 
 @dataclass(frozen=True)
 class ReplicaCheck:
     """What a check found: how many replicas it asked, each one down (shard id, address as a related entity names
     it, why), the shards whose replicas were all checked and none serves, how many replicas were not checked
-    within the time, and how old the check is when it was reused (None: it ran for this STATUS)."""
+    within the time, and how old the check is when it was reused (None: it ran for this STATUS); then the same
+    of the head's hops: each replica down (role, address, why), and the hops none of whose replicas serves."""
 
     checked: int
     down: list[tuple[int, str, str]]
     shards_down: list[int]
     unchecked: int = 0
     age: Optional[float] = None
+    hop_down: list[tuple[str, str, str]] = field(default_factory=list)
+    hops_down: list[str] = field(default_factory=list)
 
 
 class _Run:
     """One check of every replica listed when it began, at most ``MAX_CHECKS_AT_ONCE`` at a time, until its
     deadline; what it found so far reads at any time."""
 
-    def __init__(self, listed: list[tuple[int, Connection]], seconds: float):
+    def __init__(self, listed: list[tuple[Where, Connection]], seconds: float):
         self.listed = listed
         loop = asyncio.get_running_loop()
         self.deadline = loop.time() + seconds
@@ -85,43 +91,62 @@ class _Run:
         if self.task.done() and not self.task.cancelled() and self.task.exception() is not None:
             raise self.task.exception()
         down, serving, unknown = [], set(), set()
-        for index, (shard_id, connection) in enumerate(self.listed):
+        for index, (where, connection) in enumerate(self.listed):
             if index not in self.found:
-                unknown.add(shard_id)
+                unknown.add(where)
             elif self.found[index] is None:
-                serving.add(shard_id)
+                serving.add(where)
             else:
-                down.append((shard_id, entity_address(*connection.address.entity()), self.found[index]))
-        shard_ids = {shard_id for shard_id, _ in self.listed}
+                down.append((where, entity_address(*connection.address.entity()), self.found[index]))
+        may_serve = serving | unknown  # a shard or hop with a replica serving, or one not checked
+        none_serving = dict.fromkeys(where for where, _ in self.listed if where not in may_serve)  # in listed order
         return ReplicaCheck(
-            len(self.found), down, sorted(shard_ids - serving - unknown), len(self.listed) - len(self.found), age
+            len(self.found),
+            [replica for replica in down if isinstance(replica[0], int)],
+            sorted(where for where in none_serving if isinstance(where, int)),
+            len(self.listed) - len(self.found),
+            age,
+            hop_down=[replica for replica in down if isinstance(replica[0], str)],
+            hops_down=[where for where in none_serving if isinstance(where, str)],
         )
 
 
 class ReplicaChecks:
-    """A head's checks of its replicas: one at a time, shared by every STATUS that asks meanwhile, its answer
-    reused for ``REUSE_SECONDS``. A STATUS cancelled by its caller leaves the check running for the others; the
-    head's drain (``stopping``) or ``close()`` ends it."""
+    """A head's checks of its replicas, those of its hops (``hops``: (role, the pool's deployment of it)) included:
+    one at a time, shared by every STATUS that asks meanwhile, its answer reused for ``REUSE_SECONDS``. A STATUS
+    cancelled by its caller leaves the check running for the others; the head's drain (``stopping``) or
+    ``close()`` ends it."""
 
-    def __init__(self, pool: GrpcConnectionPool, deployment: str, stopping: asyncio.Event):
+    def __init__(
+        self,
+        pool: GrpcConnectionPool,
+        deployment: str,
+        stopping: asyncio.Event,
+        hops: Sequence[tuple[str, str]] = (),
+    ):
         self._pool = pool
         self._deployment = deployment
+        self._hops = tuple(hops)
         self._stopping = stopping
         self._run: Optional[_Run] = None
         self._closed = False
 
-    def _listed(self) -> list[tuple[int, Connection]]:
+    def _listed(self) -> list[tuple[Where, Connection]]:
         pool, deployment = self._pool, self._deployment
-        return [
+        listed: list[tuple[Where, Connection]] = [
             (shard_id, connection)
             for shard_id in pool.shard_ids(deployment)
             for connection in pool.get_replicas(deployment, shard_id=shard_id).get_all_connections()
         ]
+        for role, hop in self._hops:
+            replicas = pool.get_replicas(hop)
+            listed.extend((role, connection) for connection in (replicas.get_all_connections() if replicas else ()))
+        return listed
 
     async def check(self, seconds: float) -> ReplicaCheck:
-        """Every replica of the deployment's shards, ejected ones included, checked within ``seconds`` (a hung
-        one is named as not answering, one whose turn did not come as not checked): by the check running now,
-        by one that ended less than ``REUSE_SECONDS`` ago, else by a new one."""
+        """Every replica of the deployment's shards and of its hops, ejected ones included, checked within
+        ``seconds`` (a hung one is named as not answering, one whose turn did not come as not checked): by the check
+        running now, by one that ended less than ``REUSE_SECONDS`` ago, else by a new one."""
         loop = asyncio.get_running_loop()
         run = self._run
         if run is not None and run.ended_at is not None:
