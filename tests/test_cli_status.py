@@ -112,7 +112,7 @@ async def test_a_stopped_replica_is_named_as_not_answering_within_the_timeout(ru
         await asyncio.to_thread(stop_all, [stopped])
     assert code == 1, printed
     assert took < 3.2, f"status --timeout 2 took {took:.1f}s"  # one after the other, its calls took 4 s
-    assert re.search(rf"  shard 1: {address} \(down: not answering within 1\.[0-9]+s\)\n", printed), printed
+    assert re.search(rf"  shard 1: {address} \(down: not answering within 1s\)\n", printed), printed
     assert "  shard 1: no serving replica\n" in printed and "endpoints: unknown" not in printed, printed
 
 

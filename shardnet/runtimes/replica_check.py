@@ -22,9 +22,13 @@ from shardnet.networking.replica_list import Connection
 MAX_CHECKS_AT_ONCE = 64
 # seconds a finished check answers every STATUS that asks for one, instead of a new check
 REUSE_SECONDS = 1.0
-# of its caller's time, what a check keeps to wrap up (its last health calls end and their channels close), so that
-# it ends before its caller's wait does and a hung replica is named as not answering, not as not checked
-WRAP_UP_SECONDS = 0.1
+# seconds one replica's health check may take: a hung replica is named as not answering after that. Its own, not
+# its caller's time: a check is shared, and one started by a caller with 0.15 s gave every other caller "not checked"
+# (or "down") answers; and 64 hung replicas each given the whole time held every turn, the rest never checked
+CHECK_TIMEOUT = 1.0
+# seconds a check runs at most, whoever started it: each caller waits as long as it has, and reads what was found by
+# then (a replica not answered yet is not checked); a check outlives a short caller for the callers after it
+RUN_SECONDS = 10.0
 # a replica whose turn comes with less of the check's time left than this is not checked: given less, a health call
 # would name a replica that had no time to answer as "not answering"
 MIN_CHECK_SECONDS = 0.05
@@ -82,7 +86,7 @@ class _Run:
             if left < MIN_CHECK_SECONDS:
                 return
             try:
-                self.found[index] = await self.listed[index][1].problem_now(left)
+                self.found[index] = await self.listed[index][1].problem_now(min(left, CHECK_TIMEOUT))
             except ShardnetError as exc:  # its TLS material unreadable now, say: not checked, so not serving
                 self.found[index] = f"not checked: {exc}"
 
@@ -144,9 +148,9 @@ class ReplicaChecks:
         return listed
 
     async def check(self, seconds: float) -> ReplicaCheck:
-        """Every replica of the deployment's shards and of its hops, ejected ones included, checked within
-        ``seconds`` (a hung one is named as not answering, one whose turn did not come as not checked): by the check
-        running now, by one that ended less than ``REUSE_SECONDS`` ago, else by a new one."""
+        """Every replica of the deployment's shards and of its hops, ejected ones included, as far as checked
+        within ``seconds`` (a hung one is named as not answering after CHECK_TIMEOUT; one not answered yet, as not
+        checked): by the check running now, by one that ended less than ``REUSE_SECONDS`` ago, else by a new one."""
         loop = asyncio.get_running_loop()
         run = self._run
         if run is not None and run.ended_at is not None:
@@ -157,7 +161,7 @@ class ReplicaChecks:
         if run is None:
             if self._closed or self._stopping.is_set():  # a draining head opens no more connections
                 return ReplicaCheck(0, [], [], len(self._listed()))
-            run = self._run = _Run(self._listed(), seconds - min(WRAP_UP_SECONDS, seconds / 10))
+            run = self._run = _Run(self._listed(), RUN_SECONDS)
         stopping = loop.create_task(self._stopping.wait())
         try:  # not wait_for: a caller that gives up must not cancel the check the others wait for
             await asyncio.wait((run.task, stopping), timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
