@@ -721,7 +721,25 @@ async def test_a_back_off_that_would_outlast_the_callers_deadline_ends_the_retri
         await send_one(pool, timeout=1.0)
     assert loop.time() - started < 0.5 and failing.calls == 2  # the first failover goes at once, as before
     assert failed.value.code == grpc.StatusCode.UNAVAILABLE
-    assert "back-off would have outlasted the caller's deadline" in str(failed.value)
+    assert "too little of the caller's deadline left for another attempt" in str(failed.value)
+    assert pool.retry_budget.total_retries == 1  # the one retry made: none spent on an attempt not sent
+    with pytest.raises(ReplicaError) as failed:  # its one retry spent: the retries ended it, not the time
+        await send_one(pool, timeout=1.0, retries=1)
+    assert "the last of 2 attempts" in str(failed.value) and "too little" not in str(failed.value)
+
+
+async def test_no_attempt_within_a_round_goes_with_less_than_min_attempt_seconds_of_the_deadline(
+    pool_factory, echo_servers
+):
+    """Two hung replicas, attempts of 0.99 s under a 1 s deadline: the second was sent the request with 10 ms
+    left, and ran it once the caller had given up (a regression review)."""
+    hung = await echo_servers(2, delay=10.0)
+    pool = pool_factory(retry=RetryPolicy(attempt_timeout=0.99, rounds=1))
+    for server in hung:
+        pool.add_connection("dep", server.address)
+    with pytest.raises(DeadlineExceeded, match="too little of the caller's deadline left for another attempt"):
+        await send_one(pool, timeout=1.0)
+    assert sorted(server.calls for server in hung) == [0, 1]
 
 
 async def test_jinas_logger_compression_and_channel_options_are_taken(pool_factory, echo_servers, dead_address):

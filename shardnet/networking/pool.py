@@ -521,7 +521,7 @@ class GrpcConnectionPool:
             tried.clear()  # a new round: every replica may be tried again
             pause = backoff(state)
             if deadline is not None and pause >= deadline - loop.time() - MIN_ATTEMPT_SECONDS:
-                # slept to the deadline, the round's attempt would go with no time left: fail now, not then
+                # slept to the deadline, the round's attempt would go with no time left: fail now (out_of_time)
                 last["out of time"] = True
                 return 0.0
             return pause
@@ -533,6 +533,13 @@ class GrpcConnectionPool:
             last["error"] = error
             note_taken(error)
             return self._retryable(error, method, last["attempt_timeout"], deadline, loop)
+
+        def out_of_time(state: Optional[tenacity.RetryCallState]) -> bool:
+            """Whether the caller's deadline leaves the next attempt too little (MIN_ATTEMPT_SECONDS), the round's
+            back-off included (``wait`` runs before this): sent, it would run once the caller had given up."""
+            if deadline is not None and deadline - loop.time() < MIN_ATTEMPT_SECONDS:
+                last["out of time"] = True
+            return last["out of time"]
 
         def spend(state: tenacity.RetryCallState) -> bool:
             refused = not self.retry_budget.try_spend()
@@ -548,13 +555,20 @@ class GrpcConnectionPool:
         # retry storm: a killed replica's streams fail everything they carried at once, a hung one's calls time
         # out together, and all of it must go elsewhere
         routed_around = not replicas.is_eligible(first)
+        if out_of_time(None):  # tenacity makes its first attempt without asking ``stop``
+            raise self._replica_error(
+                first_error, first, deployment, shard_id,
+                "the only attempt, too little of the caller's deadline left for another attempt",
+                unsent=last["taken"] is None,
+            ) from None
         if not routed_around and not self.retry_budget.try_spend():
             raise self._replica_error(
                 first_error, first, deployment, shard_id, "the only attempt, the retry budget exhausted",
                 unsent=last["taken"] is None,
             ) from None
         retrying = tenacity.AsyncRetrying(
-            stop=tenacity.stop_after_attempt(max_attempts) | tenacity.stop_any(spend),
+            # in this order: no retry token is spent on an attempt that the rounds or the time do not allow
+            stop=tenacity.stop_after_attempt(max_attempts) | tenacity.stop_any(out_of_time) | tenacity.stop_any(spend),
             wait=wait,
             retry=should_retry,
             reraise=True,
@@ -563,7 +577,7 @@ class GrpcConnectionPool:
             async for attempt in retrying:
                 with attempt:
                     candidates = untried() or list(replicas.eligible())
-                    if not candidates or last["out of time"]:
+                    if not candidates:
                         break
                     connection = replicas.balancer.pick(candidates)
                     tried.add(connection)
@@ -580,8 +594,8 @@ class GrpcConnectionPool:
         note = f"the last of {last['attempts']} attempts"
         if last["budget refused"]:
             note += ", the retry budget exhausted"
-        if last["out of time"]:
-            note += ", the next round's back-off would have outlasted the caller's deadline"
+        if last["out of time"] and last["attempts"] - 1 < max_attempts:  # not when the rounds were all spent
+            note += ", too little of the caller's deadline left for another attempt"
         if self.retry.attempt_timeout is not None and last["error"].code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             if self._callers_deadline(last["attempt_timeout"]):  # the last one ran into the caller's deadline
                 note += ", the last ended by the caller's deadline"
