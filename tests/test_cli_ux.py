@@ -20,7 +20,7 @@ from typing import Optional
 import pytest
 from test_cli import EXECUTORS, PYTHON_M, pid_alive, shardnet, stop, wait_for_line, wait_gone
 
-from shardnet.cli.options import positive_seconds
+from shardnet.cli.options import StoppedBySignal, positive_seconds, run_stoppable
 from shardnet.runtimes import log_lines
 
 ROW = r"(?m)^{role}\s+\S+\s+(\d+)\s+running"  # ROLE ADDRESS PID STATE ... as Deployment.table() prints it
@@ -314,6 +314,33 @@ def test_sigterm_while_the_demo_starts_stops_what_it_launched_as_cleanly(tmp_pat
     assert "ROLE" not in out, out  # it stopped during the start: the table of a started deployment never came
     assert not list(tmp.glob("shardnet-demo-*")) and not list(tmp.glob("sn-*")), list(tmp.iterdir())
     assert "Traceback" not in out and "never awaited" not in out, out
+
+
+@pytest.mark.parametrize("before", ["the program's handler", "the default action"])
+def test_a_stop_signal_coming_as_run_stoppables_coroutine_ends_is_not_lost(before):
+    """A signal whose handler ran just before the coroutine returned was dropped: the loop found the task done,
+    and the handler there before (deploy's, which stops it once it serves) never saw it, so deploy served on (a
+    regression review's find). It goes to that handler, or, with none of the program's own, ends the run as a
+    signal that cancelled it does."""
+    heard: list[int] = []
+    programs = before.endswith("handler")
+    previous = signal.signal(signal.SIGHUP, (lambda signum, _: heard.append(signum)) if programs else signal.SIG_DFL)
+
+    async def ends_as_the_signal_comes() -> str:
+        await asyncio.sleep(0)
+        signal.raise_signal(signal.SIGHUP)  # its Python handler runs before this returns, the loop's part after
+        return "started"
+
+    try:
+        if programs:
+            assert run_stoppable(ends_as_the_signal_comes()) == "started"
+            assert heard == [signal.SIGHUP]
+        else:
+            with pytest.raises(StoppedBySignal) as stopped:
+                run_stoppable(ends_as_the_signal_comes())
+            assert stopped.value.code == 129
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def _ignores_sigint(pid: int) -> bool:
