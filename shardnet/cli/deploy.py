@@ -218,7 +218,8 @@ def _serve(args: argparse.Namespace, deployment: Deployment, stop: threading.Eve
         forced.set()
         deployment.kill()
 
-    signal.signal(signal.SIGINT, stop_at_once)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job's stays ignored to its end
+        signal.signal(signal.SIGINT, stop_at_once)
     print("stopping... (Ctrl-C again stops them at once)", flush=True)
     deployment.stop(on_failed=lambda failed: _warn_failed_at_stop(failed, bool(args.log_dir)))
     if forced.is_set():
