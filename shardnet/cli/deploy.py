@@ -220,10 +220,16 @@ def _serve(args: argparse.Namespace, deployment: Deployment, stop: threading.Eve
 
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job's stays ignored to its end
         signal.signal(signal.SIGINT, stop_at_once)
+    def warn_failed(failed: list[ShardnetProcess]) -> None:
+        if forced.is_set():  # the user's second Ctrl-C killed these: no failure of theirs to quote, one by one
+            failed = [process for process in failed if process.popen.returncode != -signal.SIGKILL]
+        _warn_failed_at_stop(failed, bool(args.log_dir))
+
     print("stopping... (Ctrl-C again stops them at once)", flush=True)
-    deployment.stop(on_failed=lambda failed: _warn_failed_at_stop(failed, bool(args.log_dir)))
+    deployment.stop(on_failed=warn_failed)
     if forced.is_set():
-        print(f"{args.name}: every process killed at once; {_left_behind(args)}", flush=True)
+        print(f"{args.name}: the stop was cut short by the second Ctrl-C: every process killed at once; "
+              f"{_left_behind(args)}", flush=True)
         return 130
     if reported:  # under --no-restart: what exited on its own is a failure for whoever runs deploy
         print(f"{args.name}: stopped after {len(reported)} process(es) exited on their own (--no-restart; see the "
