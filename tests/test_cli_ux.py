@@ -392,7 +392,8 @@ def test_a_stop_signal_ignored_from_the_start_stays_ignored_by_deploy_starting_a
     with open(log, "wb") as out:
         deploy = subprocess.Popen(
             [*PYTHON_M, "deploy", "--uses", f"{EXECUTORS}:Tagger", "--name", "kept"], stdout=out,
-            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=lambda: signal.signal(ignored, signal.SIG_IGN),
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=lambda: signal.signal(ignored, signal.SIG_IGN),
         )
     pids: list[int] = []
     try:

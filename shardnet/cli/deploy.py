@@ -220,6 +220,7 @@ def _serve(args: argparse.Namespace, deployment: Deployment, stop: threading.Eve
 
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job's stays ignored to its end
         signal.signal(signal.SIGINT, stop_at_once)
+
     def warn_failed(failed: list[ShardnetProcess]) -> None:
         if forced.is_set():  # the user's second Ctrl-C killed these: no failure of theirs to quote, one by one
             failed = [process for process in failed if process.popen.returncode != -signal.SIGKILL]

@@ -382,7 +382,8 @@ class Deployment:
             self._prepare_run()
         elif self._spawned:  # a second head and workers, or (on its sockets) a start failing, which stops the first
             raise ProcessError(f"deployment {self.name!r} is already running: stop() it before starting it again")
-        with self._holding_launch_lock():  # a stop() in another thread comes before (nothing starts) or after (it cleans up)
+        # a stop() in another thread comes before (nothing starts) or after (it cleans up)
+        with self._holding_launch_lock():
             refused = self._stopping or abandoned.is_set()
             if not refused:
                 self._make_folders()
