@@ -758,3 +758,15 @@ class DiesInClose(Tagger):
 
     def close(self) -> None:
         os._exit(3)
+
+
+class ClosesWhenReleased(Tagger):
+    """``close()`` marks ``<workspace>/closing``, then waits (20 s at most) for ``<workspace>/release``: a stop under
+    way for as long as a test needs."""
+
+    def close(self) -> None:
+        workspace = Path(self.runtime_args.workspace)
+        (workspace / "closing").touch()
+        deadline = time.monotonic() + 20
+        while not (workspace / "release").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)

@@ -256,6 +256,10 @@ def test_a_second_ctrl_c_cuts_deploys_drain_short(tmp_path):
         deploy.send_signal(signal.SIGINT)
         assert deploy.wait(15) == 130, log.read_text()
         assert time.monotonic() - began < 5, log.read_text()  # not the worker's 10 s drain
+        # what the user killed is no failure to quote, process by process (it was, log tails and all)
+        out = log.read_text()
+        assert "at its stop" not in out and "Its log:" not in out, out
+        assert "slow: the stop was cut short by the second Ctrl-C: every process killed at once; " in out, out
         helpers = [int(path.name.split("-")[1]) for path in workspace.glob("helper-*")]
         assert len(helpers) == 1
         assert not wait_gone(pids + helpers), "a process, or one a worker started, outlived the second Ctrl-C"

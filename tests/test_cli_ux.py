@@ -20,7 +20,9 @@ from typing import Optional
 import pytest
 from test_cli import EXECUTORS, PYTHON_M, pid_alive, shardnet, stop, wait_for_line, wait_gone
 
-from shardnet.cli.options import positive_seconds
+from shardnet import DataRequest, Document
+from shardnet.cli.options import StoppedBySignal, positive_seconds, run_stoppable
+from shardnet.networking import oneshot
 from shardnet.runtimes import log_lines
 
 ROW = r"(?m)^{role}\s+\S+\s+(\d+)\s+running"  # ROLE ADDRESS PID STATE ... as Deployment.table() prints it
@@ -316,10 +318,38 @@ def test_sigterm_while_the_demo_starts_stops_what_it_launched_as_cleanly(tmp_pat
     assert "Traceback" not in out and "never awaited" not in out, out
 
 
-def _ignores_sigint(pid: int) -> bool:
-    """Whether process ``pid`` ignores SIGINT, as a background job of a script does (its SigIgn mask)."""
+@pytest.mark.parametrize("before", ["the program's handler", "the default action"])
+def test_a_stop_signal_coming_as_run_stoppables_coroutine_ends_is_not_lost(before):
+    """A signal whose handler ran just before the coroutine returned was dropped: the loop found the task done,
+    and the handler there before (deploy's, which stops it once it serves) never saw it, so deploy served on (a
+    regression review's find). It goes to that handler, or, with none of the program's own, ends the run as a
+    signal that cancelled it does."""
+    heard: list[int] = []
+    programs = before.endswith("handler")
+    previous = signal.signal(signal.SIGHUP, (lambda signum, _: heard.append(signum)) if programs else signal.SIG_DFL)
+
+    async def ends_as_the_signal_comes() -> str:
+        await asyncio.sleep(0)
+        signal.raise_signal(signal.SIGHUP)  # its Python handler runs before this returns, the loop's part after
+        return "started"
+
+    try:
+        if programs:
+            assert run_stoppable(ends_as_the_signal_comes()) == "started"
+            assert heard == [signal.SIGHUP]
+        else:
+            with pytest.raises(StoppedBySignal) as stopped:
+                run_stoppable(ends_as_the_signal_comes())
+            assert stopped.value.code == 129
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def _ignores(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` ignores ``signum``, as a background job of a script does SIGINT and a job under
+    nohup SIGHUP (its SigIgn mask)."""
     [mask] = re.findall(r"(?m)^SigIgn:\s*([0-9a-f]+)$", Path(f"/proc/{pid}/status").read_text())
-    return bool(int(mask, 16) & 1 << (signal.SIGINT - 1))
+    return bool(int(mask, 16) & 1 << (signum - 1))
 
 
 def test_sigterm_under_load_stops_a_demo_that_ignores_sigint_in_order(tmp_path):
@@ -339,7 +369,7 @@ def test_sigterm_under_load_stops_a_demo_that_ignores_sigint_in_order(tmp_path):
     try:
         wait_for_line(log, r"search 'rank texts by token overlap'\n.+\n.+\n", demo)  # the load run begins
         pids = [int(pid) for pid in re.findall(ROW.format(role=r"(?:head|worker-\d-\d)"), log.read_text(), re.M)]
-        assert len(pids) == 5 and _ignores_sigint(demo.pid), log.read_text()
+        assert len(pids) == 5 and _ignores(demo.pid, signal.SIGINT), log.read_text()
         time.sleep(0.5)  # well into the run of 20,000 searches, which says nothing until it ends
         assert "throughput:" not in log.read_text(), log.read_text()
         demo.send_signal(signal.SIGTERM)
@@ -351,6 +381,41 @@ def test_sigterm_under_load_stops_a_demo_that_ignores_sigint_in_order(tmp_path):
     assert not wait_gone(pids), out
     assert not list(tmp.glob("shardnet-demo-*")) and not list(tmp.glob("sn-*")), list(tmp.iterdir())
     assert "Traceback" not in out and "Exception ignored" not in out and "KeyboardInterrupt" not in out, out
+
+
+@pytest.mark.parametrize("ignored", [signal.SIGHUP, signal.SIGINT])  # under nohup; a background job of a script
+def test_a_stop_signal_ignored_from_the_start_stays_ignored_by_deploy_starting_and_serving(tmp_path, ignored):
+    """deploy put its own handlers in place of an ignored SIGHUP or SIGINT: under nohup a closed terminal stopped
+    it (129) while it started, and once it served (a regression review's find). Ignored from the start, a signal
+    stays ignored all its life, as by the demo; SIGTERM stops it as ever."""
+    log = tmp_path / "deploy.log"
+    with open(log, "wb") as out:
+        deploy = subprocess.Popen(
+            [*PYTHON_M, "deploy", "--uses", f"{EXECUTORS}:Tagger", "--name", "kept"], stdout=out,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=lambda: signal.signal(ignored, signal.SIG_IGN),
+        )
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 30
+        while "kept serves on" not in log.read_text():  # the signal, again and again while it starts
+            assert deploy.poll() is None and time.monotonic() < deadline, log.read_text()
+            deploy.send_signal(ignored)
+            time.sleep(0.02)
+        pids = [int(pid) for pid in re.findall(ROW.format(role=r"(?:head|worker-\d+-\d+)"), log.read_text(), re.M)]
+        assert _ignores(deploy.pid, ignored), log.read_text()  # serving, it still ignores it
+        deploy.send_signal(ignored)
+        address = re.search(r"kept serves on (\S+)", log.read_text()).group(1)
+        answer = oneshot.run_sync(oneshot.send_request_async(DataRequest([Document(text="x")], endpoint="/tag"),
+                                                             address, timeout=10))
+        assert not answer.is_error and deploy.poll() is None, log.read_text()
+        assert "stopping" not in log.read_text(), log.read_text()
+        deploy.send_signal(signal.SIGTERM)
+        assert deploy.wait(20) == 0, log.read_text()
+    finally:
+        stop(deploy, pids)
+    assert "kept: every process drained and stopped" in log.read_text(), log.read_text()
+    assert not wait_gone(pids)
 
 
 # -- 3: a --uses module that raises as it is imported ----------------------------------------------------------

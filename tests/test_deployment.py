@@ -1104,6 +1104,61 @@ def test_a_second_stop_of_a_stopped_deployment_keeps_what_the_first_one_found(tm
     assert not deployment.log_dir.exists() and all(not process.alive for process in deployment.processes)
 
 
+REENTERED_STOP_SCRIPT = """
+import os, signal, sys, threading, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import executors
+from shardnet import Deployment
+
+if __name__ == "__main__":
+    workspace = Path(sys.argv[2])
+    deployment = Deployment(executors.ClosesWhenReleased, name="reentered", workspace=str(workspace), drain_seconds=0)
+
+    def on_term(signum, frame):  # runs in the main thread, inside the with block's stop()
+        deployment.stop()
+        print("the handler's stop() returned", flush=True)
+        (workspace / "release").touch()  # the worker's close() ends: the stop under way goes on
+
+    def sigterm_once_closing():
+        while not (workspace / "closing").exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with deployment:
+        signal.signal(signal.SIGTERM, on_term)
+        threading.Thread(target=sigterm_once_closing, daemon=True).start()
+    print("stopped:", deployment.killed_at_stop, deployment.failed_at_stop, deployment.log_dir.exists(),
+          any(process.alive for process in deployment.processes), flush=True)
+"""
+
+
+def test_a_stop_called_by_a_signal_handler_during_a_stop_returns_and_the_stop_under_way_ends(tmp_path):
+    """A script's SIGTERM handler calling stop() while its main thread was already in stop() (leaving a ``with``
+    block) waited for ever on the lock its own thread held (a regression review's find). It returns at once,
+    and the stop under way ends as it would have: every process stopped, the temporary folders removed."""
+    script, workspace, tmp = tmp_path / "reentered.py", tmp_path / "ws", tmp_path / "t"
+    script.write_text(REENTERED_STOP_SCRIPT)
+    tmp.mkdir()
+    parent = subprocess.Popen(
+        [sys.executable, str(script), str(Path(executors.__file__).parent), str(workspace)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "TMPDIR": str(tmp)},
+        start_new_session=True,  # a hung one is killed with its children below
+    )
+    try:
+        out, _ = parent.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(parent.pid, signal.SIGKILL)
+        out, _ = parent.communicate()
+        pytest.fail(f"the stop in the signal handler hung:\n{out}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(parent.pid, signal.SIGKILL)
+    assert parent.returncode == 0, out
+    assert "the handler's stop() returned\nstopped: [] [] False False\n" in out, out
+    assert list(tmp.iterdir()) == [], list(tmp.iterdir())
+
+
 def test_the_demo_indexer_under_a_deployment_given_no_workspace_writes_nothing_in_the_current_folder(
     tmp_path, monkeypatch
 ):

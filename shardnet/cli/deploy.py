@@ -139,7 +139,10 @@ def _deploy(args: argparse.Namespace, uses_with: dict, workspace: str) -> int:
     """Run the deployment ``args`` describe until a stop signal; its exit code."""
     token = control_token(args)
     stop = threading.Event()  # set by a stop signal once the start is over: the serving loop looks at it
-    on_stop_signals(lambda *_: stop.set())
+    # from the end of the start on, the loop in _serve notices within a second, Ctrl-C too: a KeyboardInterrupt
+    # could land in the middle of a restart, or of the making of the loop a look at the head runs in, and one
+    # that came as the start ended (run_stoppable passes it on) would leave the started deployment to no one
+    on_stop_signals(lambda *_: stop.set(), ctrl_c=True)
     try:
         # started as an ``async with`` starts it: a stop signal cancels the start, which stops what it launched
         deployment = run_stoppable(_started_deployment(args, uses_with, workspace, token))
@@ -191,9 +194,6 @@ async def _started_deployment(
 def _serve(args: argparse.Namespace, deployment: Deployment, stop: threading.Event, token_given: bool) -> int:
     """Serve the started ``deployment`` until a stop signal sets ``stop``, then stop it; deploy's exit code, from
     how the stop went."""
-    # from here on the loop below notices within a second, Ctrl-C too: a KeyboardInterrupt could land in
-    # the middle of a restart, or of the making of the loop a look at the head runs in
-    on_stop_signals(lambda *_: stop.set(), ctrl_c=True)
     print(deployment.table())
     kept = "kept after exit" if args.log_dir else "removed on exit; --log-dir DIR keeps them"
     print(f"logs: {deployment.log_dir}/{args.name}-ROLE.log, one per process ({kept})")
@@ -218,11 +218,19 @@ def _serve(args: argparse.Namespace, deployment: Deployment, stop: threading.Eve
         forced.set()
         deployment.kill()
 
-    signal.signal(signal.SIGINT, stop_at_once)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job's stays ignored to its end
+        signal.signal(signal.SIGINT, stop_at_once)
+
+    def warn_failed(failed: list[ShardnetProcess]) -> None:
+        if forced.is_set():  # the user's second Ctrl-C killed these: no failure of theirs to quote, one by one
+            failed = [process for process in failed if process.popen.returncode != -signal.SIGKILL]
+        _warn_failed_at_stop(failed, bool(args.log_dir))
+
     print("stopping... (Ctrl-C again stops them at once)", flush=True)
-    deployment.stop(on_failed=lambda failed: _warn_failed_at_stop(failed, bool(args.log_dir)))
+    deployment.stop(on_failed=warn_failed)
     if forced.is_set():
-        print(f"{args.name}: every process killed at once; {_left_behind(args)}", flush=True)
+        print(f"{args.name}: the stop was cut short by the second Ctrl-C: every process killed at once; "
+              f"{_left_behind(args)}", flush=True)
         return 130
     if reported:  # under --no-restart: what exited on its own is a failure for whoever runs deploy
         print(f"{args.name}: stopped after {len(reported)} process(es) exited on their own (--no-restart; see the "

@@ -174,7 +174,10 @@ def run_stoppable(main: Coroutine[Any, Any, T]) -> T:
     """``asyncio.run(main)``, which SIGTERM, SIGHUP (a closed terminal) and Ctrl-C, each unless ignored (as a
     background job's SIGINT is), stop in order: the first cancels ``main`` where it awaits, its ``async with``
     blocks exit (a Deployment stops every process and removes its folders), then ``StoppedBySignal`` is raised.
-    A later one changes nothing: the stop under way is bounded.
+    A later one changes nothing: the stop under way is bounded. One that comes as ``main`` ends, too late to
+    cancel it, is not lost: the handler there before gets it once ``main``'s result is in (deploy's sets the
+    event its serving loop looks at), or, with none of the program's own (the default action, Python's
+    KeyboardInterrupt), ``StoppedBySignal`` is raised as if it had cancelled ``main``.
 
     The handler only hands the stop to the event loop: a KeyboardInterrupt raised wherever the signal lands
     may land in a gRPC callback, where gRPC swallows it, and the program then waited for ever."""
@@ -190,6 +193,7 @@ async def _cancelled_on_stop_signals(main: Coroutine[Any, Any, T], received: lis
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
+    heard: list[int] = []  # every stop signal the handler below took, one too late to cancel main too
 
     def stop(signum: int) -> None:  # in the event loop, between its callbacks
         if not received and not task.done():
@@ -197,6 +201,7 @@ async def _cancelled_on_stop_signals(main: Coroutine[Any, Any, T], received: lis
             task.cancel()
 
     def on_signal(signum: int, frame: Any) -> None:  # wherever the main thread is: it only tells the loop
+        heard.append(signum)
         loop.call_soon_threadsafe(stop, signum)
 
     # Python-level handlers, swapped without a moment under the default action (loop.add_signal_handler's
@@ -212,17 +217,32 @@ async def _cancelled_on_stop_signals(main: Coroutine[Any, Any, T], received: lis
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        if heard and not received:  # it came as main ended: the loop never got to cancel it
+            _pass_on(heard[0], previous[heard[0]], received)
+
+
+def _pass_on(signum: int, handler: Any, received: list[int]) -> None:
+    """Give the stop signal ``signum``, which came too late to cancel ``run_stoppable``'s coroutine, to
+    ``handler``, the one there before, when the program installed it; else put it in ``received``, for
+    ``StoppedBySignal``."""
+    if callable(handler) and handler is not signal.default_int_handler:
+        handler(signum, None)
+    else:
+        received.append(signum)
 
 
 def on_stop_signals(handler: Callable[[int, Any], Any], ctrl_c: bool = False) -> None:
-    """Make SIGTERM and SIGHUP (a closed terminal), and with ``ctrl_c`` SIGINT, run ``handler``.
+    """Make SIGTERM and SIGHUP (a closed terminal), and with ``ctrl_c`` SIGINT, run ``handler``, each unless
+    ignored, as from the start under nohup (SIGHUP) or in a background job of a script (SIGINT): what runs it so
+    asked that the signal not stop it.
 
     Their default action ends the process at once, so a Deployment started would neither stop its processes nor
     remove its folders. ``deploy`` passes a handler setting the event its serving loop looks at, to stop at its
     next look rather than mid-restart.
     """
     for signum in (signal.SIGTERM, signal.SIGHUP, *((signal.SIGINT,) if ctrl_c else ())):
-        signal.signal(signum, handler)
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, handler)
 
 
 def end_loading_on_stop_signals(parent_pid: Optional[int] = None) -> threading.Event:

@@ -24,7 +24,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
 
 import grpc
 
@@ -305,7 +305,9 @@ class Deployment:
         self.workers: dict[tuple[int, int], ShardnetProcess] = {}
         self._spawned: list[ShardnetProcess] = []
         self._starting: set[ShardnetProcess] = set()  # launched again by revive(), not serving yet
-        self._launching = threading.Lock()  # revive() launches, stop() stops: one at a time, whatever the threads
+        # revive() launches, stop() stops: one at a time, whatever the threads (taken with _holding_launch_lock)
+        self._launching = threading.RLock()
+        self._launch_lock_depth = 0  # how many times the thread holding _launching took it: 2 in a signal handler
         self._stopping = False
         self.killed_at_stop: list[str] = []  # roles the last stop() had to kill (they did not stop in time)
         self.failed_at_stop: list[str] = []  # those that exited on their own at the last stop(), not with code 0
@@ -349,7 +351,7 @@ class Deployment:
     def _launch_unless_stopping(self, process: ShardnetProcess, first: bool = False) -> bool:
         """Launch ``process`` (``first``: a new one of this run, which stop() must know of) unless a stop() from
         another thread is under way or done; whether it was launched."""
-        with self._launching:
+        with self._holding_launch_lock():
             if self._stopping:
                 return False
             if first:
@@ -380,7 +382,8 @@ class Deployment:
             self._prepare_run()
         elif self._spawned:  # a second head and workers, or (on its sockets) a start failing, which stops the first
             raise ProcessError(f"deployment {self.name!r} is already running: stop() it before starting it again")
-        with self._launching:  # a stop() in another thread comes before (nothing starts) or after (it cleans up)
+        # a stop() in another thread comes before (nothing starts) or after (it cleans up)
+        with self._holding_launch_lock():
             refused = self._stopping or abandoned.is_set()
             if not refused:
                 self._make_folders()
@@ -695,6 +698,18 @@ class Deployment:
                              process.role, self.startup_timeout, delay, LONGER_STARTUP, process.tail())
         return ready
 
+    @contextlib.contextmanager
+    def _holding_launch_lock(self) -> Iterator[bool]:
+        """Hold the lock launches and stops take; yields whether this thread held it already: a signal handler
+        that interrupted a stop or a launch of its own thread, which it cannot wait for (it goes on only once the
+        handler returns)."""
+        with self._launching:
+            self._launch_lock_depth += 1
+            try:
+                yield self._launch_lock_depth > 1
+            finally:
+                self._launch_lock_depth -= 1
+
     def stop(self, on_failed: Optional[Callable[[list[ShardnetProcess]], None]] = None) -> None:
         """Stop every process within two drains and 5 s (25 s by default): the head first, drained while its
         workers and uses_before/after still serve (what it accepted is answered), then those, their drains
@@ -703,9 +718,17 @@ class Deployment:
         drain ended with requests still under way: the head's, drained first, is the one that cuts a request
         running past one drain) is in ``failed_at_stop``, and ``on_failed``, if given, gets those processes
         before the temporary folders go (their logs can still be read). A stop of a stopped deployment (an explicit stop(),
-        then a ``with``'s exit) does nothing: both still say how the first went."""
+        then a ``with``'s exit) does nothing: both still say how the first went.
+
+        Called in a signal handler while its thread is in a stop() already, it returns at once, and the stop under
+        way ends as it would have (``kill()`` cuts it short); while its thread launches a process (start(),
+        revive()), it returns at once too, and nothing more is launched: the start fails, stopping what it
+        launched, or the next stop() (a ``with``'s exit) stops what runs. Waiting would wait for ever."""
         # one stop at a time, and a revive() or start() in another thread launches nothing from here on
-        with self._launching:
+        with self._holding_launch_lock() as reentered:
+            if reentered:  # a signal handler's, in the thread that holds the lock: what it interrupted ends it
+                self._stopping = True
+                return
             if self._finalizer is None:  # stopped already (a start() after it makes a new run, and a finalizer)
                 return
             self._stopping = True
