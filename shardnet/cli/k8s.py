@@ -74,7 +74,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     parser.add_argument(
         "--network-policy", action="store_true",
         help="a NetworkPolicy per shard letting only the head's pods reach its workers (needs a network plugin "
-             "that enforces them; kubelet's probes come from the node, which common plugins let through)",
+             "that enforces them; kubelet's probes come from the node, which common plugins let through); with "
+             "--metrics, the metrics port is let in from any source",
     )
     parser.add_argument(
         "--tls-secret", metavar="SECRET",
@@ -106,7 +107,8 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         "--metrics", type=int, nargs="?", const=METRICS_PORT, metavar="PORT",
         help="heads and workers serve Prometheus metrics on PORT (default when given alone: %(const)s), their pods "
              "annotated prometheus.io/scrape and prometheus.io/port (the image needs the extra shardnet[metrics], "
-             "as the Dockerfile's has it)",
+             "as the Dockerfile's has it). Plain HTTP, unauthenticated, even with --tls-secret; with "
+             "--network-policy the workers' policy lets PORT in from any source: narrow it to your Prometheus",
     )
     parser.add_argument(
         "--startup-seconds", type=int, default=DeploymentSpec.startup_seconds,

@@ -663,7 +663,8 @@ def _component(spec: DeploymentSpec, name: str, role: str, shard: Optional[int])
                     "from": [{"podSelector": {"matchLabels": pod_labels(spec, "head", None)}}],
                     "ports": [{"port": spec.port, "protocol": "TCP"}],
                 },
-                # metrics: Prometheus scrapes from wherever it runs (they are read-only, and say nothing of data)
+                # metrics: Prometheus scrapes from wherever it runs, so any source may read them (plain HTTP, no
+                # auth, even under TLS: README's Metrics and `k8s render --help` say so and to narrow the rule)
                 *([{"ports": [{"port": spec.metrics_port, "protocol": "TCP"}]}] if spec.metrics_port is not None else []),
             ],
         },

@@ -140,8 +140,9 @@ class GrpcConnectionPool:
     # The gRPC port of every pod in Kubernetes, as Jina 3.34's constant: what shardnet's manifests give the
     # ``executor`` container and what its discovery assumes of a pod that names none (kubernetes.DEFAULT_PORT).
     # Jina's K8S_PORT_USES_BEFORE/AFTER (8078/8079: sidecars in the head's pod) and K8S_PORT_MONITORING (9090)
-    # are not defined: shardnet renders no such sidecars and no metrics port, and its discovery reads a
-    # uses_before/uses_after pod's port from the pod like any other's.
+    # are not defined: shardnet renders no such sidecars, its metrics port is a runtime's --metrics-port (k8s
+    # render --metrics, 9090 by default), and its discovery reads a uses_before/uses_after pod's port from the
+    # pod like any other's.
     K8S_PORT = 8080
 
     def __init__(

@@ -464,6 +464,8 @@ class Head:
         try:
             requests = request_list(payload, decoded_here=False, max_fields=self._max_request_fields)
         except ProtocolError as exc:
+            if self.metrics is not None:  # refused before it is served, counted here
+                self.metrics.unreadable()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if self._max_in_flight is not None:
             return await self._serve_admitted(requests, context)

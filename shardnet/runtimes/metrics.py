@@ -5,7 +5,8 @@ served by prometheus_client's aiohttp handler on the event loop that serves gRPC
 head's replica lists, its pool's retry budget, the requests under way) is read on the loop that changes it,
 never from another thread. What shardnet counts already is read at scrape time, at no cost per request; per
 request, a runtime with metrics adds one counter increment and one histogram observation, through a wrapper
-put in place at start only when metrics are on. prometheus-client is an optional extra (``shardnet[metrics]``):
+put in place at start only when metrics are on (and a head, for an endpoint it has not learned, asks its workers
+which they serve: see HeadMetrics). prometheus-client is an optional extra (``shardnet[metrics]``):
 importing this module without it is refused in those words.
 """
 
@@ -14,13 +15,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter as Tally
-from typing import Any, Awaitable, Callable, Iterator, Optional
+import logging
+from typing import Any, Awaitable, Callable, Iterable, Iterator, Optional
 
 from aiohttp import web
 
 from shardnet.errors import ConfigurationError, ProtocolError
 from shardnet.networking.addresses import entity_address
 from shardnet.protocol import services
+from shardnet.runtimes.executor import DEFAULT, DEFAULT_ENDPOINT, DRY_RUN_ENDPOINT
 
 try:
     from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
@@ -31,37 +34,32 @@ except ImportError as missing:
         "--metrics-port needs prometheus-client, an optional extra: pip install 'shardnet[metrics]'"
     ) from missing
 
+logger = logging.getLogger(__name__)
+
 METRICS_PATH = "/metrics"
-# endpoints are the callers' to choose: the first this many seen get a label of their own, the rest share OTHER
-MAX_ENDPOINT_LABELS = 100
-MAX_ENDPOINT_LABEL_CHARS = 200  # a longer endpoint is labelled OTHER too
-OTHER = "other"
+# Endpoints are the callers' to choose, so none gets a label of its own for naming it: a worker labels the
+# endpoints its Executor binds (a set fixed when it loads), a head those its workers list (endpoint discovery).
+# The labels for everything else start with "(", which no bound endpoint can (executor.requests: "/" or none).
+UNBOUND_LABEL = "(unbound)"  # a worker's requests no handler serves (passed through unchanged)
+OTHER = "(other)"  # a head's requests of endpoints its workers do not list (or past MAX_ENDPOINT_LABELS)
+UNREADABLE_LABEL = "(unreadable)"  # requests whose bytes or header could not be read (INVALID_ARGUMENT)
+MAX_ENDPOINT_LABELS = 100  # a head's backstop: at most this many listed endpoints get a label of their own
+MAX_ENDPOINT_LABEL_CHARS = 200  # a longer listed endpoint is labelled OTHER too
+# a head asks its workers for their endpoints when a request names one it has not learned, at most this often
+LEARN_EVERY_SECONDS = 1.0
+LEARN_TIMEOUT = 5.0  # how long such a question may take
+MAX_WAITING_COUNTS = 10_000  # requests counted once the question in flight is answered; past these, OTHER
 # what became of a request (the ``outcome`` label)
 OK, ERROR, REFUSED, CANCELLED, UNBOUND = "ok", "error", "refused", "cancelled", "unbound"
 
 Handle = Callable[..., Awaitable[bytes]]
-
-
-class EndpointLabels:
-    """The ``endpoint`` label of an endpoint: itself for the first MAX_ENDPOINT_LABELS seen (short enough),
-    OTHER for the rest, so that callers naming endpoints at will cannot grow the series without bound."""
-
-    def __init__(self, limit: int = MAX_ENDPOINT_LABELS):
-        self._limit = limit
-        self._seen: set[str] = set()
-
-    def __call__(self, endpoint: str) -> str:
-        if endpoint in self._seen:
-            return endpoint
-        if len(self._seen) >= self._limit or len(endpoint) > MAX_ENDPOINT_LABEL_CHARS:
-            return OTHER
-        self._seen.add(endpoint)
-        return endpoint
+Record = Callable[[str, str, Optional[float]], None]
 
 
 class RequestMeter:
-    """Requests by endpoint and outcome (a counter) and how long they took by endpoint (a histogram), of one
-    deployment; each labelled child is made once and kept (at most MAX_ENDPOINT_LABELS + 1 endpoints)."""
+    """Requests by endpoint label and outcome (a counter), how long they took by endpoint label (a histogram),
+    and readiness checks apart (Jina's dry-run requests, which are no work), of one deployment; each labelled
+    child is made once and kept (the labels are a bounded set: see the module's constants)."""
 
     def __init__(
         self, registry: CollectorRegistry, prefix: str, constant: dict[str, str], *, what: str, outcomes: str,
@@ -73,13 +71,14 @@ class RequestMeter:
         )
         self._seconds = Histogram(f"{prefix}_{timed}_duration_seconds", f"seconds {what} took, by endpoint", names,
                                   registry=registry)
+        dry_runs = Counter(f"{prefix}_dry_runs", f"readiness checks ({DRY_RUN_ENDPOINT} requests), not in the "
+                           f"{prefix}_requests counts", list(constant), registry=registry)
+        self.dry_run = dry_runs.labels(*constant.values()).inc
         self._constant = tuple(constant.values())
-        self.labels = EndpointLabels()
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
-    def count(self, endpoint: str, outcome: str, seconds: Optional[float] = None) -> None:
-        """One request of ``endpoint`` ended with ``outcome`` after ``seconds`` (None: it never ran, not timed)."""
-        label = self.labels(endpoint)
+    def count(self, label: str, outcome: str, seconds: Optional[float] = None) -> None:
+        """One request labelled ``label`` ended with ``outcome`` after ``seconds`` (None: it never ran, not timed)."""
         children = self._children.get((label, outcome))
         if children is None:
             values = (*self._constant, label)
@@ -91,45 +90,64 @@ class RequestMeter:
             children[1].observe(seconds)
 
 
-def _marked_error(context: Any) -> bool:
+class _Trailers:
+    """A request's context, itself in all but one thing: it keeps the trailing metadata its handler sets, for
+    the metrics to read (a stream's context keeps what an earlier request of it set). Only metered requests
+    are given one."""
+
+    __slots__ = ("_context", "trailing")
+
+    def __init__(self, context: Any):
+        self._context = context
+        self.trailing: Any = ()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        self.trailing = metadata
+        self._context.set_trailing_metadata(metadata)
+
+
+def _marked_error(trailing: Any) -> bool:
     """Whether the answer just given carries an error (Jina's ``is-error`` trailer, which heads and workers set
     on every ERROR answer, passed on from a worker or made by the head)."""
-    return any(key == services.ERROR_METADATA for key, _ in context.trailing_metadata() or ())
+    return any(key == services.ERROR_METADATA for key, _ in trailing or ())
 
 
-def metered(
-    handle: Handle, meter: RequestMeter, endpoint_of: Callable[..., str], *, unbound: Optional[Callable[[str], bool]] = None,
-) -> Handle:
-    """``handle(requests, context, ...)`` counted and timed by ``meter`` under the endpoint ``endpoint_of(requests,
-    context)`` names once it returns: ok, error (an ERROR answer, or a gRPC status), cancelled (its call cut),
-    or, where ``unbound(endpoint)`` says no handler serves it, unbound."""
+def metered(handle: Handle, meter: RequestMeter, record: Record, endpoint_of: Callable[..., str]) -> Handle:
+    """``handle(requests, context, ...)`` timed and given to ``record(endpoint, outcome, seconds)`` under the
+    endpoint ``endpoint_of(requests, context)`` names once it returns: ok, error (an ERROR answer, or a gRPC
+    status), or cancelled (its call cut). A readiness check (the dry-run endpoint) is counted apart."""
 
     async def handle_metered(requests: list, context: Any, *args: Any) -> bytes:
         started = time.perf_counter()
+        context = _Trailers(context)
         outcome = ERROR
         try:
             answer = await handle(requests, context, *args)
-            outcome = ERROR if _marked_error(context) else OK
+            outcome = ERROR if _marked_error(context.trailing) else OK
             return answer
         except asyncio.CancelledError:
             outcome = CANCELLED
             raise
         finally:
             endpoint = endpoint_of(requests, context)
-            if outcome == OK and unbound is not None and unbound(endpoint):
-                outcome = UNBOUND
-            meter.count(endpoint, outcome, time.perf_counter() - started)
+            if endpoint == DRY_RUN_ENDPOINT:
+                meter.dry_run()
+            else:
+                record(endpoint, outcome, time.perf_counter() - started)
 
     return handle_metered
 
 
 def header_endpoint(requests: list, context: Any) -> str:
     """The endpoint a request names: its header's (a head writes the metadata's there), else the metadata's,
-    else ``/default``; a header that cannot be read names none."""
+    else ``/default``; UNREADABLE_LABEL when its header cannot be read (the request is refused for it)."""
     try:
         endpoint = requests[0].endpoint
     except ProtocolError:
-        endpoint = None
+        return UNREADABLE_LABEL
     if endpoint is None:
         endpoint = dict(context.invocation_metadata() or ()).get(services.ENDPOINT_METADATA) or "/default"
     return endpoint
@@ -145,8 +163,9 @@ class _Collected:
 class MetricsListener:
     """The HTTP listener serving a registry's metrics at /metrics (prometheus_client's aiohttp handler)."""
 
-    def __init__(self, registry: CollectorRegistry):
+    def __init__(self, registry: CollectorRegistry, on_stop: Optional[Callable[[], Awaitable[None]]] = None):
         self.registry = registry
+        self._on_stop = on_stop  # what else the runtime's metrics end as the listener closes
         self._runner: Optional[web.AppRunner] = None
         self.port: Optional[int] = None
 
@@ -171,6 +190,8 @@ class MetricsListener:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+        if self._on_stop is not None:
+            await self._on_stop()
 
 
 def _registry() -> CollectorRegistry:
@@ -180,47 +201,108 @@ def _registry() -> CollectorRegistry:
     return registry
 
 
-def _cut(name: str, what: str, labels: list[str], values: list[str], cut: Tally, endpoints: EndpointLabels) -> Any:
+def _cut(name: str, what: str, labels: list[str], values: list[str], cut: Tally, label: Callable[[str], str]) -> Any:
     """The requests cut at the drain's end, by endpoint label (its endpoints as the request counters name them)."""
     family = CounterMetricFamily(name, what, labels=[*labels, "endpoint"])
     folded: Tally = Tally()
     for endpoint, count in cut.items():
-        folded[endpoints(endpoint)] += count
-    for label, count in sorted(folded.items()):
-        family.add_metric([*values, label], count)
+        folded[label(endpoint)] += count
+    for endpoint_label, count in sorted(folded.items()):
+        family.add_metric([*values, endpoint_label], count)
     return family
 
 
 class HeadMetrics:
     """A head's metrics: its requests (per request), and at scrape time its requests under way, its replicas
     by shard (and those ejected), its pool's retries and retry-budget refusals, and its ANY requests sent on to
-    another shard."""
+    another shard.
+
+    A request is labelled with its endpoint only when the head's workers list that endpoint (endpoint
+    discovery, asked of them when a request names one not learned yet, at most every LEARN_EVERY_SECONDS; the
+    requests ended meanwhile are counted once they answered), so that a caller naming endpoints at will takes
+    no label from those the deployment serves."""
 
     def __init__(self, head: Any):
         self.registry = _registry()
-        self.listener = MetricsListener(self.registry)
+        self.listener = MetricsListener(self.registry, on_stop=self._stop_learning)
         self._head = head
         self.meter = RequestMeter(
             self.registry, "shardnet_head", {"deployment": head.deployment}, what="requests through the head",
             outcomes=f"{OK}, {ERROR}, {REFUSED}, {CANCELLED}", timed="request",
         )
+        self._listed: set[str] = set()  # the endpoints its workers listed: each a label of its own
+        self._learning: Optional[asyncio.Task] = None  # the question to the workers in flight
+        self._learnt_at = -LEARN_EVERY_SECONDS  # the loop's time the last one ended
+        self._waiting: list[tuple[str, str, Optional[float]]] = []  # counts held until it is answered
         self.registry.register(_Collected(self._families))
 
     def meter_serve(self, serve: Handle) -> Handle:
         """The head's ``_serve``, counted and timed."""
-        return metered(serve, self.meter, header_endpoint)
+        return metered(serve, self.meter, self.record, header_endpoint)
 
     def meter_admission(self, admit: Handle) -> Handle:
         """The head's ``_serve_admitted``: a request it refuses (``max_in_flight`` reached) counted ``refused``
         (the refusal is decided before anything is awaited, as here)."""
-        head, meter = self._head, self.meter
+        head, record = self._head, self.record
 
         async def admit_metered(requests: list, context: Any) -> bytes:
             if head._full:
-                meter.count(header_endpoint(requests, context), REFUSED)
+                endpoint = header_endpoint(requests, context)
+                if endpoint == DRY_RUN_ENDPOINT:
+                    self.meter.dry_run()
+                else:
+                    record(endpoint, REFUSED, None)
             return await admit(requests, context)
 
         return admit_metered
+
+    def label(self, endpoint: str) -> str:
+        """The endpoint's label: itself when the workers listed it, else OTHER (UNREADABLE_LABEL kept)."""
+        return endpoint if endpoint in self._listed or endpoint == UNREADABLE_LABEL else OTHER
+
+    def record(self, endpoint: str, outcome: str, seconds: Optional[float]) -> None:
+        """Count a request that ended; one of an endpoint not learned waits for the workers' list (asked now
+        unless asked within LEARN_EVERY_SECONDS), or, past MAX_WAITING_COUNTS or with none asked, is OTHER."""
+        if endpoint not in self._listed and endpoint != UNREADABLE_LABEL:
+            loop = asyncio.get_running_loop()
+            if self._learning is None and loop.time() - self._learnt_at >= LEARN_EVERY_SECONDS:
+                self._learning = loop.create_task(self._learn())
+            if self._learning is not None and len(self._waiting) < MAX_WAITING_COUNTS:
+                self._waiting.append((endpoint, outcome, seconds))
+                return
+        self.meter.count(self.label(endpoint), outcome, seconds)
+
+    def unreadable(self) -> None:
+        """A request list that could not be read (refused INVALID_ARGUMENT before it was served)."""
+        self.meter.count(UNREADABLE_LABEL, ERROR, 0.0)
+
+    async def _learn(self) -> None:
+        """Ask the workers (and uses_before's, uses_after's) for their endpoints, then count what waited."""
+        head = self._head
+        try:
+            names = [name for name in (head.deployment, head._uses_before, head._uses_after) if name is not None]
+            asked = await asyncio.gather(*(head._endpoints_of(name, (head._via,), LEARN_TIMEOUT) for name in names))
+            for reply, _failures in asked:
+                for endpoint in reply.endpoints if reply is not None else ():
+                    if (
+                        endpoint.startswith("/") and len(endpoint) <= MAX_ENDPOINT_LABEL_CHARS
+                        and len(self._listed) < MAX_ENDPOINT_LABELS
+                    ):
+                        self._listed.add(endpoint)
+        except Exception as exc:  # noqa: BLE001 - a question for the labels must not fail anything else
+            logger.debug("%s: the workers' endpoints, for the metrics: %s", head.deployment, exc)
+        finally:
+            self._learnt_at = asyncio.get_running_loop().time()
+            self._learning = None
+            waiting, self._waiting = self._waiting, []
+            for endpoint, outcome, seconds in waiting:
+                self.meter.count(self.label(endpoint), outcome, seconds)
+
+    async def _stop_learning(self) -> None:
+        learning = self._learning
+        if learning is not None:
+            learning.cancel()
+            await asyncio.gather(learning, return_exceptions=True)
 
     def _families(self) -> Iterator[Any]:
         head, pool = self._head, self._head.pool
@@ -251,27 +333,52 @@ class HeadMetrics:
             family.add_metric([deployment], value)
             yield family
         yield _cut("shardnet_head_requests_cut", "requests cut unanswered at the drain's end", ["deployment"],
-                   [deployment], head.requests_cut, self.meter.labels)
+                   [deployment], head.requests_cut, self.label)
 
 
 class WorkerMetrics:
     """A worker's metrics: its requests (per request) and, at scrape time, those in their handlers and those
-    cut at the drain's end."""
+    cut at the drain's end. A request is labelled with the endpoint its Executor binds (a set fixed when it
+    loads), ``/default`` when its default handler took it, else UNBOUND_LABEL (passed through unchanged)."""
 
-    def __init__(self, worker: Any, deployment: str, shard_id: int):
+    def __init__(self, worker: Any, deployment: str, shard_id: int, handlers: Iterable[str]):
         self.registry = _registry()
         self.listener = MetricsListener(self.registry)
         self._worker = worker
         self._labels = {"deployment": deployment, "shard": str(shard_id)}
+        self._bound = frozenset(handler for handler in handlers if handler != DEFAULT)
+        self._rest = DEFAULT_ENDPOINT if DEFAULT in handlers else UNBOUND_LABEL
         self.meter = RequestMeter(
             self.registry, "shardnet_worker", self._labels, what="requests the worker handled",
             outcomes=f"{OK}, {ERROR}, {UNBOUND} (no handler: passed through), {CANCELLED}", timed="handler",
         )
         self.registry.register(_Collected(self._families))
 
-    def meter_handle(self, handle: Handle, endpoint_of: Callable[..., str], unbound: Callable[[str], bool]) -> Handle:
-        """The worker's ``_handle``, counted and timed."""
-        return metered(handle, self.meter, endpoint_of, unbound=unbound)
+    def label(self, endpoint: str) -> str:
+        """The endpoint's label: itself when bound, ``/default`` or UNBOUND_LABEL when not (UNREADABLE_LABEL kept)."""
+        return endpoint if endpoint in self._bound or endpoint == UNREADABLE_LABEL else self._rest
+
+    def record(self, endpoint: str, outcome: str, seconds: Optional[float]) -> None:
+        """Count a request that ended (one no handler served: ``unbound``, as it passed through unchanged)."""
+        label = self.label(endpoint)
+        if outcome == OK and label == UNBOUND_LABEL:
+            outcome = UNBOUND
+        self.meter.count(label, outcome, seconds)
+
+    def unreadable(self) -> None:
+        """A request list that could not be read (refused INVALID_ARGUMENT before it was handled)."""
+        self.meter.count(UNREADABLE_LABEL, ERROR, 0.0)
+
+    def meter_handle(self, handle: Handle, endpoint_of: Callable[[Any, Any], str]) -> Handle:
+        """The worker's ``_handle``, counted and timed under the endpoint ``endpoint_of(request, context)`` names."""
+
+        def endpoint_named(requests: list, context: Any) -> str:
+            try:
+                return endpoint_of(requests[0], context)
+            except ProtocolError:
+                return UNREADABLE_LABEL
+
+        return metered(handle, self.meter, self.record, endpoint_named)
 
     def _families(self) -> Iterator[Any]:
         worker = self._worker
@@ -281,4 +388,4 @@ class WorkerMetrics:
         in_flight.add_metric(values, sum(worker._in_handlers.values()))
         yield in_flight
         yield _cut("shardnet_worker_requests_cut", "requests cut in their handlers at the drain's end", names, values,
-                   worker.requests_cut, self.meter.labels)
+                   worker.requests_cut, self.label)

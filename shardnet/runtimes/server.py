@@ -221,18 +221,9 @@ class _OneRequestOfAStream:
     def __init__(self, context: grpc.aio.ServicerContext):
         self._context = context
         self._done: list[Callable[[Any], None]] = []  # the request's callbacks, run once its answer is out
-        self._trailing: Any = ()  # the trailing metadata this request set (a head's metrics read is-error there)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
-
-    def set_trailing_metadata(self, metadata: Any) -> None:
-        self._trailing = metadata
-        self._context.set_trailing_metadata(metadata)
-
-    def trailing_metadata(self) -> Any:
-        """What this request set, not the stream's (which keeps what an earlier request of it set)."""
-        return self._trailing
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> NoReturn:
         raise RequestAborted(code, details)
@@ -244,7 +235,6 @@ class _OneRequestOfAStream:
         """The request's answer is out (gRPC resumes a stream's handler once it wrote what it yielded), or the
         stream ended: run its done callbacks."""
         done, self._done = self._done, []
-        self._trailing = ()
         for callback in done:
             callback(self)
 
@@ -538,6 +528,15 @@ class Server:
             logger.info("health check (plaintext) on %s", self.health_address)
         if self.metrics_address is not None:
             logger.info("metrics on http://%s/metrics", self.metrics_address)
+            if config.tls is not None:  # the one listener of a TLS server that neither encrypts nor authenticates
+                logger.warning(
+                    "metrics on %s are served over plain HTTP, unauthenticated, to anyone who reaches the port, "
+                    "while gRPC here takes TLS%s: bind --host to an internal interface, or protect port %d "
+                    "(a firewall, a NetworkPolicy)",
+                    self.metrics_address,
+                    " and client certificates (--tls-client-ca)" if config.tls.client_ca is not None else "",
+                    self.metrics_port,
+                )
 
     async def mark_ready(self) -> None:
         """Report readiness SERVING, now or when the server starts (a draining one stays NOT_SERVING)."""

@@ -170,20 +170,6 @@ class _MessageContext:
 _MESSAGE_CONTEXT = _MessageContext()  # it holds nothing: one serves every streamed request
 
 
-class _MeteredMessageContext(_MessageContext):
-    """A ``_MessageContext`` of one streamed request that keeps its ``is-error`` trailer for the metrics to read
-    (--metrics-port only: without metrics the shared one, holding nothing, serves)."""
-
-    def __init__(self) -> None:
-        self._trailing: Any = ()
-
-    def set_trailing_metadata(self, metadata: Any) -> None:
-        self._trailing = metadata
-
-    def trailing_metadata(self) -> Any:
-        return self._trailing
-
-
 def _cancelled_from_outside() -> bool:
     """Whether the running task itself was asked to stop (its call cancelled), rather than a CancelledError
     surfacing from something the handler awaited."""
@@ -280,26 +266,9 @@ class Worker:
         worker without metrics runs the very same request path."""
         from shardnet.runtimes.metrics import WorkerMetrics  # an optional extra: imported only when asked for
 
-        self.metrics = WorkerMetrics(self, self._route_name, shard_id)
+        self.metrics = WorkerMetrics(self, self._route_name, shard_id, self._handlers)
         self.server.metrics = self.metrics.listener
-        handle = self.metrics.meter_handle(self._handle, self._endpoint_named, self._unbound)
-
-        async def handle_own_context(requests: list[DataRequest], context: Any, *args: Any) -> bytes:
-            # a streamed request's context of its own, keeping its is-error trailer (the shared one keeps none)
-            return await handle(requests, _MeteredMessageContext() if context is _MESSAGE_CONTEXT else context, *args)
-
-        self._handle = handle_own_context
-
-    def _endpoint_named(self, requests: list[DataRequest], context: Any) -> str:
-        """The endpoint a request was handled as, for the metrics (one whose header cannot be read: OTHER)."""
-        try:
-            return self._endpoint_of(requests[0], context)
-        except ProtocolError:
-            return "other"
-
-    def _unbound(self, endpoint: str) -> bool:
-        """Whether no handler serves ``endpoint`` (the request passed through unchanged), as ``_handle`` finds."""
-        return endpoint != DRY_RUN_ENDPOINT and endpoint not in self._handlers and DEFAULT not in self._handlers
+        self._handle = self.metrics.meter_handle(self._handle, self._endpoint_of)
 
     @property
     def endpoints(self) -> list[str]:
@@ -341,6 +310,8 @@ class Worker:
         try:
             requests = await asyncio.get_running_loop().run_in_executor(self._counting, request_list, payload)
         except ProtocolError as exc:
+            if self.metrics is not None:  # refused before it is handled, counted here
+                self.metrics.unreadable()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         return await self._handle(requests, context)
 
