@@ -105,6 +105,17 @@ def test_tensor_none_drops_the_tensor_and_keeps_a_text_as_docarray_does():
 REFUSED_ARRAYS = [np.array([object(), 1], dtype=object), np.zeros(2, dtype="f4,i4"), np.zeros(2, dtype="V8")]
 
 
+def test_a_time_without_a_unit_is_refused_when_set_not_only_when_read():
+    """np.array([np.datetime64("NaT")]) has no unit: it was sent, went through a worker, and failed only where
+    its answer was read, far from its cause (a regression review)."""
+    document = Document(id="d", text="kept")
+    with pytest.raises(ProtocolError, match="tensor of document 'd': cannot send .*a time without a unit"):
+        document.tensor = np.array([np.datetime64("NaT")] * 2)
+    assert document.text == "kept"
+    document.tensor = np.array(["2026-11-28"], dtype="datetime64[D]")  # with a unit, it travels
+    assert document.tensor.dtype == np.dtype("<M8[D]")
+
+
 @pytest.mark.parametrize("refused", REFUSED_ARRAYS)
 def test_an_array_refused_leaves_the_documents_content_and_arrays_as_they_were(refused):
     texted = Document(id="t-1", text="hello", embedding=np.ones(4))

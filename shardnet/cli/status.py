@@ -40,8 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("target", help="HOST:PORT")
     parser.add_argument(
         "--timeout", type=positive_seconds("timeout"), metavar="SECONDS", default=5.0,
-        help="seconds the whole check may take, a head's check of its replicas included: one that does not "
-        "answer in time is named as such (default: %(default)g)",
+        help="seconds the whole check may take, a head's check of its replicas included: a replica that does not "
+        "answer within 1 s is named as not answering, so give 2 s or more to hear of a hung one (with less, it is "
+        "not checked: incomplete, exit 3) (default: %(default)g)",
     )
     add_client_tls_arguments(parser)
     parser.set_defaults(handler=run)

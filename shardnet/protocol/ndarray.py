@@ -100,7 +100,15 @@ def _sendable(array: Any, kinds: frozenset[str] = _PLAIN_KINDS) -> np.ndarray:
     if array.dtype.kind not in kinds:
         travelling = _TRAVELLING if kinds is _PLAIN_KINDS else "numbers"
         raise ProtocolError(f"cannot send an array of dtype {array.dtype}: only {travelling} travel")
+    if _unitless_time(array.dtype):  # refused when read: refused before it leaves, where its cause is
+        raise ProtocolError(f"cannot send an array of dtype {array.dtype}: a time without a unit; give it one "
+                            "(datetime64[s], say)")
     return array
+
+
+def _unitless_time(dtype: np.dtype) -> bool:
+    """A datetime64 or timedelta64 without a unit ('<M8'): numpy hands its values out as None."""
+    return dtype.kind in "Mm" and np.datetime_data(dtype)[0] == "generic"
 
 
 def write_dense(array: np.ndarray, target: docarray_pb2.DenseNdArrayProto) -> None:
@@ -170,8 +178,7 @@ def _parsed_dtype(name: str) -> np.dtype:
         raise ProtocolError(f"NdArray dtype {name!r} is not plain data ({_TRAVELLING}); refusing to decode it")
     if dtype.itemsize == 0:  # 'U0', 'S': numpy reads no array of them
         raise ProtocolError(f"NdArray dtype {name!r} has no size; refusing to decode it")
-    if dtype.kind in "Mm" and np.datetime_data(dtype)[0] == "generic":
-        # a time without a unit: numpy hands a value out as None and fails to print it
+    if _unitless_time(dtype):  # numpy hands a value out as None and fails to print it
         raise ProtocolError(f"NdArray dtype {name!r} is a time without a unit (such as [s] or [ns]); refusing it")
     return dtype
 
