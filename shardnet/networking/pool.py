@@ -64,8 +64,8 @@ MAX_UNKNOWN_NAMES_SAID = 100  # unknown deployment names warned of per pool: a c
 # shards declare_shards takes at most: each is made at once (300,000 took 2.3 s and 282 MB), and each needs a worker
 # of its own, of which a head holds as many at most (runtimes.head.MAX_WORKERS is this; head --shards takes no more)
 MAX_SHARDS = 10_000
-# seconds of the caller's deadline a failover round must leave its attempt after the back-off; with less, the
-# call fails at once with what it has rather than sleep to the deadline and send an attempt it cannot wait for
+# seconds of the caller's deadline a failover attempt must have (after its round's back-off, if any); with less,
+# the call fails at once with what it has rather than sleep to the deadline and send an attempt it cannot wait for
 MIN_ATTEMPT_SECONDS = 0.05
 
 Metadata = Union[Sequence[tuple[str, str]], Mapping[str, str]]
@@ -502,7 +502,7 @@ class GrpcConnectionPool:
         tried = {first}
         last: dict[str, Any] = {
             "error": first_error, "connection": first, "attempt_timeout": None, "attempts": 1, "budget refused": False,
-            "out of time": False,  # a round's back-off would outlast the caller's deadline: no attempt after it
+            "out of time": False,  # the caller's deadline leaves another attempt too little (MIN_ATTEMPT_SECONDS)
             # the first failed attempt a replica may have run, with its replica; None while every attempt failed
             # before a replica could take it (the request is then unsent)
             "taken": None if _unsent(first_error, method) else (first_error, first),
