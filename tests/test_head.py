@@ -944,11 +944,15 @@ async def test_any_forwards_the_request_bytes_and_sets_endpoint_in_header_and_me
     assert echo.received_metadata[-1]["endpoint"] == "/search"
 
 
-async def test_head_forwards_endpoint_discovery(runtimes):
-    [worker] = await shard_workers(runtimes, executors.Tagger, 1)
-    head = await runtimes(Head("tagging", connections={0: [worker.server.address]}))
-    reply, _ = await oneshot.call_once("discovery", empty_pb2.Empty(), head.server.address, timeout=5)
-    assert "/tag" in reply.endpoints
+async def test_head_forwards_endpoint_discovery_which_is_no_request_of_the_retry_budgets(runtimes):
+    """A monitor listing endpoints every second (`shardnet status` does) counted as requests, one per shard
+    asked, and raised the retries data requests were allowed (a regression review)."""
+    workers = await shard_workers(runtimes, executors.Tagger, 2)
+    head = await head_over(runtimes, "tagging", workers, "ANY")
+    for _ in range(3):
+        reply, _ = await oneshot.call_once("discovery", empty_pb2.Empty(), head.server.address, timeout=5)
+        assert "/tag" in reply.endpoints
+    assert head.pool.retry_budget.total_requests == 0
 
 
 async def test_endpoint_discovery_lists_uses_before_and_uses_after_endpoints_too_as_jinas_head(runtimes):

@@ -1169,7 +1169,9 @@ class Head:
             asyncio.ensure_future(
                 self.pool.call(
                     empty_pb2.Empty(), deployment, replicas, shard_id=shard_id, method="discovery",
-                    metadata=metadata, timeout=timeout,
+                    # no request of the retry budget's: a monitor asking every second (`shardnet status` lists
+                    # endpoints) raised the retries data requests were allowed, one count per shard asked
+                    metadata=metadata, timeout=timeout, new_request=False,
                 )
             )
             for shard_id in self.pool.shard_ids(deployment)
