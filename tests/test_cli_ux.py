@@ -415,6 +415,9 @@ def test_a_stop_signal_ignored_from_the_start_stays_ignored_by_deploy_starting_a
     finally:
         stop(deploy, pids)
     assert "kept: every process drained and stopped" in log.read_text(), log.read_text()
+    # Ctrl-C, ignored in a background job, is not offered as the way to stop it
+    said = "(SIGTERM stops it)" if ignored == signal.SIGINT else "(Ctrl-C stops it)"
+    assert said in log.read_text() and (ignored != signal.SIGINT or "Ctrl-C" not in log.read_text())
     assert not wait_gone(pids)
 
 

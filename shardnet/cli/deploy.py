@@ -199,7 +199,8 @@ def _serve(args: argparse.Namespace, deployment: Deployment, stop: threading.Eve
     print(f"logs: {deployment.log_dir}/{args.name}-ROLE.log, one per process ({kept})")
     kept = "kept after exit" if args.workspace or args.log_dir else "removed on exit; --workspace DIR keeps it"
     print(f"workspace of the Executors' state: {deployment.workspace} ({kept})")
-    print(f"\n{args.name} serves on {deployment.address} (Ctrl-C stops it)", flush=True)
+    ctrl_c = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # ignored in a background job: no use naming it
+    print(f"\n{args.name} serves on {deployment.address} ({'Ctrl-C' if ctrl_c else 'SIGTERM'} stops it)", flush=True)
     exposure = exposure_warning(args.host, token_given=token_given)
     if exposure:
         print(exposure, flush=True)  # the head logs it to its file, which nobody reads while it serves
@@ -218,7 +219,7 @@ def _serve(args: argparse.Namespace, deployment: Deployment, stop: threading.Eve
         forced.set()
         deployment.kill()
 
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job's stays ignored to its end
+    if ctrl_c:  # a background job's stays ignored to its end
         signal.signal(signal.SIGINT, stop_at_once)
 
     def warn_failed(failed: list[ShardnetProcess]) -> None:
@@ -226,7 +227,7 @@ def _serve(args: argparse.Namespace, deployment: Deployment, stop: threading.Eve
             failed = [process for process in failed if process.popen.returncode != -signal.SIGKILL]
         _warn_failed_at_stop(failed, bool(args.log_dir))
 
-    print("stopping... (Ctrl-C again stops them at once)", flush=True)
+    print("stopping... (Ctrl-C again stops them at once)" if ctrl_c else "stopping...", flush=True)
     deployment.stop(on_failed=warn_failed)
     if forced.is_set():
         print(f"{args.name}: the stop was cut short by the second Ctrl-C: every process killed at once; "
