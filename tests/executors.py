@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import logging
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -770,3 +772,12 @@ class ClosesWhenReleased(Tagger):
         deadline = time.monotonic() + 20
         while not (workspace / "release").exists() and time.monotonic() < deadline:
             time.sleep(0.01)
+
+
+class FreezesInClose(Tagger):
+    """``close()`` logs a line, then stops its own process (SIGSTOP): a worker frozen in its shutdown, as one stuck in
+    a native call that holds every thread is, past any bound of its own; only a SIGKILL ends it."""
+
+    def close(self) -> None:
+        logging.getLogger(__name__).warning("FreezesInClose: freezing in close()")
+        os.kill(os.getpid(), signal.SIGSTOP)

@@ -180,6 +180,33 @@ def test_a_start_whose_thread_begins_only_after_its_cancellation_stopped_the_dep
         assert deployment.post("/tag", [Document(text="a")])[0].tags["by"] == "tagger"
 
 
+def test_a_stop_from_another_thread_during_start_says_the_start_was_stopped_not_killed_by_sigterm(tmp_path):
+    """A program's own stop() (a SIGTERM handler's, another thread's) during start() made the start fail with
+    "head was killed by SIGTERM before it was ready": a signal it sent itself, blamed on someone outside (a
+    regression review's find). It says the deployment was stopped while it started."""
+    workspace = tmp_path / "ws"
+    deployment = Deployment(executors.SlowStart, name="cut", workspace=str(workspace), startup_timeout=120)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        starting = pool.submit(deployment.start)
+        try:
+            deadline = time.monotonic() + 20
+            while not list(workspace.glob("loading-*")):  # the head serves, the worker is loading
+                assert time.monotonic() < deadline and not starting.done(), "the worker never started loading"
+                time.sleep(0.02)
+            pids, folders = [process.pid for process in deployment.processes], [deployment.log_dir]
+            folders += [Path(deployment._sockets.name)] if deployment._sockets else []
+            deployment.stop()
+            with pytest.raises(ProcessError) as stopped:
+                starting.result(timeout=20)
+        finally:
+            deployment.stop()
+    assert "deployment 'cut' was stopped while it started (stop() called during start())" in str(stopped.value)
+    assert "SIGTERM" not in str(stopped.value) and "killed" not in str(stopped.value), stopped.value
+    assert_all_gone(pids)
+    assert not any(folder.exists() for folder in folders), folders
+
+
+
 def test_a_script_that_starts_a_deployment_unguarded_is_refused_not_recursed(tmp_path):
     script = tmp_path / "unguarded.py"
     script.write_text(
@@ -1090,6 +1117,24 @@ def test_a_worker_whose_stop_fails_is_named_after_the_stop_not_reported_drained(
         deployment.post("/tag", [Document()])
     assert deployment.killed_at_stop == [], deployment.killed_at_stop
     assert deployment.failed_at_stop == ["worker-0-0 (exit code 3)"], deployment.failed_at_stop
+
+
+def test_a_stop_that_kills_a_worker_quotes_its_temporary_log_not_a_path_removed_with_it(tmp_path, caplog):
+    """A worker killed at a stop was warned about with "Its log: PATH", a file of the temporary log folder that
+    the same stop removes (a regression review's find). Without a log_dir its last lines are quoted instead."""
+    deployment = Deployment(executors.FreezesInClose, name="frozen", workspace=str(tmp_path), drain_seconds=0)
+    try:
+        deployment.start()
+        deployment.post("/tag", [Document()])
+        log_path = deployment.workers[(0, 0)].log_path
+        with caplog.at_level("WARNING", logger="shardnet.runtimes.processes"):
+            deployment.stop()
+    finally:
+        deployment.stop()
+    assert deployment.killed_at_stop == ["worker-0-0"], deployment.killed_at_stop
+    [warning] = [record.getMessage() for record in caplog.records if "worker-0-0 (pid" in record.getMessage()]
+    assert "killed (SIGKILL)" in warning and "FreezesInClose: freezing in close()" in warning, warning
+    assert str(log_path) not in warning and not log_path.exists(), warning
 
 
 def test_a_second_stop_of_a_stopped_deployment_keeps_what_the_first_one_found(tmp_path):

@@ -39,6 +39,7 @@ logger = logging.getLogger("shardnet.deploy")
 REVIVE_INTERVAL = 1.0  # seconds between looks for processes that exited
 # workers one machine runs at most: each is a process loading its own Executor; more is a cluster's job
 MAX_LOCAL_WORKERS = 256
+KEEPS_LOGS = "--log-dir keeps it"  # what a warning quoting a temporary log says keeps it
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -208,10 +209,10 @@ def _serve(args: argparse.Namespace, deployment: Deployment, stop: threading.Eve
     while not stop.wait(REVIVE_INTERVAL):
         if args.restart:
             deployment.revive(wait=False)  # never blocks: SIGTERM is heard within a second
-        elif _warn_exited(deployment, reported, bool(args.log_dir)):
+        elif _warn_exited(deployment, reported):
             break  # its head exited: nothing serves, and a supervisor must see deploy end
     if not args.restart:
-        _warn_exited(deployment, reported, bool(args.log_dir))  # one that exited since the last look
+        _warn_exited(deployment, reported)  # one that exited since the last look
     # on SIGTERM as on Ctrl-C: the drain may take a few seconds, which a second Ctrl-C cuts short
     forced = threading.Event()
 
@@ -225,7 +226,7 @@ def _serve(args: argparse.Namespace, deployment: Deployment, stop: threading.Eve
     def warn_failed(failed: list[ShardnetProcess]) -> None:
         if forced.is_set():  # the user's second Ctrl-C killed these: no failure of theirs to quote, one by one
             failed = [process for process in failed if process.popen.returncode != -signal.SIGKILL]
-        _warn_failed_at_stop(failed, bool(args.log_dir))
+        _warn_failed_at_stop(failed)
 
     print("stopping... (Ctrl-C again stops them at once)" if ctrl_c else "stopping...", flush=True)
     deployment.stop(on_failed=warn_failed)
@@ -280,7 +281,7 @@ def _left_behind(args: argparse.Namespace) -> str:
     return f"kept: {', '.join(kept)}" if kept else "its temporary folders are removed"
 
 
-def _warn_exited(deployment: Deployment, reported: set[int], kept_logs: bool) -> bool:
+def _warn_exited(deployment: Deployment, reported: set[int]) -> bool:
     """Under --no-restart, warn once about each process that exited (revive() says so when it restarts them);
     whether the head is among them."""
     for process in deployment.processes:
@@ -288,21 +289,17 @@ def _warn_exited(deployment: Deployment, reported: set[int], kept_logs: bool) ->
             continue
         reported.add(process.pid)
         logger.warning("%s (pid %s) %s; not restarted (--no-restart)%s. Its log: %s", process.role, process.pid,
-                       process.exit_description(), _consequence(deployment, process), _log_of(process, kept_logs))
+                       process.exit_description(), _consequence(deployment, process),
+                       process.log_reference(KEEPS_LOGS))
     return deployment.head is not None and deployment.head.pid in reported
 
 
-def _warn_failed_at_stop(failed: list[ShardnetProcess], kept_logs: bool) -> None:
+def _warn_failed_at_stop(failed: list[ShardnetProcess]) -> None:
     """Warn about each process that exited at the stop with a code other than 0, quoting its log's last lines
     while a temporary log folder still holds them, as ``_warn_exited`` does."""
     for process in failed:
         logger.warning("%s (pid %s) %s at its stop. Its log: %s", process.role, process.pid,
-                       process.exit_description(), _log_of(process, kept_logs))
-
-
-def _log_of(process: ShardnetProcess, kept: bool) -> str:
-    """Where its log is, when kept; else its last lines, since the temporary folder goes at exit."""
-    return str(process.log_path) if kept else f"(removed on exit; --log-dir keeps it), ending:\n{process.tail()}"
+                       process.exit_description(), process.log_reference(KEEPS_LOGS))
 
 
 def _consequence(deployment: Deployment, process: ShardnetProcess) -> str:

@@ -342,7 +342,8 @@ class Deployment:
         # named after the deployment too: deployments may share a log folder (--log-dir /var/log/shardnet); the
         # log level leads every child's command line, which a restart launches again as it is
         log_path = self.log_dir / f"{self.name}-{role}.log"
-        process = ShardnetProcess(role, self._log_level_arguments + arguments, log_path, env=self._child_env())
+        process = ShardnetProcess(role, self._log_level_arguments + arguments, log_path, env=self._child_env(),
+                                  log_is_temporary=self._tmp is not None)
         # a stop() from another thread (a cancelled ``async with``) ends the start here
         if not self._launch_unless_stopping(process, first=True):
             raise ProcessError(f"deployment {self.name!r} was stopped while it started")
@@ -412,8 +413,17 @@ class Deployment:
                 for replica in range(self.replicas):
                     self.workers[(shard, replica)] = self._launch_worker(shard, replica)
             self.wait_registered()
-        except ProcessError as exc:  # which deployment, and where its logs went, beside the process's words
+        except ShardnetError as exc:  # which deployment, and where its logs went, beside the process's words
+            # a stop() of its own (another thread's, a signal handler's) ended what was starting: no failure to
+            # blame on a SIGTERM that stop() sent itself
+            stopped = self._stopping
             self.stop()
+            if stopped:
+                raise ProcessError(
+                    f"deployment {self.name!r} was stopped while it started (stop() called during start())"
+                ) from None
+            if not isinstance(exc, ProcessError):
+                raise
             given_log_dir = self._given_folders[0]
             kept = f"its logs are in {given_log_dir}" if given_log_dir else (
                 "its temporary logs are removed: log_dir=..., deploy --log-dir, keeps them")

@@ -59,10 +59,14 @@ def _zombie(pid: int) -> bool:
 class ShardnetProcess:
     """One ``python -m shardnet ...`` child: its command, log file, address once ready."""
 
-    def __init__(self, role: str, arguments: Sequence[str], log_path: Path, env: Optional[dict[str, str]] = None):
+    def __init__(
+        self, role: str, arguments: Sequence[str], log_path: Path, env: Optional[dict[str, str]] = None,
+        log_is_temporary: bool = False,
+    ):
         self.role = role
         self.arguments = list(arguments)
         self.log_path = log_path
+        self.log_is_temporary = log_is_temporary  # in a folder removed at the stop: its path tells nobody anything
         self.env = env
         self.address: Optional[str] = None
         self.popen: Optional[subprocess.Popen] = None
@@ -251,6 +255,13 @@ class ShardnetProcess:
         self._last_failure = said
         return output
 
+    def log_reference(self, keeps_it: str = "log_dir=..., deploy --log-dir, keeps it") -> str:
+        """Where its log is; for a temporary one (``keeps_it``: what keeps it), removed at the stop, its last lines,
+        quoted while it is still there."""
+        if not self.log_is_temporary:
+            return str(self.log_path)
+        return f"(removed on exit; {keeps_it}), ending:\n{self.tail()}"
+
     def signal(self, signum: int) -> None:
         if self.alive:
             os.kill(self.popen.pid, signum)
@@ -277,7 +288,7 @@ class ShardnetProcess:
         if killed:
             logger.warning(
                 "%s (pid %s) did not stop within %.1fs: killed (SIGKILL), its drain or its Executor's close() cut "
-                "short. Its log: %s", self.role, self.popen.pid, timeout, self.log_path,
+                "short. Its log: %s", self.role, self.popen.pid, timeout, self.log_reference(),
             )
             self.popen.kill()
             with contextlib.suppress(ChildProcessError):
