@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
-from test_cli import EXECUTORS, PYTHON_M, pid_alive, shardnet, stop, wait_for_line, wait_gone
+from test_cli import EXECUTORS, PYTHON_M, shardnet, stop, wait_for_line, wait_gone
 
 from shardnet import DataRequest, Document
 from shardnet.cli.options import StoppedBySignal, positive_seconds, run_stoppable
