@@ -143,7 +143,7 @@ def _deploy(args: argparse.Namespace, uses_with: dict, workspace: str) -> int:
     # from the end of the start on, the loop in _serve notices within a second, Ctrl-C too: a KeyboardInterrupt
     # could land in the middle of a restart, or of the making of the loop a look at the head runs in, and one
     # that came as the start ended (run_stoppable passes it on) would leave the started deployment to no one
-    on_stop_signals(lambda *_: stop.set(), ctrl_c=True)
+    on_stop_signals(lambda *_: stop.set())
     try:
         # started as an ``async with`` starts it: a stop signal cancels the start, which stops what it launched
         deployment = run_stoppable(_started_deployment(args, uses_with, workspace, token))

@@ -231,16 +231,16 @@ def _pass_on(signum: int, handler: Any, received: list[int]) -> None:
         received.append(signum)
 
 
-def on_stop_signals(handler: Callable[[int, Any], Any], ctrl_c: bool = False) -> None:
-    """Make SIGTERM and SIGHUP (a closed terminal), and with ``ctrl_c`` SIGINT, run ``handler``, each unless
-    ignored, as from the start under nohup (SIGHUP) or in a background job of a script (SIGINT): what runs it so
-    asked that the signal not stop it.
+def on_stop_signals(handler: Callable[[int, Any], Any]) -> None:
+    """Make SIGTERM, SIGHUP (a closed terminal) and SIGINT run ``handler``, each unless ignored, as from the start
+    under nohup (SIGHUP) or in a background job of a script (SIGINT): what runs it so asked that the signal not
+    stop it.
 
     Their default action ends the process at once, so a Deployment started would neither stop its processes nor
     remove its folders. ``deploy`` passes a handler setting the event its serving loop looks at, to stop at its
     next look rather than mid-restart.
     """
-    for signum in (signal.SIGTERM, signal.SIGHUP, *((signal.SIGINT,) if ctrl_c else ())):
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, handler)
 

@@ -13,9 +13,9 @@ importing this module without it is refused in those words.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter as Tally
-import logging
 from typing import Any, Awaitable, Callable, Iterable, Iterator, Optional
 
 from aiohttp import web
