@@ -47,7 +47,9 @@ from kubernetes_asyncio import config as k8s_config
 
 from shardnet.discovery.configuration import KubeconfigCredentials, check_kubeconfig, load_api_client, one_line
 from shardnet.discovery.pods_word import PodsWord, SliceEndpoint
-from shardnet.discovery.watch import ListWatch, RepeatedWarnings, Unavailable, WatchOptions, describe, with_backoff
+from shardnet.discovery.watch import (
+    ListWatch, RepeatedWarnings, Unavailable, WatchOptions, describe, object_key, with_backoff,
+)
 from shardnet.errors import ConfigurationError, DiscoveryError
 from shardnet.networking.addresses import parse_address
 from shardnet.networking.pool import GrpcConnectionPool
@@ -148,13 +150,6 @@ def _join(host: str, port: int) -> Optional[str]:
         logger.warning("ignoring endpoint: %s", error)
         return None
     return address
-
-
-def object_key(obj: Mapping[str, Any]) -> str:
-    """What identifies a watched object across its events: its uid, else namespace/name."""
-    metadata = obj.get("metadata") or {}
-    uid = metadata.get("uid")
-    return str(uid) if uid else f"{metadata.get('namespace', '')}/{metadata.get('name', '')}"
 
 
 def pod_is_ready(pod: Mapping[str, Any]) -> bool:
