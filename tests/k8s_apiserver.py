@@ -26,7 +26,8 @@ What it speaks, as the real one does:
 The test drives it: ``apply``/``delete`` objects, ``bookmark()``,
 ``compact()``, ``rewind()``, ``error()``, ``drop_streams()``, ``go_down()``
 (reset connections, or answer 503) and ``come_back()``; ``between_pages`` runs
-before each continued list request is answered (changes between two pages). Every event written to a
+before each continued list request is answered (changes between two pages); ``endless_continue`` makes
+continued lists misbehave as a proxy in front of a server may (``ENDLESS_CONTINUE``). Every event written to a
 stream is timestamped in ``written_at`` for the membership benchmark.
 """
 
@@ -186,6 +187,28 @@ def decode_continue(token: str) -> tuple[int, str]:
     return version, start
 
 
+# how continued list requests are answered under ``FakeApiServer.endless_continue``, each a way of never ending:
+ENDLESS_CONTINUE = {
+    "repeat": "the first page again, its token too (a cache in front that keys on the path, not on continue)",
+    "renew": "the first page again, under a new token each time",
+    "empty": "no object, and a new token each time",
+}
+
+def _listed(objects: dict[tuple[str, str], dict], namespace: str, selector: Selector, start: str = "") -> list[str]:
+    """The names a list shows of ``objects``, in etcd's key order, from ``start`` on."""
+    return sorted(
+        name for (ns, name), obj in objects.items() if ns == namespace and name >= start and selector(_labels(obj))
+    )
+
+
+def _list_answer(resource: str, metadata: dict[str, Any], items: list[Any]) -> web.Response:
+    """A ``kind: ...List`` answer of ``resource``."""
+    kind = RESOURCES[resource]
+    return web.json_response(
+        {"kind": f"{kind.kind}List", "apiVersion": kind.api_version, "metadata": metadata, "items": items}
+    )
+
+
 DROP = object()  # queue sentinel: abort the connection mid-stream
 END = object()  # queue sentinel: end the stream cleanly
 
@@ -217,6 +240,8 @@ class FakeApiServer:
         self._objects: dict[str, dict[tuple[str, str], dict]] = {name: {} for name in RESOURCES}
         self.junk_items: list[Any] = []  # served in every list's last page after the real items, however wrong
         self.between_pages: Optional[Callable[[], None]] = None  # run before each continued list is answered
+        self.endless_continue: Optional[str] = None  # a key of ENDLESS_CONTINUE: continued lists never end
+        self._endless_tokens = itertools.count(1)
         # (resource, version) -> its objects at that version, kept for the continued pages of a list read there
         self._snapshots: dict[tuple[str, int], dict[tuple[str, str], dict]] = {}
         self._history: list[Event] = []
@@ -424,6 +449,8 @@ class FakeApiServer:
             version, start = decode_continue(token) if token else (self.version, "")
         except ValueError as error:
             return web.json_response(status_object(400, "BadRequest", str(error)), status=400)
+        if self.endless_continue is not None:
+            return self._endless_page(resource, namespace, selector, limit, version, token)
         objects = self._objects[resource]
         if version < 0:  # the inconsistent remainder an expired token's 410 offers: as things are now
             version = self.version
@@ -434,9 +461,7 @@ class FakeApiServer:
                 expired["metadata"] = {"continue": encode_continue(-1, start)}
                 return web.json_response(expired, status=410)
             objects = snapshot
-        names = sorted(
-            name for (ns, name), obj in objects.items() if ns == namespace and name >= start and selector(_labels(obj))
-        )
+        names = _listed(objects, namespace, selector, start)
         page = names[:limit] if limit > 0 else names
         remaining = len(names) - len(page)
         metadata: dict[str, Any] = {"resourceVersion": str(version)}
@@ -445,14 +470,24 @@ class FakeApiServer:
             metadata["continue"] = encode_continue(version, page[-1] + "\x00")
             if not query.get("labelSelector") and not query.get("fieldSelector"):
                 metadata["remainingItemCount"] = remaining
-        return web.json_response(
-            {
-                "kind": f"{RESOURCES[resource].kind}List",
-                "apiVersion": RESOURCES[resource].api_version,
-                "metadata": metadata,
-                "items": [objects[(namespace, name)] for name in page] + ([] if remaining else self.junk_items),
-            }
-        )
+        items = [objects[(namespace, name)] for name in page] + ([] if remaining else self.junk_items)
+        return _list_answer(resource, metadata, items)
+
+    def _endless_page(
+        self, resource: str, namespace: str, selector: Selector, limit: int, version: int, token: str
+    ) -> web.Response:
+        """A list answered as ``endless_continue`` says: its first page as it is but with a continue token however
+        few objects there are, and each continued one as ``ENDLESS_CONTINUE`` describes, with a token again."""
+        if self.endless_continue not in ENDLESS_CONTINUE:
+            raise ValueError(f"endless_continue is one of {sorted(ENDLESS_CONTINUE)}")
+        objects = self._objects[resource]
+        names = _listed(objects, namespace, selector)
+        items = [] if token and self.endless_continue == "empty" else [
+            objects[(namespace, name)] for name in (names[:limit] if limit > 0 else names)
+        ]
+        if not token or self.endless_continue != "repeat":
+            token = encode_continue(version, f"endless-{next(self._endless_tokens)}")
+        return _list_answer(resource, {"resourceVersion": str(version), "continue": token}, items)
 
     async def _watch(
         self, resource: str, namespace: str, selector: Selector, request: web.Request

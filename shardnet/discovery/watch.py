@@ -20,6 +20,10 @@ What can go wrong, and what it does:
 - a list's continue token expires between two pages (410: the snapshot its
   pages come from was compacted): list again, all in one request, as
   client-go's pager does;
+- a paged list that would never end (a continue token given again, an object
+  given twice, page after page with nothing while more is promised, as a
+  proxy in front of the server may answer): that list fails, said, and is
+  tried again with backoff like any failed list (``ListProgress``);
 - a watch that ends at once with no event (a proxy closing it, a server
   shutting down): back off before the next, as for a failure;
 - the API server is down, refuses, or answers 5xx/4xx: retry with full-jitter
@@ -39,7 +43,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Optional
+from typing import Any, Awaitable, Callable, Iterator, Mapping, Optional
 
 import aiohttp
 import tenacity
@@ -143,12 +147,94 @@ _KNOWN_FAILURES = (Unavailable, aiohttp.ClientError, asyncio.TimeoutError, OSErr
 # namespace of 8,000 small pods, read as one answer, held the loop some 55 ms for its json.loads alone)
 LIST_PAGE_SIZE = 500
 
+# continued pages in a row that bring no object while they promise more, after which a list is given up (EndlessList).
+# The API allows such pages ("up to zero items ... in the event all requested objects are filtered out": ListOptions'
+# limit), so one is not an error; but the API server's etcd3 store reads on until a page is full or the snapshot is
+# read to its end, so a run of them comes from something else in front of it, which may go on for ever
+MAX_EMPTY_PAGES = 10
+
 # watch failures in a row, each of an outage's kind, after which the next attempt re-lists all the same
 RELIST_AFTER_FAILURES = 5
 
 # a failure said already is said again at warning level once this many seconds passed (at debug level between):
 # one that cannot mend itself (a Role granting pods only, no configuration) warned at every retry for ever
 REPEAT_WARNING_SECONDS = 300.0
+
+
+class EndlessList(Unavailable):
+    """A paged list that makes no progress: the server would keep it going for ever, and nothing be listed."""
+
+
+class ListProgress:
+    """What the pages of one list have given so far, to tell a list that would never end.
+
+    client-go's pager (tools/pager) ends a list only at an empty continue token
+    and has no guard of its own: a reflector on such a server would never get
+    to watch, and say nothing. A list's pages come from one snapshot and each
+    continues from where the one before ended, so a continue token given twice
+    is a loop, and an object given twice a page served again (the API
+    guarantees what the pages give is what one list without ``limit`` would).
+    Neither happens on a server that works, and either would loop for ever:
+    the list fails at once. Empty pages the API allows, so only a run of
+    ``MAX_EMPTY_PAGES`` of them ends it. A bound from ``remainingItemCount``
+    would guard nothing here: the lists are under a label selector, and the
+    API server leaves it out then. The failure goes where any failed list
+    goes: ``with_backoff`` says it and lists again after its pause, so a
+    server that keeps doing it costs a few requests per pause, not a spinning
+    loop.
+    """
+
+    def __init__(self, name: str):
+        self._name = name
+        self._tokens: dict[str, int] = {}  # each continue token given -> the page that gave it
+        self._keys: set[str] = set()  # the objects given (object_key)
+        self._empty_in_a_row = 0
+        self.pages = 0
+
+    def check(self, items: list[Any], token: Optional[str]) -> None:
+        """Take in the next page (its items and continue token); raise EndlessList when the list goes nowhere."""
+        self.pages += 1
+        if token is not None:
+            if token in self._tokens:
+                raise EndlessList(
+                    f"the API server's list of {self._name} never ends: page {self.pages} gives again the continue "
+                    f"token page {self._tokens[token]} gave ({_shortened(token)}); is a proxy in front of it "
+                    "caching list answers?"
+                )
+            self._tokens[token] = self.pages
+        for key in _identified(items):
+            if key in self._keys:
+                raise EndlessList(
+                    f"the API server's list of {self._name} goes round: page {self.pages} gives again the object "
+                    f"{key}, which an earlier page of the same list gave"
+                )
+            self._keys.add(key)
+        self._empty_in_a_row = 0 if items or token is None else self._empty_in_a_row + 1
+        if self._empty_in_a_row >= MAX_EMPTY_PAGES:
+            raise EndlessList(
+                f"the API server's list of {self._name} makes no progress: {MAX_EMPTY_PAGES} pages in a row gave no "
+                f"object yet a continue token, after {len(self._keys)} objects in {self.pages} pages"
+            )
+
+
+def object_key(obj: Mapping[str, Any]) -> str:
+    """What identifies a watched object across its events: its uid, else namespace/name."""
+    metadata = obj.get("metadata") or {}
+    uid = metadata.get("uid")
+    return str(uid) if uid else f"{metadata.get('namespace', '')}/{metadata.get('name', '')}"
+
+
+def _identified(items: list[Any]) -> Iterator[str]:
+    """The ``object_key`` of each item that is an object with a uid or a name (the others say not which object
+    they are, and are left for ``_list`` to say)."""
+    for item in items:
+        metadata = (item.get("metadata") or {}) if _is_object(item) else {}
+        if metadata.get("uid") or metadata.get("name"):
+            yield object_key(item)
+
+
+def _shortened(text: str, most: int = 40) -> str:
+    return text if len(text) <= most else f"{text[:most]}..."
 
 
 class RepeatedWarnings:
@@ -304,9 +390,11 @@ class ListWatch:
 
         A continue token that expired meanwhile (410: its snapshot was compacted) restarts it as one full list
         with no ``limit``, as client-go's pager does: another paged attempt could expire as well, for ever, in a
-        namespace that changes faster than it can be read. Nothing is handed over before the last page is in."""
+        namespace that changes faster than it can be read. A list that would never end (``ListProgress``) raises
+        EndlessList. Nothing is handed over before the last page is in."""
         items: list[Any] = []
         query: dict[str, Any] = {"limit": LIST_PAGE_SIZE}
+        progress = ListProgress(self.name)  # raises EndlessList on a list that would go on for ever
         requests = 0
         while True:
             requests += 1
@@ -319,8 +407,9 @@ class ListWatch:
                     "%s: the list's continue token expired after %d objects (%s); listing all again in one request",
                     self.name, len(items), gone,
                 )
-                items, query = [], {}
+                items, query, progress = [], {}, ListProgress(self.name)
                 continue
+            progress.check(page, token)
             items.extend(page)
             if not token:
                 return items, version, requests
