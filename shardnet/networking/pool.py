@@ -556,17 +556,6 @@ class GrpcConnectionPool:
         # retry storm: a killed replica's streams fail everything they carried at once, a hung one's calls time
         # out together, and all of it must go elsewhere
         routed_around = not replicas.is_eligible(first)
-        retrying = tenacity.AsyncRetrying(
-            # in this order: no retry token is spent on an attempt that the rounds or the time do not allow
-            stop=tenacity.stop_after_attempt(max_attempts) | tenacity.stop_any(out_of_time) | tenacity.stop_any(spend),
-            wait=wait,
-            retry=should_retry,
-            reraise=True,
-        )
-        # the first attempt was a whole round when no other replica is left to try (a shard of one): the retry
-        # begins the next round after its back-off, as tenacity's waits do between later rounds, rather than at
-        # once on the replica that just failed (a restarting replica gets a moment to come back)
-        first_pause = 0.0 if untried() else wait(tenacity.RetryCallState(retrying, None, (), {}))
         if out_of_time(None):  # tenacity makes its first attempt without asking ``stop``
             raise self._replica_error(
                 first_error, first, deployment, shard_id,
@@ -578,8 +567,13 @@ class GrpcConnectionPool:
                 first_error, first, deployment, shard_id, "the only attempt, the retry budget exhausted",
                 unsent=last["taken"] is None,
             ) from None
-        if first_pause:
-            await asyncio.sleep(first_pause)
+        retrying = tenacity.AsyncRetrying(
+            # in this order: no retry token is spent on an attempt that the rounds or the time do not allow
+            stop=tenacity.stop_after_attempt(max_attempts) | tenacity.stop_any(out_of_time) | tenacity.stop_any(spend),
+            wait=wait,
+            retry=should_retry,
+            reraise=True,
+        )
         try:
             async for attempt in retrying:
                 with attempt:
