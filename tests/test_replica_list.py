@@ -222,6 +222,21 @@ async def call_until_ejected(replicas: ReplicaList, address: str, timeout: float
     raise AssertionError(f"{address} was not ejected after 10 failures")
 
 
+async def test_an_ejection_after_one_failure_counts_no_run(echo_servers, dead_address, caplog):
+    # EjectionPolicy(consecutive_failures=1) ejected "after 1 failures in a row: UNAVAILABLE x1"
+    caplog.set_level(logging.WARNING, logger="shardnet.networking.replica_list")
+    [live] = await echo_servers(1)
+    replicas = ReplicaList(name="dep/shard-0", ejection=EjectionPolicy(consecutive_failures=1))
+    try:
+        replicas.add_connection(dead_address)
+        replicas.add_connection(live.address)
+        await call_until_ejected(replicas, dead_address, 2.0, callers_deadline=False)
+    finally:
+        await replicas.close()
+    [ejection] = [record.getMessage() for record in caplog.records if "ejecting replica" in record.getMessage()]
+    assert ejection.endswith(" after 1 failure: UNAVAILABLE"), ejection
+
+
 @pytest.mark.parametrize(
     "callers_deadline, whose", [(True, "the caller's deadline"), (False, "the pool's attempt timeout")]
 )

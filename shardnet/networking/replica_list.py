@@ -651,10 +651,13 @@ class ReplicaList:
         connection.times_ejected += 1
         delay = self._start_probe(connection)
         run = connection.recent_failures
-        causes = ", ".join(f"{cause} x{run.count(cause)}" for cause in dict.fromkeys(run))
+        if len(run) == 1:  # EjectionPolicy(consecutive_failures=1): no run to count
+            failures = f"1 failure: {run[0]}"
+        else:
+            causes = ", ".join(f"{cause} x{run.count(cause)}" for cause in dict.fromkeys(run))
+            failures = f"{len(run)} failures in a row: {causes}"
         self._logger.warning(
-            "%s: ejecting replica %s for %.1fs after %d failures in a row: %s",
-            self.name, connection.address, delay, len(run), causes,
+            "%s: ejecting replica %s for %.1fs after %s", self.name, connection.address, delay, failures
         )
 
     def _start_probe(self, connection: Connection) -> float:
