@@ -331,6 +331,53 @@ def test_document_list_is_list_like():
     assert len(request.docs) == 0
 
 
+def test_assigning_and_inserting_documents_reaches_the_wire():
+    """``docs[0] = Document(...)``, slice assignment and ``docs.insert`` failed with a bare ``AttributeError:
+    __setitem__`` (found by a review); they work as a list's, and the request sent carries them."""
+    request = DataRequest.from_bytes(DataRequest(docs=[Document(id=i) for i in "abcd"]).to_bytes())
+    docs = request.docs
+    replacement = Document(id="x")
+    docs[0] = replacement
+    replacement.text = "edited"  # it views the stored copy, as after append
+    docs[-1] = docarray_pb2.DocumentProto(id="y")
+    docs.insert(1, Document(id="i"))
+    docs.insert(-100, Document(id="first"))
+    docs.insert(100, Document(id="last"))
+    assert docs.ids == ["first", "x", "i", "b", "c", "y", "last"]
+    docs[1:4] = [Document(id="s")]  # shorter
+    docs[5:] = [Document(id="t"), Document(id="u")]  # longer, past the end
+    docs[::2] = [Document(id=i) for i in "0123"]  # extended: one for each position
+    back = DataRequest.from_bytes(request.to_bytes()).docs
+    assert back.ids == docs.ids == ["0", "s", "1", "y", "2", "t", "3"]
+    with pytest.raises(ValueError, match="sequence of size 1 to extended slice of size 4"):
+        docs[::2] = [Document()]
+    with pytest.raises(IndexError):
+        docs[7] = Document()
+    with pytest.raises(TypeError, match="shardnet.Document"):
+        docs[1:2] = [Document(id="kept"), "not a document"]  # refused before any change
+    assert docs.ids == back.ids
+
+
+def test_swapping_documents_through_views_swaps_them():
+    # each view reads its slot: an assignment copying into the slot would leave the second view reading the
+    # first's new content, and both slots the same
+    docs = DataRequest(docs=[Document(id=i) for i in "abc"]).docs
+    docs[0], docs[2] = docs[2], docs[0]
+    assert docs.ids == ["c", "b", "a"]
+    docs[0:2] = docs[1::-1]  # views into the very slots replaced
+    assert docs.ids == ["b", "c", "a"]
+
+
+def test_a_match_assigned_or_inserted_is_stamped_as_one_appended():
+    doc = Document(id="q")
+    doc.matches.append(Document(id="m0"))
+    doc.matches[0] = Document(id="m1")
+    doc.chunks.insert(0, Document(id="c"))
+    doc.chunks[:] = [Document(id="c1"), *doc.chunks]
+    assert [m.proto.adjacency for m in doc.matches] == [1]
+    assert [(c.parent_id, c.granularity) for c in doc.chunks] == [("q", 1), ("q", 1)]
+
+
 def test_a_document_list_extended_by_itself_doubles_once():
     request = DataRequest(docs=[Document(id="a"), Document(id="b")])
     docs = request.docs

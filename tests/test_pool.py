@@ -631,6 +631,23 @@ async def test_a_close_cut_short_cuts_the_calls_and_closing_again_finishes(pool_
     assert pool.deployments == {}
 
 
+async def test_a_call_the_close_cuts_counts_no_attempts_when_it_made_one(pool_factory, echo_servers, eventually):
+    # the failover finds no replica left to try (the close took them all): one attempt, and "(the last of 1
+    # attempts)" read as if the pool had counted retries (found by a review)
+    [hung] = await echo_servers(1, delay=60.0)
+    pool = pool_factory()
+    pool.add_connection("dep", hung.address)
+    task = pool.send_request(DataRequest(), "dep")[0]
+    await eventually(lambda: hung.calls == 1, timeout=5.0)
+    with pytest.raises(asyncio.TimeoutError):
+        await asyncio.wait_for(pool.close(), 0.05)  # cut short: the call is cut at once
+    with pytest.raises(ReplicaError) as cut:
+        await asyncio.wait_for(task, 5.0)
+    assert "was closed with this call still on it" in str(cut.value)
+    assert "attempt" not in str(cut.value), str(cut.value)
+    await asyncio.wait_for(pool.close(), 5.0)
+
+
 async def test_a_caller_cancelling_its_call_still_gets_cancelled_error(pool, echo_servers, eventually):
     [slow] = await echo_servers(1, delay=5.0)
     pool.add_connection("dep", slow.address)

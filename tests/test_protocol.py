@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
+from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 
 from shardnet import ControlRequest, DataRequest, Document, ProtocolError
@@ -505,3 +507,22 @@ def test_a_message_as_the_first_argument_is_refused_with_the_constructor_to_use(
         DataRequest(message)
     with pytest.raises(TypeError, match=r"got a DataRequestProto: wrap it with DataRequest.from_proto"):
         DataRequest(jina_pb2.DataRequestProto())
+
+
+JINAS_DICT_FORM = {"header": {"exec_endpoint": "/index"}, "data": {"docs": {"docs": [{"id": "a", "text": "hi"}]}}}
+
+
+@pytest.mark.parametrize("message, builder", [
+    (JINAS_DICT_FORM, json_format.ParseDict),
+    (json.dumps(JINAS_DICT_FORM), json_format.Parse),
+], ids=["dict", "json"])
+def test_a_message_as_a_dict_or_json_is_refused_saying_how_to_build_it(message, builder):
+    """Jina's DataRequest(dict) and DataRequest('{json}') said "documents are shardnet.Document objects, got
+    str" (the dict's keys, the text's characters): what the argument was taken for, and the way that works."""
+    with pytest.raises(TypeError) as refused:
+        DataRequest(message)
+    said = str(refused.value)
+    assert f"got a {type(message).__name__}" in said and "Jina's DataRequest(request) form" in said
+    assert f"DataRequest.from_proto(json_format.{builder.__name__}(" in said
+    built = DataRequest.from_proto(builder(message, jina_pb2.DataRequestProto()))  # what it says to write works
+    assert built.endpoint == "/index" and built.docs.texts == ["hi"]

@@ -11,7 +11,7 @@ import weakref
 import grpc
 import pytest
 
-from shardnet import ConfigurationError, DataRequest, EjectionPolicy, ReplicaList
+from shardnet import ConfigurationError, DataRequest, EjectionPolicy, ReplicaList, RoutingError
 from shardnet.networking.replica_list import close_in_turn
 
 
@@ -36,6 +36,34 @@ async def test_round_robin_over_real_replicas(replicas, echo_servers):
         served.append(dict(tuple(trailing))["served-by"])
     assert served == ["echo-0", "echo-1", "echo-2"] * 2
     assert [server.calls for server in servers] == [2, 2, 2]
+
+
+async def test_jinas_calls_of_a_replica_list_work(echo_servers):
+    """Jina's ReplicaList is driven as ``add_connection(address, deployment_name=...)``, ``await
+    get_next_connection(num_retries=3)`` and ``await reset_connection(address, deployment_name)``: they raised
+    a TypeError, found a Connection that could not be awaited, and no reset_connection (found by a review)."""
+    servers = await echo_servers(2)
+    replicas = ReplicaList()
+    try:
+        first = replicas.add_connection(servers[0].address, deployment_name="probe")
+        replicas.add_connection(servers[1].address, "probe")  # Jina's positional form
+        assert "probe replica" in str(first.other_loop_error())  # the list has no name: the deployment's names it
+        picked = [await replicas.get_next_connection(), await replicas.get_next_connection(num_retries=3)]
+        assert picked == replicas.get_all_connections()
+        assert replicas.get_next_connection() is first  # shardnet's own form, as before
+        old = first.channel
+        assert await replicas.reset_connection(servers[0].address, "probe") is first
+        assert first.channel is not old  # a fresh channel, the replica kept
+        response, _ = await replicas.call(first, "single_data", DataRequest(endpoint="/x"), None, 5.0)
+        assert response.endpoint == "/x"
+        assert await replicas.reset_connection("127.0.0.1:1", "probe") is None  # not here: nothing, as in Jina
+        await replicas.remove_connection(servers[0].address)
+        await replicas.remove_connection(servers[1].address)
+        assert replicas.get_next_connection() is None
+        with pytest.raises(RoutingError, match="no replica to pick"):  # Jina's form raises, as Jina's does
+            await replicas.get_next_connection(num_retries=3)
+    finally:
+        await replicas.close()
 
 
 async def test_add_twice_keeps_one_connection(replicas):
@@ -192,6 +220,21 @@ async def call_until_ejected(replicas: ReplicaList, address: str, timeout: float
                 connection, "single_data", DataRequest(endpoint="/x"), None, timeout, callers_deadline=callers_deadline
             )
     raise AssertionError(f"{address} was not ejected after 10 failures")
+
+
+async def test_an_ejection_after_one_failure_counts_no_run(echo_servers, dead_address, caplog):
+    # EjectionPolicy(consecutive_failures=1) ejected "after 1 failures in a row: UNAVAILABLE x1"
+    caplog.set_level(logging.WARNING, logger="shardnet.networking.replica_list")
+    [live] = await echo_servers(1)
+    replicas = ReplicaList(name="dep/shard-0", ejection=EjectionPolicy(consecutive_failures=1))
+    try:
+        replicas.add_connection(dead_address)
+        replicas.add_connection(live.address)
+        await call_until_ejected(replicas, dead_address, 2.0, callers_deadline=False)
+    finally:
+        await replicas.close()
+    [ejection] = [record.getMessage() for record in caplog.records if "ejecting replica" in record.getMessage()]
+    assert ejection.endswith(" after 1 failure: UNAVAILABLE"), ejection
 
 
 @pytest.mark.parametrize(

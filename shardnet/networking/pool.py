@@ -592,16 +592,19 @@ class GrpcConnectionPool:
         except grpc.aio.AioRpcError as error:  # retries exhausted, refused by the budget, or not retryable
             last["error"] = error
             note_taken(error)
-        note = f"the last of {last['attempts']} attempts"
+        # one attempt (no replica was left to try: the pool closed, say) is counted by none; an earlier attempt
+        # that may have run (below) means two or more
+        notes = [f"the last of {last['attempts']} attempts"] if last["attempts"] > 1 else []
         if last["budget refused"]:
-            note += ", the retry budget exhausted"
+            notes.append("the retry budget exhausted")
         if last["out of time"] and last["attempts"] - 1 < max_attempts:  # not when the rounds were all spent
-            note += ", too little of the caller's deadline left for another attempt"
+            notes.append("too little of the caller's deadline left for another attempt")
         if self.retry.attempt_timeout is not None and last["error"].code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             if self._callers_deadline(last["attempt_timeout"]):  # the last one ran into the caller's deadline
-                note += ", the last ended by the caller's deadline"
+                notes.append("the last ended by the caller's deadline")
             else:
-                note += f", each given at most the attempt timeout of {self.retry.attempt_timeout:g}s"
+                notes.append(f"each given at most the attempt timeout of {self.retry.attempt_timeout:g}s")
+        note = ", ".join(notes)
         if last["taken"] is not None and last["taken"][0] is not last["error"]:
             # the last attempt's words ("connection refused") would read as if no replica ever had the request
             error, connection = last["taken"]

@@ -15,12 +15,12 @@ import math
 import threading
 import time
 import weakref
-from typing import Any, Awaitable, Iterable, Optional, Sequence, Union
+from typing import Any, Awaitable, Generator, Iterable, Optional, Sequence, Union
 
 import grpc
 import grpc.aio
 
-from shardnet.errors import ConfigurationError
+from shardnet.errors import ConfigurationError, RoutingError
 from shardnet.networking.addresses import Address, parse_address
 from shardnet.networking.balancing import Balancer, RoundRobin, make_balancer
 from shardnet.networking.channels import (
@@ -322,6 +322,12 @@ class Connection:
         finally:
             await _finish_or_cut(retiring, 0 if cut else grace or 0)
 
+    def __await__(self) -> Generator[Any, None, "Connection"]:
+        """``await replicas.get_next_connection()``, Jina's form, gives the connection: shardnet's pick is
+        synchronous, and its own callers take the connection without awaiting."""
+        yield from ()
+        return self
+
     def __repr__(self) -> str:
         return f"<Connection {self.address} failures={self.failures}>"
 
@@ -342,6 +348,8 @@ class ReplicaList:
     >>> replicas = ReplicaList()            # doctest: +SKIP
     >>> replicas.add_connection("127.0.0.1:50051")
     >>> replicas.get_next_connection()
+    <Connection 127.0.0.1:50051 failures=0>
+    >>> await replicas.get_next_connection(num_retries=3)  # Jina's form
     <Connection 127.0.0.1:50051 failures=0>
     """
 
@@ -381,10 +389,11 @@ class ReplicaList:
 
     # -- membership --------------------------------------------------------
 
-    def add_connection(self, address: str) -> Connection:
+    def add_connection(self, address: str, deployment_name: Optional[str] = None) -> Connection:
         """Open a channel to ``address`` unless one is already there; return the connection. A list given TLS
         material dials every replica over TLS (a bare ``host:port`` too; a ``unix:`` socket, plaintext, is
-        refused), as the one-off helpers given it do."""
+        refused), as the one-off helpers given it do. ``deployment_name``, Jina's argument, names the replica
+        in its errors when the list has no name of its own."""
         parsed = parse_address(address, tls=self._tls is not None)
         existing = self._connections.get(parsed.target)
         if existing is not None:
@@ -398,7 +407,8 @@ class ReplicaList:
                 )
             return existing
         connection = Connection(
-            parsed, tls=self._tls, options=self._options, owner=self.name, request_streams=self._request_streams
+            parsed, tls=self._tls, options=self._options, owner=self.name or deployment_name or "",
+            request_streams=self._request_streams,
         )
         self._connections[parsed.target] = connection
         self._admit(connection)
@@ -431,6 +441,17 @@ class ReplicaList:
         # the close starts before the caller removes another: grpc.aio's close walks every task of the loop, and
         # thousands of closes started at once walked each other (one DEACTIVATE of 4000 stalled a head for 25 s)
         await asyncio.sleep(0)
+        return connection
+
+    async def reset_connection(self, address: str, deployment_name: Optional[str] = None) -> Optional[Connection]:
+        """Jina's ``reset_connection``: give the replica at ``address`` a fresh channel, as a run of failures
+        does (calls on the old one finish there); return its connection, or None, doing nothing as Jina's does,
+        when it is not here. ``deployment_name`` is taken for Jina's signature: the replica keeps its name. TLS
+        files that cannot be read now raise ConfigurationError, the channel left as it was."""
+        connection = self._connections.get(parse_address(address).target)
+        if connection is None:
+            return None
+        connection.rebuild()
         return connection
 
     def dial_with(self, tls: ClientTls) -> None:
@@ -482,9 +503,14 @@ class ReplicaList:
 
     # -- picking -----------------------------------------------------------
 
-    def get_next_connection(self) -> Optional[Connection]:
-        """The replica the balancer chooses among those not ejected; None when the list is empty."""
+    def get_next_connection(self, num_retries: Optional[int] = None) -> Optional[Connection]:
+        """The replica the balancer chooses among those not ejected; None when the list is empty. Jina's
+        ``await replicas.get_next_connection(num_retries=3)`` works too (a Connection awaited gives itself);
+        given ``num_retries``, as Jina's callers give it, an empty list raises RoutingError as Jina's raises
+        (there is nothing to wait for: no replica is ever half-reset here, which Jina's retries wait out)."""
         if not self._eligible:
+            if num_retries is not None:
+                raise RoutingError(f"{self.name or 'replica list'}: no replica to pick; add one with add_connection")
             return None
         return self.balancer.pick(self._eligible)
 
@@ -625,10 +651,13 @@ class ReplicaList:
         connection.times_ejected += 1
         delay = self._start_probe(connection)
         run = connection.recent_failures
-        causes = ", ".join(f"{cause} x{run.count(cause)}" for cause in dict.fromkeys(run))
+        if len(run) == 1:  # EjectionPolicy(consecutive_failures=1): no run to count
+            failures = f"1 failure: {run[0]}"
+        else:
+            causes = ", ".join(f"{cause} x{run.count(cause)}" for cause in dict.fromkeys(run))
+            failures = f"{len(run)} failures in a row: {causes}"
         self._logger.warning(
-            "%s: ejecting replica %s for %.1fs after %d failures in a row: %s",
-            self.name, connection.address, delay, len(run), causes,
+            "%s: ejecting replica %s for %.1fs after %s", self.name, connection.address, delay, failures
         )
 
     def _start_probe(self, connection: Connection) -> float:

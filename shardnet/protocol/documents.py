@@ -405,8 +405,8 @@ DocumentLike = Union[Document, docarray_pb2.DocumentProto]
 class DocumentList:
     """A list-like view over a repeated ``DocumentProto`` field.
 
-    Appending a Document copies it into the field and rebinds the Document to
-    the stored copy, so later edits through the same object are not lost (and
+    Appending, inserting or assigning a Document copies it into the field and
+    rebinds the Document to the stored copy, so later edits through the same object are not lost (and
     a Document appended to two lists follows the second). ``"id" in docs`` and
     ``doc in docs`` look documents up by id. A request's ``docs`` are such a
     view; to build documents, make a plain list of Document. The sparse arrays
@@ -471,6 +471,57 @@ class DocumentList:
                 return Document._view(pb, self._budget)
         raise KeyError(f"no document with id {wanted!r} among these {len(self._field)}")
 
+    def __setitem__(self, index: Union[int, slice], value: Any) -> None:
+        """Put copies of documents where others were, as a list's item or slice assignment (an extended slice
+        takes one for each position). A Document given then views its stored copy, as after ``append``. The
+        document that was there is taken out, not written over, so a view of it keeps it: ``docs[0], docs[1] =
+        docs[1], docs[0]`` swaps them."""
+        if isinstance(index, slice):
+            self._assign_slice(index, list(value))  # taken whole first: ``value`` may read this very list
+            return
+        if not isinstance(index, int):
+            raise TypeError(
+                f"documents are assigned by position or slice, not by {type(index).__name__}; to replace the "
+                "one with an id, assign at its position: docs.ids.index(id)"
+            )
+        self._put(range(len(self._field))[index], value, _proto_of(value))  # an IndexError as a list's
+
+    def _assign_slice(self, index: slice, docs: list[DocumentLike]) -> None:
+        protos = [_proto_of(doc) for doc in docs]  # every one checked before anything changes
+        positions = range(len(self._field))[index]
+        if index.step is None or index.step == 1:  # as a list's: any number, in place of the slice
+            del self._field[index]
+            for offset, (doc, proto) in enumerate(zip(docs, protos)):
+                self._insert_at(positions.start + offset, doc, proto)
+            return
+        if len(docs) != len(positions):
+            raise ValueError(
+                f"attempt to assign sequence of size {len(docs)} to extended slice of size {len(positions)}"
+            )
+        for position, doc, proto in zip(positions, docs, protos):
+            self._put(position, doc, proto)
+
+    def _put(self, position: int, doc: DocumentLike, proto: docarray_pb2.DocumentProto) -> None:
+        del self._field[position]
+        self._insert_at(position, doc, proto)
+
+    def insert(self, index: int, doc: DocumentLike) -> None:
+        """Put a copy of ``doc`` before position ``index``, as ``list.insert``; a Document then views it."""
+        proto = _proto_of(doc)
+        self._insert_at(slice(index, None).indices(len(self._field))[0], doc, proto)  # clamped as a list's
+
+    def _insert_at(self, position: int, doc: DocumentLike, proto: docarray_pb2.DocumentProto) -> None:
+        self._field.insert(position, proto)  # protobuf's own: a copy, the rest moved along, not copied
+        self._took(doc, self._field[position])
+
+    def _took(self, doc: DocumentLike, stored: docarray_pb2.DocumentProto) -> None:
+        """Give ``stored``, the copy of ``doc`` just stored, what the list's owner stamps; rebind a Document to it."""
+        if self._stamp is not None:
+            self._stamp(stored)
+        if isinstance(doc, Document):
+            self._budget.absorb(doc._budget)
+            doc._pb = stored
+
     def __delitem__(self, index: Union[int, slice]) -> None:
         del self._field[index]
 
@@ -482,11 +533,7 @@ class DocumentList:
         proto = _proto_of(doc)  # before add(): a refused value leaves no empty document behind
         stored = self._field.add()
         stored.CopyFrom(proto)
-        if self._stamp is not None:
-            self._stamp(stored)
-        if isinstance(doc, Document):
-            self._budget.absorb(doc._budget)
-            doc._pb = stored
+        self._took(doc, stored)
 
     def extend(self, docs: Iterable[DocumentLike]) -> None:
         # taken whole first: ``docs`` may read this very list (``docs.extend(docs)``, a generator over it), which

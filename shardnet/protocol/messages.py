@@ -634,8 +634,18 @@ class DataContent:
 
 
 def _check_not_a_message(docs: Any) -> None:
-    """Refuse a message as ``DataRequest``'s first argument: Jina's constructor takes one (bytes or a proto),
-    shardnet's takes documents, and bytes iterate as integers ("documents ... got int" said nothing useful)."""
+    """Refuse a message as ``DataRequest``'s first argument: Jina's constructor takes one (bytes, a proto, a
+    dict or JSON text), shardnet's takes documents, and each iterates as something else (bytes as integers, a
+    dict as its keys, text as its characters: "documents ... got int" or "got str" said nothing useful)."""
+    if isinstance(docs, (Mapping, str)):
+        builder, name = ("ParseDict", "request") if isinstance(docs, Mapping) else ("Parse", "text")
+        raise TypeError(
+            f"DataRequest(docs, endpoint, parameters) takes documents, got a {type(docs).__name__}, taken for a "
+            f"message in Jina's DataRequest(request) form: build it with "
+            f"DataRequest.from_proto(json_format.{builder}({name}, DataRequestProto())) (json_format from "
+            "google.protobuf, DataRequestProto from shardnet.protocol.proto.jina_pb2)"
+            + ("; a document's text goes in as DataRequest([Document(text=...)])" if isinstance(docs, str) else "")
+        )
     if isinstance(docs, (bytes, bytearray, memoryview)):
         raise TypeError(
             f"DataRequest(docs, endpoint, parameters) takes documents, got {type(docs).__name__} "
