@@ -710,6 +710,80 @@ async def test_callers_own_short_deadlines_do_not_eject_a_replica(pool_factory, 
     assert len(strict.get_replicas("dep").eligible()) == 1  # its own attempt timeouts count
 
 
+async def hung_beside_a_healthy_one(pool_factory, echo_servers):
+    """A pool (round robin, the default ejection policy) over two replicas of one shard, the first hung: it takes
+    calls and answers none, nor its health checks (NOT_SERVING, as a hung one never says SERVING)."""
+    from grpc_health.v1 import health_pb2
+
+    hung, healthy = await echo_servers(2, names=["hung", "healthy"])
+    hung.delay = 30.0
+    await hung.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    own, records = _recording_logger("outlier")
+    pool = pool_factory(balancer="round_robin", logger=own)
+    for server in (hung, healthy):
+        pool.add_connection("dep", server.address)
+    return pool, hung, healthy, records
+
+
+async def answered_in_turn(pool, count: int, timeout: float) -> list[bool]:
+    """Send ``count`` requests one after another, each with ``timeout``; whether each was answered."""
+    answered = []
+    for _ in range(count):
+        try:
+            await send_one(pool, timeout=timeout)
+            answered.append(True)
+        except DeadlineExceeded:
+            answered.append(False)
+    return answered
+
+
+async def test_a_hung_replica_missing_short_deadlines_its_peers_meet_is_ejected(pool_factory, echo_servers):
+    """A review's find: one of two replicas hung (SIGSTOP), a Jina-style caller sending requests one at a time
+    with 0.5 s deadlines: every other one failed, to the end (keepalive, some 40 s later), as a caller's deadline
+    under ``min_blamed_deadline`` is never the replica's fault. It is when the other replica meets the same
+    callers' deadlines: the hung one is the outlier, and is ejected after three misses."""
+    pool, hung, healthy, records = await hung_beside_a_healthy_one(pool_factory, echo_servers)
+    answered = await answered_in_turn(pool, 30, timeout=0.2)
+    assert answered.count(False) <= 4 and all(answered[-20:]), answered
+    assert [c.address.target for c in pool.get_replicas("dep").eligible()] == [healthy.address]
+    [ejection] = [record.getMessage() for record in records if "ejecting replica" in record.getMessage()]
+    assert ejection.endswith(
+        "after 3 failures in a row: DEADLINE_EXCEEDED (callers' deadlines up to 0.2s, while the other replicas "
+        "answered) x3"
+    ), ejection
+
+
+async def test_a_hung_replica_ejected_as_the_outlier_is_let_back_in_once_it_answers(
+    pool_factory, echo_servers, eventually
+):
+    from grpc_health.v1 import health_pb2
+
+    pool, hung, healthy, _ = await hung_beside_a_healthy_one(pool_factory, echo_servers)
+    await answered_in_turn(pool, 6, timeout=0.2)  # three missed, three answered: ejected
+    replicas = pool.get_replicas("dep")
+    [outlier] = [c for c in replicas.get_all_connections() if c.address.target == hung.address]
+    assert not replicas.is_eligible(outlier)
+    hung.delay = 0.0
+    await hung.health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await eventually(lambda: replicas.is_eligible(outlier), timeout=5.0)  # its probe: after base_ejection
+    assert {served_by(await send_one(pool, timeout=0.2)) for _ in range(4)} == {"hung", "healthy"}
+
+
+async def test_replicas_all_missing_short_deadlines_are_not_ejected(pool_factory, echo_servers):
+    """A shard too slow for its callers' short deadlines is no outlier's: every replica misses them (nothing
+    answered), or the others answer only callers with longer deadlines. None is ejected."""
+    slow_a, slow_b = await echo_servers(2, delay=0.15)
+    pool = pool_factory(balancer="round_robin")
+    for server in (slow_a, slow_b):
+        pool.add_connection("dep", server.address)
+    for _ in range(3):  # round robin: slow_a misses the short deadlines, slow_b answers only long ones
+        assert await answered_in_turn(pool, 1, timeout=0.05) == [False]
+        assert await answered_in_turn(pool, 1, timeout=2.0) == [True]
+    assert await answered_in_turn(pool, 6, timeout=0.05) == [False] * 6  # three misses each, none answered
+    replicas = pool.get_replicas("dep")
+    assert len(replicas.eligible()) == 2 and all(c.times_ejected == 0 for c in replicas.get_all_connections())
+
+
 async def test_one_round_over_one_replica_is_one_attempt(pool_factory, echo_servers):
     [failing] = await echo_servers(1, fail_with=grpc.StatusCode.UNAVAILABLE)
     pool = pool_factory(retry=RetryPolicy(rounds=1))

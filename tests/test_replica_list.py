@@ -260,3 +260,38 @@ async def test_an_ejection_names_its_failures_codes_and_whose_deadline_ran_out(
     assert dead.startswith(f"dep/shard-0: ejecting replica {dead_address} for ")
     assert dead.endswith(" after 3 failures in a row: UNAVAILABLE x3")
     assert slowed.endswith(f" after 3 failures in a row: DEADLINE_EXCEEDED ({whose} of 0.2s) x3")
+
+
+async def test_an_answer_from_a_replica_ends_its_run_of_short_deadlines_missed(echo_servers):
+    """A replica missing callers' short deadlines while the others answer them is blamed for its misses only
+    since its last answer, and a single replica (no other answering) for none. The others' calls had a hair
+    more time left than its own (callers with one deadline, the pool's time before each call apart): they count."""
+    slow, quick = await echo_servers(2)
+    slow.delay = 30.0
+    replicas = ReplicaList(name="dep/shard-0")
+    try:
+        lagging = replicas.add_connection(slow.address)
+
+        async def miss() -> None:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await replicas.call(lagging, "single_data", DataRequest(endpoint="/x"), None, 0.05, callers_deadline=True)
+
+        for _ in range(3):
+            await miss()
+        assert lagging.failures == 0  # alone: nobody answered in its place
+        answering = replicas.add_connection(quick.address)
+        slow.delay = 0.0
+        await replicas.call(lagging, "single_data", DataRequest(endpoint="/x"), None, 0.05, callers_deadline=True)
+        slow.delay = 30.0
+        await miss()
+        for _ in range(5):
+            await replicas.call(answering, "single_data", DataRequest(endpoint="/x"), None, 0.051, callers_deadline=True)
+        assert lagging.failures == 1 and replicas.is_eligible(lagging)  # the one miss since its answer
+        await miss()
+        await miss()
+        await replicas.call(answering, "single_data", DataRequest(endpoint="/x"), None, 0.051, callers_deadline=True)
+        assert replicas.is_eligible(lagging)  # one answer for two misses: not yet
+        await replicas.call(answering, "single_data", DataRequest(endpoint="/x"), None, 0.051, callers_deadline=True)
+        assert not replicas.is_eligible(lagging)
+    finally:
+        await replicas.close()

@@ -221,9 +221,15 @@ class EjectionPolicy:
     deadline that expires counts only when it gave the replica at least
     ``min_blamed_deadline`` seconds: a shorter one says more about the caller
     than the replica, a longer one is how a hung replica shows when no
-    per-attempt timeout is set. Such a run of failures also rebuilds the
-    replica's channel; a run ending in a timeout at most once every
-    ``min_rebuild_interval`` seconds.
+    per-attempt timeout is set. A shorter one counts after all when the
+    shard's other replicas meet such deadlines: a replica's run of them
+    missed (ended by its next answer) is blamed once, since its first miss,
+    the others answered as many calls within deadlines no longer than the
+    run's longest. It is the outlier (Envoy judges a host against its
+    cluster, not alone), as a hung one is; a shard too slow for its callers
+    has every replica missing them, and ejects none. Such a run of failures
+    also rebuilds the replica's channel; a run ending in a timeout at most
+    once every ``min_rebuild_interval`` seconds.
     """
 
     consecutive_failures: int = 3

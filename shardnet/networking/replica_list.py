@@ -77,6 +77,10 @@ OUT_OF_TURN_CHECKS_EVERY = 1.0
 DRAINING_CHECKS_EVERY = 1.0
 # what a health check's connection attempt (problem_now) is given beyond the check's time, in milliseconds
 CONNECT_SLACK_MS = 100
+# how much longer than the longest of a replica's run of callers' short deadlines missed another's answered call
+# may have had and still count against it: callers with the same deadline reach a replica with what they have
+# left of it, which differs by the pool's time before the call (microseconds, or milliseconds on a busy loop)
+SAME_DEADLINE_SLACK = 1.1
 
 
 async def _finish_or_cut(closings: dict[asyncio.Task, Any], grace: float) -> None:
@@ -175,7 +179,7 @@ class Connection:
     __slots__ = (
         "address", "_tls", "_options", "channel", "stubs", "running", "failures", "times_ejected", "_retiring",
         "_closed", "_origin", "_request_streams", "rebuilt_at", "admitted_at", "checked_at", "draining", "loop",
-        "_loop_thread", "recent_failures",
+        "_loop_thread", "recent_failures", "short_misses", "answered_meanwhile", "missed_deadline",
     )
 
     def __init__(
@@ -195,6 +199,11 @@ class Connection:
         # the latest failures' causes (a status code, and whose deadline ran out), written on failures only: the
         # last EjectionPolicy.consecutive_failures of them are the run an ejection names
         self.recent_failures: list[str] = []
+        # its run of callers' short deadlines missed (not blamed as they come), the calls the shard's other
+        # replicas answered since the first of them within deadlines no longer than the run's longest (seconds)
+        self.short_misses = 0
+        self.answered_meanwhile = 0
+        self.missed_deadline = 0.0
         self.times_ejected = 0
         self.admitted_at = float("-inf")  # time.monotonic() when it last joined the picks
         self.rebuilt_at = float("-inf")  # loop time of the last rebuild
@@ -382,6 +391,8 @@ class ReplicaList:
         self._eligible: list[Connection] = []  # picked from; swap-removal keeps it O(1)
         self._position: dict[Connection, int] = {}
         self._probes: dict[Connection, asyncio.Task] = {}
+        # the pickable replicas with a run of callers' short deadlines missed, their others' answers counted
+        self._lagging: dict[Connection, None] = {}
         self._leaving: dict[asyncio.Task, Connection] = {}  # removed connections closing once their calls end
         # the last replica to leave, while none has come since; whether a call finding none said so
         self._emptied: Optional[Address] = None
@@ -535,6 +546,8 @@ class ReplicaList:
         index = self._position.pop(connection, None)
         if index is None:
             return
+        if connection in self._lagging:  # out of the picks, its run is over: it starts afresh when back
+            self._end_run(connection)
         last = self._eligible.pop()
         if last is not connection:
             self._eligible[index] = last
@@ -642,6 +655,46 @@ class ReplicaList:
         """True when a caller's deadline was too short to blame the replica for missing it."""
         policy = self._ejection
         return policy is None or callers_timeout is None or callers_timeout < policy.min_blamed_deadline
+
+    def _missed_short(self, connection: Connection, callers_timeout: Optional[float]) -> None:
+        """``connection`` missed a caller's deadline too short to blame it for (``_too_short``): one more of its
+        run, blamed after all once the shard's other replicas answered as many calls as it missed (``_answered``)."""
+        policy = self._ejection
+        if policy is None or callers_timeout is None or grpc.StatusCode.DEADLINE_EXCEEDED not in policy.failure_codes:
+            return
+        self._lagging[connection] = None
+        connection.short_misses += 1
+        connection.missed_deadline = max(connection.missed_deadline, callers_timeout)
+
+    def _answered(self, connection: Connection, timeout: Optional[float]) -> None:
+        """A call on ``connection`` with ``timeout`` was answered while replicas miss callers' short deadlines:
+        its own run is over, and it counts for every other whose misses' deadlines were no shorter
+        (``SAME_DEADLINE_SLACK``). One the others have answered as many calls as it missed is the outlier (in a
+        shard too slow for its callers every replica misses, and none answers): blamed for its run, its
+        ejection naming the deadlines."""
+        if connection in self._lagging:
+            self._end_run(connection)
+        if timeout is None:  # no deadline: no answer within one as short as theirs
+            return
+        for lagging in list(self._lagging):
+            if timeout > lagging.missed_deadline * SAME_DEADLINE_SLACK:
+                continue
+            lagging.answered_meanwhile += 1
+            if lagging.answered_meanwhile < lagging.short_misses:
+                continue
+            misses, deadline = lagging.short_misses, lagging.missed_deadline
+            self._end_run(lagging)
+            cause = f"DEADLINE_EXCEEDED (callers' deadlines up to {deadline:.3g}s, while the other replicas answered)"
+            for _ in range(misses):
+                self.record_failure(lagging, grpc.StatusCode.DEADLINE_EXCEEDED, cause=cause)
+                if lagging not in self._position:  # ejected: what is left of the run goes with it
+                    break
+
+    def _end_run(self, connection: Connection) -> None:
+        """Forget ``connection``'s run of callers' short deadlines missed."""
+        del self._lagging[connection]
+        connection.short_misses = connection.answered_meanwhile = 0
+        connection.missed_deadline = 0.0
 
     def _eject(self, connection: Connection) -> None:
         self._withdraw(connection)
@@ -768,7 +821,8 @@ class ReplicaList:
 
         Outcomes feed the balancer and the failure counts; gRPC errors propagate unchanged.
         ``callers_deadline``: ``timeout`` is what the caller had left, so its
-        expiry counts towards ejection only when it was long (``EjectionPolicy.min_blamed_deadline``).
+        expiry counts towards ejection only when it was long (``EjectionPolicy.min_blamed_deadline``),
+        or once the shard's other replicas answered as many calls within deadlines as short.
         A call cut because its channel was closed under it (the replica removed
         or its channel rebuilt while the call outlived the grace, or the list
         closed) raises UNAVAILABLE naming the replica rather than a
@@ -803,6 +857,8 @@ class ReplicaList:
             if blamed and channel is connection.channel and listed and not set_aside:
                 cause = _cause(code, timeout, callers_deadline)
                 self.record_failure(connection, code, counted=wrong_server(method, code), cause=cause)
+            elif not blamed and channel is connection.channel and connection in self._position:
+                self._missed_short(connection, timeout)
             raise
         except asyncio.CancelledError:
             if connection.cut_by_close(channel):
@@ -826,6 +882,8 @@ class ReplicaList:
             running.end()
         balancer.finished(connection, token)
         connection.failures = 0
+        if self._lagging:  # some replica misses callers' short deadlines: does this answer make it the outlier?
+            self._answered(connection, timeout)
         return response, trailing
 
     async def close(self) -> None:
@@ -835,6 +893,7 @@ class ReplicaList:
         for probe in list(self._probes.values()):
             probe.cancel()
         self._probes.clear()
+        self._lagging.clear()
         closed: set[Connection] = set()
         while True:  # until no replica was added (a watch, an ACTIVATE) while the closes ran
             self._eligible.clear()  # no pick, failover included, lands on a closing channel
