@@ -14,8 +14,11 @@ import yaml
 from kubelet import pod_arguments
 
 from shardnet.cli.main import build_parser, main
+from shardnet.cli.options import THREAD_EXIT_GRACE
 from shardnet.errors import ConfigurationError
-from shardnet.manifests.kubernetes import RUN_AS, TLS_DIR, DeploymentSpec, Resources, render, render_components, to_yaml
+from shardnet.manifests.kubernetes import (
+    DRAIN_MARGIN, EXIT_SECONDS, RUN_AS, TLS_DIR, DeploymentSpec, Resources, render, render_components, to_yaml,
+)
 from shardnet.protocol import services
 from shardnet.runtimes.worker import CLOSE_GRACE
 
@@ -186,14 +189,14 @@ def test_containers_run_the_shardnet_commands() -> None:
     assert container(head)["command"] + container(head)["args"] == [
         "shardnet", "head", "--deployment", "search", "--host", "0.0.0.0", "--port", "50051",
         "--polling", '{"/search": "ALL", "/index": "ANY", "*": "ANY"}', "--k8s-namespace", "$(POD_NAMESPACE)", "--balancer", "round_robin",
-        "--shards", "3", "--shards-wait", "240", "--max-message-mb", "64.0", "--drain-seconds", "18",
+        "--shards", "3", "--shards-wait", "240", "--max-message-mb", "64.0", "--drain-seconds", "13",
     ]  # fmt: skip
     for shard, worker in enumerate(sorted(workers, key=lambda w: w["metadata"]["name"])):
         assert container(worker)["command"] + container(worker)["args"] == [
             "shardnet", "worker", "--uses", "acme.search:Indexer", "--host", "0.0.0.0", "--port", "50051",
             "--shard-id", str(shard), "--shards", "3", "--replicas", "2",  # the Executor's runtime_args, as in Jina
             "--name", f"search/shard-{shard}", "--workspace", "/workspace",
-            "--max-message-mb", "64.0", "--drain-seconds", "18",
+            "--max-message-mb", "64.0", "--drain-seconds", "13",
         ]  # fmt: skip
 
 
@@ -345,7 +348,7 @@ def test_startup_time_and_grace_reach_the_probes_and_the_drain() -> None:
         probe = served["startupProbe"]
         assert probe["periodSeconds"] * probe["failureThreshold"] >= 601
         assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 90
-        assert build_parser().parse_args(served["args"]).drain_seconds == 90 - 5 - 7
+        assert build_parser().parse_args(served["args"]).drain_seconds == 90 - 5 - DRAIN_MARGIN
     head_deployment = head_and_workers(render(spec), "Deployment")[0]
     # a new head waits for a worker of every shard as long as one may load, and the time to be scheduled
     assert build_parser().parse_args(container(head_deployment)["args"]).shards_wait == 601 + 60
@@ -354,22 +357,23 @@ def test_startup_time_and_grace_reach_the_probes_and_the_drain() -> None:
     assert {d["spec"]["progressDeadlineSeconds"] for d in by_kind(render(SPECS["defaults"]), "Deployment")} == {600}
     default = container(head_and_workers(render(SPECS["defaults"]), "Deployment")[0])
     assert default["startupProbe"]["periodSeconds"] * default["startupProbe"]["failureThreshold"] == 180
-    assert build_parser().parse_args(default["args"]).drain_seconds == 18
+    assert build_parser().parse_args(default["args"]).drain_seconds == 30 - 5 - DRAIN_MARGIN == 13
 
 
-@pytest.mark.parametrize("grace", [13, 30, 90])
-def test_the_grace_leaves_a_worker_time_to_exit_after_its_executors_close(grace: int) -> None:
-    """A worker gives its Executor's close() up to CLOSE_GRACE seconds past its drain (runtimes.worker), then
-    exits: the rendered drain left the grace exactly that much after it, so a close() that used it all was
-    SIGKILLed before it could exit (found by a review: exit at 25.1 s of a 25 s budget)."""
+@pytest.mark.parametrize("grace", [18, 30, 90])
+def test_the_grace_leaves_a_worker_time_to_exit_after_its_executors_close_and_threads(grace: int) -> None:
+    """A worker gives its Executor's close() up to CLOSE_GRACE seconds past its drain (runtimes.worker), then the
+    threads the Executor started THREAD_EXIT_GRACE more (cli.options), then exits: the rendered grace must hold
+    all of them and EXIT_SECONDS to exit. Found by reviews: a drain that left the grace only CLOSE_GRACE after it
+    (exit at 25.1 s of a 25 s budget), then one that forgot the threads' (a flusher's last write SIGKILLed at 26 s)."""
     spec = DeploymentSpec(name="g", image="i", uses="m:C", termination_grace_seconds=grace)
-    for worker in head_and_workers(render(spec), "Deployment")[1]:
-        served = container(worker)
-        after_sigterm = worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] - (
+    for deployment in by_kind(render(spec), "Deployment"):  # the head's too: it drains by the same numbers
+        served = container(deployment)
+        after_sigterm = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] - (
             served["lifecycle"]["preStop"]["sleep"]["seconds"]
         )
-        close_bound = build_parser().parse_args(served["args"]).drain_seconds + CLOSE_GRACE
-        assert after_sigterm - close_bound >= 2, f"{after_sigterm - close_bound:g} s to exit before SIGKILL"
+        way_out = build_parser().parse_args(served["args"]).drain_seconds + CLOSE_GRACE + THREAD_EXIT_GRACE
+        assert after_sigterm - way_out >= EXIT_SECONDS, f"{after_sigterm - way_out:g} s to exit before SIGKILL"
 
 
 def test_cli_takes_startup_and_grace_seconds(capsys: pytest.CaptureFixture[str]) -> None:
@@ -495,8 +499,8 @@ def test_yaml_quotes_label_values_and_shares_no_anchors() -> None:
         ({"startup_seconds": 999_999_950}, "startup_seconds must be an integer from 2 to 86400"),
         ({"startup_seconds": 2.5}, "startup_seconds must be an integer"),
         ({"pre_stop_seconds": 30}, "below termination_grace_seconds"),
-        ({"termination_grace_seconds": 10}, r"termination_grace_seconds must be at least 13: the preStop pause"),
-        ({"pre_stop_seconds": 0, "termination_grace_seconds": 7}, "termination_grace_seconds must be at least 8"),
+        ({"termination_grace_seconds": 17}, r"termination_grace_seconds must be at least 18: the preStop pause"),
+        ({"pre_stop_seconds": 0, "termination_grace_seconds": 12}, "termination_grace_seconds must be at least 13"),
         ({"tls_secret": "Idx_TLS"}, "tls_secret 'Idx_TLS' must name a Secret"),
         ({"tls_issuer": "ca"}, r"tls_issuer \(--tls-issuer\) needs tls_secret"),
         ({"tls_secret": "s", "tls_issuer": "My CA"}, "tls_issuer 'My CA' must name an Issuer"),

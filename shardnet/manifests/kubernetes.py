@@ -44,6 +44,7 @@ from typing import Any, NamedTuple, Optional
 
 import yaml
 
+from shardnet.cli.options import THREAD_EXIT_GRACE
 from shardnet.errors import ConfigurationError
 from shardnet.manifests.images import check_image
 from shardnet.networking.balancing import BALANCERS
@@ -172,10 +173,11 @@ PROCESS_BASE_MIB = 64
 STARTUP_PERIOD = 2  # seconds between startup probes
 MAX_UNAVAILABLE = 1  # the pods of the head, or of one shard, a voluntary disruption (a node drain) may take at once
 EXIT_SECONDS = 2  # seconds left to a process to exit once its Executor's close() has returned or been left behind
-# seconds of the grace left to a process after its drain: a worker gives its Executor's close() up to CLOSE_GRACE
-# seconds past the drain, and must then still exit before SIGKILL (a margin of CLOSE_GRACE alone let a close() that
-# used it all run into the kill)
-DRAIN_MARGIN = math.ceil(CLOSE_GRACE) + EXIT_SECONDS
+# seconds of the grace left to a process after its drain: every bound it has on its way out. A worker gives its
+# Executor's close() up to CLOSE_GRACE seconds past the drain, then the threads the Executor started up to
+# THREAD_EXIT_GRACE more (cli.options), and must then still exit before SIGKILL (a margin of CLOSE_GRACE alone let
+# a close() that used it all run into the kill; one without the threads' grace, a flusher's last write)
+DRAIN_MARGIN = math.ceil(CLOSE_GRACE + THREAD_EXIT_GRACE) + EXIT_SECONDS
 MESSAGE_COPIES = MappingProxyType({"head": 5, "worker": 8})
 # what the most documents one call may hold (protocol.messages: 1,000,000 in a process_data list, what a uses_after
 # receives) cost a worker decoded, however small its message (some 200 bytes each); a head routes them undecoded
@@ -346,12 +348,12 @@ class DeploymentSpec:
                 f"pre_stop_seconds must be an integer >= 0 and below termination_grace_seconds "
                 f"({self.termination_grace_seconds}), got {self.pre_stop_seconds!r}"
             )
-        least = self.pre_stop_seconds + DRAIN_MARGIN + 1  # a drain of 1 s, and the margin for close() and exit
+        least = self.pre_stop_seconds + DRAIN_MARGIN + 1  # a drain of 1 s, and the margin for the way out
         if self.termination_grace_seconds < least:
             raise ConfigurationError(
                 f"termination_grace_seconds must be at least {least}: the preStop pause ({self.pre_stop_seconds} s), "
                 f"a drain of 1 s and {DRAIN_MARGIN} s after it for the Executor's close() ({CLOSE_GRACE:g} s at "
-                f"most) and the exit before SIGKILL; got "
+                f"most), its threads' end ({THREAD_EXIT_GRACE:g} s at most) and the exit before SIGKILL; got "
                 f"{self.termination_grace_seconds}"
             )
 
@@ -403,7 +405,7 @@ class DeploymentSpec:
     @property
     def drain_seconds(self) -> int:
         """How long a process lets its in-flight requests finish on SIGTERM: the grace after preStop, less a margin
-        (``DRAIN_MARGIN``) for the Executor's close() and the exit."""
+        (``DRAIN_MARGIN``) for the Executor's close(), its threads' end and the exit."""
         return max(1, self.termination_grace_seconds - self.pre_stop_seconds - DRAIN_MARGIN)
 
     @property
