@@ -170,11 +170,25 @@ async def test_the_rendered_tls_commands_serve_end_to_end(
         assert response.request_id == request.request_id and response.docs.texts == ["over tls"]
         with pytest.raises(ReplicaError):  # and the head's port speaks TLS only
             await oneshot.send_request_async(DataRequest(endpoint="/index"), head_address, 5.0)
+        # the Role grants exactly what discovery asks: a list, then a watch, of pods and of EndpointSlices
+        await eventually(lambda: all(api_server.watch_requests(resource) for resource in ("pods", "endpointslices")))
+        assert verbs_used(api_server) == verbs_granted(spec)
     finally:
         head.stop()
         worker.stop()
     for log in ("worker.log", "head.log"):  # 0440 in the pod's own group is how a Secret is mounted: no warning
         assert "open to other users" not in (tmp_path / log).read_text()
+
+
+def verbs_granted(spec: DeploymentSpec) -> set[tuple[str, str]]:
+    """(resource, verb) of every rule of the rendered Role the head's ServiceAccount is bound to."""
+    [role] = [obj for obj in render(spec) if obj["kind"] == "Role"]
+    return {(resource, verb) for rule in role["rules"] for resource in rule["resources"] for verb in rule["verbs"]}
+
+
+def verbs_used(api_server: FakeApiServer) -> set[tuple[str, str]]:
+    """(resource, verb) of every request the API server was asked (only collections are served: a list or a watch)."""
+    return {(resource, "watch" if watching else "list") for resource, watching, _ in api_server.requests}
 
 
 def client_of(secret: Path, server_name: str) -> ClientTls:

@@ -64,10 +64,11 @@ SERVICE_SHARD_LABEL = "shardnet.io/shard"
 CONTAINER_NAME = "executor"
 PORT_NAME = "grpc"
 
-# Discovery reads pods and EndpointSlices; these rules are all the head may do.
+# Discovery lists and watches pods and EndpointSlices (never reads one by name: no "get"); these rules are all
+# the head may do.
 DISCOVERY_RULES = (
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
 )
 
 RUN_AS = 10001  # the Dockerfile's numeric user, so the kubelet can check runAsNonRoot
