@@ -6,7 +6,7 @@ import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import kubernetes_validate
 import pytest
@@ -15,11 +15,14 @@ from kubelet import pod_arguments
 
 from shardnet.cli.main import build_parser, main
 from shardnet.cli.options import THREAD_EXIT_GRACE
+from shardnet.discovery.kubernetes import Member, pod_members, slice_members
 from shardnet.errors import ConfigurationError
 from shardnet.manifests.kubernetes import (
-    DRAIN_MARGIN, EXIT_SECONDS, RUN_AS, TLS_DIR, DeploymentSpec, Resources, render, render_components, to_yaml,
+    DRAIN_MARGIN, EXIT_SECONDS, RUN_AS, TLS_DIR, DeploymentSpec, Resources, pod_labels, render, render_components,
+    to_yaml,
 )
 from shardnet.protocol import services
+from shardnet.runtimes.head import DISCOVERED, Head
 from shardnet.runtimes.worker import CLOSE_GRACE
 
 # the newest schema kubernetes-validate 1.37.0 ships
@@ -50,6 +53,13 @@ SPECS = {
         name="metered", image="i", uses="m:C", shards=2, tls_secret="metered-tls", network_policy=True,
         metrics_port=9090,
     ),
+    # a uses_before and a uses_after, each a component of its own, with every option a shard's takes
+    "hops": DeploymentSpec(
+        name="hops", image="i", uses="m:C", uses_with='{"k": 1}', shards=2, replicas=2, uses_before="m:Before",
+        uses_after="m:After",
+        tls_secret="hops-tls", worker_tls_secret="hops-worker-tls", tls_issuer="hops-ca", network_policy=True,
+        metrics_port=9090,
+    ),
 }
 
 
@@ -63,6 +73,17 @@ def head_and_workers(objects: list[dict[str, Any]], kind: str) -> tuple[dict[str
     heads = [obj for obj in found if obj["metadata"]["labels"]["shardnet.io/role"] == "head"]
     assert len(heads) == 1
     return heads[0], [obj for obj in found if obj is not heads[0]]
+
+
+def discovered_as(spec: DeploymentSpec, obj: dict[str, Any]) -> tuple[str, bool, Optional[int]]:
+    """(pool deployment, head, shard id) the head calls the pods of a rendered component as, told by its name:
+    NAME-head, NAME-N (shard N), NAME-uses-before and NAME-uses-after (the hops, NAME/uses_before ...)."""
+    suffix = obj["metadata"]["name"].removeprefix(f"{spec.name}-")
+    if suffix == "head":
+        return spec.name, True, None
+    if suffix.isdigit():
+        return spec.name, False, int(suffix)
+    return f"{spec.name}/{suffix.replace('-', '_')}", False, 0
 
 
 def container(deployment: dict[str, Any]) -> dict[str, Any]:
@@ -116,10 +137,21 @@ def test_pod_templates_carry_the_discovery_labels_and_grpc_port(spec: Deployment
     shard_ids = []
     for deployment in workers:
         labels = deployment["spec"]["template"]["metadata"]["labels"]
-        assert (labels["jina_deployment_name"], labels["pod_type"]) == (spec.name, "WORKER")
-        shard_ids.append(labels["shard_id"])
+        hop = labels["shardnet.io/role"] if labels["shardnet.io/role"] != "worker" else None
+        assert (labels["jina_deployment_name"], labels["pod_type"]) == (spec.name, (hop or "worker").upper())
+        if hop is None:
+            shard_ids.append(labels["shard_id"])
+        else:
+            assert labels["shard_id"] == ""
     assert sorted(shard_ids, key=int) == [str(n) for n in range(spec.shards)]
     for deployment in [head, *workers]:
+        # and discovery reads each pod as the head calls it: its head, a shard, or a hop (DEPLOYMENT/uses_after)
+        pod = {
+            "metadata": {"labels": deployment["spec"]["template"]["metadata"]["labels"]},
+            "spec": deployment["spec"]["template"]["spec"],
+            "status": {"podIP": "10.0.0.9", "phase": "Running", "containerStatuses": [{"ready": True}]},
+        }
+        assert pod_members(pod) == {Member(*discovered_as(spec, deployment), f"10.0.0.9:{spec.port}")}
         selector = deployment["spec"]["selector"]["matchLabels"]
         assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
         served = container(deployment)
@@ -135,14 +167,21 @@ def test_services_carry_the_endpointslice_labels_and_select_their_component(spec
     objects = render(spec)
     selectors = {d["metadata"]["name"]: d["spec"]["selector"]["matchLabels"] for d in by_kind(objects, "Deployment")}
     head, workers = head_and_workers(objects, "Service")
-    expected = [(head, "head", ""), *((w, "worker", w["metadata"]["name"].rsplit("-", 1)[1]) for w in workers)]
-    for service, role, shard in expected:
+    for service in [head, *workers]:
+        member = discovered_as(spec, service)
+        role = "head" if member[1] else member[0].partition("/")[2] or "worker"
+        shard = "" if member[1] or "/" in member[0] else str(member[2])
         labels = service["metadata"]["labels"]
         assert (labels["shardnet.io/deployment"], labels["shardnet.io/role"], labels["shardnet.io/shard"]) == (
             spec.name,
             role,
             shard,
         )
+        endpoint_slice = {  # what discovery reads of the slices Kubernetes makes of it: the labels and the port
+            "metadata": {"labels": labels}, "ports": [{"name": "grpc", "port": spec.port}],
+            "endpoints": [{"addresses": ["10.0.0.9"], "conditions": {}}],
+        }
+        assert slice_members(endpoint_slice) == {Member(*member, f"10.0.0.9:{spec.port}")}
         assert service["spec"]["ports"] == [{"name": "grpc", "port": spec.port, "targetPort": "grpc", "protocol": "TCP"}]
         assert service["spec"]["publishNotReadyAddresses"] is False
         assert service["spec"]["selector"] == selectors[service["metadata"]["name"]]
@@ -213,6 +252,52 @@ def test_the_shardnet_parser_accepts_the_rendered_commands() -> None:
         assert str(parsed.shard_id) == worker["spec"]["template"]["metadata"]["labels"]["shard_id"]
         mounts = {m["mountPath"] for m in container(worker)["volumeMounts"]}
         assert parsed.workspace in mounts  # writable under the read-only root filesystem
+
+
+def test_uses_before_and_after_are_components_of_their_own_that_the_head_calls_as_discovered(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``k8s render --uses-before/--uses-after``: each hop a Deployment (a worker of its Executor, as many pods as
+    a shard), headless Service, disruption budget and NetworkPolicy named NAME-uses-before/-after, in a file of
+    its own with --output; the head takes them from discovery (``--uses-before discovered``)."""
+    spec = SPECS["hops"]
+    components = render_components(spec)
+    assert list(components) == ["hops-head", "hops-uses-before", "hops-uses-after", "hops-0", "hops-1"]
+    head = by_kind(components["hops-head"], "Deployment")[0]
+    parsed = build_parser().parse_args(pod_arguments(container(head), "default"))
+    assert (parsed.uses_before, parsed.uses_after) == ("discovered", "discovered")
+    for role, uses in (("uses_before", "m:Before"), ("uses_after", "m:After")):
+        objects = components[f"hops-{role.replace('_', '-')}"]
+        assert [obj["kind"] for obj in objects] == ["Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy"]
+        deployment = objects[0]
+        assert deployment["spec"]["replicas"] == spec.replicas
+        served = container(deployment)
+        parsed = build_parser().parse_args(served["args"])
+        assert (parsed.command, parsed.uses, parsed.name, parsed.shard_id) == ("worker", uses, f"hops/{role}", 0)
+        assert parsed.uses_with == "{}"  # the shards' keyword arguments are theirs (as Jina's hops)
+        # a worker's TLS (its own Secret, client certificates required), metrics and resources
+        assert (parsed.tls_client_ca, parsed.metrics_port) == (f"{TLS_DIR}/ca.crt", 9090)
+        secret = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls"]
+        assert secret[0]["secret"]["secretName"] == spec.worker_secret
+        assert served["resources"] == spec.worker_resources.to_k8s()
+        assert deployment["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+        policy = objects[3]["spec"]
+        assert policy["ingress"][0]["from"] == [{"podSelector": {"matchLabels": pod_labels(spec, "head", None)}}]
+    assert main(["k8s", "render", "--name", "h", "--image", "i", "--uses", "m:C", "--uses-after", "m:After"]) == 0
+    rendered = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert {obj["metadata"]["name"] for obj in rendered} >= {"h-uses-after"}
+    assert "h-uses-before" not in {obj["metadata"]["name"] for obj in rendered}
+    with pytest.raises(ConfigurationError, match="uses_after 'm' must look like MODULE:CLASS"):
+        dataclasses.replace(spec, uses_after="m")
+    with pytest.raises(ConfigurationError, match="-uses-before"):  # NAME-uses-before must be a label too
+        DeploymentSpec(name="a" * 52, image="i", uses="m:C", uses_before="m:B")
+
+
+def test_a_head_takes_a_discovered_hop_only_when_it_follows_a_namespace(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["head", "--deployment", "d", "--uses-after", "discovered"]) == 2
+    assert "--uses-after discovered: its replicas are the pods Kubernetes discovery finds" in capsys.readouterr().err
+    with pytest.raises(ConfigurationError, match="uses_before='discovered' takes its replicas from Kubernetes"):
+        Head("d", uses_before=DISCOVERED)
 
 
 def test_home_is_a_writable_folder_for_libraries_that_cache_under_it() -> None:

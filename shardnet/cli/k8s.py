@@ -61,6 +61,16 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         help="JSON keyword arguments for the Executor, or @FILE holding them; on every worker's command line",
     )
     add_uses_metas_argument(parser)
+    parser.add_argument(
+        "--uses-before", metavar="MODULE:CLASS",
+        help="an Executor every request passes through before the shards: a Deployment of its own (NAME-uses-before, "
+             "--replicas pods, the workers' resources, TLS and policies), which the head finds by discovery",
+    )
+    parser.add_argument(
+        "--uses-after", metavar="MODULE:CLASS",
+        help="an Executor given the shards' answers together to merge them: a Deployment of its own "
+             "(NAME-uses-after), as --uses-before",
+    )
     parser.add_argument("--shards", type=int, default=1, help="number of shards (default: %(default)s)")
     parser.add_argument("--replicas", type=int, default=1, help="replicas per shard (default: %(default)s)")
     parser.add_argument("--head-replicas", type=int, default=1, help="replicas of the head (default: %(default)s)")
@@ -222,6 +232,8 @@ def run(args: argparse.Namespace) -> int:
         uses=args.uses,
         uses_with=json.dumps(json_object(args.uses_with, "--uses-with")),
         metas_name=uses_metas_name(args.uses_metas),
+        uses_before=args.uses_before,
+        uses_after=args.uses_after,
         shards=args.shards,
         replicas=args.replicas,
         head_replicas=args.head_replicas,

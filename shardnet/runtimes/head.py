@@ -83,6 +83,9 @@ USES_BEFORE = "uses_before"
 # the trailers a head sets on a gathered answer itself: a shard's (a head in front of a head) are not passed on
 _OWN_TRAILERS = frozenset({"total_shards", "failed_shards"})
 USES_AFTER = "uses_after"
+# given as a head's uses_before or uses_after (--uses-before/--uses-after) under Kubernetes discovery: the hop's
+# replicas are the pods (and EndpointSlices) discovery finds of it, as its workers are, not an address of its own
+DISCOVERED = "discovered"
 # seconds the head keeps from its caller's deadline to send back its own DEADLINE_EXCEEDED naming the shard
 DEADLINE_MARGIN = 0.25
 # seconds a head gives its workers to list their endpoints, or to answer a dry run, when its caller sets no shorter
@@ -349,7 +352,8 @@ class Head:
         limit of ``config`` (their answers pass through it) and, unless ``request_streams=False``, sends single
         requests on shared streams to shardnet workers (unary to others). A given pool is used as it is, its own
         message size options included (a larger limit lets shards' answers that uses_after shrinks reach the
-        head); a ``request_streams`` that disagrees with it is refused."""
+        head); a ``request_streams`` that disagrees with it is refused. ``uses_before``/``uses_after``: the
+        hop's address, or DISCOVERED when the Kubernetes pool's discovery finds its replicas."""
         if not deployment:
             raise ConfigurationError("a head needs a deployment name")
         self.deployment = deployment
@@ -394,10 +398,16 @@ class Head:
         # what uses_before answers goes on to the shards, and their merged answers to uses_after, as requests:
         # a request takes room for what those hops add, so that the next does not refuse it after one ran it
         self._max_request_fields = MAX_TOP_LEVEL_FIELDS - HOP_FIELDS * (bool(uses_before) + bool(uses_after))
-        if uses_before:
-            self.pool.add_connection(self._uses_before, uses_before)
-        if uses_after:
-            self.pool.add_connection(self._uses_after, uses_after)
+        hops_given = ((USES_BEFORE, self._uses_before, uses_before), (USES_AFTER, self._uses_after, uses_after))
+        for role, hop, given in hops_given:
+            if given == DISCOVERED:
+                if not hasattr(self.pool, "namespace"):  # what the head's readiness also reads: a Kubernetes pool
+                    raise ConfigurationError(
+                        f"deployment {deployment!r}: {role}={DISCOVERED!r} takes its replicas from Kubernetes "
+                        "discovery, and this head's pool follows no namespace (--k8s-namespace)"
+                    )
+            elif given:
+                self.pool.add_connection(hop, given)
         self._max_workers = max_workers  # an ACTIVATE that would take the head past it is refused whole
         # with a limit, a request past it is refused at once (RESOURCE_EXHAUSTED) instead of queueing without bound
         self._max_in_flight = max_in_flight
@@ -1343,8 +1353,9 @@ class Head:
             if used is None and found is not None and found.has_connections():
                 logger.warning(
                     "%s: discovery found %s pods of it (%s) but this head has no --%s: they are not called (a "
-                    "head calls one %s, given by its address; k8s render renders none)", self.deployment, role,
-                    ", ".join(found.addresses), role.replace("_", "-"), role,
+                    "head calls one %s, given by its address, or --%s %s for those pods, as k8s render gives it)",
+                    self.deployment, role, ", ".join(found.addresses), role.replace("_", "-"), role,
+                    role.replace("_", "-"), DISCOVERED,
                 )
 
     def _shards_without_workers(self) -> list[int]:
