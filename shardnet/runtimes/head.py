@@ -215,6 +215,11 @@ def _listed(shard_ids: list[int]) -> str:
     return f"{ranges} and {unlisted} more" if unlisted else ranges
 
 
+def _awaited(shard_ids: list[int], hops: list[str]) -> str:
+    """What a head waits for, as its log line names it: "shard(s) 1-2 and uses_after"."""
+    return " and ".join(([f"shard(s) {_listed(shard_ids)}"] if shard_ids else []) + hops)
+
+
 def _shard_that_took_the_time(outcomes: list[tuple[int, Any]]) -> ShardnetError:
     """Of the shards' outcomes, the failure to raise once they took the caller's whole time: one that ran out of
     it, else the first; it may have run elsewhere (the other shards did)."""
@@ -399,6 +404,8 @@ class Head:
         # a request takes room for what those hops add, so that the next does not refuse it after one ran it
         self._max_request_fields = MAX_TOP_LEVEL_FIELDS - HOP_FIELDS * (bool(uses_before) + bool(uses_after))
         hops_given = ((USES_BEFORE, self._uses_before, uses_before), (USES_AFTER, self._uses_after, uses_after))
+        # the hops whose replicas discovery finds: the head is not ready until it has listed one of each
+        self._discovered_hops = [role for role, _, given in hops_given if given == DISCOVERED]
         for role, hop, given in hops_given:
             if given == DISCOVERED:
                 if not hasattr(self.pool, "namespace"):  # what the head's readiness also reads: a Kubernetes pool
@@ -1312,21 +1319,22 @@ class Head:
 
     async def _ready_once_discovered(self) -> None:
         """Turn readiness SERVING once discovery has listed the workers (it retries, with backoff, until then)
-        and every declared shard has one: traffic taken before would fail, at a first deployment and when a
-        resharding rolls out a head for a shard whose workers still load (the old head serves meanwhile). It
-        waits for them at most ``shards_wait`` seconds: a head restarted while a shard is down serves the others."""
+        and every declared shard has one, and every discovered hop (uses_before, uses_after) a replica: traffic
+        taken before would fail, at a first deployment and when a resharding rolls out a head for a shard whose
+        workers still load (the old head serves meanwhile). It waits for them at most ``shards_wait`` seconds: a
+        head restarted while a shard is down serves the others."""
         await self._discovery_synced()
-        waiting = self._shards_without_workers()
+        waiting, hops = self._shards_without_workers(), self._hops_without_replicas()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._shards_wait
-        if waiting:
+        if waiting or hops:
             logger.info(
-                "%s: discovery listed its workers; not ready until shard(s) %s have one (for %gs at most)",
-                self.deployment, _listed(waiting), self._shards_wait,
+                "%s: discovery listed its workers; not ready until %s %s one (for %gs at most)",
+                self.deployment, _awaited(waiting, hops), "have" if waiting else "has", self._shards_wait,
             )
-        while waiting and loop.time() < deadline:
+        while (waiting or hops) and loop.time() < deadline:
             await asyncio.sleep(min(SHARDS_LOOKED_AT_EVERY, max(0.0, deadline - loop.time())))
-            waiting = self._shards_without_workers()
+            waiting, hops = self._shards_without_workers(), self._hops_without_replicas()
         where = f" in namespace {self.pool.namespace!r}" if hasattr(self.pool, "namespace") else ""
         if not self._shards and not any(map(self._has_workers, self.pool.shard_ids(self.deployment))):
             logger.warning(  # no shard declared to wait for: ready at once, but not as if all were well
@@ -1335,11 +1343,16 @@ class Head:
                 "shardnet.io/deployment=%s)",
                 self.deployment, where, self.deployment, self.deployment,
             )
-        elif waiting:
+        elif waiting or hops:
+            consequences = ["ALL requests name them as failed"] if waiting else []
+            consequences += [f"every request fails until {hop} has one" for hop in hops]
             logger.warning(
-                "%s: ready after %gs without a worker of shard(s) %s%s: ALL requests name them as failed",
-                self.deployment, self._shards_wait, _listed(waiting), where,
+                "%s: ready after %gs without a %s of %s%s: %s", self.deployment, self._shards_wait,
+                "worker" if waiting else "replica", _awaited(waiting, hops), where, "; ".join(consequences),
             )
+        elif self._discovered_hops:
+            logger.info("%s: discovery listed a replica of every shard and of %s; ready", self.deployment,
+                        " and ".join(self._discovered_hops))
         else:
             logger.info("%s: discovery listed a worker for every shard; ready", self.deployment)
         self._say_unused_hops()
@@ -1357,6 +1370,11 @@ class Head:
                     self.deployment, role, ", ".join(found.addresses), role.replace("_", "-"), role,
                     role.replace("_", "-"), DISCOVERED,
                 )
+
+    def _hops_without_replicas(self) -> list[str]:
+        """The discovered hops (uses_before, uses_after) the pool holds no replica of."""
+        hops = [(role, self.pool.get_replicas(f"{self.deployment}/{role}")) for role in self._discovered_hops]
+        return [role for role, replicas in hops if replicas is None or not replicas.has_connections()]
 
     def _shards_without_workers(self) -> list[int]:
         """The declared shards the pool holds no worker of."""
