@@ -273,7 +273,9 @@ def test_uses_before_and_after_are_components_of_their_own_that_the_head_calls_a
         assert deployment["spec"]["replicas"] == spec.replicas
         served = container(deployment)
         parsed = build_parser().parse_args(served["args"])
-        assert (parsed.command, parsed.uses, parsed.name, parsed.shard_id) == ("worker", uses, f"hops/{role}", 0)
+        # named as Jina's Kubernetes export names a hop's runtime (the key of its dict results)
+        assert (parsed.command, parsed.uses, parsed.shard_id) == ("worker", uses, 0)
+        assert parsed.name == f"hops/{role.replace('_', '-')}"
         assert parsed.uses_with == "{}"  # the shards' keyword arguments are theirs (as Jina's hops)
         # a worker's TLS (its own Secret, client certificates required), metrics and resources
         assert (parsed.tls_client_ca, parsed.metrics_port) == (f"{TLS_DIR}/ca.crt", 9090)
@@ -714,6 +716,13 @@ def test_cli_warns_about_shard_files_left_from_a_bigger_render(tmp_path: Path, c
     err = capsys.readouterr().err
     assert f"{tmp_path / 'idx-2.yaml'} is not part of this render (2 shards)" in err
     assert "idx-1.yaml" not in err and (tmp_path / "idx-2.yaml").exists()
+    # a hop dropped from the render leaves its file too, which kubectl apply -f DIR would bring back
+    assert main([*CLI_ARGS[:-4], "--shards", "2", "--uses-after", "m:After", "--output", str(tmp_path)]) == 0
+    assert "idx-uses-after.yaml" not in capsys.readouterr().err
+    assert main([*CLI_ARGS[:-4], "--shards", "2", "--output", str(tmp_path)]) == 0
+    assert f"{tmp_path / 'idx-uses-after.yaml'} is not part of this render (2 shards)" in (
+        capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ from shardnet.errors import ConfigurationError
 from shardnet.manifests.kubernetes import (
     DRAIN_MARGIN,
     HEAD_RESOURCES,
+    HOPS,
     ISSUER_KINDS,
     MAX_STARTUP_SECONDS,
     METRICS_PORT,
@@ -29,6 +30,7 @@ from shardnet.manifests.kubernetes import (
     DeploymentSpec,
     Resources,
     disruption_warnings,
+    hop_component_name,
     render,
     render_components,
     to_yaml,
@@ -281,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
 def write_components(spec: DeploymentSpec, directory: Path) -> list[Path]:
     """Write one YAML file per component (``NAME-head.yaml``, ``NAME-0.yaml``, ...) and return their paths.
 
-    A shard file left by an earlier render with more shards is reported on
+    A shard file left by an earlier render with more shards (or a hop's, by one with that hop) is reported on
     stderr, not deleted: ``kubectl apply -f DIR`` would bring that shard back.
     """
     components = render_components(spec)
@@ -294,11 +296,14 @@ def write_components(spec: DeploymentSpec, directory: Path) -> list[Path]:
             written.append(path)
     except OSError as exc:
         raise ConfigurationError(f"cannot write manifests to {str(directory)!r}: {exc.strerror or exc}") from None
-    shard_file = re.compile(rf"^{re.escape(spec.name)}-\d+\.yaml$")
+    hops = "|".join(hop_component_name("", role).lstrip("-") for role in HOPS)
+    component_file = re.compile(rf"^{re.escape(spec.name)}-(\d+|{hops})\.yaml$")
+    rendered = [f"{spec.shards} shards", *(role for role, _ in spec.hops)]
     for stale in sorted(directory.iterdir()):
-        if shard_file.match(stale.name) and stale.stem not in components:
+        if component_file.match(stale.name) and stale.stem not in components:
             print(
-                f"warning: {stale} is not part of this render ({spec.shards} shards); delete it before kubectl apply",
+                f"warning: {stale} is not part of this render ({', '.join(rendered)}); delete it before kubectl "
+                "apply",
                 file=sys.stderr,
             )
     return written

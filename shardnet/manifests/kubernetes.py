@@ -740,7 +740,7 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
             "--uses", getattr(spec, role),
             "--host", "0.0.0.0",
             "--port", str(spec.port),
-            "--name", f"{spec.name}/{role}",
+            "--name", f"{spec.name}/{role.replace('_', '-')}",  # as Jina's Kubernetes export names it
             "--workspace", WORKSPACE,
         ]  # fmt: skip
         volumes = {"tmp": "/tmp", "workspace": WORKSPACE}
