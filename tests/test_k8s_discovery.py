@@ -38,7 +38,7 @@ from shardnet.errors import ConfigurationError, DiscoveryError, ReplicaError
 from shardnet.networking import oneshot
 from shardnet.protocol import services
 from shardnet.protocol.messages import DataRequest
-from shardnet.runtimes.head import Head
+from shardnet.runtimes.head import DISCOVERED, Head
 from shardnet.runtimes.processes import ShardnetProcess
 from shardnet.runtimes.worker import Worker
 from shardnet.testing import EchoServer, eventually
@@ -1995,3 +1995,28 @@ def test_the_pods_word_remembers_deletions_boundedly_and_forgets_one_of_a_pod_ba
         word.pod_deleted({"metadata": {"uid": f"x{uid}", "name": f"x{uid}"}})
     assert word.veto(endpoint) is None and len(word._deleted) == pods_word.REMEMBERED_DELETIONS
     assert word.pod_seen({"metadata": {"uid": "bad"}, "status": "garbage"}) == set()  # unreadable: left out
+
+
+async def test_a_head_with_a_discovered_uses_after_is_not_ready_until_discovery_lists_one(
+    api_server: FakeApiServer, kubeconfig: str, caplog
+) -> None:
+    """Its shards' workers listed, a head whose uses_after discovery finds (k8s render --uses-after) was ready
+    at once, and every request failed until the hop's pod was: it waits for the hop as for its shards."""
+    caplog.set_level(logging.INFO, logger="shardnet.runtimes.head")
+    api_server.apply("pods", pod("w0", ip="10.0.0.1"))
+    pool = K8sGrpcConnectionPool(NS, kubeconfig=kubeconfig, watch=FAST, deployments=("dep",))
+    head = Head("dep", pool=pool, shards=1, uses_after=DISCOVERED)
+    await head.start()
+    try:
+        async def readiness() -> int:
+            request = health_pb2.HealthCheckRequest(service=services.READY_SERVICE)
+            reply, _ = await oneshot.call_once("health", request, head.server.address, timeout=2.0)
+            return reply.status
+
+        await eventually(lambda: "not ready until uses_after has one" in caplog.text, timeout=10)
+        assert await readiness() == health_pb2.HealthCheckResponse.NOT_SERVING
+        api_server.apply("pods", pod("after", pod_type="USES_AFTER", shard_id="", ip="10.0.0.2"))
+        await eventually(lambda: _is(readiness(), health_pb2.HealthCheckResponse.SERVING), timeout=10)
+        assert "dep: discovery listed a replica of every shard and of uses_after; ready" in caplog.text
+    finally:
+        await head.stop(0.5)

@@ -6,7 +6,7 @@ import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import kubernetes_validate
 import pytest
@@ -14,9 +14,15 @@ import yaml
 from kubelet import pod_arguments
 
 from shardnet.cli.main import build_parser, main
+from shardnet.cli.options import THREAD_EXIT_GRACE
+from shardnet.discovery.kubernetes import Member, pod_members, slice_members
 from shardnet.errors import ConfigurationError
-from shardnet.manifests.kubernetes import RUN_AS, TLS_DIR, DeploymentSpec, Resources, render, render_components, to_yaml
+from shardnet.manifests.kubernetes import (
+    DRAIN_MARGIN, EXIT_SECONDS, RUN_AS, TLS_DIR, DeploymentSpec, Resources, pod_labels, render, render_components,
+    to_yaml,
+)
 from shardnet.protocol import services
+from shardnet.runtimes.head import DISCOVERED, Head
 from shardnet.runtimes.worker import CLOSE_GRACE
 
 # the newest schema kubernetes-validate 1.37.0 ships
@@ -47,6 +53,13 @@ SPECS = {
         name="metered", image="i", uses="m:C", shards=2, tls_secret="metered-tls", network_policy=True,
         metrics_port=9090,
     ),
+    # a uses_before and a uses_after, each a component of its own, with every option a shard's takes
+    "hops": DeploymentSpec(
+        name="hops", image="i", uses="m:C", uses_with='{"k": 1}', shards=2, replicas=2, uses_before="m:Before",
+        uses_after="m:After",
+        tls_secret="hops-tls", worker_tls_secret="hops-worker-tls", tls_issuer="hops-ca", network_policy=True,
+        metrics_port=9090,
+    ),
 }
 
 
@@ -60,6 +73,17 @@ def head_and_workers(objects: list[dict[str, Any]], kind: str) -> tuple[dict[str
     heads = [obj for obj in found if obj["metadata"]["labels"]["shardnet.io/role"] == "head"]
     assert len(heads) == 1
     return heads[0], [obj for obj in found if obj is not heads[0]]
+
+
+def discovered_as(spec: DeploymentSpec, obj: dict[str, Any]) -> tuple[str, bool, Optional[int]]:
+    """(pool deployment, head, shard id) the head calls the pods of a rendered component as, told by its name:
+    NAME-head, NAME-N (shard N), NAME-uses-before and NAME-uses-after (the hops, NAME/uses_before ...)."""
+    suffix = obj["metadata"]["name"].removeprefix(f"{spec.name}-")
+    if suffix == "head":
+        return spec.name, True, None
+    if suffix.isdigit():
+        return spec.name, False, int(suffix)
+    return f"{spec.name}/{suffix.replace('-', '_')}", False, 0
 
 
 def container(deployment: dict[str, Any]) -> dict[str, Any]:
@@ -113,10 +137,21 @@ def test_pod_templates_carry_the_discovery_labels_and_grpc_port(spec: Deployment
     shard_ids = []
     for deployment in workers:
         labels = deployment["spec"]["template"]["metadata"]["labels"]
-        assert (labels["jina_deployment_name"], labels["pod_type"]) == (spec.name, "WORKER")
-        shard_ids.append(labels["shard_id"])
+        hop = labels["shardnet.io/role"] if labels["shardnet.io/role"] != "worker" else None
+        assert (labels["jina_deployment_name"], labels["pod_type"]) == (spec.name, (hop or "worker").upper())
+        if hop is None:
+            shard_ids.append(labels["shard_id"])
+        else:
+            assert labels["shard_id"] == ""
     assert sorted(shard_ids, key=int) == [str(n) for n in range(spec.shards)]
     for deployment in [head, *workers]:
+        # and discovery reads each pod as the head calls it: its head, a shard, or a hop (DEPLOYMENT/uses_after)
+        pod = {
+            "metadata": {"labels": deployment["spec"]["template"]["metadata"]["labels"]},
+            "spec": deployment["spec"]["template"]["spec"],
+            "status": {"podIP": "10.0.0.9", "phase": "Running", "containerStatuses": [{"ready": True}]},
+        }
+        assert pod_members(pod) == {Member(*discovered_as(spec, deployment), f"10.0.0.9:{spec.port}")}
         selector = deployment["spec"]["selector"]["matchLabels"]
         assert selector.items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
         served = container(deployment)
@@ -132,14 +167,21 @@ def test_services_carry_the_endpointslice_labels_and_select_their_component(spec
     objects = render(spec)
     selectors = {d["metadata"]["name"]: d["spec"]["selector"]["matchLabels"] for d in by_kind(objects, "Deployment")}
     head, workers = head_and_workers(objects, "Service")
-    expected = [(head, "head", ""), *((w, "worker", w["metadata"]["name"].rsplit("-", 1)[1]) for w in workers)]
-    for service, role, shard in expected:
+    for service in [head, *workers]:
+        member = discovered_as(spec, service)
+        role = "head" if member[1] else member[0].partition("/")[2] or "worker"
+        shard = "" if member[1] or "/" in member[0] else str(member[2])
         labels = service["metadata"]["labels"]
         assert (labels["shardnet.io/deployment"], labels["shardnet.io/role"], labels["shardnet.io/shard"]) == (
             spec.name,
             role,
             shard,
         )
+        endpoint_slice = {  # what discovery reads of the slices Kubernetes makes of it: the labels and the port
+            "metadata": {"labels": labels}, "ports": [{"name": "grpc", "port": spec.port}],
+            "endpoints": [{"addresses": ["10.0.0.9"], "conditions": {}}],
+        }
+        assert slice_members(endpoint_slice) == {Member(*member, f"10.0.0.9:{spec.port}")}
         assert service["spec"]["ports"] == [{"name": "grpc", "port": spec.port, "targetPort": "grpc", "protocol": "TCP"}]
         assert service["spec"]["publishNotReadyAddresses"] is False
         assert service["spec"]["selector"] == selectors[service["metadata"]["name"]]
@@ -151,8 +193,8 @@ def test_rbac_grants_only_what_discovery_reads() -> None:
     objects = render(SPECS["sharded"])
     (role,) = by_kind(objects, "Role")
     assert role["rules"] == [
-        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
     ]
     assert not by_kind(objects, "ClusterRole") and not by_kind(objects, "ClusterRoleBinding")
     (account,) = by_kind(objects, "ServiceAccount")
@@ -186,14 +228,14 @@ def test_containers_run_the_shardnet_commands() -> None:
     assert container(head)["command"] + container(head)["args"] == [
         "shardnet", "head", "--deployment", "search", "--host", "0.0.0.0", "--port", "50051",
         "--polling", '{"/search": "ALL", "/index": "ANY", "*": "ANY"}', "--k8s-namespace", "$(POD_NAMESPACE)", "--balancer", "round_robin",
-        "--shards", "3", "--shards-wait", "240", "--max-message-mb", "64.0", "--drain-seconds", "18",
+        "--shards", "3", "--shards-wait", "240", "--max-message-mb", "64.0", "--drain-seconds", "13",
     ]  # fmt: skip
     for shard, worker in enumerate(sorted(workers, key=lambda w: w["metadata"]["name"])):
         assert container(worker)["command"] + container(worker)["args"] == [
             "shardnet", "worker", "--uses", "acme.search:Indexer", "--host", "0.0.0.0", "--port", "50051",
             "--shard-id", str(shard), "--shards", "3", "--replicas", "2",  # the Executor's runtime_args, as in Jina
             "--name", f"search/shard-{shard}", "--workspace", "/workspace",
-            "--max-message-mb", "64.0", "--drain-seconds", "18",
+            "--max-message-mb", "64.0", "--drain-seconds", "13",
         ]  # fmt: skip
 
 
@@ -210,6 +252,54 @@ def test_the_shardnet_parser_accepts_the_rendered_commands() -> None:
         assert str(parsed.shard_id) == worker["spec"]["template"]["metadata"]["labels"]["shard_id"]
         mounts = {m["mountPath"] for m in container(worker)["volumeMounts"]}
         assert parsed.workspace in mounts  # writable under the read-only root filesystem
+
+
+def test_uses_before_and_after_are_components_of_their_own_that_the_head_calls_as_discovered(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``k8s render --uses-before/--uses-after``: each hop a Deployment (a worker of its Executor, as many pods as
+    a shard), headless Service, disruption budget and NetworkPolicy named NAME-uses-before/-after, in a file of
+    its own with --output; the head takes them from discovery (``--uses-before discovered``)."""
+    spec = SPECS["hops"]
+    components = render_components(spec)
+    assert list(components) == ["hops-head", "hops-uses-before", "hops-uses-after", "hops-0", "hops-1"]
+    head = by_kind(components["hops-head"], "Deployment")[0]
+    parsed = build_parser().parse_args(pod_arguments(container(head), "default"))
+    assert (parsed.uses_before, parsed.uses_after) == ("discovered", "discovered")
+    for role, uses in (("uses_before", "m:Before"), ("uses_after", "m:After")):
+        objects = components[f"hops-{role.replace('_', '-')}"]
+        assert [obj["kind"] for obj in objects] == ["Deployment", "Service", "PodDisruptionBudget", "NetworkPolicy"]
+        deployment = objects[0]
+        assert deployment["spec"]["replicas"] == spec.replicas
+        served = container(deployment)
+        parsed = build_parser().parse_args(served["args"])
+        # named as Jina's Kubernetes export names a hop's runtime (the key of its dict results)
+        assert (parsed.command, parsed.uses, parsed.shard_id) == ("worker", uses, 0)
+        assert parsed.name == f"hops/{role.replace('_', '-')}"
+        assert parsed.uses_with == "{}"  # the shards' keyword arguments are theirs (as Jina's hops)
+        # a worker's TLS (its own Secret, client certificates required), metrics and resources
+        assert (parsed.tls_client_ca, parsed.metrics_port) == (f"{TLS_DIR}/ca.crt", 9090)
+        secret = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "tls"]
+        assert secret[0]["secret"]["secretName"] == spec.worker_secret
+        assert served["resources"] == spec.worker_resources.to_k8s()
+        assert deployment["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+        policy = objects[3]["spec"]
+        assert policy["ingress"][0]["from"] == [{"podSelector": {"matchLabels": pod_labels(spec, "head", None)}}]
+    assert main(["k8s", "render", "--name", "h", "--image", "i", "--uses", "m:C", "--uses-after", "m:After"]) == 0
+    rendered = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert {obj["metadata"]["name"] for obj in rendered} >= {"h-uses-after"}
+    assert "h-uses-before" not in {obj["metadata"]["name"] for obj in rendered}
+    with pytest.raises(ConfigurationError, match="uses_after 'm' must look like MODULE:CLASS"):
+        dataclasses.replace(spec, uses_after="m")
+    with pytest.raises(ConfigurationError, match="-uses-before"):  # NAME-uses-before must be a label too
+        DeploymentSpec(name="a" * 52, image="i", uses="m:C", uses_before="m:B")
+
+
+def test_a_head_takes_a_discovered_hop_only_when_it_follows_a_namespace(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["head", "--deployment", "d", "--uses-after", "discovered"]) == 2
+    assert "--uses-after discovered: its replicas are the pods Kubernetes discovery finds" in capsys.readouterr().err
+    with pytest.raises(ConfigurationError, match="uses_before='discovered' takes its replicas from Kubernetes"):
+        Head("d", uses_before=DISCOVERED)
 
 
 def test_home_is_a_writable_folder_for_libraries_that_cache_under_it() -> None:
@@ -345,7 +435,7 @@ def test_startup_time_and_grace_reach_the_probes_and_the_drain() -> None:
         probe = served["startupProbe"]
         assert probe["periodSeconds"] * probe["failureThreshold"] >= 601
         assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 90
-        assert build_parser().parse_args(served["args"]).drain_seconds == 90 - 5 - 7
+        assert build_parser().parse_args(served["args"]).drain_seconds == 90 - 5 - DRAIN_MARGIN
     head_deployment = head_and_workers(render(spec), "Deployment")[0]
     # a new head waits for a worker of every shard as long as one may load, and the time to be scheduled
     assert build_parser().parse_args(container(head_deployment)["args"]).shards_wait == 601 + 60
@@ -354,22 +444,23 @@ def test_startup_time_and_grace_reach_the_probes_and_the_drain() -> None:
     assert {d["spec"]["progressDeadlineSeconds"] for d in by_kind(render(SPECS["defaults"]), "Deployment")} == {600}
     default = container(head_and_workers(render(SPECS["defaults"]), "Deployment")[0])
     assert default["startupProbe"]["periodSeconds"] * default["startupProbe"]["failureThreshold"] == 180
-    assert build_parser().parse_args(default["args"]).drain_seconds == 18
+    assert build_parser().parse_args(default["args"]).drain_seconds == 30 - 5 - DRAIN_MARGIN == 13
 
 
-@pytest.mark.parametrize("grace", [13, 30, 90])
-def test_the_grace_leaves_a_worker_time_to_exit_after_its_executors_close(grace: int) -> None:
-    """A worker gives its Executor's close() up to CLOSE_GRACE seconds past its drain (runtimes.worker), then
-    exits: the rendered drain left the grace exactly that much after it, so a close() that used it all was
-    SIGKILLed before it could exit (found by a review: exit at 25.1 s of a 25 s budget)."""
+@pytest.mark.parametrize("grace", [18, 30, 90])
+def test_the_grace_leaves_a_worker_time_to_exit_after_its_executors_close_and_threads(grace: int) -> None:
+    """A worker gives its Executor's close() up to CLOSE_GRACE seconds past its drain (runtimes.worker), then the
+    threads the Executor started THREAD_EXIT_GRACE more (cli.options), then exits: the rendered grace must hold
+    all of them and EXIT_SECONDS to exit. Found by reviews: a drain that left the grace only CLOSE_GRACE after it
+    (exit at 25.1 s of a 25 s budget), then one that forgot the threads' (a flusher's last write SIGKILLed at 26 s)."""
     spec = DeploymentSpec(name="g", image="i", uses="m:C", termination_grace_seconds=grace)
-    for worker in head_and_workers(render(spec), "Deployment")[1]:
-        served = container(worker)
-        after_sigterm = worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] - (
+    for deployment in by_kind(render(spec), "Deployment"):  # the head's too: it drains by the same numbers
+        served = container(deployment)
+        after_sigterm = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] - (
             served["lifecycle"]["preStop"]["sleep"]["seconds"]
         )
-        close_bound = build_parser().parse_args(served["args"]).drain_seconds + CLOSE_GRACE
-        assert after_sigterm - close_bound >= 2, f"{after_sigterm - close_bound:g} s to exit before SIGKILL"
+        way_out = build_parser().parse_args(served["args"]).drain_seconds + CLOSE_GRACE + THREAD_EXIT_GRACE
+        assert after_sigterm - way_out >= EXIT_SECONDS, f"{after_sigterm - way_out:g} s to exit before SIGKILL"
 
 
 def test_cli_takes_startup_and_grace_seconds(capsys: pytest.CaptureFixture[str]) -> None:
@@ -495,8 +586,8 @@ def test_yaml_quotes_label_values_and_shares_no_anchors() -> None:
         ({"startup_seconds": 999_999_950}, "startup_seconds must be an integer from 2 to 86400"),
         ({"startup_seconds": 2.5}, "startup_seconds must be an integer"),
         ({"pre_stop_seconds": 30}, "below termination_grace_seconds"),
-        ({"termination_grace_seconds": 10}, r"termination_grace_seconds must be at least 13: the preStop pause"),
-        ({"pre_stop_seconds": 0, "termination_grace_seconds": 7}, "termination_grace_seconds must be at least 8"),
+        ({"termination_grace_seconds": 17}, r"termination_grace_seconds must be at least 18: the preStop pause"),
+        ({"pre_stop_seconds": 0, "termination_grace_seconds": 12}, "termination_grace_seconds must be at least 13"),
         ({"tls_secret": "Idx_TLS"}, "tls_secret 'Idx_TLS' must name a Secret"),
         ({"tls_issuer": "ca"}, r"tls_issuer \(--tls-issuer\) needs tls_secret"),
         ({"tls_secret": "s", "tls_issuer": "My CA"}, "tls_issuer 'My CA' must name an Issuer"),
@@ -625,6 +716,13 @@ def test_cli_warns_about_shard_files_left_from_a_bigger_render(tmp_path: Path, c
     err = capsys.readouterr().err
     assert f"{tmp_path / 'idx-2.yaml'} is not part of this render (2 shards)" in err
     assert "idx-1.yaml" not in err and (tmp_path / "idx-2.yaml").exists()
+    # a hop dropped from the render leaves its file too, which kubectl apply -f DIR would bring back
+    assert main([*CLI_ARGS[:-4], "--shards", "2", "--uses-after", "m:After", "--output", str(tmp_path)]) == 0
+    assert "idx-uses-after.yaml" not in capsys.readouterr().err
+    assert main([*CLI_ARGS[:-4], "--shards", "2", "--output", str(tmp_path)]) == 0
+    assert f"{tmp_path / 'idx-uses-after.yaml'} is not part of this render (2 shards)" in (
+        capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize(

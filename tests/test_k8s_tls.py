@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import AsyncIterator
 
+import executors
 import grpc
 import pytest
 import trustme
@@ -170,11 +171,87 @@ async def test_the_rendered_tls_commands_serve_end_to_end(
         assert response.request_id == request.request_id and response.docs.texts == ["over tls"]
         with pytest.raises(ReplicaError):  # and the head's port speaks TLS only
             await oneshot.send_request_async(DataRequest(endpoint="/index"), head_address, 5.0)
+        # the Role grants exactly what discovery asks: a list, then a watch, of pods and of EndpointSlices
+        await eventually(lambda: all(api_server.watch_requests(resource) for resource in ("pods", "endpointslices")))
+        assert verbs_used(api_server) == verbs_granted(spec)
     finally:
         head.stop()
         worker.stop()
     for log in ("worker.log", "head.log"):  # 0440 in the pod's own group is how a Secret is mounted: no warning
         assert "open to other users" not in (tmp_path / log).read_text()
+
+
+async def test_the_rendered_uses_after_is_found_by_discovery_and_called_by_the_head(
+    api_server: FakeApiServer, tmp_path: Path
+) -> None:
+    """``k8s render --uses-after``: the rendered worker, uses_after and head commands run here as their pods would
+    (mutual TLS, a Secret each), the fake API server showing the head the two pods as Kubernetes would; a request
+    sent to the head goes through the shard and then the uses_after, which the head found by its pod's labels."""
+    tagger, after = f"{executors.__file__}:Tagger", f"{executors.__file__}:CountingAfter"
+    spec = dataclasses.replace(APART, name="merged", uses=tagger, uses_after=after)
+    ca = trustme.CA()
+    head_secret, worker_secret = write_secrets(spec, tmp_path, ca)
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api_server.url, namespace=NS)
+    processes = {
+        role: ShardnetProcess(
+            role,
+            on_this_machine(rendered_args(spec, role), head_secret if role == "head" else worker_secret, workspace, 0,
+                            free_port()),
+            tmp_path / f"{role}.log",
+            env={**os.environ, "KUBECONFIG": str(kubeconfig)} if role == "head" else None,
+        )
+        for role in ("worker", "uses_after", "head")
+    }
+    try:
+        for process in processes.values():
+            process.launch()
+        for role, pod_type in (("worker", "WORKER"), ("uses_after", "USES_AFTER")):
+            port = int((await asyncio.to_thread(processes[role].wait_ready, 30.0)).rsplit(":", 1)[1])
+            # labelled as the rendered template labels its pods (a hop's shard_id is "")
+            labels = rendered_pod_labels(spec, role)
+            assert labels["pod_type"] == pod_type
+            api_server.apply("pods", pod(f"merged-{role}", deployment="merged", pod_type=pod_type,
+                                         shard_id=labels["shard_id"], ip="127.0.0.1", port=port), namespace=NS)
+        head_address = await asyncio.to_thread(processes["head"].wait_ready, 30.0)
+        client = ClientTls(root_certificates=str(head_secret / "ca.crt"), server_name=spec.head_server_name)
+
+        async def merged_by_uses_after() -> bool:  # until discovery has listed the hop's pod, requests fail
+            request = DataRequest(docs=[Document(id="x", text="x")], endpoint="/tag")
+            try:
+                response = await oneshot.send_request_async(request, head_address, 10.0, tls=client)
+            except ReplicaError:
+                return False
+            return not response.is_error and [doc.id for doc in response.docs] == ["after"]
+
+        await eventually(merged_by_uses_after, timeout=15)
+        request = DataRequest(docs=[Document(id="y", text="y")], endpoint="/tag")
+        [merged] = (await oneshot.send_request_async(request, head_address, 10.0, tls=client)).docs
+        # the uses_after's merge of the one shard's answer, which the shard's Tagger had tagged
+        assert (merged.id, merged.text, merged.tags["matrix"], merged.tags["shards"]) == ("after", "y", [1], [0])
+    finally:
+        for process in processes.values():
+            process.stop()
+
+
+def rendered_pod_labels(spec: DeploymentSpec, role: str) -> dict[str, str]:
+    [deployment] = [
+        obj for obj in render(spec)
+        if obj["kind"] == "Deployment" and obj["metadata"]["labels"]["shardnet.io/role"] == role
+    ]
+    return deployment["spec"]["template"]["metadata"]["labels"]
+
+
+def verbs_granted(spec: DeploymentSpec) -> set[tuple[str, str]]:
+    """(resource, verb) of every rule of the rendered Role the head's ServiceAccount is bound to."""
+    [role] = [obj for obj in render(spec) if obj["kind"] == "Role"]
+    return {(resource, verb) for rule in role["rules"] for resource in rule["resources"] for verb in rule["verbs"]}
+
+
+def verbs_used(api_server: FakeApiServer) -> set[tuple[str, str]]:
+    """(resource, verb) of every request the API server was asked (only collections are served: a list or a watch)."""
+    return {(resource, "watch" if watching else "list") for resource, watching, _ in api_server.requests}
 
 
 def client_of(secret: Path, server_name: str) -> ClientTls:

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from shardnet import ConfigurationError, DataRequest, Document, ReplicaError
 from shardnet.cli.main import main as cli_main
 from shardnet.networking import oneshot
+from shardnet.networking.addresses import entity_address
 from shardnet.runtimes.head import Head
 from shardnet.networking.tls import ServerTls
 from shardnet.protocol import services
@@ -326,3 +327,32 @@ async def test_a_tls_server_warns_that_its_metrics_are_plain_http(runtimes, capl
     caplog.clear()
     await runtimes(Head("plain", METERED))
     assert not any("plain HTTP" in record.getMessage() for record in caplog.records)
+
+
+def _connects(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.settimeout(5)
+        return probe.connect_ex((host, port)) == 0
+
+
+@pytest.mark.parametrize("wildcard", ["0.0.0.0", "::"])
+async def test_a_wildcard_host_serves_metrics_over_both_families_as_grpc_and_health_are(runtimes, wildcard):
+    """Pods bind 0.0.0.0, which gRPC binds dual-stack: the metrics port is bound by the same rule, so a scrape
+    of an IPv6 pod address is answered as its probes are (needs an IPv6 loopback, which the test checks first)."""
+    assert socket.has_ipv6 and _connects_at_all_over_ipv6_loopback()
+    head = await runtimes(Head("both", ServerConfig(host=wildcard, port=0, health_port=0, metrics_port=0)))
+    server = head.server
+    for loopback in ("127.0.0.1", "::1"):
+        assert [_connects(loopback, port) for port in (server.port, server.health_port)] == [True, True], loopback
+        url = f"http://{entity_address(loopback, server.metrics_port)}/metrics"
+        text = await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+        assert "shardnet_head_requests_in_flight" in text, loopback
+
+
+def _connects_at_all_over_ipv6_loopback() -> bool:
+    """Whether this machine has an IPv6 loopback to test over (a listener of its own on ::1, dialled)."""
+    with socket.socket(socket.AF_INET6) as listener:
+        listener.bind(("::1", 0))
+        listener.listen()
+        return _connects("::1", listener.getsockname()[1])

@@ -28,7 +28,7 @@ from shardnet.networking.channels import message_size_options
 from shardnet.networking.policies import RetryPolicy
 from shardnet.networking.polling import PollingMap
 from shardnet.protocol.messages import MAX_SHARD_ID
-from shardnet.runtimes.head import MAX_WORKERS, SHARDS_WAIT, Head
+from shardnet.runtimes.head import DISCOVERED, MAX_WORKERS, SHARDS_WAIT, Head
 from shardnet.runtimes.server import check_can_listen
 
 logger = logging.getLogger(__name__)
@@ -61,11 +61,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              "--k8s-namespace, whose head refuses ACTIVATE",
     )
     parser.add_argument(
-        "--uses-before", metavar="HOST:PORT", help="a worker every request passes through before the shards"
+        "--uses-before", metavar="HOST:PORT",
+        help=f"a worker every request passes through before the shards; with --k8s-namespace, '{DISCOVERED}': the "
+             "pods discovery finds labelled pod_type=uses_before (as k8s render --uses-before renders them)",
     )
     parser.add_argument(
         "--uses-after", metavar="HOST:PORT",
-        help="a worker given the shards' answers together (under ALL, one column per shard) to merge them",
+        help="a worker given the shards' answers together (under ALL, one column per shard) to merge them; with "
+             f"--k8s-namespace, '{DISCOVERED}': the pods discovery finds labelled pod_type=uses_after",
     )
     add_head_routing_arguments(parser)
     add_head_traffic_arguments(parser)
@@ -102,8 +105,16 @@ def parse_connections(items: list[str], tls: bool = False) -> dict[int, list[str
     return dict(connections)
 
 
-def _extra_address(flag: str, address: Optional[str], tls: bool) -> Optional[str]:
-    """A --uses-before/--uses-after address as the head dials it; none when not given (nor given empty)."""
+def _extra_address(flag: str, address: Optional[str], tls: bool, namespace: Optional[str]) -> Optional[str]:
+    """A --uses-before/--uses-after address as the head dials it, or DISCOVERED (its pods found by Kubernetes
+    discovery: only with --k8s-namespace); none when not given (nor given empty)."""
+    if address == DISCOVERED:
+        if namespace is None:
+            raise ConfigurationError(
+                f"{flag} {DISCOVERED}: its replicas are the pods Kubernetes discovery finds, and this head follows "
+                "no namespace: give --k8s-namespace, or the address of the worker"
+            )
+        return DISCOVERED
     return address and str(flag_address(flag, address, tls=tls))
 
 
@@ -180,8 +191,8 @@ async def serve(args: argparse.Namespace) -> int:
         polling=PollingMap.parse(args.polling),
         pool=pool,
         connections=parse_connections(args.connection, tls=pool.tls is not None),
-        uses_before=_extra_address("--uses-before", args.uses_before, tls=pool.tls is not None),
-        uses_after=_extra_address("--uses-after", args.uses_after, tls=pool.tls is not None),
+        uses_before=_extra_address("--uses-before", args.uses_before, pool.tls is not None, namespace),
+        uses_after=_extra_address("--uses-after", args.uses_after, pool.tls is not None, namespace),
         shards=args.shards,
         lease=args.lease,
         max_in_flight=args.max_in_flight,

@@ -22,6 +22,7 @@ from shardnet.errors import ConfigurationError
 from shardnet.manifests.kubernetes import (
     DRAIN_MARGIN,
     HEAD_RESOURCES,
+    HOPS,
     ISSUER_KINDS,
     MAX_STARTUP_SECONDS,
     METRICS_PORT,
@@ -29,6 +30,7 @@ from shardnet.manifests.kubernetes import (
     DeploymentSpec,
     Resources,
     disruption_warnings,
+    hop_component_name,
     render,
     render_components,
     to_yaml,
@@ -61,6 +63,16 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         help="JSON keyword arguments for the Executor, or @FILE holding them; on every worker's command line",
     )
     add_uses_metas_argument(parser)
+    parser.add_argument(
+        "--uses-before", metavar="MODULE:CLASS",
+        help="an Executor every request passes through before the shards: a Deployment of its own (NAME-uses-before, "
+             "--replicas pods, the workers' resources, TLS and policies), which the head finds by discovery",
+    )
+    parser.add_argument(
+        "--uses-after", metavar="MODULE:CLASS",
+        help="an Executor given the shards' answers together to merge them: a Deployment of its own "
+             "(NAME-uses-after), as --uses-before",
+    )
     parser.add_argument("--shards", type=int, default=1, help="number of shards (default: %(default)s)")
     parser.add_argument("--replicas", type=int, default=1, help="replicas per shard (default: %(default)s)")
     parser.add_argument("--head-replicas", type=int, default=1, help="replicas of the head (default: %(default)s)")
@@ -222,6 +234,8 @@ def run(args: argparse.Namespace) -> int:
         uses=args.uses,
         uses_with=json.dumps(json_object(args.uses_with, "--uses-with")),
         metas_name=uses_metas_name(args.uses_metas),
+        uses_before=args.uses_before,
+        uses_after=args.uses_after,
         shards=args.shards,
         replicas=args.replicas,
         head_replicas=args.head_replicas,
@@ -269,7 +283,7 @@ def run(args: argparse.Namespace) -> int:
 def write_components(spec: DeploymentSpec, directory: Path) -> list[Path]:
     """Write one YAML file per component (``NAME-head.yaml``, ``NAME-0.yaml``, ...) and return their paths.
 
-    A shard file left by an earlier render with more shards is reported on
+    A shard file left by an earlier render with more shards (or a hop's, by one with that hop) is reported on
     stderr, not deleted: ``kubectl apply -f DIR`` would bring that shard back.
     """
     components = render_components(spec)
@@ -282,11 +296,14 @@ def write_components(spec: DeploymentSpec, directory: Path) -> list[Path]:
             written.append(path)
     except OSError as exc:
         raise ConfigurationError(f"cannot write manifests to {str(directory)!r}: {exc.strerror or exc}") from None
-    shard_file = re.compile(rf"^{re.escape(spec.name)}-\d+\.yaml$")
+    hops = "|".join(hop_component_name("", role).lstrip("-") for role in HOPS)
+    component_file = re.compile(rf"^{re.escape(spec.name)}-(\d+|{hops})\.yaml$")
+    rendered = [f"{spec.shards} shards", *(role for role, _ in spec.hops)]
     for stale in sorted(directory.iterdir()):
-        if shard_file.match(stale.name) and stale.stem not in components:
+        if component_file.match(stale.name) and stale.stem not in components:
             print(
-                f"warning: {stale} is not part of this render ({spec.shards} shards); delete it before kubectl apply",
+                f"warning: {stale} is not part of this render ({', '.join(rendered)}); delete it before kubectl "
+                "apply",
                 file=sys.stderr,
             )
     return written

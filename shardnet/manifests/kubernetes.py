@@ -5,8 +5,10 @@ plain dicts, one per Kubernetes object; ``to_yaml`` turns them into the text
 ``kubectl apply -f -`` reads. Per shard ``n`` there is a Deployment, a headless
 Service and a PodDisruptionBudget named ``NAME-n``; the head has the same three
 named ``NAME-head`` (its Service is a plain ClusterIP one: the stable address
-clients call) plus a ServiceAccount, Role and RoleBinding that let it get, list
-and watch pods and EndpointSlices, nothing more. With a TLS Secret every pod
+clients call) plus a ServiceAccount, Role and RoleBinding that let it list
+and watch pods and EndpointSlices, nothing more. A uses_before or uses_after
+is a component of its own named ``NAME-uses-before``/``NAME-uses-after``,
+made as a shard's (``hop_component_name`` says why not Jina's sidecars). With a TLS Secret every pod
 mounts it (or the head's, and the workers' own) and serves TLS (probes on a
 plaintext health-only port); with a cert-manager issuer a Certificate keeps
 each Secret filled.
@@ -14,10 +16,12 @@ each Secret filled.
 Labels are a contract with discovery (``shardnet.discovery``):
 
 - pod templates carry the original design's ``jina_deployment_name``,
-  ``pod_type`` (``HEAD``/``WORKER``) and ``shard_id`` (``""`` on the head);
+  ``pod_type`` (``HEAD``/``WORKER``/``USES_BEFORE``/``USES_AFTER``) and
+  ``shard_id`` (``""`` on the head and the hops);
 - Services carry ``shardnet.io/deployment``, ``shardnet.io/role``
-  (``head``/``worker``) and ``shardnet.io/shard`` (``""`` on the head, so every
-  Service has the same keys), which their EndpointSlices inherit;
+  (``head``/``worker``/``uses_before``/``uses_after``) and ``shardnet.io/shard``
+  (``""`` on the head and the hops, so every Service has the same keys), which
+  their EndpointSlices inherit;
 - the gRPC container is named ``executor`` and its port, like the Services'
   port, is named ``grpc``.
 
@@ -44,6 +48,7 @@ from typing import Any, NamedTuple, Optional
 
 import yaml
 
+from shardnet.cli.options import THREAD_EXIT_GRACE
 from shardnet.errors import ConfigurationError
 from shardnet.manifests.images import check_image
 from shardnet.networking.balancing import BALANCERS
@@ -52,6 +57,7 @@ from shardnet.networking.policies import check_count, check_flag
 from shardnet.networking.polling import PollingMap
 from shardnet.protocol import services
 from shardnet.runtimes.executor import metas_name, split_uses
+from shardnet.runtimes.head import DISCOVERED, USES_AFTER, USES_BEFORE
 from shardnet.runtimes.worker import CLOSE_GRACE
 
 DEPLOYMENT_LABEL = "jina_deployment_name"
@@ -61,12 +67,15 @@ SERVICE_DEPLOYMENT_LABEL = "shardnet.io/deployment"
 SERVICE_ROLE_LABEL = "shardnet.io/role"
 SERVICE_SHARD_LABEL = "shardnet.io/shard"
 CONTAINER_NAME = "executor"
+# the hops a head calls around its shards (--uses-before, --uses-after), each rendered as a component of its own
+HOPS = (USES_BEFORE, USES_AFTER)
 PORT_NAME = "grpc"
 
-# Discovery reads pods and EndpointSlices; these rules are all the head may do.
+# Discovery lists and watches pods and EndpointSlices (never reads one by name: no "get"); these rules are all
+# the head may do.
 DISCOVERY_RULES = (
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+    {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
 )
 
 RUN_AS = 10001  # the Dockerfile's numeric user, so the kubelet can check runAsNonRoot
@@ -172,10 +181,11 @@ PROCESS_BASE_MIB = 64
 STARTUP_PERIOD = 2  # seconds between startup probes
 MAX_UNAVAILABLE = 1  # the pods of the head, or of one shard, a voluntary disruption (a node drain) may take at once
 EXIT_SECONDS = 2  # seconds left to a process to exit once its Executor's close() has returned or been left behind
-# seconds of the grace left to a process after its drain: a worker gives its Executor's close() up to CLOSE_GRACE
-# seconds past the drain, and must then still exit before SIGKILL (a margin of CLOSE_GRACE alone let a close() that
-# used it all run into the kill)
-DRAIN_MARGIN = math.ceil(CLOSE_GRACE) + EXIT_SECONDS
+# seconds of the grace left to a process after its drain: every bound it has on its way out. A worker gives its
+# Executor's close() up to CLOSE_GRACE seconds past the drain, then the threads the Executor started up to
+# THREAD_EXIT_GRACE more (cli.options), and must then still exit before SIGKILL (a margin of CLOSE_GRACE alone let
+# a close() that used it all run into the kill; one without the threads' grace, a flusher's last write)
+DRAIN_MARGIN = math.ceil(CLOSE_GRACE + THREAD_EXIT_GRACE) + EXIT_SECONDS
 MESSAGE_COPIES = MappingProxyType({"head": 5, "worker": 8})
 # what the most documents one call may hold (protocol.messages: 1,000,000 in a process_data list, what a uses_after
 # receives) cost a worker decoded, however small its message (some 200 bytes each); a head routes them undecoded
@@ -247,6 +257,10 @@ class DeploymentSpec:
     # head and workers serve Prometheus metrics over HTTP on this port (--metrics-port), their pods annotated
     # prometheus.io/scrape and prometheus.io/port for the common scrape configuration; None: no metrics
     metrics_port: Optional[int] = None
+    # MODULE:CLASS of the Executors every request passes through before the shards (uses_before) and that merges
+    # their answers (uses_after), loaded from image; each is a Deployment of its own (see hop_component_name)
+    uses_before: Optional[str] = None
+    uses_after: Optional[str] = None
 
     def __post_init__(self) -> None:
         self._check_uses_with()
@@ -262,6 +276,7 @@ class DeploymentSpec:
             )
         # with TLS, NAME-worker is a DNS label of the workers' certificate name (and a Certificate's name)
         suffixes = ["-head", f"-{self.shards - 1}"] + (["-worker"] if self.tls_secret is not None else [])
+        suffixes += [hop_component_name("", role) for role, _ in self.hops]
         longest_suffix = max(len(suffix) for suffix in suffixes)
         if len(self.name) + longest_suffix > _LABEL_MAX:
             raise ConfigurationError(
@@ -273,6 +288,9 @@ class DeploymentSpec:
             raise ConfigurationError(f"namespace {self.namespace!r} must be a DNS-1123 label of at most 63 characters")
         check_image(self.image)
         split_uses(self.uses)  # what ``shardnet worker --uses`` loads
+        for role in HOPS:
+            if getattr(self, role) is not None:
+                split_uses(getattr(self, role), role)
         if not isinstance(self.polling, str):
             raise ConfigurationError(f"polling must be ANY, ALL or a JSON map as text, got {self.polling!r}")
         PollingMap.parse(self.polling)  # raises ConfigurationError naming what is wrong
@@ -346,12 +364,12 @@ class DeploymentSpec:
                 f"pre_stop_seconds must be an integer >= 0 and below termination_grace_seconds "
                 f"({self.termination_grace_seconds}), got {self.pre_stop_seconds!r}"
             )
-        least = self.pre_stop_seconds + DRAIN_MARGIN + 1  # a drain of 1 s, and the margin for close() and exit
+        least = self.pre_stop_seconds + DRAIN_MARGIN + 1  # a drain of 1 s, and the margin for the way out
         if self.termination_grace_seconds < least:
             raise ConfigurationError(
                 f"termination_grace_seconds must be at least {least}: the preStop pause ({self.pre_stop_seconds} s), "
                 f"a drain of 1 s and {DRAIN_MARGIN} s after it for the Executor's close() ({CLOSE_GRACE:g} s at "
-                f"most) and the exit before SIGKILL; got "
+                f"most), its threads' end ({THREAD_EXIT_GRACE:g} s at most) and the exit before SIGKILL; got "
                 f"{self.termination_grace_seconds}"
             )
 
@@ -403,7 +421,7 @@ class DeploymentSpec:
     @property
     def drain_seconds(self) -> int:
         """How long a process lets its in-flight requests finish on SIGTERM: the grace after preStop, less a margin
-        (``DRAIN_MARGIN``) for the Executor's close() and the exit."""
+        (``DRAIN_MARGIN``) for the Executor's close(), its threads' end and the exit."""
         return max(1, self.termination_grace_seconds - self.pre_stop_seconds - DRAIN_MARGIN)
 
     @property
@@ -457,6 +475,11 @@ class DeploymentSpec:
         ]
 
     @property
+    def hops(self) -> list[tuple[str, str]]:
+        """(role, MODULE:CLASS) of each hop rendered: uses_before, then uses_after."""
+        return [(role, getattr(self, role)) for role in HOPS if getattr(self, role) is not None]
+
+    @property
     def polling_argument(self) -> str:
         """``polling`` as the head's ``--polling`` takes it: ``ANY``, ``ALL`` or compact JSON."""
         parsed = PollingMap.parse(self.polling)
@@ -487,10 +510,27 @@ def render_components(spec: DeploymentSpec) -> dict[str, list[dict[str, Any]]]:
             *_component(spec, head, role="head", shard=None),
         ]
     }
+    for role, _ in spec.hops:
+        name = hop_component_name(spec.name, role)
+        components[name] = _component(spec, name, role=role, shard=None)
     for shard in range(spec.shards):
         name = f"{spec.name}-{shard}"
         components[name] = _component(spec, name, role="worker", shard=shard)
     return components
+
+
+def hop_component_name(name: str, role: str) -> str:
+    """The objects of a deployment's uses_before or uses_after: ``NAME-uses-before``, ``NAME-uses-after``.
+
+    Each hop is a Deployment, headless Service, PodDisruptionBudget (and NetworkPolicy) of its own, as a shard
+    is, labelled pod_type/shardnet.io/role ``uses_before`` or ``uses_after``: the labels discovery already maps
+    to the head's hop, which the head's ``--uses-before discovered`` calls. Not Jina's layout (sidecar
+    containers in the head's pod, on loopback): a sidecar stops with the head's pod, so a request the draining
+    head still routes would find its uses_after draining too, and it would scale, use resources and roll out
+    with the head; as a component of its own it drains apart, scales as a shard does (``replicas``), and takes
+    a worker's resources, TLS Secret, NetworkPolicy, disruption budget and metrics.
+    """
+    return f"{name}-{role.replace('_', '-')}"
 
 
 def to_yaml(objects: list[dict[str, Any]]) -> str:
@@ -600,13 +640,13 @@ def disruption_warnings(spec: DeploymentSpec) -> list[str]:
 
 
 def _component(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) -> list[dict[str, Any]]:
-    """Deployment, Service and PodDisruptionBudget of the head (``shard`` None) or of one shard, and a shard's
-    NetworkPolicy when asked for.
+    """Deployment, Service and PodDisruptionBudget of the head (``role`` head), of a hop (``role`` uses_before or
+    uses_after, ``shard`` None) or of one shard, and a hop's or shard's NetworkPolicy when asked for.
 
     Each object gets its own dicts (no shared sub-objects), so a caller may
     edit one without touching another and the YAML has no anchors.
     """
-    is_head = shard is None
+    is_head = role == "head"
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -673,7 +713,7 @@ def _component(spec: DeploymentSpec, name: str, role: str, shard: Optional[int])
 
 
 def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) -> dict[str, Any]:
-    is_head = shard is None
+    is_head = role == "head"
     if is_head:
         args = [
             "head",
@@ -691,7 +731,19 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
             args += ["--max-in-flight", str(spec.max_in_flight)]
         if not spec.request_streams:
             args.append("--no-request-streams")
+        for hop, _ in spec.hops:  # its replicas: the hop's pods, which discovery finds by their pod_type
+            args += [f"--{hop.replace('_', '-')}", DISCOVERED]
         volumes = {"tmp": "/tmp"}
+    elif shard is None:  # a hop: a worker of its own Executor, neither the shards' uses_with nor their metas (Jina's)
+        args = [
+            "worker",
+            "--uses", getattr(spec, role),
+            "--host", "0.0.0.0",
+            "--port", str(spec.port),
+            "--name", f"{spec.name}/{role.replace('_', '-')}",  # as Jina's Kubernetes export names it
+            "--workspace", WORKSPACE,
+        ]  # fmt: skip
+        volumes = {"tmp": "/tmp", "workspace": WORKSPACE}
     else:
         args = [
             "worker",

@@ -83,6 +83,9 @@ USES_BEFORE = "uses_before"
 # the trailers a head sets on a gathered answer itself: a shard's (a head in front of a head) are not passed on
 _OWN_TRAILERS = frozenset({"total_shards", "failed_shards"})
 USES_AFTER = "uses_after"
+# given as a head's uses_before or uses_after (--uses-before/--uses-after) under Kubernetes discovery: the hop's
+# replicas are the pods (and EndpointSlices) discovery finds of it, as its workers are, not an address of its own
+DISCOVERED = "discovered"
 # seconds the head keeps from its caller's deadline to send back its own DEADLINE_EXCEEDED naming the shard
 DEADLINE_MARGIN = 0.25
 # seconds a head gives its workers to list their endpoints, or to answer a dry run, when its caller sets no shorter
@@ -210,6 +213,11 @@ def _listed(shard_ids: list[int]) -> str:
     """Sorted shard ids as a log line names them: ranges, then how many more did not fit."""
     ranges, unlisted = _shard_ranges(shard_ids)
     return f"{ranges} and {unlisted} more" if unlisted else ranges
+
+
+def _awaited(shard_ids: list[int], hops: list[str]) -> str:
+    """What a head waits for, as its log line names it: "shard(s) 1-2 and uses_after"."""
+    return " and ".join(([f"shard(s) {_listed(shard_ids)}"] if shard_ids else []) + hops)
 
 
 def _shard_that_took_the_time(outcomes: list[tuple[int, Any]]) -> ShardnetError:
@@ -349,7 +357,8 @@ class Head:
         limit of ``config`` (their answers pass through it) and, unless ``request_streams=False``, sends single
         requests on shared streams to shardnet workers (unary to others). A given pool is used as it is, its own
         message size options included (a larger limit lets shards' answers that uses_after shrinks reach the
-        head); a ``request_streams`` that disagrees with it is refused."""
+        head); a ``request_streams`` that disagrees with it is refused. ``uses_before``/``uses_after``: the
+        hop's address, or DISCOVERED when the Kubernetes pool's discovery finds its replicas."""
         if not deployment:
             raise ConfigurationError("a head needs a deployment name")
         self.deployment = deployment
@@ -394,10 +403,18 @@ class Head:
         # what uses_before answers goes on to the shards, and their merged answers to uses_after, as requests:
         # a request takes room for what those hops add, so that the next does not refuse it after one ran it
         self._max_request_fields = MAX_TOP_LEVEL_FIELDS - HOP_FIELDS * (bool(uses_before) + bool(uses_after))
-        if uses_before:
-            self.pool.add_connection(self._uses_before, uses_before)
-        if uses_after:
-            self.pool.add_connection(self._uses_after, uses_after)
+        hops_given = ((USES_BEFORE, self._uses_before, uses_before), (USES_AFTER, self._uses_after, uses_after))
+        # the hops whose replicas discovery finds: the head is not ready until it has listed one of each
+        self._discovered_hops = [role for role, _, given in hops_given if given == DISCOVERED]
+        for role, hop, given in hops_given:
+            if given == DISCOVERED:
+                if not hasattr(self.pool, "namespace"):  # what the head's readiness also reads: a Kubernetes pool
+                    raise ConfigurationError(
+                        f"deployment {deployment!r}: {role}={DISCOVERED!r} takes its replicas from Kubernetes "
+                        "discovery, and this head's pool follows no namespace (--k8s-namespace)"
+                    )
+            elif given:
+                self.pool.add_connection(hop, given)
         self._max_workers = max_workers  # an ACTIVATE that would take the head past it is refused whole
         # with a limit, a request past it is refused at once (RESOURCE_EXHAUSTED) instead of queueing without bound
         self._max_in_flight = max_in_flight
@@ -1302,21 +1319,22 @@ class Head:
 
     async def _ready_once_discovered(self) -> None:
         """Turn readiness SERVING once discovery has listed the workers (it retries, with backoff, until then)
-        and every declared shard has one: traffic taken before would fail, at a first deployment and when a
-        resharding rolls out a head for a shard whose workers still load (the old head serves meanwhile). It
-        waits for them at most ``shards_wait`` seconds: a head restarted while a shard is down serves the others."""
+        and every declared shard has one, and every discovered hop (uses_before, uses_after) a replica: traffic
+        taken before would fail, at a first deployment and when a resharding rolls out a head for a shard whose
+        workers still load (the old head serves meanwhile). It waits for them at most ``shards_wait`` seconds: a
+        head restarted while a shard is down serves the others."""
         await self._discovery_synced()
-        waiting = self._shards_without_workers()
+        waiting, hops = self._shards_without_workers(), self._hops_without_replicas()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._shards_wait
-        if waiting:
+        if waiting or hops:
             logger.info(
-                "%s: discovery listed its workers; not ready until shard(s) %s have one (for %gs at most)",
-                self.deployment, _listed(waiting), self._shards_wait,
+                "%s: discovery listed its workers; not ready until %s %s one (for %gs at most)",
+                self.deployment, _awaited(waiting, hops), "have" if waiting else "has", self._shards_wait,
             )
-        while waiting and loop.time() < deadline:
+        while (waiting or hops) and loop.time() < deadline:
             await asyncio.sleep(min(SHARDS_LOOKED_AT_EVERY, max(0.0, deadline - loop.time())))
-            waiting = self._shards_without_workers()
+            waiting, hops = self._shards_without_workers(), self._hops_without_replicas()
         where = f" in namespace {self.pool.namespace!r}" if hasattr(self.pool, "namespace") else ""
         if not self._shards and not any(map(self._has_workers, self.pool.shard_ids(self.deployment))):
             logger.warning(  # no shard declared to wait for: ready at once, but not as if all were well
@@ -1325,11 +1343,16 @@ class Head:
                 "shardnet.io/deployment=%s)",
                 self.deployment, where, self.deployment, self.deployment,
             )
-        elif waiting:
+        elif waiting or hops:
+            consequences = ["ALL requests name them as failed"] if waiting else []
+            consequences += [f"every request fails until {hop} has one" for hop in hops]
             logger.warning(
-                "%s: ready after %gs without a worker of shard(s) %s%s: ALL requests name them as failed",
-                self.deployment, self._shards_wait, _listed(waiting), where,
+                "%s: ready after %gs without a %s of %s%s: %s", self.deployment, self._shards_wait,
+                "worker" if waiting else "replica", _awaited(waiting, hops), where, "; ".join(consequences),
             )
+        elif self._discovered_hops:
+            logger.info("%s: discovery listed a replica of every shard and of %s; ready", self.deployment,
+                        " and ".join(self._discovered_hops))
         else:
             logger.info("%s: discovery listed a worker for every shard; ready", self.deployment)
         self._say_unused_hops()
@@ -1343,9 +1366,15 @@ class Head:
             if used is None and found is not None and found.has_connections():
                 logger.warning(
                     "%s: discovery found %s pods of it (%s) but this head has no --%s: they are not called (a "
-                    "head calls one %s, given by its address; k8s render renders none)", self.deployment, role,
-                    ", ".join(found.addresses), role.replace("_", "-"), role,
+                    "head calls one %s, given by its address, or --%s %s for those pods, as k8s render gives it)",
+                    self.deployment, role, ", ".join(found.addresses), role.replace("_", "-"), role,
+                    role.replace("_", "-"), DISCOVERED,
                 )
+
+    def _hops_without_replicas(self) -> list[str]:
+        """The discovered hops (uses_before, uses_after) the pool holds no replica of."""
+        hops = [(role, self.pool.get_replicas(f"{self.deployment}/{role}")) for role in self._discovered_hops]
+        return [role for role, replicas in hops if replicas is None or not replicas.has_connections()]
 
     def _shards_without_workers(self) -> list[int]:
         """The declared shards the pool holds no worker of."""

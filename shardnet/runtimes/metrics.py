@@ -24,6 +24,7 @@ from shardnet.errors import ConfigurationError, ProtocolError
 from shardnet.networking.addresses import entity_address
 from shardnet.protocol import services
 from shardnet.runtimes.executor import DEFAULT, DEFAULT_ENDPOINT, DRY_RUN_ENDPOINT
+from shardnet.runtimes.server import wildcard_socket
 
 try:
     from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
@@ -170,13 +171,19 @@ class MetricsListener:
         self.port: Optional[int] = None
 
     async def start(self, host: str, port: int) -> int:
-        """Listen on ``host:port`` (0: a free port) and return the port; a port in use is refused naming the flag."""
+        """Listen on ``host:port`` (0: a free port; a wildcard host on both families, as gRPC binds it) and return
+        the port; a port in use is refused naming the flag."""
         app = web.Application()
         app.router.add_get(METRICS_PATH, make_aiohttp_handler(self.registry))
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, port, reuse_port=False).start()
+            # bound as gRPC binds the same host: a wildcard on both families, so IPv6 pod addresses are served too
+            listener = wildcard_socket(host, port)
+            if listener is None:
+                await web.TCPSite(runner, host, port, reuse_port=False).start()
+            else:
+                await web.SockSite(runner, listener).start()
         except OSError as exc:
             await runner.cleanup()
             raise ConfigurationError(

@@ -766,6 +766,27 @@ def _check_port_free(host: str, port: int) -> None:
     raise ConfigurationError(f"cannot listen on {entity_address(host, port)}: {cause}")
 
 
+def wildcard_socket(host: str, port: int) -> Optional[socket.socket]:
+    """For a wildcard ``host`` (``0.0.0.0``, ``::``), a TCP socket bound on ``port`` of every address of both
+    families, as gRPC binds it (one IPv6 socket taking IPv4 too): a listener other than gRPC's (the metrics')
+    is then reached over IPv6 wherever gRPC's are. None for any other host, or on a machine without IPv6 (bind
+    ``host`` itself then, as gRPC falls back to). A bind refused (the port in use) raises its OSError."""
+    if host not in _WILDCARD_TO_LOOPBACK or not socket.has_ipv6:
+        return None
+    try:
+        listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    except OSError:  # no IPv6 on this machine
+        return None
+    try:
+        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC's: TIME_WAIT does not count
+        listener.bind(("::", port))
+    except BaseException:
+        listener.close()
+        raise
+    return listener
+
+
 def _bind(server: grpc.aio.Server, host: str, port: int, tls: Optional[ServerTls]) -> int:
     """Bind ``server`` on ``host:port`` (TLS when ``tls`` is given) and return the port bound; a refusal is a
     ConfigurationError naming the address and its likely cause."""

@@ -75,8 +75,9 @@ DEACTIVATE_TIMEOUT = 5.0
 # seconds an Executor's close() may run past the drain's grace (what is left of it, when its calls ended sooner):
 # one that does not return by then is logged and left behind, and the worker exits without it (a close() hung
 # on a lock or a lost connection kept its worker running for ever, its parent's kill -9 and further signals
-# too). A Deployment's stop gives a worker as long after its drain, a pod's grace under k8s render 2 s more (its
-# DRAIN_MARGIN, read from this), so that the process has time to exit before the kubelet's SIGKILL
+# too). A Deployment's stop gives a worker as long after its drain; a pod's grace under k8s render that, the
+# threads' THREAD_EXIT_GRACE and EXIT_SECONDS more (its DRAIN_MARGIN, read from these), so that the process has
+# time to exit before the kubelet's SIGKILL
 CLOSE_GRACE = 5.0
 CLOSE_THREAD_NAME = "executor-close"  # the thread close() runs on, which an exit leaves behind once abandoned
 # the shortest interval between a worker's ACTIVATEs: each is a call to its head, and 1e-6 s flooded it
