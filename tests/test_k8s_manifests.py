@@ -14,7 +14,7 @@ import yaml
 from kubelet import pod_arguments
 
 from shardnet.cli.main import build_parser, main
-from shardnet.cli.options import THREAD_EXIT_GRACE
+from shardnet.runtimes.worker import THREAD_EXIT_GRACE
 from shardnet.discovery.kubernetes import Member, pod_members, slice_members
 from shardnet.errors import ConfigurationError
 from shardnet.manifests.kubernetes import (

@@ -28,9 +28,8 @@ from shardnet.networking.policies import MAX_TIMEOUT
 from shardnet.networking.tls import ClientTls, ServerTls
 from shardnet.runtimes.executor import DRY_RUN_ENDPOINT, metas_name
 from shardnet.runtimes.server import PARENT_POLL_SECONDS, ServerConfig, check_ready_fd, parent_gone
-from shardnet.runtimes.worker import CLOSE_THREAD_NAME, HANDLER_THREAD_PREFIX
+from shardnet.runtimes.worker import CLOSE_THREAD_NAME, HANDLER_THREAD_PREFIX, THREAD_EXIT_GRACE
 
-THREAD_EXIT_GRACE = 5.0  # seconds the threads an Executor started get to end once the program ended
 # the exit code of a head or worker whose drain's grace ended with requests still under way (cut unanswered), or of
 # a worker with handler calls still running on their threads then (left behind): a supervisor sees that work it took
 # was lost

@@ -48,7 +48,6 @@ from typing import Any, NamedTuple, Optional
 
 import yaml
 
-from shardnet.cli.options import THREAD_EXIT_GRACE
 from shardnet.errors import ConfigurationError
 from shardnet.manifests.images import check_image
 from shardnet.networking.balancing import BALANCERS
@@ -58,7 +57,7 @@ from shardnet.networking.polling import PollingMap
 from shardnet.protocol import services
 from shardnet.runtimes.executor import metas_name, split_uses
 from shardnet.runtimes.head import DISCOVERED, USES_AFTER, USES_BEFORE
-from shardnet.runtimes.worker import CLOSE_GRACE
+from shardnet.runtimes.worker import CLOSE_GRACE, THREAD_EXIT_GRACE
 
 DEPLOYMENT_LABEL = "jina_deployment_name"
 POD_TYPE_LABEL = "pod_type"
@@ -183,7 +182,7 @@ MAX_UNAVAILABLE = 1  # the pods of the head, or of one shard, a voluntary disrup
 EXIT_SECONDS = 2  # seconds left to a process to exit once its Executor's close() has returned or been left behind
 # seconds of the grace left to a process after its drain: every bound it has on its way out. A worker gives its
 # Executor's close() up to CLOSE_GRACE seconds past the drain, then the threads the Executor started up to
-# THREAD_EXIT_GRACE more (cli.options), and must then still exit before SIGKILL (a margin of CLOSE_GRACE alone let
+# THREAD_EXIT_GRACE more (runtimes.worker), and must then still exit before SIGKILL (a margin of CLOSE_GRACE alone let
 # a close() that used it all run into the kill; one without the threads' grace, a flusher's last write)
 DRAIN_MARGIN = math.ceil(CLOSE_GRACE + THREAD_EXIT_GRACE) + EXIT_SECONDS
 MESSAGE_COPIES = MappingProxyType({"head": 5, "worker": 8})

@@ -79,6 +79,7 @@ DEACTIVATE_TIMEOUT = 5.0
 # threads' THREAD_EXIT_GRACE and EXIT_SECONDS more (its DRAIN_MARGIN, read from these), so that the process has
 # time to exit before the kubelet's SIGKILL
 CLOSE_GRACE = 5.0
+THREAD_EXIT_GRACE = 5.0  # seconds the threads an Executor started get to end once the program ended
 CLOSE_THREAD_NAME = "executor-close"  # the thread close() runs on, which an exit leaves behind once abandoned
 # the shortest interval between a worker's ACTIVATEs: each is a call to its head, and 1e-6 s flooded it
 MIN_REGISTER_INTERVAL = 0.1
