@@ -19,6 +19,7 @@ from test_cli import PYTHON_M, shardnet, wait_gone
 from shardnet.cli.main import build_parser, main
 from shardnet.cli.options import INT32_MAX, whole_number
 from shardnet.errors import ConfigurationError, ProcessError
+from shardnet.manifests.kubernetes import DRAIN_MARGIN
 from shardnet.runtimes.deployment import DEFAULT_STARTUP_TIMEOUT, Deployment
 from shardnet.runtimes.head import MAX_RENEWAL_INTERVAL, MAX_WORKERS
 from shardnet.runtimes.processes import ShardnetProcess, stop_all
@@ -97,7 +98,7 @@ RENDER_REFUSED = {
     "too-many-workers": (["--shards", "101", "--replicas", "100"],
                          f"--shards 101 x --replicas 100 = 10100 workers, more than the {MAX_WORKERS} a head holds"),
     "grace-within-the-pre-stop-pause": (["--grace-seconds", "3"],
-                                        "--grace-seconds must be an integer >= 13 (a stopping pod first pauses 5 s"),
+                                        f"--grace-seconds must be an integer >= {5 + DRAIN_MARGIN + 1} (a stopping pod first pauses 5 s"),
     "startup-below-the-probe-period": (["--startup-seconds", "1"], "--startup-seconds must be an integer from 2 to 86400"),
 }
 
