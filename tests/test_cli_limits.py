@@ -112,7 +112,7 @@ def test_k8s_render_refuses_counts_and_times_naming_its_flags(extra, message, ca
 
 
 def test_k8s_render_takes_the_most_workers_a_head_holds(capsys):
-    assert main([*RENDER, "--shards", "100", "--replicas", "100", "--grace-seconds", "13"]) == 0
+    assert main([*RENDER, "--shards", "100", "--replicas", "100", "--grace-seconds", str(5 + DRAIN_MARGIN + 1)]) == 0
     assert "kind: Deployment" in capsys.readouterr().out
 
 
