@@ -97,6 +97,7 @@ class EchoServer:
         host: str = "127.0.0.1",
         port: Optional[int] = None,
         delay: float = 0.0,
+        endpoint_delays: Optional[dict[str, float]] = None,
         fail_with: Optional[grpc.StatusCode] = None,
         fail_times: Optional[int] = None,
         fail_details: Optional[str] = None,
@@ -106,6 +107,8 @@ class EchoServer:
         self.host = host
         self.port = port or 0
         self.delay = delay
+        # seconds a call waits instead of ``delay`` by the endpoint its metadata names (one slow endpoint)
+        self.endpoint_delays = dict(endpoint_delays or {})
         self.fail_with = fail_with
         self.fail_times = fail_times  # with fail_with: only the first this many calls fail (None: all of them)
         self.fail_details = fail_details  # what the failure says (default: "NAME told to fail")
@@ -125,8 +128,12 @@ class EchoServer:
             self.received_metadata.append({key: value for key, value in context.invocation_metadata()})
             identities = context.peer_identities()
             self.client_names.append(None if identities is None else [name.decode() for name in identities])
-        if self.delay:
-            await asyncio.sleep(self.delay)
+        delay = self.delay
+        if self.endpoint_delays:
+            endpoint = dict(context.invocation_metadata() or ()).get(services.ENDPOINT_METADATA)
+            delay = self.endpoint_delays.get(endpoint, delay)
+        if delay:
+            await asyncio.sleep(delay)
         if self.fail_with is not None and (self.fail_times is None or self.calls <= self.fail_times):
             await context.abort(self.fail_with, self.fail_details or f"{self.name} told to fail")
         context.set_trailing_metadata((("served-by", self.name),))

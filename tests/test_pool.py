@@ -38,8 +38,8 @@ def served_by(reply) -> str:
     return dict(tuple(trailing))["served-by"]
 
 
-async def send_one(pool, deployment="dep", **kwargs):
-    tasks = pool.send_request(DataRequest(endpoint="/index"), deployment, **kwargs)
+async def send_one(pool, deployment="dep", endpoint="/index", **kwargs):
+    tasks = pool.send_request(DataRequest(endpoint=endpoint), deployment, **kwargs)
     assert len(tasks) == 1
     return await tasks[0]
 
@@ -725,12 +725,13 @@ async def hung_beside_a_healthy_one(pool_factory, echo_servers):
     return pool, hung, healthy, records
 
 
-async def answered_in_turn(pool, count: int, timeout: float) -> list[bool]:
-    """Send ``count`` requests one after another, each with ``timeout``; whether each was answered."""
+async def answered_in_turn(pool, count: int, timeout: float, endpoints: tuple[str, ...] = ("/index",)) -> list[bool]:
+    """Send ``count`` requests one after another, each with ``timeout``, to ``endpoints`` in turn; whether each was
+    answered."""
     answered = []
-    for _ in range(count):
+    for index in range(count):
         try:
-            await send_one(pool, timeout=timeout)
+            await send_one(pool, endpoint=endpoints[index % len(endpoints)], timeout=timeout)
             answered.append(True)
         except DeadlineExceeded:
             answered.append(False)
@@ -748,8 +749,8 @@ async def test_a_hung_replica_missing_short_deadlines_its_peers_meet_is_ejected(
     assert [c.address.target for c in pool.get_replicas("dep").eligible()] == [healthy.address]
     [ejection] = [record.getMessage() for record in records if "ejecting replica" in record.getMessage()]
     assert ejection.endswith(
-        "after 3 failures in a row: DEADLINE_EXCEEDED (callers' deadlines up to 0.2s, while the other replicas "
-        "answered) x3"
+        "after 3 failures in a row: DEADLINE_EXCEEDED (callers' deadlines up to 0.2s on /index, while the other "
+        "replicas answered it) x3"
     ), ejection
 
 
@@ -767,6 +768,39 @@ async def test_a_hung_replica_ejected_as_the_outlier_is_let_back_in_once_it_answ
     await hung.health.set("", health_pb2.HealthCheckResponse.SERVING)
     await eventually(lambda: replicas.is_eligible(outlier), timeout=5.0)  # its probe: after base_ejection
     assert {served_by(await send_one(pool, timeout=0.2)) for _ in range(4)} == {"hung", "healthy"}
+
+
+async def test_a_hung_replica_missing_short_deadlines_on_every_endpoint_is_ejected(pool_factory, echo_servers):
+    """The outlier is judged by endpoint, its misses of each against the others' answers to it: a hung replica
+    missing /slow and /fast, its peer answering both, is ejected after three misses, the WARNING naming them."""
+    pool, hung, healthy, records = await hung_beside_a_healthy_one(pool_factory, echo_servers)
+    # round robin: the hung replica gets /slow, /fast, /slow; the healthy one each right after it
+    answered = await answered_in_turn(pool, 6, timeout=0.2, endpoints=("/slow", "/slow", "/fast", "/fast"))
+    assert answered == [False, True] * 3
+    assert [c.address.target for c in pool.get_replicas("dep").eligible()] == [healthy.address]
+    [ejection] = [record.getMessage() for record in records if "ejecting replica" in record.getMessage()]
+    assert ejection.endswith(
+        "after 3 failures in a row: DEADLINE_EXCEEDED (callers' deadlines up to 0.2s on /slow, while the other "
+        "replicas answered it) x2, DEADLINE_EXCEEDED (callers' deadlines up to 0.2s on /fast, while the other "
+        "replicas answered it) x1"
+    ), ejection
+
+
+async def test_replicas_missing_short_deadlines_on_a_slow_endpoint_only_are_not_ejected(pool_factory, echo_servers):
+    """A regression review's find: two healthy replicas, /slow longer than the callers' deadline on either, /fast
+    quick; a caller alternating them one at a time gets, by round robin, every /slow to one replica and every /fast
+    to the other. The first's misses are all /slow, the other's answers all /fast: no outlier (it was ejected in
+    turn with the other, five times in ten seconds). Only answers to the same endpoint count against misses."""
+    own, records = _recording_logger("endpoints")
+    servers = await echo_servers(2, endpoint_delays={"/slow": 1.0})
+    pool = pool_factory(balancer="round_robin", logger=own)
+    for server in servers:
+        pool.add_connection("dep", server.address)
+    answered = await answered_in_turn(pool, 8, timeout=0.2, endpoints=("/slow", "/fast"))
+    assert answered == [False, True] * 4
+    replicas = pool.get_replicas("dep")
+    assert len(replicas.eligible()) == 2 and all(c.times_ejected == 0 for c in replicas.get_all_connections())
+    assert not [record for record in records if "ejecting replica" in record.getMessage()]
 
 
 async def test_replicas_all_missing_short_deadlines_are_not_ejected(pool_factory, echo_servers):

@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from shardnet import ConfigurationError, DataRequest, EjectionPolicy, ReplicaList, RoutingError
+from shardnet.networking import replica_list
 from shardnet.networking.replica_list import close_in_turn
 
 
@@ -293,5 +294,44 @@ async def test_an_answer_from_a_replica_ends_its_run_of_short_deadlines_missed(e
         assert replicas.is_eligible(lagging)  # one answer for two misses: not yet
         await replicas.call(answering, "single_data", DataRequest(endpoint="/x"), None, 0.051, callers_deadline=True)
         assert not replicas.is_eligible(lagging)
+    finally:
+        await replicas.close()
+
+
+async def test_the_runs_of_short_deadlines_missed_a_replica_keeps_are_bounded_under_junk_endpoints(echo_servers):
+    """Endpoint names come from callers: a hung replica missing calls to twenty endpoints keeps runs for the
+    MAX_RUN_KINDS missed latest (one missed again stays), and only the others' answers on one of those count."""
+    hung, quick = await echo_servers(2)
+    hung.delay = 30.0
+    replicas = ReplicaList(name="dep/shard-0")
+    try:
+        lagging = replicas.add_connection(hung.address)
+        answering = replicas.add_connection(quick.address)
+
+        async def call(connection, endpoint: str) -> None:
+            request = DataRequest(endpoint=endpoint)
+            metadata = (("endpoint", endpoint),)
+            await replicas.call(connection, "single_data", request, metadata, 0.05, callers_deadline=True)
+
+        async def miss(endpoint: str) -> None:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await call(lagging, endpoint)
+
+        for index in range(20):
+            await miss(f"/junk-{index}")
+            if index == 12:
+                await miss("/junk-5")  # missed again: kept as the latest
+        kept = [endpoint for _, endpoint in lagging.short_runs]
+        assert len(kept) == replica_list.MAX_RUN_KINDS
+        assert kept == ["/junk-5"] + [f"/junk-{index}" for index in range(13, 20)]
+        await call(answering, "/junk-0")  # its run was dropped: nothing to count against
+        assert lagging.failures == 0
+        await call(answering, "/junk-5")  # one of its two misses answered: not yet
+        assert lagging.failures == 0
+        await call(answering, "/junk-19")
+        assert lagging.failures == 1 and "/junk-19" not in [endpoint for _, endpoint in lagging.short_runs]
+        await call(answering, "/junk-5")
+        assert not replicas.is_eligible(lagging)  # three in a row: ejected
+        assert lagging.short_runs == {}  # out of the picks: its runs are over
     finally:
         await replicas.close()

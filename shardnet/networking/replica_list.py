@@ -37,6 +37,7 @@ from shardnet.networking.health import health_problem
 from shardnet.networking.streams import RequestStreams, rpc_error
 from shardnet.networking.policies import EjectionPolicy, check_seconds
 from shardnet.networking.tls import ClientTls
+from shardnet.protocol import services
 
 module_logger = logging.getLogger(__name__)
 
@@ -81,6 +82,9 @@ CONNECT_SLACK_MS = 100
 # may have had and still count against it: callers with the same deadline reach a replica with what they have
 # left of it, which differs by the pool's time before the call (microseconds, or milliseconds on a busy loop)
 SAME_DEADLINE_SLACK = 1.1
+# how many kinds of call (method and endpoint) a replica keeps runs of callers' short deadlines missed for: endpoint
+# names come from callers, so a new kind beyond these drops the one missed least recently
+MAX_RUN_KINDS = 8
 
 
 async def _finish_or_cut(closings: dict[asyncio.Task, Any], grace: float) -> None:
@@ -173,13 +177,35 @@ class _ChannelInUse:
                 await asyncio.gather(self.streams.close(None), self.channel.close(None))
 
 
+class _ShortRun:
+    """A replica's run of callers' short deadlines missed on one kind of call (method and endpoint): how many, the
+    longest of them (seconds), and how many calls of that kind the shard's other replicas answered since the
+    first within deadlines no longer."""
+
+    __slots__ = ("misses", "answered", "deadline")
+
+    def __init__(self) -> None:
+        self.misses = 0
+        self.answered = 0
+        self.deadline = 0.0
+
+
+def _call_kind(method: str, metadata: Optional[Sequence[tuple[str, str]]]) -> tuple[str, Optional[str]]:
+    """A call's kind, which the outlier detection compares like with like: its method and the endpoint its
+    metadata names (the first, as a head reads it; None for one sent in the request's header alone)."""
+    for key, value in metadata or ():
+        if key == services.ENDPOINT_METADATA:
+            return method, value
+    return method, None
+
+
 class Connection:
     """One replica: its address, its channel and the method callables on it."""
 
     __slots__ = (
         "address", "_tls", "_options", "channel", "stubs", "running", "failures", "times_ejected", "_retiring",
         "_closed", "_origin", "_request_streams", "rebuilt_at", "admitted_at", "checked_at", "draining", "loop",
-        "_loop_thread", "recent_failures", "short_misses", "answered_meanwhile", "missed_deadline",
+        "_loop_thread", "recent_failures", "short_runs",
     )
 
     def __init__(
@@ -199,11 +225,9 @@ class Connection:
         # the latest failures' causes (a status code, and whose deadline ran out), written on failures only: the
         # last EjectionPolicy.consecutive_failures of them are the run an ejection names
         self.recent_failures: list[str] = []
-        # its run of callers' short deadlines missed (not blamed as they come), the calls the shard's other
-        # replicas answered since the first of them within deadlines no longer than the run's longest (seconds)
-        self.short_misses = 0
-        self.answered_meanwhile = 0
-        self.missed_deadline = 0.0
+        # by kind of call (method, endpoint), its run of callers' short deadlines missed (not blamed as they come)
+        # and the calls of that kind the shard's other replicas answered since; at most MAX_RUN_KINDS of them
+        self.short_runs: dict[tuple[str, Optional[str]], _ShortRun] = {}
         self.times_ejected = 0
         self.admitted_at = float("-inf")  # time.monotonic() when it last joined the picks
         self.rebuilt_at = float("-inf")  # loop time of the last rebuild
@@ -546,8 +570,8 @@ class ReplicaList:
         index = self._position.pop(connection, None)
         if index is None:
             return
-        if connection in self._lagging:  # out of the picks, its run is over: it starts afresh when back
-            self._end_run(connection)
+        if connection in self._lagging:  # out of the picks, its runs are over: they start afresh when back
+            self._end_runs(connection)
         last = self._eligible.pop()
         if last is not connection:
             self._eligible[index] = last
@@ -656,45 +680,73 @@ class ReplicaList:
         policy = self._ejection
         return policy is None or callers_timeout is None or callers_timeout < policy.min_blamed_deadline
 
-    def _missed_short(self, connection: Connection, callers_timeout: Optional[float]) -> None:
+    def _missed_short(
+        self,
+        connection: Connection,
+        method: str,
+        metadata: Optional[Sequence[tuple[str, str]]],
+        callers_timeout: Optional[float],
+    ) -> None:
         """``connection`` missed a caller's deadline too short to blame it for (``_too_short``): one more of its
-        run, blamed after all once the shard's other replicas answered as many calls as it missed (``_answered``)."""
+        run on this kind of call, blamed after all once the shard's other replicas answered as many calls of the
+        kind as it missed (``_answered``)."""
         policy = self._ejection
         if policy is None or callers_timeout is None or grpc.StatusCode.DEADLINE_EXCEEDED not in policy.failure_codes:
             return
+        kind = _call_kind(method, metadata)
+        runs = connection.short_runs
+        run = runs.pop(kind, None)  # put back last: the kinds kept are the ones missed latest
+        if run is None:
+            run = _ShortRun()
+            if len(runs) >= MAX_RUN_KINDS:
+                del runs[next(iter(runs))]
+        runs[kind] = run
         self._lagging[connection] = None
-        connection.short_misses += 1
-        connection.missed_deadline = max(connection.missed_deadline, callers_timeout)
+        run.misses += 1
+        run.deadline = max(run.deadline, callers_timeout)
 
-    def _answered(self, connection: Connection, timeout: Optional[float]) -> None:
+    def _answered(
+        self,
+        connection: Connection,
+        method: str,
+        metadata: Optional[Sequence[tuple[str, str]]],
+        timeout: Optional[float],
+    ) -> None:
         """A call on ``connection`` with ``timeout`` was answered while replicas miss callers' short deadlines:
-        its own run is over, and it counts for every other whose misses' deadlines were no shorter
-        (``SAME_DEADLINE_SLACK``). One the others have answered as many calls as it missed is the outlier (in a
-        shard too slow for its callers every replica misses, and none answers): blamed for its run, its
-        ejection naming the deadlines."""
+        its own runs are over, and it counts for every other's run on the same kind of call (method and
+        endpoint: a slow endpoint's misses say nothing against a quick one's answers) whose deadlines were no
+        shorter (``SAME_DEADLINE_SLACK``). One the others have answered as many calls of a kind as it missed is
+        the outlier (in a shard too slow for its callers every replica misses, and none answers): blamed for
+        that run, its ejection naming the endpoint and the deadlines."""
         if connection in self._lagging:
-            self._end_run(connection)
+            self._end_runs(connection)
         if timeout is None:  # no deadline: no answer within one as short as theirs
             return
+        kind = _call_kind(method, metadata)
         for lagging in list(self._lagging):
-            if timeout > lagging.missed_deadline * SAME_DEADLINE_SLACK:
+            run = lagging.short_runs.get(kind)
+            if run is None or timeout > run.deadline * SAME_DEADLINE_SLACK:
                 continue
-            lagging.answered_meanwhile += 1
-            if lagging.answered_meanwhile < lagging.short_misses:
+            run.answered += 1
+            if run.answered < run.misses:
                 continue
-            misses, deadline = lagging.short_misses, lagging.missed_deadline
-            self._end_run(lagging)
-            cause = f"DEADLINE_EXCEEDED (callers' deadlines up to {deadline:.3g}s, while the other replicas answered)"
-            for _ in range(misses):
+            del lagging.short_runs[kind]
+            if not lagging.short_runs:
+                del self._lagging[lagging]
+            on = f"on {kind[1]:.80}" if kind[1] is not None else f"on {method} calls naming no endpoint"
+            cause = (
+                f"DEADLINE_EXCEEDED (callers' deadlines up to {run.deadline:.3g}s {on}, while the other replicas "
+                "answered it)"
+            )
+            for _ in range(run.misses):
                 self.record_failure(lagging, grpc.StatusCode.DEADLINE_EXCEEDED, cause=cause)
                 if lagging not in self._position:  # ejected: what is left of the run goes with it
                     break
 
-    def _end_run(self, connection: Connection) -> None:
-        """Forget ``connection``'s run of callers' short deadlines missed."""
+    def _end_runs(self, connection: Connection) -> None:
+        """Forget ``connection``'s runs of callers' short deadlines missed."""
         del self._lagging[connection]
-        connection.short_misses = connection.answered_meanwhile = 0
-        connection.missed_deadline = 0.0
+        connection.short_runs.clear()
 
     def _eject(self, connection: Connection) -> None:
         self._withdraw(connection)
@@ -858,7 +910,7 @@ class ReplicaList:
                 cause = _cause(code, timeout, callers_deadline)
                 self.record_failure(connection, code, counted=wrong_server(method, code), cause=cause)
             elif not blamed and channel is connection.channel and connection in self._position:
-                self._missed_short(connection, timeout)
+                self._missed_short(connection, method, metadata, timeout)
             raise
         except asyncio.CancelledError:
             if connection.cut_by_close(channel):
@@ -883,7 +935,7 @@ class ReplicaList:
         balancer.finished(connection, token)
         connection.failures = 0
         if self._lagging:  # some replica misses callers' short deadlines: does this answer make it the outlier?
-            self._answered(connection, timeout)
+            self._answered(connection, method, metadata, timeout)
         return response, trailing
 
     async def close(self) -> None:
