@@ -67,7 +67,7 @@ from shardnet.protocol import services
 from shardnet.protocol.messages import MAX_TOP_LEVEL_FIELDS, DataRequest, parse
 from shardnet.protocol.proto import jina_pb2
 from shardnet.protocol.services import AUTHORIZATION_METADATA
-from shardnet.runtimes.log_lines import READY_LOGGER
+from shardnet.runtimes.log_lines import READY_LOGGER, quoted
 from shardnet.runtimes.processes import process_running
 from shardnet.runtimes.standard_services import health_handler, reflection_handler
 
@@ -655,7 +655,7 @@ class Server:
         cut = +under_way
         if cut:
             named = cut.most_common(CUT_ENDPOINTS_NAMED)
-            endpoints = ", ".join(f"{endpoint:.200} x{count}" for endpoint, count in named)
+            endpoints = ", ".join(f"{quoted(endpoint)} x{count}" for endpoint, count in named)
             if len(cut) > len(named):
                 endpoints += f" and {len(cut) - len(named)} more endpoint(s)"
             log.warning("%s: the drain's grace (%gs) ended with %d request(s) %s: %s", name, self.config.drain_grace,
