@@ -28,8 +28,10 @@ from shardnet import ClientTls, ControlRequest, DataRequest, Document, Executor,
 from shardnet.cli.main import build_parser
 from shardnet.errors import ReplicaError
 from shardnet.networking import oneshot
+from shardnet.protocol import services
 from shardnet.runtimes.deployment import Deployment
 from shardnet.runtimes.head import Head
+from shardnet.runtimes.log_lines import quoted
 from shardnet.runtimes.processes import ShardnetProcess, stop_all
 from shardnet.runtimes.server import ServerConfig
 from shardnet.runtimes import worker as worker_module
@@ -425,6 +427,73 @@ async def test_every_refused_control_call_is_logged_with_its_caller_a_burst_coun
                                     metadata=(("authorization", "Bearer s3cret-token"),))
     await eventually(lambda: "bad address" in caplog.text, timeout=5.0)
     assert max(len(r.getMessage()) for r in caplog.records) < 2_000
+
+
+# -- what callers write into the log -------------------------------------------------------------------
+
+# a line of the head's log, as a caller would forge it after a newline of its own
+FORGED = "2026-11-28 11:00:00,000 ERROR [head dep pid 1] shardnet: forged line"
+
+
+class KnowsOne(Executor):
+    """Binds /one only: any other endpoint is logged as having no handler."""
+
+    @requests(on="/one")
+    def one(self, docs, parameters, **kwargs):
+        pass
+
+
+class FailsAll(Executor):
+    """Fails every request: its log line names the request's endpoint and id."""
+
+    @requests
+    def fail(self, docs, parameters, **kwargs):
+        raise ValueError("refused")
+
+
+def forged_request() -> bytes:
+    """A request whose endpoint and id each carry a newline and a forged line (an endpoint that is not printable
+    ASCII travels in the header only: metadata cannot carry it)."""
+    message = DataRequest([Document(id="d")]).proto
+    message.header.request_id = f"r1\n{FORGED}"
+    message.header.exec_endpoint = f"/x\n{FORGED}"
+    return message.SerializeToString()
+
+
+async def test_an_endpoint_or_request_id_holding_a_newline_cannot_begin_a_forged_log_line(runtimes, caplog):
+    """The worker logged the endpoint and the head the request id as sent: a newline in them planted a whole
+    forged ``ERROR [head dep ...]`` line (a review). Each is logged in one line, the newline
+    written as ``\\n``, and the forged text never begins a line."""
+    caplog.set_level(logging.INFO, logger="shardnet")
+    unbound, failing = await runtimes(Worker(KnowsOne.create())), await runtimes(Worker(FailsAll.create()))
+    head = await runtimes(Head("dep", shards=1))  # no worker: the request fails, and its failure is logged
+    for address in (unbound.server.address, failing.server.address, head.server.address):
+        async with grpc.aio.insecure_channel(address) as channel:
+            try:
+                await channel.unary_unary(services.PROCESS_SINGLE_DATA)(forged_request(), timeout=10)
+            except grpc.aio.AioRpcError as exc:
+                assert address == head.server.address and exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+
+    said = [record.getMessage() for record in caplog.records if FORGED in record.getMessage()]
+    assert any(f"has no handler for /x\\n{FORGED}" in line for line in said), said
+    assert any(f"failed on /x\\n{FORGED}" in line and f"(request r1\\n{FORGED})" in line for line in said), said
+    assert any(f"'dep': request r1\\n{FORGED} failed" in line for line in said), said
+    assert not [line for line in said if "\n" in line], said
+    assert not [line for line in caplog.text.splitlines() if line.startswith(FORGED[:30])]
+
+
+@pytest.mark.parametrize(
+    "text, limit, shown",
+    [
+        ("/search", 200, "/search"),  # printable text reads as it came
+        ("/é\u65e5", 200, "/é\u65e5"),
+        ("a\nb\r\x1b[31m\u2028\u202e", 200, "a\\nb\\r\\x1b[31m\\u2028\\u202e"),
+        ("C:\\x\\n", 200, "C:\\\\x\\\\n"),  # a backslash the caller wrote never reads as an escape
+        ("x" * 500, 80, "x" * 80 + "... (500 characters)"),
+    ],
+)
+def test_a_callers_text_is_quoted_in_one_bounded_line(text, limit, shown):
+    assert quoted(text, limit) == shown
 
 
 # -- secrets ------------------------------------------------------------------------------------------

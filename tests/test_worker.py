@@ -1189,6 +1189,39 @@ async def test_requests_cut_at_the_end_of_the_drain_are_warned_by_endpoint_and_t
                          "(their callers got UNAVAILABLE): /sleep x2"), line
 
 
+async def test_callers_leaving_call_streams_whose_answers_are_being_written_log_no_error(tmp_path, processes):
+    """A Jina Call stream left by its caller while answers were being written to it (unread) logged gRPC's
+    "ExecuteBatchError raised in core by servicer method" at ERROR with a traceback, one per stream (a review:
+    19-20 for 20 streams): gRPC learns of the leaving a moment after the write fails. A caller leaving is
+    routine: nothing at ERROR, no traceback."""
+    worker = processes("worker", ["worker", "--uses", f"{EXECUTORS}:Sleepy"], tmp_path)
+    address = await asyncio.to_thread(worker.wait_ready, 20)
+    big = DataRequest([Document()], endpoint="/big", parameters={"bytes": 2**20}).to_bytes()  # 1 MiB answers
+    left = asyncio.Event()
+
+    async def requests():
+        for _ in range(8):
+            yield big
+        await left.wait()  # the stream stays open: the caller leaves by cancelling it
+
+    channels = [grpc.aio.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(3)]
+    try:
+        calls = [channel.stream_stream(services.STREAM_CALL)(requests()) for channel in channels]
+        for call in calls:  # each stream answers: the answers after its first are being written, unread
+            assert DataRequest.from_bytes(await call.read()).docs[0].text == "x" * 2**20
+        for call in calls:
+            call.cancel()
+        assert (await oneshot.send_request_async(DataRequest([Document()], endpoint="/sleep"), address)).docs
+    finally:
+        left.set()
+        for channel in channels:
+            await channel.close()
+    worker.signal(signal.SIGTERM)
+    assert await wait_exit(worker) == 0, worker.tail()
+    log = (tmp_path / "worker.log").read_text()
+    assert " ERROR " not in log and "Traceback" not in log, log
+
+
 async def test_a_handler_whose_caller_gave_up_finishes_before_close_and_the_exit_waits_for_closes_threads(
     tmp_path, processes
 ):

@@ -62,6 +62,7 @@ from shardnet.protocol.messages import (
 from shardnet.protocol.proto import jina_pb2
 from shardnet.runtimes.bursts import BurstLog
 from shardnet.runtimes.executor import DRY_RUN_ENDPOINT
+from shardnet.runtimes.log_lines import MAX_ID_CHARS, quoted
 from shardnet.runtimes.merge import every_shard_failed, merge_shard_responses, report_shard_problems, status_of
 from shardnet.runtimes.refusals import RefusalLog
 from shardnet.runtimes.registrations import Registrations
@@ -753,9 +754,10 @@ class Head:
             where, status = self._failure_kind(failure)
             places.setdefault(status, []).append(where)
         kind = " + ".join(f"{' & '.join(wheres)}: {status}" for status, wheres in places.items())
-        latest = f"{failures[0]}"[:MAX_FAILURE_CHARS]
+        latest = quoted(failures[0], MAX_FAILURE_CHARS)  # a worker's answer may quote what the caller sent
         self._failed_requests.note(
-            kind, latest, "%r: request %.80s failed (%s): %s", self.deployment, request.request_id, kind, latest
+            kind, latest, "%r: request %s failed (%s): %s", self.deployment, quoted(request.request_id, MAX_ID_CHARS),
+            kind, latest,
         )
 
     def _failure_kind(self, failure: ShardnetError) -> tuple[str, str]:
@@ -790,7 +792,10 @@ class Head:
         if shard_id is None or (timeout is not None and timeout < MIN_RESEND_SECONDS):
             raise failure
         timeout = deadline.left()
-        logger.debug("%s: %s; sending the ANY request to shard %d instead", self.deployment, failure, shard_id)
+        logger.debug(
+            "%s: %s; sending the ANY request to shard %d instead", self.deployment, quoted(failure, MAX_FAILURE_CHARS),
+            shard_id,
+        )
         self.requests_resent += 1
         try:
             if self._uses_after is not None:
@@ -980,7 +985,9 @@ class Head:
                 if lease is not None:
                     self._renew_lease(address, shard_id or 0, lease, interval)
                 if not known:  # workers repeat ACTIVATE every few seconds: log the news only
-                    logger.info("%s: activated %s in shard %s (by %s)", self.deployment, address, shard_id or 0, peer)
+                    logger.info(
+                        "%s: activated %s in shard %s (by %s)", self.deployment, address, shard_id or 0, quoted(peer)
+                    )
                 elif restarted and replicas.readmit_if_healthy(address):  # ejected while dead, started again there
                     logger.info(
                         "%s: %s (shard %s), ejected, registered again as a new process: checking its health now",
@@ -995,7 +1002,7 @@ class Head:
                     self._registrations.forget((address, leased_shard))
                 removed = [await self.pool.remove_connection(self.deployment, address, shard_id=s) for s in shards]
                 outcome = "removed" if any(removed) else "unknown"
-                logger.info("%s: deactivated %s (%s, by %s)", self.deployment, address, outcome, peer)
+                logger.info("%s: deactivated %s (%s, by %s)", self.deployment, address, outcome, quoted(peer))
                 self._forget_empty_shards()
         return request.to_bytes()
 

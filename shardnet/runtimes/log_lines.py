@@ -7,6 +7,10 @@ log folder, a file a restart appends to) still say who said what.
 
 Only the ``shardnet`` command's entry point sets this up (``configure``): shardnet imported as a library logs to
 its loggers and leaves its user's configuration as it is.
+
+Text a caller chose (an endpoint, a request id, a failure quoting what it sent) goes into a line through
+``quoted`` only: a newline in it must not begin a line of its own that reads as the process's (a forged
+``ERROR [head ...] activated ...``), nor a megabyte of it fill the log.
 """
 
 from __future__ import annotations
@@ -25,6 +29,27 @@ _TIME = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
 LOG_TIMESTAMP = re.compile(rf"^{_TIME} ", re.M)
 # what differs between two launches' lines saying the same: the time, and the pid beside the role and name
 _LAUNCH_OF_A_LINE = re.compile(rf"^{_TIME} (\S+ \[.*?) pid \d+\]", re.M)
+
+
+# characters of a caller's text a log line quotes, unless the line gives its own bound
+MAX_QUOTED_CHARS = 200
+# characters of a request id a log line quotes (shardnet's and Jina's are 32 hex digits)
+MAX_ID_CHARS = 80
+
+
+def quoted(text: object, limit: int = MAX_QUOTED_CHARS) -> str:
+    """``text`` (a caller's: an endpoint, a request id, a failure quoting them) as a log line may show it: its
+    first ``limit`` characters, each that is not printable (a newline, an escape, U+2028) and the backslash
+    written as Python's ``repr`` writes them (``\\n``), and, when cut, how many characters it has. Printable
+    text such as ``/search`` reads as it is; what it quotes never spans lines nor begins one."""
+    text = str(text)
+    shown = text[:limit]
+    if not shown.isprintable() or "\\" in shown:
+        shown = "".join(
+            char if char.isprintable() and char != "\\" else char.encode("unicode_escape").decode("ascii")
+            for char in shown
+        )
+    return shown if len(text) <= limit else f"{shown}... ({len(text)} characters)"
 
 
 def as_any_launch(output: str) -> str:

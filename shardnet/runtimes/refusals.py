@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from shardnet.runtimes.bursts import BURST_INTERVAL, BurstLog
+from shardnet.runtimes.log_lines import quoted
 
 logger = logging.getLogger("shardnet.runtimes.head")
 
@@ -31,8 +32,7 @@ class RefusalLog(BurstLog):
 
     def note(self, command: str, caller: str, reason: str) -> None:  # type: ignore[override]
         """Record that ``command`` from ``caller`` was refused for ``reason``; log it now, or when the interval ends."""
-        if len(reason) > MAX_REASON_CHARS:  # it quotes what the caller sent, which may be megabytes
-            reason = f"{reason[:MAX_REASON_CHARS]}... ({len(reason)} characters)"
+        reason, caller = quoted(reason, MAX_REASON_CHARS), quoted(caller)  # it quotes what the caller sent
         # a burst's counted by host: each one-off call comes from a port of its own
         super().note(
             _host_of(caller), f"{command}: {reason}",

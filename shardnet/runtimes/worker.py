@@ -46,6 +46,7 @@ from shardnet.protocol.proto import docarray_pb2, jina_pb2
 from shardnet.runtimes.bursts import BurstLog
 from shardnet.runtimes.executor import DEFAULT, DEFAULT_ENDPOINT, DRY_RUN_ENDPOINT, AnswerTooBig, Executor
 from shardnet.runtimes.head import IMPLIED_LEASE_FACTOR, MAX_RENEWAL_INTERVAL
+from shardnet.runtimes.log_lines import MAX_ID_CHARS, quoted
 from shardnet.runtimes.server import (
     RequestAborted,
     ServerConfig,
@@ -87,6 +88,8 @@ SHORTEST_INTERVAL_WHY = " (a worker renews its registration with its head that o
 # seconds between looks at the files of the TLS material a worker registers with, for a renewal (as a pool's)
 HEAD_TLS_CHECK_INTERVAL = 30.0
 
+# characters of a failed request's description (its exception, which may quote what the caller sent) a line shows
+MAX_DESCRIPTION_CHARS = 1000
 # endpoints without a handler logged (once each); past that, one line says so and no more are kept or logged
 UNBOUND_LOGGED = 100
 # a call this big (received bytes) has its parameters made into Python objects, and a list's requests joined, in a
@@ -405,7 +408,7 @@ class Worker:
         except asyncio.CancelledError:  # its sender stopped waiting: that is acknowledged, so it may reuse the id
             answer = status_message(request_id, grpc.StatusCode.CANCELLED, "cancelled at the sender's request")
         except Exception as exc:  # a fault of ours: the sender still gets an answer, not a wait to its deadline
-            logger.exception("%s: request %r on a request stream failed", self.name, request_id)
+            logger.exception("%s: request %s on a request stream failed", self.name, quoted(request_id, MAX_ID_CHARS))
             answer = status_message(request_id, grpc.StatusCode.INTERNAL, f"{self.name}: {type(exc).__name__}: {exc}")
         writer.send(answer)
 
@@ -513,11 +516,11 @@ class Worker:
         """Log that ``handler_name`` failed on ``endpoint`` (``request`` answered with its exception): the first of a
         burst at once, naming the request; the rest counted by handler and endpoint, with the latest exception,
         once a second (``BurstLog``). The description is cut: a refusal may quote what the caller sent."""
-        kind = f"{handler_name} on {endpoint:.200}"
-        description = f"{request._header().status.description:.1000}"
+        kind = f"{handler_name} on {quoted(endpoint)}"
+        description = quoted(request._header().status.description, MAX_DESCRIPTION_CHARS)
         self._failures.note(
-            kind, f"{kind}: {description}", "%s.%s failed on %.200s (request %.80s): %s",
-            self.name, handler_name, endpoint, request.request_id, description,
+            kind, f"{kind}: {description}", "%s.%s failed on %s (request %s): %s",
+            self.name, handler_name, quoted(endpoint), quoted(request.request_id, MAX_ID_CHARS), description,
         )
 
     def _file_result(self, request: DataRequest, result: dict, handler_name: str) -> None:
@@ -556,7 +559,7 @@ class Worker:
         if len(self._unbound_logged) > UNBOUND_LOGGED:
             logger.info("%s: more than %d endpoints without a handler; no more are logged", self.name, UNBOUND_LOGGED)
         else:
-            logger.info("%s has no handler for %s: requests pass through unchanged", self.name, endpoint)
+            logger.info("%s has no handler for %s: requests pass through unchanged", self.name, quoted(endpoint))
 
     # -- control and discovery -------------------------------------------------------
 
