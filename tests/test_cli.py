@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -22,7 +23,9 @@ import pytest
 
 from shardnet.cli.deploy import exposure_warning
 from shardnet.cli.options import json_object
-from shardnet.errors import ConfigurationError
+from shardnet.errors import ConfigurationError, ReplicaError
+from shardnet.networking import oneshot
+from shardnet.testing import EchoServer
 
 EXECUTORS = Path(executors.__file__).resolve()
 
@@ -217,6 +220,44 @@ def test_deploy_send_and_status_against_a_running_deployment(deployed, tmp_path)
     assert deploy.wait(20) == 0
     assert "stopping..." in (tmp_path / "deploy.log").read_text()  # SIGTERM says so, as Ctrl-C does
     assert not wait_gone(pids), "shardnet deploy left processes behind"
+
+
+async def test_deploy_guards_its_workers_with_a_token_of_its_own_which_only_its_user_reads(deployed, tmp_path):
+    """Run without a token, deploy's head was open: any local process ACTIVATEd its own server, DEACTIVATEd the
+    real workers and took every request (a security review's find). deploy now makes a token, hands it to its
+    processes in a file only its user reads (never on a command line or in an environment), and prints where that
+    file is, for workers registered by hand; STATUS and data stay open."""
+    address, deploy, pids = deployed
+    printed = re.search(r"^control token: (/\S+)", (tmp_path / "deploy.log").read_text(), re.M)  # before serves on
+    assert printed, (tmp_path / "deploy.log").read_text()
+    token_file = Path(printed.group(1))
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600 and stat.S_IMODE(token_file.parent.stat().st_mode) == 0o700
+    token = token_file.read_text().strip()
+    for pid in pids:  # what ps shows of the head and the workers (their environment with ps e)
+        shown = Path(f"/proc/{pid}/cmdline").read_bytes() + Path(f"/proc/{pid}/environ").read_bytes()
+        assert token.encode() not in shown and str(token_file).encode() in shown
+    status = await oneshot.send_control("STATUS", address)
+    workers = [(entity.address, entity.port, entity.shard_id) for entity in status.related_entities]
+    assert len(workers) == 2
+    async with EchoServer() as rogue:  # the hijack: a process holding no secret
+        host, port = rogue.address.rsplit(":", 1)
+        hijacks = [("ACTIVATE", host, int(port), 0)] + [("DEACTIVATE", *worker) for worker in workers]
+        for command, worker_host, worker_port, shard in hijacks:
+            with pytest.raises(ReplicaError) as refused:
+                await oneshot.send_control(command, address, worker_host, worker_port, shard)
+            assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED, command
+        for _ in range(4):
+            sent = await asyncio.to_thread(shardnet, "send", address, "--endpoint", "/tag", "--text", "secret")
+            assert sent.returncode == 0 and json.loads(sent.stdout)["docs"][0]["tags"]["by"] == "tagger", sent.stderr
+        assert rogue.calls == 0
+        assert [(e.address, e.port) for e in (await oneshot.send_control("STATUS", address)).related_entities] == [
+            worker[:2] for worker in workers
+        ]
+        # a worker registered by hand, with the token from the printed file, is taken
+        await oneshot.activate_worker(host, int(port), address, shard_id=0, token=token)
+        await oneshot.deactivate_worker(host, int(port), address, shard_id=0, token=token)
+    assert stop(deploy, pids) == 0
+    assert not token_file.exists() and not token_file.parent.exists()  # removed with the deployment
 
 
 def test_deploy_stops_on_ctrl_c_as_on_sigterm(deployed, tmp_path):
@@ -487,11 +528,11 @@ def test_a_head_refusing_a_flag_says_that_alone_not_its_warnings_first():
     assert "--shards" not in result.stderr and "may add or remove" not in result.stderr, result.stderr
 
 
-def test_deploy_on_a_host_beyond_this_machine_says_who_may_change_its_workers():
-    """The head logged it to a file of a temporary folder, and the terminal showed nothing (found by a review)."""
-    assert exposure_warning("127.0.0.1", token_given=False) == "" and exposure_warning("localhost", False) == ""
-    assert "anyone who reaches the head may add or remove its workers" in exposure_warning("0.0.0.0", False)
-    assert "in cleartext" in exposure_warning("10.0.0.5", token_given=True)
+def test_deploy_on_a_host_beyond_this_machine_says_its_token_crosses_the_network_in_cleartext():
+    """The head logged it to a file of a temporary folder, and the terminal showed nothing (found by a review);
+    deploy always has a token now (one of its own when given none)."""
+    assert exposure_warning("127.0.0.1") == "" and exposure_warning("localhost") == ""
+    assert "the control token crosses the network in cleartext" in exposure_warning("0.0.0.0")
 
 
 def test_uses_with_reads_a_pipe_as_a_shell_gives_one_and_refuses_a_device(tmp_path):

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import threading
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import pytest
 from shardnet import DataRequest, Document, ReplicaError
 from shardnet.errors import ConfigurationError, DeadlineExceeded, ExecutorError, ProcessError
 from shardnet.networking import oneshot
+from shardnet.networking.addresses import parse_address
 from shardnet.runtimes.deployment import Deployment
 from shardnet.runtimes.processes import ShardnetProcess, stop_all
 
@@ -113,7 +115,7 @@ async def test_async_deployment_with_control_token():
     async with Deployment(
         executors.Tagger, shards=1, replicas=1, name="guarded", control_token="tok-123"
     ) as deployment:
-        # the workers registered with the token (given to them through their environment only)
+        # the workers registered with the token (given to them in a file only this user reads)
         assert "SHARDNET_CONTROL_TOKEN" not in os.environ or os.environ["SHARDNET_CONTROL_TOKEN"] != "tok-123"
         docs = await deployment.post_async("/tag", [Document(text="a")])
         assert docs[0].tags["by"] == "tagger"
@@ -129,6 +131,44 @@ async def test_async_deployment_with_control_token():
         assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
         pids = [process.pid for process in deployment.processes]
     assert_all_gone(pids)
+
+
+def test_a_deployment_given_no_token_makes_one_its_restarts_and_revivals_keep(caplog):
+    """A Deployment given no token ran an open head: any local process could DEACTIVATE its workers and ACTIVATE
+    its own server (a security review's find). It makes a token now, in a file only its user reads, given to its
+    processes by path (ps shows neither the token nor, with ps e, an environment holding it), removed at stop."""
+    with Deployment(executors.Pid, shards=1, replicas=2, name="own-token", balancer="round_robin",
+                    drain_seconds=1, startup_timeout=20) as deployment:
+        token_file = deployment.control_token_file
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600 and stat.S_IMODE(token_file.parent.stat().st_mode) == 0o700
+        token = token_file.read_text().strip()
+        assert len(token) >= 40  # secrets.token_urlsafe(32)
+        for process in deployment.processes:
+            shown = Path(f"/proc/{process.pid}/cmdline").read_bytes() + Path(f"/proc/{process.pid}/environ").read_bytes()
+            assert token.encode() not in shown
+        members = sorted(deployment.members())
+        worker_host, worker_port = parse_address(members[0]).entity()
+        for hijack in (oneshot.deactivate_worker(worker_host, worker_port, deployment.address, 0),
+                       oneshot.activate_worker("127.0.0.1", 1, deployment.address, 0)):
+            with pytest.raises(ReplicaError) as refused:
+                oneshot.run_sync(hijack)
+            assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+        assert sorted(deployment.members()) == members
+
+        restarted = deployment.restart_worker(0, 0)  # DEACTIVATE as it stops, ACTIVATE as it starts: with the token
+        assert sorted(deployment.members()) == members
+        revived = deployment.workers[(0, 1)]
+        revived.kill()
+        with caplog.at_level("INFO", logger="shardnet.runtimes.deployment"):
+            assert deployment.revive() == ["worker-0-1"]  # forgotten at the head (DEACTIVATE, the token) first
+        assert "did not forget" not in caplog.text
+        deadline = time.monotonic() + 15
+        while sorted(deployment.members()) != members:
+            assert time.monotonic() < deadline, deployment.members()
+            time.sleep(0.02)
+        served_by = {int(doc.tags["pid"]) for _ in range(6) for doc in deployment.post("/who", [Document()])}
+        assert served_by == {restarted.pid, revived.pid}
+    assert not token_file.exists() and not token_file.parent.exists()
 
 
 async def test_an_async_deployment_cancelled_while_it_starts_stops_what_it_launched_and_its_folders(tmp_path):
@@ -528,9 +568,9 @@ def test_a_bad_timeout_is_refused_where_it_is_given_not_by_the_head_process(opti
         ({"port": "8080"}, "port must be a whole number from 0 (a free one) to 65535, got '8080'"),
         ({"host": ""}, "host must be a name or an IP address, got ''"),
         ({"host": "unix:/tmp/x.sock"}, "host 'unix:/tmp/x.sock' is no name or IP address"),
-        ({"control_token": ""}, "control_token must be None (no token) or non-empty printable ASCII text"),
-        ({"control_token": "s3cret\nmore"}, "control_token must be None (no token) or non-empty printable ASCII"),
-        ({"control_token": "sécret"}, "control_token must be None (no token) or non-empty printable ASCII"),
+        ({"control_token": ""}, "control_token must be None (one is made) or non-empty printable ASCII text"),
+        ({"control_token": "s3cret\nmore"}, "control_token must be None (one is made) or non-empty printable ASCII"),
+        ({"control_token": "sécret"}, "control_token must be None (one is made) or non-empty printable ASCII"),
         ({"shards": 101, "replicas": 100}, "shards=101 x replicas=100 = 10100 workers, more than the 10000 a head"),
     ],
 )
@@ -547,7 +587,7 @@ def test_a_numpy_port_is_a_port_and_an_inherited_empty_token_is_refused_before_a
 
     assert Deployment(executors.Tagger, port=numpy.int64(8080))
     monkeypatch.setenv("SHARDNET_CONTROL_TOKEN", "")
-    with pytest.raises(ConfigurationError, match=r"\$SHARDNET_CONTROL_TOKEN is empty, and the head and workers"):
+    with pytest.raises(ConfigurationError, match=r"\$SHARDNET_CONTROL_TOKEN is empty, and the deployment takes it"):
         Deployment(executors.Tagger)
 
 

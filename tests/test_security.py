@@ -252,6 +252,29 @@ def test_servers_listen_on_loopback_unless_told_otherwise():
     assert Deployment(uses=FAULT_EXECUTOR).host == "127.0.0.1"
 
 
+async def test_a_connection_that_never_completes_its_http2_handshake_is_closed_and_others_are_served(runtimes):
+    """A TCP connection that sent nothing, or the HTTP/2 preface without its SETTINGS, stayed open as long as its
+    client liked (gRPC's default: 120 s; a review held 2,000 of them, 2,000 descriptors, past 30 s). The server
+    closes one that has not completed its handshake within ``handshake_timeout`` (20 s by default, what a gRPC
+    client waits for its connection), on the health port too; a client that completes it is served."""
+    assert ServerConfig().handshake_timeout == 20.0
+    worker = await runtimes(Worker(Stamp.create(), ServerConfig(handshake_timeout=0.5, health_port=0)))
+
+    async def closed_by_the_server(port: int, sent: bytes) -> bool:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(sent)
+            await asyncio.wait_for(reader.read(), 5)  # to its end (a GOAWAY, once it had the preface)
+            return reader.at_eof()
+        finally:
+            writer.close()
+
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    ports = (worker.server.port, worker.server.health_port)
+    assert all(await asyncio.gather(*(closed_by_the_server(port, sent) for port in ports for sent in (b"", preface))))
+    assert await post(worker.server.address) == "stamped"
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/net/tcp")
 async def test_a_default_server_listens_on_loopback_only():
     worker = Worker(Stamp.create(), ServerConfig())

@@ -31,6 +31,7 @@ from shardnet.cli.options import (
 )
 from shardnet.errors import ConfigurationError
 from shardnet.networking.addresses import host_is_loopback
+from shardnet.networking.channels import TOKEN_VARIABLE
 from shardnet.runtimes.deployment import DEFAULT_STARTUP_TIMEOUT, Deployment
 from shardnet.runtimes.processes import ShardnetProcess
 
@@ -107,7 +108,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="start again, where it served, any process that exits while deployed (a crash, kill -9); "
              "one that keeps exiting soon after its start waits longer each time, up to 30 s (default: on)",
     )
-    add_token_argument(parser)
+    add_token_argument(parser, f"${TOKEN_VARIABLE}, else a fresh one deploy makes, in a file only you read, "
+                               "whose path it prints")
     parser.set_defaults(handler=run, process_name=lambda args: args.name)
 
 
@@ -150,7 +152,7 @@ def _deploy(args: argparse.Namespace, uses_with: dict, workspace: str) -> int:
     except KeyboardInterrupt as exc:
         return _stopped_while_starting(args, exc.signum if isinstance(exc, StoppedBySignal) else signal.SIGINT)
     try:
-        return _serve(args, deployment, stop, token_given=token is not None)
+        return _serve(args, deployment, stop)
     except BaseException:  # as a ``with`` would: its processes and folders go whatever ends the serving
         deployment.stop()
         raise
@@ -192,7 +194,7 @@ async def _started_deployment(
     return await deployment.__aenter__()
 
 
-def _serve(args: argparse.Namespace, deployment: Deployment, stop: threading.Event, token_given: bool) -> int:
+def _serve(args: argparse.Namespace, deployment: Deployment, stop: threading.Event) -> int:
     """Serve the started ``deployment`` until a stop signal sets ``stop``, then stop it; deploy's exit code, from
     how the stop went."""
     print(deployment.table())
@@ -200,9 +202,12 @@ def _serve(args: argparse.Namespace, deployment: Deployment, stop: threading.Eve
     print(f"logs: {deployment.log_dir}/{args.name}-ROLE.log, one per process ({kept})")
     kept = "kept after exit" if args.workspace or args.log_dir else "removed on exit; --workspace DIR keeps it"
     print(f"workspace of the Executors' state: {deployment.workspace} ({kept})")
+    if deployment.made_control_token:  # a worker registered by hand needs it: --control-token-file PATH
+        print(f"control token: {deployment.control_token_file} (ACTIVATE/DEACTIVATE need it: shardnet worker "
+              "--control-token-file PATH; removed on exit; --control-token-file gives deploy your own)")
     ctrl_c = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # ignored in a background job: no use naming it
     print(f"\n{args.name} serves on {deployment.address} ({'Ctrl-C' if ctrl_c else 'SIGTERM'} stops it)", flush=True)
-    exposure = exposure_warning(args.host, token_given=token_given)
+    exposure = exposure_warning(args.host)
     if exposure:
         print(exposure, flush=True)  # the head logs it to its file, which nobody reads while it serves
     reported: set[int] = set()  # pids of exits already warned about under --no-restart
@@ -259,15 +264,11 @@ def _stopped_while_starting(args: argparse.Namespace, signum: int) -> int:
     return 128 + signum
 
 
-def exposure_warning(host: str, token_given: bool) -> str:
-    """A warning when ``host`` lets other machines reach the head's membership calls, else ""."""
+def exposure_warning(host: str) -> str:
+    """A warning when ``host`` lets other machines reach the head's membership calls, else "": they always want
+    a control token (deploy makes one when given none), which crosses the network in cleartext."""
     if host_is_loopback(host):
         return ""
-    if not token_given:
-        return (
-            f"warning: --host {host}: anyone who reaches the head may add or remove its workers (ACTIVATE/"
-            "DEACTIVATE); give a control token (SHARDNET_CONTROL_TOKEN or --control-token-file)"
-        )
     return f"warning: --host {host}: the control token crosses the network in cleartext (deploy serves no TLS)"
 
 

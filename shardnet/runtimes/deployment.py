@@ -18,7 +18,9 @@ import logging
 import operator
 import os
 import re
+import secrets
 import socket
+import stat
 import tempfile
 import threading
 import time
@@ -140,14 +142,14 @@ def _check_serving(host: Any, port: Any, control_token: Any) -> None:
     ServerConfig(host=host, port=whole)  # the head's own rule for its --host: a name or an IP address
     if control_token is None and os.environ.get(TOKEN_VARIABLE) == "":  # what the processes inherit
         raise ConfigurationError(
-            f"${TOKEN_VARIABLE} is empty, and the head and workers inherit it: unset it to run without a token, or "
+            f"${TOKEN_VARIABLE} is empty, and the deployment takes it as its token: unset it to have one made, or "
             "give the token"
         )
     try:
         check_control_token(control_token)
     except ConfigurationError:
         raise ConfigurationError(
-            "control_token must be None (no token) or non-empty printable ASCII text (no newline, no accents): it "
+            "control_token must be None (one is made) or non-empty printable ASCII text (no newline, no accents): it "
             "travels as gRPC metadata; the value is not shown"
         ) from None
 
@@ -191,6 +193,13 @@ class Deployment:
     unless given one. ``uses_metas={"name": ...}`` names the Executor as
     Jina's does (executor-specific parameters, the workspace folder); by
     default it is its class's name.
+
+    Only a caller holding the control token may ACTIVATE or DEACTIVATE a
+    worker at the head: ``control_token``, else ``$SHARDNET_CONTROL_TOKEN``,
+    else one made with ``secrets`` (an open head let any local process take
+    its traffic). The processes get it in ``control_token_file``, a file only
+    this user reads, removed at stop: never on a command line or in an
+    environment, which ps shows.
 
     >>> with Deployment(uses=MyExecutor, shards=2, replicas=2, polling="ALL") as dep:   # doctest: +SKIP
     ...     docs = dep.post("/index", [Document(text="hello")])
@@ -244,7 +253,10 @@ class Deployment:
         self._uses_with = _uses_with_json(uses_with)
         name_in_metas = metas_name(uses_metas)  # refused here, not by every worker
         self._metas_arguments = ["--uses-metas", json.dumps({"name": name_in_metas})] if name_in_metas else []
-        self._control_token = control_token
+        # a token of the user's own, else one of this deployment's (an open head let any local process take its
+        # workers' place); the processes read it from control_token_file
+        self._control_token = control_token or os.environ.get(TOKEN_VARIABLE) or secrets.token_urlsafe(32)
+        self.made_control_token = control_token is None and not os.environ.get(TOKEN_VARIABLE)
         self._log_level_arguments = _log_level_arguments(log_level)
         self._register_interval = register_interval
         self._given_folders = (log_dir, workspace)
@@ -298,6 +310,9 @@ class Deployment:
         # passed to the workers only when given (or the cache folder cannot be used): a worker given none has the
         # cache folder too, where an Executor's own workspace= (uses_with) wins, as under Jina's Deployment
         self._pass_workspace = workspace is not None
+        # a folder only this user reads (made 0700), removed at stop whatever log_dir is: the control token's
+        self._secrets = tempfile.TemporaryDirectory(prefix="sn-secret-")
+        self.control_token_file = Path(self._secrets.name) / "control-token"
         # a folder of its own, short: a socket path holds at most 107 bytes, a log_dir may be longer
         self._sockets = tempfile.TemporaryDirectory(prefix="sn-") if self._unix_sockets else None
         self.head: Optional[ShardnetProcess] = None
@@ -331,17 +346,19 @@ class Deployment:
         return self.head
 
     def _child_env(self) -> dict[str, str]:
-        env = {**os.environ, LAUNCHED_BY_DEPLOYMENT: self.name}
+        """This process's environment, less the control token (the children read it from its file: ps e shows an
+        environment), plus what tells the children whose they are and where the Executors' classes are."""
+        env = {key: value for key, value in os.environ.items() if key != TOKEN_VARIABLE}
+        env[LAUNCHED_BY_DEPLOYMENT] = self.name
         if self._search_path:
             env[EXECUTOR_PATH_VARIABLE] = os.pathsep.join(self._search_path)
-        if self._control_token is not None:
-            env[TOKEN_VARIABLE] = self._control_token
         return env
 
     def _launch(self, role: str, arguments: list[str]) -> ShardnetProcess:
         # named after the deployment too: deployments may share a log folder (--log-dir /var/log/shardnet); the
         # log level leads every child's command line, which a restart launches again as it is
         log_path = self.log_dir / f"{self.name}-{role}.log"
+        arguments = [*arguments, "--control-token-file", str(self.control_token_file)]
         process = ShardnetProcess(role, self._log_level_arguments + arguments, log_path, env=self._child_env(),
                                   log_is_temporary=self._tmp is not None)
         # a stop() from another thread (a cancelled ``async with``) ends the start here
@@ -361,6 +378,7 @@ class Deployment:
             # have removed it after (a revive racing a stop left the temporary folder behind)
             self.log_dir.mkdir(parents=True, exist_ok=True)
             self._write_uses_with()
+            self._write_control_token()
             process.launch()
             return True
 
@@ -502,9 +520,18 @@ class Deployment:
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
-        written = path.with_name(f".{path.name}.{os.getpid()}")
-        written.write_text(self._uses_with, encoding="utf-8")
-        os.replace(written, path)
+        _replace_file(path, self._uses_with)
+
+    def _write_control_token(self) -> None:
+        """Write the control token file before a launch, each time, as the uses_with file: a process revived
+        after a /tmp cleaner removed it reads it still. Its folder and it are this user's only (0700, 0600)."""
+        folder = self.control_token_file.parent
+        folder.mkdir(mode=0o700, exist_ok=True)
+        found = os.lstat(folder)  # made again by another user after a cleaner removed it: not written there
+        if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o077:
+            raise ProcessError(f"deployment {self.name!r}: {folder} is no longer a folder only this user reads; "
+                               "the control token is not written there")
+        _replace_file(self.control_token_file, self._control_token + "\n")
 
     def _socket_path(self, shard: int, replica: int) -> str:
         return os.path.join(self._sockets.name, f"w{shard}-{replica}.sock")
@@ -754,6 +781,9 @@ class Deployment:
             if self._tmp is not None:
                 self._tmp.cleanup()
                 self._tmp = None
+            if self._secrets is not None:
+                self._secrets.cleanup()
+                self._secrets = None
             if self._sockets is not None:  # the workers removed their sockets as they stopped
                 self._sockets.cleanup()
                 self._sockets = None
@@ -859,6 +889,15 @@ class Deployment:
 
     def __repr__(self) -> str:
         return f"<Deployment {self.name} {self.shards}x{self.replicas} at {self.head.address if self.head else '-'}>"
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """Make ``path`` hold ``text``, readable by this user only, in one step (a rename): a process reading it
+    meanwhile sees the whole old file or the whole new one."""
+    written = path.with_name(f".{path.name}.{os.getpid()}")
+    with open(os.open(written, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(written, path)
 
 
 def _lost_with_a_replica(status: Any, deployment: str, head: str) -> Optional[ReplicaError]:

@@ -103,6 +103,10 @@ CUT_ENDPOINTS_NAMED = 10
 # (``_quiet_if_the_caller_left``)
 CALLER_LEFT_NOTICE = 0.1
 
+# seconds a connection has to complete its handshake, as long as a gRPC client waits for its connection (its
+# minimum connect timeout): a client still handshaking past it has given up already
+HANDSHAKE_TIMEOUT = 20.0
+
 RawHandler = Callable[[bytes, grpc.aio.ServicerContext], Awaitable[bytes]]
 StreamHandler = Callable[[AsyncIterator[bytes], grpc.aio.ServicerContext], Any]
 
@@ -117,6 +121,8 @@ class ServerConfig:
     health service, for Kubernetes' ``grpc:`` probes, which cannot speak TLS
     (0: a free port picked at start; None: no such listener). ``metrics_port`` likewise adds an HTTP listener
     on ``host`` serving Prometheus metrics at /metrics (a head's or worker's, runtimes/metrics.py).
+    ``handshake_timeout``: seconds a connection has to complete its handshake (TLS, the HTTP/2 preface and
+    SETTINGS) before the server closes it; gRPC's own 120 s let idle connections hold a descriptor each.
     """
 
     host: str = "127.0.0.1"
@@ -129,6 +135,7 @@ class ServerConfig:
     unix_socket: Optional[str] = None
     health_port: Optional[int] = None
     metrics_port: Optional[int] = None
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host.strip():
@@ -178,6 +185,13 @@ class ServerConfig:
             raise ConfigurationError(f"drain grace must be a finite number of seconds, not negative, got {self.drain_grace}")
         if self.max_concurrent_rpcs is not None and self.max_concurrent_rpcs < 1:
             raise ConfigurationError(f"max_concurrent_rpcs must be at least 1 (or None), got {self.max_concurrent_rpcs}")
+        if not 0 < self.handshake_timeout < math.inf:  # NaN fails it too
+            raise ConfigurationError(f"handshake_timeout must be a positive, finite number of seconds, got "
+                                     f"{self.handshake_timeout!r}")
+
+    def handshake_options(self) -> list[tuple[str, int]]:
+        """The gRPC server option that closes a connection whose handshake is not done within handshake_timeout."""
+        return [("grpc.server_handshake_timeout_ms", max(1, round(self.handshake_timeout * 1000)))]
 
 
 # the keepalive pings a server takes while a call sends nothing: gRPC's default (one per 5 minutes, and a
@@ -508,7 +522,8 @@ class Server:
         config = self.config
         server = grpc.aio.server(
             # no SO_REUSEPORT: a second server on a port in use must fail, not silently share its traffic
-            options=default_grpc_options(config.max_message_bytes) + [("grpc.so_reuseport", 0), *PING_POLICY],
+            options=default_grpc_options(config.max_message_bytes)
+            + [("grpc.so_reuseport", 0), *PING_POLICY, *config.handshake_options()],
             maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         )
         server.add_generic_rpc_handlers(self._handlers)
@@ -526,7 +541,8 @@ class Server:
             if config.health_port is not None:
                 # the same servicer: both listeners always report the same statuses; nothing else is served there
                 health_server = grpc.aio.server(
-                    options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", HEALTH_MESSAGE_BYTES)],
+                    options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", HEALTH_MESSAGE_BYTES),
+                             *config.handshake_options()],
                 )
                 health_server.add_generic_rpc_handlers((health_handler(self.health, watch=False),))
                 self.health_port = _bind(health_server, config.host, config.health_port, None)
