@@ -511,7 +511,8 @@ async def test_an_endpoint_or_request_id_holding_a_newline_cannot_begin_a_forged
         ("/search", 200, "/search"),  # printable text reads as it came
         ("/é\u65e5", 200, "/é\u65e5"),
         ("a\nb\r\x1b[31m\u2028\u202e", 200, "a\\nb\\r\\x1b[31m\\u2028\\u202e"),
-        ("C:\\x\\n", 200, "C:\\\\x\\\\n"),  # a backslash the caller wrote never reads as an escape
+        ("C:\\x\\n", 200, "C:\\x\\n"),  # a backslash is left as written (repr-quoted text is not escaped twice)
+        ("bad address 'evil\\nhost:1'", 200, "bad address 'evil\\nhost:1'"),  # as the caller's error said it
         ("x" * 500, 80, "x" * 80 + "... (500 characters)"),
     ],
 )

@@ -39,15 +39,16 @@ MAX_ID_CHARS = 80
 
 def quoted(text: object, limit: int = MAX_QUOTED_CHARS) -> str:
     """``text`` (a caller's: an endpoint, a request id, a failure quoting them) as a log line may show it: its
-    first ``limit`` characters, each that is not printable (a newline, an escape, U+2028) and the backslash
-    written as Python's ``repr`` writes them (``\\n``), and, when cut, how many characters it has. Printable
-    text such as ``/search`` reads as it is; what it quotes never spans lines nor begins one."""
+    first ``limit`` characters, each that is not printable (a newline, an escape, U+2028) written as Python's
+    ``repr`` writes it (``\\n``), and, when cut, how many characters it has. Printable text such as ``/search``
+    reads as it is; what it quotes never spans lines nor begins one. A backslash is left as written: text that
+    was already quoted with ``repr`` (an error naming the caller's value) reads in the log as the caller's error
+    said it, not escaped twice."""
     text = str(text)
     shown = text[:limit]
-    if not shown.isprintable() or "\\" in shown:
+    if not shown.isprintable():
         shown = "".join(
-            char if char.isprintable() and char != "\\" else char.encode("unicode_escape").decode("ascii")
-            for char in shown
+            char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in shown
         )
     return shown if len(text) <= limit else f"{shown}... ({len(text)} characters)"
 
