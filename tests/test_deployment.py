@@ -571,6 +571,7 @@ def test_a_bad_timeout_is_refused_where_it_is_given_not_by_the_head_process(opti
         ({"control_token": ""}, "control_token must be None (one is made) or non-empty printable ASCII text"),
         ({"control_token": "s3cret\nmore"}, "control_token must be None (one is made) or non-empty printable ASCII"),
         ({"control_token": "sécret"}, "control_token must be None (one is made) or non-empty printable ASCII"),
+        ({"control_token": "s3cret "}, "control_token must be None (one is made) or non-empty printable ASCII"),
         ({"shards": 101, "replicas": 100}, "shards=101 x replicas=100 = 10100 workers, more than the 10000 a head"),
     ],
 )
@@ -589,6 +590,10 @@ def test_a_numpy_port_is_a_port_and_an_inherited_empty_token_is_refused_before_a
     monkeypatch.setenv("SHARDNET_CONTROL_TOKEN", "")
     with pytest.raises(ConfigurationError, match=r"\$SHARDNET_CONTROL_TOKEN is empty, and the deployment takes it"):
         Deployment(executors.Tagger)
+    monkeypatch.setenv("SHARDNET_CONTROL_TOKEN", "s3cret ")  # its processes would read it stripped from their file
+    with pytest.raises(ConfigurationError, match="no space at either end") as refused:
+        Deployment(executors.Tagger)
+    assert "s3cret" not in str(refused.value)
 
 
 def test_an_executors_own_replica_lost_is_no_heads_word_of_a_lost_replica():

@@ -295,7 +295,7 @@ def test_a_worker_refuses_flags_about_its_head_without_a_head_naming_them(pem, f
     assert said in str(refused.value)
 
 
-@pytest.mark.parametrize("token", ["t\u00f6k\u00e9n", "tok-9f8e7d\n"])
+@pytest.mark.parametrize("token", ["t\u00f6k\u00e9n", "tok-9f8e7d\n", " tok-9f8e7d"])
 @pytest.mark.parametrize("command", [["head", "--deployment", "t"], ["worker", "--uses", "m:C"]])
 def test_a_control_token_grpc_cannot_carry_is_refused_at_start_without_showing_it(tmp_path, command, token):
     result = shardnet(*command, "--port", "0", "--control-token", token, cwd=tmp_path)

@@ -374,10 +374,13 @@ def check_control_token(token: Optional[str]) -> None:
     """Refuse a control token gRPC could not carry (it travels as ``authorization: Bearer TOKEN``), unquoted."""
     if token is None:
         return
-    if not isinstance(token, str) or not token or not (token.isascii() and token.isprintable()):
+    # a space at either end: HTTP/2 forbids it in a header's value, and a token file's line is read stripped, so
+    # a deployment writing " s3cret" to its processes' file was refused its own DEACTIVATE (a regression review)
+    if not isinstance(token, str) or not token or not (token.isascii() and token.isprintable()) or token != token.strip():
         raise ConfigurationError(
-            "the control token must be non-empty printable ASCII text (no newline, no accents): it travels as "
-            "gRPC metadata; check SHARDNET_CONTROL_TOKEN or --control-token (the value is not shown)"
+            "the control token must be non-empty printable ASCII text (no newline, no accents, no space at either "
+            "end): it travels as gRPC metadata; check SHARDNET_CONTROL_TOKEN or --control-token (the value is not "
+            "shown)"
         )
 
 

@@ -149,9 +149,11 @@ def _check_serving(host: Any, port: Any, control_token: Any) -> None:
         check_control_token(control_token)
     except ConfigurationError:
         raise ConfigurationError(
-            "control_token must be None (one is made) or non-empty printable ASCII text (no newline, no accents): it "
-            "travels as gRPC metadata; the value is not shown"
+            "control_token must be None (one is made) or non-empty printable ASCII text (no newline, no accents, no "
+            "space at either end): it travels as gRPC metadata; the value is not shown"
         ) from None
+    if control_token is None:
+        check_control_token(os.environ.get(TOKEN_VARIABLE) or None)  # what the deployment takes as its token
 
 
 def _log_level_arguments(log_level: Any) -> list[str]:
