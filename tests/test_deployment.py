@@ -1273,3 +1273,28 @@ def test_an_executors_own_workspace_wins_where_the_cache_folder_cannot_be_used(t
     with Deployment(executors.StampsWorkspace, name="homeless-own", uses_with={"workspace": str(own)}) as deployment:
         [doc] = deployment.post("/stamp", [Document()])
     assert doc.tags["before"] == str(own / "StampsWorkspace" / "0")
+
+
+def test_a_link_in_place_of_the_token_folder_is_refused_naming_it_and_the_stop_removes_the_rest(tmp_path):
+    """A /tmp cleaner removed the token's folder and another process put a link there: a dangling one gave a raw
+    FileExistsError at the next launch, and one to a folder made stop() raise OSError, leaving the socket folder
+    behind (a regression review)."""
+    import shutil
+
+    deployment = Deployment(executors.Tagger, name="linked", unix_sockets=True, drain_seconds=1, startup_timeout=20)
+    deployment.start()
+    try:
+        folder = deployment.control_token_file.parent
+        sockets = Path(deployment._sockets.name)
+        shutil.rmtree(folder)
+        folder.symlink_to(tmp_path / "elsewhere")  # dangling
+        with pytest.raises(ProcessError, match="no longer a folder only this user reads") as refused:
+            deployment.restart_worker(0, 0)
+        assert "'linked'" in str(refused.value) and str(folder) in str(refused.value)
+        (tmp_path / "elsewhere").mkdir(mode=0o700)  # the link now leads to a folder: not removed through it
+        (tmp_path / "elsewhere" / "kept").write_text("another's")
+    finally:
+        deployment.stop()
+    assert (tmp_path / "elsewhere" / "kept").read_text() == "another's"
+    assert not sockets.exists()
+    folder.unlink()

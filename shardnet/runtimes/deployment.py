@@ -305,7 +305,12 @@ class Deployment:
     def _prepare_run(self) -> None:
         """What one run owns, made anew for each start after a stop: its folders and a finalizer for its processes."""
         log_dir, workspace = self._given_folders
-        self._tmp = tempfile.TemporaryDirectory(prefix=f"shardnet-{self.name}-") if log_dir is None else None
+        # each removed at stop whatever became of it meanwhile: one a /tmp cleaner replaced with a link (another
+        # process's) is left as it is, without an OSError that would leave the folders after it behind
+        self._tmp = (
+            tempfile.TemporaryDirectory(prefix=f"shardnet-{self.name}-", ignore_cleanup_errors=True)
+            if log_dir is None else None
+        )
         self.log_dir = Path(log_dir or self._tmp.name)
         # with none given, the cache folder, as a worker's and as Jina's: an index written in a with block is kept
         self.workspace = Path(workspace or default_workspace()).absolute()
@@ -313,10 +318,12 @@ class Deployment:
         # cache folder too, where an Executor's own workspace= (uses_with) wins, as under Jina's Deployment
         self._pass_workspace = workspace is not None
         # a folder only this user reads (made 0700), removed at stop whatever log_dir is: the control token's
-        self._secrets = tempfile.TemporaryDirectory(prefix="sn-secret-")
+        self._secrets = tempfile.TemporaryDirectory(prefix="sn-secret-", ignore_cleanup_errors=True)
         self.control_token_file = Path(self._secrets.name) / "control-token"
         # a folder of its own, short: a socket path holds at most 107 bytes, a log_dir may be longer
-        self._sockets = tempfile.TemporaryDirectory(prefix="sn-") if self._unix_sockets else None
+        self._sockets = (
+            tempfile.TemporaryDirectory(prefix="sn-", ignore_cleanup_errors=True) if self._unix_sockets else None
+        )
         self.head: Optional[ShardnetProcess] = None
         self.extras: dict[str, ShardnetProcess] = {}
         self.workers: dict[tuple[int, int], ShardnetProcess] = {}
@@ -528,7 +535,8 @@ class Deployment:
         """Write the control token file before a launch, each time, as the uses_with file: a process revived
         after a /tmp cleaner removed it reads it still. Its folder and it are this user's only (0700, 0600)."""
         folder = self.control_token_file.parent
-        folder.mkdir(mode=0o700, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # a link in its place, dangling (a cleaner's, another's): below
+            folder.mkdir(mode=0o700, exist_ok=True)
         found = os.lstat(folder)  # made again by another user after a cleaner removed it: not written there
         if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid() or found.st_mode & 0o077:
             raise ProcessError(f"deployment {self.name!r}: {folder} is no longer a folder only this user reads; "
