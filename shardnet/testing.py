@@ -15,10 +15,11 @@ import inspect
 import random
 import socket
 import time
-from typing import AsyncIterator, Awaitable, Callable, Optional, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, Optional, Union
 
 import grpc
 import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from shardnet.networking.channels import default_grpc_options
 from shardnet.protocol import services
@@ -76,13 +77,25 @@ async def eventually(
 async def probe_health(address: str, service: str = "", timeout: float = 2.0) -> int:
     """The status a stock, plaintext grpc.health.v1 Check reads at ``address``, as the kubelet's ``grpc:`` probe
     makes it (no shardnet code on the client side)."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
     async with grpc.aio.insecure_channel(address) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=service), timeout=timeout
         )
     return reply.status
+
+
+class _CountedHealth(health.aio.HealthServicer):
+    """An EchoServer's health service: counts its checks, and answers them after the server's ``health_delay``."""
+
+    def __init__(self, server: "EchoServer"):
+        super().__init__()
+        self._echo = server
+
+    async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        self._echo.health_checks += 1
+        if self._echo.health_delay:
+            await asyncio.sleep(self._echo.health_delay)
+        return await super().Check(request, context)
 
 
 class EchoServer:
@@ -98,6 +111,7 @@ class EchoServer:
         port: Optional[int] = None,
         delay: float = 0.0,
         endpoint_delays: Optional[dict[str, float]] = None,
+        health_delay: float = 0.0,
         fail_with: Optional[grpc.StatusCode] = None,
         fail_times: Optional[int] = None,
         fail_details: Optional[str] = None,
@@ -109,6 +123,8 @@ class EchoServer:
         self.delay = delay
         # seconds a call waits instead of ``delay`` by the endpoint its metadata names (one slow endpoint)
         self.endpoint_delays = dict(endpoint_delays or {})
+        self.health_delay = health_delay  # seconds its health service waits before it answers (a hung server's)
+        self.health_checks = 0  # health checks received
         self.fail_with = fail_with
         self.fail_times = fail_times  # with fail_with: only the first this many calls fail (None: all of them)
         self.fail_details = fail_details  # what the failure says (default: "NAME told to fail")
@@ -163,11 +179,9 @@ class EchoServer:
         ]
 
     async def start(self) -> "EchoServer":
-        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
         self._server = grpc.aio.server(options=default_grpc_options())
         self._server.add_generic_rpc_handlers(self._handlers())
-        self.health = health.aio.HealthServicer()
+        self.health = _CountedHealth(self)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         bind = f"{self.host}:{self.port}"

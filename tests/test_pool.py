@@ -7,12 +7,14 @@ import contextlib
 import logging
 import time
 
+import executors
 import grpc
 import pytest
 import tenacity
 
 from shardnet.networking import replica_list
 from shardnet.protocol import services
+from shardnet.runtimes.worker import Worker
 from shardnet.testing import serving
 
 from shardnet import (
@@ -742,15 +744,15 @@ async def test_a_hung_replica_missing_short_deadlines_its_peers_meet_is_ejected(
     """A review's find: one of two replicas hung (SIGSTOP), a Jina-style caller sending requests one at a time
     with 0.5 s deadlines: every other one failed, to the end (keepalive, some 40 s later), as a caller's deadline
     under ``min_blamed_deadline`` is never the replica's fault. It is when the other replica meets the same
-    callers' deadlines: the hung one is the outlier, and is ejected after three misses."""
+    callers' deadlines and its health check fails: the hung one is ejected after three misses."""
     pool, hung, healthy, records = await hung_beside_a_healthy_one(pool_factory, echo_servers)
     answered = await answered_in_turn(pool, 30, timeout=0.2)
     assert answered.count(False) <= 4 and all(answered[-20:]), answered
     assert [c.address.target for c in pool.get_replicas("dep").eligible()] == [healthy.address]
     [ejection] = [record.getMessage() for record in records if "ejecting replica" in record.getMessage()]
     assert ejection.endswith(
-        "after 3 failures in a row: DEADLINE_EXCEEDED (callers' deadlines up to 0.2s on /index, while the other "
-        "replicas answered it) x3"
+        "after 3 failures in a row: DEADLINE_EXCEEDED (callers' deadlines up to 0.2s, while the other replicas "
+        "answered; its health check: health NOT_SERVING) x3"
     ), ejection
 
 
@@ -760,37 +762,56 @@ async def test_a_hung_replica_ejected_as_the_outlier_is_let_back_in_once_it_answ
     from grpc_health.v1 import health_pb2
 
     pool, hung, healthy, _ = await hung_beside_a_healthy_one(pool_factory, echo_servers)
-    await answered_in_turn(pool, 6, timeout=0.2)  # three missed, three answered: ejected
+    await answered_in_turn(pool, 6, timeout=0.2)  # three missed, three answered: ejected once its check fails
     replicas = pool.get_replicas("dep")
     [outlier] = [c for c in replicas.get_all_connections() if c.address.target == hung.address]
-    assert not replicas.is_eligible(outlier)
+    await eventually(lambda: not replicas.is_eligible(outlier))
     hung.delay = 0.0
     await hung.health.set("", health_pb2.HealthCheckResponse.SERVING)
     await eventually(lambda: replicas.is_eligible(outlier), timeout=5.0)  # its probe: after base_ejection
     assert {served_by(await send_one(pool, timeout=0.2)) for _ in range(4)} == {"hung", "healthy"}
 
 
-async def test_a_hung_replica_missing_short_deadlines_on_every_endpoint_is_ejected(pool_factory, echo_servers):
-    """The outlier is judged by endpoint, its misses of each against the others' answers to it: a hung replica
-    missing /slow and /fast, its peer answering both, is ejected after three misses, the WARNING naming them."""
+@pytest.mark.parametrize("endpoints", [2, 17], ids=["two-endpoints", "seventeen-endpoints"])
+async def test_a_hung_replica_missing_short_deadlines_on_endpoints_in_turn_is_ejected(
+    pool_factory, echo_servers, endpoints
+):
+    """A regression review's find: a caller cycling endpoints one request at a time has round robin send the hung
+    replica every /e0 and the healthy one every /e1 (two endpoints), or the hung one's misses spread over more
+    endpoints than a replica kept runs for (seventeen): compared endpoint by endpoint, it was never ejected, and
+    every other request failed until keepalive. Its misses count against the others' answers on any endpoint,
+    and its health check says it is not merely busy: ejected after three misses."""
     pool, hung, healthy, records = await hung_beside_a_healthy_one(pool_factory, echo_servers)
-    # round robin: the hung replica gets /slow, /fast, /slow; the healthy one each right after it
-    answered = await answered_in_turn(pool, 6, timeout=0.2, endpoints=("/slow", "/slow", "/fast", "/fast"))
-    assert answered == [False, True] * 3
+    answered = await answered_in_turn(pool, 16, timeout=0.2, endpoints=tuple(f"/e{n}" for n in range(endpoints)))
+    assert answered.count(False) <= 4 and all(answered[-8:]), answered
     assert [c.address.target for c in pool.get_replicas("dep").eligible()] == [healthy.address]
     [ejection] = [record.getMessage() for record in records if "ejecting replica" in record.getMessage()]
+    assert ejection.endswith("its health check: health NOT_SERVING) x3"), ejection
+
+
+async def test_a_hung_replica_whose_health_check_goes_unanswered_is_ejected(pool_factory, echo_servers):
+    """A hung process (SIGSTOP) answers no health check either: one not answered within HEALTH_TIMEOUT blames the
+    run, however many misses it took meanwhile, and the ejection says the check was not answered."""
+    pool, hung, healthy, records = await hung_beside_a_healthy_one(pool_factory, echo_servers)
+    hung.health_delay = 30.0
+    began = time.monotonic()
+    answered = await answered_in_turn(pool, 30, timeout=0.1, endpoints=("/a", "/b"))
+    replicas = pool.get_replicas("dep")
+    assert [c.address.target for c in replicas.eligible()] == [healthy.address]
+    assert all(answered[-8:]), answered
+    [ejection] = [record.getMessage() for record in records if "ejecting replica" in record.getMessage()]
     assert ejection.endswith(
-        "after 3 failures in a row: DEADLINE_EXCEEDED (callers' deadlines up to 0.2s on /slow, while the other "
-        "replicas answered it) x2, DEADLINE_EXCEEDED (callers' deadlines up to 0.2s on /fast, while the other "
-        "replicas answered it) x1"
+        "after 3 failures in a row: DEADLINE_EXCEEDED (callers' deadlines up to 0.1s, while the other replicas "
+        f"answered; its health check: not answering within {replica_list.HEALTH_TIMEOUT:g}s) x3"
     ), ejection
+    assert time.monotonic() - began < replica_list.HEALTH_TIMEOUT + 4  # not keepalive's 30-40 s
 
 
 async def test_replicas_missing_short_deadlines_on_a_slow_endpoint_only_are_not_ejected(pool_factory, echo_servers):
     """A regression review's find: two healthy replicas, /slow longer than the callers' deadline on either, /fast
     quick; a caller alternating them one at a time gets, by round robin, every /slow to one replica and every /fast
-    to the other. The first's misses are all /slow, the other's answers all /fast: no outlier (it was ejected in
-    turn with the other, five times in ten seconds). Only answers to the same endpoint count against misses."""
+    to the other. The first's misses look like a hung replica's to the calls; its health check answers SERVING,
+    so it is busy, not hung, and stays (it was ejected in turn with the other, five times in ten seconds)."""
     own, records = _recording_logger("endpoints")
     servers = await echo_servers(2, endpoint_delays={"/slow": 1.0})
     pool = pool_factory(balancer="round_robin", logger=own)
@@ -801,11 +822,35 @@ async def test_replicas_missing_short_deadlines_on_a_slow_endpoint_only_are_not_
     replicas = pool.get_replicas("dep")
     assert len(replicas.eligible()) == 2 and all(c.times_ejected == 0 for c in replicas.get_all_connections())
     assert not [record for record in records if "ejecting replica" in record.getMessage()]
+    assert servers[0].health_checks >= 1  # asked, and answered SERVING
+
+
+async def test_workers_busy_on_a_blocking_endpoint_answer_their_health_check_and_are_not_ejected(
+    pool_factory, runtimes
+):
+    """The same through real workers: a blocking handler holds one of a worker's handler threads past the
+    callers' deadlines, its event loop free, so its health service answers SERVING within the check's time and
+    neither worker is ejected."""
+    busy = [executors.Blocking.create(), executors.Blocking.create()]
+    workers = [await runtimes(Worker(executor)) for executor in busy]
+    own, records = _recording_logger("busy-workers")
+    pool = pool_factory(balancer="round_robin", logger=own)
+    try:
+        for worker in workers:
+            pool.add_connection("dep", worker.server.address)
+        answered = await answered_in_turn(pool, 8, timeout=0.2, endpoints=("/block", "/fast"))
+        assert answered == [False, True] * 4
+        replicas = pool.get_replicas("dep")
+        assert len(replicas.eligible()) == 2 and all(c.times_ejected == 0 for c in replicas.get_all_connections())
+        assert not [record for record in records if "ejecting replica" in record.getMessage()]
+    finally:
+        for executor in busy:
+            executor.release.set()
 
 
 async def test_replicas_all_missing_short_deadlines_are_not_ejected(pool_factory, echo_servers):
     """A shard too slow for its callers' short deadlines is no outlier's: every replica misses them (nothing
-    answered), or the others answer only callers with longer deadlines. None is ejected."""
+    answered), or the others answer only callers with longer deadlines. None is ejected, nor health-checked."""
     slow_a, slow_b = await echo_servers(2, delay=0.15)
     pool = pool_factory(balancer="round_robin")
     for server in (slow_a, slow_b):
@@ -816,6 +861,7 @@ async def test_replicas_all_missing_short_deadlines_are_not_ejected(pool_factory
     assert await answered_in_turn(pool, 6, timeout=0.05) == [False] * 6  # three misses each, none answered
     replicas = pool.get_replicas("dep")
     assert len(replicas.eligible()) == 2 and all(c.times_ejected == 0 for c in replicas.get_all_connections())
+    assert slow_a.health_checks == slow_b.health_checks == 0
 
 
 async def test_one_round_over_one_replica_is_one_attempt(pool_factory, echo_servers):

@@ -7,6 +7,7 @@ import asyncio
 import gc
 import logging
 import weakref
+from typing import Any
 
 import grpc
 import pytest
@@ -263,12 +264,16 @@ async def test_an_ejection_names_its_failures_codes_and_whose_deadline_ran_out(
     assert slowed.endswith(f" after 3 failures in a row: DEADLINE_EXCEEDED ({whose} of 0.2s) x3")
 
 
-async def test_an_answer_from_a_replica_ends_its_run_of_short_deadlines_missed(echo_servers):
+async def test_an_answer_from_a_replica_ends_its_run_of_short_deadlines_missed(echo_servers, eventually):
     """A replica missing callers' short deadlines while the others answer them is blamed for its misses only
-    since its last answer, and a single replica (no other answering) for none. The others' calls had a hair
-    more time left than its own (callers with one deadline, the pool's time before each call apart): they count."""
+    since its last answer (and once its health check fails), and a single replica (no other answering) for none.
+    The others' calls had a hair more time left than its own (callers with one deadline, the pool's time before
+    each call apart): they count."""
+    from grpc_health.v1 import health_pb2
+
     slow, quick = await echo_servers(2)
     slow.delay = 30.0
+    await slow.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     replicas = ReplicaList(name="dep/shard-0")
     try:
         lagging = replicas.add_connection(slow.address)
@@ -277,61 +282,83 @@ async def test_an_answer_from_a_replica_ends_its_run_of_short_deadlines_missed(e
             with pytest.raises(grpc.aio.AioRpcError):
                 await replicas.call(lagging, "single_data", DataRequest(endpoint="/x"), None, 0.05, callers_deadline=True)
 
+        async def answer() -> None:
+            await replicas.call(answering, "single_data", DataRequest(endpoint="/y"), None, 0.051, callers_deadline=True)
+
         for _ in range(3):
             await miss()
-        assert lagging.failures == 0  # alone: nobody answered in its place
+        assert lagging.failures == 0 and slow.health_checks == 0  # alone: nobody answered in its place
         answering = replicas.add_connection(quick.address)
         slow.delay = 0.0
         await replicas.call(lagging, "single_data", DataRequest(endpoint="/x"), None, 0.05, callers_deadline=True)
         slow.delay = 30.0
         await miss()
         for _ in range(5):
-            await replicas.call(answering, "single_data", DataRequest(endpoint="/x"), None, 0.051, callers_deadline=True)
-        assert lagging.failures == 1 and replicas.is_eligible(lagging)  # the one miss since its answer
+            await answer()
+        await eventually(lambda: lagging.failures == 1)  # the one miss since its answer, once its check failed
+        assert replicas.is_eligible(lagging) and slow.health_checks == 1
         await miss()
         await miss()
-        await replicas.call(answering, "single_data", DataRequest(endpoint="/x"), None, 0.051, callers_deadline=True)
-        assert replicas.is_eligible(lagging)  # one answer for two misses: not yet
-        await replicas.call(answering, "single_data", DataRequest(endpoint="/x"), None, 0.051, callers_deadline=True)
-        assert not replicas.is_eligible(lagging)
+        await answer()
+        assert replicas.is_eligible(lagging) and slow.health_checks == 1  # one answer for two misses: not asked yet
+        await answer()
+        await eventually(lambda: not replicas.is_eligible(lagging))
     finally:
         await replicas.close()
 
 
-async def test_the_runs_of_short_deadlines_missed_a_replica_keeps_are_bounded_under_junk_endpoints(echo_servers):
-    """Endpoint names come from callers: a hung replica missing calls to twenty endpoints keeps runs for the
-    MAX_RUN_KINDS missed latest (one missed again stays), and only the others' answers on one of those count."""
+async def hung_and_answering(echo_servers) -> tuple[ReplicaList, Any, Any, Any]:
+    """A list over a replica hung to calls and health checks alike (SIGSTOP-like) and one answering at once."""
     hung, quick = await echo_servers(2)
-    hung.delay = 30.0
+    hung.delay = hung.health_delay = 30.0
     replicas = ReplicaList(name="dep/shard-0")
+    return replicas, replicas.add_connection(hung.address), replicas.add_connection(quick.address), hung
+
+
+def lagging_checks() -> list[asyncio.Task]:
+    """The health checks of replicas missing short deadlines running in this loop."""
+    return [task for task in asyncio.all_tasks() if task.get_name() == replica_list._LAGGING_CHECK]
+
+
+async def call_once(replicas: ReplicaList, connection, timeout: float) -> None:
+    request = DataRequest(endpoint="/x")
+    await replicas.call(connection, "single_data", request, None, timeout, callers_deadline=True)
+
+
+async def test_a_replica_missing_short_deadlines_is_health_checked_one_check_at_a_time(echo_servers, eventually):
+    """However many misses and answers come while its check is pending, a replica has one health check at a time;
+    its own answer ends its run and cuts the check."""
+    replicas, lagging, answering, hung = await hung_and_answering(echo_servers)
     try:
-        lagging = replicas.add_connection(hung.address)
-        answering = replicas.add_connection(quick.address)
-
-        async def call(connection, endpoint: str) -> None:
-            request = DataRequest(endpoint=endpoint)
-            metadata = (("endpoint", endpoint),)
-            await replicas.call(connection, "single_data", request, metadata, 0.05, callers_deadline=True)
-
-        async def miss(endpoint: str) -> None:
+        for _ in range(3):
             with pytest.raises(grpc.aio.AioRpcError):
-                await call(lagging, endpoint)
-
-        for index in range(20):
-            await miss(f"/junk-{index}")
-            if index == 12:
-                await miss("/junk-5")  # missed again: kept as the latest
-        kept = [endpoint for _, endpoint in lagging.short_runs]
-        assert len(kept) == replica_list.MAX_RUN_KINDS
-        assert kept == ["/junk-5"] + [f"/junk-{index}" for index in range(13, 20)]
-        await call(answering, "/junk-0")  # its run was dropped: nothing to count against
-        assert lagging.failures == 0
-        await call(answering, "/junk-5")  # one of its two misses answered: not yet
-        assert lagging.failures == 0
-        await call(answering, "/junk-19")
-        assert lagging.failures == 1 and "/junk-19" not in [endpoint for _, endpoint in lagging.short_runs]
-        await call(answering, "/junk-5")
-        assert not replicas.is_eligible(lagging)  # three in a row: ejected
-        assert lagging.short_runs == {}  # out of the picks: its runs are over
+                await call_once(replicas, lagging, 0.05)
+            await asyncio.gather(*(call_once(replicas, answering, 0.05) for _ in range(10)))
+        await eventually(lambda: hung.health_checks == 1)
+        [check] = lagging_checks()
+        assert lagging.failures == 0 and replicas.is_eligible(lagging)
+        hung.delay = 0.0
+        await call_once(replicas, lagging, 0.05)  # it answers: not hung, its run and its check are over
+        await eventually(check.done)
+        assert check.cancelled() and not lagging_checks() and replicas.is_eligible(lagging)
+        assert hung.health_checks == 1
     finally:
         await replicas.close()
+
+
+@pytest.mark.parametrize("how", ["closed", "removed"])
+async def test_a_pending_health_check_of_a_lagging_replica_ends_with_the_list_or_the_replica(echo_servers, how):
+    """A health check under way when the list closes (or the replica is removed) is cut and ended: no task left
+    pending, nothing blamed."""
+    replicas, lagging, answering, hung = await hung_and_answering(echo_servers)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call_once(replicas, lagging, 0.05)
+        await call_once(replicas, answering, 0.05)
+        [check] = lagging_checks()
+        if how == "removed":
+            await replicas.remove_connection(hung.address, grace=0)
+            await asyncio.wait([check], timeout=1.0)
+    finally:
+        await replicas.close()
+    assert check.cancelled() and not lagging_checks() and lagging.failures == 0

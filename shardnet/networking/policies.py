@@ -222,16 +222,17 @@ class EjectionPolicy:
     ``min_blamed_deadline`` seconds: a shorter one says more about the caller
     than the replica, a longer one is how a hung replica shows when no
     per-attempt timeout is set. A shorter one counts after all when the
-    shard's other replicas meet such deadlines on calls of the same kind
-    (method and endpoint): a replica's run of them missed on one endpoint
-    (ended by its next answer, to any) is blamed once, since its first
-    miss, the others answered as many calls to that endpoint within
-    deadlines no longer than the run's longest. It is the outlier (Envoy
-    judges a host against its cluster, not alone), as a hung one is; a
-    shard too slow for its callers has every replica missing them, and
-    ejects none, nor does a slow endpoint's misses beside a quick one's
-    answers (a replica keeps runs for its 8 endpoints missed latest, the
-    names being callers'). Such a run of failures
+    shard's other replicas meet such deadlines and the replica fails its
+    health check: a replica's run of them missed (on any endpoint; ended by
+    its next answer) is suspect once, since its first miss, the others
+    answered as many calls within deadlines no longer than the run's
+    longest (Envoy judges a host against its cluster, not alone). The calls
+    cannot tell a hung replica from one busy on slow calls (round robin
+    sends a caller alternating /slow and /fast every /slow to one replica),
+    so its gRPC health service is asked, one check at a time per replica
+    within ``replica_list.HEALTH_TIMEOUT``: SERVING ends the run unblamed,
+    anything else blames it. A shard too slow for its callers has every
+    replica missing them, and ejects none. Such a run of failures
     also rebuilds the replica's channel; a run ending in a timeout at most
     once every ``min_rebuild_interval`` seconds.
     """

@@ -37,7 +37,6 @@ from shardnet.networking.health import health_problem
 from shardnet.networking.streams import RequestStreams, rpc_error
 from shardnet.networking.policies import EjectionPolicy, check_seconds
 from shardnet.networking.tls import ClientTls
-from shardnet.protocol import services
 
 module_logger = logging.getLogger(__name__)
 
@@ -78,13 +77,18 @@ OUT_OF_TURN_CHECKS_EVERY = 1.0
 DRAINING_CHECKS_EVERY = 1.0
 # what a health check's connection attempt (problem_now) is given beyond the check's time, in milliseconds
 CONNECT_SLACK_MS = 100
+# seconds a replica's health check over its channel may take (an ejected one's probe, a lagging one's check): one
+# not answering within it is not healthy. The same bound both ways: a replica is blamed for missing callers' short
+# deadlines only when it fails the very check that would let it back in, or it would be ejected and let back in
+# in turn. Its own, not the callers' time: a check with a caller's 0.05 s would name a busy machine's healthy
+# replica as hung
+HEALTH_TIMEOUT = 1.0
 # how much longer than the longest of a replica's run of callers' short deadlines missed another's answered call
 # may have had and still count against it: callers with the same deadline reach a replica with what they have
 # left of it, which differs by the pool's time before the call (microseconds, or milliseconds on a busy loop)
 SAME_DEADLINE_SLACK = 1.1
-# how many kinds of call (method and endpoint) a replica keeps runs of callers' short deadlines missed for: endpoint
-# names come from callers, so a new kind beyond these drops the one missed least recently
-MAX_RUN_KINDS = 8
+# the name of the task that asks a replica missing callers' short deadlines its peers meet for its health
+_LAGGING_CHECK = "shardnet-lagging-check"
 
 
 async def _finish_or_cut(closings: dict[asyncio.Task, Any], grace: float) -> None:
@@ -178,25 +182,17 @@ class _ChannelInUse:
 
 
 class _ShortRun:
-    """A replica's run of callers' short deadlines missed on one kind of call (method and endpoint): how many, the
-    longest of them (seconds), and how many calls of that kind the shard's other replicas answered since the
-    first within deadlines no longer."""
+    """A replica's run of callers' short deadlines missed (any endpoint): how many, the longest of them (seconds),
+    how many calls the shard's other replicas answered since the first within deadlines no longer, and the health
+    check under way once those answers met the misses (None: none yet)."""
 
-    __slots__ = ("misses", "answered", "deadline")
+    __slots__ = ("misses", "answered", "deadline", "check")
 
     def __init__(self) -> None:
         self.misses = 0
         self.answered = 0
         self.deadline = 0.0
-
-
-def _call_kind(method: str, metadata: Optional[Sequence[tuple[str, str]]]) -> tuple[str, Optional[str]]:
-    """A call's kind, which the outlier detection compares like with like: its method and the endpoint its
-    metadata names (the first, as a head reads it; None for one sent in the request's header alone)."""
-    for key, value in metadata or ():
-        if key == services.ENDPOINT_METADATA:
-            return method, value
-    return method, None
+        self.check: Optional[asyncio.Task] = None
 
 
 class Connection:
@@ -205,7 +201,7 @@ class Connection:
     __slots__ = (
         "address", "_tls", "_options", "channel", "stubs", "running", "failures", "times_ejected", "_retiring",
         "_closed", "_origin", "_request_streams", "rebuilt_at", "admitted_at", "checked_at", "draining", "loop",
-        "_loop_thread", "recent_failures", "short_runs",
+        "_loop_thread", "recent_failures",
     )
 
     def __init__(
@@ -225,9 +221,6 @@ class Connection:
         # the latest failures' causes (a status code, and whose deadline ran out), written on failures only: the
         # last EjectionPolicy.consecutive_failures of them are the run an ejection names
         self.recent_failures: list[str] = []
-        # by kind of call (method, endpoint), its run of callers' short deadlines missed (not blamed as they come)
-        # and the calls of that kind the shard's other replicas answered since; at most MAX_RUN_KINDS of them
-        self.short_runs: dict[tuple[str, Optional[str]], _ShortRun] = {}
         self.times_ejected = 0
         self.admitted_at = float("-inf")  # time.monotonic() when it last joined the picks
         self.rebuilt_at = float("-inf")  # loop time of the last rebuild
@@ -310,18 +303,24 @@ class Connection:
         task = asyncio.current_task()
         return task is None or not task.cancelling()  # the caller's task being cancelled: its own doing
 
-    async def health(self, timeout: float = 1.0) -> bool:
+    async def health(self, timeout: float = HEALTH_TIMEOUT) -> bool:
         """True when the replica's gRPC health service answers SERVING, or, for a replica without one, when it
         lists its endpoints (every Jina and shardnet server does; another server on its port does not); False
-        when the check fails, including when its channel is closed under it (renewed or rebuilt: health checks
-        are not counted among the calls a close waits for), which is no cancellation of the caller's."""
+        when the check fails (``problem``)."""
+        return await self.problem(timeout) is None
+
+    async def problem(self, timeout: float = HEALTH_TIMEOUT) -> Optional[str]:
+        """Why the replica does not serve (None: it serves), asked over its channel, the one its calls take (a
+        connection that hangs fails the check as it fails them); its channel closed under the check (renewed
+        or rebuilt: health checks are not counted among the calls a close waits for) is a problem, and no
+        cancellation of the caller's."""
         channel = self.channel
         self.check_loop()
         try:
-            return await health_problem(self.stubs, self.address, timeout) is None
+            return await health_problem(self.stubs, self.address, timeout)
         except asyncio.CancelledError:
             if self.cut_by_close(channel):
-                return False
+                return "its channel was closed under the check"
             raise
 
     async def problem_now(self, timeout: float) -> Optional[str]:
@@ -416,7 +415,7 @@ class ReplicaList:
         self._position: dict[Connection, int] = {}
         self._probes: dict[Connection, asyncio.Task] = {}
         # the pickable replicas with a run of callers' short deadlines missed, their others' answers counted
-        self._lagging: dict[Connection, None] = {}
+        self._lagging: dict[Connection, _ShortRun] = {}
         self._leaving: dict[asyncio.Task, Connection] = {}  # removed connections closing once their calls end
         # the last replica to leave, while none has come since; whether a call finding none said so
         self._emptied: Optional[Address] = None
@@ -570,8 +569,8 @@ class ReplicaList:
         index = self._position.pop(connection, None)
         if index is None:
             return
-        if connection in self._lagging:  # out of the picks, its runs are over: they start afresh when back
-            self._end_runs(connection)
+        if connection in self._lagging:  # out of the picks, its run is over (its check cut): afresh when back
+            self._end_run(connection)
         last = self._eligible.pop()
         if last is not connection:
             self._eligible[index] = last
@@ -680,73 +679,66 @@ class ReplicaList:
         policy = self._ejection
         return policy is None or callers_timeout is None or callers_timeout < policy.min_blamed_deadline
 
-    def _missed_short(
-        self,
-        connection: Connection,
-        method: str,
-        metadata: Optional[Sequence[tuple[str, str]]],
-        callers_timeout: Optional[float],
-    ) -> None:
+    def _missed_short(self, connection: Connection, callers_timeout: Optional[float]) -> None:
         """``connection`` missed a caller's deadline too short to blame it for (``_too_short``): one more of its
-        run on this kind of call, blamed after all once the shard's other replicas answered as many calls of the
-        kind as it missed (``_answered``)."""
+        run, blamed after all once the shard's other replicas answered as many calls as it missed and its health
+        check then fails (``_answered``)."""
         policy = self._ejection
         if policy is None or callers_timeout is None or grpc.StatusCode.DEADLINE_EXCEEDED not in policy.failure_codes:
             return
-        kind = _call_kind(method, metadata)
-        runs = connection.short_runs
-        run = runs.pop(kind, None)  # put back last: the kinds kept are the ones missed latest
+        run = self._lagging.get(connection)
         if run is None:
-            run = _ShortRun()
-            if len(runs) >= MAX_RUN_KINDS:
-                del runs[next(iter(runs))]
-        runs[kind] = run
-        self._lagging[connection] = None
+            run = self._lagging[connection] = _ShortRun()
         run.misses += 1
         run.deadline = max(run.deadline, callers_timeout)
 
-    def _answered(
-        self,
-        connection: Connection,
-        method: str,
-        metadata: Optional[Sequence[tuple[str, str]]],
-        timeout: Optional[float],
-    ) -> None:
+    def _answered(self, connection: Connection, timeout: Optional[float]) -> None:
         """A call on ``connection`` with ``timeout`` was answered while replicas miss callers' short deadlines:
-        its own runs are over, and it counts for every other's run on the same kind of call (method and
-        endpoint: a slow endpoint's misses say nothing against a quick one's answers) whose deadlines were no
-        shorter (``SAME_DEADLINE_SLACK``). One the others have answered as many calls of a kind as it missed is
-        the outlier (in a shard too slow for its callers every replica misses, and none answers): blamed for
-        that run, its ejection naming the endpoint and the deadlines."""
+        its own run is over, and it counts for every other's whose deadlines were no shorter
+        (``SAME_DEADLINE_SLACK``), on whichever endpoint. One the others have answered as many calls as it missed
+        is hung, or merely busy on slow calls (round robin sends a caller alternating a slow endpoint and a quick
+        one every slow call to one replica, every quick one to the other): the calls cannot tell the two apart,
+        so its health service is asked (``_check_lagging``), one check at a time per replica."""
         if connection in self._lagging:
-            self._end_runs(connection)
+            self._end_run(connection)
         if timeout is None:  # no deadline: no answer within one as short as theirs
             return
-        kind = _call_kind(method, metadata)
-        for lagging in list(self._lagging):
-            run = lagging.short_runs.get(kind)
-            if run is None or timeout > run.deadline * SAME_DEADLINE_SLACK:
+        for lagging, run in self._lagging.items():
+            if timeout > run.deadline * SAME_DEADLINE_SLACK:
                 continue
             run.answered += 1
-            if run.answered < run.misses:
-                continue
-            del lagging.short_runs[kind]
-            if not lagging.short_runs:
-                del self._lagging[lagging]
-            on = f"on {kind[1]:.80}" if kind[1] is not None else f"on {method} calls naming no endpoint"
-            cause = (
-                f"DEADLINE_EXCEEDED (callers' deadlines up to {run.deadline:.3g}s {on}, while the other replicas "
-                "answered it)"
-            )
-            for _ in range(run.misses):
-                self.record_failure(lagging, grpc.StatusCode.DEADLINE_EXCEEDED, cause=cause)
-                if lagging not in self._position:  # ejected: what is left of the run goes with it
-                    break
+            if run.answered >= run.misses and run.check is None:
+                check = self._check_lagging(lagging, run)
+                run.check = asyncio.get_running_loop().create_task(check, name=_LAGGING_CHECK)
 
-    def _end_runs(self, connection: Connection) -> None:
-        """Forget ``connection``'s runs of callers' short deadlines missed."""
+    async def _check_lagging(self, connection: Connection, run: _ShortRun) -> None:
+        """Ask ``connection``, whose run of callers' short deadlines missed the others met, for its health over
+        its channel within ``HEALTH_TIMEOUT``. SERVING, it is busy on slow calls, not hung: its run ends
+        unblamed. Not answering in time, or not SERVING, it is blamed for the run (failures towards
+        ``consecutive_failures``), its ejection naming the deadlines and what the check found."""
+        try:
+            problem = await connection.problem(HEALTH_TIMEOUT)
+        finally:
+            run.check = None
+        if self._lagging.get(connection) is not run:  # its run ended meanwhile (it answered, or left the picks)
+            return
         del self._lagging[connection]
-        connection.short_runs.clear()
+        if problem is None:
+            return
+        cause = (
+            f"DEADLINE_EXCEEDED (callers' deadlines up to {run.deadline:.3g}s, while the other replicas answered; "
+            f"its health check: {problem})"
+        )
+        for _ in range(run.misses):
+            self.record_failure(connection, grpc.StatusCode.DEADLINE_EXCEEDED, cause=cause)
+            if connection not in self._position:  # ejected: what is left of the run goes with it
+                break
+
+    def _end_run(self, connection: Connection) -> None:
+        """Forget ``connection``'s run of callers' short deadlines missed, and stop its health check."""
+        run = self._lagging.pop(connection)
+        if run.check is not None:
+            run.check.cancel()
 
     def _eject(self, connection: Connection) -> None:
         self._withdraw(connection)
@@ -874,7 +866,8 @@ class ReplicaList:
         Outcomes feed the balancer and the failure counts; gRPC errors propagate unchanged.
         ``callers_deadline``: ``timeout`` is what the caller had left, so its
         expiry counts towards ejection only when it was long (``EjectionPolicy.min_blamed_deadline``),
-        or once the shard's other replicas answered as many calls within deadlines as short.
+        or once the shard's other replicas answered as many calls within deadlines as short and its
+        health check then fails (it is hung, not busy on slow calls).
         A call cut because its channel was closed under it (the replica removed
         or its channel rebuilt while the call outlived the grace, or the list
         closed) raises UNAVAILABLE naming the replica rather than a
@@ -910,7 +903,7 @@ class ReplicaList:
                 cause = _cause(code, timeout, callers_deadline)
                 self.record_failure(connection, code, counted=wrong_server(method, code), cause=cause)
             elif not blamed and channel is connection.channel and connection in self._position:
-                self._missed_short(connection, method, metadata, timeout)
+                self._missed_short(connection, timeout)
             raise
         except asyncio.CancelledError:
             if connection.cut_by_close(channel):
@@ -935,7 +928,7 @@ class ReplicaList:
         balancer.finished(connection, token)
         connection.failures = 0
         if self._lagging:  # some replica misses callers' short deadlines: does this answer make it the outlier?
-            self._answered(connection, method, metadata, timeout)
+            self._answered(connection, timeout)
         return response, trailing
 
     async def close(self) -> None:
@@ -945,7 +938,12 @@ class ReplicaList:
         for probe in list(self._probes.values()):
             probe.cancel()
         self._probes.clear()
+        checks = [run.check for run in self._lagging.values() if run.check is not None]
+        for check in checks:
+            check.cancel()
         self._lagging.clear()
+        if checks:  # ended before the channels they ask over close: no task outlives the list
+            await asyncio.wait(checks)
         closed: set[Connection] = set()
         while True:  # until no replica was added (a watch, an ACTIVATE) while the closes ran
             self._eligible.clear()  # no pick, failover included, lands on a closing channel
