@@ -370,15 +370,16 @@ def misbehave(**fault_spec: Any) -> Fault:
 async def unavailable(deployment: Deployment, ctx: Context) -> None:
     """A replica that answers every call UNAVAILABLE joins shard 0 in place of worker-0-0."""
     head = deployment.address
+    token = deployment.control_token_file.read_text().strip()  # the deployment's head takes control calls with it
     await asyncio.to_thread(deployment.workers[(0, 0)].stop)  # drains and DEACTIVATEs
     async with EchoServer("liar", fail_with=grpc.StatusCode.UNAVAILABLE) as liar:
         host, port = liar.address.rsplit(":", 1)
         ctx.begin()
-        await oneshot.activate_worker(host, int(port), head, 0)
+        await oneshot.activate_worker(host, int(port), head, 0, token=token)
         try:
             await asyncio.sleep(ctx.settings.fault)
         finally:
-            await oneshot.deactivate_worker(host, int(port), head, 0)
+            await oneshot.deactivate_worker(host, int(port), head, 0, token=token)
         ctx.end()
         ctx.window.notes.append(f"liar answered {liar.calls} calls UNAVAILABLE")
 
