@@ -788,15 +788,22 @@ class Deployment:
             if self._finalizer is not None:
                 self._finalizer.detach()
                 self._finalizer = None
-            if self._tmp is not None:
-                self._tmp.cleanup()
-                self._tmp = None
-            if self._secrets is not None:
-                self._secrets.cleanup()
-                self._secrets = None
-            if self._sockets is not None:  # the workers removed their sockets as they stopped
-                self._sockets.cleanup()
-                self._sockets = None
+            # the workers removed their sockets as they stopped; the token's folder goes whatever the others did
+            for folder in (self._tmp, self._secrets, self._sockets):
+                self._remove(folder)
+            self._tmp = self._secrets = self._sockets = None
+
+    def _remove(self, folder: Optional[tempfile.TemporaryDirectory]) -> None:
+        """Remove one of the run's folders; one the system will not let go (a file made immutable, a folder
+        whose permissions changed: ``ignore_cleanup_errors`` does not cover all of them) is said, naming it, and
+        left, and the stop goes on to the next rather than raising out of it."""
+        if folder is None:
+            return
+        try:
+            folder.cleanup()
+        except OSError as exc:
+            logger.warning("deployment %r: its folder %s could not be removed, and stays: %s", self.name, folder.name,
+                           exc)
 
     def kill(self) -> None:
         """SIGKILL every process of this run, and the processes each started, at once, cutting their drains (a
