@@ -67,7 +67,7 @@ from shardnet.protocol import services
 from shardnet.protocol.messages import MAX_TOP_LEVEL_FIELDS, DataRequest, parse
 from shardnet.protocol.proto import jina_pb2
 from shardnet.protocol.services import AUTHORIZATION_METADATA
-from shardnet.runtimes.log_lines import READY_LOGGER, quoted
+from shardnet.runtimes.log_lines import DRAIN_STEP, READY_LOGGER, quoted
 from shardnet.runtimes.processes import process_running
 from shardnet.runtimes.standard_services import health_handler, reflection_handler
 
@@ -1037,7 +1037,7 @@ async def _serve(
             _tell_ready(ready_fd, server.address)
         await stop.requested.wait()
         stop.begin()
-        logger.info("draining %s", server.address)
+        logger.info("%s %s", DRAIN_STEP, server.address)
         if on_stop is not None:
             try:
                 await on_stop()
