@@ -781,3 +781,23 @@ class FreezesInClose(Tagger):
     def close(self) -> None:
         logging.getLogger(__name__).warning("FreezesInClose: freezing in close()")
         os.kill(os.getpid(), signal.SIGSTOP)
+
+
+class FlushesAfterClose(Tagger):
+    """``close()`` takes ``close_seconds``, then leaves a non-daemon ``flusher`` thread that takes
+    ``flush_seconds`` more and writes ``<workspace>/flushed``: the last write of a library flushing in the
+    background, which the worker's exit waits for (THREAD_EXIT_GRACE)."""
+
+    def __init__(self, close_seconds: float = 0.0, flush_seconds: float = 0.0, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.close_seconds, self.flush_seconds = close_seconds, flush_seconds
+
+    def close(self) -> None:
+        time.sleep(self.close_seconds)
+        target = Path(self.runtime_args.workspace) / "flushed"
+
+        def flush() -> None:
+            time.sleep(self.flush_seconds)
+            target.write_text("flushed")
+
+        threading.Thread(target=flush, name="flusher").start()

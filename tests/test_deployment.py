@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import logging
 import os
 import re
@@ -25,7 +26,9 @@ from shardnet.errors import ConfigurationError, DeadlineExceeded, ExecutorError,
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import parse_address
 from shardnet.runtimes.deployment import Deployment
+from shardnet.runtimes.log_lines import step_cut_short
 from shardnet.runtimes.processes import ShardnetProcess, stop_all
+from shardnet.runtimes.worker import AFTER_DRAIN_SECONDS, CLOSE_GRACE, THREAD_EXIT_GRACE
 
 import executors
 
@@ -1180,6 +1183,46 @@ def test_a_stop_that_kills_a_worker_quotes_its_temporary_log_not_a_path_removed_
     [warning] = [record.getMessage() for record in caplog.records if "worker-0-0 (pid" in record.getMessage()]
     assert "killed (SIGKILL)" in warning and "FreezesInClose: freezing in close()" in warning, warning
     assert str(log_path) not in warning and not log_path.exists(), warning
+
+
+def test_a_stop_waits_for_an_executors_close_and_the_threads_it_left_not_only_close(tmp_path):
+    """A stop gave a process 5 s beyond its drains, for its Executor's close() only: a worker also gives the threads
+    its Executor left THREAD_EXIT_GRACE, and was SIGKILLed while a flusher wrote (its write lost, the kill blamed
+    on "its drain or its Executor's close()"; a regression review's find). It gets AFTER_DRAIN_SECONDS, as a pod's
+    grace under k8s render does: here 3 s of close() and 2.5 s of a flusher, past the 5 s it had."""
+    with Deployment(executors.FlushesAfterClose, name="flushes", workspace=str(tmp_path), drain_seconds=0,
+                    uses_with={"close_seconds": 3.0, "flush_seconds": 2.5}) as deployment:
+        deployment.post("/tag", [Document()])
+    assert deployment.killed_at_stop == [] and deployment.failed_at_stop == [], (
+        deployment.killed_at_stop, deployment.failed_at_stop)
+    assert [path.read_text() for path in tmp_path.rglob("flushed")] == ["flushed"]
+    assert deployment._stop_timeout == AFTER_DRAIN_SECONDS >= CLOSE_GRACE + THREAD_EXIT_GRACE + 1
+
+
+def test_a_stop_that_kills_a_worker_says_what_the_kill_cut_short_as_its_log_said(tmp_path, caplog):
+    """The kill's warning said "its drain or its Executor's close() cut short" whatever the worker was doing:
+    one killed while the threads its Executor left still ran was blamed on close() (a regression review's
+    find). It says the step the worker's log said it was in."""
+    processes = [
+        ShardnetProcess(f"worker-0-{replica}", [
+            "worker", "--uses", f"{executors.__file__}:FlushesAfterClose", "--port", "0", "--drain-seconds", "0",
+            "--workspace", str(tmp_path / str(replica)), "--uses-with", json.dumps(seconds),
+        ], tmp_path / f"w{replica}.log").launch()
+        for replica, seconds in enumerate(({"close_seconds": 30}, {"flush_seconds": 30}))
+    ]
+    try:
+        for process in processes:
+            process.wait_ready(30)
+        with caplog.at_level("WARNING", logger="shardnet.runtimes.processes"):
+            assert stop_all(processes, timeout=0.0) == processes  # the workers' floor: 2 s
+    finally:
+        stop_all(processes, timeout=0.1)
+    said = [record.getMessage() for record in caplog.records]
+    assert any("worker-0-0 (pid" in line and "killed (SIGKILL), its Executor's close() cut short" in line
+               for line in said), said
+    assert any("worker-0-1 (pid" in line and "killed (SIGKILL), its Executor's threads cut short" in line
+               for line in said), said
+    assert step_cut_short("draining 127.0.0.1:1 (an Executor's print)\n") is None  # then: "its way out cut short"
 
 
 def test_a_second_stop_of_a_stopped_deployment_keeps_what_the_first_one_found(tmp_path):

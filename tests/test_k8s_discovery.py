@@ -36,6 +36,7 @@ from shardnet.discovery.kubernetes import (
 from shardnet.discovery.watch import LIST_PAGE_SIZE, MAX_EMPTY_PAGES, EndlessList, ListProgress, WatchOptions
 from shardnet.errors import ConfigurationError, DiscoveryError, ReplicaError
 from shardnet.networking import oneshot
+from shardnet.networking.polling import PollingType
 from shardnet.protocol import services
 from shardnet.protocol.messages import DataRequest
 from shardnet.runtimes.head import DISCOVERED, Head
@@ -2018,5 +2019,38 @@ async def test_a_head_with_a_discovered_uses_after_is_not_ready_until_discovery_
         api_server.apply("pods", pod("after", pod_type="USES_AFTER", shard_id="", ip="10.0.0.2"))
         await eventually(lambda: _is(readiness(), health_pb2.HealthCheckResponse.SERVING), timeout=10)
         assert "dep: discovery listed a replica of every shard and of uses_after; ready" in caplog.text
+    finally:
+        await head.stop(0.5)
+
+
+async def test_a_kubernetes_heads_no_replica_errors_name_discovery_and_the_hop_not_activate_or_shards(
+    api_server: FakeApiServer, kubeconfig: str
+) -> None:
+    """A discovered uses_before with no pod was refused as if it were the head's shards, in ACTIVATE's words
+    ("no worker has registered (ACTIVATE), none was given (--connection)"; once its pod went, "shard(s) 0 have
+    no replica (... their leases lapsed)"); a regression review's find. Said for the hop, and for discovery."""
+    pool = K8sGrpcConnectionPool(NS, kubeconfig=kubeconfig, watch=FAST, deployments=("dep",))
+    head = Head("dep", pool=pool, shards=1, uses_before=DISCOVERED, shards_wait=0)
+    await head.start()
+    try:
+        async def refusal() -> str:
+            with pytest.raises(ReplicaError, match="UNAVAILABLE") as refused:
+                await oneshot.send_request_async(DataRequest(endpoint="/x"), head.server.address, timeout=5)
+            return str(refused.value)
+
+        labels = f"in namespace {NS!r} (pods labelled jina_deployment_name=dep, pod_type="
+        said = await refusal()
+        assert ("deployment 'dep/uses_before' has no live replica: discovery has found none " + labels
+                + "USES_BEFORE, or Services shardnet.io/deployment=dep, shardnet.io/role=uses_before)") in said, said
+        api_server.apply("pods", pod("before", pod_type="USES_BEFORE", shard_id="", ip="10.0.0.2"))
+        await eventually(lambda: pool.shard_ids("dep/uses_before") == [0], timeout=10)
+        api_server.delete("pods", "before")
+        await eventually(lambda: not pool.targets("dep/uses_before", False, None, PollingType.ANY), timeout=10)
+        said = await refusal()
+        assert ("deployment 'dep/uses_before' has no live replica: the replicas discovery found of it are gone or "
+                "not ready now (pods labelled jina_deployment_name=dep, pod_type=USES_BEFORE") in said, said
+        assert "ACTIVATE" not in said and "shard(s)" not in said and "lease" not in said, said
+        assert head._why_none("dep") == ": shard(s) 0 have no replica discovery lists ready " + labels + (
+            "WORKER, or Services shardnet.io/deployment=dep, shardnet.io/role=worker)")  # declared, none found
     finally:
         await head.stop(0.5)

@@ -18,12 +18,12 @@ from shardnet.runtimes.worker import THREAD_EXIT_GRACE
 from shardnet.discovery.kubernetes import Member, pod_members, slice_members
 from shardnet.errors import ConfigurationError
 from shardnet.manifests.kubernetes import (
-    DRAIN_MARGIN, EXIT_SECONDS, RUN_AS, TLS_DIR, DeploymentSpec, Resources, pod_labels, render, render_components,
+    DRAIN_MARGIN, RUN_AS, TLS_DIR, DeploymentSpec, Resources, pod_labels, render, render_components,
     to_yaml,
 )
 from shardnet.protocol import services
 from shardnet.runtimes.head import DISCOVERED, Head
-from shardnet.runtimes.worker import CLOSE_GRACE
+from shardnet.runtimes.worker import CLOSE_GRACE, EXIT_SECONDS
 
 # the newest schema kubernetes-validate 1.37.0 ships
 SCHEMA_VERSION = "1.37.0"

@@ -4,6 +4,7 @@ HTTP with urllib, read back with prometheus_client's own parser."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import sys
 import urllib.request
@@ -12,6 +13,7 @@ import executors
 import grpc
 import pytest
 import trustme
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from shardnet import ConfigurationError, DataRequest, Document, ReplicaError
@@ -22,7 +24,7 @@ from shardnet.runtimes.head import Head
 from shardnet.networking.tls import ServerTls
 from shardnet.protocol import services
 from shardnet.runtimes import server as server_module
-from shardnet.runtimes.metrics import MAX_ENDPOINT_LABELS, OTHER, UNBOUND_LABEL, UNREADABLE_LABEL
+from shardnet.runtimes.metrics import MAX_ENDPOINT_LABELS, MetricsListener, OTHER, UNBOUND_LABEL, UNREADABLE_LABEL
 from shardnet.runtimes.server import ServerConfig, check_can_listen
 from shardnet.runtimes.worker import Worker
 from shardnet.testing import eventually
@@ -193,6 +195,65 @@ def test_the_cli_refuses_a_metrics_port_in_use_before_serving(capsys):
         taken = holder.getsockname()[1]
         assert cli_main(["head", "--deployment", "d", "--metrics-port", str(taken)]) == 2
     assert f"--metrics-port {taken}: cannot listen on 127.0.0.1:{taken}" in capsys.readouterr().err
+
+
+def test_a_metrics_port_taken_on_ipv6_only_is_refused_before_the_executor_loads_naming_the_family(
+    tmp_path, monkeypatch, capsys
+):
+    """The metrics listener binds a wildcard host on both families ([::], dual-stack), but the check before the
+    Executor loads probed only what 0.0.0.0 resolves to (IPv4): a port taken on IPv6 alone passed it, and was
+    refused after the load, blamed on 0.0.0.0 (a regression review's find). The check binds what the listener
+    binds, and the refusal names the family that has the port."""
+    with socket.socket(socket.AF_INET6) as holder:
+        holder.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        holder.bind(("::", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        monkeypatch.chdir(tmp_path)  # where MarksItsStart leaves its mark once constructed
+        code = cli_main(["worker", "--uses", f"{executors.__file__}:MarksItsStart", "--host", "0.0.0.0", "--port",
+                         "0", "--metrics-port", str(taken)])
+    assert code == 2
+    assert (f"--metrics-port {taken}: cannot listen on 0.0.0.0:{taken}: Address already in use on IPv6 "
+            f"([::]:{taken})") in capsys.readouterr().err
+    assert not (tmp_path / "started.mark").exists(), "the Executor was loaded before the port was checked"
+
+
+class _NoIPv6Socket(socket.socket):
+    """A socket of a machine without IPv6 (``ipv6.disable=1``): the family is refused as the kernel refuses it."""
+
+    def __init__(self, family: int = socket.AF_INET, *args, **kwargs):
+        if family == socket.AF_INET6:
+            raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+        super().__init__(family, *args, **kwargs)
+
+
+def test_without_ipv6_a_host_of_ipv6_is_refused_naming_it_and_the_host_flag_not_a_traceback(monkeypatch, capsys):
+    """On a machine without IPv6, --host :: crashed the check before the load with a traceback (the probe's
+    socket was made outside its try: OSError EAFNOSUPPORT; a regression review's find)."""
+    monkeypatch.setattr(socket, "socket", _NoIPv6Socket)
+    assert cli_main(["worker", "--uses", f"{executors.__file__}:Tagger", "--host", "::", "--port", "0",
+                     "--metrics-port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot listen on [::]:0: this machine has no IPv6" in err and "--host 0.0.0.0" in err, err
+    assert "Traceback" not in err, err
+    with pytest.raises(ConfigurationError, match=r"cannot listen on \[::\]:0: this machine has no IPv6"):
+        server_module._check_metrics_port_free("::", 0)  # what the listener binds: wildcard_socket's rule
+
+
+async def test_without_ipv6_a_metrics_listener_on_an_ipv6_host_is_refused_naming_the_flag(monkeypatch):
+    """MetricsListener.start("::", 0) raised IndexError there: asyncio skips a family the machine lacks, and
+    nothing was bound (a regression review's find). 0.0.0.0 still serves, on IPv4."""
+    monkeypatch.setattr(socket, "socket", _NoIPv6Socket)
+    for host in ("::", "::1"):  # the wildcard (wildcard_socket's rule) and any other (what asyncio skipped)
+        listener = MetricsListener(CollectorRegistry())
+        refused = r"--metrics-port 0: cannot listen on \[::1?\]:0: this machine has no IPv6"
+        with pytest.raises(ConfigurationError, match=refused):
+            await listener.start(host, 0)
+    listener = MetricsListener(CollectorRegistry())
+    try:
+        assert await listener.start("0.0.0.0", 0) > 0
+    finally:
+        await listener.stop()
 
 
 def test_metrics_without_prometheus_client_are_refused_naming_the_extra(monkeypatch, capsys):

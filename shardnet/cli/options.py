@@ -27,6 +27,7 @@ from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_
 from shardnet.networking.policies import MAX_TIMEOUT
 from shardnet.networking.tls import ClientTls, ServerTls
 from shardnet.runtimes.executor import DRY_RUN_ENDPOINT, metas_name
+from shardnet.runtimes.log_lines import THREADS_STEP
 from shardnet.runtimes.server import PARENT_POLL_SECONDS, ServerConfig, check_ready_fd, parent_gone
 from shardnet.runtimes.worker import CLOSE_THREAD_NAME, HANDLER_THREAD_PREFIX, THREAD_EXIT_GRACE
 
@@ -403,16 +404,17 @@ def exit_leaving_stuck_handlers(code: int, stuck: int, close_left: bool = False)
     exit with it at once: Python joins non-daemon threads at exit, so a handler or a close() that hangs would
     hold the process past --drain-seconds. The process's other threads get ``THREAD_EXIT_GRACE`` seconds to end
     and its atexit functions run first, as at a normal exit; only those stuck threads are left behind."""
+    threads = [thread for thread in threading.enumerate() if thread is not threading.main_thread()
+               and not thread.daemon and not thread.name.startswith(HANDLER_THREAD_PREFIX)
+               and not (close_left and thread.name == CLOSE_THREAD_NAME)]
+    if threads:  # what a launcher's kill from here on cuts short, as it reads the log
+        logger.info("%s (%gs at most): %s", THREADS_STEP, THREAD_EXIT_GRACE, ", ".join(t.name for t in threads))
     if not stuck and not close_left:
         return code
     if stuck:
         logger.warning("exiting with %d handler call(s) still running past the drain's grace", stuck)
     deadline = time.monotonic() + THREAD_EXIT_GRACE
-    for thread in threading.enumerate():
-        if thread is threading.main_thread() or thread.daemon or thread.name.startswith(HANDLER_THREAD_PREFIX):
-            continue
-        if close_left and thread.name == CLOSE_THREAD_NAME:
-            continue
+    for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
     atexit._run_exitfuncs()  # what the interpreter's exit would run, which os._exit skips
     _exit_now(code)

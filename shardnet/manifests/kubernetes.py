@@ -57,7 +57,7 @@ from shardnet.networking.polling import PollingMap
 from shardnet.protocol import services
 from shardnet.runtimes.executor import metas_name, split_uses
 from shardnet.runtimes.head import DISCOVERED, USES_AFTER, USES_BEFORE
-from shardnet.runtimes.worker import CLOSE_GRACE, THREAD_EXIT_GRACE
+from shardnet.runtimes.worker import AFTER_DRAIN_SECONDS, CLOSE_GRACE, THREAD_EXIT_GRACE
 
 DEPLOYMENT_LABEL = "jina_deployment_name"
 POD_TYPE_LABEL = "pod_type"
@@ -179,12 +179,9 @@ HEAD_RESOURCES = Resources(cpu="100m", memory="128Mi", memory_limit="512Mi")
 PROCESS_BASE_MIB = 64
 STARTUP_PERIOD = 2  # seconds between startup probes
 MAX_UNAVAILABLE = 1  # the pods of the head, or of one shard, a voluntary disruption (a node drain) may take at once
-EXIT_SECONDS = 2  # seconds left to a process to exit once its Executor's close() has returned or been left behind
-# seconds of the grace left to a process after its drain: every bound it has on its way out. A worker gives its
-# Executor's close() up to CLOSE_GRACE seconds past the drain, then the threads the Executor started up to
-# THREAD_EXIT_GRACE more (runtimes.worker), and must then still exit before SIGKILL (a margin of CLOSE_GRACE alone let
-# a close() that used it all run into the kill; one without the threads' grace, a flusher's last write)
-DRAIN_MARGIN = math.ceil(CLOSE_GRACE + THREAD_EXIT_GRACE) + EXIT_SECONDS
+# seconds of the grace left to a process after its drain: every bound it has on its way out (runtimes.worker's
+# AFTER_DRAIN_SECONDS, which a Deployment's stop gives it too)
+DRAIN_MARGIN = AFTER_DRAIN_SECONDS
 MESSAGE_COPIES = MappingProxyType({"head": 5, "worker": 8})
 # what the most documents one call may hold (protocol.messages: 1,000,000 in a process_data list, what a uses_after
 # receives) cost a worker decoded, however small its message (some 200 bytes each); a head routes them undecoded

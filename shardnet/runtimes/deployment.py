@@ -53,7 +53,7 @@ from shardnet.runtimes.executor import (
 from shardnet.runtimes.head import MAX_RENEWAL_INTERVAL, MAX_WORKERS, MAY_HAVE_RUN_ERROR
 from shardnet.runtimes.processes import LOG_LEVELS, ShardnetProcess, stop_all
 from shardnet.runtimes.server import ServerConfig
-from shardnet.runtimes.worker import MIN_REGISTER_INTERVAL, SHORTEST_INTERVAL_WHY
+from shardnet.runtimes.worker import AFTER_DRAIN_SECONDS, MIN_REGISTER_INTERVAL, SHORTEST_INTERVAL_WHY
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,6 @@ LAUNCHED_BY_DEPLOYMENT = "SHARDNET_LAUNCHED_BY_DEPLOYMENT"
 # model may take minutes to load; as `k8s render --startup-seconds` (Jina's timeout_ready: 10 minutes)
 DEFAULT_STARTUP_TIMEOUT = 180.0
 DEFAULT_DRAIN_SECONDS = 10.0  # each process's --drain-seconds unless drain_seconds says otherwise
-STOP_MARGIN = 5.0  # seconds a stop gives a process beyond its drains: its Executor's close(), its exit
 # what a start that timed out says: how to allow longer
 LONGER_STARTUP = "a slow Executor may need longer: shardnet deploy --startup-seconds, Deployment(startup_timeout=)"
 
@@ -289,14 +288,14 @@ class Deployment:
             self._every_process_arguments = ["--max-message-mb", str(megabytes)]
             self._post_options = message_size_options(int(megabytes * 2**20))
             self._head_options += self._every_process_arguments
-        # each process's --drain-seconds; a stop gives the head's drain, then its workers', time, and each its
-        # close() after (STOP_MARGIN); a restart one drain and the margin
+        # each process's --drain-seconds; a stop gives the head's drain, then its workers', time, and each its way
+        # out after (AFTER_DRAIN_SECONDS: its Executor's close(), its threads, its exit); a restart one drain and that
         if drain_seconds is not None:
             check_seconds(drain_seconds, "drain_seconds", zero=True)
             self._every_process_arguments += ["--drain-seconds", str(drain_seconds)]
             self._head_options += self._every_process_arguments[-2:]
         drain = DEFAULT_DRAIN_SECONDS if drain_seconds is None else drain_seconds
-        self._stop_timeout, self._restart_timeout = 2 * drain + STOP_MARGIN, drain + STOP_MARGIN
+        self._stop_timeout, self._restart_timeout = 2 * drain + AFTER_DRAIN_SECONDS, drain + AFTER_DRAIN_SECONDS
         if unix_sockets is not None:
             check_flag(unix_sockets, "unix_sockets")
         self._unix_sockets = hasattr(socket, "AF_UNIX") if unix_sockets is None else unix_sockets
@@ -758,7 +757,8 @@ class Deployment:
                 self._launch_lock_depth -= 1
 
     def stop(self, on_failed: Optional[Callable[[list[ShardnetProcess]], None]] = None) -> None:
-        """Stop every process within two drains and 5 s (25 s by default): the head first, drained while its
+        """Stop every process within two drains and ``AFTER_DRAIN_SECONDS`` (12 s: its Executor's close(), its
+        threads' end and its exit; 32 s by default): the head first, drained while its
         workers and uses_before/after still serve (what it accepted is answered), then those, their drains
         overlapping. Any still running then is killed, with a warning, and its role is kept in
         ``killed_at_stop``; one that exits with a code other than 0 (its close() did not return in time, or its

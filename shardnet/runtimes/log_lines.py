@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from typing import TextIO
+from typing import Optional, TextIO
 
 # the logger of a server's "... ready on ADDRESS" line: the command writes it to stdout, at any --log-level, where
 # a script running a worker or head waits for it; a launcher learns the address from a pipe of its own instead
@@ -29,6 +29,21 @@ _TIME = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
 LOG_TIMESTAMP = re.compile(rf"^{_TIME} ", re.M)
 # what differs between two launches' lines saying the same: the time, and the pid beside the role and name
 _LAUNCH_OF_A_LINE = re.compile(rf"^{_TIME} (\S+ \[.*?) pid \d+\]", re.M)
+# how a stopping process's log says each step of its way out begins, and what a kill during that step cuts short:
+# a launcher that had to kill one says which, from the last such line of the process's own (shardnet's) loggers
+DRAIN_STEP = "draining"
+CLOSE_STEP = "closing the Executor"
+THREADS_STEP = "waiting for the Executor's threads"
+_CUT_BY_STEP = {DRAIN_STEP: "its drain", CLOSE_STEP: "its Executor's close()", THREADS_STEP: "its Executor's threads"}
+_STEP = re.compile(rf"^{_TIME} \S+ \[[^\]\n]*\] shardnet\.[\w.]+: ({'|'.join(map(re.escape, _CUT_BY_STEP))})\b", re.M)
+
+
+def step_cut_short(output: str) -> Optional[str]:
+    """What a kill cut short in a stopping process whose log reads ``output`` ("its drain", "its Executor's
+    close()", "its Executor's threads"), from the last step its log said it began; None when it said none
+    (a --log-level above INFO, a stop that had not begun)."""
+    steps = _STEP.findall(output)
+    return _CUT_BY_STEP[steps[-1]] if steps else None
 
 
 # characters of a caller's text a log line quotes, unless the line gives its own bound

@@ -21,10 +21,9 @@ from typing import Any, Awaitable, Callable, Iterable, Iterator, Optional
 from aiohttp import web
 
 from shardnet.errors import ConfigurationError, ProtocolError
-from shardnet.networking.addresses import entity_address
 from shardnet.protocol import services
 from shardnet.runtimes.executor import DEFAULT, DEFAULT_ENDPOINT, DRY_RUN_ENDPOINT
-from shardnet.runtimes.server import wildcard_socket
+from shardnet.runtimes.server import NO_IPV6, cannot_listen, wildcard_socket
 
 try:
     from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
@@ -186,9 +185,11 @@ class MetricsListener:
                 await web.SockSite(runner, listener).start()
         except OSError as exc:
             await runner.cleanup()
-            raise ConfigurationError(
-                f"--metrics-port {port}: cannot listen on {entity_address(host, port)}: {exc.strerror or exc}"
-            ) from None
+            refusal = cannot_listen(host, port, exc.strerror or str(exc))
+            raise ConfigurationError(f"--metrics-port {port}: {refusal}") from None
+        if not runner.addresses:  # asyncio skips a family this machine lacks (IPv6): none was left to bind
+            await runner.cleanup()
+            raise ConfigurationError(f"--metrics-port {port}: {cannot_listen(host, port, NO_IPV6)}")
         self._runner = runner
         self.port = runner.addresses[0][1]
         return self.port

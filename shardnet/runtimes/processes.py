@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from shardnet.errors import ProcessError
-from shardnet.runtimes.log_lines import LOG_TIMESTAMP, as_any_launch
+from shardnet.runtimes.log_lines import LOG_TIMESTAMP, as_any_launch, step_cut_short
 
 STABLE_RUN = 60.0  # seconds: a process that served this long before it exited is launched again at once
 MAX_RESTART_DELAY = 30.0
@@ -286,9 +286,10 @@ class ShardnetProcess:
             time.sleep(REAP_POLL_SECONDS)  # waited for unreaped: the group's id must stay the child's until killed
         killed = self.popen.returncode is None and not self._exited()
         if killed:
+            cut = step_cut_short(self._output())
             logger.warning(
-                "%s (pid %s) did not stop within %.1fs: killed (SIGKILL), its drain or its Executor's close() cut "
-                "short. Its log: %s", self.role, self.popen.pid, timeout, self.log_reference(),
+                "%s (pid %s) did not stop within %.1fs: killed (SIGKILL), %s. Its log: %s", self.role, self.popen.pid,
+                timeout, f"{cut} cut short" if cut else "its way out cut short", self.log_reference(),
             )
             self.popen.kill()
             with contextlib.suppress(ChildProcessError):

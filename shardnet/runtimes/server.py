@@ -67,7 +67,7 @@ from shardnet.protocol import services
 from shardnet.protocol.messages import MAX_TOP_LEVEL_FIELDS, DataRequest, parse
 from shardnet.protocol.proto import jina_pb2
 from shardnet.protocol.services import AUTHORIZATION_METADATA
-from shardnet.runtimes.log_lines import READY_LOGGER, quoted
+from shardnet.runtimes.log_lines import DRAIN_STEP, READY_LOGGER, quoted
 from shardnet.runtimes.processes import process_running
 from shardnet.runtimes.standard_services import health_handler, reflection_handler
 
@@ -80,6 +80,8 @@ ready_logger = logging.getLogger(READY_LOGGER)  # the "ready on" line: the comma
 HEALTH_MESSAGE_BYTES = 4096
 
 _WILDCARD_TO_LOOPBACK = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
+# why an IPv6 host cannot be listened on where the kernel has no IPv6 (socket() refuses the family), and what to do
+NO_IPV6 = "this machine has no IPv6 (Address family not supported): --host 0.0.0.0 listens on every IPv4 address"
 # requests one process_data call may carry: Jina sends one, or one per shard to a uses_after, and a head holds at
 # most 10,000 workers; each request costs a wrapper and a header rewrite, so a longer list is memory for the asking
 MAX_REQUESTS_PER_CALL = 10_000
@@ -784,9 +786,23 @@ def check_can_listen(config: ServerConfig) -> None:
             _check_port_free(config.host, port)
     if config.metrics_port is not None:
         try:
-            _check_port_free(config.host, config.metrics_port)
+            _check_metrics_port_free(config.host, config.metrics_port)
         except ConfigurationError as exc:
             raise ConfigurationError(f"--metrics-port {config.metrics_port}: {exc}") from None
+
+
+def _cause(exc: OSError) -> str:
+    """What a socket's refusal says, as a person reads it: a family this machine lacks (IPv6) said so."""
+    if exc.errno == errno.EAFNOSUPPORT:
+        return NO_IPV6
+    return exc.strerror or str(exc)
+
+
+def cannot_listen(host: str, port: int, cause: str) -> ConfigurationError:
+    """The refusal of a listener on ``host:port``, saying why (``cause``)."""
+    if 0 < port < 1024:
+        cause += " (this user may not listen below 1024?)"
+    return ConfigurationError(f"cannot listen on {entity_address(host, port)}: {cause}")
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -797,35 +813,69 @@ def _check_port_free(host: str, port: int) -> None:
         raise ConfigurationError(f"cannot listen on {entity_address(host, port)}: {exc.strerror}") from None
     failures = []
     for family, kind, protocol, _, address in addresses:
-        with socket.socket(family, kind, protocol) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC's: TIME_WAIT does not count
-            try:
+        try:  # the socket too: a family this machine lacks (IPv6 turned off) refuses it
+            with socket.socket(family, kind, protocol) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC's: TIME_WAIT does not count
                 probe.bind(address)
-            except OSError as exc:
-                failures.append(exc)
-                continue
+        except OSError as exc:
+            failures.append(exc)
+            continue
         return
-    cause = "; ".join(sorted({exc.strerror or str(exc) for exc in failures}))
-    if 0 < port < 1024:
-        cause += " (this user may not listen below 1024?)"
-    raise ConfigurationError(f"cannot listen on {entity_address(host, port)}: {cause}")
+    raise cannot_listen(host, port, "; ".join(sorted({_cause(exc) for exc in failures})))
+
+
+def _check_metrics_port_free(host: str, port: int) -> None:
+    """Bind (and close) what the metrics listener will bind on ``host:port`` (``wildcard_socket``'s rule)."""
+    try:
+        listener = wildcard_socket(host, port)
+    except OSError as exc:
+        raise cannot_listen(host, port, exc.strerror or str(exc)) from None
+    if listener is None:
+        _check_port_free(host, port)
+    else:
+        listener.close()
+
+
+def _families_taken(port: int) -> str:
+    """Which wildcard addresses of IPv6 and IPv4 have ``port`` taken, for the refusal of a bind on both."""
+    taken = []
+    for family, address in ((socket.AF_INET6, ("::", port)), (socket.AF_INET, ("0.0.0.0", port))):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+        except OSError:
+            taken.append(f"{'IPv6' if family == socket.AF_INET6 else 'IPv4'} ({entity_address(*address)})")
+    return " and ".join(taken) or "IPv6 or IPv4 ([::] takes both)"
 
 
 def wildcard_socket(host: str, port: int) -> Optional[socket.socket]:
     """For a wildcard ``host`` (``0.0.0.0``, ``::``), a TCP socket bound on ``port`` of every address of both
     families, as gRPC binds it (one IPv6 socket taking IPv4 too): a listener other than gRPC's (the metrics')
-    is then reached over IPv6 wherever gRPC's are. None for any other host, or on a machine without IPv6 (bind
-    ``host`` itself then, as gRPC falls back to). A bind refused (the port in use) raises its OSError."""
-    if host not in _WILDCARD_TO_LOOPBACK or not socket.has_ipv6:
+    is then reached over IPv6 wherever gRPC's are. None for any other host, or for ``0.0.0.0`` on a machine
+    without IPv6 (bind ``host`` itself then, as gRPC falls back to); ``::`` there raises OSError (EAFNOSUPPORT)
+    saying so. A bind refused raises its OSError; the port in use, naming the family that has it."""
+    if host not in _WILDCARD_TO_LOOPBACK:
         return None
     try:
+        if not socket.has_ipv6:
+            raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
         listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    except OSError:  # no IPv6 on this machine
+    except OSError as exc:  # no IPv6 on this machine
+        if host == "::":
+            raise OSError(exc.errno, NO_IPV6) from None
         return None
     try:
         listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC's: TIME_WAIT does not count
         listener.bind(("::", port))
+    except OSError as exc:
+        listener.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise OSError(exc.errno, f"{exc.strerror} on {_families_taken(port)}") from None
+        raise
     except BaseException:
         listener.close()
         raise
@@ -1037,7 +1087,7 @@ async def _serve(
             _tell_ready(ready_fd, server.address)
         await stop.requested.wait()
         stop.begin()
-        logger.info("draining %s", server.address)
+        logger.info("%s %s", DRAIN_STEP, server.address)
         if on_stop is not None:
             try:
                 await on_stop()

@@ -17,6 +17,7 @@ import concurrent.futures
 import contextlib
 import functools
 import logging
+import math
 import threading
 import time
 import uuid
@@ -46,7 +47,7 @@ from shardnet.protocol.proto import docarray_pb2, jina_pb2
 from shardnet.runtimes.bursts import BurstLog
 from shardnet.runtimes.executor import DEFAULT, DEFAULT_ENDPOINT, DRY_RUN_ENDPOINT, AnswerTooBig, Executor
 from shardnet.runtimes.head import IMPLIED_LEASE_FACTOR, MAX_RENEWAL_INTERVAL
-from shardnet.runtimes.log_lines import MAX_ID_CHARS, quoted
+from shardnet.runtimes.log_lines import CLOSE_STEP, MAX_ID_CHARS, quoted
 from shardnet.runtimes.server import (
     RequestAborted,
     ServerConfig,
@@ -76,11 +77,16 @@ DEACTIVATE_TIMEOUT = 5.0
 # seconds an Executor's close() may run past the drain's grace (what is left of it, when its calls ended sooner):
 # one that does not return by then is logged and left behind, and the worker exits without it (a close() hung
 # on a lock or a lost connection kept its worker running for ever, its parent's kill -9 and further signals
-# too). A Deployment's stop gives a worker as long after its drain; a pod's grace under k8s render that, the
-# threads' THREAD_EXIT_GRACE and EXIT_SECONDS more (its DRAIN_MARGIN, read from these), so that the process has
-# time to exit before the kubelet's SIGKILL
+# too)
 CLOSE_GRACE = 5.0
 THREAD_EXIT_GRACE = 5.0  # seconds the threads an Executor started get to end once the program ended
+EXIT_SECONDS = 2  # seconds left to a process to exit once its Executor's close() has returned or been left behind
+# seconds a process needs after its drain, every bound it has on its way out: its Executor's close() up to
+# CLOSE_GRACE, then the threads the Executor started up to THREAD_EXIT_GRACE more, then its exit. What a
+# Deployment's stop and restart give a process beyond its drains, and a pod's grace under k8s render beyond its
+# drain (DRAIN_MARGIN) before SIGKILL: a margin of CLOSE_GRACE alone let a close() that used it all run into the
+# kill, one without the threads' grace a flusher's last write
+AFTER_DRAIN_SECONDS = math.ceil(CLOSE_GRACE + THREAD_EXIT_GRACE) + EXIT_SECONDS
 CLOSE_THREAD_NAME = "executor-close"  # the thread close() runs on, which an exit leaves behind once abandoned
 # the shortest interval between a worker's ACTIVATEs: each is a call to its head, and 1e-6 s flooded it
 MIN_REGISTER_INTERVAL = 0.1
@@ -762,6 +768,7 @@ class Worker:
         deadline = self.server.drain_deadline
         left = self.server.config.drain_grace if deadline is None else max(0.0, deadline - loop.time())
         bound = left + CLOSE_GRACE
+        logger.info("%s (%s): its close() gets %.1fs at most", CLOSE_STEP, type(self.executor).__name__, bound)
         # not a daemon: threads close() starts inherit that, and the exit must wait for them (an index saved on
         # a writer thread of its own); one left hung is not waited for (cli.options.exit_leaving_stuck_handlers)
         threading.Thread(target=close, name=CLOSE_THREAD_NAME).start()
