@@ -713,13 +713,10 @@ async def test_callers_own_short_deadlines_do_not_eject_a_replica(pool_factory, 
 
 
 async def hung_beside_a_healthy_one(pool_factory, echo_servers):
-    """A pool (round robin, the default ejection policy) over two replicas of one shard, the first hung: it takes
-    calls and answers none, nor its health checks (NOT_SERVING, as a hung one never says SERVING)."""
-    from grpc_health.v1 import health_pb2
-
+    """A pool (round robin, the default ejection policy) over two replicas of one shard, the first hung (SIGSTOP):
+    it takes calls and answers none, nor its health checks."""
     hung, healthy = await echo_servers(2, names=["hung", "healthy"])
-    hung.delay = 30.0
-    await hung.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    hung.delay = hung.health_delay = 30.0
     own, records = _recording_logger("outlier")
     pool = pool_factory(balancer="round_robin", logger=own)
     for server in (hung, healthy):
@@ -744,16 +741,35 @@ async def test_a_hung_replica_missing_short_deadlines_its_peers_meet_is_ejected(
     """A review's find: one of two replicas hung (SIGSTOP), a Jina-style caller sending requests one at a time
     with 0.5 s deadlines: every other one failed, to the end (keepalive, some 40 s later), as a caller's deadline
     under ``min_blamed_deadline`` is never the replica's fault. It is when the other replica meets the same
-    callers' deadlines and its health check fails: the hung one is ejected after three misses."""
+    callers' deadlines on the same endpoint: the hung one is ejected after three misses, at once (no health
+    check asked)."""
     pool, hung, healthy, records = await hung_beside_a_healthy_one(pool_factory, echo_servers)
     answered = await answered_in_turn(pool, 30, timeout=0.2)
     assert answered.count(False) <= 4 and all(answered[-20:]), answered
     assert [c.address.target for c in pool.get_replicas("dep").eligible()] == [healthy.address]
     [ejection] = [record.getMessage() for record in records if "ejecting replica" in record.getMessage()]
     assert ejection.endswith(
-        "after 3 failures in a row: DEADLINE_EXCEEDED (callers' deadlines up to 0.2s, while the other replicas "
-        "answered; its health check: health NOT_SERVING) x3"
+        "after 3 failures in a row: DEADLINE_EXCEEDED (callers' deadlines up to 0.2s on /index, while the other "
+        "replicas answered it) x3"
     ), ejection
+    assert hung.health_checks == 0
+
+
+async def test_a_stuck_replica_whose_health_says_serving_is_ejected_on_one_endpoint(pool_factory, echo_servers):
+    """A regression review's find: a replica whose handler thread is stuck, or uniformly slow (every call 3 s),
+    still answers its health check SERVING; asked for its health, it was never ejected, and every other request
+    failed. Its peer answering calls of the same kind within the same deadlines blames it at once."""
+    stuck, healthy = await echo_servers(2, names=["stuck", "healthy"])
+    stuck.delay = 3.0
+    own, records = _recording_logger("stuck")
+    pool = pool_factory(balancer="round_robin", logger=own)
+    for server in (stuck, healthy):
+        pool.add_connection("dep", server.address)
+    answered = await answered_in_turn(pool, 12, timeout=0.2, endpoints=("/index",))
+    assert answered == [False, True] * 3 + [True] * 6, answered
+    assert [c.address.target for c in pool.get_replicas("dep").eligible()] == [healthy.address]
+    [ejection] = [record.getMessage() for record in records if "ejecting replica" in record.getMessage()]
+    assert ejection.endswith("on /index, while the other replicas answered it) x3"), ejection
 
 
 async def test_a_hung_replica_ejected_as_the_outlier_is_let_back_in_once_it_answers(
@@ -766,45 +782,61 @@ async def test_a_hung_replica_ejected_as_the_outlier_is_let_back_in_once_it_answ
     replicas = pool.get_replicas("dep")
     [outlier] = [c for c in replicas.get_all_connections() if c.address.target == hung.address]
     await eventually(lambda: not replicas.is_eligible(outlier))
-    hung.delay = 0.0
+    hung.delay = hung.health_delay = 0.0
     await hung.health.set("", health_pb2.HealthCheckResponse.SERVING)
     await eventually(lambda: replicas.is_eligible(outlier), timeout=5.0)  # its probe: after base_ejection
     assert {served_by(await send_one(pool, timeout=0.2)) for _ in range(4)} == {"hung", "healthy"}
 
 
-@pytest.mark.parametrize("endpoints", [2, 17], ids=["two-endpoints", "seventeen-endpoints"])
+@pytest.mark.parametrize("endpoints", [1, 2, 17], ids=["one-endpoint", "two-endpoints", "seventeen-endpoints"])
 async def test_a_hung_replica_missing_short_deadlines_on_endpoints_in_turn_is_ejected(
     pool_factory, echo_servers, endpoints
 ):
     """A regression review's find: a caller cycling endpoints one request at a time has round robin send the hung
     replica every /e0 and the healthy one every /e1 (two endpoints), or the hung one's misses spread over more
-    endpoints than a replica kept runs for (seventeen): compared endpoint by endpoint, it was never ejected, and
-    every other request failed until keepalive. Its misses count against the others' answers on any endpoint,
-    and its health check says it is not merely busy: ejected after three misses."""
+    endpoints than a replica keeps runs for (seventeen): compared endpoint by endpoint, it was never ejected, and
+    every other request failed until keepalive. Its misses count against the others' answers on any endpoint
+    too, and its health check, not answered within HEALTH_TIMEOUT, says it is not merely busy: ejected, its whole
+    run blamed. On one endpoint it is blamed at once, no check asked."""
     pool, hung, healthy, records = await hung_beside_a_healthy_one(pool_factory, echo_servers)
-    answered = await answered_in_turn(pool, 16, timeout=0.2, endpoints=tuple(f"/e{n}" for n in range(endpoints)))
-    assert answered.count(False) <= 4 and all(answered[-8:]), answered
+    began = time.monotonic()
+    answered = await answered_in_turn(pool, 30, timeout=0.1, endpoints=tuple(f"/e{n}" for n in range(endpoints)))
+    assert all(answered[-8:]), answered
     assert [c.address.target for c in pool.get_replicas("dep").eligible()] == [healthy.address]
     [ejection] = [record.getMessage() for record in records if "ejecting replica" in record.getMessage()]
-    assert ejection.endswith("its health check: health NOT_SERVING) x3"), ejection
-
-
-async def test_a_hung_replica_whose_health_check_goes_unanswered_is_ejected(pool_factory, echo_servers):
-    """A hung process (SIGSTOP) answers no health check either: one not answered within HEALTH_TIMEOUT blames the
-    run, however many misses it took meanwhile, and the ejection says the check was not answered."""
-    pool, hung, healthy, records = await hung_beside_a_healthy_one(pool_factory, echo_servers)
-    hung.health_delay = 30.0
-    began = time.monotonic()
-    answered = await answered_in_turn(pool, 30, timeout=0.1, endpoints=("/a", "/b"))
-    replicas = pool.get_replicas("dep")
-    assert [c.address.target for c in replicas.eligible()] == [healthy.address]
-    assert all(answered[-8:]), answered
-    [ejection] = [record.getMessage() for record in records if "ejecting replica" in record.getMessage()]
-    assert ejection.endswith(
-        "after 3 failures in a row: DEADLINE_EXCEEDED (callers' deadlines up to 0.1s, while the other replicas "
-        f"answered; its health check: not answering within {replica_list.HEALTH_TIMEOUT:g}s) x3"
-    ), ejection
+    if endpoints == 1:
+        assert ejection.endswith("up to 0.1s on /e0, while the other replicas answered it) x3"), ejection
+        assert answered.count(False) == 3 and hung.health_checks == 0
+    else:
+        assert ejection.endswith(
+            "after 3 failures in a row: DEADLINE_EXCEEDED (callers' deadlines up to 0.1s, while the other replicas "
+            f"answered; its health check: not answering within {replica_list.HEALTH_TIMEOUT:g}s) x3"
+        ), ejection
     assert time.monotonic() - began < replica_list.HEALTH_TIMEOUT + 4  # not keepalive's 30-40 s
+
+
+async def test_a_replica_whose_health_says_not_serving_is_set_aside_as_draining(pool_factory, echo_servers):
+    """A regression review's find: a replica draining (its health NOT_SERVING as it drains) that misses callers'
+    short deadlines on endpoints in turn was ejected as failed (a WARNING, an ejection's back-off). Its health
+    check saying it goes away sets it aside as draining instead, as its refusals would."""
+    from grpc_health.v1 import health_pb2
+
+    going, healthy = await echo_servers(2, names=["going", "healthy"])
+    going.delay = 30.0
+    await going.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    own, records = _recording_logger("going")
+    own.setLevel(logging.INFO)
+    pool = pool_factory(balancer="round_robin", logger=own)
+    for server in (going, healthy):
+        pool.add_connection("dep", server.address)
+    answered = await answered_in_turn(pool, 12, timeout=0.1, endpoints=("/a", "/b"))
+    assert all(answered[-6:]), answered
+    replicas = pool.get_replicas("dep")
+    [aside] = [c for c in replicas.get_all_connections() if c.address.target == going.address]
+    assert not replicas.is_eligible(aside) and aside.draining and aside.times_ejected == 0 and aside.failures == 0
+    messages = [record.getMessage() for record in records]
+    assert not [message for message in messages if "ejecting replica" in message], messages
+    assert [message for message in messages if f"replica {going.address} is draining" in message], messages
 
 
 async def test_replicas_missing_short_deadlines_on_a_slow_endpoint_only_are_not_ejected(pool_factory, echo_servers):

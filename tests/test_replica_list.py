@@ -264,33 +264,31 @@ async def test_an_ejection_names_its_failures_codes_and_whose_deadline_ran_out(
     assert slowed.endswith(f" after 3 failures in a row: DEADLINE_EXCEEDED ({whose} of 0.2s) x3")
 
 
-async def test_an_answer_from_a_replica_ends_its_run_of_short_deadlines_missed(echo_servers, eventually):
+async def test_an_answer_from_a_replica_ends_its_run_of_short_deadlines_missed(echo_servers, eventually, monkeypatch):
     """A replica missing callers' short deadlines while the others answer them is blamed for its misses only
     since its last answer (and once its health check fails), and a single replica (no other answering) for none.
     The others' calls had a hair more time left than its own (callers with one deadline, the pool's time before
     each call apart): they count."""
-    from grpc_health.v1 import health_pb2
-
+    monkeypatch.setattr(replica_list, "HEALTH_TIMEOUT", 0.2)  # its checks go unanswered: fail sooner
     slow, quick = await echo_servers(2)
-    slow.delay = 30.0
-    await slow.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    slow.delay = slow.health_delay = 30.0
     replicas = ReplicaList(name="dep/shard-0")
     try:
         lagging = replicas.add_connection(slow.address)
 
         async def miss() -> None:
             with pytest.raises(grpc.aio.AioRpcError):
-                await replicas.call(lagging, "single_data", DataRequest(endpoint="/x"), None, 0.05, callers_deadline=True)
+                await call_once(replicas, lagging, 0.05)
 
-        async def answer() -> None:
-            await replicas.call(answering, "single_data", DataRequest(endpoint="/y"), None, 0.051, callers_deadline=True)
+        async def answer() -> None:  # on another endpoint: its health check decides, as no answer to /x blames it
+            await call_once(replicas, answering, 0.051, endpoint="/y")
 
         for _ in range(3):
             await miss()
         assert lagging.failures == 0 and slow.health_checks == 0  # alone: nobody answered in its place
         answering = replicas.add_connection(quick.address)
         slow.delay = 0.0
-        await replicas.call(lagging, "single_data", DataRequest(endpoint="/x"), None, 0.05, callers_deadline=True)
+        await call_once(replicas, lagging, 0.05)
         slow.delay = 30.0
         await miss()
         for _ in range(5):
@@ -320,9 +318,11 @@ def lagging_checks() -> list[asyncio.Task]:
     return [task for task in asyncio.all_tasks() if task.get_name() == replica_list._LAGGING_CHECK]
 
 
-async def call_once(replicas: ReplicaList, connection, timeout: float) -> None:
-    request = DataRequest(endpoint="/x")
-    await replicas.call(connection, "single_data", request, None, timeout, callers_deadline=True)
+async def call_once(replicas: ReplicaList, connection, timeout: float, endpoint: str = "/x") -> None:
+    """One data call to ``endpoint`` (named in its metadata, as a head sends it) with a caller's ``timeout``."""
+    request = DataRequest(endpoint=endpoint)
+    metadata = (("endpoint", endpoint),)
+    await replicas.call(connection, "single_data", request, metadata, timeout, callers_deadline=True)
 
 
 async def test_a_replica_missing_short_deadlines_is_health_checked_one_check_at_a_time(echo_servers, eventually):
@@ -333,7 +333,7 @@ async def test_a_replica_missing_short_deadlines_is_health_checked_one_check_at_
         for _ in range(3):
             with pytest.raises(grpc.aio.AioRpcError):
                 await call_once(replicas, lagging, 0.05)
-            await asyncio.gather(*(call_once(replicas, answering, 0.05) for _ in range(10)))
+            await asyncio.gather(*(call_once(replicas, answering, 0.05, endpoint="/y") for _ in range(10)))
         await eventually(lambda: hung.health_checks == 1)
         [check] = lagging_checks()
         assert lagging.failures == 0 and replicas.is_eligible(lagging)
@@ -354,7 +354,7 @@ async def test_a_pending_health_check_of_a_lagging_replica_ends_with_the_list_or
     try:
         with pytest.raises(grpc.aio.AioRpcError):
             await call_once(replicas, lagging, 0.05)
-        await call_once(replicas, answering, 0.05)
+        await call_once(replicas, answering, 0.05, endpoint="/y")
         [check] = lagging_checks()
         if how == "removed":
             await replicas.remove_connection(hung.address, grace=0)
@@ -362,3 +362,46 @@ async def test_a_pending_health_check_of_a_lagging_replica_ends_with_the_list_or
     finally:
         await replicas.close()
     assert check.cancelled() and not lagging_checks() and lagging.failures == 0
+
+
+async def test_a_replica_missing_short_deadlines_is_blamed_at_once_when_others_answer_its_kind(echo_servers):
+    """Misses the others answer on the same endpoint (a stuck or uniformly slow replica, its health SERVING) are
+    blamed as they are met, no health check asked."""
+    slow, quick = await echo_servers(2)
+    slow.delay = 30.0
+    replicas = ReplicaList(name="dep/shard-0")
+    try:
+        lagging, answering = replicas.add_connection(slow.address), replicas.add_connection(quick.address)
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await call_once(replicas, lagging, 0.05)
+        await call_once(replicas, answering, 0.05)
+        assert lagging.failures == 0  # one answer for two misses
+        await call_once(replicas, answering, 0.05)
+        assert lagging.failures == 2 and slow.health_checks == 0 and not lagging_checks()
+    finally:
+        await replicas.close()
+
+
+async def test_a_lagging_replica_whose_channel_is_rebuilt_under_its_check_is_not_blamed(echo_servers, eventually):
+    """A regression review's find: a busy replica's check cut by its channel's rebuild (a TLS renewal, a reset)
+    said "its channel was closed under the check" and blamed the run. It says nothing: the run stays, unblamed,
+    and a later answer asks again."""
+    busy, quick = await echo_servers(2)
+    busy.delay, busy.health_delay = 30.0, 0.5
+    replicas = ReplicaList(name="dep/shard-0")
+    try:
+        lagging, answering = replicas.add_connection(busy.address), replicas.add_connection(quick.address)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await call_once(replicas, lagging, 0.05)
+        await call_once(replicas, answering, 0.05, endpoint="/y")
+        [check] = lagging_checks()
+        await eventually(lambda: busy.health_checks == 1)
+        lagging.rebuild()
+        await asyncio.wait([check], timeout=2.0)
+        assert check.done() and lagging.failures == 0 and lagging.recent_failures == []
+        assert replicas.is_eligible(lagging)
+        await call_once(replicas, answering, 0.05, endpoint="/y")  # the run stays: asked again
+        await eventually(lambda: busy.health_checks == 2)
+    finally:
+        await replicas.close()

@@ -14,6 +14,10 @@ from grpc_health.v1 import health_pb2
 from shardnet.errors import ProtocolError
 from shardnet.networking.channels import NOT_CONNECTED, Stubs, checked_reply, refused_as_draining
 
+# the problems that are a replica's own word that it drains or goes away (``says_draining``)
+_NOT_SERVING = f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(health_pb2.HealthCheckResponse.NOT_SERVING)}"
+_DRAINING = "draining "
+
 
 async def health_problem(stubs: Stubs, address: Any, timeout: float) -> Optional[str]:
     """None when the replica behind ``stubs`` answers its gRPC health check SERVING, or, having no health service
@@ -39,6 +43,12 @@ async def health_problem(stubs: Stubs, address: Any, timeout: float) -> Optional
     return f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
 
 
+def says_draining(problem: Optional[str]) -> bool:
+    """Whether ``problem`` (``health_problem``'s) is the replica's own word that it drains or goes away: its health
+    NOT_SERVING, or a refusal as it drains. No fault of it: it is set aside, not ejected as failed."""
+    return problem is not None and (problem == _NOT_SERVING or problem.startswith(_DRAINING))
+
+
 def failure_cause(error: grpc.aio.AioRpcError, timeout: float) -> str:
     """A failed health call's cause: unreachable (gRPC's last words on the connection), not answering in time,
     draining, or the status and its details."""
@@ -46,7 +56,7 @@ def failure_cause(error: grpc.aio.AioRpcError, timeout: float) -> str:
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"not answering within {timeout:.3g}s"
     if refused_as_draining(error):
-        return f"draining ({details})"
+        return f"{_DRAINING}({details})"
     if code == grpc.StatusCode.UNAVAILABLE and details.lower().startswith(NOT_CONNECTED):
         # "failed to connect to all addresses; last error: UNKNOWN: ipv4:...: connect: Connection refused (111)"
         return f"unreachable: {details.rsplit(': ', 1)[-1]}"

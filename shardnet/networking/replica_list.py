@@ -33,10 +33,11 @@ from shardnet.networking.channels import (
     message_limits,
     refused_as_draining,
 )
-from shardnet.networking.health import health_problem
+from shardnet.networking.health import health_problem, says_draining
 from shardnet.networking.streams import RequestStreams, rpc_error
 from shardnet.networking.policies import EjectionPolicy, check_seconds
 from shardnet.networking.tls import ClientTls
+from shardnet.protocol import services
 
 module_logger = logging.getLogger(__name__)
 
@@ -87,6 +88,10 @@ HEALTH_TIMEOUT = 1.0
 # may have had and still count against it: callers with the same deadline reach a replica with what they have
 # left of it, which differs by the pool's time before the call (microseconds, or milliseconds on a busy loop)
 SAME_DEADLINE_SLACK = 1.1
+# how many kinds of call (method and endpoint) a replica keeps runs of callers' short deadlines missed for: endpoint
+# names come from callers, so a new kind beyond these drops the one missed least recently (its misses still count
+# in the replica's run on any endpoint)
+MAX_RUN_KINDS = 8
 # the name of the task that asks a replica missing callers' short deadlines its peers meet for its health
 _LAGGING_CHECK = "shardnet-lagging-check"
 
@@ -182,17 +187,60 @@ class _ChannelInUse:
 
 
 class _ShortRun:
-    """A replica's run of callers' short deadlines missed (any endpoint): how many, the longest of them (seconds),
-    how many calls the shard's other replicas answered since the first within deadlines no longer, and the health
-    check under way once those answers met the misses (None: none yet)."""
+    """A run of callers' short deadlines a replica missed: how many, the longest of them (seconds), and how many
+    calls the shard's other replicas answered since the first within deadlines no longer."""
 
-    __slots__ = ("misses", "answered", "deadline", "check")
+    __slots__ = ("misses", "answered", "deadline")
 
     def __init__(self) -> None:
         self.misses = 0
         self.answered = 0
         self.deadline = 0.0
+
+    def missed(self, callers_timeout: float) -> None:
+        """One more miss, of a caller's deadline of ``callers_timeout``."""
+        self.misses += 1
+        self.deadline = max(self.deadline, callers_timeout)
+
+    def met(self, timeout: float) -> bool:
+        """Count another replica's answer within ``timeout`` if that is no longer than the run's deadlines
+        (``SAME_DEADLINE_SLACK``); True once such answers are as many as the misses."""
+        if self.misses == 0 or timeout > self.deadline * SAME_DEADLINE_SLACK:
+            return False
+        self.answered += 1
+        return self.answered >= self.misses
+
+
+class _Lagging:
+    """What a replica missing callers' short deadlines has open: its runs by kind of call (method and endpoint; at
+    most MAX_RUN_KINDS), its run on any kind, and the health check that run's being met started (None: none)."""
+
+    __slots__ = ("kinds", "total", "check")
+
+    def __init__(self) -> None:
+        self.kinds: dict[tuple[str, Optional[str]], _ShortRun] = {}
+        self.total = _ShortRun()
         self.check: Optional[asyncio.Task] = None
+
+    def missed(self, kind: tuple[str, Optional[str]], callers_timeout: float) -> None:
+        """One more miss of a call of ``kind``: counted in its kind's run and in the run on any kind."""
+        run = self.kinds.pop(kind, None)  # put back last: the kinds kept are the ones missed latest
+        if run is None:
+            run = _ShortRun()
+            if len(self.kinds) >= MAX_RUN_KINDS:
+                del self.kinds[next(iter(self.kinds))]
+        self.kinds[kind] = run
+        run.missed(callers_timeout)
+        self.total.missed(callers_timeout)
+
+
+def _call_kind(method: str, metadata: Optional[Sequence[tuple[str, str]]]) -> tuple[str, Optional[str]]:
+    """A call's kind, which the outlier detection compares like with like first: its method and the endpoint its
+    metadata names (the first, as a head reads it; None for one sent in the request's header alone)."""
+    for key, value in metadata or ():
+        if key == services.ENDPOINT_METADATA:
+            return method, value
+    return method, None
 
 
 class Connection:
@@ -415,7 +463,7 @@ class ReplicaList:
         self._position: dict[Connection, int] = {}
         self._probes: dict[Connection, asyncio.Task] = {}
         # the pickable replicas with a run of callers' short deadlines missed, their others' answers counted
-        self._lagging: dict[Connection, _ShortRun] = {}
+        self._lagging: dict[Connection, _Lagging] = {}
         self._leaving: dict[asyncio.Task, Connection] = {}  # removed connections closing once their calls end
         # the last replica to leave, while none has come since; whether a call finding none said so
         self._emptied: Optional[Address] = None
@@ -569,8 +617,8 @@ class ReplicaList:
         index = self._position.pop(connection, None)
         if index is None:
             return
-        if connection in self._lagging:  # out of the picks, its run is over (its check cut): afresh when back
-            self._end_run(connection)
+        if connection in self._lagging:  # out of the picks, its runs are over (its check cut): afresh when back
+            self._end_runs(connection)
         last = self._eligible.pop()
         if last is not connection:
             self._eligible[index] = last
@@ -679,66 +727,111 @@ class ReplicaList:
         policy = self._ejection
         return policy is None or callers_timeout is None or callers_timeout < policy.min_blamed_deadline
 
-    def _missed_short(self, connection: Connection, callers_timeout: Optional[float]) -> None:
+    def _missed_short(
+        self,
+        connection: Connection,
+        method: str,
+        metadata: Optional[Sequence[tuple[str, str]]],
+        callers_timeout: Optional[float],
+    ) -> None:
         """``connection`` missed a caller's deadline too short to blame it for (``_too_short``): one more of its
-        run, blamed after all once the shard's other replicas answered as many calls as it missed and its health
-        check then fails (``_answered``)."""
+        runs, on this kind of call and on any, blamed after all as the shard's other replicas answer (``_answered``)."""
         policy = self._ejection
         if policy is None or callers_timeout is None or grpc.StatusCode.DEADLINE_EXCEEDED not in policy.failure_codes:
             return
-        run = self._lagging.get(connection)
-        if run is None:
-            run = self._lagging[connection] = _ShortRun()
-        run.misses += 1
-        run.deadline = max(run.deadline, callers_timeout)
+        lagging = self._lagging.get(connection)
+        if lagging is None:
+            lagging = self._lagging[connection] = _Lagging()
+        lagging.missed(_call_kind(method, metadata), callers_timeout)
 
-    def _answered(self, connection: Connection, timeout: Optional[float]) -> None:
+    def _answered(
+        self,
+        connection: Connection,
+        method: str,
+        metadata: Optional[Sequence[tuple[str, str]]],
+        timeout: Optional[float],
+    ) -> None:
         """A call on ``connection`` with ``timeout`` was answered while replicas miss callers' short deadlines:
-        its own run is over, and it counts for every other's whose deadlines were no shorter
-        (``SAME_DEADLINE_SLACK``), on whichever endpoint. One the others have answered as many calls as it missed
-        is hung, or merely busy on slow calls (round robin sends a caller alternating a slow endpoint and a quick
-        one every slow call to one replica, every quick one to the other): the calls cannot tell the two apart,
-        so its health service is asked (``_check_lagging``), one check at a time per replica."""
+        its own runs are over, and it counts for every other's whose deadlines were no shorter
+        (``SAME_DEADLINE_SLACK``). One the others have answered as many calls of a kind (method and endpoint) as
+        it missed of that kind is the outlier, hung or stuck, and blamed at once for that kind's run. One they
+        answered as many calls of any kind as it missed in all is hung, or merely busy on slow calls (round robin
+        sends a caller alternating a slow endpoint and a quick one every slow call to one replica, every quick
+        one to the other): the calls cannot tell the two apart, so its health service is asked
+        (``_check_lagging``), one check at a time per replica."""
         if connection in self._lagging:
-            self._end_run(connection)
+            self._end_runs(connection)
         if timeout is None:  # no deadline: no answer within one as short as theirs
             return
-        for lagging, run in self._lagging.items():
-            if timeout > run.deadline * SAME_DEADLINE_SLACK:
-                continue
-            run.answered += 1
-            if run.answered >= run.misses and run.check is None:
-                check = self._check_lagging(lagging, run)
-                run.check = asyncio.get_running_loop().create_task(check, name=_LAGGING_CHECK)
+        kind = _call_kind(method, metadata)
+        for replica, lagging in list(self._lagging.items()):
+            run = lagging.kinds.get(kind)
+            if run is not None and run.met(timeout):
+                self._blame_kind(replica, lagging, kind, run)
+            elif lagging.total.met(timeout) and lagging.check is None:
+                check = self._check_lagging(replica, lagging)
+                lagging.check = asyncio.get_running_loop().create_task(check, name=_LAGGING_CHECK)
 
-    async def _check_lagging(self, connection: Connection, run: _ShortRun) -> None:
-        """Ask ``connection``, whose run of callers' short deadlines missed the others met, for its health over
-        its channel within ``HEALTH_TIMEOUT``. SERVING, it is busy on slow calls, not hung: its run ends
-        unblamed. Not answering in time, or not SERVING, it is blamed for the run (failures towards
-        ``consecutive_failures``), its ejection naming the deadlines and what the check found."""
+    def _blame_kind(
+        self, connection: Connection, lagging: _Lagging, kind: tuple[str, Optional[str]], run: _ShortRun
+    ) -> None:
+        """Blame ``connection`` for its run of misses on ``kind``, which the others answered: its misses leave
+        its run on any kind, and its ejection names the endpoint and the deadlines."""
+        del lagging.kinds[kind]
+        lagging.total.misses = max(0, lagging.total.misses - run.misses)
+        if not lagging.kinds and not lagging.total.misses:
+            self._end_runs(connection)
+        on = f"on {kind[1]:.80}" if kind[1] is not None else f"on {kind[0]} calls naming no endpoint"
+        cause = (
+            f"DEADLINE_EXCEEDED (callers' deadlines up to {run.deadline:.3g}s {on}, while the other replicas "
+            "answered it)"
+        )
+        self._blame(connection, run.misses, cause)
+
+    def _blame(self, connection: Connection, misses: int, cause: str) -> None:
+        """Record ``misses`` failures of ``connection`` for a run of callers' short deadlines, until it is ejected."""
+        for _ in range(misses):
+            self.record_failure(connection, grpc.StatusCode.DEADLINE_EXCEEDED, cause=cause)
+            if connection not in self._position:  # ejected: what is left of the run goes with it
+                break
+
+    async def _check_lagging(self, connection: Connection, lagging: _Lagging) -> None:
+        """Ask ``connection``, whose misses on any kind of call the others met, for its health over its channel
+        within ``HEALTH_TIMEOUT``. SERVING, it is busy on slow calls, not hung: its run on any kind ends unblamed
+        (its runs by kind go on). Its channel replaced under the check (renewed or rebuilt) says nothing: the run
+        stays, and a later answer asks again. NOT_SERVING or refusing as it drains, it is going away: set aside
+        as draining (the last pickable one is blamed, as its refusals are). Not answering in time, or any other
+        problem: blamed for the run (failures towards ``consecutive_failures``), its ejection naming the
+        deadlines and what the check found."""
+        channel = connection.channel
         try:
             problem = await connection.problem(HEALTH_TIMEOUT)
         finally:
-            run.check = None
-        if self._lagging.get(connection) is not run:  # its run ended meanwhile (it answered, or left the picks)
+            lagging.check = None
+        if self._lagging.get(connection) is not lagging:  # its runs ended meanwhile (it answered, left the picks)
             return
-        del self._lagging[connection]
-        if problem is None:
+        if problem is not None and channel is not connection.channel:  # inconclusive: asked over a closed channel
+            return
+        run = lagging.total
+        if problem is None:  # busy, not hung: its runs by kind go on
+            lagging.total = _ShortRun()
+            if not lagging.kinds:
+                self._end_runs(connection)
+            return
+        self._end_runs(connection)  # every miss it has is answered for now, its runs by kind too
+        if says_draining(problem) and self._set_aside_draining(connection):
             return
         cause = (
             f"DEADLINE_EXCEEDED (callers' deadlines up to {run.deadline:.3g}s, while the other replicas answered; "
             f"its health check: {problem})"
         )
-        for _ in range(run.misses):
-            self.record_failure(connection, grpc.StatusCode.DEADLINE_EXCEEDED, cause=cause)
-            if connection not in self._position:  # ejected: what is left of the run goes with it
-                break
+        self._blame(connection, run.misses, cause)
 
-    def _end_run(self, connection: Connection) -> None:
-        """Forget ``connection``'s run of callers' short deadlines missed, and stop its health check."""
-        run = self._lagging.pop(connection)
-        if run.check is not None:
-            run.check.cancel()
+    def _end_runs(self, connection: Connection) -> None:
+        """Forget ``connection``'s runs of callers' short deadlines missed, and stop its health check."""
+        lagging = self._lagging.pop(connection)
+        if lagging.check is not None:
+            lagging.check.cancel()
 
     def _eject(self, connection: Connection) -> None:
         self._withdraw(connection)
@@ -903,7 +996,7 @@ class ReplicaList:
                 cause = _cause(code, timeout, callers_deadline)
                 self.record_failure(connection, code, counted=wrong_server(method, code), cause=cause)
             elif not blamed and channel is connection.channel and connection in self._position:
-                self._missed_short(connection, timeout)
+                self._missed_short(connection, method, metadata, timeout)
             raise
         except asyncio.CancelledError:
             if connection.cut_by_close(channel):
@@ -928,7 +1021,7 @@ class ReplicaList:
         balancer.finished(connection, token)
         connection.failures = 0
         if self._lagging:  # some replica misses callers' short deadlines: does this answer make it the outlier?
-            self._answered(connection, timeout)
+            self._answered(connection, method, metadata, timeout)
         return response, trailing
 
     async def close(self) -> None:
@@ -938,7 +1031,7 @@ class ReplicaList:
         for probe in list(self._probes.values()):
             probe.cancel()
         self._probes.clear()
-        checks = [run.check for run in self._lagging.values() if run.check is not None]
+        checks = [lagging.check for lagging in self._lagging.values() if lagging.check is not None]
         for check in checks:
             check.cancel()
         self._lagging.clear()
