@@ -755,6 +755,26 @@ async def test_a_hung_replica_missing_short_deadlines_its_peers_meet_is_ejected(
     assert hung.health_checks == 0
 
 
+async def test_a_hung_replica_is_ejected_after_its_peer_missed_a_wave_of_deadlines_too(pool_factory, echo_servers):
+    """A regression review's find: a hung replica's run of misses only grows (it never answers), and the others'
+    answers had to catch up with all of it; one wave of concurrent calls the healthy replica also missed (a
+    moment's slowdown) left a gap that never closed, and half the calls failed for good."""
+    pool, hung, healthy, records = await hung_beside_a_healthy_one(pool_factory, echo_servers)
+
+    async def wave() -> int:
+        answers = await asyncio.gather(*(send_one(pool, timeout=0.2) for _ in range(20)), return_exceptions=True)
+        return sum(not isinstance(answer, BaseException) for answer in answers)
+
+    assert await wave() == 10  # the healthy one's answers come before the hung one's misses: none counts yet
+    healthy.delay = 0.3  # the healthy replica slow for one wave: every call of it misses too
+    assert await wave() == 0
+    healthy.delay = 0.0
+    answered = [await wave() for _ in range(3)]
+    assert answered[-1] == 20, answered
+    assert [c.address.target for c in pool.get_replicas("dep").eligible()] == [healthy.address]
+    assert any("ejecting replica" in record.getMessage() for record in records)
+
+
 async def test_a_stuck_replica_whose_health_says_serving_is_ejected_on_one_endpoint(pool_factory, echo_servers):
     """A regression review's find: a replica whose handler thread is stuck, or uniformly slow (every call 3 s),
     still answers its health check SERVING; asked for its health, it was never ejected, and every other request

@@ -88,6 +88,10 @@ HEALTH_TIMEOUT = 1.0
 # may have had and still count against it: callers with the same deadline reach a replica with what they have
 # left of it, which differs by the pool's time before the call (microseconds, or milliseconds on a busy loop)
 SAME_DEADLINE_SLACK = 1.1
+# the others' answers that judge a replica's run of callers' short deadlines missed, however long the run: a hung
+# replica never answers, so its run only grows, and one wave of its peers' own misses (a moment's slowdown) left a
+# gap of answers to misses that never closed: it stayed picked for good, half the calls failing (a review)
+ANSWERS_TO_JUDGE = 3
 # how many kinds of call (method and endpoint) a replica keeps runs of callers' short deadlines missed for: endpoint
 # names come from callers, so a new kind beyond these drops the one missed least recently (its misses still count
 # in the replica's run on any endpoint)
@@ -204,11 +208,11 @@ class _ShortRun:
 
     def met(self, timeout: float) -> bool:
         """Count another replica's answer within ``timeout`` if that is no longer than the run's deadlines
-        (``SAME_DEADLINE_SLACK``); True once such answers are as many as the misses."""
+        (``SAME_DEADLINE_SLACK``); True once such answers are as many as the misses, or ``ANSWERS_TO_JUDGE``."""
         if self.misses == 0 or timeout > self.deadline * SAME_DEADLINE_SLACK:
             return False
         self.answered += 1
-        return self.answered >= self.misses
+        return self.answered >= min(self.misses, ANSWERS_TO_JUDGE)
 
 
 class _Lagging:
