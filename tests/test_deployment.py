@@ -1225,6 +1225,22 @@ def test_a_stop_that_kills_a_worker_says_what_the_kill_cut_short_as_its_log_said
     assert step_cut_short("draining 127.0.0.1:1 (an Executor's print)\n") is None  # then: "its way out cut short"
 
 
+def test_the_kill_reads_the_end_of_a_long_log_for_the_step_it_cut(tmp_path):
+    """The kill read the whole of the process's log first (a regression review: 0.5 s per 50 MB before each
+    SIGKILL, one worker after another); it reads its last STEP_LOOKBACK_BYTES."""
+    from shardnet.runtimes.processes import STEP_LOOKBACK_BYTES
+
+    process = ShardnetProcess("worker-0-0", [], tmp_path / "w.log")
+    line = "2026-11-28 12:00:00,000 INFO [worker w pid 1] shardnet.runtimes.worker: {}\n"
+    with open(process.log_path, "w") as log:
+        log.write(line.format("closing the Executor (E): its close() gets 5.0s at most"))  # an old step, far back
+        log.write("an Executor's print\n" * (3 * STEP_LOOKBACK_BYTES // 20))
+        log.write(line.format("waiting for the Executor's threads (5s at most): flusher"))
+    read = process._output(last_bytes=STEP_LOOKBACK_BYTES)
+    assert len(read) <= STEP_LOOKBACK_BYTES and step_cut_short(read) == "its Executor's threads"
+    assert len(process._output()) > 3 * STEP_LOOKBACK_BYTES  # the whole of it, for the log's quotes
+
+
 def test_a_second_stop_of_a_stopped_deployment_keeps_what_the_first_one_found(tmp_path):
     """An explicit stop() then the ``with``'s exit (or a try/finally) emptied failed_at_stop and killed_at_stop:
     read after it, they told of a clean stop (a README review's find)."""

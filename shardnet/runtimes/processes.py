@@ -23,6 +23,9 @@ from typing import Optional, Sequence
 from shardnet.errors import ProcessError
 from shardnet.runtimes.log_lines import LOG_TIMESTAMP, as_any_launch, step_cut_short
 
+# the end of a killed process's log read for the last step of its way out it began (a whole log of a long run,
+# read before the kill, held a stop of several hung workers 0.5 s per 50 MB, one after the other)
+STEP_LOOKBACK_BYTES = 1 << 20
 STABLE_RUN = 60.0  # seconds: a process that served this long before it exited is launched again at once
 MAX_RESTART_DELAY = 30.0
 REAP_POLL_SECONDS = 0.02  # how often a stop looks whether its child has exited (left unreaped till collected)
@@ -197,11 +200,15 @@ class ShardnetProcess:
         self._close_ready_pipe()
         return self.address
 
-    def _output(self) -> str:
-        """What this launch wrote to the log so far (earlier launches' lines are not its own)."""
+    def _output(self, last_bytes: Optional[int] = None) -> str:
+        """What this launch wrote to the log so far (earlier launches' lines are not its own), or its last
+        ``last_bytes`` of it."""
         try:
             with open(self.log_path, "rb") as log:
-                log.seek(self._log_offset)
+                start = self._log_offset
+                if last_bytes is not None:
+                    start = max(start, log.seek(0, os.SEEK_END) - last_bytes)
+                log.seek(start)
                 return log.read().decode(errors="replace")
         except OSError:
             return ""
@@ -286,7 +293,7 @@ class ShardnetProcess:
             time.sleep(REAP_POLL_SECONDS)  # waited for unreaped: the group's id must stay the child's until killed
         killed = self.popen.returncode is None and not self._exited()
         if killed:
-            cut = step_cut_short(self._output())
+            cut = step_cut_short(self._output(last_bytes=STEP_LOOKBACK_BYTES))
             logger.warning(
                 "%s (pid %s) did not stop within %.1fs: killed (SIGKILL), %s. Its log: %s", self.role, self.popen.pid,
                 timeout, f"{cut} cut short" if cut else "its way out cut short", self.log_reference(),
