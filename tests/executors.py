@@ -20,8 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from shardnet import Document, Executor, requests
 from shardnet.runtimes.executor import default_workspace
 
@@ -32,6 +30,8 @@ class Fetcher(Executor):
 
     @requests(on="/fetch")
     def fetch(self, docs, parameters, **kwargs):
+        import numpy as np  # here, not at the top: the workers of the suite's other executors start without it
+
         shard = self.runtime_args.shard_id
         for doc in docs:
             doc.matches.append(Document(id=f"hit-{shard}", text=f"from shard {shard}"))
@@ -389,6 +389,8 @@ class Arrays(Executor):
 
     @requests(on="/echo")
     def echo(self, docs, parameters, **kwargs):
+        import numpy as np
+
         for doc in docs:
             tensor = doc.tensor
             if tensor is None:

@@ -22,7 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shardnet import ControlRequest, DataRequest, Document, Executor, ProtocolError, requests
-from shardnet.protocol import messages, ndarray, services
+from shardnet.protocol import budget, messages, ndarray, services
 from shardnet.protocol.messages import (
     MAX_DOCUMENT_FIELDS,
     MAX_ANSWER_FIELDS,
@@ -346,7 +346,7 @@ async def test_sparse_arrays_of_one_request_share_a_budget_end_to_end(runtimes):
     assert answer.is_error and trailing.get("is-error") == "true"
     assert answer.status.exception.name == "ProtocolError"
     assert f"of a request of {len(payload)} bytes" in answer.status.description
-    assert f"may expand to in all: {ndarray.MAX_DENSE_BYTES} bytes" in answer.status.description
+    assert f"may expand to in all: {budget.MAX_DENSE_BYTES} bytes" in answer.status.description
     # legitimate sparse embeddings still go through, a Jina-sized batch and more
     docs = [embedding_of_100_in_100k(f"e{i}", i) for i in range(200)]
     reply, _ = await raw_call(worker.server.address, DataRequest(docs, endpoint="/index").to_bytes())
@@ -359,14 +359,14 @@ def test_an_array_read_again_is_charged_once_and_the_budget_grows_with_the_messa
     request = DataRequest.from_bytes(DataRequest(docs, endpoint="/index").to_bytes())
     for _ in range(3):  # three passes over the same arrays cost what one does
         assert sum(int(doc.embedding.shape[1]) for doc in request.docs) == 640 * 100_000
-    assert request._budget.used == 640 * 400_000 <= request._budget.limit == ndarray.MAX_DENSE_BYTES
+    assert request._budget.used == 640 * 400_000 <= request._budget.limit == budget.MAX_DENSE_BYTES
     twice = DataRequest(docs * 2, endpoint="/index").to_bytes()  # 1,280 of them in 2.7 MB: 512 MB dense
     with pytest.raises(ProtocolError, match="sparse arrays of a request of .* may expand to in all"):
         [doc.embedding for doc in DataRequest.from_bytes(twice).docs]
     padded = twice + ld(0x7A, b"x" * 6_000_000)  # an unknown field makes the message 8.7 MB: 64 times that fits
     bigger = DataRequest.from_bytes(padded)
     assert len([doc.embedding for doc in bigger.docs]) == 1_280
-    assert bigger._budget.limit == ndarray.DENSE_PER_MESSAGE_BYTE * len(padded)
+    assert bigger._budget.limit == budget.DENSE_PER_MESSAGE_BYTE * len(padded)
 
 
 def test_documents_wrapped_or_listed_on_their_own_have_a_budget_too():
@@ -513,7 +513,7 @@ async def test_a_request_list_shares_one_calls_bounds_end_to_end(runtimes):
     reply, trailing = await raw_call(worker.server.address, envelope, method=services.PROCESS_DATA)
     answer = DataRequest.from_bytes(reply)
     assert answer.is_error and answer.status.exception.name == "ProtocolError", answer.status.description
-    assert f"may expand to in all: {ndarray.MAX_DENSE_BYTES} bytes" in answer.status.description
+    assert f"may expand to in all: {budget.MAX_DENSE_BYTES} bytes" in answer.status.description
 
 
 def test_an_answer_its_caller_asked_for_may_hold_more_documents_than_a_request():

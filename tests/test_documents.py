@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shardnet import DataRequest, Document, DocumentList, ProtocolError
-from shardnet.protocol import ndarray
+from shardnet.protocol import budget, ndarray
 from shardnet.protocol.proto import docarray_pb2
 
 
@@ -429,7 +429,7 @@ def test_any_ndarray_from_the_network_decodes_or_raises_protocol_error(dense, in
         array = ndarray.from_proto(target)
     except ProtocolError:
         return
-    assert array.nbytes <= ndarray.MAX_DENSE_BYTES
+    assert array.nbytes <= budget.MAX_DENSE_BYTES
 
 
 WRONG_VALUES = {

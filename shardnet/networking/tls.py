@@ -26,8 +26,6 @@ from dataclasses import dataclass, field, replace
 from typing import Optional, Union
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
 
 from shardnet.errors import ConfigurationError
 
@@ -177,6 +175,8 @@ def check_validity(chain: bytes, name: str, skew: float = 0.0) -> None:
     """Refuse a certificate chain whose first certificate, the one presented, is outside its validity period:
     every handshake would fail on it (an expired renewal, or one issued ahead of a clock that is behind). One
     valid within ``skew`` seconds is taken with a warning: at start there is no other to serve meanwhile."""
+    from cryptography import x509  # loaded with the first certificate: a process without TLS never needs it
+
     try:
         [presented, *_] = x509.load_pem_x509_certificates(chain)
     except ValueError as exc:
@@ -198,6 +198,9 @@ def check_validity(chain: bytes, name: str, skew: float = 0.0) -> None:
 def check_key_type(chain: bytes, name: str) -> None:
     """Refuse a certificate with an EdDSA key (cert-manager offers Ed25519): OpenSSL loads the pair and the server
     says it is ready, but gRPC's peers offer no EdDSA signature, so every handshake fails, logged nowhere."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
+
     [presented, *_] = x509.load_pem_x509_certificates(chain)
     key = presented.public_key()
     for kind, label in ((ed25519.Ed25519PublicKey, "Ed25519"), (ed448.Ed448PublicKey, "Ed448")):

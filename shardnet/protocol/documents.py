@@ -11,15 +11,17 @@ import functools
 import mimetypes
 import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
-from typing import Any, Optional, Union, overload
+from typing import TYPE_CHECKING, Any, Optional, Union, overload
 
-import numpy as np
 from google.protobuf import struct_pb2
 
 from shardnet.errors import ProtocolError
-from shardnet.protocol import ndarray
+from shardnet.protocol.budget import MAX_DENSE_BYTES, DenseBudget
 from shardnet.protocol.ids import new_id
 from shardnet.protocol.proto import docarray_pb2
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # the protobuf levels a tag or parameter value may take: protobuf reads (and writes) 100 levels, Jina's as
 # shardnet's, and a request's parameters sit 4 levels down (message, Struct, entry, Value); a dict takes 3 more
@@ -180,9 +182,9 @@ class Document:
     ):
         self._pb = proto if proto is not None else docarray_pb2.DocumentProto()
         if proto is not None:
-            self._budget: Optional[ndarray.DenseBudget] = None  # a message from anywhere: bounded when read
+            self._budget: Optional[DenseBudget] = None  # a message from anywhere: bounded when read
             return
-        self._budget = ndarray.DenseBudget(None)  # built here: the program's own arrays
+        self._budget = DenseBudget(None)  # built here: the program's own arrays
         self._pb.id = _text(id, "id") if id else new_id()
         if text is not None:
             self.text = text
@@ -200,15 +202,15 @@ class Document:
             self.uri = uri
 
     @classmethod
-    def _view(cls, proto: docarray_pb2.DocumentProto, budget: ndarray.DenseBudget) -> "Document":
+    def _view(cls, proto: docarray_pb2.DocumentProto, budget: DenseBudget) -> "Document":
         """A view of a document of a list, sharing the list's budget for sparse arrays."""
         document = cls.__new__(cls)
         document._pb, document._budget = proto, budget
         return document
 
-    def _dense_budget(self) -> ndarray.DenseBudget:
+    def _dense_budget(self) -> DenseBudget:
         if self._budget is None:  # wrapped on its own: as much as one small message may expand to
-            self._budget = ndarray.DenseBudget(ndarray.MAX_DENSE_BYTES)
+            self._budget = DenseBudget(MAX_DENSE_BYTES)
         return self._budget
 
     @property
@@ -326,6 +328,8 @@ class Document:
         """The array of ``field`` (tensor or embedding) as numpy; None if not set. A refusal names the field."""
         if not self._pb.HasField(field):
             return None
+        from shardnet.protocol import ndarray  # numpy, loaded with the first array: a head never needs it
+
         try:
             return ndarray.from_proto(getattr(self._pb, field), self._dense_budget())
         except ProtocolError as exc:
@@ -335,6 +339,8 @@ class Document:
         if value is None:
             self._pb.ClearField(field)
             return
+        from shardnet.protocol import ndarray  # numpy, loaded with the first array: a head never needs it
+
         try:
             ndarray.to_proto(value, getattr(self._pb, field))
         except ProtocolError as exc:
@@ -410,7 +416,7 @@ class DocumentList:
     a Document appended to two lists follows the second). ``"id" in docs`` and
     ``doc in docs`` look documents up by id. A request's ``docs`` are such a
     view; to build documents, make a plain list of Document. The sparse arrays
-    of a list's documents share one budget (``ndarray.DenseBudget``): the
+    of a list's documents share one budget (``DenseBudget``): the
     request's, or for a list made directly, what one small message may expand to.
     """
 
@@ -419,7 +425,7 @@ class DocumentList:
     def __init__(
         self,
         field: Any,
-        budget: Optional[ndarray.DenseBudget] = None,
+        budget: Optional[DenseBudget] = None,
         stamp: Optional[Callable[[docarray_pb2.DocumentProto], None]] = None,
     ):
         if isinstance(field, (list, tuple)) or not hasattr(field, "add"):
@@ -428,11 +434,11 @@ class DocumentList:
                 "to build documents, make a plain list of Document"
             )
         self._field = field
-        self._budget = budget if budget is not None else ndarray.DenseBudget(ndarray.MAX_DENSE_BYTES)
+        self._budget = budget if budget is not None else DenseBudget(MAX_DENSE_BYTES)
         self._stamp = stamp  # what a document added here gets from the list's owner (a match's adjacency)
 
     @property
-    def budget(self) -> ndarray.DenseBudget:
+    def budget(self) -> DenseBudget:
         """What the sparse arrays of these documents may still expand to, shared with their request's other views."""
         return self._budget
 

@@ -21,7 +21,7 @@ from google.protobuf.message import DecodeError, Message
 
 from shardnet.errors import PickleRefused, ProtocolError
 from shardnet.protocol.documents import Document, DocumentList, to_python, update_struct
-from shardnet.protocol.ndarray import DenseBudget
+from shardnet.protocol.budget import DenseBudget
 from shardnet.protocol.ids import new_id
 from shardnet.protocol.proto import jina_pb2
 from shardnet.protocol.wire import DocumentTally, check_document_count, count_fields, document_bound, field_spans
@@ -189,7 +189,7 @@ class DataRequest:
     True
     """
 
-    # _budget: what the sparse arrays of its documents may expand to, together (ndarray.DenseBudget); set when
+    # _budget: what the sparse arrays of its documents may expand to, together (budget.DenseBudget); set when
     # the documents of received bytes decode
     # _spliced_at: once an endpoint was set on received bytes, where the one header field appended to what was
     # kept of them (their header fields cut out) begins
