@@ -405,3 +405,20 @@ async def test_a_lagging_replica_whose_channel_is_rebuilt_under_its_check_is_not
         await eventually(lambda: busy.health_checks == 2)
     finally:
         await replicas.close()
+
+
+async def test_a_health_check_says_why_a_replica_does_not_serve_and_whether_it_said_it_drains(replicas, echo_servers):
+    """A pool sets aside a replica whose own word is that it drains (its health NOT_SERVING) and ejects one that
+    fails its check otherwise: the check's answer carries which, not only the words ``shardnet status`` prints."""
+    from grpc_health.v1 import health_pb2
+
+    serving, draining, slow, gone = await echo_servers(4, names=["serving", "draining", "slow", "gone"])
+    await draining.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    slow.health_delay = 1.0
+    connections = {server.name: replicas.add_connection(server.address) for server in (serving, draining, slow, gone)}
+    await gone.stop()
+    problems = {name: await connection.problem(0.3) for name, connection in connections.items()}
+    assert problems["serving"] is None
+    assert (str(problems["draining"]), problems["draining"].draining) == ("health NOT_SERVING", True)
+    assert (str(problems["slow"]), problems["slow"].draining) == ("not answering within 0.3s", False)
+    assert str(problems["gone"]).startswith("unreachable: ") and not problems["gone"].draining

@@ -1,9 +1,11 @@
 """Whether a replica serves, and if not why, in an operator's words: "unreachable: Connection refused", "not
-answering within 2s", "health NOT_SERVING". A pool's probes only need the yes or no; ``shardnet status`` prints why."""
+answering within 2s", "health NOT_SERVING". A pool's probes only need the yes or no, and whether the replica said
+itself that it drains; ``shardnet status`` prints why."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import grpc
@@ -14,12 +16,20 @@ from grpc_health.v1 import health_pb2
 from shardnet.errors import ProtocolError
 from shardnet.networking.channels import NOT_CONNECTED, Stubs, checked_reply, refused_as_draining
 
-# the problems that are a replica's own word that it drains or goes away (``says_draining``)
-_NOT_SERVING = f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(health_pb2.HealthCheckResponse.NOT_SERVING)}"
-_DRAINING = "draining "
+
+@dataclass(frozen=True)
+class HealthProblem:
+    """Why a replica does not serve. ``draining``: the replica's own word that it drains or goes away (its health
+    NOT_SERVING, or a refusal as it drains), no fault of it: a pool sets it aside rather than ejecting it."""
+
+    cause: str
+    draining: bool = False
+
+    def __str__(self) -> str:
+        return self.cause
 
 
-async def health_problem(stubs: Stubs, address: Any, timeout: float) -> Optional[str]:
+async def health_problem(stubs: Stubs, address: Any, timeout: float) -> Optional[HealthProblem]:
     """None when the replica behind ``stubs`` answers its gRPC health check SERVING, or, having no health service
     (a Jina worker), lists its endpoints; else why not. ``timeout`` bounds both calls together."""
     loop = asyncio.get_running_loop()
@@ -32,32 +42,28 @@ async def health_problem(stubs: Stubs, address: Any, timeout: float) -> Optional
         try:  # no health service: a replica still lists its endpoints
             checked_reply(await stubs.discovery(empty_pb2.Empty(), timeout=max(0.0, deadline - loop.time())), address)
         except grpc.aio.AioRpcError as error:
-            return f"no health service, and its endpoints do not list: {failure_cause(error, timeout)}"
+            listing = failure_cause(error, timeout)
+            return HealthProblem(f"no health service, and its endpoints do not list: {listing}", listing.draining)
         except ProtocolError as exc:
-            return f"no health service, and its endpoints do not list: {exc}"
+            return HealthProblem(f"no health service, and its endpoints do not list: {exc}")
         return None
     except ProtocolError as exc:
-        return f"malformed health answer: {exc}"
+        return HealthProblem(f"malformed health answer: {exc}")
     if reply.status == health_pb2.HealthCheckResponse.SERVING:
         return None
-    return f"health {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    return HealthProblem(f"health {status}", draining=reply.status == health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
-def says_draining(problem: Optional[str]) -> bool:
-    """Whether ``problem`` (``health_problem``'s) is the replica's own word that it drains or goes away: its health
-    NOT_SERVING, or a refusal as it drains. No fault of it: it is set aside, not ejected as failed."""
-    return problem is not None and (problem == _NOT_SERVING or problem.startswith(_DRAINING))
-
-
-def failure_cause(error: grpc.aio.AioRpcError, timeout: float) -> str:
+def failure_cause(error: grpc.aio.AioRpcError, timeout: float) -> HealthProblem:
     """A failed health call's cause: unreachable (gRPC's last words on the connection), not answering in time,
     draining, or the status and its details."""
     code, details = error.code(), error.details() or ""
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return f"not answering within {timeout:.3g}s"
+        return HealthProblem(f"not answering within {timeout:.3g}s")
     if refused_as_draining(error):
-        return f"{_DRAINING}({details})"
+        return HealthProblem(f"draining ({details})", draining=True)
     if code == grpc.StatusCode.UNAVAILABLE and details.lower().startswith(NOT_CONNECTED):
         # "failed to connect to all addresses; last error: UNKNOWN: ipv4:...: connect: Connection refused (111)"
-        return f"unreachable: {details.rsplit(': ', 1)[-1]}"
-    return f"{code.name}: {details}" if details else code.name
+        return HealthProblem(f"unreachable: {details.rsplit(': ', 1)[-1]}")
+    return HealthProblem(f"{code.name}: {details}" if details else code.name)

@@ -33,7 +33,7 @@ from shardnet.networking.channels import (
     message_limits,
     refused_as_draining,
 )
-from shardnet.networking.health import health_problem, says_draining
+from shardnet.networking.health import HealthProblem, health_problem
 from shardnet.networking.streams import RequestStreams, rpc_error
 from shardnet.networking.policies import EjectionPolicy, check_seconds
 from shardnet.networking.tls import ClientTls
@@ -361,7 +361,7 @@ class Connection:
         when the check fails (``problem``)."""
         return await self.problem(timeout) is None
 
-    async def problem(self, timeout: float = HEALTH_TIMEOUT) -> Optional[str]:
+    async def problem(self, timeout: float = HEALTH_TIMEOUT) -> Optional[HealthProblem]:
         """Why the replica does not serve (None: it serves), asked over its channel, the one its calls take (a
         connection that hangs fails the check as it fails them); its channel closed under the check (renewed
         or rebuilt: health checks are not counted among the calls a close waits for) is a problem, and no
@@ -372,10 +372,10 @@ class Connection:
             return await health_problem(self.stubs, self.address, timeout)
         except asyncio.CancelledError:
             if self.cut_by_close(channel):
-                return "its channel was closed under the check"
+                return HealthProblem("its channel was closed under the check")
             raise
 
-    async def problem_now(self, timeout: float) -> Optional[str]:
+    async def problem_now(self, timeout: float) -> Optional[HealthProblem]:
         """Why the replica does not serve right now (None: it serves), as ``health`` asks it but over a channel of
         its own, closed after: the routing channel may wait out a reconnect back-off of minutes though the replica
         is back, and a status check must not replace it. Its connection attempt lasts as long as the check, a
@@ -823,7 +823,7 @@ class ReplicaList:
                 self._end_runs(connection)
             return
         self._end_runs(connection)  # every miss it has is answered for now, its runs by kind too
-        if says_draining(problem) and self._set_aside_draining(connection):
+        if problem.draining and self._set_aside_draining(connection):
             return
         cause = (
             f"DEADLINE_EXCEEDED (callers' deadlines up to {run.deadline:.3g}s, while the other replicas answered; "

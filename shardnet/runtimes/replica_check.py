@@ -86,7 +86,8 @@ class _Run:
             if left < MIN_CHECK_SECONDS:
                 return
             try:
-                self.found[index] = await self.listed[index][1].problem_now(min(left, CHECK_TIMEOUT))
+                problem = await self.listed[index][1].problem_now(min(left, CHECK_TIMEOUT))
+                self.found[index] = None if problem is None else problem.cause
             except ShardnetError as exc:  # its TLS material unreadable now, say: not checked, so not serving
                 self.found[index] = f"not checked: {exc}"
 
