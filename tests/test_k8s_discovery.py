@@ -2048,9 +2048,19 @@ async def test_a_kubernetes_heads_no_replica_errors_name_discovery_and_the_hop_n
         await eventually(lambda: not pool.targets("dep/uses_before", False, None, PollingType.ANY), timeout=10)
         said = await refusal()
         assert ("deployment 'dep/uses_before' has no live replica: the replicas discovery found of it are gone or "
-                "not ready now (pods labelled jina_deployment_name=dep, pod_type=USES_BEFORE") in said, said
+                "not ready now " + labels + "USES_BEFORE") in said, said
         assert "ACTIVATE" not in said and "shard(s)" not in said and "lease" not in said, said
         assert head._why_none("dep") == ": shard(s) 0 have no replica discovery lists ready " + labels + (
             "WORKER, or Services shardnet.io/deployment=dep, shardnet.io/role=worker)")  # declared, none found
     finally:
         await head.stop(0.5)
+
+
+def test_where_a_kubernetes_pool_finds_replicas_names_only_the_sources_it_follows(kubeconfig: str) -> None:
+    """A pool following pods alone was said to look for Services too: an operator would label the wrong thing."""
+    pods_only = K8sGrpcConnectionPool(NS, kubeconfig=kubeconfig, sources=("pods",))
+    slices_only = K8sGrpcConnectionPool(NS, kubeconfig=kubeconfig, sources=("endpointslices",))
+    assert pods_only.where_replicas_are_found("dep", "uses_after") == (
+        f"namespace {NS!r} (pods labelled jina_deployment_name=dep, pod_type=USES_AFTER)")
+    assert slices_only.where_replicas_are_found("dep") == (
+        f"namespace {NS!r} (Services shardnet.io/deployment=dep, shardnet.io/role=worker)")

@@ -858,6 +858,16 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
             options=self._watch_options,
         )
 
+    def where_replicas_are_found(self, deployment: str, role: str = "worker") -> str:
+        """Where this pool finds ``deployment``'s replicas of ``role`` (worker, uses_before, uses_after): its
+        namespace and the labels of the sources it follows, for an operator told that none is there."""
+        looked = []
+        if PODS in self.sources:
+            looked.append(f"pods labelled jina_deployment_name={deployment}, pod_type={role.upper()}")
+        if SLICES in self.sources:
+            looked.append(f"Services shardnet.io/deployment={deployment}, shardnet.io/role={role}")
+        return f"namespace {self.namespace!r} ({', or '.join(looked)})"
+
     # -- events -------------------------------------------------------------------
 
     async def _on_list(self, source: str, objects: Iterable[Mapping[str, Any]]) -> None:

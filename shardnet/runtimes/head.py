@@ -705,18 +705,16 @@ class Head:
         with none to pick, and how that comes about, in the words of where this head's replicas come from:
         ACTIVATE and --connection, or Kubernetes discovery (which owns a Kubernetes head's membership)."""
         shard_ids = self.pool.shard_ids(deployment)
-        namespace = getattr(self.pool, "namespace", None)
         # a hop given an address has it always (its last replica is never ejected): one with none is discovered
         role = next((role for role, hop in self._hops if hop == deployment), None)
-        if namespace is not None:
-            labels = (f"pods labelled jina_deployment_name={self.deployment}, pod_type={(role or 'worker').upper()}, "
-                      f"or Services shardnet.io/deployment={self.deployment}, shardnet.io/role={role or 'worker'}")
+        discovered = getattr(self.pool, "where_replicas_are_found", None)  # a K8sGrpcConnectionPool's
+        if discovered is not None:
+            where = discovered(self.deployment, role or "worker")
             if not shard_ids:
-                return f": discovery has found none in namespace {namespace!r} ({labels})"
+                return f": discovery has found none in {where}"
             if role is None:  # shards declared (--shards) or found before
-                return (f": shard(s) {_listed(shard_ids)} have no replica discovery lists ready in namespace "
-                        f"{namespace!r} ({labels})")
-            return f": the replicas discovery found of it are gone or not ready now ({labels})"
+                return f": shard(s) {_listed(shard_ids)} have no replica discovery lists ready in {where}"
+            return f": the replicas discovery found of it are gone or not ready now in {where}"
         if not shard_ids:
             return ": no worker has registered (ACTIVATE), none was given (--connection)"
         return (f": shard(s) {_listed(shard_ids)} have no replica (none registered yet, or their workers deactivated "
