@@ -437,6 +437,33 @@ async def test_status_of_a_grpc_server_without_health_checks_exits_1_as_it_answe
     assert f"127.0.0.1:{port}: health unknown (" in result.stdout and "UNIMPLEMENTED" not in result.stderr
 
 
+async def test_what_a_server_says_reaches_the_terminal_shown_not_obeyed():
+    """A server's words printed raw could clear an operator's screen, retitle their terminal or forge a line
+    (ESC sequences and newlines in a health check's details, or in a refusal ``send`` prints)."""
+    hostile = "\x1b[2J\x1b]0;pwned\x07\nreplicas: all serving"
+
+    async def refuse(request, context):
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, hostile)
+
+    foreign = grpc.aio.server()
+    handler = grpc.unary_unary_rpc_method_handler(refuse)
+    foreign.add_generic_rpc_handlers([
+        grpc.method_handlers_generic_handler("grpc.health.v1.Health", {"Check": handler}),
+        grpc.method_handlers_generic_handler("jina.JinaSingleDataRequestRPC", {"process_single_data": handler}),
+    ])
+    port = foreign.add_insecure_port("127.0.0.1:0")
+    await foreign.start()
+    try:
+        status = await asyncio.to_thread(shardnet, "status", f"127.0.0.1:{port}")
+        send = await asyncio.to_thread(shardnet, "send", f"127.0.0.1:{port}", "--endpoint", "/x", "--timeout", "5")
+    finally:
+        await foreign.stop(0)
+    assert "\\x1b[2J\\x1b]0;pwned\\x07\\nreplicas: all serving" in status.stdout, status.stdout
+    assert "\x1b" not in status.stdout and "\x07" not in status.stdout, status.stdout
+    assert send.returncode == 2 and "\\x1b[2J" in send.stderr, send.stderr
+    assert "\x1b" not in send.stderr and "\x07" not in send.stderr, send.stderr
+
+
 def test_output_into_a_closed_pipe_exits_quietly():
     """As under ``shardnet status ... | head -1``: the reader is gone before the output is written."""
     read_end, write_end = os.pipe()

@@ -84,7 +84,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except ShardnetError as exc:
-        print(f"{args.parser.prog}: {exc}", file=sys.stderr)  # "shardnet k8s render: ..."
+        # "shardnet k8s render: ...", what a server said in it unable to drive the terminal (its lines kept)
+        print(log_lines.printable(f"{args.parser.prog}: {exc}", keep="\n"), file=sys.stderr)
         return 2
     except StoppedBySignal as exc:  # stopped in order by SIGTERM, SIGHUP or Ctrl-C
         return exc.code

@@ -21,6 +21,7 @@ from shardnet.networking.tls import ClientTls
 from shardnet.protocol import services
 from shardnet.protocol.messages import ControlRequest
 from shardnet.runtimes.head import USES_AFTER, USES_BEFORE
+from shardnet.runtimes.log_lines import printable
 
 # the exit code when a replica the head routes to is down or was not checked in time, but no shard is known to have
 # none serving
@@ -48,6 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
+def _show(line: str) -> None:
+    """Print ``line`` of the status: what the server said in it (endpoints, addresses, causes) is shown, never
+    obeyed by the terminal (``printable``)."""
+    print(printable(line))
+
+
 async def _ask(
     args: argparse.Namespace, tls: Optional[ClientTls], method: str, payload: Any,
     metadata: Sequence[tuple[str, str]] = (),
@@ -72,32 +79,32 @@ async def status(args: argparse.Namespace) -> int:
     if isinstance(health, ReplicaError):
         if health.code == grpc.StatusCode.DEADLINE_EXCEEDED or health.cause.lower().startswith(NOT_CONNECTED):
             raise health  # nothing answered at all: exit 2
-        print(f"{args.target}: health unknown ({health.cause})")  # it answered, but no health check (exit 1)
+        _show(f"{args.target}: health unknown ({health.cause})")  # it answered, but no health check (exit 1)
         healthy = False
     elif isinstance(health, MalformedReplyError):
-        print(f"{args.target}: health unknown ({health.cause})")
+        _show(f"{args.target}: health unknown ({health.cause})")
         healthy = False
     else:
-        print(f"{args.target}: {health_pb2.HealthCheckResponse.ServingStatus.Name(health[0].status)}")
+        _show(f"{args.target}: {health_pb2.HealthCheckResponse.ServingStatus.Name(health[0].status)}")
         healthy = health[0].status == health_pb2.HealthCheckResponse.SERVING
     # shardnet servers also answer readiness (a head fed by discovery: once it has listed a worker of every shard)
     if isinstance(ready, Exception):  # a Jina server has no such service
-        print(f"ready: unknown ({ready.cause})")
+        _show(f"ready: unknown ({ready.cause})")
     else:
-        print(f"ready: {health_pb2.HealthCheckResponse.ServingStatus.Name(ready[0].status)}")
+        _show(f"ready: {health_pb2.HealthCheckResponse.ServingStatus.Name(ready[0].status)}")
         healthy = healthy and ready[0].status == health_pb2.HealthCheckResponse.SERVING
     # a head asks its workers: a hung one fails this, and the replica list below still says who is there
     if isinstance(endpoints, Exception):
-        print(f"endpoints: unknown ({endpoints.cause})")
+        _show(f"endpoints: unknown ({endpoints.cause})")
         healthy = False
     else:
-        print(f"endpoints: {shown_endpoints(endpoints[0].endpoints) or '(none)'}")
+        _show(f"endpoints: {shown_endpoints(endpoints[0].endpoints) or '(none)'}")
     if isinstance(control, Exception):  # not send_control: the trailing metadata says what is ejected and down
         # a Jina 3.34 server has no control service: no shardnet head
         if getattr(control, "code", None) == grpc.StatusCode.UNIMPLEMENTED:
-            print(f"replicas: none listed ({control.cause}: not a shardnet server)")
+            _show(f"replicas: none listed ({control.cause}: not a shardnet server)")
             return 0 if healthy else 1
-        print(f"replicas: unknown ({control.cause})")  # a draining server refuses it: said, as the rest is
+        _show(f"replicas: unknown ({control.cause})")  # a draining server refuses it: said, as the rest is
         return 1
     control, trailing = control
     if control.is_error:
@@ -105,24 +112,24 @@ async def status(args: argparse.Namespace) -> int:
     notes = _replica_notes(trailing)
     hops = notes["hops"] or notes["empty_hops"] or notes["hops_unlisted"]
     if control.related_entities or notes["empty_ranges"] or notes["empty_unlisted"] or hops:
-        print("replicas:")
+        _show("replicas:")
     for entity in control.related_entities:
         address = entity_address(entity.address, entity.port)
-        print(f"  shard {entity.shard_id}: {_marked(notes, entity.shard_id, address)}")
+        _show(f"  shard {entity.shard_id}: {_marked(notes, entity.shard_id, address)}")
     for shard_id in notes["empty"]:
-        print(f"  shard {shard_id}: no replica")
+        _show(f"  shard {shard_id}: no replica")
     if notes["empty_ranges"] and not notes["empty"]:  # too many to name one by one: as the head gave them
-        print(f"  shards {notes['empty_ranges']}: no replica")
+        _show(f"  shards {notes['empty_ranges']}: no replica")
     if notes["empty_unlisted"]:
-        print(f"  ... and {notes['empty_unlisted']} more shards with no replica, not named")
+        _show(f"  ... and {notes['empty_unlisted']} more shards with no replica, not named")
     if notes["unlisted"]:
-        print(f"  ... and {notes['unlisted']} more ejected replicas, not named")
+        _show(f"  ... and {notes['unlisted']} more ejected replicas, not named")
     for role, address in notes["hops"]:  # a head's uses_before and uses_after (one of an earlier version: none)
-        print(f"  {role}: {_marked(notes, role, address)}")
+        _show(f"  {role}: {_marked(notes, role, address)}")
     for role in notes["empty_hops"]:
-        print(f"  {role}: no replica")
+        _show(f"  {role}: no replica")
     if notes["hops_unlisted"]:
-        print(f"  ... and {notes['hops_unlisted']} more replicas of {USES_BEFORE} or {USES_AFTER}, not named")
+        _show(f"  ... and {notes['hops_unlisted']} more replicas of {USES_BEFORE} or {USES_AFTER}, not named")
     if notes["empty_ranges"] or notes["empty_unlisted"] or notes["empty_hops"]:
         healthy = False  # a request to ALL fails naming the shard, and one to it goes nowhere; every one, a hop
     degraded = _say_replica_health(notes, listed=bool(control.related_entities or notes["hops"]))
@@ -130,7 +137,7 @@ async def status(args: argparse.Namespace) -> int:
         healthy = False  # as a shard or a hop with no replica: every request to it, or through it, fails
     budget = {key: value for key, value in trailing or () if key in _BUDGET_KEYS}
     if budget:
-        print("retries: " + ", ".join(f"{key} {budget[key]}" for key in _BUDGET_KEYS if key in budget))
+        _show("retries: " + ", ".join(f"{key} {budget[key]}" for key in _BUDGET_KEYS if key in budget))
     return 1 if not healthy else DEGRADED if degraded else 0
 
 
@@ -150,23 +157,23 @@ def _say_replica_health(notes: dict, listed: bool) -> bool:
     checked = notes["checked"]
     if checked is None:
         if listed:  # a worker lists none; a head of another version, or Jina's, does not check them
-            print("replica health: not checked (the head does not report it)")
+            _show("replica health: not checked (the head does not report it)")
         return False
     for shard_id in notes["shards_down"]:
-        print(f"  shard {shard_id}: no serving replica")
+        _show(f"  shard {shard_id}: no serving replica")
     if notes["shards_down_ranges"] and not notes["shards_down"]:
-        print(f"  shards {notes['shards_down_ranges']}: no serving replica")
+        _show(f"  shards {notes['shards_down_ranges']}: no serving replica")
     for role in notes["hops_down"]:
-        print(f"  {role}: no serving replica")
+        _show(f"  {role}: no serving replica")
     if notes["shards_down_unlisted"]:
-        print(f"  ... and {notes['shards_down_unlisted']} more shards with no serving replica, not named")
+        _show(f"  ... and {notes['shards_down_unlisted']} more shards with no serving replica, not named")
     if notes["down_unlisted"]:
-        print(f"  ... and {notes['down_unlisted']} more replicas down, not named")
+        _show(f"  ... and {notes['down_unlisted']} more replicas down, not named")
     down, unchecked = len(notes["down"]) + notes["down_unlisted"], notes["unchecked"]
     age = "" if notes["age"] is None else f" (as checked {notes['age']}s ago)"
     if not down and not unchecked:
         if checked:
-            print(f"replica health: all {checked} replicas serving{age}")
+            _show(f"replica health: all {checked} replicas serving{age}")
         return False
     where = "every shard has a serving one (degraded)"
     if unchecked:  # neither serving nor down: a shard whose replicas were not all checked may have none serving
@@ -182,7 +189,7 @@ def _say_replica_health(notes: dict, listed: bool) -> bool:
         where = f"{' and '.join(named)} {'have' if several else 'has'} none serving" + (
             f", {unchecked} not checked within the time" if unchecked else ""
         )
-    print(f"replica health: {down} of {checked + unchecked} replicas down, {where}{age}")
+    _show(f"replica health: {down} of {checked + unchecked} replicas down, {where}{age}")
     return True
 
 

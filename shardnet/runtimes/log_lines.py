@@ -60,12 +60,19 @@ def quoted(text: object, limit: int = MAX_QUOTED_CHARS) -> str:
     was already quoted with ``repr`` (an error naming the caller's value) reads in the log as the caller's error
     said it, not escaped twice."""
     text = str(text)
-    shown = text[:limit]
-    if not shown.isprintable():
-        shown = "".join(
-            char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in shown
-        )
+    shown = printable(text[:limit])
     return shown if len(text) <= limit else f"{shown}... ({len(text)} characters)"
+
+
+def printable(text: str, keep: str = "") -> str:
+    """``text`` with each character that is not printable, save those in ``keep``, written as Python's ``repr``
+    writes it (an escape as ``\\x1b``): a peer's words shown on an operator's terminal cannot move its cursor,
+    retitle it or forge a line of output."""
+    if text.isprintable():
+        return text
+    return "".join(
+        char if char.isprintable() or char in keep else char.encode("unicode_escape").decode("ascii") for char in text
+    )
 
 
 def as_any_launch(output: str) -> str:
