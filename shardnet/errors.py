@@ -87,7 +87,7 @@ class ReplicaError(ShardnetError):
         self,
         cause: str,
         *,
-        address: str,
+        address: str = "",
         code: Optional[grpc.StatusCode] = None,
         deployment: str = "",
         shard_id: Optional[int] = None,
@@ -112,7 +112,8 @@ class ReplicaError(ShardnetError):
             where.append(f"deployment {self.deployment!r}")
         if self.shard_id is not None:
             where.append(f"shard {self.shard_id}")
-        where.append(f"{self.role} {self.address}")
+        if self.address:  # none when no replica was picked (nothing to pick, no time left to send)
+            where.append(f"{self.role} {self.address}")
         code = f"{self.code.name}: " if self.code is not None else ""
         return f"{', '.join(where)}: {code}{self.cause}"
 

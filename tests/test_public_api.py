@@ -86,6 +86,15 @@ def test_a_replica_error_whose_message_was_set_afterwards_keeps_it_through_pickl
     assert _described(_round_trip(error)) == _described(error)
 
 
+def test_a_replica_error_with_no_replica_picked_names_none_rather_than_a_placeholder() -> None:
+    """A head's errors for a discovered uses_after with no replica, or a deadline spent before a replica was
+    picked, read "replica -: ..." (a review's find): where nothing was picked, the message says where it was for."""
+    error = DeadlineExceeded("the caller's deadline ran out before it could be sent",
+                             code=grpc.StatusCode.DEADLINE_EXCEEDED, deployment="dep", unsent=True)
+    assert str(error) == "deployment 'dep': DEADLINE_EXCEEDED: the caller's deadline ran out before it could be sent"
+    assert _described(_round_trip(error)) == _described(error)
+
+
 def _fail_with(error: BaseException) -> None:
     raise error
 

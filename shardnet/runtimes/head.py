@@ -27,12 +27,12 @@ from google.protobuf import empty_pb2
 
 from shardnet.errors import (
     ConfigurationError,
+    DeadlineExceeded,
     MalformedReplyError,
     ProtocolError,
     ReplicaError,
     RoutingError,
     ShardnetError,
-    replica_error_class,
 )
 from shardnet.networking.addresses import (
     Address,
@@ -691,8 +691,8 @@ class Head:
         method, payload = self._method(requests, decoded)
         timeout = deadline.left()
         if timeout == 0:  # sent now, it would run after the caller gave up (gRPC sends a call already past due)
-            raise replica_error_class(grpc.StatusCode.DEADLINE_EXCEEDED)(
-                f"deployment {deployment!r}: the caller's deadline ran out before it could be sent", address="-",
+            raise DeadlineExceeded(
+                "the caller's deadline ran out before it could be sent",
                 code=grpc.StatusCode.DEADLINE_EXCEEDED, deployment=deployment, unsent=True,
             )
         return await self.pool.call(
@@ -887,8 +887,9 @@ class Head:
                 exc.unsent = False  # the shards ran it
                 raise
             except RoutingError as exc:
-                raise ReplicaError(str(exc), address="-", code=grpc.StatusCode.UNAVAILABLE,
-                                   deployment=self._uses_after, unsent=False) from None
+                cause = str(exc).removeprefix(f"deployment {self._uses_after!r} ")  # said once, by the error
+                raise ReplicaError(cause, code=grpc.StatusCode.UNAVAILABLE, deployment=self._uses_after,
+                                   unsent=False) from None
             report_shard_problems(response, self.deployment, outcomes)
         else:
             response = merge_shard_responses(self.deployment, outcomes)  # raises when every shard failed
