@@ -346,8 +346,8 @@ async def send_control(
     response, _ = await call_once(
         "control", request, target_head, timeout=timeout, tls=tls, metadata=(*auth_metadata(token), *metadata)
     )
-    if response.is_error:
-        raise ReplicaError(response.status.description, address=target_head)
+    if response.is_error:  # a head that answers its refusal in the reply rather than in the call's status
+        raise ReplicaError(f"{command} refused: {response.status.description}", address=target_head, role="head")
     return response
 
 
@@ -425,4 +425,4 @@ def _blocking(coroutine_function: Callable[..., Awaitable[T]]) -> Callable[..., 
 
 activate_worker_sync = _blocking(activate_worker)
 deactivate_worker_sync = _blocking(deactivate_worker)
-send_health_check_sync = _blocking(send_health_check_async)  # Jina's order: target, timeout, tls, root_certificates
+send_health_check_sync = _blocking(send_health_check_async)  # Jina's order: target, timeout, https, root_certificates
