@@ -317,10 +317,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 @contextlib.asynccontextmanager
 async def serving(path: str, handler: Callable, *, stream: bool = False) -> AsyncIterator[str]:
     """A gRPC server on loopback answering the method ``path`` with ``handler`` (unary, or bidirectional
@@ -335,3 +331,7 @@ async def serving(path: str, handler: Callable, *, stream: bool = False) -> Asyn
         yield f"127.0.0.1:{port}"
     finally:
         await server.stop(None)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

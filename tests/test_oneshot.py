@@ -521,6 +521,7 @@ async def test_a_control_request_a_head_refuses_in_its_reply_names_the_command_a
     """A head may answer a control request with an error status in the reply itself: the error read "replica
     ADDRESS: ..." with the head's words alone, naming neither the command nor that it was the head refusing."""
     from shardnet.protocol.proto import jina_pb2
+    from shardnet.testing import serving
 
     async def refuse(request: bytes, context) -> bytes:
         reply = jina_pb2.ControlRequestProto.FromString(request)
@@ -528,14 +529,7 @@ async def test_a_control_request_a_head_refuses_in_its_reply_names_the_command_a
         reply.header.status.description = "no such worker"
         return reply.SerializeToString()
 
-    head = grpc.aio.server()
-    head.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-        services.CONTROL_SERVICE, {"process_control": grpc.unary_unary_rpc_method_handler(refuse)})])
-    address = f"127.0.0.1:{head.add_insecure_port('127.0.0.1:0')}"
-    await head.start()
-    try:
+    async with serving(services.PROCESS_CONTROL, refuse) as address:
         with pytest.raises(ReplicaError) as refused:
             await oneshot.send_control("DEACTIVATE", address, "127.0.0.1", 9, shard_id=0)
-    finally:
-        await head.stop(0)
     assert str(refused.value) == f"head {address}: DEACTIVATE refused: no such worker"

@@ -22,7 +22,7 @@ import pytest
 from shardnet import DataRequest, DeadlineExceeded, Document, GrpcConnectionPool, PollingMap, ReplicaError
 from shardnet.errors import ConfigurationError
 from shardnet.networking import oneshot, streams
-from shardnet.networking.streams import MAX_STREAMED_BYTES, STATUS_EXCEPTION, status_message, status_of
+from shardnet.networking.streams import MAX_STREAMED_BYTES, STATUS_EXCEPTION, status_message, stream_status_error
 from shardnet.protocol import services
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.processes import ShardnetProcess
@@ -964,7 +964,7 @@ async def test_a_stream_with_an_unreadable_answer_is_cut_once_only_what_may_be_g
         await context.send_initial_metadata((("shardnet-max-message-bytes", "1000000"),))
         async for data in requests:
             received = DataRequest.from_bytes(data)
-            if received.is_error and status_of(received) is not None:  # a CANCELLED: acknowledged, as a worker does
+            if received.is_error and stream_status_error(received) is not None:  # a CANCELLED: acknowledged, as a worker does
                 await context.write(status_message(received.request_id, grpc.StatusCode.CANCELLED, "cancelled"))
                 continue
             seen.append(received.request_id)
@@ -999,7 +999,7 @@ async def test_a_garbled_answer_whose_caller_leaves_does_not_cut_a_request_still
         taken = []
         async for data in requests:
             received = DataRequest.from_bytes(data)
-            if received.is_error and status_of(received) is not None:
+            if received.is_error and stream_status_error(received) is not None:
                 continue  # a CANCELLED of what it already answered: nothing to acknowledge
             taken.append(data)
             if len(taken) == 2:

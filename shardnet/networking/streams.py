@@ -77,7 +77,7 @@ def status_message(request_id: str, code: grpc.StatusCode, details: str) -> byte
     return answer.to_bytes()
 
 
-def status_of(answer: DataRequest) -> Optional[grpc.aio.AioRpcError]:
+def stream_status_error(answer: DataRequest) -> Optional[grpc.aio.AioRpcError]:
     """The gRPC error ``answer`` stands for, when it is a status answer."""
     exception = answer._header().status.exception  # read only: the answer's bytes stay its cache, documents undecoded
     if exception.name != STATUS_EXCEPTION or len(exception.args) != 2:
@@ -415,7 +415,7 @@ class RequestStreams:
         if self.unary_only or self.retired or not isinstance(request, DataRequest):
             return None
         try:
-            if not request.request_id or (request.is_error and status_of(request) is not None):
+            if not request.request_id or (request.is_error and stream_status_error(request) is not None):
                 return None  # no id to match its answer by, or it would read as a status message
             for key, value in metadata or ():
                 if key == services.VIA_HEAD_METADATA:
@@ -519,7 +519,7 @@ class StreamedCall:
             lane.forget(request_id, future, self._data)
             if timer is not None:
                 timer.cancel()
-        error = status_of(answer) if answer.is_error else None
+        error = stream_status_error(answer) if answer.is_error else None
         if error is not None:
             if error.details() == services.BUSY_DETAILS:  # this stream is full, not the replica: a call has room
                 return await self._unary(None if loop is None else max(0.0, self._timeout - (loop.time() - started)))

@@ -63,7 +63,7 @@ from shardnet.protocol.proto import jina_pb2
 from shardnet.runtimes.bursts import BurstLog
 from shardnet.runtimes.executor import DRY_RUN_ENDPOINT
 from shardnet.runtimes.log_lines import MAX_ID_CHARS, quoted
-from shardnet.runtimes.merge import every_shard_failed, merge_shard_responses, report_shard_problems, status_of
+from shardnet.runtimes.merge import every_shard_failed, failure_word, merge_shard_responses, report_shard_problems
 from shardnet.runtimes.refusals import RefusalLog
 from shardnet.runtimes.registrations import Registrations
 from shardnet.runtimes.replica_check import ReplicaCheck, ReplicaChecks
@@ -777,7 +777,7 @@ class Head:
         where = f"shard {shard_id}" if shard_id is not None and deployment in ("", self.deployment) else (
             deployment or self.deployment
         )
-        return where, status_of(failure)
+        return where, failure_word(failure)
 
     def _failed_after_running(self, request: DataRequest, details: str) -> tuple[DataRequest, list[tuple[str, str]]]:
         """A request a replica may have run, then failed: answered ERROR (``is-error: true``, gRPC OK), as an

@@ -181,11 +181,11 @@ def every_shard_failed(deployment: str, outcomes: Sequence[ShardOutcome]) -> Bas
 def _by_status(failures: Sequence[ShardOutcome]) -> str:
     """How many shards failed with each status, most first ("40 UNAVAILABLE, 24 DEADLINE_EXCEEDED"): what the
     named ones leave out when they do not all fit."""
-    counts = Counter(status_of(failure) for _, failure in failures)
+    counts = Counter(failure_word(failure) for _, failure in failures)
     return ", ".join(f"{count} {status}" for status, count in counts.most_common())
 
 
-def status_of(failure: BaseException) -> str:
+def failure_word(failure: BaseException) -> str:
     """A shard's failure in a word: its gRPC status, or "no replica" for a shard that had none to send to."""
     if isinstance(failure, RoutingError):
         return "no replica"

@@ -37,7 +37,7 @@ from shardnet.networking.streams import (
     StreamWriter,
     byte_count,
     status_message,
-    status_of,
+    stream_status_error,
 )
 from shardnet.networking.tls import ClientTls, FollowedClientMaterial
 from shardnet.protocol import services
@@ -345,7 +345,8 @@ class Worker:
                 try:
                     request = DataRequest.from_bytes(payload)
                     request_id = request.request_id  # the header decodes here, or the request cannot be answered
-                    cancelled = request.is_error and status_of(request) is not None  # the sender stopped waiting
+                    # a status answer on a request stream: the sender stopped waiting
+                    cancelled = request.is_error and stream_status_error(request) is not None
                     if not cancelled and (not request_id or request_id in working):
                         raise ProtocolError(
                             f"request id {request_id!r:.80} is still being worked on in this stream: its answers "
