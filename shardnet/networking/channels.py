@@ -424,7 +424,7 @@ class MetadataCache:
 
     def for_endpoint(self, endpoint: Optional[str], extra: Sequence[tuple[str, str]] = ()) -> grpc.aio.Metadata:
         """The ``endpoint`` pair (none for an endpoint gRPC cannot send), then the fixed pairs, then ``extra``;
-        ProtocolError for an extra pair gRPC cannot send."""
+        ProtocolError for an extra pair gRPC cannot send, ConfigurationError for one naming another endpoint."""
         if extra and type(extra) is not tuple and isinstance(extra, Mapping):  # a dict, as Jina callers pass it
             extra = tuple(extra.items())
         key = (endpoint, extra)
