@@ -50,7 +50,7 @@ import yaml
 
 from shardnet.errors import ConfigurationError
 from shardnet.manifests.images import check_image
-from shardnet.networking.balancing import BALANCERS
+from shardnet.networking.balancing import check_balancer
 from shardnet.networking.channels import check_max_message_mb
 from shardnet.networking.policies import check_count, check_flag
 from shardnet.networking.polling import PollingMap
@@ -296,8 +296,7 @@ class DeploymentSpec:
             check_count(self.max_in_flight, "max_in_flight", 1)
         check_flag(self.request_streams, "request_streams")
         check_flag(self.network_policy, "network_policy")
-        if self.balancer not in BALANCERS:
-            raise ConfigurationError(f"unknown balancer {self.balancer!r}: choose one of {', '.join(BALANCERS)}")
+        check_balancer(self.balancer)
         if not _is_count(self.port) or not 1024 <= self.port <= 65535:
             raise ConfigurationError(
                 f"port must be an integer in 1024..65535, got {self.port!r}: the pods run as uid {RUN_AS} with every "

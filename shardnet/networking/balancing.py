@@ -271,9 +271,13 @@ class PeakEwma:
 BALANCERS = types.MappingProxyType({RoundRobin.name: RoundRobin, PeakEwma.name: PeakEwma})  # read-only
 
 
+def check_balancer(name: str) -> None:
+    """Refuse a balancer name that is not one of ``BALANCERS``, naming those there are."""
+    if not isinstance(name, str) or name not in BALANCERS:
+        raise ConfigurationError(f"unknown balancer {name!r}: choose one of {', '.join(BALANCERS)}")
+
+
 def make_balancer(name: str) -> Balancer:
     """A fresh balancer by name: ``round_robin`` or ``p2c_ewma``."""
-    try:
-        return BALANCERS[name]()
-    except KeyError:
-        raise ConfigurationError(f"unknown balancer {name!r}: choose one of {', '.join(BALANCERS)}") from None
+    check_balancer(name)
+    return BALANCERS[name]()

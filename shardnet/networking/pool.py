@@ -30,7 +30,7 @@ from shardnet.errors import (
 )
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import parse_address
-from shardnet.networking.balancing import make_balancer
+from shardnet.networking.balancing import check_balancer, make_balancer
 from shardnet.networking.channels import (
     ChannelOptions,
     MetadataCache,
@@ -174,7 +174,7 @@ class GrpcConnectionPool:
         if not isinstance(runtime_name, str):
             raise ConfigurationError(f"runtime_name names the pool's owner (Jina's first argument), got {runtime_name!r}")
         self.runtime_name = runtime_name  # who holds the pool, as in Jina: shown by repr
-        make_balancer(balancer)  # validate the name now, not at the first add
+        check_balancer(balancer)  # now, not at the first add
         _check_policies(retry=(retry, RetryPolicy), retry_budget=(retry_budget, RetryBudget),
                         ejection=(ejection, EjectionPolicy), tls=(tls, ClientTls))
         check_timeout(timeout, "the pool's timeout")

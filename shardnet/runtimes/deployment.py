@@ -35,7 +35,7 @@ from shardnet.errors import (
 )
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address, parse_address
-from shardnet.networking.balancing import make_balancer
+from shardnet.networking.balancing import check_balancer
 from shardnet.networking.channels import TOKEN_VARIABLE, check_control_token, check_max_message_mb, message_size_options
 from shardnet.networking.policies import check_count, check_flag, check_seconds, check_timeout
 from shardnet.networking.polling import PollingMap
@@ -114,7 +114,7 @@ def _check_arguments(
             f"deployment name {name!r:.120}: up to 100 letters, digits, '.', '_' or '-', starting with a letter or "
             "digit"
         )
-    make_balancer(balancer)  # an unknown name fails here, with the same message the pool gives
+    check_balancer(balancer)
     if not register_interval > 0 or not startup_timeout > 0:
         raise ConfigurationError("register_interval and startup_timeout must be positive seconds")
     if register_interval < MIN_REGISTER_INTERVAL:  # the workers would refuse it (worker --register-interval)
