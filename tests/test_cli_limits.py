@@ -100,6 +100,9 @@ RENDER_REFUSED = {
     "grace-within-the-pre-stop-pause": (["--grace-seconds", "3"],
                                         f"--grace-seconds must be an integer >= {5 + DRAIN_MARGIN + 1} (a stopping pod first pauses 5 s"),
     "startup-below-the-probe-period": (["--startup-seconds", "1"], "--startup-seconds must be an integer from 2 to 86400"),
+    "head-memory-limit-under-all": (["--shards", "8", "--polling", "ALL", "--head-memory-limit", "400Mi"],
+                                    "(47 copies of it over 64 MiB; under ALL polling it holds and merges the answers "
+                                    "of 8 shards)"),
 }
 
 
@@ -109,6 +112,13 @@ def test_k8s_render_refuses_counts_and_times_naming_its_flags(extra, message, ca
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.startswith("shardnet k8s render: ") and message in captured.err, captured.err
     assert "pre_stop_seconds" not in captured.err and "termination_grace_seconds" not in captured.err
+
+
+def test_k8s_render_sizes_the_heads_memory_limit_for_its_shards_answers_unless_told(capsys):
+    assert main([*RENDER, "--shards", "2"]) == 0
+    assert "limits:\n            memory: 768Mi" in capsys.readouterr().out  # /search polls ALL: 2 answers held
+    assert main([*RENDER, "--shards", "2", "--head-memory-limit", "none"]) == 0
+    assert "memory: 768Mi" not in capsys.readouterr().out
 
 
 def test_k8s_render_takes_the_most_workers_a_head_holds(capsys):

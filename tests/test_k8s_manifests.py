@@ -18,7 +18,7 @@ from shardnet.runtimes.worker import THREAD_EXIT_GRACE
 from shardnet.discovery.kubernetes import Member, pod_members, slice_members
 from shardnet.errors import ConfigurationError
 from shardnet.manifests.kubernetes import (
-    DRAIN_MARGIN, RUN_AS, TLS_DIR, DeploymentSpec, Resources, pod_labels, render, render_components,
+    DRAIN_MARGIN, HEAD_RESOURCES, RUN_AS, TLS_DIR, DeploymentSpec, Resources, pod_labels, render, render_components,
     to_yaml,
 )
 from shardnet.protocol import services
@@ -367,8 +367,8 @@ def test_a_message_limit_reaches_the_head_and_every_worker() -> None:
 def test_a_memory_limit_one_largest_message_would_exceed_is_refused() -> None:
     """One legal request must not OOM-kill a container: a head holds a request about 5 times over at its peak,
     a worker 8 (measured with 64 MB through the real processes), over a base of 64 MiB."""
-    with pytest.raises(ConfigurationError) as refused:
-        DeploymentSpec(name="big", image="i", uses="m:C", max_message_mb=256)  # the processes' own default
+    with pytest.raises(ConfigurationError) as refused:  # 256: the processes' own default
+        DeploymentSpec(name="big", image="i", uses="m:C", max_message_mb=256, head_resources=HEAD_RESOURCES)
     assert str(refused.value) == (
         "a head memory limit of 512Mi (--head-memory-limit) is too small for messages of 256 MiB (--max-message-mb): "
         "one such request takes a head about 1344 MiB at its peak (5 copies of it over 64 MiB), and the container "
@@ -391,6 +391,25 @@ def test_a_memory_limit_one_largest_message_would_exceed_is_refused() -> None:
         name="big", image="i", uses="m:C", max_message_mb=256,
         head_resources=Resources(memory_limit="1344Mi"), worker_resources=Resources(memory_limit=None),
     )
+
+
+def test_a_head_polling_all_over_several_shards_is_sized_for_every_shards_answer() -> None:
+    """Under ALL a head holds each shard's answer, raw and decoded, and merges them: one request over 2 shards
+    took 658 MiB and over 4 shards 1,408 MiB at 64 MiB messages, past the 512Mi render gave every head and
+    accepted from the command line (a review's find). The default limit is sized for the shards; a limit given
+    that is smaller is refused naming ALL; ANY alone (``/search`` too) keeps the head's 5 copies."""
+    def head_limit(spec: DeploymentSpec) -> str:
+        head, _ = head_and_workers(render(spec), "Deployment")
+        return container(head)["resources"]["limits"]["memory"]
+
+    assert head_limit(SPECS["sharded"]) == "1152Mi"  # 3 shards: 64 + (5 + 2 x 6) x 64 MiB
+    assert head_limit(DeploymentSpec(name="one", image="i", uses="m:C", polling="ALL")) == "512Mi"
+    anything_but_all = DeploymentSpec(name="any", image="i", uses="m:C", shards=4, polling='{"/search": "ANY"}')
+    assert head_limit(anything_but_all) == "512Mi"
+    with pytest.raises(ConfigurationError) as refused:
+        DeploymentSpec(name="all", image="i", uses="m:C", shards=2, head_resources=HEAD_RESOURCES)
+    assert ("one such request takes a head about 768 MiB at its peak (11 copies of it over 64 MiB; under ALL "
+            "polling it holds and merges the answers of 2 shards)") in str(refused.value), refused.value
 
 
 @pytest.mark.parametrize(
@@ -416,7 +435,7 @@ def test_pods_are_locked_down_and_drain_before_they_stop() -> None:
         assert all("emptyDir" in volume for volume in pod["volumes"])
         assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     head, workers = head_and_workers(render(SPECS["sharded"]), "Deployment")
-    assert container(head)["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
+    assert container(head)["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "1152Mi"}}
     assert all(
         container(w)["resources"] == {"requests": {"cpu": "2", "memory": "4Gi"}, "limits": {"cpu": "4", "memory": "8Gi"}}
         for w in workers

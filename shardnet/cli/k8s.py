@@ -30,6 +30,7 @@ from shardnet.manifests.kubernetes import (
     DeploymentSpec,
     Resources,
     disruption_warnings,
+    head_memory_limit,
     hop_component_name,
     render,
     render_components,
@@ -38,6 +39,7 @@ from shardnet.manifests.kubernetes import (
 from shardnet.runtimes.head import MAX_WORKERS
 
 DEFAULT_USES = "shardnet.examples.text_index:TextIndexer"
+SIZED = "sized"  # --head-memory-limit not given: what the topology needs (head_memory_limit)
 
 
 def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -157,8 +159,9 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     parser.add_argument(
         "--head-memory-limit",
         type=optional_quantity,
-        default=HEAD_RESOURCES.memory_limit,
-        help="memory limit of the head; 'none' for no limit (default: %(default)s)",
+        default=SIZED,
+        help=f"memory limit of the head; 'none' for no limit (default: {HEAD_RESOURCES.memory_limit}, or more where "
+             "one request of --max-message-mb takes more: under ALL polling the head holds every shard's answer)",
     )
     parser.add_argument(
         "--output", type=Path, metavar="DIR", help="write NAME-head.yaml, NAME-0.yaml, ... here instead of stdout"
@@ -249,7 +252,13 @@ def run(args: argparse.Namespace) -> int:
         worker_resources=Resources(
             cpu=args.cpu, memory=args.memory, memory_limit=args.memory_limit, cpu_limit=args.cpu_limit
         ),
-        head_resources=Resources(cpu=args.head_cpu, memory=args.head_memory, memory_limit=args.head_memory_limit),
+        head_resources=Resources(
+            cpu=args.head_cpu, memory=args.head_memory,
+            memory_limit=(
+                head_memory_limit(args.shards, args.polling, args.max_message_mb)
+                if args.head_memory_limit == SIZED else args.head_memory_limit
+            ),
+        ),
         max_message_mb=args.max_message_mb,
         max_in_flight=args.max_in_flight,
         request_streams=args.request_streams,

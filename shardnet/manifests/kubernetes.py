@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from types import MappingProxyType
 from typing import Any, NamedTuple, Optional
@@ -171,7 +171,7 @@ class Resources:
         return resources
 
 
-HEAD_RESOURCES = Resources(cpu="100m", memory="128Mi", memory_limit="512Mi")
+HEAD_RESOURCES = Resources(cpu="100m", memory="128Mi", memory_limit="512Mi")  # raised to what its topology needs
 
 # What one request of the largest size costs a process at its peak, in copies of it, over a base: measured with
 # a 64 MB request through a head (+265 MiB over 54) to an Echo worker (+450 MiB), as gRPC, Python and protobuf
@@ -183,6 +183,10 @@ MAX_UNAVAILABLE = 1  # the pods of the head, or of one shard, a voluntary disrup
 # AFTER_DRAIN_SECONDS, which a Deployment's stop gives it too)
 DRAIN_MARGIN = AFTER_DRAIN_SECONDS
 MESSAGE_COPIES = MappingProxyType({"head": 5, "worker": 8})
+# ... and what each shard past the first adds to a head under ALL polling, which holds every shard's answer, raw
+# and decoded, and merges them: measured with 60 MiB answers, 2 shards +610 MiB, 4 shards +1360 MiB (a merge
+# over the size limit, refused; one within it costs less)
+HEAD_COPIES_PER_SHARD = 6
 # what the most documents one call may hold (protocol.messages: 1,000,000 in a process_data list, what a uses_after
 # receives) cost a worker decoded, however small its message (some 200 bytes each); a head routes them undecoded
 DECODED_DOCUMENTS_MIB = MappingProxyType({"head": 0, "worker": 224})
@@ -202,6 +206,22 @@ class CertificateNeed(NamedTuple):
     role: str  # who mounts it: "head" (the workers too, when they have no Secret of their own) or "worker"
     names: list[str]
     usages: tuple[str, ...]
+
+
+def message_copies(role: str, shards: int, polling: str) -> int:
+    """How many times the largest message a ``role`` process takes at its peak (``MESSAGE_COPIES``): a head
+    polling ALL over several shards holds and merges each one's answer (``HEAD_COPIES_PER_SHARD``)."""
+    if role == "head" and shards > 1 and PollingMap.parse(polling).polls_all:
+        return MESSAGE_COPIES[role] + HEAD_COPIES_PER_SHARD * (shards - 1)
+    return MESSAGE_COPIES[role]
+
+
+def head_memory_limit(shards: int, polling: str, max_message_mb: float) -> str:
+    """The head's default memory limit: ``HEAD_RESOURCES``'s, or, past it, what one request of
+    ``max_message_mb`` takes the head (``message_copies``), rounded up to 64 MiB."""
+    needed = PROCESS_BASE_MIB + message_copies("head", shards, polling) * max_message_mb
+    default = _quantity_value(HEAD_RESOURCES.memory_limit) / 2**20
+    return HEAD_RESOURCES.memory_limit if needed <= default else f"{math.ceil(needed / 64) * 64}Mi"
 
 
 @dataclass(frozen=True)
@@ -232,7 +252,9 @@ class DeploymentSpec:
     port: int = 8080
     head_replicas: int = 1
     worker_resources: Resources = field(default_factory=Resources)
-    head_resources: Resources = HEAD_RESOURCES
+    # None: HEAD_RESOURCES, its memory limit raised to what one request of max_message_mb takes the head
+    # (head_memory_limit: more under ALL polling over several shards)
+    head_resources: Optional[Resources] = None
     termination_grace_seconds: int = 30  # what a stopping pod has: preStop, then the drain, then SIGKILL
     pre_stop_seconds: int = 5
     startup_seconds: int = 180  # how long loading an Executor may take before Kubernetes restarts the pod
@@ -291,6 +313,9 @@ class DeploymentSpec:
             raise ConfigurationError(f"polling must be ANY, ALL or a JSON map as text, got {self.polling!r}")
         PollingMap.parse(self.polling)  # raises ConfigurationError naming what is wrong
         check_max_message_mb(self.max_message_mb)
+        if self.head_resources is None:  # a frozen dataclass: set once, here
+            limit = head_memory_limit(self.shards, self.polling, self.max_message_mb)
+            object.__setattr__(self, "head_resources", replace(HEAD_RESOURCES, memory_limit=limit))
         self._check_memory_holds_a_message()
         if self.max_in_flight is not None:
             check_count(self.max_in_flight, "max_in_flight", 1)
@@ -392,15 +417,18 @@ class DeploymentSpec:
                 continue
             # --max-message-mb counts MiB (the processes take it times 2**20), as the limits here do; exact
             # fractions, as a quantity may be far past what a float holds (1e400)
-            copies = MESSAGE_COPIES[role] * self.max_message_mb
+            per_message = message_copies(role, self.shards, self.polling)
+            copies = per_message * self.max_message_mb
             floor = DECODED_DOCUMENTS_MIB[role]  # small documents decode to more than copies of a small message
             needed = math.ceil(PROCESS_BASE_MIB + max(copies, floor))
             limit_mib = _quantity_value(resources.memory_limit) / 2**20
             if limit_mib < needed:
-                fits = max(0, (limit_mib - PROCESS_BASE_MIB) / MESSAGE_COPIES[role])
-                peak = f"{MESSAGE_COPIES[role]} copies of it" if copies >= floor else (
+                fits = max(0, (limit_mib - PROCESS_BASE_MIB) / per_message)
+                peak = f"{per_message} copies of it" if copies >= floor else (
                     f"the {floor} MiB its most documents decode to"
                 )
+                why = (f"; under ALL polling it holds and merges the answers of {self.shards} shards"
+                       if role == "head" and per_message > MESSAGE_COPIES[role] else "")
                 lower = (
                     f"lower --max-message-mb to {math.floor(fits)} or less, "
                     if copies >= floor and limit_mib >= PROCESS_BASE_MIB + floor else ""
@@ -408,7 +436,7 @@ class DeploymentSpec:
                 raise ConfigurationError(
                     f"a {role} memory limit of {resources.memory_limit} ({flag}) is too small for messages of "
                     f"{self.max_message_mb:g} MiB (--max-message-mb): one such request takes a {role} about "
-                    f"{needed} MiB at its peak ({peak} over {PROCESS_BASE_MIB} MiB), and the container would be "
+                    f"{needed} MiB at its peak ({peak} over {PROCESS_BASE_MIB} MiB{why}), and the container would be "
                     f"OOM-killed with every request on it; raise the limit to {needed}Mi, {lower}or drop the limit "
                     "('none')"
                 )

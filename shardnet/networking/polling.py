@@ -135,6 +135,11 @@ class PollingMap:
     def __getitem__(self, endpoint: str) -> PollingType:
         return self._by_endpoint.get(endpoint, self.default)
 
+    @property
+    def polls_all(self) -> bool:
+        """Whether some endpoint goes to every shard (``/search`` does, unless the map says otherwise)."""
+        return self.default is PollingType.ALL or PollingType.ALL in self._by_endpoint.values()
+
     def to_json(self) -> str:
         return json.dumps({**{k: v.name for k, v in self._by_endpoint.items()}, "*": self.default.name})
 

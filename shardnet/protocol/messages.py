@@ -600,8 +600,11 @@ class DataRequest:
 
     @property
     def nbytes(self) -> int:
-        """The size of the wire form in bytes, as Jina's ``nbytes``."""
-        return len(self.to_bytes())
+        """The size of the wire form in bytes, as Jina's ``nbytes``: counted, not written out (a merged answer
+        past the limit is refused without a copy of it more)."""
+        if self._buffer is not None:
+            return len(self._buffer)
+        return (self._message if self._message is not None else self._envelope).ByteSize()
 
     def __len__(self) -> int:
         return len(self._full().data.docs.docs)

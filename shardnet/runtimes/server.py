@@ -42,7 +42,7 @@ import sys
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn, Optional, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn, Optional, Sequence, Union
 
 import grpc
 import grpc.aio
@@ -919,16 +919,18 @@ def request_list(
 
 
 async def within_message_limit(
-    context: grpc.aio.ServicerContext, answer: bytes, limit: int, what: str, whose: str
+    context: grpc.aio.ServicerContext, answer: Union[bytes, DataRequest], limit: int, what: str, whose: str
 ) -> bytes:
-    """``answer``, or an abort naming ``what`` it is and ``whose`` limit it passes ("this worker's"): gRPC would
-    refuse to send it with a bare "Sent message larger than max" and a traceback in the server's log."""
-    if len(answer) > limit:
+    """``answer``'s bytes, or an abort naming ``what`` it is and ``whose`` limit it passes ("this worker's"): gRPC
+    would refuse to send it with a bare "Sent message larger than max" and a traceback in the server's log. A
+    DataRequest is measured before it is written out: one past the limit is never copied into bytes."""
+    size = answer.nbytes if isinstance(answer, DataRequest) else len(answer)
+    if size > limit:
         await context.abort(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"{what} is {len(answer)} bytes, over {whose} max message size of {limit} bytes (--max-message-mb)",
+            f"{what} is {size} bytes, over {whose} max message size of {limit} bytes (--max-message-mb)",
         )
-    return answer
+    return answer.to_bytes() if isinstance(answer, DataRequest) else answer
 
 
 class _Stop:
