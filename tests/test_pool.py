@@ -13,6 +13,7 @@ import pytest
 import tenacity
 
 from shardnet.networking import replica_list
+from shardnet.networking.connection import HEALTH_TIMEOUT
 from shardnet.protocol import services
 from shardnet.runtimes.worker import Worker
 from shardnet.testing import serving
@@ -830,9 +831,9 @@ async def test_a_hung_replica_missing_short_deadlines_on_endpoints_in_turn_is_ej
     else:
         assert ejection.endswith(
             "after 3 failures in a row: DEADLINE_EXCEEDED (callers' deadlines up to 0.1s, while the other replicas "
-            f"answered; its health check: not answering within {replica_list.HEALTH_TIMEOUT:g}s) x3"
+            f"answered; its health check: not answering within {HEALTH_TIMEOUT:g}s) x3"
         ), ejection
-    assert time.monotonic() - began < replica_list.HEALTH_TIMEOUT + 4  # not keepalive's 30-40 s
+    assert time.monotonic() - began < HEALTH_TIMEOUT + 4  # not keepalive's 30-40 s
 
 
 async def test_a_replica_whose_health_says_not_serving_is_set_aside_as_draining(pool_factory, echo_servers):

@@ -13,8 +13,8 @@ import grpc
 import pytest
 
 from shardnet import ConfigurationError, DataRequest, EjectionPolicy, ReplicaList, RoutingError
-from shardnet.networking import replica_list
-from shardnet.networking.replica_list import close_in_turn
+from shardnet.networking import outliers
+from shardnet.networking.connection import close_in_turn
 
 
 @pytest.fixture
@@ -269,7 +269,7 @@ async def test_an_answer_from_a_replica_ends_its_run_of_short_deadlines_missed(e
     since its last answer (and once its health check fails), and a single replica (no other answering) for none.
     The others' calls had a hair more time left than its own (callers with one deadline, the pool's time before
     each call apart): they count."""
-    monkeypatch.setattr(replica_list, "HEALTH_TIMEOUT", 0.2)  # its checks go unanswered: fail sooner
+    monkeypatch.setattr(outliers, "HEALTH_TIMEOUT", 0.2)  # its checks go unanswered: fail sooner
     slow, quick = await echo_servers(2)
     slow.delay = slow.health_delay = 30.0
     replicas = ReplicaList(name="dep/shard-0")
@@ -315,7 +315,7 @@ async def hung_and_answering(echo_servers) -> tuple[ReplicaList, Any, Any, Any]:
 
 def lagging_checks() -> list[asyncio.Task]:
     """The health checks of replicas missing short deadlines running in this loop."""
-    return [task for task in asyncio.all_tasks() if task.get_name() == replica_list._LAGGING_CHECK]
+    return [task for task in asyncio.all_tasks() if task.get_name() == outliers._LAGGING_CHECK]
 
 
 async def call_once(replicas: ReplicaList, connection, timeout: float, endpoint: str = "/x") -> None:

@@ -53,7 +53,7 @@ from shardnet.discovery.watch import (
 from shardnet.errors import ConfigurationError, DiscoveryError
 from shardnet.networking.addresses import parse_address
 from shardnet.networking.pool import GrpcConnectionPool
-from shardnet.networking.replica_list import Connection
+from shardnet.networking.connection import Connection
 
 logger = logging.getLogger(__name__)
 

@@ -232,7 +232,7 @@ class EjectionPolicy:
     tell a hung replica from one busy on slow calls (round robin sends a
     caller alternating /slow and /fast every /slow to one replica), so its
     gRPC health service is asked, one check at a time per replica within
-    ``replica_list.HEALTH_TIMEOUT``: SERVING ends that run unblamed,
+    ``connection.HEALTH_TIMEOUT``: SERVING ends that run unblamed,
     NOT_SERVING sets the replica aside as draining, its channel closed under
     the check leaves the run to be asked again, anything else blames it.
     Left uncovered: a stuck or slow replica whose health says SERVING, under

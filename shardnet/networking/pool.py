@@ -54,7 +54,8 @@ from shardnet.networking.policies import (
     check_timeout,
 )
 from shardnet.networking.polling import PollingType
-from shardnet.networking.replica_list import Connection, ReplicaList, close_in_turn, wrong_server
+from shardnet.networking.connection import Connection, close_in_turn
+from shardnet.networking.replica_list import ReplicaList, wrong_server
 from shardnet.networking.tls import ClientTls, FollowedClientMaterial
 from shardnet.protocol.messages import MAX_SHARD_ID, ControlRequest, DataRequest, is_shard_id
 

@@ -1,21 +1,20 @@
-"""``ReplicaList``: the replicas of one shard (or one head), their channels and their health.
+"""``ReplicaList``: the replicas of one shard (or one head): who is in, who is picked, who is out and why.
 
-The list owns its connections: it opens and closes channels, picks the next
-replica through its balancer, counts consecutive failures, rebuilds a channel
-that keeps failing, and ejects a failing replica for a while (never the last
-one), letting it back in once the gRPC health service says it serves.
-Adding, removing and picking are O(1) whatever the number of replicas.
+The list owns its connections: it adds and removes them, picks the next replica through its balancer, counts
+consecutive failures, rebuilds a channel that keeps failing, and ejects a failing replica for a while (never the
+last one), health-probing it until it serves again; a replica refusing calls as it drains is set aside the same
+way. Adding, removing and picking are O(1) whatever the number of replicas. Two ideas it uses live apart: a
+replica's channel, from opening to closing, in ``connection`` (``Connection``), and the outlier detection of
+replicas missing callers' short deadlines their peers meet in ``outliers`` (``ShortDeadlineOutliers``, one per
+list, which calls back into the list to blame a replica or set it aside).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import threading
 import time
-import weakref
-from typing import Any, Awaitable, Generator, Iterable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import grpc
 import grpc.aio
@@ -23,30 +22,20 @@ import grpc.aio
 from shardnet.errors import ConfigurationError, RoutingError
 from shardnet.networking.addresses import Address, parse_address
 from shardnet.networking.balancing import Balancer, RoundRobin, make_balancer
-from shardnet.networking.channels import (
-    CONNECT_TIMEOUT,
-    ChannelOptions,
-    Stubs,
-    checked_options,
-    checked_reply,
-    get_grpc_channel,
-    message_limits,
-    refused_as_draining,
+from shardnet.networking.channels import ChannelOptions, checked_options, checked_reply, refused_as_draining
+from shardnet.networking.connection import (
+    OTHER_LOOP,
+    RETIRED_CHANNEL_GRACE,
+    Connection,
+    close_in_turn,
+    finish_or_cut,
 )
-from shardnet.networking.health import HealthProblem, health_problem
-from shardnet.networking.streams import RequestStreams, rpc_error
+from shardnet.networking.outliers import ShortDeadlineOutliers
+from shardnet.networking.streams import rpc_error
 from shardnet.networking.policies import EjectionPolicy, check_seconds
 from shardnet.networking.tls import ClientTls
-from shardnet.protocol import services
 
 module_logger = logging.getLogger(__name__)
-
-# asyncio's words when a channel made in one event loop is used from another (or after its loop closed)
-_OTHER_LOOP = ("attached to a different loop", "Event loop is closed")
-
-# how long a replaced or removed replica's channel waits for the calls still on it before it is closed
-# anyway: as long as they last, in practice (a call cut off here fails over, it is not lost, but it runs twice)
-RETIRED_CHANNEL_GRACE = 24 * 3600.0
 
 # what a replica answers to a request whose content is at fault (malformed, unknown): every replica of the shard
 # would answer it so, so the balancer counts it as an answer, not as the replica's failure. Not UNIMPLEMENTED,
@@ -76,344 +65,6 @@ OUT_OF_TURN_CHECKS_EVERY = 1.0
 # how often at most a replica set aside as draining is checked: its next process (a restart, a rolling update) is
 # expected within seconds, so its checks do not back off as an ejected replica's do
 DRAINING_CHECKS_EVERY = 1.0
-# what a health check's connection attempt (problem_now) is given beyond the check's time, in milliseconds
-CONNECT_SLACK_MS = 100
-# seconds a replica's health check over its channel may take (an ejected one's probe, a lagging one's check): one
-# not answering within it is not healthy. The same bound both ways: a replica is blamed for missing callers' short
-# deadlines only when it fails the very check that would let it back in, or it would be ejected and let back in
-# in turn. Its own, not the callers' time: a check with a caller's 0.05 s would name a busy machine's healthy
-# replica as hung
-HEALTH_TIMEOUT = 1.0
-# how much longer than the longest of a replica's run of callers' short deadlines missed another's answered call
-# may have had and still count against it: callers with the same deadline reach a replica with what they have
-# left of it, which differs by the pool's time before the call (microseconds, or milliseconds on a busy loop)
-SAME_DEADLINE_SLACK = 1.1
-# the others' answers that judge a replica's run of callers' short deadlines missed, however long the run: a hung
-# replica never answers, so its run only grows, and one wave of its peers' own misses (a moment's slowdown) left a
-# gap of answers to misses that never closed: it stayed picked for good, half the calls failing (a review)
-ANSWERS_TO_JUDGE = 3
-# how many kinds of call (method and endpoint) a replica keeps runs of callers' short deadlines missed for: endpoint
-# names come from callers, so a new kind beyond these drops the one missed least recently (its misses still count
-# in the replica's run on any endpoint)
-MAX_RUN_KINDS = 8
-# the name of the task that asks a replica missing callers' short deadlines its peers meet for its health
-_LAGGING_CHECK = "shardnet-lagging-check"
-
-
-async def _finish_or_cut(closings: dict[asyncio.Task, Any], grace: float) -> None:
-    """Give background closes ``grace`` seconds; those still waiting on calls stop waiting and close at once
-    (their calls are cut: ``ReplicaList.call`` reports them as UNAVAILABLE)."""
-    if not closings:
-        return
-    pending = set(closings)  # all of them, when the wait itself is cancelled: then none may wait on
-    try:
-        _, pending = await asyncio.wait(closings, timeout=grace)
-    finally:
-        for closing in pending:
-            closing.cancel()  # a cancelled close cuts what it waited for (_ChannelInUse.close)
-    await asyncio.gather(*pending, return_exceptions=True)
-
-
-async def close_in_turn(closes: Iterable[Awaitable[Any]]) -> None:
-    """Start each close a loop pass after the one before, then wait for them all: grpc.aio's channel close walks
-    every task of the loop, and thousands started at once walked each other. A close that has finished is let
-    go of at once: held until the last one ends, the 8,000 finished closes of a pool were walked by every close
-    after them (15 s). The first failure is raised once every close has ended. Cancelled, it cancels every close
-    still running (each then cuts what it waited for)."""
-    running: set[asyncio.Future] = set()
-    failures: list[BaseException] = []
-
-    def finished(task: asyncio.Future) -> None:
-        running.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            failures.append(task.exception())
-
-    try:
-        for close in closes:
-            task = asyncio.ensure_future(close)
-            running.add(task)
-            task.add_done_callback(finished)
-            await asyncio.sleep(0)
-        while running:
-            await asyncio.wait(running)
-    finally:
-        for task in running:
-            task.cancel()
-    if failures:
-        raise failures[0]
-
-
-class _Running:
-    """The calls and streamed requests running on one channel, counted by ``ReplicaList.call``, so that a close
-    can wait for them itself: grpc.aio's own grace, once cancelled, leaves its calls running uncut."""
-
-    __slots__ = ("count", "_idle")
-
-    def __init__(self) -> None:
-        self.count = 0
-        self._idle: Optional[asyncio.Future] = None
-
-    def end(self) -> None:
-        self.count -= 1
-        if not self.count and self._idle is not None and not self._idle.done():
-            self._idle.set_result(None)
-
-    async def idle(self, timeout: float) -> None:
-        """Return once none runs, or after ``timeout`` seconds."""
-        if self.count:
-            if self._idle is None or self._idle.done():  # shared by everyone waiting (a close after a removal)
-                self._idle = asyncio.get_running_loop().create_future()
-            await asyncio.wait([self._idle], timeout=timeout)
-
-
-class _ChannelInUse:
-    """A channel, the request streams on it (None without) and what runs on it, closed together: closing a
-    channel does not end its streams, and their requests must get the same grace as its calls."""
-
-    __slots__ = ("channel", "streams", "running")
-
-    def __init__(self, channel: grpc.aio.Channel, streams: Optional[RequestStreams], running: _Running):
-        self.channel = channel
-        self.streams = streams
-        self.running = running
-
-    async def close(self, grace: Optional[float]) -> None:
-        """Give calls and streamed requests ``grace`` seconds (None: none), then cut them; cancelled while it
-        waits, it cuts them at once."""
-        try:
-            if grace:
-                await self.running.idle(grace)
-        finally:
-            if self.streams is None:
-                await self.channel.close(None)
-            else:
-                await asyncio.gather(self.streams.close(None), self.channel.close(None))
-
-
-class _ShortRun:
-    """A run of callers' short deadlines a replica missed: how many, the longest of them (seconds), and how many
-    calls the shard's other replicas answered since the first within deadlines no longer."""
-
-    __slots__ = ("misses", "answered", "deadline")
-
-    def __init__(self) -> None:
-        self.misses = 0
-        self.answered = 0
-        self.deadline = 0.0
-
-    def missed(self, callers_timeout: float) -> None:
-        """One more miss, of a caller's deadline of ``callers_timeout``."""
-        self.misses += 1
-        self.deadline = max(self.deadline, callers_timeout)
-
-    def met(self, timeout: float) -> bool:
-        """Count another replica's answer within ``timeout`` if that is no longer than the run's deadlines
-        (``SAME_DEADLINE_SLACK``); True once such answers are as many as the misses, or ``ANSWERS_TO_JUDGE``."""
-        if self.misses == 0 or timeout > self.deadline * SAME_DEADLINE_SLACK:
-            return False
-        self.answered += 1
-        return self.answered >= min(self.misses, ANSWERS_TO_JUDGE)
-
-
-class _Lagging:
-    """What a replica missing callers' short deadlines has open: its runs by kind of call (method and endpoint; at
-    most MAX_RUN_KINDS), its run on any kind, and the health check that run's being met started (None: none)."""
-
-    __slots__ = ("kinds", "total", "check")
-
-    def __init__(self) -> None:
-        self.kinds: dict[tuple[str, Optional[str]], _ShortRun] = {}
-        self.total = _ShortRun()
-        self.check: Optional[asyncio.Task] = None
-
-    def missed(self, kind: tuple[str, Optional[str]], callers_timeout: float) -> None:
-        """One more miss of a call of ``kind``: counted in its kind's run and in the run on any kind."""
-        run = self.kinds.pop(kind, None)  # put back last: the kinds kept are the ones missed latest
-        if run is None:
-            run = _ShortRun()
-            if len(self.kinds) >= MAX_RUN_KINDS:
-                del self.kinds[next(iter(self.kinds))]
-        self.kinds[kind] = run
-        run.missed(callers_timeout)
-        self.total.missed(callers_timeout)
-
-
-def _call_kind(method: str, metadata: Optional[Sequence[tuple[str, str]]]) -> tuple[str, Optional[str]]:
-    """A call's kind, which the outlier detection compares like with like first: its method and the endpoint its
-    metadata names (the first, as a head reads it; None for one sent in the request's header alone)."""
-    for key, value in metadata or ():
-        if key == services.ENDPOINT_METADATA:
-            return method, value
-    return method, None
-
-
-class Connection:
-    """One replica: its address, its channel and the method callables on it."""
-
-    __slots__ = (
-        "address", "_tls", "_options", "channel", "stubs", "running", "failures", "times_ejected", "_retiring",
-        "_closed", "_origin", "_request_streams", "rebuilt_at", "admitted_at", "checked_at", "draining", "loop",
-        "_loop_thread", "recent_failures",
-    )
-
-    def __init__(
-        self,
-        address: Address,
-        tls: Optional[ClientTls] = None,
-        options: Optional[ChannelOptions] = None,
-        owner: str = "",
-        request_streams: bool = False,
-    ):
-        self.address = address
-        self._request_streams = request_streams
-        self._origin = f"{owner} replica {address}" if owner else f"replica {address}"  # named by malformed replies
-        self._tls = tls if address.tls else None
-        self._options = options
-        self.failures = 0
-        # the latest failures' causes (a status code, and whose deadline ran out), written on failures only: the
-        # last EjectionPolicy.consecutive_failures of them are the run an ejection names
-        self.recent_failures: list[str] = []
-        self.times_ejected = 0
-        self.admitted_at = float("-inf")  # time.monotonic() when it last joined the picks
-        self.rebuilt_at = float("-inf")  # loop time of the last rebuild
-        self.checked_at = float("-inf")  # time.monotonic() of the last health check out of turn (ejected)
-        self.draining = False  # set aside as it drains (not ejected): checked every second until it serves again
-        self._retiring: dict[asyncio.Task, _ChannelInUse] = {}  # replaced channels closing in the background
-        self._closed: weakref.WeakSet = weakref.WeakSet()  # channels we closed: their cancelled calls were cut by us
-        self._open()
-
-    def _open(self) -> None:
-        try:
-            self.channel = get_grpc_channel(self.address, options=self._options, asyncio=True, tls=self._tls)
-        except RuntimeError as error:  # grpc.aio wants an event loop to attach the channel to
-            if "event loop" not in str(error):
-                raise
-            raise ConfigurationError(
-                f"replica {self.address}: no event loop to open its channel in; add connections from async code "
-                "in the loop that sends"
-            ) from None
-        # the loop gRPC bound the channel to (grpc.aio keeps it as _loop; None: unknown, and gRPC's own error then
-        # says it, after the call was made)
-        self.loop: Optional[asyncio.AbstractEventLoop] = getattr(self.channel, "_loop", None)
-        self._loop_thread: Optional[int] = None  # the thread that loop was seen running in (check_loop)
-        self.stubs = Stubs.for_channel(
-            self.channel,
-            origin=self._origin,
-            request_streams=self._request_streams,
-            limits=message_limits(self._options),
-        )
-        self.running = _Running()
-
-    @property
-    def tls(self) -> Optional[ClientTls]:
-        """The material the next channel is dialled with; None for a replica dialled in plaintext."""
-        return self._tls
-
-    def dial_with(self, tls: ClientTls) -> None:
-        """Open the next channel with ``tls`` (renewed material); a replica dialled in plaintext stays so."""
-        if self._tls is not None:
-            self._tls = tls
-
-    def rebuild(self) -> None:
-        """Replace the channel with a fresh one; the old one closes once the calls still on it end. TLS material
-        in files that cannot be read now raises ConfigurationError and leaves the connection as it was."""
-        retired = _ChannelInUse(self.channel, self.stubs.streams, self.running)
-        self._open()  # first: a failure to open changes nothing
-        self.rebuilt_at = asyncio.get_running_loop().time()
-        self._closed.add(retired.channel)
-        closing = asyncio.get_running_loop().create_task(retired.close(RETIRED_CHANNEL_GRACE))
-        self._retiring[closing] = retired
-        closing.add_done_callback(self._retiring.pop)
-
-    def check_loop(self) -> None:
-        """Refuse, before gRPC makes a call, a channel whose event loop is not the one sending: one that runs no
-        more (closed, or a loop the pool was filled in before ``asyncio.run``), or one running in another thread.
-        gRPC would queue the call on it, never to run (a coroutine never awaited, its call held) or to run
-        whenever that loop wakes, long after the caller was refused. The running loop is asked for when the
-        thread calling is not the one it was last seen running in (its lookup makes a system call)."""
-        loop = self.loop
-        if loop is None:
-            return
-        if not loop.is_running():
-            raise self.other_loop_error()
-        thread = threading.get_ident()
-        if thread != self._loop_thread:  # the first call, or the loop run again from another thread, or a stranger
-            if asyncio._get_running_loop() is not loop:
-                raise self.other_loop_error()
-            self._loop_thread = thread
-
-    def other_loop_error(self) -> ConfigurationError:
-        return ConfigurationError(
-            f"{self._origin}: its channel belongs to another event loop than the one sending; add connections from "
-            "async code in the loop that sends (not before asyncio.run, nor in an earlier one)"
-        )
-
-    def cut_by_close(self, channel: grpc.aio.Channel) -> bool:
-        """True when a call on ``channel`` was cancelled because we closed the channel, not by its caller."""
-        if channel not in self._closed:
-            return False
-        task = asyncio.current_task()
-        return task is None or not task.cancelling()  # the caller's task being cancelled: its own doing
-
-    async def health(self, timeout: float = HEALTH_TIMEOUT) -> bool:
-        """True when the replica's gRPC health service answers SERVING, or, for a replica without one, when it
-        lists its endpoints (every Jina and shardnet server does; another server on its port does not); False
-        when the check fails (``problem``)."""
-        return await self.problem(timeout) is None
-
-    async def problem(self, timeout: float = HEALTH_TIMEOUT) -> Optional[HealthProblem]:
-        """Why the replica does not serve (None: it serves), asked over its channel, the one its calls take (a
-        connection that hangs fails the check as it fails them); its channel closed under the check (renewed
-        or rebuilt: health checks are not counted among the calls a close waits for) is a problem, and no
-        cancellation of the caller's."""
-        channel = self.channel
-        self.check_loop()
-        try:
-            return await health_problem(self.stubs, self.address, timeout)
-        except asyncio.CancelledError:
-            if self.cut_by_close(channel):
-                return HealthProblem("its channel was closed under the check")
-            raise
-
-    async def problem_now(self, timeout: float) -> Optional[HealthProblem]:
-        """Why the replica does not serve right now (None: it serves), as ``health`` asks it but over a channel of
-        its own, closed after: the routing channel may wait out a reconnect back-off of minutes though the replica
-        is back, and a status check must not replace it. Its connection attempt lasts as long as the check, a
-        little more (so that a hung replica is named by the call's deadline, as not answering): gRPC's 20 s would
-        keep a connection to it open that long after the channel closed."""
-        options = {**dict(self._options or ()), CONNECT_TIMEOUT: math.ceil(timeout * 1000) + CONNECT_SLACK_MS}
-        channel = get_grpc_channel(self.address, options=options, asyncio=True, tls=self._tls)
-        try:
-            return await health_problem(Stubs.for_channel(channel, origin=self._origin), self.address, timeout)
-        finally:
-            # shielded: a check cut short (a head draining) and cut again as the close runs left the channel open,
-            # and gRPC dialling the replica again and again for as long as the channel object lived
-            await asyncio.shield(channel.close())
-
-    async def close(self, grace: Optional[float] = None) -> None:
-        """Close the channel, giving calls in flight ``grace`` seconds; replaced channels get the same.
-
-        Calls still running after that are cancelled; ``ReplicaList.call`` turns that into UNAVAILABLE.
-        """
-        self._closed.add(self.channel)
-        retiring, self._retiring = dict(self._retiring), {}
-        cut = False
-        try:
-            await _ChannelInUse(self.channel, self.stubs.streams, self.running).close(grace)
-        except asyncio.CancelledError:
-            cut = True  # cancelled itself (a pool closing): the replaced channels are cut at once too
-            raise
-        finally:
-            await _finish_or_cut(retiring, 0 if cut else grace or 0)
-
-    def __await__(self) -> Generator[Any, None, "Connection"]:
-        """``await replicas.get_next_connection()``, Jina's form, gives the connection: shardnet's pick is
-        synchronous, and its own callers take the connection without awaiting."""
-        yield from ()
-        return self
-
-    def __repr__(self) -> str:
-        return f"<Connection {self.address} failures={self.failures}>"
 
 
 def _cause(code: grpc.StatusCode, timeout: Optional[float], callers_deadline: bool) -> str:
@@ -466,8 +117,8 @@ class ReplicaList:
         self._eligible: list[Connection] = []  # picked from; swap-removal keeps it O(1)
         self._position: dict[Connection, int] = {}
         self._probes: dict[Connection, asyncio.Task] = {}
-        # the pickable replicas with a run of callers' short deadlines missed, their others' answers counted
-        self._lagging: dict[Connection, _Lagging] = {}
+        # the pickable replicas' runs of callers' short deadlines missed, judged by the others' answers
+        self._outliers = ShortDeadlineOutliers(ejection, blame=self._blame, set_aside=self._set_aside_draining)
         self._leaving: dict[asyncio.Task, Connection] = {}  # removed connections closing once their calls end
         # the last replica to leave, while none has come since; whether a call finding none said so
         self._emptied: Optional[Address] = None
@@ -621,8 +272,7 @@ class ReplicaList:
         index = self._position.pop(connection, None)
         if index is None:
             return
-        if connection in self._lagging:  # out of the picks, its runs are over (its check cut): afresh when back
-            self._end_runs(connection)
+        self._outliers.end_runs(connection)  # out of the picks, its runs are over (its check cut): afresh when back
         last = self._eligible.pop()
         if last is not connection:
             self._eligible[index] = last
@@ -731,111 +381,12 @@ class ReplicaList:
         policy = self._ejection
         return policy is None or callers_timeout is None or callers_timeout < policy.min_blamed_deadline
 
-    def _missed_short(
-        self,
-        connection: Connection,
-        method: str,
-        metadata: Optional[Sequence[tuple[str, str]]],
-        callers_timeout: Optional[float],
-    ) -> None:
-        """``connection`` missed a caller's deadline too short to blame it for (``_too_short``): one more of its
-        runs, on this kind of call and on any, blamed after all as the shard's other replicas answer (``_answered``)."""
-        policy = self._ejection
-        if policy is None or callers_timeout is None or grpc.StatusCode.DEADLINE_EXCEEDED not in policy.failure_codes:
-            return
-        lagging = self._lagging.get(connection)
-        if lagging is None:
-            lagging = self._lagging[connection] = _Lagging()
-        lagging.missed(_call_kind(method, metadata), callers_timeout)
-
-    def _answered(
-        self,
-        connection: Connection,
-        method: str,
-        metadata: Optional[Sequence[tuple[str, str]]],
-        timeout: Optional[float],
-    ) -> None:
-        """A call on ``connection`` with ``timeout`` was answered while replicas miss callers' short deadlines:
-        its own runs are over, and it counts for every other's whose deadlines were no shorter
-        (``SAME_DEADLINE_SLACK``). One the others have answered as many calls of a kind (method and endpoint) as
-        it missed of that kind is the outlier, hung or stuck, and blamed at once for that kind's run. One they
-        answered as many calls of any kind as it missed in all is hung, or merely busy on slow calls (round robin
-        sends a caller alternating a slow endpoint and a quick one every slow call to one replica, every quick
-        one to the other): the calls cannot tell the two apart, so its health service is asked
-        (``_check_lagging``), one check at a time per replica."""
-        if connection in self._lagging:
-            self._end_runs(connection)
-        if timeout is None:  # no deadline: no answer within one as short as theirs
-            return
-        kind = _call_kind(method, metadata)
-        for replica, lagging in list(self._lagging.items()):
-            run = lagging.kinds.get(kind)
-            if run is not None and run.met(timeout):
-                self._blame_kind(replica, lagging, kind, run)
-            elif lagging.total.met(timeout) and lagging.check is None:
-                check = self._check_lagging(replica, lagging)
-                lagging.check = asyncio.get_running_loop().create_task(check, name=_LAGGING_CHECK)
-
-    def _blame_kind(
-        self, connection: Connection, lagging: _Lagging, kind: tuple[str, Optional[str]], run: _ShortRun
-    ) -> None:
-        """Blame ``connection`` for its run of misses on ``kind``, which the others answered: its misses leave
-        its run on any kind, and its ejection names the endpoint and the deadlines."""
-        del lagging.kinds[kind]
-        lagging.total.misses = max(0, lagging.total.misses - run.misses)
-        if not lagging.kinds and not lagging.total.misses:
-            self._end_runs(connection)
-        on = f"on {kind[1]:.80}" if kind[1] is not None else f"on {kind[0]} calls naming no endpoint"
-        cause = (
-            f"DEADLINE_EXCEEDED (callers' deadlines up to {run.deadline:.3g}s {on}, while the other replicas "
-            "answered it)"
-        )
-        self._blame(connection, run.misses, cause)
-
     def _blame(self, connection: Connection, misses: int, cause: str) -> None:
         """Record ``misses`` failures of ``connection`` for a run of callers' short deadlines, until it is ejected."""
         for _ in range(misses):
             self.record_failure(connection, grpc.StatusCode.DEADLINE_EXCEEDED, cause=cause)
             if connection not in self._position:  # ejected: what is left of the run goes with it
                 break
-
-    async def _check_lagging(self, connection: Connection, lagging: _Lagging) -> None:
-        """Ask ``connection``, whose misses on any kind of call the others met, for its health over its channel
-        within ``HEALTH_TIMEOUT``. SERVING, it is busy on slow calls, not hung: its run on any kind ends unblamed
-        (its runs by kind go on). Its channel replaced under the check (renewed or rebuilt) says nothing: the run
-        stays, and a later answer asks again. NOT_SERVING or refusing as it drains, it is going away: set aside
-        as draining (the last pickable one is blamed, as its refusals are). Not answering in time, or any other
-        problem: blamed for the run (failures towards ``consecutive_failures``), its ejection naming the
-        deadlines and what the check found."""
-        channel = connection.channel
-        try:
-            problem = await connection.problem(HEALTH_TIMEOUT)
-        finally:
-            lagging.check = None
-        if self._lagging.get(connection) is not lagging:  # its runs ended meanwhile (it answered, left the picks)
-            return
-        if problem is not None and channel is not connection.channel:  # inconclusive: asked over a closed channel
-            return
-        run = lagging.total
-        if problem is None:  # busy, not hung: its runs by kind go on
-            lagging.total = _ShortRun()
-            if not lagging.kinds:
-                self._end_runs(connection)
-            return
-        self._end_runs(connection)  # every miss it has is answered for now, its runs by kind too
-        if problem.draining and self._set_aside_draining(connection):
-            return
-        cause = (
-            f"DEADLINE_EXCEEDED (callers' deadlines up to {run.deadline:.3g}s, while the other replicas answered; "
-            f"its health check: {problem})"
-        )
-        self._blame(connection, run.misses, cause)
-
-    def _end_runs(self, connection: Connection) -> None:
-        """Forget ``connection``'s runs of callers' short deadlines missed, and stop its health check."""
-        lagging = self._lagging.pop(connection)
-        if lagging.check is not None:
-            lagging.check.cancel()
 
     def _eject(self, connection: Connection) -> None:
         self._withdraw(connection)
@@ -1000,7 +551,7 @@ class ReplicaList:
                 cause = _cause(code, timeout, callers_deadline)
                 self.record_failure(connection, code, counted=wrong_server(method, code), cause=cause)
             elif not blamed and channel is connection.channel and connection in self._position:
-                self._missed_short(connection, method, metadata, timeout)
+                self._outliers.missed(connection, method, metadata, timeout)
             raise
         except asyncio.CancelledError:
             if connection.cut_by_close(channel):
@@ -1014,7 +565,7 @@ class ReplicaList:
             raise
         except RuntimeError as error:
             balancer.finished(connection, token, failed=True)
-            if any(words in str(error) for words in _OTHER_LOOP):
+            if any(words in str(error) for words in OTHER_LOOP):
                 raise connection.other_loop_error() from None
             raise
         except BaseException:
@@ -1024,8 +575,9 @@ class ReplicaList:
             running.end()
         balancer.finished(connection, token)
         connection.failures = 0
-        if self._lagging:  # some replica misses callers' short deadlines: does this answer make it the outlier?
-            self._answered(connection, method, metadata, timeout)
+        outliers = self._outliers
+        if outliers.lagging:  # some replica misses callers' short deadlines: does this answer make it the outlier?
+            outliers.answered(connection, method, metadata, timeout)
         return response, trailing
 
     async def close(self) -> None:
@@ -1035,12 +587,7 @@ class ReplicaList:
         for probe in list(self._probes.values()):
             probe.cancel()
         self._probes.clear()
-        checks = [lagging.check for lagging in self._lagging.values() if lagging.check is not None]
-        for check in checks:
-            check.cancel()
-        self._lagging.clear()
-        if checks:  # ended before the channels they ask over close: no task outlives the list
-            await asyncio.wait(checks)
+        await self._outliers.close()  # its health checks end before the channels they ask over close
         closed: set[Connection] = set()
         while True:  # until no replica was added (a watch, an ACTIVATE) while the closes ran
             self._eligible.clear()  # no pick, failover included, lands on a closing channel
@@ -1051,7 +598,7 @@ class ReplicaList:
                 break
             await asyncio.gather(
                 close_in_turn(connection.close(grace=0.5) for connection in connections),
-                _finish_or_cut(leaving, 0.5),
+                finish_or_cut(leaving, 0.5),
             )
             closed.update(connections)
         for connection in self._connections.values():

@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 from shardnet.errors import ShardnetError
 from shardnet.networking.addresses import entity_address
 from shardnet.networking.pool import GrpcConnectionPool
-from shardnet.networking.replica_list import Connection
+from shardnet.networking.connection import Connection
 
 # health checks (each a fresh connection, a TLS handshake under TLS) one check runs at once; the others wait their turn
 MAX_CHECKS_AT_ONCE = 64
