@@ -509,6 +509,35 @@ def test_tags_and_parameters_nested_deeper_than_protobuf_carries_are_refused_and
     assert dict(doc.tags) == {"kept": 1}
 
 
+def test_the_deepest_tags_a_document_takes_travel_on_a_match_of_a_chunk_and_one_level_more_is_refused():
+    """A tag value took as many levels as a parameter's, 3 too many where a document sits: an Executor setting
+    33 nested dicts on a document ran, and its caller got "malformed DataRequest" (a review's find)."""
+
+    def nested(dicts: int) -> dict:
+        value: dict = {}
+        for _ in range(dicts - 1):
+            value = {"k": value}
+        return value
+
+    deepest = next(dicts for dicts in range(40, 0, -1) if not _refused_as_tags(nested(dicts)))
+    top = Document(id="top", tags={"t": nested(deepest)})
+    top.chunks.append(Document(id="chunk"))
+    top.chunks[0].matches.append(Document(id="match", tags={"t": nested(deepest)}))
+    request = DataRequest([top])
+    back = DataRequest.from_bytes(request.to_bytes())
+    assert back.docs[0].chunks[0].matches[0].tags["t"] == nested(deepest) == back.docs[0].tags["t"]
+    with pytest.raises(TypeError, match=r"tags\['t'\] nests lists and dicts deeper than protobuf can carry"):
+        Document(tags={"t": nested(deepest + 1)})
+
+
+def _refused_as_tags(value: object) -> bool:
+    try:
+        Document(tags={"t": value})
+    except TypeError:
+        return True
+    return False
+
+
 def test_a_refused_dtype_neither_stays_in_memory_nor_carries_numpy_s_quote_of_it():
     """The dtype cache keeps only names numpy could spell (a client's megabyte names stayed, 8 MB each), and an
     unknown name's error is not chained to numpy's, which quotes the whole name into an error answer's stacks."""

@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 # shardnet's, and a request's parameters sit 4 levels down (message, Struct, entry, Value); a dict takes 3 more
 # (Struct, entry, Value), a list 2 (ListValue, Value). So whatever a request brought fits, to be written back
 VALUE_LEVELS = 96
+# ... and a tag value's: a document's tags sit 3 levels deeper (data, docs, the document), and 3 more leave room
+# for chunks and matches of chunks. Tags taken 3 levels too deep made an answer no reader could parse: the worker
+# ran its handler and the caller got "malformed DataRequest"
+TAG_LEVELS = VALUE_LEVELS - 6
 
 
 def to_python(value: Any) -> Any:
@@ -102,18 +106,19 @@ def _deeper_than(value: Any, levels: int) -> bool:
     return False
 
 
-def update_struct(struct: struct_pb2.Struct, values: Any, what: str) -> None:
-    """``struct.update`` all or nothing, with an error that says which value could not be stored and why."""
+def update_struct(struct: struct_pb2.Struct, values: Any, what: str, levels: int = VALUE_LEVELS) -> None:
+    """``struct.update`` all or nothing, with an error that says which value could not be stored and why; a value
+    may take ``levels`` protobuf levels below its own."""
     if not isinstance(values, Mapping):
         raise TypeError(f"{what} take a mapping of text keys to JSON-like values, got {type(values).__name__}")
     checked = struct_pb2.Struct()  # protobuf leaves an empty entry behind when a value fails: fill a scratch one first
     for key, value in values.items():
         if not isinstance(key, str):
             raise TypeError(f"{what} keys are text, got {key!r}")
-        if _deeper_than(value, VALUE_LEVELS):
+        if _deeper_than(value, levels):
             raise TypeError(
-                f"{what}[{key!r}] nests lists and dicts deeper than protobuf can carry (at most 100 levels in all: "
-                "a dict takes 3, a list 2)"
+                f"{what}[{key!r}] nests lists and dicts deeper than protobuf can carry (at most 100 levels in all, "
+                f"{levels} below the value: a dict takes 3, a list 2)"
             )
         try:
             checked.update({key: value})
@@ -138,7 +143,7 @@ class StructView(MutableMapping):
         return to_python(_entry(self._struct, key))
 
     def __setitem__(self, key: str, value: Any) -> None:
-        update_struct(self._struct, {key: value}, "tags")
+        update_struct(self._struct, {key: value}, "tags", TAG_LEVELS)
 
     def __delitem__(self, key: str) -> None:
         if key not in self._struct:
@@ -195,7 +200,7 @@ class Document:
         if embedding is not None:
             self.embedding = embedding
         if tags:
-            update_struct(self._pb.tags, tags, "tags")
+            update_struct(self._pb.tags, tags, "tags", TAG_LEVELS)
         if mime_type is not None:  # before the uri, whose setter would guess one
             self.mime_type = mime_type
         if uri is not None:
@@ -362,7 +367,7 @@ class Document:
     @tags.setter
     def tags(self, value: Mapping[str, Any]) -> None:
         replacement = struct_pb2.Struct()
-        update_struct(replacement, value, "tags")  # checked first: a bad value leaves the old tags as they were
+        update_struct(replacement, value, "tags", TAG_LEVELS)  # checked first: a bad value leaves the old tags as they were
         self._pb.tags.CopyFrom(replacement)
 
     @property
