@@ -578,3 +578,18 @@ def test_documents_are_found_by_id_and_other_lookups_are_refused_saying_what_to_
     for index in ([0, 1], [True, False, True]):
         with pytest.raises(TypeError, match="shardnet has no DocumentArray; write"):
             docs[index]
+
+
+@pytest.mark.parametrize("build, said", [
+    (lambda: Document(text="\ud800"), "Document.text takes text UTF-8 can carry: '\\ud800' at position 0"),
+    (lambda: Document(id="a\udcff"), "Document.id takes text UTF-8 can carry: '\\udcff' at position 1"),
+    (lambda: Document(tags={"s": "x\ud800"}), "tags['s'] takes text UTF-8 can carry"),
+    (lambda: Document(id="x", tensor=[[1, 2], [3]]), "tensor of document 'x': cannot send this as an array"),
+    (lambda: Document(id="x", tensor=np.ma.masked_array([1, 2], [0, 1])), "its mask does not travel"),
+], ids=["lone-surrogate-text", "lone-surrogate-id", "lone-surrogate-tag", "ragged-tensor", "masked-tensor"])
+def test_values_a_document_cannot_carry_are_refused_naming_the_field(build, said):
+    """A review's finds: a lone surrogate raised protobuf's bare UnicodeEncodeError (or, in a tag, "must be
+    JSON-like", though it is text), a ragged list numpy's ValueError, and a masked array lost its mask."""
+    with pytest.raises((TypeError, ProtocolError)) as refused:
+        build()
+    assert said in str(refused.value)

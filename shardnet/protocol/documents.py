@@ -78,7 +78,25 @@ def _as_chunk_of(parent: docarray_pb2.DocumentProto, chunk: docarray_pb2.Documen
 def _text(value: Any, field: str) -> str:
     if not isinstance(value, str):
         raise TypeError(f"Document.{field} takes text, got {type(value).__name__}")
+    if not value.isascii():
+        _check_encodes(value, f"Document.{field}")
     return value
+
+
+def _check_encodes(text: str, what: str) -> None:
+    """Refuse text UTF-8 cannot carry (a lone surrogate, as a bad decode leaves), naming where it was to go:
+    protobuf's own error named neither the field nor the document."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _not_utf8(what, exc) from None
+
+
+def _not_utf8(what: str, exc: UnicodeEncodeError) -> TypeError:
+    return TypeError(
+        f"{what} takes text UTF-8 can carry: {exc.object[exc.start:exc.end]!r} at position {exc.start} is a lone "
+        "surrogate (text decoded with errors='surrogateescape'?)"
+    )
 
 
 def _level(value: Any, field: str) -> int:
@@ -122,6 +140,8 @@ def update_struct(struct: struct_pb2.Struct, values: Any, what: str, levels: int
             )
         try:
             checked.update({key: value})
+        except UnicodeEncodeError as exc:  # in the key or in text within the value
+            raise _not_utf8(f"{what}[{key!r}]", exc) from None
         except (TypeError, ValueError, OverflowError):  # OverflowError: an int past a double's range
             raise TypeError(
                 f"{what}[{key!r}] must be JSON-like (text, number, bool, None, list, dict), got {value!r:.80}"

@@ -35,7 +35,12 @@ MAX_DTYPE_NAME = 32
 def _sendable(array: Any, kinds: frozenset[str] = _PLAIN_KINDS) -> np.ndarray:
     """``array`` as numpy, refused unless of one of ``kinds``: checked before a message is touched, so a refused
     value leaves what was there."""
-    array = np.asarray(array)
+    if isinstance(array, np.ma.MaskedArray):  # its mask would be dropped without a word
+        raise ProtocolError("cannot send a masked array: its mask does not travel; fill it first (array.filled())")
+    try:
+        array = np.asarray(array)
+    except (TypeError, ValueError) as exc:  # ragged lists, say: numpy's words, as a refusal naming the field
+        raise ProtocolError(f"cannot send this as an array: {exc}") from None
     if array.dtype.kind not in kinds:
         travelling = _TRAVELLING if kinds is _PLAIN_KINDS else "numbers"
         raise ProtocolError(f"cannot send an array of dtype {array.dtype}: only {travelling} travel")
