@@ -7,6 +7,15 @@ of such misses, by kind of call and on any kind, counts the others' answers agai
 or has its health checked first when the calls cannot tell a hung replica from a busy one. It is its own
 bookkeeping, kept apart from ``replica_list``: the list owns one per list, tells it of misses and answers, and is
 called back to blame a replica or set it aside as draining.
+
+A replica's runs (ended by its next answer) are kept by kind of call (method and endpoint; the ``MAX_RUN_KINDS``
+missed latest) and on any kind. Once the others answered as many calls of one kind, within deadlines no longer,
+as it missed of that kind, the run is blamed at once: a hung, stuck or uniformly slow replica. Once they answered
+as many of any kind as it missed in all, the calls cannot tell a hung replica from one busy on slow calls (round
+robin sends a caller alternating /slow and /fast every /slow to one replica), so its health is asked, one check at
+a time per replica, within ``HEALTH_TIMEOUT``: SERVING ends that run unblamed, draining sets the replica aside,
+its channel closed under the check leaves the run to be asked again, anything else blames it. Left uncovered: a
+stuck or slow replica whose health says SERVING, behind callers alternating endpoints in step with round robin.
 """
 
 from __future__ import annotations

@@ -223,21 +223,10 @@ class EjectionPolicy:
     than the replica, a longer one is how a hung replica shows when no
     per-attempt timeout is set. A shorter one counts after all when the
     shard's other replicas meet such deadlines (Envoy judges a host against
-    its cluster, not alone). A replica's runs of them missed (ended by its
-    next answer) are kept by kind of call (method and endpoint; its 8 kinds
-    missed latest) and on any kind. Once the others answered as many calls
-    of one kind within deadlines no longer as it missed of that kind, that
-    run is blamed at once (a hung, stuck or uniformly slow replica). Once
-    they answered as many of any kind as it missed in all, the calls cannot
-    tell a hung replica from one busy on slow calls (round robin sends a
-    caller alternating /slow and /fast every /slow to one replica), so its
-    gRPC health service is asked, one check at a time per replica within
-    ``connection.HEALTH_TIMEOUT``: SERVING ends that run unblamed,
-    NOT_SERVING sets the replica aside as draining, its channel closed under
-    the check leaves the run to be asked again, anything else blames it.
-    Left uncovered: a stuck or slow replica whose health says SERVING, under
-    callers alternating endpoints in step with round robin, is not ejected
-    by this rule; an ``attempt_timeout`` or the p2c_ewma balancer covers it.
+    its cluster, not alone): ``networking.outliers`` says how, and the case
+    it leaves (a stuck replica whose health says SERVING behind callers
+    alternating endpoints in step with round robin, which an
+    ``attempt_timeout`` or the p2c_ewma balancer covers).
     A shard too slow for its callers has every
     replica missing them, and ejects none. Such a run of failures
     also rebuilds the replica's channel; a run ending in a timeout at most
