@@ -129,6 +129,35 @@ class _Deployment:
     declared: int = 0  # shards 0..declared-1 expected (declare_shards); 0: any shard may join
 
 
+class _FailOver:
+    """Where a fail-over stands: its latest error and replica, how many attempts, and why it may have stopped."""
+
+    __slots__ = ("error", "connection", "method", "attempt_timeout", "attempts", "budget_refused", "out_of_time",
+                 "taken")
+
+    def __init__(self, first_error: grpc.aio.AioRpcError, first: Connection, method: str) -> None:
+        self.error, self.connection, self.method = first_error, first, method
+        self.attempt_timeout: Optional[float] = None
+        self.attempts = 1
+        self.budget_refused = False
+        self.out_of_time = False  # the caller's deadline leaves another attempt too little (MIN_ATTEMPT_SECONDS)
+        # the first failed attempt a replica may have run, with its replica; None while every attempt failed
+        # before a replica could take it (the request is then unsent)
+        self.taken: Optional[tuple[grpc.aio.AioRpcError, Connection]] = None
+        self.failed(first_error)
+
+    @property
+    def unsent(self) -> bool:
+        """Whether no attempt reached a replica that could have run the request."""
+        return self.taken is None
+
+    def failed(self, error: grpc.aio.AioRpcError) -> None:
+        """The latest attempt, on ``connection``, failed with ``error``."""
+        self.error = error
+        if self.taken is None and not _unsent(error, self.method):
+            self.taken = (error, self.connection)
+
+
 class GrpcConnectionPool:
     """Connections to every replica of every shard of every deployment this process talks to.
 
@@ -501,17 +530,7 @@ class GrpcConnectionPool:
         """Retry on the shard's other replicas, each at most once a round; back off between rounds."""
         loop = asyncio.get_running_loop()
         tried = {first}
-        last: dict[str, Any] = {
-            "error": first_error, "connection": first, "attempt_timeout": None, "attempts": 1, "budget refused": False,
-            "out of time": False,  # the caller's deadline leaves another attempt too little (MIN_ATTEMPT_SECONDS)
-            # the first failed attempt a replica may have run, with its replica; None while every attempt failed
-            # before a replica could take it (the request is then unsent)
-            "taken": None if _unsent(first_error, method) else (first_error, first),
-        }
-
-        def note_taken(error: grpc.aio.AioRpcError) -> None:
-            if last["taken"] is None and not _unsent(error, method):
-                last["taken"] = (error, last["connection"])
+        last = _FailOver(first_error, first, method)
         backoff = self.retry.backoff()
 
         def untried() -> list[Connection]:
@@ -524,7 +543,7 @@ class GrpcConnectionPool:
             pause = backoff(state)
             if deadline is not None and pause >= deadline - loop.time() - MIN_ATTEMPT_SECONDS:
                 # slept to the deadline, the round's attempt would go with no time left: fail now (out_of_time)
-                last["out of time"] = True
+                last.out_of_time = True
                 return 0.0
             return pause
 
@@ -532,27 +551,25 @@ class GrpcConnectionPool:
             error = state.outcome.exception() if state.outcome else None
             if not isinstance(error, grpc.aio.AioRpcError):
                 return False
-            last["error"] = error
-            note_taken(error)
-            return self._retryable(error, method, last["attempt_timeout"], deadline, loop)
+            last.failed(error)
+            return self._retryable(error, method, last.attempt_timeout, deadline, loop)
 
         def out_of_time(state: Optional[tenacity.RetryCallState]) -> bool:
             """Whether the caller's deadline leaves the next attempt too little (MIN_ATTEMPT_SECONDS), the round's
             back-off included (``wait`` runs before this): sent, it would run once the caller had given up."""
             if deadline is not None and deadline - loop.time() < MIN_ATTEMPT_SECONDS:
-                last["out of time"] = True
-            return last["out of time"]
+                last.out_of_time = True
+            return last.out_of_time
 
         def spend(state: tenacity.RetryCallState) -> bool:
-            refused = not self.retry_budget.try_spend()
-            last["budget refused"] = refused
-            return refused
+            last.budget_refused = not self.retry_budget.try_spend()
+            return last.budget_refused
 
         max_attempts = max(1, len(replicas)) * self.retry.rounds - 1
         if retries is not None and retries >= 0:
             max_attempts = retries
         if max_attempts < 1:  # one round over one replica: the first attempt was all (tenacity would make one more)
-            raise self._replica_error(first_error, first, deployment, shard_id, unsent=last["taken"] is None) from None
+            raise self._replica_error(first_error, first, deployment, shard_id, unsent=last.unsent) from None
         # leaving a replica its list already took out (ejected for its failures, or removed) is routing, not a
         # retry storm: a killed replica's streams fail everything they carried at once, a hung one's calls time
         # out together, and all of it must go elsewhere
@@ -560,13 +577,12 @@ class GrpcConnectionPool:
         if out_of_time(None):  # tenacity makes its first attempt without asking ``stop``
             raise self._replica_error(
                 first_error, first, deployment, shard_id,
-                "the only attempt, too little of the caller's deadline left for another attempt",
-                unsent=last["taken"] is None,
+                "the only attempt, too little of the caller's deadline left for another attempt", unsent=last.unsent,
             ) from None
         if not routed_around and not self.retry_budget.try_spend():
             raise self._replica_error(
                 first_error, first, deployment, shard_id, "the only attempt, the retry budget exhausted",
-                unsent=last["taken"] is None,
+                unsent=last.unsent,
             ) from None
         retrying = tenacity.AsyncRetrying(
             # in this order: no retry token is spent on an attempt that the rounds or the time do not allow
@@ -583,36 +599,40 @@ class GrpcConnectionPool:
                         break
                     connection = replicas.balancer.pick(candidates)
                     tried.add(connection)
-                    last["connection"] = connection
-                    last["attempts"] += 1
-                    last["attempt_timeout"] = self._attempt_timeout(deadline, loop)
+                    last.connection = connection
+                    last.attempts += 1
+                    last.attempt_timeout = self._attempt_timeout(deadline, loop)
                     return await replicas.call(
-                        connection, method, payload, metadata, last["attempt_timeout"],
-                        callers_deadline=self._callers_deadline(last["attempt_timeout"]),
+                        connection, method, payload, metadata, last.attempt_timeout,
+                        callers_deadline=self._callers_deadline(last.attempt_timeout),
                     )
         except grpc.aio.AioRpcError as error:  # retries exhausted, refused by the budget, or not retryable
-            last["error"] = error
-            note_taken(error)
+            last.failed(error)
+        raise self._replica_error(
+            last.error, last.connection, deployment, shard_id, self._fail_over_note(last, max_attempts),
+            unsent=last.unsent,
+        ) from None
+
+    def _fail_over_note(self, last: "_FailOver", max_attempts: int) -> str:
+        """What a failed fail-over adds to its last error: how many attempts, why it stopped, and an earlier attempt
+        that may have run the request (the last one's words, "connection refused", would read as if none had)."""
         # one attempt (no replica was left to try: the pool closed, say) is counted by none; an earlier attempt
         # that may have run (below) means two or more
-        notes = [f"the last of {last['attempts']} attempts"] if last["attempts"] > 1 else []
-        if last["budget refused"]:
+        notes = [f"the last of {last.attempts} attempts"] if last.attempts > 1 else []
+        if last.budget_refused:
             notes.append("the retry budget exhausted")
-        if last["out of time"] and last["attempts"] - 1 < max_attempts:  # not when the rounds were all spent
+        if last.out_of_time and last.attempts - 1 < max_attempts:  # not when the rounds were all spent
             notes.append("too little of the caller's deadline left for another attempt")
-        if self.retry.attempt_timeout is not None and last["error"].code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-            if self._callers_deadline(last["attempt_timeout"]):  # the last one ran into the caller's deadline
+        if self.retry.attempt_timeout is not None and last.error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            if self._callers_deadline(last.attempt_timeout):  # the last one ran into the caller's deadline
                 notes.append("the last ended by the caller's deadline")
             else:
                 notes.append(f"each given at most the attempt timeout of {self.retry.attempt_timeout:g}s")
         note = ", ".join(notes)
-        if last["taken"] is not None and last["taken"][0] is not last["error"]:
-            # the last attempt's words ("connection refused") would read as if no replica ever had the request
-            error, connection = last["taken"]
+        if last.taken is not None and last.taken[0] is not last.error:
+            error, connection = last.taken
             note += f"; an earlier attempt, on replica {connection.address}, may have run it: {error_cause(error)}"
-        raise self._replica_error(
-            last["error"], last["connection"], deployment, shard_id, note, unsent=last["taken"] is None
-        ) from None
+        return note
 
     @staticmethod
     def _replica_error(
