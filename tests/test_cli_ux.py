@@ -21,7 +21,8 @@ import pytest
 from test_cli import EXECUTORS, PYTHON_M, shardnet, stop, wait_for_line, wait_gone
 
 from shardnet import DataRequest, Document
-from shardnet.cli.options import StoppedBySignal, positive_seconds, run_stoppable
+from shardnet.cli.options import positive_seconds
+from shardnet.cli.stopping import StoppedBySignal, run_stoppable
 from shardnet.networking import oneshot
 from shardnet.runtimes import log_lines
 

@@ -35,7 +35,7 @@ from shardnet import (
     ReplicaError,
 )
 from shardnet.cli.main import main as cli_main
-from shardnet.cli.options import DRAIN_CUT_EXIT
+from shardnet.cli.stopping import DRAIN_CUT_EXIT
 from shardnet.cli.status import _replica_notes
 from shardnet.networking import oneshot
 from shardnet.networking.channels import message_size_options

@@ -469,7 +469,7 @@ def test_startup_time_and_grace_reach_the_probes_and_the_drain() -> None:
 @pytest.mark.parametrize("grace", [18, 30, 90])
 def test_the_grace_leaves_a_worker_time_to_exit_after_its_executors_close_and_threads(grace: int) -> None:
     """A worker gives its Executor's close() up to CLOSE_GRACE seconds past its drain (runtimes.worker), then the
-    threads the Executor started THREAD_EXIT_GRACE more (cli.options), then exits: the rendered grace must hold
+    threads the Executor started THREAD_EXIT_GRACE more (cli.stopping), then exits: the rendered grace must hold
     all of them and EXIT_SECONDS to exit. Found by reviews: a drain that left the grace only CLOSE_GRACE after it
     (exit at 25.1 s of a 25 s budget), then one that forgot the threads' (a flusher's last write SIGKILLed at 26 s)."""
     spec = DeploymentSpec(name="g", image="i", uses="m:C", termination_grace_seconds=grace)

@@ -25,7 +25,9 @@ from shardnet.networking.tls import ServerTls
 from shardnet.protocol import services
 from shardnet.runtimes import server as server_module
 from shardnet.runtimes.metrics import MAX_ENDPOINT_LABELS, MetricsListener, OTHER, UNBOUND_LABEL, UNREADABLE_LABEL
-from shardnet.runtimes.server import ServerConfig, check_can_listen
+from shardnet.runtimes import listening
+from shardnet.runtimes.listening import check_can_listen
+from shardnet.runtimes.server import ServerConfig
 from shardnet.runtimes.worker import Worker
 from shardnet.testing import eventually
 
@@ -237,7 +239,7 @@ def test_without_ipv6_a_host_of_ipv6_is_refused_naming_it_and_the_host_flag_not_
     assert "cannot listen on [::]:0: this machine has no IPv6" in err and "--host 0.0.0.0" in err, err
     assert "Traceback" not in err, err
     with pytest.raises(ConfigurationError, match=r"cannot listen on \[::\]:0: this machine has no IPv6"):
-        server_module._check_metrics_port_free("::", 0)  # what the listener binds: wildcard_socket's rule
+        listening._check_metrics_port_free("::", 0)  # what the listener binds: wildcard_socket's rule
 
 
 async def test_without_ipv6_a_metrics_listener_on_an_ipv6_host_is_refused_naming_the_flag(monkeypatch):

@@ -21,7 +21,8 @@ from shardnet.cli.head import parse_connections
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address, parse_address
 from shardnet.runtimes.head import Head
-from shardnet.runtimes.server import ServerConfig, check_can_listen
+from shardnet.runtimes.listening import check_can_listen
+from shardnet.runtimes.server import ServerConfig
 from shardnet.runtimes.worker import Worker
 
 

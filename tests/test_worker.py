@@ -32,7 +32,7 @@ from shardnet.networking import oneshot
 from shardnet.protocol import services
 from shardnet.protocol.proto import docarray_pb2, jina_pb2
 from shardnet.cli.main import main as cli_main
-from shardnet.cli.options import DRAIN_CUT_EXIT
+from shardnet.cli.stopping import DRAIN_CUT_EXIT
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.processes import ShardnetProcess
 from shardnet.runtimes.server import MAX_REQUESTS_PER_CALL, ServerConfig

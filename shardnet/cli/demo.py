@@ -9,7 +9,8 @@ import tempfile
 import time
 from typing import Callable, Optional
 
-from shardnet.cli.options import run_stoppable, whole_number
+from shardnet.cli.options import whole_number
+from shardnet.cli.stopping import run_stoppable
 from shardnet.errors import ConfigurationError
 from shardnet.examples.text_index import TextIndexer
 from shardnet.networking.polling import PollingType

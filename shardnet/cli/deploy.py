@@ -13,7 +13,6 @@ from typing import Any, Optional
 
 from shardnet.cli.options import (
     POLLING_HELP,
-    StoppedBySignal,
     add_head_routing_arguments,
     add_head_traffic_arguments,
     add_token_argument,
@@ -23,12 +22,11 @@ from shardnet.cli.options import (
     json_object,
     make_folder,
     message_megabytes,
-    on_stop_signals,
     positive_seconds,
-    run_stoppable,
     uses_metas_name,
     whole_number,
 )
+from shardnet.cli.stopping import StoppedBySignal, on_stop_signals, run_stoppable
 from shardnet.errors import ConfigurationError
 from shardnet.networking.addresses import host_is_loopback
 from shardnet.networking.channels import TOKEN_VARIABLE

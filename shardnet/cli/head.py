@@ -10,7 +10,6 @@ from typing import Optional
 
 from shardnet.cli.options import (
     POLLING_HELP,
-    DRAIN_CUT_EXIT,
     add_client_tls_arguments,
     add_head_routing_arguments,
     add_head_traffic_arguments,
@@ -22,6 +21,7 @@ from shardnet.cli.options import (
     server_config,
     whole_number,
 )
+from shardnet.cli.stopping import DRAIN_CUT_EXIT
 from shardnet.discovery.factory import create_connection_pool
 from shardnet.errors import ConfigurationError
 from shardnet.networking.channels import message_size_options
@@ -29,7 +29,7 @@ from shardnet.networking.policies import RetryPolicy
 from shardnet.networking.polling import PollingMap
 from shardnet.protocol.messages import MAX_SHARD_ID
 from shardnet.runtimes.head import DISCOVERED, MAX_WORKERS, SHARDS_WAIT, Head
-from shardnet.runtimes.server import check_can_listen
+from shardnet.runtimes.listening import check_can_listen
 
 logger = logging.getLogger(__name__)
 

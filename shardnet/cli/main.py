@@ -15,7 +15,7 @@ import sys
 from typing import Optional, Sequence
 
 from shardnet.cli import demo, deploy, head, k8s, send, status, worker
-from shardnet.cli.options import StoppedBySignal, watch_the_exit
+from shardnet.cli.stopping import StoppedBySignal, watch_the_exit
 from shardnet.errors import ShardnetError
 from shardnet.runtimes import log_lines
 from shardnet.runtimes.processes import LOG_LEVELS

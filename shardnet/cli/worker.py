@@ -11,15 +11,12 @@ import traceback
 import shardnet
 
 from shardnet.cli.options import (
-    DRAIN_CUT_EXIT,
     INT32_MAX,
     add_client_tls_arguments,
     add_server_arguments,
     add_uses_metas_argument,
     check_loop,
     client_tls,
-    end_loading_on_stop_signals,
-    exit_leaving_stuck_handlers,
     flag_address,
     json_object,
     make_folder,
@@ -29,6 +26,7 @@ from shardnet.cli.options import (
     uses_metas_name,
     whole_number,
 )
+from shardnet.cli.stopping import DRAIN_CUT_EXIT, end_loading_on_stop_signals, exit_leaving_stuck_handlers
 from shardnet.errors import ConfigurationError, ShardnetError
 from shardnet.networking.addresses import UNIX_SCHEME, entity_address, parse_address
 from shardnet.runtimes.executor import (
@@ -39,7 +37,7 @@ from shardnet.runtimes.executor import (
     shard_folder,
 )
 from shardnet.runtimes.head import IMPLIED_LEASE_FACTOR, MAX_RENEWAL_INTERVAL
-from shardnet.runtimes.server import check_can_listen
+from shardnet.runtimes.listening import check_can_listen
 from shardnet.runtimes.worker import MIN_REGISTER_INTERVAL, SHORTEST_INTERVAL_WHY, Worker
 
 REGISTER_INTERVAL = 2.0  # seconds between a worker's ACTIVATEs to its --head, unless --register-interval says

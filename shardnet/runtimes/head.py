@@ -62,6 +62,7 @@ from shardnet.protocol.messages import (
 from shardnet.protocol.proto import jina_pb2
 from shardnet.runtimes.bursts import BurstLog
 from shardnet.runtimes.executor import DRY_RUN_ENDPOINT
+from shardnet.runtimes.lifecycle import serve_until_signalled
 from shardnet.runtimes.log_lines import MAX_ID_CHARS, quoted
 from shardnet.runtimes.merge import every_shard_failed, failure_word, merge_shard_responses, report_shard_problems
 from shardnet.runtimes.refusals import RefusalLog
@@ -72,7 +73,6 @@ from shardnet.runtimes.server import (
     ServerConfig,
     jina_server,
     request_list,
-    serve_until_signalled,
     within_message_limit,
 )
 

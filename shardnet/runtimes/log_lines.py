@@ -1,7 +1,7 @@
 """How the log lines of a shardnet process read, and the one place that sets them up.
 
 Every line says when, how grave, which process (its role and name, as the deployment names it, and its pid) and
-which logger: ``2026-11-28 08:31:27,200 INFO [worker enc/rep-1 pid 14940] shardnet.runtimes.server: draining
+which logger: ``2026-11-28 08:31:27,200 INFO [worker enc/rep-1 pid 14940] shardnet.runtimes.lifecycle: draining
 ...``, so that a head's, its workers' and a restarted worker's lines read together (one terminal, ``tail -f`` of a
 log folder, a file a restart appends to) still say who said what.
 

@@ -23,7 +23,7 @@ from aiohttp import web
 from shardnet.errors import ConfigurationError, ProtocolError
 from shardnet.protocol import services
 from shardnet.runtimes.executor import DEFAULT, DEFAULT_ENDPOINT, DRY_RUN_ENDPOINT
-from shardnet.runtimes.server import NO_IPV6, cannot_listen, wildcard_socket
+from shardnet.runtimes.listening import NO_IPV6, cannot_listen, wildcard_socket
 
 try:
     from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector

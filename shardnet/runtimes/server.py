@@ -21,25 +21,21 @@ never ran; shardnet's pools do), and a server under load
 holds many; once callers have stopped coming, it holds none. A head stopped at
 once as gRPC does, relying on its GOAWAY, and lost those calls; so did a worker
 whose head still sent to it.
+
+A process's life around its server (stop signals, its launcher's exit, the ready fd) is ``lifecycle.py``; the
+checks, before anything loads, that it can listen where it is told are ``listening.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import gc
 import hmac
 import inspect
 import logging
 import math
 import os
 import secrets
-import signal
-import socket
-import stat
-import sys
-import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn, Optional, Sequence, Union
@@ -67,29 +63,20 @@ from shardnet.protocol import services
 from shardnet.protocol.messages import MAX_TOP_LEVEL_FIELDS, DataRequest, parse
 from shardnet.protocol.proto import jina_pb2
 from shardnet.protocol.services import AUTHORIZATION_METADATA
-from shardnet.runtimes.log_lines import DRAIN_STEP, READY_LOGGER, quoted
-from shardnet.runtimes.processes import process_running
+from shardnet.runtimes.listening import WILDCARD_TO_LOOPBACK, check_unix_path_free
+from shardnet.runtimes.log_lines import quoted
 from shardnet.runtimes.standard_services import health_handler, reflection_handler
 
 logger = logging.getLogger(__name__)
-ready_logger = logging.getLogger(READY_LOGGER)  # the "ready on" line: the command writes it to stdout
 
 # the plaintext health listener answers anyone who reaches it, so it serves only what a probe sends: a Check, a
 # small message. No Watch: a stream held open there by others would outlive every probe (and a cap on calls
 # would let whoever fills it fail the probes, and have the pod restarted)
 HEALTH_MESSAGE_BYTES = 4096
 
-_WILDCARD_TO_LOOPBACK = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
-# why an IPv6 host cannot be listened on where the kernel has no IPv6 (socket() refuses the family), and what to do
-NO_IPV6 = "this machine has no IPv6 (Address family not supported): --host 0.0.0.0 listens on every IPv4 address"
 # requests one process_data call may carry: Jina sends one, or one per shard to a uses_after, and a head holds at
 # most 10,000 workers; each request costs a wrapper and a header rewrite, so a longer list is memory for the asking
 MAX_REQUESTS_PER_CALL = 10_000
-PARENT_POLL_SECONDS = 0.5  # how soon a child notices that the process that launched it is gone
-# once its launcher (--parent-pid) is gone, a process stopping for that takes at most these seconds beyond its
-# drain's grace (a DEACTIVATE, an Executor's close() with its own bound) before it exits at once: a handler
-# blocking the event loop (a blocking call in an async def) would hold a drain, which the loop runs, for as long
-STOP_SLACK = 15.0
 # a draining head or worker closes its listener once its calls are done and no call has come (refused ones count)
 # for this long: stop() cancels every call gRPC's core took and grpc.aio's request loop had not picked up yet (the
 # client reads CANCELLED, which other clients than shardnet's pools do not send again), and callers not yet told to
@@ -496,7 +483,7 @@ class Server:
     @property
     def dial_host(self) -> str:
         """The host a client on this machine dials: loopback for a wildcard bind (``0.0.0.0``, ``::``)."""
-        return _WILDCARD_TO_LOOPBACK.get(self.config.host, self.config.host)
+        return WILDCARD_TO_LOOPBACK.get(self.config.host, self.config.host)
 
     @property
     def address(self) -> str:
@@ -605,7 +592,7 @@ class Server:
         have bound ``path`` while this one drained. The socket is held (an O_PATH descriptor, so that its inode
         number cannot be given to another file meanwhile) until ``_remove_unix_socket`` compares it with ``path``.
         """
-        _check_unix_path_free(path)
+        check_unix_path_free(path)
         private = _private_socket_path(path)
         try:
             self._server.add_insecure_port(f"{UNIX_SCHEME}{private}")
@@ -696,7 +683,7 @@ class Server:
         """Once the drain is over: the requests ``under_way`` then, by endpoint (a runtime keeps those the
         drain's end cancelled counted), were cut; said in one WARNING to ``log`` naming each endpoint and how
         many of its requests, ``what`` saying where they were and what their callers got. Empty when the drain
-        ended within its grace; a head or worker process exits DRAIN_CUT_EXIT (cli.options) when some were."""
+        ended within its grace; a head or worker process exits DRAIN_CUT_EXIT (cli.stopping) when some were."""
         if not self.grace_is_over():
             return Counter()  # every call ended within the grace: none was cut
         cut = +under_way
@@ -732,31 +719,6 @@ class Server:
             await self._server.wait_for_termination()
 
 
-def _check_unix_path_free(path: str) -> None:
-    """Refuse a socket path holding a file that is no socket, or a socket a server may listen on. Only a socket
-    that refuses a connection (ECONNREFUSED: left by a dead server), or is gone by then, is free: one this user
-    may not connect to (EACCES) is another user's, maybe live, and any other answer may be a live server's."""
-    if os.path.lexists(path):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise ConfigurationError(f"cannot listen on unix:{path}: a file that is not a socket is in the way")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            probe.settimeout(1.0)  # a live server whose backlog is full would hold a blocking connect
-            outcome = probe.connect_ex(path)
-        if outcome == 0:
-            raise ConfigurationError(f"cannot listen on unix:{path}: another server is listening there")
-        if outcome == errno.EACCES:
-            raise ConfigurationError(
-                f"cannot listen on unix:{path}: the socket there is another user's, which this user may not "
-                "connect to (permission denied), so it may be their live server's: stop it or have them remove "
-                "the socket, or choose another path"
-            )
-        if outcome not in (errno.ECONNREFUSED, errno.ENOENT):
-            raise ConfigurationError(
-                f"cannot listen on unix:{path}: the socket there answered a connection with "
-                f"{errno.errorcode.get(outcome, outcome)} ({os.strerror(outcome)}), so a server may be listening on it"
-            )
-
-
 def _private_socket_path(path: str) -> str:
     """A name beside ``path`` no file has, for gRPC to bind before the rename onto ``path`` (see
     ``Server._bind_unix``), as short as a socket path must be; ``path`` itself when its folder leaves no room for
@@ -769,117 +731,6 @@ def _private_socket_path(path: str) -> str:
             if not os.path.lexists(candidate):
                 return candidate
     return path
-
-
-def check_can_listen(config: ServerConfig) -> None:
-    """Refuse, before an Executor loads, the addresses ``config`` names that this process cannot listen on (a
-    port in use, an address not on this machine, a socket path in the way), as the bind would refuse them only
-    after the load: a typo should not wait for a model. Not a reservation: the bind still says what it finds."""
-    if config.unix_socket is not None:
-        _check_unix_path_free(config.unix_socket)
-        folder = os.path.dirname(config.unix_socket) or "."
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise ConfigurationError(f"cannot listen on unix:{config.unix_socket}: folder missing or not writable")
-    # port 0 too: the bind of a free port still needs a host of this machine (a typo'd one failed after the load)
-    for port in (config.port, config.health_port):
-        if port is not None:
-            _check_port_free(config.host, port)
-    if config.metrics_port is not None:
-        try:
-            _check_metrics_port_free(config.host, config.metrics_port)
-        except ConfigurationError as exc:
-            raise ConfigurationError(f"--metrics-port {config.metrics_port}: {exc}") from None
-
-
-def _cause(exc: OSError) -> str:
-    """What a socket's refusal says, as a person reads it: a family this machine lacks (IPv6) said so."""
-    if exc.errno == errno.EAFNOSUPPORT:
-        return NO_IPV6
-    return exc.strerror or str(exc)
-
-
-def cannot_listen(host: str, port: int, cause: str) -> ConfigurationError:
-    """The refusal of a listener on ``host:port``, saying why (``cause``)."""
-    if 0 < port < 1024:
-        cause += " (this user may not listen below 1024?)"
-    return ConfigurationError(f"cannot listen on {entity_address(host, port)}: {cause}")
-
-
-def _check_port_free(host: str, port: int) -> None:
-    """Bind (and close) a socket on each address ``host`` resolves to, as gRPC would; refused when none binds."""
-    try:
-        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise ConfigurationError(f"cannot listen on {entity_address(host, port)}: {exc.strerror}") from None
-    failures = []
-    for family, kind, protocol, _, address in addresses:
-        try:  # the socket too: a family this machine lacks (IPv6 turned off) refuses it
-            with socket.socket(family, kind, protocol) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC's: TIME_WAIT does not count
-                probe.bind(address)
-        except OSError as exc:
-            failures.append(exc)
-            continue
-        return
-    raise cannot_listen(host, port, "; ".join(sorted({_cause(exc) for exc in failures})))
-
-
-def _check_metrics_port_free(host: str, port: int) -> None:
-    """Bind (and close) what the metrics listener will bind on ``host:port`` (``wildcard_socket``'s rule)."""
-    try:
-        listener = wildcard_socket(host, port)
-    except OSError as exc:
-        raise cannot_listen(host, port, exc.strerror or str(exc)) from None
-    if listener is None:
-        _check_port_free(host, port)
-    else:
-        listener.close()
-
-
-def _families_taken(port: int) -> str:
-    """Which wildcard addresses of IPv6 and IPv4 have ``port`` taken, for the refusal of a bind on both."""
-    taken = []
-    for family, address in ((socket.AF_INET6, ("::", port)), (socket.AF_INET, ("0.0.0.0", port))):
-        try:
-            with socket.socket(family, socket.SOCK_STREAM) as probe:
-                if family == socket.AF_INET6:
-                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind(address)
-        except OSError:
-            taken.append(f"{'IPv6' if family == socket.AF_INET6 else 'IPv4'} ({entity_address(*address)})")
-    return " and ".join(taken) or "IPv6 or IPv4 ([::] takes both)"
-
-
-def wildcard_socket(host: str, port: int) -> Optional[socket.socket]:
-    """For a wildcard ``host`` (``0.0.0.0``, ``::``), a TCP socket bound on ``port`` of every address of both
-    families, as gRPC binds it (one IPv6 socket taking IPv4 too): a listener other than gRPC's (the metrics')
-    is then reached over IPv6 wherever gRPC's are. None for any other host, or for ``0.0.0.0`` on a machine
-    without IPv6 (bind ``host`` itself then, as gRPC falls back to); ``::`` there raises OSError (EAFNOSUPPORT)
-    saying so. A bind refused raises its OSError; the port in use, naming the family that has it."""
-    if host not in _WILDCARD_TO_LOOPBACK:
-        return None
-    try:
-        if not socket.has_ipv6:
-            raise OSError(errno.EAFNOSUPPORT, os.strerror(errno.EAFNOSUPPORT))
-        listener = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-    except OSError as exc:  # no IPv6 on this machine
-        if host == "::":
-            raise OSError(exc.errno, NO_IPV6) from None
-        return None
-    try:
-        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC's: TIME_WAIT does not count
-        listener.bind(("::", port))
-    except OSError as exc:
-        listener.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise OSError(exc.errno, f"{exc.strerror} on {_families_taken(port)}") from None
-        raise
-    except BaseException:
-        listener.close()
-        raise
-    return listener
 
 
 def _bind(server: grpc.aio.Server, host: str, port: int, tls: Optional[ServerTls]) -> int:
@@ -931,222 +782,6 @@ async def within_message_limit(
             f"{what} is {size} bytes, over {whose} max message size of {limit} bytes (--max-message-mb)",
         )
     return answer.to_bytes() if isinstance(answer, DataRequest) else answer
-
-
-class _Stop:
-    """How a served process stops. The first SIGTERM, SIGINT or SIGHUP, or the exit of its launcher
-    (``watch_parent``), sets ``requested``: a drain begins (``begin``). A second SIGINT once the stop is under
-    way ends the process at once, logged, as ``deploy``'s second Ctrl-C ends its processes (``signalled``). The
-    launcher is watched from a thread, which needs no event loop (a handler blocking the loop kept an orphan
-    serving on), and the stop its exit asks for is bounded (a drain or a ``close()`` that hung kept a worker
-    running for ever, its launcher killed -9)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, grace: float):
-        self._loop = loop
-        self._grace = grace  # the drain's
-        self.requested = asyncio.Event()
-        self._began = threading.Event()  # the stop is under way (a drain, a close())
-        self._ended = threading.Event()  # serving has returned: nothing more to watch
-        self._parent: Optional[tuple[int, bool]] = None  # the launcher watched: its pid, and whether it is ours
-
-    def signalled(self, signum: int) -> None:
-        """A stop signal's handler (run by the loop). A second SIGINT while stopping is a person's second Ctrl-C:
-        it ends the process at once. A second SIGTERM or SIGHUP is not: a supervisor stopping a group (systemd's
-        KillMode=control-group) signals every process, and a launcher (``deploy``, a Deployment) signals its
-        children again, which would cut every drain; the stop is bounded anyway."""
-        if self._began.is_set():
-            if signum == signal.SIGINT:
-                self._exit_at_once("a second SIGINT (Ctrl-C) while stopping", 128 + signum)
-            logger.info("%s while stopping: the stop goes on", signal.Signals(signum).name)
-        self.requested.set()
-
-    def begin(self) -> None:
-        self._began.set()
-
-    def end(self) -> None:
-        self._ended.set()
-
-    def parent_has_gone(self) -> bool:
-        return self._parent is not None and parent_gone(*self._parent)
-
-    def watch_parent(self, parent_pid: int, direct: bool) -> None:
-        """Stop once process ``parent_pid`` exits (``parent_gone``), polled from a daemon thread."""
-        self._parent = (parent_pid, direct)
-        threading.Thread(target=self._watch, name="shardnet-parent-watch", daemon=True).start()
-
-    def _watch(self) -> None:
-        pid, direct = self._parent
-        while not parent_gone(pid, direct):
-            if self._ended.wait(PARENT_POLL_SECONDS):
-                return
-        # (gone while this process stops: the stop goes on, bounded below; a supervisor stopping a launcher and
-        # its children together ends the launcher first, and cutting the children's drains would lose their work)
-        logger.warning("process %d (--parent-pid) exited: stopping", pid)
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the stop is over
-            self._loop.call_soon_threadsafe(self.requested.set)
-        # the loop begins the stop at once, unless a handler holds it: that handler gets the drain's grace, as a
-        # drain would give it, and the whole stop that grace and STOP_SLACK more
-        begin_within = max(1.0, self._grace)
-        if not self._began.wait(begin_within):
-            self._exit_at_once(
-                f"process {pid} (--parent-pid) exited, and the event loop did not begin the stop within "
-                f"{begin_within:g}s (a handler holds it: a blocking call in an async def?)", 128 + signal.SIGTERM,
-            )
-        if not self._ended.wait(self._grace + STOP_SLACK):
-            self._exit_at_once(
-                f"process {pid} (--parent-pid) exited, and the stop took more than {self._grace + STOP_SLACK:g}s",
-                128 + signal.SIGTERM,
-            )
-
-    def _exit_at_once(self, why: str, code: int) -> None:
-        """Log ``why``, end what this process started when its launcher is gone (``end_own_session``), and exit
-        with ``code`` at once: neither the drain nor the Executor's ``close()`` is waited for."""
-        if self._ended.is_set():  # the stop ended on its own meanwhile
-            return
-        logger.error("%s: exiting at once, the drain and the Executor's close() cut short", why)
-        if self.parent_has_gone():
-            end_own_session()
-        logging.shutdown()  # what was logged is written out: os._exit flushes nothing
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(code)
-
-
-def parent_gone(parent_pid: int, direct: bool) -> bool:
-    """Whether process ``parent_pid`` has gone: the ``direct`` parent once this one was handed to another (immune
-    to its pid being reused, or its zombie lingering); any other once no such process is left."""
-    return os.getppid() != parent_pid if direct else not process_running(parent_pid)
-
-
-async def serve_until_signalled(
-    server: Server,
-    on_ready: Optional[Callable[[], Awaitable[None]]] = None,
-    on_stop: Optional[Callable[[], Awaitable[None]]] = None,
-    ready_line: Optional[Callable[[str], str]] = None,
-    parent_pid: Optional[int] = None,
-    when_idle: Optional[Callable[[], Awaitable[None]]] = None,
-    ready_fd: Optional[int] = None,
-) -> int:
-    """Start ``server``, log ``ready_line(address)`` (a function: a line made with ``str.format`` broke on a
-    brace in a name the user gave) to READY_LOGGER, at INFO, and on SIGTERM, SIGINT or SIGHUP (its terminal closed) run
-    ``on_stop`` then drain (``when_idle``: as ``Server.drain`` takes it); return 0.
-
-    With ``parent_pid`` the same happens when that process exits, however it ended (kill -9 included):
-    a Deployment's children do not outlive it, nor, when this process leads a session of its own (as a
-    Deployment starts each), what it started there. ``ready_fd``: a pipe the address is written to, one
-    line, once serving; then it is closed. A SIGHUP ignored from the start (``nohup``) stays ignored.
-    A second SIGINT while stopping (the farewell, the drain, the Executor's ``close()``) ends this one at once
-    (``_Stop``); a second SIGTERM or SIGHUP, or that process's exit then, lets the stop go on.
-    """
-    if ready_fd is not None:
-        check_ready_fd(ready_fd)
-    loop = asyncio.get_running_loop()
-    stop = _Stop(loop, server.config.drain_grace)
-    signals = [signal.SIGTERM, signal.SIGINT]
-    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
-        signals.append(signal.SIGHUP)
-    for signum in signals:
-        loop.add_signal_handler(signum, stop.signalled, signum)
-    try:
-        if parent_pid is not None:
-            # pid 0 and -1 would name a process group or every process: the watch would never fire
-            if isinstance(parent_pid, bool) or not isinstance(parent_pid, int) or parent_pid < 1:
-                raise ConfigurationError(f"--parent-pid must be a process id (1 or more), got {parent_pid!r}")
-            if not process_running(parent_pid):  # else it would stop at once, after saying it was ready
-                stop_own_session()  # its launcher died while the Executor loaded: what that started goes too
-                raise ConfigurationError(f"--parent-pid {parent_pid}: no such process is running, so none to serve")
-            stop.watch_parent(parent_pid, os.getppid() == parent_pid)
-        await _serve(server, stop, on_ready, on_stop, ready_line, ready_fd, when_idle)
-    finally:
-        stop.end()
-    if stop.parent_has_gone():  # whenever it went: before the stop, or in it
-        stop_own_session()
-    return 0
-
-
-async def _serve(
-    server: Server,
-    stop: _Stop,
-    on_ready: Optional[Callable[[], Awaitable[None]]],
-    on_stop: Optional[Callable[[], Awaitable[None]]],
-    ready_line: Optional[Callable[[str], str]],
-    ready_fd: Optional[int],
-    when_idle: Optional[Callable[[], Awaitable[None]]],
-) -> None:
-    """``serve_until_signalled``'s serving: start, say so, wait for ``stop``, then ``on_stop`` and the drain."""
-    await server.start()
-    try:
-        if on_ready is not None:
-            await on_ready()
-        # what startup built (protobuf descriptors, gRPC, client models) lives as long as the process:
-        # move it out of the collector's way so full collections do not pause requests
-        gc.freeze()
-        if ready_line:
-            also = f" and {server.unix_address}" if server.unix_address else ""
-            ready_logger.info("%s%s", ready_line(server.address), also)
-        if ready_fd is not None:
-            _tell_ready(ready_fd, server.address)
-        await stop.requested.wait()
-        stop.begin()
-        logger.info("%s %s", DRAIN_STEP, server.address)
-        if on_stop is not None:
-            try:
-                await on_stop()
-            except Exception as exc:  # the drain goes on: exiting cleanly matters more than the farewell
-                logger.warning("while stopping: %s", exc)
-    finally:
-        stop.begin()  # a failed start or registration drains too, and a signal then ends it at once
-        await server.drain(when_idle=when_idle)
-
-
-def check_ready_fd(fd: Any) -> None:
-    """Refuse a ready fd that is not an open pipe or file of this process's: one its launcher did not pass may be
-    a descriptor gRPC or the event loop opens, which writing the address to and closing would break (an abort,
-    or a process that no longer stops). Checked before they open any."""
-    if isinstance(fd, bool) or not isinstance(fd, int) or fd < 3:
-        raise ConfigurationError(f"--ready-fd must be a file descriptor from 3 (0 to 2 are the standard streams), got {fd!r}")
-    try:
-        mode = os.fstat(fd).st_mode
-    except OSError as exc:
-        raise ConfigurationError(
-            f"--ready-fd {fd} is not open in this process ({exc.strerror}): its launcher must pass it (pass_fds)"
-        ) from None
-    if not (stat.S_ISFIFO(mode) or stat.S_ISREG(mode)):
-        raise ConfigurationError(f"--ready-fd {fd} is neither a pipe nor a file: the address is written to it")
-
-
-def _tell_ready(fd: int, address: str) -> None:
-    """Write ``address`` to the launcher's pipe and close it; a launcher gone meanwhile is no reason to stop."""
-    try:
-        with os.fdopen(fd, "wb", buffering=0) as pipe:
-            pipe.write(f"{address}\n".encode())
-    except OSError as exc:
-        logger.warning("could not tell the launcher the address on file descriptor %d: %s", fd, exc)
-
-
-def stop_own_session() -> None:
-    """SIGTERM what is left of this process's group when it leads a session of its own (a Deployment starts
-    each child so, a shell's job does not: its pipeline shares the group) and its launcher has gone: helpers its
-    Executor started would outlive it, as the launcher is not there to kill them. This process ignores the
-    signal meanwhile: a signal ignored when sent is discarded."""
-    if os.getsid(0) != os.getpid():
-        return
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        end_own_session()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def end_own_session() -> None:
-    """SIGTERM this process's group, itself included, when it leads a session of its own: for a process about to
-    exit at once, from any thread, whose handler of SIGTERM (the loop's, while serving) only notes the signal
-    meanwhile (``stop_own_session`` keeps this process out of it, from the main thread)."""
-    if os.getsid(0) != os.getpid():
-        return
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(os.getpid(), signal.SIGTERM)
 
 
 def jina_server(config: ServerConfig, runtime) -> Server:

@@ -47,13 +47,13 @@ from shardnet.protocol.proto import docarray_pb2, jina_pb2
 from shardnet.runtimes.bursts import BurstLog
 from shardnet.runtimes.executor import DEFAULT, DEFAULT_ENDPOINT, DRY_RUN_ENDPOINT, AnswerTooBig, Executor
 from shardnet.runtimes.head import IMPLIED_LEASE_FACTOR, MAX_RENEWAL_INTERVAL
+from shardnet.runtimes.lifecycle import serve_until_signalled
 from shardnet.runtimes.log_lines import CLOSE_STEP, MAX_ID_CHARS, quoted
 from shardnet.runtimes.server import (
     RequestAborted,
     ServerConfig,
     jina_server,
     request_list,
-    serve_until_signalled,
     within_message_limit,
 )
 
@@ -771,7 +771,7 @@ class Worker:
         bound = left + CLOSE_GRACE
         logger.info("%s (%s): its close() gets %.1fs at most", CLOSE_STEP, type(self.executor).__name__, bound)
         # not a daemon: threads close() starts inherit that, and the exit must wait for them (an index saved on
-        # a writer thread of its own); one left hung is not waited for (cli.options.exit_leaving_stuck_handlers)
+        # a writer thread of its own); one left hung is not waited for (cli.stopping.exit_leaving_stuck_handlers)
         threading.Thread(target=close, name=CLOSE_THREAD_NAME).start()
         done, _ = await asyncio.wait([closed], timeout=bound)
         if not done:
