@@ -465,7 +465,7 @@ def test_send_to_nothing_says_so_once(dead_address):
     [
         (["--endpoint", "/x", "--text", "a\udcffb"], "--text 'a\\udcffb' is not UTF-8 text"),
         (["--endpoint", "/\udcff"], "--endpoint '/\\udcff' is not UTF-8 text"),
-        (["--endpoint", "/x", "--parameters", '{"a": "\\udcff"}'], "--parameters: parameters['a'] must be JSON-like"),
+        (["--endpoint", "/x", "--parameters", '{"a": "\\udcff"}'], "--parameters: parameters['a'] takes text UTF-8 can carry: '\\udcff'"),
         (["--endpoint", "/x", "--parameters", '{"a": ' + "[" * 60 + "]" * 60 + "}"], "nests lists and dicts deeper than protobuf can carry"),
         (["--endpoint", "/x", "--parameters", '{"a": ' + "[" * 5000 + "]" * 5000 + "}"], "deeper than JSON here can read"),
     ],
