@@ -112,16 +112,20 @@ def _deeper_than(value: Any, levels: int) -> bool:
     stack = [(value, 0)]
     while stack:
         item, depth = stack.pop()
-        if isinstance(item, Mapping):
-            depth, children = depth + 3, item.values()
-        elif isinstance(item, (list, tuple)):
+        if isinstance(item, (list, tuple)):
             depth, children = depth + 2, item
+        elif isinstance(item, Mapping):
+            depth, children = depth + 3, item.values()
         else:
             continue
         if depth > levels:
             return True
-        stack.extend((child, depth) for child in children)
+        # text and numbers, most of what a value holds, are not pushed (Mapping's isinstance is slow on them)
+        stack.extend((child, depth) for child in children if not isinstance(child, _SCALARS))
     return False
+
+
+_SCALARS = (str, int, float, type(None))  # bool is an int
 
 
 def update_struct(struct: struct_pb2.Struct, values: Any, what: str, levels: int = VALUE_LEVELS) -> None:
