@@ -115,7 +115,7 @@ class ReplicaError(ShardnetError):
         if self.address:  # none when no replica was picked (nothing to pick, no time left to send)
             where.append(f"{self.role} {self.address}")
         code = f"{self.code.name}: " if self.code is not None else ""
-        return f"{', '.join(where)}: {code}{self.cause}"
+        return f"{', '.join(where)}: {code}{self.cause}" if where else f"{code}{self.cause}"
 
 
 class DeadlineExceeded(ReplicaError):

@@ -530,6 +530,33 @@ def test_the_deepest_tags_a_document_takes_travel_on_a_match_of_a_chunk_and_one_
         Document(tags={"t": nested(deepest + 1)})
 
 
+def test_tags_a_request_brought_are_taken_back_and_documents_too_deep_to_send_are_refused_leaving_the_list():
+    """A regression review's finds: tags as deep as a received top-level document holds (94 levels, in lists) were
+    refused when an Executor wrote them back (``doc.tags = doc.tags``); a document nesting chunks so deep with
+    such tags that no reader could parse it raised protobuf's bare DecodeError from ``request.docs = [...]``,
+    the list emptied."""
+
+    def in_lists(levels: int) -> object:
+        value: object = "leaf"
+        for _ in range(levels // 2):
+            value = [value]
+        return value
+
+    sent = DataRequest([Document(id="top", tags={"t": in_lists(94)})])
+    received = DataRequest.from_bytes(sent.to_bytes())
+    received.docs[0].tags = received.docs[0].tags
+    assert DataRequest.from_bytes(received.to_bytes()).docs[0].tags["t"] == in_lists(94)
+    deep = Document(id="deep")
+    nested = deep
+    for level in range(5):
+        nested.chunks.append(Document(id=f"chunk-{level}"))
+        nested = nested.chunks[0]
+    nested.tags = {"t": in_lists(94)}
+    with pytest.raises(ProtocolError, match="deeper than protobuf's limit of 100 levels"):
+        received.docs = [deep]
+    assert [doc.id for doc in received.docs] == ["top"]
+
+
 def _refused_as_tags(value: object) -> bool:
     try:
         Document(tags={"t": value})

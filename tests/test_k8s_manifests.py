@@ -410,6 +410,10 @@ def test_a_head_polling_all_over_several_shards_is_sized_for_every_shards_answer
         DeploymentSpec(name="all", image="i", uses="m:C", shards=2, head_resources=HEAD_RESOURCES)
     assert ("one such request takes a head about 768 MiB at its peak (11 copies of it over 64 MiB; under ALL "
             "polling it holds and merges the answers of 2 shards)") in str(refused.value), refused.value
+    # a copy with other shards is sized for them, not held to the first one's (a regression review's find)
+    one = DeploymentSpec(name="one", image="i", uses="m:C")
+    assert head_limit(dataclasses.replace(one, shards=3)) == "1152Mi"
+    assert head_limit(dataclasses.replace(SPECS["sharded"], shards=1)) == "512Mi"
 
 
 @pytest.mark.parametrize(

@@ -93,6 +93,7 @@ def test_a_replica_error_with_no_replica_picked_names_none_rather_than_a_placeho
                              code=grpc.StatusCode.DEADLINE_EXCEEDED, deployment="dep", unsent=True)
     assert str(error) == "deployment 'dep': DEADLINE_EXCEEDED: the caller's deadline ran out before it could be sent"
     assert _described(_round_trip(error)) == _described(error)
+    assert str(ReplicaError("boom", code=grpc.StatusCode.UNAVAILABLE)) == "UNAVAILABLE: boom"  # not ": UNAVAILABLE"
 
 
 def _fail_with(error: BaseException) -> None:

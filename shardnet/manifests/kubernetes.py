@@ -313,9 +313,6 @@ class DeploymentSpec:
             raise ConfigurationError(f"polling must be ANY, ALL or a JSON map as text, got {self.polling!r}")
         PollingMap.parse(self.polling)  # raises ConfigurationError naming what is wrong
         check_max_message_mb(self.max_message_mb)
-        if self.head_resources is None:  # a frozen dataclass: set once, here
-            limit = head_memory_limit(self.shards, self.polling, self.max_message_mb)
-            object.__setattr__(self, "head_resources", replace(HEAD_RESOURCES, memory_limit=limit))
         self._check_memory_holds_a_message()
         if self.max_in_flight is not None:
             check_count(self.max_in_flight, "max_in_flight", 1)
@@ -410,7 +407,7 @@ class DeploymentSpec:
     def _check_memory_holds_a_message(self) -> None:
         """Refuse a memory limit that one request of ``max_message_mb`` would exceed (MESSAGE_COPIES)."""
         for role, resources, flag in (
-            ("head", self.head_resources, "--head-memory-limit"),
+            ("head", self.head_container_resources, "--head-memory-limit"),
             ("worker", self.worker_resources, "--memory-limit"),
         ):
             if not isinstance(resources, Resources) or resources.memory_limit is None:
@@ -440,6 +437,14 @@ class DeploymentSpec:
                     f"OOM-killed with every request on it; raise the limit to {needed}Mi, {lower}or drop the limit "
                     "('none')"
                 )
+
+    @property
+    def head_container_resources(self) -> Resources:
+        """``head_resources``, or, not given, ``HEAD_RESOURCES`` with the memory limit its topology needs (worked
+        out from the spec each time: a copy with more shards, ``dataclasses.replace``, is sized for them)."""
+        if self.head_resources is not None:
+            return self.head_resources
+        return replace(HEAD_RESOURCES, memory_limit=head_memory_limit(self.shards, self.polling, self.max_message_mb))
 
     @property
     def drain_seconds(self) -> int:
@@ -810,7 +815,7 @@ def _pod_spec(spec: DeploymentSpec, name: str, role: str, shard: Optional[int]) 
         "command": ["shardnet"],
         "args": [arg if arg == NAMESPACE_ARGUMENT else _literal(arg) for arg in args],
         "ports": ports,
-        "resources": (spec.head_resources if is_head else spec.worker_resources).to_k8s(),
+        "resources": (spec.head_container_resources if is_head else spec.worker_resources).to_k8s(),
         # loading an Executor may take minutes; liveness only starts once this has passed
         "startupProbe": probe(
             period=STARTUP_PERIOD, timeout=2, failures=math.ceil(spec.startup_seconds / STARTUP_PERIOD)

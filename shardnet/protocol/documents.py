@@ -13,7 +13,7 @@ import numbers
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, Optional, Union, overload
 
-from google.protobuf import struct_pb2
+from google.protobuf import message, struct_pb2
 
 from shardnet.errors import ProtocolError
 from shardnet.protocol.budget import MAX_DENSE_BYTES, DenseBudget
@@ -27,10 +27,11 @@ if TYPE_CHECKING:
 # shardnet's, and a request's parameters sit 4 levels down (message, Struct, entry, Value); a dict takes 3 more
 # (Struct, entry, Value), a list 2 (ListValue, Value). So whatever a request brought fits, to be written back
 VALUE_LEVELS = 96
-# ... and a tag value's: a document's tags sit 3 levels deeper (data, docs, the document), and 3 more leave room
-# for chunks and matches of chunks. Tags taken 3 levels too deep made an answer no reader could parse: the worker
-# ran its handler and the caller got "malformed DataRequest"
-TAG_LEVELS = VALUE_LEVELS - 6
+# ... and a tag value's: a document's tags sit 3 levels deeper (data, docs, the document). Taken as deep as
+# parameters, they made an answer no reader could parse: the worker ran its handler and its caller got "malformed
+# DataRequest". What a top-level document received is taken back; a chunk or match takes a level less per level
+# it is nested (one nested dict fewer, on a chunk of a chunk of a match)
+TAG_LEVELS = VALUE_LEVELS - 2
 
 
 def to_python(value: Any) -> Any:
@@ -590,8 +591,17 @@ class DocumentList:
             copies.append(clone)
             if isinstance(doc, Document):
                 self._budget.absorb(doc._budget)
+        previous = list(self._field)  # kept: protobuf refuses a document nested too deep only as it extends
         self.clear()
-        self._field.extend(copies)
+        try:
+            self._field.extend(copies)
+        except message.DecodeError:
+            self.clear()
+            self._field.extend(previous)
+            raise ProtocolError(
+                "a document nests chunks, matches and tags deeper than protobuf's limit of 100 levels: no reader "
+                "could parse the request (the documents were left as they were)"
+            ) from None
 
     @property
     def texts(self) -> list[str]:
