@@ -1,10 +1,12 @@
-"""Benchmark 6 (supporting): what grpc.aio charges per request for each way a client can reach a server.
+"""Supporting benchmark: what grpc.aio charges per request for each way a client can reach a server.
 
-The pool and the head send one unary call per request, over TCP, on channels
-with gRPC's full filter stack. This script asks whether another way would cost
-less, against one echo server process, each row a client in this process:
+The pool sends one unary call per request, over TCP, on channels with gRPC's
+full filter stack (a head sends its workers requests on long-lived request
+streams instead, the row ``bidi stream`` measures what that way costs). This
+script asks whether another way would cost less, against one echo server
+process, each row a client in this process:
 
-- ``unary, TCP``: what shardnet does (the reference of every ratio);
+- ``unary, TCP``: what the pool does (the reference of every ratio);
 - ``unary, TCP, minimal stack``: the client channel with ``grpc.minimal_stack``
   (fewer filters; it also drops the client's own message size checks);
 - ``unary, unix socket``: the same call over a Unix domain socket;

@@ -19,6 +19,7 @@ from shardnet.cli.options import (
     uses_metas_name,
 )
 from shardnet.errors import ConfigurationError
+from shardnet.networking.balancing import BALANCERS
 from shardnet.manifests.kubernetes import (
     DRAIN_MARGIN,
     HEAD_RESOURCES,
@@ -80,7 +81,10 @@ def register(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     parser.add_argument("--head-replicas", type=int, default=1, help="replicas of the head (default: %(default)s)")
     parser.add_argument("--polling", default="ANY", help=POLLING_HELP)
     parser.add_argument("--namespace", default="default", help="namespace of every object (default: %(default)s)")
-    parser.add_argument("--balancer", default="p2c_ewma", help="the head's replica balancer (default: %(default)s)")
+    parser.add_argument(
+        "--balancer", choices=sorted(BALANCERS), default="p2c_ewma",
+        help="the head's replica balancer (default: %(default)s)",
+    )
     add_head_traffic_arguments(parser)
     parser.add_argument(
         "--port", type=int, default=8080, help="gRPC port of every container, 1024 or above (default: %(default)s)"

@@ -286,13 +286,15 @@ def add_head_routing_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_token_argument(parser: argparse.ArgumentParser, default: str = f"${TOKEN_VARIABLE}") -> None:
+def add_token_argument(
+    parser: argparse.ArgumentParser, default: str = f"the secret itself in ${TOKEN_VARIABLE}"
+) -> None:
     """--control-token-file and --control-token; ``default`` says what serves without either."""
     given = parser.add_mutually_exclusive_group()
     given.add_argument(
         "--control-token-file",
         metavar="PATH",
-        help=f"file holding the shared secret for ACTIVATE/DEACTIVATE (default: {default})",
+        help=f"file holding the shared secret for ACTIVATE/DEACTIVATE (without it: {default})",
     )
     given.add_argument(
         "--control-token",

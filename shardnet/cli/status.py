@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         f"{DEGRADED} (degraded) when a replica is down, or was not checked in time, but no shard is known to have "
         "none serving.",
     )
-    parser.add_argument("target", help="HOST:PORT")
+    parser.add_argument("target", help="HOST:PORT (https://HOST:PORT for TLS)")
     parser.add_argument(
         "--timeout", type=positive_seconds("timeout"), metavar="SECONDS", default=5.0,
         help="seconds the whole check may take, a head's check of its replicas included: a replica that does not "
