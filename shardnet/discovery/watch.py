@@ -303,6 +303,7 @@ class ListWatch:
         self._options = options
         self._progress = False  # a watch line arrived since the last list
         self._failed_in_a_row = 0  # watches that failed since one last answered
+        self._opened_at: Optional[float] = None  # when the latest watch's stream opened (None: it did not)
         self._repeats = RepeatedWarnings()  # of its watch failures
         self.last_failure: Optional[str] = None  # the latest failed list or watch, as text
 
@@ -320,6 +321,7 @@ class ListWatch:
                 await with_backoff(self.name, self._list, self._options, self._failed)
             try:
                 await self._watch()
+                self._steady()
             except Gone as gone:
                 expired_in_a_row = 1 if self._progress else expired_in_a_row + 1
                 pause = self._options.pause(expired_in_a_row - 1) if expired_in_a_row > 1 else 0.0
@@ -333,6 +335,7 @@ class ListWatch:
                 self.resource_version = None
                 await asyncio.sleep(pause)
             except Exception as error:  # noqa: BLE001 - logged, backed off, and listed or watched again
+                self._steady()
                 self._failed_in_a_row += 1
                 self._failed(error)
                 pause = self._options.pause(self._failed_in_a_row)
@@ -350,6 +353,17 @@ class ListWatch:
                 if not again:
                     self.resource_version = None
                 await asyncio.sleep(pause)
+
+    def _steady(self) -> None:
+        """End a run of failures once the latest watch stayed open ``VERY_SHORT_WATCH`` or more, as its first line
+        does: a quiet namespace sends none, and after an outage the next single blip (an etcd leader change)
+        counted as one more failure in a row, waited the capped back-off and listed everything again."""
+        opened, self._opened_at = self._opened_at, None
+        if opened is None or not self._failed_in_a_row:
+            return
+        if asyncio.get_running_loop().time() - opened >= VERY_SHORT_WATCH:
+            logger.info("%s: watching again after %d failures", self.name, self._failed_in_a_row)
+            self._failed_in_a_row = 0
 
     def relist_when_back(self) -> None:
         """List again at the next attempt rather than watch from the version held (what was handed over may have
@@ -447,6 +461,7 @@ class ListWatch:
 
     async def _watch(self) -> None:
         """One watch request: returns when it ends, goes silent or drops; raises when it fails at once."""
+        self._opened_at = None
         options = self._options
         timeout = aiohttp.ClientTimeout(sock_connect=options.connect_timeout, sock_read=options.read_timeout)
         response = await self._list_call(
@@ -464,7 +479,7 @@ class ListWatch:
                 return
             self.failing = False  # it resumes from the version it had: what changed meanwhile comes first
             received = 0
-            opened = asyncio.get_running_loop().time()
+            opened = self._opened_at = asyncio.get_running_loop().time()
             while True:
                 try:
                     line = await response.content.readline()
