@@ -1270,6 +1270,24 @@ async def test_a_watch_that_stays_open_after_an_outage_clears_its_failures_in_a_
     assert "watching again in" in blip, blip
 
 
+async def test_an_address_two_slices_give_two_shards_is_routed_as_neither_until_one_lets_go(
+    api_server: FakeApiServer, start_pool, caplog
+) -> None:
+    """A pod IP reused by a pod of shard 0 while shard 2's EndpointSlice still listed it (two Services' slices
+    update on their own) was routed as both shards: a request for shard 2 reached shard 0's worker until shard 2's
+    slice caught up (a churn review's find). Neither until one lets go; then the one left, at once."""
+    api_server.apply("endpointslices", endpoint_slice("s2", "dep-2", [("10.0.0.7", True, None)], shard="2"))
+    api_server.apply("endpointslices", endpoint_slice("s1", "dep-1", [("10.0.0.8", True, None)], shard="1"))
+    pool = await start_pool(sources=("endpointslices",))
+    assert replicas(pool, shard_id=2) == {"10.0.0.7:50051"}
+    api_server.apply("endpointslices", endpoint_slice("s0", "dep-0", [("10.0.0.7", True, None)], shard="0"))
+    await eventually(lambda: "10.0.0.7:50051 of 'dep' is listed as shard 0 and as shard 2 at once" in caplog.text)
+    assert replicas(pool, shard_id=0) == replicas(pool, shard_id=2) == set()
+    api_server.apply("endpointslices", endpoint_slice("s2", "dep-2", [], shard="2"))
+    await eventually(lambda: replicas(pool, shard_id=0) == {"10.0.0.7:50051"})
+    assert replicas(pool, shard_id=2) == set() and replicas(pool, shard_id=1) == {"10.0.0.8:50051"}
+
+
 async def test_starts_while_api_server_is_down(api_server: FakeApiServer, start_pool) -> None:
     api_server.apply("pods", pod("a", ip="10.0.0.1"))
     await api_server.go_down("unavailable")

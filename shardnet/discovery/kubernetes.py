@@ -295,6 +295,9 @@ class _Ledger:
         self._members_of: Counter[str] = Counter()  # deployment -> its members held
         self._by_address: dict[str, set[Member]] = {}  # address -> the members held there, of any deployment
         self._removals: dict[Member, asyncio.Task] = {}
+        # members held but not routed: another role of their deployment is held at their address by a word no
+        # claim settles (two objects of one source: a reused IP in shard 0's slice while shard 2's still lists it)
+        self._contested: set[Member] = set()
         self._relists = 0  # relists under way: a deployment emptied meanwhile is forgotten only once they end
         self._emptied_in_relist: set[str] = set()
 
@@ -344,11 +347,45 @@ class _Ledger:
                 self._members_of[member.deployment] += 1
                 self._by_address.setdefault(member.address, set()).add(member)
                 new.append(member)
+        taken_out = [rival for member in new for rival in self._contest(member)]
+        freed = self._settle_contests(gone)
         for member in gone:
             if not self._holders.get(member):  # not held again meanwhile
                 await self._remove(member)
-        for member in new:
+        for member in taken_out:
+            await self._remove(member)
+        for member in new + freed:
             await self._add(member)
+
+    def _contest(self, claim: Member) -> list[Member]:
+        """Keep ``claim`` and every other role of its deployment held at its address out of the pool while both
+        are held: an address serves one shard at a time, and which one is not settled by two objects of one
+        source (a pod IP reused by shard 0 while shard 2's EndpointSlice still lists it). Returns the rivals
+        that were routed until now; each goes back once the others let go (``_settle_contests``)."""
+        rivals = [m for m in self._by_address.get(claim.address, ()) if m != claim and m.deployment == claim.deployment]
+        if not rivals:
+            return []
+        routed = [rival for rival in rivals if rival not in self._contested]
+        self._contested.update(rivals)
+        self._contested.add(claim)
+        logger.warning(
+            "%s of %r is listed as %s and as %s at once: routed as neither until one of them is let go",
+            claim.address, claim.deployment, _role(claim), " and ".join(_role(rival) for rival in rivals),
+        )
+        return routed
+
+    def _settle_contests(self, gone: list[Member]) -> list[Member]:
+        """Members let go (``gone``) leave their contests; a rival left alone at its address is routed again."""
+        freed = []
+        for member in gone:
+            if member not in self._contested or self._holders.get(member):
+                continue
+            self._contested.discard(member)
+            left = [m for m in self._by_address.get(member.address, ()) if m.deployment == member.deployment]
+            if len(left) == 1 and left[0] in self._contested:
+                self._contested.discard(left[0])
+                freed.append(left[0])
+        return freed
 
     def _uncount(self, member: Member) -> None:
         """``member``'s last holder went."""
@@ -490,7 +527,7 @@ class _Ledger:
     async def _add(self, member: Member) -> None:
         while (pending := self._removals.get(member)) is not None:
             await asyncio.wait({pending})  # back before its removal finished closing: let it finish first
-        if not self._holders.get(member):  # and dropped again while we waited
+        if not self._holders.get(member) or member in self._contested:  # dropped, or contested, while we waited
             return
         try:
             self._pool.add_connection(member.deployment, member.address, head=member.head, shard_id=member.shard_id)
