@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from shardnet import DataRequest, Document, DocumentList, ProtocolError
 from shardnet.protocol import budget, ndarray
+from shardnet.protocol.documents import TAG_LEVELS
 from shardnet.protocol.proto import docarray_pb2
 
 
@@ -530,11 +531,11 @@ def test_the_deepest_tags_a_document_takes_travel_on_a_match_of_a_chunk_and_one_
         Document(tags={"t": nested(deepest + 1)})
 
 
-def test_tags_a_request_brought_are_taken_back_and_documents_too_deep_to_send_are_refused_leaving_the_list():
-    """A regression review's finds: tags as deep as a received top-level document holds (94 levels, in lists) were
-    refused when an Executor wrote them back (``doc.tags = doc.tags``); a document nesting chunks so deep with
-    such tags that no reader could parse it raised protobuf's bare DecodeError from ``request.docs = [...]``,
-    the list emptied."""
+def test_tags_as_deep_as_they_go_travel_on_a_match_and_a_document_too_deep_to_send_is_refused_leaving_the_list():
+    """Regression reviews' finds: tags in lists 94 levels deep were taken on any document and made an answer no
+    reader could parse when set on a match or a chunk (the handler ran, the caller got "malformed DataRequest");
+    a document nesting chunks too deep raised protobuf's bare DecodeError from ``request.docs = [...]``, the list
+    emptied."""
 
     def in_lists(levels: int) -> object:
         value: object = "leaf"
@@ -542,16 +543,22 @@ def test_tags_a_request_brought_are_taken_back_and_documents_too_deep_to_send_ar
             value = [value]
         return value
 
-    sent = DataRequest([Document(id="top", tags={"t": in_lists(94)})])
-    received = DataRequest.from_bytes(sent.to_bytes())
-    received.docs[0].tags = received.docs[0].tags
-    assert DataRequest.from_bytes(received.to_bytes()).docs[0].tags["t"] == in_lists(94)
+    top = Document(id="top", tags={"t": in_lists(TAG_LEVELS)})
+    top.matches.append(Document(id="match", tags={"t": in_lists(TAG_LEVELS)}))
+    top.chunks.append(Document(id="chunk"))
+    top.chunks[0].matches.append(Document(id="match-of-chunk", tags={"t": in_lists(TAG_LEVELS)}))
+    received = DataRequest.from_bytes(DataRequest([top]).to_bytes())
+    assert received.docs[0].chunks[0].matches[0].tags["t"] == received.docs[0].matches[0].tags["t"] == in_lists(
+        TAG_LEVELS)
+    received.docs[0].tags = received.docs[0].tags  # what a request brought is taken back
+    with pytest.raises(TypeError, match="nests lists and dicts deeper than protobuf can carry"):
+        Document(tags={"t": in_lists(TAG_LEVELS + 2)})
     deep = Document(id="deep")
     nested = deep
-    for level in range(5):
+    for level in range(10):
         nested.chunks.append(Document(id=f"chunk-{level}"))
         nested = nested.chunks[0]
-    nested.tags = {"t": in_lists(94)}
+    nested.tags = {"t": in_lists(TAG_LEVELS)}
     with pytest.raises(ProtocolError, match="deeper than protobuf's limit of 100 levels"):
         received.docs = [deep]
     assert [doc.id for doc in received.docs] == ["top"]

@@ -1288,6 +1288,30 @@ async def test_an_address_two_slices_give_two_shards_is_routed_as_neither_until_
     assert replicas(pool, shard_id=2) == set() and replicas(pool, shard_id=1) == {"10.0.0.8:50051"}
 
 
+async def test_a_contest_settled_by_another_record_meanwhile_leaves_the_member_left_routed(kubeconfig: str) -> None:
+    """A regression review's find: a record that contested an address took the rival out after awaiting its own
+    removals, by which time another record (the pods' word withdrawing the stale slice endpoint) had settled the
+    contest and put the rival back: it stayed held, contested by no one, and never routed."""
+    from shardnet.discovery.kubernetes import NOTHING
+
+    x, y = "10.0.0.7:50051", "10.0.0.8:50051"
+    pool = K8sGrpcConnectionPool(NS, kubeconfig=kubeconfig, watch=FAST)  # its ledger, driven without a watch
+    ledger = pool._ledger
+    try:
+        await ledger.record("endpointslices", "s0", frozenset({Member("dep", False, 0, x), Member("dep", False, 0, y)}))
+        others = frozenset(Member("dep", False, 2, f"10.0.1.{i}:50051") for i in range(5))
+        await ledger.record("endpointslices", "s2", others)
+        stale = Member("dep", False, 2, x)
+        contesting = asyncio.ensure_future(ledger.record("endpointslices", "s2", frozenset({stale})))
+        await asyncio.sleep(0)  # it took shard 0 at x out of the routing, and awaits its removals of the others
+        await ledger.change("endpointslices", "s2", frozenset({stale}), NOTHING)
+        await contesting
+        await ledger.drain()
+        assert replicas(pool, shard_id=0) == {x, y} and replicas(pool, shard_id=2) == set()
+    finally:
+        await pool.close()
+
+
 async def test_starts_while_api_server_is_down(api_server: FakeApiServer, start_pool) -> None:
     api_server.apply("pods", pod("a", ip="10.0.0.1"))
     await api_server.go_down("unavailable")

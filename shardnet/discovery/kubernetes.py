@@ -353,7 +353,8 @@ class _Ledger:
             if not self._holders.get(member):  # not held again meanwhile
                 await self._remove(member)
         for member in taken_out:
-            await self._remove(member)
+            if member in self._contested:  # not settled, and added back, by another record while this one awaited
+                await self._remove(member)
         for member in new + freed:
             await self._add(member)
 

@@ -27,11 +27,11 @@ if TYPE_CHECKING:
 # shardnet's, and a request's parameters sit 4 levels down (message, Struct, entry, Value); a dict takes 3 more
 # (Struct, entry, Value), a list 2 (ListValue, Value). So whatever a request brought fits, to be written back
 VALUE_LEVELS = 96
-# ... and a tag value's: a document's tags sit 3 levels deeper (data, docs, the document). Taken as deep as
-# parameters, they made an answer no reader could parse: the worker ran its handler and its caller got "malformed
-# DataRequest". What a top-level document received is taken back; a chunk or match takes a level less per level
-# it is nested (one nested dict fewer, on a chunk of a chunk of a match)
-TAG_LEVELS = VALUE_LEVELS - 2
+# ... and a tag value's: a document's tags sit 3 levels deeper (data, docs, the document), and 3 more leave room
+# for matches and chunks of them. Taken as deep as parameters, they made an answer no reader could parse: the
+# worker ran its handler and its caller got "malformed DataRequest". (The deepest tags a top-level document can
+# bring, 4 levels more, are refused if written back)
+TAG_LEVELS = VALUE_LEVELS - 6
 
 
 def to_python(value: Any) -> Any:
