@@ -153,10 +153,11 @@ async def test_a_short_caller_leaves_the_check_to_a_longer_one_and_hung_replicas
     assert notes["checked"] == MAX_CHECKS_AT_ONCE + 7 and notes["unchecked"] == 0, notes
     assert len(notes["down"]) == MAX_CHECKS_AT_ONCE + 6 and notes["shards_down"] == [1], notes
     assert set(notes["down"].values()) == {f"not answering within {CHECK_TIMEOUT:g}s"}, notes["down"]
-    # one check for both callers (the CLI's endpoint listing may also open the head's routing channel to one,
-    # which stays open: the check's own connections close)
+    # one check for both callers: a check per caller would dial every hung replica twice. The CLI's endpoint
+    # listing also opens the head's routing channels to some, which stay open (the check's own connections
+    # close): one or two, or a dozen on a loaded machine, where the listing fails over from hung one to hung one
     routing = sum(door.accepted for door in hung) - len(hung)
-    assert all(door.accepted for door in hung) and routing <= 2
+    assert all(door.accepted for door in hung) and routing < len(hung) // 2
     await eventually(lambda: sum(door.open for door in hung) <= routing)
 
 
