@@ -56,6 +56,13 @@ def _entry(container: Union[struct_pb2.Struct, struct_pb2.ListValue], key: Union
         ) from None
 
 
+def _too_deep() -> ProtocolError:
+    return ProtocolError(
+        "a document nests chunks, matches and tags deeper than protobuf's limit of 100 levels: no reader could "
+        "parse the request (the documents were left as they were)"
+    )
+
+
 def _proto_of(doc: Any) -> docarray_pb2.DocumentProto:
     if isinstance(doc, Document):
         return doc._pb
@@ -538,8 +545,8 @@ class DocumentList:
             self._put(position, doc, proto)
 
     def _put(self, position: int, doc: DocumentLike, proto: docarray_pb2.DocumentProto) -> None:
-        del self._field[position]
-        self._insert_at(position, doc, proto)
+        self._insert_at(position, doc, proto)  # first: one refused leaves the document that was there
+        del self._field[position + 1]
 
     def insert(self, index: int, doc: DocumentLike) -> None:
         """Put a copy of ``doc`` before position ``index``, as ``list.insert``; a Document then views it."""
@@ -547,7 +554,13 @@ class DocumentList:
         self._insert_at(slice(index, None).indices(len(self._field))[0], doc, proto)  # clamped as a list's
 
     def _insert_at(self, position: int, doc: DocumentLike, proto: docarray_pb2.DocumentProto) -> None:
-        self._field.insert(position, proto)  # protobuf's own: a copy, the rest moved along, not copied
+        count = len(self._field)
+        try:
+            self._field.insert(position, proto)  # protobuf's own: a copy, the rest moved along, not copied
+        except (message.DecodeError, SystemError):  # its copy reads the document back: SystemError wraps that
+            if len(self._field) > count:  # put in before protobuf found it could not read it
+                del self._field[position]
+            raise _too_deep() from None
         self._took(doc, self._field[position])
 
     def _took(self, doc: DocumentLike, stored: docarray_pb2.DocumentProto) -> None:
@@ -598,10 +611,7 @@ class DocumentList:
         except message.DecodeError:
             self.clear()
             self._field.extend(previous)
-            raise ProtocolError(
-                "a document nests chunks, matches and tags deeper than protobuf's limit of 100 levels: no reader "
-                "could parse the request (the documents were left as they were)"
-            ) from None
+            raise _too_deep() from None
 
     @property
     def texts(self) -> list[str]:
