@@ -496,7 +496,7 @@ def test_jinas_request_idioms():
     received = DataRequest.from_bytes(wire)
     received.add_executor("exec")
     received.data.docs = [Document(text="e")]
-    assert received.nbytes == len(received.to_bytes())  # counted without writing it out, as a head checks a merge
+    assert received.nbytes == len(received.to_bytes())  # counted without writing it out
     back = DataRequest.from_bytes(received.to_bytes())
     assert [r.executor for r in back.routes] == ["gateway", "exec"] and back.docs.texts == ["e"]
 

@@ -600,8 +600,7 @@ class DataRequest:
 
     @property
     def nbytes(self) -> int:
-        """The size of the wire form in bytes, as Jina's ``nbytes``: counted, not written out (a merged answer
-        past the limit is refused without a copy of it more)."""
+        """The size of the wire form in bytes, as Jina's ``nbytes``: counted, not written out."""
         if self._buffer is not None:
             return len(self._buffer)
         return (self._message if self._message is not None else self._envelope).ByteSize()

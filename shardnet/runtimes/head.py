@@ -619,7 +619,7 @@ class Head:
             context.set_trailing_metadata(tuple(trailing))
         return await within_message_limit(
             context,
-            response,
+            response.to_bytes(),
             self.server.config.max_message_bytes,
             f"{self.deployment}: the answer (under ALL, every shard's merged)",
             "this head's",

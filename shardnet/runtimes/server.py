@@ -38,7 +38,7 @@ import os
 import secrets
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn, Optional, Sequence, Union
+from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn, Optional, Sequence
 
 import grpc
 import grpc.aio
@@ -770,18 +770,16 @@ def request_list(
 
 
 async def within_message_limit(
-    context: grpc.aio.ServicerContext, answer: Union[bytes, DataRequest], limit: int, what: str, whose: str
+    context: grpc.aio.ServicerContext, answer: bytes, limit: int, what: str, whose: str
 ) -> bytes:
-    """``answer``'s bytes, or an abort naming ``what`` it is and ``whose`` limit it passes ("this worker's"): gRPC
-    would refuse to send it with a bare "Sent message larger than max" and a traceback in the server's log. A
-    DataRequest is measured before it is written out: one past the limit is never copied into bytes."""
-    size = answer.nbytes if isinstance(answer, DataRequest) else len(answer)
-    if size > limit:
+    """``answer``, or an abort naming ``what`` it is and ``whose`` limit it passes ("this worker's"): gRPC would
+    refuse to send it with a bare "Sent message larger than max" and a traceback in the server's log."""
+    if len(answer) > limit:
         await context.abort(
             grpc.StatusCode.RESOURCE_EXHAUSTED,
-            f"{what} is {size} bytes, over {whose} max message size of {limit} bytes (--max-message-mb)",
+            f"{what} is {len(answer)} bytes, over {whose} max message size of {limit} bytes (--max-message-mb)",
         )
-    return answer.to_bytes() if isinstance(answer, DataRequest) else answer
+    return answer
 
 
 def jina_server(config: ServerConfig, runtime) -> Server:
