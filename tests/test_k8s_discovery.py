@@ -1430,6 +1430,13 @@ print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1beta1", "kind": 
 """
 
 
+def kill_plugins(folder) -> None:
+    """Kill every plugin process that noted its pid in ``folder``."""
+    for marker in folder.glob("plugin-*"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(marker.name.split("-")[1]), signal.SIGKILL)
+
+
 async def test_a_credentials_reload_that_hangs_does_not_hold_discovery(api_server: FakeApiServer, tmp_path) -> None:
     """The reload runs beside the requests: while a plugin hangs, the token held still serves every list and watch
     (a first version awaited it before each request, and discovery froze without a word; found by a review)."""
@@ -1447,11 +1454,40 @@ async def test_a_credentials_reload_that_hangs_does_not_hold_discovery(api_serve
             await eventually(lambda: len(list(tmp_path.glob("plugin-*"))) >= 2, timeout=10)  # the second one hangs
             api_server.apply("pods", pod("b", ip="10.0.0.2"))
             await eventually(lambda: replicas(pool) == {"10.0.0.1:8080", "10.0.0.2:8080"}, timeout=10)
+            kill_plugins(tmp_path)  # before the reload is stopped: one stopped reading a live plugin leaks its pipe
             await client.configuration.refresh_api_key_hook.close()
     finally:
-        for marker in tmp_path.glob("plugin-*"):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(marker.name.split("-")[1]), signal.SIGKILL)
+        kill_plugins(tmp_path)
+
+
+async def test_a_reload_that_hangs_past_its_timeout_is_awaited_not_started_again(tmp_path, caplog) -> None:
+    """A plugin that hangs past the reload's timeout is waited for, not given up and run again: the library does not
+    stop a plugin whose read it is cancelled from, and a version that gave up started a new one every time the
+    timeout and the interval passed, each left hanging (a process more every minute, for as long as the login
+    waits)."""
+    from shardnet.discovery.configuration import KubeconfigCredentials
+
+    (tmp_path / "plugin.py").write_text(HANGING_PLUGIN)
+    user = {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1", "command": sys.executable,
+                     "args": [str(tmp_path / "plugin.py"), str(tmp_path)]}}
+    kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", "https://127.0.0.1:1", namespace=NS, user=user)
+    configuration = type.__call__(Configuration)
+    loader = await k8s_config.load_kube_config(
+        config_file=str(kubeconfig), client_configuration=configuration, persist_config=False)
+    credentials = KubeconfigCredentials(loader, interval=0, reload_timeout=0.1)
+    caplog.set_level(logging.WARNING, logger="shardnet.discovery.configuration")
+    try:
+        await credentials(configuration)
+        await eventually(lambda: "took more than 0.1s to reload" in caplog.text, timeout=10)
+        for _ in range(5):  # each would start a reload of its own were the hung one given up
+            await credentials(configuration)
+            await asyncio.sleep(0.15)
+        assert len(list(tmp_path.glob("plugin-*"))) == 2  # the one the loader ran and the one that hangs
+        assert caplog.text.count("took more than") == 1
+        assert configuration.api_key["BearerToken"] == "Bearer test-token"  # the token held still serves
+    finally:
+        kill_plugins(tmp_path)
+        await credentials.close()
 
 
 async def test_a_credentials_reload_that_fails_keeps_the_last_ones(

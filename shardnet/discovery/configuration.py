@@ -40,9 +40,9 @@ class KubeconfigCredentials:
     ``interval`` seconds, so tokens that expire (exec plugins, ``tokenFile``, gcp, OIDC) are renewed.
 
     The reload runs beside the requests, never in their way: a plugin that hangs (a login waiting for a
-    browser) must not stall discovery while the token held still works. It gets ``reload_timeout``
-    seconds; one that fails or times out keeps the token held and says why, and the API server's 401s,
-    logged by the watch, follow if it has lapsed. Only tokens are renewed: the library builds its TLS
+    browser) must not stall discovery while the token held still works. One that fails keeps the token held
+    and says why, as one still running after ``reload_timeout`` seconds does (no other starts until it ends);
+    the API server's 401s, logged by the watch, follow if the token has lapsed. Only tokens are renewed: the library builds its TLS
     context once, so a plugin that answers with a client certificate keeps its first one.
     """
 
@@ -71,14 +71,18 @@ class KubeconfigCredentials:
             await asyncio.gather(reloading, return_exceptions=True)
 
     async def _reload(self, configuration: k8s_client.Configuration) -> None:
+        # one that takes too long is said and waited for, not given up: the library leaves running a plugin whose
+        # read is cancelled, and a reload started again every interval would leave one more hung process each time
+        loading = asyncio.ensure_future(self._loader.load_and_set(configuration))
         try:
-            await asyncio.wait_for(self._loader.load_and_set(configuration), self._reload_timeout)
-        except asyncio.TimeoutError:
-            logger.warning("the kubeconfig's credentials took more than %gs to reload; keeping the last ones",
-                           self._reload_timeout)
+            if not (await asyncio.wait([loading], timeout=self._reload_timeout))[0]:
+                logger.warning("the kubeconfig's credentials took more than %gs to reload; keeping the last ones "
+                               "until it ends", self._reload_timeout)
+            await loading
         except Exception as error:  # a plugin that fails or a file half written: keep what works for now
             logger.warning("could not reload the kubeconfig's credentials, keeping the last ones: %s", error)
         finally:
+            loading.cancel()  # when this reload is itself stopped (its client closes)
             self._loaded_at = time.monotonic()
             self._reloading = None
 
