@@ -1312,6 +1312,38 @@ async def test_a_contest_settled_by_another_record_meanwhile_leaves_the_member_l
         await pool.close()
 
 
+async def test_a_stale_slice_the_pods_and_another_slice_contradict_gives_way_whichever_came_first(
+    kubeconfig: str, caplog
+) -> None:
+    """A pod IP reused by shard 0: the pods and shard 0's slice say so, shard 2's slice still lists it. When the
+    pods had said it first, the lagging slice's claim began a contest and shard 0 lost its replica until that
+    slice caught up (a regression review's find; the other way round, the pods' word let go of the stale one).
+    It gives way to the two; were the pods to let go, it is weighed again when said again: a contest."""
+    from shardnet.discovery.kubernetes import NOTHING
+
+    x = "10.0.0.7:50051"
+    pool = K8sGrpcConnectionPool(NS, kubeconfig=kubeconfig, watch=FAST)  # its ledger, driven without a watch
+    ledger = pool._ledger
+    shard_0, shard_2 = Member("dep", False, 0, x), Member("dep", False, 2, x)
+    try:
+        await ledger.record("pods", "w0", frozenset({shard_0}))
+        await ledger.record("endpointslices", "s0", frozenset({shard_0}))
+        await ledger.record("endpointslices", "s2", frozenset({shard_2}))
+        await ledger.drain()
+        assert replicas(pool, shard_id=0) == {x} and replicas(pool, shard_id=2) == set()
+        assert (f"{x} of 'dep' is listed as shard 2 by the endpointslices in namespace {NS}, while the "
+                "endpointslices and the pods say shard 0: routed as shard 0") in caplog.text
+        await ledger.record("pods", "w0", NOTHING)  # the pod goes; shard 0's slice still lists it
+        await ledger.record("endpointslices", "s2", frozenset({shard_2}))  # said again: two slices, no third word
+        await ledger.drain()
+        assert replicas(pool, shard_id=0) == replicas(pool, shard_id=2) == set()
+        await ledger.record("endpointslices", "s2", NOTHING)
+        await ledger.drain()
+        assert replicas(pool, shard_id=0) == {x}
+    finally:
+        await pool.close()
+
+
 async def test_starts_while_api_server_is_down(api_server: FakeApiServer, start_pool) -> None:
     api_server.apply("pods", pod("a", ip="10.0.0.1"))
     await api_server.go_down("unavailable")
