@@ -566,6 +566,30 @@ def test_tags_as_deep_as_they_go_travel_on_a_match_and_a_document_too_deep_to_se
         assert [doc.id for doc in received.docs] == ["top"]
 
 
+def test_a_slice_or_a_replacement_refused_for_a_document_too_deep_leaves_the_list_and_its_views_as_they_were():
+    """A regression review's finds: ``docs[0:2] = [new, deep]`` took the slice out before finding ``deep`` could not
+    go in (two documents lost), ``docs[::2] = ...`` replaced the first; a refused ``request.docs = [...]`` put the
+    documents back as copies, so a view taken before (``docs[0]``, a Document appended) edited nothing any more."""
+    deep = Document(id="deep")
+    nested = deep
+    for level in range(105):
+        nested.chunks.append(Document(id=f"chunk-{level}"))
+        nested = nested.chunks[0]
+    for assign in (slice(0, 2), slice(None, None, 2)):
+        request = DataRequest([Document(id="a"), Document(id="b"), Document(id="c")])
+        request.docs[0].matches.append(Document(id="m"))
+        with pytest.raises(ProtocolError, match="deeper than protobuf's limit of 100 levels"):
+            request.docs[assign] = [Document(id="new"), deep]
+        assert request.docs.ids == ["a", "b", "c"] and request.docs[0].matches.ids == ["m"]
+    request = DataRequest([Document(id="a", text="before")])
+    view, appended = request.docs[0], Document(id="b", text="before")
+    request.docs.append(appended)
+    with pytest.raises(ProtocolError, match="deeper than protobuf's limit of 100 levels"):
+        request.docs = [Document(id="ok"), deep]
+    view.text, appended.text = "through the view", "through the appended one"
+    assert request.docs.texts == ["through the view", "through the appended one"]
+
+
 def _refused_as_tags(value: object) -> bool:
     try:
         Document(tags={"t": value})

@@ -445,6 +445,17 @@ class Document:
 DocumentLike = Union[Document, docarray_pb2.DocumentProto]
 
 
+def _copies_checked(protos: list[docarray_pb2.DocumentProto]) -> Any:
+    """Copies of ``protos`` in a list of their own. Protobuf reads each back as it copies it, and refuses there one
+    nested too deep to send: checked so before a list they go to changes, that list stays as it was."""
+    copies = docarray_pb2.DocumentArrayProto().docs
+    try:
+        copies.extend(protos)
+    except (message.DecodeError, SystemError):
+        raise _too_deep() from None
+    return copies
+
+
 class DocumentList:
     """A list-like view over a repeated ``DocumentProto`` field.
 
@@ -530,7 +541,8 @@ class DocumentList:
         self._put(range(len(self._field))[index], value, _proto_of(value))  # an IndexError as a list's
 
     def _assign_slice(self, index: slice, docs: list[DocumentLike]) -> None:
-        protos = [_proto_of(doc) for doc in docs]  # every one checked before anything changes
+        protos = [_proto_of(doc) for doc in docs]
+        _copies_checked(protos)  # every one before anything changes: the slice is taken out before they go in
         positions = range(len(self._field))[index]
         if index.step is None or index.step == 1:  # as a list's: any number, in place of the slice
             del self._field[index]
@@ -595,23 +607,15 @@ class DocumentList:
 
     def replace(self, docs: Iterable[DocumentLike]) -> None:
         """Swap the whole content for ``docs`` (safe when ``docs`` are views into this list)."""
-        copies = []
-        for doc in docs:
-            clone = docarray_pb2.DocumentProto()
-            clone.CopyFrom(_proto_of(doc))
+        docs = list(docs)
+        copies = _copies_checked([_proto_of(doc) for doc in docs])  # before the documents here are let go
+        for doc, copy in zip(docs, copies):
             if self._stamp is not None:
-                self._stamp(clone)
-            copies.append(clone)
+                self._stamp(copy)
             if isinstance(doc, Document):
                 self._budget.absorb(doc._budget)
-        previous = list(self._field)  # kept: protobuf refuses a document nested too deep only as it extends
         self.clear()
-        try:
-            self._field.extend(copies)
-        except message.DecodeError:
-            self.clear()
-            self._field.extend(previous)
-            raise _too_deep() from None
+        self._field.extend(copies)
 
     @property
     def texts(self) -> list[str]:
