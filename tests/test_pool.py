@@ -366,6 +366,8 @@ async def test_failing_over_from_a_replica_already_ejected_spends_no_retry_budge
     assert len(refused) == EjectionPolicy().consecutive_failures - 1
     assert all("retry budget exhausted" in str(error) for error in refused)
     assert live.calls == 20 - len(refused)
+    # each is a fail-over all the same, as the head's shardnet_head_retries_total says (a review: 2 of 13 were)
+    assert pool.failovers == 10 - len(refused) and pool.retry_budget.total_retries == 0
 
 
 async def test_a_replica_refusing_as_it_drains_is_picked_no_more_until_it_serves_again(pool_factory, echo_servers,

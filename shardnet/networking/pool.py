@@ -212,6 +212,9 @@ class GrpcConnectionPool:
         self.balancer = balancer
         self.retry = retry if retry is not None else RetryPolicy()
         self.retry_budget = retry_budget if retry_budget is not None else RetryBudget()
+        # attempts sent again to another replica since start, on the budget or not (leaving an ejected one is
+        # free): the budget's own count left out most of a killed replica's fail-overs
+        self.failovers = 0
         self.timeout = timeout
         self._ejection = ejection
         self._tls = tls
@@ -601,6 +604,7 @@ class GrpcConnectionPool:
                     tried.add(connection)
                     last.connection = connection
                     last.attempts += 1
+                    self.failovers += 1
                     last.attempt_timeout = self._attempt_timeout(deadline, loop)
                     return await replicas.call(
                         connection, method, payload, metadata, last.attempt_timeout,

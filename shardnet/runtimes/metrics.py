@@ -332,7 +332,7 @@ class HeadMetrics:
         yield ejected
         budget = pool.retry_budget
         for name, what, value in (
-            ("shardnet_head_retries", "attempts sent again to another replica (failovers)", budget.total_retries),
+            ("shardnet_head_retries", "attempts sent again to another replica (failovers)", pool.failovers),
             ("shardnet_head_retries_refused", "failovers the retry budget refused", budget.refused),
             ("shardnet_head_requests_resent", "ANY requests sent on to another shard as theirs had no live worker",
              head.requests_resent),
