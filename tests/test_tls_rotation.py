@@ -344,6 +344,33 @@ async def test_a_client_renewal_that_does_not_check_out_is_not_taken_until_it_do
         assert refusals and "does not match" in refusals[0]
 
 
+async def test_a_client_renewal_a_replica_refuses_while_it_takes_the_previous_one_is_not_taken(
+    authorities, files, client_files, pool_factory, eventually, caplog
+):
+    """A TLS review's find: a renewed client pair from a CA the workers do not trust (or a CA file that does not
+    sign their certificates) was taken, and every replica's working channel replaced by one that could not
+    connect: nearly every request failed until the files were good again. Asked first, the replica refuses it."""
+    ca, clients = authorities
+    async with EchoServer("worker", credentials=files.server_tls().credentials()) as server:
+        pool = pool_factory(tls=client_files.client_tls("worker.example"), tls_check_interval=0.02)
+        pool.add_connection("dep", server.address)
+        await pool.send_request_once(DataRequest(endpoint="/x"), "dep")
+        [connection] = pool.get_replicas("dep").get_all_connections()
+        first_channel = connection.channel
+        with caplog.at_level(logging.WARNING, logger="shardnet.networking.pool"):
+            client_files.present(trustme.CA().issue_cert("head.example"), ca)  # signed by a CA the worker ignores
+            await eventually(lambda: "changed but is not taken" in caplog.text)
+            reply, _ = await pool.send_request_once(DataRequest(endpoint="/during"), "dep")
+            assert reply.header.exec_endpoint == "/during" and connection.channel is first_channel
+            assert f"replica {connection.address} serves the previous material and not it" in caplog.text
+            client_files.present(clients.issue_cert("head.example"), trustme.CA())  # roots that did not sign it
+            await eventually(lambda: caplog.text.count("changed but is not taken") == 2)
+            client_files.present(clients.issue_cert("head-renewed.example"), ca)  # one it takes
+            await eventually(lambda: connection.channel is not first_channel)
+        reply, _ = await pool.send_request_once(DataRequest(endpoint="/after"), "dep")
+        assert reply.header.exec_endpoint == "/after" and server.client_names[-1] == ["head-renewed.example"]
+
+
 def test_only_material_in_files_is_followed(authorities, client_files):
     ca, clients = authorities
     assert tls_module.FollowedClientMaterial(client_files.client_tls("worker.example")).follows_files

@@ -261,14 +261,15 @@ class Connection:
                 return HealthProblem("its channel was closed under the check")
             raise
 
-    async def problem_now(self, timeout: float) -> Optional[HealthProblem]:
+    async def problem_now(self, timeout: float, tls: Optional[ClientTls] = None) -> Optional[HealthProblem]:
         """Why the replica does not serve right now (None: it serves), as ``health`` asks it but over a channel of
         its own, closed after: the routing channel may wait out a reconnect back-off of minutes though the replica
         is back, and a status check must not replace it. Its connection attempt lasts as long as the check, a
         little more (so that a hung replica is named by the call's deadline, as not answering): gRPC's 20 s would
-        keep a connection to it open that long after the channel closed."""
+        keep a connection to it open that long after the channel closed. ``tls``: other material to dial with
+        than the connection's (a renewal tried before it is taken)."""
         options = {**dict(self._options or ()), CONNECT_TIMEOUT: math.ceil(timeout * 1000) + CONNECT_SLACK_MS}
-        channel = get_grpc_channel(self.address, options=options, asyncio=True, tls=self._tls)
+        channel = get_grpc_channel(self.address, options=options, asyncio=True, tls=tls or self._tls)
         try:
             return await health_problem(Stubs.for_channel(channel, origin=self._origin), self.address, timeout)
         finally:

@@ -54,12 +54,14 @@ from shardnet.networking.policies import (
     check_timeout,
 )
 from shardnet.networking.polling import PollingType
-from shardnet.networking.connection import Connection, close_in_turn
+from shardnet.networking.connection import HEALTH_TIMEOUT, Connection, close_in_turn
 from shardnet.networking.replica_list import ReplicaList, wrong_server
 from shardnet.networking.tls import ClientTls, FollowedClientMaterial
 from shardnet.protocol.messages import MAX_SHARD_ID, ControlRequest, DataRequest, is_shard_id
 
 logger = logging.getLogger(__name__)
+
+RENEWAL_PROBES = 3  # replicas asked whether they take renewed client TLS material before every channel gets it
 
 MAX_UNKNOWN_NAMES_SAID = 100  # unknown deployment names warned of per pool: a caller looping over made-up names
 # shards declare_shards takes at most: each is made at once (300,000 took 2.3 s and 282 MB), and each needs a worker
@@ -843,12 +845,22 @@ class GrpcConnectionPool:
         the certificate it was made with at every reconnection, long after that certificate has expired. A
         replica list the renewal failed to reach is tried again at the next look; the others are not."""
         taken: weakref.WeakKeyDictionary[ReplicaList, tuple] = weakref.WeakKeyDictionary()  # by each list
+        refusal_said: Optional[tuple] = None
         while True:
             await asyncio.sleep(self._tls_check_interval)
             renewal = follower.renewal()
             if renewal is None:
                 continue
             signature, material = renewal
+            refusal = await self._renewal_refused(material)
+            if refusal is not None:
+                if refusal_said != signature:
+                    logger.warning(
+                        "client TLS material changed but is not taken: %s; channels keep the previous material, "
+                        "and the new one is tried again at each look", refusal,
+                    )
+                    refusal_said = signature
+                continue
             self._dialling_tls = material  # replicas added from now on dial with it too
             renewed, failed = 0, 0
             for replicas in self._replica_lists():
@@ -864,6 +876,25 @@ class GrpcConnectionPool:
             if not failed:
                 follower.take(signature)
                 logger.info("client TLS material changed: %d replica channels renewed with it", renewed)
+
+    async def _renewal_refused(self, material: ClientTls) -> Optional[str]:
+        """Why renewed client material is not to be taken, or None: a replica that serves the material channels
+        dial with now refuses it (signed by a CA it does not trust, or trusting another CA than its own). Taken,
+        every channel of every replica would be replaced by one that cannot connect; a replica refusing both, the
+        previous material perhaps expired, decides nothing. A few replicas are asked, each over new channels."""
+        probed = [
+            connection
+            for replicas in self._replica_lists()
+            for connection in replicas.eligible()
+            if connection.address.tls
+        ][:RENEWAL_PROBES]
+        for connection in probed:
+            before, after = await asyncio.gather(
+                connection.problem_now(HEALTH_TIMEOUT), connection.problem_now(HEALTH_TIMEOUT, tls=material)
+            )
+            if before is None and after is not None:
+                return f"replica {connection.address} serves the previous material and not it ({after.cause})"
+        return None
 
     def _replica_lists(self) -> list[ReplicaList]:
         return [
