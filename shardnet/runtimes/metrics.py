@@ -18,25 +18,22 @@ import time
 from collections import Counter as Tally
 from typing import Any, Awaitable, Callable, Iterable, Iterator, Optional
 
-from aiohttp import web
-
 from shardnet.errors import ConfigurationError, ProtocolError
 from shardnet.protocol import services
 from shardnet.runtimes.executor import DEFAULT, DEFAULT_ENDPOINT, DRY_RUN_ENDPOINT
-from shardnet.runtimes.listening import NO_IPV6, cannot_listen, wildcard_socket
 
 try:
     from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
-    from prometheus_client.aiohttp import make_aiohttp_handler
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 except ImportError as missing:
     raise ConfigurationError(
         "--metrics-port needs prometheus-client, an optional extra: pip install 'shardnet[metrics]'"
     ) from missing
 
+from shardnet.runtimes.metrics_listener import MetricsListener  # noqa: E402 - prometheus-client checked first
+
 logger = logging.getLogger(__name__)
 
-METRICS_PATH = "/metrics"
 # Endpoints are the callers' to choose, so none gets a label of its own for naming it: a worker labels the
 # endpoints its Executor binds (a set fixed when it loads), a head those its workers list (endpoint discovery).
 # The labels for everything else start with "(", which no bound endpoint can (executor.requests: "/" or none).
@@ -158,48 +155,6 @@ class _Collected:
 
     def __init__(self, families: Callable[[], Iterator[Any]]):
         self.collect = families
-
-
-class MetricsListener:
-    """The HTTP listener serving a registry's metrics at /metrics (prometheus_client's aiohttp handler)."""
-
-    def __init__(self, registry: CollectorRegistry, on_stop: Optional[Callable[[], Awaitable[None]]] = None):
-        self.registry = registry
-        self._on_stop = on_stop  # what else the runtime's metrics end as the listener closes
-        self._runner: Optional[web.AppRunner] = None
-        self.port: Optional[int] = None
-
-    async def start(self, host: str, port: int) -> int:
-        """Listen on ``host:port`` (0: a free port; a wildcard host on both families, as gRPC binds it) and return
-        the port; a port in use is refused naming the flag."""
-        app = web.Application()
-        app.router.add_get(METRICS_PATH, make_aiohttp_handler(self.registry))
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        try:
-            # bound as gRPC binds the same host: a wildcard on both families, so IPv6 pod addresses are served too
-            listener = wildcard_socket(host, port)
-            if listener is None:
-                await web.TCPSite(runner, host, port, reuse_port=False).start()
-            else:
-                await web.SockSite(runner, listener).start()
-        except OSError as exc:
-            await runner.cleanup()
-            refusal = cannot_listen(host, port, exc.strerror or str(exc))
-            raise ConfigurationError(f"--metrics-port {port}: {refusal}") from None
-        if not runner.addresses:  # asyncio skips a family this machine lacks (IPv6): none was left to bind
-            await runner.cleanup()
-            raise ConfigurationError(f"--metrics-port {port}: {cannot_listen(host, port, NO_IPV6)}")
-        self._runner = runner
-        self.port = runner.addresses[0][1]
-        return self.port
-
-    async def stop(self) -> None:
-        runner, self._runner = self._runner, None
-        if runner is not None:
-            await runner.cleanup()
-        if self._on_stop is not None:
-            await self._on_stop()
 
 
 def _registry() -> CollectorRegistry:
