@@ -26,7 +26,7 @@ import trustme
 
 from shardnet import ClientTls, ControlRequest, DataRequest, Document, Executor, GrpcConnectionPool, ServerTls, requests
 from shardnet.cli.main import build_parser
-from shardnet.errors import ReplicaError
+from shardnet.errors import ConfigurationError, ReplicaError
 from shardnet.networking import oneshot
 from shardnet.protocol import services
 from shardnet.runtimes.deployment import Deployment
@@ -242,6 +242,27 @@ async def test_command_line_mutual_tls_head_and_worker(pki, tmp_path):
         stop_all([head])
     codes = {"worker": worker.popen.returncode, "head": head.popen.returncode}
     assert codes == {"worker": 0, "head": 0}, (codes, head.tail(), worker.tail())
+
+
+def test_a_private_key_given_as_its_text_on_the_command_line_is_refused_naming_the_flag(tmp_path):
+    """A TLS review's find: ``--tls-key "$(cat tls.key)"`` was taken, and the key was in every user's ``ps``
+    (``--control-token`` says so; the key flags said nothing). A file's path is what they take."""
+    from shardnet.cli.options import client_tls, server_config
+
+    key = trustme.CA().issue_cert("x.example").private_key_pem.bytes().decode()
+    cert = str(tmp_path / "tls.crt")
+    parser = build_parser()
+    for arguments, flag, read in (
+        (["worker", "--uses", "m:C", "--tls-cert", cert, "--tls-key", key], "--tls-key", server_config),
+        (["send", "127.0.0.1:1", "--endpoint", "/x", "--root-ca", cert, "--client-cert", cert, "--client-key", key], "--client-key",
+         client_tls),
+        (["worker", "--uses", "m:C", "--head", "127.0.0.1:1", "--head-root-ca", cert, "--head-client-cert", cert,
+          "--head-client-key", key], "--head-client-key", lambda args: client_tls(args, "head-")),
+    ):
+        with pytest.raises(ConfigurationError, match=f"{flag} takes the path of a file holding the private key, "
+                                                     r"not the key itself: .* process list \(ps\)") as refused:
+            read(parser.parse_args(arguments))
+        assert "PRIVATE KEY" not in str(refused.value)
 
 
 def test_servers_listen_on_loopback_unless_told_otherwise():

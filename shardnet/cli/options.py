@@ -155,7 +155,7 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
         "so its head must run on the same machine",
     )
     group.add_argument("--tls-cert", help="PEM certificate chain: serve TLS")
-    group.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    group.add_argument("--tls-key", metavar="FILE", help="file holding the PEM private key of --tls-cert")
     group.add_argument("--tls-client-ca", help="PEM CA: require client certificates signed by it (mutual TLS)")
     group.add_argument(
         "--health-port",
@@ -416,6 +416,7 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     tls = None
     if cert is not None or key is not None:
         _refuse_half_pair("--tls-cert", cert, "--tls-key", key, "a TLS server needs its certificate and private key")
+        _refuse_key_text("--tls-key", key)
         tls = ServerTls(certificate_chain=cert, private_key=key, client_ca=client_ca)
     config = ServerConfig(
         host=args.host,
@@ -449,7 +450,9 @@ def _check_socket_folder(path: str) -> None:
 def add_client_tls_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     parser.add_argument(f"--{prefix}root-ca", help="PEM CA that signed the server's certificate (enables TLS)")
     parser.add_argument(f"--{prefix}client-cert", help="PEM client certificate for mutual TLS")
-    parser.add_argument(f"--{prefix}client-key", help="PEM private key of the client certificate")
+    parser.add_argument(
+        f"--{prefix}client-key", metavar="FILE", help="file holding the PEM private key of the client certificate"
+    )
     parser.add_argument(
         f"--{prefix}server-name", metavar="NAME",
         help="the name the server's certificate must carry, when it is dialled by an address the certificate "
@@ -473,7 +476,18 @@ def client_tls(args: argparse.Namespace, prefix: str = "") -> Optional[ClientTls
     _refuse_half_pair(
         f"--{prefix}client-cert", cert, f"--{prefix}client-key", key, "mutual TLS needs the client certificate and key"
     )
+    _refuse_key_text(f"--{prefix}client-key", key)
     return ClientTls(root_certificates=root, certificate_chain=cert, private_key=key, server_name=server_name)
+
+
+def _refuse_key_text(flag: str, key: Optional[str]) -> None:
+    """Refuse a private key given as its PEM text rather than a file's path: every user of the machine reads a
+    command line in the process list (``ps``), and the key with it."""
+    if key is not None and "-----BEGIN" in key:
+        raise ConfigurationError(
+            f"{flag} takes the path of a file holding the private key, not the key itself: every user of this "
+            "machine reads a command line in the process list (ps)"
+        )
 
 
 def _refuse_half_pair(cert_flag: str, cert: Optional[str], key_flag: str, key: Optional[str], why: str) -> None:
