@@ -139,7 +139,7 @@ class Connection:
     __slots__ = (
         "address", "_tls", "_options", "channel", "stubs", "running", "failures", "times_ejected", "_retiring",
         "_closed", "_origin", "_request_streams", "rebuilt_at", "admitted_at", "checked_at", "draining", "loop",
-        "_loop_thread", "recent_failures",
+        "_loop_thread", "recent_failures", "last_failure",
     )
 
     def __init__(
@@ -159,6 +159,7 @@ class Connection:
         # the latest failures' causes (a status code, and whose deadline ran out), written on failures only: the
         # last EjectionPolicy.consecutive_failures of them are the run an ejection names
         self.recent_failures: list[str] = []
+        self.last_failure = ""  # what gRPC said of the latest of them, but a deadline's (a handshake refused, say)
         self.times_ejected = 0
         self.admitted_at = float("-inf")  # time.monotonic() when it last joined the picks
         self.rebuilt_at = float("-inf")  # loop time of the last rebuild

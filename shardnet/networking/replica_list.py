@@ -22,7 +22,14 @@ import grpc.aio
 from shardnet.errors import ConfigurationError, RoutingError
 from shardnet.networking.addresses import Address, parse_address
 from shardnet.networking.balancing import Balancer, RoundRobin, make_balancer
-from shardnet.networking.channels import ChannelOptions, checked_options, checked_reply, refused_as_draining
+from shardnet.networking.channels import (
+    ChannelOptions,
+    checked_options,
+    checked_reply,
+    error_cause,
+    refused_as_draining,
+    replica_tls_diagnosis,
+)
 from shardnet.networking.connection import (
     OTHER_LOOP,
     RETIRED_CHANNEL_GRACE,
@@ -65,6 +72,9 @@ OUT_OF_TURN_CHECKS_EVERY = 1.0
 # how often at most a replica set aside as draining is checked: its next process (a restart, a rolling update) is
 # expected within seconds, so its checks do not back off as an ejected replica's do
 DRAINING_CHECKS_EVERY = 1.0
+
+
+MAX_SAID_CHARS = 300  # of what gRPC said of a replica's latest failure, quoted by its ejection
 
 
 def _cause(code: grpc.StatusCode, timeout: Optional[float], callers_deadline: bool) -> str:
@@ -313,16 +323,19 @@ class ReplicaList:
     # -- outcomes ----------------------------------------------------------
 
     def record_failure(
-        self, connection: Connection, code: grpc.StatusCode, counted: bool = False, cause: Optional[str] = None
+        self, connection: Connection, code: grpc.StatusCode, counted: bool = False, cause: Optional[str] = None,
+        said: str = "",
     ) -> None:
         """Count a transport failure (one of the policy's codes, or any when ``counted``); rebuild the channel
         and eject the replica when they pile up. The last pickable replica is not ejected: the ejected ones are
         checked at once instead (one may have come back while its probe waits), and the first healthy is let in.
-        ``cause``: the failure as an ejection names it (its code, and whose deadline ran out), else the code."""
+        ``cause``: the failure as an ejection names it (its code, and whose deadline ran out), else the code;
+        ``said``: gRPC's words on it, the latest of which an ejection quotes."""
         policy = self._ejection
         if policy is None or (code not in policy.failure_codes and not counted):
             return
         connection.failures += 1
+        connection.last_failure = said
         recent = connection.recent_failures
         recent.append(cause or code.name)
         del recent[:-policy.consecutive_failures]  # the run an ejection names, no more
@@ -401,6 +414,8 @@ class ReplicaList:
         else:
             causes = ", ".join(f"{cause} x{run.count(cause)}" for cause in dict.fromkeys(run))
             failures = f"{len(run)} failures in a row: {causes}"
+        if connection.last_failure:  # a bad certificate, a refused connection: why, not just UNAVAILABLE
+            failures += f" (the last: {connection.last_failure[:MAX_SAID_CHARS]!r})"
         self._logger.warning(
             "%s: ejecting replica %s for %.1fs after %s", self.name, connection.address, delay, failures
         )
@@ -549,7 +564,10 @@ class ReplicaList:
             set_aside = listed and refused_as_draining(error) and self._set_aside_draining(connection)
             if blamed and channel is connection.channel and listed and not set_aside:
                 cause = _cause(code, timeout, callers_deadline)
-                self.record_failure(connection, code, counted=wrong_server(method, code), cause=cause)
+                said = "" if code == grpc.StatusCode.DEADLINE_EXCEEDED else (
+                    error_cause(error) + replica_tls_diagnosis(error, connection.address, connection.tls)
+                )
+                self.record_failure(connection, code, counted=wrong_server(method, code), cause=cause, said=said)
             elif not blamed and channel is connection.channel and connection in self._position:
                 self._outliers.missed(connection, method, metadata, timeout)
             raise
