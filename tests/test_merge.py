@@ -31,6 +31,13 @@ def test_no_shard_results_still_gives_an_empty_results_parameter_as_jinas_head_d
     assert merged.parameters == {"__results__": {}}
 
 
+def test_one_answer_is_passed_on_as_it_came_as_jinas_head_does_which_reduces_two_or_more():
+    """An interop review's find: one shard under ALL (or one of two answering) gained ``__results__: {}``, which a
+    Jina head, reducing only two answers or more, does not add."""
+    for outcomes in ([(0, shard_answer(k="v"))], [(0, shard_answer(k="v")), (1, ConnectionError("down"))]):
+        assert merge_shard_responses("dep", outcomes).parameters == {"k": "v"}
+
+
 def test_a_results_parameter_that_is_not_a_map_is_left_as_the_shard_answered():
     merged = merge_shard_responses("dep", [(0, shard_answer("not a map")), (1, shard_answer({"b": {}}))])
     assert merged.parameters == {"__results__": "not a map"}

@@ -203,7 +203,8 @@ def merge_shard_responses(deployment: str, outcomes: Sequence[ShardOutcome]) -> 
         raise every_shard_failed(deployment, outcomes)
     merged, others = answered[0][1], [response for _, response in answered[1:]]
     merge_documents(merged, others)
-    merge_results(merged, others)
+    if others:  # as Jina's head, which reduces only two answers or more: one is passed on as it came
+        merge_results(merged, others)
     if merged.is_error:  # Jina builds on the first shard that did the work: its route entries are the answer's
         worked = next((response for response in others if not response.is_error), None)
         if worked is not None:
