@@ -408,6 +408,26 @@ def test_matches_chunks_and_scores():
     assert back == doc
 
 
+def test_set_score_keeps_what_it_is_not_given_and_refuses_text_utf8_cannot_carry_leaving_the_score():
+    """An interop review's find: ``set_score`` wrote op_name "" and ref_id the document's own id over what a score
+    arrived with, where docarray's ``doc.scores[name].value = v`` keeps them; and a lone surrogate in op_name raised
+    protobuf's bare UnicodeEncodeError after the value was written (a regression review's)."""
+    doc = Document(id="m1")
+    doc.set_score("cos", 0.875, op_name="cosine", ref_id="query-7")
+    doc.set_score("cos", 0.75)  # a float32: values a binary fraction writes exactly
+    [score] = doc.proto.scores.values()
+    assert (score.value, score.op_name, score.ref_id) == (0.75, "cosine", "query-7")
+    for bad in ({"op_name": "\udcff"}, {"ref_id": "\udcff"}):
+        with pytest.raises(TypeError, match="lone surrogate"):
+            doc.set_score("cos", 0.5, **bad)
+    with pytest.raises(TypeError, match="lone surrogate"):
+        doc.set_score("\udcff", 0.5)
+    assert doc.scores == {"cos": 0.75} and doc.proto.scores["cos"].op_name == "cosine"
+    fresh = Document(id="m2")
+    fresh.set_score("new", 1.0)
+    assert (fresh.proto.scores["new"].op_name, fresh.proto.scores["new"].ref_id) == ("", "")
+
+
 _DTYPES = st.one_of(st.sampled_from(["<f8", "<f4", "<i8", "|u1", "|b1", "<c16", "e", ">i4", "O", "V4", "U3", "i3", ""]),
                     st.text(max_size=6))
 _SHAPES = st.lists(st.integers(0, 5) | st.integers(0, 2**32 - 1), max_size=4)

@@ -427,11 +427,19 @@ class Document:
         """Named scores as ``{name: value}`` (a copy; set them with :meth:`set_score`)."""
         return {name: score.value for name, score in self._pb.scores.items()}
 
-    def set_score(self, name: str, value: float, op_name: str = "") -> None:
-        score = self._pb.scores[name]
+    def set_score(self, name: str, value: float, op_name: Optional[str] = None, ref_id: Optional[str] = None) -> None:
+        """Set the named score's value, and its ``op_name`` and ``ref_id`` (the query's id) when given; what is not
+        given is kept, as docarray's ``doc.scores[name].value = v`` keeps it (a re-ranker must not lose them)."""
+        _text(name, "scores' name")
+        score = docarray_pb2.NamedScoreProto()  # filled first: a refused value leaves the score as it was
+        if name in self._pb.scores:
+            score.CopyFrom(self._pb.scores[name])
         score.value = value
-        score.op_name = op_name
-        score.ref_id = self._pb.id
+        if op_name is not None:
+            score.op_name = _text(op_name, f"scores[{name!r}].op_name")
+        if ref_id is not None:
+            score.ref_id = _text(ref_id, f"scores[{name!r}].ref_id")
+        self._pb.scores[name].CopyFrom(score)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Document) and self._pb == other._pb
