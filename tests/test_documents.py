@@ -666,7 +666,11 @@ def test_documents_are_found_by_id_and_other_lookups_are_refused_saying_what_to_
     (lambda: Document(tags={"s": "x\ud800"}), "tags['s'] takes text UTF-8 can carry"),
     (lambda: Document(id="x", tensor=[[1, 2], [3]]), "tensor of document 'x': cannot send this as an array"),
     (lambda: Document(id="x", tensor=np.ma.masked_array([1, 2], [0, 1])), "its mask does not travel"),
-], ids=["lone-surrogate-text", "lone-surrogate-id", "lone-surrogate-tag", "ragged-tensor", "masked-tensor"])
+    # a regression review's: in a list, the mask went (a masked element arrived as NaN)
+    (lambda: Document(id="x", embedding=[1.0, np.ma.masked, 3.0]), "its mask does not travel"),
+    (lambda: Document(id="x", tensor=([np.ma.masked_array([1, 2], [0, 1])],)), "its mask does not travel"),
+], ids=["lone-surrogate-text", "lone-surrogate-id", "lone-surrogate-tag", "ragged-tensor", "masked-tensor",
+        "masked-element-in-a-list", "masked-array-in-nested-lists"])
 def test_values_a_document_cannot_carry_are_refused_naming_the_field(build, said):
     """A review's finds: a lone surrogate raised protobuf's bare UnicodeEncodeError (or, in a tag, "must be
     JSON-like", though it is text), a ragged list numpy's ValueError, and a masked array lost its mask."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -35,7 +35,8 @@ MAX_DTYPE_NAME = 32
 def _sendable(array: Any, kinds: frozenset[str] = _PLAIN_KINDS) -> np.ndarray:
     """``array`` as numpy, refused unless of one of ``kinds``: checked before a message is touched, so a refused
     value leaves what was there."""
-    if isinstance(array, np.ma.MaskedArray):  # its mask would be dropped without a word
+    if isinstance(array, np.ma.MaskedArray) or (isinstance(array, (list, tuple)) and _holds_masked(array)):
+        # its mask would be dropped without a word (a masked element of a list read as NaN)
         raise ProtocolError("cannot send a masked array: its mask does not travel; fill it first (array.filled())")
     try:
         array = np.asarray(array)
@@ -48,6 +49,18 @@ def _sendable(array: Any, kinds: frozenset[str] = _PLAIN_KINDS) -> np.ndarray:
         raise ProtocolError(f"cannot send an array of dtype {array.dtype}: a time without a unit; give it one "
                             "(datetime64[s], say)")
     return array
+
+
+def _holds_masked(items: Union[list, tuple]) -> bool:
+    """Whether nested lists hold a masked array or numpy's ``masked`` constant (itself a MaskedArray)."""
+    stack = [items]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, np.ma.MaskedArray):
+            return True
+        if isinstance(item, (list, tuple)):
+            stack.extend(item)
+    return False
 
 
 def _unitless_time(dtype: np.dtype) -> bool:
