@@ -42,8 +42,8 @@ class KubeconfigCredentials:
     The reload runs beside the requests, never in their way: a plugin that hangs (a login waiting for a
     browser) must not stall discovery while the token held still works. One that fails keeps the token held
     and says why, as one still running after ``reload_timeout`` seconds does (no other starts until it ends);
-    the API server's 401s, logged by the watch, follow if the token has lapsed. Only tokens are renewed: the library builds its TLS
-    context once, so a plugin that answers with a client certificate keeps its first one.
+    the API server's 401s, logged by the watch, follow if the token has lapsed. Only tokens are renewed: the
+    library builds its TLS context once, so a plugin that answers with a client certificate keeps its first one.
     """
 
     def __init__(
