@@ -1344,6 +1344,27 @@ async def test_a_stale_slice_the_pods_and_another_slice_contradict_gives_way_whi
         await pool.close()
 
 
+async def test_a_pods_relist_moving_an_address_to_another_shard_is_not_outvoted_by_its_own_previous_listing(
+    kubeconfig: str,
+) -> None:
+    """A regression review's find: the pods' previous listing (pod w0, shard 0, gone while the watch was away) and
+    shard 0's lagging slice made two sources that outvoted the new pod w2 at the same IP (shard 2): requests for
+    shard 0 reached shard 2's pod, and once the slice caught up neither shard had it."""
+    x = "10.0.0.7:50051"
+    pool = K8sGrpcConnectionPool(NS, kubeconfig=kubeconfig, watch=FAST)  # its ledger, driven without a watch
+    ledger = pool._ledger
+    shard_0, shard_2 = Member("dep", False, 0, x), Member("dep", False, 2, x)
+    try:
+        await ledger.record("pods", "w0", frozenset({shard_0}))
+        await ledger.record("endpointslices", "s0", frozenset({shard_0}))
+        listed = {"w2": frozenset({shard_2})}
+        await ledger.replace("pods", listed, listed.__getitem__)
+        await ledger.drain()
+        assert replicas(pool, shard_id=0) == set() and replicas(pool, shard_id=2) == {x}
+    finally:
+        await pool.close()
+
+
 async def test_starts_while_api_server_is_down(api_server: FakeApiServer, start_pool) -> None:
     api_server.apply("pods", pod("a", ip="10.0.0.1"))
     await api_server.go_down("unavailable")

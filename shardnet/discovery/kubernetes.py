@@ -322,7 +322,7 @@ class _Ledger:
         additions and removals come after, removals first.
         """
         old = self._records.get((source, key), NOTHING)
-        members = members - self._outvoted(members - old, (source, key))
+        members = members - self._outvoted(members - old, (source, key), unconfirmed)
         self._set_record((source, key), members, old)
         gone, new = [], []
         for member in old - members:
@@ -359,19 +359,25 @@ class _Ledger:
         for member in new + freed:
             await self._add(member)
 
-    def _outvoted(self, claims: Contribution, record: tuple[str, str]) -> set[Member]:
+    def _outvoted(
+        self, claims: Contribution, record: tuple[str, str], unconfirmed: Mapping[str, Contribution]
+    ) -> set[Member]:
         """The ``claims`` of ``record`` (source, object) that another object of its source contradicts at their
         address, in their deployment, where another source agrees with that one: the pods say a reused IP is shard
         0, as shard 0's EndpointSlice does, while shard 2's still lists it. Such a claim is the lagging one and is
         not held (a contest would keep shard 0 from its replica until shard 2's slice catches up); it is weighed
-        again when said again. What ``record`` itself held until now is no other object's word."""
+        again when said again. No word of the claim's own is another object's: what ``record`` held until now,
+        nor its source's previous listing during a relist (``unconfirmed``, as ``_drop_contradicted`` takes it)."""
         source = record[0]
         outvoted = set()
         for claim in claims:
             if self._holders.get(claim):
                 continue
             for rival in self._by_address.get(claim.address, ()):
-                sources = {src for src, key in self._holding(rival) if (src, key) != record}
+                sources = {
+                    src for src, key in self._holding(rival)
+                    if (src, key) != record and not (src == source and rival in unconfirmed.get(key, NOTHING))
+                }
                 if rival.deployment == claim.deployment and source in sources and len(sources) > 1:
                     logger.warning(
                         "%s of %r is listed as %s by the %s in namespace %s, while the %s say %s: routed as %s",
