@@ -285,6 +285,22 @@ async def test_the_metrics_listener_closes_connections_past_its_cap_and_idle_one
         await listener.stop()
 
 
+async def test_a_stop_is_not_held_by_a_request_body_still_coming():
+    """A regression review's find: one client sending a request's body slowly held a worker's exit 10 s (aiohttp
+    reads what is left of a body that long); a stop waits a second for the listener's connections."""
+    listener = MetricsListener(CollectorRegistry())
+    port = await listener.start("127.0.0.1", 0)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nabc")
+        assert b" 200 OK" in await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)  # answered, its body unread
+        started = asyncio.get_running_loop().time()
+        await asyncio.wait_for(listener.stop(), 5)  # 10 s before
+        assert asyncio.get_running_loop().time() - started < 3
+    finally:
+        writer.close()
+
+
 async def test_requests_the_metrics_listener_cannot_read_are_said_once_a_burst_not_a_traceback_each(caplog):
     """A metrics review's find: each malformed request wrote aiohttp's traceback at ERROR (200 bad requests:
     1,800 lines in half a second, from anyone the port lets in)."""

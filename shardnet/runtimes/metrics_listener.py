@@ -27,6 +27,9 @@ METRICS_PATH = "/metrics"
 MAX_CONNECTIONS = 64  # a scraper or two keep one each; the one past these is closed as it opens
 IDLE_SECONDS = 30.0  # a connection with no request under way for this long is closed (aiohttp's default: an hour)
 MAX_CAUSE_CHARS = 200
+# what a stop waits for the connections (a scrape under way; a body still coming, read for ten seconds by
+# aiohttp's default): a process's exit is not held by whoever is connected
+STOP_SECONDS = 1.0
 
 
 class _Unread(logging.LoggerAdapter):
@@ -74,8 +77,10 @@ class MetricsListener:
         the port; a port in use is refused naming the flag."""
         app = web.Application()
         app.router.add_get(METRICS_PATH, make_aiohttp_handler(self.registry))
-        runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=self._idle_seconds,
-                               logger=_Unread(self._unread))
+        runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, keepalive_timeout=self._idle_seconds,
+            logger=_Unread(self._unread), lingering_time=STOP_SECONDS, shutdown_timeout=STOP_SECONDS,
+        )
         await runner.setup()
         connections = runner.server
 
