@@ -539,8 +539,10 @@ class _Ledger:
     def _fresh_first(self, source: str, listed: Mapping[str, Contribution]) -> list[str]:
         """The keys of ``listed``, in its order, those none of whose members takes an address held as another
         member (of its deployment or another) first, and those that now contribute less than recorded (a pod gone
-        unready) last: the loop runs between turns of a relist, and a deployment's old pod taken out before its
-        new one came in left it empty for those turns (forgotten, in a namespace-wide pool)."""
+        unready) last, those that also take a member they did not hold (a pod relabelled: its new place comes in
+        before a pod gone unready leaves that deployment or shard) just before them: the loop runs between turns of
+        a relist, and a deployment's old pod taken out before its new one came in left it empty for those turns
+        (forgotten, in a namespace-wide pool)."""
 
         def displaces(key: str) -> bool:
             return any(self._by_address.get(m.address, set()) - {m} for m in listed[key])
@@ -548,7 +550,10 @@ class _Ledger:
         def shrinks(key: str) -> bool:
             return bool(self._records.get((source, key), NOTHING) - listed[key])
 
-        return sorted(listed, key=lambda key: (shrinks(key), displaces(key)))
+        def only_shrinks(key: str) -> bool:  # a pod relabelled to another shard also comes in somewhere
+            return shrinks(key) and not listed[key] - self._records.get((source, key), NOTHING)
+
+        return sorted(listed, key=lambda key: (only_shrinks(key), shrinks(key), displaces(key)))
 
     async def change(self, source: str, key: str, withdrawn: Contribution, restored: Contribution) -> None:
         """Take ``withdrawn`` out of object ``key``'s contribution as recorded and put ``restored`` in, and nothing

@@ -47,6 +47,9 @@ class PodsWord:
 
     def __init__(self) -> None:
         self._going: dict[str, str] = {}  # uid -> name, of followed pods being deleted or ended
+        # uid -> name, of every followed pod the pods source shows now (ready or not, holding an address or not): a
+        # relist without one says it was deleted meanwhile, whether or not the ledger held a member of it
+        self._present: dict[str, str] = {}
         self._deleted: OrderedDict[str, str] = OrderedDict()  # uid -> name, of the pods seen deleted, latest last
         self._slices: dict[str, tuple[SliceEndpoint, ...]] = {}  # slice key -> its endpoints
         self._naming: dict[str, set[str]] = {}  # a pod uid -> the slice keys naming it
@@ -74,9 +77,9 @@ class PodsWord:
         listed now was deleted meanwhile."""
         listed = {read[0]: read for pod in pods if (read := _read_pod(pod)) is not None}
         touched: set[str] = set()
-        for uid in set(known_before) | set(self._going):
+        for uid in set(known_before) | set(self._going) | set(self._present):
             if uid not in listed:
-                touched |= self._gone(uid, self._going.get(uid, uid))
+                touched |= self._gone(uid, self._going.get(uid) or self._present.get(uid) or uid)
         for read in listed.values():
             touched |= self._note(*read)
         return touched
@@ -85,6 +88,7 @@ class PodsWord:
         """One pod's word; ``{uid}`` when it may change a veto."""
         # out of the selector and back (a label edited): DELETED, then ADDED again, its deletion no longer true
         touched = {uid} if self._deleted.pop(uid, None) is not None else set()
+        self._present[uid] = name
         if going:
             self._going[uid] = name
             return {uid}
@@ -93,6 +97,7 @@ class PodsWord:
 
     def _gone(self, uid: str, name: str) -> set[str]:
         self._going.pop(uid, None)
+        self._present.pop(uid, None)
         self._deleted[uid] = name
         self._deleted.move_to_end(uid)
         while len(self._deleted) > REMEMBERED_DELETIONS:
