@@ -168,9 +168,12 @@ async def call_once(
         if made > 1:
             cause += f" (the last of {made} attempts)"
         # each earlier attempt reached no handler (only those are tried again): the last one says whether any did
-        raise kind(
-            cause, address=str(address), code=error.code(), role="server", unsent=never_reached(error)
-        ) from None
+        failure = kind(cause, address=str(address), code=error.code(), role="server", unsent=never_reached(error))
+        # gRPC's error reaches, through its traceback, the call object, which holds its closed channel's
+        # connection (socket) open; and tenacity's frames make that a reference cycle, freed only by a full
+        # garbage collection: cut here, and raised outside this handler, the socket closes with the channel
+        error.__traceback__ = None
+    raise failure
 
 
 async def _call_on_new_channel(

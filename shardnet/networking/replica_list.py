@@ -542,6 +542,8 @@ class ReplicaList:
         channel = connection.channel
         running = connection.running  # the channel's: a close waits for it
         running.count += 1
+        call = None
+        cut = False
         try:
             call = getattr(connection.stubs, method)(payload, metadata=metadata, timeout=timeout)
             response = checked_reply(await call, connection.address, self.name, timed=timeout is not None)
@@ -570,17 +572,18 @@ class ReplicaList:
                 self.record_failure(connection, code, counted=wrong_server(method, code), cause=cause, said=said)
             elif not blamed and channel is connection.channel and connection in self._position:
                 self._outliers.missed(connection, method, metadata, timeout)
+            # its traceback runs through gRPC's call object, which keeps its channel's connection (socket) open
+            # after the channel closes, for as long as anyone keeps the error (a failed Task, a ReplicaError's
+            # context): raised from here, the error says all a caller can use
+            error.__traceback__ = None
             raise
         except asyncio.CancelledError:
-            if connection.cut_by_close(channel):
-                balancer.finished(connection, token, failed=True)
-                raise rpc_error(
-                    grpc.StatusCode.UNAVAILABLE,
-                    f"the channel to replica {connection.address} was closed with this call still on it "
-                    "(the replica was removed, its channel rebuilt, or the pool closed)",
-                ) from None
-            balancer.abandoned(connection, token)  # its caller gave up: no failure of the replica
-            raise
+            if not connection.cut_by_close(channel):
+                balancer.abandoned(connection, token)  # its caller gave up: no failure of the replica
+                raise
+            balancer.finished(connection, token, failed=True)
+            cut = True  # raised below, outside this handler: raised here, the error's context (the CancelledError
+            # and its traceback through gRPC's call) would keep the call, and so its closed channel's socket, alive
         except RuntimeError as error:
             balancer.finished(connection, token, failed=True)
             if any(words in str(error) for words in OTHER_LOOP):
@@ -591,6 +594,15 @@ class ReplicaList:
             raise
         finally:
             running.end()
+            # a failed call's traceback keeps this frame, and a grpc.aio call object alive keeps its closed
+            # channel's connection (socket) open for as long as whoever holds the error keeps it
+            call = None  # noqa: F841
+        if cut:
+            raise rpc_error(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the channel to replica {connection.address} was closed with this call still on it "
+                "(the replica was removed, its channel rebuilt, or the pool closed)",
+            )
         balancer.finished(connection, token)
         connection.failures = 0
         outliers = self._outliers
