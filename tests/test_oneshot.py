@@ -97,6 +97,16 @@ async def test_sync_helper_called_inside_a_running_loop(threaded_echo):
     assert response.request_id == request.request_id
 
 
+async def test_a_sync_helper_blocking_the_loop_its_target_runs_on_says_so(echo_servers):
+    # the echo server runs on this test's loop, which the blocking call holds still: it cannot answer, and the
+    # deadline's error says why rather than only "Deadline Exceeded"
+    [server] = await echo_servers(1)
+    with pytest.raises(DeadlineExceeded) as failed:
+        GrpcConnectionPool.send_request_sync(DataRequest(endpoint="/x"), server.address, timeout=0.3)
+    assert any("called from a running event loop" in note for note in failed.value.__notes__)
+    assert server.calls == 0
+
+
 # -- asyncio forms ----------------------------------------------------------------------
 
 

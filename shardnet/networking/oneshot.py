@@ -19,7 +19,7 @@ import grpc.aio
 import tenacity
 from grpc_health.v1 import health_pb2
 
-from shardnet.errors import ConfigurationError, ReplicaError, replica_error_class
+from shardnet.errors import ConfigurationError, DeadlineExceeded, ReplicaError, replica_error_class
 from shardnet.networking.addresses import Address, entity_address, parse_address
 from shardnet.networking.channels import (
     ChannelOptions,
@@ -104,6 +104,14 @@ def _run_in_a_thread(coroutine: Coroutine[Any, Any, T]) -> T:
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     try:
         return executor.submit(asyncio.run, main()).result()
+    except DeadlineExceeded as error:
+        # the calling thread's loop stood still meanwhile: a server it runs (the target, or what the target calls)
+        # could not answer, and the call waited its whole timeout for nothing
+        error.add_note(
+            "called from a running event loop, which this blocking call held still while it waited: a server on "
+            "that loop could not answer (await the _async helper there instead)"
+        )
+        raise
     except BaseException:
         with deciding:
             abandoned.set()
