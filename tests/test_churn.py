@@ -362,3 +362,34 @@ async def test_a_head_passes_its_replicas_unimplemented_on_as_internal(runtimes)
             await oneshot.send_request_async(DataRequest(endpoint="/x"), head.server.address, timeout=5)
     assert caught.value.code == grpc.StatusCode.INTERNAL
     assert "UNIMPLEMENTED" in str(caught.value) and f"127.0.0.1:{other.port}" in str(caught.value)
+
+
+async def test_a_deactivate_whose_caller_leaves_between_two_shards_still_takes_the_worker_out_of_both(
+    runtimes, echo_servers, eventually, monkeypatch
+):
+    """The removal from every shard goes on when the DEACTIVATE's caller leaves (a deadline, a disconnect): cut
+    after the first shard, the worker stayed in the others, its leases forgotten, and nothing removed it."""
+    head = await runtimes(Head("everywhere", shards=2, lease=60.0))
+    [server] = await echo_servers(1)
+    host, port = server.address.rsplit(":", 1)
+    for shard in (0, 1):
+        await oneshot.activate_worker(host, int(port), head.server.address, shard_id=shard)
+    entered, release = asyncio.Event(), asyncio.Event()
+    remove = head.pool.remove_connection
+
+    async def held_at_the_first(*args, **kwargs):
+        if not entered.is_set():
+            entered.set()
+            await release.wait()
+        return await remove(*args, **kwargs)
+
+    monkeypatch.setattr(head.pool, "remove_connection", held_at_the_first)
+    leaving = asyncio.create_task(oneshot.deactivate_worker(host, int(port), head.server.address))
+    await asyncio.wait_for(entered.wait(), timeout=5.0)
+    leaving.cancel()  # the caller leaves: gRPC cancels the head's handler
+    with pytest.raises(asyncio.CancelledError):
+        await leaving
+    release.set()
+    await eventually(
+        lambda: all(not head.pool.get_replicas("everywhere", shard_id=s).addresses for s in (0, 1)), timeout=5.0
+    )

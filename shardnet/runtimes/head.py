@@ -435,6 +435,7 @@ class Head:
         self._shard_failed_at: dict[int, float] = {}  # loop time of each shard's latest attempt failed unsent
         self._short_lease_warned = False
         self._expiry: Optional[asyncio.Task] = None
+        self._deactivations: set[asyncio.Task] = set()  # removals under way, kept from the garbage collector
         mutual_tls = config.tls is not None and config.tls.client_ca is not None
         self._guard = ControlGuard(config.control_token, mutual_tls)
         self._refusals = RefusalLog(deployment)
@@ -1011,11 +1012,19 @@ class Head:
                 shards = [shard_id] if shard_id is not None else self.pool.shard_ids(self.deployment)
                 for leased_shard in shards:
                     self._registrations.forget((address, leased_shard))
-                removed = [await self.pool.remove_connection(self.deployment, address, shard_id=s) for s in shards]
-                outcome = "removed" if any(removed) else "unknown"
-                logger.info("%s: deactivated %s (%s, by %s)", self.deployment, address, outcome, quoted(peer))
-                self._forget_empty_shards()
+                # finished even if its caller leaves: cut between two shards, the worker would stay in the rest
+                # with no lease left to remove it
+                removal = asyncio.ensure_future(self._deactivate(address, shards, peer))
+                self._deactivations.add(removal)
+                removal.add_done_callback(self._deactivations.discard)
+                await asyncio.shield(removal)
         return request.to_bytes()
+
+    async def _deactivate(self, address: str, shards: list[int], peer: str) -> None:
+        removed = [await self.pool.remove_connection(self.deployment, address, shard_id=s) for s in shards]
+        outcome = "removed" if any(removed) else "unknown"
+        logger.info("%s: deactivated %s (%s, by %s)", self.deployment, address, outcome, quoted(peer))
+        self._forget_empty_shards()
 
     async def _drop_predecessors(self, address: str, shard_id: int, instance: Optional[str]) -> None:
         """Remove ``address`` from the other shards where another process registered it: a worker new here, on
