@@ -316,6 +316,36 @@ def test_docs_bytes_is_refused_naming_it(servers, server):
     servers.assert_healthy()
 
 
+@pytest.mark.parametrize("server", ["worker", "head"])
+def test_docs_bytes_on_a_call_stream_is_refused_alone_and_the_stream_goes_on(servers, server):
+    """One request of a JinaRPC/Call stream carrying a pickle is answered ERROR by its request id, as a request its
+    handler refuses is; it ended the whole stream, and the requests the client had sent behind it were lost."""
+    sent = [DataRequest(docs=[Document(id="before")], endpoint="/any").to_bytes(), _with_docs_bytes(),
+            DataRequest(docs=[Document(id="after")], endpoint="/any").to_bytes()]
+    call = servers.channels[server].stream_stream(services.STREAM_CALL)
+    answers = [DataRequest.from_bytes(answer) for answer in call(iter(sent), timeout=10)]
+    assert [answer.request_id for answer in answers][1] == "pickled"
+    assert [answer.docs[0].id for answer in (answers[0], answers[2])] == ["before", "after"]
+    refused = answers[1]
+    assert refused.is_error and "docs_bytes" in refused.status.description
+    assert refused.proto.data.WhichOneof("documents") != "docs_bytes"  # never passed back
+    servers.assert_healthy()
+
+
+def test_an_endpoint_given_twice_as_metadata_is_the_last_one_through_a_head_as_at_a_worker(servers):
+    """Jina's head, this head's metrics and a worker take the last ``endpoint`` metadata of several; the head
+    routed on the first, so the same request ran one endpoint sent to a worker and another through the head."""
+    ran = {}
+    for server in ("worker", "head"):
+        request = DataRequest(docs=[Document(id="twice")])  # no endpoint in its header: the metadata's is taken
+        request.proto.header.ClearField("exec_endpoint")
+        code, details, reply = servers.call(server, services.PROCESS_SINGLE_DATA, request.to_bytes(),
+                                            metadata=(("endpoint", "/first"), ("endpoint", "/last")))
+        assert code == grpc.StatusCode.OK, details
+        ran[server] = DataRequest.from_bytes(reply).endpoint
+    assert ran == {"worker": None, "head": "/last"}  # the head writes the endpoint it took into the header
+
+
 def _varint(value: int) -> bytes:
     out = bytearray()
     while value > 0x7F:

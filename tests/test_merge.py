@@ -298,3 +298,19 @@ def test_every_shard_failed_names_each_shard_within_room_and_keeps_the_status_of
     assert str(many).endswith("more shards failed (unnamed: a gRPC status's details must stay small)")
     one = failed(3)[1]
     assert every_shard_failed("dep", [(3, one)]) is one
+
+
+def test_an_error_every_shard_answers_is_named_within_room_not_repeated_whole_per_shard():
+    """Each shard's error quoted whole, 16 shards raising a 100 KB message made a 1.6 MB description: the merged
+    answer passed the head's limit though each shard's fitted, and the caller got RESOURCE_EXHAUSTED, not the
+    error. The first error's exception still comes whole."""
+    from shardnet.runtimes.merge import FAILURES_ROOM
+
+    message = "bad input " + "x" * 100_000
+    merged = merge_shard_responses("dep", [(shard, raised(ValueError(message))) for shard in range(16)])
+    status = merged.status
+    assert list(status.exception.args) == [message]  # the executor's own, whole
+    assert len(status.description) < FAILURES_ROOM + 200
+    assert status.description.startswith("shard 0 of 'dep' answered an error: ValueError('bad input xxx")
+    assert status.description.endswith("; and 15 more shard problem(s), unnamed to keep the answer small")
+    assert len(merged.to_bytes()) < 2 * len(raised(ValueError(message)).to_bytes())

@@ -630,14 +630,13 @@ class Head:
         self, requests: list[DataRequest], context: grpc.aio.ServicerContext
     ) -> tuple[str, tuple[tuple[str, str], ...]]:
         """The request's endpoint (its metadata's, else its header's), written into a header that names none
-        (Jina workers read the header only), and the metadata to forward with it: the endpoint when gRPC can send it (not ``/søg``: the header alone carries that), the
-        heads it passed (a cycle of heads comes back to one of them) and this head; _LoopedBack when this head
-        is among them."""
+        (Jina workers read the header only), and the metadata to forward with it: the endpoint when gRPC can send
+        it (not ``/søg``: the header alone carries that), the heads it passed (a cycle of heads comes back to one
+        of them) and this head; _LoopedBack when this head is among them."""
         endpoint, vias = None, ()
         for pair in context.invocation_metadata():
             if pair[0] == services.ENDPOINT_METADATA:
-                if endpoint is None:
-                    endpoint = pair[1]
+                endpoint = pair[1]  # the last of several, as Jina's head, this head's metrics and a worker take it
             elif pair[0] == services.VIA_HEAD_METADATA:
                 vias = self._passed(vias, pair)
         header_endpoint = requests[0].endpoint

@@ -157,14 +157,7 @@ def every_shard_failed(deployment: str, outcomes: Sequence[ShardOutcome]) -> Bas
     if len(failures) < 2 or not isinstance(chosen, (ReplicaError, RoutingError)):
         return chosen
     failures.sort(key=lambda pair: pair[1] is not chosen)  # the one whose status is raised named first, whatever fits
-    named, room = [], FAILURES_ROOM
-    for shard, failure in failures:
-        problem = f"shard {shard} of {deployment!r} failed: {failure}"
-        if named and len(problem) + 2 > room:
-            break
-        named.append(problem[:room])
-        room -= len(named[-1]) + 2
-    unnamed = len(failures) - len(named)
+    named, unnamed = _within_room([f"shard {shard} of {deployment!r} failed: {failure}" for shard, failure in failures])
     message = f"all {len(failures)} shards of {deployment!r} failed ({_by_status(failures)}): {'; '.join(named)}" + (
         f"; and {unnamed} more shards failed (unnamed: a gRPC status's details must stay small)" if unnamed else ""
     )
@@ -259,6 +252,30 @@ def report_shard_problems(response: DataRequest, deployment: str, outcomes: Sequ
     elif first_error is not None:
         status.CopyFrom(first_error)
     else:  # only failed calls: no executor raised anything
-        response.set_error("; ".join(problems), name="ShardError", executor=deployment)
+        response.set_error(_problems_said(problems), name="ShardError", executor=deployment)
         return
-    status.description = wire_text("; ".join(problems))
+    status.description = wire_text(_problems_said(problems))
+
+
+def _within_room(problems: Sequence[str]) -> tuple[list[str], int]:
+    """As many of ``problems`` as fit in FAILURES_ROOM characters joined (the first always, cut to it), and how
+    many are left out: a gRPC status's details, and an answer's description, must stay small."""
+    named, room = [], FAILURES_ROOM
+    for problem in problems:
+        if named and len(problem) + 2 > room:
+            break
+        named.append(problem[:room])
+        room -= len(named[-1]) + 2
+    if len(named[0]) < len(problems[0]):
+        named[0] += f"... ({len(problems[0])} characters, cut)"
+    return named, len(problems) - len(named)
+
+
+def _problems_said(problems: Sequence[str]) -> str:
+    """The shards' problems as an answer's description says them, within room. Joined whole, it repeated each
+    shard's (an executor's error quoting its input, the same on every shard): the answer grew by that much per
+    shard, past the head's message limit when every shard's own answer fitted, and the caller got
+    RESOURCE_EXHAUSTED instead of the error; the first error's exception still travels whole in the status."""
+    named, unnamed = _within_room(problems)
+    left_out = f"; and {unnamed} more shard problem(s), unnamed to keep the answer small" if unnamed else ""
+    return "; ".join(named) + left_out

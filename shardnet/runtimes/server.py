@@ -44,7 +44,7 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2
 
-from shardnet.errors import ConfigurationError, ProtocolError
+from shardnet.errors import ConfigurationError, PickleRefused, ProtocolError
 from shardnet.networking.addresses import (
     MAX_UNIX_PATH_BYTES,
     UNIX_SCHEME,
@@ -282,9 +282,16 @@ def _writing_what_it_yields(handler: StreamHandler) -> StreamHandler:
 def _error_answer(payload: bytes, aborted: RequestAborted, limit: int) -> Optional[bytes]:
     """The request answered ERROR with the status its handler refused it with, as Jina's head answers a
     request that failed: its documents as they came, or its header alone when they would take the answer past
-    ``limit`` (gRPC would end the stream). None for a request that cannot be read, or a header past it."""
+    ``limit`` (gRPC would end the stream). None for a request that cannot be read, or a header past it.
+    One whose documents are a pickle (``docs_bytes``) is readable: answered by its request id alone, its
+    documents never passed back (a review: it ended the client's whole stream, the requests behind it lost)."""
     try:
-        request = DataRequest.from_bytes(payload)
+        try:
+            request = DataRequest.from_bytes(payload)
+            request._header()  # the walk that refuses a pickle
+        except PickleRefused as refused:
+            request = DataRequest()
+            request.header.request_id = refused.request_id
         request.set_error(f"{aborted.code.name}: {aborted.details}", name="RpcError")
         answer = request.to_bytes()
         if len(answer) > limit:
