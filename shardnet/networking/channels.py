@@ -441,7 +441,7 @@ class MetadataCache:
         sent = endpoint and services.endpoint_fits_metadata(endpoint)
         base = ((services.ENDPOINT_METADATA, endpoint),) if sent else ()
         extra = checked_metadata(extra)
-        if endpoint:  # an endpoint among the caller's pairs too: a head reads the first, a worker the last
+        if endpoint:  # another endpoint among the caller's pairs: heads and workers read the last, not the call's
             for key, value in extra:
                 if key == services.ENDPOINT_METADATA and value != endpoint:
                     raise ConfigurationError(

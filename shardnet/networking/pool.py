@@ -708,7 +708,7 @@ class GrpcConnectionPool:
         deployment's head. Unknown deployment or shard: an empty list. Under
         ALL a shard left with no replica gives a Task that raises RoutingError.
         ``retries`` as in Jina: failovers per call, negative for the pool's policy. An ``endpoint`` pair in
-        ``metadata`` other than the call's endpoint is refused (a head reads the first, a worker the last).
+        ``metadata`` other than the call's endpoint is refused (heads and workers would read it, the last).
         """
         if not requests:
             raise ConfigurationError(f"send_requests to {deployment!r} needs at least one request")
