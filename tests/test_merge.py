@@ -314,3 +314,40 @@ def test_an_error_every_shard_answers_is_named_within_room_not_repeated_whole_pe
     assert status.description.startswith("shard 0 of 'dep' answered an error: ValueError('bad input xxx")
     assert status.description.endswith("; and 15 more shard problem(s), unnamed to keep the answer small")
     assert len(merged.to_bytes()) < 2 * len(raised(ValueError(message)).to_bytes())
+
+
+def test_every_shard_failed_keeps_its_message_within_what_grpc_sends_of_non_ascii_text():
+    """gRPC percent-encodes each byte of a status's details that is not printable ASCII (three characters a byte):
+    counted in characters, 4,096 of them made up to 48 KB of trailer, past the 16 KB a client takes, and the
+    caller got RESOURCE_EXHAUSTED 'received metadata size exceeds hard limit' instead of the shards' failures."""
+    import grpc
+
+    from shardnet.errors import ReplicaError
+    from shardnet.runtimes.merge import every_shard_failed
+
+    def said(text: str) -> int:  # the size of grpc-message on the wire
+        raw = text.encode("utf-8")
+        return sum(1 if 0x20 <= byte <= 0x7E and byte != 0x25 else 3 for byte in raw)
+
+    for cause in ("é" * 1200, "日" * 900, "%" * 2000, "x" * 100 + "é" * 5000):
+        failures = [(shard, ReplicaError(cause, address=f"10.0.0.{shard}:1", code=grpc.StatusCode.INTERNAL,
+                                         deployment="dep", shard_id=shard)) for shard in range(3)]
+        message = str(every_shard_failed("dep", failures))
+        assert said(message) <= 8192, (cause[:3], said(message))
+        assert message.startswith("all 3 shards of 'dep' failed (3 INTERNAL): shard 0 of 'dep' failed: ")
+
+
+def test_the_shard_whose_exception_the_answer_carries_is_named_even_when_failed_calls_fill_the_room():
+    """Failed calls come first in shard order: a long one (a head behind the head, naming its own shards) filled
+    the room, and the description named only it while the answer carried another shard's ValueError, unnamed."""
+    import grpc
+
+    from shardnet.errors import ReplicaError
+
+    down = ReplicaError("all 3 shards of 'inner' failed: " + "y" * 5000, address="10.0.0.0:1",
+                        code=grpc.StatusCode.UNAVAILABLE, deployment="dep", shard_id=0)
+    merged = merge_shard_responses("dep", [(0, down), (1, raised(ValueError("bad input"))), (2, shard_answer())])
+    status = merged.status
+    assert status.exception.name == "ValueError"
+    assert status.description.startswith("shard 1 of 'dep' answered an error: ValueError('bad input')"), \
+        status.description[:120]

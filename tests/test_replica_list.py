@@ -423,3 +423,11 @@ async def test_a_health_check_says_why_a_replica_does_not_serve_and_whether_it_s
     assert (str(problems["draining"]), problems["draining"].draining) == ("health NOT_SERVING", True)
     assert (str(problems["slow"]), problems["slow"].draining) == ("not answering within 0.3s", False)
     assert str(problems["gone"]).startswith("unreachable: ") and not problems["gone"].draining
+
+
+def test_outlier_detection_groups_a_call_by_the_endpoint_its_replica_runs():
+    # of two endpoint pairs, heads and workers run the last: the call's latency is compared under that endpoint
+    from shardnet.networking.outliers import _call_kind
+
+    assert _call_kind("single_data", (("endpoint", "/a"), ("x", "y"), ("endpoint", "/b"))) == ("single_data", "/b")
+    assert _call_kind("single_data", (("x", "y"),)) == ("single_data", None)

@@ -95,11 +95,12 @@ class _Lagging:
 
 def _call_kind(method: str, metadata: Optional[Sequence[tuple[str, str]]]) -> tuple[str, Optional[str]]:
     """A call's kind, which the outlier detection compares like with like first: its method and the endpoint its
-    metadata names (the first, as a head reads it; None for one sent in the request's header alone)."""
+    metadata names (the last, as heads and workers read it; None for one sent in the request's header alone)."""
+    endpoint = None
     for key, value in metadata or ():
         if key == services.ENDPOINT_METADATA:
-            return method, value
-    return method, None
+            endpoint = value
+    return method, endpoint
 
 
 class ShortDeadlineOutliers:

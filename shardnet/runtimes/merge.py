@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import types
 from collections import Counter, deque
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from shardnet.errors import ReplicaError, RoutingError
 from shardnet.protocol.messages import DataRequest, wire_text
@@ -157,7 +157,9 @@ def every_shard_failed(deployment: str, outcomes: Sequence[ShardOutcome]) -> Bas
     if len(failures) < 2 or not isinstance(chosen, (ReplicaError, RoutingError)):
         return chosen
     failures.sort(key=lambda pair: pair[1] is not chosen)  # the one whose status is raised named first, whatever fits
-    named, unnamed = _within_room([f"shard {shard} of {deployment!r} failed: {failure}" for shard, failure in failures])
+    named, unnamed = _within_room(
+        [f"shard {shard} of {deployment!r} failed: {failure}" for shard, failure in failures], _said_size
+    )
     message = f"all {len(failures)} shards of {deployment!r} failed ({_by_status(failures)}): {'; '.join(named)}" + (
         f"; and {unnamed} more shards failed (unnamed: a gRPC status's details must stay small)" if unnamed else ""
     )
@@ -233,7 +235,7 @@ def report_shard_problems(response: DataRequest, deployment: str, outcomes: Sequ
     own, which it keeps; the description names every shard's problem.
     """
     problems = []
-    first_error = None
+    first_error = first_problem = None
     for shard, outcome in outcomes:
         if not isinstance(outcome, DataRequest):
             problems.append(f"shard {shard} of {deployment!r} failed: {outcome}")
@@ -241,7 +243,8 @@ def report_shard_problems(response: DataRequest, deployment: str, outcomes: Sequ
             # read only (the live ``status`` would decode the shard's documents and drop its byte cache)
             status = outcome._header().status
             problems.append(f"shard {shard} of {deployment!r} answered an error: {status.description}")
-            first_error = first_error or status
+            if first_error is None:
+                first_error, first_problem = status, problems[-1]
     if not problems:
         return
     status = response._outer(changing=True).header.status  # an edit of the header alone: documents undecoded
@@ -249,26 +252,57 @@ def report_shard_problems(response: DataRequest, deployment: str, outcomes: Sequ
         carried = first_error is not None and status.description == first_error.description  # passed on as it came
         if not carried and not any(outcome is response for _, outcome in outcomes):
             problems.insert(0, status.description)
+        else:  # the exception is that shard's: named first, whatever else fits (as every_shard_failed does)
+            problems.remove(first_problem)
+            problems.insert(0, first_problem)
     elif first_error is not None:
         status.CopyFrom(first_error)
+        problems.remove(first_problem)  # the shard whose exception the answer carries is named first, whatever fits:
+        problems.insert(0, first_problem)  # failed calls before it filled the room, and it went unnamed
     else:  # only failed calls: no executor raised anything
         response.set_error(_problems_said(problems), name="ShardError", executor=deployment)
         return
     status.description = wire_text(_problems_said(problems))
 
 
-def _within_room(problems: Sequence[str]) -> tuple[list[str], int]:
+def _within_room(problems: Sequence[str], size: Callable[[str], int] = len) -> tuple[list[str], int]:
     """As many of ``problems`` as fit in FAILURES_ROOM characters joined (the first always, cut to it), and how
-    many are left out: a gRPC status's details, and an answer's description, must stay small."""
+    many are left out: a gRPC status's details, and an answer's description, must stay small. ``size``: how many
+    characters a text takes (``_said_size`` for a status's details: gRPC percent-encodes their non-ASCII bytes)."""
     named, room = [], FAILURES_ROOM
     for problem in problems:
-        if named and len(problem) + 2 > room:
+        if named and size(problem) + 2 > room:
             break
-        named.append(problem[:room])
-        room -= len(named[-1]) + 2
+        named.append(_cut(problem, room, size))
+        room -= size(named[-1]) + 2
     if len(named[0]) < len(problems[0]):
         named[0] += f"... ({len(problems[0])} characters, cut)"
     return named, len(problems) - len(named)
+
+
+# the bytes gRPC sends as they are in a status's details (grpc-message); any other is sent as %XX
+_SAID_AS_IS = bytes(byte for byte in range(0x20, 0x7F) if byte != 0x25)
+
+
+def _said_size(text: str) -> int:
+    """The characters ``text`` takes as a gRPC status's details (grpc-message): each UTF-8 byte of one that is not
+    printable ASCII, or ``%``, percent-encoded (counted as characters, 4,096 of ``é`` made 24 KB of trailer, which
+    a client refuses past 16 KB: the caller got RESOURCE_EXHAUSTED instead of the shards' failures)."""
+    raw = text.encode("utf-8", "backslashreplace")
+    return len(raw) + 2 * len(raw.translate(None, _SAID_AS_IS))
+
+
+def _cut(text: str, room: int, size: Callable[[str], int]) -> str:
+    """``text``, or as much of its start as takes at most ``room`` by ``size`` (whole characters)."""
+    cut = text[:room]  # a character takes one at the least
+    if size(cut) <= room:
+        return cut
+    taken = 0
+    for index, character in enumerate(cut):
+        taken += size(character)
+        if taken > room:
+            return cut[:index]
+    return cut
 
 
 def _problems_said(problems: Sequence[str]) -> str:
