@@ -851,3 +851,13 @@ def test_a_head_takes_a_deployment_name_of_any_visible_text(name):
     from shardnet.cli.head import _check_deployment_name
 
     _check_deployment_name(name)  # no ConfigurationError
+
+
+@pytest.mark.parametrize("name, said", [("a\nb", "without control characters"), ("", "without control characters"),
+                                        ("w\udcff", "is not text")])
+def test_a_worker_refuses_a_name_that_is_not_printable_text(name, said):
+    """--name is in every log line of the worker ("[worker NAME pid N]"), its route entries and metric labels: a
+    newline in it began lines that read as another process's, and an empty one was taken as no --name at all,
+    where a head refuses such a --deployment (a README walkthrough's find)."""
+    result = shardnet("worker", "--uses", "shardnet.examples.echo:Echo", "--port", "0", "--name", name)
+    assert result.returncode == 2 and said in result.stderr, result.stderr

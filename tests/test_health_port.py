@@ -283,3 +283,10 @@ def test_health_port_flag_reaches_the_server_config(command, monkeypatch):
     assert server_config(parser.parse_args(command)).health_port is None
     with pytest.raises(ConfigurationError, match=r"\(--health-port\) must differ from port \(--port"):
         server_config(parser.parse_args([*command, "--port", "8080", "--health-port", "8080"]))
+
+
+def test_the_cli_refuses_a_health_port_in_use_naming_the_flag(capsys, port_in_use):
+    from shardnet.cli.main import main as cli_main
+
+    assert cli_main(["head", "--deployment", "d", "--health-port", str(port_in_use)]) == 2
+    assert f"--health-port {port_in_use}: cannot listen on 127.0.0.1:{port_in_use}" in capsys.readouterr().err

@@ -117,7 +117,8 @@ async def _demo(polling: dict, workspace: str, args: argparse.Namespace) -> int:
         seconds, errors = await measure(deployment.address, args.requests, args.concurrency)
         print(
             f"\nthroughput: {args.requests} searches (ALL over 2 shards) in {seconds:.2f}s = "
-            f"{args.requests / seconds:.0f} requests/s at concurrency {args.concurrency}, {errors} errors"
+            f"{args.requests / seconds:.0f} requests/s at concurrency {min(args.concurrency, args.requests)}, "
+            f"{errors} errors"
         )
         errors += await survive_a_replica(deployment, args)
     print("stopped every process; bye")

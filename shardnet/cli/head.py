@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import unicodedata
 from collections import defaultdict
 from typing import Optional
 
 from shardnet.cli.options import (
+    check_visible_name,
     POLLING_HELP,
     add_client_tls_arguments,
     add_head_routing_arguments,
@@ -125,12 +125,7 @@ def run(args: argparse.Namespace) -> int:
 def _check_deployment_name(name: str) -> None:
     """Refuse a name that is no text (bytes the terminal's encoding could not decode) or holds a control character:
     it names the head in every error and the route entries, and could never match a worker's."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ConfigurationError(f"--deployment {name!r:.120} is not text (bytes not in the locale's encoding)") from None
-    if not name or any(unicodedata.category(character) == "Cc" for character in name):
-        raise ConfigurationError(f"--deployment {name!r:.120}: give a name without control characters")
+    check_visible_name(name, "--deployment")
 
 
 def _refuse_static_membership_under_discovery(args: argparse.Namespace) -> None:

@@ -12,6 +12,7 @@ import os
 import select
 import stat
 import time
+import unicodedata
 from pathlib import Path
 from typing import Any, Callable, Coroutine, Iterable, Optional
 
@@ -36,6 +37,18 @@ POLLING_HELP = (
     "unless the map names them (default: %(default)s)"
 )
 INT32_MAX = 2**31 - 1  # shard and replica ids travel as protobuf int32 fields
+
+
+def check_visible_name(name: str, flag: str) -> None:
+    """Refuse a name that is no text (bytes the terminal's encoding could not decode), is empty or holds a control
+    character: it is in every log line of its process, its errors, route entries and metric labels, where a
+    newline would begin a line that reads as another process's."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigurationError(f"{flag} {name!r:.120} is not text (bytes not in the locale's encoding)") from None
+    if not name or any(unicodedata.category(character) == "Cc" for character in name):
+        raise ConfigurationError(f"{flag} {name!r:.120}: give a name without control characters")
 
 
 def shown_endpoints(endpoints: Iterable[str]) -> str:

@@ -11,6 +11,7 @@ import traceback
 import shardnet
 
 from shardnet.cli.options import (
+    check_visible_name,
     INT32_MAX,
     add_client_tls_arguments,
     add_server_arguments,
@@ -126,6 +127,8 @@ def process_name(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.name is not None:
+        check_visible_name(args.name, "--name")
     uses_with = json_object(args.uses_with, "--uses-with")
     name_in_metas = uses_metas_name(args.uses_metas)
     # every flag is checked before the Executor loads: a typo should not wait for a model to load, nor run its __init__

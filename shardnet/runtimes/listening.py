@@ -61,9 +61,13 @@ def check_can_listen(config: ServerConfig) -> None:
         if not os.access(folder, os.W_OK | os.X_OK):
             raise ConfigurationError(f"cannot listen on unix:{config.unix_socket}: folder missing or not writable")
     # port 0 too: the bind of a free port still needs a host of this machine (a typo'd one failed after the load)
-    for port in (config.port, config.health_port):
-        if port is not None:
-            _check_port_free(config.host, port)
+    if config.port is not None:
+        _check_port_free(config.host, config.port)
+    if config.health_port is not None:
+        try:
+            _check_port_free(config.host, config.health_port)
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"--health-port {config.health_port}: {exc}") from None
     if config.metrics_port is not None:
         try:
             _check_metrics_port_free(config.host, config.metrics_port)
