@@ -44,7 +44,7 @@ async def test_every_replica_serving_exits_0_and_says_so(runtimes, capsys):
     code, printed = await status(capsys, head.server.address)
     assert code == 0, printed
     assert f"  shard 0: {a.server.address}\n" in printed and f"  shard 1: {c.server.address}\n" in printed
-    assert "replica health: all 3 replicas serving" in printed, printed
+    assert "replica health: all 3 listed replicas serving" in printed, printed
 
 
 async def test_a_replica_down_beside_a_live_one_is_degraded_naming_its_shard_address_and_cause(
@@ -74,7 +74,7 @@ async def test_a_replica_stopped_after_the_head_started_is_named_down(runtimes, 
 
     await eventually(degraded, timeout=REUSE_SECONDS + 3)
     code, printed = answers[-1]
-    reused = r"all 2 replicas serving \(as checked (0\.[0-9]+|1\.00)s ago\)"  # up to REUSE_SECONDS, inclusive
+    reused = r"all 2 listed replicas serving \(as checked (0\.[0-9]+|1\.00)s ago\)"  # to REUSE_SECONDS, inclusive
     assert all(re.search(reused, said) for _, said in answers[:-1])
     assert code == DEGRADED, printed
     assert re.search(rf"  shard 0: {b.server.address} \(down: unreachable: ", printed), printed
@@ -146,7 +146,7 @@ async def test_a_heads_uses_before_and_uses_after_workers_are_listed_and_checked
     assert code == 0, printed
     assert f"replicas:\n  shard 0: {worker.server.address}\n" in printed, printed
     assert f"  uses_before: {before.server.address}\n  uses_after: {after.server.address}\n" in printed, printed
-    assert "replica health: all 3 replicas serving" in printed, printed
+    assert "replica health: all 3 listed replicas serving" in printed, printed
 
 
 async def test_a_uses_after_worker_down_is_named_with_its_cause_and_exits_1(runtimes, capsys):

@@ -173,7 +173,7 @@ def _say_replica_health(notes: dict, listed: bool) -> bool:
     age = "" if notes["age"] is None else f" (as checked {notes['age']}s ago)"
     if not down and not unchecked:
         if checked:
-            _show(f"replica health: all {checked} replicas serving{age}")
+            _show(f"replica health: all {checked} listed replicas serving{age}")  # an empty shard is said above
         return False
     where = "every shard has a serving one (degraded)"
     if unchecked:  # neither serving nor down: a shard whose replicas were not all checked may have none serving
