@@ -626,6 +626,8 @@ class ConcurrentModel(Model):
             work = await self.inbox[source].get()
             try:
                 await work()
+            except asyncio.CancelledError:  # close(): the task ends (caught below, it waited on get() for ever)
+                raise
             except BaseException as error:  # noqa: BLE001 - reported as a fault
                 self.errors.append(error)
             finally:

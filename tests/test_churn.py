@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import contextlib
 import signal
 import subprocess
@@ -393,3 +394,40 @@ async def test_a_deactivate_whose_caller_leaves_between_two_shards_still_takes_t
     await eventually(
         lambda: all(not head.pool.get_replicas("everywhere", shard_id=s).addresses for s in (0, 1)), timeout=5.0
     )
+
+
+async def test_a_deactivate_cut_by_the_heads_stop_finishes_before_its_pool_closes(echo_servers, monkeypatch, caplog):
+    """The shielded removal of a DEACTIVATE the drain cut outlived head.stop(): it ran on the closed pool, found
+    nothing and said the worker was "unknown"."""
+    caplog.set_level(logging.INFO, logger="shardnet")
+    head = Head("everywhere", shards=2, lease=60.0)
+    await head.start()
+    stopping = None
+    try:
+        [server] = await echo_servers(1)
+        host, port = server.address.rsplit(":", 1)
+        for shard in (0, 1):
+            await oneshot.activate_worker(host, int(port), head.server.address, shard_id=shard)
+        entered, release = asyncio.Event(), asyncio.Event()
+        remove = head.pool.remove_connection
+
+        async def held_at_the_first(*args, **kwargs):
+            if not entered.is_set():
+                entered.set()
+                await release.wait()
+            return await remove(*args, **kwargs)
+
+        monkeypatch.setattr(head.pool, "remove_connection", held_at_the_first)
+        leaving = asyncio.create_task(oneshot.deactivate_worker(host, int(port), head.server.address))
+        await asyncio.wait_for(entered.wait(), timeout=5.0)
+        # the removal takes a second: the stop's drain (0.1 s) cuts the DEACTIVATE's call meanwhile
+        asyncio.get_running_loop().call_later(1.0, release.set)
+        stopping = asyncio.create_task(head.stop(0.1))
+        await asyncio.wait_for(stopping, 5.0)
+        assert leaving.done() and not head._deactivations
+    finally:
+        release.set()
+        if stopping is None or not stopping.done():
+            await head.stop(0)
+    said = [record.getMessage() for record in caplog.records if "deactivated" in record.getMessage()]
+    assert said and "(removed," in said[0], said

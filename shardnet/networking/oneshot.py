@@ -108,8 +108,8 @@ def _run_in_a_thread(coroutine: Coroutine[Any, Any, T]) -> T:
         # the calling thread's loop stood still meanwhile: a server it runs (the target, or what the target calls)
         # could not answer, and the call waited its whole timeout for nothing
         error.add_note(
-            "called from a running event loop, which this blocking call held still while it waited: a server on "
-            "that loop could not answer (await the _async helper there instead)"
+            "called from a running event loop, which this blocking call held still while it waited: if the target "
+            "(or a server it calls) runs on that loop, it could not answer (await the _async helper there instead)"
         )
         raise
     except BaseException:

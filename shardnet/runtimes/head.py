@@ -1464,6 +1464,8 @@ class Head:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         self._expiry = self._readiness = None
+        # a DEACTIVATE whose caller the drain cut finishes its removals (a few loop passes) before the pool closes
+        await asyncio.gather(*self._deactivations, return_exceptions=True)
         self._refusals.close()
         self._failed_requests.close()
         await self._replica_checks.close()
