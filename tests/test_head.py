@@ -869,6 +869,22 @@ async def test_uses_after_under_all_receives_every_shards_dict_results(runtimes)
     }
 
 
+async def test_an_any_request_resent_to_another_shard_whose_uses_after_fails_names_uses_after(
+    runtimes, dead_address, caplog
+):
+    """Shard 0 took it nowhere, shard 1 ran it, uses_after failed: the answer said "sent on to shard 1, which failed
+    too", and the failure was counted against shard 0, though shard 1 answered and uses_after failed (a review)."""
+    [worker] = await shard_workers(runtimes, executors.Tagger, 1)
+    head = await runtimes(Head("resent", connections={0: [dead_address], 1: [worker.server.address]},
+                               uses_after=f"127.0.0.1:{free_port()}"))
+    answer = await send(head.server.address, "/tag", [Document(text="a")])
+    said = answer.status.description
+    assert answer.is_error and "a replica may have run it" in said, said
+    assert said.startswith("UNAVAILABLE: deployment 'resent/uses_after'") and "after shard 1 answered" in said, said
+    assert "which failed too" not in said, said
+    assert worker.executor.calls == 1
+
+
 def test_a_static_connection_beyond_the_declared_shards_is_refused():
     with pytest.raises(ConfigurationError, match=r"shard 5, but the head has shards 0\.\.1"):
         Head("x", connections={5: ["127.0.0.1:5000"]}, shards=2)
@@ -1264,15 +1280,17 @@ async def test_a_dry_run_without_a_deadline_gives_up_on_a_hung_shard(runtimes, e
     assert status.code == jina_pb2.StatusProto.ERROR and "DEADLINE_EXCEEDED" in status.description, status
 
 
-async def test_a_dry_run_goes_through_uses_before_refuses_a_payload_and_never_fails_over(runtimes, dead_address):
+@pytest.mark.parametrize("role", ["uses_before", "uses_after"])
+async def test_a_dry_run_goes_through_the_hops_refuses_a_payload_and_never_fails_over(runtimes, dead_address, role):
+    """uses_after too: the dry run reaches it through the shards' gathering, which failed it over (a review)."""
     [worker] = await shard_workers(runtimes, executors.ShardSearch, 1)
-    head = await runtimes(Head("before", connections={0: [worker.server.address]}, uses_before=dead_address))
+    head = await runtimes(Head("before", connections={0: [worker.server.address]}, **{role: dead_address}))
     async with grpc.aio.insecure_channel(head.server.address) as channel:
         dry_run = channel.unary_unary(services.DRY_RUN)
         status = jina_pb2.StatusProto.FromString(await dry_run(b"", timeout=5))
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await dry_run(b"not an Empty message", timeout=5)
-    assert status.code == jina_pb2.StatusProto.ERROR and "uses_before" in status.description, status
+    assert status.code == jina_pb2.StatusProto.ERROR and role in status.description, status
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert head.pool.retry_budget.total_retries == 0  # a readiness check spends none of the requests' budget
 

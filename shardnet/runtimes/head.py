@@ -491,10 +491,10 @@ class Head:
         return await self._serve(requests, context)
 
     async def dry_run(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        """Jina's ``Client.is_flow_ready()`` pointed at this head: a dry-run request through ``uses_before`` and
-        every shard, as a Jina gateway sends one through its graph; SUCCESS when each answered, else ERROR saying
-        why. Admitted as a data request is (``max_in_flight``), and it never fails over: a readiness check must
-        not spend the retry budget requests need."""
+        """Jina's ``Client.is_flow_ready()`` pointed at this head: a dry-run request through ``uses_before``,
+        every shard and ``uses_after``, as a Jina gateway sends one through its graph; SUCCESS when each
+        answered, else ERROR saying why. Admitted as a data request is (``max_in_flight``), and it never fails
+        over: a readiness check must not spend the retry budget requests need."""
         try:
             require_empty(payload, "dry_run")
         except ProtocolError as exc:
@@ -817,6 +817,14 @@ class Head:
                 timeout=timeout, new_request=False,
             )
         except (ReplicaError, RoutingError) as resent:
+            if isinstance(resent, ReplicaError) and resent.deployment != self.deployment:
+                # the shard answered and uses_after failed: the hop is what failed (and is counted), not the shard
+                raise type(resent)(
+                    f"{resent.cause} (after shard {shard_id} answered: the request went to it as shard "
+                    f"{failure.shard_id} took it nowhere: {failure.cause})",
+                    address=resent.address, code=resent.code, deployment=resent.deployment,
+                    shard_id=resent.shard_id, unsent=False,
+                ) from None
             if getattr(resent, "unsent", True):
                 self._note_shard_failed(shard_id, asyncio.get_running_loop().time())
             raise type(failure)(
@@ -882,7 +890,9 @@ class Head:
                 # once the caller had given up, and be named as the hop that took it)
                 raise _shard_that_took_the_time(outcomes)
             try:
-                response, _ = await self._one(self._uses_after, answered, metadata, deadline, decoded=True)
+                response, _ = await self._one(
+                    self._uses_after, answered, metadata, deadline, decoded=True, retries=retries
+                )
             except ReplicaError as exc:
                 exc.unsent = False  # the shards ran it
                 raise
