@@ -1288,6 +1288,23 @@ async def test_an_address_two_slices_give_two_shards_is_routed_as_neither_until_
     assert replicas(pool, shard_id=2) == set() and replicas(pool, shard_id=1) == {"10.0.0.8:50051"}
 
 
+async def test_an_address_listed_as_a_shard_and_as_a_hop_of_one_deployment_is_routed_as_neither(
+    api_server: FakeApiServer, start_pool: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hop's replicas are filed under ``dep/uses_after``, which the one-role rule took for another deployment: an
+    IP reused by shard 0 while the hop's slice still listed it was routed as both, and some of shard 0's requests
+    ran on the hop's Executor, some uses_after calls (every shard's answers) on a shard's (a hops review's find)."""
+    api_server.apply("endpointslices", endpoint_slice("ua", "dep-uses-after", [("10.0.0.9", True, None)],
+                                                      role="uses_after", shard=""))
+    pool = await start_pool(sources=("endpointslices",))
+    assert replicas(pool, "dep/uses_after") == {"10.0.0.9:50051"}
+    api_server.apply("endpointslices", endpoint_slice("s0", "dep-0", [("10.0.0.9", True, None)], shard="0"))
+    await eventually(lambda: "10.0.0.9:50051 of 'dep' is listed as shard 0 and as its uses_after at once" in caplog.text)
+    assert replicas(pool) == replicas(pool, "dep/uses_after") == set()
+    api_server.apply("endpointslices", endpoint_slice("ua", "dep-uses-after", [], role="uses_after", shard=""))
+    await eventually(lambda: replicas(pool) == {"10.0.0.9:50051"})
+
+
 async def test_a_contest_settled_by_another_record_meanwhile_leaves_the_member_left_routed(kubeconfig: str) -> None:
     """A regression review's find: a record that contested an address took the rival out after awaiting its own
     removals, by which time another record (the pods' word withdrawing the stale slice endpoint) had settled the

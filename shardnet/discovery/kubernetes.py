@@ -113,7 +113,14 @@ class Member(NamedTuple):
 
 def _role(member: Member) -> str:
     """How a log line names what ``member`` is to its deployment."""
-    return "its head" if member.head else f"shard {member.shard_id}"
+    hop = member.deployment.partition("/")[2]
+    return "its head" if member.head else f"its {hop}" if hop else f"shard {member.shard_id}"
+
+
+def _owner(member: Member) -> str:
+    """The deployment ``member`` serves a role of: a hop's (``dep/uses_after``) is ``dep``, whose head calls it.
+    One address serves one role of it at a time, its hops' included (a label value holds no ``/``)."""
+    return member.deployment.partition("/")[0]
 
 
 Contribution = frozenset  # frozenset[Member]
@@ -378,7 +385,7 @@ class _Ledger:
                     src for src, key in self._holding(rival)
                     if (src, key) != record and not (src == source and rival in unconfirmed.get(key, NOTHING))
                 }
-                if rival.deployment == claim.deployment and source in sources and len(sources) > 1:
+                if _owner(rival) == _owner(claim) and source in sources and len(sources) > 1:
                     logger.warning(
                         "%s of %r is listed as %s by the %s in namespace %s, while the %s say %s: routed as %s",
                         claim.address, claim.deployment, _role(claim), source, self._pool.namespace,
@@ -393,7 +400,7 @@ class _Ledger:
         are held: an address serves one shard at a time, and which one is not settled by two objects of one
         source (a pod IP reused by shard 0 while shard 2's EndpointSlice still lists it). Returns the rivals
         that were routed until now; each goes back once the others let go (``_settle_contests``)."""
-        rivals = [m for m in self._by_address.get(claim.address, ()) if m != claim and m.deployment == claim.deployment]
+        rivals = [m for m in self._by_address.get(claim.address, ()) if m != claim and _owner(m) == _owner(claim)]
         if not rivals:
             return []
         routed = [rival for rival in rivals if rival not in self._contested]
@@ -412,7 +419,7 @@ class _Ledger:
             if member not in self._contested or self._holders.get(member):
                 continue
             self._contested.discard(member)
-            left = [m for m in self._by_address.get(member.address, ()) if m.deployment == member.deployment]
+            left = [m for m in self._by_address.get(member.address, ()) if _owner(m) == _owner(member)]
             if len(left) == 1 and left[0] in self._contested:
                 self._contested.discard(left[0])
                 freed.append(left[0])
@@ -645,7 +652,7 @@ def _contradicts(
     in another, only when every hold is that previous listing's: a deployment's word on its own addresses is
     not another's to settle, but a relist's stale record must not route one IP to two deployments meanwhile."""
     stale = [src == source and member in unconfirmed.get(key, NOTHING) for src, key in holding]
-    if claim.deployment == member.deployment:
+    if _owner(claim) == _owner(member):
         return not any(src == source and not old for (src, _), old in zip(holding, stale))
     return bool(holding) and all(stale)
 
@@ -653,7 +660,7 @@ def _contradicts(
 def _claimed(claim: Member, member: Member) -> str:
     """What ``claim`` serves, for a log line about ``member`` at its address: its role, and its deployment when
     that is another."""
-    if claim.deployment == member.deployment:
+    if _owner(claim) == _owner(member):
         return _role(claim)
     return f"{'the head' if claim.head else f'shard {claim.shard_id}'} of {claim.deployment!r}"
 
