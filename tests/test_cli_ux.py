@@ -853,7 +853,7 @@ def test_a_head_takes_a_deployment_name_of_any_visible_text(name):
     _check_deployment_name(name)  # no ConfigurationError
 
 
-@pytest.mark.parametrize("name, said", [("a\nb", "without control characters"), ("", "without control characters"),
+@pytest.mark.parametrize("name, said", [("a\nb", "without control characters"), ("", "--name is empty: give a name"),
                                         ("w\udcff", "is not text")])
 def test_a_worker_refuses_a_name_that_is_not_printable_text(name, said):
     """--name is in every log line of the worker ("[worker NAME pid N]"), its route entries and metric labels: a
@@ -861,3 +861,12 @@ def test_a_worker_refuses_a_name_that_is_not_printable_text(name, said):
     where a head refuses such a --deployment (a README walkthrough's find)."""
     result = shardnet("worker", "--uses", "shardnet.examples.echo:Echo", "--port", "0", "--name", name)
     assert result.returncode == 2 and said in result.stderr, result.stderr
+
+
+def test_a_head_refuses_an_empty_deployment_name_saying_it_is_empty():
+    """An empty name was told "give a name without control characters", which it had none of (a review)."""
+    from shardnet.cli.head import _check_deployment_name
+    from shardnet.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=r"^--deployment is empty: give a name$"):
+        _check_deployment_name("")

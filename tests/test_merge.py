@@ -351,3 +351,30 @@ def test_the_shard_whose_exception_the_answer_carries_is_named_even_when_failed_
     assert status.exception.name == "ValueError"
     assert status.description.startswith("shard 1 of 'dep' answered an error: ValueError('bad input')"), \
         status.description[:120]
+
+
+def test_shards_long_errors_are_cut_before_they_are_quoted_not_copied_whole_per_shard():
+    """Each shard's error was quoted whole in a problem text before the room cut it: 64 shards answering an error
+    that quotes a 10 MB input made 640 MB more text (seconds, and the head's memory twice the answers'), of which
+    4 KB was said. A problem holds no more of its shard's text than the room could say; the length said is whole."""
+    import tracemalloc
+
+    from shardnet.runtimes.merge import FAILURES_ROOM
+
+    message = "bad input " + "é" * 1_000_000
+    outcomes = [(shard, raised(ValueError(message))) for shard in range(16)]
+    for _, outcome in outcomes:
+        assert outcome.is_error  # its header read before the measure
+    tracemalloc.start()
+    try:
+        merged = merge_shard_responses("dep", outcomes)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    description = merged.status.description
+    assert peak < 6 * len(message), peak  # a few shards' texts at a time (each read once), not all 16 copied
+    assert description.startswith("shard 0 of 'dep' answered an error: ValueError('bad input éé")
+    whole = len(f"shard 0 of 'dep' answered an error: {raised(ValueError(message)).status.description}")
+    assert f"... ({whole} characters, cut)" in description  # the whole length, not the part kept
+    assert len(description) < FAILURES_ROOM + 200
+    assert description.endswith("; and 15 more shard problem(s), unnamed to keep the answer small")

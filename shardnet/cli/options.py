@@ -47,7 +47,9 @@ def check_visible_name(name: str, flag: str) -> None:
         name.encode("utf-8")
     except UnicodeEncodeError:
         raise ConfigurationError(f"{flag} {name!r:.120} is not text (bytes not in the locale's encoding)") from None
-    if not name or any(unicodedata.category(character) == "Cc" for character in name):
+    if not name:
+        raise ConfigurationError(f"{flag} is empty: give a name")
+    if any(unicodedata.category(character) == "Cc" for character in name):
         raise ConfigurationError(f"{flag} {name!r:.120}: give a name without control characters")
 
 
