@@ -103,6 +103,7 @@ def test_parse_address(address, target, tls):
         "ho\x07st:1",
         "h" * 254 + ":1",  # longer than any DNS name: it would also swell STATUS's metadata
         "unix-abstract:4242",  # gRPC dials the abstract socket @4242, which only this machine reaches
+        "unix:/tmp/\udcff.sock",  # a byte the locale could not decode: it crashed with UnicodeEncodeError
         "vsock:2",
         "DNS:53",
         None,

@@ -87,6 +87,11 @@ def _parse_unix(address: str, text: str, tls: bool) -> Address:
         )
     if any(ch < " " for ch in path):
         raise ConfigurationError(f"bad address {address!r:.200}: control characters in the socket path")
+    try:  # gRPC takes the path as UTF-8 text: bytes the locale could not decode name no socket it can reach
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigurationError(f"bad address {address!r:.200}: the socket path is not text (bytes not in the "
+                                 "locale's encoding)") from None
     # one spelling per socket, so that one worker is one replica: "//" and "/./" name the same file ("/../" may
     # not, under a symbolic link, and is kept)
     path = "/" + "/".join(part for part in path.split("/") if part not in ("", "."))
