@@ -365,13 +365,9 @@ async def test_a_head_passes_its_replicas_unimplemented_on_as_internal(runtimes)
     assert "UNIMPLEMENTED" in str(caught.value) and f"127.0.0.1:{other.port}" in str(caught.value)
 
 
-async def test_a_deactivate_whose_caller_leaves_between_two_shards_still_takes_the_worker_out_of_both(
-    runtimes, echo_servers, eventually, monkeypatch
-):
-    """The removal from every shard goes on when the DEACTIVATE's caller leaves (a deadline, a disconnect): cut
-    after the first shard, the worker stayed in the others, its leases forgotten, and nothing removed it."""
-    head = await runtimes(Head("everywhere", shards=2, lease=60.0))
-    [server] = await echo_servers(1)
+async def _deactivating_held_at_the_first_shard(head: Head, server: EchoServer, monkeypatch) -> tuple:
+    """``server`` registered in shards 0 and 1 of ``head``, then a DEACTIVATE naming no shard sent for it, its
+    removal held at the first shard until the Event returned is set. Returns (the DEACTIVATE's Task, that Event)."""
     host, port = server.address.rsplit(":", 1)
     for shard in (0, 1):
         await oneshot.activate_worker(host, int(port), head.server.address, shard_id=shard)
@@ -387,6 +383,17 @@ async def test_a_deactivate_whose_caller_leaves_between_two_shards_still_takes_t
     monkeypatch.setattr(head.pool, "remove_connection", held_at_the_first)
     leaving = asyncio.create_task(oneshot.deactivate_worker(host, int(port), head.server.address))
     await asyncio.wait_for(entered.wait(), timeout=5.0)
+    return leaving, release
+
+
+async def test_a_deactivate_whose_caller_leaves_between_two_shards_still_takes_the_worker_out_of_both(
+    runtimes, echo_servers, eventually, monkeypatch
+):
+    """The removal from every shard goes on when the DEACTIVATE's caller leaves (a deadline, a disconnect): cut
+    after the first shard, the worker stayed in the others, its leases forgotten, and nothing removed it."""
+    head = await runtimes(Head("everywhere", shards=2, lease=60.0))
+    [server] = await echo_servers(1)
+    leaving, release = await _deactivating_held_at_the_first_shard(head, server, monkeypatch)
     leaving.cancel()  # the caller leaves: gRPC cancels the head's handler
     with pytest.raises(asyncio.CancelledError):
         await leaving
@@ -402,31 +409,18 @@ async def test_a_deactivate_cut_by_the_heads_stop_finishes_before_its_pool_close
     caplog.set_level(logging.INFO, logger="shardnet")
     head = Head("everywhere", shards=2, lease=60.0)
     await head.start()
-    stopping = None
+    stopping = release = None
     try:
         [server] = await echo_servers(1)
-        host, port = server.address.rsplit(":", 1)
-        for shard in (0, 1):
-            await oneshot.activate_worker(host, int(port), head.server.address, shard_id=shard)
-        entered, release = asyncio.Event(), asyncio.Event()
-        remove = head.pool.remove_connection
-
-        async def held_at_the_first(*args, **kwargs):
-            if not entered.is_set():
-                entered.set()
-                await release.wait()
-            return await remove(*args, **kwargs)
-
-        monkeypatch.setattr(head.pool, "remove_connection", held_at_the_first)
-        leaving = asyncio.create_task(oneshot.deactivate_worker(host, int(port), head.server.address))
-        await asyncio.wait_for(entered.wait(), timeout=5.0)
+        leaving, release = await _deactivating_held_at_the_first_shard(head, server, monkeypatch)
         # the removal takes a second: the stop's drain (0.1 s) cuts the DEACTIVATE's call meanwhile
         asyncio.get_running_loop().call_later(1.0, release.set)
         stopping = asyncio.create_task(head.stop(0.1))
         await asyncio.wait_for(stopping, 5.0)
         assert leaving.done() and not head._deactivations
     finally:
-        release.set()
+        if release is not None:
+            release.set()
         if stopping is None or not stopping.done():
             await head.stop(0)
     said = [record.getMessage() for record in caplog.records if "deactivated" in record.getMessage()]
