@@ -9,6 +9,7 @@ sees and whether its work is stopped when the caller gives up.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import grpc
@@ -293,3 +294,37 @@ async def test_each_hop_is_given_what_is_left_of_the_callers_time_not_the_whole_
         assert "deployment 'dl'" in details and "shard 0" in details and shard.address in details, details
     [given] = shard.remaining
     assert given is not None and given < 1.05  # what was left after uses_before, less the margin
+
+
+def _failed_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "shardnet.runtimes.head" and r.levelno >= logging.WARNING and "failed" in r.getMessage()]
+
+
+async def test_a_callers_own_deadline_is_logged_as_the_callers_not_blamed_on_the_replica(caplog):
+    """A caller's short deadline, a healthy replica: the head's WARNING blamed "replica ADDRESS: DEADLINE_EXCEEDED"
+    once a second (1,200 lines in a 20-minute soak), as if the replica had failed (a soak review's find)."""
+    caplog.set_level(logging.INFO)
+    async with RecordingReplica(delay=3.0) as replica:
+        head = await started_head(replica.address)
+        try:
+            code, _, _ = await call_head(head, DataRequest(endpoint="/x"), timeout=0.3)
+        finally:
+            await head.stop(0)
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    lines = _failed_lines(caplog)
+    assert lines, "the head logs the request it gave up on"
+    # the replica was healthy and answering in its time: the caller chose 0.3 s
+    assert all("the caller's deadline" in line for line in lines), lines
+
+
+async def test_the_heads_own_timeout_is_still_a_shard_failure(caplog):
+    caplog.set_level(logging.INFO)
+    async with RecordingReplica(delay=3.0) as replica:
+        head = await started_head(replica.address, timeout=0.3)
+        try:
+            await call_head(head, DataRequest(endpoint="/x"), timeout=None)
+        finally:
+            await head.stop(0)
+    lines = _failed_lines(caplog)
+    assert lines and not any("the caller's deadline" in line for line in lines), lines

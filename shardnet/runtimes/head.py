@@ -604,7 +604,7 @@ class Head:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             response, trailing = self._failed_after_running(requests[0], f"UNAVAILABLE: {exc}")
         except ReplicaError as exc:
-            self._note_failed(requests[0], exc)
+            self._note_failed(requests[0], exc, callers=deadline is not None and deadline.callers_ran_out())
             failed = exc.code if exc.code not in (None, grpc.StatusCode.OK) else grpc.StatusCode.UNAVAILABLE
             if failed == grpc.StatusCode.UNIMPLEMENTED:  # the head serves the method: its replica did not, and
                 failed = grpc.StatusCode.INTERNAL  # a caller must not take it for another server and go elsewhere
@@ -753,7 +753,7 @@ class Head:
                 shard: at for shard, at in failed_at.items() if now - at < RECENT_SHARD_FAILURE
             }
 
-    def _note_failed(self, request: DataRequest, *failures: ShardnetError) -> None:
+    def _note_failed(self, request: DataRequest, *failures: ShardnetError, callers: bool = False) -> None:
         """Count ``request``, failed for want of a replica or as shards failed (``failures``, one per shard that
         did): the first of a burst is logged at once, the rest once a second by shard and cause (``BurstLog``),
         so that a shard gone, every request failing, is never silent and never a line per request."""
@@ -762,6 +762,10 @@ class Head:
         places: dict[str, list[str]] = {}
         for failure in failures:
             where, status = self._failure_kind(failure)
+            if callers and status == grpc.StatusCode.DEADLINE_EXCEEDED.name:
+                # the caller's own deadline ran out (not --timeout, not an attempt timeout): the replica named
+                # may be healthy, only slower than this caller waits, as the ejection's WARNING says it too
+                status += " (the caller's deadline)"
             places.setdefault(status, []).append(where)
         kind = " + ".join(f"{' & '.join(wheres)}: {status}" for status, wheres in places.items())
         latest = quoted(failures[0], MAX_FAILURE_CHARS)  # a worker's answer may quote what the caller sent
@@ -906,7 +910,10 @@ class Head:
         # some shards answered, others failed (when all fail, _serve counts what is raised); a readiness check
         # (the dry run) is no request failed: a shard down would be counted at every probe
         if failed and requests[0].endpoint != DRY_RUN_ENDPOINT:
-            self._note_failed(requests[0], *(result for _, result in outcomes if not isinstance(result, DataRequest)))
+            self._note_failed(
+                requests[0], *(result for _, result in outcomes if not isinstance(result, DataRequest)),
+                callers=deadline.callers_ran_out(),
+            )
         if response.is_error and services.ERROR_TRAILER[0] not in trailing:
             # an error this head made (a shard down) or uses_after answered: what a Jina gateway stops a flow on
             trailing += services.ERROR_TRAILER
