@@ -28,7 +28,7 @@ from shardnet.discovery.watch import object_key
 PORT = 9000
 IPS = [f"10.0.0.{i}" for i in range(1, 6)]
 DEPS = ["dep", "dep2"]
-ROLES = [("HEAD", 0), ("WORKER", 0), ("WORKER", 1), ("WORKER", 2)]
+ROLES = [("HEAD", 0), ("WORKER", 0), ("WORKER", 1), ("WORKER", 2), ("USES_AFTER", 0)]
 SERVICES = [(dep, role, shard) for dep in DEPS for role, shard in ROLES]
 
 
@@ -64,7 +64,7 @@ def pod_obj(uid: str, p: Pod) -> dict:
 
 def svc_name(svc) -> str:
     dep, role, shard = svc
-    return f"{dep}-head" if role == "HEAD" else f"{dep}-{shard}"
+    return f"{dep}-head" if role == "HEAD" else f"{dep}-uses-after" if role == "USES_AFTER" else f"{dep}-{shard}"
 
 
 def slice_obj(svc, suffix: str, gen: int, endpoints: list[dict]) -> dict:
@@ -72,8 +72,9 @@ def slice_obj(svc, suffix: str, gen: int, endpoints: list[dict]) -> dict:
     return {
         "metadata": {
             "name": f"{svc_name(svc)}-{suffix}", "namespace": "default", "uid": f"{svc_name(svc)}-{suffix}-g{gen}",
-            "labels": {"shardnet.io/deployment": dep, "shardnet.io/role": "head" if role == "HEAD" else "worker",
-                       "shardnet.io/shard": str(shard)},
+            "labels": {"shardnet.io/deployment": dep,
+                       "shardnet.io/role": {"HEAD": "head", "USES_AFTER": "uses_after"}.get(role, "worker"),
+                       "shardnet.io/shard": str(shard) if role == "WORKER" else ""},
         },
         "addressType": "IPv4",
         "ports": [{"name": "grpc", "port": PORT, "protocol": "TCP"}],
@@ -92,12 +93,16 @@ class CheckingPool(K8sGrpcConnectionPool):
         self.emptied_in_relist: set[str] = set()
 
     def add_connection(self, deployment: str, address: str, head: bool = False, shard_id: Optional[int] = None) -> None:
-        entry = self.deployments.get(deployment)
-        if entry is not None:
-            roles = ([("head", None)] if address in entry["head"] else []) + [
-                ("shard", shard) for shard, addresses in entry["shards"].items() if address in addresses
+        owner = deployment.partition("/")[0]
+        roles = []
+        for name, entry in self.deployments.items():
+            if name.partition("/")[0] != owner:
+                continue
+            roles += ([(name, "head", None)] if address in entry["head"] else []) + [
+                (name, "shard", shard) for shard, addresses in entry["shards"].items() if address in addresses
             ]
-            mine = ("head", None) if head else ("shard", shard_id or 0)
+        if roles:
+            mine = (deployment, "head", None) if head else (deployment, "shard", shard_id or 0)
             others = [role for role in roles if role != mine]
             if others:
                 self.faults.append(f"1: {address} added as {mine} of {deployment} while routed as {others}")
@@ -108,6 +113,9 @@ class CheckingPool(K8sGrpcConnectionPool):
         entry = self.deployments.get(deployment)
         if self._ledger._relists and entry is not None and not entry["head"] and not any(entry["shards"].values()):
             self.emptied_in_relist.add(deployment)
+        if self._ledger._relists and entry is not None and not head and shard_id is not None:
+            if not entry["shards"].get(shard_id):
+                self.emptied_in_relist.add((deployment, shard_id))
         return removed
 
 
@@ -290,7 +298,8 @@ class Model:
         if source not in self.pool.sources:
             return
         before = self.word(source)
-        had = {m.deployment for m in self.routing()}
+        routed_before = self.routing()
+        had = {m.deployment for m in routed_before}
         pool = self.pool
         if isinstance(pool, CheckingPool):
             pool.emptied_in_relist.clear()
@@ -299,8 +308,11 @@ class Model:
         if isinstance(pool, CheckingPool):
             await pool._ledger.drain()
             has = {m.deployment for m in self.routing()}
-            for dep in pool.emptied_in_relist & had & has:
-                pool.faults.append(f"R: {dep} emptied while a relist of the {source} ran, routed before and after")
+            had_shards = {(m.deployment, m.shard_id) for m in routed_before if not m.head}
+            has_shards = {(m.deployment, m.shard_id) for m in self.routing() if not m.head}
+            for dep in sorted(pool.emptied_in_relist & (had | had_shards) & (has | has_shards), key=str):
+                what = dep if isinstance(dep, str) else f"shard {dep[1]} of {dep[0]}"
+                pool.faults.append(f"R: {what} emptied while a relist of the {source} ran, routed before and after")
 
     async def _relist(self, source: str) -> None:
         s = self.src[source]
@@ -410,7 +422,7 @@ class Model:
         routed = self.routing()
         roles: dict[tuple[str, str], set] = {}
         for m in routed:
-            roles.setdefault((m.deployment, m.address), set()).add((m.head, m.shard_id))
+            roles.setdefault((m.deployment.partition("/")[0], m.address), set()).add((m.deployment, m.head, m.shard_id))
         for (dep, address), held in roles.items():
             if len(held) > 1:
                 faults.append(f"1: {address} routed as {sorted(held, key=str)} of {dep}")

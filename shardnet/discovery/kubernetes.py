@@ -357,14 +357,25 @@ class _Ledger:
                 new.append(member)
         taken_out = [rival for member in new for rival in self._contest(member)]
         freed = self._settle_contests(gone)
-        for member in gone:
+        # what leaves an address that comes in as another role goes first, all in one turn, and the additions just
+        # after, in the same loop pass: one by one, the last member of a deployment whose address changed role
+        # there (dep2's shard 0 becoming its head) left it empty for turns; what else leaves goes after the
+        # additions, so a shard that gets a replica in as another leaves (a settled contest) is never empty
+        incoming = {member.address for member in new + freed}
+        leaving = [member for member in gone if member.address in incoming]
+        for member in leaving:
             if not self._holders.get(member):  # not held again meanwhile
-                await self._remove(member)
+                self._remove_soon(member)
+        if leaving:
+            await asyncio.sleep(0)  # the removals take the replicas out before the additions below come in
         for member in taken_out:
             if member in self._contested:  # not settled, and added back, by another record while this one awaited
                 await self._remove(member)
         for member in new + freed:
             await self._add(member)
+        for member in gone:
+            if member.address not in incoming and not self._holders.get(member):  # not held again meanwhile
+                await self._remove(member)
 
     def _outvoted(
         self, claims: Contribution, record: tuple[str, str], unconfirmed: Mapping[str, Contribution]
@@ -523,7 +534,8 @@ class _Ledger:
 
         In that order, a deployment rolled from one pod to another while the watch was away never looks empty
         (a namespace-wide pool would forget it meanwhile): those listed that contribute less than before come
-        after the rest; and those that take no address another member holds come first, so a shard gets its new replicas before a reused address takes an old one away. What the
+        after the rest; and those that take no address another member holds come first, so a shard gets its new
+        replicas before a reused address takes an old one away. What the
         previous listing still holds at an address the new one gives another role goes just before that role
         comes in (``unconfirmed``): an address serves one shard, and one deployment, at a time, even while the
         relist runs; what the new listing says again of an object is not stale, whatever order it comes in.
@@ -534,7 +546,8 @@ class _Ledger:
             async for key in in_turns(self._fresh_first(source, listed)):
                 unconfirmed.pop(key, None)
                 await self.record(source, key, contribution(key), unconfirmed=unconfirmed)
-            async for key in in_turns([key for key in self.keys(source) if key not in listed]):
+            dropped = [key for key in self.keys(source) if key not in listed]
+            async for key in in_turns(self._freeing_first(source, dropped)):
                 await self.record(source, key, NOTHING)
         finally:
             self._relists -= 1
@@ -544,23 +557,45 @@ class _Ledger:
                 self._forget_if_empty(deployment)
 
     def _fresh_first(self, source: str, listed: Mapping[str, Contribution]) -> list[str]:
-        """The keys of ``listed``, in its order, those none of whose members takes an address held as another
+        """The keys of ``listed``, in its order, those none of whose members takes an address routed as another
         member (of its deployment or another) first, and those that now contribute less than recorded (a pod gone
         unready) last, those that also take a member they did not hold (a pod relabelled: its new place comes in
-        before a pod gone unready leaves that deployment or shard) just before them: the loop runs between turns of
+        before a pod gone unready leaves that deployment or shard) just before them; an object that gives up a
+        member for another of the same shard (a slice whose one endpoint moved) does not shrink it (``record``
+        adds before it removes), and comes in with the first: the loop runs between turns of
         a relist, and a deployment's old pod taken out before its new one came in left it empty for those turns
         (forgotten, in a namespace-wide pool)."""
 
-        def displaces(key: str) -> bool:
-            return any(self._by_address.get(m.address, set()) - {m} for m in listed[key])
+        def displaces(key: str) -> bool:  # a member held only contested is routed as nothing: none is displaced
+            return any(
+                rival != m and rival not in self._contested for m in listed[key]
+                for rival in self._by_address.get(m.address, ())
+            )
 
-        def shrinks(key: str) -> bool:
-            return bool(self._records.get((source, key), NOTHING) - listed[key])
+        def shrinks(key: str) -> bool:  # gives up a member with nothing of its own in that shard (or head) instead
+            kept = {(m.deployment, m.head, m.shard_id) for m in listed[key]}
+            return any(
+                (m.deployment, m.head, m.shard_id) not in kept
+                for m in self._records.get((source, key), NOTHING) - listed[key]
+            )
 
         def only_shrinks(key: str) -> bool:  # a pod relabelled to another shard also comes in somewhere
-            return shrinks(key) and not listed[key] - self._records.get((source, key), NOTHING)
+            return shrinks(key) and not listed[key] - self._records.get((source, key), NOTHING) and not self._frees(
+                source, key, listed[key]
+            )
 
         return sorted(listed, key=lambda key: (only_shrinks(key), shrinks(key), displaces(key)))
+
+    def _frees(self, source: str, key: str, members: Contribution = NOTHING) -> bool:
+        """Whether object ``key`` contributing ``members`` lets go of a contested member: the rival it leaves alone at
+        its address comes back into the pool (``_settle_contests``), as a member a listing brings in does."""
+        return any(member in self._contested for member in self._records.get((source, key), NOTHING) - members)
+
+    def _freeing_first(self, source: str, keys: list[str]) -> list[str]:
+        """``keys``, gone from a listing, those whose going routes a contested rival again first: two slices of
+        shard 0 gone, one of them holding an address shard 1's slice also lists, took shard 0's last routed replica
+        out before shard 1's came back, and the deployment had none for turns of the relist."""
+        return sorted(keys, key=lambda key: not self._frees(source, key))
 
     async def change(self, source: str, key: str, withdrawn: Contribution, restored: Contribution) -> None:
         """Take ``withdrawn`` out of object ``key``'s contribution as recorded and put ``restored`` in, and nothing
@@ -588,13 +623,17 @@ class _Ledger:
         )
 
     async def _remove(self, member: Member) -> None:
-        # after any removal of it still closing: the latest is the one an addition waits for
-        task = asyncio.get_running_loop().create_task(self._leave(member, self._removals.get(member)))
-        self._removals[member] = task
-        task.add_done_callback(functools.partial(self._removed, member))
+        self._remove_soon(member)
         # one removal under way before the next: a relist that drops hundreds of pods would otherwise start as
         # many channel closes at once, and grpc.aio's close walks every task of the loop (ReplicaList.remove_connection)
         await asyncio.sleep(0)
+
+    def _remove_soon(self, member: Member) -> None:
+        """Start ``member``'s removal, after any removal of it still closing (the latest is the one an addition
+        waits for); it takes the replica out of the pool at the loop's next turn."""
+        task = asyncio.get_running_loop().create_task(self._leave(member, self._removals.get(member)))
+        self._removals[member] = task
+        task.add_done_callback(functools.partial(self._removed, member))
 
     async def _leave(self, member: Member, previous: Optional[asyncio.Task]) -> Optional[Connection]:
         """Remove ``member`` from the pool (once ``previous``, a removal of it still closing, is done); following
