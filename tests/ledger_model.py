@@ -281,15 +281,17 @@ class Model:
         self.noted(source, before, relist=False)
 
     async def _deliver(self, source: str) -> None:
-        s = self.src[source]
-        kind, obj = s.queue.pop(0)
+        await self._hand_over(source, *self.src[source].queue.pop(0))
+
+    async def _hand_over(self, source: str, kind: str, obj: dict) -> None:
+        """One watch event given to the pool, and noted as the source's last word."""
         key = object_key(obj)
         if kind == "DELETED":
-            s.delivered.pop(key, None)
+            self.src[source].delivered.pop(key, None)
             if source == PODS:
                 self.pods_deleted_uids.add(key)
         else:
-            s.delivered[key] = obj
+            self.src[source].delivered[key] = obj
             if source == PODS:
                 self.pods_deleted_uids.discard(key)
         await self.pool._on_event(source, kind, obj)
@@ -666,18 +668,7 @@ class ConcurrentModel(Model):
             event = s.queue.pop(0)  # it leaves the stream now: a later relist must not find it queued
 
             async def work(source=source, event=event):
-                kind_, obj = event
-                s2 = self.src[source]
-                key = object_key(obj)
-                if kind_ == "DELETED":
-                    s2.delivered.pop(key, None)
-                    if source == PODS:
-                        self.pods_deleted_uids.add(key)
-                else:
-                    s2.delivered[key] = obj
-                    if source == PODS:
-                        self.pods_deleted_uids.discard(key)
-                await self.pool._on_event(source, kind_, obj)
+                await self._hand_over(source, *event)
             self.hand(source, work)
             return
         if kind in ("relist", "up") and args[0] not in self.pool.sources:
