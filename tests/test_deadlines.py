@@ -328,3 +328,24 @@ async def test_the_heads_own_timeout_is_still_a_shard_failure(caplog):
             await head.stop(0)
     lines = _failed_lines(caplog)
     assert lines and not any("the caller's deadline" in line for line in lines), lines
+
+
+async def test_heads_own_timeout_on_a_shard_is_not_blamed_on_the_caller_under_uses_after(caplog):
+    # uses_after's hop, bound by what was left of the caller's deadline, ran after the shards and made the head's
+    # own --timeout on shard 1 read as the caller's (a regression review's find)
+    caplog.set_level(logging.INFO)
+    async with RecordingReplica(delay=0.0) as fast, RecordingReplica(delay=3.0) as slow, \
+            RecordingReplica(delay=0.0) as after:
+        head = Head("dl", ServerConfig(), pool=GrpcConnectionPool(timeout=0.6),
+                    connections={0: [fast.address], 1: [slow.address]}, uses_after=after.address,
+                    polling=PollingMap.parse("ALL"))
+        await head.start()
+        try:
+            # the caller waits 1.0 s; the head's --timeout (0.6 s) cuts shard 1 well before that
+            code, details, took = await call_head(head, DataRequest(endpoint="/x"), timeout=1.0)
+        finally:
+            await head.stop(0)
+    assert code == grpc.StatusCode.OK, (code, details)
+    lines = _failed_lines(caplog)
+    assert lines, "the head logs the shard that failed"
+    assert not any("the caller's deadline" in line for line in lines), lines

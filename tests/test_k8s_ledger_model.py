@@ -5,12 +5,15 @@ The pool is not started: its handlers are fed the events and lists its watches w
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from k8s_apiserver import endpoint_slice, pod
 import ledger_model as lm
 from ledger_model import generate, run_actions, run_concurrent
 
-from shardnet.discovery.kubernetes import PODS, SLICES, K8sGrpcConnectionPool
+from shardnet.discovery.kubernetes import PODS, SLICES, K8sGrpcConnectionPool, Member
+from shardnet.networking.connection import Connection
 
 
 def _pod(uid: str, shard: str, ip: str, **kwargs) -> dict:
@@ -254,5 +257,32 @@ async def test_a_relist_moves_a_hop_to_its_new_address_before_another_role_takes
             ("dep/uses_after", 0, "10.0.0.5:9000"), ("dep", 1, "10.0.0.1:9000"), ("dep", 0, "10.0.0.2:9000")
         }
         assert "dep/uses_after" not in emptied
+    finally:
+        await pool.close()
+
+
+async def test_a_relabelled_slice_does_not_start_every_close_at_once(monkeypatch):
+    """Members of one object all moving to another role at their addresses (a slice of 1,000 endpoints relabelled
+    to another shard) started every channel close in one loop pass; grpc.aio's close walks every task of the loop,
+    and 1,000 at once stalled it 1.5 s (a regression review's find)."""
+    seen: list[int] = []
+    close = Connection.close
+
+    async def counting_close(self, *args, **kwargs):
+        seen.append(len(asyncio.all_tasks()))  # what grpc.aio's close walks
+        return await close(self, *args, **kwargs)
+
+    monkeypatch.setattr(Connection, "close", counting_close)
+    pool = K8sGrpcConnectionPool("default")
+    ledger = pool._ledger
+    addresses = [f"10.{i // 250}.{i % 250}.1:9000" for i in range(400)]
+    try:
+        await ledger.record("endpointslices", "s", frozenset(Member("dep", False, 0, a) for a in addresses))
+        await ledger.drain()
+        await ledger.record("endpointslices", "s", frozenset(Member("dep", False, 1, a) for a in addresses))
+        await ledger.drain()
+        assert len(pool.deployments["dep"]["shards"][1]) == 400
+        assert len(seen) == 400
+        assert max(seen) < 100, f"a close walked {max(seen)} tasks"
     finally:
         await pool.close()

@@ -862,6 +862,9 @@ class Head:
             ),
             return_exceptions=True,
         )
+        # whether the caller's deadline is what the shards ran into: judged now, before uses_after's hop (bound by
+        # what is left of it) makes itself the latest and a shard cut by the head's --timeout read as the caller's
+        callers = deadline.callers_ran_out()
         outcomes, trailing, seen, failed = [], [], set(), 0
         for (shard_id, _), result in zip(targets, results):
             if isinstance(result, MalformedReplyError):  # the shard's fault, not the caller's: a failed shard
@@ -912,7 +915,7 @@ class Head:
         if failed and requests[0].endpoint != DRY_RUN_ENDPOINT:
             self._note_failed(
                 requests[0], *(result for _, result in outcomes if not isinstance(result, DataRequest)),
-                callers=deadline.callers_ran_out(),
+                callers=callers,
             )
         if response.is_error and services.ERROR_TRAILER[0] not in trailing:
             # an error this head made (a shard down) or uses_after answered: what a Jina gateway stops a flow on
