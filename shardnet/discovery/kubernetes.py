@@ -361,9 +361,10 @@ class _Ledger:
         taken_out = [rival for member in new for rival in self._contest(member)]
         freed = self._settle_contests(gone)
         # what leaves an address that comes in as another role goes first, REMOVALS_PER_TURN to a turn, and the
-        # additions just after, in the same loop pass as the last of them: one by one, the last member of a deployment whose address changed role
-        # there (dep2's shard 0 becoming its head) left it empty for turns; what else leaves goes after the
-        # additions, so a shard that gets a replica in as another leaves (a settled contest) is never empty
+        # additions just after, in the same loop pass as the last of them: one by one, the last member of a
+        # deployment whose address changed role there (dep2's shard 0 becoming its head) left it empty for turns;
+        # what else leaves goes after the additions, so a shard that gets a replica in as another leaves (a settled
+        # contest) is never empty
         incoming = {member.address for member in new + freed}
         leaving = [member for member in gone if member.address in incoming]
         for started, member in enumerate(leaving, 1):
