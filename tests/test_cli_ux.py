@@ -870,3 +870,13 @@ def test_a_head_refuses_an_empty_deployment_name_saying_it_is_empty():
 
     with pytest.raises(ConfigurationError, match=r"^--deployment is empty: give a name$"):
         _check_deployment_name("")
+
+
+@pytest.mark.parametrize("name", ["a\u2028b", "a\u2029b", "abc\u202edef", "x\u2066y"])
+def test_a_name_holding_a_line_separator_or_a_bidirectional_override_is_refused(name):
+    """U+2028 ends a line in some log viewers; U+202E shows the rest of a log line reversed (a regression review)."""
+    from shardnet.cli.options import check_visible_name
+    from shardnet.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="without control characters"):
+        check_visible_name(name, "--name")

@@ -39,6 +39,12 @@ POLLING_HELP = (
 INT32_MAX = 2**31 - 1  # shard and replica ids travel as protobuf int32 fields
 
 
+# what ends a line in a log viewer (C0/C1 controls, Unicode's line and paragraph separators), and the bidirectional
+# overrides and isolates, which show a line's text in another order than it was written
+_CONTROLS = frozenset({"Cc", "Zl", "Zp"})
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def check_visible_name(name: str, flag: str) -> None:
     """Refuse a name that is no text (bytes the terminal's encoding could not decode), is empty or holds a control
     character: it is in every log line of its process, its errors, route entries and metric labels, where a
@@ -49,7 +55,7 @@ def check_visible_name(name: str, flag: str) -> None:
         raise ConfigurationError(f"{flag} {name!r:.120} is not text (bytes not in the locale's encoding)") from None
     if not name:
         raise ConfigurationError(f"{flag} is empty: give a name")
-    if any(unicodedata.category(character) == "Cc" for character in name):
+    if any(unicodedata.category(character) in _CONTROLS or character in _BIDI_CONTROLS for character in name):
         raise ConfigurationError(f"{flag} {name!r:.120}: give a name without control characters")
 
 
