@@ -22,6 +22,7 @@ from shardnet.cli.status import DEGRADED
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.processes import ShardnetProcess, stop_all
 from shardnet.runtimes.replica_check import REUSE_SECONDS
+from shardnet.runtimes.server import ServerConfig
 from shardnet.runtimes.worker import Worker
 from shardnet.testing import eventually
 
@@ -180,3 +181,13 @@ async def test_a_hop_left_with_no_replica_is_named_and_exits_1(runtimes, capsys)
     assert code == 1, printed
     assert "  uses_after: no replica\n" in printed and f"  uses_after: {after.server.address}" not in printed, printed
     assert f"  shard 0: {worker.server.address}\n" in printed, printed
+
+
+async def test_status_at_a_health_port_says_so_and_exits_1(runtimes, capsys):
+    """Only the health checks answer on a --health-port: status said "not a shardnet server" (a README walkthrough's
+    find), where it is one, asked at the wrong port."""
+    worker = await runtimes(Worker(executors.Tagger.create({}), ServerConfig(health_port=0)))
+    code, printed = await status(capsys, worker.server.health_address)
+    assert code == 1, printed
+    assert "only health checks answer here: a --health-port? ask its --port" in printed, printed
+    assert "not a shardnet server" not in printed, printed

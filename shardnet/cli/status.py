@@ -102,6 +102,10 @@ async def status(args: argparse.Namespace) -> int:
     if isinstance(control, Exception):  # not send_control: the trailing metadata says what is ejected and down
         # a Jina 3.34 server has no control service: no shardnet head
         if getattr(control, "code", None) == grpc.StatusCode.UNIMPLEMENTED:
+            if getattr(endpoints, "code", None) == grpc.StatusCode.UNIMPLEMENTED and not isinstance(health, Exception):
+                # health checks answered and nothing else: a server's plaintext --health-port, not its --port
+                _show("replicas: none listed (only health checks answer here: a --health-port? ask its --port)")
+                return 1
             _show(f"replicas: none listed ({control.cause}: not a shardnet server)")
             return 0 if healthy else 1
         _show(f"replicas: unknown ({control.cause})")  # a draining server refuses it: said, as the rest is
