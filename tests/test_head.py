@@ -1666,3 +1666,21 @@ async def test_a_head_whose_requests_all_finish_within_its_drain_exits_zero(runt
         assert [answer.docs[0].tags["slept"] for answer in answers] == [0.5, 0.5]
         assert await exit_code(head) == 0, head.tail()
         assert "still under way" not in head.tail(), head.tail()
+
+
+@pytest.mark.parametrize("polling", ["ANY", "ALL"])
+@pytest.mark.parametrize("hops", [("uses_before",), ("uses_after",), ("uses_before", "uses_after")])
+async def test_the_hops_trailing_metadata_is_merged_as_jinas_head_merges_it(runtimes, echo_servers, polling, hops):
+    """Jina's head merges the trailing metadata of uses_before, the shards and uses_after, a later hop's key
+    replacing an earlier's; this head dropped the hops' (a Kubernetes hops review's find). Each echo server here
+    sends ``served-by`` with its name."""
+    servers = await echo_servers(1 + len(hops), names=["shard", *hops])
+    head = await runtimes(Head(
+        "merged", connections={0: [servers[0].address]}, polling=PollingMap.parse(polling),
+        **{hop: server.address for hop, server in zip(hops, servers[1:])},
+    ))
+    _, trailing = await oneshot.call_once(
+        "single_data", DataRequest([Document(id="d")], endpoint="/x"), head.server.address, timeout=5.0
+    )
+    said = [value for key, value in trailing if key == "served-by"]
+    assert said == ["uses_after" if "uses_after" in hops else "shard"], trailing

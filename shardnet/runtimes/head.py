@@ -83,6 +83,14 @@ MAX_FAILURE_CHARS = 1000
 USES_BEFORE = "uses_before"
 # the trailers a head sets on a gathered answer itself: a shard's (a head in front of a head) are not passed on
 _OWN_TRAILERS = frozenset({"total_shards", "failed_shards"})
+
+
+def _later_hop_wins(earlier: Sequence[tuple[str, str]], later: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Trailing metadata of two hops of one request, as Jina's head merges them: a key the later hop sends replaces
+    the earlier's (uses_before, then the shards, then uses_after); this head's own shard counts stay its own."""
+    given = [pair for pair in later or () if pair[0] not in _OWN_TRAILERS]
+    replaced = {key for key, _ in given}
+    return [pair for pair in earlier or () if pair[0] not in replaced] + given
 USES_AFTER = "uses_after"
 # given as a head's uses_before or uses_after (--uses-before/--uses-after) under Kubernetes discovery: the hop's
 # replicas are the pods (and EndpointSlices) discovery finds of it, as its workers are, not an address of its own
@@ -560,10 +568,13 @@ class Head:
             under_way[endpoint] += 1
             counted = endpoint
             deadline = _Deadline(_time_left(context), per_hop=self.pool.timeout)
+            before_trailing = ()
             if self._uses_before is not None:
-                response, trailing = await self._one(self._uses_before, requests, metadata, deadline, decoded=True)
+                response, before_trailing = await self._one(
+                    self._uses_before, requests, metadata, deadline, decoded=True
+                )
                 if response.is_error:  # the shards would only work on a request that already failed
-                    context.set_trailing_metadata(tuple(trailing or ()))
+                    context.set_trailing_metadata(tuple(before_trailing or ()))
                     return response.to_bytes()
                 requests = [response]
                 worked = True
@@ -584,6 +595,8 @@ class Head:
                     if polling != PollingType.ANY:
                         raise
                     response, trailing = await self._on_another_shard(exc, requests, metadata, deadline)
+            if before_trailing:
+                trailing = _later_hop_wins(before_trailing, trailing)
         except asyncio.CancelledError:  # its call cut: its caller left, or the drain's grace ended
             if self.server.grace_is_over():
                 counted = None  # kept in _under_way: _end names it
@@ -897,9 +910,10 @@ class Head:
                 # once the caller had given up, and be named as the hop that took it)
                 raise _shard_that_took_the_time(outcomes)
             try:
-                response, _ = await self._one(
+                response, after_trailing = await self._one(
                     self._uses_after, answered, metadata, deadline, decoded=True, retries=retries
                 )
+                trailing = _later_hop_wins(trailing, after_trailing)
             except ReplicaError as exc:
                 exc.unsent = False  # the shards ran it
                 raise
