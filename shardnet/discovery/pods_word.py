@@ -77,9 +77,9 @@ class PodsWord:
         listed now was deleted meanwhile."""
         listed = {read[0]: read for pod in pods if (read := _read_pod(pod)) is not None}
         touched: set[str] = set()
-        for uid in set(known_before) | set(self._going) | set(self._present):
+        for uid in set(known_before) | set(self._present):  # a pod being deleted is present until it is gone
             if uid not in listed:
-                touched |= self._gone(uid, self._going.get(uid) or self._present.get(uid) or uid)
+                touched |= self._gone(uid, self._present.get(uid, uid))
         for read in listed.values():
             touched |= self._note(*read)
         return touched

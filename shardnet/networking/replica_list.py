@@ -542,7 +542,6 @@ class ReplicaList:
         channel = connection.channel
         running = connection.running  # the channel's: a close waits for it
         running.count += 1
-        call = None
         cut = False
         try:
             call = getattr(connection.stubs, method)(payload, metadata=metadata, timeout=timeout)

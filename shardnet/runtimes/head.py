@@ -84,13 +84,6 @@ USES_BEFORE = "uses_before"
 # the trailers a head sets on a gathered answer itself: a shard's (a head in front of a head) are not passed on
 _OWN_TRAILERS = frozenset({"total_shards", "failed_shards"})
 
-
-def _later_hop_wins(earlier: Sequence[tuple[str, str]], later: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
-    """Trailing metadata of two hops of one request, as Jina's head merges them: a key the later hop sends replaces
-    the earlier's (uses_before, then the shards, then uses_after); this head's own shard counts stay its own."""
-    given = [pair for pair in later or () if pair[0] not in _OWN_TRAILERS]
-    replaced = {key for key, _ in given}
-    return [pair for pair in earlier or () if pair[0] not in replaced] + given
 USES_AFTER = "uses_after"
 # given as a head's uses_before or uses_after (--uses-before/--uses-after) under Kubernetes discovery: the hop's
 # replicas are the pods (and EndpointSlices) discovery finds of it, as its workers are, not an address of its own
@@ -130,6 +123,14 @@ MAX_CONTROL_ENTITIES = 10_000
 # workers a head holds at most, over all ACTIVATEs: many small ones must not add up to what one may not name; as
 # many as a pool declares shards at most (every shard needs a worker), one constant for both
 MAX_WORKERS = MAX_SHARDS
+
+
+def _later_hop_wins(earlier: Sequence[tuple[str, str]], later: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Trailing metadata of two hops of one request, as Jina's head merges them: a key the later hop sends replaces
+    the earlier's (uses_before, then the shards, then uses_after); this head's own shard counts stay its own."""
+    given = [pair for pair in later or () if pair[0] not in _OWN_TRAILERS]
+    replaced = {key for key, _ in given}
+    return [pair for pair in earlier or () if pair[0] not in replaced] + given
 
 
 def _discovery_time_left(context: grpc.aio.ServicerContext) -> float:

@@ -251,17 +251,17 @@ def report_shard_problems(response: DataRequest, deployment: str, outcomes: Sequ
     if response.is_error:
         carried = first_error is not None and status.description == first_error.description  # passed on as it came
         if not carried and not any(outcome is response for _, outcome in outcomes):
-            problems.insert(0, _kept("", status.description))
-        else:  # the exception is that shard's: named first, whatever else fits (as every_shard_failed does)
-            problems.remove(first_problem)
-            problems.insert(0, first_problem)
+            first_problem = _kept("", status.description)  # its own error: the exception the answer carries
+            problems.append(first_problem)
     elif first_error is not None:
         status.CopyFrom(first_error)
-        problems.remove(first_problem)  # the shard whose exception the answer carries is named first, whatever fits:
-        problems.insert(0, first_problem)  # failed calls before it filled the room, and it went unnamed
     else:  # only failed calls: no executor raised anything
         response.set_error(_problems_said(problems), name="ShardError", executor=deployment)
         return
+    # whoever's exception the answer carries is named first, whatever else fits (as every_shard_failed names it):
+    # failed calls before it filled the room, and it went unnamed
+    problems.remove(first_problem)
+    problems.insert(0, first_problem)
     status.description = wire_text(_problems_said(problems))
 
 
