@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -100,12 +101,13 @@ def stop(process: subprocess.Popen, pids: list[int], timeout: float = 20.0) -> O
 
 @pytest.fixture
 def deployed(tmp_path):
-    """``shardnet deploy`` of the Tagger, 2 shards x 1 replica, ALL on /tag: (address, deploy process, child pids)."""
+    """``shardnet deploy`` of the Tagger, 2 shards x 1 replica, ALL on /tag, with metrics: (address, deploy
+    process, child pids)."""
     log = tmp_path / "deploy.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "shardnet", "deploy", "--uses", f"{EXECUTORS}:Tagger", "--shards", "2"]
-            + ["--polling", '{"/tag": "ALL", "*": "ANY"}', "--name", "tags"],
+            + ["--polling", '{"/tag": "ALL", "*": "ANY"}', "--name", "tags", "--metrics-port", "0"],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -179,7 +181,7 @@ def test_deploy_starts_again_a_worker_killed_under_it(deployed, tmp_path):
     os.kill(worker_pid, signal.SIGKILL)
     log = tmp_path / "deploy.log"
     wait_for_line(log, rf"worker-0-0 \(pid {worker_pid}\) was killed by SIGKILL; starting it again", deploy)
-    wait_for_line(log, r"worker-0-0 serves again on \S+ \(pid \d+\)", deploy)
+    wait_for_line(log, r"worker-0-0 serves again on \S+ \(pid \d+, metrics on 127\.0\.0\.1:\d+\)", deploy)
     status = shardnet("status", address)
     assert len(re.findall(r"^\s+shard [01]: unix:/\S+\.sock$", status.stdout, re.M)) == 2, status.stdout
     sent = shardnet("send", address, "--endpoint", "/tag", "--text", "again")
@@ -215,6 +217,16 @@ def test_deploy_send_and_status_against_a_running_deployment(deployed, tmp_path)
     # the deployment's workers run beside their head: it dials them over Unix sockets
     assert len(re.findall(r"^\s+shard [01]: unix:/\S+\.sock$", status.stdout, re.M)) == 2, status.stdout
     assert {int(shard) for shard in re.findall(r"shard (\d):", status.stdout)} == {0, 1}
+
+    # --metrics-port: the table's last column says where each process serves them
+    table = (tmp_path / "deploy.log").read_text()
+    assert next(line for line in table.splitlines() if line.startswith("ROLE")).split()[-1] == "METRICS", table
+    head_metrics = "http://%s/metrics" % re.search(r"^head .* (\S+)$", table, re.M).group(1)
+    counted = 'shardnet_head_requests_total{deployment="tags",endpoint="/tag",outcome="ok"} 1.0'
+    deadline = time.monotonic() + 10
+    while counted not in (scraped := urllib.request.urlopen(head_metrics, timeout=5).read().decode()):
+        assert time.monotonic() < deadline, scraped
+        time.sleep(0.05)
 
     deploy.send_signal(signal.SIGTERM)
     assert deploy.wait(20) == 0

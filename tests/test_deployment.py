@@ -16,6 +16,7 @@ import threading
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -577,12 +578,49 @@ def test_a_bad_timeout_is_refused_where_it_is_given_not_by_the_head_process(opti
         ({"control_token": "sécret"}, "control_token must be None (one is made) or non-empty printable ASCII"),
         ({"control_token": "s3cret "}, "control_token must be None (one is made) or non-empty printable ASCII"),
         ({"shards": 101, "replicas": 100}, "shards=101 x replicas=100 = 10100 workers, more than the 10000 a head"),
+        ({"metrics_port": 70000}, "metrics_port must be a whole number from 0 (a free one) to 65535, got 70000"),
+        ({"metrics_port": True}, "metrics_port must be a whole number from 0 (a free one) to 65535, got True"),
+        ({"metrics_port": "9100"}, "metrics_port must be a whole number from 0 (a free one) to 65535, got '9100'"),
+        ({"port": 9100, "metrics_port": 9100}, "metrics_port (9100) must differ from the head's port"),
     ],
 )
 def test_a_host_port_token_or_size_its_head_would_refuse_is_refused_where_it_is_given(options, message):
     with pytest.raises(ConfigurationError) as refused:
         Deployment(executors.Tagger, **options)
     assert message in str(refused.value) and "cret" not in str(refused.value)  # a token is not shown
+
+
+def scrape(address: str) -> str:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as answer:
+        return answer.read().decode()
+
+
+def test_metrics_port_has_the_head_serve_there_every_other_process_on_a_port_of_its_own_kept_by_a_restarted_head():
+    """A deployment ran with no metrics at all: only a head and workers started by hand could be scraped."""
+    with Deployment(executors.Pid, replicas=2, name="counted", metrics_port=0, drain_seconds=1) as deployment:
+        deployment.post("/who", [Document()], timeout=10)
+        where = {process.role: process.metrics_address for process in deployment.processes}
+        assert set(where) == {"head", "worker-0-0", "worker-0-1"} and len(set(where.values())) == 3, where
+        # counted once the head has asked its workers what endpoints they serve: Pid's default handler lists none
+        counted = 'shardnet_head_requests_total{deployment="counted",endpoint="(other)",outcome="ok"} 1.0'
+        deadline = time.monotonic() + 10
+        while counted not in scrape(where["head"]):
+            assert time.monotonic() < deadline, scrape(where["head"])
+            time.sleep(0.05)
+        handled = re.compile(r'^shardnet_worker_requests_total\{deployment="counted",endpoint="/default",'
+                             r'outcome="ok",shard="0"\} (\S+)$', re.M)
+        counts = [handled.search(scrape(where[role])) for role in ("worker-0-0", "worker-0-1")]
+        assert sum(float(found.group(1)) for found in counts if found) == 1.0  # the replica that served it
+        header, *rows = deployment.table().splitlines()
+        assert header.split()[-1] == "METRICS" and {row.split()[0]: row.split()[-1] for row in rows} == where
+
+        deployment.restart_head()  # where a scraper looks for it
+        assert deployment.head.metrics_address == where["head"] and "shardnet_head_requests_total" in scrape(
+            where["head"])
+        restarted = deployment.restart_worker(0, 1)  # a free port again, said where
+        assert restarted.metrics_address and "shardnet_worker_requests_total" in scrape(restarted.metrics_address)
+    with Deployment(executors.Pid, name="uncounted") as deployment:  # without it: no listener, no column
+        assert deployment.head.metrics_address is None and "METRICS" not in deployment.table()
 
 
 def test_a_numpy_port_is_a_port_and_an_inherited_empty_token_is_refused_before_anything_starts(monkeypatch):

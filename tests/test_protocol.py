@@ -527,3 +527,28 @@ def test_a_message_as_a_dict_or_json_is_refused_saying_how_to_build_it(message, 
     assert f"DataRequest.from_proto(json_format.{builder.__name__}(" in said
     built = DataRequest.from_proto(builder(message, jina_pb2.DataRequestProto()))  # what it says to write works
     assert built.endpoint == "/index" and built.docs.texts == ["hi"]
+
+
+def test_jinas_add_exception_marks_the_request_failed():
+    """Jina's head, gateway and worker code write ``request.add_exception(ex, executor)`` (the executor an object,
+    named by its class); shardnet had only ``set_exception`` and the ported call failed with AttributeError."""
+
+    class Encoder:  # Jina passes the Executor itself
+        pass
+
+    request = sample_request()
+    try:
+        raise ValueError("bad", 7)
+    except ValueError as exc:
+        request.add_exception(exc, Encoder())
+    back = DataRequest.from_bytes(request.to_bytes())
+    assert back.is_error and back.status.description == "ValueError('bad', 7)"
+    exception = back.status.exception
+    assert (exception.name, list(exception.args), exception.executor) == ("ValueError", ["bad", "7"], "Encoder")
+    assert any("ValueError" in line for line in exception.stacks)
+    named = sample_request()
+    named.add_exception(KeyError("k"), executor="enc")  # a name, as set_exception takes
+    assert named.status.exception.executor == "enc"
+    bare = sample_request()
+    bare.add_exception(RuntimeError("x"))
+    assert bare.is_error and bare.status.exception.executor == ""

@@ -80,6 +80,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="write each process's output to DIR/NAME-ROLE.log and keep it after exit (default: a temporary "
              "folder, removed on exit); deployments of different --name may share one",
     )
+    parser.add_argument(
+        "--metrics-port", type=int, metavar="PORT",
+        help="the head serves Prometheus metrics over HTTP at /metrics on PORT (0 picks a free one), every other "
+             "process on a free port of its own, listed at start (METRICS). Needs pip install 'shardnet[metrics]'",
+    )
     parser.add_argument("--uses-before", metavar="MODULE:CLASS", help="an Executor every request passes first")
     parser.add_argument(
         "--uses-after", metavar="MODULE:CLASS", help="an Executor that receives the shards' answers (docs_matrix)"
@@ -185,6 +190,7 @@ async def _started_deployment(
         startup_timeout=args.startup_seconds,
         drain_seconds=args.drain_seconds,
         log_level=args.log_level,  # shardnet --log-level: the head's and workers' logs, not only deploy's own
+        metrics_port=args.metrics_port,
     )
     for folder, flag in ((args.log_dir, "--log-dir"), (args.workspace, "--workspace")):
         if folder is not None:  # made here to name the flag (Deployment's own error names its parameter)

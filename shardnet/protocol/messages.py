@@ -482,6 +482,17 @@ class DataRequest:
         status.exception.stacks.extend(stacks)
         status.exception.executor = wire_text(executor)
 
+    def add_exception(self, ex: BaseException, executor: Any = None) -> None:
+        """Jina's name for ``set_exception``: ``executor`` is the Executor itself (named by its class, as Jina
+        names it) or its name."""
+        if executor is None:
+            name = ""
+        elif isinstance(executor, str):
+            name = executor
+        else:
+            name = type(executor).__name__
+        self.set_exception(ex, executor=name)
+
     def set_error(self, description: str, name: str = "ShardnetError", executor: str = "") -> None:
         """Mark the request failed with a plain description (no Python exception at hand)."""
         description = wire_text(description)

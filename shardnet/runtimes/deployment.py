@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import importlib
 import json
 import logging
 import operator
@@ -70,9 +71,11 @@ LONGER_STARTUP = "a slow Executor may need longer: shardnet deploy --startup-sec
 
 
 def _keep_port(process: ShardnetProcess) -> None:
-    """Launch the head or a uses_before/after again on the port it served on, where the others look for it."""
-    if process.address is not None:
-        process.arguments[process.arguments.index("--port") + 1] = process.address.rsplit(":", 1)[1]
+    """Launch the head or a uses_before/after again on the port it served on, where the others look for it, and
+    its metrics on theirs, where a scraper looks for them."""
+    for address, flag in ((process.address, "--port"), (process.metrics_address, "--metrics-port")):
+        if address is not None:
+            process.arguments[process.arguments.index(flag) + 1] = address.rsplit(":", 1)[1]
 
 
 def _check_uses(uses: Any, what: str) -> None:
@@ -129,16 +132,22 @@ def _check_arguments(
         )
 
 
-def _check_serving(host: Any, port: Any, control_token: Any) -> None:
-    """Refuse a host, port or control token the head (and the workers) would refuse only once started, as a
-    ProcessError around their usage text; an empty token was worse: taken for none, an open head."""
+def _checked_port(port: Any, what: str) -> int:
+    """``port`` as an int, or ConfigurationError naming ``what``: a whole number (a numpy integer is one too)
+    from 0 (a free one) to 65535."""
     try:
-        whole = operator.index(port) if not isinstance(port, bool) else None  # a numpy integer is one too
+        whole = operator.index(port) if not isinstance(port, bool) else None
     except TypeError:
         whole = None
     if whole is None or not 0 <= whole <= 65535:
-        raise ConfigurationError(f"port must be a whole number from 0 (a free one) to 65535, got {port!r}")
-    ServerConfig(host=host, port=whole)  # the head's own rule for its --host: a name or an IP address
+        raise ConfigurationError(f"{what} must be a whole number from 0 (a free one) to 65535, got {port!r}")
+    return whole
+
+
+def _check_serving(host: Any, port: Any, control_token: Any) -> None:
+    """Refuse a host, port or control token the head (and the workers) would refuse only once started, as a
+    ProcessError around their usage text; an empty token was worse: taken for none, an open head."""
+    ServerConfig(host=host, port=_checked_port(port, "port"))  # the head's own rule for its --host
     if control_token is None and os.environ.get(TOKEN_VARIABLE) == "":  # what the processes inherit
         raise ConfigurationError(
             f"${TOKEN_VARIABLE} is empty, and the deployment takes it as its token: unset it to have one made, or "
@@ -195,6 +204,12 @@ class Deployment:
     Jina's does (executor-specific parameters, the workspace folder); by
     default it is its class's name.
 
+    ``metrics_port`` (needs ``shardnet[metrics]``) has the head serve
+    Prometheus metrics on that port (0: a free one), and every other process
+    on a free port of its own; ``table()`` and each process's
+    ``metrics_address`` say where. A restarted head or uses_before/after
+    serves them where it did; a restarted worker on a new free port.
+
     Only a caller holding the control token may ACTIVATE or DEACTIVATE a
     worker at the head: ``control_token``, else ``$SHARDNET_CONTROL_TOKEN``,
     else one made with ``secrets`` (an open head let any local process take
@@ -235,9 +250,16 @@ class Deployment:
         max_in_flight: Optional[int] = None,
         drain_seconds: Optional[float] = None,
         log_level: str = "INFO",
+        metrics_port: Optional[int] = None,
     ):
         _check_arguments(shards, replicas, name, balancer, register_interval, startup_timeout)
         _check_serving(host, port, control_token)
+        if metrics_port is not None:
+            metrics_port = _checked_port(metrics_port, "metrics_port")
+            if metrics_port and metrics_port == port:
+                raise ConfigurationError(f"metrics_port ({metrics_port}) must differ from the head's port")
+            importlib.import_module("shardnet.runtimes.metrics")  # refused now, naming the extra it needs
+        self.metrics_port = metrics_port
         self.polling = PollingMap.parse(polling)
         self.name = name
         self.shards = shards
@@ -294,6 +316,9 @@ class Deployment:
             check_seconds(drain_seconds, "drain_seconds", zero=True)
             self._every_process_arguments += ["--drain-seconds", str(drain_seconds)]
             self._head_options += self._every_process_arguments[-2:]
+        if metrics_port is not None:  # the head's where asked, every other process's on a free port
+            self._head_options += ["--metrics-port", str(metrics_port)]
+            self._every_process_arguments += ["--metrics-port", "0"]
         drain = DEFAULT_DRAIN_SECONDS if drain_seconds is None else drain_seconds
         self._stop_timeout, self._restart_timeout = 2 * drain + AFTER_DRAIN_SECONDS, drain + AFTER_DRAIN_SECONDS
         if unix_sockets is not None:
@@ -731,8 +756,9 @@ class Deployment:
         for process in list(self._starting):
             if process.poll_ready():  # before asking whether it lives: one that served and died did serve
                 self._starting.discard(process)
-                logger.info("%s serves again on %s (pid %s)", process.role, self.head_dials(process) or process.address,
-                            process.pid)
+                metrics = f", metrics on {process.metrics_address}" if process.metrics_address else ""
+                logger.info("%s serves again on %s (pid %s%s)", process.role, self.head_dials(process) or process.address,
+                            process.pid, metrics)
                 ready.append(process.role)
             elif not process.alive:
                 continue  # exited before it was ready: the next look (or this one's end) counts it
@@ -895,12 +921,16 @@ class Deployment:
         ROLE        ADDRESS          PID    STATE    HEAD-DIALS
         head        127.0.0.1:40467  31401  running  -
         worker-0-0  127.0.0.1:35121  31409  running  unix:/tmp/sn-x1y2/w0-0.sock
+
+        With ``metrics_port``, a METRICS column says where each serves /metrics.
         """
-        rows = [("ROLE", "ADDRESS", "PID", "STATE", "HEAD-DIALS")]
+        with_metrics = self.metrics_port is not None  # a column of its own only then
+        rows = [("ROLE", "ADDRESS", "PID", "STATE", "HEAD-DIALS", *(["METRICS"] if with_metrics else []))]
         for process in self.processes:
             dialled = self.head_dials(process)
             rows.append((process.role, process.address or "-", str(process.pid),
-                         "running" if process.alive else "stopped", dialled or "-"))
+                         "running" if process.alive else "stopped", dialled or "-",
+                         *([process.metrics_address or "-"] if with_metrics else [])))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 

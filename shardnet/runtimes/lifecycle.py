@@ -141,8 +141,8 @@ async def serve_until_signalled(
 
     With ``parent_pid`` the same happens when that process exits, however it ended (kill -9 included):
     a Deployment's children do not outlive it, nor, when this process leads a session of its own (as a
-    Deployment starts each), what it started there. ``ready_fd``: a pipe the address is written to, one
-    line, once serving; then it is closed. A SIGHUP ignored from the start (``nohup``) stays ignored.
+    Deployment starts each), what it started there. ``ready_fd``: a pipe the address and the metrics
+    address (an empty line without metrics) are written to, a line each, once serving; then it is closed. A SIGHUP ignored from the start (``nohup``) stays ignored.
     A second SIGINT while stopping (the farewell, the drain, the Executor's ``close()``) ends this one at once
     (``_Stop``); a second SIGTERM or SIGHUP, or that process's exit then, lets the stop go on.
     """
@@ -193,7 +193,7 @@ async def _serve(
             also = f" and {server.unix_address}" if server.unix_address else ""
             ready_logger.info("%s%s", ready_line(server.address), also)
         if ready_fd is not None:
-            _tell_ready(ready_fd, server.address)
+            _tell_ready(ready_fd, server.address, server.metrics_address)
         await stop.requested.wait()
         stop.begin()
         logger.info("%s %s", DRAIN_STEP, server.address)
@@ -223,11 +223,12 @@ def check_ready_fd(fd: Any) -> None:
         raise ConfigurationError(f"--ready-fd {fd} is neither a pipe nor a file: the address is written to it")
 
 
-def _tell_ready(fd: int, address: str) -> None:
-    """Write ``address`` to the launcher's pipe and close it; a launcher gone meanwhile is no reason to stop."""
+def _tell_ready(fd: int, address: str, metrics_address: Optional[str]) -> None:
+    """Write ``address``, then on a line of its own the metrics listener's (empty without one), to the launcher's
+    pipe in one write, and close it; a launcher gone meanwhile is no reason to stop."""
     try:
         with os.fdopen(fd, "wb", buffering=0) as pipe:
-            pipe.write(f"{address}\n".encode())
+            pipe.write(f"{address}\n{metrics_address or ''}\n".encode())
     except OSError as exc:
         logger.warning("could not tell the launcher the address on file descriptor %d: %s", fd, exc)
 

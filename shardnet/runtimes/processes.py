@@ -2,7 +2,7 @@
 
 A child's output goes to a log file (never a pipe that could fill up and
 block it); once it serves, it writes its address, one line, to a pipe of its
-own (``--ready-fd``), which is polled with a deadline. Not read from the log:
+own (``--ready-fd``), with its metrics listener's on a second line, which is polled with a deadline. Not read from the log:
 an Executor printing "ready on cuda:0" would be taken at its word, and a log
 folder two deployments share holds the other's lines too.
 """
@@ -72,6 +72,7 @@ class ShardnetProcess:
         self.log_is_temporary = log_is_temporary  # in a folder removed at the stop: its path tells nobody anything
         self.env = env
         self.address: Optional[str] = None
+        self.metrics_address: Optional[str] = None  # host:port of its /metrics, once ready, when it serves them
         self.popen: Optional[subprocess.Popen] = None
         self._ready_pipe: Optional[int] = None  # this launch's end of the pipe its address comes down
         self._ready_read = b""
@@ -134,7 +135,7 @@ class ShardnetProcess:
         if not {"head", "worker"} & set(self.arguments):  # after global options such as --log-level
             raise ProcessError(f"{self.role}: a ShardnetProcess runs 'shardnet head' or 'shardnet worker'")
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        self.address = None
+        self.address = self.metrics_address = None
         self.launched_at = time.monotonic()
         self.ready_at = self.restart_at = None
         self._close_ready_pipe()
@@ -194,9 +195,11 @@ class ShardnetProcess:
                 return None
             except OSError:  # closed under the read, by a stop() a signal handler ran in this very thread
                 return self.address
-            if not self._ready_read.endswith(b"\n"):
+            if self._ready_read.count(b"\n") < 2:  # the address's line and the metrics address's
                 return None
-            self.address, self.ready_at = self._ready_read.decode(errors="replace").strip(), time.monotonic()
+            address, metrics_address = self._ready_read.decode(errors="replace").split("\n")[:2]
+            self.metrics_address = metrics_address or None
+            self.address, self.ready_at = address, time.monotonic()
         self._close_ready_pipe()
         return self.address
 
