@@ -569,7 +569,11 @@ def test_each_component_has_a_disruption_budget_of_one_replica() -> None:
     budgets = by_kind(objects, "PodDisruptionBudget")
     assert {b["metadata"]["name"] for b in budgets} == selectors.keys()
     for budget in budgets:
-        assert budget["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": selectors[budget["metadata"]["name"]]}}
+        assert budget["spec"] == {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": selectors[budget["metadata"]["name"]]},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        }
 
 
 def test_yaml_quotes_label_values_and_shares_no_anchors() -> None:
@@ -1063,3 +1067,65 @@ def test_metrics_are_rendered_only_when_asked_for(capsys: pytest.CaptureFixture[
     head, _ = head_and_workers(list(yaml.safe_load_all(capsys.readouterr().out)), "Deployment")
     assert head["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == "9100"
     assert {"name": "metrics", "containerPort": 9100, "protocol": "TCP"} in container(head)["ports"]
+
+
+# -- an operator's review: names with a trailing newline, budgets that block a drain, a write cut part way ----
+
+RENDER = ["k8s", "render", "--image", "reg.io/a/b:1", "--uses", "m:C"]
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--name", "index\n"],
+        ["--name", "index", "--namespace", "search\n"],
+        ["--name", "index", "--cpu", "1\n"],
+        ["--name", "index", "--memory-limit", "2Gi\n"],
+        ["--name", "index", "--tls-secret", "tls\n"],
+        ["--name", "index", "--tls-secret", "tls", "--tls-issuer", "ca\n"],
+    ],
+    ids=["name", "namespace", "cpu", "memory-limit", "tls-secret", "tls-issuer"],
+)
+def test_a_trailing_newline_is_refused_not_rendered(flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    # before the fix: exit 0 and objects named 'index\n-head' / quantities '1\n', which kubectl apply refuses
+    assert main([*RENDER, *flags]) != 0
+    said = capsys.readouterr()
+    assert "---" not in said.out and "\\n'" in said.err  # the value named, its newline shown
+
+
+def test_resources_refuse_a_trailing_newline() -> None:
+    with pytest.raises(ConfigurationError):
+        Resources(cpu="1\n")
+
+
+def test_a_budget_lets_unready_pods_be_evicted() -> None:
+    """A shard of 2 replicas both unready (an Executor crash-looping): under the default IfHealthyBudget its PDB
+    (maxUnavailable 1, desiredHealthy 1, currentHealthy 0) lets no pod be evicted, and a node drain waits for
+    ever; AlwaysAllow lets the unready ones go."""
+    objects = render(DeploymentSpec(name="index", image="i", uses="m:C", replicas=2, head_replicas=2))
+    budgets = [o for o in objects if o["kind"] == "PodDisruptionBudget"]
+    assert budgets
+    for budget in budgets:
+        assert budget["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+        kubernetes_validate.validate(budget, "1.30.0", strict=True)
+
+
+def test_a_failed_write_changes_no_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # an earlier render's files, and one component's path that cannot be written (a directory stands there)
+    (tmp_path / "index-head.yaml").write_text("old head\n")
+    (tmp_path / "index-0.yaml").write_text("old shard 0\n")
+    (tmp_path / "index-1.yaml").mkdir()
+    assert main([*RENDER, "--name", "index", "--shards", "3", "--output", str(tmp_path)]) != 0
+    err = capsys.readouterr().err
+    assert "index-1.yaml" in err and "no file was changed" in err
+    # before the fix: index-head.yaml and index-0.yaml held the new render, beside no shard 1
+    assert (tmp_path / "index-head.yaml").read_text() == "old head\n"
+    assert (tmp_path / "index-0.yaml").read_text() == "old shard 0\n"
+    assert not (tmp_path / "index-2.yaml").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index-0.yaml", "index-1.yaml", "index-head.yaml"]
+
+
+def test_a_good_write_still_writes_every_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*RENDER, "--name", "index", "--shards", "2", "--uses-after", "m:A", "--output", str(tmp_path)]) == 0
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["index-0.yaml", "index-1.yaml", "index-head.yaml", "index-uses-after.yaml"]

@@ -1043,3 +1043,31 @@ async def test_a_request_a_busy_stream_refuses_goes_unary_to_the_same_replica(ru
         answers = await asyncio.gather(*(pool.send_request(request("/sleep", str(n)), "dep")[0] for n in range(20)))
         assert [answer.docs[0].text for answer, _ in answers] == [str(n) for n in range(20)]
         assert connection.failures == 0 and connection.stubs.streams.streamed > 1
+
+
+async def test_an_error_request_passed_through_unchanged_gets_the_trailers_a_unary_call_gets(runtimes):
+    """A request already marked ERROR that a worker passes back unchanged (no handler for its endpoint): a unary
+    call's answer comes without ``is-error`` (the worker sets it only for a failure of its own); a streamed one
+    came with it, so the trailers a caller saw depended on whether the stream had opened yet."""
+    worker = await start_worker(runtimes, executors.KnownOnly)
+    head = await start_head(runtimes, [worker])
+    async with grpc.aio.insecure_channel(head.server.address) as channel:
+        call = channel.unary_unary(services.PROCESS_SINGLE_DATA)
+
+        async def trailer_of(built: DataRequest) -> tuple:
+            pending = call(built.to_bytes(), timeout=5, metadata=((services.ENDPOINT_METADATA, built.endpoint),))
+            await pending
+            return tuple(item for item in await pending.trailing_metadata() if item[0] == services.ERROR_METADATA)
+
+        await eventually(lambda: _streams_open(head, trailer_of))
+        failed = request("/other", "x")
+        failed.set_error("an upstream executor failed", name="ValueError")
+        streamed = streams_of(head).streamed
+        assert await trailer_of(failed) == ()
+        assert streams_of(head).streamed == streamed + 1  # it did go on a stream
+        assert await trailer_of(request("/fail-not-bound", "y")) == ()  # and a plain pass-through has none either
+
+
+async def _streams_open(head, trailer_of) -> bool:
+    await asyncio.gather(*(trailer_of(request("/known", "warm-up")) for _ in range(8)))
+    return streams_of(head).open_streams == len(streams_of(head)._lanes)

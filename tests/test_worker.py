@@ -7,6 +7,7 @@ trailing metadata, health and reflection as a stock gRPC client reads them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -1458,3 +1459,17 @@ def test_a_parent_pid_that_is_not_running_is_refused_at_start(tmp_path):
         assert result.returncode == 2, (role, result.stdout, result.stderr)
         assert f"--parent-pid {gone.pid}: no such process is running" in result.stderr, (role, result.stderr)
         assert "ready on" not in result.stdout
+
+
+async def test_the_cut_warning_names_the_grace_the_stop_was_given_not_the_configs(runtimes, caplog):
+    """``stop(0.3)`` cuts what is under way after 0.3 s: its WARNING said 'the drain's grace (10s)', the config's."""
+    worker = await runtimes(Worker(executors.Sleepy.create(), ServerConfig()))
+    request = DataRequest([Document(text="x")], endpoint="/sleep", parameters={"seconds": 5})
+    sending = asyncio.ensure_future(oneshot.send_request_async(request, worker.server.address, timeout=10))
+    await eventually(lambda: worker.executor.sleeping == 1)
+    with caplog.at_level(logging.WARNING):
+        await worker.stop(0.3)
+    with contextlib.suppress(Exception):
+        await sending
+    cut = [record.getMessage() for record in caplog.records if "ended with 1 request(s)" in record.getMessage()]
+    assert cut and "the drain's grace (0.3s)" in cut[0], cut

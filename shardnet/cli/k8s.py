@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -300,15 +303,30 @@ def write_components(spec: DeploymentSpec, directory: Path) -> list[Path]:
     stderr, not deleted: ``kubectl apply -f DIR`` would bring that shard back.
     """
     components = render_components(spec)
-    written = []
+    written = [directory / f"{component}.yaml" for component in components]
+    # every file is written aside first and only then renamed into place: a failure part way (a file that cannot
+    # be replaced, a full disk) leaves the directory as it was, never a new head beside an old render's shards
+    staged: list[Path] = []
+    target, renamed = directory, 0
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        for component, objects in components.items():
-            path = directory / f"{component}.yaml"
-            path.write_text(to_yaml(objects), encoding="utf-8")
-            written.append(path)
+        for path, objects in zip(written, components.values()):
+            target = path
+            if path.is_dir():  # os.replace would say so only once the files before it were in place
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            staged.append(temporary)
+            temporary.write_text(to_yaml(objects), encoding="utf-8")
+        for temporary, path in zip(staged, written):
+            target = path
+            os.replace(temporary, path)
+            renamed += 1
     except OSError as exc:
-        raise ConfigurationError(f"cannot write manifests to {str(directory)!r}: {exc.strerror or exc}") from None
+        for temporary in staged[renamed:]:
+            with contextlib.suppress(OSError):
+                temporary.unlink()
+        left = "no file was changed" if not renamed else f"only {', '.join(str(p) for p in written[:renamed])} written"
+        raise ConfigurationError(f"cannot write manifests to {str(target)!r}: {exc.strerror or exc} ({left})") from None
     hops = "|".join(hop_component_name("", role).lstrip("-") for role in HOPS)
     component_file = re.compile(rf"^{re.escape(spec.name)}-(\d+|{hops})\.yaml$")
     rendered = [f"{spec.shards} shards", *(role for role, _ in spec.hops)]

@@ -95,11 +95,13 @@ CERTIFICATE_USAGES = ("digital signature", "key encipherment", "server auth", "c
 WORKER_CERTIFICATE_USAGES = ("digital signature", "key encipherment", "server auth")
 
 _LABEL_MAX = 63
-_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+# \Z, not $: $ also matches before a trailing newline, which let "index\n" through as a name, a namespace or a
+# quantity, for the API server to refuse at kubectl apply
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
 _QUANTITY = re.compile(
     r"^(?P<number>[0-9]+(\.[0-9]*)?|\.[0-9]+)"
-    r"(?:(?P<suffix>m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)|[eE](?P<exponent>[+-]?[0-9]+))?$"
+    r"(?:(?P<suffix>m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)|[eE](?P<exponent>[+-]?[0-9]+))?\Z"
 )
 # What each suffix _QUANTITY accepts multiplies by, as in k8s.io/apimachinery's resource.Quantity.
 _QUANTITY_SCALE = MappingProxyType(
@@ -713,7 +715,14 @@ def _component(spec: DeploymentSpec, name: str, role: str, shard: Optional[int])
         "kind": "PodDisruptionBudget",
         "metadata": _metadata(spec, name, role, shard),
         # one replica at a time: a drained node never takes a whole shard down when it has more than one
-        "spec": {"maxUnavailable": MAX_UNAVAILABLE, "selector": {"matchLabels": pod_labels(spec, role, shard)}},
+        # AlwaysAllow: a pod not ready (an Executor crash-looping, a head whose discovery cannot list) may be
+        # evicted even when the budget is short; under the default IfHealthyBudget, a shard (or head) of 2 replicas
+        # both unready would block every drain of their nodes for ever
+        "spec": {
+            "maxUnavailable": MAX_UNAVAILABLE,
+            "selector": {"matchLabels": pod_labels(spec, role, shard)},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
+        },
     }
     if is_head or not spec.network_policy:
         return [deployment, service, budget]

@@ -524,7 +524,7 @@ class StreamedCall:
             if error.details() == services.BUSY_DETAILS:  # this stream is full, not the replica: a call has room
                 return await self._unary(None if loop is None else max(0.0, self._timeout - (loop.time() - started)))
             raise error
-        if answer.is_error:
+        if answer.is_error and not _status_passed_through(self._request, answer):
             self._trailing = services.ERROR_TRAILER
         if self._decode:
             return streams.decode_answer(answer.to_bytes())
@@ -546,6 +546,13 @@ def byte_count(text: str) -> Optional[int]:
     except ValueError:
         return None
     return int(value) if 0 <= value < float("inf") else None
+
+
+def _status_passed_through(request: DataRequest, answer: DataRequest) -> bool:
+    """Whether ``answer``'s ERROR status is its request's own, passed back unchanged (no handler for its endpoint,
+    a readiness check): a worker sets ``is-error`` on a call only for a failure of its own, so a unary call's
+    answer then comes with no such trailer, and a streamed one must not either."""
+    return request.is_error and request._header().status == answer._header().status
 
 
 def _expire(future: asyncio.Future) -> None:

@@ -427,6 +427,7 @@ class Server:
         self.metrics_port: Optional[int] = None  # bound at start when config.metrics_port is set
         self.draining = False
         self.drain_deadline: Optional[float] = None  # the loop's time at which a drain under way cuts the calls
+        self._drain_grace: Optional[float] = None  # seconds the drain under way was given
         self.stopping = asyncio.Event()  # set as the drain begins: long-lived streams end once their answers are out
         self._calls = 0  # calls under way in the handlers served (health and reflection aside)
         self._idle = asyncio.Event()  # set whenever _calls drops to 0: what a drain waits for
@@ -644,6 +645,7 @@ class Server:
             return
         grace = self.config.drain_grace if grace is None else grace
         loop = asyncio.get_running_loop()
+        self._drain_grace = grace  # what the cut's warning names: stop()'s grace when given, else the config's
         deadline = self.drain_deadline = loop.time() + grace
         # the calls gRPC handed over before the drain are served, not refused as new (see _refuse_new): grpc.aio
         # starts each call's handler in a task of its own a pass of the loop after it took the call
@@ -699,7 +701,8 @@ class Server:
             endpoints = ", ".join(f"{quoted(endpoint)} x{count}" for endpoint, count in named)
             if len(cut) > len(named):
                 endpoints += f" and {len(cut) - len(named)} more endpoint(s)"
-            log.warning("%s: the drain's grace (%gs) ended with %d request(s) %s: %s", name, self.config.drain_grace,
+            log.warning("%s: the drain's grace (%gs) ended with %d request(s) %s: %s", name,
+                        self.config.drain_grace if self._drain_grace is None else self._drain_grace,
                         cut.total(), what, endpoints)
         return cut
 
