@@ -136,6 +136,16 @@ def test_deploy_refuses_more_workers_than_one_machine_runs_and_a_log_dir_it_cann
     assert "log_dir" not in blocked.stderr and "Traceback" not in blocked.stderr
 
 
+def test_deploy_refuses_a_metrics_port_naming_the_flag_not_the_deployments_parameter():
+    outside = shardnet("deploy", "--uses", f"{EXECUTORS}:Tagger", "--metrics-port", "70000")
+    assert outside.returncode == 2 and "--metrics-port: metrics port must be an integer from 0 to 65535, got '70000'" \
+        in outside.stderr, outside.stderr
+    clash = shardnet("deploy", "--uses", f"{EXECUTORS}:Tagger", "--metrics-port", "9100", "--port", "9100")
+    assert clash.returncode == 2, clash.stderr
+    assert "shardnet deploy: --metrics-port 9100 must differ from --port, the head's" in clash.stderr, clash.stderr
+    assert "metrics_port" not in outside.stderr + clash.stderr
+
+
 def test_deployment_refuses_a_register_interval_its_workers_would_refuse():
     with pytest.raises(ConfigurationError, match="register_interval must be at most 300 seconds"):
         Deployment(executors.Tagger, register_interval=301)

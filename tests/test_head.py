@@ -1684,3 +1684,29 @@ async def test_the_hops_trailing_metadata_is_merged_as_jinas_head_merges_it(runt
     )
     said = [value for key, value in trailing if key == "served-by"]
     assert said == ["uses_after" if "uses_after" in hops else "shard"], trailing
+
+
+@pytest.mark.parametrize("polling", ["ANY", "ALL"])
+@pytest.mark.parametrize("request_streams", [False, True])
+async def test_a_request_that_came_error_and_is_passed_back_gets_no_error_trailer_whatever_the_polling(
+    runtimes, polling, request_streams, dead_address
+):
+    """A request already ERROR, which its worker passes back unchanged (no handler for its endpoint): a worker
+    answers it with no ``is-error`` trailer, and a head under ANY passed that on, but under ALL the head added
+    one, so the same request's outcome (and its metrics label) depended on the polling (a regression review)."""
+    workers = await shard_workers(runtimes, executors.KnownOnly, 2)
+    head = await head_over(runtimes, "passed", workers, polling, request_streams=request_streams)
+    came = DataRequest([Document(text="x")], endpoint="/other")
+    came.set_error("upstream failed", name="ValueError")
+    async with grpc.aio.insecure_channel(head.server.address) as channel:
+        for _ in range(3):  # the first goes before any stream opens, the later ones on them
+            pending = channel.unary_unary(services.PROCESS_SINGLE_DATA)(
+                came.to_bytes(), timeout=5, metadata=((services.ENDPOINT_METADATA, "/other"),))
+            answer = DataRequest.from_bytes(await pending)
+            said = [pair for pair in await pending.trailing_metadata() if pair[0] == services.ERROR_METADATA]
+            assert answer.is_error and "upstream failed" in answer.status.description and said == [], said
+    # still said where the head made the error: a shard down
+    down = await runtimes(Head("down", polling=PollingMap.parse("ALL"), request_streams=request_streams,
+                               connections={0: [workers[0].server.address], 1: [dead_address]}))
+    answer, trailing = await send_with_trailing(down.server.address, "/known", [Document(text="y")])
+    assert answer.is_error and trailing.get(services.ERROR_METADATA) == "true"

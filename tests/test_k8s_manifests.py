@@ -1129,3 +1129,19 @@ def test_a_good_write_still_writes_every_file(tmp_path: Path, capsys: pytest.Cap
     assert main([*RENDER, "--name", "index", "--shards", "2", "--uses-after", "m:A", "--output", str(tmp_path)]) == 0
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["index-0.yaml", "index-1.yaml", "index-head.yaml", "index-uses-after.yaml"]
+
+
+def test_output_writes_through_a_link_in_a_files_place_and_keeps_a_files_mode(tmp_path: Path) -> None:
+    """regress-5: --output's write-aside-then-rename replaced a symlink (its file, in a repository, say, kept the old
+    render without a word) and reset a file's mode to the umask's."""
+    out, kept = tmp_path / "out", tmp_path / "repo"
+    out.mkdir()
+    kept.mkdir()
+    (kept / "idx-head.yaml").write_text("old")
+    (out / "idx-head.yaml").symlink_to(kept / "idx-head.yaml")
+    (out / "idx-0.yaml").write_text("old")
+    (out / "idx-0.yaml").chmod(0o640)
+    assert main([*CLI_ARGS, "--output", str(out)]) == 0
+    assert (out / "idx-head.yaml").is_symlink() and "kind: Deployment" in (kept / "idx-head.yaml").read_text()
+    assert (out / "idx-0.yaml").stat().st_mode & 0o777 == 0o640
+    assert sorted(p.name for p in [*out.iterdir(), *kept.iterdir()]) == ["idx-0.yaml", "idx-1.yaml", "idx-head.yaml", "idx-head.yaml"]

@@ -81,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              "folder, removed on exit); deployments of different --name may share one",
     )
     parser.add_argument(
-        "--metrics-port", type=int, metavar="PORT",
+        "--metrics-port", type=whole_number("metrics port", 0, 65535), metavar="PORT",
         help="the head serves Prometheus metrics over HTTP at /metrics on PORT (0 picks a free one), every other "
              "process on a free port of its own, listed at start (METRICS). Needs pip install 'shardnet[metrics]'",
     )
@@ -118,6 +118,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     uses_with = json_object(args.uses_with, "--uses-with")
+    if args.metrics_port and args.metrics_port == args.port:
+        raise ConfigurationError(f"--metrics-port {args.metrics_port} must differ from --port, the head's")
     workers = args.shards * args.replicas
     if workers > MAX_LOCAL_WORKERS:
         raise ConfigurationError(

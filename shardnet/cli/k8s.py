@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import re
+import stat
 import sys
 from pathlib import Path
 from typing import Optional
@@ -307,6 +308,7 @@ def write_components(spec: DeploymentSpec, directory: Path) -> list[Path]:
     # every file is written aside first and only then renamed into place: a failure part way (a file that cannot
     # be replaced, a full disk) leaves the directory as it was, never a new head beside an old render's shards
     staged: list[Path] = []
+    places: list[Path] = []  # where each is renamed to: a file's own path, or the file a link in its place names
     target, renamed = directory, 0
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -314,12 +316,17 @@ def write_components(spec: DeploymentSpec, directory: Path) -> list[Path]:
             target = path
             if path.is_dir():  # os.replace would say so only once the files before it were in place
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
-            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            # a link in its place is written through, as a plain write was: replacing the link left its file as it was
+            place = path.resolve() if path.is_symlink() else path
+            temporary = place.with_name(f".{place.name}.{os.getpid()}.tmp")
             staged.append(temporary)
+            places.append(place)
             temporary.write_text(to_yaml(objects), encoding="utf-8")
-        for temporary, path in zip(staged, written):
-            target = path
-            os.replace(temporary, path)
+            with contextlib.suppress(FileNotFoundError):  # a file replaced keeps its mode, as a plain write kept it
+                os.chmod(temporary, stat.S_IMODE(os.stat(place).st_mode))
+        for temporary, place in zip(staged, places):
+            target = place
+            os.replace(temporary, place)
             renamed += 1
     except OSError as exc:
         for temporary in staged[renamed:]:

@@ -213,8 +213,9 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
         "--ready-fd",
         type=_ready_fd,
         metavar="FD",
-        help="once serving, write the address to file descriptor FD and close it: how shardnet deploy and "
-        "Deployment learn it (a line an Executor prints cannot be taken for it)",
+        help="once serving, write the address, then the metrics address (an empty line without --metrics-port), a "
+        "line each, to file descriptor FD and close it: how shardnet deploy and Deployment learn them (a line an "
+        "Executor prints cannot be taken for them)",
     )
     group.add_argument(
         "--loop",

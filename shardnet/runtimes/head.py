@@ -932,8 +932,10 @@ class Head:
                 requests[0], *(result for _, result in outcomes if not isinstance(result, DataRequest)),
                 callers=callers,
             )
-        if response.is_error and services.ERROR_TRAILER[0] not in trailing:
-            # an error this head made (a shard down) or uses_after answered: what a Jina gateway stops a flow on
+        if failed and response.is_error and services.ERROR_TRAILER[0] not in trailing:
+            # an error this head made (a shard down): what a Jina gateway stops a flow on. A worker's or uses_after's
+            # own failure came with the trailer already; a request that came ERROR, passed back as it was, gets none,
+            # as under ANY and as a worker answers it
             trailing += services.ERROR_TRAILER
         return response, trailing
 
