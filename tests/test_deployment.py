@@ -12,6 +12,7 @@ import re
 import shutil
 import signal
 import stat
+import tempfile
 import threading
 import subprocess
 import sys
@@ -1409,3 +1410,74 @@ def test_a_link_in_place_of_the_token_folder_is_refused_naming_it_and_the_stop_r
     assert f"deployment 'linked': its folder {logs.name} could not be removed, and stays" in caplog.text
     assert (tmp_path / "elsewhere" / "kept").read_text() == "another's"
     assert not sockets.exists()
+
+
+# -- a lifecycle review: a stop racing a start, a stop asked during the last launch, restarts that return early --
+
+
+@pytest.fixture
+def own_tmp(tmp_path, monkeypatch):
+    folder = tmp_path / "t"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+def test_a_stop_racing_a_start_neither_breaks_it_nor_leaves_its_folders(own_tmp):
+    """A stop() from another thread as start() begins: the start either serves or ends with 'stopped while it
+    started', and no temporary folder (the control token's included) is left."""
+    for _ in range(4):
+        deployment = Deployment(executors.Pid, drain_seconds=1)
+        stopper = threading.Thread(target=deployment.stop)
+        stopper.start()
+        try:
+            deployment.start()
+        except ProcessError as exc:
+            assert "stopped while it started" in str(exc) or "stopped before it started" in str(exc), str(exc)
+        finally:
+            stopper.join()
+            deployment.stop()
+        assert sorted(os.listdir(own_tmp)) == []
+
+
+def test_revive_of_the_head_returns_once_it_routes_again():
+    """revive() of a killed head: once it returns, a request is answered (the live workers listed again)."""
+    with Deployment(executors.Pid, replicas=2, drain_seconds=1) as deployment:
+        deployment.head.kill()
+        assert deployment.revive() == ["head"]
+        assert len(deployment.members()) == 2
+        assert deployment.post("/x", [Document(text="a")])[0].tags["pid"]
+
+
+def test_restart_head_with_a_worker_lying_dead_restarts_and_waits_for_the_others():
+    """As restart_worker: another worker lying dead (revive's to restart) does not fail restart_head, which
+    returns once the live workers are listed again."""
+    with Deployment(executors.Pid, replicas=2, drain_seconds=1) as deployment:
+        deployment.workers[(0, 1)].kill()
+        deployment.restart_head()
+        assert deployment.members() == [deployment.head_dials(deployment.workers[(0, 0)])]
+        assert deployment.post("/x", [Document(text="a")])[0].tags["pid"] == deployment.workers[(0, 0)].pid
+
+
+def test_a_signal_handlers_stop_during_the_last_launch_of_a_start_is_not_lost(monkeypatch):
+    """A handler's stop() landing while start() launches its last worker (the launch lock held: it can only mark
+    the stop) fails the start and stops everything, rather than the start returning and the deployment serving on,
+    no longer revived."""
+    deployment = Deployment(executors.Pid, replicas=2, drain_seconds=1)
+    previous = signal.signal(signal.SIGUSR1, lambda *_: deployment.stop())
+    launch = ShardnetProcess.launch
+
+    def launch_then_signal(self):
+        launched = launch(self)
+        if self.role == "worker-0-1":
+            os.kill(os.getpid(), signal.SIGUSR1)  # its handler runs here, in this thread, the launch lock held
+        return launched
+
+    monkeypatch.setattr(ShardnetProcess, "launch", launch_then_signal)
+    try:
+        with pytest.raises(ProcessError, match="stopped"):
+            deployment.start()
+        assert not any(process.alive for process in deployment.processes)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        deployment.stop()

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 from collections import Counter
 from typing import Any, AsyncIterator, Callable, Optional
@@ -36,6 +37,7 @@ from shardnet.discovery.kubernetes import (
 from shardnet.discovery.watch import LIST_PAGE_SIZE, MAX_EMPTY_PAGES, EndlessList, ListProgress, WatchOptions
 from shardnet.errors import ConfigurationError, DiscoveryError, ReplicaError
 from shardnet.networking import oneshot
+from shardnet.networking.policies import EjectionPolicy
 from shardnet.networking.polling import PollingType
 from shardnet.protocol import services
 from shardnet.protocol.messages import DataRequest
@@ -2238,3 +2240,34 @@ def test_where_a_kubernetes_pool_finds_replicas_names_only_the_sources_it_follow
         f"namespace {NS!r} (pods labelled jina_deployment_name=dep, pod_type=USES_AFTER)")
     assert slices_only.where_replicas_are_found("dep") == (
         f"namespace {NS!r} (Services shardnet.io/deployment=dep, shardnet.io/role=worker)")
+
+
+async def test_a_pod_restarted_in_place_is_health_checked_once_ready_again_not_after_its_ejection(
+    api_server: FakeApiServer, start_pool
+) -> None:
+    """A container restarted on its pod's address (kill -9, an OOM kill) turns the pod Ready again while the lagging
+    slice still holds it: nothing changed in the pool, and the restarted worker waited out its ejection's probe
+    back-off (up to 30 s) while it could serve; a worker that registers again is checked at once (a rolling-update
+    review). A pod Ready again is now such a sign too."""
+    with socket.socket() as holder:  # a port free now, for the worker that dies and its successor
+        holder.bind(("127.0.0.1", 0))
+        port = holder.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    async with EchoServer("other") as other:
+        crashed = api_server.apply("pods", pod("w0", ip="127.0.0.1", port=port))
+        kept = api_server.apply("pods", pod("w1", ip="127.0.0.1", port=other.port))
+        api_server.apply("endpointslices", endpoint_slice("s0", "svc", [("127.0.0.1", True, False)], port=port,
+                                                          pods={"127.0.0.1": crashed}))
+        api_server.apply("endpointslices", endpoint_slice("s1", "svc", [("127.0.0.1", True, False)],
+                                                          port=other.port, pods={"127.0.0.1": kept}))
+        pool = await start_pool(pool_class=K8sGrpcConnectionPool,
+                                ejection=EjectionPolicy(base_ejection=4.0, max_ejection=30.0))
+        replicas = pool.get_replicas("dep", shard_id=0)
+        for _ in range(8):  # nothing listens at the dead one's address: it fails its turns and is ejected
+            [task] = pool.send_request(DataRequest(endpoint="/x"), "dep")
+            await task
+        assert replicas.ejected_addresses == [address]
+        api_server.apply("pods", pod("w0", ip="127.0.0.1", port=port, ready=False))  # the kubelet restarts it
+        async with EchoServer("restarted", port=port):
+            api_server.apply("pods", pod("w0", ip="127.0.0.1", port=port, ready=True))  # and it serves again
+            await eventually(lambda: address not in replicas.ejected_addresses, timeout=1.5)

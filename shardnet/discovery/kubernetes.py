@@ -351,6 +351,7 @@ class _Ledger:
             else:  # held by no one here, but perhaps in the pool all the same: make sure
                 del self._holders[member]
                 gone.append(member)
+        ready_again = []
         for member in members - old:
             gone.extend(self._drop_contradicted(member, source, unconfirmed))
             self._holders[member] += 1
@@ -358,6 +359,10 @@ class _Ledger:
                 self._members_of[member.deployment] += 1
                 self._by_address.setdefault(member.address, set()).add(member)
                 new.append(member)
+            elif source == PODS:
+                # a pod turning Ready again while its slice still held it (a container restarted in place, faster
+                # than the slice controller): a new process on the address, as a worker's ACTIVATE again says one
+                ready_again.append(member)
         taken_out = [rival for member in new for rival in self._contest(member)]
         freed = self._settle_contests(gone)
         # what leaves an address that comes in as another role goes first, REMOVALS_PER_TURN to a turn, and the
@@ -381,6 +386,11 @@ class _Ledger:
                 await self._remove(member)
         for member in new + freed:
             await self._add(member)
+        for member in ready_again:
+            replicas = self._pool.get_replicas(member.deployment, head=member.head, shard_id=member.shard_id or 0)
+            if replicas is not None and replicas.readmit_if_healthy(member.address):
+                logger.info("%s of %r (%s), ejected, is Ready again: checking its health now",
+                            member.address, member.deployment, _role(member))
         for member in gone:
             if member.address not in incoming and not self._holders.get(member):  # not held again meanwhile
                 await self._remove(member)

@@ -324,6 +324,11 @@ class Deployment:
         if unix_sockets is not None:
             check_flag(unix_sockets, "unix_sockets")
         self._unix_sockets = hasattr(socket, "AF_UNIX") if unix_sockets is None else unix_sockets
+        # revive() launches, stop() stops, start() makes a run: one at a time, whatever the threads (taken with
+        # _holding_launch_lock); one lock for every run, so that a stop() finishing the last run (removing its
+        # folders) and a start() making the next one (_prepare_run) cannot interleave
+        self._launching = threading.RLock()
+        self._launch_lock_depth = 0  # how many times the thread holding _launching took it: 2 in a signal handler
         self._prepare_run()
 
     def _prepare_run(self) -> None:
@@ -353,9 +358,6 @@ class Deployment:
         self.workers: dict[tuple[int, int], ShardnetProcess] = {}
         self._spawned: list[ShardnetProcess] = []
         self._starting: set[ShardnetProcess] = set()  # launched again by revive(), not serving yet
-        # revive() launches, stop() stops: one at a time, whatever the threads (taken with _holding_launch_lock)
-        self._launching = threading.RLock()
-        self._launch_lock_depth = 0  # how many times the thread holding _launching took it: 2 in a signal handler
         self._stopping = False
         self.killed_at_stop: list[str] = []  # roles the last stop() had to kill (they did not stop in time)
         self.failed_at_stop: list[str] = []  # those that exited on their own at the last stop(), not with code 0
@@ -430,12 +432,13 @@ class Deployment:
                 f"{os.environ[LAUNCHED_BY_DEPLOYMENT]!r} launched: when uses= names a class of a script, "
                 "start the Deployment under `if __name__ == \"__main__\":`"
             )
-        if self._finalizer is None:  # started again after a stop: a fresh run
-            self._prepare_run()
-        elif self._spawned:  # a second head and workers, or (on its sockets) a start failing, which stops the first
-            raise ProcessError(f"deployment {self.name!r} is already running: stop() it before starting it again")
-        # a stop() in another thread comes before (nothing starts) or after (it cleans up)
+        # a stop() in another thread comes before (nothing starts) or after (it cleans up); under the lock, as a
+        # stop() of the previous run (or of this one, not started yet) removes its folders under it
         with self._holding_launch_lock():
+            if self._finalizer is None:  # started again after a stop: a fresh run
+                self._prepare_run()
+            elif self._spawned:  # a second head and workers, or (on its sockets) a start failing, which stops the first
+                raise ProcessError(f"deployment {self.name!r} is already running: stop() it before starting it again")
             refused = self._stopping or abandoned.is_set()
             if not refused:
                 self._make_folders()
@@ -464,6 +467,7 @@ class Deployment:
                 for replica in range(self.replicas):
                     self.workers[(shard, replica)] = self._launch_worker(shard, replica)
             self.wait_registered()
+            self._stop_if_asked_meanwhile()
         except ShardnetError as exc:  # which deployment, and where its logs went, beside the process's words
             # a stop() of its own (another thread's, a signal handler's) ended what was starting: no failure to
             # blame on a SIGTERM that stop() sent itself
@@ -621,6 +625,7 @@ class Deployment:
         self._launch_again(process)
         process.wait_ready(self.startup_timeout, LONGER_STARTUP)
         self._wait_listed((shard, replica), process)
+        self._stop_if_asked_meanwhile()
         return process
 
     def _wait_listed(self, key: tuple[int, int], process: ShardnetProcess) -> None:
@@ -637,6 +642,15 @@ class Deployment:
             if time.monotonic() > deadline:
                 raise ProcessError(f"head of {self.name!r} lists {listed}, not {process.role} at {member}")
             time.sleep(0.02)
+
+    def _stop_if_asked_meanwhile(self) -> None:
+        """Do the stop() a signal handler asked for while this thread held the launch lock (it could only mark
+        it: ``_stopping``), now that the launch is over, and raise ProcessError: a start or restart that had
+        launched its last process then returned as if nothing had happened, and the deployment served on, no
+        longer revived, its stop lost. Nothing when no stop was asked or one ran already."""
+        if self._stopping and self._finalizer is not None:
+            self.stop()
+            raise ProcessError(f"deployment {self.name!r} was stopped (stop() called while it launched a process)")
 
     def _launch_again(self, process: ShardnetProcess) -> None:
         """Launch ``process`` again, or ProcessError when a stop() from another thread is under way or done."""
@@ -655,7 +669,11 @@ class Deployment:
         _keep_port(head)
         self._launch_again(head)
         head.wait_ready(self.startup_timeout, LONGER_STARTUP)
-        self.wait_registered()
+        # the running workers only, as restart_worker: one lying dead (revive's to restart) is no failure of this
+        for key, process in self.workers.items():
+            if process.alive and process.address is not None and process not in self._starting:
+                self._wait_listed(key, process)
+        self._stop_if_asked_meanwhile()
         return self.head
 
     def revive(self, wait: bool = True) -> list[str]:
@@ -665,7 +683,9 @@ class Deployment:
         ``shardnet deploy`` looks every second with ``wait=False``: a start
         under way never holds up the next look (a head that dies while a worker
         is slow to start comes back at once). With ``wait`` this look waits, up
-        to the startup timeout, for what it launched.
+        to the startup timeout, for what it launched, and then for the head to
+        list the workers again (those started again; every running one after
+        the head was), so that a request sent next is routed.
 
         Each exit is logged once, with how it ended, and for a start that failed,
         that start's output. A process that keeps exiting soon after its launch
@@ -676,6 +696,42 @@ class Deployment:
         """
         if self._finalizer is None:
             raise ProcessError(f"deployment {self.name!r} is not running")
+        revived = self._look(wait)
+        if self._stopping and self._finalizer is not None:
+            self.stop()  # asked by a signal handler during a launch of this look, which could only mark it
+            return revived
+        if not wait:
+            return revived
+        self._wait_routed(revived)
+        return revived
+
+    def _wait_routed(self, revived: list[str]) -> None:
+        """Wait, up to the startup timeout, until the head lists each worker that serves again and, after the head
+        itself served again, every running worker (they register with a new head on their next renewal): the
+        deployment then answers as before. One that exits meanwhile is the next look's; one still not listed at
+        the deadline is said."""
+        head_again = "head" in revived
+        waited = {key: process for key, process in self.workers.items()
+                  if (head_again or process.role in revived) and process.address is not None
+                  and process not in self._starting}
+        deadline = time.monotonic() + self.startup_timeout
+        while waited and not self._stopping:
+            try:
+                listed = set(self.members())
+            except ShardnetError:
+                listed = set()
+            waited = {key: process for key, process in waited.items()
+                      if process.alive and self._member_address(key, process) not in listed}
+            if not waited:
+                return
+            if time.monotonic() > deadline:
+                logger.warning("head of %r does not list %s %gs after they serve again", self.name,
+                               ", ".join(process.role for process in waited.values()), self.startup_timeout)
+                return
+            time.sleep(0.02)
+
+    def _look(self, wait: bool) -> list[str]:
+        """``revive()``'s one look: launch what is due, and with ``wait`` wait for what it launched."""
         revived = self._check_starting()
         now = time.monotonic()
         for process in self.processes:
@@ -795,8 +851,8 @@ class Deployment:
 
         Called in a signal handler while its thread is in a stop() already, it returns at once, and the stop under
         way ends as it would have (``kill()`` cuts it short); while its thread launches a process (start(),
-        revive()), it returns at once too, and nothing more is launched: the start fails, stopping what it
-        launched, or the next stop() (a ``with``'s exit) stops what runs. Waiting would wait for ever."""
+        revive(), a restart), it returns at once too, and nothing more is launched: once that launch is over, the
+        stop runs, and a start or restart fails with ProcessError. Waiting would wait for ever."""
         # one stop at a time, and a revive() or start() in another thread launches nothing from here on
         with self._holding_launch_lock() as reentered:
             if reentered:  # a signal handler's, in the thread that holds the lock: what it interrupted ends it
