@@ -142,7 +142,8 @@ async def serve_until_signalled(
     With ``parent_pid`` the same happens when that process exits, however it ended (kill -9 included):
     a Deployment's children do not outlive it, nor, when this process leads a session of its own (as a
     Deployment starts each), what it started there. ``ready_fd``: a pipe the address and the metrics
-    address (an empty line without metrics) are written to, a line each, once serving; then it is closed. A SIGHUP ignored from the start (``nohup``) stays ignored.
+    address (an empty line without metrics) are written to, a line each, once serving; then it is closed.
+    A SIGHUP ignored from the start (``nohup``) stays ignored.
     A second SIGINT while stopping (the farewell, the drain, the Executor's ``close()``) ends this one at once
     (``_Stop``); a second SIGTERM or SIGHUP, or that process's exit then, lets the stop go on.
     """

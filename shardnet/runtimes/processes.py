@@ -1,10 +1,11 @@
 """Start, watch and stop the shardnet processes of a local deployment.
 
 A child's output goes to a log file (never a pipe that could fill up and
-block it); once it serves, it writes its address, one line, to a pipe of its
-own (``--ready-fd``), with its metrics listener's on a second line, which is polled with a deadline. Not read from the log:
-an Executor printing "ready on cuda:0" would be taken at its word, and a log
-folder two deployments share holds the other's lines too.
+block it); once it serves, it writes its address, one line, and its metrics
+listener's (an empty line without one) to a pipe of its own (``--ready-fd``),
+which is polled with a deadline. Not read from the log: an Executor printing
+"ready on cuda:0" would be taken at its word, and a log folder two
+deployments share holds the other's lines too.
 """
 
 from __future__ import annotations
