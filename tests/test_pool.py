@@ -1215,3 +1215,69 @@ async def test_a_deployment_emptied_and_forgotten_is_no_warning_and_an_emptied_o
             with pytest.raises(RoutingError):
                 await pool.send_request(DataRequest(), "kept", polling_type=PollingType.ALL)[0]
     assert caplog.text.count(f"no replica left: {server.address} was the last") == 1
+
+
+# -- a review of races: a close with calls failing, a pool kept across event loops ---------------------------
+
+
+async def test_failures_during_close_do_not_open_a_channel_nobody_closes(pool_factory, echo_servers):
+    """Calls failing UNAVAILABLE within close()'s half-second grace used to be counted against their replica (the
+    closing list still lists it), and the third rebuilt its channel after close() had closed the old one: the new
+    channel was never closed, and a health check over it after the close dialled the replica again."""
+    [dying] = await echo_servers(1, delay=0.2, fail_with=grpc.StatusCode.UNAVAILABLE)
+    pool = pool_factory()
+    pool.add_connection("d", dying.address)
+    [connection] = pool.get_replicas("d").get_all_connections()
+    tasks = [pool.send_request(DataRequest(endpoint="/x"), "d", retries=0)[0] for _ in range(5)]
+    await asyncio.sleep(0.05)  # every call is on the replica
+    await pool.close()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert connection.channel._channel.closed(), "the connection's channel was left open after close()"
+
+
+def test_an_address_added_again_from_a_later_event_loop_gets_a_channel_there(threaded_echo):
+    """A long-lived pool used by one asyncio.run per batch: the second batch's add_connection of the address the
+    pool held kept the first loop's channel (its loop closed), and every send failed with a ConfigurationError
+    asking to add connections from the loop that sends, which is what the caller had just done."""
+    server = threaded_echo.start()
+    pool = GrpcConnectionPool()
+
+    async def batch() -> None:
+        pool.add_connection("d", server.address)
+        await pool.send_request(DataRequest(endpoint="/x"), "d")[0]
+
+    asyncio.run(batch())
+    asyncio.run(batch())
+    asyncio.run(pool.close())
+
+
+def test_a_replica_ejected_in_an_earlier_event_loop_is_probed_again_when_added_again(threaded_echo):
+    """asyncio.run's teardown cancels an ejected replica's probe: in the next loop nothing checked it again, and
+    it stayed ejected for good, healthy or not, though added again."""
+    flaky, steady = threaded_echo.start("flaky"), threaded_echo.start("steady")
+    pool = GrpcConnectionPool(ejection=EjectionPolicy(consecutive_failures=1, base_ejection=0.1, max_ejection=0.2))
+
+    async def eject() -> None:
+        pool.add_connection("d", flaky.address)
+        pool.add_connection("d", steady.address)
+        flaky.fail_with = grpc.StatusCode.UNAVAILABLE
+        for _ in range(4):
+            try:
+                await pool.send_request(DataRequest(endpoint="/x"), "d", retries=0)[0]
+            except ReplicaError:
+                pass
+        assert pool.get_replicas("d").ejected_addresses == [flaky.address]
+
+    async def later() -> list[str]:
+        pool.add_connection("d", flaky.address)
+        pool.add_connection("d", steady.address)
+        deadline = time.monotonic() + 3
+        while pool.get_replicas("d").ejected_addresses and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        ejected = pool.get_replicas("d").ejected_addresses
+        await pool.close()
+        return ejected
+
+    asyncio.run(eject())
+    flaky.fail_with = None
+    assert asyncio.run(later()) == []

@@ -203,7 +203,11 @@ class Connection:
 
     def rebuild(self) -> None:
         """Replace the channel with a fresh one; the old one closes once the calls still on it end. TLS material
-        in files that cannot be read now raises ConfigurationError and leaves the connection as it was."""
+        in files that cannot be read now raises ConfigurationError and leaves the connection as it was. A closed
+        connection (removed, or its list closing) is left closed: calls failing within the close's grace still
+        count as failures, and a channel opened then would be closed by no one."""
+        if self.channel in self._closed:
+            return
         retired = _ChannelInUse(self.channel, self.stubs.streams, self.running)
         self._open()  # first: a failure to open changes nothing
         self.rebuilt_at = asyncio.get_running_loop().time()

@@ -152,6 +152,13 @@ class ReplicaList:
                     f"{'with' if existing.address.tls else 'without'} TLS as {str(existing.address)!r}; "
                     "remove it first to change how it is dialled"
                 )
+            if existing.loop is not None and existing.loop.is_closed() and asyncio._get_running_loop() is not None:
+                # added again from a later event loop (one asyncio.run per batch): its channel, of a loop closed
+                # since, would fail every call with an error asking for what the caller just did
+                self._rebuild(existing)
+                if existing not in self._position and existing not in self._probes:
+                    # ejected then: its probe was cancelled as that loop ended, and none would ever check it again
+                    self._start_probe(existing)
             return existing
         connection = Connection(
             parsed, tls=self._tls, options=self._options, owner=self.name or deployment_name or "",
