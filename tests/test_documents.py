@@ -677,3 +677,29 @@ def test_values_a_document_cannot_carry_are_refused_naming_the_field(build, said
     with pytest.raises((TypeError, ProtocolError)) as refused:
         build()
     assert said in str(refused.value)
+
+
+def test_scores_are_written_through_and_read_with_docarrays_value_as_a_ported_ranker_does():
+    """An Executor API review's find: ``doc.scores`` was a copy, so ``match.scores["cosine"] = 0.5`` was lost
+    without a word, docarray's ``match.scores["cosine"].value`` raised AttributeError ('float' object has no
+    attribute 'value') and ``.value = 0.5`` a bare KeyError."""
+    match = Document(id="m1")
+    match.scores["cosine"] = 0.75
+    assert match.proto.scores["cosine"].value == 0.75
+    assert match.scores["cosine"].value == 0.75 and match.scores["cosine"] == 0.75  # a float too
+    match.scores["cosine"].value = 0.5
+    match.scores["cosine"].op_name = "cos"
+    assert (match.proto.scores["cosine"].value, match.proto.scores["cosine"].op_name) == (0.5, "cos")
+    match.scores["cosine"] = 0.25  # keeps the op_name, as set_score does
+    assert match.proto.scores["cosine"].op_name == "cos"
+    match.scores["bm25"] = {"value": 2.0, "op_name": "bm25"}
+    assert match.scores == {"cosine": 0.25, "bm25": 2.0}
+    other = Document(id="m2")
+    other.scores["cosine"] = match.scores["cosine"]  # another document's score, its fields along
+    assert (other.proto.scores["cosine"].value, other.proto.scores["cosine"].op_name) == (0.25, "cos")
+    with pytest.raises(KeyError, match=r"no such score on document 'm1'.*doc.scores\['dot'\] = value"):
+        match.scores["dot"].value = 1.0
+    del match.scores["bm25"]
+    assert list(match.scores) == ["cosine"]
+    request = DataRequest([match])
+    assert DataRequest.from_bytes(request.to_bytes()).docs[0].scores["cosine"].value == 0.25

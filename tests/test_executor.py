@@ -407,3 +407,90 @@ def test_sparse_round_trip_densifies_to_the_same_array(shape_and_positions, dtyp
 def test_object_arrays_are_refused():
     with pytest.raises(Exception, match="only numbers, strings, bytes, datetimes and timedeltas travel"):
         ndarray.to_proto(np.array([{"a": 1}], dtype=object), docarray_pb2.NdArrayProto())
+
+
+# -- found by the Executor API review (a Jina user porting Executors) ---------------------------------
+
+
+def test_a_handler_named_create_is_served_and_does_not_hide_how_the_worker_makes_the_executor(tmp_path):
+    """A CRUD Executor's ``@requests(on="/create") def create(...)`` hid the classmethod the worker made every
+    Executor with: the worker died saying "the Executor's __init__ (Crud) raised TypeError: Crud.create() missing
+    1 required positional argument: 'docs'", though no __init__ had run."""
+    from shardnet.runtimes.executor import create_executor, handler_table
+
+    class Crud(Executor):
+        @requests(on="/create")
+        def create(self, docs, **kwargs):
+            for doc in docs:
+                doc.text = "created"
+
+        @requests(on="/handler_table")
+        def handler_table(self, docs, **kwargs): ...
+
+    executor = create_executor(Crud, {"shard_id": 1, "shards": 2})
+    assert executor.runtime_args.shard_id == 1
+    assert sorted(handler_table(Crud)) == ["/create", "/handler_table"]
+    file = tmp_path / "crud.py"
+    file.write_text(
+        "from shardnet import Executor, requests\n"
+        "class Crud(Executor):\n"
+        "    @requests(on='/create')\n"
+        "    def create(self, docs, **kwargs):\n"
+        "        for doc in docs:\n"
+        "            doc.text = 'created'\n"
+    )
+    with Deployment(uses=f"{file}:Crud") as dep:
+        assert dep.post("/create", [Document(text="x")])[0].text == "created"
+
+
+@pytest.mark.parametrize(
+    "signature, missing",
+    [
+        ("self, doc, **kwargs", "'doc'"),  # docs, misspelt
+        ("self, docs, params", "'params'"),
+        ("self, docs, previous_parameters, **kwargs", "'previous_parameters'"),
+        ("self, docs, *, top_k, **kwargs", "'top_k'"),
+    ],
+)
+def test_a_handler_requiring_an_argument_no_request_gives_is_refused_as_its_class_loads(signature, missing):
+    """Such a handler was loaded and failed every request with a TypeError (Jina refuses a handler without
+    **kwargs that lacks its arguments as the class is defined)."""
+    namespace: dict = {}
+    exec(f"def handler({signature}): ...", namespace)
+
+    class Wrong(Executor):
+        handler = requests(on="/x")(namespace["handler"])
+
+    with pytest.raises(ConfigurationError, match=f"handler handler requires {missing}, which no request gives"):
+        Wrong.handler_table()
+
+
+def test_handlers_naming_only_what_requests_give_or_defaulting_the_rest_are_taken():
+    class Fine(Executor):
+        @requests(on="/a")
+        def a(self, docs): ...
+
+        @requests(on="/b")
+        def b(self, docs, parameters, docs_matrix, docs_map, tracing_context, endpoint): ...
+
+        @requests(on="/c")
+        def c(self, docs, top_k=3, *, model=None): ...
+
+        @requests(on="/d")
+        async def d(self, *args, **kwargs): ...
+
+    assert sorted(Fine.handler_table()) == ["/a", "/b", "/c", "/d"]
+
+
+def test_an_async_generator_handler_is_refused_as_its_class_loads():
+    """It was loaded and every request answered ERROR "handler agen returned async_generator" (Jina refuses it
+    as the class is defined)."""
+
+    class Streams(Executor):
+        @requests(on="/x")
+        async def agen(self, docs, **kwargs):
+            for doc in docs:
+                yield doc
+
+    with pytest.raises(ConfigurationError, match="handler .*agen is an async generator"):
+        Streams.handler_table()

@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import shardnet
-from shardnet import ConfigurationError, ControlRequest, DataRequest, Document, ReplicaError
+from shardnet import ConfigurationError, ControlRequest, DataRequest, Document, Executor, ReplicaError, requests
 from shardnet.networking.addresses import parse_address
 from shardnet.networking import oneshot
 from shardnet.protocol import services
@@ -148,6 +148,24 @@ async def test_process_data_gives_the_handler_all_documents_and_one_column_per_r
     assert merged.text == "a0,a1,b0,c0,c1,c2"
     assert after.matrix_shapes == [[2, 1, 3]]
     assert response.request_id == columns[0].request_id
+
+
+async def test_docs_matrix_is_none_as_jinas_when_no_request_holds_a_document(runtimes):
+    """Jina's worker gives a handler ``docs_matrix=None`` when its requests hold no document; a reducer checking
+    ``docs_matrix is None`` got ``[[]]`` here (an Executor API review)."""
+
+    class Matrix(Executor):
+        @requests
+        def record(self, docs, docs_matrix, docs_map, **kwargs):
+            self.seen = (docs_matrix, sorted(docs_map or {}))
+
+    matrix = Matrix.create()
+    worker = await runtimes(Worker(matrix))
+    await oneshot.send_requests_async([DataRequest([], endpoint="/x"), DataRequest([], endpoint="/x")],
+                                      worker.server.address, timeout=10)
+    assert matrix.seen[0] is None
+    await oneshot.send_request_async(DataRequest([Document(id="d")], endpoint="/x"), worker.server.address)
+    assert [[doc.id for doc in column] for column in matrix.seen[0]] == [["d"]]
 
 
 async def test_a_handler_naming_tracing_context_gets_it_as_from_jina(runtimes):

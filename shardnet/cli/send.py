@@ -142,7 +142,7 @@ def describe(response: DataRequest) -> dict:
         if len(d.tags):
             view["tags"] = dict(d.tags)
         if d.scores:
-            view["scores"] = d.scores
+            view["scores"] = {name: float(score) for name, score in d.scores.items()}
         for nested in ("chunks", "matches"):
             if len(getattr(d, nested)):
                 view[nested] = [doc(m) for m in getattr(d, nested)]

@@ -32,6 +32,7 @@ from shardnet.errors import ConfigurationError, ShardnetError
 from shardnet.networking.addresses import UNIX_SCHEME, entity_address, parse_address
 from shardnet.runtimes.executor import (
     EXECUTOR_PATH_VARIABLE,
+    create_executor,
     default_workspace,
     former_workspace,
     load_executor_class,
@@ -173,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     expected_name = name_in_metas or executor_class.__name__
     former = former_workspace(name, workspace, expected_name, args.shard_id)  # before its __init__ makes its own
     try:
-        executor = executor_class.create(runtime_args, **uses_with)
+        executor = create_executor(executor_class, runtime_args, **uses_with)
     except (KeyboardInterrupt, SystemExit) as exc:  # the exit (130, or its code) would say nothing of why
         logger.error("%s: the Executor's __init__ (%s) raised %r: not served", name, executor_class.__name__, exc,
                      exc_info=True)

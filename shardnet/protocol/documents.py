@@ -192,6 +192,88 @@ class StructView(MutableMapping):
         return repr(dict(self))
 
 
+class NamedScore(float):
+    """One named score of a document: its value, a float, that also reads as docarray's ``NamedScore``
+    (``.value``, ``.op_name``, ``.ref_id``); setting one of those writes through to the document, as
+    ``doc.scores["cosine"].value = 0.5`` does in docarray (the float itself keeps the value it was read with)."""
+
+    __slots__ = ("_document", "_name", "_op_name", "_ref_id")
+
+    @property
+    def value(self) -> float:
+        return float(self)
+
+    @value.setter
+    def value(self, value: float) -> None:
+        self._document.set_score(self._name, value)
+
+    @property
+    def op_name(self) -> str:
+        return self._op_name
+
+    @op_name.setter
+    def op_name(self, value: str) -> None:
+        self._document.set_score(self._name, self._document._pb.scores[self._name].value, op_name=value)
+
+    @property
+    def ref_id(self) -> str:
+        return self._ref_id
+
+    @ref_id.setter
+    def ref_id(self, value: str) -> None:
+        self._document.set_score(self._name, self._document._pb.scores[self._name].value, ref_id=value)
+
+
+class ScoresView(MutableMapping):
+    """A document's named scores, read and written through: ``doc.scores["cosine"]`` is a ``NamedScore`` (a float
+    with docarray's ``.value``), ``doc.scores["cosine"] = 0.5`` sets it (keeping its op_name and ref_id), as does
+    ``doc.scores["cosine"].value = 0.5`` for a score the document has."""
+
+    __slots__ = ("_document",)
+
+    def __init__(self, document: "Document"):
+        self._document = document
+
+    def __getitem__(self, name: str) -> NamedScore:
+        scores = self._document._pb.scores
+        if not isinstance(name, str) or name not in scores:
+            raise KeyError(
+                f"{name!r}: no such score on document {self._document.id!r} (docarray makes one as it is read; "
+                f"here set it: doc.scores[{name!r}] = value)"
+            )
+        stored = scores[name]
+        score = NamedScore(stored.value)
+        score._document, score._name, score._op_name, score._ref_id = self._document, name, stored.op_name, stored.ref_id
+        return score
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        if isinstance(value, (Mapping, docarray_pb2.NamedScoreProto)) or hasattr(value, "op_name"):
+            # docarray's NamedScore(value=..., op_name=...), a dict of its fields, or another document's score
+            fields = value if isinstance(value, Mapping) else {
+                field: getattr(value, field, None) for field in ("value", "op_name", "ref_id")
+            }
+            self._document.set_score(
+                name, fields.get("value") or 0.0, op_name=fields.get("op_name") or None,
+                ref_id=fields.get("ref_id") or None,
+            )
+            return
+        self._document.set_score(name, value)
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self._document._pb.scores:
+            raise KeyError(name)
+        del self._document._pb.scores[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._document._pb.scores.keys()))
+
+    def __len__(self) -> int:
+        return len(self._document._pb.scores)
+
+    def __repr__(self) -> str:
+        return repr({name: float(score) for name, score in self.items()})
+
+
 class Document:
     """One document: an id plus text, blob or tensor, an embedding, tags, matches and chunks.
 
@@ -423,9 +505,11 @@ class Document:
         self.chunks.replace(docs)
 
     @property
-    def scores(self) -> dict[str, float]:
-        """Named scores as ``{name: value}`` (a copy; set them with :meth:`set_score`)."""
-        return {name: score.value for name, score in self._pb.scores.items()}
+    def scores(self) -> ScoresView:
+        """Named scores, read and written through (``ScoresView``): ``doc.scores["cosine"]`` reads as a float and,
+        as docarray's, has ``.value``; ``doc.scores["cosine"] = 0.5`` (or ``.value = 0.5``) sets it. It was a copy,
+        and such writes were lost without a word."""
+        return ScoresView(self)
 
     def set_score(self, name: str, value: float, op_name: Optional[str] = None, ref_id: Optional[str] = None) -> None:
         """Set the named score's value, and its ``op_name`` and ``ref_id`` (the query's id) when given; what is not

@@ -89,6 +89,8 @@ def _endpoint_list(on: Any) -> list:
 # keyword arguments a handler is given only when it names them: Jina passes no such keyword, and a handler that
 # forwards its **kwargs to code written for Jina's would fail on it
 NAMED_ONLY_ARGUMENTS = frozenset({"endpoint"})
+# every keyword argument a handler may be given (the worker's _handle): one it requires beyond these never comes
+GIVEN_ARGUMENTS = frozenset({"docs", "parameters", "docs_matrix", "docs_map", "tracing_context"}) | NAMED_ONLY_ARGUMENTS
 
 
 class Handler:
@@ -100,9 +102,10 @@ class Handler:
         self.name = function.__name__
         self.function = function
         self.is_async = inspect.iscoroutinefunction(function)
-        parameters = inspect.signature(function).parameters.values()
+        parameters = list(inspect.signature(function).parameters.values())
         self.accepts_any_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
         self.accepted = frozenset(p.name for p in parameters)
+        _check_signature(function, parameters)
 
     def takes(self, argument: str) -> bool:
         """Whether the handler is given ``argument``: it names it, or takes any keyword (but for those it is
@@ -125,6 +128,31 @@ class Handler:
                 raise _let_out(exc) from exc  # the handler's own (its frames follow): answered ERROR, as others are
         call = functools.partial(_run_to_the_end, self.function, answer_limit, executor, **arguments)
         return await asyncio.get_running_loop().run_in_executor(threads, call)
+
+
+def _check_signature(function: Callable, parameters: list[inspect.Parameter]) -> None:
+    """Refuse, as the class is loaded, a handler requiring an argument no request gives it (``doc`` for
+    ``docs``, ``params``, ``previous_parameters``): every request would fail with a TypeError. Jina refuses a
+    handler without ``**kwargs`` that lacks its arguments as the class is defined."""
+    if inspect.isasyncgenfunction(function):  # answered "returned async_generator" on every request, else
+        raise ConfigurationError(
+            f"handler {function.__qualname__} is an async generator: a handler returns Documents (an async def "
+            "returning a list, or a plain def that yields them), a dict or None"
+        )
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    rest = parameters[1:] if parameters and parameters[0].kind in positional else parameters  # self
+    missing = [
+        p.name for p in rest
+        if p.default is inspect.Parameter.empty
+        and (p.kind == inspect.Parameter.POSITIONAL_ONLY
+             or (p.kind in positional + (inspect.Parameter.KEYWORD_ONLY,) and p.name not in GIVEN_ARGUMENTS))
+    ]
+    if missing:
+        raise ConfigurationError(
+            f"handler {function.__qualname__} requires {', '.join(repr(name) for name in missing)}, which no request "
+            f"gives: a handler is given {', '.join(sorted(GIVEN_ARGUMENTS - NAMED_ONLY_ARGUMENTS))} (and endpoint) "
+            "by keyword; give the others a default, or take **kwargs"
+        )
 
 
 class AnswerTooBig(Exception):
@@ -277,39 +305,51 @@ class Executor:
     @classmethod
     def handler_table(cls) -> dict[str, Handler]:
         """Endpoint -> handler for this class (``'*'`` is the default handler)."""
-        table: dict[str, Handler] = {}
-        for klass in reversed(cls.__mro__):  # a subclass may rebind an endpoint; one class may not bind it twice
-            bound_here: dict[str, str] = {}
-            by_name: set[str] = set()  # the handlers of this class binding the default as "/default"
-            for attribute in vars(klass).values():
-                if getattr(attribute, _NAMED_DEFAULT_ATTR, False):
-                    by_name.add(attribute.__name__)
-                for endpoint in getattr(attribute, _ENDPOINTS_ATTR, ()):
-                    if endpoint == DEFAULT and endpoint in bound_here and by_name & {attribute.__name__, bound_here[endpoint]}:
-                        # bare @requests and @requests(on="/default") are one binding in Jina, which loads such a
-                        # class and keeps the later: so here, saying so
-                        logger.warning(
-                            "%s binds the default handler twice (bare @requests and /default are one): %s, not %s",
-                            klass.__qualname__, attribute.__name__, bound_here[endpoint],
-                        )
-                    elif endpoint in bound_here:
-                        raise ConfigurationError(
-                            f"{klass.__qualname__} binds {'the default handler' if endpoint == DEFAULT else endpoint} "
-                            f"twice: {bound_here[endpoint]} and {attribute.__name__}"
-                        )
-                    bound_here[endpoint] = attribute.__name__
-                    table[endpoint] = Handler(attribute)
-        return table
+        return handler_table(cls)
 
     @classmethod
     def create(cls, runtime_args: Optional[dict[str, Any]] = None, **uses_with: Any) -> "Executor":
-        """Instantiate with ``runtime_args`` available inside ``__init__``."""
-        cls.handler_table()  # a handler table that cannot be served fails before a costly __init__ runs
-        executor = cls.__new__(cls)
-        executor.runtime_args = _runtime_args(cls, runtime_args)
-        _check_uses_with(cls, executor, uses_with)
-        executor.__init__(**uses_with)
-        return executor
+        """Instantiate with ``runtime_args`` available inside ``__init__`` (``create_executor``)."""
+        return create_executor(cls, runtime_args, **uses_with)
+
+
+# module functions, not only the classmethods above: an Executor may name a handler ``create`` or
+# ``handler_table`` (a CRUD service's /create), which hides the classmethod; shardnet itself calls these
+def handler_table(cls: type["Executor"]) -> dict[str, Handler]:
+    """Endpoint -> handler for Executor class ``cls`` (``'*'`` is the default handler)."""
+    table: dict[str, Handler] = {}
+    for klass in reversed(cls.__mro__):  # a subclass may rebind an endpoint; one class may not bind it twice
+        bound_here: dict[str, str] = {}
+        by_name: set[str] = set()  # the handlers of this class binding the default as "/default"
+        for attribute in vars(klass).values():
+            if getattr(attribute, _NAMED_DEFAULT_ATTR, False):
+                by_name.add(attribute.__name__)
+            for endpoint in getattr(attribute, _ENDPOINTS_ATTR, ()):
+                if endpoint == DEFAULT and endpoint in bound_here and by_name & {attribute.__name__, bound_here[endpoint]}:
+                    # bare @requests and @requests(on="/default") are one binding in Jina, which loads such a
+                    # class and keeps the later: so here, saying so
+                    logger.warning(
+                        "%s binds the default handler twice (bare @requests and /default are one): %s, not %s",
+                        klass.__qualname__, attribute.__name__, bound_here[endpoint],
+                    )
+                elif endpoint in bound_here:
+                    raise ConfigurationError(
+                        f"{klass.__qualname__} binds {'the default handler' if endpoint == DEFAULT else endpoint} "
+                        f"twice: {bound_here[endpoint]} and {attribute.__name__}"
+                    )
+                bound_here[endpoint] = attribute.__name__
+                table[endpoint] = Handler(attribute)
+    return table
+
+
+def create_executor(cls: type["Executor"], runtime_args: Optional[dict[str, Any]] = None, **uses_with: Any) -> "Executor":
+    """Instantiate Executor class ``cls`` with ``runtime_args`` available inside ``__init__``."""
+    handler_table(cls)  # a handler table that cannot be served fails before a costly __init__ runs
+    executor = cls.__new__(cls)
+    executor.runtime_args = _runtime_args(cls, runtime_args)
+    _check_uses_with(cls, executor, uses_with)
+    executor.__init__(**uses_with)
+    return executor
 
 
 def _check_uses_with(cls: type, executor: "Executor", uses_with: Mapping[str, Any]) -> None:

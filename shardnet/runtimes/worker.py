@@ -45,7 +45,9 @@ from shardnet.protocol.documents import Document, DocumentList
 from shardnet.protocol.messages import ControlRequest, DataRequest, require_empty
 from shardnet.protocol.proto import docarray_pb2, jina_pb2
 from shardnet.runtimes.bursts import BurstLog
-from shardnet.runtimes.executor import DEFAULT, DEFAULT_ENDPOINT, DRY_RUN_ENDPOINT, AnswerTooBig, Executor
+from shardnet.runtimes.executor import (
+    DEFAULT, DEFAULT_ENDPOINT, DRY_RUN_ENDPOINT, AnswerTooBig, Executor, handler_table,
+)
 from shardnet.runtimes.head import IMPLIED_LEASE_FACTOR, MAX_RENEWAL_INTERVAL
 from shardnet.runtimes.lifecycle import serve_until_signalled
 from shardnet.runtimes.log_lines import CLOSE_STEP, MAX_ID_CHARS, quoted
@@ -233,7 +235,7 @@ class Worker:
         # in error reports and as the key of a dict result (Jina names it deployment/shard-S/rep-R)
         self.name = name or type(executor).__name__
         self._route_name = self.name.split("/", 1)[0]  # a route names the deployment, as a Jina worker's does
-        self._handlers = type(executor).handler_table()
+        self._handlers = handler_table(type(executor))
         self._threads = HandlerThreads(max_workers=threads, thread_name_prefix=HANDLER_THREAD_PREFIX)
         # one thread counts the documents of process_data lists, out of the loop's way (a padded list's count takes
         # seconds) and of the default executor's, where close() runs: calls past it wait for it, none cancels it
@@ -463,7 +465,9 @@ class Worker:
         if handler.takes("endpoint"):  # only a handler naming it: Jina passes none (executor.NAMED_ONLY_ARGUMENTS)
             arguments["endpoint"] = endpoint
         if senders is not None:
-            arguments["docs_map"] = dict(zip(senders, arguments["docs_matrix"]))
+            arguments["docs_map"] = dict(zip(senders, matrix))
+        if not any(len(column) for column in matrix):  # as Jina's: no request holds a document, no matrix at all
+            arguments["docs_matrix"] = None
         answer_limit = self.server.config.max_message_bytes if limit is None else limit
         in_handlers = self._in_handlers
         in_handlers[endpoint] += 1
