@@ -143,9 +143,43 @@ async def test_a_worker_keeps_renewing_its_registration_through_a_tls_file_gone_
     await renewals_go_on()
     assert "is not taken" in caplog.text and str(chain) in caplog.text
     key.write_bytes(renewed.private_key_pem.bytes())
-    await eventually(lambda: worker._head_material().certificate_chain == chain.read_bytes())
+    await eventually(lambda: worker._head_tls.certificate_chain == chain.read_bytes())
     await renewals_go_on()
     assert not worker._keep_registered.done()
+    assert await members(head.server.address, pki.client) == [worker.server.address]
+
+
+
+async def test_a_worker_does_not_take_a_client_certificate_renewal_its_head_refuses(
+    pki, runtimes, tmp_path, monkeypatch, caplog, eventually
+):
+    """A renewal of the worker's --head-client-cert the head does not trust (another CA, the head's client CA not
+    renewed yet) was taken at once: every ACTIVATE then failed, and the head dropped the worker at the end of its
+    lease though the previous certificate still served. It is asked about first, as a pool asks its replicas."""
+    first = pki.authority.issue_cert("worker-first.shardnet.test")
+    stranger = trustme.CA().issue_cert("worker-renewed.shardnet.test")
+    chain, key = tmp_path / "client.crt", tmp_path / "client.key"
+    chain.write_bytes(b"".join(blob.bytes() for blob in first.cert_chain_pems))
+    key.write_bytes(first.private_key_pem.bytes())
+    key.chmod(0o600)
+    monkeypatch.setattr(worker_module, "HEAD_TLS_CHECK_INTERVAL", 0.0)
+    head = await runtimes(Head("secure", ServerConfig(tls=pki.server_mutual), pool=GrpcConnectionPool(tls=pki.client)))
+    material = ClientTls(root_certificates=pki.ca, certificate_chain=str(chain), private_key=str(key))
+    worker = await runtimes(Worker(Stamp.create(), ServerConfig(tls=pki.server_mutual), head=head.server.address,
+                                   head_tls=material, register_interval=0.1))
+    caplog.set_level(logging.DEBUG, logger="shardnet.runtimes.worker")
+    await worker.register()
+    for path, data in ((chain, b"".join(blob.bytes() for blob in stranger.cert_chain_pems)),
+                       (key, stranger.private_key_pem.bytes())):
+        fresh = path.with_suffix(".new")
+        fresh.write_bytes(data)
+        fresh.chmod(0o600)
+        os.replace(fresh, path)
+    await eventually(lambda: "head TLS material changed but is not taken" in caplog.text, timeout=5.0)
+    taken = lambda: sum("registered" in r.getMessage() for r in caplog.records)  # noqa: E731
+    before = taken()
+    await eventually(lambda: taken() >= before + 3, timeout=5.0)  # ACTIVATE goes on with the previous material
+    assert caplog.text.count("head TLS material changed but is not taken") == 1  # said once, asked at each look
     assert await members(head.server.address, pki.client) == [worker.server.address]
 
 

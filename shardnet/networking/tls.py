@@ -78,6 +78,18 @@ def _path_shown(source: PemSource, what: str) -> str:
     return repr(path)
 
 
+def _anchor_paths(material: object, names: Sequence[str]) -> None:
+    """Make the files of a frozen ``ClientTls``/``ServerTls`` absolute, as the working directory is now: they are
+    read again long after they are given (at the bind, at each renewal, at every channel an unstarted pool opens),
+    and an Executor that changes the working directory (into its workspace, say) must not turn a relative path
+    given on the command line into another file, or none. A path naming no file is left as given (its check
+    refuses it, in the words it was given in)."""
+    for name in names:
+        source = getattr(material, name)
+        if _is_path(source) and os.path.exists(os.fspath(source)):
+            object.__setattr__(material, name, os.path.abspath(os.fspath(source)))
+
+
 def _warn_if_others_may_read(source: PemSource, what: str) -> None:
     """Log a warning for a private key file other users of the machine may read or write (as ssh refuses one)."""
     if not _is_path(source):
@@ -178,7 +190,7 @@ def check_validity(chain: bytes, name: str, skew: float = 0.0) -> None:
     from cryptography import x509  # loaded with the first certificate: a process without TLS never needs it
 
     try:
-        [presented, *_] = x509.load_pem_x509_certificates(chain)
+        [presented, *rest] = x509.load_pem_x509_certificates(chain)
     except ValueError as exc:
         raise ConfigurationError(f"{name} cannot be read as X.509 ({exc})") from None
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -193,13 +205,35 @@ def check_validity(chain: bytes, name: str, skew: float = 0.0) -> None:
         )
     if now > ends:
         raise ConfigurationError(f"{name} expired on {ends:%Y-%m-%d %H:%M:%S} UTC")
+    for issuer in _issuers_given(presented, rest):
+        # an intermediate sent with the leaf: a client finds it expired (or not valid yet) and every handshake fails
+        begins, ends = issuer.not_valid_before_utc, issuer.not_valid_after_utc
+        if now > ends or begins > now + datetime.timedelta(seconds=skew):
+            said = f"expired on {ends:%Y-%m-%d %H:%M:%S}" if now > ends else f"is not valid before {begins:%Y-%m-%d %H:%M:%S}"
+            raise ConfigurationError(
+                f"{name}: the issuing certificate it carries ({issuer.subject.rfc4514_string()}) {said} UTC: every "
+                "client would refuse the chain"
+            )
+
+
+def _issuers_given(presented, rest: list) -> Iterator:
+    """The certificates of ``rest`` that issued ``presented``, its issuer's issuer and so on, in turn: the path a
+    client checks (a certificate of the chain on no such path, a spare cross-signature, is not in it)."""
+    current, left = presented, list(rest)
+    while True:
+        issuer = next((c for c in left if c.subject == current.issuer and c.subject != current.subject), None)
+        if issuer is None:
+            return
+        left.remove(issuer)
+        yield issuer
+        current = issuer
 
 
 def check_key_type(chain: bytes, name: str) -> None:
     """Refuse a certificate with an EdDSA key (cert-manager offers Ed25519): OpenSSL loads the pair and the server
     says it is ready, but gRPC's peers offer no EdDSA signature, so every handshake fails, logged nowhere."""
     from cryptography import x509
-    from cryptography.hazmat.primitives.asymmetric import ed448, ed25519
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519
 
     [presented, *_] = x509.load_pem_x509_certificates(chain)
     key = presented.public_key()
@@ -209,6 +243,35 @@ def check_key_type(chain: bytes, name: str) -> None:
                 f"{name} holds an {label} key, which gRPC's TLS cannot sign a handshake with: issue it with an "
                 "ECDSA (P-256) or RSA key"
             )
+    # gRPC's TLS (BoringSSL) verifies ECDSA handshake signatures on P-256 and P-384 only: a P-521 key (which
+    # cert-manager offers) serves OpenSSL clients but every gRPC peer closes the handshake; other curves
+    # (secp256k1) gRPC cannot load at all, and its bind then fails as if the port were taken
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name not in ("secp256r1", "secp384r1"):
+        raise ConfigurationError(
+            f"{name} holds an ECDSA key on curve {key.curve.name}, which gRPC's TLS cannot handshake with: issue "
+            "it with an ECDSA P-256 or P-384 (cert-manager: size 256 or 384) or an RSA key"
+        )
+
+
+def check_extended_key_usage(chain: bytes, name: str, role: str) -> None:
+    """Refuse a certificate whose extended key usage leaves out its role (``server`` or ``client``): the peer
+    refuses it at every handshake ("unsupported certificate purpose"), a server's client saying only that it does
+    not trust it. No such extension: any use."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    [presented, *_] = x509.load_pem_x509_certificates(chain)
+    try:
+        usages = presented.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    wanted = ExtendedKeyUsageOID.SERVER_AUTH if role == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
+    if wanted not in usages and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in usages:
+        usage = f"{role} auth"
+        raise ConfigurationError(
+            f"{name} does not allow {usage} (its extended key usage lists {', '.join(u._name for u in usages)}): "
+            f"every handshake would fail on it; issue it with '{usage}' among its usages"
+        )
 
 
 def check_key_pair(
@@ -223,18 +286,42 @@ def check_key_pair(
     check_certificates(chain_source, chain, f"{role} certificate chain")
     check_validity(chain, chain_name, skew)
     check_key_type(chain, chain_name)
+    check_extended_key_usage(chain, chain_name, role)
     if not _PRIVATE_KEY_LINE.search(key):
         raise ConfigurationError(f"{key_name} is not a PEM private key (no '-----BEGIN ... PRIVATE KEY-----' line)")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    with _as_file(chain_source, chain) as chain_path, _as_file(key_source, key) as key_path:
+    # the bytes read, not the files as they are now: a renewal written between the read and this check passed it
+    # while gRPC was given the half read (a new certificate with the old key), and refused it
+    with _as_file(None, chain) as chain_path, _as_file(None, key) as key_path:
         try:
             context.load_cert_chain(chain_path, key_path, password=_refuse_passphrase(key_name))
         except ssl.SSLError as exc:
             if exc.reason == "KEY_VALUES_MISMATCH":
-                raise ConfigurationError(f"{key_name} does not match {chain_name}") from None
+                raise ConfigurationError(f"{key_name} does not match {chain_name}{_out_of_order(chain, key)}") from None
             raise ConfigurationError(
                 f"{key_name} cannot be loaded as the key of {chain_name} ({_reason(exc)})"
             ) from None
+
+
+def _out_of_order(chain: bytes, key: bytes) -> str:
+    """Words for a key that matches a certificate of its chain other than the first: the chain is out of order
+    (the presented certificate must come first, then its issuers), not the wrong key."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        mine = serialization.load_pem_private_key(key, None).public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        certificates = x509.load_pem_x509_certificates(chain)
+    except (ValueError, TypeError):
+        return ""
+    for position, certificate in enumerate(certificates[1:], start=2):
+        theirs = certificate.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        if theirs == mine:
+            return (f": it is the key of certificate {position} of the chain ({certificate.subject.rfc4514_string()}); "
+                    "the chain must start with that certificate, its issuers after it")
+    return ""
 
 
 def check_server_name(name: object) -> str:
@@ -309,6 +396,7 @@ class ClientTls:
 
     def __post_init__(self) -> None:
         """Refuse missing, unreadable or mismatched material where it is configured, not at the first call."""
+        _anchor_paths(self, ("root_certificates", "certificate_chain", "private_key"))
         if self.server_name is not None:
             check_server_name(self.server_name)
         if (self.private_key is None) != (self.certificate_chain is None):
@@ -385,6 +473,7 @@ class ServerTls:
 
     def __post_init__(self) -> None:
         """Refuse missing, unreadable or mismatched material where it is configured, not when the server starts."""
+        _anchor_paths(self, ("certificate_chain", "private_key", "client_ca"))
         missing = [
             name
             for name, value in (("certificate chain", self.certificate_chain), ("private key", self.private_key))
@@ -473,6 +562,7 @@ class FollowedServerMaterial:
                 logger.warning("TLS material changed but cannot be served; the previous material stays: %s", exc)
                 return None
             self._served, self._refused = signature, None
+        _warn_if_others_may_read(self._tls.private_key, "server private key")  # as at start: a renewal may loosen it
         # gRPC's TLS library parses it after this returns, and logs it if it refuses it (a key type it lacks)
         logger.info(
             "TLS material changed: new connections are offered %s",

@@ -755,6 +755,8 @@ def _bind(server: grpc.aio.Server, host: str, port: int, tls: Optional[ServerTls
         cause = "port in use or address not local"
         if 0 < port < 1024:
             cause += ", or this user may not listen below 1024"
+        if tls is not None:  # gRPC fails the bind alike when its TLS library refuses the material
+            cause += ", or TLS material gRPC's TLS library refused (its own log lines above say which)"
         raise ConfigurationError(f"cannot listen on {bind}: {cause} ({exc})") from None
 
 

@@ -253,6 +253,8 @@ class Worker:
         self._head_tls = head_tls
         self._head_tls_files = FollowedClientMaterial(head_tls) if head_tls is not None else None
         self._head_tls_next_look = 0.0  # time.monotonic() of the next look at those files
+        self._head_tls_taken_once = False  # a read of them checked out and was taken: a renewal is asked about first
+        self._head_tls_refusal_said: Optional[tuple] = None  # the renewal the head refused, said once
         self._advertise_host = advertise_host
         self._register_interval = register_interval
         self._instance = uuid.uuid4().hex  # this process's, sent with every ACTIVATE: a restart draws a new one
@@ -625,25 +627,54 @@ class Worker:
             )
         self._keep_registered = asyncio.get_running_loop().create_task(self._refresh_registration())
 
-    def _head_material(self) -> Optional[ClientTls]:
+    async def _head_material(self) -> Optional[ClientTls]:
         """The TLS material to reach the head with, its files looked at for a renewal every
-        HEAD_TLS_CHECK_INTERVAL; until a first read checks out, the files as they are."""
+        HEAD_TLS_CHECK_INTERVAL; until a first read checks out, the files as they are. A renewal the head refuses
+        while it takes the material in use (a client certificate of a CA it does not trust, yet) is not taken:
+        every ACTIVATE would fail, and the head drop this worker when its lease runs out; it is asked about again
+        at the next look, as a pool asks its replicas."""
         follower = self._head_tls_files
         now = time.monotonic()
         if follower is not None and now >= self._head_tls_next_look:
             self._head_tls_next_look = now + HEAD_TLS_CHECK_INTERVAL
             renewal = follower.renewal()  # a refusal is logged there, naming the files
             if renewal is not None:
-                signature, self._head_tls = renewal
-                follower.take(signature)
+                signature, material = renewal
+                refusal = await self._head_refuses(material) if self._head_tls_taken_once else None
+                if refusal is None:
+                    self._head_tls, self._head_tls_taken_once = material, True
+                    follower.take(signature)
+                elif self._head_tls_refusal_said != signature:
+                    self._head_tls_refusal_said = signature
+                    logger.warning(
+                        "head TLS material changed but is not taken: head %s takes the previous material and not "
+                        "it (%s); ACTIVATE goes on with the previous, and the new one is asked about at each look",
+                        self._head, refusal,
+                    )
         return self._head_tls
+
+    async def _head_refuses(self, material: ClientTls) -> Optional[str]:
+        """Why the head refuses renewed material while it takes the one in use, over new connections (a health
+        check: its TLS handshake is what is asked); None when it takes both, or neither (that decides nothing)."""
+
+        async def problem(tls: Optional[ClientTls]) -> Optional[str]:
+            try:
+                await oneshot.send_health_check_async(self._head, timeout=RENEWAL_TIMEOUT, tls=tls)
+            except ReplicaError as exc:
+                return exc.cause
+            except Exception as exc:  # noqa: BLE001 - anything else: no refusal to hold against the renewal
+                return repr(exc)
+            return None
+
+        before, after = await asyncio.gather(problem(self._head_tls), problem(material))
+        return after if before is None and after is not None else None
 
     async def _activate(self, timeout: float = 5.0) -> None:
         host, port = self._advertised()
         sent = time.monotonic()
         try:
             await oneshot.activate_worker(
-                host, port, self._head, self._shard_id, token=self._control_token, tls=self._head_material(),
+                host, port, self._head, self._shard_id, token=self._control_token, tls=await self._head_material(),
                 timeout=timeout, renews_every=self._register_interval, instance=self._instance,
             )
         except ReplicaError as exc:
@@ -705,7 +736,7 @@ class Worker:
         host, port = self._advertised()
         try:
             await oneshot.deactivate_worker(
-                host, port, self._head, self._shard_id, token=self._control_token, tls=self._head_material(),
+                host, port, self._head, self._shard_id, token=self._control_token, tls=self._head_tls,
                 timeout=min(DEACTIVATE_TIMEOUT, max(0.5, grace)),
             )
         except ReplicaError as exc:
