@@ -1481,3 +1481,24 @@ def test_a_signal_handlers_stop_during_the_last_launch_of_a_start_is_not_lost(mo
     finally:
         signal.signal(signal.SIGUSR1, previous)
         deployment.stop()
+
+
+def test_revive_does_not_wait_for_routing_by_a_head_that_died(monkeypatch):
+    """revive(wait=True) waited out the startup timeout (180 s by default) for a dead head to list the worker it
+    started again (a regression review)."""
+    with Deployment(executors.Pid, replicas=2, drain_seconds=1, startup_timeout=20) as deployment:
+        deployment.workers[(0, 1)].kill()
+        deployment.workers[(0, 1)].popen.wait()
+        look = Deployment._look
+
+        def look_then_head_dies(self, wait):
+            revived = look(self, wait)
+            self.head.kill()  # the head dies (OOM, kill -9) once the worker is up again: the next look's
+            self.head.popen.wait()
+            return revived
+
+        monkeypatch.setattr(Deployment, "_look", look_then_head_dies)
+        started = time.monotonic()
+        assert deployment.revive() == ["worker-0-1"]
+        took = time.monotonic() - started
+        assert took < 5, f"revive() waited {took:.1f}s for a dead head to list the worker"

@@ -32,12 +32,13 @@ from shardnet.cli.main import main as cli_main
 from shardnet.cli.status import DEGRADED
 from shardnet.discovery.configuration import load_api_client
 from shardnet.discovery.kubernetes import (
-    LIST_BATCH, PODS, K8sGrpcConnectionPool, Member, pod_members, slice_members,
+    LIST_BATCH, PODS, SLICES, K8sGrpcConnectionPool, Member, _Ledger, pod_members, slice_members,
 )
 from shardnet.discovery.watch import LIST_PAGE_SIZE, MAX_EMPTY_PAGES, EndlessList, ListProgress, WatchOptions
 from shardnet.errors import ConfigurationError, DiscoveryError, ReplicaError
 from shardnet.networking import oneshot
 from shardnet.networking.policies import EjectionPolicy
+from shardnet.networking.pool import GrpcConnectionPool
 from shardnet.networking.polling import PollingType
 from shardnet.protocol import services
 from shardnet.protocol.messages import DataRequest
@@ -2271,3 +2272,22 @@ async def test_a_pod_restarted_in_place_is_health_checked_once_ready_again_not_a
         async with EchoServer("restarted", port=port):
             api_server.apply("pods", pod("w0", ip="127.0.0.1", port=port, ready=True))  # and it serves again
             await eventually(lambda: address not in replicas.ejected_addresses, timeout=1.5)
+
+
+class _LedgerPool(GrpcConnectionPool):
+    namespace = "ns"
+    failing_sources = ()
+
+
+async def test_a_pod_ready_again_of_a_shard_no_replica_list_can_have_is_ignored_not_raised():
+    """The readmission of a pod Ready again raised out of the ledger for a shard id past int32 (the pods watch
+    failed and backed off, skipping the removals after it), where _add says and ignores it (a regression review)."""
+    pool = _LedgerPool()
+    ledger = _Ledger(pool)
+    try:
+        await ledger.record(PODS, "p1", frozenset({Member("dep", False, 0, "10.0.0.2:9000")}))
+        member = Member("dep", False, 2**31, "10.0.0.1:9000")  # shard label "2147483648" on its pod and Service
+        await ledger.record(SLICES, "s0", frozenset({member}))
+        await ledger.record(PODS, "p0", frozenset({member}))  # Ready while its slice holds it: no exception
+    finally:
+        await pool.close()

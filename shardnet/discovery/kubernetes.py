@@ -387,7 +387,10 @@ class _Ledger:
         for member in new + freed:
             await self._add(member)
         for member in ready_again:
-            replicas = self._pool.get_replicas(member.deployment, head=member.head, shard_id=member.shard_id or 0)
+            try:
+                replicas = self._pool.get_replicas(member.deployment, head=member.head, shard_id=member.shard_id or 0)
+            except ConfigurationError:  # a shard id no replica list has (never added: _add said so)
+                continue
             if replicas is not None and replicas.readmit_if_healthy(member.address):
                 logger.info("%s of %r (%s), ejected, is Ready again: checking its health now",
                             member.address, member.deployment, _role(member))

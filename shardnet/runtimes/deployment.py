@@ -672,7 +672,12 @@ class Deployment:
         # the running workers only, as restart_worker: one lying dead (revive's to restart) is no failure of this
         for key, process in self.workers.items():
             if process.alive and process.address is not None and process not in self._starting:
-                self._wait_listed(key, process)
+                try:
+                    self._wait_listed(key, process)
+                except ProcessError:
+                    if process.alive or self._stopping:  # not listed in time, or a stop: this restart's failure
+                        raise
+                    # one that died while this waited lies dead like the others: revive's to restart
         self._stop_if_asked_meanwhile()
         return self.head
 
@@ -716,6 +721,8 @@ class Deployment:
                   and process not in self._starting}
         deadline = time.monotonic() + self.startup_timeout
         while waited and not self._stopping:
+            if self.head is None or not self.head.alive or self.head in self._starting:
+                return  # no head to list them (it died again, or is in its back-off): the next look's
             try:
                 listed = set(self.members())
             except ShardnetError:
