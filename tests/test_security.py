@@ -183,6 +183,56 @@ async def test_a_worker_does_not_take_a_client_certificate_renewal_its_head_refu
     assert await members(head.server.address, pki.client) == [worker.server.address]
 
 
+async def test_a_renewal_is_taken_with_the_head_down_and_its_check_comes_out_of_the_activates_time(
+    pki, runtimes, tmp_path, monkeypatch
+):
+    """A head down decides nothing: the renewal is taken (a worker must not keep material about to expire for a
+    head that cannot answer). A head that takes the TCP connection and never answers held an ACTIVATE for its
+    timeout plus the renewal's check (2 s for 1 s, a regression review): the check now comes out of it."""
+    first = pki.authority.issue_cert("worker-first.shardnet.test")
+    chain, key = tmp_path / "client.crt", tmp_path / "client.key"
+    chain.write_bytes(b"".join(blob.bytes() for blob in first.cert_chain_pems))
+    key.write_bytes(first.private_key_pem.bytes())
+    key.chmod(0o600)
+    monkeypatch.setattr(worker_module, "HEAD_TLS_CHECK_INTERVAL", 0.0)
+    head = await runtimes(Head("secure", ServerConfig(tls=pki.server_mutual), pool=GrpcConnectionPool(tls=pki.client)))
+    material = ClientTls(root_certificates=pki.ca, certificate_chain=str(chain), private_key=str(key))
+    worker = await runtimes(Worker(Stamp.create(), ServerConfig(tls=pki.server_mutual), head=head.server.address,
+                                   head_tls=material, register_interval=0.1))
+    await worker.register()
+    worker._keep_registered.cancel()
+
+    def renew(name: str) -> bytes:
+        renewed = pki.authority.issue_cert(name)
+        for path, data in ((chain, b"".join(blob.bytes() for blob in renewed.cert_chain_pems)),
+                           (key, renewed.private_key_pem.bytes())):
+            fresh = path.with_suffix(".new")
+            fresh.write_bytes(data)
+            fresh.chmod(0o600)
+            os.replace(fresh, path)
+        return chain.read_bytes()
+
+    await head.stop(0)
+    renewed = renew("worker-second.shardnet.test")
+    assert (await worker._head_material()).certificate_chain == renewed
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(16)  # takes the connection, never answers the handshake
+        worker._head = f"127.0.0.1:{hole.getsockname()[1]}"
+        given: list[float] = []
+        real_activate = oneshot.activate_worker
+
+        async def activate_worker(*args, timeout, **kwargs):
+            given.append(timeout)
+            return await real_activate(*args, timeout=timeout, **kwargs)
+
+        monkeypatch.setattr(oneshot, "activate_worker", activate_worker)
+        renew("worker-third.shardnet.test")
+        with pytest.raises(ReplicaError):
+            await worker._activate(timeout=1.0)
+    assert given and given[0] < 0.9, given  # the check's second (both sides unanswered) taken off the call's
+
+
 async def test_clients_without_the_right_credentials_reach_nothing(pki, runtimes):
     head = await runtimes(Head("secure", ServerConfig(tls=pki.server_mutual), pool=GrpcConnectionPool(tls=pki.client)))
     worker = await runtimes(Worker(Stamp.create(), ServerConfig(tls=pki.server_mutual)))

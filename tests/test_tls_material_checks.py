@@ -3,13 +3,21 @@ to others warned of, expired intermediates, chains out of order, key usages and 
 
 from __future__ import annotations
 
+import datetime
+import logging
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import trustme
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from shardnet import ClientTls, ServerTls
+from shardnet.errors import ConfigurationError
 
 
 @pytest.fixture
@@ -176,3 +184,95 @@ def test_the_pair_checked_is_the_bytes_read_not_the_files_as_they_are_by_then(ma
     key.write_bytes(renewed.private_key_pem.bytes())  # on disk: a pair; as read: new certificate, old key
     with pytest.raises(ConfigurationError, match="does not match"):
         check_key_pair(str(chain), chain.read_bytes(), str(key), old_key, "server")
+
+
+# -- a regression review of those checks: material gRPC serves that they refused, or the reverse ---------------
+
+NOW = datetime.datetime.now(datetime.timezone.utc)
+DAY = datetime.timedelta(days=1)
+
+
+def _cert(subject, issuer, public, signer, begins=NOW - DAY, ends=NOW + 30 * DAY, ca=False, eku=None):
+    name = lambda cn: x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])  # noqa: E731
+    builder = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer)).public_key(public)
+               .serial_number(x509.random_serial_number()).not_valid_before(begins).not_valid_after(ends)
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if not ca:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), False)
+    if eku is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(eku), False)
+    return builder.sign(signer, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def _key_pem(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def test_a_chain_carrying_an_expired_cross_signature_of_its_root_is_served_with_a_warning(caplog):
+    """Let's Encrypt's long chain: ISRG Root X1 cross-signed by DST Root CA X3, expired. gRPC clients that trust
+    ISRG Root X1 take it (a handshake checked in repro/cross_signed.py); it was refused, the server not starting."""
+    old, new, middle, leaf = (ec.generate_private_key(ec.SECP256R1()) for _ in range(4))
+    cross = _cert("New Root", "Old Root", new.public_key(), old, begins=NOW - 400 * DAY, ends=NOW - DAY, ca=True)
+    chain = (_cert("leaf", "Int", leaf.public_key(), middle) + _cert("Int", "New Root", middle.public_key(), new, ca=True)
+             + cross)
+    ServerTls(certificate_chain=chain, private_key=_key_pem(leaf))
+    assert "CN=New Root, issued by CN=Old Root" in caplog.text
+
+
+def test_an_expired_intermediate_under_the_top_is_still_refused():
+    old, new, middle, leaf = (ec.generate_private_key(ec.SECP256R1()) for _ in range(4))
+    chain = (_cert("leaf", "Int", leaf.public_key(), middle)
+             + _cert("Int", "New Root", middle.public_key(), new, begins=NOW - 9 * DAY, ends=NOW - DAY, ca=True)
+             + _cert("New Root", "Old Root", new.public_key(), old, ca=True))
+    with pytest.raises(ConfigurationError, match=r"issuing certificate it carries \(CN=Int\) expired"):
+        ServerTls(certificate_chain=chain, private_key=_key_pem(leaf))
+
+
+def test_a_server_certificate_whose_only_usage_is_any_is_refused():
+    """gRPC's TLS (BoringSSL) does not take anyExtendedKeyUsage for a server's role: every handshake failed."""
+    authority, leaf = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    chain = _cert("leaf", "CA", leaf.public_key(), authority, eku=[ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE])
+    with pytest.raises(ConfigurationError, match="does not allow server auth"):
+        ServerTls(certificate_chain=chain, private_key=_key_pem(leaf))
+
+
+def test_a_chain_out_of_order_is_named_when_leaf_and_issuer_keys_differ_in_type():
+    """An ECDSA leaf under an RSA intermediate (Let's Encrypt's E-series under ISRG Root X1 is so, a cross-type
+    chain common): sent issuer first, the key was said not to load (NO_CERTIFICATE_ASSIGNED), not out of order."""
+    authority = rsa.generate_private_key(65537, 2048)
+    leaf = ec.generate_private_key(ec.SECP256R1())
+    chain = _cert("CA", "CA", authority.public_key(), authority, ca=True) + _cert("leaf", "CA", leaf.public_key(), authority)
+    with pytest.raises(ConfigurationError, match="it is the key of certificate 2 of the chain"):
+        ServerTls(certificate_chain=chain, private_key=_key_pem(leaf))
+
+
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="Linux only")
+def test_a_server_with_material_in_files_starts_without_a_writable_temporary_folder(tmp_path, monkeypatch):
+    """A pod with a read-only root filesystem: the key pair check wrote the material to a temporary folder,
+    and ServerTls raised FileNotFoundError (before 24da9bf, material in files needed none)."""
+    leaf = trustme.CA().issue_cert("localhost")
+    (tmp_path / "tls.crt").write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    (tmp_path / "tls.key").write_bytes(leaf.private_key_pem.bytes())
+    (tmp_path / "tls.key").chmod(0o600)
+    monkeypatch.setattr(tempfile, "tempdir", "/proc/self")  # no folder can be made there, root included
+    ServerTls(certificate_chain=str(tmp_path / "tls.crt"), private_key=str(tmp_path / "tls.key"))
+
+
+def test_an_rsa_pss_key_gRPC_cannot_load_is_refused():
+    """`openssl req -x509` with an RSA-PSS key: ServerTls took it, and the bind failed as if the port were taken."""
+    import subprocess
+
+    folder = tempfile.mkdtemp(prefix="regress7-pss-")
+    try:
+        subprocess.run(["openssl", "genpkey", "-algorithm", "RSA-PSS", "-pkeyopt", "rsa_keygen_bits:2048", "-out",
+                        f"{folder}/k.pem"], check=True, capture_output=True)
+        subprocess.run(["openssl", "req", "-x509", "-key", f"{folder}/k.pem", "-out", f"{folder}/c.pem", "-days", "3",
+                        "-subj", "/CN=localhost"], check=True, capture_output=True)
+        os.chmod(f"{folder}/k.pem", 0o600)
+        with pytest.raises(ConfigurationError, match="RSA-PSS"):
+            ServerTls(certificate_chain=f"{folder}/c.pem", private_key=f"{folder}/k.pem")
+    finally:
+        for name in ("k.pem", "c.pem"):
+            os.unlink(os.path.join(folder, name))
+        os.rmdir(folder)

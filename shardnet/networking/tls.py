@@ -205,11 +205,20 @@ def check_validity(chain: bytes, name: str, skew: float = 0.0) -> None:
         )
     if now > ends:
         raise ConfigurationError(f"{name} expired on {ends:%Y-%m-%d %H:%M:%S} UTC")
-    for issuer in _issuers_given(presented, rest):
+    path = list(_issuers_given(presented, rest))
+    for position, issuer in enumerate(path):
         # an intermediate sent with the leaf: a client finds it expired (or not valid yet) and every handshake fails
         begins, ends = issuer.not_valid_before_utc, issuer.not_valid_after_utc
         if now > ends or begins > now + datetime.timedelta(seconds=skew):
             said = f"expired on {ends:%Y-%m-%d %H:%M:%S}" if now > ends else f"is not valid before {begins:%Y-%m-%d %H:%M:%S}"
+            if 0 < position == len(path) - 1 and issuer.issuer != issuer.subject:
+                # the top of the chain given above the leaf's issuer, signed by a root not in it: a cross-signature (Let's Encrypt's ISRG
+                # Root X1 by DST Root CA X3). A client trusting its subject's own root stops there (gRPC's TLS
+                # looks in its trust store first) and never checks it; only one anchored at its issuer refuses
+                logger.warning("%s: the issuing certificate it carries (%s, issued by %s) %s UTC: clients trusting "
+                               "only %s refuse the chain", name, issuer.subject.rfc4514_string(),
+                               issuer.issuer.rfc4514_string(), said, issuer.issuer.rfc4514_string())
+                continue
             raise ConfigurationError(
                 f"{name}: the issuing certificate it carries ({issuer.subject.rfc4514_string()}) {said} UTC: every "
                 "client would refuse the chain"
@@ -243,6 +252,13 @@ def check_key_type(chain: bytes, name: str) -> None:
                 f"{name} holds an {label} key, which gRPC's TLS cannot sign a handshake with: issue it with an "
                 "ECDSA (P-256) or RSA key"
             )
+    # an RSA key restricted to PSS (id-RSASSA-PSS, as `openssl genpkey -algorithm RSA-PSS` makes it): gRPC's TLS
+    # cannot load it, and its bind fails as if the port were taken
+    if presented.public_key_algorithm_oid == x509.oid.PublicKeyAlgorithmOID.RSASSA_PSS:
+        raise ConfigurationError(
+            f"{name} holds an RSA-PSS (id-RSASSA-PSS) key, which gRPC's TLS cannot load: issue it with a plain RSA "
+            "(rsaEncryption) or an ECDSA P-256 key"
+        )
     # gRPC's TLS (BoringSSL) verifies ECDSA handshake signatures on P-256 and P-384 only: a P-521 key (which
     # cert-manager offers) serves OpenSSL clients but every gRPC peer closes the handshake; other curves
     # (secp256k1) gRPC cannot load at all, and its bind then fails as if the port were taken
@@ -266,10 +282,11 @@ def check_extended_key_usage(chain: bytes, name: str, role: str) -> None:
     except x509.ExtensionNotFound:
         return
     wanted = ExtendedKeyUsageOID.SERVER_AUTH if role == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
-    if wanted not in usages and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in usages:
+    if wanted not in usages:  # anyExtendedKeyUsage alone is not enough: gRPC's TLS (BoringSSL) refuses it
         usage = f"{role} auth"
         raise ConfigurationError(
-            f"{name} does not allow {usage} (its extended key usage lists {', '.join(u._name for u in usages)}): "
+            f"{name} does not allow {usage} (its extended key usage lists "
+            f"{', '.join(u.dotted_string if u._name == 'Unknown OID' else u._name for u in usages)}): "
             f"every handshake would fail on it; issue it with '{usage}' among its usages"
         )
 
@@ -296,7 +313,9 @@ def check_key_pair(
         try:
             context.load_cert_chain(chain_path, key_path, password=_refuse_passphrase(key_name))
         except ssl.SSLError as exc:
-            if exc.reason == "KEY_VALUES_MISMATCH":
+            # a key of another type than the certificate's (an ECDSA key, an RSA certificate) is not compared:
+            # OpenSSL says no certificate went with it
+            if exc.reason in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"):
                 raise ConfigurationError(f"{key_name} does not match {chain_name}{_out_of_order(chain, key)}") from None
             raise ConfigurationError(
                 f"{key_name} cannot be loaded as the key of {chain_name} ({_reason(exc)})"
@@ -374,6 +393,17 @@ def _as_file(source: PemSource, data: bytes) -> Iterator[str]:
     """
     if _is_path(source) and os.path.isfile(os.fspath(source)):
         yield os.fspath(source)
+        return
+    if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
+        # a file in memory: no temporary folder needed (a pod with a read-only root filesystem has none), the key
+        # never on a disk
+        descriptor = os.memfd_create("shardnet-tls", os.MFD_CLOEXEC)
+        try:
+            with os.fdopen(os.dup(descriptor), "wb") as handle:
+                handle.write(data)
+            yield f"/proc/self/fd/{descriptor}"
+        finally:
+            os.close(descriptor)
         return
     with tempfile.TemporaryDirectory(prefix="shardnet-tls-") as folder:  # created mode 0700
         path = os.path.join(folder, "material.pem")

@@ -72,6 +72,8 @@ REGISTRATION_LOG_INTERVAL = 60.0
 # seconds a renewal waits for the head's answer at least (all it had once; now, while a lease holds, half of what
 # is left of it: a head whose queue held calls longer than 1 s never read a renewal in time, and dropped the worker)
 RENEWAL_TIMEOUT = 1.0
+# seconds an ACTIVATE is given at least when asking the head about renewed TLS material took its time first
+MIN_ACTIVATE_TIMEOUT = 0.5
 # the share of what is left of its lease a renewal may wait for: the rest leaves time for another try within it
 RENEWAL_SHARE_OF_LEASE = 0.5
 # seconds a DEACTIVATE may take at most (less with a shorter drain grace)
@@ -672,9 +674,12 @@ class Worker:
     async def _activate(self, timeout: float = 5.0) -> None:
         host, port = self._advertised()
         sent = time.monotonic()
+        tls = await self._head_material()
+        # a renewal asked about (up to RENEWAL_TIMEOUT) comes out of the call's time, not on top of it
+        timeout = max(MIN_ACTIVATE_TIMEOUT, timeout - (time.monotonic() - sent))
         try:
             await oneshot.activate_worker(
-                host, port, self._head, self._shard_id, token=self._control_token, tls=await self._head_material(),
+                host, port, self._head, self._shard_id, token=self._control_token, tls=tls,
                 timeout=timeout, renews_every=self._register_interval, instance=self._instance,
             )
         except ReplicaError as exc:
