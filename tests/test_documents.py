@@ -703,3 +703,14 @@ def test_scores_are_written_through_and_read_with_docarrays_value_as_a_ported_ra
     assert list(match.scores) == ["cosine"]
     request = DataRequest([match])
     assert DataRequest.from_bytes(request.to_bytes()).docs[0].scores["cosine"].value == 0.25
+
+
+def test_a_named_score_read_after_its_value_is_set_reads_the_new_value():
+    """docarray: ``s = doc.scores['c']; s.value = 0.25; s.value == 0.25``; here it read the old value."""
+    doc = Document(id="d")
+    doc.set_score("c", 0.5, op_name="cos")
+    score = doc.scores["c"]
+    score.value = 0.25
+    score.op_name = "dot"
+    assert (score.value, score.op_name) == (0.25, "dot")
+    assert (doc.scores["c"].value, doc.scores["c"].op_name) == (0.25, "dot")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -20,7 +21,7 @@ from shardnet.protocol import ndarray
 from shardnet.protocol.proto import docarray_pb2
 from shardnet.manifests.kubernetes import DeploymentSpec
 from shardnet.runtimes.deployment import Deployment
-from shardnet.runtimes.executor import executor_reference, load_executor_class, split_uses
+from shardnet.runtimes.executor import executor_reference, handler_table, load_executor_class, split_uses
 from shardnet.runtimes.worker import Worker
 
 import executors
@@ -494,3 +495,25 @@ def test_an_async_generator_handler_is_refused_as_its_class_loads():
 
     with pytest.raises(ConfigurationError, match="handler .*agen is an async generator"):
         Streams.handler_table()
+
+
+def test_a_wraps_decorator_that_supplies_an_argument_is_not_refused():
+    """A decorator (functools.wraps) giving the handler an argument of its own: inspect.signature follows
+    __wrapped__ and saw the inner function's required `model`; Jina (getfullargspec, the wrapper's own
+    signature) loads the class, and shardnet served it before 0c328d9."""
+
+    def with_model(f):
+        @functools.wraps(f)
+        def wrapper(self, docs, **kwargs):
+            return f(self, docs, model="m", **kwargs)
+
+        return wrapper
+
+    class Ranker(Executor):
+        @requests(on="/rank")
+        @with_model
+        def rank(self, docs, model, **kwargs):
+            for doc in docs:
+                doc.text = model
+
+    assert sorted(handler_table(Ranker)) == ["/rank"]

@@ -156,6 +156,11 @@ class ReplicaList:
                 # added again from a later event loop (one asyncio.run per batch): its channel, of a loop closed
                 # since, would fail every call with an error asking for what the caller just did
                 self._rebuild(existing)
+                stale = self._probes.get(existing)
+                if stale is not None and stale.get_loop().is_closed():
+                    # that loop was closed without cancelling its tasks (run_until_complete, then close()): the
+                    # probe left pending there never runs again
+                    del self._probes[existing]
                 if existing not in self._position and existing not in self._probes:
                     # ejected then: its probe was cancelled as that loop ended, and none would ever check it again
                     self._start_probe(existing)
@@ -185,7 +190,7 @@ class ReplicaList:
         self._withdraw(connection)
         probe = self._probes.pop(connection, None)
         if probe is not None:
-            probe.cancel()
+            _cancel(probe)
         self.balancer.forget(connection)
         # calls already on it still get their answers (a draining worker gives them); the channel closes after
         grace = RETIRED_CHANNEL_GRACE if grace is None else grace
@@ -323,7 +328,7 @@ class ReplicaList:
         with none to pick while it waits for a probe's timer."""
         probes, self._probes = self._probes, {}
         for connection, probe in probes.items():
-            probe.cancel()
+            _cancel(probe)
             self._admit(connection)
             self._logger.info("%s: replica %s let back in early: no other is left", self.name, connection.address)
 
@@ -463,7 +468,9 @@ class ReplicaList:
                     return
                 delay = min(longest, delay * 2)
         finally:
-            if self._probes.get(connection) is asyncio.current_task():  # not a newer probe of the same replica
+            # not a newer probe of the same replica; nor, closed with no loop running (a loop closed with it
+            # pending, collected), a question current_task() would raise on
+            if asyncio._get_running_loop() is not None and self._probes.get(connection) is asyncio.current_task():
                 del self._probes[connection]
 
     def _back_in(self, connection: Connection, why: str) -> None:
@@ -495,7 +502,7 @@ class ReplicaList:
         if probe is not None and probe.get_name() == _READMISSION:
             return False
         if probe is not None:
-            probe.cancel()  # its finally leaves the entry alone once it is ours
+            _cancel(probe)  # its finally leaves the entry alone once it is ours
         connection.checked_at = time.monotonic()
         self._probes[connection] = asyncio.get_running_loop().create_task(self._readmit(connection), name=_READMISSION)
         return True
@@ -516,7 +523,7 @@ class ReplicaList:
             # waits out its back-off, would keep any from starting)
             self._start_probe(connection)
         finally:
-            if self._probes.get(connection) is asyncio.current_task():
+            if asyncio._get_running_loop() is not None and self._probes.get(connection) is asyncio.current_task():
                 del self._probes[connection]
 
     # -- calls ---------------------------------------------------------------
@@ -621,7 +628,7 @@ class ReplicaList:
         then are cut. Cancelled (a caller's own deadline on closing), it cuts them at once, and a later close
         finds whatever it had not reached yet."""
         for probe in list(self._probes.values()):
-            probe.cancel()
+            _cancel(probe)
         self._probes.clear()
         await self._outliers.close()  # its health checks end before the channels they ask over close
         closed: set[Connection] = set()
@@ -644,3 +651,10 @@ class ReplicaList:
     def __repr__(self) -> str:
         ejected = len(self._connections) - len(self._eligible)
         return f"<ReplicaList {self.name or ''} {len(self._connections)} replicas, {ejected} ejected>"
+
+
+def _cancel(task: asyncio.Task) -> None:
+    """Cancel ``task`` unless its event loop was closed (a pool kept across loops): it never runs again, and
+    cancelling it would raise "Event loop is closed" out of the caller (a close() in the next loop)."""
+    if not task.get_loop().is_closed():
+        task.cancel()

@@ -195,13 +195,19 @@ class StructView(MutableMapping):
 class NamedScore(float):
     """One named score of a document: its value, a float, that also reads as docarray's ``NamedScore``
     (``.value``, ``.op_name``, ``.ref_id``); setting one of those writes through to the document, as
-    ``doc.scores["cosine"].value = 0.5`` does in docarray (the float itself keeps the value it was read with)."""
+    ``doc.scores["cosine"].value = 0.5`` does in docarray (the float itself keeps the value it was read with;
+    ``.value`` reads the document's)."""
 
     __slots__ = ("_document", "_name", "_op_name", "_ref_id")
 
+    def _stored(self) -> Optional["docarray_pb2.NamedScoreProto"]:
+        scores = self._document._pb.scores
+        return scores[self._name] if self._name in scores else None
+
     @property
     def value(self) -> float:
-        return float(self)
+        stored = self._stored()  # read through, as docarray's: a value just set reads back
+        return float(self) if stored is None else stored.value
 
     @value.setter
     def value(self, value: float) -> None:
@@ -209,19 +215,21 @@ class NamedScore(float):
 
     @property
     def op_name(self) -> str:
-        return self._op_name
+        stored = self._stored()
+        return self._op_name if stored is None else stored.op_name
 
     @op_name.setter
     def op_name(self, value: str) -> None:
-        self._document.set_score(self._name, self._document._pb.scores[self._name].value, op_name=value)
+        self._document.set_score(self._name, self.value, op_name=value)
 
     @property
     def ref_id(self) -> str:
-        return self._ref_id
+        stored = self._stored()
+        return self._ref_id if stored is None else stored.ref_id
 
     @ref_id.setter
     def ref_id(self, value: str) -> None:
-        self._document.set_score(self._name, self._document._pb.scores[self._name].value, ref_id=value)
+        self._document.set_score(self._name, self.value, ref_id=value)
 
 
 class ScoresView(MutableMapping):

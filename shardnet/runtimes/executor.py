@@ -105,7 +105,13 @@ class Handler:
         parameters = list(inspect.signature(function).parameters.values())
         self.accepts_any_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
         self.accepted = frozenset(p.name for p in parameters)
-        _check_signature(function, parameters)
+        # the handler's own signature, as Jina's getfullargspec reads it: a decorator (functools.wraps) may supply
+        # what the function it wraps requires
+        try:
+            own = list(inspect.signature(function, follow_wrapped=False).parameters.values())
+        except (TypeError, ValueError):  # a wrapper with no signature of its own (a staticmethod object)
+            own = parameters
+        _check_signature(function, own)
 
     def takes(self, argument: str) -> bool:
         """Whether the handler is given ``argument``: it names it, or takes any keyword (but for those it is
