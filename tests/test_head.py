@@ -417,8 +417,10 @@ async def test_a_worker_that_stops_renewing_its_lease_is_dropped(runtimes, event
 
 async def test_a_renewal_or_deactivate_during_an_expiry_pass_is_honoured_and_expiry_goes_on(runtimes, eventually):
     # removals yield to other requests (ReplicaList.remove_connection): a DEACTIVATE of a worker the pass was about
-    # to drop killed the expiry task (KeyError), and a renewal arriving mid-pass was undone
-    head = await runtimes(Head("leased", lease=0.5))
+    # to drop killed the expiry task (KeyError), and a renewal arriving mid-pass was undone. The lease is long
+    # enough for the pass to end before the renewed one's own runs out on a loaded machine (at 0.5 s, with the
+    # pass's 298 removals slowed down, it lapsed in the next pass before the test looked: flaky under load)
+    head = await runtimes(Head("leased", lease=2.0))
     replicas = lambda: head.pool.get_replicas("leased", shard_id=0)  # noqa: E731
     activate = ControlRequest("ACTIVATE")
     for n in range(300):
