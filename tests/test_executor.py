@@ -517,3 +517,47 @@ def test_a_wraps_decorator_that_supplies_an_argument_is_not_refused():
                 doc.text = model
 
     assert sorted(handler_table(Ranker)) == ["/rank"]
+
+
+def test_a_wraps_decorator_requiring_an_argument_the_inner_function_does_not_name_is_given_it():
+    """A wrapper of its own signature (self, docs, parameters, **kwargs) over a function naming docs and an
+    argument the wrapper supplies: the class loaded (its own signature is checked), but only what the inner
+    function names was passed, and every request failed with "missing ... 'parameters'"."""
+
+    def with_limit(f):
+        @functools.wraps(f)
+        def wrapper(self, docs, parameters, **kwargs):
+            return f(self, docs, limit=int(parameters.get("limit", 1)))
+
+        return wrapper
+
+    class Limited(Executor):
+        @requests(on="/x")
+        @with_limit
+        def first(self, docs, limit):
+            for doc in docs[:limit]:
+                doc.text = "seen"
+
+    import asyncio
+
+    handler = handler_table(Limited)["/x"]
+    docs = [Document(text="a"), Document(text="b")]
+    arguments = dict(docs=docs, parameters={"limit": 1}, docs_matrix=None, docs_map=None, tracing_context=None)
+    asyncio.run(handler(Limited(), None, **arguments))
+    assert [doc.text for doc in docs] == ["seen", "b"]
+
+
+@pytest.mark.parametrize("kind", [staticmethod, classmethod])
+def test_a_static_or_class_method_handler_is_refused_as_its_class_loads(kind):
+    """@requests over @staticmethod loaded and failed every request ("multiple values for argument 'docs'"); over
+    @classmethod the load failed with a bare TypeError (a regression review)."""
+
+    def rank(*args, **kwargs):
+        return None
+
+    class Ranker(Executor):
+        on_rank = requests(on="/rank")(kind(rank))
+
+    with pytest.raises(ConfigurationError, match=f"handler .*rank is a {kind.__name__}: a handler is a plain method"):
+        handler_table(Ranker)
+

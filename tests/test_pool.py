@@ -1315,3 +1315,49 @@ def test_a_replica_ejected_in_a_loop_closed_without_cancelling_its_tasks_is_prob
     loop.close()  # its pending tasks (the probe) are neither cancelled nor run
     flaky.fail_with = None
     assert asyncio.run(later()) == []
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("how", ["removed", "reset"])
+def test_a_pool_closes_in_a_later_loop_after_one_closed_with_closing_channels_pending(threaded_echo, how):
+    server = threaded_echo.start("one")
+    pool = GrpcConnectionPool()
+
+    async def first() -> None:
+        pool.add_connection("d", server.address)
+        if how == "removed":
+            await pool.remove_connection("d", server.address)  # its channel closes in the background
+        else:
+            await pool.get_replicas("d").reset_connection(server.address)  # the old channel retires
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(first())
+    loop.close()  # the closing tasks are left pending there
+
+    async def later() -> None:
+        await asyncio.wait_for(pool.close(), 5)
+
+    asyncio.run(later())
+
+
+@pytest.mark.timeout(20)
+def test_a_lagging_replicas_health_check_left_in_a_closed_loop_neither_breaks_nor_blocks_the_next():
+    """Its check task, pending in a loop closed without cancelling it: end_runs and close() raised 'Event loop
+    is closed' (task.cancel schedules on its loop), and, the check never ending, no later one was started."""
+    from shardnet.networking.outliers import ShortDeadlineOutliers, _Lagging
+
+    outliers = ShortDeadlineOutliers(None, lambda *args: None, lambda connection: False)
+    old = asyncio.new_event_loop()
+    stale = old.create_task(asyncio.sleep(3600))
+    old.run_until_complete(asyncio.sleep(0))
+    old.close()
+    for replica in ("a", "b"):
+        outliers.lagging[replica] = _Lagging()
+        outliers.lagging[replica].check = stale
+
+    async def later() -> None:
+        outliers.end_runs("a")
+        await asyncio.wait_for(outliers.close(), 5)
+
+    asyncio.run(later())
+    assert outliers.lagging == {}

@@ -276,3 +276,18 @@ def test_an_rsa_pss_key_gRPC_cannot_load_is_refused():
         for name in ("k.pem", "c.pem"):
             os.unlink(os.path.join(folder, name))
         os.rmdir(folder)
+
+
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="Linux only")
+@pytest.mark.parametrize("refusal", [38, 1])  # ENOSYS (an old kernel, a sandbox), EPERM (a seccomp profile)
+def test_material_in_memory_is_checked_where_memfd_create_is_refused(monkeypatch, refusal):
+    """memfd_create refused: ServerTls raised the OSError (a raw 'Function not implemented') where a temporary
+    folder served before 19a4d19; it falls back to one."""
+    leaf = trustme.CA().issue_cert("localhost")
+
+    def refused(*args):
+        raise OSError(refusal, os.strerror(refusal))
+
+    monkeypatch.setattr(os, "memfd_create", refused)
+    ServerTls(certificate_chain=b"".join(blob.bytes() for blob in leaf.cert_chain_pems),
+              private_key=leaf.private_key_pem.bytes())

@@ -45,6 +45,9 @@ HEALTH_TIMEOUT = 1.0
 async def finish_or_cut(closings: dict[asyncio.Task, Any], grace: float) -> None:
     """Give background closes ``grace`` seconds; those still waiting on calls stop waiting and close at once
     (their calls are cut: ``ReplicaList.call`` reports them as UNAVAILABLE)."""
+    # a close left pending in an event loop closed since (run_until_complete, then close()) never runs again:
+    # waiting on it, or cancelling it, raises "Event loop is closed" (its channel went with that loop)
+    closings = {closing: what for closing, what in closings.items() if not closing.get_loop().is_closed()}
     if not closings:
         return
     pending = set(closings)  # all of them, when the wait itself is cancelled: then none may wait on

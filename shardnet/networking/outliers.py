@@ -165,7 +165,7 @@ class ShortDeadlineOutliers:
             run = lagging.kinds.get(kind)
             if run is not None and run.met(timeout):
                 self._blame_kind(replica, lagging, kind, run)
-            elif lagging.total.met(timeout) and lagging.check is None:
+            elif lagging.total.met(timeout) and (lagging.check is None or lagging.check.get_loop().is_closed()):
                 check = self._check(replica, lagging)
                 lagging.check = asyncio.get_running_loop().create_task(check, name=_LAGGING_CHECK)
 
@@ -221,13 +221,16 @@ class ShortDeadlineOutliers:
         """Forget ``connection``'s runs of callers' short deadlines missed, if any, and stop its health check:
         it answered, or left the picks (afresh when back)."""
         lagging = self.lagging.pop(connection, None)
-        if lagging is not None and lagging.check is not None:
+        if lagging is not None and lagging.check is not None and not lagging.check.get_loop().is_closed():
             lagging.check.cancel()
 
     async def close(self) -> None:
         """Forget every run and end every health check under way: none outlives the list, nor asks over a
         channel the list closes next."""
-        checks = [lagging.check for lagging in self.lagging.values() if lagging.check is not None]
+        checks = [  # but those of a loop closed since, which never run again (see replica_list._cancel)
+            lagging.check for lagging in self.lagging.values()
+            if lagging.check is not None and not lagging.check.get_loop().is_closed()
+        ]
         for check in checks:
             check.cancel()
         self.lagging.clear()

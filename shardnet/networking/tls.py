@@ -394,10 +394,13 @@ def _as_file(source: PemSource, data: bytes) -> Iterator[str]:
     if _is_path(source) and os.path.isfile(os.fspath(source)):
         yield os.fspath(source)
         return
+    descriptor = None
     if hasattr(os, "memfd_create") and os.path.isdir("/proc/self/fd"):
         # a file in memory: no temporary folder needed (a pod with a read-only root filesystem has none), the key
         # never on a disk
-        descriptor = os.memfd_create("shardnet-tls", os.MFD_CLOEXEC)
+        with contextlib.suppress(OSError):  # refused (a seccomp profile, gVisor, an old kernel): a folder, then
+            descriptor = os.memfd_create("shardnet-tls", os.MFD_CLOEXEC)
+    if descriptor is not None:
         try:
             with os.fdopen(os.dup(descriptor), "wb") as handle:
                 handle.write(data)

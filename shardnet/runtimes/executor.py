@@ -99,18 +99,26 @@ class Handler:
     __slots__ = ("name", "function", "is_async", "accepts_any_kwargs", "accepted")
 
     def __init__(self, function: Callable):
+        if isinstance(function, (staticmethod, classmethod)):  # called with the Executor as its docs, or not at all
+            kind = type(function).__name__
+            raise ConfigurationError(
+                f"handler {function.__func__.__qualname__} is a {kind}: a handler is a plain method of the Executor "
+                f"(drop @{kind})"
+            )
         self.name = function.__name__
         self.function = function
         self.is_async = inspect.iscoroutinefunction(function)
         parameters = list(inspect.signature(function).parameters.values())
         self.accepts_any_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
-        self.accepted = frozenset(p.name for p in parameters)
         # the handler's own signature, as Jina's getfullargspec reads it: a decorator (functools.wraps) may supply
         # what the function it wraps requires
         try:
             own = list(inspect.signature(function, follow_wrapped=False).parameters.values())
         except (TypeError, ValueError):  # a wrapper with no signature of its own (a staticmethod object)
             own = parameters
+        # what either names is given: a wrapper may need an argument (parameters) the function it wraps does not
+        # name, and it is the wrapper that is called
+        self.accepted = frozenset(p.name for p in parameters) | frozenset(p.name for p in own)
         _check_signature(function, own)
 
     def takes(self, argument: str) -> bool:
