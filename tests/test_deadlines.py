@@ -349,3 +349,23 @@ async def test_heads_own_timeout_on_a_shard_is_not_blamed_on_the_caller_under_us
     lines = _failed_lines(caplog)
     assert lines, "the head logs the shard that failed"
     assert not any("the caller's deadline" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("hop", ["uses_before", "shard", "uses_after"])
+async def test_the_heads_own_timeout_is_named_in_the_answer(hop):
+    """A hop cut by the head's --timeout was answered "DEADLINE_EXCEEDED: ... Deadline Exceeded (a replica may
+    have run it ...)", on a call whose caller allowed 10 s: nothing said the head's own timeout ran out, which
+    read as the caller's deadline (a hops-under-faults review's find)."""
+    async with RecordingReplica(delay=5.0 if hop == "uses_before" else 0) as before, \
+            RecordingReplica(delay=5.0 if hop == "shard" else 0) as shard, \
+            RecordingReplica(delay=5.0 if hop == "uses_after" else 0) as after:
+        head = Head("dl", ServerConfig(), pool=GrpcConnectionPool(timeout=0.4), connections={0: [shard.address]},
+                    uses_before=before.address, uses_after=after.address)
+        await head.start()
+        try:
+            code, details, took = await call_head(head, DataRequest(endpoint="/x"), timeout=10)
+        finally:
+            await head.stop(0)
+    assert code == grpc.StatusCode.OK and details.startswith("DEADLINE_EXCEEDED: ") and "may have run it" in details
+    assert "the head's timeout of 0.4s for each hop ran out" in details, details
+    assert took < 2.0

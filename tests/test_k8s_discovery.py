@@ -39,7 +39,7 @@ from shardnet.errors import ConfigurationError, DiscoveryError, ReplicaError
 from shardnet.networking import oneshot
 from shardnet.networking.policies import EjectionPolicy
 from shardnet.networking.pool import GrpcConnectionPool
-from shardnet.networking.polling import PollingType
+from shardnet.networking.polling import PollingMap, PollingType
 from shardnet.protocol import services
 from shardnet.protocol.messages import DataRequest
 from shardnet.runtimes.head import DISCOVERED, Head
@@ -2216,6 +2216,7 @@ async def test_a_kubernetes_heads_no_replica_errors_name_discovery_and_the_hop_n
             return str(refused.value)
 
         labels = f"in namespace {NS!r} (pods labelled jina_deployment_name=dep, pod_type="
+        await pool.wait_synced(timeout=10)  # listed: before that, the refusal says discovery has not listed yet
         said = await refusal()
         assert ("deployment 'dep/uses_before' has no live replica: discovery has found none " + labels
                 + "USES_BEFORE, or Services shardnet.io/deployment=dep, shardnet.io/role=uses_before)") in said, said
@@ -2291,3 +2292,28 @@ async def test_a_pod_ready_again_of_a_shard_no_replica_list_can_have_is_ignored_
         await ledger.record(PODS, "p0", frozenset({member}))  # Ready while its slice holds it: no exception
     finally:
         await pool.close()
+
+
+
+@pytest.mark.parametrize("polling", ["ANY", "ALL"])
+async def test_a_head_not_listed_yet_says_so_when_it_refuses(tmp_path, polling: str) -> None:
+    """A head whose discovery has not listed yet (the API server refusing) refused a request saying its shards had
+    no replica "discovery lists ready" in namespace ... (pods labelled ...): read as mislabelled pods, while the
+    503 was in its log only (a review playing Kubernetes with head replicas)."""
+    async with FakeApiServer() as api_server:
+        api_server.apply("pods", pod("w0", deployment="dep", ip="127.0.0.1", port=50001))
+        await api_server.go_down("unavailable")
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", api_server.url)
+        pool = K8sGrpcConnectionPool("default", kubeconfig=str(kubeconfig), watch=FAST, deployments=("dep",))
+        head = Head("dep", pool=pool, shards=2, polling=PollingMap.parse(polling))
+        await head.start()
+        try:
+            await eventually(lambda: len(api_server.list_requests("pods")) >= 1)
+            with pytest.raises(ReplicaError) as refused:
+                await oneshot.call_once("single_data", DataRequest(endpoint="/x"), head.server.address, timeout=3.0,
+                                        metadata=[("endpoint", "/x")])
+            said = str(refused.value)
+            assert "not listed" in said and "503" in said, said
+            assert "pods labelled" not in said, said
+        finally:
+            await head.stop(0.5)

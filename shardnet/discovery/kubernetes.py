@@ -998,6 +998,19 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
             options=self._watch_options,
         )
 
+    def not_listed_yet(self) -> Optional[str]:
+        """While no source has completed its first list (the API server down, refusing, or slow): what is not
+        listed and the last failure, for a refusal that would otherwise blame the pods' labels; else None."""
+        if not self._configured.is_set():
+            return "its Kubernetes configuration is not loaded yet" + (
+                f"; last failure: {self._config_failure}" if self._config_failure else "")
+        watches = list(self._watches.values())
+        if not watches or any(watch.synced.is_set() for watch in watches):
+            return None
+        failure = next((watch.last_failure for watch in watches if watch.last_failure), None)
+        return (f"{' and '.join(watch.name for watch in watches)} not listed yet"
+                + (f"; last failure: {failure}" if failure else ""))
+
     def where_replicas_are_found(self, deployment: str, role: str = "worker") -> str:
         """Where this pool finds ``deployment``'s replicas of ``role`` (worker, uses_before, uses_after): its
         namespace and the labels of the sources it follows, for an operator told that none is there."""

@@ -191,6 +191,10 @@ class _Deadline:
             self._callers_bound = self._per_hop is None or self._at - self._clock() <= self._per_hop
         return self.remaining()
 
+    def heads_timeout_bound(self) -> Optional[float]:
+        """The head's own timeout per hop when it, not the caller's deadline, bounded the latest hop; else None."""
+        return None if self._per_hop is None or self._callers_bound else self._per_hop
+
     def remaining(self) -> Optional[float]:
         """``left()`` as a look only, for a hop that may not start."""
         if self._at is None:
@@ -624,7 +628,9 @@ class Head:
                 failed = grpc.StatusCode.INTERNAL  # a caller must not take it for another server and go elsewhere
             if not _may_have_run(failed, worked or not exc.unsent, deadline, self.pool.retry.unsent_only):
                 await context.abort(failed, str(exc))
-            response, trailing = self._failed_after_running(requests[0], f"{failed.name}: {exc}")
+            response, trailing = self._failed_after_running(
+                requests[0], f"{failed.name}: {exc}{self._timeout_note(failed, deadline)}"
+            )
         finally:
             if counted is not None:
                 under_way[counted] -= 1
@@ -639,6 +645,17 @@ class Head:
             f"{self.deployment}: the answer (under ALL, every shard's merged)",
             "this head's",
         )
+
+    def _timeout_note(self, failed: grpc.StatusCode, deadline: Optional[_Deadline]) -> str:
+        """What a DEADLINE_EXCEEDED the head's own --timeout caused adds to its description: which bound ran out
+        (gRPC's "Deadline Exceeded" alone reads as the caller's, on a call whose caller allowed far longer)."""
+        if failed != grpc.StatusCode.DEADLINE_EXCEEDED or deadline is None:
+            return ""
+        bound = deadline.heads_timeout_bound()
+        attempt = self.pool.retry.attempt_timeout
+        if bound is None or (attempt is not None and attempt < bound):  # an attempt timeout: the pool says so
+            return ""
+        return f" (the head's timeout of {bound:g}s for each hop ran out: head --timeout, Deployment(timeout=))"
 
     def _settle_endpoint(
         self, requests: list[DataRequest], context: grpc.aio.ServicerContext
@@ -723,6 +740,9 @@ class Head:
         role = next((role for role, hop in self._hops if hop == deployment), None)
         discovered = getattr(self.pool, "where_replicas_are_found", None)  # a K8sGrpcConnectionPool's
         if discovered is not None:
+            not_listed = self._not_listed_yet()
+            if not_listed:  # the API server down or refusing since the start: nothing to do with the labels
+                return not_listed
             where = discovered(self.deployment, role or "worker")
             if not shard_ids:
                 return f": discovery has found none in {where}"
@@ -733,6 +753,12 @@ class Head:
             return ": no worker has registered (ACTIVATE), none was given (--connection)"
         return (f": shard(s) {_listed(shard_ids)} have no replica (none registered yet, or their workers deactivated "
                 "or their leases lapsed)")
+
+    def _not_listed_yet(self) -> str:
+        """What a refusal for want of a replica says while this head's Kubernetes discovery has listed nothing
+        yet (and its last failure); "" otherwise, and for a head with no discovery."""
+        pending = getattr(self.pool, "not_listed_yet", lambda: None)()
+        return f": discovery has not listed namespace {self.pool.namespace!r} yet ({pending})" if pending else ""
 
     def _another_shard(self, failure: ReplicaError) -> Optional[int]:
         """Another shard with a replica to pick for an ANY request its shard failed, in turn (the next one
@@ -876,6 +902,13 @@ class Head:
             ),
             return_exceptions=True,
         )
+        if any(isinstance(result, RoutingError) for result in results) and (not_listed := self._not_listed_yet()):
+            # a shard with no replica before discovery listed anything: said, or it would read as a shard gone
+            results = [
+                RoutingError(f"{result}{not_listed}", deployment=result.deployment, shard_id=result.shard_id)
+                if isinstance(result, RoutingError) else result
+                for result in results
+            ]
         # whether the caller's deadline is what the shards ran into: judged now, before uses_after's hop (bound by
         # what is left of it) makes itself the latest and a shard cut by the head's --timeout read as the caller's
         callers = deadline.callers_ran_out()
