@@ -1251,9 +1251,11 @@ def test_an_address_added_again_from_a_later_event_loop_gets_a_channel_there(thr
     asyncio.run(pool.close())
 
 
-def test_a_replica_ejected_in_an_earlier_event_loop_is_probed_again_when_added_again(threaded_echo):
+@pytest.mark.parametrize("closing", ["asyncio.run", "run_until_complete then close"])
+def test_a_replica_ejected_in_an_earlier_event_loop_is_probed_again_when_added_again(threaded_echo, closing):
     """asyncio.run's teardown cancels an ejected replica's probe: in the next loop nothing checked it again, and
-    it stayed ejected for good, healthy or not, though added again."""
+    it stayed ejected for good, healthy or not, though added again. A loop closed without cancelling its tasks
+    (run_until_complete, then close()) left the probe pending there, still listed: no new one started either."""
     flaky, steady = threaded_echo.start("flaky"), threaded_echo.start("steady")
     pool = GrpcConnectionPool(ejection=EjectionPolicy(consecutive_failures=1, base_ejection=0.1, max_ejection=0.2))
 
@@ -1278,41 +1280,12 @@ def test_a_replica_ejected_in_an_earlier_event_loop_is_probed_again_when_added_a
         await pool.close()
         return ejected
 
-    asyncio.run(eject())
-    flaky.fail_with = None
-    assert asyncio.run(later()) == []
-
-
-def test_a_replica_ejected_in_a_loop_closed_without_cancelling_its_tasks_is_probed_again(threaded_echo):
-    """loop.run_until_complete(); loop.close() (no asyncio.run): the ejected replica's probe task is left pending
-    in the closed loop, still in _probes, so add_connection in the next loop started no probe: ejected for good."""
-    flaky, steady = threaded_echo.start("flaky"), threaded_echo.start("steady")
-    pool = GrpcConnectionPool(ejection=EjectionPolicy(consecutive_failures=1, base_ejection=0.1, max_ejection=0.2))
-
-    async def eject() -> None:
-        pool.add_connection("d", flaky.address)
-        pool.add_connection("d", steady.address)
-        flaky.fail_with = grpc.StatusCode.UNAVAILABLE
-        for _ in range(4):
-            try:
-                await pool.send_request(DataRequest(endpoint="/x"), "d", retries=0)[0]
-            except ReplicaError:
-                pass
-        assert pool.get_replicas("d").ejected_addresses == [flaky.address]
-
-    async def later() -> list[str]:
-        pool.add_connection("d", flaky.address)
-        pool.add_connection("d", steady.address)
-        deadline = time.monotonic() + 3
-        while pool.get_replicas("d").ejected_addresses and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        ejected = pool.get_replicas("d").ejected_addresses
-        await pool.close()
-        return ejected
-
-    loop = asyncio.new_event_loop()
-    loop.run_until_complete(eject())
-    loop.close()  # its pending tasks (the probe) are neither cancelled nor run
+    if closing == "asyncio.run":
+        asyncio.run(eject())
+    else:
+        loop = asyncio.new_event_loop()
+        loop.run_until_complete(eject())
+        loop.close()  # its pending tasks (the probe) are neither cancelled nor run
     flaky.fail_with = None
     assert asyncio.run(later()) == []
 

@@ -150,31 +150,40 @@ async def test_a_worker_keeps_renewing_its_registration_through_a_tls_file_gone_
 
 
 
+def write_client_material(chain: Path, key: Path, issued) -> bytes:
+    """Put ``issued``'s chain and key in place, each by a rename, as a renewal does; the chain's bytes."""
+    for path, data in ((chain, b"".join(blob.bytes() for blob in issued.cert_chain_pems)),
+                       (key, issued.private_key_pem.bytes())):
+        fresh = path.with_suffix(".new")
+        fresh.write_bytes(data)
+        fresh.chmod(0o600)
+        os.replace(fresh, path)
+    return chain.read_bytes()
+
+
+async def registered_with_files(pki, runtimes, tmp_path, monkeypatch):
+    """A mutual-TLS head, and a worker registered with it with a client certificate in files it looks at on every
+    ACTIVATE: (head, worker, chain file, key file)."""
+    chain, key = tmp_path / "client.crt", tmp_path / "client.key"
+    write_client_material(chain, key, pki.authority.issue_cert("worker-first.shardnet.test"))
+    monkeypatch.setattr(worker_module, "HEAD_TLS_CHECK_INTERVAL", 0.0)
+    head = await runtimes(Head("secure", ServerConfig(tls=pki.server_mutual), pool=GrpcConnectionPool(tls=pki.client)))
+    material = ClientTls(root_certificates=pki.ca, certificate_chain=str(chain), private_key=str(key))
+    worker = await runtimes(Worker(Stamp.create(), ServerConfig(tls=pki.server_mutual), head=head.server.address,
+                                   head_tls=material, register_interval=0.1))
+    await worker.register()
+    return head, worker, chain, key
+
+
 async def test_a_worker_does_not_take_a_client_certificate_renewal_its_head_refuses(
     pki, runtimes, tmp_path, monkeypatch, caplog, eventually
 ):
     """A renewal of the worker's --head-client-cert the head does not trust (another CA, the head's client CA not
     renewed yet) was taken at once: every ACTIVATE then failed, and the head dropped the worker at the end of its
     lease though the previous certificate still served. It is asked about first, as a pool asks its replicas."""
-    first = pki.authority.issue_cert("worker-first.shardnet.test")
-    stranger = trustme.CA().issue_cert("worker-renewed.shardnet.test")
-    chain, key = tmp_path / "client.crt", tmp_path / "client.key"
-    chain.write_bytes(b"".join(blob.bytes() for blob in first.cert_chain_pems))
-    key.write_bytes(first.private_key_pem.bytes())
-    key.chmod(0o600)
-    monkeypatch.setattr(worker_module, "HEAD_TLS_CHECK_INTERVAL", 0.0)
-    head = await runtimes(Head("secure", ServerConfig(tls=pki.server_mutual), pool=GrpcConnectionPool(tls=pki.client)))
-    material = ClientTls(root_certificates=pki.ca, certificate_chain=str(chain), private_key=str(key))
-    worker = await runtimes(Worker(Stamp.create(), ServerConfig(tls=pki.server_mutual), head=head.server.address,
-                                   head_tls=material, register_interval=0.1))
     caplog.set_level(logging.DEBUG, logger="shardnet.runtimes.worker")
-    await worker.register()
-    for path, data in ((chain, b"".join(blob.bytes() for blob in stranger.cert_chain_pems)),
-                       (key, stranger.private_key_pem.bytes())):
-        fresh = path.with_suffix(".new")
-        fresh.write_bytes(data)
-        fresh.chmod(0o600)
-        os.replace(fresh, path)
+    head, worker, chain, key = await registered_with_files(pki, runtimes, tmp_path, monkeypatch)
+    write_client_material(chain, key, trustme.CA().issue_cert("worker-renewed.shardnet.test"))
     await eventually(lambda: "head TLS material changed but is not taken" in caplog.text, timeout=5.0)
     taken = lambda: sum("registered" in r.getMessage() for r in caplog.records)  # noqa: E731
     before = taken()
@@ -189,31 +198,10 @@ async def test_a_renewal_is_taken_with_the_head_down_and_its_check_comes_out_of_
     """A head down decides nothing: the renewal is taken (a worker must not keep material about to expire for a
     head that cannot answer). A head that takes the TCP connection and never answers held an ACTIVATE for its
     timeout plus the renewal's check (2 s for 1 s, a regression review): the check now comes out of it."""
-    first = pki.authority.issue_cert("worker-first.shardnet.test")
-    chain, key = tmp_path / "client.crt", tmp_path / "client.key"
-    chain.write_bytes(b"".join(blob.bytes() for blob in first.cert_chain_pems))
-    key.write_bytes(first.private_key_pem.bytes())
-    key.chmod(0o600)
-    monkeypatch.setattr(worker_module, "HEAD_TLS_CHECK_INTERVAL", 0.0)
-    head = await runtimes(Head("secure", ServerConfig(tls=pki.server_mutual), pool=GrpcConnectionPool(tls=pki.client)))
-    material = ClientTls(root_certificates=pki.ca, certificate_chain=str(chain), private_key=str(key))
-    worker = await runtimes(Worker(Stamp.create(), ServerConfig(tls=pki.server_mutual), head=head.server.address,
-                                   head_tls=material, register_interval=0.1))
-    await worker.register()
+    head, worker, chain, key = await registered_with_files(pki, runtimes, tmp_path, monkeypatch)
     worker._keep_registered.cancel()
-
-    def renew(name: str) -> bytes:
-        renewed = pki.authority.issue_cert(name)
-        for path, data in ((chain, b"".join(blob.bytes() for blob in renewed.cert_chain_pems)),
-                           (key, renewed.private_key_pem.bytes())):
-            fresh = path.with_suffix(".new")
-            fresh.write_bytes(data)
-            fresh.chmod(0o600)
-            os.replace(fresh, path)
-        return chain.read_bytes()
-
     await head.stop(0)
-    renewed = renew("worker-second.shardnet.test")
+    renewed = write_client_material(chain, key, pki.authority.issue_cert("worker-second.shardnet.test"))
     assert (await worker._head_material()).certificate_chain == renewed
     with socket.socket() as hole:
         hole.bind(("127.0.0.1", 0))
@@ -227,7 +215,7 @@ async def test_a_renewal_is_taken_with_the_head_down_and_its_check_comes_out_of_
             return await real_activate(*args, timeout=timeout, **kwargs)
 
         monkeypatch.setattr(oneshot, "activate_worker", activate_worker)
-        renew("worker-third.shardnet.test")
+        write_client_material(chain, key, pki.authority.issue_cert("worker-third.shardnet.test"))
         with pytest.raises(ReplicaError):
             await worker._activate(timeout=1.0)
     assert given and given[0] < 0.9, given  # the check's second (both sides unanswered) taken off the call's
