@@ -19,6 +19,7 @@ import pytest
 from shardnet import DataRequest, Document, Executor, GrpcConnectionPool, requests
 from shardnet.networking.channels import Stubs
 from shardnet.protocol import services
+from shardnet.networking.policies import RetryPolicy
 from shardnet.networking.polling import PollingMap
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.server import ServerConfig
@@ -369,3 +370,57 @@ async def test_the_heads_own_timeout_is_named_in_the_answer(hop):
     assert code == grpc.StatusCode.OK and details.startswith("DEADLINE_EXCEEDED: ") and "may have run it" in details
     assert "the head's timeout of 0.4s for each hop ran out" in details, details
     assert took < 2.0
+
+
+@pytest.mark.parametrize("attempt", [0.3, 0.5, 2.0])
+async def test_heads_timeout_note_with_an_attempt_timeout(attempt):
+    """--timeout 0.5 cuts the hop, the caller allowed 10 s: with an attempt timeout shorter than it, the answer said
+    the caller's deadline ended the last attempt, and no note named the head's timeout (a regression review)."""
+    async with RecordingReplica(delay=5.0) as one, RecordingReplica(delay=5.0) as two:
+        pool = GrpcConnectionPool(timeout=0.5, retry=RetryPolicy(attempt_timeout=attempt,
+                                                                 retry_on=frozenset({grpc.StatusCode.UNAVAILABLE})))
+        head = Head("dl", ServerConfig(), pool=pool, connections={0: [one.address, two.address]})
+        await head.start()
+        try:
+            code, details, took = await call_head(head, DataRequest(endpoint="/x"), timeout=10)
+        finally:
+            await head.stop(0)
+    assert "the head's timeout of 0.5s for each hop ran out" in details, details
+
+
+class AbortingReplica(RecordingReplica):
+    """A replica that answers DEADLINE_EXCEEDED at once (its own deadline on something it called, say)."""
+
+    async def _answer(self, payload, context):
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "its own downstream deadline")
+
+
+async def test_a_replicas_own_deadline_exceeded_is_not_blamed_on_the_heads_timeout():
+    """A replica answering DEADLINE_EXCEEDED at once (its own downstream deadline) was said to have run out the
+    head's --timeout of 5 s (a regression review)."""
+    async with AbortingReplica() as replica:
+        head = Head("dl", ServerConfig(), pool=GrpcConnectionPool(timeout=5.0), connections={0: [replica.address]})
+        await head.start()
+        try:
+            code, details, took = await call_head(head, DataRequest(endpoint="/x"), timeout=10)
+        finally:
+            await head.stop(0)
+    assert took < 1.0
+    assert "the head's timeout" not in details, details
+
+
+@pytest.mark.parametrize("uses_after", [False, True])
+async def test_all_one_shard_cut_by_the_heads_timeout(uses_after):
+    """Under ALL, a shard the head's --timeout cut while the other answered was named without the note said when
+    every shard fails (a regression review)."""
+    async with RecordingReplica(delay=5.0) as hung, RecordingReplica() as fine, RecordingReplica() as after:
+        head = Head("dl", ServerConfig(), pool=GrpcConnectionPool(timeout=0.4),
+                    connections={0: [hung.address], 1: [fine.address]}, polling=PollingMap.parse("ALL"),
+                    uses_after=after.address if uses_after else None)
+        await head.start()
+        try:
+            code, details, took = await call_head(head, DataRequest(endpoint="/x"), timeout=10)
+        finally:
+            await head.stop(0)
+    assert code == grpc.StatusCode.OK and "shard 0 of 'dl' failed" in details, details
+    assert "the head's timeout of 0.4s for each hop ran out" in details, details

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
@@ -538,8 +539,6 @@ def test_a_wraps_decorator_requiring_an_argument_the_inner_function_does_not_nam
             for doc in docs[:limit]:
                 doc.text = "seen"
 
-    import asyncio
-
     handler = handler_table(Limited)["/x"]
     docs = [Document(text="a"), Document(text="b")]
     arguments = dict(docs=docs, parameters={"limit": 1}, docs_matrix=None, docs_map=None, tracing_context=None)
@@ -561,3 +560,59 @@ def test_a_static_or_class_method_handler_is_refused_as_its_class_loads(kind):
     with pytest.raises(ConfigurationError, match=f"handler .*rank is a {kind.__name__}: a handler is a plain method"):
         handler_table(Ranker)
 
+
+def _stacked(inner_needs_parameters: bool):
+    def outer(f):  # a timing decorator, say
+        @functools.wraps(f)
+        def wrapper(self, *args, **kwargs):
+            return f(self, *args, **kwargs)
+        return wrapper
+
+    def middle(f):  # a decorator supplying what the handler needs from parameters
+        @functools.wraps(f)
+        def wrapper(self, docs, parameters, **kwargs):
+            return f(self, docs, limit=int(parameters.get("limit", 1)))
+        return wrapper
+
+    class Limited(Executor):
+        @requests(on="/x")
+        @outer
+        @middle
+        def first(self, docs, limit):
+            for doc in docs[:limit]:
+                doc.text = "seen"
+    return Limited
+
+
+def test_two_stacked_wraps_decorators_are_given_what_the_middle_one_names():
+    """Only the outermost and innermost signatures were read: what a middle decorator names was never passed, and
+    every request failed (a regression review)."""
+    Limited = _stacked(True)
+    handler = handler_table(Limited)["/x"]
+    docs = [Document(text="a"), Document(text="b")]
+    arguments = dict(docs=docs, parameters={"limit": 1}, docs_matrix=None, docs_map=None, tracing_context=None)
+    asyncio.run(handler(Limited(), None, **arguments))
+    assert [doc.text for doc in docs] == ["seen", "b"]
+
+
+def test_a_wrapper_without_kwargs_over_a_function_with_kwargs():
+    """A wrapper naming its arguments, over a function taking **kwargs, was given every keyword and failed every
+    request on docs_matrix (a regression review)."""
+    def plain(f):
+        @functools.wraps(f)
+        def wrapper(self, docs, parameters):
+            return f(self, docs, parameters)
+        return wrapper
+
+    class E(Executor):
+        @requests(on="/x")
+        @plain
+        def run(self, docs, parameters, **kwargs):
+            for doc in docs:
+                doc.text = "seen"
+
+    handler = handler_table(E)["/x"]
+    docs = [Document(text="a")]
+    arguments = dict(docs=docs, parameters={}, docs_matrix=None, docs_map=None, tracing_context=None)
+    asyncio.run(handler(E(), None, **arguments))
+    assert docs[0].text == "seen"

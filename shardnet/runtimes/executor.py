@@ -108,17 +108,18 @@ class Handler:
         self.name = function.__name__
         self.function = function
         self.is_async = inspect.iscoroutinefunction(function)
-        parameters = list(inspect.signature(function).parameters.values())
-        self.accepts_any_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters)
-        # the handler's own signature, as Jina's getfullargspec reads it: a decorator (functools.wraps) may supply
-        # what the function it wraps requires
-        try:
-            own = list(inspect.signature(function, follow_wrapped=False).parameters.values())
-        except (TypeError, ValueError):  # a wrapper with no signature of its own (a staticmethod object)
-            own = parameters
-        # what either names is given: a wrapper may need an argument (parameters) the function it wraps does not
-        # name, and it is the wrapper that is called
-        self.accepted = frozenset(p.name for p in parameters) | frozenset(p.name for p in own)
+        # each signature down a chain of functools.wraps decorators, the handler's own (the one called, as Jina's
+        # getfullargspec reads it) first: a decorator may supply what the function it wraps requires, or need
+        # an argument (parameters) the function it wraps does not name
+        chain = _signature_chain(function)
+        own = chain[0]
+        var_keyword = [any(p.kind == inspect.Parameter.VAR_KEYWORD for p in level) for level in chain]
+        if var_keyword[0]:  # given what any of them names; anything only when each takes any keyword
+            self.accepts_any_kwargs = all(var_keyword)
+            self.accepted = frozenset(p.name for level in chain for p in level)
+        else:  # the function called takes no other keyword: one it does not name fails every request
+            self.accepts_any_kwargs = False
+            self.accepted = frozenset(p.name for p in own)
         _check_signature(function, own)
 
     def takes(self, argument: str) -> bool:
@@ -142,6 +143,22 @@ class Handler:
                 raise _let_out(exc) from exc  # the handler's own (its frames follow): answered ERROR, as others are
         call = functools.partial(_run_to_the_end, self.function, answer_limit, executor, **arguments)
         return await asyncio.get_running_loop().run_in_executor(threads, call)
+
+
+def _signature_chain(function: Callable) -> list[list[inspect.Parameter]]:
+    """The parameters of ``function`` and of each function it wraps (``__wrapped__``, functools.wraps), outermost
+    first; one level when it wraps none or a level has no signature of its own."""
+    chain, seen = [], set()
+    while function is not None and id(function) not in seen:
+        seen.add(id(function))
+        try:
+            chain.append(list(inspect.signature(function, follow_wrapped=False).parameters.values()))
+        except (TypeError, ValueError):  # no signature of its own: the one it wraps speaks for it
+            if not chain:
+                chain.append(list(inspect.signature(function).parameters.values()))
+            break
+        function = getattr(function, "__wrapped__", None)
+    return chain
 
 
 def _check_signature(function: Callable, parameters: list[inspect.Parameter]) -> None:

@@ -166,16 +166,14 @@ class _Deadline:
     naming the hop that took the time, must reach the caller before its deadline does. ``per_hop``, the head's
     own timeout, bounds each hop as well, as Jina's head gives each of its sends its timeout_send."""
 
-    __slots__ = ("_at", "_clock", "_per_hop", "_callers_bound")
+    __slots__ = ("_at", "_clock", "_per_hop", "_callers_bound", "_hop_started")
 
     def __init__(self, seconds: Optional[float], per_hop: Optional[float] = None):
         self._per_hop = per_hop
         self._callers_bound = False  # whether the caller's deadline, not per_hop, bounds the latest hop
-        if seconds is None:
-            self._at = self._clock = None
-        else:
-            self._clock = asyncio.get_running_loop().time
-            self._at = self._clock() + seconds
+        self._hop_started: Optional[float] = None  # when the latest hop started (with per_hop only)
+        self._clock = None if seconds is None and per_hop is None else asyncio.get_running_loop().time
+        self._at = None if seconds is None else self._clock() + seconds
 
     def callers_ran_out(self) -> bool:
         """Whether the latest hop ran into the caller's deadline (less the head's margin), rather than the head's
@@ -187,13 +185,20 @@ class _Deadline:
     def left(self) -> Optional[float]:
         """Seconds the next hop may take (0 once past: a call given them fails at once, naming where it was
         going), or None; noted as the bound of the hop about to start (``callers_ran_out``)."""
+        if self._per_hop is not None:
+            self._hop_started = self._clock()
         if self._at is not None:
             self._callers_bound = self._per_hop is None or self._at - self._clock() <= self._per_hop
         return self.remaining()
 
     def heads_timeout_bound(self) -> Optional[float]:
-        """The head's own timeout per hop when it, not the caller's deadline, bounded the latest hop; else None."""
-        return None if self._per_hop is None or self._callers_bound else self._per_hop
+        """The head's own timeout per hop when it, not the caller's deadline, bounded the latest hop and that hop
+        took all of it (not cut sooner by an attempt timeout, nor answered DEADLINE_EXCEEDED by its replica); else
+        None."""
+        if self._per_hop is None or self._callers_bound or self._hop_started is None:
+            return None
+        took = self._clock() - self._hop_started
+        return self._per_hop if took >= self._per_hop - min(DEADLINE_MARGIN, self._per_hop / 10) else None
 
     def remaining(self) -> Optional[float]:
         """``left()`` as a look only, for a hop that may not start."""
@@ -232,6 +237,16 @@ def _listed(shard_ids: list[int]) -> str:
 def _awaited(shard_ids: list[int], hops: list[str]) -> str:
     """What a head waits for, as its log line names it: "shard(s) 1-2 and uses_after"."""
     return " and ".join(([f"shard(s) {_listed(shard_ids)}"] if shard_ids else []) + hops)
+
+
+def _with_note(outcome: Any, note: str) -> Any:
+    """``outcome``, a DEADLINE_EXCEEDED replica failure with ``note`` added to its cause; any other as it is."""
+    if not isinstance(outcome, ReplicaError) or outcome.code != grpc.StatusCode.DEADLINE_EXCEEDED:
+        return outcome
+    return type(outcome)(
+        f"{outcome.cause}{note}", address=outcome.address, code=outcome.code, deployment=outcome.deployment,
+        shard_id=outcome.shard_id, role=outcome.role, unsent=outcome.unsent,
+    )
 
 
 def _shard_that_took_the_time(outcomes: list[tuple[int, Any]]) -> ShardnetError:
@@ -651,9 +666,8 @@ class Head:
         (gRPC's "Deadline Exceeded" alone reads as the caller's, on a call whose caller allowed far longer)."""
         if failed != grpc.StatusCode.DEADLINE_EXCEEDED or deadline is None:
             return ""
-        bound = deadline.heads_timeout_bound()
-        attempt = self.pool.retry.attempt_timeout
-        if bound is None or (attempt is not None and attempt < bound):  # an attempt timeout: the pool says so
+        bound = deadline.heads_timeout_bound()  # None when an attempt timeout ended the hop sooner: the pool says so
+        if bound is None:
             return ""
         return f" (the head's timeout of {bound:g}s for each hop ran out: head --timeout, Deployment(timeout=))"
 
@@ -935,6 +949,10 @@ class Head:
                     seen.add(pair)
                     trailing.append(pair)
         trailing += [("total_shards", str(len(targets))), ("failed_shards", str(failed))]
+        if 0 < failed < len(outcomes) and (note := self._timeout_note(grpc.StatusCode.DEADLINE_EXCEEDED, deadline)):
+            # a shard the head's --timeout cut, the others answered: said in the answer as when every shard failed
+            # (_serve says it then), or it reads as the caller's deadline
+            outcomes = [(sid, _with_note(outcome, note)) for sid, outcome in outcomes]
         if self._uses_after is not None:
             answered = [outcome for _, outcome in outcomes if isinstance(outcome, DataRequest)]
             if not answered:
