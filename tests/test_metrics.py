@@ -14,6 +14,7 @@ import executors
 import grpc
 import pytest
 import trustme
+from google.protobuf import empty_pb2
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -483,3 +484,58 @@ def _connects_at_all_over_ipv6_loopback() -> bool:
         listener.bind(("::1", 0))
         listener.listen()
         return _connects("::1", listener.getsockname()[1])
+
+
+# -- a metrics review: discovery failovers, hops labelled as shard 0, requests ending right after a learn --
+
+
+async def test_endpoint_discovery_is_not_counted_as_a_data_request_retry(runtimes, dead_address):
+    """shardnet_head_retries_total counts "attempts sent again to another replica (failovers)" of requests; a
+    monitor's endpoint discovery (`shardnet status`, a gateway's) through a head with a dead replica is no
+    request, and must not show as retries of one, nor spend the retry budget data requests need."""
+    worker = await runtimes(Worker(executors.Tagger.create({"shard_id": 0}), METERED, name="tags/shard-0/rep-0"))
+    head = await runtimes(Head("tags", METERED, connections={0: [worker.server.address, dead_address]}))
+    for _ in range(10):  # as `shardnet status` asks, every few seconds
+        await oneshot.call_once("discovery", empty_pb2.Empty(), head.server.address, timeout=5)
+    at_head = await scrape(head)
+    assert sample(at_head, "shardnet_head_retries_total", deployment="tags") == 0
+
+
+async def test_a_uses_before_is_not_counted_as_shard_0_of_its_deployment(runtimes):
+    """Deployment names a uses_before 'idx/uses_before-0' and `k8s render` 'idx/uses-before': its requests must
+    not land in the very series of shard 0's workers (`sum by (deployment, shard)` would add them up)."""
+    shard_worker = await runtimes(Worker(executors.CountingBefore.create({}), METERED, name="idx/shard-0/rep-0"))
+    hops = [
+        await runtimes(Worker(executors.CountingBefore.create({}), METERED, name=name))
+        for name in ("idx/uses_before-0", "idx/uses-after")
+    ]
+    label_sets = []
+    for worker in (shard_worker, *hops):
+        await send(worker.server.address, "/x")
+        label_sets.append({
+            labels for (name, labels), _ in (await scrape(worker)).items() if name == "shardnet_worker_requests_total"
+        })
+    assert label_sets[0].isdisjoint(label_sets[1]) and label_sets[0].isdisjoint(label_sets[2]), label_sets
+
+
+async def test_an_endpoint_served_is_labelled_as_such_even_right_after_a_learn_that_missed_it(runtimes):
+    """A head whose first request came before its workers (a fresh deployment, a gateway's first request) learns
+    no endpoint then; the requests of a served endpoint that end in the next second must still be counted under
+    it (README: the requests ending while the workers are asked are counted once they answered), not (other)."""
+    head = await runtimes(Head("tags", METERED, connections={}))
+    try:
+        await send(head.server.address, "/tag")  # no worker yet: UNAVAILABLE, and the head learns nothing
+    except Exception:  # noqa: BLE001
+        pass
+    await asyncio.sleep(0.2)  # that learn has ended
+    worker = await runtimes(Worker(executors.Tagger.create({"shard_id": 0}), METERED, name="tags/shard-0/rep-0"))
+    head.pool.add_connection("tags", worker.server.address, shard_id=0)
+    for _ in range(3):
+        await send(head.server.address, "/tag")
+    await asyncio.sleep(1.5)
+    at_head = await scrape(head)
+    served = {
+        dict(labels)["endpoint"]: value for (name, labels), value in at_head.items()
+        if name == "shardnet_head_requests_total" and dict(labels)["outcome"] == "ok"
+    }
+    assert served == {"/tag": 3}, served

@@ -73,6 +73,8 @@ MIN_ATTEMPT_SECONDS = 0.05
 
 Metadata = Union[Sequence[tuple[str, str]], Mapping[str, str]]
 _METHODS = frozenset(field.name for field in dataclasses.fields(Stubs) if field.name != "streams")  # what ``call`` names
+# the methods carrying data requests: their failovers are the retries the head counts (shardnet_head_retries_total)
+_DATA_METHODS = frozenset(method for method in _METHODS if "data" in method)
 Reply = tuple[Any, Any]
 
 
@@ -606,7 +608,8 @@ class GrpcConnectionPool:
                     tried.add(connection)
                     last.connection = connection
                     last.attempts += 1
-                    self.failovers += 1
+                    if method in _DATA_METHODS:  # a data request's failover (the retries metric), not a question's
+                        self.failovers += 1
                     last.attempt_timeout = self._attempt_timeout(deadline, loop)
                     return await replicas.call(
                         connection, method, payload, metadata, last.attempt_timeout,

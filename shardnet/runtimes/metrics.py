@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import Counter as Tally
 from typing import Any, Awaitable, Callable, Iterable, Iterator, Optional
@@ -197,6 +198,7 @@ class HeadMetrics:
         self._learning: Optional[asyncio.Task] = None  # the question to the workers in flight
         self._learnt_at = -LEARN_EVERY_SECONDS  # the loop's time the last one ended
         self._waiting: list[tuple[str, str, Optional[float]]] = []  # counts held until it is answered
+        self._stopped = False  # the listener has closed: no more questions
         self.registry.register(_Collected(self._families))
 
     def meter_serve(self, serve: Handle) -> Handle:
@@ -228,8 +230,11 @@ class HeadMetrics:
         unless asked within LEARN_EVERY_SECONDS), or, past MAX_WAITING_COUNTS or with none asked, is OTHER."""
         if endpoint not in self._listed and endpoint != UNREADABLE_LABEL:
             loop = asyncio.get_running_loop()
-            if self._learning is None and loop.time() - self._learnt_at >= LEARN_EVERY_SECONDS:
-                self._learning = loop.create_task(self._learn())
+            if self._learning is None and not self._stopped:
+                # asked now, or once a second has passed since the last question: a request ending meanwhile
+                # waits for that answer, never labelled OTHER for an endpoint the workers list only now
+                wait = self._learnt_at + LEARN_EVERY_SECONDS - loop.time()
+                self._learning = loop.create_task(self._learn(max(wait, 0.0)))
             if self._learning is not None and len(self._waiting) < MAX_WAITING_COUNTS:
                 self._waiting.append((endpoint, outcome, seconds))
                 return
@@ -239,10 +244,13 @@ class HeadMetrics:
         """A request list that could not be read (refused INVALID_ARGUMENT before it was served)."""
         self.meter.count(UNREADABLE_LABEL, ERROR, 0.0)
 
-    async def _learn(self) -> None:
-        """Ask the workers (and uses_before's, uses_after's) for their endpoints, then count what waited."""
+    async def _learn(self, delay: float = 0.0) -> None:
+        """Ask the workers (and uses_before's, uses_after's) for their endpoints, after ``delay`` seconds, then
+        count what waited."""
         head = self._head
         try:
+            if delay:
+                await asyncio.sleep(delay)
             names = [name for name in (head.deployment, head._uses_before, head._uses_after) if name is not None]
             asked = await asyncio.gather(*(head._endpoints_of(name, (head._via,), LEARN_TIMEOUT) for name in names))
             for reply, _failures in asked:
@@ -262,6 +270,7 @@ class HeadMetrics:
                 self.meter.count(self.label(endpoint), outcome, seconds)
 
     async def _stop_learning(self) -> None:
+        self._stopped = True  # a request ending after this is counted at once, no question asked
         learning = self._learning
         if learning is not None:
             learning.cancel()
@@ -297,6 +306,19 @@ class HeadMetrics:
             yield family
         yield _cut("shardnet_head_requests_cut", "requests cut unanswered at the drain's end", ["deployment"],
                    [deployment], head.requests_cut, self.label)
+
+
+# a uses_before's or uses_after's --name as Deployment ("idx/uses_before-0") and `k8s render` ("idx/uses-before")
+# give it: its deployment label names the hop, as the head's pool does, not shard 0 of the deployment
+_HOP_NAME = re.compile(r"uses[_-](before|after)(-[0-9]+)?")
+
+
+def worker_deployment(name: str) -> str:
+    """A worker's ``deployment`` label: its name up to the first ``/``, and the hop for a uses_before or
+    uses_after (``idx/uses_before``), whose requests must not be counted as those of the deployment's shard 0."""
+    first, _, rest = name.partition("/")
+    hop = _HOP_NAME.fullmatch(rest.split("/", 1)[0])
+    return f"{first}/uses_{hop.group(1)}" if hop else first
 
 
 class WorkerMetrics:

@@ -281,9 +281,9 @@ class Worker:
     def _meter(self, shard_id: int) -> None:
         """Count and time every request (--metrics-port): a wrapper put in place of ``_handle`` here, so that a
         worker without metrics runs the very same request path."""
-        from shardnet.runtimes.metrics import WorkerMetrics  # an optional extra: imported only when asked for
+        from shardnet.runtimes.metrics import WorkerMetrics, worker_deployment  # an optional extra: only when asked
 
-        self.metrics = WorkerMetrics(self, self._route_name, shard_id, self._handlers)
+        self.metrics = WorkerMetrics(self, worker_deployment(self.name), shard_id, self._handlers)
         self.server.metrics = self.metrics.listener
         self._handle = self.metrics.meter_handle(self._handle, self._endpoint_of)
 
