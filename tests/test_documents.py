@@ -714,3 +714,38 @@ def test_a_named_score_read_after_its_value_is_set_reads_the_new_value():
     score.op_name = "dot"
     assert (score.value, score.op_name) == (0.25, "dot")
     assert (doc.scores["c"].value, doc.scores["c"].op_name) == (0.25, "dot")
+
+
+def test_a_document_assigned_in_a_list_of_matches_or_chunks_is_then_edited_through_as_after_append():
+    # ``doc.matches = ms`` stored copies and left ``ms`` viewing nothing: a score or text set through them after
+    # was lost without a word (under docarray it sticks), while append, extend and item assignment rebind them
+    query = Document(id="q")
+    ms = [Document(id="a"), Document(id="b")]
+    query.matches = ms
+    ms[0].scores["cosine"] = 0.5
+    ms[1].text = "edited"
+    assert query.matches[0].scores["cosine"].value == 0.5 and query.matches.texts == ["", "edited"]
+    cs = [Document(id="c")]
+    query.chunks = cs
+    cs[0].embedding = np.ones(2, dtype=np.float32)
+    assert query.chunks[0].embedding.tolist() == [1.0, 1.0] and query.chunks[0].parent_id == "q"
+    a, b = query.matches[0], query.matches[1]
+    query.matches = [b, a]  # views into the very list: swapped, and live still
+    assert query.matches.ids == ["b", "a"]
+    a.text = "again"
+    assert query.matches.texts == ["edited", "again"]
+
+
+def test_documents_are_indexed_by_numpys_integers_and_deleted_by_id_as_a_lists_and_docarrays():
+    # ``docs[np.argmax(scores)]`` was refused as "not by int64 ... write [docs[i] for i in positions]"
+    docs = DocumentList(docarray_pb2.DocumentArrayProto().docs)
+    docs.extend(Document(id=f"d{i}") for i in range(4))
+    assert docs[np.int64(1)].id == "d1" and docs[np.argmax([0.1, 0.9, 0.2, 0.0])].id == "d1"
+    docs[np.int32(2)] = Document(id="x")
+    assert docs.ids == ["d0", "d1", "x", "d3"]
+    del docs["d1"]
+    assert docs.ids == ["d0", "x", "d3"]
+    with pytest.raises(KeyError, match="no document with id 'nope'"):
+        del docs["nope"]
+    with pytest.raises(TypeError, match="not by float"):
+        docs[1.0]

@@ -1491,3 +1491,38 @@ async def test_the_cut_warning_names_the_grace_the_stop_was_given_not_the_config
         await sending
     cut = [record.getMessage() for record in caplog.records if "ended with 1 request(s)" in record.getMessage()]
     assert cut and "the drain's grace (0.3s)" in cut[0], cut
+
+
+class _KeepsOne(Executor):
+    """An indexer as under Jina: keeps a document of each request (its raw tensor dropped) after the request."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.kept, self.lists = [], []
+
+    @requests(on="/index")
+    def index(self, docs, **kwargs):
+        self.lists.append(docs)  # only to tell, after the request, whether a kept one still views its message
+        first = docs[0]
+        first.tensor = None
+        self.kept.append(first)
+        appended = Document(text="added")
+        docs.append(appended)
+        self.kept.append(appended)
+
+
+async def test_a_document_an_executor_keeps_does_not_keep_its_whole_request_alive(runtimes):
+    # a kept view held the request's whole message (protobuf frees its parts together): an indexer keeping one
+    # 40 KB document of each 4 MB request grew by 4 MB a request, without bound
+    executor = _KeepsOne.create()
+    worker = await runtimes(Worker(executor))
+    batch = [Document(id=f"d{i}", tensor=np.random.rand(5000)) for i in range(20)]
+    response = await oneshot.send_request_async(DataRequest(batch, endpoint="/index"), worker.server.address, timeout=10)
+    assert not response.is_error and response.docs[0].tensor is None and len(response.docs) == 21
+    first, appended = executor.kept
+    assert first.id == "d0" and first.tensor is None and appended.text == "added"  # intact, and their own
+    [request_docs] = executor.lists
+    request_docs[0].text, request_docs[-1].text = "the request's", "the request's"
+    assert first.text == "" and appended.text == "added", "a kept document still views the request's message"
+    first.text = "edited later"  # a detached document is the Executor's own: it edits it as any other
+    assert first.text == "edited later" and request_docs[0].text == "the request's"

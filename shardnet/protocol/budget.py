@@ -3,6 +3,7 @@ worker allocate gigabytes. Apart from ``ndarray`` so that reading requests needs
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 from shardnet.errors import ProtocolError
@@ -16,6 +17,7 @@ MAX_DENSE_BYTES = 256 * 2**20
 # 12 of them in 796 bytes made a worker allocate 3 GB. A sparse embedding of 100 values in 100,000 float32
 # dimensions is 2 KB on the wire and 400 KB dense (200 times): one request carries 640 of them.
 DENSE_PER_MESSAGE_BYTE = 64
+VIEWS_COMPACTED_AT = 4096  # weak references to Documents a budget notes before dropping the dead ones
 
 
 class DenseBudget:
@@ -26,12 +28,42 @@ class DenseBudget:
     it), so reading an embedding twice costs nothing more; refused past the limit (ProtocolError).
     """
 
-    __slots__ = ("_absorbed", "_charged", "limit", "size", "used")
+    __slots__ = ("_absorbed", "_charged", "_compact_at", "_views", "limit", "size", "used")
 
     def __init__(self, limit: Optional[int], size: Optional[int] = None):
         self.limit, self.size, self.used = limit, size, 0  # size: of the message it is for, when received
         self._charged: Optional[dict[int, docarray_pb2.NdArrayProto]] = None  # made at the first charge
         self._absorbed: Optional[dict[int, DenseBudget]] = None
+        # the Documents viewing this message's documents, while a worker's handler runs (track_views): detached
+        # when it is done, so one an Executor keeps does not keep the whole request alive
+        self._views: Optional[list[weakref.ref]] = None
+        self._compact_at = VIEWS_COMPACTED_AT
+
+    def track_views(self) -> None:
+        """Note every Document made from now on to view this message's documents (see ``detach_views``)."""
+        if self._views is None:
+            self._views = []
+
+    def hold(self, view: object) -> None:
+        """Note ``view`` (tracking is on: ``_views`` not None). Weak references, in a list (a Document is not
+        hashable; a WeakSet's callbacks made a view 3 times dearer to make): the dead ones are dropped once the
+        list doubled, so a handler iterating its documents again and again holds only those still alive."""
+        views = self._views
+        views.append(weakref.ref(view))
+        if len(views) > self._compact_at:
+            views[:] = [ref for ref in views if ref() is not None]
+            self._compact_at = max(VIEWS_COMPACTED_AT, 2 * len(views))
+
+    def detach_views(self) -> None:
+        """Give every Document still viewing this message's documents a copy of its own, and stop tracking. A view
+        keeps the whole message alive (protobuf frees a message's parts together): an Executor keeping one
+        document of each request (``self._kept.append(docs[0])``) held every request it was given, all of it."""
+        views, self._views = self._views, None
+        self._compact_at = VIEWS_COMPACTED_AT
+        for ref in views or ():
+            view = ref()
+            if view is not None:
+                view._detach()
 
     @classmethod
     def for_message(cls, size: int) -> "DenseBudget":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import mimetypes
 import numbers
+import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, Optional, Union, overload
 
@@ -292,7 +293,7 @@ class Document:
 
     # _budget: what the sparse arrays of the message this document came in may still expand to (shared with the
     # other documents of that message); None for a document wrapped on its own, given one when it first needs it
-    __slots__ = ("_budget", "_pb")
+    __slots__ = ("__weakref__", "_budget", "_pb")
 
     def __init__(
         self,
@@ -333,7 +334,15 @@ class Document:
         """A view of a document of a list, sharing the list's budget for sparse arrays."""
         document = cls.__new__(cls)
         document._pb, document._budget = proto, budget
+        if budget._views is not None:  # a worker's handler is running: detached when it is done
+            budget.hold(document)
         return document
+
+    def _detach(self) -> None:
+        """View a copy of this document of its own, not the message it is part of (which it would keep alive)."""
+        copy = docarray_pb2.DocumentProto()
+        copy.CopyFrom(self._pb)
+        self._pb, self._budget = copy, None
 
     def _dense_budget(self) -> DenseBudget:
         if self._budget is None:  # wrapped on its own: as much as one small message may expand to
@@ -499,7 +508,8 @@ class Document:
 
     @matches.setter
     def matches(self, docs: Iterable[DocumentLike]) -> None:
-        """``doc.matches = [...]`` replaces them all, as in docarray (copies of ``docs``, views of it included)."""
+        """``doc.matches = [...]`` replaces them all, as in docarray: stored copies of ``docs`` (views of it
+        included), which a Document given then views, as after ``append``."""
         self.matches.replace(docs)
 
     @property
@@ -543,6 +553,17 @@ class Document:
 
 
 DocumentLike = Union[Document, docarray_pb2.DocumentProto]
+
+
+def _position(index: Any) -> Optional[int]:
+    """``index`` as a list takes a position (an int, or numpy's integers: ``docs[np.argmax(scores)]``); None if
+    it is none."""
+    if isinstance(index, int):
+        return index
+    try:
+        return operator.index(index)
+    except TypeError:
+        return None
 
 
 def _copies_checked(protos: list[docarray_pb2.DocumentProto]) -> Any:
@@ -612,12 +633,13 @@ class DocumentList:
             return [Document._view(pb, self._budget) for pb in self._field[index]]
         if isinstance(index, str):
             return self._by_id(index)
-        if not isinstance(index, int):
+        position = _position(index)
+        if position is None:
             raise TypeError(
                 f"documents are indexed by position, slice or id, not by {type(index).__name__}: shardnet has no "
                 "DocumentArray; write [docs[i] for i in positions], or [d for d, keep in zip(docs, mask) if keep]"
             )
-        return Document._view(self._field[index], self._budget)
+        return Document._view(self._field[position], self._budget)
 
     def _by_id(self, wanted: str) -> Document:
         for pb in self._field:
@@ -633,12 +655,13 @@ class DocumentList:
         if isinstance(index, slice):
             self._assign_slice(index, list(value))  # taken whole first: ``value`` may read this very list
             return
-        if not isinstance(index, int):
+        position = _position(index)
+        if position is None:
             raise TypeError(
                 f"documents are assigned by position or slice, not by {type(index).__name__}; to replace the "
                 "one with an id, assign at its position: docs.ids.index(id)"
             )
-        self._put(range(len(self._field))[index], value, _proto_of(value))  # an IndexError as a list's
+        self._put(range(len(self._field))[position], value, _proto_of(value))  # an IndexError as a list's
 
     def _assign_slice(self, index: slice, docs: list[DocumentLike]) -> None:
         protos = [_proto_of(doc) for doc in docs]
@@ -682,8 +705,17 @@ class DocumentList:
         if isinstance(doc, Document):
             self._budget.absorb(doc._budget)
             doc._pb = stored
+            if self._budget._views is not None:  # now a view of this list's message
+                self._budget.hold(doc)
 
-    def __delitem__(self, index: Union[int, slice]) -> None:
+    def __delitem__(self, index: Union[int, slice, str]) -> None:
+        """By position or slice, as a list's; by id (``del docs["d1"]``), as docarray's, the first with that id."""
+        if isinstance(index, str):
+            for position, pb in enumerate(self._field):
+                if pb.id == index:
+                    del self._field[position]
+                    return
+            raise KeyError(f"no document with id {index!r} among these {len(self._field)}")
         del self._field[index]
 
     def __iter__(self) -> Iterator[Document]:
@@ -716,6 +748,11 @@ class DocumentList:
                 self._budget.absorb(doc._budget)
         self.clear()
         self._field.extend(copies)
+        for doc, stored in zip(docs, self._field):  # as after append: a Document given views its stored copy,
+            if isinstance(doc, Document):  # so ``doc.matches = ms`` then ``ms[0].scores[...] = s`` sticks
+                doc._pb = stored
+                if self._budget._views is not None:
+                    self._budget.hold(doc)
 
     @property
     def texts(self) -> list[str]:

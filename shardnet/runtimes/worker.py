@@ -476,6 +476,12 @@ class Worker:
         in_handlers = self._in_handlers
         in_handlers[endpoint] += 1
         cut = False
+        # the Documents the handler is given view the requests' messages: those it keeps get copies of their own
+        # once it is done (detached), as docarray's are, not the whole request each (budgets: one per message)
+        budgets = {id(budget): budget for budget in (docs.budget, *(column.budget for column in matrix))}
+        for budget in budgets.values():
+            budget.track_views()
+        handler_running = True
         try:
             returned = await handler(self.executor, self._threads, answer_limit=answer_limit, **arguments)
             if isinstance(returned, dict):
@@ -498,6 +504,7 @@ class Worker:
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError) and _cancelled_from_outside():
                 cut = self.server.grace_is_over()  # kept in _in_handlers: _finish names it
+                handler_running = False  # a handler in a thread may still be making views: left as they are
                 raise  # the call itself: its client left, or the drain's grace ended
             if received is not None:  # as Jina's worker answers: the documents as they came, not half edited
                 first = DataRequest.from_bytes(received)
@@ -511,6 +518,9 @@ class Worker:
             route.start_time.FromNanoseconds(started)
             route.end_time.FromNanoseconds(time.time_ns())
         finally:
+            if handler_running:
+                for budget in budgets.values():
+                    budget.detach_views()
             if not cut:
                 in_handlers[endpoint] -= 1
                 if not in_handlers[endpoint]:  # callers choose endpoints: none is kept once its calls ended
