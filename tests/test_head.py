@@ -22,7 +22,7 @@ import grpc
 import grpc.aio
 import pytest
 from google.protobuf import empty_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from shardnet import (
@@ -1712,3 +1712,44 @@ async def test_a_request_that_came_error_and_is_passed_back_gets_no_error_traile
                                connections={0: [workers[0].server.address], 1: [dead_address]}))
     answer, trailing = await send_with_trailing(down.server.address, "/known", [Document(text="y")])
     assert answer.is_error and trailing.get(services.ERROR_METADATA) == "true"
+
+
+async def _answering_unavailable() -> tuple[grpc.aio.Server, str]:
+    """A replica that is up (health SERVING) but answers UNAVAILABLE to everything else (retryable, and a
+    connection that works: it is not ejected for connection failures)."""
+
+    async def unavailable(request: bytes, context) -> bytes:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "busy")
+
+    class Handler(grpc.GenericRpcHandler):
+        def service(self, details):
+            if details.method.startswith("/jina."):
+                return grpc.unary_unary_rpc_method_handler(unavailable)
+            return None
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((Handler(),))
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+async def test_endpoint_discovery_asked_by_monitors_spends_no_retry_budget(runtimes):
+    """`shardnet status` (STATUS needs no token: anyone may run it, and a monitor runs it every few seconds) makes the
+head ask every shard for its endpoints; the failovers of those questions spend the head's retry budget, which
+the data requests' failovers need. A monitor polling a head with a shard that fails discovery should not leave
+the data plane's failovers refused ("the retry budget exhausted") while no data request was even seen. (a review of send and status)"""
+    made = [await _answering_unavailable() for _ in range(4)]
+    try:
+        head = await runtimes(Head("budget", connections={0: [address for _, address in made]}))
+        for _ in range(40):  # a monitor's `shardnet status` every second, for 40 s, asks this each time
+            try:
+                await oneshot.call_once("discovery", empty_pb2.Empty(), head.server.address, timeout=5)
+            except Exception:
+                pass
+        budget = head.pool.retry_budget
+        assert budget.total_requests == 0
+        assert budget.total_retries == 0 and budget.refused == 0, (budget.total_retries, budget.refused)
+    finally:
+        await asyncio.gather(*(server.stop(None) for server, _ in made))

@@ -8,6 +8,7 @@ exit code.
 from __future__ import annotations
 
 import argparse
+import errno
 import faulthandler
 import io
 import os
@@ -82,7 +83,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         refusing.error(f"unrecognized arguments: {' '.join(unknown)}")
     log_lines.configure(args.log_level, said_by(args))
     try:
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        if sys.stdout is not None:  # None: started with it closed (>&-), and print() wrote nothing
+            sys.stdout.flush()  # here, where a failure is said in a line: at the exit, a traceback or code 120
+        return code
     except ShardnetError as exc:
         # "shardnet k8s render: ...", what a server said in it unable to drive the terminal (its lines kept)
         print(log_lines.printable(f"{args.parser.prog}: {exc}", keep="\n"), file=sys.stderr)
@@ -94,6 +98,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except BrokenPipeError:  # the reader went away (| head): nothing more to say, and nowhere to say it
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush stays quiet
         return 141
+    except OSError as exc:  # the output could not be written (a full disk, /dev/full, an I/O error)
+        if exc.errno not in _UNWRITABLE:
+            raise
+        print(f"{args.parser.prog}: cannot write its output: {exc.strerror}", file=sys.stderr)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush stays quiet
+        return OUTPUT_FAILED
+
+
+# the output could not be written: not one of status's answers (1 not serving, 2 unreachable, 3 degraded), nor
+# send's ERROR (1): sysexits' EX_IOERR
+OUTPUT_FAILED = 74
+_UNWRITABLE = frozenset({errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.EFBIG})
 
 
 def program() -> None:

@@ -26,6 +26,7 @@ from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, NOT_CONNECTE
 from shardnet.protocol.documents import Document
 from shardnet.protocol.messages import DataRequest
 from shardnet.runtimes.executor import DEFAULT_ENDPOINT
+from shardnet.runtimes.log_lines import printable
 
 logger = logging.getLogger("shardnet.send")
 SHOWN_VALUES = 5  # the first values of an embedding or tensor a terminal is shown
@@ -102,27 +103,38 @@ async def send(args: argparse.Namespace) -> int:
             ) from None
         if _target_unreachable(exc):
             raise  # said once, as the request would say it
-        logger.warning("could not discover the endpoints of %s: %s", args.target, exc)
+        # the server's words, shown, never obeyed by the terminal (nor beginning a line of their own)
+        logger.warning("could not discover the endpoints of %s: %s", printable(args.target), printable(str(exc)))
         endpoints = None
     # a server naming no endpoint (a head with no replica yet) says nothing about this one: its error follows
     if endpoints and args.endpoint not in endpoints and DEFAULT_ENDPOINT not in endpoints:
         logger.warning(
             "%s is not among the endpoints %s serves (%s): it will come back unchanged unless a default handler takes it",
-            args.endpoint,
-            args.target,
-            shown_endpoints(endpoints),
+            printable(args.endpoint),
+            printable(args.target),
+            printable(shown_endpoints(endpoints)),  # as the server listed them: shown as status shows them
         )
     request = _request(args, parameters)
     left = deadline - loop.time()
     if left <= 0:  # discovery answered, but took it all
         raise DeadlineExceeded(
             f"--timeout {args.timeout:g}s ran out during endpoint discovery, before the request was sent",
-            address=args.target, code=grpc.StatusCode.DEADLINE_EXCEEDED,
+            address=args.target, code=grpc.StatusCode.DEADLINE_EXCEEDED, role="server",
         )
-    response = await oneshot.send_request_async(
-        request, args.target, timeout=left, tls=tls,
-        channel_options=message_size_options(int(args.max_message_mb * 2**20)),
-    )
+    try:
+        response = await oneshot.send_request_async(
+            request, args.target, timeout=left, tls=tls,
+            channel_options=message_size_options(int(args.max_message_mb * 2**20)),
+        )
+    except ReplicaError as exc:
+        if exc.code != grpc.StatusCode.DEADLINE_EXCEEDED or exc.cause != "Deadline Exceeded":
+            raise
+        # gRPC's own words, the target's silence: which time ran out, and that the request may still run there
+        raise type(exc)(
+            f"{exc.cause} (no answer within --timeout {args.timeout:g}s; the request was sent, and may still run "
+            "there)", address=exc.address, code=exc.code, deployment=exc.deployment, shard_id=exc.shard_id,
+            role=exc.role,
+        ) from None
     print(json.dumps(_strict_json(describe(response)), indent=2, allow_nan=False))
     return 1 if response.is_error else 0
 

@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "cannot be listed, or a shard, a uses_before or a uses_after has no replica, or none serving; 2 when it "
         "cannot be reached at all; "
         f"{DEGRADED} (degraded) when a replica is down, or was not checked in time, but no shard is known to have "
-        "none serving.",
+        "none serving; 74 when its output could not be written.",
     )
     parser.add_argument("target", help="HOST:PORT (https://HOST:PORT for TLS)")
     parser.add_argument(
@@ -77,7 +77,12 @@ async def status(args: argparse.Namespace) -> int:
         _ask(args, tls, "control", ControlRequest("STATUS"), ((services.CHECK_REPLICAS_METADATA, "1"),)),
     )
     if isinstance(health, ReplicaError):
-        if health.code == grpc.StatusCode.DEADLINE_EXCEEDED or health.cause.lower().startswith(NOT_CONNECTED):
+        if health.code == grpc.StatusCode.DEADLINE_EXCEEDED:  # nothing answered at all: exit 2, saying how long
+            raise type(health)(
+                f"{health.cause} (no answer to a health check within --timeout {args.timeout:g}s)",
+                address=health.address, code=health.code, role=health.role,
+            ) from None
+        if health.cause.lower().startswith(NOT_CONNECTED):
             raise health  # nothing answered at all: exit 2
         _show(f"{args.target}: health unknown ({health.cause})")  # it answered, but no health check (exit 1)
         healthy = False

@@ -190,7 +190,7 @@ async def _call_on_new_channel(
 ) -> tuple[Any, Any]:
     channel = get_grpc_channel(address, options=options, asyncio=True, tls=tls)
     try:
-        call = getattr(Stubs.for_channel(channel, origin=f"replica {address}"), method)(
+        call = getattr(Stubs.for_channel(channel, origin=f"server {address}"), method)(
             payload, metadata=metadata, timeout=timeout
         )
         response = checked_reply(await call, address, timed=timeout is not None, role="server")

@@ -454,12 +454,16 @@ class GrpcConnectionPool:
         timeout: Optional[float] = None,
         retries: Optional[int] = None,
         new_request: bool = True,
+        budgeted: bool = True,
     ) -> Reply:
         """Send ``payload`` with ``method`` to one replica of ``replicas``, failing over as the policy allows.
 
         ``retries`` caps the failovers of this call (0: none; None or negative: the policy's rounds).
         ``new_request``: False for a request the retry budget already counted (a head sending one no worker
         took to another shard), which must not raise the budget's allowance.
+        ``budgeted``: False for a question that is no data request (a head's endpoint discovery, which every
+        ``shardnet status`` asks, with no token): its failovers, bounded by the rounds and the deadline, spend
+        nothing of the budget the data requests' failovers need.
         Raises ReplicaError (or DeadlineExceeded) naming deployment, shard and
         replica, or RoutingError when the list has no replica at all.
         """
@@ -495,7 +499,8 @@ class GrpcConnectionPool:
                     error, connection, deployment, shard_id, unsent=_unsent(error, method)
                 ) from None
             return await self._fail_over(
-                error, connection, payload, deployment, replicas, shard_id, method, metadata, deadline, retries
+                error, connection, payload, deployment, replicas, shard_id, method, metadata, deadline, retries,
+                budgeted=budgeted,
             )
 
     def _attempt_timeout(self, deadline: Optional[float], loop: asyncio.AbstractEventLoop) -> Optional[float]:
@@ -533,6 +538,7 @@ class GrpcConnectionPool:
         metadata: Metadata,
         deadline: Optional[float],
         retries: Optional[int] = None,
+        budgeted: bool = True,
     ) -> Reply:
         """Retry on the shard's other replicas, each at most once a round; back off between rounds."""
         loop = asyncio.get_running_loop()
@@ -569,7 +575,7 @@ class GrpcConnectionPool:
             return last.out_of_time
 
         def spend(state: tenacity.RetryCallState) -> bool:
-            last.budget_refused = not self.retry_budget.try_spend()
+            last.budget_refused = budgeted and not self.retry_budget.try_spend()
             return last.budget_refused
 
         max_attempts = max(1, len(replicas)) * self.retry.rounds - 1
@@ -586,7 +592,7 @@ class GrpcConnectionPool:
                 first_error, first, deployment, shard_id,
                 "the only attempt, too little of the caller's deadline left for another attempt", unsent=last.unsent,
             ) from None
-        if not routed_around and not self.retry_budget.try_spend():
+        if budgeted and not routed_around and not self.retry_budget.try_spend():
             raise self._replica_error(
                 first_error, first, deployment, shard_id, "the only attempt, the retry budget exhausted",
                 unsent=last.unsent,

@@ -1303,6 +1303,9 @@ class Head:
                     # no request of the retry budget's: a monitor asking every second (`shardnet status` lists
                     # endpoints) raised the retries data requests were allowed, one count per shard asked
                     metadata=metadata, timeout=timeout, new_request=False,
+                    # nor its failovers: STATUS needs no token, and a monitor's spent the budget the data requests'
+                    # failovers need (retries refused while no request was seen); each replica asked once at most
+                    budgeted=False, retries=len(replicas) - 1,
                 )
             )
             for shard_id in self.pool.shard_ids(deployment)
