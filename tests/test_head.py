@@ -1753,3 +1753,40 @@ the data plane's failovers refused ("the retry budget exhausted") while no data 
         assert budget.total_retries == 0 and budget.refused == 0, (budget.total_retries, budget.refused)
     finally:
         await asyncio.gather(*(server.stop(None) for server, _ in made))
+
+
+async def _flaky_once():
+    """A replica whose first endpoint discovery answers UNAVAILABLE (its connection just reset, say); then fine."""
+    calls = []
+
+    async def discovery(request: bytes, context) -> bytes:
+        calls.append(1)
+        if len(calls) == 1:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "transient")
+        return jina_pb2.EndpointsProto(endpoints=["/tag", "_jina_dry_run_"]).SerializeToString()
+
+    class Handler(grpc.GenericRpcHandler):
+        def service(self, details):
+            if details.method == services.ENDPOINT_DISCOVERY:
+                return grpc.unary_unary_rpc_method_handler(discovery)
+            return None
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((Handler(),))
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}", calls
+
+
+async def test_discovery_over_a_one_replica_shard_survives_one_transient_failure(runtimes):
+    """Asking each replica once, unbudgeted, left a shard's only replica no second try: one reset connection
+    failed discovery, and `shardnet status` said "endpoints: unknown", exit 1 (a regression review)."""
+    server, address, calls = await _flaky_once()
+    try:
+        head = await runtimes(Head("one", connections={0: [address]}))
+        reply, _ = await oneshot.call_once("discovery", empty_pb2.Empty(), head.server.address, timeout=5)
+        assert "/tag" in reply.endpoints and len(calls) == 2
+        assert head.pool.retry_budget.total_retries == 0  # still unbudgeted
+    finally:
+        await server.stop(None)

@@ -1304,8 +1304,9 @@ class Head:
                     # endpoints) raised the retries data requests were allowed, one count per shard asked
                     metadata=metadata, timeout=timeout, new_request=False,
                     # nor its failovers: STATUS needs no token, and a monitor's spent the budget the data requests'
-                    # failovers need (retries refused while no request was seen); each replica asked once at most
-                    budgeted=False, retries=len(replicas) - 1,
+                    # failovers need (retries refused while no request was seen); each replica asked once at most,
+                    # a shard's only one twice (after a back-off: a reset connection, a restart, fails one call)
+                    budgeted=False, retries=max(1, len(replicas) - 1),
                 )
             )
             for shard_id in self.pool.shard_ids(deployment)
