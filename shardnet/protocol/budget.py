@@ -36,7 +36,9 @@ class DenseBudget:
         self._absorbed: Optional[dict[int, DenseBudget]] = None
         # the Documents viewing this message's documents, while a worker's handler runs (track_views): detached
         # when it is done, so one an Executor keeps does not keep the whole request alive
-        self._views: Optional[list[weakref.ref]] = None
+        # (a weak reference to a view, the document it viewed then): one viewing another since (appended to the
+        # Executor's own Document, or to another request's list) is not this message's to detach
+        self._views: Optional[list[tuple[weakref.ref, object]]] = None
         self._compact_at = VIEWS_COMPACTED_AT
 
     def track_views(self) -> None:
@@ -49,9 +51,9 @@ class DenseBudget:
         hashable; a WeakSet's callbacks made a view 3 times dearer to make): the dead ones are dropped once the
         list doubled, so a handler iterating its documents again and again holds only those still alive."""
         views = self._views
-        views.append(weakref.ref(view))
+        views.append((weakref.ref(view), view._pb))
         if len(views) > self._compact_at:
-            views[:] = [ref for ref in views if ref() is not None]
+            views[:] = [held for held in views if held[0]() is not None]
             self._compact_at = max(VIEWS_COMPACTED_AT, 2 * len(views))
 
     def detach_views(self) -> None:
@@ -60,9 +62,9 @@ class DenseBudget:
         document of each request (``self._kept.append(docs[0])``) held every request it was given, all of it."""
         views, self._views = self._views, None
         self._compact_at = VIEWS_COMPACTED_AT
-        for ref in views or ():
+        for ref, viewed in views or ():
             view = ref()
-            if view is not None:
+            if view is not None and view._pb is viewed:  # still viewing this message's document
                 view._detach()
 
     @classmethod
