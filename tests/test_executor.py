@@ -520,30 +520,48 @@ def test_a_wraps_decorator_that_supplies_an_argument_is_not_refused():
     assert sorted(handler_table(Ranker)) == ["/rank"]
 
 
+def _with_limit(f):
+    """A decorator supplying what the handler needs from the request's parameters (its own signature names them)."""
+
+    @functools.wraps(f)
+    def wrapper(self, docs, parameters, **kwargs):
+        return f(self, docs, limit=int(parameters.get("limit", 1)))
+
+    return wrapper
+
+
+def _timed(f):
+    """A decorator passing everything on (a timing one, say)."""
+
+    @functools.wraps(f)
+    def wrapper(self, *args, **kwargs):
+        return f(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _served_first_of_two(executor_class) -> list[str]:
+    """The texts of two documents after ``executor_class``'s /x handler ran on them with ``limit`` 1."""
+    handler = handler_table(executor_class)["/x"]
+    docs = [Document(text="a"), Document(text="b")]
+    arguments = dict(docs=docs, parameters={"limit": 1}, docs_matrix=None, docs_map=None, tracing_context=None)
+    asyncio.run(handler(executor_class(), None, **arguments))
+    return [doc.text for doc in docs]
+
+
 def test_a_wraps_decorator_requiring_an_argument_the_inner_function_does_not_name_is_given_it():
     """A wrapper of its own signature (self, docs, parameters, **kwargs) over a function naming docs and an
     argument the wrapper supplies: the class loaded (its own signature is checked), but only what the inner
     function names was passed, and every request failed with "missing ... 'parameters'"."""
 
-    def with_limit(f):
-        @functools.wraps(f)
-        def wrapper(self, docs, parameters, **kwargs):
-            return f(self, docs, limit=int(parameters.get("limit", 1)))
-
-        return wrapper
-
     class Limited(Executor):
         @requests(on="/x")
-        @with_limit
+        @_with_limit
         def first(self, docs, limit):
             for doc in docs[:limit]:
                 doc.text = "seen"
 
-    handler = handler_table(Limited)["/x"]
-    docs = [Document(text="a"), Document(text="b")]
-    arguments = dict(docs=docs, parameters={"limit": 1}, docs_matrix=None, docs_map=None, tracing_context=None)
-    asyncio.run(handler(Limited(), None, **arguments))
-    assert [doc.text for doc in docs] == ["seen", "b"]
+    assert _served_first_of_two(Limited) == ["seen", "b"]
 
 
 @pytest.mark.parametrize("kind", [staticmethod, classmethod])
@@ -561,58 +579,37 @@ def test_a_static_or_class_method_handler_is_refused_as_its_class_loads(kind):
         handler_table(Ranker)
 
 
-def _stacked(inner_needs_parameters: bool):
-    def outer(f):  # a timing decorator, say
-        @functools.wraps(f)
-        def wrapper(self, *args, **kwargs):
-            return f(self, *args, **kwargs)
-        return wrapper
-
-    def middle(f):  # a decorator supplying what the handler needs from parameters
-        @functools.wraps(f)
-        def wrapper(self, docs, parameters, **kwargs):
-            return f(self, docs, limit=int(parameters.get("limit", 1)))
-        return wrapper
-
-    class Limited(Executor):
-        @requests(on="/x")
-        @outer
-        @middle
-        def first(self, docs, limit):
-            for doc in docs[:limit]:
-                doc.text = "seen"
-    return Limited
-
-
 def test_two_stacked_wraps_decorators_are_given_what_the_middle_one_names():
     """Only the outermost and innermost signatures were read: what a middle decorator names was never passed, and
     every request failed (a regression review)."""
-    Limited = _stacked(True)
-    handler = handler_table(Limited)["/x"]
-    docs = [Document(text="a"), Document(text="b")]
-    arguments = dict(docs=docs, parameters={"limit": 1}, docs_matrix=None, docs_map=None, tracing_context=None)
-    asyncio.run(handler(Limited(), None, **arguments))
-    assert [doc.text for doc in docs] == ["seen", "b"]
+
+    class Limited(Executor):
+        @requests(on="/x")
+        @_timed
+        @_with_limit
+        def first(self, docs, limit):
+            for doc in docs[:limit]:
+                doc.text = "seen"
+
+    assert _served_first_of_two(Limited) == ["seen", "b"]
 
 
 def test_a_wrapper_without_kwargs_over_a_function_with_kwargs():
     """A wrapper naming its arguments, over a function taking **kwargs, was given every keyword and failed every
     request on docs_matrix (a regression review)."""
+
     def plain(f):
         @functools.wraps(f)
         def wrapper(self, docs, parameters):
             return f(self, docs, parameters)
+
         return wrapper
 
-    class E(Executor):
+    class Plain(Executor):
         @requests(on="/x")
         @plain
         def run(self, docs, parameters, **kwargs):
             for doc in docs:
                 doc.text = "seen"
 
-    handler = handler_table(E)["/x"]
-    docs = [Document(text="a")]
-    arguments = dict(docs=docs, parameters={}, docs_matrix=None, docs_map=None, tracing_context=None)
-    asyncio.run(handler(E(), None, **arguments))
-    assert docs[0].text == "seen"
+    assert _served_first_of_two(Plain) == ["seen", "seen"]

@@ -1714,17 +1714,13 @@ async def test_a_request_that_came_error_and_is_passed_back_gets_no_error_traile
     assert answer.is_error and trailing.get(services.ERROR_METADATA) == "true"
 
 
-async def _answering_unavailable() -> tuple[grpc.aio.Server, str]:
-    """A replica that is up (health SERVING) but answers UNAVAILABLE to everything else (retryable, and a
-    connection that works: it is not ejected for connection failures)."""
-
-    async def unavailable(request: bytes, context) -> bytes:
-        await context.abort(grpc.StatusCode.UNAVAILABLE, "busy")
+async def _jina_replica(answer) -> tuple[grpc.aio.Server, str]:
+    """A replica serving health (SERVING) that answers every Jina method with ``answer(request, context)``."""
 
     class Handler(grpc.GenericRpcHandler):
         def service(self, details):
             if details.method.startswith("/jina."):
-                return grpc.unary_unary_rpc_method_handler(unavailable)
+                return grpc.unary_unary_rpc_method_handler(answer)
             return None
 
     server = grpc.aio.server()
@@ -1735,12 +1731,17 @@ async def _answering_unavailable() -> tuple[grpc.aio.Server, str]:
     return server, f"127.0.0.1:{port}"
 
 
+async def _busy(request: bytes, context) -> bytes:
+    """UNAVAILABLE to everything: retryable, over a connection that works (no ejection for connection failures)."""
+    await context.abort(grpc.StatusCode.UNAVAILABLE, "busy")
+
+
 async def test_endpoint_discovery_asked_by_monitors_spends_no_retry_budget(runtimes):
-    """`shardnet status` (STATUS needs no token: anyone may run it, and a monitor runs it every few seconds) makes the
-head ask every shard for its endpoints; the failovers of those questions spend the head's retry budget, which
-the data requests' failovers need. A monitor polling a head with a shard that fails discovery should not leave
-the data plane's failovers refused ("the retry budget exhausted") while no data request was even seen. (a review of send and status)"""
-    made = [await _answering_unavailable() for _ in range(4)]
+    """`shardnet status` (STATUS needs no token: anyone may run it, and a monitor runs it every few seconds) makes
+    the head ask every shard for its endpoints; the failovers of those questions spent the head's retry budget,
+    which the data requests' failovers need, and left them refused ("the retry budget exhausted") while no data
+    request was even seen (a review of send and status)."""
+    made = [await _jina_replica(_busy) for _ in range(4)]
     try:
         head = await runtimes(Head("budget", connections={0: [address for _, address in made]}))
         for _ in range(40):  # a monitor's `shardnet status` every second, for 40 s, asks this each time
@@ -1755,34 +1756,18 @@ the data plane's failovers refused ("the retry budget exhausted") while no data 
         await asyncio.gather(*(server.stop(None) for server, _ in made))
 
 
-async def _flaky_once():
-    """A replica whose first endpoint discovery answers UNAVAILABLE (its connection just reset, say); then fine."""
+async def test_discovery_over_a_one_replica_shard_survives_one_transient_failure(runtimes):
+    """Asking each replica once, unbudgeted, left a shard's only replica no second try: one reset connection
+    failed discovery, and `shardnet status` said "endpoints: unknown", exit 1 (a regression review)."""
     calls = []
 
-    async def discovery(request: bytes, context) -> bytes:
+    async def flaky_once(request: bytes, context) -> bytes:  # its connection just reset, say; then fine
         calls.append(1)
         if len(calls) == 1:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "transient")
         return jina_pb2.EndpointsProto(endpoints=["/tag", "_jina_dry_run_"]).SerializeToString()
 
-    class Handler(grpc.GenericRpcHandler):
-        def service(self, details):
-            if details.method == services.ENDPOINT_DISCOVERY:
-                return grpc.unary_unary_rpc_method_handler(discovery)
-            return None
-
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((Handler(),))
-    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, f"127.0.0.1:{port}", calls
-
-
-async def test_discovery_over_a_one_replica_shard_survives_one_transient_failure(runtimes):
-    """Asking each replica once, unbudgeted, left a shard's only replica no second try: one reset connection
-    failed discovery, and `shardnet status` said "endpoints: unknown", exit 1 (a regression review)."""
-    server, address, calls = await _flaky_once()
+    server, address = await _jina_replica(flaky_once)
     try:
         head = await runtimes(Head("one", connections={0: [address]}))
         reply, _ = await oneshot.call_once("discovery", empty_pb2.Empty(), head.server.address, timeout=5)
