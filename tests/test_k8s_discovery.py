@@ -1285,7 +1285,9 @@ async def test_an_address_two_slices_give_two_shards_is_routed_as_neither_until_
     assert replicas(pool, shard_id=2) == {"10.0.0.7:50051"}
     api_server.apply("endpointslices", endpoint_slice("s0", "dep-0", [("10.0.0.7", True, None)], shard="0"))
     await eventually(lambda: "10.0.0.7:50051 of 'dep' is listed as shard 0 and as shard 2 at once" in caplog.text)
-    assert replicas(pool, shard_id=0) == replicas(pool, shard_id=2) == set()
+    # said as the contest is seen; shard 2's replica is taken out by a removal task a loop pass or so later (a
+    # loaded machine failed an assertion made at once)
+    await eventually(lambda: replicas(pool, shard_id=0) == replicas(pool, shard_id=2) == set(), timeout=2.0)
     api_server.apply("endpointslices", endpoint_slice("s2", "dep-2", [], shard="2"))
     await eventually(lambda: replicas(pool, shard_id=0) == {"10.0.0.7:50051"})
     assert replicas(pool, shard_id=2) == set() and replicas(pool, shard_id=1) == {"10.0.0.8:50051"}
