@@ -106,6 +106,14 @@ class ReplicaError(ShardnetError):
     def __reduce__(self) -> tuple:
         return _reduced(self, (self.cause,), ("address", "code", "deployment", "shard_id", "role", "unsent"))
 
+    def noted(self, note: str) -> "ReplicaError":
+        """This error, of its class, with ``note`` added to its cause: what a caller knows that the call did not
+        (which time ran out, and whose)."""
+        return type(self)(
+            f"{self.cause}{note}", address=self.address, code=self.code, deployment=self.deployment,
+            shard_id=self.shard_id, role=self.role, unsent=self.unsent,
+        )
+
     def _describe(self) -> str:
         where = []
         if self.deployment:

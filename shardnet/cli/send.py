@@ -97,9 +97,8 @@ async def send(args: argparse.Namespace) -> int:
         # the target itself kept silent (a head answers its workers' failures before the caller's deadline): said
         # once, with the time it had, which is half of --timeout rather than all of it
         if exc.code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            raise type(exc)(
-                f"{exc.cause} (no answer to endpoint discovery within {args.timeout / 2:g}s, half of --timeout)",
-                address=exc.address, code=exc.code, deployment=exc.deployment, shard_id=exc.shard_id, role=exc.role,
+            raise exc.noted(
+                f" (no answer to endpoint discovery within {args.timeout / 2:g}s, half of --timeout)"
             ) from None
         if _target_unreachable(exc):
             raise  # said once, as the request would say it
@@ -130,10 +129,8 @@ async def send(args: argparse.Namespace) -> int:
         if exc.code != grpc.StatusCode.DEADLINE_EXCEEDED or exc.cause != "Deadline Exceeded":
             raise
         # gRPC's own words, the target's silence: which time ran out, and that the request may still run there
-        raise type(exc)(
-            f"{exc.cause} (no answer within --timeout {args.timeout:g}s; the request was sent, and may still run "
-            "there)", address=exc.address, code=exc.code, deployment=exc.deployment, shard_id=exc.shard_id,
-            role=exc.role,
+        raise exc.noted(
+            f" (no answer within --timeout {args.timeout:g}s; the request was sent, and may still run there)"
         ) from None
     print(json.dumps(_strict_json(describe(response)), indent=2, allow_nan=False))
     return 1 if response.is_error else 0

@@ -78,10 +78,7 @@ async def status(args: argparse.Namespace) -> int:
     )
     if isinstance(health, ReplicaError):
         if health.code == grpc.StatusCode.DEADLINE_EXCEEDED:  # nothing answered at all: exit 2, saying how long
-            raise type(health)(
-                f"{health.cause} (no answer to a health check within --timeout {args.timeout:g}s)",
-                address=health.address, code=health.code, role=health.role,
-            ) from None
+            raise health.noted(f" (no answer to a health check within --timeout {args.timeout:g}s)") from None
         if health.cause.lower().startswith(NOT_CONNECTED):
             raise health  # nothing answered at all: exit 2
         _show(f"{args.target}: health unknown ({health.cause})")  # it answered, but no health check (exit 1)

@@ -243,10 +243,7 @@ def _with_note(outcome: Any, note: str) -> Any:
     """``outcome``, a DEADLINE_EXCEEDED replica failure with ``note`` added to its cause; any other as it is."""
     if not isinstance(outcome, ReplicaError) or outcome.code != grpc.StatusCode.DEADLINE_EXCEEDED:
         return outcome
-    return type(outcome)(
-        f"{outcome.cause}{note}", address=outcome.address, code=outcome.code, deployment=outcome.deployment,
-        shard_id=outcome.shard_id, role=outcome.role, unsent=outcome.unsent,
-    )
+    return outcome.noted(note)
 
 
 def _shard_that_took_the_time(outcomes: list[tuple[int, Any]]) -> ShardnetError:
@@ -916,13 +913,6 @@ class Head:
             ),
             return_exceptions=True,
         )
-        if any(isinstance(result, RoutingError) for result in results) and (not_listed := self._not_listed_yet()):
-            # a shard with no replica before discovery listed anything: said, or it would read as a shard gone
-            results = [
-                RoutingError(f"{result}{not_listed}", deployment=result.deployment, shard_id=result.shard_id)
-                if isinstance(result, RoutingError) else result
-                for result in results
-            ]
         # whether the caller's deadline is what the shards ran into: judged now, before uses_after's hop (bound by
         # what is left of it) makes itself the latest and a shard cut by the head's --timeout read as the caller's
         callers = deadline.callers_ran_out()
@@ -939,6 +929,9 @@ class Head:
             if isinstance(result, BaseException):
                 if not isinstance(result, (ReplicaError, RoutingError)):
                     raise result
+                if isinstance(result, RoutingError) and (not_listed := self._not_listed_yet()):
+                    # a shard with no replica before discovery listed anything: said, or it reads as a shard gone
+                    result = RoutingError(f"{result}{not_listed}", deployment=result.deployment, shard_id=shard_id)
                 outcomes.append((shard_id, result))
                 failed += 1
                 continue
