@@ -353,6 +353,8 @@ def handler_table(cls: type["Executor"]) -> dict[str, Handler]:
         bound_here: dict[str, str] = {}
         by_name: set[str] = set()  # the handlers of this class binding the default as "/default"
         for attribute in vars(klass).values():
+            if isinstance(attribute, (staticmethod, classmethod)) and hasattr(attribute.__func__, _ENDPOINTS_ATTR):
+                Handler(attribute)  # @staticmethod over @requests: refused with a line, not left unbound
             if getattr(attribute, _NAMED_DEFAULT_ATTR, False):
                 by_name.add(attribute.__name__)
             for endpoint in getattr(attribute, _ENDPOINTS_ATTR, ()):
