@@ -360,6 +360,26 @@ def test_a_replica_failing_again_and_again_is_probed_ever_less_often():
     assert 2 <= picks.count("hung") <= 6, picks.count("hung")  # probes after 2, 4, 8, 16 and 32 s of quiet
 
 
+def test_a_replica_failing_every_call_at_once_draws_no_traffic_from_loaded_peers():
+    """A replica answering RESOURCE_EXHAUSTED to everything (neither retried nor ejected) fails in a millisecond:
+    it weighed its fixed 1 s penalty, less than a loaded healthy replica's latency times its requests out, and
+    took most picks it was drawn into under load, every one a caller's failure (a review: 375 failed at
+    concurrency 32). Each failure in a row after the first doubles its cost."""
+    clock = FakeClock()
+    balancer = PeakEwma(clock=clock, rng=random.Random(7))
+    healthy = ["ok0", "ok1", "ok2"]
+    for replica in healthy:
+        served(balancer, clock, replica, 0.1)
+    for _ in range(3):
+        served(balancer, clock, "failing", 0.001, failed=True)
+    for replica in healthy:  # concurrency 32: about ten requests out on each
+        for _ in range(10):
+            balancer.started(replica)
+    clock.now += 0.05
+    picks = [balancer.pick(healthy + ["failing"]) for _ in range(1000)]
+    assert picks.count("failing") == 0, picks.count("failing")
+
+
 def test_a_replica_whose_held_requests_were_given_up_on_is_probed_soon_after():
     """A pause's held requests ended by their callers' deadlines (no answer): one failure in a row, so the probe
     comes after 2 s of quiet, not after the minute the raised estimate takes to decay."""

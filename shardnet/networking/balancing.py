@@ -92,6 +92,9 @@ class _Load:
 
 # the most doublings of probe_after a replica failing again and again waits before a probe: 64 s by default
 MAX_PROBE_BACKOFF = 6
+# the most doublings of a replica's cost for its failures in a row: its first failure weighs failure_penalty, each
+# further one twice as much, so a replica failing every call at once never undercuts loaded healthy peers
+MAX_FAILURE_DOUBLINGS = 20
 # a request given up on after this share of its replica's estimate or more counts against it (``abandoned``)
 ABANDONED_AS_SLOW = 0.9
 
@@ -105,7 +108,8 @@ class PeakEwma:
     no answer for ``probe_after`` seconds, picked against a rival heard of since, weighs at most as the rival,
     and the probe's answer replaces its estimate: a single slow peak (a pause's held requests) no longer
     starves it until the estimate decays, for a minute. Each failure in a row (a timeout, a hung handler, a
-    request given up on) doubles that quiet, up to 64 times: a hung replica's probes are callers' waits.
+    request given up on) doubles that quiet, up to 64 times: a hung replica's probes are callers' waits; and each
+    after the first doubles its cost, as one failing at once would otherwise undercut loaded healthy peers.
     """
 
     name = "p2c_ewma"
@@ -158,6 +162,8 @@ class PeakEwma:
         if load.outstanding:
             oldest_age = now - next(iter(load.outstanding.values()))
             latency = max(latency, oldest_age)
+        if load.failures > 1:  # failing again and again: a fixed penalty is less than a loaded peer's cost
+            latency *= 1 << min(load.failures - 1, MAX_FAILURE_DOUBLINGS)
         return latency * (len(load.outstanding) + 1)
 
     def _stale(self, load: _Load, now: float) -> bool:
