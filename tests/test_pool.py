@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 
 import executors
@@ -561,6 +562,25 @@ async def test_attempt_timeout_fails_over_from_a_hung_replica(pool_factory, echo
     for _ in range(3):
         assert served_by(await send_one(pool, timeout=5.0)) == "healthy"
     assert hung.calls >= 1
+
+
+async def test_a_deadline_missed_on_a_connection_never_set_up_says_so(pool_factory, echo_servers):
+    """A port that takes TCP but never speaks HTTP/2 (or a host dropping the handshake) failed as "DEADLINE_EXCEEDED:
+    Deadline Exceeded", as a slow replica does (a review): the error says the connection was never set up, and a
+    slow replica's says nothing of it."""
+    [slow] = await echo_servers(1, delay=5.0)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        for address, connecting in ((f"127.0.0.1:{silent.getsockname()[1]}", True), (slow.address, False)):
+            pool = pool_factory()
+            pool.add_connection("dep", address)
+            if not connecting:
+                assert await pool.get_replicas("dep").get_all_connections()[0].health()
+            with pytest.raises(ReplicaError) as failed:
+                await send_one(pool, timeout=0.5)
+            assert failed.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert ("its connection was never set up" in str(failed.value)) == connecting, str(failed.value)
 
 
 async def test_removing_a_replica_lets_its_request_in_flight_finish(pool, echo_servers, eventually):

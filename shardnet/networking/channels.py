@@ -102,6 +102,14 @@ def error_cause(error: grpc.aio.AioRpcError) -> str:
     return cause
 
 
+def never_connected_note(channel: grpc.aio.Channel) -> str:
+    """For a call that ran out of time: a word when its channel is still setting up its connection, so that an
+    unreachable replica, or a port whose server takes TCP but never speaks gRPC, is not taken for a slow one."""
+    if channel.get_state(try_to_connect=False) != grpc.ChannelConnectivity.CONNECTING:
+        return ""
+    return "its connection was never set up: an unreachable host, or a port whose server does not speak gRPC"
+
+
 def checked_options(options: Optional[ChannelOptions]) -> tuple[tuple[str, Any], ...]:
     """Channel options as a tuple of (name, value) pairs, or a ConfigurationError naming the one gRPC would trip on.
 

@@ -42,6 +42,7 @@ from shardnet.networking.channels import (
     default_grpc_options,
     error_cause,
     get_grpc_channel,
+    never_connected_note,
     never_reached,
     replica_tls_diagnosis,
 )
@@ -660,6 +661,8 @@ class GrpcConnectionPool:
     ) -> ReplicaError:
         # what the failed connection's words say of TLS on both ends (a plaintext pool at a TLS worker, say)
         cause = error_cause(error) + replica_tls_diagnosis(error, connection.address, connection.tls)
+        if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            note = "; ".join(filter(None, (never_connected_note(connection.channel), note)))
         if note:
             cause = f"{cause} ({note})"
         return replica_error_class(error.code())(

@@ -27,6 +27,7 @@ from shardnet.networking.channels import (
     checked_options,
     checked_reply,
     error_cause,
+    never_connected_note,
     refused_as_draining,
     replica_tls_diagnosis,
 )
@@ -579,7 +580,7 @@ class ReplicaList:
             set_aside = listed and refused_as_draining(error) and self._set_aside_draining(connection)
             if blamed and channel is connection.channel and listed and not set_aside:
                 cause = _cause(code, timeout, callers_deadline)
-                said = "" if code == grpc.StatusCode.DEADLINE_EXCEEDED else (
+                said = never_connected_note(channel) if code == grpc.StatusCode.DEADLINE_EXCEEDED else (
                     error_cause(error) + replica_tls_diagnosis(error, connection.address, connection.tls)
                 )
                 self.record_failure(connection, code, counted=wrong_server(method, code), cause=cause, said=said)
