@@ -749,3 +749,19 @@ def test_documents_are_indexed_by_numpys_integers_and_deleted_by_id_as_a_lists_a
         del docs["nope"]
     with pytest.raises(TypeError, match="not by float"):
         docs[1.0]
+
+
+def test_a_score_copied_from_another_document_keeps_its_description():
+    """docarray's NamedScore has four fields (value, op_name, description, ref_id): copying a match's score to
+    another document (``b.scores["cos"] = a.scores["cos"]``, or from its proto) dropped ``description``."""
+    a = Document(id="a")
+    a.proto.scores["cos"].value, a.proto.scores["cos"].op_name = 0.5, "cosine"
+    a.proto.scores["cos"].description, a.proto.scores["cos"].ref_id = "why it matched", "q"
+    for source in (a.scores["cos"], a.proto.scores["cos"], {"value": 0.5, "op_name": "cosine",
+                                                            "description": "why it matched", "ref_id": "q"}):
+        b = Document(id="b")
+        b.scores["cos"] = source
+        assert b.proto.scores["cos"] == a.proto.scores["cos"], source
+    assert a.scores["cos"].description == "why it matched"
+    a.scores["cos"].description = "changed"
+    assert a.proto.scores["cos"].description == "changed" and a.proto.scores["cos"].op_name == "cosine"

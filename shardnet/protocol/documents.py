@@ -199,7 +199,7 @@ class NamedScore(float):
     ``doc.scores["cosine"].value = 0.5`` does in docarray (the float itself keeps the value it was read with;
     ``.value`` reads the document's)."""
 
-    __slots__ = ("_document", "_name", "_op_name", "_ref_id")
+    __slots__ = ("_description", "_document", "_name", "_op_name", "_ref_id")
 
     def _stored(self) -> Optional["docarray_pb2.NamedScoreProto"]:
         scores = self._document._pb.scores
@@ -222,6 +222,15 @@ class NamedScore(float):
     @op_name.setter
     def op_name(self, value: str) -> None:
         self._document.set_score(self._name, self.value, op_name=value)
+
+    @property
+    def description(self) -> str:
+        stored = self._stored()
+        return self._description if stored is None else stored.description
+
+    @description.setter
+    def description(self, value: str) -> None:
+        self._document.set_score(self._name, self.value, description=value)
 
     @property
     def ref_id(self) -> str:
@@ -253,17 +262,18 @@ class ScoresView(MutableMapping):
         stored = scores[name]
         score = NamedScore(stored.value)
         score._document, score._name, score._op_name, score._ref_id = self._document, name, stored.op_name, stored.ref_id
+        score._description = stored.description
         return score
 
     def __setitem__(self, name: str, value: Any) -> None:
         if isinstance(value, (Mapping, docarray_pb2.NamedScoreProto)) or hasattr(value, "op_name"):
             # docarray's NamedScore(value=..., op_name=...), a dict of its fields, or another document's score
             fields = value if isinstance(value, Mapping) else {
-                field: getattr(value, field, None) for field in ("value", "op_name", "ref_id")
+                field: getattr(value, field, None) for field in ("value", "op_name", "description", "ref_id")
             }
             self._document.set_score(
                 name, fields.get("value") or 0.0, op_name=fields.get("op_name") or None,
-                ref_id=fields.get("ref_id") or None,
+                ref_id=fields.get("ref_id") or None, description=fields.get("description") or None,
             )
             return
         self._document.set_score(name, value)
@@ -529,8 +539,11 @@ class Document:
         and such writes were lost without a word."""
         return ScoresView(self)
 
-    def set_score(self, name: str, value: float, op_name: Optional[str] = None, ref_id: Optional[str] = None) -> None:
-        """Set the named score's value, and its ``op_name`` and ``ref_id`` (the query's id) when given; what is not
+    def set_score(
+        self, name: str, value: float, op_name: Optional[str] = None, ref_id: Optional[str] = None,
+        description: Optional[str] = None,
+    ) -> None:
+        """Set the named score's value, and its ``op_name``, ``ref_id`` (the query's id) and ``description`` when given; what is not
         given is kept, as docarray's ``doc.scores[name].value = v`` keeps it (a re-ranker must not lose them)."""
         _text(name, "scores' name")
         score = docarray_pb2.NamedScoreProto()  # filled first: a refused value leaves the score as it was
@@ -541,6 +554,8 @@ class Document:
             score.op_name = _text(op_name, f"scores[{name!r}].op_name")
         if ref_id is not None:
             score.ref_id = _text(ref_id, f"scores[{name!r}].ref_id")
+        if description is not None:
+            score.description = _text(description, f"scores[{name!r}].description")
         self._pb.scores[name].CopyFrom(score)
 
     def __eq__(self, other: object) -> bool:
