@@ -151,6 +151,7 @@ async def test_a_head_waiting_for_discovery_is_not_ready_on_its_health_port_unti
 
 @pytest.mark.parametrize("service", [
     "jina.JinaSingleDataRequestRPC", "jina.JinaDataRequestRPC", "jina.JinaRPC", "jina.JinaDiscoverEndpointsRPC",
+    "grpc.reflection.v1alpha.ServerReflection",  # Jina's servers report reflection too
 ])
 async def test_a_probe_naming_a_service_a_jina_server_names_is_answered_as_jinas_is(runtimes, service):
     """A Jina server reports each service it serves SERVING; a probe naming one got NOT_FOUND (found by a review)."""

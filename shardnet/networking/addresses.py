@@ -17,6 +17,7 @@ import contextlib
 import ipaddress
 import re
 import socket
+import urllib.parse
 from dataclasses import dataclass
 from typing import Optional, Union
 
@@ -55,12 +56,23 @@ class Address:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{host}:{self.port}"
 
+    @property
+    def dial_target(self) -> str:
+        """``target`` as gRPC is given it: gRPC reads a ``unix:`` target as a URI, so a path's '?' or '#' would
+        end it and a '%41' name another file ('A'); percent-encoded, every byte of the path is itself."""
+        return unix_target(self.unix_path) if self.unix_path is not None else self.target
+
     def entity(self) -> tuple[str, int]:
         """The (address, port) pair a control request's related entity carries for this address."""
         return (self.target, 0) if self.unix_path is not None else (self.host, self.port)
 
     def __str__(self) -> str:
         return f"https://{self.target}" if self.tls else self.target
+
+
+def unix_target(path: str) -> str:
+    """The gRPC target (to dial or to bind) of the Unix socket at ``path``, percent-encoded (see ``dial_target``)."""
+    return UNIX_SCHEME + urllib.parse.quote(path, safe="/")
 
 
 def entity_address(address: str, port: int) -> str:

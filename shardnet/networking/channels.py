@@ -188,8 +188,8 @@ def get_grpc_channel(
     if use_tls:
         tls = tls or ClientTls()
         opts = merge_options(_with_tls_options(options, tls))
-        return module.secure_channel(parsed.target, tls.credentials(), options=opts)
-    return module.insecure_channel(parsed.target, options=merge_options(options))
+        return module.secure_channel(parsed.dial_target, tls.credentials(), options=opts)
+    return module.insecure_channel(parsed.dial_target, options=merge_options(options))
 
 
 def _with_tls_options(options: Optional[ChannelOptions], tls: ClientTls) -> list[tuple[str, Any]]:

@@ -35,7 +35,7 @@ from shardnet.errors import (
     ConfigurationError, ExecutorError, ProcessError, ReplicaError, ShardnetError, replica_error_class,
 )
 from shardnet.networking import oneshot
-from shardnet.networking.addresses import entity_address, parse_address
+from shardnet.networking.addresses import MAX_UNIX_PATH_BYTES, entity_address, parse_address
 from shardnet.networking.balancing import check_balancer
 from shardnet.networking.channels import TOKEN_VARIABLE, check_control_token, check_max_message_mb, message_size_options
 from shardnet.networking.policies import check_count, check_flag, check_seconds, check_timeout
@@ -57,6 +57,24 @@ from shardnet.runtimes.server import ServerConfig
 from shardnet.runtimes.worker import AFTER_DRAIN_SECONDS, MIN_REGISTER_INTERVAL, SHORTEST_INTERVAL_WHY
 
 logger = logging.getLogger(__name__)
+
+
+def _socket_folder(shards: int, replicas: int, asked: Optional[bool]) -> Optional[tempfile.TemporaryDirectory]:
+    """A fresh folder for the workers' sockets, short enough for the longest socket path (at most 107 bytes): in
+    the temporary directory, else in /tmp (a long TMPDIR, as some CI runners and sandboxes set, made every worker
+    refuse its --unix-socket and the deployment fail to start). None when neither has room: the workers are then
+    dialled over loopback TCP, unless ``asked`` (unix_sockets=True) insists, which is refused saying why."""
+    longest = len(f"/sn-{'x' * 8}/w{shards - 1}-{replicas - 1}.sock")  # mkdtemp's 8 random characters
+    tried = []
+    for base in dict.fromkeys((tempfile.gettempdir(), "/tmp")):
+        if len(os.fsencode(base)) + longest <= MAX_UNIX_PATH_BYTES and os.access(base, os.W_OK | os.X_OK):
+            return tempfile.TemporaryDirectory(prefix="sn-", dir=base, ignore_cleanup_errors=True)
+        tried.append(base)
+    why = f"no folder short enough for the workers' Unix sockets (at most {MAX_UNIX_PATH_BYTES} bytes) in {tried}"
+    if asked:
+        raise ConfigurationError(f"unix_sockets=True: {why}; set TMPDIR to a shorter folder")
+    logger.info("%s: the head dials its workers over loopback TCP", why)
+    return None
 
 ExecutorSpec = Union[type[Executor], str]
 
@@ -324,6 +342,7 @@ class Deployment:
         if unix_sockets is not None:
             check_flag(unix_sockets, "unix_sockets")
         self._unix_sockets = hasattr(socket, "AF_UNIX") if unix_sockets is None else unix_sockets
+        self._unix_sockets_asked = unix_sockets  # True insists: no room for a socket path is then refused
         # revive() launches, stop() stops, start() makes a run: one at a time, whatever the threads (taken with
         # _holding_launch_lock); one lock for every run, so that a stop() finishing the last run (removing its
         # folders) and a start() making the next one (_prepare_run) cannot interleave
@@ -350,9 +369,7 @@ class Deployment:
         self._secrets = tempfile.TemporaryDirectory(prefix="sn-secret-", ignore_cleanup_errors=True)
         self.control_token_file = Path(self._secrets.name) / "control-token"
         # a folder of its own, short: a socket path holds at most 107 bytes, a log_dir may be longer
-        self._sockets = (
-            tempfile.TemporaryDirectory(prefix="sn-", ignore_cleanup_errors=True) if self._unix_sockets else None
-        )
+        self._sockets = _socket_folder(self.shards, self.replicas, self._unix_sockets_asked) if self._unix_sockets else None
         self.head: Optional[ShardnetProcess] = None
         self.extras: dict[str, ShardnetProcess] = {}
         self.workers: dict[tuple[int, int], ShardnetProcess] = {}

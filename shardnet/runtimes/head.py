@@ -1159,7 +1159,7 @@ class Head:
     def _is_own(self, address: Address) -> bool:
         """Whether ``address`` is one this head listens on, as a worker on its machine would name it."""
         if address.unix_path is not None:
-            return address.unix_path == self.server.config.unix_socket
+            return self.server.is_own_unix_socket(address.unix_path)
         host, bound = address.host.lower(), self.server.config.host.lower()
         if address.port != self.server.port:
             return False

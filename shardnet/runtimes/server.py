@@ -43,6 +43,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable, NoReturn, Optional, 
 import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2
+from grpc_reflection.v1alpha import reflection
 
 from shardnet.errors import ConfigurationError, PickleRefused, ProtocolError
 from shardnet.networking.addresses import (
@@ -51,6 +52,7 @@ from shardnet.networking.addresses import (
     canonical_host,
     entity_address,
     parse_address,
+    unix_target,
 )
 from shardnet.networking.channels import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -526,7 +528,9 @@ class Server:
         server.add_generic_rpc_handlers(self._handlers)
         # reflection lists the services as a Jina server does, without grpc.health.v1.Health (which it serves):
         # Jina's pools make a stub for every service listed, from a table that has no Health (a KeyError)
-        server.add_generic_rpc_handlers((health_handler(self.health), reflection_handler(self._service_names)))
+        server.add_generic_rpc_handlers(
+            (health_handler(self.health, stopping=self.stopping), reflection_handler(self._service_names))
+        )
         bound: list[grpc.aio.Server] = []  # each holds its port until stopped
         started: list[grpc.aio.Server] = []
         try:
@@ -589,7 +593,7 @@ class Server:
     async def _set_readiness(self, status: int) -> None:
         """Readiness under ``services.READY_SERVICE`` and, as a Jina server reports it, under each service
         served, so that a probe naming one (``grpc_health_probe -service=jina.JinaSingleDataRequestRPC``) works."""
-        for name in (services.READY_SERVICE, *self._service_names):
+        for name in (services.READY_SERVICE, *self._service_names, reflection.SERVICE_NAME):
             await self.health.set(name, status)
 
     def _bind_unix(self, path: str) -> None:
@@ -603,7 +607,7 @@ class Server:
         check_unix_path_free(path)
         private = _private_socket_path(path)
         try:
-            self._server.add_insecure_port(f"{UNIX_SCHEME}{private}")
+            self._server.add_insecure_port(unix_target(private))  # the fallback private == path may need encoding
             if private != path:
                 os.rename(private, path)
             self._unix_socket = os.open(path, os.O_PATH | os.O_NOFOLLOW)
@@ -611,6 +615,18 @@ class Server:
             raise ConfigurationError(f"cannot listen on unix:{path}: folder missing or not writable ({exc})") from None
         except OSError as exc:
             raise ConfigurationError(f"cannot listen on unix:{path}: {exc.strerror}") from None
+
+    def is_own_unix_socket(self, path: str) -> bool:
+        """Whether ``path`` names the socket this server listens on (by device and inode, however it is written:
+        ``//``, ``/./``, ``..`` or a symbolic link to its folder)."""
+        held = self._unix_socket
+        if held is None:
+            return False
+        try:
+            there, ours = os.stat(path), os.fstat(held)
+        except (OSError, ValueError):  # no such file, or a path no file could have
+            return False
+        return (there.st_dev, there.st_ino) == (ours.st_dev, ours.st_ino)
 
     def _remove_unix_socket(self) -> None:
         """Remove the socket file we bound, only while ``path`` still is it (by device and inode): never one we
