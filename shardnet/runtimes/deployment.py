@@ -70,11 +70,12 @@ def _socket_folder(shards: int, replicas: int, asked: Optional[bool]) -> Optiona
         if len(os.fsencode(base)) + longest <= MAX_UNIX_PATH_BYTES and os.access(base, os.W_OK | os.X_OK):
             return tempfile.TemporaryDirectory(prefix="sn-", dir=base, ignore_cleanup_errors=True)
         tried.append(base)
-    why = f"no folder short enough for the workers' Unix sockets (at most {MAX_UNIX_PATH_BYTES} bytes) in {tried}"
+    why = f"no writable folder short enough for the workers' Unix sockets (at most {MAX_UNIX_PATH_BYTES} bytes) in {tried}"
     if asked:
         raise ConfigurationError(f"unix_sockets=True: {why}; set TMPDIR to a shorter folder")
     logger.info("%s: the head dials its workers over loopback TCP", why)
     return None
+
 
 ExecutorSpec = Union[type[Executor], str]
 
@@ -353,6 +354,9 @@ class Deployment:
     def _prepare_run(self) -> None:
         """What one run owns, made anew for each start after a stop: its folders and a finalizer for its processes."""
         log_dir, workspace = self._given_folders
+        # a folder of its own, short (a socket path holds at most 107 bytes, a log_dir may be longer); first, as it
+        # may be refused (no room for one), before the folders below are made
+        sockets = _socket_folder(self.shards, self.replicas, self._unix_sockets_asked) if self._unix_sockets else None
         # each removed at stop whatever became of it meanwhile: one a /tmp cleaner replaced with a link (another
         # process's) is left as it is, without an OSError that would leave the folders after it behind
         self._tmp = (
@@ -368,8 +372,7 @@ class Deployment:
         # a folder only this user reads (made 0700), removed at stop whatever log_dir is: the control token's
         self._secrets = tempfile.TemporaryDirectory(prefix="sn-secret-", ignore_cleanup_errors=True)
         self.control_token_file = Path(self._secrets.name) / "control-token"
-        # a folder of its own, short: a socket path holds at most 107 bytes, a log_dir may be longer
-        self._sockets = _socket_folder(self.shards, self.replicas, self._unix_sockets_asked) if self._unix_sockets else None
+        self._sockets = sockets
         self.head: Optional[ShardnetProcess] = None
         self.extras: dict[str, ShardnetProcess] = {}
         self.workers: dict[tuple[int, int], ShardnetProcess] = {}
