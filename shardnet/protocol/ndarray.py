@@ -154,7 +154,9 @@ def write_sparse(
     """Write a COO sparse array: ``indices`` is (nnz, ndim), ``values`` is (nnz,).
 
     Labelled so docarray reads it back: a matrix as scipy's ``coo``, any other
-    rank in tensorflow's layout (which is ours).
+    rank in tensorflow's layout (which is ours), which a Jina peer reads only
+    with tensorflow installed (scipy's sparse arrays are matrices only): send
+    such an array dense to a Jina without it.
     """
     indices, values = _sendable(indices, _NUMERIC_KINDS), _sendable(values, _NUMERIC_KINDS)
     if indices.ndim != 2 or indices.shape[1] != len(shape):
