@@ -170,18 +170,43 @@ async def call_once(
     try:
         return await retrying(attempt)
     except grpc.aio.AioRpcError as error:
-        kind = replica_error_class(error.code())
-        cause = error_cause(error) + tls_diagnosis(error, address, tls)
-        made = retrying.statistics.get("attempt_number", 1)
-        if made > 1:
-            cause += f" (the last of {made} attempts)"
-        # each earlier attempt reached no handler (only those are tried again): the last one says whether any did
-        failure = kind(cause, address=str(address), code=error.code(), role="server", unsent=never_reached(error))
+        failure = _call_failure(error, address, tls, retrying.statistics.get("attempt_number", 1))
         # gRPC's error reaches, through its traceback, the call object, which holds its closed channel's
         # connection (socket) open; and tenacity's frames make that a reference cycle, freed only by a full
         # garbage collection: cut here, and raised outside this handler, the socket closes with the channel
         error.__traceback__ = None
     raise failure
+
+
+def _call_failure(error: grpc.RpcError, address: Address, tls: Optional[ClientTls], made: int = 1) -> ReplicaError:
+    """The ReplicaError of a one-off call that failed with ``error`` after ``made`` attempts."""
+    code = error.code()  # type: ignore[attr-defined]
+    cause = error_cause(error) + tls_diagnosis(error, address, tls)  # type: ignore[arg-type]
+    if made > 1:
+        cause += f" (the last of {made} attempts)"
+    # each earlier attempt reached no handler (only those are tried again): the last one says whether any did
+    return replica_error_class(code)(cause, address=str(address), code=code, role="server", unsent=never_reached(error))
+
+
+def call_once_blocking(
+    method: str, payload: Any, target: str, *, timeout: float, metadata: Sequence[tuple[str, str]] = ()
+) -> tuple[Any, Any]:
+    """``call_once`` from blocking code, plaintext, one attempt, over a synchronous channel: for code beside a
+    program's own event loop (a Deployment supervised from a thread). A grpc.aio loop made for it (``run_sync``)
+    shares grpc.aio's process-wide poller with the program's, whose loop then logs gRPC's spurious
+    BlockingIOError (grpc/grpc#25364), which no handler of ours can drop on a loop we do not own."""
+    address = parse_address(target, tls=False)
+    check_timeout(timeout)
+    metadata = checked_metadata(metadata)
+    channel = get_grpc_channel(address, asyncio=False)
+    try:
+        call = getattr(Stubs.for_channel(channel, origin=f"server {address}"), method)
+        response, done = call.with_call(payload, metadata=metadata, timeout=timeout)
+        return checked_reply(response, address, timed=True, role="server"), done.trailing_metadata()
+    except grpc.RpcError as error:
+        raise _call_failure(error, address, None) from None
+    finally:
+        channel.close()
 
 
 async def _call_on_new_channel(
@@ -351,13 +376,41 @@ async def send_control(
     metadata: Sequence[tuple[str, str]] = (),
 ) -> ControlRequest:
     """Send a control request (naming the worker, when given) to a head; raise when it reports an error."""
-    request = ControlRequest(command)
-    if worker_host is not None and worker_port is not None:
-        request.add_related_entity(entity_address(worker_host, worker_port), worker_host, worker_port, shard_id)
+    request = _control_request(command, worker_host, worker_port, shard_id)
     response, _ = await call_once(
         "control", request, target_head, timeout=timeout, tls=tls, metadata=(*auth_metadata(token), *metadata)
     )
-    if response.is_error:  # a head that answers its refusal in the reply rather than in the call's status
+    return _accepted(command, response, target_head)
+
+
+def send_control_blocking(
+    command: str,
+    target_head: str,
+    worker_host: Optional[str] = None,
+    worker_port: Optional[int] = None,
+    shard_id: Optional[int] = None,
+    *,
+    token: Optional[str] = None,
+    timeout: float = 5.0,
+) -> ControlRequest:
+    """``send_control`` from blocking code, in plaintext, without a grpc.aio loop (``call_once_blocking``)."""
+    request = _control_request(command, worker_host, worker_port, shard_id)
+    response, _ = call_once_blocking("control", request, target_head, timeout=timeout, metadata=auth_metadata(token))
+    return _accepted(command, response, target_head)
+
+
+def _control_request(
+    command: str, worker_host: Optional[str], worker_port: Optional[int], shard_id: Optional[int]
+) -> ControlRequest:
+    request = ControlRequest(command)
+    if worker_host is not None and worker_port is not None:
+        request.add_related_entity(entity_address(worker_host, worker_port), worker_host, worker_port, shard_id)
+    return request
+
+
+def _accepted(command: str, response: ControlRequest, target_head: str) -> ControlRequest:
+    """``response``, unless it is a head's refusal answered in the reply rather than in the call's status."""
+    if response.is_error:
         raise ReplicaError(f"{command} refused: {response.status.description}", address=target_head, role="head")
     return response
 

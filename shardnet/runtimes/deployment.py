@@ -621,7 +621,9 @@ class Deployment:
 
     def members(self, timeout: float = 2.0) -> list[str]:
         """The replica addresses the head routes to (its STATUS answer)."""
-        reply = oneshot.run_sync(oneshot.send_control("STATUS", self.address, timeout=timeout))
+        # blocking, without a grpc.aio loop: revive() asks it at every look, often from a thread beside the
+        # program's own loop, which a second one's poller race would fill with gRPC's BlockingIOError tracebacks
+        reply = oneshot.send_control_blocking("STATUS", self.address, timeout=timeout)
         return [entity_address(entity.address, entity.port) for entity in reply.related_entities]
 
     def restart_worker(self, shard: int, replica: int) -> ShardnetProcess:
@@ -680,7 +682,7 @@ class Deployment:
     def _forget(self, member: str, shard: int) -> None:
         """DEACTIVATE ``member`` (as ``members()`` lists it) at the head: a worker that died never said goodbye."""
         address, port = parse_address(member).entity()
-        oneshot.run_sync(oneshot.deactivate_worker(address, port, self.address, shard, token=self._control_token))
+        oneshot.send_control_blocking("DEACTIVATE", self.address, address, port, shard, token=self._control_token)
 
     def restart_head(self) -> ShardnetProcess:
         """Restart the head on the same port; workers re-register on their next refresh."""
