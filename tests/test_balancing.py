@@ -380,6 +380,27 @@ def test_a_replica_failing_every_call_at_once_draws_no_traffic_from_loaded_peers
     assert picks.count("failing") == 0, picks.count("failing")
 
 
+def test_a_replica_that_failed_many_times_in_a_row_is_probed_under_light_traffic_too():
+    """The doubling of a failing replica's cost must not outlast its probe's quiet: under light traffic (a request
+    every 2 s, longer than probe_after) its healthy rival is idle too, so no probe caps its cost, and a replica
+    that failed 20 times in a row, recovered since, waited about three minutes (2**19 to decay) for a pick."""
+    clock = FakeClock()
+    balancer = PeakEwma(clock=clock, rng=random.Random(3))
+    served(balancer, clock, "ok", 0.01)
+    served(balancer, clock, "flaky", 0.01)
+    for _ in range(20):
+        served(balancer, clock, "flaky", 0.001, failed=True)
+    last_failure, first_pick = clock.now, None
+    while clock.now - last_failure < 300:
+        clock.now += 2.0
+        picked = balancer.pick(["ok", "flaky"])
+        if picked == "flaky":
+            first_pick = clock.now - last_failure
+            break
+        served(balancer, clock, picked, 0.01)
+    assert first_pick is not None and first_pick <= 70, first_pick  # its probe after 64 s of quiet
+
+
 def test_a_replica_whose_held_requests_were_given_up_on_is_probed_soon_after():
     """A pause's held requests ended by their callers' deadlines (no answer): one failure in a row, so the probe
     comes after 2 s of quiet, not after the minute the raised estimate takes to decay."""

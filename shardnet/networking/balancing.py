@@ -157,12 +157,12 @@ class PeakEwma:
             load = self._loads[connection] = _Load(self._seed(now), now)
         return load
 
-    def _cost(self, load: _Load, now: float) -> float:
+    def _cost(self, load: _Load, now: float, doubled: bool = True) -> float:
         latency = load.ewma * math.exp(-(now - load.stamp) / self._decay)
         if load.outstanding:
             oldest_age = now - next(iter(load.outstanding.values()))
             latency = max(latency, oldest_age)
-        if load.failures > 1:  # failing again and again: a fixed penalty is less than a loaded peer's cost
+        if doubled and load.failures > 1:  # failing again and again: a fixed penalty is under a loaded peer's cost
             latency *= 1 << min(load.failures - 1, MAX_FAILURE_DOUBLINGS)
         return latency * (len(load.outstanding) + 1)
 
@@ -198,8 +198,10 @@ class PeakEwma:
         loads = self._loads
         load_a = loads.get(a) or self._load(a, now)  # a replica new to it is seeded here, once
         load_b = loads.get(b) or self._load(b, now)
-        cost_a, cost_b = self._cost(load_a, now), self._cost(load_b, now)
         stale_a, stale_b = self._stale(load_a, now), self._stale(load_b, now)
+        # a failing replica left alone for its probe's quiet is due a probe: its failures' doubling no longer
+        # holds it off, or, against a rival as idle (one request every few seconds), it waited minutes
+        cost_a, cost_b = self._cost(load_a, now, not stale_a), self._cost(load_b, now, not stale_b)
         if stale_a != stale_b:  # one unheard of while its rival served: it weighs at most as the rival (a probe)
             if stale_a:
                 cost_a = min(cost_a, cost_b)
