@@ -1775,3 +1775,20 @@ async def test_discovery_over_a_one_replica_shard_survives_one_transient_failure
         assert head.pool.retry_budget.total_retries == 0  # still unbudgeted
     finally:
         await server.stop(None)
+
+
+@pytest.mark.parametrize("polling", ["ANY", "ALL"])
+async def test_a_head_with_no_shard_replica_refuses_before_uses_before_runs_it(runtimes, polling):
+    """A head with a uses_before whose shards have no replica yet (a head just started again, before its workers'
+    ACTIVATE; a soak's find: ~1 s of such answers after every head restart, graceful restart_head included) ran
+    uses_before, then answered ERROR "UNAVAILABLE: deployment ... has no live replica ... (a replica may have run
+    it ...)": not retried by its caller, a Jina gateway stopping the flow on it, though no shard ever saw the
+    request. It is refused UNAVAILABLE before the hop runs it."""
+    before = await runtimes(Worker(executors.CountingBefore.create()))
+    head = await runtimes(Head("idx", shards=2, polling=PollingMap.parse(polling),
+                               uses_before=before.server.address))
+    with pytest.raises(ReplicaError) as refused:
+        await send(head.server.address, "/index", [Document(id="q")])
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE, refused.value
+    assert "no live replica" in str(refused.value)
+    assert before.executor.calls == 0

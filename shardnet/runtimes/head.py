@@ -587,6 +587,13 @@ class Head:
             deadline = _Deadline(_time_left(context), per_hop=self.pool.timeout)
             before_trailing = ()
             if self._uses_before is not None:
+                # no shard has a replica (a head started again, its workers not registered yet): refused now,
+                # UNAVAILABLE and safe to send again, not answered ERROR after uses_before ran it ("a replica may
+                # have run it"), though no shard ever saw it
+                if not any(replicas.eligible() for _, replicas in self.pool.targets(
+                    self.deployment, False, None, PollingType.ALL
+                )):
+                    raise self._no_live_replica(self.deployment)
                 response, before_trailing = await self._one(
                     self._uses_before, requests, metadata, deadline, decoded=True
                 )
@@ -727,8 +734,7 @@ class Head:
         (uses_before/after), not only forwards it; ``retries`` as ``GrpcConnectionPool.call`` takes it."""
         targets = self.pool.targets(deployment, False, None, PollingType.ANY)
         if not targets:
-            raise RoutingError(f"deployment {deployment!r} has no live replica{self._why_none(deployment)}",
-                               deployment=deployment)
+            raise self._no_live_replica(deployment)
         shard_id, replicas = targets[0]
         method, payload = self._method(requests, decoded)
         timeout = deadline.left()
@@ -741,6 +747,10 @@ class Head:
             payload, deployment, replicas, shard_id=shard_id, method=method, metadata=metadata,
             timeout=timeout, retries=retries,
         )
+
+    def _no_live_replica(self, deployment: str) -> RoutingError:
+        return RoutingError(f"deployment {deployment!r} has no live replica{self._why_none(deployment)}",
+                            deployment=deployment)
 
     def _why_none(self, deployment: str) -> str:
         """What a "no live replica" refusal adds: which shards (or which hop: uses_before, uses_after) are known,
