@@ -736,6 +736,31 @@ async def test_a_worker_whose_head_is_away_says_so_once_and_again_when_it_is_bac
     assert [entity.port for entity in reply.related_entities] == [worker.server.port]
 
 
+async def test_a_head_refusing_renewals_as_it_stops_is_no_warning(runtimes, eventually, caplog):
+    """Each worker warned "did not take our registration: ... the server is stopping" at every Deployment.stop()
+    and restart_head(), where the head drains first (a soak's find): a head stopping is said at INFO, once."""
+    from shardnet.testing import serving
+
+    caplog.set_level(logging.DEBUG, logger="shardnet.runtimes.worker")
+    activates: list[str] = []
+
+    async def drains_after_the_first(payload, context):
+        activates.append(ControlRequest.from_bytes(payload).command)
+        if len(activates) > 1:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, services.DRAINING_DETAILS)
+        return payload
+
+    async with serving(services.PROCESS_CONTROL, drains_after_the_first) as head:
+        worker = await runtimes(Worker(executors.Tagger.create(), head=head, register_interval=0.1))
+        await worker.register()
+        await eventually(lambda: len(activates) >= 5, timeout=20)  # four renewals refused
+        await worker.stop(0)
+    records = [r for r in caplog.records if r.name == "shardnet.runtimes.worker"]
+    assert not [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    stopping = [r.getMessage() for r in records if r.levelno == logging.INFO and "is stopping" in r.getMessage()]
+    assert len(stopping) == 1 and "our registration goes to its next process" in stopping[0], stopping
+
+
 @pytest.mark.parametrize("given", ["[::1]", "0:0:0:0:0:0:0:1", " ::1 "])
 def test_an_ipv6_host_in_brackets_or_another_form_is_taken_in_its_standard_form(given):
     config = ServerConfig(host=given)

@@ -125,6 +125,14 @@ _HEAD_REFUSALS = frozenset({
 })
 
 
+def _refused_as_stopping(error: BaseException) -> bool:
+    """Whether a registration failed only because the head drains (its own refusal as it stops)."""
+    return (
+        isinstance(error, ReplicaError) and error.code == grpc.StatusCode.UNAVAILABLE
+        and error.cause == services.DRAINING_DETAILS
+    )
+
+
 def _tls_hint(error: Exception, head_tls: Optional[ClientTls]) -> str:
     """The worker's flags for TLS to its head, when its own connection failed in words that suggest the two ends
     disagree about TLS (not a status the head sent): what to give when it dials in plaintext, what to look at
@@ -727,6 +735,7 @@ class Worker:
         so when it stops taking them, then at most once a REGISTRATION_LOG_INTERVAL, and when it takes them again."""
         failing_since: Optional[float] = None
         said_at = 0.0
+        said_stopping = False
         while True:
             await asyncio.sleep(self._register_interval)
             try:
@@ -734,6 +743,11 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - anything (a TLS file gone a moment): said, and tried again
                 now = time.monotonic()
                 logger.debug("head %s did not take our registration: %s", self._head, exc)
+                if _refused_as_stopping(exc):  # a restart, a deployment's stop: no failure to warn of
+                    if not said_stopping:
+                        said_stopping = True
+                        logger.info("head %s is stopping: our registration goes to its next process", self._head)
+                    continue
                 if failing_since is None:
                     failing_since = said_at = now
                     logger.warning(
@@ -744,6 +758,7 @@ class Worker:
                     logger.warning("head %s has not taken our registration for %.0fs: %s", self._head,
                                    now - failing_since, exc)
                 continue
+            said_stopping = False
             if failing_since is not None:
                 logger.info("head %s takes our registration again, after %.0fs", self._head,
                             time.monotonic() - failing_since)
