@@ -120,6 +120,11 @@ def run(args: argparse.Namespace) -> int:
     uses_with = json_object(args.uses_with, "--uses-with")
     if args.metrics_port and args.metrics_port == args.port:
         raise ConfigurationError(f"--metrics-port {args.metrics_port} must differ from --port, the head's")
+    for folder, flag in ((args.log_dir, "--log-dir"), (args.workspace, "--workspace")):
+        if folder == "":  # "$LOGS" unset: taken for none (--workspace) or a traceback (--log-dir)
+            raise ConfigurationError(
+                f"{flag} is empty (a variable unset in a script?): give a folder, or leave {flag} out"
+            )
     workers = args.shards * args.replicas
     if workers > MAX_LOCAL_WORKERS:
         raise ConfigurationError(

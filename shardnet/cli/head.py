@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 from collections import defaultdict
 from typing import Optional
@@ -148,6 +149,22 @@ def _refuse_static_membership_under_discovery(args: argparse.Namespace) -> None:
         )
 
 
+def skipped_shards(connections: dict[int, list]) -> Optional[str]:
+    """A warning when the static ``--connection`` list skips shard numbers below its highest ("2=" typed for "1="):
+    without --shards, ALL left such a shard out without an error, and ``status`` listed every replica serving."""
+    top = max(connections, default=-1)
+    skipped = top + 1 - len(connections)
+    if not skipped:
+        return None
+    first = list(itertools.islice((shard for shard in range(top) if shard not in connections), 10))
+    named = ", ".join(map(str, first)) + (", ..." if skipped > len(first) else "")
+    return (
+        f"--connection gives no worker for {skipped} shard(s) below shard {top} ({named}): without --shards, ALL "
+        f"leaves them out without an error; give --shards {top + 1} so that a missing shard is named, or fix the "
+        "shard numbers"
+    )
+
+
 async def serve(args: argparse.Namespace) -> int:
     """Build the head inside the running loop (gRPC channels belong to the loop they are made in). Its
     warnings come once every flag has been checked: a refusal is then the one line it prints."""
@@ -180,12 +197,13 @@ async def serve(args: argparse.Namespace) -> int:
         options=message_size_options(config.max_message_bytes),  # its workers' answers pass through it
         request_streams=args.request_streams,
     )
+    connections = parse_connections(args.connection, tls=pool.tls is not None)
     head = Head(
         args.deployment,
         config,
         polling=PollingMap.parse(args.polling),
         pool=pool,
-        connections=parse_connections(args.connection, tls=pool.tls is not None),
+        connections=connections,
         uses_before=_extra_address("--uses-before", args.uses_before, pool.tls is not None, namespace),
         uses_after=_extra_address("--uses-after", args.uses_after, pool.tls is not None, namespace),
         shards=args.shards,
@@ -199,6 +217,9 @@ async def serve(args: argparse.Namespace) -> int:
             "workers have registered, and one that has not yet (after this head restarts, say) is left out "
             "without an error; give --shards N so that a missing shard is named"
         )
+    skipped = None if args.shards else skipped_shards(connections)
+    if skipped:
+        logger.warning("%s", skipped)
     if args.shards_wait != SHARDS_WAIT and (namespace is None or not args.shards):
         logger.warning("--shards-wait has no effect without --k8s-namespace and --shards: such a head is ready at once")
     code = await head.run(parent_pid=args.parent_pid, ready_fd=args.ready_fd)

@@ -161,7 +161,12 @@ def run(args: argparse.Namespace) -> int:
     # a pod deleted while its model loads stops now, not at SIGKILL; a Deployment gone (kill -9) too
     loading = end_loading_on_stop_signals(args.parent_pid)
     search_path = os.environ[EXECUTOR_PATH_VARIABLE].split(os.pathsep) if EXECUTOR_PATH_VARIABLE in os.environ else []
-    executor_class = load_executor_class(args.uses, search_path)
+    try:
+        executor_class = load_executor_class(args.uses, search_path)
+    except (KeyboardInterrupt, SystemExit) as exc:  # the module's own code exited as it was imported: the exit
+        # (130, or its code) said nothing of why, and deploy quoted "(no output)"
+        logger.error("--uses %r: importing its module raised %r: not served", args.uses, exc)
+        raise
     name = args.name or default_name(executor_class.__name__, args.shard_id, args.replica_id)
     runtime_args = {
         # without --shards, the fewest that hold this shard: an Executor must never see shard_id >= shards

@@ -137,6 +137,9 @@ def _check_arguments(
             "digit"
         )
     check_balancer(balancer)
+    for what, seconds in (("register_interval", register_interval), ("startup_timeout", startup_timeout)):
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):  # "5" raised a bare TypeError
+            raise ConfigurationError(f"{what} must be a number of seconds, got {seconds!r:.120}")
     if not register_interval > 0 or not startup_timeout > 0:
         raise ConfigurationError("register_interval and startup_timeout must be positive seconds")
     if register_interval < MIN_REGISTER_INTERVAL:  # the workers would refuse it (worker --register-interval)
@@ -149,6 +152,18 @@ def _check_arguments(
             f"register_interval must be at most {MAX_RENEWAL_INTERVAL:g} seconds (a head counts no more of it), "
             f"got {register_interval!r}"
         )
+
+
+def _check_folder(folder: Any, what: str) -> None:
+    """Refuse a ``log_dir`` or ``workspace`` that names no folder: not a path (an int crashed in ``Path``), or
+    empty (a variable unset where it was expanded; an empty ``log_dir`` crashed the constructor with an
+    AttributeError, an empty ``workspace`` was taken for none but still passed to the workers)."""
+    if folder is None:
+        return
+    if not isinstance(folder, (str, os.PathLike)) or not isinstance(os.fspath(folder), str):
+        raise ConfigurationError(f"{what} must be a folder's path (text), got {folder!r:.120}")
+    if not os.fspath(folder):
+        raise ConfigurationError(f"{what} is empty: give a folder, or None for the default")
 
 
 def _checked_port(port: Any, what: str) -> int:
@@ -273,6 +288,8 @@ class Deployment:
     ):
         _check_arguments(shards, replicas, name, balancer, register_interval, startup_timeout)
         _check_serving(host, port, control_token)
+        _check_folder(log_dir, "log_dir")
+        _check_folder(workspace, "workspace")
         if metrics_port is not None:
             metrics_port = _checked_port(metrics_port, "metrics_port")
             if metrics_port and metrics_port == port:

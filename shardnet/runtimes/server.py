@@ -136,6 +136,12 @@ class ServerConfig:
                 f"host {self.host!r:.80} is no name or IP address: a Unix socket is given as --unix-socket PATH "
                 "(unix_socket=), beside the TCP host"
             )
+        host = self.host.strip()
+        if host.count(":") == 1 or (host.startswith("[") and "]:" in host):  # no name nor IPv6 address has one
+            raise ConfigurationError(
+                f"host {self.host!r:.80} holds a port: give the host alone, and the port as --port (port=); a host "
+                "holding it was refused by the resolver only as the server started, as 'HOST:PORT:0'"
+            )
         # as gRPC binds it and clients dial it: "[::1]" and "0:0::1" are "::1" (frozen: set as __init__ would)
         object.__setattr__(self, "host", canonical_host(self.host))
         if self.unix_socket is not None:
