@@ -83,7 +83,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--metrics-port", type=whole_number("metrics port", 0, 65535), metavar="PORT",
         help="the head serves Prometheus metrics over HTTP at /metrics on PORT (0 picks a free one), every other "
-             "process on a free port of its own, listed at start (METRICS). Needs pip install 'shardnet[metrics]'",
+             "process on a free port of its own, listed at start (METRICS). Needs pip install 'shardnet[metrics]' "
+             "('.[metrics]' from a checkout)",
     )
     parser.add_argument("--uses-before", metavar="MODULE:CLASS", help="an Executor every request passes first")
     parser.add_argument(

@@ -190,7 +190,7 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
         type=int,
         metavar="PORT",
         help="serve Prometheus metrics over HTTP at /metrics on this port (on --host); 0 picks a free one. Needs "
-        "the optional extra: pip install 'shardnet[metrics]'",
+        "the optional extra: pip install 'shardnet[metrics]' ('.[metrics]' from a checkout)",
     )
     group.add_argument(
         "--max-message-mb",
@@ -221,7 +221,8 @@ def add_server_arguments(parser: argparse.ArgumentParser, default_port: int) -> 
         "--loop",
         choices=LOOPS,
         default="auto",
-        help="event loop: asyncio, uvloop (pip install 'shardnet[fast]'), or auto, the default: uvloop when installed",
+        help="event loop: asyncio, uvloop (pip install 'shardnet[fast]', or '.[fast]' from a checkout), or auto, "
+        "the default: uvloop when installed",
     )
     add_token_argument(parser)
 
@@ -236,7 +237,9 @@ def check_loop(loop: str) -> str:
         try:
             import uvloop  # noqa: F401
         except ImportError:
-            raise ConfigurationError("--loop uvloop needs uvloop: pip install 'shardnet[fast]'") from None
+            raise ConfigurationError(
+                "--loop uvloop needs uvloop: pip install 'shardnet[fast]' (from a checkout: pip install '.[fast]')"
+            ) from None
     return loop
 
 

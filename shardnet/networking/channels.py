@@ -107,7 +107,10 @@ def never_connected_note(channel: grpc.aio.Channel) -> str:
     unreachable replica, or a port whose server takes TCP but never speaks gRPC, is not taken for a slow one."""
     if channel.get_state(try_to_connect=False) != grpc.ChannelConnectivity.CONNECTING:
         return ""
-    return "its connection was never set up: an unreachable host, or a port whose server does not speak gRPC"
+    return (
+        "its connection was never set up: an unreachable host, a stopped or hung server process (its kernel still "
+        "takes TCP), or a port whose server does not speak gRPC"
+    )
 
 
 def checked_options(options: Optional[ChannelOptions]) -> tuple[tuple[str, Any], ...]:

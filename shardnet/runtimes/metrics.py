@@ -28,7 +28,8 @@ try:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 except ImportError as missing:
     raise ConfigurationError(
-        "--metrics-port needs prometheus-client, an optional extra: pip install 'shardnet[metrics]'"
+        "--metrics-port needs prometheus-client, an optional extra: pip install 'shardnet[metrics]' (from a checkout: "
+        "pip install '.[metrics]')"
     ) from missing
 
 from shardnet.runtimes.metrics_listener import MetricsListener  # noqa: E402 - prometheus-client checked first
