@@ -543,3 +543,15 @@ async def test_a_control_request_a_head_refuses_in_its_reply_names_the_command_a
         with pytest.raises(ReplicaError) as refused:
             await oneshot.send_control("DEACTIVATE", address, "127.0.0.1", 9, shard_id=0)
     assert str(refused.value) == f"head {address}: DEACTIVATE refused: no such worker"
+
+
+def test_the_blocking_control_call_to_nothing_is_the_same_error_as_the_async_one(dead_address):
+    """send_control_blocking (Deployment.members(), _forget) fails as send_control does: same class, message, and
+    ``unsent`` (no handler reached); never_reached read only grpc.aio's errors, so the blocking one said False."""
+    with pytest.raises(ReplicaError) as blocking:
+        oneshot.send_control_blocking("STATUS", dead_address, timeout=5.0)
+    with pytest.raises(ReplicaError) as awaited:
+        oneshot.run_sync(oneshot.send_control("STATUS", dead_address, timeout=5.0))
+    assert type(blocking.value) is type(awaited.value)
+    assert str(blocking.value) == str(awaited.value)
+    assert blocking.value.unsent and awaited.value.unsent

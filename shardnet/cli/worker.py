@@ -163,9 +163,13 @@ def run(args: argparse.Namespace) -> int:
     search_path = os.environ[EXECUTOR_PATH_VARIABLE].split(os.pathsep) if EXECUTOR_PATH_VARIABLE in os.environ else []
     try:
         executor_class = load_executor_class(args.uses, search_path)
-    except (KeyboardInterrupt, SystemExit) as exc:  # the module's own code exited as it was imported: the exit
-        # (130, or its code) said nothing of why, and deploy quoted "(no output)"
+    except SystemExit as exc:  # the module's own code exited as it was imported: the exit said nothing of why,
+        # and deploy quoted "(no output)"
         logger.error("--uses %r: importing its module raised %r: not served", args.uses, exc)
+        raise
+    except KeyboardInterrupt:  # Ctrl-C while a heavy module imports, or the module raised it
+        logger.warning("--uses %r: interrupted while importing its module (Ctrl-C, or the module raised "
+                       "KeyboardInterrupt): not served", args.uses)
         raise
     name = args.name or default_name(executor_class.__name__, args.shard_id, args.replica_id)
     runtime_args = {

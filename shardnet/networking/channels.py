@@ -247,7 +247,8 @@ def never_reached(error: BaseException) -> bool:
     """An UNAVAILABLE that no handler saw: no connection was made, or a shardnet server refused it as it drains.
     Not "socket closed", a stream that broke, a call cut, nor a head passing on its worker's UNAVAILABLE: the
     work may have been done. Only such a request may be sent again where running twice would matter."""
-    if not isinstance(error, grpc.aio.AioRpcError) or error.code() != grpc.StatusCode.UNAVAILABLE:
+    # grpc.aio's error, or a blocking channel's (oneshot.call_once_blocking: Deployment.members(), _forget)
+    if not isinstance(error, (grpc.aio.AioRpcError, grpc.Call)) or error.code() != grpc.StatusCode.UNAVAILABLE:
         return False
     details = (error.details() or "").lower()
     return details.startswith(NOT_CONNECTED) or details in services.NEVER_RAN_DETAILS
