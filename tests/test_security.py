@@ -695,3 +695,89 @@ def test_the_control_token_from_a_file_or_the_command_line_which_warns_that_ps_s
 
 def _child_environment() -> dict:
     return {key: value for key, value in os.environ.items() if key != "SHARDNET_CONTROL_TOKEN"}
+
+
+def _own_non_loopback_address() -> str:
+    """An address of this machine's own interfaces other than loopback (the one the outgoing route uses)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect(("192.0.2.200", 9))  # no packet is sent: the kernel picks the outgoing interface's address
+        return probe.getsockname()[0]
+
+
+async def test_an_activate_naming_a_wildcard_heads_own_interface_address_is_refused(runtimes):
+    """A head bound on 0.0.0.0 took an ACTIVATE naming the machine's own non-loopback address and its port: it
+    routed to itself (its loop guard then failed the shard) though the README says its own address is refused."""
+    host = _own_non_loopback_address()
+    head = await runtimes(Head("selfish", ServerConfig(host="0.0.0.0", port=0)))
+    with pytest.raises(ReplicaError) as refused:
+        await oneshot.activate_worker(host, head.server.port, f"127.0.0.1:{head.server.port}", shard_id=0)
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT and "itself" in str(refused.value)
+
+
+@pytest.mark.parametrize("odd", ["\u2028", "\x85", "\x9b2J", "\x7f"])
+def test_a_unix_path_with_a_line_separator_or_a_c1_control_is_refused(odd):
+    """Only characters below a space were refused: a line separator or a terminal's 8-bit CSI in an ACTIVATE's
+    socket path reached the head's "activated" log line as it was."""
+    from shardnet.networking.addresses import parse_address
+
+    with pytest.raises(ConfigurationError, match="control characters in the socket path"):
+        parse_address(f"unix:/tmp/sn-{odd}x.sock")
+
+
+def test_a_link_planted_in_a_shared_log_dir_is_not_written_through(tmp_path):
+    """The uses_with file was written through a temporary file of a predictable name: a link planted there in a
+    shared --log-dir had the text overwrite the file it points at."""
+    from shardnet.runtimes.deployment import _replace_file
+
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o1777)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (shared / f".idx-uses-with.json.{os.getpid()}").symlink_to(victim)
+    _replace_file(shared / "idx-uses-with.json", "{}\n")
+    assert victim.read_text() == "precious\n"
+    assert (shared / "idx-uses-with.json").read_text() == "{}\n"
+    assert (shared / "idx-uses-with.json").stat().st_mode & 0o777 == 0o600
+    assert sorted(path.name for path in shared.iterdir()) == [f".idx-uses-with.json.{os.getpid()}", "idx-uses-with.json"]
+
+
+def test_a_processes_log_is_never_opened_through_a_link(tmp_path):
+    """A log at its predictable name in a shared --log-dir could be a link to a file of this user's (~/.bashrc),
+    which every line the process logs, endpoints included, would then be appended to."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "idx-head.log").symlink_to(victim)
+    process = ShardnetProcess("head", ["head", "--deployment", "idx", "--port", "0"], tmp_path / "idx-head.log")
+    with pytest.raises(OSError):
+        process.launch()
+    assert victim.read_text() == "precious\n" and process.popen is None
+
+
+def test_a_control_token_file_other_users_may_read_is_warned_of(tmp_path, caplog):
+    """As a private key file is: anyone who reads the token may take the workers' place."""
+    from shardnet.cli.options import _token_from_file
+
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    token.chmod(0o644)
+    caplog.set_level(logging.WARNING)
+    assert _token_from_file(str(token)) == "s3cret"
+    warned = [r.getMessage() for r in caplog.records if "other users" in r.getMessage()]
+    assert warned and "s3cret" not in warned[0], warned
+    caplog.clear()
+    token.chmod(0o600)
+    assert _token_from_file(str(token)) == "s3cret"
+    assert not [r for r in caplog.records if "other users" in r.getMessage()]
+
+
+@pytest.mark.parametrize("mode, warned", [(0o777, True), (0o775, True), (0o1777, False), (0o700, False)])
+async def test_a_unix_socket_in_a_folder_others_may_write_is_warned_of(tmp_path, caplog, runtimes, mode, warned):
+    """`mkdir -p /tmp/shardnet` finds a folder another user made first: they could rename the socket away and bind
+    their own in its place. Warned, not refused: a Kubernetes emptyDir shared by a pod's containers is 0777."""
+    folder = tmp_path / "shardnet"
+    folder.mkdir()
+    folder.chmod(mode)
+    caplog.set_level(logging.WARNING, logger="shardnet.runtimes.listening")
+    await runtimes(Head("sockets", ServerConfig(unix_socket=str(folder / "h.sock"))))
+    said = [r.getMessage() for r in caplog.records if "another user of this machine could put" in r.getMessage()]
+    assert bool(said) == warned, said

@@ -21,7 +21,7 @@ from shardnet.networking.addresses import Address, parse_address
 from shardnet.networking.balancing import BALANCERS
 from shardnet.networking.channels import DEFAULT_MAX_MESSAGE_BYTES, MAX_MESSAGE_MB, TOKEN_VARIABLE, check_control_token
 from shardnet.networking.policies import MAX_TIMEOUT
-from shardnet.networking.tls import ClientTls, ServerTls
+from shardnet.networking.tls import ClientTls, ServerTls, warn_if_others_may_read
 from shardnet.runtimes.executor import DRY_RUN_ENDPOINT, metas_name
 from shardnet.runtimes.lifecycle import check_ready_fd
 from shardnet.runtimes.server import ServerConfig
@@ -392,6 +392,8 @@ def _token_from_file(path: str) -> str:
     """The first non-blank line of a regular file of at most MAX_TOKEN_FILE_BYTES; a UTF-8 byte order mark is
     dropped."""
     data = read_small_file(path, MAX_TOKEN_FILE_BYTES, "--control-token-file")
+    # as a private key file is: a token any user of the machine reads lets any of them take the workers' place
+    warn_if_others_may_read(path, "--control-token-file")
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:  # its own words would show a byte of the token and where it sits

@@ -97,7 +97,9 @@ def _parse_unix(address: str, text: str, tls: bool) -> Address:
             f"bad address {address!r:.200}: a Unix socket needs an absolute path (unix:/run/worker.sock); "
             "a relative one would depend on each process's working directory"
         )
-    if any(ch < " " for ch in path):
+    # not printable: C0 and C1 controls (\x9b is a terminal's CSI), DEL, line separators (U+2028, \x85): the path
+    # is written in log lines and status output as it is
+    if not path.isprintable():
         raise ConfigurationError(f"bad address {address!r:.200}: control characters in the socket path")
     try:  # gRPC takes the path as UTF-8 text: bytes the locale could not decode name no socket it can reach
         path.encode("utf-8")

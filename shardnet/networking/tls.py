@@ -90,8 +90,9 @@ def _anchor_paths(material: object, names: Sequence[str]) -> None:
             object.__setattr__(material, name, os.path.abspath(os.fspath(source)))
 
 
-def _warn_if_others_may_read(source: PemSource, what: str) -> None:
-    """Log a warning for a private key file other users of the machine may read or write (as ssh refuses one)."""
+def warn_if_others_may_read(source: PemSource, what: str) -> None:
+    """Log a warning for a private key (or control token) file other users of the machine may read or write (as ssh
+    refuses one)."""
     if not _is_path(source):
         return
     try:
@@ -438,7 +439,7 @@ class ClientTls:
                 f"mutual TLS needs both a client private key and its certificate chain: no client {missing} given"
             )
         self._check()
-        _warn_if_others_may_read(self.private_key, "client private key")
+        warn_if_others_may_read(self.private_key, "client private key")
 
     def _check(self) -> None:
         roots = load_pem(self.root_certificates, "root certificates")
@@ -487,7 +488,7 @@ class ClientTls:
         ``warn``: log a key file open to other users (False where this material's making just did)."""
         self._check()  # first as files, so that a refusal names them
         if warn:
-            _warn_if_others_may_read(self.private_key, "client private key")
+            warn_if_others_may_read(self.private_key, "client private key")
         return replace(
             self,
             root_certificates=load_pem(self.root_certificates, "root certificates"),
@@ -520,7 +521,7 @@ class ServerTls:
             )
             raise ConfigurationError(f"{needs}: no server {' and no '.join(missing)} given")
         self.checked_material(skew=CLOCK_SKEW)
-        _warn_if_others_may_read(self.private_key, "server private key")
+        warn_if_others_may_read(self.private_key, "server private key")
 
     def checked_material(self, skew: float = 0.0) -> tuple[bytes, bytes, Optional[bytes]]:
         """(chain, key, client CA) read afresh, or a ConfigurationError saying what is wrong with them (``skew``:
@@ -595,7 +596,7 @@ class FollowedServerMaterial:
                 logger.warning("TLS material changed but cannot be served; the previous material stays: %s", exc)
                 return None
             self._served, self._refused = signature, None
-        _warn_if_others_may_read(self._tls.private_key, "server private key")  # as at start: a renewal may loosen it
+        warn_if_others_may_read(self._tls.private_key, "server private key")  # as at start: a renewal may loosen it
         # gRPC's TLS library parses it after this returns, and logs it if it refuses it (a key type it lacks)
         logger.info(
             "TLS material changed: new connections are offered %s",

@@ -1043,10 +1043,17 @@ class Deployment:
 def _replace_file(path: Path, text: str) -> None:
     """Make ``path`` hold ``text``, readable by this user only, in one step (a rename): a process reading it
     meanwhile sees the whole old file or the whole new one."""
-    written = path.with_name(f".{path.name}.{os.getpid()}")
-    with open(os.open(written, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(written, path)
+    # a new file of a random name (O_EXCL, mode 0600): a predictable one in a folder others may write (a shared
+    # --log-dir) could be a link planted there, and the text would overwrite the file it points at
+    descriptor, written = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with open(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(written, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(written)
+        raise
 
 
 def _lost_with_a_replica(status: Any, deployment: str, head: str) -> Optional[ReplicaError]:

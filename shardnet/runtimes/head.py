@@ -1174,7 +1174,8 @@ class Head:
         if address.port != self.server.port:
             return False
         if bound in ("0.0.0.0", "::", ""):  # every local address is this head's
-            return host_is_local(host) or host_is_loopback(dialled_host(host))
+            # and every address of the machine's own interfaces (how a worker elsewhere would name it)
+            return host_is_local(host) or host_is_loopback(dialled_host(host)) or is_own_address(dialled_host(host))
         return same_host(dialled_host(host), dialled_host(bound)) or (host == "localhost" and host_is_loopback(bound))
 
     def _retry_metadata(self) -> tuple[tuple[str, str], ...]:

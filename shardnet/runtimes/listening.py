@@ -9,6 +9,7 @@ and know nothing of gRPC, and the metrics listener (``metrics.py``) binds with `
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import stat
@@ -19,6 +20,8 @@ from shardnet.networking.addresses import entity_address
 
 if TYPE_CHECKING:
     from shardnet.runtimes.server import ServerConfig
+
+logger = logging.getLogger(__name__)
 
 # the loopback address a client on this machine dials for a server bound on each wildcard host
 WILDCARD_TO_LOOPBACK = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}
@@ -49,6 +52,27 @@ def check_unix_path_free(path: str) -> None:
                 f"cannot listen on unix:{path}: the socket there answered a connection with "
                 f"{errno.errorcode.get(outcome, outcome)} ({os.strerror(outcome)}), so a server may be listening on it"
             )
+
+
+def warn_if_socket_folder_shared(path: str) -> None:
+    """Warn of a socket path whose folder another user owns, or may write in without the sticky bit (``mkdir -p
+    /tmp/shardnet`` finds one another user made first): they could rename this server's socket away and bind
+    their own at its path, which the head dials for every request of this worker. A warning, not a refusal: a
+    Kubernetes emptyDir shared by a pod's containers is such a folder (0777), and its other users are the pod's.
+    Root's folders are trusted; one with the sticky bit (/tmp) lets nobody else remove the socket."""
+    folder = os.path.dirname(path) or "."
+    try:
+        found = os.stat(folder)
+    except OSError:
+        return  # missing: the bind says so
+    others_own = found.st_uid not in (os.getuid(), 0)
+    if others_own or (found.st_mode & 0o022 and not found.st_mode & stat.S_ISVTX):
+        whose = "another user's" if others_own else (
+            f"writable by other users (mode {found.st_mode & 0o7777:04o}, no sticky bit)")
+        logger.warning(
+            "unix:%s: its folder %s is %s, so another user of this machine could put their own socket in this "
+            "one's place and take its requests: use a folder only you write to (mkdir -m 700)", path, folder, whose,
+        )
 
 
 def check_can_listen(config: ServerConfig) -> None:

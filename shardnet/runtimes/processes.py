@@ -145,7 +145,10 @@ class ShardnetProcess:
         # it stops when this process goes, whatever ends it (kill -9, a closed terminal)
         launcher = ["--parent-pid", str(os.getpid()), "--ready-fd", str(writing)]
         try:
-            with open(self.log_path, "ab") as log:
+            # never through a link: a log folder others may write (--log-dir /tmp) could hold one planted at this
+            # predictable name, pointing at a file of this user's that the log would then be appended to
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+            with open(os.open(self.log_path, flags, 0o600), "ab") as log:
                 self.popen = subprocess.Popen(
                     [sys.executable, "-m", "shardnet", *self.arguments, *launcher],
                     stdin=subprocess.DEVNULL,

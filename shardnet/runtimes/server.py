@@ -65,7 +65,7 @@ from shardnet.protocol import services
 from shardnet.protocol.messages import MAX_TOP_LEVEL_FIELDS, DataRequest, parse
 from shardnet.protocol.proto import jina_pb2
 from shardnet.protocol.services import AUTHORIZATION_METADATA
-from shardnet.runtimes.listening import WILDCARD_TO_LOOPBACK, check_unix_path_free
+from shardnet.runtimes.listening import WILDCARD_TO_LOOPBACK, check_unix_path_free, warn_if_socket_folder_shared
 from shardnet.runtimes.log_lines import quoted
 from shardnet.runtimes.standard_services import health_handler, reflection_handler
 
@@ -611,6 +611,7 @@ class Server:
         number cannot be given to another file meanwhile) until ``_remove_unix_socket`` compares it with ``path``.
         """
         check_unix_path_free(path)
+        warn_if_socket_folder_shared(path)
         private = _private_socket_path(path)
         try:
             self._server.add_insecure_port(unix_target(private))  # the fallback private == path may need encoding
