@@ -2076,6 +2076,39 @@ async def test_status_of_a_head_fed_by_discovery_checks_the_pods_it_routes_to(
     assert f"  shard 0: {dead_address} (down: unreachable: " in printed, printed
 
 
+async def test_status_of_a_head_whose_watch_fails_says_its_view_may_be_stale(
+    api_server: FakeApiServer, kubeconfig: str, capsys
+) -> None:
+    """The API server gone after the first list: the head routes on by what it had (rightly), but `shardnet
+    status` said all was well, the failure in the head's log only (a left-alone item of an earlier session)."""
+    worker = Worker(executors.Tagger.create({}))
+    await worker.start()
+    api_server.apply("pods", pod("a", ip="127.0.0.1", port=worker.server.port))
+    pool = K8sGrpcConnectionPool(NS, kubeconfig=kubeconfig, watch=FAST, sources=("pods",))
+    head = Head("dep", pool=pool)
+    try:
+        await head.start()
+        try:
+            await pool.wait_synced(timeout=5)
+            assert await asyncio.to_thread(cli_main, ["status", head.server.address]) == 0
+            await api_server.go_down("unavailable")
+            await eventually(lambda: pool.failing_sources(), timeout=10)
+            capsys.readouterr()
+            code = await asyncio.to_thread(cli_main, ["status", head.server.address])
+            printed = capsys.readouterr().out
+            await api_server.come_back()
+            await eventually(lambda: not pool.failing_sources(), timeout=10)
+            assert await asyncio.to_thread(cli_main, ["status", head.server.address]) == 0
+        finally:
+            await head.stop(0.5)
+    finally:
+        await worker.stop(0)
+    assert code == DEGRADED, printed
+    assert f"  shard 0: {worker.server.address}\n" in printed
+    assert f"discovery: pods in {NS} failing: the workers routed to may be stale; last failure: " in printed, printed
+    assert "503" in printed, printed
+
+
 # -- the pods' word on slices that lag --------------------------------------------------
 
 

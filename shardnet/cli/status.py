@@ -36,7 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "cannot be listed, or a shard, a uses_before or a uses_after has no replica, or none serving; 2 when it "
         "cannot be reached at all; "
         f"{DEGRADED} (degraded) when a replica is down, or was not checked in time, but no shard is known to have "
-        "none serving; 74 when its output could not be written.",
+        "none serving, or a Kubernetes head's discovery is failing (its view may be stale); 74 when its output "
+        "could not be written.",
     )
     parser.add_argument("target", help="HOST:PORT (https://HOST:PORT for TLS)")
     parser.add_argument(
@@ -141,6 +142,9 @@ async def status(args: argparse.Namespace) -> int:
     degraded = _say_replica_health(notes, listed=bool(control.related_entities or notes["hops"]))
     if notes["shards_down_ranges"] or notes["shards_down_unlisted"] or notes["hops_down"]:
         healthy = False  # as a shard or a hop with no replica: every request to it, or through it, fails
+    if notes["discovery"]:  # a Kubernetes head whose view of its workers may be stale: all else is as it sees it
+        _show(f"discovery: {notes['discovery']}")
+        degraded = True
     budget = {key: value for key, value in trailing or () if key in _BUDGET_KEYS}
     if budget:
         _show("retries: " + ", ".join(f"{key} {budget[key]}" for key in _BUDGET_KEYS if key in budget))
@@ -210,11 +214,13 @@ def _replica_notes(trailing) -> dict:
     and the empty shard ids; its hops' replicas as (role, address), ejected ones among the ejected pairs, how many
     more, and the hops with none; from its check of the replicas, how many it checked (None: no check reported),
     each (shard or role, address) down with why, how many more, the shards and hops none of whose replicas serves,
-    how many replicas it did not reach in time, and its age when the head reused it. A worker, or a Jina head,
+    how many replicas it did not reach in time, and its age when the head reused it; a Kubernetes head's discovery
+    problem. A worker, or a Jina head,
     says none of it (nor a head of an earlier version of the hops); a value that does not read is skipped."""
     notes = {"ejected": set(), "empty": [], "unlisted": 0, "empty_unlisted": 0, "empty_ranges": "", "checked": None,
              "down": {}, "down_unlisted": 0, "shards_down": [], "shards_down_ranges": "", "shards_down_unlisted": 0,
-             "unchecked": 0, "age": None, "hops": [], "hops_unlisted": 0, "empty_hops": [], "hops_down": []}
+             "unchecked": 0, "age": None, "hops": [], "hops_unlisted": 0, "empty_hops": [], "hops_down": [],
+             "discovery": ""}
     counts = {
         services.EJECTED_UNLISTED_METADATA: "unlisted", services.EMPTY_SHARDS_UNLISTED_METADATA: "empty_unlisted",
         services.REPLICAS_CHECKED_METADATA: "checked", services.REPLICAS_DOWN_UNLISTED_METADATA: "down_unlisted",
@@ -252,6 +258,8 @@ def _replica_notes(trailing) -> dict:
             notes["shards_down"], notes["shards_down_ranges"] = _shard_ids(value), value
         elif key == services.REPLICA_CHECK_AGE_METADATA and _SECONDS.fullmatch(value):
             notes["age"] = value
+        elif key == services.DISCOVERY_FAILING_METADATA:
+            notes["discovery"] = urllib.parse.unquote(value)
     return notes
 
 

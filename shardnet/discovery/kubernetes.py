@@ -1011,6 +1011,20 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
         return (f"{' and '.join(watch.name for watch in watches)} not listed yet"
                 + (f"; last failure: {failure}" if failure else ""))
 
+    def discovery_problem(self) -> Optional[str]:
+        """What is wrong with discovery now, for ``shardnet status``: not listed yet, or sources whose latest list
+        or watch failed, none answered since (what the head routes by may be stale), with the last failure; None
+        when every source is current."""
+        pending = self.not_listed_yet()
+        if pending is not None:
+            return pending
+        failing = [watch for watch in self._watches.values() if watch.failing]
+        if not failing:
+            return None
+        failure = next((watch.last_failure for watch in failing if watch.last_failure), None)
+        return (f"{' and '.join(watch.name for watch in failing)} failing: the workers routed to may be stale"
+                + (f"; last failure: {failure}" if failure else ""))
+
     def where_replicas_are_found(self, deployment: str, role: str = "worker") -> str:
         """Where this pool finds ``deployment``'s replicas of ``role`` (worker, uses_before, uses_after): its
         namespace and the labels of the sources it follows, for an operator told that none is there."""

@@ -71,6 +71,9 @@ SHARDS_DOWN_UNLISTED_METADATA = "shards-down-unlisted"
 # failures, for as many as fit, then how many more; the hops with no replica at all: "uses_before,uses_after". A
 # check adds "HOP ADDRESS CAUSE" of each one down (named before the shards' replicas), and the hops none of whose
 # replicas serves, as "empty-hops" gives them: every request through the head fails then
+# a Kubernetes head's discovery not listed yet, or a source whose latest list or watch failed: its view of the
+# workers may be stale (percent-encoded text)
+DISCOVERY_FAILING_METADATA = "discovery-failing"
 HOP_METADATA = "hop"
 HOPS_UNLISTED_METADATA = "hops-unlisted"
 EMPTY_HOPS_METADATA = "empty-hops"

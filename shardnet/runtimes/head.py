@@ -220,6 +220,8 @@ HOPS_ROOM = 512
 # hops down, then names the replicas down, the hops' first (each cause cut to MAX_CAUSE_CHARS), in what the rest left
 # of STATUS_ROOM, then counts them
 STATUS_ROOM = 7936
+# characters of a discovery problem STATUS says (percent-encoded, up to three times as many bytes)
+MAX_DISCOVERY_CHARS = 400
 SHARDS_DOWN_ROOM = 512
 MAX_CAUSE_CHARS = 160
 _CAUSE_SAFE = "".join(chr(code) for code in range(32, 127) if chr(code) != "%")  # printable ASCII, as metadata is
@@ -1002,7 +1004,9 @@ class Head:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         command = request.command
         if command == "STATUS":
-            trailing = self._retry_metadata() + self._replica_metadata() + self._hop_metadata()
+            trailing = (
+                self._retry_metadata() + self._replica_metadata() + self._hop_metadata() + self._discovery_metadata()
+            )
             if any(key == services.CHECK_REPLICAS_METADATA for key, _ in context.invocation_metadata() or ()):
                 check = await self._replica_checks.check(_discovery_time_left(context))
                 trailing += _check_metadata(check, STATUS_ROOM - _metadata_size(trailing))
@@ -1177,6 +1181,14 @@ class Head:
             # and every address of the machine's own interfaces (how a worker elsewhere would name it)
             return host_is_local(host) or host_is_loopback(dialled_host(host)) or is_own_address(dialled_host(host))
         return same_host(dialled_host(host), dialled_host(bound)) or (host == "localhost" and host_is_loopback(bound))
+
+    def _discovery_metadata(self) -> tuple[tuple[str, str], ...]:
+        """A Kubernetes head's discovery problem (not listed yet, a watch failing) as STATUS trailing metadata, its
+        text percent-encoded and cut to MAX_DISCOVERY_CHARS."""
+        problem = getattr(self.pool, "discovery_problem", lambda: None)()
+        if problem is None:
+            return ()
+        return ((services.DISCOVERY_FAILING_METADATA, urllib.parse.quote(problem[:MAX_DISCOVERY_CHARS])),)
 
     def _retry_metadata(self) -> tuple[tuple[str, str], ...]:
         """The retry budget as STATUS trailing metadata: spent and refused since start, the window's use."""
