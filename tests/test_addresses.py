@@ -170,3 +170,51 @@ def test_a_unix_socket_has_one_spelling_so_one_worker_is_one_replica(spelling):
     replicas of double weight, and its DEACTIVATE removed one (a review's find)."""
     assert parse_address(spelling) == parse_address("unix:/run/sn/w.sock")
     assert parse_address("unix:/run/sn/../w.sock").unix_path == "/run/sn/../w.sock"  # a link may make it another
+
+
+@pytest.mark.parametrize("path", ["/tmp/a\xa0b/w.sock", "/tmp/資料\u3000フォルダ/w.sock", "/tmp/👩\u200d💻/w.sock",
+                                  "/tmp/café 1/w.sock"])
+def test_a_unix_path_of_visible_text_with_any_space_is_taken(path):
+    """str.isprintable() refused a no-break space, U+3000 and an emoji's joiner: a Deployment under such a TMPDIR
+    had every worker refuse its own --unix-socket (a regression review)."""
+    assert parse_address(f"unix:{path}").unix_path == path
+
+
+def test_a_unix_path_of_undecodable_bytes_is_said_to_be_no_text():
+    """The isprintable() check ran first and called a surrogate a control character (a regression review)."""
+    with pytest.raises(ConfigurationError, match="not text"):
+        parse_address("unix:/tmp/caf\udce9/w.sock")
+
+
+@pytest.mark.parametrize("odd", ["\u202e", "\u2066", "\x00", "\x1b"])
+def test_a_unix_path_with_a_bidi_override_or_a_control_is_still_refused(odd):
+    with pytest.raises(ConfigurationError, match="control characters in the socket path"):
+        parse_address(f"unix:/tmp/sn-{odd}x.sock")
+
+
+def _unshare_usable() -> bool:
+    import os
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or not all(shutil.which(tool) for tool in ("unshare", "ip", "sysctl")):
+        return False
+    return subprocess.run(["unshare", "-n", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _unshare_usable(), reason="needs root and unshare -n (a network namespace of its own)")
+def test_is_own_address_is_not_every_address_under_ip_nonlocal_bind():
+    """Under net.ipv4.ip_nonlocal_bind (keepalived hosts) any address binds: the bind probe took every address
+    for the machine's own, and a wildcard head refused every worker on another machine at the head's port as
+    "this head itself" (a regression review)."""
+    import subprocess
+    import sys
+
+    script = (
+        "ip link set lo up && sysctl -q -w net.ipv4.ip_nonlocal_bind=1 net.ipv6.ip_nonlocal_bind=1 && "
+        "ip addr add 10.9.0.1/32 dev lo && "
+        f"{sys.executable} -c 'from shardnet.networking.addresses import is_own_address as o; "
+        "print([o(h) for h in (\"10.1.2.3\", \"2001:db8::5\", \"10.9.0.1\", \"127.0.0.1\", \"::1\")])'"
+    )
+    result = subprocess.run(["unshare", "-n", "sh", "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "[False, False, True, True, True]", result.stdout + result.stderr

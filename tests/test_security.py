@@ -770,13 +770,20 @@ def test_a_control_token_file_other_users_may_read_is_warned_of(tmp_path, caplog
     assert not [r for r in caplog.records if "other users" in r.getMessage()]
 
 
-@pytest.mark.parametrize("mode, warned", [(0o777, True), (0o775, True), (0o1777, False), (0o700, False)])
+@pytest.mark.parametrize("mode, warned", [(0o777, True), (0o775, "if others share its group"), (0o1777, False),
+                                          (0o700, False)])
 async def test_a_unix_socket_in_a_folder_others_may_write_is_warned_of(tmp_path, caplog, runtimes, mode, warned):
     """`mkdir -p /tmp/shardnet` finds a folder another user made first: they could rename the socket away and bind
-    their own in its place. Warned, not refused: a Kubernetes emptyDir shared by a pod's containers is 0777."""
+    their own in its place. Warned, not refused: a Kubernetes emptyDir shared by a pod's containers is 0777. Group
+    write is no one else's in a group only this user is in (umask 002 makes every folder 0775: a regression
+    review)."""
+    from shardnet.networking.tls import only_this_user_in
+
     folder = tmp_path / "shardnet"
     folder.mkdir()
     folder.chmod(mode)
+    if warned == "if others share its group":
+        warned = not only_this_user_in(folder.stat().st_gid)
     caplog.set_level(logging.WARNING, logger="shardnet.runtimes.listening")
     await runtimes(Head("sockets", ServerConfig(unix_socket=str(folder / "h.sock"))))
     said = [r.getMessage() for r in caplog.records if "another user of this machine could put" in r.getMessage()]

@@ -445,7 +445,7 @@ def test_private_keys_stay_out_of_reprs_and_errors_and_open_key_files_are_warned
     chain.write_bytes(load_pem(tls.server.certificate_chain))
     # 0440 in this process's own group is how Kubernetes mounts a Secret for the pod's fsGroup: not warned of,
     # unless another user of this machine is in that group too
-    shared_group = not tls_module._only_this_user_in(os.getgid())
+    shared_group = not tls_module.only_this_user_in(os.getgid())
     for mode, warned in ((0o644, True), (0o600, False), (0o440, shared_group), (0o660, True)):
         path = tmp_path / f"key-{mode:o}.pem"
         path.write_bytes(key)
@@ -464,11 +464,11 @@ def test_a_group_with_another_user_in_it_is_not_private(monkeypatch):
     me = pwd.getpwuid(os.getuid()).pw_name
     group = grp.struct_group(("shared", "x", 4242, [me, "someone-else"]))
     monkeypatch.setattr(grp, "getgrgid", lambda gid: group)
-    assert not tls_module._only_this_user_in(4242)
+    assert not tls_module.only_this_user_in(4242)
     group = grp.struct_group(("mine", "x", 4242, [me]))
     assert all(entry.pw_gid != 4242 or entry.pw_uid == os.getuid() for entry in pwd.getpwall())
     monkeypatch.setattr(grp, "getgrgid", lambda gid: group)
-    assert tls_module._only_this_user_in(4242)
+    assert tls_module.only_this_user_in(4242)
 
 
 def _self_signed_ed25519() -> tuple[bytes, bytes]:

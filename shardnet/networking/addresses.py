@@ -17,6 +17,7 @@ import contextlib
 import ipaddress
 import re
 import socket
+import unicodedata
 import urllib.parse
 from dataclasses import dataclass
 from typing import Optional, Union
@@ -86,6 +87,12 @@ def entity_address(address: str, port: int) -> str:
     return f"[{address}]:{port}" if bracketed else f"{address}:{port}"
 
 
+# what a socket path may not hold, as a name may not (cli.options.check_visible_name): controls, line and paragraph
+# separators, bidirectional overrides; a no-break space, U+3000 or an emoji's joiner are shown as they are
+_UNPRINTED_CATEGORIES = frozenset(("Cc", "Zl", "Zp"))
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def _parse_unix(address: str, text: str, tls: bool) -> Address:
     if tls:
         raise ConfigurationError(f"bad address {address!r:.200}: a Unix socket is local and plaintext, it takes no TLS")
@@ -97,15 +104,15 @@ def _parse_unix(address: str, text: str, tls: bool) -> Address:
             f"bad address {address!r:.200}: a Unix socket needs an absolute path (unix:/run/worker.sock); "
             "a relative one would depend on each process's working directory"
         )
-    # not printable: C0 and C1 controls (\x9b is a terminal's CSI), DEL, line separators (U+2028, \x85): the path
-    # is written in log lines and status output as it is
-    if not path.isprintable():
-        raise ConfigurationError(f"bad address {address!r:.200}: control characters in the socket path")
     try:  # gRPC takes the path as UTF-8 text: bytes the locale could not decode name no socket it can reach
         path.encode("utf-8")
     except UnicodeEncodeError:
         raise ConfigurationError(f"bad address {address!r:.200}: the socket path is not text (bytes not in the "
                                  "locale's encoding)") from None
+    # C0 and C1 controls (\x9b is a terminal's CSI), DEL, line separators (U+2028, \x85), bidi overrides: the path
+    # is written in log lines and status output as it is
+    if any(unicodedata.category(ch) in _UNPRINTED_CATEGORIES or ch in _BIDI_CONTROLS for ch in path):
+        raise ConfigurationError(f"bad address {address!r:.200}: control characters in the socket path")
     # one spelling per socket, so that one worker is one replica: "//" and "/./" name the same file ("/../" may
     # not, under a symbolic link, and is kept)
     path = "/" + "/".join(part for part in path.split("/") if part not in ("", "."))
@@ -261,13 +268,23 @@ def is_own_address(host: str) -> bool:
     address = _unmapped(address)
     if address.is_unspecified or address.is_multicast:
         return False
+    if address.is_loopback:  # 127.0.0.0/8 is this machine's, though a dial of 127.0.0.2 leaves from 127.0.0.1
+        return True
     family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as probe:
         try:
             probe.bind((str(address), 0))
         except OSError:
             return False
-    return True
+    # under net.ipv4.ip_nonlocal_bind (a keepalived or HAProxy host's floating address) any address binds: one of
+    # this machine's own is also where a dial of it leaves from (a UDP connect sends nothing)
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((str(address), 9))
+            source = ipaddress.ip_address(probe.getsockname()[0].partition("%")[0])
+        except (OSError, ValueError):
+            return False
+    return _unmapped(source) == address
 
 
 def host_is_local(hostname: str) -> bool:

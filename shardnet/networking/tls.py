@@ -101,14 +101,14 @@ def warn_if_others_may_read(source: PemSource, what: str) -> None:
         return  # reading it says why
     mode = status.st_mode
     # group read is how Kubernetes mounts a Secret for a pod's fsGroup: fine in a group only this user is in
-    group_may_read = status.st_gid == os.getgid() and _only_this_user_in(status.st_gid) and not mode & 0o020
+    group_may_read = status.st_gid == os.getgid() and only_this_user_in(status.st_gid) and not mode & 0o020
     if mode & (0o007 if group_may_read else 0o077):
         logger.warning(
             "%s is open to other users of this machine (mode %04o): chmod 600 it", _describe(source, what), mode & 0o777
         )
 
 
-def _only_this_user_in(gid: int) -> bool:
+def only_this_user_in(gid: int) -> bool:
     """Whether no other user of this machine has ``gid`` as a group (a gid without a name, as a pod's fsGroup
     usually is, has no members)."""
     uid = os.getuid()

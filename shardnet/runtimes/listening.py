@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Optional
 
 from shardnet.errors import ConfigurationError
 from shardnet.networking.addresses import entity_address
+from shardnet.networking.tls import only_this_user_in
 
 if TYPE_CHECKING:
     from shardnet.runtimes.server import ServerConfig
@@ -65,8 +66,11 @@ def warn_if_socket_folder_shared(path: str) -> None:
         found = os.stat(folder)
     except OSError:
         return  # missing: the bind says so
-    others_own = found.st_uid not in (os.getuid(), 0)
-    if others_own or (found.st_mode & 0o022 and not found.st_mode & stat.S_ISVTX):
+    others_own = found.st_uid not in (os.geteuid(), 0)
+    # group write in a group only this user is in (a user-private group: umask 002 makes folders 0775) is no one
+    # else's
+    others_write = 0o002 if found.st_gid == os.getegid() and only_this_user_in(found.st_gid) else 0o022
+    if others_own or (found.st_mode & others_write and not found.st_mode & stat.S_ISVTX):
         whose = "another user's" if others_own else (
             f"writable by other users (mode {found.st_mode & 0o7777:04o}, no sticky bit)")
         logger.warning(
