@@ -368,6 +368,33 @@ def test_docs_bytes_is_refused_never_unpickled():
         DataRequest.from_bytes(both).endpoint
 
 
+@pytest.mark.parametrize("text_size", [0, 1, 120, 130, 16370, 16390, 70000])
+def test_docs_bytes_beside_documents_of_any_size_is_refused(text_size):
+    """The header read skips its walk for docs_bytes when the data field is a single docs field whose one- or
+    two-byte length ends it exactly (the usual request): documents of lengths around those bounds, with a pickle
+    after them or before them, are still refused, and are read without one."""
+    proto = jina_pb2.DataRequestProto()
+    proto.header.request_id = "r1"
+    proto.data.docs.docs.add(text="x" * text_size)
+    assert DataRequest.from_bytes(proto.SerializeToString()).request_id == "r1"
+    docs_field = jina_pb2.DataContentProto(docs=proto.data.docs).SerializeToString()
+    pickle_field = jina_pb2.DataContentProto(docs_bytes=b"\x80\x04 a pickle").SerializeToString()
+    header = jina_pb2.DataRequestProto(header=proto.header).SerializeToString()
+    for data in (docs_field + pickle_field, pickle_field + docs_field):
+        raw = header + b"\x22" + _varint(len(data)) + data  # field 4 (data) holding both, as a sender may lay it out
+        with pytest.raises(ProtocolError, match="docs_bytes"):
+            DataRequest.from_bytes(raw).request_id
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
 def test_an_endpoint_protobuf_cannot_store_is_refused_by_name_and_changes_nothing():
     """A lone surrogate (what os.fsdecode gives for bytes that are no UTF-8) raised protobuf's UnicodeEncodeError."""
     raw = DataRequest([Document(text="a")], endpoint="/index").to_bytes()

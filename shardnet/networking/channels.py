@@ -422,10 +422,16 @@ class MetadataCache:
         """A Metadata for a tuple of pairs, checked once (a Metadata or nothing passes through as it is)."""
         # the common case first, and cheaply: a Metadata the pool built (isinstance on an ABC and
         # Metadata's own __len__ are the slow ways to ask)
-        if type(pairs) is grpc.aio.Metadata or not pairs or isinstance(pairs, grpc.aio.Metadata):
+        kind = type(pairs)
+        if kind is grpc.aio.Metadata:
             return pairs
-        if type(pairs) is not tuple and isinstance(pairs, Mapping):  # a dict, as Jina callers pass it (the head's
-            pairs = tuple(pairs.items())  # tuples skip the slower ABC check)
+        if kind is tuple:  # the head's metadata: neither check below applies to a tuple
+            if not pairs:
+                return pairs
+        elif not pairs or isinstance(pairs, grpc.aio.Metadata):
+            return pairs
+        elif isinstance(pairs, Mapping):  # a dict, as Jina callers pass it
+            pairs = tuple(pairs.items())
         try:
             metadata = self._built.get(pairs)
         except TypeError:  # a list, or unhashable entries: check and build, without caching

@@ -484,14 +484,15 @@ class GrpcConnectionPool:
             )
         if timeout is None and self.retry.attempt_timeout is None:  # the common case: no clock to read
             deadline = attempt_timeout = None
+            callers_deadline = False
         else:
             loop = asyncio.get_running_loop()
             deadline = None if timeout is None else loop.time() + timeout
             attempt_timeout = self._attempt_timeout(deadline, loop)
+            callers_deadline = self._callers_deadline(attempt_timeout)
         try:
             return await replicas.call(
-                connection, method, payload, metadata, attempt_timeout,
-                callers_deadline=self._callers_deadline(attempt_timeout),
+                connection, method, payload, metadata, attempt_timeout, callers_deadline=callers_deadline
             )
         except grpc.aio.AioRpcError as error:
             loop = asyncio.get_running_loop()

@@ -158,6 +158,22 @@ def _header_field(header: jina_pb2.HeaderProto) -> bytes:
     return jina_pb2.DataRequestEnvelope(header=header).SerializeToString()
 
 
+def _one_docs_field(data: bytes, start: int, end: int) -> bool:
+    """Whether ``data[start:end]``, a DataContent, is nothing or a single ``docs`` field whose length (of up to
+    two bytes) ends it exactly: a walk for ``docs_bytes`` would find none there and refuse nothing, so none is made
+    (the usual request; anything else is walked)."""
+    if start == end:
+        return True
+    if data[start] != 0x0A or start + 1 >= end:  # field 1, length-delimited
+        return False
+    length = data[start + 1]
+    if length < 0x80:
+        return start + 2 + length == end
+    if start + 2 < end and data[start + 2] < 0x80:
+        return start + 3 + ((length & 0x7F) | (data[start + 2] << 7)) == end
+    return False
+
+
 def _check_repeats(spans: Sequence[tuple[int, int, int]], what: str) -> None:
     """Refuse a header or data field sent more often than MAX_FIELD_REPEATS allows: protobuf merges the repeats
     of a field that is no list, and each data field was walked in turn up to its own bound (a thousand padded
@@ -327,24 +343,20 @@ class DataRequest:
             # one walk over the top-level fields: the header is read, and documents that are a pickle are
             # refused here, before a head passes the bytes on untouched (to a Jina worker that would unpickle them)
             header, pickled = jina_pb2.HeaderProto(), False
-            buffer = self._buffer
-            spans = field_spans(
-                buffer, _HEADER_AND_DATA, self._what, _DATA_REQUEST_FIELDS, max_fields=self._max_fields
-            )
-            _check_repeats(spans, self._what)
+            buffer, what = self._buffer, self._what
+            spans = field_spans(buffer, _HEADER_AND_DATA, what, _DATA_REQUEST_FIELDS, max_fields=self._max_fields)
+            _check_repeats(spans, what)
             for number, start, end in spans:
                 if number == 4:
-                    pickled = pickled or bool(
-                        field_spans(
-                            buffer, _DOCS_BYTES, f"{self._what} data", _DOCS, start, end, MAX_TOP_LEVEL_FIELDS
-                        )
-                    )
+                    pickled = pickled or (not _one_docs_field(buffer, start, end) and bool(
+                        field_spans(buffer, _DOCS_BYTES, f"{what} data", _DOCS, start, end, MAX_TOP_LEVEL_FIELDS)
+                    ))
                     continue
                 try:
                     header.MergeFromString(buffer[start:end])  # repeated occurrences merge, as protobuf does
                 except (DecodeError, RuntimeError, ValueError) as exc:
                     raise ProtocolError(
-                        f"malformed {self._what} header: {exc} (truncated or corrupt bytes, or text that is not UTF-8)"
+                        f"malformed {what} header: {exc} (truncated or corrupt bytes, or text that is not UTF-8)"
                     ) from None
             if pickled:
                 raise _refuse_pickle(header.request_id, self._what)

@@ -584,7 +584,7 @@ class Head:
         counted: Optional[str] = None  # the endpoint it is counted under while under way
         try:
             endpoint, metadata = self._settle_endpoint(requests, context)
-            under_way[endpoint] += 1
+            under_way[endpoint] = under_way.get(endpoint, 0) + 1  # not += (Counter.__missing__ is Python)
             counted = endpoint
             deadline = _Deadline(_time_left(context), per_hop=self.pool.timeout)
             before_trailing = ()
@@ -654,14 +654,19 @@ class Head:
             )
         finally:
             if counted is not None:
-                under_way[counted] -= 1
-                if not under_way[counted]:  # callers choose endpoints: none is kept once its requests ended
-                    del under_way[counted]
+                left = under_way[counted] - 1
+                if left:
+                    under_way[counted] = left
+                else:  # callers choose endpoints: none is kept once its requests ended (pop: dict's, in C)
+                    under_way.pop(counted)
         if trailing:
             context.set_trailing_metadata(tuple(trailing))
+        answer = response.to_bytes()
+        if len(answer) <= self.server.config.max_message_bytes:  # the common case, without a coroutine
+            return answer
         return await within_message_limit(
             context,
-            response.to_bytes(),
+            answer,
             self.server.config.max_message_bytes,
             f"{self.deployment}: the answer (under ALL, every shard's merged)",
             "this head's",

@@ -489,7 +489,7 @@ class Worker:
             arguments["docs_matrix"] = None
         answer_limit = self.server.config.max_message_bytes if limit is None else limit
         in_handlers = self._in_handlers
-        in_handlers[endpoint] += 1
+        in_handlers[endpoint] = in_handlers.get(endpoint, 0) + 1  # not += (Counter.__missing__ is Python)
         cut = False
         # the Documents the handler is given view the requests' messages: those it keeps get copies of their own
         # once it is done (detached), as docarray's are, not the whole request each (budgets: one per message)
@@ -543,11 +543,16 @@ class Worker:
                 returned = None
                 asyncio.get_running_loop().call_soon(_detach_views, list(budgets.values()))
             if not cut:
-                in_handlers[endpoint] -= 1
-                if not in_handlers[endpoint]:  # callers choose endpoints: none is kept once its calls ended
-                    del in_handlers[endpoint]
+                left = in_handlers[endpoint] - 1
+                if left:
+                    in_handlers[endpoint] = left
+                else:  # callers choose endpoints: none is kept once its calls ended (pop: dict's, in C)
+                    in_handlers.pop(endpoint)
+        answer = first.to_bytes()
+        if len(answer) <= answer_limit:  # the common case, without within_message_limit's coroutine
+            return answer
         return await within_message_limit(
-            context, first.to_bytes(), answer_limit, f"{self.name}: the answer of {endpoint}", whose
+            context, answer, answer_limit, f"{self.name}: the answer of {endpoint}", whose
         )
 
     def _warn_of_requests_cut(self) -> None:
