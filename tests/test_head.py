@@ -1792,3 +1792,25 @@ async def test_a_head_with_no_shard_replica_refuses_before_uses_before_runs_it(r
     assert refused.value.code == grpc.StatusCode.UNAVAILABLE, refused.value
     assert "no live replica" in str(refused.value)
     assert before.executor.calls == 0
+
+
+def test_a_discovery_problem_outside_ascii_stays_within_its_room_and_reads_back():
+    """400 characters outside ASCII percent-encoded to 4,800 bytes of STATUS trailing metadata, past what the
+    rest of its 8 KB leaves (a regression review)."""
+    from shardnet.runtimes.head import MAX_DISCOVERY_BYTES
+
+    class Discovering(GrpcConnectionPool):
+        def __init__(self, problem):
+            super().__init__()
+            self.problem = problem
+
+        def discovery_problem(self):
+            return self.problem
+
+    for problem in ("pods in ns failing; last failure: " + "\U0001f600" * 500, "pods in ns failing: é " * 40,
+                    "plain ascii: 100% sure"):
+        [(key, value)] = Head("dep", pool=Discovering(problem))._discovery_metadata()
+        assert key == services.DISCOVERY_FAILING_METADATA
+        assert value.isascii() and len(value) <= MAX_DISCOVERY_BYTES, len(value)
+        shown = _replica_notes([(key, value)])["discovery"]
+        assert problem.startswith(shown.rstrip("\ufffd")), (shown[:80], problem[:80])

@@ -1018,7 +1018,10 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
         pending = self.not_listed_yet()
         if pending is not None:
             return pending
-        failing = [watch for watch in self._watches.values() if watch.failing]
+        # a source refused before it ever listed (a Role granting pods only, as Jina's) holds nothing that could be
+        # stale: wait_synced left it out, with a warning, and the head routes by the others, which are current
+        failing = [watch for watch in self._watches.values()
+                   if watch.failing and (watch.synced.is_set() or not watch.refused)]
         if not failing:
             return None
         failure = next((watch.last_failure for watch in failing if watch.last_failure), None)

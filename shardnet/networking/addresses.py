@@ -284,7 +284,8 @@ def is_own_address(host: str) -> bool:
             source = ipaddress.ip_address(probe.getsockname()[0].partition("%")[0])
         except (OSError, ValueError):
             return False
-    return _unmapped(source) == address
+    # by the address alone: a link-local one's scope (fe80::1%4 from a gRPC peer) is not in getsockname's answer
+    return _unmapped(source).packed == address.packed
 
 
 def host_is_local(hostname: str) -> bool:

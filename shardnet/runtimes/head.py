@@ -220,8 +220,10 @@ HOPS_ROOM = 512
 # hops down, then names the replicas down, the hops' first (each cause cut to MAX_CAUSE_CHARS), in what the rest left
 # of STATUS_ROOM, then counts them
 STATUS_ROOM = 7936
-# characters of a discovery problem STATUS says (percent-encoded, up to three times as many bytes)
+# characters of a discovery problem STATUS says, percent-encoded in at most MAX_DISCOVERY_BYTES (a character outside
+# ASCII is up to 12 bytes so: 400 of them were 4,800, past what the rest of STATUS_ROOM leaves)
 MAX_DISCOVERY_CHARS = 400
+MAX_DISCOVERY_BYTES = 1200
 SHARDS_DOWN_ROOM = 512
 MAX_CAUSE_CHARS = 160
 _CAUSE_SAFE = "".join(chr(code) for code in range(32, 127) if chr(code) != "%")  # printable ASCII, as metadata is
@@ -592,9 +594,8 @@ class Head:
                 # no shard has a replica (a head started again, its workers not registered yet): refused now,
                 # UNAVAILABLE and safe to send again, not answered ERROR after uses_before ran it ("a replica may
                 # have run it"), though no shard ever saw it
-                if not any(replicas.eligible() for _, replicas in self.pool.targets(
-                    self.deployment, False, None, PollingType.ALL
-                )):
+                # (a hop with no replica itself is left to say so as it is called)
+                if not self._routable(self.deployment) and self._routable(self._uses_before):
                     raise self._no_live_replica(self.deployment)
                 response, before_trailing = await self._one(
                     self._uses_before, requests, metadata, deadline, decoded=True
@@ -754,6 +755,10 @@ class Head:
             payload, deployment, replicas, shard_id=shard_id, method=method, metadata=metadata,
             timeout=timeout, retries=retries,
         )
+
+    def _routable(self, deployment: str) -> bool:
+        """Whether some shard of ``deployment`` has a replica to pick (read without moving ANY's turn)."""
+        return any(replicas.eligible() for _, replicas in self.pool.targets(deployment, False, None, PollingType.ALL))
 
     def _no_live_replica(self, deployment: str) -> RoutingError:
         return RoutingError(f"deployment {deployment!r} has no live replica{self._why_none(deployment)}",
@@ -1193,7 +1198,10 @@ class Head:
         problem = getattr(self.pool, "discovery_problem", lambda: None)()
         if problem is None:
             return ()
-        return ((services.DISCOVERY_FAILING_METADATA, urllib.parse.quote(problem[:MAX_DISCOVERY_CHARS])),)
+        value = urllib.parse.quote(problem[:MAX_DISCOVERY_CHARS].strip(), safe=_CAUSE_SAFE)
+        if len(value) > MAX_DISCOVERY_BYTES:  # cut between escapes, never inside one
+            value = re.sub(r"%[0-9A-Fa-f]?$", "", value[:MAX_DISCOVERY_BYTES])
+        return ((services.DISCOVERY_FAILING_METADATA, value),)
 
     def _retry_metadata(self) -> tuple[tuple[str, str], ...]:
         """The retry budget as STATUS trailing metadata: spent and refused since start, the window's use."""
