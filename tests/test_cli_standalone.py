@@ -55,9 +55,11 @@ def run(*arguments: str) -> tuple[subprocess.CompletedProcess, float]:
     return result, time.monotonic() - began
 
 
-def start_head_with_workers(processes: Processes, shards: int) -> tuple[str, list[subprocess.Popen]]:
+def start_head_with_workers(
+    processes: Processes, shards: int, *worker_flags: str
+) -> tuple[str, list[subprocess.Popen]]:
     """A head (``/count`` under ALL) and one ``executors:Tagger`` worker per shard, each named as a module in the
-    current folder; return once every worker is registered."""
+    current folder (given ``worker_flags`` too); return once every worker is registered."""
     head, head_log = processes.start(
         "head", "--log-level", "INFO", "head", "--deployment", "tags", "--port", "0", "--shards", str(shards),
         "--polling", '{"/count": "ALL", "*": "ANY"}',
@@ -67,7 +69,7 @@ def start_head_with_workers(processes: Processes, shards: int) -> tuple[str, lis
     for shard in range(shards):
         worker, worker_log = processes.start(
             f"worker-{shard}", "worker", "--uses", "executors:Tagger", "--port", "0", "--head", address,
-            "--shard-id", str(shard),
+            "--shard-id", str(shard), *worker_flags,
         )
         wait_for_line(worker_log, r"ready on", worker)
         wait_for_line(head_log, rf"activated \S+ in shard {shard}", head)
@@ -91,7 +93,9 @@ def test_workers_load_a_module_from_the_current_folder_and_file_dict_results_apa
 
 
 def test_send_and_status_with_a_hung_worker_stay_within_their_timeout_and_say_what_hangs(processes):
-    address, [worker] = start_head_with_workers(processes, shards=1)
+    # a lease of 50 s: on a loaded machine the two commands below took longer than the default 10 s one, and the
+    # hung worker, no longer listed, could not be named as not answering
+    address, [worker] = start_head_with_workers(processes, 1, "--register-interval", "10")
     # what a send costs here without waiting (the interpreter's start, imports, one call), on this machine's load
     answered, baseline = run("send", address, "--endpoint", "/tag", "--text", "a")
     assert answered.returncode == 0, answered.stderr
