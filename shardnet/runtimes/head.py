@@ -1201,6 +1201,8 @@ class Head:
         value = urllib.parse.quote(problem[:MAX_DISCOVERY_CHARS].strip(), safe=_CAUSE_SAFE)
         if len(value) > MAX_DISCOVERY_BYTES:  # cut between escapes, never inside one
             value = re.sub(r"%[0-9A-Fa-f]?$", "", value[:MAX_DISCOVERY_BYTES])
+            # and between characters: a character's UTF-8 cut short would read back as U+FFFD in shardnet status
+            value = urllib.parse.quote(urllib.parse.unquote(value, errors="ignore"), safe=_CAUSE_SAFE)
         return ((services.DISCOVERY_FAILING_METADATA, value),)
 
     def _retry_metadata(self) -> tuple[tuple[str, str], ...]:
