@@ -104,7 +104,8 @@ def error_cause(error: grpc.aio.AioRpcError) -> str:
 
 def never_connected_note(channel: grpc.aio.Channel) -> str:
     """For a call that ran out of time: a word when its channel is still setting up its connection, so that an
-    unreachable replica, or a port whose server takes TCP but never speaks gRPC, is not taken for a slow one."""
+    unreachable replica, a stopped one, or a port whose server takes TCP but never speaks gRPC, is not taken for
+    a slow one."""
     if channel.get_state(try_to_connect=False) != grpc.ChannelConnectivity.CONNECTING:
         return ""
     return (

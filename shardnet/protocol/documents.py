@@ -543,8 +543,9 @@ class Document:
         self, name: str, value: float, op_name: Optional[str] = None, ref_id: Optional[str] = None,
         description: Optional[str] = None,
     ) -> None:
-        """Set the named score's value, and its ``op_name``, ``ref_id`` (the query's id) and ``description`` when given; what is not
-        given is kept, as docarray's ``doc.scores[name].value = v`` keeps it (a re-ranker must not lose them)."""
+        """Set the named score's value, and its ``op_name``, ``ref_id`` (the query's id) and ``description`` when
+        given; what is not given is kept, as docarray's ``doc.scores[name].value = v`` keeps it (a re-ranker must
+        not lose them)."""
         _text(name, "scores' name")
         score = docarray_pb2.NamedScoreProto()  # filled first: a refused value leaves the score as it was
         if name in self._pb.scores:

@@ -70,7 +70,10 @@ def _socket_folder(shards: int, replicas: int, asked: Optional[bool]) -> Optiona
         if len(os.fsencode(base)) + longest <= MAX_UNIX_PATH_BYTES and os.access(base, os.W_OK | os.X_OK):
             return tempfile.TemporaryDirectory(prefix="sn-", dir=base, ignore_cleanup_errors=True)
         tried.append(base)
-    why = f"no writable folder short enough for the workers' Unix sockets (at most {MAX_UNIX_PATH_BYTES} bytes) in {tried}"
+    why = (
+        f"no writable folder short enough for the workers' Unix sockets (at most {MAX_UNIX_PATH_BYTES} bytes) "
+        f"in {tried}"
+    )
     if asked:
         raise ConfigurationError(f"unix_sockets=True: {why}; set TMPDIR to a shorter folder")
     logger.info("%s: the head dials its workers over loopback TCP", why)
