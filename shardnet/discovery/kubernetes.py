@@ -1020,13 +1020,19 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
             return pending
         # a source refused before it ever listed (a Role granting pods only, as Jina's) holds nothing that could be
         # stale: wait_synced left it out, with a warning, and the head routes by the others, which are current
-        failing = [watch for watch in self._watches.values()
-                   if watch.failing and (watch.synced.is_set() or not watch.refused)]
-        if not failing:
+        failing = [watch for watch in self._watches.values() if watch.failing and watch.synced.is_set()]
+        # a source never listed (and not refused) holds nothing that could be stale: the head waits for its first
+        # list to turn ready, and says so, rather than call a view it never had stale
+        unlisted = [watch for watch in self._watches.values() if not watch.synced.is_set() and not watch.refused]
+        if not failing and not unlisted:
             return None
-        failure = next((watch.last_failure for watch in failing if watch.last_failure), None)
-        return (f"{' and '.join(watch.name for watch in failing)} failing: the workers routed to may be stale"
-                + (f"; last failure: {failure}" if failure else ""))
+        said = []
+        if unlisted:
+            said.append(f"{' and '.join(watch.name for watch in unlisted)} not listed yet")
+        if failing:
+            said.append(f"{' and '.join(watch.name for watch in failing)} failing: the workers routed to may be stale")
+        failure = next((watch.last_failure for watch in unlisted + failing if watch.last_failure), None)
+        return "; ".join(said) + (f"; last failure: {failure}" if failure else "")
 
     def where_replicas_are_found(self, deployment: str, role: str = "worker") -> str:
         """Where this pool finds ``deployment``'s replicas of ``role`` (worker, uses_before, uses_after): its
