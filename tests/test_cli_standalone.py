@@ -116,3 +116,13 @@ def test_send_and_status_with_a_hung_worker_stay_within_their_timeout_and_say_wh
     hung = r"^\s+shard 0: 127\.0\.0\.1:\d+ \(down: not answering within [0-9.]+s\)$"
     assert re.search(hung, status.stdout, re.M), status.stdout
     assert "  shard 0: no serving replica\n" in status.stdout, status.stdout
+
+
+def test_a_head_whose_attempt_timeout_is_not_under_its_timeout_says_so(processes):
+    """--attempt-timeout 2 beside --timeout 1 was taken without a word: the per-attempt limit can never fire, and a
+    hung replica's request is never tried on another before the hop's time runs out (a configuration review)."""
+    head, head_log = processes.start(
+        "head", "head", "--deployment", "tags", "--port", "0", "--timeout", "1", "--attempt-timeout", "2",
+    )
+    wait_for_line(head_log, r"--attempt-timeout 2s is not under --timeout 1s: a request a hung replica holds", head)
+    wait_for_line(head_log, r"ready on", head)

@@ -220,6 +220,11 @@ async def serve(args: argparse.Namespace) -> int:
     skipped = None if args.shards else skipped_shards(connections)
     if skipped:
         logger.warning("%s", skipped)
+    if args.attempt_timeout is not None and args.timeout is not None and args.attempt_timeout >= args.timeout:
+        logger.warning(
+            "--attempt-timeout %gs is not under --timeout %gs: a request a hung replica holds runs out of the hop's "
+            "time before it is tried on another", args.attempt_timeout, args.timeout,
+        )
     if args.shards_wait != SHARDS_WAIT and (namespace is None or not args.shards):
         logger.warning("--shards-wait has no effect without --k8s-namespace and --shards: such a head is ready at once")
     code = await head.run(parent_pid=args.parent_pid, ready_fd=args.ready_fd)
