@@ -60,7 +60,8 @@ async def test_slices_refused_at_start_left_out_then_pods_outage_quotes_pods(api
         await pool.wait_synced(5)
         assert pool.discovery_problem() is None
         await api_server.go_down("unavailable")
-        await eventually(lambda: pool._watches["pods"].failing, timeout=10)
+        # the stream's drop first, then the relist's 503
+        await eventually(lambda: "503" in (pool._watches["pods"].last_failure or ""), timeout=10)
         problem = pool.discovery_problem()
         assert problem.startswith(f"{P} failing: the workers routed to may be stale; last failure: "), problem
         assert "forbidden" not in problem and "503" in problem, problem
