@@ -30,6 +30,7 @@ import pytest
 from google.protobuf import empty_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_wire import _varint
 
 from shardnet import ControlRequest, DataRequest, Document
 from shardnet.cli.head import parse_connections
@@ -345,13 +346,6 @@ def test_an_endpoint_given_twice_as_metadata_is_the_last_one_through_a_head_as_a
         ran[server] = DataRequest.from_bytes(reply).endpoint
     assert ran == {"worker": None, "head": "/last"}  # the head writes the endpoint it took into the header
 
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    return bytes(out + bytes([value]))
 
 
 ODD_TAGS = {  # a 2 of field 2 (docs_bytes) or 4 (data) as C++ protobuf reads it: only a tag's low 32 bits

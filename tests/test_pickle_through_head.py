@@ -6,7 +6,7 @@ import grpc
 import grpc.aio
 import pytest
 from test_head import shard_workers  # noqa: F401
-
+from test_wire import _varint
 from shardnet import Document
 from shardnet.protocol import services
 from shardnet.protocol.messages import DataRequest
@@ -15,14 +15,6 @@ from shardnet.runtimes.head import Head
 
 PICKLE = b"\x12\x05\x80\x04N.."  # DataContent field 2 (docs_bytes)
 
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
 
 
 def _crafted(docs_size: int, padded: bool, where: str) -> bytes:

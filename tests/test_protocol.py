@@ -8,6 +8,7 @@ import re
 import pytest
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
+from test_wire import _varint
 
 from shardnet import ControlRequest, DataRequest, Document, ProtocolError
 from shardnet.protocol.proto import docarray_pb2, jina_pb2
@@ -385,14 +386,6 @@ def test_docs_bytes_beside_documents_of_any_size_is_refused(text_size):
         with pytest.raises(ProtocolError, match="docs_bytes"):
             DataRequest.from_bytes(raw).request_id
 
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 def test_an_endpoint_protobuf_cannot_store_is_refused_by_name_and_changes_nothing():
