@@ -20,11 +20,10 @@ from typing import Any, AsyncIterator, Callable, Optional
 
 import executors
 import aiohttp
-from aiohttp import web
 import grpc
 import pytest
 import trustme
-from k8s_apiserver import FakeApiServer, endpoint_slice, pod, status_object, write_kubeconfig
+from k8s_apiserver import FakeApiServer, endpoint_slice, pod, write_kubeconfig
 from kubernetes_asyncio import config as k8s_config
 from grpc_health.v1 import health_pb2
 from kubernetes_asyncio.client import ApiClient, Configuration
@@ -2075,104 +2074,6 @@ async def test_status_of_a_head_fed_by_discovery_checks_the_pods_it_routes_to(
     assert code == DEGRADED, printed
     assert f"  shard 0: {worker.server.address}\n" in printed
     assert f"  shard 0: {dead_address} (down: unreachable: " in printed, printed
-
-
-async def test_status_of_a_head_whose_watch_fails_says_its_view_may_be_stale(
-    api_server: FakeApiServer, kubeconfig: str, capsys
-) -> None:
-    """The API server gone after the first list: the head routes on by what it had (rightly), but `shardnet
-    status` said all was well, the failure in the head's log only (a left-alone item of an earlier session)."""
-    worker = Worker(executors.Tagger.create({}))
-    await worker.start()
-    api_server.apply("pods", pod("a", ip="127.0.0.1", port=worker.server.port))
-    pool = K8sGrpcConnectionPool(NS, kubeconfig=kubeconfig, watch=FAST, sources=("pods",))
-    head = Head("dep", pool=pool)
-    try:
-        await head.start()
-        try:
-            await pool.wait_synced(timeout=5)
-            assert await asyncio.to_thread(cli_main, ["status", head.server.address]) == 0
-            await api_server.go_down("unavailable")
-            await eventually(lambda: pool.failing_sources(), timeout=10)
-            capsys.readouterr()
-            code = await asyncio.to_thread(cli_main, ["status", head.server.address])
-            printed = capsys.readouterr().out
-            await api_server.come_back()
-            await eventually(lambda: not pool.failing_sources(), timeout=10)
-            assert await asyncio.to_thread(cli_main, ["status", head.server.address]) == 0
-        finally:
-            await head.stop(0.5)
-    finally:
-        await worker.stop(0)
-    assert code == DEGRADED, printed
-    assert f"  shard 0: {worker.server.address}\n" in printed
-    assert f"discovery: pods in {NS} failing: the workers routed to may be stale; last failure: " in printed, printed
-
-
-async def test_status_of_a_head_whose_role_grants_pods_only_is_not_degraded_for_ever(
-    api_server: FakeApiServer, kubeconfig: str, capsys
-) -> None:
-    """A Role granting pods only (Jina's): the slices are left out, as README says, and the head routes by the
-    pods, which are current. status said 'endpointslices failing: the workers routed to may be stale' and exited
-    3, for ever (a regression review)."""
-    worker = Worker(executors.Tagger.create({}))
-    await worker.start()
-    api_server.forbidden = {"endpointslices"}
-    api_server.apply("pods", pod("a", ip="127.0.0.1", port=worker.server.port))
-    pool = K8sGrpcConnectionPool(NS, kubeconfig=kubeconfig, watch=FAST)
-    head = Head("dep", pool=pool)
-    try:
-        await head.start()
-        try:
-            await pool.wait_synced(timeout=5)  # the slices refused and left out
-            capsys.readouterr()
-            code = await asyncio.to_thread(cli_main, ["status", head.server.address])
-            printed = capsys.readouterr().out
-        finally:
-            await head.stop(0.5)
-    finally:
-        await worker.stop(0)
-    assert code == 0 and "discovery:" not in printed, printed
-
-
-async def test_a_head_whose_slices_were_never_listed_says_not_listed_yet_not_stale(
-    api_server: FakeApiServer, kubeconfig: str, capsys
-) -> None:
-    """A head (re)started while the slices' list fails (503: an outage, the pods listed already): not ready, and
-    `status` said "endpointslices in NS failing: the workers routed to may be stale", of a source that never
-    gave it anything, and never why the head is not ready (it waits for that source's first list)."""
-    worker = Worker(executors.Tagger.create({}))
-    await worker.start()
-    api_server.apply("pods", pod("a", ip="127.0.0.1", port=worker.server.port))
-    plain_list = api_server._list
-
-    def slices_unavailable(resource, namespace, selector, query):
-        if resource == "endpointslices":
-            return web.json_response(status_object(503, "ServiceUnavailable", "etcd leader change"), status=503)
-        return plain_list(resource, namespace, selector, query)
-
-    api_server._list = slices_unavailable
-    pool = K8sGrpcConnectionPool(NS, kubeconfig=kubeconfig, watch=FAST)
-    head = Head("dep", pool=pool, shards=1)
-    try:
-        await head.start()
-        try:
-            await eventually(lambda: pool._watches and pool._watches["pods"].synced.is_set(), timeout=10)
-            await eventually(lambda: len(api_server.list_requests("endpointslices")) >= 2, timeout=10)
-            reply, _ = await oneshot.call_once(
-                "health", health_pb2.HealthCheckRequest(service=services.READY_SERVICE), head.server.address,
-                timeout=2)
-            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
-            capsys.readouterr()
-            code = await asyncio.to_thread(cli_main, ["status", head.server.address])
-            printed = capsys.readouterr().out
-        finally:
-            await head.stop(0.5)
-    finally:
-        await worker.stop(0)
-    assert code == 1, printed
-    assert "may be stale" not in printed, printed
-    assert f"discovery: endpointslices in {NS} not listed yet" in printed, printed
 
 
 # -- the pods' word on slices that lag --------------------------------------------------
