@@ -2319,3 +2319,69 @@ async def test_a_head_not_listed_yet_says_so_when_it_refuses(tmp_path, polling: 
             assert "pods labelled" not in said, said
         finally:
             await head.stop(0.5)
+
+
+def _lax_cluster_certificates(folder, name: str = "127.0.0.1") -> tuple[Any, Any]:
+    """(CA file, ssl context serving a leaf it signed) as MicroK8s and older clusters issue them: the CA's
+    basicConstraints not critical, no keyUsage, no key identifiers. kubectl (Go) takes them; Python 3.13's
+    default TLS context (VERIFY_X509_STRICT) does not."""
+    import datetime
+    import ipaddress
+    import ssl
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    issuer = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kubernetes-ca")])
+    ca = (x509.CertificateBuilder().subject_name(issuer).issuer_name(issuer).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=False)
+          .sign(ca_key, hashes.SHA256()))
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+            .issuer_name(issuer).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(name))]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    pem = serialization.Encoding.PEM
+    ca_file, leaf_file, key_file = folder / "ca.crt", folder / "tls.crt", folder / "tls.key"
+    ca_file.write_bytes(ca.public_bytes(pem))
+    leaf_file.write_bytes(leaf.public_bytes(pem))
+    key_file.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    serving = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    serving.load_cert_chain(leaf_file, key_file)
+    return ca_file, serving
+
+
+async def test_an_api_server_certificate_kubectl_takes_is_taken_on_every_python(tmp_path) -> None:
+    """Python 3.13 made its default TLS context strict: a head following a MicroK8s cluster (a CA whose
+    basicConstraints is not critical, no Authority Key Identifier) synced on 3.12 and never on 3.13, each
+    attempt failing with CERTIFICATE_VERIFY_FAILED: Missing Authority Key Identifier."""
+    ca_file, serving = _lax_cluster_certificates(tmp_path)
+    async with FakeApiServer(ssl_context=serving) as server:
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", server.url, namespace=NS,
+                                      certificate_authority=str(ca_file))
+        server.apply("pods", pod("a", ip="10.0.0.1"))
+        async with K8sGrpcConnectionPool(NS, kubeconfig=str(kubeconfig), watch=FAST) as pool:
+            await pool.wait_synced(timeout=5)
+            assert replicas(pool) == {"10.0.0.1:8080"}
+
+
+async def test_an_api_server_certificate_of_another_ca_is_still_refused(tmp_path) -> None:
+    """The strictness relaxed, the chain is verified as before: a CA file that did not sign it is refused."""
+    _, serving = _lax_cluster_certificates(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    other_ca, _ = _lax_cluster_certificates(other)
+    async with FakeApiServer(ssl_context=serving) as server:
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", server.url, namespace=NS,
+                                      certificate_authority=str(other_ca))
+        server.apply("pods", pod("a", ip="10.0.0.1"))
+        async with K8sGrpcConnectionPool(NS, kubeconfig=str(kubeconfig), watch=FAST) as pool:
+            with pytest.raises(DiscoveryError, match="CERTIFICATE_VERIFY_FAILED"):
+                await pool.wait_synced(timeout=2)
