@@ -408,12 +408,15 @@ def _listening_hosts(port: int) -> set[str]:
         ({}, "anyone who reaches 0.0.0.0 (a port picked at start)"),
         ({"control_token": "s3cret-token"}, "the control token crosses the network in cleartext"),
         ({"tls": "server", "control_token": "s3cret-token"}, "dials its workers in plaintext"),
+        # mutual TLS without a token: its data clients hold certificates of that CA too (a security review)
+        ({"tls": "mutual"}, "every client holding a certificate of its client CA, its data clients too, may add"),
     ],
 )
 async def test_a_head_reachable_beyond_its_machine_says_what_it_exposes(pki, runtimes, caplog, settings, warned):
-    if settings.get("tls") == "server":
-        settings = {**settings, "tls": pki.server}
-    await runtimes(Head("exposed", ServerConfig(host="0.0.0.0", **settings)))
+    if settings.get("tls") in ("server", "mutual"):
+        settings = {**settings, "tls": pki.server if settings["tls"] == "server" else pki.server_mutual}
+    pool = GrpcConnectionPool(tls=pki.trusting) if settings.get("tls") is pki.server_mutual else None
+    await runtimes(Head("exposed", ServerConfig(host="0.0.0.0", **settings), pool=pool))
     assert warned in caplog.text
     assert caplog.text.count("exposed: ") == 1  # that one thing, nothing else
 

@@ -1552,6 +1552,12 @@ class Head:
                 "token (SHARDNET_CONTROL_TOKEN, with TLS) or require client certificates (--tls-client-ca)",
                 self.deployment, where,
             )
+        elif self._guard.by_certificate_only:
+            logger.warning(
+                "%s: every client holding a certificate of its client CA, its data clients too, may add or remove "
+                "its workers on %s (ACTIVATE/DEACTIVATE): set a control token as well (SHARDNET_CONTROL_TOKEN) to "
+                "keep that to its workers", self.deployment, where,
+            )
         elif config.tls is None:
             logger.warning(
                 "%s: the control token crosses the network in cleartext on %s (its workers send it with every "

@@ -385,6 +385,11 @@ class ControlGuard:
     def open(self) -> bool:
         return self._expected is None and not self._mutual_tls
 
+    @property
+    def by_certificate_only(self) -> bool:
+        """Guarded by client certificates alone, which every data client of a mutual-TLS server holds too."""
+        return self._expected is None and self._mutual_tls
+
     def allows(self, context: grpc.aio.ServicerContext) -> bool:
         if self._expected is None:
             # open, or mutual TLS: its TLS layer lets only certificates signed by the client CA through
