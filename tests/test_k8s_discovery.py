@@ -2358,18 +2358,25 @@ def _lax_cluster_certificates(folder, name: str = "127.0.0.1") -> tuple[Any, Any
     return ca_file, serving
 
 
-async def test_an_api_server_certificate_kubectl_takes_is_taken_on_every_python(tmp_path) -> None:
-    """Python 3.13 made its default TLS context strict: a head following a MicroK8s cluster (a CA whose
-    basicConstraints is not critical, no Authority Key Identifier) synced on 3.12 and never on 3.13, each
-    attempt failing with CERTIFICATE_VERIFY_FAILED: Missing Authority Key Identifier."""
-    ca_file, serving = _lax_cluster_certificates(tmp_path)
+@contextlib.asynccontextmanager
+async def _pool_over_tls(tmp_path, serving, ca_file) -> AsyncIterator[K8sGrpcConnectionPool]:
+    """A pool following a fake API server served with ``serving``, trusting ``ca_file``; one pod listed there."""
     async with FakeApiServer(ssl_context=serving) as server:
         kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", server.url, namespace=NS,
                                       certificate_authority=str(ca_file))
         server.apply("pods", pod("a", ip="10.0.0.1"))
         async with K8sGrpcConnectionPool(NS, kubeconfig=str(kubeconfig), watch=FAST) as pool:
-            await pool.wait_synced(timeout=5)
-            assert replicas(pool) == {"10.0.0.1:8080"}
+            yield pool
+
+
+async def test_an_api_server_certificate_kubectl_takes_is_taken_on_every_python(tmp_path) -> None:
+    """Python 3.13 made its default TLS context strict: a head following a MicroK8s cluster (a CA whose
+    basicConstraints is not critical, no Authority Key Identifier) synced on 3.12 and never on 3.13, each
+    attempt failing with CERTIFICATE_VERIFY_FAILED: Missing Authority Key Identifier."""
+    ca_file, serving = _lax_cluster_certificates(tmp_path)
+    async with _pool_over_tls(tmp_path, serving, ca_file) as pool:
+        await pool.wait_synced(timeout=5)
+        assert replicas(pool) == {"10.0.0.1:8080"}
 
 
 async def test_an_api_server_certificate_of_another_ca_is_still_refused(tmp_path) -> None:
@@ -2378,10 +2385,6 @@ async def test_an_api_server_certificate_of_another_ca_is_still_refused(tmp_path
     other = tmp_path / "other"
     other.mkdir()
     other_ca, _ = _lax_cluster_certificates(other)
-    async with FakeApiServer(ssl_context=serving) as server:
-        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", server.url, namespace=NS,
-                                      certificate_authority=str(other_ca))
-        server.apply("pods", pod("a", ip="10.0.0.1"))
-        async with K8sGrpcConnectionPool(NS, kubeconfig=str(kubeconfig), watch=FAST) as pool:
-            with pytest.raises(DiscoveryError, match="CERTIFICATE_VERIFY_FAILED"):
-                await pool.wait_synced(timeout=2)
+    async with _pool_over_tls(tmp_path, serving, other_ca) as pool:
+        with pytest.raises(DiscoveryError, match="CERTIFICATE_VERIFY_FAILED"):
+            await pool.wait_synced(timeout=2)
