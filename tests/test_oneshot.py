@@ -555,3 +555,13 @@ def test_the_blocking_control_call_to_nothing_is_the_same_error_as_the_async_one
     assert type(blocking.value) is type(awaited.value)
     assert str(blocking.value) == str(awaited.value)
     assert blocking.value.unsent and awaited.value.unsent
+
+
+def test_a_blocking_helpers_error_carries_no_no_running_event_loop_context(dead_address):
+    """run_sync asked for a running loop with ``except RuntimeError`` and ran the call inside that handler: every
+    error of a blocking helper (send_request_sync, Deployment.post...) came with ``RuntimeError: no running event
+    loop`` as its __context__, printed above it as "During handling of the above exception, another exception
+    occurred", as if the failure were shardnet's misuse of asyncio (found by a review)."""
+    with pytest.raises(ReplicaError) as raised:
+        oneshot.send_request_sync(DataRequest(), dead_address, timeout=2)
+    assert raised.value.__context__ is None

@@ -1354,3 +1354,24 @@ def test_a_lagging_replicas_health_check_left_in_a_closed_loop_neither_breaks_no
 
     asyncio.run(later())
     assert outliers.lagging == {}
+
+
+async def test_a_replicas_hostile_status_details_reach_the_error_escaped_and_bounded(echo_servers):
+    """A replica's status details went into ReplicaError's message and ``cause`` as they came: a newline began a
+    line of the replica's own in a caller's log, ANSI/OSC escapes (clear the screen, retitle the terminal) reached
+    the terminal an uncaught error or ``logger.error("%s", exc)`` printed on, up to gRPC's 8-16 KB of metadata
+    (found by a review). They are escaped as repr writes them, and cut. (5,000 characters: past 8 KB gRPC refuses
+    the trailers now and then, RESOURCE_EXHAUSTED, instead of passing them on.)"""
+    hostile = "boom\nshardnet: all replicas OK \x1b[2J\x1b]0;pwned\x07 " + "A" * 5_000
+    [server] = await echo_servers(1, fail_with=grpc.StatusCode.INTERNAL, fail_details=hostile)
+    pool = GrpcConnectionPool()
+    pool.add_connection("dep", server.address, shard_id=0)
+    try:
+        with pytest.raises(ReplicaError) as raised:
+            await send_one(pool)
+    finally:
+        await pool.close()
+    said = str(raised.value)
+    assert said.isprintable() and "\\n" in said and "\\x1b[2J" in said and "\\x07" in said
+    assert len(said) < 2_300 and f"({len(hostile)} characters)" in said
+    assert said.startswith(f"deployment 'dep', shard 0, replica {server.address}: INTERNAL: boom\\nshardnet")

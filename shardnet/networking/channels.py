@@ -87,8 +87,13 @@ def message_size_options(max_message_bytes: int) -> list[tuple[str, Any]]:
 
 
 def error_cause(error: grpc.aio.AioRpcError) -> str:
-    """An AioRpcError's details, with a word on whose limit it was when this side refused a message as too large."""
-    cause = error.details() or error.code().name
+    """An AioRpcError's details, with a word on whose limit it was when this side refused a message as too large.
+
+    The details are the peer's words (up to gRPC's 16 KB of metadata): what is not printable (a newline, an ANSI
+    or OSC escape) is written as Python's ``repr`` writes it and the text cut at MAX_DETAILS_CHARS, so that a
+    ReplicaError printed on a terminal, or logged by the caller, cannot move the cursor or start a line of its own.
+    """
+    cause = _shown_details(error.details()) or error.code().name
     if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and cause.startswith("CLIENT:"):
         cause += (
             " (the calling side's own message size limit, not the replica's: raise it with --max-message-mb, "
@@ -100,6 +105,21 @@ def error_cause(error: grpc.aio.AioRpcError) -> str:
             "Deployment(max_message_mb=...))"
         )
     return cause
+
+
+MAX_DETAILS_CHARS = 2000  # of a peer's status details in an error's message
+
+
+def _shown_details(details: Optional[str]) -> str:
+    """A peer's status details as an error may say them: non-printable characters escaped, cut at a bound."""
+    if not details:
+        return ""
+    cut = details[:MAX_DETAILS_CHARS]
+    if not cut.isprintable():
+        cut = "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii") for char in cut)
+    if len(details) > MAX_DETAILS_CHARS:
+        cut += f"... ({len(details)} characters)"
+    return cut
 
 
 def never_connected_note(channel: grpc.aio.Channel) -> str:

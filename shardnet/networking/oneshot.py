@@ -71,9 +71,9 @@ def run_sync(awaitable: Awaitable[T]) -> T:
     The loop it makes is one more that grpc.aio's poller wakes: its spurious BlockingIOError is dropped.
     """
     coroutine = _tolerating_poller_race(awaitable)
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
+    # asked without raising: an error of the call, raised inside ``except RuntimeError``, would carry "no running
+    # event loop" as its __context__, printed above it ("During handling of the above exception...")
+    if asyncio._get_running_loop() is None:
         try:
             return asyncio.run(coroutine)
         except BaseException:
