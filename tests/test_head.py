@@ -1518,6 +1518,25 @@ async def test_a_request_failed_in_two_shards_reads_as_one_kind_in_the_burst_lin
     assert all("(shard 1 & shard 2: UNAVAILABLE x" in line for line in bursts()), bursts()
 
 
+async def test_a_shard_left_without_a_replica_under_any_is_warned_of_and_its_refilling_said(runtimes, caplog):
+    """The emptied shard's WARNING and its refilling's INFO came only under ALL: ANY (the default) refused with
+    "no live replica" before a call met the empty list, and the log said neither (found by a review)."""
+    caplog.set_level(logging.INFO)
+    worker = await runtimes(Worker(executors.Tagger.create({"shard_id": 0})))
+    head = await runtimes(Head("solo", polling=PollingMap.parse("ANY"), shards=1))
+    host, port = worker.server.address.rsplit(":", 1)
+    await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0)
+    assert not (await send(head.server.address, "/tag", [Document()])).is_error
+    await oneshot.deactivate_worker(host, int(port), head.server.address, shard_id=0)
+    for _ in range(5):
+        with pytest.raises(ReplicaError, match="has no live replica"):
+            await oneshot.send_request_async(DataRequest([Document()], endpoint="/tag"), head.server.address,
+                                             timeout=10)
+    assert caplog.text.count(f"solo/shard-0: no replica left: {worker.server.address} was the last") == 1
+    await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0)
+    assert f"solo/shard-0: has a replica again: {worker.server.address}" in caplog.text
+
+
 async def test_a_shard_left_without_a_replica_is_warned_of_and_the_requests_it_fails_are_counted(
     runtimes, eventually, caplog
 ):

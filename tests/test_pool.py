@@ -135,6 +135,20 @@ async def test_unknown_deployment_and_shard(pool, echo_servers, caplog):
     assert "no available connections for deployment 'dep', shard 7: nothing sent" in caplog.text
 
 
+async def test_a_shard_emptied_under_any_is_warned_of_once_by_a_send_that_finds_nothing(pool, echo_servers, caplog):
+    """The library's send under ANY found no shard to pick and gave no Task without reaching the empty list, whose
+    "no replica left" WARNING only ALL's call said (a review's find)."""
+    [server] = await echo_servers(1)
+    pool.add_connection("dep", server.address, shard_id=0)
+    await send_one(pool)
+    await pool.remove_connection("dep", server.address, shard_id=0)
+    caplog.set_level(logging.INFO, logger="shardnet.networking")
+    assert pool.send_request(DataRequest(), "dep") == [] and pool.send_request(DataRequest(), "dep") == []
+    assert caplog.text.count(f"dep/shard-0: no replica left: {server.address} was the last") == 1
+    pool.add_connection("dep", server.address, shard_id=0)
+    assert f"dep/shard-0: has a replica again: {server.address}" in caplog.text
+
+
 async def test_send_request_once_returns_one_task(pool, echo_servers):
     [server] = await echo_servers(1)
     pool.add_connection("dep", server.address)

@@ -739,10 +739,28 @@ class GrpcConnectionPool:
             for sid, replicas in targets
         ]
 
+    def say_emptied(self, deployment: str, head: bool = False, shard_id: Optional[int] = None) -> None:
+        """A request found nothing to send to in ``deployment`` (its head, a shard, or any shard under ANY): each
+        of those lists whose last replica was removed warns so, once (``ReplicaList.nothing_to_pick``), as a call
+        under ALL does; under ANY no call reaches an empty list, so this is where its emptiness is said."""
+        entry = self._deployments.get(deployment)
+        if entry is None:
+            return
+        if head:
+            lists = [entry.head] if entry.head is not None else []
+        elif shard_id is not None:
+            lists = [entry.shards.get(_shard_number(deployment, shard_id))]
+        else:
+            lists = list(entry.shards.values())
+        for replicas in lists:
+            if replicas is not None and not replicas.eligible():
+                replicas.nothing_to_pick()
+
     def _nothing_to_send_to(self, deployment: str, head: bool, shard_id: Optional[int]) -> None:
         """Say why a send gives no Task, as Jina's pool does (at debug level); a deployment this pool never knew
         (a typo, most often) is warned of once, since a send to it would otherwise do nothing without a word."""
         if deployment in self._deployments:
+            self.say_emptied(deployment, head, shard_id)
             where = "its head" if head else "any shard" if shard_id is None else f"shard {shard_id}"
             logger.debug("no available connections for deployment %r, %s: nothing sent", deployment, where)
         elif deployment not in self._unknown_named and len(self._unknown_named) < MAX_UNKNOWN_NAMES_SAID:

@@ -761,6 +761,7 @@ class Head:
         return any(replicas.eligible() for _, replicas in self.pool.targets(deployment, False, None, PollingType.ALL))
 
     def _no_live_replica(self, deployment: str) -> RoutingError:
+        self.pool.say_emptied(deployment)  # a shard whose last replica left: said once, by name (README)
         return RoutingError(f"deployment {deployment!r} has no live replica{self._why_none(deployment)}",
                             deployment=deployment)
 
