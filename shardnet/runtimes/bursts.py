@@ -7,6 +7,12 @@ exception). ``BurstLog`` logs the first event of a burst at once, in full, and
 counts the rest by what they were (a caller, a handler on an endpoint, a shard
 and its cause), naming the first few, in one line when the interval ends, with
 the latest event's detail. Only the events' own (failure) paths call it.
+
+While a burst lasts, each line doubles the interval to the next, up to a
+minute: an outage that never ends (every replica gone for a month, at 200
+requests a second) writes a line a minute, not a line a second (a review:
+0.8 GB of log a month per process). A whole interval with no event ends the
+burst: the next event is logged at once, and the interval is short again.
 """
 
 from __future__ import annotations
@@ -19,12 +25,15 @@ from typing import Any, Optional
 
 # a burst of like events is logged at most once per this many seconds, with how many there were
 BURST_INTERVAL = 1.0
+# the longest a lasting burst's interval grows to, doubling with each of its lines
+LONGEST_BURST_INTERVAL = 60.0
 # kinds of event a line of a burst names with their counts; past them it counts the others together
 MAX_NAMED_KINDS = 5
 
 
 class BurstLog:
-    """Like events logged at most once per ``interval`` seconds: the first at once, the rest counted by kind.
+    """Like events logged at most once per ``interval`` seconds: the first at once, the rest counted by kind;
+    the interval doubles with each line of a burst, up to ``longest``.
 
     ``burst`` is the %-format of a burst's line, given (in order) the ``subject`` (whose events they are: a
     deployment, a worker), how many more events there were, the interval, the kinds with their counts, and the
@@ -33,12 +42,14 @@ class BurstLog:
 
     def __init__(
         self, logger: logging.Logger, subject: str, burst: str, *,
-        interval: float = BURST_INTERVAL, level: int = logging.WARNING,
+        interval: float = BURST_INTERVAL, longest: float = LONGEST_BURST_INTERVAL, level: int = logging.WARNING,
     ):
         self._logger = logger
         self._subject = subject
         self._burst = burst
-        self._interval = interval
+        self._shortest = interval
+        self._longest = max(interval, longest)
+        self._interval = interval  # the current one: longer the longer a burst has lasted
         self._level = level
         self._logged_at = -math.inf  # time.monotonic() of the last line
         self._held = 0  # events not logged yet
@@ -51,8 +62,8 @@ class BurstLog:
         """Record an event of ``kind`` (``latest`` its detail): logged now as ``message % args`` when no burst is
         under way, else counted and said when the interval ends. Called from a running event loop."""
         now = time.monotonic()
-        if not self._held and now - self._logged_at >= self._interval:
-            self._logged_at = now
+        if not self._held and now - self._logged_at >= self._interval:  # a whole interval without one: a new burst
+            self._logged_at, self._interval = now, self._shortest
             self._logger.log(self._level, message, *args)
             return
         self._held += 1
@@ -76,6 +87,7 @@ class BurstLog:
         )
         self._logged_at = time.monotonic()
         self._held, self._kinds, self._unnamed = 0, {}, 0
+        self._interval = min(self._interval * 2, self._longest)  # the burst goes on: said less often
 
     def close(self) -> None:
         """Log what is held now, and stop the timer (its owner is stopping)."""
