@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -193,6 +195,42 @@ def test_starting_a_running_deployment_again_is_refused_and_leaves_it_serving():
         assert [doc.text for doc in deployment.post("/", [Document(text="a")])] == ["A"]
 
 
+def test_two_threads_starting_one_deployment_at_once_start_it_once(monkeypatch):
+    # start() checked "already running" under its lock but launched after releasing it: two threads both passed,
+    # launched two heads and two workers per socket, and both failed ("cannot listen on unix:...", "stopped while
+    # it started (stop() called during start())"), though nobody called stop()
+    launch = Deployment._launch
+
+    def paused_launch(self, role, arguments):
+        if role == "head":
+            time.sleep(0.3)  # the other thread's start() checks meanwhile
+        return launch(self, role, arguments)
+
+    monkeypatch.setattr(Deployment, "_launch", paused_launch)
+    deployment = Deployment(executors.Upper, replicas=2)
+    outcomes: dict[int, str] = {}
+
+    def start(index: int) -> None:
+        try:
+            deployment.start()
+            outcomes[index] = "started"
+        except ProcessError as exc:
+            outcomes[index] = str(exc)
+
+    threads = [threading.Thread(target=start, args=(index,)) for index in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert sorted(outcomes.values())[1] == "started", outcomes
+        assert "is being started by another thread" in sorted(outcomes.values())[0]
+        assert len(deployment.processes) == 3 and all(process.alive for process in deployment.processes)
+        assert [doc.text for doc in deployment.post("/", [Document(text="a")])] == ["A"]
+    finally:
+        deployment.stop()
+
+
 @pytest.mark.parametrize("argument", ["uses_before", "uses_after"])
 def test_a_bad_uses_before_or_after_is_refused_when_the_deployment_is_made(argument):
     with pytest.raises(ConfigurationError, match=f"{argument} must be an Executor subclass"):
@@ -242,3 +280,15 @@ def test_uses_given_as_text_is_found_along_the_scripts_path_whatever_folder_it_i
     """))
     done = run_python([str(app / "run.py")], cwd=elsewhere)
     assert done.returncode == 0 and done.stdout.strip() == "HI!", done.stderr[-2000:]
+
+
+def test_close_stops_as_jinas_does():
+    # Jina's Deployment and Flow are ExitStacks: code written for them calls close(), which was an AttributeError
+    deployment = Deployment(executors.Upper)
+    deployment.start()
+    processes = list(deployment.processes)
+    deployment.close()
+    deployment.close()  # a second one does nothing, as a second stop()
+    assert not any(process.alive for process in processes)
+    with pytest.raises(ProcessError, match="is not running"):
+        deployment.post("/", [Document(text="a")])

@@ -565,3 +565,41 @@ def test_a_blocking_helpers_error_carries_no_no_running_event_loop_context(dead_
     with pytest.raises(ReplicaError) as raised:
         oneshot.send_request_sync(DataRequest(), dead_address, timeout=2)
     assert raised.value.__context__ is None
+
+
+def _raised_in_grpc_poller(exception: OSError) -> OSError:
+    """``exception`` raised from a frame named as grpc.aio's Cython poller callback names its own."""
+
+    def handle_events() -> None:
+        raise exception
+
+    handle_events.__code__ = handle_events.__code__.replace(
+        co_name="grpc._cython.cygrpc.PollerCompletionQueue._handle_events"
+    )
+    try:
+        handle_events()
+    except OSError as raised:
+        return raised
+    raise AssertionError("not raised")
+
+
+@pytest.mark.parametrize("exception", [BlockingIOError(11, "Resource temporarily unavailable"),
+                                       OSError(9, "Bad file descriptor")])
+def test_poller_race_is_dropped_when_its_handle_was_cancelled(exception):
+    # the handle of a reader callback cancelled while it ran reads "<Handle cancelled>", which named no
+    # PollerCompletionQueue: posts from 4 threads at once printed "Exception in callback None()" tracebacks
+    loop = asyncio.new_event_loop()
+    try:
+        handle = asyncio.Handle(lambda: None, (), loop)
+        handle.cancel()
+        reported = []
+        loop.default_exception_handler = reported.append
+        context = {"message": "Exception in callback None()", "exception": _raised_in_grpc_poller(exception),
+                   "handle": handle}
+        oneshot.tolerate_grpc_poller_race(loop, context)
+        assert reported == []
+        other = {"message": "elsewhere", "exception": OSError(9, "Bad file descriptor"), "handle": handle}
+        oneshot.tolerate_grpc_poller_race(loop, other)
+        assert reported == [other]
+    finally:
+        loop.close()

@@ -369,6 +369,7 @@ class Deployment:
         # folders) and a start() making the next one (_prepare_run) cannot interleave
         self._launching = threading.RLock()
         self._launch_lock_depth = 0  # how many times the thread holding _launching took it: 2 in a signal handler
+        self._start_under_way = False  # a start() (of any thread) is between its check and its end
         self._prepare_run()
 
     def _prepare_run(self) -> None:
@@ -475,10 +476,26 @@ class Deployment:
         # a stop() in another thread comes before (nothing starts) or after (it cleans up); under the lock, as a
         # stop() of the previous run (or of this one, not started yet) removes its folders under it
         with self._holding_launch_lock():
+            # another thread's start() under way, which has launched nothing yet (it launches outside this lock):
+            # both passed the check below, launched two heads and two sets of workers on the same sockets, and
+            # failed, one with "cannot listen on unix:...", the other "stopped while it started"
+            if self._start_under_way:
+                raise ProcessError(
+                    f"deployment {self.name!r} is being started by another thread: stop() it before starting it again"
+                )
             if self._finalizer is None:  # started again after a stop: a fresh run
                 self._prepare_run()
             elif self._spawned:  # a second head and workers, or (on its sockets) a start failing, which stops the first
                 raise ProcessError(f"deployment {self.name!r} is already running: stop() it before starting it again")
+            self._start_under_way = True
+        try:
+            return self._start_claimed(abandoned)
+        finally:
+            self._start_under_way = False
+
+    def _start_claimed(self, abandoned: threading.Event) -> "Deployment":
+        """``_start()`` once this thread is the one starting the deployment."""
+        with self._holding_launch_lock():
             refused = self._stopping or abandoned.is_set()
             if not refused:
                 self._make_folders()
@@ -923,6 +940,11 @@ class Deployment:
             for folder in (self._tmp, self._secrets, self._sockets):
                 self._remove(folder)
             self._tmp = self._secrets = self._sockets = None
+
+    def close(self) -> None:
+        """``stop()``, by the name Jina's Deployment and Flow give it (they are ExitStacks: ``f.start()`` ...
+        ``f.close()``): code written for Jina failed here with an AttributeError, its processes left running."""
+        self.stop()
 
     def _remove(self, folder: Optional[tempfile.TemporaryDirectory]) -> None:
         """Remove one of the run's folders; one the system will not let go (a file made immutable, a folder
