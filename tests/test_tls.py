@@ -411,6 +411,29 @@ async def test_a_tls_failure_a_head_relays_from_its_worker_gets_no_hint_about_th
     )  # the head's own dial of its worker is pointed at
 
 
+async def test_status_names_the_tls_mismatch_of_a_worker_the_head_dials_in_plaintext(runtimes, tls, capsys):
+    """``shardnet status`` said a TLS worker dialled in plaintext was "down: unreachable: Socket closed" alone,
+    where the head's own ejection warning points at TLS (a logs review)."""
+    import executors
+
+    from shardnet.cli.main import main as cli_main
+    from shardnet.runtimes.head import Head
+    from shardnet.runtimes.server import ServerConfig
+    from shardnet.runtimes.worker import Worker
+
+    plain = await runtimes(Worker(executors.Tagger.create()))
+    secure = await runtimes(Worker(executors.Tagger.create(), ServerConfig(tls=tls.server)))
+    head = await runtimes(Head("mixed", connections={0: [plain.server.address, secure.server.address]}))
+    capsys.readouterr()
+    code = await asyncio.to_thread(cli_main, ["status", head.server.address])
+    printed = capsys.readouterr().out
+    assert code == 3, printed
+    assert f"  shard 0: {secure.server.address} (down: unreachable: Socket closed (the replica closed the " \
+        "connection at once: if it serves TLS, it was dialled in plaintext: give the pool a ClientTls trusting " \
+        "its CA, a head --root-ca))" in printed, printed
+    assert f"  shard 0: {plain.server.address}\n" in printed
+
+
 def test_a_server_tls_repr_shows_files_by_path_and_pem_in_memory_by_size_only(tls, tmp_path):
     """A combined PEM (certificate and key in one blob, taken as both) printed the key in ServerTls's and
     ServerConfig's reprs (a review's find)."""

@@ -263,7 +263,7 @@ class Connection:
         channel = self.channel
         self.check_loop()
         try:
-            return await health_problem(self.stubs, self.address, timeout)
+            return await health_problem(self.stubs, self.address, timeout, self._tls)
         except asyncio.CancelledError:
             if self.cut_by_close(channel):
                 return HealthProblem("its channel was closed under the check")
@@ -279,7 +279,9 @@ class Connection:
         options = {**dict(self._options or ()), CONNECT_TIMEOUT: math.ceil(timeout * 1000) + CONNECT_SLACK_MS}
         channel = get_grpc_channel(self.address, options=options, asyncio=True, tls=tls or self._tls)
         try:
-            return await health_problem(Stubs.for_channel(channel, origin=self._origin), self.address, timeout)
+            return await health_problem(
+                Stubs.for_channel(channel, origin=self._origin), self.address, timeout, tls or self._tls
+            )
         finally:
             # shielded: a check cut short (a head draining) and cut again as the close runs left the channel open,
             # and gRPC dialling the replica again and again for as long as the channel object lived

@@ -225,7 +225,7 @@ STATUS_ROOM = 7936
 MAX_DISCOVERY_CHARS = 400
 MAX_DISCOVERY_BYTES = 1200
 SHARDS_DOWN_ROOM = 512
-MAX_CAUSE_CHARS = 160
+MAX_CAUSE_CHARS = 240  # a TLS mismatch's hint (about 220) whole
 _CAUSE_SAFE = "".join(chr(code) for code in range(32, 127) if chr(code) != "%")  # printable ASCII, as metadata is
 MAX_ENDPOINT_CHARS = 1024  # an endpoint from a request's header that a head forwards as metadata
 MAX_HEADS_PASSED = 16  # heads a request may have crossed (their ids travel on with it as metadata)
