@@ -1071,3 +1071,127 @@ async def test_an_error_request_passed_through_unchanged_gets_the_trailers_a_una
 async def _streams_open(head, trailer_of) -> bool:
     await asyncio.gather(*(trailer_of(request("/known", "warm-up")) for _ in range(8)))
     return streams_of(head).open_streams == len(streams_of(head)._lanes)
+
+
+async def test_requests_taken_back_out_of_order_behind_a_stalled_stream_cost_no_search_and_are_let_go():
+    """Behind a replica that stopped reading, every caller that leaves takes its request back out of the writer's
+    queue (``withdraw``): that searched the queue, and callers leaving in another order than they came (mixed
+    deadlines, cancellations) stalled the event loop quadratically (20,000 queued, taken back newest first: 20 s
+    of a stalled head, deadlines firing that much late). Now each costs the same whatever the queue holds; what is
+    taken back is skipped, never written, and its bytes are let go at once."""
+    written: list[bytes] = []
+    release = asyncio.Event()
+
+    async def write(message: bytes) -> None:
+        await release.wait()
+        written.append(message)
+
+    writer = streams.StreamWriter(write)
+    first = b"first"
+    writer.send(first)  # handed to the write, which blocks: no longer taken back
+    await asyncio.sleep(0)
+    messages = [f"m{index}".encode() * 10 for index in range(20_000)]
+    for message in messages:
+        writer.send(message)
+    assert writer.full
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    kept = messages[::1000]
+    for message in reversed(messages):
+        if message not in kept:
+            assert writer.withdraw(message)
+    assert loop.time() - started < 1.0
+    assert not writer.withdraw(first) and not writer.withdraw(messages[1])  # being written; already taken back
+    assert writer.queued_bytes == len(first) + sum(map(len, kept)) and not writer.full
+    repeated = b"again"  # one object queued twice: taken back once, written once
+    writer.send(repeated)
+    writer.send(repeated)
+    assert writer.withdraw(repeated)
+    release.set()
+    writer.finish()
+    await asyncio.wait_for(writer.task, 5)
+    assert written == [first, *kept, repeated] and writer.queued_bytes == 0
+    assert not writer.withdraw(repeated)
+
+
+async def test_a_stopped_writer_hands_back_only_what_was_not_taken_back():
+    async def write(message: bytes) -> None:
+        await asyncio.Event().wait()
+
+    writer = streams.StreamWriter(write)
+    writer.send(b"being written")
+    await asyncio.sleep(0)
+    queued = [b"a", b"b", b"c"]
+    for message in queued:
+        writer.send(message)
+    assert writer.withdraw(queued[1])
+    writer.task.cancel()
+    await asyncio.gather(writer.task, return_exceptions=True)
+    assert writer.take_queued() == [b"a", b"c"] and writer.queued_bytes == 0
+
+
+async def test_requests_whose_attempt_timed_out_in_a_hung_workers_queue_fail_over_under_at_most_once(tmp_path):
+    """Worker A hung (SIGSTOP); the requests its streams never wrote wait in the pool's writer queues until their
+    attempt timeout takes them back. Never written, they never reached A, and go to B even under at-most-once
+    (unsent_only), as those a broken stream leaves unwritten do; what was handed to gRPC's write may have reached A
+    and fails. They failed as "may have run" (a review, head --at-most-once --attempt-timeout 1 over mutual TLS:
+    150 of 300 answered ReplicaLost, 134 of them never run anywhere, the other worker idle)."""
+    from shardnet.networking.policies import RetryPolicy
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    uses = f"{Path(executors.__file__).resolve()}:Sleepy"
+    workers = [
+        ShardnetProcess(f"worker-{index}", ["worker", "--uses", uses, "--port", "0"], tmp_path / f"worker-{index}.log")
+        for index in range(2)
+    ]
+    pool = GrpcConnectionPool(request_streams=True, balancer="round_robin", ejection=None,
+                              retry=RetryPolicy(unsent_only=True, attempt_timeout=1.0))
+    try:
+        for worker in workers:
+            worker.launch()
+        addresses = [await asyncio.to_thread(worker.wait_ready, 30.0) for worker in workers]
+        for address in addresses:
+            pool.add_connection("dep", address)
+        connections = pool.get_replicas("dep").get_all_connections()
+
+        async def streams_open() -> bool:
+            warm = (pool.send_requests_once([request("/sleep", "warm")], "dep", timeout=5) for _ in range(16))
+            await asyncio.gather(*warm)
+            return all(c.stubs.streams.open_streams == len(c.stubs.streams._lanes) for c in connections)
+
+        await eventually(streams_open, timeout=10)
+        victim = next(c for c in connections if str(c.address) == addresses[0]).stubs.streams._lanes
+        written: set[str] = set()
+
+        def recording(write):
+            async def handed(message: bytes) -> None:
+                written.add(DataRequest.from_bytes(message).request_id)
+                await write(message)
+            return handed
+
+        for lane in victim:
+            lane.writer._write = recording(lane.writer._write)
+        os.kill(workers[0].pid, signal.SIGSTOP)
+        calls = {}
+        for index in range(120):  # some 12 MB to A, more than its transport takes in before writes block
+            built = DataRequest([Document(id=f"q{index}", text="x" * 200_000)], endpoint="/sleep",
+                                parameters={"record": str(runs)})
+            built.header.request_id = f"q{index}"
+            calls[f"q{index}"] = pool.send_requests_once([built], "dep", timeout=20)
+        outcomes = dict(zip(calls, await asyncio.gather(*calls.values(), return_exceptions=True)))
+        os.kill(workers[0].pid, signal.SIGCONT)
+        failed = {name: outcome for name, outcome in outcomes.items() if isinstance(outcome, BaseException)}
+        assert set(failed) <= written, {name: str(failed[name])[-160:] for name in set(failed) - written}
+        assert all(isinstance(outcome, ReplicaError) and not outcome.unsent for outcome in failed.values()), failed
+        # A, woken, reads what was written to it and the CANCELLED behind each, and answers every one
+        await eventually(lambda: not any(lane.abandoned or lane.pending for lane in victim), timeout=20)
+        ran = {path.name: len(path.read_text().split()) for path in runs.iterdir()}
+        assert all(ran.get(name) == 1 for name in calls if name not in written)  # once, on B
+        assert len(set(calls) - written) >= len(calls) // 2 + 10  # (many that A's writers held back went over)
+    finally:
+        with contextlib.suppress(ProcessLookupError, TypeError):
+            os.kill(workers[0].pid, signal.SIGCONT)
+        await pool.close()
+        for worker in workers:
+            worker.kill()

@@ -58,6 +58,7 @@ from shardnet.networking.polling import PollingType
 from shardnet.networking.connection import HEALTH_TIMEOUT, Connection, close_in_turn
 from shardnet.networking.replica_list import ReplicaList, wrong_server
 from shardnet.networking.tls import ClientTls, FollowedClientMaterial
+from shardnet.protocol import services
 from shardnet.protocol.messages import MAX_SHARD_ID, ControlRequest, DataRequest, is_shard_id
 
 logger = logging.getLogger(__name__)
@@ -104,9 +105,16 @@ def _check_names(deployment: Any, shard_id: Any) -> int:
 
 
 def _unsent(error: BaseException, method: str) -> bool:
-    """Whether no replica ran the request a failed attempt carried: it reached none (``never_reached``), or one
-    with no such data method answered UNIMPLEMENTED (another server on its port)."""
+    """Whether no replica ran the request a failed attempt carried: it reached none (``never_reached``; or its time
+    ran out while it waited in a request stream's queue, from which it was taken back), or one with no such data
+    method answered UNIMPLEMENTED (another server on its port)."""
     if never_reached(error):
+        return True
+    if (
+        isinstance(error, grpc.aio.AioRpcError)
+        and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        and error.details() == services.TAKEN_BACK_DETAILS
+    ):
         return True
     return isinstance(error, grpc.aio.AioRpcError) and wrong_server(method, error.code())
 

@@ -98,12 +98,18 @@ class StreamWriter:
     cancels the whole stream: so no caller writes, each only queues.
     """
 
-    __slots__ = ("_write", "_finish", "_queue", "_queued_bytes", "_wake", "_room", "_finishing", "task")
+    __slots__ = ("_write", "_finish", "_queue", "_cells", "_count", "_queued_bytes", "_wake", "_room", "_finishing",
+                 "task")
 
     def __init__(self, write: Callable[[bytes], Awaitable[None]], finish: Optional[Callable[[], Awaitable[None]]] = None):
         self._write = write
         self._finish = finish
-        self._queue: collections.deque[bytes] = collections.deque()
+        # each message waiting to be written, in a cell of its own ([message]) that ``withdraw`` empties (None) in
+        # place: a search of the queue for each caller that leaves stalled the loop behind a replica that stopped
+        # reading (16,000 waiting, half their callers leaving: seconds), and the bytes withdrawn are let go at once
+        self._queue: collections.deque[list] = collections.deque()
+        self._cells: dict[int, list] = {}  # id(message) -> the cells holding it, oldest first (one, but for a repeat)
+        self._count = 0  # the messages waiting, withdrawn ones not counted
         self._queued_bytes = 0
         self._wake: Optional[asyncio.Future] = None
         self._room: Optional[asyncio.Future] = None  # set once a full writer has room again (or stops)
@@ -111,7 +117,10 @@ class StreamWriter:
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     def send(self, message: bytes) -> None:
-        self._queue.append(message)
+        cell = [message]
+        self._queue.append(cell)
+        self._cells.setdefault(id(message), []).append(cell)
+        self._count += 1
         self._queued_bytes += len(message)
         self._wake_up()
 
@@ -123,7 +132,7 @@ class StreamWriter:
     @property
     def full(self) -> bool:
         """Whether the messages waiting to be written reached the backlog bounds."""
-        return len(self._queue) >= WRITER_BACKLOG_MESSAGES or self._queued_bytes >= WRITER_BACKLOG_BYTES
+        return self._count >= WRITER_BACKLOG_MESSAGES or self._queued_bytes >= WRITER_BACKLOG_BYTES
 
     async def room(self) -> None:
         """Return once the writer is not full, or has stopped (a stream ended writes nothing more)."""
@@ -134,20 +143,34 @@ class StreamWriter:
 
     def withdraw(self, message: bytes) -> bool:
         """Take ``message`` (this very object) out of the queue if it has not been written yet; whether it was."""
-        for index, queued in enumerate(self._queue):
-            if queued is message:
-                del self._queue[index]
-                self._queued_bytes -= len(message)
-                if self._room is not None and not self.full:
-                    self._room_made()
-                return True
-        return False
+        cell = self._take_cell(message)
+        if cell is None:
+            return False
+        cell[0] = None  # skipped when its turn comes
+        self._count -= 1
+        self._queued_bytes -= len(message)
+        if self._room is not None and not self.full:
+            self._room_made()
+        return True
+
+    def _take_cell(self, message: bytes) -> Optional[list]:
+        """The oldest cell still holding ``message``, no longer listed under it; None when none does."""
+        key = id(message)
+        cells = self._cells.get(key)
+        if cells is None:
+            return None
+        cell = cells.pop(0)
+        if not cells:
+            del self._cells[key]
+        return cell
 
     def take_queued(self) -> list[bytes]:
         """Empty the queue, returning what was in it: messages never handed to ``write`` (the one being written is
         not, nor any the writer took before it stopped). A writer that stopped keeps its queue for this."""
-        queued = list(self._queue)
+        queued = [cell[0] for cell in self._queue if cell[0] is not None]
         self._queue.clear()
+        self._cells.clear()
+        self._count = 0
         self._queued_bytes = 0
         self._room_made()
         return queued
@@ -167,7 +190,11 @@ class StreamWriter:
         try:
             while True:
                 while self._queue:
-                    message = self._queue.popleft()
+                    message = self._queue.popleft()[0]
+                    if message is None:  # withdrawn
+                        continue
+                    self._take_cell(message)
+                    self._count -= 1
                     await self._write(message)
                     self._queued_bytes -= len(message)
                     if self._room is not None and not self.full:
@@ -228,18 +255,22 @@ class _Lane:
         self.writer.send(data)
         return future
 
-    def forget(self, request_id: str, future: asyncio.Future, data: bytes) -> None:
+    def forget(self, request_id: str, future: asyncio.Future, data: bytes) -> bool:
         """The call is over; if its answer never came (deadline, cancellation), the request is taken back when
-        it has not been written yet (the replica never hears of it), else the worker is told to stop its work."""
+        it has not been written yet (the replica never hears of it), else the worker is told to stop its work.
+        Whether it was taken back."""
+        taken_back = False
         if self.pending.get(request_id) is future:
             del self.pending[request_id]
-            if not self.writer.withdraw(data):
+            taken_back = self.writer.withdraw(data)
+            if not taken_back:
                 self.abandoned.add(request_id)
                 self.writer.send(status_message(request_id, grpc.StatusCode.CANCELLED, "the caller stopped waiting"))
             if self.garbled:
                 self._cut_once_only_garbled_are_due()
         if not self.pending and self._owner.retired:
             self.finish()
+        return taken_back
 
     def finish(self) -> None:
         """Half-close once the answers waited for are in (the replica then ends the stream); not yet open: drop it."""
@@ -513,10 +544,19 @@ class StreamedCall:
             loop = asyncio.get_running_loop()
             started = loop.time()
             timer = loop.call_later(self._timeout, _expire, future)
+        forgotten = False
         try:
             answer = await future
+        except grpc.aio.AioRpcError as error:
+            forgotten = True
+            if lane.forget(request_id, future, self._data) and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                # its time ran out while it waited in the queue, never written: in words that say it never reached
+                # the replica, so that even at most once it may go to another (an attempt's own timeout)
+                raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, services.TAKEN_BACK_DETAILS) from None
+            raise
         finally:
-            lane.forget(request_id, future, self._data)
+            if not forgotten:
+                lane.forget(request_id, future, self._data)
             if timer is not None:
                 timer.cancel()
         error = stream_status_error(answer) if answer.is_error else None

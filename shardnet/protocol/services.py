@@ -98,5 +98,11 @@ UNWRITTEN_DETAILS = "the request stream broke before this request was written: s
 # the details of the UNAVAILABLE a worker answers on a request stream with as many requests under way as it takes
 # (runtimes.worker.STREAM_WORK_LIMIT): it did not run the request
 BUSY_DETAILS = "the worker has as many requests of this stream under way as it takes: send elsewhere"
+# the details of the DEADLINE_EXCEEDED of a request whose deadline (its attempt's) ran out while it still waited in
+# its request stream's queue, behind a replica that stopped reading: taken back, it never reached the replica, and
+# may go elsewhere even at most once (networking/streams.py)
+TAKEN_BACK_DETAILS = (
+    "Deadline Exceeded (taken back before it was written to the request stream: it never reached the replica)"
+)
 # the details that say a request surely did not run
 NEVER_RAN_DETAILS = (DRAINING_DETAILS, UNWRITTEN_DETAILS, BUSY_DETAILS)

@@ -649,7 +649,8 @@ class Head:
             if failed == grpc.StatusCode.UNIMPLEMENTED:  # the head serves the method: its replica did not, and
                 failed = grpc.StatusCode.INTERNAL  # a caller must not take it for another server and go elsewhere
             if not _may_have_run(failed, worked or not exc.unsent, deadline, self.pool.retry.unsent_only):
-                await context.abort(failed, str(exc))
+                # (one the head's --timeout took back from a hung worker's stream, never sent: not the caller's)
+                await context.abort(failed, f"{exc}{self._timeout_note(failed, deadline)}")
             response, trailing = self._failed_after_running(
                 requests[0], f"{failed.name}: {exc}{self._timeout_note(failed, deadline)}"
             )
