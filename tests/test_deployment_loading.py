@@ -292,3 +292,23 @@ def test_close_stops_as_jinas_does():
     assert not any(process.alive for process in processes)
     with pytest.raises(ProcessError, match="is not running"):
         deployment.post("/", [Document(text="a")])
+
+
+def test_a_start_that_raises_leaves_no_start_under_way(monkeypatch):
+    """A start() that fails leaves no start under way behind it: the next one starts."""
+    deployment = Deployment(executors.Upper)
+    real = Deployment._start_claimed
+
+    def failing(self, abandoned):
+        raise ProcessError("boom")
+
+    monkeypatch.setattr(Deployment, "_start_claimed", failing)
+    with pytest.raises(ProcessError, match="boom"):
+        deployment.start()
+    assert deployment._start_under_way is False
+    monkeypatch.setattr(Deployment, "_start_claimed", real)
+    try:
+        deployment.start()
+        assert [doc.text for doc in deployment.post("/", [Document(text="a")])] == ["A"]
+    finally:
+        deployment.close()

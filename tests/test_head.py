@@ -1537,6 +1537,36 @@ async def test_a_shard_left_without_a_replica_under_any_is_warned_of_and_its_ref
     assert f"solo/shard-0: has a replica again: {worker.server.address}" in caplog.text
 
 
+async def test_a_shard_emptied_under_any_with_uses_after_is_warned_of(runtimes, caplog):
+    """ANY with a uses_after goes through _gather, whose "no live replica" refusal is not _no_live_replica's: the
+    emptied shard went unsaid there (a regression review)."""
+    caplog.set_level(logging.INFO)
+    worker = await runtimes(Worker(executors.Tagger.create({"shard_id": 0})))
+    after = await runtimes(Worker(executors.CountingAfter.create()))
+    head = await runtimes(Head("solo", polling=PollingMap.parse("ANY"), shards=1, uses_after=after.server.address))
+    host, port = worker.server.address.rsplit(":", 1)
+    await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0)
+    assert not (await oneshot.send_request_async(DataRequest([Document()], endpoint="/tag"), head.server.address,
+                                                 timeout=10)).is_error
+    await oneshot.deactivate_worker(host, int(port), head.server.address, shard_id=0)
+    for _ in range(3):
+        with pytest.raises(ReplicaError, match="has no live replica"):
+            await oneshot.send_request_async(DataRequest([Document()], endpoint="/tag"), head.server.address,
+                                             timeout=10)
+    assert caplog.text.count(f"solo/shard-0: no replica left: {worker.server.address} was the last") == 1
+
+
+async def test_a_replicas_details_relayed_by_a_head_are_escaped_once(runtimes, echo_servers):
+    """Worker details -> head -> caller: escaped at the head, then not again (backslashes are printable)."""
+    [server] = await echo_servers(1, fail_with=grpc.StatusCode.INTERNAL, fail_details="line1\nline2\x1b[2J")
+    head = await runtimes(Head("relay", polling=PollingMap.parse("ANY"), connections={0: [server.address]}))
+    with pytest.raises(ReplicaError) as raised:
+        await oneshot.send_request_async(DataRequest([Document()], endpoint="/x"), head.server.address, timeout=10)
+    said = str(raised.value)
+    assert "line1\\nline2\\x1b[2J" in said, said
+    assert "\\\\n" not in said and "\n" not in said, said
+
+
 async def test_a_shard_left_without_a_replica_is_warned_of_and_the_requests_it_fails_are_counted(
     runtimes, eventually, caplog
 ):

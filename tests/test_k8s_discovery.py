@@ -2388,3 +2388,20 @@ async def test_an_api_server_certificate_of_another_ca_is_still_refused(tmp_path
     async with _pool_over_tls(tmp_path, serving, other_ca) as pool:
         with pytest.raises(DiscoveryError, match="CERTIFICATE_VERIFY_FAILED"):
             await pool.wait_synced(timeout=2)
+
+
+async def test_a_followed_deployment_scaled_to_zero_warns_once_a_forgotten_one_not_as_emptied(
+    api_server: FakeApiServer, start_pool, caplog
+) -> None:
+    """A followed deployment scaled to 0 warns once at the first send; a namespace pool forgets it, unsaid."""
+    api_server.apply("pods", pod("w0", ip="10.0.0.1"))
+    gateway, head = await start_pool(), await start_pool(deployments=("dep",))
+    await eventually(lambda: replicas(head) == {"10.0.0.1:8080"} and replicas(gateway) == {"10.0.0.1:8080"})
+    api_server.delete("pods", "w0")
+    await eventually(lambda: head.deployments == {"dep": {"head": [], "shards": {0: []}}})
+    await eventually(lambda: set(gateway.deployments) == set())
+    caplog.set_level(logging.INFO)
+    for _ in range(3):
+        assert head.send_request(DataRequest(endpoint="/x"), "dep") == []
+        assert gateway.send_request(DataRequest(endpoint="/x"), "dep") == []
+    assert caplog.text.count("dep/shard-0: no replica left: 10.0.0.1:8080 was the last") == 1, caplog.text

@@ -14,11 +14,14 @@ import time
 from typing import Any, Optional
 
 import executors
+import grpc
 import pytest
 
 from shardnet.cli.main import main as cli_main
 from shardnet.cli.status import DEGRADED, _replica_notes
 from shardnet.networking import oneshot
+from shardnet.networking.channels import rpc_error
+from shardnet.networking.health import failure_cause
 from shardnet.protocol import services
 from shardnet.protocol.messages import ControlRequest
 from shardnet.runtimes.head import Head
@@ -194,3 +197,9 @@ async def test_a_draining_head_ends_its_check_at_once_and_answers_what_it_found(
     finally:
         asking.cancel()
     assert notes["checked"] == 1 and notes["unchecked"] == 2 and notes["down"] == {}, notes
+
+
+def test_a_health_checks_hostile_details_are_escaped_in_its_cause():
+    """A replica's health-check details went raw into the ejection warning and status (a regression review)."""
+    cause = failure_cause(rpc_error(grpc.StatusCode.INTERNAL, "x\nWARNING fake line\x1b[2J"), 1.0).cause
+    assert cause.isprintable() and "x\\nWARNING" in cause, cause

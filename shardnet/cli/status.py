@@ -16,7 +16,7 @@ from shardnet.cli.options import add_client_tls_arguments, client_tls, positive_
 from shardnet.errors import MalformedReplyError, ReplicaError
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address
-from shardnet.networking.channels import NOT_CONNECTED
+from shardnet.networking.channels import NOT_CONNECTED, shown_details
 from shardnet.networking.tls import ClientTls
 from shardnet.protocol import services
 from shardnet.protocol.messages import ControlRequest
@@ -115,7 +115,7 @@ async def status(args: argparse.Namespace) -> int:
         return 1
     control, trailing = control
     if control.is_error:
-        raise ReplicaError(control.status.description, address=args.target)
+        raise ReplicaError(shown_details(control.status.description), address=args.target)
     notes = _replica_notes(trailing)
     hops = notes["hops"] or notes["empty_hops"] or notes["hops_unlisted"]
     if control.related_entities or notes["empty_ranges"] or notes["empty_unlisted"] or hops:

@@ -93,7 +93,7 @@ def error_cause(error: grpc.aio.AioRpcError) -> str:
     or OSC escape) is written as Python's ``repr`` writes it and the text cut at MAX_DETAILS_CHARS, so that a
     ReplicaError printed on a terminal, or logged by the caller, cannot move the cursor or start a line of its own.
     """
-    cause = _shown_details(error.details()) or error.code().name
+    cause = shown_details(error.details()) or error.code().name
     if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and cause.startswith("CLIENT:"):
         cause += (
             " (the calling side's own message size limit, not the replica's: raise it with --max-message-mb, "
@@ -110,7 +110,7 @@ def error_cause(error: grpc.aio.AioRpcError) -> str:
 MAX_DETAILS_CHARS = 2000  # of a peer's status details in an error's message
 
 
-def _shown_details(details: Optional[str]) -> str:
+def shown_details(details: Optional[str]) -> str:
     """A peer's status details as an error may say them: non-printable characters escaped, cut at a bound."""
     if not details:
         return ""

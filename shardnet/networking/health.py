@@ -14,7 +14,9 @@ from google.protobuf import empty_pb2
 from grpc_health.v1 import health_pb2
 
 from shardnet.errors import ProtocolError
-from shardnet.networking.channels import NOT_CONNECTED, Stubs, checked_reply, refused_as_draining, replica_tls_diagnosis
+from shardnet.networking.channels import (
+    NOT_CONNECTED, Stubs, checked_reply, refused_as_draining, replica_tls_diagnosis, shown_details,
+)
 from shardnet.networking.tls import ClientTls
 
 
@@ -74,4 +76,5 @@ def failure_cause(
         # "failed to connect to all addresses; last error: UNKNOWN: ipv4:...: connect: Connection refused (111)"
         hint = replica_tls_diagnosis(error, address, tls) if address is not None else ""
         return HealthProblem(f"unreachable: {details.rsplit(': ', 1)[-1]}{hint}")
+    details = shown_details(details)  # the replica's own words: no line or escape of theirs in a warning
     return HealthProblem(f"{code.name}: {details}" if details else code.name)

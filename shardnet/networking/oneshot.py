@@ -33,6 +33,7 @@ from shardnet.networking.channels import (
     error_cause,
     get_grpc_channel,
     never_reached,
+    shown_details,
     tls_diagnosis,
     tls_settings,
 )
@@ -426,7 +427,9 @@ def _control_request(
 def _accepted(command: str, response: ControlRequest, target_head: str) -> ControlRequest:
     """``response``, unless it is a head's refusal answered in the reply rather than in the call's status."""
     if response.is_error:
-        raise ReplicaError(f"{command} refused: {response.status.description}", address=target_head, role="head")
+        raise ReplicaError(
+            f"{command} refused: {shown_details(response.status.description)}", address=target_head, role="head"
+        )
     return response
 
 

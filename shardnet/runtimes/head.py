@@ -922,6 +922,7 @@ class Head:
         ALL), merged or handed to ``uses_after`` in one call."""
         targets = self.pool.targets(self.deployment, False, shard_id, polling)
         if not targets:
+            self.pool.say_emptied(self.deployment, shard_id=shard_id)  # ANY with a uses_after comes here, not _one
             missing = "live replica" if polling == PollingType.ANY else "shard"
             raise RoutingError(f"deployment {self.deployment!r} has no {missing}{self._why_none(self.deployment)}",
                                deployment=self.deployment)
