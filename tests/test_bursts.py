@@ -22,7 +22,7 @@ def intervals(lines: list[str]) -> list[float]:
 async def test_a_lasting_burst_is_said_less_and_less_often_and_a_new_one_at_once_again(caplog, eventually):
     """A burst that never ends (every replica gone for a month) was a line a second for ever, some 0.8 GB of log a
     month per process (a review): each line of a burst doubles the interval to the next, up to ``longest``; a
-    whole interval without an event ends the burst, and the next is logged at once, at the short interval."""
+    quiet of two whole intervals ends the burst, and the next event is logged at once, at the short interval."""
     caplog.set_level(logging.WARNING, logger=logger.name)
     burst = BurstLog(logger, "dep", "%s: %d more within %gs (%s); the latest: %s", interval=0.05, longest=0.2)
     counted = 0
@@ -40,7 +40,7 @@ async def test_a_lasting_burst_is_said_less_and_less_often_and_a_new_one_at_once
     assert intervals(lines[1:6]) == [0.05, 0.1, 0.2, 0.2, 0.2], lines
     await eventually(lambda: burst._flush is None, timeout=5.0)  # the last held events said
     held_lines = len(said(caplog))
-    await asyncio.sleep(0.25)  # the quiet the burst's end is: longer than its (longest) interval
+    await asyncio.sleep(0.45)  # the quiet the burst's end is: two of its (longest) intervals
     burst.note("kind", "after the quiet", "%s: %s", "dep", "after the quiet")
     assert said(caplog)[held_lines:] == ["dep: after the quiet"]
     before = len(said(caplog))
@@ -49,3 +49,21 @@ async def test_a_lasting_burst_is_said_less_and_less_often_and_a_new_one_at_once
     burst.close()
     total = sum(int(re.search(r": (\d+) more", line).group(1)) for line in said(caplog) if " more " in line)
     assert total + 2 == counted + 1, (total, counted)  # every event said or counted, none twice
+
+
+async def test_events_a_little_sparser_than_the_interval_still_lengthen_it(caplog):
+    """One event every 1.5 intervals came after a whole interval each time, was logged in full and reset the
+    interval: a line per event for ever (a regression review). The interval still doubles (the gaps are shorter
+    than two intervals), until events are held and counted."""
+    caplog.set_level(logging.WARNING, logger=logger.name)
+    burst = BurstLog(logger, "dep", "%s: %d more within %gs (%s); the latest: %s", interval=0.2, longest=0.8)
+    events = 8
+    for index in range(events):
+        burst.note("kind", f"event {index}", "%s: event %d", "dep", index)
+        await asyncio.sleep(0.3)
+    burst.close()
+    lines = said(caplog)
+    assert lines[:2] == ["dep: event 0", "dep: event 1"], lines  # 0.3 s apart: each past the 0.2 s interval
+    assert len(lines) < events and max(intervals(lines)) >= 0.4, lines  # then held: counted, less often
+    total = sum(int(re.search(r": (\d+) more", line).group(1)) for line in lines if " more " in line)
+    assert total + sum(" more " not in line for line in lines) == events, lines

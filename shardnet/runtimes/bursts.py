@@ -11,8 +11,11 @@ the latest event's detail. Only the events' own (failure) paths call it.
 While a burst lasts, each line doubles the interval to the next, up to a
 minute: an outage that never ends (every replica gone for a month, at 200
 requests a second) writes a line a minute, not a line a second (a review:
-0.8 GB of log a month per process). A whole interval with no event ends the
-burst: the next event is logged at once, and the interval is short again.
+0.8 GB of log a month per process). An event after a whole interval without
+one is logged at once, in full; the burst ends, and the interval is short again,
+only when two whole intervals passed without one (events a little sparser than
+the interval, one every 1.5 s, would otherwise each be a line of their own, for
+ever).
 """
 
 from __future__ import annotations
@@ -62,8 +65,11 @@ class BurstLog:
         """Record an event of ``kind`` (``latest`` its detail): logged now as ``message % args`` when no burst is
         under way, else counted and said when the interval ends. Called from a running event loop."""
         now = time.monotonic()
-        if not self._held and now - self._logged_at >= self._interval:  # a whole interval without one: a new burst
-            self._logged_at, self._interval = now, self._shortest
+        quiet = now - self._logged_at
+        if not self._held and quiet >= self._interval:  # a whole interval without one: said in full, at once
+            lasting = quiet < 2 * self._interval  # no long quiet: the same burst goes on, said less often
+            self._logged_at = now
+            self._interval = min(self._interval * 2, self._longest) if lasting else self._shortest
             self._logger.log(self._level, message, *args)
             return
         self._held += 1
