@@ -880,3 +880,18 @@ def test_a_name_holding_a_line_separator_or_a_bidirectional_override_is_refused(
 
     with pytest.raises(ConfigurationError, match="without control characters"):
         check_visible_name(name, "--name")
+
+
+def test_a_worker_refuses_a_workspace_it_cannot_write_to_before_it_loads(tmp_path, monkeypatch, capsys):
+    """A Deployment refuses a read-only workspace at its start; a standalone worker served on, and every request
+    saving to it failed with a PermissionError (a review's find). The tests run as root, who writes anywhere:
+    ``os.access`` says the folder is not writable, as it says to any other user."""
+    from shardnet.cli.main import main as cli_main
+
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != folder and real_access(path, mode, **kw))
+    code = cli_main(["worker", "--uses", f"{EXECUTORS}:Tagger", "--port", "0", "--workspace", str(folder)])
+    assert code == 2
+    assert f"--workspace {str(folder)!r}: not writable by this process" in capsys.readouterr().err

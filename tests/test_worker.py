@@ -1625,3 +1625,27 @@ async def test_a_document_an_async_handler_cut_by_its_caller_kept_does_not_keep_
     finally:
         worker._threads.shutdown()
         worker._counting.shutdown()
+
+
+class _ClosesAsync(Executor):
+    """An Executor whose close() is an async def: it must run, not be dropped unawaited."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.closed = []
+
+    @requests
+    def noop(self, docs, **kwargs):
+        pass
+
+    async def close(self):
+        await asyncio.sleep(0.01)
+        self.closed.append("ran")
+
+
+async def test_an_async_close_runs_at_the_stop(runtimes):
+    executor = _ClosesAsync.create()
+    worker = await runtimes(Worker(executor))
+    await worker.stop(1)
+    assert executor.closed == ["ran"]
+    assert not worker.close_abandoned

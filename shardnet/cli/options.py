@@ -533,13 +533,17 @@ def flag_address(flag: str, address: str, tls: bool = False) -> Address:
         raise ConfigurationError(f"{flag}: {exc}") from None
 
 
-def make_folder(path: str, flag: str) -> None:
+def make_folder(path: str, flag: str, writable: bool = False) -> None:
     """Create the folder a flag names (and its parents), or a ConfigurationError naming the flag: before anything
-    starts, rather than as the Python API words it, or once an Executor has loaded."""
+    starts, rather than as the Python API words it, or once an Executor has loaded. ``writable``: one that is
+    there but read-only is refused too (a workspace: every request saving to it would fail, as a Deployment
+    refuses it)."""
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigurationError(f"{flag} {path!r}: cannot create it: {exc.strerror or exc}") from None
+    if writable and not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigurationError(f"{flag} {path!r}: not writable by this process")
 
 
 def json_object(text: str, flag: str, pipe_wait: float = PIPE_WAIT) -> dict:

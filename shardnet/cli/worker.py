@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     if os.getcwd() not in sys.path:  # as under `python -m`: MODULE:CLASS may name a module in this folder
         sys.path.insert(0, os.getcwd())
     if args.workspace:  # made here, as deploy makes it: an Executor should find its folder
-        make_folder(args.workspace, "--workspace")
+        make_folder(args.workspace, "--workspace", writable=True)
     # a pod deleted while its model loads stops now, not at SIGKILL; a Deployment gone (kill -9) too
     loading = end_loading_on_stop_signals(args.parent_pid)
     search_path = os.environ[EXECUTOR_PATH_VARIABLE].split(os.pathsep) if EXECUTOR_PATH_VARIABLE in os.environ else []
@@ -182,6 +182,9 @@ def run(args: argparse.Namespace) -> int:
     workspace = args.workspace or default_workspace()  # where its folder is, but for an Executor choosing its own
     expected_name = name_in_metas or executor_class.__name__
     former = former_workspace(name, workspace, expected_name, args.shard_id)  # before its __init__ makes its own
+    # what a launcher quotes when the load outlasts its startup time ("no output" named neither the class nor
+    # where it was): its __init__ runs from here on
+    logger.info("%s: loading the Executor (%s): its __init__ runs", name, executor_class.__name__)
     try:
         executor = create_executor(executor_class, runtime_args, **uses_with)
     except (KeyboardInterrupt, SystemExit) as exc:  # the exit (130, or its code) would say nothing of why

@@ -16,6 +16,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import inspect
 import logging
 import math
 import threading
@@ -841,7 +842,10 @@ class Worker:
 
         def close() -> None:
             try:
-                self.executor.close()
+                returned = self.executor.close()
+                if inspect.isawaitable(returned):  # an async def close(): run, on a loop of this thread's own,
+                    # rather than dropped unawaited (its state was never saved, with a RuntimeWarning alone)
+                    asyncio.run(_awaited(returned))
             except BaseException as exc:  # noqa: BLE001 - handed to the loop, which says what it was
                 outcome: Optional[BaseException] = exc
             else:
@@ -901,6 +905,11 @@ class Worker:
             )
         finally:
             await self._finish()
+
+
+async def _awaited(awaitable: Any) -> Any:
+    """``awaitable``'s outcome, from a coroutine (``asyncio.run`` takes nothing else)."""
+    return await awaitable
 
 
 def _settle(future: asyncio.Future, outcome: Optional[BaseException]) -> None:
