@@ -1,5 +1,7 @@
 """shardnet: serve sharded, replicated gRPC services; speaks Jina 3's wire protocol."""
 
+from typing import TYPE_CHECKING
+
 from shardnet.discovery.factory import create_connection_pool
 from shardnet.errors import (
     ConfigurationError,
@@ -26,6 +28,9 @@ from shardnet.protocol.messages import ControlRequest, DataRequest
 from shardnet.runtimes.deployment import Deployment
 from shardnet.runtimes.executor import Executor, requests
 from shardnet.version import __version__
+
+if TYPE_CHECKING:  # imported on first use at run time (see __getattr__); type checkers see the class itself
+    from shardnet.discovery.kubernetes import K8sGrpcConnectionPool
 
 __all__ = [
     "ClientTls",
@@ -61,13 +66,19 @@ __all__ = [
     "host_is_local",
     "is_remote_local_connection",
     "requests",
+    "__version__",
 ]
 
 
-def __getattr__(name: str):
-    """``K8sGrpcConnectionPool`` on first use: the Kubernetes client takes most of a second to import."""
-    if name == "K8sGrpcConnectionPool":
-        from shardnet.discovery.kubernetes import K8sGrpcConnectionPool
+if not TYPE_CHECKING:  # hidden from type checkers: a module __getattr__ would type every misspelt name as its result
 
-        return K8sGrpcConnectionPool
-    raise AttributeError(f"module 'shardnet' has no attribute {name!r}")
+    def __getattr__(name: str) -> type:
+        """``K8sGrpcConnectionPool`` on first use: the Kubernetes client takes most of a second to import."""
+        if name == "K8sGrpcConnectionPool":
+            from shardnet.discovery.kubernetes import K8sGrpcConnectionPool
+
+            return K8sGrpcConnectionPool
+        raise AttributeError(f"module 'shardnet' has no attribute {name!r}")
+
+    def __dir__() -> list[str]:
+        return sorted(set(globals()) | {"K8sGrpcConnectionPool"})

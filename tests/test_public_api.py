@@ -30,6 +30,14 @@ def test_public_names_are_exported():
     assert set(NAMED_IN_THE_ISSUES) <= set(shardnet.__all__)
 
 
+def test_every_export_is_listed_in_dir_and_a_misspelt_name_is_an_attribute_error():
+    """``dir(shardnet)`` left out the Kubernetes pool (imported on first use), and a type checker read the module's
+    ``__getattr__`` as typing every misspelt name (a typing review); at run time a typo must still fail."""
+    assert set(shardnet.__all__) <= set(dir(shardnet)) and "__version__" in shardnet.__all__
+    with pytest.raises(AttributeError, match="has no attribute 'GrpcConnectionPol'"):
+        shardnet.GrpcConnectionPol
+
+
 def test_pool_keeps_the_original_static_helpers():
     missing = [name for name in STATIC_HELPERS if not callable(getattr(shardnet.GrpcConnectionPool, name, None))]
     assert not missing

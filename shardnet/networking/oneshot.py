@@ -49,6 +49,7 @@ from shardnet.protocol.services import (
 )
 
 T = TypeVar("T")
+RequestT = TypeVar("RequestT", DataRequest, ControlRequest)
 
 # a one-off data or health call is tried twice when it was UNAVAILABLE, as Jina's blocking helpers do, but only
 # when it provably reached no handler (see channels.never_reached): a request sent again must not be processed twice
@@ -314,7 +315,7 @@ async def send_requests_async(
 
 
 async def send_request_async(
-    request: Union[DataRequest, ControlRequest],
+    request: RequestT,
     target: str,
     timeout: float = 1.0,
     https: bool = False,
@@ -323,16 +324,17 @@ async def send_request_async(
     *,
     endpoint: Optional[str] = None,
     tls: Union[bool, ClientTls, None] = None,
-) -> Union[DataRequest, ControlRequest]:
+) -> RequestT:
     """Send one request to ``target`` and return the response (Jina's order: ``channel_options`` sixth). A
     ControlRequest goes to process_control and its answer, a ControlRequest, is returned as it came (an
     error in it is the caller's to read, as a DataRequest's is)."""
     call = _single_call(request, endpoint, "send_request_async")
-    return await _send(call, target, timeout, https, root_certificates, channel_options, tls)
+    answer = await _send(call, target, timeout, https, root_certificates, channel_options, tls)
+    return answer  # type: ignore[return-value]  # of the request's class: a ControlRequest's is a ControlRequest
 
 
 def send_request_sync(
-    request: Union[DataRequest, ControlRequest],
+    request: RequestT,
     target: str,
     timeout: float = 100.0,
     https: bool = False,
@@ -340,10 +342,11 @@ def send_request_sync(
     endpoint: Optional[str] = None,
     channel_options: Optional[ChannelOptions] = None,
     tls: Union[bool, ClientTls, None] = None,
-) -> Union[DataRequest, ControlRequest]:
+) -> RequestT:
     """Blocking ``send_request_async``, in Jina's order for it (``endpoint`` sixth, ``channel_options`` seventh)."""
     call = _single_call(request, endpoint, "send_request_sync")
-    return run_sync(_send(call, target, timeout, https, root_certificates, channel_options, tls))
+    answer = run_sync(_send(call, target, timeout, https, root_certificates, channel_options, tls))
+    return answer  # type: ignore[return-value]  # of the request's class: a ControlRequest's is a ControlRequest
 
 
 def send_requests_sync(

@@ -14,7 +14,7 @@ import dataclasses
 import logging
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, TypeVar, Union
 
 import grpc
 import grpc.aio
@@ -60,6 +60,7 @@ from shardnet.networking.replica_list import ReplicaList, wrong_server
 from shardnet.networking.tls import ClientTls, FollowedClientMaterial
 from shardnet.protocol import services
 from shardnet.protocol.messages import MAX_SHARD_ID, ControlRequest, DataRequest, is_shard_id
+from shardnet.protocol.proto import jina_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,9 @@ _METHODS = frozenset(field.name for field in dataclasses.fields(Stubs) if field.
 # the methods carrying data requests: their failovers are the retries the head counts (shardnet_head_retries_total)
 _DATA_METHODS = frozenset(method for method in _METHODS if "data" in method)
 Reply = tuple[Any, Any]
+# what a Task of send_request(s) gives: the answer, of the request's own class, and the call's trailing metadata
+RequestT = TypeVar("RequestT", DataRequest, ControlRequest)
+Answer = tuple[RequestT, grpc.aio.Metadata]
 
 
 def _check_policies(**given: tuple[Any, type]) -> None:
@@ -187,6 +191,22 @@ class GrpcConnectionPool:
     # render --metrics, 9090 by default), and its discovery reads a uses_before/uses_after pod's port from the
     # pod like any other's.
     K8S_PORT = 8080
+
+    # The original design hangs its one-off helpers on the pool class; keep those names. Assigned in the class
+    # body (not after it) so that type checkers see them: ``GrpcConnectionPool.send_request_sync(...)``.
+    get_grpc_channel = staticmethod(get_grpc_channel)
+    get_default_grpc_options = staticmethod(default_grpc_options)
+    create_async_channel_stub = staticmethod(create_async_channel_stub)
+    send_request_sync = staticmethod(oneshot.send_request_sync)
+    send_requests_sync = staticmethod(oneshot.send_requests_sync)
+    send_request_async = staticmethod(oneshot.send_request_async)
+    send_requests_async = staticmethod(oneshot.send_requests_async)
+    send_health_check_sync = staticmethod(oneshot.send_health_check_sync)
+    send_health_check_async = staticmethod(oneshot.send_health_check_async)
+    activate_worker = staticmethod(oneshot.activate_worker)
+    deactivate_worker = staticmethod(oneshot.deactivate_worker)
+    activate_worker_sync = staticmethod(oneshot.activate_worker_sync)
+    deactivate_worker_sync = staticmethod(oneshot.deactivate_worker_sync)
 
     def __init__(
         self,
@@ -712,16 +732,16 @@ class GrpcConnectionPool:
 
     def send_requests(
         self,
-        requests: Sequence[Union[DataRequest, ControlRequest]],
+        requests: Sequence[RequestT],
         deployment: str,
         head: bool = False,
         shard_id: Optional[int] = None,
-        polling_type: PollingType = PollingType.ANY,
+        polling_type: Union[PollingType, str] = PollingType.ANY,
         endpoint: Optional[str] = None,
         metadata: Optional[Metadata] = None,
         timeout: Optional[float] = None,
         retries: Optional[int] = -1,
-    ) -> list[asyncio.Task]:
+    ) -> list[asyncio.Task[Answer[RequestT]]]:
         """Send to the replicas polling selects; one Task per target, each giving (response, trailing metadata).
 
         ANY: one replica of one shard (the given one, else the next in turn);
@@ -778,17 +798,17 @@ class GrpcConnectionPool:
 
     def send_request(
         self,
-        request: Union[DataRequest, ControlRequest],
+        request: RequestT,
         deployment: str,
         head: bool = False,
         shard_id: Optional[int] = None,
-        polling_type: PollingType = PollingType.ANY,
+        polling_type: Union[PollingType, str] = PollingType.ANY,
         endpoint: Optional[str] = None,
         timeout: Optional[float] = None,
         retries: Optional[int] = -1,
         *,
         metadata: Optional[Metadata] = None,
-    ) -> list[asyncio.Task]:
+    ) -> list[asyncio.Task[Answer[RequestT]]]:
         """``send_requests`` for a single request, its arguments in the order of Jina's ``send_request`` (which
         had no ``metadata``: it is keyword-only here)."""
         return self.send_requests(
@@ -797,7 +817,7 @@ class GrpcConnectionPool:
 
     def send_requests_once(
         self,
-        requests: Sequence[Union[DataRequest, ControlRequest]],
+        requests: Sequence[RequestT],
         deployment: str,
         metadata: Optional[Metadata] = None,
         head: bool = False,
@@ -805,7 +825,7 @@ class GrpcConnectionPool:
         endpoint: Optional[str] = None,
         timeout: Optional[float] = None,
         retries: Optional[int] = -1,
-    ) -> Optional[asyncio.Task]:
+    ) -> Optional[asyncio.Task[Answer[RequestT]]]:
         """Send to exactly one replica (ANY); the Task, or None when the deployment has no replica.
 
         The arguments come in Jina's order (``metadata`` third), unlike ``send_requests``'s, as in Jina.
@@ -817,7 +837,7 @@ class GrpcConnectionPool:
 
     def send_request_once(
         self,
-        request: Union[DataRequest, ControlRequest],
+        request: RequestT,
         deployment: str,
         head: bool = False,
         shard_id: Optional[int] = None,
@@ -826,7 +846,7 @@ class GrpcConnectionPool:
         *,
         metadata: Optional[Metadata] = None,
         endpoint: Optional[str] = None,
-    ) -> Optional[asyncio.Task]:
+    ) -> Optional[asyncio.Task[Answer[RequestT]]]:
         """``send_requests_once`` for a single request, its arguments in the order of Jina's ``send_request_once``
         (which had neither ``metadata`` nor ``endpoint``: they are keyword-only here)."""
         return self.send_requests_once([request], deployment, metadata, head, shard_id, endpoint, timeout, retries)
@@ -838,7 +858,7 @@ class GrpcConnectionPool:
         shard_id: Optional[int] = None,
         timeout: Optional[float] = None,
         retries: Optional[int] = -1,
-    ) -> Optional[asyncio.Task]:
+    ) -> Optional[asyncio.Task[tuple[jina_pb2.EndpointsProto, grpc.aio.Metadata]]]:
         """Ask one replica (the head by default, else the given or next shard) which endpoints it serves."""
         check_timeout(timeout)
         _check_retries(retries)
@@ -969,18 +989,3 @@ class GrpcConnectionPool:
         owner = f"{self.runtime_name}: " if self.runtime_name else ""
         return f"<GrpcConnectionPool {owner}{len(self._deployments)} deployments, {shards} shards, {replicas} replicas, {self.balancer}>"
 
-
-# The original design hangs its one-off helpers on the pool class; keep those names.
-GrpcConnectionPool.get_grpc_channel = staticmethod(get_grpc_channel)
-GrpcConnectionPool.get_default_grpc_options = staticmethod(default_grpc_options)
-GrpcConnectionPool.create_async_channel_stub = staticmethod(create_async_channel_stub)
-GrpcConnectionPool.send_request_sync = staticmethod(oneshot.send_request_sync)
-GrpcConnectionPool.send_requests_sync = staticmethod(oneshot.send_requests_sync)
-GrpcConnectionPool.send_request_async = staticmethod(oneshot.send_request_async)
-GrpcConnectionPool.send_requests_async = staticmethod(oneshot.send_requests_async)
-GrpcConnectionPool.send_health_check_sync = staticmethod(oneshot.send_health_check_sync)
-GrpcConnectionPool.send_health_check_async = staticmethod(oneshot.send_health_check_async)
-GrpcConnectionPool.activate_worker = staticmethod(oneshot.activate_worker)
-GrpcConnectionPool.deactivate_worker = staticmethod(oneshot.deactivate_worker)
-GrpcConnectionPool.activate_worker_sync = staticmethod(oneshot.activate_worker_sync)
-GrpcConnectionPool.deactivate_worker_sync = staticmethod(oneshot.deactivate_worker_sync)

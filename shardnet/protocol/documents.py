@@ -12,7 +12,7 @@ import mimetypes
 import numbers
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping
-from typing import TYPE_CHECKING, Any, Optional, Union, overload
+from typing import TYPE_CHECKING, Any, Optional, SupportsIndex, Union, overload
 
 from google.protobuf import message, struct_pb2
 
@@ -162,7 +162,7 @@ def update_struct(struct: struct_pb2.Struct, values: Any, what: str, levels: int
     struct.MergeFrom(checked)  # map entries are replaced, not merged into
 
 
-class StructView(MutableMapping):
+class StructView(MutableMapping[str, Any]):
     """A dict-like view of a protobuf ``Struct`` (JSON semantics: numbers come back as floats)."""
 
     __slots__ = ("_struct",)
@@ -242,7 +242,7 @@ class NamedScore(float):
         self._document.set_score(self._name, self.value, ref_id=value)
 
 
-class ScoresView(MutableMapping):
+class ScoresView(MutableMapping[str, NamedScore]):
     """A document's named scores, read and written through: ``doc.scores["cosine"]`` is a ``NamedScore`` (a float
     with docarray's ``.value``), ``doc.scores["cosine"] = 0.5`` sets it (keeping its op_name and ref_id), as does
     ``doc.scores["cosine"].value = 0.5`` for a score the document has."""
@@ -636,12 +636,12 @@ class DocumentList:
         return len(self._field)
 
     @overload
-    def __getitem__(self, index: int) -> Document: ...
+    def __getitem__(self, index: Union[SupportsIndex, str]) -> Document: ...
 
     @overload
     def __getitem__(self, index: slice) -> list[Document]: ...
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: Union[SupportsIndex, str, slice]) -> Union[Document, list[Document]]:
         """A document by position, or a list of them by slice; by id (``docs["d1"]``), as docarray's
         ``DocumentArray``, the first with that id (KeyError when none has it). Lists of positions or of booleans,
         which a ``DocumentArray`` also takes, are refused naming what to write instead."""

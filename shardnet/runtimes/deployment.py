@@ -27,7 +27,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Optional, Union, overload
 
 import grpc
 
@@ -990,10 +990,51 @@ class Deployment:
 
     # -- requests ---------------------------------------------------------------------
 
+    @overload
     async def post_async(
         self,
         endpoint: str,
-        docs: Optional[Iterable[Document]] = None,
+        docs: Union[Document, Iterable[Document], None] = None,
+        parameters: Optional[Mapping[str, Any]] = None,
+        timeout: Optional[float] = None,
+        return_responses: Literal[False] = False,
+    ) -> DocumentList: ...
+
+    @overload
+    async def post_async(
+        self,
+        endpoint: str,
+        docs: Union[Document, Iterable[Document], None] = None,
+        parameters: Optional[Mapping[str, Any]] = None,
+        timeout: Optional[float] = None,
+        *,
+        return_responses: Literal[True],
+    ) -> DataRequest: ...
+
+    @overload
+    async def post_async(
+        self,
+        endpoint: str,
+        docs: Union[Document, Iterable[Document], None],
+        parameters: Optional[Mapping[str, Any]],
+        timeout: Optional[float],
+        return_responses: Literal[True],
+    ) -> DataRequest: ...
+
+    @overload
+    async def post_async(
+        self,
+        endpoint: str,
+        docs: Union[Document, Iterable[Document], None] = None,
+        parameters: Optional[Mapping[str, Any]] = None,
+        timeout: Optional[float] = None,
+        return_responses: bool = False,
+    ) -> Union[DocumentList, DataRequest]: ...
+
+    async def post_async(
+        self,
+        endpoint: str,
+        docs: Union[Document, Iterable[Document], None] = None,
         parameters: Optional[Mapping[str, Any]] = None,
         timeout: Optional[float] = None,
         return_responses: bool = False,
@@ -1019,10 +1060,51 @@ class Deployment:
             )
         return response if return_responses else response.docs
 
+    @overload
     def post(
         self,
         endpoint: str,
-        docs: Optional[Iterable[Document]] = None,
+        docs: Union[Document, Iterable[Document], None] = None,
+        parameters: Optional[Mapping[str, Any]] = None,
+        timeout: Optional[float] = None,
+        return_responses: Literal[False] = False,
+    ) -> DocumentList: ...
+
+    @overload
+    def post(
+        self,
+        endpoint: str,
+        docs: Union[Document, Iterable[Document], None] = None,
+        parameters: Optional[Mapping[str, Any]] = None,
+        timeout: Optional[float] = None,
+        *,
+        return_responses: Literal[True],
+    ) -> DataRequest: ...
+
+    @overload
+    def post(
+        self,
+        endpoint: str,
+        docs: Union[Document, Iterable[Document], None],
+        parameters: Optional[Mapping[str, Any]],
+        timeout: Optional[float],
+        return_responses: Literal[True],
+    ) -> DataRequest: ...
+
+    @overload
+    def post(
+        self,
+        endpoint: str,
+        docs: Union[Document, Iterable[Document], None] = None,
+        parameters: Optional[Mapping[str, Any]] = None,
+        timeout: Optional[float] = None,
+        return_responses: bool = False,
+    ) -> Union[DocumentList, DataRequest]: ...
+
+    def post(
+        self,
+        endpoint: str,
+        docs: Union[Document, Iterable[Document], None] = None,
         parameters: Optional[Mapping[str, Any]] = None,
         timeout: Optional[float] = None,
         return_responses: bool = False,

@@ -24,7 +24,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar, Union, overload
 
 from shardnet.errors import ConfigurationError
 from shardnet.protocol.documents import Document
@@ -39,7 +39,20 @@ DEFAULT_ENDPOINT = "/default"  # how endpoint discovery names a default handler:
 DRY_RUN_ENDPOINT = "_jina_dry_run_"
 
 
-def requests(func: Optional[Callable] = None, *, on: Union[str, Iterable[str], None] = None):
+HandlerT = TypeVar("HandlerT", bound=Callable[..., Any])
+
+
+@overload
+def requests(func: HandlerT, *, on: Union[str, Iterable[str], None] = None) -> HandlerT: ...
+
+
+@overload
+def requests(func: None = None, *, on: Union[str, Iterable[str], None] = None) -> Callable[[HandlerT], HandlerT]: ...
+
+
+def requests(
+    func: Optional[HandlerT] = None, *, on: Union[str, Iterable[str], None] = None
+) -> Union[HandlerT, Callable[[HandlerT], HandlerT]]:
     """Mark a method as the handler of endpoint(s) ``on``; bare ``@requests`` is the default handler.
 
     >>> class Echo(Executor):
@@ -51,7 +64,7 @@ def requests(func: Optional[Callable] = None, *, on: Union[str, Iterable[str], N
     ['*', '/a', '/b']
     """
 
-    def mark(method: Callable) -> Callable:
+    def mark(method: HandlerT) -> HandlerT:
         endpoints = _endpoint_list(on)
         if not endpoints:
             raise ConfigurationError(f"@requests(on=[]) on {method.__qualname__} binds no endpoint")
