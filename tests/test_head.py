@@ -1518,12 +1518,17 @@ async def test_a_request_failed_in_two_shards_reads_as_one_kind_in_the_burst_lin
     assert all("(shard 1 & shard 2: UNAVAILABLE x" in line for line in bursts()), bursts()
 
 
-async def test_a_shard_left_without_a_replica_under_any_is_warned_of_and_its_refilling_said(runtimes, caplog):
+@pytest.mark.parametrize("uses_after", [False, True])
+async def test_a_shard_left_without_a_replica_under_any_is_warned_of_and_its_refilling_said(
+    runtimes, caplog, uses_after
+):
     """The emptied shard's WARNING and its refilling's INFO came only under ALL: ANY (the default) refused with
-    "no live replica" before a call met the empty list, and the log said neither (found by a review)."""
+    "no live replica" before a call met the empty list, and the log said neither (found by a review); ANY with a
+    uses_after refuses in ``_gather``, not ``_one`` (a regression review)."""
     caplog.set_level(logging.INFO)
     worker = await runtimes(Worker(executors.Tagger.create({"shard_id": 0})))
-    head = await runtimes(Head("solo", polling=PollingMap.parse("ANY"), shards=1))
+    after = (await runtimes(Worker(executors.CountingAfter.create()))).server.address if uses_after else None
+    head = await runtimes(Head("solo", polling=PollingMap.parse("ANY"), shards=1, uses_after=after))
     host, port = worker.server.address.rsplit(":", 1)
     await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0)
     assert not (await send(head.server.address, "/tag", [Document()])).is_error
@@ -1535,25 +1540,6 @@ async def test_a_shard_left_without_a_replica_under_any_is_warned_of_and_its_ref
     assert caplog.text.count(f"solo/shard-0: no replica left: {worker.server.address} was the last") == 1
     await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0)
     assert f"solo/shard-0: has a replica again: {worker.server.address}" in caplog.text
-
-
-async def test_a_shard_emptied_under_any_with_uses_after_is_warned_of(runtimes, caplog):
-    """ANY with a uses_after goes through _gather, whose "no live replica" refusal is not _no_live_replica's: the
-    emptied shard went unsaid there (a regression review)."""
-    caplog.set_level(logging.INFO)
-    worker = await runtimes(Worker(executors.Tagger.create({"shard_id": 0})))
-    after = await runtimes(Worker(executors.CountingAfter.create()))
-    head = await runtimes(Head("solo", polling=PollingMap.parse("ANY"), shards=1, uses_after=after.server.address))
-    host, port = worker.server.address.rsplit(":", 1)
-    await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0)
-    assert not (await oneshot.send_request_async(DataRequest([Document()], endpoint="/tag"), head.server.address,
-                                                 timeout=10)).is_error
-    await oneshot.deactivate_worker(host, int(port), head.server.address, shard_id=0)
-    for _ in range(3):
-        with pytest.raises(ReplicaError, match="has no live replica"):
-            await oneshot.send_request_async(DataRequest([Document()], endpoint="/tag"), head.server.address,
-                                             timeout=10)
-    assert caplog.text.count(f"solo/shard-0: no replica left: {worker.server.address} was the last") == 1
 
 
 async def test_a_replicas_details_relayed_by_a_head_are_escaped_once(runtimes, echo_servers):

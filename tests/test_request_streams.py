@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import signal
@@ -847,14 +848,23 @@ async def test_requests_still_queued_when_a_stream_breaks_fail_as_never_sent():
         assert all("broke: INTERNAL" in str(outcome) for outcome in outcomes if not outcome.unsent)
 
 
-async def test_requests_queued_for_a_killed_workers_streams_fail_over_under_at_most_once(tmp_path):
-    """Worker A hung (SIGSTOP) holds its streams' writes, the requests behind them wait in the pool's writer
-    queues; A is then killed -9. What was never handed to gRPC's write fails over as unsent, even under
-    at-most-once (unsent_only); what was handed over may have run and fails; nothing runs twice. The writer
-    emptied its queue as its blocked write failed, often before the reader asked what was never written: a
-    review saw 44-59 of 59 failed as "the stream broke"."""
-    from shardnet.networking.policies import RetryPolicy
+@dataclasses.dataclass
+class _HungWorker:
+    """Two Sleepy workers behind a pool with request streams, the first (A) SIGSTOPped with 120 requests of 200 KB
+    sent: ``written`` names those A's writers handed to gRPC's write (they may have reached it), ``runs`` holds a
+    file per request naming each run."""
 
+    workers: list
+    pool: GrpcConnectionPool
+    lanes: list
+    victim: list
+    written: set
+    calls: dict
+    runs: Path
+
+
+@contextlib.asynccontextmanager
+async def _hung_worker(tmp_path: Path, **pool_options):
     runs = tmp_path / "runs"
     runs.mkdir()
     uses = f"{Path(executors.__file__).resolve()}:Sleepy"
@@ -862,7 +872,7 @@ async def test_requests_queued_for_a_killed_workers_streams_fail_over_under_at_m
         ShardnetProcess(f"worker-{index}", ["worker", "--uses", uses, "--port", "0"], tmp_path / f"worker-{index}.log")
         for index in range(2)
     ]
-    pool = GrpcConnectionPool(request_streams=True, retry=RetryPolicy(unsent_only=True), ejection=None)
+    pool = GrpcConnectionPool(request_streams=True, ejection=None, **pool_options)
     try:
         for worker in workers:
             worker.launch()
@@ -879,7 +889,7 @@ async def test_requests_queued_for_a_killed_workers_streams_fail_over_under_at_m
         await eventually(streams_open, timeout=10)
         lanes = [lane for c in connections for lane in c.stubs.streams._lanes]
         victim = next(c for c in connections if str(c.address) == addresses[0]).stubs.streams._lanes
-        written: set[str] = set()  # the requests handed to gRPC's write on A's streams: they may have reached it
+        written: set[str] = set()
 
         def recording(write):
             async def handed(message: bytes) -> None:
@@ -896,29 +906,41 @@ async def test_requests_queued_for_a_killed_workers_streams_fail_over_under_at_m
                                 parameters={"record": str(runs)})
             built.header.request_id = f"q{index}"
             calls[f"q{index}"] = pool.send_requests_once([built], "dep", timeout=20)
-
-        handed = [-1]
-
-        def backed_up() -> bool:  # every request is on a stream or answered; A's writers hold some back, blocked
-            placed = sum(len(lane.pending) for lane in lanes) + sum(call.done() for call in calls.values())
-            stalled, handed[0] = handed[0] == len(written), len(written)  # no write went out since the last look
-            return placed == len(calls) and all(lane.writer._queue for lane in victim) and stalled
-
-        await eventually(backed_up, timeout=10, interval=0.2)
-        workers[0].kill()  # SIGKILL: its streams break under the writes they held
-        outcomes = dict(zip(calls, await asyncio.gather(*calls.values(), return_exceptions=True)))
-        ran = {path.name: len(path.read_text().split()) for path in runs.iterdir()}
-        failed = {name: outcome for name, outcome in outcomes.items() if isinstance(outcome, BaseException)}
-        assert set(failed) == written, {name: str(failed[name])[-120:] for name in set(failed) - written}
-        assert all(isinstance(outcome, ReplicaError) and not outcome.unsent for outcome in failed.values()), failed
-        assert ran == {name: 1 for name in calls if name not in written}  # the rest ran once, on B; none twice
-        assert len(set(calls) - written) >= len(calls) // 2 + 10  # (many that A's writers held back went over)
+        yield _HungWorker(workers, pool, lanes, victim, written, calls, runs)
     finally:
         with contextlib.suppress(ProcessLookupError, TypeError):
             os.kill(workers[0].pid, signal.SIGCONT)
         await pool.close()
         for worker in workers:
             worker.kill()
+
+
+async def test_requests_queued_for_a_killed_workers_streams_fail_over_under_at_most_once(tmp_path):
+    """Worker A hung (SIGSTOP) holds its streams' writes, the requests behind them wait in the pool's writer
+    queues; A is then killed -9. What was never handed to gRPC's write fails over as unsent, even under
+    at-most-once (unsent_only); what was handed over may have run and fails; nothing runs twice. The writer
+    emptied its queue as its blocked write failed, often before the reader asked what was never written: a
+    review saw 44-59 of 59 failed as "the stream broke"."""
+    from shardnet.networking.policies import RetryPolicy
+
+    async with _hung_worker(tmp_path, retry=RetryPolicy(unsent_only=True)) as hung:
+        calls, written = hung.calls, hung.written
+        handed = [-1]
+
+        def backed_up() -> bool:  # every request is on a stream or answered; A's writers hold some back, blocked
+            placed = sum(len(lane.pending) for lane in hung.lanes) + sum(call.done() for call in calls.values())
+            stalled, handed[0] = handed[0] == len(written), len(written)  # no write went out since the last look
+            return placed == len(calls) and all(lane.writer._queue for lane in hung.victim) and stalled
+
+        await eventually(backed_up, timeout=10, interval=0.2)
+        hung.workers[0].kill()  # SIGKILL: its streams break under the writes they held
+        outcomes = dict(zip(calls, await asyncio.gather(*calls.values(), return_exceptions=True)))
+        ran = {path.name: len(path.read_text().split()) for path in hung.runs.iterdir()}
+        failed = {name: outcome for name, outcome in outcomes.items() if isinstance(outcome, BaseException)}
+        assert set(failed) == written, {name: str(failed[name])[-120:] for name in set(failed) - written}
+        assert all(isinstance(outcome, ReplicaError) and not outcome.unsent for outcome in failed.values()), failed
+        assert ran == {name: 1 for name in calls if name not in written}  # the rest ran once, on B; none twice
+        assert len(set(calls) - written) >= len(calls) // 2 + 10  # (many that A's writers held back went over)
 
 
 async def test_a_worker_takes_no_more_of_a_stream_than_it_works_on_at_once(runtimes, monkeypatch):
@@ -1138,60 +1160,16 @@ async def test_requests_whose_attempt_timed_out_in_a_hung_workers_queue_fail_ove
     150 of 300 answered ReplicaLost, 134 of them never run anywhere, the other worker idle)."""
     from shardnet.networking.policies import RetryPolicy
 
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    uses = f"{Path(executors.__file__).resolve()}:Sleepy"
-    workers = [
-        ShardnetProcess(f"worker-{index}", ["worker", "--uses", uses, "--port", "0"], tmp_path / f"worker-{index}.log")
-        for index in range(2)
-    ]
-    pool = GrpcConnectionPool(request_streams=True, balancer="round_robin", ejection=None,
-                              retry=RetryPolicy(unsent_only=True, attempt_timeout=1.0))
-    try:
-        for worker in workers:
-            worker.launch()
-        addresses = [await asyncio.to_thread(worker.wait_ready, 30.0) for worker in workers]
-        for address in addresses:
-            pool.add_connection("dep", address)
-        connections = pool.get_replicas("dep").get_all_connections()
-
-        async def streams_open() -> bool:
-            warm = (pool.send_requests_once([request("/sleep", "warm")], "dep", timeout=5) for _ in range(16))
-            await asyncio.gather(*warm)
-            return all(c.stubs.streams.open_streams == len(c.stubs.streams._lanes) for c in connections)
-
-        await eventually(streams_open, timeout=10)
-        victim = next(c for c in connections if str(c.address) == addresses[0]).stubs.streams._lanes
-        written: set[str] = set()
-
-        def recording(write):
-            async def handed(message: bytes) -> None:
-                written.add(DataRequest.from_bytes(message).request_id)
-                await write(message)
-            return handed
-
-        for lane in victim:
-            lane.writer._write = recording(lane.writer._write)
-        os.kill(workers[0].pid, signal.SIGSTOP)
-        calls = {}
-        for index in range(120):  # some 12 MB to A, more than its transport takes in before writes block
-            built = DataRequest([Document(id=f"q{index}", text="x" * 200_000)], endpoint="/sleep",
-                                parameters={"record": str(runs)})
-            built.header.request_id = f"q{index}"
-            calls[f"q{index}"] = pool.send_requests_once([built], "dep", timeout=20)
+    retry = RetryPolicy(unsent_only=True, attempt_timeout=1.0)
+    async with _hung_worker(tmp_path, balancer="round_robin", retry=retry) as hung:
+        calls, written = hung.calls, hung.written
         outcomes = dict(zip(calls, await asyncio.gather(*calls.values(), return_exceptions=True)))
-        os.kill(workers[0].pid, signal.SIGCONT)
+        os.kill(hung.workers[0].pid, signal.SIGCONT)
         failed = {name: outcome for name, outcome in outcomes.items() if isinstance(outcome, BaseException)}
         assert set(failed) <= written, {name: str(failed[name])[-160:] for name in set(failed) - written}
         assert all(isinstance(outcome, ReplicaError) and not outcome.unsent for outcome in failed.values()), failed
         # A, woken, reads what was written to it and the CANCELLED behind each, and answers every one
-        await eventually(lambda: not any(lane.abandoned or lane.pending for lane in victim), timeout=20)
-        ran = {path.name: len(path.read_text().split()) for path in runs.iterdir()}
+        await eventually(lambda: not any(lane.abandoned or lane.pending for lane in hung.victim), timeout=20)
+        ran = {path.name: len(path.read_text().split()) for path in hung.runs.iterdir()}
         assert all(ran.get(name) == 1 for name in calls if name not in written)  # once, on B
         assert len(set(calls) - written) >= len(calls) // 2 + 10  # (many that A's writers held back went over)
-    finally:
-        with contextlib.suppress(ProcessLookupError, TypeError):
-            os.kill(workers[0].pid, signal.SIGCONT)
-        await pool.close()
-        for worker in workers:
-            worker.kill()

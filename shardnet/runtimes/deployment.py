@@ -1015,16 +1015,6 @@ class Deployment:
     async def post_async(
         self,
         endpoint: str,
-        docs: Union[Document, Iterable[Document], None],
-        parameters: Optional[Mapping[str, Any]],
-        timeout: Optional[float],
-        return_responses: Literal[True],
-    ) -> DataRequest: ...
-
-    @overload
-    async def post_async(
-        self,
-        endpoint: str,
         docs: Union[Document, Iterable[Document], None] = None,
         parameters: Optional[Mapping[str, Any]] = None,
         timeout: Optional[float] = None,
@@ -1078,16 +1068,6 @@ class Deployment:
         parameters: Optional[Mapping[str, Any]] = None,
         timeout: Optional[float] = None,
         *,
-        return_responses: Literal[True],
-    ) -> DataRequest: ...
-
-    @overload
-    def post(
-        self,
-        endpoint: str,
-        docs: Union[Document, Iterable[Document], None],
-        parameters: Optional[Mapping[str, Any]],
-        timeout: Optional[float],
         return_responses: Literal[True],
     ) -> DataRequest: ...
 
