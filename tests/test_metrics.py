@@ -539,3 +539,17 @@ async def test_an_endpoint_served_is_labelled_as_such_even_right_after_a_learn_t
         if name == "shardnet_head_requests_total" and dict(labels)["outcome"] == "ok"
     }
     assert served == {"/tag": 3}, served
+
+
+async def test_an_endpoint_that_can_have_no_label_is_counted_other_at_once_not_held_for_the_workers_list(runtimes):
+    """An endpoint a head can never label (past MAX_ENDPOINT_LABEL_CHARS, or without a leading "/") is counted
+    OTHER when its request ends: held until the workers' list came back (a second and more), a caller's header
+    naming endpoints of a megabyte each kept those megabytes after their answers, past --max-in-flight."""
+    worker = await runtimes(Worker(executors.Tagger.create({"shard_id": 0}), METERED, name="tags/shard-0/rep-0"))
+    head = await runtimes(Head("tags", METERED, connections={0: [worker.server.address]}))
+    for index in range(3):
+        request = DataRequest([Document(text="x")], endpoint=f"/{index}-" + "y" * 100_000)  # the header names it
+        await oneshot.send_request_async(request, head.server.address, endpoint="/tag", timeout=10)
+    assert head.metrics._waiting == [], f"{sum(len(held[0]) for held in head.metrics._waiting)} characters held"
+    at_head = await scrape(head)
+    assert sample(at_head, "shardnet_head_requests_total", deployment="tags", endpoint=OTHER, outcome="ok") == 3

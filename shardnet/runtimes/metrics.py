@@ -152,6 +152,12 @@ def header_endpoint(requests: list, context: Any) -> str:
     return endpoint
 
 
+def _may_be_labelled(endpoint: str) -> bool:
+    """Whether a head may give ``endpoint`` a label of its own, once its workers list it: one that cannot is
+    counted OTHER at once, never held for their list (a caller's header may name an endpoint of megabytes)."""
+    return endpoint.startswith("/") and len(endpoint) <= MAX_ENDPOINT_LABEL_CHARS
+
+
 class _Collected:
     """A custom collector: ``families()`` read at scrape time, on the event loop (see the module's docstring)."""
 
@@ -229,7 +235,7 @@ class HeadMetrics:
     def record(self, endpoint: str, outcome: str, seconds: Optional[float]) -> None:
         """Count a request that ended; one of an endpoint not learned waits for the workers' list (asked now
         unless asked within LEARN_EVERY_SECONDS), or, past MAX_WAITING_COUNTS or with none asked, is OTHER."""
-        if endpoint not in self._listed and endpoint != UNREADABLE_LABEL:
+        if endpoint not in self._listed and endpoint != UNREADABLE_LABEL and _may_be_labelled(endpoint):
             loop = asyncio.get_running_loop()
             if self._learning is None and not self._stopped:
                 # asked now, or once a second has passed since the last question: a request ending meanwhile
@@ -256,10 +262,7 @@ class HeadMetrics:
             asked = await asyncio.gather(*(head._endpoints_of(name, (head._via,), LEARN_TIMEOUT) for name in names))
             for reply, _failures in asked:
                 for endpoint in reply.endpoints if reply is not None else ():
-                    if (
-                        endpoint.startswith("/") and len(endpoint) <= MAX_ENDPOINT_LABEL_CHARS
-                        and len(self._listed) < MAX_ENDPOINT_LABELS
-                    ):
+                    if _may_be_labelled(endpoint) and len(self._listed) < MAX_ENDPOINT_LABELS:
                         self._listed.add(endpoint)
         except Exception as exc:  # noqa: BLE001 - a question for the labels must not fail anything else
             logger.debug("%s: the workers' endpoints, for the metrics: %s", head.deployment, exc)
