@@ -1173,3 +1173,86 @@ async def test_requests_whose_attempt_timed_out_in_a_hung_workers_queue_fail_ove
         ran = {path.name: len(path.read_text().split()) for path in hung.runs.iterdir()}
         assert all(ran.get(name) == 1 for name in calls if name not in written)  # once, on B
         assert len(set(calls) - written) >= len(calls) // 2 + 10  # (many that A's writers held back went over)
+
+
+async def test_random_interleavings_never_write_a_message_taken_back_and_keep_no_cells():
+    """send / withdraw / writes completing in random order, with repeats of one object: what ``withdraw`` said was
+    taken back is never written, everything else is written once per send, and the counts and cells end empty."""
+    for seed in range(30):
+        rng = random.Random(seed)
+        gates: list[asyncio.Future] = []
+        written: list[bytes] = []
+
+        async def write(message: bytes) -> None:
+            gate = asyncio.get_running_loop().create_future()
+            gates.append(gate)
+            await gate
+            written.append(message)
+
+        writer = streams.StreamWriter(write)
+        objects = [bytes([index]) * (10 + index) for index in range(8)]
+        sent: list[bytes] = []
+        taken_back: list[bytes] = []
+        for _ in range(300):
+            op = rng.random()
+            if op < 0.45:
+                message = rng.choice(objects)
+                writer.send(message)
+                sent.append(message)
+            elif op < 0.7:
+                message = rng.choice(objects)
+                if writer.withdraw(message):
+                    taken_back.append(message)
+            else:
+                for gate in gates:
+                    if not gate.done():
+                        gate.set_result(None)
+            await asyncio.sleep(0)
+            live = [cell for cell in writer._queue if cell[0] is not None]
+            assert writer._count == len(live)
+            assert sum(len(cell) for cell in writer._cells.values()) == len(live)
+            assert all(cell[0] is not None for cells in writer._cells.values() for cell in cells)
+        writer.finish()
+        while not writer.task.done():
+            for gate in gates:
+                if not gate.done():
+                    gate.set_result(None)
+            await asyncio.sleep(0)
+        expected = list(sent)
+        for message in taken_back:
+            expected.remove(message)
+        assert sorted(written) == sorted(expected)
+        assert writer._cells == {} and writer._count == 0 and writer.queued_bytes == 0 and not writer._queue
+
+
+async def test_cells_are_let_go_when_the_stream_breaks_and_its_queue_is_taken():
+    async def write(message: bytes) -> None:
+        raise streams.rpc_error(grpc.StatusCode.UNAVAILABLE, "broke")
+
+    writer = streams.StreamWriter(write)
+    for index in range(5):
+        writer.send(b"x%d" % index)
+    await asyncio.wait_for(writer.task, 5)
+    assert len(writer._cells) == 4  # the first went to the failed write
+    assert writer.take_queued() == [b"x1", b"x2", b"x3", b"x4"]
+    assert writer._cells == {} and writer._count == 0 and writer.queued_bytes == 0
+
+
+async def test_room_is_made_when_a_withdrawal_ends_fullness():
+    async def write(message: bytes) -> None:
+        await asyncio.Event().wait()
+
+    writer = streams.StreamWriter(write)
+    writer.send(b"stuck")
+    await asyncio.sleep(0)
+    messages = [b"%d" % index for index in range(streams.WRITER_BACKLOG_MESSAGES)]
+    for message in messages:
+        writer.send(message)
+    assert writer.full
+    room = asyncio.ensure_future(writer.room())
+    await asyncio.sleep(0)
+    assert not room.done()
+    assert writer.withdraw(messages[500])
+    await asyncio.wait_for(room, 1)
+    writer.task.cancel()
+    await asyncio.gather(writer.task, return_exceptions=True)

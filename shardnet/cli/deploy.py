@@ -202,7 +202,7 @@ async def _started_deployment(
     )
     for folder, flag in ((args.log_dir, "--log-dir"), (args.workspace, "--workspace")):
         if folder is not None:  # made here to name the flag (Deployment's own error names its parameter)
-            make_folder(folder, flag)
+            make_folder(folder, flag, writable=flag == "--workspace")
     return await deployment.__aenter__()
 
 

@@ -840,16 +840,29 @@ class Worker:
         loop = asyncio.get_running_loop()
         closed: asyncio.Future = loop.create_future()
 
+        awaiting: list[asyncio.Task] = []
+
+        def run_on_loop(returned: Any) -> None:
+            """An async def close() runs on this loop, where the Executor's async handlers ran and made its
+            queues, tasks and clients (on a loop of its own it hung or failed awaiting them)."""
+            if closed.done():  # given up on meanwhile: not started at all
+                _close_awaitable(returned)
+                return
+            task = loop.create_task(_awaited(returned))
+            awaiting.append(task)
+            task.add_done_callback(lambda done: _settle(closed, None if done.cancelled() else done.exception()))
+
         def close() -> None:
             try:
                 returned = self.executor.close()
-                if inspect.isawaitable(returned):  # an async def close(): run, on a loop of this thread's own,
-                    # rather than dropped unawaited (its state was never saved, with a RuntimeWarning alone)
-                    asyncio.run(_awaited(returned))
             except BaseException as exc:  # noqa: BLE001 - handed to the loop, which says what it was
                 outcome: Optional[BaseException] = exc
             else:
                 outcome = None
+                if inspect.isawaitable(returned):  # an async def close(): awaited, not dropped unawaited
+                    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                        loop.call_soon_threadsafe(run_on_loop, returned)
+                    return
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the worker went on without it
                 loop.call_soon_threadsafe(_settle, closed, outcome)
 
@@ -863,6 +876,8 @@ class Worker:
         done, _ = await asyncio.wait([closed], timeout=bound)
         if not done:
             self.close_abandoned = True
+            for task in awaiting:  # an async close() past its bound is cancelled, not left running on the loop
+                task.cancel()
             logger.error(
                 "%s: the Executor's close() did not return within %.1fs (what was left of the drain's grace and "
                 "%gs more): stopping without it, its state may not be saved", self.name, bound, CLOSE_GRACE,
@@ -908,8 +923,15 @@ class Worker:
 
 
 async def _awaited(awaitable: Any) -> Any:
-    """``awaitable``'s outcome, from a coroutine (``asyncio.run`` takes nothing else)."""
+    """``awaitable``'s outcome, from a coroutine (``create_task`` takes nothing else)."""
     return await awaitable
+
+
+def _close_awaitable(awaitable: Any) -> None:
+    """Let go of an awaitable never awaited without a "never awaited" warning (a coroutine's)."""
+    close = getattr(awaitable, "close", None)
+    if inspect.iscoroutine(awaitable) and close is not None:
+        close()
 
 
 def _settle(future: asyncio.Future, outcome: Optional[BaseException]) -> None:
