@@ -549,3 +549,38 @@ async def test_at_most_once_fails_a_request_a_dead_replica_may_have_run_and_fail
     finally:
         for worker in workers:
             worker.kill()
+
+
+@pytest.mark.timeout(60)
+async def test_at_most_once_a_stalled_worker_answers_what_it_held_once_it_resumes(
+    runtimes, eventually, tmp_path, caplog
+):
+    """Under --at-most-once a request cut from a worker whose lease lapsed may have run, so it fails rather than
+    fail over: the cut failed every request a worker paused past its lease held (25 of 25 in a review's run, all
+    of which it answered on resuming), and the head's log said they 'fail over'."""
+    pool = GrpcConnectionPool(balancer="p2c_ewma", request_streams=True, retry=RetryPolicy(unsent_only=True))
+    head = await runtimes(Head("once", lease=1.0, pool=pool))
+    workers = sleepy_workers(head, tmp_path, shards=[0, 0], register_interval=0.2)
+    try:
+        addresses = await launched(workers)
+        replicas = head.pool.get_replicas("once", shard_id=0)
+        await eventually(lambda: sorted(replicas.addresses) == sorted(addresses), timeout=10.0)
+        connections = {str(c.address): c for c in replicas.get_all_connections()}
+        stopped = workers[0]
+        request = DataRequest([Document(text="q")], endpoint="/sleep", parameters={"seconds": 1.0})
+        pending = [
+            asyncio.create_task(oneshot.send_request_async(request, head.server.address, timeout=30.0))
+            for _ in range(6)
+        ]
+        await eventually(lambda: all(c.running.count for c in connections.values()), timeout=5.0, interval=0.005)
+        stopped.signal(signal.SIGSTOP)
+        await eventually(lambda: stopped.address not in replicas.addresses, timeout=10.0)  # lapsed: removed
+        await asyncio.sleep(1.5)  # past the cut's grace (0.5 s)
+        stopped.signal(signal.SIGCONT)
+        answers = await asyncio.wait_for(asyncio.gather(*pending), 20.0)
+        assert not any(answer.is_error for answer in answers), [a.status.description for a in answers if a.is_error]
+        assert "cut (they fail over)" not in caplog.text
+    finally:
+        for worker in workers:
+            worker.signal(signal.SIGCONT)
+            worker.kill()

@@ -6,6 +6,7 @@ import asyncio
 
 import gc
 import logging
+import time
 import weakref
 from typing import Any
 
@@ -15,6 +16,7 @@ import pytest
 from shardnet import ConfigurationError, DataRequest, EjectionPolicy, ReplicaList, RoutingError
 from shardnet.networking import outliers
 from shardnet.networking.connection import close_in_turn
+from shardnet.networking.streams import rpc_error
 
 
 @pytest.fixture
@@ -431,3 +433,52 @@ def test_outlier_detection_groups_a_call_by_the_endpoint_its_replica_runs():
 
     assert _call_kind("single_data", (("endpoint", "/a"), ("x", "y"), ("endpoint", "/b"))) == ("single_data", "/b")
     assert _call_kind("single_data", (("x", "y"),)) == ("single_data", None)
+
+
+class _StallThenDeadline:
+    """Stubs whose every data call blocks the whole process for ``stall`` seconds (as a SIGSTOP freezes gRPC's
+    timers and the loop alike) and then ends DEADLINE_EXCEEDED, as gRPC ends it on resuming."""
+
+    def __init__(self, stall: float, stubs):
+        self.stall = stall
+        self.streams = stubs.streams  # what closing the connection closes
+
+    def single_data(self, payload, metadata=None, timeout=None):
+        async def call():
+            time.sleep(self.stall)  # the process stopped: nothing ran, the deadline passed unseen
+            raise rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+        return call()
+
+
+async def test_calls_failing_long_past_their_deadline_after_a_stall_eject_no_replica(caplog):
+    replicas = ReplicaList(name="stalled/shard-0")
+    try:
+        connections = [replicas.add_connection(f"127.0.0.1:{port}") for port in (1, 2, 3)]
+        connections[0].stubs = _StallThenDeadline(1.3, connections[0].stubs)
+        with caplog.at_level(logging.WARNING):
+            for _ in range(3):  # the calls in flight at the pause, all given 0.25 s
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await replicas.call(
+                        connections[0], "single_data", DataRequest(endpoint="/x"), None, 0.25
+                    )
+        assert connections[0] in replicas.eligible(), caplog.text  # not ejected for this process's own stall
+        assert connections[0].times_ejected == 0
+        assert "this process stalled" in caplog.text
+        assert caplog.text.count("this process stalled") == 1  # said once, not per call
+    finally:
+        await replicas.close()
+
+
+async def test_a_call_timing_out_on_time_still_counts_against_its_replica():
+    replicas = ReplicaList(name="hung/shard-0")
+    try:
+        connections = [replicas.add_connection(f"127.0.0.1:{port}") for port in (4, 5)]
+        # the deadline seen on time: what a hung replica does
+        connections[0].stubs = _StallThenDeadline(0.3, connections[0].stubs)
+        for _ in range(3):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await replicas.call(connections[0], "single_data", DataRequest(endpoint="/x"), None, 0.25)
+        assert connections[0] not in replicas.eligible()  # ejected, as before
+    finally:
+        await replicas.close()

@@ -76,6 +76,13 @@ DRAINING_CHECKS_EVERY = 1.0
 
 
 MAX_SAID_CHARS = 300  # of what gRPC said of a replica's latest failure, quoted by its ejection
+# seconds past its deadline a timed call's failure may be seen and still be held against its replica: gRPC ends a
+# timed call by its deadline, so one seen later than this was read late by this process, which stalled (SIGSTOP, a
+# VM paused, a long GC, a blocked loop): every call in flight then fails at once, the replicas' answers unread or
+# their connections cut by their keepalive, and a head or pool ejected its healthy replicas for its own stall
+LOCAL_STALL_SLACK = 1.0
+# seconds between the lines saying that failures seen after this process stalled were not held against replicas
+STALL_LOG_INTERVAL = 60.0
 
 
 def _cause(code: grpc.StatusCode, timeout: Optional[float], callers_deadline: bool) -> str:
@@ -134,6 +141,7 @@ class ReplicaList:
         # the last replica to leave, while none has come since; whether a call finding none said so
         self._emptied: Optional[Address] = None
         self._said_empty = False
+        self._stall_said_at = float("-inf")  # time.monotonic() of the last line saying this process stalled
 
     # -- membership --------------------------------------------------------
 
@@ -402,6 +410,21 @@ class ReplicaList:
         self._logger.info("%s: replica %s is draining: not picked until it serves again", self.name, connection.address)
         return True
 
+    def _stalled(self, connection: Connection, code: grpc.StatusCode, took: float, timeout: float) -> bool:
+        """Whether a timed call failing with ``code`` after ``took`` seconds was seen more than LOCAL_STALL_SLACK
+        past its ``timeout``: this process stalled meanwhile (said at most once a STALL_LOG_INTERVAL)."""
+        if took <= timeout + LOCAL_STALL_SLACK:
+            return False
+        now = time.monotonic()
+        if now - self._stall_said_at >= STALL_LOG_INTERVAL:
+            self._stall_said_at = now
+            self._logger.warning(
+                "%s: a call to replica %s given %.3gs ended %s only after %.1fs: this process stalled (paused, a "
+                "blocked event loop, CPU starvation), so the failures of calls in flight meanwhile are not held "
+                "against the replicas", self.name, connection.address, timeout, code.name, took,
+            )
+        return True
+
     def _too_short(self, callers_timeout: Optional[float]) -> bool:
         """True when a caller's deadline was too short to blame the replica for missing it."""
         policy = self._ejection
@@ -558,6 +581,7 @@ class ReplicaList:
         running = connection.running  # the channel's: a close waits for it
         running.count += 1
         cut = False
+        sent = time.monotonic() if timeout is not None else 0.0
         try:
             call = getattr(connection.stubs, method)(payload, metadata=metadata, timeout=timeout)
             response = checked_reply(await call, connection.address, self.name, timed=timeout is not None)
@@ -567,7 +591,11 @@ class ReplicaList:
             # answer either: given up on, as a cancelled call is (its estimate rises to the time waited, and a
             # hung replica's probes back off however short its callers' deadlines)
             code = error.code()
-            blamed = not (callers_deadline and code == grpc.StatusCode.DEADLINE_EXCEEDED and self._too_short(timeout))
+            # seen well past its deadline: this process stalled, and the failure says nothing of the replica
+            stalled = timeout is not None and self._stalled(connection, code, time.monotonic() - sent, timeout)
+            blamed = not stalled and not (
+                callers_deadline and code == grpc.StatusCode.DEADLINE_EXCEEDED and self._too_short(timeout)
+            )
             if blamed:
                 balancer.finished(connection, token, failed=code not in CALLERS_FAULT)
             else:
@@ -584,7 +612,7 @@ class ReplicaList:
                     error_cause(error) + replica_tls_diagnosis(error, connection.address, connection.tls)
                 )
                 self.record_failure(connection, code, counted=wrong_server(method, code), cause=cause, said=said)
-            elif not blamed and channel is connection.channel and connection in self._position:
+            elif not blamed and not stalled and channel is connection.channel and connection in self._position:
                 self._outliers.missed(connection, method, metadata, timeout)
             # its traceback runs through gRPC's call object, which keeps its channel's connection (socket) open
             # after the channel closes, for as long as anyone keeps the error (a failed Task, a ReplicaError's

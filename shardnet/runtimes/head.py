@@ -1457,13 +1457,18 @@ class Head:
                 held = replicas is not None and any(
                     c.running.count for c in replicas.get_all_connections() if str(c.address) == address
                 )
+                # under --at-most-once a cut request may have run, so it fails rather than fail over: cut, it could
+                # only fail, where a worker that merely stalled answers it once it resumes
+                cut = others and not self.pool.retry.unsent_only
                 await self.pool.remove_connection(
-                    self.deployment, address, shard_id=shard_id, grace=LAPSED_LEASE_GRACE if others else None
+                    self.deployment, address, shard_id=shard_id, grace=LAPSED_LEASE_GRACE if cut else None
                 )
                 logger.warning(
                     "%s: %s (shard %d) stopped renewing its registration: removed%s", self.deployment, address,
                     shard_id,
-                    "" if not held else ", and the requests it held cut (they fail over)" if others
+                    "" if not held else ", and the requests it held cut (they fail over)" if cut
+                    else " (--at-most-once: the requests it holds may have run, and go to no other replica: they "
+                    "wait for it, their deadline or keepalive)" if others
                     else " (no other replica of its shard can take the requests it holds: they wait for it, their "
                     "deadline or keepalive)",
                 )
