@@ -136,6 +136,10 @@ async def test_callers_deadline_exceeded_names_deployment_and_shard_and_stops_th
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     assert took < 3.5
     assert "deployment 'dl'" in details and "shard 0" in details and replica.address in details, details
+    # not only gRPC's "Deadline Exceeded" after the replica's address, which reads as that replica hung: an
+    # overload review's callers saw nothing else while the head queued far more than its workers could answer
+    assert "the caller's deadline ran out, 1 request under way at this head" in details, details
+    assert "--max-in-flight" in details, details
 
 
 @pytest.mark.parametrize("polling", ["ANY", "ALL"])

@@ -482,3 +482,119 @@ async def test_a_call_timing_out_on_time_still_counts_against_its_replica():
         assert connections[0] not in replicas.eligible()  # ejected, as before
     finally:
         await replicas.close()
+
+
+async def test_a_busy_replica_answering_its_queue_is_not_ejected_for_short_deadlines_missed(echo_servers):
+    """An overload review's find: under a uniform overload every replica of a shard misses some callers' short
+    deadlines (the calls queued behind its work) and answers others, so each one's run of misses was met by its
+    peer's answers and blamed at once: healthy replicas were ejected in turn (2x capacity, 1 s deadlines: 20
+    ejections in 30 s, up to 8 s each), taking half the shard's capacity away as it was overloaded. A replica that
+    answered a call of a kind after the call of that kind it missed was sent is working through its queue, not
+    hung: that miss is not held against it. One answering nothing (hung, stuck) still is (the test above)."""
+    busy, peer = await echo_servers(2)
+    replicas = ReplicaList(name="dep/shard-0")
+    try:
+        lagging, answering = replicas.add_connection(busy.address), replicas.add_connection(peer.address)
+        busy.delay = 0.1
+        earlier = asyncio.ensure_future(call_once(replicas, lagging, 5.0))  # ahead in its queue: answered soon
+        await asyncio.sleep(0.02)
+        busy.delay = 30.0  # the calls behind it wait longer than their callers do
+
+        async def miss() -> None:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await call_once(replicas, lagging, 1.0)
+
+        misses = [asyncio.ensure_future(miss()) for _ in range(3)]
+        await earlier  # answered after the three were sent, before they ran out
+        await asyncio.gather(*misses)
+        for _ in range(3):
+            await call_once(replicas, answering, 0.3)
+        assert lagging.failures == 0 and replicas.is_eligible(lagging)
+    finally:
+        await replicas.close()
+
+
+async def test_a_busy_replica_answering_its_queue_is_not_ejected_for_long_deadlines_missed(echo_servers):
+    """The same under callers' long deadlines, which count as the replica's failures on their own: three in a row
+    ejected a busy replica (2x capacity, 10 s deadlines: 4 to 6 ejections in 30 s) though it answered calls all the
+    while. A replica answering nothing in the meantime is still blamed (here, once the earlier call is gone)."""
+    busy, peer = await echo_servers(2)
+    replicas = ReplicaList(name="dep/shard-0", ejection=EjectionPolicy(min_blamed_deadline=0.2))
+    try:
+        lagging = replicas.add_connection(busy.address)
+        replicas.add_connection(peer.address)  # not the last pickable one, which is never ejected
+
+        async def misses(count: int) -> None:
+            async def miss() -> None:
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await call_once(replicas, lagging, 1.0)
+            await asyncio.gather(*(miss() for _ in range(count)))
+
+        busy.delay = 0.1
+        earlier = asyncio.ensure_future(call_once(replicas, lagging, 5.0))
+        await asyncio.sleep(0.02)
+        busy.delay = 30.0
+        missing = asyncio.ensure_future(misses(3))
+        await earlier
+        await missing
+        assert lagging.failures == 0 and replicas.is_eligible(lagging)
+        await misses(3)  # nothing answered since these were sent: a hung replica
+        assert not replicas.is_eligible(lagging)
+    finally:
+        await replicas.close()
+
+
+async def test_a_replica_is_no_outlier_while_its_peers_miss_callers_deadlines_too(echo_servers):
+    """A shard too slow for its callers has every replica missing some deadlines and answering other calls: a peer
+    that missed a caller's deadline itself while the calls it answers were under way does not make a replica
+    missing deadlines the outlier by those answers (at twice the capacity with 1 s deadlines, busy replicas were ejected in turn)."""
+    busy, peer = await echo_servers(2)
+    replicas = ReplicaList(name="dep/shard-0")
+    try:
+        lagging, answering = replicas.add_connection(busy.address), replicas.add_connection(peer.address)
+        busy.delay = peer.delay = 30.0
+
+        async def miss(connection, timeout: float) -> None:
+            with pytest.raises(grpc.aio.AioRpcError):
+                await call_once(replicas, connection, timeout)
+
+        await asyncio.gather(*(miss(lagging, 0.3) for _ in range(3)))
+        peer.delay = 0.15
+        answers = [asyncio.ensure_future(call_once(replicas, answering, 0.3)) for _ in range(3)]
+        await asyncio.sleep(0.02)
+        peer.delay = 30.0
+        await miss(answering, 0.05)  # its peer misses a deadline too while those calls are under way
+        await asyncio.gather(*answers)
+        await asyncio.sleep(0.1)
+        assert lagging.failures == 0 and replicas.is_eligible(lagging) and busy.health_checks == 0
+    finally:
+        await replicas.close()
+
+
+async def test_a_busy_replica_answering_its_queue_is_not_ejected_for_attempt_timeouts(echo_servers):
+    """The pool's attempt timeout counts towards ejection, to fail a hung replica's calls over and take it out; a
+    replica answering calls all the while is queued, not hung (an overload review: --attempt-timeout 0.3 at twice
+    the capacity ejected healthy replicas 114 times in 30 s, for up to 30 s each). Its calls still fail over."""
+    busy, peer = await echo_servers(2)
+    replicas = ReplicaList(name="dep/shard-0")
+    try:
+        lagging = replicas.add_connection(busy.address)
+        replicas.add_connection(peer.address)
+
+        async def timed_out_attempt() -> None:
+            with pytest.raises(grpc.aio.AioRpcError):
+                request, metadata = DataRequest(endpoint="/x"), (("endpoint", "/x"),)
+                await replicas.call(lagging, "single_data", request, metadata, 1.0, callers_deadline=False)
+
+        busy.delay = 0.1
+        earlier = asyncio.ensure_future(call_once(replicas, lagging, 5.0))
+        await asyncio.sleep(0.02)
+        busy.delay = 30.0
+        attempts = asyncio.ensure_future(asyncio.gather(*(timed_out_attempt() for _ in range(3))))
+        await earlier
+        await attempts
+        assert lagging.failures == 0 and replicas.is_eligible(lagging)
+        await asyncio.gather(*(timed_out_attempt() for _ in range(3)))  # nothing answered meanwhile: hung
+        assert not replicas.is_eligible(lagging)
+    finally:
+        await replicas.close()

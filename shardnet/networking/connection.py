@@ -142,7 +142,7 @@ class Connection:
     __slots__ = (
         "address", "_tls", "_options", "channel", "stubs", "running", "failures", "times_ejected", "_retiring",
         "_closed", "_origin", "_request_streams", "rebuilt_at", "admitted_at", "checked_at", "draining", "loop",
-        "_loop_thread", "recent_failures", "last_failure",
+        "_loop_thread", "recent_failures", "last_failure", "answered_at", "missed_at",
     )
 
     def __init__(
@@ -164,6 +164,13 @@ class Connection:
         self.recent_failures: list[str] = []
         self.last_failure = ""  # what gRPC said of the latest of them, but a deadline's (a handshake refused, say)
         self.times_ejected = 0
+        # loop time of its latest answer to each kind of call (method and endpoint; outliers.MAX_RUN_KINDS kinds,
+        # the latest): a replica that answered a kind after a call of that kind it missed was sent is queued
+        # behind its own work (overloaded), not hung, and that miss is not held against it (outliers)
+        self.answered_at: dict = {}
+        # loop time of the latest caller's deadline it missed: a replica missing callers' deadlines itself does not
+        # make another the outlier by answering others (outliers)
+        self.missed_at = float("-inf")
         self.admitted_at = float("-inf")  # time.monotonic() when it last joined the picks
         self.rebuilt_at = float("-inf")  # loop time of the last rebuild
         self.checked_at = float("-inf")  # time.monotonic() of the last health check out of turn (ejected)

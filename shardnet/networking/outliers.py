@@ -142,12 +142,35 @@ class ShortDeadlineOutliers:
             lagging = self.lagging[connection] = _Lagging()
         lagging.missed(_call_kind(method, metadata), callers_timeout)
 
+    @staticmethod
+    def answered_since(
+        connection: Connection, method: str, metadata: Optional[Sequence[tuple[str, str]]], sent_at: float
+    ) -> bool:
+        """Whether ``connection`` answered a call of this kind (method and endpoint) after loop time ``sent_at``:
+        a call of that kind sent then whose caller's deadline ran out was queued behind the replica's work
+        (overloaded, as its peers likely are), not lost to a hung or stuck replica: the miss is not its failure.
+        Callers' long deadlines missed so counted as failures on their own, three in a row ejecting a replica
+        answering all the while (an overload review, twice the capacity, 10 s deadlines: 4 to 6 ejections in
+        30 s; none since)."""
+        return connection.answered_at.get(_call_kind(method, metadata), float("-inf")) > sent_at
+
+    @staticmethod
+    def note_answer(connection: Connection, method: str, metadata: Optional[Sequence[tuple[str, str]]],
+                    at: float) -> None:
+        """Record that ``connection`` answered a call of this kind at loop time ``at`` (see ``missed``)."""
+        answered = connection.answered_at
+        kind = _call_kind(method, metadata)
+        if kind not in answered and len(answered) >= MAX_RUN_KINDS:  # (the kind seen first goes: a kind that
+            del answered[next(iter(answered))]  # is answered often comes back at its next answer)
+        answered[kind] = at
+
     def answered(
         self,
         connection: Connection,
         method: str,
         metadata: Optional[Sequence[tuple[str, str]]],
         timeout: Optional[float],
+        sent_at: float = float("inf"),
     ) -> None:
         """A call on ``connection`` with ``timeout`` was answered while replicas miss callers' short deadlines:
         its own runs are over, and it counts for every other's whose deadlines were no shorter
@@ -159,6 +182,13 @@ class ShortDeadlineOutliers:
         (``_check``), one check at a time per replica."""
         self.end_runs(connection)
         if timeout is None:  # no deadline: no answer within one as short as theirs
+            return
+        if connection.missed_at >= sent_at:
+            # it missed a caller's deadline itself while this call was under way (``sent_at``, loop time): it does
+            # not meet the deadlines the others miss, it is as short of time as they are. Under an overload every
+            # replica misses some deadlines and answers other calls, and its answers made its busy peers the
+            # outliers: an overload review saw healthy replicas ejected in turn (20 times in 30 s at twice the
+            # capacity, 1 s deadlines, up to 8 s each), the shard's capacity halved as it was overloaded
             return
         kind = _call_kind(method, metadata)
         for replica, lagging in list(self.lagging.items()):

@@ -581,7 +581,8 @@ class ReplicaList:
         running = connection.running  # the channel's: a close waits for it
         running.count += 1
         cut = False
-        sent = time.monotonic() if timeout is not None else 0.0
+        loop = asyncio.get_running_loop()
+        sent_at = loop.time()
         try:
             call = getattr(connection.stubs, method)(payload, metadata=metadata, timeout=timeout)
             response = checked_reply(await call, connection.address, self.name, timed=timeout is not None)
@@ -591,11 +592,17 @@ class ReplicaList:
             # answer either: given up on, as a cancelled call is (its estimate rises to the time waited, and a
             # hung replica's probes back off however short its callers' deadlines)
             code = error.code()
+            now = loop.time()
+            timed_out = code == grpc.StatusCode.DEADLINE_EXCEEDED
             # seen well past its deadline: this process stalled, and the failure says nothing of the replica
-            stalled = timeout is not None and self._stalled(connection, code, time.monotonic() - sent, timeout)
-            blamed = not stalled and not (
-                callers_deadline and code == grpc.StatusCode.DEADLINE_EXCEEDED and self._too_short(timeout)
-            )
+            stalled = timeout is not None and self._stalled(connection, code, now - sent_at, timeout)
+            callers = callers_deadline and timed_out and not stalled
+            if callers:
+                connection.missed_at = now
+            # queued, not hung: it answered a call of this kind since this one was sent (outliers.answered_since);
+            # the caller's deadline or the pool's attempt timeout alike (an attempt timeout still fails it over)
+            queued = timed_out and self._outliers.answered_since(connection, method, metadata, sent_at)
+            blamed = not (stalled or queued or (callers and self._too_short(timeout)))
             if blamed:
                 balancer.finished(connection, token, failed=code not in CALLERS_FAULT)
             else:
@@ -612,7 +619,7 @@ class ReplicaList:
                     error_cause(error) + replica_tls_diagnosis(error, connection.address, connection.tls)
                 )
                 self.record_failure(connection, code, counted=wrong_server(method, code), cause=cause, said=said)
-            elif not blamed and not stalled and channel is connection.channel and connection in self._position:
+            elif not (blamed or stalled or queued) and channel is connection.channel and connection in self._position:
                 self._outliers.missed(connection, method, metadata, timeout)
             # its traceback runs through gRPC's call object, which keeps its channel's connection (socket) open
             # after the channel closes, for as long as anyone keeps the error (a failed Task, a ReplicaError's
@@ -648,8 +655,9 @@ class ReplicaList:
         balancer.finished(connection, token)
         connection.failures = 0
         outliers = self._outliers
+        outliers.note_answer(connection, method, metadata, loop.time())
         if outliers.lagging:  # some replica misses callers' short deadlines: does this answer make it the outlier?
-            outliers.answered(connection, method, metadata, timeout)
+            outliers.answered(connection, method, metadata, timeout, sent_at)
         return response, trailing
 
     async def close(self) -> None:
