@@ -10,7 +10,10 @@ the replica.
 
 from __future__ import annotations
 
+import asyncio as _asyncio
+import errno
 import re
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -190,6 +193,39 @@ def tls_settings(
     return True, ClientTls(root_certificates=root_certificates)
 
 
+def tolerate_grpc_poller_race(loop: _asyncio.AbstractEventLoop, context: dict) -> None:
+    """An event loop exception handler that drops the BlockingIOError grpc.aio's poller raises when several
+    loops read its wake-up socket (grpc/grpc#25364: spurious, no call is affected); the rest goes on as usual."""
+    exception = context.get("exception")
+    if isinstance(exception, OSError) and _raised_by_grpc_poller(exception, context.get("handle")):
+        # BlockingIOError: another loop read the wake-up byte first; EBADF: the poller that socket belonged to
+        # was shut down (the last grpc.aio loop of the process closed) while this loop's reader was due
+        if isinstance(exception, BlockingIOError) or exception.errno == errno.EBADF:
+            return
+    loop.default_exception_handler(context)
+
+
+def _raised_by_grpc_poller(exception: BaseException, handle: Any) -> bool:
+    """Whether grpc.aio's PollerCompletionQueue._handle_events raised ``exception``: its handle names it, unless
+    the handle was cancelled meanwhile (its repr is then "<Handle cancelled>"), so its traceback is read too."""
+    if "PollerCompletionQueue" in repr(handle):
+        return True
+    frames = traceback.extract_tb(exception.__traceback__)
+    return any(frame.name.endswith("PollerCompletionQueue._handle_events") for frame in frames)
+
+
+def tolerate_poller_race_here() -> None:
+    """Drop grpc.aio's poller race (``tolerate_grpc_poller_race``) on the running event loop, unless the program
+    set an exception handler of its own there. A blocking helper (``send_request_sync``, ``Deployment.post``)
+    called from another thread runs a grpc.aio loop of its own (``oneshot.run_sync``), and grpc.aio's
+    process-wide poller then wakes every grpc.aio loop: a worker's serving loop (its blocking handlers calling
+    such helpers) or a program's pool logged an "Exception in callback PollerCompletionQueue._handle_events"
+    traceback at ERROR for about one call in four, under asyncio and uvloop alike."""
+    loop = _asyncio._get_running_loop()
+    if loop is not None and loop.get_exception_handler() is None:
+        loop.set_exception_handler(tolerate_grpc_poller_race)
+
+
 def get_grpc_channel(
     address: Union[str, Address],
     options: Optional[ChannelOptions] = None,
@@ -209,6 +245,8 @@ def get_grpc_channel(
     parsed = address if isinstance(address, Address) else parse_address(address, tls=https)
     use_tls = parsed.tls or https or tls is not None
     module = grpc.aio if asyncio else grpc
+    if asyncio:
+        tolerate_poller_race_here()
     if use_tls:
         tls = tls or ClientTls()
         opts = merge_options(_with_tls_options(options, tls))

@@ -9,12 +9,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import errno
 import functools
 import inspect
 import numbers
 import threading
-import traceback
 from typing import Any, Awaitable, Callable, Coroutine, Optional, Sequence, TypeVar, Union
 
 import grpc.aio
@@ -36,6 +34,7 @@ from shardnet.networking.channels import (
     shown_details,
     tls_diagnosis,
     tls_settings,
+    tolerate_grpc_poller_race,
 )
 from shardnet.networking.policies import check_seconds, check_timeout
 from shardnet.networking.tls import ClientTls, PemSource
@@ -54,27 +53,6 @@ RequestT = TypeVar("RequestT", DataRequest, ControlRequest)
 # a one-off data or health call is tried twice when it was UNAVAILABLE, as Jina's blocking helpers do, but only
 # when it provably reached no handler (see channels.never_reached): a request sent again must not be processed twice
 ATTEMPTS_WHEN_UNAVAILABLE = 2
-
-
-def tolerate_grpc_poller_race(loop: asyncio.AbstractEventLoop, context: dict) -> None:
-    """An event loop exception handler that drops the BlockingIOError grpc.aio's poller raises when several
-    loops read its wake-up socket (grpc/grpc#25364: spurious, no call is affected); the rest goes on as usual."""
-    exception = context.get("exception")
-    if isinstance(exception, OSError) and _raised_by_grpc_poller(exception, context.get("handle")):
-        # BlockingIOError: another loop read the wake-up byte first; EBADF: the poller that socket belonged to
-        # was shut down (the last grpc.aio loop of the process closed) while this loop's reader was due
-        if isinstance(exception, BlockingIOError) or exception.errno == errno.EBADF:
-            return
-    loop.default_exception_handler(context)
-
-
-def _raised_by_grpc_poller(exception: BaseException, handle: Any) -> bool:
-    """Whether grpc.aio's PollerCompletionQueue._handle_events raised ``exception``: its handle names it, unless
-    the handle was cancelled meanwhile (its repr is then "<Handle cancelled>"), so its traceback is read too."""
-    if "PollerCompletionQueue" in repr(handle):
-        return True
-    frames = traceback.extract_tb(exception.__traceback__)
-    return any(frame.name.endswith("PollerCompletionQueue._handle_events") for frame in frames)
 
 
 async def _tolerating_poller_race(awaitable: Awaitable[T]) -> T:

@@ -59,6 +59,7 @@ from shardnet.networking.channels import (
     MAX_MESSAGE_BYTES,
     check_control_token,
     default_grpc_options,
+    tolerate_poller_race_here,
 )
 from shardnet.networking.tls import ServerTls
 from shardnet.protocol import services
@@ -530,6 +531,7 @@ class Server:
         """Bind every listener, then serve; a listener refused stops those already bound, so a failed start
         leaves nothing listening."""
         config = self.config
+        tolerate_poller_race_here()  # its blocking handlers may call blocking helpers (see there)
         server = grpc.aio.server(
             # no SO_REUSEPORT: a second server on a port in use must fail, not silently share its traffic
             options=default_grpc_options(config.max_message_bytes)
