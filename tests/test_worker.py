@@ -1734,3 +1734,29 @@ async def test_an_async_close_past_its_bound_is_given_up_and_a_sync_close_return
     worker = await runtimes(Worker(_ReturnsValue.create()))
     await worker.stop(0)
     assert not worker.close_abandoned
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_run_off_the_main_thread_is_refused_naming_why_and_what_to_call(loop):
+    """``run()`` serves until a signal, which only the main thread receives: in another thread it failed with the
+    loop's own words ("set_wakeup_fd only works in main thread", uvloop's "add_signal_handler() can only be
+    called from the main thread") (a uvloop review)."""
+    import threading
+
+    import uvloop
+
+    runner = asyncio.run if loop == "asyncio" else uvloop.run
+    raised: list[BaseException] = []
+
+    def serve() -> None:
+        try:
+            runner(Worker(executors.Tagger.create()).run())
+        except BaseException as exc:  # noqa: BLE001 - what the thread saw, for the test
+            raised.append(exc)
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive()
+    [error] = raised
+    assert isinstance(error, ConfigurationError) and "only the main thread receives" in str(error), error

@@ -147,6 +147,11 @@ async def serve_until_signalled(
     A second SIGINT while stopping (the farewell, the drain, the Executor's ``close()``) ends this one at once
     (``_Stop``); a second SIGTERM or SIGHUP, or that process's exit then, lets the stop go on.
     """
+    if threading.current_thread() is not threading.main_thread():  # else asyncio's or uvloop's own words on it
+        raise ConfigurationError(
+            "run() serves until a signal (SIGTERM, SIGINT), which only the main thread receives: in another "
+            "thread, start() and stop() it"
+        )
     if ready_fd is not None:
         check_ready_fd(ready_fd)
     loop = asyncio.get_running_loop()
