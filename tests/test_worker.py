@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,7 +38,7 @@ from shardnet.cli.stopping import DRAIN_CUT_EXIT
 from shardnet.runtimes.head import Head
 from shardnet.runtimes.processes import ShardnetProcess
 from shardnet.runtimes.server import MAX_REQUESTS_PER_CALL, ServerConfig
-from shardnet.runtimes.worker import CLOSE_GRACE, HANDLER_THREAD_PREFIX, Worker
+from shardnet.runtimes.worker import CLOSE_GRACE, CLOSE_THREAD_NAME, HANDLER_THREAD_PREFIX, Worker
 
 from shardnet.testing import eventually
 
@@ -1741,7 +1742,6 @@ def test_run_off_the_main_thread_is_refused_naming_why_and_what_to_call(loop):
     """``run()`` serves until a signal, which only the main thread receives: in another thread it failed with the
     loop's own words ("set_wakeup_fd only works in main thread", uvloop's "add_signal_handler() can only be
     called from the main thread") (a uvloop review)."""
-    import threading
 
     import uvloop
 
@@ -1760,3 +1760,86 @@ def test_run_off_the_main_thread_is_refused_naming_why_and_what_to_call(loop):
     assert not thread.is_alive()
     [error] = raised
     assert isinstance(error, ConfigurationError) and "only the main thread receives" in str(error), error
+
+
+class _BlockingAsyncClose(Executor):
+    """An async def close() that does blocking work (a synchronous index save, a lock a stuck handler holds):
+    common in Executors ported from Jina, where the async close() was never awaited at all."""
+
+    @requests
+    def noop(self, docs, **kwargs):
+        pass
+
+    async def close(self):
+        time.sleep(4)  # blocking, not awaited: a synchronous save
+
+
+async def test_an_async_close_blocking_the_loop_past_its_bound_is_named(runtimes, monkeypatch, caplog):
+    """The bound cannot cut an async close() that blocks the worker's loop, where it runs: the stop then waits
+    for it, and an ERROR says why and what to write instead (a regression review)."""
+    caplog.set_level(logging.ERROR, "shardnet.runtimes.worker")
+    monkeypatch.setattr("shardnet.runtimes.worker.CLOSE_GRACE", 0.5)
+    worker = await runtimes(Worker(_BlockingAsyncClose.create()))
+    await worker.stop(0)
+    assert any("blocked the event loop" in r.getMessage() for r in caplog.records), [
+        r.getMessage() for r in caplog.records]
+
+
+class _SlowSyncThenAsync(Executor):
+    """A sync close() that saves (slowly) and then returns its parent's async close(): past the bound, the
+    returned coroutine must not start on the loop after the worker gave up on it."""
+
+    started = False
+
+    @requests
+    def noop(self, docs, **kwargs):
+        pass
+
+    async def _more(self):
+        type(self).started = True
+        await asyncio.sleep(3600)
+
+    def close(self):
+        time.sleep(1.5)
+        return self._more()
+
+
+async def test_a_coroutine_returned_after_the_bound_is_not_started(runtimes, monkeypatch):
+    """Given up on, the close() future was never settled, so a coroutine its slow sync part returned later was
+    started on the loop after all, unbounded (a regression review)."""
+    monkeypatch.setattr("shardnet.runtimes.worker.CLOSE_GRACE", 0.5)
+    worker = await runtimes(Worker(_SlowSyncThenAsync.create()))
+    await worker.stop(0)
+    assert worker.close_abandoned
+    # the sync part returns its coroutine 1.5 s in, on the close thread, which then hands it to the loop
+    await eventually(lambda: not any(t.name == CLOSE_THREAD_NAME for t in threading.enumerate()), timeout=10)
+    for _ in range(3):
+        await asyncio.sleep(0)
+    leftover = [t for t in asyncio.all_tasks() if "_awaited" in repr(t)]
+    for task in leftover:
+        task.cancel()
+    assert not _SlowSyncThenAsync.started, f"started after it was given up on: {leftover}"
+
+
+class _CancelledInside(Executor):
+    """An async close() that fails with a CancelledError of its own (it awaited a task its handlers cancelled)."""
+
+    @requests
+    def noop(self, docs, **kwargs):
+        pass
+
+    async def close(self):
+        flusher = asyncio.get_running_loop().create_task(asyncio.sleep(3600))
+        await asyncio.sleep(0)
+        flusher.cancel()
+        await flusher  # raises CancelledError: close() did not finish its work
+
+
+async def test_an_async_close_failing_with_a_cancelled_error_is_logged(runtimes, caplog):
+    """Its task's cancellation read as a return: a close() that did not finish its work passed for one that did."""
+    caplog.set_level(logging.ERROR, "shardnet.runtimes.worker")
+    worker = await runtimes(Worker(_CancelledInside.create()))
+    await worker.stop(0)
+    assert any("close()" in r.getMessage() and "failed" in r.getMessage() for r in caplog.records), (
+        "a close() that did not finish (CancelledError) passed for one that returned"
+    )

@@ -85,6 +85,7 @@ DEACTIVATE_TIMEOUT = 5.0
 # on a lock or a lost connection kept its worker running for ever, its parent's kill -9 and further signals
 # too)
 CLOSE_GRACE = 5.0
+BLOCKED_CLOSE_SLACK = 0.5  # seconds past close()'s bound, the loop still blocked, before an async close() is named
 THREAD_EXIT_GRACE = 5.0  # seconds the threads an Executor started get to end once the program ended
 EXIT_SECONDS = 2  # seconds left to a process to exit once its Executor's close() has returned or been left behind
 # seconds a process needs after its drain, every bound it has on its way out: its Executor's close() up to
@@ -850,7 +851,12 @@ class Worker:
                 return
             task = loop.create_task(_awaited(returned))
             awaiting.append(task)
-            task.add_done_callback(lambda done: _settle(closed, None if done.cancelled() else done.exception()))
+            # cancelled by no one here (the bound cancels ``closed`` first): a CancelledError of its own, which
+            # ended it before its work was done, is a failure, not a return
+            task.add_done_callback(
+                lambda done: _settle(closed, asyncio.CancelledError("close() was cancelled") if done.cancelled()
+                                     else done.exception())
+            )
 
         def close() -> None:
             try:
@@ -873,9 +879,26 @@ class Worker:
         # not a daemon: threads close() starts inherit that, and the exit must wait for them (an index saved on
         # a writer thread of its own); one left hung is not waited for (cli.stopping.exit_leaving_stuck_handlers)
         threading.Thread(target=close, name=CLOSE_THREAD_NAME).start()
-        done, _ = await asyncio.wait([closed], timeout=bound)
+
+        def blocking() -> None:  # on a timer's thread: an async close() blocking the loop keeps the bound from firing
+            if awaiting and not closed.done():
+                logger.error(
+                    "%s: the Executor's async close() (%s) has blocked the event loop past its %.1fs bound (a "
+                    "blocking call in an async def: make close() a plain def, or run the call with "
+                    "asyncio.to_thread): the bound cannot cut it, and the stop waits for it", self.name,
+                    type(self.executor).__name__, bound,
+                )
+
+        watchdog = threading.Timer(bound + BLOCKED_CLOSE_SLACK, blocking)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            done, _ = await asyncio.wait([closed], timeout=bound)
+        finally:
+            watchdog.cancel()
         if not done:
             self.close_abandoned = True
+            closed.cancel()  # given up on: a coroutine a slow sync close() returns later is closed, never started
             for task in awaiting:  # an async close() past its bound is cancelled, not left running on the loop
                 task.cancel()
             logger.error(
