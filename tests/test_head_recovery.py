@@ -584,3 +584,77 @@ async def test_at_most_once_a_stalled_worker_answers_what_it_held_once_it_resume
         for worker in workers:
             worker.signal(signal.SIGCONT)
             worker.kill()
+
+
+@pytest.mark.timeout(60)
+async def test_at_most_once_what_a_lapsed_workers_streams_never_wrote_goes_to_another_replica_at_once(
+    runtimes, eventually, tmp_path, monkeypatch
+):
+    """Under --at-most-once a lapsed worker's requests wait for it (they may have run), but those still queued
+    unwritten on its request streams (a paused process stops reading: its window fills) cannot have run: they
+    waited with the rest, for gRPC's ping timeout (10 s on a busy connection), then failed, where they may go to
+    another replica at once (a regression review)."""
+    from shardnet.networking import streams as streams_module
+
+    taken_back: list[str] = []
+    take_back = streams_module.RequestStreams.take_back_unwritten
+
+    def recorded(self) -> None:
+        for lane in self._lanes:
+            for cell in lane.writer._queue if lane is not None and lane.writer is not None else ():
+                if cell[0] is not None:
+                    taken_back.append(DataRequest.from_bytes(cell[0]).request_id)
+        take_back(self)
+
+    monkeypatch.setattr(streams_module.RequestStreams, "take_back_unwritten", recorded)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    pool = GrpcConnectionPool(balancer="round_robin", request_streams=True, retry=RetryPolicy(unsent_only=True))
+    head = await runtimes(Head("once", lease=3.0, pool=pool))
+    workers = sleepy_workers(head, tmp_path, shards=[0, 0], register_interval=0.2)
+    try:
+        addresses = await launched(workers)
+        replicas = head.pool.get_replicas("once", shard_id=0)
+        await eventually(lambda: sorted(replicas.addresses) == sorted(addresses), timeout=10.0)
+        stopped = next(w for w in workers if w.address == addresses[0])
+        lanes = next(c for c in replicas.get_all_connections() if str(c.address) == stopped.address).stubs.streams
+        warm = DataRequest([Document(text="w")], endpoint="/sleep", parameters={"seconds": 0.0})
+        for _ in range(8):  # the head's streams to both open
+            await oneshot.send_request_async(warm, head.server.address, timeout=10.0)
+        stopped.signal(signal.SIGSTOP)
+        resumed = asyncio.Event()
+
+        def held_until_resumed(write):  # its window full at once, as a paused reader's fills, whatever the
+            async def held(message: bytes) -> None:  # kernel's socket buffers take in first
+                await resumed.wait()
+                await write(message)
+            return held
+
+        for lane in lanes._lanes:
+            if lane is not None and lane.writer is not None:
+                lane.writer._write = held_until_resumed(lane.writer._write)
+        sent = {}
+        for index in range(40):
+            request = DataRequest([Document(id=f"q{index}", text="x" * 200_000)], endpoint="/sleep",
+                                  parameters={"record": str(runs)})
+            request.header.request_id = f"q{index}"
+            sent[f"q{index}"] = asyncio.create_task(
+                oneshot.send_request_async(request, head.server.address, timeout=30.0)
+            )
+        # its streams' writes held, what is sent to it after waits in their queues, until its lease lapses
+        await eventually(lambda: any(lane and lane.writer and lane.writer._queue for lane in lanes._lanes), timeout=10)
+        await eventually(lambda: stopped.address not in replicas.addresses, timeout=10.0)
+        assert taken_back  # what its streams still queued, never written
+        await eventually(lambda: all(sent[name].done() for name in taken_back), timeout=5.0)
+        assert not any(sent[name].result().is_error for name in taken_back)
+        other = str(next(w for w in workers if w is not stopped).pid)
+        assert all((runs / name).read_text().split() == [other] for name in taken_back)  # on the other, once
+        stopped.signal(signal.SIGCONT)
+        resumed.set()
+        await asyncio.wait_for(asyncio.gather(*sent.values(), return_exceptions=True), 30.0)
+        ran = {path.name: len(path.read_text().split()) for path in runs.iterdir()}
+        assert max(ran.values()) == 1  # none twice
+    finally:
+        for worker in workers:
+            worker.signal(signal.SIGCONT)
+            worker.kill()

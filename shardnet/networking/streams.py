@@ -494,6 +494,14 @@ class RequestStreams:
                 if not lane.pending:
                     lane.finish()
 
+    def take_back_unwritten(self) -> None:
+        """Fail what still waits unwritten in every stream's queue as never sent, so that it goes to another
+        replica now: this one (stalled, its lease lapsed) cannot have run it. What was written stays on the
+        stream, to be answered or cut."""
+        for lane in self._lanes:
+            if lane is not None:
+                lane._fail_unwritten()
+
     async def close(self, grace: Optional[float]) -> None:
         """Retire, give the requests still waiting ``grace`` seconds (None: none), then cut the streams: what is
         still on them fails with UNAVAILABLE and fails over. (Closing the channel does not end its streams.)"""

@@ -1475,9 +1475,12 @@ class Head:
                 # under --at-most-once a cut request may have run, so it fails rather than fail over: cut, it could
                 # only fail, where a worker that merely stalled answers it once it resumes
                 cut = others and not self.pool.retry.unsent_only
-                await self.pool.remove_connection(
+                removed = await self.pool.remove_connection(
                     self.deployment, address, shard_id=shard_id, grace=LAPSED_LEASE_GRACE if cut else None
                 )
+                streams = removed.stubs.streams if removed is not None and others and not cut else None
+                if streams is not None:  # what its streams never wrote cannot have run: it goes elsewhere now
+                    streams.take_back_unwritten()
                 logger.warning(
                     "%s: %s (shard %d) stopped renewing its registration: removed%s", self.deployment, address,
                     shard_id,
