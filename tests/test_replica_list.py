@@ -598,3 +598,44 @@ async def test_a_busy_replica_answering_its_queue_is_not_ejected_for_attempt_tim
         assert not replicas.is_eligible(lagging)
     finally:
         await replicas.close()
+
+
+async def test_a_replica_hanging_on_some_calls_while_it_answers_later_ones_is_still_ejected(echo_servers):
+    """A regression review's find: a handler hanging on some requests while the replica serves the rest (an async
+    handler awaiting what never comes, one of --threads N stuck) answers calls of the kind after the hung ones were
+    sent, and the overload rule took them for queued: never ejected (30% of calls hung, 48 callers, attempt
+    timeout 0.3 s: 231 attempts timed out on it in 4 s and no ejection, against 5 and an ejection in 0.35 s
+    before). A call overtaken by a later call of its kind was not queued behind the replica's work: it counts."""
+    stuck, peer = await echo_servers(2)
+    replicas = ReplicaList(name="dep/shard-0")
+    try:
+        lagging = replicas.add_connection(stuck.address)
+        replicas.add_connection(peer.address)
+
+        async def timed_out_attempt() -> None:
+            with pytest.raises(grpc.aio.AioRpcError):
+                request, metadata = DataRequest(endpoint="/x"), (("endpoint", "/x"),)
+                await replicas.call(lagging, "single_data", request, metadata, 0.5, callers_deadline=False)
+
+        stuck.delay = 30.0  # these hang
+        hung = asyncio.ensure_future(asyncio.gather(*(timed_out_attempt() for _ in range(3))))
+        await asyncio.sleep(0.05)
+        stuck.delay = 0.0
+        await call_once(replicas, lagging, 5.0, "/x")  # sent after them, answered at once: they were overtaken
+        await hung
+        assert not replicas.is_eligible(lagging)
+    finally:
+        await replicas.close()
+
+
+def test_a_replicas_answer_times_are_kept_for_a_bounded_number_of_kinds():
+    """Endpoint names come from callers: the answers noted per replica stay at MAX_RUN_KINDS kinds however many."""
+    from shardnet.networking.outliers import MAX_RUN_KINDS, ShortDeadlineOutliers
+
+    class Bare:
+        answered_at: dict = {}
+
+    connection = Bare()
+    for index in range(1000):
+        ShortDeadlineOutliers.note_answer(connection, "single_data", (("endpoint", f"/e{index}"),), float(index), 0.0)
+    assert len(connection.answered_at) == MAX_RUN_KINDS

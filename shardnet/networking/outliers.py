@@ -43,6 +43,8 @@ ANSWERS_TO_JUDGE = 3
 MAX_RUN_KINDS = 8
 # the name of the task that asks a replica missing callers' short deadlines its peers meet for its health
 _LAGGING_CHECK = "shardnet-lagging-check"
+# a kind of call a replica never answered: (answered at, the latest send time of the calls of it answered)
+_NEVER_ANSWERED = (float("-inf"), float("inf"))
 
 
 class _ShortRun:
@@ -152,17 +154,23 @@ class ShortDeadlineOutliers:
         Callers' long deadlines missed so counted as failures on their own, three in a row ejecting a replica
         answering all the while (an overload review, twice the capacity, 10 s deadlines: 4 to 6 ejections in
         30 s; none since)."""
-        return connection.answered_at.get(_call_kind(method, metadata), float("-inf")) > sent_at
+        # (and no call of the kind sent after it was answered before it: a replica working through a queue answers
+        # its calls in order, so one overtaken by a later call was not queued but stuck, as a handler hanging on
+        # some requests while it serves the rest leaves them; such calls count against it, as they did before)
+        answered_at, latest_sent = connection.answered_at.get(_call_kind(method, metadata), _NEVER_ANSWERED)
+        return answered_at > sent_at and latest_sent < sent_at
 
     @staticmethod
     def note_answer(connection: Connection, method: str, metadata: Optional[Sequence[tuple[str, str]]],
-                    at: float) -> None:
-        """Record that ``connection`` answered a call of this kind at loop time ``at`` (see ``missed``)."""
+                    at: float, sent_at: float = float("-inf")) -> None:
+        """Record that ``connection`` answered a call of this kind, sent at loop time ``sent_at``, at ``at``
+        (see ``answered_since``)."""
         answered = connection.answered_at
         kind = _call_kind(method, metadata)
-        if kind not in answered and len(answered) >= MAX_RUN_KINDS:  # (the kind seen first goes: a kind that
+        latest = answered.get(kind)
+        if latest is None and len(answered) >= MAX_RUN_KINDS:  # (the kind seen first goes: a kind that
             del answered[next(iter(answered))]  # is answered often comes back at its next answer)
-        answered[kind] = at
+        answered[kind] = (at, sent_at if latest is None else max(latest[1], sent_at))
 
     def answered(
         self,

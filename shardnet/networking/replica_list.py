@@ -655,7 +655,7 @@ class ReplicaList:
         balancer.finished(connection, token)
         connection.failures = 0
         outliers = self._outliers
-        outliers.note_answer(connection, method, metadata, loop.time())
+        outliers.note_answer(connection, method, metadata, loop.time(), sent_at)
         if outliers.lagging:  # some replica misses callers' short deadlines: does this answer make it the outlier?
             outliers.answered(connection, method, metadata, timeout, sent_at)
         return response, trailing
