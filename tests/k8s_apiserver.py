@@ -234,6 +234,7 @@ class FakeApiServer:
         self.failing_watches_of: Optional[str] = None  # only those of this resource, when set
         self.state = "up"  # up | refusing | unavailable
         self.forbidden: set[str] = set()  # resources answered 403, as RBAC refuses what a Role does not grant
+        self.forbidden_message: Optional[str] = None  # their Status message, when not RBAC's own words
         self.missing: set[str] = set()  # resources answered 404, as a cluster too old to serve them does
         self.requests: list[tuple[str, bool, dict[str, str]]] = []  # (resource, watch, query)
         self.written_at: dict[int, float] = {}  # version -> perf_counter() when first written to a stream
@@ -413,7 +414,9 @@ class FakeApiServer:
             return web.json_response(status_object(401, "Unauthorized", "Unauthorized"), status=401)
         forbidden = next((name for name in self.forbidden if f"/{name}" in request.path), None)
         if forbidden is not None:
-            message = f'{forbidden} is forbidden: User "system:serviceaccount:ns:head" cannot list resource "{forbidden}"'
+            message = self.forbidden_message or (
+                f'{forbidden} is forbidden: User "system:serviceaccount:ns:head" cannot list resource "{forbidden}"'
+            )
             return web.json_response(status_object(403, "Forbidden", message), status=403)
         if any(f"/{name}" in request.path for name in self.missing):
             message = "the server could not find the requested resource"

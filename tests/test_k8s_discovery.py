@@ -2405,3 +2405,15 @@ async def test_a_followed_deployment_scaled_to_zero_warns_once_a_forgotten_one_n
         assert head.send_request(DataRequest(endpoint="/x"), "dep") == []
         assert gateway.send_request(DataRequest(endpoint="/x"), "dep") == []
     assert caplog.text.count("dep/shard-0: no replica left: 10.0.0.1:8080 was the last") == 1, caplog.text
+
+
+async def test_an_api_servers_words_reach_the_discovery_error_escaped(api_server: FakeApiServer, kubeconfig: str):
+    """A Status message (the API server's, or a proxy's in front of it) went into DiscoveryError and the log as it
+    came: a newline began a line of its own, escapes reached the terminal (an error-API review's left-alone item)."""
+    api_server.forbidden = {"pods", "endpointslices"}
+    api_server.forbidden_message = "denied\nshardnet: all replicas OK \x1b[2J"
+    async with K8sGrpcConnectionPool(NS, kubeconfig=kubeconfig, watch=FAST) as pool:
+        with pytest.raises(DiscoveryError) as refused:
+            await pool.wait_synced(timeout=1.0)
+    said = str(refused.value)
+    assert "denied\\nshardnet: all replicas OK \\x1b[2J" in said and "\n" not in said and "\x1b" not in said, said

@@ -49,6 +49,7 @@ import aiohttp
 import tenacity
 
 from shardnet.errors import ConfigurationError
+from shardnet.networking.channels import shown_details
 
 logger = logging.getLogger(__name__)
 
@@ -552,6 +553,8 @@ async def _check_status(response: aiohttp.ClientResponse) -> None:
         message = f"{status.get('reason')}: {status.get('message')}"
     except (ValueError, AttributeError):
         message = text.strip() or response.reason or ""
+    # the server's words (or a proxy's in front of it): no line or terminal escape of theirs in a log or an error
+    message = shown_details(message)
     if response.status == 410 or _too_large_version(status):
         raise Gone(message)
     if response.status in (403, 404):
