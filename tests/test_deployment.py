@@ -282,6 +282,8 @@ def test_workers_are_named_as_jina_names_replicas_so_every_shards_dict_result_ar
         single.restart_worker(0, 0)
     with pytest.raises(ProcessError, match="'single' is not running"):
         single.restart_head()
+    with pytest.raises(ProcessError, match="'single' is not running"):  # it returned [] as if all were up
+        single.revive()
     with single as deployment:
         [doc] = deployment.post("/tag", [Document(text="a")])
         response = deployment.post("/count", [doc], return_responses=True)  # the whole response, as in Jina

@@ -758,7 +758,7 @@ class Deployment:
         exit. Workers wait for the head: they register with it (the ones still
         running re-register with a restarted head on their own).
         """
-        if self._finalizer is None:
+        if self._finalizer is None or not self._spawned:  # stopped, or never started: as restart_worker says
             raise ProcessError(f"deployment {self.name!r} is not running")
         revived = self._look(wait)
         if self._stopping and self._finalizer is not None:
