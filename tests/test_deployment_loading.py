@@ -312,3 +312,33 @@ def test_a_start_that_raises_leaves_no_start_under_way(monkeypatch):
         assert [doc.text for doc in deployment.post("/", [Document(text="a")])] == ["A"]
     finally:
         deployment.close()
+
+
+def test_two_restarts_of_one_worker_at_once_restart_it_once_and_refuse_the_other_by_name():
+    """The second failed with "worker-0-0 (pid N) is still running: stop it before launching it again", which
+    said nothing of the restart under way (a Deployment API review)."""
+    deployment = Deployment(executors.Upper)
+    deployment.start()
+    try:
+        outcomes: dict[int, str] = {}
+
+        def restart(index: int) -> None:
+            try:
+                deployment.restart_worker(0, 0)
+                outcomes[index] = "restarted"
+            except ProcessError as exc:
+                outcomes[index] = str(exc)
+
+        threads = [threading.Thread(target=restart, args=(index,)) for index in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        said = sorted(outcomes.values())
+        assert said[0] == "restarted" and said[1] in (
+            "restarted",  # (the first was done before the second began: no overlap to refuse)
+            "worker-0-0 is being restarted by another call: wait for it to return",
+        ), outcomes
+        assert [doc.text for doc in deployment.post("/", [Document(text="a")])] == ["A"]
+    finally:
+        deployment.stop()

@@ -368,6 +368,10 @@ class Deployment:
         # _holding_launch_lock); one lock for every run, so that a stop() finishing the last run (removing its
         # folders) and a start() making the next one (_prepare_run) cannot interleave
         self._launching = threading.RLock()
+        # the processes a restart_worker() or restart_head() is restarting (their roles), under _restart_claims: a
+        # second restart of one of them meanwhile failed with "still running: stop it before launching it again"
+        self._restarting: set[str] = set()
+        self._restart_claims = threading.Lock()
         self._launch_lock_depth = 0  # how many times the thread holding _launching took it: 2 in a signal handler
         self._start_under_way = False  # a start() (of any thread) is between its check and its end
         self._prepare_run()
@@ -676,16 +680,30 @@ class Deployment:
                 f"deployment {self.name!r} has no worker for shard {shard}, replica {replica} "
                 f"(shards 0..{self.shards - 1}, replicas 0..{self.replicas - 1})"
             )
-        died = not process.alive
-        member = self._member_address((shard, replica), process)
-        process.stop(self._restart_timeout)
-        if died and member is not None:
-            self._forget(member, shard)
-        self._launch_again(process)
-        process.wait_ready(self.startup_timeout, LONGER_STARTUP)
-        self._wait_listed((shard, replica), process)
+        with self._restarted(process):
+            died = not process.alive
+            member = self._member_address((shard, replica), process)
+            process.stop(self._restart_timeout)
+            if died and member is not None:
+                self._forget(member, shard)
+            self._launch_again(process)
+            process.wait_ready(self.startup_timeout, LONGER_STARTUP)
+            self._wait_listed((shard, replica), process)
         self._stop_if_asked_meanwhile()
         return process
+
+    @contextlib.contextmanager
+    def _restarted(self, process: ShardnetProcess) -> Iterator[None]:
+        """Claim ``process`` for one restart at a time: another call restarting it meanwhile is refused by name."""
+        with self._restart_claims:
+            if process.role in self._restarting:
+                raise ProcessError(f"{process.role} is being restarted by another call: wait for it to return")
+            self._restarting.add(process.role)
+        try:
+            yield
+        finally:
+            with self._restart_claims:
+                self._restarting.discard(process.role)
 
     def _wait_listed(self, key: tuple[int, int], process: ShardnetProcess) -> None:
         """Block until the head lists the worker ``key`` (``process``, ready), within the startup timeout: a
@@ -724,10 +742,11 @@ class Deployment:
     def restart_head(self) -> ShardnetProcess:
         """Restart the head on the same port; workers re-register on their next refresh."""
         head = self._running_head()
-        head.stop(self._restart_timeout)
-        _keep_port(head)
-        self._launch_again(head)
-        head.wait_ready(self.startup_timeout, LONGER_STARTUP)
+        with self._restarted(head):
+            head.stop(self._restart_timeout)
+            _keep_port(head)
+            self._launch_again(head)
+            head.wait_ready(self.startup_timeout, LONGER_STARTUP)
         # the running workers only, as restart_worker: one lying dead (revive's to restart) is no failure of this
         for key, process in self.workers.items():
             if process.alive and process.address is not None and process not in self._starting:
