@@ -637,5 +637,5 @@ def test_a_replicas_answer_times_are_kept_for_a_bounded_number_of_kinds():
 
     connection = Bare()
     for index in range(1000):
-        ShortDeadlineOutliers.note_answer(connection, "single_data", (("endpoint", f"/e{index}"),), float(index), 0.0)
+        ShortDeadlineOutliers._note_answer(connection, ("single_data", f"/e{index}"), float(index), 0.0)
     assert len(connection.answered_at) == MAX_RUN_KINDS

@@ -161,12 +161,10 @@ class ShortDeadlineOutliers:
         return answered_at > sent_at and latest_sent < sent_at
 
     @staticmethod
-    def note_answer(connection: Connection, method: str, metadata: Optional[Sequence[tuple[str, str]]],
-                    at: float, sent_at: float = float("-inf")) -> None:
-        """Record that ``connection`` answered a call of this kind, sent at loop time ``sent_at``, at ``at``
-        (see ``answered_since``)."""
+    def _note_answer(connection: Connection, kind: tuple[str, Optional[str]], at: float, sent_at: float) -> None:
+        """Record that ``connection`` answered a call of ``kind``, sent at loop time ``sent_at``, at ``at`` (see
+        ``answered_since``)."""
         answered = connection.answered_at
-        kind = _call_kind(method, metadata)
         latest = answered.get(kind)
         if latest is None and len(answered) >= MAX_RUN_KINDS:  # (the kind seen first goes: a kind that
             del answered[next(iter(answered))]  # is answered often comes back at its next answer)
@@ -178,16 +176,21 @@ class ShortDeadlineOutliers:
         method: str,
         metadata: Optional[Sequence[tuple[str, str]]],
         timeout: Optional[float],
-        sent_at: float = float("inf"),
+        sent_at: float,
+        at: float,
     ) -> None:
-        """A call on ``connection`` with ``timeout`` was answered while replicas miss callers' short deadlines:
-        its own runs are over, and it counts for every other's whose deadlines were no shorter
+        """A call on ``connection`` with ``timeout``, sent at loop time ``sent_at``, was answered at ``at``: noted
+        for ``answered_since``. While replicas miss callers' short deadlines, its own runs are over, and it counts for every other's whose deadlines were no shorter
         (``SAME_DEADLINE_SLACK``). One the others have answered as many calls of a kind (method and endpoint) as
         it missed of that kind is the outlier, hung or stuck, and blamed at once for that kind's run. One they
         answered as many calls of any kind as it missed in all is hung, or merely busy on slow calls (round robin
         sends a caller alternating a slow endpoint and a quick one every slow call to one replica, every quick
         one to the other): the calls cannot tell the two apart, so its health service is asked
         (``_check``), one check at a time per replica."""
+        kind = _call_kind(method, metadata)
+        self._note_answer(connection, kind, at, sent_at)
+        if not self.lagging:  # no replica misses callers' short deadlines: no answer makes one the outlier
+            return
         self.end_runs(connection)
         if timeout is None:  # no deadline: no answer within one as short as theirs
             return
@@ -198,7 +201,6 @@ class ShortDeadlineOutliers:
             # outliers: an overload review saw healthy replicas ejected in turn (20 times in 30 s at twice the
             # capacity, 1 s deadlines, up to 8 s each), the shard's capacity halved as it was overloaded
             return
-        kind = _call_kind(method, metadata)
         for replica, lagging in list(self.lagging.items()):
             run = lagging.kinds.get(kind)
             if run is not None and run.met(timeout):

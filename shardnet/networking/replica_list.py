@@ -581,7 +581,7 @@ class ReplicaList:
         running = connection.running  # the channel's: a close waits for it
         running.count += 1
         cut = False
-        loop = asyncio.get_running_loop()
+        loop = connection.loop or asyncio.get_running_loop()  # the running one: check_loop saw to it
         sent_at = loop.time()
         try:
             call = getattr(connection.stubs, method)(payload, metadata=metadata, timeout=timeout)
@@ -654,10 +654,9 @@ class ReplicaList:
             )
         balancer.finished(connection, token)
         connection.failures = 0
-        outliers = self._outliers
-        outliers.note_answer(connection, method, metadata, loop.time(), sent_at)
-        if outliers.lagging:  # some replica misses callers' short deadlines: does this answer make it the outlier?
-            outliers.answered(connection, method, metadata, timeout, sent_at)
+        # noted for a later timeout's judgement; while some replica misses callers' short deadlines, does this
+        # answer make it the outlier?
+        self._outliers.answered(connection, method, metadata, timeout, sent_at, loop.time())
         return response, trailing
 
     async def close(self) -> None:
