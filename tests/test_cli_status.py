@@ -7,6 +7,7 @@ the head started, or an address nothing listens on (as ``--connection`` to a por
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -191,3 +192,67 @@ async def test_status_at_a_health_port_says_so_and_exits_1(runtimes, capsys):
     assert code == 1, printed
     assert "only health checks answer here: a --health-port? ask its --port" in printed, printed
     assert "not a shardnet server" not in printed, printed
+
+
+async def test_json_says_each_replica_its_shard_marks_and_the_verdict_as_the_lines_do(runtimes, capsys, dead_address):
+    """``--json`` prints one object a monitor reads without parsing lines: the same facts, the same exit code."""
+    a, b = await workers(runtimes, 2)
+    head = await runtimes(Head("json", connections={0: [a.server.address, dead_address], 1: [b.server.address]}))
+    code, printed = await status(capsys, head.server.address, "--json")
+    facts = json.loads(printed)
+    assert code == DEGRADED and facts["exit_code"] == DEGRADED and facts["state"] == "degraded", printed
+    assert facts["target"] == head.server.address and facts["health"] == "SERVING" and facts["ready"] == "SERVING"
+    assert facts["endpoints"] == sorted(facts["endpoints"]) and "/tag" in facts["endpoints"], printed
+    replicas = {(r["shard"], r["address"]): r for r in facts["replicas"]}
+    assert set(replicas) == {(0, a.server.address), (0, dead_address), (1, b.server.address)}, printed
+    assert replicas[0, a.server.address]["down"] is None and not replicas[0, a.server.address]["ejected"]
+    assert re.match(r"unreachable: .*connection refused", replicas[0, dead_address]["down"], re.I), printed
+    health = facts["replica_health"]
+    assert (health["checked"], health["down"], health["unchecked"], health["shards_down"]) == (3, 1, 0, []), printed
+    assert facts["empty_shards"] == [] and facts["hops"] == [] and facts["discovery"] is None, printed
+    lines_code, lines = await status(capsys, head.server.address)
+    assert lines_code == code and "replica health: 1 of 3 replicas down" in lines, lines
+
+
+async def test_json_names_a_shard_none_serves_and_a_hop_down(runtimes, capsys):
+    head, before, _, after = await hopping_head(runtimes, "json-hops")
+    await after.stop(0)
+    code, printed = await status(capsys, head.server.address, "--json")
+    facts = json.loads(printed)
+    assert code == 1 and facts["state"] == "unhealthy", printed
+    hops = {hop["role"]: hop for hop in facts["hops"]}
+    assert hops["uses_before"]["address"] == before.server.address and hops["uses_before"]["down"] is None, printed
+    assert hops["uses_after"]["down"].startswith("unreachable: "), printed
+    assert facts["replica_health"]["hops_down"] == ["uses_after"], printed
+
+
+async def test_json_of_a_server_it_cannot_reach_says_so_and_exits_2(capsys, dead_address):
+    """A monitor reading stdout gets an object there too; the one-line error still goes to stderr."""
+    capsys.readouterr()
+    code = await asyncio.to_thread(cli_main, ["status", dead_address, "--json", "--timeout", "3"])
+    out, err = capsys.readouterr()
+    facts = json.loads(out)
+    assert code == 2 and facts["exit_code"] == 2 and facts["state"] == "unreachable", out
+    assert dead_address in facts["error"] and dead_address in err, (out, err)
+
+
+async def test_json_of_a_worker_lists_no_replicas_and_no_check(runtimes, capsys):
+    worker = await runtimes(Worker(executors.Tagger.create({})))
+    code, printed = await status(capsys, worker.server.address, "--json")
+    facts = json.loads(printed)
+    assert code == 0 and facts["state"] == "ok", printed
+    assert facts["replicas"] == [] and facts["replica_health"] is None and facts["retries"] == {}, printed
+
+
+def test_json_keeps_what_a_server_said_inert_for_the_terminal():
+    """As the lines are shown through ``printable``, a cause a server wrote (an escape sequence, a newline) reaches
+    the terminal escaped in the JSON object, never as the control characters themselves."""
+    from shardnet.cli.status import _Report
+
+    report = _Report("127.0.0.1:1")
+    report.say("health unknown", health_error="\x1b[2Jcleared\nshardnet: all replicas OK\u202e")
+    shown = report.shown(as_json=True)
+    assert shown.isascii() and "\x1b" not in shown, shown
+    said = [line for line in shown.splitlines() if "all replicas OK" in line]  # the server's newline stays escaped
+    assert len(said) == 1 and said[0].lstrip().startswith('"health_error"'), shown
+    assert json.loads(shown)["health_error"] == "\x1b[2Jcleared\nshardnet: all replicas OK\u202e"

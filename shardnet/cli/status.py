@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import re
 import urllib.parse
 from typing import Any, Optional, Sequence, Union
@@ -46,14 +47,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "answer within 1 s is named as not answering, so give 2 s or more to hear of a hung one (with less, it is "
         "not checked: incomplete, exit 3) (default: %(default)g)",
     )
+    parser.add_argument(
+        "--json", action="store_true",
+        help="print what was found as one JSON object instead of lines (the exit code is the same), for scripts "
+        "and monitors; one that cannot reach the server prints {..., \"state\": \"unreachable\"} too",
+    )
     add_client_tls_arguments(parser)
     parser.set_defaults(handler=run)
 
 
-def _show(line: str) -> None:
-    """Print ``line`` of the status: what the server said in it (endpoints, addresses, causes) is shown, never
-    obeyed by the terminal (``printable``)."""
-    print(printable(line))
+class _Report:
+    """What the check found, as the lines a person reads and as the same facts for a program (``--json``): each
+    fact is noted where its line is said, so that the two cannot tell different stories."""
+
+    def __init__(self, target: str):
+        self.lines: list[str] = []
+        self.facts: dict[str, Any] = {"target": target}
+
+    def say(self, line: str, **facts: Any) -> None:
+        self.lines.append(line)
+        self.facts.update(facts)
+
+    def replica(self, kind: str, line: str, **fact: Any) -> None:
+        """A line of the replica listing, and its fact appended to the list ``kind`` (replicas, hops)."""
+        self.lines.append(line)
+        self.facts.setdefault(kind, []).append(fact)
+
+    def shown(self, as_json: bool) -> str:
+        """The report as printed: lines (what a server said in them shown, never obeyed by the terminal:
+        ``printable``), or one JSON object (ASCII, escaped as JSON escapes it: inert too)."""
+        if as_json:
+            return json.dumps(self.facts, indent=2, sort_keys=True)
+        return "\n".join(printable(line) for line in self.lines)
 
 
 async def _ask(
@@ -68,6 +93,28 @@ async def _ask(
 
 
 async def status(args: argparse.Namespace) -> int:
+    report = _Report(args.target)
+    try:
+        code = await _check(args, report)
+    except ReplicaError as exc:  # the server could not be reached (exit 2), or refused STATUS with an error answer
+        report.facts.update(state="unreachable" if not report.lines else "failed", error=str(exc),
+                            exit_code=2)
+        raise
+    else:
+        report.facts.update(state=_STATES[code], exit_code=code)
+        return code
+    finally:
+        if report.lines or args.json:
+            print(report.shown(args.json))
+
+
+# what each exit code of a check that got answers says, as --json's "state"
+_STATES = {0: "ok", 1: "unhealthy", DEGRADED: "degraded"}
+
+
+async def _check(args: argparse.Namespace, report: _Report) -> int:
+    """Ask the target, note what it said in ``report``, and return the exit code it earns (raising
+    ReplicaError when it cannot be reached)."""
     # asked all at once, so that --timeout bounds the whole check: a head asks its workers for its endpoints and
     # checks its replicas within the caller's time, and a hung one would otherwise take it twice
     tls = client_tls(args)
@@ -77,77 +124,92 @@ async def status(args: argparse.Namespace) -> int:
         _ask(args, tls, "discovery", empty_pb2.Empty()),
         _ask(args, tls, "control", ControlRequest("STATUS"), ((services.CHECK_REPLICAS_METADATA, "1"),)),
     )
+    target = args.target
     if isinstance(health, ReplicaError):
         if health.code == grpc.StatusCode.DEADLINE_EXCEEDED:  # nothing answered at all: exit 2, saying how long
             raise health.noted(f" (no answer to a health check within --timeout {args.timeout:g}s)") from None
         if health.cause.lower().startswith(NOT_CONNECTED):
             raise health  # nothing answered at all: exit 2
-        _show(f"{args.target}: health unknown ({health.cause})")  # it answered, but no health check (exit 1)
+        # it answered, but no health check (exit 1)
+        report.say(f"{target}: health unknown ({health.cause})", health=None, health_error=health.cause)
         healthy = False
     elif isinstance(health, MalformedReplyError):
-        _show(f"{args.target}: health unknown ({health.cause})")
+        report.say(f"{target}: health unknown ({health.cause})", health=None, health_error=health.cause)
         healthy = False
     else:
-        _show(f"{args.target}: {health_pb2.HealthCheckResponse.ServingStatus.Name(health[0].status)}")
+        serving = health_pb2.HealthCheckResponse.ServingStatus.Name(health[0].status)
+        report.say(f"{target}: {serving}", health=serving)
         healthy = health[0].status == health_pb2.HealthCheckResponse.SERVING
     # shardnet servers also answer readiness (a head fed by discovery: once it has listed a worker of every shard)
     if isinstance(ready, Exception):  # a Jina server has no such service
-        _show(f"ready: unknown ({ready.cause})")
+        report.say(f"ready: unknown ({ready.cause})", ready=None, ready_error=ready.cause)
     else:
-        _show(f"ready: {health_pb2.HealthCheckResponse.ServingStatus.Name(ready[0].status)}")
+        serving = health_pb2.HealthCheckResponse.ServingStatus.Name(ready[0].status)
+        report.say(f"ready: {serving}", ready=serving)
         healthy = healthy and ready[0].status == health_pb2.HealthCheckResponse.SERVING
     # a head asks its workers: a hung one fails this, and the replica list below still says who is there
     if isinstance(endpoints, Exception):
-        _show(f"endpoints: unknown ({endpoints.cause})")
+        report.say(f"endpoints: unknown ({endpoints.cause})", endpoints=None, endpoints_error=endpoints.cause)
         healthy = False
     else:
-        _show(f"endpoints: {shown_endpoints(endpoints[0].endpoints) or '(none)'}")
+        listed = shown_endpoints(endpoints[0].endpoints)
+        report.say(f"endpoints: {listed or '(none)'}", endpoints=listed.split(", ") if listed else [])
     if isinstance(control, Exception):  # not send_control: the trailing metadata says what is ejected and down
         # a Jina 3.34 server has no control service: no shardnet head
         if getattr(control, "code", None) == grpc.StatusCode.UNIMPLEMENTED:
             if getattr(endpoints, "code", None) == grpc.StatusCode.UNIMPLEMENTED and not isinstance(health, Exception):
                 # health checks answered and nothing else: a server's plaintext --health-port, not its --port
-                _show("replicas: none listed (only health checks answer here: a --health-port? ask its --port)")
+                report.say("replicas: none listed (only health checks answer here: a --health-port? ask its --port)",
+                           replicas=None, replicas_error="only health checks answer here")
                 return 1
-            _show(f"replicas: none listed ({control.cause}: not a shardnet server)")
+            report.say(f"replicas: none listed ({control.cause}: not a shardnet server)", replicas=None,
+                       replicas_error=f"{control.cause}: not a shardnet server")
             return 0 if healthy else 1
-        _show(f"replicas: unknown ({control.cause})")  # a draining server refuses it: said, as the rest is
+        # a draining server refuses it: said, as the rest is
+        report.say(f"replicas: unknown ({control.cause})", replicas=None, replicas_error=control.cause)
         return 1
     control, trailing = control
     if control.is_error:
-        raise ReplicaError(shown_details(control.status.description), address=args.target)
+        raise ReplicaError(shown_details(control.status.description), address=target)
     notes = _replica_notes(trailing)
     hops = notes["hops"] or notes["empty_hops"] or notes["hops_unlisted"]
+    report.facts.update(replicas=[], hops=[])
     if control.related_entities or notes["empty_ranges"] or notes["empty_unlisted"] or hops:
-        _show("replicas:")
+        report.say("replicas:")
     for entity in control.related_entities:
         address = entity_address(entity.address, entity.port)
-        _show(f"  shard {entity.shard_id}: {_marked(notes, entity.shard_id, address)}")
+        report.replica("replicas", f"  shard {entity.shard_id}: {_marked(notes, entity.shard_id, address)}",
+                       shard=entity.shard_id, **_marks(notes, entity.shard_id, address))
+    report.facts.update(empty_shards=notes["empty"], empty_shards_unlisted=notes["empty_unlisted"],
+                        ejected_unlisted=notes["unlisted"], empty_hops=notes["empty_hops"],
+                        hops_unlisted=notes["hops_unlisted"])
     for shard_id in notes["empty"]:
-        _show(f"  shard {shard_id}: no replica")
+        report.say(f"  shard {shard_id}: no replica")
     if notes["empty_ranges"] and not notes["empty"]:  # too many to name one by one: as the head gave them
-        _show(f"  shards {notes['empty_ranges']}: no replica")
+        report.say(f"  shards {notes['empty_ranges']}: no replica", empty_shard_ranges=notes["empty_ranges"])
     if notes["empty_unlisted"]:
-        _show(f"  ... and {notes['empty_unlisted']} more shards with no replica, not named")
+        report.say(f"  ... and {notes['empty_unlisted']} more shards with no replica, not named")
     if notes["unlisted"]:
-        _show(f"  ... and {notes['unlisted']} more ejected replicas, not named")
+        report.say(f"  ... and {notes['unlisted']} more ejected replicas, not named")
     for role, address in notes["hops"]:  # a head's uses_before and uses_after (one of an earlier version: none)
-        _show(f"  {role}: {_marked(notes, role, address)}")
+        report.replica("hops", f"  {role}: {_marked(notes, role, address)}", role=role, **_marks(notes, role, address))
     for role in notes["empty_hops"]:
-        _show(f"  {role}: no replica")
+        report.say(f"  {role}: no replica")
     if notes["hops_unlisted"]:
-        _show(f"  ... and {notes['hops_unlisted']} more replicas of {USES_BEFORE} or {USES_AFTER}, not named")
+        report.say(f"  ... and {notes['hops_unlisted']} more replicas of {USES_BEFORE} or {USES_AFTER}, not named")
     if notes["empty_ranges"] or notes["empty_unlisted"] or notes["empty_hops"]:
         healthy = False  # a request to ALL fails naming the shard, and one to it goes nowhere; every one, a hop
-    degraded = _say_replica_health(notes, listed=bool(control.related_entities or notes["hops"]))
+    degraded = _say_replica_health(report, notes, listed=bool(control.related_entities or notes["hops"]))
     if notes["shards_down_ranges"] or notes["shards_down_unlisted"] or notes["hops_down"]:
         healthy = False  # as a shard or a hop with no replica: every request to it, or through it, fails
+    report.facts["discovery"] = notes["discovery"] or None
     if notes["discovery"]:  # a Kubernetes head whose view of its workers may be stale: all else is as it sees it
-        _show(f"discovery: {notes['discovery']}")
+        report.say(f"discovery: {notes['discovery']}")
         degraded = True
     budget = {key: value for key, value in trailing or () if key in _BUDGET_KEYS}
+    report.facts["retries"] = {key: budget[key] for key in _BUDGET_KEYS if key in budget}
     if budget:
-        _show("retries: " + ", ".join(f"{key} {budget[key]}" for key in _BUDGET_KEYS if key in budget))
+        report.say("retries: " + ", ".join(f"{key} {value}" for key, value in report.facts["retries"].items()))
     return 1 if not healthy else DEGRADED if degraded else 0
 
 
@@ -160,30 +222,44 @@ def _marked(notes: dict, where: Union[int, str], address: str) -> str:
     return address + (f" ({'; '.join(marks)})" if marks else "")
 
 
-def _say_replica_health(notes: dict, listed: bool) -> bool:
-    """Print what the head's check of its replicas found (the shards and hops none serves, the replicas down it
+def _marks(notes: dict, where: Union[int, str], address: str) -> dict[str, Any]:
+    """``_marked``'s facts for --json: the address, whether it is ejected, and why it is down (None: it is not
+    known to be)."""
+    return {"address": address, "ejected": (where, address) in notes["ejected"],
+            "down": notes["down"].get((where, address))}
+
+
+def _say_replica_health(report: _Report, notes: dict, listed: bool) -> bool:
+    """Say what the head's check of its replicas found (the shards and hops none serves, the replicas down it
     could not name, then a summary line); True when some replica is down or was not checked in time (not all is
     known well)."""
     checked = notes["checked"]
     if checked is None:
+        report.facts["replica_health"] = None
         if listed:  # a worker lists none; a head of another version, or Jina's, does not check them
-            _show("replica health: not checked (the head does not report it)")
+            report.say("replica health: not checked (the head does not report it)")
         return False
-    for shard_id in notes["shards_down"]:
-        _show(f"  shard {shard_id}: no serving replica")
-    if notes["shards_down_ranges"] and not notes["shards_down"]:
-        _show(f"  shards {notes['shards_down_ranges']}: no serving replica")
-    for role in notes["hops_down"]:
-        _show(f"  {role}: no serving replica")
-    if notes["shards_down_unlisted"]:
-        _show(f"  ... and {notes['shards_down_unlisted']} more shards with no serving replica, not named")
-    if notes["down_unlisted"]:
-        _show(f"  ... and {notes['down_unlisted']} more replicas down, not named")
     down, unchecked = len(notes["down"]) + notes["down_unlisted"], notes["unchecked"]
+    report.facts["replica_health"] = {
+        "checked": checked, "down": down, "unchecked": unchecked,
+        "age_seconds": None if notes["age"] is None else float(notes["age"]),
+        "shards_down": notes["shards_down"], "shards_down_ranges": notes["shards_down_ranges"],
+        "shards_down_unlisted": notes["shards_down_unlisted"], "hops_down": notes["hops_down"],
+    }
+    for shard_id in notes["shards_down"]:
+        report.say(f"  shard {shard_id}: no serving replica")
+    if notes["shards_down_ranges"] and not notes["shards_down"]:
+        report.say(f"  shards {notes['shards_down_ranges']}: no serving replica")
+    for role in notes["hops_down"]:
+        report.say(f"  {role}: no serving replica")
+    if notes["shards_down_unlisted"]:
+        report.say(f"  ... and {notes['shards_down_unlisted']} more shards with no serving replica, not named")
+    if notes["down_unlisted"]:
+        report.say(f"  ... and {notes['down_unlisted']} more replicas down, not named")
     age = "" if notes["age"] is None else f" (as checked {notes['age']}s ago)"
     if not down and not unchecked:
-        if checked:
-            _show(f"replica health: all {checked} listed replicas serving{age}")  # an empty shard is said above
+        if checked:  # an empty shard is said above
+            report.say(f"replica health: all {checked} listed replicas serving{age}")
         return False
     where = "every shard has a serving one (degraded)"
     if unchecked:  # neither serving nor down: a shard whose replicas were not all checked may have none serving
@@ -199,7 +275,7 @@ def _say_replica_health(notes: dict, listed: bool) -> bool:
         where = f"{' and '.join(named)} {'have' if several else 'has'} none serving" + (
             f", {unchecked} not checked within the time" if unchecked else ""
         )
-    _show(f"replica health: {down} of {checked + unchecked} replicas down, {where}{age}")
+    report.say(f"replica health: {down} of {checked + unchecked} replicas down, {where}{age}")
     return True
 
 
