@@ -368,8 +368,9 @@ class Deployment:
         # _holding_launch_lock); one lock for every run, so that a stop() finishing the last run (removing its
         # folders) and a start() making the next one (_prepare_run) cannot interleave
         self._launching = threading.RLock()
-        # the processes a restart_worker() or restart_head() is restarting (their roles), under _restart_claims: a
-        # second restart of one of them meanwhile failed with "still running: stop it before launching it again"
+        # the processes a restart_worker() or restart_head() is restarting, or revive() launching again (their
+        # roles), under _restart_claims: a second restart of one of them meanwhile failed with "still running: stop
+        # it before launching it again", and a revive() took a restart's stop for an exit and launched it too
         self._restarting: set[str] = set()
         self._restart_claims = threading.Lock()
         self._launch_lock_depth = 0  # how many times the thread holding _launching took it: 2 in a signal handler
@@ -694,16 +695,42 @@ class Deployment:
 
     @contextlib.contextmanager
     def _restarted(self, process: ShardnetProcess) -> Iterator[None]:
-        """Claim ``process`` for one restart at a time: another call restarting it meanwhile is refused by name."""
+        """Claim ``process`` for one restart at a time: another call restarting it meanwhile, or a revive()
+        starting it again after an exit, is refused by name; a revive() leaves it to this restart (its stop is no
+        exit to start it again from)."""
         with self._restart_claims:
             if process.role in self._restarting:
                 raise ProcessError(f"{process.role} is being restarted by another call: wait for it to return")
             self._restarting.add(process.role)
+        self._starting.discard(process)  # a start of revive()'s under way: this restart's now
         try:
             yield
         finally:
             with self._restart_claims:
                 self._restarting.discard(process.role)
+
+    def _exited_by_itself(self, process: ShardnetProcess) -> bool:
+        """Whether ``process`` is down and no restart claims it: one a restart stopped did not exit (asked under
+        the claims' lock, which a restart takes before it stops anything)."""
+        with self._restart_claims:
+            return process.role not in self._restarting and not process.alive
+
+    @contextlib.contextmanager
+    def _revive_claim(self, process: ShardnetProcess) -> Iterator[bool]:
+        """Claim ``process``, down and not being restarted, for revive() to launch it again; yields whether it
+        did (a restart that comes meanwhile is refused by name, as a second restart is)."""
+        with self._restart_claims:
+            if process.role in self._restarting or process.alive:
+                claimed = False
+            else:
+                self._restarting.add(process.role)
+                claimed = True
+        try:
+            yield claimed
+        finally:
+            if claimed:
+                with self._restart_claims:
+                    self._restarting.discard(process.role)
 
     def _wait_listed(self, key: tuple[int, int], process: ShardnetProcess) -> None:
         """Block until the head lists the worker ``key`` (``process``, ready), within the startup timeout: a
@@ -822,7 +849,7 @@ class Deployment:
         for process in self.processes:
             if self._stopping:  # a stop() in another thread: its exits are no news
                 return revived
-            if process.popen is not None and not process.alive and process.restart_at is None:
+            if process.popen is not None and process.restart_at is None and self._exited_by_itself(process):
                 self._note_exit(process, now)
         head_up = self.head is not None and self.head.alive and self.head not in self._starting
         listed: Optional[set[str]] = None  # the head's members, asked once per look, when a worker is due
@@ -833,7 +860,10 @@ class Deployment:
                 continue
             if is_worker and listed is None:
                 listed = self._listed_members()
-            self._relaunch(process, listed if is_worker else None)
+            with self._revive_claim(process) as claimed:
+                if not claimed:  # a restart_worker() or restart_head() of another thread has it
+                    continue
+                self._relaunch(process, listed if is_worker else None)
             head_up = head_up or process is self.head
         deadline = time.monotonic() + self.startup_timeout
         while wait and any(process.alive for process in self._starting) and time.monotonic() < deadline:
