@@ -586,6 +586,26 @@ async def test_410_relists_and_reconciles(api_server: FakeApiServer, start_pool,
     await eventually(lambda: "10.0.0.5:8080" in replicas(pool))
 
 
+async def test_watches_dropped_again_and_again_are_said_once_and_followed(api_server, start_pool, caplog) -> None:
+    """A proxy resetting the watch streams every few seconds: each reset was an INFO line of its own, for ever (a
+    Kubernetes pause review: 35,000 a day at one in 5 s); the resumes themselves stay quiet and correct."""
+    api_server.apply("pods", pod("w0", ip="10.0.0.1"))
+    pool = await start_pool(sources=("pods",))
+    caplog.set_level(logging.DEBUG, logger="shardnet.discovery.watch")
+    for index in range(1, 5):
+        await eventually(lambda: api_server.open_streams("pods") == 1)
+        api_server.apply("pods", pod(f"w{index}", ip=f"10.0.0.{index + 1}"))  # a line on the stream: no "at once"
+        await eventually(lambda: f"10.0.0.{index + 1}:8080" in replicas(pool))
+        api_server.drop_streams()
+        await eventually(lambda: sum("watch stream dropped" in r.getMessage() for r in caplog.records) == index)
+    said = [r for r in caplog.records if "watch stream dropped" in r.getMessage()]
+    assert [r.levelno for r in said] == [logging.INFO] + [logging.DEBUG] * 3, [r.getMessage() for r in said]
+    assert "said again at most every 300s" in said[0].getMessage()
+    api_server.apply("pods", pod("w9", ip="10.0.0.9"))
+    await eventually(lambda: "10.0.0.9:8080" in replicas(pool))
+    assert len(api_server.list_requests("pods")) == 1  # resumed each time, never listed again
+
+
 async def test_a_relist_that_drops_thousands_of_pods_lets_each_removal_start_before_the_next(
     api_server, start_pool
 ) -> None:
@@ -2279,7 +2299,9 @@ async def test_a_pod_restarted_in_place_is_health_checked_once_ready_again_not_a
 
 class _LedgerPool(GrpcConnectionPool):
     namespace = "ns"
-    failing_sources = ()
+
+    def failing_sources(self) -> set[str]:
+        return set()
 
 
 async def test_a_pod_ready_again_of_a_shard_no_replica_list_can_have_is_ignored_not_raised():

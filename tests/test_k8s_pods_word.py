@@ -60,6 +60,32 @@ async def test_while_the_pods_fail_a_new_pod_at_a_reused_ip_is_routed_from_its_s
     assert "10.0.0.1:9000" in replicas(pool, shard_id=int(new_shard))
 
 
+async def test_while_the_pods_fail_a_lagging_slice_keeps_a_reused_ip_in_no_shard_and_lets_it_go_to_its_new_one(
+    api_server, start_pool
+):
+    """A deleted pod's IP reused by a pod of shard 1 while the pods fail and shard 0's slice lags: the pods' stale
+    word on the deleted pod outvoted shard 1's slice, so shard 0's requests went to a shard-1 worker, and once the
+    lag ended shard 1 never got it (a Kubernetes pause review). Now contested, it is neither shard's meanwhile."""
+    w0 = api_server.apply("pods", pod("w0", ip="10.0.0.1", port=9000))
+    w0b = api_server.apply("pods", pod("w0b", ip="10.0.0.2", port=9000))
+    api_server.apply("endpointslices", _slice("s0", "0", [w0, w0b]))
+    api_server.apply("endpointslices", _slice("s1", "1", []))
+    pool = await start_pool()
+    api_server.forbidden = {"pods"}
+    api_server.drop_streams()
+    await _until(lambda: pool.failing_sources() == {"pods"})
+    api_server.delete("pods", "w0")
+    new = api_server.apply("pods", pod("w-new", shard_id="1", ip="10.0.0.1", port=9000))
+    api_server.apply("endpointslices", _slice("s1", "1", [new]))  # s0 still lists 10.0.0.1: it lags
+    # the slices' sentinel (the pods' fails): every slice event before it has been handled
+    api_server.apply("endpointslices", endpoint_slice("s9", "dep-9", [("10.0.0.9", True, None)], shard="9", port=9000))
+    await _until(lambda: replicas(pool, shard_id=9) == {"10.0.0.9:9000"})
+    assert replicas(pool) == {"10.0.0.2:9000"}, replicas(pool)  # no shard-0 request to the shard-1 worker
+    api_server.apply("endpointslices", _slice("s0", "0", [w0b]))  # the slice controller catches up
+    await _until(lambda: replicas(pool, shard_id=1) == {"10.0.0.1:9000"})
+    assert replicas(pool) == {"10.0.0.2:9000"}
+
+
 async def test_a_veto_does_not_bring_back_what_the_ledger_let_go_as_stale(api_server, start_pool):
     """The slices failing, a not-ready pod's hold by them was dropped as stale; a veto on another endpoint of the
     same slice recorded the slice's whole contribution again, and the not-ready pod came back."""

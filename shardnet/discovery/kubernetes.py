@@ -408,6 +408,9 @@ class _Ledger:
         again when said again. No word of the claim's own is another object's: what ``record`` held until now,
         nor its source's previous listing during a relist (``unconfirmed``, as ``_drop_contradicted`` takes it)."""
         source = record[0]
+        # a failing source's hold is no word on what an address is now (_drop_stale_holds): it outvotes nothing, or a
+        # reused IP stays routed as the shard its deleted pod served, and the claim outvoted never comes back
+        stale = self._pool.failing_sources() - {source}
         outvoted = set()
         for claim in claims:
             if self._holders.get(claim):
@@ -416,6 +419,7 @@ class _Ledger:
                 sources = {
                     src for src, key in self._holding(rival)
                     if (src, key) != record and not (src == source and rival in unconfirmed.get(key, NOTHING))
+                    and src not in stale
                 }
                 if _owner(rival) == _owner(claim) and source in sources and len(sources) > 1:
                     logger.warning(

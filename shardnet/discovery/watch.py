@@ -245,12 +245,13 @@ class RepeatedWarnings:
         self._said: Optional[str] = None
         self._said_at = 0.0
 
-    def level(self, failure: str) -> int:
+    def level(self, failure: str, loud: int = logging.WARNING) -> int:
+        """``loud`` for a new failure or one said long enough ago, else DEBUG."""
         now = time.monotonic()
         if failure == self._said and now - self._said_at < REPEAT_WARNING_SECONDS:
             return logging.DEBUG
         self._said, self._said_at = failure, now
-        return logging.WARNING
+        return loud
 
 
 def _watch_again(error: BaseException) -> bool:
@@ -306,6 +307,9 @@ class ListWatch:
         self._failed_in_a_row = 0  # watches that failed since one last answered
         self._opened_at: Optional[float] = None  # when the latest watch's stream opened (None: it did not)
         self._repeats = RepeatedWarnings()  # of its watch failures
+        # of its watches dropped or silent, which it resumes: a proxy resetting streams every few seconds said so
+        # at INFO each time (35,000 lines a day at one in 5 s; a Kubernetes pause review)
+        self._resumes = RepeatedWarnings()
         self.last_failure: Optional[str] = None  # the latest failed list or watch, as text
 
     async def run(self) -> None:
@@ -485,19 +489,23 @@ class ListWatch:
                 try:
                     line = await response.content.readline()
                 except asyncio.TimeoutError:
-                    logger.info(
-                        "%s: watch silent for %.1fs; resuming from %s",
+                    logger.log(
+                        self._resumes.level("silent", logging.INFO),
+                        "%s: watch silent for %.1fs; resuming from %s (said again at most every %gs)",
                         self.name,
                         options.read_timeout,
                         self.resource_version,
+                        REPEAT_WARNING_SECONDS,
                     )
                     return
                 except aiohttp.ClientError as error:
                     if not received and asyncio.get_running_loop().time() - opened < VERY_SHORT_WATCH:
                         # dropped as soon as opened: back off rather than spin against a sick server
                         raise Dropped(f"watch stream dropped at once: {error}") from error
-                    logger.info(
-                        "%s: watch stream dropped (%s); resuming from %s", self.name, error, self.resource_version
+                    logger.log(
+                        self._resumes.level("dropped", logging.INFO),
+                        "%s: watch stream dropped (%s); resuming from %s (said again at most every %gs)", self.name,
+                        error, self.resource_version, REPEAT_WARNING_SECONDS,
                     )
                     return
                 if not line:  # the server ended the stream (its timeoutSeconds): resume
