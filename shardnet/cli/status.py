@@ -214,19 +214,21 @@ async def _check(args: argparse.Namespace, report: _Report) -> int:
 
 
 def _marked(notes: dict, where: Union[int, str], address: str) -> str:
-    """A replica's address with what the head said of it (ejected, down and why); ``where``: its shard id, or the
-    role of the hop it serves."""
-    marks = ["ejected: failing, probed until healthy"] if (where, address) in notes["ejected"] else []
+    """A replica's address with what the head said of it (ejected or draining, down and why); ``where``: its shard
+    id, or the role of the hop it serves."""
+    marks = ["ejected: failing, probed until healthy"] if (where, address) in notes["ejected"] else (
+        ["draining: not picked until it serves again"] if (where, address) in notes["draining"] else []
+    )
     if (where, address) in notes["down"]:
         marks.append(f"down: {notes['down'][where, address]}")
     return address + (f" ({'; '.join(marks)})" if marks else "")
 
 
 def _marks(notes: dict, where: Union[int, str], address: str) -> dict[str, Any]:
-    """``_marked``'s facts for --json: the address, whether it is ejected, and why it is down (None: it is not
-    known to be)."""
+    """``_marked``'s facts for --json: the address, whether it is ejected (failing) or draining (set aside as it
+    drains), and why it is down (None: it is not known to be)."""
     return {"address": address, "ejected": (where, address) in notes["ejected"],
-            "down": notes["down"].get((where, address))}
+            "draining": (where, address) in notes["draining"], "down": notes["down"].get((where, address))}
 
 
 def _say_replica_health(report: _Report, notes: dict, listed: bool) -> bool:
@@ -293,8 +295,8 @@ def _replica_notes(trailing) -> dict:
     how many replicas it did not reach in time, and its age when the head reused it; a Kubernetes head's discovery
     problem. A worker, or a Jina head,
     says none of it (nor a head of an earlier version of the hops); a value that does not read is skipped."""
-    notes = {"ejected": set(), "empty": [], "unlisted": 0, "empty_unlisted": 0, "empty_ranges": "", "checked": None,
-             "down": {}, "down_unlisted": 0, "shards_down": [], "shards_down_ranges": "", "shards_down_unlisted": 0,
+    notes = {"ejected": set(), "draining": set(), "empty": [], "unlisted": 0, "empty_unlisted": 0, "empty_ranges": "",
+             "checked": None, "down": {}, "down_unlisted": 0, "shards_down": [], "shards_down_ranges": "", "shards_down_unlisted": 0,
              "unchecked": 0, "age": None, "hops": [], "hops_unlisted": 0, "empty_hops": [], "hops_down": [],
              "discovery": ""}
     counts = {
@@ -305,19 +307,19 @@ def _replica_notes(trailing) -> dict:
     }
     for key, value in trailing or ():
         if key == services.EJECTED_METADATA:
-            shard, _, address = value.partition(" ")
-            if shard.isdigit() and address:
-                notes["ejected"].add((int(shard), urllib.parse.unquote(address)))
+            shard, address, mark = (value.split(" ", 2) + ["", ""])[:3]
+            if shard.isdigit() and address and mark in ("", "draining"):
+                notes["draining" if mark else "ejected"].add((int(shard), urllib.parse.unquote(address)))
         elif key == services.REPLICA_DOWN_METADATA:
             shard, address, cause = (value.split(" ", 2) + ["", ""])[:3]
             if shard.isdigit() and address and cause:
                 notes["down"][int(shard), urllib.parse.unquote(address)] = urllib.parse.unquote(cause)
         elif key == services.HOP_METADATA:
             role, address, mark = (value.split(" ", 2) + ["", ""])[:3]
-            if role in _HOP_ROLES and address and mark in ("", "ejected"):
+            if role in _HOP_ROLES and address and mark in ("", "ejected", "draining"):
                 notes["hops"].append((role, urllib.parse.unquote(address)))
                 if mark:
-                    notes["ejected"].add(notes["hops"][-1])
+                    notes[mark].add(notes["hops"][-1])
         elif key == services.HOP_DOWN_METADATA:
             role, address, cause = (value.split(" ", 2) + ["", ""])[:3]
             if role in _HOP_ROLES and address and cause:

@@ -142,6 +142,9 @@ class ReplicaList:
         self._emptied: Optional[Address] = None
         self._said_empty = False
         self._stall_said_at = float("-inf")  # time.monotonic() of the last line saying this process stalled
+        # for the metrics (read at scrape time): ejections so far, and failed calls held against no replica
+        self.ejections = 0
+        self.unblamed = {"stalled": 0, "queued": 0}
 
     # -- membership --------------------------------------------------------
 
@@ -265,6 +268,19 @@ class ReplicaList:
         """The replicas ejected for repeated failures, not picked until a health probe lets them back in."""
         connections = self._connections.values()
         return [str(connection.address) for connection in connections if connection not in self._position]
+
+    @property
+    def held_by_removed(self) -> int:
+        """Calls still under way on replicas removed from the list (a lapsed lease under --at-most-once, a
+        DEACTIVATE's grace): they wait for those replicas, their deadline or keepalive."""
+        return sum(connection.running.count for connection in self._leaving.values())
+
+    @property
+    def draining_addresses(self) -> list[str]:
+        """Those of ``ejected_addresses`` set aside as they drain (their own refusal or health said so): no failure
+        of theirs, checked every second until they serve again."""
+        connections = self._connections.values()
+        return [str(c.address) for c in connections if c not in self._position and c.draining]
 
     def __len__(self) -> int:
         return len(self._connections)
@@ -443,6 +459,7 @@ class ReplicaList:
         if time.monotonic() - connection.admitted_at >= self._ejection.max_ejection:
             connection.times_ejected = 0  # healthy for as long as the longest ejection: an old blip is forgotten
         connection.times_ejected += 1
+        self.ejections += 1
         delay = self._start_probe(connection)
         run = connection.recent_failures
         if len(run) == 1:  # EjectionPolicy(consecutive_failures=1): no run to count
@@ -603,6 +620,8 @@ class ReplicaList:
             # the caller's deadline or the pool's attempt timeout alike (an attempt timeout still fails it over)
             queued = timed_out and self._outliers.answered_since(connection, method, metadata, sent_at)
             blamed = not (stalled or queued or (callers and self._too_short(timeout)))
+            if stalled or queued:
+                self.unblamed["stalled" if stalled else "queued"] += 1
             if blamed:
                 balancer.finished(connection, token, failed=code not in CALLERS_FAULT)
             else:

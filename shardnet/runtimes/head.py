@@ -485,6 +485,7 @@ class Head:
         self.server.ready_at_start = self._discovery_synced is None
         self._readiness: Optional[asyncio.Task] = None
         self.requests_resent = 0  # ANY requests sent on to another shard, theirs having no worker to take them
+        self.leases_lapsed = 0  # registrations removed as their leases ran out (the metrics')
         self.metrics = None
         if config.metrics_port is not None:
             self._meter()
@@ -1245,7 +1246,11 @@ class Head:
             replicas = self.pool.get_replicas(self.deployment, shard_id=shard_id)
             if not replicas.has_connections():
                 empty.append(shard_id)
-            ejected.extend((shard_id, address) for address in replicas.ejected_addresses)
+            draining = set(replicas.draining_addresses)  # set aside as they drain: said so, not "failing"
+            ejected.extend(
+                (shard_id, address + (" draining" if address in draining else ""))
+                for address in replicas.ejected_addresses
+            )
         pairs = []
         if empty:
             ranges, unlisted = _shard_ranges(empty)
@@ -1254,7 +1259,9 @@ class Head:
                 pairs.append((services.EMPTY_SHARDS_UNLISTED_METADATA, str(unlisted)))
         room, named = EJECTED_ROOM, 0
         for shard_id, address in ejected[:EJECTED_LISTED]:
-            value = f"{shard_id} {_quoted_entity(address)}"  # the address as the related entity names it
+            address, _, mark = address.partition(" ")
+            # the address as the related entity names it; " draining" for one set aside as it drains
+            value = f"{shard_id} {_quoted_entity(address)}" + (f" {mark}" if mark else "")
             room -= len(services.EJECTED_METADATA) + len(value) + 32  # 32: what HPACK counts per entry
             if room < 0:
                 break
@@ -1275,9 +1282,10 @@ class Head:
             if replicas is None or not replicas.has_connections():
                 empty.append(role)
                 continue
-            ejected = set(replicas.ejected_addresses)
+            ejected, draining = set(replicas.ejected_addresses), set(replicas.draining_addresses)
             for address in replicas.addresses:
-                value = f"{role} {_quoted_entity(address)}" + (" ejected" if address in ejected else "")
+                mark = " draining" if address in draining else " ejected" if address in ejected else ""
+                value = f"{role} {_quoted_entity(address)}" + mark
                 room -= _metadata_size([(services.HOP_METADATA, value)])
                 if room < 0:
                     unlisted += 1
@@ -1462,6 +1470,7 @@ class Head:
                 # ACTIVATE renewed it; either way it is not this pass's to remove
                 if not self._registrations.lapse((address, shard_id), now):
                     continue
+                self.leases_lapsed += 1
                 # what it holds is cut to fail over where the shard has another replica to take it; with none, cut
                 # calls would only fail, and a worker that was merely stalled may still answer them
                 # (one whose lease lapses in this pass or the next is no other: a stalled node takes all its replicas)

@@ -52,7 +52,8 @@ MAX_WAITING_COUNTS = 10_000  # requests counted once the question in flight is a
 OK, ERROR, REFUSED, CANCELLED, UNBOUND = "ok", "error", "refused", "cancelled", "unbound"
 
 Handle = Callable[..., Awaitable[bytes]]
-Record = Callable[[str, str, Optional[float]], None]
+Record = Callable[..., None]  # record(endpoint, outcome, seconds, code=None)
+ERROR_ANSWER = "ERROR"  # the ``code`` of a failed request answered ERROR (gRPC OK, ``is-error``), not a gRPC status
 
 
 class RequestMeter:
@@ -68,6 +69,10 @@ class RequestMeter:
         self._requests = Counter(
             f"{prefix}_requests", f"{what} by endpoint and outcome ({outcomes})", [*names, "outcome"], registry=registry,
         )
+        self._failed = Counter(
+            f"{prefix}_requests_failed", f"{what} that failed, by endpoint and gRPC status code ({ERROR_ANSWER}: an "
+            "ERROR answer), cancelled ones apart", [*names, "code"], registry=registry,
+        )
         self._seconds = Histogram(f"{prefix}_{timed}_duration_seconds", f"seconds {what} took, by endpoint", names,
                                   registry=registry)
         dry_runs = Counter(f"{prefix}_dry_runs", f"readiness checks ({DRY_RUN_ENDPOINT} requests), not in the "
@@ -76,8 +81,11 @@ class RequestMeter:
         self._constant = tuple(constant.values())
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
-    def count(self, label: str, outcome: str, seconds: Optional[float] = None) -> None:
-        """One request labelled ``label`` ended with ``outcome`` after ``seconds`` (None: it never ran, not timed)."""
+    def count(self, label: str, outcome: str, seconds: Optional[float] = None, code: Optional[str] = None) -> None:
+        """One request labelled ``label`` ended with ``outcome`` after ``seconds`` (None: it never ran, not timed);
+        a failed one (outcome ``error``) also by its ``code`` (a gRPC status name, or ERROR_ANSWER)."""
+        if outcome == ERROR:
+            self._failed.labels(*self._constant, label, code or ERROR_ANSWER).inc()
         children = self._children.get((label, outcome))
         if children is None:
             values = (*self._constant, label)
@@ -94,11 +102,16 @@ class _Trailers:
     the metrics to read (a stream's context keeps what an earlier request of it set). Only metered requests
     are given one."""
 
-    __slots__ = ("_context", "trailing")
+    __slots__ = ("_context", "trailing", "code")
 
     def __init__(self, context: Any):
         self._context = context
         self.trailing: Any = ()
+        self.code: Optional[str] = None  # the gRPC status the handler aborted with
+
+    async def abort(self, code: Any, details: str = "", *rest: Any) -> Any:
+        self.code = getattr(code, "name", None) or str(code)
+        return await self._context.abort(code, details, *rest)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
@@ -135,7 +148,10 @@ def metered(handle: Handle, meter: RequestMeter, record: Record, endpoint_of: Ca
             if endpoint == DRY_RUN_ENDPOINT:
                 meter.dry_run()
             else:
-                record(endpoint, outcome, time.perf_counter() - started)
+                # an ERROR answer, an abort's status, or else a fault of the handler's own (gRPC says UNKNOWN)
+                code = None if outcome != ERROR else ERROR_ANSWER if context.code is None and _marked_error(
+                    context.trailing) else context.code or "UNKNOWN"
+                record(endpoint, outcome, time.perf_counter() - started, code)
 
     return handle_metered
 
@@ -204,7 +220,7 @@ class HeadMetrics:
         self._listed: set[str] = set()  # the endpoints its workers listed: each a label of its own
         self._learning: Optional[asyncio.Task] = None  # the question to the workers in flight
         self._learnt_at = -LEARN_EVERY_SECONDS  # the loop's time the last one ended
-        self._waiting: list[tuple[str, str, Optional[float]]] = []  # counts held until it is answered
+        self._waiting: list[tuple[str, str, Optional[float], Optional[str]]] = []  # counts held until it is answered
         self._stopped = False  # the listener has closed: no more questions
         self.registry.register(_Collected(self._families))
 
@@ -223,7 +239,7 @@ class HeadMetrics:
                 if endpoint == DRY_RUN_ENDPOINT:
                     self.meter.dry_run()
                 else:
-                    record(endpoint, REFUSED, None)
+                    record(endpoint, REFUSED, None)  # RESOURCE_EXHAUSTED, counted as refused
             return await admit(requests, context)
 
         return admit_metered
@@ -232,7 +248,7 @@ class HeadMetrics:
         """The endpoint's label: itself when the workers listed it, else OTHER (UNREADABLE_LABEL kept)."""
         return endpoint if endpoint in self._listed or endpoint == UNREADABLE_LABEL else OTHER
 
-    def record(self, endpoint: str, outcome: str, seconds: Optional[float]) -> None:
+    def record(self, endpoint: str, outcome: str, seconds: Optional[float], code: Optional[str] = None) -> None:
         """Count a request that ended; one of an endpoint not learned waits for the workers' list (asked now
         unless asked within LEARN_EVERY_SECONDS), or, past MAX_WAITING_COUNTS or with none asked, is OTHER."""
         if endpoint not in self._listed and endpoint != UNREADABLE_LABEL and _may_be_labelled(endpoint):
@@ -243,13 +259,13 @@ class HeadMetrics:
                 wait = self._learnt_at + LEARN_EVERY_SECONDS - loop.time()
                 self._learning = loop.create_task(self._learn(max(wait, 0.0)))
             if self._learning is not None and len(self._waiting) < MAX_WAITING_COUNTS:
-                self._waiting.append((endpoint, outcome, seconds))
+                self._waiting.append((endpoint, outcome, seconds, code))
                 return
-        self.meter.count(self.label(endpoint), outcome, seconds)
+        self.meter.count(self.label(endpoint), outcome, seconds, code)
 
     def unreadable(self) -> None:
         """A request list that could not be read (refused INVALID_ARGUMENT before it was served)."""
-        self.meter.count(UNREADABLE_LABEL, ERROR, 0.0)
+        self.meter.count(UNREADABLE_LABEL, ERROR, 0.0, "INVALID_ARGUMENT")
 
     async def _learn(self, delay: float = 0.0) -> None:
         """Ask the workers (and uses_before's, uses_after's) for their endpoints, after ``delay`` seconds, then
@@ -270,8 +286,8 @@ class HeadMetrics:
             self._learnt_at = asyncio.get_running_loop().time()
             self._learning = None
             waiting, self._waiting = self._waiting, []
-            for endpoint, outcome, seconds in waiting:
-                self.meter.count(self.label(endpoint), outcome, seconds)
+            for endpoint, outcome, seconds, code in waiting:
+                self.meter.count(self.label(endpoint), outcome, seconds, code)
 
     async def _stop_learning(self) -> None:
         self._stopped = True  # a request ending after this is counted at once, no question asked
@@ -292,18 +308,45 @@ class HeadMetrics:
         ejected = GaugeMetricFamily("shardnet_head_replicas_ejected",
                                     "replicas ejected for repeated failures (not picked until healthy), by shard",
                                     labels=["deployment", "shard"])
+        ejections = CounterMetricFamily("shardnet_head_replica_ejections",
+                                        "replicas ejected for repeated failures, each time (an ejection may last "
+                                        "less than a scrape interval), by shard", labels=["deployment", "shard"])
+        held = GaugeMetricFamily("shardnet_head_requests_held_by_removed_replicas",
+                                 "requests under way on replicas no longer routed to (a lapsed lease under "
+                                 "--at-most-once, a DEACTIVATE): they wait for them, their deadline or keepalive",
+                                 labels=["deployment", "shard"])
+        unblamed = CounterMetricFamily("shardnet_head_attempts_unblamed",
+                                       "failed attempts held against no replica: seen over a second past their "
+                                       "deadline as this process stalled, or queued behind the replica's work",
+                                       labels=["deployment", "reason"])
+        unblamed_by = Tally()
+        draining = GaugeMetricFamily("shardnet_head_replicas_draining",
+                                     "replicas set aside as they drain (no failure: picked again once they serve), "
+                                     "by shard", labels=["deployment", "shard"])
         for shard_id in sorted(pool.shard_ids(deployment)):
             listed = pool.get_replicas(deployment, shard_id=shard_id)
             replicas.add_metric([deployment, str(shard_id)], len(listed))
-            ejected.add_metric([deployment, str(shard_id)], len(listed.ejected_addresses))
+            set_aside = len(listed.draining_addresses)
+            ejected.add_metric([deployment, str(shard_id)], len(listed.ejected_addresses) - set_aside)
+            draining.add_metric([deployment, str(shard_id)], set_aside)
+            ejections.add_metric([deployment, str(shard_id)], listed.ejections)
+            held.add_metric([deployment, str(shard_id)], listed.held_by_removed)
+            unblamed_by.update(listed.unblamed)
+        for reason in ("stalled", "queued"):
+            unblamed.add_metric([deployment, reason], unblamed_by[reason])
         yield replicas
         yield ejected
+        yield draining
+        yield ejections
+        yield held
+        yield unblamed
         budget = pool.retry_budget
         for name, what, value in (
             ("shardnet_head_retries", "attempts sent again to another replica (failovers)", pool.failovers),
             ("shardnet_head_retries_refused", "failovers the retry budget refused", budget.refused),
             ("shardnet_head_requests_resent", "ANY requests sent on to another shard as theirs had no live worker",
              head.requests_resent),
+            ("shardnet_head_leases_lapsed", "worker registrations removed as their leases ran out", head.leases_lapsed),
         ):
             family = CounterMetricFamily(name, what, labels=["deployment"])
             family.add_metric([deployment], value)
@@ -347,16 +390,16 @@ class WorkerMetrics:
         """The endpoint's label: itself when bound, ``/default`` or UNBOUND_LABEL when not (UNREADABLE_LABEL kept)."""
         return endpoint if endpoint in self._bound or endpoint == UNREADABLE_LABEL else self._rest
 
-    def record(self, endpoint: str, outcome: str, seconds: Optional[float]) -> None:
+    def record(self, endpoint: str, outcome: str, seconds: Optional[float], code: Optional[str] = None) -> None:
         """Count a request that ended (one no handler served: ``unbound``, as it passed through unchanged)."""
         label = self.label(endpoint)
         if outcome == OK and label == UNBOUND_LABEL:
             outcome = UNBOUND
-        self.meter.count(label, outcome, seconds)
+        self.meter.count(label, outcome, seconds, code)
 
     def unreadable(self) -> None:
         """A request list that could not be read (refused INVALID_ARGUMENT before it was handled)."""
-        self.meter.count(UNREADABLE_LABEL, ERROR, 0.0)
+        self.meter.count(UNREADABLE_LABEL, ERROR, 0.0, "INVALID_ARGUMENT")
 
     def meter_handle(self, handle: Handle, endpoint_of: Callable[[Any, Any], str]) -> Handle:
         """The worker's ``_handle``, counted and timed under the endpoint ``endpoint_of(request, context)`` names."""
@@ -374,7 +417,8 @@ class WorkerMetrics:
         names, values = list(self._labels), list(self._labels.values())
         in_flight = GaugeMetricFamily("shardnet_worker_requests_in_flight",
                                       "requests in their handlers (or queued for a handler thread)", labels=names)
-        in_flight.add_metric(values, sum(worker._in_handlers.values()))
+        # a blocking handler whose call was cut runs on in its thread: still in its handler, as the gauge says
+        in_flight.add_metric(values, sum(worker._in_handlers.values()) + worker._threads.orphaned())
         yield in_flight
         yield _cut("shardnet_worker_requests_cut", "requests cut in their handlers at the drain's end", names, values,
                    worker.requests_cut, self.label)

@@ -216,12 +216,33 @@ class HandlerThreads(concurrent.futures.ThreadPoolExecutor):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._running: set[concurrent.futures.Future] = set()
+        # each call's future by the task that submitted it (run_in_executor submits from the awaiting task)
+        self._by_task: dict[Any, concurrent.futures.Future] = {}
+        self._orphaned: set[concurrent.futures.Future] = set()  # running on, their calls cut
 
     def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
         future = super().submit(fn, *args, **kwargs)
         self._running.add(future)
         future.add_done_callback(self._running.discard)
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # submitted from no loop (the Executor's own thread): no caller to leave
+            task = None
+        if task is not None:
+            self._by_task[task] = future
+            future.add_done_callback(lambda _done: self._by_task.pop(task, None))
         return future
+
+    def orphan_current(self) -> None:
+        """The running task's call was cut while its handler runs on in a thread: counted until that ends."""
+        future = self._by_task.pop(asyncio.current_task(), None)
+        if future is not None and not future.done():
+            self._orphaned.add(future)
+            future.add_done_callback(self._orphaned.discard)
+
+    def orphaned(self) -> int:
+        """Handlers still running in their threads whose calls were cut (their callers left)."""
+        return sum(1 for future in list(self._orphaned) if not future.done())
 
     def running(self) -> list[concurrent.futures.Future]:
         return [future for future in list(self._running) if not future.done()]
@@ -524,6 +545,8 @@ class Worker:
                 # a blocking handler's thread runs on, and may still be making views: left as they are; an async
                 # handler's coroutine ended with the cut (a view it kept would keep the whole request alive)
                 handler_running = handler.is_async
+                if not handler.is_async and not cut:  # still in its handler: the in-flight gauge counts it on
+                    self._threads.orphan_current()
                 raise  # the call itself: its client left, or the drain's grace ended
             if received is not None:  # as Jina's worker answers: the documents as they came, not half edited
                 first = DataRequest.from_bytes(received)
