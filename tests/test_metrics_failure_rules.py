@@ -146,3 +146,61 @@ async def test_failed_requests_are_counted_by_their_code_so_a_deadline_reads_apa
     samples = await counted(tagger, 1)
     assert sample(samples, "shardnet_worker_requests_failed_total", deployment="Tagger", shard="0", endpoint="/fail",
                   code="ERROR") == 1
+
+
+async def test_a_drained_replica_that_never_comes_back_is_ejected_not_draining_for_ever(runtimes, eventually):
+    """Its probes found nothing at its address, but it stayed 'draining' (no failure) for good: the ejected gauge,
+    which an alert reads, never counted a static replica whose restart failed (a regression review)."""
+    sleepy = executors.Sleepy.create()
+    workers = [await runtimes(Worker(executors.Sleepy.create())), await runtimes(Worker(sleepy))]
+    head = await runtimes(Head("gone", METERED, connections={0: [w.server.address for w in workers]}))
+    replicas = head.pool.get_replicas("gone", shard_id=0)
+    held = asyncio.create_task(oneshot.send_request_async(
+        DataRequest([Document(text="x")], endpoint="/sleep", parameters={"seconds": 2}), workers[1].server.address,
+        timeout=10))
+    await eventually(lambda: sleepy.sleeping == 1)
+    stopping = asyncio.create_task(workers[1].stop(10))
+    draining = next(c for c in replicas.get_all_connections() if str(c.address) == workers[1].server.address)
+
+    async def set_aside() -> bool:
+        await oneshot.send_request_async(DataRequest([Document(text="x")], endpoint="/sleep"), head.server.address,
+                                         timeout=5)
+        return draining.draining
+
+    await eventually(set_aside, timeout=10.0)
+    await held
+    await stopping  # gone for good: nothing serves its address again
+    await eventually(lambda: not draining.draining, timeout=10.0)  # its probes said unreachable, not draining
+    samples = await scrape(head)
+    assert sample(samples, "shardnet_head_replicas_draining", deployment="gone", shard="0") == 0
+    assert sample(samples, "shardnet_head_replicas_ejected", deployment="gone", shard="0") == 1
+    assert replicas.ejected_addresses == [workers[1].server.address]
+
+
+async def test_requests_a_forgotten_shards_lapsed_worker_holds_are_still_gauged(runtimes, eventually, tmp_path):
+    """Without --shards a head forgets a shard beyond 0 once its last worker left (a lapsed lease): the gauge of
+    requests held by removed replicas went with it, though the lapsed worker still held them (a regression
+    review)."""
+    head = await runtimes(Head("split1", METERED, lease=1.0))
+    workers = sleepy_workers(head, tmp_path, shards=[0, 1], register_interval=0.2)
+    pending = None
+    try:
+        addresses = await launched(workers)
+        shards = {0: [addresses[0]], 1: [addresses[1]]}
+        await eventually(lambda: head.pool.deployments["split1"]["shards"] == shards, timeout=10.0)
+        [connection] = head.pool.get_replicas("split1", shard_id=1).get_all_connections()
+        request = DataRequest([Document(text="q")], endpoint="/sleep", parameters={"seconds": 0.5})
+        pending = head.pool.send_requests_once([request], "split1", shard_id=1, timeout=30)
+        await eventually(lambda: connection.running.count == 1, timeout=5.0, interval=0.005)
+        workers[1].signal(signal.SIGSTOP)
+        await eventually(lambda: 1 not in head.pool.shard_ids("split1"), timeout=10.0)
+        assert connection.running.count == 1  # still held, on a replica no longer routed to
+        samples = await scrape(head)
+        assert sample(samples, "shardnet_head_requests_held_by_removed_replicas", deployment="split1", shard="1") == 1
+    finally:
+        for worker in workers:
+            worker.signal(signal.SIGCONT)
+        if pending is not None:
+            await asyncio.gather(pending, return_exceptions=True)
+        for worker in workers:
+            worker.kill()

@@ -59,10 +59,15 @@ def check_visible_name(name: str, flag: str) -> None:
         raise ConfigurationError(f"{flag} {name!r:.120}: give a name without control characters")
 
 
+def listed_endpoints(endpoints: Iterable[str]) -> list[str]:
+    """Endpoints a server discovered, without Jina's readiness check (``_jina_dry_run_``), which every worker
+    serves and lists and nobody posts to."""
+    return [endpoint for endpoint in endpoints if endpoint != DRY_RUN_ENDPOINT]
+
+
 def shown_endpoints(endpoints: Iterable[str]) -> str:
-    """Endpoints a server discovered, as a person is shown them: without Jina's readiness check
-    (``_jina_dry_run_``), which every worker serves and lists and nobody posts to."""
-    return ", ".join(endpoint for endpoint in endpoints if endpoint != DRY_RUN_ENDPOINT)
+    """``listed_endpoints`` as a person is shown them."""
+    return ", ".join(listed_endpoints(endpoints))
 
 
 def _finite(text: str, what: str, unit: str) -> float:

@@ -13,7 +13,9 @@ import grpc
 from google.protobuf import empty_pb2
 from grpc_health.v1 import health_pb2
 
-from shardnet.cli.options import add_client_tls_arguments, client_tls, positive_seconds, shown_endpoints
+from shardnet.cli.options import (
+    add_client_tls_arguments, client_tls, listed_endpoints, positive_seconds, shown_endpoints,
+)
 from shardnet.errors import MalformedReplyError, ReplicaError
 from shardnet.networking import oneshot
 from shardnet.networking.addresses import entity_address
@@ -100,6 +102,9 @@ async def status(args: argparse.Namespace) -> int:
         report.facts.update(state="unreachable" if not report.lines else "failed", error=str(exc),
                             exit_code=2)
         raise
+    except (asyncio.CancelledError, KeyboardInterrupt):  # Ctrl-C (asyncio.run cancels this task): 130, said so
+        report.facts.update(state="interrupted", exit_code=130)
+        raise
     else:
         report.facts.update(state=_STATES[code], exit_code=code)
         return code
@@ -153,7 +158,8 @@ async def _check(args: argparse.Namespace, report: _Report) -> int:
         healthy = False
     else:
         listed = shown_endpoints(endpoints[0].endpoints)
-        report.say(f"endpoints: {listed or '(none)'}", endpoints=listed.split(", ") if listed else [])
+        # the server's own names (one may hold ", ", which the line cannot tell apart), as the line leaves them
+        report.say(f"endpoints: {listed or '(none)'}", endpoints=listed_endpoints(endpoints[0].endpoints))
     if isinstance(control, Exception):  # not send_control: the trailing metadata says what is ejected and down
         # a Jina 3.34 server has no control service: no shardnet head
         if getattr(control, "code", None) == grpc.StatusCode.UNIMPLEMENTED:
@@ -316,10 +322,14 @@ def _replica_notes(trailing) -> dict:
                 notes["down"][int(shard), urllib.parse.unquote(address)] = urllib.parse.unquote(cause)
         elif key == services.HOP_METADATA:
             role, address, mark = (value.split(" ", 2) + ["", ""])[:3]
-            if role in _HOP_ROLES and address and mark in ("", "ejected", "draining"):
+            if role in _HOP_ROLES and address and mark in ("", "ejected"):
                 notes["hops"].append((role, urllib.parse.unquote(address)))
                 if mark:
-                    notes[mark].add(notes["hops"][-1])
+                    notes["ejected"].add(notes["hops"][-1])
+        elif key == services.HOP_DRAINING_METADATA:
+            role, _, address = value.partition(" ")
+            if role in _HOP_ROLES and address:
+                notes["draining"].add((role, urllib.parse.unquote(address)))
         elif key == services.HOP_DOWN_METADATA:
             role, address, cause = (value.split(" ", 2) + ["", ""])[:3]
             if role in _HOP_ROLES and address and cause:

@@ -395,6 +395,16 @@ class GrpcConnectionPool:
         self._retire([entry.shards.pop(shard) for shard in empty])
         return empty
 
+    def held_by_forgotten_shards(self, deployment: str) -> dict[int, int]:
+        """The calls still under way on removed replicas of ``deployment``'s forgotten shards (a lapsed lease took
+        a shard's last worker), by shard id: their lists are kept while those channels close."""
+        prefix, held = f"{deployment}/shard-", {}
+        for replicas in self._retired:
+            shard = replicas.name[len(prefix):] if replicas.name.startswith(prefix) else ""
+            if shard.isdigit() and replicas.held_by_removed:
+                held[int(shard)] = held.get(int(shard), 0) + replicas.held_by_removed
+        return held
+
     def _retire(self, lists: list[ReplicaList]) -> None:
         """Keep ``lists``, dropped from the map, while their channels still close (calls keep their grace), and
         let go of those retired before whose channels have closed."""

@@ -501,9 +501,12 @@ class ReplicaList:
                     return
                 if connection.channel.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
                     self._rebuild(connection)
-                if await connection.health():
+                problem = await connection.problem()
+                if problem is None:
                     self._back_in(connection, "is healthy again")
                     return
+                if connection.draining and not problem.draining:  # its drain ended, and no process serves: down
+                    connection.draining = False  # for real, ejected as a failing one is (a regression review)
                 if not self._eligible:  # nothing else left: better a doubtful replica than none
                     self._admit(connection)
                     return

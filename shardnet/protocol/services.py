@@ -78,6 +78,9 @@ HOP_METADATA = "hop"
 HOPS_UNLISTED_METADATA = "hops-unlisted"
 EMPTY_HOPS_METADATA = "empty-hops"
 HOP_DOWN_METADATA = "hop-down"
+# "HOP ADDRESS" of a hop's replica set aside as it drains, listed unmarked under "hop" (an earlier version's status
+# reads no other mark there than " ejected", and would drop the line)
+HOP_DRAINING_METADATA = "hop-draining"
 HOPS_DOWN_METADATA = "hops-down"
 # beside every request a head forwards: the head's own random id, so that a head asked to route to itself (an
 # ACTIVATE naming its own address another way, a cycle of heads) refuses the request instead of looping

@@ -1284,13 +1284,15 @@ class Head:
                 continue
             ejected, draining = set(replicas.ejected_addresses), set(replicas.draining_addresses)
             for address in replicas.addresses:
-                mark = " draining" if address in draining else " ejected" if address in ejected else ""
-                value = f"{role} {_quoted_entity(address)}" + mark
-                room -= _metadata_size([(services.HOP_METADATA, value)])
+                value = f"{role} {_quoted_entity(address)}"
+                said = [(services.HOP_METADATA, value + (" ejected" if address in ejected - draining else ""))]
+                if address in draining:  # set aside as it drains: said apart (see HOP_DRAINING_METADATA)
+                    said.append((services.HOP_DRAINING_METADATA, value))
+                room -= _metadata_size(said)
                 if room < 0:
                     unlisted += 1
                 else:
-                    pairs.append((services.HOP_METADATA, value))
+                    pairs.extend(said)
         if unlisted:
             pairs.append((services.HOPS_UNLISTED_METADATA, str(unlisted)))
         if empty:

@@ -315,25 +315,30 @@ class HeadMetrics:
                                  "requests under way on replicas no longer routed to (a lapsed lease under "
                                  "--at-most-once, a DEACTIVATE): they wait for them, their deadline or keepalive",
                                  labels=["deployment", "shard"])
+        # by shard, as the others: a shard forgotten (its last worker left, no --shards) ends its series, where a
+        # sum over the shards would go down, which Prometheus takes for a restart
         unblamed = CounterMetricFamily("shardnet_head_attempts_unblamed",
                                        "failed attempts held against no replica: seen over a second past their "
                                        "deadline as this process stalled, or queued behind the replica's work",
-                                       labels=["deployment", "reason"])
-        unblamed_by = Tally()
+                                       labels=["deployment", "shard", "reason"])
         draining = GaugeMetricFamily("shardnet_head_replicas_draining",
                                      "replicas set aside as they drain (no failure: picked again once they serve), "
                                      "by shard", labels=["deployment", "shard"])
+        # what removed replicas of a forgotten shard still hold is held all the same (a lapsed lease took its last)
+        held_by = pool.held_by_forgotten_shards(deployment)
         for shard_id in sorted(pool.shard_ids(deployment)):
             listed = pool.get_replicas(deployment, shard_id=shard_id)
-            replicas.add_metric([deployment, str(shard_id)], len(listed))
+            shard = str(shard_id)
+            replicas.add_metric([deployment, shard], len(listed))
             set_aside = len(listed.draining_addresses)
-            ejected.add_metric([deployment, str(shard_id)], len(listed.ejected_addresses) - set_aside)
-            draining.add_metric([deployment, str(shard_id)], set_aside)
-            ejections.add_metric([deployment, str(shard_id)], listed.ejections)
-            held.add_metric([deployment, str(shard_id)], listed.held_by_removed)
-            unblamed_by.update(listed.unblamed)
-        for reason in ("stalled", "queued"):
-            unblamed.add_metric([deployment, reason], unblamed_by[reason])
+            ejected.add_metric([deployment, shard], len(listed.ejected_addresses) - set_aside)
+            draining.add_metric([deployment, shard], set_aside)
+            ejections.add_metric([deployment, shard], listed.ejections)
+            held_by[shard_id] = held_by.get(shard_id, 0) + listed.held_by_removed
+            for reason, count in listed.unblamed.items():
+                unblamed.add_metric([deployment, shard, reason], count)
+        for shard_id, count in sorted(held_by.items()):
+            held.add_metric([deployment, str(shard_id)], count)
         yield replicas
         yield ejected
         yield draining
