@@ -45,6 +45,9 @@ MAX_RUN_KINDS = 8
 _LAGGING_CHECK = "shardnet-lagging-check"
 # a kind of call a replica never answered: (answered at, the latest send time of the calls of it answered)
 _NEVER_ANSWERED = (float("-inf"), float("inf"))
+# seconds past HEALTH_TIMEOUT after which a failed check was seen by a process that stalled meanwhile (paused, its
+# loop blocked, starved of CPU): as for a call (replica_list.LOCAL_STALL_SLACK), it says nothing of the replica
+CHECK_STALL_SLACK = 1.0
 
 
 class _ShortRun:
@@ -234,11 +237,18 @@ class ShortDeadlineOutliers:
         problem: blamed for the run (failures towards ``consecutive_failures``), its ejection naming the
         deadlines and what the check found."""
         channel = connection.channel
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             problem = await connection.problem(HEALTH_TIMEOUT)
         finally:
             lagging.check = None
         if self.lagging.get(connection) is not lagging:  # its runs ended meanwhile (it answered, left the picks)
+            return
+        if problem is not None and loop.time() - started > HEALTH_TIMEOUT + CHECK_STALL_SLACK:
+            # seen failing well past its own time: this process stalled under the check (gRPC's deadline fires
+            # before the answer waiting in the socket is read on resuming), so it is inconclusive: the run stays,
+            # and a later answer asks again (a SIGSTOPped head ejected a healthy replica one time in five)
             return
         if problem is not None and channel is not connection.channel:  # inconclusive: asked over a closed channel
             return

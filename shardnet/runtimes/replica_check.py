@@ -91,12 +91,18 @@ class _Run:
             except ShardnetError as exc:  # its TLS material unreadable now, say: not checked, so not serving
                 self.found[index] = f"not checked: {exc}"
 
-    def result(self, age: Optional[float] = None) -> ReplicaCheck:
-        """What the run found so far: a replica without an answer yet is not checked."""
+    def result(self, age: Optional[float] = None, current: Optional[set] = None) -> ReplicaCheck:
+        """What the run found so far: a replica without an answer yet is not checked. ``current``: the (where,
+        connection) pairs listed now; one the run checked that has left since (its lease lapsed, a DEACTIVATE)
+        is left out, as the STATUS it answers no longer lists it (it was counted down, unnamed)."""
         if self.task.done() and not self.task.cancelled() and self.task.exception() is not None:
             raise self.task.exception()
         down, serving, unknown = [], set(), set()
-        for index, (where, connection) in enumerate(self.listed):
+        kept = [
+            index for index, pair in enumerate(self.listed) if current is None or pair in current
+        ]
+        for index in kept:
+            where, connection = self.listed[index]
             if index not in self.found:
                 unknown.add(where)
             elif self.found[index] is None:
@@ -104,12 +110,14 @@ class _Run:
             else:
                 down.append((where, entity_address(*connection.address.entity()), self.found[index]))
         may_serve = serving | unknown  # a shard or hop with a replica serving, or one not checked
-        none_serving = dict.fromkeys(where for where, _ in self.listed if where not in may_serve)  # in listed order
+        # in listed order
+        none_serving = dict.fromkeys(self.listed[i][0] for i in kept if self.listed[i][0] not in may_serve)
+        found = sum(1 for index in kept if index in self.found)
         return ReplicaCheck(
-            len(self.found),
+            found,
             [replica for replica in down if isinstance(replica[0], int)],
             sorted(where for where in none_serving if isinstance(where, int)),
-            len(self.listed) - len(self.found),
+            len(kept) - found,
             age,
             hop_down=[replica for replica in down if isinstance(replica[0], str)],
             hops_down=[where for where in none_serving if isinstance(where, str)],
@@ -157,7 +165,7 @@ class ReplicaChecks:
         if run is not None and run.ended_at is not None:
             age = loop.time() - run.ended_at
             if age <= REUSE_SECONDS:
-                return run.result(age)
+                return run.result(age, set(self._listed()))
             run = None
         if run is None:
             if self._closed or self._stopping.is_set():  # a draining head opens no more connections
@@ -170,7 +178,7 @@ class ReplicaChecks:
             stopping.cancel()
         if self._stopping.is_set():
             await self._end(run)
-        return run.result()
+        return run.result(current=set(self._listed()))
 
     @staticmethod
     async def _end(run: _Run) -> None:
