@@ -351,10 +351,12 @@ class FakeApiServer:
             stream.queue.put_nowait(line)
             stream.queue.put_nowait(END)
 
-    def drop_streams(self) -> None:
-        """Abort every open watch connection mid-stream (what a proxy or a crashed server does)."""
+    def drop_streams(self, resource: Optional[str] = None) -> None:
+        """Abort every open watch connection mid-stream (what a proxy or a crashed server does); only those of
+        ``resource`` when given (the others' watches, dropped too, fail at once and are failing a while)."""
         for stream in list(self._streams):
-            stream.queue.put_nowait(DROP)
+            if resource is None or stream.resource == resource:
+                stream.queue.put_nowait(DROP)
 
     async def go_down(self, how: str = "refuse") -> None:
         """``refuse``: reset every connection, open or new (the port stays ours); ``unavailable``: answer 503."""
