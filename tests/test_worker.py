@@ -280,8 +280,14 @@ async def test_a_refusal_quoting_a_huge_value_the_caller_chose_stays_small_in_it
     assert len(line) < 1500
 
 
-async def longest_loop_stall(work) -> tuple[object, float]:
-    """``work``'s result, and the longest the event loop went without running a 10 ms ticker meanwhile."""
+async def longest_loop_stall(work) -> tuple[object, float, float]:
+    """``work``'s result, the longest the event loop went without running a 10 ms ticker meanwhile, and how long
+    the work took.
+
+    Serializing or parsing the work's megabytes is one C call that holds the GIL (on another thread too): 0.2
+    to 0.4 s on an idle 2-core machine, many times that on a loaded one. The stall is therefore bounded by a
+    quarter of the work's time, 0.5 s at least (``allowed``): a fixed 0.5 s failed under load (stalls of 0.5 to
+    6 s, none the conversion tested), while work done on the loop holds it for most of the work's time."""
     loop = asyncio.get_running_loop()
     gaps: list[float] = []
     finished = asyncio.Event()
@@ -294,12 +300,18 @@ async def longest_loop_stall(work) -> tuple[object, float]:
             gaps.append(now - last)
             last = now
 
+    began = loop.time()
     ticker = asyncio.create_task(tick())
     try:
-        return await work, max(gaps, default=0.0)
+        return await work, max(gaps, default=0.0), loop.time() - began
     finally:
         finished.set()
         await ticker
+
+
+def allowed(took: float) -> float:
+    """The longest loop stall allowed to work that took ``took`` seconds (see longest_loop_stall)."""
+    return max(0.5, took / 4)
 
 
 async def test_a_request_with_millions_of_parameter_values_does_not_hold_the_event_loop(runtimes):
@@ -309,11 +321,11 @@ async def test_a_request_with_millions_of_parameter_values_does_not_hold_the_eve
     request = DataRequest([Document(text="a")], endpoint="/tag")
     nulls = struct_pb2.ListValue.FromString(b"\x0a\x02\x08\x00" * 2_000_000)  # 8 MB of null values
     request.proto.parameters.fields["many"].list_value.CopyFrom(nulls)
-    answer, stall = await longest_loop_stall(
+    answer, stall, took = await longest_loop_stall(
         oneshot.send_request_async(request, worker.server.address, timeout=60)
     )
     assert not answer.is_error and answer.docs[0].tags["by"] == "t"
-    assert stall < 0.5, stall  # on the loop: 2 s and more
+    assert stall < allowed(took), (stall, took)  # on the loop: 2 s and more, 90 % of the time it took
 
 
 async def test_a_long_process_data_list_is_joined_without_holding_the_event_loop(runtimes):
@@ -326,10 +338,11 @@ async def test_a_long_process_data_list_is_joined_without_holding_the_event_loop
     payload = jina_pb2.DataRequestListProto(requests=[one] * 4_000).SerializeToString()
     options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
     async with grpc.aio.insecure_channel(worker.server.address, options=options) as channel:
-        reply, stall = await longest_loop_stall(channel.unary_unary(services.PROCESS_DATA)(payload, timeout=60))
+        reply, stall, took = await longest_loop_stall(
+            channel.unary_unary(services.PROCESS_DATA)(payload, timeout=60))
     answer = DataRequest.from_bytes(reply, max_documents=None)
     assert not answer.is_error and answer.parameters["__results__"]["Tagger"]["docs"] == 400_000
-    assert stall < 0.5, stall  # on the loop: 1.5 s and more
+    assert stall < allowed(took), (stall, took)  # on the loop: 1.5 s and more
 
 
 async def test_a_failed_handler_is_answered_with_the_documents_as_they_came_not_its_half_made_edits(runtimes, tagger):
