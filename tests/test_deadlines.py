@@ -139,7 +139,21 @@ async def test_callers_deadline_exceeded_names_deployment_and_shard_and_stops_th
     # not only gRPC's "Deadline Exceeded" after the replica's address, which reads as that replica hung: an
     # overload review's callers saw nothing else while the head queued far more than its workers could answer
     assert "the caller's deadline ran out, 1 request under way at this head" in details, details
-    assert "--max-in-flight" in details, details
+    assert "--max-in-flight" not in details, details  # one request on one replica: no queue, a slow replica
+
+
+async def test_a_callers_deadline_running_out_behind_more_requests_than_replicas_suggests_max_in_flight():
+    """Requests queued at a head without --max-in-flight: the caller is told it queues all it is sent, and how to
+    refuse the excess (an overload review's callers saw nothing else than 'Deadline Exceeded')."""
+    async with RecordingReplica(delay=5.0) as replica:
+        head = await started_head(replica.address)
+        try:
+            answers = await asyncio.gather(*(call_head(head, DataRequest(endpoint="/x"), timeout=1.5) for _ in range(3)))
+        finally:
+            await head.stop(0)
+    assert {code for code, _, _ in answers} == {grpc.StatusCode.DEADLINE_EXCEEDED}, answers
+    assert any("requests under way at this head, which queues all it is sent" in details and "--max-in-flight" in details
+               for _, details, _ in answers), answers
 
 
 @pytest.mark.parametrize("polling", ["ANY", "ALL"])
