@@ -51,6 +51,21 @@ async def launched(workers: list[ShardnetProcess]) -> list[str]:
     return [await asyncio.to_thread(worker.wait_ready, 30.0) for worker in workers]
 
 
+async def one_worker_a_shard(head: Head, folder: Path, eventually) -> list[ShardnetProcess]:
+    """Two Sleepy worker processes registering with ``head`` (every 0.2 s), shard 0's and shard 1's, once it routes
+    to both; the caller kills them."""
+    workers = sleepy_workers(head, folder, shards=[0, 1], register_interval=0.2)
+    try:
+        addresses = await launched(workers)
+        await eventually(lambda: head.pool.deployments[head.deployment]["shards"] == {0: [addresses[0]],
+                                                                                      1: [addresses[1]]}, timeout=10.0)
+    except BaseException:
+        for worker in workers:
+            worker.kill()
+        raise
+    return workers
+
+
 # -- a lapsed lease cuts what the worker held ------------------------------------------------------------------
 
 
@@ -269,11 +284,8 @@ async def test_a_stalled_only_replica_keeps_what_it_holds_when_its_lease_lapses(
     another shard while the stalled worker may still run it (stored twice). It is left to the worker, which
     answers once it resumes."""
     head = await runtimes(Head("split", lease=1.0))
-    workers = sleepy_workers(head, tmp_path, shards=[0, 1], register_interval=0.2)
+    workers = await one_worker_a_shard(head, tmp_path, eventually)
     try:
-        addresses = await launched(workers)
-        shards = {0: [addresses[0]], 1: [addresses[1]]}
-        await eventually(lambda: head.pool.deployments["split"]["shards"] == shards, timeout=10.0)
         stalled_replicas = head.pool.get_replicas("split", shard_id=0)
         [connection] = stalled_replicas.get_all_connections()
         request = DataRequest([Document(text="q")], endpoint="/sleep", parameters={"seconds": 0.5})

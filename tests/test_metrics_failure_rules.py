@@ -8,7 +8,7 @@ import asyncio
 import signal
 
 import executors
-from test_head_recovery import launched, sleepy_workers
+from test_head_recovery import one_worker_a_shard
 from test_metrics import METERED, counted, sample, scrape
 
 from shardnet import DataRequest, Document, GrpcConnectionPool
@@ -45,16 +45,16 @@ async def test_a_blocking_handler_whose_caller_left_is_still_in_flight_until_its
     await eventually(idle, timeout=10.0)
 
 
-async def test_a_replica_set_aside_as_it_drains_is_neither_failing_nor_counted_ejected(runtimes, eventually, capsys):
-    """README: one refusing as it drains is picked no more, "though that counts as no ejection"; the ejected gauge
-    ("for repeated failures") counted it, and `shardnet status` called it "ejected: failing" (a metrics review)."""
+async def set_aside_as_it_drains(runtimes, eventually, name: str, holding: float):
+    """A head of two workers, the second draining (stopping) while it holds a request for ``holding`` seconds, and
+    set aside by the head as it refused one: (head, workers, its connection, a task ending once it has stopped)."""
     sleepy = executors.Sleepy.create()
     workers = [await runtimes(Worker(executors.Sleepy.create())), await runtimes(Worker(sleepy))]
-    head = await runtimes(Head("dep", METERED, connections={0: [w.server.address for w in workers]}))
-    replicas = head.pool.get_replicas("dep", shard_id=0)
+    head = await runtimes(Head(name, METERED, connections={0: [w.server.address for w in workers]}))
+    replicas = head.pool.get_replicas(name, shard_id=0)
     held = asyncio.create_task(oneshot.send_request_async(
-        DataRequest([Document(text="x")], endpoint="/sleep", parameters={"seconds": 4}), workers[1].server.address,
-        timeout=10))
+        DataRequest([Document(text="x")], endpoint="/sleep", parameters={"seconds": holding}),
+        workers[1].server.address, timeout=10))
     await eventually(lambda: sleepy.sleeping == 1)
     stopping = asyncio.create_task(workers[1].stop(10))  # drains: it still answers the held request
     draining = next(c for c in replicas.get_all_connections() if str(c.address) == workers[1].server.address)
@@ -65,12 +65,18 @@ async def test_a_replica_set_aside_as_it_drains_is_neither_failing_nor_counted_e
         return draining.draining
 
     await eventually(set_aside, timeout=10.0)
+    return head, workers, draining, asyncio.gather(held, stopping)
+
+
+async def test_a_replica_set_aside_as_it_drains_is_neither_failing_nor_counted_ejected(runtimes, eventually, capsys):
+    """README: one refusing as it drains is picked no more, "though that counts as no ejection"; the ejected gauge
+    ("for repeated failures") counted it, and `shardnet status` called it "ejected: failing" (a metrics review)."""
+    head, workers, draining, drained = await set_aside_as_it_drains(runtimes, eventually, "dep", holding=4.0)
     samples = await scrape(head)
     capsys.readouterr()
     code = await asyncio.to_thread(cli_main, ["status", head.server.address])
     printed = capsys.readouterr().out
-    await held
-    await stopping
+    await drained
     assert sample(samples, "shardnet_head_replicas_ejected", deployment="dep", shard="0") == 0
     assert sample(samples, "shardnet_head_replicas_draining", deployment="dep", shard="0") == 1
     assert f"{workers[1].server.address} (draining: not picked until it serves again" in printed, printed
@@ -97,11 +103,8 @@ async def test_a_lapsed_lease_and_the_requests_its_replica_holds_are_counted(run
     """A shard's only worker stalls past its lease: removed, it keeps its requests (README), and no replica list
     names it any more; the metrics say a lease lapsed and how many requests a replica no longer routed to holds."""
     head = await runtimes(Head("split", METERED, lease=1.0))
-    workers = sleepy_workers(head, tmp_path, shards=[0, 1], register_interval=0.2)
+    workers = await one_worker_a_shard(head, tmp_path, eventually)
     try:
-        addresses = await launched(workers)
-        shards = {0: [addresses[0]], 1: [addresses[1]]}
-        await eventually(lambda: head.pool.deployments["split"]["shards"] == shards, timeout=10.0)
         stalled = head.pool.get_replicas("split", shard_id=0)
         [connection] = stalled.get_all_connections()
         request = DataRequest([Document(text="q")], endpoint="/sleep", parameters={"seconds": 0.5})
@@ -151,25 +154,9 @@ async def test_failed_requests_are_counted_by_their_code_so_a_deadline_reads_apa
 async def test_a_drained_replica_that_never_comes_back_is_ejected_not_draining_for_ever(runtimes, eventually):
     """Its probes found nothing at its address, but it stayed 'draining' (no failure) for good: the ejected gauge,
     which an alert reads, never counted a static replica whose restart failed (a regression review)."""
-    sleepy = executors.Sleepy.create()
-    workers = [await runtimes(Worker(executors.Sleepy.create())), await runtimes(Worker(sleepy))]
-    head = await runtimes(Head("gone", METERED, connections={0: [w.server.address for w in workers]}))
+    head, workers, draining, drained = await set_aside_as_it_drains(runtimes, eventually, "gone", holding=2.0)
     replicas = head.pool.get_replicas("gone", shard_id=0)
-    held = asyncio.create_task(oneshot.send_request_async(
-        DataRequest([Document(text="x")], endpoint="/sleep", parameters={"seconds": 2}), workers[1].server.address,
-        timeout=10))
-    await eventually(lambda: sleepy.sleeping == 1)
-    stopping = asyncio.create_task(workers[1].stop(10))
-    draining = next(c for c in replicas.get_all_connections() if str(c.address) == workers[1].server.address)
-
-    async def set_aside() -> bool:
-        await oneshot.send_request_async(DataRequest([Document(text="x")], endpoint="/sleep"), head.server.address,
-                                         timeout=5)
-        return draining.draining
-
-    await eventually(set_aside, timeout=10.0)
-    await held
-    await stopping  # gone for good: nothing serves its address again
+    await drained  # gone for good: nothing serves its address again
     await eventually(lambda: not draining.draining, timeout=10.0)  # its probes said unreachable, not draining
     samples = await scrape(head)
     assert sample(samples, "shardnet_head_replicas_draining", deployment="gone", shard="0") == 0
@@ -182,12 +169,9 @@ async def test_requests_a_forgotten_shards_lapsed_worker_holds_are_still_gauged(
     requests held by removed replicas went with it, though the lapsed worker still held them (a regression
     review)."""
     head = await runtimes(Head("split1", METERED, lease=1.0))
-    workers = sleepy_workers(head, tmp_path, shards=[0, 1], register_interval=0.2)
+    workers = await one_worker_a_shard(head, tmp_path, eventually)
     pending = None
     try:
-        addresses = await launched(workers)
-        shards = {0: [addresses[0]], 1: [addresses[1]]}
-        await eventually(lambda: head.pool.deployments["split1"]["shards"] == shards, timeout=10.0)
         [connection] = head.pool.get_replicas("split1", shard_id=1).get_all_connections()
         request = DataRequest([Document(text="q")], endpoint="/sleep", parameters={"seconds": 0.5})
         pending = head.pool.send_requests_once([request], "split1", shard_id=1, timeout=30)
