@@ -286,3 +286,25 @@ async def test_a_relabelled_slice_does_not_start_every_close_at_once(monkeypatch
         assert max(seen) < 100, f"a close walked {max(seen)} tasks"
     finally:
         await pool.close()
+
+
+# the model's seeds 5044 and 5277: a pod relabelled away from its slice's shard and back took the slice's hold (the
+# fresher claim); the pods then failed, the pod ended, and its slice dropped it: the ledger looked only at what the
+# slice's record held (no longer that member), and the failing pods' stale hold kept the ended pod routed until
+# the pods answered (a regression review)
+_SEED_5044 = [('new_pod', 'u2', 'dep', 'WORKER', 1, '10.0.0.2', True), ('ready', 'u2', False), ('relist', 'pods'),
+              ('new_pod', 'u4', 'dep', 'WORKER', 2, '10.0.0.5', True), ('ready', 'u2', True), ('deliver', 'pods'),
+              ('sync', ('dep', 'WORKER', 2), 5), ('relabel', 'u4', 'dep', 'WORKER', 0), ('deliver', 'pods'),
+              ('relabel', 'u4', 'dep', 'WORKER', 2), ('deliver', 'endpointslices'), ('end', 'u4', 'Succeeded'),
+              ('deliver', 'endpointslices'), ('deliver', 'pods'), ('deliver', 'pods'), ('down', 'pods'),
+              ('sync', ('dep', 'WORKER', 2), 13), ('deliver', 'endpointslices')]
+_SEED_5277 = [('new_pod', 'u2', 'dep', 'HEAD', 0, '10.0.0.3', True), ('relabel', 'u2', 'dep', 'WORKER', 1),
+              ('sync', ('dep', 'WORKER', 1), 12), ('end', 'u2', 'Succeeded'), ('deliver', 'endpointslices'),
+              ('deliver', 'pods'), ('deliver', 'pods'), ('down', 'pods'), ('sync', ('dep', 'WORKER', 1), 8),
+              ('deliver', 'endpointslices')]
+
+
+@pytest.mark.parametrize("actions, seed, how", [(_SEED_5044, 5044, "relist"), (_SEED_5277, 5277, "resume")],
+                         ids=["relabelled-worker", "relabelled-head"])
+async def test_a_slice_dropping_a_pod_whose_hold_a_relabel_took_lets_it_go_while_the_pods_fail(actions, seed, how):
+    assert await run_actions(actions, ("dep",), seed, how) is None

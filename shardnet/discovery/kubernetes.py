@@ -1070,9 +1070,12 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
             word.slice_gone(key)
             await self._ledger.record(SLICES, key, NOTHING, also_remove=_members(SLICES, obj, ready_only=False))
         elif source == SLICES:
+            # what its previous word listed and this one does not: gone from it even where the ledger let go of the
+            # slice's hold meanwhile (a fresher claim), so that a failing source's stale hold goes too
+            before = word.listed(key)
             word.slice_seen(key, _endpoints(obj))
             self._say_vetoes([key])
-            await self._ledger.record(SLICES, key, word.routed(key))
+            await self._ledger.record(SLICES, key, word.routed(key), also_remove=before - word.listed(key))
         elif kind == "DELETED":
             touched = word.pod_deleted(obj)
             await self._ledger.record(PODS, key, NOTHING, also_remove=_members(PODS, obj, ready_only=False))

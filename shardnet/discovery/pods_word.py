@@ -136,6 +136,10 @@ class PodsWord:
         self._given.pop(key, None)
         self._held_back.pop(key, None)
 
+    def listed(self, key: str) -> frozenset:
+        """The members slice ``key`` lists now, vetoed or not."""
+        return frozenset(endpoint.member for endpoint in self._slices.get(key, ()))
+
     def slices_naming(self, uids: Iterable[str]) -> list[str]:
         """The slices with an endpoint naming one of the pods ``uids``."""
         return sorted({key for uid in uids for key in self._naming.get(uid, ())})

@@ -309,7 +309,9 @@ class ListWatch:
         self._repeats = RepeatedWarnings()  # of its watch failures
         # of its watches dropped or silent, which it resumes: a proxy resetting streams every few seconds said so
         # at INFO each time (35,000 lines a day at one in 5 s; a Kubernetes pause review)
-        self._resumes = RepeatedWarnings()
+        # each reason on its own (silent, or dropped by its kind of error): a new reason is said at once, and a proxy
+        # alternating silence and resets does not have each said every time
+        self._resumes: dict[str, float] = {}
         self.last_failure: Optional[str] = None  # the latest failed list or watch, as text
 
     async def run(self) -> None:
@@ -369,6 +371,15 @@ class ListWatch:
         if asyncio.get_running_loop().time() - opened >= VERY_SHORT_WATCH:
             logger.info("%s: watching again after %d failures", self.name, self._failed_in_a_row)
             self._failed_in_a_row = 0
+
+    def _resume_level(self, reason: str) -> int:
+        """INFO for a resume's ``reason`` not said within ``REPEAT_WARNING_SECONDS``, else DEBUG."""
+        now = time.monotonic()
+        said = self._resumes.get(reason)
+        if said is not None and now - said < REPEAT_WARNING_SECONDS:
+            return logging.DEBUG
+        self._resumes[reason] = now
+        return logging.INFO
 
     def relist_when_back(self) -> None:
         """List again at the next attempt rather than watch from the version held (what was handed over may have
@@ -490,7 +501,7 @@ class ListWatch:
                     line = await response.content.readline()
                 except asyncio.TimeoutError:
                     logger.log(
-                        self._resumes.level("silent", logging.INFO),
+                        self._resume_level("silent"),
                         "%s: watch silent for %.1fs; resuming from %s (said again at most every %gs)",
                         self.name,
                         options.read_timeout,
@@ -503,7 +514,7 @@ class ListWatch:
                         # dropped as soon as opened: back off rather than spin against a sick server
                         raise Dropped(f"watch stream dropped at once: {error}") from error
                     logger.log(
-                        self._resumes.level("dropped", logging.INFO),
+                        self._resume_level(f"dropped: {type(error).__name__}"),
                         "%s: watch stream dropped (%s); resuming from %s (said again at most every %gs)", self.name,
                         error, self.resource_version, REPEAT_WARNING_SECONDS,
                     )

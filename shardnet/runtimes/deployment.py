@@ -866,13 +866,16 @@ class Deployment:
                 self._relaunch(process, listed if is_worker else None)
             head_up = head_up or process is self.head
         deadline = time.monotonic() + self.startup_timeout
-        while wait and any(process.alive for process in self._starting) and time.monotonic() < deadline:
+        # a snapshot: a restart_worker()/restart_head() of another thread takes a process out of _starting
+        # (_restarted), and a set changing size under a generator's iteration raises RuntimeError
+        while wait and any(process.alive for process in list(self._starting)) and time.monotonic() < deadline:
             if self._stopping:  # a stop() in another thread ended what this look launched: not an exit to tell
                 return revived
             time.sleep(0.02)
             revived += self._check_starting()
         for process in list(self._starting):  # a start that failed already: said now, not at the next look
-            if not process.alive and not self._stopping:
+            # not one a restart took over meanwhile: its stop is no exit (it would get a stale restart_at)
+            if process in self._starting and self._exited_by_itself(process) and not self._stopping:
                 self._note_exit(process, time.monotonic())
         return revived
 
