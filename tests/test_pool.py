@@ -580,7 +580,7 @@ async def test_attempt_timeout_fails_over_from_a_hung_replica(pool_factory, echo
 
 async def test_a_deadline_missed_on_a_connection_never_set_up_says_so(pool_factory, echo_servers):
     """A port that takes TCP but never speaks HTTP/2 (or a host dropping the handshake) failed as "DEADLINE_EXCEEDED:
-    Deadline Exceeded", as a slow replica does (a review): the error says the connection was never set up, and a
+    Deadline Exceeded", as a slow replica does (a review): the error says the connection is not (re)established, and a
     slow replica's says nothing of it."""
     [slow] = await echo_servers(1, delay=5.0)
     with socket.socket() as silent:
@@ -594,7 +594,7 @@ async def test_a_deadline_missed_on_a_connection_never_set_up_says_so(pool_facto
             with pytest.raises(ReplicaError) as failed:
                 await send_one(pool, timeout=0.5)
             assert failed.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert ("its connection was never set up" in str(failed.value)) == connecting, str(failed.value)
+            assert ("its connection is not (re)established" in str(failed.value)) == connecting, str(failed.value)
 
 
 async def test_removing_a_replica_lets_its_request_in_flight_finish(pool, echo_servers, eventually):

@@ -132,7 +132,7 @@ def never_connected_note(channel: grpc.aio.Channel) -> str:
     if channel.get_state(try_to_connect=False) != grpc.ChannelConnectivity.CONNECTING:
         return ""
     return (
-        "its connection was never set up: an unreachable host, a stopped or hung server process (its kernel still "
+        "its connection is not (re)established: an unreachable host, a stopped or hung server process (its kernel still "
         "takes TCP), or a port whose server does not speak gRPC"
     )
 
