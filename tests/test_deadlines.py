@@ -442,3 +442,19 @@ async def test_all_one_shard_cut_by_the_heads_timeout(uses_after):
             await head.stop(0)
     assert code == grpc.StatusCode.OK and "shard 0 of 'dl' failed" in details, details
     assert "the head's timeout of 0.4s for each hop ran out" in details, details
+
+
+async def test_under_all_the_queue_is_counted_per_shard_not_over_the_replicas_of_every_shard():
+    """Each request takes a replica of every shard: 3 requests over 3 shards of one replica each are 3 on each
+    replica, queued as 9 over 3 replicas of one shard are under ANY; summing the replicas of every shard said no
+    queue (a regression review)."""
+    async with RecordingReplica(delay=5.0) as a, RecordingReplica(delay=5.0) as b, RecordingReplica(delay=5.0) as c:
+        head = Head("dl", ServerConfig(), pool=GrpcConnectionPool(), polling=PollingMap({"/x": "ALL"}),
+                    connections={0: [a.address], 1: [b.address], 2: [c.address]})
+        await head.start()
+        try:
+            answers = await asyncio.gather(*(call_head(head, DataRequest(endpoint="/x"), timeout=1.5) for _ in range(3)))
+        finally:
+            await head.stop(0)
+    assert {code for code, _, _ in answers} == {grpc.StatusCode.DEADLINE_EXCEEDED}, answers
+    assert any("--max-in-flight" in details for _, details, _ in answers), answers

@@ -14,8 +14,9 @@ from test_metrics import METERED, counted, sample, scrape
 from shardnet import DataRequest, Document, GrpcConnectionPool
 from shardnet.cli.main import main as cli_main
 from shardnet.errors import DeadlineExceeded, ReplicaError
-from shardnet.networking import oneshot
+from shardnet.networking import oneshot, replica_list
 from shardnet.runtimes.head import Head
+from shardnet.runtimes.server import ServerConfig
 from shardnet.runtimes.worker import Worker
 
 
@@ -151,9 +152,31 @@ async def test_failed_requests_are_counted_by_their_code_so_a_deadline_reads_apa
                   code="ERROR") == 1
 
 
-async def test_a_drained_replica_that_never_comes_back_is_ejected_not_draining_for_ever(runtimes, eventually):
-    """Its probes found nothing at its address, but it stayed 'draining' (no failure) for good: the ejected gauge,
-    which an alert reads, never counted a static replica whose restart failed (a regression review)."""
+async def test_a_drained_replica_whose_next_process_is_loading_is_draining_not_ejected(runtimes, eventually):
+    """A planned restart: the drained process exited and its next one listens on the same address seconds later (an
+    Executor loading its model). Flipped to ejected at the first probe that found nothing there, it read 'ejected:
+    failing' and fired the ejected gauge's alert on every rolling restart (a regression review)."""
+    head, workers, draining, drained = await set_aside_as_it_drains(runtimes, eventually, "restart", holding=1.0)
+    replicas = head.pool.get_replicas("restart", shard_id=0)
+    await drained
+    await eventually(lambda: draining.gone_since is not None, timeout=10.0)  # a probe found nothing listening
+    samples = await scrape(head)
+    assert sample(samples, "shardnet_head_replicas_draining", deployment="restart", shard="0") == 1
+    assert sample(samples, "shardnet_head_replicas_ejected", deployment="restart", shard="0") == 0
+    port = int(workers[1].server.address.rsplit(":", 1)[1])
+    await runtimes(Worker(executors.Sleepy.create(), ServerConfig(port=port)))  # the next process serves
+    await eventually(lambda: replicas.ejected_addresses == [], timeout=5.0)  # picked again within its 1 s probes
+    samples = await scrape(head)
+    assert sample(samples, "shardnet_head_replica_ejections_total", deployment="restart", shard="0") == 0
+
+
+async def test_a_drained_replica_that_never_comes_back_is_ejected_not_draining_for_ever(
+    runtimes, eventually, monkeypatch
+):
+    """Its probes found nothing at its address past a restart's grace, but it stayed 'draining' (no failure) for
+    good: the ejected gauge, which an alert reads, never counted a static replica whose restart failed (a
+    regression review)."""
+    monkeypatch.setattr(replica_list, "DRAINED_RESTART_GRACE", 1.0)  # its restart's grace, shortened
     head, workers, draining, drained = await set_aside_as_it_drains(runtimes, eventually, "gone", holding=2.0)
     replicas = head.pool.get_replicas("gone", shard_id=0)
     await drained  # gone for good: nothing serves its address again
@@ -162,6 +185,7 @@ async def test_a_drained_replica_that_never_comes_back_is_ejected_not_draining_f
     assert sample(samples, "shardnet_head_replicas_draining", deployment="gone", shard="0") == 0
     assert sample(samples, "shardnet_head_replicas_ejected", deployment="gone", shard="0") == 1
     assert replicas.ejected_addresses == [workers[1].server.address]
+    assert sample(samples, "shardnet_head_replica_ejections_total", deployment="gone", shard="0") == 1
 
 
 async def test_requests_a_forgotten_shards_lapsed_worker_holds_are_still_gauged(runtimes, eventually, tmp_path):

@@ -26,3 +26,22 @@ async def test_a_replica_removed_after_the_check_began_is_not_reported_down(echo
     finally:
         await checks.close()
         await pool.close()
+
+
+async def test_a_replica_added_after_the_check_began_is_counted_not_checked(echo_servers):
+    """The STATUS a check answers (reused for REUSE_SECONDS) lists a replica added since (a registration, a
+    discovery event): neither checked nor not, status said 'all 1 listed replicas serving' over two, one of them
+    refusing connections (a regression review)."""
+    [live] = await echo_servers(1)
+    pool = GrpcConnectionPool()
+    pool.add_connection("dep", live.address, shard_id=0)
+    checks = ReplicaChecks(pool, "dep", asyncio.Event())
+    try:
+        first = await checks.check(5.0)
+        assert first.checked == 1 and first.down == []
+        pool.add_connection("dep", "127.0.0.1:1", shard_id=0)  # refused; listed from now on
+        again = await checks.check(5.0)  # within REUSE_SECONDS: the same check answers
+        assert (again.checked, again.unchecked) == (1, 1), again
+    finally:
+        await checks.close()
+        await pool.close()

@@ -322,10 +322,11 @@ def _replica_notes(trailing) -> dict:
                 notes["down"][int(shard), urllib.parse.unquote(address)] = urllib.parse.unquote(cause)
         elif key == services.HOP_METADATA:
             role, address, mark = (value.split(" ", 2) + ["", ""])[:3]
-            if role in _HOP_ROLES and address and mark in ("", "ejected"):
+            # " draining": a head of bfaa207..fe5923a marked a draining hop's replica so (dropping it lost the line)
+            if role in _HOP_ROLES and address and mark in ("", "ejected", "draining"):
                 notes["hops"].append((role, urllib.parse.unquote(address)))
                 if mark:
-                    notes["ejected"].add(notes["hops"][-1])
+                    notes[mark].add(notes["hops"][-1])
         elif key == services.HOP_DRAINING_METADATA:
             role, _, address = value.partition(" ")
             if role in _HOP_ROLES and address:

@@ -142,7 +142,7 @@ class Connection:
     __slots__ = (
         "address", "_tls", "_options", "channel", "stubs", "running", "failures", "times_ejected", "_retiring",
         "_closed", "_origin", "_request_streams", "rebuilt_at", "admitted_at", "checked_at", "draining", "loop",
-        "_loop_thread", "recent_failures", "last_failure", "answered_at", "missed_at",
+        "_loop_thread", "recent_failures", "last_failure", "answered_at", "missed_at", "gone_since",
     )
 
     def __init__(
@@ -175,6 +175,9 @@ class Connection:
         self.rebuilt_at = float("-inf")  # loop time of the last rebuild
         self.checked_at = float("-inf")  # time.monotonic() of the last health check out of turn (ejected)
         self.draining = False  # set aside as it drains (not ejected): checked every second until it serves again
+        # time.monotonic() since which a replica set aside as it drained has had no process at its address (its
+        # drain ended: a restart's gap, or gone for good); None: none seen
+        self.gone_since: Optional[float] = None
         self._retiring: dict[asyncio.Task, _ChannelInUse] = {}  # replaced channels closing in the background
         self._closed: weakref.WeakSet = weakref.WeakSet()  # channels we closed: their cancelled calls were cut by us
         self._open()

@@ -73,6 +73,10 @@ OUT_OF_TURN_CHECKS_EVERY = 1.0
 # how often at most a replica set aside as draining is checked: its next process (a restart, a rolling update) is
 # expected within seconds, so its checks do not back off as an ejected replica's do
 DRAINING_CHECKS_EVERY = 1.0
+# seconds a replica set aside as it drained may have no process at its address (the drain ended, the next process
+# not listening yet: a restart, an Executor loading its model) and still be 'draining', not ejected: a planned
+# restart is no failure, and an alert on the ejected gauge must not fire on every rolling update
+DRAINED_RESTART_GRACE = 30.0
 
 
 MAX_SAID_CHARS = 300  # of what gRPC said of a replica's latest failure, quoted by its ejection
@@ -314,6 +318,7 @@ class ReplicaList:
             self._eligible.append(connection)
             connection.admitted_at = time.monotonic()
             connection.draining = False
+            connection.gone_since = None
 
     def _withdraw(self, connection: Connection) -> None:
         index = self._position.pop(connection, None)
@@ -490,6 +495,22 @@ class ReplicaList:
             return min(self._ejection.base_ejection, longest), longest
         return self._ejection.ejection_time(connection.times_ejected), self._ejection.max_ejection
 
+    def _eject_drained(self, connection: Connection, problem) -> float:
+        """Eject ``connection``, set aside as it drained, whose address no process has served for
+        DRAINED_RESTART_GRACE: counted and said as an ejection, probed on its back-off; the first wait."""
+        connection.draining = False
+        connection.gone_since = None
+        if time.monotonic() - connection.admitted_at >= self._ejection.max_ejection:
+            connection.times_ejected = 0
+        connection.times_ejected += 1
+        self.ejections += 1
+        delay = self._ejection.ejection_time(connection.times_ejected)
+        self._logger.warning(
+            "%s: ejecting replica %s, drained %.0fs ago and not back since (its health check: %s); probed every "
+            "%.1fs and more until it serves", self.name, connection.address, DRAINED_RESTART_GRACE, problem, delay,
+        )
+        return delay
+
     async def _probe_until_healthy(self, connection: Connection, delay: float, longest: float) -> None:
         """Check ``connection``'s health after ``delay``, then at doubling intervals up to ``longest``, until it
         serves. A channel gRPC holds in reconnect back-off (up to two minutes) is replaced first: it would fail
@@ -505,8 +526,16 @@ class ReplicaList:
                 if problem is None:
                     self._back_in(connection, "is healthy again")
                     return
-                if connection.draining and not problem.draining:  # its drain ended, and no process serves: down
-                    connection.draining = False  # for real, ejected as a failing one is (a regression review)
+                if connection.draining and not problem.draining:  # its drain ended, and no process serves yet
+                    now = time.monotonic()
+                    if connection.gone_since is None:
+                        connection.gone_since = now
+                    elif now - connection.gone_since >= DRAINED_RESTART_GRACE:  # no restart: down, for real
+                        delay = self._eject_drained(connection, problem)
+                        longest = self._ejection.max_ejection
+                        continue
+                elif connection.draining:  # draining still (or again: its next process not ready)
+                    connection.gone_since = None
                 if not self._eligible:  # nothing else left: better a doubtful replica than none
                     self._admit(connection)
                     return

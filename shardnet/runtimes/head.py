@@ -649,7 +649,9 @@ class Head:
             failed = exc.code if exc.code not in (None, grpc.StatusCode.OK) else grpc.StatusCode.UNAVAILABLE
             if failed == grpc.StatusCode.UNIMPLEMENTED:  # the head serves the method: its replica did not, and
                 failed = grpc.StatusCode.INTERNAL  # a caller must not take it for another server and go elsewhere
-            notes = self._timeout_note(failed, deadline) + self._queued_note(failed, deadline)
+            notes = self._timeout_note(failed, deadline) + self._queued_note(
+                failed, deadline, self.polling[counted] if counted is not None else PollingType.ANY
+            )
             if not _may_have_run(failed, worked or not exc.unsent, deadline, self.pool.retry.unsent_only):
                 # (one the head's --timeout took back from a hung worker's stream, never sent: not the caller's)
                 await context.abort(failed, f"{exc}{notes}")
@@ -684,7 +686,9 @@ class Head:
             return ""
         return f" (the head's timeout of {bound:g}s for each hop ran out: head --timeout, Deployment(timeout=))"
 
-    def _queued_note(self, failed: grpc.StatusCode, deadline: Optional[_Deadline]) -> str:
+    def _queued_note(
+        self, failed: grpc.StatusCode, deadline: Optional[_Deadline], polling: PollingType = PollingType.ANY
+    ) -> str:
         """What a DEADLINE_EXCEEDED of the caller's own deadline adds: how many requests this head had under way,
         and, without --max-in-flight, that it queues them all. gRPC's bare "Deadline Exceeded" after a replica's
         address reads as that replica hung; under an overload it was the queue (a review: at twice the capacity,
@@ -695,8 +699,13 @@ class Head:
         count = f"{under_way} request{'' if under_way == 1 else 's'} under way at this head"
         # a queue only when more are under way than replicas take them: else a stuck or slow replica, which the
         # flag would not help (a soak review: the hint came with 1 request under way behind a stopped worker)
-        routed_to = sum(len(self.pool.get_replicas(self.deployment, shard_id=shard) or ())
-                        for shard in self.pool.shard_ids(self.deployment))
+        # requests taking a replica at each step at once: under ALL each takes one of every shard (the shard with
+        # fewest replicas bounds them), under ANY one of any; a hop (uses_before/after) sees every request
+        shards = [len(self.pool.get_replicas(self.deployment, shard_id=shard) or ())
+                  for shard in self.pool.shard_ids(self.deployment)]
+        routed_to = (min(shards) if polling == PollingType.ALL else sum(shards)) if shards else 0
+        for _, hop in self._hops:
+            routed_to = min(routed_to, len(self.pool.get_replicas(hop) or ()))
         if self._max_in_flight is not None or under_way <= routed_to:
             return f" (the caller's deadline ran out, {count})"
         return (

@@ -109,6 +109,9 @@ class _Run:
                 serving.add(where)
             else:
                 down.append((where, entity_address(*connection.address.entity()), self.found[index]))
+        # listed now but not when the run began (added since: a registration, a discovery event): not checked
+        added = [] if current is None else [where for where, _ in current.difference(self.listed)]
+        unknown.update(added)
         may_serve = serving | unknown  # a shard or hop with a replica serving, or one not checked
         # in listed order
         none_serving = dict.fromkeys(self.listed[i][0] for i in kept if self.listed[i][0] not in may_serve)
@@ -117,7 +120,7 @@ class _Run:
             found,
             [replica for replica in down if isinstance(replica[0], int)],
             sorted(where for where in none_serving if isinstance(where, int)),
-            len(kept) - found,
+            len(kept) - found + len(added),
             age,
             hop_down=[replica for replica in down if isinstance(replica[0], str)],
             hops_down=[where for where in none_serving if isinstance(where, str)],
