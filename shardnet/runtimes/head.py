@@ -64,7 +64,9 @@ from shardnet.runtimes.bursts import BurstLog
 from shardnet.runtimes.executor import DRY_RUN_ENDPOINT
 from shardnet.runtimes.lifecycle import serve_until_signalled
 from shardnet.runtimes.log_lines import MAX_ID_CHARS, quoted
-from shardnet.runtimes.merge import every_shard_failed, failure_word, merge_shard_responses, report_shard_problems
+from shardnet.runtimes.merge import (
+    every_shard_failed, failure_word, failures_said, merge_shard_responses, report_shard_problems,
+)
 from shardnet.runtimes.refusals import RefusalLog
 from shardnet.runtimes.registrations import Registrations
 from shardnet.runtimes.replica_check import ReplicaCheck, ReplicaChecks
@@ -230,6 +232,12 @@ _CAUSE_SAFE = "".join(chr(code) for code in range(32, 127) if chr(code) != "%") 
 MAX_ENDPOINT_CHARS = 1024  # an endpoint from a request's header that a head forwards as metadata
 MAX_HEADS_PASSED = 16  # heads a request may have crossed (their ids travel on with it as metadata)
 _HEAD_ID = re.compile(r"[0-9a-f]{32}")  # what new_id() gives a head
+
+
+def _in_shard_order(failure: str) -> tuple:
+    """A failure's sort key: the shard it names as a number (shard 2 before shard 10), then its text."""
+    found = re.search(r"shard (\d+)", failure)
+    return (int(found.group(1)) if found else -1, failure)
 
 
 def _listed(shard_ids: list[int]) -> str:
@@ -1348,14 +1356,14 @@ class Head:
         (reply, failures), others = asked[0], asked[1:]
         if reply is None:
             if failures:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"endpoint discovery: {'; '.join(failures)}")
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"endpoint discovery: {failures_said(failures)}")
             return jina_pb2.EndpointsProto().SerializeToString()  # no replica at all
         if not others:
             return reply.SerializeToString()
         listed = set(reply.endpoints)
         for name, (other, failed) in zip(names[1:], others):
             if other is None:
-                reasons = "; ".join(failed) or "it has no replica"
+                reasons = failures_said(failed) or "it has no replica"
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"endpoint discovery of {name}: {reasons}")
             listed.update(other.endpoints)
         del reply.endpoints[:]
@@ -1400,7 +1408,7 @@ class Head:
             for task in asked:
                 task.cancel()
             await asyncio.gather(*asked, return_exceptions=True)
-        return None, sorted(failures)
+        return None, sorted(failures, key=_in_shard_order)
 
     # -- lifetime -----------------------------------------------------------------------
 

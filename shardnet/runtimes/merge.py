@@ -32,47 +32,53 @@ _MERGED_APART = frozenset({"id", "parent_id", "matches", "chunks"})  # docarray 
 
 def merge_documents(target: DataRequest, others: Sequence[DataRequest]) -> None:
     """Fold the documents of ``others`` into ``target`` by id, and their matches and chunks the same way."""
-    docs = target.proto.data.docs.docs
-    for other in others:
-        _reduce(docs, other.proto.data.docs.docs)
+    if others:
+        _reduce(target.proto.data.docs.docs, [other.proto.data.docs.docs for other in others])
 
 
-def _reduce(target: Any, source: Any) -> None:
-    """Fold the ``source`` documents into the ``target`` list by id, recursively (docarray's ``reduce``).
-
+def _reduce(target: Any, sources: Sequence[Any]) -> None:
+    """Fold each of the ``sources`` document lists into the ``target`` list by id, in order, recursively
+    (docarray's ``reduce``, one source after the other).
     A document ``target`` already holds keeps the fields it set, takes the others from the source's copy,
     and gains the matches and chunks it lacks, so a
     match or chunk the request carried to every shard comes back once, not once per shard. Documents
     without an id are always added: there is nothing to tell them apart by. Documents sharing an id fold by
-    position: the source's n-th of an id into the target's n-th of it, and one past the target's count is
+    position: a source's n-th of an id into the target's n-th of it, and one past the target's count is
     added (docarray's map of ids gives every copy to one document, and Jina's head loses some copies' matches).
+    The index of the target's ids is built once and kept as documents are added: rebuilt for every source, a
+    64-shard merge of a hundred matches each read the target's growing list 64 times over (quadratic, seconds
+    of the head's loop).
     """
-    by_id = {doc.id: doc for doc in target if doc.id}  # each id's next document to fold into
-    later: dict[str, deque] = {}  # an id's documents after its first, when the target holds it more than once
-    if len(by_id) != len(target):  # ids repeated or missing (rare): the first of each id, and the rest in order
-        by_id, later = {}, {}
-        for doc in target:
-            if doc.id in by_id:
-                later.setdefault(doc.id, deque()).append(doc)
-            elif doc.id:
-                by_id[doc.id] = doc
-    folding: list[tuple[Any, Any]] = []  # (the target's document, the source's copy) whose matches and chunks fold
-    for doc in source:
-        existing = by_id.pop(doc.id, None) if doc.id else None  # taken: the id's next copy goes to its next one
-        if existing is None:
-            target.add().CopyFrom(doc)
-            continue
-        if later and later.get(doc.id):
-            by_id[doc.id] = later[doc.id].popleft()
-        if doc.matches or doc.chunks:
-            _fill_empty_fields(existing, doc)
-            folding.append((existing, doc))  # its matches and chunks fold in by id, id-less ones added
-        elif doc != existing:  # a leaf (most matches): an echoed copy, the same to the last field, has nothing to
-            # add, which protobuf tells in C some ten times faster than a fill finds it
-            _fill_empty_fields(existing, doc)
-    for existing, doc in folding:
+    positions: dict[str, list[int]] = {}  # each id's documents in the target, by index, in order
+    for index, doc in enumerate(target):
+        if doc.id:
+            positions.setdefault(doc.id, []).append(index)
+    # by index of the target's document: the sources' copies whose matches and chunks fold into it, in order
+    folding: dict[int, list[Any]] = {}
+    for source in sources:
+        taken: dict[str, int] = {}  # per id: how many of this source's copies of it came so far
+        for doc in source:
+            if not doc.id:
+                target.add().CopyFrom(doc)
+                continue
+            nth = taken.get(doc.id, 0)
+            taken[doc.id] = nth + 1
+            held = positions.setdefault(doc.id, [])
+            if nth >= len(held):
+                held.append(len(target))
+                target.add().CopyFrom(doc)
+                continue
+            existing = target[held[nth]]
+            if doc.matches or doc.chunks:
+                _fill_empty_fields(existing, doc)
+                folding.setdefault(held[nth], []).append(doc)  # its matches and chunks fold in by id
+            elif doc != existing:  # a leaf (most matches): an echoed copy, the same to the last field, has nothing
+                # to add, which protobuf tells in C some ten times faster than a fill finds it
+                _fill_empty_fields(existing, doc)
+    for index, copies in folding.items():
+        existing = target[index]
         for field in ("matches", "chunks"):
-            gained = getattr(doc, field)
+            gained = [getattr(doc, field) for doc in copies if getattr(doc, field)]
             if gained:
                 _reduce(getattr(existing, field), gained)
 
@@ -311,6 +317,19 @@ def _cut(text: str, room: int, size: Callable[[str], int]) -> str:
         if taken > room:
             return cut[:index]
     return cut
+
+
+def failures_said(failures: Sequence[str]) -> str:
+    """Failures (one text each) joined as a gRPC status's details say them: as many as fit in FAILURES_ROOM, then
+    how many more. Joined whole, a head of 100 shards whose endpoint discovery failed on each sent 23 KB of
+    details, past the 16 KB a client takes of trailers: the caller got RESOURCE_EXHAUSTED ("received metadata
+    size exceeds hard limit") instead of why."""
+    if not failures:
+        return ""
+    named, unnamed = _within_room([_kept("", failure) for failure in failures], _said_size)
+    return "; ".join(named) + (
+        f"; and {unnamed} more failed (unnamed: a gRPC status's details must stay small)" if unnamed else ""
+    )
 
 
 def _problems_said(problems: Sequence[tuple[str, int]]) -> str:
