@@ -38,6 +38,7 @@ from shardnet.networking.connection import (
     close_in_turn,
     finish_or_cut,
 )
+from shardnet.networking.health import HealthProblem
 from shardnet.networking.outliers import ShortDeadlineOutliers
 from shardnet.networking.streams import rpc_error
 from shardnet.networking.policies import EjectionPolicy, check_seconds
@@ -461,10 +462,7 @@ class ReplicaList:
     def _eject(self, connection: Connection) -> None:
         self._withdraw(connection)
         self.balancer.forget(connection)  # its failures' estimate must not seed the replicas added meanwhile
-        if time.monotonic() - connection.admitted_at >= self._ejection.max_ejection:
-            connection.times_ejected = 0  # healthy for as long as the longest ejection: an old blip is forgotten
-        connection.times_ejected += 1
-        self.ejections += 1
+        self._count_ejection(connection)
         delay = self._start_probe(connection)
         run = connection.recent_failures
         if len(run) == 1:  # EjectionPolicy(consecutive_failures=1): no run to count
@@ -495,15 +493,19 @@ class ReplicaList:
             return min(self._ejection.base_ejection, longest), longest
         return self._ejection.ejection_time(connection.times_ejected), self._ejection.max_ejection
 
-    def _eject_drained(self, connection: Connection, problem) -> float:
+    def _count_ejection(self, connection: Connection) -> None:
+        """One more ejection of ``connection`` (its back-off's step) and of this list (the metrics')."""
+        if time.monotonic() - connection.admitted_at >= self._ejection.max_ejection:
+            connection.times_ejected = 0  # healthy for as long as the longest ejection: an old blip is forgotten
+        connection.times_ejected += 1
+        self.ejections += 1
+
+    def _eject_drained(self, connection: Connection, problem: HealthProblem) -> float:
         """Eject ``connection``, set aside as it drained, whose address no process has served for
         DRAINED_RESTART_GRACE: counted and said as an ejection, probed on its back-off; the first wait."""
         connection.draining = False
         connection.gone_since = None
-        if time.monotonic() - connection.admitted_at >= self._ejection.max_ejection:
-            connection.times_ejected = 0
-        connection.times_ejected += 1
-        self.ejections += 1
+        self._count_ejection(connection)
         delay = self._ejection.ejection_time(connection.times_ejected)
         self._logger.warning(
             "%s: ejecting replica %s, drained %.0fs ago and not back since (its health check: %s); probed every "
