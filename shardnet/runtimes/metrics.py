@@ -148,9 +148,9 @@ def metered(handle: Handle, meter: RequestMeter, record: Record, endpoint_of: Ca
             if endpoint == DRY_RUN_ENDPOINT:
                 meter.dry_run()
             else:
-                # an ERROR answer, an abort's status, or else a fault of the handler's own (gRPC says UNKNOWN)
-                code = None if outcome != ERROR else ERROR_ANSWER if context.code is None and _marked_error(
-                    context.trailing) else context.code or "UNKNOWN"
+                code = None
+                if outcome == ERROR:  # an abort's status, an ERROR answer, else the handler's own fault (UNKNOWN)
+                    code = context.code or (ERROR_ANSWER if _marked_error(context.trailing) else "UNKNOWN")
                 record(endpoint, outcome, time.perf_counter() - started, code)
 
     return handle_metered
