@@ -705,10 +705,10 @@ class Head:
             return ""
         under_way = sum(self._under_way.values())
         count = f"{under_way} request{'' if under_way == 1 else 's'} under way at this head"
-        # a queue only when more are under way than replicas take them: else a stuck or slow replica, which the
-        # flag would not help (a soak review: the hint came with 1 request under way behind a stopped worker)
-        # requests taking a replica at each step at once: under ALL each takes one of every shard (the shard with
-        # fewest replicas bounds them), under ANY one of any; a hop (uses_before/after) sees every request
+        # a queue only when more are under way than replicas take them at once, else a stuck or slow replica, which
+        # the flag would not help (a soak review: the hint came with 1 request under way behind a stopped worker):
+        # under ALL each takes one of every shard (the shard with fewest bounds them), under ANY one of any, and a
+        # hop (uses_before/after) sees every request
         shards = [len(self.pool.get_replicas(self.deployment, shard_id=shard) or ())
                   for shard in self.pool.shard_ids(self.deployment)]
         routed_to = (min(shards) if polling == PollingType.ALL else sum(shards)) if shards else 0
@@ -1269,8 +1269,7 @@ class Head:
                 empty.append(shard_id)
             draining = set(replicas.draining_addresses)  # set aside as they drain: said so, not "failing"
             ejected.extend(
-                (shard_id, address + (" draining" if address in draining else ""))
-                for address in replicas.ejected_addresses
+                (shard_id, address, " draining" if address in draining else "") for address in replicas.ejected_addresses
             )
         pairs = []
         if empty:
@@ -1279,10 +1278,9 @@ class Head:
             if unlisted:
                 pairs.append((services.EMPTY_SHARDS_UNLISTED_METADATA, str(unlisted)))
         room, named = EJECTED_ROOM, 0
-        for shard_id, address in ejected[:EJECTED_LISTED]:
-            address, _, mark = address.partition(" ")
+        for shard_id, address, mark in ejected[:EJECTED_LISTED]:
             # the address as the related entity names it; " draining" for one set aside as it drains
-            value = f"{shard_id} {_quoted_entity(address)}" + (f" {mark}" if mark else "")
+            value = f"{shard_id} {_quoted_entity(address)}{mark}"
             room -= len(services.EJECTED_METADATA) + len(value) + 32  # 32: what HPACK counts per entry
             if room < 0:
                 break
