@@ -149,12 +149,14 @@ async def test_a_callers_deadline_running_out_behind_more_requests_than_replicas
         head = await started_head(replica.address)
         try:
             # 3 s: the head answers a quarter second before the caller gives up, room for a loaded machine
-            answers = await asyncio.gather(*(call_head(head, DataRequest(endpoint="/x"), timeout=3.0) for _ in range(3)))
+            answers = await asyncio.gather(
+                *(call_head(head, DataRequest(endpoint="/x"), timeout=3.0) for _ in range(3))
+            )
         finally:
             await head.stop(0)
     assert {code for code, _, _ in answers} == {grpc.StatusCode.DEADLINE_EXCEEDED}, answers
-    assert any("requests under way at this head, which queues all it is sent" in details and "--max-in-flight" in details
-               for _, details, _ in answers), answers
+    assert any("requests under way at this head, which queues all it is sent" in details
+               and "--max-in-flight" in details for _, details, _ in answers), answers
 
 
 @pytest.mark.parametrize("polling", ["ANY", "ALL"])
@@ -455,7 +457,9 @@ async def test_under_all_the_queue_is_counted_per_shard_not_over_the_replicas_of
         await head.start()
         try:
             # 3 s: the head answers a quarter second before the caller gives up, room for a loaded machine
-            answers = await asyncio.gather(*(call_head(head, DataRequest(endpoint="/x"), timeout=3.0) for _ in range(3)))
+            answers = await asyncio.gather(
+                *(call_head(head, DataRequest(endpoint="/x"), timeout=3.0) for _ in range(3))
+            )
         finally:
             await head.stop(0)
     assert {code for code, _, _ in answers} == {grpc.StatusCode.DEADLINE_EXCEEDED}, answers

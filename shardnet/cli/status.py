@@ -302,7 +302,8 @@ def _replica_notes(trailing) -> dict:
     problem. A worker, or a Jina head,
     says none of it (nor a head of an earlier version of the hops); a value that does not read is skipped."""
     notes = {"ejected": set(), "draining": set(), "empty": [], "unlisted": 0, "empty_unlisted": 0, "empty_ranges": "",
-             "checked": None, "down": {}, "down_unlisted": 0, "shards_down": [], "shards_down_ranges": "", "shards_down_unlisted": 0,
+             "checked": None, "down": {}, "down_unlisted": 0, "shards_down": [], "shards_down_ranges": "",
+             "shards_down_unlisted": 0,
              "unchecked": 0, "age": None, "hops": [], "hops_unlisted": 0, "empty_hops": [], "hops_down": [],
              "discovery": ""}
     counts = {

@@ -1269,7 +1269,8 @@ class Head:
                 empty.append(shard_id)
             draining = set(replicas.draining_addresses)  # set aside as they drain: said so, not "failing"
             ejected.extend(
-                (shard_id, address, " draining" if address in draining else "") for address in replicas.ejected_addresses
+                (shard_id, address, " draining" if address in draining else "")
+                for address in replicas.ejected_addresses
             )
         pairs = []
         if empty:
