@@ -8,14 +8,22 @@ stalled for seconds and ``shardnet status`` named serving replicas as not answer
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 
 import grpc
 import grpc.aio._channel as aio_channel
 import pytest
 
 from shardnet import GrpcConnectionPool
+from shardnet.networking.addresses import parse_address
+from shardnet.networking.connection import Connection
 from shardnet.runtimes.replica_check import ReplicaChecks
 from shardnet.testing import EchoServer
+
+
+def _open_fds() -> int:
+    return len(os.listdir(f"/proc/{os.getpid()}/fd"))
 
 
 @pytest.fixture
@@ -66,3 +74,25 @@ async def test_a_channel_closed_so_refuses_new_calls_and_a_second_close_is_harml
         await channel.close()  # grpc.aio's own close after it: nothing left to do
         with pytest.raises(Exception):
             await channel.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=1)
+
+
+async def test_a_check_of_a_hung_replica_its_caller_left_leaves_no_connection_behind(eventually):
+    """A check cut short (a draining head, a caller leaving) while its connection's handshake was pending left that
+    connection open, and gRPC redialling the hung replica for as long as the process lived (grpcio 1.78: its own
+    close() does the same); the check now ends by its own deadline, and its channel closes then (a regression
+    review)."""
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(64)  # the kernel accepts; nothing ever answers
+    connection = Connection(parse_address(f"127.0.0.1:{hung.getsockname()[1]}"))
+    try:
+        base = _open_fds()
+        checks = [asyncio.ensure_future(connection.problem_now(1.0)) for _ in range(8)]
+        await eventually(lambda: _open_fds() > base, timeout=5.0)  # dialling
+        for check in checks:
+            check.cancel()
+        await asyncio.gather(*checks, return_exceptions=True)
+        await eventually(lambda: _open_fds() <= base, timeout=10.0)  # past the checks' own time: all closed
+    finally:
+        await connection.close()
+        hung.close()

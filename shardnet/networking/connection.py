@@ -79,6 +79,12 @@ async def _closed() -> None:
     return None
 
 
+def _retrieved(task: asyncio.Task) -> None:
+    """Read a check's outcome no one waits for any more (its caller was cancelled), so none is said unretrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
 async def close_in_turn(closes: Iterable[Awaitable[Any]]) -> None:
     """Start each close a loop pass after the one before, then wait for them all: grpc.aio's channel close walks
     every task of the loop, and thousands started at once walked each other. A close that has finished is let
@@ -308,14 +314,18 @@ class Connection:
         than the connection's (a renewal tried before it is taken)."""
         options = {**dict(self._options or ()), CONNECT_TIMEOUT: math.ceil(timeout * 1000) + CONNECT_SLACK_MS}
         channel = get_grpc_channel(self.address, options=options, asyncio=True, tls=tls or self._tls)
+        # the check runs in a task of its own, left to end by its deadline when the caller is cancelled: a call
+        # cancelled while its connection's handshake is pending (a hung replica) left that connection open and
+        # gRPC redialling the replica for as long as the process lived, its channel closed or not (grpcio 1.78)
+        check = asyncio.ensure_future(health_problem(
+            Stubs.for_channel(channel, origin=self._origin), self.address, timeout, tls or self._tls
+        ))
+        check.add_done_callback(lambda _: asyncio.ensure_future(close_finished_channel(channel)))
         try:
-            return await health_problem(
-                Stubs.for_channel(channel, origin=self._origin), self.address, timeout, tls or self._tls
-            )
-        finally:
-            # shielded: a check cut short (a head draining) and cut again as the close runs left the channel open,
-            # and gRPC dialling the replica again and again for as long as the channel object lived
-            await asyncio.shield(close_finished_channel(channel))
+            return await asyncio.shield(check)
+        except asyncio.CancelledError:
+            check.add_done_callback(_retrieved)
+            raise
 
     async def close(self, grace: Optional[float] = None) -> None:
         """Close the channel, giving calls in flight ``grace`` seconds; replaced channels get the same.

@@ -503,13 +503,14 @@ class ReplicaList:
     def _eject_drained(self, connection: Connection, problem: HealthProblem) -> float:
         """Eject ``connection``, set aside as it drained, whose address no process has served for
         DRAINED_RESTART_GRACE: counted and said as an ejection, probed on its back-off; the first wait."""
+        gone = time.monotonic() - (connection.gone_since or time.monotonic())
         connection.draining = False
         connection.gone_since = None
         self._count_ejection(connection)
         delay = self._ejection.ejection_time(connection.times_ejected)
         self._logger.warning(
-            "%s: ejecting replica %s, drained %.0fs ago and not back since (its health check: %s); probed every "
-            "%.1fs and more until it serves", self.name, connection.address, DRAINED_RESTART_GRACE, problem, delay,
+            "%s: ejecting replica %s, drained and not served at its address for %.0fs (its health check: %s); probed "
+            "every %.1fs and more until it serves", self.name, connection.address, gone, problem, delay,
         )
         return delay
 
@@ -530,14 +531,15 @@ class ReplicaList:
                     return
                 if connection.draining and not problem.draining:  # its drain ended, and no process serves yet
                     now = time.monotonic()
+                    # since the first probe that found nothing listening, reset only by SERVING (_admit): a next
+                    # process that says NOT_SERVING as it loads, then dies, again and again (a crash loop) never
+                    # served, and starting the grace over at each NOT_SERVING kept it 'draining' for good
                     if connection.gone_since is None:
                         connection.gone_since = now
                     elif now - connection.gone_since >= DRAINED_RESTART_GRACE:  # no restart: down, for real
                         delay = self._eject_drained(connection, problem)
                         longest = self._ejection.max_ejection
                         continue
-                elif connection.draining:  # draining still (or again: its next process not ready)
-                    connection.gone_since = None
                 if not self._eligible:  # nothing else left: better a doubtful replica than none
                     self._admit(connection)
                     return
