@@ -377,3 +377,21 @@ def test_a_revive_beside_a_restart_leaves_the_restarted_worker_to_it(caplog):
         assert [doc.text for doc in deployment.post("/", [Document(text="a")])] == ["A"]
     finally:
         deployment.stop()
+
+
+def test_a_restart_refused_while_revive_starts_the_worker_again_names_revive():
+    """It said "being restarted by another call", where the other was revive() (``shardnet deploy``'s loop, or the
+    program's own), which the caller may never have made itself (a regression review)."""
+    deployment = Deployment(executors.Upper)
+    deployment.start()
+    try:
+        worker = deployment.workers[(0, 0)]
+        worker.kill()
+        with deployment._revive_claim(worker) as claimed:  # as revive() holds it while it launches the worker
+            assert claimed
+            with pytest.raises(ProcessError, match=r"worker-0-0 is being restarted by revive\(\), after it exited"):
+                deployment.restart_worker(0, 0)
+        assert deployment.revive() == ["worker-0-0"]
+        assert [doc.text for doc in deployment.post("/", [Document(text="a")])] == ["A"]
+    finally:
+        deployment.stop()

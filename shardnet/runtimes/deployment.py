@@ -371,7 +371,7 @@ class Deployment:
         # the processes a restart_worker() or restart_head() is restarting, or revive() launching again (their
         # roles), under _restart_claims: a second restart of one of them meanwhile failed with "still running: stop
         # it before launching it again", and a revive() took a restart's stop for an exit and launched it too
-        self._restarting: set[str] = set()
+        self._restarting: dict[str, str] = {}  # role -> who: "another call" (a restart), or "revive()"
         self._restart_claims = threading.Lock()
         self._launch_lock_depth = 0  # how many times the thread holding _launching took it: 2 in a signal handler
         self._start_under_way = False  # a start() (of any thread) is between its check and its end
@@ -700,14 +700,16 @@ class Deployment:
         exit to start it again from)."""
         with self._restart_claims:
             if process.role in self._restarting:
-                raise ProcessError(f"{process.role} is being restarted by another call: wait for it to return")
-            self._restarting.add(process.role)
+                raise ProcessError(
+                    f"{process.role} is being restarted by {self._restarting[process.role]}: wait for it to return"
+                )
+            self._restarting[process.role] = "another call"
         self._starting.discard(process)  # a start of revive()'s under way: this restart's now
         try:
             yield
         finally:
             with self._restart_claims:
-                self._restarting.discard(process.role)
+                self._restarting.pop(process.role, None)
 
     def _exited_by_itself(self, process: ShardnetProcess) -> bool:
         """Whether ``process`` is down and no restart claims it: one a restart stopped did not exit (asked under
@@ -723,14 +725,14 @@ class Deployment:
             if process.role in self._restarting or process.alive:
                 claimed = False
             else:
-                self._restarting.add(process.role)
+                self._restarting[process.role] = "revive(), after it exited"
                 claimed = True
         try:
             yield claimed
         finally:
             if claimed:
                 with self._restart_claims:
-                    self._restarting.discard(process.role)
+                    self._restarting.pop(process.role, None)
 
     def _wait_listed(self, key: tuple[int, int], process: ShardnetProcess) -> None:
         """Block until the head lists the worker ``key`` (``process``, ready), within the startup timeout: a
