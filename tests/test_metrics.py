@@ -90,6 +90,9 @@ async def test_head_and_worker_count_and_time_requests_by_endpoint_and_outcome(r
                       endpoint=endpoint) == count
     assert sample(at_head, "shardnet_head_request_duration_seconds_bucket", deployment="tags", endpoint="/tag",
                   le="+Inf") == 2
+    for past_ten_seconds in ("30.0", "60.0", "120.0"):  # a model's batch or an overload's queue: not all in +Inf
+        assert sample(at_head, "shardnet_head_request_duration_seconds_bucket", deployment="tags", endpoint="/tag",
+                      le=past_ten_seconds) == 2
     assert sample(at_head, "shardnet_head_request_duration_seconds_sum", deployment="tags", endpoint="/tag") > 0
     assert not any(name == "shardnet_head_requests_total" and ("outcome", "error") in labels
                    and ("endpoint", "/tag") in labels for name, labels in at_head)

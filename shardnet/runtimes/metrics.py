@@ -50,6 +50,10 @@ LEARN_TIMEOUT = 5.0  # how long such a question may take
 MAX_WAITING_COUNTS = 10_000  # requests counted once the question in flight is answered; past these, OTHER
 # what became of a request (the ``outcome`` label)
 OK, ERROR, REFUSED, CANCELLED, UNBOUND = "ok", "error", "refused", "cancelled", "unbound"
+# prometheus_client's default buckets (5 ms to 10 s), then 30 s, a minute and two: a model's batch, a large
+# request's transfer or an overload's queue take longer than 10 s, which the default lumps into +Inf alone
+DURATION_BUCKETS = (.005, .01, .025, .05, .075, .1, .25, .5, .75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0, 120.0,
+                    float("inf"))
 
 Handle = Callable[..., Awaitable[bytes]]
 Record = Callable[..., None]  # record(endpoint, outcome, seconds, code=None)
@@ -74,7 +78,7 @@ class RequestMeter:
             "ERROR answer), cancelled ones apart", [*names, "code"], registry=registry,
         )
         self._seconds = Histogram(f"{prefix}_{timed}_duration_seconds", f"seconds {what} took, by endpoint", names,
-                                  registry=registry)
+                                  registry=registry, buckets=DURATION_BUCKETS)
         dry_runs = Counter(f"{prefix}_dry_runs", f"readiness checks ({DRY_RUN_ENDPOINT} requests), not in the "
                            f"{prefix}_requests counts", list(constant), registry=registry)
         self.dry_run = dry_runs.labels(*constant.values()).inc
