@@ -51,6 +51,21 @@ async def launched(workers: list[ShardnetProcess]) -> list[str]:
     return [await asyncio.to_thread(worker.wait_ready, 30.0) for worker in workers]
 
 
+async def two_replicas_of_shard_0(head: Head, folder: Path, eventually, register_interval: float):
+    """Two Sleepy worker processes registering with ``head`` as shard 0's replicas, once it routes to both:
+    (workers, their addresses, the shard's replica list); the caller kills them."""
+    workers = sleepy_workers(head, folder, shards=[0, 0], register_interval=register_interval)
+    try:
+        addresses = await launched(workers)
+        replicas = head.pool.get_replicas(head.deployment, shard_id=0)
+        await eventually(lambda: sorted(replicas.addresses) == sorted(addresses), timeout=10.0)
+    except BaseException:
+        for worker in workers:
+            worker.kill()
+        raise
+    return workers, addresses, replicas
+
+
 async def one_worker_a_shard(head: Head, folder: Path, eventually) -> list[ShardnetProcess]:
     """Two Sleepy worker processes registering with ``head`` (every 0.2 s), shard 0's and shard 1's, once it routes
     to both; the caller kills them."""
@@ -78,11 +93,8 @@ async def test_requests_held_by_a_stopped_worker_are_answered_by_the_other_once_
     after its lease lapsed, since a removed replica keeps its channel for the calls on it: a lapse now cuts them
     and they fail over to the live replica."""
     head = await runtimes(Head("stalled", lease=1.5, request_streams=request_streams))
-    workers = sleepy_workers(head, tmp_path, shards=[0, 0], register_interval=0.25)
+    workers, addresses, replicas = await two_replicas_of_shard_0(head, tmp_path, eventually, 0.25)
     try:
-        addresses = await launched(workers)
-        replicas = head.pool.get_replicas("stalled", shard_id=0)
-        await eventually(lambda: sorted(replicas.addresses) == sorted(addresses), timeout=10.0)
         connections = {str(connection.address): connection for connection in replicas.get_all_connections()}
         stopped, live = workers[0], workers[1]
 
@@ -539,11 +551,8 @@ async def test_at_most_once_fails_a_request_a_dead_replica_may_have_run_and_fail
     goes on."""
     pool = GrpcConnectionPool(balancer="round_robin", retry=RetryPolicy(unsent_only=True))
     head = await runtimes(Head("once", pool=pool))
-    workers = sleepy_workers(head, tmp_path, shards=[0, 0], register_interval=0.25)
+    workers, addresses, replicas = await two_replicas_of_shard_0(head, tmp_path, eventually, 0.25)
     try:
-        addresses = await launched(workers)
-        replicas = head.pool.get_replicas("once", shard_id=0)
-        await eventually(lambda: sorted(replicas.addresses) == sorted(addresses), timeout=10.0)
         marks = tmp_path / "marks"
         marks.mkdir()
         request = DataRequest([Document(text="q")], endpoint="/sleep", parameters={"seconds": 2.0, "mark": str(marks)})
@@ -572,11 +581,8 @@ async def test_at_most_once_a_stalled_worker_answers_what_it_held_once_it_resume
     of which it answered on resuming), and the head's log said they 'fail over'."""
     pool = GrpcConnectionPool(balancer="p2c_ewma", request_streams=True, retry=RetryPolicy(unsent_only=True))
     head = await runtimes(Head("once", lease=1.0, pool=pool))
-    workers = sleepy_workers(head, tmp_path, shards=[0, 0], register_interval=0.2)
+    workers, addresses, replicas = await two_replicas_of_shard_0(head, tmp_path, eventually, 0.2)
     try:
-        addresses = await launched(workers)
-        replicas = head.pool.get_replicas("once", shard_id=0)
-        await eventually(lambda: sorted(replicas.addresses) == sorted(addresses), timeout=10.0)
         connections = {str(c.address): c for c in replicas.get_all_connections()}
         stopped = workers[0]
         request = DataRequest([Document(text="q")], endpoint="/sleep", parameters={"seconds": 1.0})
@@ -623,11 +629,8 @@ async def test_at_most_once_what_a_lapsed_workers_streams_never_wrote_goes_to_an
     runs.mkdir()
     pool = GrpcConnectionPool(balancer="round_robin", request_streams=True, retry=RetryPolicy(unsent_only=True))
     head = await runtimes(Head("once", lease=3.0, pool=pool))
-    workers = sleepy_workers(head, tmp_path, shards=[0, 0], register_interval=0.2)
+    workers, addresses, replicas = await two_replicas_of_shard_0(head, tmp_path, eventually, 0.2)
     try:
-        addresses = await launched(workers)
-        replicas = head.pool.get_replicas("once", shard_id=0)
-        await eventually(lambda: sorted(replicas.addresses) == sorted(addresses), timeout=10.0)
         stopped = next(w for w in workers if w.address == addresses[0])
         lanes = next(c for c in replicas.get_all_connections() if str(c.address) == stopped.address).stubs.streams
         warm = DataRequest([Document(text="w")], endpoint="/sleep", parameters={"seconds": 0.0})

@@ -571,6 +571,14 @@ async def test_a_replica_is_no_outlier_while_its_peers_miss_callers_deadlines_to
         await replicas.close()
 
 
+async def timed_out_attempt(replicas: ReplicaList, connection, timeout: float) -> None:
+    """A pool attempt on ``connection`` that times out after ``timeout`` (the pool's attempt timeout, not a caller's
+    deadline)."""
+    with pytest.raises(grpc.aio.AioRpcError):
+        request, metadata = DataRequest(endpoint="/x"), (("endpoint", "/x"),)
+        await replicas.call(connection, "single_data", request, metadata, timeout, callers_deadline=False)
+
+
 async def test_a_busy_replica_answering_its_queue_is_not_ejected_for_attempt_timeouts(echo_servers):
     """The pool's attempt timeout counts towards ejection, to fail a hung replica's calls over and take it out; a
     replica answering calls all the while is queued, not hung (an overload review: --attempt-timeout 0.3 at twice
@@ -581,20 +589,15 @@ async def test_a_busy_replica_answering_its_queue_is_not_ejected_for_attempt_tim
         lagging = replicas.add_connection(busy.address)
         replicas.add_connection(peer.address)
 
-        async def timed_out_attempt() -> None:
-            with pytest.raises(grpc.aio.AioRpcError):
-                request, metadata = DataRequest(endpoint="/x"), (("endpoint", "/x"),)
-                await replicas.call(lagging, "single_data", request, metadata, 1.0, callers_deadline=False)
-
         busy.delay = 0.1
         earlier = asyncio.ensure_future(call_once(replicas, lagging, 5.0))
         await asyncio.sleep(0.02)
         busy.delay = 30.0
-        attempts = asyncio.ensure_future(asyncio.gather(*(timed_out_attempt() for _ in range(3))))
+        attempts = asyncio.ensure_future(asyncio.gather(*(timed_out_attempt(replicas, lagging, 1.0) for _ in range(3))))
         await earlier
         await attempts
         assert lagging.failures == 0 and replicas.is_eligible(lagging)
-        await asyncio.gather(*(timed_out_attempt() for _ in range(3)))  # nothing answered meanwhile: hung
+        await asyncio.gather(*(timed_out_attempt(replicas, lagging, 1.0) for _ in range(3)))  # nothing answered: hung
         assert not replicas.is_eligible(lagging)
     finally:
         await replicas.close()
@@ -612,13 +615,8 @@ async def test_a_replica_hanging_on_some_calls_while_it_answers_later_ones_is_st
         lagging = replicas.add_connection(stuck.address)
         replicas.add_connection(peer.address)
 
-        async def timed_out_attempt() -> None:
-            with pytest.raises(grpc.aio.AioRpcError):
-                request, metadata = DataRequest(endpoint="/x"), (("endpoint", "/x"),)
-                await replicas.call(lagging, "single_data", request, metadata, 0.5, callers_deadline=False)
-
         stuck.delay = 30.0  # these hang
-        hung = asyncio.ensure_future(asyncio.gather(*(timed_out_attempt() for _ in range(3))))
+        hung = asyncio.ensure_future(asyncio.gather(*(timed_out_attempt(replicas, lagging, 0.5) for _ in range(3))))
         await asyncio.sleep(0.05)
         stuck.delay = 0.0
         await call_once(replicas, lagging, 5.0, "/x")  # sent after them, answered at once: they were overtaken

@@ -1136,13 +1136,20 @@ async def test_requests_taken_back_out_of_order_behind_a_stalled_stream_cost_no_
     assert not writer.withdraw(repeated)
 
 
-async def test_a_stopped_writer_hands_back_only_what_was_not_taken_back():
+async def stuck_writer() -> streams.StreamWriter:
+    """A writer whose first message is being written, for ever (a replica that stopped reading): what is sent
+    after it waits in the queue."""
     async def write(message: bytes) -> None:
         await asyncio.Event().wait()
 
     writer = streams.StreamWriter(write)
     writer.send(b"being written")
     await asyncio.sleep(0)
+    return writer
+
+
+async def test_a_stopped_writer_hands_back_only_what_was_not_taken_back():
+    writer = await stuck_writer()
     queued = [b"a", b"b", b"c"]
     for message in queued:
         writer.send(message)
@@ -1239,12 +1246,7 @@ async def test_cells_are_let_go_when_the_stream_breaks_and_its_queue_is_taken():
 
 
 async def test_room_is_made_when_a_withdrawal_ends_fullness():
-    async def write(message: bytes) -> None:
-        await asyncio.Event().wait()
-
-    writer = streams.StreamWriter(write)
-    writer.send(b"stuck")
-    await asyncio.sleep(0)
+    writer = await stuck_writer()
     messages = [b"%d" % index for index in range(streams.WRITER_BACKLOG_MESSAGES)]
     for message in messages:
         writer.send(message)

@@ -245,13 +245,12 @@ class RepeatedWarnings:
         self._said: Optional[str] = None
         self._said_at = 0.0
 
-    def level(self, failure: str, loud: int = logging.WARNING) -> int:
-        """``loud`` for a new failure or one said long enough ago, else DEBUG."""
+    def level(self, failure: str) -> int:
         now = time.monotonic()
         if failure == self._said and now - self._said_at < REPEAT_WARNING_SECONDS:
             return logging.DEBUG
         self._said, self._said_at = failure, now
-        return loud
+        return logging.WARNING
 
 
 def _watch_again(error: BaseException) -> bool:
