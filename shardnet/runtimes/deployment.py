@@ -52,7 +52,7 @@ from shardnet.runtimes.executor import (
     split_uses,
 )
 from shardnet.runtimes.head import MAX_RENEWAL_INTERVAL, MAX_WORKERS, MAY_HAVE_RUN_ERROR
-from shardnet.runtimes.processes import LOG_LEVELS, ShardnetProcess, stop_all
+from shardnet.runtimes.processes import LOG_LEVELS, ShardnetProcess, process_running, stop_all
 from shardnet.runtimes.server import ServerConfig
 from shardnet.runtimes.worker import AFTER_DRAIN_SECONDS, MIN_REGISTER_INTERVAL, SHORTEST_INTERVAL_WHY
 
@@ -78,6 +78,27 @@ def _socket_folder(shards: int, replicas: int, asked: Optional[bool]) -> Optiona
         raise ConfigurationError(f"unix_sockets=True: {why}; set TMPDIR to a shorter folder")
     logger.info("%s: the head dials its workers over loopback TCP", why)
     return None
+
+
+def _removed_by_the_run(folder: Optional[tempfile.TemporaryDirectory]) -> Optional[tempfile.TemporaryDirectory]:
+    """``folder``, its own removal at interpreter exit taken off: the run's finalizer removes it, in the process
+    that made it only (a fork inherits the finalizer too)."""
+    finalizer = getattr(folder, "_finalizer", None)
+    if finalizer is not None:
+        finalizer.detach()
+    return folder
+
+
+def _end_run(owner: int, processes: list[ShardnetProcess], folders: list[tempfile.TemporaryDirectory]) -> None:
+    """What a Deployment dropped without stop(), or left at interpreter exit, leaves: its processes stopped and its
+    folders removed, by the process that started them only. A fork of it (os.fork, a gunicorn worker of a
+    --preload app) ran this at its own exit and removed its parent's workers' sockets, logs and control token."""
+    if os.getpid() != owner:
+        return
+    stop_all(processes, 5.0)
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.cleanup()
 
 
 ExecutorSpec = Union[type[Executor], str]
@@ -385,7 +406,7 @@ class Deployment:
         sockets = _socket_folder(self.shards, self.replicas, self._unix_sockets_asked) if self._unix_sockets else None
         # each removed at stop whatever became of it meanwhile: one a /tmp cleaner replaced with a link (another
         # process's) is left as it is, without an OSError that would leave the folders after it behind
-        self._tmp = (
+        self._tmp = _removed_by_the_run(
             tempfile.TemporaryDirectory(prefix=f"shardnet-{self.name}-", ignore_cleanup_errors=True)
             if log_dir is None else None
         )
@@ -396,9 +417,9 @@ class Deployment:
         # cache folder too, where an Executor's own workspace= (uses_with) wins, as under Jina's Deployment
         self._pass_workspace = workspace is not None
         # a folder only this user reads (made 0700), removed at stop whatever log_dir is: the control token's
-        self._secrets = tempfile.TemporaryDirectory(prefix="sn-secret-", ignore_cleanup_errors=True)
+        self._secrets = _removed_by_the_run(tempfile.TemporaryDirectory(prefix="sn-secret-", ignore_cleanup_errors=True))
         self.control_token_file = Path(self._secrets.name) / "control-token"
-        self._sockets = sockets
+        self._sockets = _removed_by_the_run(sockets)
         self.head: Optional[ShardnetProcess] = None
         self.extras: dict[str, ShardnetProcess] = {}
         self.workers: dict[tuple[int, int], ShardnetProcess] = {}
@@ -407,8 +428,14 @@ class Deployment:
         self._stopping = False
         self.killed_at_stop: list[str] = []  # roles the last stop() had to kill (they did not stop in time)
         self.failed_at_stop: list[str] = []  # those that exited on their own at the last stop(), not with code 0
+        # the process this run is the run of: a fork of it (os.fork, a gunicorn worker of a --preload app) may
+        # post() to it, and neither stops, restarts nor removes anything of it
+        self._owner = os.getpid()
         # a Deployment dropped without stop() (or an interpreter exit) still stops its processes
-        self._finalizer: Optional[weakref.finalize] = weakref.finalize(self, stop_all, self._spawned, 5.0)
+        folders = [folder for folder in (self._tmp, self._secrets, self._sockets) if folder is not None]
+        self._finalizer: Optional[weakref.finalize] = weakref.finalize(
+            self, _end_run, self._owner, self._spawned, folders
+        )
 
     # -- lifetime --------------------------------------------------------------------
 
@@ -422,9 +449,21 @@ class Deployment:
 
     def _running_head(self) -> ShardnetProcess:
         """The head process, or ProcessError when the deployment was not started (or was stopped)."""
-        if self.head is None or self.head.address is None or not self.head.alive:
+        # a fork's head is its parent's child, which waitid cannot ask about (it said every process had exited)
+        alive = self.head is not None and (
+            self.head.alive if self._owner == os.getpid() else self.head.pid is not None and process_running(self.head.pid)
+        )
+        if not alive or self.head.address is None:
             raise ProcessError(f"deployment {self.name!r} is not running")
         return self.head
+
+    def _check_owned(self, what: str) -> None:
+        """Refuse ``what`` in a fork of the process running this deployment: its processes are that one's."""
+        if self._owner != os.getpid() and self._spawned:
+            raise ProcessError(
+                f"deployment {self.name!r}: {what} in process {os.getpid()}, a fork of process {self._owner} that "
+                "started it: only that process may; post() to it works from here"
+            )
 
     def _child_env(self) -> dict[str, str]:
         """This process's environment, less the control token (the children read it from its file: ps e shows an
@@ -478,6 +517,11 @@ class Deployment:
                 f"{os.environ[LAUNCHED_BY_DEPLOYMENT]!r} launched: when uses= names a class of a script, "
                 "start the Deployment under `if __name__ == \"__main__\":`"
             )
+        self._check_owned("start()")
+        if self._owner != os.getpid():  # a fork's first start: a run of its own, not its parent's folders and locks
+            self._launching, self._restart_claims = threading.RLock(), threading.Lock()  # a thread gone may hold them
+            self._launch_lock_depth, self._start_under_way, self._restarting = 0, False, {}
+            self._prepare_run()
         # a stop() in another thread comes before (nothing starts) or after (it cleans up); under the lock, as a
         # stop() of the previous run (or of this one, not started yet) removes its folders under it
         with self._holding_launch_lock():
@@ -674,6 +718,7 @@ class Deployment:
         A worker that had died never sent DEACTIVATE: the head is told to forget
         it first, so that the new one, on the same socket, gets a fresh connection.
         """
+        self._check_owned("restart_worker()")
         self._running_head()
         process = self.workers.get((shard, replica))
         if process is None:
@@ -770,6 +815,7 @@ class Deployment:
 
     def restart_head(self) -> ShardnetProcess:
         """Restart the head on the same port; workers re-register on their next refresh."""
+        self._check_owned("restart_head()")
         head = self._running_head()
         with self._restarted(head):
             head.stop(self._restart_timeout)
@@ -806,6 +852,7 @@ class Deployment:
         exit. Workers wait for the head: they register with it (the ones still
         running re-register with a restarted head on their own).
         """
+        self._check_owned("revive()")
         if self._finalizer is None or not self._spawned:  # stopped, or never started: as restart_worker says
             raise ProcessError(f"deployment {self.name!r} is not running")
         revived = self._look(wait)
@@ -973,6 +1020,10 @@ class Deployment:
         way ends as it would have (``kill()`` cuts it short); while its thread launches a process (start(),
         revive(), a restart), it returns at once too, and nothing more is launched: once that launch is over, the
         stop runs, and a start or restart fails with ProcessError. Waiting would wait for ever."""
+        if self._owner != os.getpid() and self._spawned:  # a `with` block left in a fork: the run is its parent's
+            logger.warning("deployment %r: stop() in process %d, a fork of process %d that runs it, stops nothing",
+                           self.name, os.getpid(), self._owner)
+            return
         # one stop at a time, and a revive() or start() in another thread launches nothing from here on
         with self._holding_launch_lock() as reentered:
             if reentered:  # a signal handler's, in the thread that holds the lock: what it interrupted ends it
@@ -1015,7 +1066,9 @@ class Deployment:
     def kill(self) -> None:
         """SIGKILL every process of this run, and the processes each started, at once, cutting their drains (a
         second Ctrl-C); a stop() under way then finishes at once. Takes no lock: a signal handler may call it
-        while stop() holds one."""
+        while stop() holds one. A fork of the process that started them kills nothing."""
+        if self._owner != os.getpid():
+            return
         for process in list(self._spawned):
             process.kill_group()
 
