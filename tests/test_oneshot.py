@@ -6,6 +6,7 @@ import asyncio
 import gc
 import inspect
 import logging
+import os
 import re
 import signal
 import threading
@@ -271,6 +272,34 @@ def test_a_ctrl_c_where_a_loop_runs_interrupts_the_sync_helper_at_once_and_cance
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - started < 5
+    assert cancelled.wait(5)
+
+
+def test_a_first_ctrl_c_under_asyncio_run_ends_a_sync_helpers_wait_at_once_and_cancels_its_run():
+    """Under asyncio.run a Ctrl-C raises nothing: the runner's SIGINT handler cancels the main task, which sat in
+    the blocking helper's wait until the run ended (20 s of a handler's, for ever without a timeout); a second
+    Ctrl-C was needed. The wait looks at its caller's task being cancelled."""
+    cancelled = threading.Event()
+
+    async def long_run() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async def main() -> None:
+        oneshot.run_sync(long_run())
+
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
+    started = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            asyncio.run(main())
+    finally:
+        timer.cancel()
     assert time.monotonic() - started < 5
     assert cancelled.wait(5)
 

@@ -1015,6 +1015,28 @@ async def test_jinas_logger_compression_and_channel_options_are_taken(pool_facto
         GrpcConnectionPool(options=[], channel_options=[])
 
 
+async def test_a_send_from_a_thread_without_a_running_loop_is_refused_saying_what_to_do(pool, echo_servers):
+    """A pool filled in its loop, sent through from a plain thread (a thread pool of a blocking app): asyncio's
+    bare "no running event loop", and a "coroutine ... was never awaited" warning; now shardnet's words, and
+    nothing picked or left behind."""
+    import warnings
+
+    [server] = await echo_servers(1)
+    pool.add_connection("dep", server.address)
+
+    def from_a_thread() -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a coroutine never awaited would be an error here
+            for send in (lambda: pool.send_request(DataRequest(), "dep"), lambda: pool.send_discover_endpoint("dep")):
+                with pytest.raises(ConfigurationError, match="run_coroutine_threadsafe"):
+                    send()
+            import gc
+            gc.collect()
+
+    await asyncio.to_thread(from_a_thread)
+    await send_one(pool)  # the pool serves its own loop as before
+
+
 async def test_bad_calls_are_configuration_errors_naming_what_is_wrong(pool, echo_servers):
     [server] = await echo_servers(1)
     pool.add_connection("dep", server.address)

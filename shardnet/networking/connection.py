@@ -308,6 +308,10 @@ class Connection:
             if self.cut_by_close(channel):
                 return HealthProblem("its channel was closed under the check")
             raise
+        except grpc.aio.UsageError:  # closed between its two questions (health, then endpoints): the second refused
+            if channel in self._closed:
+                return HealthProblem("its channel was closed under the check")
+            raise
 
     async def problem_now(self, timeout: float, tls: Optional[ClientTls] = None) -> Optional[HealthProblem]:
         """Why the replica does not serve right now (None: it serves), as ``health`` asks it but over a channel of

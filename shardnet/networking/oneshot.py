@@ -54,6 +54,10 @@ RequestT = TypeVar("RequestT", DataRequest, ControlRequest)
 # when it provably reached no handler (see channels.never_reached): a request sent again must not be processed twice
 ATTEMPTS_WHEN_UNAVAILABLE = 2
 
+# seconds between looks, while a blocking helper waits under a running loop, at whether that loop's task calling
+# it was cancelled meanwhile
+CANCELLED_CALLER_POLL = 0.1
+
 
 async def _tolerating_poller_race(awaitable: Awaitable[T]) -> T:
     asyncio.get_running_loop().set_exception_handler(tolerate_grpc_poller_race)
@@ -97,8 +101,16 @@ def _run_in_a_thread(coroutine: Coroutine[Any, Any, T]) -> T:
         return await coroutine
 
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    caller = asyncio.current_task()  # the task of the loop this thread runs, which this call holds still
     try:
-        return executor.submit(asyncio.run, main()).result()
+        run = executor.submit(asyncio.run, main())
+        # looked at now and then: a cancellation of the caller's task (the first Ctrl-C under asyncio.run, whose
+        # SIGINT handler cancels the main task and raises nothing) ends the wait, which else outlasted the call
+        while not run.done():
+            concurrent.futures.wait((run,), timeout=CANCELLED_CALLER_POLL)
+            if not run.done() and caller is not None and caller.cancelling():
+                raise asyncio.CancelledError
+        return run.result()
     except DeadlineExceeded as error:
         # the calling thread's loop stood still meanwhile: a server it runs (the target, or what the target calls)
         # could not answer, and the call waited its whole timeout for nothing

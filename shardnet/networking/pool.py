@@ -94,6 +94,20 @@ def _check_policies(**given: tuple[Any, type]) -> None:
             )
 
 
+def _check_sending_loop(function: str) -> None:
+    """Refuse a send outside a running event loop (a plain thread, a script) in shardnet's words, before a
+    replica is picked: asyncio's bare "no running event loop" said neither why nor what to do, and left a
+    "coroutine 'GrpcConnectionPool.call' was never awaited" warning behind."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise ConfigurationError(
+            f"{function} returns asyncio Tasks: call it from async code in the event loop the pool's connections "
+            "belong to (from another thread: asyncio.run_coroutine_threadsafe(coroutine, that_loop); from blocking "
+            "code with no loop: send_request_sync)"
+        ) from None
+
+
 def _check_retries(retries: Any) -> None:
     """Jina's ``retries``: an integer (negative: the pool's own policy) or None."""
     if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)):
@@ -618,7 +632,10 @@ class GrpcConnectionPool:
             last.budget_refused = budgeted and not self.retry_budget.try_spend()
             return last.budget_refused
 
-        max_attempts = max(1, len(replicas)) * self.retry.rounds - 1
+        # the first attempt is one of its round's while its replica is still listed; one removed under it (cut as
+        # it left: a lapsed lease, a replaced address) leaves the replicas left every round of theirs
+        first_listed = replicas.has_connection(str(first.address))
+        max_attempts = max(1, len(replicas)) * self.retry.rounds - (1 if first_listed else 0)
         if retries is not None and retries >= 0:
             max_attempts = retries
         if max_attempts < 1:  # one round over one replica: the first attempt was all (tenacity would make one more)
@@ -761,6 +778,7 @@ class GrpcConnectionPool:
         ``retries`` as in Jina: failovers per call, negative for the pool's policy. An ``endpoint`` pair in
         ``metadata`` other than the call's endpoint is refused (heads and workers would read it, the last).
         """
+        _check_sending_loop("the pool's send_request(s)")
         if not requests:
             raise ConfigurationError(f"send_requests to {deployment!r} needs at least one request")
         check_timeout(timeout)
@@ -870,6 +888,7 @@ class GrpcConnectionPool:
         retries: Optional[int] = -1,
     ) -> Optional[asyncio.Task[tuple[jina_pb2.EndpointsProto, grpc.aio.Metadata]]]:
         """Ask one replica (the head by default, else the given or next shard) which endpoints it serves."""
+        _check_sending_loop("send_discover_endpoint")
         check_timeout(timeout)
         _check_retries(retries)
         targets = self.targets(deployment, head, shard_id, PollingType.ANY)

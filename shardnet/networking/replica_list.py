@@ -43,6 +43,7 @@ from shardnet.networking.outliers import ShortDeadlineOutliers
 from shardnet.networking.streams import rpc_error
 from shardnet.networking.policies import EjectionPolicy, check_seconds
 from shardnet.networking.tls import ClientTls
+from shardnet.protocol import services
 
 module_logger = logging.getLogger(__name__)
 
@@ -633,7 +634,7 @@ class ReplicaList:
         channel = connection.channel
         running = connection.running  # the channel's: a close waits for it
         running.count += 1
-        cut = False
+        cut = unsent = False
         loop = connection.loop or asyncio.get_running_loop()  # the running one: check_loop saw to it
         sent_at = loop.time()
         try:
@@ -688,6 +689,14 @@ class ReplicaList:
             balancer.finished(connection, token, failed=True)
             cut = True  # raised below, outside this handler: raised here, the error's context (the CancelledError
             # and its traceback through gRPC's call) would keep the call, and so its closed channel's socket, alive
+        except grpc.aio.UsageError:
+            if channel not in connection._closed:
+                balancer.finished(connection, token, failed=True)
+                raise
+            # gRPC refused to make the call on the channel we closed (a request stream's BUSY refusal falling back
+            # to a unary call as the replica's close ran): it never left this process, and goes elsewhere
+            balancer.abandoned(connection, token)
+            unsent = True  # raised below, outside this handler (as ``cut``)
         except RuntimeError as error:
             balancer.finished(connection, token, failed=True)
             if any(words in str(error) for words in OTHER_LOOP):
@@ -701,6 +710,8 @@ class ReplicaList:
             # a failed call's traceback keeps this frame, and a grpc.aio call object alive keeps its closed
             # channel's connection (socket) open for as long as whoever holds the error keeps it
             call = None  # noqa: F841
+        if unsent:
+            raise rpc_error(grpc.StatusCode.UNAVAILABLE, services.CLOSED_UNSENT_DETAILS)
         if cut:
             raise rpc_error(
                 grpc.StatusCode.UNAVAILABLE,

@@ -107,5 +107,9 @@ BUSY_DETAILS = "the worker has as many requests of this stream under way as it t
 TAKEN_BACK_DETAILS = (
     "Deadline Exceeded (taken back before it was written to the request stream: it never reached the replica)"
 )
+# the details of the UNAVAILABLE of a call gRPC refused to make because its replica's channel had been closed (the
+# replica removed, its grace over, between a request stream's BUSY refusal and the unary call it falls back to):
+# it never left this process
+CLOSED_UNSENT_DETAILS = "the replica's channel was closed before this request was sent: send elsewhere"
 # the details that say a request surely did not run
-NEVER_RAN_DETAILS = (DRAINING_DETAILS, UNWRITTEN_DETAILS, BUSY_DETAILS)
+NEVER_RAN_DETAILS = (DRAINING_DETAILS, UNWRITTEN_DETAILS, BUSY_DETAILS, CLOSED_UNSENT_DETAILS)
