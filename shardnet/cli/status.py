@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import re
+import signal
 import urllib.parse
 from typing import Any, Optional, Sequence, Union
 
@@ -94,7 +95,12 @@ async def _ask(
         return exc
 
 
-async def status(args: argparse.Namespace) -> int:
+# the exit code of a check stopped by SIGTERM (`timeout 5 shardnet status --json`, a probe's own deadline): 128 + 15,
+# what a process killed by it exits with, its --json object printed all the same
+TERMINATED = 143
+
+
+async def status(args: argparse.Namespace, terminated: Optional[list] = None) -> int:
     report = _Report(args.target)
     try:
         code = await _check(args, report)
@@ -103,15 +109,23 @@ async def status(args: argparse.Namespace) -> int:
                             exit_code=2)
         raise
     except (asyncio.CancelledError, KeyboardInterrupt):  # Ctrl-C (asyncio.run cancels this task): 130, said so
-        report.facts.update(state="interrupted", exit_code=130)
+        report.facts.update(state="interrupted", exit_code=TERMINATED if terminated else 130)
         raise
     else:
         report.facts.update(state=_STATES[code], exit_code=code)
         return code
     finally:
+        for key in _JSON_KEYS:  # one schema whatever path the check took: null where it is not known
+            report.facts.setdefault(key, None)
         if report.lines or args.json:
             print(report.shown(args.json))
 
+
+# the keys every --json object has (null when not known: the server unreachable, a Jina server, a draining head,
+# a health port, a check interrupted), besides those a path adds (``..._error``, ``error``)
+_JSON_KEYS = ("target", "state", "exit_code", "health", "ready", "endpoints", "replicas", "hops", "empty_shards",
+              "empty_shards_unlisted", "ejected_unlisted", "empty_hops", "hops_unlisted", "replica_health",
+              "discovery", "retries")
 
 # what each exit code of a check that got answers says, as --json's "state"
 _STATES = {0: "ok", 1: "unhealthy", DEGRADED: "degraded"}
@@ -269,7 +283,8 @@ def _say_replica_health(report: _Report, notes: dict, listed: bool) -> bool:
         if checked:  # an empty shard is said above
             report.say(f"replica health: all {checked} listed replicas serving{age}")
         return False
-    where = "every shard has a serving one (degraded)"
+    # a hop's replica down beside a live one is degraded too: said, so that it does not read as a shard's
+    where = f"every shard{' and hop' if notes['hops'] else ''} has a serving one (degraded)"
     if unchecked:  # neither serving nor down: a shard whose replicas were not all checked may have none serving
         where = f"{unchecked} not checked within the time (incomplete)"
     shards, unlisted = notes["shards_down_ranges"], notes["shards_down_unlisted"]
@@ -365,4 +380,26 @@ def _shard_ids(ranges: str, most: int = 65536) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    return asyncio.run(status(args))
+    """The check; SIGTERM ends it as Ctrl-C does (printing what it found, --json's object valid, state
+    "interrupted"), exiting TERMINATED instead of dying with nothing printed."""
+    terminated: list = []
+
+    async def checked() -> int:
+        task = asyncio.current_task()
+
+        def stop() -> None:
+            terminated.append(True)
+            task.cancel()
+
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (a test), or no such signal
+            pass
+        return await status(args, terminated)
+
+    try:
+        return asyncio.run(checked())
+    except asyncio.CancelledError:
+        if terminated:
+            return TERMINATED
+        raise

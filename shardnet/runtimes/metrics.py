@@ -328,21 +328,30 @@ class HeadMetrics:
         draining = GaugeMetricFamily("shardnet_head_replicas_draining",
                                      "replicas set aside as they drain (no failure: picked again once they serve), "
                                      "by shard", labels=["deployment", "shard"])
-        # what removed replicas of a forgotten shard still hold is held all the same (a lapsed lease took its last)
-        held_by = pool.held_by_forgotten_shards(deployment)
-        for shard_id in sorted(pool.shard_ids(deployment)):
-            listed = pool.get_replicas(deployment, shard_id=shard_id)
-            shard = str(shard_id)
-            replicas.add_metric([deployment, shard], len(listed))
-            set_aside = len(listed.draining_addresses)
-            ejected.add_metric([deployment, shard], len(listed.ejected_addresses) - set_aside)
-            draining.add_metric([deployment, shard], set_aside)
-            ejections.add_metric([deployment, shard], listed.ejections)
-            held_by[shard_id] = held_by.get(shard_id, 0) + listed.held_by_removed
-            for reason, count in listed.unblamed.items():
-                unblamed.add_metric([deployment, shard, reason], count)
-        for shard_id, count in sorted(held_by.items()):
-            held.add_metric([deployment, str(shard_id)], count)
+        # the shards, then the hops (uses_before, uses_after) as the pool names them and a hop's worker labels its
+        # own metrics (deployment "idx/uses_before", shard "0"): every request crosses a hop, so its replicas count
+        # as a shard's do; a hop discovery has found no replica of yet is 0, as a declared shard with none is
+        for name in (deployment, *(hop for _, hop in head._hops)):
+            # what removed replicas of a forgotten shard still hold is held all the same (a lapsed lease took its
+            # last)
+            held_by = pool.held_by_forgotten_shards(name)
+            for shard_id in sorted(pool.shard_ids(name) or ([] if name == deployment else [0])):
+                listed = pool.get_replicas(name, shard_id=shard_id)
+                shard = str(shard_id)
+                if listed is None:  # a hop with no replica listed yet
+                    for family in (replicas, ejected, draining):
+                        family.add_metric([name, shard], 0)
+                    continue
+                replicas.add_metric([name, shard], len(listed))
+                set_aside = len(listed.draining_addresses)
+                ejected.add_metric([name, shard], len(listed.ejected_addresses) - set_aside)
+                draining.add_metric([name, shard], set_aside)
+                ejections.add_metric([name, shard], listed.ejections)
+                held_by[shard_id] = held_by.get(shard_id, 0) + listed.held_by_removed
+                for reason, count in listed.unblamed.items():
+                    unblamed.add_metric([name, shard, reason], count)
+            for shard_id, count in sorted(held_by.items()):
+                held.add_metric([name, str(shard_id)], count)
         yield replicas
         yield ejected
         yield draining
