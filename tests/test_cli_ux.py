@@ -696,9 +696,7 @@ def test_a_flag_no_subcommand_takes_is_refused_with_that_subcommands_usage(capsy
     """A typo was refused with the top-level usage (`shardnet: error:`), a prefix taken for the flag it begins."""
     from shardnet.cli.main import main
 
-    with pytest.raises(SystemExit) as exited:
-        main(arguments)
-    assert exited.value.code == 2
+    assert main(arguments) == 2  # returned, not raised: main() is called from programs of their own too
     err = capsys.readouterr().err
     name = f"shardnet {command}".strip()
     assert f"usage: {name} " in err and f"{name}: error: {said}" in err, err
@@ -895,3 +893,13 @@ def test_a_worker_refuses_a_workspace_it_cannot_write_to_before_it_loads(tmp_pat
     code = cli_main(["worker", "--uses", f"{EXECUTORS}:Tagger", "--port", "0", "--workspace", str(folder)])
     assert code == 2
     assert f"--workspace {str(folder)!r}: not writable by this process" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arguments, code", [(["send", "127.0.0.1:1"], 2), (["--version"], 0), (["status", "--help"], 0),
+                                             (["worker", "--uses", "x:Y", "--register-interval", "0.01"], 2)])
+def test_main_returns_argparse_exit_codes_rather_than_raising_system_exit(capsys, arguments, code):
+    """The README: `shardnet.cli.main.main()` called from a program of one's own only returns its exit code; a
+    flag argparse refused (or --help, --version) raised SystemExit out of it."""
+    from shardnet.cli.main import main
+
+    assert main(arguments) == code

@@ -73,14 +73,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _say_where_on_a_crash()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if args.command is None:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}" if unknown else
-                     "the following arguments are required: COMMAND")
-    if unknown:  # refused by the (sub)command they were given to, with its usage
-        given_before = set(argv[: argv.index(args.command)])  # before the subcommand: shardnet's own
-        refusing = parser if given_before.intersection(unknown) else args.parser
-        refusing.error(f"unrecognized arguments: {' '.join(unknown)}")
+    try:  # argparse exits (2 for a flag refused, 0 for --help and --version): a caller of main() gets the code
+        args, unknown = parser.parse_known_args(argv)
+        if args.command is None:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}" if unknown else
+                         "the following arguments are required: COMMAND")
+        if unknown:  # refused by the (sub)command they were given to, with its usage
+            given_before = set(argv[: argv.index(args.command)])  # before the subcommand: shardnet's own
+            refusing = parser if given_before.intersection(unknown) else args.parser
+            refusing.error(f"unrecognized arguments: {' '.join(unknown)}")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     log_lines.configure(args.log_level, said_by(args))
     try:
         code = int(args.handler(args) or 0)
