@@ -675,3 +675,52 @@ async def test_at_most_once_what_a_lapsed_workers_streams_never_wrote_goes_to_an
         for worker in workers:
             worker.signal(signal.SIGCONT)
             worker.kill()
+
+
+async def test_a_head_reading_no_renewal_keeps_a_worker_answering_its_calls_for_a_few_leases(echo_servers, eventually):
+    """A head offered more than it can do (no --max-in-flight) reads an ACTIVATE only after the thousands of calls
+    queued before it: a soak's 5x burst had every renewal time out for 52 s, and the head dropped all 4 healthy
+    workers at once, 14 s in, failing every request "no live replica" for the rest of the burst. No renewal read
+    from any worker, and answers from this one since its last: the head is the one not listening. Bounded:
+    a worker that answers but never renews again is dropped OVERLOAD_HOLD_LEASES leases late."""
+    from shardnet.runtimes.head import OVERLOAD_HOLD_LEASES as hold
+
+    [server] = await echo_servers(1)
+    head = Head("busy", lease=0.5)
+    await head.start()
+    try:
+        host, port = server.address.rsplit(":", 1)
+        await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0)  # then no renewal reaches it
+        replicas = head.pool.get_replicas("busy", shard_id=0)
+        start = time.monotonic()
+        while time.monotonic() - start < 1.5:  # three leases, its answers going on
+            await send(head.server.address, "/e", [Document()], timeout=5)
+            await asyncio.sleep(0.05)
+        assert [str(a) for a in replicas.addresses] == [server.address]
+        await eventually(lambda: not replicas.addresses, timeout=hold * 0.5 + 2.0)
+        assert time.monotonic() - start < hold * 0.5 + 3.0
+    finally:
+        await head.stop(0)
+
+
+async def test_a_head_reading_other_renewals_drops_a_worker_whose_renewals_stopped(echo_servers, eventually):
+    """The hold above is for a head that reads no renewal at all: with another worker's renewals read, one whose
+    renewals stopped lapses on time, answers or not."""
+    first, second = await echo_servers(2)
+    head = Head("one-stopped", lease=0.5)
+    await head.start()
+    try:
+        for server in (first, second):
+            host, port = server.address.rsplit(":", 1)
+            await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0)
+        replicas = head.pool.get_replicas("one-stopped", shard_id=0)
+        host, port = second.address.rsplit(":", 1)
+        start = time.monotonic()
+        while str(first.address) in [str(a) for a in replicas.addresses] and time.monotonic() - start < 3.0:
+            await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0)  # second renews
+            await send(head.server.address, "/e", [Document()], timeout=5)
+            await asyncio.sleep(0.05)
+        assert [str(a) for a in replicas.addresses] == [second.address]
+        assert time.monotonic() - start < 1.5
+    finally:
+        await head.stop(0)

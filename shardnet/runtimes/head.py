@@ -111,6 +111,11 @@ LAPSE_MEMORY = 60.0
 # seconds the requests a worker holds when its lease lapses get before they are cut (UNAVAILABLE) and fail over:
 # the head presumes it dead or cut off (a SIGSTOP, a partition), and without a cut they would wait for keepalive
 LAPSED_LEASE_GRACE = 0.5
+# a lease that ran out while the head read no worker's renewal for half a lease, of a worker that answered the
+# head's calls since its last renewal and within the last half lease, is held on for at most this many leases
+# more: the renewals sat in the head's own queue of inbound calls (overloaded; --max-in-flight does not stop
+# that), and dropping every worker that answers made an overload an outage
+OVERLOAD_HOLD_LEASES = 6
 # seconds of a caller's deadline an ANY request must have left to be sent to another shard after its own failed
 MIN_RESEND_SECONDS = 0.1
 # seconds a shard whose attempt failed before any worker took it is passed over when another ANY request is sent on
@@ -471,6 +476,8 @@ class Head:
         self._resend_turn = 0  # which live shard takes the next ANY request a dead shard could not
         self._shard_failed_at: dict[int, float] = {}  # loop time of each shard's latest attempt failed unsent
         self._short_lease_warned = False
+        self._renewal_read_at = float("-inf")  # loop time of the latest renewal (ACTIVATE) read, any worker's
+        self._overload_hold_said = False  # the line saying leases are held as the head reads no renewal, said
         self._expiry: Optional[asyncio.Task] = None
         self._deactivations: set[asyncio.Task] = set()  # removals under way, kept from the garbage collector
         mutual_tls = config.tls is not None and config.tls.client_ca is not None
@@ -1442,6 +1449,8 @@ class Head:
         loop = asyncio.get_running_loop()
         now = loop.time()
         lapsed = self._registrations.renew((address, shard_id), now, lease)
+        self._renewal_read_at = now
+        self._overload_hold_said = False  # renewals get through again: the next time is said again
         if self._expiry is None:  # implied leases start the expiry on the first one
             self._expiry = loop.create_task(self._expire_leases())
         if lapsed is None:
@@ -1488,6 +1497,8 @@ class Head:
             # renewing with these (one ACTIVATE for several leases them microseconds apart, a pass between them)
             lapsing = set(self._registrations.expiring(now + period))
             for address, shard_id in expired:
+                if self._hold_for_overload(address, shard_id, now):
+                    continue
                 # each removal lets other requests run: a DEACTIVATE may have dropped this lease since, an
                 # ACTIVATE renewed it; either way it is not this pass's to remove
                 if not self._registrations.lapse((address, shard_id), now):
@@ -1522,6 +1533,40 @@ class Head:
                     "deadline or keepalive)",
                 )
                 self._forget_empty_shards()
+
+    def _hold_for_overload(self, address: str, shard_id: int, now: float) -> bool:
+        """Whether a lease that ran out is held on a while: the head read no worker's renewal for half a lease,
+        and this worker answered one of the head's calls since its last renewal. Its renewals then sat in the
+        head's own queue of inbound calls (a head offered more than it can do, with no --max-in-flight, starts
+        every call it is sent and reads an ACTIVATE only after the thousands before it), not in a stalled worker:
+        a stalled or dead worker answers nothing. Held for OVERLOAD_HOLD_LEASES leases at most."""
+        key = (address, shard_id)
+        lease = self._registrations.leased(key)
+        renewed = self._registrations.renewed_at(key)
+        if lease is None or renewed is None or now - self._renewal_read_at < lease / 2:
+            return False  # some worker's renewals get through: this one's stopped
+        if now - (renewed + lease) > OVERLOAD_HOLD_LEASES * lease:
+            return False
+        replicas = self.pool.get_replicas(self.deployment, shard_id=shard_id)
+        if replicas is None:
+            return False
+        answered = max(
+            (at for c in replicas.get_all_connections() if str(c.address) == address
+             for at, _sent in c.answered_at.values()),
+            default=float("-inf"),
+        )
+        if answered <= renewed or now - answered > lease / 2:  # a stalled or dead worker answers nothing
+            return False
+        self._registrations.postpone_one(key, IMPLIED_LEASE_CHECK if self._lease is None else self._lease / 4)
+        if not self._overload_hold_said:
+            self._overload_hold_said = True
+            logger.warning(
+                "%s: no worker's renewal (ACTIVATE) reached the head for %.1fs, though its workers answer its calls: "
+                "the head is too loaded to read its own inbound calls (%d requests under way; --max-in-flight "
+                "bounds them), and keeps the workers that answer, for %d leases at most",
+                self.deployment, now - self._renewal_read_at, sum(self._under_way.values()), OVERLOAD_HOLD_LEASES,
+            )
+        return True
 
     async def _ready_once_discovered(self) -> None:
         """Turn readiness SERVING once discovery has listed the workers (it retries, with backoff, until then)

@@ -22,6 +22,7 @@ class Registration:
     until: Optional[float] = None
     lease: Optional[float] = None
     instance: Optional[str] = None
+    renewed: Optional[float] = None  # when it was last renewed
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class Registrations:
     def renew(self, key: Key, now: float, lease: float) -> Optional[Lapse]:
         """Lease ``key`` for ``lease`` seconds from ``now``; the lapse this renewal ends, if it came back after one."""
         held = self._held.setdefault(key, Registration())
-        held.until, held.lease = now + lease, lease
+        held.until, held.lease, held.renewed = now + lease, lease, now
         return self._lapsed.pop(key, None)
 
     def forget(self, key: Key) -> None:
@@ -88,6 +89,17 @@ class Registrations:
     def expiring(self, by: float) -> list[Key]:
         """The registrations whose lease runs out before ``by``."""
         return [key for key, held in self._held.items() if held.until is not None and held.until < by]
+
+    def postpone_one(self, key: Key, seconds: float) -> None:
+        """Move ``key``'s lease on by ``seconds``, its last renewal's time kept (``renewed_at``)."""
+        held = self._held.get(key)
+        if held is not None and held.until is not None:
+            held.until += seconds
+
+    def renewed_at(self, key: Key) -> Optional[float]:
+        """When ``key``'s lease was last renewed, or None when it holds none."""
+        held = self._held.get(key)
+        return None if held is None else held.renewed
 
     def lapse(self, key: Key, now: float) -> bool:
         """End ``key``'s registration for a lease that ran out, remembering the lapse; False when a renewal or a
