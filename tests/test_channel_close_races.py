@@ -129,3 +129,60 @@ async def test_a_request_cut_on_a_removed_replica_still_gets_every_round_on_the_
             await pool.remove_connection("dep", leaving, grace=0)
             answer, _ = await asyncio.wait_for(task, timeout=5)
             assert answer.docs[0].text == "x" and calls["flaky"] == 2
+
+
+async def test_a_request_cut_on_a_replica_removed_and_added_again_at_its_address_gets_every_round_on_the_new_one():
+    """The same as above when the replica left is a new connection at the removed one's address (a pod restarted on
+    its IP, an ACTIVATE after a lapsed lease): the cut attempt was on a connection no longer listed, so the new one
+    gets every round of its own, not one fewer because its address is the same."""
+    calls = {"n": 0}
+
+    async def handler(request, context):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            await asyncio.sleep(5)  # cut by the removal
+        elif calls["n"] == 2:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "a blip")
+        return request
+
+    async with serving(services.PROCESS_SINGLE_DATA, handler) as address:
+        async with GrpcConnectionPool() as pool:
+            pool.add_connection("dep", address)
+            [task] = pool.send_request(DataRequest([Document(text="x")], endpoint="/x"), "dep")
+            replicas = pool.get_replicas("dep")
+            await eventually(lambda: replicas.get_all_connections()[0].running.count == 1)
+            await pool.remove_connection("dep", address, grace=0)
+            pool.add_connection("dep", address)
+            answer, _ = await asyncio.wait_for(task, timeout=5)
+            assert answer.docs[0].text == "x" and calls["n"] == 3
+
+
+@pytest.mark.parametrize("how", ["removal", "pool close"])
+async def test_a_call_made_on_a_picks_stubs_directly_is_cut_when_its_replica_is_removed(how):
+    """A Jina-style caller's own call on a pick's ``stubs`` (no deadline) is not counted among the calls a close
+    waits for: the channel's close must cut it (a regression review: a channel closed without grpc.aio's walk of
+    the loop's tasks left it running until keepalive, 41 s, against a hung replica)."""
+    started = asyncio.Event()
+
+    async def hung(request, context):
+        started.set()
+        await asyncio.sleep(30)
+        return request
+
+    async with serving(services.PROCESS_SINGLE_DATA, hung) as address:
+        pool = GrpcConnectionPool()
+        try:
+            pool.add_connection("dep", address)
+            connection = await pool.get_replicas("dep").get_next_connection(num_retries=1)
+            call = asyncio.ensure_future(connection.stubs.single_data(DataRequest([Document(text="x")], endpoint="/x")))
+            await asyncio.wait_for(started.wait(), timeout=5)
+            if how == "removal":
+                await pool.remove_connection("dep", address, grace=0.1)
+            else:
+                await pool.close()
+            done, _ = await asyncio.wait([call], timeout=3)
+            call.cancel()
+            await asyncio.gather(call, return_exceptions=True)
+            assert done, "the direct call still runs 3 s after its replica's channel was closed"
+        finally:
+            await pool.close()

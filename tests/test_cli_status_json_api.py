@@ -82,3 +82,32 @@ async def test_a_hop_replica_down_beside_a_live_one_is_degraded_and_said_of_the_
     assert code == DEGRADED, printed
     assert re.search(rf"  uses_before: {dead_address} \(down: unreachable: ", printed), printed
     assert "replica health: 1 of 3 replicas down, every shard and hop has a serving one (degraded)" in printed, printed
+
+
+def test_main_status_in_a_program_of_ones_own_leaves_its_sigterm_handler():
+    """status's SIGTERM handler was installed over a calling program's own, and the loop's close set SIGTERM back
+    to SIG_DFL: that program's next SIGTERM killed it without its graceful stop."""
+    import subprocess
+    import sys
+
+    script = (
+        "import signal\n"
+        "from shardnet.cli.main import main\n"
+        "def graceful(signum, frame): pass\n"
+        "signal.signal(signal.SIGTERM, graceful)\n"
+        "main(['status', '127.0.0.1:9', '--timeout', '1', '--json'])\n"
+        "print('handler kept', signal.getsignal(signal.SIGTERM) is graceful)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert "handler kept True" in result.stdout, result
+
+
+def test_json_status_with_a_tls_file_refused_prints_no_object_with_a_null_state(tmp_path, capsys):
+    """A --root-ca that cannot be read is refused before the server is asked, as a flag argparse refuses (exit
+    2): the object printed said state null and exit_code null beside an exit code of 2."""
+    from shardnet.cli.main import main as cli_main
+
+    code = cli_main(["status", "127.0.0.1:9", "--json", "--timeout", "1", "--root-ca", str(tmp_path / "none.pem")])
+    out, err = capsys.readouterr()
+    assert code == 2 and "cannot read root certificates" in err
+    assert '"state": null' not in out and '"exit_code": null' not in out, out

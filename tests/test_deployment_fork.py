@@ -55,3 +55,29 @@ def test_a_forked_child_posts_to_the_parents_deployment_and_its_exit_leaves_the_
         assert all(process.alive for process in dep.processes)
         assert dep.post("/tag", [Document(text="z")], timeout=10)[0].tags["by"] == "tagger"
     assert not any(os.path.exists(folder) for folder in folders)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_a_forks_stop_of_a_deployment_its_parent_has_not_started_leaves_the_parents_folders():
+    dep = Deployment(uses=executors.Tagger, name="unstarted-fork")
+    folders = [dep.log_dir, dep.control_token_file.parent]
+    try:
+        assert _in_a_child(dep.stop) == 0
+        # before: the child's stop() removed them, and the parent's start failed (its workers' socket folder gone)
+        assert all(os.path.isdir(folder) for folder in folders), folders
+    finally:
+        dep.stop()
+    assert not any(os.path.exists(folder) for folder in folders)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_a_fork_may_start_a_deployment_its_parent_stopped_in_a_run_of_its_own():
+    dep = Deployment(uses=executors.Tagger, name="stopped-fork")
+    dep.start()
+    dep.stop()
+
+    def child() -> None:
+        with dep:  # before: ProcessError "a fork of process ... that started it: only that process may"
+            assert dep.post("/tag", [Document(text="y")], timeout=10)[0].tags["by"] == "tagger"
+
+    assert _in_a_child(child) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import inspect
 import logging
@@ -632,3 +633,35 @@ def test_poller_race_is_dropped_when_its_handle_was_cancelled(exception):
         assert reported == [other]
     finally:
         loop.close()
+
+
+def test_a_sync_helper_called_in_a_cancelled_tasks_cleanup_runs_to_its_end():
+    """A blocking call in an `except CancelledError` (a flush, a deregistration before the cancellation goes on),
+    or in a task that swallowed an earlier cancellation, is no Ctrl-C of its own: it was cut after 0.1 s."""
+
+    async def slow() -> int:
+        await asyncio.sleep(0.4)
+        return 42
+
+    results = []
+
+    async def work() -> None:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            results.append(oneshot.run_sync(slow()))
+            raise
+
+    async def main() -> None:
+        task = asyncio.ensure_future(work())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        me = asyncio.current_task()
+        me.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0)
+        results.append(oneshot.run_sync(slow()))
+
+    asyncio.run(main())
+    assert results == [42, 42]

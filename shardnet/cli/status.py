@@ -101,9 +101,12 @@ TERMINATED = 143
 
 
 async def status(args: argparse.Namespace, terminated: Optional[list] = None) -> int:
+    # its TLS files read before anything is asked or printed: one refused (missing, not PEM) is refused as a flag
+    # argparse refuses (exit 2, said on stderr, no --json object), not an object whose state and exit_code are null
+    tls = client_tls(args)
     report = _Report(args.target)
     try:
-        code = await _check(args, report)
+        code = await _check(args, report, tls)
     except ReplicaError as exc:  # the server could not be reached (exit 2), or refused STATUS with an error answer
         report.facts.update(state="unreachable" if not report.lines else "failed", error=str(exc),
                             exit_code=2)
@@ -131,12 +134,11 @@ _JSON_KEYS = ("target", "state", "exit_code", "health", "ready", "endpoints", "r
 _STATES = {0: "ok", 1: "unhealthy", DEGRADED: "degraded"}
 
 
-async def _check(args: argparse.Namespace, report: _Report) -> int:
+async def _check(args: argparse.Namespace, report: _Report, tls: Optional[ClientTls]) -> int:
     """Ask the target, note what it said in ``report``, and return the exit code it earns (raising
     ReplicaError when it cannot be reached)."""
     # asked all at once, so that --timeout bounds the whole check: a head asks its workers for its endpoints and
     # checks its replicas within the caller's time, and a hung one would otherwise take it twice
-    tls = client_tls(args)
     health, ready, endpoints, control = await asyncio.gather(
         _ask(args, tls, "health", health_pb2.HealthCheckRequest()),
         _ask(args, tls, "health", health_pb2.HealthCheckRequest(service=services.READY_SERVICE)),
@@ -392,8 +394,11 @@ def run(args: argparse.Namespace) -> int:
             task.cancel()
 
         try:
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop)
-        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (a test), or no such signal
+            # only where SIGTERM would kill the process: a program calling main() with a handler of its own keeps
+            # it (the loop's close sets SIGTERM back to SIG_DFL, not to what it was)
+            if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+                asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop)
+        except (NotImplementedError, RuntimeError, ValueError, AttributeError):  # not the main thread, no SIGTERM
             pass
         return await status(args, terminated)
 

@@ -141,12 +141,17 @@ class _ChannelInUse:
     """A channel, the request streams on it (None without) and what runs on it, closed together: closing a
     channel does not end its streams, and their requests must get the same grace as its calls."""
 
-    __slots__ = ("channel", "streams", "running")
+    __slots__ = ("channel", "streams", "running", "handed_out")
 
-    def __init__(self, channel: grpc.aio.Channel, streams: Optional[RequestStreams], running: _Running):
+    def __init__(
+        self, channel: grpc.aio.Channel, streams: Optional[RequestStreams], running: _Running, handed_out: bool = False
+    ):
         self.channel = channel
         self.streams = streams
         self.running = running
+        # its stubs were given out (``Connection.stubs``): calls made on them are not counted, and only grpc.aio's
+        # close reaches them
+        self.handed_out = handed_out
 
     async def close(self, grace: Optional[float]) -> None:
         """Give calls and streamed requests ``grace`` seconds (None: none), then cut them; cancelled while it
@@ -159,7 +164,7 @@ class _ChannelInUse:
         finally:
             if self.streams is not None:
                 await self.streams.close(None)  # its stream calls cut; their requests fail over
-            if self.running.count:
+            if self.running.count or self.handed_out:
                 await self.channel.close(None)  # calls this close cannot reach itself: grpc.aio's close cuts them
             else:
                 await close_finished_channel(self.channel)
@@ -170,8 +175,8 @@ class Connection:
     """One replica: its address, its channel and the method callables on it."""
 
     __slots__ = (
-        "address", "_tls", "_options", "channel", "stubs", "running", "failures", "times_ejected", "_retiring",
-        "_closed", "_origin", "_request_streams", "rebuilt_at", "admitted_at", "checked_at", "draining", "loop",
+        "address", "_tls", "_options", "channel", "counted_stubs", "_handed_out", "running", "failures",
+        "times_ejected", "_retiring", "_closed", "_origin", "_request_streams", "rebuilt_at", "admitted_at", "checked_at", "draining", "loop",
         "_loop_thread", "recent_failures", "last_failure", "answered_at", "missed_at", "gone_since",
     )
 
@@ -226,13 +231,29 @@ class Connection:
         # says it, after the call was made)
         self.loop: Optional[asyncio.AbstractEventLoop] = getattr(self.channel, "_loop", None)
         self._loop_thread: Optional[int] = None  # the thread that loop was seen running in (check_loop)
-        self.stubs = Stubs.for_channel(
+        self._handed_out = False
+        # shardnet's own callables on the channel: ``ReplicaList.call`` counts what it sends on them in ``running``,
+        # so that a close with none running need not look for calls (``stubs`` is the same, for callers' own calls)
+        self.counted_stubs = Stubs.for_channel(
             self.channel,
             origin=self._origin,
             request_streams=self._request_streams,
             limits=message_limits(self._options),
         )
         self.running = _Running()
+
+    @property
+    def stubs(self) -> Stubs:
+        """The method callables on the channel. Calls made on them directly (not through ``ReplicaList.call``) are
+        not counted among those a close waits for; the channel's close cuts them (grpc.aio's, which walks the
+        loop's tasks to find them), as it cuts the counted ones still running after the grace."""
+        self._handed_out = True
+        return self.counted_stubs
+
+    @stubs.setter
+    def stubs(self, stubs: Stubs) -> None:
+        self._handed_out = True
+        self.counted_stubs = stubs
 
     @property
     def tls(self) -> Optional[ClientTls]:
@@ -251,7 +272,7 @@ class Connection:
         count as failures, and a channel opened then would be closed by no one."""
         if self.channel in self._closed:
             return
-        retired = _ChannelInUse(self.channel, self.stubs.streams, self.running)
+        retired = _ChannelInUse(self.channel, self.counted_stubs.streams, self.running, self._handed_out)
         self._open()  # first: a failure to open changes nothing
         self.rebuilt_at = asyncio.get_running_loop().time()
         self._closed.add(retired.channel)
@@ -303,7 +324,7 @@ class Connection:
         channel = self.channel
         self.check_loop()
         try:
-            return await health_problem(self.stubs, self.address, timeout, self._tls)
+            return await health_problem(self.counted_stubs, self.address, timeout, self._tls)
         except asyncio.CancelledError:
             if self.cut_by_close(channel):
                 return HealthProblem("its channel was closed under the check")
@@ -344,7 +365,7 @@ class Connection:
         retiring, self._retiring = dict(self._retiring), {}
         cut = False
         try:
-            await _ChannelInUse(self.channel, self.stubs.streams, self.running).close(grace)
+            await _ChannelInUse(self.channel, self.counted_stubs.streams, self.running, self._handed_out).close(grace)
         except asyncio.CancelledError:
             cut = True  # cancelled itself (a pool closing): the replaced channels are cut at once too
             raise

@@ -102,13 +102,16 @@ def _run_in_a_thread(coroutine: Coroutine[Any, Any, T]) -> T:
 
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     caller = asyncio.current_task()  # the task of the loop this thread runs, which this call holds still
+    # a cancellation asked before the call began (its caller's cleanup in an `except CancelledError`, a task that
+    # swallowed one) is not this call's to end: only one asked while it waits (a Ctrl-C's) is
+    cancelled_before = caller.cancelling() if caller is not None else 0
     try:
         run = executor.submit(asyncio.run, main())
         # looked at now and then: a cancellation of the caller's task (the first Ctrl-C under asyncio.run, whose
         # SIGINT handler cancels the main task and raises nothing) ends the wait, which else outlasted the call
         while not run.done():
             concurrent.futures.wait((run,), timeout=CANCELLED_CALLER_POLL)
-            if not run.done() and caller is not None and caller.cancelling():
+            if not run.done() and caller is not None and caller.cancelling() > cancelled_before:
                 raise asyncio.CancelledError
         return run.result()
     except DeadlineExceeded as error:

@@ -633,8 +633,9 @@ class GrpcConnectionPool:
             return last.budget_refused
 
         # the first attempt is one of its round's while its replica is still listed; one removed under it (cut as
-        # it left: a lapsed lease, a replaced address) leaves the replicas left every round of theirs
-        first_listed = replicas.has_connection(str(first.address))
+        # it left: a lapsed lease, a replaced address) leaves the replicas left every round of theirs, a new
+        # connection added since at its address included
+        first_listed = replicas.lists(first)
         max_attempts = max(1, len(replicas)) * self.retry.rounds - (1 if first_listed else 0)
         if retries is not None and retries >= 0:
             max_attempts = retries

@@ -249,6 +249,11 @@ class ReplicaList:
                 await asyncio.sleep(0)  # one close started per loop pass (see remove_connection)
         return renewed
 
+    def lists(self, connection: Connection) -> bool:
+        """Whether ``connection`` itself (not merely one at its address, added again since) is one of this list's
+        replicas, ejected or not."""
+        return self._connections.get(connection.address.target) is connection
+
     def has_connection(self, address: str) -> bool:
         """True when ``address`` is one of this list's replicas, ejected or not."""
         return parse_address(address).target in self._connections
@@ -638,7 +643,7 @@ class ReplicaList:
         loop = connection.loop or asyncio.get_running_loop()  # the running one: check_loop saw to it
         sent_at = loop.time()
         try:
-            call = getattr(connection.stubs, method)(payload, metadata=metadata, timeout=timeout)
+            call = getattr(connection.counted_stubs, method)(payload, metadata=metadata, timeout=timeout)
             response = checked_reply(await call, connection.address, self.name, timed=timeout is not None)
             trailing = await call.trailing_metadata()
         except grpc.aio.AioRpcError as error:

@@ -459,7 +459,7 @@ class Deployment:
 
     def _check_owned(self, what: str) -> None:
         """Refuse ``what`` in a fork of the process running this deployment: its processes are that one's."""
-        if self._owner != os.getpid() and self._spawned:
+        if self._owner != os.getpid() and self._spawned and self._finalizer is not None:  # its run not stopped
             raise ProcessError(
                 f"deployment {self.name!r}: {what} in process {os.getpid()}, a fork of process {self._owner} that "
                 "started it: only that process may; post() to it works from here"
@@ -1020,9 +1020,10 @@ class Deployment:
         way ends as it would have (``kill()`` cuts it short); while its thread launches a process (start(),
         revive(), a restart), it returns at once too, and nothing more is launched: once that launch is over, the
         stop runs, and a start or restart fails with ProcessError. Waiting would wait for ever."""
-        if self._owner != os.getpid() and self._spawned:  # a `with` block left in a fork: the run is its parent's
-            logger.warning("deployment %r: stop() in process %d, a fork of process %d that runs it, stops nothing",
-                           self.name, os.getpid(), self._owner)
+        if self._owner != os.getpid():  # the run (its processes, its folders) is its parent's, started or not
+            if self._spawned and self._finalizer is not None:  # a `with` block left in a fork of a running one
+                logger.warning("deployment %r: stop() in process %d, a fork of process %d that runs it, stops "
+                               "nothing", self.name, os.getpid(), self._owner)
             return
         # one stop at a time, and a revive() or start() in another thread launches nothing from here on
         with self._holding_launch_lock() as reentered:

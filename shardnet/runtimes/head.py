@@ -1520,7 +1520,7 @@ class Head:
                 removed = await self.pool.remove_connection(
                     self.deployment, address, shard_id=shard_id, grace=LAPSED_LEASE_GRACE if cut else None
                 )
-                streams = removed.stubs.streams if removed is not None and others and not cut else None
+                streams = removed.counted_stubs.streams if removed is not None and others and not cut else None
                 if streams is not None:  # what its streams never wrote cannot have run: it goes elsewhere now
                     streams.take_back_unwritten()
                 logger.warning(
