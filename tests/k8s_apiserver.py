@@ -24,7 +24,7 @@ What it speaks, as the real one does:
 - bearer-token authentication, so a test proves the kubeconfig was used.
 
 The test drives it: ``apply``/``delete`` objects, ``bookmark()``,
-``compact()``, ``rewind()``, ``error()``, ``drop_streams()``, ``go_down()``
+``compact()``, ``rewind()``, ``error()``, ``drop_streams()``, ``silence_streams()``, ``go_down()``
 (reset connections, or answer 503) and ``come_back()``; ``between_pages`` runs
 before each continued list request is answered (changes between two pages); ``endless_continue`` makes
 continued lists misbehave as a proxy in front of a server may (``ENDLESS_CONTINUE``). Every event written to a
@@ -142,10 +142,11 @@ class _Stream:
     selector: Selector
     bookmarks: bool
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    silent: bool = False  # stalled: open, and told nothing more (silence_streams)
 
     def line_for(self, event: Event) -> Optional[bytes]:
         """The watch line this stream sees for ``event``, or None (other resource, namespace or selector)."""
-        if event.resource != self.resource or event.obj["metadata"].get("namespace") != self.namespace:
+        if self.silent or event.resource != self.resource or event.obj["metadata"].get("namespace") != self.namespace:
             return None
         now = self.selector(_labels(event.obj))
         before = event.previous is not None and self.selector(_labels(event.previous))
@@ -357,6 +358,13 @@ class FakeApiServer:
         for stream in list(self._streams):
             if resource is None or stream.resource == resource:
                 stream.queue.put_nowait(DROP)
+
+    def silence_streams(self, resource: str) -> None:
+        """Stall every open watch of ``resource``: its connection stays open and gets no event more (a wedged
+        proxy, a server that stopped writing); a watch started after is served as usual."""
+        for stream in self._streams:
+            if stream.resource == resource:
+                stream.silent = True
 
     async def go_down(self, how: str = "refuse") -> None:
         """``refuse``: reset every connection, open or new (the port stays ours); ``unavailable``: answer 503."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -680,6 +681,29 @@ async def test_a_rolling_update_a_relist_takes_in_turns_never_leaves_the_deploym
     finally:
         looking.cancel()
     assert unroutable == 0 and pool.faults == []
+
+
+async def test_a_pod_the_slices_call_terminating_leaves_though_the_pods_watch_is_stalled(api_server, start_pool):
+    """A soak's find: the pods watch stalled (open, silent: noticed only at its read timeout, 90 s by default), dep's
+    pod deleted, its slice saying it terminates, then dropping it, and its IP taken by a pod of another deployment:
+    the pods' stale hold kept routing dep's requests to that deployment's worker. An endpoint terminating is the
+    slices' final word on the pod it names, as a pod being deleted is the pods' word on its endpoint."""
+    a0 = api_server.apply("pods", pod("a-0", deployment="dep", ip="10.0.0.5", port=9000))
+    a1 = api_server.apply("pods", pod("a-1", deployment="dep", ip="10.0.0.6", port=9000))
+    both = {"10.0.0.5": a0, "10.0.0.6": a1}
+    api_server.apply("endpointslices", endpoint_slice(
+        "dep-s", "dep", [("10.0.0.5", True, None), ("10.0.0.6", True, None)], port=9000, pods=both))
+    pool = await start_pool(deployments=("dep",), watch=dataclasses.replace(FAST, read_timeout=60.0))
+    assert replicas(pool) == {"10.0.0.5:9000", "10.0.0.6:9000"}
+    await eventually(lambda: api_server.open_streams("pods") == 1)
+    api_server.silence_streams("pods")
+    api_server.apply("pods", pod("a-0", deployment="dep", ip="10.0.0.5", port=9000, deleting=True))
+    api_server.apply("endpointslices", endpoint_slice(
+        "dep-s", "dep", [("10.0.0.5", False, True), ("10.0.0.6", True, None)], port=9000, pods=both))
+    api_server.delete("pods", "a-0")
+    api_server.apply("endpointslices", endpoint_slice("dep-s", "dep", [("10.0.0.6", True, None)], port=9000, pods=both))
+    api_server.apply("pods", pod("b-0", deployment="other", ip="10.0.0.5", port=9000))
+    await eventually(lambda: replicas(pool) == {"10.0.0.6:9000"}, timeout=5)  # before: 10.0.0.5 until the timeout
 
 
 async def test_two_deployments_swapping_pod_addresses_in_a_relist_are_not_forgotten_between_its_turns(

@@ -257,6 +257,20 @@ def slice_endpoints(endpoint_slice: Mapping[str, Any], *, ready_only: bool = Tru
 
 _NOT_SERVING = (("ready", False), ("serving", False), ("terminating", True))  # an endpoint's conditions
 
+
+def _terminating_pods(endpoint_slice: Mapping[str, Any]) -> list[str]:
+    """The uids of the pods ``endpoint_slice`` lists as terminating (their deletion has begun)."""
+    try:
+        uids = []
+        for endpoint in endpoint_slice.get("endpoints") or []:
+            pod = endpoint.get("targetRef") or {}
+            if (endpoint.get("conditions") or {}).get("terminating") is True and pod.get("kind", "Pod") == "Pod":
+                if pod.get("uid"):
+                    uids.append(str(pod["uid"]))
+        return uids
+    except (AttributeError, TypeError):  # malformed: _endpoints said so
+        return []
+
 _MEMBERS = {"pods": pod_members, "endpointslices": slice_members}
 
 
@@ -310,6 +324,10 @@ class _Ledger:
         self._contested: set[Member] = set()
         self._relists = 0  # relists under way: a deployment emptied meanwhile is forgotten only once they end
         self._emptied_in_relist: set[str] = set()
+
+    def holds(self, source: str, key: str) -> bool:
+        """Whether object ``key`` of ``source`` holds a member now."""
+        return bool(self._records.get((source, key)))
 
     def keys(self, source: str) -> list[str]:
         return [key for (src, key) in self._records if src == source]
@@ -1058,6 +1076,7 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
             self._say_vetoes(listed)
             said = {key: frozenset(endpoint.member for endpoint in endpoints) for key, endpoints in listed.items()}
             await self._ledger.replace(SLICES, said, word.routed)
+            await self._end_pods_holds(uid for obj in objects for uid in _terminating_pods(obj))
             return
         touched = word.pods_listed(objects, self._ledger.keys(PODS))  # one it cannot read is left out (said below)
         members = {object_key(obj): _members(PODS, obj) async for obj in in_turns(objects)}
@@ -1076,6 +1095,7 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
             word.slice_seen(key, _endpoints(obj))
             self._say_vetoes([key])
             await self._ledger.record(SLICES, key, word.routed(key), also_remove=before - word.listed(key))
+            await self._end_pods_holds(_terminating_pods(obj))
         elif kind == "DELETED":
             touched = word.pod_deleted(obj)
             await self._ledger.record(PODS, key, NOTHING, also_remove=_members(PODS, obj, ready_only=False))
@@ -1084,6 +1104,14 @@ class K8sGrpcConnectionPool(GrpcConnectionPool):
             touched = word.pod_seen(obj)
             await self._ledger.record(PODS, key, _members(PODS, obj))
             await self._reconsider(touched)
+
+    async def _end_pods_holds(self, uids: Iterable[str]) -> None:
+        """An endpoint terminating is the slices' final word on the pod it names (its deletion has begun): a pods
+        hold of that pod still standing is stale (the pods watch stalled, or lags behind the slices), and goes, as
+        the pods' own word on a pod being deleted vetoes its slice endpoint (``pods_word``)."""
+        for uid in uids:
+            if self._ledger.holds(PODS, uid):
+                await self._ledger.record(PODS, uid, NOTHING)
 
     async def _reconsider(self, touched: set[str]) -> None:
         """Change what the slices naming the pods ``touched`` contribute, as recorded, by the endpoints the pods'
