@@ -66,6 +66,7 @@ from shardnet.protocol import services
 from shardnet.protocol.messages import MAX_TOP_LEVEL_FIELDS, DataRequest, parse
 from shardnet.protocol.proto import jina_pb2
 from shardnet.protocol.services import AUTHORIZATION_METADATA
+from shardnet.runtimes.bursts import BurstLog
 from shardnet.runtimes.listening import WILDCARD_TO_LOOPBACK, check_unix_path_free, warn_if_socket_folder_shared
 from shardnet.runtimes.log_lines import quoted
 from shardnet.runtimes.standard_services import health_handler, reflection_handler
@@ -275,6 +276,42 @@ async def _quiet_if_the_caller_left(context: grpc.aio.ServicerContext, work: Awa
     return answer
 
 
+# the logger and words with which gRPC says an answer could not be sent, a traceback at ERROR for each
+GRPC_CORE_LOGGER = "grpc._cython.cygrpc"
+UNSENT_ANSWER_WORDS = "ExecuteBatchError raised in core by servicer method"
+
+
+class AnswersToCallersGone(logging.Filter):
+    """Takes gRPC's traceback at ERROR for an answer it could not send, its call ended in its core meanwhile (the
+    caller cancelled, or its deadline ran out as the answer was being sent), and says those in a burst's line at
+    INFO instead: a caller leaving is routine, and an overloaded head's answers finished a loop pass past their
+    callers' deadlines (a soak: 980 tracebacks in 7 bursts, which ``_quiet_if_the_caller_left`` cannot reach:
+    gRPC sends a unary answer after its handler returned)."""
+
+    def __init__(self, said_by: logging.Logger) -> None:
+        super().__init__()
+        self._said = BurstLog(
+            said_by, "server", "%s: %d more answers not sent within %.0fs, their callers gone (%s); the latest: %s",
+            level=logging.INFO,
+        )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(UNSENT_ANSWER_WORDS):
+            return True
+        try:
+            asyncio.get_running_loop()  # said from the server's loop, as gRPC's aio server does
+        except RuntimeError:
+            return True
+        method = message[len(UNSENT_ANSWER_WORDS):].strip(" []")
+        self._said.note(method, method, "an answer to %s was not sent: its caller had gone (cancelled, or its "
+                        "deadline ran out as the answer was being sent)", method)
+        return False
+
+    def close(self) -> None:
+        self._said.close()
+
+
 def _writing_what_it_yields(handler: StreamHandler) -> StreamHandler:
     """A stream handler yielding its answers made one writing them to its context itself, in turn: gRPC writes
     what a handler yields out of the handler's reach, so that a write failing as the caller leaves could not be
@@ -434,6 +471,8 @@ class Server:
         self.health = health.aio.HealthServicer()
         self._server: Optional[grpc.aio.Server] = None
         self._health_server: Optional[grpc.aio.Server] = None  # the plaintext health-only listener (health_port)
+        # while it serves: gRPC's tracebacks for answers to callers gone, said in bursts instead
+        self._answers_unsent: Optional[AnswersToCallersGone] = None
         self.port: int = config.port
         self.health_port: Optional[int] = None  # bound at start when config.health_port is set
         # what serves the metrics on config.metrics_port: the runtime's (runtimes/metrics.py), given before start
@@ -580,6 +619,8 @@ class Server:
                     await listener.stop(0)
             self._remove_unix_socket()
             raise
+        self._answers_unsent = AnswersToCallersGone(logger)
+        logging.getLogger(GRPC_CORE_LOGGER).addFilter(self._answers_unsent)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         ready = health_pb2.HealthCheckResponse.SERVING if self.ready_at_start else health_pb2.HealthCheckResponse.NOT_SERVING
         await self._set_readiness(ready)
@@ -702,6 +743,10 @@ class Server:
         finally:
             # probes saw NOT_SERVING throughout the drain; the health listener goes once the server has
             await self._stop_health_listener()
+            if self._answers_unsent is not None:
+                logging.getLogger(GRPC_CORE_LOGGER).removeFilter(self._answers_unsent)
+                self._answers_unsent.close()
+                self._answers_unsent = None
         self._remove_unix_socket()
         if when_idle is not None:
             await when_idle()
