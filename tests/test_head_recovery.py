@@ -724,3 +724,38 @@ async def test_a_head_reading_other_renewals_drops_a_worker_whose_renewals_stopp
         assert time.monotonic() - start < 1.5
     finally:
         await head.stop(0)
+
+
+async def test_a_head_reading_no_renewal_keeps_a_healthy_worker_it_sent_nothing_lately(echo_servers, eventually):
+    """A deep overload: every request the head reads is past its deadline and goes to no worker, so its healthy
+    workers answer nothing; the head, reading no renewal, dropped them all at once (a 10x burst review: 620, with
+    --max-in-flight 2,160 'no live replica' failures as normal traffic came back). One with nothing left
+    unanswered on it is asked its health, and kept while it serves."""
+    [server] = await echo_servers(1)
+    head = Head("collapsed", lease=0.5)
+    await head.start()
+    try:
+        host, port = server.address.rsplit(":", 1)
+        await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0)  # then no renewal, no call
+        replicas = head.pool.get_replicas("collapsed", shard_id=0)
+        await asyncio.sleep(1.5)  # three leases
+        assert [str(a) for a in replicas.addresses] == [server.address]
+    finally:
+        await head.stop(0)
+
+
+async def test_a_head_reading_no_renewal_drops_a_dead_worker_it_sent_nothing_lately(echo_servers, eventually):
+    """The health check above holds a worker one pass at most: a dead one lapses a quarter lease late."""
+    [server] = await echo_servers(1)
+    head = Head("dead-idle", lease=0.5)
+    await head.start()
+    try:
+        host, port = server.address.rsplit(":", 1)
+        await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0)
+        replicas = head.pool.get_replicas("dead-idle", shard_id=0)
+        start = time.monotonic()
+        await server.stop()
+        await eventually(lambda: not replicas.addresses, timeout=3.0)
+        assert time.monotonic() - start < 1.2
+    finally:
+        await head.stop(0)

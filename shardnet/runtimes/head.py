@@ -45,6 +45,7 @@ from shardnet.networking.addresses import (
     same_host,
 )
 from shardnet.networking.channels import message_size_options
+from shardnet.networking.connection import Connection
 from shardnet.networking.policies import check_count, check_flag, check_seconds
 from shardnet.networking.polling import PollingMap, PollingType
 from shardnet.networking.pool import MAX_SHARDS, GrpcConnectionPool
@@ -478,6 +479,10 @@ class Head:
         self._short_lease_warned = False
         self._renewal_read_at = float("-inf")  # loop time of the latest renewal (ACTIVATE) read, any worker's
         self._overload_hold_said = False  # the line saying leases are held as the head reads no renewal, said
+        # health checks of held workers the head sent nothing lately (a deep overload: every request it reads is
+        # past its deadline), and when each last ended and whether it said SERVING
+        self._hold_checks: dict[tuple[str, int], asyncio.Task] = {}
+        self._hold_checked: dict[tuple[str, int], tuple[float, bool]] = {}
         self._expiry: Optional[asyncio.Task] = None
         self._deactivations: set[asyncio.Task] = set()  # removals under way, kept from the garbage collector
         mutual_tls = config.tls is not None and config.tls.client_ca is not None
@@ -1503,6 +1508,7 @@ class Head:
                 # ACTIVATE renewed it; either way it is not this pass's to remove
                 if not self._registrations.lapse((address, shard_id), now):
                     continue
+                self._hold_checked.pop((address, shard_id), None)
                 self.leases_lapsed += 1
                 # what it holds is cut to fail over where the shard has another replica to take it; with none, cut
                 # calls would only fail, and a worker that was merely stalled may still answer them
@@ -1556,7 +1562,18 @@ class Head:
             default=float("-inf"),
         )
         if answered <= renewed or now - answered > lease / 2:  # a stalled or dead worker answers nothing
-            return False
+            # ... but neither does one the head sent nothing: in a deep overload every request the head reads is
+            # past its deadline and goes to no worker. One with nothing left unanswered on it is asked its health
+            connection = next((c for c in replicas.get_all_connections() if str(c.address) == address), None)
+            if connection is None or connection.running.count:
+                return False  # calls on it, none answered lately: stalled
+            checked = self._hold_checked.get(key)
+            if checked is not None and checked[0] > renewed and now - checked[0] <= lease / 2:
+                if not checked[1]:
+                    return False
+            elif key not in self._hold_checks:  # held one pass more while it is asked
+                period = IMPLIED_LEASE_CHECK if self._lease is None else self._lease / 4
+                self._hold_checks[key] = asyncio.ensure_future(self._check_held(key, connection, period))
         self._registrations.postpone_one(key, IMPLIED_LEASE_CHECK if self._lease is None else self._lease / 4)
         if not self._overload_hold_said:
             self._overload_hold_said = True
@@ -1567,6 +1584,16 @@ class Head:
                 self.deployment, now - self._renewal_read_at, sum(self._under_way.values()), OVERLOAD_HOLD_LEASES,
             )
         return True
+
+    async def _check_held(self, key: tuple[str, int], connection: Connection, timeout: float) -> None:
+        """Ask a held worker the head sent nothing lately for its health, within ``timeout`` (a pass's period)."""
+        try:
+            problem = await connection.problem_now(timeout)
+        except Exception:  # noqa: BLE001 - no answer is no answer
+            problem = "failed"
+        finally:
+            self._hold_checks.pop(key, None)
+        self._hold_checked[key] = (asyncio.get_running_loop().time(), problem is None)
 
     async def _ready_once_discovered(self) -> None:
         """Turn readiness SERVING once discovery has listed the workers (it retries, with backoff, until then)
@@ -1695,6 +1722,9 @@ class Head:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         self._expiry = self._readiness = None
+        for check in list(self._hold_checks.values()):
+            check.cancel()
+        await asyncio.gather(*self._hold_checks.values(), return_exceptions=True)
         # a DEACTIVATE whose caller the drain cut finishes its removals (a few loop passes) before the pool closes
         await asyncio.gather(*self._deactivations, return_exceptions=True)
         self._refusals.close()
