@@ -638,3 +638,28 @@ async def test_a_readmission_check_whose_rebuild_cannot_read_the_tls_files_probe
             assert not replicas._probes[dead].done()  # probed on, as after its ejection
         finally:
             await replicas.close()
+
+
+async def test_a_health_check_on_a_removed_replicas_channel_ends_with_the_close_not_its_deadline(eventually):
+    """A review's find: the fast close of a channel with no counted call (no grpc.aio walk) left a health check on
+    it (not counted) running to its deadline; a check running makes the close grpc.aio's, which cuts it."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # takes the connection, never answers
+
+    silent = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    replicas = ReplicaList()
+    try:
+        address = f"127.0.0.1:{silent.sockets[0].getsockname()[1]}"
+        connection = replicas.add_connection(address)
+        check = asyncio.create_task(connection.health(timeout=30))
+        await eventually(lambda: connection.running.checks == 1)
+        await replicas.remove_connection(address)
+        assert await asyncio.wait_for(check, 5) is False
+    finally:
+        await replicas.close()
+        for writer in held:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()

@@ -118,10 +118,13 @@ class _Running:
     """The calls and streamed requests running on one channel, counted by ``ReplicaList.call``, so that a close
     can wait for them itself: grpc.aio's own grace, once cancelled, leaves its calls running uncut."""
 
-    __slots__ = ("count", "_idle")
+    __slots__ = ("count", "checks", "_idle")
 
     def __init__(self) -> None:
         self.count = 0
+        # health checks on the channel (``Connection.problem``): not waited for, but cut by grpc.aio's close (the
+        # fast close of a channel with nothing running leaves a call on it hanging to its deadline)
+        self.checks = 0
         self._idle: Optional[asyncio.Future] = None
 
     def end(self) -> None:
@@ -155,16 +158,17 @@ class _ChannelInUse:
 
     async def close(self, grace: Optional[float]) -> None:
         """Give calls and streamed requests ``grace`` seconds (None: none), then cut them; cancelled while it
-        waits, it cuts them at once. A channel none of whose counted calls runs any more is closed without
-        grpc.aio's walk of the loop's tasks (65 ms a removal on a busy head): what else may be on it (a health
-        check, a call made on ``Connection.channel`` directly) has a deadline or an answer of its own to end by."""
+        waits, it cuts them at once. A channel none of whose counted calls or health checks runs any more, its
+        stubs never handed out, is closed without grpc.aio's walk of the loop's tasks (65 ms a removal on a busy
+        head): what else may be on it (a call made on ``Connection.channel`` directly) has a deadline or an
+        answer of its own to end by."""
         try:
             if grace:
                 await self.running.idle(grace)
         finally:
             if self.streams is not None:
                 await self.streams.close(None)  # its stream calls cut; their requests fail over
-            if self.running.count or self.handed_out:
+            if self.running.count or self.running.checks or self.handed_out:
                 await self.channel.close(None)  # calls this close cannot reach itself: grpc.aio's close cuts them
             else:
                 await close_finished_channel(self.channel)
@@ -321,8 +325,9 @@ class Connection:
         connection that hangs fails the check as it fails them); its channel closed under the check, cutting it
         (health checks are not counted among the calls a close waits for), is a problem, and no cancellation of
         the caller's."""
-        channel = self.channel
+        channel, running = self.channel, self.running
         self.check_loop()
+        running.checks += 1
         try:
             return await health_problem(self.counted_stubs, self.address, timeout, self._tls)
         except asyncio.CancelledError:
@@ -333,6 +338,8 @@ class Connection:
             if channel in self._closed:
                 return HealthProblem("its channel was closed under the check")
             raise
+        finally:
+            running.checks -= 1
 
     async def problem_now(self, timeout: float, tls: Optional[ClientTls] = None) -> Optional[HealthProblem]:
         """Why the replica does not serve right now (None: it serves), as ``health`` asks it but over a channel of
