@@ -122,3 +122,31 @@ async def run(steps) -> None:
 @given(operations)
 def test_random_add_remove_keeps_the_maps_consistent(steps):
     asyncio.run(run(steps))
+
+
+async def test_any_over_many_shards_takes_each_live_shard_in_turn_without_a_sort_per_request(monkeypatch):
+    # ANY with no shard id listed and sorted every shard for every request (2,048 shards: 2,056 calls a request);
+    # the shards are sorted once per change, and each live shard still takes one request a turn
+    from shardnet.networking import pool as pool_module
+    from shardnet.networking.polling import PollingType
+
+    pool = GrpcConnectionPool()
+    try:
+        for shard in range(64):
+            pool.add_connection("d", f"127.0.0.1:{21000 + shard}", shard_id=shard)
+        sorts = []
+        real_sorted = sorted
+        monkeypatch.setattr(pool_module, "sorted", lambda *a, **k: sorts.append(1) or real_sorted(*a, **k),
+                            raising=False)
+        picks = [pool.targets("d", False, None, PollingType.ANY)[0][0] for _ in range(128)]
+        assert len(sorts) <= 1 and picks == list(range(64)) * 2
+        # a shard whose last replica leaves is skipped; the others keep one request a turn each
+        await pool.remove_connection("d", "127.0.0.1:21005", shard_id=5)
+        picks = [pool.targets("d", False, None, PollingType.ANY)[0][0] for _ in range(63 * 2)]
+        assert sorted(picks) == real_sorted([s for s in range(64) if s != 5] * 2)
+        # a shard added later joins the turn
+        pool.add_connection("d", "127.0.0.1:21100", shard_id=100)
+        picks = {pool.targets("d", False, None, PollingType.ANY)[0][0] for _ in range(64)}
+        assert 100 in picks and 5 not in picks
+    finally:
+        await pool.close()

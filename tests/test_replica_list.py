@@ -433,6 +433,11 @@ def test_outlier_detection_groups_a_call_by_the_endpoint_its_replica_runs():
 
     assert _call_kind("single_data", (("endpoint", "/a"), ("x", "y"), ("endpoint", "/b"))) == ("single_data", "/b")
     assert _call_kind("single_data", (("x", "y"),)) == ("single_data", None)
+    # the pool's own metadata (a grpc.aio.Metadata, read by one lookup): the same kinds
+    pairs = (("endpoint", "/a"), ("x", "y"), ("endpoint", "/b"))
+    assert _call_kind("single_data", grpc.aio.Metadata(*pairs)) == ("single_data", "/b")
+    assert _call_kind("data", grpc.aio.Metadata(("x", "y"))) == ("data", None)
+    assert _call_kind("data", grpc.aio.Metadata()) == ("data", None)
 
 
 class _StallThenDeadline:

@@ -24,6 +24,7 @@ import asyncio
 from typing import Callable, Optional, Sequence
 
 import grpc
+import grpc.aio
 
 from shardnet.networking.connection import HEALTH_TIMEOUT, Connection
 from shardnet.networking.policies import EjectionPolicy
@@ -101,6 +102,9 @@ class _Lagging:
 def _call_kind(method: str, metadata: Optional[Sequence[tuple[str, str]]]) -> tuple[str, Optional[str]]:
     """A call's kind, which the outlier detection compares like with like first: its method and the endpoint its
     metadata names (the last, as heads and workers read it; None for one sent in the request's header alone)."""
+    if type(metadata) is grpc.aio.Metadata:  # the pool's (MetadataCache): one lookup, not its Python iteration
+        endpoints = metadata.get_all(services.ENDPOINT_METADATA)
+        return method, endpoints[-1] if endpoints else None
     endpoint = None
     for key, value in metadata or ():
         if key == services.ENDPOINT_METADATA:

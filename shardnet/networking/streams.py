@@ -567,13 +567,16 @@ class StreamedCall:
                 lane.forget(request_id, future, self._data)
             if timer is not None:
                 timer.cancel()
-        error = stream_status_error(answer) if answer.is_error else None
-        if error is not None:
-            if error.details() == services.BUSY_DETAILS:  # this stream is full, not the replica: a call has room
-                return await self._unary(None if loop is None else max(0.0, self._timeout - (loop.time() - started)))
-            raise error
-        if answer.is_error and not _status_passed_through(self._request, answer):
-            self._trailing = services.ERROR_TRAILER
+        if answer.is_error:  # (read once: each read is a header lookup)
+            error = stream_status_error(answer)
+            if error is not None:
+                if error.details() == services.BUSY_DETAILS:  # this stream is full, not the replica: a call has room
+                    return await self._unary(
+                        None if loop is None else max(0.0, self._timeout - (loop.time() - started))
+                    )
+                raise error
+            if not _status_passed_through(self._request, answer):
+                self._trailing = services.ERROR_TRAILER
         if self._decode:
             return streams.decode_answer(answer.to_bytes())
         return answer
