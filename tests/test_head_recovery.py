@@ -690,7 +690,7 @@ async def test_a_head_reading_no_renewal_keeps_a_worker_answering_its_calls_for_
     await head.start()
     try:
         host, port = server.address.rsplit(":", 1)
-        await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0)  # then no renewal reaches it
+        await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0, renews_every=0.1)  # then no renewal reaches it
         replicas = head.pool.get_replicas("busy", shard_id=0)
         start = time.monotonic()
         while time.monotonic() - start < 1.5:  # three leases, its answers going on
@@ -736,7 +736,7 @@ async def test_a_head_reading_no_renewal_keeps_a_healthy_worker_it_sent_nothing_
     await head.start()
     try:
         host, port = server.address.rsplit(":", 1)
-        await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0)  # then no renewal, no call
+        await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0, renews_every=0.1)  # then no renewal, no call
         replicas = head.pool.get_replicas("collapsed", shard_id=0)
         await asyncio.sleep(1.5)  # three leases
         assert [str(a) for a in replicas.addresses] == [server.address]
@@ -751,7 +751,7 @@ async def test_a_head_reading_no_renewal_drops_a_dead_worker_it_sent_nothing_lat
     await head.start()
     try:
         host, port = server.address.rsplit(":", 1)
-        await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0)
+        await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0, renews_every=0.1)
         replicas = head.pool.get_replicas("dead-idle", shard_id=0)
         start = time.monotonic()
         await server.stop()
@@ -759,3 +759,64 @@ async def test_a_head_reading_no_renewal_drops_a_dead_worker_it_sent_nothing_lat
         assert time.monotonic() - start < 1.2
     finally:
         await head.stop(0)
+
+
+async def test_a_worker_that_activated_once_leaves_a_head_with_a_lease_after_that_lease(echo_servers, caplog, eventually):
+    """Jina's ACTIVATE, sent once, says nothing of renewing: a head given --lease keeps it for that lease, not the
+    6 more an overload hold gives workers whose renewals wait unread (a regression review: 7 leases, and a WARNING
+    of an overload the idle head did not have)."""
+    [server] = await echo_servers(1)
+    head = Head("jina", lease=0.4)
+    await head.start()
+    try:
+        host, port = server.address.rsplit(":", 1)
+        await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0)
+        replicas = head.pool.get_replicas("jina", shard_id=0)
+        started = time.monotonic()
+        await eventually(lambda: not replicas.addresses, timeout=5.0)
+        assert time.monotonic() - started < 2 * 0.4
+        assert not [record for record in caplog.records if "too loaded" in record.getMessage()]
+    finally:
+        await head.stop(0)
+
+
+async def test_a_hung_worker_on_an_idle_head_lapses_a_quarter_lease_late_at_most_and_no_overload_is_said(
+    caplog, eventually
+):
+    """A worker that accepts connections and never answers (its process stopped), on a head reading no renewal:
+    its health check, a pass's time at most, lets it lapse a quarter lease late (it was half), and the head says
+    no overload (it said one, and that its workers answer)."""
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        port = hung.getsockname()[1]
+        head = Head("hung", lease=0.8)
+        await head.start()
+        try:
+            await oneshot.activate_worker("127.0.0.1", port, head.server.address, shard_id=0, renews_every=0.1)
+            replicas = head.pool.get_replicas("hung", shard_id=0)
+            started = time.monotonic()
+            await eventually(lambda: not replicas.addresses, timeout=5.0)
+            assert time.monotonic() - started < 0.8 + 0.8 / 4 + 0.15
+            assert not [record for record in caplog.records if "too loaded" in record.getMessage()]
+            assert head._hold_checked == {}  # nothing kept of a worker gone
+        finally:
+            await head.stop(0)
+
+
+async def test_a_worker_deactivated_while_its_hold_check_runs_leaves_nothing_behind(eventually):
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        port = hung.getsockname()[1]
+        head = Head("gone", lease=0.8)
+        await head.start()
+        try:
+            await oneshot.activate_worker("127.0.0.1", port, head.server.address, shard_id=0, renews_every=0.1)
+            await eventually(lambda: bool(head._hold_checks), timeout=5.0)
+            await oneshot.deactivate_worker("127.0.0.1", port, head.server.address, shard_id=0)
+            await eventually(lambda: not head._hold_checks, timeout=5.0)
+            assert head._hold_checked == {}  # before: the gone worker's key, for the head's lifetime
+        finally:
+            await head.stop(0)
+        assert not head._hold_checks

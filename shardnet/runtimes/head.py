@@ -1168,6 +1168,7 @@ class Head:
                 shards = [shard_id] if shard_id is not None else self.pool.shard_ids(self.deployment)
                 for leased_shard in shards:
                     self._registrations.forget((address, leased_shard))
+                    self._hold_checked.pop((address, leased_shard), None)
                 # finished even if its caller leaves: cut between two shards, the worker would stay in the rest
                 # with no lease left to remove it
                 removal = asyncio.ensure_future(self._deactivate(address, shards, peer))
@@ -1193,6 +1194,7 @@ class Head:
             if other == shard_id or known is None or known == instance:
                 continue
             self._registrations.forget((address, other))
+            self._hold_checked.pop((address, other), None)
             await self.pool.remove_connection(self.deployment, address, shard_id=other, grace=0)
             logger.warning(
                 "%s: %s registered in shard %d as a new process: removed from shard %d, where the process it "
@@ -1453,7 +1455,8 @@ class Head:
         told why it dropped out, by what the ``interval`` it announced says of the lapse."""
         loop = asyncio.get_running_loop()
         now = loop.time()
-        lapsed = self._registrations.renew((address, shard_id), now, lease)
+        lapsed = self._registrations.renew((address, shard_id), now, lease, renews=interval is not None)
+        self._hold_checked.pop((address, shard_id), None)  # a check before this renewal says nothing of the next
         self._renewal_read_at = now
         self._overload_hold_said = False  # renewals get through again: the next time is said again
         if self._expiry is None:  # implied leases start the expiry on the first one
@@ -1551,6 +1554,8 @@ class Head:
         renewed = self._registrations.renewed_at(key)
         if lease is None or renewed is None or now - self._renewal_read_at < lease / 2:
             return False  # some worker's renewals get through: this one's stopped
+        if not self._registrations.renews(key):
+            return False  # it never said it renews (Jina's ACTIVATE, sent once): no renewal of its waits unread
         if now - (renewed + lease) > OVERLOAD_HOLD_LEASES * lease:
             return False
         replicas = self.pool.get_replicas(self.deployment, shard_id=shard_id)
@@ -1571,14 +1576,22 @@ class Head:
             if checked is not None and checked[0] > renewed and now - checked[0] <= lease / 2:
                 if not checked[1]:
                     return False
-            elif key not in self._hold_checks:  # held one pass more while it is asked
+            else:  # held one pass more while it is asked; nothing said of an overload before it answers
                 period = IMPLIED_LEASE_CHECK if self._lease is None else self._lease / 4
-                self._hold_checks[key] = asyncio.ensure_future(self._check_held(key, connection, period))
+                if key not in self._hold_checks:
+                    # answered or not before the next pass (a check timing out with it found pending held a hung
+                    # worker a pass more: half a lease late)
+                    self._hold_checks[key] = asyncio.ensure_future(
+                        self._check_held(key, connection, period * 3 / 4)
+                    )
+                self._registrations.postpone_one(key, period)
+                return True
         self._registrations.postpone_one(key, IMPLIED_LEASE_CHECK if self._lease is None else self._lease / 4)
         if not self._overload_hold_said:
             self._overload_hold_said = True
             logger.warning(
-                "%s: no worker's renewal (ACTIVATE) reached the head for %.1fs, though its workers answer its calls: "
+                "%s: no worker's renewal (ACTIVATE) reached the head for %.1fs, though its workers answer its calls "
+                "(or, sent none lately, a health check): "
                 "the head is too loaded to read its own inbound calls (%d requests under way; --max-in-flight "
                 "bounds them), and keeps the workers that answer, for %d leases at most",
                 self.deployment, now - self._renewal_read_at, sum(self._under_way.values()), OVERLOAD_HOLD_LEASES,
@@ -1586,14 +1599,16 @@ class Head:
         return True
 
     async def _check_held(self, key: tuple[str, int], connection: Connection, timeout: float) -> None:
-        """Ask a held worker the head sent nothing lately for its health, within ``timeout`` (a pass's period)."""
+        """Ask a held worker the head sent nothing lately for its health, within ``timeout`` (less than a pass's
+        period: its answer, or its silence, is known at the next pass)."""
         try:
             problem = await connection.problem_now(timeout)
         except Exception:  # noqa: BLE001 - no answer is no answer
             problem = "failed"
         finally:
             self._hold_checks.pop(key, None)
-        self._hold_checked[key] = (asyncio.get_running_loop().time(), problem is None)
+        if self._registrations.leased(key) is not None:  # not lapsed, DEACTIVATEd or replaced meanwhile
+            self._hold_checked[key] = (asyncio.get_running_loop().time(), problem is None)
 
     async def _ready_once_discovered(self) -> None:
         """Turn readiness SERVING once discovery has listed the workers (it retries, with backoff, until then)

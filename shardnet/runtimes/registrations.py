@@ -23,6 +23,7 @@ class Registration:
     lease: Optional[float] = None
     instance: Optional[str] = None
     renewed: Optional[float] = None  # when it was last renewed
+    renews: bool = False  # its last ACTIVATE announced an interval it renews at (Jina's, sent once, does not)
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,11 @@ class Registrations:
         held.instance = instance
         return restarted
 
-    def renew(self, key: Key, now: float, lease: float) -> Optional[Lapse]:
-        """Lease ``key`` for ``lease`` seconds from ``now``; the lapse this renewal ends, if it came back after one."""
+    def renew(self, key: Key, now: float, lease: float, renews: bool = False) -> Optional[Lapse]:
+        """Lease ``key`` for ``lease`` seconds from ``now`` (``renews``: its ACTIVATE said it renews); the lapse
+        this renewal ends, if it came back after one."""
         held = self._held.setdefault(key, Registration())
-        held.until, held.lease, held.renewed = now + lease, lease, now
+        held.until, held.lease, held.renewed, held.renews = now + lease, lease, now, renews
         return self._lapsed.pop(key, None)
 
     def forget(self, key: Key) -> None:
@@ -67,6 +69,11 @@ class Registrations:
         """The length of ``key``'s lease, or None when it holds none."""
         held = self._held.get(key)
         return None if held is None else held.lease
+
+    def renews(self, key: Key) -> bool:
+        """Whether ``key``'s last ACTIVATE announced that it renews (an interval)."""
+        held = self._held.get(key)
+        return held is not None and held.renews
 
     def instance(self, key: Key) -> Optional[str]:
         """The process id ``key`` announced last, if any."""
