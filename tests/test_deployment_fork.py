@@ -1,5 +1,7 @@
-"""A process that forks while its Deployment runs (os.fork, a gunicorn worker of a --preload app): the child may
-post to it, and neither its exit nor a stop() in it touches the parent's run."""
+"""A process that forks while its Deployment runs (os.fork, a gunicorn worker of a --preload app): neither the
+fork's exit nor a stop(), kill() or restart in it touches the parent's run. (The children here make no gRPC call:
+gRPC Python supports a fork after its objects were made only with GRPC_ENABLE_FORK_SUPPORT; in a test process
+whose gRPC threads ran, a child's call crashed now and then, under xdist.)"""
 
 from __future__ import annotations
 
@@ -37,16 +39,17 @@ def _in_a_child(body) -> int:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
-def test_a_forked_child_posts_to_the_parents_deployment_and_its_exit_leaves_the_run_as_it_was():
+def test_a_forks_stop_kill_restart_and_exit_leave_the_parents_run_as_it_was():
     with Deployment(uses=executors.Tagger, name="forked") as dep:
         assert dep.post("/tag", [Document(text="x")])[0].tags["by"] == "tagger"
         socket = dep.head_dials(dep.workers[0, 0]).removeprefix("unix:")
         folders = [dep.log_dir, dep.control_token_file.parent, os.path.dirname(socket)]
 
         def child() -> None:
-            assert dep.post("/tag", [Document(text="y")], timeout=10)[0].tags["by"] == "tagger"
-            with pytest.raises(ProcessError, match="a fork of process"):
-                dep.restart_worker(0, 0)
+            for refused in (lambda: dep.restart_worker(0, 0), dep.restart_head, dep.revive, dep.start):
+                with pytest.raises(ProcessError, match="a fork of process"):
+                    refused()
+            dep.kill()
             dep.stop()  # a with block left in the child: the parent's run is not stopped
 
         assert _in_a_child(child) == 0
@@ -71,13 +74,14 @@ def test_a_forks_stop_of_a_deployment_its_parent_has_not_started_leaves_the_pare
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
-def test_a_fork_may_start_a_deployment_its_parent_stopped_in_a_run_of_its_own():
+def test_a_deployment_its_parent_stopped_is_no_longer_the_parents_in_a_fork():
     dep = Deployment(uses=executors.Tagger, name="stopped-fork")
     dep.start()
     dep.stop()
 
     def child() -> None:
-        with dep:  # before: ProcessError "a fork of process ... that started it: only that process may"
-            assert dep.post("/tag", [Document(text="y")], timeout=10)[0].tags["by"] == "tagger"
+        # before: ProcessError "a fork of process ... that started it: only that process may", for a run over
+        with pytest.raises(ProcessError, match="is not running"):
+            dep.restart_head()
 
     assert _in_a_child(child) == 0
