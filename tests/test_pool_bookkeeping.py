@@ -6,6 +6,7 @@ ReplicaList channels are lazy, so no server is needed: only the maps are checked
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from typing import Optional
 
 import pytest
@@ -13,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shardnet import ConfigurationError, GrpcConnectionPool
+from shardnet.networking.polling import PollingType
 
 # address as written -> (identity key, the form the pool shows); spellings of one replica share a key
 ADDRESSES = {
@@ -128,7 +130,6 @@ async def test_any_over_many_shards_takes_each_live_shard_in_turn_without_a_sort
     # ANY with no shard id listed and sorted every shard for every request (2,048 shards: 2,056 calls a request);
     # the shards are sorted once per change, and each live shard still takes one request a turn
     from shardnet.networking import pool as pool_module
-    from shardnet.networking.polling import PollingType
 
     pool = GrpcConnectionPool()
     try:
@@ -150,3 +151,68 @@ async def test_any_over_many_shards_takes_each_live_shard_in_turn_without_a_sort
         assert 100 in picks and 5 not in picks
     finally:
         await pool.close()
+
+
+shard_changes = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), st.integers(0, 6), st.integers(0, 2)),
+        st.tuples(st.just("remove"), st.integers(0, 6), st.integers(0, 2)),
+        st.tuples(st.just("forget_empty"), st.just(0), st.just(0)),
+        st.tuples(st.just("declare"), st.integers(0, 7), st.just(0)),
+        st.tuples(st.just("forget_deployment"), st.just(0), st.just(0)),
+        st.tuples(st.just("any"), st.integers(1, 9), st.just(0)),
+        st.tuples(st.just("all_mutate"), st.just(0), st.just(0)),
+    ),
+    max_size=40,
+)
+
+
+async def run_shard_changes(steps) -> None:
+    pool = GrpcConnectionPool()
+    try:
+        for op, a, b in steps:
+            if op == "add":
+                try:
+                    pool.add_connection("d", f"127.0.0.1:{24000 + a * 10 + b}", shard_id=a)
+                except ConfigurationError:
+                    pass
+            elif op == "remove":
+                await pool.remove_connection("d", f"127.0.0.1:{24000 + a * 10 + b}", shard_id=a)
+            elif op == "forget_empty":
+                pool.forget_empty_shards("d")
+            elif op == "declare":
+                try:
+                    pool.declare_shards("d", a)
+                except ConfigurationError:
+                    pass
+            elif op == "forget_deployment":
+                pool.forget_deployment("d")
+            elif op == "any":
+                for _ in range(a):
+                    pool.targets("d", False, None, PollingType.ANY)
+            elif op == "all_mutate":
+                got = pool.targets("d", False, None, PollingType.ALL)
+                got.reverse()
+                got.append((99, None))
+            entry = pool._deployments.get("d")
+            shards = {} if entry is None else entry.shards
+            assert pool.targets("d", False, None, PollingType.ALL) == sorted(shards.items())
+            live = {s for s, r in shards.items() if r.eligible()}
+            picks = []
+            for _ in range(len(live)):
+                [(sid, replicas)] = pool.targets("d", False, None, PollingType.ANY)
+                assert shards.get(sid) is replicas
+                picks.append(sid)
+            assert Counter(picks) == Counter(live), (picks, live)
+            if not live:
+                assert pool.targets("d", False, None, PollingType.ANY) == []
+    finally:
+        await pool.close()
+
+
+@settings(max_examples=200, deadline=None, database=None)
+@given(shard_changes)
+def test_any_turn_and_all_order_follow_every_change_of_the_shards(steps):
+    """ANY's order is cached per change of the shards: after every add, remove, forget and declare, ALL is every
+    shard in id order, and the next ANY picks (as many as live shards) are each live shard once."""
+    asyncio.run(run_shard_changes(steps))
