@@ -495,8 +495,8 @@ class GrpcConnectionPool:
         if len(entry.shards) == 1:  # the common case, without a sort per request
             [(sid, replicas)] = entry.shards.items()
             return [(sid, replicas)] if replicas.eligible() else []
-        # the next shard in turn that has a pickable replica: found in a step or two, not by listing every live
-        # shard (each asked, all sorted) for every request; each live shard still takes one request a turn
+        # the next shard in turn that has a pickable replica, past those with none (one step when most serve), not
+        # by listing every live shard (each asked, all sorted) for every request; each takes one request a turn
         ordered = entry.ordered()
         count = len(ordered)
         start = entry.next_shard
