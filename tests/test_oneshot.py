@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 import warnings
+from typing import Any, Callable, Coroutine
 
 import grpc
 import pytest
@@ -246,9 +247,8 @@ def test_a_ctrl_c_while_the_sync_helpers_loop_is_made_leaves_no_coroutine_never_
     assert not [w for w in caught if "never awaited" in str(w.message)], [str(w.message) for w in caught]
 
 
-def test_a_ctrl_c_where_a_loop_runs_interrupts_the_sync_helper_at_once_and_cancels_its_run():
-    """In a notebook (a loop running in this thread) the helper runs in a thread of its own; a Ctrl-C reached the
-    caller only once the run ended, a handler's 15 s later (a review's find)."""
+def _a_long_run() -> tuple[Callable[[], Coroutine[Any, Any, None]], threading.Event]:
+    """A coroutine function sleeping 30 s, and the event it sets when it is cancelled."""
     cancelled = threading.Event()
 
     async def long_run() -> None:
@@ -257,6 +257,14 @@ def test_a_ctrl_c_where_a_loop_runs_interrupts_the_sync_helper_at_once_and_cance
         except asyncio.CancelledError:
             cancelled.set()
             raise
+
+    return long_run, cancelled
+
+
+def test_a_ctrl_c_where_a_loop_runs_interrupts_the_sync_helper_at_once_and_cancels_its_run():
+    """In a notebook (a loop running in this thread) the helper runs in a thread of its own; a Ctrl-C reached the
+    caller only once the run ended, a handler's 15 s later (a review's find)."""
+    long_run, cancelled = _a_long_run()
 
     def ctrl_c(*_: object) -> None:
         raise KeyboardInterrupt
@@ -281,14 +289,7 @@ def test_a_first_ctrl_c_under_asyncio_run_ends_a_sync_helpers_wait_at_once_and_c
     """Under asyncio.run a Ctrl-C raises nothing: the runner's SIGINT handler cancels the main task, which sat in
     the blocking helper's wait until the run ended (20 s of a handler's, for ever without a timeout); a second
     Ctrl-C was needed. The wait looks at its caller's task being cancelled."""
-    cancelled = threading.Event()
-
-    async def long_run() -> None:
-        try:
-            await asyncio.sleep(30)
-        except asyncio.CancelledError:
-            cancelled.set()
-            raise
+    long_run, cancelled = _a_long_run()
 
     async def main() -> None:
         oneshot.run_sync(long_run())

@@ -6,9 +6,11 @@ from __future__ import annotations
 import datetime
 
 import asyncio
+import contextlib
 import logging
 import os
 from pathlib import Path
+from typing import AsyncIterator
 
 import grpc
 import pytest
@@ -435,26 +437,35 @@ def test_a_pool_following_tls_files_must_be_started_in_a_running_loop(authoritie
     GrpcConnectionPool(tls=ClientTls(root_certificates=ca.cert_pem.bytes())).start()  # nothing to follow: fine
 
 
-async def test_a_health_check_cut_by_a_channel_renewal_is_a_failed_check_not_a_cancellation(authorities, client_files):
+@contextlib.asynccontextmanager
+async def silent_server() -> AsyncIterator[str]:
+    """The address of a server that takes connections and never answers (not even a TLS handshake)."""
     held: list[asyncio.StreamWriter] = []
 
     async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)  # takes the connection, never answers the TLS handshake
+        held.append(writer)
 
     silent = await asyncio.start_server(never_answer, "127.0.0.1", 0)
-    replicas = ReplicaList(tls=client_files.client_tls("worker.example"))
     try:
-        connection = replicas.add_connection(f"127.0.0.1:{silent.sockets[0].getsockname()[1]}")
-        check = asyncio.create_task(connection.health(timeout=30))
-        await asyncio.sleep(0)
-        await replicas.renew_channels(client_files.client_tls("worker.example").in_memory())
-        assert await asyncio.wait_for(check, 5) is False  # an ejected replica's probe carries on
+        yield f"127.0.0.1:{silent.sockets[0].getsockname()[1]}"
     finally:
-        await replicas.close()
         for writer in held:
             writer.close()
         silent.close()
         await silent.wait_closed()
+
+
+async def test_a_health_check_cut_by_a_channel_renewal_is_a_failed_check_not_a_cancellation(authorities, client_files):
+    async with silent_server() as address:
+        replicas = ReplicaList(tls=client_files.client_tls("worker.example"))
+        try:
+            connection = replicas.add_connection(address)
+            check = asyncio.create_task(connection.health(timeout=30))
+            await asyncio.sleep(0)
+            await replicas.renew_channels(client_files.client_tls("worker.example").in_memory())
+            assert await asyncio.wait_for(check, 5) is False  # an ejected replica's probe carries on
+        finally:
+            await replicas.close()
 
 
 async def test_a_replica_list_the_renewal_failed_to_reach_is_renewed_at_the_next_look_and_only_it(
@@ -643,23 +654,13 @@ async def test_a_readmission_check_whose_rebuild_cannot_read_the_tls_files_probe
 async def test_a_health_check_on_a_removed_replicas_channel_ends_with_the_close_not_its_deadline(eventually):
     """A review's find: the fast close of a channel with no counted call (no grpc.aio walk) left a health check on
     it (not counted) running to its deadline; a check running makes the close grpc.aio's, which cuts it."""
-    held: list[asyncio.StreamWriter] = []
-
-    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        held.append(writer)  # takes the connection, never answers
-
-    silent = await asyncio.start_server(never_answer, "127.0.0.1", 0)
-    replicas = ReplicaList()
-    try:
-        address = f"127.0.0.1:{silent.sockets[0].getsockname()[1]}"
-        connection = replicas.add_connection(address)
-        check = asyncio.create_task(connection.health(timeout=30))
-        await eventually(lambda: connection.running.checks == 1)
-        await replicas.remove_connection(address)
-        assert await asyncio.wait_for(check, 5) is False
-    finally:
-        await replicas.close()
-        for writer in held:
-            writer.close()
-        silent.close()
-        await silent.wait_closed()
+    async with silent_server() as address:
+        replicas = ReplicaList()
+        try:
+            connection = replicas.add_connection(address)
+            check = asyncio.create_task(connection.health(timeout=30))
+            await eventually(lambda: connection.running.checks == 1)
+            await replicas.remove_connection(address)
+            assert await asyncio.wait_for(check, 5) is False
+        finally:
+            await replicas.close()
