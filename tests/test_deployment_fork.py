@@ -5,7 +5,9 @@ whose gRPC threads ran, a child's call crashed now and then, under xdist.)"""
 
 from __future__ import annotations
 
+import gc
 import os
+import signal
 import sys
 
 import pytest
@@ -20,8 +22,11 @@ import executors
 def _in_a_child(body) -> int:
     """Run ``body`` in a forked child, which then leaves as a gunicorn worker does (sys.exit: atexit and
     finalizers run); its exit code: 0 when ``body`` returned."""
+    gc.collect()  # a grpc.aio object left in a cycle by an earlier test keeps gRPC's poller thread running
     pid = os.fork()
     if pid == 0:
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(30)  # a child stuck (in gRPC's core, say) dies before the parent's test times out
         code = 1
         try:
             body()
