@@ -112,10 +112,10 @@ LAPSE_MEMORY = 60.0
 # seconds the requests a worker holds when its lease lapses get before they are cut (UNAVAILABLE) and fail over:
 # the head presumes it dead or cut off (a SIGSTOP, a partition), and without a cut they would wait for keepalive
 LAPSED_LEASE_GRACE = 0.5
-# a lease that ran out while the head read no worker's renewal for half a lease, of a worker that answered the
-# head's calls since its last renewal and within the last half lease, is held on for at most this many leases
-# more: the renewals sat in the head's own queue of inbound calls (overloaded; --max-in-flight does not stop
-# that), and dropping every worker that answers made an overload an outage
+# a lease that ran out while the head read no worker's renewal for half a lease, of a worker that shows it lives
+# (``Head._hold_for_overload``), is held on for at most this many leases more: the renewals sat in the head's own
+# queue of inbound calls (overloaded; --max-in-flight does not stop that), and dropping every worker that answers
+# made an overload an outage
 OVERLOAD_HOLD_LEASES = 6
 # seconds of a caller's deadline an ANY request must have left to be sent to another shard after its own failed
 MIN_RESEND_SECONDS = 0.1
@@ -1544,14 +1544,15 @@ class Head:
                 self._forget_empty_shards()
 
     def _hold_for_overload(self, address: str, shard_id: int, now: float) -> bool:
-        """Whether a lease that ran out is held on a while: the head read no worker's renewal for half a lease,
-        and this worker answered one of the head's calls since its last renewal. Its renewals then sat in the
-        head's own queue of inbound calls (a head offered more than it can do, with no --max-in-flight, starts
-        every call it is sent and reads an ACTIVATE only after the thousands before it), not in a stalled worker:
-        a stalled or dead worker answers nothing. Held for OVERLOAD_HOLD_LEASES leases at most."""
+        """Whether a lease that ran out is held one pass more (OVERLOAD_HOLD_LEASES leases past its end at most):
+        the head read no worker's renewal for half a lease, this worker said it renews, and it shows it lives: it
+        answered the head's calls since its last renewal and lately, or, sent nothing lately (a deep overload:
+        every request the head reads is past its deadline), its health check says SERVING. Its renewals then sit
+        in the head's own queue of inbound calls (a head offered more than it can do starts every call it is sent,
+        an ACTIVATE only after the thousands before it), not in a stalled worker: a stalled or dead one answers
+        nothing."""
         key = (address, shard_id)
-        lease = self._registrations.leased(key)
-        renewed = self._registrations.renewed_at(key)
+        lease, renewed = self._registrations.leased(key), self._registrations.renewed_at(key)
         if lease is None or renewed is None or now - self._renewal_read_at < lease / 2:
             return False  # some worker's renewals get through: this one's stopped
         if not self._registrations.renews(key):
@@ -1559,41 +1560,34 @@ class Head:
         if now - (renewed + lease) > OVERLOAD_HOLD_LEASES * lease:
             return False
         replicas = self.pool.get_replicas(self.deployment, shard_id=shard_id)
-        if replicas is None:
-            return False
-        answered = max(
-            (at for c in replicas.get_all_connections() if str(c.address) == address
-             for at, _sent in c.answered_at.values()),
-            default=float("-inf"),
+        connection = None if replicas is None else next(
+            (c for c in replicas.get_all_connections() if str(c.address) == address), None
         )
-        if answered <= renewed or now - answered > lease / 2:  # a stalled or dead worker answers nothing
-            # ... but neither does one the head sent nothing: in a deep overload every request the head reads is
-            # past its deadline and goes to no worker. One with nothing left unanswered on it is asked its health
-            connection = next((c for c in replicas.get_all_connections() if str(c.address) == address), None)
-            if connection is None or connection.running.count:
+        if connection is None:
+            return False
+        period = IMPLIED_LEASE_CHECK if self._lease is None else self._lease / 4
+        answered = max((at for at, _sent in connection.answered_at.values()), default=float("-inf"))
+        if answered <= renewed or now - answered > lease / 2:
+            if connection.running.count:
                 return False  # calls on it, none answered lately: stalled
             checked = self._hold_checked.get(key)
-            if checked is not None and checked[0] > renewed and now - checked[0] <= lease / 2:
-                if not checked[1]:
-                    return False
-            else:  # held one pass more while it is asked; nothing said of an overload before it answers
-                period = IMPLIED_LEASE_CHECK if self._lease is None else self._lease / 4
+            if checked is None or checked[0] <= renewed or now - checked[0] > lease / 2:
+                # asked its health, answered or not by the next pass (a check timing out with it found pending
+                # held a hung worker a pass more); held meanwhile, and nothing said of an overload yet
                 if key not in self._hold_checks:
-                    # answered or not before the next pass (a check timing out with it found pending held a hung
-                    # worker a pass more: half a lease late)
-                    self._hold_checks[key] = asyncio.ensure_future(
-                        self._check_held(key, connection, period * 3 / 4)
-                    )
+                    self._hold_checks[key] = asyncio.ensure_future(self._check_held(key, connection, period * 3 / 4))
                 self._registrations.postpone_one(key, period)
                 return True
-        self._registrations.postpone_one(key, IMPLIED_LEASE_CHECK if self._lease is None else self._lease / 4)
+            if not checked[1]:
+                return False
+        self._registrations.postpone_one(key, period)
         if not self._overload_hold_said:
             self._overload_hold_said = True
             logger.warning(
                 "%s: no worker's renewal (ACTIVATE) reached the head for %.1fs, though its workers answer its calls "
-                "(or, sent none lately, a health check): "
-                "the head is too loaded to read its own inbound calls (%d requests under way; --max-in-flight "
-                "bounds them), and keeps the workers that answer, for %d leases at most",
+                "(or, sent none lately, a health check): the head is too loaded to read its own inbound calls (%d "
+                "requests under way; --max-in-flight bounds them), and keeps the workers that answer, for %d leases "
+                "at most",
                 self.deployment, now - self._renewal_read_at, sum(self._under_way.values()), OVERLOAD_HOLD_LEASES,
             )
         return True
