@@ -84,7 +84,8 @@ async def main(arguments: argparse.Namespace) -> None:
             await server.stop(0)
     print(f"# removal stall: {arguments.replicas} replicas removed per round, {arguments.tasks} idle tasks on the "
           f"loop, {arguments.rounds} interleaved rounds; {time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"{'close':<16} {'removals ms (median)':>21} {'longest stall ms (median)':>26} {'longest stall ms (max)':>23}")
+    columns = ("removals ms (median)", "longest stall ms (median)", "longest stall ms (max)")
+    print(f"{'close':<16} {columns[0]:>21} {columns[1]:>26} {columns[2]:>23}")
     medians = {}
     for name, rounds in results.items():
         took = statistics.median(t for t, _ in rounds) * 1000

@@ -180,8 +180,8 @@ class Connection:
 
     __slots__ = (
         "address", "_tls", "_options", "channel", "counted_stubs", "_handed_out", "running", "failures",
-        "times_ejected", "_retiring", "_closed", "_origin", "_request_streams", "rebuilt_at", "admitted_at", "checked_at", "draining", "loop",
-        "_loop_thread", "recent_failures", "last_failure", "answered_at", "missed_at", "gone_since",
+        "times_ejected", "_retiring", "_closed", "_origin", "_request_streams", "rebuilt_at", "admitted_at",
+        "checked_at", "draining", "loop", "_loop_thread", "recent_failures", "last_failure", "answered_at", "missed_at", "gone_since",
     )
 
     def __init__(
@@ -307,6 +307,10 @@ class Connection:
             "async code in the loop that sends (not before asyncio.run, nor in an earlier one)"
         )
 
+    def closed_here(self, channel: grpc.aio.Channel) -> bool:
+        """True when ``channel`` is one of this connection's that it closed itself (removed, rebuilt)."""
+        return channel in self._closed
+
     def cut_by_close(self, channel: grpc.aio.Channel) -> bool:
         """True when a call on ``channel`` was cancelled because we closed the channel, not by its caller."""
         if channel not in self._closed:
@@ -335,7 +339,7 @@ class Connection:
                 return HealthProblem("its channel was closed under the check")
             raise
         except grpc.aio.UsageError:  # closed between its two questions (health, then endpoints): the second refused
-            if channel in self._closed:
+            if self.closed_here(channel):
                 return HealthProblem("its channel was closed under the check")
             raise
         finally:

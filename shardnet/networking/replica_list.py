@@ -695,7 +695,7 @@ class ReplicaList:
             cut = True  # raised below, outside this handler: raised here, the error's context (the CancelledError
             # and its traceback through gRPC's call) would keep the call, and so its closed channel's socket, alive
         except grpc.aio.UsageError:
-            if channel not in connection._closed:
+            if not connection.closed_here(channel):
                 balancer.finished(connection, token, failed=True)
                 raise
             # gRPC refused to make the call on the channel we closed (a request stream's BUSY refusal falling back
