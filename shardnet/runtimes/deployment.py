@@ -417,7 +417,9 @@ class Deployment:
         # cache folder too, where an Executor's own workspace= (uses_with) wins, as under Jina's Deployment
         self._pass_workspace = workspace is not None
         # a folder only this user reads (made 0700), removed at stop whatever log_dir is: the control token's
-        self._secrets = _removed_by_the_run(tempfile.TemporaryDirectory(prefix="sn-secret-", ignore_cleanup_errors=True))
+        self._secrets = _removed_by_the_run(
+            tempfile.TemporaryDirectory(prefix="sn-secret-", ignore_cleanup_errors=True)
+        )
         self.control_token_file = Path(self._secrets.name) / "control-token"
         self._sockets = _removed_by_the_run(sockets)
         self.head: Optional[ShardnetProcess] = None
@@ -450,19 +452,25 @@ class Deployment:
     def _running_head(self) -> ShardnetProcess:
         """The head process, or ProcessError when the deployment was not started (or was stopped)."""
         # a fork's head is its parent's child, which waitid cannot ask about (it said every process had exited)
-        alive = self.head is not None and (
-            self.head.alive if self._owner == os.getpid() else self.head.pid is not None and process_running(self.head.pid)
+        head = self.head
+        alive = head is not None and (
+            process_running(head.pid) if self._in_a_fork and head.pid is not None else head.alive
         )
         if not alive or self.head.address is None:
             raise ProcessError(f"deployment {self.name!r} is not running")
         return self.head
 
+    @property
+    def _in_a_fork(self) -> bool:
+        """Whether this process is a fork of the one this run belongs to."""
+        return self._owner != os.getpid()
+
     def _check_owned(self, what: str) -> None:
         """Refuse ``what`` in a fork of the process running this deployment: its processes are that one's."""
-        if self._owner != os.getpid() and self._spawned and self._finalizer is not None:  # its run not stopped
+        if self._in_a_fork and self._spawned and self._finalizer is not None:  # its run not stopped
             raise ProcessError(
                 f"deployment {self.name!r}: {what} in process {os.getpid()}, a fork of process {self._owner} that "
-                "started it: only that process may; post() to it works from here"
+                "started it: only that process may"
             )
 
     def _child_env(self) -> dict[str, str]:
@@ -518,7 +526,7 @@ class Deployment:
                 "start the Deployment under `if __name__ == \"__main__\":`"
             )
         self._check_owned("start()")
-        if self._owner != os.getpid():  # a fork's first start: a run of its own, not its parent's folders and locks
+        if self._in_a_fork:  # a fork's first start: a run of its own, not its parent's folders and locks
             self._launching, self._restart_claims = threading.RLock(), threading.Lock()  # a thread gone may hold them
             self._launch_lock_depth, self._start_under_way, self._restarting = 0, False, {}
             self._prepare_run()
@@ -1020,7 +1028,7 @@ class Deployment:
         way ends as it would have (``kill()`` cuts it short); while its thread launches a process (start(),
         revive(), a restart), it returns at once too, and nothing more is launched: once that launch is over, the
         stop runs, and a start or restart fails with ProcessError. Waiting would wait for ever."""
-        if self._owner != os.getpid():  # the run (its processes, its folders) is its parent's, started or not
+        if self._in_a_fork:  # the run (its processes, its folders) is its parent's, started or not
             if self._spawned and self._finalizer is not None:  # a `with` block left in a fork of a running one
                 logger.warning("deployment %r: stop() in process %d, a fork of process %d that runs it, stops "
                                "nothing", self.name, os.getpid(), self._owner)
@@ -1068,7 +1076,7 @@ class Deployment:
         """SIGKILL every process of this run, and the processes each started, at once, cutting their drains (a
         second Ctrl-C); a stop() under way then finishes at once. Takes no lock: a signal handler may call it
         while stop() holds one. A fork of the process that started them kills nothing."""
-        if self._owner != os.getpid():
+        if self._in_a_fork:
             return
         for process in list(self._spawned):
             process.kill_group()
