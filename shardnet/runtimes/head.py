@@ -117,6 +117,9 @@ LAPSED_LEASE_GRACE = 0.5
 # queue of inbound calls (overloaded; --max-in-flight does not stop that), and dropping every worker that answers
 # made an overload an outage
 OVERLOAD_HOLD_LEASES = 6
+# leases without a hold that end an overload episode: the next hold is said again (a renewal read late between
+# two holds ended none: a 30 s burst said it 7 times)
+OVERLOAD_QUIET_LEASES = 2
 # seconds of a caller's deadline an ANY request must have left to be sent to another shard after its own failed
 MIN_RESEND_SECONDS = 0.1
 # seconds a shard whose attempt failed before any worker took it is passed over when another ANY request is sent on
@@ -478,7 +481,9 @@ class Head:
         self._shard_failed_at: dict[int, float] = {}  # loop time of each shard's latest attempt failed unsent
         self._short_lease_warned = False
         self._renewal_read_at = float("-inf")  # loop time of the latest renewal (ACTIVATE) read, any worker's
-        self._overload_hold_said = False  # the line saying leases are held as the head reads no renewal, said
+        # loop time a lease was last held as the head read no renewal: an overload's WARNING is said once an episode,
+        # the episode ending after OVERLOAD_QUIET_LEASES leases without one (renewals read late, between holds, do not)
+        self._overload_held_at = float("-inf")
         # health checks of held workers the head sent nothing lately (a deep overload: every request it reads is
         # past its deadline), and when each last ended and whether it said SERVING
         self._hold_checks: dict[tuple[str, int], asyncio.Task] = {}
@@ -1458,7 +1463,6 @@ class Head:
         lapsed = self._registrations.renew((address, shard_id), now, lease, renews=interval is not None)
         self._hold_checked.pop((address, shard_id), None)  # a check before this renewal says nothing of the next
         self._renewal_read_at = now
-        self._overload_hold_said = False  # renewals get through again: the next time is said again
         if self._expiry is None:  # implied leases start the expiry on the first one
             self._expiry = loop.create_task(self._expire_leases())
         if lapsed is None:
@@ -1581,13 +1585,14 @@ class Head:
             if not checked[1]:
                 return False
         self._registrations.postpone_one(key, period)
-        if not self._overload_hold_said:
-            self._overload_hold_said = True
+        quiet = now - self._overload_held_at > OVERLOAD_QUIET_LEASES * lease
+        self._overload_held_at = now
+        if quiet:
             logger.warning(
                 "%s: no worker's renewal (ACTIVATE) reached the head for %.1fs, though its workers answer its calls "
-                "(or, sent none lately, a health check): the head is too loaded to read its own inbound calls (%d "
-                "requests under way; --max-in-flight bounds them), and keeps the workers that answer, for %d leases "
-                "at most",
+                "(or, sent none lately, a health check): the head is too loaded to read its own inbound calls in time "
+                "(%d requests under way; --max-in-flight refuses requests only once read, so it does not stop this: "
+                "more heads or less traffic do), and keeps the workers that answer, for %d leases at most",
                 self.deployment, now - self._renewal_read_at, sum(self._under_way.values()), OVERLOAD_HOLD_LEASES,
             )
         return True

@@ -78,6 +78,8 @@ RENEWAL_TIMEOUT = 1.0
 MIN_ACTIVATE_TIMEOUT = 0.5
 # the share of what is left of its lease a renewal may wait for: the rest leaves time for another try within it
 RENEWAL_SHARE_OF_LEASE = 0.5
+# leases a renewal sent after ours ran out waits for the head (half the OVERLOAD_HOLD_LEASES it holds us for)
+HELD_RENEWAL_LEASES = 3
 # seconds a DEACTIVATE may take at most (less with a shorter drain grace)
 DEACTIVATE_TIMEOUT = 5.0
 # seconds an Executor's close() may run past the drain's grace (what is left of it, when its calls ended sooner):
@@ -758,6 +760,11 @@ class Worker:
         for nothing, and a head under load dropped every worker whose renewals it was too busy to read."""
         lease = IMPLIED_LEASE_FACTOR * min(self._register_interval, MAX_RENEWAL_INTERVAL)
         left = self._renewed_at + lease - time.monotonic()
+        if left <= 0:  # run out: the head holds us only while it reads no renewal (overloaded, its queue of inbound
+            # calls seconds long); one given up on after 1 s never reached it, and 6 leases on it dropped every
+            # worker at once. Read late, within HELD_RENEWAL_LEASES, it renews us and tells the head its renewals
+            # get through again
+            return max(RENEWAL_TIMEOUT, HELD_RENEWAL_LEASES * lease)
         return max(RENEWAL_TIMEOUT, RENEWAL_SHARE_OF_LEASE * left)
 
     async def _refresh_registration(self) -> None:
