@@ -825,3 +825,25 @@ async def a_hung_worker_registered(deployment: str) -> AsyncIterator[tuple[Head,
             yield head, port
         finally:
             await head.stop(0)
+
+
+async def test_an_overload_whose_renewals_are_read_late_is_said_once(echo_servers, caplog):
+    """Renewals read late, each after the lease ran out (a head whose queue of inbound calls is longer than the
+    lease): each one read reset the 'too loaded' WARNING, said again at the next hold: 7 times in one 30 s burst."""
+    [server] = await echo_servers(1)
+    head = Head("late", lease=0.5)
+    await head.start()
+    try:
+        host, port = server.address.rsplit(":", 1)
+        start = time.monotonic()
+        renewed = 0.0
+        while time.monotonic() - start < 4.0:
+            if time.monotonic() - renewed > 0.7:  # read after the lease ran out, each time
+                renewed = time.monotonic()
+                await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0, renews_every=0.1)
+            await oneshot.send_request_async(DataRequest([Document()], endpoint="/e"), head.server.address, timeout=5)
+            await asyncio.sleep(0.05)
+        said = [r.getMessage() for r in caplog.records if "too loaded" in r.getMessage()]
+        assert len(said) == 1, said
+    finally:
+        await head.stop(0)

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import grpc
 import grpc.aio
@@ -703,6 +704,20 @@ async def test_ipv6_hosts_bind_are_dialled_and_registered_in_brackets(runtimes, 
     assert not response.is_error and response.docs[0].tags["by"] == "v6"
 
 
+def _answering_renewals_late(seconds: float) -> tuple[Callable, list[str]]:
+    """A head's control handler taking a worker's registration at once and each renewal ``seconds`` late, as a
+    head with a deep queue of inbound calls does; and the commands it was sent."""
+    activates: list[str] = []
+
+    async def answer(payload, context):
+        activates.append(ControlRequest.from_bytes(payload).command)
+        if len(activates) > 1:
+            await asyncio.sleep(seconds)
+        return payload
+
+    return answer, activates
+
+
 async def test_a_renewal_a_busy_head_answers_late_but_within_the_lease_is_waited_for(runtimes, eventually, caplog):
     """A renewal gave the head 1 s: a head whose queue held calls longer (a review's 1,000 callers) never read
     one in time, the worker logged DEADLINE_EXCEEDED and the head dropped it though it was alive. A renewal now
@@ -710,15 +725,8 @@ async def test_a_renewal_a_busy_head_answers_late_but_within_the_lease_is_waited
     from shardnet.testing import serving
 
     caplog.set_level(logging.DEBUG, logger="shardnet.runtimes.worker")
-    activates: list[str] = []
-
-    async def answers_renewals_late(payload, context):
-        activates.append(ControlRequest.from_bytes(payload).command)
-        if len(activates) > 1:  # the registration at once, each renewal as a head with a deep queue does
-            await asyncio.sleep(1.5)
-        return payload
-
-    async with serving(services.PROCESS_CONTROL, answers_renewals_late) as head:
+    answer, activates = _answering_renewals_late(1.5)
+    async with serving(services.PROCESS_CONTROL, answer) as head:
         worker = await runtimes(Worker(executors.Tagger.create(), head=head, register_interval=1.0))
         await worker.register()
         taken = lambda: caplog.text.count("registered 127.0.0.1")  # noqa: E731
@@ -726,6 +734,27 @@ async def test_a_renewal_a_busy_head_answers_late_but_within_the_lease_is_waited
         await worker.stop(0)
     assert "did not take our registration" not in caplog.text
     assert taken() >= 2 and activates[:2] == ["ACTIVATE", "ACTIVATE"]
+
+
+async def test_a_renewal_sent_after_the_lease_ran_out_waits_for_a_head_that_reads_it_seconds_late(
+    runtimes, eventually, caplog
+):
+    """A head whose queue of inbound calls is 3 s long (an overload burst) read no renewal: once the worker's
+    lease had run out, each renewal gave the head 1 s, every one timed out unread, the head held the worker 6 leases
+    (15 s at --register-interval 0.5) and then dropped it though it served all along: every healthy worker at once,
+    an outage for the rest of the burst (a review's 30 s burst: 12,000 'no live replica' failures)."""
+    from shardnet.testing import serving
+
+    caplog.set_level(logging.DEBUG, logger="shardnet.runtimes.worker")
+    answer, _ = _answering_renewals_late(3.0)
+    async with serving(services.PROCESS_CONTROL, answer) as head:
+        worker = await runtimes(Worker(executors.Tagger.create(), head=head, register_interval=0.5))
+        await worker.register()
+        taken = lambda: caplog.text.count("registered 127.0.0.1")  # noqa: E731
+        try:
+            await eventually(lambda: taken() >= 2, timeout=15.0)
+        finally:
+            await worker.stop(0)
 
 
 async def test_a_worker_whose_head_is_away_says_so_once_and_again_when_it_is_back(runtimes, eventually, caplog):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -393,13 +394,11 @@ def run(args: argparse.Namespace) -> int:
             terminated.append(True)
             task.cancel()
 
-        try:
-            # only where SIGTERM would kill the process: a program calling main() with a handler of its own keeps
-            # it (the loop's close sets SIGTERM back to SIG_DFL, not to what it was)
+        # only where SIGTERM would kill the process: a program calling main() with a handler of its own keeps it
+        # (the loop's close sets SIGTERM back to SIG_DFL, not to what it was); none off the main thread, or no SIGTERM
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError, AttributeError):
             if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
                 asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop)
-        except (NotImplementedError, RuntimeError, ValueError, AttributeError):  # not the main thread, no SIGTERM
-            pass
         return await status(args, terminated)
 
     try:
