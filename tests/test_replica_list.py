@@ -489,7 +489,7 @@ async def test_a_call_timing_out_on_time_still_counts_against_its_replica():
         await replicas.close()
 
 
-async def test_a_busy_replica_answering_its_queue_is_not_ejected_for_short_deadlines_missed(echo_servers):
+async def test_a_busy_replica_answering_its_queue_is_not_ejected_for_short_deadlines_missed(echo_servers, eventually):
     """An overload review's find: under a uniform overload every replica of a shard misses some callers' short
     deadlines (the calls queued behind its work) and answers others, so each one's run of misses was met by its
     peer's answers and blamed at once: healthy replicas were ejected in turn (2x capacity, 1 s deadlines: 20
@@ -501,8 +501,9 @@ async def test_a_busy_replica_answering_its_queue_is_not_ejected_for_short_deadl
     try:
         lagging, answering = replicas.add_connection(busy.address), replicas.add_connection(peer.address)
         busy.delay = 0.1
+        taken = busy.calls
         earlier = asyncio.ensure_future(call_once(replicas, lagging, 5.0))  # ahead in its queue: answered soon
-        await asyncio.sleep(0.02)
+        await eventually(lambda: busy.calls > taken)  # it took the delay of 0.1 s
         busy.delay = 30.0  # the calls behind it wait longer than their callers do
 
         async def miss() -> None:
@@ -519,7 +520,7 @@ async def test_a_busy_replica_answering_its_queue_is_not_ejected_for_short_deadl
         await replicas.close()
 
 
-async def test_a_busy_replica_answering_its_queue_is_not_ejected_for_long_deadlines_missed(echo_servers):
+async def test_a_busy_replica_answering_its_queue_is_not_ejected_for_long_deadlines_missed(echo_servers, eventually):
     """The same under callers' long deadlines, which count as the replica's failures on their own: three in a row
     ejected a busy replica (2x capacity, 10 s deadlines: 4 to 6 ejections in 30 s) though it answered calls all the
     while. A replica answering nothing in the meantime is still blamed (here, once the earlier call is gone)."""
@@ -536,8 +537,9 @@ async def test_a_busy_replica_answering_its_queue_is_not_ejected_for_long_deadli
             await asyncio.gather(*(miss() for _ in range(count)))
 
         busy.delay = 0.1
+        taken = busy.calls
         earlier = asyncio.ensure_future(call_once(replicas, lagging, 5.0))
-        await asyncio.sleep(0.02)
+        await eventually(lambda: busy.calls > taken)  # it took the delay of 0.1 s
         busy.delay = 30.0
         missing = asyncio.ensure_future(misses(3))
         await earlier
@@ -549,7 +551,7 @@ async def test_a_busy_replica_answering_its_queue_is_not_ejected_for_long_deadli
         await replicas.close()
 
 
-async def test_a_replica_is_no_outlier_while_its_peers_miss_callers_deadlines_too(echo_servers):
+async def test_a_replica_is_no_outlier_while_its_peers_miss_callers_deadlines_too(echo_servers, eventually):
     """A shard too slow for its callers has every replica missing some deadlines and answering other calls: a peer
     that missed a caller's deadline itself while the calls it answers were under way does not make a replica
     missing deadlines the outlier by those answers (at twice the capacity with 1 s deadlines, busy replicas were ejected in turn)."""
@@ -565,8 +567,9 @@ async def test_a_replica_is_no_outlier_while_its_peers_miss_callers_deadlines_to
 
         await asyncio.gather(*(miss(lagging, 0.3) for _ in range(3)))
         peer.delay = 0.15
+        taken = peer.calls
         answers = [asyncio.ensure_future(call_once(replicas, answering, 0.3)) for _ in range(3)]
-        await asyncio.sleep(0.02)
+        await eventually(lambda: peer.calls >= taken + 3)  # each took the delay of 0.15 s
         peer.delay = 30.0
         await miss(answering, 0.05)  # its peer misses a deadline too while those calls are under way
         await asyncio.gather(*answers)
@@ -584,7 +587,7 @@ async def timed_out_attempt(replicas: ReplicaList, connection, timeout: float) -
         await replicas.call(connection, "single_data", request, metadata, timeout, callers_deadline=False)
 
 
-async def test_a_busy_replica_answering_its_queue_is_not_ejected_for_attempt_timeouts(echo_servers):
+async def test_a_busy_replica_answering_its_queue_is_not_ejected_for_attempt_timeouts(echo_servers, eventually):
     """The pool's attempt timeout counts towards ejection, to fail a hung replica's calls over and take it out; a
     replica answering calls all the while is queued, not hung (an overload review: --attempt-timeout 0.3 at twice
     the capacity ejected healthy replicas 114 times in 30 s, for up to 30 s each). Its calls still fail over."""
@@ -595,8 +598,9 @@ async def test_a_busy_replica_answering_its_queue_is_not_ejected_for_attempt_tim
         replicas.add_connection(peer.address)
 
         busy.delay = 0.1
+        taken = busy.calls
         earlier = asyncio.ensure_future(call_once(replicas, lagging, 5.0))
-        await asyncio.sleep(0.02)
+        await eventually(lambda: busy.calls > taken)  # it took the delay of 0.1 s
         busy.delay = 30.0
         attempts = asyncio.ensure_future(asyncio.gather(*(timed_out_attempt(replicas, lagging, 1.0) for _ in range(3))))
         await earlier
