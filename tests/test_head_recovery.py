@@ -837,7 +837,7 @@ async def test_an_overload_whose_renewals_are_read_late_is_said_once(echo_server
         host, port = server.address.rsplit(":", 1)
         start = time.monotonic()
         renewed = 0.0
-        while time.monotonic() - start < 4.0:
+        while time.monotonic() - start < 2.5:
             if time.monotonic() - renewed > 0.7:  # read after the lease ran out, each time
                 renewed = time.monotonic()
                 await oneshot.activate_worker(host, int(port), head.server.address, shard_id=0, renews_every=0.1)

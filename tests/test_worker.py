@@ -746,9 +746,9 @@ async def test_a_renewal_sent_after_the_lease_ran_out_waits_for_a_head_that_read
     from shardnet.testing import serving
 
     caplog.set_level(logging.DEBUG, logger="shardnet.runtimes.worker")
-    answer, _ = _answering_renewals_late(3.0)
+    answer, _ = _answering_renewals_late(1.5)  # past the 1 s a renewal gave the head once its lease ran out
     async with serving(services.PROCESS_CONTROL, answer) as head:
-        worker = await runtimes(Worker(executors.Tagger.create(), head=head, register_interval=0.5))
+        worker = await runtimes(Worker(executors.Tagger.create(), head=head, register_interval=0.2))
         await worker.register()
         taken = lambda: caplog.text.count("registered 127.0.0.1")  # noqa: E731
         try:
