@@ -9,6 +9,7 @@ sees and whether its work is stopped when the caller gives up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -323,7 +324,7 @@ def _failed_lines(caplog) -> list[str]:
             if r.name == "shardnet.runtimes.head" and r.levelno >= logging.WARNING and "failed" in r.getMessage()]
 
 
-async def test_a_callers_own_deadline_is_logged_as_the_callers_not_blamed_on_the_replica(caplog):
+async def test_a_callers_own_deadline_is_logged_as_the_callers_not_blamed_on_the_replica(caplog, eventually):
     """A caller's short deadline, a healthy replica: the head's WARNING blamed "replica ADDRESS: DEADLINE_EXCEEDED"
     once a second (1,200 lines in a 20-minute soak), as if the replica had failed (a soak review's find)."""
     caplog.set_level(logging.INFO)
@@ -331,6 +332,10 @@ async def test_a_callers_own_deadline_is_logged_as_the_callers_not_blamed_on_the
         head = await started_head(replica.address)
         try:
             code, _, _ = await call_head(head, DataRequest(endpoint="/x"), timeout=0.3)
+            # the caller's deadline can pass a moment before the head's own ends and it logs (a loaded run stopped
+            # the head in between)
+            with contextlib.suppress(AssertionError):
+                await eventually(lambda: _failed_lines(caplog), timeout=5.0)
         finally:
             await head.stop(0)
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED

@@ -1,14 +1,17 @@
 """A process that forks while its Deployment runs (os.fork, a gunicorn worker of a --preload app): neither the
 fork's exit nor a stop(), kill() or restart in it touches the parent's run. (The children here make no gRPC call:
 gRPC Python supports a fork after its objects were made only with GRPC_ENABLE_FORK_SUPPORT; in a test process
-whose gRPC threads ran, a child's call crashed now and then, under xdist.)"""
+whose gRPC threads ran, a child's call crashed now and then, under xdist. Each scenario runs in a fresh Python
+process of its own, so that no fork is made of a test worker whose gRPC threads ran: one such worker crashed later.)"""
 
 from __future__ import annotations
 
 import gc
 import os
 import signal
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,8 +46,7 @@ def _in_a_child(body) -> int:
     return os.waitstatus_to_exitcode(status)
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
-def test_a_forks_stop_kill_restart_and_exit_leave_the_parents_run_as_it_was():
+def _test_a_forks_stop_kill_restart_and_exit_leave_the_parents_run_as_it_was():
     with Deployment(uses=executors.Tagger, name="forked") as dep:
         assert dep.post("/tag", [Document(text="x")])[0].tags["by"] == "tagger"
         socket = dep.head_dials(dep.workers[0, 0]).removeprefix("unix:")
@@ -65,8 +67,7 @@ def test_a_forks_stop_kill_restart_and_exit_leave_the_parents_run_as_it_was():
     assert not any(os.path.exists(folder) for folder in folders)
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
-def test_a_forks_stop_of_a_deployment_its_parent_has_not_started_leaves_the_parents_folders():
+def _test_a_forks_stop_of_a_deployment_its_parent_has_not_started_leaves_the_parents_folders():
     dep = Deployment(uses=executors.Tagger, name="unstarted-fork")
     folders = [dep.log_dir, dep.control_token_file.parent]
     try:
@@ -78,8 +79,7 @@ def test_a_forks_stop_of_a_deployment_its_parent_has_not_started_leaves_the_pare
     assert not any(os.path.exists(folder) for folder in folders)
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
-def test_a_deployment_its_parent_stopped_is_no_longer_the_parents_in_a_fork():
+def _test_a_deployment_its_parent_stopped_is_no_longer_the_parents_in_a_fork():
     dep = Deployment(uses=executors.Tagger, name="stopped-fork")
     dep.start()
     dep.stop()
@@ -90,3 +90,27 @@ def test_a_deployment_its_parent_stopped_is_no_longer_the_parents_in_a_fork():
             dep.restart_head()
 
     assert _in_a_child(child) == 0
+
+
+def _in_a_process_of_its_own(scenario: str) -> None:
+    """Run ``scenario`` of this module in a fresh Python process, failing with its output when it fails."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).parent),
+                                                                      os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", f"import test_deployment_fork as t; t.{scenario}()"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_a_forks_stop_kill_restart_and_exit_leave_the_parents_run_as_it_was():
+    _in_a_process_of_its_own("_test_a_forks_stop_kill_restart_and_exit_leave_the_parents_run_as_it_was")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_a_forks_stop_of_a_deployment_its_parent_has_not_started_leaves_the_parents_folders():
+    _in_a_process_of_its_own("_test_a_forks_stop_of_a_deployment_its_parent_has_not_started_leaves_the_parents_folders")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork")
+def test_a_deployment_its_parent_stopped_is_no_longer_the_parents_in_a_fork():
+    _in_a_process_of_its_own("_test_a_deployment_its_parent_stopped_is_no_longer_the_parents_in_a_fork")

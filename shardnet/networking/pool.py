@@ -94,18 +94,13 @@ def _check_policies(**given: tuple[Any, type]) -> None:
             )
 
 
-def _check_sending_loop(function: str) -> None:
-    """Refuse a send outside a running event loop (a plain thread, a script) in shardnet's words, before a
-    replica is picked: asyncio's bare "no running event loop" said neither why nor what to do, and left a
-    "coroutine 'GrpcConnectionPool.call' was never awaited" warning behind."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        raise ConfigurationError(
-            f"{function} returns asyncio Tasks: call it from async code in the event loop the pool's connections "
-            "belong to (from another thread: asyncio.run_coroutine_threadsafe(coroutine, that_loop); from blocking "
-            "code with no loop: send_request_sync)"
-        ) from None
+# what a send from outside a running event loop is told (asyncio's bare "no running event loop" said neither why nor
+# what to do, and left a "coroutine 'GrpcConnectionPool.call' was never awaited" warning behind)
+NO_RUNNING_LOOP = (
+    "the pool's sends return asyncio Tasks: call them from async code in the event loop the pool's connections belong "
+    "to (from another thread: asyncio.run_coroutine_threadsafe(coroutine, that_loop); from blocking code with no "
+    "loop: send_request_sync)"
+)
 
 
 def _check_retries(retries: Any) -> None:
@@ -754,18 +749,23 @@ class GrpcConnectionPool:
     def _spawn(
         self, payload: Any, deployment: str, shard_id, replicas, method, metadata, timeout, retries=None
     ) -> asyncio.Task:
-        return asyncio.create_task(
-            self.call(
-                payload,
-                deployment,
-                replicas,
-                shard_id=shard_id,
-                method=method,
-                metadata=metadata,
-                timeout=timeout,
-                retries=retries,
-            )
+        call = self.call(
+            payload, deployment, replicas, shard_id=shard_id, method=method, metadata=metadata, timeout=timeout,
+            retries=retries,
         )
+        try:
+            return asyncio.create_task(call)
+        except RuntimeError:  # no running loop (a plain thread): refused in shardnet's words, the call never begun
+            call.close()
+            raise ConfigurationError(NO_RUNNING_LOOP) from None
+
+    @staticmethod
+    def _check_sending_loop() -> None:
+        """Refuse a send with nothing to send to outside a running loop as one with something is (``_spawn``)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise ConfigurationError(NO_RUNNING_LOOP) from None
 
     @staticmethod
     def _method_for(requests: Sequence[Union[DataRequest, ControlRequest]]) -> tuple[str, Any]:
@@ -803,7 +803,6 @@ class GrpcConnectionPool:
         ``retries`` as in Jina: failovers per call, negative for the pool's policy. An ``endpoint`` pair in
         ``metadata`` other than the call's endpoint is refused (heads and workers would read it, the last).
         """
-        _check_sending_loop("the pool's send_request(s)")
         if not requests:
             raise ConfigurationError(f"send_requests to {deployment!r} needs at least one request")
         check_timeout(timeout)
@@ -814,6 +813,7 @@ class GrpcConnectionPool:
         call_metadata = self._metadata_for(requests[0], endpoint, metadata)
         targets = self.targets(deployment, head, shard_id, PollingType.parse(polling_type))
         if not targets:
+            self._check_sending_loop()
             self._nothing_to_send_to(deployment, head, shard_id)
         return [
             self._spawn(payload, deployment, sid, replicas, method, call_metadata, timeout, retries)
@@ -913,11 +913,11 @@ class GrpcConnectionPool:
         retries: Optional[int] = -1,
     ) -> Optional[asyncio.Task[tuple[jina_pb2.EndpointsProto, grpc.aio.Metadata]]]:
         """Ask one replica (the head by default, else the given or next shard) which endpoints it serves."""
-        _check_sending_loop("send_discover_endpoint")
         check_timeout(timeout)
         _check_retries(retries)
         targets = self.targets(deployment, head, shard_id, PollingType.ANY)
         if not targets:
+            self._check_sending_loop()
             self._nothing_to_send_to(deployment, head, shard_id)
             return None
         sid, replicas = targets[0]
